@@ -1,0 +1,53 @@
+# lifecycle: two commands on a fresh machine with Python 3.11 and make.
+#   make run    creates .venv, installs the pinned package, runs the lifecycle on the default project
+#   make test   the same venv plus dev tools, runs every check CI runs
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test lab bench sync-check nbdev-test pytest lock clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c requirements.lock -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -c requirements.lock -e ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/lifecycle run --settings settings.ini
+
+test: $(VENV)/.installed-dev sync-check nbdev-test pytest
+
+# nbs/ is the source; lifecycle/ must be exactly what nbdev-export makes of it.
+sync-check: $(VENV)/.installed-dev
+	@before="$$(git status --porcelain)"; \
+	$(BIN)/nbdev-clean && $(BIN)/nbdev-export; \
+	after="$$(git status --porcelain)"; \
+	if [ "$$before" != "$$after" ]; then \
+		echo "nbs/ and lifecycle/ are out of sync: nbdev-clean && nbdev-export changed files:"; git status --short; exit 1; \
+	fi; echo "nbs/ and lifecycle/ in sync"
+
+nbdev-test: $(VENV)/.installed-dev
+	$(BIN)/nbdev-test --n-workers 2
+
+pytest: $(VENV)/.installed-dev
+	$(BIN)/pytest -n 2 --durations=10
+
+lab: $(VENV)/.installed
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+bench: $(VENV)/.installed
+	$(BIN)/lifecycle bench prepare
+
+# Refresh requirements.lock after changing the pins in pyproject.toml.
+lock:
+	rm -rf /tmp/lifecycle-lock && $(PYTHON) -m venv /tmp/lifecycle-lock
+	/tmp/lifecycle-lock/bin/python -m pip install -q -e ".[dev]"
+	/tmp/lifecycle-lock/bin/python -m pip freeze --exclude-editable > requirements.lock
+
+clean:
+	rm -rf $(VENV) lifecycle.egg-info

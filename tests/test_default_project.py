@@ -1,0 +1,108 @@
+"The default project end to end: the whole run, its report, and the cache."
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from conftest import REPO, run_lifecycle, stages
+
+
+def test_default_project_runs_end_to_end_with_a_report(heart_project):
+    code, run, _, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "--json", check=0)
+    assert run["status"] == "passed"
+    by_name = stages(run)
+    assert [s["status"] for s in run["stages"]] == ["ran", "ran"]
+    collect, prepare = by_name["collect"]["summary"], by_name["prepare"]["summary"]
+    # Cleveland 303 + Hungarian 294 rows; one exact duplicate in the Hungarian file.
+    assert collect["rows_by_source"] == {"cleveland": 303, "hungarian": 294}
+    assert collect["lines_malformed"] == 0
+    assert prepare["rows_in"] == 597
+    assert prepare["rows_in"] == prepare["rows_clean"] + prepare["rows_quarantined"] + prepare["rows_duplicate"]
+    assert prepare["rows_duplicate"] == 1
+    assert sum(prepare["splits"].values()) == prepare["rows_clean"]
+    # The report folder: executed notebooks, HTML without code, the data quality report, index.html.
+    report = Path(run["report"]).parent
+    assert report == heart_project / "reports" / run["run_id"]
+    index = (report / "index.html").read_text()
+    for name in ("01_collect.html", "02_prepare.html", "01_collect.ipynb", "prepare-profile.html", "prepare-summary.json"):
+        assert f'href="{name}"' in index, name
+        assert (report / name).exists(), name
+    collect_html = (report / "01_collect.html").read_text()
+    assert "def read_text_table" not in collect_html  # code hidden
+    assert "597" in (report / "01_collect.html").read_text() or "303" in collect_html  # outputs shown
+    assert "Data quality" in (report / "prepare-profile.html").read_text()
+    assert (heart_project / "reports" / "latest").resolve() == report
+    # Outputs in the run folder, state in the project folder, nothing in the working folder.
+    run_dir = Path(run["run_dir"])
+    clean = pd.read_parquet(run_dir / "prepare" / "clean.parquet")
+    assert len(clean) == prepare["rows_clean"]
+    assert set(clean["_split"]) == {"train", "val", "test"}
+    assert (heart_project / "schema" / "current.json").exists()
+    # The cleaning did its work: "0" cholesterol is missing, not zero.
+    assert (clean["chol"] == 0).sum() == 0
+
+
+def test_cache_reuses_unchanged_stages_and_reruns_changed_ones(heart_project):
+    settings = heart_project / "settings.ini"
+    run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    _, cached, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    assert [s["status"] for s in cached["stages"]] == ["cached", "cached"]
+    assert (Path(cached["run_dir"]) / "prepare" / "clean.parquet").exists()  # outputs linked into the new run
+    assert (Path(cached["report"]).parent / "02_prepare.html").exists()  # and the report too
+    # A changed parameter re-executes that stage only.
+    _, changed, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "-p", "prepare.seed=7", "--json", check=0)
+    assert [s["status"] for s in changed["stages"]] == ["cached", "ran"]
+    # --from re-executes a stage even when it is cached.
+    _, forced, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--from", "prepare", "--json", check=0)
+    assert [s["status"] for s in forced["stages"]] == ["cached", "ran"]
+    # A changed source file re-executes collect, and prepare after it (its input changed).
+    source = heart_project / "data" / "heart-disease-uci" / "processed.hungarian.data"
+    source.write_text(source.read_text() + "40,1,2,130,200,0,0,170,0,0,?,?,?,0\n")
+    _, edited, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    assert [s["status"] for s in edited["stages"]] == ["ran", "ran"]
+    assert stages(edited)["prepare"]["summary"]["rows_in"] == 598
+    # --stages runs only what is named, on the cached outputs of the stages before it.
+    _, only, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "-p", "prepare.seed=3",
+                                  "--stages", "prepare", "--json", check=0)
+    assert [s["status"] for s in only["stages"]] == ["cached", "ran"]
+    _, first_only, _, _ = run_lifecycle("run", "--settings", settings, "--stages", "collect", "--json", check=0)
+    assert [s["name"] for s in first_only["stages"]] == ["collect"]
+
+
+def test_a_deleted_schema_is_not_served_from_cache(heart_project):
+    settings = heart_project / "settings.ini"
+    run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    (heart_project / "schema" / "current.json").unlink()
+    _, again, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    assert [s["status"] for s in again["stages"]] == ["cached", "ran"]
+    assert (heart_project / "schema" / "current.json").exists()
+
+
+def test_runs_from_any_folder_and_keeps_state_in_the_project(heart_project, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _, run, stdout, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false",
+                                      cwd=elsewhere, check=0)
+    assert list(elsewhere.iterdir()) == []
+    assert re.search(r"Report: .*/reports/[^/]+/index.html", stdout)
+    assert (heart_project / "runs").is_dir() and (heart_project / "reports").is_dir()
+
+
+def test_the_wheel_carries_the_stage_notebooks(tmp_path):
+    import subprocess, sys, zipfile
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True)
+    wheel = next(tmp_path.glob("lifecycle-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lifecycle/nbs/01_collect.ipynb" in names and "lifecycle/nbs/02_prepare.ipynb" in names
+    assert "lifecycle/pipeline.py" in names
+
+
+def test_stage_notebooks_ship_inside_the_package():
+    from lifecycle.pipeline import discover_stages, stages_folder
+    folder = stages_folder()
+    assert (folder / "01_collect.ipynb").exists()
+    assert [stage.name for stage in discover_stages(folder)][:2] == ["collect", "prepare"]
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"lifecycle.nbs" = "nbs"' in pyproject and '"lifecycle.nbs" = ["*.ipynb"]' in pyproject
