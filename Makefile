@@ -47,7 +47,7 @@ bench: $(VENV)/.installed
 lock:
 	rm -rf /tmp/lifecycle-lock && $(PYTHON) -m venv /tmp/lifecycle-lock
 	/tmp/lifecycle-lock/bin/python -m pip install -q -e ".[dev]"
-	/tmp/lifecycle-lock/bin/python -m pip freeze --exclude-editable > requirements.lock
+	/tmp/lifecycle-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' > requirements.lock
 
 clean:
 	rm -rf $(VENV) lifecycle.egg-info

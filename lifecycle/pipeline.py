@@ -199,7 +199,7 @@ def _link_tree(source: Path, destination: Path):
         except OSError:
             shutil.copy2(path, target)
 
-# %% ../nbs/10_pipeline.ipynb #3c35dc5f
+# %% ../nbs/10_pipeline.ipynb #8817c8d8
 def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -213,10 +213,12 @@ def execute_stage(
 ) -> str | None:  # None on success, else one line saying what failed where
     "Execute one stage notebook with papermill."
     import papermill
-    from jupyter_client import KernelManager
+    from jupyter_client import AsyncKernelManager
+    from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
     sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
-    # IPC sockets in a private folder: no TCP port open to other users of the machine
-    kernel = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+    # IPC sockets in a private folder: no TCP port open to other users of the machine. The manager must be
+    # the asynchronous one: nbclient's timeout never fires with a blocking client.
+    kernel = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
     try:
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(cwd),
                                    kernel_name="python3", progress_bar=False, log_output=False,
@@ -232,7 +234,7 @@ def execute_stage(
         return f"{name}: {_one_line(error)}"
     finally:
         if kernel.has_kernel:  # nbclient leaves a kernel it did not start running
-            kernel.shutdown_kernel(now=False)
+            run_sync(kernel.shutdown_kernel)(now=True)
         shutil.rmtree(sockets, ignore_errors=True)
 
 def export_html(
