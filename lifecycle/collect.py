@@ -89,7 +89,7 @@ def field_counts(
         return _per_line(field_starts, starts, len(data))
     return _per_line(np.flatnonzero(data == ord(delimiter)), starts, len(data)) + 1
 
-# %% ../nbs/01_collect.ipynb #d2925594
+# %% ../nbs/01_collect.ipynb #f00849ef
 def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expected: int) -> np.ndarray:
     "Reasons per line, decoding and parsing each line: for quoted fields and bad bytes."
     reasons = np.full(len(lines), "", dtype=object)
@@ -104,19 +104,53 @@ def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expecte
             reasons[index] = f"expected {expected} fields, found {fields}"
     return reasons
 
+def _no_malformed() -> pd.DataFrame:
+    return pd.DataFrame({"_line": pd.Series(dtype="int64"), "reason": pd.Series(dtype="object"), "text": pd.Series(dtype="object")})
+
+def _arrow_options(names: list[str], delimiter: str, na_values: list[str], skip_rows: int = 0, on_invalid=None) -> dict:
+    return {
+        "read_options": pyarrow.csv.ReadOptions(column_names=names, skip_rows=skip_rows),
+        "parse_options": pyarrow.csv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+        "convert_options": pyarrow.csv.ConvertOptions(null_values=list(na_values) + [""], strings_can_be_null=True,
+                                                      timestamp_parsers=[]),
+    }
+
+def _to_pandas(table: pyarrow.Table) -> pd.DataFrame:
+    "Convert column by column, freeing Arrow's memory as it goes, and give it back to the system."
+    frame = table.to_pandas(split_blocks=True, self_destruct=True)
+    del table
+    pyarrow.default_memory_pool().release_unused()  # with the system allocator: trims the C heap
+    return frame
+
+def _arrow_ready(delimiter: str, encoding: str) -> bool:
+    "pyarrow's parser reads UTF-8 with a one-character delimiter; whitespace runs and other encodings go to pandas."
+    return delimiter != " " and encoding.replace("-", "").lower() in ("utf8", "ascii")
+
 def _parse_lines(data: bytes, names: list[str], delimiter: str, na_values: list[str], encoding: str) -> pd.DataFrame:
-    "Parse lines already checked to have the right number of fields: pyarrow's parser, on both cores; pandas' for whitespace."
-    if delimiter == " " or encoding.replace("-", "").lower() not in ("utf8", "ascii"):
-        return pd.read_csv(io.BytesIO(data), header=None, names=names, encoding=encoding, skip_blank_lines=False,
-                           sep=r"\s+" if delimiter == " " else delimiter, na_values=na_values, skipinitialspace=True)
-    table = pyarrow.csv.read_csv(
-        io.BytesIO(data),
-        read_options=pyarrow.csv.ReadOptions(column_names=names),
-        parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter),
-        convert_options=pyarrow.csv.ConvertOptions(null_values=list(na_values) + [""], strings_can_be_null=True,
-                                                   timestamp_parsers=[]),
-    )
-    return table.to_pandas(self_destruct=True)
+    "Parse lines already checked to have the right number of fields: pyarrow's parser on every core, else pandas'."
+    if _arrow_ready(delimiter, encoding):
+        try:
+            table = pyarrow.csv.read_csv(io.BytesIO(data), **_arrow_options(names, delimiter, na_values))
+            return _to_pandas(table)
+        except pyarrow.ArrowInvalid:
+            pass  # pyarrow fixes a column's type from its first block; text far down a numeric column needs pandas
+    return pd.read_csv(io.BytesIO(data), header=None, names=names, encoding=encoding, skip_blank_lines=False,
+                       sep=r"\s+" if delimiter == " " else delimiter, na_values=na_values, skipinitialspace=True)
+
+def _parse_clean_file(raw: bytes, names: list[str], delimiter: str, na_values: list[str], skip_rows: int,
+                      expected_rows: int) -> pd.DataFrame | None:
+    "The fast path: parse the whole file at once; None when any line is malformed (then each line is judged)."
+    invalid = []
+    def on_invalid(row):
+        invalid.append(row)
+        return "skip"
+    try:
+        table = pyarrow.csv.read_csv(io.BytesIO(raw), **_arrow_options(names, delimiter, na_values, skip_rows, on_invalid))
+    except pyarrow.ArrowInvalid:
+        return None
+    if invalid or table.num_rows != expected_rows:
+        return None
+    return _to_pandas(table)
 
 def _is_header(fields: list[str], columns: list[str]) -> bool:
     "A first line is a header when it names the columns (or, without `columns`, always)."
@@ -130,7 +164,7 @@ def _decodes(data: bytes, encoding: str) -> bool:
     except UnicodeDecodeError:
         return False
 
-# %% ../nbs/01_collect.ipynb #7ef9b624
+# %% ../nbs/01_collect.ipynb #2b40d2b9
 def read_text_table(
     path: Path,  # a CSV, TSV or space-separated text file
     columns: list[str],  # names for a file without a header line (empty: the file has one)
@@ -157,12 +191,19 @@ def read_text_table(
     first_fields = first.split() if delimiter == " " else next(csv.reader([first], delimiter=delimiter))
     header = _is_header(first_fields, columns)
     names = [field.strip() for field in first_fields] if header else columns
-    counts = field_counts(data, starts, delimiter)
     rows = ~blank
     if header:
         rows[first_line[0]] = False
+    decodes = _decodes(raw, encoding)
+    if decodes and _arrow_ready(delimiter, encoding):
+        skip = int(first_line[0]) + 1 if header else 0
+        frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
+        if frame is not None:
+            frame["_line"] = np.flatnonzero(rows) + 1
+            return frame, _no_malformed(), int(blank.sum())
+    counts = field_counts(data, starts, delimiter)
     reasons = np.full(len(starts), "", dtype=object)
-    if b'"' in raw or not _decodes(raw, encoding):
+    if b'"' in raw or not decodes:
         candidates = np.flatnonzero(rows)
         reasons[candidates] = _slow_line_checks([raw[starts[i]:ends[i]] for i in candidates], delimiter, encoding, len(names))
     else:
@@ -184,7 +225,7 @@ def read_text_table(
     frame["_line"] = np.flatnonzero(good) + 1
     return frame, malformed, int(blank.sum())
 
-# %% ../nbs/01_collect.ipynb #48b6c9c1
+# %% ../nbs/01_collect.ipynb #b8c56f7f
 def read_json_lines(
     path: Path,  # a file of one JSON object a line
     encoding: str = "utf-8",  # the file's text encoding
@@ -226,10 +267,7 @@ def read_parquet_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     frame["_line"] = np.arange(1, len(frame) + 1)
     return frame, _no_malformed(), 0
 
-def _no_malformed() -> pd.DataFrame:
-    return pd.DataFrame({"_line": pd.Series(dtype="int64"), "reason": pd.Series(dtype="object"), "text": pd.Series(dtype="object")})
-
-# %% ../nbs/01_collect.ipynb #31568953
+# %% ../nbs/01_collect.ipynb #b7d44c6a
 def mask_url(url: str) -> str:
     "A database URL without its password, fit for logs and reports."
     try:
@@ -263,7 +301,7 @@ def read_sql_table(
     frame["_line"] = np.arange(1, len(frame) + 1)
     return frame, _no_malformed(), 0
 
-# %% ../nbs/01_collect.ipynb #52111f1f
+# %% ../nbs/01_collect.ipynb #068e8b1b
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 JSON_LINES_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -323,7 +361,7 @@ def _relative(path: Path, root: Path) -> str:
     except ValueError:
         return str(path)
 
-# %% ../nbs/01_collect.ipynb #9af44be1
+# %% ../nbs/01_collect.ipynb #6ea78b5e
 def _text_if_mixed(column: pd.Series) -> pd.Series:
     "Mixed Python types cannot be stored in Parquet: write the non-missing values as text."
     if column.dtype != object:
@@ -362,7 +400,7 @@ def collect(
     }
     return snapshot, malformed, manifest
 
-# %% ../nbs/01_collect.ipynb #6ee0ca04
+# %% ../nbs/01_collect.ipynb #f984d003
 def stage_inputs(
     settings: Settings,  # the project's settings
 ) -> list[Path] | None:  # the files this stage reads, or None when they cannot be known without running it

@@ -18,7 +18,7 @@ from .collect import LINEAGE
 from .core import LifecycleError, Settings, frame_sha256, read_json, write_json, write_text
 
 # %% auto #0
-__all__ = ['NUMERIC_SHARE', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
+__all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
            'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema', 'pandera_schema',
            'validate', 'first_reason', 'row_hashes', 'duplicate_rows', 'quarantine_gate', 'assign_splits',
            'profile_columns', 'profile_report', 'prepare']
@@ -166,7 +166,7 @@ def label_target(
     label[missing] = np.nan
     return pd.Series(label, index=target.index), pd.Series(reasons, index=target.index)
 
-# %% ../nbs/02_prepare.ipynb #7af3c6ce
+# %% ../nbs/02_prepare.ipynb #a3f8e2ab
 def infer_column(
     values: pd.Series,  # a standardized column
     numeric: bool,  # whether it holds numbers
@@ -178,7 +178,8 @@ def infer_column(
     present = values.dropna()
     if numeric:
         integer_codes = bool(len(present)) and bool((present == present.round()).all())
-        if integer_codes and present.nunique() <= max_category_levels and declared is None:
+        few = present.iloc[:10_000].nunique() <= max_category_levels and present.nunique() <= max_category_levels  # a sample rules most columns out fast
+        if integer_codes and few and declared is None:
             return {"kind": "category", "type": "number", "categories": sorted(float(v) for v in present.unique())}
         if declared is not None:
             return {"kind": "numeric", "min": declared[0], "max": declared[1], "declared": True}
@@ -244,7 +245,7 @@ def store_schema(
     write_text(history, lines + pd.Series([record]).to_json(orient="records", lines=True))
     return stored
 
-# %% ../nbs/02_prepare.ipynb #766f19e0
+# %% ../nbs/02_prepare.ipynb #f6f745ab
 def pandera_schema(
     schema: dict,  # a stored schema
 ) -> pa.DataFrameSchema:  # the checks it implies
@@ -254,12 +255,24 @@ def pandera_schema(
         checks = []
         if spec["kind"] == "numeric" and spec.get("min") is not None:
             checks.append(pa.Check.in_range(spec["min"], spec["max"]))
-        if spec["kind"] == "category":
+        if spec["kind"] == "category" and spec.get("type") == "number":
+            checks.append(pa.Check(_among_codes(spec["categories"]), name="unknown_category"))
+        elif spec["kind"] == "category":
             checks.append(pa.Check.isin(spec["categories"]))
         columns[name] = pa.Column(checks=checks, nullable=True, required=False)
     return pa.DataFrameSchema(columns, strict=False)
 
-_RULES = {"in_range": "out_of_range", "isin": "unknown_category"}  # pandera's check -> our rule name
+def _among_codes(codes: list[float]):
+    "A check that numeric values are among a few codes: compares with each code, faster than a hash lookup."
+    def check(values: pd.Series) -> pd.Series:
+        array = values.to_numpy(dtype="float64", na_value=np.nan)
+        allowed = np.zeros(len(array), dtype=bool)
+        for code in codes:
+            allowed |= array == code
+        return pd.Series(allowed, index=values.index)
+    return check
+
+_RULES = {"in_range": "out_of_range", "isin": "unknown_category", "unknown_category": "unknown_category"}  # pandera's check -> our rule
 
 def validate(
     df: pd.DataFrame,  # standardized rows
@@ -280,7 +293,7 @@ def validate(
     reasons.loc[first["index"].to_numpy()] = (rule + ":" + first["column"]).to_numpy()
     return reasons
 
-# %% ../nbs/02_prepare.ipynb #4016f94c
+# %% ../nbs/02_prepare.ipynb #8789ce29
 def first_reason(*reasons: pd.Series) -> pd.Series:
     "Combine reason columns: each row keeps the first non-empty reason, in the order given."
     combined = reasons[0].to_numpy(copy=True)
@@ -307,9 +320,10 @@ def duplicate_rows(
     "Find exact duplicates, keeping the first occurrence."
     among = np.ones(len(df), dtype=bool) if among is None else among
     positions = np.flatnonzero(among)
-    hashes = row_hashes(df, columns)[positions]
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    first_of_hash = positions[first[inverse]]  # for each row, the first row with its hash
+    codes, uniques = pd.factorize(row_hashes(df, columns)[positions])
+    first = np.full(len(uniques), np.iinfo(np.int64).max)
+    np.minimum.at(first, codes, positions)  # each hash's first row
+    first_of_hash = first[codes]  # for each row, the first row with its hash
     candidates = positions[first_of_hash != positions]
     first_of_hash = first_of_hash[first_of_hash != positions]
     # Equal hashes are confirmed value by value against the first row with that hash, so a hash collision
@@ -343,7 +357,9 @@ def quarantine_gate(
     raise LifecycleError(f"{share:.1%} of rows quarantined or malformed (max {max_share:.0%}): "
                          f"{', '.join(named)}; see {where}")
 
-# %% ../nbs/02_prepare.ipynb #cb1b5b6c
+# %% ../nbs/02_prepare.ipynb #2e1b3596
+SPLITS = ["train", "val", "test"]
+
 def _stratified(labels: np.ndarray, among: np.ndarray, size: float, seed: int) -> np.ndarray:
     "Hold out `size` of each label's rows among `among` (a mask), chosen at random from `seed`: the held-out mask."
     rng = np.random.default_rng(seed)
@@ -383,10 +399,10 @@ def assign_splits(
         val = _stratified(labels, ~test, val_size, seed)
     else:
         raise LifecycleError(f"[prepare] split = {method!r}: use stratified, time or source")
-    splits = np.where(test, "test", np.where(val, "val", "train")).astype(object)
-    return pd.Series(splits, index=df.index)
+    codes = np.where(test, 2, np.where(val, 1, 0)).astype(np.int8)
+    return pd.Series(pd.Categorical.from_codes(codes, SPLITS), index=df.index)
 
-# %% ../nbs/02_prepare.ipynb #1ab6749e
+# %% ../nbs/02_prepare.ipynb #01405d0f
 def profile_columns(
     df: pd.DataFrame,  # the clean rows
     schema: dict,  # the stored schema
@@ -404,8 +420,10 @@ def profile_report(
     seed: int = 42,  # random seed of the sample
 ) -> dict:  # rows profiled and mode
     "Write a data quality report of `df` as HTML."
+    import contextlib
+    import io
     import warnings
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # no progress bars in the report
         warnings.simplefilter("ignore")
         from data_profiling import ProfileReport
         sampled = len(df) > max_rows

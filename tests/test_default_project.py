@@ -25,13 +25,13 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     report = Path(run["report"]).parent
     assert report == heart_project / "reports" / run["run_id"]
     index = (report / "index.html").read_text()
-    for name in ("01_collect.html", "02_prepare.html", "01_collect.ipynb", "prepare-profile.html", "prepare-summary.json"):
+    for name in ("01_collect.html", "02_prepare.html", "01_collect.ipynb", "prepare-data_quality.html", "prepare-summary.json"):
         assert f'href="{name}"' in index, name
         assert (report / name).exists(), name
     collect_html = (report / "01_collect.html").read_text()
     assert "def read_text_table" not in collect_html  # code hidden
     assert "597" in (report / "01_collect.html").read_text() or "303" in collect_html  # outputs shown
-    assert "Data quality" in (report / "prepare-profile.html").read_text()
+    assert "Data quality" in (report / "prepare-data_quality.html").read_text()
     assert (heart_project / "reports" / "latest").resolve() == report
     # Outputs in the run folder, state in the project folder, nothing in the working folder.
     run_dir = Path(run["run_dir"])

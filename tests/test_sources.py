@@ -164,7 +164,7 @@ ranges = age: 1..120
     report = Path(run["report"]).parent
     texts = [path.read_text(errors="replace") for path in report.iterdir() if path.is_file()]
     texts += [stdout, stderr]
-    assert (report / "prepare-profile.html").exists()
+    assert (report / "prepare-data_quality.html").exists()
     identifier = re.compile(r"px9\d{4}", re.IGNORECASE)
     for text in texts:
         text = re.sub(r"[A-Za-z0-9+/=]{200,}", "", text)  # embedded images are base64, where any letters may occur
