@@ -89,7 +89,7 @@ def field_counts(
         return _per_line(field_starts, starts, len(data))
     return _per_line(np.flatnonzero(data == ord(delimiter)), starts, len(data)) + 1
 
-# %% ../nbs/01_collect.ipynb #f00849ef
+# %% ../nbs/01_collect.ipynb #d6e617e2
 def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expected: int) -> np.ndarray:
     "Reasons per line, decoding and parsing each line: for quoted fields and bad bytes."
     reasons = np.full(len(lines), "", dtype=object)
@@ -157,6 +157,30 @@ def _is_header(fields: list[str], columns: list[str]) -> bool:
     names = [field.strip().strip('"').casefold() for field in fields]
     return not columns or names == [column.casefold() for column in columns]
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+def _looks_like_header(first: list[str], second: list[str]) -> bool:
+    "A first line of names over a line of numbers is a header, even when its names are not the expected ones."
+    named = [field.strip() for field in first]
+    return (len(first) == len(second) and all(name and not _is_number(name) for name in named)
+            and sum(_is_number(field.strip()) for field in second) >= len(second) / 2)
+
+def _fields(raw: bytes, starts: np.ndarray, ends: np.ndarray, index: int, delimiter: str, encoding: str) -> list[str]:
+    text = raw[starts[index]:ends[index]].decode(encoding, errors="replace")
+    return text.split() if delimiter == " " else next(csv.reader([text], delimiter=delimiter), [])
+
+def _lines_equal_to(raw: bytes, starts: np.ndarray, ends: np.ndarray, line: bytes) -> np.ndarray:
+    "A mask of the lines whose bytes equal `line`: only lines of the same length are compared."
+    equal = np.zeros(len(starts), dtype=bool)
+    for index in np.flatnonzero((ends - starts) == len(line)):
+        equal[index] = raw[starts[index]:ends[index]] == line
+    return equal
+
 def _decodes(data: bytes, encoding: str) -> bool:
     try:
         data.decode(encoding)
@@ -164,7 +188,7 @@ def _decodes(data: bytes, encoding: str) -> bool:
     except UnicodeDecodeError:
         return False
 
-# %% ../nbs/01_collect.ipynb #2b40d2b9
+# %% ../nbs/01_collect.ipynb #29a351ff
 def read_text_table(
     path: Path,  # a CSV, TSV or space-separated text file
     columns: list[str],  # names for a file without a header line (empty: the file has one)
@@ -194,20 +218,27 @@ def read_text_table(
     rows = ~blank
     if header:
         rows[first_line[0]] = False
+    reasons = np.full(len(starts), "", dtype=object)
+    if not header and len(first_line) > 1 and _looks_like_header(first_fields, _fields(raw, starts, ends, first_line[1], delimiter, encoding)):
+        reasons[first_line[0]] = "a header line whose names are not [data] columns"
+    header_bytes = raw[starts[first_line[0]]:ends[first_line[0]]]
+    if header or reasons[first_line[0]]:
+        repeated = _lines_equal_to(raw, starts, ends, header_bytes)
+        repeated[first_line[0]] = False
+        reasons[repeated] = "a repeated header line"
     decodes = _decodes(raw, encoding)
-    if decodes and _arrow_ready(delimiter, encoding):
+    if decodes and _arrow_ready(delimiter, encoding) and not (reasons != "").any():
         skip = int(first_line[0]) + 1 if header else 0
         frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
         if frame is not None:
             frame["_line"] = np.flatnonzero(rows) + 1
             return frame, _no_malformed(), int(blank.sum())
     counts = field_counts(data, starts, delimiter)
-    reasons = np.full(len(starts), "", dtype=object)
     if b'"' in raw or not decodes:
-        candidates = np.flatnonzero(rows)
+        candidates = np.flatnonzero(rows & (reasons == ""))
         reasons[candidates] = _slow_line_checks([raw[starts[i]:ends[i]] for i in candidates], delimiter, encoding, len(names))
     else:
-        wrong = rows & (counts != len(names))
+        wrong = rows & (counts != len(names)) & (reasons == "")
         reasons[wrong] = [f"expected {len(names)} fields, found {count}" for count in counts[wrong]]
     good = rows & (reasons == "")
     bad = np.flatnonzero(rows & ~good)
@@ -225,7 +256,7 @@ def read_text_table(
     frame["_line"] = np.flatnonzero(good) + 1
     return frame, malformed, int(blank.sum())
 
-# %% ../nbs/01_collect.ipynb #b8c56f7f
+# %% ../nbs/01_collect.ipynb #d8cc5109
 def read_json_lines(
     path: Path,  # a file of one JSON object a line
     encoding: str = "utf-8",  # the file's text encoding
@@ -267,7 +298,7 @@ def read_parquet_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     frame["_line"] = np.arange(1, len(frame) + 1)
     return frame, _no_malformed(), 0
 
-# %% ../nbs/01_collect.ipynb #b7d44c6a
+# %% ../nbs/01_collect.ipynb #dd227378
 def mask_url(url: str) -> str:
     "A database URL without its password, fit for logs and reports."
     try:
@@ -301,7 +332,7 @@ def read_sql_table(
     frame["_line"] = np.arange(1, len(frame) + 1)
     return frame, _no_malformed(), 0
 
-# %% ../nbs/01_collect.ipynb #068e8b1b
+# %% ../nbs/01_collect.ipynb #66b5a55d
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 JSON_LINES_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -361,7 +392,7 @@ def _relative(path: Path, root: Path) -> str:
     except ValueError:
         return str(path)
 
-# %% ../nbs/01_collect.ipynb #6ea78b5e
+# %% ../nbs/01_collect.ipynb #16a57c5f
 def _text_if_mixed(column: pd.Series) -> pd.Series:
     "Mixed Python types cannot be stored in Parquet: write the non-missing values as text."
     if column.dtype != object:
@@ -400,7 +431,7 @@ def collect(
     }
     return snapshot, malformed, manifest
 
-# %% ../nbs/01_collect.ipynb #f984d003
+# %% ../nbs/01_collect.ipynb #babe5918
 def stage_inputs(
     settings: Settings,  # the project's settings
 ) -> list[Path] | None:  # the files this stage reads, or None when they cannot be known without running it

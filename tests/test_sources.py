@@ -71,9 +71,10 @@ profile = false
 
 
 def _corrupted_lines():
-    """Twenty lines in Cleveland's layout, each with the fault its comment names."""
+    """Fifteen lines in the hospitals' layout, each with the fault its comment names (line = number + 1)."""
     good = _heart_rows("va", 12)
     return [
+        ",".join(f"X{i}" for i in range(1, 15)),    # 0 an export tool's header   -> malformed
         good[0].replace("63,", "-5,", 1),          # 1 negative age            -> out_of_range:age
         good[1].replace("44,", "250,", 1),         # 2 absurd age              -> out_of_range:age
         good[2].replace(",4,", ",9,", 1),          # 3 unknown chest pain code -> unknown_category:cp
@@ -103,10 +104,11 @@ def test_corrupted_source_against_the_stored_schema(heart_project):
     _, run, _, stderr = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
     collect, prepare = stages(run)["collect"]["summary"], stages(run)["prepare"]["summary"]
     assert collect["rows_by_source"]["va"] == 11
-    assert collect["lines_malformed"] == 3
+    assert collect["lines_malformed"] == 4
     malformed = pd.read_parquet(Path(run["run_dir"]) / "collect" / "malformed.parquet")
     assert malformed[["_source", "_line", "reason"]].values.tolist() == [
-        ["va", 7, "expected 14 fields, found 1"], ["va", 8, "expected 14 fields, found 15"], ["va", 14, "expected 14 fields, found 4"]]
+        ["va", 1, "a header line whose names are not [data] columns"],
+        ["va", 8, "expected 14 fields, found 1"], ["va", 9, "expected 14 fields, found 15"], ["va", 15, "expected 14 fields, found 4"]]
     assert prepare["rows_in"] == 597 + 11
     assert prepare["reasons"] == {"out_of_range:age": 2, "unknown_category:cp": 1, "target_missing": 1,
                                   "target_unknown": 1, "wrong_type:sex": 1}
@@ -115,7 +117,8 @@ def test_corrupted_source_against_the_stored_schema(heart_project):
     assert prepare["rows_clean"] == 597 - 1 + 4
     assert prepare["rows_in"] == prepare["rows_clean"] + prepare["rows_quarantined"] + prepare["rows_duplicate"]
     quarantined = pd.read_parquet(Path(run["run_dir"]) / "prepare" / "quarantine.parquet")
-    assert sorted(quarantined.loc[quarantined["_source"] == "va", "_line"]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(quarantined.loc[quarantined["_source"] == "va", "_line"]) == [2, 3, 4, 5, 6, 7]
+    assert prepare["lines_malformed"] == 4
     assert prepare["schema_version"] == 1
 
 
