@@ -14,7 +14,7 @@ from .core import LifecycleError
 # %% auto #0
 __all__ = ['parser', 'main']
 
-# %% ../nbs/11_cli.ipynb #b904cb1d
+# %% ../nbs/11_cli.ipynb #395f895a
 def _run(args) -> int:
     from lifecycle.pipeline import run_lifecycle
     only = [name.strip() for name in args.stages.split(",") if name.strip()] if args.stages else None
@@ -34,7 +34,31 @@ def _bench(args) -> int:
         print(json.dumps(figures, indent=2, default=str))
     return 0
 
-# %% ../nbs/11_cli.ipynb #2a76b5aa
+def _models(args) -> int:
+    from lifecycle.core import load_settings
+    from lifecycle.registry import Registry, describe, rollback, set_alias
+    registry = Registry(load_settings(args.settings).root)
+    if args.action == "promote":
+        if args.version is None:
+            raise LifecycleError("models promote needs a VERSION, e.g. lifecycle models promote 3 --reason '…'")
+        event = set_alias(registry, args.alias, registry.resolve(args.version), args.reason)
+    elif args.action == "rollback":
+        event = rollback(registry, args.reason, args.alias)
+    else:
+        event = None
+    listing = describe(registry)
+    if args.json:
+        print(json.dumps({**listing, "event": event}, indent=2, default=str))
+        return 0
+    if event:
+        print(f"{event['alias']} → version {event['version']} (was {event['previous']}): {event['reason']}")
+    print(f"{'version':>7}  {'created':<25} {'model':<24} {'ROC AUC':>8}  {'gate':<7} {'sha256':<16}  aliases")
+    for row in listing["versions"]:
+        gate = {True: "passed", False: "refused", None: "—"}[row["gate"]]
+        print(f"{row['version']:>7}  {row['created']:<25} {row['model']:<24} {row['roc_auc']:>8.3f}  {gate:<7} {row['sha256'][:16]}  {', '.join(row['aliases'])}")
+    return 0
+
+# %% ../nbs/11_cli.ipynb #b9c43d5c
 def parser() -> argparse.ArgumentParser:
     "The command line of `lifecycle`."
     top = argparse.ArgumentParser(prog="lifecycle", description="Literate MLOps: the machine-learning lifecycle as notebooks.")
@@ -48,6 +72,15 @@ def parser() -> argparse.ArgumentParser:
                      help="override a stage parameter, e.g. -p prepare.seed=7 (repeatable)")
     run.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
     run.set_defaults(handler=_run)
+    models = commands.add_parser("models", help="the model registry: versions, aliases, promote, rollback",
+                                 description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back.")
+    models.add_argument("action", nargs="?", choices=["list", "promote", "rollback"], default="list", help="list (default), promote or rollback")
+    models.add_argument("version", nargs="?", help="the version to promote (a number, or an alias such as challenger)")
+    models.add_argument("--alias", default="champion", choices=["champion", "challenger"], help="the alias to move (default: champion)")
+    models.add_argument("--reason", default="by hand", help="why, for the record")
+    models.add_argument("--settings", default="settings.ini", help="the project's settings file")
+    models.add_argument("--json", action="store_true", help="print the registry as one JSON object")
+    models.set_defaults(handler=_models)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.")
     bench.add_argument("name", choices=["prepare"], help="the benchmark: prepare (collect and prepare against a bare read)")

@@ -25,9 +25,10 @@ from .core import (LifecycleError, Settings, coerce_value, load_settings, read_j
                             sha256_json, write_json, write_text)
 
 # %% auto #0
-__all__ = ['CONTEXT_PARAMETERS', 'stages_folder', 'Stage', 'discover_stages', 'check_sections', 'parse_overrides',
-           'stage_parameters', 'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached',
-           'execute_stage', 'export_html', 'write_index', 'plan_stages', 'run_stage', 'run_lifecycle']
+__all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'check_sections',
+           'parse_overrides', 'stage_parameters', 'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash',
+           'find_cached', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages', 'run_stage',
+           'run_lifecycle']
 
 # %% ../nbs/10_pipeline.ipynb #ef220035
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
@@ -199,7 +200,7 @@ def _link_tree(source: Path, destination: Path):
         except OSError:
             shutil.copy2(path, target)
 
-# %% ../nbs/10_pipeline.ipynb #8817c8d8
+# %% ../nbs/10_pipeline.ipynb #a04e5480
 def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -246,10 +247,31 @@ def export_html(
     import nbformat
     from nbconvert import HTMLExporter
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4), resources={"metadata": {"name": title}})
+    executed = nbformat.read(notebook, as_version=4)
+    executed.cells = report_cells(executed.cells)
+    body, _ = exporter.from_notebook_node(executed, resources={"metadata": {"name": title}})
     write_text(destination, body)
 
-# %% ../nbs/10_pipeline.ipynb #17bd9111
+RUN_HEADING = "## Run the stage"
+ERROR_TAG = "papermill-error-cell-tag"
+
+def report_cells(cells: list) -> list:
+    """The cells a report shows: the title, papermill's error banner, and the stage's run.
+
+    The functions a stage defines, and the checks on tiny data after each, are for the developer who
+    opens the notebook; the report is for the reader of this run. When the run failed before its run
+    section (a check failed), every cell is shown."""
+    start = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(RUN_HEADING)), None)
+    if start is None:
+        return cells
+    errors = [i for i, cell in enumerate(cells) if ERROR_TAG in cell.get("metadata", {}).get("tags", [])]
+    if any(i > 1 and i < start for i in errors):
+        return cells
+    first_content = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and ERROR_TAG not in cell.get("metadata", {}).get("tags", [])), 0)
+    keep = set(errors) | {first_content} | set(range(start, len(cells)))
+    return [cell for i, cell in enumerate(cells) if i in keep]
+
+# %% ../nbs/10_pipeline.ipynb #e140c6a9
 _STATUS_COLOR = {"ran": "#1a7f37", "cached": "#0969da", "failed": "#cf222e"}
 
 def _figures(summary: dict) -> str:
@@ -283,7 +305,7 @@ td,th{{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical
 """
     write_text(path, page)
 
-# %% ../nbs/10_pipeline.ipynb #6316718d
+# %% ../nbs/10_pipeline.ipynb #9ac75f67
 def _new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
@@ -305,7 +327,7 @@ def plan_stages(
     last = max(names.index(name) for name in selected)
     return stages[: last + 1], selected, forced
 
-# %% ../nbs/10_pipeline.ipynb #670a87c1
+# %% ../nbs/10_pipeline.ipynb #dce72f5f
 def _log(message: str, quiet: bool):
     if not quiet:
         print(message, file=sys.stderr, flush=True)
@@ -365,7 +387,7 @@ def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_
     _log(f"{stage.name}: {entry['status']} in {entry['seconds']:.1f} s", quiet)
     return entry
 
-# %% ../nbs/10_pipeline.ipynb #ac54976b
+# %% ../nbs/10_pipeline.ipynb #f74d2fb6
 def run_lifecycle(
     settings_path: str | Path = "settings.ini",  # the project's settings file
     only: list[str] | None = None,  # run only these stages (earlier ones must be cached)

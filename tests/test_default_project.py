@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from conftest import REPO, run_lifecycle, stages
+from conftest import QUICK, REPO, run_lifecycle, stages
 
 
 def test_default_project_runs_end_to_end_with_a_report(heart_project):
     code, run, _, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "--json", check=0)
     assert run["status"] == "passed"
     by_name = stages(run)
-    assert [s["status"] for s in run["stages"]] == ["ran", "ran"]
+    assert [s["status"] for s in run["stages"]] == ["ran", "ran", "ran", "ran"]
     collect, prepare = by_name["collect"]["summary"], by_name["prepare"]["summary"]
     # Cleveland 303 + Hungarian 294 rows; one exact duplicate in the Hungarian file.
     assert collect["rows_by_source"] == {"cleveland": 303, "hungarian": 294}
@@ -25,7 +25,8 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     report = Path(run["report"]).parent
     assert report == heart_project / "reports" / run["run_id"]
     index = (report / "index.html").read_text()
-    for name in ("01_collect.html", "02_prepare.html", "01_collect.ipynb", "prepare-data_quality.html", "prepare-summary.json"):
+    for name in ("01_collect.html", "02_prepare.html", "03_train.html", "04_evaluate.html", "01_collect.ipynb",
+                 "prepare-data_quality.html", "prepare-summary.json", "evaluate-model_card.html", "evaluate-summary.json"):
         assert f'href="{name}"' in index, name
         assert (report / name).exists(), name
     collect_html = (report / "01_collect.html").read_text()
@@ -45,25 +46,25 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
 
 def test_cache_reuses_unchanged_stages_and_reruns_changed_ones(heart_project):
     settings = heart_project / "settings.ini"
-    run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
-    _, cached, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
+    _, cached, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     assert [s["status"] for s in cached["stages"]] == ["cached", "cached"]
     assert (Path(cached["run_dir"]) / "prepare" / "clean.parquet").exists()  # outputs linked into the new run
     assert (Path(cached["report"]).parent / "02_prepare.html").exists()  # and the report too
     # A changed parameter re-executes that stage only.
-    _, changed, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "-p", "prepare.seed=7", "--json", check=0)
+    _, changed, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "-p", "prepare.seed=7", "--json", check=0)
     assert [s["status"] for s in changed["stages"]] == ["cached", "ran"]
     # --from re-executes a stage even when it is cached.
-    _, forced, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--from", "prepare", "--json", check=0)
+    _, forced, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "--from", "prepare", "--json", check=0)
     assert [s["status"] for s in forced["stages"]] == ["cached", "ran"]
     # A changed source file re-executes collect, and prepare after it (its input changed).
     source = heart_project / "data" / "heart-disease-uci" / "processed.hungarian.data"
     source.write_text(source.read_text() + "40,1,2,130,200,0,0,170,0,0,?,?,?,0\n")
-    _, edited, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    _, edited, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     assert [s["status"] for s in edited["stages"]] == ["ran", "ran"]
     assert stages(edited)["prepare"]["summary"]["rows_in"] == 598
     # --stages runs only what is named, on the cached outputs of the stages before it.
-    _, only, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "-p", "prepare.seed=3",
+    _, only, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "-p", "prepare.seed=3",
                                   "--stages", "prepare", "--json", check=0)
     assert [s["status"] for s in only["stages"]] == ["cached", "ran"]
     _, first_only, _, _ = run_lifecycle("run", "--settings", settings, "--stages", "collect", "--json", check=0)
@@ -72,9 +73,9 @@ def test_cache_reuses_unchanged_stages_and_reruns_changed_ones(heart_project):
 
 def test_a_deleted_schema_is_not_served_from_cache(heart_project):
     settings = heart_project / "settings.ini"
-    run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     (heart_project / "schema" / "current.json").unlink()
-    _, again, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    _, again, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     assert [s["status"] for s in again["stages"]] == ["cached", "ran"]
     assert (heart_project / "schema" / "current.json").exists()
 
@@ -82,7 +83,7 @@ def test_a_deleted_schema_is_not_served_from_cache(heart_project):
 def test_runs_from_any_folder_and_keeps_state_in_the_project(heart_project, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    _, run, stdout, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false",
+    _, run, stdout, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", *QUICK,
                                       cwd=elsewhere, check=0)
     assert list(elsewhere.iterdir()) == []
     assert re.search(r"Report: .*/reports/[^/]+/index.html", stdout)

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import run_lifecycle, stages
+from conftest import QUICK, run_lifecycle, stages
 
 
 def _append(path, text):
@@ -22,7 +22,7 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
     text = settings.read_text().replace("hungarian: data/heart-disease-uci/processed.hungarian.data",
                                         "hungarian: data/heart-disease-uci/processed.hungarian.data\n          bad: data/bad.data")
     settings.write_text(text)
-    code, _, stdout, stderr = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false")
+    code, _, stdout, stderr = run_lifecycle("run", "--settings", settings, *QUICK)
     assert code == 1
     lines = stderr.strip().splitlines()
     assert len([line for line in lines if line.startswith("lifecycle:")]) == 1
@@ -38,7 +38,7 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
     index = (notebook.parent / "index.html").read_text()
     assert "failed" in index
     # Raise the threshold (the fix): collect is reused, prepare resumes.
-    code, run, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false",
+    code, run, _, _ = run_lifecycle("run", "--settings", settings, *QUICK,
                                     "-p", "prepare.max_quarantine_share=0.3", "--json", check=0)
     assert [s["status"] for s in run["stages"]] == ["cached", "ran"]
     assert stages(run)["prepare"]["summary"]["reasons"] == {"out_of_range:age": 200}

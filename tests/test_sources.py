@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import COLUMNS, HEART, run_lifecycle, stages
+from conftest import QUICK, COLUMNS, HEART, run_lifecycle, stages
 
 HEADER = COLUMNS.replace(" ", "")
 
@@ -49,7 +49,7 @@ recode = sex: male -> 1, female -> 0
 missing_values = chol: 0
 profile = false
 """)
-    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "--json", check=0)
+    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "--stages", "collect,prepare", "--json", check=0)
     collect, prepare = stages(run)["collect"]["summary"], stages(run)["prepare"]["summary"]
     assert collect["rows_by_source"] == {"north": 40, "south": 40, "east": 40, "west": 40, "mobile": 40, "registry": 103}
     assert collect["lines_malformed"] == 0
@@ -95,13 +95,13 @@ def _corrupted_lines():
 def test_corrupted_source_against_the_stored_schema(heart_project):
     """A later data version with every kind of fault: each row lands in exactly one place, with a reason."""
     settings = heart_project / "settings.ini"
-    run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", check=0)  # first version: the schema
+    run_lifecycle("run", "--settings", settings, *QUICK, check=0)  # first version: the schema
     lines = _corrupted_lines()
     (heart_project / "data" / "va-export.data").write_text("\n".join(lines))  # no final newline: truncated
     text = settings.read_text().replace("hungarian: data/heart-disease-uci/processed.hungarian.data",
                                         "hungarian: data/heart-disease-uci/processed.hungarian.data\n          va: data/va-export.data")
     settings.write_text(text)
-    _, run, _, stderr = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    _, run, _, stderr = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     collect, prepare = stages(run)["collect"]["summary"], stages(run)["prepare"]["summary"]
     assert collect["rows_by_source"]["va"] == 11
     assert collect["lines_malformed"] == 4
@@ -136,7 +136,7 @@ def test_a_missing_empty_or_binary_source_is_one_line_naming_it(heart_project, c
     settings.write_text(settings.read_text().replace(
         "hungarian: data/heart-disease-uci/processed.hungarian.data",
         "hungarian: data/heart-disease-uci/processed.hungarian.data\n          extra: data/extra.data"))
-    code, _, _, stderr = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false")
+    code, _, _, stderr = run_lifecycle("run", "--settings", settings, *QUICK)
     assert code == 1
     line = stderr.strip().splitlines()[-1]
     prefix, _, rest = expected.partition("{n}")

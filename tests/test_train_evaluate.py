@@ -1,0 +1,126 @@
+"Train and evaluate: tracked, reproducible, registered models, and a gate that refuses worse or unfair ones."
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_lifecycle, stages
+
+
+def _models(project):
+    _, listing, _, _ = run_lifecycle("models", "--settings", project / "settings.ini", "--json", check=0)
+    return listing
+
+
+def test_default_project_reaches_an_approved_reproducible_champion(heart_project):
+    settings = heart_project / "settings.ini"
+    _, run, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    train, evaluate = stages(run)["train"]["summary"], stages(run)["evaluate"]["summary"]
+    assert evaluate["gate"] == {"passed": True, "reasons": []}
+    assert evaluate["metrics"]["roc_auc"] > 0.8
+    assert set(evaluate["fairness"]) == {"sex", "age", "sex & age"}
+    version = train["model_version"]
+    listing = _models(heart_project)
+    assert listing["aliases"] == {"challenger": version, "champion": version}
+    registered = next(v for v in listing["versions"] if v["version"] == version)
+    assert registered["sha256"] == train["model_sha256"] and evaluate["model_version"] == version
+    # The file on disk is the one recorded.
+    import hashlib
+    model_file = heart_project / "registry" / "versions" / str(version) / "model.skops"
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == train["model_sha256"]
+    card = (heart_project / "registry" / "versions" / str(version) / "card.md").read_text()
+    assert "## Intended use" in card and "## By sex" in card and "## Limitations" in card and "gate: passed" in card
+    # Same data, settings and seed: the same model, byte for byte.
+    _, again, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--from", "train", "--json", check=0)
+    retrained = stages(again)["train"]["summary"]
+    assert retrained["model_version"] == version + 1
+    assert retrained["model_sha256"] == train["model_sha256"]
+    # W&B's offline files hold the logged metrics.
+    from lifecycle.tracking import read_offline_run
+    tracked = read_offline_run(train["wandb_run"])
+    assert Path(train["wandb_run"]).parent == heart_project / "wandb"
+    assert tracked["config"]["seed"] == 42 and tracked["config"]["data_version"] == stages(run)["prepare"]["summary"]["data_version"]
+    assert round(tracked["summary"]["val/roc_auc"], 4) == train["metrics"]["val_roc_auc"]
+    assert tracked["summary"]["model_sha256"] == train["model_sha256"]
+    # A tampered model file is refused at load.
+    from lifecycle.core import LifecycleError
+    from lifecycle.registry import Registry, load_model
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    with pytest.raises(LifecycleError, match="SHA-256 does not match"):
+        load_model(Registry(heart_project), version)
+
+
+def test_a_worse_model_is_refused_and_the_champion_stays(heart_project):
+    settings = heart_project / "settings.ini"
+    _, first, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    champion = stages(first)["train"]["summary"]["model_version"]
+    code, _, _, stderr = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false",
+                                       "-p", "train.features=fbs", "-p", "train.model=logistic_regression")
+    assert code == 1
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith(f"lifecycle: stage 'evaluate' failed at cell")
+    assert f"the gate refused model version {champion + 1}" in message
+    assert "below the minimum 0.750" in message and "significantly worse than the champion" in message
+    listing = _models(heart_project)
+    assert listing["aliases"]["champion"] == champion
+    refused = next(v for v in listing["versions"] if v["version"] == champion + 1)
+    assert refused["gate"] is False
+
+
+def test_an_unfair_model_is_refused_with_the_reason(heart_project):
+    code, _, _, stderr = run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false",
+                                       "-p", "evaluate.max_fairness_gap=0.02")
+    assert code == 1
+    assert "equalized odds difference by sex is" in stderr and "above the maximum 0.020" in stderr
+    assert _models(heart_project)["aliases"] == {}
+
+
+def test_a_tracker_that_fails_does_not_fail_the_run(heart_project, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    _, run, _, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false",
+                                 "-p", "train.tracking=online", "--stages", "collect,prepare,train", "--json", check=0)
+    train = stages(run)["train"]["summary"]
+    assert train["wandb_run"] is None
+    assert len(train["warnings"]) == 1 and train["warnings"][0].startswith("W&B tracking stopped at 'start'")
+
+
+def test_any_binary_classification_data_runs_from_collect_to_evaluate(tmp_path):
+    """A headerless census-like file with `?` for missing values and text labels, with no code change."""
+    rng = np.random.default_rng(7)
+    rows = 1500
+    age = rng.integers(18, 80, rows)
+    hours = rng.integers(10, 70, rows)
+    education = rng.choice(["Bachelors", "HS-grad", "Masters", "Some-college"], rows)
+    sex = rng.choice(["Male", "Female"], rows)
+    signal = 0.04 * (age - 40) + 0.05 * (hours - 40) + np.where(education == "Masters", 1.2, 0) + rng.normal(0, 1, rows)
+    income = np.where(signal > 0.5, ">50K", "<=50K")
+    frame = pd.DataFrame({"age": age, "workclass": rng.choice(["Private", "State-gov", "?"], rows), "education": education,
+                          "sex": sex, "hours": hours, "income": income})
+    project = tmp_path / "census"
+    project.mkdir()
+    frame.to_csv(project / "adult.data", header=False, index=False)
+    (project / "settings.ini").write_text("""[data]
+sources = census: adult.data
+columns = age, workclass, education, sex, hours, income
+na_values = ?
+target = income
+positive = >50K
+negative = <=50K
+sensitive = sex
+[prepare]
+profile = false
+[train]
+model = logistic_regression
+[evaluate]
+min_auc = 0.7
+""")
+    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "--json", check=0)
+    evaluate = stages(run)["evaluate"]["summary"]
+    assert evaluate["gate"]["passed"] and evaluate["metrics"]["roc_auc"] > 0.7
+    assert set(evaluate["fairness"]) == {"sex"}
+    schema = json.loads((project / "schema" / "current.json").read_text())
+    assert schema["columns"]["education"]["categories"] == ["bachelors", "hs-grad", "masters", "some-college"]
