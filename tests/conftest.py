@@ -1,5 +1,6 @@
 "Shared fixtures: projects written into temporary folders, and the `lifecycle` command run as a user runs it."
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Two test workers share two cores: one thread each for OpenMP and BLAS, or their thread pools spin against each other.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 HEART = REPO / "data" / "heart-disease-uci"
 LIFECYCLE = Path(sys.executable).parent / "lifecycle"
 QUICK = ("--stages", "collect,prepare", "-p", "prepare.profile=false")  # the data stages only, without the profile
@@ -37,4 +41,24 @@ def heart_project(tmp_path):
     project.mkdir()
     shutil.copy(REPO / "settings.ini", project / "settings.ini")
     shutil.copytree(HEART, project / "data" / "heart-disease-uci")
+    return project
+
+
+@pytest.fixture(scope="session")
+def champion_template(tmp_path_factory):
+    "The default project after one whole run (without the profile): a champion in its registry. Built once a worker."
+    project = tmp_path_factory.mktemp("template") / "heart"
+    project.mkdir()
+    shutil.copy(REPO / "settings.ini", project / "settings.ini")
+    shutil.copytree(HEART, project / "data" / "heart-disease-uci")
+    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0)
+    (project / "first-run.json").write_text(json.dumps(run))
+    return project
+
+
+@pytest.fixture
+def champion_project(champion_template, tmp_path):
+    "A copy of the template project for one test: its stages cached, its registry holding a champion."
+    project = tmp_path / "heart"
+    shutil.copytree(champion_template, project, symlinks=True)
     return project

@@ -14,9 +14,10 @@ def _models(project):
     return listing
 
 
-def test_default_project_reaches_an_approved_reproducible_champion(heart_project):
+def test_default_project_reaches_an_approved_reproducible_champion(champion_project):
+    heart_project = champion_project
     settings = heart_project / "settings.ini"
-    _, run, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    run = json.loads((heart_project / "first-run.json").read_text())
     train, evaluate = stages(run)["train"]["summary"], stages(run)["evaluate"]["summary"]
     assert evaluate["gate"] == {"passed": True, "reasons": []}
     assert evaluate["metrics"]["roc_auc"] > 0.8
@@ -40,7 +41,8 @@ def test_default_project_reaches_an_approved_reproducible_champion(heart_project
     # W&B's offline files hold the logged metrics.
     from lifecycle.tracking import read_offline_run
     tracked = read_offline_run(train["wandb_run"])
-    assert Path(train["wandb_run"]).parent == heart_project / "wandb"
+    wandb_folder = Path(train["wandb_run"]).parent
+    assert wandb_folder.name == "wandb" and (wandb_folder.parent / "settings.ini").exists()  # in the project, not the home folder
     assert tracked["config"]["seed"] == 42 and tracked["config"]["data_version"] == stages(run)["prepare"]["summary"]["data_version"]
     assert round(tracked["summary"]["val/roc_auc"], 4) == train["metrics"]["val_roc_auc"]
     assert tracked["summary"]["model_sha256"] == train["model_sha256"]
@@ -54,9 +56,10 @@ def test_default_project_reaches_an_approved_reproducible_champion(heart_project
         load_model(Registry(heart_project), version)
 
 
-def test_a_worse_model_is_refused_and_the_champion_stays(heart_project):
+def test_a_worse_model_is_refused_and_the_champion_stays(champion_project):
+    heart_project = champion_project
     settings = heart_project / "settings.ini"
-    _, first, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--json", check=0)
+    first = json.loads((heart_project / "first-run.json").read_text())
     champion = stages(first)["train"]["summary"]["model_version"]
     code, _, _, stderr = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false",
                                        "-p", "train.features=fbs", "-p", "train.model=logistic_regression")
@@ -71,17 +74,19 @@ def test_a_worse_model_is_refused_and_the_champion_stays(heart_project):
     assert refused["gate"] is False
 
 
-def test_an_unfair_model_is_refused_with_the_reason(heart_project):
-    code, _, _, stderr = run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false",
+def test_an_unfair_model_is_refused_with_the_reason(champion_project):
+    code, _, _, stderr = run_lifecycle("run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false",
                                        "-p", "evaluate.max_fairness_gap=0.02")
     assert code == 1
-    assert "equalized odds difference by sex is" in stderr and "above the maximum 0.020" in stderr
-    assert _models(heart_project)["aliases"] == {}
+    assert "the gate refused model version 1: equalized odds difference by sex is" in stderr
+    assert "above the maximum 0.020" in stderr
+    refused = next(v for v in _models(champion_project)["versions"] if v["version"] == 1)
+    assert refused["gate"] is False  # the decision is on the record; aliases are moved only by a passing gate or by hand
 
 
-def test_a_tracker_that_fails_does_not_fail_the_run(heart_project, monkeypatch):
+def test_a_tracker_that_fails_does_not_fail_the_run(champion_project, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    _, run, _, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false",
+    _, run, _, _ = run_lifecycle("run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false",
                                  "-p", "train.tracking=online", "--stages", "collect,prepare,train", "--json", check=0)
     train = stages(run)["train"]["summary"]
     assert train["wandb_run"] is None
