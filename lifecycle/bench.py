@@ -20,7 +20,8 @@ import pandas as pd
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'run_benchmark']
+__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'bench_train',
+           'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
 HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
@@ -49,7 +50,7 @@ def generate_heart_rows(
     data.loc[spoiled & (kinds == 2), "num"] = np.nan
     return data
 
-# %% ../nbs/12_bench.ipynb #4a4df734
+# %% ../nbs/12_bench.ipynb #0eb688fd
 def _peak_mib() -> float:
     "The process's peak resident memory so far."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -107,6 +108,16 @@ def _task(name: str, project: str) -> dict:
         started = time.perf_counter()
         profiled = profile_report(clean, Path(project) / "bench-out" / "profile.html", "bench", 100_000)
         return {"seconds": time.perf_counter() - started, "peak_mib": _peak_mib(), **profiled}
+    if name == "bare_fit":
+        from lifecycle.train import feature_columns, fit_model
+        from lifecycle.core import read_json
+        run = sorted((Path(project) / "runs").glob("2*"))[-1]
+        clean = pd.read_parquet(run / "prepare" / "clean.parquet")
+        numeric, categorical = feature_columns(read_json(run / "prepare" / "schema.json"), settings)
+        train = clean[clean["_split"] == "train"]
+        started = time.perf_counter()
+        fit_model(train, numeric, categorical, "hist_gradient_boosting", 42, False, 5)
+        return {"seconds": time.perf_counter() - started, "rows_train": len(train)}
     raise LifecycleError(f"unknown bench task {name}")
 
 def measure(
@@ -178,7 +189,7 @@ def bench_prepare(
         print(format_prepare(figures))
     return figures
 
-# %% ../nbs/12_bench.ipynb #da25a384
+# %% ../nbs/12_bench.ipynb #97403eea
 def format_prepare(figures: dict) -> str:
     "The prepare benchmark as a table: ours, the floor, the ratio and the target."
     rows = [
@@ -201,12 +212,51 @@ def format_prepare(figures: dict) -> str:
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(row, width)) for row in rows]
     return "\n".join(lines)
 
+# %% ../nbs/12_bench.ipynb #d1e9d24e
+def _lifecycle(project: Path, *arguments: str) -> dict:
+    command = [sys.executable, "-c", "import sys; from lifecycle.cli import main; sys.exit(main(sys.argv[1:]))",
+               "run", "--settings", str(project / "settings.ini"), "--json", *arguments]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LifecycleError(f"bench: lifecycle run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.stdout[-300:]}")
+    return {**json.loads(done.stdout), "wall_seconds": time.perf_counter() - started}
+
+def bench_train(
+    rows: int = 100_000,  # rows of generated data
+    heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
+    quiet: bool = False,  # no table on stdout
+) -> dict:  # the figures
+    "Time the train stage against the bare scikit-learn fit of the same pipeline on the same data."
+    heart = heart or Path(__file__).resolve().parent.parent / "data" / "heart-disease-uci"
+    if not heart.is_dir():
+        raise LifecycleError(f"bench train needs the UCI heart disease files in {heart}; run it from a clone")
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
+        project = _write_project(Path(folder), rows, heart)
+        _lifecycle(project, "--stages", "collect,prepare", "-p", "prepare.profile=false")
+        floor = measure("bare_fit", project)
+        run = _lifecycle(project, "--stages", "collect,prepare,train", "-p", "prepare.profile=false", "-p", "train.tracking=offline")
+    stage = next(entry for entry in run["stages"] if entry["name"] == "train")
+    figures = {"rows": rows, "rows_train": floor["rows_train"], "train_stage_seconds": round(stage["seconds"], 2),
+               "command_seconds": round(run["wall_seconds"], 2), "bare_fit_seconds": round(floor["seconds"], 2),
+               "ratio": round(stage["seconds"] / floor["seconds"], 2), "target_ratio": 1.5}
+    if not quiet:
+        print(f"bench train: {rows:,} rows ({floor['rows_train']:,} training rows), hist_gradient_boosting, 5-fold CV and fit")
+        print(f"{'figure':<34}{'seconds':>9}")
+        print(f"{'train stage (papermill, W&B, registry, report)':<34}{stage['seconds']:>9.2f}")
+        print(f"{'  the whole lifecycle run command':<34}{run['wall_seconds']:>9.2f}")
+        print(f"{'bare scikit-learn CV + fit (floor)':<34}{floor['seconds']:>9.2f}")
+        print(f"{'ratio (target ≤ 1.5x)':<34}{figures['ratio']:>8.2f}x")
+    return figures
+
 def run_benchmark(
     name: str,  # the benchmark
-    rows: int = 1_000_000,  # rows of generated data
+    rows: int | None = None,  # rows of generated data (default: the benchmark's own)
     quiet: bool = False,  # no table on stdout
 ) -> dict:  # its figures
     "Run a benchmark by name."
     if name == "prepare":
-        return bench_prepare(rows, quiet=quiet)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare")
+        return bench_prepare(rows or 1_000_000, quiet=quiet)
+    if name == "train":
+        return bench_train(rows or 100_000, quiet=quiet)
+    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train")

@@ -58,7 +58,7 @@ def _models(args) -> int:
         print(f"{row['version']:>7}  {row['created']:<25} {row['model']:<24} {row['roc_auc']:>8.3f}  {gate:<7} {row['sha256'][:16]}  {', '.join(row['aliases'])}")
     return 0
 
-# %% ../nbs/11_cli.ipynb #b9c43d5c
+# %% ../nbs/11_cli.ipynb #1666fb42
 def parser() -> argparse.ArgumentParser:
     "The command line of `lifecycle`."
     top = argparse.ArgumentParser(prog="lifecycle", description="Literate MLOps: the machine-learning lifecycle as notebooks.")
@@ -83,8 +83,9 @@ def parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=_models)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.")
-    bench.add_argument("name", choices=["prepare"], help="the benchmark: prepare (collect and prepare against a bare read)")
-    bench.add_argument("--rows", type=int, default=1_000_000, help="rows of generated data (default 1,000,000)")
+    bench.add_argument("name", choices=["prepare", "train"],
+                       help="prepare (collect and prepare against a bare read, 1M rows) or train (the train stage against a bare fit, 100k rows)")
+    bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(handler=_bench)
     return top

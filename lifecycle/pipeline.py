@@ -27,11 +27,12 @@ from .core import (LifecycleError, Settings, coerce_value, load_settings, read_j
 # %% auto #0
 __all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'check_sections',
            'parse_overrides', 'stage_parameters', 'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash',
-           'find_cached', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages', 'run_stage',
-           'run_lifecycle']
+           'find_cached', 'run_cells', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages',
+           'run_stage', 'run_lifecycle']
 
-# %% ../nbs/10_pipeline.ipynb #ef220035
+# %% ../nbs/10_pipeline.ipynb #42079474
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
+RUN_HEADING = "## Run the stage"  # the markdown heading of a stage notebook's run section
 _STAGE_FILE = re.compile(r"^0[1-9]_([a-z]+)\.ipynb$")
 
 def stages_folder() -> Path:
@@ -200,10 +201,21 @@ def _link_tree(source: Path, destination: Path):
         except OSError:
             shutil.copy2(path, target)
 
-# %% ../nbs/10_pipeline.ipynb #a04e5480
+# %% ../nbs/10_pipeline.ipynb #4e71597a
 def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+def run_cells(cells: list) -> list:
+    """The cells a stage run executes: the module's code and the run section.
+
+    The checks on tiny data that follow each function are for `nbdev-test`; a stage run skips them
+    (they cost seconds each time and show nothing about this run's data)."""
+    start = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(RUN_HEADING)), None)
+    if start is None:
+        return cells
+    return [cell for i, cell in enumerate(cells)
+            if i >= start or cell.cell_type == "markdown" or re.match(r"^#\|\s*(export|default_exp)", cell.source)]
 
 def execute_stage(
     notebook: Path,  # the stage notebook
@@ -220,8 +232,11 @@ def execute_stage(
     # IPC sockets in a private folder: no TCP port open to other users of the machine. The manager must be
     # the asynchronous one: nbclient's timeout never fires with a blocking client.
     kernel = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+    import nbformat
+    runnable = nbformat.read(notebook, as_version=4)
+    runnable.cells = run_cells(runnable.cells)
     try:
-        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, cwd=str(cwd),
+        papermill.execute_notebook(runnable, str(output), parameters=parameters, cwd=str(cwd),
                                    kernel_name="python3", progress_bar=False, log_output=False,
                                    execution_timeout=timeout, km=kernel)
         return None
@@ -252,7 +267,6 @@ def export_html(
     body, _ = exporter.from_notebook_node(executed, resources={"metadata": {"name": title}})
     write_text(destination, body)
 
-RUN_HEADING = "## Run the stage"
 ERROR_TAG = "papermill-error-cell-tag"
 
 def report_cells(cells: list) -> list:
