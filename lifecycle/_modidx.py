@@ -92,6 +92,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'lifecycle.pipeline._cache_file': ('pipeline.html#_cache_file', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._cells': ('pipeline.html#_cells', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._default_exp': ('pipeline.html#_default_exp', 'lifecycle/pipeline.py'),
+                                    'lifecycle.pipeline._figure': ('pipeline.html#_figure', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._figures': ('pipeline.html#_figures', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._inspect_parameters': ( 'pipeline.html#_inspect_parameters',
                                                                                 'lifecycle/pipeline.py'),

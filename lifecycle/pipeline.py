@@ -285,13 +285,24 @@ def report_cells(cells: list) -> list:
     keep = set(errors) | {first_content} | set(range(start, len(cells)))
     return [cell for i, cell in enumerate(cells) if i in keep]
 
-# %% ../nbs/10_pipeline.ipynb #e140c6a9
+# %% ../nbs/10_pipeline.ipynb #03e4fdb3
 _STATUS_COLOR = {"ran": "#1a7f37", "cached": "#0969da", "failed": "#cf222e"}
 
+def _figure(key: str, value) -> str | None:
+    "One line of a stage's figures on the index page, or None for values too big to show there."
+    if key == "gate" and isinstance(value, dict):
+        return "gate: passed" if value.get("passed") else f"gate: refused ({len(value.get('reasons', []))} reasons)"
+    if key == "metrics" and isinstance(value, dict):
+        return ", ".join(f"{name}: {number:.3f}" for name, number in list(value.items())[:2] if isinstance(number, float))
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value in ("", None):
+        return None
+    if isinstance(value, str) and len(value) > 24:
+        value = value[:16] + "…"
+    return f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}"
+
 def _figures(summary: dict) -> str:
-    shown = [f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}"
-             for key, value in summary.items() if isinstance(value, (int, float, str)) and not isinstance(value, bool)]
-    return "<br>".join(html.escape(item) for item in shown[:8])
+    shown = [line for key, value in summary.items() if (line := _figure(key, value))]
+    return "<br>".join(html.escape(item) for item in shown[:9])
 
 def write_index(
     run: dict,  # the run summary object
