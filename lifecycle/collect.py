@@ -392,13 +392,12 @@ def _relative(path: Path, root: Path) -> str:
     except ValueError:
         return str(path)
 
-# %% ../nbs/01_collect.ipynb #16a57c5f
+# %% ../nbs/01_collect.ipynb #34be8a80
 def _text_if_mixed(column: pd.Series) -> pd.Series:
     "Mixed Python types cannot be stored in Parquet: write the non-missing values as text."
     if column.dtype != object:
         return column
-    kinds = {type(value) for value in column.dropna().head(100_000)}
-    if len(kinds) <= 1 and column.dropna().map(type).nunique() <= 1:
+    if column.dropna().map(type).nunique() <= 1:
         return column
     return column.where(column.isna(), column.astype(str))
 
