@@ -84,7 +84,7 @@ def clean_text(
         text = text.replace(recode)
     return text.astype(object).where(text.notna(), np.nan)
 
-# %% ../nbs/02_prepare.ipynb #26878c5a
+# %% ../nbs/02_prepare.ipynb #bd7d0cb2
 NUMERIC_SHARE = 0.95  # a column is numeric when this share of its values parse as numbers
 
 def _is_numeric(values: pd.Series, parsed: pd.Series) -> bool:
@@ -108,7 +108,7 @@ def standardize(
         original = df[column]
         is_text = original.dtype == object or pd.api.types.is_string_dtype(original)
         text = clean_text(original, na_values, recode.get(column, {}))
-        parsed = parse_numbers(text)
+        parsed = parse_numbers(text) if numeric is None or column in numeric else None  # text columns of a known schema need no parse
         is_numeric = _is_numeric(text, parsed) if numeric is None else column in numeric
         row = {"column": column, "numeric": is_numeric, "recoded": 0, "made_missing": 0, "wrong_type": 0, "human_numbers": 0}
         if recode.get(column) and is_text:
