@@ -412,7 +412,7 @@ def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_
     _log(f"{stage.name}: {entry['status']} in {entry['seconds']:.1f} s", quiet)
     return entry
 
-# %% ../nbs/10_pipeline.ipynb #f74d2fb6
+# %% ../nbs/10_pipeline.ipynb #c6f31792
 def run_lifecycle(
     settings_path: str | Path = "settings.ini",  # the project's settings file
     only: list[str] | None = None,  # run only these stages (earlier ones must be cached)
@@ -443,8 +443,13 @@ def run_lifecycle(
     upstream = {}
     for stage in in_run:
         key = cache_key(stage, parameters[stage.name], settings, upstream, code)
-        entry = run_stage(stage, parameters[stage.name], settings, key, run_dir, report_dir,
-                          stage.name in selected, stage.name in forced, quiet)
+        try:
+            entry = run_stage(stage, parameters[stage.name], settings, key, run_dir, report_dir,
+                              stage.name in selected, stage.name in forced, quiet)
+        except LifecycleError:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the run could not start: leave no half-made run behind
+            shutil.rmtree(report_dir, ignore_errors=True)
+            raise
         run["stages"].append(entry)
         if entry["status"] == "failed":
             break

@@ -76,6 +76,14 @@ def test_command_line_mistakes_are_one_line(heart_project):
         assert not runs.exists() or [path.name for path in runs.iterdir()] == [".cache"]  # no run was started
 
 
+def test_stages_whose_inputs_are_not_ready_are_one_line_and_leave_nothing(heart_project):
+    code, _, _, stderr = run_lifecycle("run", "--settings", heart_project / "settings.ini", "--stages", "prepare")
+    assert code == 1
+    assert stderr.strip() == "lifecycle: stage 'collect' has no up-to-date outputs; include it: --stages collect,…"
+    assert [p.name for p in (heart_project / "runs").iterdir()] == [".cache"]
+    assert not (heart_project / "reports").exists() or not any((heart_project / "reports").iterdir())
+
+
 def test_help_documents_every_command():
     for args in (["--help"], ["run", "--help"], ["bench", "--help"]):
         code, _, stdout, _ = run_lifecycle(*args)
