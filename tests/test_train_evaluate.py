@@ -129,3 +129,40 @@ min_auc = 0.7
     assert set(evaluate["fairness"]) == {"sex"}
     schema = json.loads((project / "schema" / "current.json").read_text())
     assert schema["columns"]["education"]["categories"] == ["bachelors", "hs-grad", "masters", "some-college"]
+
+
+def test_a_credit_file_with_a_header_and_coded_categories(tmp_path):
+    """A CSV with a header, categories coded as `A40`…`A49`, and a target coded 1 (good) / 2 (bad)."""
+    rng = np.random.default_rng(11)
+    rows = 1200
+    duration = rng.integers(6, 60, rows)
+    amount = rng.integers(500, 15000, rows)
+    purpose = rng.choice([f"A4{i}" for i in range(10)], rows)
+    savings = rng.choice(["A61", "A62", "A63", "A64", "A65"], rows)
+    age = rng.integers(19, 75, rows)
+    foreign = rng.choice(["A201", "A202"], rows, p=[0.9, 0.1])
+    risk = 0.03 * (duration - 30) + 0.0001 * (amount - 5000) + np.where(savings == "A61", 0.8, 0) + rng.normal(0, 1, rows)
+    frame = pd.DataFrame({"duration_months": duration, "credit_amount": amount, "purpose": purpose,
+                          "savings": savings, "age": age, "foreign_worker": foreign, "risk": np.where(risk > 0.6, 2, 1)})
+    project = tmp_path / "credit"
+    project.mkdir()
+    frame.to_csv(project / "german.csv", index=False)
+    (project / "settings.ini").write_text("""[data]
+sources = bank: german.csv
+target = risk
+positive = 2
+negative = 1
+sensitive = age, foreign_worker
+[prepare]
+profile = false
+[evaluate]
+min_auc = 0.7
+min_group_size = 30
+""")
+    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "--json", check=0)
+    train, evaluate = stages(run)["train"]["summary"], stages(run)["evaluate"]["summary"]
+    assert evaluate["gate"]["passed"] and evaluate["metrics"]["roc_auc"] > 0.7
+    assert set(evaluate["fairness"]) == {"age", "foreign_worker", "age & foreign_worker"}
+    meta = json.loads((project / "registry" / "versions" / str(train["model_version"]) / "meta.json").read_text())
+    assert meta["features"]["categorical"] == ["purpose", "savings", "foreign_worker"]
+    assert sorted(meta["features"]["numeric"]) == ["age", "credit_amount", "duration_months"]
