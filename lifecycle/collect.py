@@ -89,7 +89,11 @@ def field_counts(
         return _per_line(field_starts, starts, len(data))
     return _per_line(np.flatnonzero(data == ord(delimiter)), starts, len(data)) + 1
 
-# %% ../nbs/01_collect.ipynb #d6e617e2
+# %% ../nbs/01_collect.ipynb #e79abfeb
+def _split_fields(text: str, delimiter: str) -> list[str]:
+    "A line's fields: runs of whitespace for a space-separated file, else the delimiter, quotes respected."
+    return text.split() if delimiter == " " else next(csv.reader([text], delimiter=delimiter), [])
+
 def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expected: int) -> np.ndarray:
     "Reasons per line, decoding and parsing each line: for quoted fields and bad bytes."
     reasons = np.full(len(lines), "", dtype=object)
@@ -99,7 +103,7 @@ def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expecte
         except UnicodeDecodeError:
             reasons[index] = f"bytes that are not {encoding} text"
             continue
-        fields = len(text.split()) if delimiter == " " else len(next(csv.reader([text], delimiter=delimiter), []))
+        fields = len(_split_fields(text, delimiter))
         if fields != expected:
             reasons[index] = f"expected {expected} fields, found {fields}"
     return reasons
@@ -171,8 +175,7 @@ def _looks_like_header(first: list[str], second: list[str]) -> bool:
             and sum(_is_number(field.strip()) for field in second) >= len(second) / 2)
 
 def _fields(raw: bytes, starts: np.ndarray, ends: np.ndarray, index: int, delimiter: str, encoding: str) -> list[str]:
-    text = raw[starts[index]:ends[index]].decode(encoding, errors="replace")
-    return text.split() if delimiter == " " else next(csv.reader([text], delimiter=delimiter), [])
+    return _split_fields(raw[starts[index]:ends[index]].decode(encoding, errors="replace"), delimiter)
 
 def _lines_equal_to(raw: bytes, starts: np.ndarray, ends: np.ndarray, line: bytes) -> np.ndarray:
     "A mask of the lines whose bytes equal `line`: only lines of the same length are compared."
@@ -188,7 +191,7 @@ def _decodes(data: bytes, encoding: str) -> bool:
     except UnicodeDecodeError:
         return False
 
-# %% ../nbs/01_collect.ipynb #29a351ff
+# %% ../nbs/01_collect.ipynb #fcfee3d8
 def read_text_table(
     path: Path,  # a CSV, TSV or space-separated text file
     columns: list[str],  # names for a file without a header line (empty: the file has one)
@@ -212,7 +215,7 @@ def read_text_table(
         raise LifecycleError(f"{path} is empty: it holds no rows")
     first = raw[starts[first_line[0]]:ends[first_line[0]]].decode(encoding, errors="replace")
     delimiter = _text_format(path, first)
-    first_fields = first.split() if delimiter == " " else next(csv.reader([first], delimiter=delimiter))
+    first_fields = _split_fields(first, delimiter)
     header = _is_header(first_fields, columns)
     names = [field.strip() for field in first_fields] if header else columns
     rows = ~blank

@@ -27,8 +27,8 @@ from .core import (LifecycleError, Settings, coerce_value, load_settings, read_j
 # %% auto #0
 __all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'check_sections',
            'parse_overrides', 'stage_parameters', 'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash',
-           'find_cached', 'run_cells', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages',
-           'run_stage', 'run_lifecycle']
+           'find_cached', 'run_section_start', 'run_cells', 'execute_stage', 'export_html', 'report_cells',
+           'write_index', 'plan_stages', 'run_stage', 'run_lifecycle']
 
 # %% ../nbs/10_pipeline.ipynb #42079474
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
@@ -201,17 +201,21 @@ def _link_tree(source: Path, destination: Path):
         except OSError:
             shutil.copy2(path, target)
 
-# %% ../nbs/10_pipeline.ipynb #4e71597a
+# %% ../nbs/10_pipeline.ipynb #a0987e5e
 def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+def run_section_start(cells: list) -> int | None:
+    "The index of a stage notebook's `## Run the stage` heading, or None."
+    return next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(RUN_HEADING)), None)
 
 def run_cells(cells: list) -> list:
     """The cells a stage run executes: the module's code and the run section.
 
     The checks on tiny data that follow each function are for `nbdev-test`; a stage run skips them
     (they cost seconds each time and show nothing about this run's data)."""
-    start = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(RUN_HEADING)), None)
+    start = run_section_start(cells)
     if start is None:
         return cells
     return [cell for i, cell in enumerate(cells)
@@ -275,7 +279,7 @@ def report_cells(cells: list) -> list:
     The functions a stage defines, and the checks on tiny data after each, are for the developer who
     opens the notebook; the report is for the reader of this run. When the run failed before its run
     section (a check failed), every cell is shown."""
-    start = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(RUN_HEADING)), None)
+    start = run_section_start(cells)
     if start is None:
         return cells
     errors = [i for i, cell in enumerate(cells) if ERROR_TAG in cell.get("metadata", {}).get("tags", [])]

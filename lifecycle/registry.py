@@ -25,7 +25,7 @@ from .core import LifecycleError, read_json, sha256_bytes, sha256_file, write_js
 # %% auto #0
 __all__ = ['TRUSTED_TYPES', 'ALIASES', 'canonical_skops', 'model_bytes', 'load_model_bytes', 'Registry', 'register',
            'update_meta', 'load_model', 'events', 'set_alias', 'rollback', 'describe', 'markdown_table',
-           'markdown_to_html']
+           'markdown_to_html', 'save_card']
 
 # %% ../nbs/20_registry.ipynb #0dea7b9d
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -242,7 +242,7 @@ def describe(registry: Registry) -> dict:
         })
     return {"registry": str(registry.path), "aliases": aliases, "versions": versions}
 
-# %% ../nbs/20_registry.ipynb #a4fe5da3
+# %% ../nbs/20_registry.ipynb #4852b77f
 def markdown_table(rows: list[dict]) -> str:
     "A list of dicts as a Markdown table."
     if not rows:
@@ -286,3 +286,15 @@ def markdown_to_html(markdown: str, title: str) -> str:
              "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+def save_card(
+    registry: Registry,  # the registry
+    version: int,  # the version the card describes
+    markdown: str,  # the card
+) -> str:  # the card as an HTML page
+    "Write a version's model card as card.md and card.html, atomically."
+    page = markdown_to_html(markdown, f"Model card, version {version}")
+    folder = registry.path / "versions" / str(version)
+    write_text(folder / "card.md", markdown)
+    write_text(folder / "card.html", page)
+    return page
