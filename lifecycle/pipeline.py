@@ -221,6 +221,21 @@ def run_cells(cells: list) -> list:
     return [cell for i, cell in enumerate(cells)
             if i >= start or cell.cell_type == "markdown" or re.match(r"^#\|\s*(export|default_exp)", cell.source)]
 
+def _import_nbformat():
+    """Import nbformat without the IRI grammar of rfc3987-syntax.
+
+    jsonschema, under nbformat, compiles that grammar at import when the package is installed (JupyterLab
+    brings it): 0.8 s on every run, for a string format no notebook uses. The block is lifted right after,
+    so code that imports the package itself later still gets it."""
+    if "nbformat" in sys.modules or "jsonschema._format" in sys.modules or "rfc3987_syntax" in sys.modules:
+        import nbformat  # noqa: F401
+        return
+    sys.modules["rfc3987_syntax"] = None  # makes its import fail; jsonschema then skips the format
+    try:
+        import nbformat  # noqa: F401
+    finally:
+        del sys.modules["rfc3987_syntax"]
+
 def execute_stage(
     notebook: Path,  # the stage notebook
     output: Path,  # the executed notebook to write
@@ -229,26 +244,30 @@ def execute_stage(
     timeout: int,  # seconds a cell may run
 ) -> str | None:  # None on success, else one line saying what failed where
     "Execute one stage notebook with papermill."
-    import papermill
     from jupyter_client import AsyncKernelManager
     from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
     sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
     # IPC sockets in a private folder: no TCP port open to other users of the machine. The manager must be
     # the asynchronous one: nbclient's timeout never fires with a blocking client.
     kernel = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
-    import nbformat
-    runnable = nbformat.read(notebook, as_version=4)
-    runnable.cells = run_cells(runnable.cells)
     try:
+        # The kernel boots in its own process while this one imports papermill (each takes about half a
+        # second); nbclient uses a kernel it finds started, with the history in memory as it would.
+        run_sync(kernel.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        _import_nbformat()
+        import nbformat
+        import papermill
+        runnable = nbformat.read(notebook, as_version=4)
+        runnable.cells = run_cells(runnable.cells)
         papermill.execute_notebook(runnable, str(output), parameters=parameters, cwd=str(cwd),
                                    kernel_name="python3", progress_bar=False, log_output=False,
                                    execution_timeout=timeout, km=kernel)
         return None
-    except papermill.PapermillExecutionError as error:
-        message = error.evalue if error.ename in ("LifecycleError",) else f"{error.ename}: {error.evalue}"
-        return f"cell {error.exec_count}: {_one_line(message)}"
-    except Exception as error:  # a timeout or a dead kernel: papermill still wrote what ran
+    except Exception as error:  # a cell's error, a timeout or a dead kernel: papermill still wrote what ran
         name = type(error).__name__
+        if name == "PapermillExecutionError":
+            message = error.evalue if error.ename in ("LifecycleError",) else f"{error.ename}: {error.evalue}"
+            return f"cell {error.exec_count}: {_one_line(message)}"
         if "Timeout" in name:
             return f"a cell ran longer than the {timeout} s timeout ([run] timeout) and was stopped"
         return f"{name}: {_one_line(error)}"
@@ -263,6 +282,7 @@ def export_html(
     title: str,  # the page title
 ):
     "Render an executed notebook as HTML: outputs shown, code hidden."
+    _import_nbformat()
     import nbformat
     from nbconvert import HTMLExporter
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)

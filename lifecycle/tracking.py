@@ -5,15 +5,21 @@
 # %% ../nbs/21_tracking.ipynb #9964f684
 from __future__ import annotations
 
+import io
 import json
 import os
+import queue
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['MODES', 'tracking_mode', 'wandb_environment', 'Tracker', 'read_offline_run']
+__all__ = ['MODES', 'tracking_mode', 'wandb_environment', 'Tracker', 'tracking_worker', 'read_offline_run']
 
 # %% ../nbs/21_tracking.ipynb #db40d228
 MODES = ("offline", "online", "disabled", "auto")
@@ -37,7 +43,8 @@ def wandb_environment(root: Path) -> dict[str, str]:
 
 # %% ../nbs/21_tracking.ipynb #c97c4488
 class Tracker:
-    "A guarded W&B run."
+    """A W&B run in a process of its own: the notebook never imports W&B, never waits on it while it works,
+    and is never taken down or held up by it."""
 
     def __init__(
         self,
@@ -45,78 +52,217 @@ class Tracker:
         mode: str = "auto",  # offline, online, disabled or auto
         project: str = "lifecycle",  # the W&B project
         job_type: str = "train",  # what the run does
-        config: dict | None = None,  # the run's configuration
+        config: dict | None = None,  # the run's configuration (JSON-ready; other values are written as text)
         name: str | None = None,  # the run's name
+        timeout: float = 300,  # seconds to wait for W&B to start, and to finish, before giving up on it
     ):
         self.mode = tracking_mode(mode)
-        self.run = None
-        self.warnings: list[str] = []
+        self.timeout = timeout
+        self._warnings: list[str] = []
+        self._replies: queue.Queue = queue.Queue()
+        self._process = None
+        self._started = None  # None: no answer yet; then the start's answer
+        self._ended = False  # the tracking process has ended (its last answer is read)
+        self._media = None
         if self.mode == "disabled":
             return
-        os.environ.update(wandb_environment(Path(root)))
-        Path(os.environ["WANDB_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-        self._guard("start", self._start, project, job_type, config or {}, name)
+        environment = {**os.environ, **wandb_environment(Path(root)), "PYTHONUNBUFFERED": "1"}
+        Path(environment["WANDB_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        self._media = Path(tempfile.mkdtemp(prefix="media-", dir=environment["WANDB_DATA_DIR"]))
+        self._process = subprocess.Popen([sys.executable, "-c", "from lifecycle.tracking import tracking_worker; tracking_worker()"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True, cwd=str(root), env=environment)
+        threading.Thread(target=self._read_replies, daemon=True, name="wandb-replies").start()
+        self._send({"op": "start", "project": project, "job_type": job_type, "config": config or {}, "name": name,
+                    "mode": self.mode, "dir": environment["WANDB_DIR"]})
 
-    def _start(self, project, job_type, config, name):
-        import wandb
-        settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True, silent=True)
-        self.run = wandb.init(project=project, job_type=job_type, config=config, name=name, mode=self.mode,
-                              dir=os.environ["WANDB_DIR"], settings=settings, reinit="create_new")
+    def _read_replies(self):
+        for line in self._process.stdout:
+            try:
+                self._replies.put(json.loads(line))
+            except ValueError:
+                continue
+        self._replies.put({"op": "exit"})
 
-    def _guard(self, what: str, function, *args, **kwargs):
-        if self.mode == "disabled" or (self.run is None and what != "start"):
-            return None
+    def _warn(self, message: str):
+        if self._warnings:  # the first failure stops tracking; later ones say nothing new
+            return
+        self._warnings.append(message)
+        warnings.warn(message, stacklevel=3)
+
+    def _take(self, reply: dict):
+        if "warning" in reply:
+            self._warn(reply["warning"])
+        if reply.get("op") == "start":
+            self._started = reply
+        if reply.get("op") == "exit":
+            self._ended = True
+            if self._started is None:
+                self._started = {"op": "start", "run_path": None}
+                self._warn("W&B tracking stopped at 'start': the tracking process ended")
+
+    def _drain(self):
+        "Take the answers that have arrived, without waiting."
+        while True:
+            try:
+                self._take(self._replies.get_nowait())
+            except queue.Empty:
+                return
+
+    def _wait_started(self):
+        "Wait until W&B has started or failed to (at most the timeout)."
+        self._drain()
+        if self._process is None or self._started is not None:
+            return
         try:
-            return function(*args, **kwargs)
-        except Exception as error:  # tracking must never break a run
-            message = f"W&B tracking stopped at '{what}': {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            self.warnings.append(message)
-            warnings.warn(message, stacklevel=3)
-            self.run = None
-            return None
+            while self._started is None:
+                self._take(self._replies.get(timeout=self.timeout))
+        except queue.Empty:
+            self._stop(f"W&B tracking stopped at 'start': no answer in {self.timeout:g} s")
+
+    def _stop(self, message: str):
+        self._warn(message)
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        self._started = self._started or {"op": "start", "run_path": None}
+
+    def _send(self, message: dict):
+        self._drain()
+        if self._process is None or self._warnings:
+            return
+        if self._process.poll() is not None:  # its pipe may outlive it, held open by W&B's own service process
+            self._stop(f"W&B tracking stopped at '{_label(message)}': the tracking process ended")
+            return
+        try:
+            self._process.stdin.write(json.dumps(message, default=str) + "\n")
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            self._stop(f"W&B tracking stopped at '{_label(message)}': the tracking process ended")
 
     @property
     def active(self) -> bool:
-        return self.run is not None
+        "Whether the run is being tracked."
+        self._wait_started()
+        return self._process is not None and not self._warnings and bool(self._started.get("run_path"))
+
+    @property
+    def warnings(self) -> list[str]:
+        "What went wrong with tracking (at most one message: the first failure stops it)."
+        self._wait_started()
+        return list(self._warnings)
 
     @property
     def run_path(self) -> str | None:
         "Where the run's files are (offline) or its id (online)."
-        if self.run is None:
-            return None
-        return str(Path(self.run.dir).parent) if self.mode == "offline" else self.run.path
+        return self._started.get("run_path") if self.active else None
 
     def log(self, metrics: dict):
         "Log metrics (a dict of numbers)."
-        self._guard("log", lambda: self.run.log(metrics))
+        self._send({"op": "log", "metrics": metrics})
 
     def summary(self, values: dict):
         "Set summary values."
-        self._guard("summary", lambda: self.run.summary.update(values))
+        self._send({"op": "summary", "values": values})
 
-    def figure(self, name: str, figure):
-        "Log a matplotlib figure as an image."
-        import wandb
-        self._guard(f"figure {name}", lambda: self.run.log({name: wandb.Image(figure)}))
+    def figure(self, name: str, figure, dpi: int = 100) -> bytes:
+        "Log a matplotlib figure as an image; returns its PNG, rendered once, for the notebook to show."
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+        png = buffer.getvalue()
+        if self._media is not None:
+            path = self._media / f"{len(list(self._media.iterdir()))}.png"
+            path.write_bytes(png)
+            self._send({"op": "image", "name": name, "path": str(path)})
+        return png
 
     def table(self, name: str, frame):
         "Log a DataFrame as a table."
-        import wandb
-        self._guard(f"table {name}", lambda: self.run.log({name: wandb.Table(dataframe=frame.reset_index())}))
+        data = frame.reset_index().to_dict(orient="split")
+        self._send({"op": "table", "name": name, "columns": [str(c) for c in data["columns"]], "data": data["data"]})
 
     def artifact(self, name: str, kind: str, files: list[Path], metadata: dict | None = None):
         "Log files as a versioned artifact."
-        import wandb
-        def log():
-            artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
-            for path in files:
-                artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
-        self._guard(f"artifact {name}", log)
+        self._send({"op": "artifact", "name": name, "kind": kind, "files": [str(Path(f).resolve()) for f in files],
+                    "metadata": metadata or {}})
 
     def finish(self):
-        "Close the run (its files are complete after this)."
-        self._guard("finish", lambda: self.run.finish())
+        "Close the run and wait (at most the timeout) until its files are complete."
+        if self._process is None:
+            return
+        self._send({"op": "finish"})
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass
+        deadline = time.monotonic() + self.timeout
+        while not self._ended:  # until W&B says the run's files are complete, or the process has ended
+            try:
+                reply = self._replies.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                self._stop(f"W&B tracking stopped at 'finish': no answer in {self.timeout:g} s")
+                break
+            self._take(reply)
+            if reply.get("op") == "finish":
+                break
+        if self._media is not None:
+            shutil.rmtree(self._media, ignore_errors=True)
+
+def _label(message: dict) -> str:
+    "How a warning names the call that failed."
+    return f"{message['op']} {message['name']}" if "name" in message and message["op"] != "start" else message["op"]
+
+def tracking_worker():
+    "The tracking process: read calls as JSON lines on stdin, make them on a W&B run, answer on stdout."
+    replies = os.fdopen(os.dup(1), "w")  # answers go here; anything W&B prints goes to stderr instead
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    def answer(reply: dict):
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+    run, failed, finished = None, False, False
+    for line in sys.stdin:
+        message = json.loads(line)
+        operation = message["op"]
+        if failed:
+            continue
+        try:
+            if operation == "start":
+                import wandb
+                settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True, silent=True)
+                run = wandb.init(project=message["project"], job_type=message["job_type"], config=message["config"],
+                                 name=message["name"], mode=message["mode"], dir=message["dir"], settings=settings,
+                                 reinit="create_new")
+                answer({"op": "start", "run_path": str(Path(run.dir).parent) if message["mode"] == "offline" else run.path})
+            elif operation == "log":
+                run.log(message["metrics"])
+            elif operation == "summary":
+                run.summary.update(message["values"])
+            elif operation == "image":
+                import wandb
+                run.log({message["name"]: wandb.Image(message["path"])})
+            elif operation == "table":
+                import wandb
+                run.log({message["name"]: wandb.Table(columns=message["columns"], data=message["data"])})
+            elif operation == "artifact":
+                import wandb
+                artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
+                for path in message["files"]:
+                    artifact.add_file(path)
+                run.log_artifact(artifact)
+            elif operation == "finish":
+                run.finish()
+                finished = True
+                answer({"op": "finish"})
+                break
+        except Exception as error:  # tracking must never break a run: say it once, then stop tracking
+            failed = True
+            text = str(error).splitlines()[0] if str(error) else ""
+            answer({"op": operation, "warning": f"W&B tracking stopped at '{_label(message)}': {type(error).__name__}: {text}"})
+            if operation == "start":
+                answer({"op": "start", "run_path": None})
+    if run is not None and not finished and not failed:  # the notebook went away: close the run so its files are complete
+        run.finish()
+
 
 # %% ../nbs/21_tracking.ipynb #832e6d01
 def read_offline_run(

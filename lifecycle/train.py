@@ -19,7 +19,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (accuracy_score, average_precision_score, brier_score_loss, f1_score, precision_score,
                              recall_score, roc_auc_score)
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
@@ -124,14 +124,19 @@ def reference_statistics(
     features = {}
     for column in numeric:
         values = frame[column].dropna().to_numpy(dtype=float)
-        edges = np.unique(np.quantile(values, np.linspace(0, 1, 11))) if len(values) else np.array([0.0, 1.0])
+        levels = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+        quantiles = np.quantile(values, np.concatenate([np.linspace(0, 1, 11), levels])) if len(values) else None
+        edges = np.unique(quantiles[:11]) if len(values) else np.array([0.0, 1.0])
         counts, _ = np.histogram(values, bins=edges)
-        features[column] = {"kind": "numeric", "quantiles": {f"{q:.2f}": float(np.quantile(values, q)) for q in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)} if len(values) else {},
+        features[column] = {"kind": "numeric", "quantiles": {f"{q:.2f}": float(v) for q, v in zip(levels, quantiles[11:])} if len(values) else {},
                             "mean": float(values.mean()) if len(values) else None, "std": float(values.std()) if len(values) else None,
                             "bin_edges": edges.tolist(), "bin_counts": counts.tolist(), "missing_share": float(frame[column].isna().mean())}
     for column in categorical:
-        shares = frame[column].map(lambda v: "missing" if pd.isna(v) else f"{v:g}" if isinstance(v, float) else str(v)).value_counts(normalize=True)
-        features[column] = {"kind": "category", "frequencies": {str(k): float(v) for k, v in shares.items()}}
+        shares = {}
+        for value, share in frame[column].value_counts(dropna=False, normalize=True).items():
+            label = "missing" if pd.isna(value) else f"{value:g}" if isinstance(value, float) else str(value)
+            shares[label] = shares.get(label, 0.0) + float(share)
+        features[column] = {"kind": "category", "frequencies": shares}
     score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
     return {"rows": len(frame), "positive_rate": float(np.mean(labels)), "features": features,
             "scores": {"bin_edges": score_edges.tolist(), "bin_counts": score_counts.tolist(),
@@ -227,8 +232,12 @@ def fit_model(
     seed: int,  # random seed
     search: bool,  # run the hyperparameter search
     cv_folds: int,  # folds of the cross-validation
-) -> tuple[Pipeline, dict]:  # (the fitted pipeline, cross-validation results and chosen parameters)
-    "Cross-validate (and search), then fit on every training row."
+) -> tuple[Pipeline, dict, np.ndarray]:  # (the fitted pipeline, cross-validation results and chosen parameters, training rows' scores)
+    """Cross-validate (and search), then fit on every training row.
+
+    The training rows' scores are out-of-fold: each row scored by the fold model that did not see it, the
+    way the model will score new patients (in-sample scores of a boosted model are overconfident). With a
+    search, they are the chosen model's in-sample scores."""
     pipeline = build_pipeline(model, numeric, categorical, seed)
     folds = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
     features, labels = train[numeric + categorical], train["_label"].astype(int)
@@ -239,9 +248,11 @@ def fit_model(
         chosen = {key.removeprefix("model__"): value for key, value in grid.best_params_.items()}
         pipeline = grid.best_estimator_
         fold_scores = [grid.cv_results_[f"split{i}_test_score"][grid.best_index_] for i in range(cv_folds)]
+        scores = pipeline.predict_proba(features)[:, 1]
     else:
-        fold_scores = cross_val_score(pipeline, features, labels, scoring="roc_auc", cv=folds, n_jobs=1).tolist()
+        scores = cross_val_predict(pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1)[:, 1]
+        fold_scores = [roc_auc_score(labels.iloc[test], scores[test]) for _, test in folds.split(features, labels)]
         pipeline.fit(features, labels)
     cv = {"roc_auc_folds": [float(s) for s in fold_scores], "roc_auc_mean": float(np.mean(fold_scores)),
           "roc_auc_std": float(np.std(fold_scores)), "chosen": chosen}
-    return pipeline, cv
+    return pipeline, cv, scores
