@@ -34,6 +34,15 @@ def _bench(args) -> int:
         print(json.dumps(figures, indent=2, default=str))
     return 0
 
+def _serve(args) -> int:
+    import os
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
+    from lifecycle.core import load_settings
+    from lifecycle.serve import serve
+    serve(load_settings(args.settings).root, host=args.host, port=args.port, alias=args.model, log_url=args.log,
+          access_log=args.access_log, max_body=args.max_body)
+    return 0
+
 def _models(args) -> int:
     from lifecycle.core import load_settings
     from lifecycle.registry import Registry, describe, rollback, set_alias
@@ -81,6 +90,17 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--settings", default="settings.ini", help="the project's settings file")
     models.add_argument("--json", action="store_true", help="print the registry as one JSON object")
     models.set_defaults(handler=_models)
+    serve = commands.add_parser("serve", help="real-time HTTP scoring of the champion model",
+                                description="Serve the champion over HTTP (FastAPI, uvicorn): POST /predict, POST /feedback, GET /health, /ready, /model, /metrics, /docs. "
+                                            "Every prediction is written to the prediction log. A new champion is picked up without a restart.")
+    serve.add_argument("--settings", default="settings.ini", help="the project's settings file")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
+    serve.add_argument("--model", default="champion", help="the alias or version to serve (default: champion)")
+    serve.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL, or a SQLite file (default: the project's predictions.sqlite)")
+    serve.add_argument("--access-log", action="store_true", help="log each request's method, path and status")
+    serve.add_argument("--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)")
+    serve.set_defaults(handler=_serve)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.")
     bench.add_argument("name", choices=["prepare", "train"],
