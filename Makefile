@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lab bench sync-check nbdev-test pytest lock clean
+.PHONY: run test lab bench sync-check nbdev-test pytest lock clean mlflow-venv
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,3 +51,9 @@ lock:
 
 clean:
 	rm -rf $(VENV) lifecycle.egg-info
+
+# MLflow's scoring server, for `lifecycle bench serve` to compare against. MLflow needs pyarrow < 26,
+# so it gets a venv of its own, with the project's scikit-learn and skops to read the same model file.
+mlflow-venv:
+	test -x .venv-mlflow/bin/python || $(PYTHON) -m venv .venv-mlflow
+	.venv-mlflow/bin/python -m pip --disable-pip-version-check -q install "mlflow==3.17.2" "scikit-learn==1.9.1" "skops==0.16.0" "numpy==2.4.6" "pandas==2.3.3"

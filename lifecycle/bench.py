@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,8 @@ import pandas as pd
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'bench_train',
-           'run_benchmark']
+__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'parse_wrk',
+           'mlflow_python', 'bench_serve', 'format_serve', 'bench_train', 'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
 HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
@@ -218,6 +219,191 @@ def format_prepare(figures: dict) -> str:
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(row, width)) for row in rows]
     return "\n".join(lines)
 
+# %% ../nbs/12_bench.ipynb #b5e7a002
+def _champion_project(folder: Path, heart: Path) -> Path:
+    "The default project (the clone's settings and data) trained up to a champion, in a temporary folder."
+    project = folder / "heart"
+    (project / "data").mkdir(parents=True)
+    shutil.copytree(heart, project / "data" / heart.name)
+    settings = (heart.parent.parent / "settings.ini").read_text()
+    (project / "settings.ini").write_text(settings)
+    _lifecycle(project, "--stages", "collect,prepare,train,evaluate", "-p", "prepare.profile=false",
+               "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled")
+    return project
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def _wait_ready(url: str, process, seconds: float = 120):
+    import httpx
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise LifecycleError(f"bench serve: the server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise LifecycleError(f"bench serve: {url} was not ready in {seconds:g} s")
+
+def parse_wrk(text: str) -> dict:
+    "Requests/s, latency percentiles (ms), requests and errors from `wrk --latency` output."
+    import re
+    figures = {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+               "requests": int(re.search(r"(\d+) requests in", text).group(1))}
+    for percent in ("50", "99"):
+        found = re.search(rf"^\s+{percent}(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        value, unit = (float(found.group(1)), found.group(2)) if found else (None, None)
+        figures[f"p{percent}_ms"] = None if value is None else value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    figures["non_2xx"] = int(bad.group(1)) if bad else 0
+    figures["socket_errors"] = sum(int(g) for g in errors.groups()) if errors else 0
+    return figures
+
+def _wrk(url: str, body: str, connections: int, seconds: int) -> dict:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {json.dumps(body)}\n')
+    try:
+        done = subprocess.run(["wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections), "-d", f"{seconds}s",
+                               "--latency", "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        script.unlink()
+    if done.returncode != 0:
+        raise LifecycleError(f"bench serve: wrk failed: {done.stderr.strip()[:200]}")
+    return parse_wrk(done.stdout)
+
+def _in_process_floor(project: Path, record: dict, seconds: float = 3.0) -> dict:
+    "Scoring the same record in-process, one call at a time: the fast path and the plain pipeline."
+    code = f"""
+import json, time, os
+os.environ["OMP_NUM_THREADS"] = "1"
+from lifecycle.scoring import Scorer, check_records
+scorer = Scorer.from_registry({str(project)!r})
+record = json.loads({json.dumps(json.dumps(record))})
+def rate(call):
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < {seconds}:
+        call(); n += 1
+    return n / (time.perf_counter() - started)
+fast = rate(lambda: scorer.score_records([record]))
+pipeline = rate(lambda: scorer.model.predict_proba(scorer.frame(check_records([record], scorer.spec)[0])))
+print(json.dumps({{"fast_per_s": fast, "pipeline_per_s": pipeline}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise LifecycleError(f"bench serve: the in-process floor failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+def mlflow_python() -> Path | None:
+    "The interpreter of the MLflow environment (`make mlflow-venv`, or LIFECYCLE_MLFLOW_PYTHON), when there is one."
+    given = os.environ.get("LIFECYCLE_MLFLOW_PYTHON")
+    candidate = Path(given) if given else Path(__file__).resolve().parent.parent / ".venv-mlflow" / "bin" / "python"
+    return candidate if candidate.exists() else None
+
+def _mlflow_server(project: Path, folder: Path, port: int):
+    """MLflow's scoring server on the same model, or None without an MLflow environment.
+
+    MLflow needs pyarrow < 26, which this project pins higher, so it lives in a venv of its own with the
+    same scikit-learn; the model is read there from our registry file (its hash checked here first)."""
+    python = mlflow_python()
+    if python is None:
+        return None
+    from lifecycle.registry import TRUSTED_TYPES, Registry, load_model
+    registry = Registry(project)
+    version = registry.resolve("champion")
+    load_model(registry, version)  # refuses a file whose hash does not match
+    model_dir = folder / "mlflow-model"
+    code = ("import json, sys, skops.io, mlflow.sklearn; "
+            "model = skops.io.load(sys.argv[1], trusted=json.loads(sys.argv[2])); mlflow.sklearn.save_model(model, sys.argv[3])")
+    done = subprocess.run([str(python), "-c", code, str(registry.path / "versions" / str(version) / "model.skops"), json.dumps(TRUSTED_TYPES),
+                           str(model_dir)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LifecycleError(f"bench serve: saving the model for MLflow failed: {done.stderr.strip().splitlines()[-1:]}")
+    return subprocess.Popen([str(python.parent / "mlflow"), "models", "serve", "-m", str(model_dir), "-p", str(port), "-h", "127.0.0.1",
+                             "--env-manager", "local"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+def bench_serve(
+    seconds: int = 10,  # how long each load runs
+    heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
+    quiet: bool = False,  # no table on stdout
+) -> dict:  # the figures
+    "Requests/s and latency of `lifecycle serve` under wrk at concurrency 1 and 8, against scoring in-process and MLflow's server."
+    if shutil.which("wrk") is None:
+        raise LifecycleError("bench serve needs wrk, the HTTP load generator: apt-get install wrk")
+    import httpx
+    from lifecycle.predlog import open_log
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
+        project = _champion_project(Path(folder), _heart_folder(heart, "serve"))
+        run = sorted((project / "runs").glob("2*"))[-1]
+        clean = pd.read_parquet(run / "prepare" / "clean.parquet")
+        features = json.loads((project / "registry" / "versions" / "1" / "meta.json").read_text())["features"]
+        row = clean[clean["_split"] == "test"].iloc[0]
+        record = {name: (None if pd.isna(row[name]) else float(row[name])) for name in features["numeric"] + features["categorical"]}
+        port = _free_port()
+        server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "serve", "--settings", str(project / "settings.ini"),
+                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        figures = {"record_fields": len(record), "seconds_each": seconds}
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/ready", server)
+            body = json.dumps(record)
+            assert httpx.post(f"http://127.0.0.1:{port}/predict", content=body, headers={"content-type": "application/json"}).status_code == 200
+            figures["ours_c1"] = _wrk(f"http://127.0.0.1:{port}/predict", body, 1, seconds)
+            figures["ours_c8"] = _wrk(f"http://127.0.0.1:{port}/predict", body, 8, seconds)
+            exposition = httpx.get(f"http://127.0.0.1:{port}/metrics").text  # what the server itself counted
+            figures["served"] = int(sum(float(line.split()[-1]) for line in exposition.splitlines() if line.startswith("lifecycle_predictions_total")))
+        finally:
+            server.send_signal(15)
+            server.wait(timeout=60)
+        log = open_log("", project)
+        figures["logged"] = log.count()
+        log.close()
+        figures["floor"] = _in_process_floor(project, record)
+        mlflow_port = _free_port()
+        mlflow = _mlflow_server(project, Path(folder), mlflow_port)
+        if mlflow is not None:
+            try:
+                _wait_ready(f"http://127.0.0.1:{mlflow_port}/ping", mlflow)
+                mlflow_body = json.dumps({"dataframe_records": [record]})
+                figures["mlflow_c1"] = _wrk(f"http://127.0.0.1:{mlflow_port}/invocations", mlflow_body, 1, seconds)
+                figures["mlflow_c8"] = _wrk(f"http://127.0.0.1:{mlflow_port}/invocations", mlflow_body, 8, seconds)
+            finally:
+                mlflow.terminate()
+                mlflow.wait(timeout=60)
+    figures["targets"] = {"requests_per_s_c8": 1000, "p99_ms_c8": 20, "versus_mlflow_c8": 3.0}
+    if "mlflow_c8" in figures:
+        figures["versus_mlflow_c8"] = round(figures["ours_c8"]["requests_per_s"] / figures["mlflow_c8"]["requests_per_s"], 2)
+    if not quiet:
+        print(format_serve(figures))
+    return figures
+
+def format_serve(figures: dict) -> str:
+    "The serving benchmark as a table."
+    lines = [f"bench serve: one {figures['record_fields']}-field record a request, POST /predict over loopback, wrk {figures['seconds_each']} s each; "
+             "the server logs every prediction",
+             f"{'':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+    def line(label, f):
+        return f"{label:<44}{f['requests_per_s']:>10,.0f}{(f['p50_ms'] or 0):>9.2f}{(f['p99_ms'] or 0):>9.2f}{f['non_2xx'] + f['socket_errors']:>8}"
+    lines += [line("lifecycle serve, concurrency 1", figures["ours_c1"]), line("lifecycle serve, concurrency 8", figures["ours_c8"])]
+    if "mlflow_c8" in figures:
+        lines += [line("mlflow models serve, concurrency 1", figures["mlflow_c1"]), line("mlflow models serve, concurrency 8", figures["mlflow_c8"]),
+                  f"ours / MLflow at concurrency 8: {figures['versus_mlflow_c8']:.1f}x (target ≥ 3x)"]
+    else:
+        lines.append("mlflow models serve: no MLflow environment (make mlflow-venv, then run again to compare)")
+    floor = figures["floor"]
+    lines += [f"{'in-process floor: fast path, one call a record':<44}{floor['fast_per_s']:>10,.0f}",
+              f"{'in-process: the sklearn pipeline, one row':<44}{floor['pipeline_per_s']:>10,.0f}",
+              f"targets at concurrency 8: ≥ 1,000 req/s, p99 < 20 ms; predictions served (the server's count) {figures['served']:,}, "
+              f"in the log after shutdown {figures['logged']:,}"]
+    return "\n".join(lines)
+
+
 # %% ../nbs/12_bench.ipynb #0712daea
 def bench_train(
     rows: int = 100_000,  # rows of generated data
@@ -258,4 +444,6 @@ def run_benchmark(
         return bench_prepare(rows or 1_000_000, quiet=quiet)
     if name == "train":
         return bench_train(rows or 100_000, quiet=quiet)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train")
+    if name == "serve":
+        return bench_serve(quiet=quiet)
+    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve")

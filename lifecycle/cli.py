@@ -103,8 +103,9 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.")
-    bench.add_argument("name", choices=["prepare", "train"],
-                       help="prepare (collect and prepare against a bare read, 1M rows) or train (the train stage against a bare fit, 100k rows)")
+    bench.add_argument("name", choices=["prepare", "train", "serve"],
+                       help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
+                            "or serve (lifecycle serve under wrk against in-process scoring and MLflow)")
     bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(handler=_bench)
