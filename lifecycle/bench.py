@@ -242,7 +242,7 @@ def _wait_ready(url: str, process, seconds: float = 120):
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process.poll() is not None:
-            raise LifecycleError(f"bench serve: the server exited with {process.returncode}")
+            raise LifecycleError(f"bench serve: the server behind {url} exited with {process.returncode}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -320,14 +320,14 @@ def _mlflow_server(project: Path, folder: Path, port: int):
     load_model(registry, version)  # refuses a file whose hash does not match
     model_dir = folder / "mlflow-model"
     code = ("import json, sys, skops.io, mlflow.sklearn; "
-            "model = skops.io.load(sys.argv[1], trusted=json.loads(sys.argv[2])); mlflow.sklearn.save_model(model, sys.argv[3])")
+            "model = skops.io.load(sys.argv[1], trusted=json.loads(sys.argv[2])); mlflow.sklearn.save_model(model, sys.argv[3], skops_trusted_types=json.loads(sys.argv[2]))")
     done = subprocess.run([str(python), "-c", code, str(registry.path / "versions" / str(version) / "model.skops"), json.dumps(TRUSTED_TYPES),
                            str(model_dir)], capture_output=True, text=True)
     if done.returncode != 0:
         raise LifecycleError(f"bench serve: saving the model for MLflow failed: {done.stderr.strip().splitlines()[-1:]}")
     return subprocess.Popen([str(python.parent / "mlflow"), "models", "serve", "-m", str(model_dir), "-p", str(port), "-h", "127.0.0.1",
                              "--env-manager", "local"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
 
 def bench_serve(
     seconds: int = 10,  # how long each load runs
