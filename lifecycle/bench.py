@@ -446,4 +446,7 @@ def run_benchmark(
         return bench_train(rows or 100_000, quiet=quiet)
     if name == "serve":
         return bench_serve(quiet=quiet)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve")
+    if name == "stream":
+        from lifecycle.stream import bench_stream
+        return bench_stream(rows or 200_000, quiet=quiet)
+    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, stream")

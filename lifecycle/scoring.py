@@ -205,7 +205,7 @@ class TreeEnsemble:
         "The positive class's probability."
         return self.link.inverse(self.raw(matrix))
 
-# %% ../nbs/30_scoring.ipynb #2e917d52
+# %% ../nbs/30_scoring.ipynb #cd16d58c
 class FastPath:
     "The fitted preprocessing of a train-stage pipeline, applied with NumPy."
 
@@ -231,7 +231,9 @@ class FastPath:
                 raise LifecycleError("the pipeline is not the shape the fast path knows")
             self.modes = list(steps["impute"].statistics_)
             self.categories = list(encoder.categories_)
+        self.lookups = [{value: position for position, value in enumerate(known.tolist())} for known in self.categories]
         self.width = self.k + sum(len(c) for c in self.categories)
+        self.trees_up_to = 64  # rows: above this, the model's own compiled predict is faster than walking the trees in NumPy
         try:
             self.trees = TreeEnsemble(self.model)
         except (LifecycleError, AttributeError):
@@ -250,21 +252,19 @@ class FastPath:
                 numbers /= self.scale
             matrix[:, :self.k] = numbers
         offset = self.k
-        for j, (mode, known) in enumerate(zip(self.modes, self.categories)):
-            for i, row in enumerate(rows):
-                value = row[self.k + j]
-                if isinstance(value, float) and math.isnan(value):
-                    value = mode
-                hits = np.flatnonzero(known == value)
-                if len(hits):
-                    matrix[i, offset + hits[0]] = 1.0
-            offset += len(known)
+        for j, (mode, lookup) in enumerate(zip(self.modes, self.lookups)):
+            column = [row[self.k + j] for row in rows]
+            # a missing value (NaN) is the imputer's mode; an unknown category is all zeros (handle_unknown="ignore")
+            hits = np.array([lookup.get(mode if isinstance(v, float) and v != v else v, -1) for v in column], dtype=np.intp)
+            found = hits >= 0
+            matrix[np.flatnonzero(found), offset + hits[found]] = 1.0
+            offset += len(lookup)
         return matrix
 
     def scores(self, rows: list[list]) -> np.ndarray:
         "The positive class's probability for each checked row."
         matrix = self.transform(rows)
-        if self.trees is not None:
+        if self.trees is not None and len(rows) <= self.trees_up_to:
             return self.trees.proba(matrix)
         return self.model.predict_proba(matrix)[:, 1]
 
