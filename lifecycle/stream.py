@@ -698,18 +698,9 @@ def add_stream_command(
     return stream
 
 def main(argv: list[str] | None = None) -> int:
-    "`lifecycle stream` on its own: the same arguments, exit code and one-line errors."
-    top = argparse.ArgumentParser(prog="lifecycle")
-    add_stream_command(top.add_subparsers(dest="command", required=True))
-    args = top.parse_args(["stream", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.handler(args)
-    except LifecycleError as error:
-        print(f"lifecycle: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("lifecycle: interrupted", file=sys.stderr)
-        return 130
+    "`lifecycle stream` on its own: the command line's `main` with `stream` as the command."
+    from lifecycle.cli import main as cli_main
+    return cli_main(["stream", *(sys.argv[1:] if argv is None else argv)])
 
 # %% ../nbs/34_stream.ipynb #d1664488
 def _bench_project(project: Path | None) -> Path:
