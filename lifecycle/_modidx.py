@@ -22,6 +22,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'lifecycle.batch._number_column': ('batch.html#_number_column', 'lifecycle/batch.py'),
                                  'lifecycle.batch._one_number': ('batch.html#_one_number', 'lifecycle/batch.py'),
                                  'lifecycle.batch._one_text': ('batch.html#_one_text', 'lifecycle/batch.py'),
+                                 'lifecycle.batch._peak_mib': ('batch.html#_peak_mib', 'lifecycle/batch.py'),
                                  'lifecycle.batch._prepare': ('batch.html#_prepare', 'lifecycle/batch.py'),
                                  'lifecycle.batch._read_dask': ('batch.html#_read_dask', 'lifecycle/batch.py'),
                                  'lifecycle.batch._replace_folder': ('batch.html#_replace_folder', 'lifecycle/batch.py'),

@@ -101,13 +101,16 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action="store_true", help="log each request's method, path and status")
     serve.add_argument("--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)")
     serve.set_defaults(handler=_serve)
+    from lifecycle.batch import add_batch_command
     from lifecycle.stream import add_stream_command
+    add_batch_command(commands)
     add_stream_command(commands)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.")
-    bench.add_argument("name", choices=["prepare", "train", "serve", "stream"],
+    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
-                            "serve (lifecycle serve under wrk against in-process scoring and MLflow) or stream (events/s through Redis Streams)")
+                            "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
+                            "or stream (events/s through Redis Streams)")
     bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(handler=_bench)

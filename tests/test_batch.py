@@ -1,0 +1,266 @@
+"Batch scoring: the column checker agrees with check_records, accounting is exact, scores are the pipeline's, both engines agree."
+import argparse
+import math
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from lifecycle.batch import add_batch_command, check_frame, score_file
+from lifecycle.core import LifecycleError
+from lifecycle.predlog import open_log
+from lifecycle.registry import Registry, register, set_alias
+from lifecycle.scoring import Scorer, ServingSpec, check_records
+from lifecycle.train import build_pipeline
+
+FEATURES = ["age", "chol", "sex", "color"]
+META = {"features": {"numeric": ["age", "chol"], "categorical": ["sex", "color"]}, "threshold": 0.4,
+        "schema": {"columns": {"age": {"kind": "numeric", "min": 1.0, "max": 120.0},
+                               "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
+                               "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]},
+                               "color": {"kind": "category", "type": "text", "categories": ["blue", "red"]}}},
+         "settings": {"prepare": {"recode": "sex: m -> 1, male -> 1, f -> 0\ncolor: r -> red", "missing_values": "chol: 0"},
+                      "data": {"id": "id"}}}
+SPEC = ServingSpec.from_meta({**META, "version": 1, "sha256": "ab" * 32})
+
+
+def _training_rows(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"age": rng.uniform(20, 80, n).round(), "chol": rng.uniform(100, 400, n).round(),
+                          "sex": rng.integers(0, 2, n).astype(float), "color": rng.choice(["blue", "red"], n).astype(object)})
+    frame.loc[::7, "chol"] = np.nan
+    frame.loc[::11, "color"] = np.nan
+    labels = (frame["age"] + 40 * frame["sex"] + rng.normal(0, 10, n) > 70).astype(int)
+    return frame, labels
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    "A project folder whose registry holds a small gradient boosting champion."
+    root = tmp_path_factory.mktemp("batch")
+    frame, labels = _training_rows()
+    model = build_pipeline("hist_gradient_boosting", ["age", "chol"], ["sex", "color"], 0).fit(frame, labels)
+    registry = Registry(root)
+    set_alias(registry, "champion", register(registry, model, META), "test")
+    (root / "settings.ini").write_text("[data]\nsources = a: in.csv\ntarget = num\npositive = 1\n")
+    return root
+
+
+def _corrupted(n=500, seed=1):
+    "Rows as a user's file holds them: most fine (some with missing values), some broken in every way."
+    frame, _ = _training_rows(n, seed)
+    frame = frame.astype({"age": object, "chol": object, "sex": object})
+    frame["id"] = [f"patient-{i}" for i in range(n)]
+    frame["hospital"] = "va"
+    frame.loc[5, "age"] = 300              # out of range
+    frame.loc[6, "sex"] = 7.0              # unknown category
+    frame.loc[7, "color"] = "green"        # unknown text category
+    frame.loc[8, "age"] = "fifty"          # not a number
+    frame.loc[9, "sex"] = "M"              # recoded: fine
+    frame.loc[10, "color"] = " RED "       # cleaned: fine
+    frame.loc[11, "chol"] = 0.0            # "not measured": missing, fine
+    frame.loc[12, ["age", "chol", "sex", "color"]] = [None, None, None, None]  # all missing: fine
+    frame.loc[13, "chol"] = 5000           # out of range
+    return frame, {5: "value_error.range:age", 6: "value_error.category:sex", 7: "value_error.category:color",
+                   8: "type_error.number:age", 13: "value_error.range:chol"}
+
+
+def _typed(frame):
+    "The rows as a Parquet file types them: row 8's text age missing, row 9's sex a number."
+    frame = frame.copy()
+    frame.loc[8, "age"], frame.loc[9, "sex"] = None, 1.0
+    return frame.astype({"age": float, "chol": float, "sex": float})
+
+
+def _expected_scores(root, frame):
+    "The pipeline's offline scores of the good rows, from check_records (not check_frame)."
+    scorer = Scorer.from_registry(root)
+    records = [{name: (None if value is None or (isinstance(value, float) and math.isnan(value)) else value) for name, value in row.items()}
+               for row in frame[FEATURES].astype(object).to_dict("records")]
+    rows, _ = check_records(records, scorer.spec)
+    good = [row for row in rows if row is not None]
+    return scorer.model.predict_proba(scorer.frame(good))[:, 1]
+
+
+# --- the column checker agrees with check_records ----------------------------------------------
+
+def _reason(errors, index):
+    first = next((e for e in errors if e["loc"][1] == index), None)
+    return "" if first is None else f"{first['type']}:{first['loc'][2]}"
+
+def _same(a, b):
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+def _assert_agrees(records, frame):
+    rows, errors = check_records(records, SPEC)
+    features, reasons = check_frame(frame, SPEC)
+    assert reasons.tolist() == [_reason(errors, i) for i in range(len(records))]
+    kept = [row for row in rows if row is not None]
+    got = features.astype(object).values.tolist()
+    assert len(kept) == len(got)
+    for want, have in zip(kept, got):
+        assert all(_same(float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) and not isinstance(w, str) else w, h)
+                   for w, h in zip(want, have)), (want, have)
+
+_number = st.one_of(st.none(), st.integers(-10, 1000), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                    st.sampled_from([0, 0.0, 1, 1.0, 50, 120.0, 121, "M", " male ", "f", "F ", "x", "54", "", "nan"]))
+_text = st.one_of(st.none(), st.integers(0, 2), st.floats(allow_nan=True), st.booleans(),
+                  st.sampled_from(["red", " RED ", "Blue", "r", "R", "green", "", "blue "]))
+_record = st.fixed_dictionaries({"age": _number, "chol": _number, "sex": _number, "color": _text})
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_record, min_size=0, max_size=30))
+def test_check_frame_agrees_with_check_records(records):
+    "Objects as JSON gives them: same rows rejected, for the same first rule, same values kept."
+    _assert_agrees(records, pd.DataFrame(records, columns=FEATURES, dtype=object))
+
+_float = st.one_of(st.none(), st.floats(-10, 1000, allow_nan=False), st.sampled_from([0.0, 1.0, 120.0, 121.0, math.inf, -math.inf]))
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_float, _float, _float, st.sampled_from([None, "red", " Blue", "green"])), min_size=1, max_size=30))
+def test_check_frame_on_typed_columns(rows):
+    "A Parquet file's typed columns, where NaN is the missing value: the same verdicts as the records with null."
+    records = [dict(zip(FEATURES, row)) for row in rows]
+    frame = pd.DataFrame({"age": [r["age"] for r in records], "chol": [r["chol"] for r in records], "sex": [r["sex"] for r in records],
+                          "color": pd.Series([r["color"] for r in records], dtype=object)}).astype({"age": float, "chol": float, "sex": float})
+    _assert_agrees(records, frame)
+
+def test_absent_column_rejects_every_row():
+    frame = pd.DataFrame({"age": [50.0], "sex": [1.0], "color": ["red"]})
+    assert check_frame(frame, SPEC)[1].tolist() == ["missing:chol"]
+
+
+# --- files ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["parquet", "csv"])
+def test_accounting_and_scores(project, tmp_path, kind):
+    frame, broken = _corrupted()
+    source = tmp_path / f"in.{kind}"
+    if kind == "parquet":  # Parquet columns are typed: the numbers as numbers (text in a number column: its own test)
+        frame, broken = _typed(frame), {row: reason for row, reason in broken.items() if row != 8}
+        frame.to_parquet(source, index=False)
+    else:
+        frame.to_csv(source, index=False)
+    output = tmp_path / f"out.{kind}"
+    summary = score_file(project, source, output, chunk_rows=64, log=False, progress=False)
+    assert summary["rows_in"] == len(frame) == summary["rows_scored"] + summary["rows_rejected"]
+    assert summary["rows_rejected"] == len(broken)
+    read = pd.read_parquet if kind == "parquet" else (lambda path: pd.read_csv(path, float_precision="round_trip", dtype={"id": str}))
+    scored, rejected = read(output), read(tmp_path / f"out.rejects.{kind}")
+    assert list(scored.columns) == list(frame.columns) + ["score", "decision", "model_version"]
+    assert list(rejected.columns) == list(frame.columns) + ["_row", "reason"]
+    assert dict(zip(rejected["_row"], rejected["reason"])) == broken
+    assert scored["id"].tolist() == [f"patient-{i}" for i in range(len(frame)) if i not in broken]
+    assert np.array_equal(scored["score"].to_numpy(), _expected_scores(project, frame.drop(index=list(broken))))
+    assert (scored["decision"] == (scored["score"] >= 0.4).astype(int)).all()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_text_in_a_parquet_number_column(project, tmp_path):
+    "A Parquet string column where numbers belong: text is refused unless recoded, as in a JSON record."
+    pd.DataFrame({"age": ["54", "fifty"], "chol": [200.0, 250.0], "sex": ["m", "1"], "color": ["red", "blue"]}).to_parquet(tmp_path / "in.parquet")
+    summary = score_file(project, tmp_path / "in.parquet", tmp_path / "out.parquet", log=False, progress=False)
+    assert summary["reasons"] == {"type_error.number:age": 2}
+
+
+def test_deterministic_ids(project, tmp_path):
+    frame, broken = _corrupted(200, seed=3)
+    _typed(frame).to_parquet(tmp_path / "in.parquet", index=False)
+    log_file = tmp_path / "log.sqlite"
+    first = score_file(project, tmp_path / "in.parquet", tmp_path / "out.parquet", log_url=str(log_file), chunk_rows=50, progress=False)
+    with open_log(str(log_file), project) as log:
+        assert log.count("batch") == first["rows_scored"] == first["logged"] == 200 - (len(broken) - 1)
+        ids = set(log.predictions()["request_id"])
+    score_file(project, tmp_path / "in.parquet", tmp_path / "out.parquet", log_url=str(log_file), chunk_rows=77, progress=False)
+    with open_log(str(log_file), project) as log:
+        assert log.count("batch") == first["rows_scored"]
+        logged = log.predictions()
+    assert set(logged["request_id"]) == ids
+    scored = pd.read_parquet(tmp_path / "out.parquet")
+    assert np.array_equal(np.sort(logged["score"].to_numpy()), np.sort(scored["score"].to_numpy()))
+    assert logged["id_hash"].notna().all() and not logged["id_hash"].str.startswith("patient").any()
+
+
+def test_failed_run_leaves_no_output(project, tmp_path, monkeypatch):
+    import lifecycle.batch as batch
+    frame, _ = _corrupted(300)
+    _typed(frame).to_parquet(tmp_path / "in.parquet", index=False)
+    calls = []
+    original = batch.score_features
+    def failing(scorer, features):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return original(scorer, features)
+    monkeypatch.setattr(batch, "score_features", failing)
+    with pytest.raises(RuntimeError):
+        score_file(project, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=50, log=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+# --- the Dask engine --------------------------------------------------------------------------
+
+def test_dask_engine_matches_local(project, tmp_path):
+    from distributed import LocalCluster
+    frame, broken = _corrupted(3000, seed=4)
+    frame = _typed(frame)
+    frame.to_parquet(tmp_path / "in.parquet", index=False, row_group_size=700)
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    local = score_file(project, tmp_path / "in.parquet", tmp_path / "local.parquet", log=False, progress=False)
+    expected = pd.read_parquet(tmp_path / "local.parquet")
+    # the default: a LocalCluster of its own
+    done = score_file(project, tmp_path / "in.parquet", tmp_path / "dask.parquet", engine="dask", log_url=str(tmp_path / "log.sqlite"), progress=False)
+    for key in ("rows_in", "rows_scored", "rows_rejected", "reasons", "model_version"):
+        assert done[key] == local[key], key
+    assert (tmp_path / "dask.parquet").is_dir()
+    scored = pd.read_parquet(tmp_path / "dask.parquet")
+    assert scored.drop(columns=["score"]).astype(str).equals(expected.drop(columns=["score"]).astype(str))
+    assert np.array_equal(scored["score"].to_numpy(), expected["score"].to_numpy())
+    rejected = pd.read_parquet(tmp_path / "dask.rejects.parquet").sort_values("_row")
+    assert rejected["_row"].tolist() == pd.read_parquet(tmp_path / "local.rejects.parquet")["_row"].tolist()
+    with open_log(str(tmp_path / "log.sqlite"), project) as log:
+        assert log.count("batch") == done["logged"] == local["rows_scored"]
+    # a scheduler address (as for a real cluster); CSV in and out
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        csv = score_file(project, tmp_path / "in.csv", tmp_path / "dask.csv", engine="dask", scheduler=cluster.scheduler_address,
+                         log=False, progress=False)
+    assert (csv["rows_in"], csv["rows_scored"], csv["reasons"]) == (local["rows_in"], local["rows_scored"], local["reasons"])
+    parts = sorted((tmp_path / "dask.csv").glob("part-*.csv"))
+    scored_csv = pd.concat([pd.read_csv(part, float_precision="round_trip") for part in parts], ignore_index=True)
+    assert np.array_equal(scored_csv["score"].to_numpy(), expected["score"].to_numpy())
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def _command(*arguments):
+    parser = argparse.ArgumentParser(prog="lifecycle")
+    add_batch_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["batch", *map(str, arguments)])
+    return args.handler(args)
+
+def test_command_errors_are_one_line(project, tmp_path):
+    from conftest import run_lifecycle
+    settings = project / "settings.ini"
+    code, _, _, stderr = run_lifecycle("batch", "--settings", settings, "--input", tmp_path / "nope.parquet", "--output", tmp_path / "out.parquet")
+    assert code == 1 and stderr.count("\n") == 1 and "not found" in stderr
+    pd.DataFrame({"age": [50.0], "sex": [1.0], "color": ["red"]}).to_parquet(tmp_path / "short.parquet")
+    code, _, _, stderr = run_lifecycle("batch", "--settings", settings, "--input", tmp_path / "short.parquet", "--output", tmp_path / "out.parquet")
+    assert code == 1 and stderr.count("\n") == 1 and "no column chol" in stderr
+    assert not (tmp_path / "out.parquet").exists()
+    code, _, _, stderr = run_lifecycle("batch", "--settings", settings, "--input", tmp_path / "short.parquet", "--output", tmp_path / "out.xlsx")
+    assert code == 1 and "unknown format" in stderr
+
+
+def test_command_json(project, tmp_path, capsys):
+    import json
+    frame, _ = _corrupted(100)
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    assert _command("--settings", project / "settings.ini", "--input", tmp_path / "in.csv", "--output", tmp_path / "out.parquet",
+                    "--no-log", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["rows_in"], summary["rows_rejected"], summary["log"]) == (100, 5, False)
