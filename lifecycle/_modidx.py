@@ -233,6 +233,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'lifecycle.predlog.PredictionLog.record': ('predlog.html#predictionlog.record', 'lifecycle/predlog.py'),
                                    'lifecycle.predlog.PredictionLog.record_label': ( 'predlog.html#predictionlog.record_label',
                                                                                      'lifecycle/predlog.py'),
+                                   'lifecycle.predlog.PredictionLog.record_many': ( 'predlog.html#predictionlog.record_many',
+                                                                                    'lifecycle/predlog.py'),
                                    'lifecycle.predlog.SQLiteStore': ('predlog.html#sqlitestore', 'lifecycle/predlog.py'),
                                    'lifecycle.predlog.SQLiteStore.__init__': ('predlog.html#sqlitestore.__init__', 'lifecycle/predlog.py'),
                                    'lifecycle.predlog.SQLiteStore.__str__': ('predlog.html#sqlitestore.__str__', 'lifecycle/predlog.py'),
