@@ -17,7 +17,7 @@ from .core import LifecycleError, Settings
 from .scoring import Scorer
 
 # %% auto #0
-__all__ = ['to_records', 'smoke_test', 'production_ids', 'score_rows']
+__all__ = ['SCORE_TOLERANCE', 'to_records', 'smoke_test', 'production_ids', 'score_rows']
 
 # %% ../nbs/05_deploy.ipynb #d66a52fb
 def to_records(
@@ -28,7 +28,9 @@ def to_records(
     values = frame[columns].astype(object).where(frame[columns].notna(), None)
     return [dict(zip(columns, row)) for row in values.itertuples(index=False, name=None)]
 
-# %% ../nbs/05_deploy.ipynb #f4fc1254
+# %% ../nbs/05_deploy.ipynb #9dae323a
+SCORE_TOLERANCE = 1e-12  # a linear model's scores can differ in the last bit between one row and many (BLAS); trees' never do
+
 def smoke_test(
     client,  # an HTTP client of the scoring app (FastAPI's TestClient, or httpx against a running server)
     records: list[dict],  # the records to send
