@@ -639,17 +639,9 @@ def add_batch_command(
     return batch
 
 # %% ../nbs/33_batch.ipynb #4ebf6304
-def _peak_mib() -> float:
-    "This process's peak resident memory: VmHWM, which (unlike ru_maxrss) does not carry the parent's peak across fork and exec."
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 def _bench_task(name: str, project: str, path: str, rows: int) -> dict:
     "One measurement, in this (fresh) process."
+    from lifecycle.bench import _peak_mib
     if name == "floor":
         scorer = Scorer.from_registry(Path(project))
         frame = pq.read_table(path, columns=scorer.spec.features).to_pandas()
@@ -692,14 +684,12 @@ def bench_batch(
     repeat: int = 2,  # runs of ours and of the floor, alternated; the best of each counts
 ) -> dict:  # the figures
     "Measure batch scoring's rows/s and peak memory against the bare predict_proba on the same rows."
-    from lifecycle.bench import _heart_folder, _lifecycle, _write_project, generate_heart_rows
+    from lifecycle.bench import _heart_folder, _write_project, generate_heart_rows, train_champion
     heart = _heart_folder(heart, "batch")
     sizes = []
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         if project is None:
-            project = _write_project(Path(folder) / "project", 20_000, heart)
-            _lifecycle(project, "--stages", "collect,prepare,train,evaluate", "-p", "prepare.profile=false",
-                       "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled")
+            project = train_champion(_write_project(Path(folder) / "project", 20_000, heart))
         project = Path(project)
         version = Scorer.from_registry(project).version
         for rows in rows_list:

@@ -20,8 +20,8 @@ import pandas as pd
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'parse_wrk',
-           'mlflow_python', 'bench_serve', 'format_serve', 'bench_train', 'run_benchmark']
+__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'train_champion',
+           'parse_wrk', 'mlflow_python', 'bench_serve', 'format_serve', 'bench_train', 'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
 HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
@@ -55,10 +55,14 @@ def _peak_mib() -> float:
     """The process's peak resident memory so far (VmHWM).
 
     Not `ru_maxrss`: Linux carries that across fork and exec, so a fresh interpreter would report its
-    parent's peak when the parent's was higher."""
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+    parent's peak when the parent's was higher. Without /proc (not Linux), `ru_maxrss` is all there is."""
+    try:
+        with open("/proc/self/status") as handle:
+            line = next(line for line in handle if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def _current_mib() -> float:
     "The process's resident memory now."
@@ -224,6 +228,12 @@ def format_prepare(figures: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/12_bench.ipynb #b5e7a002
+def train_champion(project: Path) -> Path:
+    "Run a bench project from collect to evaluate (no profile, no tracking): its registry then holds a champion."
+    _lifecycle(project, "--stages", "collect,prepare,train,evaluate", "-p", "prepare.profile=false",
+               "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled")
+    return project
+
 def _champion_project(folder: Path, heart: Path) -> Path:
     "The default project (the clone's settings and data) trained up to a champion, in a temporary folder."
     project = folder / "heart"
@@ -231,9 +241,7 @@ def _champion_project(folder: Path, heart: Path) -> Path:
     shutil.copytree(heart, project / "data" / heart.name)
     settings = (heart.parent.parent / "settings.ini").read_text()
     (project / "settings.ini").write_text(settings)
-    _lifecycle(project, "--stages", "collect,prepare,train,evaluate", "-p", "prepare.profile=false",
-               "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled")
-    return project
+    return train_champion(project)
 
 def _free_port() -> int:
     import socket

@@ -431,11 +431,6 @@ class RedisSink:
         self.client.close()
 
 # %% ../nbs/34_stream.ipynb #c570fa65
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 @contextlib.contextmanager
 def local_redis(
     folder: Path | None = None,  # where the server runs (default: a temporary folder)
@@ -447,6 +442,7 @@ def local_redis(
         raise LifecycleError("redis-server is not installed: apt-get install redis-server (Debian's package)")
     with tempfile.TemporaryDirectory(prefix="lifecycle-redis-") as scratch:
         folder = Path(folder or scratch)
+        from lifecycle.bench import _free_port
         port = _free_port()
         server = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
                                    "--dir", str(folder), "--protected-mode", "yes"],
@@ -705,15 +701,12 @@ def main(argv: list[str] | None = None) -> int:
 # %% ../nbs/34_stream.ipynb #d1664488
 def _bench_project(project: Path | None) -> Path:
     "A small generated project with a trained champion, built once and reused."
-    from lifecycle.bench import _heart_folder, _lifecycle, _write_project
+    from lifecycle.bench import _heart_folder, _write_project, train_champion
     project = Path(project or Path(tempfile.gettempdir()) / "lifecycle-bench-stream")
     aliases = project / "registry" / "aliases.json"
     if aliases.exists() and "champion" in json.loads(aliases.read_text()):
         return project
-    _write_project(project, 5000, _heart_folder(None, "stream"))
-    _lifecycle(project, "--stages", "collect,prepare,train,evaluate", "-p", "prepare.profile=false",
-               "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled")
-    return project
+    return train_champion(_write_project(project, 5000, _heart_folder(None, "stream")))
 
 def _bench_events(events: int) -> list[str]:
     "Records as JSON text, as a producer would send them; one in a thousand malformed."
