@@ -121,8 +121,8 @@ class Batcher:
         self.pending: list[tuple[list, asyncio.Future]] = []
         self.scheduled = False
 
-    async def score(self, records: list) -> tuple[list, list, int]:
-        "(results, errors, model version) for one request's records."
+    async def score(self, records: list) -> tuple[list, list, Scorer]:
+        "(results, errors, the scorer that scored them) for one request's records."
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending.append((records, future))
@@ -155,7 +155,7 @@ class Batcher:
                 count = len(part)
                 mine = [dict(e, loc=["body", e["loc"][1] - offset] + e["loc"][2:]) for e in errors if offset <= e["loc"][1] < offset + count]
                 if not future.done():
-                    future.set_result((results[offset:offset + count], mine, scorer.version))
+                    future.set_result((results[offset:offset + count], mine, scorer))
                 offset += count
 
 # %% ../nbs/32_serve.ipynb #a27956a7
@@ -252,7 +252,8 @@ def create_app(
         records = payload if isinstance(payload, list) else [payload]
         if not records:
             return finish("predict", _problem(422, "an empty list: nothing to score", "empty"), started)
-        results, errors, version = await batcher.score(records)
+        results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
+        version, spec = scorer.version, scorer.spec
         if errors:
             return finish("predict", JSONResponse({"detail": errors}, status_code=422), started)
         now = _now()
@@ -261,8 +262,8 @@ def create_app(
             request_id = uuid.uuid4().hex
             answers.append({"request_id": request_id, **result})
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
-                           "score": result["score"], "decision": result["decision"], "id": record.get(holder.scorer.spec.id_field),
-                           "features": {name: record.get(name) for name in holder.scorer.spec.features}})
+                           "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
+                           "features": {name: record.get(name) for name in spec.features}})
             metrics.predictions.labels(str(result["decision"])).inc()
         state["log"].record(logged)
         return finish("predict", JSONResponse({"predictions": answers, "model_version": version}), started)
