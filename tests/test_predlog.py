@@ -3,7 +3,6 @@ writer crashes, and PostgreSQL against a real server that the tests start and st
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from lifecycle.core import LifecycleError
 from lifecycle.predlog import PredictionLog, SQLiteStore, id_key, open_log, pseudonymize
 
@@ -194,12 +194,6 @@ def _postgres_bin():
     return found[-1] if found else None
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     "A private PostgreSQL cluster in a temporary folder, for this test session only; yields its URL without a database."
@@ -225,7 +219,7 @@ def postgres_server():
             raise RuntimeError(f"{Path(str(args[0])).name} failed:\n{done.stdout}\n{done.stderr}\n{log}")
 
     run(bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    port = _free_port()
+    port = free_port()
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off -c max_connections=50"
     try:
         run(bindir / "pg_ctl", "-D", data, "-l", server_log, "-o", options, "-w", "-t", "60", "start")
@@ -301,6 +295,6 @@ def test_postgres_connection_killed_mid_load(postgres_url, tmp_path):
 
 def test_postgres_unreachable_says_where_without_the_password(tmp_path):
     with pytest.raises(LifecycleError) as error:
-        open_log(f"postgresql://someone:s3cret-pw@127.0.0.1:{_free_port()}/log", tmp_path)
+        open_log(f"postgresql://someone:s3cret-pw@127.0.0.1:{free_port()}/log", tmp_path)
     assert "cannot open the prediction log postgresql://someone:***@127.0.0.1" in str(error.value)
     assert "s3cret-pw" not in str(error.value)

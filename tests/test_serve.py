@@ -3,7 +3,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -15,16 +14,10 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from conftest import LIFECYCLE
+from conftest import LIFECYCLE, free_port
 
 MARKER = "zq7secret"  # a submitted value that must never come back in a response or a log line
 MARKER_NUMBER = 987654.125
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -138,8 +138,8 @@ def test_follow_a_growing_file(project, tmp_path):
 def test_bad_arguments_are_one_line(project, tmp_path):
     done = subprocess.run(stream_args(project, tmp_path, "--source", "kafka://broker/visits", "--sink", "-"), capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr.strip()) == (1, "lifecycle: --source: kafka:// is not supported; give -, a file path, or redis://host:port/db?stream=NAME")
-    from lifecycle.stream import _free_port
-    done = subprocess.run(stream_args(project, tmp_path, "--source", f"redis://:pw@127.0.0.1:{_free_port()}/0?stream=x", "--sink", "-"),
+    from conftest import free_port
+    done = subprocess.run(stream_args(project, tmp_path, "--source", f"redis://:pw@127.0.0.1:{free_port()}/0?stream=x", "--sink", "-"),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert "cannot reach Redis at redis://:***@127.0.0.1" in done.stderr and "pw" not in done.stderr
