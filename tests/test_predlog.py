@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import free_port
@@ -298,3 +300,23 @@ def test_postgres_unreachable_says_where_without_the_password(tmp_path):
         open_log(f"postgresql://someone:s3cret-pw@127.0.0.1:{free_port()}/log", tmp_path)
     assert "cannot open the prediction log postgresql://someone:***@127.0.0.1" in str(error.value)
     assert "s3cret-pw" not in str(error.value)
+
+
+def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
+    "record_many's blocks in PostgreSQL: read back with their features, and a block repeating logged predictions adds only the new ones."
+    log = open_log(postgres_url, tmp_path)
+    frame = pd.DataFrame({"age": np.arange(5000, dtype=float), "sex": ["m", "f"] * 2500})
+    ids = [f"batch-x-{n:06d}" for n in range(5000)]
+    log.record_many(ids[:3000], np.linspace(0, 1, 3000), np.zeros(3000, int), frame.iloc[:3000], 2,
+                    ids=[f"patient-{n}" for n in range(3000)])
+    assert log.flush(timeout=30)
+    log.record_many(ids[2000:], np.linspace(0, 1, 3000), np.ones(3000, int), frame.iloc[2000:], 2)  # 1000 of them logged already
+    assert log.flush(timeout=30)
+    assert log.count() == log.count("batch") == 5000 and log.refused == 0
+    logged = open_log(postgres_url, tmp_path).predictions()  # another reader
+    assert logged["request_id"].tolist() == ids
+    assert logged["age"].tolist() == frame["age"].tolist() and logged["sex"].tolist() == frame["sex"].tolist()
+    assert logged["decision"].tolist() == [0] * 3000 + [1] * 2000
+    assert logged["id_hash"].iloc[2999] == pseudonymize("patient-2999", id_key(tmp_path)) and logged["id_hash"].iloc[3000] is None
+    assert log.predictions(limit=3)["request_id"].tolist() == ids[-3:]
+    log.close()
