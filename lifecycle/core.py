@@ -27,9 +27,9 @@ pa.set_memory_pool(pa.system_memory_pool())
 
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_settings', 'split_list', 'parse_mapping',
-           'coerce_value', 'Source', 'Settings', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json',
-           'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet', 'StageContext',
-           'record_inputs', 'stage_context']
+           'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file',
+           'sha256_json', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet',
+           'StageContext', 'record_inputs', 'stage_context']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -162,7 +162,12 @@ def _check_keys(section: str, values: dict, known: dict, path: Path):
         if key not in known:
             raise LifecycleError(f"{path.name}: unknown key '{key}' in section [{section}]; known keys: {', '.join(known)}")
 
-def _parse_source(name: str, value: str, root: Path) -> Source:
+def parse_source(
+    name: str,  # the source's name in `[data] sources`
+    value: str,  # a file path (relative to `root`), or `URL :: SELECT …` for a database
+    root: Path,  # the project folder
+) -> Source:
+    "One entry of `[data] sources` as a `Source`: a file, or a SQL query against a SQLAlchemy URL."
     if "://" in value:
         url, sep, query = value.partition("::")
         if not sep or not query.strip():
@@ -196,7 +201,7 @@ def load_settings(
     for key in ("sources", "target", "positive"):
         if not data.get(key, "").strip():
             raise LifecycleError(f"{path.name}: [data] {key} is required ({DATA_KEYS[key]})")
-    sources = [_parse_source(name, value, path.parent) for name, value in parse_mapping(data["sources"], "[data] sources").items()]
+    sources = [parse_source(name, value, path.parent) for name, value in parse_mapping(data["sources"], "[data] sources").items()]
     return Settings(
         path=path, sections=sections, sources=sources,
         columns=split_list(data.get("columns", "")),
