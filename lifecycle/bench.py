@@ -105,6 +105,7 @@ def _task(name: str, project: str) -> dict:
         lap("split")
         write_parquet(out / "clean.parquet", clean)
         write_parquet(out / "quarantine.parquet", result["quarantined"])
+        write_parquet(out / "duplicates.parquet", result["duplicates"])
         lap("write outputs")
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "collect_seconds": phases["collect"], "phases": phases, "peak_mib": _peak_mib(), "baseline_mib": baseline,

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import getpass
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,8 +22,8 @@ from .core import LifecycleError, Settings, frame_sha256, read_json, write_json,
 # %% auto #0
 __all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
            'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema', 'pandera_schema',
-           'validate', 'first_reason', 'row_hashes', 'duplicate_rows', 'quarantine_gate', 'assign_splits',
-           'profile_columns', 'profile_report', 'prepare']
+           'rule_breaks', 'validate', 'first_reason', 'row_hashes', 'duplicate_of', 'duplicate_rows', 'duplicate_trace',
+           'quarantine_gate', 'assign_splits', 'profile_columns', 'profile_report', 'prepare']
 
 # %% ../nbs/02_prepare.ipynb #5583229c
 _HUMAN_NUMBER = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?)\s*([kmb]?)$")
@@ -177,15 +179,19 @@ def infer_column(
     "Infer one column's schema entry from its values."
     present = values.dropna()
     if numeric:
-        integer_codes = bool(len(present)) and bool((present == present.round()).all())
-        few = present.iloc[:10_000].nunique() <= max_category_levels and present.nunique() <= max_category_levels  # a sample rules most columns out fast
-        if integer_codes and few and declared is None:
-            return {"kind": "category", "type": "number", "categories": sorted(float(v) for v in present.unique())}
+        array = present.to_numpy(dtype="float64")
+        distinct = pd.unique(array[:10_000])  # a sample rules most columns out fast
+        if len(distinct) <= max_category_levels:
+            distinct = pd.unique(array)
+        few = len(distinct) <= max_category_levels
+        integer_codes = bool(len(array)) and few and bool((distinct == np.round(distinct)).all())  # the distinct values tell
+        if integer_codes and declared is None:
+            return {"kind": "category", "type": "number", "categories": sorted(float(v) for v in distinct)}
         if declared is not None:
             return {"kind": "numeric", "min": declared[0], "max": declared[1], "declared": True}
         if not len(present):
             return {"kind": "numeric", "min": None, "max": None, "declared": False}
-        low, high = float(present.min()), float(present.max())
+        low, high = float(array.min()), float(array.max())
         span = max(high - low, abs(high), 1.0) * margin
         floor = 0.0 if low >= 0 else low - span
         return {"kind": "numeric", "min": max(floor, low - span), "max": high + span, "declared": False,
@@ -272,26 +278,47 @@ def _among_codes(codes: list[float]):
         return pd.Series(allowed, index=values.index)
     return check
 
-_RULES = {"in_range": "out_of_range", "isin": "unknown_category", "unknown_category": "unknown_category"}  # pandera's check -> our rule
+def rule_breaks(
+    values: pd.Series,  # one standardized column
+    spec: dict,  # its entry in the schema
+) -> tuple[str, np.ndarray] | None:  # (rule, True where a present value breaks it), or None when no rule applies
+    "The one rule of a schema entry, checked on a column at once; a missing value never breaks it."
+    if spec["kind"] == "numeric" and spec.get("min") is not None:
+        array = values.to_numpy(dtype="float64", na_value=np.nan)
+        low = -np.inf if spec["min"] is None else spec["min"]
+        high = np.inf if spec.get("max") is None else spec["max"]
+        return "out_of_range", (array < low) | (array > high)  # NaN compares False: missing passes
+    if spec["kind"] == "category" and spec.get("type") == "number":
+        array = values.to_numpy(dtype="float64", na_value=np.nan)
+        allowed = np.isnan(array)
+        for code in spec["categories"]:  # a few codes: one comparison each beats a hash lookup
+            allowed |= array == code
+        return "unknown_category", ~allowed
+    if spec["kind"] == "category":
+        return "unknown_category", (values.notna() & ~values.isin(spec["categories"])).to_numpy()
+    return None
 
 def validate(
     df: pd.DataFrame,  # standardized rows
     schema: dict,  # the stored schema
 ) -> pd.Series:  # per row: the first rule it breaks (`out_of_range:age`), or ""
-    "Check rows against the schema; name the first broken rule of each row, in column order."
-    reasons = pd.Series("", index=df.index, dtype=object)
-    try:
-        pandera_schema(schema).validate(df, lazy=True, inplace=True)  # inplace: no copy of a large frame
-        return reasons
-    except pa.errors.SchemaErrors as errors:
-        failures = errors.failure_cases
-    failures = failures[failures["index"].notna() & failures["column"].notna()]
-    order = {name: position for position, name in enumerate(schema["columns"])}
-    failures = failures.assign(position=failures["column"].map(order)).sort_values(["position"], kind="stable")
-    first = failures.drop_duplicates("index")
-    rule = first["check"].astype(str).str.split("(").str[0].map(_RULES).fillna("schema")
-    reasons.loc[first["index"].to_numpy()] = (rule + ":" + first["column"]).to_numpy()
-    return reasons
+    """Check rows against the schema; name the first broken rule of each row, in column order.
+
+    The same checks as `pandera_schema` (tested below to agree), done column by column in numpy: on a
+    million rows pandera takes 0.25 s, a tenth of the prepare stage, where this takes 0.04 s."""
+    reasons = np.full(len(df), "", dtype=object)
+    open_rows = np.ones(len(df), dtype=bool)  # rows without a reason yet: the first reason wins
+    for name, spec in schema["columns"].items():
+        if name not in df.columns:
+            continue
+        broken = rule_breaks(df[name], spec)
+        if broken is None:
+            continue
+        rule, bad = broken
+        reasons[bad & open_rows] = f"{rule}:{name}"
+        open_rows &= ~bad
+    return pd.Series(reasons, index=df.index)
+
 
 # %% ../nbs/02_prepare.ipynb #8789ce29
 def first_reason(*reasons: pd.Series) -> pd.Series:
@@ -306,26 +333,36 @@ def row_hashes(
     df: pd.DataFrame,  # rows
     columns: list[str],  # the columns to hash
 ) -> np.ndarray:  # one 64-bit hash a row
-    "Hash each row's values in `columns`, column by column (no copy of the frame)."
+    """Hash each row's values in `columns`, column by column (no copy of the frame). The columns are
+    hashed on threads: the hashing is numpy, which lets go of the interpreter (0.14 s → 0.06 s on a
+    million rows and two cores)."""
     combined = np.full(len(df), 0x345678, dtype=np.uint64)
-    for column in columns:
-        combined = (combined ^ pd.util.hash_pandas_object(df[column], index=False).to_numpy()) * np.uint64(1000003)
+    hash_column = lambda column: pd.util.hash_pandas_object(df[column], index=False).to_numpy()
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for hashed in pool.map(hash_column, columns):  # in column order: the same hash whatever the threads
+            combined = (combined ^ hashed) * np.uint64(1000003)
     return combined
 
-def duplicate_rows(
+def duplicate_of(
     df: pd.DataFrame,  # rows
     columns: list[str],  # the columns that make two rows the same (lineage is not among them)
     among: np.ndarray | None = None,  # only these rows take part (a boolean mask); default: all
-) -> np.ndarray:  # True for each row that repeats an earlier one exactly
-    "Find exact duplicates, keeping the first occurrence."
+) -> np.ndarray:  # per row: the position of the earlier row it repeats exactly, or -1
+    "Find exact duplicates: each row that repeats an earlier one points at the first occurrence, which is kept."
     among = np.ones(len(df), dtype=bool) if among is None else among
     positions = np.flatnonzero(among)
-    codes, uniques = pd.factorize(row_hashes(df, columns)[positions])
-    first = np.full(len(uniques), np.iinfo(np.int64).max)
-    np.minimum.at(first, codes, positions)  # each hash's first row
-    first_of_hash = first[codes]  # for each row, the first row with its hash
-    candidates = positions[first_of_hash != positions]
-    first_of_hash = first_of_hash[first_of_hash != positions]
+    kept = np.full(len(df), -1, dtype=np.int64)
+    if not len(positions):
+        return kept
+    codes, _ = pd.factorize(row_hashes(df, columns)[positions])
+    # factorize numbers the hashes in order of first appearance, so a row is the first of its hash
+    # exactly where the running maximum of the codes grows
+    first = np.empty(len(codes), dtype=bool)
+    first[0] = True
+    np.greater(codes[1:], np.maximum.accumulate(codes)[:-1], out=first[1:])
+    first_of_hash = positions[first][codes]  # for each row, the first row with its hash
+    repeats = first_of_hash != positions
+    candidates, first_of_hash = positions[repeats], first_of_hash[repeats]
     # Equal hashes are confirmed value by value against the first row with that hash, so a hash collision
     # can never drop a row that is not a duplicate.
     same = np.ones(len(candidates), dtype=bool)
@@ -333,9 +370,32 @@ def duplicate_rows(
         values = df[column].to_numpy()
         left, right = values[candidates], values[first_of_hash]
         same &= (left == right) | (pd.isna(left) & pd.isna(right))
-    duplicate = np.zeros(len(df), dtype=bool)
-    duplicate[candidates[same]] = True
-    return duplicate
+    kept[candidates[same]] = first_of_hash[same]
+    return kept
+
+def duplicate_rows(
+    df: pd.DataFrame,  # rows
+    columns: list[str],  # the columns that make two rows the same (lineage is not among them)
+    among: np.ndarray | None = None,  # only these rows take part (a boolean mask); default: all
+) -> np.ndarray:  # True for each row that repeats an earlier one exactly
+    "Find exact duplicates, keeping the first occurrence."
+    return duplicate_of(df, columns, among) >= 0
+
+def duplicate_trace(
+    df: pd.DataFrame,  # rows
+    kept: np.ndarray,  # from `duplicate_of`
+) -> pd.DataFrame:  # one row a duplicate: its lineage, and the lineage of the row kept in its place
+    """What is kept of a dropped duplicate: where it came from and which row it repeats. Its values are
+    the kept row's values, by definition, so they are not copied again."""
+    rows = np.flatnonzero(kept >= 0)
+    lineage = [column for column in LINEAGE if column in df.columns]
+    trace = df[lineage].take(rows)
+    originals = df[lineage].take(kept[rows])
+    for column in lineage:
+        trace[f"_kept{column}"] = originals[column].array
+    trace["_kept_row"] = df.index.to_numpy()[kept[rows]]
+    return trace
+
 
 # %% ../nbs/02_prepare.ipynb #5f8c3b6f
 def quarantine_gate(
@@ -489,8 +549,8 @@ def prepare(
             schema["columns"][column].update({"kind": "numeric", "min": low, "max": high, "declared": True})
     reasons = first_reason(target_reasons, wrong_type, validate(data, schema))
     passed = (reasons == "").to_numpy()
-    duplicate = duplicate_rows(data, features + ["_label"], among=passed)
+    kept = duplicate_of(data, features + ["_label"], among=passed)
     quarantined = data[~passed].assign(_reason=reasons[~passed])
-    clean, duplicates = data[passed & ~duplicate], data[duplicate]
+    clean, duplicates = data[passed & (kept < 0)], duplicate_trace(data, kept)
     return {"clean": clean, "quarantined": quarantined, "duplicates": duplicates, "schema": schema,
             "standardization": report, "reasons": quarantined["_reason"]}
