@@ -220,7 +220,13 @@ def infer_schema(
         elif column == settings.timestamp:
             columns[column] = {"kind": "timestamp"}
         else:
-            columns[column] = infer_column(df[column][usable], numeric[column], max_category_levels, margin, ranges.get(column))
+            values = df[column]
+            if values.dtype == np.float64:  # numpy selects the usable, present numbers at a fraction of pandas' cost
+                array = values.to_numpy()[usable]
+                values = pd.Series(array[~np.isnan(array)], copy=False)
+            else:
+                values = values[usable]
+            columns[column] = infer_column(values, numeric[column], max_category_levels, margin, ranges.get(column))
     return {"target": settings.target, "columns": columns}
 
 # %% ../nbs/02_prepare.ipynb #798e10ad
