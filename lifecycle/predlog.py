@@ -32,7 +32,7 @@ from .core import LifecycleError
 __all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'PREDICTION_COLUMNS', 'pseudonymize', 'id_key', 'log_location', 'redact_url',
            'utc_text', 'features_json', 'prediction_row', 'label_row', 'SQLiteStore', 'PostgresStore',
            'UnstorableBlock', 'is_data_error', 'describe_error', 'PredictionBlock', 'block_key', 'without_logged',
-           'PredictionLog', 'open_log']
+           'write_blocks', 'PredictionLog', 'open_log']
 
 # %% ../nbs/31_predlog.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -339,11 +339,7 @@ class SQLiteStore:
                 connection.executemany(_SQLITE_INSERT_PREDICTIONS, predictions)
             if labels:
                 connection.executemany(_SQLITE_INSERT_LABELS, labels)
-            for block in blocks:
-                overlapping = [row[0] for row in connection.execute(_SQLITE_OVERLAPPING, (block[6], block[5]))]
-                block = without_logged(block, overlapping) if overlapping else block
-                if block is not None:
-                    connection.execute(_SQLITE_INSERT_BLOCKS, block)
+            write_blocks(connection.execute, _SQLITE_OVERLAPPING, _SQLITE_INSERT_BLOCKS, blocks)
             connection.execute("COMMIT")
         except BaseException:
             try:
@@ -441,11 +437,7 @@ class PostgresStore:
                     cursor.executemany(_POSTGRES_INSERT_LABELS, labels)
                 if blocks:  # one block writer at a time, so two overlapping blocks cannot both miss each other
                     cursor.execute("SELECT pg_advisory_xact_lock(7319002)")
-                for block in blocks:
-                    overlapping = [row[0] for row in cursor.execute(_POSTGRES_OVERLAPPING, (block[6], block[5])).fetchall()]
-                    block = without_logged(block, overlapping) if overlapping else block
-                    if block is not None:
-                        cursor.execute(_POSTGRES_INSERT_BLOCKS, block)
+                write_blocks(cursor.execute, _POSTGRES_OVERLAPPING, _POSTGRES_INSERT_BLOCKS, blocks)
 
     def time_parameter(self, when) -> datetime:
         return datetime.fromisoformat(utc_text(when))
@@ -549,6 +541,19 @@ def without_logged(
     if table.num_rows == block[4]:
         return block
     return PredictionBlock(table, *block[1:4]).row()
+
+def write_blocks(
+    execute,  # the store's `execute(sql, parameters)`, inside its open transaction; returns a cursor
+    overlapping_sql: str,  # selects the data of the blocks whose range overlaps (last, first)
+    insert_sql: str,  # inserts a block's row
+    blocks: list[tuple],  # rows of blocks (see `PredictionBlock.row`)
+) -> None:
+    "Insert blocks, each without the predictions that logged blocks already hold: the same in every store."
+    for block in blocks:
+        overlapping = [row[0] for row in execute(overlapping_sql, (block[6], block[5])).fetchall()]
+        block = without_logged(block, overlapping) if overlapping else block
+        if block is not None:
+            execute(insert_sql, block)
 
 def _weight(item: tuple) -> int:
     "How many predictions or labels a queued item holds."
@@ -896,10 +901,7 @@ class PredictionLog:
         predictions = [row for kind, row in batch if kind == "p"]
         labels = [row for kind, row in batch if kind == "l"]
         blocks = [block.row() for kind, block in batch if kind == "b"]  # compressed before the transaction, not inside it
-        if blocks:
-            self.store.write(self._connection, predictions, labels, blocks)
-        else:
-            self.store.write(self._connection, predictions, labels)
+        self.store.write(self._connection, predictions, labels, blocks)
 
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -919,6 +921,10 @@ def _prediction_frame(rows: list[tuple]) -> pd.DataFrame:
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     features = pd.DataFrame.from_records([json.loads(row[-1]) if isinstance(row[-1], str) else row[-1] for row in rows],
                                          index=frame.index) if rows else pd.DataFrame(index=frame.index)
+    return _with_features(frame, features)
+
+def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
+    "The predictions' columns, then their features; a feature named like one of those columns gets the prefix `feature_`."
     features.columns = [f"feature_{name}" if name in PREDICTION_COLUMNS else name for name in features.columns]
     return pd.concat([frame, features], axis=1)
 
@@ -937,8 +943,7 @@ def _block_frame(when, model_version: int, channel: str, data: bytes) -> pd.Data
     frame.insert(3, "channel", channel)
     frame = frame.astype({"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"})
     features = pa.Table.from_arrays(struct.flatten(), names=names).to_pandas() if names else pd.DataFrame(index=frame.index)
-    features.columns = [f"feature_{name}" if name in PREDICTION_COLUMNS else name for name in features.columns]
-    return pd.concat([frame, features], axis=1)
+    return _with_features(frame, features)
 
 def open_log(
     url: str,  # "" or "sqlite": predictions.sqlite in the project; a file path or sqlite:///path; or postgresql://…

@@ -22,7 +22,7 @@ from .core import LifecycleError, Settings, frame_sha256, read_json, write_json,
 # %% auto #0
 __all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
            'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema', 'pandera_schema',
-           'rule_breaks', 'validate', 'first_reason', 'row_hashes', 'duplicate_of', 'duplicate_rows', 'duplicate_trace',
+           'rule_breaks', 'validate', 'first_reason', 'row_hashes', 'duplicate_of', 'duplicate_trace',
            'quarantine_gate', 'assign_splits', 'profile_columns', 'profile_report', 'prepare']
 
 # %% ../nbs/02_prepare.ipynb #5583229c
@@ -274,14 +274,17 @@ def pandera_schema(
         columns[name] = pa.Column(checks=checks, nullable=True, required=False)
     return pa.DataFrameSchema(columns, strict=False)
 
+def _is_code(array: np.ndarray, codes: list[float]) -> np.ndarray:
+    "True where a number is one of a few codes: one comparison a code beats a hash lookup."
+    found = np.zeros(len(array), dtype=bool)
+    for code in codes:
+        found |= array == code
+    return found
+
 def _among_codes(codes: list[float]):
-    "A check that numeric values are among a few codes: compares with each code, faster than a hash lookup."
+    "A pandera check that numeric values are among a few codes."
     def check(values: pd.Series) -> pd.Series:
-        array = values.to_numpy(dtype="float64", na_value=np.nan)
-        allowed = np.zeros(len(array), dtype=bool)
-        for code in codes:
-            allowed |= array == code
-        return pd.Series(allowed, index=values.index)
+        return pd.Series(_is_code(values.to_numpy(dtype="float64", na_value=np.nan), codes), index=values.index)
     return check
 
 def rule_breaks(
@@ -291,15 +294,11 @@ def rule_breaks(
     "The one rule of a schema entry, checked on a column at once; a missing value never breaks it."
     if spec["kind"] == "numeric" and spec.get("min") is not None:
         array = values.to_numpy(dtype="float64", na_value=np.nan)
-        low = -np.inf if spec["min"] is None else spec["min"]
         high = np.inf if spec.get("max") is None else spec["max"]
-        return "out_of_range", (array < low) | (array > high)  # NaN compares False: missing passes
+        return "out_of_range", (array < spec["min"]) | (array > high)  # NaN compares False: missing passes
     if spec["kind"] == "category" and spec.get("type") == "number":
         array = values.to_numpy(dtype="float64", na_value=np.nan)
-        allowed = np.isnan(array)
-        for code in spec["categories"]:  # a few codes: one comparison each beats a hash lookup
-            allowed |= array == code
-        return "unknown_category", ~allowed
+        return "unknown_category", ~(np.isnan(array) | _is_code(array, spec["categories"]))
     if spec["kind"] == "category":
         return "unknown_category", (values.notna() & ~values.isin(spec["categories"])).to_numpy()
     return None
@@ -378,14 +377,6 @@ def duplicate_of(
         same &= (left == right) | (pd.isna(left) & pd.isna(right))
     kept[candidates[same]] = first_of_hash[same]
     return kept
-
-def duplicate_rows(
-    df: pd.DataFrame,  # rows
-    columns: list[str],  # the columns that make two rows the same (lineage is not among them)
-    among: np.ndarray | None = None,  # only these rows take part (a boolean mask); default: all
-) -> np.ndarray:  # True for each row that repeats an earlier one exactly
-    "Find exact duplicates, keeping the first occurrence."
-    return duplicate_of(df, columns, among) >= 0
 
 def duplicate_trace(
     df: pd.DataFrame,  # rows

@@ -124,11 +124,11 @@ class CrashingStore(SQLiteStore):
         self.every = every
         self.calls = 0
 
-    def write(self, connection, predictions, labels):
+    def write(self, connection, predictions, labels, blocks=()):
         self.calls += 1
         if self.calls % self.every == 0:
             raise _Crash()
-        super().write(connection, predictions, labels)
+        super().write(connection, predictions, labels, blocks)
 
 
 def test_writer_thread_deaths_under_load_lose_nothing(tmp_path):
