@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import importlib
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ pa.set_memory_pool(pa.system_memory_pool())
 __all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_settings', 'split_list', 'parse_mapping',
            'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file',
            'sha256_json', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet',
-           'StageContext', 'record_inputs', 'stage_context']
+           'import_without', 'StageContext', 'record_inputs', 'stage_context']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -291,6 +293,24 @@ def write_parquet(
                 part = df.iloc[start:start + rows_per_group]
                 writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
     pa.default_memory_pool().release_unused()  # give the conversion buffers back to the system
+
+# %% ../nbs/00_core.ipynb #b012df16
+def import_without(
+    module: str,  # the module to import
+    blocked: tuple[str, ...],  # optional modules it would pull in for nothing
+):
+    "Import `module` while the `blocked` modules that are not imported yet are made unavailable."
+    if module in sys.modules:
+        return sys.modules[module]
+    hidden = [name for name in blocked if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # an import of it fails with ImportError, which optional imports expect
+    try:
+        return importlib.import_module(module)
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 # %% ../nbs/00_core.ipynb #43c30e9d
 @dataclass

@@ -23,14 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lifecycle
-from .core import (LifecycleError, Settings, coerce_value, load_settings, read_json, sha256_bytes, sha256_file,
-                            sha256_json, write_json, write_text)
+from .core import (LifecycleError, Settings, coerce_value, import_without, load_settings, read_json, sha256_bytes,
+                            sha256_file, sha256_json, write_json, write_text)
 
 # %% auto #0
 __all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'check_sections',
            'parse_overrides', 'stage_parameters', 'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash',
-           'find_cached', 'run_section_start', 'run_cells', 'execute_stage', 'export_html', 'report_cells',
-           'write_index', 'plan_stages', 'run_stage', 'run_lifecycle']
+           'find_cached', 'run_section_start', 'run_cells', 'Kernel', 'Kernels', 'execute_stage', 'export_html',
+           'report_cells', 'write_index', 'plan_stages', 'run_stage', 'run_lifecycle']
 
 # %% ../nbs/10_pipeline.ipynb #42079474
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
@@ -227,16 +227,57 @@ def _import_nbformat():
     """Import nbformat without the IRI grammar of rfc3987-syntax.
 
     jsonschema, under nbformat, compiles that grammar at import when the package is installed (JupyterLab
-    brings it): 0.8 s on every run, for a string format no notebook uses. The block is lifted right after,
-    so code that imports the package itself later still gets it."""
-    if "nbformat" in sys.modules or "jsonschema._format" in sys.modules or "rfc3987_syntax" in sys.modules:
-        import nbformat  # noqa: F401
-        return
-    sys.modules["rfc3987_syntax"] = None  # makes its import fail; jsonschema then skips the format
-    try:
-        import nbformat  # noqa: F401
-    finally:
-        del sys.modules["rfc3987_syntax"]
+    brings it): 0.8 s on every run, for a string format no notebook uses."""
+    if "jsonschema._format" not in sys.modules:  # once jsonschema is in, its formats are settled
+        import_without("nbformat", ("rfc3987_syntax",))
+    import nbformat  # noqa: F401
+
+class Kernel:
+    """A Python kernel started for one stage, in its own process.
+
+    Its IPC sockets are in a private folder: no TCP port is open to other users of the machine. The manager
+    is the asynchronous one: nbclient's timeout never fires with a blocking client. The history is kept in
+    memory, as nbclient would ask."""
+
+    def __init__(self, cwd: Path):  # the project root, the kernel's working folder
+        from jupyter_client import AsyncKernelManager
+        from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
+        self._sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
+        self.manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "kernel"))
+        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
+
+    def stop(self):
+        "Shut the kernel down (nbclient leaves a kernel it did not start running) and remove its sockets."
+        from jupyter_core.utils import run_sync
+        try:
+            if self.manager.has_kernel:
+                run_sync(self.manager.shutdown_kernel)(now=True)
+        finally:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+
+class Kernels:
+    """The kernels of one run. A kernel takes most of a second to boot (ipykernel, IPython, zmq), so the
+    next one boots in its own process while the current stage runs, and a stage starts on a kernel that is
+    ready. A spare that no stage takes is stopped at the end of the run."""
+
+    def __init__(self, cwd: Path):  # the project root
+        self.cwd, self._spare = cwd, None
+
+    def take(self) -> Kernel:
+        "A started kernel: the spare if one is booting, else a new one."
+        kernel, self._spare = self._spare or Kernel(self.cwd), None
+        return kernel
+
+    def prepare(self):
+        "Boot a spare kernel for a stage that may come next."
+        if self._spare is None:
+            self._spare = Kernel(self.cwd)
+
+    def close(self):
+        "Stop the spare, if any."
+        if self._spare is not None:
+            self._spare.stop()
+            self._spare = None
 
 def execute_stage(
     notebook: Path,  # the stage notebook
@@ -244,18 +285,13 @@ def execute_stage(
     parameters: dict,  # papermill parameters
     cwd: Path,  # the project root
     timeout: int,  # seconds a cell may run
+    kernel: Kernel | None = None,  # a kernel started for this stage (else one is started here); stopped at the end
 ) -> str | None:  # None on success, else one line saying what failed where
     "Execute one stage notebook with papermill."
-    from jupyter_client import AsyncKernelManager
-    from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
-    sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
-    # IPC sockets in a private folder: no TCP port open to other users of the machine. The manager must be
-    # the asynchronous one: nbclient's timeout never fires with a blocking client.
-    kernel = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+    kernel = kernel or Kernel(cwd)
     try:
-        # The kernel boots in its own process while this one imports papermill (each takes about half a
-        # second); nbclient uses a kernel it finds started, with the history in memory as it would.
-        run_sync(kernel.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        # A new kernel boots in its own process while this one imports papermill (each takes about half a
+        # second); nbclient uses a kernel it finds started.
         _import_nbformat()
         import nbformat
         import papermill
@@ -265,7 +301,7 @@ def execute_stage(
         runnable.cells = run_cells(runnable.cells)
         papermill.execute_notebook(runnable, str(output), parameters=parameters, cwd=str(cwd),
                                    kernel_name="python3", progress_bar=False, log_output=False,
-                                   execution_timeout=timeout, km=kernel)
+                                   execution_timeout=timeout, km=kernel.manager)
         return None
     except Exception as error:  # a cell's error, a timeout or a dead kernel: papermill still wrote what ran
         name = type(error).__name__
@@ -276,9 +312,7 @@ def execute_stage(
             return f"a cell ran longer than the {timeout} s timeout ([run] timeout) and was stopped"
         return f"{name}: {_one_line(error)}"
     finally:
-        if kernel.has_kernel:  # nbclient leaves a kernel it did not start running
-            run_sync(kernel.shutdown_kernel)(now=True)
-        shutil.rmtree(sockets, ignore_errors=True)
+        kernel.stop()
 
 _EXPORTER_LOCK = threading.Lock()
 
@@ -418,8 +452,11 @@ def _publish_extras(stage: Stage, run_dir: Path, report_dir: Path) -> dict[str, 
     return extras
 
 def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_dir: Path, report_dir: Path,
-              executable: bool, forced: bool, quiet: bool) -> dict:
-    "Reuse or execute one stage; return its entry of the run summary."
+              executable: bool, forced: bool, quiet: bool, kernels: Kernels | None = None, more: bool = False) -> dict:
+    """Reuse or execute one stage; return its entry of the run summary.
+
+    With `kernels`, the stage takes its kernel from them, and when `more` stages may execute after it, the
+    next kernel boots while this stage runs."""
     root = settings.root
     entry = {"name": stage.name, "status": "ran", "seconds": 0.0, "summary": None}
     started = time.perf_counter()
@@ -432,7 +469,10 @@ def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_
     else:
         _log(f"{stage.name}: running {stage.notebook.name}", quiet)
         parameters = {**parameters, "run_dir": str(run_dir)}
-        error = execute_stage(stage.notebook, report_dir / stage.notebook.name, parameters, root, settings.timeout)
+        kernel = kernels.take() if kernels else None
+        if kernels and more:
+            kernels.prepare()
+        error = execute_stage(stage.notebook, report_dir / stage.notebook.name, parameters, root, settings.timeout, kernel)
         if error:
             entry.update(status="failed", error=f"stage '{stage.name}' failed at {error}")
         elif not (run_dir / stage.name / "summary.json").exists():
@@ -483,21 +523,28 @@ def run_lifecycle(
            "seconds": 0.0, "stages": []}
     code = package_code_hash()
     upstream = {}
-    for stage in in_run:
-        key = cache_key(stage, parameters[stage.name], settings, upstream, code)
-        try:
-            entry = run_stage(stage, parameters[stage.name], settings, key, run_dir, report_dir,
-                              stage.name in selected, stage.name in forced, quiet)
-        except LifecycleError:
-            shutil.rmtree(run_dir, ignore_errors=True)  # the run could not start: leave no half-made run behind
-            shutil.rmtree(report_dir, ignore_errors=True)
-            raise
-        run["stages"].append(entry)
-        if entry["status"] == "failed":
-            break
-        if entry["status"] == "ran":
-            write_json(_cache_file(root, stage.name, key), {"run_id": run_id, "outputs": entry["outputs"]})
-        upstream[stage.name] = entry["outputs"]
+    # The first kernel boots while the cache is checked; it is stopped unused if every stage is cached.
+    kernels = Kernels(root)
+    kernels.prepare()
+    try:
+        for index, stage in enumerate(in_run):
+            key = cache_key(stage, parameters[stage.name], settings, upstream, code)
+            try:
+                entry = run_stage(stage, parameters[stage.name], settings, key, run_dir, report_dir,
+                                  stage.name in selected, stage.name in forced, quiet, kernels,
+                                  more=any(later.name in selected for later in in_run[index + 1:]))
+            except LifecycleError:
+                shutil.rmtree(run_dir, ignore_errors=True)  # the run could not start: leave no half-made run behind
+                shutil.rmtree(report_dir, ignore_errors=True)
+                raise
+            run["stages"].append(entry)
+            if entry["status"] == "failed":
+                break
+            if entry["status"] == "ran":
+                write_json(_cache_file(root, stage.name, key), {"run_id": run_id, "outputs": entry["outputs"]})
+            upstream[stage.name] = entry["outputs"]
+    finally:
+        kernels.close()
     failed = [entry for entry in run["stages"] if entry["status"] == "failed"]
     run["status"] = "failed" if failed else "passed"
     if failed:

@@ -18,9 +18,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import skops.io
+from .core import LifecycleError, import_without, read_json, sha256_bytes, sha256_file, write_json, write_text
 
-from .core import LifecycleError, read_json, sha256_bytes, sha256_file, write_json, write_text
+# skops lists scikit-learn's estimators at import by walking every scikit-learn package, which imports Dask
+# (through the Array API shim) and pytest (through the test helpers): 0.25 s of each train stage, for modules
+# no model here uses. The list it builds is the same without them.
+import_without("skops.io", ("sklearn.externals.array_api_compat.dask", "pytest"))
+import skops.io  # noqa: E402
 
 # %% auto #0
 __all__ = ['TRUSTED_TYPES', 'ALIASES', 'canonical_skops', 'model_bytes', 'load_model_bytes', 'Registry', 'register',
@@ -29,6 +33,7 @@ __all__ = ['TRUSTED_TYPES', 'ALIASES', 'canonical_skops', 'model_bytes', 'load_m
 
 # %% ../nbs/20_registry.ipynb #0dea7b9d
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_QUOTED = re.compile(r'"([^"\\]*)"')  # a JSON string without escapes: how skops names the entries of its archive
 
 def canonical_skops(
     data: bytes,  # a skops archive
@@ -36,11 +41,14 @@ def canonical_skops(
     "Rewrite a skops archive with stable entry names and no time stamps."
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         schema = archive.read("schema.json").decode()
-        names = [name for name in archive.namelist() if name != "schema.json"]
-        order = sorted(names, key=lambda name: (schema.find(f'"{name}"'), name))
+        names = {name for name in archive.namelist() if name != "schema.json"}
+        first = {}  # where each entry is first named in the schema: one pass over its quoted strings
+        for match in _QUOTED.finditer(schema):
+            if match.group(1) in names:
+                first.setdefault(match.group(1), match.start())
+        order = sorted(names, key=lambda name: (first.get(name, -1), name))
         renamed = {name: f"{index}{Path(name).suffix}" for index, name in enumerate(order)}
-        for old, new in renamed.items():
-            schema = schema.replace(f'"{old}"', f'"{new}"')
+        schema = _QUOTED.sub(lambda m: f'"{renamed[m.group(1)]}"' if m.group(1) in renamed else m.group(0), schema)
         ids = {}  # object ids mark shared objects; number them in order of appearance
         schema = re.sub(r'"__id__": (\d+)', lambda m: f'"__id__": {ids.setdefault(m.group(1), len(ids))}', schema)
         entries = [("schema.json", schema.encode())] + [(renamed[name], archive.read(name)) for name in order]

@@ -1,5 +1,6 @@
 "A run that fails says so in one line, keeps what it did, and resumes once the cause is fixed."
 import json
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -115,3 +116,32 @@ def test_a_failing_cell_is_named_with_its_error(tmp_path):
     notebook = _notebook(tmp_path / "fail.ipynb", "raise ValueError('the reason')")
     error = execute_stage(notebook, tmp_path / "out.ipynb", {}, tmp_path, timeout=60)
     assert error == "cell 2: ValueError: the reason"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_kernels_boot_ahead_and_none_is_left_running(tmp_path):
+    from lifecycle.pipeline import Kernels, execute_stage
+    kernels = Kernels(tmp_path)
+    kernels.prepare()  # boots while the runner checks the cache
+    booted = kernels._spare
+    kernel = kernels.take()
+    assert kernel is booted and kernel.manager.has_kernel
+    kernel_pid = kernel.manager.provisioner.pid
+    kernels.prepare()  # the next stage's kernel boots while this one runs
+    spare = kernels._spare
+    spare_pid = spare.manager.provisioner.pid
+    notebook = _notebook(tmp_path / "pid.ipynb", "import os\nprint(os.getpid())")
+    assert execute_stage(notebook, tmp_path / "out.ipynb", {}, tmp_path, timeout=60, kernel=kernel) is None
+    ran_in = int(nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"])
+    assert ran_in == kernel_pid  # the stage ran on the kernel that booted ahead
+    assert not _alive(kernel_pid) and not Path(kernel._sockets).exists()  # stopped with its stage
+    assert _alive(spare_pid)
+    kernels.close()  # no stage came for the spare
+    assert not _alive(spare_pid) and not Path(spare._sockets).exists()
