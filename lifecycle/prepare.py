@@ -17,12 +17,12 @@ import pandas as pd
 import pandera.pandas as pa
 
 from .collect import LINEAGE
-from .core import LifecycleError, Settings, frame_sha256, read_json, write_json, write_text
+from .core import LifecycleError, Settings, column_hashes, frame_sha256, read_json, write_json, write_text
 
 # %% auto #0
 __all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
            'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema', 'pandera_schema',
-           'rule_breaks', 'validate', 'first_reason', 'row_hashes', 'duplicate_of', 'duplicate_trace',
+           'rule_breaks', 'validate', 'first_reason', 'row_hashes', 'duplicate_of', 'take_rows', 'duplicate_trace',
            'quarantine_gate', 'assign_splits', 'profile_columns', 'profile_report', 'prepare']
 
 # %% ../nbs/02_prepare.ipynb #5583229c
@@ -338,14 +338,11 @@ def row_hashes(
     df: pd.DataFrame,  # rows
     columns: list[str],  # the columns to hash
 ) -> np.ndarray:  # one 64-bit hash a row
-    """Hash each row's values in `columns`, column by column (no copy of the frame). The columns are
-    hashed on threads: the hashing is numpy, which lets go of the interpreter (0.14 s → 0.06 s on a
-    million rows and two cores)."""
+    """Hash each row's values in `columns`, column by column (no copy of the frame), the columns on
+    threads (0.14 s → 0.06 s on a million rows and two cores)."""
     combined = np.full(len(df), 0x345678, dtype=np.uint64)
-    hash_column = lambda column: pd.util.hash_pandas_object(df[column], index=False).to_numpy()
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for hashed in pool.map(hash_column, columns):  # in column order: the same hash whatever the threads
-            combined = (combined ^ hashed) * np.uint64(1000003)
+    for hashed in column_hashes(df, columns):  # in column order: the same hash whatever the threads
+        combined = (combined ^ hashed) * np.uint64(1000003)
     return combined
 
 def duplicate_of(
@@ -377,6 +374,21 @@ def duplicate_of(
         same &= (left == right) | (pd.isna(left) & pd.isna(right))
     kept[candidates[same]] = first_of_hash[same]
     return kept
+
+def take_rows(
+    df: pd.DataFrame,  # rows
+    mask: np.ndarray,  # which rows to take (boolean)
+) -> pd.DataFrame:  # `df[mask]`: the same columns, dtypes and index labels
+    """`df[mask]`, column by column on threads: taking from numpy and categorical arrays lets go of the
+    interpreter, so the columns of a wide frame are copied side by side (0.07 s → 0.05 s for 800k of a
+    million rows on two cores). Each column stays a block of its own: nothing is consolidated (copied again)."""
+    if not df.columns.is_unique:
+        return df[mask]
+    positions = np.flatnonzero(mask)
+    take = lambda column: df[column].array.take(positions)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(take, df.columns))
+    return pd.DataFrame(dict(zip(df.columns, arrays)), index=df.index[positions], copy=False)
 
 def duplicate_trace(
     df: pd.DataFrame,  # rows
@@ -547,7 +559,7 @@ def prepare(
     reasons = first_reason(target_reasons, wrong_type, validate(data, schema))
     passed = (reasons == "").to_numpy()
     kept = duplicate_of(data, features + ["_label"], among=passed)
-    quarantined = data[~passed].assign(_reason=reasons[~passed])
-    clean, duplicates = data[passed & (kept < 0)], duplicate_trace(data, kept)
+    quarantined = take_rows(data, ~passed).assign(_reason=reasons[~passed])
+    clean, duplicates = take_rows(data, passed & (kept < 0)), duplicate_trace(data, kept)
     return {"clean": clean, "quarantined": quarantined, "duplicates": duplicates, "schema": schema,
             "standardization": report, "reasons": quarantined["_reason"]}
