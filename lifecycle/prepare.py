@@ -225,8 +225,8 @@ def infer_schema(
         else:
             values = df[column]
             if values.dtype == np.float64:  # numpy selects the usable, present numbers at a fraction of pandas' cost
-                array = values.to_numpy()[usable]
-                values = pd.Series(array[~np.isnan(array)], copy=False)
+                array = values.to_numpy()
+                values = pd.Series(array[usable & ~np.isnan(array)], copy=False)  # one selection, one copy
             else:
                 values = values[usable]
             columns[column] = infer_column(values, numeric[column], max_category_levels, margin, ranges.get(column))
