@@ -180,9 +180,11 @@ def infer_column(
     declared: tuple[float, float] | None = None,  # a range declared in settings
 ) -> dict:  # the column's schema entry
     "Infer one column's schema entry from its values."
-    present = values.dropna()
     if numeric:
-        array = present.to_numpy(dtype="float64")
+        array = values.to_numpy() if values.dtype == np.float64 else values.to_numpy(dtype="float64", na_value=np.nan)
+        missing = np.isnan(array)
+        if missing.any():  # a column without gaps is used as it is, not copied
+            array = array[~missing]
         distinct = pd.unique(array[:10_000])  # a sample rules most columns out fast
         if len(distinct) <= max_category_levels:
             distinct = pd.unique(array)
@@ -192,13 +194,14 @@ def infer_column(
             return {"kind": "category", "type": "number", "categories": sorted(float(v) for v in distinct)}
         if declared is not None:
             return {"kind": "numeric", "min": declared[0], "max": declared[1], "declared": True}
-        if not len(present):
+        if not len(array):
             return {"kind": "numeric", "min": None, "max": None, "declared": False}
         low, high = float(array.min()), float(array.max())
         span = max(high - low, abs(high), 1.0) * margin
         floor = 0.0 if low >= 0 else low - span
         return {"kind": "numeric", "min": max(floor, low - span), "max": high + span, "declared": False,
                 "observed": [low, high]}
+    present = values.dropna()
     distinct = present.nunique()
     if distinct <= max(50, max_category_levels) or distinct <= 0.05 * len(present):
         return {"kind": "category", "type": "text", "categories": sorted(str(v) for v in present.unique())}
@@ -214,22 +217,23 @@ def infer_schema(
     margin: float,  # inferred ranges widen by this share of the span on each side
     usable: np.ndarray | None = None,  # the rows to learn from (a boolean mask); default: all
 ) -> dict:  # the schema: one entry per column
-    "Infer the schema of a data version."
+    """Infer the schema of a data version. The columns are inferred side by side on threads: selecting
+    rows and finding distinct values are numpy and pandas hash tables, which let go of the interpreter."""
     usable = np.ones(len(df), dtype=bool) if usable is None else usable
-    columns = {}
-    for column in numeric:
+    def infer(column: str) -> dict:
         if column == settings.id:
-            columns[column] = {"kind": "id"}
-        elif column == settings.timestamp:
-            columns[column] = {"kind": "timestamp"}
+            return {"kind": "id"}
+        if column == settings.timestamp:
+            return {"kind": "timestamp"}
+        values = df[column]
+        if values.dtype == np.float64:  # numpy selects the usable, present numbers at a fraction of pandas' cost
+            array = values.to_numpy()
+            values = pd.Series(array[usable & ~np.isnan(array)], copy=False)  # one selection, one copy
         else:
-            values = df[column]
-            if values.dtype == np.float64:  # numpy selects the usable, present numbers at a fraction of pandas' cost
-                array = values.to_numpy()
-                values = pd.Series(array[usable & ~np.isnan(array)], copy=False)  # one selection, one copy
-            else:
-                values = values[usable]
-            columns[column] = infer_column(values, numeric[column], max_category_levels, margin, ranges.get(column))
+            values = values[usable]
+        return infer_column(values, numeric[column], max_category_levels, margin, ranges.get(column))
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        columns = dict(zip(numeric, pool.map(infer, numeric)))  # in column order, whatever the threads
     return {"target": settings.target, "columns": columns}
 
 # %% ../nbs/02_prepare.ipynb #798e10ad
@@ -316,15 +320,14 @@ def validate(
     million rows pandera takes 0.25 s, a tenth of the prepare stage, where this takes 0.04 s."""
     reasons = np.full(len(df), "", dtype=object)
     open_rows = np.ones(len(df), dtype=bool)  # rows without a reason yet: the first reason wins
-    for name, spec in schema["columns"].items():
-        if name not in df.columns:
-            continue
-        broken = rule_breaks(df[name], spec)
-        if broken is None:
-            continue
-        rule, bad = broken
-        reasons[bad & open_rows] = f"{rule}:{name}"
-        open_rows &= ~bad
+    checked = [name for name in schema["columns"] if name in df.columns]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the columns side by side
+        for name, broken in zip(checked, pool.map(lambda name: rule_breaks(df[name], schema["columns"][name]), checked)):
+            if broken is None:
+                continue
+            rule, bad = broken
+            reasons[bad & open_rows] = f"{rule}:{name}"
+            open_rows &= ~bad
     return pd.Series(reasons, index=df.index)
 
 
@@ -345,7 +348,8 @@ def row_hashes(
     threads (0.14 s → 0.06 s on a million rows and two cores)."""
     combined = np.full(len(df), 0x345678, dtype=np.uint64)
     for hashed in column_hashes(df, columns):  # in column order: the same hash whatever the threads
-        combined = (combined ^ hashed) * np.uint64(1000003)
+        combined ^= hashed  # in place: no fresh array (and fresh pages) a column
+        combined *= np.uint64(1000003)
     return combined
 
 def duplicate_of(
