@@ -111,7 +111,10 @@ def standardize(
         is_text = original.dtype == object or pd.api.types.is_string_dtype(original)
         text = clean_text(original, na_values, recode.get(column, {}))
         parsed = parse_numbers(text) if numeric is None or column in numeric else None  # text columns of a known schema need no parse
-        is_numeric = _is_numeric(text, parsed) if numeric is None else column in numeric
+        if numeric is not None:
+            is_numeric = column in numeric
+        else:  # a column of numbers is numeric; text is when nearly all of it parses
+            is_numeric = (pd.api.types.is_numeric_dtype(original) and not pd.api.types.is_bool_dtype(original)) or _is_numeric(text, parsed)
         row = {"column": column, "numeric": is_numeric, "recoded": 0, "made_missing": 0, "wrong_type": 0, "human_numbers": 0}
         if recode.get(column) and is_text:
             row["recoded"] = int(original.astype("string").str.strip().str.casefold().isin(recode[column]).sum())
@@ -172,6 +175,28 @@ def label_target(
     return pd.Series(label, index=target.index), pd.Series(reasons, index=target.index)
 
 # %% ../nbs/02_prepare.ipynb #a3f8e2ab
+def _infer_numbers(
+    array: np.ndarray,  # the column's numbers (float64)
+    present: np.ndarray,  # which of them to learn from: usable rows, not missing
+    max_category_levels: int,  # integer columns with at most this many distinct values are categories
+    margin: float,  # inferred ranges widen by this share of the observed span on each side
+    declared: tuple[float, float] | None,  # a range declared in settings
+) -> dict:  # the column's schema entry
+    "A numeric column's schema entry, from masks over its array: no copy of a column that is not a category."
+    if declared is not None:  # declared ranges in settings always win
+        return {"kind": "numeric", "min": declared[0], "max": declared[1], "declared": True}
+    if not present.any():
+        return {"kind": "numeric", "min": None, "max": None, "declared": False}
+    distinct = pd.unique(array[:10_000][present[:10_000]])  # the first rows rule most columns out fast
+    if len(distinct) <= max_category_levels:
+        distinct = pd.unique(array[present])
+    if len(distinct) <= max_category_levels and bool((distinct == np.round(distinct)).all()):  # the distinct values tell
+        return {"kind": "category", "type": "number", "categories": sorted(float(v) for v in distinct)}
+    low, high = float(np.min(array, where=present, initial=np.inf)), float(np.max(array, where=present, initial=-np.inf))
+    span = max(high - low, abs(high), 1.0) * margin
+    floor = 0.0 if low >= 0 else low - span
+    return {"kind": "numeric", "min": max(floor, low - span), "max": high + span, "declared": False, "observed": [low, high]}
+
 def infer_column(
     values: pd.Series,  # a standardized column
     numeric: bool,  # whether it holds numbers
@@ -182,25 +207,7 @@ def infer_column(
     "Infer one column's schema entry from its values."
     if numeric:
         array = values.to_numpy() if values.dtype == np.float64 else values.to_numpy(dtype="float64", na_value=np.nan)
-        missing = np.isnan(array)
-        if missing.any():  # a column without gaps is used as it is, not copied
-            array = array[~missing]
-        distinct = pd.unique(array[:10_000])  # a sample rules most columns out fast
-        if len(distinct) <= max_category_levels:
-            distinct = pd.unique(array)
-        few = len(distinct) <= max_category_levels
-        integer_codes = bool(len(array)) and few and bool((distinct == np.round(distinct)).all())  # the distinct values tell
-        if integer_codes and declared is None:
-            return {"kind": "category", "type": "number", "categories": sorted(float(v) for v in distinct)}
-        if declared is not None:
-            return {"kind": "numeric", "min": declared[0], "max": declared[1], "declared": True}
-        if not len(array):
-            return {"kind": "numeric", "min": None, "max": None, "declared": False}
-        low, high = float(array.min()), float(array.max())
-        span = max(high - low, abs(high), 1.0) * margin
-        floor = 0.0 if low >= 0 else low - span
-        return {"kind": "numeric", "min": max(floor, low - span), "max": high + span, "declared": False,
-                "observed": [low, high]}
+        return _infer_numbers(array, ~np.isnan(array), max_category_levels, margin, declared)
     present = values.dropna()
     distinct = present.nunique()
     if distinct <= max(50, max_category_levels) or distinct <= 0.05 * len(present):
@@ -226,12 +233,10 @@ def infer_schema(
         if column == settings.timestamp:
             return {"kind": "timestamp"}
         values = df[column]
-        if values.dtype == np.float64:  # numpy selects the usable, present numbers at a fraction of pandas' cost
+        if values.dtype == np.float64 and numeric[column]:  # masks over the numbers: no copy of the column
             array = values.to_numpy()
-            values = pd.Series(array[usable & ~np.isnan(array)], copy=False)  # one selection, one copy
-        else:
-            values = values[usable]
-        return infer_column(values, numeric[column], max_category_levels, margin, ranges.get(column))
+            return _infer_numbers(array, usable & ~np.isnan(array), max_category_levels, margin, ranges.get(column))
+        return infer_column(values[usable], numeric[column], max_category_levels, margin, ranges.get(column))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         columns = dict(zip(numeric, pool.map(infer, numeric)))  # in column order, whatever the threads
     return {"target": settings.target, "columns": columns}
