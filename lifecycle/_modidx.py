@@ -87,8 +87,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'lifecycle.collect._parse_clean_file': ('collect.html#_parse_clean_file', 'lifecycle/collect.py'),
                                    'lifecycle.collect._parse_lines': ('collect.html#_parse_lines', 'lifecycle/collect.py'),
                                    'lifecycle.collect._per_line': ('collect.html#_per_line', 'lifecycle/collect.py'),
-                                   'lifecycle.collect._read_source': ('collect.html#_read_source', 'lifecycle/collect.py'),
-                                   'lifecycle.collect._read_text_table': ('collect.html#_read_text_table', 'lifecycle/collect.py'),
                                    'lifecycle.collect._relative': ('collect.html#_relative', 'lifecycle/collect.py'),
                                    'lifecycle.collect._slow_line_checks': ('collect.html#_slow_line_checks', 'lifecycle/collect.py'),
                                    'lifecycle.collect._split_fields': ('collect.html#_split_fields', 'lifecycle/collect.py'),

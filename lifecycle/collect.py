@@ -130,10 +130,8 @@ def _arrow_options(names: list[str], delimiter: str, na_values: list[str], skip_
                                                       timestamp_parsers=[]),
     }
 
-def _to_pandas(table: pyarrow.Table, keep: bool = False) -> pd.DataFrame:
-    "Convert column by column, freeing Arrow's memory as it goes (unless the table is kept), and give it back to the system."
-    if keep:
-        return table.to_pandas(split_blocks=True)
+def _to_pandas(table: pyarrow.Table) -> pd.DataFrame:
+    "Convert column by column, freeing Arrow's memory as it goes, and give it back to the system."
     frame = table.to_pandas(split_blocks=True, self_destruct=True)
     del table
     pyarrow.default_memory_pool().release_unused()  # with the system allocator: trims the C heap
@@ -155,7 +153,7 @@ def _parse_lines(data: bytes, names: list[str], delimiter: str, na_values: list[
                        sep=r"\s+" if delimiter == " " else delimiter, na_values=na_values, skipinitialspace=True)
 
 def _parse_clean_file(raw: bytes, names: list[str], delimiter: str, na_values: list[str], skip_rows: int,
-                      expected_rows: int) -> pyarrow.Table | None:
+                      expected_rows: int) -> pd.DataFrame | None:
     "The fast path: parse the whole file at once; None when any line is malformed (then each line is judged)."
     invalid = []
     def on_invalid(row):
@@ -167,7 +165,7 @@ def _parse_clean_file(raw: bytes, names: list[str], delimiter: str, na_values: l
         return None
     if invalid or table.num_rows != expected_rows:
         return None
-    return table
+    return _to_pandas(table)
 
 def _is_header(fields: list[str], columns: list[str]) -> bool:
     "A first line is a header when it names the columns (or, without `columns`, always)."
@@ -214,11 +212,6 @@ def read_text_table(
     encoding: str = "utf-8",  # the file's text encoding
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:  # (rows with a `_line` column, malformed lines, blank lines)
     "Read a delimited text file into rows, setting aside lines that cannot be parsed."
-    return _read_text_table(path, columns, na_values, encoding)[:3]
-
-def _read_text_table(path: Path, columns: list[str], na_values: list[str], encoding: str = "utf-8",
-                     keep_arrow: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, int, pyarrow.Table | None]:
-    "`read_text_table`, and with `keep_arrow` the rows as pyarrow parsed them, when the whole file took the fast path."
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
         raise LifecycleError(f"{path} is a binary file, not delimited text; point the source at a text, Parquet or JSON lines file")
@@ -252,11 +245,10 @@ def _read_text_table(path: Path, columns: list[str], na_values: list[str], encod
     decodes = _decodes(raw, encoding)
     if decodes and _arrow_ready(delimiter, encoding) and not (reasons != "").any():
         skip = int(first_line[0]) + 1 if header else 0
-        table = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
-        if table is not None:
-            frame = _to_pandas(table, keep=keep_arrow)
+        frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
+        if frame is not None:
             frame["_line"] = np.flatnonzero(rows) + 1
-            return frame, _no_malformed(), int(blank.sum()), table if keep_arrow else None
+            return frame, _no_malformed(), int(blank.sum())
     counts = field_counts(data, starts, delimiter)
     if b'"' in raw or not decodes:
         candidates = np.flatnonzero(rows & (reasons == ""))
@@ -278,7 +270,7 @@ def _read_text_table(path: Path, columns: list[str], na_values: list[str], encod
     else:
         frame = pd.DataFrame({name: pd.Series(dtype="object") for name in names})
     frame["_line"] = np.flatnonzero(good) + 1
-    return frame, malformed, int(blank.sum()), None
+    return frame, malformed, int(blank.sum())
 
 # %% ../nbs/01_collect.ipynb #d8cc5109
 def read_json_lines(
@@ -377,13 +369,6 @@ def read_source(
     encoding: str = "utf-8",  # text encoding of text and JSON lines files
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:  # (rows, malformed lines, the source's manifest entry)
     "Read one source into rows with lineage, its malformed lines, and a manifest entry."
-    return _read_source(source, settings, encoding)[:3]
-
-def _read_source(source: Source, settings: Settings, encoding: str = "utf-8",
-                 keep_arrow: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict, pyarrow.Table | None]:
-    """`read_source`, and with `keep_arrow` the same rows with lineage as a pyarrow table, when pyarrow parsed
-    the whole file and its columns are the snapshot's, in order (else None)."""
-    table = None
     kind = source_format(source)
     path = Path(source.location)
     if kind != "sql" and not path.is_file():
@@ -398,7 +383,7 @@ def _read_source(source: Source, settings: Settings, encoding: str = "utf-8",
         elif kind == "jsonl":
             frame, malformed, blank = read_json_lines(path, encoding)
         else:
-            frame, malformed, blank, table = _read_text_table(path, settings.columns, settings.na_values, encoding, keep_arrow)
+            frame, malformed, blank = read_text_table(path, settings.columns, settings.na_values, encoding)
     except LifecycleError as error:
         message = str(error)
         raise LifecycleError(message if message.startswith("source '") else f"source '{source.name}': {message}") from None
@@ -419,15 +404,7 @@ def _read_source(source: Source, settings: Settings, encoding: str = "utf-8",
     }
     malformed.insert(0, "_file", shown)
     malformed.insert(0, "_source", source.name)
-    if table is not None and [str(name).strip() for name in table.column_names] == expected:
-        zeros = pyarrow.array(np.zeros(len(frame), dtype=np.int8))
-        table = (table.rename_columns(expected)
-                 .append_column("_source", pyarrow.DictionaryArray.from_arrays(zeros, pyarrow.array([source.name])))
-                 .append_column("_file", pyarrow.DictionaryArray.from_arrays(zeros, pyarrow.array([shown])))
-                 .append_column("_line", pyarrow.array(np.asarray(lines, dtype="int64"))))
-    else:
-        table = None
-    return with_lineage(frame, source.name, shown, lines), malformed, entry, table
+    return with_lineage(frame, source.name, shown, lines), malformed, entry
 
 def _relative(path: Path, root: Path) -> str:
     try:
@@ -452,15 +429,12 @@ def collect(
     """Read every source into one snapshot with lineage, plus its malformed lines and manifest.
 
     With `out`, the snapshot and the malformed lines are written while the snapshot's version is computed:
-    pyarrow encodes the files on one core while the hashing uses the others. A snapshot of one text source
-    that pyarrow parsed whole is written from pyarrow's own table, cast to the types and with the metadata
-    pandas would write, so the file starts before the rows are converted to pandas and reads back the same."""
+    pyarrow encodes the files on one core while the hashing uses the others."""
     if not settings.sources:
         raise LifecycleError(f"{settings.path.name}: [data] sources names no source")
     frames, malformed, entries = [], [], []
-    keep_arrow = out is not None and len(settings.sources) == 1
     for source in settings.sources:
-        frame, bad, entry, table = _read_source(source, settings, encoding, keep_arrow)
+        frame, bad, entry = read_source(source, settings, encoding)
         frames.append(frame)
         malformed.append(bad)
         entries.append(entry)
@@ -470,19 +444,11 @@ def collect(
     for column in snapshot.columns:
         snapshot[column] = _text_if_mixed(snapshot[column])
     malformed = pd.concat(malformed, ignore_index=True)
-    rows = snapshot
-    if keep_arrow and table is not None:
-        try:  # the types and metadata pandas would write: the file reads back as the snapshot
-            rows = table.cast(pyarrow.Schema.from_pandas(snapshot, preserve_index=False))
-        except (pyarrow.ArrowException, ValueError):
-            rows = snapshot
-        del table
     with ThreadPoolExecutor(max_workers=1) as writer:
-        written = writer.submit(write_parquet_files, {out / "snapshot.parquet": rows, out / "malformed.parquet": malformed}) if out else None
+        written = writer.submit(write_parquet_files, {out / "snapshot.parquet": snapshot, out / "malformed.parquet": malformed}) if out else None
         version = frame_sha256(snapshot)[:16]
         if written:
             written.result()
-    del rows
     manifest = {
         "version": version,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
