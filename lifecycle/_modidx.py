@@ -292,6 +292,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'lifecycle.predlog.write_blocks': ('predlog.html#write_blocks', 'lifecycle/predlog.py')},
             'lifecycle.prepare': { 'lifecycle.prepare._among_codes': ('prepare.html#_among_codes', 'lifecycle/prepare.py'),
                                    'lifecycle.prepare._feature_columns': ('prepare.html#_feature_columns', 'lifecycle/prepare.py'),
+                                   'lifecycle.prepare._hash_ready': ('prepare.html#_hash_ready', 'lifecycle/prepare.py'),
                                    'lifecycle.prepare._infer_numbers': ('prepare.html#_infer_numbers', 'lifecycle/prepare.py'),
                                    'lifecycle.prepare._is_code': ('prepare.html#_is_code', 'lifecycle/prepare.py'),
                                    'lifecycle.prepare._is_numeric': ('prepare.html#_is_numeric', 'lifecycle/prepare.py'),

