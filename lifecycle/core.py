@@ -313,12 +313,18 @@ def write_parquet(
 
     An integer column in increasing order (line and row numbers) is delta-encoded, not put in a dictionary:
     its values are all different, so a dictionary never pays off, while the deltas take a few bits each
-    (the line numbers of a million rows: 5 MB and 0.05 s → 11 kB and 0.01 s)."""
+    (the line numbers of a million rows: 5 MB and 0.05 s → 11 kB and 0.01 s).
+
+    Statistics (each row group's min, max and null count) are written for the columns the stages add, whose
+    names start with `_` (source, file, line, label, split, reason): with them a reader finds the row
+    group that holds a line. The data columns are read whole by every stage, and their statistics cost
+    0.1 s a million rows of the heart data."""
     schema = pa.Schema.from_pandas(df, preserve_index=False)  # types from all rows: a first chunk may hold only missing values
     increasing = {field.name for field, (_, column) in zip(schema, df.items())
                   if pa.types.is_integer(field.type) and len(column) > 1 and column.is_monotonic_increasing}
     options = {"use_dictionary": [name for name in schema.names if name not in increasing],
                "column_encoding": {name: "DELTA_BINARY_PACKED" for name in increasing}} if increasing else {}
+    options["write_statistics"] = [name for name in schema.names if name.startswith("_")]
     with atomic_path(path) as temporary:
         with pq.ParquetWriter(temporary, schema, **options) as writer:
             for start in range(0, max(len(df), 1), rows_per_group):
