@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -234,21 +235,23 @@ def read_text_table(
     rows = ~blank
     if header:
         rows[first_line[0]] = False
-    reasons = np.full(len(starts), "", dtype=object)
-    if not header and len(first_line) > 1 and _looks_like_header(first_fields, _fields(raw, starts, ends, first_line[1], delimiter, encoding)):
-        reasons[first_line[0]] = "a header line whose names are not [data] columns"
-    header_bytes = raw[starts[first_line[0]]:ends[first_line[0]]]
-    if header or reasons[first_line[0]]:
-        repeated = _lines_equal_to(raw, starts, ends, header_bytes)
+    junk_header = not header and len(first_line) > 1 and _looks_like_header(first_fields, _fields(raw, starts, ends, first_line[1], delimiter, encoding))
+    repeated = None
+    if header or junk_header:
+        repeated = _lines_equal_to(raw, starts, ends, raw[starts[first_line[0]]:ends[first_line[0]]])
         repeated[first_line[0]] = False
-        reasons[repeated] = "a repeated header line"
     decodes = _decodes(raw, encoding)
-    if decodes and _arrow_ready(delimiter, encoding) and not (reasons != "").any():
+    if decodes and _arrow_ready(delimiter, encoding) and not junk_header and not (repeated is not None and repeated.any()):
         skip = int(first_line[0]) + 1 if header else 0
         frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
         if frame is not None:
             frame["_line"] = np.flatnonzero(rows) + 1
             return frame, _no_malformed(), int(blank.sum())
+    reasons = np.full(len(starts), "", dtype=object)  # the slow path: each line judged, with a reason
+    if junk_header:
+        reasons[first_line[0]] = "a header line whose names are not [data] columns"
+    if repeated is not None:
+        reasons[repeated] = "a repeated header line"
     counts = field_counts(data, starts, delimiter)
     if b'"' in raw or not decodes:
         candidates = np.flatnonzero(rows & (reasons == ""))
@@ -446,7 +449,8 @@ def collect(
     malformed = pd.concat(malformed, ignore_index=True)
     with ThreadPoolExecutor(max_workers=1) as writer:
         written = writer.submit(write_parquet_files, {out / "snapshot.parquet": snapshot, out / "malformed.parquet": malformed}) if out else None
-        version = frame_sha256(snapshot)[:16]
+        # while a core writes the files, the hashing takes the others: sharing the writer's core slows both
+        version = frame_sha256(snapshot, threads=max(1, (os.cpu_count() or 1) - 1) if written else None)[:16]
         if written:
             written.result()
     manifest = {

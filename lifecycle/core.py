@@ -242,16 +242,18 @@ def sha256_json(value) -> str:
 def column_hashes(
     df: pd.DataFrame,  # rows
     columns: list | None = None,  # the columns to hash (default: all)
+    threads: int | None = None,  # threads to hash on (default: up to 4, one a core)
 ):  # yields one array of 64-bit hashes a column, in column order
     """Each column's value hashes, as pandas' `hash_pandas_object` computes them, on threads: the hashing
     is numpy, which lets go of the interpreter, so the columns hash side by side on a machine's cores."""
     positions = range(df.shape[1]) if columns is None else [df.columns.get_loc(column) for column in columns]
     hash_one = lambda position: pd.util.hash_pandas_object(df.iloc[:, position], index=False).to_numpy()
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
         yield from pool.map(hash_one, positions)
 
 def frame_sha256(
     df: pd.DataFrame,  # the data to version
+    threads: int | None = None,  # threads to hash on (default: up to 4, one a core)
 ) -> str:  # hex digest of values, column names and dtypes
     """Content hash of a DataFrame (row order matters, the index does not).
 
@@ -261,7 +263,7 @@ def frame_sha256(
     digest.update(json.dumps([[str(c), str(t)] for c, t in df.dtypes.items()]).encode())
     combined = np.full(len(df), 0x345678, dtype=np.uint64)
     multiplier = np.uint64(1000003)
-    for index, hashed in enumerate(column_hashes(df)):  # pandas' combine_hash_arrays, in column order
+    for index, hashed in enumerate(column_hashes(df, threads=threads)):  # pandas' combine_hash_arrays, in column order
         combined ^= hashed
         combined *= multiplier
         multiplier += np.uint64(82520 + 2 * (df.shape[1] - index))
