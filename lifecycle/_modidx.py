@@ -137,6 +137,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'lifecycle.core.sha256_json': ('core.html#sha256_json', 'lifecycle/core.py'),
                                 'lifecycle.core.split_list': ('core.html#split_list', 'lifecycle/core.py'),
                                 'lifecycle.core.stage_context': ('core.html#stage_context', 'lifecycle/core.py'),
+                                'lifecycle.core.thread_pool': ('core.html#thread_pool', 'lifecycle/core.py'),
                                 'lifecycle.core.write_json': ('core.html#write_json', 'lifecycle/core.py'),
                                 'lifecycle.core.write_parquet': ('core.html#write_parquet', 'lifecycle/core.py'),
                                 'lifecycle.core.write_parquet_files': ('core.html#write_parquet_files', 'lifecycle/core.py'),

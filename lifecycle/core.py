@@ -32,8 +32,9 @@ pa.set_memory_pool(pa.system_memory_pool())
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_settings', 'split_list', 'parse_mapping',
            'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file',
-           'sha256_json', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json',
-           'write_parquet', 'write_parquet_files', 'import_without', 'StageContext', 'record_inputs', 'stage_context']
+           'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json',
+           'read_json', 'write_parquet', 'write_parquet_files', 'import_without', 'StageContext', 'record_inputs',
+           'stage_context']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -239,6 +240,12 @@ def sha256_json(value) -> str:
     "SHA-256 of a JSON-serializable value, independent of key order."
     return sha256_bytes(json.dumps(value, sort_keys=True, default=str).encode())
 
+def thread_pool(
+    threads: int | None = None,  # threads (default: up to 4, one a core)
+) -> ThreadPoolExecutor:
+    "A pool for work on columns that lets go of the interpreter (numpy, pandas' hash tables, pyarrow)."
+    return ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1))
+
 def column_hashes(
     df: pd.DataFrame,  # rows
     columns: list | None = None,  # the columns to hash (default: all)
@@ -248,7 +255,7 @@ def column_hashes(
     is numpy, which lets go of the interpreter, so the columns hash side by side on a machine's cores."""
     positions = range(df.shape[1]) if columns is None else [df.columns.get_loc(column) for column in columns]
     hash_one = lambda position: pd.util.hash_pandas_object(df.iloc[:, position], index=False).to_numpy()
-    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
+    with thread_pool(threads) as pool:
         yield from pool.map(hash_one, positions)
 
 def frame_sha256(

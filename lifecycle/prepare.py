@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import getpass
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from .collect import LINEAGE
-from .core import LifecycleError, Settings, frame_sha256, read_json, write_json, write_text
+from .core import LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
 
 # %% auto #0
 __all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
@@ -176,14 +174,14 @@ def label_target(
     is_positive = np.append(np.isin(keys, list(positive_keys)), False)  # the extra last entry is for code -1: missing
     is_unknown = np.append(~np.isin(keys, list(positive_keys | negative_keys)) if negative_keys else np.zeros(len(keys), bool), False)
     label = is_positive[codes].astype("float64")
-    reasons = np.zeros(len(target), dtype=np.int16)  # codes of ["", "target_unknown", "target_missing"]
+    reasons, labels = np.zeros(len(target), dtype=np.int16), [""]
     unknown = is_unknown[codes]
-    reasons[unknown] = 1
+    reasons[unknown] = _code(labels, "target_unknown")
     label[unknown] = np.nan
     missing = codes == -1
-    reasons[missing] = 2
+    reasons[missing] = _code(labels, "target_missing")
     label[missing] = np.nan
-    return pd.Series(label, index=target.index), _reason_series(reasons, ["", "target_unknown", "target_missing"], target.index)
+    return pd.Series(label, index=target.index), _reason_series(reasons, labels, target.index)
 
 # %% ../nbs/02_prepare.ipynb #a3f8e2ab
 def _infer_numbers(
@@ -248,7 +246,7 @@ def infer_schema(
             array = values.to_numpy()
             return _infer_numbers(array, usable & ~np.isnan(array), max_category_levels, margin, ranges.get(column))
         return infer_column(values[usable], numeric[column], max_category_levels, margin, ranges.get(column))
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with thread_pool() as pool:
         columns = dict(zip(numeric, pool.map(infer, numeric)))  # in column order, whatever the threads
     return {"target": settings.target, "columns": columns}
 
@@ -337,7 +335,7 @@ def validate(
     reasons, labels = np.zeros(len(df), dtype=np.int16), [""]
     open_rows = np.ones(len(df), dtype=bool)  # rows without a reason yet: the first reason wins
     checked = [name for name in schema["columns"] if name in df.columns]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the columns side by side
+    with thread_pool() as pool:  # the columns side by side
         for name, broken in zip(checked, pool.map(lambda name: rule_breaks(df[name], schema["columns"][name]), checked)):
             if broken is None:
                 continue
@@ -393,7 +391,7 @@ def row_hashes(
             hashed *= _MIX
             hashed ^= hashed >> _SHIFT
         combined[start:stop] = hashed
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with thread_pool() as pool:
         list(pool.map(block, range(0, len(df), _BLOCK)))
     return combined
 
@@ -438,7 +436,7 @@ def take_rows(
         return df[mask]
     positions = np.flatnonzero(mask)
     take = lambda column: df[column].array.take(positions)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with thread_pool() as pool:
         arrays = list(pool.map(take, df.columns))
     return pd.DataFrame(dict(zip(df.columns, arrays)), index=df.index[positions], copy=False)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from .core import LifecycleError, import_without, read_json, sha256_bytes, sha256_file, write_json, write_text
 
 # skops lists scikit-learn's estimators at import by walking every scikit-learn package, which imports Dask
-# (through the Array API shim) and pytest (through the test helpers): 0.25 s of each train stage, for modules
+# (through the Array API shim) and pytest (through the test helpers): 0.3 s of each train stage, for modules
 # no model here uses. The list it builds is the same without them.
 import_without("skops.io", ("sklearn.externals.array_api_compat.dask", "pytest"))
 import skops.io  # noqa: E402
