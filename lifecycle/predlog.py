@@ -559,6 +559,32 @@ def _weight(item: tuple) -> int:
     "How many predictions or labels a queued item holds."
     return item[1].rows if item[0] == "b" else 1
 
+class _Wake:
+    """`threading.Event` on a reentrant lock. `close()` may run in a SIGTERM handler that interrupted `set()` on
+    the same thread, inside the Event's own lock: a plain Event then waits for itself forever."""
+
+    def __init__(self):
+        self._condition = threading.Condition(threading.RLock())
+        self._flag = False
+
+    def set(self) -> None:
+        with self._condition:
+            self._flag = True
+            self._condition.notify_all()  # safe to re-enter: a waiter released twice is skipped (gh-92530)
+
+    def clear(self) -> None:
+        with self._condition:
+            self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._condition:
+            if not self._flag:
+                self._condition.wait(timeout)
+            return self._flag
+
 class PredictionLog:
     "Every prediction served and every label that arrives later, written by a background thread in batches."
 
@@ -579,7 +605,7 @@ class PredictionLog:
         self._batch_weight = 0  # predictions and labels in `_batch`
         self._lock = threading.RLock()  # reentrant: close() may run in a signal handler that interrupted record()
         self._committed_changed = threading.Condition(self._lock)
-        self._wake = threading.Event()
+        self._wake = _Wake()  # set by record() and by close(), which a signal handler may call in the middle of record()
         self._stop = threading.Event()
         self._queued = 0  # predictions and labels queued (a block counts its rows)
         self._committed = 0  # of those, the ones the writer is done with: committed, or (rarely) refused by the database
