@@ -5,6 +5,7 @@
 # %% ../nbs/10_pipeline.ipynb #c8a62a24
 from __future__ import annotations
 
+import difflib
 import functools
 import html
 import importlib
@@ -27,10 +28,11 @@ from .core import (LifecycleError, Settings, coerce_value, import_without, load_
                             sha256_file, sha256_json, write_json, write_text)
 
 # %% auto #0
-__all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'check_sections',
-           'parse_overrides', 'stage_parameters', 'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash',
-           'find_cached', 'run_section_start', 'run_cells', 'Kernel', 'Kernels', 'execute_stage', 'export_html',
-           'report_cells', 'write_index', 'plan_stages', 'run_stage', 'run_lifecycle']
+__all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
+           'parameter_choices', 'check_sections', 'parse_overrides', 'stage_parameters', 'package_code_hash',
+           'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached', 'run_section_start', 'run_cells', 'Kernel',
+           'Kernels', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages', 'run_stage',
+           'run_lifecycle']
 
 # %% ../nbs/10_pipeline.ipynb #42079474
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
@@ -97,12 +99,29 @@ def discover_stages(
     return stages
 
 # %% ../nbs/10_pipeline.ipynb #ce3d27d4
+def did_you_mean(
+    name: str,  # what the user wrote
+    known: list[str],  # the names that exist
+) -> str:  # "; did you mean 'x'?" or "" when nothing is close
+    "A hint for a misspelled name: the closest known one, if any is close."
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+_CHOICES = re.compile(r"\bone of ([\w.-]+(?:, [\w.-]+)+)")
+
+def parameter_choices(
+    help: str,  # a parameter's help text from its notebook, e.g. "the model: one of a, b, c"
+) -> list[str] | None:  # the values it accepts, or None when any value of its type will do
+    "The values a text parameter accepts, as its notebook's help says them (`one of a, b, c`)."
+    match = _CHOICES.search(help or "")
+    return match.group(1).split(", ") if match else None
+
 def check_sections(settings: Settings, stages: list[Stage]):
     "Every section must be [data], [run] or a stage's."
     known = ["data", "run"] + [stage.name for stage in stages]
     for section in settings.sections:
         if section not in known:
-            raise LifecycleError(f"{settings.path.name}: unknown section [{section}]; known sections: {', '.join(known)}")
+            raise LifecycleError(f"{settings.path.name}: unknown section [{section}]{did_you_mean(section, known)}; known sections: {', '.join(known)}")
 
 def parse_overrides(
     overrides: list[str],  # `stage.key=value` items from the command line
@@ -122,15 +141,20 @@ def stage_parameters(
     settings: Settings,  # the project's settings
     overrides: dict[str, str] | None = None,  # key -> value text from the command line
 ) -> dict:  # parameter -> typed value, for papermill
-    "The parameters of one stage: its settings section and overrides, typed as its notebook declares."
-    values = {**settings.stage_section(stage.name), **(overrides or {})}
+    "The parameters of one stage: its settings section and overrides, typed and checked as its notebook declares."
+    overrides = overrides or {}
+    values = {**settings.stage_section(stage.name), **overrides}
     known = [name for name in stage.parameters if name not in CONTEXT_PARAMETERS]
     parameters = {}
     for key, text in values.items():
+        # A mistake is named where it was made: on the command line or in the settings file.
+        where = f"-p {stage.name}.{key}" if key in overrides else f"{settings.path.name}: [{stage.name}] {key}"
         if key not in known:
-            raise LifecycleError(f"unknown key '{key}' in section [{stage.name}]; known keys: {', '.join(known)}")
-        where = f"[{stage.name}] {key}"
+            raise LifecycleError(f"{where}: unknown key '{key}' of stage {stage.name}{did_you_mean(key, known)}; known keys: {', '.join(known)}")
         parameters[key] = coerce_value(text, stage.parameters[key]["inferred_type_name"], where)
+        choices = parameter_choices(stage.parameters[key].get("help", ""))
+        if choices and parameters[key] not in choices:
+            raise LifecycleError(f"{where} = {parameters[key]!r} is not one of {', '.join(choices)}{did_you_mean(parameters[key], choices)}")
     parameters["settings"] = str(settings.path)
     return parameters
 
@@ -419,7 +443,7 @@ def plan_stages(
     names = [stage.name for stage in stages]
     for name in (only or []) + ([start] if start else []):
         if name not in names:
-            raise LifecycleError(f"unknown stage '{name}'; stages: {', '.join(names)}")
+            raise LifecycleError(f"unknown stage '{name}'{did_you_mean(name, names)}; stages: {', '.join(names)}")
     selected = set(only or names)
     forced = set()
     if start:
@@ -509,7 +533,8 @@ def run_lifecycle(
     extra = parse_overrides(overrides or [])
     for name in extra:
         if name not in [stage.name for stage in stages]:
-            raise LifecycleError(f"-p {name}.…: unknown stage '{name}'")
+            names = [stage.name for stage in stages]
+            raise LifecycleError(f"-p {name}.…: unknown stage '{name}'{did_you_mean(name, names)}; stages: {', '.join(names)}")
     in_run, selected, forced = plan_stages(stages, only, start)
     parameters = {stage.name: stage_parameters(stage, settings, extra.get(stage.name)) for stage in in_run}
     root = settings.root
