@@ -404,31 +404,65 @@ def _figures(summary: dict) -> str:
     shown = [line for key, value in summary.items() if (line := _figure(key, value))]
     return "<br>".join(html.escape(item) for item in shown[:9])
 
+def _headline(summary: dict) -> str:
+    "A stage's headline in words, as the stage wrote it, and its decision when it made one."
+    parts = []
+    gate = summary.get("gate")
+    if isinstance(gate, dict):
+        verdict = "passed" if gate.get("passed") else "refused"
+        reasons = gate.get("reasons") or []
+        why = f": {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "") if reasons and not gate.get("passed") else ""
+        parts.append(f'<div class="decision {verdict}">Gate {verdict}{html.escape(why)}</div>')
+    if summary.get("headline"):
+        parts.append(f'<div class="headline">{html.escape(str(summary["headline"]))}</div>')
+    return "".join(parts)
+
+def _stage_links(stage: dict) -> list[str]:
+    "Links from a stage's row: its report, notebook, summary, extra reports, model version and W&B run."
+    links = [f'<a href="{html.escape(stage[key])}">{label}</a>' for key, label in
+             (("html", "report"), ("notebook", "notebook"), ("summary_file", "summary.json")) if stage.get(key)]
+    links += [f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in stage.get("extra_reports", {}).items()]
+    summary = stage.get("summary") or {}
+    if summary.get("model_version") is not None:
+        links.append(f'model version {html.escape(str(summary["model_version"]))} (<code>lifecycle models</code>)')
+    wandb = summary.get("wandb") if isinstance(summary.get("wandb"), dict) else {}
+    if wandb.get("url"):
+        links.append(f'<a href="{html.escape(wandb["url"])}">W&amp;B run</a>')
+    elif wandb.get("sync"):
+        links.append(f'W&amp;B run offline: <code>{html.escape(wandb["sync"])}</code>')
+    return links
+
 def write_index(
     run: dict,  # the run summary object
     path: Path,  # index.html
+    stage_names: list[str] | None = None,  # every stage of the lifecycle, so those this run did not reach are listed
 ):
-    "Write the run's index page."
+    "Write the run's index page: each stage's decision and headline in words, its figures and links."
     rows = []
+    reached = [stage["name"] for stage in run["stages"]]
     for stage in run["stages"]:
-        links = [f'<a href="{html.escape(stage[key])}">{label}</a>' for key, label in
-                 (("html", "report"), ("notebook", "notebook"), ("summary_file", "summary.json")) if stage.get(key)]
-        links += [f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in stage.get("extra_reports", {}).items()]
         error = f'<div class="error">{html.escape(stage["error"])}</div>' if stage.get("error") else ""
         cached = f' from {html.escape(stage["cached_from"])}' if stage.get("cached_from") else ""
+        summary = stage.get("summary") or {}
         rows.append(f'<tr><td>{html.escape(stage["name"])}</td>'
-                    f'<td style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{stage["status"]}{cached}</td>'
-                    f'<td>{stage["seconds"]:.1f} s</td><td>{_figures(stage.get("summary") or {})}{error}</td>'
-                    f'<td>{" · ".join(links)}</td></tr>')
+                    f'<td style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{html.escape(stage["status"])}{cached}</td>'
+                    f'<td>{stage["seconds"]:.1f} s</td><td>{_headline(summary)}{error}<div class="figures">{_figures(summary)}</div></td>'
+                    f'<td>{" · ".join(_stage_links(stage))}</td></tr>')
+    for name in [name for name in (stage_names or []) if name not in reached]:
+        why = "not reached: an earlier stage failed" if run["status"] == "failed" else "not run: outside this run's --stages"
+        rows.append(f'<tr class="not-run"><td>{html.escape(name)}</td><td>not run</td><td></td><td>{why}</td><td></td></tr>')
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lifecycle run {html.escape(run['run_id'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#1f2328}}table{{border-collapse:collapse}}
-td,th{{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical-align:top}}.error{{color:#cf222e}}</style></head>
-<body><h1>lifecycle run {html.escape(run['run_id'])}: <span style="color:{_STATUS_COLOR['ran'] if run['status'] == 'passed' else _STATUS_COLOR['failed']}">{run['status']}</span></h1>
+td,th{{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical-align:top}}.error{{color:#cf222e}}
+.decision{{font-weight:600;margin-bottom:.3em}}.decision.passed{{color:#1a7f37}}.decision.refused{{color:#cf222e}}
+.headline{{margin-bottom:.3em}}.figures{{color:#57606a;font-size:.9em}}.not-run td{{color:#8c959f}}</style></head>
+<body><h1>lifecycle run {html.escape(run['run_id'])}: <span style="color:{_STATUS_COLOR['ran'] if run['status'] == 'passed' else _STATUS_COLOR['failed']}">{html.escape(run['status'])}</span></h1>
 <p>Project {html.escape(run['settings'])} · started {html.escape(run['started'])} · {run['seconds']:.1f} s in all</p>
-<table><tr><th>stage</th><th>status</th><th>time</th><th>figures</th><th>read</th></tr>
+<table><tr><th>stage</th><th>status</th><th>time</th><th>what it found</th><th>read</th></tr>
 {''.join(rows)}</table></body></html>
 """
     write_text(path, page)
+
 
 # %% ../nbs/10_pipeline.ipynb #9ac75f67
 def _new_run_id() -> str:
@@ -578,12 +612,13 @@ def run_lifecycle(
     for entry in run["stages"]:
         entry.pop("outputs", None)
     write_json(report_dir / "run.json", run)
-    write_index(run, report_dir / "index.html")
-    _point_latest(root / "reports", run_id)
+    write_index(run, report_dir / "index.html", [stage.name for stage in stages])
+    if len(in_run) == len(stages):
+        _point_latest(root / "reports", run_id)  # a partial run (--stages) does not hide the last whole report
     return run
 
 def _point_latest(reports: Path, run_id: str):
-    "reports/latest always names the newest run."
+    "reports/latest names the newest run that covered every stage."
     link = reports / "latest"
     temporary = reports / f".latest-{secrets.token_hex(4)}"
     os.symlink(run_id, temporary)
