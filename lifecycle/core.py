@@ -9,6 +9,7 @@ import configparser
 import hashlib
 import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -31,10 +32,10 @@ pa.set_memory_pool(pa.system_memory_pool())
 
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_settings', 'split_list', 'parse_mapping',
-           'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file',
-           'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json',
-           'read_json', 'write_parquet', 'write_parquet_files', 'import_without', 'StageContext', 'record_inputs',
-           'stage_context']
+           'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings',
+           'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path',
+           'write_text', 'write_json', 'read_json', 'write_parquet', 'write_parquet_files', 'import_without',
+           'StageContext', 'record_inputs', 'stage_context']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -69,6 +70,12 @@ DATA_KEYS = {
     "sensitive": "columns Fairlearn audits by",
     "id": "the record identifier column (pseudonymized, never shown)",
     "timestamp": "the column holding each record's time",
+    "title": "the project's name in words, for reports and dashboards",
+    "names": "per column, its name in words, one `column: name` a line",
+    "units": "per column, its unit, one `column: unit` a line",
+    "labels": "per column, its values in words, one `column: code = words, code = words` a line",
+    "positive_label": "the positive class in words",
+    "negative_label": "the negative class in words",
 }
 RUN_KEYS = {
     "timeout": "seconds a cell of a stage notebook may run before the stage is stopped",
@@ -96,6 +103,37 @@ def parse_mapping(
             raise LifecycleError(f"{where}: expected `name: value` on each line, got {line.strip()!r}")
         mapping[key.strip()] = value.strip()
     return mapping
+
+def value_key(
+    value,  # a value as data holds it: 1, 1.0, "1", numpy numbers, None or NaN
+) -> str:  # its plain text: integral numbers without ".0", missing as "missing"
+    "The text by which a value is labelled: the same for 1, 1.0 and \"1\"."
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "missing"
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{float(value):g}" if float(value) != int(float(value)) or abs(float(value)) >= 1e15 else str(int(float(value)))
+    text = str(value).strip()
+    try:
+        return value_key(float(text)) if text.lower() not in ("nan", "inf", "-inf", "infinity", "-infinity") else text
+    except ValueError:
+        return text
+
+def parse_labels(
+    text: str,  # one `column: code = words, code = words` a line
+    where: str = "[data] labels",  # where the text comes from, for the error message
+) -> dict[str, dict[str, str]]:  # column -> value key -> words
+    "Parse value labels: `sex: 0 = female, 1 = male`."
+    labels = {}
+    for column, entries in parse_mapping(text, where).items():
+        labels[column] = {}
+        for entry in [entry for entry in entries.split(",") if entry.strip()]:
+            code, equals, words = entry.partition("=")
+            if not equals or not code.strip() or not words.strip():
+                raise LifecycleError(f"{where}: write the labels of '{column}' as `code = words, code = words`")
+            labels[column][value_key(code.strip())] = words.strip()
+    return labels
 
 # %% ../nbs/00_core.ipynb #91e3fd56
 _TRUE = {"1", "true", "yes", "on"}
@@ -152,6 +190,12 @@ class Settings:
     id: str = ""
     timestamp: str = ""
     timeout: int = 1800
+    title: str = ""  # the project's name in words
+    names: dict[str, str] = field(default_factory=dict)  # column -> its name in words
+    units: dict[str, str] = field(default_factory=dict)  # column -> its unit
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)  # column -> value key -> its words
+    positive_label: str = "positive"
+    negative_label: str = "negative"
 
     @property
     def root(self) -> Path:
@@ -160,6 +204,16 @@ class Settings:
 
     def stage_section(self, stage: str) -> dict[str, str]:
         return self.sections.get(stage, {})
+
+    def column_name(self, column: str, unit: bool = True) -> str:
+        "A column's name in words (with its unit), or the column itself when settings give none."
+        name = self.names.get(column, column)
+        return f"{name} ({self.units[column]})" if unit and column in self.units else name
+
+    def value_label(self, column: str, value) -> str:
+        "A value in words: its label from settings, else the value written plainly (3.0 as 3)."
+        text = value_key(value)
+        return self.labels.get(column, {}).get(text, text)
 
 # %% ../nbs/00_core.ipynb #5861362d
 def _check_keys(section: str, values: dict, known: dict, path: Path):
@@ -218,6 +272,12 @@ def load_settings(
         id=data.get("id", "").strip(),
         timestamp=data.get("timestamp", "").strip(),
         timeout=coerce_value(sections.get("run", {}).get("timeout", "1800"), "int", "[run] timeout"),
+        title=data.get("title", "").strip(),
+        names=parse_mapping(data.get("names", ""), "[data] names"),
+        units=parse_mapping(data.get("units", ""), "[data] units"),
+        labels=parse_labels(data.get("labels", "")),
+        positive_label=data.get("positive_label", "").strip() or "positive",
+        negative_label=data.get("negative_label", "").strip() or "negative",
     )
 
 # %% ../nbs/00_core.ipynb #39862372
