@@ -132,6 +132,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'lifecycle.core.find_settings': ('core.html#find_settings', 'lifecycle/core.py'),
                                 'lifecycle.core.frame_sha256': ('core.html#frame_sha256', 'lifecycle/core.py'),
                                 'lifecycle.core.import_without': ('core.html#import_without', 'lifecycle/core.py'),
+                                'lifecycle.core.latest_run': ('core.html#latest_run', 'lifecycle/core.py'),
                                 'lifecycle.core.load_settings': ('core.html#load_settings', 'lifecycle/core.py'),
                                 'lifecycle.core.parse_labels': ('core.html#parse_labels', 'lifecycle/core.py'),
                                 'lifecycle.core.parse_mapping': ('core.html#parse_mapping', 'lifecycle/core.py'),

@@ -35,7 +35,7 @@ __all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_set
            'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings',
            'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path',
            'write_text', 'write_json', 'read_json', 'write_parquet', 'write_parquet_files', 'import_without',
-           'StageContext', 'record_inputs', 'stage_context']
+           'StageContext', 'record_inputs', 'stage_context', 'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -434,6 +434,7 @@ class StageContext:
     settings: Settings
     run_dir: Path  # this run's folder, runs/<run_id>
     stage: str  # the stage's name, e.g. collect
+    explored_from: Path | None = None  # exploring (runs/dev): the latest whole run, whose outputs stand in for missing inputs
 
     @property
     def root(self) -> Path:
@@ -447,8 +448,10 @@ class StageContext:
         return folder
 
     def input(self, stage: str, name: str) -> Path:
-        "An output file of an earlier stage of this run; a clear error when it is missing."
+        "An output file of an earlier stage of this run (when exploring, else of the latest run); a clear error when it is missing."
         path = self.run_dir / stage / name
+        if not path.exists() and self.explored_from is not None and (self.explored_from / stage / name).exists():
+            return self.explored_from / stage / name
         if not path.exists():
             raise LifecycleError(f"{path} not found: run the {stage} stage first (lifecycle run --stages {stage},{self.stage})")
         return path
@@ -474,12 +477,24 @@ def record_inputs(
 
 def stage_context(
     settings: str | Path,  # the settings file
-    run_dir: str | Path,  # the run folder; empty for runs/dev
+    run_dir: str | Path,  # the run folder; empty for runs/dev, exploring on top of the latest run
     stage: str,  # this stage's name
 ) -> StageContext:
     "The run context of a stage notebook."
     parsed = load_settings(settings)
-    run_dir = Path(run_dir) if str(run_dir) else parsed.root / "runs" / "dev"
+    if not str(run_dir):
+        return StageContext(parsed, parsed.root / "runs" / "dev", stage, latest_run(parsed.root))
+    run_dir = Path(run_dir)
     if not run_dir.is_absolute():
         run_dir = parsed.root / run_dir
     return StageContext(parsed, run_dir, stage)
+
+def latest_run(
+    root: Path,  # the project folder
+) -> Path | None:  # runs/<run_id> of the newest whole run (reports/latest), or None before the first
+    "The run folder that `reports/latest` names: a notebook opened in JupyterLab reads its inputs there."
+    link = Path(root) / "reports" / "latest"
+    if not link.is_symlink():
+        return None
+    folder = Path(root) / "runs" / os.readlink(link)
+    return folder if folder.is_dir() else None
