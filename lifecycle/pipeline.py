@@ -340,12 +340,27 @@ def execute_stage(
 
 _EXPORTER_LOCK = threading.Lock()
 
+# JupyterLab's page, without the scripts it loads from the internet (require.js, MathJax, Mermaid, widgets: a report
+# shows none of them, and must open on a machine with no network), and with a way back to the run's index.
+_REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block body_header -%}{{ super() }}
+<nav style="font-family:system-ui,sans-serif;margin:1em 0 0 1em"><a href="index.html">&larr; the run's index</a></nav>
+{%- endblock body_header -%}
+"""
+
 @functools.lru_cache(maxsize=1)
 def _exporter():
     "One HTML exporter a process: its templates are compiled once."
     _import_nbformat()
+    import jinja2
     from nbconvert import HTMLExporter
-    return HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    return HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+                        extra_loaders=[jinja2.DictLoader({"lifecycle_report.html.j2": _REPORT_TEMPLATE})],
+                        template_file="lifecycle_report.html.j2")
 
 def _warm_exporter():
     "Import nbconvert and compile its templates and selectors by rendering a one-cell notebook (about 0.3 s)."

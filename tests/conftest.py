@@ -70,3 +70,23 @@ def champion_project(champion_template, tmp_path):
     project = tmp_path / "heart"
     shutil.copytree(champion_template, project, symlinks=True)
     return project
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # this machine has no network: Chromium must not try
+
+
+@pytest.fixture(scope="session")
+def browser():
+    "Debian's chromium, driven by playwright (never `playwright install`: it downloads a browser)."
+    if not CHROMIUM.exists():
+        message = "chromium is not installed: install Debian's chromium package (apt-get install chromium)"
+        if os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{message}; LIFECYCLE_REQUIRE_SERVICES=1 requires it")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
