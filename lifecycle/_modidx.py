@@ -186,6 +186,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'lifecycle.pipeline._one_line': ('pipeline.html#_one_line', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._point_latest': ('pipeline.html#_point_latest', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._publish_extras': ('pipeline.html#_publish_extras', 'lifecycle/pipeline.py'),
+                                    'lifecycle.pipeline._publish_figure': ('pipeline.html#_publish_figure', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._reuse': ('pipeline.html#_reuse', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._stage_links': ('pipeline.html#_stage_links', 'lifecycle/pipeline.py'),
                                     'lifecycle.pipeline._warm_exporter': ('pipeline.html#_warm_exporter', 'lifecycle/pipeline.py'),

@@ -405,6 +405,8 @@ _STATUS_COLOR = {"ran": "#1a7f37", "cached": "#0969da", "failed": "#cf222e"}
 
 def _figure(key: str, value) -> str | None:
     "One line of a stage's figures on the index page, or None for values too big to show there."
+    if key in ("headline", "figure"):  # shown as words and as a picture
+        return None
     if key == "gate" and isinstance(value, dict):
         return "gate: passed" if value.get("passed") else f"gate: refused ({len(value.get('reasons', []))} reasons)"
     if key == "metrics" and isinstance(value, dict):
@@ -459,21 +461,27 @@ def write_index(
         error = f'<div class="error">{html.escape(stage["error"])}</div>' if stage.get("error") else ""
         cached = f' from {html.escape(stage["cached_from"])}' if stage.get("cached_from") else ""
         summary = stage.get("summary") or {}
+        figures = _figures(summary)
+        if figures and summary.get("headline"):  # the words come first; the raw figures are one click away
+            figures = f"<details><summary>figures</summary>{figures}</details>"
+        thumbnail = (f'<a href="{html.escape(stage["figure"])}"><img class="thumb" src="{html.escape(stage["figure"])}" alt="{html.escape(stage["name"])}: main plot"></a>'
+                     if stage.get("figure") else "")
         rows.append(f'<tr><td>{html.escape(stage["name"])}</td>'
-                    f'<td style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{html.escape(stage["status"])}{cached}</td>'
-                    f'<td>{stage["seconds"]:.1f} s</td><td>{_headline(summary)}{error}<div class="figures">{_figures(summary)}</div></td>'
-                    f'<td>{" · ".join(_stage_links(stage))}</td></tr>')
+                    f'<td class="nowrap" style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{html.escape(stage["status"])}{cached}</td>'
+                    f'<td class="nowrap">{stage["seconds"]:.1f} s</td><td>{_headline(summary)}{error}<div class="figures">{figures}</div></td>'
+                    f'<td>{thumbnail}</td><td>{" · ".join(_stage_links(stage))}</td></tr>')
     for name in [name for name in (stage_names or []) if name not in reached]:
         why = "not reached: an earlier stage failed" if run["status"] == "failed" else "not run: outside this run's --stages"
-        rows.append(f'<tr class="not-run"><td>{html.escape(name)}</td><td>not run</td><td></td><td>{why}</td><td></td></tr>')
+        rows.append(f'<tr class="not-run"><td>{html.escape(name)}</td><td class="nowrap">not run</td><td></td><td>{why}</td><td></td><td></td></tr>')
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lifecycle run {html.escape(run['run_id'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#1f2328}}table{{border-collapse:collapse}}
 td,th{{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical-align:top}}.error{{color:#cf222e}}
 .decision{{font-weight:600;margin-bottom:.3em}}.decision.passed{{color:#1a7f37}}.decision.refused{{color:#cf222e}}
-.headline{{margin-bottom:.3em}}.figures{{color:#57606a;font-size:.9em}}.not-run td{{color:#8c959f}}</style></head>
+.headline{{margin-bottom:.3em}}.figures{{color:#57606a;font-size:.9em}}.not-run td{{color:#8c959f}}.nowrap{{white-space:nowrap}}
+img.thumb{{max-width:220px;max-height:140px;border:1px solid #d0d7de}}</style></head>
 <body><h1>lifecycle run {html.escape(run['run_id'])}: <span style="color:{_STATUS_COLOR['ran'] if run['status'] == 'passed' else _STATUS_COLOR['failed']}">{html.escape(run['status'])}</span></h1>
 <p>Project {html.escape(run['settings'])} · started {html.escape(run['started'])} · {run['seconds']:.1f} s in all</p>
-<table><tr><th>stage</th><th>status</th><th>time</th><th>what it found</th><th>read</th></tr>
+<table><tr><th>stage</th><th>status</th><th>time</th><th>what it found</th><th></th><th>read</th></tr>
 {''.join(rows)}</table></body></html>
 """
     write_text(path, page)
@@ -524,6 +532,15 @@ def _publish_extras(stage: Stage, run_dir: Path, report_dir: Path) -> dict[str, 
         extras[path.stem.replace("_", " ")] = name
     return extras
 
+def _publish_figure(stage: Stage, run_dir: Path, report_dir: Path, summary: dict | None) -> str | None:
+    "Copy the stage's main plot (the PNG its summary names as `figure`) beside its report, for the index's thumbnail."
+    name = (summary or {}).get("figure")
+    if not isinstance(name, str) or Path(name).name != name or not (run_dir / stage.name / name).is_file():
+        return None
+    published = f"{stage.name}-{name}"
+    shutil.copy2(run_dir / stage.name / name, report_dir / published)
+    return published
+
 def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_dir: Path, report_dir: Path,
               executable: bool, forced: bool, quiet: bool, kernels: Kernels | None = None, more: bool = False) -> dict:
     """Reuse or execute one stage; return its entry of the run summary.
@@ -563,6 +580,8 @@ def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_
         entry["summary_file"] = f"{stage.name}-summary.json"  # a copy, so reports/ stands alone as a CI artifact
         shutil.copy2(summary_file, report_dir / entry["summary_file"])
     entry["extra_reports"] = _publish_extras(stage, run_dir, report_dir)
+    if figure := _publish_figure(stage, run_dir, report_dir, entry["summary"]):
+        entry["figure"] = figure
     entry["seconds"] = round(time.perf_counter() - started, 2)
     _log(f"{stage.name}: {entry['status']} in {entry['seconds']:.1f} s", quiet)
     return entry
