@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .core import LifecycleError
+from .core import LifecycleError, use_work_settings
 
 # %% auto #0
 __all__ = ['parser', 'main']
@@ -119,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `lifecycle` command."
     args = parser().parse_args(argv)
+    use_work_settings()  # this process does the work: here, not at import, so importing lifecycle changes nothing
     try:
         return args.handler(args)
     except LifecycleError as error:

@@ -22,23 +22,29 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Copy-on-write, pandas 3's default: selecting and assigning columns shares memory instead of copying,
-# which halves the peak memory of the prepare stage on large data.
-pd.set_option("mode.copy_on_write", True)
-# Arrow's own allocator keeps freed memory for reuse; the system allocator hands large blocks back at once,
-# which keeps the peak memory of reading and writing large files lower, at no measurable cost in speed here.
-pa.set_memory_pool(pa.system_memory_pool())
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_settings', 'split_list', 'parse_mapping',
-           'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file',
-           'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json',
-           'read_json', 'write_parquet', 'write_parquet_files', 'import_without', 'StageContext', 'record_inputs',
-           'stage_context']
+__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LifecycleError', 'use_work_settings', 'find_settings',
+           'split_list', 'parse_mapping', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings',
+           'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path',
+           'write_text', 'write_json', 'read_json', 'write_parquet', 'write_parquet_files', 'import_without',
+           'StageContext', 'record_inputs', 'stage_context']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
     "An error the user can fix: its message is one line that names the file, row or field and what to do."
+
+# %% ../nbs/00_core.ipynb #ef946156
+def use_work_settings():
+    """Set the process-wide settings the stages run best with.
+
+    - pandas' copy-on-write (pandas 3's default): selecting and assigning columns shares memory instead
+      of copying, which halves the peak memory of the prepare stage on large data.
+    - Arrow's system allocator: Arrow's own allocator keeps freed memory for reuse; the system allocator
+      hands large blocks back at once, which keeps the peak memory of reading and writing large files
+      lower, at no measurable cost in speed here."""
+    pd.set_option("mode.copy_on_write", True)
+    pa.set_memory_pool(pa.system_memory_pool())
 
 # %% ../nbs/00_core.ipynb #54a6292a
 SETTINGS_FILE = "settings.ini"
@@ -160,6 +166,8 @@ class Settings:
 
     def stage_section(self, stage: str) -> dict[str, str]:
         return self.sections.get(stage, {})
+
+LINEAGE = ["_source", "_file", "_line"]  # columns every collected row carries: source name, file (or database URL), line number (row number for tables)
 
 # %% ../nbs/00_core.ipynb #5861362d
 def _check_keys(section: str, values: dict, known: dict, path: Path):

@@ -237,14 +237,16 @@ class Kernel:
 
     Its IPC sockets are in a private folder: no TCP port is open to other users of the machine. The manager
     is the asynchronous one: nbclient's timeout never fires with a blocking client. The history is kept in
-    memory, as nbclient would ask."""
+    memory, as nbclient would ask. It starts with `use_work_settings()` applied: it runs a stage's work."""
 
     def __init__(self, cwd: Path):  # the project root, the kernel's working folder
         from jupyter_client import AsyncKernelManager
         from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
         self._sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
         self.manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "kernel"))
-        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        # The kernel does a stage's work, so it starts with the settings for the work (never set at import)
+        startup = "--IPKernelApp.exec_lines=['from lifecycle.core import use_work_settings', 'use_work_settings()']"
+        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:", startup])
 
     def stop(self):
         "Shut the kernel down (nbclient leaves a kernel it did not start running) and remove its sockets."
