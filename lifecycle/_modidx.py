@@ -97,6 +97,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'lifecycle.core.StageContext.root': ('core.html#stagecontext.root', 'lifecycle/core.py'),
                                 'lifecycle.core.StageContext.write_summary': ('core.html#stagecontext.write_summary', 'lifecycle/core.py'),
                                 'lifecycle.core._check_keys': ('core.html#_check_keys', 'lifecycle/core.py'),
+                                'lifecycle.core._input_name': ('core.html#_input_name', 'lifecycle/core.py'),
                                 'lifecycle.core._read_ini': ('core.html#_read_ini', 'lifecycle/core.py'),
                                 'lifecycle.core.atomic_path': ('core.html#atomic_path', 'lifecycle/core.py'),
                                 'lifecycle.core.coerce_value': ('core.html#coerce_value', 'lifecycle/core.py'),

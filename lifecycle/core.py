@@ -406,19 +406,28 @@ class StageContext:
         write_json(self.out / "summary.json", summary)
 
     def record_inputs(self, paths: list[Path] | None):
-        "Name the files this stage read from outside the run folder (None: they cannot be known)."
-        record_inputs(self.out, paths)
+        "Name every file this stage read from outside the run folder (None: they cannot be known)."
+        record_inputs(self.out, paths, self.root)
 
 def record_inputs(
     stage_dir: Path,  # a stage's output folder
-    paths: list[Path] | None,  # the files it read outside the run folder; None when they cannot be hashed
+    paths: list[Path] | None,  # every file it read outside the run folder; None when they cannot be hashed
+    root: Path | None = None,  # the project folder: files inside it are named relative to it
 ):
-    "Write `_inputs.json`: the runner reuses this stage's outputs only while these files are unchanged."
+    """Write `_inputs.json`, each file's content hash: the runner reuses this stage's outputs only while every
+    one of these files has the same content. A file inside the project is named relative to it, so a copied or
+    moved project checks its own files."""
     if paths is None:
         write_json(Path(stage_dir) / "_inputs.json", {"uncacheable": True})
         return
-    files = {str(Path(path).resolve()): sha256_file(path) if Path(path).is_file() else None for path in paths}
+    files = {_input_name(path, root): sha256_file(path) if Path(path).is_file() else None for path in paths}
     write_json(Path(stage_dir) / "_inputs.json", {"files": files})
+
+def _input_name(path: Path, root: Path | None) -> str:
+    path = Path(path).resolve()
+    if root is not None and path.is_relative_to(Path(root).resolve()):
+        return path.relative_to(Path(root).resolve()).as_posix()
+    return str(path)
 
 def stage_context(
     settings: str | Path,  # the settings file

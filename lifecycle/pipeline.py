@@ -156,16 +156,21 @@ def cache_key(
 
 def inputs_unchanged(
     stage_dir: Path,  # an earlier execution's output folder
+    root: Path,  # the project folder, which relative names in `_inputs.json` are relative to
 ) -> bool:  # whether every file it read still has the same content
-    "Check the files an earlier execution recorded in `_inputs.json`."
+    """Check the files an earlier execution recorded in `_inputs.json`, by content.
+
+    A stage that recorded nothing is never reused: a stage that forgot to name what it read runs again
+    rather than serve stale results."""
     path = stage_dir / "_inputs.json"
     if not path.exists():
-        return True
+        return False
     recorded = read_json(path)
     if recorded.get("uncacheable"):
         return False
     for name, digest in recorded.get("files", {}).items():
-        current = sha256_file(name) if Path(name).is_file() else None
+        file = Path(name) if Path(name).is_absolute() else Path(root) / name
+        current = sha256_file(file) if file.is_file() else None
         if current != digest:
             return False
     return True
@@ -186,7 +191,7 @@ def find_cached(root: Path, stage: str, key: str) -> dict | None:
         return None
     record = read_json(path)
     earlier = root / "runs" / record["run_id"] / stage
-    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier):
+    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier, root):
         return None
     return record
 
