@@ -218,7 +218,9 @@ def log_predictions(
     finally:
         prediction_log.close()
 
-def log_name(log: str) -> str:
+def log_name(
+    log: str,  # the prediction log setting: empty, a SQLite file or a postgresql:// URL
+) -> str:  # how the report names it
     "The prediction log as a report names it: never a URL, which may hold a password."
     return "PostgreSQL" if log.startswith("postgres") else (log or "predictions.sqlite")
 
