@@ -253,9 +253,12 @@ def format_prepare(figures: dict) -> str:
 
 # %% ../nbs/12_bench.ipynb #b5e7a002
 def train_champion(project: Path) -> Path:
-    "Run a bench project from collect to evaluate (no profile, no tracking): its registry then holds a champion."
+    """Run a bench project from collect to evaluate (no profile, no tracking): its registry then holds a champion.
+
+    The gate's latency limit is lifted: a benchmark measures speed itself, and on a busy machine the gate's
+    single-record latency check would refuse the model the benchmark needs."""
     _lifecycle(project, "--stages", "collect,prepare,train,evaluate", "-p", "prepare.profile=false",
-               "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled")
+               "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled", "-p", "evaluate.max_latency_ms=10000")
     return project
 
 def _champion_project(folder: Path, heart: Path) -> Path:
@@ -604,12 +607,17 @@ def bench_stream(
 ) -> dict:  # the figures
     "Events per second through Redis Streams with micro-batches, without and with the prediction log, against the same events scored in-process; counts in and out."
     import redis
+    from threadpoolctl import threadpool_limits
+    from lifecycle.scoring import Scorer
     from lifecycle.stream import run_stream
     project = _bench_project(project)
     texts = _bench_events(events)
     figures = {"events": events, "batch_size": batch_size, "target_events_per_second": 10_000, "runs": {}}
-    floors = [_stream_floor(project, texts, batch_size)]
-    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-stream-") as scratch, _local_redis() as url:
+    # One OpenMP thread, as `lifecycle stream` runs (OMP_NUM_THREADS=1): a pool's threads spin against each other on
+    # small batches. The limit reaches the OpenMP runtime once it is loaded, which loading the model does.
+    Scorer.from_registry(Path(project))
+    with threadpool_limits(limits=1, user_api="openmp"), tempfile.TemporaryDirectory(prefix="lifecycle-bench-stream-") as scratch, _local_redis() as url:
+        floors = [_stream_floor(project, texts, batch_size)]
         client = redis.Redis.from_url(url)
         for label, logged in (("without log", False), ("with log", True)):
             name = "in-" + label.replace(" ", "-")
@@ -631,7 +639,7 @@ def bench_stream(
                 "events_per_second": summary["events_per_second"], "busy_seconds": summary["busy_seconds"],
                 "in": client.xlen(name), "out": client.xlen(f"out-{name}"), "scored": summary["scored"],
                 "rejected": summary["rejected"], "pending": client.xpending(name, "bench")["pending"], "logged": logged_rows}
-    floors.append(_stream_floor(project, texts, batch_size))  # the floor before and after: a busy machine only slows a run
+        floors.append(_stream_floor(project, texts, batch_size))  # the floor before and after: a busy machine only slows a run
     floor = figures["floor"] = max(floors, key=lambda run: run["events_per_second"])
     for run in figures["runs"].values():
         run["ratio"] = round(run["events_per_second"] / floor["events_per_second"], 2) if run["events_per_second"] else None
