@@ -73,7 +73,8 @@ def _current_mib() -> float:
 
 def _task(name: str, project: str) -> dict:
     "Run one task in this process and return its figures (called in a fresh interpreter by `measure`)."
-    from lifecycle.core import load_settings
+    from lifecycle.core import load_settings, use_work_settings
+    use_work_settings()  # this process stands in for a stage's kernel, which runs with them
     settings = load_settings(Path(project) / "settings.ini")
     path = Path(settings.sources[0].location)
     if name == "read_csv":
@@ -448,7 +449,9 @@ def _batch_task(name: str, project: str, path: str, rows: int) -> dict:
     "One measurement of the batch benchmark, in this (fresh) process."
     import pyarrow.parquet as pq
     from lifecycle.batch import score_file
+    from lifecycle.core import use_work_settings
     from lifecycle.scoring import Scorer
+    use_work_settings()  # this process stands in for the `lifecycle batch` command, which runs with them
     if name == "floor":
         scorer = Scorer.from_registry(Path(project))
         frame = pq.read_table(path, columns=scorer.spec.features).to_pandas()
