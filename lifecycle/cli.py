@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .core import LifecycleError
+from .core import LifecycleError, use_work_settings
 
 # %% auto #0
 __all__ = ['parser', 'main']
@@ -140,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
                             "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
-                            "or stream (events/s through Redis Streams)")
+                            "or stream (events/s through Redis Streams against the same events scored in-process)")
     bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(handler=_bench)
@@ -149,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `lifecycle` command."
     args = parser().parse_args(argv)
+    use_work_settings()  # this process does the work: here, not at import, so importing lifecycle changes nothing
     try:
         return args.handler(args)
     except LifecycleError as error:

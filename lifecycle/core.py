@@ -23,23 +23,29 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Copy-on-write, pandas 3's default: selecting and assigning columns shares memory instead of copying,
-# which halves the peak memory of the prepare stage on large data.
-pd.set_option("mode.copy_on_write", True)
-# Arrow's own allocator keeps freed memory for reuse; the system allocator hands large blocks back at once,
-# which keeps the peak memory of reading and writing large files lower, at no measurable cost in speed here.
-pa.set_memory_pool(pa.system_memory_pool())
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_settings', 'split_list', 'parse_mapping',
-           'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings',
-           'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path',
-           'write_text', 'write_json', 'read_json', 'write_parquet', 'write_parquet_files', 'import_without',
-           'StageContext', 'record_inputs', 'stage_context', 'latest_run']
+__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LifecycleError', 'use_work_settings', 'find_settings',
+           'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings',
+           'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool',
+           'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet',
+           'write_parquet_files', 'import_without', 'StageContext', 'record_inputs', 'stage_context', 'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
     "An error the user can fix: its message is one line that names the file, row or field and what to do."
+
+# %% ../nbs/00_core.ipynb #ef946156
+def use_work_settings():
+    """Set the process-wide settings the stages run best with.
+
+    - pandas' copy-on-write (pandas 3's default): selecting and assigning columns shares memory instead
+      of copying, which halves the peak memory of the prepare stage on large data.
+    - Arrow's system allocator: Arrow's own allocator keeps freed memory for reuse; the system allocator
+      hands large blocks back at once, which keeps the peak memory of reading and writing large files
+      lower, at no measurable cost in speed here."""
+    pd.set_option("mode.copy_on_write", True)
+    pa.set_memory_pool(pa.system_memory_pool())
 
 # %% ../nbs/00_core.ipynb #54a6292a
 SETTINGS_FILE = "settings.ini"
@@ -214,6 +220,8 @@ class Settings:
         "A value in words: its label from settings, else the value written plainly (3.0 as 3)."
         text = value_key(value)
         return self.labels.get(column, {}).get(text, text)
+
+LINEAGE = ["_source", "_file", "_line"]  # columns every collected row carries: source name, file (or database URL), line number (row number for tables)
 
 # %% ../nbs/00_core.ipynb #5861362d
 def _check_keys(section: str, values: dict, known: dict, path: Path):
@@ -461,19 +469,28 @@ class StageContext:
         write_json(self.out / "summary.json", summary)
 
     def record_inputs(self, paths: list[Path] | None):
-        "Name the files this stage read from outside the run folder (None: they cannot be known)."
-        record_inputs(self.out, paths)
+        "Name every file this stage read from outside the run folder (None: they cannot be known)."
+        record_inputs(self.out, paths, self.root)
 
 def record_inputs(
     stage_dir: Path,  # a stage's output folder
-    paths: list[Path] | None,  # the files it read outside the run folder; None when they cannot be hashed
+    paths: list[Path] | None,  # every file it read outside the run folder; None when they cannot be hashed
+    root: Path | None = None,  # the project folder: files inside it are named relative to it
 ):
-    "Write `_inputs.json`: the runner reuses this stage's outputs only while these files are unchanged."
+    """Write `_inputs.json`, each file's content hash: the runner reuses this stage's outputs only while every
+    one of these files has the same content. A file inside the project is named relative to it, so a copied or
+    moved project checks its own files."""
     if paths is None:
         write_json(Path(stage_dir) / "_inputs.json", {"uncacheable": True})
         return
-    files = {str(Path(path).resolve()): sha256_file(path) if Path(path).is_file() else None for path in paths}
+    files = {_input_name(path, root): sha256_file(path) if Path(path).is_file() else None for path in paths}
     write_json(Path(stage_dir) / "_inputs.json", {"files": files})
+
+def _input_name(path: Path, root: Path | None) -> str:
+    path = Path(path).resolve()
+    if root is not None and path.is_relative_to(Path(root).resolve()):
+        return path.relative_to(Path(root).resolve()).as_posix()
+    return str(path)
 
 def stage_context(
     settings: str | Path,  # the settings file

@@ -180,16 +180,21 @@ def cache_key(
 
 def inputs_unchanged(
     stage_dir: Path,  # an earlier execution's output folder
+    root: Path,  # the project folder, which relative names in `_inputs.json` are relative to
 ) -> bool:  # whether every file it read still has the same content
-    "Check the files an earlier execution recorded in `_inputs.json`."
+    """Check the files an earlier execution recorded in `_inputs.json`, by content.
+
+    A stage that recorded nothing is never reused: a stage that forgot to name what it read runs again
+    rather than serve stale results."""
     path = stage_dir / "_inputs.json"
     if not path.exists():
-        return True
+        return False
     recorded = read_json(path)
     if recorded.get("uncacheable"):
         return False
     for name, digest in recorded.get("files", {}).items():
-        current = sha256_file(name) if Path(name).is_file() else None
+        file = Path(name) if Path(name).is_absolute() else Path(root) / name
+        current = sha256_file(file) if file.is_file() else None
         if current != digest:
             return False
     return True
@@ -210,7 +215,7 @@ def find_cached(root: Path, stage: str, key: str) -> dict | None:
         return None
     record = read_json(path)
     earlier = root / "runs" / record["run_id"] / stage
-    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier):
+    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier, root):
         return None
     return record
 
@@ -261,14 +266,16 @@ class Kernel:
 
     Its IPC sockets are in a private folder: no TCP port is open to other users of the machine. The manager
     is the asynchronous one: nbclient's timeout never fires with a blocking client. The history is kept in
-    memory, as nbclient would ask."""
+    memory, as nbclient would ask. It starts with `use_work_settings()` applied: it runs a stage's work."""
 
     def __init__(self, cwd: Path):  # the project root, the kernel's working folder
         from jupyter_client import AsyncKernelManager
         from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
         self._sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
         self.manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "kernel"))
-        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        # The kernel does a stage's work, so it starts with the settings for the work (never set at import)
+        startup = "--IPKernelApp.exec_lines=['from lifecycle.core import use_work_settings', 'use_work_settings()']"
+        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:", startup])
 
     def stop(self):
         "Shut the kernel down (nbclient leaves a kernel it did not start running) and remove its sockets."

@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from .collect import LINEAGE
-from .core import LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
+from .core import LINEAGE, LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
 
 # %% auto #0
 __all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
