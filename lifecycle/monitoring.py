@@ -19,8 +19,9 @@ from .drift import category_counts, category_label, drift_summary, feature_drift
 from .alerts import evaluate, parse_kpis
 
 # %% auto #0
-__all__ = ['parse_every', 'event_times', 'assign_windows', 'weighted_auc', 'realized_metrics', 'calibrated', 'estimated_metrics',
-           'group_labels', 'fairness', 'window_days', 'window_report']
+__all__ = ['RESULTS_FORMAT', 'MONITOR_KEYS', 'parse_every', 'event_times', 'assign_windows', 'weighted_auc', 'realized_metrics',
+           'calibrated', 'estimated_metrics', 'group_labels', 'fairness', 'window_days', 'window_report',
+           'update_windows', 'monitor_project']
 
 # %% ../nbs/42_monitoring.ipynb #77797d2b
 def parse_every(
@@ -312,3 +313,262 @@ def window_report(
             statements.append(f"KPI {name} cannot be computed for this window (a figure it needs is missing, or it divides by zero)")
     values = {name: (_finite_or_none(value) if isinstance(value, (float, np.floating)) else value) for name, value in values.items()}
     return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "statements": statements}
+
+# %% ../nbs/42_monitoring.ipynb #68b12744
+RESULTS_FORMAT = 1
+
+def _plain(value):
+    "JSON-ready: numpy scalars as Python numbers, NaN and infinity as None, pandas times as ISO text."
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _finite_or_none(value)
+    if isinstance(value, (pd.Timestamp, datetime)):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int)):
+        return value
+    return None if pd.isna(value) else str(value)
+
+def _labels_since(log, since) -> pd.DataFrame:
+    "Labels committed with a time at or after `since` (every label when None), oldest first."
+    if since is None:
+        return log.labels()
+    rows = log.store.read(f"SELECT request_id, label, time FROM labels WHERE time >= {log.store.mark} ORDER BY time, request_id",
+                          (log.store.time_parameter(since),))
+    frame = pd.DataFrame(rows, columns=["request_id", "label", "time"]).astype({"request_id": str, "label": "int64"})
+    frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    return frame
+
+def _storable(frame: pd.DataFrame) -> pd.DataFrame:
+    "A frame Parquet can hold: a column that mixes numbers and text becomes text, labelled as the reference labels categories."
+    import pyarrow as pa
+    for column in frame.columns[frame.dtypes == object]:
+        try:
+            pa.array(frame[column], from_pandas=True)
+        except (pa.ArrowException, TypeError, ValueError):
+            frame[column] = frame[column].map(lambda value: None if category_label(value) == "missing" else category_label(value))
+    return frame
+
+# %% ../nbs/42_monitoring.ipynb #b3a51876
+class _Unreadable(Exception):
+    "A results file that cannot be read: the results are rebuilt from the log."
+
+def _read_parquet(path: Path) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as error:  # any damage to the file: rebuild
+        raise _Unreadable(path.name) from error
+
+def _safe_name(key: str) -> str:
+    return "".join(character if character.isalnum() or character in "-_" else "_" for character in key)
+
+def _config_hash(config: dict) -> str:
+    return json.dumps(_plain(config), sort_keys=True)
+
+def _start_over(folder: Path) -> None:
+    for name in ("rows", "details"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+    for name in ("ids.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
+        (folder / name).unlink(missing_ok=True)
+
+# %% ../nbs/42_monitoring.ipynb #b4b61162
+def update_windows(
+    folder: Path,  # the project's monitoring folder
+    log,  # the prediction log (`open_log`)
+    reference_for,  # model version -> (reference.json dict or None, decision threshold)
+    every: str | int = "week",  # the window length
+    sensitive: list[str] = (),  # sensitive columns for fairness
+    kpis: dict | None = None,  # name -> parsed KPI (`parse_kpis`)
+    min_rows: int = 20,  # fewest rows for a drift judgement
+    min_group: int = 20,  # fewest labelled positives for a group's recall
+    n_boot: int = 200,  # bootstrap replicates
+) -> dict:  # windows (the flat table), touched (window keys recomputed), new_predictions, new_labels, rebuilt, statements
+    "Bring the stored windows up to date with what the log received since the last update."
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"format": RESULTS_FORMAT, "every": every, "sensitive": list(sensitive), "min_rows": min_rows, "min_group": min_group,
+              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}}
+    statements = []
+    try:
+        state = read_json(folder / "state.json") if (folder / "state.json").exists() else None
+        if state is not None and state.get("config") != _config_hash(config):
+            statements.append("the monitoring settings changed: every window was recomputed from the log")
+            state = None
+        if state is None:
+            _start_over(folder)
+        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements)
+    except (_Unreadable, ValueError, KeyError, TypeError, OSError) as error:
+        if isinstance(error, OSError) and not isinstance(error, _Unreadable) and not (folder / "state.json").exists():
+            raise
+        name = str(error) if isinstance(error, _Unreadable) else "state.json"
+        statements.append(f"the stored monitoring results ({name}) could not be read: rebuilt from the log")
+        _start_over(folder)
+        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements)
+
+def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements) -> dict:
+    rebuilt = state is None
+    state = state or {"config": _config_hash(config), "predictions_since": None, "labels_since": None, "counted": {}}
+    ids = _read_parquet(folder / "ids.parquet")
+    ids = ids if ids is not None else pd.DataFrame({"request_id": pd.Series([], dtype=str), "window": pd.Series([], dtype=str)})
+    new = log.predictions(since=state["predictions_since"])
+    new = new[~new["request_id"].isin(ids["request_id"])].drop_duplicates("request_id")
+    new = new.drop(columns=[column for column in ("id_hash",) if column in new.columns])
+    if len(new):
+        state["predictions_since"] = new["time"].max().isoformat()
+        new = pd.concat([new, assign_windows(new, every, state["counted"])], axis=1)
+        ids = pd.concat([ids, new[["request_id", "window"]]], ignore_index=True)
+    labels = _labels_since(log, state["labels_since"])
+    new_labels = len(labels)
+    if len(labels):
+        state["labels_since"] = labels["time"].max().isoformat()
+    pending = _read_parquet(folder / "pending_labels.parquet")
+    if pending is not None and len(pending):
+        labels = pd.concat([pending, labels], ignore_index=True)
+    labels = labels.drop_duplicates("request_id", keep="last")  # the latest label of a prediction wins (a correction)
+    labels = labels.merge(ids, on="request_id", how="left")
+    waiting = labels[labels["window"].isna()].drop(columns="window")
+    labels = labels[labels["window"].notna()]
+    touched = sorted(set(new["window"]) if len(new) else set()) + []
+    touched = set(touched) | set(labels["window"])
+    references = state.setdefault("references", {})
+    for version in sorted(set(ids["window"].str.extract(r"^v(\d+)_", expand=False).dropna().astype(int))):
+        has = reference_for(version)[0] is not None
+        if references.get(str(version)) not in (None, has):  # a reference appeared (or went): its windows are judged anew
+            touched |= set(ids.loc[ids["window"].str.startswith(f"v{version}_"), "window"])
+            statements.append(f"the reference of model version {version} {'appeared' if has else 'is gone'}: its windows were recomputed")
+        references[str(version)] = has
+    touched = sorted(touched)
+    table = _read_parquet(folder / "windows.parquet")
+    flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
+    for key in touched:
+        path = folder / "rows" / f"{_safe_name(key)}.parquet"
+        rows = _read_parquet(path)
+        fresh = new[new["window"] == key] if len(new) else new
+        rows = fresh if rows is None else pd.concat([rows, fresh], ignore_index=True) if len(fresh) else rows
+        if "label" not in rows.columns:
+            rows["label"] = np.nan
+        arrived = labels[labels["window"] == key].set_index("request_id")["label"]
+        if len(arrived):
+            matched = rows["request_id"].map(arrived)
+            rows["label"] = matched.where(matched.notna(), rows["label"]).astype(float)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _storable(rows).to_parquet(path, index=False)
+        version = int(rows["model_version"].iloc[0])
+        reference, threshold = reference_for(version)
+        report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
+        first, last = rows["event_time"].min(), rows["event_time"].max()
+        head = {"window": key, "model_version": version, "window_start": rows["window_start"].min().isoformat(),
+                "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(rows["channel"].value_counts().to_dict())}
+        write_json(folder / "details" / f"{_safe_name(key)}.json", _plain({**head, **report}))
+        flat[key] = {**head, **report["values"]}
+    windows = pd.DataFrame(list(flat.values()))
+    if len(windows):
+        windows = windows.sort_values(["window_start", "model_version"], kind="stable", ignore_index=True)
+    if touched or table is None:
+        windows.to_parquet(folder / "windows.parquet", index=False)
+    if len(new):
+        ids.to_parquet(folder / "ids.parquet", index=False)
+    waiting.to_parquet(folder / "pending_labels.parquet", index=False)
+    write_json(folder / "state.json", state)
+    if len(waiting):
+        statements.append(f"{len(waiting)} labels wait for their predictions, which are not in the log yet")
+    return {"windows": windows, "touched": touched, "new_predictions": len(new), "new_labels": new_labels,
+            "rebuilt": rebuilt, "statements": statements}
+
+# %% ../nbs/42_monitoring.ipynb #8127408a
+MONITOR_KEYS = {"window": "week", "kpis": "", "alerts": "", "webhook": "", "repeat_hours": "4", "min_rows": "20",
+                "min_group": "20", "bootstrap": "200", "log": ""}
+
+def _references(root: Path):
+    "model version -> (its reference.json or None, its threshold), read once a version."
+    from lifecycle.registry import Registry
+    registry, cache = Registry(root), {}
+    def reference_for(version: int):
+        if version not in cache:
+            folder = registry.path / "versions" / str(version)
+            try:
+                meta = read_json(folder / "meta.json")
+            except (OSError, ValueError):
+                meta = {}
+            try:
+                reference = read_json(folder / "reference.json")
+            except (OSError, ValueError):
+                reference = None
+            cache[version] = (reference, float(meta.get("threshold", 0.5)))
+        return cache[version]
+    return registry, reference_for
+
+def _int_setting(section: dict, key: str) -> int:
+    text = str(section.get(key, MONITOR_KEYS[key])).strip()
+    if not text.isdigit():
+        raise LifecycleError(f"[monitor] {key} must be a whole number")
+    return int(text)
+
+def monitor_project(
+    root: Path,  # the project folder (holding settings.ini, registry/ and the prediction log)
+    now: datetime | None = None,  # the time for alerts (injected in tests; default now)
+    settings: dict | None = None,  # [monitor] settings overriding the file's (same keys, as text)
+    log=None,  # an open prediction log (default: the project's, opened and closed here)
+    post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
+) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), exit_code (3 when a critical alert fires), statements
+    "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
+    from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
+    from lifecycle.core import find_settings, load_settings
+    from lifecycle.predlog import open_log
+    from datetime import timedelta
+    root = Path(root)
+    project = load_settings(find_settings(root / "settings.ini")) if (root / "settings.ini").exists() else None
+    section = {**(project.sections.get("monitor", {}) if project else {}), **(settings or {})}
+    unknown = sorted(set(section) - set(MONITOR_KEYS))
+    if unknown:
+        raise LifecycleError(f"[monitor] {unknown[0]} is not a setting; known: {', '.join(MONITOR_KEYS)}")
+    every = parse_every(section.get("window", MONITOR_KEYS["window"]))
+    kpis = parse_kpis(section.get("kpis", ""))
+    rules = parse_rules(section.get("alerts", ""))
+    try:
+        repeat = timedelta(hours=float(section.get("repeat_hours", MONITOR_KEYS["repeat_hours"])))
+    except ValueError:
+        raise LifecycleError("[monitor] repeat_hours must be a number of hours") from None
+    registry, reference_for = _references(root)
+    own_log = log is None
+    log = open_log(section.get("log", ""), root) if own_log else log
+    try:
+        result = update_windows(root / "monitoring", log, reference_for, every, list(project.sensitive) if project else [], kpis,
+                                _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"))
+    finally:
+        if own_log:
+            log.close()
+    windows, statements = result["windows"], list(result["statements"])
+    champion = registry.aliases().get("champion")
+    summary = {"project": root.resolve().name, "windows": len(windows), "new_predictions": result["new_predictions"],
+               "new_labels": result["new_labels"], "rebuilt": result["rebuilt"], "champion": champion, "latest": None,
+               "alerts": {"sent": [], "firing": [], "delivery": "no rules"}, "exit_code": 0, "statements": statements}
+    if not len(windows):
+        statements.append("the prediction log holds no predictions yet: nothing to monitor")
+        return _plain(summary)
+    serving = windows[windows["model_version"] == champion] if champion in set(windows["model_version"]) else windows
+    latest = serving.sort_values(["window_start", "last_event"], kind="stable").iloc[-1]
+    details = read_json(root / "monitoring" / "details" / f"{_safe_name(latest['window'])}.json")
+    same_period = windows[(windows["window_start"] == latest["window_start"]) & (windows["model_version"] != latest["model_version"])]
+    if len(same_period) and every in ("day", "week"):
+        details["statements"].append(f"the model version changed during this window: version(s) {', '.join(map(str, sorted(same_period['model_version'])))} served in it too (each has its own window)")
+    summary["latest"] = {"window": latest["window"], "model_version": int(latest["model_version"]), "window_start": latest["window_start"],
+                         "last_event": latest["last_event"], "values": details["values"], "statements": details["statements"]}
+    if rules:
+        alerts = raise_alerts(root / "monitoring", rules, details["values"], now or datetime.now(timezone.utc),
+                              labels={"project": summary["project"], "model_version": str(int(latest["model_version"]))},
+                              annotations={"window": latest["window"]}, webhook=section.get("webhook", "").strip(),
+                              repeat_interval=repeat, post=post or post_webhook)
+        summary["alerts"] = alerts
+        statements += alerts.pop("statements")
+        if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):
+            summary["exit_code"] = 3
+    return _plain(summary)
