@@ -122,7 +122,7 @@ def realized_metrics(
               "fn": int(((labels == 1) & (decisions == 0)).sum()), "tn": int(((labels == 0) & (decisions == 0)).sum()), "statements": []}
     names = ("roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap")
     if count == 0:
-        result.update({name: None for name in names})
+        result.update({key: None for name in names for key in (name, f"{name}_low", f"{name}_high")})
         result["statements"].append("no labels have arrived for this window yet")
         return result
     point = _weighted_figures(np.ones((1, count)), labels, scores, decisions)
