@@ -191,6 +191,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'lifecycle.drift.prediction_drift': ('drift.html#prediction_drift', 'lifecycle/drift.py'),
                                  'lifecycle.drift.psi': ('drift.html#psi', 'lifecycle/drift.py'),
                                  'lifecycle.drift.quantile_points': ('drift.html#quantile_points', 'lifecycle/drift.py'),
+                                 'lifecycle.drift.sorted_quantiles': ('drift.html#sorted_quantiles', 'lifecycle/drift.py'),
                                  'lifecycle.drift.wasserstein_normalized': ('drift.html#wasserstein_normalized', 'lifecycle/drift.py')},
             'lifecycle.evaluate': { 'lifecycle.evaluate.bootstrap': ('evaluate.html#bootstrap', 'lifecycle/evaluate.py'),
                                     'lifecycle.evaluate.equalized_odds_gap': ('evaluate.html#equalized_odds_gap', 'lifecycle/evaluate.py'),

@@ -12,9 +12,9 @@ from scipy.spatial.distance import jensenshannon
 
 # %% auto #0
 __all__ = ['EPSILON', 'SMALL_REFERENCE', 'P_VALUE_THRESHOLD', 'DISTANCE_THRESHOLD', 'FEATURE_DRIFT_COLUMNS', 'psi', 'js_distance',
-           'quantile_points', 'wasserstein_normalized', 'ks_from_quantiles', 'category_label', 'category_counts',
-           'chi_square', 'drift_method', 'numeric_shares', 'missing_drift', 'feature_drift', 'drift_summary',
-           'prediction_drift']
+           'quantile_points', 'wasserstein_normalized', 'sorted_quantiles', 'ks_from_quantiles', 'category_label',
+           'category_counts', 'chi_square', 'drift_method', 'numeric_shares', 'missing_drift', 'feature_drift',
+           'drift_summary', 'prediction_drift']
 
 # %% ../nbs/40_drift.ipynb #3275c39c
 EPSILON = 1e-4  # an empty bin's share, as Evidently floors it, so PSI and JS stay finite
@@ -68,11 +68,23 @@ def wasserstein_normalized(
     values: np.ndarray,  # the reference's quantiles at those levels
     current: np.ndarray,  # the window's values, no missing ones
     std: float | None,  # the reference's standard deviation
+    presorted: bool = False,  # True when `current` is sorted already (saves a sort)
 ) -> float:  # Wasserstein distance in units of the reference's standard deviation
     "Normalized Wasserstein distance of a window from the reference's quantile function."
     reference_q = np.interp(_GRID, levels, values)
-    current_q = np.quantile(np.asarray(current, dtype=float), _GRID)
+    current = np.asarray(current, dtype=float)
+    current_q = sorted_quantiles(current if presorted else np.sort(current), _GRID)
     return float(np.mean(np.abs(reference_q - current_q)) / max(std or 0.0, 0.001))
+
+def sorted_quantiles(
+    ordered: np.ndarray,  # values sorted ascending, no missing ones
+    levels: np.ndarray,  # quantile levels, 0 to 1
+) -> np.ndarray:  # the quantiles, interpolated linearly as numpy's default method does
+    "Quantiles of values already sorted: O(levels) instead of numpy's partition over all values."
+    position = np.asarray(levels) * (len(ordered) - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 # %% ../nbs/40_drift.ipynb #2ecc2ea7
 def _reference_cdf(levels, values, x, side: str) -> np.ndarray:
@@ -99,9 +111,11 @@ def ks_from_quantiles(
     values: np.ndarray,  # the reference's quantiles
     current: np.ndarray,  # the window's values, no missing ones
     reference_rows: int,  # how many rows the reference summarizes
+    presorted: bool = False,  # True when `current` is sorted already
 ) -> tuple[float, float]:  # (KS statistic, p-value)
     "Two-sample Kolmogorov-Smirnov test of a window against the reference's quantile function."
-    current = np.sort(np.asarray(current, dtype=float))
+    current = np.asarray(current, dtype=float)
+    current = current if presorted else np.sort(current)
     points = np.union1d(current, values)
     gaps = [np.abs(np.searchsorted(current, points, side) / len(current) - _reference_cdf(levels, values, points, side))
             for side in ("right", "left")]
@@ -122,7 +136,10 @@ def category_counts(
     values: pd.Series,  # a category column of the window
 ) -> pd.Series:  # count per label
     "How often each category occurs, labelled as the reference labels them."
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    try:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    except TypeError:  # a list or a dict among the values (hostile input): those are counted as text
+        codes, uniques = pd.factorize(values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value), use_na_sentinel=True)
     counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
     labels = [category_label(value) for value in uniques]
     result = pd.Series(counts, index=labels, dtype="int64").groupby(level=0).sum()
@@ -199,23 +216,25 @@ def _numeric_values(column: pd.Series) -> tuple[np.ndarray, int]:
 
 def _numeric_drift(spec: dict, column: pd.Series, reference_rows: int) -> dict:
     numbers, invalid = _numeric_values(column)
-    present = numbers[~np.isnan(numbers)]
+    present = np.sort(numbers[~np.isnan(numbers)])  # sorted once: the quantiles, bins and distinct values below read it
     levels, values, exact = quantile_points(spec)
     result = {"missing": int(len(numbers) - len(present)), "invalid": invalid, "exact": exact}
     if len(levels) == 0:
         return {**result, "statement": "the reference holds no values of this feature (it was missing in training): only its missing share is compared"}
     if len(present) == 0:
         return {**result, "statement": "every value is missing in this window"}
-    distinct = len(np.union1d(np.unique(values), np.unique(present)[:6]))
+    first_distinct = present[np.flatnonzero(np.r_[True, present[1:] != present[:-1]])[:6]]
+    distinct = len(np.union1d(np.unique(values), first_distinct))
     method, threshold = drift_method("numeric", reference_rows, distinct)
     edges = np.asarray(spec.get("bin_edges") or [])
     ref_counts = np.asarray(spec.get("bin_counts") or [], dtype=float)
     if len(edges) >= 2 and len(ref_counts) == len(edges) - 1 and ref_counts.sum() > 0:
-        bins = np.clip(np.searchsorted(edges[1:-1], present, side="right"), 0, len(ref_counts) - 1)
-        result["psi"] = psi(ref_counts / ref_counts.sum(), np.bincount(bins, minlength=len(ref_counts)) / len(present))
-    result["wasserstein"] = wasserstein_normalized(levels, values, present, spec.get("std"))
+        below = np.searchsorted(present, edges[1:-1], side="left")  # values below each inner edge; the outer bins are open
+        counts = np.diff(np.concatenate([[0], below, [len(present)]]))
+        result["psi"] = psi(ref_counts / ref_counts.sum(), counts / len(present))
+    result["wasserstein"] = wasserstein_normalized(levels, values, present, spec.get("std"), presorted=True)
     if method == "ks":
-        result["statistic"], result["p_value"] = ks_from_quantiles(levels, values, present, reference_rows)
+        result["statistic"], result["p_value"] = ks_from_quantiles(levels, values, present, reference_rows, presorted=True)
         drifted = result["p_value"] < threshold
     elif method == "wasserstein":
         result["statistic"] = result["wasserstein"]

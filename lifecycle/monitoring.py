@@ -199,7 +199,10 @@ def group_labels(
         at = np.searchsorted(cuts, numbers, side="left")
         labels = np.array(names, dtype=object)[np.clip(at, 0, len(names) - 1)]
         return pd.Series(np.where(np.isnan(numbers), "missing", labels), index=values.index)
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    try:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    except TypeError:  # a list or a dict among the values (hostile input)
+        codes, uniques = pd.factorize(values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value), use_na_sentinel=True)
     names = np.array([category_label(value) for value in uniques] + ["missing"], dtype=object)
     return pd.Series(names[np.where(codes < 0, len(uniques), codes)], index=values.index)
 
