@@ -318,7 +318,7 @@ def window_report(
     return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "statements": statements}
 
 # %% ../nbs/42_monitoring.ipynb #68b12744
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2
 
 def _plain(value):
     "JSON-ready: numpy scalars as Python numbers, NaN and infinity as None, pandas times as ISO text."
@@ -377,9 +377,9 @@ def _config_hash(config: dict) -> str:
     return json.dumps(_plain(config), sort_keys=True)
 
 def _start_over(folder: Path) -> None:
-    for name in ("rows", "details"):
+    for name in ("rows", "details", "ids"):
         shutil.rmtree(folder / name, ignore_errors=True)
-    for name in ("ids.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
+    for name in ("cursor_ids.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
         (folder / name).unlink(missing_ok=True)
 
 # %% ../nbs/42_monitoring.ipynb #b4b61162
@@ -416,18 +416,51 @@ def update_windows(
         _start_over(folder)
         return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements)
 
+def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
+    "The window of each of `request_ids` that has been windowed (request_id, window), from the id index's parts."
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    wanted = pa.array(request_ids.astype(str).unique(), pa.string())
+    found = []
+    for part in sorted((folder / "ids").glob("part-*.parquet")):
+        try:
+            table = pq.read_table(part)
+        except Exception as error:
+            raise _Unreadable(f"ids/{part.name}") from error
+        found.append(table.filter(pc.is_in(table.column("request_id"), value_set=wanted)).to_pandas())
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame({"request_id": pd.Series([], dtype=str), "window": pd.Series([], dtype=str)})
+
+def _add_ids(folder: Path, state: dict, ids: pd.DataFrame) -> None:
+    "Append a part to the id index; past 64 parts, merge them into one (a few reads, not one a label)."
+    (folder / "ids").mkdir(parents=True, exist_ok=True)
+    ids.to_parquet(folder / "ids" / f"part-{state['parts']:06d}.parquet", index=False)
+    state["parts"] += 1
+    parts = sorted((folder / "ids").glob("part-*.parquet"))
+    if len(parts) > 64:
+        merged = pd.concat([pd.read_parquet(part) for part in parts], ignore_index=True)
+        merged.to_parquet(folder / "ids" / f"part-{state['parts']:06d}.parquet", index=False)
+        state["parts"] += 1
+        for part in parts:
+            part.unlink()
+
 def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements) -> dict:
     rebuilt = state is None
-    state = state or {"config": _config_hash(config), "predictions_since": None, "labels_since": None, "counted": {}}
-    ids = _read_parquet(folder / "ids.parquet")
-    ids = ids if ids is not None else pd.DataFrame({"request_id": pd.Series([], dtype=str), "window": pd.Series([], dtype=str)})
+    state = state or {"config": _config_hash(config), "predictions_since": None, "labels_since": None, "counted": {}, "parts": 0}
+    at_cursor = _read_parquet(folder / "cursor_ids.parquet")  # the predictions already read at the cursor's instant
     new = log.predictions(since=state["predictions_since"])
-    new = new[~new["request_id"].isin(ids["request_id"])].drop_duplicates("request_id")
-    new = new.drop(columns=[column for column in ("id_hash",) if column in new.columns])
+    if at_cursor is not None and len(at_cursor):
+        new = new[~new["request_id"].isin(at_cursor["request_id"])]
+    new = new.drop_duplicates("request_id").drop(columns=[column for column in ("id_hash",) if column in new.columns])
     if len(new):
-        state["predictions_since"] = new["time"].max().isoformat()
+        cursor = new["time"].max()
+        same_instant = new.loc[new["time"] == cursor, ["request_id"]]
+        if state["predictions_since"] is not None and pd.Timestamp(state["predictions_since"]) == cursor and at_cursor is not None:
+            same_instant = pd.concat([at_cursor, same_instant], ignore_index=True)
+        state["predictions_since"] = cursor.isoformat()
         new = pd.concat([new, assign_windows(new, every, state["counted"])], axis=1)
-        ids = pd.concat([ids, new[["request_id", "window"]]], ignore_index=True)
+        _add_ids(folder, state, new[["request_id", "window"]])
+        same_instant.to_parquet(folder / "cursor_ids.parquet", index=False)
     labels = _labels_since(log, state["labels_since"])
     new_labels = len(labels)
     if len(labels):
@@ -436,20 +469,22 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     if pending is not None and len(pending):
         labels = pd.concat([pending, labels], ignore_index=True)
     labels = labels.drop_duplicates("request_id", keep="last")  # the latest label of a prediction wins (a correction)
-    labels = labels.merge(ids, on="request_id", how="left")
+    labels = labels.merge(_windows_of(folder, labels["request_id"]) if len(labels) else pd.DataFrame(columns=["request_id", "window"]),
+                          on="request_id", how="left")
     waiting = labels[labels["window"].isna()].drop(columns="window")
     labels = labels[labels["window"].notna()]
-    touched = sorted(set(new["window"]) if len(new) else set()) + []
-    touched = set(touched) | set(labels["window"])
+    touched = (set(new["window"]) if len(new) else set()) | set(labels["window"])
+    table = _read_parquet(folder / "windows.parquet")
+    known = pd.concat([table[["window", "model_version"]] if table is not None and len(table) else pd.DataFrame(columns=["window", "model_version"]),
+                       new[["window", "model_version"]] if len(new) else pd.DataFrame(columns=["window", "model_version"])])
     references = state.setdefault("references", {})
-    for version in sorted(set(ids["window"].str.extract(r"^v(\d+)_", expand=False).dropna().astype(int))):
+    for version in sorted(set(known["model_version"].astype(int))):
         has = reference_for(version)[0] is not None
         if references.get(str(version)) not in (None, has):  # a reference appeared (or went): its windows are judged anew
-            touched |= set(ids.loc[ids["window"].str.startswith(f"v{version}_"), "window"])
+            touched |= set(known.loc[known["model_version"].astype(int) == version, "window"])
             statements.append(f"the reference of model version {version} {'appeared' if has else 'is gone'}: its windows were recomputed")
         references[str(version)] = has
     touched = sorted(touched)
-    table = _read_parquet(folder / "windows.parquet")
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
     for key in touched:
         path = folder / "rows" / f"{_safe_name(key)}.parquet"
@@ -477,8 +512,6 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         windows = windows.sort_values(["window_start", "model_version"], kind="stable", ignore_index=True)
     if touched or table is None:
         windows.to_parquet(folder / "windows.parquet", index=False)
-    if len(new):
-        ids.to_parquet(folder / "ids.parquet", index=False)
     waiting.to_parquet(folder / "pending_labels.parquet", index=False)
     write_json(folder / "state.json", state)
     if len(waiting):
@@ -486,7 +519,7 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     return {"windows": windows, "touched": touched, "new_predictions": len(new), "new_labels": new_labels,
             "rebuilt": rebuilt, "statements": statements}
 
-# %% ../nbs/42_monitoring.ipynb #8127408a
+# %% ../nbs/42_monitoring.ipynb #803f2a53
 MONITOR_KEYS = {"window": "week", "kpis": "", "alerts": "", "webhook": "", "repeat_hours": "4", "min_rows": "20",
                 "min_group": "20", "bootstrap": "200", "log": ""}
 
