@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,9 +20,9 @@ from .drift import category_counts, category_label, drift_summary, feature_drift
 from .alerts import evaluate, parse_kpis
 
 # %% auto #0
-__all__ = ['RESULTS_FORMAT', 'MONITOR_KEYS', 'parse_every', 'event_times', 'assign_windows', 'weighted_auc', 'realized_metrics',
-           'calibrated', 'estimated_metrics', 'group_labels', 'fairness', 'window_days', 'window_report',
-           'update_windows', 'monitor_project']
+__all__ = ['RESULTS_FORMAT', 'LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'parse_every', 'event_times', 'assign_windows',
+           'weighted_auc', 'realized_metrics', 'calibrated', 'estimated_metrics', 'group_labels', 'fairness',
+           'window_days', 'window_report', 'update_windows', 'monitor_project']
 
 # %% ../nbs/42_monitoring.ipynb #77797d2b
 def parse_every(
@@ -520,6 +521,9 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
             "rebuilt": rebuilt, "statements": statements}
 
 # %% ../nbs/42_monitoring.ipynb #803f2a53
+LABELED_FIGURES = ("labeled", "roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap", "tp", "fp", "fn", "tn")
+WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"  # a webhook URL often holds a secret: it may come from the environment instead of settings
+
 MONITOR_KEYS = {"window": "week", "kpis": "", "alerts": "", "webhook": "", "repeat_hours": "4", "min_rows": "20",
                 "min_group": "20", "bootstrap": "200", "log": ""}
 
@@ -596,12 +600,17 @@ def monitor_project(
     same_period = windows[(windows["window_start"] == latest["window_start"]) & (windows["model_version"] != latest["model_version"])]
     if len(same_period) and every in ("day", "week"):
         details["statements"].append(f"the model version changed during this window: version(s) {', '.join(map(str, sorted(same_period['model_version'])))} served in it too (each has its own window)")
+    labelled = serving[(serving["model_version"] == latest["model_version"]) & (serving["labeled"] > 0)]
+    if len(labelled):  # realized figures come late: rules read them from the latest window whose labels arrived
+        last = labelled.sort_values(["window_start", "last_event"], kind="stable").iloc[-1]
+        details["values"].update({f"last_labeled.{name}": _plain(last[name]) for name in LABELED_FIGURES if name in last.index})
+        details["statements"].append(f"realized figures for rules (last_labeled.*) come from window {last['window']}, the latest with labels")
     summary["latest"] = {"window": latest["window"], "model_version": int(latest["model_version"]), "window_start": latest["window_start"],
                          "last_event": latest["last_event"], "values": details["values"], "statements": details["statements"]}
     if rules:
         alerts = raise_alerts(root / "monitoring", rules, details["values"], now or datetime.now(timezone.utc),
                               labels={"project": summary["project"], "model_version": str(int(latest["model_version"]))},
-                              annotations={"window": latest["window"]}, webhook=section.get("webhook", "").strip(),
+                              annotations={"window": latest["window"]}, webhook=(section.get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip(),
                               repeat_interval=repeat, post=post or post_webhook)
         summary["alerts"] = alerts
         statements += alerts.pop("statements")

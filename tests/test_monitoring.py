@@ -162,6 +162,8 @@ def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
     late = monitor_project(root, now=t0 + timedelta(hours=13))
     after = _windows(root)
     assert late["new_labels"] == 200
+    assert late["latest"]["window"] == "v1_2024-05-20" and late["latest"]["values"]["recall"] is None
+    assert late["latest"]["values"]["last_labeled.prevalence"] == 1.0 and late["latest"]["values"]["last_labeled.labeled"] == 200
     assert after.loc["v1_2024-05-13", "labeled"] == 200 and after.loc["v1_2024-05-06", "labeled"] == 0
     assert after.loc["v1_2024-05-13", "recall"] is not None and after.loc["v1_2024-05-13", "prevalence"] == 1.0
     details = json.loads((root / "monitoring" / "details" / "v1_2024-05-13.json").read_text())
