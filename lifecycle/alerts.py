@@ -314,7 +314,7 @@ def post_webhook(
                 break  # the receiver refuses this payload: retrying will not help
         except (OSError, ValueError) as error:
             reason = type(error).__name__ if not getattr(error, "reason", None) else str(error.reason).split(":")[0][:80]
-    return False, f"not delivered after {attempt + 1} attempts ({reason})"
+    return False, f"not delivered after {attempt + 1} attempt{'s' if attempt else ''} ({reason})"
 
 # %% ../nbs/41_alerts.ipynb #94fc15ff
 @contextmanager

@@ -191,3 +191,33 @@ def test_version_change_mid_week_splits_the_window(project):
     details = json.loads((root / "monitoring" / "details" / "v2_2024-05-06.json").read_text())
     assert "no reference statistics for this model version: drift is not judged" in details["statements"]
     json.dumps(result, allow_nan=False)
+
+
+def test_webhook_retries_a_failing_receiver_then_delivers_and_gives_up_on_a_refusal():
+    from lifecycle.alerts import post_webhook
+
+    class Flaky(BaseHTTPRequestHandler):
+        codes = []
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(type(self).codes.pop(0))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    waits = []
+    try:
+        Flaky.codes[:] = [500, 503, 200]
+        assert post_webhook(url, {"version": "4"}, sleep=waits.append) == (True, "delivered (HTTP 200)")
+        assert waits == [0.2, 0.4] and Flaky.codes == []
+        Flaky.codes[:] = [400, 200]  # the receiver refuses the payload: retrying would not help
+        assert post_webhook(url, {"version": "4"}, sleep=waits.append) == (False, "not delivered after 1 attempt (HTTP 400)")
+        assert Flaky.codes == [200]
+    finally:
+        server.shutdown()
+        server.server_close()
