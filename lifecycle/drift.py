@@ -41,11 +41,11 @@ def js_distance(
 # %% ../nbs/40_drift.ipynb #1e033bdb
 def quantile_points(
     spec: dict,  # a numeric feature's (or the scores') entry of reference.json
-) -> tuple[np.ndarray, np.ndarray, bool]:  # (levels 0..1, values, exact: True when from 101 percentiles)
+) -> tuple[np.ndarray, np.ndarray, bool]:  # (levels 0..1, values, exact: True when from the stored quantile grid)
     "The reference's quantile function as points (level, value), increasing in both."
-    percentiles = spec.get("percentiles") or []
-    if len(percentiles) >= 2:
-        return np.linspace(0, 1, len(percentiles)), np.maximum.accumulate(np.asarray(percentiles, dtype=float)), True
+    grid = spec.get("quantile_grid") or []
+    if len(grid) >= 2:
+        return np.linspace(0, 1, len(grid)), np.maximum.accumulate(np.asarray(grid, dtype=float)), True
     levels, values = [], []
     edges, counts = spec.get("bin_edges") or [], spec.get("bin_counts") or []
     if len(edges) == len(counts) + 1 and sum(counts) > 0:
@@ -297,7 +297,7 @@ def feature_drift(
         if result.get("invalid"):
             statement = (statement + "; " if statement else "") + f"{result['invalid']} values were not numbers and count as missing"
         if "method" in result and not result.get("exact", True):
-            statement = (statement + "; " if statement else "") + "an older reference without percentiles: distances approximated from its deciles"
+            statement = (statement + "; " if statement else "") + "an older reference without its quantile grid: distances approximated from its deciles"
         drifted = result.get("drifted")
         rows.append({"feature": name, "kind": kind, "rows": len(window), "method": result.get("method"),
                      "statistic": result.get("statistic"), "p_value": result.get("p_value"), "threshold": result.get("threshold"),
