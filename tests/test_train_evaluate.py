@@ -227,5 +227,5 @@ def test_a_new_split_neither_flips_fairness_nor_lets_the_champion_win_from_memor
     third = stages(run(1))["evaluate"]["summary"]
     for summary in (first, second, third):
         fairness_checks = [c for c in summary["gate"]["checks"] if c["check"].startswith("equalized odds")]
-        assert len(fairness_checks) == 3 and all(c["passed"] for c in fairness_checks), fairness_checks
-        assert {row["verdict"] for row in summary["fairness_by_seed"]} == {"passed"}
+        assert len(fairness_checks) == 2 and all(c["passed"] for c in fairness_checks), fairness_checks  # sex, age
+        assert {row["verdict"] for row in summary["fairness_by_seed"] if row["gated"]} == {"passed"}
