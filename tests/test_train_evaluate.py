@@ -21,7 +21,8 @@ def test_default_project_reaches_an_approved_reproducible_champion(champion_proj
     settings = heart_project / "settings.ini"
     run = json.loads((heart_project / "first-run.json").read_text())
     train, evaluate = stages(run)["train"]["summary"], stages(run)["evaluate"]["summary"]
-    assert evaluate["gate"] == {"passed": True, "reasons": []}
+    assert (evaluate["gate"]["passed"], evaluate["gate"]["reasons"]) == (True, [])
+    assert all(check["passed"] for check in evaluate["gate"]["checks"]) and len(evaluate["gate"]["checks"]) == 4  # AUC, sex, age, latency
     assert evaluate["metrics"]["roc_auc"] > 0.8
     assert set(evaluate["fairness"]) == {"sex", "age", "sex & age"}
     version = train["model_version"]
