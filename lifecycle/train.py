@@ -17,19 +17,18 @@ from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import (accuracy_score, average_precision_score, brier_score_loss, f1_score, precision_score,
-                             recall_score, roc_auc_score)
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import lifecycle
 from .core import LifecycleError, Settings
+from .metrics import binned, classification_metrics, group_metrics, model_card, row_hashes, row_hashes_bytes
 
 # %% auto #0
 __all__ = ['MODELS', 'SEARCH_GRIDS', 'QUANTILE_GRID', 'PACKAGES', 'feature_columns', 'make_classifier', 'build_pipeline',
-           'classification_metrics', 'binned', 'reference_statistics', 'environment_record', 'model_card',
-           'group_metrics', 'fit_model']
+           'reference_statistics', 'environment_record', 'fit_model']
 
 # %% ../nbs/03_train.ipynb #8ed41083
 def feature_columns(
@@ -82,36 +81,6 @@ SEARCH_GRIDS = {
     "random_forest": {"model__max_depth": [None, 6], "model__min_samples_leaf": [1, 4]},
     "hist_gradient_boosting": {"model__learning_rate": [0.03, 0.1], "model__max_leaf_nodes": [7, 15]},
 }
-
-# %% ../nbs/03_train.ipynb #93fda877
-def classification_metrics(
-    y_true: np.ndarray,  # labels, 0 or 1
-    scores: np.ndarray,  # predicted probability of the positive class
-    threshold: float = 0.5,  # the decision threshold
-) -> dict:  # roc_auc, pr_auc, accuracy, precision, recall, f1, brier
-    "The accuracy metrics of scores at a threshold."
-    predicted = (scores >= threshold).astype(int)
-    both = len(np.unique(y_true)) == 2
-    return {
-        "roc_auc": float(roc_auc_score(y_true, scores)) if both else float("nan"),
-        "pr_auc": float(average_precision_score(y_true, scores)) if both else float("nan"),
-        "accuracy": float(accuracy_score(y_true, predicted)),
-        "precision": float(precision_score(y_true, predicted, zero_division=0)),
-        "recall": float(recall_score(y_true, predicted, zero_division=0)),
-        "f1": float(f1_score(y_true, predicted, zero_division=0)),
-        "brier": float(brier_score_loss(y_true, scores)),
-    }
-
-def binned(
-    values: pd.Series,  # a sensitive column
-    bins: int = 4,  # numeric columns are cut into this many quantile bins
-) -> pd.Series:  # group labels
-    "Group labels for a sensitive column: numeric ones (with many values) binned by quantiles."
-    if pd.api.types.is_numeric_dtype(values) and values.nunique() > 6:
-        edges = np.unique(np.nanquantile(values, np.linspace(0, 1, bins + 1)))
-        labels = [f"{edges[i]:g}–{edges[i + 1]:g}" for i in range(len(edges) - 1)]
-        return pd.cut(values, edges, labels=labels, include_lowest=True).astype(str).replace("nan", "missing")
-    return values.map(lambda v: "missing" if pd.isna(v) else (f"{v:g}" if isinstance(v, float) else str(v)))
 
 # %% ../nbs/03_train.ipynb #00ccb101
 QUANTILE_GRID = np.linspace(0, 1, 1001)  # 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
@@ -170,66 +139,6 @@ def _git_commit(folder: Path) -> str | None:
         return done.stdout.strip() or None if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         return None
-
-# %% ../nbs/03_train.ipynb #e62da839
-def model_card(
-    meta: dict,  # the version's metadata
-    settings: Settings,  # the project's settings
-    by_group: dict[str, list[dict]],  # per sensitive column: rows of group metrics
-    evaluation: dict | None = None,  # test metrics and the gate's decision, once evaluated
-) -> str:  # Markdown
-    "A model card: intended use, data, metrics overall and by group, limitations."
-    from lifecycle.registry import markdown_table
-    metrics = (evaluation or {}).get("metrics") or meta.get("metrics", {})
-    where = "test split" if evaluation else "validation split"
-    lines = [f"# Model card: {settings.path.parent.name}, version {meta['version']}", "",
-             "## Intended use", "",
-             f"Predicts `{settings.target}` in {{{', '.join(settings.positive)}}} (the positive class) from the features below, "
-             "to support, not replace, a professional's decision. Not for populations unlike the training data.", "",
-             "## Model", "",
-             f"- {meta['model']} in a scikit-learn pipeline (imputation and encoding fitted on training rows)",
-             f"- SHA-256 {meta['sha256']}",
-             f"- trained on data version {meta['data_version']} ({meta['rows']['train']} training rows), seed {meta['seed']}",
-             f"- features: {', '.join(meta['features']['numeric'] + meta['features']['categorical'])}", ""]
-    if evaluation:
-        lines += ["## Decision", "", f"- gate: {'passed' if evaluation['gate']['passed'] else 'refused'}"]
-        lines += [f"- {reason}" for reason in evaluation["gate"]["reasons"]]
-        lines += [f"- decision threshold {evaluation['threshold']:.3f} (for recall ≥ {evaluation['target_recall']:.0%} on validation)", ""]
-    lines += [f"## Metrics ({where})", "", markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]), ""]
-    for column, rows in by_group.items():
-        lines += [f"## By {column} ({where})", "", markdown_table(rows), ""]
-    small = sorted({row["group"] for rows in by_group.values() for row in rows if row.get("too_small")})
-    lines += ["## Limitations", "",
-              f"- Trained on the sources {', '.join(meta['sources'])}; patients from elsewhere may differ.",
-              "- Missing values are imputed from training rows; a feature missing far more often in production weakens the model.",
-              (f"- Groups too small to judge: {', '.join(small)}." if small else "- Every group was large enough to judge."), ""]
-    return "\n".join(lines)
-
-# %% ../nbs/03_train.ipynb #2f16f638
-def group_metrics(
-    y_true: np.ndarray,  # labels
-    scores: np.ndarray,  # scores
-    threshold: float,  # the decision threshold
-    groups: pd.Series | pd.DataFrame,  # the group of each row (several columns: their intersection)
-    min_size: int = 20,  # groups smaller than this are too small to judge
-) -> list[dict]:  # one row a group: size, recall, false negative rate, precision, selection rate
-    "Per-group metrics with Fairlearn."
-    from fairlearn.metrics import MetricFrame, count, false_negative_rate, selection_rate
-    predicted = (np.asarray(scores) >= threshold).astype(int)
-    frame = MetricFrame(
-        metrics={"n": count, "recall": lambda t, p: recall_score(t, p, zero_division=0),
-                 "false_negative_rate": false_negative_rate,
-                 "precision": lambda t, p: precision_score(t, p, zero_division=0), "selection_rate": selection_rate},
-        y_true=np.asarray(y_true), y_pred=predicted, sensitive_features=groups)
-    table = frame.by_group.reset_index()
-    names = [c for c in table.columns if c not in ("n", "recall", "false_negative_rate", "precision", "selection_rate")]
-    rows = []
-    for _, row in table.iterrows():
-        group = " & ".join(f"{row[name]}" for name in names)
-        rows.append({"group": group, "n": int(row["n"]), "recall": float(row["recall"]),
-                     "false_negative_rate": float(row["false_negative_rate"]), "precision": float(row["precision"]),
-                     "selection_rate": float(row["selection_rate"]), "too_small": bool(row["n"] < min_size)})
-    return rows
 
 # %% ../nbs/03_train.ipynb #a975a332
 def fit_model(

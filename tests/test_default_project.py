@@ -38,9 +38,16 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
         assert f'href="{name}"' in index, name
         assert (report / name).exists(), name
     collect_html = (report / "01_collect.html").read_text()
-    assert "def read_text_table" not in collect_html  # code hidden
-    assert "597" in (report / "01_collect.html").read_text() or "303" in collect_html  # outputs shown
+    # Code hidden: a line of the run section, which the report shows the outputs of (the notebook beside it holds the line).
+    run_line = "context = stage_context(settings, run_dir,"
+    assert run_line in (report / "01_collect.ipynb").read_text() and run_line not in collect_html
+    # Outputs shown: the run's printed line and its table of sources (not a number nbconvert's CSS also holds).
+    assert "597 rows from 2 sources, 0 malformed lines set aside" in collect_html and "<td>303</td>" in collect_html
     assert "Data quality" in (report / "prepare-data_quality.html").read_text()
+    # The evaluation report heads with every figure that decided the gate, beside its threshold.
+    evaluate_html = (report / "04_evaluate.html").read_text()
+    assert "Decision: model version 1" in evaluate_html and "single-record latency" in evaluate_html
+    assert "at most 50.0 ms" in evaluate_html and "lower end at most 0.300" in evaluate_html and "at least 0.750" in evaluate_html
     assert (heart_project / "reports" / "latest").resolve() == report
     # Outputs in the run folder, state in the project folder, nothing in the working folder.
     run_dir = Path(run["run_dir"])
