@@ -232,6 +232,8 @@ def load_model(
     version = registry.resolve(name)
     meta = registry.meta(version)
     path = registry.path / "versions" / str(version) / "model.skops"
+    if not path.is_file():
+        raise LifecycleError(f"{path} is missing: model version {version} cannot be loaded; register it again with `lifecycle run`")
     data = path.read_bytes()
     if sha256_bytes(data) != meta["sha256"]:
         raise LifecycleError(f"{path}: SHA-256 does not match the registry's record; the file was changed, refusing to load it")

@@ -125,3 +125,11 @@ def test_batch_refuses_a_crafted_model_file_in_one_line(project, capsys, name):
     assert code == 1, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("lifecycle: "), err
     assert not (project / "out.csv").exists()
+
+
+def test_promote_refuses_a_version_whose_file_is_gone(project, capsys):
+    (Registry(project).path / "versions" / "2" / "model.skops").unlink()
+    code, out, err = _models(project, capsys, "promote", "2")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "is missing" in err
+    code, out, err = _models(project, capsys)
+    assert code == 0 and "version 2" in err
