@@ -26,8 +26,9 @@ from .core import LifecycleError
 from .scoring import FastPath, Scorer, ServingSpec
 
 # %% auto #0
-__all__ = ['check_frame', 'feature_matrix', 'score_features', 'file_format', 'input_columns', 'read_chunks', 'count_rows',
-           'output_schema', 'score_chunk', 'file_sha256', 'batch_ids', 'Progress', 'score_file', 'add_batch_command']
+__all__ = ['check_frame', 'feature_matrix', 'score_features', 'file_format', 'read_error', 'input_columns', 'read_chunks',
+           'count_rows', 'output_schema', 'score_chunk', 'file_sha256', 'batch_ids', 'Progress', 'score_file',
+           'add_batch_command']
 
 # %% ../nbs/33_batch.ipynb #3683903b
 _KINDS = ["", "type_error.number", "value_error.not_finite", "value_error.range", "value_error.category",
@@ -205,17 +206,56 @@ def file_format(path: Path) -> str:
         return "csv"
     raise LifecycleError(f"{path}: unknown format {suffix or '(no extension)'}; batch reads and writes .parquet and .csv files")
 
-def _csv_columns(path: Path) -> list[str]:
+class _FirstBadLine:
+    "pyarrow's handler of a malformed CSV line: remember the first, stop the read (its text is kept only to find its line number)."
+    def __init__(self):
+        self.row = None
+
+    def __call__(self, row) -> str:
+        if self.row is None:
+            self.row = row
+        return "error"
+
+def _line_number(path: Path, text: str) -> int | None:
+    "The number of the first line of a file that reads `text` (looked for only after a read failed)."
+    wanted = text.encode() if isinstance(text, str) else text
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.rstrip(b"\r\n") == wanted:
+                return number
+    return None
+
+def read_error(
+    path: Path,  # the input file
+    error: Exception,  # what the reader raised
+    bad: _FirstBadLine | None = None,  # the malformed line it met, for a CSV file
+    rows_read: int = 0,  # rows read before it
+) -> LifecycleError:  # one line: where and what rule, never the line's values (they are patient data)
+    "The one-line error for an input file that cannot be read on."
+    if bad is not None and bad.row is not None:
+        number = _line_number(path, bad.row.text)
+        where = f"line {number:,}" if number else f"a line after row {rows_read:,}"
+        return LifecycleError(f"{path}: {where} has {bad.row.actual_columns} fields, the header {bad.row.expected_columns}; "
+                              "fix or remove that line and run again")
+    return LifecycleError(f"{path} cannot be read as {file_format(path)} after row {rows_read:,} ({type(error).__name__}): "
+                          "the file is damaged or is not what its name says")
+
+def _csv_columns(path: Path, bad: _FirstBadLine | None = None) -> list[str]:
     "The column names of a CSV file's header."
     with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 16),
+                        parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
                         convert_options=pacsv.ConvertOptions(column_types={}, include_columns=[])) as reader:
         return reader.schema.names
 
 def input_columns(path: Path) -> list[str]:
     "The columns of an input file, read from its footer or header only."
-    if file_format(path) == "parquet":
-        return pq.ParquetFile(path).schema_arrow.names
-    return _csv_columns(path)
+    bad = _FirstBadLine()
+    try:
+        if file_format(path) == "parquet":
+            return pq.ParquetFile(path).schema_arrow.names
+        return _csv_columns(path, bad)
+    except (pa.ArrowException, OSError) as error:
+        raise read_error(path, error, bad) from None
 
 # %% ../nbs/33_batch.ipynb #5a3d6fa8
 def _csv_block_size(path: Path, chunk_rows: int) -> int:
@@ -230,16 +270,21 @@ def read_chunks(
 ):  # yields (first row number, pyarrow RecordBatch)
     "Stream a file as Arrow record batches."
     start = 0
-    if file_format(path) == "parquet":
-        batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
-    else:
-        text = {name: pa.string() for name in _csv_columns(path)}
-        batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_csv_block_size(path, chunk_rows)),
-                                 convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True))
-    for batch in batches:
-        if batch.num_rows:
-            yield start, batch
-            start += batch.num_rows
+    bad = _FirstBadLine()
+    try:
+        if file_format(path) == "parquet":
+            batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        else:
+            text = {name: pa.string() for name in _csv_columns(path, bad)}
+            batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_csv_block_size(path, chunk_rows)),
+                                     parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
+                                     convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True))
+        for batch in batches:
+            if batch.num_rows:
+                yield start, batch
+                start += batch.num_rows
+    except (pa.ArrowException, OSError) as error:  # a malformed line or a damaged page: one line, never its values
+        raise read_error(path, error, bad, start) from None
 
 def count_rows(path: Path) -> int | None:
     "Rows in a Parquet file (from its footer); None for CSV, which would need a read."

@@ -64,7 +64,12 @@ def _models(args) -> int:
     print(f"{'version':>7}  {'created':<25} {'model':<24} {'ROC AUC':>8}  {'gate':<7} {'sha256':<16}  aliases")
     for row in listing["versions"]:
         gate = {True: "passed", False: "refused", None: "—"}[row["gate"]]
-        print(f"{row['version']:>7}  {row['created']:<25} {row['model']:<24} {row['roc_auc']:>8.3f}  {gate:<7} {row['sha256'][:16]}  {', '.join(row['aliases'])}")
+        print(f"{row['version']:>7}  {row['created']:<25} {row['model']:<24} {row['roc_auc']:>8.3f}  {gate:<7} {row['sha256'][:16]}  {', '.join(row['aliases'])}"
+              + ("" if row["file_ok"] else "  ! FILE FAILS ITS SHA-256"))
+    for row in listing["versions"]:
+        if not row["file_ok"]:
+            print(f"warning: version {row['version']}: model.skops does not match its SHA-256 (changed or missing); it cannot be loaded or promoted",
+                  file=sys.stderr)
     return 0
 
 # %% ../nbs/11_cli.ipynb #1666fb42

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import LINEAGE, LifecycleError, Settings, frame_sha256, write_parquet_files
+from .core import LINEAGE, LifecycleError, Settings, frame_sha256, parse_mapping, write_parquet_files
 from .sources import read_source, source_files
 
 # %% auto #0
-__all__ = ['collect', 'stage_inputs']
+__all__ = ['check_named_columns', 'collect', 'stage_inputs']
 
 # %% ../nbs/01_collect.ipynb #34be8a80
 def _text_if_mixed(column: pd.Series) -> pd.Series:
@@ -26,6 +26,23 @@ def _text_if_mixed(column: pd.Series) -> pd.Series:
     if column.dropna().map(type).nunique() <= 1:
         return column
     return column.where(column.isna(), column.astype(str))
+
+def check_named_columns(
+    settings: Settings,  # the project's settings
+    columns: list[str],  # the columns the data has
+):
+    "Refuse settings that name a column the data lacks: [data] target, id, timestamp, sensitive; [prepare] ranges, recode, missing_values."
+    named = [("[data] target", [settings.target]), ("[data] id", [settings.id]), ("[data] timestamp", [settings.timestamp]),
+             ("[data] sensitive", settings.sensitive)]
+    prepare = settings.stage_section("prepare")
+    for key in ("ranges", "recode", "missing_values"):
+        named.append((f"[prepare] {key}", list(parse_mapping(prepare.get(key, ""), f"[prepare] {key}"))))
+    for where, names in named:
+        for name in names:
+            if name and name not in columns:
+                shown = ", ".join(columns[:40]) + (f" and {len(columns) - 40} more" if len(columns) > 40 else "")
+                raise LifecycleError(f"{settings.path.name}: {where} names column '{name}', which the data does not have; "
+                                     f"its columns are {shown}")
 
 def collect(
     settings: Settings,  # the project's settings
@@ -45,6 +62,7 @@ def collect(
         malformed.append(bad)
         entries.append(entry)
     snapshot = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    check_named_columns(settings, [column for column in snapshot.columns if column not in LINEAGE])
     for column in ("_source", "_file"):
         snapshot[column] = pd.api.types.union_categoricals([frame[column] for frame in frames])
     for column in snapshot.columns:

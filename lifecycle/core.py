@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import html
 import importlib
 import json
 import math
@@ -29,7 +30,8 @@ __all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LifecycleError'
            'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings',
            'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool',
            'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet',
-           'write_parquet_files', 'import_without', 'StageContext', 'record_inputs', 'stage_context', 'latest_run']
+           'write_parquet_files', 'styled', 'import_without', 'StageContext', 'record_inputs', 'stage_context',
+           'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -416,6 +418,21 @@ def write_parquet_files(
     with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
         for written in [pool.submit(write_parquet, path, df) for path, df in files.items()]:
             written.result()
+
+# %% ../nbs/00_core.ipynb #393780fa
+def styled(
+    frame: pd.DataFrame,  # the table to show
+    precision: int = 3,  # digits after the point
+    caption: str | None = None,  # a caption (escaped too)
+    formats: dict | None = None,  # column -> format string, for columns that need another one
+):  # a Styler whose values, labels and caption are escaped text
+    "A report table: numbers rounded, every value, label and caption from data or settings escaped."
+    names = lambda index: [None if name is None else html.escape(str(name)) for name in index.names]
+    frame = frame.copy(deep=False)
+    frame.index, frame.columns = frame.index.set_names(names(frame.index)), frame.columns.set_names(names(frame.columns))  # not escaped by Styler
+    styler = frame.style.format(formats, precision=precision, escape="html")
+    styler = styler.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
+    return styler.set_caption(html.escape(caption)) if caption else styler
 
 # %% ../nbs/00_core.ipynb #b012df16
 def import_without(

@@ -539,6 +539,7 @@ def profile_report(
 ) -> dict:  # rows profiled and mode
     "Write a data quality report of `df` as HTML."
     import contextlib
+    import html
     import io
     import warnings
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # no progress bars in the report
@@ -546,7 +547,9 @@ def profile_report(
         from data_profiling import ProfileReport
         sampled = len(df) > max_rows
         data = df.sample(n=max_rows, random_state=seed) if sampled else df
-        report = ProfileReport(data.reset_index(drop=True), title=title, minimal=sampled, progress_bar=False,
+        # the profiler writes column names (and the title) into its page as markup; it escapes values, not names
+        data = data.reset_index(drop=True).rename(columns=lambda column: html.escape(str(column)))
+        report = ProfileReport(data, title=html.escape(title), minimal=sampled, progress_bar=False,
                                correlations=None if sampled else {"auto": {"calculate": True}})
         write_text(path, report.to_html())
     return {"rows_profiled": len(data), "mode": "minimal, sampled" if sampled else "full"}

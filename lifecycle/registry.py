@@ -25,11 +25,13 @@ from .core import LifecycleError, import_without, read_json, sha256_bytes, sha25
 # no model here uses. The list it builds is the same without them.
 import_without("skops.io", ("sklearn.externals.array_api_compat.dask", "pytest"))
 import skops.io  # noqa: E402
+from skops.io._audit import get_tree  # noqa: E402  (the audit skops itself runs before it loads anything)
+from skops.io._utils import read_schema  # noqa: E402
 
 # %% auto #0
-__all__ = ['TRUSTED_TYPES', 'ALIASES', 'canonical_skops', 'model_bytes', 'load_model_bytes', 'Registry', 'register',
-           'update_meta', 'load_model', 'events', 'set_alias', 'rollback', 'describe', 'markdown_table',
-           'markdown_to_html', 'save_card']
+__all__ = ['TRUSTED_TYPES', 'BUILTIN_TYPES', 'ALIASES', 'CHANGE_FILE', 'canonical_skops', 'model_bytes', 'model_types',
+           'load_model_bytes', 'Registry', 'register', 'update_meta', 'load_model', 'events', 'set_alias',
+           'finish_change', 'rollback', 'describe', 'markdown_table', 'markdown_to_html', 'save_card']
 
 # %% ../nbs/20_registry.ipynb #0dea7b9d
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -84,26 +86,63 @@ TRUSTED_TYPES = [
     "sklearn._loss.link.LogitLink",
     "sklearn._loss.link.Interval",
     "sklearn._loss._loss.CyHalfBinomialLoss",
+    "sklearn.preprocessing._label.LabelEncoder",  # the gradient boosting's classes
+    "numpy.random._generator.Generator",  # the gradient boosting's random state (numbers, no code)
     "numpy.dtype",
     "numpy.ndarray",
     "numpy.float64",
     "numpy.int64",
+    "numpy.uint64",
+    "numpy.int32",
+    "numpy.float32",
+    "numpy.bool_",
     "builtins.slice",
     "collections.OrderedDict",
 ]
+
+# the plain values and containers of a model's state, which skops stores as nodes too
+BUILTIN_TYPES = ["builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "builtins.int", "builtins.float",
+                 "builtins.bool", "builtins.NoneType", "builtins.bytes", "builtins.bytearray"]
+
+def model_types(
+    data: bytes,  # a skops archive
+) -> set[str]:  # every type (module.name) the archive would build, functions included
+    "Read the types a skops archive names from its schema, building nothing."
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        schema, context = read_schema(archive)
+        tree = get_tree(schema, load_context=context, trusted=None)
+    types, seen, pending = set(), set(), [tree]
+    while pending:  # a loop, not recursion: a crafted file may nest deeply
+        node = pending.pop()
+        if isinstance(node, (list, tuple)):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            pending.extend(node.values())
+        elif hasattr(node, "module_name") and id(node) not in seen:
+            seen.add(id(node))
+            types.add(f"{node.module_name}.{node.class_name}")
+            pending.extend(node.children.values())
+    return types
 
 def load_model_bytes(
     data: bytes,  # a skops archive
     where: str = "model",  # names the file in errors
 ):
-    "Load a model, refusing any type that is not on the trusted list."
-    untrusted = [name for name in skops.io.get_untrusted_types(data=data) if name not in TRUSTED_TYPES]
-    if untrusted:
-        raise LifecycleError(f"{where} holds types that are not trusted ({', '.join(untrusted[:3])}); refusing to load it")
-    return skops.io.loads(data, trusted=TRUSTED_TYPES)
+    "Load a model, refusing any type that is not on our trusted list (skops' own defaults included) and any broken file."
+    try:
+        untrusted = sorted(model_types(data) - set(TRUSTED_TYPES) - set(BUILTIN_TYPES))
+        if untrusted:
+            raise LifecycleError(f"{where} holds types that are not trusted ({', '.join(untrusted[:3])}); refusing to load it")
+        return skops.io.loads(data, trusted=TRUSTED_TYPES)
+    except LifecycleError:
+        raise
+    except Exception as error:  # a crafted or broken archive can fail anywhere in the reader: never a traceback
+        raise LifecycleError(f"{where} is not a model file lifecycle can load ({type(error).__name__}); "
+                             "register the model again with `lifecycle run`") from None
 
 # %% ../nbs/20_registry.ipynb #66fb2ffe
 ALIASES = ("champion", "challenger")
+CHANGE_FILE = "alias-change.json"  # an alias change under way: its event and the aliases it sets
 
 class Registry:
     "A project's model registry (`registry/` in the project folder)."
@@ -135,7 +174,10 @@ class Registry:
         return read_json(path)
 
     def aliases(self) -> dict[str, int]:
-        "Alias -> version."
+        "Alias -> version (an alias change a killed process left half done is finished first)."
+        if (self.path / CHANGE_FILE).exists():
+            with self._locked():
+                finish_change(self)
         path = self.path / "aliases.json"
         return read_json(path) if path.exists() else {}
 
@@ -190,14 +232,20 @@ def load_model(
     version = registry.resolve(name)
     meta = registry.meta(version)
     path = registry.path / "versions" / str(version) / "model.skops"
+    if not path.is_file():
+        raise LifecycleError(f"{path} is missing: model version {version} cannot be loaded; register it again with `lifecycle run`")
     data = path.read_bytes()
     if sha256_bytes(data) != meta["sha256"]:
         raise LifecycleError(f"{path}: SHA-256 does not match the registry's record; the file was changed, refusing to load it")
-    return load_model_bytes(data, str(path))
+    model = load_model_bytes(data, str(path))
+    if not callable(getattr(model, "predict_proba", None)):
+        raise LifecycleError(f"{path} is not a fitted classifier (it has no predict_proba); refusing to load it")
+    return model
 
 # %% ../nbs/20_registry.ipynb #a1f092e9
 def events(registry: Registry) -> list[dict]:
     "Every change of an alias, oldest first."
+    registry.aliases()  # finishes a change a killed process left half done
     path = registry.path / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -211,15 +259,32 @@ def set_alias(
     if alias not in ALIASES:
         raise LifecycleError(f"unknown alias '{alias}'; aliases: {', '.join(ALIASES)}")
     meta = registry.meta(version)
+    load_model(registry, version)  # refuses a file that fails its hash, holds an untrusted type or does not load
     with registry._locked():
-        aliases = registry.aliases()
+        finish_change(registry)
+        path = registry.path / "aliases.json"
+        aliases = read_json(path) if path.exists() else {}
         event = {"alias": alias, "version": version, "previous": aliases.get(alias), "reason": reason,
                  "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "metrics": (meta.get("evaluation") or {}).get("metrics") or meta.get("metrics", {})}  # test metrics once evaluated
-        write_json(registry.path / "aliases.json", {**aliases, alias: version})
-        log = registry.path / "events.jsonl"
-        write_text(log, (log.read_text() if log.exists() else "") + json.dumps(event, default=str) + "\n")
+        write_json(registry.path / CHANGE_FILE, {"aliases": {**aliases, alias: version}, "event": json.dumps(event, default=str)})
+        finish_change(registry)
     return event
+
+def finish_change(
+    registry: Registry,  # the registry, its lock held
+):
+    "Complete the alias change in `alias-change.json`, if any: append its event once, write its aliases, remove it."
+    change_path = registry.path / CHANGE_FILE
+    if not change_path.exists():
+        return
+    change = read_json(change_path)
+    log = registry.path / "events.jsonl"
+    recorded = log.read_text() if log.exists() else ""
+    if recorded.rstrip("\n").rsplit("\n", 1)[-1] != change["event"]:  # not appended yet (killed before that step)
+        write_text(log, recorded + change["event"] + "\n")
+    write_json(registry.path / "aliases.json", change["aliases"])
+    change_path.unlink()
 
 def rollback(
     registry: Registry,  # the registry
@@ -240,8 +305,10 @@ def describe(registry: Registry) -> dict:
     for version in registry.versions():
         meta = registry.meta(version)
         evaluated = (meta.get("evaluation") or {}).get("metrics")
+        path = registry.path / "versions" / str(version) / "model.skops"
+        intact = path.exists() and sha256_file(path) == meta["sha256"]
         versions.append({
-            "version": version, "created": meta.get("created"), "model": meta.get("model"), "sha256": meta["sha256"],
+            "version": version, "created": meta.get("created"), "model": meta.get("model"), "sha256": meta["sha256"], "file_ok": intact,
             "data_version": meta.get("data_version"),
             "roc_auc": round((evaluated or meta.get("metrics", {})).get("roc_auc", float("nan")), 4),
             "metrics_on": "test" if evaluated else "validation",

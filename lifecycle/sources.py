@@ -9,6 +9,8 @@ import csv
 import io
 import json
 import re
+import sqlite3
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,12 +19,12 @@ import pandas as pd
 import pyarrow.csv
 import sqlalchemy
 
-from .core import LifecycleError, Settings, Source, sha256_file
+from .core import LifecycleError, Settings, Source, parse_mapping, sha256_file
 
 # %% auto #0
 __all__ = ['PARQUET_SUFFIXES', 'JSON_LINES_SUFFIXES', 'with_lineage', 'line_starts', 'blank_lines', 'field_counts',
-           'read_text_table', 'read_json_lines', 'read_parquet_table', 'mask_url', 'read_sql_table', 'source_format',
-           'read_source', 'source_files']
+           'read_text_table', 'read_json_lines', 'read_parquet_table', 'mask_url', 'read_only_engine', 'read_query',
+           'read_sql_table', 'source_format', 'read_source', 'source_files']
 
 # %% ../nbs/22_sources.ipynb #5d5aa07d
 def with_lineage(
@@ -328,16 +330,53 @@ def _sqlite_relative_to(url: str, root: Path) -> str:
         return parsed.set(database=str(root / parsed.database)).render_as_string(hide_password=False)
     return url
 
+_READS = re.compile(r"\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*(\w*)", re.DOTALL)  # the first word after comments
+
+_SQLITE_READING = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+
+def read_only_engine(
+    url: str,  # a SQLAlchemy database URL (relative SQLite paths already resolved)
+) -> sqlalchemy.engine.Engine:  # an engine whose connections cannot write
+    "An engine for reading a source: SQLite opened read-only and query-only, PostgreSQL in read-only transactions."
+    parsed = sqlalchemy.engine.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database if parsed.database and parsed.database != ":memory:" else ":memory:"
+        target = "file::memory:?mode=ro" if database == ":memory:" else f"file:{urllib.parse.quote(str(Path(database).resolve()))}?mode=ro"
+        engine = sqlalchemy.create_engine(f"sqlite:///{target}&uri=true")
+        @sqlalchemy.event.listens_for(engine, "connect")
+        def _query_only(connection, record):
+            connection.execute("PRAGMA query_only = ON")
+            # ATTACH opens (and creates) another file even on a read-only connection: allow reading only
+            connection.set_authorizer(lambda action, *names: sqlite3.SQLITE_OK if action in _SQLITE_READING else sqlite3.SQLITE_DENY)
+        return engine
+    if backend == "postgresql":
+        return sqlalchemy.create_engine(url, connect_args={"options": "-c default_transaction_read_only=on"})
+    return sqlalchemy.create_engine(url)
+
+def read_query(
+    source: Source,  # a database source
+) -> str:  # the query, wrapped so it runs as one SELECT
+    "Refuse a query that is not one read (its first word not SELECT, WITH, VALUES or TABLE); wrap it as a subquery."
+    first = _READS.match(source.query).group(1).upper()
+    if first not in ("SELECT", "WITH", "VALUES", "TABLE"):
+        raise LifecycleError(f"source '{source.name}' ({mask_url(source.location)}): the query starts with {first[:20] or 'nothing'}; "
+                             "a source is read, never written: give one SELECT")
+    return f"SELECT * FROM (\n{source.query.strip().rstrip(';').strip()}\n) AS source_rows"
+
 def read_sql_table(
     source: Source,  # a database source: URL and query
     root: Path,  # the project folder, for relative SQLite paths
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:  # (rows with `_line`, no malformed lines, 0)
     "Run a source's SQL query; row numbers are its lines."
     url = _sqlite_relative_to(source.location, root)
+    query = read_query(source)
     try:
-        engine = sqlalchemy.create_engine(url)
+        engine = read_only_engine(url)
         with engine.connect() as connection:
-            frame = pd.read_sql_query(sqlalchemy.text(source.query), connection)
+            if engine.dialect.name == "postgresql":
+                connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            frame = pd.read_sql_query(sqlalchemy.text(query), connection)
         engine.dispose()
     except Exception as error:
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
@@ -389,6 +428,9 @@ def read_source(
     finally:
         hashing.shutdown(wait=True)
     shown = mask_url(source.location) if kind == "sql" else _relative(path, settings.root)
+    if len(frame) == 0 and len(malformed):  # not one line is data: a wrong file (a system file, another table …)
+        raise LifecycleError(f"source '{source.name}': none of its {len(malformed):,} lines is a row of data "
+                             f"(line {malformed['_line'].iloc[0]}: {malformed['reason'].iloc[0]}); is {shown} the right file?")
     lines = frame.pop("_line").to_numpy()
     frame.columns = [str(column).strip() for column in frame.columns]
     expected = settings.columns or list(frame.columns)
