@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import heapq
 import hmac
 import io
 import json
@@ -20,6 +21,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
+from concurrent.futures import Future, InvalidStateError
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -555,6 +558,21 @@ def write_blocks(
         if block is not None:
             execute(insert_sql, block)
 
+@contextmanager
+def _transaction(connection):
+    "One transaction on a writer's connection (autocommit SQLite or psycopg)."
+    if hasattr(connection, "transaction"):  # psycopg
+        with connection.transaction():
+            yield
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
 def _weight(item: tuple) -> int:
     "How many predictions or labels a queued item holds."
     return item[1].rows if item[0] == "b" else 1
@@ -609,6 +627,8 @@ class PredictionLog:
         self._stop = threading.Event()
         self._queued = 0  # predictions and labels queued (a block counts its rows)
         self._committed = 0  # of those, the ones the writer is done with: committed, or (rarely) refused by the database
+        self._waiters = []  # a heap of (ticket, number, Future): callers waiting for their rows to be committed
+        self._waiter_number = 0
         self.refused = 0  # rows the database refused (a value it cannot store); each is in `errors`
         self._errors = deque(maxlen=100)
         self._connection = None
@@ -642,10 +662,10 @@ class PredictionLog:
 
     def record(self,
         predictions: list[dict],  # each: request_id, time, model_version, channel, score, decision, features, id
-    ) -> None:
+    ) -> int:  # a ticket: `when_committed(ticket)` tells when these rows are in the database
         "Queue predictions for the writer; returns at once (no disk, no network on this thread)."
         items = [("p", prediction_row(prediction, self._hash_id, number)) for number, prediction in enumerate(predictions)]
-        self._enqueue(items)
+        return self._enqueue(items)
 
     def record_many(self,
         request_ids: list[str],  # one unique id a prediction
@@ -718,17 +738,49 @@ class PredictionLog:
         "Queue a true label, which arrives after its prediction."
         self._enqueue([("l", label_row(request_id, label, time))])
 
-    def _enqueue(self, items: list, weight: int | None = None) -> None:
-        "Queue items; `weight` is the predictions and labels they hold (default: one each)."
+    def _enqueue(self, items: list, weight: int | None = None) -> int:
+        "Queue items; `weight` is the predictions and labels they hold (default: one each). Returns their ticket."
         if self._closing:
             raise LifecycleError(f"the prediction log {self.store} is closed; open it again with open_log")
         weight = len(items) if weight is None else weight
         with self._lock:
             self._queue.extend(items)
             self._queued += weight
+            ticket = self._queued
         self._ensure_writer()
         if len(self._queue) >= self.batch_size or weight > len(items):  # a full batch, or a block: write now
             self._wake.set()
+        return ticket
+
+    def when_committed(self,
+        ticket: int,  # what `record` returned
+    ) -> Future:  # done with True once the rows are committed; False if the log closed without writing them
+        """A future that is done when the rows of `ticket` (and all queued before them) are in the database.
+
+        The writer does not wait for a fuller batch while someone waits: the rows of every caller that queued
+        meanwhile go in the same transaction (a group commit), so waiting costs one commit, shared."""
+        future = Future()
+        with self._committed_changed:
+            if self._committed >= ticket:
+                future.set_result(True)
+                return future
+            if self._closed:
+                future.set_result(False)
+                return future
+            self._waiter_number += 1
+            heapq.heappush(self._waiters, (ticket, self._waiter_number, future))
+        self._ensure_writer()
+        self._wake.set()
+        return future
+
+    def _release_waiters(self, everyone: bool = False) -> None:
+        "Resolve the futures of committed tickets (all of them, with False for the rest, when closing). Holds the lock."
+        while self._waiters and (everyone or self._waiters[0][0] <= self._committed):
+            ticket, _, future = heapq.heappop(self._waiters)
+            try:
+                future.set_result(ticket <= self._committed)
+            except InvalidStateError:  # the caller stopped waiting (cancelled)
+                pass
 
     @property
     def pending(self) -> int:
@@ -772,7 +824,9 @@ class PredictionLog:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=min(timeout, 5))
         finally:
-            self._closed = True
+            with self._committed_changed:
+                self._closed = True
+                self._release_waiters(everyone=True)
             self._drop_connection()
             atexit.unregister(self.close)
 
@@ -788,6 +842,36 @@ class PredictionLog:
         sql = (f"SELECT (SELECT count(*) FROM predictions{where}) + "  # one statement: one snapshot of both tables
                f"(SELECT coalesce(sum(row_count), 0) FROM prediction_blocks{where})")
         return int(self.store.read(sql, parameters * 2)[0][0])
+
+    def has_prediction(self,
+        request_id: str,  # a request id the online server issued
+    ) -> bool:  # True when a committed prediction row has it
+        "Whether the predictions table holds this request id (one indexed lookup; blocks are not searched)."
+        mark = self.store.mark
+        return bool(self.store.read(f"SELECT 1 FROM predictions WHERE request_id = {mark} LIMIT 1", (request_id,)))
+
+    def discard(self,
+        channel: str,  # the channel the predictions were logged under
+        when,  # the one time they were all logged with (`record_many(time=…)`)
+        prefix: str,  # the start every one of their request ids shares
+    ) -> int:  # predictions removed
+        """Remove the predictions of one run that failed: those of `channel` logged at exactly `when` whose request
+        ids start with `prefix`. Call it after `close`, so nothing of the run is still queued."""
+        mark = self.store.mark
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = f"channel = {mark} AND time = {mark}"
+        parameters = (channel, self.store.time_parameter(when), pattern)
+        connection = self.store.connect()
+        try:
+            removed = 0
+            with _transaction(connection):
+                for table, column, rows in (("predictions", "request_id", "1"), ("prediction_blocks", "first_request_id", "row_count")):
+                    condition = f"{where} AND {column} LIKE {mark} ESCAPE '\\'"
+                    removed += int(connection.execute(f"SELECT coalesce(sum({rows}), 0) FROM {table} WHERE {condition}", parameters).fetchone()[0])
+                    connection.execute(f"DELETE FROM {table} WHERE {condition}", parameters)
+            return removed
+        finally:
+            connection.close()
 
     def predictions(self,
         since=None,  # only predictions at or after this time (ISO-8601 text or datetime)
@@ -900,6 +984,7 @@ class PredictionLog:
             with self._committed_changed:
                 self._committed += self._batch_weight
                 self._batch = []
+                self._release_waiters()
                 self._committed_changed.notify_all()
 
     def _write_rows_alone(self) -> None:
@@ -919,6 +1004,7 @@ class PredictionLog:
         with self._committed_changed:
             self._committed += self._batch_weight
             self._batch = []
+            self._release_waiters()
             self._committed_changed.notify_all()
 
     def _write(self, batch: list) -> None:
