@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
 from .core import LifecycleError
@@ -416,8 +416,18 @@ def create_app(
         document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         record = record_json_schema(holder.scorer.spec) if holder.scorer else {"type": "object", "description": "no model loaded yet"}
         document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(record))
+        if holder.scorer:  # what check_ids accepts
+            record["properties"][holder.scorer.spec.id_field] = {
+                "anyOf": [{"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}, {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1},
+                          {"type": "number"}, {"type": "null"}],
+                "description": f"optional identifier (text without NUL, at most {ID_MAX_CHARS} characters, or a number); logged only as a keyed hash"}
         for (path, method), responses in ENDPOINT_RESPONSES.items():
-            document["paths"][path][method]["responses"] = openapi_responses(responses, token is not None)
+            guarded = token is not None and (path, method) in AUTHENTICATED
+            document["paths"][path][method]["responses"] = openapi_responses(responses, guarded)
+            if guarded:
+                document["paths"][path][method]["security"] = [{"bearer": []}]
+        if token is not None:
+            document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         return document  # built per call: the schema is the one of the model serving now
 
     app.openapi = openapi
