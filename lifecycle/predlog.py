@@ -16,6 +16,7 @@ import math
 import os
 import re
 import secrets
+import fcntl
 import sqlite3
 import threading
 import time
@@ -34,8 +35,9 @@ from .core import LifecycleError
 # %% auto #0
 __all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'PREDICTION_COLUMNS', 'pseudonymize', 'id_key', 'log_location', 'redact_url',
            'utc_text', 'features_json', 'prediction_row', 'label_row', 'SQLiteStore', 'PostgresStore',
-           'UnstorableBlock', 'is_data_error', 'describe_error', 'PredictionBlock', 'block_key', 'without_logged',
-           'write_blocks', 'PredictionLog', 'open_log']
+           'UnstorableBlock', 'is_data_error', 'describe_error', 'JournalError', 'Journal', 'journal_folder',
+           'replay_journals', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks', 'PredictionLog',
+           'open_log']
 
 # %% ../nbs/31_predlog.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -486,6 +488,89 @@ def describe_error(
         return f"{name}: {error.strerror}"
     return name
 
+# %% ../nbs/31_predlog.ipynb #3a263785
+class JournalError(LifecycleError):
+    "The journal cannot be written (a full disk): the rows were not recorded."
+
+class Journal:
+    "An append-only file of converted prediction rows, locked by the process writing it."
+
+    def __init__(self,
+        folder: Path,  # the log's journal folder (`journal_folder`)
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.path = folder / f"{uuid.uuid4().hex}.jsonl"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives: replay skips it
+        self.size = 0
+
+    def append(self, rows: list[tuple]) -> None:
+        "Append rows in one write (one line each); an error (a full disk) is raised."
+        data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode()
+        written = os.write(self._fd, data)
+        while written < len(data):  # a short write: rare, on a signal
+            written += os.write(self._fd, data[written:])
+        self.size += len(data)
+
+    def release(self, delete: bool) -> None:
+        "Close the file; delete it when every row in it is committed, else leave it for a replay."
+        if self._fd is None:
+            return
+        if delete:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+def journal_folder(
+    root: Path,  # the project folder
+    store,  # the log's store
+) -> Path:  # where the journals of this log live
+    "One folder a log (a database), in the project's private folder."
+    return Path(root) / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
+
+def replay_journals(
+    store,  # the log's store
+    folder: Path,  # its journal folder
+    chunk: int = 1000,  # rows a transaction
+) -> int:  # rows replayed (those already logged included)
+    "Write the rows of every journal no live process holds, then delete it."
+    if not folder.is_dir():
+        return 0
+    replayed = 0
+    for path in sorted(folder.glob("*.jsonl")):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:  # replayed by another process meanwhile
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live process writes it
+                continue
+            rows = []
+            with open(fd, "rb", closefd=False) as handle:
+                for line in handle:
+                    try:
+                        rows.append(tuple(json.loads(line)))
+                    except ValueError:  # a line cut short by the crash: its request was never answered
+                        continue
+            connection = store.connect()
+            try:
+                for start in range(0, len(rows), chunk):
+                    store.write(connection, rows[start:start + chunk], [])
+            finally:
+                connection.close()
+            path.unlink(missing_ok=True)
+            replayed += len(rows)
+            if rows:
+                _logger.warning("prediction log %s: replayed %d predictions from a journal left by a process that stopped", store, len(rows))
+        except Exception as error:  # the database is down: the journal stays for the next open
+            _logger.warning("prediction log %s: replaying a journal failed (%s); it is kept for the next open", store, describe_error(error))
+        finally:
+            os.close(fd)
+    return replayed
+
 # %% ../nbs/31_predlog.ipynb #a1f0c027
 _logger = logging.getLogger("lifecycle.predlog")
 
@@ -612,6 +697,8 @@ class PredictionLog:
         batch_size: int = 1000,  # most rows one transaction writes
         interval: float = 0.05,  # seconds the writer waits for a fuller batch
         max_backoff: float = 1.0,  # longest pause between retries of a failed batch
+        journal: Path | None = None,  # a journal folder: `record` appends its rows there first (a server); None: no journal
+        journal_bytes: int = 16 << 20,  # a journal file this large is replaced by a new one
     ):
         self.store = store
         self.batch_size = batch_size
@@ -628,6 +715,9 @@ class PredictionLog:
         self._queued = 0  # predictions and labels queued (a block counts its rows)
         self._committed = 0  # of those, the ones the writer is done with: committed, or (rarely) refused by the database
         self._waiters = []  # a heap of (ticket, number, Future): callers waiting for their rows to be committed
+        self.journal_bytes = journal_bytes
+        self._journal = Journal(journal) if journal is not None else None
+        self._retired = []  # (Journal, ticket): full journals, deleted once the ticket is committed
         self._waiter_number = 0
         self.refused = 0  # rows the database refused (a value it cannot store); each is in `errors`
         self._errors = deque(maxlen=100)
@@ -665,7 +755,26 @@ class PredictionLog:
     ) -> int:  # a ticket: `when_committed(ticket)` tells when these rows are in the database
         "Queue predictions for the writer; returns at once (no disk, no network on this thread)."
         items = [("p", prediction_row(prediction, self._hash_id, number)) for number, prediction in enumerate(predictions)]
-        return self._enqueue(items)
+        if self._journal is None:
+            return self._enqueue(items)
+        with self._lock:  # journal and queue in one order, so a journal is retired only after what it holds is queued
+            if self._closing:
+                raise LifecycleError(f"the prediction log {self.store} is closed; open it again with open_log")
+            try:
+                self._journal.append([row for _, row in items])
+            except OSError as error:
+                raise JournalError(f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}") from None
+            ticket = self._enqueue(items)
+            self._tend_journals(ticket)
+        return ticket
+
+    def _tend_journals(self, ticket: int) -> None:
+        "Start a new journal file when this one is full; delete the full ones whose rows are all committed. Holds the lock."
+        if self._journal.size >= self.journal_bytes:
+            self._retired.append((self._journal, ticket))
+            self._journal = Journal(self._journal.folder)
+        while self._retired and self._retired[0][1] <= self._committed:
+            self._retired.pop(0)[0].release(delete=True)
 
     def record_many(self,
         request_ids: list[str],  # one unique id a prediction
@@ -815,8 +924,10 @@ class PredictionLog:
         if self._closing:
             return
         self._closing = True
+        written = False
         try:
-            if not self.flush(timeout):
+            written = self.flush(timeout)
+            if not written:
                 self._note(f"closed with {self.pending} rows not written: the database did not take them within {timeout:g} s")
             self._stop.set()
             self._wake.set()
@@ -827,6 +938,8 @@ class PredictionLog:
             with self._committed_changed:
                 self._closed = True
                 self._release_waiters(everyone=True)
+                for journal in [retired for retired, _ in self._retired] + ([self._journal] if self._journal else []):
+                    journal.release(delete=written)  # rows not written stay journaled, for the next open to replay
             self._drop_connection()
             atexit.unregister(self.close)
 
@@ -1061,8 +1174,11 @@ def open_log(
     url: str,  # "" or "sqlite": predictions.sqlite in the project; a file path or sqlite:///path; or postgresql://…
     root: Path,  # the project folder: relative paths start there, and the id key lives there
     batch_size: int = 1000,  # most rows one transaction writes
+    journal: bool = False,  # journal every recorded row before it is queued (the server: answered means logged, even after kill -9)
 ) -> PredictionLog:
-    "Open the project's prediction log, creating its tables when needed."
+    "Open the project's prediction log, creating its tables when needed and replaying the journals a crashed process left."
     kind, where = log_location(url, root)
     store = SQLiteStore(where) if kind == "sqlite" else PostgresStore(where)
-    return PredictionLog(store, id_key(root), batch_size=batch_size)
+    log = PredictionLog(store, id_key(root), batch_size=batch_size, journal=journal_folder(root, store) if journal else None)
+    replay_journals(store, journal_folder(root, store))
+    return log

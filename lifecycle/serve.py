@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
 from .core import LifecycleError
+from .predlog import JournalError
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
@@ -201,6 +202,10 @@ def _loopback(host: str) -> bool:
     except ValueError:
         return False
 
+def _logged(prediction_log, request_id: str) -> bool:
+    "Whether the log holds this prediction; one answered a moment ago may still be queued, so ask again after a flush."
+    return prediction_log.has_prediction(request_id) or (prediction_log.flush(timeout=10) and prediction_log.has_prediction(request_id))
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -244,7 +249,6 @@ def create_app(
     max_body: int = 1_000_000,  # bytes; a larger body gets a 413
     watch_interval: float = 0.5,  # seconds between looks at the registry's aliases
     prediction_log=None,  # a PredictionLog to use instead of opening one (tests)
-    commit_timeout: float = 10.0,  # seconds a prediction waits for the log to commit it before the request gets a 503
 ) -> FastAPI:
     "The scoring app."
     root = Path(root)
@@ -257,7 +261,7 @@ def create_app(
     async def lifespan(app):
         if state["log"] is None:
             from lifecycle.predlog import open_log
-            state["log"] = open_log(log_url, root)
+            state["log"] = open_log(log_url, root, journal=True)  # answered means logged, even after kill -9
         from lifecycle.predlog import id_key, pseudonymize
         state["key"], state["pseudonymize"] = id_key(root), pseudonymize
         holder.start()
@@ -335,19 +339,14 @@ def create_app(
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
                            "features": {name: record.get(name) for name in spec.features}})
-        try:
-            ticket = state["log"].record(logged)
+        try:  # journaled before the answer goes out: a client that got an answer finds it in the log, even after kill -9
+            state["log"].record(logged)
+        except JournalError as error:
+            log.error("%s", error)
+            return finish("predict", _problem(503, "the prediction log cannot record predictions now; try again later", "log_unavailable", ["server"]), started)
         except LifecycleError as error:  # checked above, so a bug: the message names the field, never the value
             log.error("a scored request could not be logged: %s", error)
             return finish("predict", _problem(422, "the records could not be logged; check their identifiers", "unloggable"), started)
-        # answered only once logged: a client that got an answer finds it in the log, even after kill -9
-        committed = asyncio.wrap_future(state["log"].when_committed(ticket))
-        try:
-            written = await asyncio.wait_for(committed, commit_timeout)
-        except asyncio.TimeoutError:
-            written = False
-        if not written:
-            return finish("predict", _problem(503, "the prediction log is not taking writes; try again later", "log_unavailable", ["server"]), started)
         for result in results:
             metrics.predictions.labels(str(result["decision"])).inc()
         return finish("predict", SafeJSONResponse({"predictions": answers, "model_version": version}), started)
@@ -375,7 +374,7 @@ def create_app(
                 errors.append({"loc": ["body"], "msg": "feedback has only the fields request_id and label", "type": "extra_forbidden"})
         if errors:
             return finish("feedback", SafeJSONResponse({"detail": errors}, status_code=422), started)
-        if not await run_in_threadpool(state["log"].has_prediction, payload["request_id"]):
+        if not await run_in_threadpool(_logged, state["log"], payload["request_id"]):
             return finish("feedback", _problem(404, "no prediction with this request_id is in the log", "not_found", ["body", "request_id"]), started)
         state["log"].record_label(payload["request_id"], int(payload["label"]), _now())
         return finish("feedback", SafeJSONResponse({"recorded": True}, status_code=202), started)
@@ -494,7 +493,7 @@ ENDPOINT_RESPONSES = {
                            "413": ("Problem", "the body is over the size limit"),
                            "415": ("Problem", "the body is not sent as application/json"),
                            "422": ("Problem", "malformed JSON, or records that break the model's schema: every bad field named"),
-                           "503": ("Problem", "no model is loaded yet, or the prediction log is not taking writes")},
+                           "503": ("Problem", "no model is loaded yet, or the prediction log cannot record predictions")},
     ("/feedback", "post"): {"202": ("FeedbackRecorded", "the label is queued for the log"),
                             "404": ("Problem", "no prediction with this request_id is in the log"),
                             "413": ("Problem", "the body is over the size limit"),
