@@ -271,8 +271,8 @@ def create_app(
 
     app = FastAPI(title="lifecycle scoring", lifespan=lifespan, version="1", default_response_class=SafeJSONResponse,
                   openapi_url=None, docs_url=None, redoc_url=None,  # served below, behind the token like /model
-                  description="Scores records with the project's champion model. Every prediction is in the prediction log "
-                              "before its answer is sent.")
+                  description="Scores records with the project's champion model. Every prediction is journaled for the "
+                              "prediction log before its answer is sent.")
     app.state.holder, app.state.metrics, app.state.batcher, app.state.serve = holder, metrics, batcher, state
 
     def authorized(request: Request) -> bool:
