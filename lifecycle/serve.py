@@ -158,12 +158,17 @@ class Batcher:
                     if not future.done():
                         future.set_result((*score_isolated(scorer, part), scorer))
                 continue
+            attributed = all(len(e.get("loc", ())) > 1 and isinstance(e["loc"][1], int) for e in errors)
             offset = 0
             for part, future in group:
                 count = len(part)
-                mine = [dict(e, loc=["body", e["loc"][1] - offset] + e["loc"][2:]) for e in errors if offset <= e["loc"][1] < offset + count]
+                mine = [dict(e, loc=["body", e["loc"][1] - offset] + e["loc"][2:]) for e in errors
+                        if attributed and offset <= e["loc"][1] < offset + count]
+                answered = (results[offset:offset + count], mine, scorer)
+                if not attributed or (not mine and None in answered[0]):  # an error not naming its record (a capped list): alone
+                    answered = (*score_isolated(scorer, part), scorer)
                 if not future.done():
-                    future.set_result((results[offset:offset + count], mine, scorer))
+                    future.set_result(answered)
                 offset += count
 
 # %% ../nbs/32_serve.ipynb #e1c39569
@@ -329,7 +334,8 @@ def create_app(
             return finish("predict", SafeJSONResponse({"detail": id_errors}, status_code=422), started)
         results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
-        if errors:
+        if errors or None in results:  # a record without a result names its error (or, if a check forgot to, gets one)
+            errors = errors or [{"loc": ["body"], "msg": "some records could not be scored; check them against /openapi.json", "type": "unprocessable"}]
             return finish("predict", SafeJSONResponse({"detail": errors}, status_code=422), started)
         now = _now()
         answers, logged = [], []
