@@ -27,8 +27,8 @@ from .scoring import FastPath, Scorer, ServingSpec
 
 # %% auto #0
 __all__ = ['check_frame', 'feature_matrix', 'score_features', 'file_format', 'read_error', 'input_columns', 'read_chunks',
-           'count_rows', 'output_schema', 'score_chunk', 'file_sha256', 'batch_ids', 'Progress', 'score_file',
-           'add_batch_command']
+           'count_rows', 'output_schema', 'score_chunk', 'file_sha256', 'batch_ids', 'batch_id_prefix',
+           'discard_logged', 'Progress', 'score_file', 'add_batch_command']
 
 # %% ../nbs/33_batch.ipynb #3683903b
 _KINDS = ["", "type_error.number", "value_error.not_finite", "value_error.range", "value_error.category",
@@ -385,8 +385,21 @@ def batch_ids(
 
     In row order they sort in order, so the log's primary key grows at its end: 2.7 times the insert
     rate of random (hashed) ids, measured on SQLite."""
-    prefix = f"batch-{file_hash[:16]}-v{version}-"
+    prefix = batch_id_prefix(file_hash, version)
     return [f"{prefix}{row:012d}" for row in rows.tolist()]
+
+def batch_id_prefix(file_hash: str, version: int) -> str:
+    "What the request ids of one file scored by one model version start with."
+    return f"batch-{file_hash[:16]}-v{version}-"
+
+def discard_logged(log, scorer: Scorer, file_hash: str, when: str) -> None:
+    "A run that failed takes back the predictions it logged: it wrote no output, so they were never delivered."
+    log.close()  # nothing of the run still queued
+    try:
+        log.discard("batch", when, batch_id_prefix(file_hash, scorer.version))
+    except Exception as error:
+        raise LifecycleError(f"the run failed, and its predictions could not be removed from the log {log.store} "
+                             f"({type(error).__name__}); they are the rows of channel batch at {when}") from None
 
 def _log_chunk(log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str, when: str, backlog: int) -> int:
     "Queue one chunk's predictions in the prediction log; the number queued."
@@ -484,6 +497,8 @@ def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, whe
     except BaseException:
         for writer in writers.values():
             writer.discard()
+        if log is not None:
+            discard_logged(log, scorer, file_hash, when)
         raise
     return rows_in, rows_scored, reasons, logged
 
@@ -509,8 +524,14 @@ def score_file(
     file_hash = file_sha256(input) if log else None
     when = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     if engine == "dask":
-        rows_in, rows_scored, reasons, logged = _score_dask(Path(root), input, output, rejects, scorer, chunk_rows,
-                                                            log_url if log else None, file_hash, when, progress, scheduler)
+        try:
+            rows_in, rows_scored, reasons, logged = _score_dask(Path(root), input, output, rejects, scorer, chunk_rows,
+                                                                log_url if log else None, file_hash, when, progress, scheduler)
+        except BaseException:
+            if log:
+                from lifecycle.predlog import open_log
+                discard_logged(open_log(log_url, Path(root)), scorer, file_hash, when)
+            raise
         return _run_summary("dask", started, rows_in, rows_scored, reasons, scorer, output, rejects, logged, log)
     prediction_log = None
     if log:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import heapq
 import hmac
 import io
 import json
@@ -15,11 +16,14 @@ import math
 import os
 import re
 import secrets
+import fcntl
 import sqlite3
 import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
+from concurrent.futures import Future, InvalidStateError
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -31,8 +35,9 @@ from .core import LifecycleError
 # %% auto #0
 __all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'PREDICTION_COLUMNS', 'pseudonymize', 'id_key', 'log_location', 'redact_url',
            'utc_text', 'features_json', 'prediction_row', 'label_row', 'SQLiteStore', 'PostgresStore',
-           'UnstorableBlock', 'is_data_error', 'describe_error', 'PredictionBlock', 'block_key', 'without_logged',
-           'write_blocks', 'PredictionLog', 'open_log']
+           'UnstorableBlock', 'is_data_error', 'describe_error', 'JournalError', 'Journal', 'journal_folder',
+           'replay_journals', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks', 'PredictionLog',
+           'open_log']
 
 # %% ../nbs/31_predlog.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -483,6 +488,89 @@ def describe_error(
         return f"{name}: {error.strerror}"
     return name
 
+# %% ../nbs/31_predlog.ipynb #3a263785
+class JournalError(LifecycleError):
+    "The journal cannot be written (a full disk): the rows were not recorded."
+
+class Journal:
+    "An append-only file of converted prediction rows, locked by the process writing it."
+
+    def __init__(self,
+        folder: Path,  # the log's journal folder (`journal_folder`)
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.path = folder / f"{uuid.uuid4().hex}.jsonl"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives: replay skips it
+        self.size = 0
+
+    def append(self, rows: list[tuple]) -> None:
+        "Append rows in one write (one line each); an error (a full disk) is raised."
+        data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode()
+        written = os.write(self._fd, data)
+        while written < len(data):  # a short write: rare, on a signal
+            written += os.write(self._fd, data[written:])
+        self.size += len(data)
+
+    def release(self, delete: bool) -> None:
+        "Close the file; delete it when every row in it is committed, else leave it for a replay."
+        if self._fd is None:
+            return
+        if delete:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+def journal_folder(
+    root: Path,  # the project folder
+    store,  # the log's store
+) -> Path:  # where the journals of this log live
+    "One folder a log (a database), in the project's private folder."
+    return Path(root) / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
+
+def replay_journals(
+    store,  # the log's store
+    folder: Path,  # its journal folder
+    chunk: int = 1000,  # rows a transaction
+) -> int:  # rows replayed (those already logged included)
+    "Write the rows of every journal no live process holds, then delete it."
+    if not folder.is_dir():
+        return 0
+    replayed = 0
+    for path in sorted(folder.glob("*.jsonl")):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:  # replayed by another process meanwhile
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live process writes it
+                continue
+            rows = []
+            with open(fd, "rb", closefd=False) as handle:
+                for line in handle:
+                    try:
+                        rows.append(tuple(json.loads(line)))
+                    except ValueError:  # a line cut short by the crash: its request was never answered
+                        continue
+            connection = store.connect()
+            try:
+                for start in range(0, len(rows), chunk):
+                    store.write(connection, rows[start:start + chunk], [])
+            finally:
+                connection.close()
+            path.unlink(missing_ok=True)
+            replayed += len(rows)
+            if rows:
+                _logger.warning("prediction log %s: replayed %d predictions from a journal left by a process that stopped", store, len(rows))
+        except Exception as error:  # the database is down: the journal stays for the next open
+            _logger.warning("prediction log %s: replaying a journal failed (%s); it is kept for the next open", store, describe_error(error))
+        finally:
+            os.close(fd)
+    return replayed
+
 # %% ../nbs/31_predlog.ipynb #a1f0c027
 _logger = logging.getLogger("lifecycle.predlog")
 
@@ -555,6 +643,21 @@ def write_blocks(
         if block is not None:
             execute(insert_sql, block)
 
+@contextmanager
+def _transaction(connection):
+    "One transaction on a writer's connection (autocommit SQLite or psycopg)."
+    if hasattr(connection, "transaction"):  # psycopg
+        with connection.transaction():
+            yield
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
 def _weight(item: tuple) -> int:
     "How many predictions or labels a queued item holds."
     return item[1].rows if item[0] == "b" else 1
@@ -594,6 +697,8 @@ class PredictionLog:
         batch_size: int = 1000,  # most rows one transaction writes
         interval: float = 0.05,  # seconds the writer waits for a fuller batch
         max_backoff: float = 1.0,  # longest pause between retries of a failed batch
+        journal: Path | None = None,  # a journal folder: `record` appends its rows there first (a server); None: no journal
+        journal_bytes: int = 16 << 20,  # a journal file this large is replaced by a new one
     ):
         self.store = store
         self.batch_size = batch_size
@@ -609,6 +714,11 @@ class PredictionLog:
         self._stop = threading.Event()
         self._queued = 0  # predictions and labels queued (a block counts its rows)
         self._committed = 0  # of those, the ones the writer is done with: committed, or (rarely) refused by the database
+        self._waiters = []  # a heap of (ticket, number, Future): callers waiting for their rows to be committed
+        self.journal_bytes = journal_bytes
+        self._journal = Journal(journal) if journal is not None else None
+        self._retired = []  # (Journal, ticket): full journals, deleted once the ticket is committed
+        self._waiter_number = 0
         self.refused = 0  # rows the database refused (a value it cannot store); each is in `errors`
         self._errors = deque(maxlen=100)
         self._connection = None
@@ -642,10 +752,29 @@ class PredictionLog:
 
     def record(self,
         predictions: list[dict],  # each: request_id, time, model_version, channel, score, decision, features, id
-    ) -> None:
+    ) -> int:  # a ticket: `when_committed(ticket)` tells when these rows are in the database
         "Queue predictions for the writer; returns at once (no disk, no network on this thread)."
         items = [("p", prediction_row(prediction, self._hash_id, number)) for number, prediction in enumerate(predictions)]
-        self._enqueue(items)
+        if self._journal is None:
+            return self._enqueue(items)
+        with self._lock:  # journal and queue in one order, so a journal is retired only after what it holds is queued
+            if self._closing:
+                raise LifecycleError(f"the prediction log {self.store} is closed; open it again with open_log")
+            try:
+                self._journal.append([row for _, row in items])
+            except OSError as error:
+                raise JournalError(f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}") from None
+            ticket = self._enqueue(items)
+            self._tend_journals(ticket)
+        return ticket
+
+    def _tend_journals(self, ticket: int) -> None:
+        "Start a new journal file when this one is full; delete the full ones whose rows are all committed. Holds the lock."
+        if self._journal.size >= self.journal_bytes:
+            self._retired.append((self._journal, ticket))
+            self._journal = Journal(self._journal.folder)
+        while self._retired and self._retired[0][1] <= self._committed:
+            self._retired.pop(0)[0].release(delete=True)
 
     def record_many(self,
         request_ids: list[str],  # one unique id a prediction
@@ -718,17 +847,49 @@ class PredictionLog:
         "Queue a true label, which arrives after its prediction."
         self._enqueue([("l", label_row(request_id, label, time))])
 
-    def _enqueue(self, items: list, weight: int | None = None) -> None:
-        "Queue items; `weight` is the predictions and labels they hold (default: one each)."
+    def _enqueue(self, items: list, weight: int | None = None) -> int:
+        "Queue items; `weight` is the predictions and labels they hold (default: one each). Returns their ticket."
         if self._closing:
             raise LifecycleError(f"the prediction log {self.store} is closed; open it again with open_log")
         weight = len(items) if weight is None else weight
         with self._lock:
             self._queue.extend(items)
             self._queued += weight
+            ticket = self._queued
         self._ensure_writer()
         if len(self._queue) >= self.batch_size or weight > len(items):  # a full batch, or a block: write now
             self._wake.set()
+        return ticket
+
+    def when_committed(self,
+        ticket: int,  # what `record` returned
+    ) -> Future:  # done with True once the rows are committed; False if the log closed without writing them
+        """A future that is done when the rows of `ticket` (and all queued before them) are in the database.
+
+        The writer does not wait for a fuller batch while someone waits: the rows of every caller that queued
+        meanwhile go in the same transaction (a group commit), so waiting costs one commit, shared."""
+        future = Future()
+        with self._committed_changed:
+            if self._committed >= ticket:
+                future.set_result(True)
+                return future
+            if self._closed:
+                future.set_result(False)
+                return future
+            self._waiter_number += 1
+            heapq.heappush(self._waiters, (ticket, self._waiter_number, future))
+        self._ensure_writer()
+        self._wake.set()
+        return future
+
+    def _release_waiters(self, everyone: bool = False) -> None:
+        "Resolve the futures of committed tickets (all of them, with False for the rest, when closing). Holds the lock."
+        while self._waiters and (everyone or self._waiters[0][0] <= self._committed):
+            ticket, _, future = heapq.heappop(self._waiters)
+            try:
+                future.set_result(ticket <= self._committed)
+            except InvalidStateError:  # the caller stopped waiting (cancelled)
+                pass
 
     @property
     def pending(self) -> int:
@@ -763,8 +924,10 @@ class PredictionLog:
         if self._closing:
             return
         self._closing = True
+        written = False
         try:
-            if not self.flush(timeout):
+            written = self.flush(timeout)
+            if not written:
                 self._note(f"closed with {self.pending} rows not written: the database did not take them within {timeout:g} s")
             self._stop.set()
             self._wake.set()
@@ -772,7 +935,11 @@ class PredictionLog:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=min(timeout, 5))
         finally:
-            self._closed = True
+            with self._committed_changed:
+                self._closed = True
+                self._release_waiters(everyone=True)
+                for journal in [retired for retired, _ in self._retired] + ([self._journal] if self._journal else []):
+                    journal.release(delete=written)  # rows not written stay journaled, for the next open to replay
             self._drop_connection()
             atexit.unregister(self.close)
 
@@ -788,6 +955,36 @@ class PredictionLog:
         sql = (f"SELECT (SELECT count(*) FROM predictions{where}) + "  # one statement: one snapshot of both tables
                f"(SELECT coalesce(sum(row_count), 0) FROM prediction_blocks{where})")
         return int(self.store.read(sql, parameters * 2)[0][0])
+
+    def has_prediction(self,
+        request_id: str,  # a request id the online server issued
+    ) -> bool:  # True when a committed prediction row has it
+        "Whether the predictions table holds this request id (one indexed lookup; blocks are not searched)."
+        mark = self.store.mark
+        return bool(self.store.read(f"SELECT 1 FROM predictions WHERE request_id = {mark} LIMIT 1", (request_id,)))
+
+    def discard(self,
+        channel: str,  # the channel the predictions were logged under
+        when,  # the one time they were all logged with (`record_many(time=…)`)
+        prefix: str,  # the start every one of their request ids shares
+    ) -> int:  # predictions removed
+        """Remove the predictions of one run that failed: those of `channel` logged at exactly `when` whose request
+        ids start with `prefix`. Call it after `close`, so nothing of the run is still queued."""
+        mark = self.store.mark
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = f"channel = {mark} AND time = {mark}"
+        parameters = (channel, self.store.time_parameter(when), pattern)
+        connection = self.store.connect()
+        try:
+            removed = 0
+            with _transaction(connection):
+                for table, column, rows in (("predictions", "request_id", "1"), ("prediction_blocks", "first_request_id", "row_count")):
+                    condition = f"{where} AND {column} LIKE {mark} ESCAPE '\\'"
+                    removed += int(connection.execute(f"SELECT coalesce(sum({rows}), 0) FROM {table} WHERE {condition}", parameters).fetchone()[0])
+                    connection.execute(f"DELETE FROM {table} WHERE {condition}", parameters)
+            return removed
+        finally:
+            connection.close()
 
     def predictions(self,
         since=None,  # only predictions at or after this time (ISO-8601 text or datetime)
@@ -900,6 +1097,7 @@ class PredictionLog:
             with self._committed_changed:
                 self._committed += self._batch_weight
                 self._batch = []
+                self._release_waiters()
                 self._committed_changed.notify_all()
 
     def _write_rows_alone(self) -> None:
@@ -919,6 +1117,7 @@ class PredictionLog:
         with self._committed_changed:
             self._committed += self._batch_weight
             self._batch = []
+            self._release_waiters()
             self._committed_changed.notify_all()
 
     def _write(self, batch: list) -> None:
@@ -975,8 +1174,11 @@ def open_log(
     url: str,  # "" or "sqlite": predictions.sqlite in the project; a file path or sqlite:///path; or postgresql://…
     root: Path,  # the project folder: relative paths start there, and the id key lives there
     batch_size: int = 1000,  # most rows one transaction writes
+    journal: bool = False,  # journal every recorded row before it is queued (the server: answered means logged, even after kill -9)
 ) -> PredictionLog:
-    "Open the project's prediction log, creating its tables when needed."
+    "Open the project's prediction log, creating its tables when needed and replaying the journals a crashed process left."
     kind, where = log_location(url, root)
     store = SQLiteStore(where) if kind == "sqlite" else PostgresStore(where)
-    return PredictionLog(store, id_key(root), batch_size=batch_size)
+    log = PredictionLog(store, id_key(root), batch_size=batch_size, journal=journal_folder(root, store) if journal else None)
+    replay_journals(store, journal_folder(root, store))
+    return log

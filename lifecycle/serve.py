@@ -10,7 +10,9 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -19,14 +21,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
 from .core import LifecycleError
+from .predlog import JournalError
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
-__all__ = ['log', 'ModelHolder', 'ServeMetrics', 'Batcher', 'create_app', 'serve']
+__all__ = ['log', 'ISOLATE_MAX', 'REQUEST_ID', 'ID_MAX_CHARS', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED',
+           'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated', 'SafeJSONResponse', 'check_ids', 'create_app',
+           'openapi_components', 'openapi_responses', 'serve']
 
 # %% ../nbs/32_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serve")
@@ -145,33 +152,99 @@ class Batcher:
             records = [record for part, _ in group for record in part]
             try:
                 results, errors = scorer.score_records(records)
-            except Exception as error:
-                for _, future in group:
+            except Exception as error:  # one request's bad record must not fail its neighbours: each request alone
+                log.warning("a batch of %d requests failed (%s); scoring each request alone", len(group), type(error).__name__)
+                for part, future in group:
                     if not future.done():
-                        future.set_exception(error)
+                        future.set_result((*score_isolated(scorer, part), scorer))
                 continue
+            attributed = all(len(e.get("loc", ())) > 1 and isinstance(e["loc"][1], int) for e in errors)
             offset = 0
             for part, future in group:
                 count = len(part)
-                mine = [dict(e, loc=["body", e["loc"][1] - offset] + e["loc"][2:]) for e in errors if offset <= e["loc"][1] < offset + count]
+                mine = [dict(e, loc=["body", e["loc"][1] - offset] + e["loc"][2:]) for e in errors
+                        if attributed and offset <= e["loc"][1] < offset + count]
+                answered = (results[offset:offset + count], mine, scorer)
+                if not attributed or (not mine and None in answered[0]):  # an error not naming its record (a capped list): alone
+                    answered = (*score_isolated(scorer, part), scorer)
                 if not future.done():
-                    future.set_result((results[offset:offset + count], mine, scorer))
+                    future.set_result(answered)
                 offset += count
+
+# %% ../nbs/32_serve.ipynb #e1c39569
+ISOLATE_MAX = 64  # records of a failed request scored one at a time to find the bad one; a longer request gets one error
+
+def score_isolated(
+    scorer: Scorer,  # the model version scoring
+    records: list,  # one request's records
+) -> tuple[list, list]:  # (a result or None per record, errors as `check_records` makes them)
+    "`score_records`, except that a record whose checking or scoring raises gets an error of its own instead of failing the rest."
+    try:
+        return scorer.score_records(records)
+    except Exception as error:
+        log.warning("checking or scoring a request failed (%s)", type(error).__name__)
+    results = [None] * len(records)
+    if len(records) > ISOLATE_MAX:
+        return results, [{"loc": ["body"], "msg": "these records could not be checked or scored; check them against /openapi.json", "type": "unprocessable"}]
+    errors = []
+    for index, record in enumerate(records):
+        try:
+            [result], mine = scorer.score_records([record])
+        except Exception:
+            errors.append({"loc": ["body", index], "msg": "this record could not be checked or scored; check it against /openapi.json", "type": "unprocessable"})
+            continue
+        results[index] = result
+        errors += [dict(e, loc=["body", index] + e["loc"][2:]) for e in mine]
+    return results, errors
 
 # %% ../nbs/32_serve.ipynb #a27956a7
 def _loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    "Whether `host` is a loopback address. The empty host is not: uvicorn listens on every interface for it."
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
+def _logged(prediction_log, request_id: str) -> bool:
+    "Whether the log holds this prediction; one answered a moment ago may still be queued, so ask again after a flush."
+    return prediction_log.has_prediction(request_id) or (prediction_log.flush(timeout=10) and prediction_log.has_prediction(request_id))
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
+class SafeJSONResponse(JSONResponse):
+    "JSON as ASCII: text that is not valid UTF-8 (a lone surrogate) is escaped instead of failing the response."
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
 def _problem(status: int, message: str, kind: str, loc: list | None = None) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": loc or ["body"], "msg": message, "type": kind}]}, status_code=status)
+    return SafeJSONResponse({"detail": [{"loc": loc or ["body"], "msg": message, "type": kind}]}, status_code=status)
+
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the request ids this server issues: uuid4().hex
+ID_MAX_CHARS = 256  # the longest identifier (the record's id field) accepted as text
+
+def check_ids(
+    records: list,  # decoded JSON: one request's records
+    id_field: str,  # the model's identifier field
+) -> list[dict]:  # errors naming the record and the field, never the value
+    "The identifier of each record must be loggable: text (valid UTF-8, no NUL, bounded), an integer, or null."
+    errors = []
+    for index, record in enumerate(records):
+        value = record.get(id_field) if isinstance(record, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, str):
+            good = 0 < len(value) <= ID_MAX_CHARS and "\x00" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            good = -2**63 <= value < 2**63
+        else:
+            good = isinstance(value, float) and math.isfinite(value)
+        if not good:
+            errors.append({"loc": ["body", index, id_field], "type": "value_error.id",
+                           "msg": f"an identifier must be text (1 to {ID_MAX_CHARS} characters, no NUL, valid Unicode), an integer, or null"})
+    return errors
 
 def create_app(
     root: Path,  # the project folder (its registry/ and prediction log)
@@ -193,7 +266,7 @@ def create_app(
     async def lifespan(app):
         if state["log"] is None:
             from lifecycle.predlog import open_log
-            state["log"] = open_log(log_url, root)
+            state["log"] = open_log(log_url, root, journal=True)  # answered means logged, even after kill -9
         from lifecycle.predlog import id_key, pseudonymize
         state["key"], state["pseudonymize"] = id_key(root), pseudonymize
         holder.start()
@@ -201,8 +274,10 @@ def create_app(
         holder.stop()
         state["log"].close()  # after uvicorn let in-flight requests finish: every prediction is written
 
-    app = FastAPI(title="lifecycle scoring", lifespan=lifespan, version="1",
-                  description="Scores records with the project's champion model. Every prediction is logged for monitoring.")
+    app = FastAPI(title="lifecycle scoring", lifespan=lifespan, version="1", default_response_class=SafeJSONResponse,
+                  openapi_url=None, docs_url=None, redoc_url=None,  # served below, behind the token like /model
+                  description="Scores records with the project's champion model. Every prediction is journaled for the "
+                              "prediction log before its answer is sent.")
     app.state.holder, app.state.metrics, app.state.batcher, app.state.serve = holder, metrics, batcher, state
 
     def authorized(request: Request) -> bool:
@@ -212,8 +287,8 @@ def create_app(
         return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())
 
     def unauthorized() -> JSONResponse:
-        return JSONResponse({"detail": "a bearer token is required (Authorization: Bearer …)"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return SafeJSONResponse({"detail": "a bearer token is required (Authorization: Bearer …)"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
 
     async def read_json_body(request: Request):
         "The decoded body, or an error response."
@@ -232,6 +307,8 @@ def create_app(
             return json.loads(body), None
         except (ValueError, UnicodeDecodeError):
             return None, _problem(422, "the body is not well-formed JSON", "json_invalid")
+        except RecursionError:
+            return None, _problem(422, "the body is JSON nested too deeply", "json_invalid")
 
     def finish(endpoint: str, response: Response, started: float) -> Response:
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -252,10 +329,14 @@ def create_app(
         records = payload if isinstance(payload, list) else [payload]
         if not records:
             return finish("predict", _problem(422, "an empty list: nothing to score", "empty"), started)
+        id_errors = check_ids(records, holder.scorer.spec.id_field)
+        if id_errors:  # refused before scoring: a prediction that cannot be logged is not answered
+            return finish("predict", SafeJSONResponse({"detail": id_errors}, status_code=422), started)
         results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
-        if errors:
-            return finish("predict", JSONResponse({"detail": errors}, status_code=422), started)
+        if errors or None in results:  # a record without a result names its error (or, if a check forgot to, gets one)
+            errors = errors or [{"loc": ["body"], "msg": "some records could not be scored; check them against /openapi.json", "type": "unprocessable"}]
+            return finish("predict", SafeJSONResponse({"detail": errors}, status_code=422), started)
         now = _now()
         answers, logged = [], []
         for record, result in zip(records, results):
@@ -264,14 +345,20 @@ def create_app(
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
                            "features": {name: record.get(name) for name in spec.features}})
+        try:  # journaled before the answer goes out: a client that got an answer finds it in the log, even after kill -9
+            state["log"].record(logged)
+        except JournalError as error:
+            log.error("%s", error)
+            return finish("predict", _problem(503, "the prediction log cannot record predictions now; try again later", "log_unavailable", ["server"]), started)
+        except LifecycleError as error:  # checked above, so a bug: the message names the field, never the value
+            log.error("a scored request could not be logged: %s", error)
+            return finish("predict", _problem(422, "the records could not be logged; check their identifiers", "unloggable"), started)
+        for result in results:
             metrics.predictions.labels(str(result["decision"])).inc()
-        state["log"].record(logged)
-        return finish("predict", JSONResponse({"predictions": answers, "model_version": version}), started)
+        return finish("predict", SafeJSONResponse({"predictions": answers, "model_version": version}), started)
 
     @app.post("/feedback", summary="Record the true label of an earlier request", status_code=202,
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                  "type": "object", "required": ["request_id", "label"], "additionalProperties": False,
-                  "properties": {"request_id": {"type": "string"}, "label": {"type": "integer", "enum": [0, 1]}}}}}}})
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Feedback"}}}}})
     async def feedback(request: Request):
         started = time.perf_counter()
         if not authorized(request):
@@ -283,16 +370,20 @@ def create_app(
         if not isinstance(payload, dict):
             errors.append({"loc": ["body"], "msg": "expected a JSON object", "type": "type_error.object"})
         else:
-            if not isinstance(payload.get("request_id"), str) or not payload["request_id"]:
-                errors.append({"loc": ["body", "request_id"], "msg": "expected the request id of a prediction", "type": "type_error.str"})
+            request_id = payload.get("request_id")
+            if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
+                errors.append({"loc": ["body", "request_id"], "msg": "expected the request_id of a prediction this server answered (32 hex digits)",
+                               "type": "value_error.request_id"})
             if payload.get("label") not in (0, 1) or isinstance(payload.get("label"), bool):
                 errors.append({"loc": ["body", "label"], "msg": "expected 0 or 1", "type": "value_error.label"})
-            errors += [{"loc": ["body", str(k)[:64]], "msg": "not a field of feedback", "type": "extra_forbidden"}
-                       for k in payload if k not in ("request_id", "label")]
+            if any(k not in ("request_id", "label") for k in payload):  # the unknown keys are not named: they are submitted text
+                errors.append({"loc": ["body"], "msg": "feedback has only the fields request_id and label", "type": "extra_forbidden"})
         if errors:
-            return finish("feedback", JSONResponse({"detail": errors}, status_code=422), started)
+            return finish("feedback", SafeJSONResponse({"detail": errors}, status_code=422), started)
+        if not await run_in_threadpool(_logged, state["log"], payload["request_id"]):
+            return finish("feedback", _problem(404, "no prediction with this request_id is in the log", "not_found", ["body", "request_id"]), started)
         state["log"].record_label(payload["request_id"], int(payload["label"]), _now())
-        return finish("feedback", JSONResponse({"recorded": True}, status_code=202), started)
+        return finish("feedback", SafeJSONResponse({"recorded": True}, status_code=202), started)
 
     @app.get("/health", summary="The process is alive")
     async def health():
@@ -301,7 +392,7 @@ def create_app(
     @app.get("/ready", summary="200 once a model is loaded")
     async def ready():
         if holder.scorer is None:
-            return JSONResponse({"status": "loading", "error": holder.error}, status_code=503)
+            return SafeJSONResponse({"status": "loading", "error": holder.error}, status_code=503)
         return {"status": "ready", "model_version": holder.scorer.version}
 
     @app.get("/model", summary="The model serving")
@@ -310,7 +401,7 @@ def create_app(
             return unauthorized()
         scorer = holder.scorer
         if scorer is None:
-            return JSONResponse({"detail": "no model is loaded yet", "error": holder.error}, status_code=503)
+            return _problem(503, "no model is loaded yet" + (f": {holder.error}" if holder.error else ""), "not_ready", ["server"])
         spec = scorer.spec
         return {"version": spec.version, "sha256": spec.sha256, "alias": alias, "threshold": spec.threshold,
                 "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None,
@@ -329,13 +420,114 @@ def create_app(
         from fastapi.openapi.utils import get_openapi
         document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         record = record_json_schema(holder.scorer.spec) if holder.scorer else {"type": "object", "description": "no model loaded yet"}
-        document.setdefault("components", {}).setdefault("schemas", {})["Record"] = record
-        document["components"]["schemas"]["PredictRequest"] = {
-            "anyOf": [{"$ref": "#/components/schemas/Record"}, {"type": "array", "items": {"$ref": "#/components/schemas/Record"}, "minItems": 1}]}
+        document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(record))
+        if holder.scorer:  # what check_ids accepts
+            record["properties"][holder.scorer.spec.id_field] = {
+                "anyOf": [{"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}, {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1},
+                          {"type": "number"}, {"type": "null"}],
+                "description": f"optional identifier (text without NUL, at most {ID_MAX_CHARS} characters, or a number); logged only as a keyed hash"}
+        for (path, method), responses in ENDPOINT_RESPONSES.items():
+            guarded = token is not None and (path, method) in AUTHENTICATED
+            document["paths"][path][method]["responses"] = openapi_responses(responses, guarded)
+            if guarded:
+                document["paths"][path][method]["security"] = [{"bearer": []}]
+        if token is not None:
+            document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         return document  # built per call: the schema is the one of the model serving now
 
     app.openapi = openapi
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(request: Request):
+        if not authorized(request):
+            return unauthorized()
+        return SafeJSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        if not authorized(request):
+            return unauthorized()
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
     return app
+
+# %% ../nbs/32_serve.ipynb #0557d871
+_PROBLEM = {"type": "object", "required": ["detail"], "additionalProperties": False, "properties": {"detail": {
+    "type": "array", "minItems": 1, "items": {"type": "object", "required": ["loc", "msg", "type"], "properties": {
+        "loc": {"type": "array", "minItems": 1, "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                "description": "where: body, then the record's index and the field; or server"},
+        "msg": {"type": "string", "description": "what is wrong and what to do; never a submitted value"},
+        "type": {"type": "string", "description": "a code for the rule broken"}}}}},
+    "description": "Errors, each naming where and what, never a submitted value."}
+
+def openapi_components(
+    record: dict,  # the JSON schema of one record of the model serving
+) -> dict:  # schemas by name, for the document's components
+    "The schemas of every body the API takes or gives."
+    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}
+    prediction = {"type": "object", "required": ["request_id", "score", "decision", "model_version"], "properties": {
+        "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "the id to send feedback with"},
+        "score": {"type": "number", "minimum": 0, "maximum": 1}, "decision": {"type": "integer", "enum": [0, 1]},
+        "model_version": {"type": "integer"}}}
+    return {
+        "Record": record,
+        "PredictRequest": {"anyOf": [ref("Record"), {"type": "array", "items": ref("Record"), "minItems": 1}]},
+        "Prediction": prediction,
+        "PredictResponse": {"type": "object", "required": ["predictions", "model_version"], "properties": {
+            "predictions": {"type": "array", "items": ref("Prediction")}, "model_version": {"type": "integer"}}},
+        "Feedback": {"type": "object", "required": ["request_id", "label"], "additionalProperties": False, "properties": {
+            "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "minLength": 32, "maxLength": 32,
+                           "description": "the request_id of a prediction this server answered"},
+            "label": {"type": "integer", "enum": [0, 1]}}},
+        "FeedbackRecorded": {"type": "object", "required": ["recorded"], "properties": {"recorded": {"type": "boolean", "enum": [True]}}},
+        "Problem": _PROBLEM,
+        "Unauthorized": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
+        "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["alive"]}}},
+        "Ready": {"type": "object", "required": ["status"], "properties": {
+            "status": {"type": "string", "enum": ["ready", "loading"]}, "model_version": {"type": "integer"},
+            "error": {"type": ["string", "null"]}}},
+        "Model": {"type": "object", "required": ["version", "sha256", "threshold", "features"], "properties": {
+            "version": {"type": "integer"}, "sha256": {"type": "string"}, "alias": {"type": "string"},
+            "threshold": {"type": "number"}, "metrics": {"type": "object"}, "features": {"type": "array", "items": {"type": "string"}},
+            "fast_path": {"type": "boolean"}, "swaps": {"type": "integer"}, "load_error": {"type": ["string", "null"]}}},
+    }
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+# Every status each endpoint can answer, with its body: (schema name or "text", what it means). 401 is added when a token is set.
+ENDPOINT_RESPONSES = {
+    ("/predict", "post"): {"200": ("PredictResponse", "a result per record, each logged before this answer"),
+                           "413": ("Problem", "the body is over the size limit"),
+                           "415": ("Problem", "the body is not sent as application/json"),
+                           "422": ("Problem", "malformed JSON, or records that break the model's schema: every bad field named"),
+                           "503": ("Problem", "no model is loaded yet, or the prediction log cannot record predictions")},
+    ("/feedback", "post"): {"202": ("FeedbackRecorded", "the label is queued for the log"),
+                            "404": ("Problem", "no prediction with this request_id is in the log"),
+                            "413": ("Problem", "the body is over the size limit"),
+                            "415": ("Problem", "the body is not sent as application/json"),
+                            "422": ("Problem", "malformed JSON, a request_id not of the form the server issues, or a label not 0 or 1")},
+    ("/health", "get"): {"200": ("Health", "the process is alive")},
+    ("/ready", "get"): {"200": ("Ready", "a model is loaded"), "503": ("Ready", "no model is loaded yet")},
+    ("/model", "get"): {"200": ("Model", "the model serving"), "503": ("Problem", "no model is loaded yet")},
+    ("/metrics", "get"): {"200": ("text", "Prometheus text exposition format")},
+}
+AUTHENTICATED = {("/predict", "post"), ("/feedback", "post"), ("/model", "get"), ("/metrics", "get")}
+
+def openapi_responses(
+    responses: dict,  # status -> (schema name or "text", description), from ENDPOINT_RESPONSES
+    with_token: bool,  # whether the server requires a bearer token (adds the 401)
+) -> dict:  # the operation's OpenAPI `responses`
+    "One endpoint's documented responses: each status with its content type and body schema."
+    documented = {}
+    for status, (schema, description) in responses.items():
+        if schema == "text":
+            content = {PROMETHEUS_TEXT.split(";")[0]: {"schema": {"type": "string"}}}
+        else:
+            content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+        documented[status] = {"description": description, "content": content}
+    if with_token:
+        documented["401"] = {"description": "the bearer token is missing or wrong",
+                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Unauthorized"}}}}
+    return documented
 
 # %% ../nbs/32_serve.ipynb #95dff0d1
 def serve(

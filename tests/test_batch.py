@@ -264,3 +264,23 @@ def test_command_json(project, tmp_path, capsys):
                     "--no-log", "--json") == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["rows_in"], summary["rows_rejected"], summary["log"]) == (100, 5, False)
+
+
+def test_a_run_that_fails_midway_leaves_nothing_in_the_log(project, tmp_path):
+    "Chunks scored and logged before a malformed line: the run fails and writes no output, so its predictions leave the log."
+    frame, _ = _training_rows(8000, seed=3)
+    lines = frame.to_csv(index=False).splitlines()
+    lines[-50] += ",1,2,3"  # a malformed line near the end, in the last of several 64 KB blocks
+    source = tmp_path / "broken.csv"
+    source.write_text("\n".join(lines) + "\n")
+    with open_log("", project) as log:
+        before = log.count()
+    with pytest.raises(Exception):
+        score_file(project, source, tmp_path / "out.parquet", chunk_rows=100, progress=False)
+    assert not (tmp_path / "out.parquet").exists()
+    with open_log("", project) as log:
+        assert log.count() == before
+    frame.to_csv(source, index=False)  # the file fixed: the run succeeds and logs every row
+    summary = score_file(project, source, tmp_path / "out.parquet", chunk_rows=100, progress=False)
+    with open_log("", project) as log:
+        assert log.count() == before + summary["logged"] and summary["logged"] > 0

@@ -10,7 +10,7 @@ from conftest import COLUMNS, HEART, run_lifecycle, stages
 from test_predlog import postgres_server, postgres_url  # noqa: F401  (the real PostgreSQL fixtures)
 from lifecycle.cli import main
 from lifecycle.core import LifecycleError, Source
-from lifecycle.collect import read_sql_table
+from lifecycle.sources import read_sql_table
 from lifecycle.registry import Registry, register, set_alias
 from lifecycle.train import build_pipeline
 
