@@ -485,7 +485,8 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
 
 # %% ../nbs/42_monitoring.ipynb #8127408a
 MONITOR_KEYS = {"window": "week", "kpis": "", "alerts": "", "webhook": "", "repeat_hours": "4", "min_rows": "20",
-                "min_group": "20", "bootstrap": "200", "log": ""}
+                "min_group": "20", "bootstrap": "200", "log": "",
+                "refresh_seconds": "30"}  # refresh_seconds: the live dashboard's refresh and its monitor's interval
 
 def _references(root: Path):
     "model version -> (its reference.json or None, its threshold), read once a version."
