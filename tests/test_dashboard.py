@@ -164,6 +164,7 @@ def test_the_live_page_shows_new_drift_and_its_alert_without_a_reload(project, b
         assert "Traceback" not in text and "w3-" not in text
         assert problems == [], problems
         assert before > 0
+        page.set_viewport_size({"width": 1280, "height": 1800})  # the whole page: Voila scrolls inside its own frame
         page.wait_for_timeout(2500)  # let the figures finish drawing before the picture
         picture = Path(SCREENSHOT) if SCREENSHOT else root / "dashboard.png"
         page.screenshot(path=str(picture), full_page=True)
