@@ -22,6 +22,16 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _crop_blank_bottom(path: Path) -> None:
+    "Cut the white space under the page's last line."
+    import numpy as np
+    from PIL import Image
+    image = Image.open(path)
+    inked = np.flatnonzero(np.asarray(image.convert("L")).min(axis=1) < 250)
+    if len(inked):
+        image.crop((0, 0, image.size[0], min(image.size[1], int(inked[-1]) + 30))).save(path, optimize=True)
+
+
 def dashboard(browser) -> None:
     "docs/dashboard.png: `lifecycle dashboard` on the project, once the monitor has computed its windows."
     port = _free_port()
@@ -31,12 +41,14 @@ def dashboard(browser) -> None:
         for line in server.stdout:  # "Dashboard: http://…" once Voila listens
             if line.startswith("Dashboard:"):
                 break
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 1800})  # Voila scrolls inside its own frame: a tall window
         page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
         page.wait_for_function("document.body.innerText.includes('model in service') && document.body.innerText.includes('week of')",
                                timeout=300_000)
         time.sleep(3)  # the figures of the next refresh
-        page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=True)
+        picture = ROOT / "docs" / "dashboard.png"
+        page.screenshot(path=str(picture))
+        _crop_blank_bottom(picture)
         print(f"docs/dashboard.png from lifecycle dashboard on {ROOT / 'settings.ini'}")
     finally:
         server.send_signal(signal.SIGTERM)
