@@ -466,6 +466,7 @@ def _wait_for_line(path: Path, text: str, count: int, seconds: float = 180) -> N
 
 def bench_dashboard(
     visits: int = 3,  # page loads measured each way
+    settle: float = 30.0,  # seconds for a refilled pool's kernel to run the notebook before the next visit
     heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
     quiet: bool = False,  # no table on stdout
 ) -> dict:  # the figures
@@ -478,9 +479,14 @@ def bench_dashboard(
     from lifecycle.dashserver import dashboard_notebook, offline_template, voila_command
     from lifecycle.monitoring import monitor_project
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
-        project = _champion_project(Path(folder), _heart_folder(heart, "dashboard"))
-        _lifecycle(project, "--stages", "collect,prepare,train,evaluate,deploy", "-p", "prepare.profile=false",  # the cached stages and deploy,
-                   "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled")  # which logs the production traffic
+        heart = _heart_folder(heart, "dashboard")
+        project = Path(folder) / "heart"
+        shutil.copytree(heart, project / "data" / heart.name)
+        (project / "settings.ini").write_text((heart.parent.parent / "settings.ini").read_text())
+        # up to deploy, which logs the production traffic; the latency gates are opened wide: this bench measures the page, and a
+        # busy machine's scoring latency must not stop it
+        _lifecycle(project, "--stages", "collect,prepare,train,evaluate,deploy", "-p", "prepare.profile=false", "-p", "train.tracking=disabled",
+                   "-p", "evaluate.tracking=disabled", "-p", "evaluate.max_latency_ms=10000", "-p", "deploy.max_latency_ms=10000")
         summary = monitor_project(project)
         figures = {"visits": visits, "windows": summary["windows"]}
         with sync_playwright() as playwright:
@@ -496,8 +502,10 @@ def bench_dashboard(
                     visit = {"n": 0}
                     def refilled():  # each visitor takes the preheated kernel: wait for the pool to fill again
                         _wait_for_line(log, filled, visit["n"] + 1)
+                        time.sleep(settle)  # "filled" is logged when the kernel starts; the notebook then runs in it
                         visit["n"] += 1
                     figures["preheated_seconds"] = _first_paints(browser, f"http://127.0.0.1:{port}/", visits, refilled)
+                    figures["preheated_kernels_used"] = log.read_text(errors="replace").count("Using pre-heated kernel")
                 finally:
                     server.send_signal(15)
                     server.wait(timeout=120)
@@ -529,7 +537,8 @@ def format_dashboard(figures: dict) -> str:
         f"bench dashboard: first paint in chromium (navigation to the dashboard's text visible), {figures['visits']} visits each, "
         f"the default project's production traffic in {figures['windows']} windows",
         f"{'':<46}{'median s':>9}  visits (s)",
-        f"{'lifecycle dashboard (preheated kernel)':<46}{figures['preheated_median']:>9.2f}  {figures['preheated_seconds']}",
+        f"{'lifecycle dashboard (preheated kernel)':<46}{figures['preheated_median']:>9.2f}  {figures['preheated_seconds']}"
+        f" ({figures.get('preheated_kernels_used', '?')} visits served by a preheated kernel)",
         f"{'cold Voila start of the same notebook':<46}{figures['cold_median']:>9.2f}  {figures['cold_seconds']}",
         f"preheated / cold: {figures['ratio']:.2f} (target < 0.5; preheated target < 3 s)"])
 
