@@ -205,3 +205,28 @@ def test_a_token_is_required_off_loopback_and_enforced_when_set(project):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
+
+
+def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
+    "No champion, no prediction, no monitoring results yet: the page says so in words, with no error anywhere."
+    (tmp_path / "settings.ini").write_text("[data]\nsources = a: a.csv\ntarget = y\npositive = 1\n\n[monitor]\nrefresh_seconds = 2\n")
+    port = free_port()
+    process = _start(tmp_path, port)
+    try:
+        page = browser.new_page()
+        problems = []
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+        text = _wait_for(page, ["model in service", "none yet", "the log holds no predictions", "No alert is firing",
+                                "No predictions have been monitored yet", "No window has been judged for drift yet"])
+        page.wait_for_timeout(5000)  # a few refreshes, the monitor having run on the empty log
+        text = _page_text(page)
+        assert "Traceback" not in text and "Error" not in text and "failed" not in text
+        assert problems == [], problems
+        page.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    status = json.loads((tmp_path / "monitoring" / "monitor_status.json").read_text())
+    assert status["error"] is None and status["windows"] == 0
