@@ -230,3 +230,22 @@ def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
         assert process.wait(timeout=120) == 0
     status = json.loads((tmp_path / "monitoring" / "monitor_status.json").read_text())
     assert status["error"] is None and status["windows"] == 0
+
+
+def test_voila_serves_no_file_from_beside_the_notebook(tmp_path):
+    "Voila serves images next to its notebook by default; the dashboard's command line serves none."
+    from lifecycle.dashserver import voila_command, wait_for_port
+    (tmp_path / "monitoring_dashboard.ipynb").write_bytes((Path(__file__).parent.parent / "nbs" / "monitoring_dashboard.ipynb").read_bytes())
+    (tmp_path / "figure.png").write_bytes(b"\x89PNG not a real picture")
+    statuses = {}
+    for name, keep in (("dashboard", lambda part: True), ("voila default", lambda part: "denylist" not in part)):
+        port = free_port()
+        command = [part for part in voila_command(tmp_path / "monitoring_dashboard.ipynb", port=port, preheat=False, template=None) if keep(part)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LIFECYCLE_DASHBOARD_ROOT": str(tmp_path)})
+        try:
+            wait_for_port("127.0.0.1", port, process)
+            statuses[name] = httpx.get(f"http://127.0.0.1:{port}/voila/files/figure.png", timeout=60).status_code
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    assert statuses == {"dashboard": 403, "voila default": 200}
