@@ -226,8 +226,11 @@ def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
         assert problems == [], problems
         page.close()
     finally:
-        process.send_signal(signal.SIGTERM)
+        children = _descendants(process.pid)
+        process.send_signal(signal.SIGINT)  # Ctrl-C
         assert process.wait(timeout=120) == 0
+    time.sleep(1)
+    assert children and [pid for pid in children if _alive(pid)] == [], "Voila or a kernel outlived Ctrl-C"
     status = json.loads((tmp_path / "monitoring" / "monitor_status.json").read_text())
     assert status["error"] is None and status["windows"] == 0
 
