@@ -40,7 +40,7 @@ pytest: $(VENV)/.installed-dev
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab --notebook-dir=nbs
 
-# The README's pictures, from the latest run's report, taken in Debian's chromium (apt-get install chromium).
+# The README's pictures, from the latest run's report and the live dashboard, taken in Debian's chromium (apt-get install chromium).
 screenshots: $(VENV)/.installed-dev
 	test -e reports/latest || $(MAKE) run
 	$(BIN)/python docs/screenshots.py

@@ -1,7 +1,11 @@
-"""Refresh the README's pictures from the latest run's report: `make screenshots` (after `make run`).
+"""Refresh the README's pictures from the latest run's report and the live dashboard: `make screenshots` (after `make run`).
 
 Drives Debian's chromium with playwright (never `playwright install`, which downloads a browser)."""
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
@@ -10,6 +14,45 @@ ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 PAGES = {"report-index.png": "index.html", "report-evaluate.png": "04_evaluate.html"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _crop_blank_bottom(path: Path) -> None:
+    "Cut the white space under the page's last line."
+    import numpy as np
+    from PIL import Image
+    image = Image.open(path)
+    inked = np.flatnonzero(np.asarray(image.convert("L")).min(axis=1) < 250)
+    if len(inked):
+        image.crop((0, 0, image.size[0], min(image.size[1], int(inked[-1]) + 30))).save(path, optimize=True)
+
+
+def dashboard(browser) -> None:
+    "docs/dashboard.png: `lifecycle dashboard` on the project, once the monitor has computed its windows."
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "dashboard", "--settings", str(ROOT / "settings.ini"),
+                               "--port", str(port), "--refresh", "5"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in server.stdout:  # "Dashboard: http://…" once Voila listens
+            if line.startswith("Dashboard:"):
+                break
+        page = browser.new_page(viewport={"width": 1280, "height": 1800})  # Voila scrolls inside its own frame: a tall window
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+        page.wait_for_function("document.body.innerText.includes('model in service') && document.body.innerText.includes('week of')",
+                               timeout=300_000)
+        time.sleep(3)  # the figures of the next refresh
+        picture = ROOT / "docs" / "dashboard.png"
+        page.screenshot(path=str(picture))
+        _crop_blank_bottom(picture)
+        print(f"docs/dashboard.png from lifecycle dashboard on {ROOT / 'settings.ini'}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
 
 
 def main() -> int:
@@ -24,6 +67,7 @@ def main() -> int:
             page.goto((report / name).resolve().as_uri(), wait_until="load")
             page.screenshot(path=str(ROOT / "docs" / picture), full_page=name == "index.html")
             print(f"docs/{picture} from reports/latest/{name}")
+        dashboard(browser)
         browser.close()
     return 0
 

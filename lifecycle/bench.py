@@ -22,8 +22,8 @@ from .core import LifecycleError
 
 # %% auto #0
 __all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'train_champion',
-           'parse_wrk', 'mlflow_python', 'bench_serve', 'format_serve', 'format_batch', 'bench_batch', 'bench_stream',
-           'format_bench_stream', 'bench_train', 'run_benchmark']
+           'parse_wrk', 'mlflow_python', 'bench_serve', 'format_serve', 'bench_dashboard', 'format_dashboard',
+           'format_batch', 'bench_batch', 'bench_stream', 'format_bench_stream', 'bench_train', 'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
 HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
@@ -444,6 +444,109 @@ def format_serve(figures: dict) -> str:
     return "\n".join(lines)
 
 
+# %% ../nbs/12_bench.ipynb #9975baa8
+_VISIBLE = "document.body && document.body.innerText.includes('model in service')"
+
+def _first_paints(browser, url: str, visits: int, between=None) -> list[float]:
+    "Seconds from navigation to the dashboard's text being visible, one fresh page a visit."
+    seconds = []
+    for _ in range(visits):
+        if between:
+            between()
+        page = browser.new_page()
+        started = time.perf_counter()
+        page.goto(url, wait_until="commit")
+        page.wait_for_function(_VISIBLE, timeout=180_000)
+        seconds.append(round(time.perf_counter() - started, 2))
+        page.close()
+    return seconds
+
+def _wait_for_line(path: Path, text: str, count: int, seconds: float = 180) -> None:
+    "Wait until `text` appears `count` times in a log file (Voila's 'Kernel pool … is filled')."
+    deadline = time.time() + seconds
+    while path.read_text(errors="replace").count(text) < count:
+        if time.time() > deadline:
+            raise LifecycleError(f"bench dashboard: '{text}' did not appear in Voila's log within {seconds:g} s")
+        time.sleep(0.2)
+
+def bench_dashboard(
+    visits: int = 3,  # page loads measured each way
+    settle: float = 30.0,  # seconds for a refilled pool's kernel to run the notebook before the next visit
+    heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
+    quiet: bool = False,  # no table on stdout
+) -> dict:  # the figures
+    "First paint of `lifecycle dashboard` (preheated) against a cold Voila start of the same notebook, in chromium."
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise LifecycleError("bench dashboard needs playwright (pip install -e '.[dev]') and Debian's chromium") from None
+    from lifecycle.dashboard import ROOT_ENV
+    from lifecycle.dashserver import dashboard_notebook, offline_template, voila_command
+    from lifecycle.monitoring import monitor_project
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
+        heart = _heart_folder(heart, "dashboard")
+        project = Path(folder) / "heart"
+        shutil.copytree(heart, project / "data" / heart.name)
+        (project / "settings.ini").write_text((heart.parent.parent / "settings.ini").read_text())
+        # up to deploy, which logs the production traffic; the latency gates are opened wide: this bench measures the page, and a
+        # busy machine's scoring latency must not stop it
+        _lifecycle(project, "--stages", "collect,prepare,train,evaluate,deploy", "-p", "prepare.profile=false", "-p", "train.tracking=disabled",
+                   "-p", "evaluate.tracking=disabled", "-p", "evaluate.max_latency_ms=10000", "-p", "deploy.max_latency_ms=10000")
+        summary = monitor_project(project)
+        figures = {"visits": visits, "windows": summary["windows"]}
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            try:
+                port, log = _free_port(), Path(folder) / "dashboard.log"
+                with open(log, "w") as out:
+                    server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "dashboard", "--settings", str(project / "settings.ini"),
+                                               "--port", str(port), "--refresh", "60"], stdout=out, stderr=subprocess.STDOUT)
+                try:
+                    filled = "is filled with"
+                    _wait_for_line(log, filled, 1)
+                    visit = {"n": 0}
+                    def refilled():  # each visitor takes the preheated kernel: wait for the pool to fill again
+                        _wait_for_line(log, filled, visit["n"] + 1)
+                        time.sleep(settle)  # "filled" is logged when the kernel starts; the notebook then runs in it
+                        visit["n"] += 1
+                    figures["preheated_seconds"] = _first_paints(browser, f"http://127.0.0.1:{port}/", visits, refilled)
+                    figures["preheated_kernels_used"] = log.read_text(errors="replace").count("Using pre-heated kernel")
+                finally:
+                    server.send_signal(15)
+                    server.wait(timeout=120)
+                port = _free_port()
+                templates = offline_template(Path(folder) / "templates")  # the same page as the command serves
+                cold = subprocess.Popen(voila_command(dashboard_notebook(), "127.0.0.1", port, preheat=False), cwd=project,
+                                        env={**os.environ, ROOT_ENV: str(project), "JUPYTER_PATH": str(templates)},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    from lifecycle.dashserver import wait_for_port
+                    wait_for_port("127.0.0.1", port, cold)
+                    figures["cold_seconds"] = _first_paints(browser, f"http://127.0.0.1:{port}/", visits)
+                finally:
+                    cold.send_signal(15)
+                    cold.wait(timeout=120)
+            finally:
+                browser.close()
+    figures["preheated_median"] = float(np.median(figures["preheated_seconds"]))
+    figures["cold_median"] = float(np.median(figures["cold_seconds"]))
+    figures["ratio"] = round(figures["preheated_median"] / figures["cold_median"], 2)
+    figures["targets"] = {"ratio": 0.5, "preheated_seconds": 3.0}
+    if not quiet:
+        print(format_dashboard(figures))
+    return figures
+
+def format_dashboard(figures: dict) -> str:
+    "The dashboard benchmark as a table."
+    return "\n".join([
+        f"bench dashboard: first paint in chromium (navigation to the dashboard's text visible), {figures['visits']} visits each, "
+        f"the default project's production traffic in {figures['windows']} windows",
+        f"{'':<46}{'median s':>9}  visits (s)",
+        f"{'lifecycle dashboard (preheated kernel)':<46}{figures['preheated_median']:>9.2f}  {figures['preheated_seconds']}"
+        f" ({figures.get('preheated_kernels_used', '?')} visits served by a preheated kernel)",
+        f"{'cold Voila start of the same notebook':<46}{figures['cold_median']:>9.2f}  {figures['cold_seconds']}",
+        f"preheated / cold: {figures['ratio']:.2f} (target < 0.5; preheated target < 3 s)"])
+
 # %% ../nbs/12_bench.ipynb #4ebf6304
 def _batch_task(name: str, project: str, path: str, rows: int) -> dict:
     "One measurement of the batch benchmark, in this (fresh) process."
@@ -710,4 +813,6 @@ def run_benchmark(
         return bench_batch((rows,) if rows else (1_000_000, 5_000_000), quiet=quiet)
     if name == "stream":
         return bench_stream(rows or 200_000, quiet=quiet)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream")
+    if name == "dashboard":
+        return bench_dashboard(quiet=quiet)
+    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard")

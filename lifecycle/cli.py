@@ -43,6 +43,10 @@ def _serve(args) -> int:
           access_log=args.access_log, max_body=args.max_body)
     return 0
 
+def _dashboard(args) -> int:
+    from lifecycle.dashserver import run_dashboard
+    return run_dashboard(args.settings, host=args.host, port=args.port, refresh=args.refresh)
+
 def _models(args) -> int:
     from lifecycle.core import load_settings
     from lifecycle.registry import Registry, describe, rollback, set_alias
@@ -139,13 +143,27 @@ def parser() -> argparse.ArgumentParser:
     from lifecycle.stream import add_stream_command
     add_batch_command(commands)
     add_stream_command(commands)
+    dashboard = commands.add_parser("dashboard", help="the live monitoring dashboard in the browser (Voila), with a monitor beside it",
+                                    description="Serve the live monitoring dashboard with Voila (a preheated kernel) and keep one incremental monitor running "
+                                                "beside it. The page reads the stored results and refreshes itself; it shows no record of a patient. "
+                                                "Bound to another address than 127.0.0.1, it needs LIFECYCLE_API_TOKEN.",
+                                    epilog=_examples("lifecycle dashboard                # http://127.0.0.1:8866/",
+                                                     "lifecycle dashboard --port 8900 --refresh 10",
+                                                     "LIFECYCLE_API_TOKEN=… lifecycle dashboard --host 0.0.0.0"))
+    dashboard.add_argument("--settings", default="settings.ini", help="the project's settings file")
+    dashboard.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
+    dashboard.add_argument("--port", type=int, default=8866, help="the port (default 8866)")
+    dashboard.add_argument("--refresh", type=float, default=None, metavar="SECONDS",
+                           help="seconds between the page's refreshes and the monitor's runs (default: [monitor] refresh_seconds, 30)")
+    dashboard.set_defaults(handler=_dashboard)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
-    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream"],
+    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
                             "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
-                            "or stream (events/s through Redis Streams against the same events scored in-process)")
+                            "stream (events/s through Redis Streams against the same events scored in-process) "
+                            "or dashboard (first paint of lifecycle dashboard against a cold Voila start, in chromium)")
     bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(handler=_bench)

@@ -525,7 +525,8 @@ LABELED_FIGURES = ("labeled", "roc_auc", "recall", "precision", "prevalence", "b
 WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"  # a webhook URL often holds a secret: it may come from the environment instead of settings
 
 MONITOR_KEYS = {"window": "week", "kpis": "", "alerts": "", "webhook": "", "repeat_hours": "4", "min_rows": "20",
-                "min_group": "20", "bootstrap": "200", "log": ""}
+                "min_group": "20", "bootstrap": "200", "log": "",
+                "refresh_seconds": "30"}  # refresh_seconds: the live dashboard's refresh and its monitor's interval
 
 def _references(root: Path):
     "model version -> (its reference.json or None, its threshold), read once a version."
