@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -26,7 +26,8 @@ from .core import LifecycleError
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
-__all__ = ['log', 'ModelHolder', 'ServeMetrics', 'Batcher', 'create_app', 'serve']
+__all__ = ['log', 'EVENT_TIME_HEADER', 'ModelHolder', 'ServeMetrics', 'Batcher', 'event_time_text', 'record_event_times',
+           'create_app', 'serve']
 
 # %% ../nbs/32_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serve")
@@ -158,6 +159,47 @@ class Batcher:
                     future.set_result((results[offset:offset + count], mine, scorer))
                 offset += count
 
+# %% ../nbs/32_serve.ipynb #bb7d8118
+EVENT_TIME_HEADER = "X-Event-Time"
+_EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
+
+def event_time_text(
+    value,  # a client's time: ISO-8601 text with a date (no zone: UTC)
+    now: datetime | None = None,  # the present (default: now); a time more than a day after it is refused
+) -> str | None:  # UTC ISO-8601 text, or None when it is not a time within reach
+    "A client's event time, checked: text, a date, between 1900 and a day from now."
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    if not _EARLIEST <= moment <= (now or datetime.now(timezone.utc)) + timedelta(days=1):
+        return None
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+def record_event_times(
+    records: list,  # one request's decoded records
+    field: str,  # the project's `[data] timestamp` field ("" when it has none)
+    features: list[str],  # the model's features (a timestamp that is a feature stays in the record)
+) -> tuple[list, list, list[dict]]:  # (records without the field, each one's event time or None, errors naming record and field)
+    "Each record's own event time, taken out of the record."
+    if not field:
+        return records, [None] * len(records), []
+    kept, times, errors = [], [], []
+    for index, record in enumerate(records):
+        value = record.get(field) if isinstance(record, dict) else None
+        if isinstance(record, dict) and field in record and field not in features:
+            record = {name: item for name, item in record.items() if name != field}
+        when = None if value is None else event_time_text(value)
+        if value is not None and when is None:
+            errors.append({"loc": ["body", index, field], "msg": "expected an ISO-8601 time with a date, no later than tomorrow",
+                           "type": "value_error.event_time"})
+        kept.append(record)
+        times.append(when)
+    return kept, times, errors
+
 # %% ../nbs/32_serve.ipynb #a27956a7
 def _loopback(host: str) -> bool:
     if host in ("localhost", ""):
@@ -202,7 +244,11 @@ def create_app(
         state["log"].close()  # after uvicorn let in-flight requests finish: every prediction is written
 
     app = FastAPI(title="lifecycle scoring", lifespan=lifespan, version="1",
-                  description="Scores records with the project's champion model. Every prediction is logged for monitoring.")
+                  description="Scores records with the project's champion model. Every prediction is logged for monitoring. "
+                              f"Event time: a record's own `[data] timestamp` field when the project has one; else the optional "
+                              f"header `{EVENT_TIME_HEADER}` (ISO-8601 with a date, e.g. 2024-05-01T12:00:00Z, no later than a day "
+                              f"from now) for every record of the request, as `lifecycle replay` sends it; else the time of the "
+                              f"request. On /feedback the header says when the label became known.")
     app.state.holder, app.state.metrics, app.state.batcher, app.state.serve = holder, metrics, batcher, state
 
     def authorized(request: Request) -> bool:
@@ -233,6 +279,15 @@ def create_app(
         except (ValueError, UnicodeDecodeError):
             return None, _problem(422, "the body is not well-formed JSON", "json_invalid")
 
+    def header_event_time(request: Request):
+        "The request's `X-Event-Time` (None when absent), or an error response."
+        given = request.headers.get(EVENT_TIME_HEADER)
+        when = None if given is None else event_time_text(given)
+        if given is not None and when is None:
+            return None, _problem(422, f"the {EVENT_TIME_HEADER} header must be an ISO-8601 time with a date, no later than tomorrow",
+                                  "value_error.event_time", ["header", EVENT_TIME_HEADER])
+        return when, None
+
     def finish(endpoint: str, response: Response, started: float) -> Response:
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -252,18 +307,25 @@ def create_app(
         records = payload if isinstance(payload, list) else [payload]
         if not records:
             return finish("predict", _problem(422, "an empty list: nothing to score", "empty"), started)
+        sent_time, problem = header_event_time(request)
+        if problem:
+            return finish("predict", problem, started)
+        stamp_field = ((holder.scorer.meta.get("settings") or {}).get("data", {}).get("timestamp") or "").strip()
+        records, own_times, time_errors = record_event_times(records, stamp_field, holder.scorer.spec.features)
+        if time_errors:
+            return finish("predict", JSONResponse({"detail": time_errors}, status_code=422), started)
         results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
         if errors:
             return finish("predict", JSONResponse({"detail": errors}, status_code=422), started)
         now = _now()
         answers, logged = [], []
-        for record, result in zip(records, results):
+        for record, result, own_time in zip(records, results, own_times):
             request_id = uuid.uuid4().hex
             answers.append({"request_id": request_id, **result})
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
-                           "features": {name: record.get(name) for name in spec.features}})
+                           "features": {name: record.get(name) for name in spec.features}, "event_time": own_time or sent_time})
             metrics.predictions.labels(str(result["decision"])).inc()
         state["log"].record(logged)
         return finish("predict", JSONResponse({"predictions": answers, "model_version": version}), started)
@@ -291,7 +353,10 @@ def create_app(
                        for k in payload if k not in ("request_id", "label")]
         if errors:
             return finish("feedback", JSONResponse({"detail": errors}, status_code=422), started)
-        state["log"].record_label(payload["request_id"], int(payload["label"]), _now())
+        known_at, problem = header_event_time(request)
+        if problem:
+            return finish("feedback", problem, started)
+        state["log"].record_label(payload["request_id"], int(payload["label"]), known_at or _now())
         return finish("feedback", JSONResponse({"recorded": True}, status_code=202), started)
 
     @app.get("/health", summary="The process is alive")
