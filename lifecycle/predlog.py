@@ -387,8 +387,6 @@ _POSTGRES_SCHEMA = [
         id_hash TEXT,
         features JSONB NOT NULL,
         event_time TIMESTAMPTZ)""",
-    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS event_time TIMESTAMPTZ",  # a log made before event times
-    "ALTER TABLE labels ADD COLUMN IF NOT EXISTS logged TIMESTAMPTZ",  # ... or before labels had a write time
     "CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time)",
     """CREATE TABLE IF NOT EXISTS labels (
         request_id TEXT PRIMARY KEY,
@@ -396,6 +394,8 @@ _POSTGRES_SCHEMA = [
         time TIMESTAMPTZ NOT NULL,
         logged TIMESTAMPTZ)""",
     "CREATE INDEX IF NOT EXISTS labels_time ON labels (time)",
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS event_time TIMESTAMPTZ",  # a log made before event times
+    "ALTER TABLE labels ADD COLUMN IF NOT EXISTS logged TIMESTAMPTZ",  # ... or before labels had a write time
     """CREATE TABLE IF NOT EXISTS prediction_blocks (
         block_id TEXT PRIMARY KEY,
         time TIMESTAMPTZ NOT NULL,
