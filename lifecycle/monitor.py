@@ -103,7 +103,7 @@ def headline(
         parts.append(f"estimated ROC AUC {values['estimated_roc_auc']:.2f} (an estimate: its labels have not arrived)")
     drift = values.get("drifted_features")
     if drift is not None:
-        parts.append(f"{int(drift)} features drifted" if drift else "no feature drifted")
+        parts.append(f"{int(drift)} feature{'s' if drift != 1 else ''} drifted" if drift else "no feature drifted")
     firing = result.get("alerts", {}).get("firing", [])
     critical = sum(alert["labels"]["severity"] == "critical" for alert in firing)
     alerts = (f"{len(firing)} alerts firing" + (f", {critical} critical" if critical else "")) if firing else "no alert firing"
@@ -112,19 +112,23 @@ def headline(
 # %% ../nbs/06_monitor.ipynb #53839de7
 def score_curves(
     reference: dict | None,  # the model version's reference.json
-    scores: np.ndarray,  # the scores of a window
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:  # ((reference x, share ≤ x), (window x, share ≤ x))
-    "The cumulative score distributions of the reference (from its stored quantiles) and of a window."
+    scores: dict,  # a name -> the scores of a period (e.g. the latest window, the month so far)
+) -> dict:  # name -> (x, share of scores ≤ x); the reference first, as "reference (training)", when it has a score distribution
+    "The cumulative score distributions of the reference (from its stored quantiles) and of periods of production."
     from lifecycle.drift import quantile_points
     levels, values, _ = quantile_points((reference or {}).get("scores") or {})
-    ordered = np.sort(np.asarray(scores, dtype=float)[np.isfinite(scores)])
-    return (np.asarray(values), np.asarray(levels)), (ordered, np.arange(1, len(ordered) + 1) / max(len(ordered), 1))
+    curves = {"reference (training)": (np.asarray(values), np.asarray(levels))} if len(levels) else {}
+    for name, period in scores.items():
+        period = np.asarray(period, dtype=float)
+        ordered = np.sort(period[np.isfinite(period)])
+        curves[name] = (ordered, np.arange(1, len(ordered) + 1) / max(len(ordered), 1))
+    return curves
 
 def plot_monitoring(
     strength: pd.DataFrame,  # `drift_matrix` strengths
     flagged: pd.DataFrame,  # `drift_matrix` flags
     accuracy: pd.DataFrame,  # `over_time(windows, ACCURACY_COLUMNS)`
-    curves: tuple,  # `score_curves` of the latest window
+    curves: dict,  # `score_curves`: the reference's and production's
     gaps: pd.DataFrame,  # `over_time(windows, fairness_columns(...))`
     threshold: float | None = None,  # the decision threshold, marked on the score plot
 ):  # a matplotlib Figure
@@ -155,11 +159,11 @@ def plot_monitoring(
         trend.legend(fontsize=8, loc="lower left")
     trend.set(title="Accuracy over time", ylim=(0, 1.02), ylabel="")
     scores = axes[1, 0]
-    (reference_x, reference_y), (window_x, window_y) = curves
-    if len(reference_x):
-        scores.plot(reference_x, reference_y, color="gray", label="reference (training)")
-    if len(window_x):
-        scores.step(window_x, window_y, where="post", color="tab:red", label="latest window")
+    for (name, (x, y)), color in zip(curves.items(), ["gray", "tab:red", "tab:purple", "tab:brown"]):
+        if name.startswith("reference"):
+            scores.plot(x, y, color=color, label=name)
+        elif len(x):
+            scores.step(x, y, where="post", color=color, label=name)
     if threshold is not None:
         scores.axvline(threshold, color="black", linestyle=":", label="decision threshold")
     scores.set(title="Score distribution against the reference", xlabel="score", ylabel="share of patients with a lower score", xlim=(0, 1))
