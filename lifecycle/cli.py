@@ -109,6 +109,8 @@ def _monitor(args) -> int:
     from lifecycle.alerts import parse_kpis
     from lifecycle.core import load_settings
     from lifecycle.monitoring import monitor_project
+    if args.watch is not None and not args.watch > 0:
+        raise LifecycleError("monitor --watch takes a positive number of seconds, e.g. --watch 60")
     settings = load_settings(args.settings)
     kpis = list(parse_kpis(settings.sections.get("monitor", {}).get("kpis", "")))
     code = 0

@@ -173,15 +173,20 @@ class scoring_client:
 
     async def _wait_ready(self):
         import httpx
-        deadline = asyncio.get_running_loop().time() + self.timeout
+        started = asyncio.get_running_loop().time()
+        reached = False
         while True:
             try:
                 answer = await self.client.get("/ready")
+                reached = True
                 if answer.status_code == 200:
                     return
             except httpx.HTTPError:
-                answer = None
-            if asyncio.get_running_loop().time() > deadline:
+                pass
+            waited = asyncio.get_running_loop().time() - started
+            if not reached and waited > min(10, self.timeout):  # nothing answers: a wrong address, or no server
+                raise LifecycleError("replay: nothing answers at the --url given; start lifecycle serve there, or leave --url out to score in-process")
+            if waited > self.timeout:
                 where = "the server at --url" if self.url else "the in-process scoring app"
                 raise LifecycleError(f"replay: {where} has no model ready after {self.timeout:g} s; check lifecycle models and the champion alias")
             await asyncio.sleep(0.05)
