@@ -50,7 +50,8 @@ def test_the_run_ends_with_a_month_of_history(champion_project):
     assert monitor["headline"].startswith(f"{monitor['windows']} windows") and monitor["figure"] == "monitoring.png"
     assert (champion_project / "runs" / run["run_id"] / "monitor" / "monitoring.png").stat().st_size > 10_000
     # the stage again (deploy cached): nothing replayed twice
-    _, again, _, _ = run_lifecycle("run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0)
+    _, again, _, _ = run_lifecycle("run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false",
+                                   "-p", "evaluate.max_latency_ms=10000", "-p", "deploy.max_latency_ms=10000", "--json", check=0)  # as the template ran
     assert stages(again)["deploy"]["status"] == "cached" and stages(again)["monitor"]["status"] == "ran"
     assert stages(again)["monitor"]["summary"]["predictions"] == 323
 
