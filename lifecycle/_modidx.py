@@ -527,6 +527,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'lifecycle.serve._problem': ('serve.html#_problem', 'lifecycle/serve.py'),
                                  'lifecycle.serve.create_app': ('serve.html#create_app', 'lifecycle/serve.py'),
                                  'lifecycle.serve.event_time_text': ('serve.html#event_time_text', 'lifecycle/serve.py'),
+                                 'lifecycle.serve.logged_features': ('serve.html#logged_features', 'lifecycle/serve.py'),
                                  'lifecycle.serve.record_event_times': ('serve.html#record_event_times', 'lifecycle/serve.py'),
                                  'lifecycle.serve.serve': ('serve.html#serve', 'lifecycle/serve.py')},
             'lifecycle.stream': { 'lifecycle.stream.Endpoint': ('stream.html#endpoint', 'lifecycle/stream.py'),

@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ from .scoring import Scorer, record_json_schema
 
 # %% auto #0
 __all__ = ['log', 'EVENT_TIME_HEADER', 'ModelHolder', 'ServeMetrics', 'Batcher', 'event_time_text', 'record_event_times',
-           'create_app', 'serve']
+           'logged_features', 'create_app', 'serve']
 
 # %% ../nbs/32_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serve")
@@ -200,6 +201,18 @@ def record_event_times(
         times.append(when)
     return kept, times, errors
 
+# %% ../nbs/32_serve.ipynb #38920a4a
+def logged_features(
+    record: dict,  # one record that passed the model's checks
+    spec,  # the model's `ServingSpec`
+) -> dict:  # feature -> its value as the model saw it (None when missing)
+    "A record's features for the prediction log: cleaned by the project's rules, as training saw them."
+    from lifecycle.scoring import check_records
+    rows, _ = check_records([record], spec)
+    if rows[0] is None:  # cannot happen for a record that was scored; the raw values then
+        return {name: record.get(name) for name in spec.features}
+    return {name: (None if isinstance(value, float) and math.isnan(value) else value) for name, value in zip(spec.features, rows[0])}
+
 # %% ../nbs/32_serve.ipynb #a27956a7
 def _loopback(host: str) -> bool:
     if host in ("localhost", ""):
@@ -325,7 +338,7 @@ def create_app(
             answers.append({"request_id": request_id, **result})
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
-                           "features": {name: record.get(name) for name in spec.features}, "event_time": own_time or sent_time})
+                           "features": logged_features(record, spec), "event_time": own_time or sent_time})
             metrics.predictions.labels(str(result["decision"])).inc()
         state["log"].record(logged)
         return finish("predict", JSONResponse({"predictions": answers, "model_version": version}), started)
