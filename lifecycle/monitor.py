@@ -106,7 +106,7 @@ def headline(
         parts.append(f"{int(drift)} feature{'s' if drift != 1 else ''} drifted" if drift else "no feature drifted")
     firing = result.get("alerts", {}).get("firing", [])
     critical = sum(alert["labels"]["severity"] == "critical" for alert in firing)
-    alerts = (f"{len(firing)} alerts firing" + (f", {critical} critical" if critical else "")) if firing else "no alert firing"
+    alerts = (f"{len(firing)} alert{'s' if len(firing) != 1 else ''} firing" + (f", {critical} critical" if critical else "")) if firing else "no alert firing"
     return "; ".join(parts) + f". {alerts[0].upper() + alerts[1:]}."
 
 # %% ../nbs/06_monitor.ipynb #53839de7

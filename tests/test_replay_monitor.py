@@ -163,3 +163,18 @@ def test_replay_over_http_scores_as_in_process(champion_project):
     assert len(served.labels()) == len(local.labels()) == http["labels_sent"]
     served.close()
     local.close()
+
+
+def test_monitor_watch_repeats_until_interrupted(champion_project):
+    "lifecycle monitor --watch: one JSON object a line, each look a new one, until Ctrl-C; the exit code of the last look."
+    settings = champion_project / "settings.ini"
+    set_monitor(champion_project, alerts="traffic_seen (critical): predictions >= 1")
+    watcher = subprocess.Popen([str(LIFECYCLE), "monitor", "--settings", str(settings), "--watch", "0.2", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    looks = [json.loads(watcher.stdout.readline()) for _ in range(3)]
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(timeout=60) == 3
+    assert [look["exit_code"] for look in looks] == [3, 3, 3]
+    assert looks[0]["windows"] == looks[2]["windows"] >= 5 and looks[2]["new_predictions"] == 0  # nothing new: nothing recomputed
+    code, _, _, err = run_lifecycle("monitor", "--settings", settings, "--watch", "0")
+    assert code == 1 and "--watch takes a positive number" in err
