@@ -12,7 +12,7 @@ import sys
 from .core import LifecycleError, use_work_settings
 
 # %% auto #0
-__all__ = ['parser', 'main']
+__all__ = ['monitor_text', 'parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #395f895a
 def _run(args) -> int:
@@ -76,6 +76,67 @@ def _models(args) -> int:
                   file=sys.stderr)
     return 0
 
+# %% ../nbs/11_cli.ipynb #5362c2a0
+def _figure(value, percent: bool = False) -> str:
+    if value is None:
+        return "unknown"
+    return f"{value:.0%}" if percent else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+def monitor_text(
+    summary: dict,  # `monitor_project`'s result
+    kpis: list[str] = (),  # the KPI names of `[monitor] kpis`
+) -> str:  # lines in words
+    "What monitoring found, in words: the latest window, its accuracy (realized and estimated), KPIs, alerts."
+    lines = [f"{summary['project']}: {summary['windows']} windows; {summary['new_predictions']} new predictions and "
+             f"{summary['new_labels']} new labels since the last look; champion: version {summary.get('champion')}."]
+    latest = summary.get("latest")
+    if latest:
+        values = latest["values"]
+        lines.append(f"Latest window {latest['window']} (model version {latest['model_version']}, from {str(latest['window_start'])[:10]}, "
+                     f"last event {str(latest['last_event'])[:16]} UTC): {values.get('predictions')} predictions, "
+                     f"{values.get('labeled')} with their label.")
+        if values.get("roc_auc") is not None:
+            lines.append(f"Realized ROC AUC {_figure(values['roc_auc'])} (95% interval {_figure(values.get('roc_auc_low'))} to "
+                         f"{_figure(values.get('roc_auc_high'))}) and recall {_figure(values.get('recall'), True)} on {values.get('labeled')} labels.")
+        if values.get("estimated_roc_auc") is not None:
+            lines.append(f"Estimated from calibrated scores (an estimate, not a measurement): ROC AUC {_figure(values['estimated_roc_auc'])}, "
+                         f"recall {_figure(values.get('estimated_recall'), True)}.")
+        if kpis:
+            lines.append("KPIs: " + "; ".join(f"{name} {_figure(values.get(name))}" for name in kpis) + ".")
+        lines += [f"- {statement}" for statement in latest.get("statements", [])]
+    lines += [f"- {statement}" for statement in summary.get("statements", [])]
+    firing = summary.get("alerts", {}).get("firing", [])
+    if firing:
+        lines.append(f"{len(firing)} alerts firing:")
+        lines += [f"  {alert['labels']['severity'].upper()} {alert['annotations']['summary']}" for alert in firing]
+    else:
+        lines.append("No alert is firing." if summary.get("alerts", {}).get("delivery") != "no rules" else "No alert rules are set ([monitor] alerts).")
+    return "\n".join(lines)
+
+def _monitor(args) -> int:
+    import time
+    from lifecycle.alerts import parse_kpis
+    from lifecycle.core import load_settings
+    from lifecycle.monitoring import monitor_project
+    if args.watch is not None and not args.watch > 0:
+        raise LifecycleError("monitor --watch takes a positive number of seconds, e.g. --watch 60")
+    settings = load_settings(args.settings)
+    kpis = list(parse_kpis(settings.sections.get("monitor", {}).get("kpis", "")))
+    code = 0
+    try:
+        while True:
+            summary = monitor_project(settings.root)
+            code = summary["exit_code"]
+            if args.json:
+                print(json.dumps(summary, default=str, indent=None if args.watch else 2), flush=True)
+            else:
+                print(monitor_text(summary, kpis), flush=True)
+            if not args.watch:
+                return code
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return code
+
 # %% ../nbs/11_cli.ipynb #1666fb42
 class _Parser(argparse.ArgumentParser):
     "An argument parser that takes options only as written: `--stage` is not silently `--stages`."
@@ -95,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
                   epilog=_examples("lifecycle run                      # the whole lifecycle on ./settings.ini",
                                    "lifecycle run --from train -p train.model=random_forest",
                                    "lifecycle serve                    # http://127.0.0.1:8000/docs",
+                                   "lifecycle replay --input data/heart-disease-uci/processed.va.data",
+                                   "lifecycle monitor --json",
                                    "lifecycle models --json",
                                    "lifecycle COMMAND --help           # each command's options and examples"))
     top.add_argument("--version", action="version", version=f"lifecycle {lifecycle.__version__}")
@@ -140,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)")
     serve.set_defaults(handler=_serve)
     from lifecycle.batch import add_batch_command
+    from lifecycle.replay import add_replay_command
     from lifecycle.stream import add_stream_command
     add_batch_command(commands)
     add_stream_command(commands)
@@ -156,6 +220,17 @@ def parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--refresh", type=float, default=None, metavar="SECONDS",
                            help="seconds between the page's refreshes and the monitor's runs (default: [monitor] refresh_seconds, 30)")
     dashboard.set_defaults(handler=_dashboard)
+    add_replay_command(commands)
+    monitor = commands.add_parser("monitor", help="drift, accuracy, fairness and KPIs per window from the prediction log; alerts",
+                                  description="Bring the monitoring windows up to date with the prediction log (incrementally), raise the alerts of "
+                                              "[monitor] alerts, and print the latest window and the firing alerts. Exit code 3 when a critical "
+                                              "alert fires, 0 otherwise.",
+                                  epilog=_examples("lifecycle monitor", "lifecycle monitor --json", "lifecycle monitor --watch 60",
+                                                   "lifecycle monitor --json || echo 'a critical alert fires'"))
+    monitor.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="run again every SECONDS until interrupted")
+    monitor.add_argument("--json", action="store_true", help="print the result as one JSON object (one a line with --watch)")
+    monitor.add_argument("--settings", default="settings.ini", help="the project's settings file")
+    monitor.set_defaults(handler=_monitor)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))

@@ -340,13 +340,14 @@ def _plain(value):
     return None if pd.isna(value) else str(value)
 
 def _labels_since(log, since) -> pd.DataFrame:
-    "Labels committed with a time at or after `since` (every label when None), oldest first."
-    if since is None:
-        return log.labels()
-    rows = log.store.read(f"SELECT request_id, label, time FROM labels WHERE time >= {log.store.mark} ORDER BY time, request_id",
-                          (log.store.time_parameter(since),))
-    frame = pd.DataFrame(rows, columns=["request_id", "label", "time"]).astype({"request_id": str, "label": "int64"})
-    frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    """Labels written at or after `since` (every label when None), oldest first: request_id, label, time (when it became
+    known) and logged (when it was written; a replay writes labels now that became known in the past)."""
+    written = "coalesce(logged, time)"  # labels of a log older than the `logged` column: their time
+    where, parameters = ("", ()) if since is None else (f" WHERE {written} >= {log.store.mark}", (log.store.time_parameter(since),))
+    rows = log.store.read(f"SELECT request_id, label, time, {written} FROM labels{where} ORDER BY {written}, request_id", parameters)
+    frame = pd.DataFrame(rows, columns=["request_id", "label", "time", "logged"]).astype({"request_id": str, "label": "int64"})
+    for column in ("time", "logged"):
+        frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
     return frame
 
 def _storable(frame: pd.DataFrame) -> pd.DataFrame:
@@ -459,13 +460,15 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         if state["predictions_since"] is not None and pd.Timestamp(state["predictions_since"]) == cursor and at_cursor is not None:
             same_instant = pd.concat([at_cursor, same_instant], ignore_index=True)
         state["predictions_since"] = cursor.isoformat()
-        new = pd.concat([new, assign_windows(new, every, state["counted"])], axis=1)
+        placed = assign_windows(new, every, state["counted"])  # its event_time replaces the log's (the same, with the fallback applied)
+        new = pd.concat([new.drop(columns=[column for column in placed.columns if column in new.columns]), placed], axis=1)
         _add_ids(folder, state, new[["request_id", "window"]])
         same_instant.to_parquet(folder / "cursor_ids.parquet", index=False)
     labels = _labels_since(log, state["labels_since"])
     new_labels = len(labels)
     if len(labels):
-        state["labels_since"] = labels["time"].max().isoformat()
+        state["labels_since"] = labels["logged"].max().isoformat()
+    labels = labels.drop(columns="logged")
     pending = _read_parquet(folder / "pending_labels.parquet")
     if pending is not None and len(pending):
         labels = pd.concat([pending, labels], ignore_index=True)

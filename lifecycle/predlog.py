@@ -180,6 +180,7 @@ def features_json(
 _FIELD_HELP = {
     "request_id": "a unique text",
     "time": "ISO-8601 text or a datetime",
+    "event_time": "ISO-8601 text, a datetime or None",
     "model_version": "an integer",
     "channel": f"one of {', '.join(CHANNELS)}",
     "score": "a number",
@@ -214,16 +215,18 @@ def _invalid(what: str, field: str) -> LifecycleError:
     return LifecycleError(f"{what}: '{field}' is missing or invalid; it must be {_FIELD_HELP[field]}")
 
 def prediction_row(
-    prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id
+    prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id; optional event_time
     hash_id,  # identifier -> its pseudonym (see `_id_hasher`)
     number: int = 0,  # the prediction's position in its call, for errors
-) -> tuple:  # (request_id, time, model_version, channel, score, decision, id_hash, features JSON)
+) -> tuple:  # (request_id, time, model_version, channel, score, decision, id_hash, features JSON, event_time)
     "One prediction as the row the log stores; the raw identifier goes no further than this."
     field = "request_id"
     try:
         request_id = _text_id(prediction["request_id"])
         field = "time"
         when = utc_text(prediction.get("time"))
+        field = "event_time"  # when it happened (the record's own time, or a replay's simulated arrival); default: when logged
+        event = when if prediction.get("event_time") is None else utc_text(prediction["event_time"])
         field = "model_version"
         version = int(prediction["model_version"])
         if not 0 <= version < 2**63:
@@ -243,7 +246,7 @@ def prediction_row(
     except _CONVERSION_ERRORS:
         pass  # raised below, outside this block, so the error does not chain the original (which quotes the value)
     else:
-        return (request_id, when, version, channel, score, decision, id_hash, features)
+        return (request_id, when, version, channel, score, decision, id_hash, features, event)
     raise _invalid(f"prediction {number}", field)
 
 def label_row(
@@ -275,13 +278,15 @@ CREATE TABLE IF NOT EXISTS predictions (
     score REAL,
     decision INTEGER NOT NULL,
     id_hash TEXT,
-    features TEXT NOT NULL
+    features TEXT NOT NULL,
+    event_time TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time);
 CREATE TABLE IF NOT EXISTS labels (
     request_id TEXT PRIMARY KEY,
     label INTEGER NOT NULL,
-    time TEXT NOT NULL
+    time TEXT NOT NULL,
+    logged TEXT
 );
 CREATE INDEX IF NOT EXISTS labels_time ON labels (time);
 CREATE TABLE IF NOT EXISTS prediction_blocks (
@@ -298,16 +303,19 @@ CREATE INDEX IF NOT EXISTS prediction_blocks_time ON prediction_blocks (time);
 CREATE INDEX IF NOT EXISTS prediction_blocks_first ON prediction_blocks (first_request_id);
 """
 _SQLITE_INSERT_PREDICTIONS = """
-INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (request_id) DO NOTHING"""
 _SQLITE_INSERT_LABELS = """
-INSERT INTO labels (request_id, label, time) VALUES (?, ?, ?)
-ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time"""
+INSERT INTO labels (request_id, label, time, logged) VALUES (?, ?, ?, ?)
+ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged"""
 _SQLITE_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (block_id) DO NOTHING"""
+# Columns added after the first release: a prediction's event time, and when a label was written (a label's
+# `time` is when it became known, which a replay sets in the past; monitoring reads new labels by `logged`).
+_ADDED_COLUMNS = (("predictions", "event_time"), ("labels", "logged"))
 _SQLITE_OVERLAPPING = "SELECT data FROM prediction_blocks WHERE first_request_id <= ? AND last_request_id >= ?"
 
 class SQLiteStore:
@@ -335,6 +343,13 @@ class SQLiteStore:
 
     def create(self, connection) -> None:
         connection.executescript(_SQLITE_SCHEMA)
+        for table, column in _ADDED_COLUMNS:  # a log made before these columns: its rows keep NULL, read as their `time`
+            if column not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
+                try:
+                    connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+                except sqlite3.OperationalError as error:
+                    if "duplicate column" not in str(error):  # another process added it meanwhile: fine
+                        raise
 
     def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = ()) -> None:
         "Write one batch in one transaction."
@@ -375,13 +390,17 @@ _POSTGRES_SCHEMA = [
         score DOUBLE PRECISION,
         decision INTEGER NOT NULL,
         id_hash TEXT,
-        features JSONB NOT NULL)""",
+        features JSONB NOT NULL,
+        event_time TIMESTAMPTZ)""",
     "CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time)",
     """CREATE TABLE IF NOT EXISTS labels (
         request_id TEXT PRIMARY KEY,
         label INTEGER NOT NULL,
-        time TIMESTAMPTZ NOT NULL)""",
+        time TIMESTAMPTZ NOT NULL,
+        logged TIMESTAMPTZ)""",
     "CREATE INDEX IF NOT EXISTS labels_time ON labels (time)",
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS event_time TIMESTAMPTZ",  # a log made before event times
+    "ALTER TABLE labels ADD COLUMN IF NOT EXISTS logged TIMESTAMPTZ",  # ... or before labels had a write time
     """CREATE TABLE IF NOT EXISTS prediction_blocks (
         block_id TEXT PRIMARY KEY,
         time TIMESTAMPTZ NOT NULL,
@@ -395,12 +414,12 @@ _POSTGRES_SCHEMA = [
     "CREATE INDEX IF NOT EXISTS prediction_blocks_first ON prediction_blocks (first_request_id)",
 ]
 _POSTGRES_INSERT_PREDICTIONS = """
-INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features)
-VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb)
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
+VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
 ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_LABELS = """
-INSERT INTO labels (request_id, label, time) VALUES (%s, %s, %s::timestamptz)
-ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time"""
+INSERT INTO labels (request_id, label, time, logged) VALUES (%s, %s, %s::timestamptz, %s::timestamptz)
+ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged"""
 _POSTGRES_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s)
@@ -785,6 +804,7 @@ class PredictionLog:
         channel: str = "batch",  # online, batch or stream
         time=None,  # when they were scored (one time for all; default now)
         ids=None,  # the raw identifiers, or None: pseudonymized here, never queued
+        event_times=None,  # each prediction's event time (ISO-8601 text or datetimes), or None: the time they were logged
     ) -> None:
         """Queue many predictions of one model at once, as one block: the bulk path of batch scoring.
 
@@ -802,6 +822,13 @@ class PredictionLog:
             raise _invalid("record_many", "model_version")
         if not count:
             return
+        if event_times is not None:
+            if len(event_times) != count:
+                raise LifecycleError("record_many: event_times must have one entry a prediction")
+            try:
+                event_times = [when if value is None else utc_text(value) for value in event_times]
+            except _CONVERSION_ERRORS:
+                raise _invalid("record_many", "event_time") from None
         import pyarrow as pa
         import pyarrow.compute as pc
         try:
@@ -825,19 +852,22 @@ class PredictionLog:
             feature_struct = pa.StructArray.from_arrays([column.chunk(0) if column.num_chunks else pa.array([], column.type)
                                                          for column in columns.columns], names=columns.column_names)
         except (pa.ArrowException, TypeError, ValueError):
-            self._record_many_as_rows(id_array.to_pylist(), score_array.to_pylist(), decisions.tolist(), features, version, channel, when, hashed.to_pylist())
+            self._record_many_as_rows(id_array.to_pylist(), score_array.to_pylist(), decisions.tolist(), features, version, channel, when,
+                                      hashed.to_pylist(), event_times)
             return
-        table = pa.table({"request_id": id_array, "score": score_array, "decision": decision_array,
-                          "id_hash": hashed, "features": feature_struct})
+        columns = {"request_id": id_array, "score": score_array, "decision": decision_array, "id_hash": hashed, "features": feature_struct}
+        if event_times is not None:  # a block's rows each keep their own event time
+            columns["event_time"] = pa.array(event_times, pa.string())
+        table = pa.table(columns)
         block = PredictionBlock(table, when, version, channel)
         self._enqueue([("b", block)], block.rows)
 
-    def _record_many_as_rows(self, request_ids, scores, decisions, features, version, channel, when, hashed) -> None:
+    def _record_many_as_rows(self, request_ids, scores, decisions, features, version, channel, when, hashed, event_times=None) -> None:
         "The row path of `record_many`: one row a prediction, its features as JSON from pandas' C encoder."
         texts = features.to_json(orient="records", lines=True, double_precision=15).splitlines()
         count = len(request_ids)
         self._enqueue([("p", row) for row in zip(request_ids, [when] * count, [version] * count, [channel] * count,
-                                                  scores, decisions, hashed, texts)])
+                                                  scores, decisions, hashed, texts, event_times or [when] * count)])
 
     def record_label(self,
         request_id: str,  # the prediction's request id
@@ -845,7 +875,7 @@ class PredictionLog:
         time=None,  # when it became known (ISO-8601 text or datetime); None for now
     ) -> None:
         "Queue a true label, which arrives after its prediction."
-        self._enqueue([("l", label_row(request_id, label, time))])
+        self._enqueue([("l", label_row(request_id, label, time) + (utc_text(),))])  # and when it was written
 
     def _enqueue(self, items: list, weight: int | None = None) -> int:
         "Queue items; `weight` is the predictions and labels they hold (default: one each). Returns their ticket."
@@ -1137,16 +1167,22 @@ class PredictionLog:
                 pass
 
 # %% ../nbs/31_predlog.ipynb #a1f0c028
-PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash")
+PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash", "event_time")
 
 def _prediction_frame(rows: list[tuple]) -> pd.DataFrame:
     "Rows of the predictions table as a frame: the JSON features expanded into columns."
     frame = pd.DataFrame([row[:-1] for row in rows], columns=list(PREDICTION_COLUMNS))
     frame = frame.astype({"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"})
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    frame["event_time"] = _event_times(frame["event_time"], frame["time"])
     features = pd.DataFrame.from_records([json.loads(row[-1]) if isinstance(row[-1], str) else row[-1] for row in rows],
                                          index=frame.index) if rows else pd.DataFrame(index=frame.index)
     return _with_features(frame, features)
+
+def _event_times(values: pd.Series, logged: pd.Series) -> pd.Series:
+    "Event times as UTC times; a prediction logged without one (an older log) gets the time it was logged."
+    own = pd.to_datetime(values.astype(object).where(values.notna(), None), utc=True, format="ISO8601")
+    return own.fillna(logged).astype("datetime64[ns, UTC]")
 
 def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
     "The predictions' columns, then their features; a feature named like one of those columns gets the prefix `feature_`."
@@ -1166,7 +1202,8 @@ def _block_frame(when, model_version: int, channel: str, data: bytes) -> pd.Data
     frame.insert(1, "time", pd.Series(stamp, index=frame.index, dtype="datetime64[ns, UTC]"))
     frame.insert(2, "model_version", np.int64(model_version))
     frame.insert(3, "channel", channel)
-    frame = frame.astype({"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"})
+    frame["event_time"] = _event_times(frame["event_time"], frame["time"]) if "event_time" in frame.columns else frame["time"]
+    frame = frame[list(PREDICTION_COLUMNS)].astype({"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"})
     features = pa.Table.from_arrays(struct.flatten(), names=names).to_pandas() if names else pd.DataFrame(index=frame.index)
     return _with_features(frame, features)
 

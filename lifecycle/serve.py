@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,9 +31,10 @@ from .predlog import JournalError
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
-__all__ = ['log', 'ISOLATE_MAX', 'REQUEST_ID', 'ID_MAX_CHARS', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED',
-           'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated', 'SafeJSONResponse', 'check_ids', 'create_app',
-           'openapi_components', 'openapi_responses', 'serve']
+__all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'REQUEST_ID', 'ID_MAX_CHARS', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES',
+           'AUTHENTICATED', 'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated', 'event_time_text',
+           'record_event_times', 'logged_features', 'SafeJSONResponse', 'check_ids', 'create_app', 'openapi_components',
+           'openapi_responses', 'serve']
 
 # %% ../nbs/32_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serve")
@@ -197,6 +198,59 @@ def score_isolated(
         errors += [dict(e, loc=["body", index] + e["loc"][2:]) for e in mine]
     return results, errors
 
+# %% ../nbs/32_serve.ipynb #bb7d8118
+EVENT_TIME_HEADER = "X-Event-Time"
+_EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
+
+def event_time_text(
+    value,  # a client's time: ISO-8601 text with a date (no zone: UTC)
+    now: datetime | None = None,  # the present (default: now); a time more than a day after it is refused
+) -> str | None:  # UTC ISO-8601 text, or None when it is not a time within reach
+    "A client's event time, checked: text, a date, between 1900 and a day from now."
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    if not _EARLIEST <= moment <= (now or datetime.now(timezone.utc)) + timedelta(days=1):
+        return None
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+def record_event_times(
+    records: list,  # one request's decoded records
+    field: str,  # the project's `[data] timestamp` field ("" when it has none)
+    features: list[str],  # the model's features (a timestamp that is a feature stays in the record)
+) -> tuple[list, list, list[dict]]:  # (records without the field, each one's event time or None, errors naming record and field)
+    "Each record's own event time, taken out of the record."
+    if not field:
+        return records, [None] * len(records), []
+    kept, times, errors = [], [], []
+    for index, record in enumerate(records):
+        value = record.get(field) if isinstance(record, dict) else None
+        if isinstance(record, dict) and field in record and field not in features:
+            record = {name: item for name, item in record.items() if name != field}
+        when = None if value is None else event_time_text(value)
+        if value is not None and when is None:
+            errors.append({"loc": ["body", index, field], "msg": "expected an ISO-8601 time with a date, no later than tomorrow",
+                           "type": "value_error.event_time"})
+        kept.append(record)
+        times.append(when)
+    return kept, times, errors
+
+# %% ../nbs/32_serve.ipynb #38920a4a
+def logged_features(
+    record: dict,  # one record that passed the model's checks
+    spec,  # the model's `ServingSpec`
+) -> dict:  # feature -> its value as the model saw it (None when missing)
+    "A record's features for the prediction log: cleaned by the project's rules, as training saw them."
+    from lifecycle.scoring import check_records
+    rows, _ = check_records([record], spec)
+    if rows[0] is None:  # cannot happen for a record that was scored; the raw values then
+        return {name: record.get(name) for name in spec.features}
+    return {name: (None if isinstance(value, float) and math.isnan(value) else value) for name, value in zip(spec.features, rows[0])}
+
 # %% ../nbs/32_serve.ipynb #a27956a7
 def _loopback(host: str) -> bool:
     "Whether `host` is a loopback address. The empty host is not: uvicorn listens on every interface for it."
@@ -207,7 +261,7 @@ def _loopback(host: str) -> bool:
     except ValueError:
         return False
 
-def _logged(prediction_log, request_id: str) -> bool:
+def _in_log(prediction_log, request_id: str) -> bool:
     "Whether the log holds this prediction; one answered a moment ago may still be queued, so ask again after a flush."
     return prediction_log.has_prediction(request_id) or (prediction_log.flush(timeout=10) and prediction_log.has_prediction(request_id))
 
@@ -277,7 +331,11 @@ def create_app(
     app = FastAPI(title="lifecycle scoring", lifespan=lifespan, version="1", default_response_class=SafeJSONResponse,
                   openapi_url=None, docs_url=None, redoc_url=None,  # served below, behind the token like /model
                   description="Scores records with the project's champion model. Every prediction is journaled for the "
-                              "prediction log before its answer is sent.")
+                              "prediction log before its answer is sent. "
+                              f"Event time: a record's own `[data] timestamp` field when the project has one; else the optional "
+                              f"header `{EVENT_TIME_HEADER}` (ISO-8601 with a date, e.g. 2024-05-01T12:00:00Z, no later than a day "
+                              f"from now) for every record of the request, as `lifecycle replay` sends it; else the time of the "
+                              f"request. On /feedback the header says when the label became known.")
     app.state.holder, app.state.metrics, app.state.batcher, app.state.serve = holder, metrics, batcher, state
 
     def authorized(request: Request) -> bool:
@@ -310,6 +368,15 @@ def create_app(
         except RecursionError:
             return None, _problem(422, "the body is JSON nested too deeply", "json_invalid")
 
+    def header_event_time(request: Request):
+        "The request's `X-Event-Time` (None when absent), or an error response."
+        given = request.headers.get(EVENT_TIME_HEADER)
+        when = None if given is None else event_time_text(given)
+        if given is not None and when is None:
+            return None, _problem(422, f"the {EVENT_TIME_HEADER} header must be an ISO-8601 time with a date, no later than tomorrow",
+                                  "value_error.event_time", ["header", EVENT_TIME_HEADER])
+        return when, None
+
     def finish(endpoint: str, response: Response, started: float) -> Response:
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -332,6 +399,13 @@ def create_app(
         id_errors = check_ids(records, holder.scorer.spec.id_field)
         if id_errors:  # refused before scoring: a prediction that cannot be logged is not answered
             return finish("predict", SafeJSONResponse({"detail": id_errors}, status_code=422), started)
+        sent_time, problem = header_event_time(request)
+        if problem:
+            return finish("predict", problem, started)
+        stamp_field = ((holder.scorer.meta.get("settings") or {}).get("data", {}).get("timestamp") or "").strip()
+        records, own_times, time_errors = record_event_times(records, stamp_field, holder.scorer.spec.features)
+        if time_errors:
+            return finish("predict", SafeJSONResponse({"detail": time_errors}, status_code=422), started)
         results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
         if errors or None in results:  # a record without a result names its error (or, if a check forgot to, gets one)
@@ -339,12 +413,12 @@ def create_app(
             return finish("predict", SafeJSONResponse({"detail": errors}, status_code=422), started)
         now = _now()
         answers, logged = [], []
-        for record, result in zip(records, results):
+        for record, result, own_time in zip(records, results, own_times):
             request_id = uuid.uuid4().hex
             answers.append({"request_id": request_id, **result})
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
-                           "features": {name: record.get(name) for name in spec.features}})
+                           "features": logged_features(record, spec), "event_time": own_time or sent_time})
         try:  # journaled before the answer goes out: a client that got an answer finds it in the log, even after kill -9
             state["log"].record(logged)
         except JournalError as error:
@@ -380,9 +454,12 @@ def create_app(
                 errors.append({"loc": ["body"], "msg": "feedback has only the fields request_id and label", "type": "extra_forbidden"})
         if errors:
             return finish("feedback", SafeJSONResponse({"detail": errors}, status_code=422), started)
-        if not await run_in_threadpool(_logged, state["log"], payload["request_id"]):
+        known_at, problem = header_event_time(request)
+        if problem:
+            return finish("feedback", problem, started)
+        if not await run_in_threadpool(_in_log, state["log"], payload["request_id"]):
             return finish("feedback", _problem(404, "no prediction with this request_id is in the log", "not_found", ["body", "request_id"]), started)
-        state["log"].record_label(payload["request_id"], int(payload["label"]), _now())
+        state["log"].record_label(payload["request_id"], int(payload["label"]), known_at or _now())
         return finish("feedback", SafeJSONResponse({"recorded": True}, status_code=202), started)
 
     @app.get("/health", summary="The process is alive")

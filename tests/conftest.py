@@ -91,6 +91,7 @@ def champion_template(tmp_path_factory):
     project.mkdir()
     shutil.copy(REPO / "settings.ini", project / "settings.ini")
     shutil.copytree(HEART, project / "data" / "heart-disease-uci")
+    # the latency gates decide on CPU time, so a busy test machine cannot refuse the template
     _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0)
     (project / "first-run.json").write_text(json.dumps(run))
     return project

@@ -13,7 +13,7 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     code, run, _, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "--json", check=0)
     assert run["status"] == "passed"
     by_name = stages(run)
-    assert [s["status"] for s in run["stages"]] == ["ran", "ran", "ran", "ran", "ran"]
+    assert [s["status"] for s in run["stages"]] == ["ran", "ran", "ran", "ran", "ran", "ran"]
     collect, prepare = by_name["collect"]["summary"], by_name["prepare"]["summary"]
     # Deployed: the smoke test over HTTP gave the offline scores exactly; the held-out hospitals were scored into the log.
     deploy = by_name["deploy"]["summary"]
@@ -21,7 +21,11 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     assert deploy["smoke"]["identical"] and deploy["smoke"]["failed"] == 0 and deploy["smoke"]["records"] == prepare["splits"]["test"]
     assert deploy["production"]["by_source"]["va"]["rows"] == 200 and deploy["production"]["by_source"]["switzerland"]["rows"] == 123
     assert deploy["production"]["scored"] + deploy["production"]["rejected"] == 323
-    assert deploy["predictions_in_log"] == deploy["production"]["scored"]
+    assert deploy["predictions_in_log"] == deploy["production"]["scored"] == deploy["replay"]["scored"]  # through replay, over 30 days
+    # Monitored: a month of history, the labels of the last week still pending.
+    monitor = by_name["monitor"]["summary"]
+    assert monitor["predictions"] == deploy["production"]["scored"] and monitor["labeled"] == deploy["replay"]["labels_sent"] > 0
+    assert monitor["windows"] >= 5 and monitor["headline"] and monitor["figure"] == "monitoring.png"
     # Cleveland 303 + Hungarian 294 rows; one exact duplicate in the Hungarian file.
     assert collect["rows_by_source"] == {"cleveland": 303, "hungarian": 294}
     assert collect["lines_malformed"] == 0
@@ -33,7 +37,7 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     report = Path(run["report"]).parent
     assert report == heart_project / "reports" / run["run_id"]
     index = (report / "index.html").read_text()
-    for name in ("01_collect.html", "02_prepare.html", "03_train.html", "04_evaluate.html", "05_deploy.html", "01_collect.ipynb",
+    for name in ("01_collect.html", "02_prepare.html", "03_train.html", "04_evaluate.html", "05_deploy.html", "06_monitor.html", "01_collect.ipynb",
                  "prepare-data_quality.html", "prepare-summary.json", "evaluate-model_card.html", "evaluate-summary.json"):
         assert f'href="{name}"' in index, name
         assert (report / name).exists(), name

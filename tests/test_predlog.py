@@ -320,3 +320,32 @@ def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
     assert logged["id_hash"].iloc[2999] == pseudonymize("patient-2999", id_key(tmp_path)) and logged["id_hash"].iloc[3000] is None
     assert log.predictions(limit=3)["request_id"].tolist() == ids[-3:]
     log.close()
+
+
+def test_postgres_event_times_and_a_log_made_before_them(postgres_url, tmp_path):
+    "A PostgreSQL log without the event_time and logged columns gets them when opened; rows, blocks and labels keep their own times."
+    import psycopg
+    from lifecycle.monitoring import _labels_since
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # the tables as logs made them before event times
+        admin.execute("CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TIMESTAMPTZ NOT NULL, model_version BIGINT NOT NULL, "
+                      "channel TEXT NOT NULL, score DOUBLE PRECISION, decision INTEGER NOT NULL, id_hash TEXT, features JSONB NOT NULL)")
+        admin.execute("CREATE TABLE labels (request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, time TIMESTAMPTZ NOT NULL)")
+        admin.execute("INSERT INTO predictions VALUES ('old', '2024-01-01T00:00:00Z', 1, 'online', 0.5, 1, NULL, '{\"age\": 50}')")
+        admin.execute("INSERT INTO labels VALUES ('old', 1, '2024-01-03T00:00:00Z')")
+    log = open_log(postgres_url, tmp_path)
+    log.record([{**predictions(1)[0], "event_time": "2023-12-25T10:00:00+01:00"}])
+    log.record_many(["b-1", "b-2"], [0.1, 0.9], [0, 1], pd.DataFrame({"age": [40.0, 60.0]}), 1,
+                    event_times=["2023-11-01T00:00:00Z", None])
+    log.record_label("r0", 1, "2024-01-01T09:00:00Z")  # known on January 1st, written now
+    assert log.flush(timeout=30)
+    times = open_log(postgres_url, tmp_path).predictions().set_index("request_id")
+    assert times.loc["old", "event_time"] == pd.Timestamp("2024-01-01T00:00:00Z")  # an old row: its write time
+    assert times.loc["r0", "event_time"] == pd.Timestamp("2023-12-25T09:00:00Z")
+    assert times.loc["b-1", "event_time"] == pd.Timestamp("2023-11-01T00:00:00Z")
+    assert times.loc["b-2", "event_time"] == times.loc["b-2", "time"]
+    labels = _labels_since(log, None).set_index("request_id")
+    assert labels.loc["r0", "time"] == pd.Timestamp("2024-01-01T09:00:00Z")
+    assert labels.loc["r0", "logged"] > pd.Timestamp("2025-01-01T00:00:00Z")  # written now, though known long ago
+    assert labels.loc["old", "logged"] == labels.loc["old", "time"]  # an old label: its time
+    assert _labels_since(log, "2025-01-01T00:00:00Z")["request_id"].tolist() == ["r0"]  # a monitor's cursor finds it
+    log.close()
