@@ -259,13 +259,16 @@ def verify_fast_path(
     pipeline,  # the fitted pipeline it was read from
     rows: pd.DataFrame,  # checked rows (`probe_rows`)
 ) -> str | None:  # None when every way of the fast path gives the pipeline's scores; else why not
-    "Compare the fast path's scores with the pipeline's `predict_proba`."
-    expected = pipeline.predict_proba(rows)[:, 1]
+    "Compare the fast path's input matrices with the pipeline's, and its scores with the pipeline's `predict_proba`."
+    matrix = pipeline.named_steps["prepare"].transform(rows)  # what the pipeline feeds its model
+    expected = fast.model.predict_proba(matrix)[:, 1]  # = pipeline.predict_proba(rows), without transforming twice
     listed = rows.astype(object).where(rows.notna(), np.nan).values.tolist()
+    for way, built in (("the whole-frame matrix", fast.matrix(rows)), ("the row matrix", fast.transform(listed))):
+        if built.shape != matrix.shape or not np.array_equal(built, matrix):
+            return f"{way} differs from the pipeline's on {len(rows)} generated rows"
     small = fast.trees_up_to
-    ways = {"the tree walk": np.concatenate([fast.scores(listed[i:i + small]) for i in range(0, len(listed), small)]),
-            "the whole-frame matrix": fast.model.predict_proba(fast.matrix(rows))[:, 1],
-            "the row matrix": fast.model.predict_proba(fast.transform(listed))[:, 1]}
+    ways = {"the tree walk": np.concatenate([fast.scores(listed[i:i + small]) for i in range(0, len(listed), small)]) if len(listed) else expected,
+            "the model on the whole-frame matrix": fast.model.predict_proba(fast.matrix(rows))[:, 1] if fast.trees is None else expected}
     for way, scores in ways.items():
         difference = float(np.max(np.abs(scores - expected))) if len(expected) else 0.0
         if not difference <= SCORE_TOLERANCE:
@@ -289,7 +292,7 @@ class Prediction:
 class Scorer:
     "A model version ready to score records."
 
-    def __init__(self, model, meta: dict, verify_rows: int = 300):
+    def __init__(self, model, meta: dict, verify_rows: int = 256):
         self.model, self.meta = model, meta
         self.spec = ServingSpec.from_meta(meta)
         self.contract = self.spec.contract
@@ -299,8 +302,10 @@ class Scorer:
         except (LifecycleError, AttributeError, KeyError, TypeError) as error:
             self.fast_reason = f"the pipeline is not one the fast path reads ({type(error).__name__})"
             return
+        from threadpoolctl import threadpool_limits
         try:
-            self.fast_reason = verify_fast_path(fast, model, probe_rows(self.spec, verify_rows))
+            with threadpool_limits(1):  # a few hundred rows: threads would only wait for each other on a busy machine
+                self.fast_reason = verify_fast_path(fast, model, probe_rows(self.spec, verify_rows))
         except Exception as error:  # a private attribute that changed shape: the pipeline scores
             self.fast_reason = f"the fast path failed on generated rows ({type(error).__name__})"
         if self.fast_reason is None:

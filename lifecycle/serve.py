@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
 from .core import LifecycleError
+from .contract import MAX_ERRORS, MAX_RECORDS, limit_errors
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
@@ -181,6 +182,8 @@ def create_app(
     max_body: int = 1_000_000,  # bytes; a larger body gets a 413
     watch_interval: float = 0.5,  # seconds between looks at the registry's aliases
     prediction_log=None,  # a PredictionLog to use instead of opening one (tests)
+    max_records: int = MAX_RECORDS,  # the most records one request may carry; more get a 422 `too_many_records`
+    max_errors: int = MAX_ERRORS,  # the most errors a 422 lists (`errors_total` counts them all)
 ) -> FastAPI:
     "The scoring app."
     root = Path(root)
@@ -252,10 +255,12 @@ def create_app(
         records = payload if isinstance(payload, list) else [payload]
         if not records:
             return finish("predict", _problem(422, "an empty list: nothing to score", "empty"), started)
+        if len(records) > max_records:
+            return finish("predict", _problem(422, f"a request may carry at most {max_records} records", "too_many_records"), started)
         results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
         if errors:
-            return finish("predict", JSONResponse({"detail": errors}, status_code=422), started)
+            return finish("predict", JSONResponse(limit_errors(errors, max_errors), status_code=422), started)
         now = _now()
         answers, logged = [], []
         for record, result in zip(records, results):
@@ -313,7 +318,7 @@ def create_app(
             return JSONResponse({"detail": "no model is loaded yet", "error": holder.error}, status_code=503)
         spec = scorer.spec
         return {"version": spec.version, "sha256": spec.sha256, "alias": alias, "threshold": spec.threshold,
-                "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None,
+                "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None, "fast_path_reason": scorer.fast_reason,
                 "swaps": holder.swaps, "load_error": holder.error}
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -346,13 +351,14 @@ def serve(
     log_url: str = "",  # the prediction log URL (empty: the project's SQLite file)
     access_log: bool = False,  # log each request (method, path, status: never a body)
     max_body: int = 1_000_000,  # bytes
+    max_records: int = MAX_RECORDS,  # the most records one request may carry
 ):
     "Run the scoring server until SIGTERM or Ctrl-C."
     import uvicorn
     token = os.environ.get("LIFECYCLE_API_TOKEN") or None
     if not _loopback(host) and not token:
         raise LifecycleError(f"serving on {host} needs a token: set LIFECYCLE_API_TOKEN (clients send Authorization: Bearer <token>)")
-    app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body)
+    app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body, max_records=max_records)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", access_log=access_log,
                 timeout_graceful_shutdown=30, log_level="info")
