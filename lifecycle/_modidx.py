@@ -126,6 +126,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'lifecycle.contract.clean_text': ('contract.html#clean_text', 'lifecycle/contract.py'),
                                     'lifecycle.contract.compile_contract': ('contract.html#compile_contract', 'lifecycle/contract.py'),
                                     'lifecycle.contract.contract_from_meta': ('contract.html#contract_from_meta', 'lifecycle/contract.py'),
+                                    'lifecycle.contract.contract_settings': ('contract.html#contract_settings', 'lifecycle/contract.py'),
                                     'lifecycle.contract.error_reason': ('contract.html#error_reason', 'lifecycle/contract.py'),
                                     'lifecycle.contract.infer_numeric': ('contract.html#infer_numeric', 'lifecycle/contract.py'),
                                     'lifecycle.contract.limit_errors': ('contract.html#limit_errors', 'lifecycle/contract.py'),

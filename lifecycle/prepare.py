@@ -15,7 +15,7 @@ import pandera.pandas as pa
 
 from .collect import LINEAGE
 from .contract import (MAX_MISSING_SHARE, NUMERIC_SHARE, _code, _is_code, check_frame, clean_text, compile_contract,
-                                infer_numeric, parse_range, parse_recode, parse_values, reason_series)
+                                contract_settings, infer_numeric, parse_range, parse_recode, parse_values, reason_series)
 from .core import LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
 
 # %% auto #0
@@ -401,7 +401,7 @@ def prepare(
     accept_schema: bool = False,  # store a new schema version inferred from this data
     schema_reason: str = "",  # why the new schema version is accepted
     max_missing_share: float = MAX_MISSING_SHARE,  # a row with a larger share of its features missing is quarantined (too_many_missing)
-) -> dict:  # clean, quarantined and duplicate rows, the schema, reasons and the standardization report
+) -> dict:  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons and the standardization report
     "Standardize, validate, quarantine and de-duplicate a snapshot."
     features = _feature_columns(snapshot, settings)
     recode_maps = {column: parse_recode(text, f"[prepare] recode {column}") for column, text in (recode or {}).items()}
@@ -446,5 +446,6 @@ def prepare(
     kept = duplicate_of(data, features + ["_label"], among=passed)
     quarantined = take_rows(data, ~passed).assign(_reason=reasons[~passed].astype(object))  # text, as the quarantine file holds it
     clean, duplicates = take_rows(data, passed & (kept < 0)), duplicate_trace(data, kept)
-    return {"clean": clean, "quarantined": quarantined, "duplicates": duplicates, "schema": schema,
+    used = contract_settings(settings.na_values, recode, missing_values, ranges, max_missing_share, settings.id)
+    return {"clean": clean, "quarantined": quarantined, "duplicates": duplicates, "schema": schema, "contract": used,
             "standardization": report, "reasons": quarantined["_reason"]}
