@@ -232,3 +232,33 @@ def test_tree_walk_mismatch_is_caught(monkeypatch):
     monkeypatch.setattr(scoring.TreeEnsemble, "__init__", wrong)
     scorer = Scorer(model, META)
     assert scorer.fast is None and "tree walk" in scorer.fast_reason
+
+
+# --- the server: limits of a request, and what /model says about the fast path ----------------
+
+def test_server_caps_records_and_errors(tmp_path):
+    "`[{}]` * 50,000 must not make 650,000 errors: more records than the cap are one error; errors are listed up to a cap, with a count."
+    import time
+    from fastapi.testclient import TestClient
+    from lifecycle.registry import Registry, register, set_alias
+    from lifecycle.serve import create_app
+    frame, labels = _training()
+    registry = Registry(tmp_path)
+    meta = {k: v for k, v in META.items() if k not in ("version", "sha256")}
+    set_alias(registry, "champion", register(registry, build_pipeline("hist_gradient_boosting", NUMERIC, CATEGORICAL, 0).fit(frame, labels), meta), "test")
+    app = create_app(tmp_path, max_records=1000, max_errors=100, log_url=str(tmp_path / "log.sqlite"))
+    with TestClient(app) as client:
+        for _ in range(200):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        about = client.get("/model").json()
+        assert about["fast_path"] is True and about["fast_path_reason"] is None
+        too_many = client.post("/predict", json=[{}] * 1001)
+        assert too_many.status_code == 422 and too_many.json()["detail"][0]["type"] == "too_many_records"
+        many_errors = client.post("/predict", json=[{}] * 1000)
+        assert many_errors.status_code == 422
+        body = many_errors.json()
+        assert len(body["detail"]) == 100 and body["errors_total"] == 5000
+        fine = client.post("/predict", json={"age": "0.05k", "chol": "?", "sex": "Male", "cp": "3", "color": " r "})
+        assert fine.status_code == 200, fine.text
