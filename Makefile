@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lab bench sync-check nbdev-test pytest lock clean mlflow-venv
+.PHONY: run test lab bench sync-check nbdev-test pytest lock clean mlflow-venv screenshots
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ pytest: $(VENV)/.installed-dev
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab --notebook-dir=nbs
+
+# The README's pictures, from the latest run's report, taken in Debian's chromium (apt-get install chromium).
+screenshots: $(VENV)/.installed-dev
+	test -e reports/latest || $(MAKE) run
+	$(BIN)/python docs/screenshots.py
 
 bench: $(VENV)/.installed
 	$(BIN)/lifecycle bench prepare

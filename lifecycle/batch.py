@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,7 @@ from .scoring import Scorer, ServingSpec, check_frame
 
 # %% auto #0
 __all__ = ['file_format', 'input_columns', 'read_chunks', 'count_rows', 'output_schema', 'score_chunk', 'file_sha256',
-           'batch_ids', 'Progress', 'score_file', 'add_batch_command', 'format_batch', 'bench_batch']
+           'batch_ids', 'Progress', 'score_file', 'add_batch_command']
 
 # %% ../nbs/33_batch.ipynb #b80237f0
 _PARQUET = (".parquet", ".pq", ".parq")
@@ -470,81 +469,3 @@ def add_batch_command(
     batch.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     batch.set_defaults(handler=_batch_command)
     return batch
-
-# %% ../nbs/33_batch.ipynb #4ebf6304
-def _bench_task(name: str, project: str, path: str, rows: int) -> dict:
-    "One measurement, in this (fresh) process."
-    from lifecycle.bench import _peak_mib
-    if name == "floor":
-        scorer = Scorer.from_registry(Path(project))
-        frame = pq.read_table(path, columns=scorer.spec.features).to_pandas()
-        started = time.perf_counter()
-        scorer.model.predict_proba(frame)
-        seconds = time.perf_counter() - started
-        return {"seconds": seconds, "rows_per_s": len(frame) / seconds}
-    output = Path(path).with_name(f"scored-{rows}.parquet")
-    summary = score_file(Path(project), Path(path), output, log=(name == "ours_logged"), log_url=str(Path(path).with_name(f"log-{rows}.sqlite")), progress=False)
-    return {"seconds": summary["seconds"], "rows_per_s": summary["rows_per_s"], "rows_scored": summary["rows_scored"],
-            "rows_rejected": summary["rows_rejected"], "logged": summary["logged"],
-            "peak_mib": _peak_mib()}
-
-def _measure_batch(name: str, project: Path, path: Path, rows: int) -> dict:
-    import subprocess
-    code = f"import json; from lifecycle.batch import _bench_task; print(json.dumps(_bench_task({name!r}, {str(project)!r}, {str(path)!r}, {rows})))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if done.returncode != 0:
-        raise LifecycleError(f"bench batch task {name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-# %% ../nbs/33_batch.ipynb #fd619f0f
-def format_batch(figures: dict) -> str:
-    "The batch benchmark as a table."
-    lines = [f"bench batch: the champion (model version {figures['model_version']}) on generated heart rows, Parquet in and out, local engine",
-             f"{'rows':>10}  {'ours rows/s':>12}  {'floor rows/s':>12}  {'ratio':>6}  {'peak MiB':>8}  {'logged rows/s':>13}  {'ratio':>6}  {'peak MiB':>8}"]
-    for size in figures["sizes"]:
-        lines.append(f"{size['rows']:>10,}  {size['rows_per_s']:>12,.0f}  {size['floor_rows_per_s']:>12,.0f}  {size['ratio']:>5.2f}x  {size['peak_mib']:>8.0f}"
-                     + (f"  {size['logged_rows_per_s']:>13,.0f}  {size['logged_ratio']:>5.2f}x  {size['logged_peak_mib']:>8.0f}" if "logged_rows_per_s" in size else ""))
-    lines.append("targets: ratio >= 0.7x the floor (bare predict_proba on the rows in memory), peak memory < 1024 MiB; "
-                 "the first columns without the prediction log, the last ones with it (SQLite)")
-    return "\n".join(lines)
-
-def bench_batch(
-    rows_list: tuple = (1_000_000, 5_000_000),  # input sizes
-    heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
-    quiet: bool = False,  # no table on stdout
-    with_log: bool = True,  # also measure with the prediction log on
-    project: Path | None = None,  # a project whose registry has a champion (default: build one, about a minute)
-    repeat: int = 2,  # runs of ours and of the floor, alternated; the best of each counts
-) -> dict:  # the figures
-    "Measure batch scoring's rows/s and peak memory against the bare predict_proba on the same rows."
-    from lifecycle.bench import _heart_folder, _write_project, generate_heart_rows, train_champion
-    heart = _heart_folder(heart, "batch")
-    sizes = []
-    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
-        if project is None:
-            project = train_champion(_write_project(Path(folder) / "project", 20_000, heart))
-        project = Path(project)
-        version = Scorer.from_registry(project).version
-        for rows in rows_list:
-            path = Path(folder) / f"input-{rows}.parquet"
-            generate_heart_rows(heart, rows, seed=rows).to_parquet(path, index=False)
-            floors, runs = [], []
-            for _ in range(repeat):  # alternated, best of each: a busy machine slows one run, never speeds one up
-                floors.append(_measure_batch("floor", project, path, rows))
-                runs.append(_measure_batch("ours", project, path, rows))
-            floor = max(floors, key=lambda run: run["rows_per_s"])
-            ours = max(runs, key=lambda run: run["rows_per_s"])
-            ours["peak_mib"] = max(run["peak_mib"] for run in runs)
-            size = {"rows": rows, "rows_per_s": ours["rows_per_s"], "floor_rows_per_s": round(floor["rows_per_s"]),
-                    "ratio": round(ours["rows_per_s"] / floor["rows_per_s"], 2), "peak_mib": round(ours["peak_mib"]),
-                    "rows_scored": ours["rows_scored"], "rows_rejected": ours["rows_rejected"]}
-            if with_log:
-                logged = _measure_batch("ours_logged", project, path, rows)
-                size.update(logged_rows_per_s=logged["rows_per_s"], logged_ratio=round(logged["rows_per_s"] / floor["rows_per_s"], 2),
-                            logged_peak_mib=round(logged["peak_mib"]), logged=logged["logged"])
-            sizes.append(size)
-            path.unlink()
-    figures = {"model_version": version, "sizes": sizes, "targets": {"ratio": 0.7, "peak_mib": 1024}}
-    if not quiet:
-        print(format_batch(figures))
-    return figures

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .core import LifecycleError
+from .core import LifecycleError, use_work_settings
 
 # %% auto #0
 __all__ = ['parser', 'main']
@@ -68,12 +68,36 @@ def _models(args) -> int:
     return 0
 
 # %% ../nbs/11_cli.ipynb #1666fb42
+class _Parser(argparse.ArgumentParser):
+    "An argument parser that takes options only as written: `--stage` is not silently `--stages`."
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+def _examples(*lines: str) -> str:
+    "An `--help` epilog of example command lines."
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
 def parser() -> argparse.ArgumentParser:
     "The command line of `lifecycle`."
-    top = argparse.ArgumentParser(prog="lifecycle", description="Literate MLOps: the machine-learning lifecycle as notebooks.")
-    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    import lifecycle
+    top = _Parser(prog="lifecycle", description="Literate MLOps: the machine-learning lifecycle as notebooks.",
+                  epilog=_examples("lifecycle run                      # the whole lifecycle on ./settings.ini",
+                                   "lifecycle run --from train -p train.model=random_forest",
+                                   "lifecycle serve                    # http://127.0.0.1:8000/docs",
+                                   "lifecycle models --json",
+                                   "lifecycle COMMAND --help           # each command's options and examples"))
+    top.add_argument("--version", action="version", version=f"lifecycle {lifecycle.__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     run = commands.add_parser("run", help="execute the stage notebooks and write reports/<run_id>/",
-                              description="Execute the stage notebooks with papermill into reports/<run_id>/, reusing stages whose notebook, parameters and inputs are unchanged.")
+                              description="Execute the stage notebooks with papermill into reports/<run_id>/, reusing stages whose notebook, parameters and inputs are unchanged. "
+                                          "Every parameter value is checked before any stage runs.",
+                              epilog=_examples("lifecycle run",
+                                               "lifecycle run --settings ~/census/settings.ini --json",
+                                               "lifecycle run --stages collect,prepare",
+                                               "lifecycle run --from train -p train.model=random_forest -p train.seed=7",
+                                               "lifecycle run -p prepare.accept_schema=true -p 'prepare.schema_reason=new hospital'"))
     run.add_argument("--settings", default="settings.ini", help="the project's settings file (default: settings.ini, searched upward)")
     run.add_argument("--stages", help="comma-separated stages to run; earlier stages must be cached")
     run.add_argument("--from", dest="start", metavar="STAGE", help="re-execute this stage and every one after it")
@@ -82,7 +106,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
     run.set_defaults(handler=_run)
     models = commands.add_parser("models", help="the model registry: versions, aliases, promote, rollback",
-                                 description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back.")
+                                 description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back.",
+                                 epilog=_examples("lifecycle models", "lifecycle models promote 3 --reason 'better recall on VA'",
+                                                  "lifecycle models promote challenger --alias champion --reason 'passed shadow'",
+                                                  "lifecycle models rollback --reason 'alert: recall dropped'", "lifecycle models --json"))
     models.add_argument("action", nargs="?", choices=["list", "promote", "rollback"], default="list", help="list (default), promote or rollback")
     models.add_argument("version", nargs="?", help="the version to promote (a number, or an alias such as challenger)")
     models.add_argument("--alias", default="champion", choices=["champion", "challenger"], help="the alias to move (default: champion)")
@@ -92,7 +119,9 @@ def parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=_models)
     serve = commands.add_parser("serve", help="real-time HTTP scoring of the champion model",
                                 description="Serve the champion over HTTP (FastAPI, uvicorn): POST /predict, POST /feedback, GET /health, /ready, /model, /metrics, /docs. "
-                                            "Every prediction is written to the prediction log. A new champion is picked up without a restart.")
+                                            "Every prediction is written to the prediction log. A new champion is picked up without a restart.",
+                                epilog=_examples("lifecycle serve", "lifecycle serve --port 8080 --log postgresql://user@localhost/predictions",
+                                                 "LIFECYCLE_API_TOKEN=… lifecycle serve --host 0.0.0.0"))
     serve.add_argument("--settings", default="settings.ini", help="the project's settings file")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
     serve.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
@@ -107,11 +136,12 @@ def parser() -> argparse.ArgumentParser:
     add_batch_command(commands)
     add_stream_command(commands)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
-                                description="Run a benchmark and print its figures side by side with the floor, measured in one run.")
+                                description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
+                                epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
     bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
                             "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
-                            "or stream (events/s through Redis Streams)")
+                            "or stream (events/s through Redis Streams against the same events scored in-process)")
     bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(handler=_bench)
@@ -120,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `lifecycle` command."
     args = parser().parse_args(argv)
+    use_work_settings()  # this process does the work: here, not at import, so importing lifecycle changes nothing
     try:
         return args.handler(args)
     except LifecycleError as error:

@@ -9,6 +9,7 @@ import configparser
 import hashlib
 import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,23 +23,29 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Copy-on-write, pandas 3's default: selecting and assigning columns shares memory instead of copying,
-# which halves the peak memory of the prepare stage on large data.
-pd.set_option("mode.copy_on_write", True)
-# Arrow's own allocator keeps freed memory for reuse; the system allocator hands large blocks back at once,
-# which keeps the peak memory of reading and writing large files lower, at no measurable cost in speed here.
-pa.set_memory_pool(pa.system_memory_pool())
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LifecycleError', 'find_settings', 'split_list', 'parse_mapping',
-           'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file',
-           'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json',
-           'read_json', 'write_parquet', 'write_parquet_files', 'import_without', 'StageContext', 'record_inputs',
-           'stage_context']
+__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LifecycleError', 'use_work_settings', 'find_settings',
+           'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings',
+           'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool',
+           'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet',
+           'write_parquet_files', 'import_without', 'StageContext', 'record_inputs', 'stage_context', 'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
     "An error the user can fix: its message is one line that names the file, row or field and what to do."
+
+# %% ../nbs/00_core.ipynb #ef946156
+def use_work_settings():
+    """Set the process-wide settings the stages run best with.
+
+    - pandas' copy-on-write (pandas 3's default): selecting and assigning columns shares memory instead
+      of copying, which halves the peak memory of the prepare stage on large data.
+    - Arrow's system allocator: Arrow's own allocator keeps freed memory for reuse; the system allocator
+      hands large blocks back at once, which keeps the peak memory of reading and writing large files
+      lower, at no measurable cost in speed here."""
+    pd.set_option("mode.copy_on_write", True)
+    pa.set_memory_pool(pa.system_memory_pool())
 
 # %% ../nbs/00_core.ipynb #54a6292a
 SETTINGS_FILE = "settings.ini"
@@ -69,6 +76,12 @@ DATA_KEYS = {
     "sensitive": "columns Fairlearn audits by",
     "id": "the record identifier column (pseudonymized, never shown)",
     "timestamp": "the column holding each record's time",
+    "title": "the project's name in words, for reports and dashboards",
+    "names": "per column, its name in words, one `column: name` a line",
+    "units": "per column, its unit, one `column: unit` a line",
+    "labels": "per column, its values in words, one `column: code = words, code = words` a line",
+    "positive_label": "the positive class in words",
+    "negative_label": "the negative class in words",
 }
 RUN_KEYS = {
     "timeout": "seconds a cell of a stage notebook may run before the stage is stopped",
@@ -96,6 +109,37 @@ def parse_mapping(
             raise LifecycleError(f"{where}: expected `name: value` on each line, got {line.strip()!r}")
         mapping[key.strip()] = value.strip()
     return mapping
+
+def value_key(
+    value,  # a value as data holds it: 1, 1.0, "1", numpy numbers, None or NaN
+) -> str:  # its plain text: integral numbers without ".0", missing as "missing"
+    "The text by which a value is labelled: the same for 1, 1.0 and \"1\"."
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "missing"
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{float(value):g}" if float(value) != int(float(value)) or abs(float(value)) >= 1e15 else str(int(float(value)))
+    text = str(value).strip()
+    try:
+        return value_key(float(text)) if text.lower() not in ("nan", "inf", "-inf", "infinity", "-infinity") else text
+    except ValueError:
+        return text
+
+def parse_labels(
+    text: str,  # one `column: code = words, code = words` a line
+    where: str = "[data] labels",  # where the text comes from, for the error message
+) -> dict[str, dict[str, str]]:  # column -> value key -> words
+    "Parse value labels: `sex: 0 = female, 1 = male`."
+    labels = {}
+    for column, entries in parse_mapping(text, where).items():
+        labels[column] = {}
+        for entry in [entry for entry in entries.split(",") if entry.strip()]:
+            code, equals, words = entry.partition("=")
+            if not equals or not code.strip() or not words.strip():
+                raise LifecycleError(f"{where}: write the labels of '{column}' as `code = words, code = words`")
+            labels[column][value_key(code.strip())] = words.strip()
+    return labels
 
 # %% ../nbs/00_core.ipynb #91e3fd56
 _TRUE = {"1", "true", "yes", "on"}
@@ -152,6 +196,12 @@ class Settings:
     id: str = ""
     timestamp: str = ""
     timeout: int = 1800
+    title: str = ""  # the project's name in words
+    names: dict[str, str] = field(default_factory=dict)  # column -> its name in words
+    units: dict[str, str] = field(default_factory=dict)  # column -> its unit
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)  # column -> value key -> its words
+    positive_label: str = "positive"
+    negative_label: str = "negative"
 
     @property
     def root(self) -> Path:
@@ -160,6 +210,18 @@ class Settings:
 
     def stage_section(self, stage: str) -> dict[str, str]:
         return self.sections.get(stage, {})
+
+    def column_name(self, column: str, unit: bool = True) -> str:
+        "A column's name in words (with its unit), or the column itself when settings give none."
+        name = self.names.get(column, column)
+        return f"{name} ({self.units[column]})" if unit and column in self.units else name
+
+    def value_label(self, column: str, value) -> str:
+        "A value in words: its label from settings, else the value written plainly (3.0 as 3)."
+        text = value_key(value)
+        return self.labels.get(column, {}).get(text, text)
+
+LINEAGE = ["_source", "_file", "_line"]  # columns every collected row carries: source name, file (or database URL), line number (row number for tables)
 
 # %% ../nbs/00_core.ipynb #5861362d
 def _check_keys(section: str, values: dict, known: dict, path: Path):
@@ -218,6 +280,12 @@ def load_settings(
         id=data.get("id", "").strip(),
         timestamp=data.get("timestamp", "").strip(),
         timeout=coerce_value(sections.get("run", {}).get("timeout", "1800"), "int", "[run] timeout"),
+        title=data.get("title", "").strip(),
+        names=parse_mapping(data.get("names", ""), "[data] names"),
+        units=parse_mapping(data.get("units", ""), "[data] units"),
+        labels=parse_labels(data.get("labels", "")),
+        positive_label=data.get("positive_label", "").strip() or "positive",
+        negative_label=data.get("negative_label", "").strip() or "negative",
     )
 
 # %% ../nbs/00_core.ipynb #39862372
@@ -374,6 +442,7 @@ class StageContext:
     settings: Settings
     run_dir: Path  # this run's folder, runs/<run_id>
     stage: str  # the stage's name, e.g. collect
+    explored_from: Path | None = None  # exploring (runs/dev): the latest whole run, whose outputs stand in for missing inputs
 
     @property
     def root(self) -> Path:
@@ -387,8 +456,10 @@ class StageContext:
         return folder
 
     def input(self, stage: str, name: str) -> Path:
-        "An output file of an earlier stage of this run; a clear error when it is missing."
+        "An output file of an earlier stage of this run (when exploring, else of the latest run); a clear error when it is missing."
         path = self.run_dir / stage / name
+        if not path.exists() and self.explored_from is not None and (self.explored_from / stage / name).exists():
+            return self.explored_from / stage / name
         if not path.exists():
             raise LifecycleError(f"{path} not found: run the {stage} stage first (lifecycle run --stages {stage},{self.stage})")
         return path
@@ -398,28 +469,49 @@ class StageContext:
         write_json(self.out / "summary.json", summary)
 
     def record_inputs(self, paths: list[Path] | None):
-        "Name the files this stage read from outside the run folder (None: they cannot be known)."
-        record_inputs(self.out, paths)
+        "Name every file this stage read from outside the run folder (None: they cannot be known)."
+        record_inputs(self.out, paths, self.root)
 
 def record_inputs(
     stage_dir: Path,  # a stage's output folder
-    paths: list[Path] | None,  # the files it read outside the run folder; None when they cannot be hashed
+    paths: list[Path] | None,  # every file it read outside the run folder; None when they cannot be hashed
+    root: Path | None = None,  # the project folder: files inside it are named relative to it
 ):
-    "Write `_inputs.json`: the runner reuses this stage's outputs only while these files are unchanged."
+    """Write `_inputs.json`, each file's content hash: the runner reuses this stage's outputs only while every
+    one of these files has the same content. A file inside the project is named relative to it, so a copied or
+    moved project checks its own files."""
     if paths is None:
         write_json(Path(stage_dir) / "_inputs.json", {"uncacheable": True})
         return
-    files = {str(Path(path).resolve()): sha256_file(path) if Path(path).is_file() else None for path in paths}
+    files = {_input_name(path, root): sha256_file(path) if Path(path).is_file() else None for path in paths}
     write_json(Path(stage_dir) / "_inputs.json", {"files": files})
+
+def _input_name(path: Path, root: Path | None) -> str:
+    path = Path(path).resolve()
+    if root is not None and path.is_relative_to(Path(root).resolve()):
+        return path.relative_to(Path(root).resolve()).as_posix()
+    return str(path)
 
 def stage_context(
     settings: str | Path,  # the settings file
-    run_dir: str | Path,  # the run folder; empty for runs/dev
+    run_dir: str | Path,  # the run folder; empty for runs/dev, exploring on top of the latest run
     stage: str,  # this stage's name
 ) -> StageContext:
     "The run context of a stage notebook."
     parsed = load_settings(settings)
-    run_dir = Path(run_dir) if str(run_dir) else parsed.root / "runs" / "dev"
+    if not str(run_dir):
+        return StageContext(parsed, parsed.root / "runs" / "dev", stage, latest_run(parsed.root))
+    run_dir = Path(run_dir)
     if not run_dir.is_absolute():
         run_dir = parsed.root / run_dir
     return StageContext(parsed, run_dir, stage)
+
+def latest_run(
+    root: Path,  # the project folder
+) -> Path | None:  # runs/<run_id> of the newest whole run (reports/latest), or None before the first
+    "The run folder that `reports/latest` names: a notebook opened in JupyterLab reads its inputs there."
+    link = Path(root) / "reports" / "latest"
+    if not link.is_symlink():
+        return None
+    folder = Path(root) / "runs" / os.readlink(link)
+    return folder if folder.is_dir() else None

@@ -5,6 +5,7 @@
 # %% ../nbs/10_pipeline.ipynb #c8a62a24
 from __future__ import annotations
 
+import difflib
 import functools
 import html
 import importlib
@@ -27,10 +28,11 @@ from .core import (LifecycleError, Settings, coerce_value, import_without, load_
                             sha256_file, sha256_json, write_json, write_text)
 
 # %% auto #0
-__all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'check_sections',
-           'parse_overrides', 'stage_parameters', 'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash',
-           'find_cached', 'run_section_start', 'run_cells', 'Kernel', 'Kernels', 'execute_stage', 'export_html',
-           'report_cells', 'write_index', 'plan_stages', 'run_stage', 'run_lifecycle']
+__all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
+           'parameter_choices', 'check_sections', 'parse_overrides', 'stage_parameters', 'package_code_hash',
+           'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached', 'run_section_start', 'run_cells', 'Kernel',
+           'Kernels', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages', 'run_stage',
+           'run_lifecycle']
 
 # %% ../nbs/10_pipeline.ipynb #42079474
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
@@ -97,12 +99,29 @@ def discover_stages(
     return stages
 
 # %% ../nbs/10_pipeline.ipynb #ce3d27d4
+def did_you_mean(
+    name: str,  # what the user wrote
+    known: list[str],  # the names that exist
+) -> str:  # "; did you mean 'x'?" or "" when nothing is close
+    "A hint for a misspelled name: the closest known one, if any is close."
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+_CHOICES = re.compile(r"\bone of ([\w.-]+(?:, [\w.-]+)+)")
+
+def parameter_choices(
+    help: str,  # a parameter's help text from its notebook, e.g. "the model: one of a, b, c"
+) -> list[str] | None:  # the values it accepts, or None when any value of its type will do
+    "The values a text parameter accepts, as its notebook's help says them (`one of a, b, c`)."
+    match = _CHOICES.search(help or "")
+    return match.group(1).split(", ") if match else None
+
 def check_sections(settings: Settings, stages: list[Stage]):
     "Every section must be [data], [run] or a stage's."
     known = ["data", "run"] + [stage.name for stage in stages]
     for section in settings.sections:
         if section not in known:
-            raise LifecycleError(f"{settings.path.name}: unknown section [{section}]; known sections: {', '.join(known)}")
+            raise LifecycleError(f"{settings.path.name}: unknown section [{section}]{did_you_mean(section, known)}; known sections: {', '.join(known)}")
 
 def parse_overrides(
     overrides: list[str],  # `stage.key=value` items from the command line
@@ -122,15 +141,20 @@ def stage_parameters(
     settings: Settings,  # the project's settings
     overrides: dict[str, str] | None = None,  # key -> value text from the command line
 ) -> dict:  # parameter -> typed value, for papermill
-    "The parameters of one stage: its settings section and overrides, typed as its notebook declares."
-    values = {**settings.stage_section(stage.name), **(overrides or {})}
+    "The parameters of one stage: its settings section and overrides, typed and checked as its notebook declares."
+    overrides = overrides or {}
+    values = {**settings.stage_section(stage.name), **overrides}
     known = [name for name in stage.parameters if name not in CONTEXT_PARAMETERS]
     parameters = {}
     for key, text in values.items():
+        # A mistake is named where it was made: on the command line or in the settings file.
+        where = f"-p {stage.name}.{key}" if key in overrides else f"{settings.path.name}: [{stage.name}] {key}"
         if key not in known:
-            raise LifecycleError(f"unknown key '{key}' in section [{stage.name}]; known keys: {', '.join(known)}")
-        where = f"[{stage.name}] {key}"
+            raise LifecycleError(f"{where}: unknown key '{key}' of stage {stage.name}{did_you_mean(key, known)}; known keys: {', '.join(known)}")
         parameters[key] = coerce_value(text, stage.parameters[key]["inferred_type_name"], where)
+        choices = parameter_choices(stage.parameters[key].get("help", ""))
+        if choices and parameters[key] not in choices:
+            raise LifecycleError(f"{where} = {parameters[key]!r} is not one of {', '.join(choices)}{did_you_mean(parameters[key], choices)}")
     parameters["settings"] = str(settings.path)
     return parameters
 
@@ -156,16 +180,21 @@ def cache_key(
 
 def inputs_unchanged(
     stage_dir: Path,  # an earlier execution's output folder
+    root: Path,  # the project folder, which relative names in `_inputs.json` are relative to
 ) -> bool:  # whether every file it read still has the same content
-    "Check the files an earlier execution recorded in `_inputs.json`."
+    """Check the files an earlier execution recorded in `_inputs.json`, by content.
+
+    A stage that recorded nothing is never reused: a stage that forgot to name what it read runs again
+    rather than serve stale results."""
     path = stage_dir / "_inputs.json"
     if not path.exists():
-        return True
+        return False
     recorded = read_json(path)
     if recorded.get("uncacheable"):
         return False
     for name, digest in recorded.get("files", {}).items():
-        current = sha256_file(name) if Path(name).is_file() else None
+        file = Path(name) if Path(name).is_absolute() else Path(root) / name
+        current = sha256_file(file) if file.is_file() else None
         if current != digest:
             return False
     return True
@@ -186,7 +215,7 @@ def find_cached(root: Path, stage: str, key: str) -> dict | None:
         return None
     record = read_json(path)
     earlier = root / "runs" / record["run_id"] / stage
-    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier):
+    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier, root):
         return None
     return record
 
@@ -237,14 +266,16 @@ class Kernel:
 
     Its IPC sockets are in a private folder: no TCP port is open to other users of the machine. The manager
     is the asynchronous one: nbclient's timeout never fires with a blocking client. The history is kept in
-    memory, as nbclient would ask."""
+    memory, as nbclient would ask. It starts with `use_work_settings()` applied: it runs a stage's work."""
 
     def __init__(self, cwd: Path):  # the project root, the kernel's working folder
         from jupyter_client import AsyncKernelManager
         from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
         self._sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
         self.manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "kernel"))
-        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        # The kernel does a stage's work, so it starts with the settings for the work (never set at import)
+        startup = "--IPKernelApp.exec_lines=['from lifecycle.core import use_work_settings', 'use_work_settings()']"
+        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:", startup])
 
     def stop(self):
         "Shut the kernel down (nbclient leaves a kernel it did not start running) and remove its sockets."
@@ -316,12 +347,27 @@ def execute_stage(
 
 _EXPORTER_LOCK = threading.Lock()
 
+# JupyterLab's page, without the scripts it loads from the internet (require.js, MathJax, Mermaid, widgets: a report
+# shows none of them, and must open on a machine with no network), and with a way back to the run's index.
+_REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block body_header -%}{{ super() }}
+<nav style="font-family:system-ui,sans-serif;margin:1em 0 0 1em"><a href="index.html">&larr; the run's index</a></nav>
+{%- endblock body_header -%}
+"""
+
 @functools.lru_cache(maxsize=1)
 def _exporter():
     "One HTML exporter a process: its templates are compiled once."
     _import_nbformat()
+    import jinja2
     from nbconvert import HTMLExporter
-    return HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    return HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+                        extra_loaders=[jinja2.DictLoader({"lifecycle_report.html.j2": _REPORT_TEMPLATE})],
+                        template_file="lifecycle_report.html.j2")
 
 def _warm_exporter():
     "Import nbconvert and compile its templates and selectors by rendering a one-cell notebook (about 0.3 s)."
@@ -366,6 +412,8 @@ _STATUS_COLOR = {"ran": "#1a7f37", "cached": "#0969da", "failed": "#cf222e"}
 
 def _figure(key: str, value) -> str | None:
     "One line of a stage's figures on the index page, or None for values too big to show there."
+    if key in ("headline", "figure"):  # shown as words and as a picture
+        return None
     if key == "gate" and isinstance(value, dict):
         return "gate: passed" if value.get("passed") else f"gate: refused ({len(value.get('reasons', []))} reasons)"
     if key == "metrics" and isinstance(value, dict):
@@ -380,31 +428,71 @@ def _figures(summary: dict) -> str:
     shown = [line for key, value in summary.items() if (line := _figure(key, value))]
     return "<br>".join(html.escape(item) for item in shown[:9])
 
+def _headline(summary: dict) -> str:
+    "A stage's headline in words, as the stage wrote it, and its decision when it made one."
+    parts = []
+    gate = summary.get("gate")
+    if isinstance(gate, dict):
+        verdict = "passed" if gate.get("passed") else "refused"
+        reasons = gate.get("reasons") or []
+        why = f": {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "") if reasons and not gate.get("passed") else ""
+        parts.append(f'<div class="decision {verdict}">Gate {verdict}{html.escape(why)}</div>')
+    if summary.get("headline"):
+        parts.append(f'<div class="headline">{html.escape(str(summary["headline"]))}</div>')
+    return "".join(parts)
+
+def _stage_links(stage: dict) -> list[str]:
+    "Links from a stage's row: its report, notebook, summary, extra reports, model version and W&B run."
+    links = [f'<a href="{html.escape(stage[key])}">{label}</a>' for key, label in
+             (("html", "report"), ("notebook", "notebook"), ("summary_file", "summary.json")) if stage.get(key)]
+    links += [f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in stage.get("extra_reports", {}).items()]
+    summary = stage.get("summary") or {}
+    if summary.get("model_version") is not None:
+        links.append(f'model version {html.escape(str(summary["model_version"]))} (<code>lifecycle models</code>)')
+    wandb = summary.get("wandb") if isinstance(summary.get("wandb"), dict) else {}
+    if wandb.get("url"):
+        links.append(f'<a href="{html.escape(wandb["url"])}">W&amp;B run</a>')
+    elif wandb.get("sync"):
+        links.append(f'W&amp;B run offline: <code>{html.escape(wandb["sync"])}</code>')
+    return links
+
 def write_index(
     run: dict,  # the run summary object
     path: Path,  # index.html
+    stage_names: list[str] | None = None,  # every stage of the lifecycle, so those this run did not reach are listed
 ):
-    "Write the run's index page."
+    "Write the run's index page: each stage's decision and headline in words, its figures and links."
     rows = []
+    reached = [stage["name"] for stage in run["stages"]]
     for stage in run["stages"]:
-        links = [f'<a href="{html.escape(stage[key])}">{label}</a>' for key, label in
-                 (("html", "report"), ("notebook", "notebook"), ("summary_file", "summary.json")) if stage.get(key)]
-        links += [f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in stage.get("extra_reports", {}).items()]
         error = f'<div class="error">{html.escape(stage["error"])}</div>' if stage.get("error") else ""
         cached = f' from {html.escape(stage["cached_from"])}' if stage.get("cached_from") else ""
+        summary = stage.get("summary") or {}
+        figures = _figures(summary)
+        if figures and summary.get("headline"):  # the words come first; the raw figures are one click away
+            figures = f"<details><summary>figures</summary>{figures}</details>"
+        thumbnail = (f'<a href="{html.escape(stage["figure"])}"><img class="thumb" src="{html.escape(stage["figure"])}" alt="{html.escape(stage["name"])}: main plot"></a>'
+                     if stage.get("figure") else "")
         rows.append(f'<tr><td>{html.escape(stage["name"])}</td>'
-                    f'<td style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{stage["status"]}{cached}</td>'
-                    f'<td>{stage["seconds"]:.1f} s</td><td>{_figures(stage.get("summary") or {})}{error}</td>'
-                    f'<td>{" · ".join(links)}</td></tr>')
+                    f'<td class="nowrap" style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{html.escape(stage["status"])}{cached}</td>'
+                    f'<td class="nowrap">{stage["seconds"]:.1f} s</td><td>{_headline(summary)}{error}<div class="figures">{figures}</div></td>'
+                    f'<td>{thumbnail}</td><td>{" · ".join(_stage_links(stage))}</td></tr>')
+    for name in [name for name in (stage_names or []) if name not in reached]:
+        why = "not reached: an earlier stage failed" if run["status"] == "failed" else "not run: outside this run's --stages"
+        rows.append(f'<tr class="not-run"><td>{html.escape(name)}</td><td class="nowrap">not run</td><td></td><td>{why}</td><td></td><td></td></tr>')
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lifecycle run {html.escape(run['run_id'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#1f2328}}table{{border-collapse:collapse}}
-td,th{{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical-align:top}}.error{{color:#cf222e}}</style></head>
-<body><h1>lifecycle run {html.escape(run['run_id'])}: <span style="color:{_STATUS_COLOR['ran'] if run['status'] == 'passed' else _STATUS_COLOR['failed']}">{run['status']}</span></h1>
+td,th{{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical-align:top}}.error{{color:#cf222e}}
+.decision{{font-weight:600;margin-bottom:.3em}}.decision.passed{{color:#1a7f37}}.decision.refused{{color:#cf222e}}
+.headline{{margin-bottom:.3em}}.figures{{color:#57606a;font-size:.9em}}.not-run td{{color:#8c959f}}.nowrap{{white-space:nowrap}}
+img.thumb{{max-width:220px;max-height:140px;border:1px solid #d0d7de}}</style></head>
+<body><h1>lifecycle run {html.escape(run['run_id'])}: <span style="color:{_STATUS_COLOR['ran'] if run['status'] == 'passed' else _STATUS_COLOR['failed']}">{html.escape(run['status'])}</span></h1>
 <p>Project {html.escape(run['settings'])} · started {html.escape(run['started'])} · {run['seconds']:.1f} s in all</p>
-<table><tr><th>stage</th><th>status</th><th>time</th><th>figures</th><th>read</th></tr>
+<table><tr><th>stage</th><th>status</th><th>time</th><th>what it found</th><th></th><th>read</th></tr>
 {''.join(rows)}</table></body></html>
 """
     write_text(path, page)
+
 
 # %% ../nbs/10_pipeline.ipynb #9ac75f67
 def _new_run_id() -> str:
@@ -419,7 +507,7 @@ def plan_stages(
     names = [stage.name for stage in stages]
     for name in (only or []) + ([start] if start else []):
         if name not in names:
-            raise LifecycleError(f"unknown stage '{name}'; stages: {', '.join(names)}")
+            raise LifecycleError(f"unknown stage '{name}'{did_you_mean(name, names)}; stages: {', '.join(names)}")
     selected = set(only or names)
     forced = set()
     if start:
@@ -450,6 +538,15 @@ def _publish_extras(stage: Stage, run_dir: Path, report_dir: Path) -> dict[str, 
         shutil.copy2(path, report_dir / name)
         extras[path.stem.replace("_", " ")] = name
     return extras
+
+def _publish_figure(stage: Stage, run_dir: Path, report_dir: Path, summary: dict | None) -> str | None:
+    "Copy the stage's main plot (the PNG its summary names as `figure`) beside its report, for the index's thumbnail."
+    name = (summary or {}).get("figure")
+    if not isinstance(name, str) or Path(name).name != name or not (run_dir / stage.name / name).is_file():
+        return None
+    published = f"{stage.name}-{name}"
+    shutil.copy2(run_dir / stage.name / name, report_dir / published)
+    return published
 
 def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_dir: Path, report_dir: Path,
               executable: bool, forced: bool, quiet: bool, kernels: Kernels | None = None, more: bool = False) -> dict:
@@ -490,6 +587,8 @@ def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_
         entry["summary_file"] = f"{stage.name}-summary.json"  # a copy, so reports/ stands alone as a CI artifact
         shutil.copy2(summary_file, report_dir / entry["summary_file"])
     entry["extra_reports"] = _publish_extras(stage, run_dir, report_dir)
+    if figure := _publish_figure(stage, run_dir, report_dir, entry["summary"]):
+        entry["figure"] = figure
     entry["seconds"] = round(time.perf_counter() - started, 2)
     _log(f"{stage.name}: {entry['status']} in {entry['seconds']:.1f} s", quiet)
     return entry
@@ -509,7 +608,8 @@ def run_lifecycle(
     extra = parse_overrides(overrides or [])
     for name in extra:
         if name not in [stage.name for stage in stages]:
-            raise LifecycleError(f"-p {name}.…: unknown stage '{name}'")
+            names = [stage.name for stage in stages]
+            raise LifecycleError(f"-p {name}.…: unknown stage '{name}'{did_you_mean(name, names)}; stages: {', '.join(names)}")
     in_run, selected, forced = plan_stages(stages, only, start)
     parameters = {stage.name: stage_parameters(stage, settings, extra.get(stage.name)) for stage in in_run}
     root = settings.root
@@ -553,12 +653,13 @@ def run_lifecycle(
     for entry in run["stages"]:
         entry.pop("outputs", None)
     write_json(report_dir / "run.json", run)
-    write_index(run, report_dir / "index.html")
-    _point_latest(root / "reports", run_id)
+    write_index(run, report_dir / "index.html", [stage.name for stage in stages])
+    if len(in_run) == len(stages):
+        _point_latest(root / "reports", run_id)  # a partial run (--stages) does not hide the last whole report
     return run
 
 def _point_latest(reports: Path, run_id: str):
-    "reports/latest always names the newest run."
+    "reports/latest names the newest run that covered every stage."
     link = reports / "latest"
     temporary = reports / f".latest-{secrets.token_hex(4)}"
     os.symlink(run_id, temporary)

@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from .collect import LINEAGE
 from .contract import (MAX_MISSING_SHARE, NUMERIC_SHARE, _code, _is_code, check_frame, clean_text, compile_contract,
                                 contract_settings, infer_numeric, parse_range, parse_recode, parse_values, reason_series)
-from .core import LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
+from .core import LINEAGE, LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
 
 # %% auto #0
 __all__ = ['SPLITS', 'label_key', 'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema',

@@ -12,13 +12,10 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -32,9 +29,8 @@ from .core import LifecycleError
 from .predlog import redact_url
 
 # %% auto #0
-__all__ = ['log', 'Endpoint', 'parse_endpoint', 'score_events', 'gather', 'LineSource', 'RedisSource', 'RedisSink', 'local_redis',
-           'LineSink', 'open_source', 'open_sink', 'run_stream', 'format_summary', 'add_stream_command', 'main',
-           'bench_stream', 'format_bench_stream']
+__all__ = ['log', 'Endpoint', 'parse_endpoint', 'score_events', 'gather', 'LineSource', 'RedisSource', 'RedisSink', 'LineSink',
+           'open_source', 'open_sink', 'run_stream', 'format_summary', 'add_stream_command']
 
 # %% ../nbs/34_stream.ipynb #0dcf9c50
 @dataclass
@@ -430,44 +426,6 @@ class RedisSink:
     def close(self) -> None:
         self.client.close()
 
-# %% ../nbs/34_stream.ipynb #c570fa65
-@contextlib.contextmanager
-def local_redis(
-    folder: Path | None = None,  # where the server runs (default: a temporary folder)
-    timeout: float = 10,  # seconds to wait for it to answer
-):
-    "A private redis-server on 127.0.0.1 and a free port, without persistence; yields its URL."
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise LifecycleError("redis-server is not installed: apt-get install redis-server (Debian's package)")
-    with tempfile.TemporaryDirectory(prefix="lifecycle-redis-") as scratch:
-        folder = Path(folder or scratch)
-        from lifecycle.bench import _free_port
-        port = _free_port()
-        server = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                                   "--dir", str(folder), "--protected-mode", "yes"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
-        try:
-            import redis
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    redis.Redis.from_url(url).ping()
-                    break
-                except redis.exceptions.ConnectionError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise LifecycleError(f"redis-server did not start on port {port}") from None
-                    time.sleep(0.02)
-            yield url
-        finally:
-            server.terminate()
-            try:
-                server.wait(5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
 # %% ../nbs/34_stream.ipynb #0b52e30b
 class _TextWriter:
     "A text stream (a notebook's stdout) behind the bytes interface of sys.stdout.buffer."
@@ -692,74 +650,3 @@ def add_stream_command(
     stream.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     stream.set_defaults(handler=_stream_command)
     return stream
-
-def main(argv: list[str] | None = None) -> int:
-    "`lifecycle stream` on its own: the command line's `main` with `stream` as the command."
-    from lifecycle.cli import main as cli_main
-    return cli_main(["stream", *(sys.argv[1:] if argv is None else argv)])
-
-# %% ../nbs/34_stream.ipynb #d1664488
-def _bench_project(project: Path | None) -> Path:
-    "A small generated project with a trained champion, built once and reused."
-    from lifecycle.bench import _heart_folder, _write_project, train_champion
-    project = Path(project or Path(tempfile.gettempdir()) / "lifecycle-bench-stream")
-    aliases = project / "registry" / "aliases.json"
-    if aliases.exists() and "champion" in json.loads(aliases.read_text()):
-        return project
-    return train_champion(_write_project(project, 5000, _heart_folder(None, "stream")))
-
-def _bench_events(events: int) -> list[str]:
-    "Records as JSON text, as a producer would send them; one in a thousand malformed."
-    from lifecycle.bench import _heart_folder, generate_heart_rows
-    frame = generate_heart_rows(_heart_folder(None, "stream"), events).drop(columns=["num"])
-    texts = frame.to_json(orient="records", lines=True).splitlines()
-    for index in range(999, len(texts), 1000):
-        texts[index] = texts[index][:20]
-    return texts
-
-def bench_stream(
-    events: int = 200_000,  # events through Redis, each run
-    quiet: bool = False,  # no table on stdout
-    batch_size: int = 1000,  # the consumer's micro-batch
-    project: Path | None = None,  # a project with a champion (default: built once in the temporary folder)
-) -> dict:  # the figures
-    "Events per second through Redis Streams with micro-batches, without and with the prediction log; counts in and out."
-    import redis
-    project = _bench_project(project)
-    texts = _bench_events(events)
-    figures = {"events": events, "batch_size": batch_size, "target_events_per_second": 10_000, "runs": {}}
-    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-stream-") as scratch, local_redis() as url:
-        client = redis.Redis.from_url(url)
-        for label, logged in (("without log", False), ("with log", True)):
-            name = "in-" + label.replace(" ", "-")
-            for start in range(0, len(texts), 10_000):
-                pipe = client.pipeline(transaction=False)
-                for text in texts[start:start + 10_000]:
-                    pipe.xadd(name, {"record": text})
-                pipe.execute()
-            log_file = Path(scratch) / f"{name}.sqlite"
-            summary = run_stream(project, f"{url}?stream={name}&group=bench&consumer=bench-1", f"{url}?stream=out-{name}",
-                                 batch_size=batch_size, max_wait_ms=50, log_url=str(log_file), log_predictions=logged,
-                                 until_idle=True, handle_signals=False)
-            logged_rows = None
-            if logged:
-                from lifecycle.predlog import open_log
-                with open_log(str(log_file), project) as prediction_log:
-                    logged_rows = prediction_log.count("stream")
-            figures["runs"][label] = {
-                "events_per_second": summary["events_per_second"], "busy_seconds": summary["busy_seconds"],
-                "in": client.xlen(name), "out": client.xlen(f"out-{name}"), "scored": summary["scored"],
-                "rejected": summary["rejected"], "pending": client.xpending(name, "bench")["pending"], "logged": logged_rows}
-    if not quiet:
-        print(format_bench_stream(figures))
-    return figures
-
-def format_bench_stream(figures: dict) -> str:
-    "The stream benchmark as a table."
-    lines = [f"bench stream: {figures['events']:,} events through Redis Streams, micro-batches of {figures['batch_size']}",
-             f"{'run':<14}{'events/s':>10}{'seconds':>9}{'in':>9}{'out':>9}{'scored':>9}{'rejected':>9}{'pending':>8}{'logged':>9}  target"]
-    for label, run in figures["runs"].items():
-        logged = "—" if run["logged"] is None else f"{run['logged']:,}"
-        lines.append(f"{label:<14}{run['events_per_second'] or 0:>10,}{run['busy_seconds']:>9.2f}{run['in']:>9,}{run['out']:>9,}"
-                     f"{run['scored']:>9,}{run['rejected']:>9,}{run['pending']:>8,}{logged:>9}  ≥ {figures['target_events_per_second']:,}/s, out = in")
-    return "\n".join(lines)

@@ -54,6 +54,7 @@ class Tracker:
         job_type: str = "train",  # what the run does
         config: dict | None = None,  # the run's configuration (JSON-ready; other values are written as text)
         name: str | None = None,  # the run's name
+        group: str | None = None,  # the group of runs it belongs to: one lifecycle run, one run a stage
         timeout: float = 300,  # seconds to wait for W&B to start, and to finish, before giving up on it
     ):
         self.mode = tracking_mode(mode)
@@ -74,7 +75,7 @@ class Tracker:
                                          text=True, cwd=str(root), env=environment)
         threading.Thread(target=self._read_replies, daemon=True, name="wandb-replies").start()
         self._send({"op": "start", "project": project, "job_type": job_type, "config": config or {}, "name": name,
-                    "mode": self.mode, "dir": environment["WANDB_DIR"]})
+                    "group": group, "mode": self.mode, "dir": environment["WANDB_DIR"]})
 
     def _read_replies(self):
         for line in self._process.stdout:
@@ -156,6 +157,14 @@ class Tracker:
         "Where the run's files are (offline) or its id (online)."
         return self._started.get("run_path") if self.active else None
 
+    def link(self) -> dict:
+        "How a reader finds the run: its URL when online, the `wandb sync` command that uploads it when offline."
+        if not self.active:
+            return {"mode": self.mode}
+        if self.mode == "online":
+            return {"mode": "online", "url": self._started.get("url")}
+        return {"mode": "offline", "sync": f"wandb sync {Path(self.run_path).relative_to(Path(self.run_path).parents[1])}"}
+
     def log(self, metrics: dict):
         "Log metrics (a dict of numbers)."
         self._send({"op": "log", "metrics": metrics})
@@ -184,6 +193,22 @@ class Tracker:
         "Log files as a versioned artifact."
         self._send({"op": "artifact", "name": name, "kind": kind, "files": [str(Path(f).resolve()) for f in files],
                     "metadata": metadata or {}})
+
+    def use_artifact(self, name: str, kind: str, files: list[Path], metadata: dict | None = None):
+        """Declare the files an earlier stage logged as an artifact as this run's input (lineage). Online, W&B links the
+        two runs through the artifact; offline, W&B cannot use artifacts, so the input's name and digest go in the config."""
+        self._send({"op": "use_artifact", "name": name, "kind": kind, "files": [str(Path(f).resolve()) for f in files],
+                    "metadata": metadata or {}})
+
+    def curves(self, name: str, labels, scores, class_names: list[str]):
+        "Log ROC and precision-recall curves as W&B's own interactive plots."
+        self._send({"op": "curves", "name": name, "labels": [int(value) for value in labels],
+                    "scores": [float(value) for value in scores], "class_names": list(class_names)})
+
+    def confusion(self, name: str, labels, decisions, class_names: list[str]):
+        "Log a confusion matrix as W&B's own plot."
+        self._send({"op": "confusion", "name": name, "labels": [int(value) for value in labels],
+                    "decisions": [int(value) for value in decisions], "class_names": list(class_names)})
 
     def finish(self):
         "Close the run and wait (at most the timeout) until its files are complete."
@@ -230,9 +255,10 @@ def tracking_worker():
                 import wandb
                 settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True, silent=True)
                 run = wandb.init(project=message["project"], job_type=message["job_type"], config=message["config"],
-                                 name=message["name"], mode=message["mode"], dir=message["dir"], settings=settings,
-                                 reinit="create_new")
-                answer({"op": "start", "run_path": str(Path(run.dir).parent) if message["mode"] == "offline" else run.path})
+                                 name=message["name"], group=message.get("group"), mode=message["mode"], dir=message["dir"],
+                                 settings=settings, reinit="create_new")
+                answer({"op": "start", "run_path": str(Path(run.dir).parent) if message["mode"] == "offline" else run.path,
+                        "url": None if message["mode"] == "offline" else run.url})
             elif operation == "log":
                 run.log(message["metrics"])
             elif operation == "summary":
@@ -249,6 +275,30 @@ def tracking_worker():
                 for path in message["files"]:
                     artifact.add_file(path)
                 run.log_artifact(artifact)
+            elif operation == "use_artifact":
+                import wandb
+                if run.offline:
+                    from lifecycle.core import sha256_file
+                    digest = {Path(path).name: sha256_file(path) for path in message["files"]}
+                    run.config.update({f"input/{message['name']}": {"type": message["kind"], "sha256": digest, **message["metadata"]}},
+                                      allow_val_change=True)
+                else:
+                    artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
+                    for path in message["files"]:
+                        artifact.add_file(path)
+                    run.use_artifact(artifact)
+            elif operation in ("curves", "confusion"):
+                import numpy
+                import wandb
+                labels = message["labels"]
+                if operation == "curves":
+                    scores = numpy.asarray(message["scores"])
+                    probabilities = numpy.column_stack([1 - scores, scores])
+                    run.log({f"{message['name']}/roc": wandb.plot.roc_curve(labels, probabilities, labels=message["class_names"]),
+                             f"{message['name']}/pr": wandb.plot.pr_curve(labels, probabilities, labels=message["class_names"])})
+                else:
+                    run.log({message["name"]: wandb.plot.confusion_matrix(y_true=labels, preds=message["decisions"],
+                                                                          class_names=message["class_names"])})
             elif operation == "finish":
                 run.finish()
                 finished = True

@@ -1,10 +1,13 @@
 "Shared fixtures: projects written into temporary folders, and the `lifecycle` command run as a user runs it."
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,35 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_redis(timeout: float = 10):
+    "A private redis-server on 127.0.0.1 and a free port, in a temporary folder, without persistence; yields its URL."
+    import redis
+    with tempfile.TemporaryDirectory(prefix="lifecycle-test-redis-") as folder:
+        port = free_port()
+        server = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                   "--appendonly", "no", "--dir", folder, "--protected-mode", "yes"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    redis.Redis.from_url(url).ping()
+                    break
+                except redis.exceptions.ConnectionError:
+                    assert server.poll() is None and time.monotonic() < deadline, f"redis-server did not start on port {port}"
+                    time.sleep(0.02)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def stages(run):
@@ -70,3 +102,23 @@ def champion_project(champion_template, tmp_path):
     project = tmp_path / "heart"
     shutil.copytree(champion_template, project, symlinks=True)
     return project
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # this machine has no network: Chromium must not try
+
+
+@pytest.fixture(scope="session")
+def browser():
+    "Debian's chromium, driven by playwright (never `playwright install`: it downloads a browser)."
+    if not CHROMIUM.exists():
+        message = "chromium is not installed: install Debian's chromium package (apt-get install chromium)"
+        if os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{message}; LIFECYCLE_REQUIRE_SERVICES=1 requires it")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
-COMMAND = [sys.executable, "-c", "import sys; from lifecycle.stream import main; sys.exit(main())"]
+COMMAND = [sys.executable, "-c", "import sys; from lifecycle.cli import main; sys.exit(main(['stream', *sys.argv[1:]]))"]
 GOOD = {"age": 61, "chol": 250, "sex": 1}
 
 
@@ -45,7 +45,7 @@ def redis_url():
         if REQUIRE_SERVICES:
             pytest.fail(f"{message}; LIFECYCLE_REQUIRE_SERVICES=1 requires it")
         pytest.skip(message)
-    from lifecycle.stream import local_redis
+    from conftest import local_redis
     with local_redis() as url:
         yield url
 

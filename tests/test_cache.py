@@ -1,0 +1,44 @@
+"A cache that cannot go stale: a row appended to any file a stage reads runs that stage again, and only the stages it feeds."
+import json
+
+from conftest import QUICK, run_lifecycle, stages
+
+ROW = "58,1,4,130,230,0,2,140,1,1.2,2,?,7,1\n"  # one more patient, in the UCI files' layout
+
+
+def _append(path, text):
+    with open(path, "a") as handle:
+        handle.write(text)
+
+
+def _statuses(run):
+    return {name: stage["status"] for name, stage in stages(run).items()}
+
+
+def test_a_row_appended_to_an_input_runs_again_exactly_the_stages_that_read_it(champion_project):
+    settings = champion_project / "settings.ini"
+    whole = ("run", "--settings", settings, "-p", "prepare.profile=false", "--json")
+    first = stages(json.loads((champion_project / "first-run.json").read_text()))
+    _, run, _, _ = run_lifecycle(*whole, check=0)
+    assert set(_statuses(run).values()) == {"cached"}  # nothing changed, nothing runs (in a copy of the project, too)
+
+    # A production file: deploy reads it, so deploy runs again and scores the new row; nothing before it runs.
+    _append(champion_project / "data" / "heart-disease-uci" / "processed.va.data", ROW)
+    _, run, _, _ = run_lifecycle(*whole, check=0)
+    assert _statuses(run) == {"collect": "cached", "prepare": "cached", "train": "cached", "evaluate": "cached", "deploy": "ran"}
+    production = stages(run)["deploy"]["summary"]["production"]
+    assert production["by_source"]["va"]["rows"] == first["deploy"]["summary"]["production"]["by_source"]["va"]["rows"] + 1
+    assert production["new_in_log"] == 1  # the rows scored before are not logged twice
+    _, run, _, _ = run_lifecycle(*whole, check=0)
+    assert _statuses(run)["deploy"] == "cached"
+
+    # The stored schema: prepare reads it, collect does not.
+    _append(champion_project / "schema" / "current.json", "\n")
+    _, run, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
+    assert _statuses(run) == {"collect": "cached", "prepare": "ran"}
+
+    # A source file: collect reads it; prepare reads collect's snapshot, which now holds one more row.
+    _append(champion_project / "data" / "heart-disease-uci" / "processed.cleveland.data", ROW)
+    _, run, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
+    assert _statuses(run) == {"collect": "ran", "prepare": "ran"}
+    assert stages(run)["collect"]["summary"]["rows"] == first["collect"]["summary"]["rows"] + 1

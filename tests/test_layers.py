@@ -1,0 +1,129 @@
+"""The package's layers hold: every import arrow of every lifecycle module, read from its source, points down or sideways.
+
+A stage notebook's run section runs as the stage, so its imports count as the module's; the checks on tiny data
+after each function are tests, like those in tests/, and do not count."""
+import ast
+import json
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+
+import lifecycle
+
+# The layers, bottom to top. A module may import modules of its own layer and of the layers below it, never above,
+# with one more rule: no stage imports another stage (stages talk through the files of the run folder).
+LAYERS = {
+    "core": 0,  # settings, hashing, atomic writes, the run context
+    # shared services, used by the stages and by serving alike
+    "sources": 1, "contract": 1, "metrics": 1, "registry": 1, "tracking": 1, "predlog": 1, "scoring": 1,
+    # the stages, and the serving parts
+    "collect": 2, "prepare": 2, "train": 2, "evaluate": 2, "deploy": 2, "monitor": 2, "retrain": 2,
+    "serve": 2, "batch": 2, "stream": 2,
+    # the runner, the benchmarks and the command line
+    "pipeline": 3, "bench": 3, "cli": 3,
+}
+STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor", "retrain"}
+TOP = max(LAYERS.values())
+# Arrows known to break the rules, each being removed on a branch of its own; remove an entry once its fix is merged.
+KNOWN = {
+    ("evaluate", "train"): "evaluate takes train's metrics and model card (branch evalgate moves them down)",
+}
+
+
+def imported_modules(source: str, package: str = "lifecycle") -> set[str]:
+    "The package's modules a module's source imports, anywhere in it (at its top or inside a function)."
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # from .core import …, from . import core
+                names = [f"{package}.{node.module}"] if node.module else [f"{package}.{alias.name}" for alias in node.names]
+            elif node.module == package:  # from lifecycle import core
+                names = [f"{package}.{alias.name}" for alias in node.names]
+            else:
+                names = [node.module]
+        else:
+            continue
+        found |= {name.split(".")[1] for name in names if name.startswith(f"{package}.")}
+    return found
+
+
+def violations(imports: dict[str, set[str]]) -> list[str]:
+    "Every arrow that breaks the layer rules, as `module -> module: why`."
+    found = []
+    for module, targets in sorted(imports.items()):
+        for target in sorted(targets - {module}):
+            if target not in LAYERS:
+                continue  # reported by the test that every module has a layer
+            if LAYERS[target] > LAYERS[module]:
+                found.append(f"{module} -> {target}: {module} (layer {LAYERS[module]}) imports a layer above it ({LAYERS[target]})")
+            elif target in ("cli", "bench") and LAYERS[module] < TOP:
+                found.append(f"{module} -> {target}: only the top imports the command line and the benchmarks")
+            elif module in STAGES and target in STAGES:
+                found.append(f"{module} -> {target}: a stage imports another stage")
+    return found
+
+
+def run_section_code(notebook: Path) -> tuple[str | None, str]:
+    "A notebook's module name and the code of its run section (the cells after `## Run the stage`), directives and magics removed."
+    cells = json.loads(notebook.read_text())["cells"]
+    text = lambda cell: "".join(cell["source"])
+    module = next((match.group(1) for cell in cells if (match := re.search(r"^#\|\s*default_exp\s+(\S+)", text(cell), re.M))), None)
+    start = next((i for i, cell in enumerate(cells) if cell["cell_type"] == "markdown" and text(cell).startswith("## Run the stage")), len(cells))
+    code = [text(cell) for cell in cells[start:] if cell["cell_type"] == "code"]
+    lines = [line for line in "\n".join(code).splitlines() if not line.lstrip().startswith(("#|", "%", "!"))]
+    return module, "\n".join(lines)
+
+
+def package_imports() -> dict[str, set[str]]:
+    "Each module's imports: its source's, and its notebook's run section's."
+    folder = Path(lifecycle.__file__).resolve().parent
+    imports = {module.name: imported_modules((folder / f"{module.name}.py").read_text())
+               for module in pkgutil.iter_modules([str(folder)]) if module.name != "_modidx"}
+    notebooks = folder.parent / "nbs"
+    for notebook in sorted(notebooks.glob("*.ipynb")):
+        module, code = run_section_code(notebook)
+        if module in imports:
+            imports[module] |= imported_modules(code)
+    return imports
+
+
+def test_run_sections_are_read():
+    "The notebooks are found (a test run from an installed package without them would check less than it says)."
+    module, code = run_section_code(Path(lifecycle.__file__).resolve().parent.parent / "nbs" / "05_deploy.ipynb")
+    assert module == "deploy" and "stage_context" in code and "test_eq" not in code
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(package_imports()) - set(LAYERS))
+    assert not missing, f"modules without a layer: {missing}; add them to LAYERS in {Path(__file__).name}"
+
+
+def test_no_import_breaks_the_layers():
+    found = violations(package_imports())
+    unknown = [line for line in found if tuple(line.split(":")[0].split(" -> ")) not in KNOWN]
+    assert not unknown, "imports that break the layers:\n" + "\n".join(unknown)
+
+
+def test_known_exceptions_still_exist():
+    "An exception that no longer happens is removed from KNOWN, so that it cannot come back unnoticed."
+    found = {tuple(line.split(":")[0].split(" -> ")) for line in violations(package_imports())}
+    gone = [arrow for arrow in KNOWN if arrow not in found]
+    assert not gone, f"fixed, remove from KNOWN: {gone}"
+
+
+@pytest.mark.parametrize("module, source, expected", [
+    ("core", "def f():\n    from lifecycle.cli import main\n", ["core -> cli"]),  # inside a function counts
+    ("scoring", "from .bench import measure\n", ["scoring -> bench"]),
+    ("stream", "from lifecycle import cli\n", ["stream -> cli"]),
+    ("deploy", "import lifecycle.collect\n", ["deploy -> collect"]),  # a stage importing a stage, same layer
+    ("pipeline", "from lifecycle.bench import measure\nfrom .collect import collect\n", []),  # the top imports anything
+    ("deploy", "from lifecycle.serve import create_app\nfrom lifecycle.sources import read_source\n", []),
+    ("registry", "import lifecycle\nfrom lifecycle.core import read_json\n", []),
+])
+def test_the_rules_catch_a_bad_arrow(module, source, expected):
+    found = violations({module: imported_modules(source)})
+    assert [line.split(":")[0] for line in found] == expected

@@ -1,0 +1,223 @@
+"Monitoring on a real prediction log (SQLite, filled through the logging API) with planted drift, and alerts posted to a real HTTP server."
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from conftest import free_port
+from lifecycle.monitoring import monitor_project
+from lifecycle.predlog import open_log
+from lifecycle.registry import Registry, register, set_alias
+from lifecycle.train import reference_statistics
+
+NUMERIC = [f"x{i}" for i in range(8)]
+CATEGORY = ["site", "sex"]
+MONDAY = pd.Timestamp("2024-05-06", tz="UTC")
+PLANTED = {"x0", "x1", "site", "x5"}  # x0, x1 shifted; site's mix changed; x5 no longer measured
+
+
+def _features(rng, rows, drifted=False):
+    frame = pd.DataFrame({name: rng.normal(10 * i, 1 + i, rows) for i, name in enumerate(NUMERIC)})
+    frame["site"] = rng.choice(["a", "b", "c"], rows, p=[0.5, 0.3, 0.2])
+    frame["sex"] = rng.choice([0, 1], rows, p=[0.3, 0.7])
+    if drifted:
+        frame["x0"] += 1.0  # one standard deviation
+        frame["x1"] += 0.8 * 2
+        frame["site"] = rng.choice(["a", "b", "c"], rows, p=[0.1, 0.2, 0.7])
+        frame["x5"] = np.nan
+    return frame
+
+
+@pytest.fixture
+def project(tmp_path):
+    "A project with a champion whose reference.json is made by the real reference_statistics (5,000 training rows)."
+    rng = np.random.default_rng(7)
+    train = _features(rng, 5000)
+    labels = (rng.random(5000) < 1 / (1 + np.exp(-(train["x0"] - 0)))).astype(int)
+    model = LogisticRegression(max_iter=500).fit(train[NUMERIC[:3]], labels)
+    scores = model.predict_proba(train[NUMERIC[:3]])[:, 1]
+    reference = reference_statistics(train, NUMERIC, CATEGORY, scores, labels)
+    registry = Registry(tmp_path)
+    version = register(registry, model, {"threshold": 0.5, "features": {"numeric": NUMERIC[:3], "categorical": []}},
+                       {"reference.json": json.dumps(reference)})
+    set_alias(registry, "champion", version, "test")
+    (tmp_path / "settings.ini").write_text(
+        "[data]\nsources = a: a.csv\ntarget = y\npositive = 1\nsensitive = sex\n\n"
+        "[monitor]\nwindow = week\nbootstrap = 50\n"
+        "kpis = missed_per_week: fn / weeks\n"
+        "alerts = drift (critical): drift_share > 0.3\n         sites (warning): drift.site > 0\n")
+    return tmp_path, model
+
+
+def _log_week(log, model, rng, start, rows, drifted, prefix, as_block=False):
+    features = _features(rng, rows, drifted)
+    scores = model.predict_proba(features[NUMERIC[:3]])[:, 1]
+    decisions = (scores >= 0.5).astype(int)
+    ids = [f"{prefix}{i}" for i in range(rows)]
+    if as_block:  # the batch path: one Parquet block
+        log.record_many(ids, scores, decisions, features, model_version=1, channel="batch", time=start + pd.Timedelta(days=2))
+    else:
+        times = start + pd.to_timedelta(np.linspace(0, 6.9 * 86400, rows).round(), unit="s")
+        records = features.astype(object).where(features.notna(), None).to_dict("records")
+        log.record([{"request_id": ids[i], "time": times[i].to_pydatetime(), "model_version": 1, "channel": "online",
+                     "score": float(scores[i]), "decision": int(decisions[i]), "features": records[i]} for i in range(rows)])
+    log.flush()
+    return ids, scores
+
+
+def _windows(root):
+    table = pd.read_parquet(root / "monitoring" / "windows.parquet").set_index("window")
+    return table
+
+
+def _flagged(root, window):
+    details = json.loads((root / "monitoring" / "details" / f"{window}.json").read_text())
+    return {row["feature"] for row in details["features"] if row["drift"]}
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
+    root, model = project
+    rng = np.random.default_rng(11)
+    t0 = datetime(2024, 6, 1, tzinfo=timezone.utc)
+    closed = f"http://127.0.0.1:{free_port()}/alerts"  # nothing listens there
+    with open_log("", root) as log:
+        _log_week(log, model, rng, MONDAY, 3000, False, "clean-")
+        drifted_ids, _ = _log_week(log, model, rng, MONDAY + pd.Timedelta(days=7), 3000, True, "drift-", as_block=True)
+
+    first = monitor_project(root, now=t0, settings={"webhook": closed})
+    windows = _windows(root)
+    assert list(windows.index) == ["v1_2024-05-06", "v1_2024-05-13"]
+    assert _flagged(root, "v1_2024-05-06") == set()
+    assert _flagged(root, "v1_2024-05-13") == PLANTED
+    assert windows.loc["v1_2024-05-13", "drift_share"] == pytest.approx(len(PLANTED) / 10)
+    assert windows.loc["v1_2024-05-13", "missing_share.x5"] == 1.0
+    # the receiver is down: monitoring still finishes, the critical alert is firing and waits in the outbox
+    assert first["exit_code"] == 3
+    assert sorted(alert["labels"]["alertname"] for alert in first["alerts"]["firing"]) == ["drift", "sites"]
+    assert first["alerts"]["delivery"].startswith("not delivered after 3 attempts")
+    assert any("wait for the next run" in line for line in first["statements"])
+    assert len((root / "monitoring" / "alerts.jsonl").read_text().splitlines()) == 2
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    try:
+        _Receiver.received.clear()
+        # a restart (a new call, state read from the project): the waiting alerts are delivered, nothing fires twice
+        second = monitor_project(root, now=t0 + timedelta(minutes=10), settings={"webhook": url})
+        assert second["alerts"]["sent"] == [] and second["alerts"]["delivery"] == "delivered (HTTP 200)"
+        assert len(_Receiver.received) == 1
+        payload = _Receiver.received[0]
+        assert (payload["version"], payload["status"]) == ("4", "firing")
+        assert {alert["labels"]["alertname"] for alert in payload["alerts"]} == {"drift", "sites"}
+        assert all(set(alert) == {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
+                   for alert in payload["alerts"])
+        fingerprints = {alert["labels"]["alertname"]: alert["fingerprint"] for alert in payload["alerts"]}
+        assert second["new_predictions"] == 0
+
+        # still holding after the repeat interval (4 hours): sent again, same fingerprint and start
+        third = monitor_project(root, now=t0 + timedelta(hours=5), settings={"webhook": url})
+        assert {alert["fingerprint"] for alert in third["alerts"]["sent"]} == set(fingerprints.values())
+        assert len(_Receiver.received) == 2
+
+        # a clean week arrives: the latest window is clean, both alerts resolve once
+        with open_log("", root) as log:
+            _log_week(log, model, rng, MONDAY + pd.Timedelta(days=14), 3000, False, "later-")
+        fourth = monitor_project(root, now=t0 + timedelta(hours=6), settings={"webhook": url})
+        assert fourth["latest"]["window"] == "v1_2024-05-20" and fourth["exit_code"] == 0
+        assert sorted((a["labels"]["alertname"], a["status"]) for a in fourth["alerts"]["sent"]) == [("drift", "resolved"), ("sites", "resolved")]
+        assert _Receiver.received[-1]["status"] == "resolved"
+        fifth = monitor_project(root, now=t0 + timedelta(hours=12), settings={"webhook": url})
+        assert fifth["alerts"]["sent"] == [] and fifth["alerts"]["firing"] == []
+        assert len(_Receiver.received) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    # late labels: only their window is recomputed; realized metrics appear beside the estimates
+    with open_log("", root) as log:
+        for request_id in drifted_ids[:200]:
+            log.record_label(request_id, 1, "2024-05-30T00:00:00Z")
+        log.flush()
+    before = _windows(root)
+    late = monitor_project(root, now=t0 + timedelta(hours=13))
+    after = _windows(root)
+    assert late["new_labels"] == 200
+    assert late["latest"]["window"] == "v1_2024-05-20" and late["latest"]["values"]["recall"] is None
+    assert late["latest"]["values"]["last_labeled.prevalence"] == 1.0 and late["latest"]["values"]["last_labeled.labeled"] == 200
+    assert after.loc["v1_2024-05-13", "labeled"] == 200 and after.loc["v1_2024-05-06", "labeled"] == 0
+    assert after.loc["v1_2024-05-13", "recall"] is not None and after.loc["v1_2024-05-13", "prevalence"] == 1.0
+    details = json.loads((root / "monitoring" / "details" / "v1_2024-05-13.json").read_text())
+    assert "all 200 labels are positive: ROC AUC is undefined" in details["statements"]
+    assert details["values"]["missed_per_week"] == details["values"]["fn"]
+    assert list(before.columns) == list(after.columns)
+    untouched = [row.loc["v1_2024-05-06"].astype(object).where(row.loc["v1_2024-05-06"].notna(), None).to_dict() for row in (before, after)]
+    assert untouched[0] == untouched[1]
+
+
+def test_version_change_mid_week_splits_the_window(project):
+    root, model = project
+    rng = np.random.default_rng(3)
+    with open_log("", root) as log:
+        _log_week(log, model, rng, MONDAY, 100, False, "a-")
+        features = _features(rng, 50)
+        log.record([{"request_id": f"b-{i}", "time": (MONDAY + pd.Timedelta(days=3)).to_pydatetime(), "model_version": 2,
+                     "channel": "online", "score": 0.4, "decision": 0, "features": {"x0": float(features["x0"][i])}} for i in range(50)])
+        log.flush()
+    result = monitor_project(root, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    assert sorted(_windows(root).index) == ["v1_2024-05-06", "v2_2024-05-06"]
+    # version 1 is the champion: its window is the latest; it says another version served in the same week
+    assert result["latest"]["window"] == "v1_2024-05-06"
+    assert any("version(s) 2 served in it too" in line for line in result["latest"]["statements"])
+    details = json.loads((root / "monitoring" / "details" / "v2_2024-05-06.json").read_text())
+    assert "no reference statistics for this model version: drift is not judged" in details["statements"]
+    json.dumps(result, allow_nan=False)
+
+
+def test_webhook_retries_a_failing_receiver_then_delivers_and_gives_up_on_a_refusal():
+    from lifecycle.alerts import post_webhook
+
+    class Flaky(BaseHTTPRequestHandler):
+        codes = []
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(type(self).codes.pop(0))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    waits = []
+    try:
+        Flaky.codes[:] = [500, 503, 200]
+        assert post_webhook(url, {"version": "4"}, sleep=waits.append) == (True, "delivered (HTTP 200)")
+        assert waits == [0.2, 0.4] and Flaky.codes == []
+        Flaky.codes[:] = [400, 200]  # the receiver refuses the payload: retrying would not help
+        assert post_webhook(url, {"version": "4"}, sleep=waits.append) == (False, "not delivered after 1 attempt (HTTP 400)")
+        assert Flaky.codes == [200]
+    finally:
+        server.shutdown()
+        server.server_close()
