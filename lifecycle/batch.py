@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -23,176 +22,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .core import LifecycleError
-from .scoring import FastPath, Scorer, ServingSpec
+from .scoring import Scorer, ServingSpec, check_frame
 
 # %% auto #0
-__all__ = ['check_frame', 'feature_matrix', 'score_features', 'file_format', 'read_error', 'input_columns', 'read_chunks',
-           'count_rows', 'output_schema', 'score_chunk', 'file_sha256', 'batch_ids', 'batch_id_prefix',
-           'discard_logged', 'Progress', 'score_file', 'add_batch_command']
-
-# %% ../nbs/33_batch.ipynb #3683903b
-_KINDS = ["", "type_error.number", "value_error.not_finite", "value_error.range", "value_error.category",
-          "type_error.str", "missing"]
-_NUMBER, _FINITE, _RANGE, _CATEGORY, _TEXT, _MISSING = range(1, 7)
-
-def _is_missing(value) -> bool:
-    "A Python value that stands for a missing field (None, or pandas' NA)."
-    return value is None or value is pd.NA
-
-def _one_number(value, recode: dict, text_numbers: bool) -> tuple[float, int]:
-    "One value of a number column as `check_records` reads it: (number or NaN, error code)."
-    if _is_missing(value):
-        return math.nan, 0
-    if isinstance(value, str):
-        text = value.strip().casefold()
-        mapped = recode.get(text)
-        if mapped is None and not text_numbers:
-            return math.nan, _NUMBER
-        try:
-            value = float(mapped if mapped is not None else text)
-        except ValueError:
-            return math.nan, _NUMBER
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return math.nan, _NUMBER
-    value = float(value)
-    if not math.isfinite(value):
-        return math.nan, _FINITE
-    return value, 0
-
-def _one_text(value, recode: dict, categories: set) -> tuple[object, int]:
-    "One value of a text category column as `check_records` reads it: (cleaned text or NaN, error code)."
-    if _is_missing(value):
-        return math.nan, 0
-    if not isinstance(value, str):
-        return math.nan, _TEXT
-    text = value.strip().casefold()
-    text = recode.get(text, text)
-    if text not in categories:
-        return math.nan, _CATEGORY
-    return text, 0
-
-# %% ../nbs/33_batch.ipynb #9646de9a
-def _each_value(series: pd.Series, function) -> tuple[np.ndarray, np.ndarray]:
-    "(values, error codes) of `function` applied to each value of a column of Python objects."
-    values = series.to_numpy(dtype=object)
-    if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
-        codes, uniques = pd.factorize(values)
-        done = [function(value) for value in uniques]
-        kept = np.array([value for value, _ in done] + [math.nan], dtype=object)[codes]  # code -1 (missing) picks the last
-        errors = np.array([error for _, error in done] + [0], dtype=np.int8)[codes]
-        for at in np.flatnonzero(codes == -1):  # None is missing; NaN (a float) is refused, as check_records does
-            kept[at], errors[at] = function(values[at])
-        return kept, errors
-    done = [function(value) for value in values]
-    return np.array([value for value, _ in done], dtype=object), np.array([error for _, error in done], dtype=np.int8)
-
-# %% ../nbs/33_batch.ipynb #292ddb7c
-def _number_column(series: pd.Series, name: str, spec: ServingSpec, text_numbers: bool) -> tuple[np.ndarray, np.ndarray]:
-    "A number feature's values (NaN: missing) and error codes."
-    if pd.api.types.is_bool_dtype(series.dtype):
-        values = np.full(len(series), math.nan)
-        errors = np.where(series.isna().to_numpy(), 0, _NUMBER).astype(np.int8)
-    elif pd.api.types.is_numeric_dtype(series.dtype):
-        values = series.to_numpy(dtype=float, na_value=math.nan, copy=True)
-        errors = np.where(np.isinf(values), _FINITE, 0).astype(np.int8)
-    else:
-        recode = spec.recode.get(name, {})
-        kept, errors = _each_value(series, lambda value: _one_number(value, recode, text_numbers))
-        values = kept.astype(float)
-    impossible = spec.impossible.get(name)
-    if impossible:
-        values[np.isin(values, list(impossible))] = math.nan
-    entry = spec.columns.get(name, {})
-    present = (errors == 0) & ~np.isnan(values)
-    if entry.get("kind") == "category":
-        errors[present & ~np.isin(values, np.asarray(entry["categories"], dtype=float))] = _CATEGORY
-    elif entry.get("kind") == "numeric" and entry.get("min") is not None:
-        errors[present & ~((values >= entry["min"]) & (values <= entry["max"]))] = _RANGE
-    values[errors != 0] = math.nan
-    return values, errors
-
-def _text_column(series: pd.Series, name: str, spec: ServingSpec) -> tuple[np.ndarray, np.ndarray]:
-    "A text category feature's cleaned values (NaN: missing) and error codes."
-    if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
-        missing = series.isna().to_numpy()
-        return np.full(len(series), math.nan, dtype=object), np.where(missing, 0, _TEXT).astype(np.int8)
-    recode, categories = spec.recode.get(name, {}), set(spec.columns[name]["categories"])
-    return _each_value(series, lambda value: _one_text(value, recode, categories))
-
-# %% ../nbs/33_batch.ipynb #baffb6dc
-def check_frame(
-    frame: pd.DataFrame,  # rows with (at least) the model's feature columns; other columns are ignored
-    spec: ServingSpec,  # what the model expects
-    text_numbers: bool = False,  # True for CSV: text that reads as a number is that number
-) -> tuple[pd.DataFrame, pd.Series]:  # (the good rows' features, in the model's order; a reason per row, "" when good)
-    "Check rows against the model's schema a column at a time, with exactly the rules of `check_records`."
-    n = len(frame)
-    codes = np.zeros(n, dtype=np.int8)
-    first_bad = np.full(n, "", dtype=object)
-    columns = {}
-    for name in spec.features:
-        entry = spec.columns.get(name, {})
-        if name not in frame.columns:
-            errors = np.full(n, _MISSING, dtype=np.int8)
-            values = np.full(n, math.nan)
-        elif entry.get("kind") == "category" and entry.get("type") == "text":
-            values, errors = _text_column(frame[name], name, spec)
-        else:
-            values, errors = _number_column(frame[name], name, spec, text_numbers)
-        fresh = (errors != 0) & (codes == 0)  # the first broken rule is the first bad feature's
-        if fresh.any():
-            codes[fresh] = errors[fresh]
-            first_bad[fresh] = name
-        columns[name] = values
-    good = codes == 0
-    reasons = np.full(n, "", dtype=object)
-    bad = ~good
-    if bad.any():
-        reasons[bad] = np.array(_KINDS, dtype=object)[codes[bad]] + ":" + first_bad[bad]
-    features = pd.DataFrame({name: values[good] for name, values in columns.items()}, index=frame.index[good])
-    for name in spec.categorical:
-        if spec.columns.get(name, {}).get("type") != "text":
-            features[name] = features[name].astype(float)
-    return features, pd.Series(reasons, index=frame.index, name="reason")
-
-# %% ../nbs/33_batch.ipynb #aa824bb8
-def feature_matrix(
-    fast: FastPath,  # the fitted preprocessing of the model's pipeline
-    features: pd.DataFrame,  # checked rows (from `check_frame`)
-) -> np.ndarray:  # the model's input matrix, as the pipeline's ColumnTransformer makes it
-    "The model's input matrix of checked rows, built a column at a time."
-    # gradient boosting: column-major, the trees read a feature down the rows; others: row-major, as the pipeline's
-    # (a linear model's dot products round differently on a column-major matrix)
-    matrix = np.zeros((len(features), fast.width), order="F" if fast.trees is not None else "C")
-    if fast.k:
-        numbers = matrix[:, :fast.k]
-        numbers[:] = features.iloc[:, :fast.k].to_numpy(dtype=float)
-        missing = np.isnan(numbers)
-        if missing.any():
-            numbers[missing] = np.broadcast_to(fast.medians, numbers.shape)[missing]
-        if fast.mean is not None:
-            numbers -= fast.mean
-        if fast.scale is not None:
-            numbers /= fast.scale
-    offset = fast.k
-    for j, (mode, known) in enumerate(zip(fast.modes, fast.categories)):
-        column = features.iloc[:, fast.k + j].to_numpy()
-        column = np.where(pd.isna(column), mode, column)
-        for i, category in enumerate(known):
-            matrix[:, offset + i] = column == category
-        offset += len(known)
-    return matrix
-
-def score_features(
-    scorer: Scorer,  # the model version
-    features: pd.DataFrame,  # checked rows (from `check_frame`)
-) -> np.ndarray:  # the positive class's probability per row
-    "Scores of checked rows, equal to the pipeline's `predict_proba`."
-    if len(features) == 0:
-        return np.zeros(0)
-    if scorer.fast is None:
-        return scorer.model.predict_proba(features)[:, 1]
-    return scorer.fast.model.predict_proba(feature_matrix(scorer.fast, features))[:, 1]
+__all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_rows', 'output_schema', 'score_chunk',
+           'file_sha256', 'batch_ids', 'batch_id_prefix', 'discard_logged', 'Progress', 'score_file',
+           'add_batch_command']
 
 # %% ../nbs/33_batch.ipynb #b80237f0
 _PARQUET = (".parquet", ".pq", ".parq")
@@ -329,10 +164,11 @@ def _features_frame(table: pa.Table, spec: ServingSpec, text: bool) -> pd.DataFr
         if name not in table.column_names:
             continue
         column = table.column(name)
-        entry = spec.columns.get(name, {})
-        if text and pa.types.is_string(column.type) and not (entry.get("kind") == "category" and entry.get("type") == "text"):
+        if text and pa.types.is_string(column.type) and spec.contract.by_name[name].kind in ("number", "code"):
             try:
-                column = pc.cast(column, pa.float64())
+                numbers = pc.cast(column, pa.float64())
+                if not pc.any(pc.or_(pc.is_nan(numbers), pc.is_inf(numbers))).as_py():  # `nan`, `inf`: words, as the contract reads them
+                    column = numbers
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 pass
         columns[name] = column.to_pandas()
@@ -354,10 +190,8 @@ def score_chunk(
     "Check and score one chunk of rows."
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     table = table.replace_schema_metadata(None)
-    features, reasons = check_frame(_features_frame(table, scorer.spec, text), scorer.spec, text_numbers=text)
-    good = (reasons == "").to_numpy()
-    scores = score_features(scorer, features.reset_index(drop=True))
-    decisions = scorer.decisions(scores)
+    done = scorer.score_frame(_features_frame(table, scorer.spec, text))
+    features, reasons, good, scores, decisions = done["features"], done["reasons"], done["good"], done["scores"], done["decisions"]
     scored = table.filter(pa.array(good))
     scored = scored.append_column("score", pa.array(scores, pa.float64())).append_column("decision", pa.array(decisions, pa.int64()))
     scored = scored.append_column("model_version", pa.array(np.full(len(scores), scorer.version, dtype=np.int64)))

@@ -40,7 +40,7 @@ def _serve(args) -> int:
     from lifecycle.core import load_settings
     from lifecycle.serve import serve
     serve(load_settings(args.settings).root, host=args.host, port=args.port, alias=args.model, log_url=args.log,
-          access_log=args.access_log, max_body=args.max_body)
+          access_log=args.access_log, max_body=args.max_body, max_records=args.max_records)
     return 0
 
 def _dashboard(args) -> int:
@@ -201,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL, or a SQLite file (default: the project's predictions.sqlite)")
     serve.add_argument("--access-log", action="store_true", help="log each request's method, path and status")
     serve.add_argument("--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)")
+    serve.add_argument("--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)")
     serve.set_defaults(handler=_serve)
     from lifecycle.batch import add_batch_command
     from lifecycle.replay import add_replay_command

@@ -169,32 +169,23 @@ def score_rows(
     scorer: Scorer,  # the model
     frame: pd.DataFrame,  # rows with lineage
     channel: str = "batch",  # how they arrived
-    chunk: int = 5000,  # rows checked and scored at a time
     when: str | None = None,  # the time to log (default: now)
 ) -> tuple[list[dict], pd.DataFrame]:  # (prediction log entries, rejected rows: lineage and reason)
-    "Check and score rows; log entries for the good ones, reasons for the others."
+    "Check and score rows with the shared scoring path; log entries for the good ones, reasons for the others."
     from datetime import datetime, timezone
     when = when or datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     spec = scorer.spec
-    fields = spec.features + ([spec.id_field] if spec.id_field in frame.columns else [])
+    done = scorer.score_frame(frame)
+    good = done["good"]
     ids = production_ids(frame, spec.version)
-    entries, rejects = [], []
-    for start in range(0, len(frame), chunk):
-        part = frame.iloc[start:start + chunk]
-        records = to_records(part, fields)
-        results, errors = scorer.score_records(records)
-        first = {}
-        for error in errors:
-            first.setdefault(error["loc"][1], f"{error['type']}:{error['loc'][2] if len(error['loc']) > 2 else 'record'}")
-        for offset, (record, result) in enumerate(zip(records, results)):
-            row = part.iloc[offset]
-            if result is None:
-                rejects.append({"_source": row["_source"], "_line": int(row["_line"]), "reason": first[offset]})
-                continue
-            entries.append({"request_id": ids[start + offset], "time": when, "model_version": spec.version, "channel": channel,
-                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
-                            "features": {name: record[name] for name in spec.features}})
-    return entries, pd.DataFrame(rejects, columns=["_source", "_line", "reason"])
+    records = to_records(frame, spec.features)  # the values as they arrived, as the server logs them
+    identifiers = frame[spec.id_field].tolist() if spec.id_field in frame.columns else [None] * len(frame)
+    entries = [{"request_id": ids[at], "time": when, "model_version": prediction.model_version, "channel": channel,
+                "score": prediction.score, "decision": prediction.decision, "id": identifiers[at], "features": records[at]}
+               for at, prediction in zip(np.flatnonzero(good).tolist(), scorer.predictions(done["scores"]))]
+    rejected = pd.DataFrame({"_source": frame["_source"].to_numpy()[~good], "_line": frame["_line"].to_numpy()[~good].astype(int),
+                             "reason": done["reasons"].to_numpy()[~good]}, columns=["_source", "_line", "reason"])
+    return entries, rejected
 
 # %% ../nbs/05_deploy.ipynb #c3902a13
 def score_production(

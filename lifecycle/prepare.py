@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import getpass
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,139 +13,14 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
+from .contract import (MAX_MISSING_SHARE, NUMERIC_SHARE, _code, _is_code, check_frame, clean_text, compile_contract,
+                                contract_settings, infer_numeric, parse_range, parse_recode, parse_values, reason_series)
 from .core import LINEAGE, LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
 
 # %% auto #0
-__all__ = ['NUMERIC_SHARE', 'SPLITS', 'parse_numbers', 'parse_recode', 'parse_range', 'clean_text', 'standardize', 'label_key',
-           'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema', 'pandera_schema',
-           'rule_breaks', 'validate', 'first_reason', 'row_hashes', 'duplicate_of', 'take_rows', 'duplicate_trace',
+__all__ = ['SPLITS', 'label_key', 'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema',
+           'pandera_schema', 'first_reason', 'row_hashes', 'duplicate_of', 'take_rows', 'duplicate_trace',
            'quarantine_gate', 'assign_splits', 'profile_columns', 'profile_report', 'prepare']
-
-# %% ../nbs/02_prepare.ipynb #5583229c
-_HUMAN_NUMBER = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?)\s*([kmb]?)$")
-_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9}
-
-def parse_numbers(
-    values: pd.Series,  # text or numbers
-) -> pd.Series:  # floats; NaN where a value is missing or not a number
-    "Parse numbers written the way people write them: `50k`, `1,200`, `3.5M`, ` 7 `."
-    if values.dtype == "float64":
-        return values
-    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-        return values.astype("float64")
-    text = values.astype("string").str.strip().str.casefold()
-    plain = pd.to_numeric(text, errors="coerce")
-    unparsed = plain.isna() & text.notna()
-    if unparsed.any():
-        parts = text[unparsed].str.extract(_HUMAN_NUMBER)
-        mantissa = pd.to_numeric(parts[0].str.replace(",", "", regex=False), errors="coerce")
-        plain[unparsed] = mantissa * parts[1].map(_SCALE)
-    return plain.astype("float64")
-
-# %% ../nbs/02_prepare.ipynb #77c7fc05
-def parse_recode(
-    text: str,  # `spelling -> value` pairs separated by commas
-    where: str = "[prepare] recode",  # for the error message
-) -> dict[str, str]:  # case-folded spelling -> value
-    "Parse one column's recode mapping."
-    mapping = {}
-    for pair in text.split(","):
-        if not pair.strip():
-            continue
-        spelling, arrow, value = pair.partition("->")
-        if not arrow:
-            raise LifecycleError(f"{where}: expected `spelling -> value`, got {pair.strip()!r}")
-        mapping[spelling.strip().casefold()] = value.strip()
-    return mapping
-
-def parse_range(text: str, where: str) -> tuple[float, float]:
-    "Parse a declared range `low..high`."
-    low, dots, high = text.partition("..")
-    try:
-        return float(low), float(high)
-    except ValueError:
-        raise LifecycleError(f"{where}: expected `low..high`, got {text!r}") from None
-
-# %% ../nbs/02_prepare.ipynb #dc5e65d8
-def clean_text(
-    values: pd.Series,  # one column
-    na_values: list[str],  # markers of a missing value
-    recode: dict[str, str],  # case-folded spelling -> value
-) -> pd.Series:  # trimmed, case-folded, recoded text (numbers are left as they are)
-    "Trim and case-fold a text column, turn missing markers into missing, and unify spellings."
-    if values.dtype != object and not pd.api.types.is_string_dtype(values):
-        return values
-    text = values.astype("string").str.strip().str.casefold()
-    missing = {marker.casefold() for marker in na_values} | {""}
-    text = text.mask(text.isin(missing))
-    if recode:
-        text = text.replace(recode)
-    return text.astype(object).where(text.notna(), np.nan)
-
-# %% ../nbs/02_prepare.ipynb #bd7d0cb2
-NUMERIC_SHARE = 0.95  # a column is numeric when this share of its values parse as numbers
-
-def _is_numeric(values: pd.Series, parsed: pd.Series) -> bool:
-    present = values.notna().sum()
-    return present == 0 or parsed.notna().sum() >= NUMERIC_SHARE * present
-
-def _code(labels: list[str], text: str) -> int:
-    "The code of a reason in `labels`, added when new."
-    if text not in labels:
-        labels.append(text)
-    return labels.index(text)
-
-def _reason_series(codes: np.ndarray, labels: list[str], index: pd.Index) -> pd.Series:
-    """Reasons as a categorical column: a small integer a row (0 for no reason, shown as ""), each text once.
-    A million rows of object strings cost 10 ms to create and as much to compare; codes cost a millisecond."""
-    return pd.Series(pd.Categorical.from_codes(codes, categories=labels), index=index)
-
-def standardize(
-    df: pd.DataFrame,  # the snapshot (lineage columns are left alone)
-    columns: list[str],  # the data columns to standardize
-    na_values: list[str],  # markers of a missing value
-    recode: dict[str, dict[str, str]],  # per column: case-folded spelling -> value
-    missing_values: dict[str, list[float]],  # per column: impossible values that mean "not measured"
-    numeric: set[str] | None = None,  # the numeric columns (from the schema); None: infer them
-) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:  # (standardized rows, wrong-type reason per row, what changed per column)
-    "Standardize formats and spellings; report what changed and which rows hold a value of the wrong type."
-    standardized = {}
-    reasons, labels = np.zeros(len(df), dtype=np.int16), [""]
-    open_rows = np.ones(len(df), dtype=bool)  # rows without a reason yet: the first reason wins
-    report = []
-    for column in columns:
-        original = df[column]
-        is_text = original.dtype == object or pd.api.types.is_string_dtype(original)
-        text = clean_text(original, na_values, recode.get(column, {}))
-        parsed = parse_numbers(text) if numeric is None or column in numeric else None  # text columns of a known schema need no parse
-        if numeric is not None:
-            is_numeric = column in numeric
-        else:  # a column of numbers is numeric; text is when nearly all of it parses
-            is_numeric = (pd.api.types.is_numeric_dtype(original) and not pd.api.types.is_bool_dtype(original)) or _is_numeric(text, parsed)
-        row = {"column": column, "numeric": is_numeric, "recoded": 0, "made_missing": 0, "wrong_type": 0, "human_numbers": 0}
-        if recode.get(column) and is_text:
-            row["recoded"] = int(original.astype("string").str.strip().str.casefold().isin(recode[column]).sum())
-        if is_numeric:
-            if is_text:
-                wrong = (text.notna() & parsed.isna()).to_numpy()
-                row["wrong_type"] = int(wrong.sum())
-                reasons[wrong & open_rows] = _code(labels, f"wrong_type:{column}")
-                open_rows &= ~wrong
-                row["human_numbers"] = int((parsed.notna() & pd.to_numeric(text, errors="coerce").isna()).sum())
-            if missing_values.get(column):
-                values = parsed.to_numpy(dtype="float64")
-                impossible = np.zeros(len(values), dtype=bool)
-                for value in missing_values[column]:  # a few values: comparing is faster than a hash table (isin)
-                    impossible |= values == float(value)
-                row["made_missing"] = int(impossible.sum())
-                parsed = parsed.mask(impossible)
-            standardized[column] = parsed
-        else:
-            standardized[column] = text
-        row["missing"] = int(standardized[column].isna().sum())
-        report.append(row)
-    out = pd.DataFrame({column: standardized.get(column, df[column]) for column in df.columns}, index=df.index, copy=False)
-    return out, _reason_series(reasons, labels, df.index), pd.DataFrame(report).set_index("column")
 
 # %% ../nbs/02_prepare.ipynb #fe0d9f4d
 def label_key(value) -> str:
@@ -180,7 +54,7 @@ def label_target(
     missing = codes == -1
     reasons[missing] = _code(labels, "target_missing")
     label[missing] = np.nan
-    return pd.Series(label, index=target.index), _reason_series(reasons, labels, target.index)
+    return pd.Series(label, index=target.index), reason_series(reasons, labels, target.index)
 
 # %% ../nbs/02_prepare.ipynb #a3f8e2ab
 def _infer_numbers(
@@ -294,54 +168,11 @@ def pandera_schema(
         columns[name] = pa.Column(checks=checks, nullable=True, required=False)
     return pa.DataFrameSchema(columns, strict=False)
 
-def _is_code(array: np.ndarray, codes: list[float]) -> np.ndarray:
-    "True where a number is one of a few codes: one comparison a code beats a hash lookup."
-    found = np.zeros(len(array), dtype=bool)
-    for code in codes:
-        found |= array == code
-    return found
-
 def _among_codes(codes: list[float]):
     "A pandera check that numeric values are among a few codes."
     def check(values: pd.Series) -> pd.Series:
         return pd.Series(_is_code(values.to_numpy(dtype="float64", na_value=np.nan), codes), index=values.index)
     return check
-
-def rule_breaks(
-    values: pd.Series,  # one standardized column
-    spec: dict,  # its entry in the schema
-) -> tuple[str, np.ndarray] | None:  # (rule, True where a present value breaks it), or None when no rule applies
-    "The one rule of a schema entry, checked on a column at once; a missing value never breaks it."
-    if spec["kind"] == "numeric" and spec.get("min") is not None:
-        array = values.to_numpy(dtype="float64", na_value=np.nan)
-        high = np.inf if spec.get("max") is None else spec["max"]
-        return "out_of_range", (array < spec["min"]) | (array > high)  # NaN compares False: missing passes
-    if spec["kind"] == "category" and spec.get("type") == "number":
-        array = values.to_numpy(dtype="float64", na_value=np.nan)
-        return "unknown_category", ~(np.isnan(array) | _is_code(array, spec["categories"]))
-    if spec["kind"] == "category":
-        return "unknown_category", (values.notna() & ~values.isin(spec["categories"])).to_numpy()
-    return None
-
-def validate(
-    df: pd.DataFrame,  # standardized rows
-    schema: dict,  # the stored schema
-) -> pd.Series:  # per row: the first rule it breaks (`out_of_range:age`), or ""
-    """Check rows against the schema; name the first broken rule of each row, in column order.
-
-    The same checks as `pandera_schema` (tested below to agree), done column by column in numpy: on a
-    million rows pandera takes 0.25 s, a tenth of the prepare stage, where this takes 0.04 s."""
-    reasons, labels = np.zeros(len(df), dtype=np.int16), [""]
-    open_rows = np.ones(len(df), dtype=bool)  # rows without a reason yet: the first reason wins
-    checked = [name for name in schema["columns"] if name in df.columns]
-    with thread_pool() as pool:  # the columns side by side
-        for name, broken in zip(checked, pool.map(lambda name: rule_breaks(df[name], schema["columns"][name]), checked)):
-            if broken is None:
-                continue
-            rule, bad = broken
-            reasons[bad & open_rows] = _code(labels, f"{rule}:{name}")
-            open_rows &= ~bad
-    return _reason_series(reasons, labels, df.index)
 
 
 # %% ../nbs/02_prepare.ipynb #8789ce29
@@ -354,7 +185,7 @@ def first_reason(*reasons: pd.Series) -> pd.Series:
         codes = recode[more.cat.codes.to_numpy()]
         empty = combined == 0
         combined[empty] = codes[empty]
-    return _reason_series(combined, labels, reasons[0].index)
+    return reason_series(combined, labels, reasons[0].index)
 
 _MIX, _SHIFT, _BLOCK = np.uint64(0x9E3779B97F4A7C15), np.uint64(29), 1 << 16
 
@@ -571,47 +402,52 @@ def prepare(
     max_category_levels: int = 12,  # integer columns with at most this many values are categories
     accept_schema: bool = False,  # store a new schema version inferred from this data
     schema_reason: str = "",  # why the new schema version is accepted
-) -> dict:  # clean, quarantined and duplicate rows, the schema, reasons and the standardization report
+    max_missing_share: float = MAX_MISSING_SHARE,  # a row with a larger share of its features missing is quarantined (too_many_missing)
+) -> dict:  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons and the standardization report
     "Standardize, validate, quarantine and de-duplicate a snapshot."
     features = _feature_columns(snapshot, settings)
     recode_maps = {column: parse_recode(text, f"[prepare] recode {column}") for column, text in (recode or {}).items()}
-    impossible = {column: [float(v) for v in text.split(",") if v.strip()] for column, text in (missing_values or {}).items()}
+    impossible = {column: parse_values(text, f"[prepare] missing_values {column}") for column, text in (missing_values or {}).items()}
     declared = {column: parse_range(text, f"[prepare] ranges {column}") for column, text in (ranges or {}).items()}
     for name, mapping in (("recode", recode_maps), ("missing_values", impossible), ("ranges", declared)):
         unknown = [column for column in mapping if column not in snapshot.columns]
         if unknown:
             raise LifecycleError(f"[prepare] {name} names column '{unknown[0]}', which the data does not have")
+    for column in (settings.id, settings.timestamp):
+        if column and column not in snapshot.columns:
+            raise LifecycleError(f"[data] {'id' if column == settings.id else 'timestamp'} '{column}' is not a column of the data")
     schema = current_schema(settings.root)
-    numeric = None
     if schema is not None and not accept_schema:
-        numeric = {name for name, spec in schema["columns"].items()
-                   if spec["kind"] == "numeric" or spec.get("type") == "number"}
         missing_columns = [name for name in schema["columns"] if name not in snapshot.columns]
         if missing_columns:
             raise LifecycleError(f"the data lacks column '{missing_columns[0]}' of schema v{schema['version']}; "
                                  f"fix the source, or accept a new schema (-p prepare.accept_schema=true)")
-    kept_as_is = [column for column in (settings.id, settings.timestamp) if column]  # identifiers and times are not text to fold
-    data, wrong_type, report = standardize(snapshot, [c for c in features if c not in kept_as_is], settings.na_values,
-                                           recode_maps, impossible, numeric)
-    for column in kept_as_is:
-        if column not in snapshot.columns:
-            raise LifecycleError(f"[data] {'id' if column == settings.id else 'timestamp'} '{column}' is not a column of the data")
-        report.loc[column] = pd.Series({"numeric": False, "recoded": 0, "made_missing": 0, "wrong_type": 0, "human_numbers": 0,
-                              "missing": int(snapshot[column].isna().sum())})
+    def contract(columns: dict):
+        return compile_contract(columns, features, settings.na_values, recode, missing_values, ranges, max_missing_share, settings.id)
     target = clean_text(snapshot[settings.target], settings.na_values, {})
-    data["_label"], target_reasons = label_target(target, settings.positive, settings.negative)
-    if schema is None or accept_schema:
-        usable = ((target_reasons == "") & (wrong_type == "")).to_numpy()
-        inferred = infer_schema(data, settings, dict(report["numeric"]), declared, max_category_levels, range_margin, usable)
+    labels, target_reasons = label_target(target, settings.positive, settings.negative)
+    if schema is None or accept_schema:  # the data decides the types; the rules are then inferred from the rows that pass them
+        kinds = {column: {"kind": "id"} if column == settings.id else {"kind": "timestamp"} for column in (settings.id, settings.timestamp) if column}
+        kept_as_is = set(kinds)
+        numeric = infer_numeric(snapshot, [c for c in features if c not in kept_as_is], settings.na_values, recode_maps)
+        kinds.update({column: {"kind": "numeric", "min": None, "max": None} if is_number else {"kind": "text"} for column, is_number in numeric.items()})
+        data, typed, _ = check_frame(contract({c: kinds[c] for c in features}), snapshot)
+        usable = ((target_reasons == "") & (typed == "")).to_numpy()
+        inferred = infer_schema(data, settings, {c: numeric.get(c, False) for c in features}, declared, max_category_levels, range_margin, usable)
         reason = schema_reason or ("first data version" if schema is None else "accepted by the user")
         schema = store_schema(settings.root, inferred, data_version, reason)
     elif declared:
         for column, (low, high) in declared.items():  # declared ranges in settings always win
             schema["columns"][column].update({"kind": "numeric", "min": low, "max": high, "declared": True})
-    reasons = first_reason(target_reasons, wrong_type, validate(data, schema))
+    data, contract_reasons, report = check_frame(contract(schema["columns"]), snapshot)
+    report["numeric"] = report["kind"].isin(["number", "code"])
+    data = pd.DataFrame({c: data[c] if c in data.columns else snapshot[c] for c in snapshot.columns}, index=snapshot.index, copy=False)
+    data["_label"] = labels
+    reasons = first_reason(target_reasons, contract_reasons)
     passed = (reasons == "").to_numpy()
     kept = duplicate_of(data, features + ["_label"], among=passed)
     quarantined = take_rows(data, ~passed).assign(_reason=reasons[~passed].astype(object))  # text, as the quarantine file holds it
     clean, duplicates = take_rows(data, passed & (kept < 0)), duplicate_trace(data, kept)
-    return {"clean": clean, "quarantined": quarantined, "duplicates": duplicates, "schema": schema,
+    used = contract_settings(settings.na_values, recode, missing_values, ranges, max_missing_share, settings.id)
+    return {"clean": clean, "quarantined": quarantined, "duplicates": duplicates, "schema": schema, "contract": used,
             "standardization": report, "reasons": quarantined["_reason"]}

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, parse_mapping
+from .contract import Contract, check_frame as contract_check_frame, check_records as contract_check_records, contract_from_meta
+from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['ServingSpec', 'check_records', 'record_json_schema', 'TreeEnsemble', 'FastPath', 'Scorer']
+__all__ = ['SCORE_TOLERANCE', 'ServingSpec', 'check_records', 'check_frame', 'record_json_schema', 'TreeEnsemble', 'FastPath',
+           'probe_rows', 'verify_fast_path', 'Prediction', 'Scorer']
 
 # %% ../nbs/30_scoring.ipynb #6019bd18
 @dataclass
@@ -28,134 +30,68 @@ class ServingSpec:
     numeric: list[str]
     categorical: list[str]
     columns: dict  # the schema's column entries, by name
-    recode: dict[str, dict[str, str]] = field(default_factory=dict)  # per column: case-folded spelling -> value
-    impossible: dict[str, set[float]] = field(default_factory=dict)  # per column: values that mean "not measured"
-    id_field: str = "id"  # the identifier field a record may carry
+    contract: Contract  # the cleaning and schema rules, compiled (`15_contract`)
     metrics: dict = field(default_factory=dict)
 
     @property
     def features(self) -> list[str]:
         return self.numeric + self.categorical
 
+    @property
+    def id_field(self) -> str:
+        "The identifier field a record may carry."
+        return self.contract.id_field
+
     @classmethod
     def from_meta(cls, meta: dict) -> "ServingSpec":
         "Read a registry version's metadata."
-        from lifecycle.prepare import parse_recode  # here, not at the top: pandera's import costs the command line 0.3 s
-        prepare = (meta.get("settings") or {}).get("prepare", {})
-        recode = {column: parse_recode(text) for column, text in parse_mapping(prepare.get("recode", ""), "[prepare] recode").items()}
-        impossible = {column: {float(v) for v in text.split(",") if v.strip()}
-                      for column, text in parse_mapping(prepare.get("missing_values", ""), "[prepare] missing_values").items()}
         evaluation = meta.get("evaluation") or {}
         return cls(version=meta["version"], sha256=meta["sha256"], threshold=float(meta.get("threshold", 0.5)),
                    numeric=list(meta["features"]["numeric"]), categorical=list(meta["features"]["categorical"]),
-                   columns=meta["schema"]["columns"], recode=recode, impossible=impossible,
-                   id_field=((meta.get("settings") or {}).get("data", {}).get("id") or "id"),
+                   columns=meta["schema"]["columns"], contract=contract_from_meta(meta),
                    metrics=evaluation.get("metrics") or meta.get("metrics", {}))
 
 # %% ../nbs/30_scoring.ipynb #1fbb91f7
-def _error(index: int, name: str | None, message: str, kind: str) -> dict:
-    location = ["body", index] + ([name] if name is not None else [])
-    return {"loc": location, "msg": message, "type": kind}
-
-def _number(value, spec: ServingSpec, name: str):
-    "A field's value as a number (or NaN), or an error message."
-    if value is None:
-        return math.nan, None
-    if isinstance(value, str):  # text is accepted for a number only where the project recodes it (`M` -> 1)
-        mapped = spec.recode.get(name, {}).get(value.strip().casefold())
-        if mapped is None:
-            return None, ("expected a number", "type_error.number")
-        try:
-            value = float(mapped)
-        except ValueError:
-            return None, ("expected a number", "type_error.number")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None, ("expected a number", "type_error.number")
-    value = float(value)
-    if not math.isfinite(value):
-        return None, ("expected a finite number (NaN and infinity are not values; send null for missing)", "value_error.not_finite")
-    if value in spec.impossible.get(name, ()):
-        return math.nan, None
-    return value, None
-
 def check_records(
     records: list,  # decoded JSON: a list of objects
     spec: ServingSpec,  # what the model expects
-) -> tuple[list[list], list[dict]]:  # (one row of values per record, errors naming record and field)
-    "Check records against the model's schema, applying the project's cleaning rules."
-    rows, errors = [], []
-    known = set(spec.features) | {spec.id_field}
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            errors.append(_error(index, None, "a record must be a JSON object", "type_error.object"))
-            rows.append(None)
-            continue
-        row, bad = [], False
-        for name in spec.features:
-            if name not in record:
-                errors.append(_error(index, name, "field required (send null for a missing value)", "missing"))
-                bad = True
-                continue
-            entry = spec.columns.get(name, {})
-            value = record[name]
-            if entry.get("kind") == "category" and entry.get("type") == "text":
-                if value is None:
-                    row.append(math.nan)  # as in the training rows: the pipeline's imputer fills NaN, not None
-                    continue
-                if not isinstance(value, str):
-                    errors.append(_error(index, name, "expected text", "type_error.str"))
-                    bad = True
-                    continue
-                text = value.strip().casefold()
-                text = spec.recode.get(name, {}).get(text, text)
-                if text not in entry["categories"]:
-                    errors.append(_error(index, name, "not one of the categories the model knows", "value_error.category"))
-                    bad = True
-                    continue
-                row.append(text)
-                continue
-            number, problem = _number(value, spec, name)
-            if problem:
-                errors.append(_error(index, name, *problem))
-                bad = True
-                continue
-            if not math.isnan(number):
-                if entry.get("kind") == "category" and number not in entry["categories"]:
-                    errors.append(_error(index, name, "not one of the categories the model knows", "value_error.category"))
-                    bad = True
-                    continue
-                if entry.get("kind") == "numeric" and entry.get("min") is not None and not entry["min"] <= number <= entry["max"]:
-                    errors.append(_error(index, name, f"outside the range {entry['min']:g} to {entry['max']:g}", "value_error.range"))
-                    bad = True
-                    continue
-            row.append(number)
-        for name in record:
-            if name not in known:
-                errors.append(_error(index, str(name)[:64], "not a field of the model", "extra_forbidden"))
-                bad = True
-        rows.append(None if bad else row)
-    return rows, errors
+) -> tuple[list[list], list[dict]]:  # (one row of values per record, None for a refused one; errors naming record and field)
+    "Check records against the model's contract, applying the project's cleaning rules."
+    return contract_check_records(spec.contract, records)
+
+def check_frame(
+    frame: pd.DataFrame,  # rows with (at least) the model's feature columns; other columns are ignored
+    spec: ServingSpec,  # what the model expects
+) -> tuple[pd.DataFrame, pd.Series]:  # (the good rows' cleaned features, in the model's order; a reason per row, "" when good)
+    "Check rows against the model's contract a column at a time, with the rules of `check_records`."
+    cleaned, reasons, _ = contract_check_frame(spec.contract, frame)
+    good = (reasons == "").to_numpy()
+    features = cleaned[good] if not good.all() else cleaned
+    for name in spec.numeric + [n for n in spec.categorical if spec.contract.by_name[n].kind == "code"]:
+        if features[name].dtype != np.float64:
+            features[name] = features[name].astype(float)
+    return features, reasons.astype(object).rename("reason")
 
 # %% ../nbs/30_scoring.ipynb #fa0e29a2
 def record_json_schema(spec: ServingSpec) -> dict:
     "The JSON schema of one record."
     properties = {}
     for name in spec.features:
-        entry = spec.columns.get(name, {})
-        if entry.get("kind") == "category":
-            kind = "string" if entry.get("type") == "text" else "number"
-            recoded = sorted(spec.recode.get(name, {}))
-            properties[name] = {"anyOf": [{"type": kind, "enum": entry["categories"]}, {"type": "null"}],
+        rule = spec.contract.by_name[name]
+        recoded = sorted(rule.recode)
+        if rule.kind in ("code", "category"):
+            kind = "string" if rule.kind == "category" else "number"
+            properties[name] = {"anyOf": [{"type": kind, "enum": list(rule.categories)}, {"type": "null"}],
                                 "description": "a category the model knows; null when missing"
                                 + (f" (also accepted: {', '.join(recoded)})" if recoded else "")}
         else:
             number = {"type": "number"}
-            if entry.get("min") is not None:
-                number.update(minimum=entry["min"], maximum=entry["max"])
-            impossible = spec.impossible.get(name)
-            properties[name] = {"anyOf": [number, {"type": "null"}],
-                                "description": "null when missing" + (f"; {', '.join(f'{v:g}' for v in sorted(impossible))} also means missing" if impossible else "")}
-    properties[spec.id_field] = {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}],
+            if rule.low is not None:
+                number.update(minimum=rule.low, maximum=rule.high)
+            properties[name] = {"anyOf": [number, {"type": "string"}, {"type": "null"}],
+                                "description": "null when missing; text is read as a number (`50k`, `1,200`)"
+                                + (f"; {', '.join(f'{v:g}' for v in sorted(rule.impossible))} also means missing" if rule.impossible else "")}
+    properties[spec.id_field] = {"anyOf": [{"type": "string", "maxLength": 200}, {"type": "integer"}, {"type": "null"}],
                                  "description": "optional identifier; logged only as a keyed hash"}
     return {"type": "object", "properties": properties, "required": spec.features, "additionalProperties": False}
 
@@ -261,6 +197,30 @@ class FastPath:
             offset += len(lookup)
         return matrix
 
+    def matrix(self, features: pd.DataFrame) -> np.ndarray:
+        "Checked rows as a DataFrame (numbers first, then categories) to the model's input matrix, a column at a time."
+        # gradient boosting: column-major, the trees read a feature down the rows; others: row-major, as the pipeline's
+        # (a linear model's dot products round differently on a column-major matrix)
+        matrix = np.zeros((len(features), self.width), order="F" if self.trees is not None else "C")
+        if self.k:
+            numbers = matrix[:, :self.k]
+            numbers[:] = features.iloc[:, :self.k].to_numpy(dtype=float)
+            missing = np.isnan(numbers)
+            if missing.any():
+                numbers[missing] = np.broadcast_to(self.medians, numbers.shape)[missing]
+            if self.mean is not None:
+                numbers -= self.mean
+            if self.scale is not None:
+                numbers /= self.scale
+        offset = self.k
+        for j, (mode, known) in enumerate(zip(self.modes, self.categories)):
+            column = features.iloc[:, self.k + j].to_numpy()
+            column = np.where(pd.isna(column), mode, column)
+            for i, category in enumerate(known):
+                matrix[:, offset + i] = column == category
+            offset += len(known)
+        return matrix
+
     def scores(self, rows: list[list]) -> np.ndarray:
         "The positive class's probability for each checked row."
         matrix = self.transform(rows)
@@ -268,17 +228,88 @@ class FastPath:
             return self.trees.proba(matrix)
         return self.model.predict_proba(matrix)[:, 1]
 
+# %% ../nbs/30_scoring.ipynb #9912064e
+SCORE_TOLERANCE = 1e-12  # a linear model's scores can differ in the last bit between one row and many (BLAS); trees' never do
+
+def probe_rows(
+    spec: ServingSpec,  # what the model expects
+    rows: int = 300,  # how many
+    seed: int = 0,  # random seed
+) -> pd.DataFrame:  # checked rows as `check_frame` gives them: every feature, missing values and unseen categories among them
+    "Rows across each feature's range, to hold the fast path against the pipeline."
+    rng = np.random.default_rng(seed)
+    columns = {}
+    for name in spec.features:
+        rule = spec.contract.by_name[name]
+        if rule.kind == "number":
+            low = rule.low if rule.low is not None else -100.0
+            high = min(rule.high, low + 1e4) if rule.low is not None else 100.0
+            values = rng.uniform(low, high, rows).round(rng.integers(0, 3))
+        elif rule.kind == "code":
+            values = rng.choice(np.array(list(rule.categories) or [0.0], dtype=float), rows)
+        else:
+            values = rng.choice(np.array(list(rule.categories) + ["(unseen)"], dtype=object), rows)
+        values = pd.Series(values, dtype=object if rule.kind == "category" else float)
+        values[rng.random(rows) < 0.15] = np.nan
+        columns[name] = values
+    return pd.DataFrame(columns)
+
+def verify_fast_path(
+    fast: "FastPath",  # the fast path to check
+    pipeline,  # the fitted pipeline it was read from
+    rows: pd.DataFrame,  # checked rows (`probe_rows`)
+) -> str | None:  # None when every way of the fast path gives the pipeline's scores; else why not
+    "Compare the fast path's input matrices with the pipeline's, and its scores with the pipeline's `predict_proba`."
+    matrix = pipeline.named_steps["prepare"].transform(rows)  # what the pipeline feeds its model
+    expected = fast.model.predict_proba(matrix)[:, 1]  # = pipeline.predict_proba(rows), without transforming twice
+    listed = rows.astype(object).where(rows.notna(), np.nan).values.tolist()
+    for way, built in (("the whole-frame matrix", fast.matrix(rows)), ("the row matrix", fast.transform(listed))):
+        if built.shape != matrix.shape or not np.array_equal(built, matrix):
+            return f"{way} differs from the pipeline's on {len(rows)} generated rows"
+    small = fast.trees_up_to
+    ways = {"the tree walk": np.concatenate([fast.scores(listed[i:i + small]) for i in range(0, len(listed), small)]) if len(listed) else expected,
+            "the model on the whole-frame matrix": fast.model.predict_proba(fast.matrix(rows))[:, 1] if fast.trees is None else expected}
+    for way, scores in ways.items():
+        difference = float(np.max(np.abs(scores - expected))) if len(expected) else 0.0
+        if not difference <= SCORE_TOLERANCE:
+            return f"{way} differs from the pipeline by up to {difference:.3g} on {len(expected)} generated rows"
+    return None
+
 # %% ../nbs/30_scoring.ipynb #1a52b674
+@dataclass(frozen=True)
+class Prediction:
+    "One scored record, as serve answers it, batch writes it, a stream emits it and the prediction log stores it."
+    score: float  # the positive class's probability
+    decision: int  # 1 when the score reaches the version's threshold
+    model_version: int  # the version that scored it
+
+    def keys(self):
+        return ("score", "decision", "model_version")
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
 class Scorer:
     "A model version ready to score records."
 
-    def __init__(self, model, meta: dict):
+    def __init__(self, model, meta: dict, verify_rows: int = 256):
         self.model, self.meta = model, meta
         self.spec = ServingSpec.from_meta(meta)
+        self.contract = self.spec.contract
+        self.fast, self.fast_reason = None, None
         try:
-            self.fast = FastPath(model, self.spec.numeric, self.spec.categorical)
-        except (LifecycleError, AttributeError, KeyError, TypeError):
-            self.fast = None
+            fast = FastPath(model, self.spec.numeric, self.spec.categorical)
+        except (LifecycleError, AttributeError, KeyError, TypeError) as error:
+            self.fast_reason = f"the pipeline is not one the fast path reads ({type(error).__name__})"
+            return
+        from threadpoolctl import threadpool_limits
+        try:
+            with threadpool_limits(1):  # a few hundred rows: threads would only wait for each other on a busy machine
+                self.fast_reason = verify_fast_path(fast, model, probe_rows(self.spec, verify_rows))
+        except Exception as error:  # a private attribute that changed shape: the pipeline scores
+            self.fast_reason = f"the fast path failed on generated rows ({type(error).__name__})"
+        if self.fast_reason is None:
+            self.fast = fast
 
     @classmethod
     def from_registry(cls, root: Path, name: str | int = "champion") -> "Scorer":
@@ -298,7 +329,7 @@ class Scorer:
         for name in self.spec.numeric:
             frame[name] = frame[name].astype(float)
         for name in self.spec.categorical:
-            if self.spec.columns.get(name, {}).get("type") != "text":
+            if self.contract.by_name[name].kind == "code":
                 frame[name] = frame[name].astype(float)
         return frame
 
@@ -310,17 +341,35 @@ class Scorer:
             return self.fast.scores(rows)
         return self.model.predict_proba(self.frame(rows))[:, 1]
 
+    def frame_scores(self, features: pd.DataFrame) -> np.ndarray:
+        "Scores of checked rows as a DataFrame (from `check_frame`): the fast path's matrix, else the pipeline."
+        if len(features) == 0:
+            return np.zeros(0)
+        if self.fast is None:
+            return self.model.predict_proba(features)[:, 1]
+        return self.fast.model.predict_proba(self.fast.matrix(features))[:, 1]
+
     def decisions(self, scores: np.ndarray) -> np.ndarray:
         "1 (positive) where the score reaches the version's threshold."
         return (np.asarray(scores) >= self.spec.threshold).astype(int)
 
-    def score_records(self, records: list) -> tuple[list[dict | None], list[dict]]:
-        "Check and score records: a result per good record (None for a bad one), and the errors."
+    def predictions(self, scores: np.ndarray) -> list[Prediction]:
+        "Scores as predictions of this version."
+        version = self.spec.version
+        return [Prediction(score, decision, version) for score, decision in zip(np.asarray(scores, dtype=float).tolist(), self.decisions(scores).tolist())]
+
+    def score_records(self, records: list) -> tuple[list[Prediction | None], list[dict]]:
+        "Check and score records: a prediction per good record (None for a bad one), and the errors."
         rows, errors = check_records(records, self.spec)
         good = [i for i, row in enumerate(rows) if row is not None]
-        scores = self.scores([rows[i] for i in good])
-        decisions = self.decisions(scores)
-        results: list[dict | None] = [None] * len(records)
-        for i, score, decision in zip(good, scores, decisions):
-            results[i] = {"score": float(score), "decision": int(decision), "model_version": self.spec.version}
+        results: list[Prediction | None] = [None] * len(records)
+        for i, prediction in zip(good, self.predictions(self.scores([rows[i] for i in good]))):
+            results[i] = prediction
         return results, errors
+
+    def score_frame(self, frame: pd.DataFrame) -> dict:  # features (good rows, cleaned), reasons (per row), good (mask), scores, decisions
+        "Check and score a DataFrame a column at a time."
+        features, reasons = check_frame(frame, self.spec)
+        scores = self.frame_scores(features.reset_index(drop=True))
+        return {"features": features, "reasons": reasons, "good": (reasons == "").to_numpy(), "scores": scores,
+                "decisions": self.decisions(scores)}

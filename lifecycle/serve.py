@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from .core import LifecycleError
 from .predlog import JournalError
+from .contract import MAX_ERRORS, MAX_RECORDS, limit_errors
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
@@ -308,6 +309,8 @@ def create_app(
     max_body: int = 1_000_000,  # bytes; a larger body gets a 413
     watch_interval: float = 0.5,  # seconds between looks at the registry's aliases
     prediction_log=None,  # a PredictionLog to use instead of opening one (tests)
+    max_records: int = MAX_RECORDS,  # the most records one request may carry; more get a 422 `too_many_records`
+    max_errors: int = MAX_ERRORS,  # the most errors a 422 lists (`errors_total` counts them all)
 ) -> FastAPI:
     "The scoring app."
     root = Path(root)
@@ -396,6 +399,8 @@ def create_app(
         records = payload if isinstance(payload, list) else [payload]
         if not records:
             return finish("predict", _problem(422, "an empty list: nothing to score", "empty"), started)
+        if len(records) > max_records:
+            return finish("predict", _problem(422, f"a request may carry at most {max_records} records", "too_many_records"), started)
         id_errors = check_ids(records, holder.scorer.spec.id_field)
         if id_errors:  # refused before scoring: a prediction that cannot be logged is not answered
             return finish("predict", SafeJSONResponse({"detail": id_errors}, status_code=422), started)
@@ -410,7 +415,7 @@ def create_app(
         version, spec = scorer.version, scorer.spec
         if errors or None in results:  # a record without a result names its error (or, if a check forgot to, gets one)
             errors = errors or [{"loc": ["body"], "msg": "some records could not be scored; check them against /openapi.json", "type": "unprocessable"}]
-            return finish("predict", SafeJSONResponse({"detail": errors}, status_code=422), started)
+            return finish("predict", SafeJSONResponse(limit_errors(errors, max_errors), status_code=422), started)
         now = _now()
         answers, logged = [], []
         for record, result, own_time in zip(records, results, own_times):
@@ -481,7 +486,7 @@ def create_app(
             return _problem(503, "no model is loaded yet" + (f": {holder.error}" if holder.error else ""), "not_ready", ["server"])
         spec = scorer.spec
         return {"version": spec.version, "sha256": spec.sha256, "alias": alias, "threshold": spec.threshold,
-                "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None,
+                "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None, "fast_path_reason": scorer.fast_reason,
                 "swaps": holder.swaps, "load_error": holder.error}
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -615,13 +620,14 @@ def serve(
     log_url: str = "",  # the prediction log URL (empty: the project's SQLite file)
     access_log: bool = False,  # log each request (method, path, status: never a body)
     max_body: int = 1_000_000,  # bytes
+    max_records: int = MAX_RECORDS,  # the most records one request may carry
 ):
     "Run the scoring server until SIGTERM or Ctrl-C."
     import uvicorn
     token = os.environ.get("LIFECYCLE_API_TOKEN") or None
     if not _loopback(host) and not token:
         raise LifecycleError(f"serving on {host} needs a token: set LIFECYCLE_API_TOKEN (clients send Authorization: Bearer <token>)")
-    app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body)
+    app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body, max_records=max_records)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", access_log=access_log,
                 timeout_graceful_shutdown=30, log_level="info")
