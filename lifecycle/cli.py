@@ -232,6 +232,8 @@ def parser() -> argparse.ArgumentParser:
     monitor.add_argument("--json", action="store_true", help="print the result as one JSON object (one a line with --watch)")
     monitor.add_argument("--settings", default="settings.ini", help="the project's settings file")
     monitor.set_defaults(handler=_monitor)
+    from lifecycle.loop import add_retrain_command
+    add_retrain_command(commands)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
