@@ -319,7 +319,7 @@ def window_report(
     return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "statements": statements}
 
 # %% ../nbs/42_monitoring.ipynb #68b12744
-RESULTS_FORMAT = 2
+RESULTS_FORMAT = 3  # 3: volume by channel among the values; labels at the cursor's instant remembered
 
 def _plain(value):
     "JSON-ready: numpy scalars as Python numbers, NaN and infinity as None, pandas times as ISO text."
@@ -380,7 +380,7 @@ def _config_hash(config: dict) -> str:
 def _start_over(folder: Path) -> None:
     for name in ("rows", "details", "ids"):
         shutil.rmtree(folder / name, ignore_errors=True)
-    for name in ("cursor_ids.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
+    for name in ("cursor_ids.parquet", "label_cursor.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
         (folder / name).unlink(missing_ok=True)
 
 # %% ../nbs/42_monitoring.ipynb #b4b61162
@@ -394,8 +394,15 @@ def update_windows(
     min_rows: int = 20,  # fewest rows for a drift judgement
     min_group: int = 20,  # fewest labelled positives for a group's recall
     n_boot: int = 200,  # bootstrap replicates
+    engine: str = "local",  # local (this process) or dask (each touched window's report a task on a Dask cluster)
+    scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
 ) -> dict:  # windows (the flat table), touched (window keys recomputed), new_predictions, new_labels, rebuilt, statements
-    "Bring the stored windows up to date with what the log received since the last update."
+    """Bring the stored windows up to date with what the log received since the last update.
+
+    Both engines give the same figures: they run the same `window_report` on the same stored rows. With `dask`, the
+    workers read each window's rows from the monitoring folder, which must be on storage they share (a local cluster does)."""
+    if engine not in ("local", "dask"):
+        raise LifecycleError(f"unknown monitoring engine {engine!r}: use local or dask")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": RESULTS_FORMAT, "every": every, "sensitive": list(sensitive), "min_rows": min_rows, "min_group": min_group,
@@ -408,14 +415,16 @@ def update_windows(
             state = None
         if state is None:
             _start_over(folder)
-        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements)
+        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
+                       engine, scheduler)
     except (_Unreadable, ValueError, KeyError, TypeError, OSError) as error:
         if isinstance(error, OSError) and not isinstance(error, _Unreadable) and not (folder / "state.json").exists():
             raise
         name = str(error) if isinstance(error, _Unreadable) else "state.json"
         statements.append(f"the stored monitoring results ({name}) could not be read: rebuilt from the log")
         _start_over(folder)
-        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements)
+        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements,
+                       engine, scheduler)
 
 def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
     "The window of each of `request_ids` that has been windowed (request_id, window), from the id index's parts."
@@ -445,7 +454,43 @@ def _add_ids(folder: Path, state: dict, ids: pd.DataFrame) -> None:
         for part in parts:
             part.unlink()
 
-def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements) -> dict:
+def _window_job(path: str, key: str, reference: dict | None, threshold: float, every, sensitive, kpis, min_rows, min_group, n_boot) -> tuple:
+    "One window's (head, report) from its stored rows: the unit of work of both engines."
+    rows = pd.read_parquet(path)
+    report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
+    first, last = rows["event_time"].min(), rows["event_time"].max()
+    channels = rows["channel"].value_counts()
+    head = {"window": key, "model_version": int(rows["model_version"].iloc[0]), "window_start": rows["window_start"].min().isoformat(),
+            "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(channels.to_dict())}
+    report["values"].update({f"volume.{channel}": int(count) for channel, count in channels.items()})  # operations: volume by channel
+    return _plain(head), _plain(report)
+
+def _dask_client(scheduler: str | None):
+    "(client, cluster or None): a client of the scheduler at `scheduler`, or of a local cluster started here."
+    from distributed import Client, LocalCluster
+    try:
+        if scheduler:
+            return Client(scheduler, timeout="30s"), None
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=40, env={"OMP_NUM_THREADS": "1"})
+        return Client(cluster), cluster
+    except (OSError, TimeoutError) as error:
+        raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
+
+def _run_jobs(jobs: list[tuple], engine: str, scheduler: str | None) -> list[tuple]:
+    "The (head, report) of each job (`_window_job`'s arguments), in this process or on Dask, in the jobs' order."
+    if engine == "local" or not jobs:
+        return [_window_job(*job) for job in jobs]
+    client, cluster = _dask_client(scheduler)
+    try:
+        with client:
+            return client.gather(client.map(_window_job, *zip(*jobs), pure=False))
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
+            engine="local", scheduler=None) -> dict:
     rebuilt = state is None
     state = state or {"config": _config_hash(config), "predictions_since": None, "labels_since": None, "counted": {}, "parts": 0}
     at_cursor = _read_parquet(folder / "cursor_ids.parquet")  # the predictions already read at the cursor's instant
@@ -463,9 +508,19 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         _add_ids(folder, state, new[["request_id", "window"]])
         same_instant.to_parquet(folder / "cursor_ids.parquet", index=False)
     labels = _labels_since(log, state["labels_since"])
+    labels_at_cursor = _read_parquet(folder / "label_cursor.parquet")  # the labels already read at the cursor's instant
+    if labels_at_cursor is not None and len(labels_at_cursor) and len(labels):
+        seen = labels[["request_id", "label"]].assign(time=labels["time"].map(pd.Timestamp.isoformat)).merge(
+            labels_at_cursor, on=["request_id", "label", "time"], how="left", indicator=True)["_merge"].eq("both").to_numpy()
+        labels = labels[~seen]  # a correction (another label, or a later time) is read again
     new_labels = len(labels)
     if len(labels):
-        state["labels_since"] = labels["time"].max().isoformat()
+        cursor = labels["time"].max()
+        same_instant = labels.loc[labels["time"] == cursor, ["request_id", "label"]].assign(time=cursor.isoformat())
+        if labels_at_cursor is not None and state["labels_since"] is not None and pd.Timestamp(state["labels_since"]) == cursor:
+            same_instant = pd.concat([labels_at_cursor, same_instant], ignore_index=True)
+        state["labels_since"] = cursor.isoformat()
+        same_instant.to_parquet(folder / "label_cursor.parquet", index=False)
     pending = _read_parquet(folder / "pending_labels.parquet")
     if pending is not None and len(pending):
         labels = pd.concat([pending, labels], ignore_index=True)
@@ -487,6 +542,7 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         references[str(version)] = has
     touched = sorted(touched)
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
+    jobs = []
     for key in touched:
         path = folder / "rows" / f"{_safe_name(key)}.parquet"
         rows = _read_parquet(path)
@@ -500,14 +556,11 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
             rows["label"] = matched.where(matched.notna(), rows["label"]).astype(float)
         path.parent.mkdir(parents=True, exist_ok=True)
         _storable(rows).to_parquet(path, index=False)
-        version = int(rows["model_version"].iloc[0])
-        reference, threshold = reference_for(version)
-        report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
-        first, last = rows["event_time"].min(), rows["event_time"].max()
-        head = {"window": key, "model_version": version, "window_start": rows["window_start"].min().isoformat(),
-                "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(rows["channel"].value_counts().to_dict())}
-        write_json(folder / "details" / f"{_safe_name(key)}.json", _plain({**head, **report}))
-        flat[key] = {**head, **report["values"]}
+        reference, threshold = reference_for(int(rows["model_version"].iloc[0]))
+        jobs.append((str(path), key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot))
+    for head, report in _run_jobs(jobs, engine, scheduler):
+        write_json(folder / "details" / f"{_safe_name(head['window'])}.json", {**head, **report})
+        flat[head["window"]] = {**head, **report["values"]}
     windows = pd.DataFrame(list(flat.values()))
     if len(windows):
         windows = windows.sort_values(["window_start", "model_version"], kind="stable", ignore_index=True)
@@ -558,6 +611,8 @@ def monitor_project(
     settings: dict | None = None,  # [monitor] settings overriding the file's (same keys, as text)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
     post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
+    engine: str = "local",  # where the windows are computed: local (this process) or dask
+    scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
 ) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), exit_code (3 when a critical alert fires), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
@@ -582,7 +637,8 @@ def monitor_project(
     log = open_log(section.get("log", ""), root) if own_log else log
     try:
         result = update_windows(root / "monitoring", log, reference_for, every, list(project.sensitive) if project else [], kpis,
-                                _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"))
+                                _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"),
+                                engine=engine, scheduler=scheduler)
     finally:
         if own_log:
             log.close()
