@@ -815,14 +815,15 @@ def fill_monitor_log(
     return when
 
 def _label_old(log, before: pd.Timestamp, share: float = 0.5, seed: int = 0) -> int:
-    "Labels for a share of the predictions logged before `before` (labels arrive a week or more late); returns how many."
+    "Labels, a week after their prediction, for a share of the predictions logged before `before`; returns how many."
     rng = np.random.default_rng(seed)
     predictions = log.predictions()
     old = predictions[predictions["time"] < before]
     chosen = old[rng.random(len(old)) < share]
     labels = (rng.random(len(chosen)) < chosen["score"].to_numpy()).astype(int)
-    for request_id, label in zip(chosen["request_id"], labels):
-        log.record_label(request_id, int(label), time=before)
+    arrived = (chosen["time"] + pd.Timedelta(days=7)).map(pd.Timestamp.isoformat)  # a week after each prediction
+    for request_id, label, when in zip(chosen["request_id"], labels, arrived):
+        log.record_label(request_id, int(label), time=when)
     log.flush()
     return len(chosen)
 

@@ -510,13 +510,14 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     labels = _labels_since(log, state["labels_since"])
     labels_at_cursor = _read_parquet(folder / "label_cursor.parquet")  # the labels already read at the cursor's instant
     if labels_at_cursor is not None and len(labels_at_cursor) and len(labels):
-        seen = labels[["request_id", "label"]].assign(time=labels["time"].map(pd.Timestamp.isoformat)).merge(
-            labels_at_cursor, on=["request_id", "label", "time"], how="left", indicator=True)["_merge"].eq("both").to_numpy()
-        labels = labels[~seen]  # a correction (another label, or a later time) is read again
+        at_cursor_time = np.flatnonzero((labels["time"] == pd.Timestamp(state["labels_since"])).to_numpy())
+        seen = labels.iloc[at_cursor_time][["request_id", "label"]].merge(labels_at_cursor, on=["request_id", "label"], how="left",
+                                                                          indicator=True)["_merge"].eq("both").to_numpy()
+        labels = labels.drop(index=labels.index[at_cursor_time[seen]])  # a correction (another label, or a later time) is read again
     new_labels = len(labels)
     if len(labels):
         cursor = labels["time"].max()
-        same_instant = labels.loc[labels["time"] == cursor, ["request_id", "label"]].assign(time=cursor.isoformat())
+        same_instant = labels.loc[labels["time"] == cursor, ["request_id", "label"]]
         if labels_at_cursor is not None and state["labels_since"] is not None and pd.Timestamp(state["labels_since"]) == cursor:
             same_instant = pd.concat([labels_at_cursor, same_instant], ignore_index=True)
         state["labels_since"] = cursor.isoformat()
