@@ -729,7 +729,8 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak, "columns": columns}))
 def evidently_python() -> Path | None:
     "The interpreter of the Evidently environment (`make evidently-venv`, or LIFECYCLE_EVIDENTLY_PYTHON), when there is one."
     given = os.environ.get("LIFECYCLE_EVIDENTLY_PYTHON")
-    candidate = Path(given) if given else Path(__file__).resolve().parent.parent / ".venv-evidently" / "bin" / "python"
+    import lifecycle
+    candidate = Path(given) if given else Path(lifecycle.__file__).resolve().parent.parent / ".venv-evidently" / "bin" / "python"
     return candidate if candidate.exists() else None
 
 def _drift_task(folder: str) -> dict:
