@@ -22,7 +22,7 @@ from .alerts import evaluate, parse_kpis
 # %% auto #0
 __all__ = ['RESULTS_FORMAT', 'LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'parse_every', 'event_times', 'assign_windows',
            'weighted_auc', 'realized_metrics', 'calibrated', 'estimated_metrics', 'group_labels', 'fairness',
-           'window_days', 'window_report', 'update_windows', 'monitor_project']
+           'window_days', 'window_report', 'update_windows', 'serving_figures', 'scrape_serving', 'monitor_project']
 
 # %% ../nbs/42_monitoring.ipynb #77797d2b
 def parse_every(
@@ -574,6 +574,66 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     return {"windows": windows, "touched": touched, "new_predictions": len(new), "new_labels": new_labels,
             "rebuilt": rebuilt, "statements": statements}
 
+# %% ../nbs/42_monitoring.ipynb #17730531
+def _bucket_quantile(
+    buckets: dict,  # upper bound (inf included) -> cumulative count, as a Prometheus histogram holds them
+    q: float,  # the quantile, 0 to 1
+) -> float | None:  # interpolated within its bucket as Prometheus' histogram_quantile does; None without observations
+    edges = sorted(buckets)
+    total = buckets[edges[-1]] if edges else 0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in edges:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower  # beyond the last finite bound: that bound is all the histogram knows
+            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
+        lower, below = bound, count
+    return lower
+
+def serving_figures(
+    text: str,  # the server's /metrics page (Prometheus text format)
+) -> dict:  # model_version, swaps, requests (to /predict), refused (its answers by 4xx/5xx status), latency_p50/_p99 seconds, decisions
+    "Operations figures from `lifecycle serve`'s Prometheus metrics: requests refused and why (by status), latency, the model serving."
+    from prometheus_client.parser import text_string_to_metric_families
+    result = {"model_version": None, "swaps": None, "requests": 0, "refused": {}, "decisions": {}}
+    buckets = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "lifecycle_requests_total" and labels.get("endpoint") == "predict":
+                result["requests"] += int(value)
+                if labels.get("status", "")[:1] in ("4", "5"):
+                    result["refused"][labels["status"]] = result["refused"].get(labels["status"], 0) + int(value)
+            elif name == "lifecycle_request_seconds_bucket" and labels.get("endpoint") == "predict":
+                buckets[float(labels["le"])] = value
+            elif name == "lifecycle_predictions_total":
+                result["decisions"][labels.get("decision", "")] = int(value)
+            elif name in ("lifecycle_model_version", "lifecycle_model_swaps"):
+                result["model_version" if name.endswith("version") else "swaps"] = int(value)
+    result["latency_p50"], result["latency_p99"] = _bucket_quantile(buckets, 0.5), _bucket_quantile(buckets, 0.99)
+    return result
+
+def scrape_serving(
+    url: str,  # the server's address (http://host:port) or its /metrics URL
+    token: str | None = None,  # a bearer token, when the server requires one
+    timeout: float = 2.0,  # seconds to wait
+) -> tuple[dict | None, str]:  # (the figures, or None when unreachable; a sentence saying which)
+    "The serving figures of a running `lifecycle serve`, or None and why not: monitoring never fails for want of them."
+    import urllib.request
+    target = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read(5_000_000).decode("utf-8", "replace")
+        figures = serving_figures(text)
+    except (OSError, ValueError) as error:
+        reason = "it refused the token" if getattr(error, "code", None) == 401 else "it did not answer"
+        return None, f"the server's metrics could not be read ({reason}): serving latency and refused requests are not shown"
+    return figures, f"serving: model version {figures['model_version']}, {figures['requests']} requests to /predict, {sum(figures['refused'].values())} refused"
+
 # %% ../nbs/42_monitoring.ipynb #803f2a53
 LABELED_FIGURES = ("labeled", "roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap", "tp", "fp", "fn", "tn")
 WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"  # a webhook URL often holds a secret: it may come from the environment instead of settings
@@ -614,7 +674,8 @@ def monitor_project(
     post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
     engine: str = "local",  # where the windows are computed: local (this process) or dask
     scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
-) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), exit_code (3 when a critical alert fires), statements
+    serving_url: str | None = None,  # a running `lifecycle serve` (http://host:port): its /metrics add latency and refused requests
+) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), exit_code (3 when a critical alert fires), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
     from lifecycle.core import find_settings, load_settings
@@ -648,6 +709,10 @@ def monitor_project(
     summary = {"project": root.resolve().name, "windows": len(windows), "new_predictions": result["new_predictions"],
                "new_labels": result["new_labels"], "rebuilt": result["rebuilt"], "champion": champion, "latest": None,
                "alerts": {"sent": [], "firing": [], "delivery": "no rules"}, "exit_code": 0, "statements": statements}
+    summary["serving"] = None
+    if serving_url:
+        summary["serving"], said = scrape_serving(serving_url, os.environ.get("LIFECYCLE_API_TOKEN") or None)
+        statements.append(said)
     if not len(windows):
         statements.append("the prediction log holds no predictions yet: nothing to monitor")
         return _plain(summary)
