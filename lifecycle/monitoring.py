@@ -478,8 +478,11 @@ def _dask_client(scheduler: str | None):
         raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
 
 def _run_jobs(jobs: list[tuple], engine: str, scheduler: str | None) -> list[tuple]:
-    "The (head, report) of each job (`_window_job`'s arguments), in this process or on Dask, in the jobs' order."
-    if engine == "local" or not jobs:
+    """The (head, report) of each job (`_window_job`'s arguments), in this process or on Dask, in the jobs' order.
+
+    One window is computed here whatever the engine: its rows were just written by this process, and reaching or
+    starting a cluster costs more than the window (the usual incremental update touches one)."""
+    if engine == "local" or len(jobs) <= 1:
         return [_window_job(*job) for job in jobs]
     client, cluster = _dask_client(scheduler)
     try:

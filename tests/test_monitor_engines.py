@@ -92,9 +92,16 @@ def test_dask_engine_gives_the_same_figures(tmp_path):
         local = _update(tmp_path / "local", log)
         dask = _update(tmp_path / "dask", log, engine="dask")
         _fill(log, *STEPS[4])
+        _fill(log, *STEPS[5])
         local_next = _update(tmp_path / "local", log)
-        dask_next = _update(tmp_path / "dask", log, engine="dask")  # incrementally on Dask too
-    assert local["touched"] == dask["touched"] and local_next["touched"] == dask_next["touched"] == ["v1_2024-05-08"]
+        dask_next = _update(tmp_path / "dask", log, engine="dask")  # incrementally on Dask too: two windows touched
+        assert local_next["touched"] == dask_next["touched"] == ["v1_2024-05-08", "v1_2024-05-09"]
+        _assert_same(_stored(tmp_path / "local"), _stored(tmp_path / "dask"))
+        log.record_label("r020004" + "00001", 1, START + pd.Timedelta(days=9))  # a late label: one window, computed in this process
+        log.flush()
+        local_last = _update(tmp_path / "local", log)
+        dask_last = _update(tmp_path / "dask", log, engine="dask")
+    assert local["touched"] == dask["touched"] and local_last["touched"] == dask_last["touched"] == ["v1_2024-05-08"]
     _assert_same(_stored(tmp_path / "local"), _stored(tmp_path / "dask"))
     with pytest.raises(Exception, match="unknown monitoring engine"):
         _update(tmp_path / "other", None, engine="spark")
