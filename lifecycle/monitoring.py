@@ -547,10 +547,11 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     touched = sorted(touched)
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
     jobs = []
+    by_window = new.groupby("window", sort=False).indices if len(new) else {}  # one pass, not one a window
     for key in touched:
         path = folder / "rows" / f"{_safe_name(key)}.parquet"
         rows = _read_parquet(path)
-        fresh = new[new["window"] == key] if len(new) else new
+        fresh = new.take(by_window[key]) if key in by_window else new.iloc[:0].copy()  # copies: the rows get a label column below
         rows = fresh if rows is None else pd.concat([rows, fresh], ignore_index=True) if len(fresh) else rows
         if "label" not in rows.columns:
             rows["label"] = np.nan
