@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lab bench sync-check nbdev-test pytest lock clean mlflow-venv screenshots
+.PHONY: run test lab bench sync-check nbdev-test pytest lock clean mlflow-venv evidently-venv screenshots
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,3 +62,9 @@ clean:
 mlflow-venv:
 	test -x .venv-mlflow/bin/python || $(PYTHON) -m venv .venv-mlflow
 	.venv-mlflow/bin/python -m pip --disable-pip-version-check -q install "mlflow==3.17.2" "scikit-learn==1.9.1" "skops==0.16.0" "numpy==2.4.6" "pandas==2.3.3"
+
+# Evidently, for `lifecycle bench monitor` to compare our drift computation against its DataDriftPreset on the same
+# data. A bench-only extra in a venv of its own: its pins are not the project's. The bench reads Parquet files there.
+evidently-venv:
+	test -x .venv-evidently/bin/python || $(PYTHON) -m venv .venv-evidently
+	.venv-evidently/bin/python -m pip --disable-pip-version-check -q install "evidently==0.7.23" "pandas==2.3.3" "numpy==2.4.6" "pyarrow==26.0.1"

@@ -21,9 +21,11 @@ import pandas as pd
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'generate_heart_rows', 'measure', 'bench_prepare', 'format_prepare', 'train_champion',
-           'parse_wrk', 'mlflow_python', 'bench_serve', 'format_serve', 'bench_dashboard', 'format_dashboard',
-           'format_batch', 'bench_batch', 'bench_stream', 'format_bench_stream', 'bench_train', 'run_benchmark']
+__all__ = ['HEART_COLUMNS', 'HEART_FILES', 'MONITOR_PLANTED', 'EVIDENTLY_SCRIPT', 'generate_heart_rows', 'measure',
+           'bench_prepare', 'format_prepare', 'train_champion', 'parse_wrk', 'mlflow_python', 'bench_serve',
+           'format_serve', 'bench_dashboard', 'format_dashboard', 'format_batch', 'bench_batch', 'bench_stream',
+           'format_bench_stream', 'drift_frame', 'drift_reference', 'evidently_python', 'bench_drift',
+           'fill_monitor_log', 'bench_incremental', 'format_monitor', 'bench_monitor', 'bench_train', 'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
 HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
@@ -767,6 +769,249 @@ def format_bench_stream(figures: dict) -> str:
                      f"{run['scored']:>9,}{run['rejected']:>9,}{run['pending']:>8,}{logged:>9}  ≥ {figures['target_events_per_second']:,}/s, out = in")
     return "\n".join(lines)
 
+# %% ../nbs/12_bench.ipynb #edad8bb4
+MONITOR_PLANTED = ("n0", "n1", "l0", "b0", "c0")  # the columns whose distribution the current window changes
+
+def drift_frame(
+    rows: int,  # rows to make
+    drifted: bool = False,  # plant drift in MONITOR_PLANTED
+    seed: int = 0,  # random seed
+) -> pd.DataFrame:  # 20 features: 16 numeric (normal, lognormal, uniform, integer, binary, four values), 4 categories
+    "Generated features for the monitoring benchmark, with drift planted in five columns when asked."
+    rng = np.random.default_rng(seed)
+    frame = {f"n{i}": rng.normal(i, 1 + i % 3, rows) for i in range(10)}
+    frame.update(l0=rng.lognormal(0, 1, rows), l1=rng.lognormal(1, 0.5, rows), u0=rng.uniform(0, 10, rows),
+                 i0=rng.integers(20, 80, rows).astype(float), b0=(rng.random(rows) < 0.3).astype(float),
+                 k0=rng.integers(0, 4, rows).astype(float))
+    mix = [0.4, 0.3, 0.15, 0.1, 0.05]
+    for j in range(4):
+        frame[f"c{j}"] = np.array(list("abcde"))[rng.choice(5, rows, p=mix)]
+    frame = pd.DataFrame(frame)
+    if drifted:
+        frame["n0"] += 0.3  # 0.3 standard deviations
+        frame["n1"] = (frame["n1"] - 1) * 1.5 + 1  # wider by half
+        frame["l0"] *= 1.3
+        frame["b0"] = (rng.random(rows) < 0.45).astype(float)
+        frame["c0"] = np.array(list("abcde"))[rng.choice(5, rows, p=[0.2, 0.3, 0.15, 0.1, 0.25])]
+    return frame
+
+def drift_reference(
+    frame: pd.DataFrame,  # reference rows from `drift_frame`
+) -> dict:  # reference.json as the train stage stores it (scores and labels made up from n0)
+    "The stored reference statistics of the benchmark's reference rows, by the train stage's own function."
+    from lifecycle.train import reference_statistics
+    numeric = [name for name in frame.columns if not name.startswith("c")]
+    category = [name for name in frame.columns if name.startswith("c")]
+    scores = 1 / (1 + np.exp(-(frame["n0"].to_numpy() - 0.5)))
+    labels = (np.random.default_rng(1).random(len(frame)) < scores).astype(int)
+    return reference_statistics(frame, numeric, category, scores, labels)
+
+# %% ../nbs/12_bench.ipynb #aa959f47
+EVIDENTLY_SCRIPT = """
+import json, sys, time
+import pandas as pd
+from evidently import Report
+from evidently.presets import DataDriftPreset
+reference, current = pd.read_parquet(sys.argv[1]), pd.read_parquet(sys.argv[2])
+started = time.perf_counter()
+metrics = Report([DataDriftPreset()]).run(current_data=current, reference_data=reference).dict()["metrics"]
+seconds = time.perf_counter() - started
+columns = {}
+for metric in metrics:
+    config = metric.get("config") or {}
+    if "column" not in config:
+        continue
+    method, threshold, value = str(config.get("method", "")), float(config["threshold"]), float(metric["value"])
+    p_value = "p_value" in method.lower()
+    columns[config["column"]] = {"method": method, "value": value, "drifted": bool(value < threshold if p_value else value >= threshold)}
+with open("/proc/self/status") as handle:
+    peak = int(next(line for line in handle if line.startswith("VmHWM:")).split()[1]) / 1024
+print(json.dumps({"seconds": seconds, "peak_mib": peak, "columns": columns}))
+"""
+
+def evidently_python() -> Path | None:
+    "The interpreter of the Evidently environment (`make evidently-venv`, or LIFECYCLE_EVIDENTLY_PYTHON), when there is one."
+    given = os.environ.get("LIFECYCLE_EVIDENTLY_PYTHON")
+    import lifecycle
+    candidate = Path(given) if given else Path(lifecycle.__file__).resolve().parent.parent / ".venv-evidently" / "bin" / "python"
+    return candidate if candidate.exists() else None
+
+def _drift_task(folder: str) -> dict:
+    "Our drift computation on the benchmark's current window, from the stored reference (in a fresh interpreter)."
+    import pyarrow.parquet as pq
+    from lifecycle.core import read_json, use_work_settings
+    from lifecycle.drift import feature_drift
+    use_work_settings()
+    reference = read_json(Path(folder) / "reference.json")
+    current = pq.read_table(Path(folder) / "current.parquet").to_pandas()
+    started = time.perf_counter()
+    table = feature_drift(reference, current)
+    seconds = time.perf_counter() - started
+    columns = {row["feature"]: {"method": row["method"], "value": row["statistic"] if row["p_value"] is None else row["p_value"],
+                                "drifted": bool(row["drifted"])} for row in table.to_dict("records")}
+    return {"seconds": seconds, "peak_mib": _peak_mib(), "columns": columns}
+
+def _run_json(command: list, what: str) -> dict:
+    "Run a measuring process and read the JSON line it prints last."
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        raise LifecycleError(f"bench monitor: {what} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+def _decisions(run: dict, planted) -> dict:
+    "Planted columns found, untouched ones flagged."
+    flagged = {name for name, column in run["columns"].items() if column["drifted"]}
+    return {"flagged": sorted(flagged), "planted_found": len(flagged & set(planted)),
+            "false_alarms": sorted(flagged - set(planted))}
+
+def bench_drift(
+    rows: int = 1_000_000,  # rows of the reference and of the current window each
+    folder: Path | None = None,  # where the data goes (default: a temporary folder)
+) -> dict:  # ours and evidently (None without its environment): seconds, peak_mib, columns, flagged; ratio; agreement
+    "Our drift computation from stored reference statistics against Evidently's DataDriftPreset on the raw reference, same data."
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-drift-") as scratch:
+        folder = Path(folder or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        reference = drift_frame(rows, seed=42)
+        reference.to_parquet(folder / "reference.parquet", index=False)
+        (folder / "reference.json").write_text(json.dumps(drift_reference(reference)))  # what the train stage stores
+        del reference
+        drift_frame(rows, drifted=True, seed=43).to_parquet(folder / "current.parquet", index=False)
+        code = f"import json; from lifecycle.bench import _drift_task; print(json.dumps(_drift_task({str(folder)!r})))"
+        ours = _run_json([sys.executable, "-c", code], "our drift computation")
+        ours.update(_decisions(ours, MONITOR_PLANTED))
+        python = evidently_python()
+        evidently = None
+        if python is not None:
+            evidently = _run_json([str(python), "-c", EVIDENTLY_SCRIPT, str(folder / "reference.parquet"), str(folder / "current.parquet")], "Evidently")
+            evidently.update(_decisions(evidently, MONITOR_PLANTED))
+    figures = {"rows": rows, "features": 20, "planted": list(MONITOR_PLANTED), "ours": ours, "evidently": evidently}
+    if evidently is not None:
+        same = [name for name in ours["columns"] if evidently["columns"].get(name, {}).get("drifted") == ours["columns"][name]["drifted"]]
+        figures.update(ratio=evidently["seconds"] / ours["seconds"], agreement=len(same), compared=len(ours["columns"]))
+    return figures
+
+# %% ../nbs/12_bench.ipynb #fc4960b6
+def fill_monitor_log(
+    log,  # an open prediction log
+    rows: int,  # predictions to log
+    start: pd.Timestamp,  # the first one's time
+    days: float = 30,  # spread over this many days
+    blocks: int = 60,  # as this many blocks (`record_many`), evenly spaced in time
+    drift_after: float = 0.5,  # the share of the blocks after which drift is planted
+    prefix: str = "r",  # request ids: prefix and a number
+    number: int = 0,  # the first request id's number
+) -> pd.Timestamp:  # the last block's time
+    "Log generated predictions as blocks (the batch path), the later ones drifted; scores from n0."
+    blocks = max(1, min(blocks, rows))
+    block_rows = -(-rows // blocks)
+    when = start
+    for block in range(blocks):
+        begin, size = block * block_rows, min(block_rows, rows - block * block_rows)
+        if size <= 0:
+            break
+        features = drift_frame(size, drifted=block >= drift_after * blocks, seed=number + begin + 1)
+        scores = 1 / (1 + np.exp(-(features["n0"].to_numpy() - 0.5)))
+        when = start + pd.Timedelta(days=days * block / blocks)
+        log.record_many([f"{prefix}{number + begin + offset}" for offset in range(size)], scores, (scores >= 0.5).astype("int64"),
+                        features, 1, "batch", time=when)
+    log.flush()
+    return when
+
+def _label_old(log, before: pd.Timestamp, share: float = 0.5, seed: int = 0) -> int:
+    "Labels, a week after their prediction, for a share of the predictions logged before `before`; returns how many."
+    rng = np.random.default_rng(seed)
+    predictions = log.predictions()
+    old = predictions[predictions["time"] < before]
+    chosen = old[rng.random(len(old)) < share]
+    labels = (rng.random(len(chosen)) < chosen["score"].to_numpy()).astype(int)
+    arrived = (chosen["time"] + pd.Timedelta(days=7)).map(pd.Timestamp.isoformat)  # a week after each prediction
+    for request_id, label, when in zip(chosen["request_id"], labels, arrived):
+        log.record_label(request_id, int(label), time=when)
+    log.flush()
+    return len(chosen)
+
+def _monitor_task(folder: str, log_url: str, every: str, engine: str = "local", scheduler: str | None = None) -> dict:
+    "One `update_windows` on the benchmark's log (in a fresh interpreter): seconds, peak memory, windows touched."
+    from lifecycle.core import read_json, use_work_settings
+    from lifecycle.monitoring import update_windows
+    from lifecycle.predlog import open_log
+    use_work_settings()
+    reference = read_json(Path(folder) / "reference.json")
+    with open_log(log_url, Path(folder)) as log:
+        started = time.perf_counter()
+        result = update_windows(Path(folder) / "monitoring", log, lambda version: (reference, 0.5), every, ["c1"],
+                                engine=engine, scheduler=scheduler)
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_mib": _peak_mib(), "windows": len(result["windows"]), "touched": len(result["touched"]),
+            "new_predictions": result["new_predictions"], "new_labels": result["new_labels"]}
+
+def bench_incremental(
+    rows: int = 1_000_000,  # predictions in the log
+    new: int = 10_000,  # predictions that arrive before the incremental update
+    every: str = "day",  # the window
+    engine: str = "local",  # the monitor's engine: local or dask
+    scheduler: str | None = None,  # dask: a scheduler address (default: a local cluster)
+    folder: Path | None = None,  # where the log goes (default: a temporary folder)
+) -> dict:  # rows, new, labels, scratch and incremental runs, ratio
+    "The whole log monitored from scratch, then `new` predictions logged and the windows brought up to date incrementally."
+    from lifecycle.predlog import open_log
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-monitor-") as scratch:
+        folder = Path(folder or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "reference.json").write_text(json.dumps(drift_reference(drift_frame(20_000, seed=42))))
+        url = str(folder / "predictions.sqlite")
+        start = pd.Timestamp("2026-01-01", tz="UTC")
+        with open_log(url, folder) as log:
+            last = fill_monitor_log(log, rows, start)
+            labels = _label_old(log, last - pd.Timedelta(days=7))
+        code = (f"import json; from lifecycle.bench import _monitor_task; "
+                f"print(json.dumps(_monitor_task({str(folder)!r}, {url!r}, {every!r}, {engine!r}, {scheduler!r})))")
+        full = _run_json([sys.executable, "-c", code], "the monitor from scratch")
+        with open_log(url, folder) as log:
+            fill_monitor_log(log, new, last + pd.Timedelta(hours=1), blocks=1, drift_after=0, prefix="new", number=0)
+        incremental = _run_json([sys.executable, "-c", code], "the incremental monitor")
+    return {"rows": rows, "new": new, "labels": labels, "every": every, "engine": engine, "scratch": full,
+            "incremental": incremental, "share": incremental["seconds"] / full["seconds"]}
+
+# %% ../nbs/12_bench.ipynb #ee0c2c48
+def format_monitor(figures: dict) -> str:
+    "The monitoring benchmark as a table."
+    drift, ours = figures["drift"], figures["drift"]["ours"]
+    lines = [f"bench monitor: drift of {drift['rows']:,} current rows x {drift['features']} features against a reference of {drift['rows']:,} rows, "
+             f"drift planted in {', '.join(drift['planted'])}",
+             f"{'':<44}{'seconds':>9}{'peak MiB':>10}  planted found  false alarms",
+             f"{'ours (lifecycle.drift, stored reference)':<44}{ours['seconds']:>9.2f}{ours['peak_mib']:>10.0f}  "
+             f"{ours['planted_found']}/{len(drift['planted'])}{'':>11}{', '.join(ours['false_alarms']) or 'none'}"]
+    evidently = drift["evidently"]
+    if evidently is None:
+        lines.append("Evidently: not measured (no .venv-evidently: run `make evidently-venv`, or set LIFECYCLE_EVIDENTLY_PYTHON)")
+    else:
+        lines += [f"{'Evidently 0.7 DataDriftPreset (raw reference)':<44}{evidently['seconds']:>9.2f}{evidently['peak_mib']:>10.0f}  "
+                  f"{evidently['planted_found']}/{len(drift['planted'])}{'':>11}{', '.join(evidently['false_alarms']) or 'none'}",
+                  f"ours is {drift['ratio']:.1f}x faster (target >= 30x); per-column decisions agree on {drift['agreement']}/{drift['compared']} columns"]
+    lines.append(f"target: peak memory of ours < 1024 MiB: {'met' if ours['peak_mib'] < 1024 else 'NOT met'}")
+    run = figures["incremental"]
+    full, step = run["scratch"], run["incremental"]
+    lines += [f"incremental monitor ({run['engine']} engine, {run['every']} windows) on a SQLite log of {run['rows']:,} predictions (blocks) "
+              f"with {run['labels']:,} labels, then {run['new']:,} new predictions",
+              f"{'from scratch (whole log)':<44}{full['seconds']:>9.2f}{full['peak_mib']:>10.0f}  {full['windows']} windows",
+              f"{'incremental (the new predictions)':<44}{step['seconds']:>9.2f}{step['peak_mib']:>10.0f}  {step['touched']} window(s) recomputed",
+              f"incremental / from scratch: {run['share']:.1%} (target < 5% and < 2 s)"]
+    return "\n".join(lines)
+
+def bench_monitor(
+    rows: int = 1_000_000,  # rows of the drift comparison (reference and current each) and predictions in the log
+    quiet: bool = False,  # no table on stdout
+    engine: str = "local",  # the incremental monitor's engine: local or dask
+    scheduler: str | None = None,  # dask: a scheduler address
+) -> dict:  # drift (ours against Evidently) and incremental figures
+    "Drift against Evidently's DataDriftPreset, and the incremental monitor against the whole log from scratch."
+    figures = {"drift": bench_drift(rows), "incremental": bench_incremental(rows, engine=engine, scheduler=scheduler)}
+    if not quiet:
+        print(format_monitor(figures))
+    return figures
+
 # %% ../nbs/12_bench.ipynb #0712daea
 def bench_train(
     rows: int = 100_000,  # rows of generated data
@@ -801,6 +1046,8 @@ def run_benchmark(
     name: str,  # the benchmark
     rows: int | None = None,  # rows of generated data (default: the benchmark's own)
     quiet: bool = False,  # no table on stdout
+    engine: str = "local",  # monitor: the engine of the incremental monitor (local or dask)
+    scheduler: str | None = None,  # monitor: a Dask scheduler address
 ) -> dict:  # its figures
     "Run a benchmark by name."
     if name == "prepare":
@@ -815,4 +1062,7 @@ def run_benchmark(
         return bench_stream(rows or 200_000, quiet=quiet)
     if name == "dashboard":
         return bench_dashboard(quiet=quiet)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard")
+    if name == "monitor":
+        return bench_monitor(rows or 1_000_000, quiet=quiet, engine=engine, scheduler=scheduler)
+    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard, monitor")
+

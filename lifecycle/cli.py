@@ -29,7 +29,7 @@ def _run(args) -> int:
 
 def _bench(args) -> int:
     from lifecycle.bench import run_benchmark
-    figures = run_benchmark(args.name, rows=args.rows, quiet=args.json)
+    figures = run_benchmark(args.name, rows=args.rows, quiet=args.json, engine=args.engine, scheduler=args.scheduler)
     if args.json:
         print(json.dumps(figures, indent=2, default=str))
     return 0
@@ -237,13 +237,16 @@ def parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
-    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard"],
+    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "monitor"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
                             "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
                             "stream (events/s through Redis Streams against the same events scored in-process) "
-                            "or dashboard (first paint of lifecycle dashboard against a cold Voila start, in chromium)")
+                            "dashboard (first paint of lifecycle dashboard against a cold Voila start, in chromium) "
+                            "or monitor (drift against Evidently's DataDriftPreset; the incremental monitor against the whole log from scratch)")
     bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.add_argument("--engine", choices=["local", "dask"], default="local", help="monitor: the incremental monitor's engine")
+    bench.add_argument("--scheduler", default=None, help="monitor with --engine dask: a scheduler address, tcp://host:8786 (default: a local cluster)")
     bench.set_defaults(handler=_bench)
     return top
 

@@ -22,7 +22,7 @@ from .alerts import evaluate, parse_kpis
 # %% auto #0
 __all__ = ['RESULTS_FORMAT', 'LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'parse_every', 'event_times', 'assign_windows',
            'weighted_auc', 'realized_metrics', 'calibrated', 'estimated_metrics', 'group_labels', 'fairness',
-           'window_days', 'window_report', 'update_windows', 'monitor_project']
+           'window_days', 'window_report', 'update_windows', 'serving_figures', 'scrape_serving', 'monitor_project']
 
 # %% ../nbs/42_monitoring.ipynb #77797d2b
 def parse_every(
@@ -319,7 +319,7 @@ def window_report(
     return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "statements": statements}
 
 # %% ../nbs/42_monitoring.ipynb #68b12744
-RESULTS_FORMAT = 2
+RESULTS_FORMAT = 3  # 3: volume by channel among the values; labels at the cursor's instant remembered
 
 def _plain(value):
     "JSON-ready: numpy scalars as Python numbers, NaN and infinity as None, pandas times as ISO text."
@@ -381,7 +381,7 @@ def _config_hash(config: dict) -> str:
 def _start_over(folder: Path) -> None:
     for name in ("rows", "details", "ids"):
         shutil.rmtree(folder / name, ignore_errors=True)
-    for name in ("cursor_ids.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
+    for name in ("cursor_ids.parquet", "label_cursor.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
         (folder / name).unlink(missing_ok=True)
 
 # %% ../nbs/42_monitoring.ipynb #b4b61162
@@ -395,8 +395,15 @@ def update_windows(
     min_rows: int = 20,  # fewest rows for a drift judgement
     min_group: int = 20,  # fewest labelled positives for a group's recall
     n_boot: int = 200,  # bootstrap replicates
+    engine: str = "local",  # local (this process) or dask (each touched window's report a task on a Dask cluster)
+    scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
 ) -> dict:  # windows (the flat table), touched (window keys recomputed), new_predictions, new_labels, rebuilt, statements
-    "Bring the stored windows up to date with what the log received since the last update."
+    """Bring the stored windows up to date with what the log received since the last update.
+
+    Both engines give the same figures: they run the same `window_report` on the same stored rows. With `dask`, the
+    workers read each window's rows from the monitoring folder, which must be on storage they share (a local cluster does)."""
+    if engine not in ("local", "dask"):
+        raise LifecycleError(f"unknown monitoring engine {engine!r}: use local or dask")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": RESULTS_FORMAT, "every": every, "sensitive": list(sensitive), "min_rows": min_rows, "min_group": min_group,
@@ -409,14 +416,16 @@ def update_windows(
             state = None
         if state is None:
             _start_over(folder)
-        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements)
+        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
+                       engine, scheduler)
     except (_Unreadable, ValueError, KeyError, TypeError, OSError) as error:
         if isinstance(error, OSError) and not isinstance(error, _Unreadable) and not (folder / "state.json").exists():
             raise
         name = str(error) if isinstance(error, _Unreadable) else "state.json"
         statements.append(f"the stored monitoring results ({name}) could not be read: rebuilt from the log")
         _start_over(folder)
-        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements)
+        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements,
+                       engine, scheduler)
 
 def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
     "The window of each of `request_ids` that has been windowed (request_id, window), from the id index's parts."
@@ -446,7 +455,46 @@ def _add_ids(folder: Path, state: dict, ids: pd.DataFrame) -> None:
         for part in parts:
             part.unlink()
 
-def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements) -> dict:
+def _window_job(path: str, key: str, reference: dict | None, threshold: float, every, sensitive, kpis, min_rows, min_group, n_boot) -> tuple:
+    "One window's (head, report) from its stored rows: the unit of work of both engines."
+    rows = pd.read_parquet(path)
+    report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
+    first, last = rows["event_time"].min(), rows["event_time"].max()
+    channels = rows["channel"].value_counts()
+    head = {"window": key, "model_version": int(rows["model_version"].iloc[0]), "window_start": rows["window_start"].min().isoformat(),
+            "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(channels.to_dict())}
+    report["values"].update({f"volume.{channel}": int(count) for channel, count in channels.items()})  # operations: volume by channel
+    return _plain(head), _plain(report)
+
+def _dask_client(scheduler: str | None):
+    "(client, cluster or None): a client of the scheduler at `scheduler`, or of a local cluster started here."
+    from distributed import Client, LocalCluster
+    try:
+        if scheduler:
+            return Client(scheduler, timeout="30s"), None
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=40, env={"OMP_NUM_THREADS": "1"})
+        return Client(cluster), cluster
+    except (OSError, TimeoutError) as error:
+        raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
+
+def _run_jobs(jobs: list[tuple], engine: str, scheduler: str | None) -> list[tuple]:
+    """The (head, report) of each job (`_window_job`'s arguments), in this process or on Dask, in the jobs' order.
+
+    One window is computed here whatever the engine: its rows were just written by this process, and reaching or
+    starting a cluster costs more than the window (the usual incremental update touches one)."""
+    if engine == "local" or len(jobs) <= 1:
+        return [_window_job(*job) for job in jobs]
+    client, cluster = _dask_client(scheduler)
+    try:
+        with client:
+            return client.gather(client.map(_window_job, *zip(*jobs), pure=False))
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
+            engine="local", scheduler=None) -> dict:
     rebuilt = state is None
     state = state or {"config": _config_hash(config), "predictions_since": None, "labels_since": None, "counted": {}, "parts": 0}
     at_cursor = _read_parquet(folder / "cursor_ids.parquet")  # the predictions already read at the cursor's instant
@@ -465,9 +513,20 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         _add_ids(folder, state, new[["request_id", "window"]])
         same_instant.to_parquet(folder / "cursor_ids.parquet", index=False)
     labels = _labels_since(log, state["labels_since"])
+    labels_at_cursor = _read_parquet(folder / "label_cursor.parquet")  # the labels already read at the cursor's instant
+    if labels_at_cursor is not None and len(labels_at_cursor) and len(labels):
+        at_cursor_time = np.flatnonzero((labels["logged"] == pd.Timestamp(state["labels_since"])).to_numpy())
+        seen = labels.iloc[at_cursor_time][["request_id", "label"]].merge(labels_at_cursor, on=["request_id", "label"], how="left",
+                                                                          indicator=True)["_merge"].eq("both").to_numpy()
+        labels = labels.drop(index=labels.index[at_cursor_time[seen]])  # a correction (another label, or a later time) is read again
     new_labels = len(labels)
     if len(labels):
-        state["labels_since"] = labels["logged"].max().isoformat()
+        cursor = labels["logged"].max()
+        same_instant = labels.loc[labels["logged"] == cursor, ["request_id", "label"]]
+        if labels_at_cursor is not None and state["labels_since"] is not None and pd.Timestamp(state["labels_since"]) == cursor:
+            same_instant = pd.concat([labels_at_cursor, same_instant], ignore_index=True)
+        state["labels_since"] = cursor.isoformat()
+        same_instant.to_parquet(folder / "label_cursor.parquet", index=False)
     labels = labels.drop(columns="logged")
     pending = _read_parquet(folder / "pending_labels.parquet")
     if pending is not None and len(pending):
@@ -490,10 +549,12 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         references[str(version)] = has
     touched = sorted(touched)
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
+    jobs = []
+    by_window = new.groupby("window", sort=False).indices if len(new) else {}  # one pass, not one a window
     for key in touched:
         path = folder / "rows" / f"{_safe_name(key)}.parquet"
         rows = _read_parquet(path)
-        fresh = new[new["window"] == key] if len(new) else new
+        fresh = new.take(by_window[key]) if key in by_window else new.iloc[:0].copy()  # copies: the rows get a label column below
         rows = fresh if rows is None else pd.concat([rows, fresh], ignore_index=True) if len(fresh) else rows
         if "label" not in rows.columns:
             rows["label"] = np.nan
@@ -503,14 +564,11 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
             rows["label"] = matched.where(matched.notna(), rows["label"]).astype(float)
         path.parent.mkdir(parents=True, exist_ok=True)
         _storable(rows).to_parquet(path, index=False)
-        version = int(rows["model_version"].iloc[0])
-        reference, threshold = reference_for(version)
-        report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
-        first, last = rows["event_time"].min(), rows["event_time"].max()
-        head = {"window": key, "model_version": version, "window_start": rows["window_start"].min().isoformat(),
-                "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(rows["channel"].value_counts().to_dict())}
-        write_json(folder / "details" / f"{_safe_name(key)}.json", _plain({**head, **report}))
-        flat[key] = {**head, **report["values"]}
+        reference, threshold = reference_for(int(rows["model_version"].iloc[0]))
+        jobs.append((str(path), key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot))
+    for head, report in _run_jobs(jobs, engine, scheduler):
+        write_json(folder / "details" / f"{_safe_name(head['window'])}.json", {**head, **report})
+        flat[head["window"]] = {**head, **report["values"]}
     windows = pd.DataFrame(list(flat.values()))
     if len(windows):
         windows = windows.sort_values(["window_start", "model_version"], kind="stable", ignore_index=True)
@@ -522,6 +580,66 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         statements.append(f"{len(waiting)} labels wait for their predictions, which are not in the log yet")
     return {"windows": windows, "touched": touched, "new_predictions": len(new), "new_labels": new_labels,
             "rebuilt": rebuilt, "statements": statements}
+
+# %% ../nbs/42_monitoring.ipynb #17730531
+def _bucket_quantile(
+    buckets: dict,  # upper bound (inf included) -> cumulative count, as a Prometheus histogram holds them
+    q: float,  # the quantile, 0 to 1
+) -> float | None:  # interpolated within its bucket as Prometheus' histogram_quantile does; None without observations
+    edges = sorted(buckets)
+    total = buckets[edges[-1]] if edges else 0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in edges:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower  # beyond the last finite bound: that bound is all the histogram knows
+            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
+        lower, below = bound, count
+    return lower
+
+def serving_figures(
+    text: str,  # the server's /metrics page (Prometheus text format)
+) -> dict:  # model_version, swaps, requests (to /predict), refused (its answers by 4xx/5xx status), latency_p50/_p99 seconds, decisions
+    "Operations figures from `lifecycle serve`'s Prometheus metrics: requests refused and why (by status), latency, the model serving."
+    from prometheus_client.parser import text_string_to_metric_families
+    result = {"model_version": None, "swaps": None, "requests": 0, "refused": {}, "decisions": {}}
+    buckets = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "lifecycle_requests_total" and labels.get("endpoint") == "predict":
+                result["requests"] += int(value)
+                if labels.get("status", "")[:1] in ("4", "5"):
+                    result["refused"][labels["status"]] = result["refused"].get(labels["status"], 0) + int(value)
+            elif name == "lifecycle_request_seconds_bucket" and labels.get("endpoint") == "predict":
+                buckets[float(labels["le"])] = value
+            elif name == "lifecycle_predictions_total":
+                result["decisions"][labels.get("decision", "")] = int(value)
+            elif name in ("lifecycle_model_version", "lifecycle_model_swaps"):
+                result["model_version" if name.endswith("version") else "swaps"] = int(value)
+    result["latency_p50"], result["latency_p99"] = _bucket_quantile(buckets, 0.5), _bucket_quantile(buckets, 0.99)
+    return result
+
+def scrape_serving(
+    url: str,  # the server's address (http://host:port) or its /metrics URL
+    token: str | None = None,  # a bearer token, when the server requires one
+    timeout: float = 2.0,  # seconds to wait
+) -> tuple[dict | None, str]:  # (the figures, or None when unreachable; a sentence saying which)
+    "The serving figures of a running `lifecycle serve`, or None and why not: monitoring never fails for want of them."
+    import urllib.request
+    target = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read(5_000_000).decode("utf-8", "replace")
+        figures = serving_figures(text)
+    except (OSError, ValueError) as error:
+        reason = "it refused the token" if getattr(error, "code", None) == 401 else "it did not answer"
+        return None, f"the server's metrics could not be read ({reason}): serving latency and refused requests are not shown"
+    return figures, f"serving: model version {figures['model_version']}, {figures['requests']} requests to /predict, {sum(figures['refused'].values())} refused"
 
 # %% ../nbs/42_monitoring.ipynb #803f2a53
 LABELED_FIGURES = ("labeled", "roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap", "tp", "fp", "fn", "tn")
@@ -562,7 +680,10 @@ def monitor_project(
     settings: dict | None = None,  # [monitor] settings overriding the file's (same keys, as text)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
     post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
-) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), exit_code (3 when a critical alert fires), statements
+    engine: str = "local",  # where the windows are computed: local (this process) or dask
+    scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
+    serving_url: str | None = None,  # a running `lifecycle serve` (http://host:port): its /metrics add latency and refused requests
+) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), exit_code (3 when a critical alert fires), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
     from lifecycle.core import find_settings, load_settings
@@ -586,7 +707,8 @@ def monitor_project(
     log = open_log(section.get("log", ""), root) if own_log else log
     try:
         result = update_windows(root / "monitoring", log, reference_for, every, list(project.sensitive) if project else [], kpis,
-                                _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"))
+                                _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"),
+                                engine=engine, scheduler=scheduler)
     finally:
         if own_log:
             log.close()
@@ -595,6 +717,10 @@ def monitor_project(
     summary = {"project": root.resolve().name, "windows": len(windows), "new_predictions": result["new_predictions"],
                "new_labels": result["new_labels"], "rebuilt": result["rebuilt"], "champion": champion, "latest": None,
                "alerts": {"sent": [], "firing": [], "delivery": "no rules"}, "exit_code": 0, "statements": statements}
+    summary["serving"] = None
+    if serving_url:
+        summary["serving"], said = scrape_serving(serving_url, os.environ.get("LIFECYCLE_API_TOKEN") or None)
+        statements.append(said)
     if not len(windows):
         statements.append("the prediction log holds no predictions yet: nothing to monitor")
         return _plain(summary)
