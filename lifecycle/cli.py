@@ -125,7 +125,7 @@ def _monitor(args) -> int:
     code = 0
     try:
         while True:
-            summary = monitor_project(settings.root)
+            summary = monitor_project(settings.root, engine=args.engine, scheduler=args.scheduler or None)
             code = summary["exit_code"]
             if args.json:
                 print(json.dumps(summary, default=str, indent=None if args.watch else 2), flush=True)
@@ -231,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
     monitor.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="run again every SECONDS until interrupted")
     monitor.add_argument("--json", action="store_true", help="print the result as one JSON object (one a line with --watch)")
     monitor.add_argument("--settings", default="settings.ini", help="the project's settings file")
+    monitor.add_argument("--engine", choices=["local", "dask"], default="local", help="compute the windows in this process, or on Dask (default: local)")
+    monitor.add_argument("--scheduler", default="", metavar="ADDRESS", help="with --engine dask: a Dask scheduler's address (default: a local cluster)")
     monitor.set_defaults(handler=_monitor)
     from lifecycle.loop import add_retrain_command
     add_retrain_command(commands)
