@@ -47,7 +47,7 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
 
 @pytest.mark.parametrize("settings_text, expected", [
     ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nsede = 3\n",
-     "lifecycle: unknown key 'sede' in section [prepare]; known keys:"),
+     "lifecycle: settings.ini: [prepare] sede: unknown key 'sede' of stage prepare; did you mean 'seed'?; known keys:"),
     ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[trian]\nseed = 3\n",
      "lifecycle: settings.ini: unknown section [trian]"),
     ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\ntargte = x\n",
@@ -55,7 +55,7 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
     ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\ncolumns = {cols}\n",
      "lifecycle: settings.ini: [data] positive is required"),
     ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nseed = many\n",
-     "lifecycle: [prepare] seed = 'many' is not a int"),
+     "lifecycle: settings.ini: [prepare] seed = 'many' is not a int"),
 ])
 def test_settings_mistakes_are_one_line(heart_project, settings_text, expected):
     from conftest import COLUMNS
