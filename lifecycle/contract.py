@@ -18,10 +18,10 @@ from .core import LifecycleError, parse_mapping, split_list
 
 # %% auto #0
 __all__ = ['PROBLEMS', 'OK', 'WRONG_TYPE', 'NOT_FINITE', 'OUT_OF_RANGE', 'UNKNOWN_CATEGORY', 'MISSING', 'TOO_MANY_MISSING',
-           'NUMERIC_SHARE', 'MAX_MISSING_SHARE', 'MAX_RECORDS', 'MAX_ERRORS', 'read_number', 'parse_numbers',
-           'parse_recode', 'parse_range', 'parse_values', 'clean_text', 'Rule', 'check_column', 'infer_numeric',
-           'Contract', 'compile_contract', 'contract_settings', 'contract_from_meta', 'reason_series', 'check_frame',
-           'problem_error', 'error_reason', 'check_record', 'check_records', 'limit_errors']
+           'NUMERIC_SHARE', 'MAX_MISSING_SHARE', 'MAX_RECORDS', 'MAX_ERRORS', 'ID_MAX_CHARS', 'read_number',
+           'parse_numbers', 'parse_recode', 'parse_range', 'parse_values', 'clean_text', 'Rule', 'check_column',
+           'infer_numeric', 'Contract', 'compile_contract', 'contract_settings', 'contract_from_meta', 'reason_series',
+           'check_frame', 'problem_error', 'error_reason', 'id_ok', 'check_record', 'check_records', 'limit_errors']
 
 # %% ../nbs/15_contract.ipynb #6dbaeb54
 _PLAIN_NUMBER = r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?$"
@@ -493,10 +493,15 @@ def _plain(name) -> str:
     "A submitted field name fit to echo, or a placeholder."
     return name if isinstance(name, str) and _PLAIN_NAME.match(name) else "(a field name that is not plain text)"
 
-def _id_ok(value) -> bool:
+ID_MAX_CHARS = 200  # the longest identifier accepted as text
+
+def id_ok(
+    value,  # a record's identifier, as decoded from JSON
+) -> bool:  # whether the log can store it: null, a 64-bit integer, or printable text of at most ID_MAX_CHARS characters
+    "Whether an identifier can be logged (and so the record answered)."
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63):
         return True
-    if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+    if not isinstance(value, str) or not 0 < len(value) <= ID_MAX_CHARS or not value.isprintable():
         return False
     try:
         value.encode("utf-8")
@@ -537,8 +542,8 @@ def check_record(
         if len(extra) > 10:
             errors.append(_error(index, "(more fields)", f"{len(extra) - 10} more fields the model does not have", "extra_forbidden"))
         bad = True
-    if contract.id_field in record and not _id_ok(record[contract.id_field]):
-        errors.append(_error(index, contract.id_field, "expected text (at most 200 printable characters) or an integer", "value_error.id"))
+    if contract.id_field in record and not id_ok(record[contract.id_field]):
+        errors.append(_error(index, contract.id_field, f"expected text (at most {ID_MAX_CHARS} printable characters) or an integer", "value_error.id"))
         bad = True
     if not bad and missing > contract.max_missing_share * len(contract.checked):
         errors.append(_error(index, None, f"more than {contract.max_missing_share:.0%} of the features are missing", "too_many_missing"))

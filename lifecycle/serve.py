@@ -28,14 +28,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from .core import LifecycleError
 from .predlog import JournalError
-from .contract import MAX_ERRORS, MAX_RECORDS, limit_errors
+from .contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
-__all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'REQUEST_ID', 'ID_MAX_CHARS', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES',
-           'AUTHENTICATED', 'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated', 'event_time_text',
-           'record_event_times', 'logged_features', 'SafeJSONResponse', 'check_ids', 'create_app', 'openapi_components',
-           'openapi_responses', 'serve']
+__all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'REQUEST_ID', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED',
+           'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated', 'event_time_text', 'record_event_times',
+           'logged_features', 'SafeJSONResponse', 'check_ids', 'create_app', 'openapi_components', 'openapi_responses',
+           'serve']
 
 # %% ../nbs/32_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serve")
@@ -278,27 +278,17 @@ def _problem(status: int, message: str, kind: str, loc: list | None = None) -> J
     return SafeJSONResponse({"detail": [{"loc": loc or ["body"], "msg": message, "type": kind}]}, status_code=status)
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the request ids this server issues: uuid4().hex
-ID_MAX_CHARS = 256  # the longest identifier (the record's id field) accepted as text
 
 def check_ids(
     records: list,  # decoded JSON: one request's records
     id_field: str,  # the model's identifier field
 ) -> list[dict]:  # errors naming the record and the field, never the value
-    "The identifier of each record must be loggable: text (valid UTF-8, no NUL, bounded), an integer, or null."
+    "The identifier of each record must be loggable, by the contract's rule (`id_ok`): checked before scoring, so nothing unloggable is answered."
     errors = []
     for index, record in enumerate(records):
-        value = record.get(id_field) if isinstance(record, dict) else None
-        if value is None:
-            continue
-        if isinstance(value, str):
-            good = 0 < len(value) <= ID_MAX_CHARS and "\x00" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            good = -2**63 <= value < 2**63
-        else:
-            good = isinstance(value, float) and math.isfinite(value)
-        if not good:
+        if isinstance(record, dict) and not id_ok(record.get(id_field)):
             errors.append({"loc": ["body", index, id_field], "type": "value_error.id",
-                           "msg": f"an identifier must be text (1 to {ID_MAX_CHARS} characters, no NUL, valid Unicode), an integer, or null"})
+                           "msg": f"an identifier must be printable text (1 to {ID_MAX_CHARS} characters), an integer, or null"})
     return errors
 
 def create_app(
@@ -507,7 +497,7 @@ def create_app(
             record["properties"][holder.scorer.spec.id_field] = {
                 "anyOf": [{"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}, {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1},
                           {"type": "number"}, {"type": "null"}],
-                "description": f"optional identifier (text without NUL, at most {ID_MAX_CHARS} characters, or a number); logged only as a keyed hash"}
+                "description": f"optional identifier (printable text of at most {ID_MAX_CHARS} characters, or an integer); logged only as a keyed hash"}
         for (path, method), responses in ENDPOINT_RESPONSES.items():
             guarded = token is not None and (path, method) in AUTHENTICATED
             document["paths"][path][method]["responses"] = openapi_responses(responses, guarded)
