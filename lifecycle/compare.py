@@ -5,12 +5,16 @@
 # %% ../nbs/24_compare.ipynb #f58ef7d3
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.stats import binom, binomtest, norm, rankdata
 
+from .metrics import equalized_odds_gap, judged_groups
+
 # %% auto #0
 __all__ = ['RULE', 'auc_pairs', 'delong_components', 'delong_test', 'mcnemar_test', 'paired_bootstrap', 'brier_losses',
-           'cost_losses', 'equalized_odds_gap', 'recall_threshold', 'compare_models']
+           'cost_losses', 'compare_models']
 
 # %% ../nbs/24_compare.ipynb #5220bdd4
 def auc_pairs(
@@ -115,35 +119,18 @@ def cost_losses(
     return miss_cost * ((labels == 1) & (decisions == 0)) + false_alarm_cost * ((labels == 0) & (decisions == 1))
 
 # %% ../nbs/24_compare.ipynb #78dbda20
-def equalized_odds_gap(
-    labels,  # true labels, 0 or 1
-    decisions,  # decisions, 0 or 1
+def _fairness_gap(
+    labels: np.ndarray,  # true labels, 0 or 1
+    decisions: np.ndarray,  # decisions, 0 or 1
     groups,  # each row's group
-    min_group: int = 20,  # groups with fewer rows (or without both classes) are not judged
-) -> float | None:  # the gap; None when fewer than two groups can be judged
-    "The equalized odds difference: the largest gap between groups in true or false positive rate."
-    labels, decisions, groups = np.asarray(labels).astype(int), np.asarray(decisions).astype(int), np.asarray(groups, dtype=object)
-    rates = []
-    for group in {value for value in groups.tolist()}:
-        inside = groups == group
-        positives, negatives = inside & (labels == 1), inside & (labels == 0)
-        if inside.sum() >= min_group and positives.any() and negatives.any():
-            rates.append((decisions[positives].mean(), decisions[negatives].mean()))
-    if len(rates) < 2:
-        return None
-    tpr, fpr = np.array(rates).T
-    return float(max(tpr.max() - tpr.min(), fpr.max() - fpr.min()))
-
-def recall_threshold(
-    labels,  # true labels, 0 or 1
-    scores,  # scores
-    target_recall: float,  # the recall the threshold must reach
-) -> float:  # the highest threshold whose recall reaches the target (0.5 without positives)
-    "The decision threshold for a recall: as high as possible while recall ≥ target."
-    positives = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels).astype(int) == 1])[::-1]
-    if not len(positives):
-        return 0.5
-    return float(positives[max(int(np.ceil(target_recall * len(positives))), 1) - 1])
+    min_group: int,  # a group's selection rate is judged on this many rows
+    min_positives: int,  # its recall on this many positives
+    min_negatives: int,  # its false positive rate on this many negatives
+) -> float | None:  # the equalized odds gap; None when fewer than two groups can be judged on a rate
+    "The evaluate stage's equalized odds gap, over the groups it would judge."
+    groups = np.asarray(groups, dtype=object)
+    gap = equalized_odds_gap(labels, decisions, groups, judged_groups(labels, groups, min_group, min_positives, min_negatives))
+    return None if math.isnan(gap) else gap
 
 # %% ../nbs/24_compare.ipynb #318f0cdd
 RULE = ("promote when the challenger is significantly better on at least one figure (DeLong on ROC AUC, McNemar mid-p on "
@@ -182,6 +169,8 @@ def compare_models(
     parity_reason: str = "",  # why parity is enough to promote (from settings); empty: it is not
     max_fairness_gap: float | None = None,  # the largest equalized odds gap allowed (None: not judged)
     min_group: int = 20,  # groups smaller than this are not judged
+    min_positives: int = 10,  # a group's recall is judged on this many positives (as the gate judges it)
+    min_negatives: int = 10,  # its false positive rate on this many negatives
 ) -> dict:  # rows, positives, auc, decisions, brier, cost, fairness, gains, losses, verdict, promote, rule, headline
     "Compare champion and challenger on the same labeled rows, with paired tests and a verdict in words."
     labels = np.asarray(labels).astype(int)
@@ -197,8 +186,8 @@ def compare_models(
     gains, losses = _figure_verdicts(auc, decisions, brier, cost, alpha)
     fairness = {}
     for column, column_groups in (groups or {}).items():
-        gap_a = equalized_odds_gap(labels, champion_decisions, column_groups, min_group)
-        gap_b = equalized_odds_gap(labels, challenger_decisions, column_groups, min_group)
+        gap_a = _fairness_gap(labels, champion_decisions, column_groups, min_group, min_positives, min_negatives)
+        gap_b = _fairness_gap(labels, challenger_decisions, column_groups, min_group, min_positives, min_negatives)
         fairness[column] = {"champion": gap_a, "challenger": gap_b}
         if max_fairness_gap is not None and gap_b is not None and gap_b > max_fairness_gap and (gap_a is None or gap_b > gap_a):
             losses.append(f"equalized odds gap by {column} {gap_b:.2f}, above {max_fairness_gap:g} (champion {gap_a if gap_a is None else round(gap_a, 2)})")

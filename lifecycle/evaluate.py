@@ -17,27 +17,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from .core import LifecycleError
-from .metrics import binned, classification_metrics, group_metrics, model_card, read_row_hashes, row_hashes
+from .metrics import (binned, classification_metrics, equalized_odds_gap, fairness_gaps, group_metrics, judged_groups, model_card, read_row_hashes, row_hashes, threshold_for_recall)
 from .registry import Registry, load_model, save_card, set_alias, update_meta
 
 # %% auto #0
-__all__ = ['threshold_for_recall', 'sensitive_groups', 'judged_groups', 'equalized_odds_gap', 'fairness_gaps', 'bootstrap',
-           'fairness_audit', 'pooled_scores', 'fairness_across_seeds', 'unseen_rows', 'compare_with_champion',
-           'measure_speed', 'gate', 'EvaluateOptions', 'model_features', 'evaluate_model', 'load_version',
-           'load_champion', 'evaluation_record', 'record_decision', 'decision_markdown', 'stage_summary']
-
-# %% ../nbs/04_evaluate.ipynb #207dea6a
-def threshold_for_recall(
-    y_true: np.ndarray,  # validation labels
-    scores: np.ndarray,  # validation scores
-    target_recall: float,  # the recall the threshold must reach
-) -> float:  # the highest threshold whose recall reaches the target
-    "Choose the decision threshold on validation rows: as high as possible while recall ≥ target."
-    positives = np.sort(np.asarray(scores)[np.asarray(y_true) == 1])[::-1]
-    if not len(positives):
-        return 0.5
-    needed = int(np.ceil(target_recall * len(positives)))
-    return float(positives[max(needed, 1) - 1])
+__all__ = ['sensitive_groups', 'bootstrap', 'fairness_audit', 'pooled_scores', 'fairness_across_seeds', 'unseen_rows',
+           'compare_with_champion', 'measure_speed', 'gate', 'EvaluateOptions', 'model_features', 'evaluate_model',
+           'load_version', 'load_champion', 'evaluation_record', 'record_decision', 'decision_markdown',
+           'stage_summary']
 
 # %% ../nbs/04_evaluate.ipynb #4602937b
 def sensitive_groups(
@@ -50,66 +37,6 @@ def sensitive_groups(
     if len(groups) > 1:
         groups[" & ".join(groups)] = np.array([" & ".join(parts) for parts in zip(*groups.values())])
     return groups
-
-# %% ../nbs/04_evaluate.ipynb #1d040e65
-def judged_groups(
-    y_true: np.ndarray,  # labels, 0 or 1
-    groups: np.ndarray,  # the group of each row
-    min_size: int,  # a group's selection rate is judged from this many rows
-    min_positives: int,  # its true positive rate (recall) from this many positives
-    min_negatives: int,  # its false positive rate from this many negatives
-) -> dict[str, list]:  # the groups judged on each rate: "size", "positives", "negatives"
-    """The groups whose rates rest on enough evidence.
-
-    A rate from a handful of patients is noise: a group of 20 holding 4 sick patients has a recall of
-    0, 0.25, 0.5, 0.75 or 1, and one patient moves it by 0.25. Each rate is judged only where its
-    denominator is large enough."""
-    counts = pd.DataFrame({"group": groups, "positive": np.asarray(y_true) == 1}).groupby("group")["positive"].agg(["size", "sum"])
-    large = counts["size"] >= min_size
-    return {"size": sorted(counts.index[large]),
-            "positives": sorted(counts.index[large & (counts["sum"] >= min_positives)]),
-            "negatives": sorted(counts.index[large & (counts["size"] - counts["sum"] >= min_negatives)])}
-
-def equalized_odds_gap(
-    y_true: np.ndarray,  # labels
-    predicted: np.ndarray,  # decisions, 0 or 1
-    groups: np.ndarray,  # the group of each row
-    judged: dict[str, list],  # from `judged_groups`
-) -> float:  # the larger of the two gaps; NaN when no rate has two groups to compare
-    "The largest gap in true positive rate (between groups judged on positives) or false positive rate (judged on negatives)."
-    gaps = []
-    for label, key in ((1, "positives"), (0, "negatives")):
-        rates = []
-        for group in judged[key]:
-            rows = (groups == group) & (y_true == label)
-            if rows.any():
-                rates.append(predicted[rows].mean())
-        if len(rates) > 1:
-            gaps.append(max(rates) - min(rates))
-    return float(max(gaps)) if gaps else float("nan")
-
-def fairness_gaps(
-    y_true: np.ndarray,  # labels
-    predicted: np.ndarray,  # decisions, 0 or 1
-    groups: np.ndarray,  # the group of each row
-    judged: dict[str, list],  # from `judged_groups`
-) -> dict:  # demographic parity and equalized odds differences (None where fewer than two groups are judged)
-    "Fairlearn's demographic parity difference, and the true and false positive rate gaps of equalized odds, over judged groups."
-    from fairlearn.metrics import MetricFrame, demographic_parity_difference, false_positive_rate, true_positive_rate
-    def difference(metric, names):
-        if len(names) < 2:
-            return None
-        keep = np.isin(groups, names)
-        return float(MetricFrame(metrics=metric, y_true=y_true[keep], y_pred=predicted[keep], sensitive_features=groups[keep]).difference())
-    keep = np.isin(groups, judged["size"])
-    parity = (float(demographic_parity_difference(y_true[keep], predicted[keep], sensitive_features=groups[keep]))
-              if len(judged["size"]) > 1 else None)
-    tpr, fpr = difference(true_positive_rate, judged["positives"]), difference(false_positive_rate, judged["negatives"])
-    known = [gap for gap in (tpr, fpr) if gap is not None]
-    return {"demographic_parity_difference": parity, "equalized_odds_difference": max(known) if known else None,
-            "true_positive_rate_difference": tpr, "false_positive_rate_difference": fpr, "groups_judged": len(judged["size"]),
-            "groups_too_small": sorted(set(groups.tolist()) - set(judged["size"])), "groups_too_few_positives": [g for g in judged["size"] if g not in judged["positives"]],
-            "groups_too_few_negatives": [g for g in judged["size"] if g not in judged["negatives"]]}
 
 # %% ../nbs/04_evaluate.ipynb #26c03d18
 def bootstrap(

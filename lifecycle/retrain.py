@@ -387,7 +387,8 @@ def judge(
     policy: dict,  # the [retrain] settings
 ) -> dict:  # champion, challenger, rows, comparison, candidates (recalibration, threshold), statements
     "Compare the champion with a challenger, and with the cheaper changes, on the held-out labeled rows."
-    from lifecycle.compare import compare_models, recall_threshold
+    from lifecycle.compare import compare_models
+    from lifecycle.metrics import threshold_for_recall
     from lifecycle.registry import Registry
     root = settings.root
     folder = root / "retrain" / retrain_id
@@ -418,11 +419,11 @@ def judge(
     recent_labels = recent["label"].to_numpy().astype(int)[usable]
     target_recall = float(evaluate.get("target_recall", 0.85))
     if usable.sum() >= 20 and len(set(recent_labels)) == 2:
-        threshold = recall_threshold(recent_labels, recent_scores[usable], target_recall)
+        threshold = threshold_for_recall(recent_labels, recent_scores[usable], target_recall)
         result["candidates"]["threshold"] = {"threshold": threshold, "comparison": compare_models(
             labels, champion_scores, champion_scores, champion_threshold, threshold, **{**options, "seed": 1})}
         calibrate = fit_recalibration(recent_scores[usable], recent_labels)
-        calibrated_threshold = recall_threshold(recent_labels, calibrate(recent_scores[usable]), target_recall)
+        calibrated_threshold = threshold_for_recall(recent_labels, calibrate(recent_scores[usable]), target_recall)
         result["candidates"]["recalibration"] = {"threshold": calibrated_threshold, "comparison": compare_models(
             labels, champion_scores, calibrate(champion_scores), champion_threshold, calibrated_threshold, **{**options, "seed": 2})}
     else:
