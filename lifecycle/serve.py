@@ -492,7 +492,7 @@ def create_app(
         from fastapi.openapi.utils import get_openapi
         document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         record = record_json_schema(holder.scorer.spec) if holder.scorer else {"type": "object", "description": "no model loaded yet"}
-        document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(record))
+        document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(record, max_records))
         if holder.scorer:  # what check_ids accepts
             record["properties"][holder.scorer.spec.id_field] = {
                 "anyOf": [{"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}, {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1},
@@ -533,6 +533,7 @@ _PROBLEM = {"type": "object", "required": ["detail"], "additionalProperties": Fa
 
 def openapi_components(
     record: dict,  # the JSON schema of one record of the model serving
+    max_records: int = MAX_RECORDS,  # the most records a request may carry
 ) -> dict:  # schemas by name, for the document's components
     "The schemas of every body the API takes or gives."
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}
@@ -542,7 +543,7 @@ def openapi_components(
         "model_version": {"type": "integer"}}}
     return {
         "Record": record,
-        "PredictRequest": {"anyOf": [ref("Record"), {"type": "array", "items": ref("Record"), "minItems": 1}]},
+        "PredictRequest": {"anyOf": [ref("Record"), {"type": "array", "items": ref("Record"), "minItems": 1, "maxItems": max_records}]},
         "Prediction": prediction,
         "PredictResponse": {"type": "object", "required": ["predictions", "model_version"], "properties": {
             "predictions": {"type": "array", "items": ref("Prediction")}, "model_version": {"type": "integer"}}},
