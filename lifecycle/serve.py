@@ -528,7 +528,8 @@ _PROBLEM = {"type": "object", "required": ["detail"], "additionalProperties": Fa
         "loc": {"type": "array", "minItems": 1, "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
                 "description": "where: body, then the record's index and the field; or server"},
         "msg": {"type": "string", "description": "what is wrong and what to do; never a submitted value"},
-        "type": {"type": "string", "description": "a code for the rule broken"}}}}},
+        "type": {"type": "string", "description": "a code for the rule broken"}}}},
+    "errors_total": {"type": "integer", "minimum": 1, "description": "how many errors there were, when `detail` holds only the first of them"}},
     "description": "Errors, each naming where and what, never a submitted value."}
 
 def openapi_components(

@@ -42,8 +42,10 @@ NO_LATENCY_GATE = ("-p", "evaluate.max_latency_ms=100000", "-p", "deploy.max_lat
 
 @pytest.fixture
 def champion_project(heart_project):
-    "The default project after one whole run, without the profile and without the latency gates: a champion in its registry."
-    run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false", *NO_LATENCY_GATE, "--json", check=0)
+    "The default project after one whole run, without the profile, the latency gates and production traffic: a champion in its registry."
+    # no production traffic from deploy: the prediction log holds only what this test logs
+    run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false", "-p", "deploy.production=",
+                  *NO_LATENCY_GATE, "--json", check=0)
     return heart_project
 
 
