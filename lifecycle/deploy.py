@@ -328,7 +328,7 @@ def production_against_training(
 
 # %% ../nbs/05_deploy.ipynb #6ee78bb2
 def champion_story(
-    events: list[dict],  # the registry's alias events, oldest first (`registry.events`)
+    events: list[dict],  # the registry's alias events, oldest first (`lifecycle.registry.events`)
     champion: int | None,  # the champion now
     previous: int | None,  # the champion before this stage
 ) -> str:  # one or two sentences: since when the model serves, and why

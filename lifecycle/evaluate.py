@@ -584,7 +584,10 @@ def fairness_sentences(
         judged = [row for row in audit["groups"] if row.get("recall_judged")]
         unjudged = [row for row in audit["groups"] if not row.get("recall_judged")]
         name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
-        parts = [f"{row['false_negative_rate']:.0%} of {group_words(settings, column, row['group'])} patients with {sick} "
+        labelled = " & " not in column and bool(settings.labels.get(column))  # "female patients"; else "patients in the group age 28–44 years"
+        who = lambda group: (f"{group_words(settings, column, group)} patients with {sick}" if labelled
+                             else f"patients with {sick} in the group {group_words(settings, column, group)}")
+        parts = [f"{row['false_negative_rate']:.0%} of {who(row['group'])} "
                  f"({round(row['false_negative_rate'] * row['positives'])} of {row['positives']})" for row in judged]
         sentence = f"By {name}: " + (f"the model misses {', '.join(parts)}." if parts else "no group has enough patients to judge its recall.")
         if audit.get("equalized_odds_difference") is not None:

@@ -68,7 +68,8 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     assert "<ul><li>" in card and "Groups too small to judge:" in card and "female, age" in card
     # The data quality report profiles the clean data version's features, not the target or the lineage.
     quality = (report / "prepare-data_quality.html").read_text()
-    assert f"Data quality: clean data version {prepare['clean_version']}" in quality and "_source" not in quality
+    assert f"Data quality: clean data version {prepare['clean_version']}" in quality and ">chol<" in quality
+    assert not re.search(r">(num|_label|_source|_split)<", quality)
     assert (heart_project / "reports" / "latest").resolve() == report
     # Outputs in the run folder, state in the project folder, nothing in the working folder.
     run_dir = Path(run["run_dir"])
