@@ -296,7 +296,8 @@ def production_against_training(
     scores: np.ndarray,  # their scores
     threshold: float,  # the decision threshold
     not_measured: dict[str, list[float]] | None = None,  # per column, values that mean "not measured" (`[prepare] missing_values`)
-    sharp: float = 0.25,  # a missing share or decision rate this far (absolute) from training's is a warning
+    sharp: float = 0.25,  # a missing share this far (absolute) above training's is a warning
+    sharp_rate: float = 0.15,  # a share flagged this far (absolute) from training's is a warning
 ) -> dict:  # `missing` (a row a feature: training and each source), `scores` (a row: training and each source), `warnings`
     "Compare production traffic with the training rows: missing share per feature, scores and decision rate, by source."
     not_measured = not_measured or {}
@@ -322,7 +323,7 @@ def production_against_training(
         here = scores[sources == name]
         rate = float(np.mean(here >= threshold)) if len(here) else None
         score_rows.append({"": name, "rows": int(len(here)), "mean score": float(here.mean()) if len(here) else None, "flagged": rate})
-        if rate is not None and trained_rate is not None and abs(rate - trained_rate) >= sharp:
+        if rate is not None and trained_rate is not None and abs(rate - trained_rate) >= sharp_rate:
             warnings.append(f"{name}: {rate:.0%} of patients flagged, against {trained_rate:.0%} of the training rows")
     return {"missing": missing, "scores": score_rows, "warnings": warnings}
 
