@@ -617,10 +617,12 @@ def fairness_figure(
     fairness: dict,  # from `evaluate_model`
     settings,  # the project's settings
     overall_recall: float,  # the recall on the test split, drawn as a dotted line
-):  # a matplotlib figure: recall by group for each column, with error bars and group sizes, too-small groups greyed
+):  # a matplotlib figure: recall by group for each column, with error bars and group sizes, too-small groups greyed (None: no column)
     "Recall by group with 95% intervals and group sizes, for each audited column; groups too small to judge greyed."
     import matplotlib.pyplot as plt
     columns = list(fairness)
+    if not columns:
+        return None
     heights = [max(len(fairness[c]["groups"]), 1) * 0.45 + 1.2 for c in columns]
     figure, axes = plt.subplots(len(columns), 1, figsize=(8, sum(heights)), squeeze=False,
                                 gridspec_kw={"height_ratios": heights})
