@@ -22,6 +22,10 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     assert deploy["production"]["by_source"]["va"]["rows"] == 200 and deploy["production"]["by_source"]["switzerland"]["rows"] == 123
     assert deploy["production"]["scored"] + deploy["production"]["rejected"] == 323
     assert deploy["predictions_in_log"] == deploy["production"]["scored"]
+    # Production against training, said in words: Switzerland never measures cholesterol (0 means "not measured").
+    assert "chol is missing in 123 of 123 records from switzerland (100%)" in " ".join(deploy["production_warnings"])
+    assert deploy["champion_story"].startswith("Model version 1 has been the champion since ") and "no champion yet" in deploy["champion_story"]
+    assert deploy["headline"].startswith("Model version 1 serves: smoke test of ")
     # Cleveland 303 + Hungarian 294 rows; one exact duplicate in the Hungarian file.
     assert collect["rows_by_source"] == {"cleveland": 303, "hungarian": 294}
     assert collect["lines_malformed"] == 0
@@ -70,6 +74,9 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     quality = (report / "prepare-data_quality.html").read_text()
     assert f"Data quality: clean data version {prepare['clean_version']}" in quality and ">chol<" in quality
     assert not re.search(r">(num|_label|_source|_split)<", quality)
+    deploy_html = (report / "05_deploy.html").read_text()
+    assert "Production against training" in deploy_html and "serum cholesterol (mg/dl)" in deploy_html
+    assert "lifecycle models rollback" in deploy_html and "the CPU time the server spent on one single-record request" in deploy_html
     assert (heart_project / "reports" / "latest").resolve() == report
     # Outputs in the run folder, state in the project folder, nothing in the working folder.
     run_dir = Path(run["run_dir"])
