@@ -634,10 +634,11 @@ def fairness_figure(
         errors = [[r - low for r, (low, _) in zip(recalls, intervals)], [high - r for r, (_, high) in zip(recalls, intervals)]]
         colors = ["#1f77b4" if row.get("recall_judged") else "#cccccc" for row in rows]
         axis.barh(labels, recalls, xerr=errors, color=colors, ecolor="#555555", capsize=3)
-        axis.axvline(overall_recall, color="black", linestyle=":")
+        axis.axvline(overall_recall, color="black", linestyle=":", label="recall on the test split")
         axis.invert_yaxis()
         name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
         axis.set(title=f"Recall by {name} (grey: too few to judge)", xlim=(0, 1), xlabel="recall (share of sick patients found)")
+    axes[0, 0].legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
 
