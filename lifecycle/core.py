@@ -84,6 +84,10 @@ DATA_KEYS = {
     "labels": "per column, its values in words, one `column: code = words, code = words` a line",
     "positive_label": "the positive class in words",
     "negative_label": "the negative class in words",
+    "source": "where the data comes from, in words (for the model card)",
+    "licence": "the data's licence (for the model card)",
+    "citation": "how to cite the data (for the model card)",
+    "owner": "who owns the models trained on it: a person, team or organisation (for the model card)",
 }
 RUN_KEYS = {
     "timeout": "seconds a cell of a stage notebook may run before the stage is stopped",

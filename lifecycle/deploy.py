@@ -20,7 +20,8 @@ from .sources import read_source, source_files
 # %% auto #0
 __all__ = ['SCORE_TOLERANCE', 'to_records', 'smoke_test', 'gated_version', 'smoke_test_version', 'smoke_problems',
            'promote_after_smoke', 'smoke_markdown', 'production_ids', 'score_rows', 'score_production',
-           'log_predictions', 'log_name', 'deploy_inputs', 'deploy_summary']
+           'log_predictions', 'log_name', 'deploy_inputs', 'deploy_summary', 'training_decision_rate',
+           'production_against_training', 'champion_story', 'latency_sentence']
 
 # %% ../nbs/05_deploy.ipynb #d66a52fb
 def to_records(
@@ -266,3 +267,81 @@ def deploy_summary(
                        "reasons": rejected["reason"].value_counts().to_dict()},
         "prediction_log": log_name(log), "predictions_in_log": after,
     }
+
+# %% ../nbs/05_deploy.ipynb #57f64cc1
+def training_decision_rate(
+    reference: dict,  # the model version's reference.json
+    threshold: float,  # the decision threshold
+) -> float | None:  # the share of training rows whose score reaches the threshold (None without stored score quantiles)
+    "The share of training rows the model flags at a threshold, from the stored score quantiles."
+    grid = reference.get("scores", {}).get("quantile_grid") or []
+    if not grid:
+        return None
+    levels = np.linspace(0, 1, len(grid))
+    return float(1 - np.interp(threshold, grid, levels))
+
+def production_against_training(
+    reference: dict,  # the model version's reference.json
+    features: pd.DataFrame,  # the production records' features, one row a prediction
+    sources: np.ndarray,  # the production source of each row
+    scores: np.ndarray,  # their scores
+    threshold: float,  # the decision threshold
+    not_measured: dict[str, list[float]] | None = None,  # per column, values that mean "not measured" (`[prepare] missing_values`)
+    sharp: float = 0.25,  # a missing share this far (absolute) above training's is a warning
+    sharp_rate: float = 0.15,  # a share flagged this far (absolute) from training's is a warning
+) -> dict:  # `missing` (a row a feature: training and each source), `scores` (a row: training and each source), `warnings`
+    "Compare production traffic with the training rows: missing share per feature, scores and decision rate, by source."
+    not_measured = not_measured or {}
+    names = list(dict.fromkeys(sources.tolist()))
+    missing, warnings = [], []
+    for column, stats in reference["features"].items():
+        if column not in features.columns:
+            continue
+        trained = stats.get("missing_share", stats.get("frequencies", {}).get("missing", 0.0))
+        values = pd.to_numeric(features[column], errors="coerce")
+        absent = values.isna() | values.isin(not_measured.get(column, []))
+        row = {"feature": column, "training": float(trained)}
+        for name in names:
+            here = absent[sources == name]
+            row[name] = float(here.mean())
+            if row[name] - trained >= sharp:
+                warnings.append(f"{column} is missing in {int(here.sum())} of {len(here)} records from {name} "
+                                f"({row[name]:.0%}), against {trained:.0%} in training")
+        missing.append(row)
+    trained_rate = training_decision_rate(reference, threshold)
+    score_rows = [{"": "training", "rows": reference["rows"], "mean score": reference["scores"]["mean"], "flagged": trained_rate}]
+    for name in names:
+        here = scores[sources == name]
+        rate = float(np.mean(here >= threshold)) if len(here) else None
+        score_rows.append({"": name, "rows": int(len(here)), "mean score": float(here.mean()) if len(here) else None, "flagged": rate})
+        if rate is not None and trained_rate is not None and abs(rate - trained_rate) >= sharp_rate:
+            warnings.append(f"{name}: {rate:.0%} of patients flagged, against {trained_rate:.0%} of the training rows")
+    return {"missing": missing, "scores": score_rows, "warnings": warnings}
+
+# %% ../nbs/05_deploy.ipynb #6ee78bb2
+def champion_story(
+    events: list[dict],  # the registry's alias events, oldest first (`lifecycle.registry.events`)
+    champion: int | None,  # the champion now
+    previous: int | None,  # the champion before this stage
+) -> str:  # one or two sentences: since when the model serves, and why
+    "When the serving model became champion and why, as the registry recorded it (evaluate makes a first model champion)."
+    if champion is None:
+        return "No model is champion: nothing serves."
+    made = [event for event in events if event.get("alias") == "champion" and event.get("version") == champion]
+    if not made:
+        return f"Model version {champion} is champion; the registry holds no record of when it became so."
+    last = made[-1]
+    when = f"since {last.get('at', 'an unknown time')}"
+    now = "This stage promoted it after its smoke test." if previous != champion else "This stage's smoke test confirmed it; the aliases were unchanged."
+    return f"Model version {champion} has been the champion {when} ({last.get('reason', 'no reason recorded')}). {now}"
+
+def latency_sentence(
+    smoke: dict,  # smoke_test's figures
+) -> str:  # the one latency figure the gate uses, defined, with the wall-clock one beside it
+    "The smoke test's latency in words: what the figure measures and how to reproduce it."
+    if smoke.get("p99_ms") is None:
+        return "No single-record request was timed."
+    return (f"Latency: p99 {smoke['p99_ms']:.2f} ms, the CPU time the server spent on one single-record request (all of its threads), "
+            f"99th percentile over {smoke['records']} requests; it does not depend on other programs' load, and it decides the smoke test. "
+            + (f"The wall-clock p99 on this machine at this moment was {smoke['wall_p99_ms']:.2f} ms. " if smoke.get("wall_p99_ms") is not None else "")
+            + "Reproduce with `lifecycle bench serve`.")

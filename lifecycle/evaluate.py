@@ -17,14 +17,16 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from .core import LifecycleError
-from .metrics import (binned, classification_metrics, equalized_odds_gap, fairness_gaps, group_metrics, judged_groups, model_card, read_row_hashes, row_hashes, threshold_for_recall)
+from .metrics import (binned, classification_metrics, equalized_odds_gap, fairness_gaps, group_metrics, group_words, judged_groups,
+                               model_card, read_row_hashes, row_hashes, threshold_for_recall)
 from .registry import Registry, load_model, save_card, set_alias, update_meta
 
 # %% auto #0
-__all__ = ['sensitive_groups', 'bootstrap', 'fairness_audit', 'pooled_scores', 'fairness_across_seeds', 'unseen_rows',
-           'compare_with_champion', 'measure_speed', 'gate', 'EvaluateOptions', 'model_features', 'evaluate_model',
-           'load_version', 'load_champion', 'evaluation_record', 'record_decision', 'decision_markdown',
-           'stage_summary']
+__all__ = ['FAIRNESS_DEFINITIONS', 'sensitive_groups', 'bootstrap', 'fairness_audit', 'pooled_scores', 'fairness_across_seeds',
+           'unseen_rows', 'compare_with_champion', 'measure_speed', 'gate', 'near_miss', 'checklist', 'EvaluateOptions',
+           'model_features', 'evaluate_model', 'load_version', 'load_champion', 'evaluation_record', 'record_decision',
+           'decision_markdown', 'stage_summary', 'fairness_sentences', 'recall_interval', 'fairness_figure',
+           'evaluate_headline']
 
 # %% ../nbs/04_evaluate.ipynb #4602937b
 def sensitive_groups(
@@ -230,40 +232,78 @@ def gate(
     wins only when the interval of the AUC difference, on rows neither model was trained on, is
     entirely below zero."""
     checks, reasons = [], []
-    def check(name, figure, threshold, passed, reason):
-        checks.append({"check": name, "figure": figure, "threshold": threshold, "passed": bool(passed)})
+    def check(name, figure, threshold, passed, reason, value=None, limit=None, interval=None, at_most=False):
+        checks.append({"check": name, "figure": figure, "threshold": threshold, "passed": bool(passed), "value": value, "limit": limit,
+                       "low": (interval or {}).get("low"), "high": (interval or {}).get("high"), "at_most": at_most})
         if not passed:
             reasons.append(reason)
     auc = metrics["roc_auc"]
     check("ROC AUC, test split", f"{auc:.3f}", f"at least {min_auc:.3f}", auc >= min_auc,
-          f"ROC AUC {auc:.3f} is below the minimum {min_auc:.3f}")
+          f"ROC AUC {auc:.3f} is below the minimum {min_auc:.3f}", auc, min_auc)
     for column, gaps in fairness.items():
         gap, interval = gaps.get("equalized_odds_difference"), gaps.get("interval")
         name = f"equalized odds difference by {column}"
         if gap is None:
-            checks.append({"check": name, "figure": "fewer than two groups to judge", "threshold": "", "passed": True})
+            checks.append({"check": name, "figure": "fewer than two groups to judge", "threshold": "", "passed": True, "value": None, "limit": None})
         elif interval is not None:
             check(name, f"{gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f})",
                   f"lower end at most {max_fairness_gap:.3f}", interval["low"] <= max_fairness_gap,
-                  f"{name} is {gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f}), above the maximum {max_fairness_gap:.3f}")
+                  f"{name} is {gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f}), above the maximum {max_fairness_gap:.3f}",
+                  gap, max_fairness_gap, interval, True)
         else:
             check(name, f"{gap:.3f}", f"at most {max_fairness_gap:.3f}", gap <= max_fairness_gap,
-                  f"{name} is {gap:.3f}, above the maximum {max_fairness_gap:.3f}")
+                  f"{name} is {gap:.3f}, above the maximum {max_fairness_gap:.3f}", gap, max_fairness_gap, None, True)
     latency = speed["latency_ms"]
     check("single-record latency (CPU ms a record, median of rounds)", f"{latency:.2f} ms", f"at most {max_latency_ms:.1f} ms",
-          latency <= max_latency_ms, f"single-record latency {latency:.1f} ms (CPU) is above the maximum {max_latency_ms:.1f} ms")
+          latency <= max_latency_ms, f"single-record latency {latency:.1f} ms (CPU) is above the maximum {max_latency_ms:.1f} ms",
+          latency, max_latency_ms, None, True)
     if versus_champion is not None:
         rows = versus_champion["rows"]
         if versus_champion["low"] is None:
             checks.append({"check": "versus the champion", "figure": f"not compared: {rows} rows neither model was trained on",
-                           "threshold": "", "passed": True})
+                           "threshold": "", "passed": True, "value": None, "limit": None})
         else:
             low, high = versus_champion["low"], versus_champion["high"]
             check("versus the champion (ROC AUC difference)",
                   f"{versus_champion['roc_auc_difference']:+.3f} (95% interval [{low:+.3f}, {high:+.3f}]) on {rows} rows neither was trained on",
                   "interval not entirely below 0", high >= 0,
-                  f"significantly worse than the champion: ROC AUC difference 95% interval [{low:+.3f}, {high:+.3f}] on {rows} rows neither was trained on")
+                  f"significantly worse than the champion: ROC AUC difference 95% interval [{low:+.3f}, {high:+.3f}] on {rows} rows neither was trained on",
+                  versus_champion["roc_auc_difference"], 0.0)  # an interval around 0 is no near miss: no difference
     return {"passed": not reasons, "reasons": reasons, "checks": checks}
+
+# %% ../nbs/04_evaluate.ipynb #1a277688
+def near_miss(
+    check: dict,  # one of the gate's `checks`, with `value`, `limit`, `low`, `high`, `at_most`
+    near: float = 0.1,  # a figure within this share of its threshold is a near miss
+) -> str:  # why the check was close, in words; empty when it was not
+    "Why a check that passed was a near miss: its figure beyond or close to the threshold, or its interval crossing it."
+    value, limit = check.get("value"), check.get("limit")
+    if not check["passed"] or value is None or limit is None:
+        return ""
+    low, high, at_most = check.get("low"), check.get("high"), check.get("at_most", False)
+    if at_most:
+        if value > limit:
+            return f"the figure {value:.3f} is above the maximum {limit:.3f}; it passes only because its interval reaches below it"
+        if high is not None and high > limit:
+            return f"its interval reaches above the maximum {limit:.3f}"
+        return f"within {near:.0%} of the maximum" if value >= limit * (1 - near) else ""
+    if value < limit:
+        return f"the figure {value:+.3f} is below {limit:g}, not significantly"
+    if low is not None and low < limit:
+        return f"its interval reaches below {limit:g}"
+    return f"within {near:.0%} of the minimum" if limit and value <= limit * (1 + near) else ""
+
+def checklist(
+    checks: list[dict],  # the gate's `checks`
+    near: float = 0.1,  # a figure within this share of its threshold is a near miss
+) -> list[dict]:  # one row a criterion: criterion, threshold, value (with its interval), verdict
+    "The gate's checklist for the report: each criterion, its threshold, the value, and the verdict with near misses flagged."
+    rows = []
+    for check in checks:
+        note = near_miss(check, near)
+        verdict = ("passed" if check["passed"] else "REFUSED") + (f" (near miss: {note})" if note else "")
+        rows.append({"criterion": check["check"], "threshold": check["threshold"], "value": check["figure"], "verdict": verdict})
+    return rows
 
 # %% ../nbs/04_evaluate.ipynb #6f80800a
 @dataclass
@@ -375,7 +415,7 @@ def record_decision(
     "Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion, when there is none)."
     evaluation = evaluation_record(result, champion_version, run_id)
     meta = update_meta(registry, version, threshold=result["threshold"], evaluation=evaluation, gate=result["gate"])
-    card = model_card(meta, settings, {column: result["fairness"][column]["groups"] for column in settings.sensitive}, evaluation)
+    card = model_card(meta, settings, {column: audit["groups"] for column, audit in result["fairness"].items()}, evaluation)
     html = save_card(registry, version, card)
     if result["gate"]["passed"]:
         reason = f"passed the gate in run {run_id}: ROC AUC {result['metrics']['roc_auc']:.3f}"
@@ -398,11 +438,17 @@ def decision_markdown(
     verdict = ("**refused**" if not decision["passed"] else "**passed**: it becomes the challenger"
                + ("" if champion_version is not None else ", and the champion, since there is none yet"))
     lines = [f"## Decision: model version {version} {verdict}", ""]
-    lines += [f"- {escape(reason)}" for reason in decision["reasons"]] or ["- every check of the gate passed"]
-    checks = [{"check": escape(c["check"]), "figure": c["figure"], "threshold": c["threshold"], "passed": "yes" if c["passed"] else "**no**"}
-              for c in decision["checks"]]
-    lines += ["", markdown_table(checks), ""]
+    lines += [f"- {escape(reason)}" for reason in decision["reasons"]] or ["- every criterion of the gate below passed"]
+    rows = checklist(decision["checks"])
     metrics, interval = result["metrics"], result["intervals"]["roc_auc"]
+    recall, recall_interval = metrics["recall"], result["intervals"].get("recall")
+    rows.append({"criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
+                 "threshold": f"at least {result['target_recall']:.0%}",
+                 "value": f"{recall:.1%}" + (f" (95% interval {recall_interval['low']:.1%}–{recall_interval['high']:.1%})" if recall_interval else ""),
+                 "verdict": "met" if recall >= result["target_recall"] else "**below the target** (not gated)"})
+    for row in rows:
+        row["verdict"] = row["verdict"] if row["verdict"].startswith(("passed", "met")) else f"**{row['verdict']}**"
+    lines += ["", "### Checklist", "", markdown_table([{k: escape(str(v)) if k != "verdict" else v for k, v in row.items()} for row in rows]), ""]
     lines += [f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
               + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
               + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ {result['target_recall']:.0%}, "
@@ -446,3 +492,92 @@ def stage_summary(
             "speed": {k: rounded(v) for k, v in result["speed"].items()}, "versus_champion": result["versus_champion"],
             "gate": result["gate"], "champion_version": aliases.get("champion"), "challenger_version": aliases.get("challenger"),
             "warnings": warnings}
+
+# %% ../nbs/04_evaluate.ipynb #112aab26
+FAIRNESS_DEFINITIONS = ("**Demographic parity difference**: the largest gap between two groups in the share of patients the model "
+                        "flags as positive. **Equalized odds difference**: the largest gap between two groups in recall (the share "
+                        "of sick patients the model finds) or in the false positive rate (the share of healthy patients it flags); "
+                        "0 means the model errs alike for every group.")
+
+def fairness_sentences(
+    fairness: dict,  # from `evaluate_model`: per column, the gaps and its `groups`
+    settings,  # the project's settings
+    max_gap: float,  # the gate's largest equalized odds difference allowed
+) -> list[str]:  # one sentence a column: whom the model misses, with the numbers
+    "Fairness in plain sentences: the share of sick patients the model misses in each group, and the gaps."
+    sick = settings.positive_label
+    sentences = []
+    for column, audit in fairness.items():
+        judged = [row for row in audit["groups"] if row.get("recall_judged")]
+        unjudged = [row for row in audit["groups"] if not row.get("recall_judged")]
+        name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
+        labelled = " & " not in column and bool(settings.labels.get(column))  # "female patients"; else "patients in the group age 28–44 years"
+        who = lambda group: (f"{group_words(settings, column, group)} patients with {sick}" if labelled
+                             else f"patients with {sick} in the group {group_words(settings, column, group)}")
+        parts = [f"{row['false_negative_rate']:.0%} of {who(row['group'])} "
+                 f"({round(row['false_negative_rate'] * row['positives'])} of {row['positives']})" for row in judged]
+        sentence = f"By {name}: " + (f"the model misses {', '.join(parts)}." if parts else "no group has enough patients to judge its recall.")
+        if audit.get("equalized_odds_difference") is not None:
+            interval = audit.get("interval")
+            sentence += (f" Equalized odds difference {audit['equalized_odds_difference']:.3f}"
+                         + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+                         + f" against a maximum of {max_gap:.3f}.")
+        if unjudged:
+            sentence += (f" Too few patients to judge: {len(unjudged)} of {len(audit['groups'])} groups ("
+                         + ", ".join(f"{group_words(settings, column, row['group'])}: {row['n']} patients, {row['positives']} with {sick}" for row in unjudged) + ").")
+        sentences.append(sentence)
+    return sentences
+
+def recall_interval(
+    recall: float,  # a group's recall
+    positives: int,  # the positives it rests on
+) -> tuple[float, float]:  # the 95% Wilson interval (0, 1 without positives)
+    "The 95% Wilson score interval of a recall measured on `positives` patients."
+    if positives <= 0:
+        return 0.0, 1.0
+    z = 1.96
+    centre = (recall + z * z / (2 * positives)) / (1 + z * z / positives)
+    half = z * math.sqrt(recall * (1 - recall) / positives + z * z / (4 * positives * positives)) / (1 + z * z / positives)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+def fairness_figure(
+    fairness: dict,  # from `evaluate_model`
+    settings,  # the project's settings
+    overall_recall: float,  # the recall on the test split, drawn as a dotted line
+):  # a matplotlib figure: recall by group for each column, with error bars and group sizes, too-small groups greyed (None: no column)
+    "Recall by group with 95% intervals and group sizes, for each audited column; groups too small to judge greyed."
+    import matplotlib.pyplot as plt
+    columns = list(fairness)
+    if not columns:
+        return None
+    heights = [max(len(fairness[c]["groups"]), 1) * 0.45 + 1.2 for c in columns]
+    figure, axes = plt.subplots(len(columns), 1, figsize=(8, sum(heights)), squeeze=False,
+                                gridspec_kw={"height_ratios": heights})
+    for axis, column in zip(axes[:, 0], columns):
+        rows = fairness[column]["groups"]
+        labels = [f"{group_words(settings, column, row['group'])} (n={row['n']}, {row['positives']} sick)" for row in rows]
+        recalls = [row["recall"] for row in rows]
+        intervals = [recall_interval(row["recall"], row["positives"]) for row in rows]
+        errors = [[r - low for r, (low, _) in zip(recalls, intervals)], [high - r for r, (_, high) in zip(recalls, intervals)]]
+        colors = ["#1f77b4" if row.get("recall_judged") else "#cccccc" for row in rows]
+        axis.barh(labels, recalls, xerr=errors, color=colors, ecolor="#555555", capsize=3)
+        axis.axvline(overall_recall, color="black", linestyle=":", label="recall on the test split")
+        axis.invert_yaxis()
+        name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
+        axis.set(title=f"Recall by {name} (grey: too few to judge)", xlim=(0, 1), xlabel="recall (share of sick patients found)")
+    axes[0, 0].legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+def evaluate_headline(
+    result: dict,  # from `evaluate_model`
+    version: int,  # the evaluated version
+) -> str:  # one sentence for the index page
+    "The evaluate stage's headline: the decision and the figures behind it."
+    metrics, auc, recall = result["metrics"], result["intervals"].get("roc_auc"), result["intervals"].get("recall")
+    figures = (f"ROC AUC {metrics['roc_auc']:.2f}" + (f" ({auc['low']:.2f}–{auc['high']:.2f})" if auc else "")
+               + f", recall {metrics['recall']:.0%}" + (f" ({recall['low']:.0%}–{recall['high']:.0%})" if recall else "")
+               + f" at threshold {result['threshold']:.2f}")
+    if result["gate"]["passed"]:
+        return f"Model version {version} passed the gate: {figures}"
+    return f"Model version {version} was refused by the gate ({'; '.join(result['gate']['reasons'])}): {figures}"

@@ -15,8 +15,9 @@ from sklearn.metrics import (accuracy_score, average_precision_score, brier_scor
 from .core import Settings
 
 # %% auto #0
-__all__ = ['classification_metrics', 'binned', 'group_metrics', 'row_hashes', 'row_hashes_bytes', 'read_row_hashes', 'model_card',
-           'threshold_for_recall', 'judged_groups', 'equalized_odds_gap', 'fairness_gaps']
+__all__ = ['classification_metrics', 'binned', 'group_metrics', 'group_words', 'row_hashes', 'row_hashes_bytes',
+           'read_row_hashes', 'model_card', 'threshold_for_recall', 'judged_groups', 'equalized_odds_gap',
+           'fairness_gaps']
 
 # %% ../nbs/23_metrics.ipynb #7802025d
 def classification_metrics(
@@ -55,24 +56,44 @@ def group_metrics(
     threshold: float,  # the decision threshold
     groups: pd.Series | pd.DataFrame,  # the group of each row (several columns: their intersection)
     min_size: int = 20,  # groups smaller than this are too small to judge
-) -> list[dict]:  # one row a group: size, recall, false negative rate, precision, selection rate
+) -> list[dict]:  # one row a group: size, positives, recall, false negative rate, precision, selection rate
     "Per-group metrics with Fairlearn."
     from fairlearn.metrics import MetricFrame, count, false_negative_rate, selection_rate
     predicted = (np.asarray(scores) >= threshold).astype(int)
     frame = MetricFrame(
-        metrics={"n": count, "recall": lambda t, p: recall_score(t, p, zero_division=0),
+        metrics={"n": count, "positives": lambda t, p: int(np.sum(t == 1)), "recall": lambda t, p: recall_score(t, p, zero_division=0),
                  "false_negative_rate": false_negative_rate,
                  "precision": lambda t, p: precision_score(t, p, zero_division=0), "selection_rate": selection_rate},
         y_true=np.asarray(y_true), y_pred=predicted, sensitive_features=groups)
     table = frame.by_group.reset_index()
-    names = [c for c in table.columns if c not in ("n", "recall", "false_negative_rate", "precision", "selection_rate")]
+    names = [c for c in table.columns if c not in ("n", "positives", "recall", "false_negative_rate", "precision", "selection_rate")]
     rows = []
     for _, row in table.iterrows():
         group = " & ".join(f"{row[name]}" for name in names)
-        rows.append({"group": group, "n": int(row["n"]), "recall": float(row["recall"]),
+        rows.append({"group": group, "n": int(row["n"]), "positives": int(row["positives"]), "recall": float(row["recall"]),
                      "false_negative_rate": float(row["false_negative_rate"]), "precision": float(row["precision"]),
                      "selection_rate": float(row["selection_rate"]), "too_small": bool(row["n"] < min_size)})
     return rows
+
+# %% ../nbs/23_metrics.ipynb #e387f778
+def group_words(
+    settings: Settings,  # the project's settings (value labels, names, units)
+    column: str,  # a sensitive column, or an intersection "a & b"
+    group: str,  # the group's label as the audit wrote it, e.g. "0 & 29–48"
+) -> str:  # the group in words, e.g. "female, age 29–48 years"
+    "A group of a fairness table in words: labelled values by their label, other values with the column's name and unit."
+    from lifecycle.core import value_key
+    columns = column.split(" & ")
+    parts = str(group).split(" & ") if len(columns) > 1 else [str(group)]
+    if len(parts) != len(columns):
+        return str(group)
+    words = []
+    for name, part in zip(columns, parts):
+        if value_key(part) in settings.labels.get(name, {}):
+            words.append(settings.value_label(name, part))
+        else:
+            words.append(f"{settings.column_name(name, unit=False)} {part} {settings.units.get(name, '')}".strip())
+    return ", ".join(words)
 
 # %% ../nbs/23_metrics.ipynb #db9bcd89
 def row_hashes(
@@ -100,37 +121,100 @@ def read_row_hashes(
     return set(pd.read_parquet(path)["row_hash"].tolist()) if path.exists() else None
 
 # %% ../nbs/23_metrics.ipynb #44776200
+def _percent(value) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
 def model_card(
     meta: dict,  # the version's metadata
     settings: Settings,  # the project's settings
-    by_group: dict[str, list[dict]],  # per sensitive column: rows of group metrics
-    evaluation: dict | None = None,  # test metrics and the gate's decision, once evaluated
+    by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
+    evaluation: dict | None = None,  # test metrics, intervals, fairness and the gate's decision, once evaluated
 ) -> str:  # Markdown
-    "A model card: intended use, data, metrics overall and by group, limitations."
+    """A model card with the sections of Mitchell et al. (2019) and Google's Model Card Toolkit: model details, intended
+    use, factors, metrics with intervals, evaluation and training data, quantitative analyses by group, the gate's
+    criteria, ethical considerations, caveats and recommendations. Words come from `[data]`: the title, the classes'
+    names, the value labels, and the data's source, licence and citation."""
     from lifecycle.registry import markdown_table
+    data = settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
+    title = getattr(settings, "title", "") or settings.path.parent.name
+    positive, negative = getattr(settings, "positive_label", "positive"), getattr(settings, "negative_label", "negative")
+    name = lambda column: settings.column_name(column) if hasattr(settings, "column_name") else column
     metrics = (evaluation or {}).get("metrics") or meta.get("metrics", {})
+    intervals = (evaluation or {}).get("intervals") or {}
     where = "test split" if evaluation else "validation split"
-    lines = [f"# Model card: {settings.path.parent.name}, version {meta['version']}", "",
+    features = meta["features"]["numeric"] + meta["features"]["categorical"]
+    lines = [f"# Model card: {title}, model version {meta['version']}", "",
+             "## Model details", "",
+             f"- Owner: {data.get('owner', '').strip() or 'not given (set [data] owner in settings.ini)'}",
+             f"- Registered: {meta.get('registered_at') or meta.get('created') or 'unknown'}; version {meta['version']}, SHA-256 {meta['sha256']}",
+             f"- Type: {meta['model'].replace('_', ' ')} in a scikit-learn pipeline (imputation and encoding fitted on the training rows), seed {meta['seed']}",
+             f"- Licence of the data it learned from: {data.get('licence', '').strip() or 'not given (set [data] licence)'}", "",
              "## Intended use", "",
-             f"Predicts `{settings.target}` in {{{', '.join(settings.positive)}}} (the positive class) from the features below, "
-             "to support, not replace, a professional's decision. Not for populations unlike the training data.", "",
-             "## Model", "",
-             f"- {meta['model']} in a scikit-learn pipeline (imputation and encoding fitted on training rows)",
-             f"- SHA-256 {meta['sha256']}",
-             f"- trained on data version {meta['data_version']} ({meta['rows']['train']} training rows), seed {meta['seed']}",
-             f"- features: {', '.join(meta['features']['numeric'] + meta['features']['categorical'])}", ""]
+             f"- Predicts {positive} (against {negative}) from {len(features)} features, as a score between 0 and 1 and a decision at a threshold.",
+             "- To support, not replace, a professional's decision: a flag to look again, never a diagnosis.",
+             "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), decisions made without a professional, "
+             "and any use of the score as a probability without checking its calibration on the population at hand.", "",
+             "## Factors", "",
+             f"- Audited by: {', '.join(name(column) for column in getattr(settings, 'sensitive', [])) or 'no sensitive column'}"
+             + (" and their intersection" if len(getattr(settings, "sensitive", [])) > 1 else "") + ".",
+             f"- Features: {', '.join(name(column) for column in features)}.",
+             f"- Sources (hospitals): {', '.join(meta['sources'])}.", ""]
+    lines += [f"## Metrics ({where})", ""]
+    rows = []
+    for key, value in metrics.items():
+        interval = intervals.get(key)
+        rows.append({"metric": key.replace("_", " "), "value": value,
+                     "95% interval": f"{interval['low']:.3f}–{interval['high']:.3f}" if interval else ""})
+    lines += [markdown_table(rows), ""]
     if evaluation:
-        lines += ["## Decision", "", f"- gate: {'passed' if evaluation['gate']['passed'] else 'refused'}"]
-        lines += [f"- {reason}" for reason in evaluation["gate"]["reasons"]]
-        lines += [f"- decision threshold {evaluation['threshold']:.3f} (for recall ≥ {evaluation['target_recall']:.0%} on validation)", ""]
-    lines += [f"## Metrics ({where})", "", markdown_table([{"metric": k, "value": v} for k, v in metrics.items()]), ""]
-    for column, rows in by_group.items():
-        lines += [f"## By {column} ({where})", "", markdown_table(rows), ""]
-    small = sorted({row["group"] for rows in by_group.values() for row in rows if row.get("too_small")})
-    lines += ["## Limitations", "",
+        lines += [f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall ≥ {evaluation['target_recall']:.0%} on the validation split.",
+                  "- Intervals: 95% bootstrap over the test split.", ""]
+    lines += ["## Evaluation data", ""]
+    if evaluation:
+        lines += [f"- Accuracy: the test split, {evaluation.get('test_rows', '?')} rows neither training nor the threshold saw.",
+                  f"- Fairness: all {evaluation.get('labeled_rows', '?')} labeled rows, each scored by a model that did not see it.", ""]
+    else:
+        lines += [f"- The validation split ({meta['rows'].get('val', '?')} rows); the evaluate stage adds the test split.", ""]
+    lines += ["## Training data", "",
+              f"- {meta['rows']['train']} training rows of data version {meta['data_version']}, from {', '.join(meta['sources'])}.",
+              f"- Source: {data.get('source', '').strip() or 'not given (set [data] source)'}",
+              f"- Citation: {data.get('citation', '').strip() or 'not given (set [data] citation)'}", ""]
+    fairness = (evaluation or {}).get("fairness", {})
+    small_groups = []
+    lines += [f"## Quantitative analyses by group ({'every labeled row, out of fold' if evaluation else where})", ""]
+    for column, group_rows in by_group.items():
+        heading = " × ".join(name(part) for part in column.split(" & "))
+        table = []
+        for row in group_rows:
+            words = group_words(settings, column, row["group"]) if hasattr(settings, "labels") else row["group"]
+            judged = row.get("recall_judged", not row.get("too_small"))
+            if not judged:
+                small_groups.append(f"{words} ({row['n']} patients)")
+            table.append({"group": words, "patients": int(row["n"]), "with " + positive: int(row.get("positives", 0)),
+                          "recall": _percent(row["recall"]), "false negative rate": _percent(row["false_negative_rate"]),
+                          "judged": "yes" if judged else "too few to judge"})
+        lines += [f"### By {heading}", "", markdown_table(table), ""]
+        gaps = fairness.get(column, {})
+        if gaps.get("equalized_odds_difference") is not None:
+            interval = gaps.get("interval")
+            lines += [f"- Equalized odds difference {gaps['equalized_odds_difference']:.3f}"
+                      + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "") + ".", ""]
+    lines += [("- Groups too small to judge: " + "; ".join(small_groups) + ".") if small_groups else "- Every group was large enough to judge.", ""]
+    if evaluation:
+        lines += ["## Gate criteria", ""]
+        lines += [f"- {check['check']}: {check['figure']} against {check['threshold'] or 'no threshold'}: {'passed' if check['passed'] else 'refused'}"
+                  for check in evaluation["gate"].get("checks", [])]
+        lines += [f"- Decision: {'passed' if evaluation['gate']['passed'] else 'refused'}"]
+        lines += [f"- Refused because {reason}" for reason in evaluation["gate"]["reasons"]]
+        lines += [""]
+    lines += ["## Ethical considerations", "",
+              "- The data are health records: the model must never expose a patient's identity, and its decisions must be reviewable by a professional.",
+              "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, and the recall of each group is audited above.",
+              "- Groups too small to judge may be served worse without the audit being able to tell.", "",
+              "## Caveats and recommendations", "",
               f"- Trained on the sources {', '.join(meta['sources'])}; patients from elsewhere may differ.",
-              "- Missing values are imputed from training rows; a feature missing far more often in production weakens the model.",
-              (f"- Groups too small to judge: {', '.join(small)}." if small else "- Every group was large enough to judge."), ""]
+              "- Missing values are imputed from training rows; a feature missing far more often in production (or recorded as 0 for 'not measured') weakens the model.",
+              "- Monitor drift, recall and the groups' gaps in production; retrain when they move.", ""]
     return "\n".join(lines)
 
 # %% ../nbs/23_metrics.ipynb #207dea6a

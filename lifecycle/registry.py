@@ -335,7 +335,11 @@ def _cell(value) -> str:
 
 def markdown_to_html(markdown: str, title: str) -> str:
     "Render the Markdown of a model card (headings, lists, tables, paragraphs) as a standalone page."
-    body, table = [], []
+    body, table, items = [], [], []
+    def flush_list():
+        if items:
+            body.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
+            items.clear()
     def flush():
         if table:
             rows = [line.strip("|").split("|") for line in table if not re.match(r"^\|(-+\|)+$", line)]
@@ -349,14 +353,17 @@ def markdown_to_html(markdown: str, title: str) -> str:
             table.append(line)
             continue
         flush()
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        flush_list()
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush()
+    flush_list()
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#1f2328}"
              "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -24,7 +24,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import lifecycle
 from .core import LifecycleError, Settings
-from .metrics import binned, classification_metrics, group_metrics, model_card, row_hashes, row_hashes_bytes
+from .metrics import binned, classification_metrics, group_metrics, group_words, model_card, row_hashes, row_hashes_bytes
 
 # %% auto #0
 __all__ = ['MODELS', 'SEARCH_GRIDS', 'QUANTILE_GRID', 'PACKAGES', 'feature_columns', 'make_classifier', 'build_pipeline',

@@ -27,6 +27,10 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     monitor = by_name["monitor"]["summary"]
     assert monitor["predictions"] == deploy["production"]["scored"] and monitor["labeled"] == deploy["replay"]["labels_sent"] > 0
     assert monitor["windows"] >= 5 and monitor["headline"] and monitor["figure"] == "monitoring.png"
+    # Production against training, said in words: Switzerland never measures cholesterol (0 means "not measured").
+    assert re.search(r"chol is missing in (\d+) of \1 records from switzerland \(100%\)", " ".join(deploy["production_warnings"]))
+    assert deploy["champion_story"].startswith("Model version 1 has been the champion since ") and "no champion yet" in deploy["champion_story"]
+    assert deploy["headline"].startswith("Model version 1 serves: smoke test of ")
     # Cleveland 303 + Hungarian 294 rows; one exact duplicate in the Hungarian file.
     assert collect["rows_by_source"] == {"cleveland": 303, "hungarian": 294}
     assert collect["lines_malformed"] == 0
@@ -53,6 +57,31 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     evaluate_html = (report / "04_evaluate.html").read_text()
     assert "Decision: model version 1" in evaluate_html and "single-record latency" in evaluate_html
     assert "at most 50.0 ms" in evaluate_html and "lower end at most 0.300" in evaluate_html and "at least 0.750" in evaluate_html
+    # In words: the checklist with its verdicts, whom the model misses by sex (value labels, not codes), the measures defined.
+    assert "Checklist" in evaluate_html and "| criterion |" not in evaluate_html and "<th>criterion</th>" in evaluate_html
+    assert "recall at the threshold, test split" in evaluate_html
+    assert "By sex: the model misses" in evaluate_html and "of female patients with heart disease" in evaluate_html
+    assert "of male patients with heart disease" in evaluate_html and "Equalized odds difference</strong>: the largest gap" in evaluate_html
+    # Each stage's headline in words and its main plot as a thumbnail on the index page.
+    evaluate = by_name["evaluate"]["summary"]
+    assert evaluate["headline"].startswith("Model version 1 passed the gate: ROC AUC ") and evaluate["headline"] in index.replace("&amp;", "&")
+    assert collect["headline"] == "597 rows from 2 sources, 0 malformed lines set aside" and collect["headline"] in index
+    assert prepare["headline"].startswith("596 clean rows of 597") and by_name["train"]["summary"]["headline"].startswith("Model version 1, ")
+    for stage in ("collect", "prepare", "train", "evaluate"):
+        assert (Path(run["run_dir"]) / stage / by_name[stage]["summary"]["figure"]).exists(), stage
+    assert {by_name[stage]["summary"]["wandb"]["mode"] for stage in ("train", "evaluate")} == {"offline"}
+    # The model card: titled from [data] title, the target in words, the data's licence, the groups too small named, real lists.
+    card = (report / "evaluate-model_card.html").read_text()
+    assert "Model card: Heart disease, from the records of four hospitals (UCI), model version 1" in card
+    assert "Predicts heart disease (against no heart disease)" in card and "CC BY 4.0" in card and "`" not in card
+    assert "<ul><li>" in card and "Groups too small to judge:" in card and "female, age" in card
+    # The data quality report profiles the clean data version's features, not the target or the lineage.
+    quality = (report / "prepare-data_quality.html").read_text()
+    assert f"Data quality: clean data version {prepare['clean_version']}" in quality and ">chol<" in quality
+    assert not re.search(r">(num|_label|_source|_split)<", quality)
+    deploy_html = (report / "05_deploy.html").read_text()
+    assert "Production against training" in deploy_html and "serum cholesterol (mg/dl)" in deploy_html
+    assert "lifecycle models rollback" in deploy_html and "the CPU time the server spent on one single-record request" in deploy_html
     assert (heart_project / "reports" / "latest").resolve() == report
     # Outputs in the run folder, state in the project folder, nothing in the working folder.
     run_dir = Path(run["run_dir"])

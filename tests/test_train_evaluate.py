@@ -35,7 +35,8 @@ def test_default_project_reaches_an_approved_reproducible_champion(champion_proj
     model_file = heart_project / "registry" / "versions" / str(version) / "model.skops"
     assert hashlib.sha256(model_file.read_bytes()).hexdigest() == train["model_sha256"]
     card = (heart_project / "registry" / "versions" / str(version) / "card.md").read_text()
-    assert "## Intended use" in card and "## By sex" in card and "## Limitations" in card and "gate: passed" in card
+    assert "## Intended use" in card and "### By sex" in card and "## Caveats and recommendations" in card and "- Decision: passed" in card
+    assert "## Gate criteria" in card and "## Ethical considerations" in card and "- Licence of the data it learned from: CC BY 4.0" in card
     # Same data, settings and seed: the same model, byte for byte.
     _, again, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--from", "train", "--json", check=0)
     retrained = stages(again)["train"]["summary"]
@@ -49,6 +50,14 @@ def test_default_project_reaches_an_approved_reproducible_champion(champion_proj
     assert tracked["config"]["seed"] == 42 and tracked["config"]["data_version"] == stages(run)["prepare"]["summary"]["data_version"]
     assert round(tracked["summary"]["val/roc_auc"], 4) == train["metrics"]["val_roc_auc"]
     assert tracked["summary"]["model_sha256"] == train["model_sha256"]
+    # One lifecycle run is one W&B group, one run a stage, named after the run id; evaluate uses the model train logged.
+    assert tracked["name"] == f"{run['run_id']}-train" and train["wandb"]["mode"] == "offline"
+    assert train["wandb"]["sync"].startswith("wandb sync wandb/offline-run-")
+    assert (wandb_folder.parent / train["wandb"]["sync"].split()[-1]).resolve() == Path(train["wandb_run"]).resolve()  # the command runs from the project
+    evaluate_runs = [path for path in wandb_folder.glob("offline-run-*") if read_offline_run(path)["name"] == f"{run['run_id']}-evaluate"]
+    assert len(evaluate_runs) == 1
+    evaluate_tracked = read_offline_run(evaluate_runs[0])
+    assert "input/model" in evaluate_tracked["config"] and {"fairness/sex", "gate/checklist", "test/confusion_table"} <= set(evaluate_tracked["summary"])
     # A tampered model file is refused at load.
     from lifecycle.core import LifecycleError
     from lifecycle.registry import Registry, load_model
