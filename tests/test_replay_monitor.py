@@ -108,7 +108,7 @@ def test_replay_then_monitor(champion_project):
     # another replay after the monitor looked: its labels became known in the past, and are counted all the same
     _, more, _, _ = run_lifecycle("replay", "--input", project / VA, "--settings", settings, "--log", "replayed.sqlite", "--seed", "2", "--json", check=0)
     _, summary, _, _ = run_lifecycle("monitor", "--settings", settings, "--json")
-    assert summary["new_predictions"] == VA_SCORED and summary["new_labels"] >= more["labels_sent"] > 100
+    assert summary["new_predictions"] == VA_SCORED and summary["new_labels"] >= more["labels_sent"] > VA_SCORED // 2  # 80% labelled, less the last week's
     assert windows_of(project)["labeled"].sum() == va["labels_sent"] + swiss["labels_sent"] + len(pending) + more["labels_sent"]
 
     # a critical rule that holds: exit code 3, in JSON and in words
