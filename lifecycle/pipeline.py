@@ -405,6 +405,8 @@ def report_cells(cells: list) -> list:
         return cells
     first_content = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and ERROR_TAG not in cell.get("metadata", {}).get("tags", [])), 0)
     keep = set(errors) | {first_content} | set(range(start, len(cells)))
+    if cells[start].source.strip() == RUN_HEADING:  # a bare heading says nothing to the reader of a report
+        keep.discard(start)
     return [cell for i, cell in enumerate(cells) if i in keep]
 
 # %% ../nbs/10_pipeline.ipynb #03e4fdb3
