@@ -27,7 +27,7 @@ from .scoring import Scorer, ServingSpec, check_frame
 # %% auto #0
 __all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_rows', 'output_schema', 'score_chunk',
            'file_sha256', 'batch_ids', 'batch_id_prefix', 'start_run', 'end_run', 'Progress', 'score_file',
-           'add_batch_command']
+           'dask_read_error', 'add_batch_command']
 
 # %% ../nbs/33_batch.ipynb #b80237f0
 _PARQUET = (".parquet", ".pq", ".parq")
@@ -379,9 +379,12 @@ def score_file(
         try:
             counts = _score_dask(Path(root), input, output, rejects, scorer, chunk_rows, log_url if log else None,
                                  run.run_id if run else None, file_hash, when, progress, scheduler)
-        except BaseException:
+        except BaseException as error:
             if run is not None:
                 end_run(run, succeeded=False)
+            unreadable = dask_read_error(input, error)
+            if unreadable is not None:
+                raise unreadable from None
             raise
         if run is not None:
             end_run(run, succeeded=True)
@@ -475,7 +478,7 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
             client = Client(scheduler, timeout="30s")
         else:
             cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=40, env={"OMP_NUM_THREADS": "1"})
+                                   silence_logs=50, env={"OMP_NUM_THREADS": "1"})  # a failed task is the client's one line, not the workers' log
             client = Client(cluster)
     except (OSError, TimeoutError) as error:
         raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
@@ -519,6 +522,31 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
         if cluster is not None:
             cluster.close()
     return rows_in, rows_scored, reasons, logged
+
+# %% ../nbs/33_batch.ipynb #d4a5e002
+def _reader_failed(error: BaseException) -> bool:
+    "Whether an error is a reader's: pandas' CSV parser, a decoder, pyarrow (not the cluster's own errors, which are OSErrors too)."
+    if isinstance(error, (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException)):
+        return True
+    return type(error) is OSError  # pyarrow's damaged Parquet page; the cluster's errors are subclasses
+
+def dask_read_error(
+    input: Path,  # the input file
+    error: BaseException,  # what the Dask run raised
+) -> LifecycleError | None:  # the one-line error for the input; None when the input is not to blame
+    "When a Dask run failed on reading its input: the line (or row) and rule, as the local engine names them."
+    if isinstance(error, LifecycleError) or not isinstance(error, Exception):
+        return None
+    try:
+        for _ in read_chunks(input, chunk_rows=10_000):  # small chunks: a damaged Parquet page is placed to within 10,000 rows
+            pass
+    except LifecycleError as found:  # the file's first bad line, or the row after which it is damaged
+        return found
+    if _reader_failed(error):
+        return LifecycleError(f"{input} cannot be read as {file_format(input)} ({type(error).__name__}): "
+                              "the file is damaged or is not what its name says")
+    return None
+
 
 # %% ../nbs/33_batch.ipynb #856f6c74
 def _batch_command(args) -> int:

@@ -195,3 +195,28 @@ def test_a_postgresql_source_query_runs_under_a_statement_timeout(postgres_url):
     endless = "SELECT count(*) AS n FROM generate_series(1, 1000000) AS a, generate_series(1, 1000000) AS b"
     with pytest.raises(LifecycleError, match="statement timeout"):
         read_postgres_query(postgres_url, endless, "source 'clinic'", timeout=0.2)
+
+
+@pytest.mark.parametrize("case", ["a malformed line in the first block", "a malformed line past the first 64 KB", "a damaged parquet page"])
+def test_the_dask_engine_gives_the_same_one_line_input_errors(batch_project, capfd, case):
+    "The whole stderr of `lifecycle batch --engine dask` (its local cluster's workers, which write to the same file, included) is one line."
+    name = "in.parquet" if "parquet" in case else "in.csv"
+    if "parquet" in case:
+        frame = pd.DataFrame({"age": np.full(60_000, 50.0), "chol": np.arange(60_000) % 300 + 100.0})
+        frame.to_parquet(batch_project / name, row_group_size=10_000)
+        data = bytearray((batch_project / name).read_bytes())
+        data[len(data) // 2:len(data) // 2 + 3000] = b"\xff" * 3000
+        (batch_project / name).write_bytes(bytes(data))
+        expected = "cannot be read as parquet after row 30,000"
+    else:
+        good_before = 1 if "first block" in case else 30_000
+        lines = ["age,chol"] + ["50,200"] * good_before + [f"61,250,{SECRET}"] + ["40,180"] * 10
+        (batch_project / name).write_text("\n".join(lines) + "\n")
+        expected = f"line {good_before + 2:,} has 3 fields, the header 2"
+    capfd.readouterr()
+    code = main(["batch", "--settings", str(batch_project / "settings.ini"), "--input", str(batch_project / name),
+                 "--output", str(batch_project / "out.parquet"), "--engine", "dask", "--no-log", "--quiet"])
+    stderr = capfd.readouterr().err
+    assert code == 1
+    assert expected in _one_line(stderr, only=True) and SECRET not in stderr and "61,250" not in stderr
+    assert not (batch_project / "out.parquet").exists()
