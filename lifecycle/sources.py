@@ -508,9 +508,11 @@ def _refuse_volatile(
     operators: set[str],  # operators it uses
     where: str,  # "source 'name' (url)", for the error
 ) -> None:
-    "Refuse when one of the functions, or an operator's function, is volatile in pg_proc (in any schema) and not known to only read."
+    """Refuse when one of the functions, or an operator's function, is volatile in pg_proc (in any schema) and not known to
+    only read. A function taking `internal` is left out: SQL cannot call it (TABLESAMPLE's `bernoulli` is one)."""
     volatile = connection.execute(
-        "SELECT DISTINCT proname FROM pg_proc WHERE provolatile = 'v' AND proname = ANY(%s) AND NOT proname = ANY(%s) ORDER BY 1",
+        "SELECT DISTINCT proname FROM pg_proc WHERE provolatile = 'v' AND proname = ANY(%s) AND NOT proname = ANY(%s) "
+        "AND NOT 'internal'::regtype::oid = ANY(proargtypes::oid[]) ORDER BY 1",
         (sorted(calls), sorted(SIDE_EFFECT_FREE))).fetchall()
     if volatile:
         raise LifecycleError(f"{where}: the query calls {volatile[0][0]}(), a function that may have side effects (volatile); "

@@ -186,8 +186,10 @@ def test_a_postgresql_source_cannot_call_functions_with_side_effects(postgres_ur
     with pytest.raises(LifecycleError, match="multiple commands"):
         read(breakout)
     # what only reads still reads, random() and clock_timestamp() included
-    frame = read("SELECT age, random() AS r, clock_timestamp() AS t, abs(num) AS n FROM patients WHERE age > abs(-1) ORDER BY age")
+    frame = read("SELECT age, random() AS r, clock_timestamp() AS t, abs(num) AS n FROM patients "
+                 "WHERE age > abs(-1) AND 'a%s' LIKE 'a%' ORDER BY age")
     assert frame["age"].tolist() == [50.0, 60.0] and frame["r"].between(0, 1).all()
+    assert len(read("SELECT * FROM patients TABLESAMPLE BERNOULLI (100) REPEATABLE (1)")) == 2
 
 
 def test_a_postgresql_source_query_runs_under_a_statement_timeout(postgres_url):
