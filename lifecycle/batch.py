@@ -26,8 +26,8 @@ from .scoring import Scorer, ServingSpec, check_frame
 
 # %% auto #0
 __all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_rows', 'output_schema', 'score_chunk',
-           'file_sha256', 'batch_ids', 'batch_id_prefix', 'discard_logged', 'Progress', 'score_file',
-           'add_batch_command']
+           'file_sha256', 'batch_ids', 'batch_id_prefix', 'start_run', 'end_run', 'Progress', 'score_file',
+           'dask_read_error', 'add_batch_command']
 
 # %% ../nbs/33_batch.ipynb #b80237f0
 _PARQUET = (".parquet", ".pq", ".parq")
@@ -226,14 +226,33 @@ def batch_id_prefix(file_hash: str, version: int) -> str:
     "What the request ids of one file scored by one model version start with."
     return f"batch-{file_hash[:16]}-v{version}-"
 
-def discard_logged(log, scorer: Scorer, file_hash: str, when: str) -> None:
-    "A run that failed takes back the predictions it logged: it wrote no output, so they were never delivered."
-    log.close()  # nothing of the run still queued
+def start_run(
+    log_url: str,  # the prediction log's URL
+    root: Path,  # the project folder
+):  # a `PendingRun`
+    "Register a batch run in the prediction log: its predictions stay pending, invisible, until it publishes them."
+    from lifecycle.predlog import PendingRun, log_store
+    return PendingRun(log_store(log_url, root))
+
+def end_run(
+    run,  # the `PendingRun`
+    succeeded: bool,  # True: publish the run's predictions; False: abandon them (the run wrote no output, so none was delivered)
+) -> None:
+    "Publish or abandon a batch run's predictions; one line when publishing fails."
+    if not succeeded:
+        try:
+            run.abandon()
+        except Exception:  # the run's own error matters more; pending rows are never read, and the next open removes them
+            pass
+        return
     try:
-        log.discard("batch", when, batch_id_prefix(file_hash, scorer.version))
+        run.publish()
+    except LifecycleError:
+        raise
     except Exception as error:
-        raise LifecycleError(f"the run failed, and its predictions could not be removed from the log {log.store} "
-                             f"({type(error).__name__}); they are the rows of channel batch at {when}") from None
+        from lifecycle.predlog import describe_error
+        raise LifecycleError(f"batch run {run.run_id}: its predictions could not be published in the log {run.store} "
+                             f"({describe_error(error)}); run it again") from None
 
 def _log_chunk(log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str, when: str, backlog: int) -> int:
     "Queue one chunk's predictions in the prediction log; the number queued."
@@ -331,8 +350,6 @@ def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, whe
     except BaseException:
         for writer in writers.values():
             writer.discard()
-        if log is not None:
-            discard_logged(log, scorer, file_hash, when)
         raise
     return rows_in, rows_scored, reasons, logged
 
@@ -357,26 +374,35 @@ def score_file(
     input, output, rejects, scorer = _prepare(root, input, output, rejects, alias)
     file_hash = file_sha256(input) if log else None
     when = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    run = start_run(log_url, Path(root)) if log else None
     if engine == "dask":
         try:
-            rows_in, rows_scored, reasons, logged = _score_dask(Path(root), input, output, rejects, scorer, chunk_rows,
-                                                                log_url if log else None, file_hash, when, progress, scheduler)
-        except BaseException:
-            if log:
-                from lifecycle.predlog import open_log
-                discard_logged(open_log(log_url, Path(root)), scorer, file_hash, when)
+            counts = _score_dask(Path(root), input, output, rejects, scorer, chunk_rows, log_url if log else None,
+                                 run.run_id if run else None, file_hash, when, progress, scheduler)
+        except BaseException as error:
+            if run is not None:
+                end_run(run, succeeded=False)
+            unreadable = dask_read_error(input, error)
+            if unreadable is not None:
+                raise unreadable from None
             raise
-        return _run_summary("dask", started, rows_in, rows_scored, reasons, scorer, output, rejects, logged, log)
+        if run is not None:
+            end_run(run, succeeded=True)
+        return _run_summary("dask", started, *counts[:3], scorer, output, rejects, counts[3], log)
     prediction_log = None
-    if log:
-        from lifecycle.predlog import open_log
-        prediction_log = open_log(log_url, Path(root), batch_size=20_000)
+    succeeded = False
     try:
+        if run is not None:
+            from lifecycle.predlog import open_log
+            prediction_log = open_log(log_url, Path(root), batch_size=20_000, run=run.run_id)
         counts = _score_local(input, output, rejects, scorer, chunk_rows, prediction_log, file_hash, when,
                               Progress(count_rows(input), progress))
+        succeeded = True
     finally:
         if prediction_log is not None:
-            prediction_log.close()
+            prediction_log.close()  # nothing of the run still queued: then publish or abandon
+        if run is not None:
+            end_run(run, succeeded)
     return _run_summary("local", started, *counts[:3], scorer, output, rejects, counts[3], log)
 
 # %% ../nbs/33_batch.ipynb #e1303404
@@ -414,7 +440,7 @@ def _dask_part(frame: pd.DataFrame, plan: dict, partition_info=None) -> pd.DataF
             pq.write_table(done[kind], path)
     if plan["log_url"] is not None:
         from lifecycle.predlog import open_log
-        with open_log(plan["log_url"], Path(plan["root"]), batch_size=20_000) as log:
+        with open_log(plan["log_url"], Path(plan["root"]), batch_size=20_000, run=plan["run"]) as log:
             summary["logged"] = [_log_chunk(log, done, scorer, table, plan["file_hash"], plan["when"], 1 << 62)]
             if not log.flush(timeout=600):
                 raise LifecycleError(f"the prediction log {log.store} did not take the predictions within 10 minutes")
@@ -441,7 +467,7 @@ def _replace_folder(partial: Path, final: Path) -> None:
             final.unlink()
         os.replace(partial, final)
 
-def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, file_hash, when, progress, scheduler) -> tuple:
+def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_id, file_hash, when, progress, scheduler) -> tuple:
     import dask
     from distributed import Client, LocalCluster, as_completed
     frame, text = _read_dask(input, chunk_rows)
@@ -452,7 +478,7 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, file_
             client = Client(scheduler, timeout="30s")
         else:
             cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=40, env={"OMP_NUM_THREADS": "1"})
+                                   silence_logs=50, env={"OMP_NUM_THREADS": "1"})  # a failed task is the client's one line, not the workers' log
             client = Client(cluster)
     except (OSError, TimeoutError) as error:
         raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
@@ -472,7 +498,7 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, file_
                     "offsets": np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(int).tolist(), "text": text,
                     "scored": str(partial["scored"].resolve()), "rejected": str(partial["rejected"].resolve()),
                     "suffix": output.suffix.lstrip(".").lower() if file_format(output) == "csv" else "parquet",
-                    "log_url": log_url, "file_hash": file_hash, "when": when}
+                    "log_url": log_url, "run": run_id, "file_hash": file_hash, "when": when}
             meta = pd.DataFrame({"part": pd.Series(dtype="int64"), "rows_in": pd.Series(dtype="int64"), "rows_scored": pd.Series(dtype="int64"),
                                  "logged": pd.Series(dtype="int64"), "reasons": pd.Series(dtype=object)})
             parts = frame.map_partitions(_dask_part, plan, meta=meta, enforce_metadata=False)
@@ -496,6 +522,31 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, file_
         if cluster is not None:
             cluster.close()
     return rows_in, rows_scored, reasons, logged
+
+# %% ../nbs/33_batch.ipynb #d4a5e002
+def _reader_failed(error: BaseException) -> bool:
+    "Whether an error is a reader's: pandas' CSV parser, a decoder, pyarrow (not the cluster's own errors, which are OSErrors too)."
+    if isinstance(error, (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException)):
+        return True
+    return type(error) is OSError  # pyarrow's damaged Parquet page; the cluster's errors are subclasses
+
+def dask_read_error(
+    input: Path,  # the input file
+    error: BaseException,  # what the Dask run raised
+) -> LifecycleError | None:  # the one-line error for the input; None when the input is not to blame
+    "When a Dask run failed on reading its input: the line (or row) and rule, as the local engine names them."
+    if isinstance(error, LifecycleError) or not isinstance(error, Exception):
+        return None
+    try:
+        for _ in read_chunks(input, chunk_rows=10_000):  # small chunks: a damaged Parquet page is placed to within 10,000 rows
+            pass
+    except LifecycleError as found:  # the file's first bad line, or the row after which it is damaged
+        return found
+    if _reader_failed(error):
+        return LifecycleError(f"{input} cannot be read as {file_format(input)} ({type(error).__name__}): "
+                              "the file is damaged or is not what its name says")
+    return None
+
 
 # %% ../nbs/33_batch.ipynb #856f6c74
 def _batch_command(args) -> int:

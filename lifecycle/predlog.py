@@ -16,6 +16,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import fcntl
 import sqlite3
 import threading
@@ -35,9 +36,9 @@ from .core import LifecycleError
 # %% auto #0
 __all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'PREDICTION_COLUMNS', 'pseudonymize', 'id_key', 'log_location', 'redact_url',
            'utc_text', 'features_json', 'prediction_row', 'label_row', 'SQLiteStore', 'PostgresStore',
-           'UnstorableBlock', 'is_data_error', 'describe_error', 'JournalError', 'Journal', 'journal_folder',
-           'replay_journals', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks', 'PredictionLog',
-           'open_log']
+           'UnstorableBlock', 'is_data_error', 'describe_error', 'log_store', 'JournalError', 'Journal',
+           'journal_folder', 'replay_journals', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks',
+           'PredictionLog', 'open_log', 'PendingRun', 'remove_dead_runs']
 
 # %% ../nbs/31_predlog.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -301,6 +302,36 @@ CREATE TABLE IF NOT EXISTS prediction_blocks (
 );
 CREATE INDEX IF NOT EXISTS prediction_blocks_time ON prediction_blocks (time);
 CREATE INDEX IF NOT EXISTS prediction_blocks_first ON prediction_blocks (first_request_id);
+CREATE TABLE IF NOT EXISTS pending_runs (
+    run_id TEXT PRIMARY KEY,
+    started TEXT NOT NULL,
+    owner TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_predictions (
+    run_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    time TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    score REAL,
+    decision INTEGER NOT NULL,
+    id_hash TEXT,
+    features TEXT NOT NULL,
+    event_time TEXT,
+    PRIMARY KEY (run_id, request_id)
+);
+CREATE TABLE IF NOT EXISTS pending_blocks (
+    run_id TEXT NOT NULL,
+    block_id TEXT PRIMARY KEY,
+    time TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    row_count INTEGER NOT NULL,
+    first_request_id TEXT NOT NULL,
+    last_request_id TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_blocks_run ON pending_blocks (run_id);
 """
 _SQLITE_INSERT_PREDICTIONS = """
 INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
@@ -317,11 +348,36 @@ ON CONFLICT (block_id) DO NOTHING"""
 # `time` is when it became known, which a replay sets in the past; monitoring reads new labels by `logged`).
 _ADDED_COLUMNS = (("predictions", "event_time"), ("labels", "logged"))
 _SQLITE_OVERLAPPING = "SELECT data FROM prediction_blocks WHERE first_request_id <= ? AND last_request_id >= ?"
+# A batch run's rows wait in these tables, which no reader reads, until the run publishes them (see `PendingRun`)
+_SQLITE_INSERT_PENDING_PREDICTIONS = """
+INSERT INTO pending_predictions (run_id, request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (run_id, request_id) DO NOTHING"""
+_SQLITE_INSERT_PENDING_BLOCKS = """
+INSERT INTO pending_blocks (run_id, block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (block_id) DO NOTHING"""
+
+class _RunLockFile:
+    "A batch run's lock: a file beside the database, locked (flock) by the run's process while it lives."
+
+    def __init__(self, path: Path, handle: int):
+        self.path, self.handle = path, handle
+
+    def release(self) -> None:
+        "Delete the file and drop the lock (in that order: no one can lock a file that is about to go)."
+        if self.handle is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.handle)
+        self.handle = None
 
 class SQLiteStore:
     "The prediction log in a SQLite file, in WAL mode."
     kind = "sqlite"
     mark = "?"
+    overlapping_sql = _SQLITE_OVERLAPPING
+    insert_block_sql = _SQLITE_INSERT_BLOCKS
 
     def __init__(self,
         path: Path,  # the database file
@@ -351,15 +407,19 @@ class SQLiteStore:
                     if "duplicate column" not in str(error):  # another process added it meanwhile: fine
                         raise
 
-    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = ()) -> None:
-        "Write one batch in one transaction."
+    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), run: str | None = None) -> None:
+        "Write one batch in one transaction; with `run`, into that batch run's pending tables."
         connection.execute("BEGIN IMMEDIATE")
         try:
-            if predictions:
-                connection.executemany(_SQLITE_INSERT_PREDICTIONS, predictions)
-            if labels:
-                connection.executemany(_SQLITE_INSERT_LABELS, labels)
-            write_blocks(connection.execute, _SQLITE_OVERLAPPING, _SQLITE_INSERT_BLOCKS, blocks)
+            if run is not None:
+                connection.executemany(_SQLITE_INSERT_PENDING_PREDICTIONS, [(run, *row) for row in predictions])
+                connection.executemany(_SQLITE_INSERT_PENDING_BLOCKS, [(run, *block) for block in blocks])
+            else:
+                if predictions:
+                    connection.executemany(_SQLITE_INSERT_PREDICTIONS, predictions)
+                if labels:
+                    connection.executemany(_SQLITE_INSERT_LABELS, labels)
+                write_blocks(connection.execute, _SQLITE_OVERLAPPING, _SQLITE_INSERT_BLOCKS, blocks)
             connection.execute("COMMIT")
         except BaseException:
             try:
@@ -370,6 +430,19 @@ class SQLiteStore:
 
     def time_parameter(self, when) -> str:
         return utc_text(when)
+
+    def lock_run(self, run_id: str) -> _RunLockFile | None:
+        "Lock a batch run's file (made when missing); None when a live process holds it."
+        folder = self.path.parent / f".{self.path.name}.runs"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{run_id}.lock"
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return None
+        return _RunLockFile(path, handle)
 
     def read(self, sql: str, parameters=()) -> list[tuple]:
         "Rows of a query, on a connection of its own."
@@ -412,6 +485,30 @@ _POSTGRES_SCHEMA = [
         data BYTEA NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS prediction_blocks_time ON prediction_blocks (time)",
     "CREATE INDEX IF NOT EXISTS prediction_blocks_first ON prediction_blocks (first_request_id)",
+    "CREATE TABLE IF NOT EXISTS pending_runs (run_id TEXT PRIMARY KEY, started TIMESTAMPTZ NOT NULL, owner TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS pending_predictions (
+        run_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        time TIMESTAMPTZ NOT NULL,
+        model_version BIGINT NOT NULL,
+        channel TEXT NOT NULL,
+        score DOUBLE PRECISION,
+        decision INTEGER NOT NULL,
+        id_hash TEXT,
+        features JSONB NOT NULL,
+        event_time TIMESTAMPTZ,
+        PRIMARY KEY (run_id, request_id))""",
+    """CREATE TABLE IF NOT EXISTS pending_blocks (
+        run_id TEXT NOT NULL,
+        block_id TEXT PRIMARY KEY,
+        time TIMESTAMPTZ NOT NULL,
+        model_version BIGINT NOT NULL,
+        channel TEXT NOT NULL,
+        row_count BIGINT NOT NULL,
+        first_request_id TEXT COLLATE "C" NOT NULL,
+        last_request_id TEXT COLLATE "C" NOT NULL,
+        data BYTEA NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS pending_blocks_run ON pending_blocks (run_id)",
 ]
 _POSTGRES_INSERT_PREDICTIONS = """
 INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
@@ -425,11 +522,34 @@ INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count
 VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (block_id) DO NOTHING"""
 _POSTGRES_OVERLAPPING = "SELECT data FROM prediction_blocks WHERE first_request_id <= %s AND last_request_id >= %s"
+_POSTGRES_INSERT_PENDING_PREDICTIONS = """
+INSERT INTO pending_predictions (run_id, request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
+VALUES (%s, %s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
+ON CONFLICT (run_id, request_id) DO NOTHING"""
+_POSTGRES_INSERT_PENDING_BLOCKS = """
+INSERT INTO pending_blocks (run_id, block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
+VALUES (%s, %s, %s::timestamptz, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (block_id) DO NOTHING"""
+_RUN_LOCK_CLASS = 7319003  # the first key of a batch run's advisory lock; the second is from its id
+
+class _RunLockSession:
+    "A batch run's lock: a session advisory lock, held by a connection of the run's process while it lives."
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def release(self) -> None:
+        "Close the connection, which drops the lock."
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.close()
 
 class PostgresStore:
     "The prediction log in a PostgreSQL database (psycopg 3)."
     kind = "postgresql"
     mark = "%s"
+    overlapping_sql = _POSTGRES_OVERLAPPING
+    insert_block_sql = _POSTGRES_INSERT_BLOCKS
 
     def __init__(self,
         url: str,  # postgresql://user:password@host:port/database
@@ -451,10 +571,16 @@ class PostgresStore:
             for statement in _POSTGRES_SCHEMA:
                 connection.execute(statement)
 
-    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = ()) -> None:
-        "Write one batch in one transaction (psycopg pipelines `executemany`: one round trip, not one a row)."
+    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), run: str | None = None) -> None:
+        "Write one batch in one transaction (psycopg pipelines `executemany`: one round trip, not one a row); with `run`, into its pending tables."
         with connection.transaction():
             with connection.cursor() as cursor:
+                if run is not None:
+                    if predictions:
+                        cursor.executemany(_POSTGRES_INSERT_PENDING_PREDICTIONS, [(run, *row) for row in predictions])
+                    if blocks:
+                        cursor.executemany(_POSTGRES_INSERT_PENDING_BLOCKS, [(run, *block) for block in blocks])
+                    return
                 if predictions:
                     cursor.executemany(_POSTGRES_INSERT_PREDICTIONS, predictions)
                 if labels:
@@ -465,6 +591,15 @@ class PostgresStore:
 
     def time_parameter(self, when) -> datetime:
         return datetime.fromisoformat(utc_text(when))
+
+    def lock_run(self, run_id: str) -> _RunLockSession | None:
+        "Take a batch run's advisory lock on a connection of its own; None when a live session holds it."
+        key = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big", signed=True)
+        connection = self.connect()
+        if connection.execute("SELECT pg_try_advisory_lock(%s, %s)", (_RUN_LOCK_CLASS, key)).fetchone()[0]:
+            return _RunLockSession(connection)
+        connection.close()
+        return None
 
     def read(self, sql: str, parameters=()) -> list[tuple]:
         connection = self.connect()
@@ -506,6 +641,16 @@ def describe_error(
     if isinstance(error, OSError) and error.strerror:
         return f"{name}: {error.strerror}"
     return name
+
+# %% ../nbs/31_predlog.ipynb #b7a1c001
+def log_store(
+    url: str,  # the prediction log's URL (see `log_location`)
+    root: Path,  # the project folder
+):  # a `SQLiteStore` or a `PostgresStore`
+    "The store of the prediction log at `url`, without connecting to it."
+    kind, where = log_location(url, root)
+    return SQLiteStore(where) if kind == "sqlite" else PostgresStore(where)
+
 
 # %% ../nbs/31_predlog.ipynb #3a263785
 class JournalError(LifecycleError):
@@ -718,6 +863,7 @@ class PredictionLog:
         max_backoff: float = 1.0,  # longest pause between retries of a failed batch
         journal: Path | None = None,  # a journal folder: `record` appends its rows there first (a server); None: no journal
         journal_bytes: int = 16 << 20,  # a journal file this large is replaced by a new one
+        run: str | None = None,  # a `PendingRun`'s id: predictions wait in its pending tables, invisible, until it publishes
     ):
         self.store = store
         self.batch_size = batch_size
@@ -735,6 +881,9 @@ class PredictionLog:
         self._committed = 0  # of those, the ones the writer is done with: committed, or (rarely) refused by the database
         self._waiters = []  # a heap of (ticket, number, Future): callers waiting for their rows to be committed
         self.journal_bytes = journal_bytes
+        if run is not None and journal is not None:
+            raise LifecycleError("a prediction log writes either for a batch run or through a journal, not both")
+        self.run = run
         self._journal = Journal(journal) if journal is not None else None
         self._retired = []  # (Journal, ticket): full journals, deleted once the ticket is committed
         self._waiter_number = 0
@@ -875,6 +1024,8 @@ class PredictionLog:
         time=None,  # when it became known (ISO-8601 text or datetime); None for now
     ) -> None:
         "Queue a true label, which arrives after its prediction."
+        if self.run is not None:
+            raise LifecycleError("a batch run's log records predictions only: record labels through a log opened without run")
         self._enqueue([("l", label_row(request_id, label, time) + (utc_text(),))])  # and when it was written
 
     def _enqueue(self, items: list, weight: int | None = None) -> int:
@@ -992,29 +1143,6 @@ class PredictionLog:
         "Whether the predictions table holds this request id (one indexed lookup; blocks are not searched)."
         mark = self.store.mark
         return bool(self.store.read(f"SELECT 1 FROM predictions WHERE request_id = {mark} LIMIT 1", (request_id,)))
-
-    def discard(self,
-        channel: str,  # the channel the predictions were logged under
-        when,  # the one time they were all logged with (`record_many(time=…)`)
-        prefix: str,  # the start every one of their request ids shares
-    ) -> int:  # predictions removed
-        """Remove the predictions of one run that failed: those of `channel` logged at exactly `when` whose request
-        ids start with `prefix`. Call it after `close`, so nothing of the run is still queued."""
-        mark = self.store.mark
-        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        where = f"channel = {mark} AND time = {mark}"
-        parameters = (channel, self.store.time_parameter(when), pattern)
-        connection = self.store.connect()
-        try:
-            removed = 0
-            with _transaction(connection):
-                for table, column, rows in (("predictions", "request_id", "1"), ("prediction_blocks", "first_request_id", "row_count")):
-                    condition = f"{where} AND {column} LIKE {mark} ESCAPE '\\'"
-                    removed += int(connection.execute(f"SELECT coalesce(sum({rows}), 0) FROM {table} WHERE {condition}", parameters).fetchone()[0])
-                    connection.execute(f"DELETE FROM {table} WHERE {condition}", parameters)
-            return removed
-        finally:
-            connection.close()
 
     def predictions(self,
         since=None,  # only predictions at or after this time (ISO-8601 text or datetime)
@@ -1156,7 +1284,10 @@ class PredictionLog:
         predictions = [row for kind, row in batch if kind == "p"]
         labels = [row for kind, row in batch if kind == "l"]
         blocks = [block.row() for kind, block in batch if kind == "b"]  # compressed before the transaction, not inside it
-        self.store.write(self._connection, predictions, labels, blocks)
+        if self.run is None:
+            self.store.write(self._connection, predictions, labels, blocks)
+        else:
+            self.store.write(self._connection, predictions, labels, blocks, run=self.run)
 
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -1212,10 +1343,162 @@ def open_log(
     root: Path,  # the project folder: relative paths start there, and the id key lives there
     batch_size: int = 1000,  # most rows one transaction writes
     journal: bool = False,  # journal every recorded row before it is queued (the server: answered means logged, even after kill -9)
+    run: str | None = None,  # a `PendingRun`'s id: this log's predictions stay invisible until that run publishes them
 ) -> PredictionLog:
-    "Open the project's prediction log, creating its tables when needed and replaying the journals a crashed process left."
-    kind, where = log_location(url, root)
-    store = SQLiteStore(where) if kind == "sqlite" else PostgresStore(where)
-    log = PredictionLog(store, id_key(root), batch_size=batch_size, journal=journal_folder(root, store) if journal else None)
+    """Open the project's prediction log, creating its tables when needed, replaying the journals a crashed process left
+    and removing the pending predictions of batch runs whose process died."""
+    store = log_store(url, root)
+    log = PredictionLog(store, id_key(root), batch_size=batch_size, journal=journal_folder(root, store) if journal else None, run=run)
     replay_journals(store, journal_folder(root, store))
+    remove_dead_runs(store)
     return log
+
+# %% ../nbs/31_predlog.ipynb #b7a1c011
+_PENDING_COLUMNS = "request_id, time, model_version, channel, score, decision, id_hash, features, event_time"
+_BLOCK_COLUMNS = "block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data"
+
+def _delete_run(
+    connection,  # a writer's connection to the store, inside a transaction
+    mark: str,  # the store's parameter mark
+    run_id: str,  # the batch run
+) -> int:  # predictions removed
+    "Remove a batch run's pending rows and its registration."
+    removed = int(connection.execute(f"SELECT (SELECT count(*) FROM pending_predictions WHERE run_id = {mark}) + "
+                                     f"(SELECT coalesce(sum(row_count), 0) FROM pending_blocks WHERE run_id = {mark})",
+                                     (run_id, run_id)).fetchone()[0])
+    for table in ("pending_predictions", "pending_blocks", "pending_runs"):
+        connection.execute(f"DELETE FROM {table} WHERE run_id = {mark}", (run_id,))
+    return removed
+
+def _publish_blocks(
+    connection,  # a writer's connection, inside the publishing transaction
+    store,  # the store (its marks and statements)
+    run_id: str,  # the batch run
+) -> int:  # predictions moved into prediction_blocks
+    "Move a run's pending blocks into prediction_blocks, each without the predictions a logged block holds already."
+    mark = store.mark
+    if store.kind == "postgresql":  # one block writer at a time, as in `PostgresStore.write`
+        connection.execute("SELECT pg_advisory_xact_lock(7319002)")
+    published = 0
+    pending = connection.execute(f"SELECT block_id, first_request_id, last_request_id, row_count FROM pending_blocks "
+                                 f"WHERE run_id = {mark} ORDER BY first_request_id", (run_id,)).fetchall()
+    for block_id, first, last, rows in pending:
+        overlapping = [row[0] for row in connection.execute(store.overlapping_sql, (last, first)).fetchall()]
+        if not overlapping:  # the usual case: moved inside the database, never through Python
+            connection.execute(f"INSERT INTO prediction_blocks ({_BLOCK_COLUMNS}) SELECT {_BLOCK_COLUMNS} FROM pending_blocks "
+                               f"WHERE block_id = {mark}", (block_id,))
+            published += int(rows)
+            continue
+        block = connection.execute(f"SELECT {_BLOCK_COLUMNS} FROM pending_blocks WHERE block_id = {mark}", (block_id,)).fetchone()
+        block = without_logged(tuple(block[:-1]) + (bytes(block[-1]),), overlapping)
+        if block is not None:
+            connection.execute(store.insert_block_sql, block)
+            published += block[4]
+    return published
+
+
+# %% ../nbs/31_predlog.ipynb #b7a1c012
+class PendingRun:
+    """A batch run whose predictions stay in the pending tables, invisible to every reader, until `publish` moves
+    them into the log in one transaction. `abandon` removes them; so does the next `open_log` once the run's
+    process is dead."""
+
+    def __init__(self,
+        store,  # the log's store (`log_store`)
+    ):
+        self.store = store
+        self.run_id = uuid.uuid4().hex
+        self._lock = None
+        try:
+            connection = store.connect()
+            try:
+                store.create(connection)
+                self._lock = store.lock_run(self.run_id)  # first the lock, then the registration: a registered run is never taken for dead
+                if self._lock is None:
+                    raise LifecycleError(f"batch run {self.run_id} is locked by another process")
+                with _transaction(connection):
+                    connection.execute(f"INSERT INTO pending_runs (run_id, started, owner) VALUES ({store.mark}, {store.mark}, {store.mark})",
+                                       (self.run_id, store.time_parameter(None), f"{socket.gethostname()} pid {os.getpid()}"))
+            finally:
+                connection.close()
+        except LifecycleError:
+            self._release()
+            raise
+        except Exception as error:
+            self._release()
+            raise LifecycleError(f"cannot start a batch run in the prediction log {store}: {describe_error(error)}") from None
+
+    def __repr__(self):
+        return f"PendingRun({self.run_id} in {self.store})"
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def publish(self) -> int:  # predictions made visible (those another block already held are left out)
+        "Make the run's predictions visible, all at once. Call it after every log writing for the run is flushed and closed."
+        if self._lock is None:
+            raise LifecycleError(f"batch run {self.run_id} was already published or abandoned")
+        mark = self.store.mark
+        connection = self.store.connect()
+        try:
+            with _transaction(connection):
+                if connection.execute(f"DELETE FROM pending_runs WHERE run_id = {mark}", (self.run_id,)).rowcount != 1:
+                    raise LifecycleError(f"batch run {self.run_id}: its pending predictions are no longer in the log {self.store} "
+                                         "(removed as a dead run's); run it again")
+                published = connection.execute(f"INSERT INTO predictions ({_PENDING_COLUMNS}) SELECT {_PENDING_COLUMNS} FROM pending_predictions "
+                                               f"WHERE run_id = {mark} ON CONFLICT (request_id) DO NOTHING", (self.run_id,)).rowcount
+                published += _publish_blocks(connection, self.store, self.run_id)
+                _delete_run(connection, mark, self.run_id)
+        finally:
+            connection.close()
+        self._release()
+        return max(0, published)
+
+    def abandon(self) -> int:  # predictions removed
+        "Remove the run's pending predictions: the run failed, so none of them was delivered."
+        if self._lock is None:
+            return 0
+        connection = self.store.connect()
+        try:
+            with _transaction(connection):
+                removed = _delete_run(connection, self.store.mark, self.run_id)
+        finally:
+            connection.close()
+        self._release()
+        return removed
+
+
+# %% ../nbs/31_predlog.ipynb #b7a1c013
+def remove_dead_runs(
+    store,  # the log's store
+) -> int:  # pending predictions removed
+    "Remove the pending rows of batch runs whose process died (its lock is free), and rows of runs no longer registered."
+    try:
+        registered = [row[0] for row in store.read("SELECT run_id FROM pending_runs")]
+        written = {row[0] for row in store.read("SELECT DISTINCT run_id FROM pending_blocks UNION SELECT DISTINCT run_id FROM pending_predictions")}
+    except Exception:  # a log made before batch runs were pending: nothing to remove
+        return 0
+    removed = 0
+    for run_id in registered + sorted(written - set(registered)):
+        lock = store.lock_run(run_id) if run_id in registered else None
+        if run_id in registered and lock is None:
+            continue  # its process lives
+        try:
+            connection = store.connect()
+            try:
+                with _transaction(connection):
+                    if lock is None and connection.execute(f"SELECT 1 FROM pending_runs WHERE run_id = {store.mark}", (run_id,)).fetchall():
+                        continue  # an unregistered run's rows: registered meanwhile (cannot happen: a run registers before it writes)
+                    removed += _delete_run(connection, store.mark, run_id)
+            finally:
+                connection.close()
+        finally:
+            if lock is not None:
+                lock.release()
+    if removed:
+        _logger.warning("prediction log %s: removed %d pending predictions of batch runs that stopped before they finished "
+                        "(never visible to a reader)", store, removed)
+    return removed
+

@@ -16,6 +16,7 @@ from lifecycle.registry import Registry, register, set_alias
 from lifecycle.contract import error_reason
 from lifecycle.scoring import Scorer, ServingSpec, check_records
 from lifecycle.train import build_pipeline
+from test_predlog import postgres_server, postgres_url  # noqa: F401  (the real PostgreSQL fixtures)
 
 FEATURES = ["age", "chol", "sex", "color"]
 META = {"features": {"numeric": ["age", "chol"], "categorical": ["sex", "color"]}, "threshold": 0.4,
@@ -285,3 +286,104 @@ def test_a_run_that_fails_midway_leaves_nothing_in_the_log(project, tmp_path):
     summary = score_file(project, source, tmp_path / "out.parquet", chunk_rows=100, progress=False)
     with open_log("", project) as log:
         assert log.count() == before + summary["logged"] and summary["logged"] > 0
+
+
+# --- a run killed with SIGKILL --------------------------------------------------------------------
+
+def _pending(read) -> int:
+    "Predictions waiting in the pending tables (0 before the run made them)."
+    try:
+        return int(read("SELECT (SELECT count(*) FROM pending_predictions) + (SELECT coalesce(sum(row_count), 0) FROM pending_blocks)")[0][0])
+    except Exception:  # the tables are not there yet
+        return 0
+
+
+def _start_batch(project, tmp_path, log_url):
+    "A `lifecycle batch` run on a file of 60,000 rows, 60 chunks, in a process group of its own."
+    import subprocess
+    from conftest import LIFECYCLE
+    source = tmp_path / "big.csv"
+    frame, _ = _training_rows(60_000, seed=7)
+    frame.to_csv(source, index=False)
+    command = [str(LIFECYCLE), "batch", "--settings", str(project / "settings.ini"), "--input", str(source),
+               "--output", str(tmp_path / "out.parquet"), "--chunk-rows", "1000", "--log", log_url, "--quiet"]
+    return source, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _kill(batch):
+    import signal
+    os.killpg(batch.pid, signal.SIGKILL)
+    batch.wait(timeout=60)
+    assert batch.returncode == -signal.SIGKILL
+
+
+def _assert_killed_run_invisible_then_removed(project, tmp_path, store, log_url, source):
+    from lifecycle.predlog import PredictionLog, id_key
+    reader = PredictionLog(store, id_key(project))  # reads without the cleaning open_log does
+    assert reader.count() == 0 and len(reader.predictions()) == 0  # every reader: nothing of the killed run
+    assert _pending(store.read) > 0 and store.read("SELECT count(*) FROM pending_runs")[0][0] == 1
+    reader.close()
+    with open_log(log_url, project) as log:  # the next open removes the dead run's pending rows
+        assert _pending(store.read) == 0 and store.read("SELECT count(*) FROM pending_runs")[0][0] == 0
+        assert log.count() == 0
+    assert not (tmp_path / "out.parquet").exists()
+    # a run that completes logs every row it scored
+    summary = score_file(project, source, tmp_path / "out.parquet", chunk_rows=20_000, log_url=log_url, progress=False)
+    with open_log(log_url, project) as log:
+        assert log.count("batch") == summary["rows_scored"] == summary["logged"] > 50_000
+        assert _pending(store.read) == 0
+
+
+def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows(project, tmp_path):
+    "SQLite: the run writes pending blocks; holding the database's write lock once some exist, the run cannot publish before its kill."
+    import sqlite3
+    import time
+    from lifecycle.predlog import SQLiteStore
+    log_path = tmp_path / "log.sqlite"
+    source, batch = _start_batch(project, tmp_path, str(log_path))
+    try:
+        watcher = sqlite3.connect(log_path, timeout=60, isolation_level=None)
+        deadline = time.monotonic() + 300
+        while True:
+            assert batch.poll() is None, f"the run ended before any of its rows was seen: {batch.stderr.read()}"
+            watcher.execute("BEGIN IMMEDIATE")  # while it is held, the run cannot publish
+            if _pending(lambda sql: watcher.execute(sql).fetchall()) > 0:
+                break
+            watcher.execute("ROLLBACK")
+            assert time.monotonic() < deadline, "the run wrote no pending rows in 5 minutes"
+            time.sleep(0.01)
+        _kill(batch)
+        watcher.execute("ROLLBACK")
+        watcher.close()
+    finally:
+        if batch.poll() is None:
+            _kill(batch)
+    _assert_killed_run_invisible_then_removed(project, tmp_path, SQLiteStore(log_path), str(log_path), source)
+    assert list((tmp_path / ".log.sqlite.runs").iterdir()) == []  # the dead run's lock file went with it
+
+
+def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows_on_postgresql(project, tmp_path, postgres_url):
+    "PostgreSQL: the test holds the block writers' advisory lock, so the run writes pending rows but cannot publish them."
+    import time
+    import psycopg
+    from lifecycle.predlog import PostgresStore
+    store = PostgresStore(postgres_url)
+    with psycopg.connect(postgres_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(7319002)")
+        source, batch = _start_batch(project, tmp_path, postgres_url)
+        try:
+            deadline = time.monotonic() + 300
+            while _pending(store.read) == 0:
+                assert batch.poll() is None, f"the run ended before any of its rows was seen: {batch.stderr.read()}"
+                assert time.monotonic() < deadline, "the run wrote no pending rows in 5 minutes"
+                time.sleep(0.05)
+            _kill(batch)
+        finally:
+            if batch.poll() is None:
+                _kill(batch)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:  # the killed process's sessions end as the server sees their sockets close
+        deadline = time.monotonic() + 120
+        while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'lifecycle-predlog'").fetchone()[0]:
+            assert time.monotonic() < deadline, "the killed run's sessions did not end"
+            time.sleep(0.05)
+    _assert_killed_run_invisible_then_removed(project, tmp_path, store, postgres_url, source)

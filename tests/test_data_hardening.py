@@ -140,3 +140,85 @@ def test_batch_names_a_damaged_parquet_page_in_one_line(batch_project, capsys):
     (batch_project / "in.parquet").write_bytes(bytes(data))
     code, err = _batch(batch_project, capsys, "in.parquet")
     assert code == 1 and "cannot be read as parquet" in _one_line(err, only=True)
+
+
+SIDE_EFFECTS = [  # (query, the function the refusal names): each would act on the server if it ran
+    ("SELECT pg_terminate_backend(pid) AS gone FROM pg_stat_activity", "pg_terminate_backend"),
+    ("SELECT pg_cancel_backend(pid) AS gone FROM pg_stat_activity", "pg_cancel_backend"),
+    ("SELECT age FROM patients WHERE pg_advisory_lock(4711) IS NOT NULL", "pg_advisory_lock"),
+    ("SELECT set_config('default_transaction_read_only', 'off', false) AS s", "set_config"),
+    ("SELECT pg_notify('lifecycle', 'hello') AS n", "pg_notify"),
+    ("SELECT pg_reload_conf() AS r", "pg_reload_conf"),
+    ("SELECT lo_from_bytea(0, '\\x00'::bytea) AS o", "lo_from_bytea"),
+    ("SELECT * FROM pg_sleep(3600)", "pg_sleep"),
+    ("SELECT age FROM patients ORDER BY pg_advisory_lock(age::bigint)::text", "pg_advisory_lock"),
+    ("SELECT age FROM patients LIMIT (SELECT 1 FROM pg_advisory_lock(4712))", "pg_advisory_lock"),
+    ("VALUES (pg_notify('lifecycle', 'values'))", "pg_notify"),
+    ("SELECT age FROM sneaky", "pg_advisory_lock"),  # a view in the database that calls it: seen in the plan
+    ("SELECT E'\\'' AS a, pg_advisory_lock(4713) AS b --'", "pg_advisory_lock"),  # E'\'' is one string
+    ("SELECT /* /* nested */ */ pg_advisory_lock(4714) AS b", "pg_advisory_lock"),
+    ('SELECT "pg_advisory_lock"(4715) AS b', "pg_advisory_lock"),
+    ("SELECT pg_catalog.pg_advisory_lock /* gap */ (4716) AS b", "pg_advisory_lock"),
+]
+
+
+def test_a_postgresql_source_cannot_call_functions_with_side_effects(postgres_url):
+    import psycopg
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("CREATE TABLE patients (age float, num int)")
+        db.execute("INSERT INTO patients VALUES (50, 1), (60, 0)")
+        db.execute("CREATE VIEW sneaky AS SELECT age, pg_advisory_lock(4710)::text AS held FROM patients")
+    read = lambda query: read_sql_table(Source("clinic", postgres_url, query), HEART)[0]
+    with psycopg.connect(postgres_url, autocommit=True) as bystander:
+        bystander.execute("LISTEN lifecycle")
+        for query, function in SIDE_EFFECTS:
+            with pytest.raises(LifecycleError) as refused:
+                read(query)
+            message = str(refused.value)
+            assert f"calls {function}()" in message and "source 'clinic'" in message and "\n" not in message, (query, message)
+        assert bystander.execute("SELECT 1").fetchone()[0] == 1  # not terminated
+        assert list(bystander.notifies(timeout=0.1, stop_after=1)) == []  # nothing notified
+        assert bystander.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0] == 0
+        assert bystander.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()[0] == 0
+    # a second statement smuggled out of the subquery is refused by the server: one prepared statement only
+    breakout = ("SELECT 1 AS a) AS x; SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; DROP TABLE patients; "
+                "SELECT * FROM (SELECT 1 AS a")
+    with pytest.raises(LifecycleError, match="multiple commands"):
+        read(breakout)
+    # what only reads still reads, random() and clock_timestamp() included
+    frame = read("SELECT age, random() AS r, clock_timestamp() AS t, abs(num) AS n FROM patients "
+                 "WHERE age > abs(-1) AND 'a%s' LIKE 'a%' ORDER BY age")
+    assert frame["age"].tolist() == [50.0, 60.0] and frame["r"].between(0, 1).all()
+    assert len(read("SELECT * FROM patients TABLESAMPLE BERNOULLI (100) REPEATABLE (1)")) == 2
+
+
+def test_a_postgresql_source_query_runs_under_a_statement_timeout(postgres_url):
+    from lifecycle.sources import read_postgres_query
+    endless = "SELECT count(*) AS n FROM generate_series(1, 1000000) AS a, generate_series(1, 1000000) AS b"
+    with pytest.raises(LifecycleError, match="statement timeout"):
+        read_postgres_query(postgres_url, endless, "source 'clinic'", timeout=0.2)
+
+
+@pytest.mark.parametrize("case", ["a malformed line in the first block", "a malformed line past the first 64 KB", "a damaged parquet page"])
+def test_the_dask_engine_gives_the_same_one_line_input_errors(batch_project, capfd, case):
+    "The whole stderr of `lifecycle batch --engine dask` (its local cluster's workers, which write to the same file, included) is one line."
+    name = "in.parquet" if "parquet" in case else "in.csv"
+    if "parquet" in case:
+        frame = pd.DataFrame({"age": np.full(60_000, 50.0), "chol": np.arange(60_000) % 300 + 100.0})
+        frame.to_parquet(batch_project / name, row_group_size=10_000)
+        data = bytearray((batch_project / name).read_bytes())
+        data[len(data) // 2:len(data) // 2 + 3000] = b"\xff" * 3000
+        (batch_project / name).write_bytes(bytes(data))
+        expected = "cannot be read as parquet after row 30,000"
+    else:
+        good_before = 1 if "first block" in case else 30_000
+        lines = ["age,chol"] + ["50,200"] * good_before + [f"61,250,{SECRET}"] + ["40,180"] * 10
+        (batch_project / name).write_text("\n".join(lines) + "\n")
+        expected = f"line {good_before + 2:,} has 3 fields, the header 2"
+    capfd.readouterr()
+    code = main(["batch", "--settings", str(batch_project / "settings.ini"), "--input", str(batch_project / name),
+                 "--output", str(batch_project / "out.parquet"), "--engine", "dask", "--no-log", "--quiet"])
+    stderr = capfd.readouterr().err
+    assert code == 1
+    assert expected in _one_line(stderr, only=True) and SECRET not in stderr and "61,250" not in stderr
+    assert not (batch_project / "out.parquet").exists()
