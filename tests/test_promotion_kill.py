@@ -195,7 +195,10 @@ def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_p
     from lifecycle.retrain import decisions
     registry = Registry(champion_project)
     champion, events_before = registry.aliases()["champion"], len(events(registry))
-    command = [str(LIFECYCLE), "retrain", "--settings", str(champion_project / "settings.ini"), "--force", "-p", "prepare.profile=false"]
+    # a lean challenger (fewer folds, seeds and resamples), its production rows weighing 3 times a row of the champion's data
+    lean = ["-p", "prepare.profile=false", "-p", "train.cv_folds=3", "-p", "evaluate.fairness_seeds=1", "-p", "evaluate.bootstrap_resamples=100",
+            "-p", "retrain.bootstrap=200", "-p", "retrain.production_weight=3"]
+    command = [str(LIFECYCLE), "retrain", "--settings", str(champion_project / "settings.ini"), "--force", *lean]
     first = subprocess.Popen(command + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # the first holds the lock once it writes its retraining data (under the lock): no timing, a state to wait for
@@ -218,6 +221,9 @@ def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_p
     recorded = decisions(champion_project)
     assert [entry["kind"] for entry in recorded].count("busy") == 1
     assert [entry["kind"] for entry in recorded].count("promotion") == 1
+    # the weight reached the challenger's fit, on the record
+    trained = json.loads((registry.path / "versions" / str(result["summary"]["challenger"]) / "meta.json").read_text())
+    assert trained["source_weights"] == f"production_{result['retrain_id']}: 3" and result["data"]["production_weight"] == 3
 
 
 def test_a_promoted_recalibration_is_served_online_in_batch_and_in_streams_with_the_scores_the_comparison_judged(tmp_path):
