@@ -254,6 +254,7 @@ def set_alias(
     alias: str,  # champion or challenger
     version: int,  # the version it names from now on
     reason: str,  # why, for the record
+    expected: int | None = None,  # when given, move the alias only if it still names this version (compare and set)
 ) -> dict:  # the event recorded
     "Point an alias at a version, atomically and on the record."
     if alias not in ALIASES:
@@ -264,6 +265,9 @@ def set_alias(
         finish_change(registry)
         path = registry.path / "aliases.json"
         aliases = read_json(path) if path.exists() else {}
+        if expected is not None and aliases.get(alias) != expected:
+            raise LifecycleError(f"'{alias}' moved to version {aliases.get(alias)} while version {expected} was being judged; "
+                                 f"{alias} stays version {aliases.get(alias)}: judge against it again")
         event = {"alias": alias, "version": version, "previous": aliases.get(alias), "reason": reason,
                  "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "metrics": (meta.get("evaluation") or {}).get("metrics") or meta.get("metrics", {})}  # test metrics once evaluated

@@ -20,11 +20,11 @@ import pandas as pd
 from .core import LifecycleError, Settings, load_settings, read_json, write_json, write_text
 
 # %% auto #0
-__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'firing_alerts', 'champion_since',
-           'decide', 'record_decision', 'decisions', 'retrain_lock', 'labeled_predictions', 'gather_evidence',
-           'log_url', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
+__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'CHANGES', 'firing_alerts',
+           'champion_since', 'decide', 'record_decision', 'decisions', 'retrain_lock', 'labeled_predictions',
+           'gather_evidence', 'log_url', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
            'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
-           'promote_if_won', 'headline']
+           'promote_if_won', 'choose_change', 'derived_reference', 'register_change', 'conclude', 'headline']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -256,7 +256,7 @@ def as_source_rows(
             rows[column] = np.where(labeled["label"].to_numpy() == 1, _target_value(settings.positive[0]), _target_value(settings.negative[0]))
         elif column == settings.timestamp and column:
             rows[column] = pd.to_datetime(labeled["time"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S%z")
-        elif column in features and column in labeled.columns:
+        elif column in features and column in labeled.columns and column != settings.id:  # an identifier is never a feature
             rows[column] = labeled[column].to_numpy()
         else:
             rows[column] = None  # not logged (an identifier, a column the model does not use): missing, never a pseudonym
@@ -284,6 +284,7 @@ def challenger_settings_text(
     production: str,  # the production rows' file, relative to the project folder
     retrain_id: str,  # this retrain's id
     accept_schema: bool,  # accept a new schema version production introduced, on the record
+    production_weight: float = 1.0,  # a production row's weight in training against one of the champion's rows
 ) -> str:  # the challenger's settings file
     "The challenger's settings: the project's, with the champion's sources plus the production rows."
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",), strict=True)
@@ -295,6 +296,12 @@ def challenger_settings_text(
             parser.add_section("prepare")
         parser.set("prepare", "accept_schema", "true")
         parser.set("prepare", "schema_reason", f"retrain {retrain_id}: production data accepted by [retrain] accept_schema")
+    if production_weight != 1:
+        if not 0 < production_weight < 1e6:
+            raise LifecycleError("[retrain] production_weight must be above 0 (1: a production row counts as much as a training row)")
+        if not parser.has_section("train"):
+            parser.add_section("train")
+        parser.set("train", "source_weights", f"production_{retrain_id}: {production_weight:g}")
     if not parser.has_section("retrain"):
         parser.add_section("retrain")
     parser.set("retrain", "challenger_of", retrain_id)
@@ -305,7 +312,7 @@ def challenger_settings_text(
 # %% ../nbs/07_retrain.ipynb #9f9031ee
 def write_retraining_data(
     settings: Settings,  # the project's settings
-    policy: dict,  # the [retrain] settings: window_days, holdout_share, accept_schema
+    policy: dict,  # the [retrain] settings: window_days, window_predictions, production_weight, holdout_share, accept_schema
     labeled: pd.DataFrame,  # the labeled production predictions
     now: datetime,  # the time of this retrain
     retrain_id: str,  # this retrain's id (its folder under retrain/)
@@ -320,6 +327,9 @@ def write_retraining_data(
     days = int(policy.get("window_days", 0) or 0)
     if days > 0 and len(labeled):
         labeled = labeled[pd.to_datetime(labeled["time"], utc=True) >= now - timedelta(days=days)]
+    newest = int(policy.get("window_predictions", 0) or 0)
+    if newest > 0 and len(labeled) > newest:
+        labeled = labeled.sort_values(["time", "request_id"], kind="stable").iloc[-newest:]
     training, held = split_holdout(labeled, float(policy.get("holdout_share", 0.5)))
     folder = root / "retrain" / retrain_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -330,11 +340,12 @@ def write_retraining_data(
     held[kept].to_parquet(folder / "holdout.parquet", index=False)
     data = champion_training_data(root, meta)
     text = challenger_settings_text(settings.path.read_text(), data["sources_text"], production.relative_to(root).as_posix(),
-                                    retrain_id, bool(policy.get("accept_schema", False)))
+                                    retrain_id, bool(policy.get("accept_schema", False)), float(policy.get("production_weight", 1) or 1))
     write_text(root / CHALLENGER_SETTINGS, text)
     write_text(folder / CHALLENGER_SETTINGS, text)  # kept with the retrain, for the record
     manifest = {"retrain_id": retrain_id, "time": now.isoformat(timespec="seconds"), "champion": champion, "champion_data": data,
-                "window_days": days, "labeled": len(labeled), "training_rows": len(training), "holdout_rows": len(held),
+                "window_days": days, "window_predictions": newest,
+                "production_weight": float(policy.get("production_weight", 1) or 1), "labeled": len(labeled), "training_rows": len(training), "holdout_rows": len(held),
                 "holdout_from": str(held["time"].min()) if len(held) else None, "settings": str(root / CHALLENGER_SETTINGS),
                 "folder": str(folder)}
     write_json(folder / "data.json", manifest)
@@ -360,7 +371,7 @@ def fit_recalibration(
     scores,  # the model's scores on recent labeled rows
     labels,  # their labels
     method: str = "auto",  # isotonic, platt, or auto (isotonic from 200 rows, else Platt)
-):  # a function from scores to calibrated scores
+) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`lifecycle.scoring.calibrate_scores` applies it)
     "Fit a recalibration of scores on recent labeled rows."
     from sklearn.isotonic import IsotonicRegression
     from sklearn.linear_model import LogisticRegression
@@ -368,10 +379,10 @@ def fit_recalibration(
     method = ("isotonic" if len(scores) >= 200 else "platt") if method == "auto" else method
     if method == "isotonic":
         fitted = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(scores, labels)
-        return lambda new: fitted.predict(np.asarray(new, dtype=float))
-    logit = lambda values: np.log(np.clip(values, 1e-6, 1 - 1e-6) / (1 - np.clip(values, 1e-6, 1 - 1e-6)))[:, None]
-    fitted = LogisticRegression(C=1e6).fit(logit(scores), labels)
-    return lambda new: fitted.predict_proba(logit(np.asarray(new, dtype=float)))[:, 1]
+        return {"method": "isotonic", "scores": fitted.X_thresholds_.tolist(), "probabilities": fitted.y_thresholds_.tolist(), "rows": len(scores)}
+    clipped = np.clip(scores, 1e-6, 1 - 1e-6)
+    fitted = LogisticRegression(C=1e6).fit(np.log(clipped / (1 - clipped))[:, None], labels)
+    return {"method": "platt", "slope": float(fitted.coef_[0, 0]), "intercept": float(fitted.intercept_[0]), "rows": len(scores)}
 
 # %% ../nbs/07_retrain.ipynb #7273a493
 def _groups(settings: Settings, rows: pd.DataFrame, reference: dict | None) -> dict:
@@ -390,6 +401,7 @@ def judge(
     from lifecycle.compare import compare_models
     from lifecycle.metrics import threshold_for_recall
     from lifecycle.registry import Registry
+    from lifecycle.scoring import calibrate_scores
     root = settings.root
     folder = root / "retrain" / retrain_id
     champion = Registry(root).aliases().get("champion")
@@ -420,14 +432,19 @@ def judge(
     target_recall = float(evaluate.get("target_recall", 0.85))
     if usable.sum() >= 20 and len(set(recent_labels)) == 2:
         threshold = threshold_for_recall(recent_labels, recent_scores[usable], target_recall)
-        result["candidates"]["threshold"] = {"threshold": threshold, "comparison": compare_models(
+        result["candidates"]["threshold"] = {"threshold": threshold, "calibration": None, "comparison": compare_models(
             labels, champion_scores, champion_scores, champion_threshold, threshold, **{**options, "seed": 1})}
-        calibrate = fit_recalibration(recent_scores[usable], recent_labels)
-        calibrated_threshold = threshold_for_recall(recent_labels, calibrate(recent_scores[usable]), target_recall)
-        result["candidates"]["recalibration"] = {"threshold": calibrated_threshold, "comparison": compare_models(
-            labels, champion_scores, calibrate(champion_scores), champion_threshold, calibrated_threshold, **{**options, "seed": 2})}
+        calibration = fit_recalibration(recent_scores[usable], recent_labels)
+        calibrated_threshold = threshold_for_recall(recent_labels, calibrate_scores(recent_scores[usable], calibration), target_recall)
+        calibrated = calibrate_scores(champion_scores, calibration)  # the scores a version holding this map serves: `Scorer` applies the same function
+        result["candidates"]["recalibration"] = {"threshold": calibrated_threshold, "calibration": calibration, "comparison": compare_models(
+            labels, champion_scores, calibrated, champion_threshold, calibrated_threshold, **{**options, "seed": 2})}
     else:
         statements.append("too few recent labeled rows used for training (20, both classes) to try recalibration or a new threshold")
+    scored = pd.DataFrame({"request_id": held["request_id"].to_numpy()[both], "label": labels, "champion": champion_scores, "challenger": challenger_scores})
+    if "recalibration" in result["candidates"]:
+        scored["recalibration"] = calibrated
+    scored.to_parquet(folder / "scores.parquet", index=False)  # each compared row's scores, with the evidence
     return result
 
 # %% ../nbs/07_retrain.ipynb #bdfd8819
@@ -452,8 +469,112 @@ def promote_if_won(
         reasons.append("[retrain] promote = false: the verdict is recorded only")
     if reasons:
         return {"promoted": False, "reasons": reasons}
-    event = set_alias(Registry(root), "champion", judged["challenger"], f"{comparison['headline']} Evidence: {evidence}")
-    return {"promoted": True, "reasons": [comparison["headline"]], "event": event}
+    try:  # only if the champion is still the one it was judged against: two retrains never both promote
+        event = set_alias(Registry(root), "champion", judged["challenger"], f"{comparison['headline']} Evidence: {evidence}", expected=judged["champion"])
+    except LifecycleError as error:
+        return {"promoted": False, "reasons": [str(error)]}
+    return {"promoted": True, "reasons": [comparison["headline"]], "event": event, "change": "challenger", "version": judged["challenger"]}
+
+# %% ../nbs/07_retrain.ipynb #fb8d8932
+CHANGES = ("recalibration", "threshold")  # the cheaper changes a retrain can apply as a new version of the champion's model
+
+def choose_change(
+    judged: dict,  # what `judge` returned
+    gate: dict | None,  # the challenger's gate decision
+    apply_changes: bool = True,  # a winning cheaper change may be applied
+) -> str | None:  # challenger, recalibration, threshold, or None (nothing wins)
+    "Which change wins: the challenger first, else the cheaper change that promotes at the lowest cost per patient."
+    comparison = judged.get("comparison")
+    if comparison and comparison["promote"] and (gate or {}).get("passed"):
+        return "challenger"
+    if not apply_changes:
+        return None
+    winners = [(judged["candidates"][name]["comparison"]["cost"]["b"], order, name) for order, name in enumerate(CHANGES)
+               if name in judged.get("candidates", {}) and judged["candidates"][name]["comparison"]["promote"]]
+    return min(winners)[2] if winners else None
+
+# %% ../nbs/07_retrain.ipynb #29f91ce4
+def derived_reference(
+    reference: dict,  # the champion's reference statistics
+    calibration: dict | None,  # the recalibration the new version adds (None: a threshold only)
+) -> dict:  # the new version's reference statistics
+    "The champion's reference, its score distribution mapped through a recalibration (a monotone map: quantiles stay quantiles)."
+    from lifecycle.scoring import calibrate_scores
+    if not calibration or "quantile_grid" not in (reference.get("scores") or {}):
+        return reference
+    scores = dict(reference["scores"])
+    grid = calibrate_scores(scores["quantile_grid"], calibration)
+    counts, edges = np.histogram(grid, bins=20, range=(0, 1))
+    rows = int(reference.get("rows") or sum(scores.get("bin_counts") or [0]))
+    scores.update(quantile_grid=grid.tolist(), bin_edges=edges.tolist(), bin_counts=np.round(counts / len(grid) * rows).astype(int).tolist(),
+                  mean=float(grid.mean()), std=float(grid.std()),
+                  calibration={"scores": [0.0, 1.0], "probabilities": [0.0, 1.0]})  # recalibrated on labeled production rows: its scores are its estimates
+    return {**reference, "scores": scores, "recalibrated": True}
+
+# %% ../nbs/07_retrain.ipynb #882da287
+def register_change(
+    root: Path,  # the project folder
+    judged: dict,  # what `judge` returned
+    change: str,  # recalibration or threshold
+    retrain_id: str,  # the retrain that judged it
+    evidence: str,  # where the evidence is, relative to the project
+) -> int:  # the new version
+    "Register a winning cheaper change as a new version: the champion's model file, its new threshold and calibration in the metadata."
+    from lifecycle.registry import Registry, load_model, markdown_to_html, register
+    registry = Registry(root)
+    champion, candidate = judged["champion"], judged["candidates"][change]
+    comparison, meta = candidate["comparison"], registry.meta(champion)
+    folder = registry.path / "versions" / str(champion)
+    before = meta.get("calibration") or []  # a champion that is itself recalibrated: the new map applies after its own
+    steps = (before if isinstance(before, list) else [before]) + ([candidate["calibration"]] if candidate.get("calibration") else [])
+    figures = {"roc_auc": (comparison.get("auc") or {}).get("auc_b"), "accuracy": comparison["decisions"]["accuracy_b"],
+               "brier": comparison["brier"]["b"], "cost_per_patient": comparison["cost"]["b"]}
+    metrics = {name: float(value) for name, value in figures.items() if value is not None}
+    record = {**{key: value for key, value in meta.items() if key not in ("version", "sha256", "bytes", "created", "gate", "evaluation", "calibration")},
+              "threshold": float(candidate["threshold"]), "calibration": steps or None,
+              "derived_from": {"version": champion, "change": change, "retrain_id": retrain_id, "evidence": evidence},
+              "evaluation": {"run_id": (meta.get("evaluation") or {}).get("run_id"), "metrics": metrics,
+                             "on": f"{comparison['rows']} held-out labeled production predictions (retrain {retrain_id})"},
+              "gate": {"passed": True, "by": "the retrain's paired comparison", "verdict": comparison["verdict"], "reasons": comparison["gains"]}}
+    what = (f"version {champion}'s model with its scores recalibrated ({candidate['calibration']['method']}, fitted on "
+            f"{candidate['calibration']['rows']} recent labeled production predictions)" if candidate.get("calibration")
+            else f"version {champion}'s model with its threshold re-chosen on recent labeled production predictions")
+    card = (f"# Model card: a {change} of version {champion}\n\nThis version is {what}, decision threshold "
+            f"{candidate['threshold']:.4f}. The model file is version {champion}'s (same SHA-256); see its card for the model, its data "
+            f"and its fairness audit.\n\n## Why\n\n{comparison['headline']}\n\nEvidence: {evidence}\n")
+    files = {name: (folder / name).read_bytes() for name in ("train_rows.parquet",) if (folder / name).exists()}
+    if (folder / "reference.json").exists():
+        files["reference.json"] = json.dumps(derived_reference(read_json(folder / "reference.json"), candidate.get("calibration")), indent=1)
+    # the card goes in with the version, in one step: a process killed midway leaves no version without it
+    files.update({"card.md": card, "card.html": markdown_to_html(card, f"Model card: a {change} of version {champion}")})
+    return register(registry, load_model(registry, champion), record, files)
+
+# %% ../nbs/07_retrain.ipynb #d08bbd5b
+def conclude(
+    root: Path,  # the project folder
+    retrain_id: str,  # the retrain judged
+    judged: dict,  # what `judge` returned
+    gate: dict | None,  # the challenger's gate decision (from its evaluate stage)
+    policy: dict,  # the [retrain] settings: promote, apply_changes
+    evidence: str,  # where the evidence is, relative to the project
+) -> dict:  # promoted, change, version, reasons (and event when promoted)
+    "Promote what won (the challenger, or a cheaper change registered as a new version), or keep the champion; record the decision."
+    change = choose_change(judged, gate, bool(policy.get("apply_changes", True)))
+    if change in CHANGES and policy.get("promote", True):
+        candidate = judged["candidates"][change]
+        version = register_change(root, judged, change, retrain_id, evidence)
+        outcome = promote_if_won(root, {**judged, "challenger": version, "comparison": candidate["comparison"]}, {"passed": True}, True, evidence)
+        outcome.update(change=change, version=version)
+    else:
+        outcome = promote_if_won(root, judged, gate, bool(policy.get("promote", True)), evidence)
+        if change in CHANGES:
+            outcome["reasons"].append(f"the {change} of the champion wins, but is not applied: [retrain] promote = false")
+        elif not outcome["promoted"] and any(c["comparison"]["promote"] for c in judged.get("candidates", {}).values()):
+            outcome["reasons"].append("a cheaper change wins, but [retrain] apply_changes = false: it is recorded only")
+    record_decision(root, {"kind": "promotion", "retrain_id": retrain_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "champion": judged["champion"], "challenger": judged["challenger"], "promoted": outcome["promoted"],
+                           "change": outcome.get("change"), "version": outcome.get("version"), "reasons": outcome["reasons"], "evidence": evidence})
+    return outcome
 
 # %% ../nbs/07_retrain.ipynb #48e16f37
 def headline(
@@ -468,6 +589,11 @@ def headline(
     judged, promotion = outcome["judged"], outcome["promotion"]
     comparison = judged.get("comparison")
     first = comparison["headline"] if comparison else f"Challenger version {judged['challenger']} could not be compared."
+    if promotion["promoted"] and promotion.get("change") in CHANGES:
+        won = judged["candidates"][promotion["change"]]["comparison"]
+        what = "recalibrated" if promotion["change"] == "recalibration" else "with its threshold re-chosen"
+        return (f"{first} The champion {what} is better on the same patients: {(won['gains'] or [won['headline']])[0]}. "
+                f"Version {promotion['version']} (version {judged['champion']}'s model, {what}) is the champion now.")
     if promotion["promoted"]:
         return f"{first} Version {judged['challenger']} is the champion now."
     return f"{first} The champion (version {judged['champion']}) stays: {promotion['reasons'][0]}."

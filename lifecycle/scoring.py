@@ -17,8 +17,8 @@ from .contract import Contract, check_frame as contract_check_frame, check_recor
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['SCORE_TOLERANCE', 'ServingSpec', 'check_records', 'check_frame', 'record_json_schema', 'TreeEnsemble', 'FastPath',
-           'probe_rows', 'verify_fast_path', 'Prediction', 'Scorer']
+__all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'ServingSpec', 'check_records', 'check_frame', 'record_json_schema',
+           'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores', 'Prediction', 'Scorer']
 
 # %% ../nbs/30_scoring.ipynb #6019bd18
 @dataclass
@@ -32,6 +32,7 @@ class ServingSpec:
     columns: dict  # the schema's column entries, by name
     contract: Contract  # the cleaning and schema rules, compiled (`15_contract`)
     metrics: dict = field(default_factory=dict)
+    calibration: dict | None = None  # a recalibration of the model's scores stored with the version (`calibrate_scores`); None: none
 
     @property
     def features(self) -> list[str]:
@@ -49,7 +50,7 @@ class ServingSpec:
         return cls(version=meta["version"], sha256=meta["sha256"], threshold=float(meta.get("threshold", 0.5)),
                    numeric=list(meta["features"]["numeric"]), categorical=list(meta["features"]["categorical"]),
                    columns=meta["schema"]["columns"], contract=contract_from_meta(meta),
-                   metrics=evaluation.get("metrics") or meta.get("metrics", {}))
+                   metrics=evaluation.get("metrics") or meta.get("metrics", {}), calibration=meta.get("calibration") or None)
 
 # %% ../nbs/30_scoring.ipynb #1fbb91f7
 def check_records(
@@ -275,6 +276,29 @@ def verify_fast_path(
             return f"{way} differs from the pipeline by up to {difference:.3g} on {len(expected)} generated rows"
     return None
 
+# %% ../nbs/30_scoring.ipynb #51ae653f
+CALIBRATION_METHODS = ("isotonic", "platt")
+
+def calibrate_scores(
+    scores,  # a model's own scores (probabilities of the positive class)
+    calibration: dict | list | None,  # a version's `calibration`: isotonic (`scores`, `probabilities`: the fitted steps), platt (`slope`, `intercept` on the logit), or a list of them applied in turn; None: none
+) -> np.ndarray:  # the calibrated scores (the same scores when there is no calibration)
+    "A model's scores through the recalibration stored with its version."
+    scores = np.asarray(scores, dtype=float)
+    if not calibration:
+        return scores
+    if isinstance(calibration, list):  # a recalibrated version recalibrated again: its maps in the order they were fitted
+        for step in calibration:
+            scores = calibrate_scores(scores, step)
+        return scores
+    method = calibration.get("method")
+    if method == "isotonic":  # piecewise linear between the fitted steps, flat beyond them (as IsotonicRegression with clip)
+        return np.interp(scores, np.asarray(calibration["scores"], dtype=float), np.asarray(calibration["probabilities"], dtype=float))
+    if method == "platt":
+        clipped = np.clip(scores, 1e-6, 1 - 1e-6)
+        return 1.0 / (1.0 + np.exp(-(float(calibration["slope"]) * np.log(clipped / (1 - clipped)) + float(calibration["intercept"]))))
+    raise LifecycleError(f"the version's metadata names a calibration method lifecycle does not know; known: {', '.join(CALIBRATION_METHODS)}")
+
 # %% ../nbs/30_scoring.ipynb #1a52b674
 @dataclass(frozen=True)
 class Prediction:
@@ -338,16 +362,16 @@ class Scorer:
         if not rows:
             return np.zeros(0)
         if self.fast is not None:
-            return self.fast.scores(rows)
-        return self.model.predict_proba(self.frame(rows))[:, 1]
+            return calibrate_scores(self.fast.scores(rows), self.spec.calibration)
+        return calibrate_scores(self.model.predict_proba(self.frame(rows))[:, 1], self.spec.calibration)
 
     def frame_scores(self, features: pd.DataFrame) -> np.ndarray:
         "Scores of checked rows as a DataFrame (from `check_frame`): the fast path's matrix, else the pipeline."
         if len(features) == 0:
             return np.zeros(0)
         if self.fast is None:
-            return self.model.predict_proba(features)[:, 1]
-        return self.fast.model.predict_proba(self.fast.matrix(features))[:, 1]
+            return calibrate_scores(self.model.predict_proba(features)[:, 1], self.spec.calibration)
+        return calibrate_scores(self.fast.model.predict_proba(self.fast.matrix(features))[:, 1], self.spec.calibration)
 
     def decisions(self, scores: np.ndarray) -> np.ndarray:
         "1 (positive) where the score reaches the version's threshold."

@@ -28,7 +28,7 @@ from .metrics import binned, classification_metrics, group_metrics, group_words,
 
 # %% auto #0
 __all__ = ['MODELS', 'SEARCH_GRIDS', 'QUANTILE_GRID', 'PACKAGES', 'feature_columns', 'make_classifier', 'build_pipeline',
-           'reference_statistics', 'environment_record', 'fit_model']
+           'reference_statistics', 'environment_record', 'fit_model', 'row_weights']
 
 # %% ../nbs/03_train.ipynb #8ed41083
 def feature_columns(
@@ -149,6 +149,7 @@ def fit_model(
     seed: int,  # random seed
     search: bool,  # run the hyperparameter search
     cv_folds: int,  # folds of the cross-validation
+    weights: np.ndarray | None = None,  # each training row's weight in the fit (`row_weights`); None: every row counts once
 ) -> tuple[Pipeline, dict, np.ndarray]:  # (the fitted pipeline, cross-validation results and chosen parameters, training rows' scores)
     """Cross-validate (and search), then fit on every training row.
 
@@ -159,17 +160,46 @@ def fit_model(
     folds = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
     features, labels = train[numeric + categorical], train["_label"].astype(int)
     chosen = {}
+    fit_params = {} if weights is None else {"model__sample_weight": np.asarray(weights, dtype=float)}
     if search:
         grid = GridSearchCV(pipeline, SEARCH_GRIDS[model], scoring="roc_auc", cv=folds, n_jobs=1)
-        grid.fit(features, labels)
+        grid.fit(features, labels, **fit_params)
         chosen = {key.removeprefix("model__"): value for key, value in grid.best_params_.items()}
         pipeline = grid.best_estimator_
         fold_scores = [grid.cv_results_[f"split{i}_test_score"][grid.best_index_] for i in range(cv_folds)]
         scores = pipeline.predict_proba(features)[:, 1]
     else:
-        scores = cross_val_predict(pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1)[:, 1]
+        scores = cross_val_predict(pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params)[:, 1]
         fold_scores = [roc_auc_score(labels.iloc[test], scores[test]) for _, test in folds.split(features, labels)]
-        pipeline.fit(features, labels)
+        pipeline.fit(features, labels, **fit_params)
     cv = {"roc_auc_folds": [float(s) for s in fold_scores], "roc_auc_mean": float(np.mean(fold_scores)),
           "roc_auc_std": float(np.std(fold_scores)), "chosen": chosen}
     return pipeline, cv, scores
+
+# %% ../nbs/03_train.ipynb #deed38c7
+def row_weights(
+    sources: pd.Series,  # each training row's source (`_source`)
+    text: str,  # `[train] source_weights`: one `source: weight` a line or comma-separated; a source may end in `*`
+) -> np.ndarray | None:  # each row's weight; None when no weight is set
+    "Each training row's weight, by its source."
+    import fnmatch
+    import re
+    rules = []
+    for item in re.split(r"[\n,]", text or ""):
+        if not item.strip():
+            continue
+        name, _, weight = item.partition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not name.strip() or not (0 < value < 1e6):
+            raise LifecycleError("[train] source_weights: each item must be `source: weight` with a weight above 0 (e.g. production_*: 2)")
+        rules.append((name.strip(), value))
+    if not rules:
+        return None
+    names = sources.astype(str).to_numpy()
+    weights = np.ones(len(names))
+    for name, value in rules:
+        weights[np.array([fnmatch.fnmatchcase(source, name) for source in names], dtype=bool)] = value
+    return weights

@@ -110,9 +110,14 @@ def test_retrain_decides_trains_a_challenger_through_the_notebooks_and_judges_it
     assert [entry["kind"] for entry in recorded] == ["policy", "policy", "policy", "promotion"]  # the first run's retrain stage recorded one
     assert recorded[-1]["evidence"] == f"retrain/{result['retrain_id']}/comparison.json"
     aliases = json.loads((champion_project / "registry" / "aliases.json").read_text())
-    if summary["promoted"]:
+    if summary["promoted"] and summary["change"] == "challenger":
         assert aliases["champion"] == challenger and comparison["promote"] and stages(run)["evaluate"]["status"] == "ran"
         event = json.loads((champion_project / "registry" / "events.jsonl").read_text().splitlines()[-1])
         assert "Evidence: retrain/" in event["reason"]
+    elif summary["promoted"]:  # the challenger did not win, a cheaper change did: a new version of the champion's model
+        assert summary["change"] in ("recalibration", "threshold") and evidence["candidates"][summary["change"]]["comparison"]["promote"]
+        derived = json.loads((champion_project / "registry" / "versions" / str(summary["promoted_version"]) / "meta.json").read_text())
+        assert aliases["champion"] == summary["promoted_version"] and derived["derived_from"]["version"] == champion
+        assert recorded[-1]["change"] == summary["change"] and recorded[-1]["version"] == summary["promoted_version"]
     else:
         assert aliases["champion"] == champion and summary["reasons"]
