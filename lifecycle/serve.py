@@ -244,13 +244,16 @@ def record_event_times(
 def logged_features(
     record: dict,  # one record that passed the model's checks
     spec,  # the model's `ServingSpec`
+    row: list | None = None,  # its cleaned values, as scoring checked them (`Prediction.features`); None: checked here
 ) -> dict:  # feature -> its value as the model saw it (None when missing)
     "A record's features for the prediction log: cleaned by the project's rules, as training saw them."
-    from lifecycle.scoring import check_records
-    rows, _ = check_records([record], spec)
-    if rows[0] is None:  # cannot happen for a record that was scored; the raw values then
-        return {name: record.get(name) for name in spec.features}
-    return {name: (None if isinstance(value, float) and math.isnan(value) else value) for name, value in zip(spec.features, rows[0])}
+    if row is None:
+        from lifecycle.scoring import check_records
+        rows, _ = check_records([record], spec)
+        row = rows[0]
+        if row is None:  # cannot happen for a record that was scored; the raw values then
+            return {name: record.get(name) for name in spec.features}
+    return {name: (None if isinstance(value, float) and math.isnan(value) else value) for name, value in zip(spec.features, row)}
 
 # %% ../nbs/32_serve.ipynb #6b6e63f5
 def count_refused(
@@ -441,7 +444,7 @@ def create_app(
             answers.append({"request_id": request_id, **result})
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
-                           "features": logged_features(record, spec), "event_time": own_time or sent_time})
+                           "features": logged_features(record, spec, result.features), "event_time": own_time or sent_time})
         try:  # journaled before the answer goes out: a client that got an answer finds it in the log, even after kill -9
             state["log"].record(logged)
         except JournalError as error:
