@@ -132,6 +132,7 @@ def score_events(
     now: datetime | None = None,  # the time logged with the predictions (default: now)
 ) -> tuple[list[dict], list[dict]]:  # (one output per event, in order; the predictions to log)
     "Check and score a micro-batch in one model call."
+    from lifecycle.serve import logged_features
     outputs: list = [None] * len(events)
     identities, records, owners = [], [], []
     for index, (source_id, payload, given, problem) in enumerate(events):
@@ -170,7 +171,7 @@ def score_events(
                           "decision": result["decision"], "model_version": version}
         predictions.append({"request_id": request_id, "time": now, "model_version": version, "channel": "stream",
                             "score": result["score"], "decision": result["decision"], "id": record.get(id_field),
-                            "features": {name: record.get(name) for name in features}})
+                            "features": logged_features(record, spec, result.features)})  # as the model saw them, as serve logs them
     return outputs, predictions
 
 # %% ../nbs/34_stream.ipynb #6c1524da
