@@ -404,7 +404,11 @@ def count_batch_rejections(
     for text, count in reasons.items():
         reason, _, field = str(text).partition(":")
         rejected.append((reason, field if field in fields else "", int(count), when))
-    log.record_rejections(rejected, "batch", scorer.version, source=source)
+    try:
+        log.record_rejections(rejected, "batch", scorer.version, source=source)
+    except LifecycleError as error:  # counting never fails a run whose output is written
+        print(f"batch: the rejected rows could not be counted in the prediction log: {error}", file=sys.stderr)
+        return 0
     return sum(count for _, _, count, _ in rejected)
 
 # %% ../nbs/33_batch.ipynb #e1303404

@@ -33,12 +33,12 @@ import pandas as pd
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'REJECTION_COLUMNS', 'PREDICTION_COLUMNS', 'pseudonymize', 'id_key',
-           'log_location', 'redact_url', 'utc_text', 'features_json', 'prediction_row', 'label_row', 'SQLiteStore',
-           'PostgresStore', 'latest_totals', 'UnstorableBlock', 'is_data_error', 'describe_error', 'JournalError',
-           'Journal', 'journal_folder', 'replay_journals', 'hour_text', 'RejectionTally', 'journal_rejections',
-           'PredictionBlock', 'block_key', 'without_logged', 'write_blocks', 'PredictionLog', 'open_log',
-           'read_rejections']
+__all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'REJECTION_COLUMNS', 'FIELD_MAX_CHARS', 'PREDICTION_COLUMNS', 'pseudonymize',
+           'id_key', 'log_location', 'redact_url', 'utc_text', 'features_json', 'prediction_row', 'label_row',
+           'SQLiteStore', 'PostgresStore', 'latest_totals', 'UnstorableBlock', 'is_data_error', 'describe_error',
+           'JournalError', 'Journal', 'journal_folder', 'replay_journals', 'hour_text', 'RejectionTally',
+           'journal_rejections', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks', 'PredictionLog',
+           'open_log', 'read_rejections']
 
 # %% ../nbs/31_predlog.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -659,7 +659,7 @@ def replay_journals(
 
 # %% ../nbs/31_predlog.ipynb #902c7d80
 _REASON_CODE = re.compile(r"^[a-z][a-z_]{0,39}$")
-_FIELD_NAME = re.compile(r"^[A-Za-z0-9_. \-]{0,64}$")
+FIELD_MAX_CHARS = 200  # a column name longer than this is not one (the contract names only the project's columns)
 
 def hour_text(
     when=None,  # a time (ISO-8601 text or datetime); None for now
@@ -688,8 +688,8 @@ class RejectionTally:
         for reason, field, count, when in rejected:
             if not isinstance(reason, str) or not _REASON_CODE.match(reason):
                 raise LifecycleError("record_rejections: a reason must be a code (lower-case letters and _), as contract.rejection_reasons gives")
-            if not isinstance(field, str) or not _FIELD_NAME.match(field):
-                raise LifecycleError("record_rejections: a field must be a column name (at most 64 plain characters) or empty")
+            if not isinstance(field, str) or len(field) > FIELD_MAX_CHARS or not field.isprintable():
+                raise LifecycleError(f"record_rejections: a field must be a column name (printable, at most {FIELD_MAX_CHARS} characters) or empty")
             if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
                 raise LifecycleError("record_rejections: a count must be a whole number, 0 or more")
             try:

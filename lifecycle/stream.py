@@ -576,7 +576,10 @@ def run_stream(
                         writer.write(outputs)
                         refused = stream_rejections(outputs, scorer.spec) if predictions_log is not None else []
                         if refused:  # counted by reason, never their values; flushed below with the predictions
-                            predictions_log.record_rejections(refused, "stream", scorer.version)
+                            try:
+                                predictions_log.record_rejections(refused, "stream", scorer.version)
+                            except LifecycleError as error:  # counting never stops scoring
+                                log.warning("%d refused events could not be counted: %s", sum(n for _, _, n, _ in refused), error)
                         if predictions_log is not None and predictions:
                             predictions_log.record(predictions)
                             if reader.acknowledges and not predictions_log.flush():
