@@ -27,7 +27,7 @@ from .scoring import Scorer, ServingSpec, check_frame
 # %% auto #0
 __all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_rows', 'output_schema', 'score_chunk',
            'file_sha256', 'batch_ids', 'batch_id_prefix', 'start_run', 'end_run', 'Progress', 'score_file',
-           'dask_read_error', 'add_batch_command']
+           'count_batch_rejections', 'dask_read_error', 'add_batch_command']
 
 # %% ../nbs/33_batch.ipynb #b80237f0
 _PARQUET = (".parquet", ".pq", ".parq")
@@ -388,6 +388,10 @@ def score_file(
             raise
         if run is not None:
             end_run(run, succeeded=True)
+        if log and counts[2]:  # refused records are counted once the run's predictions are published
+            from lifecycle.predlog import open_log
+            with open_log(log_url, Path(root)) as prediction_log:
+                count_batch_rejections(prediction_log, counts[2], scorer, file_hash, when)
         return _run_summary("dask", started, *counts[:3], scorer, output, rejects, counts[3], log)
     prediction_log = None
     succeeded = False
@@ -397,6 +401,8 @@ def score_file(
             prediction_log = open_log(log_url, Path(root), batch_size=20_000, run=run.run_id)
         counts = _score_local(input, output, rejects, scorer, chunk_rows, prediction_log, file_hash, when,
                               Progress(count_rows(input), progress))
+        if prediction_log is not None:  # only a run that succeeded: a failed one delivered nothing
+            count_batch_rejections(prediction_log, counts[2], scorer, file_hash, when)
         succeeded = True
     finally:
         if prediction_log is not None:
@@ -404,6 +410,32 @@ def score_file(
         if run is not None:
             end_run(run, succeeded)
     return _run_summary("local", started, *counts[:3], scorer, output, rejects, counts[3], log)
+
+# %% ../nbs/33_batch.ipynb #a715e54e
+def count_batch_rejections(
+    log,  # the open prediction log
+    reasons: dict,  # reason -> rows, as the run counted them (`out_of_range:age`, `too_many_missing`)
+    scorer: Scorer,  # the model version that refused them
+    file_hash: str,  # the input file's SHA-256
+    when: str,  # the run's time (its predictions' time)
+) -> int:  # rows counted (0 when this file was already counted with this model version)
+    """Count a successful run's rejected rows in the prediction log by reason and field, never their values.
+    A file scored again with the same model counts nothing twice, as its predictions are logged once."""
+    source = f"batch:{file_hash[:32]}:v{scorer.version}"
+    mark = log.store.mark
+    if not reasons or log.store.read(f"SELECT 1 FROM rejections WHERE source = {mark} LIMIT 1", (source,)):
+        return 0
+    fields = set(scorer.spec.features)
+    rejected = []
+    for text, count in reasons.items():
+        reason, _, field = str(text).partition(":")
+        rejected.append((reason, field if field in fields else "", int(count), when))
+    try:
+        log.record_rejections(rejected, "batch", scorer.version, source=source)
+    except LifecycleError as error:  # counting never fails a run whose output is written
+        print(f"batch: the rejected rows could not be counted in the prediction log: {error}", file=sys.stderr)
+        return 0
+    return sum(count for _, _, count, _ in rejected)
 
 # %% ../nbs/33_batch.ipynb #e1303404
 _WORKER_SCORERS = {}  # (root, version) -> Scorer: loaded once per worker process

@@ -85,6 +85,7 @@ def _figure(value, percent: bool = False) -> str:
 def monitor_text(
     summary: dict,  # `monitor_project`'s result
     kpis: list[str] = (),  # the KPI names of `[monitor] kpis`
+    column_name=str,  # a column's name in words (`Settings.column_name`), for the refused records' reasons
 ) -> str:  # lines in words
     "What monitoring found, in words: the latest window, its accuracy (realized and estimated), KPIs, alerts."
     lines = [f"{summary['project']}: {summary['windows']} windows; {summary['new_predictions']} new predictions and "
@@ -103,6 +104,10 @@ def monitor_text(
                          f"recall {_figure(values.get('estimated_recall'), True)}.")
         if kpis:
             lines.append("KPIs: " + "; ".join(f"{name} {_figure(values.get(name))}" for name in kpis) + ".")
+        if latest.get("rejections"):
+            from lifecycle.monitoring import rejection_lines
+            lines.append(f"Refused by the record contract: {values.get('rejected')} records ({_figure(values.get('rejected_share'), True)} of those received):")
+            lines += [f"  {line}" for line in rejection_lines(latest["rejections"], column_name)]
         lines += [f"- {statement}" for statement in latest.get("statements", [])]
     lines += [f"- {statement}" for statement in summary.get("statements", [])]
     firing = summary.get("alerts", {}).get("firing", [])
@@ -130,7 +135,7 @@ def _monitor(args) -> int:
             if args.json:
                 print(json.dumps(summary, default=str, indent=None if args.watch else 2), flush=True)
             else:
-                print(monitor_text(summary, kpis), flush=True)
+                print(monitor_text(summary, kpis, settings.column_name), flush=True)
             if not args.watch:
                 return code
             time.sleep(args.watch)

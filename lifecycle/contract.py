@@ -18,10 +18,11 @@ from .core import LifecycleError, parse_mapping, split_list
 
 # %% auto #0
 __all__ = ['PROBLEMS', 'OK', 'WRONG_TYPE', 'NOT_FINITE', 'OUT_OF_RANGE', 'UNKNOWN_CATEGORY', 'MISSING', 'TOO_MANY_MISSING',
-           'NUMERIC_SHARE', 'MAX_MISSING_SHARE', 'MAX_RECORDS', 'MAX_ERRORS', 'ID_MAX_CHARS', 'read_number',
-           'parse_numbers', 'parse_recode', 'parse_range', 'parse_values', 'clean_text', 'Rule', 'check_column',
-           'infer_numeric', 'Contract', 'compile_contract', 'contract_settings', 'contract_from_meta', 'reason_series',
-           'check_frame', 'problem_error', 'error_reason', 'id_ok', 'check_record', 'check_records', 'limit_errors']
+           'NUMERIC_SHARE', 'MAX_MISSING_SHARE', 'MAX_RECORDS', 'MAX_ERRORS', 'ID_MAX_CHARS', 'REJECTION_REASONS',
+           'read_number', 'parse_numbers', 'parse_recode', 'parse_range', 'parse_values', 'clean_text', 'Rule',
+           'check_column', 'infer_numeric', 'Contract', 'compile_contract', 'contract_settings', 'contract_from_meta',
+           'reason_series', 'check_frame', 'problem_error', 'error_reason', 'id_ok', 'check_record', 'check_records',
+           'limit_errors', 'rejection_reason', 'rejection_reasons', 'rejection_sentence']
 
 # %% ../nbs/15_contract.ipynb #6dbaeb54
 _PLAIN_NUMBER = r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?$"
@@ -564,3 +565,68 @@ def limit_errors(
 ) -> dict:  # {"detail": the first `limit` errors, "errors_total": how many there were}
     "The errors an answer carries: the first few, and the count of all."
     return {"detail": errors[:limit], "errors_total": len(errors)}
+
+# %% ../nbs/15_contract.ipynb #d82d80ca
+REJECTION_REASONS = {  # reason code -> what it means, in words ({field}: the column's name)
+    "missing": "{field} was absent (send null when it is unknown)",
+    "wrong_type": "{field} was not of the expected type",
+    "not_finite": "{field} was NaN or infinite",
+    "out_of_range": "{field} was outside the range the model knows",
+    "unknown_category": "{field} was a category the model does not know",
+    "too_many_missing": "too many features were missing",
+    "unknown_field": "the record carried a field the model does not have",
+    "bad_id": "the identifier was not short printable text or an integer",
+    "bad_event_time": "the event time was not an ISO-8601 time with a date",
+    "not_an_object": "the record was not a JSON object",
+    "malformed": "the record was not well-formed JSON",
+    "too_large": "the record was over the size limit",
+    "bad_event_id": "the event id was not short text or an integer",
+    "unprocessable": "the record could not be checked or scored",
+    "with_request": "refused with its request: another record of the same request broke the contract",
+}
+_REASON_OF_TYPE = {"missing": "missing", "type_error.number": "wrong_type", "type_error.str": "wrong_type",
+                   "value_error.not_finite": "not_finite", "value_error.range": "out_of_range",
+                   "value_error.category": "unknown_category", "too_many_missing": "too_many_missing",
+                   "extra_forbidden": "unknown_field", "value_error.id": "bad_id", "value_error.event_time": "bad_event_time",
+                   "type_error.object": "not_an_object", "json_invalid": "malformed", "too_large": "too_large",
+                   "type_error.event_id": "bad_event_id"}
+
+def rejection_reason(
+    error: dict,  # one error as `check_records` (or a stream) makes it: loc, msg, type
+    fields,  # the field names that may be stored: the model's features, the id and timestamp fields
+) -> tuple[str, str]:  # (reason code, field or "")
+    "An error as the reason code and field the prediction log counts: never a value, never a field name a client made up."
+    reason = _REASON_OF_TYPE.get(error.get("type"), "unprocessable")
+    loc = error.get("loc") or []
+    field = loc[2] if len(loc) > 2 else loc[1] if len(loc) == 2 and isinstance(loc[1], str) else ""
+    if reason in ("unknown_field", "too_many_missing", "not_an_object", "malformed", "too_large") or field not in fields:
+        field = ""
+    return reason, field
+
+def rejection_reasons(
+    errors: list[dict],  # the errors of one request (loc: ["body", record index, field])
+    count: int,  # the records it carried
+    fields,  # the field names that may be stored (see `rejection_reason`)
+) -> list[tuple[str, str]]:  # one (reason, field) a record: its first error; ("with_request", "") for a record without one
+    "Why each record of a refused request was refused."
+    reasons: list = [None] * count
+    general = None  # an error that names no record (a request too broken to attribute) applies to the records without their own
+    for error in errors:
+        loc = error.get("loc") or []
+        if len(loc) > 1 and isinstance(loc[1], int) and not isinstance(loc[1], bool) and 0 <= loc[1] < count:
+            if reasons[loc[1]] is None:
+                reasons[loc[1]] = rejection_reason(error, fields)
+        elif general is None:
+            general = rejection_reason(error, fields)
+    return [reason or general or ("with_request", "") for reason in reasons]
+
+def rejection_sentence(
+    reason: str,  # a reason code (`REJECTION_REASONS`)
+    field: str = "",  # the field, "" when none
+    column_name=str,  # a column's name in words (e.g. `Settings.column_name`)
+) -> str:  # e.g. "serum cholesterol was outside the range the model knows"
+    "A reason in words."
+    text = REJECTION_REASONS.get(reason, "refused for a reason this version does not know ({reason})".replace("{reason}", str(reason)))
+    if "{field}" in text:
+        text = text.replace("{field}", column_name(field) if field else "a field")
+    return text

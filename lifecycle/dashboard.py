@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 
 from .core import LifecycleError, Settings, find_settings, load_settings, read_json
-from .monitoring import MONITOR_KEYS, _safe_name, parse_every
+from .monitoring import MONITOR_KEYS, _safe_name, parse_every, rejection_lines
 
 # %% auto #0
 __all__ = ['ROOT_ENV', 'REFRESH_ENV', 'STYLE', 'SECTIONS', 'refresh_seconds', 'dashboard_root', 'when_text', 'window_label',
            'last_prediction', 'firing_alerts', 'model_in_service', 'latest_window', 'score_shares', 'read_state',
-           'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'scores_html', 'accuracy_html', 'fairness_html',
-           'statements_html', 'render', 'Dashboard', 'show_dashboard']
+           'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html', 'accuracy_html',
+           'fairness_html', 'statements_html', 'render', 'Dashboard', 'show_dashboard']
 
 # %% ../nbs/43_dashboard.ipynb #baab0b4d
 ROOT_ENV = "LIFECYCLE_DASHBOARD_ROOT"  # the project folder, set by `lifecycle dashboard` for Voila's kernels
@@ -383,7 +383,8 @@ def kpis_html(
     if windows is None or not len(windows):
         return '<div class="lc-board"><h2>Key figures</h2><p class="lc-note">No predictions have been monitored yet.</p></div>'
     shown = windows.sort_values(["window_start", "model_version"], kind="stable").tail(last)
-    rows = [("predictions", "predictions", False), ("labels arrived", "labeled", False), ("positive decisions", "positive_rate", True)]
+    rows = [("predictions", "predictions", False), ("labels arrived", "labeled", False), ("positive decisions", "positive_rate", True),
+            ("records refused", "rejected", False), ("share refused", "rejected_share", True)]
     from lifecycle.alerts import names
     outcomes = {name for name, (_, tree) in kpis.items() if names(tree) & {"tp", "fp", "fn", "tn"}}
     rows += [(name.replace("_", " "), name, False) for name in kpis]
@@ -397,6 +398,27 @@ def kpis_html(
                    enumerate(shown[column] if column in shown.columns else [None] * len(shown))) + "</tr>" for title, column, percent in rows)
     note = "" if kpis else '<p class="lc-note">No KPI is defined: add them to [monitor] kpis, e.g. missed_per_week: fn / weeks.</p>'
     return f'<div class="lc-board"><h2>Key figures</h2><table class="lc-table"><tr><th>{_e(f"{every}s starting" if every in ("day", "week") else "windows from")}</th>{head}</tr>{body}</table>{note}</div>'
+
+# %% ../nbs/43_dashboard.ipynb #5b19557e
+def refused_html(
+    state: dict,  # `read_state`
+    settings: Settings | None,  # for the columns' names
+) -> str:  # the latest window's refused records, a line a reason and field
+    "How many records the latest window refused, what share of those received, and why."
+    title = "<h2>Refused records</h2>"
+    details, latest = state.get("details") or {}, state.get("latest")
+    if latest is None:
+        return f'<div class="lc-board">{title}<p class="lc-note">No window yet.</p></div>'
+    rows = details.get("rejections") or []
+    if not rows:
+        return f'<div class="lc-board">{title}<div class="lc-ok">No record was refused in the latest window.</div></div>'
+    values = details.get("values") or {}
+    lines = rejection_lines(rows, settings.column_name if settings else str)
+    head = (f"{_number(values.get('rejected'))} records refused in {window_label(latest['window'], latest['window_start'], state['every'])}, "
+            f"{_number(values.get('rejected_share'), percent=True)} of those received:")
+    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
+    return f'<div class="lc-board">{title}<p class="lc-note">{_e(head)}</p><ul class="lc-note">{items}</ul></div>'
+
 
 # %% ../nbs/43_dashboard.ipynb #858686bd
 def scores_html(
@@ -497,7 +519,7 @@ def statements_html(
     items = "".join(f"<li>{_e(line)}</li>" for line in lines if line)
     return f'<div class="lc-board"><h2>What monitoring says</h2><ul class="lc-note">{items}</ul></div>' if items else ""
 
-SECTIONS = ("header", "alerts", "drift", "scores", "accuracy", "fairness", "kpis", "statements")
+SECTIONS = ("header", "alerts", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
 
 def render(
     state: dict,  # `read_state`
@@ -510,7 +532,7 @@ def render(
     windows, every = state["windows"], state["every"]
     pages = {"header": header_html(state, settings), "alerts": alerts_html(state["alerts"], state["now"]),
              "drift": drift_html(windows, settings, every), "kpis": kpis_html(windows, parse_kpis(section.get("kpis", "")), every),
-             "statements": statements_html(state)}
+             "refused": refused_html(state, settings), "statements": statements_html(state)}
     if figures:
         pages.update({"scores": scores_html(state, settings), "accuracy": accuracy_html(windows), "fairness": fairness_html(windows, settings)})
     return pages
@@ -536,7 +558,8 @@ class Dashboard:
         self.widgets = {name: widgets.HTML() for name in SECTIONS}
         grid = widgets.GridBox([self.widgets["scores"], self.widgets["accuracy"], self.widgets["fairness"], self.widgets["kpis"]],
                                layout=widgets.Layout(grid_template_columns="repeat(auto-fit, minmax(480px, 1fr))", grid_gap="8px 24px"))
-        self.view = widgets.VBox([self.widgets["header"], self.widgets["alerts"], self.widgets["drift"], grid, self.widgets["statements"]],
+        self.view = widgets.VBox([self.widgets["header"], self.widgets["alerts"], self.widgets["drift"], grid, self.widgets["refused"],
+                                  self.widgets["statements"]],
                                  layout=widgets.Layout(max_width="1200px", padding="0 12px"))
         self.updates = 0  # refreshes done
         self.task = None

@@ -101,6 +101,8 @@ def headline(
         parts.append(f"realized ROC AUC {values['roc_auc']:.2f} on its labels")
     elif values.get("estimated_roc_auc") is not None:
         parts.append(f"estimated ROC AUC {values['estimated_roc_auc']:.2f} (an estimate: its labels have not arrived)")
+    if values.get("rejected"):
+        parts.append(f"{int(values['rejected'])} records refused by the contract ({values['rejected_share']:.0%} of those received)")
     drift = values.get("drifted_features")
     if drift is not None:
         parts.append(f"{int(drift)} feature{'s' if drift != 1 else ''} drifted" if drift else "no feature drifted")

@@ -18,11 +18,13 @@ import pandas as pd
 from .core import LifecycleError, read_json, write_json
 from .drift import category_counts, category_label, drift_summary, feature_drift, prediction_drift, quantile_points
 from .alerts import evaluate, parse_kpis
+from .contract import rejection_sentence
 
 # %% auto #0
 __all__ = ['RESULTS_FORMAT', 'LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'parse_every', 'event_times', 'assign_windows',
            'weighted_auc', 'realized_metrics', 'calibrated', 'estimated_metrics', 'group_labels', 'fairness',
-           'window_days', 'window_report', 'update_windows', 'serving_figures', 'scrape_serving', 'monitor_project']
+           'rejection_figures', 'rejection_lines', 'window_days', 'window_report', 'refused_windows', 'update_windows',
+           'serving_figures', 'scrape_serving', 'monitor_project']
 
 # %% ../nbs/42_monitoring.ipynb #77797d2b
 def parse_every(
@@ -245,6 +247,44 @@ def fairness(
         gaps["statements"].append(f"too small to judge recall (fewer than {min_size} labelled positives): {', '.join(small)}")
     return rows, gaps
 
+# %% ../nbs/42_monitoring.ipynb #b9a92f76
+def rejection_figures(
+    refused: list[dict] | None,  # the window's refused records as the log counted them: {channel, reason, field, count}
+    predictions: int,  # the window's predictions (records scored)
+) -> tuple[dict, list[dict]]:  # (values: rejected, rejected_share, rejected.<reason>, rejected_share.<reason>, rejected_channel.<channel>; rows: reason, field, count, share, most first)
+    "How many records a window refused, and what share of those it received, by reason and field."
+    refused = [row for row in refused or [] if int(row["count"]) > 0]
+    total = sum(int(row["count"]) for row in refused)
+    received = total + int(predictions)
+    values = {"rejected": total, "rejected_share": total / received if received else None}
+    by_reason, by_channel, by_field = {}, {}, {}
+    for row in refused:
+        count = int(row["count"])
+        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + count
+        by_channel[row["channel"]] = by_channel.get(row["channel"], 0) + count
+        by_field[(row["reason"], row["field"])] = by_field.get((row["reason"], row["field"]), 0) + count
+    for reason, count in sorted(by_reason.items()):
+        values[f"rejected.{reason}"] = count
+        values[f"rejected_share.{reason}"] = count / received
+    for channel, count in sorted(by_channel.items()):
+        values[f"rejected_channel.{channel}"] = count
+    rows = [{"reason": reason, "field": field, "count": count, "share": count / received}
+            for (reason, field), count in sorted(by_field.items(), key=lambda item: (-item[1], item[0]))]
+    return values, rows
+
+def rejection_lines(
+    rows: list[dict],  # `rejection_figures`' rows (a window's details `rejections`)
+    column_name=str,  # a column's name in words (`Settings.column_name`)
+    limit: int = 10,  # the most lines; the rest are summed in one
+) -> list[str]:  # one sentence a reason and field, most first
+    "A window's refused records in words."
+    lines = [f"{row['count']:,} record{'s' if row['count'] != 1 else ''} ({row['share']:.1%} of those received): "
+             f"{rejection_sentence(row['reason'], row['field'], column_name)}" for row in rows[:limit]]
+    rest = rows[limit:]
+    if rest:
+        lines.append(f"{sum(row['count'] for row in rest):,} more records for {len(rest)} other reasons")
+    return lines
+
 # %% ../nbs/42_monitoring.ipynb #1177064b
 def window_days(
     every: str | int,  # "day", "week" or N
@@ -268,7 +308,8 @@ def window_report(
     min_rows: int = 20,  # fewest rows for a drift judgement
     min_group: int = 20,  # fewest labelled positives for a group's recall
     n_boot: int = 200,  # bootstrap replicates
-) -> dict:  # values (flat numbers), features (drift table rows), groups (fairness rows per column), statements
+    refused: list[dict] | None = None,  # the window's refused records, as the log counted them: {channel, reason, field, count}
+) -> dict:  # values (flat numbers), features (drift table rows), groups (fairness rows per column), rejections (by reason and field), statements
     "Everything monitoring knows about one window."
     statements = []
     scores = rows["score"].to_numpy(dtype=float)
@@ -311,15 +352,20 @@ def window_report(
         for name in ("recall_gap", "fnr_gap", "selection_rate_gap"):
             values[f"{name}.{column}"] = gaps.get(name)
         statements += [f"{column}: {line}" for line in gaps["statements"]]
+    rejected, rejections = rejection_figures(refused, len(rows))
+    values.update(rejected)
+    if rejected["rejected"]:
+        statements.append(f"{rejected['rejected']:,} records were refused by the record contract ({rejected['rejected_share']:.1%} of those received)"
+                          + ("; none was scored" if not len(rows) else ""))
     for name, (text, expression) in (kpis or {}).items():
         values[name] = evaluate(expression, values)
         if values[name] is None:
             statements.append(f"KPI {name} cannot be computed for this window (a figure it needs is missing, or it divides by zero)")
     values = {name: (_finite_or_none(value) if isinstance(value, (float, np.floating)) else value) for name, value in values.items()}
-    return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "statements": statements}
+    return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "rejections": rejections, "statements": statements}
 
 # %% ../nbs/42_monitoring.ipynb #68b12744
-RESULTS_FORMAT = 3  # 3: volume by channel among the values; labels at the cursor's instant remembered
+RESULTS_FORMAT = 4  # 3: volume by channel among the values; labels at the cursor's instant remembered; 4: refused records
 
 def _plain(value):
     "JSON-ready: numpy scalars as Python numbers, NaN and infinity as None, pandas times as ISO text."
@@ -381,8 +427,83 @@ def _config_hash(config: dict) -> str:
 def _start_over(folder: Path) -> None:
     for name in ("rows", "details", "ids"):
         shutil.rmtree(folder / name, ignore_errors=True)
-    for name in ("cursor_ids.parquet", "label_cursor.parquet", "pending_labels.parquet", "windows.parquet", "state.json"):
+    for name in ("cursor_ids.parquet", "label_cursor.parquet", "pending_labels.parquet", "windows.parquet", "state.json",
+                 "rejections.parquet", "rejection_windows.parquet"):
         (folder / name).unlink(missing_ok=True)
+
+# %% ../nbs/42_monitoring.ipynb #a609c0c6
+def refused_windows(
+    refused: pd.DataFrame,  # counts of refused records (the log's `rejections`): event_hour, model_version, channel, reason, field, count
+    every: str | int,  # "day", "week" or N predictions
+    starts: pd.DataFrame,  # N-prediction windows: the known windows' window, model_version, window_start
+) -> pd.DataFrame:  # the same rows with `window` and `window_start`
+    """The window of each count: the day or week of its event hour; for N-prediction windows, the latest window of its
+    model version started by then (the first one when it came earlier; `_n0000000` for a version with no prediction yet)."""
+    frame = refused.copy()
+    hours = pd.to_datetime(frame["event_hour"], utc=True)
+    versions = frame["model_version"].astype("int64")
+    if every in ("day", "week"):
+        start = hours.dt.floor("D")
+        if every == "week":
+            start = start - pd.to_timedelta(start.dt.dayofweek, unit="D")
+        frame["window"] = "v" + versions.astype(str) + "_" + start.dt.strftime("%Y-%m-%d")
+        frame["window_start"] = start
+        return frame
+    frame["window"], frame["window_start"] = "", hours
+    if starts is None or not len(starts):
+        starts = pd.DataFrame({"window": pd.Series([], dtype=str), "model_version": pd.Series([], dtype="int64"), "window_start": pd.Series([], dtype=str)})
+    for version, at in frame.groupby(versions).indices.items():
+        known = starts[starts["model_version"].astype("int64") == version].sort_values("window_start", kind="stable")
+        if not len(known):
+            frame.iloc[at, frame.columns.get_loc("window")] = f"v{version}_n{0:07d}"
+            frame.iloc[at, frame.columns.get_loc("window_start")] = hours.iloc[at].min()
+            continue
+        begins = pd.to_datetime(known["window_start"], utc=True).to_numpy()
+        chosen = np.clip(np.searchsorted(begins, hours.iloc[at].to_numpy(), side="right") - 1, 0, len(known) - 1)
+        frame.iloc[at, frame.columns.get_loc("window")] = known["window"].to_numpy()[chosen]
+        frame.iloc[at, frame.columns.get_loc("window_start")] = pd.to_datetime(known["window_start"], utc=True).to_numpy()[chosen]
+    return frame
+
+def _refused_counts(folder: Path, log, state: dict) -> pd.DataFrame:
+    """Every count of refused records the log holds, kept in `rejections.parquet` and read incrementally: rows written
+    since the last look replace the totals they had (a count only grows)."""
+    from lifecycle.predlog import REJECTION_COLUMNS
+    key = list(REJECTION_COLUMNS[:-2])
+    stored = _read_parquet(folder / "rejections.parquet")
+    fresh = log.rejections(since=state.get("rejections_since"))
+    if not len(fresh):
+        return stored if stored is not None else fresh
+    state["rejections_since"] = fresh["logged"].max().isoformat()
+    merged = pd.concat([stored, fresh], ignore_index=True) if stored is not None and len(stored) else fresh
+    merged = merged.sort_values("count", kind="stable").drop_duplicates(key, keep="last").reset_index(drop=True)
+    merged.to_parquet(folder / "rejections.parquet", index=False)
+    return merged
+
+def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.DataFrame) -> tuple[dict, dict, set]:
+    """(window -> its refused records [{channel, reason, field, count}], window -> its head when it has no prediction,
+    the windows whose refused records changed since the last update)."""
+    columns = ["window", "model_version", "channel", "reason", "field"]
+    if len(refused):
+        placed = refused_windows(refused, every, starts)
+        table = placed.groupby(columns, as_index=False, sort=True)["count"].sum()
+        spans = placed.groupby("window").agg(model_version=("model_version", "first"), window_start=("window_start", "min"),
+                                             first_event=("event_hour", "min"), last_event=("event_hour", "max"))
+    else:
+        table, spans = pd.DataFrame(columns=columns + ["count"]), pd.DataFrame()
+    before = _read_parquet(folder / "rejection_windows.parquet")
+    def signature(frame):
+        if frame is None or not len(frame):
+            return {}
+        return {window: json.dumps(part[columns[1:] + ["count"]].astype(str).values.tolist()) for window, part in frame.groupby("window")}
+    old, new = signature(before), signature(table)
+    changed = {window for window in set(old) | set(new) if old.get(window) != new.get(window)}
+    table.to_parquet(folder / "rejection_windows.parquet", index=False)
+    by_window = {window: part[["channel", "reason", "field", "count"]].astype({"count": int}).to_dict("records")
+                 for window, part in table.groupby("window")} if len(table) else {}
+    heads = {window: {"model_version": int(row.model_version), "window_start": pd.Timestamp(row.window_start).isoformat(),
+                      "first_event": pd.Timestamp(row.first_event).isoformat(), "last_event": pd.Timestamp(row.last_event).isoformat()}
+             for window, row in spans.iterrows()}
+    return by_window, heads, changed
 
 # %% ../nbs/42_monitoring.ipynb #b4b61162
 def update_windows(
@@ -455,14 +576,25 @@ def _add_ids(folder: Path, state: dict, ids: pd.DataFrame) -> None:
         for part in parts:
             part.unlink()
 
-def _window_job(path: str, key: str, reference: dict | None, threshold: float, every, sensitive, kpis, min_rows, min_group, n_boot) -> tuple:
-    "One window's (head, report) from its stored rows: the unit of work of both engines."
-    rows = pd.read_parquet(path)
-    report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
-    first, last = rows["event_time"].min(), rows["event_time"].max()
+_NO_ROWS = {"request_id": str, "score": float, "decision": float, "label": float, "channel": str, "model_version": "int64"}
+
+def _window_job(path: str | None, key: str, reference: dict | None, threshold: float, every, sensitive, kpis, min_rows, min_group, n_boot,
+                refused: list | None = None, fallback: dict | None = None) -> tuple:
+    """One window's (head, report) from its stored rows and its refused records: the unit of work of both engines.
+    A window of refused records only has no rows (`path` None) and its head from `fallback`."""
+    if path is None:
+        rows = pd.DataFrame({name: pd.Series([], dtype=kind) for name, kind in _NO_ROWS.items()})
+        rows["event_time"] = pd.Series([], dtype="datetime64[ns, UTC]")
+    else:
+        rows = pd.read_parquet(path)
+    report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot, refused=refused)
     channels = rows["channel"].value_counts()
-    head = {"window": key, "model_version": int(rows["model_version"].iloc[0]), "window_start": rows["window_start"].min().isoformat(),
-            "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(channels.to_dict())}
+    if len(rows):
+        first, last = rows["event_time"].min(), rows["event_time"].max()
+        head = {"window": key, "model_version": int(rows["model_version"].iloc[0]), "window_start": rows["window_start"].min().isoformat(),
+                "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(channels.to_dict())}
+    else:
+        head = {"window": key, **fallback, "channels": "{}"}
     report["values"].update({f"volume.{channel}": int(count) for channel, count in channels.items()})  # operations: volume by channel
     return _plain(head), _plain(report)
 
@@ -547,6 +679,14 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
             touched |= set(known.loc[known["model_version"].astype(int) == version, "window"])
             statements.append(f"the reference of model version {version} {'appeared' if has else 'is gone'}: its windows were recomputed")
         references[str(version)] = has
+    starts = pd.concat([table[["window", "model_version", "window_start"]] if table is not None and len(table) else pd.DataFrame(),
+                        new.groupby("window", as_index=False).agg(model_version=("model_version", "first"), window_start=("window_start", "min"))
+                        if len(new) else pd.DataFrame()], ignore_index=True)
+    if len(starts):
+        starts["window_start"] = pd.to_datetime(starts["window_start"], utc=True, format="ISO8601")
+        starts = starts.sort_values("window_start", kind="stable").drop_duplicates("window")
+    refused, refused_heads, refused_changed = _refused_by_window(folder, _refused_counts(folder, log, state), every, starts)
+    touched |= refused_changed
     touched = sorted(touched)
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
     jobs = []
@@ -554,6 +694,15 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     for key in touched:
         path = folder / "rows" / f"{_safe_name(key)}.parquet"
         rows = _read_parquet(path)
+        if rows is None and key not in by_window:  # a window of refused records only (or no longer any)
+            if key in refused:
+                reference, threshold = reference_for(refused_heads[key]["model_version"])
+                jobs.append((None, key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot,
+                             refused[key], refused_heads[key]))
+            else:
+                flat.pop(key, None)
+                (folder / "details" / f"{_safe_name(key)}.json").unlink(missing_ok=True)
+            continue
         fresh = new.take(by_window[key]) if key in by_window else new.iloc[:0].copy()  # copies: the rows get a label column below
         rows = fresh if rows is None else pd.concat([rows, fresh], ignore_index=True) if len(fresh) else rows
         if "label" not in rows.columns:
@@ -565,7 +714,7 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         path.parent.mkdir(parents=True, exist_ok=True)
         _storable(rows).to_parquet(path, index=False)
         reference, threshold = reference_for(int(rows["model_version"].iloc[0]))
-        jobs.append((str(path), key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot))
+        jobs.append((str(path), key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot, refused.get(key, []), None))
     for head, report in _run_jobs(jobs, engine, scheduler):
         write_json(folder / "details" / f"{_safe_name(head['window'])}.json", {**head, **report})
         flat[head["window"]] = {**head, **report["values"]}
@@ -736,7 +885,8 @@ def monitor_project(
         details["values"].update({f"last_labeled.{name}": _plain(last[name]) for name in LABELED_FIGURES if name in last.index})
         details["statements"].append(f"realized figures for rules (last_labeled.*) come from window {last['window']}, the latest with labels")
     summary["latest"] = {"window": latest["window"], "model_version": int(latest["model_version"]), "window_start": latest["window_start"],
-                         "last_event": latest["last_event"], "values": details["values"], "statements": details["statements"]}
+                         "last_event": latest["last_event"], "values": details["values"], "statements": details["statements"],
+                         "rejections": details.get("rejections", [])}
     if rules:
         alerts = raise_alerts(root / "monitoring", rules, details["values"], now or datetime.now(timezone.utc),
                               labels={"project": summary["project"], "model_version": str(int(latest["model_version"]))},

@@ -34,11 +34,12 @@ import pandas as pd
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'PREDICTION_COLUMNS', 'pseudonymize', 'id_key', 'log_location', 'redact_url',
-           'utc_text', 'features_json', 'prediction_row', 'label_row', 'SQLiteStore', 'PostgresStore',
-           'UnstorableBlock', 'is_data_error', 'describe_error', 'log_store', 'JournalError', 'Journal',
-           'journal_folder', 'replay_journals', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks',
-           'PredictionLog', 'open_log', 'PendingRun', 'remove_dead_runs']
+__all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'REJECTION_COLUMNS', 'FIELD_MAX_CHARS', 'PREDICTION_COLUMNS', 'pseudonymize',
+           'id_key', 'log_location', 'redact_url', 'utc_text', 'features_json', 'prediction_row', 'label_row',
+           'SQLiteStore', 'PostgresStore', 'latest_totals', 'UnstorableBlock', 'is_data_error', 'describe_error',
+           'log_store', 'JournalError', 'Journal', 'journal_folder', 'replay_journals', 'hour_text', 'RejectionTally',
+           'journal_rejections', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks', 'PredictionLog',
+           'open_log', 'PendingRun', 'remove_dead_runs', 'read_rejections']
 
 # %% ../nbs/31_predlog.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -399,6 +400,7 @@ class SQLiteStore:
 
     def create(self, connection) -> None:
         connection.executescript(_SQLITE_SCHEMA)
+        connection.executescript(_SQLITE_REJECTIONS)
         for table, column in _ADDED_COLUMNS:  # a log made before these columns: its rows keep NULL, read as their `time`
             if column not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
                 try:
@@ -407,8 +409,8 @@ class SQLiteStore:
                     if "duplicate column" not in str(error):  # another process added it meanwhile: fine
                         raise
 
-    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), run: str | None = None) -> None:
-        "Write one batch in one transaction; with `run`, into that batch run's pending tables."
+    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), rejections: list[tuple] = (), run: str | None = None) -> None:
+        "Write one batch in one transaction; with `run`, its predictions and blocks into that batch run's pending tables (refused-record counts are running totals: written as they come)."
         connection.execute("BEGIN IMMEDIATE")
         try:
             if run is not None:
@@ -420,6 +422,8 @@ class SQLiteStore:
                 if labels:
                     connection.executemany(_SQLITE_INSERT_LABELS, labels)
                 write_blocks(connection.execute, _SQLITE_OVERLAPPING, _SQLITE_INSERT_BLOCKS, blocks)
+            if rejections:
+                connection.executemany(_SQLITE_INSERT_REJECTIONS, rejections)
             connection.execute("COMMIT")
         except BaseException:
             try:
@@ -568,13 +572,15 @@ class PostgresStore:
 
     def create(self, connection) -> None:
         with connection.transaction():
-            for statement in _POSTGRES_SCHEMA:
+            for statement in _POSTGRES_SCHEMA + _POSTGRES_REJECTIONS:
                 connection.execute(statement)
 
-    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), run: str | None = None) -> None:
-        "Write one batch in one transaction (psycopg pipelines `executemany`: one round trip, not one a row); with `run`, into its pending tables."
+    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), rejections: list[tuple] = (), run: str | None = None) -> None:
+        "Write one batch in one transaction (psycopg pipelines `executemany`: one round trip, not one a row); with `run`, its predictions and blocks into its pending tables."
         with connection.transaction():
             with connection.cursor() as cursor:
+                if rejections:  # running totals, not part of a batch run's pending rows
+                    cursor.executemany(_POSTGRES_INSERT_REJECTIONS, rejections)
                 if run is not None:
                     if predictions:
                         cursor.executemany(_POSTGRES_INSERT_PENDING_PREDICTIONS, [(run, *row) for row in predictions])
@@ -607,6 +613,61 @@ class PostgresStore:
             return connection.execute(sql, parameters).fetchall()
         finally:
             connection.close()
+
+# %% ../nbs/31_predlog.ipynb #9627f575
+_REJECTION_KEY = ("source", "logged_hour", "event_hour", "channel", "model_version", "reason", "field")
+REJECTION_COLUMNS = _REJECTION_KEY + ("count", "logged")  # logged: when the row was last written (monitoring reads new rows by it)
+_SQLITE_REJECTIONS = """
+CREATE TABLE IF NOT EXISTS rejections (
+    source TEXT NOT NULL,
+    logged_hour TEXT NOT NULL,
+    event_hour TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    field TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    logged TEXT NOT NULL,
+    PRIMARY KEY (source, logged_hour, event_hour, channel, model_version, reason, field)
+);
+CREATE INDEX IF NOT EXISTS rejections_logged ON rejections (logged);
+"""
+_SQLITE_INSERT_REJECTIONS = """
+INSERT INTO rejections (source, logged_hour, event_hour, channel, model_version, reason, field, count, logged)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (source, logged_hour, event_hour, channel, model_version, reason, field)
+DO UPDATE SET count = max(rejections.count, excluded.count), logged = excluded.logged"""
+_POSTGRES_REJECTIONS = [
+    """CREATE TABLE IF NOT EXISTS rejections (
+        source TEXT NOT NULL,
+        logged_hour TIMESTAMPTZ NOT NULL,
+        event_hour TIMESTAMPTZ NOT NULL,
+        channel TEXT NOT NULL,
+        model_version BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        field TEXT NOT NULL,
+        count BIGINT NOT NULL,
+        logged TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (source, logged_hour, event_hour, channel, model_version, reason, field))""",
+    "CREATE INDEX IF NOT EXISTS rejections_logged ON rejections (logged)",
+]
+_POSTGRES_INSERT_REJECTIONS = """
+INSERT INTO rejections (source, logged_hour, event_hour, channel, model_version, reason, field, count, logged)
+VALUES (%s, %s::timestamptz, %s::timestamptz, %s, %s, %s, %s, %s, %s::timestamptz)
+ON CONFLICT (source, logged_hour, event_hour, channel, model_version, reason, field)
+DO UPDATE SET count = GREATEST(rejections.count, EXCLUDED.count), logged = EXCLUDED.logged"""
+
+def latest_totals(
+    rows: list[tuple],  # rejection rows without `logged`: the key, then the source's running total
+    logged: str,  # when they are written (UTC text)
+) -> list[tuple]:  # one row a key, with its largest total, then `logged`
+    "The rows one write sends: a batch may hold several totals of one key, as it grew; the largest is the latest."
+    largest = {}
+    for row in rows:
+        key = row[:-1]
+        if row[-1] > largest.get(key, -1):
+            largest[key] = row[-1]
+    return [key + (total, logged) for key, total in largest.items()]
 
 # %% ../nbs/31_predlog.ipynb #a1f0c024
 _POSTGRES_SAFE_CLASSES = ("08", "40", "53", "57", "58")  # connection, rollback, resources, operator, system: messages without values
@@ -712,17 +773,23 @@ def replay_journals(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a live process writes it
                 continue
-            rows = []
+            rows, refused = [], []
             with open(fd, "rb", closefd=False) as handle:
                 for line in handle:
                     try:
-                        rows.append(tuple(json.loads(line)))
+                        entry = json.loads(line)
                     except ValueError:  # a line cut short by the crash: its request was never answered
                         continue
+                    if isinstance(entry, dict):  # refused records counted (`record_rejections`)
+                        refused.append(entry)
+                    else:
+                        rows.append(tuple(entry))
             connection = store.connect()
             try:
                 for start in range(0, len(rows), chunk):
                     store.write(connection, rows[start:start + chunk], [])
+                if refused:
+                    store.write(connection, [], [], (), latest_totals(journal_rejections(refused), utc_text()))
             finally:
                 connection.close()
             path.unlink(missing_ok=True)
@@ -734,6 +801,67 @@ def replay_journals(
         finally:
             os.close(fd)
     return replayed
+
+# %% ../nbs/31_predlog.ipynb #902c7d80
+_REASON_CODE = re.compile(r"^[a-z][a-z_]{0,39}$")
+FIELD_MAX_CHARS = 200  # a column name longer than this is not one (the contract names only the project's columns)
+
+def hour_text(
+    when=None,  # a time (ISO-8601 text or datetime); None for now
+) -> str:  # the start of its hour, UTC text
+    "The hour a time falls in."
+    return utc_text(when)[:13] + ":00:00.000000+00:00"
+
+class RejectionTally:
+    "Running totals of the records one source refused, by hour logged, hour of the event, channel, model version, reason and field."
+
+    def __init__(self,
+        source: str,  # who counts: a journal file's name, a log instance, a batch file
+    ):
+        self.source = source
+        self.totals = {}
+
+    def add(self,
+        rejected: list[tuple],  # (reason code, field or "", records, event time or None for now)
+        channel: str,  # the channel they came by
+        model_version: int,  # the version whose contract refused them
+        now=None,  # the time they are counted (default now)
+    ) -> tuple[list, list]:  # (increments, for the journal; rows with the new totals, for the queue)
+        "Count refused records; reasons and fields are checked to be codes and column names, never values."
+        logged_hour = hour_text(now)
+        increments = {}
+        for reason, field, count, when in rejected:
+            if not isinstance(reason, str) or not _REASON_CODE.match(reason):
+                raise LifecycleError("record_rejections: a reason must be a code (lower-case letters and _), as contract.rejection_reasons gives")
+            if not isinstance(field, str) or len(field) > FIELD_MAX_CHARS or not field.isprintable():
+                raise LifecycleError(f"record_rejections: a field must be a column name (printable, at most {FIELD_MAX_CHARS} characters) or empty")
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+                raise LifecycleError("record_rejections: a count must be a whole number, 0 or more")
+            try:
+                event_hour = logged_hour if when is None else hour_text(when)
+            except _CONVERSION_ERRORS:
+                raise _invalid("record_rejections", "event_time") from None
+            if count:
+                key = (logged_hour, event_hour, channel, int(model_version), reason, field)
+                increments[key] = increments.get(key, 0) + int(count)
+        rows = []
+        for key, count in increments.items():
+            self.totals[key] = self.totals.get(key, 0) + count
+            rows.append((self.source, *key, self.totals[key]))
+        for key in [key for key in self.totals if key[0] < logged_hour]:  # queued with their final totals already
+            del self.totals[key]
+        return [[*key, count] for key, count in increments.items()], rows
+
+def journal_rejections(
+    entries: list[dict],  # journal lines of refused records: {"source": …, "rejections": [[logged_hour, event_hour, channel, version, reason, field, count], …]}
+) -> list[tuple]:  # rejection rows without `logged`: each key's total over the entries
+    "The totals a journal's increments add up to, as the process that wrote them held them."
+    totals = {}
+    for entry in entries:
+        for *key, count in entry.get("rejections", []):
+            key = (str(entry.get("source", "")), *key)
+            totals[key] = totals.get(key, 0) + int(count)
+    return [(*key, total) for key, total in totals.items()]
 
 # %% ../nbs/31_predlog.ipynb #a1f0c027
 _logger = logging.getLogger("lifecycle.predlog")
@@ -885,6 +1013,7 @@ class PredictionLog:
             raise LifecycleError("a prediction log writes either for a batch run or through a journal, not both")
         self.run = run
         self._journal = Journal(journal) if journal is not None else None
+        self._tally = RejectionTally(self._journal.path.stem if self._journal else f"log-{uuid.uuid4().hex}")  # refused records counted
         self._retired = []  # (Journal, ticket): full journals, deleted once the ticket is committed
         self._waiter_number = 0
         self.refused = 0  # rows the database refused (a value it cannot store); each is in `errors`
@@ -941,6 +1070,7 @@ class PredictionLog:
         if self._journal.size >= self.journal_bytes:
             self._retired.append((self._journal, ticket))
             self._journal = Journal(self._journal.folder)
+            self._tally = RejectionTally(self._journal.path.stem)  # a new source: its totals start at 0
         while self._retired and self._retired[0][1] <= self._committed:
             self._retired.pop(0)[0].release(delete=True)
 
@@ -1027,6 +1157,38 @@ class PredictionLog:
         if self.run is not None:
             raise LifecycleError("a batch run's log records predictions only: record labels through a log opened without run")
         self._enqueue([("l", label_row(request_id, label, time) + (utc_text(),))])  # and when it was written
+
+    def record_rejections(self,
+        rejected: list[tuple],  # (reason code, field or "", records, event time or None for now): see `contract.rejection_reasons`
+        channel: str,  # online, batch or stream
+        model_version: int,  # the version whose contract refused them
+        source: str | None = None,  # whose running totals: None for this log's; a batch run names its file, so scoring it again counts nothing twice
+    ) -> int | None:  # a ticket (`when_committed`); None when nothing was refused
+        """Count refused records by hour, reason and field, never their values or identifiers; returns at once.
+
+        With a journal (a server) the counts are journaled first, so an answered 422 is counted even after kill -9."""
+        if channel not in CHANNELS:
+            raise _invalid("record_rejections", "channel")
+        try:
+            version = int(model_version)
+        except _CONVERSION_ERRORS:
+            raise _invalid("record_rejections", "model_version") from None
+        with self._lock:
+            if self._closing:
+                raise LifecycleError(f"the prediction log {self.store} is closed; open it again with open_log")
+            tally = self._tally if source is None else RejectionTally(str(source))
+            increments, rows = tally.add(rejected, channel, version)
+            if not rows:
+                return None
+            if self._journal is not None:
+                try:
+                    self._journal.append([{"source": tally.source, "rejections": increments}])
+                except OSError as error:
+                    raise JournalError(f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}") from None
+            ticket = self._enqueue([("r", row) for row in rows])
+            if self._journal is not None:
+                self._tend_journals(ticket)
+        return ticket
 
     def _enqueue(self, items: list, weight: int | None = None) -> int:
         "Queue items; `weight` is the predictions and labels they hold (default: one each). Returns their ticket."
@@ -1182,6 +1344,12 @@ class PredictionLog:
         frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
         return frame
 
+    def rejections(self,
+        since=None,  # only rows written at or after this time
+    ) -> pd.DataFrame:  # see `read_rejections`
+        "The committed counts of refused records."
+        return read_rejections(self.store, since)
+
     # --- the writer's side ---------------------------------------------------------------------
 
     def _note(self, line: str) -> None:
@@ -1284,10 +1452,12 @@ class PredictionLog:
         predictions = [row for kind, row in batch if kind == "p"]
         labels = [row for kind, row in batch if kind == "l"]
         blocks = [block.row() for kind, block in batch if kind == "b"]  # compressed before the transaction, not inside it
-        if self.run is None:
-            self.store.write(self._connection, predictions, labels, blocks)
-        else:
-            self.store.write(self._connection, predictions, labels, blocks, run=self.run)
+        rejections = latest_totals([row for kind, row in batch if kind == "r"], utc_text())
+        extra = {"run": self.run} if self.run is not None else {}
+        if rejections:
+            extra["rejections"] = rejections
+        # without `run` or counts, the signature stores had before batch runs and refused records
+        self.store.write(self._connection, predictions, labels, blocks, **extra)
 
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -1502,3 +1672,19 @@ def remove_dead_runs(
                         "(never visible to a reader)", store, removed)
     return removed
 
+
+# %% ../nbs/31_predlog.ipynb #7e429414
+def read_rejections(
+    store,  # the log's store
+    since=None,  # only rows written at or after this time (ISO-8601 text or datetime); None for all
+) -> pd.DataFrame:  # REJECTION_COLUMNS; hours and `logged` as UTC times; oldest write first
+    "The counts of refused records: one row a source, hour logged, hour of the event, channel, model version, reason and field."
+    where, parameters = "", ()
+    if since is not None:
+        where, parameters = f" WHERE logged >= {store.mark}", (store.time_parameter(since),)
+    rows = store.read(f"SELECT {', '.join(REJECTION_COLUMNS)} FROM rejections{where} ORDER BY logged, source", parameters)
+    frame = pd.DataFrame(rows, columns=list(REJECTION_COLUMNS)).astype(
+        {"source": str, "channel": str, "model_version": "int64", "reason": str, "field": str, "count": "int64"})
+    for column in ("logged_hour", "event_hour", "logged"):
+        frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
+    return frame

@@ -306,6 +306,7 @@ class Prediction:
     score: float  # the positive class's probability
     decision: int  # 1 when the score reaches the version's threshold
     model_version: int  # the version that scored it
+    features: list | None = field(default=None, compare=False, repr=False)  # its cleaned values in the model's order, when the contract checked a record (not part of an answer)
 
     def keys(self):
         return ("score", "decision", "model_version")
@@ -387,8 +388,10 @@ class Scorer:
         rows, errors = check_records(records, self.spec)
         good = [i for i, row in enumerate(rows) if row is not None]
         results: list[Prediction | None] = [None] * len(records)
-        for i, prediction in zip(good, self.predictions(self.scores([rows[i] for i in good]))):
-            results[i] = prediction
+        scores = self.scores([rows[i] for i in good])
+        version = self.spec.version
+        for i, score, decision in zip(good, np.asarray(scores, dtype=float).tolist(), self.decisions(scores).tolist()):
+            results[i] = Prediction(score, decision, version, rows[i])  # with the cleaned row: the log need not check the record again
         return results, errors
 
     def score_frame(self, frame: pd.DataFrame) -> dict:  # features (good rows, cleaned), reasons (per row), good (mask), scores, decisions

@@ -28,14 +28,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from .core import LifecycleError
 from .predlog import JournalError
-from .contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors
+from .contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors, rejection_reasons
 from .scoring import Scorer, record_json_schema
 
 # %% auto #0
 __all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'REQUEST_ID', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED',
            'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated', 'event_time_text', 'record_event_times',
-           'logged_features', 'SafeJSONResponse', 'check_ids', 'create_app', 'openapi_components', 'openapi_responses',
-           'serve']
+           'logged_features', 'count_refused', 'SafeJSONResponse', 'check_ids', 'create_app', 'openapi_components',
+           'openapi_responses', 'serve']
 
 # %% ../nbs/32_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serve")
@@ -244,13 +244,40 @@ def record_event_times(
 def logged_features(
     record: dict,  # one record that passed the model's checks
     spec,  # the model's `ServingSpec`
+    row: list | None = None,  # its cleaned values, as scoring checked them (`Prediction.features`); None: checked here
 ) -> dict:  # feature -> its value as the model saw it (None when missing)
     "A record's features for the prediction log: cleaned by the project's rules, as training saw them."
-    from lifecycle.scoring import check_records
-    rows, _ = check_records([record], spec)
-    if rows[0] is None:  # cannot happen for a record that was scored; the raw values then
-        return {name: record.get(name) for name in spec.features}
-    return {name: (None if isinstance(value, float) and math.isnan(value) else value) for name, value in zip(spec.features, rows[0])}
+    if row is None:
+        from lifecycle.scoring import check_records
+        rows, _ = check_records([record], spec)
+        row = rows[0]
+        if row is None:  # cannot happen for a record that was scored; the raw values then
+            return {name: record.get(name) for name in spec.features}
+    return {name: (None if isinstance(value, float) and math.isnan(value) else value) for name, value in zip(spec.features, row)}
+
+# %% ../nbs/32_serve.ipynb #6b6e63f5
+def count_refused(
+    prediction_log,  # the open prediction log
+    errors: list[dict],  # the errors of one refused request (loc: ["body", record index, field])
+    count: int,  # how many records it carried
+    spec,  # the model version's `ServingSpec` (its version, features, id field)
+    event_times=None,  # each record's event time (None in it: now), one time for all, or None for now
+    channel: str = "online",  # the channel they came by
+    fields=(),  # more field names that may be named (the project's `[data] timestamp`)
+) -> int:  # records counted; 0 when counting failed (logged, never raised: the answer goes out regardless)
+    "Count the records of a refused request in the prediction log by reason and field."
+    try:
+        reasons = rejection_reasons(errors, count, set(spec.features) | {spec.id_field} | {name for name in fields if name})
+        times = event_times if isinstance(event_times, (list, tuple)) else [event_times] * count
+        tally = {}
+        for (reason, field), when in zip(reasons, times):
+            tally[(reason, field, when)] = tally.get((reason, field, when), 0) + 1
+        prediction_log.record_rejections([(reason, field, number, when) for (reason, field, when), number in tally.items()],
+                                         channel, spec.version)
+        return count
+    except Exception as error:  # a full disk, a closed log: the 422 still goes out
+        log.warning("%d refused records could not be counted in the prediction log (%s)", count, type(error).__name__)
+        return 0
 
 # %% ../nbs/32_serve.ipynb #a27956a7
 def _loopback(host: str) -> bool:
@@ -393,18 +420,22 @@ def create_app(
             return finish("predict", _problem(422, f"a request may carry at most {max_records} records", "too_many_records"), started)
         id_errors = check_ids(records, holder.scorer.spec.id_field)
         if id_errors:  # refused before scoring: a prediction that cannot be logged is not answered
+            count_refused(state["log"], id_errors, len(records), holder.scorer.spec, event_time_text(request.headers.get(EVENT_TIME_HEADER)))
             return finish("predict", SafeJSONResponse({"detail": id_errors}, status_code=422), started)
         sent_time, problem = header_event_time(request)
         if problem:
+            count_refused(state["log"], [{"loc": ["header", EVENT_TIME_HEADER], "type": "value_error.event_time"}], len(records), holder.scorer.spec)
             return finish("predict", problem, started)
         stamp_field = ((holder.scorer.meta.get("settings") or {}).get("data", {}).get("timestamp") or "").strip()
         records, own_times, time_errors = record_event_times(records, stamp_field, holder.scorer.spec.features)
         if time_errors:
+            count_refused(state["log"], time_errors, len(records), holder.scorer.spec, [own or sent_time for own in own_times], fields=(stamp_field,))
             return finish("predict", SafeJSONResponse({"detail": time_errors}, status_code=422), started)
         results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
         if errors or None in results:  # a record without a result names its error (or, if a check forgot to, gets one)
             errors = errors or [{"loc": ["body"], "msg": "some records could not be scored; check them against /openapi.json", "type": "unprocessable"}]
+            count_refused(state["log"], errors, len(records), spec, [own or sent_time for own in own_times], fields=(stamp_field,))
             return finish("predict", SafeJSONResponse(limit_errors(errors, max_errors), status_code=422), started)
         now = _now()
         answers, logged = [], []
@@ -413,7 +444,7 @@ def create_app(
             answers.append({"request_id": request_id, **result})
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
-                           "features": logged_features(record, spec), "event_time": own_time or sent_time})
+                           "features": logged_features(record, spec, result.features), "event_time": own_time or sent_time})
         try:  # journaled before the answer goes out: a client that got an answer finds it in the log, even after kill -9
             state["log"].record(logged)
         except JournalError as error:

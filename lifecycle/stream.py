@@ -27,10 +27,11 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from .core import LifecycleError
 from .predlog import redact_url
+from .contract import rejection_reason
 
 # %% auto #0
-__all__ = ['log', 'Endpoint', 'parse_endpoint', 'score_events', 'gather', 'LineSource', 'RedisSource', 'RedisSink', 'LineSink',
-           'open_source', 'open_sink', 'run_stream', 'format_summary', 'add_stream_command']
+__all__ = ['log', 'Endpoint', 'parse_endpoint', 'score_events', 'stream_rejections', 'gather', 'LineSource', 'RedisSource',
+           'RedisSink', 'LineSink', 'open_source', 'open_sink', 'run_stream', 'format_summary', 'add_stream_command']
 
 # %% ../nbs/34_stream.ipynb #0dcf9c50
 @dataclass
@@ -131,6 +132,7 @@ def score_events(
     now: datetime | None = None,  # the time logged with the predictions (default: now)
 ) -> tuple[list[dict], list[dict]]:  # (one output per event, in order; the predictions to log)
     "Check and score a micro-batch in one model call."
+    from lifecycle.serve import logged_features
     outputs: list = [None] * len(events)
     identities, records, owners = [], [], []
     for index, (source_id, payload, given, problem) in enumerate(events):
@@ -169,8 +171,23 @@ def score_events(
                           "decision": result["decision"], "model_version": version}
         predictions.append({"request_id": request_id, "time": now, "model_version": version, "channel": "stream",
                             "score": result["score"], "decision": result["decision"], "id": record.get(id_field),
-                            "features": {name: record.get(name) for name in features}})
+                            "features": logged_features(record, spec, result.features)})  # as the model saw them, as serve logs them
     return outputs, predictions
+
+# %% ../nbs/34_stream.ipynb #6c1524da
+def stream_rejections(
+    outputs: list[dict],  # one output per event (`score_events`): those with `errors` were refused
+    spec,  # the model version's `ServingSpec` (its features and id field)
+) -> list[tuple]:  # (reason code, field or "", records, None): what `PredictionLog.record_rejections` counts
+    "The refused events of a micro-batch by reason and field: each by its first error, never a value."
+    fields = set(spec.features) | {spec.id_field}
+    tally = {}
+    for output in outputs:
+        if "errors" in output:
+            errors = output["errors"]
+            reason = rejection_reason(errors[0], fields) if errors else ("unprocessable", "")
+            tally[reason] = tally.get(reason, 0) + 1
+    return [(reason, field, count, None) for (reason, field), count in tally.items()]
 
 # %% ../nbs/34_stream.ipynb #8aecd038
 def gather(
@@ -557,6 +574,12 @@ def run_stream(
                         scorer = holder.scorer  # one version for the whole batch
                         outputs, predictions = score_events(events, scorer, reader.key_prefix)
                         writer.write(outputs)
+                        refused = stream_rejections(outputs, scorer.spec) if predictions_log is not None else []
+                        if refused:  # counted by reason, never their values; flushed below with the predictions
+                            try:
+                                predictions_log.record_rejections(refused, "stream", scorer.version)
+                            except LifecycleError as error:  # counting never stops scoring
+                                log.warning("%d refused events could not be counted: %s", sum(n for _, _, n, _ in refused), error)
                         if predictions_log is not None and predictions:
                             predictions_log.record(predictions)
                             if reader.acknowledges and not predictions_log.flush():

@@ -123,14 +123,16 @@ def _batch(scorer, records):
 def _stream(scorer, records):
     "What a stream computes: JSON lines in, one output per event."
     events = [(i, json.dumps(record), None, None) for i, record in enumerate(records)]
-    outputs, _ = score_events(events, scorer, "test/")
+    outputs, logged = score_events(events, scorer, "test/")
+    logged = iter(logged)
     results = []
     for output in outputs:
         if "errors" in output:
             first = output["errors"][0]
-            results.append((error_reason({**first, "loc": ["body", 0, *first["loc"][1:]]}), output.get("score")))
+            results.append((error_reason({**first, "loc": ["body", 0, *first["loc"][1:]]}), output.get("score"), None))
         else:
-            results.append(("", output["score"]))
+            features = next(logged)["features"]  # what the stream logs: the cleaned values, as training saw them
+            results.append(("", output["score"], [np.nan if features[name] is None else features[name] for name in FEATURES]))
     return results
 
 
@@ -151,6 +153,7 @@ def test_every_path_reads_a_record_the_same_way(world, records):
         cleaned = prepared[i][1]
         assert all(_same(a, b) for a, b in zip(cleaned, online[i][1])), (record, cleaned, online[i][1])
         assert all(_same(a, b) for a, b in zip(cleaned, batch[i][1])), (record, cleaned, batch[i][1])
+        assert all(_same(a, b) for a, b in zip(cleaned, stream[i][2])), (record, cleaned, stream[i][2])
         expected = scorer.model.predict_proba(pd.DataFrame([cleaned], columns=FEATURES).astype({n: float for n in FEATURES[:4]}))[0, 1]
         assert online[i][2] == batch[i][2] == stream[i][1] == expected, (record, online[i][2], batch[i][2], stream[i][1], expected)
 

@@ -55,6 +55,8 @@ def _fill(log, day, rows, seed, as_block, version=1):
                     for i in range(rows)])
     for i in range(0, rows, 2):
         log.record_label(ids[i], int(rng.random() < scores[i]), when + pd.Timedelta(days=2))
+    log.record_rejections([("out_of_range", "chol", seed, when), ("with_request", "", rows // 50, when)],  # refused records, counted
+                          "batch" if as_block else "online", version)
     log.flush()
 
 
@@ -82,6 +84,9 @@ def test_incremental_updates_equal_one_update_from_scratch(tmp_path):
     incremental, scratch = _stored(tmp_path / "incremental"), _stored(tmp_path / "scratch")
     assert len(scratch[0]) == 4 and scratch[0]["labeled"].sum() > 0 and scratch[0]["drift_share"].max() > 0
     assert {"volume.online", "volume.batch"} <= set(scratch[0].columns)  # operations: volume by channel
+    refused = scratch[0].set_index("window")  # operations: refused records by reason, counted from the log's counts
+    assert refused["rejected.out_of_range"].tolist() == [1 + 2, 3, 4 + 5, 6] and refused["rejected"].sum() == 21 + 10
+    assert refused["rejected_share"].iloc[0] == (3 + 3) / (3 + 3 + 200)  # day 0: 200 scored, 3 out of range, 3 refused with their request
     _assert_same(incremental, scratch)
 
 
