@@ -43,6 +43,7 @@ lab: $(VENV)/.installed
 # The README's pictures, from the latest run's report and the live dashboard, taken in Debian's chromium (apt-get install chromium).
 screenshots: $(VENV)/.installed-dev
 	test -e reports/latest || $(MAKE) run
+	ls simulations/*/simulation.json >/dev/null 2>&1 || $(BIN)/lifecycle simulate --inject bad-model
 	$(BIN)/python docs/screenshots.py
 
 bench: $(VENV)/.installed

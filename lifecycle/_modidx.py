@@ -694,6 +694,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                 'lifecycle/retrain.py')},
             'lifecycle.rollback': { 'lifecycle.rollback._champion_labeled': ('rollback.html#_champion_labeled', 'lifecycle/rollback.py'),
                                     'lifecycle.rollback._figure': ('rollback.html#_figure', 'lifecycle/rollback.py'),
+                                    'lifecycle.rollback._paired_test': ('rollback.html#_paired_test', 'lifecycle/rollback.py'),
                                     'lifecycle.rollback._record': ('rollback.html#_record', 'lifecycle/rollback.py'),
                                     'lifecycle.rollback.check_rollback': ('rollback.html#check_rollback', 'lifecycle/rollback.py'),
                                     'lifecycle.rollback.judge_rollback': ('rollback.html#judge_rollback', 'lifecycle/rollback.py'),

@@ -22,19 +22,20 @@ __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback
 
 # %% ../nbs/25_rollback.ipynb #b7873e95
 ROLLBACK_METRICS = ("roc_auc", "recall", "precision", "accuracy")  # higher is better for each
-ROLLBACK_DEFAULTS = {"rollback_metric": "roc_auc", "rollback_margin": 0.0, "rollback_min_labels": 50, "rollback_alerts": "", "rollback_days": 7.0}
+ROLLBACK_DEFAULTS = {"rollback_metric": "roc_auc", "rollback_margin": 0.0, "rollback_min_labels": 50, "rollback_alerts": "", "rollback_days": 7.0,
+                     "rollback_alpha": 0.05}
 ROLLBACK_PREFIX = "Automatic rollback"  # how a rollback's event reason starts in the registry
 
 def rollback_rules(
     section: dict,  # the [retrain] settings (text from the file, or the stage's typed parameters); other keys are ignored
-) -> dict:  # metric, margin, min_labels, alerts (names, or ["critical"]), days, active
+) -> dict:  # metric, margin, min_labels, alpha, alerts (names, or ["critical"]), days, active
     "The rollback rules of `[retrain]`, checked."
     values = {**ROLLBACK_DEFAULTS, **{key: value for key, value in section.items() if key in ROLLBACK_DEFAULTS}}
     metric = str(values["rollback_metric"]).strip()
     if metric not in ROLLBACK_METRICS:
         raise LifecycleError(f"[retrain] rollback_metric must be one of {', '.join(ROLLBACK_METRICS)}")
     numbers = {}
-    for key, kind in (("rollback_margin", float), ("rollback_min_labels", int), ("rollback_days", float)):
+    for key, kind in (("rollback_margin", float), ("rollback_min_labels", int), ("rollback_days", float), ("rollback_alpha", float)):
         try:
             numbers[key] = kind(float(values[key]))
         except (TypeError, ValueError):
@@ -43,7 +44,7 @@ def rollback_rules(
             raise LifecycleError(f"[retrain] {key} must be zero or more")
     alerts = [name.strip() for name in str(values["rollback_alerts"]).split(",") if name.strip()]
     return {"metric": metric, "margin": numbers["rollback_margin"], "min_labels": max(numbers["rollback_min_labels"], 1),
-            "alerts": alerts, "days": numbers["rollback_days"], "active": numbers["rollback_margin"] > 0 or bool(alerts)}
+            "alpha": numbers["rollback_alpha"], "alerts": alerts, "days": numbers["rollback_days"], "active": numbers["rollback_margin"] > 0 or bool(alerts)}
 
 # %% ../nbs/25_rollback.ipynb #b28fad76
 def last_promotion(
@@ -51,7 +52,7 @@ def last_promotion(
 ) -> dict | None:  # the event that made the current champion, when it replaced a version and is not itself a rollback
     "The promotion the rollback rules watch."
     moves = [event for event in events if event.get("alias") == "champion"]
-    if not moves or moves[-1].get("previous") is None:
+    if not moves or moves[-1].get("previous") in (None, moves[-1].get("version")):  # nothing replaced (a first champion, or the same again)
         return None
     last = moves[-1]
     undoes = len(moves) > 1 and moves[-2].get("version") == last.get("previous") and moves[-2].get("previous") == last.get("version")
@@ -62,7 +63,7 @@ def last_promotion(
 # %% ../nbs/25_rollback.ipynb #d33b831b
 def judge_rollback(
     rules: dict,  # `rollback_rules`
-    evidence: dict,  # champion, previous, labeled (labels behind the figures), figures {champion, previous} or None, alerts [{name, severity, days_after}]
+    evidence: dict,  # champion, previous, labeled (labels behind the figures), figures {champion, previous} or None, test and p_value (or None), alerts [{name, severity, days_after}]
 ) -> dict:  # rollback (bool), reasons, checked
     "Decide whether the new champion goes back to the version it replaced."
     reasons, checked = [], []
@@ -77,8 +78,12 @@ def judge_rollback(
             drop = figures["previous"] - figures["champion"]
             sentence = (f"realized {metric} {figures['champion']:.3f} for version {evidence['champion']} against {figures['previous']:.3f} for "
                         f"version {evidence['previous']} on the same {labeled} labeled patients")
-            if drop > rules["margin"]:
-                reasons.append(f"{sentence}: {drop:.3f} worse, more than the margin {rules['margin']:g}")
+            p_value = evidence.get("p_value")
+            tested = "" if p_value is None else f", {evidence.get('test')} p = {p_value:.3g}"
+            if drop > rules["margin"] and (p_value is None or p_value < rules["alpha"]):
+                reasons.append(f"{sentence}: {drop:.3f} worse, more than the margin {rules['margin']:g}{tested}")
+            elif drop > rules["margin"]:
+                checked.append(f"{sentence}: {drop:.3f} worse, but not significantly ({evidence.get('test')} p = {p_value:.3g}, alpha {rules['alpha']:g})")
             else:
                 checked.append(f"{sentence}: within the margin {rules['margin']:g}")
     if rules["alerts"]:
@@ -97,6 +102,15 @@ def _figure(metric: str, labels: np.ndarray, scores: np.ndarray, threshold: floa
         return None
     value = classification_metrics(labels, scores, threshold)[metric]
     return None if value is None or not np.isfinite(value) else float(value)
+
+def _paired_test(metric: str, labels, old_scores, new_scores, old_threshold: float, new_threshold: float) -> tuple[str | None, float | None]:
+    "The paired test of the figure, where one applies: DeLong's for ROC AUC, McNemar's mid-p for accuracy; none for recall and precision."
+    from lifecycle.compare import delong_test, mcnemar_test
+    if metric == "roc_auc" and len(set(labels.tolist())) == 2:
+        return "DeLong", float(delong_test(labels, old_scores, new_scores)["p_value"])
+    if metric == "accuracy":
+        return "McNemar", float(mcnemar_test(labels, (old_scores >= old_threshold).astype(int), (new_scores >= new_threshold).astype(int))["mid_p_value"])
+    return None, None
 
 def _champion_labeled(log, version: int) -> pd.DataFrame:
     "The version's own (not shadow) predictions with their latest label."
@@ -117,7 +131,8 @@ def rollback_evidence(
     "What the rollback rules need: paired figures on the new champion's labeled patients, and the alerts firing for it."
     from lifecycle.scoring import Scorer
     champion, previous = int(promotion["version"]), int(promotion["previous"])
-    evidence = {"champion": champion, "previous": previous, "labeled": 0, "figures": None, "alerts": [], "promoted_at": promotion["at"]}
+    evidence = {"champion": champion, "previous": previous, "labeled": 0, "figures": None, "test": None, "p_value": None, "alerts": [],
+                "promoted_at": promotion["at"]}
     if rules["margin"] > 0:
         rows = _champion_labeled(log, champion)
         evidence["labeled"] = len(rows)
@@ -131,8 +146,10 @@ def rollback_evidence(
             old_scores = np.array([result["score"] for result in results if result is not None], dtype=float)
             threshold = float(Scorer.from_registry(root, champion).spec.threshold)
             evidence["labeled"] = int(scored.sum())
-            evidence["figures"] = {"champion": _figure(rules["metric"], labels, rows["score"].to_numpy(dtype=float)[scored], threshold),
+            new_scores = rows["score"].to_numpy(dtype=float)[scored]
+            evidence["figures"] = {"champion": _figure(rules["metric"], labels, new_scores, threshold),
                                    "previous": _figure(rules["metric"], labels, old_scores, float(old.spec.threshold))}
+            evidence["test"], evidence["p_value"] = _paired_test(rules["metric"], labels, old_scores, new_scores, float(old.spec.threshold), threshold)
     if rules["alerts"]:
         path = Path(root) / "monitoring" / "alerts_state.json"
         try:
