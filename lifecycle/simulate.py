@@ -137,7 +137,7 @@ async def _send_day(root: Path, plan: pd.DataFrame, arrivals: pd.Series, fields_
 # %% ../nbs/13_simulate.ipynb #ef4f4e71
 def inject_bad_model(
     root: Path,  # the sandbox
-    seed: int = 0,  # random seed of the shuffle
+    seed: int = 0,  # unused: the bad model is the same for the same champion (kept for the command line's --seed)
 ) -> dict:  # the registry event of its promotion
     "Register a deliberately worse model and promote it."
     from lifecycle.registry import Registry, register, set_alias
@@ -152,13 +152,13 @@ def inject_bad_model(
     rows = pd.read_parquet(clean)
     rows = rows[rows["_split"] == "train"]
     numeric, categorical = meta["features"]["numeric"], meta["features"]["categorical"]
-    shuffled = np.random.default_rng(seed).permutation(rows["_label"].to_numpy().astype(int))
+    swapped = 1 - rows["_label"].to_numpy().astype(int)  # the bug: positive and negative mixed up in the label mapping
     model = build_pipeline(meta.get("model") or "logistic_regression", numeric, categorical, int(meta.get("seed", 42) or 42))
-    model.fit(rows[numeric + categorical], shuffled)
+    model.fit(rows[numeric + categorical], swapped)
     scores = model.predict_proba(rows[numeric + categorical])[:, 1]
     reference = reference_statistics(rows, numeric, categorical, scores, rows["_label"].to_numpy().astype(int))
     kept = {key: value for key, value in meta.items() if key not in ("version", "sha256", "bytes", "created", "evaluation", "gate", "metrics", "cv", "wandb")}
-    made = "simulate --inject bad-model: the champion's recipe fitted to shuffled labels (a model that learned nothing)"
+    made = "simulate --inject bad-model: the champion's recipe fitted with the labels swapped (a mix-up of positive and negative)"
     version = register(registry, model, {**kept, "injected": made, "metrics": {}, "gate": {"passed": False, "reasons": [f"never gated: {made}"]}},
                        files={"reference.json": json.dumps(reference)})
     return set_alias(registry, "champion", version, f"Injected by {made}")
@@ -170,7 +170,7 @@ def day_figures(
     start: datetime,  # the first simulated day's start
     days: int,  # simulated days
     calibration_of,  # model version -> its reference's calibration map (or None)
-) -> pd.DataFrame:  # one row a day: patients, labeled, roc_auc, accuracy, estimated_roc_auc, shadow, shadow_agreement, versions
+) -> pd.DataFrame:  # one row a day: patients, labeled, roc_auc, recall, estimated_roc_auc, shadow, shadow_agreement, versions
     "Each simulated day's accuracy, realized and estimated, and the shadow's agreement."
     from lifecycle.monitoring import estimated_metrics, realized_metrics
     rows = []
@@ -189,7 +189,7 @@ def day_figures(
         estimated = [(item["estimated_roc_auc"], weight) for item, weight in zip(estimates, weights) if item["estimated_roc_auc"] is not None]
         paired = served[["request_id", "decision"]].merge(shadow[["request_id", "decision"]], on="request_id", suffixes=("", "_shadow"))
         rows.append({"day": number + 1, "date": (pd.Timestamp(start) + pd.Timedelta(days=number)).strftime("%Y-%m-%d"),
-                     "patients": len(served), "labeled": int(known.sum()), "roc_auc": realized.get("roc_auc"), "accuracy": realized.get("accuracy"),
+                     "patients": len(served), "labeled": int(known.sum()), "roc_auc": realized.get("roc_auc"), "recall": realized.get("recall"),
                      "estimated_roc_auc": sum(v * w for v, w in estimated) / sum(w for _, w in estimated) if estimated else None,
                      "shadow": len(shadow), "shadow_agreement": float((paired["decision"] == paired["decision_shadow"]).mean()) if len(paired) else None,
                      "versions": ", ".join(str(int(v)) for v in sorted(served["model_version"].unique()))})
@@ -209,7 +209,7 @@ def plot_timeline(
     numbers = lambda column: pd.to_numeric(days[column], errors="coerce").to_numpy(dtype=float)
     axes[0].plot(x, numbers("roc_auc"), "o-", color="tab:blue", label="ROC AUC, realized (the day's patients, labels that came)")
     axes[0].plot(x, numbers("estimated_roc_auc"), "s--", color="tab:orange", label="ROC AUC, estimated from calibrated scores")
-    axes[0].plot(x, numbers("accuracy"), "o-", color="tab:green", alpha=0.6, label="accuracy at the threshold, realized")
+    axes[0].plot(x, numbers("recall"), "o-", color="tab:green", alpha=0.6, label="recall at the threshold, realized (sick patients caught)")
     axes[0].set(ylim=(0, 1.02), title="Accuracy, day by day")
     axes[1].bar(x, numbers("drift_share"), color="tab:red", alpha=0.35, label="share of features drifted (latest window)")
     axes[1].plot(x, numbers("alerts_sent") / max(1.0, np.nanmax(numbers("alerts_sent")) if len(x) else 1.0), "kv", label="alerts sent (scaled)")
@@ -241,7 +241,7 @@ def timeline_html(
         return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
     change_rows = "".join(f"<tr><td>{escape(c['day'])}</td><td>{escape(c['kind'])}</td><td>{escape(c['version'])}</td><td>{escape(c['reason'])}</td></tr>"
                           for c in changes) or "<tr><td colspan='4'>no model change</td></tr>"
-    columns = [column for column in ("day", "date", "patients", "labeled", "roc_auc", "estimated_roc_auc", "accuracy", "drift_share",
+    columns = [column for column in ("day", "date", "patients", "labeled", "roc_auc", "estimated_roc_auc", "recall", "drift_share",
                                      "alerts_sent", "alerts", "shadow", "shadow_agreement", "versions") if column in days.columns]
     head = "".join(f"<th>{escape(column.replace('_', ' '))}</th>" for column in columns)
     body = "".join("<tr>" + "".join(f"<td>{escape(row[c])}</td>" for c in columns) + "</tr>" for row in days.to_dict("records"))

@@ -22,7 +22,7 @@ from conftest import COLUMNS, HEART, LIFECYCLE, REPO, free_port, run_lifecycle
 # One canary a patient in the id column, one in a free-text column: unique, so that any copy of either is found.
 ID_MARK, NOTE_MARK = "canaryid", "canarynote"
 # A small simulation: few days, labels back the next day, a retrain once 60 labels are in, the bad model in the middle.
-SIMULATE = ("simulate", "--days", "10", "--label-delay", "1", "--inject", "bad-model", "--shadow-days", "1", "--seed", "3",
+SIMULATE = ("simulate", "--days", "10", "--label-delay", "1", "--inject", "bad-model", "--inject-day", "4", "--shadow-days", "1", "--seed", "3",
             "-p", "prepare.profile=false", "-p", "retrain.min_new_labels=60", "-p", "retrain.bootstrap=200")
 
 
