@@ -112,9 +112,9 @@ def _paired_test(metric: str, labels, old_scores, new_scores, old_threshold: flo
         return "McNemar", float(mcnemar_test(labels, (old_scores >= old_threshold).astype(int), (new_scores >= new_threshold).astype(int))["mid_p_value"])
     return None, None
 
-def _champion_labeled(log, version: int) -> pd.DataFrame:
-    "The version's own (not shadow) predictions with their latest label."
-    predictions = log.predictions()
+def _champion_labeled(log, version: int, since: str) -> pd.DataFrame:
+    "The version's own (not shadow) predictions since its promotion, with their latest label (what it costs grows with them, not with the log)."
+    predictions = log.predictions(since=since)
     labels = log.labels()
     mine = predictions[(predictions["model_version"] == version) & (predictions["channel"] != "shadow")]
     if not len(mine) or not len(labels):
@@ -134,7 +134,7 @@ def rollback_evidence(
     evidence = {"champion": champion, "previous": previous, "labeled": 0, "figures": None, "test": None, "p_value": None, "alerts": [],
                 "promoted_at": promotion["at"]}
     if rules["margin"] > 0:
-        rows = _champion_labeled(log, champion)
+        rows = _champion_labeled(log, champion, promotion["at"])
         evidence["labeled"] = len(rows)
         if len(rows) >= rules["min_labels"]:
             old = Scorer.from_registry(root, previous)
