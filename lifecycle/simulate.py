@@ -199,30 +199,40 @@ def day_figures(
 CHANGE_COLORS = {"promoted": "tab:green", "refused": "tab:gray", "shadow": "tab:purple", "injected": "tab:red", "rolled back": "tab:orange"}
 
 def plot_timeline(
-    days: pd.DataFrame,  # `day_figures`, with drift_share and alerts (count) added
+    days: pd.DataFrame,  # `day_figures`, with drift_share and alerts_sent (a count) added
     changes: list[dict],  # day, kind, version, reason
 ):  # a matplotlib Figure
     "The simulation's timeline: accuracy, drift and alerts, shadow agreement, model changes."
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(3, 1, figsize=(12, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.4]})
+    figure, axes = plt.subplots(3, 1, figsize=(14, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.4]})
     x = days["day"].to_numpy()
     numbers = lambda column: pd.to_numeric(days[column], errors="coerce").to_numpy(dtype=float)
-    axes[0].plot(x, numbers("roc_auc"), "o-", color="tab:blue", label="ROC AUC, realized (the day's patients, labels that came)")
-    axes[0].plot(x, numbers("estimated_roc_auc"), "s--", color="tab:orange", label="ROC AUC, estimated from calibrated scores")
-    axes[0].plot(x, numbers("recall"), "o-", color="tab:green", alpha=0.6, label="recall at the threshold, realized (sick patients caught)")
+    axes[0].plot(x, numbers("roc_auc"), "o-", color="tab:blue", label="ROC AUC, realized\n(the day's patients, labels that came)")
+    axes[0].plot(x, numbers("estimated_roc_auc"), "s--", color="tab:orange", label="ROC AUC, estimated\nfrom calibrated scores")
+    axes[0].plot(x, numbers("recall"), "o-", color="tab:green", alpha=0.6, label="recall at the threshold, realized\n(sick patients caught)")
     axes[0].set(ylim=(0, 1.02), title="Accuracy, day by day")
-    axes[1].bar(x, numbers("drift_share"), color="tab:red", alpha=0.35, label="share of features drifted (latest window)")
-    axes[1].plot(x, numbers("alerts_sent") / max(1.0, np.nanmax(numbers("alerts_sent")) if len(x) else 1.0), "kv", label="alerts sent (scaled)")
+    axes[1].bar(x, numbers("drift_share"), color="tab:red", alpha=0.35, label="share of features drifted\n(latest window)")
     axes[1].set(ylim=(0, 1.05), title="Drift and alerts")
-    axes[2].bar(x, numbers("shadow_agreement"), color="tab:purple", alpha=0.6, label="shadow agrees with the champion (share of patients)")
+    sent = axes[1].twinx()
+    sent.plot(x, numbers("alerts_sent"), "kv", label="alerts sent that day")
+    sent.set(ylabel="alerts sent", ylim=(0, max(1.0, float(np.nanmax(numbers("alerts_sent")))) * 1.15 if len(x) else 1))
+    sent.yaxis.get_major_locator().set_params(integer=True)
+    agreement = numbers("shadow_agreement")
+    axes[2].bar(x, agreement, color="tab:purple", alpha=0.6, label="shadow agrees with the champion\n(share of patients)")
+    if not np.isfinite(agreement).any():
+        axes[2].text(0.5, 0.5, "no shadow predictions logged", transform=axes[2].transAxes, ha="center", va="center", color="gray")
     axes[2].set(ylim=(0, 1.05), title="Shadow", xlabel="simulated day")
     for change in changes:
+        color = CHANGE_COLORS.get(change["kind"], "black")
         for axis in axes:
-            axis.axvline(change["day"], color=CHANGE_COLORS.get(change["kind"], "black"), linestyle=":", linewidth=1.5)
-        axes[0].annotate(f"{change['kind']} v{change['version']}", (change["day"], 0.04), rotation=90, fontsize=8,
-                         color=CHANGE_COLORS.get(change["kind"], "black"), ha="right", va="bottom")
-    for axis in axes:
-        axis.legend(fontsize=8, loc="lower left")
+            axis.axvline(change["day"], color=color, linestyle=":", linewidth=1.5)
+        axes[0].annotate(f"{change['kind']} v{change['version']}", (change["day"], 1.0), rotation=90, fontsize=8, color=color,
+                         ha="right", va="top")
+    handles = axes[1].get_legend_handles_labels()
+    twin = sent.get_legend_handles_labels()
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[1].legend(handles[0] + twin[0], handles[1] + twin[1], fontsize=8, loc="upper left", bbox_to_anchor=(1.06, 1))
+    axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     return figure
 
