@@ -355,6 +355,7 @@ def simulate_project(
     from lifecycle.replay import run_async, true_labels
     if inject and inject not in INJECTIONS:
         raise LifecycleError(f"simulate: --inject {inject} is not known; use one of {', '.join(INJECTIONS)}")
+    plan_traffic(pd.DataFrame({"x": [1.0]}), days, scale, [])  # --days and --scale checked before the sandbox's first run, not after it
     started = time.perf_counter()
     settings = load_settings(settings_path)
     deploy = settings.sections.get("deploy", {})
