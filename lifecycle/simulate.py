@@ -24,9 +24,9 @@ import pandas as pd
 from .core import LifecycleError, load_settings, read_json, write_json, write_text
 
 # %% auto #0
-__all__ = ['SIMULATIONS', 'INJECTIONS', 'SANDBOX_ROLLBACK', 'ROLLBACK_KEYS', 'CHANGE_COLORS', 'sandbox_settings_text',
-           'plan_traffic', 'label_arrivals', 'inject_bad_model', 'day_figures', 'plot_timeline', 'timeline_html',
-           'simulate_project', 'add_simulate_command']
+__all__ = ['SIMULATIONS', 'INJECTIONS', 'SANDBOX_ROLLBACK', 'ROLLBACK_KEYS', 'SHADOW_PREFIX', 'CHANGE_COLORS',
+           'sandbox_settings_text', 'plan_traffic', 'label_arrivals', 'inject_bad_model', 'day_figures',
+           'plot_timeline', 'timeline_html', 'simulate_project', 'add_simulate_command']
 
 # %% ../nbs/13_simulate.ipynb #108f4c13
 SIMULATIONS = "simulations"  # the sandboxes' folder in the project
@@ -164,6 +164,8 @@ def inject_bad_model(
     return set_alias(registry, "champion", version, f"Injected by {made}")
 
 # %% ../nbs/13_simulate.ipynb #9088b56e
+SHADOW_PREFIX = "shadow:"  # a shadow prediction's request id: this, then the champion's (as the serving side logs it)
+
 def day_figures(
     predictions: pd.DataFrame,  # the log's predictions (event_time, model_version, channel, score, decision, request_id)
     labels: pd.DataFrame,  # the log's labels (request_id, label)
@@ -174,12 +176,15 @@ def day_figures(
     "Each simulated day's accuracy, realized and estimated, and the shadow's agreement."
     from lifecycle.monitoring import estimated_metrics, realized_metrics
     rows = []
-    when = pd.to_datetime(predictions["event_time"], utc=True, format="ISO8601") if len(predictions) else pd.Series(dtype="datetime64[ns, UTC]")
-    day = ((when - pd.Timestamp(start)).dt.total_seconds() // 86400) if len(predictions) else pd.Series(dtype=float)
+    own = predictions[predictions["channel"] != "shadow"] if len(predictions) else predictions
+    shadows = predictions[predictions["channel"] == "shadow"] if len(predictions) else predictions
+    shadows = shadows.assign(request_id=shadows["request_id"].astype(str).str.removeprefix(SHADOW_PREFIX))  # paired with the champion's by id
+    when = pd.to_datetime(own["event_time"], utc=True, format="ISO8601") if len(own) else pd.Series(dtype="datetime64[ns, UTC]")
+    day = ((when - pd.Timestamp(start)).dt.total_seconds() // 86400) if len(own) else pd.Series(dtype=float)
     latest = labels.drop_duplicates("request_id", keep="last").set_index("request_id")["label"] if len(labels) else pd.Series(dtype=float)
     for number in range(days):
-        today = predictions[(day == number).to_numpy()] if len(predictions) else predictions
-        served, shadow = today[today["channel"] != "shadow"], today[today["channel"] == "shadow"]
+        served = own[(day == number).to_numpy()] if len(own) else own
+        shadow = shadows[shadows["request_id"].isin(served["request_id"])]  # a shadow prediction counts on its patient's day
         label = served["request_id"].map(latest).to_numpy(dtype=float)
         known = ~np.isnan(label)
         realized = realized_metrics(label[known], served["score"].to_numpy(dtype=float)[known], served["decision"].to_numpy(dtype=float)[known], n_boot=0)
