@@ -1,5 +1,5 @@
 """Refresh the README's pictures from the latest run's report, the live dashboard and the latest simulation's timeline:
-`make screenshots` (after `make run`; it runs `lifecycle simulate --inject bad-model` when no simulation was made yet).
+`make screenshots` (after `make run`; it runs the README's `lifecycle simulate` when no simulation was made yet).
 
 Drives Debian's chromium with playwright (never `playwright install`, which downloads a browser)."""
 import signal
@@ -60,7 +60,7 @@ def simulation(page) -> None:
     "docs/simulate.png: the timeline report of the latest `lifecycle simulate` on the project."
     made = sorted((ROOT / "simulations").glob("*/simulation.json"))
     if not made:
-        print("screenshots: no simulation yet; run `lifecycle simulate --inject bad-model` first", file=sys.stderr)
+        print("screenshots: no simulation yet; run `lifecycle simulate --inject bad-model` first (make screenshots does)", file=sys.stderr)
         return
     import json
     report = Path(json.loads(made[-1].read_text())["report"])
