@@ -1,4 +1,5 @@
-"""Refresh the README's pictures from the latest run's report and the live dashboard: `make screenshots` (after `make run`).
+"""Refresh the README's pictures from the latest run's report, the live dashboard and the latest simulation's timeline:
+`make screenshots` (after `make run`; it runs the README's `lifecycle simulate` when no simulation was made yet).
 
 Drives Debian's chromium with playwright (never `playwright install`, which downloads a browser)."""
 import signal
@@ -55,6 +56,21 @@ def dashboard(browser) -> None:
         server.wait(timeout=120)
 
 
+def simulation(page) -> None:
+    "docs/simulate.png: the timeline report of the latest `lifecycle simulate` on the project."
+    made = sorted((ROOT / "simulations").glob("*/simulation.json"))
+    if not made:
+        print("screenshots: no simulation yet; run `lifecycle simulate --inject bad-model` first (make screenshots does)", file=sys.stderr)
+        return
+    import json
+    report = Path(json.loads(made[-1].read_text())["report"])
+    page.set_viewport_size({"width": 1280, "height": 1250})
+    page.goto(report.resolve().as_uri(), wait_until="load")
+    picture = ROOT / "docs" / "simulate.png"
+    page.screenshot(path=str(picture))
+    print(f"docs/simulate.png from {report.relative_to(ROOT)}")
+
+
 def main() -> int:
     report = ROOT / "reports" / "latest"
     if not report.exists():
@@ -67,6 +83,7 @@ def main() -> int:
             page.goto((report / name).resolve().as_uri(), wait_until="load")
             page.screenshot(path=str(ROOT / "docs" / picture), full_page=name == "index.html")
             print(f"docs/{picture} from reports/latest/{name}")
+        simulation(page)
         dashboard(browser)
         browser.close()
     return 0

@@ -21,7 +21,7 @@ from .core import LifecycleError, read_json, write_json
 
 # %% auto #0
 __all__ = ['COMPARISONS', 'SEVERITIES', 'tokenize', 'parse_expression', 'evaluate', 'names', 'Rule', 'parse_kpis', 'parse_rules',
-           'alert_fingerprint', 'update_alerts', 'alertmanager_payload', 'post_webhook', 'raise_alerts']
+           'alert_fingerprint', 'update_alerts', 'alertmanager_payload', 'post_webhook', 'raise_alerts', 'send_notice']
 
 # %% ../nbs/41_alerts.ipynb #f9feda6c
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_.]*)|(<=|>=|==|!=|[-+*/()<>]))")
@@ -375,3 +375,42 @@ def raise_alerts(
         write_json(path, {"alerts": alerts, "outbox": outbox})
     firing = [alert for alert in alerts.values() if alert["status"] == "firing"]
     return {"sent": events, "firing": firing, "delivery": delivery, "statements": statements}
+
+# %% ../nbs/41_alerts.ipynb #85abd8f1
+def send_notice(
+    folder: Path,  # the project's monitoring folder (alerts.jsonl, alerts_state.json)
+    name: str,  # the alert's name, e.g. champion_rolled_back
+    severity: str,  # info, warning or critical
+    summary: str,  # what happened, in one line (no patient data)
+    now: datetime,  # the time (injected)
+    labels: dict | None = None,  # labels the alert carries (project, model_version …)
+    annotations: dict | None = None,  # more annotations (reason, evidence …)
+    webhook: str = "",  # Alertmanager-style receiver URL; empty: none
+    hold: timedelta = timedelta(hours=24),  # Alertmanager resolves it after this long
+    post=post_webhook,  # how to post (injected in tests)
+) -> dict:  # sent (the alert), delivery (one line), statements
+    "Send a one-off alert: appended to alerts.jsonl and posted to the webhook, never kept as firing."
+    if severity not in SEVERITIES:
+        raise LifecycleError(f"alert {name}: unknown severity; use one of {', '.join(SEVERITIES)}")
+    folder = Path(folder)
+    alert_labels = {"alertname": name, "severity": severity, **(labels or {})}
+    alert = {"labels": alert_labels, "status": "firing", "fingerprint": alert_fingerprint({**alert_labels, "at": _iso(now)}),
+             "annotations": {"summary": summary, **(annotations or {})}, "startsAt": _iso(now), "endsAt": _iso(now + hold)}
+    statements = []
+    with _locked(folder / ".alerts.lock"):
+        state, problem = _read_state(folder / "alerts_state.json")
+        if problem:
+            statements.append(problem)
+        with open(folder / "alerts.jsonl", "a") as handle:
+            handle.write(json.dumps({**alert, "time": _iso(now)}) + "\n")
+        outbox = (state["outbox"] + [alert])[-1000:] if webhook else []
+        delivery = "no webhook set"
+        if webhook:
+            payload = alertmanager_payload(outbox, group_labels={key: value for key, value in (labels or {}).items() if key == "project"})
+            delivered, delivery = post(webhook, payload)
+            if delivered:
+                outbox = []
+            else:
+                statements.append(f"the alert webhook was not reachable: {len(outbox)} alerts wait for the next run ({delivery})")
+        write_json(folder / "alerts_state.json", {"alerts": state["alerts"], "outbox": outbox})
+    return {"sent": alert, "delivery": delivery, "statements": statements}

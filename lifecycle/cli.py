@@ -241,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
     monitor.set_defaults(handler=_monitor)
     from lifecycle.loop import add_retrain_command
     add_retrain_command(commands)
+    from lifecycle.simulate import add_simulate_command
+    add_simulate_command(commands)
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .core import LifecycleError, load_settings, write_json
 from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters, write_index
+from .rollback import check_rollback, rollback_rules
 from .retrain import (CHALLENGER_STAGES, headline, labeled_predictions, log_url, record_decision, retrain_lock, run_policy,
                                write_retraining_data)
 
@@ -82,7 +83,7 @@ def retrain_project(
     overrides: list[str] | None = None,  # `stage.key=value` overrides: retrain.* for the policy, others for the challenger's run
     now: datetime | None = None,  # the time (injected in tests; default now)
     quiet: bool = False,  # no progress lines on stderr
-) -> dict:  # status (not now, busy, no data, promoted, champion kept, failed), headline, decision, and when it retrained: data, challenger_run, summary
+) -> dict:  # status (not now, busy, no data, promoted, champion kept, failed), headline, decision, rollback (the rules' verdict), and when it retrained: data, challenger_run, summary
     "Run the retrain policy and, when it says so, train a challenger through the stage notebooks and judge it."
     settings = load_settings(settings_path)
     stages = discover_stages(cache=settings.root / "runs" / ".cache" / "parameters")
@@ -91,13 +92,16 @@ def retrain_project(
         raise LifecycleError("the retrain stage notebook (07_retrain.ipynb) is missing from the installed package")
     extra = parse_overrides(overrides or [])
     parameters = stage_parameters(stage, settings, extra.get("retrain"))
-    policy = {key: value for key, value in parameters.items() if key not in ("settings", "run_dir", "force", "challenger_of")}
+    policy = {key: value for key, value in parameters.items() if key not in ("settings", "run_dir", "force", "challenger_of") and not key.startswith("rollback_")}
     now = now or datetime.now(timezone.utc)
+    rolled = check_rollback(settings.root, rollback_rules(parameters), now=now)  # the promotion before this one, judged first
+    if rolled["rolled_back"]:
+        _say(rolled["event"]["reason"], quiet)
     decision = run_policy(settings.root, policy, now=now, force=force or bool(parameters.get("force")))
     _say(headline({"decision": decision}), quiet)
     if not decision["retrain"]:
-        return {"status": "not now", "headline": headline({"decision": decision}), "decision": decision}
-    return {"decision": decision, **_challenge(settings, stage, extra, overrides or [], policy, now, quiet)}
+        return {"status": "not now", "headline": headline({"decision": decision}), "decision": decision, "rollback": rolled}
+    return {"decision": decision, "rollback": rolled, **_challenge(settings, stage, extra, overrides or [], policy, now, quiet)}
 
 # %% ../nbs/14_loop.ipynb #8065738f
 def _retrain_command(args) -> int:

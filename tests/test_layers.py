@@ -18,12 +18,12 @@ LAYERS = {
     "core": 0,  # settings, hashing, atomic writes, the run context
     # shared services, used by the stages and by serving alike
     "sources": 1, "contract": 1, "metrics": 1, "compare": 1, "registry": 1, "tracking": 1, "predlog": 1, "scoring": 1,
-    "drift": 1, "alerts": 1, "monitoring": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
+    "drift": 1, "alerts": 1, "monitoring": 1, "rollback": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
     # the stages, and the serving parts
     "collect": 2, "prepare": 2, "train": 2, "evaluate": 2, "deploy": 2, "monitor": 2, "retrain": 2,
     "serve": 2, "batch": 2, "stream": 2, "replay": 2, "dashboard": 2, "dashserver": 2,
     # the runner, the benchmarks and the command line
-    "pipeline": 3, "bench": 3, "cli": 3, "loop": 3,
+    "pipeline": 3, "bench": 3, "cli": 3, "loop": 3, "simulate": 3,
 }
 STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor", "retrain"}
 TOP = max(LAYERS.values())
