@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LifecycleError', 'use_work_settings', 'find_settings',
-           'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings',
-           'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool',
+__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'TERMS', 'REASONS', 'LifecycleError', 'use_work_settings',
+           'find_settings', 'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value', 'Source',
+           'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool',
            'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet',
-           'write_parquet_files', 'styled', 'import_without', 'StageContext', 'record_inputs', 'stage_context',
-           'latest_run']
+           'write_parquet_files', 'term', 'reason_words', 'styled', 'import_without', 'StageContext', 'record_inputs',
+           'stage_context', 'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -423,20 +423,97 @@ def write_parquet_files(
         for written in [pool.submit(write_parquet, path, df) for path, df in files.items()]:
             written.result()
 
+# %% ../nbs/00_core.ipynb #b9697e84
+TERMS = {
+    # accuracy
+    "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)", "accuracy": "accuracy", "f1": "F1 score", "brier": "Brier score",
+    "precision": "precision (flagged patients who have the condition)", "recall": "recall (patients with the condition who are found)",
+    "false_negative_rate": "missed (false negative rate)", "false_positive_rate": "false alarms (false positive rate)", "selection_rate": "share flagged", "threshold": "decision threshold",
+    # groups and fairness
+    "n": "patients", "positives": "patients with the condition", "group": "group", "too_small": "too few patients to judge",
+    "recall_judged": "recall judged (enough patients with the condition)", "equalized_odds_difference": "equalized odds difference",
+    "demographic_parity_difference": "demographic parity difference", "low": "95% interval, low", "high": "95% interval, high",
+    "verdict": "verdict", "gated": "decides the gate", "column": "audited by", "seed": "seed of the folds",
+    "true_positive_rate_difference": "recall gap", "false_positive_rate_difference": "false positive rate gap",
+    "recall_gap": "recall gap", "selection_rate_gap": "share flagged gap",
+    # speed
+    "latency_ms": "CPU ms a record (median of rounds; decides the gate)", "latency_ms_min": "CPU ms a record, fastest round",
+    "latency_ms_max": "CPU ms a record, slowest round", "repeats": "records timed",
+    "wall_latency_ms_median": "wall-clock ms a record (median; depends on the machine's load)",
+    "batch_rows_per_second": "rows a second in one batch (wall clock)",
+    # data in
+    "_source": "source", "format": "format", "location": "location", "rows": "rows", "reason": "reason",
+    "_reason": "reason", "lines": "lines", "lines_malformed": "malformed lines", "lines_blank": "blank lines",
+    "columns_missing": "columns missing", "columns_dropped": "columns dropped", "rows_in": "rows read", "rows_clean": "clean rows",
+    "rows_quarantined": "rows quarantined", "rows_duplicate": "duplicate rows dropped", "quarantined_share": "share quarantined",
+    "kind": "kind", "recoded": "values recoded", "made_missing": "values that mean \"not measured\"", "human_numbers": "numbers read from text (50k, 1,200)",
+    "wrong_type": "values of the wrong type", "missing": "missing values", "numeric": "numeric", "declared": "range declared",
+    "categories": "categories", "type": "type", "min": "lowest", "max": "highest", "_split": "split", "positive_share": "share positive",
+    "snapshot_version": "snapshot", "data_version": "data version", "clean_version": "clean data version", "schema_version": "schema version",
+    # models and serving
+    "model_version": "model version", "model_sha256": "model SHA-256", "model": "model", "rows_train": "training rows",
+    "rows_val": "validation rows", "cv_roc_auc_mean": "cross-validated ROC AUC", "cv_roc_auc_std": "cross-validated ROC AUC, spread",
+    "tracking": "W&B", "labeled_rows": "labeled rows", "champion_version": "champion", "challenger_version": "challenger",
+    "previous_champion": "champion before", "scored": "scored", "rejected": "rejected", "malformed": "malformed",
+    "mean_score": "mean score", "prediction_log": "prediction log", "predictions_in_log": "predictions in the log",
+    # monitoring
+    "predictions": "predictions", "labeled": "with their label", "windows": "windows", "latest_window": "latest window",
+    "exit_code": "exit code",
+}
+
+def term(
+    key,  # a key of lifecycle's own (`rows_quarantined`, `val_roc_auc`, `recall_gap.sex`), or any other label
+) -> str:  # the key in words; a label that is not a key comes back as it is
+    "A key as a reader should see it: its words from `TERMS`, with the prefixes and suffixes lifecycle adds (`val_`, `estimated_`, `_low`)."
+    if not isinstance(key, str):
+        return key
+    if key in TERMS:
+        return TERMS[key]
+    if "." in key and key.split(".", 1)[0] in TERMS:  # recall_gap.sex: a figure by a column
+        figure, column = key.split(".", 1)
+        return f"{TERMS[figure]} by {column}"
+    for prefix, words in (("val_", "validation {}"), ("test_", "test {}"), ("estimated_", "{}, estimated")):
+        if key.startswith(prefix) and key[len(prefix):] in TERMS:
+            return words.format(TERMS[key[len(prefix):]])
+    for suffix, words in (("_low", "{}, 95% low"), ("_high", "{}, 95% high"), ("_mean", "{}, mean"), ("_std", "{}, spread")):
+        if key.endswith(suffix) and key[:-len(suffix)] in TERMS:
+            return words.format(TERMS[key[:-len(suffix)]])
+    return key.replace("_", " ") if "_" in key and key == key.lower() and " " not in key else key
+
+REASONS = {"wrong_type": "value of the wrong type", "not_finite": "number that is not finite", "out_of_range": "value out of range",
+           "unknown_category": "category the model does not know", "missing": "required value missing",
+           "too_many_missing": "too many features missing", "unknown_label": "unknown label", "value_error.id": "identifier that cannot be logged"}
+
+def reason_words(
+    reason: str,  # a refusal's reason as prepare, batch and serving name it: `out_of_range:age`, `too_many_missing`
+    name=None,  # the column's name in words, e.g. `Settings.column_name` (None: the column as it is)
+) -> str:  # e.g. "value out of range: age (years)"
+    "Why a record was refused, in words: the rule it broke and the field, never the value."
+    kind, _, field = str(reason).partition(":")
+    words = REASONS.get(kind, term(kind))
+    return f"{words}: {name(field) if name else field}" if field and field != "record" else words
+
+
 # %% ../nbs/00_core.ipynb #393780fa
 def styled(
     frame: pd.DataFrame,  # the table to show
     precision: int = 3,  # digits after the point
     caption: str | None = None,  # a caption (escaped too)
-    formats: dict | None = None,  # column -> format string, for columns that need another one
+    formats: dict | None = None,  # column -> format string, for columns that need another one (by their keys)
+    words: bool = True,  # column headers and index names in words (`term`); False for a table whose headers are the data's own columns
 ):  # a Styler whose values, labels and caption are escaped text
-    "A report table: numbers rounded, every value, label and caption from data or settings escaped."
-    names = lambda index: [None if name is None else html.escape(str(name)) for name in index.names]
+    "A report table: headers in words, numbers rounded, every value, label and caption from data or settings escaped."
     frame = frame.copy(deep=False)
+    if words:
+        frame.columns = frame.columns.map(term) if frame.columns.nlevels == 1 else frame.columns
+        frame.index, frame.columns = frame.index.set_names([term(n) for n in frame.index.names]), frame.columns.set_names([term(n) for n in frame.columns.names])
+        formats = {term(column): format for column, format in formats.items()} if formats else formats
+    names = lambda index: [None if name is None else html.escape(str(name)) for name in index.names]
     frame.index, frame.columns = frame.index.set_names(names(frame.index)), frame.columns.set_names(names(frame.columns))  # not escaped by Styler
     styler = frame.style.format(formats, precision=precision, escape="html")
     styler = styler.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
     return styler.set_caption(html.escape(caption)) if caption else styler
+
 
 # %% ../nbs/00_core.ipynb #b012df16
 def import_without(

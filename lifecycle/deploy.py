@@ -20,8 +20,8 @@ from .sources import read_source, source_files
 # %% auto #0
 __all__ = ['SCORE_TOLERANCE', 'to_records', 'smoke_test', 'gated_version', 'smoke_test_version', 'smoke_problems',
            'promote_after_smoke', 'smoke_markdown', 'production_ids', 'score_rows', 'score_production',
-           'log_predictions', 'log_name', 'deploy_inputs', 'deploy_summary', 'training_decision_rate',
-           'production_against_training', 'champion_story', 'latency_sentence']
+           'log_predictions', 'log_name', 'champion_promotion', 'deploy_inputs', 'deploy_summary',
+           'training_decision_rate', 'production_against_training', 'champion_story', 'latency_sentence']
 
 # %% ../nbs/05_deploy.ipynb #d66a52fb
 def to_records(
@@ -232,6 +232,23 @@ def log_name(
     "The prediction log as a report names it: never a URL, which may hold a password."
     return "PostgreSQL" if log.startswith("postgres") else (log or "predictions.sqlite")
 
+# %% ../nbs/05_deploy.ipynb #5400487d
+def champion_promotion(
+    events: list[dict],  # the registry's alias events, oldest first (`lifecycle.registry.events`)
+    champion: int | None,  # the champion now
+    previous: int | None,  # the champion before this stage
+) -> dict | None:  # version, at, by, reason, and `by_this_stage`; None when no model is champion
+    """How the serving model became champion, as the registry recorded it: when, by whom and why, and whether this
+    stage did it. The first model of a project is made champion by evaluate (there is none to keep); deploy then only
+    confirms it, and its summary must not read as if the model had not been promoted."""
+    if champion is None:
+        return None
+    made = [event for event in events if event.get("alias") == "champion" and event.get("version") == champion]
+    last = made[-1] if made else {}
+    return {"version": champion, "at": last.get("at"), "by": last.get("by"), "reason": last.get("reason"),
+            "by_this_stage": previous != champion}
+
+
 # %% ../nbs/05_deploy.ipynb #97171bee
 def deploy_inputs(
     registry,  # the project's Registry
@@ -256,11 +273,18 @@ def deploy_summary(
     by_source: dict,  # figures by production source
     logged: tuple[int, int],  # predictions in the log before and after
     log: str,  # the prediction log setting
+    events: list[dict] | None = None,  # the registry's alias events, for when and why the champion became so
+    version: int | None = None,  # the version this stage smoke-tested (None: the champion)
 ) -> dict:  # the stage's summary.json
-    "The deploy stage's summary: the champion, the smoke test, the production traffic."
+    """The deploy stage's summary: the champion, the smoke test, the production traffic.
+
+    `champion` says whether the tested version serves now; `promotion` says when, by whom and why it became champion, and
+    whether this stage did it (`by_this_stage`): a first model that evaluate made champion is champion, not "not promoted"."""
     before, after = logged
+    promotion = champion_promotion(events or [], champion, previous)
     return {
-        "champion_version": champion, "previous_champion": previous, "promoted": champion != previous,
+        "champion_version": champion, "previous_champion": previous,
+        "champion": champion is not None and (version if version is not None else champion) == champion, "promotion": promotion,
         "model_sha256": meta["sha256"],
         "smoke": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in smoke.items()},
         "production": {"scored": len(entries), "rejected": len(rejected), "new_in_log": after - before, "by_source": by_source,

@@ -412,12 +412,18 @@ def record_decision(
     settings,  # the project's settings (for the model card)
     champion_version: int | None,  # the champion it was compared with
     run_id: str,  # this run
-) -> str:  # the model card as HTML
+    figures: dict[str, bytes] | None = None,  # the report's own PNGs for the card: "metrics" (ROC, calibration, confusion) and "groups" (recall by group)
+) -> str:  # the model card as HTML, its figures embedded
     "Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion, when there is none)."
     evaluation = evaluation_record(result, champion_version, run_id)
     meta = update_meta(registry, version, threshold=result["threshold"], evaluation=evaluation, gate=result["gate"])
-    card = model_card(meta, settings, {column: audit["groups"] for column, audit in result["fairness"].items()}, evaluation)
-    html = save_card(registry, version, card)
+    captions = {"metrics": f"ROC curve, calibration and confusion matrix on the {result['test_rows']} test rows, as in the evaluation report",
+                "groups": f"Recall by group on all {result['labeled_rows']} labeled rows (each scored by a model that did not see it), "
+                          "with 95% Wilson intervals and group sizes; grey: too few patients to judge"}
+    figures = figures or {}
+    named = {key: (f"card-{key}.png", captions[key]) for key in figures if key in captions}
+    card = model_card(meta, settings, {column: audit["groups"] for column, audit in result["fairness"].items()}, evaluation, named)
+    html = save_card(registry, version, card, {named[key][0]: figures[key] for key in named})
     if result["gate"]["passed"]:
         reason = f"passed the gate in run {run_id}: ROC AUC {result['metrics']['roc_auc']:.3f}"
         set_alias(registry, "challenger", version, reason)
@@ -446,7 +452,7 @@ def decision_markdown(
     rows.append({"criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
                  "threshold": f"at least {result['target_recall']:.0%}",
                  "value": f"{recall:.1%}" + (f" (95% interval {recall_interval['low']:.1%}–{recall_interval['high']:.1%})" if recall_interval else ""),
-                 "verdict": "met" if recall >= result["target_recall"] else "**below the target** (not gated)"})
+                 "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)"})
     for row in rows:
         row["verdict"] = row["verdict"] if row["verdict"].startswith(("passed", "met")) else f"**{row['verdict']}**"
     lines += ["", "### Checklist", "", markdown_table([{k: escape(str(v)) if k != "verdict" else v for k, v in row.items()} for row in rows]), ""]

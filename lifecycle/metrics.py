@@ -56,22 +56,23 @@ def group_metrics(
     threshold: float,  # the decision threshold
     groups: pd.Series | pd.DataFrame,  # the group of each row (several columns: their intersection)
     min_size: int = 20,  # groups smaller than this are too small to judge
-) -> list[dict]:  # one row a group: size, positives, recall, false negative rate, precision, selection rate
+) -> list[dict]:  # one row a group: size, positives, recall, false negative rate, false positive rate, precision, selection rate
     "Per-group metrics with Fairlearn."
-    from fairlearn.metrics import MetricFrame, count, false_negative_rate, selection_rate
+    from fairlearn.metrics import MetricFrame, count, false_negative_rate, false_positive_rate, selection_rate
     predicted = (np.asarray(scores) >= threshold).astype(int)
     frame = MetricFrame(
         metrics={"n": count, "positives": lambda t, p: int(np.sum(t == 1)), "recall": lambda t, p: recall_score(t, p, zero_division=0),
-                 "false_negative_rate": false_negative_rate,
+                 "false_negative_rate": false_negative_rate, "false_positive_rate": false_positive_rate,
                  "precision": lambda t, p: precision_score(t, p, zero_division=0), "selection_rate": selection_rate},
         y_true=np.asarray(y_true), y_pred=predicted, sensitive_features=groups)
     table = frame.by_group.reset_index()
-    names = [c for c in table.columns if c not in ("n", "positives", "recall", "false_negative_rate", "precision", "selection_rate")]
+    names = [c for c in table.columns if c not in ("n", "positives", "recall", "false_negative_rate", "false_positive_rate", "precision", "selection_rate")]
     rows = []
     for _, row in table.iterrows():
         group = " & ".join(f"{row[name]}" for name in names)
         rows.append({"group": group, "n": int(row["n"]), "positives": int(row["positives"]), "recall": float(row["recall"]),
-                     "false_negative_rate": float(row["false_negative_rate"]), "precision": float(row["precision"]),
+                     "false_negative_rate": float(row["false_negative_rate"]), "false_positive_rate": float(row["false_positive_rate"]),
+                     "precision": float(row["precision"]),
                      "selection_rate": float(row["selection_rate"]), "too_small": bool(row["n"] < min_size)})
     return rows
 
@@ -129,11 +130,17 @@ def model_card(
     settings: Settings,  # the project's settings
     by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
     evaluation: dict | None = None,  # test metrics, intervals, fairness and the gate's decision, once evaluated
+    figures: dict[str, tuple[str, str]] | None = None,  # "metrics" and "groups": (PNG file name beside the card, caption), the report's own figures
 ) -> str:  # Markdown
     """A model card with the sections of Mitchell et al. (2019) and Google's Model Card Toolkit: model details, intended
     use, factors, metrics with intervals, evaluation and training data, quantitative analyses by group, the gate's
     criteria, ethical considerations, caveats and recommendations. Words come from `[data]`: the title, the classes'
-    names, the value labels, and the data's source, licence and citation."""
+    names, the value labels, and the data's source, licence and citation. `figures` are the stage report's own plots
+    (the accuracy curves under the metrics, recall by group with its intervals under the analyses by group), so the
+    card shows what the report shows."""
+    figures = figures or {}
+    picture = lambda key: [f"![{figures[key][1]}]({figures[key][0]})", ""] if key in figures else []
+    from lifecycle.core import term
     from lifecycle.registry import markdown_table
     data = settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
     title = getattr(settings, "title", "") or settings.path.parent.name
@@ -163,9 +170,9 @@ def model_card(
     rows = []
     for key, value in metrics.items():
         interval = intervals.get(key)
-        rows.append({"metric": key.replace("_", " "), "value": value,
+        rows.append({"metric": term(key), "value": value,
                      "95% interval": f"{interval['low']:.3f}–{interval['high']:.3f}" if interval else ""})
-    lines += [markdown_table(rows), ""]
+    lines += [markdown_table(rows), ""] + picture("metrics")
     if evaluation:
         lines += [f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall ≥ {evaluation['target_recall']:.0%} on the validation split.",
                   "- Intervals: 95% bootstrap over the test split.", ""]
@@ -192,6 +199,7 @@ def model_card(
                 small_groups.append(f"{words} ({row['n']} patients)")
             table.append({"group": words, "patients": int(row["n"]), "with " + positive: int(row.get("positives", 0)),
                           "recall": _percent(row["recall"]), "false negative rate": _percent(row["false_negative_rate"]),
+                          "false positive rate": _percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
                           "judged": "yes" if judged else "too few to judge"})
         lines += [f"### By {heading}", "", markdown_table(table), ""]
         gaps = fairness.get(column, {})
@@ -199,6 +207,7 @@ def model_card(
             interval = gaps.get("interval")
             lines += [f"- Equalized odds difference {gaps['equalized_odds_difference']:.3f}"
                       + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "") + ".", ""]
+    lines += picture("groups")
     lines += [("- Groups too small to judge: " + "; ".join(small_groups) + ".") if small_groups else "- Every group was large enough to judge.", ""]
     if evaluation:
         lines += ["## Gate criteria", ""]

@@ -413,18 +413,19 @@ def report_cells(cells: list) -> list:
 _STATUS_COLOR = {"ran": "#1a7f37", "cached": "#0969da", "failed": "#cf222e"}
 
 def _figure(key: str, value) -> str | None:
-    "One line of a stage's figures on the index page, or None for values too big to show there."
+    "One line of a stage's figures on the index page, in words (`core.term`), or None for values too big to show there."
+    from lifecycle.core import term
     if key in ("headline", "figure"):  # shown as words and as a picture
         return None
     if key == "gate" and isinstance(value, dict):
         return "gate: passed" if value.get("passed") else f"gate: refused ({len(value.get('reasons', []))} reasons)"
     if key == "metrics" and isinstance(value, dict):
-        return ", ".join(f"{name}: {number:.3f}" for name, number in list(value.items())[:2] if isinstance(number, float))
+        return ", ".join(f"{term(name)}: {number:.3f}" for name, number in list(value.items())[:2] if isinstance(number, float))
     if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value in ("", None):
         return None
     if isinstance(value, str) and len(value) > 24:
         value = value[:16] + "…"
-    return f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}"
+    return f"{term(key)}: {value:,}" if isinstance(value, int) else f"{term(key)}: {value}"
 
 def _figures(summary: dict) -> str:
     shown = [line for key, value in summary.items() if (line := _figure(key, value))]

@@ -359,8 +359,16 @@ def _cell(value) -> str:
         return f"{value:.3f}"
     return str(value) if value is not None else ""
 
-def markdown_to_html(markdown: str, title: str) -> str:
-    "Render the Markdown of a model card (headings, lists, tables, paragraphs) as a standalone page."
+_FIGURE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<name>[\w.-]+\.png)\)$")
+
+def markdown_to_html(
+    markdown: str,  # the card
+    title: str,  # the page's title
+    images: dict[str, bytes] | None = None,  # file name -> PNG bytes, for the card's `![caption](name.png)` lines
+) -> str:  # a standalone page: its figures embedded, nothing loaded from elsewhere
+    "Render the Markdown of a model card (headings, lists, tables, paragraphs, figures) as a standalone page."
+    import base64
+    images = images or {}
     body, table, items = [], [], []
     def flush_list():
         if items:
@@ -383,7 +391,14 @@ def markdown_to_html(markdown: str, title: str) -> str:
             items.append(line[2:])
             continue
         flush_list()
-        if line.startswith("#"):
+        figure = _FIGURE.match(line)
+        if figure and figure["name"] in images:
+            data = base64.b64encode(images[figure["name"]]).decode("ascii")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure["caption"])}">'
+                        f'<figcaption>{html.escape(figure["caption"])}</figcaption></figure>')
+        elif figure:
+            body.append(f"<p>{html.escape(figure['caption'])} (figure not recorded)</p>")
+        elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
         elif line.strip():
@@ -391,7 +406,8 @@ def markdown_to_html(markdown: str, title: str) -> str:
     flush()
     flush_list()
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#1f2328}"
-             "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}")
+             "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}"
+             "figure{margin:1em 0}img{max-width:100%}figcaption{color:#57606a;font-size:.9em}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
@@ -399,10 +415,15 @@ def save_card(
     registry: Registry,  # the registry
     version: int,  # the version the card describes
     markdown: str,  # the card
+    images: dict[str, bytes] | None = None,  # its figures: file name -> PNG bytes, written beside card.md and embedded in card.html
 ) -> str:  # the card as an HTML page
-    "Write a version's model card as card.md and card.html, atomically."
-    page = markdown_to_html(markdown, f"Model card, version {version}")
+    "Write a version's model card as card.md (with its figures' PNG files) and card.html (figures embedded), atomically."
+    page = markdown_to_html(markdown, f"Model card, version {version}", images)
     folder = registry.path / "versions" / str(version)
+    from lifecycle.core import atomic_path
+    for name, data in (images or {}).items():
+        with atomic_path(folder / name) as temporary:
+            temporary.write_bytes(data)
     write_text(folder / "card.md", markdown)
     write_text(folder / "card.html", page)
     return page

@@ -319,7 +319,8 @@ def describe(
     summary: dict,  # `replay_frame`'s summary
 ) -> str:  # a few sentences
     "A replay's summary in words."
-    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(summary.get("reasons", {}).items()))
+    from lifecycle.core import reason_words
+    reasons = ", ".join(f"{count} {reason_words(reason)}" for reason, count in sorted(summary.get("reasons", {}).items()))
     lines = [f"{summary['scored']} of {summary['records']} records scored {summary.get('scoring', '')}".rstrip()
              + (f" ({summary['rejected']} refused: {reasons})" if summary.get("rejected") else "") + "."]
     if summary.get("first_event"):

@@ -1,5 +1,6 @@
 "Train and evaluate: tracked, reproducible, registered models, and a gate that refuses worse or unfair ones."
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_lifecycle, stages
+from conftest import HEART, REPO, run_lifecycle, stages
 
 
 def _models(project):
@@ -239,3 +240,32 @@ def test_a_new_split_neither_flips_fairness_nor_lets_the_champion_win_from_memor
         fairness_checks = [c for c in summary["gate"]["checks"] if c["check"].startswith("equalized odds")]
         assert len(fairness_checks) == 2 and all(c["passed"] for c in fairness_checks), fairness_checks  # sex, age
         assert {row["verdict"] for row in summary["fairness_by_seed"] if row["gated"]} == {"passed"}
+
+
+def test_a_patient_id_column_does_not_flip_the_gate(champion_template, tmp_path):
+    """The issue's case: a patient id column keeps the default data's one repeated row as two patients, which moves the
+    seeded split by one row; that alone turned the gate from passed to refused ("equalized odds difference by age is
+    0.500 (0.341–1.000)", a rate from a handful of patients on 119 test rows). Judged on every labeled row, on groups
+    with enough patients, the decision is the same with the id as without it (the template's run)."""
+    project = tmp_path / "heart-with-ids"
+    shutil.copytree(HEART, project / "data" / "heart-disease-uci")
+    for path in sorted((project / "data" / "heart-disease-uci").glob("processed.*.data")):
+        prefix = path.name.split(".")[1][:2].upper()  # CL0001, HU0001, ...: an id a hospital might write
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(f"{prefix}{number:04d},{line}\n" for number, line in enumerate(lines, 1)))
+    text = (REPO / "settings.ini").read_text()
+    assert "\ncolumns = age, sex," in text and "\nid =\n" in text
+    (project / "settings.ini").write_text(text.replace("\ncolumns = age, sex,", "\ncolumns = patient_id, age, sex,", 1)
+                                          .replace("\nid =\n", "\nid = patient_id\n", 1))
+    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "--stages", "collect,prepare,train,evaluate",
+                                 "-p", "prepare.profile=false", "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled",
+                                 "--json", check=0)
+    with_ids = stages(run)
+    without = stages(json.loads((champion_template / "first-run.json").read_text()))
+    # the id keeps the repeated row: one more clean row, so every split moved
+    assert (with_ids["prepare"]["summary"]["rows_clean"], without["prepare"]["summary"]["rows_clean"]) == (597, 596)
+    decided = lambda summary: (summary["gate"]["passed"], [(c["check"], c["passed"]) for c in summary["gate"]["checks"]])
+    assert decided(with_ids["evaluate"]["summary"]) == decided(without["evaluate"]["summary"]), with_ids["evaluate"]["summary"]["gate"]
+    assert with_ids["evaluate"]["summary"]["gate"]["passed"]
+    for summary in (with_ids["evaluate"]["summary"], without["evaluate"]["summary"]):  # and no seed of the folds refuses either
+        assert {row["verdict"] for row in summary["fairness_by_seed"] if row["gated"]} == {"passed"}, summary["fairness_by_seed"]
