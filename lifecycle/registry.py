@@ -31,7 +31,7 @@ from skops.io._utils import read_schema  # noqa: E402
 # %% auto #0
 __all__ = ['TRUSTED_TYPES', 'BUILTIN_TYPES', 'ALIASES', 'CHANGE_FILE', 'canonical_skops', 'model_bytes', 'model_types',
            'load_model_bytes', 'Registry', 'register', 'update_meta', 'load_model', 'events', 'set_alias',
-           'finish_change', 'rollback', 'describe', 'markdown_table', 'markdown_to_html', 'save_card']
+           'finish_change', 'rollback', 'clear_alias', 'describe', 'markdown_table', 'markdown_to_html', 'save_card']
 
 # %% ../nbs/20_registry.ipynb #0dea7b9d
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -141,7 +141,7 @@ def load_model_bytes(
                              "register the model again with `lifecycle run`") from None
 
 # %% ../nbs/20_registry.ipynb #66fb2ffe
-ALIASES = ("champion", "challenger")
+ALIASES = ("champion", "challenger", "shadow")  # shadow: the version scoring beside the champion, never answering
 CHANGE_FILE = "alias-change.json"  # an alias change under way: its event and the aliases it sets
 
 class Registry:
@@ -296,6 +296,28 @@ def rollback(
     if not history or history[-1]["previous"] is None:
         raise LifecycleError(f"'{alias}' has no earlier version to roll back to")
     return set_alias(registry, alias, history[-1]["previous"], reason)
+
+# %% ../nbs/20_registry.ipynb #5863b722
+def clear_alias(
+    registry: Registry,  # the registry
+    alias: str,  # champion, challenger or shadow
+    reason: str,  # why, for the record
+) -> dict | None:  # the event recorded; None when the alias named no version
+    "Take an alias off, atomically and on the record."
+    if alias not in ALIASES:
+        raise LifecycleError(f"unknown alias '{alias}'; aliases: {', '.join(ALIASES)}")
+    with registry._locked():
+        finish_change(registry)
+        path = registry.path / "aliases.json"
+        aliases = read_json(path) if path.exists() else {}
+        if aliases.get(alias) is None:
+            return None
+        event = {"alias": alias, "version": None, "previous": aliases[alias], "reason": reason,
+                 "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        kept = {name: version for name, version in aliases.items() if name != alias}
+        write_json(registry.path / CHANGE_FILE, {"aliases": kept, "event": json.dumps(event, default=str)})
+        finish_change(registry)
+    return event
 
 # %% ../nbs/20_registry.ipynb #d7b45d5c
 def describe(registry: Registry) -> dict:

@@ -24,7 +24,7 @@ __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_
            'decide', 'record_decision', 'decisions', 'retrain_lock', 'labeled_predictions', 'gather_evidence',
            'log_url', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
            'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
-           'promote_if_won', 'headline']
+           'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'promote_if_won', 'headline']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -430,6 +430,106 @@ def judge(
         statements.append("too few recent labeled rows used for training (20, both classes) to try recalibration or a new threshold")
     return result
 
+# %% ../nbs/07_retrain.ipynb #79c8a47c
+def parse_shadow_min(
+    text,  # `[retrain] shadow_min`: a count of shadow predictions ("200"), or days ("7 days", "7d"); empty or 0: no shadow
+) -> tuple[int, float]:  # (shadow predictions needed, days of shadow needed); (0, 0) when promotion needs no shadow
+    "Read the shadow rule."
+    value = str(text if text is not None else "").strip().lower()
+    if value in ("", "0"):
+        return 0, 0.0
+    number, _, unit = value.partition(" ") if " " in value else (value.rstrip("d"), "", "d" if value.endswith("d") else "")
+    unit = unit.strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if amount <= 0 or unit not in ("", "d", "day", "days") or (not unit and amount != int(amount)):
+        raise LifecycleError("[retrain] shadow_min must be a count of shadow predictions (e.g. 200) or days (e.g. 7 days)")
+    return (0, amount) if unit else (int(amount), 0.0)
+
+# %% ../nbs/07_retrain.ipynb #6044e70e
+def shadow_ready(
+    evidence: dict,  # shadow evidence: version, pairs (shadow predictions paired with the champion's), days (their span in event time)
+    shadow_min,  # the `[retrain] shadow_min` setting
+) -> tuple[bool, str]:  # (promotion allowed by the shadow rule, why, in words)
+    "Whether a version has run in shadow long enough for promotion."
+    count, days = parse_shadow_min(shadow_min)
+    pairs, span, version = int(evidence.get("pairs") or 0), float(evidence.get("days") or 0.0), evidence.get("version")
+    if count and pairs < count:
+        return False, f"version {version} has {pairs} shadow predictions; [retrain] shadow_min asks for {count} before promotion"
+    if days and span < days:
+        return False, f"version {version} has {span:.1f} days of shadow predictions ({pairs}); [retrain] shadow_min asks for {days:g} days"
+    if not (count or days):
+        return True, "[retrain] shadow_min is not set: no shadow run needed"
+    return True, f"version {version} ran in shadow: {pairs} predictions over {span:.1f} days (rule: {shadow_min})"
+
+# %% ../nbs/07_retrain.ipynb #cd78bf24
+def shadow_evidence(
+    root: Path,  # the project folder
+    log,  # the open prediction log
+    version: int | None = None,  # the version in shadow (default: the alias `shadow`)
+) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy where labeled), and the pairs themselves
+    "What the prediction log says of a version in shadow against the champion, on the same records."
+    from lifecycle.predlog import shadow_pairs, shadow_summary
+    from lifecycle.registry import Registry
+    aliases = Registry(root).aliases()
+    version = aliases.get("shadow") if version is None else version
+    champion = aliases.get("champion")
+    pairs = shadow_pairs(log) if version is not None else None
+    if pairs is not None:
+        pairs = pairs[(pairs["shadow_version"] == version) & (pairs["champion_version"] == champion)].reset_index(drop=True)
+    if pairs is None or not len(pairs):
+        return {"version": version, "champion": champion, "pairs": 0, "days": 0.0, "labeled": 0, "summary": None, "rows": pairs}
+    summary = shadow_summary(pairs).iloc[0].to_dict()
+    span = (pairs["event_time"].max() - pairs["event_time"].min()).total_seconds() / 86400
+    return {"version": version, "champion": champion, "pairs": len(pairs), "days": span, "labeled": int(pairs["label"].notna().sum()),
+            "summary": {key: (value.isoformat() if hasattr(value, "isoformat") else value) for key, value in summary.items()}, "rows": pairs}
+
+# %% ../nbs/07_retrain.ipynb #829b4f3f
+def promote_shadow(
+    root: Path,  # the project folder
+    policy: dict,  # the [retrain] settings: shadow_min, min_compare_rows, alpha, bootstrap, miss_cost, false_alarm_cost
+    log,  # the open prediction log
+    now: datetime | None = None,  # the time (for the record)
+) -> dict:  # status (no shadow, in shadow, promoted, shadow refused), reasons, evidence (what the log says)
+    "Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records."
+    from lifecycle.compare import compare_models
+    from lifecycle.registry import Registry, clear_alias, set_alias
+    registry = Registry(root)
+    now = now or datetime.now(timezone.utc)
+    evidence = shadow_evidence(root, log)
+    rows = evidence.pop("rows")
+    if evidence["version"] is None:
+        return {"status": "no shadow", "reasons": ["no version is in shadow"], "evidence": evidence}
+    ready, why = shadow_ready(evidence, policy.get("shadow_min", ""))
+    record = {"kind": "shadow", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"], "shadow": evidence["version"],
+              "evidence": {key: value for key, value in evidence.items() if key != "summary"}, "summary": evidence["summary"]}
+    if not ready:
+        record_decision(root, {**record, "promoted": False, "reasons": [why]})
+        return {"status": "in shadow", "reasons": [why], "evidence": evidence}
+    labeled = rows[rows["label"].notna()] if rows is not None else None
+    comparison = None
+    if labeled is not None and len(labeled) >= int(policy.get("min_compare_rows", 30)) and labeled["label"].nunique() == 2:
+        threshold = lambda version: float(registry.meta(version).get("threshold", 0.5))
+        comparison = compare_models(labeled["label"].to_numpy(dtype=int), labeled["champion_score"].to_numpy(), labeled["shadow_score"].to_numpy(),
+                                    threshold(evidence["champion"]), threshold(evidence["version"]),
+                                    miss_cost=float(policy.get("miss_cost", 5.0)), false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
+                                    alpha=float(policy.get("alpha", 0.05)), rounds=int(policy.get("bootstrap", 1000)))
+        evidence["comparison"] = {key: comparison[key] for key in ("rows", "verdict", "headline", "gains", "losses")}
+    if comparison is not None and comparison["verdict"] == "worse":
+        reason = f"in shadow, version {evidence['version']} did worse than the champion on live records: {comparison['losses'][0]}"
+        clear_alias(registry, "shadow", reason)
+        record_decision(root, {**record, "promoted": False, "reasons": [reason]})
+        return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
+    live = comparison["headline"] if comparison is not None else f"{evidence['labeled']} of its live records are labeled: too few to compare"
+    summary = evidence["summary"]
+    reason = (f"{why}; agreement with the champion {summary['agreement']:.0%}, mean score shift {summary['score_shift']:+.3f}; {live}")
+    event = set_alias(registry, "champion", evidence["version"], f"promoted from shadow: {reason}")
+    clear_alias(registry, "shadow", f"promoted to champion: version {evidence['version']}")
+    record_decision(root, {**record, "promoted": True, "reasons": [reason]})
+    return {"status": "promoted", "reasons": [reason], "evidence": evidence, "event": event}
+
 # %% ../nbs/07_retrain.ipynb #bdfd8819
 def promote_if_won(
     root: Path,  # the project folder
@@ -437,8 +537,9 @@ def promote_if_won(
     gate: dict | None,  # the challenger's gate decision (from its evaluate stage)
     promote: bool,  # promotion allowed by settings
     evidence: str,  # where the evidence is, for the record
-) -> dict:  # promoted, reasons
-    "Promote the challenger when its gate passed and the comparison allows it; say why either way."
+    shadow_min="",  # `[retrain] shadow_min`: when set, a winner goes into shadow first (see `promote_shadow`)
+) -> dict:  # promoted, reasons; shadow (True when the challenger went into shadow instead)
+    "Promote the challenger when its gate passed and the comparison allows it (or put it in shadow first); say why either way."
     from lifecycle.registry import Registry, set_alias
     comparison = judged.get("comparison")
     reasons = []
@@ -452,6 +553,11 @@ def promote_if_won(
         reasons.append("[retrain] promote = false: the verdict is recorded only")
     if reasons:
         return {"promoted": False, "reasons": reasons}
+    ready, why = shadow_ready({"version": judged["challenger"], "pairs": 0, "days": 0.0}, shadow_min)  # a new version: no shadow run yet
+    if not ready:
+        event = set_alias(Registry(root), "shadow", judged["challenger"], f"{comparison['headline']} In shadow before promotion. Evidence: {evidence}")
+        return {"promoted": False, "shadow": True, "event": event,
+                "reasons": [f"{why}; it scores every live record beside the champion in shadow now"]}
     event = set_alias(Registry(root), "champion", judged["challenger"], f"{comparison['headline']} Evidence: {evidence}")
     return {"promoted": True, "reasons": [comparison["headline"]], "event": event}
 
