@@ -8,7 +8,6 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from conftest import run_lifecycle
 from test_serve import Server, records_of
 
 FEATURES = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal"]
@@ -33,7 +32,7 @@ def wait_for(check, seconds=60, what="the condition"):
     deadline = time.time() + seconds
     while not check():
         assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+        time.sleep(0.25)
 
 
 def pairs_of(project: Path) -> pd.DataFrame:
@@ -53,6 +52,7 @@ def answers(url: str, records: list) -> list[dict]:
 
 
 def test_server_with_a_shadow(champion_project):
+    from lifecycle.loop import retrain_project
     from lifecycle.registry import Registry, register, load_model, set_alias
     from lifecycle.scoring import Scorer
     project = champion_project
@@ -92,15 +92,15 @@ def test_server_with_a_shadow(champion_project):
         assert champion in set(windows["model_version"]) and challenger not in set(windows["model_version"])
 
         # promotion waits for [retrain] shadow_min: 100 shadow predictions asked, 60 made
-        code, result, _, _ = run_lifecycle("retrain", "--settings", project / "settings.ini", "-p", "retrain.shadow_min=100", "--json")
-        assert (code, result["status"]) == (0, "in shadow"), result
+        result = retrain_project(project / "settings.ini", overrides=["retrain.shadow_min=100"], quiet=True)
+        assert result["status"] == "in shadow", result
         assert "has 60 shadow predictions; [retrain] shadow_min asks for 100" in result["headline"]
-        assert registry.aliases() == {"champion": champion, "shadow": challenger}
+        assert (registry.aliases()["champion"], registry.aliases()["shadow"]) == (champion, challenger)
         answers(server.url, records[:40])
         wait_for(lambda: len(pairs_of(project)) >= 100, what="100 shadow predictions")
-        code, result, _, _ = run_lifecycle("retrain", "--settings", project / "settings.ini", "-p", "retrain.shadow_min=100", "--json")
-        assert (code, result["status"]) == (0, "promoted"), result
-        assert registry.aliases() == {"champion": challenger}
+        result = retrain_project(project / "settings.ini", overrides=["retrain.shadow_min=100"], quiet=True)
+        assert result["status"] == "promoted", result
+        assert (registry.aliases()["champion"], registry.aliases().get("shadow")) == (challenger, None)
         wait_for(lambda: httpx.get(server.url + "/model").json()["version"] == challenger, what="the hot swap")
         assert httpx.get(server.url + "/model").json()["shadow"]["version"] is None
 
