@@ -249,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
-    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "monitor"],
+    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "monitor", "retrain"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
                             "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
                             "stream (events/s through Redis Streams against the same events scored in-process) "

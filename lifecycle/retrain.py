@@ -492,13 +492,14 @@ def promote_shadow(
     policy: dict,  # the [retrain] settings: shadow_min, min_compare_rows, alpha, bootstrap, miss_cost, false_alarm_cost
     log,  # the open prediction log
     now: datetime | None = None,  # the time (for the record)
+    evidence: dict | None = None,  # what `shadow_evidence` said, when the caller read it already (default: read here)
 ) -> dict:  # status (no shadow, in shadow, promoted, shadow refused), reasons, evidence (what the log says)
     "Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records."
     from lifecycle.compare import compare_models
     from lifecycle.registry import Registry, clear_alias, set_alias
     registry = Registry(root)
     now = now or datetime.now(timezone.utc)
-    evidence = shadow_evidence(root, log)
+    evidence = dict(evidence) if evidence is not None else shadow_evidence(root, log)
     rows = evidence.pop("rows")
     if evidence["version"] is None:
         return {"status": "no shadow", "reasons": ["no version is in shadow"], "evidence": evidence}
