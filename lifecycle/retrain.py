@@ -20,11 +20,12 @@ import pandas as pd
 from .core import LifecycleError, Settings, load_settings, read_json, write_json, write_text
 
 # %% auto #0
-__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'firing_alerts', 'champion_since',
-           'decide', 'record_decision', 'decisions', 'retrain_lock', 'labeled_predictions', 'gather_evidence',
-           'log_url', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
+__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'SHADOW_HEADINGS', 'firing_alerts',
+           'champion_since', 'decide', 'record_decision', 'decisions', 'retrain_lock', 'labeled_predictions',
+           'gather_evidence', 'log_url', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
            'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
-           'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'promote_if_won', 'headline']
+           'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'shadow_table', 'promote_if_won',
+           'headline']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -530,6 +531,18 @@ def promote_shadow(
     clear_alias(registry, "shadow", f"promoted to champion: version {evidence['version']}")
     record_decision(root, {**record, "promoted": True, "reasons": [reason]})
     return {"status": "promoted", "reasons": [reason], "evidence": evidence, "event": event}
+
+# %% ../nbs/07_retrain.ipynb #2f8fb6ae
+SHADOW_HEADINGS = {"champion_version": "champion", "shadow_version": "shadow", "pairs": "records both scored", "agreement": "same decision",
+                   "score_shift": "score shift (shadow − champion)", "mean_abs_score_difference": "mean |score difference|",
+                   "labeled": "labels back", "champion_accuracy": "champion accuracy", "shadow_accuracy": "shadow accuracy",
+                   "champion_recall": "champion recall", "shadow_recall": "shadow recall"}
+
+def shadow_table(
+    summary: pd.DataFrame,  # `shadow_summary` of the log's shadow pairs
+) -> pd.DataFrame:  # the same figures under headings a reader understands, one row a shadow run
+    "Shadow runs against the champion, for the report."
+    return summary[[column for column in SHADOW_HEADINGS if column in summary.columns]].rename(columns=SHADOW_HEADINGS)
 
 # %% ../nbs/07_retrain.ipynb #bdfd8819
 def promote_if_won(
