@@ -374,7 +374,7 @@ def score_file(
         from lifecycle.predlog import open_log
         prediction_log = open_log(log_url, Path(root), batch_size=20_000)
         if alias == "champion":  # the version in shadow, if any, scores every row too (logged under channel shadow)
-            shadow = Shadow(Path(root), prediction_log, max_pending=10 * chunk_rows).start()
+            shadow = Shadow(Path(root), prediction_log, max_pending=10 * chunk_rows, max_busy=1.0).start()
     try:
         counts = _score_local(input, output, rejects, scorer, chunk_rows, prediction_log, file_hash, when,
                               Progress(count_rows(input), progress), shadow)

@@ -1059,8 +1059,9 @@ def _shadow_throughput(project: Path, shadow_version: int, seconds: int, rounds:
                     clear_alias(registry, "shadow", "bench retrain: the champion alone")
                 shadow_is(shadow_version if kind == "with" else None)
                 runs[kind].append(_wrk(url + "/predict", body, 8, seconds))
-                if kind == "with":
-                    time.sleep(1.0)  # let the shadow catch up before the next run without it
+            deadline = time.time() + 120
+            while (httpx.get(url + "/model", timeout=10).json().get("shadow") or {}).get("waiting") and time.time() < deadline:
+                time.sleep(0.2)  # the next run without a shadow starts when nothing waits for it
         status = httpx.get(url + "/model", timeout=10).json()["shadow"]
     finally:
         server.send_signal(15)

@@ -390,10 +390,13 @@ class Shadow:
     def __init__(self,
         root: Path,  # the project folder (its registry)
         log,  # the PredictionLog the shadow's predictions go to
-        max_pending: int = 100_000,  # records waiting at most; beyond it the oldest are dropped (counted)
+        max_pending: int = 10_000,  # records waiting at most; beyond it the oldest are dropped (counted)
         interval: float = 0.5,  # seconds between looks at the registry's aliases
+        max_busy: float = 0.1,  # the share of time the shadow may spend scoring (1: no limit); beyond it, it samples
     ):
-        self.root, self.log, self.max_pending, self.interval = Path(root), log, max_pending, interval
+        if not 0 < max_busy <= 1:
+            raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
+        self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
         self.scorer: Scorer | None = None
         self.error: str | None = None  # the last failure to load or to score, one line
         self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
@@ -465,7 +468,10 @@ class Shadow:
         "Score one submitted piece with the shadow and log it; a failure is counted, never raised."
         champion_version, request_ids, records, features, event_times, when = item
         scorer = self.scorer
-        if scorer is None or scorer.version == champion_version:
+        if scorer is None:  # the shadow was taken off meanwhile: what waited for it is dropped
+            self.counts["dropped"] += len(request_ids)
+            return
+        if scorer.version == champion_version:
             return
         event_times = event_times if event_times is not None else [None] * len(request_ids)
         ids = [shadow_request_id(request_id) for request_id in request_ids]
@@ -507,10 +513,14 @@ class Shadow:
                     self.error = f"watching the registry failed ({type(error).__name__})"
                 next_check = time.monotonic() + self.interval
             for item in _merged(items):
+                started = time.perf_counter()
                 self._score(item)
                 with self._wake:
                     self._waiting -= len(item[1])
                     self._wake.notify_all()
+                if self.max_busy < 1 and not self._stopping:  # a bounded share of the CPU: the champion's requests come first
+                    busy = time.perf_counter() - started
+                    time.sleep(busy * (1 - self.max_busy) / self.max_busy)
 
     def start(self) -> "Shadow":
         "Load the version in shadow, if any, and start the shadow's thread."
