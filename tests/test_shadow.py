@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from conftest import run_lifecycle
 from test_serve import Server, records_of
 
 FEATURES = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal"]
@@ -126,7 +127,7 @@ def test_server_with_a_shadow(champion_project):
 
 def test_batch_and_stream_with_a_shadow(champion_project, tmp_path):
     from lifecycle.batch import score_file
-    from lifecycle.registry import Registry, set_alias
+    from lifecycle.registry import Registry
     from lifecycle.scoring import Scorer
     from lifecycle.stream import run_stream
     project = champion_project
@@ -141,7 +142,8 @@ def test_batch_and_stream_with_a_shadow(champion_project, tmp_path):
     plain_batch = score_file(project, source, tmp_path / "plain.parquet", progress=False)
     plain_stream = run_stream(project, str(events), str(tmp_path / "plain.jsonl"), handle_signals=False)
     assert plain_batch["shadow"] is None and plain_stream["shadow"] is None and not len(pairs_of(project))
-    set_alias(registry, "shadow", challenger, "test: in shadow")
+    code, listing, _, _ = run_lifecycle("models", "shadow", str(challenger), "--reason", "test: in shadow", "--settings", project / "settings.ini", "--json")
+    assert (code, listing["aliases"]["shadow"], listing["event"]["alias"]) == (0, challenger, "shadow")
     batch = score_file(project, source, tmp_path / "shadowed.parquet", progress=False)
     stream = run_stream(project, str(events), str(tmp_path / "shadowed.jsonl"), handle_signals=False)
     # the outputs are the champion's, as without a shadow
@@ -158,3 +160,6 @@ def test_batch_and_stream_with_a_shadow(champion_project, tmp_path):
         mine = pairs[pairs["channel"] == channel]
         assert len(mine) == len(records) and set(mine["shadow_version"]) == {challenger}
         assert np.allclose(np.sort(mine["shadow_score"].to_numpy()), np.sort(expected), rtol=0, atol=1e-12)
+    code, listing, _, _ = run_lifecycle("models", "shadow", "--clear", "--reason", "test: done", "--settings", project / "settings.ini", "--json")
+    assert (code, "shadow" in listing["aliases"], listing["event"]["previous"]) == (0, False, challenger)
+    assert (registry.aliases()["champion"], registry.aliases().get("shadow")) == (champion, None)
