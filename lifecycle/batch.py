@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .core import LifecycleError
-from .scoring import Scorer, ServingSpec, check_frame
+from .scoring import Scorer, ServingSpec, Shadow, check_frame
 
 # %% auto #0
 __all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_rows', 'output_schema', 'score_chunk',
@@ -254,7 +254,7 @@ def end_run(
         raise LifecycleError(f"batch run {run.run_id}: its predictions could not be published in the log {run.store} "
                              f"({describe_error(error)}); run it again") from None
 
-def _log_chunk(log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str, when: str, backlog: int) -> int:
+def _log_chunk(log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str, when: str, backlog: int, shadow=None) -> int:
     "Queue one chunk's predictions in the prediction log; the number queued."
     features = done["features"]
     if not len(features):
@@ -265,6 +265,8 @@ def _log_chunk(log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str,
     if spec.id_field in table.column_names:
         identifiers = table.column(spec.id_field).take(pa.array(features.index.to_numpy())).to_pylist()
     log.record_many(ids, done["scores"], done["decisions"], features, spec.version, channel="batch", time=when, ids=identifiers)
+    if shadow is not None:  # the version in shadow scores the same rows on its own thread
+        shadow.submit(spec.version, ids, features=features, when=when)
     if log.pending > backlog:
         if not log.flush(timeout=600):
             raise LifecycleError(f"the prediction log {log.store} did not take the predictions within 10 minutes; run again with --no-log, or fix the log")
@@ -319,7 +321,7 @@ def _run_summary(engine, started, rows_in, rows_scored, reasons, scorer, output,
             "model_version": scorer.version, "output": str(output), "rejects": str(rejects),
             "reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])), "logged": logged, "log": log}
 
-def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, when, progress) -> tuple:
+def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, when, progress, shadow=None) -> tuple:
     text = file_format(input) == "csv"
     writers = {}
     rows_in = rows_scored = logged = 0
@@ -333,7 +335,7 @@ def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, whe
             writers["scored"].write(done["scored"])
             writers["rejected"].write(done["rejected"])
             if log is not None:
-                logged += _log_chunk(log, done, scorer, pa.Table.from_batches([batch]), file_hash, when, 2 * chunk_rows)
+                logged += _log_chunk(log, done, scorer, pa.Table.from_batches([batch]), file_hash, when, 2 * chunk_rows, shadow)
             rows_in += batch.num_rows
             rows_scored += done["scored"].num_rows
             for reason, count in done["reasons"].items():
@@ -393,23 +395,29 @@ def score_file(
             with open_log(log_url, Path(root)) as prediction_log:
                 count_batch_rejections(prediction_log, counts[2], scorer, file_hash, when)
         return _run_summary("dask", started, *counts[:3], scorer, output, rejects, counts[3], log)
-    prediction_log = None
+    prediction_log = shadow = None
     succeeded = False
     try:
         if run is not None:
             from lifecycle.predlog import open_log
             prediction_log = open_log(log_url, Path(root), batch_size=20_000, run=run.run_id)
+            if alias == "champion":  # the version in shadow, if any, scores every row too (logged under channel shadow, published with the run)
+                shadow = Shadow(Path(root), prediction_log, max_pending=10 * chunk_rows, max_busy=1.0).start()
         counts = _score_local(input, output, rejects, scorer, chunk_rows, prediction_log, file_hash, when,
-                              Progress(count_rows(input), progress))
+                              Progress(count_rows(input), progress), shadow)
         if prediction_log is not None:  # only a run that succeeded: a failed one delivered nothing
             count_batch_rejections(prediction_log, counts[2], scorer, file_hash, when)
         succeeded = True
     finally:
+        if shadow is not None:
+            shadow.stop(timeout=600)
         if prediction_log is not None:
             prediction_log.close()  # nothing of the run still queued: then publish or abandon
         if run is not None:
             end_run(run, succeeded)
-    return _run_summary("local", started, *counts[:3], scorer, output, rejects, counts[3], log)
+    summary = _run_summary("local", started, *counts[:3], scorer, output, rejects, counts[3], log)
+    return {**summary, "shadow": shadow.status() if shadow is not None and shadow.counts["submitted"] else None}
+
 
 # %% ../nbs/33_batch.ipynb #a715e54e
 def count_batch_rejections(

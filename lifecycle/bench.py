@@ -25,7 +25,8 @@ __all__ = ['HEART_COLUMNS', 'HEART_FILES', 'MONITOR_PLANTED', 'EVIDENTLY_SCRIPT'
            'bench_prepare', 'format_prepare', 'train_champion', 'parse_wrk', 'mlflow_python', 'bench_serve',
            'format_serve', 'bench_dashboard', 'format_dashboard', 'format_batch', 'bench_batch', 'bench_stream',
            'format_bench_stream', 'drift_frame', 'drift_reference', 'evidently_python', 'bench_drift',
-           'fill_monitor_log', 'bench_incremental', 'format_monitor', 'bench_monitor', 'bench_train', 'run_benchmark']
+           'fill_monitor_log', 'bench_incremental', 'format_monitor', 'bench_monitor', 'bench_retrain',
+           'format_retrain', 'bench_train', 'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
 HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
@@ -1012,6 +1013,145 @@ def bench_monitor(
         print(format_monitor(figures))
     return figures
 
+# %% ../nbs/12_bench.ipynb #09d24614
+def _production_sources(project: Path) -> dict:
+    "The `[deploy] production` sources of a project: name -> path."
+    from lifecycle.core import load_settings
+    text = load_settings(project / "settings.ini").sections.get("deploy", {}).get("production", "")
+    return {name.strip(): path.strip() for name, _, path in (line.partition(":") for line in text.splitlines() if line.strip())}
+
+def _time(call) -> tuple:
+    "(what the call returned, its wall seconds)."
+    started = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - started
+
+def _shadow_throughput(project: Path, shadow_version: int, seconds: int, rounds: int) -> dict:
+    "Requests/s of one server at concurrency 8, with and without a shadow, interleaved; medians; the shadow's own counts."
+    import httpx
+    from lifecycle.registry import Registry, clear_alias, set_alias
+    registry = Registry(project)
+    run = sorted((project / "runs").glob("2*"))[-1]
+    clean = pd.read_parquet(run / "prepare" / "clean.parquet")
+    champion = registry.resolve("champion")
+    features = registry.meta(champion)["features"]
+    row = clean[clean["_split"] == "test"].iloc[0]
+    body = json.dumps({name: (None if pd.isna(row[name]) else float(row[name])) for name in features["numeric"] + features["categorical"]})
+    clear_alias(registry, "shadow", "bench retrain: the champion alone")
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "serve", "--settings", str(project / "settings.ini"),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    runs = {"without": [], "with": []}
+    try:
+        _wait_ready(url + "/ready", server)
+        def shadow_is(version):
+            deadline = time.time() + 60
+            while (httpx.get(url + "/model", timeout=10).json().get("shadow") or {}).get("version") != version:
+                if time.time() > deadline:
+                    raise LifecycleError(f"bench retrain: the server did not take shadow version {version} within 60 s")
+                time.sleep(0.1)
+        for _ in range(rounds):
+            for kind in ("without", "with"):
+                if kind == "with":
+                    set_alias(registry, "shadow", shadow_version, "bench retrain: shadow scoring under load")
+                else:
+                    clear_alias(registry, "shadow", "bench retrain: the champion alone")
+                shadow_is(shadow_version if kind == "with" else None)
+                runs[kind].append(_wrk(url + "/predict", body, 8, seconds))
+            deadline = time.time() + 120
+            while (httpx.get(url + "/model", timeout=10).json().get("shadow") or {}).get("waiting") and time.time() < deadline:
+                time.sleep(0.2)  # the next run without a shadow starts when nothing waits for it
+        status = httpx.get(url + "/model", timeout=10).json()["shadow"]
+    finally:
+        server.send_signal(15)
+        server.wait(timeout=120)
+    median = lambda kind, key: float(np.median([figures[key] for figures in runs[kind]]))
+    figures = {"rounds": rounds, "seconds_each": seconds, "runs": runs, "shadow": status,
+               "without_per_s": median("without", "requests_per_s"), "with_per_s": median("with", "requests_per_s"),
+               "without_p99_ms": median("without", "p99_ms"), "with_p99_ms": median("with", "p99_ms")}
+    figures["cost_share"] = round(1 - figures["with_per_s"] / figures["without_per_s"], 4)
+    return figures
+
+# %% ../nbs/12_bench.ipynb #580a79d1
+def bench_retrain(
+    seconds: int = 10,  # how long each wrk run lasts
+    rounds: int = 3,  # interleaved pairs of runs (without, with a shadow)
+    shadow_min: int = 200,  # shadow predictions the challenger needs before promotion
+    heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
+    quiet: bool = False,  # no table on stdout
+) -> dict:  # the figures
+    "Time from a triggering alert to a promoted challenger, by phase; and the cost of shadow scoring to serving throughput."
+    if shutil.which("wrk") is None:
+        raise LifecycleError("bench retrain needs wrk, the HTTP load generator: apt-get install wrk")
+    from datetime import datetime, timezone
+    from lifecycle.core import load_settings
+    from lifecycle.loop import retrain_project
+    from lifecycle.monitoring import monitor_project
+    from lifecycle.predlog import open_log
+    from lifecycle.registry import Registry, set_alias
+    from lifecycle.replay import replay_input, replay_sources
+    from lifecycle.retrain import promote_shadow, shadow_evidence
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
+        project = _champion_project(Path(folder), _heart_folder(heart, "retrain"))
+        settings = load_settings(project / "settings.ini")
+        sources = _production_sources(project)
+        registry = Registry(project)
+        first = registry.resolve("champion")
+        replay_sources(sources, settings, days=30, label_delay=7, label_share=0.8)
+        phases, notes = {}, {}
+        monitored, phases["alert"] = _time(lambda: monitor_project(project))
+        notes["alerts"] = sorted({alert["labels"]["alertname"] for alert in monitored["alerts"]["firing"]})
+        overrides = ["retrain.alerts=any", "retrain.min_new_labels=0", f"retrain.shadow_min={shadow_min}", "prepare.profile=false",
+                     "train.tracking=disabled", "evaluate.tracking=disabled", "evaluate.max_latency_ms=10000"]
+        retrained, wall = _time(lambda: retrain_project(project / "settings.ini", overrides=overrides, quiet=True))
+        stages = {entry["name"]: entry.get("seconds") or 0.0 for entry in (retrained.get("challenger_run") or {}).get("stages", [])}
+        phases["data"] = wall - sum(stages.values()) + stages.get("collect", 0) + stages.get("prepare", 0)
+        phases["train"] = stages.get("train", 0.0)
+        phases["evaluate"] = stages.get("evaluate", 0.0) + stages.get("retrain", 0.0)
+        notes["retrain"] = {"status": retrained["status"], "headline": retrained.get("headline", "")}
+        challenger = (retrained.get("summary") or {}).get("challenger")
+        if retrained["status"] != "in shadow":  # the comparison kept the champion: the shadow runs by hand, for the figures that follow
+            if challenger is None:
+                raise LifecycleError(f"bench retrain: the retrain trained no challenger ({retrained['status']}: {retrained.get('headline', '')})")
+            set_alias(registry, "shadow", challenger, "bench retrain: shadow by hand (the comparison did not put it there)")
+        challenger = registry.aliases()["shadow"]
+        rows = [replay_input(project / path, settings, days=1, label_delay=0.5, label_share=0.8, seed=1) for path in sources.values()]
+        notes["shadow_traffic"] = {"records": sum(row["records"] for row in rows), "scored": sum(row["scored"] for row in rows)}
+        with open_log("", project) as log:
+            evidence, phases["shadow comparison"] = _time(lambda: shadow_evidence(project, log))
+            policy = {"shadow_min": str(shadow_min), "min_compare_rows": 30, "bootstrap": 1000}
+            promoted, phases["promotion"] = _time(lambda: promote_shadow(project, policy, log, evidence=evidence))
+        notes["promotion"] = {"status": promoted["status"], "reasons": promoted["reasons"], "pairs": evidence["pairs"]}
+        throughput = _shadow_throughput(project, first if registry.resolve("champion") != first else challenger, seconds, rounds)
+    figures = {"phases": {name: round(value, 2) for name, value in phases.items()},
+               "alert_to_promotion_seconds": round(sum(phases.values()), 2), "notes": notes, "throughput": throughput,
+               "target_cost_share": 0.10}
+    if not quiet:
+        print(format_retrain(figures))
+    return figures
+
+# %% ../nbs/12_bench.ipynb #78ba31ad
+def format_retrain(figures: dict) -> str:
+    "The retrain benchmark as a table."
+    notes, throughput = figures["notes"], figures["throughput"]
+    lines = ["bench retrain: the default project, champion on Cleveland and Hungary, VA and Switzerland replayed as production",
+             f"alerts firing: {', '.join(notes['alerts']) or 'none'}; retrain: {notes['retrain']['status']}; "
+             f"shadow traffic: {notes['shadow_traffic']['scored']} of {notes['shadow_traffic']['records']} records scored; "
+             f"promotion: {notes['promotion']['status']} ({notes['promotion']['pairs']} shadow pairs)",
+             f"{'phase':<24}{'seconds':>9}"]
+    lines += [f"{name:<24}{seconds:>9.2f}" for name, seconds in figures["phases"].items()]
+    lines.append(f"{'alert to promotion':<24}{figures['alert_to_promotion_seconds']:>9.2f}  (without the wait for shadow traffic)")
+    shadow = throughput["shadow"] or {}
+    lines += [f"serving at concurrency 8, {throughput['rounds']} interleaved pairs of {throughput['seconds_each']} s runs (medians):",
+              f"{'':<24}{'req/s':>9}{'p99 ms':>9}",
+              f"{'without a shadow':<24}{throughput['without_per_s']:>9,.0f}{throughput['without_p99_ms']:>9.2f}",
+              f"{'with a shadow':<24}{throughput['with_per_s']:>9,.0f}{throughput['with_p99_ms']:>9.2f}",
+              f"cost of shadow scoring: {throughput['cost_share']:.1%} fewer requests/s (goal < {figures['target_cost_share']:.0%}); "
+              f"the shadow scored {shadow.get('scored', 0):,} of {shadow.get('submitted', 0):,} records handed to it "
+              f"(dropped {shadow.get('dropped', 0):,}, failed {shadow.get('failed', 0):,})"]
+    return "\n".join(lines)
+
 # %% ../nbs/12_bench.ipynb #0712daea
 def bench_train(
     rows: int = 100_000,  # rows of generated data
@@ -1064,5 +1204,7 @@ def run_benchmark(
         return bench_dashboard(quiet=quiet)
     if name == "monitor":
         return bench_monitor(rows or 1_000_000, quiet=quiet, engine=engine, scheduler=scheduler)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard, monitor")
+    if name == "retrain":
+        return bench_retrain(quiet=quiet)
+    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard, monitor, retrain")
 

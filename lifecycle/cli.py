@@ -49,7 +49,7 @@ def _dashboard(args) -> int:
 
 def _models(args) -> int:
     from lifecycle.core import load_settings
-    from lifecycle.registry import Registry, describe, rollback, set_alias
+    from lifecycle.registry import Registry, clear_alias, describe, rollback, set_alias
     registry = Registry(load_settings(args.settings).root)
     if args.action == "promote":
         if args.version is None:
@@ -57,6 +57,12 @@ def _models(args) -> int:
         event = set_alias(registry, args.alias, registry.resolve(args.version), args.reason)
     elif args.action == "rollback":
         event = rollback(registry, args.reason, args.alias)
+    elif args.action == "shadow" and args.clear:
+        event = clear_alias(registry, "shadow", args.reason)
+    elif args.action == "shadow":
+        if args.version is None:
+            raise LifecycleError("models shadow needs a VERSION (or --clear), e.g. lifecycle models shadow 4 --reason 'challenger of retrain 20260301'")
+        event = set_alias(registry, "shadow", registry.resolve(args.version), args.reason)
     else:
         event = None
     listing = describe(registry)
@@ -64,7 +70,7 @@ def _models(args) -> int:
         print(json.dumps({**listing, "event": event}, indent=2, default=str))
         return 0
     if event:
-        print(f"{event['alias']} → version {event['version']} (was {event['previous']}): {event['reason']}")
+        print(f"{event['alias']} → " + (f"version {event['version']}" if event["version"] is not None else "none") + f" (was {event['previous']}): {event['reason']}")
     print(f"{'version':>7}  {'created':<25} {'model':<24} {'ROC AUC':>8}  {'gate':<7} {'sha256':<16}  aliases")
     for row in listing["versions"]:
         gate = {True: "passed", False: "refused", None: "—"}[row["gate"]]
@@ -186,10 +192,14 @@ def parser() -> argparse.ArgumentParser:
                                  description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back.",
                                  epilog=_examples("lifecycle models", "lifecycle models promote 3 --reason 'better recall on VA'",
                                                   "lifecycle models promote challenger --alias champion --reason 'passed shadow'",
-                                                  "lifecycle models rollback --reason 'alert: recall dropped'", "lifecycle models --json"))
-    models.add_argument("action", nargs="?", choices=["list", "promote", "rollback"], default="list", help="list (default), promote or rollback")
+                                                  "lifecycle models rollback --reason 'alert: recall dropped'",
+                                                  "lifecycle models shadow 4 --reason 'challenger: score beside the champion'",
+                                                  "lifecycle models shadow --clear --reason 'enough seen'", "lifecycle models --json"))
+    models.add_argument("action", nargs="?", choices=["list", "promote", "rollback", "shadow"], default="list",
+                        help="list (default), promote, rollback, or shadow (a version scores beside the champion, never answering)")
     models.add_argument("version", nargs="?", help="the version to promote (a number, or an alias such as challenger)")
-    models.add_argument("--alias", default="champion", choices=["champion", "challenger"], help="the alias to move (default: champion)")
+    models.add_argument("--alias", default="champion", choices=["champion", "challenger", "shadow"], help="the alias to move (default: champion)")
+    models.add_argument("--clear", action="store_true", help="with shadow: take the version in shadow off")
     models.add_argument("--reason", default="by hand", help="why, for the record")
     models.add_argument("--settings", default="settings.ini", help="the project's settings file")
     models.add_argument("--json", action="store_true", help="print the registry as one JSON object")
@@ -246,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
-    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "monitor"],
+    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "monitor", "retrain"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
                             "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
                             "stream (events/s through Redis Streams against the same events scored in-process) "

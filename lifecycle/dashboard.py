@@ -23,8 +23,8 @@ from .monitoring import MONITOR_KEYS, _safe_name, parse_every, rejection_lines
 # %% auto #0
 __all__ = ['ROOT_ENV', 'REFRESH_ENV', 'STYLE', 'SECTIONS', 'refresh_seconds', 'dashboard_root', 'when_text', 'window_label',
            'last_prediction', 'firing_alerts', 'model_in_service', 'latest_window', 'score_shares', 'read_state',
-           'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html', 'accuracy_html',
-           'fairness_html', 'statements_html', 'render', 'Dashboard', 'show_dashboard']
+           'shadow_state', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
+           'accuracy_html', 'fairness_html', 'statements_html', 'render', 'shadow_html', 'Dashboard', 'show_dashboard']
 
 # %% ../nbs/43_dashboard.ipynb #baab0b4d
 ROOT_ENV = "LIFECYCLE_DASHBOARD_ROOT"  # the project folder, set by `lifecycle dashboard` for Voila's kernels
@@ -192,6 +192,11 @@ def read_state(
     state["model"] = model_in_service(root)
     state["alerts"] = firing_alerts(folder)
     try:
+        state["shadow"] = shadow_state(root, section.get("log", ""))
+    except Exception as error:  # the log being written, a database away: the page says so and shows the rest
+        state["shadow"] = None
+        state["statements"].append(f"the shadow's figures could not be read from the prediction log ({type(error).__name__})")
+    try:
         state["last_prediction"] = last_prediction(root, section.get("log", ""))
     except LifecycleError as error:
         state["last_prediction"] = None
@@ -226,6 +231,28 @@ def read_state(
             state["reference_scores"] = {"edges": [float(edge) for edge in scores["bin_edges"]], "shares": counts / counts.sum()}
             state["shares"] = score_shares(folder, latest["window"], state["reference_scores"]["edges"])
     return state
+
+# %% ../nbs/43_dashboard.ipynb #e92b6c68
+def shadow_state(
+    root: Path,  # the project folder
+    url: str = "",  # the prediction log ([monitor] log): "" for the project's SQLite file, or a postgresql:// URL
+) -> dict | None:  # the version in shadow against the champion (`shadow_summary`'s row, `pairs` 0 before any); None when no version is in shadow
+    "The shadow run under way, from the prediction log: agreement, score shift, accuracy once labels arrive."
+    from lifecycle.predlog import open_log, shadow_pairs, shadow_summary
+    from lifecycle.registry import Registry
+    try:
+        aliases = Registry(root).aliases()
+    except (OSError, ValueError):
+        return None
+    shadow, champion = aliases.get("shadow"), aliases.get("champion")
+    if shadow is None:
+        return None
+    with open_log(url, Path(root)) as log:
+        pairs = shadow_pairs(log)
+    table = shadow_summary(pairs[(pairs["shadow_version"] == shadow) & (pairs["champion_version"] == champion)])
+    if not len(table):
+        return {"champion_version": champion, "shadow_version": shadow, "pairs": 0}
+    return table.iloc[0].to_dict()
 
 # %% ../nbs/43_dashboard.ipynb #e9671780
 def _e(value) -> str:
@@ -519,7 +546,7 @@ def statements_html(
     items = "".join(f"<li>{_e(line)}</li>" for line in lines if line)
     return f'<div class="lc-board"><h2>What monitoring says</h2><ul class="lc-note">{items}</ul></div>' if items else ""
 
-SECTIONS = ("header", "alerts", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
+SECTIONS = ("header", "alerts", "shadow", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
 
 def render(
     state: dict,  # `read_state`
@@ -532,10 +559,35 @@ def render(
     windows, every = state["windows"], state["every"]
     pages = {"header": header_html(state, settings), "alerts": alerts_html(state["alerts"], state["now"]),
              "drift": drift_html(windows, settings, every), "kpis": kpis_html(windows, parse_kpis(section.get("kpis", "")), every),
-             "refused": refused_html(state, settings), "statements": statements_html(state)}
+             "refused": refused_html(state, settings), "shadow": shadow_html(state.get("shadow"), state["now"]),
+             "statements": statements_html(state)}
     if figures:
         pages.update({"scores": scores_html(state, settings), "accuracy": accuracy_html(windows), "fairness": fairness_html(windows, settings)})
     return pages
+
+# %% ../nbs/43_dashboard.ipynb #f82f244f
+def shadow_html(
+    shadow: dict | None,  # `shadow_state`
+    now: datetime,  # the present
+) -> str:  # the shadow against the champion, in sentences
+    "The version in shadow against the champion, on the same records: agreement, score shift, and accuracy once labels arrive."
+    title = "<h2>Shadow against champion</h2>"
+    if shadow is None:
+        return f'<div class="lc-board">{title}<p class="lc-note">No version is in shadow (<code>lifecycle models shadow VERSION</code> puts one there).</p></div>'
+    who = f"Version {_e(shadow['shadow_version'])} scores beside champion version {_e(shadow['champion_version'])}, never answering."
+    if not shadow.get("pairs"):
+        return f'<div class="lc-board">{title}<p>{who} It has scored no record yet.</p></div>'
+    records, shift, spread = f"{int(shadow['pairs']):,}", f"{shadow['score_shift']:+.3f}", f"{shadow['mean_abs_score_difference']:.3f}"
+    lines = [f"{who} It scored {_e(records)} records the champion scored, the latest {_e(when_text(shadow['last_event'], now))}.",
+             f"They decide alike on {_e(_number(shadow['agreement'], percent=True))} of them; its scores are {_e(shift)} from the "
+             f"champion's on average (mean absolute difference {_e(spread)})."]
+    if shadow.get("labeled"):
+        lines.append(f"On the {_e(int(shadow['labeled']))} whose diagnosis came back: accuracy {_e(_number(shadow['shadow_accuracy'], percent=True))} "
+                     f"against the champion's {_e(_number(shadow['champion_accuracy'], percent=True))}; recall "
+                     f"{_e(_number(shadow['shadow_recall'], percent=True))} against {_e(_number(shadow['champion_recall'], percent=True))}.")
+    else:
+        lines.append("No label has come back for these records yet: accuracy follows when it does.")
+    return f'<div class="lc-board">{title}' + "".join(f"<p>{line}</p>" for line in lines) + "</div>"
 
 # %% ../nbs/43_dashboard.ipynb #9b015e79
 class Dashboard:
@@ -558,7 +610,7 @@ class Dashboard:
         self.widgets = {name: widgets.HTML() for name in SECTIONS}
         grid = widgets.GridBox([self.widgets["scores"], self.widgets["accuracy"], self.widgets["fairness"], self.widgets["kpis"]],
                                layout=widgets.Layout(grid_template_columns="repeat(auto-fit, minmax(480px, 1fr))", grid_gap="8px 24px"))
-        self.view = widgets.VBox([self.widgets["header"], self.widgets["alerts"], self.widgets["drift"], grid, self.widgets["refused"],
+        self.view = widgets.VBox([self.widgets["header"], self.widgets["alerts"], self.widgets["shadow"], self.widgets["drift"], grid, self.widgets["refused"],
                                   self.widgets["statements"]],
                                  layout=widgets.Layout(max_width="1200px", padding="0 12px"))
         self.updates = 0  # refreshes done
@@ -581,7 +633,7 @@ class Dashboard:
         redraw = signature != self._signature and not state["unreadable"]
         pages = render(state, self.settings, figures=redraw)
         if state["unreadable"]:  # keep the sections that come from windows.parquet as they were
-            pages = {name: page for name, page in pages.items() if name in ("header", "alerts")}
+            pages = {name: page for name, page in pages.items() if name in ("header", "alerts", "shadow")}
         for name, page in pages.items():
             if self.widgets[name].value != page:
                 self.widgets[name].value = page

@@ -14,11 +14,11 @@ from pathlib import Path
 from .core import LifecycleError, load_settings, write_json
 from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters, write_index
 from .rollback import check_rollback, rollback_rules
-from .retrain import (CHALLENGER_STAGES, headline, labeled_predictions, log_url, record_decision, retrain_lock, run_policy,
+from .retrain import (CHALLENGER_STAGES, headline, labeled_predictions, log_url, promote_shadow, record_decision, retrain_lock, run_policy,
                                write_retraining_data)
 
 # %% auto #0
-__all__ = ['new_retrain_id', 'retrain_project', 'add_retrain_command']
+__all__ = ['new_retrain_id', 'shadow_step', 'retrain_project', 'add_retrain_command']
 
 # %% ../nbs/14_loop.ipynb #8c7fe5e7
 def new_retrain_id(
@@ -74,7 +74,32 @@ def _challenge_locked(settings, stage, extra: dict, overrides: list[str], policy
     if entry["status"] == "failed":
         return {**result, "status": "failed", "headline": entry["error"]}
     summary = entry["summary"] or {}
-    return {**result, "status": "promoted" if summary.get("promoted") else "champion kept", "summary": summary, "headline": summary.get("headline", "")}
+    status = "promoted" if summary.get("promoted") else "in shadow" if summary.get("shadow") else "champion kept"
+    return {**result, "status": status, "summary": summary, "headline": summary.get("headline", "")}
+
+# %% ../nbs/14_loop.ipynb #bbce242d
+_SHADOW_HEADLINES = {"in shadow": "Promotion waits: {reason}.", "promoted": "Version {version} is the champion now, promoted from shadow: {reason}.",
+                     "shadow refused": "The champion stays: {reason}; the shadow is taken off."}
+
+def shadow_step(
+    settings,  # the project's settings
+    policy: dict,  # the [retrain] settings
+    now: datetime,  # the time
+) -> dict | None:  # status, headline and the shadow's evidence; None when no version is in shadow
+    "A version in shadow first: promote it once `shadow_min` is met (or take it off when it did worse), under the retrain lock."
+    from lifecycle.predlog import open_log
+    from lifecycle.registry import Registry
+    if Registry(settings.root).aliases().get("shadow") is None:
+        return None
+    with retrain_lock(settings.root) as held:
+        if not held:
+            return {"status": "busy", "headline": "No retrain: another retrain of this project is running (retrain/.lock)."}
+        with open_log(log_url(settings), settings.root) as log:
+            result = promote_shadow(settings.root, policy, log, now)
+    if result["status"] == "no shadow":
+        return None
+    text = _SHADOW_HEADLINES[result["status"]].format(reason=result["reasons"][0], version=result["evidence"]["version"])
+    return {"status": result["status"], "headline": text, "shadow": result}
 
 # %% ../nbs/14_loop.ipynb #88b3925d
 def retrain_project(
@@ -83,8 +108,8 @@ def retrain_project(
     overrides: list[str] | None = None,  # `stage.key=value` overrides: retrain.* for the policy, others for the challenger's run
     now: datetime | None = None,  # the time (injected in tests; default now)
     quiet: bool = False,  # no progress lines on stderr
-) -> dict:  # status (not now, busy, no data, promoted, champion kept, failed), headline, decision, rollback (the rules' verdict), and when it retrained: data, challenger_run, summary
-    "Run the retrain policy and, when it says so, train a challenger through the stage notebooks and judge it."
+) -> dict:  # status (not now, busy, no data, promoted, champion kept, failed; in shadow, shadow refused), headline, decision, rollback (the rules' verdict), and when it retrained: data, challenger_run, summary
+    "Judge the last promotion's rollback rules; promote a version in shadow once it has run long enough; else run the retrain policy and, when it says so, train a challenger and judge it."
     settings = load_settings(settings_path)
     stages = discover_stages(cache=settings.root / "runs" / ".cache" / "parameters")
     stage = next((item for item in stages if item.name == "retrain"), None)
@@ -97,6 +122,10 @@ def retrain_project(
     rolled = check_rollback(settings.root, rollback_rules(parameters), now=now)  # the promotion before this one, judged first
     if rolled["rolled_back"]:
         _say(rolled["event"]["reason"], quiet)
+    shadowed = shadow_step(settings, policy, now)
+    if shadowed is not None and not (force and shadowed["status"] == "in shadow"):  # a forced retrain may replace a waiting shadow
+        _say(shadowed["headline"], quiet)
+        return {**shadowed, "rollback": rolled}
     decision = run_policy(settings.root, policy, now=now, force=force or bool(parameters.get("force")))
     _say(headline({"decision": decision}), quiet)
     if not decision["retrain"]:

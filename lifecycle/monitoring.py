@@ -640,10 +640,12 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         if state["predictions_since"] is not None and pd.Timestamp(state["predictions_since"]) == cursor and at_cursor is not None:
             same_instant = pd.concat([at_cursor, same_instant], ignore_index=True)
         state["predictions_since"] = cursor.isoformat()
+        same_instant.to_parquet(folder / "cursor_ids.parquet", index=False)
+        new = new[new["channel"] != "shadow"]  # a shadow's predictions are no part of the champion's figures (see `shadow_pairs`)
+    if len(new):
         placed = assign_windows(new, every, state["counted"])  # its event_time replaces the log's (the same, with the fallback applied)
         new = pd.concat([new.drop(columns=[column for column in placed.columns if column in new.columns]), placed], axis=1)
         _add_ids(folder, state, new[["request_id", "window"]])
-        same_instant.to_parquet(folder / "cursor_ids.parquet", index=False)
     labels = _labels_since(log, state["labels_since"])
     labels_at_cursor = _read_parquet(folder / "label_cursor.parquet")  # the labels already read at the cursor's instant
     if labels_at_cursor is not None and len(labels_at_cursor) and len(labels):

@@ -34,12 +34,13 @@ import pandas as pd
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'REJECTION_COLUMNS', 'FIELD_MAX_CHARS', 'PREDICTION_COLUMNS', 'pseudonymize',
-           'id_key', 'log_location', 'redact_url', 'utc_text', 'features_json', 'prediction_row', 'label_row',
-           'SQLiteStore', 'PostgresStore', 'latest_totals', 'UnstorableBlock', 'is_data_error', 'describe_error',
-           'log_store', 'JournalError', 'Journal', 'journal_folder', 'replay_journals', 'hour_text', 'RejectionTally',
-           'journal_rejections', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks', 'PredictionLog',
-           'open_log', 'PendingRun', 'remove_dead_runs', 'read_rejections']
+__all__ = ['ID_KEY_ENV', 'DEFAULT_FILE', 'CHANNELS', 'REJECTION_COLUMNS', 'FIELD_MAX_CHARS', 'PREDICTION_COLUMNS',
+           'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'pseudonymize', 'id_key', 'log_location', 'redact_url', 'utc_text',
+           'features_json', 'prediction_row', 'label_row', 'SQLiteStore', 'PostgresStore', 'latest_totals',
+           'UnstorableBlock', 'is_data_error', 'describe_error', 'log_store', 'JournalError', 'Journal',
+           'journal_folder', 'replay_journals', 'hour_text', 'RejectionTally', 'journal_rejections', 'PredictionBlock',
+           'block_key', 'without_logged', 'write_blocks', 'PredictionLog', 'open_log', 'PendingRun', 'remove_dead_runs',
+           'read_rejections', 'shadow_request_id', 'pair_shadow', 'shadow_pairs', 'shadow_summary']
 
 # %% ../nbs/31_predlog.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -128,7 +129,7 @@ def redact_url(url: str) -> str:
     return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 # %% ../nbs/31_predlog.ipynb #a1f0c016
-CHANNELS = ("online", "batch", "stream")
+CHANNELS = ("online", "batch", "stream", "shadow")  # shadow: a challenger's prediction, never returned to anyone
 
 def utc_text(
     value=None,  # ISO-8601 text or a datetime; None for now; without a zone it is UTC
@@ -1688,3 +1689,66 @@ def read_rejections(
     for column in ("logged_hour", "event_hour", "logged"):
         frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
     return frame
+
+# %% ../nbs/31_predlog.ipynb #d61c7c61
+SHADOW_PREFIX = "shadow:"  # a shadow prediction's request id: this, then the request id of the champion's prediction of the record
+
+def shadow_request_id(
+    request_id: str,  # the request id of the champion's prediction
+) -> str:  # the request id of the shadow's prediction of the same record
+    "The shadow's request id for a record the champion scored: the link between the two is the id itself."
+    return SHADOW_PREFIX + str(request_id)
+
+# %% ../nbs/31_predlog.ipynb #df934d1d
+SHADOW_PAIR_COLUMNS = ("request_id", "event_time", "channel", "champion_version", "champion_score", "champion_decision",
+                       "shadow_version", "shadow_score", "shadow_decision", "label")
+
+def pair_shadow(
+    predictions: pd.DataFrame,  # logged predictions (as `PredictionLog.predictions` reads them), shadow ones among them
+    labels: pd.DataFrame,  # logged labels: request_id, label, time (oldest first)
+) -> pd.DataFrame:  # one row a shadow prediction with its champion's: SHADOW_PAIR_COLUMNS, oldest event first
+    "Shadow predictions beside the champion's predictions of the same records, with each record's latest label."
+    is_shadow = (predictions["channel"] == "shadow").to_numpy()
+    shadow, champion = predictions[is_shadow], predictions[~is_shadow]
+    shadow = pd.DataFrame({"request_id": shadow["request_id"].str.slice(len(SHADOW_PREFIX)).to_numpy(),
+                           "shadow_version": shadow["model_version"].to_numpy(), "shadow_score": shadow["score"].to_numpy(),
+                           "shadow_decision": shadow["decision"].to_numpy()})
+    champion = champion[["request_id", "event_time", "channel", "model_version", "score", "decision"]].rename(
+        columns={"model_version": "champion_version", "score": "champion_score", "decision": "champion_decision"})
+    pairs = champion.merge(shadow, on="request_id", how="inner")
+    latest = labels.drop_duplicates("request_id", keep="last")[["request_id", "label"]]
+    pairs = pairs.merge(latest, on="request_id", how="left")
+    pairs["label"] = pairs["label"].astype("Int64")
+    return pairs[list(SHADOW_PAIR_COLUMNS)].sort_values(["event_time", "request_id"], kind="stable", ignore_index=True)
+
+def shadow_pairs(
+    log,  # an open PredictionLog
+    since=None,  # only predictions logged at or after this time
+) -> pd.DataFrame:  # SHADOW_PAIR_COLUMNS, one row a record both scored, oldest event first
+    "Each shadow prediction in the log, paired with the champion's prediction of the same record and its label."
+    return pair_shadow(log.predictions(since=since), log.labels())
+
+# %% ../nbs/31_predlog.ipynb #7c89298f
+def shadow_summary(
+    pairs: pd.DataFrame,  # what `shadow_pairs` returns
+) -> pd.DataFrame:  # one row a (champion, shadow) pair of versions: pairs, agreement, score shift, and accuracy where labeled
+    "Shadow against champion on the same records: agreement, score shift, and accuracy and recall once labels arrive."
+    rows = []
+    for (champion, shadow), group in pairs.groupby(["champion_version", "shadow_version"], sort=True):
+        labeled = group[group["label"].notna()]
+        truth = labeled["label"].to_numpy(dtype=int)
+        sick = truth == 1
+        row = {"champion_version": int(champion), "shadow_version": int(shadow), "pairs": len(group),
+               "first_event": group["event_time"].min(), "last_event": group["event_time"].max(),
+               "agreement": float((group["champion_decision"] == group["shadow_decision"]).mean()),
+               "score_shift": float((group["shadow_score"] - group["champion_score"]).mean()),
+               "mean_abs_score_difference": float((group["shadow_score"] - group["champion_score"]).abs().mean()),
+               "labeled": len(labeled)}
+        for who in ("champion", "shadow"):
+            decided = labeled[f"{who}_decision"].to_numpy(dtype=int)
+            row[f"{who}_accuracy"] = float((decided == truth).mean()) if len(labeled) else None
+            row[f"{who}_recall"] = float(decided[sick].mean()) if sick.any() else None
+        rows.append(row)
+    columns = ["champion_version", "shadow_version", "pairs", "first_event", "last_event", "agreement", "score_shift",
+               "mean_abs_score_difference", "labeled", "champion_accuracy", "champion_recall", "shadow_accuracy", "shadow_recall"]
+    return pd.DataFrame(rows, columns=columns)

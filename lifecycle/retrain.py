@@ -20,11 +20,13 @@ import pandas as pd
 from .core import LifecycleError, Settings, load_settings, read_json, write_json, write_text
 
 # %% auto #0
-__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'CHANGES', 'firing_alerts',
-           'champion_since', 'decide', 'record_decision', 'decisions', 'retrain_lock', 'labeled_predictions',
-           'gather_evidence', 'log_url', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
-           'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
-           'promote_if_won', 'choose_change', 'derived_reference', 'register_change', 'conclude', 'headline']
+__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'SHADOW_HEADINGS', 'CHANGES',
+           'firing_alerts', 'champion_since', 'decide', 'record_decision', 'decisions', 'retrain_lock',
+           'labeled_predictions', 'gather_evidence', 'log_url', 'run_policy', 'split_holdout', 'as_source_rows',
+           'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'score_rows',
+           'fit_recalibration', 'judge', 'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow',
+           'shadow_table', 'promote_if_won', 'choose_change', 'derived_reference', 'register_change', 'conclude',
+           'headline']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -447,6 +449,119 @@ def judge(
     scored.to_parquet(folder / "scores.parquet", index=False)  # each compared row's scores, with the evidence
     return result
 
+# %% ../nbs/07_retrain.ipynb #79c8a47c
+def parse_shadow_min(
+    text,  # `[retrain] shadow_min`: a count of shadow predictions ("200"), or days ("7 days", "7d"); empty or 0: no shadow
+) -> tuple[int, float]:  # (shadow predictions needed, days of shadow needed); (0, 0) when promotion needs no shadow
+    "Read the shadow rule."
+    value = str(text if text is not None else "").strip().lower()
+    if value in ("", "0"):
+        return 0, 0.0
+    number, _, unit = value.partition(" ") if " " in value else (value.rstrip("d"), "", "d" if value.endswith("d") else "")
+    unit = unit.strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if amount <= 0 or unit not in ("", "d", "day", "days") or (not unit and amount != int(amount)):
+        raise LifecycleError("[retrain] shadow_min must be a count of shadow predictions (e.g. 200) or days (e.g. 7 days)")
+    return (0, amount) if unit else (int(amount), 0.0)
+
+# %% ../nbs/07_retrain.ipynb #6044e70e
+def shadow_ready(
+    evidence: dict,  # shadow evidence: version, pairs (shadow predictions paired with the champion's), days (their span in event time)
+    shadow_min,  # the `[retrain] shadow_min` setting
+) -> tuple[bool, str]:  # (promotion allowed by the shadow rule, why, in words)
+    "Whether a version has run in shadow long enough for promotion."
+    count, days = parse_shadow_min(shadow_min)
+    pairs, span, version = int(evidence.get("pairs") or 0), float(evidence.get("days") or 0.0), evidence.get("version")
+    if count and pairs < count:
+        return False, f"version {version} has {pairs} shadow predictions; [retrain] shadow_min asks for {count} before promotion"
+    if days and span < days:
+        return False, f"version {version} has {span:.1f} days of shadow predictions ({pairs}); [retrain] shadow_min asks for {days:g} days"
+    if not (count or days):
+        return True, "[retrain] shadow_min is not set: no shadow run needed"
+    return True, f"version {version} ran in shadow: {pairs} predictions over {span:.1f} days (rule: {shadow_min})"
+
+# %% ../nbs/07_retrain.ipynb #cd78bf24
+def shadow_evidence(
+    root: Path,  # the project folder
+    log,  # the open prediction log
+    version: int | None = None,  # the version in shadow (default: the alias `shadow`)
+) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy where labeled), and the pairs themselves
+    "What the prediction log says of a version in shadow against the champion, on the same records."
+    from lifecycle.predlog import shadow_pairs, shadow_summary
+    from lifecycle.registry import Registry
+    aliases = Registry(root).aliases()
+    version = aliases.get("shadow") if version is None else version
+    champion = aliases.get("champion")
+    pairs = shadow_pairs(log) if version is not None else None
+    if pairs is not None:
+        pairs = pairs[(pairs["shadow_version"] == version) & (pairs["champion_version"] == champion)].reset_index(drop=True)
+    if pairs is None or not len(pairs):
+        return {"version": version, "champion": champion, "pairs": 0, "days": 0.0, "labeled": 0, "summary": None, "rows": pairs}
+    summary = shadow_summary(pairs).iloc[0].to_dict()
+    span = (pairs["event_time"].max() - pairs["event_time"].min()).total_seconds() / 86400
+    return {"version": version, "champion": champion, "pairs": len(pairs), "days": span, "labeled": int(pairs["label"].notna().sum()),
+            "summary": {key: (value.isoformat() if hasattr(value, "isoformat") else value) for key, value in summary.items()}, "rows": pairs}
+
+# %% ../nbs/07_retrain.ipynb #829b4f3f
+def promote_shadow(
+    root: Path,  # the project folder
+    policy: dict,  # the [retrain] settings: shadow_min, min_compare_rows, alpha, bootstrap, miss_cost, false_alarm_cost
+    log,  # the open prediction log
+    now: datetime | None = None,  # the time (for the record)
+    evidence: dict | None = None,  # what `shadow_evidence` said, when the caller read it already (default: read here)
+) -> dict:  # status (no shadow, in shadow, promoted, shadow refused), reasons, evidence (what the log says)
+    "Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records."
+    from lifecycle.compare import compare_models
+    from lifecycle.registry import Registry, clear_alias, set_alias
+    registry = Registry(root)
+    now = now or datetime.now(timezone.utc)
+    evidence = dict(evidence) if evidence is not None else shadow_evidence(root, log)
+    rows = evidence.pop("rows")
+    if evidence["version"] is None:
+        return {"status": "no shadow", "reasons": ["no version is in shadow"], "evidence": evidence}
+    ready, why = shadow_ready(evidence, policy.get("shadow_min", ""))
+    record = {"kind": "shadow", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"], "shadow": evidence["version"],
+              "evidence": {key: value for key, value in evidence.items() if key != "summary"}, "summary": evidence["summary"]}
+    if not ready:
+        record_decision(root, {**record, "promoted": False, "reasons": [why]})
+        return {"status": "in shadow", "reasons": [why], "evidence": evidence}
+    labeled = rows[rows["label"].notna()] if rows is not None else None
+    comparison = None
+    if labeled is not None and len(labeled) >= int(policy.get("min_compare_rows", 30)) and labeled["label"].nunique() == 2:
+        threshold = lambda version: float(registry.meta(version).get("threshold", 0.5))
+        comparison = compare_models(labeled["label"].to_numpy(dtype=int), labeled["champion_score"].to_numpy(), labeled["shadow_score"].to_numpy(),
+                                    threshold(evidence["champion"]), threshold(evidence["version"]),
+                                    miss_cost=float(policy.get("miss_cost", 5.0)), false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
+                                    alpha=float(policy.get("alpha", 0.05)), rounds=int(policy.get("bootstrap", 1000)))
+        evidence["comparison"] = {key: comparison[key] for key in ("rows", "verdict", "headline", "gains", "losses")}
+    if comparison is not None and comparison["verdict"] == "worse":
+        reason = f"in shadow, version {evidence['version']} did worse than the champion on live records: {comparison['losses'][0]}"
+        clear_alias(registry, "shadow", reason)
+        record_decision(root, {**record, "promoted": False, "reasons": [reason]})
+        return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
+    live = comparison["headline"] if comparison is not None else f"{evidence['labeled']} of its live records are labeled: too few to compare"
+    summary = evidence["summary"]
+    reason = (f"{why}; agreement with the champion {summary['agreement']:.0%}, mean score shift {summary['score_shift']:+.3f}; {live}")
+    event = set_alias(registry, "champion", evidence["version"], f"promoted from shadow: {reason}")
+    clear_alias(registry, "shadow", f"promoted to champion: version {evidence['version']}")
+    record_decision(root, {**record, "promoted": True, "reasons": [reason]})
+    return {"status": "promoted", "reasons": [reason], "evidence": evidence, "event": event}
+
+# %% ../nbs/07_retrain.ipynb #2f8fb6ae
+SHADOW_HEADINGS = {"champion_version": "champion", "shadow_version": "shadow", "pairs": "records both scored", "agreement": "same decision",
+                   "score_shift": "score shift (shadow − champion)", "mean_abs_score_difference": "mean |score difference|",
+                   "labeled": "labels back", "champion_accuracy": "champion accuracy", "shadow_accuracy": "shadow accuracy",
+                   "champion_recall": "champion recall", "shadow_recall": "shadow recall"}
+
+def shadow_table(
+    summary: pd.DataFrame,  # `shadow_summary` of the log's shadow pairs
+) -> pd.DataFrame:  # the same figures under headings a reader understands, one row a shadow run
+    "Shadow runs against the champion, for the report."
+    return summary[[column for column in SHADOW_HEADINGS if column in summary.columns]].rename(columns=SHADOW_HEADINGS)
+
 # %% ../nbs/07_retrain.ipynb #bdfd8819
 def promote_if_won(
     root: Path,  # the project folder
@@ -454,8 +569,9 @@ def promote_if_won(
     gate: dict | None,  # the challenger's gate decision (from its evaluate stage)
     promote: bool,  # promotion allowed by settings
     evidence: str,  # where the evidence is, for the record
-) -> dict:  # promoted, reasons
-    "Promote the challenger when its gate passed and the comparison allows it; say why either way."
+    shadow_min="",  # `[retrain] shadow_min`: when set, a winner goes into shadow first (see `promote_shadow`)
+) -> dict:  # promoted, reasons; shadow (True when the challenger went into shadow instead)
+    "Promote the challenger when its gate passed and the comparison allows it (or put it in shadow first); say why either way."
     from lifecycle.registry import Registry, set_alias
     comparison = judged.get("comparison")
     reasons = []
@@ -469,11 +585,17 @@ def promote_if_won(
         reasons.append("[retrain] promote = false: the verdict is recorded only")
     if reasons:
         return {"promoted": False, "reasons": reasons}
+    ready, why = shadow_ready({"version": judged["challenger"], "pairs": 0, "days": 0.0}, shadow_min)  # a new version: no shadow run yet
+    if not ready:
+        event = set_alias(Registry(root), "shadow", judged["challenger"], f"{comparison['headline']} In shadow before promotion. Evidence: {evidence}")
+        return {"promoted": False, "shadow": True, "event": event,
+                "reasons": [f"{why}; it scores every live record beside the champion in shadow now"]}
     try:  # only if the champion is still the one it was judged against: two retrains never both promote
         event = set_alias(Registry(root), "champion", judged["challenger"], f"{comparison['headline']} Evidence: {evidence}", expected=judged["champion"])
     except LifecycleError as error:
         return {"promoted": False, "reasons": [str(error)]}
     return {"promoted": True, "reasons": [comparison["headline"]], "event": event, "change": "challenger", "version": judged["challenger"]}
+
 
 # %% ../nbs/07_retrain.ipynb #fb8d8932
 CHANGES = ("recalibration", "threshold")  # the cheaper changes a retrain can apply as a new version of the champion's model
@@ -563,16 +685,17 @@ def conclude(
     if change in CHANGES and policy.get("promote", True):
         candidate = judged["candidates"][change]
         version = register_change(root, judged, change, retrain_id, evidence)
-        outcome = promote_if_won(root, {**judged, "challenger": version, "comparison": candidate["comparison"]}, {"passed": True}, True, evidence)
+        outcome = promote_if_won(root, {**judged, "challenger": version, "comparison": candidate["comparison"]}, {"passed": True}, True, evidence,
+                                 policy.get("shadow_min", ""))
         outcome.update(change=change, version=version)
     else:
-        outcome = promote_if_won(root, judged, gate, bool(policy.get("promote", True)), evidence)
+        outcome = promote_if_won(root, judged, gate, bool(policy.get("promote", True)), evidence, policy.get("shadow_min", ""))
         if change in CHANGES:
             outcome["reasons"].append(f"the {change} of the champion wins, but is not applied: [retrain] promote = false")
         elif not outcome["promoted"] and any(c["comparison"]["promote"] for c in judged.get("candidates", {}).values()):
             outcome["reasons"].append("a cheaper change wins, but [retrain] apply_changes = false: it is recorded only")
     record_decision(root, {"kind": "promotion", "retrain_id": retrain_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "champion": judged["champion"], "challenger": judged["challenger"], "promoted": outcome["promoted"],
+                           "champion": judged["champion"], "challenger": judged["challenger"], "promoted": outcome["promoted"], "shadow": bool(outcome.get("shadow")),
                            "change": outcome.get("change"), "version": outcome.get("version"), "reasons": outcome["reasons"], "evidence": evidence})
     return outcome
 

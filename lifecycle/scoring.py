@@ -5,9 +5,13 @@
 # %% ../nbs/30_scoring.ipynb #5207186e
 from __future__ import annotations
 
+import collections
+import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +19,14 @@ import pandas as pd
 
 from .contract import Contract, check_frame as contract_check_frame, check_records as contract_check_records, contract_from_meta
 from .core import LifecycleError
+from .predlog import shadow_request_id
+
+_log = logging.getLogger("lifecycle.scoring")
 
 # %% auto #0
-__all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'ServingSpec', 'check_records', 'check_frame', 'record_json_schema',
-           'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores', 'Prediction', 'Scorer']
+__all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'SHADOW_ALIAS', 'ServingSpec', 'check_records', 'check_frame',
+           'record_json_schema', 'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores',
+           'Prediction', 'Scorer', 'Shadow']
 
 # %% ../nbs/30_scoring.ipynb #6019bd18
 @dataclass
@@ -400,3 +408,194 @@ class Scorer:
         scores = self.frame_scores(features.reset_index(drop=True))
         return {"features": features, "reasons": reasons, "good": (reasons == "").to_numpy(), "scores": scores,
                 "decisions": self.decisions(scores)}
+
+# %% ../nbs/30_scoring.ipynb #0e41fb70
+SHADOW_ALIAS = "shadow"  # the registry alias of the version scoring in shadow
+
+class Shadow:
+    "The version in shadow: scores what the champion scored, on its own thread, and logs it under channel `shadow`."
+
+    def __init__(self,
+        root: Path,  # the project folder (its registry)
+        log,  # the PredictionLog the shadow's predictions go to
+        max_pending: int = 10_000,  # records waiting at most; beyond it the oldest are dropped (counted)
+        interval: float = 0.5,  # seconds between looks at the registry's aliases
+        max_busy: float = 0.1,  # the share of time the shadow may spend scoring (1: no limit); beyond it, it samples
+    ):
+        if not 0 < max_busy <= 1:
+            raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
+        self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
+        self.scorer: Scorer | None = None
+        self.error: str | None = None  # the last failure to load or to score, one line
+        self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
+        self._seen = None  # the aliases file's stamp when last read
+        self._failed_version = None
+        self._queue: collections.deque = collections.deque()
+        self._waiting = 0  # records in the queue or being scored
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def version(self) -> int | None:  # the version in shadow now (None: no shadow)
+        return self.scorer.version if self.scorer is not None else None
+
+    def check(self) -> bool:  # True when the version in shadow changed
+        "Load the version the alias `shadow` names; none named, or one that fails to load, is no shadow."
+        path = self.root / "registry" / "aliases.json"
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        from lifecycle.registry import Registry
+        try:
+            wanted = Registry(self.root).aliases().get(SHADOW_ALIAS)
+        except Exception as error:
+            self.error = f"reading the registry's aliases failed ({type(error).__name__})"
+            return False
+        if wanted == self.version or (wanted is not None and wanted == self._failed_version):
+            return False
+        if wanted is None:
+            self.scorer, self._failed_version = None, None
+            return True
+        try:
+            self.scorer, self.error, self._failed_version = Scorer.from_registry(self.root, wanted), None, None
+        except Exception as error:  # a tampered or untrusted file: no shadow, the champion serves on
+            self.scorer, self._failed_version = None, wanted
+            self.error = f"shadow version {wanted} failed to load ({type(error).__name__}); no shadow scoring"
+        return True
+
+    def submit(self,
+        champion_version: int,  # the version that scored them (a shadow equal to it is skipped)
+        request_ids: list[str],  # the champion's request ids
+        records: list | None = None,  # the records as the champion got them (online, stream) …
+        features: pd.DataFrame | None = None,  # … or its checked features, one row a record (batch)
+        event_times: list | None = None,  # each record's event time (None: `when`)
+        when: str | None = None,  # when the champion logged them
+    ) -> bool:  # False when there is no shadow (nothing queued)
+        "Hand what the champion scored to the shadow; returns at once, never raises."
+        if self.scorer is None or self._stopping or not len(request_ids):
+            return False
+        count = len(request_ids)
+        with self._wake:
+            self._queue.append((champion_version, list(request_ids), records, features, event_times, when))
+            self._waiting += count
+            self.counts["submitted"] += count
+            while self._waiting > self.max_pending and len(self._queue) > 1:
+                dropped = self._queue.popleft()
+                self._waiting -= len(dropped[1])
+                self.counts["dropped"] += len(dropped[1])
+            self._wake.notify()
+        return True
+
+    def _score(self, item: tuple) -> None:
+        "Score one submitted piece with the shadow and log it; a failure is counted, never raised."
+        champion_version, request_ids, records, features, event_times, when = item
+        scorer = self.scorer
+        if scorer is None:  # the shadow was taken off meanwhile: what waited for it is dropped
+            self.counts["dropped"] += len(request_ids)
+            return
+        if scorer.version == champion_version:
+            return
+        event_times = event_times if event_times is not None else [None] * len(request_ids)
+        ids = [shadow_request_id(request_id) for request_id in request_ids]
+        try:
+            if records is not None:
+                results, _ = scorer.score_records(records)
+                rows = [{"request_id": shadow_id, "time": _utc_now(), "model_version": scorer.version, "channel": "shadow",
+                         "score": result["score"], "decision": result["decision"], "features": {}, "event_time": event_time or when}
+                        for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
+                self.counts["refused"] += len(ids) - len(rows)
+                if rows:
+                    self.log.record(rows)
+                self.counts["scored"] += len(rows)
+            else:
+                seen = features.reindex(columns=scorer.spec.features).reset_index(drop=True)  # as the shadow saw them
+                scores = scorer.frame_scores(seen)
+                self.log.record_many(ids, scores, scorer.decisions(scores), seen,
+                                     scorer.version, channel="shadow", time=_utc_now(),
+                                     event_times=[event_time or when for event_time in event_times])
+                self.counts["scored"] += len(ids)
+        except Exception as error:
+            self.counts["failed"] += len(ids)
+            self.error = f"shadow version {scorer.version} failed to score ({type(error).__name__}); the champion is not affected"
+            _log.warning("%s", self.error)
+
+    def _run(self) -> None:
+        next_check = 0.0
+        while True:
+            with self._wake:
+                if not self._queue and not self._stopping:
+                    self._wake.wait(self.interval)
+                items, self._queue = list(self._queue), collections.deque()
+                if not items and self._stopping:
+                    return
+            if time.monotonic() >= next_check:
+                try:
+                    self.check()
+                except Exception as error:  # the thread must outlive any surprise
+                    self.error = f"watching the registry failed ({type(error).__name__})"
+                next_check = time.monotonic() + self.interval
+            for item in _merged(items):
+                started = time.perf_counter()
+                self._score(item)
+                with self._wake:
+                    self._waiting -= len(item[1])
+                    self._wake.notify_all()
+                if self.max_busy < 1 and not self._stopping:  # a bounded share of the CPU: the champion's requests come first
+                    busy = time.perf_counter() - started
+                    time.sleep(busy * (1 - self.max_busy) / self.max_busy)
+
+    def start(self) -> "Shadow":
+        "Load the version in shadow, if any, and start the shadow's thread."
+        self.check()
+        self._thread = threading.Thread(target=self._run, name="shadow-scorer", daemon=True)
+        self._thread.start()
+        return self
+
+    def drain(self,
+        timeout: float = 30,  # seconds to wait at most
+    ) -> bool:  # True when nothing is left waiting
+        "Wait until every submitted record is scored and queued for the log."
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._waiting > 0 and self._thread is not None and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, 0.1))
+        return self._waiting == 0
+
+    def stop(self,
+        timeout: float = 30,  # seconds to finish what waits
+    ) -> None:
+        "Score what waits (for up to `timeout` seconds), then stop the thread."
+        self.drain(timeout)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def status(self) -> dict:  # version, error and the counts, for /model and summaries
+        "The shadow's state in one JSON-ready object."
+        return {"version": self.version, "error": self.error, **self.counts, "waiting": self._waiting}
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+def _merged(items: list) -> list:
+    "Consecutive record pieces of one champion version and time merged into one model call (as the champion's batcher does)."
+    merged = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if last is not None and item[2] is not None and last[2] is not None and last[0] == item[0] and last[5] == item[5]:
+            events = (last[4] or [None] * len(last[1])) + (item[4] or [None] * len(item[1]))
+            merged[-1] = (last[0], last[1] + item[1], last[2] + item[2], None, events, last[5])
+        else:
+            merged.append(item)
+    return merged

@@ -29,7 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from .core import LifecycleError
 from .predlog import JournalError
 from .contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors, rejection_reasons
-from .scoring import Scorer, record_json_schema
+from .scoring import Scorer, Shadow, record_json_schema
+
 
 # %% auto #0
 __all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'REQUEST_ID', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED',
@@ -120,6 +121,8 @@ class ServeMetrics:
         self.predictions = Counter("lifecycle_predictions", "Records scored, by decision", ["decision"], registry=self.registry)
         self.version = Gauge("lifecycle_model_version", "The model version serving", registry=self.registry)
         self.swaps = Gauge("lifecycle_model_swaps", "Hot swaps since start", registry=self.registry)
+        self.shadow = Gauge("lifecycle_shadow_records", "Records handed to the version in shadow, by outcome", ["outcome"], registry=self.registry)
+        self.shadow_version = Gauge("lifecycle_shadow_version", "The version in shadow (0: none)", registry=self.registry)
 
 # %% ../nbs/32_serve.ipynb #0c7e3823
 class Batcher:
@@ -326,6 +329,7 @@ def create_app(
     max_body: int = 1_000_000,  # bytes; a larger body gets a 413
     watch_interval: float = 0.5,  # seconds between looks at the registry's aliases
     prediction_log=None,  # a PredictionLog to use instead of opening one (tests)
+    shadow: bool = True,  # score every record with the version in shadow too (registry alias `shadow`), off the request path
     max_records: int = MAX_RECORDS,  # the most records one request may carry; more get a 422 `too_many_records`
     max_errors: int = MAX_ERRORS,  # the most errors a 422 lists (`errors_total` counts them all)
 ) -> FastAPI:
@@ -344,8 +348,12 @@ def create_app(
         from lifecycle.predlog import id_key, pseudonymize
         state["key"], state["pseudonymize"] = id_key(root), pseudonymize
         holder.start()
+        if shadow and alias == "champion":  # a shadow runs beside the champion, not beside a version served by hand
+            state["shadow"] = Shadow(root, state["log"], interval=watch_interval).start()
         yield
         holder.stop()
+        if state.get("shadow") is not None:
+            state["shadow"].stop(timeout=10)  # what waits is scored and logged before the log closes
         state["log"].close()  # after uvicorn let in-flight requests finish: every prediction is written
 
     app = FastAPI(title="lifecycle scoring", lifespan=lifespan, version="1", default_response_class=SafeJSONResponse,
@@ -455,6 +463,9 @@ def create_app(
             return finish("predict", _problem(422, "the records could not be logged; check their identifiers", "unloggable"), started)
         for result in results:
             metrics.predictions.labels(str(result["decision"])).inc()
+        if state.get("shadow") is not None:  # queued for the shadow's own thread: the answer does not wait for it
+            state["shadow"].submit(version, [entry["request_id"] for entry in logged], records=records,
+                                   event_times=[entry["event_time"] for entry in logged], when=now)
         return finish("predict", SafeJSONResponse({"predictions": answers, "model_version": version}), started)
 
     @app.post("/feedback", summary="Record the true label of an earlier request", status_code=202,
@@ -508,7 +519,8 @@ def create_app(
         spec = scorer.spec
         return {"version": spec.version, "sha256": spec.sha256, "alias": alias, "threshold": spec.threshold,
                 "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None, "fast_path_reason": scorer.fast_reason,
-                "swaps": holder.swaps, "load_error": holder.error}
+                "swaps": holder.swaps, "load_error": holder.error,
+                "shadow": state["shadow"].status() if state.get("shadow") is not None else None}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus(request: Request):
@@ -517,6 +529,11 @@ def create_app(
         if holder.scorer is not None:
             metrics.version.set(holder.scorer.version)
         metrics.swaps.set(holder.swaps)
+        if state.get("shadow") is not None:
+            status = state["shadow"].status()
+            metrics.shadow_version.set(status["version"] or 0)
+            for outcome in ("submitted", "scored", "refused", "failed", "dropped"):
+                metrics.shadow.labels(outcome).set(status[outcome])
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi():
@@ -593,7 +610,11 @@ def openapi_components(
         "Model": {"type": "object", "required": ["version", "sha256", "threshold", "features"], "properties": {
             "version": {"type": "integer"}, "sha256": {"type": "string"}, "alias": {"type": "string"},
             "threshold": {"type": "number"}, "metrics": {"type": "object"}, "features": {"type": "array", "items": {"type": "string"}},
-            "fast_path": {"type": "boolean"}, "swaps": {"type": "integer"}, "load_error": {"type": ["string", "null"]}}},
+            "fast_path": {"type": "boolean"}, "swaps": {"type": "integer"}, "load_error": {"type": ["string", "null"]},
+            "shadow": {"type": ["object", "null"], "description": "the version in shadow (registry alias `shadow`): its version, "
+                       "last error, and how many records it was handed, scored, refused, failed on or dropped (it is never waited for)",
+                       "properties": {"version": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]},
+                                      **{name: {"type": "integer"} for name in ("submitted", "scored", "refused", "failed", "dropped", "waiting")}}}}},
     }
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"

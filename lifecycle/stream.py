@@ -28,6 +28,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from .core import LifecycleError
 from .predlog import redact_url
 from .contract import rejection_reason
+from .scoring import Shadow
+
 
 # %% auto #0
 __all__ = ['log', 'Endpoint', 'parse_endpoint', 'score_events', 'stream_rejections', 'gather', 'LineSource', 'RedisSource',
@@ -552,7 +554,7 @@ def run_stream(
     own_log = prediction_log is None and log_predictions
     reader = open_source(source_point, follow, claim_idle_ms)
     writer = None
-    predictions_log = None
+    predictions_log = shadow = None
     started = time.perf_counter()
     first = last = None
     ended = "stop"
@@ -563,6 +565,8 @@ def run_stream(
                 from lifecycle.predlog import open_log
                 prediction_log = open_log(log_url, Path(root))
             predictions_log = prediction_log
+            if alias == "champion":  # the version in shadow, if any, scores every event too
+                shadow = Shadow(Path(root), predictions_log).start()
         lost = _connection_errors()
         failing_since, backoff, next_model_check = None, 0.1, time.monotonic() + 0.5
         with _stop_on_signals(stop, handle_signals):
@@ -582,6 +586,9 @@ def run_stream(
                                 log.warning("%d refused events could not be counted: %s", sum(n for _, _, n, _ in refused), error)
                         if predictions_log is not None and predictions:
                             predictions_log.record(predictions)
+                            if shadow is not None:  # scored by the version in shadow on its own thread, never waited for
+                                shadow.submit(scorer.version, [item["request_id"] for item in predictions],
+                                              records=[item["features"] for item in predictions], when=predictions[0]["time"])
                             if reader.acknowledges and not predictions_log.flush():
                                 raise LifecycleError(f"the prediction log {predictions_log.store} did not commit a batch within 30 s; "
                                                      "stopping without acknowledging it (its entries stay pending)")
@@ -615,6 +622,8 @@ def run_stream(
                     counts["swaps"] += holder.check()
                     next_model_check = time.monotonic() + 0.5
     finally:
+        if shadow is not None:
+            shadow.stop(timeout=30)
         if predictions_log is not None and own_log:
             predictions_log.close()
         elif predictions_log is not None:
@@ -628,7 +637,8 @@ def run_stream(
     return {**counts, "seconds": round(seconds, 3), "busy_seconds": round(busy, 3),
             "events_per_second": round(counts["events_in"] / busy) if busy > 0 else None,
             "model_version": holder.scorer.version, "source": str(source_point), "sink": str(sink_point),
-            "log": str(predictions_log.store) if predictions_log is not None else None, "ended": ended}
+            "log": str(predictions_log.store) if predictions_log is not None else None, "ended": ended,
+            "shadow": shadow.status() if shadow is not None and shadow.counts["submitted"] else None}
 
 # %% ../nbs/34_stream.ipynb #1cbaf38c
 def format_summary(summary: dict) -> str:
