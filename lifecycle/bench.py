@@ -577,7 +577,7 @@ def fill_clinic_form(
         value = record.get(field.name)
         if field.kind == "choice":
             label = next((text for sent, text in field.choices if value is not None and value == value and float(sent) == float(value)), "not done (missing)")
-            page.locator(f".lc-field-{field.name} select").select_option(label=label)
+            page.locator(f".lc-field-{field.name} select").select_option(value=label)  # ipywidgets: an option's value is its label
         else:
             page.locator(f".lc-field-{field.name} input").fill("" if value is None or value != value else f"{float(value):g}")
 

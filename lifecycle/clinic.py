@@ -296,7 +296,9 @@ class ClinicClient:
             self.client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
         else:
             self.headers = {}
-            self.app = create_app(self.root, log_url=log_url, channel="dashboard")
+            # no watcher thread (its interval a day): the check before each submission is the only one, so a submission never
+            # finds a check of the watcher's half done (the new version still loading) and gets the old version's answer
+            self.app = create_app(self.root, log_url=log_url, channel="dashboard", watch_interval=86400)
             self.lifespan = self.app.router.lifespan_context(self.app)
             await self.lifespan.__aenter__()
             self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://clinic", timeout=self.timeout)
@@ -515,7 +517,7 @@ class Clinic:
         self.options = clinic_options(self.settings)
         self.client = client or ClinicClient(self.root, os.environ.get(URL_ENV, ""))
         self.versions: dict[int, dict] = {}  # version -> its meta, reference, fields, card, scorer (what explains its answers)
-        self.submissions = 0
+        self.submissions = 0  # records sent (answered or refused)
         self.title = widgets.HTML(f'{STYLE}<div class="lc-clinic"><h1>{_e(self.settings.title or "Risk")}: one patient</h1>'
                                   '<p class="lc-note">Enter what is known; leave a field empty when the test was not done. '
                                   'Nothing typed here is kept by this page: each score is logged like any prediction of the API.</p></div>')
@@ -603,6 +605,7 @@ class Clinic:
         for error in self.errors.values():
             error.value = ""
         self.message.value = ""
+        self.submissions += 1
         try:
             status, answer = self.client.predict(record)
         except LifecycleError as error:
@@ -611,7 +614,6 @@ class Clinic:
         except Exception as error:  # the server away, a timeout: a sentence, never a traceback
             self.message.value = f'<div class="lc-clinic lc-refused">The scoring service did not answer ({_e(type(error).__name__)}); try again in a moment.</div>'
             return {"status": None}
-        self.submissions += 1
         if status != 200:
             at_field, general = field_errors(answer.get("detail"), set(self.inputs)) if isinstance(answer, dict) else ({}, [])
             for name, message in at_field.items():
@@ -619,7 +621,7 @@ class Clinic:
             if not at_field and not general:
                 general = [f"The scoring service refused the record ({status})."]
             lines = "".join(f"<div>{_e(line)}</div>" for line in general)
-            self.message.value = (f'<div class="lc-clinic lc-refused">Not scored, nothing was logged: '
+            self.message.value = (f'<div class="lc-clinic lc-refused" data-submission="{self.submissions}">Not scored, nothing was logged: '
                                   f'{"correct the fields marked in red." if at_field else ""}{lines}</div>')
             self.result.value = ""
             return {"status": status, "errors": answer}

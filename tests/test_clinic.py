@@ -60,8 +60,10 @@ def _refused(page, record, fields, field: str | None) -> tuple[str, str]:
         if isinstance(text, str):
             page.locator(f".lc-field-{name} input").fill(text)
     page.wait_for_timeout(400)
+    seen = page.evaluate("() => (document.querySelector('.lc-message .lc-refused') || {dataset: {}}).dataset.submission || ''")
     page.click("button.lc-submit")
-    page.wait_for_function("() => document.querySelector('.lc-message').innerText.includes('Not scored')", timeout=120_000)
+    page.wait_for_function("(seen) => { const refused = document.querySelector('.lc-message .lc-refused');"
+                           " return refused && refused.dataset.submission !== seen; }", arg=seen, timeout=120_000)
     message = page.evaluate("() => document.querySelector('.lc-message').innerText")
     at_field = page.evaluate(f"() => document.querySelector('.lc-error-{field}').innerText") if field else ""
     assert page.evaluate("() => document.querySelector('.lc-result').innerText.trim()") == ""  # no score beside a refusal
@@ -122,7 +124,7 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
         page.wait_for_selector("button.lc-submit", timeout=180_000)
         form = page.evaluate("document.body.innerText")
         assert "chest pain type" in form and "serum cholesterol (mg/dl)" in form and "Heart disease" in form
-        assert "typical angina" in page.locator(".lc-field-cp select").inner_text()  # a labelled choice, not the code 1
+        assert "typical angina" in page.locator(".lc-field-cp select").inner_text().replace("\xa0", " ")  # a labelled choice, not the code 1
         assert "trained on 29" in page.locator(".lc-field-age input").get_attribute("placeholder")
 
         for index, record in enumerate(records):
@@ -191,7 +193,7 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
     finally:
         clinic_code = _stop(clinic)
         server_code = _stop(server)
-    assert clinic_code == 0 and server_code == 0, (root / "clinic.log").read_text()[-3000:]
+    assert clinic_code == 0 and server_code in (0, -signal.SIGTERM), (clinic_code, server_code, (root / "clinic.log").read_text()[-1500:])
 
     from lifecycle.predlog import open_log
     with open_log("", root) as log:  # replays the journal the page's kernel left
