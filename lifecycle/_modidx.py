@@ -157,6 +157,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'lifecycle.clinic.Reason.sentence': ('clinic.html#reason.sentence', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic._e': ('clinic.html#_e', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic._field_hint': ('clinic.html#_field_hint', 'lifecycle/clinic.py'),
+                                  'lifecycle.clinic._field_note': ('clinic.html#_field_note', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic._in_group': ('clinic.html#_in_group', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic._missing': ('clinic.html#_missing', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic._number_text': ('clinic.html#_number_text', 'lifecycle/clinic.py'),

@@ -458,6 +458,7 @@ def answer_html(
     card: str,  # the version's model card, HTML (`card_html`)
     limits: str,  # its limitations, HTML
     settings: Settings,  # the project's words
+    missing_count: int = 0,  # values the record left empty
 ) -> str:  # the result panel
     "The answer for one patient."
     score, version = float(prediction["score"]), int(prediction["model_version"])
@@ -465,18 +466,19 @@ def answer_html(
             f'<h2>Risk of {_e(settings.positive_label)}</h2><div class="lc-risk"><b class="lc-score">{score:.2f}</b>'
             f'<span class="lc-band {_e(band)}">{_e(band)} risk</span></div>'
             f'<div class="lc-decision">Decision: <b>{_e(decision)}</b></div>')
+    missing = f" The {missing_count} values not given were often missing in training too." if missing_count else ""
     limits_part = "".join(f'<div class="lc-warn">{_e(line)}</div>' for line in warnings) or \
-        '<div class="lc-ok">Every value is within what the model saw in training.</div>'
+        f'<div class="lc-ok">Every value is within what the model saw in training.{_e(missing)}</div>'
     tail = (f'<h2>Limits</h2>{limits_part}'
             f'<details class="lc-limits"><summary>What this model is not for (its model card)</summary>{limits}</details>'
-            f'<p class="lc-note">Answered by model version {version} '
-            f'(<details class="lc-card" style="display:inline"><summary>model card of version {version}</summary>{card}</details>). '
-            f'Prediction {_e(prediction["request_id"])}: logged, with channel dashboard; its diagnosis can be sent later to /feedback.</p></div>')
+            f'<p class="lc-note">Answered by model version {version}. Prediction {_e(prediction["request_id"])}: logged under channel '
+            f'dashboard; its diagnosis can be sent later to /feedback.</p>'
+            f'<details class="lc-card"><summary>The model card of version {version}</summary>{card}</details></div>')
     return head + why_html(reasons) + tail
 
 # %% ../nbs/45_clinic.ipynb #bf6fe1bd
 def _field_hint(field: Field) -> str:
-    "What a field's box says before anything is typed."
+    "What a number's box says before anything is typed."
     if field.kind == "choice":
         return ""
     parts = []
@@ -484,6 +486,12 @@ def _field_hint(field: Field) -> str:
         parts.append(f"trained on {_number_text(field.seen[0])}–{_number_text(field.seen[1])}")
     parts.append("empty: not done")
     return "; ".join(parts)
+
+def _field_note(field: Field) -> str:
+    "The grey note beside a field (where its error goes when the record is refused): the range training saw."
+    if field.kind == "number" and field.seen is not None:
+        return f'<span class="lc-note">trained on {_e(_number_text(field.seen[0]))}–{_e(_number_text(field.seen[1]))}</span>'
+    return ""
 
 def field_errors(
     detail: list,  # the 422 answer's `detail`
@@ -560,7 +568,7 @@ class Clinic:
         import ipywidgets as widgets
         self.fields = self.version(number)["fields"]
         self.form_version = number
-        self.inputs, self.errors, rows = {}, {}, []
+        self.inputs, self.errors, self.notes, rows = {}, {}, {}, []
         for field in self.fields:
             label = widgets.HTML(f'<span class="lc-clinic" title="{_e(field.name)}">{_e(field.title)}</span>', layout=widgets.Layout(width="300px"))
             if field.kind == "choice":
@@ -569,9 +577,9 @@ class Clinic:
             else:
                 box = widgets.Text(placeholder=_field_hint(field), layout=widgets.Layout(width="260px"))
             box.add_class(f"lc-field-{field.name}")
-            error = widgets.HTML(layout=widgets.Layout(width="320px"))
+            error = widgets.HTML(f'<div class="lc-clinic">{_field_note(field)}</div>', layout=widgets.Layout(width="320px"))
             error.add_class(f"lc-error-{field.name}")
-            self.inputs[field.name], self.errors[field.name] = box, error
+            self.inputs[field.name], self.errors[field.name], self.notes[field.name] = box, error, error.value
             rows.append(widgets.HBox([label, box, error]))
         self.form.children = rows
 
@@ -597,13 +605,14 @@ class Clinic:
         score = float(prediction["score"])
         band = risk_band(score, band_edges(self.options, scorer.spec.threshold))
         decision = self.options.positive_decision if int(prediction["decision"]) == 1 else self.options.negative_decision
-        return answer_html(prediction, band, decision, reasons, warnings, known["card"], known["limits"], self.settings)
+        missing = sum(_missing(value) for value in row)
+        return answer_html(prediction, band, decision, reasons, warnings, known["card"], known["limits"], self.settings, missing)
 
     def submit(self, _button=None) -> dict:  # status, and the answer or the errors
         "Score what the form holds and show the answer, or the refusal beside its fields."
         record = record_from_form(self.values(), self.fields)
-        for error in self.errors.values():
-            error.value = ""
+        for name, error in self.errors.items():
+            error.value = self.notes[name]
         self.message.value = ""
         self.submissions += 1
         try:
@@ -617,7 +626,7 @@ class Clinic:
         if status != 200:
             at_field, general = field_errors(answer.get("detail"), set(self.inputs)) if isinstance(answer, dict) else ({}, [])
             for name, message in at_field.items():
-                self.errors[name].value = f'<span class="lc-field-error">{_e(message)}</span>'
+                self.errors[name].value = f'<div class="lc-clinic"><span class="lc-field-error">{_e(message)}</span></div>'
             if not at_field and not general:
                 general = [f"The scoring service refused the record ({status})."]
             lines = "".join(f"<div>{_e(line)}</div>" for line in general)

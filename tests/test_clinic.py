@@ -144,13 +144,13 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
             if record is unusual:
                 assert "serum cholesterol (mg/dl) 650 is above anything the model saw in training" in text, text
                 assert "resting blood pressure (mm Hg) is missing: training almost never missed it" in text, text
-                page.click(".lc-result details.lc-limits summary")  # the model card's limitations, one click away
-                assert page.locator(".lc-result details.lc-limits").evaluate("d => d.open")
-                assert "Out of scope" in page.locator(".lc-result details.lc-limits").inner_text()
                 page.wait_for_timeout(500)
                 picture = Path(SCREENSHOT) if SCREENSHOT else root / "clinic.png"
                 page.screenshot(path=str(picture), full_page=True)
                 assert picture.stat().st_size > 10_000
+                page.click(".lc-result details.lc-limits summary")  # the model card's limitations, one click away
+                assert page.locator(".lc-result details.lc-limits").evaluate("d => d.open")
+                assert "Out of scope" in page.locator(".lc-result details.lc-limits").inner_text()
             if record is complete:
                 assert "Every value is within what the model saw in training" in text
 
