@@ -302,16 +302,19 @@ class ClinicClient:
             self.lifespan = self.app.router.lifespan_context(self.app)
             await self.lifespan.__aenter__()
             self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://clinic", timeout=self.timeout)
-        deadline = self.loop.time() + self.timeout
+        started = self.loop.time()
         while True:
             try:
                 answer = await self.client.get("/ready")
                 if answer.status_code == 200:
                     return
             except httpx.HTTPError:
-                if self.loop.time() > min(deadline, self.loop.time() + 10) and self.url:
+                if self.loop.time() - started > min(10, self.timeout):
                     raise LifecycleError("clinic: nothing answers at --url; start lifecycle serve there, or leave --url out to score in-process") from None
-            if self.loop.time() > deadline:
+            holder = self.app.state.holder if self.app is not None else None
+            if holder is not None and holder.scorer is None and holder.error:  # no champion, or its file refused: say so now
+                raise LifecycleError(f"clinic: no model to score with ({holder.error}); check lifecycle models and the champion alias")
+            if self.loop.time() - started > self.timeout:
                 raise LifecycleError("clinic: no model is ready to score; check lifecycle models and the champion alias")
             await asyncio.sleep(0.05)
 
@@ -635,7 +638,14 @@ class Clinic:
             self.result.value = ""
             return {"status": status, "errors": answer}
         prediction = answer["predictions"][0]
-        self.result.value = f'<div class="lc-clinic">{self.explain(prediction, record)}</div>'
+        try:
+            self.result.value = f'<div class="lc-clinic">{self.explain(prediction, record)}</div>'
+        except LifecycleError as error:  # the server at --url answered with a version this project's registry cannot load
+            self.result.value = (f'<div class="lc-clinic lc-answer" data-score="{_e(repr(float(prediction["score"])))}" '
+                                 f'data-request-id="{_e(prediction["request_id"])}" data-version="{int(prediction["model_version"])}">'
+                                 f'<h2>Risk of {_e(self.settings.positive_label)}: {float(prediction["score"]):.2f}</h2>'
+                                 f'<div class="lc-refused">No explanation and no limits: {_e(error)}</div></div>')
+            return {"status": status, "prediction": prediction}
         if int(prediction["model_version"]) != self.form_version:
             previous = self.version(self.form_version)["fields"]
             if [f.name for f in self.version(int(prediction["model_version"]))["fields"]] != [f.name for f in previous]:
@@ -663,10 +673,14 @@ def clinic_root(
 
 def show_clinic(
     root: str | Path | None = None,  # the project folder (None: `clinic_root`)
-) -> Clinic:  # the page (displayed)
+) -> Clinic | None:  # the page (displayed); None when it cannot score (the reason displayed)
     "Build the page and display it: the one call of the page's notebook."
-    from IPython.display import display
-    clinic = Clinic(clinic_root(root))
+    from IPython.display import HTML, display
+    try:
+        clinic = Clinic(clinic_root(root))
+    except LifecycleError as error:  # no champion yet, a mistake in [clinic]: a sentence on the page, not a traceback
+        display(HTML(f'{STYLE}<div class="lc-clinic"><h1>Risk: one patient</h1><div class="lc-refused">{_e(error)}</div></div>'))
+        return None
     display(clinic.view)
     return clinic
 
