@@ -124,6 +124,9 @@ def check_sections(settings: Settings, stages: list[Stage]):
     for section in settings.sections:
         if section not in known:
             raise LifecycleError(f"{settings.path.name}: unknown section [{section}]{did_you_mean(section, known)}; known sections: {', '.join(known)}")
+    if "clinic" in settings.sections:  # a mistake in the page's settings is found by the run, not first by a clinician
+        from lifecycle.clinic import clinic_options
+        clinic_options(settings)
 
 def parse_overrides(
     overrides: list[str],  # `stage.key=value` items from the command line
