@@ -640,7 +640,11 @@ class Clinic:
         prediction = answer["predictions"][0]
         try:
             self.result.value = f'<div class="lc-clinic">{self.explain(prediction, record)}</div>'
-        except LifecycleError as error:  # the server at --url answered with a version this project's registry cannot load
+        except Exception as error:  # a version this project's registry cannot load (--url), or a bug: the score still shows, with why not more
+            import traceback
+            if not isinstance(error, LifecycleError):
+                traceback.print_exc()  # for the kernel's log; the page says it in one line
+                error = f"explaining this score failed ({type(error).__name__})"
             self.result.value = (f'<div class="lc-clinic lc-answer" data-score="{_e(repr(float(prediction["score"])))}" '
                                  f'data-request-id="{_e(prediction["request_id"])}" data-version="{int(prediction["model_version"])}">'
                                  f'<h2>Risk of {_e(self.settings.positive_label)}: {float(prediction["score"]):.2f}</h2>'
