@@ -1,5 +1,5 @@
-"""Refresh the README's pictures from the latest run's report, the live dashboard and the latest simulation's timeline:
-`make screenshots` (after `make run`; it runs the README's `lifecycle simulate` when no simulation was made yet).
+"""Refresh the README's pictures from the latest run's report, the live dashboard, the doctor's page and the latest simulation's
+timeline: `make screenshots` (after `make run`; it runs the README's `lifecycle simulate` when no simulation was made yet).
 
 Drives Debian's chromium with playwright (never `playwright install`, which downloads a browser)."""
 import signal
@@ -71,6 +71,43 @@ def simulation(page) -> None:
     print(f"docs/simulate.png from {report.relative_to(ROOT)}")
 
 
+def clinic(browser, settings: Path = ROOT / "settings.ini") -> None:
+    "docs/clinic.png: `lifecycle clinic` on the project, one patient of VA Long Beach (production traffic) scored and explained."
+    import pandas as pd
+    from lifecycle.bench import HEART_COLUMNS, fill_clinic_form
+    from lifecycle.clinic import form_fields
+    from lifecycle.core import load_settings, read_json
+    from lifecycle.registry import Registry
+    project = load_settings(settings)
+    registry = Registry(project.root)
+    version = registry.resolve("champion")
+    fields = form_fields(registry.meta(version), read_json(project.root / "registry" / "versions" / str(version) / "reference.json"), project)
+    patients = pd.read_csv(project.root / "data" / "heart-disease-uci" / "processed.va.data", header=None, names=HEART_COLUMNS, na_values="?")
+    patient = patients[patients.drop(columns="num").isna().sum(axis=1) == 2].iloc[0]  # a patient with two tests not done
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "clinic", "--settings", str(settings), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in server.stdout:  # "Clinic: http://…" once Voila listens
+            if line.startswith("Clinic:"):
+                break
+        page = browser.new_page(viewport={"width": 1000, "height": 1400})
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+        page.wait_for_selector("button.lc-submit", timeout=300_000)
+        fill_clinic_form(page, {name: (None if pd.isna(value) else float(value)) for name, value in patient.items()}, fields)
+        time.sleep(1)
+        page.click("button.lc-submit")
+        page.wait_for_selector(".lc-result .lc-answer", timeout=120_000)
+        time.sleep(1)
+        picture = ROOT / "docs" / "clinic.png"
+        page.screenshot(path=str(picture), full_page=True)
+        _crop_blank_bottom(picture)
+        print(f"docs/clinic.png from lifecycle clinic on {settings}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
 def main() -> int:
     report = ROOT / "reports" / "latest"
     if not report.exists():
@@ -85,6 +122,7 @@ def main() -> int:
             print(f"docs/{picture} from reports/latest/{name}")
         simulation(page)
         dashboard(browser)
+        clinic(browser)
         browser.close()
     return 0
 

@@ -23,10 +23,10 @@ from .core import LifecycleError
 # %% auto #0
 __all__ = ['HEART_COLUMNS', 'HEART_FILES', 'MONITOR_PLANTED', 'EVIDENTLY_SCRIPT', 'generate_heart_rows', 'measure',
            'bench_prepare', 'format_prepare', 'train_champion', 'parse_wrk', 'mlflow_python', 'bench_serve',
-           'format_serve', 'bench_dashboard', 'format_dashboard', 'format_batch', 'bench_batch', 'bench_stream',
-           'format_bench_stream', 'drift_frame', 'drift_reference', 'evidently_python', 'bench_drift',
-           'fill_monitor_log', 'bench_incremental', 'format_monitor', 'bench_monitor', 'bench_retrain',
-           'format_retrain', 'bench_train', 'run_benchmark']
+           'format_serve', 'bench_dashboard', 'format_dashboard', 'fill_clinic_form', 'bench_clinic', 'format_clinic',
+           'format_batch', 'bench_batch', 'bench_stream', 'format_bench_stream', 'drift_frame', 'drift_reference',
+           'evidently_python', 'bench_drift', 'fill_monitor_log', 'bench_incremental', 'format_monitor',
+           'bench_monitor', 'bench_retrain', 'format_retrain', 'bench_train', 'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
 HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
@@ -549,6 +549,122 @@ def format_dashboard(figures: dict) -> str:
         f" ({figures.get('preheated_kernels_used', '?')} visits served by a preheated kernel)",
         f"{'cold Voila start of the same notebook':<46}{figures['cold_median']:>9.2f}  {figures['cold_seconds']}",
         f"preheated / cold: {figures['ratio']:.2f} (target < 0.5; preheated target < 3 s)"])
+
+# %% ../nbs/12_bench.ipynb #eb728e00
+_SUBMIT_AND_PAINT = """() => new Promise((resolve, reject) => {
+    const panel = document.querySelector('.lc-result');
+    const before = (panel.querySelector('.lc-answer') || {dataset: {}}).dataset.requestId || '';
+    const started = performance.now();
+    const watch = new MutationObserver(() => {
+        const answer = panel.querySelector('.lc-answer');
+        if (answer && answer.dataset.requestId && answer.dataset.requestId !== before && panel.innerText.includes('Why')) {
+            watch.disconnect();
+            requestAnimationFrame(() => resolve(performance.now() - started));  // the frame that paints it
+        }
+    });
+    watch.observe(panel, {childList: true, subtree: true, characterData: true});
+    setTimeout(() => { watch.disconnect(); reject(new Error('no answer within 60 s')); }, 60000);
+    document.querySelector('button.lc-submit').click();
+})"""
+
+def fill_clinic_form(
+    page,  # a playwright page showing `lifecycle clinic`
+    record: dict,  # feature -> value (None: leave empty)
+    fields: list,  # the form's fields (`lifecycle.clinic.form_fields`)
+) -> None:
+    "Type a record into the page's form as a person would: numbers as text, categories by their label."
+    for field in fields:
+        value = record.get(field.name)
+        if field.kind == "choice":
+            label = next((text for sent, text in field.choices if value is not None and value == value and float(sent) == float(value)), "not done (missing)")
+            page.locator(f".lc-field-{field.name} select").select_option(value=label)  # ipywidgets: an option's value is its label
+        else:
+            page.locator(f".lc-field-{field.name} input").fill("" if value is None or value != value else f"{float(value):g}")
+
+def bench_clinic(
+    submissions: int = 20,  # patients submitted, each timed (after 3 not timed)
+    heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
+    quiet: bool = False,  # no table on stdout
+) -> dict:  # the figures
+    "Submit to the score and its reasons painted on the `lifecycle clinic` page, measured in chromium, beside the in-process floor."
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise LifecycleError("bench clinic needs playwright (pip install -e '.[dev]') and Debian's chromium") from None
+    from lifecycle.clinic import ClinicClient, attributions, form_fields, typical_values
+    from lifecycle.core import load_settings, read_json
+    from lifecycle.registry import Registry
+    from lifecycle.scoring import Scorer, check_records
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
+        heart = _heart_folder(heart, "clinic")
+        project = _champion_project(Path(folder), heart)
+        settings = load_settings(project / "settings.ini")
+        version = Registry(project).resolve("champion")
+        meta = Registry(project).meta(version)
+        reference = read_json(project / "registry" / "versions" / str(version) / "reference.json")
+        fields = form_fields(meta, reference, settings)
+        patients = pd.read_csv(heart / "processed.va.data", header=None, names=HEART_COLUMNS, na_values="?")
+        patients = patients[patients[[f.name for f in fields]].isna().mean(axis=1) <= 0.3].head(submissions + 3)
+        records = [{f.name: (None if pd.isna(row[f.name]) else float(row[f.name])) for f in fields} for _, row in patients.iterrows()]
+        figures = {"submissions": len(records) - 3, "model_version": version}
+        # the floor: the same work in this process, without a browser or Voila: POST /predict in-process, then the explanation
+        client = ClinicClient(project)
+        scorer = Scorer.from_registry(project, version)
+        typical = typical_values(scorer.spec.features, reference, scorer.contract)
+        predict_ms, explain_ms = [], []
+        try:
+            for record in records:
+                started = time.perf_counter()
+                client.predict(record)
+                predict_ms.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                rows, _ = check_records([record], scorer.spec)
+                attributions(scorer.scores, rows[0], typical)
+                explain_ms.append((time.perf_counter() - started) * 1000)
+        finally:
+            client.close()
+        port, log = _free_port(), Path(folder) / "clinic.log"
+        with open(log, "w") as out:
+            server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "clinic", "--settings", str(project / "settings.ini"),
+                                       "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_line(log, "Clinic: http", 1)
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+                try:
+                    page = browser.new_page(viewport={"width": 1200, "height": 1400})
+                    page.goto(f"http://127.0.0.1:{port}/", wait_until="commit")
+                    page.wait_for_selector("button.lc-submit", timeout=180_000)
+                    painted = []
+                    for index, record in enumerate(records):
+                        fill_clinic_form(page, record, fields)
+                        page.wait_for_timeout(300)  # the typed values reach the kernel (not timed: a person types slower)
+                        milliseconds = page.evaluate(_SUBMIT_AND_PAINT)
+                        if index >= 3:
+                            painted.append(round(milliseconds, 1))
+                finally:
+                    browser.close()
+        finally:
+            server.send_signal(15)
+            server.wait(timeout=120)
+    figures.update({"painted_ms": painted, "painted_median_ms": float(np.median(painted)), "painted_p90_ms": float(np.percentile(painted, 90)),
+                    "predict_median_ms": float(np.median(predict_ms[3:])), "explain_median_ms": float(np.median(explain_ms[3:])),
+                    "target_ms": 500, "load": round(os.getloadavg()[0], 1)})
+    if not quiet:
+        print(format_clinic(figures))
+    return figures
+
+def format_clinic(figures: dict) -> str:
+    "The clinic benchmark as a table."
+    return "\n".join([
+        f"bench clinic: submit to score and reasons painted on the lifecycle clinic page, in chromium; {figures['submissions']} VA patients, "
+        f"model version {figures['model_version']}, load {figures['load']}",
+        f"{'':<58}{'median ms':>10}{'p90 ms':>9}",
+        f"{'page: click to the answer painted (browser, Voila, kernel)':<58}{figures['painted_median_ms']:>10.1f}{figures['painted_p90_ms']:>9.1f}",
+        f"{'floor: POST /predict in-process (contract, model, log)':<58}{figures['predict_median_ms']:>10.1f}",
+        f"{'floor: the explanation (one rescoring call)':<58}{figures['explain_median_ms']:>10.1f}",
+        f"target: under {figures['target_ms']} ms from submit to score and reasons on the page; each submission (ms): {figures['painted_ms']}"])
+
 
 # %% ../nbs/12_bench.ipynb #4ebf6304
 def _batch_task(name: str, project: str, path: str, rows: int) -> dict:
@@ -1202,9 +1318,11 @@ def run_benchmark(
         return bench_stream(rows or 200_000, quiet=quiet)
     if name == "dashboard":
         return bench_dashboard(quiet=quiet)
+    if name == "clinic":
+        return bench_clinic(quiet=quiet)
     if name == "monitor":
         return bench_monitor(rows or 1_000_000, quiet=quiet, engine=engine, scheduler=scheduler)
     if name == "retrain":
         return bench_retrain(quiet=quiet)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard, monitor, retrain")
+    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard, clinic, monitor, retrain")
 

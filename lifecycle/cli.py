@@ -47,6 +47,10 @@ def _dashboard(args) -> int:
     from lifecycle.dashserver import run_dashboard
     return run_dashboard(args.settings, host=args.host, port=args.port, refresh=args.refresh)
 
+def _clinic(args) -> int:
+    from lifecycle.clinic import run_clinic
+    return run_clinic(args.settings, host=args.host, port=args.port, url=args.url)
+
 def _models(args) -> int:
     from lifecycle.core import load_settings
     from lifecycle.registry import Registry, clear_alias, describe, rollback, set_alias
@@ -236,6 +240,19 @@ def parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--refresh", type=float, default=None, metavar="SECONDS",
                            help="seconds between the page's refreshes and the monitor's runs (default: [monitor] refresh_seconds, 30)")
     dashboard.set_defaults(handler=_dashboard)
+    clinic = commands.add_parser("clinic", help="the doctor's page in the browser (Voila): one patient's risk, why, and the model's limits",
+                                 description="Serve the doctor's page with Voila: a form generated from the champion's schema and the project's words; "
+                                             "on submit the risk, its band, the decision in words, the features that moved the score and the model's limits. "
+                                             "It scores through the code of lifecycle serve (in-process, or the server at --url) and logs every score "
+                                             "under channel dashboard. Off loopback it needs LIFECYCLE_API_TOKEN.",
+                                 epilog=_examples("lifecycle clinic                              # http://127.0.0.1:8867/",
+                                                  "lifecycle clinic --url http://127.0.0.1:8000  # through a running lifecycle serve",
+                                                  "LIFECYCLE_API_TOKEN=… lifecycle clinic --host 0.0.0.0"))
+    clinic.add_argument("--settings", default="settings.ini", help="the project's settings file")
+    clinic.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
+    clinic.add_argument("--port", type=int, default=8867, help="the port (default 8867)")
+    clinic.add_argument("--url", default="", help="score through the lifecycle serve at this address (default: in-process, the same code)")
+    clinic.set_defaults(handler=_clinic)
     add_replay_command(commands)
     monitor = commands.add_parser("monitor", help="drift, accuracy, fairness and KPIs per window from the prediction log; alerts",
                                   description="Bring the monitoring windows up to date with the prediction log (incrementally), raise the alerts of "
@@ -256,11 +273,12 @@ def parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
                                 description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
                                 epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
-    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "monitor", "retrain"],
+    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "clinic", "monitor", "retrain"],
                        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
                             "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
                             "stream (events/s through Redis Streams against the same events scored in-process) "
                             "dashboard (first paint of lifecycle dashboard against a cold Voila start, in chromium) "
+                            "clinic (submit to score and reasons painted on the lifecycle clinic page, in chromium) "
                             "or monitor (drift against Evidently's DataDriftPreset; the incremental monitor against the whole log from scratch)")
     bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")

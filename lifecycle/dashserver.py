@@ -22,25 +22,27 @@ from .dashboard import REFRESH_ENV, ROOT_ENV, refresh_seconds
 
 # %% auto #0
 __all__ = ['NOTEBOOK', 'TOKEN_ENV', 'TEMPLATE', 'dashboard_notebook', 'offline_template', 'voila_command', 'voila_main',
-           'check_access', 'MonitorLoop', 'wait_for_port', 'run_dashboard']
+           'check_access', 'MonitorLoop', 'wait_for_port', 'serve_page', 'run_dashboard']
 
 # %% ../nbs/44_dashserver.ipynb #d89406d7
 NOTEBOOK = "monitoring_dashboard.ipynb"  # the notebook Voila serves: one cell, `show_dashboard()`
 TOKEN_ENV = "LIFECYCLE_API_TOKEN"  # the token `lifecycle serve` uses too
 
-def dashboard_notebook() -> Path:  # the notebook's path
-    "The live dashboard notebook: the installed package's copy, or the clone's `nbs/`."
+def dashboard_notebook(
+    name: str = NOTEBOOK,  # the page's notebook (`lifecycle clinic` serves clinic_page.ipynb)
+) -> Path:  # the notebook's path
+    "A page's notebook: the installed package's copy, or the clone's `nbs/`."
     import importlib.resources
     import lifecycle
     try:
         folder = Path(str(importlib.resources.files("lifecycle.nbs")))
-        if (folder / NOTEBOOK).exists():
-            return folder / NOTEBOOK
+        if (folder / name).exists():
+            return folder / name
     except ModuleNotFoundError:
         pass
-    path = Path(lifecycle.__file__).resolve().parent.parent / "nbs" / NOTEBOOK
+    path = Path(lifecycle.__file__).resolve().parent.parent / "nbs" / name
     if not path.exists():
-        raise LifecycleError(f"the dashboard notebook {NOTEBOOK} is missing from the lifecycle package: reinstall lifecycle")
+        raise LifecycleError(f"the page's notebook {name} is missing from the lifecycle package: reinstall lifecycle")
     return path
 
 TEMPLATE = "lifecycle-offline"  # Voila's lab template without the stylesheets it fetches from a CDN
@@ -175,37 +177,35 @@ def wait_for_port(
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
-def run_dashboard(
-    settings_path: str | Path = "settings.ini",  # the project's settings file
+def serve_page(
+    notebook: Path,  # the page's notebook
+    root: Path,  # the project folder (Voila's working folder)
     host: str = "127.0.0.1",  # the address to listen on
     port: int = 8866,  # the port
-    refresh: float | None = None,  # seconds between refreshes and monitor runs (None: [monitor] refresh_seconds)
-    preheat: bool = True,  # a preheated kernel (False: a cold start per visitor, for the benchmark)
-    monitor: bool = True,  # run the monitor beside the page
+    preheat: bool = True,  # a preheated kernel
+    environment: dict | None = None,  # more environment for Voila's kernels
+    loop: threading.Thread | None = None,  # a thread with a `stop` to run beside the page (the monitor), or None
+    name: str = "Dashboard",  # what the printed line calls the page
+    note: str = "",  # more words for the printed line
     log=None,  # where Voila's lines go (default: this process's stderr)
 ) -> int:  # 0 after SIGTERM or Ctrl-C
-    "Serve the live dashboard until SIGTERM or Ctrl-C."
-    settings = load_settings(settings_path)
-    interval = float(refresh) if refresh is not None else refresh_seconds(settings.sections.get("monitor", {}))
-    if not 1 <= interval <= 86400:
-        raise LifecycleError("--refresh must be a number of seconds between 1 and 86400")
+    "Serve a Voila page (and run `loop` beside it) until SIGTERM or Ctrl-C: the shared body of `lifecycle dashboard` and `lifecycle clinic`."
     check_access(host, os.environ.get(TOKEN_ENV) or None)
     import tempfile
-    templates = offline_template(Path(tempfile.mkdtemp(prefix="lifecycle-dashboard-")))
-    environment = {**os.environ, ROOT_ENV: str(settings.root.resolve()), REFRESH_ENV: f"{interval:g}",
+    templates = offline_template(Path(tempfile.mkdtemp(prefix="lifecycle-page-")))
+    environment = {**os.environ, **(environment or {}),
                    "JUPYTER_PATH": os.pathsep.join(filter(None, [str(templates), os.environ.get("JUPYTER_PATH", "")]))}
-    loop = MonitorLoop(settings.root, interval) if monitor else None
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}  # SIGINT too: a shell may start us with it ignored
     process = None
     try:
         if loop:
             loop.start()
-        process = subprocess.Popen(voila_command(dashboard_notebook(), host, port, preheat), env=environment, cwd=settings.root,
+        process = subprocess.Popen(voila_command(notebook, host, port, preheat), env=environment, cwd=root,
                                    stdin=subprocess.DEVNULL, stdout=log or sys.stderr, stderr=log or sys.stderr, start_new_session=True)
         wait_for_port(host, port, process)
         shown = f"[{host}]" if ":" in host else host
-        print(f"Dashboard: http://{shown}:{port}/" + (" (open it once with ?token=<LIFECYCLE_API_TOKEN>)" if os.environ.get(TOKEN_ENV) else "")
-              + f", refreshed every {interval:g} s. Stop with Ctrl-C.", flush=True)
+        print(f"{name}: http://{shown}:{port}/" + (" (open it once with ?token=<LIFECYCLE_API_TOKEN>)" if os.environ.get(TOKEN_ENV) else "")
+              + f"{note}. Stop with Ctrl-C.", flush=True)
         code = process.wait()
         raise LifecycleError(f"Voila stopped by itself (exit {code}): see its lines above")
     except KeyboardInterrupt:
@@ -226,3 +226,23 @@ def run_dashboard(
         shutil.rmtree(templates, ignore_errors=True)
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+def run_dashboard(
+    settings_path: str | Path = "settings.ini",  # the project's settings file
+    host: str = "127.0.0.1",  # the address to listen on
+    port: int = 8866,  # the port
+    refresh: float | None = None,  # seconds between refreshes and monitor runs (None: [monitor] refresh_seconds)
+    preheat: bool = True,  # a preheated kernel (False: a cold start per visitor, for the benchmark)
+    monitor: bool = True,  # run the monitor beside the page
+    log=None,  # where Voila's lines go (default: this process's stderr)
+) -> int:  # 0 after SIGTERM or Ctrl-C
+    "Serve the live dashboard until SIGTERM or Ctrl-C."
+    settings = load_settings(settings_path)
+    interval = float(refresh) if refresh is not None else refresh_seconds(settings.sections.get("monitor", {}))
+    if not 1 <= interval <= 86400:
+        raise LifecycleError("--refresh must be a number of seconds between 1 and 86400")
+    check_access(host, os.environ.get(TOKEN_ENV) or None)
+    loop = MonitorLoop(settings.root, interval) if monitor else None
+    return serve_page(dashboard_notebook(), settings.root, host, port, preheat, {ROOT_ENV: str(settings.root.resolve()), REFRESH_ENV: f"{interval:g}"},
+                      loop, "Dashboard", f", refreshed every {interval:g} s", log)
+

@@ -28,11 +28,11 @@ from .core import (LifecycleError, Settings, coerce_value, import_without, load_
                             sha256_file, sha256_json, write_json, write_text)
 
 # %% auto #0
-__all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
-           'parameter_choices', 'check_sections', 'parse_overrides', 'stage_parameters', 'package_code_hash',
-           'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached', 'run_section_start', 'run_cells', 'Kernel',
-           'Kernels', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages', 'run_stage',
-           'run_lifecycle']
+__all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'PAGE_SECTIONS', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages',
+           'did_you_mean', 'parameter_choices', 'check_sections', 'parse_overrides', 'stage_parameters',
+           'package_code_hash', 'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached', 'run_section_start',
+           'run_cells', 'Kernel', 'Kernels', 'execute_stage', 'export_html', 'report_cells', 'write_index',
+           'plan_stages', 'run_stage', 'run_lifecycle']
 
 # %% ../nbs/10_pipeline.ipynb #42079474
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
@@ -116,12 +116,17 @@ def parameter_choices(
     match = _CHOICES.search(help or "")
     return match.group(1).split(", ") if match else None
 
+PAGE_SECTIONS = ["clinic"]  # sections of pages, not stages: `lifecycle clinic` checks its own keys
+
 def check_sections(settings: Settings, stages: list[Stage]):
-    "Every section must be [data], [run] or a stage's."
-    known = ["data", "run"] + [stage.name for stage in stages]
+    "Every section must be [data], [run], a page's or a stage's."
+    known = ["data", "run"] + PAGE_SECTIONS + [stage.name for stage in stages]
     for section in settings.sections:
         if section not in known:
             raise LifecycleError(f"{settings.path.name}: unknown section [{section}]{did_you_mean(section, known)}; known sections: {', '.join(known)}")
+    if "clinic" in settings.sections:  # a mistake in the page's settings is found by the run, not first by a clinician
+        from lifecycle.clinic import clinic_options
+        clinic_options(settings)
 
 def parse_overrides(
     overrides: list[str],  # `stage.key=value` items from the command line

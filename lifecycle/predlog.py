@@ -129,7 +129,7 @@ def redact_url(url: str) -> str:
     return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 # %% ../nbs/31_predlog.ipynb #a1f0c016
-CHANNELS = ("online", "batch", "stream", "shadow")  # shadow: a challenger's prediction, never returned to anyone
+CHANNELS = ("online", "batch", "stream", "dashboard", "shadow")  # dashboard: scored for a clinician on the `lifecycle clinic` page; shadow: a challenger's prediction, never returned to anyone
 
 def utc_text(
     value=None,  # ISO-8601 text or a datetime; None for now; without a zone it is UTC

@@ -33,10 +33,10 @@ from .scoring import Scorer, Shadow, record_json_schema
 
 
 # %% auto #0
-__all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'REQUEST_ID', 'PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED',
-           'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated', 'event_time_text', 'record_event_times',
-           'logged_features', 'count_refused', 'SafeJSONResponse', 'check_ids', 'create_app', 'openapi_components',
-           'openapi_responses', 'serve']
+__all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_CHANNELS', 'REQUEST_ID', 'PROMETHEUS_TEXT',
+           'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated',
+           'event_time_text', 'record_event_times', 'logged_features', 'count_refused', 'SafeJSONResponse', 'check_ids',
+           'create_app', 'openapi_components', 'openapi_responses', 'serve']
 
 # %% ../nbs/32_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serve")
@@ -204,6 +204,8 @@ def score_isolated(
 
 # %% ../nbs/32_serve.ipynb #bb7d8118
 EVENT_TIME_HEADER = "X-Event-Time"
+CHANNEL_HEADER = "X-Lifecycle-Channel"  # a client that is a page for people (`lifecycle clinic --url`) says so: its predictions are logged under that channel
+CLIENT_CHANNELS = ("online", "dashboard")  # the channels a request may name; batch and stream are not requests
 _EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
 
 def event_time_text(
@@ -332,6 +334,7 @@ def create_app(
     shadow: bool = True,  # score every record with the version in shadow too (registry alias `shadow`), off the request path
     max_records: int = MAX_RECORDS,  # the most records one request may carry; more get a 422 `too_many_records`
     max_errors: int = MAX_ERRORS,  # the most errors a 422 lists (`errors_total` counts them all)
+    channel: str = "online",  # the channel predictions are logged under when a request names none (`lifecycle clinic` in-process: dashboard)
 ) -> FastAPI:
     "The scoring app."
     root = Path(root)
@@ -363,7 +366,9 @@ def create_app(
                               f"Event time: a record's own `[data] timestamp` field when the project has one; else the optional "
                               f"header `{EVENT_TIME_HEADER}` (ISO-8601 with a date, e.g. 2024-05-01T12:00:00Z, no later than a day "
                               f"from now) for every record of the request, as `lifecycle replay` sends it; else the time of the "
-                              f"request. On /feedback the header says when the label became known.")
+                              f"request. On /feedback the header says when the label became known. "
+                              f"A page for people that scores through this API sends `{CHANNEL_HEADER}: dashboard`, so that its predictions "
+                              f"are logged apart from the other clients' (channel `online`).")
     app.state.holder, app.state.metrics, app.state.batcher, app.state.serve = holder, metrics, batcher, state
 
     def authorized(request: Request) -> bool:
@@ -434,6 +439,10 @@ def create_app(
         if problem:
             count_refused(state["log"], [{"loc": ["header", EVENT_TIME_HEADER], "type": "value_error.event_time"}], len(records), holder.scorer.spec)
             return finish("predict", problem, started)
+        logged_channel = request.headers.get(CHANNEL_HEADER, channel)
+        if logged_channel not in CLIENT_CHANNELS:
+            return finish("predict", _problem(422, f"the {CHANNEL_HEADER} header must be one of {', '.join(CLIENT_CHANNELS)}", "value_error.channel",
+                                              ["header", CHANNEL_HEADER]), started)
         stamp_field = ((holder.scorer.meta.get("settings") or {}).get("data", {}).get("timestamp") or "").strip()
         records, own_times, time_errors = record_event_times(records, stamp_field, holder.scorer.spec.features)
         if time_errors:
@@ -450,7 +459,7 @@ def create_app(
         for record, result, own_time in zip(records, results, own_times):
             request_id = uuid.uuid4().hex
             answers.append({"request_id": request_id, **result})
-            logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": "online",
+            logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": logged_channel,
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
                            "features": logged_features(record, spec, result.features), "event_time": own_time or sent_time})
         try:  # journaled before the answer goes out: a client that got an answer finds it in the log, even after kill -9

@@ -21,7 +21,7 @@ LAYERS = {
     "drift": 1, "alerts": 1, "monitoring": 1, "rollback": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
     # the stages, and the serving parts
     "collect": 2, "prepare": 2, "train": 2, "evaluate": 2, "deploy": 2, "monitor": 2, "retrain": 2,
-    "serve": 2, "batch": 2, "stream": 2, "replay": 2, "dashboard": 2, "dashserver": 2,
+    "serve": 2, "batch": 2, "stream": 2, "replay": 2, "dashboard": 2, "dashserver": 2, "clinic": 2,
     # the runner, the benchmarks and the command line
     "pipeline": 3, "bench": 3, "cli": 3, "loop": 3, "simulate": 3,
 }

@@ -1,0 +1,206 @@
+"""`lifecycle clinic`, the doctor's page, for real: Voila, the page in Debian's chromium, and `lifecycle serve` beside it.
+
+The page's score must be the API's to the last bit, each score logged under channel `dashboard` with its version, a refused
+record logged nowhere, and a new champion answering the next submission."""
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from conftest import LIFECYCLE, free_port
+
+SCREENSHOT = os.environ.get("LIFECYCLE_CLINIC_SCREENSHOT")  # where to keep the picture (docs/screenshots.py sets it)
+
+
+def _start(command, root: Path, name: str, ready: str):
+    out = open(root / f"{name}.log", "w")
+    process = subprocess.Popen([str(LIFECYCLE), *command], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while ready not in (root / f"{name}.log").read_text():
+        assert process.poll() is None, (root / f"{name}.log").read_text()
+        assert time.monotonic() < deadline, f"{name} did not start within 180 s"
+        time.sleep(0.2)
+    return process
+
+
+def _stop(process):
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=120)
+
+
+def _answer(page, before: str, seconds: float = 120) -> dict:
+    "Wait for a new answer panel (a bound, never a speed assertion) and read its data attributes."
+    page.wait_for_function("(before) => { const a = document.querySelector('.lc-result .lc-answer');"
+                           " return a && a.dataset.requestId && a.dataset.requestId !== before; }", arg=before, timeout=seconds * 1000)
+    return page.evaluate("() => ({...document.querySelector('.lc-result .lc-answer').dataset,"
+                         " text: document.querySelector('.lc-result').innerText})")
+
+
+def _submit(page, record, fields) -> dict:
+    from lifecycle.bench import fill_clinic_form
+    before = page.evaluate("() => (document.querySelector('.lc-result .lc-answer') || {dataset: {}}).dataset.requestId || ''")
+    fill_clinic_form(page, record, fields)
+    page.wait_for_timeout(400)
+    page.click("button.lc-submit")
+    return _answer(page, before)
+
+
+def _refused(page, record, fields, field: str | None) -> tuple[str, str]:
+    "Submit a record the contract refuses; wait for the message; return (the field's message, the page's message)."
+    from lifecycle.bench import fill_clinic_form
+    fill_clinic_form(page, {name: value for name, value in record.items() if not isinstance(value, str)}, fields)
+    for name, text in record.items():
+        if isinstance(text, str):
+            page.locator(f".lc-field-{name} input").fill(text)
+    page.wait_for_timeout(400)
+    seen = page.evaluate("() => (document.querySelector('.lc-message .lc-refused') || {dataset: {}}).dataset.submission || ''")
+    page.click("button.lc-submit")
+    page.wait_for_function("(seen) => { const refused = document.querySelector('.lc-message .lc-refused');"
+                           " return refused && refused.dataset.submission !== seen; }", arg=seen, timeout=120_000)
+    message = page.evaluate("() => document.querySelector('.lc-message').innerText")
+    at_field = page.evaluate(f"() => document.querySelector('.lc-error-{field}').innerText") if field else ""
+    assert page.evaluate("() => document.querySelector('.lc-result').innerText.trim()") == ""  # no score beside a refusal
+    return at_field, message
+
+
+def _second_version(root: Path) -> int:
+    "A new champion: the same pipeline refitted on VA's patients (a different model), registered and promoted."
+    from sklearn.base import clone
+    from lifecycle.registry import Registry, load_model, register, set_alias
+    from lifecycle.scoring import Scorer, check_frame
+    registry = Registry(root)
+    scorer = Scorer.from_registry(root, 1)
+    frame = pd.read_csv(root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?",
+                        names=["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"])
+    features, reasons = check_frame(frame, scorer.spec)
+    labels = (frame.loc[(reasons == "").to_numpy(), "num"] > 0).astype(int).to_numpy()
+    model = clone(load_model(registry, 1)).fit(features.reset_index(drop=True), labels)
+    folder = root / "registry" / "versions" / "1"
+    meta = {key: value for key, value in registry.meta(1).items() if key not in ("version", "sha256", "bytes", "created")}
+    version = register(registry, model, meta, files={"reference.json": (folder / "reference.json").read_text(),
+                                                      "card.md": (folder / "card.md").read_text().replace("model version 1", "model version 2")})
+    set_alias(registry, "champion", version, "test: a new champion while the clinic page is open")
+    return version
+
+
+def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(champion_project, browser):
+    from lifecycle.clinic import ClinicClient, form_fields
+    from lifecycle.core import load_settings, read_json
+    from lifecycle.registry import Registry
+    root = champion_project
+    settings = load_settings(root / "settings.ini")
+    fields = form_fields(Registry(root).meta(1), read_json(root / "registry" / "versions" / "1" / "reference.json"), settings)
+    va = pd.read_csv(root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?",
+                     names=["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"])
+    rows = [{f.name: (None if pd.isna(row[f.name]) else float(row[f.name])) for f in fields} for _, row in va.iterrows()]
+    complete = next(r for r in rows if all(v is not None for v in r.values()))
+    gappy = next(r for r in rows if r["ca"] is None and r["thal"] is None and sum(v is None for v in r.values()) <= 4)
+    unusual = dict(complete, chol=650.0, trestbps=None)  # accepted by the contract (80..700), above training's highest; a rarely missing value
+    records = [complete, gappy, unusual]
+
+    api_port, page_port = free_port(), free_port()
+    server = _start(["serve", "--settings", str(root / "settings.ini"), "--port", str(api_port)], root, "serve", "Uvicorn running")
+    clinic = _start(["clinic", "--settings", str(root / "settings.ini"), "--port", str(page_port)], root, "clinic", "Clinic: http")
+    api = f"http://127.0.0.1:{api_port}"
+    page_ids, api_ids, url_ids = {}, set(), set()
+    try:
+        for _ in range(600):
+            if httpx.get(api + "/ready").status_code == 200:
+                break
+            time.sleep(0.2)
+        page = browser.new_page(viewport={"width": 1100, "height": 1500})
+        problems, dialogs = [], []
+        page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}") if message.type == "error" else None)
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(f"http://127.0.0.1:{page_port}/", wait_until="load")
+        page.wait_for_selector("button.lc-submit", timeout=180_000)
+        form = page.evaluate("document.body.innerText")
+        assert "chest pain type" in form and "serum cholesterol (mg/dl)" in form and "Heart disease" in form
+        assert "typical angina" in page.locator(".lc-field-cp select").inner_text().replace("\xa0", " ")  # a labelled choice, not the code 1
+        assert "trained on 29" in page.locator(".lc-field-age input").get_attribute("placeholder")
+
+        for index, record in enumerate(records):
+            shown = _submit(page, record, fields)
+            answer = httpx.post(api + "/predict", json=record, timeout=60).json()["predictions"][0]
+            assert float(shown["score"]) == answer["score"], (index, shown["score"], answer["score"])  # the API's score, to the last bit
+            assert repr(answer["score"]) == shown["score"]
+            assert shown["version"] == "1" == str(answer["model_version"])
+            page_ids[shown["requestId"]] = 1
+            api_ids.add(answer["request_id"])
+            text = shown["text"]
+            assert "Why" in text and ("raises the risk by" in text or "lowers the risk by" in text), text
+            assert any(f"{band} risk" in text for band in ("low", "borderline", "high"))
+            decision = "refer for cardiology work-up" if answer["decision"] == 1 else "no cardiology referral on this score alone"
+            assert f"Decision: {decision}" in text
+            assert "Answered by model version 1" in text and "model card of version 1" in text
+            if record is unusual:
+                assert "serum cholesterol (mg/dl) 650 is above anything the model saw in training" in text, text
+                assert "resting blood pressure (mm Hg) is missing: training almost never missed it" in text, text
+                page.wait_for_timeout(500)
+                picture = Path(SCREENSHOT) if SCREENSHOT else root / "clinic.png"
+                page.screenshot(path=str(picture), full_page=True)
+                assert picture.stat().st_size > 10_000
+                page.click(".lc-result details.lc-limits summary")  # the model card's limitations, one click away
+                assert page.locator(".lc-result details.lc-limits").evaluate("d => d.open")
+                assert "Out of scope" in page.locator(".lc-result details.lc-limits").inner_text()
+            if record is complete:
+                assert "Every value is within what the model saw in training" in text
+
+        # bad input: a message at the field, no score, nothing logged (checked in the log below)
+        at_field, message = _refused(page, dict(complete, age="fifty"), fields, "age")
+        assert "expected a number" in at_field and "nothing was logged" in message
+        at_field, _ = _refused(page, dict(complete, age="300"), fields, "age")
+        assert "outside the range 1 to 120" in at_field
+        at_field, _ = _refused(page, dict(complete, chol="<img src=x onerror=alert(1)>"), fields, "chol")
+        assert "expected a number" in at_field and page.locator(".lc-clinic img, .lc-message img").count() == 0  # never markup from a field
+        _, message = _refused(page, {name: None for name in complete}, fields, None)
+        assert "Too many fields are empty" in message
+        assert "Traceback" not in page.evaluate("document.body.innerText")
+
+        # a new champion answers the next submission, and the page says which version answered
+        version = _second_version(root)
+        shown = _submit(page, complete, fields)
+        assert shown["version"] == str(version) and f"Answered by model version {version}" in shown["text"]
+        page_ids[shown["requestId"]] = version
+        for _ in range(600):  # the server's watcher swaps within its interval
+            if httpx.get(api + "/ready").json().get("model_version") == version:
+                break
+            time.sleep(0.1)
+        answer = httpx.post(api + "/predict", json=complete, timeout=60).json()
+        assert answer["model_version"] == version and float(shown["score"]) == answer["predictions"][0]["score"]
+        api_ids.add(answer["predictions"][0]["request_id"])
+
+        # the page's client against the running server (`lifecycle clinic --url`): the server logs it under dashboard
+        client = ClinicClient(root, url=api)
+        try:
+            status, body = client.predict(gappy)
+            assert status == 200 and body["model_version"] == version
+            url_ids.add(body["predictions"][0]["request_id"])
+        finally:
+            client.close()
+        refused = httpx.post(api + "/predict", json=gappy, headers={"X-Lifecycle-Channel": "batch"})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["header", "X-Lifecycle-Channel"]
+        assert problems == [] and dialogs == [], (problems, dialogs)
+        page.close()
+    finally:
+        clinic_code = _stop(clinic)
+        server_code = _stop(server)
+    assert clinic_code == 0 and server_code in (0, -signal.SIGTERM), (clinic_code, server_code, (root / "clinic.log").read_text()[-1500:])
+
+    from lifecycle.predlog import open_log
+    with open_log("", root) as log:  # replays the journal the page's kernel left
+        log.flush()
+    with sqlite3.connect(root / "predictions.sqlite") as database:
+        logged = database.execute("SELECT request_id, channel, model_version FROM predictions").fetchall()
+    dashboard = {request_id: version for request_id, channel, version in logged if channel == "dashboard"}
+    online = {request_id for request_id, channel, _ in logged if channel == "online"}
+    assert dashboard == {**page_ids, **{request_id: version for request_id in url_ids}}  # every score shown, none refused, with its version
+    assert api_ids <= online and not (set(page_ids) & online)
