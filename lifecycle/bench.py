@@ -326,7 +326,7 @@ def _in_process_floor(project: Path, record: dict, seconds: float = 3.0) -> dict
     code = f"""
 import json, time, os
 os.environ["OMP_NUM_THREADS"] = "1"
-from lifecycle.scoring import Scorer, check_records
+from lifecycle.serving.scoring import Scorer, check_records
 scorer = Scorer.from_registry({str(project)!r})
 record = json.loads({json.dumps(json.dumps(record))})
 def rate(call):
@@ -381,7 +381,7 @@ def bench_serve(
     if shutil.which("wrk") is None:
         raise LifecycleError("bench serve needs wrk, the HTTP load generator: apt-get install wrk")
     import httpx
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         project = _champion_project(Path(folder), _heart_folder(heart, "serve"))
         run = sorted((project / "runs").glob("2*"))[-1]
@@ -594,7 +594,7 @@ def bench_clinic(
     from lifecycle.clinic import ClinicClient, attributions, form_fields, typical_values
     from lifecycle.core import load_settings, read_json
     from lifecycle.registry import Registry
-    from lifecycle.scoring import Scorer, check_records
+    from lifecycle.serving.scoring import Scorer, check_records
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         heart = _heart_folder(heart, "clinic")
         project = _champion_project(Path(folder), heart)
@@ -670,9 +670,9 @@ def format_clinic(figures: dict) -> str:
 def _batch_task(name: str, project: str, path: str, rows: int) -> dict:
     "One measurement of the batch benchmark, in this (fresh) process."
     import pyarrow.parquet as pq
-    from lifecycle.batch import score_file
+    from lifecycle.serving.batch import score_file
     from lifecycle.core import use_work_settings
-    from lifecycle.scoring import Scorer
+    from lifecycle.serving.scoring import Scorer
     use_work_settings()  # this process stands in for the `lifecycle batch` command, which runs with them
     if name == "floor":
         scorer = Scorer.from_registry(Path(project))
@@ -715,7 +715,7 @@ def bench_batch(
     repeat: int = 2,  # runs of ours and of the floor, alternated; the best of each counts
 ) -> dict:  # the figures
     "Measure batch scoring's rows/s and peak memory against the bare predict_proba on the same rows."
-    from lifecycle.scoring import Scorer
+    from lifecycle.serving.scoring import Scorer
     heart = _heart_folder(heart, "batch")
     sizes = []
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
@@ -792,8 +792,8 @@ def _stream_floor(
 ) -> dict:  # events_per_second, seconds, outputs, scored, rejected
     """The stream benchmark's floor: the same events decoded, checked and scored in micro-batches of the same size
     by the consumer's own code, their outputs encoded as JSON, in this process: without Redis and without the log."""
-    from lifecycle.scoring import Scorer
-    from lifecycle.stream import score_events
+    from lifecycle.serving.scoring import Scorer
+    from lifecycle.serving.stream import score_events
     scorer = Scorer.from_registry(Path(project))
     outputs = scored = 0
     started = time.perf_counter()
@@ -833,8 +833,8 @@ def bench_stream(
     "Events per second through Redis Streams with micro-batches, without and with the prediction log, against the same events scored in-process; counts in and out."
     import redis
     from threadpoolctl import threadpool_limits
-    from lifecycle.scoring import Scorer
-    from lifecycle.stream import run_stream
+    from lifecycle.serving.scoring import Scorer
+    from lifecycle.serving.stream import run_stream
     project = _bench_project(project)
     texts = _bench_events(events)
     figures = {"events": events, "batch_size": batch_size, "target_events_per_second": 10_000, "runs": {}}
@@ -857,7 +857,7 @@ def bench_stream(
                                  until_idle=True, handle_signals=False)
             logged_rows = None
             if logged:
-                from lifecycle.predlog import open_log
+                from lifecycle.serving.predlog import open_log
                 with open_log(str(log_file), project) as prediction_log:
                     logged_rows = prediction_log.count("stream")
             figures["runs"][label] = {
@@ -1052,7 +1052,7 @@ def _monitor_task(folder: str, log_url: str, every: str, engine: str = "local", 
     "One `update_windows` on the benchmark's log (in a fresh interpreter): seconds, peak memory, windows touched."
     from lifecycle.core import read_json, use_work_settings
     from lifecycle.monitoring import update_windows
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     use_work_settings()
     reference = read_json(Path(folder) / "reference.json")
     with open_log(log_url, Path(folder)) as log:
@@ -1072,7 +1072,7 @@ def bench_incremental(
     folder: Path | None = None,  # where the log goes (default: a temporary folder)
 ) -> dict:  # rows, new, labels, scratch and incremental runs, ratio
     "The whole log monitored from scratch, then `new` predictions logged and the windows brought up to date incrementally."
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-monitor-") as scratch:
         folder = Path(folder or scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -1204,9 +1204,9 @@ def bench_retrain(
     from lifecycle.core import load_settings
     from lifecycle.loop import retrain_project
     from lifecycle.monitoring import monitor_project
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry, set_alias
-    from lifecycle.replay import replay_input, replay_sources
+    from lifecycle.serving.replay import replay_input, replay_sources
     from lifecycle.retrain import promote_shadow, shadow_evidence
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         project = _champion_project(Path(folder), _heart_folder(heart, "retrain"))

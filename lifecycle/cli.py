@@ -38,7 +38,7 @@ def _serve(args) -> int:
     import os
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
     from lifecycle.core import load_settings
-    from lifecycle.serve import serve
+    from lifecycle.serving.serve import serve
     serve(load_settings(args.settings).root, host=args.host, port=args.port, alias=args.model, log_url=args.log,
           access_log=args.access_log, max_body=args.max_body, max_records=args.max_records)
     return 0
@@ -222,9 +222,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)")
     serve.add_argument("--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)")
     serve.set_defaults(handler=_serve)
-    from lifecycle.batch import add_batch_command
-    from lifecycle.replay import add_replay_command
-    from lifecycle.stream import add_stream_command
+    from lifecycle.serving.batch import add_batch_command
+    from lifecycle.serving.replay import add_replay_command
+    from lifecycle.serving.stream import add_stream_command
     add_batch_command(commands)
     add_stream_command(commands)
     dashboard = commands.add_parser("dashboard", help="the live monitoring dashboard in the browser (Voila), with a monitor beside it",

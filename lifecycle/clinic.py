@@ -289,7 +289,7 @@ class ClinicClient:
 
     async def _open(self, log_url: str):
         import httpx
-        from lifecycle.serve import CHANNEL_HEADER, create_app
+        from lifecycle.serving.serve import CHANNEL_HEADER, create_app
         if self.url:
             token = os.environ.get(SERVER_TOKEN_ENV) or os.environ.get("LIFECYCLE_API_TOKEN")
             self.headers = {CHANNEL_HEADER: "dashboard", **({"Authorization": f"Bearer {token}"} if token else {})}
@@ -592,7 +592,7 @@ class Clinic:
 
     def explain(self, prediction: dict, record: dict) -> str:
         "The answer panel for a scored record: band, decision, why, limits."
-        from lifecycle.scoring import Scorer, check_records
+        from lifecycle.serving.scoring import Scorer, check_records
         number = int(prediction["model_version"])
         known = self.version(number)
         scorer = self.client.scorer(number)  # the in-process app's own, when it holds this version

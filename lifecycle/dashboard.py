@@ -105,7 +105,7 @@ def last_prediction(
     url: str = "",  # the prediction log ([monitor] log): "" for the project's SQLite file, or a postgresql:// URL
 ) -> str | None:  # the time of the newest prediction in the log, ISO text; None when it holds none
     "When the last prediction arrived: one small query, never a row of the log."
-    from lifecycle.predlog import PostgresStore, SQLiteStore, log_location
+    from lifecycle.serving.predlog import PostgresStore, SQLiteStore, log_location
     kind, where = log_location(url, Path(root))
     if kind == "sqlite" and not Path(where).exists():
         return None  # connecting would create the file
@@ -238,7 +238,7 @@ def shadow_state(
     url: str = "",  # the prediction log ([monitor] log): "" for the project's SQLite file, or a postgresql:// URL
 ) -> dict | None:  # the version in shadow against the champion (`shadow_summary`'s row, `pairs` 0 before any); None when no version is in shadow
     "The shadow run under way, from the prediction log: agreement, score shift, accuracy once labels arrive."
-    from lifecycle.predlog import open_log, shadow_pairs, shadow_summary
+    from lifecycle.serving.predlog import open_log, shadow_pairs, shadow_summary
     from lifecycle.registry import Registry
     try:
         aliases = Registry(root).aliases()

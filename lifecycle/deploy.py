@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .core import LifecycleError, Settings, parse_source
-from .scoring import Scorer
+from .serving.scoring import Scorer
 from .sources import read_source, source_files
 
 # %% auto #0
@@ -101,8 +101,8 @@ def smoke_test_version(
 ) -> dict:  # smoke_test's figures, and `fast_path`: whether the app scores with the fast path
     "Serve `version` with the real scoring app in-process and smoke-test it on `rows`."
     from fastapi.testclient import TestClient
-    from lifecycle.predlog import open_log
-    from lifecycle.serve import create_app
+    from lifecycle.serving.predlog import open_log
+    from lifecycle.serving.serve import create_app
     scorer = Scorer.from_registry(root, version)  # refuses a file whose SHA-256 does not match
     records = to_records(rows, scorer.spec.features)
     expected = scorer.model.predict_proba(rows[scorer.spec.features])[:, 1]
@@ -215,7 +215,7 @@ def log_predictions(
     timeout: float = 120,  # seconds the log may take to store them
 ) -> tuple[int, int]:  # (predictions in the log before, after)
     "Write entries to the prediction log and wait until they are stored (an entry logged before is not logged twice)."
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     prediction_log = open_log(log, root)
     try:
         before = prediction_log.count()

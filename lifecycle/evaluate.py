@@ -355,7 +355,7 @@ def evaluate_model(
                                    "recall": lambda i: predicted[i][y_test[i] == 1].mean()}, options.bootstrap_resamples, options.seed)
     versus = champion_metrics = champion_scores = None
     if champion is not None:
-        from lifecycle.scoring import calibrate_scores  # a champion a retrain recalibrated serves its scores through its map
+        from lifecycle.serving.scoring import calibrate_scores  # a champion a retrain recalibrated serves its scores through its map
         champion_scores = calibrate_scores(champion["model"].predict_proba(test[model_features(champion["meta"])])[:, 1], champion["meta"].get("calibration"))
         champion_metrics = classification_metrics(y_test, champion_scores, champion["meta"].get("threshold", 0.5))
         unseen = unseen_rows(row_hashes(test), candidate["trained"], champion["trained"])

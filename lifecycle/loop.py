@@ -34,7 +34,7 @@ def _say(message: str, quiet: bool) -> None:
 # %% ../nbs/14_loop.ipynb #17ce0a98
 def _challenge(settings, stage, extra: dict, overrides: list[str], policy: dict, now: datetime, quiet: bool) -> dict:
     "Write the retraining data, run the challenger through the stage notebooks, and the retrain stage in its run."
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     root = settings.root
     with open_log(log_url(settings), root) as log:
         labeled = labeled_predictions(log)
@@ -87,7 +87,7 @@ def shadow_step(
     now: datetime,  # the time
 ) -> dict | None:  # status, headline and the shadow's evidence; None when no version is in shadow
     "A version in shadow first: promote it once `shadow_min` is met (or take it off when it did worse), under the retrain lock."
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry
     if Registry(settings.root).aliases().get("shadow") is None:
         return None

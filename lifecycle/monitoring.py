@@ -467,7 +467,7 @@ def refused_windows(
 def _refused_counts(folder: Path, log, state: dict) -> pd.DataFrame:
     """Every count of refused records the log holds, kept in `rejections.parquet` and read incrementally: rows written
     since the last look replace the totals they had (a count only grows)."""
-    from lifecycle.predlog import REJECTION_COLUMNS
+    from lifecycle.serving.predlog import REJECTION_COLUMNS
     key = list(REJECTION_COLUMNS[:-2])
     stored = _read_parquet(folder / "rejections.parquet")
     fresh = log.rejections(since=state.get("rejections_since"))
@@ -844,7 +844,7 @@ def monitor_project(
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
     from lifecycle.core import find_settings, load_settings
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     from datetime import timedelta
     root = Path(root)
     project = load_settings(find_settings(root / "settings.ini")) if (root / "settings.ini").exists() else None

@@ -195,7 +195,7 @@ def gather_evidence(
         latest = monitor_project(root, now=now, settings={"alerts": ""}).get("latest") or {}  # figures only: alerts are monitoring's job
         evidence["values"] = latest.get("values") or {}
     if int(policy.get("min_new_labels", 0) or 0) > 0 and champion is not None:
-        from lifecycle.predlog import open_log
+        from lifecycle.serving.predlog import open_log
         with open_log(log_url(load_settings(root / "settings.ini")) if (root / "settings.ini").exists() else "", root) as log:
             evidence["new_labels"] = len(labeled_predictions(log, since=evidence["champion_since"]))
     return evidence
@@ -360,7 +360,7 @@ def score_rows(
     rows: pd.DataFrame,  # rows with the model's features
 ) -> tuple[np.ndarray, float]:  # (scores, NaN where the model refused the row), the version's threshold
     "Score rows through the serving code of one model version."
-    from lifecycle.scoring import Scorer
+    from lifecycle.serving.scoring import Scorer
     scorer = Scorer.from_registry(root, version)
     features = scorer.spec.features
     present = rows.reindex(columns=features)
@@ -373,7 +373,7 @@ def fit_recalibration(
     scores,  # the model's scores on recent labeled rows
     labels,  # their labels
     method: str = "auto",  # isotonic, platt, or auto (isotonic from 200 rows, else Platt)
-) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`lifecycle.scoring.calibrate_scores` applies it)
+) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`lifecycle.serving.scoring.calibrate_scores` applies it)
     "Fit a recalibration of scores on recent labeled rows."
     from sklearn.isotonic import IsotonicRegression
     from sklearn.linear_model import LogisticRegression
@@ -403,7 +403,7 @@ def judge(
     from lifecycle.compare import compare_models
     from lifecycle.metrics import threshold_for_recall
     from lifecycle.registry import Registry
-    from lifecycle.scoring import calibrate_scores
+    from lifecycle.serving.scoring import calibrate_scores
     root = settings.root
     folder = root / "retrain" / retrain_id
     champion = Registry(root).aliases().get("champion")
@@ -490,7 +490,7 @@ def shadow_evidence(
     version: int | None = None,  # the version in shadow (default: the alias `shadow`)
 ) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy where labeled), and the pairs themselves
     "What the prediction log says of a version in shadow against the champion, on the same records."
-    from lifecycle.predlog import shadow_pairs, shadow_summary
+    from lifecycle.serving.predlog import shadow_pairs, shadow_summary
     from lifecycle.registry import Registry
     aliases = Registry(root).aliases()
     version = aliases.get("shadow") if version is None else version
@@ -621,7 +621,7 @@ def derived_reference(
     calibration: dict | None,  # the recalibration the new version adds (None: a threshold only)
 ) -> dict:  # the new version's reference statistics
     "The champion's reference, its score distribution mapped through a recalibration (a monotone map: quantiles stay quantiles)."
-    from lifecycle.scoring import calibrate_scores
+    from lifecycle.serving.scoring import calibrate_scores
     if not calibration or "quantile_grid" not in (reference.get("scores") or {}):
         return reference
     scores = dict(reference["scores"])

@@ -129,7 +129,7 @@ def rollback_evidence(
     log,  # an open PredictionLog
 ) -> dict:  # champion, previous, labeled, figures, alerts, promoted_at
     "What the rollback rules need: paired figures on the new champion's labeled patients, and the alerts firing for it."
-    from lifecycle.scoring import Scorer
+    from lifecycle.serving.scoring import Scorer
     champion, previous = int(promotion["version"]), int(promotion["previous"])
     evidence = {"champion": champion, "previous": previous, "labeled": 0, "figures": None, "test": None, "p_value": None, "alerts": [],
                 "promoted_at": promotion["at"]}
@@ -198,7 +198,7 @@ def check_rollback(
     promotion = last_promotion(events(registry))
     if promotion is None or registry.aliases().get("champion") != promotion["version"]:
         return {**quiet, "checked": ["no promotion to watch: the champion replaced no version, or is itself a rollback"]}
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     where = (sections.get("monitor", {}).get("log") or sections.get("deploy", {}).get("log") or "").strip()
     own = log is None
     log = open_log(where, root) if own else log

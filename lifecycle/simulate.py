@@ -117,7 +117,7 @@ def label_arrivals(
 # %% ../nbs/13_simulate.ipynb #030fcd5f
 async def _send_day(root: Path, plan: pd.DataFrame, arrivals: pd.Series, fields_from, due: list[tuple], concurrency: int = 8) -> dict:
     "Score a day's patients through the serving app, then send the labels due: (request_id, label, when)."
-    from lifecycle.replay import EVENT_TIME_HEADER, scoring_client, send_traffic, to_records
+    from lifecycle.serving.replay import EVENT_TIME_HEADER, scoring_client, send_traffic, to_records
     async with scoring_client(root) as scoring:
         fields = fields_from(await scoring.features())
         nothing = pd.Series([pd.NaT] * len(plan), dtype="datetime64[ns, UTC]")
@@ -355,9 +355,9 @@ def simulate_project(
     "Simulate days of production on a sandbox of the project: traffic, labels, monitoring, retrain, shadow, promotion, rollback."
     from lifecycle.monitoring import monitor_project
     from lifecycle.pipeline import discover_stages, parse_overrides, run_lifecycle, write_index
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry
-    from lifecycle.replay import run_async, true_labels
+    from lifecycle.serving.replay import run_async, true_labels
     if inject and inject not in INJECTIONS:
         raise LifecycleError(f"simulate: --inject {inject} is not known; use one of {', '.join(INJECTIONS)}")
     plan_traffic(pd.DataFrame({"x": [1.0]}), days, scale, [])  # --days and --scale checked before the sandbox's first run, not after it

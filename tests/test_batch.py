@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lifecycle.batch import add_batch_command, check_frame, score_file
+from lifecycle.serving.batch import add_batch_command, check_frame, score_file
 from lifecycle.core import LifecycleError
-from lifecycle.predlog import open_log
+from lifecycle.serving.predlog import open_log
 from lifecycle.registry import Registry, register, set_alias
 from lifecycle.contract import error_reason
-from lifecycle.scoring import Scorer, ServingSpec, check_records
+from lifecycle.serving.scoring import Scorer, ServingSpec, check_records
 from lifecycle.train import build_pipeline
 from test_predlog import postgres_server, postgres_url  # noqa: F401  (the real PostgreSQL fixtures)
 
@@ -318,7 +318,7 @@ def _kill(batch):
 
 
 def _assert_killed_run_invisible_then_removed(project, tmp_path, store, log_url, source):
-    from lifecycle.predlog import PredictionLog, id_key
+    from lifecycle.serving.predlog import PredictionLog, id_key
     reader = PredictionLog(store, id_key(project))  # reads without the cleaning open_log does
     assert reader.count() == 0 and len(reader.predictions()) == 0  # every reader: nothing of the killed run
     assert _pending(store.read) > 0 and store.read("SELECT count(*) FROM pending_runs")[0][0] == 1
@@ -338,7 +338,7 @@ def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows(project, tmp_pat
     "SQLite: the run writes pending blocks; holding the database's write lock once some exist, the run cannot publish before its kill."
     import sqlite3
     import time
-    from lifecycle.predlog import SQLiteStore
+    from lifecycle.serving.predlog import SQLiteStore
     log_path = tmp_path / "log.sqlite"
     source, batch = _start_batch(project, tmp_path, str(log_path))
     try:
@@ -366,7 +366,7 @@ def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows_on_postgresql(pr
     "PostgreSQL: the test holds the block writers' advisory lock, so the run writes pending rows but cannot publish them."
     import time
     import psycopg
-    from lifecycle.predlog import PostgresStore
+    from lifecycle.serving.predlog import PostgresStore
     store = PostgresStore(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(7319002)")

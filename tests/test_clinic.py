@@ -74,7 +74,7 @@ def _second_version(root: Path) -> int:
     "A new champion: the same pipeline refitted on VA's patients (a different model), registered and promoted."
     from sklearn.base import clone
     from lifecycle.registry import Registry, load_model, register, set_alias
-    from lifecycle.scoring import Scorer, check_frame
+    from lifecycle.serving.scoring import Scorer, check_frame
     registry = Registry(root)
     scorer = Scorer.from_registry(root, 1)
     frame = pd.read_csv(root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?",
@@ -195,7 +195,7 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
         server_code = _stop(server)
     assert clinic_code == 0 and server_code in (0, -signal.SIGTERM), (clinic_code, server_code, (root / "clinic.log").read_text()[-1500:])
 
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     with open_log("", root) as log:  # replays the journal the page's kernel left
         log.flush()
     with sqlite3.connect(root / "predictions.sqlite") as database:

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from lifecycle.contract import error_reason
 from lifecycle.core import load_settings
 from lifecycle.prepare import prepare, store_schema
-from lifecycle.scoring import FastPath, Scorer
-from lifecycle.stream import score_events
+from lifecycle.serving.scoring import FastPath, Scorer
+from lifecycle.serving.stream import score_events
 from lifecycle.train import MODELS, build_pipeline
 
 NUMERIC, CATEGORICAL = ["age", "chol"], ["sex", "cp", "color"]
@@ -98,7 +98,7 @@ def _prepared(settings, records):
 
 def _online(scorer, records):
     "What serve computes: check_records and the fast path, through Scorer.score_records."
-    from lifecycle.scoring import check_records
+    from lifecycle.serving.scoring import check_records
     rows, errors = check_records(records, scorer.spec)
     predictions, errors_again = scorer.score_records(records)
     assert errors == errors_again
@@ -225,7 +225,7 @@ def test_a_fast_path_that_disagrees_falls_back_to_the_pipeline(kind, monkeypatch
 
 def test_tree_walk_mismatch_is_caught(monkeypatch):
     "The boosted trees' walk is checked on its own: a wrong leaf value is a mismatch."
-    from lifecycle import scoring
+    from lifecycle.serving import scoring
     frame, labels = _training()
     model = build_pipeline("hist_gradient_boosting", NUMERIC, CATEGORICAL, 0).fit(frame, labels)
     original = scoring.TreeEnsemble.__init__
@@ -244,7 +244,7 @@ def test_server_caps_records_and_errors(tmp_path):
     import time
     from fastapi.testclient import TestClient
     from lifecycle.registry import Registry, register, set_alias
-    from lifecycle.serve import create_app
+    from lifecycle.serving.serve import create_app
     frame, labels = _training()
     registry = Registry(tmp_path)
     meta = {k: v for k, v in META.items() if k not in ("version", "sha256")}

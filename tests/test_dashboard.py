@@ -13,7 +13,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from conftest import LIFECYCLE, free_port
-from lifecycle.predlog import open_log
+from lifecycle.serving.predlog import open_log
 from lifecycle.registry import Registry, register, set_alias
 from lifecycle.train import reference_statistics
 

@@ -151,6 +151,7 @@ def test_the_wheel_carries_the_stage_notebooks(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "lifecycle/nbs/01_collect.ipynb" in names and "lifecycle/nbs/02_prepare.ipynb" in names
     assert "lifecycle/pipeline.py" in names
+    assert "lifecycle/serving/predlog/writer.py" in names and "lifecycle/serving/serve.py" in names  # the subpackages
 
 
 def test_stage_notebooks_ship_inside_the_package():

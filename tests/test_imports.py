@@ -1,14 +1,21 @@
 "Importing lifecycle changes no global setting: pandas, Arrow, numpy, logging, warnings, signal handlers, environment."
 import ast
 import json
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
 import lifecycle
 
-MODULES = sorted(f"lifecycle.{module.name}" for module in pkgutil.iter_modules(lifecycle.__path__) if module.name != "_modidx")
+FOLDER = Path(lifecycle.__file__).resolve().parent
+MODULES = sorted(".".join(("lifecycle",) + path.relative_to(FOLDER).with_suffix("").parts[:-1 if path.name == "__init__.py" else None])
+                 for path in FOLDER.rglob("*.py") if path.name != "_modidx.py" and path != FOLDER / "__init__.py")
+
+
+def module_file(module: str) -> Path:
+    "The source file of a module of the package: `lifecycle.serving.predlog` is `lifecycle/serving/predlog/__init__.py`."
+    path = FOLDER.joinpath(*module.split(".")[1:])
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def dependencies() -> list[str]:
@@ -17,7 +24,7 @@ def dependencies() -> list[str]:
     environment variables when it is imported, as it does in a user's notebook that imports it)."""
     found = set()
     for module in MODULES:
-        tree = ast.parse(Path(lifecycle.__file__).with_name(module.split(".")[1] + ".py").read_text())
+        tree = ast.parse(module_file(module).read_text())
         for node in tree.body:
             if isinstance(node, ast.Import):
                 found |= {alias.name for alias in node.names}

@@ -4,7 +4,6 @@ A stage notebook's run section runs as the stage, so its imports count as the mo
 after each function are tests, like those in tests/, and do not count."""
 import ast
 import json
-import pkgutil
 import re
 from pathlib import Path
 
@@ -17,14 +16,21 @@ import lifecycle
 LAYERS = {
     "core": 0,  # settings, hashing, atomic writes, the run context
     # shared services, used by the stages and by serving alike
-    "sources": 1, "contract": 1, "metrics": 1, "compare": 1, "registry": 1, "tracking": 1, "predlog": 1, "scoring": 1,
+    "sources": 1, "contract": 1, "metrics": 1, "compare": 1, "registry": 1, "tracking": 1,
     "drift": 1, "alerts": 1, "monitoring": 1, "rollback": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
-    # the stages, and the serving parts
+    # the stages, the dashboard and its server
     "collect": 2, "prepare": 2, "train": 2, "evaluate": 2, "deploy": 2, "monitor": 2, "retrain": 2,
-    "serve": 2, "batch": 2, "stream": 2, "replay": 2, "dashboard": 2, "dashserver": 2, "clinic": 2,
+    "dashboard": 2, "dashserver": 2, "clinic": 2,
+    # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
+    # stores, reader, writer) are shared services; the server, batch, stream and replay sit beside the stages
+    "serving": 1, "serving.scoring": 1, "serving.predlog": 1, "serving.predlog.stores": 1,
+    "serving.predlog.reader": 1, "serving.predlog.writer": 1,
+    "serving.serve": 2, "serving.batch": 2, "serving.stream": 2, "serving.replay": 2,
     # the runner, the benchmarks and the command line
     "pipeline": 3, "bench": 3, "cli": 3, "loop": 3, "simulate": 3,
 }
+# Inside a package whose parts are ordered, a part imports only the parts before it.
+ORDERED = [["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"]]
 STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor", "retrain"}
 TOP = max(LAYERS.values())
 # Arrows known to break the rules, each being removed on a branch of its own; remove an entry once its fix is merged.
@@ -32,23 +38,31 @@ KNOWN = {
 }
 
 
-def imported_modules(source: str, package: str = "lifecycle") -> set[str]:
-    "The package's modules a module's source imports, anywhere in it (at its top or inside a function)."
+def imported_modules(source: str, module: str = "", package: str = "lifecycle") -> set[str]:
+    """The package's modules a module's source imports, anywhere in it (at its top or inside a function), named by their
+    path in the package (`serving.predlog`); `module` (`serving.batch`) resolves its relative imports."""
+    here = [package] + module.split(".")[:-1] if module else [package]  # the package the module is in
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # from .core import …, from . import core
-                names = [f"{package}.{node.module}"] if node.module else [f"{package}.{alias.name}" for alias in node.names]
-            elif node.module == package:  # from lifecycle import core
-                names = [f"{package}.{alias.name}" for alias in node.names]
+            if node.level:  # from .core import …, from ..core import …, from . import core
+                base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
             else:
-                names = [node.module]
+                base = node.module
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}".removeprefix(f"{package}.") in LAYERS else base for alias in node.names]
         else:
             continue
-        found |= {name.split(".")[1] for name in names if name.startswith(f"{package}.")}
-    return found
+        found |= {name.removeprefix(f"{package}.") for name in names if name.startswith(f"{package}.")}
+    return {layer_name(name) for name in found}
+
+
+def layer_name(module: str) -> str:
+    "The name LAYERS knows a module by: itself, or the package it belongs to (`serving.predlog.open_log` → `serving.predlog`)."
+    while module not in LAYERS and "." in module:
+        module = module.rpartition(".")[0]
+    return module
 
 
 def violations(imports: dict[str, set[str]]) -> list[str]:
@@ -64,6 +78,8 @@ def violations(imports: dict[str, set[str]]) -> list[str]:
                 found.append(f"{module} -> {target}: only the top imports the command line and the benchmarks")
             elif module in STAGES and target in STAGES:
                 found.append(f"{module} -> {target}: a stage imports another stage")
+            elif any(module in parts and target in parts and parts.index(target) > parts.index(module) for parts in ORDERED):
+                found.append(f"{module} -> {target}: a part of the package imports a part above it")
     return found
 
 
@@ -79,15 +95,20 @@ def run_section_code(notebook: Path) -> tuple[str | None, str]:
 
 
 def package_imports() -> dict[str, set[str]]:
-    "Each module's imports: its source's, and its notebook's run section's."
+    "Each module's imports (subpackages included, named by their path): its source's, and its notebook's run section's."
     folder = Path(lifecycle.__file__).resolve().parent
-    imports = {module.name: imported_modules((folder / f"{module.name}.py").read_text())
-               for module in pkgutil.iter_modules([str(folder)]) if module.name != "_modidx"}
+    imports = {}
+    for path in sorted(folder.rglob("*.py")):
+        parts = path.relative_to(folder).with_suffix("").parts
+        if path.name == "_modidx.py" or parts == ("__init__",):
+            continue
+        module = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
+        imports[module] = imported_modules(path.read_text(), module if path.name != "__init__.py" else f"{module}.__init__")
     notebooks = folder.parent / "nbs"
     for notebook in sorted(notebooks.glob("*.ipynb")):
         module, code = run_section_code(notebook)
         if module in imports:
-            imports[module] |= imported_modules(code)
+            imports[module] |= imported_modules(code, module)
     return imports
 
 
@@ -117,13 +138,17 @@ def test_known_exceptions_still_exist():
 
 @pytest.mark.parametrize("module, source, expected", [
     ("core", "def f():\n    from lifecycle.cli import main\n", ["core -> cli"]),  # inside a function counts
-    ("scoring", "from .bench import measure\n", ["scoring -> bench"]),
-    ("stream", "from lifecycle import cli\n", ["stream -> cli"]),
+    ("serving.scoring", "from ..bench import measure\n", ["serving.scoring -> bench"]),  # relative, from a subpackage
+    ("serving.stream", "from lifecycle import cli\n", ["serving.stream -> cli"]),
     ("deploy", "import lifecycle.collect\n", ["deploy -> collect"]),  # a stage importing a stage, same layer
     ("pipeline", "from lifecycle.bench import measure\nfrom .collect import collect\n", []),  # the top imports anything
-    ("deploy", "from lifecycle.serve import create_app\nfrom lifecycle.sources import read_source\n", []),
+    ("deploy", "from lifecycle.serving.serve import create_app\nfrom lifecycle.sources import read_source\n", []),
+    ("serving.predlog.stores", "from .writer import open_log\n", ["serving.predlog.stores -> serving.predlog.writer"]),
+    ("serving.batch", "from .predlog import open_log\nfrom ..core import LifecycleError\n", []),
+    ("serving.scoring", "from lifecycle.serving.predlog import open_log\n", []),  # a package, by its __init__
+    ("metrics", "from lifecycle.serving import batch\n", ["metrics -> serving.batch"]),
     ("registry", "import lifecycle\nfrom lifecycle.core import read_json\n", []),
 ])
 def test_the_rules_catch_a_bad_arrow(module, source, expected):
-    found = violations({module: imported_modules(source)})
+    found = violations({module: imported_modules(source, module)})
     assert [line.split(":")[0] for line in found] == expected

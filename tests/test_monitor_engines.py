@@ -8,7 +8,7 @@ import pytest
 
 from lifecycle.alerts import parse_kpis
 from lifecycle.monitoring import update_windows
-from lifecycle.predlog import open_log
+from lifecycle.serving.predlog import open_log
 from lifecycle.train import reference_statistics
 from test_predlog import postgres_server, postgres_url  # noqa: F401  (the private PostgreSQL cluster's fixtures)
 

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import free_port
 from lifecycle.monitoring import monitor_project
-from lifecycle.predlog import open_log
+from lifecycle.serving.predlog import open_log
 from lifecycle.registry import Registry, register, set_alias
 from lifecycle.train import reference_statistics
 

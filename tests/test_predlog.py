@@ -18,7 +18,7 @@ import pytest
 
 from conftest import free_port
 from lifecycle.core import LifecycleError
-from lifecycle.predlog import PredictionLog, SQLiteStore, id_key, open_log, pseudonymize
+from lifecycle.serving.predlog import PredictionLog, SQLiteStore, id_key, open_log, pseudonymize
 
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
 
@@ -144,7 +144,7 @@ def test_writer_thread_deaths_under_load_lose_nothing(tmp_path):
 SERVER = r"""
 import signal, sys
 from pathlib import Path
-from lifecycle.predlog import open_log
+from lifecycle.serving.predlog import open_log
 root, mode = Path(sys.argv[1]), sys.argv[2]
 log = open_log("", root)
 served = 0

@@ -131,7 +131,7 @@ def _recalibration_template(root):
 
 def test_a_kill_at_every_point_of_a_retrain_promotion_leaves_the_old_or_the_new_champion_hash_valid(tmp_path):
     from lifecycle.registry import load_model
-    from lifecycle.scoring import Scorer
+    from lifecycle.serving.scoring import Scorer
     template = tmp_path / "template"
     champion = _recalibration_template(template)
     kills, outcomes, completed = 0, set(), False
@@ -229,10 +229,10 @@ def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_p
 def test_a_promoted_recalibration_is_served_online_in_batch_and_in_streams_with_the_scores_the_comparison_judged(tmp_path):
     "The derived version (the champion's model file, its map and threshold in the metadata) through serve, batch and stream: the judged scores, bit for bit."
     from fastapi.testclient import TestClient
-    from lifecycle.batch import score_file
+    from lifecycle.serving.batch import score_file
     from lifecycle.retrain import register_change
-    from lifecycle.serve import create_app
-    from lifecycle.stream import run_stream
+    from lifecycle.serving.serve import create_app
+    from lifecycle.serving.stream import run_stream
     root = tmp_path / "project"
     champion = _recalibration_template(root)
     judged = json.loads((root / "retrain" / "t1" / "comparison.json").read_text())

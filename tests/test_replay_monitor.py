@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from conftest import LIFECYCLE, free_port, run_lifecycle, stages
-from lifecycle.predlog import open_log
+from lifecycle.serving.predlog import open_log
 
 VA = "data/heart-disease-uci/processed.va.data"
 SWITZERLAND = "data/heart-disease-uci/processed.switzerland.data"

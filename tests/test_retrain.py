@@ -11,8 +11,8 @@ from conftest import COLUMNS, HEART, run_lifecycle, stages
 
 def _log_labeled_production(project):
     "Score VA Long Beach and Switzerland with the champion and log them with their labels, over five days, through the real log API."
-    from lifecycle.predlog import open_log
-    from lifecycle.scoring import Scorer
+    from lifecycle.serving.predlog import open_log
+    from lifecycle.serving.scoring import Scorer
     names = [name.strip() for name in COLUMNS.split(",")]
     frame = pd.concat([pd.read_csv(HEART / f"processed.{name}.data", header=None, names=names, na_values="?")
                        for name in ("switzerland", "va")], ignore_index=True)

@@ -58,7 +58,7 @@ def records_of(project: Path, split: str = "test") -> tuple[list[dict], pd.DataF
 
 
 def log_count(project: Path) -> int:
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     log = open_log("", project)
     try:
         return log.count()

@@ -173,7 +173,7 @@ def _hammer_ids(url: str, records: list[dict], stop: threading.Event, served: li
 @pytest.mark.parametrize("run", range(3))
 def test_sigkill_under_load_loses_no_answered_prediction(champion_project, run):
     "kill -9 while eight clients send requests: every prediction a client got an answer for is in the log."
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     server = Server(champion_project)
     records, _ = records_of(champion_project)
     stop, served, outcome = threading.Event(), [], {"transport_errors": 0}

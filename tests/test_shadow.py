@@ -37,7 +37,7 @@ def wait_for(check, seconds=60, what="the condition"):
 
 
 def pairs_of(project: Path) -> pd.DataFrame:
-    from lifecycle.predlog import open_log, shadow_pairs
+    from lifecycle.serving.predlog import open_log, shadow_pairs
     with open_log("", project) as log:
         return shadow_pairs(log)
 
@@ -55,7 +55,7 @@ def answers(url: str, records: list) -> list[dict]:
 def test_server_with_a_shadow(champion_project):
     from lifecycle.loop import retrain_project
     from lifecycle.registry import Registry, register, load_model, set_alias
-    from lifecycle.scoring import Scorer
+    from lifecycle.serving.scoring import Scorer
     project = champion_project
     registry = Registry(project)
     champion = registry.resolve("champion")
@@ -126,10 +126,10 @@ def test_server_with_a_shadow(champion_project):
 
 
 def test_batch_and_stream_with_a_shadow(champion_project, tmp_path):
-    from lifecycle.batch import score_file
+    from lifecycle.serving.batch import score_file
     from lifecycle.registry import Registry
-    from lifecycle.scoring import Scorer
-    from lifecycle.stream import run_stream
+    from lifecycle.serving.scoring import Scorer
+    from lifecycle.serving.stream import run_stream
     project = champion_project
     registry = Registry(project)
     champion, challenger = registry.resolve("champion"), register_challenger(project)

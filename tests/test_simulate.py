@@ -179,7 +179,7 @@ def test_no_canary_anywhere_but_in_the_data(simulated, browser):
     names = {path.name for path in sandbox.rglob("*")}
     assert {"predictions.sqlite", "card.html", "alerts.jsonl", "decisions.jsonl", "simulate.html", "index.html"} <= names
     assert any(path.suffix == ".wandb" for path in sandbox.rglob("*"))
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     with open_log("", sandbox) as log:
         logged = log.predictions()
     assert logged["id_hash"].notna().all() and logged["id_hash"].str.fullmatch(r"[0-9a-f]{16,64}").all()  # ids as keyed hashes only

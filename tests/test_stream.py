@@ -63,7 +63,7 @@ def stream_args(project, tmp_path, *args):
 
 
 def logged(project, tmp_path) -> int:
-    from lifecycle.predlog import open_log
+    from lifecycle.serving.predlog import open_log
     with open_log(str(tmp_path / "predictions.sqlite"), project) as prediction_log:
         return prediction_log.count("stream")
 
