@@ -454,7 +454,7 @@ TERMS = {
     "model_version": "model version", "model_sha256": "model SHA-256", "model": "model", "rows_train": "training rows",
     "rows_val": "validation rows", "cv_roc_auc_mean": "cross-validated ROC AUC", "cv_roc_auc_std": "cross-validated ROC AUC, spread",
     "tracking": "W&B", "labeled_rows": "labeled rows", "champion_version": "champion", "challenger_version": "challenger",
-    "previous_champion": "champion before", "scored": "scored", "rejected": "rejected", "malformed": "malformed",
+    "previous_champion": "champion before", "scored": "scored", "rejected": "rejected", "rejected_share": "share refused (of the records received)", "malformed": "malformed",
     "mean_score": "mean score", "prediction_log": "prediction log", "predictions_in_log": "predictions in the log",
     # monitoring
     "predictions": "predictions", "labeled": "with their label", "windows": "windows", "latest_window": "latest window",
@@ -501,6 +501,7 @@ def styled(
     caption: str | None = None,  # a caption (escaped too)
     formats: dict | None = None,  # column -> format string, for columns that need another one (by their keys)
     words: bool = True,  # column headers and index names in words (`term`); False for a table whose headers are the data's own columns
+    na_rep: str | None = None,  # how a missing value shows (None: pandas' own, nan)
 ):  # a Styler whose values, labels and caption are escaped text
     "A report table: headers in words, numbers rounded, every value, label and caption from data or settings escaped."
     frame = frame.copy(deep=False)
@@ -510,7 +511,7 @@ def styled(
         formats = {term(column): format for column, format in formats.items()} if formats else formats
     names = lambda index: [None if name is None else html.escape(str(name)) for name in index.names]
     frame.index, frame.columns = frame.index.set_names(names(frame.index)), frame.columns.set_names(names(frame.columns))  # not escaped by Styler
-    styler = frame.style.format(formats, precision=precision, escape="html")
+    styler = frame.style.format(formats, precision=precision, escape="html", na_rep=na_rep)
     styler = styler.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
     return styler.set_caption(html.escape(caption)) if caption else styler
 

@@ -182,5 +182,7 @@ def test_no_canary_anywhere_but_in_the_data(simulated, browser):
     from lifecycle.serving.predlog import open_log
     with open_log("", sandbox) as log:
         logged = log.predictions()
-    assert logged["id_hash"].notna().all() and logged["id_hash"].str.fullmatch(r"[0-9a-f]{16,64}").all()  # ids as keyed hashes only
+    answered, shadow = logged[logged["channel"] != "shadow"], logged[logged["channel"] == "shadow"]
+    assert answered["id_hash"].notna().all() and answered["id_hash"].str.fullmatch(r"[0-9a-f]{16,64}").all()  # ids as keyed hashes only
+    assert len(shadow) and shadow["id_hash"].isna().all()  # a shadow's prediction keeps no id at all: it pairs by request id
     assert len(canaries) == 920
