@@ -160,6 +160,14 @@ def test_batch_and_stream_with_a_shadow(champion_project, tmp_path):
         mine = pairs[pairs["channel"] == channel]
         assert len(mine) == len(records) and set(mine["shadow_version"]) == {challenger}
         assert np.allclose(np.sort(mine["shadow_score"].to_numpy()), np.sort(expected), rtol=0, atol=1e-12)
+    # the Dask engine too: its workers load the shadow beside the champion (another file: other request ids)
+    rows[FEATURES].iloc[:40].to_csv(tmp_path / "part.csv", index=False)
+    dask = score_file(project, tmp_path / "part.csv", tmp_path / "dask-out.parquet", engine="dask", progress=False)
+    assert dask["shadow"]["scored"] == dask["rows_scored"] == 40 and dask["shadow"]["failed"] == 0 and dask["shadow"]["version"] == challenger
+    batch_pairs = pairs_of(project)
+    batch_pairs = batch_pairs[batch_pairs["channel"] == "batch"]
+    assert len(batch_pairs) == len(records) + 40 and set(batch_pairs["shadow_version"]) == {challenger}
+    assert np.allclose(np.sort(batch_pairs["shadow_score"].to_numpy()), np.sort(np.concatenate([expected, expected[:40]])), rtol=0, atol=1e-12)
     code, listing, _, _ = run_lifecycle("models", "shadow", "--clear", "--reason", "test: done", "--settings", project / "settings.ini", "--json")
     assert (code, "shadow" in listing["aliases"], listing["event"]["previous"]) == (0, False, challenger)
     assert (registry.aliases()["champion"], registry.aliases().get("shadow")) == (champion, None)

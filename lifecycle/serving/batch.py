@@ -356,6 +356,15 @@ def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, whe
     return rows_in, rows_scored, reasons, logged
 
 # %% ../../nbs/36_batch.ipynb #a1915f35
+def _dask_shadow(root: Path, scorer: Scorer) -> dict | None:
+    "The version in shadow, for the Dask workers to load (None: no shadow, or the champion itself)."
+    from lifecycle.registry import Registry
+    registry = Registry(root)
+    version = registry.aliases().get("shadow")
+    if version is None or version == scorer.version:
+        return None
+    return {"version": version, "sha256": ServingSpec.from_meta(registry.meta(version)).sha256}
+
 def score_file(
     root: Path,  # the project folder (its registry/ and prediction log)
     input: Path,  # a .parquet or .csv file
@@ -380,7 +389,8 @@ def score_file(
     if engine == "dask":
         try:
             counts = _score_dask(Path(root), input, output, rejects, scorer, chunk_rows, log_url if log else None,
-                                 run.run_id if run else None, file_hash, when, progress, scheduler)
+                                 run.run_id if run else None, file_hash, when, progress, scheduler,
+                                 _dask_shadow(Path(root), scorer) if log and alias == "champion" else None)
         except BaseException as error:
             if run is not None:
                 end_run(run, succeeded=False)
@@ -394,7 +404,7 @@ def score_file(
             from lifecycle.serving.predlog import open_log
             with open_log(log_url, Path(root)) as prediction_log:
                 count_batch_rejections(prediction_log, counts[2], scorer, file_hash, when)
-        return _run_summary("dask", started, *counts[:3], scorer, output, rejects, counts[3], log)
+        return {**_run_summary("dask", started, *counts[:3], scorer, output, rejects, counts[3], log), "shadow": counts[4]}
     prediction_log = shadow = None
     succeeded = False
     try:
@@ -458,10 +468,27 @@ def _worker_scorer(root: str, version: int, sha256: str) -> Scorer:
         _WORKER_SCORERS[key] = scorer
     return _WORKER_SCORERS[key]
 
+def _shadow_part(log, done: dict, scorer: Scorer, plan: dict) -> tuple[int, int]:
+    "The version in shadow scores the rows the champion scored in this partition, logged under channel `shadow`; (scored, failed). A failing shadow fails nothing."
+    from lifecycle.serving.predlog import shadow_request_id
+    features = done["features"]
+    if not len(features):
+        return 0, 0
+    ids = [shadow_request_id(request_id) for request_id in batch_ids(plan["file_hash"], done["rows"], scorer.spec.version)]
+    try:
+        shadow = _worker_scorer(plan["root"], plan["shadow"]["version"], plan["shadow"]["sha256"])
+        seen = features.reindex(columns=shadow.spec.features).reset_index(drop=True)  # as the shadow sees them
+        scores = shadow.frame_scores(seen)
+        log.record_many(ids, scores, shadow.decisions(scores), seen, shadow.version, channel="shadow", time=plan["when"],
+                        event_times=[plan["when"]] * len(ids))
+    except Exception:  # the champion's rows and outputs stand; the summary counts the failure
+        return 0, len(ids)
+    return len(ids), 0
+
 def _dask_part(frame: pd.DataFrame, plan: dict, partition_info=None) -> pd.DataFrame:
     "Score one partition and write its parts; one row of counts."
     number = partition_info["number"] if partition_info else 0
-    summary = {"part": [number], "rows_in": [len(frame)], "rows_scored": [0], "logged": [0], "reasons": ["{}"]}
+    summary = {"part": [number], "rows_in": [len(frame)], "rows_scored": [0], "logged": [0], "reasons": ["{}"], "shadow_scored": [0], "shadow_failed": [0]}
     if not len(frame) or frame.columns.tolist() == ["__dummy__"]:
         return pd.DataFrame(summary)
     if len(frame) != plan["lengths"][number]:  # the row numbers (and so the request ids) would be wrong
@@ -482,6 +509,9 @@ def _dask_part(frame: pd.DataFrame, plan: dict, partition_info=None) -> pd.DataF
         from lifecycle.serving.predlog import open_log
         with open_log(plan["log_url"], Path(plan["root"]), batch_size=20_000, run=plan["run"]) as log:
             summary["logged"] = [_log_chunk(log, done, scorer, table, plan["file_hash"], plan["when"], 1 << 62)]
+            if plan.get("shadow"):  # published with the run's other rows, or taken back with them
+                scored, failed = _shadow_part(log, done, scorer, plan)
+                summary["shadow_scored"], summary["shadow_failed"] = [scored], [failed]
             if not log.flush(timeout=600):
                 raise LifecycleError(f"the prediction log {log.store} did not take the predictions within 10 minutes")
     summary["rows_scored"] = [done["scored"].num_rows]
@@ -507,7 +537,7 @@ def _replace_folder(partial: Path, final: Path) -> None:
             final.unlink()
         os.replace(partial, final)
 
-def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_id, file_hash, when, progress, scheduler) -> tuple:
+def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_id, file_hash, when, progress, scheduler, shadow=None) -> tuple:
     import dask
     from distributed import Client, LocalCluster, as_completed
     frame, text = _read_dask(input, chunk_rows)
@@ -522,7 +552,7 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
             client = Client(cluster)
     except (OSError, TimeoutError) as error:
         raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
-    rows_in = rows_scored = logged = 0
+    rows_in = rows_scored = logged = shadow_scored = shadow_failed = 0
     reasons = {}
     try:
         with client:
@@ -538,9 +568,10 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
                     "offsets": np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(int).tolist(), "text": text,
                     "scored": str(partial["scored"].resolve()), "rejected": str(partial["rejected"].resolve()),
                     "suffix": output.suffix.lstrip(".").lower() if file_format(output) == "csv" else "parquet",
-                    "log_url": log_url, "run": run_id, "file_hash": file_hash, "when": when}
+                    "log_url": log_url, "run": run_id, "file_hash": file_hash, "when": when, "shadow": shadow}
             meta = pd.DataFrame({"part": pd.Series(dtype="int64"), "rows_in": pd.Series(dtype="int64"), "rows_scored": pd.Series(dtype="int64"),
-                                 "logged": pd.Series(dtype="int64"), "reasons": pd.Series(dtype=object)})
+                                 "logged": pd.Series(dtype="int64"), "reasons": pd.Series(dtype=object),
+                                 "shadow_scored": pd.Series(dtype="int64"), "shadow_failed": pd.Series(dtype="int64")})
             parts = frame.map_partitions(_dask_part, plan, meta=meta, enforce_metadata=False)
             ticker = Progress(sum(lengths), progress)
             for future in as_completed(client.compute(parts.to_delayed())):
@@ -548,6 +579,8 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
                 rows_in += int(counts["rows_in"].sum())
                 rows_scored += int(counts["rows_scored"].sum())
                 logged += int(counts["logged"].sum())
+                shadow_scored += int(counts["shadow_scored"].sum())
+                shadow_failed += int(counts["shadow_failed"].sum())
                 for text_counts in counts["reasons"]:
                     for reason, count in json.loads(text_counts).items():
                         reasons[reason] = reasons.get(reason, 0) + count
@@ -561,7 +594,12 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
     finally:
         if cluster is not None:
             cluster.close()
-    return rows_in, rows_scored, reasons, logged
+    shadowed = None
+    if shadow is not None and shadow_scored + shadow_failed:  # the same summary the local engine's Shadow gives
+        shadowed = {"version": shadow["version"], "submitted": shadow_scored + shadow_failed, "scored": shadow_scored, "refused": 0,
+                    "failed": shadow_failed, "dropped": 0, "waiting": 0,
+                    "error": f"shadow version {shadow['version']} failed to score {shadow_failed} rows; the champion is not affected" if shadow_failed else None}
+    return rows_in, rows_scored, reasons, logged, shadowed
 
 # %% ../../nbs/36_batch.ipynb #d4a5e002
 def _reader_failed(error: BaseException) -> bool:
