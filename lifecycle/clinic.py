@@ -90,7 +90,7 @@ class Field:
     "One input of the form."
     name: str  # the feature
     title: str  # its name in words, with its unit
-    kind: str  # number or choice
+    kind: str  # number, choice, or id (the optional patient identifier: `identifier_field`)
     choices: list  # for a choice: (the value sent, its label), in the contract's order
     seen: tuple[float, float] | None  # a number's lowest and highest value in training
     accepted: tuple[float, float] | None  # the range the contract accepts
