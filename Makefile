@@ -43,7 +43,7 @@ lab: $(VENV)/.installed
 # The README's pictures, from the latest run's report and the live dashboard, taken in Debian's chromium (apt-get install chromium).
 screenshots: $(VENV)/.installed-dev
 	test -e reports/latest || $(MAKE) run
-	ls simulations/*/simulation.json >/dev/null 2>&1 || $(BIN)/lifecycle simulate --days 12 --scale 2 --label-delay 1 --inject bad-model \
+	ls simulations/*/simulation.json >/dev/null 2>&1 || $(BIN)/lifecycle simulate --days 14 --scale 2 --label-delay 1 --inject bad-model \
 		--inject-day 3 --shadow-days 1 --seed 3 -p retrain.min_new_labels=60 -p prepare.profile=false
 	$(BIN)/python docs/screenshots.py
 

@@ -20,10 +20,10 @@ from .core import LifecycleError, Settings, load_settings, read_json, split_list
 
 # %% auto #0
 __all__ = ['CLINIC_KEYS', 'URL_ENV', 'SERVER_TOKEN_ENV', 'LIMIT_SECTIONS', 'STYLE', 'ROOT_ENV', 'PAGE', 'ClinicOptions',
-           'clinic_options', 'band_edges', 'risk_band', 'Field', 'form_fields', 'record_from_form', 'typical_values',
-           'attributions', 'shown_value', 'small_groups', 'limit_warnings', 'ClinicClient', 'card_sections',
-           'card_html', 'Reason', 'top_reasons', 'why_html', 'answer_html', 'field_errors', 'Clinic', 'clinic_root',
-           'show_clinic', 'run_clinic']
+           'clinic_options', 'band_edges', 'risk_band', 'Field', 'form_fields', 'record_from_form', 'identifier_field',
+           'typical_values', 'attributions', 'shown_value', 'small_groups', 'limit_warnings', 'ClinicClient',
+           'card_sections', 'card_html', 'Reason', 'top_reasons', 'why_html', 'answer_html', 'field_errors', 'Clinic',
+           'clinic_root', 'show_clinic', 'run_clinic']
 
 # %% ../nbs/45_clinic.ipynb #a99f270b
 CLINIC_KEYS = {
@@ -90,7 +90,7 @@ class Field:
     "One input of the form."
     name: str  # the feature
     title: str  # its name in words, with its unit
-    kind: str  # number or choice
+    kind: str  # number, choice, or id (the optional patient identifier: `identifier_field`)
     choices: list  # for a choice: (the value sent, its label), in the contract's order
     seen: tuple[float, float] | None  # a number's lowest and highest value in training
     accepted: tuple[float, float] | None  # the range the contract accepts
@@ -138,6 +138,19 @@ def record_from_form(
             value = value.strip() or None
         record[field.name] = value
     return record
+
+# %% ../nbs/45_clinic.ipynb #07358406
+def identifier_field(
+    meta: dict,  # the model version's metadata (registry)
+    settings: Settings,  # the project's settings
+) -> Field | None:  # the optional identifier field; None when neither the project nor the version names an identifier
+    "The patient identifier's field, when the project has one (`[data] id`): sent as the record's identifier, which the log keeps only as a keyed hash."
+    from lifecycle.contract import contract_from_meta
+    stored = ((meta.get("schema") or {}).get("contract") or {}).get("id") or ((meta.get("settings") or {}).get("data") or {}).get("id") or ""
+    if not (settings.id or str(stored).strip()):
+        return None
+    name = contract_from_meta(meta).id_field  # the field the server reads the identifier from
+    return Field(name, f"{settings.column_name(settings.id or name)} (optional; logged only as a keyed hash)", "id", [], None, None, 0.0, frozenset())
 
 # %% ../nbs/45_clinic.ipynb #b13cfc71
 def typical_values(
@@ -563,20 +576,24 @@ class Clinic:
             features = list(meta["features"]["numeric"]) + list(meta["features"]["categorical"])
             self.versions[number] = {"meta": meta, "fields": form_fields(meta, reference, self.settings), "card": card_html(card),
                                      "limits": card_html(card, LIMIT_SECTIONS), "typical": typical_values(features, reference, contract),
-                                     "fairness": (meta.get("evaluation") or {}).get("fairness") or {}, "scorer": None}
+                                     "fairness": (meta.get("evaluation") or {}).get("fairness") or {}, "scorer": None,
+                                     "identifier": identifier_field(meta, self.settings)}
         return self.versions[number]
 
     def build(self, number: int) -> None:
         "The form for a version's features."
         import ipywidgets as widgets
-        self.fields = self.version(number)["fields"]
+        known = self.version(number)
+        self.fields, self.identifier = known["fields"], known["identifier"]
         self.form_version = number
         self.inputs, self.errors, self.notes, rows = {}, {}, {}, []
-        for field in self.fields:
+        for field in ([self.identifier] if self.identifier is not None else []) + self.fields:
             label = widgets.HTML(f'<span class="lc-clinic" title="{_e(field.name)}">{_e(field.title)}</span>', layout=widgets.Layout(width="300px"))
             if field.kind == "choice":
                 box = widgets.Dropdown(options=[("not done (missing)", None)] + [(text, value) for value, text in field.choices], value=None,
                                        layout=widgets.Layout(width="260px"))
+            elif field.kind == "id":
+                box = widgets.Text(placeholder="optional", layout=widgets.Layout(width="260px"))
             else:
                 box = widgets.Text(placeholder=_field_hint(field), layout=widgets.Layout(width="260px"))
             box.add_class(f"lc-field-{field.name}")
@@ -613,7 +630,7 @@ class Clinic:
 
     def submit(self, _button=None) -> dict:  # status, and the answer or the errors
         "Score what the form holds and show the answer, or the refusal beside its fields."
-        record = record_from_form(self.values(), self.fields)
+        record = record_from_form(self.values(), ([self.identifier] if self.identifier is not None else []) + self.fields)
         for name, error in self.errors.items():
             error.value = self.notes[name]
         self.message.value = ""
@@ -626,10 +643,26 @@ class Clinic:
         except Exception as error:  # the server away, a timeout: a sentence, never a traceback
             self.message.value = f'<div class="lc-clinic lc-refused">The scoring service did not answer ({_e(type(error).__name__)}); try again in a moment.</div>'
             return {"status": None}
+        if status == 200:
+            answered = int(answer["predictions"][0]["model_version"])
+        else:  # refused: perhaps by a new champion with other fields; ask which version serves now
+            try:
+                answered = int(self.client.model()["version"])
+            except Exception:  # the server away: the refusal still shows
+                answered = self.form_version
+        changed = self.rebuild(answered)
+        if changed:
+            self.message.value = f'<div class="lc-clinic lc-ok lc-changed" data-submission="{self.submissions}">{_e(changed)}</div>'
         if status != 200:
-            at_field, general = field_errors(answer.get("detail"), set(self.inputs)) if isinstance(answer, dict) else ({}, [])
+            detail = answer.get("detail") if isinstance(answer, dict) else None
+            if changed and isinstance(detail, list):  # errors about fields the new form no longer has are the old form's, not the patient's
+                detail = [error for error in detail if not (isinstance(error, dict) and len(error.get("loc") or []) > 2
+                                                            and error["loc"][0] == "body" and error["loc"][2] not in self.inputs)]
+            at_field, general = field_errors(detail, set(self.inputs))
             for name, message in at_field.items():
                 self.errors[name].value = f'<div class="lc-clinic"><span class="lc-field-error">{_e(message)}</span></div>'
+            if changed:
+                general = [changed + " Check the form and submit again."] + general
             if not at_field and not general:
                 general = [f"The scoring service refused the record ({status})."]
             lines = "".join(f"<div>{_e(line)}</div>" for line in general)
@@ -650,17 +683,27 @@ class Clinic:
                                  f'<h2>Risk of {_e(self.settings.positive_label)}: {float(prediction["score"]):.2f}</h2>'
                                  f'<div class="lc-refused">No explanation and no limits: {_e(error)}</div></div>')
             return {"status": status, "prediction": prediction}
-        if int(prediction["model_version"]) != self.form_version:
-            previous = self.version(self.form_version)["fields"]
-            if [f.name for f in self.version(int(prediction["model_version"]))["fields"]] != [f.name for f in previous]:
-                kept = self.values()
-                self.build(int(prediction["model_version"]))
-                for name, box in self.inputs.items():
-                    choices = [value for _, value in box.options] if hasattr(box, "options") else None
-                    if name in kept and (choices is None or kept[name] in choices):
-                        box.value = kept[name]
-            self.form_version = int(prediction["model_version"])
         return {"status": status, "prediction": prediction}
+
+    def rebuild(self, number: int) -> str:
+        "Rebuild the form for version `number` when it is not the form's, keeping what was typed where it still fits; say what changed ('' when nothing)."
+        if number == self.form_version:
+            return ""
+        previous, kept = self.form_version, self.values()
+        before = [field.name for field in self.fields]
+        self.build(number)
+        for name, box in self.inputs.items():
+            choices = [value for _, value in box.options] if hasattr(box, "options") else None
+            if name in kept and (choices is None or kept[name] in choices):
+                box.value = kept[name]
+        after = [field.name for field in self.fields]
+        added, removed = [f for f in self.fields if f.name not in before], [name for name in before if name not in after]
+        words = [f"Model version {number} now answers (this form was made for version {previous}); the form was rebuilt for it."]
+        if added:
+            words.append("New fields: " + ", ".join(field.title for field in added) + ".")
+        if removed:
+            words.append("Fields no longer used: " + ", ".join(self.settings.column_name(name) for name in removed) + ".")
+        return " ".join(words)
 
 # %% ../nbs/45_clinic.ipynb #19e2a77e
 ROOT_ENV = "LIFECYCLE_CLINIC_ROOT"  # the project folder, set by `lifecycle clinic` for Voila's kernels

@@ -91,7 +91,7 @@ def _second_version(root: Path) -> int:
 
 
 def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(champion_project, browser):
-    from lifecycle.clinic import ClinicClient, form_fields
+    from lifecycle.clinic import form_fields
     from lifecycle.core import load_settings, read_json
     from lifecycle.registry import Registry
     root = champion_project
@@ -115,6 +115,9 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
             if httpx.get(api + "/ready").status_code == 200:
                 break
             time.sleep(0.2)
+        # the same page started with --url: it scores through the running server (started now, so it finds the server up)
+        url_port = free_port()
+        remote = _start(["clinic", "--settings", str(root / "settings.ini"), "--port", str(url_port), "--url", api], root, "clinic-url", "Clinic: http")
         page = browser.new_page(viewport={"width": 1100, "height": 1500})
         problems, dialogs = [], []
         page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}") if message.type == "error" else None)
@@ -169,6 +172,8 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
         version = _second_version(root)
         shown = _submit(page, complete, fields)
         assert shown["version"] == str(version) and f"Answered by model version {version}" in shown["text"]
+        changed = page.evaluate("() => document.querySelector('.lc-message').innerText")
+        assert f"Model version {version} now answers (this form was made for version 1)" in changed, changed  # and it says so
         page_ids[shown["requestId"]] = version
         for _ in range(600):  # the server's watcher swaps within its interval
             if httpx.get(api + "/ready").json().get("model_version") == version:
@@ -178,21 +183,27 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
         assert answer["model_version"] == version and float(shown["score"]) == answer["predictions"][0]["score"]
         api_ids.add(answer["predictions"][0]["request_id"])
 
-        # the page's client against the running server (`lifecycle clinic --url`): the server logs it under dashboard
-        client = ClinicClient(root, url=api)
-        try:
-            status, body = client.predict(gappy)
-            assert status == 200 and body["model_version"] == version
-            url_ids.add(body["predictions"][0]["request_id"])
-        finally:
-            client.close()
+        # the real page of `lifecycle clinic --url`: scored by the running server, which logs it under dashboard
+        remote_page = browser.new_page(viewport={"width": 1100, "height": 1500})
+        remote_page.on("pageerror", lambda error: problems.append(f"--url page error: {error}"))
+        remote_page.goto(f"http://127.0.0.1:{url_port}/", wait_until="load")
+        remote_page.wait_for_selector("button.lc-submit", timeout=180_000)
+        shown = _submit(remote_page, gappy, fields)
+        answer = httpx.post(api + "/predict", json=gappy, timeout=60).json()["predictions"][0]
+        assert shown["version"] == str(version) == str(answer["model_version"]) and repr(answer["score"]) == shown["score"]
+        assert "Why" in shown["text"] and f"Answered by model version {version}" in shown["text"]
+        url_ids.add(shown["requestId"])
+        api_ids.add(answer["request_id"])
+        remote_page.close()
         refused = httpx.post(api + "/predict", json=gappy, headers={"X-Lifecycle-Channel": "batch"})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["header", "X-Lifecycle-Channel"]
         assert problems == [] and dialogs == [], (problems, dialogs)
         page.close()
     finally:
         clinic_code = _stop(clinic)
+        remote_code = _stop(remote) if "remote" in locals() else 0
         server_code = _stop(server)
+    assert remote_code == 0, (root / "clinic-url.log").read_text()[-1500:]
     assert clinic_code == 0 and server_code in (0, -signal.SIGTERM), (clinic_code, server_code, (root / "clinic.log").read_text()[-1500:])
 
     from lifecycle.serving.predlog import open_log
@@ -204,3 +215,82 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
     online = {request_id for request_id, channel, _ in logged if channel == "online"}
     assert dashboard == {**page_ids, **{request_id: version for request_id in url_ids}}  # every score shown, none refused, with its version
     assert api_ids <= online and not (set(page_ids) & online)
+
+
+def _without_chol(root: Path) -> int:
+    "A new champion with other fields: the champion's recipe without serum cholesterol, fitted on VA's patients, registered and promoted."
+    from lifecycle.registry import Registry, register, set_alias
+    from lifecycle.serving.scoring import Scorer, check_frame
+    from lifecycle.train import build_pipeline
+    registry = Registry(root)
+    scorer = Scorer.from_registry(root, 1)
+    frame = pd.read_csv(root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?", names=HEART)
+    features, reasons = check_frame(frame, scorer.spec)
+    labels = (frame.loc[(reasons == "").to_numpy(), "num"] > 0).astype(int).to_numpy()
+    meta = {key: value for key, value in registry.meta(1).items() if key not in ("version", "sha256", "bytes", "created")}
+    numeric = [name for name in meta["features"]["numeric"] if name != "chol"]
+    meta["features"] = {**meta["features"], "numeric": numeric}
+    model = build_pipeline("logistic_regression", numeric, list(meta["features"]["categorical"]))
+    model.fit(features.drop(columns="chol").reset_index(drop=True), labels)
+    folder = root / "registry" / "versions" / "1"
+    version = register(registry, model, meta, files={"reference.json": (folder / "reference.json").read_text(), "card.md": (folder / "card.md").read_text()})
+    set_alias(registry, "champion", version, "test: a new champion without serum cholesterol while the clinic page is open")
+    return version
+
+
+HEART = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
+
+
+def test_the_identifier_is_logged_only_hashed_and_a_champion_with_other_fields_rebuilds_the_form(champion_project):
+    "The page's own object, in-process (no browser needed): the identifier field of a project with `[data] id`, and the form rebuilt for a new champion."
+    from lifecycle.clinic import Clinic
+    from lifecycle.serving.predlog import open_log
+    from lifecycle.serving.predlog.writer import id_key, pseudonymize
+    root = champion_project
+    settings = root / "settings.ini"
+    settings.write_text(settings.read_text().replace("\nid =\n", "\nid = patient_id\n"))
+    va = pd.read_csv(root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?", names=HEART)
+    complete = next(row for _, row in va.drop(columns="num").iterrows() if not row.isna().any())
+    secret, too_long = "MRN-884213 Doe", "Z" * 250
+
+    def page(clinic) -> str:
+        return "".join([clinic.title.value, clinic.message.value, clinic.result.value] + [error.value for error in clinic.errors.values()])
+
+    def fill(clinic, identifier):
+        for field in clinic.fields:
+            value = float(complete[field.name])
+            clinic.inputs[field.name].value = int(value) if field.kind == "choice" else f"{value:g}"
+        clinic.inputs["id"].value = identifier
+
+    clinic = Clinic(root)
+    try:
+        assert clinic.identifier is not None and clinic.identifier.name == "id" and "keyed hash" in clinic.identifier.title
+        fill(clinic, too_long)  # an identifier the log cannot keep: refused at its field, never echoed
+        refused = clinic.submit()
+        assert refused["status"] == 422 and "printable text" in clinic.errors["id"].value and too_long not in page(clinic)
+        fill(clinic, secret)
+        first = clinic.submit()
+        assert first["status"] == 200 and first["prediction"]["model_version"] == 1
+        assert secret not in page(clinic) and "MRN" not in page(clinic)
+
+        version = _without_chol(root)
+        stale = clinic.submit()  # the form still has serum cholesterol: the new champion refuses it, the page rebuilds the form
+        assert stale["status"] == 422 and clinic.form_version == version and "chol" not in clinic.inputs
+        message = clinic.message.value
+        assert f"Model version {version} now answers (this form was made for version 1); the form was rebuilt for it" in message, message
+        assert "Fields no longer used: serum cholesterol" in message and "not a field of the model" not in message, message
+        assert clinic.inputs["id"].value == secret and clinic.inputs["age"].value == f"{float(complete['age']):g}"  # what was typed is kept
+        second = clinic.submit()
+        assert second["status"] == 200 and second["prediction"]["model_version"] == version
+        assert secret not in page(clinic) and "Answered by model version 2" in clinic.result.value
+    finally:
+        clinic.client.close()
+    with open_log("", root) as log:  # replays the journal
+        log.flush()
+    with sqlite3.connect(root / "predictions.sqlite") as database:
+        logged = database.execute("SELECT request_id, channel, model_version, id_hash, features FROM predictions").fetchall()
+    shown = {first["prediction"]["request_id"]: 1, second["prediction"]["request_id"]: version}
+    assert {row[0]: row[2] for row in logged if row[1] == "dashboard"} == shown  # the refused records logged nowhere
+    hashed = pseudonymize(secret, id_key(root))  # exactly the hash POST /predict logs for this identifier
+    assert [row[3] for row in logged if row[0] in shown] == [hashed, hashed]
+    assert not any(secret in str(row) or "MRN" in str(row) for row in logged)
