@@ -26,7 +26,7 @@ _log = logging.getLogger("lifecycle.serving.scoring")
 # %% auto #0
 __all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'SHADOW_ALIAS', 'ServingSpec', 'check_records', 'check_frame',
            'record_json_schema', 'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores',
-           'Prediction', 'Scorer', 'Shadow']
+           'Prediction', 'Scorer', 'contract_key', 'Shadow']
 
 # %% ../../nbs/30_scoring.ipynb #6019bd18
 @dataclass
@@ -409,6 +409,23 @@ class Scorer:
         return {"features": features, "reasons": reasons, "good": (reasons == "").to_numpy(), "scores": scores,
                 "decisions": self.decisions(scores)}
 
+# %% ../../nbs/30_scoring.ipynb #a6a42258
+def _key_part(value):
+    "A rule's attribute as a comparable value (a set sorted, a mapping by its items)."
+    if isinstance(value, (set, frozenset)):
+        return ("set",) + tuple(sorted(repr(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted((repr(k), repr(v)) for k, v in value.items()))
+    return repr(value)
+
+def contract_key(
+    contract: Contract,  # a compiled contract
+) -> tuple:  # equal for two contracts that clean and judge every record alike
+    "Everything that decides a contract's verdicts and cleaned values, as one comparable value."
+    rules = tuple(tuple(sorted((name, _key_part(value)) for name, value in vars(rule).items())) for rule in contract.rules)
+    return (rules, tuple(contract.order), float(contract.max_missing_share), contract.id_field)
+
+
 # %% ../../nbs/30_scoring.ipynb #0e41fb70
 SHADOW_ALIAS = "shadow"  # the registry alias of the version scoring in shadow
 
@@ -421,10 +438,13 @@ class Shadow:
         max_pending: int = 10_000,  # records waiting at most; beyond it the oldest are dropped (counted)
         interval: float = 0.5,  # seconds between looks at the registry's aliases
         max_busy: float = 0.1,  # the share of time the shadow may spend scoring (1: no limit); beyond it, it samples
+        journal: bool = False,  # journal the shadow's rows too (a shadow prediction is never an answer: by default it is not)
     ):
         if not 0 < max_busy <= 1:
             raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
         self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
+        self.journal = journal
+        self._same = (None, None, False)  # (the champion's contract, the shadow's version, whether they clean alike), last compared
         self.scorer: Scorer | None = None
         self.error: str | None = None  # the last failure to load or to score, one line
         self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
@@ -476,13 +496,16 @@ class Shadow:
         features: pd.DataFrame | None = None,  # … or its checked features, one row a record (batch)
         event_times: list | None = None,  # each record's event time (None: `when`)
         when: str | None = None,  # when the champion logged them
+        rows: list | None = None,  # with `records`: their cleaned values as the champion's contract made them (`Prediction.features`)
+        contract: Contract | None = None,  # the champion's contract that made `rows`; a shadow with the same contract reuses them
     ) -> bool:  # False when there is no shadow (nothing queued)
         "Hand what the champion scored to the shadow; returns at once, never raises."
         if self.scorer is None or self._stopping or not len(request_ids):
             return False
         count = len(request_ids)
         with self._wake:
-            self._queue.append((champion_version, list(request_ids), records, features, event_times, when))
+            self._queue.append((champion_version, list(request_ids), records, features, event_times, when,
+                                rows if rows is not None and records is not None and len(rows) == len(records) else None, contract))
             self._waiting += count
             self.counts["submitted"] += count
             while self._waiting > self.max_pending and len(self._queue) > 1:
@@ -494,7 +517,7 @@ class Shadow:
 
     def _score(self, item: tuple) -> None:
         "Score one submitted piece with the shadow and log it; a failure is counted, never raised."
-        champion_version, request_ids, records, features, event_times, when = item
+        champion_version, request_ids, records, features, event_times, when, rows, contract = item
         scorer = self.scorer
         if scorer is None:  # the shadow was taken off meanwhile: what waited for it is dropped
             self.counts["dropped"] += len(request_ids)
@@ -505,14 +528,18 @@ class Shadow:
         ids = [shadow_request_id(request_id) for request_id in request_ids]
         try:
             if records is not None:
-                results, _ = scorer.score_records(records)
-                rows = [{"request_id": shadow_id, "time": _utc_now(), "model_version": scorer.version, "channel": "shadow",
-                         "score": result["score"], "decision": result["decision"], "features": {}, "event_time": event_time or when}
-                        for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
-                self.counts["refused"] += len(ids) - len(rows)
-                if rows:
-                    self.log.record(rows)
-                self.counts["scored"] += len(rows)
+                if rows is not None and None not in rows and self._cleans_alike(contract, scorer):  # the champion's check holds for it
+                    results = scorer.predictions(scorer.scores(rows))
+                else:
+                    results, _ = scorer.score_records(records)
+                now, version = _utc_now(), scorer.version
+                logged = [{"request_id": shadow_id, "time": now, "model_version": version, "channel": "shadow",
+                           "score": result.score, "decision": result.decision, "event_time": event_time or when}
+                          for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
+                self.counts["refused"] += len(ids) - len(logged)
+                if logged:
+                    self.log.record(logged, journal=self.journal)
+                self.counts["scored"] += len(logged)
             else:
                 seen = features.reindex(columns=scorer.spec.features).reset_index(drop=True)  # as the shadow saw them
                 scores = scorer.frame_scores(seen)
@@ -524,6 +551,16 @@ class Shadow:
             self.counts["failed"] += len(ids)
             self.error = f"shadow version {scorer.version} failed to score ({type(error).__name__}); the champion is not affected"
             _log.warning("%s", self.error)
+
+    def _cleans_alike(self, contract, scorer: Scorer) -> bool:
+        "Whether the champion's `contract` cleans every record as the shadow's does (compared once a pair of versions)."
+        if contract is None:
+            return False
+        seen, version, same = self._same
+        if seen is not contract or version != scorer.version:
+            same = contract_key(contract) == contract_key(scorer.contract)
+            self._same = (contract, scorer.version, same)
+        return same
 
     def _run(self) -> None:
         next_check = 0.0
@@ -593,9 +630,11 @@ def _merged(items: list) -> list:
     merged = []
     for item in items:
         last = merged[-1] if merged else None
-        if last is not None and item[2] is not None and last[2] is not None and last[0] == item[0] and last[5] == item[5]:
+        if (last is not None and item[2] is not None and last[2] is not None and last[0] == item[0] and last[5] == item[5]
+                and (last[6] is None) == (item[6] is None) and last[7] is item[7]):  # the same champion's rows, or none
             events = (last[4] or [None] * len(last[1])) + (item[4] or [None] * len(item[1]))
-            merged[-1] = (last[0], last[1] + item[1], last[2] + item[2], None, events, last[5])
+            rows = last[6] + item[6] if last[6] is not None else None
+            merged[-1] = (last[0], last[1] + item[1], last[2] + item[2], None, events, last[5], rows, last[7])
         else:
             merged.append(item)
     return merged
