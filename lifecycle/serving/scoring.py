@@ -625,16 +625,28 @@ class Shadow:
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
-def _merged(items: list) -> list:
-    "Consecutive record pieces of one champion version and time merged into one model call (as the champion's batcher does)."
-    merged = []
+def _merged(
+    items: list,  # submitted pieces, oldest first: (champion version, request ids, records, features, event times, when, rows, contract)
+    most: int = 2048,  # records one merged piece holds at most (the shadow rests after each piece)
+) -> list:  # the pieces to score, in order
+    """Consecutive record pieces of one champion version (and the same cleaned-rows contract) merged into one model call,
+    as the champion's batcher does; each record keeps its own event time. Linear in the records."""
+    merged, current = [], None
     for item in items:
-        last = merged[-1] if merged else None
-        if (last is not None and item[2] is not None and last[2] is not None and last[0] == item[0] and last[5] == item[5]
-                and (last[6] is None) == (item[6] is None) and last[7] is item[7]):  # the same champion's rows, or none
-            events = (last[4] or [None] * len(last[1])) + (item[4] or [None] * len(item[1]))
-            rows = last[6] + item[6] if last[6] is not None else None
-            merged[-1] = (last[0], last[1] + item[1], last[2] + item[2], None, events, last[5], rows, last[7])
-        else:
+        version, ids, records, features, events, when, rows, contract = item
+        if records is None:  # a batch's features: alone
             merged.append(item)
+            current = None
+            continue
+        events = [event or when for event in events] if events is not None else [when] * len(ids)
+        if (current is None or current[0] != version or (current[6] is None) != (rows is None) or current[7] is not contract
+                or len(current[1]) + len(ids) > most):
+            current = (version, [], [], None, [], None, [] if rows is not None else None, contract)
+            merged.append(current)
+        current[1].extend(ids)
+        current[2].extend(records)
+        current[4].extend(events)
+        if rows is not None:
+            current[6].extend(rows)
     return merged
+
