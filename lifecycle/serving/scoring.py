@@ -439,11 +439,15 @@ class Shadow:
         interval: float = 0.5,  # seconds between looks at the registry's aliases
         max_busy: float = 0.1,  # the share of time the shadow may spend scoring (1: no limit); beyond it, it samples
         journal: bool = False,  # journal the shadow's rows too (a shadow prediction is never an answer: by default it is not)
+        gather: float = 0.25,  # seconds records gather before the shadow scores them (one model call for many requests)
+        gather_records: int = 2048,  # … or this many records, whichever comes first
     ):
         if not 0 < max_busy <= 1:
             raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
         self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
-        self.journal = journal
+        self.journal, self.gather, self.gather_records = journal, gather, gather_records
+        self._queued = 0  # records in the queue (not yet taken by the thread)
+        self._hurry = 0  # callers of `drain` waiting: the thread scores what waits without gathering more
         self._same = (None, None, False)  # (the champion's contract, the shadow's version, whether they clean alike), last compared
         self.scorer: Scorer | None = None
         self.error: str | None = None  # the last failure to load or to score, one line
@@ -507,12 +511,15 @@ class Shadow:
             self._queue.append((champion_version, list(request_ids), records, features, event_times, when,
                                 rows if rows is not None and records is not None and len(rows) == len(records) else None, contract))
             self._waiting += count
+            self._queued += count
             self.counts["submitted"] += count
             while self._waiting > self.max_pending and len(self._queue) > 1:
                 dropped = self._queue.popleft()
                 self._waiting -= len(dropped[1])
+                self._queued -= len(dropped[1])
                 self.counts["dropped"] += len(dropped[1])
-            self._wake.notify()
+            if self._queued >= self.gather_records:  # else the thread wakes by itself when the gathering time is up
+                self._wake.notify()
         return True
 
     def _score(self, item: tuple) -> None:
@@ -565,10 +572,14 @@ class Shadow:
     def _run(self) -> None:
         next_check = 0.0
         while True:
-            with self._wake:
-                if not self._queue and not self._stopping:
-                    self._wake.wait(self.interval)
-                items, self._queue = list(self._queue), collections.deque()
+            with self._wake:  # records gather a while: one model call and one log call for many requests
+                until = time.monotonic() + (self.gather if self._queue else max(self.gather, self.interval))
+                while not self._stopping and not self._hurry and self._queued < self.gather_records:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                items, self._queue, self._queued = list(self._queue), collections.deque(), 0
                 if not items and self._stopping:
                     return
             if time.monotonic() >= next_check:
@@ -600,11 +611,16 @@ class Shadow:
         "Wait until every submitted record is scored and queued for the log."
         deadline = time.monotonic() + timeout
         with self._wake:
-            while self._waiting > 0 and self._thread is not None and self._thread.is_alive():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._wake.wait(min(left, 0.1))
+            self._hurry += 1
+            self._wake.notify_all()
+            try:
+                while self._waiting > 0 and self._thread is not None and self._thread.is_alive():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._wake.wait(min(left, 0.1))
+            finally:
+                self._hurry -= 1
         return self._waiting == 0
 
     def stop(self,
