@@ -26,7 +26,7 @@ _log = logging.getLogger("lifecycle.serving.scoring")
 # %% auto #0
 __all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'SHADOW_ALIAS', 'ServingSpec', 'check_records', 'check_frame',
            'record_json_schema', 'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores',
-           'Prediction', 'Scorer', 'Shadow']
+           'Prediction', 'Scorer', 'contract_key', 'Shadow']
 
 # %% ../../nbs/30_scoring.ipynb #6019bd18
 @dataclass
@@ -409,6 +409,23 @@ class Scorer:
         return {"features": features, "reasons": reasons, "good": (reasons == "").to_numpy(), "scores": scores,
                 "decisions": self.decisions(scores)}
 
+# %% ../../nbs/30_scoring.ipynb #a6a42258
+def _key_part(value):
+    "A rule's attribute as a comparable value (a set sorted, a mapping by its items)."
+    if isinstance(value, (set, frozenset)):
+        return ("set",) + tuple(sorted(repr(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted((repr(k), repr(v)) for k, v in value.items()))
+    return repr(value)
+
+def contract_key(
+    contract: Contract,  # a compiled contract
+) -> tuple:  # equal for two contracts that clean and judge every record alike
+    "Everything that decides a contract's verdicts and cleaned values, as one comparable value."
+    rules = tuple(tuple(sorted((name, _key_part(value)) for name, value in vars(rule).items())) for rule in contract.rules)
+    return (rules, tuple(contract.order), float(contract.max_missing_share), contract.id_field)
+
+
 # %% ../../nbs/30_scoring.ipynb #0e41fb70
 SHADOW_ALIAS = "shadow"  # the registry alias of the version scoring in shadow
 
@@ -421,10 +438,17 @@ class Shadow:
         max_pending: int = 10_000,  # records waiting at most; beyond it the oldest are dropped (counted)
         interval: float = 0.5,  # seconds between looks at the registry's aliases
         max_busy: float = 0.1,  # the share of time the shadow may spend scoring (1: no limit); beyond it, it samples
+        journal: bool = False,  # journal the shadow's rows too (a shadow prediction is never an answer: by default it is not)
+        gather: float = 0.25,  # seconds records gather before the shadow scores them (one model call for many requests)
+        gather_records: int = 2048,  # … or this many records, whichever comes first
     ):
         if not 0 < max_busy <= 1:
             raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
         self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
+        self.journal, self.gather, self.gather_records = journal, gather, gather_records
+        self._queued = 0  # records in the queue (not yet taken by the thread)
+        self._hurry = 0  # callers of `drain` waiting: the thread scores what waits without gathering more
+        self._same = (None, None, False)  # (the champion's contract, the shadow's version, whether they clean alike), last compared
         self.scorer: Scorer | None = None
         self.error: str | None = None  # the last failure to load or to score, one line
         self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
@@ -476,25 +500,31 @@ class Shadow:
         features: pd.DataFrame | None = None,  # … or its checked features, one row a record (batch)
         event_times: list | None = None,  # each record's event time (None: `when`)
         when: str | None = None,  # when the champion logged them
+        rows: list | None = None,  # with `records`: their cleaned values as the champion's contract made them (`Prediction.features`)
+        contract: Contract | None = None,  # the champion's contract that made `rows`; a shadow with the same contract reuses them
     ) -> bool:  # False when there is no shadow (nothing queued)
         "Hand what the champion scored to the shadow; returns at once, never raises."
         if self.scorer is None or self._stopping or not len(request_ids):
             return False
         count = len(request_ids)
         with self._wake:
-            self._queue.append((champion_version, list(request_ids), records, features, event_times, when))
+            self._queue.append((champion_version, list(request_ids), records, features, event_times, when,
+                                rows if rows is not None and records is not None and len(rows) == len(records) else None, contract))
             self._waiting += count
+            self._queued += count
             self.counts["submitted"] += count
             while self._waiting > self.max_pending and len(self._queue) > 1:
                 dropped = self._queue.popleft()
                 self._waiting -= len(dropped[1])
+                self._queued -= len(dropped[1])
                 self.counts["dropped"] += len(dropped[1])
-            self._wake.notify()
+            if self._queued >= self.gather_records:  # else the thread wakes by itself when the gathering time is up
+                self._wake.notify()
         return True
 
     def _score(self, item: tuple) -> None:
         "Score one submitted piece with the shadow and log it; a failure is counted, never raised."
-        champion_version, request_ids, records, features, event_times, when = item
+        champion_version, request_ids, records, features, event_times, when, rows, contract = item
         scorer = self.scorer
         if scorer is None:  # the shadow was taken off meanwhile: what waited for it is dropped
             self.counts["dropped"] += len(request_ids)
@@ -505,14 +535,18 @@ class Shadow:
         ids = [shadow_request_id(request_id) for request_id in request_ids]
         try:
             if records is not None:
-                results, _ = scorer.score_records(records)
-                rows = [{"request_id": shadow_id, "time": _utc_now(), "model_version": scorer.version, "channel": "shadow",
-                         "score": result["score"], "decision": result["decision"], "features": {}, "event_time": event_time or when}
-                        for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
-                self.counts["refused"] += len(ids) - len(rows)
-                if rows:
-                    self.log.record(rows)
-                self.counts["scored"] += len(rows)
+                if rows is not None and None not in rows and self._cleans_alike(contract, scorer):  # the champion's check holds for it
+                    results = scorer.predictions(scorer.scores(rows))
+                else:
+                    results, _ = scorer.score_records(records)
+                now, version = _utc_now(), scorer.version
+                logged = [{"request_id": shadow_id, "time": now, "model_version": version, "channel": "shadow",
+                           "score": result.score, "decision": result.decision, "event_time": event_time or when}
+                          for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
+                self.counts["refused"] += len(ids) - len(logged)
+                if logged:
+                    self.log.record(logged, journal=self.journal)
+                self.counts["scored"] += len(logged)
             else:
                 seen = features.reindex(columns=scorer.spec.features).reset_index(drop=True)  # as the shadow saw them
                 scores = scorer.frame_scores(seen)
@@ -525,13 +559,27 @@ class Shadow:
             self.error = f"shadow version {scorer.version} failed to score ({type(error).__name__}); the champion is not affected"
             _log.warning("%s", self.error)
 
+    def _cleans_alike(self, contract, scorer: Scorer) -> bool:
+        "Whether the champion's `contract` cleans every record as the shadow's does (compared once a pair of versions)."
+        if contract is None:
+            return False
+        seen, version, same = self._same
+        if seen is not contract or version != scorer.version:
+            same = contract_key(contract) == contract_key(scorer.contract)
+            self._same = (contract, scorer.version, same)
+        return same
+
     def _run(self) -> None:
         next_check = 0.0
         while True:
-            with self._wake:
-                if not self._queue and not self._stopping:
-                    self._wake.wait(self.interval)
-                items, self._queue = list(self._queue), collections.deque()
+            with self._wake:  # records gather a while: one model call and one log call for many requests
+                until = time.monotonic() + (self.gather if self._queue else max(self.gather, self.interval))
+                while not self._stopping and not self._hurry and self._queued < self.gather_records:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                items, self._queue, self._queued = list(self._queue), collections.deque(), 0
                 if not items and self._stopping:
                     return
             if time.monotonic() >= next_check:
@@ -563,11 +611,16 @@ class Shadow:
         "Wait until every submitted record is scored and queued for the log."
         deadline = time.monotonic() + timeout
         with self._wake:
-            while self._waiting > 0 and self._thread is not None and self._thread.is_alive():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._wake.wait(min(left, 0.1))
+            self._hurry += 1
+            self._wake.notify_all()
+            try:
+                while self._waiting > 0 and self._thread is not None and self._thread.is_alive():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._wake.wait(min(left, 0.1))
+            finally:
+                self._hurry -= 1
         return self._waiting == 0
 
     def stop(self,
@@ -588,14 +641,28 @@ class Shadow:
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
-def _merged(items: list) -> list:
-    "Consecutive record pieces of one champion version and time merged into one model call (as the champion's batcher does)."
-    merged = []
+def _merged(
+    items: list,  # submitted pieces, oldest first: (champion version, request ids, records, features, event times, when, rows, contract)
+    most: int = 2048,  # records one merged piece holds at most (the shadow rests after each piece)
+) -> list:  # the pieces to score, in order
+    """Consecutive record pieces of one champion version (and the same cleaned-rows contract) merged into one model call,
+    as the champion's batcher does; each record keeps its own event time. Linear in the records."""
+    merged, current = [], None
     for item in items:
-        last = merged[-1] if merged else None
-        if last is not None and item[2] is not None and last[2] is not None and last[0] == item[0] and last[5] == item[5]:
-            events = (last[4] or [None] * len(last[1])) + (item[4] or [None] * len(item[1]))
-            merged[-1] = (last[0], last[1] + item[1], last[2] + item[2], None, events, last[5])
-        else:
+        version, ids, records, features, events, when, rows, contract = item
+        if records is None:  # a batch's features: alone
             merged.append(item)
+            current = None
+            continue
+        events = [event or when for event in events] if events is not None else [when] * len(ids)
+        if (current is None or current[0] != version or (current[6] is None) != (rows is None) or current[7] is not contract
+                or len(current[1]) + len(ids) > most):
+            current = (version, [], [], None, [], None, [] if rows is not None else None, contract)
+            merged.append(current)
+        current[1].extend(ids)
+        current[2].extend(records)
+        current[4].extend(events)
+        if rows is not None:
+            current[6].extend(rows)
     return merged
+

@@ -474,7 +474,8 @@ def create_app(
             metrics.predictions.labels(str(result["decision"])).inc()
         if state.get("shadow") is not None:  # queued for the shadow's own thread: the answer does not wait for it
             state["shadow"].submit(version, [entry["request_id"] for entry in logged], records=records,
-                                   event_times=[entry["event_time"] for entry in logged], when=now)
+                                   event_times=[entry["event_time"] for entry in logged], when=now,
+                                   rows=[result.features for result in results], contract=spec.contract)  # cleaned already: not checked again
         return finish("predict", SafeJSONResponse({"predictions": answers, "model_version": version}), started)
 
     @app.post("/feedback", summary="Record the true label of an earlier request", status_code=202,

@@ -455,10 +455,11 @@ class PredictionLog(PredictionReader):
 
     def record(self,
         predictions: list[dict],  # each: request_id, time, model_version, channel, score, decision, features, id
+        journal: bool = True,  # False: queued without the journal, even when the log has one (rows no client was answered with: a shadow's)
     ) -> int:  # a ticket: `when_committed(ticket)` tells when these rows are in the database
         "Queue predictions for the writer; returns at once (no disk, no network on this thread)."
         items = [("p", prediction_row(prediction, self._hash_id, number)) for number, prediction in enumerate(predictions)]
-        if self._journal is None:
+        if self._journal is None or not journal:
             return self._enqueue(items)
         with self._lock:  # journal and queue in one order, so a journal is retired only after what it holds is queued
             if self._closing:
