@@ -129,7 +129,8 @@ def monitor_text(
     return "\n".join(lines)
 
 def _monitor(args) -> int:
-    import time
+    import signal
+    import threading
     from lifecycle.alerts import parse_kpis
     from lifecycle.core import load_settings
     from lifecycle.monitoring import monitor_project
@@ -138,6 +139,14 @@ def _monitor(args) -> int:
     settings = load_settings(args.settings)
     kpis = list(parse_kpis(settings.sections.get("monitor", {}).get("kpis", "")))
     code = 0
+    stop = threading.Event()
+
+    def interrupted(signum, frame):  # Ctrl-C ends the watch once the current look is done (a look holds the log open)
+        if stop.is_set():  # a second Ctrl-C: at once
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, interrupted) if args.watch and threading.current_thread() is threading.main_thread() else None
     try:
         while True:
             summary = monitor_project(settings.root, engine=args.engine, scheduler=args.scheduler or None)
@@ -146,11 +155,13 @@ def _monitor(args) -> int:
                 print(json.dumps(summary, default=str, indent=None if args.watch else 2), flush=True)
             else:
                 print(monitor_text(summary, kpis, settings.column_name), flush=True)
-            if not args.watch:
+            if not args.watch or stop.wait(args.watch):
                 return code
-            time.sleep(args.watch)
     except KeyboardInterrupt:
         return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 # %% ../nbs/11_cli.ipynb #1666fb42
 class _Parser(argparse.ArgumentParser):

@@ -85,7 +85,7 @@ def test_server_with_a_shadow(champion_project):
         assert (pairs["shadow_score"] != pairs["champion_score"]).any()  # a real challenger, not the champion again
         # a label sent for the champion's request id is the label of the pair
         assert httpx.post(server.url + "/feedback", json={"request_id": request_ids[0], "label": 1}).status_code == 202
-        wait_for(lambda: pairs_of(project).set_index("request_id").loc[request_ids[0], "label"] == 1, what="the label")
+        wait_for(lambda: pd.notna(label := pairs_of(project).set_index("request_id").loc[request_ids[0], "label"]) and label == 1, what="the label")
         # the champion's monitoring figures leave the shadow out
         from lifecycle.monitoring import monitor_project
         monitor_project(project)
