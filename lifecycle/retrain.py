@@ -21,12 +21,11 @@ from .core import LifecycleError, Settings, load_settings, read_json, write_json
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'SHADOW_HEADINGS', 'CHANGES',
-           'firing_alerts', 'champion_since', 'decide', 'record_decision', 'decisions', 'retrain_lock',
-           'labeled_predictions', 'gather_evidence', 'log_url', 'run_policy', 'split_holdout', 'as_source_rows',
-           'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'score_rows',
-           'fit_recalibration', 'judge', 'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow',
-           'shadow_table', 'promote_if_won', 'choose_change', 'derived_reference', 'register_change', 'conclude',
-           'headline']
+           'firing_alerts', 'champion_since', 'decide', 'decisions', 'retrain_lock', 'labeled_predictions',
+           'gather_evidence', 'log_url', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
+           'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
+           'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'shadow_table', 'promote_if_won',
+           'choose_change', 'derived_reference', 'register_change', 'conclude', 'headline']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -122,20 +121,7 @@ def decide(
     return {"time": now.isoformat(timespec="seconds"), "retrain": retrain, "reasons": reasons, "checked": checked, "champion": champion}
 
 # %% ../nbs/07_retrain.ipynb #ccd7a03d
-def record_decision(
-    root: Path,  # the project folder
-    decision: dict,  # what `decide` returned (plus anything worth keeping)
-) -> Path:  # the decisions file
-    "Append a decision to the project's `retrain/decisions.jsonl`, under a lock."
-    path = Path(root) / "retrain" / "decisions.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.write(json.dumps(decision, default=str) + "\n")
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    return path
+from .rollback import record_decision  # one writer of decisions.jsonl, shared with the rollback rules
 
 def decisions(
     root: Path,  # the project folder

@@ -18,7 +18,7 @@ from .core import LifecycleError, read_json
 
 # %% auto #0
 __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback_rules', 'last_promotion', 'judge_rollback',
-           'rollback_evidence', 'check_rollback']
+           'rollback_evidence', 'record_decision', 'check_rollback']
 
 # %% ../nbs/25_rollback.ipynb #b7873e95
 ROLLBACK_METRICS = ("roc_auc", "recall", "precision", "accuracy")  # higher is better for each
@@ -166,8 +166,11 @@ def rollback_evidence(
     return evidence
 
 # %% ../nbs/25_rollback.ipynb #7630a23b
-def _record(root: Path, decision: dict) -> None:
-    "Append a decision to retrain/decisions.jsonl, as the retrain stage does (one line, under a lock)."
+def record_decision(
+    root: Path,  # the project folder
+    decision: dict,  # a decision of the retrain policy, a promotion or a rollback (plus anything worth keeping)
+) -> Path:  # the decisions file
+    "Append a decision to the project's `retrain/decisions.jsonl`, under a lock (the retrain stage records its own through this too)."
     path = Path(root) / "retrain" / "decisions.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
@@ -176,6 +179,7 @@ def _record(root: Path, decision: dict) -> None:
             handle.write(json.dumps(decision, default=str) + "\n")
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+    return path
 
 def check_rollback(
     root: Path,  # the project folder
@@ -214,7 +218,7 @@ def check_rollback(
     reason = f"{ROLLBACK_PREFIX} of version {evidence['champion']} to {evidence['previous']}: " + "; ".join(decision["reasons"])
     decision["event"] = set_alias(registry, "champion", evidence["previous"], reason)
     decision["rolled_back"] = True
-    _record(root, {"kind": "rollback", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"],
+    record_decision(root, {"kind": "rollback", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"],
                    "back_to": evidence["previous"], "promoted_at": evidence["promoted_at"], "reasons": decision["reasons"],
                    "labeled": evidence["labeled"], "figures": evidence["figures"]})
     from lifecycle.alerts import post_webhook, send_notice
