@@ -319,6 +319,14 @@ def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
     assert logged["decision"].tolist() == [0] * 3000 + [1] * 2000
     assert logged["id_hash"].iloc[2999] == pseudonymize("patient-2999", id_key(tmp_path)) and logged["id_hash"].iloc[3000] is None
     assert log.predictions(limit=3)["request_id"].tolist() == ids[-3:]
+    # a shadow's blocks carry no features (the champion's predictions hold them); one repeated is logged once
+    shadow_ids = ["shadow:" + value for value in ids[:100]]
+    log.record_many(shadow_ids[:60], np.full(60, 0.25), np.zeros(60, int), None, 3, channel="shadow")
+    log.record_many(shadow_ids[40:], np.full(60, 0.75), np.ones(60, int), None, 3, channel="shadow")
+    assert log.flush(timeout=30)
+    assert log.count("shadow") == 100 and log.count() == 5100
+    shadow = open_log(postgres_url, tmp_path).predictions().set_index("request_id").loc[shadow_ids]
+    assert shadow["score"].tolist() == [0.25] * 60 + [0.75] * 40 and shadow["age"].isna().all()
     log.close()
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import math
 import threading
@@ -26,7 +27,7 @@ _log = logging.getLogger("lifecycle.serving.scoring")
 # %% auto #0
 __all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'SHADOW_ALIAS', 'ServingSpec', 'check_records', 'check_frame',
            'record_json_schema', 'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores',
-           'Prediction', 'Scorer', 'contract_key', 'Shadow']
+           'Prediction', 'Scorer', 'keep_heap_settled', 'settle_heap', 'contract_key', 'Shadow']
 
 # %% ../../nbs/30_scoring.ipynb #6019bd18
 @dataclass
@@ -409,6 +410,24 @@ class Scorer:
         return {"features": features, "reasons": reasons, "good": (reasons == "").to_numpy(), "scores": scores,
                 "decisions": self.decisions(scores)}
 
+# %% ../../nbs/30_scoring.ipynb #249fae9d
+_SETTLE = {"on": False}  # whether `settle_heap` works in this process
+
+def keep_heap_settled(
+    on: bool = True,  # False: `settle_heap` does nothing again
+) -> None:
+    "Let `settle_heap` work in this process: a long-lived server or consumer asks for it; a library user need not."
+    _SETTLE["on"] = bool(on)
+
+def settle_heap() -> bool:  # True when it settled (the process asked for it with `keep_heap_settled`)
+    "After a model is loaded: one full garbage collection, then everything alive frozen out of later collections."
+    if not _SETTLE["on"]:
+        return False
+    gc.unfreeze()  # what a swap let go since the last settling is garbage now: this collection frees it
+    gc.collect()
+    gc.freeze()
+    return True
+
 # %% ../../nbs/30_scoring.ipynb #a6a42258
 def _key_part(value):
     "A rule's attribute as a comparable value (a set sorted, a mapping by its items)."
@@ -438,14 +457,13 @@ class Shadow:
         max_pending: int = 10_000,  # records waiting at most; beyond it the oldest are dropped (counted)
         interval: float = 0.5,  # seconds between looks at the registry's aliases
         max_busy: float = 0.1,  # the share of time the shadow may spend scoring (1: no limit); beyond it, it samples
-        journal: bool = False,  # journal the shadow's rows too (a shadow prediction is never an answer: by default it is not)
         gather: float = 0.25,  # seconds records gather before the shadow scores them (one model call for many requests)
         gather_records: int = 2048,  # … or this many records, whichever comes first
     ):
         if not 0 < max_busy <= 1:
             raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
         self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
-        self.journal, self.gather, self.gather_records = journal, gather, gather_records
+        self.gather, self.gather_records = gather, gather_records
         self._queued = 0  # records in the queue (not yet taken by the thread)
         self._hurry = 0  # callers of `drain` waiting: the thread scores what waits without gathering more
         self._same = (None, None, False)  # (the champion's contract, the shadow's version, whether they clean alike), last compared
@@ -485,12 +503,14 @@ class Shadow:
             return False
         if wanted is None:
             self.scorer, self._failed_version = None, None
+            settle_heap()
             return True
         try:
             self.scorer, self.error, self._failed_version = Scorer.from_registry(self.root, wanted), None, None
         except Exception as error:  # a tampered or untrusted file: no shadow, the champion serves on
             self.scorer, self._failed_version = None, wanted
             self.error = f"shadow version {wanted} failed to load ({type(error).__name__}); no shadow scoring"
+        settle_heap()
         return True
 
     def submit(self,
@@ -539,14 +559,14 @@ class Shadow:
                     results = scorer.predictions(scorer.scores(rows))
                 else:
                     results, _ = scorer.score_records(records)
-                now, version = _utc_now(), scorer.version
-                logged = [{"request_id": shadow_id, "time": now, "model_version": version, "channel": "shadow",
-                           "score": result.score, "decision": result.decision, "event_time": event_time or when}
-                          for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
-                self.counts["refused"] += len(ids) - len(logged)
-                if logged:
-                    self.log.record(logged, journal=self.journal)
-                self.counts["scored"] += len(logged)
+                kept = [(shadow_id, result.score, result.decision, event_time or when)
+                        for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
+                self.counts["refused"] += len(ids) - len(kept)
+                if kept:  # one block, without features (the champion's prediction of each record holds them)
+                    shadow_ids, scores, decisions, times = zip(*kept)
+                    self.log.record_many(list(shadow_ids), scores, decisions, None, scorer.version, channel="shadow",
+                                         time=_utc_now(), event_times=list(times))
+                self.counts["scored"] += len(kept)
             else:
                 seen = features.reindex(columns=scorer.spec.features).reset_index(drop=True)  # as the shadow saw them
                 scores = scorer.frame_scores(seen)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -29,14 +30,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ..core import LifecycleError
 from .predlog import JournalError
 from ..contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors, rejection_reasons
-from .scoring import Scorer, Shadow, record_json_schema
+from .scoring import Scorer, Shadow, keep_heap_settled, record_json_schema, settle_heap
 
 
 # %% auto #0
 __all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_CHANNELS', 'REQUEST_ID', 'PROMETHEUS_TEXT',
            'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated',
            'event_time_text', 'record_event_times', 'logged_features', 'count_refused', 'SafeJSONResponse', 'check_ids',
-           'create_app', 'openapi_components', 'openapi_responses', 'serve']
+           'create_app', 'new_request_id', 'openapi_components', 'openapi_responses', 'serve']
 
 # %% ../../nbs/35_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serving.serve")
@@ -84,6 +85,7 @@ class ModelHolder:
             return False
         previous = self.scorer.version if self.scorer else None
         self.scorer, self.error = scorer, None
+        settle_heap()  # on this thread, not a request's: the new model frozen out of later collections, the old one collected
         self.swaps += previous is not None
         log.info("serving model version %s%s", version, f" (was {previous})" if previous else "")
         return True
@@ -309,7 +311,7 @@ class SafeJSONResponse(JSONResponse):
 def _problem(status: int, message: str, kind: str, loc: list | None = None) -> JSONResponse:
     return SafeJSONResponse({"detail": [{"loc": loc or ["body"], "msg": message, "type": kind}]}, status_code=status)
 
-REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the request ids this server issues: uuid4().hex
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the request ids this server issues (`new_request_id`; uuid4().hex before)
 
 def check_ids(
     records: list,  # decoded JSON: one request's records
@@ -457,7 +459,7 @@ def create_app(
         now = _now()
         answers, logged = [], []
         for record, result, own_time in zip(records, results, own_times):
-            request_id = uuid.uuid4().hex
+            request_id = new_request_id()
             answers.append({"request_id": request_id, **result})
             logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": logged_channel,
                            "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
@@ -580,6 +582,17 @@ def create_app(
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
     return app
 
+# %% ../../nbs/35_serve.ipynb #2ea80dc6
+_LAST_ID_TIME = [0]  # the time part of the last id issued in this process
+_ID_LOCK = threading.Lock()
+
+def new_request_id() -> str:  # 32 hex digits: nanoseconds since 1970, then 64 random bits
+    "A request id for an answered prediction: unguessable, and later than every id this process issued before."
+    with _ID_LOCK:
+        now = max(time.time_ns(), _LAST_ID_TIME[0] + 1)
+        _LAST_ID_TIME[0] = now
+    return f"{now:016x}{secrets.randbits(64):016x}"
+
 # %% ../../nbs/35_serve.ipynb #0557d871
 _PROBLEM = {"type": "object", "required": ["detail"], "additionalProperties": False, "properties": {"detail": {
     "type": "array", "minItems": 1, "items": {"type": "object", "required": ["loc", "msg", "type"], "properties": {
@@ -682,6 +695,7 @@ def serve(
     if not _loopback(host) and not token:
         raise LifecycleError(f"serving on {host} needs a token: set LIFECYCLE_API_TOKEN (clients send Authorization: Bearer <token>)")
     app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body, max_records=max_records)
+    keep_heap_settled()  # a process that lives for its models: each one loaded is frozen out of later collections
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", access_log=access_log,
                 timeout_graceful_shutdown=30, log_level="info")

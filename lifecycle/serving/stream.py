@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from ..core import LifecycleError
 from .predlog import redact_url
 from ..contract import rejection_reason
-from .scoring import Shadow
+from .scoring import Shadow, keep_heap_settled
 
 
 # %% auto #0
@@ -649,6 +649,7 @@ def format_summary(summary: dict) -> str:
 
 def _stream_command(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small batches: one OpenMP thread is faster than a pool
+    keep_heap_settled()  # a long-lived consumer: each model it loads is frozen out of later garbage collections
     from lifecycle.core import load_settings
     root = load_settings(args.settings).root
     summary = run_stream(root, args.source, args.sink, alias=args.model, follow=args.follow, batch_size=args.batch_size,

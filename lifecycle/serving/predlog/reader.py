@@ -43,9 +43,9 @@ def _block_frame(when, model_version: int, channel: str, data: bytes) -> pd.Data
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pq.read_table(io.BytesIO(data))
-    struct = table.column("features").combine_chunks()
-    names = [struct.type.field(number).name for number in range(struct.type.num_fields)]
-    frame = table.drop_columns(["features"]).to_pandas()
+    struct = table.column("features").combine_chunks() if "features" in table.column_names else None  # None: logged without (a shadow's)
+    names = [struct.type.field(number).name for number in range(struct.type.num_fields)] if struct is not None else []
+    frame = table.drop_columns(["features"] if struct is not None else []).to_pandas()
     stamp = pd.Timestamp(when)  # ISO text (SQLite) or a datetime (PostgreSQL)
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
     frame.insert(1, "time", pd.Series(stamp, index=frame.index, dtype="datetime64[ns, UTC]"))

@@ -485,7 +485,7 @@ class PredictionLog(PredictionReader):
         request_ids: list[str],  # one unique id a prediction
         scores,  # the scores (a sequence of numbers)
         decisions,  # the decisions, 0 or 1
-        features: pd.DataFrame,  # the features, one row a prediction (missing values as NaN or None)
+        features: pd.DataFrame | None,  # the features, one row a prediction (missing values as NaN or None); None: none logged
         model_version: int,  # the model version that scored them all
         channel: str = "batch",  # online, batch or stream
         time=None,  # when they were scored (one time for all; default now)
@@ -496,9 +496,11 @@ class PredictionLog(PredictionReader):
 
         Checked and converted column by column on the caller's thread; the writer makes the Parquet file.
         Features that Arrow cannot hold as typed columns (a column mixing numbers and text) are logged as
-        rows instead, with their features as JSON."""
+        rows instead, with their features as JSON. Without features (a shadow's predictions, whose records
+        the champion's predictions hold) the block has none: read back, its feature columns are missing values."""
         count = len(request_ids)
-        if not (len(scores) == len(decisions) == len(features) == count) or (ids is not None and len(ids) != count):
+        feature_rows = count if features is None else len(features)
+        if not (len(scores) == len(decisions) == feature_rows == count) or (ids is not None and len(ids) != count):
             raise LifecycleError("record_many: request_ids, scores, decisions, features and ids must have one entry a prediction")
         if channel not in CHANNELS:
             raise _invalid("record_many", "channel")
@@ -532,6 +534,13 @@ class PredictionLog(PredictionReader):
         except _CONVERSION_ERRORS + (pa.ArrowException,):
             raise LifecycleError("record_many: a request id, score or decision is missing or invalid") from None
         hashed = pa.array([self._hash_id(value) for value in ids] if ids is not None else [None] * count, pa.string())
+        arrays = {"request_id": id_array, "score": score_array, "decision": decision_array, "id_hash": hashed}
+        if event_times is not None:  # a block's rows each keep their own event time
+            arrays["event_time"] = pa.array(event_times, pa.string())
+        if features is None:
+            block = PredictionBlock(pa.table(arrays), when, version, channel)
+            self._enqueue([("b", block)], block.rows)
+            return
         try:
             columns = pa.Table.from_pandas(features.set_axis([str(name) for name in features.columns], axis=1),
                                            preserve_index=False).combine_chunks()
@@ -541,10 +550,7 @@ class PredictionLog(PredictionReader):
             self._record_many_as_rows(id_array.to_pylist(), score_array.to_pylist(), decisions.tolist(), features, version, channel, when,
                                       hashed.to_pylist(), event_times)
             return
-        columns = {"request_id": id_array, "score": score_array, "decision": decision_array, "id_hash": hashed, "features": feature_struct}
-        if event_times is not None:  # a block's rows each keep their own event time
-            columns["event_time"] = pa.array(event_times, pa.string())
-        table = pa.table(columns)
+        table = pa.table({**arrays, "features": feature_struct})
         block = PredictionBlock(table, when, version, channel)
         self._enqueue([("b", block)], block.rows)
 
