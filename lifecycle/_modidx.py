@@ -683,6 +683,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                                 'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader.PredictionReader.predictions': ( 'predlog_reader.html#predictionreader.predictions',
                                                                                                                      'lifecycle/serving/predlog/reader.py'),
+                                                  'lifecycle.serving.predlog.reader.PredictionReader.predictions_of': ( 'predlog_reader.html#predictionreader.predictions_of',
+                                                                                                                        'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader.PredictionReader.rejections': ( 'predlog_reader.html#predictionreader.rejections',
                                                                                                                     'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader._block_frame': ( 'predlog_reader.html#_block_frame',

@@ -459,11 +459,12 @@ class Shadow:
         max_busy: float = 0.1,  # the share of time the shadow may spend scoring (1: no limit); beyond it, it samples
         gather: float = 0.25,  # seconds records gather before the shadow scores them (one model call for many requests)
         gather_records: int = 2048,  # … or this many records, whichever comes first
+        block_min: int = 64,  # a model call's predictions, this many or more, are logged as one block; fewer as rows
     ):
         if not 0 < max_busy <= 1:
             raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
         self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
-        self.gather, self.gather_records = gather, gather_records
+        self.gather, self.gather_records, self.block_min = gather, gather_records, block_min
         self._queued = 0  # records in the queue (not yet taken by the thread)
         self._hurry = 0  # callers of `drain` waiting: the thread scores what waits without gathering more
         self._same = (None, None, False)  # (the champion's contract, the shadow's version, whether they clean alike), last compared
@@ -562,10 +563,15 @@ class Shadow:
                 kept = [(shadow_id, result.score, result.decision, event_time or when)
                         for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
                 self.counts["refused"] += len(ids) - len(kept)
-                if kept:  # one block, without features (the champion's prediction of each record holds them)
+                if len(kept) >= self.block_min:  # one block, without features (the champion's prediction of each record holds them)
                     shadow_ids, scores, decisions, times = zip(*kept)
                     self.log.record_many(list(shadow_ids), scores, decisions, None, scorer.version, channel="shadow",
                                          time=_utc_now(), event_times=list(times))
+                elif kept:  # a few: rows (a block has a fixed cost, about 1.9 KB for one prediction against 250 bytes a row)
+                    now, version = _utc_now(), scorer.version
+                    self.log.record([{"request_id": shadow_id, "time": now, "model_version": version, "channel": "shadow",
+                                      "score": score, "decision": decision, "event_time": event_time}
+                                     for shadow_id, score, decision, event_time in kept], journal=False)
                 self.counts["scored"] += len(kept)
             else:
                 seen = features.reindex(columns=scorer.spec.features).reset_index(drop=True)  # as the shadow saw them

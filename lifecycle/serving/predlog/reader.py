@@ -18,12 +18,14 @@ __all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'read_r
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c028
 PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash", "event_time")
 
-def _prediction_frame(rows: list[tuple]) -> pd.DataFrame:
-    "Rows of the predictions table as a frame: the JSON features expanded into columns."
+def _prediction_frame(rows: list[tuple], features: bool = True) -> pd.DataFrame:
+    "Rows of the predictions table as a frame: the JSON features expanded into columns (`features=False`: left out)."
     frame = pd.DataFrame([row[:-1] for row in rows], columns=list(PREDICTION_COLUMNS))
     frame = frame.astype({"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"})
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     frame["event_time"] = _event_times(frame["event_time"], frame["time"])
+    if not features:
+        return frame
     features = pd.DataFrame.from_records([json.loads(row[-1]) if isinstance(row[-1], str) else row[-1] for row in rows],
                                          index=frame.index) if rows else pd.DataFrame(index=frame.index)
     return _with_features(frame, features)
@@ -38,11 +40,12 @@ def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
     features.columns = [f"feature_{name}" if name in PREDICTION_COLUMNS else name for name in features.columns]
     return pd.concat([frame, features], axis=1)
 
-def _block_frame(when, model_version: int, channel: str, data: bytes) -> pd.DataFrame:
-    "A block of predictions as the same frame as `_prediction_frame` makes."
+def _block_frame(when, model_version: int, channel: str, data: bytes, features: bool = True) -> pd.DataFrame:
+    "A block of predictions as the same frame as `_prediction_frame` makes (`features=False`: its features not even read)."
     import pyarrow as pa
     import pyarrow.parquet as pq
-    table = pq.read_table(io.BytesIO(data))
+    columns = None if features else [name for name in pq.read_schema(io.BytesIO(data)).names if name != "features"]
+    table = pq.read_table(io.BytesIO(data), columns=columns)
     struct = table.column("features").combine_chunks() if "features" in table.column_names else None  # None: logged without (a shadow's)
     names = [struct.type.field(number).name for number in range(struct.type.num_fields)] if struct is not None else []
     frame = table.drop_columns(["features"] if struct is not None else []).to_pandas()
@@ -104,11 +107,16 @@ def pair_shadow(
     return pairs[list(SHADOW_PAIR_COLUMNS)].sort_values(["event_time", "request_id"], kind="stable", ignore_index=True)
 
 def shadow_pairs(
-    log,  # an open PredictionLog
-    since=None,  # only predictions logged at or after this time
+    log,  # an open PredictionLog (or PredictionReader)
+    since=None,  # only shadow predictions logged at or after this time
 ) -> pd.DataFrame:  # SHADOW_PAIR_COLUMNS, one row a record both scored, oldest event first
-    "Each shadow prediction in the log, paired with the champion's prediction of the same record and its label."
-    return pair_shadow(log.predictions(since=since), log.labels())
+    """Each shadow prediction in the log, paired with the champion's prediction of the same record and its label.
+
+    Reads the shadow's predictions, then the champion's of the same records by request id, without features:
+    not the whole log, which the dashboard would otherwise read at every refresh."""
+    shadow = log.predictions(since=since, channel="shadow", features=False)
+    champion = log.predictions_of(shadow["request_id"].str.slice(len(SHADOW_PREFIX)).tolist())
+    return pair_shadow(pd.concat([champion, shadow], ignore_index=True), log.labels())
 
 # %% ../../../nbs/33_predlog_reader.ipynb #7c89298f
 def shadow_summary(
@@ -167,16 +175,22 @@ class PredictionReader:
     def predictions(self,
         since=None,  # only predictions at or after this time (ISO-8601 text or datetime)
         limit: int | None = None,  # only the latest `limit` of them
+        channel: str | None = None,  # only this channel's (online, batch, stream, dashboard, shadow); None for all
+        features: bool = True,  # False: without their features (no JSON parsed, no feature column of a block read)
     ) -> pd.DataFrame:  # one row a prediction, oldest first, its features as columns
         "The committed predictions."
-        where, parameters = "", ()
+        conditions, parameters = [], []
         if since is not None:
-            where = f" WHERE time >= {self.store.mark}"
-            parameters = (self.store.time_parameter(since),)
-        sql = f"SELECT {', '.join(PREDICTION_COLUMNS)}, features FROM predictions{where}"
+            conditions.append(f"time >= {self.store.mark}")
+            parameters.append(self.store.time_parameter(since))
+        if channel is not None:
+            conditions.append(f"channel = {self.store.mark}")
+            parameters.append(channel)
+        where, parameters = (" WHERE " + " AND ".join(conditions) if conditions else ""), tuple(parameters)
+        sql = f"SELECT {', '.join(PREDICTION_COLUMNS)}, {'features' if features else 'NULL AS features'} FROM predictions{where}"
         if limit is not None:
             sql = f"SELECT * FROM ({sql} ORDER BY time DESC, request_id DESC LIMIT {int(limit)}) AS latest"
-        frames = [_prediction_frame(self.store.read(f"{sql} ORDER BY time, request_id", parameters))]
+        frames = [_prediction_frame(self.store.read(f"{sql} ORDER BY time, request_id", parameters), features)]
         blocks = self.store.read(f"SELECT block_id, time, row_count FROM prediction_blocks{where} ORDER BY time DESC, block_id DESC", parameters)
         if limit is not None:  # the newest blocks that can hold the latest `limit` predictions, with every block of the same time
             chosen, held = [], 0
@@ -188,12 +202,35 @@ class PredictionReader:
             blocks = chosen
         for block_id, _, _ in reversed(blocks):  # one block in memory at a time besides the frames
             data = self.store.read(f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}", (block_id,))
-            frames.append(_block_frame(*data[0]))
+            frames.append(_block_frame(*data[0], features=features))
         if len(frames) == 1:
             return frames[0]
         frame = pd.concat([part for part in frames if len(part)] or frames[:1], ignore_index=True)
         frame = frame.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
         return frame if limit is None else frame.tail(int(limit)).reset_index(drop=True)
+
+    def predictions_of(self,
+        request_ids,  # the request ids wanted (text)
+        features: bool = False,  # with their features as columns
+    ) -> pd.DataFrame:  # the committed predictions with these ids, oldest first; an id not in the log is left out
+        "Predictions by request id: rows found through the key's index, and only the blocks whose range of ids holds one."
+        import bisect
+        wanted = sorted({str(value) for value in request_ids})
+        columns = f"{', '.join(PREDICTION_COLUMNS)}, {'features' if features else 'NULL AS features'}"
+        rows = []
+        for start in range(0, len(wanted), 10_000):  # well under SQLite's 32,766 parameters and PostgreSQL's 65,535
+            chunk = wanted[start:start + 10_000]
+            rows += self.store.read(f"SELECT {columns} FROM predictions WHERE request_id IN ({', '.join([self.store.mark] * len(chunk))})", tuple(chunk))
+        frames = [_prediction_frame(rows, features)]
+        for block_id, first, last in self.store.read("SELECT block_id, first_request_id, last_request_id FROM prediction_blocks") if wanted else []:
+            at = bisect.bisect_left(wanted, first)  # ids compare in byte order, as both stores compare them
+            if at == len(wanted) or wanted[at] > last:
+                continue
+            data = self.store.read(f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}", (block_id,))
+            block = _block_frame(*data[0], features=features)
+            frames.append(block[block["request_id"].isin(wanted)])
+        frame = pd.concat([part for part in frames if len(part)] or frames[:1], ignore_index=True)
+        return frame.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
 
     def labels(self) -> pd.DataFrame:  # request_id, label, time; oldest first
         "The committed labels."
