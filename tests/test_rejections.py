@@ -69,6 +69,12 @@ def test_a_real_server_counts_refused_records_by_reason_and_monitoring_shows_the
         answer = post([{**good[38], SECRET_FIELD: 1, "id": SECRET_ID}], second)
         assert answer.status_code == 422  # 1 unknown field
         assert post(good[:4], second).status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text  # Prometheus sees the same counts, never a value
+        assert 'lifecycle_refused_records_total{field="chol",reason="out_of_range"} 5.0' in metrics
+        assert 'lifecycle_refused_records_total{field="age",reason="wrong_type"} 1.0' in metrics
+        assert 'lifecycle_refused_records_total{field="",reason="unknown_field"} 1.0' in metrics
+        for secret in (SECRET_ID, repr(SECRET_VALUE), SECRET_TEXT, SECRET_FIELD):
+            assert secret not in metrics, secret
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

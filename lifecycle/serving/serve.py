@@ -125,6 +125,8 @@ class ServeMetrics:
         self.swaps = Gauge("lifecycle_model_swaps", "Hot swaps since start", registry=self.registry)
         self.shadow = Gauge("lifecycle_shadow_records", "Records handed to the version in shadow, by outcome", ["outcome"], registry=self.registry)
         self.shadow_version = Gauge("lifecycle_shadow_version", "The version in shadow (0: none)", registry=self.registry)
+        self.refused = Counter("lifecycle_refused_records", "Records refused by the contract, by reason and field (never a value)",
+                               ["reason", "field"], registry=self.registry)
 
 # %% ../../nbs/35_serve.ipynb #0c7e3823
 class Batcher:
@@ -271,10 +273,17 @@ def count_refused(
     event_times=None,  # each record's event time (None in it: now), one time for all, or None for now
     channel: str = "online",  # the channel they came by
     fields=(),  # more field names that may be named (the project's `[data] timestamp`)
+    metrics=None,  # the server's `ServeMetrics`: its counter `lifecycle_refused_records` counts them too
 ) -> int:  # records counted; 0 when counting failed (logged, never raised: the answer goes out regardless)
-    "Count the records of a refused request in the prediction log by reason and field."
+    "Count the records of a refused request in the prediction log by reason and field (and in the server's metrics)."
     try:
         reasons = rejection_reasons(errors, count, set(spec.features) | {spec.id_field} | {name for name in fields if name})
+        if metrics is not None:  # reason codes and the model's own field names: a bounded set of labels
+            counts = {}
+            for reason in reasons:
+                counts[reason] = counts.get(reason, 0) + 1
+            for (reason, field), number in counts.items():
+                metrics.refused.labels(reason, field).inc(number)
         times = event_times if isinstance(event_times, (list, tuple)) else [event_times] * count
         tally = {}
         for (reason, field), when in zip(reasons, times):
@@ -435,11 +444,13 @@ def create_app(
             return finish("predict", _problem(422, f"a request may carry at most {max_records} records", "too_many_records"), started)
         id_errors = check_ids(records, holder.scorer.spec.id_field)
         if id_errors:  # refused before scoring: a prediction that cannot be logged is not answered
-            count_refused(state["log"], id_errors, len(records), holder.scorer.spec, event_time_text(request.headers.get(EVENT_TIME_HEADER)))
+            count_refused(state["log"], id_errors, len(records), holder.scorer.spec, event_time_text(request.headers.get(EVENT_TIME_HEADER)),
+                          metrics=metrics)
             return finish("predict", SafeJSONResponse({"detail": id_errors}, status_code=422), started)
         sent_time, problem = header_event_time(request)
         if problem:
-            count_refused(state["log"], [{"loc": ["header", EVENT_TIME_HEADER], "type": "value_error.event_time"}], len(records), holder.scorer.spec)
+            count_refused(state["log"], [{"loc": ["header", EVENT_TIME_HEADER], "type": "value_error.event_time"}], len(records), holder.scorer.spec,
+                          metrics=metrics)
             return finish("predict", problem, started)
         logged_channel = request.headers.get(CHANNEL_HEADER, channel)
         if logged_channel not in CLIENT_CHANNELS:
@@ -448,13 +459,14 @@ def create_app(
         stamp_field = ((holder.scorer.meta.get("settings") or {}).get("data", {}).get("timestamp") or "").strip()
         records, own_times, time_errors = record_event_times(records, stamp_field, holder.scorer.spec.features)
         if time_errors:
-            count_refused(state["log"], time_errors, len(records), holder.scorer.spec, [own or sent_time for own in own_times], fields=(stamp_field,))
+            count_refused(state["log"], time_errors, len(records), holder.scorer.spec, [own or sent_time for own in own_times], fields=(stamp_field,),
+                          metrics=metrics)
             return finish("predict", SafeJSONResponse({"detail": time_errors}, status_code=422), started)
         results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
         if errors or None in results:  # a record without a result names its error (or, if a check forgot to, gets one)
             errors = errors or [{"loc": ["body"], "msg": "some records could not be scored; check them against /openapi.json", "type": "unprocessable"}]
-            count_refused(state["log"], errors, len(records), spec, [own or sent_time for own in own_times], fields=(stamp_field,))
+            count_refused(state["log"], errors, len(records), spec, [own or sent_time for own in own_times], fields=(stamp_field,), metrics=metrics)
             return finish("predict", SafeJSONResponse(limit_errors(errors, max_errors), status_code=422), started)
         now = _now()
         answers, logged = [], []
