@@ -468,6 +468,7 @@ class Shadow:
         self._queued = 0  # records in the queue (not yet taken by the thread)
         self._hurry = 0  # callers of `drain` waiting: the thread scores what waits without gathering more
         self._same = (None, None, False)  # (the champion's contract, the shadow's version, whether they clean alike), last compared
+        self._block_high = ""  # the highest request id of the blocks logged so far: a block above it overlaps none of them
         self.scorer: Scorer | None = None
         self.error: str | None = None  # the last failure to load or to score, one line
         self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
@@ -563,10 +564,13 @@ class Shadow:
                 kept = [(shadow_id, result.score, result.decision, event_time or when)
                         for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
                 self.counts["refused"] += len(ids) - len(kept)
-                if len(kept) >= self.block_min:  # one block, without features (the champion's prediction of each record holds them)
+                if len(kept) >= self.block_min and min(item[0] for item in kept) > self._block_high:
+                    # one block, without features (the champion's prediction of each record holds them); its ids above those
+                    # of the blocks before it, so the log's check for predictions it holds already reads none of them
                     shadow_ids, scores, decisions, times = zip(*kept)
                     self.log.record_many(list(shadow_ids), scores, decisions, None, scorer.version, channel="shadow",
                                          time=_utc_now(), event_times=list(times))
+                    self._block_high = max(shadow_ids)
                 elif kept:  # a few: rows (a block has a fixed cost, about 1.9 KB for one prediction against 250 bytes a row)
                     now, version = _utc_now(), scorer.version
                     self.log.record([{"request_id": shadow_id, "time": now, "model_version": version, "channel": "shadow",
