@@ -278,16 +278,13 @@ def count_refused(
     "Count the records of a refused request in the prediction log by reason and field (and in the server's metrics)."
     try:
         reasons = rejection_reasons(errors, count, set(spec.features) | {spec.id_field} | {name for name in fields if name})
-        if metrics is not None:  # reason codes and the model's own field names: a bounded set of labels
-            counts = {}
-            for reason in reasons:
-                counts[reason] = counts.get(reason, 0) + 1
-            for (reason, field), number in counts.items():
-                metrics.refused.labels(reason, field).inc(number)
         times = event_times if isinstance(event_times, (list, tuple)) else [event_times] * count
         tally = {}
         for (reason, field), when in zip(reasons, times):
             tally[(reason, field, when)] = tally.get((reason, field, when), 0) + 1
+        if metrics is not None:  # reason codes and the model's own field names: a bounded set of labels
+            for (reason, field, _), number in tally.items():
+                metrics.refused.labels(reason, field).inc(number)
         prediction_log.record_rejections([(reason, field, number, when) for (reason, field, when), number in tally.items()],
                                          channel, spec.version)
         return count
