@@ -35,6 +35,15 @@ def _event_times(values: pd.Series, logged: pd.Series) -> pd.Series:
     own = pd.to_datetime(values.astype(object).where(values.notna(), None), utc=True, format="ISO8601")
     return own.fillna(logged).astype("datetime64[ns, UTC]")
 
+def _selected(features: bool) -> str:
+    "The predictions table's columns as `_prediction_frame` reads them: with the features' JSON, or NULL in its place."
+    return f"{', '.join(PREDICTION_COLUMNS)}, {'features' if features else 'NULL AS features'}"
+
+def _oldest_first(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    "Frames of rows and blocks as one, oldest first (the empty ones left out, but never all of them)."
+    frame = pd.concat([part for part in frames if len(part)] or frames[:1], ignore_index=True)
+    return frame.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
+
 def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
     "The predictions' columns, then their features; a feature named like one of those columns gets the prefix `feature_`."
     features.columns = [f"feature_{name}" if name in PREDICTION_COLUMNS else name for name in features.columns]
@@ -44,8 +53,8 @@ def _block_frame(when, model_version: int, channel: str, data: bytes, features: 
     "A block of predictions as the same frame as `_prediction_frame` makes (`features=False`: its features not even read)."
     import pyarrow as pa
     import pyarrow.parquet as pq
-    columns = None if features else [name for name in pq.read_schema(io.BytesIO(data)).names if name != "features"]
-    table = pq.read_table(io.BytesIO(data), columns=columns)
+    file = pq.ParquetFile(io.BytesIO(data))
+    table = file.read(columns=None if features else [name for name in file.schema_arrow.names if name != "features"])
     struct = table.column("features").combine_chunks() if "features" in table.column_names else None  # None: logged without (a shadow's)
     names = [struct.type.field(number).name for number in range(struct.type.num_fields)] if struct is not None else []
     frame = table.drop_columns(["features"] if struct is not None else []).to_pandas()
@@ -187,7 +196,7 @@ class PredictionReader:
             conditions.append(f"channel = {self.store.mark}")
             parameters.append(channel)
         where, parameters = (" WHERE " + " AND ".join(conditions) if conditions else ""), tuple(parameters)
-        sql = f"SELECT {', '.join(PREDICTION_COLUMNS)}, {'features' if features else 'NULL AS features'} FROM predictions{where}"
+        sql = f"SELECT {_selected(features)} FROM predictions{where}"
         if limit is not None:
             sql = f"SELECT * FROM ({sql} ORDER BY time DESC, request_id DESC LIMIT {int(limit)}) AS latest"
         frames = [_prediction_frame(self.store.read(f"{sql} ORDER BY time, request_id", parameters), features)]
@@ -201,12 +210,10 @@ class PredictionReader:
                 held += block[2]
             blocks = chosen
         for block_id, _, _ in reversed(blocks):  # one block in memory at a time besides the frames
-            data = self.store.read(f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}", (block_id,))
-            frames.append(_block_frame(*data[0], features=features))
+            frames.append(self._block(block_id, features))
         if len(frames) == 1:
             return frames[0]
-        frame = pd.concat([part for part in frames if len(part)] or frames[:1], ignore_index=True)
-        frame = frame.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
+        frame = _oldest_first(frames)
         return frame if limit is None else frame.tail(int(limit)).reset_index(drop=True)
 
     def predictions_of(self,
@@ -216,21 +223,24 @@ class PredictionReader:
         "Predictions by request id: rows found through the key's index, and only the blocks whose range of ids holds one."
         import bisect
         wanted = sorted({str(value) for value in request_ids})
-        columns = f"{', '.join(PREDICTION_COLUMNS)}, {'features' if features else 'NULL AS features'}"
         rows = []
         for start in range(0, len(wanted), 10_000):  # well under SQLite's 32,766 parameters and PostgreSQL's 65,535
             chunk = wanted[start:start + 10_000]
-            rows += self.store.read(f"SELECT {columns} FROM predictions WHERE request_id IN ({', '.join([self.store.mark] * len(chunk))})", tuple(chunk))
+            rows += self.store.read(f"SELECT {_selected(features)} FROM predictions WHERE request_id IN ({', '.join([self.store.mark] * len(chunk))})",
+                                    tuple(chunk))
         frames = [_prediction_frame(rows, features)]
         for block_id, first, last in self.store.read("SELECT block_id, first_request_id, last_request_id FROM prediction_blocks") if wanted else []:
             at = bisect.bisect_left(wanted, first)  # ids compare in byte order, as both stores compare them
             if at == len(wanted) or wanted[at] > last:
                 continue
-            data = self.store.read(f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}", (block_id,))
-            block = _block_frame(*data[0], features=features)
+            block = self._block(block_id, features)
             frames.append(block[block["request_id"].isin(wanted)])
-        frame = pd.concat([part for part in frames if len(part)] or frames[:1], ignore_index=True)
-        return frame.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
+        return _oldest_first(frames)
+
+    def _block(self, block_id: str, features: bool) -> pd.DataFrame:
+        "One logged block as a frame."
+        data = self.store.read(f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}", (block_id,))
+        return _block_frame(*data[0], features=features)
 
     def labels(self) -> pd.DataFrame:  # request_id, label, time; oldest first
         "The committed labels."
