@@ -53,6 +53,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'lifecycle.bench._shadow_throughput': ('bench.html#_shadow_throughput', 'lifecycle/bench.py'),
                                  'lifecycle.bench._stream_floor': ('bench.html#_stream_floor', 'lifecycle/bench.py'),
                                  'lifecycle.bench._task': ('bench.html#_task', 'lifecycle/bench.py'),
+                                 'lifecycle.bench._test_record': ('bench.html#_test_record', 'lifecycle/bench.py'),
                                  'lifecycle.bench._time': ('bench.html#_time', 'lifecycle/bench.py'),
                                  'lifecycle.bench._wait_for_line': ('bench.html#_wait_for_line', 'lifecycle/bench.py'),
                                  'lifecycle.bench._wait_ready': ('bench.html#_wait_ready', 'lifecycle/bench.py'),

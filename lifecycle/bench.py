@@ -274,6 +274,15 @@ def _champion_project(folder: Path, heart: Path) -> Path:
     (project / "settings.ini").write_text(settings)
     return train_champion(project)
 
+def _test_record(project: Path) -> dict:
+    "The first test row of the project's last run as a request's JSON record: the champion's features, missing as null."
+    from lifecycle.registry import Registry
+    registry = Registry(project)
+    features = registry.meta(registry.resolve("champion"))["features"]
+    clean = pd.read_parquet(sorted((project / "runs").glob("2*"))[-1] / "prepare" / "clean.parquet")
+    row = clean[clean["_split"] == "test"].iloc[0]
+    return {name: (None if pd.isna(row[name]) else float(row[name])) for name in features["numeric"] + features["categorical"]}
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -384,11 +393,7 @@ def bench_serve(
     from lifecycle.serving.predlog import open_log
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         project = _champion_project(Path(folder), _heart_folder(heart, "serve"))
-        run = sorted((project / "runs").glob("2*"))[-1]
-        clean = pd.read_parquet(run / "prepare" / "clean.parquet")
-        features = json.loads((project / "registry" / "versions" / "1" / "meta.json").read_text())["features"]
-        row = clean[clean["_split"] == "test"].iloc[0]
-        record = {name: (None if pd.isna(row[name]) else float(row[name])) for name in features["numeric"] + features["categorical"]}
+        record = _test_record(project)
         port = _free_port()
         server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "serve", "--settings", str(project / "settings.ini"),
                                    "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1136,14 +1141,13 @@ def _production_sources(project: Path) -> dict:
     text = load_settings(project / "settings.ini").sections.get("deploy", {}).get("production", "")
     return {name.strip(): path.strip() for name, _, path in (line.partition(":") for line in text.splitlines() if line.strip())}
 
-def _whole_windows_end(project: Path):
+def _whole_windows_end(settings):
     """The start of the current monitoring window, UTC: traffic replayed up to it leaves the latest window whole.
 
     Replayed up to now, the latest weekly window holds what arrived since Monday: on a Monday morning a handful
     of records, too few to drift, and no alert starts the retrain. The bench must not turn on the weekday."""
-    from lifecycle.core import load_settings
     from lifecycle.monitoring import parse_every
-    every = parse_every(load_settings(project / "settings.ini").sections.get("monitor", {}).get("window", "week"))
+    every = parse_every(settings.sections.get("monitor", {}).get("window", "week"))
     now = pd.Timestamp.now(tz="UTC")
     if every not in ("day", "week"):  # windows of N predictions: every one but the last is whole wherever the traffic ends
         return now.to_pydatetime()
@@ -1161,12 +1165,7 @@ def _shadow_throughput(project: Path, shadow_version: int, seconds: int, rounds:
     import httpx
     from lifecycle.registry import Registry, clear_alias, set_alias
     registry = Registry(project)
-    run = sorted((project / "runs").glob("2*"))[-1]
-    clean = pd.read_parquet(run / "prepare" / "clean.parquet")
-    champion = registry.resolve("champion")
-    features = registry.meta(champion)["features"]
-    row = clean[clean["_split"] == "test"].iloc[0]
-    body = json.dumps({name: (None if pd.isna(row[name]) else float(row[name])) for name in features["numeric"] + features["categorical"]})
+    body = json.dumps(_test_record(project))
     clear_alias(registry, "shadow", "bench retrain: the champion alone")
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "serve", "--settings", str(project / "settings.ini"),
@@ -1231,7 +1230,7 @@ def bench_retrain(
         sources = _production_sources(project)
         registry = Registry(project)
         first = registry.resolve("champion")
-        replay_sources(sources, settings, days=30, label_delay=7, label_share=0.8, end=_whole_windows_end(project))
+        replay_sources(sources, settings, days=30, label_delay=7, label_share=0.8, end=_whole_windows_end(settings))
         phases, notes = {}, {}
         monitored, phases["alert"] = _time(lambda: monitor_project(project))
         notes["alerts"] = sorted({alert["labels"]["alertname"] for alert in monitored["alerts"]["firing"]})
