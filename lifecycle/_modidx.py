@@ -237,6 +237,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'lifecycle.core.parse_labels': ('core.html#parse_labels', 'lifecycle/core.py'),
                                 'lifecycle.core.parse_mapping': ('core.html#parse_mapping', 'lifecycle/core.py'),
                                 'lifecycle.core.parse_source': ('core.html#parse_source', 'lifecycle/core.py'),
+                                'lifecycle.core.project_root': ('core.html#project_root', 'lifecycle/core.py'),
                                 'lifecycle.core.read_json': ('core.html#read_json', 'lifecycle/core.py'),
                                 'lifecycle.core.reason_words': ('core.html#reason_words', 'lifecycle/core.py'),
                                 'lifecycle.core.record_inputs': ('core.html#record_inputs', 'lifecycle/core.py'),

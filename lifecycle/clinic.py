@@ -713,10 +713,8 @@ def clinic_root(
     root: str | Path | None = None,  # the project folder; None: $LIFECYCLE_CLINIC_ROOT, else the settings.ini found upward
 ) -> Path:  # the project folder
     "The project the page scores for."
-    from lifecycle.core import find_settings
-    if root is None and os.environ.get(ROOT_ENV):
-        root = os.environ[ROOT_ENV]
-    return Path(root) if root is not None else find_settings("settings.ini").parent
+    from lifecycle.core import project_root
+    return project_root(root, ROOT_ENV)
 
 def show_clinic(
     root: str | Path | None = None,  # the project folder (None: `clinic_root`)

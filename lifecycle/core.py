@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'TERMS', 'REASONS', 'LifecycleError', 'use_work_settings',
-           'find_settings', 'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value', 'Source',
-           'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json', 'thread_pool',
-           'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json', 'write_parquet',
-           'write_parquet_files', 'term', 'reason_words', 'styled', 'import_without', 'StageContext', 'record_inputs',
-           'stage_context', 'latest_run']
+           'find_settings', 'project_root', 'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value',
+           'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json',
+           'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json',
+           'write_parquet', 'write_parquet_files', 'term', 'reason_words', 'styled', 'import_without', 'StageContext',
+           'record_inputs', 'stage_context', 'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -66,6 +66,15 @@ def find_settings(
         if (folder / path).is_file():
             return (folder / path).resolve()
     raise LifecycleError(f"settings file {path} not found in {here} or any folder above it")
+
+def project_root(
+    root: str | Path | None,  # the project folder, or None
+    env: str,  # the environment variable naming it when `root` is None (a page's command sets it for Voila's kernels)
+) -> Path:  # the project folder
+    "The project a page serves: `root`, else the folder in `env`, else the folder of the settings.ini found upward."
+    if root is None and os.environ.get(env):
+        root = os.environ[env]
+    return Path(root) if root is not None else find_settings(SETTINGS_FILE).parent
 
 # %% ../nbs/00_core.ipynb #c19c41f7
 DATA_KEYS = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, Settings, find_settings, load_settings, read_json
+from .core import LifecycleError, Settings, load_settings, project_root, read_json
 from .monitoring import MONITOR_KEYS, _safe_name, parse_every, rejection_lines
 
 # %% auto #0
@@ -47,11 +47,7 @@ def dashboard_root(
     root: str | Path | None = None,  # the project folder; None: $LIFECYCLE_DASHBOARD_ROOT, else the settings.ini found upward
 ) -> Path:  # the project folder
     "The project the dashboard shows."
-    if root is None and os.environ.get(ROOT_ENV):
-        root = os.environ[ROOT_ENV]
-    if root is None:
-        return find_settings("settings.ini").parent
-    return Path(root)
+    return project_root(root, ROOT_ENV)
 
 # %% ../nbs/43_dashboard.ipynb #d09e3172
 def _utc(value) -> pd.Timestamp | None:
