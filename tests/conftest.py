@@ -74,23 +74,25 @@ def stages(run):
     return {stage["name"]: stage for stage in run["stages"]}
 
 
-@pytest.fixture
-def heart_project(tmp_path):
-    "A copy of the default project (settings.ini and the UCI data) in a temporary folder."
-    project = tmp_path / "heart"
+def copy_default_project(folder):
+    "The default project (settings.ini and the UCI data) copied into `folder`/heart; returns that folder."
+    project = folder / "heart"
     project.mkdir()
     shutil.copy(REPO / "settings.ini", project / "settings.ini")
     shutil.copytree(HEART, project / "data" / "heart-disease-uci")
     return project
 
 
+@pytest.fixture
+def heart_project(tmp_path):
+    "A copy of the default project (settings.ini and the UCI data) in a temporary folder."
+    return copy_default_project(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def champion_template(tmp_path_factory):
     "The default project after one whole run (without the profile): a champion in its registry. Built once a worker."
-    project = tmp_path_factory.mktemp("template") / "heart"
-    project.mkdir()
-    shutil.copy(REPO / "settings.ini", project / "settings.ini")
-    shutil.copytree(HEART, project / "data" / "heart-disease-uci")
+    project = copy_default_project(tmp_path_factory.mktemp("template"))
     # the latency gates decide on CPU time, so a busy test machine cannot refuse the template
     _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0)
     (project / "first-run.json").write_text(json.dumps(run))

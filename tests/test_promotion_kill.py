@@ -15,10 +15,8 @@ from lifecycle.train import build_pipeline
 
 # The child promotes version 2 and kills itself with SIGKILL just before (or just after) its k-th file-system
 # step: each rename that makes a write visible, and each removal. Every point of the write is hit in turn.
-CHILD = textwrap.dedent("""
-    import os, signal, sys
-    from lifecycle.registry import Registry, set_alias
-    root, k, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+# Both children count their file-system steps from here on and kill themselves at step k (argv[2], before or after).
+DEADLY = textwrap.dedent("""
     steps = [0]
     def deadly(function):
         def step(*args, **kwargs):
@@ -31,6 +29,13 @@ CHILD = textwrap.dedent("""
             return result
         return step
     os.replace, os.rename, os.unlink = deadly(os.replace), deadly(os.rename), deadly(os.unlink)
+""")
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from lifecycle.registry import Registry, set_alias
+    root, k, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+""") + DEADLY + textwrap.dedent("""
     set_alias(Registry(root), "champion", 2, "kill test")
     print(steps[0])
 """)
@@ -82,18 +87,7 @@ CONCLUDE = textwrap.dedent("""
     root, k, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     from lifecycle.retrain import conclude
     judged = json.loads((Path(root) / "retrain" / "t1" / "comparison.json").read_text())
-    steps = [0]
-    def deadly(function):
-        def step(*args, **kwargs):
-            steps[0] += 1
-            if steps[0] == k and when == "before":
-                os.kill(os.getpid(), signal.SIGKILL)
-            result = function(*args, **kwargs)
-            if steps[0] == k and when == "after":
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-        return step
-    os.replace, os.rename, os.unlink = deadly(os.replace), deadly(os.rename), deadly(os.unlink)
+""") + DEADLY + textwrap.dedent("""
     outcome = conclude(Path(root), "t1", judged, {"passed": False, "reasons": ["refused"]}, {}, "retrain/t1/comparison.json")
     print(json.dumps({"steps": steps[0], "version": outcome.get("version"), "change": outcome.get("change")}))
 """)

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import COLUMNS, HEART, LIFECYCLE, REPO, free_port, run_lifecycle
+from conftest import COLUMNS, LIFECYCLE, copy_default_project, free_port, run_lifecycle
 
 # One canary a patient in the id column, one in a free-text column: unique, so that any copy of either is found.
 ID_MARK, NOTE_MARK = "canaryid", "canarynote"
@@ -51,10 +50,7 @@ def _seed_canaries(project: Path) -> dict:
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     "One simulation serves every test here: the canary project, the command's output, the sandbox."
-    project = tmp_path_factory.mktemp("canaries") / "heart"
-    project.mkdir()
-    shutil.copy(REPO / "settings.ini", project / "settings.ini")
-    shutil.copytree(HEART, project / "data" / "heart-disease-uci")
+    project = copy_default_project(tmp_path_factory.mktemp("canaries"))
     canaries = _seed_canaries(project)
     code, outcome, stdout, stderr = run_lifecycle(*SIMULATE, "--settings", project / "settings.ini", "--json")
     assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
