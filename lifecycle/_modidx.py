@@ -701,6 +701,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                           'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader._selected': ( 'predlog_reader.html#_selected',
                                                                                                   'lifecycle/serving/predlog/reader.py'),
+                                                  'lifecycle.serving.predlog.reader._typed_alike': ( 'predlog_reader.html#_typed_alike',
+                                                                                                     'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader._with_features': ( 'predlog_reader.html#_with_features',
                                                                                                        'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader.pair_shadow': ( 'predlog_reader.html#pair_shadow',

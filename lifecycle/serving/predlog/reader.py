@@ -41,8 +41,25 @@ def _selected(features: bool) -> str:
 
 def _oldest_first(frames: list[pd.DataFrame]) -> pd.DataFrame:
     "Frames of rows and blocks as one, oldest first (the empty ones left out, but never all of them)."
-    frame = pd.concat([part for part in frames if len(part)] or frames[:1], ignore_index=True)
+    parts = [part for part in frames if len(part)] or frames[:1]
+    frame = pd.concat(_typed_alike(parts) if len(parts) > 1 else parts, ignore_index=True)
     return frame.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
+
+def _typed_alike(parts: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    "A column all missing in one part takes the type the others give it (a label none has yet, a feature a block lacks)."
+    kinds = {}  # each column's type where it has values: numbers, times or objects can hold a missing value
+    for part in parts:
+        for name in part.columns:
+            if name not in kinds and part[name].notna().any():
+                kind = part[name].dtype
+                if pd.api.types.is_float_dtype(kind) or pd.api.types.is_datetime64_any_dtype(kind) or kind == object:
+                    kinds[name] = kind
+    typed = []
+    for part in parts:
+        cast = {name: kinds[name] for name in part.columns
+                if name in kinds and part[name].dtype != kinds[name] and part[name].isna().all()}
+        typed.append(part.astype(cast) if cast else part)
+    return typed
 
 def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
     "The predictions' columns, then their features; a feature named like one of those columns gets the prefix `feature_`."
