@@ -1141,19 +1141,6 @@ def _production_sources(project: Path) -> dict:
     text = load_settings(project / "settings.ini").sections.get("deploy", {}).get("production", "")
     return {name.strip(): path.strip() for name, _, path in (line.partition(":") for line in text.splitlines() if line.strip())}
 
-def _whole_windows_end(settings):
-    """The start of the current monitoring window, UTC: traffic replayed up to it leaves the latest window whole.
-
-    Replayed up to now, the latest weekly window holds what arrived since Monday: on a Monday morning a handful
-    of records, too few to drift, and no alert starts the retrain. The bench must not turn on the weekday."""
-    from lifecycle.monitoring import parse_every
-    every = parse_every(settings.sections.get("monitor", {}).get("window", "week"))
-    now = pd.Timestamp.now(tz="UTC")
-    if every not in ("day", "week"):  # windows of N predictions: every one but the last is whole wherever the traffic ends
-        return now.to_pydatetime()
-    start = now.floor("D") - pd.Timedelta(days=now.dayofweek if every == "week" else 0)
-    return start.to_pydatetime()
-
 def _time(call) -> tuple:
     "(what the call returned, its wall seconds)."
     started = time.perf_counter()
@@ -1219,7 +1206,7 @@ def bench_retrain(
     from datetime import datetime, timezone
     from lifecycle.core import load_settings
     from lifecycle.loop import retrain_project
-    from lifecycle.monitoring import monitor_project
+    from lifecycle.monitoring import monitor_project, whole_windows_end
     from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry, set_alias
     from lifecycle.serving.replay import replay_input, replay_sources
@@ -1230,7 +1217,7 @@ def bench_retrain(
         sources = _production_sources(project)
         registry = Registry(project)
         first = registry.resolve("champion")
-        replay_sources(sources, settings, days=30, label_delay=7, label_share=0.8, end=_whole_windows_end(settings))
+        replay_sources(sources, settings, days=30, label_delay=7, label_share=0.8, end=whole_windows_end(settings))
         phases, notes = {}, {}
         monitored, phases["alert"] = _time(lambda: monitor_project(project))
         notes["alerts"] = sorted({alert["labels"]["alertname"] for alert in monitored["alerts"]["firing"]})

@@ -21,10 +21,11 @@ from .alerts import evaluate, parse_kpis
 from .contract import rejection_sentence
 
 # %% auto #0
-__all__ = ['RESULTS_FORMAT', 'LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'parse_every', 'event_times', 'assign_windows',
-           'weighted_auc', 'realized_metrics', 'calibrated', 'estimated_metrics', 'group_labels', 'fairness',
-           'rejection_figures', 'rejection_lines', 'window_days', 'window_report', 'refused_windows', 'update_windows',
-           'serving_figures', 'scrape_serving', 'monitor_project']
+__all__ = ['RESULTS_FORMAT', 'LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'parse_every', 'event_times', 'window_starts',
+           'current_window_start', 'assign_windows', 'weighted_auc', 'realized_metrics', 'calibrated',
+           'estimated_metrics', 'group_labels', 'fairness', 'rejection_figures', 'rejection_lines', 'window_days',
+           'window_report', 'refused_windows', 'update_windows', 'serving_figures', 'scrape_serving',
+           'whole_windows_end', 'monitor_project']
 
 # %% ../nbs/42_monitoring.ipynb #77797d2b
 def parse_every(
@@ -50,6 +51,29 @@ def event_times(
     return own.fillna(logged)
 
 # %% ../nbs/42_monitoring.ipynb #3e33433d
+def window_starts(
+    times: pd.Series,  # UTC times
+    every: str,  # "day" or "week"
+) -> pd.Series:  # the start of the day, or of the week (Monday), each time falls in
+    "The start of each time's window: midnight UTC of its day, or of the Monday of its week."
+    start = times.dt.floor("D")
+    return start - pd.to_timedelta(start.dt.dayofweek, unit="D") if every == "week" else start
+
+def current_window_start(
+    every: str | int,  # "day", "week" or N predictions
+    now: datetime | None = None,  # the present (default: now)
+) -> datetime:  # UTC
+    """Where the window holding `now` starts: traffic replayed up to it leaves the latest window whole.
+
+    Replayed up to now, the latest weekly window holds what arrived since Monday: on a Monday morning a handful of
+    records, too few to judge drift, so what a demo or a benchmark shows would turn on the weekday. For windows of N
+    predictions every window but the last is whole wherever the traffic ends: `now` itself."""
+    now = pd.Timestamp(now or datetime.now(timezone.utc))
+    now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
+    if every not in ("day", "week"):
+        return now.to_pydatetime()
+    return window_starts(pd.Series([now]), every).iloc[0].to_pydatetime()
+
 def assign_windows(
     frame: pd.DataFrame,  # predictions with `time` (and `event_time`), `model_version`, `request_id`
     every: str | int,  # "day", "week" or N predictions
@@ -59,9 +83,7 @@ def assign_windows(
     times = event_times(frame)
     versions = frame["model_version"].astype("int64") if len(frame) else pd.Series([], dtype="int64")
     if every in ("day", "week"):
-        start = times.dt.floor("D")
-        if every == "week":
-            start = start - pd.to_timedelta(start.dt.dayofweek, unit="D")
+        start = window_starts(times, every)
         keys = "v" + versions.astype(str) + "_" + start.dt.strftime("%Y-%m-%d")
         return pd.DataFrame({"window": keys, "window_start": start, "event_time": times}, index=frame.index)
     counted = {} if counted is None else counted
@@ -443,9 +465,7 @@ def refused_windows(
     hours = pd.to_datetime(frame["event_hour"], utc=True)
     versions = frame["model_version"].astype("int64")
     if every in ("day", "week"):
-        start = hours.dt.floor("D")
-        if every == "week":
-            start = start - pd.to_timedelta(start.dt.dayofweek, unit="D")
+        start = window_starts(hours, every)
         frame["window"] = "v" + versions.astype(str) + "_" + start.dt.strftime("%Y-%m-%d")
         frame["window_start"] = start
         return frame
@@ -799,6 +819,13 @@ WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"  # a webhook URL often holds a secret: i
 MONITOR_KEYS = {"window": "week", "kpis": "", "alerts": "", "webhook": "", "repeat_hours": "4", "min_rows": "20",
                 "min_group": "20", "bootstrap": "200", "log": "",
                 "refresh_seconds": "30"}  # refresh_seconds: the live dashboard's refresh and its monitor's interval
+
+def whole_windows_end(
+    settings,  # the project's settings (its `[monitor] window`)
+    now: datetime | None = None,  # the present (default: now)
+) -> datetime:  # UTC
+    "Where the project's current monitoring window starts: traffic replayed up to it leaves its latest window whole."
+    return current_window_start(parse_every(settings.sections.get("monitor", {}).get("window", MONITOR_KEYS["window"])), now)
 
 def _references(root: Path):
     "model version -> (its reference.json or None, its threshold), read once a version."

@@ -23,6 +23,9 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     assert deploy["production"]["by_source"]["va"]["rows"] == 200 and deploy["production"]["by_source"]["switzerland"]["rows"] == 123
     assert deploy["production"]["scored"] + deploy["production"]["rejected"] == 323
     assert deploy["predictions_in_log"] == deploy["production"]["scored"] == deploy["replay"]["scored"]  # through replay, over 30 days
+    # Replayed up to where the current monitoring window starts: the latest window monitored is a whole week, any weekday.
+    from lifecycle.monitoring import current_window_start
+    assert pd.Timestamp(deploy["replay"]["last_event"]) < pd.Timestamp(current_window_start("week"))
     # Monitored: a month of history, the labels of the last week still pending.
     monitor = by_name["monitor"]["summary"]
     assert monitor["predictions"] == deploy["production"]["scored"] and monitor["labeled"] == deploy["replay"]["labels_sent"] > 0
