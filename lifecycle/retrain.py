@@ -499,7 +499,9 @@ def promote_shadow(
     now: datetime | None = None,  # the time (for the record)
     evidence: dict | None = None,  # what `shadow_evidence` said, when the caller read it already (default: read here)
 ) -> dict:  # status (no shadow, in shadow, promoted, shadow refused), reasons, evidence (what the log says)
-    "Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records."
+    """Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records.
+
+    A version its gate refused (one put in shadow by hand) is taken off at once: promotion needs the gate passed."""
     from lifecycle.compare import compare_models
     from lifecycle.registry import Registry, clear_alias, set_alias
     registry = Registry(root)
@@ -511,6 +513,13 @@ def promote_shadow(
     ready, why = shadow_ready(evidence, policy.get("shadow_min", ""))
     record = {"kind": "shadow", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"], "shadow": evidence["version"],
               "evidence": {key: value for key, value in evidence.items() if key != "summary"}, "summary": evidence["summary"]}
+    gate = registry.meta(evidence["version"]).get("gate") or {}
+    if not gate.get("passed"):  # put in shadow by hand: no live record makes a version the gate refused a champion
+        said = "; ".join(gate.get("reasons") or []) or ("it has no gate decision (never evaluated)" if not gate else "no reason recorded")
+        reason = f"version {evidence['version']} cannot be promoted: its gate refused it ({said})"
+        clear_alias(registry, "shadow", reason)
+        record_decision(root, {**record, "promoted": False, "reasons": [reason]})
+        return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
     if not ready:
         record_decision(root, {**record, "promoted": False, "reasons": [why]})
         return {"status": "in shadow", "reasons": [why], "evidence": evidence}
