@@ -200,6 +200,42 @@ def test_hot_swap_under_load_fails_no_request(champion_project):
     assert server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful shutdown
 
 
+def test_a_champion_that_fails_to_load_leaves_the_old_one_serving_until_it_loads(champion_project):
+    "A new champion whose file does not load: the old one answers on, the error is shown; the file mended, it loads, no alias moved."
+    from unittest import mock
+    from lifecycle.registry import Registry, load_model, register, set_alias
+    registry = Registry(champion_project)
+    first = registry.resolve("champion")
+    meta = {k: v for k, v in registry.meta(first).items() if k not in ("version", "sha256", "bytes", "created")}
+    second = register(registry, load_model(registry, first), meta)
+    records, _ = records_of(champion_project)
+    server = Server(champion_project)
+    try:
+        path = registry.path / "versions" / str(second) / "model.skops"
+        good = path.read_bytes()
+        path.write_bytes(b"not a model")
+        with mock.patch("lifecycle.registry.load_model"):  # set_alias would refuse the file; here it changed after the check
+            set_alias(registry, "champion", second, "test: a champion that fails to load")
+        deadline = time.time() + 60
+        while "failed to load" not in (httpx.get(server.url + "/model").json()["load_error"] or ""):
+            assert time.time() < deadline, "the server did not report the failed load"
+            time.sleep(0.1)
+        about = httpx.get(server.url + "/model").json()
+        assert about["version"] == first and f"version {second} failed to load" in about["load_error"]
+        assert f"still serving version {first}" in about["load_error"] and "again in" in about["load_error"]
+        answer = httpx.post(server.url + "/predict", json=records[:3], timeout=30)
+        assert answer.status_code == 200 and answer.json()["model_version"] == first
+        path.write_bytes(good)  # mended: the next try loads it, with nobody moving the alias again
+        deadline = time.time() + 120
+        while (about := httpx.get(server.url + "/model").json())["version"] != second:
+            assert time.time() < deadline, "the server did not try the mended file again"
+            time.sleep(0.2)
+        assert about["load_error"] is None and about["swaps"] == 1
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output.read_text()
+
+
 def test_sigterm_under_load_writes_every_prediction_served(champion_project):
     before = log_count(champion_project)
     server = Server(champion_project)

@@ -27,7 +27,7 @@ _log = logging.getLogger("lifecycle.serving.scoring")
 # %% auto #0
 __all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'SHADOW_ALIAS', 'ServingSpec', 'check_records', 'check_frame',
            'record_json_schema', 'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores',
-           'Prediction', 'Scorer', 'keep_heap_settled', 'settle_heap', 'contract_key', 'Shadow']
+           'Prediction', 'Scorer', 'keep_heap_settled', 'settle_heap', 'contract_key', 'LoadRetry', 'Shadow']
 
 # %% ../../nbs/30_scoring.ipynb #6019bd18
 @dataclass
@@ -448,6 +448,30 @@ def contract_key(
 # %% ../../nbs/30_scoring.ipynb #0e41fb70
 SHADOW_ALIAS = "shadow"  # the registry alias of the version scoring in shadow
 
+class LoadRetry:
+    """When a watcher tries again a version that failed to load: at the next look, then 2, 4, 8 … looks later, at most
+    `most` looks apart. A passing fault heals without anyone moving the alias; a broken file is not reloaded at every look."""
+
+    def __init__(self, most: int = 120):  # at most this many looks between tries (120 looks of 0.5 s: a minute)
+        self.most, self.version, self.failures, self._wait = most, None, 0, 0
+
+    def failed(self, version: int) -> int:  # looks until the next try
+        "Count a failure to load `version`."
+        self.failures = self.failures + 1 if version == self.version else 1
+        self.version, self._wait = version, min(2 ** (self.failures - 1), self.most)
+        return self._wait
+
+    def due(self, version: int) -> bool:
+        "Whether to try loading `version` at this look (another version than the one that failed: at once)."
+        if version != self.version:
+            return True
+        self._wait -= 1
+        return self._wait <= 0
+
+    def clear(self) -> None:
+        "Nothing failed any more (the version loaded, or is no longer wanted)."
+        self.version, self.failures, self._wait = None, 0, 0
+
 class Shadow:
     "The version in shadow: scores what the champion scored, on its own thread, and logs it under channel `shadow`."
 
@@ -473,7 +497,7 @@ class Shadow:
         self.error: str | None = None  # the last failure to load or to score, one line
         self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
         self._seen = None  # the aliases file's stamp when last read
-        self._failed_version = None
+        self._retry = LoadRetry()  # a version that failed to load is tried again, less and less often
         self._queue: collections.deque = collections.deque()
         self._waiting = 0  # records in the queue or being scored
         self._wake = threading.Condition()
@@ -492,7 +516,7 @@ class Shadow:
             stamp = (stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
             stamp = None
-        if stamp == self._seen:
+        if stamp == self._seen and self._retry.version is None:
             return False
         self._seen = stamp
         from lifecycle.registry import Registry
@@ -501,17 +525,24 @@ class Shadow:
         except Exception as error:
             self.error = f"reading the registry's aliases failed ({type(error).__name__})"
             return False
-        if wanted == self.version or (wanted is not None and wanted == self._failed_version):
+        if wanted is None or wanted == self.version:
+            self._retry.clear()
+            if wanted is None and self.scorer is not None:
+                self.scorer = None
+                settle_heap()
+                return True
             return False
-        if wanted is None:
-            self.scorer, self._failed_version = None, None
-            settle_heap()
-            return True
+        if not self._retry.due(wanted):
+            return False
         try:
-            self.scorer, self.error, self._failed_version = Scorer.from_registry(self.root, wanted), None, None
-        except Exception as error:  # a tampered or untrusted file: no shadow, the champion serves on
-            self.scorer, self._failed_version = None, wanted
-            self.error = f"shadow version {wanted} failed to load ({type(error).__name__}); no shadow scoring"
+            self.scorer, self.error = Scorer.from_registry(self.root, wanted), None
+            self._retry.clear()
+        except Exception as error:  # a tampered or untrusted file, or a passing fault: no shadow, the champion serves on
+            looks = self._retry.failed(wanted)
+            self.scorer = None
+            self.error = (f"shadow version {wanted} failed to load ({type(error).__name__}); no shadow scoring; "
+                          f"tried {self._retry.failures} time(s), again in {looks * self.interval:g} s")
+            _log.warning("%s", self.error)
         settle_heap()
         return True
 

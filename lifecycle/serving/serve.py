@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ..core import LifecycleError
 from .predlog import JournalError
 from ..contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors, rejection_reasons
-from .scoring import Scorer, Shadow, keep_heap_settled, record_json_schema, settle_heap
+from .scoring import LoadRetry, Scorer, Shadow, keep_heap_settled, record_json_schema, settle_heap
 
 
 # %% auto #0
@@ -51,6 +51,7 @@ class ModelHolder:
         self.error: str | None = None  # the last failure to load, one line
         self.swaps = 0
         self._seen = None
+        self._retry = LoadRetry()  # a version that failed to load is tried again, less and less often
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,7 +66,7 @@ class ModelHolder:
     def check(self) -> bool:
         "Load the alias's version if it is not the one serving; True when a new one was swapped in."
         stamp = self._aliases_stamp()
-        if stamp == self._seen and self.scorer is not None:
+        if stamp == self._seen and self.scorer is not None and self._retry.version is None:
             return False
         self._seen = stamp
         from lifecycle.registry import Registry
@@ -75,14 +76,20 @@ class ModelHolder:
             self.error = str(error)
             return False
         if self.scorer is not None and self.scorer.version == version:
+            self._retry.clear()  # the alias moved back to the version serving
+            return False
+        if not self._retry.due(version):
             return False
         try:
             scorer = Scorer.from_registry(self.root, version)
-        except Exception as error:  # a tampered or untrusted file: keep serving the old model
-            self.error = f"version {version} failed to load ({type(error).__name__}); " + (
-                f"still serving version {self.scorer.version}" if self.scorer else "no model serving")
+        except Exception as error:  # a tampered or untrusted file, or a passing fault: keep serving the old model, try again later
+            looks = self._retry.failed(version)
+            self.error = (f"version {version} failed to load ({type(error).__name__}); "
+                          + (f"still serving version {self.scorer.version}" if self.scorer else "no model serving")
+                          + f"; tried {self._retry.failures} time(s), again in {looks * self.interval:g} s")
             log.error(self.error)
             return False
+        self._retry.clear()
         previous = self.scorer.version if self.scorer else None
         self.scorer, self.error = scorer, None
         settle_heap()  # on this thread, not a request's: the new model frozen out of later collections, the old one collected
