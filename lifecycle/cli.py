@@ -70,6 +70,9 @@ def _models(args) -> int:
     else:
         event = None
     listing = describe(registry)
+    if event and event["alias"] == "shadow" and event["version"] is not None and not (registry.meta(event["version"]).get("gate") or {}).get("passed"):
+        print(f"warning: version {event['version']} has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, "
+              "never promote it", file=sys.stderr)
     if args.json:
         print(json.dumps({**listing, "event": event}, indent=2, default=str))
         return 0

@@ -66,6 +66,16 @@ def test_promote_refuses_a_file_that_fails_its_hash_and_the_list_flags_it(projec
     assert {v["version"]: v["file_ok"] for v in json.loads(out)["versions"]} == {1: True, 2: False}
 
 
+def test_shadow_by_hand_of_a_version_without_a_passed_gate_is_warned(project, capsys):
+    from lifecycle.registry import update_meta
+    code, out, err = _models(project, capsys, "shadow", "2", "--reason", "to watch it")
+    assert code == 0 and Registry(project).aliases()["shadow"] == 2
+    assert err.strip() == "warning: version 2 has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, never promote it"
+    update_meta(Registry(project), 2, gate={"passed": True, "reasons": []})
+    code, out, err = _models(project, capsys, "shadow", "2", "--reason", "evaluated now", "--json")
+    assert code == 0 and err == "" and json.loads(out)["event"]["version"] == 2
+
+
 def test_promote_refuses_a_file_that_does_not_load(project, capsys):
     _plant(project, 2, b"PK\x03\x04 this is not a zip archive", rehash=True)
     code, _, err = _models(project, capsys, "promote", "2")
