@@ -76,7 +76,9 @@ class ModelHolder:
             self.error = str(error)
             return False
         if self.scorer is not None and self.scorer.version == version:
-            self._retry.clear()  # the alias moved back to the version serving
+            if self._retry.version is not None:  # the alias moved back to the version serving: the failure is no longer wanted
+                self._retry.clear()
+                self.error = None
             return False
         if not self._retry.due(version):
             return False
