@@ -34,7 +34,8 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
     notebook = Path(re.search(r"see (\S+02_prepare\.ipynb)", message).group(1))
     executed = nbformat.read(notebook, as_version=4)
     assert any(tag.startswith("papermill-error-cell") for cell in executed.cells for tag in cell.get("metadata", {}).get("tags", []))  # the error banner
-    assert "250" not in message  # patient values never in messages
+    words = re.sub(r"\S*/\S*", "<path>", message)  # paths left out: a temporary folder's name may hold any number (pytest-250)
+    assert not any(str(age) in words for age in range(250, 300))  # patient values never in messages
     # The failed run's report says which stage failed.
     index = (notebook.parent / "index.html").read_text()
     assert "failed" in index

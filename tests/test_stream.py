@@ -1,6 +1,7 @@
 "`lifecycle stream`: JSON lines on stdin and from a followed file, and Redis Streams against a real redis-server."
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -99,7 +100,8 @@ def test_stdin_to_stdout(project, tmp_path):
     assert [o["event_id"] for o in outputs] == [1, 2, 4, "visit-5"]  # line numbers, blank lines counted; the producer's id
     assert outputs[1]["errors"][0]["type"] == "json_invalid"
     assert outputs[2]["errors"] == [{"loc": ["record", "age"], "msg": "outside the range 1 to 120", "type": "value_error.range"}]
-    assert "300" not in json.dumps(outputs[2]) + done.stderr  # never a submitted value
+    # never a submitted value (paths left out: a temporary folder's name may hold any number, pytest-300)
+    assert "300" not in re.sub(r"\S*/\S*", "<path>", json.dumps(outputs[2]) + done.stderr)
     assert {o["decision"] for o in outputs[::3]} <= {0, 1} and all(o["request_id"].startswith("stream:") for o in outputs[::3])
     summary = json.loads(done.stderr.strip().splitlines()[-1])  # on stderr: stdout carries the predictions
     assert (summary["events_in"], summary["scored"], summary["rejected"], summary["ended"]) == (4, 2, 2, "end")
