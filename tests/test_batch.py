@@ -298,6 +298,14 @@ def _pending(read) -> int:
         return 0
 
 
+def _registered(read) -> bool:
+    "Whether a batch run has registered in the log (its pending_runs row)."
+    try:
+        return int(read("SELECT count(*) FROM pending_runs")[0][0]) > 0
+    except Exception:  # the table is not there yet
+        return False
+
+
 def _start_batch(project, tmp_path, log_url):
     "A `lifecycle batch` run on a file of 60,000 rows, 60 chunks, in a process group of its own."
     import subprocess
@@ -344,6 +352,10 @@ def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows(project, tmp_pat
     try:
         watcher = sqlite3.connect(log_path, timeout=60, isolation_level=None)
         deadline = time.monotonic() + 300
+        while not _registered(lambda sql: watcher.execute(sql).fetchall()):  # no write lock taken before the run has started:
+            assert batch.poll() is None, f"the run ended before it started: {batch.stderr.read()}"  # its start is not the test
+            assert time.monotonic() < deadline, "the run did not start in 5 minutes"
+            time.sleep(0.05)
         while True:
             assert batch.poll() is None, f"the run ended before any of its rows was seen: {batch.stderr.read()}"
             watcher.execute("BEGIN IMMEDIATE")  # while it is held, the run cannot publish
