@@ -17,6 +17,7 @@ import re
 import secrets
 import socket
 import fcntl
+import queue
 import threading
 import time
 import uuid
@@ -361,30 +362,40 @@ def _weight(item: tuple) -> int:
     return item[1].rows if item[0] == "b" else 1
 
 class _Wake:
-    """`threading.Event` on a reentrant lock. `close()` may run in a SIGTERM handler that interrupted `set()` on
-    the same thread, inside the Event's own lock: a plain Event then waits for itself forever."""
+    """The writer's wake-up call, without a lock anyone holds. `close()` may run in a SIGTERM handler that interrupted
+    `set()` on the main thread; a lock `set()` held would then stay held while the handler waits for the writer, and
+    the writer, waking, would wait for that lock (with a Condition, even after its own timeout) until the handler gave
+    up: rows not written. `queue.SimpleQueue.put` is reentrant (safe in a signal handler), and the writer waits on
+    the queue alone. A wake-up lost to a race costs at most one `interval`: the writer reads its queue after waking."""
 
     def __init__(self):
-        self._condition = threading.Condition(threading.RLock())
+        self._calls = queue.SimpleQueue()
         self._flag = False
 
     def set(self) -> None:
-        with self._condition:
+        if not self._flag:
             self._flag = True
-            self._condition.notify_all()  # safe to re-enter: a waiter released twice is skipped (gh-92530)
+            self._calls.put(None)
 
     def clear(self) -> None:
-        with self._condition:
-            self._flag = False
+        self._flag = False
+        try:
+            while True:
+                self._calls.get_nowait()
+        except queue.Empty:
+            pass
 
     def is_set(self) -> bool:
         return self._flag
 
     def wait(self, timeout: float | None = None) -> bool:
-        with self._condition:
-            if not self._flag:
-                self._condition.wait(timeout)
-            return self._flag
+        if self._flag:
+            return True
+        try:
+            self._calls.get(timeout=timeout)
+        except queue.Empty:
+            pass
+        return self._flag
 
 class PredictionLog(PredictionReader):
     "Every prediction served and every label that arrives later, written by a background thread in batches."
