@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, read_json, write_json
+from .core import LifecycleError, Project, read_json, write_json
 from .drift import category_counts, category_label, drift_summary, feature_drift, prediction_drift, quantile_points
 from .alerts import evaluate, parse_kpis
 from .contract import rejection_sentence
@@ -852,14 +852,14 @@ def _int_setting(section: dict, key: str) -> int:
         raise LifecycleError(f"[monitor] {key} must be a whole number")
     return int(text)
 
-def _rollback(root: Path, project, now, post) -> dict | None:
+def _rollback(project: Project, now, post) -> dict | None:
     "The rollback rules of [retrain], evaluated after the alerts (None when none is set)."
     from lifecycle.rollback import check_rollback, rollback_rules
-    rules = rollback_rules(project.sections.get("retrain", {})) if project else {"active": False}
-    return check_rollback(root, rules, now=now, post=post) if rules["active"] else None
+    rules = rollback_rules(project.section("retrain"))
+    return check_rollback(project, rules, now=now, post=post) if rules["active"] else None
 
 def monitor_project(
-    root: Path,  # the project folder (holding settings.ini, registry/ and the prediction log)
+    project: Project,  # the project (its folder, settings and prediction log), resolved once by the caller
     now: datetime | None = None,  # the time for alerts (injected in tests; default now)
     settings: dict | None = None,  # [monitor] settings overriding the file's (same keys, as text)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
@@ -870,12 +870,10 @@ def monitor_project(
 ) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), rollback (or None), exit_code (3 when a critical alert fires or the champion is rolled back), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
-    from lifecycle.core import find_settings, load_settings
     from lifecycle.serving.predlog import open_log
     from datetime import timedelta
-    root = Path(root)
-    project = load_settings(find_settings(root / "settings.ini")) if (root / "settings.ini").exists() else None
-    section = {**(project.sections.get("monitor", {}) if project else {}), **(settings or {})}
+    root = project.root
+    section = {**project.section("monitor"), **(settings or {})}
     unknown = sorted(set(section) - set(MONITOR_KEYS))
     if unknown:
         raise LifecycleError(f"[monitor] {unknown[0]} is not a setting; known: {', '.join(MONITOR_KEYS)}")
@@ -888,9 +886,9 @@ def monitor_project(
         raise LifecycleError("[monitor] repeat_hours must be a number of hours") from None
     registry, reference_for = _references(root)
     own_log = log is None
-    log = open_log(section.get("log", ""), root) if own_log else log
+    log = open_log(project.log_url, root) if own_log else log  # the project's one log, never a section's own idea of it
     try:
-        result = update_windows(root / "monitoring", log, reference_for, every, list(project.sensitive) if project else [], kpis,
+        result = update_windows(root / "monitoring", log, reference_for, every, project.sensitive, kpis,
                                 _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"),
                                 engine=engine, scheduler=scheduler)
     finally:
@@ -931,7 +929,7 @@ def monitor_project(
         statements += alerts.pop("statements")
         if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):
             summary["exit_code"] = 3
-    summary["rollback"] = _rollback(root, project, now, post)
+    summary["rollback"] = _rollback(project, now, post)
     if summary["rollback"] and summary["rollback"]["rolled_back"]:
         statements.append(summary["rollback"]["event"]["reason"])
         summary["exit_code"] = 3

@@ -33,12 +33,12 @@ def log_location(
     url: str,  # "", "sqlite", "sqlite:///abs/path.sqlite", a file path (relative to root) or "postgresql://…"
     root: Path,  # the project folder
 ) -> tuple[str, Path | str]:  # ("sqlite", the file) or ("postgresql", the URL)
-    "Where the prediction log lives."
+    "Where the prediction log lives: a SQLite file as a real path, so every spelling of it (a symlink, a relative path) is one log."
     url = (url or "").strip()
     if url in ("", "sqlite"):
-        return "sqlite", Path(root) / DEFAULT_FILE
+        return "sqlite", (Path(root) / DEFAULT_FILE).resolve()
     if "://" not in url:
-        return "sqlite", Path(root) / Path(url).expanduser()
+        return "sqlite", (Path(root) / Path(url).expanduser()).resolve()
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
     if scheme.split("+")[0] in ("postgresql", "postgres"):
@@ -47,7 +47,7 @@ def log_location(
         path = rest[1:] if rest.startswith("//") else rest
         if not path:
             raise LifecycleError(f"prediction log URL {url!r} names no file: use sqlite:///absolute/path.sqlite or a path relative to the project")
-        return "sqlite", Path(root) / Path(path).expanduser()
+        return "sqlite", (Path(root) / Path(path).expanduser()).resolve()
     raise LifecycleError(f"prediction log URL scheme {scheme}:// is not supported: use a file path, sqlite:///path or postgresql://…")
 
 def redact_url(url: str) -> str:

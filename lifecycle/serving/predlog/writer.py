@@ -227,8 +227,9 @@ def journal_folder(
     root: Path,  # the project folder
     store,  # the log's store
 ) -> Path:  # where the journals of this log live
-    "One folder a log (a database), in the project's private folder."
-    return Path(root) / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
+    """One folder a log (a database), in the project's private folder: keyed by the log's resolved location (`log_location`),
+    so a server started through a symlink and a monitor started by the real path journal into, and replay, one folder."""
+    return Path(root).resolve() / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
 
 def replay_journals(
     store,  # the log's store
