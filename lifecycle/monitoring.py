@@ -547,13 +547,14 @@ def update_windows(
         raise LifecycleError(f"unknown monitoring engine {engine!r}: use local or dask")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # the log is part of what the stored windows summarize: windows of another log (the project's log moved) are not added to
     config = {"format": RESULTS_FORMAT, "every": every, "sensitive": list(sensitive), "min_rows": min_rows, "min_group": min_group,
-              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}}
+              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}, "log": str(getattr(log, "store", ""))}
     statements = []
     try:
         state = read_json(folder / "state.json") if (folder / "state.json").exists() else None
         if state is not None and state.get("config") != _config_hash(config):
-            statements.append("the monitoring settings changed: every window was recomputed from the log")
+            statements.append("the monitoring settings or the prediction log changed: every window was recomputed from the log")
             state = None
         if state is None:
             _start_over(folder)

@@ -176,7 +176,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (request_id) DO NOTHING"""
 _SQLITE_INSERT_LABELS = """
 INSERT INTO labels (request_id, label, time, logged) VALUES (?, ?, ?, ?)
-ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged"""
+ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged
+WHERE labels.logged IS NULL OR excluded.logged >= labels.logged"""  # the latest written wins: a journal replayed late undoes no later label
 _SQLITE_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -358,7 +359,8 @@ VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
 ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_LABELS = """
 INSERT INTO labels (request_id, label, time, logged) VALUES (%s, %s, %s::timestamptz, %s::timestamptz)
-ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged"""
+ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged
+WHERE labels.logged IS NULL OR EXCLUDED.logged >= labels.logged"""
 _POSTGRES_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s)
