@@ -429,10 +429,10 @@ def simulate_project(
         _say(f"day {day + 1}/{days}: {sent['scored']} scored, {len(due)} labels, {record['alerts_sent']} alerts sent"
              + (f"; {changes[-1]['kind']} version {changes[-1]['version']}" if changes and changes[-1]["day"] == day + 1 else ""), quiet)
     if pending:
-        with open_log(box.sections.get("monitor", {}).get("log", ""), sandbox) as log:
+        with open_log(box_project.log_url, sandbox) as log:
             shadow_rows = int((log.predictions()["channel"] == "shadow").sum()) if log.count() else 0
         changes.append(_settle_shadow(sandbox, days, pending, shadow_rows))
-    with open_log(box.sections.get("monitor", {}).get("log", ""), sandbox) as log:
+    with open_log(box_project.log_url, sandbox) as log:
         table = day_figures(log.predictions(), log.labels(), start, days, _calibrations(sandbox))
     table = table.merge(pd.DataFrame(records), on="day", how="left")
     report_dir = Path(first["report"]).parent
