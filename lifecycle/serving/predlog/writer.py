@@ -875,8 +875,7 @@ def _publish_blocks(
     for block_id, first, last, rows in pending:
         overlapping = [row[0] for row in connection.execute(store.overlapping_sql, (last, first)).fetchall()]
         if not overlapping:  # the usual case: moved inside the database, never through Python
-            connection.execute(f"INSERT INTO prediction_blocks ({_BLOCK_COLUMNS}) SELECT {_BLOCK_COLUMNS} FROM pending_blocks "
-                               f"WHERE block_id = {mark}", (block_id,))
+            connection.execute(store.publish_block_sql, (block_id,))
             published += int(rows)
             continue
         block = connection.execute(f"SELECT {_BLOCK_COLUMNS} FROM pending_blocks WHERE block_id = {mark}", (block_id,)).fetchone()
@@ -936,8 +935,8 @@ class PendingRun:
                 if connection.execute(f"DELETE FROM pending_runs WHERE run_id = {mark}", (self.run_id,)).rowcount != 1:
                     raise LifecycleError(f"batch run {self.run_id}: its pending predictions are no longer in the log {self.store} "
                                          "(removed as a dead run's); run it again")
-                published = connection.execute(f"INSERT INTO predictions ({_PENDING_COLUMNS}) SELECT {_PENDING_COLUMNS} FROM pending_predictions "
-                                               f"WHERE run_id = {mark} ON CONFLICT (request_id) DO NOTHING", (self.run_id,)).rowcount
+                self.store.begin_commit(connection)  # the run's rows carry this commit's number, not the times they were scored at
+                published = connection.execute(self.store.publish_predictions_sql, (self.run_id,)).rowcount
                 published += _publish_blocks(connection, self.store, self.run_id)
                 _delete_run(connection, mark, self.run_id)
         finally:
