@@ -844,7 +844,6 @@ def open_log(
     return log
 
 # %% ../../../nbs/34_predlog_writer.ipynb #b7a1c011
-_PENDING_COLUMNS = "request_id, time, model_version, channel, score, decision, id_hash, features, event_time"
 _BLOCK_COLUMNS = "block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data"
 
 def _delete_run(
