@@ -742,8 +742,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                         'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader.readable_rows': ( 'predlog_reader.html#readable_rows',
                                                                                                       'lifecycle/serving/predlog/reader.py'),
-                                                  'lifecycle.serving.predlog.reader.refused_counts': ( 'predlog_reader.html#refused_counts',
-                                                                                                       'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader.shadow_pairs': ( 'predlog_reader.html#shadow_pairs',
                                                                                                      'lifecycle/serving/predlog/reader.py'),
                                                   'lifecycle.serving.predlog.reader.shadow_request_id': ( 'predlog_reader.html#shadow_request_id',

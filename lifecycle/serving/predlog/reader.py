@@ -13,8 +13,8 @@ from .stores import REJECTION_COLUMNS
 
 # %% auto #0
 __all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'commit_range', 'prediction_problem', 'label_problem',
-           'readable_rows', 'refused_counts', 'read_rejections', 'shadow_request_id', 'pair_shadow', 'shadow_pairs',
-           'shadow_summary', 'PredictionReader']
+           'readable_rows', 'read_rejections', 'shadow_request_id', 'pair_shadow', 'shadow_pairs', 'shadow_summary',
+           'PredictionReader']
 
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c028
 PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash", "event_time")
@@ -197,13 +197,6 @@ def readable_rows(
     first, first_refused = readable_rows(rows[:half], build, problem)
     second, second_refused = readable_rows(rows[half:], build, problem)
     return first + second, refused + first_refused + second_refused
-
-def refused_counts(
-    refused: list[tuple[str, str]],  # (reason, field) of each refused row
-) -> pd.DataFrame:  # reason, field, count
-    "Refused rows counted by reason and field."
-    frame = pd.DataFrame(refused, columns=["reason", "field"])
-    return frame.groupby(["reason", "field"], as_index=False, sort=True).size().rename(columns={"size": "count"})
 
 # %% ../../../nbs/33_predlog_reader.ipynb #7e429414
 def read_rejections(
