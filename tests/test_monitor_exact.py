@@ -274,3 +274,47 @@ def test_any_interleaving_gives_the_windows_of_a_rebuild(tmp_path_factory, opera
         run.abandon()
     if len(rebuilt) or len(incremental):
         _same_windows(incremental, rebuilt)
+
+
+# --- PostgreSQL: the same, and a commit still in flight is never skipped ------------------------------------------------
+
+from test_predlog import postgres_server, postgres_url  # noqa: E402,F401  (the fixtures: a server for the session, a database a test)
+
+
+def test_postgres_a_commit_in_flight_is_waited_for_and_a_late_batch_counted(postgres_url, tmp_path):
+    """A transaction that took its number before a later one committed: `settled_commit` waits for it, so the cursor never
+    passes a row that is not visible yet. A batch published behind the cursor is counted; concurrent monitors queue."""
+    import psycopg
+    log = open_log(postgres_url, tmp_path)
+    _online(log, "mon-", 10, 0)
+    start = log.settled_commit()
+    slow = psycopg.connect(postgres_url)  # not autocommit: its insert holds a number until it commits
+    slow.execute("INSERT INTO predictions (request_id, time, model_version, channel, score, decision, features) "
+                 "VALUES ('slow', '2024-05-06T05:00:00Z', 1, 'online', 0.9, 1, '{}')")
+    _online(log, "fast-", 3, 0, seed=1)  # numbered after 'slow', committed before it
+    settled = []
+    waiting = threading.Thread(target=lambda: settled.append(log.settled_commit()))
+    waiting.start()
+    with psycopg.connect(postgres_url, autocommit=True) as observer:  # until the monitor's lock request is seen waiting
+        while not observer.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                   "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())").fetchone()[0]:
+            waiting.join(timeout=0.05)
+            assert waiting.is_alive(), "settled_commit returned while a numbered commit was in flight"
+    slow.commit()
+    slow.close()
+    waiting.join(timeout=60)
+    frame, refused = log.committed(after=start, upto=settled[0])
+    assert sorted(frame["request_id"]) == ["fast-0", "fast-1", "fast-2", "slow"] and refused == []
+    monitoring = tmp_path / "monitoring"
+    assert update_windows(monitoring, log, lambda version: (None, 0.5), "day", n_boot=0)["new_predictions"] == 14
+    run = PendingRun(log.store)
+    with open_log(postgres_url, tmp_path, run=run.run_id) as batch:
+        batch.record_many([f"b{i}" for i in range(50)], np.full(50, 0.7), np.ones(50, int), None, 1, "batch", time=MONDAY)
+    _online(log, "wed-", 5, 2, seed=2)
+    assert update_windows(monitoring, log, lambda version: (None, 0.5), "day", n_boot=0)["new_predictions"] == 5
+    assert run.publish() == 50
+    _concurrent_monitors(tmp_path, log, 3)
+    windows = update_windows(monitoring, log, lambda version: (None, 0.5), "day", n_boot=0)["windows"]
+    assert windows.set_index("window")["predictions"].to_dict() == {"v1_2024-05-06": 64, "v1_2024-05-08": 5}
+    _same_windows(windows, update_windows(tmp_path / "rebuilt", log, lambda version: (None, 0.5), "day", n_boot=0)["windows"])
+    log.close()

@@ -503,8 +503,10 @@ class PostgresStore:
         with connection.transaction():
             for statement in _POSTGRES_SCHEMA + _POSTGRES_REJECTIONS:
                 connection.execute(statement)
-            numbered = {row[0] for row in connection.execute("SELECT tgname FROM pg_trigger WHERE tgname LIKE '%%_seq'").fetchall()}
-            if len(numbered) < len(SEQUENCED_TABLES):  # a new log, or one made before the sequence (an ALTER locks the table: only then)
+            numbered = connection.execute("SELECT count(*) FROM pg_trigger WHERE (tgrelid, tgname) IN "
+                                          "(SELECT to_regclass(name), name || '_seq' FROM unnest(%s::text[]) AS name)",
+                                          (list(SEQUENCED_TABLES),)).fetchone()[0]
+            if numbered < len(SEQUENCED_TABLES):  # a new log, or one made before the sequence (an ALTER locks the table: only then)
                 for statement in _POSTGRES_SEQUENCE:
                     connection.execute(statement)
                 for table in SEQUENCED_TABLES:
