@@ -482,9 +482,8 @@ def refused_windows(
 def _refused_counts(folder: Path, log, state: dict, upto: int) -> pd.DataFrame:
     """Every count of refused records the log holds, kept in `rejections.parquet` and read incrementally: rows of the
     commits since the last look replace the totals they had (a count only grows)."""
-    from lifecycle.serving.predlog import REJECTION_COLUMNS
+    from lifecycle.serving.predlog import REJECTION_COLUMNS, read_rejections
     key = list(REJECTION_COLUMNS[:-2])
-    from lifecycle.serving.predlog import read_rejections
     stored = _read_parquet(folder / "rejections.parquet")
     fresh = read_rejections(log.store, after=state["commit"], upto=upto)
     if not len(fresh):
@@ -494,9 +493,10 @@ def _refused_counts(folder: Path, log, state: dict, upto: int) -> pd.DataFrame:
     _write_parquet(merged, folder / "rejections.parquet")
     return merged
 
-def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.DataFrame) -> tuple[dict, dict, set]:
+def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.DataFrame) -> tuple[dict, dict, set, pd.DataFrame]:
     """(window -> its refused records [{channel, reason, field, count}], window -> its head when it has no prediction,
-    the windows whose refused records changed since the last update)."""
+    the windows whose refused records changed since the last update, the table to store as `rejection_windows.parquet`
+    once the windows are: an update stopped before that finds the same changes again)."""
     columns = ["window", "model_version", "channel", "reason", "field"]
     if len(refused):
         placed = refused_windows(refused, every, starts)
@@ -512,13 +512,12 @@ def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.Da
         return {window: json.dumps(part[columns[1:] + ["count"]].astype(str).values.tolist()) for window, part in frame.groupby("window")}
     old, new = signature(before), signature(table)
     changed = {window for window in set(old) | set(new) if old.get(window) != new.get(window)}
-    _write_parquet(table, folder / "rejection_windows.parquet")
     by_window = {window: part[["channel", "reason", "field", "count"]].astype({"count": int}).to_dict("records")
                  for window, part in table.groupby("window")} if len(table) else {}
     heads = {window: {"model_version": int(row.model_version), "window_start": pd.Timestamp(row.window_start).isoformat(),
                       "first_event": pd.Timestamp(row.first_event).isoformat(), "last_event": pd.Timestamp(row.last_event).isoformat()}
              for window, row in spans.iterrows()}
-    return by_window, heads, changed
+    return by_window, heads, changed, table
 
 # %% ../nbs/42_monitoring.ipynb #b4b61162
 def update_windows(
@@ -583,6 +582,7 @@ def _refused_statement(refused: list[tuple[str, str, str]]) -> str:
     counts = pd.DataFrame(refused, columns=["table", "reason", "field"]).value_counts(sort=False).sort_index()
     parts = [f"{count} {table} ({reason}: {field})" for (table, reason, field), count in counts.items()]
     return f"{len(refused)} rows of the prediction log could not be read and were left out (counted, not windowed): {', '.join(parts)}"
+
 def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
     "The window of each of `request_ids` that has been windowed (request_id, window), from the id index's parts."
     import pyarrow as pa
@@ -709,7 +709,7 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     if len(starts):
         starts["window_start"] = pd.to_datetime(starts["window_start"], utc=True, format="ISO8601")
         starts = starts.sort_values("window_start", kind="stable").drop_duplicates("window")
-    refused, refused_heads, refused_changed = _refused_by_window(folder, _refused_counts(folder, log, state, upto), every, starts)
+    refused, refused_heads, refused_changed, refused_table = _refused_by_window(folder, _refused_counts(folder, log, state, upto), every, starts)
     touched |= refused_changed
     touched = sorted(touched)
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
@@ -750,6 +750,7 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     if touched or table is None:
         _write_parquet(windows, folder / "windows.parquet")
     _write_parquet(waiting, folder / "pending_labels.parquet")
+    _write_parquet(refused_table, folder / "rejection_windows.parquet")
     state["commit"] = upto
     write_json(folder / "state.json", state)  # last: an update stopped before this is done again, each step kept once
     if len(waiting):
