@@ -860,7 +860,6 @@ def open_log(
     return log
 
 # %% ../../../nbs/34_predlog_writer.ipynb #b7a1c011
-_PENDING_COLUMNS = "request_id, time, model_version, channel, score, decision, id_hash, features, event_time"
 _BLOCK_COLUMNS = "block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data"
 
 def _delete_run(
@@ -891,8 +890,7 @@ def _publish_blocks(
     for block_id, first, last, rows in pending:
         overlapping = [row[0] for row in connection.execute(store.overlapping_sql, (last, first)).fetchall()]
         if not overlapping:  # the usual case: moved inside the database, never through Python
-            connection.execute(f"INSERT INTO prediction_blocks ({_BLOCK_COLUMNS}) SELECT {_BLOCK_COLUMNS} FROM pending_blocks "
-                               f"WHERE block_id = {mark}", (block_id,))
+            connection.execute(store.publish_block_sql, (block_id,))
             published += int(rows)
             continue
         block = connection.execute(f"SELECT {_BLOCK_COLUMNS} FROM pending_blocks WHERE block_id = {mark}", (block_id,)).fetchone()
@@ -952,8 +950,8 @@ class PendingRun:
                 if connection.execute(f"DELETE FROM pending_runs WHERE run_id = {mark}", (self.run_id,)).rowcount != 1:
                     raise LifecycleError(f"batch run {self.run_id}: its pending predictions are no longer in the log {self.store} "
                                          "(removed as a dead run's); run it again")
-                published = connection.execute(f"INSERT INTO predictions ({_PENDING_COLUMNS}) SELECT {_PENDING_COLUMNS} FROM pending_predictions "
-                                               f"WHERE run_id = {mark} ON CONFLICT (request_id) DO NOTHING", (self.run_id,)).rowcount
+                self.store.begin_commit(connection)  # the run's rows carry this commit's number, not the times they were scored at
+                published = connection.execute(self.store.publish_predictions_sql, (self.run_id,)).rowcount
                 published += _publish_blocks(connection, self.store, self.run_id)
                 _delete_run(connection, mark, self.run_id)
         finally:
