@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sklearn.linear_model import LogisticRegression
 
 from conftest import LIFECYCLE
+from lifecycle.core import open_project
 from lifecycle.monitoring import monitor_project, update_windows
 from lifecycle.registry import Registry, register, set_alias
 from lifecycle.serving.predlog import Journal, PendingRun, journal_folder, open_log, prediction_row, replay_journals
@@ -160,7 +161,7 @@ def test_a_malformed_row_is_counted_with_its_reason_and_the_state_is_kept(projec
     table, values, reason, field = MALFORMED[kind]
     with open_log("", project) as log:
         _online(log, "mon-", 30, 0)
-    assert monitor_project(project)["exit_code"] == 0  # in this process: the command's own runs follow
+    assert monitor_project(open_project(project / "settings.ini"))["exit_code"] == 0  # in this process: the command's own runs follow
     stored = {name: (project / "monitoring" / name).exists() for name in ("state.json", "windows.parquet", "rows", "ids", "details")}
     assert all(stored.values())
     columns = ("(request_id, time, model_version, channel, score, decision, id_hash, features, event_time)" if table == "predictions"
