@@ -455,7 +455,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'lifecycle/monitoring.py'),
                                       'lifecycle.monitoring.event_times': ('monitoring.html#event_times', 'lifecycle/monitoring.py'),
                                       'lifecycle.monitoring.fairness': ('monitoring.html#fairness', 'lifecycle/monitoring.py'),
-                                      'lifecycle.monitoring.group_labels': ('monitoring.html#group_labels', 'lifecycle/monitoring.py'),
                                       'lifecycle.monitoring.monitor_project': ( 'monitoring.html#monitor_project',
                                                                                 'lifecycle/monitoring.py'),
                                       'lifecycle.monitoring.parse_every': ('monitoring.html#parse_every', 'lifecycle/monitoring.py'),
