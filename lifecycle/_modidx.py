@@ -278,6 +278,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'lifecycle.dashboard.drift_html': ('dashboard.html#drift_html', 'lifecycle/dashboard.py'),
                                      'lifecycle.dashboard.fairness_html': ('dashboard.html#fairness_html', 'lifecycle/dashboard.py'),
                                      'lifecycle.dashboard.firing_alerts': ('dashboard.html#firing_alerts', 'lifecycle/dashboard.py'),
+                                     'lifecycle.dashboard.groups_html': ('dashboard.html#groups_html', 'lifecycle/dashboard.py'),
                                      'lifecycle.dashboard.header_html': ('dashboard.html#header_html', 'lifecycle/dashboard.py'),
                                      'lifecycle.dashboard.kpis_html': ('dashboard.html#kpis_html', 'lifecycle/dashboard.py'),
                                      'lifecycle.dashboard.last_prediction': ('dashboard.html#last_prediction', 'lifecycle/dashboard.py'),
