@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, read_json, write_json
+from .core import LifecycleError, Project, read_json, write_json
 from .drift import category_counts, category_label, drift_summary, feature_drift, prediction_drift
 from .alerts import evaluate, parse_kpis
 from .contract import rejection_sentence
@@ -371,7 +371,7 @@ def window_report(
     return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "rejections": rejections, "statements": statements}
 
 # %% ../nbs/42_monitoring.ipynb #68b12744
-RESULTS_FORMAT = 4  # 3: volume by channel among the values; labels at the cursor's instant remembered; 4: refused records
+RESULTS_FORMAT = 5  # 3: volume by channel among the values; labels at the cursor's instant remembered; 4: refused records; 5: a cursor on the log's commit sequence
 
 def _plain(value):
     "JSON-ready: numpy scalars as Python numbers, NaN and infinity as None, pandas times as ISO text."
@@ -391,16 +391,11 @@ def _plain(value):
         return value
     return None if pd.isna(value) else str(value)
 
-def _labels_since(log, since) -> pd.DataFrame:
-    """Labels written at or after `since` (every label when None), oldest first: request_id, label, time (when it became
-    known) and logged (when it was written; a replay writes labels now that became known in the past)."""
-    written = "coalesce(logged, time)"  # labels of a log older than the `logged` column: their time
-    where, parameters = ("", ()) if since is None else (f" WHERE {written} >= {log.store.mark}", (log.store.time_parameter(since),))
-    rows = log.store.read(f"SELECT request_id, label, time, {written} FROM labels{where} ORDER BY {written}, request_id", parameters)
-    frame = pd.DataFrame(rows, columns=["request_id", "label", "time", "logged"]).astype({"request_id": str, "label": "int64"})
-    for column in ("time", "logged"):
-        frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
-    return frame
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    "Write a results file whole or not at all: a reader (the dashboard) never meets half a file."
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    frame.to_parquet(partial, index=False)
+    os.replace(partial, path)
 
 def _storable(frame: pd.DataFrame) -> pd.DataFrame:
     "A frame Parquet can hold: a column that mixes numbers and text becomes text, labelled as the reference labels categories."
@@ -468,24 +463,24 @@ def refused_windows(
         frame.iloc[at, frame.columns.get_loc("window_start")] = pd.to_datetime(known["window_start"], utc=True).to_numpy()[chosen]
     return frame
 
-def _refused_counts(folder: Path, log, state: dict) -> pd.DataFrame:
-    """Every count of refused records the log holds, kept in `rejections.parquet` and read incrementally: rows written
-    since the last look replace the totals they had (a count only grows)."""
-    from lifecycle.serving.predlog import REJECTION_COLUMNS
+def _refused_counts(folder: Path, log, state: dict, upto: int) -> pd.DataFrame:
+    """Every count of refused records the log holds, kept in `rejections.parquet` and read incrementally: rows of the
+    commits since the last look replace the totals they had (a count only grows)."""
+    from lifecycle.serving.predlog import REJECTION_COLUMNS, read_rejections
     key = list(REJECTION_COLUMNS[:-2])
     stored = _read_parquet(folder / "rejections.parquet")
-    fresh = log.rejections(since=state.get("rejections_since"))
+    fresh = read_rejections(log.store, after=state["commit"], upto=upto)
     if not len(fresh):
         return stored if stored is not None else fresh
-    state["rejections_since"] = fresh["logged"].max().isoformat()
     merged = pd.concat([stored, fresh], ignore_index=True) if stored is not None and len(stored) else fresh
     merged = merged.sort_values("count", kind="stable").drop_duplicates(key, keep="last").reset_index(drop=True)
-    merged.to_parquet(folder / "rejections.parquet", index=False)
+    _write_parquet(merged, folder / "rejections.parquet")
     return merged
 
-def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.DataFrame) -> tuple[dict, dict, set]:
+def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.DataFrame) -> tuple[dict, dict, set, pd.DataFrame]:
     """(window -> its refused records [{channel, reason, field, count}], window -> its head when it has no prediction,
-    the windows whose refused records changed since the last update)."""
+    the windows whose refused records changed since the last update, the table to store as `rejection_windows.parquet`
+    once the windows are: an update stopped before that finds the same changes again)."""
     columns = ["window", "model_version", "channel", "reason", "field"]
     if len(refused):
         placed = refused_windows(refused, every, starts)
@@ -501,13 +496,12 @@ def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.Da
         return {window: json.dumps(part[columns[1:] + ["count"]].astype(str).values.tolist()) for window, part in frame.groupby("window")}
     old, new = signature(before), signature(table)
     changed = {window for window in set(old) | set(new) if old.get(window) != new.get(window)}
-    table.to_parquet(folder / "rejection_windows.parquet", index=False)
     by_window = {window: part[["channel", "reason", "field", "count"]].astype({"count": int}).to_dict("records")
                  for window, part in table.groupby("window")} if len(table) else {}
     heads = {window: {"model_version": int(row.model_version), "window_start": pd.Timestamp(row.window_start).isoformat(),
                       "first_event": pd.Timestamp(row.first_event).isoformat(), "last_event": pd.Timestamp(row.last_event).isoformat()}
              for window, row in spans.iterrows()}
-    return by_window, heads, changed
+    return by_window, heads, changed, table
 
 # %% ../nbs/42_monitoring.ipynb #b4b61162
 def update_windows(
@@ -531,26 +525,48 @@ def update_windows(
         raise LifecycleError(f"unknown monitoring engine {engine!r}: use local or dask")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # the log is part of what the stored windows summarize: windows of another log (the project's log moved) are not added to
     config = {"format": RESULTS_FORMAT, "every": every, "sensitive": list(sensitive), "min_rows": min_rows, "min_group": min_group,
-              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}}
+              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}, "log": str(getattr(log, "store", ""))}
     statements = []
-    try:
-        state = read_json(folder / "state.json") if (folder / "state.json").exists() else None
-        if state is not None and state.get("config") != _config_hash(config):
-            statements.append("the monitoring settings changed: every window was recomputed from the log")
-            state = None
-        if state is None:
+    with log.store.monitor_lock():  # one update at a time: a second monitor waits, then reads what the first left
+        state = _stored_state(folder, config, statements)
+        try:
+            return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
+                           engine, scheduler)
+        except _Unreadable as error:  # a stored results file is damaged: only reading the stored state decides this
+            statements.append(f"the stored monitoring results ({error}) could not be read: rebuilt from the log")
             _start_over(folder)
-        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
-                       engine, scheduler)
-    except (_Unreadable, ValueError, KeyError, TypeError, OSError) as error:
-        if isinstance(error, OSError) and not isinstance(error, _Unreadable) and not (folder / "state.json").exists():
-            raise
-        name = str(error) if isinstance(error, _Unreadable) else "state.json"
-        statements.append(f"the stored monitoring results ({name}) could not be read: rebuilt from the log")
+            return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements,
+                           engine, scheduler)
+
+_STATE_KEYS = {"config", "commit", "counted", "parts", "refused_rows"}
+
+def _stored_state(folder: Path, config: dict, statements: list) -> dict | None:
+    "The stored state (the cursor and its counters), or None, having started over, when there is none, it cannot be read or the settings changed."
+    path = folder / "state.json"
+    if not path.exists():
         _start_over(folder)
-        return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements,
-                       engine, scheduler)
+        return None
+    try:
+        state = read_json(path)
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or not _STATE_KEYS <= set(state) or not isinstance(state["counted"], dict):
+        statements.append("the stored monitoring results (state.json) could not be read: rebuilt from the log")
+        state = None
+    elif state["config"] != _config_hash(config):
+        statements.append("the monitoring settings or the prediction log changed: every window was recomputed from the log")
+        state = None
+    if state is None:
+        _start_over(folder)
+    return state
+
+def _refused_statement(refused: list[tuple[str, str, str]]) -> str:
+    "One sentence on the log's rows an update left out: how many, by table, reason and field (never a value)."
+    counts = pd.DataFrame(refused, columns=["table", "reason", "field"]).value_counts(sort=False).sort_index()
+    parts = [f"{count} {table} ({reason}: {field})" for (table, reason, field), count in counts.items()]
+    return f"{len(refused)} rows of the prediction log could not be read and were left out (counted, not windowed): {', '.join(parts)}"
 
 def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
     "The window of each of `request_ids` that has been windowed (request_id, window), from the id index's parts."
@@ -565,17 +581,19 @@ def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
         except Exception as error:
             raise _Unreadable(f"ids/{part.name}") from error
         found.append(table.filter(pc.is_in(table.column("request_id"), value_set=wanted)).to_pandas())
-    return pd.concat(found, ignore_index=True) if found else pd.DataFrame({"request_id": pd.Series([], dtype=str), "window": pd.Series([], dtype=str)})
+    if not found:
+        return pd.DataFrame({"request_id": pd.Series([], dtype=str), "window": pd.Series([], dtype=str)})
+    return pd.concat(found, ignore_index=True).drop_duplicates("request_id")  # a part written again after an update was stopped
 
 def _add_ids(folder: Path, state: dict, ids: pd.DataFrame) -> None:
     "Append a part to the id index; past 64 parts, merge them into one (a few reads, not one a label)."
     (folder / "ids").mkdir(parents=True, exist_ok=True)
-    ids.to_parquet(folder / "ids" / f"part-{state['parts']:06d}.parquet", index=False)
+    _write_parquet(ids, folder / "ids" / f"part-{state['parts']:06d}.parquet")
     state["parts"] += 1
     parts = sorted((folder / "ids").glob("part-*.parquet"))
     if len(parts) > 64:
-        merged = pd.concat([pd.read_parquet(part) for part in parts], ignore_index=True)
-        merged.to_parquet(folder / "ids" / f"part-{state['parts']:06d}.parquet", index=False)
+        merged = pd.concat([pd.read_parquet(part) for part in parts], ignore_index=True).drop_duplicates("request_id")
+        _write_parquet(merged, folder / "ids" / f"part-{state['parts']:06d}.parquet")
         state["parts"] += 1
         for part in parts:
             part.unlink()
@@ -632,40 +650,25 @@ def _run_jobs(jobs: list[tuple], engine: str, scheduler: str | None) -> list[tup
 def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
             engine="local", scheduler=None) -> dict:
     rebuilt = state is None
-    state = state or {"config": _config_hash(config), "predictions_since": None, "labels_since": None, "counted": {}, "parts": 0}
-    at_cursor = _read_parquet(folder / "cursor_ids.parquet")  # the predictions already read at the cursor's instant
-    new = log.predictions(since=state["predictions_since"])
-    if at_cursor is not None and len(at_cursor):
-        new = new[~new["request_id"].isin(at_cursor["request_id"])]
+    state = state or {"config": _config_hash(config), "commit": None, "counted": {}, "parts": 0, "refused_rows": {}}
+    # The cursor is the log's commit number, not a time: a batch published late, a journal replayed late, a label
+    # known long ago are all in commits after it. Read up to the settled number: every commit at or below it is visible.
+    upto = log.settled_commit()
+    new, refused_rows = log.committed(after=state["commit"], upto=upto)
     new = new.drop_duplicates("request_id").drop(columns=[column for column in ("id_hash",) if column in new.columns])
-    if len(new):
-        cursor = new["time"].max()
-        same_instant = new.loc[new["time"] == cursor, ["request_id"]]
-        if state["predictions_since"] is not None and pd.Timestamp(state["predictions_since"]) == cursor and at_cursor is not None:
-            same_instant = pd.concat([at_cursor, same_instant], ignore_index=True)
-        state["predictions_since"] = cursor.isoformat()
-        same_instant.to_parquet(folder / "cursor_ids.parquet", index=False)
-        new = new[new["channel"] != "shadow"]  # a shadow's predictions are no part of the champion's figures (see `shadow_pairs`)
+    new = new[new["channel"] != "shadow"]  # a shadow's predictions are no part of the champion's figures (see `shadow_pairs`)
     if len(new):
         placed = assign_windows(new, every, state["counted"])  # its event_time replaces the log's (the same, with the fallback applied)
         new = pd.concat([new.drop(columns=[column for column in placed.columns if column in new.columns]), placed], axis=1)
         _add_ids(folder, state, new[["request_id", "window"]])
-    labels = _labels_since(log, state["labels_since"])
-    labels_at_cursor = _read_parquet(folder / "label_cursor.parquet")  # the labels already read at the cursor's instant
-    if labels_at_cursor is not None and len(labels_at_cursor) and len(labels):
-        at_cursor_time = np.flatnonzero((labels["logged"] == pd.Timestamp(state["labels_since"])).to_numpy())
-        seen = labels.iloc[at_cursor_time][["request_id", "label"]].merge(labels_at_cursor, on=["request_id", "label"], how="left",
-                                                                          indicator=True)["_merge"].eq("both").to_numpy()
-        labels = labels.drop(index=labels.index[at_cursor_time[seen]])  # a correction (another label, or a later time) is read again
+    labels, refused_labels = log.committed_labels(after=state["commit"], upto=upto)  # in commit order: a correction comes last
     new_labels = len(labels)
-    if len(labels):
-        cursor = labels["logged"].max()
-        same_instant = labels.loc[labels["logged"] == cursor, ["request_id", "label"]]
-        if labels_at_cursor is not None and state["labels_since"] is not None and pd.Timestamp(state["labels_since"]) == cursor:
-            same_instant = pd.concat([labels_at_cursor, same_instant], ignore_index=True)
-        state["labels_since"] = cursor.isoformat()
-        same_instant.to_parquet(folder / "label_cursor.parquet", index=False)
-    labels = labels.drop(columns="logged")
+    refused = [("predictions", *row) for row in refused_rows] + [("labels", *row) for row in refused_labels]
+    for table, reason, field in refused:  # counted once: the cursor moves past them
+        key = f"{table}|{reason}|{field}"
+        state["refused_rows"][key] = state["refused_rows"].get(key, 0) + 1
+    if refused:
+        statements.append(_refused_statement(refused))
     pending = _read_parquet(folder / "pending_labels.parquet")
     if pending is not None and len(pending):
         labels = pd.concat([pending, labels], ignore_index=True)
@@ -691,7 +694,7 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     if len(starts):
         starts["window_start"] = pd.to_datetime(starts["window_start"], utc=True, format="ISO8601")
         starts = starts.sort_values("window_start", kind="stable").drop_duplicates("window")
-    refused, refused_heads, refused_changed = _refused_by_window(folder, _refused_counts(folder, log, state), every, starts)
+    refused, refused_heads, refused_changed, refused_table = _refused_by_window(folder, _refused_counts(folder, log, state, upto), every, starts)
     touched |= refused_changed
     touched = sorted(touched)
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
@@ -710,6 +713,8 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
                 (folder / "details" / f"{_safe_name(key)}.json").unlink(missing_ok=True)
             continue
         fresh = new.take(by_window[key]) if key in by_window else new.iloc[:0].copy()  # copies: the rows get a label column below
+        if rows is not None and len(fresh):  # rows an update stopped before its state was saved wrote already: kept once
+            fresh = fresh[~fresh["request_id"].isin(rows["request_id"])]
         rows = fresh if rows is None else pd.concat([rows, fresh], ignore_index=True) if len(fresh) else rows
         if "label" not in rows.columns:
             rows["label"] = np.nan
@@ -718,7 +723,7 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
             matched = rows["request_id"].map(arrived)
             rows["label"] = matched.where(matched.notna(), rows["label"]).astype(float)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _storable(rows).to_parquet(path, index=False)
+        _write_parquet(_storable(rows), path)
         reference, threshold = reference_for(int(rows["model_version"].iloc[0]))
         jobs.append((str(path), key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot, refused.get(key, []), None))
     for head, report in _run_jobs(jobs, engine, scheduler):
@@ -728,13 +733,17 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     if len(windows):
         windows = windows.sort_values(["window_start", "model_version"], kind="stable", ignore_index=True)
     if touched or table is None:
-        windows.to_parquet(folder / "windows.parquet", index=False)
-    waiting.to_parquet(folder / "pending_labels.parquet", index=False)
-    write_json(folder / "state.json", state)
+        _write_parquet(windows, folder / "windows.parquet")
+    _write_parquet(waiting, folder / "pending_labels.parquet")
+    _write_parquet(refused_table, folder / "rejection_windows.parquet")
+    state["commit"] = upto
+    write_json(folder / "state.json", state)  # last: an update stopped before this is done again, each step kept once
     if len(waiting):
         statements.append(f"{len(waiting)} labels wait for their predictions, which are not in the log yet")
+    refused_rows = [{"table": key.split("|")[0], "reason": key.split("|")[1], "field": key.split("|")[2], "count": count}
+                    for key, count in sorted(state["refused_rows"].items())]
     return {"windows": windows, "touched": touched, "new_predictions": len(new), "new_labels": new_labels,
-            "rebuilt": rebuilt, "statements": statements}
+            "rebuilt": rebuilt, "refused_rows": refused_rows, "statements": statements}
 
 # %% ../nbs/42_monitoring.ipynb #17730531
 def _bucket_quantile(
@@ -836,14 +845,14 @@ def _int_setting(section: dict, key: str) -> int:
         raise LifecycleError(f"[monitor] {key} must be a whole number")
     return int(text)
 
-def _rollback(root: Path, project, now, post) -> dict | None:
+def _rollback(project: Project, now, post) -> dict | None:
     "The rollback rules of [retrain], evaluated after the alerts (None when none is set)."
     from lifecycle.rollback import check_rollback, rollback_rules
-    rules = rollback_rules(project.sections.get("retrain", {})) if project else {"active": False}
-    return check_rollback(root, rules, now=now, post=post) if rules["active"] else None
+    rules = rollback_rules(project.section("retrain"))
+    return check_rollback(project, rules, now=now, post=post) if rules["active"] else None
 
 def monitor_project(
-    root: Path,  # the project folder (holding settings.ini, registry/ and the prediction log)
+    project: Project,  # the project (its folder, settings and prediction log), resolved once by the caller
     now: datetime | None = None,  # the time for alerts (injected in tests; default now)
     settings: dict | None = None,  # [monitor] settings overriding the file's (same keys, as text)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
@@ -854,12 +863,10 @@ def monitor_project(
 ) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), rollback (or None), exit_code (3 when a critical alert fires or the champion is rolled back), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
-    from lifecycle.core import find_settings, load_settings
     from lifecycle.serving.predlog import open_log
     from datetime import timedelta
-    root = Path(root)
-    project = load_settings(find_settings(root / "settings.ini")) if (root / "settings.ini").exists() else None
-    section = {**(project.sections.get("monitor", {}) if project else {}), **(settings or {})}
+    root = project.root
+    section = {**project.section("monitor"), **(settings or {})}
     unknown = sorted(set(section) - set(MONITOR_KEYS))
     if unknown:
         raise LifecycleError(f"[monitor] {unknown[0]} is not a setting; known: {', '.join(MONITOR_KEYS)}")
@@ -872,9 +879,9 @@ def monitor_project(
         raise LifecycleError("[monitor] repeat_hours must be a number of hours") from None
     registry, reference_for = _references(root)
     own_log = log is None
-    log = open_log(section.get("log", ""), root) if own_log else log
+    log = open_log(project.log_url, root) if own_log else log  # the project's one log, never a section's own idea of it
     try:
-        result = update_windows(root / "monitoring", log, reference_for, every, list(project.sensitive) if project else [], kpis,
+        result = update_windows(root / "monitoring", log, reference_for, every, project.sensitive, kpis,
                                 _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"),
                                 engine=engine, scheduler=scheduler)
     finally:
@@ -883,7 +890,8 @@ def monitor_project(
     windows, statements = result["windows"], list(result["statements"])
     champion = registry.aliases().get("champion")
     summary = {"project": root.resolve().name, "windows": len(windows), "new_predictions": result["new_predictions"],
-               "new_labels": result["new_labels"], "rebuilt": result["rebuilt"], "champion": champion, "latest": None,
+               "new_labels": result["new_labels"], "rebuilt": result["rebuilt"], "log_rows_refused": result["refused_rows"],
+               "champion": champion, "latest": None,
                "alerts": {"sent": [], "firing": [], "delivery": "no rules"}, "exit_code": 0, "statements": statements}
     summary["serving"] = None
     if serving_url:
@@ -915,7 +923,7 @@ def monitor_project(
         statements += alerts.pop("statements")
         if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):
             summary["exit_code"] = 3
-    summary["rollback"] = _rollback(root, project, now, post)
+    summary["rollback"] = _rollback(project, now, post)
     if summary["rollback"] and summary["rollback"]["rolled_back"]:
         statements.append(summary["rollback"]["event"]["reason"])
         summary["exit_code"] = 3

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, read_json
+from .core import LifecycleError, Project, read_json
 
 # %% auto #0
 __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback_rules', 'last_promotion', 'judge_rollback',
@@ -182,19 +182,16 @@ def record_decision(
     return path
 
 def check_rollback(
-    root: Path,  # the project folder
+    project: Project,  # the project: its folder, settings and prediction log
     rules: dict | None = None,  # `rollback_rules` (default: from the project's [retrain] section)
     now: datetime | None = None,  # the time (injected in tests; default now)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
     post=None,  # how the alert is posted (injected in tests; default `post_webhook`)
 ) -> dict:  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, when rolled back)
     "Evaluate the rollback rules for the current champion and roll it back when one holds."
-    from lifecycle.core import load_settings
     from lifecycle.registry import Registry, events, set_alias
-    root = Path(root)
-    settings = load_settings(root / "settings.ini") if (root / "settings.ini").exists() else None
-    sections = settings.sections if settings else {}
-    rules = rules if rules is not None else rollback_rules(sections.get("retrain", {}))
+    root = project.root
+    rules = rules if rules is not None else rollback_rules(project.section("retrain"))
     quiet = {"rollback": False, "rolled_back": False, "reasons": [], "checked": []}
     if not rules["active"]:
         return {**quiet, "checked": ["no rollback rule is set in [retrain]"]}
@@ -203,9 +200,8 @@ def check_rollback(
     if promotion is None or registry.aliases().get("champion") != promotion["version"]:
         return {**quiet, "checked": ["no promotion to watch: the champion replaced no version, or is itself a rollback"]}
     from lifecycle.serving.predlog import open_log
-    where = (sections.get("monitor", {}).get("log") or sections.get("deploy", {}).get("log") or "").strip()
     own = log is None
-    log = open_log(where, root) if own else log
+    log = open_log(project.log_url, root) if own else log
     try:
         evidence = rollback_evidence(root, rules, promotion, log)
     finally:
@@ -223,7 +219,7 @@ def check_rollback(
                    "labeled": evidence["labeled"], "figures": evidence["figures"]})
     from lifecycle.alerts import post_webhook, send_notice
     from lifecycle.monitoring import WEBHOOK_ENV
-    webhook = (sections.get("monitor", {}).get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
+    webhook = (project.section("monitor").get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
     notice = send_notice(root / "monitoring", "champion_rolled_back", "critical",
                          f"champion rolled back from version {evidence['champion']} to {evidence['previous']}: {decision['reasons'][0]}", now,
                          labels={"project": root.resolve().name, "model_version": str(evidence["previous"])},

@@ -333,7 +333,6 @@ def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
 def test_postgres_event_times_and_a_log_made_before_them(postgres_url, tmp_path):
     "A PostgreSQL log without the event_time and logged columns gets them when opened; rows, blocks and labels keep their own times."
     import psycopg
-    from lifecycle.monitoring import _labels_since
     with psycopg.connect(postgres_url, autocommit=True) as admin:  # the tables as logs made them before event times
         admin.execute("CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TIMESTAMPTZ NOT NULL, model_version BIGINT NOT NULL, "
                       "channel TEXT NOT NULL, score DOUBLE PRECISION, decision INTEGER NOT NULL, id_hash TEXT, features JSONB NOT NULL)")
@@ -351,9 +350,10 @@ def test_postgres_event_times_and_a_log_made_before_them(postgres_url, tmp_path)
     assert times.loc["r0", "event_time"] == pd.Timestamp("2023-12-25T09:00:00Z")
     assert times.loc["b-1", "event_time"] == pd.Timestamp("2023-11-01T00:00:00Z")
     assert times.loc["b-2", "event_time"] == times.loc["b-2", "time"]
-    labels = _labels_since(log, None).set_index("request_id")
-    assert labels.loc["r0", "time"] == pd.Timestamp("2024-01-01T09:00:00Z")
-    assert labels.loc["r0", "logged"] > pd.Timestamp("2025-01-01T00:00:00Z")  # written now, though known long ago
-    assert labels.loc["old", "logged"] == labels.loc["old", "time"]  # an old label: its time
-    assert _labels_since(log, "2025-01-01T00:00:00Z")["request_id"].tolist() == ["r0"]  # a monitor's cursor finds it
+    labels, refused = log.committed_labels(upto=log.settled_commit())
+    labels = labels.set_index("request_id")
+    assert labels.loc["r0", "time"] == pd.Timestamp("2024-01-01T09:00:00Z") and refused == []
+    assert labels.loc["old", "time"] == pd.Timestamp("2024-01-03T00:00:00Z")  # an old label (no commit number) is read from the start
+    assert log.committed_labels(after=0, upto=log.settled_commit())[0]["request_id"].tolist() == ["r0"]  # a monitor's cursor finds it
+    assert set(log.committed(after=0, upto=log.settled_commit())[0]["request_id"]) == {"r0", "b-1", "b-2"}  # the old row is before the sequence
     log.close()

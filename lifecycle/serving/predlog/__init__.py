@@ -10,7 +10,8 @@ __all__ = ['block_key', 'CHANNELS', 'DEFAULT_FILE', 'describe_error', 'features_
            'SHADOW_PREFIX', 'shadow_request_id', 'shadow_summary', 'FIELD_MAX_CHARS', 'hour_text', 'id_key',
            'ID_KEY_ENV', 'Journal', 'journal_folder', 'journal_rejections', 'JournalError', 'label_row', 'open_log',
            'PendingRun', 'prediction_row', 'PredictionLog', 'pseudonymize', 'RejectionTally', 'remove_dead_runs',
-           'replay_journals']
+           'replay_journals', 'SEQUENCED_TABLES', 'commit_range', 'label_problem', 'prediction_problem',
+           'readable_rows']
 
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
 from .stores import block_key, CHANNELS, DEFAULT_FILE, describe_error, features_json
@@ -24,6 +25,8 @@ from .writer import FIELD_MAX_CHARS, hour_text, id_key, ID_KEY_ENV, Journal, jou
 from .writer import journal_rejections, JournalError, label_row, open_log, PendingRun
 from .writer import prediction_row, PredictionLog, pseudonymize, RejectionTally
 from .writer import remove_dead_runs, replay_journals
+from .stores import SEQUENCED_TABLES
+from .reader import commit_range, label_problem, prediction_problem, readable_rows
 
 _all_ = [
     'block_key', 'CHANNELS', 'DEFAULT_FILE', 'describe_error', 'features_json', 'is_data_error', 'latest_totals',
@@ -33,4 +36,5 @@ _all_ = [
     'SHADOW_PREFIX', 'shadow_request_id', 'shadow_summary', 'FIELD_MAX_CHARS', 'hour_text', 'id_key', 'ID_KEY_ENV',
     'Journal', 'journal_folder', 'journal_rejections', 'JournalError', 'label_row', 'open_log', 'PendingRun',
     'prediction_row', 'PredictionLog', 'pseudonymize', 'RejectionTally', 'remove_dead_runs', 'replay_journals',
+    'SEQUENCED_TABLES', 'commit_range', 'label_problem', 'prediction_problem', 'readable_rows',
 ]

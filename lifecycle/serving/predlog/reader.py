@@ -12,8 +12,9 @@ import pandas as pd
 from .stores import REJECTION_COLUMNS
 
 # %% auto #0
-__all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'read_rejections', 'shadow_request_id', 'pair_shadow',
-           'shadow_pairs', 'shadow_summary', 'PredictionReader']
+__all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'commit_range', 'prediction_problem', 'label_problem',
+           'readable_rows', 'read_rejections', 'shadow_request_id', 'pair_shadow', 'shadow_pairs', 'shadow_summary',
+           'PredictionReader']
 
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c028
 PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash", "event_time")
@@ -29,6 +30,12 @@ def _prediction_frame(rows: list[tuple], features: bool = True) -> pd.DataFrame:
     features = pd.DataFrame.from_records([json.loads(row[-1]) if isinstance(row[-1], str) else row[-1] for row in rows],
                                          index=frame.index) if rows else pd.DataFrame(index=frame.index)
     return _with_features(frame, features)
+
+def _label_frame(rows: list[tuple]) -> pd.DataFrame:
+    "Rows of the labels table (request_id, label, time) as a frame."
+    frame = pd.DataFrame(rows, columns=["request_id", "label", "time"]).astype({"request_id": str, "label": "int64"})
+    frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    return frame
 
 def _event_times(values: pd.Series, logged: pd.Series) -> pd.Series:
     "Event times as UTC times; a prediction logged without one (an older log) gets the time it was logged."
@@ -85,15 +92,126 @@ def _block_frame(when, model_version: int, channel: str, data: bytes, features: 
     features = pa.Table.from_arrays(struct.flatten(), names=names).to_pandas() if names else pd.DataFrame(index=frame.index)
     return _with_features(frame, features)
 
+# %% ../../../nbs/33_predlog_reader.ipynb #e2406e53
+def commit_range(
+    mark: str,  # the store's parameter mark
+    after: int | None,  # the last commit number already read; None: from the start (rows older than the sequence included)
+    upto: int | None,  # the last commit number to read (the store's `settled_commit`); None: no bound
+) -> tuple[str, tuple]:  # (a WHERE condition on `seq`, its parameters)
+    "The rows of the commits after `after` up to `upto`: what a reader with a cursor on the commit sequence reads next."
+    conditions, parameters = [], []
+    if after is not None:
+        conditions.append(f"seq > {mark}")
+        parameters.append(int(after))
+    if upto is not None:
+        conditions.append(f"seq <= {mark}" if after is not None else f"(seq <= {mark} OR seq IS NULL)")
+        parameters.append(int(upto))
+    return " AND ".join(conditions) or "1 = 1", tuple(parameters)
+
+def _utf8(value) -> bool:
+    "Whether text can be written as UTF-8 (text read with surrogates cannot)."
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+def _time_problem(value, field: str) -> tuple[str, str] | None:
+    "Why a stored time cannot be read, or None."
+    try:
+        pd.to_datetime(pd.Series([value], dtype=object), utc=True, format="ISO8601")
+    except pd.errors.OutOfBoundsDatetime:
+        return ("time_out_of_range", field)
+    except (ValueError, TypeError):
+        return ("unreadable_time", field)
+    return None
+
+def _text_problem(row: dict, fields: tuple) -> tuple[str, str] | None:
+    "Why a text field of a row cannot be read (missing, not text, not UTF-8), or None."
+    for field in fields:
+        value = row[field]
+        if value is None:
+            return ("missing", field)
+        if not isinstance(value, str):
+            return ("not_text", field)
+        if not _utf8(value):
+            return ("not_utf8", field)
+    return None
+
+def _number_problem(row: dict, fields: tuple) -> tuple[str, str] | None:
+    "Why a numeric field cannot be read as a number, or None."
+    for field in fields:
+        try:
+            float(row[field])
+        except (TypeError, ValueError, OverflowError):
+            return ("not_a_number", field)
+    return None
+
+def prediction_problem(
+    row: tuple,  # a predictions row as read: PREDICTION_COLUMNS, then features (JSON text or a dict)
+) -> tuple[str, str]:  # (reason, field): never the value itself
+    "Why a row of the predictions table (written by another tool, say) cannot be read."
+    row = dict(zip(PREDICTION_COLUMNS + ("features",), row))
+    problem = _text_problem(row, ("request_id", "channel")) or _number_problem(row, ("model_version", "score", "decision"))
+    if problem is None and isinstance(row["features"], str) and not _utf8(row["features"]):
+        problem = ("not_utf8", "features")
+    if problem is None:
+        problem = _time_problem(row["time"], "time") if row["time"] is not None else ("missing", "time")
+    if problem is None and row["event_time"] is not None:
+        problem = _time_problem(row["event_time"], "event_time")
+    if problem is None and isinstance(row["features"], str):
+        try:
+            parsed = json.loads(row["features"])
+        except ValueError:
+            return ("unreadable_json", "features")
+        problem = None if isinstance(parsed, dict) else ("not_an_object", "features")
+    return problem or ("unreadable", "row")
+
+def label_problem(
+    row: tuple,  # a labels row as read: request_id, label, time
+) -> tuple[str, str]:  # (reason, field)
+    "Why a row of the labels table cannot be read."
+    row = dict(zip(("request_id", "label", "time"), row))
+    return (_text_problem(row, ("request_id",)) or _number_problem(row, ("label",))
+            or (_time_problem(row["time"], "time") if row["time"] is not None else ("missing", "time")) or ("unreadable", "row"))
+
+def readable_rows(
+    rows: list[tuple],  # rows as read from the store
+    build,  # rows -> frame; raises on a row it cannot read
+    problem,  # row -> (reason, field)
+    undecodable: bool = False,  # the rows were read with surrogates for text that is not UTF-8: check each row's text first
+) -> tuple[list[pd.DataFrame], list[tuple[str, str]]]:  # (frames of the readable rows, the (reason, field) of each refused one)
+    """Frames of the rows `build` can read and the reasons of those it cannot. One read of all rows is the usual case;
+    when it fails, halves are tried until each bad row stands alone: a few bad rows cost a few reads, not one a row."""
+    refused = []
+    if undecodable:
+        bad = [row for row in rows if any(isinstance(value, str) and not _utf8(value) for value in row)]
+        refused = [problem(row) for row in bad]
+        rows = [row for row in rows if not any(isinstance(value, str) and not _utf8(value) for value in row)]
+    try:
+        return [build(rows)], refused
+    except (ValueError, TypeError, OverflowError, AttributeError, KeyError):
+        if len(rows) <= 1:
+            return [], refused + [problem(row) for row in rows]
+    half = len(rows) // 2
+    first, first_refused = readable_rows(rows[:half], build, problem)
+    second, second_refused = readable_rows(rows[half:], build, problem)
+    return first + second, refused + first_refused + second_refused
+
 # %% ../../../nbs/33_predlog_reader.ipynb #7e429414
 def read_rejections(
     store,  # the log's store
     since=None,  # only rows written at or after this time (ISO-8601 text or datetime); None for all
+    after: int | None = None,  # only rows of commits after this number (see `commit_range`)
+    upto: int | None = None,  # ... up to this one
 ) -> pd.DataFrame:  # REJECTION_COLUMNS; hours and `logged` as UTC times; oldest write first
     "The counts of refused records: one row a source, hour logged, hour of the event, channel, model version, reason and field."
     where, parameters = "", ()
     if since is not None:
         where, parameters = f" WHERE logged >= {store.mark}", (store.time_parameter(since),)
+    if after is not None or upto is not None:
+        where, parameters = commit_range(store.mark, after, upto)
+        where = f" WHERE {where}"
     rows = store.read(f"SELECT {', '.join(REJECTION_COLUMNS)} FROM rejections{where} ORDER BY logged, source", parameters)
     frame = pd.DataFrame(rows, columns=list(REJECTION_COLUMNS)).astype(
         {"source": str, "channel": str, "model_version": "int64", "reason": str, "field": str, "count": "int64"})
@@ -259,12 +377,50 @@ class PredictionReader:
         data = self.store.read(f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}", (block_id,))
         return _block_frame(*data[0], features=features)
 
+    def settled_commit(self) -> int:  # every row of a commit numbered at most this is visible
+        "Where a reader on the commit sequence may read up to (see the stores' `settled_commit`)."
+        return self.store.settled_commit()
+
+    def _read_all(self, sql: str, parameters: tuple) -> tuple[list[tuple], bool]:
+        "Rows of a query, and whether text that is not UTF-8 had to be read with surrogates (rows another tool wrote)."
+        try:
+            return self.store.read(sql, parameters), False
+        except Exception as error:
+            if "decode" not in str(error):
+                raise
+            return self.store.read(sql, parameters, undecodable=True), True
+
+    def committed(self,
+        after: int | None = None,  # the last commit number already read (None: from the start)
+        upto: int | None = None,  # the last commit number to read (`settled_commit`); None: every
+    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:  # (predictions as `predictions` gives them, oldest first; (reason, field) of each row left out)
+        """The predictions of the commits after `after` up to `upto`, whatever times they carry. A row that cannot be
+        read (written by another tool) is left out and its reason returned, never its value; so is a block that cannot."""
+        where, parameters = commit_range(self.store.mark, after, upto)
+        rows, undecodable = self._read_all(f"SELECT {_selected(True)} FROM predictions WHERE {where} ORDER BY time, request_id", parameters)
+        frames, refused = readable_rows(rows, _prediction_frame, prediction_problem, undecodable)
+        for block_id, count in self.store.read(f"SELECT block_id, row_count FROM prediction_blocks WHERE {where} ORDER BY time, block_id", parameters):
+            try:
+                frames.append(self._block(block_id, True))
+            except Exception:  # damaged bytes, a block another tool wrote
+                refused += [("unreadable_block", "data")] * int(count)
+        frames = frames or [_prediction_frame([])]
+        return (frames[0] if len(frames) == 1 else _oldest_first(frames)), refused
+
+    def committed_labels(self,
+        after: int | None = None,  # the last commit number already read (None: from the start)
+        upto: int | None = None,  # the last commit number to read
+    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:  # (request_id, label, time in commit order; (reason, field) of each row left out)
+        "The labels of the commits after `after` up to `upto`, in commit order (a correction comes after what it corrects)."
+        where, parameters = commit_range(self.store.mark, after, upto)
+        rows, undecodable = self._read_all(f"SELECT request_id, label, time FROM labels WHERE {where} ORDER BY seq, request_id", parameters)
+        frames, refused = readable_rows(rows, _label_frame, label_problem, undecodable)
+        frames = frames or [_label_frame([])]
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], refused
+
     def labels(self) -> pd.DataFrame:  # request_id, label, time; oldest first
         "The committed labels."
-        rows = self.store.read("SELECT request_id, label, time FROM labels ORDER BY time, request_id")
-        frame = pd.DataFrame(rows, columns=["request_id", "label", "time"]).astype({"request_id": str, "label": "int64"})
-        frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
-        return frame
+        return _label_frame(self.store.read("SELECT request_id, label, time FROM labels ORDER BY time, request_id"))
 
     def rejections(self,
         since=None,  # only rows written at or after this time

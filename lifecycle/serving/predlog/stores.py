@@ -12,6 +12,7 @@ import os
 import re
 import fcntl
 import sqlite3
+from contextlib import contextmanager
 import uuid
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -22,9 +23,9 @@ import pandas as pd
 from ...core import LifecycleError
 
 # %% auto #0
-__all__ = ['DEFAULT_FILE', 'CHANNELS', 'REJECTION_COLUMNS', 'log_location', 'redact_url', 'utc_text', 'features_json',
-           'SQLiteStore', 'PostgresStore', 'latest_totals', 'UnstorableBlock', 'is_data_error', 'describe_error',
-           'log_store', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks']
+__all__ = ['DEFAULT_FILE', 'CHANNELS', 'SEQUENCED_TABLES', 'REJECTION_COLUMNS', 'log_location', 'redact_url', 'utc_text',
+           'features_json', 'SQLiteStore', 'PostgresStore', 'latest_totals', 'UnstorableBlock', 'is_data_error',
+           'describe_error', 'log_store', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks']
 
 # %% ../../../nbs/32_predlog_stores.ipynb #a1f0c013
 DEFAULT_FILE = "predictions.sqlite"
@@ -33,12 +34,12 @@ def log_location(
     url: str,  # "", "sqlite", "sqlite:///abs/path.sqlite", a file path (relative to root) or "postgresql://…"
     root: Path,  # the project folder
 ) -> tuple[str, Path | str]:  # ("sqlite", the file) or ("postgresql", the URL)
-    "Where the prediction log lives."
+    "Where the prediction log lives: a SQLite file as a real path, so every spelling of it (a symlink, a relative path) is one log."
     url = (url or "").strip()
     if url in ("", "sqlite"):
-        return "sqlite", Path(root) / DEFAULT_FILE
+        return "sqlite", (Path(root) / DEFAULT_FILE).resolve()
     if "://" not in url:
-        return "sqlite", Path(root) / Path(url).expanduser()
+        return "sqlite", (Path(root) / Path(url).expanduser()).resolve()
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
     if scheme.split("+")[0] in ("postgresql", "postgres"):
@@ -47,7 +48,7 @@ def log_location(
         path = rest[1:] if rest.startswith("//") else rest
         if not path:
             raise LifecycleError(f"prediction log URL {url!r} names no file: use sqlite:///absolute/path.sqlite or a path relative to the project")
-        return "sqlite", Path(root) / Path(path).expanduser()
+        return "sqlite", (Path(root) / Path(path).expanduser()).resolve()
     raise LifecycleError(f"prediction log URL scheme {scheme}:// is not supported: use a file path, sqlite:///path or postgresql://…")
 
 def redact_url(url: str) -> str:
@@ -170,17 +171,38 @@ CREATE TABLE IF NOT EXISTS pending_blocks (
 );
 CREATE INDEX IF NOT EXISTS pending_blocks_run ON pending_blocks (run_id);
 """
-_SQLITE_INSERT_PREDICTIONS = """
-INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+_SQLITE_COMMIT = "(SELECT number FROM log_commit WHERE id = 1)"  # this transaction's commit number (see `SQLiteStore.begin_commit`)
+_SQLITE_INSERT_PREDICTIONS = f"""
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time, seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {_SQLITE_COMMIT})
 ON CONFLICT (request_id) DO NOTHING"""
-_SQLITE_INSERT_LABELS = """
-INSERT INTO labels (request_id, label, time, logged) VALUES (?, ?, ?, ?)
-ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged"""
-_SQLITE_INSERT_BLOCKS = """
-INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+_SQLITE_INSERT_LABELS = f"""
+INSERT INTO labels (request_id, label, time, logged, seq) VALUES (?, ?, ?, ?, {_SQLITE_COMMIT})
+ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged, seq = excluded.seq
+WHERE labels.logged IS NULL OR excluded.logged >= labels.logged"""  # the latest written wins: a journal replayed late undoes no later label
+_SQLITE_INSERT_BLOCKS = f"""
+INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data, seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, {_SQLITE_COMMIT})
 ON CONFLICT (block_id) DO NOTHING"""
+# The commit sequence: every transaction that makes rows visible takes the next number and stamps it on them (`seq`).
+# SQLite runs one writer at a time, so numbers follow commit order; a reader that has read every number up to N
+# never meets a row numbered N or less again, whatever times the rows carry (a batch published late, a journal
+# replayed late, a label that became known long ago). A row another tool inserts without a number gets one from
+# the triggers; rows of a log made before the sequence keep NULL, which only a read from the start takes.
+SEQUENCED_TABLES = ("predictions", "labels", "prediction_blocks", "rejections")
+_SQLITE_SEQUENCE = """
+CREATE TABLE IF NOT EXISTS log_commit (id INTEGER PRIMARY KEY CHECK (id = 1), number INTEGER NOT NULL);
+INSERT OR IGNORE INTO log_commit (id, number) VALUES (1, 0);
+"""
+_SQLITE_SEQUENCE_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS {table}_seq AFTER INSERT ON {table} WHEN NEW.seq IS NULL
+BEGIN
+    UPDATE log_commit SET number = number + 1 WHERE id = 1;
+    UPDATE {table} SET seq = (SELECT number FROM log_commit WHERE id = 1) WHERE rowid = NEW.rowid;
+END;
+CREATE INDEX IF NOT EXISTS {table}_by_seq ON {table} (seq);
+"""
+_SQLITE_BEGIN_COMMIT = "UPDATE log_commit SET number = number + 1 WHERE id = 1"
 # Columns added after the first release: a prediction's event time, and when a label was written (a label's
 # `time` is when it became known, which a replay sets in the past; monitoring reads new labels by `logged`).
 _ADDED_COLUMNS = (("predictions", "event_time"), ("labels", "logged"))
@@ -190,6 +212,14 @@ _SQLITE_INSERT_PENDING_PREDICTIONS = """
 INSERT INTO pending_predictions (run_id, request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (run_id, request_id) DO NOTHING"""
+_SQLITE_PUBLISH_BLOCK = f"""
+INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data, seq)
+SELECT block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data, {_SQLITE_COMMIT}
+FROM pending_blocks WHERE block_id = ?"""
+_SQLITE_PUBLISH_PREDICTIONS = f"""
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time, seq)
+SELECT request_id, time, model_version, channel, score, decision, id_hash, features, event_time, {_SQLITE_COMMIT}
+FROM pending_predictions WHERE run_id = ? ON CONFLICT (request_id) DO NOTHING"""
 _SQLITE_INSERT_PENDING_BLOCKS = """
 INSERT INTO pending_blocks (run_id, block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -215,6 +245,8 @@ class SQLiteStore:
     mark = "?"
     overlapping_sql = _SQLITE_OVERLAPPING
     insert_block_sql = _SQLITE_INSERT_BLOCKS
+    publish_block_sql = _SQLITE_PUBLISH_BLOCK  # a pending block into the log, with the commit number
+    publish_predictions_sql = _SQLITE_PUBLISH_PREDICTIONS  # a run's pending rows into the log, with the commit number
 
     def __init__(self,
         path: Path,  # the database file
@@ -246,11 +278,41 @@ class SQLiteStore:
                 except sqlite3.OperationalError as error:
                     if "duplicate column" not in str(error):  # another process added it meanwhile: fine
                         raise
+        connection.executescript(_SQLITE_SEQUENCE)
+        for table in SEQUENCED_TABLES:  # a log made before the commit sequence: its rows keep NULL (read from the start only)
+            if "seq" not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
+                try:
+                    connection.execute(f"ALTER TABLE {table} ADD COLUMN seq INTEGER")
+                except sqlite3.OperationalError as error:
+                    if "duplicate column" not in str(error):
+                        raise
+            connection.executescript(_SQLITE_SEQUENCE_TRIGGER.format(table=table))
+
+    def begin_commit(self, connection) -> None:
+        "Take the next commit number, inside a write transaction: the rows it inserts carry it."
+        connection.execute(_SQLITE_BEGIN_COMMIT)
+
+    def settled_commit(self) -> int:
+        "The highest commit number whose rows are all visible to a reader (SQLite: the last committed)."
+        return int(self.read("SELECT number FROM log_commit WHERE id = 1")[0][0])
+
+    @contextmanager
+    def monitor_lock(self):
+        "Held while a monitor updates its windows: a file beside the database, locked (flock); a second monitor waits."
+        path = self.path.parent / f".{self.path.name}.monitor.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)  # closing drops the lock
 
     def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), rejections: list[tuple] = (), run: str | None = None) -> None:
         "Write one batch in one transaction; with `run`, its predictions and blocks into that batch run's pending tables (refused-record counts are running totals: written as they come)."
         connection.execute("BEGIN IMMEDIATE")
         try:
+            connection.execute(_SQLITE_BEGIN_COMMIT)
             if run is not None:
                 connection.executemany(_SQLITE_INSERT_PENDING_PREDICTIONS, [(run, *row) for row in predictions])
                 connection.executemany(_SQLITE_INSERT_PENDING_BLOCKS, [(run, *block) for block in blocks])
@@ -286,9 +348,11 @@ class SQLiteStore:
             return None
         return _RunLockFile(path, handle)
 
-    def read(self, sql: str, parameters=()) -> list[tuple]:
-        "Rows of a query, on a connection of its own."
+    def read(self, sql: str, parameters=(), undecodable: bool = False) -> list[tuple]:
+        "Rows of a query, on a connection of its own; `undecodable`: text that is not UTF-8 read with surrogates, not refused."
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout)
+        if undecodable:  # another tool may have written bytes that are not UTF-8: the reader refuses those rows, not the read
+            connection.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
         try:
             return connection.execute(sql, parameters).fetchall()
         finally:
@@ -352,13 +416,39 @@ _POSTGRES_SCHEMA = [
         data BYTEA NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS pending_blocks_run ON pending_blocks (run_id)",
 ]
+# The commit sequence (see SQLite's): a trigger numbers each row a transaction makes visible from one sequence,
+# under a shared advisory lock held to the commit; `settled_commit` takes the lock exclusively, so it waits for
+# every transaction holding a number, and reads the last number handed out: every row at or below it is visible.
+_COMMIT_LOCK = 7319004
+_POSTGRES_SEQUENCE = [
+    "CREATE SEQUENCE IF NOT EXISTS log_commit",
+    f"""CREATE OR REPLACE FUNCTION log_commit_number() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({_COMMIT_LOCK});
+        NEW.seq := nextval('log_commit');
+        RETURN NEW;
+    END $$""",
+]
+_POSTGRES_SEQUENCE_TABLE = [
+    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS seq BIGINT",  # a log made before the sequence: its rows keep NULL
+    "CREATE INDEX IF NOT EXISTS {table}_by_seq ON {table} (seq)",
+    "CREATE OR REPLACE TRIGGER {table}_seq BEFORE INSERT ON {table} FOR EACH ROW WHEN (NEW.seq IS NULL) EXECUTE FUNCTION log_commit_number()",
+]
+_POSTGRES_PUBLISH_BLOCK = """
+INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
+SELECT block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data FROM pending_blocks WHERE block_id = %s"""
+_POSTGRES_PUBLISH_PREDICTIONS = """
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
+SELECT request_id, time, model_version, channel, score, decision, id_hash, features, event_time FROM pending_predictions
+WHERE run_id = %s ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_PREDICTIONS = """
 INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
 VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
 ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_LABELS = """
 INSERT INTO labels (request_id, label, time, logged) VALUES (%s, %s, %s::timestamptz, %s::timestamptz)
-ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged"""
+ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged, seq = EXCLUDED.seq
+WHERE labels.logged IS NULL OR EXCLUDED.logged >= labels.logged"""
 _POSTGRES_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s)
@@ -373,6 +463,7 @@ INSERT INTO pending_blocks (run_id, block_id, time, model_version, channel, row_
 VALUES (%s, %s, %s::timestamptz, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (block_id) DO NOTHING"""
 _RUN_LOCK_CLASS = 7319003  # the first key of a batch run's advisory lock; the second is from its id
+_MONITOR_LOCK = 7319005  # held by the monitor updating its windows
 
 class _RunLockSession:
     "A batch run's lock: a session advisory lock, held by a connection of the run's process while it lives."
@@ -392,6 +483,8 @@ class PostgresStore:
     mark = "%s"
     overlapping_sql = _POSTGRES_OVERLAPPING
     insert_block_sql = _POSTGRES_INSERT_BLOCKS
+    publish_block_sql = _POSTGRES_PUBLISH_BLOCK
+    publish_predictions_sql = _POSTGRES_PUBLISH_PREDICTIONS
 
     def __init__(self,
         url: str,  # postgresql://user:password@host:port/database
@@ -412,6 +505,39 @@ class PostgresStore:
         with connection.transaction():
             for statement in _POSTGRES_SCHEMA + _POSTGRES_REJECTIONS:
                 connection.execute(statement)
+            numbered = connection.execute("SELECT count(*) FROM pg_trigger WHERE (tgrelid, tgname) IN "
+                                          "(SELECT to_regclass(name), name || '_seq' FROM unnest(%s::text[]) AS name)",
+                                          (list(SEQUENCED_TABLES),)).fetchone()[0]
+            if numbered < len(SEQUENCED_TABLES):  # a new log, or one made before the sequence (an ALTER locks the table: only then)
+                for statement in _POSTGRES_SEQUENCE:
+                    connection.execute(statement)
+                for table in SEQUENCED_TABLES:
+                    for statement in _POSTGRES_SEQUENCE_TABLE:
+                        connection.execute(statement.format(table=table))
+
+    def begin_commit(self, connection) -> None:
+        "Nothing to do: PostgreSQL's trigger numbers the rows (see `_POSTGRES_SEQUENCE`)."
+
+    def settled_commit(self) -> int:
+        "The highest commit number whose rows are all visible: the last handed out, once no transaction holds one."
+        connection = self.connect()
+        try:
+            with connection.transaction():
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (_COMMIT_LOCK,))
+                last, called = connection.execute("SELECT last_value, is_called FROM log_commit").fetchone()
+            return int(last) if called else 0
+        finally:
+            connection.close()
+
+    @contextmanager
+    def monitor_lock(self):
+        "Held while a monitor updates its windows: a session advisory lock on a connection of its own; a second monitor waits."
+        connection = self.connect()
+        try:
+            connection.execute("SELECT pg_advisory_lock(%s)", (_MONITOR_LOCK,))
+            yield
+        finally:
+            connection.close()  # closing drops the lock
 
     def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), rejections: list[tuple] = (), run: str | None = None) -> None:
         "Write one batch in one transaction (psycopg pipelines `executemany`: one round trip, not one a row); with `run`, its predictions and blocks into its pending tables."
@@ -445,7 +571,8 @@ class PostgresStore:
         connection.close()
         return None
 
-    def read(self, sql: str, parameters=()) -> list[tuple]:
+    def read(self, sql: str, parameters=(), undecodable: bool = False) -> list[tuple]:
+        "Rows of a query (`undecodable`: for the same call as SQLite's; PostgreSQL holds only valid text)."
         connection = self.connect()
         try:
             return connection.execute(sql, parameters).fetchall()
@@ -471,10 +598,10 @@ CREATE TABLE IF NOT EXISTS rejections (
 CREATE INDEX IF NOT EXISTS rejections_logged ON rejections (logged);
 """
 _SQLITE_INSERT_REJECTIONS = """
-INSERT INTO rejections (source, logged_hour, event_hour, channel, model_version, reason, field, count, logged)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO rejections (source, logged_hour, event_hour, channel, model_version, reason, field, count, logged, seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT number FROM log_commit WHERE id = 1))
 ON CONFLICT (source, logged_hour, event_hour, channel, model_version, reason, field)
-DO UPDATE SET count = max(rejections.count, excluded.count), logged = excluded.logged"""
+DO UPDATE SET count = max(rejections.count, excluded.count), logged = excluded.logged, seq = excluded.seq"""
 _POSTGRES_REJECTIONS = [
     """CREATE TABLE IF NOT EXISTS rejections (
         source TEXT NOT NULL,
@@ -493,7 +620,7 @@ _POSTGRES_INSERT_REJECTIONS = """
 INSERT INTO rejections (source, logged_hour, event_hour, channel, model_version, reason, field, count, logged)
 VALUES (%s, %s::timestamptz, %s::timestamptz, %s, %s, %s, %s, %s, %s::timestamptz)
 ON CONFLICT (source, logged_hour, event_hour, channel, model_version, reason, field)
-DO UPDATE SET count = GREATEST(rejections.count, EXCLUDED.count), logged = EXCLUDED.logged"""
+DO UPDATE SET count = GREATEST(rejections.count, EXCLUDED.count), logged = EXCLUDED.logged, seq = EXCLUDED.seq"""
 
 def latest_totals(
     rows: list[tuple],  # rejection rows without `logged`: the key, then the source's running total
