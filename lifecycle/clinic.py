@@ -217,7 +217,7 @@ def shown_value(
 _RANGE = re.compile(r"^(-?[0-9.]+(?:e[-+]?[0-9]+)?)\u2013(-?[0-9.]+(?:e[-+]?[0-9]+)?)$")
 
 def _in_group(part: str, value) -> bool:
-    "Whether a value belongs to one part of an audit's group label ('28–44' for a binned number, '0' for a category, 'missing')."
+    "Whether a value belongs to one part of a group label as audits before `metrics.cut_groups` wrote them ('28–44', '0', 'missing')."
     if _missing(value):
         return part == "missing"
     matched = _RANGE.match(part)
@@ -228,8 +228,12 @@ def _in_group(part: str, value) -> bool:
 def small_groups(
     values: dict,  # feature -> the patient's cleaned value
     fairness: dict,  # the version's evaluation `fairness`: per column (or "a & b"), its groups too small or with too few positives/negatives
+    reference: dict | None = None,  # the version's reference.json: the grouping the evaluation cut by
 ) -> list[tuple[str, str, str]]:  # (column, group label, why) for each group of the patient the evaluation could not judge
-    "The patient's groups that the evaluation found too small to judge."
+    "The patient's groups that the evaluation found too small to judge: the patient is cut into groups as the gate cut its rows."
+    import pandas as pd
+    from lifecycle.metrics import cut_groups, reference_grouping
+    mine = {name: cut_groups(pd.Series([value], dtype=object), reference_grouping(reference, name)).iloc[0] for name, value in values.items()}
     found = []
     why = {"groups_too_small": "too few patients", "groups_too_few_positives": "too few patients with the condition to judge its recall",
            "groups_too_few_negatives": "too few patients without it to judge its false alarms"}
@@ -240,7 +244,7 @@ def small_groups(
         for key, words in why.items():
             for label in audit.get(key) or []:
                 parts = str(label).split(" & ")
-                if len(parts) == len(columns) and all(_in_group(part, values[name]) for part, name in zip(parts, columns)):
+                if len(parts) == len(columns) and all(part == mine[name] or _in_group(part, values[name]) for part, name in zip(parts, columns)):
                     found.append((column, str(label), words))
     return found
 
@@ -250,6 +254,7 @@ def limit_warnings(
     fairness: dict,  # the version's evaluation `fairness`
     settings: Settings,  # the project's words
     rare_missing_share: float = 0.02,  # flag a missing value training missed less often than this
+    reference: dict | None = None,  # the version's reference.json: the grouping its evaluation cut by
 ) -> list[str]:  # plain sentences
     "What the model cannot vouch for, for this patient."
     from lifecycle.metrics import group_words
@@ -268,7 +273,7 @@ def limit_warnings(
         if field.kind == "choice" and value_key(value) in field.unseen:
             warnings.append(f"{field.title} '{settings.value_label(field.name, value)}' never occurred in the training data: "
                             "the model has learned nothing about it.")
-    for column, label, why in small_groups(values, fairness):
+    for column, label, why in small_groups(values, fairness, reference):
         warnings.append(f"This patient is in a group the evaluation could not judge ({group_words(settings, column, label)}: {why}): "
                         "how well the model does for such patients is unknown.")
     return warnings
@@ -576,7 +581,7 @@ class Clinic:
             features = list(meta["features"]["numeric"]) + list(meta["features"]["categorical"])
             self.versions[number] = {"meta": meta, "fields": form_fields(meta, reference, self.settings), "card": card_html(card),
                                      "limits": card_html(card, LIMIT_SECTIONS), "typical": typical_values(features, reference, contract),
-                                     "fairness": (meta.get("evaluation") or {}).get("fairness") or {}, "scorer": None,
+                                     "fairness": (meta.get("evaluation") or {}).get("fairness") or {}, "reference": reference, "scorer": None,
                                      "identifier": identifier_field(meta, self.settings)}
         return self.versions[number]
 
@@ -621,7 +626,7 @@ class Clinic:
         row = rows[0]
         effects = attributions(scorer.scores, row, known["typical"])
         reasons = top_reasons(effects, row, known["fields"], self.settings, self.options.reasons)
-        warnings = limit_warnings(row, known["fields"], known["fairness"], self.settings, self.options.rare_missing_share)
+        warnings = limit_warnings(row, known["fields"], known["fairness"], self.settings, self.options.rare_missing_share, known["reference"])
         score = float(prediction["score"])
         band = risk_band(score, band_edges(self.options, scorer.spec.threshold))
         decision = self.options.positive_decision if int(prediction["decision"]) == 1 else self.options.negative_decision

@@ -24,7 +24,8 @@ from .monitoring import MONITOR_KEYS, _safe_name, parse_every, rejection_lines
 __all__ = ['REFRESH_ENV', 'STYLE', 'SECTIONS', 'refresh_seconds', 'dashboard_project', 'when_text', 'window_label',
            'last_prediction', 'firing_alerts', 'model_in_service', 'latest_window', 'score_shares', 'read_state',
            'shadow_state', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
-           'accuracy_html', 'fairness_html', 'statements_html', 'render', 'shadow_html', 'Dashboard', 'show_dashboard']
+           'accuracy_html', 'fairness_html', 'groups_html', 'statements_html', 'render', 'shadow_html', 'Dashboard',
+           'show_dashboard']
 
 # %% ../nbs/43_dashboard.ipynb #baab0b4d
 REFRESH_ENV = "LIFECYCLE_DASHBOARD_REFRESH"  # seconds between refreshes when `lifecycle dashboard --refresh` gave them
@@ -499,9 +500,11 @@ def accuracy_html(
 def fairness_html(
     windows: pd.DataFrame,  # windows.parquet
     settings: Settings | None,  # for the sensitive columns' names
-) -> str:  # the recall and selection-rate gaps by sensitive column over time
+    details: dict | None = None,  # the latest window's details: its groups (`groups_html`)
+) -> str:  # the recall and selection-rate gaps by sensitive column over time, and the latest window's groups
     "Fairness over time: the gaps between groups, where the groups are large enough to judge."
     title = "<h2>Fairness gaps over time</h2>"
+    groups = groups_html(details, settings)
     columns = sorted({column.split(".", 1)[1] for column in (windows.columns if windows is not None else []) if column.startswith(("recall_gap.", "selection_rate_gap."))})
     if not columns:
         return f'<div class="lc-board">{title}<p class="lc-note">No sensitive column is monitored ([data] sensitive), or no window yet.</p></div>'
@@ -519,13 +522,30 @@ def fairness_html(
                 drawn = True
     if not drawn:
         return (f'<div class="lc-board">{title}<p class="lc-note">No window has two groups large enough to judge a gap yet '
-                f'({_e(", ".join(settings.column_name(c, unit=False) if settings else c for c in columns))}).</p></div>')
+                f'({_e(", ".join(settings.column_name(c, unit=False) if settings else c for c in columns))}).</p>{groups}</div>')
     axes.set_ylim(bottom=0)
     axes.set_ylabel("gap between groups")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8)
     _time_axis(axes, times)
-    return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge are left out of the gaps.</p></div>'
+    return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge are left out of the gaps.</p>{groups}</div>'
+
+# %% ../nbs/43_dashboard.ipynb #ae7ffc15
+def groups_html(
+    details: dict | None,  # the latest window's details (`read_state`): its fairness rows by sensitive column
+    settings: Settings | None,  # for the columns' names and the groups in words
+) -> str:  # a table a sensitive column: each group's predictions, share flagged and recall ("" without groups)
+    "The latest window's groups, named as the gate named them, with the figures their gaps come from."
+    from lifecycle.metrics import group_words
+    tables = []
+    for column, rows in ((details or {}).get("groups") or {}).items():
+        name = settings.column_name(column, unit=False) if settings else column
+        body = "".join(f"<tr><td>{_e(group_words(settings, column, row['group']) if settings else row['group'])}</td><td>{_number(row['n'])}</td>"
+                       f"<td>{_number(row['selection_rate'], percent=True)}</td>"
+                       + ('<td class="lc-muted">too few to judge</td>' if row.get("too_small") else f"<td>{_number(row['recall'], percent=True)}</td>")
+                       + "</tr>" for row in rows)
+        tables.append(f'<table class="lc-table"><tr><th>{_e(name)}</th><th>predictions</th><th>flagged</th><th>recall</th></tr>{body}</table>')
+    return ('<p class="lc-note">The latest window by group, the groups the gate audited:</p>' + "".join(tables)) if tables else ""
 
 # %% ../nbs/43_dashboard.ipynb #e2bd4f43
 def statements_html(
@@ -556,7 +576,7 @@ def render(
              "refused": refused_html(state, settings), "shadow": shadow_html(state.get("shadow"), state["now"]),
              "statements": statements_html(state)}
     if figures:
-        pages.update({"scores": scores_html(state, settings), "accuracy": accuracy_html(windows), "fairness": fairness_html(windows, settings)})
+        pages.update({"scores": scores_html(state, settings), "accuracy": accuracy_html(windows), "fairness": fairness_html(windows, settings, state["details"])})
     return pages
 
 # %% ../nbs/43_dashboard.ipynb #f82f244f

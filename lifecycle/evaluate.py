@@ -16,9 +16,9 @@ from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from .core import LifecycleError
-from .metrics import (binned, classification_metrics, equalized_odds_gap, fairness_gaps, group_metrics, group_words, judged_groups,
-                               model_card, read_row_hashes, row_hashes, threshold_for_recall)
+from .core import LifecycleError, read_json
+from .metrics import (classification_metrics, cut_groups, equalized_odds_gap, fairness_gaps, group_metrics, group_words, judged_groups,
+                               model_card, read_row_hashes, reference_grouping, row_hashes, threshold_for_recall)
 from .registry import Registry, load_model, save_card, set_alias, update_meta
 
 # %% auto #0
@@ -32,10 +32,10 @@ __all__ = ['FAIRNESS_DEFINITIONS', 'sensitive_groups', 'bootstrap', 'fairness_au
 def sensitive_groups(
     frame: pd.DataFrame,  # labeled rows
     columns: list[str],  # the sensitive columns, from `[data] sensitive`
-    bins: int = 4,  # numeric columns are cut into this many quantile bins
+    reference: dict | None,  # the model version's reference.json: its stored grouping (`metrics.reference_grouping`)
 ) -> dict[str, np.ndarray]:  # column (and "a & b", their intersection) -> the group of each row
-    "The group of each row for each sensitive column (numeric ones binned) and for their intersection."
-    groups = {column: binned(frame[column], bins).to_numpy().astype(str) for column in columns}
+    "The group of each row for each sensitive column, cut by the version's stored grouping, and for their intersection."
+    groups = {column: cut_groups(frame[column], reference_grouping(reference, column)).to_numpy().astype(str) for column in columns}
     if len(groups) > 1:
         groups[" & ".join(groups)] = np.array([" & ".join(parts) for parts in zip(*groups.values())])
     return groups
@@ -316,7 +316,6 @@ class EvaluateOptions:
     min_group_size: int = 20  # a group's selection rate is judged from this many rows
     min_group_positives: int = 10  # a group's recall (true positive rate) is judged from this many positives
     min_group_negatives: int = 10  # a group's false positive rate is judged from this many negatives
-    bins: int = 4  # numeric sensitive columns are cut into this many quantile bins
     bootstrap_resamples: int = 300  # resamples for the confidence intervals
     seed: int = 42  # seed of the bootstrap and of the first fairness folds
     fairness_seeds: int = 3  # seeds of the out-of-fold fairness audit; the first decides, all are shown
@@ -326,7 +325,7 @@ def model_features(meta: dict) -> list[str]:  # a version's feature columns, num
     return meta["features"]["numeric"] + meta["features"]["categorical"]
 
 def evaluate_model(
-    candidate: dict,  # the new version: `model`, `meta`, `trained` (its training rows by hash, or None)
+    candidate: dict,  # the new version: `model`, `meta`, `trained` (its training rows by hash, or None), `reference` (its reference.json)
     clean: pd.DataFrame,  # the clean rows, with `_split`, `_label` and `_source`
     sensitive: list[str],  # the sensitive columns
     options: EvaluateOptions,  # the stage's settings
@@ -343,7 +342,7 @@ def evaluate_model(
     scores = model.predict_proba(test[features])[:, 1]
     predicted = (scores >= threshold).astype(int)
     metrics = classification_metrics(y_test, scores, threshold)
-    groups = sensitive_groups(labeled, sensitive, options.bins)
+    groups = sensitive_groups(labeled, sensitive, candidate.get("reference"))
     judging = (options.min_group_size, options.min_group_positives, options.min_group_negatives)
     fairness_test = fairness_audit(y_test, scores, threshold, {c: g[test_rows] for c, g in groups.items()}, *judging,
                                    options.bootstrap_resamples, options.seed)
@@ -381,10 +380,12 @@ def evaluate_model(
 def load_version(
     registry: Registry,  # the project's registry
     version: int,  # a version number
-) -> dict:  # `version`, `model`, `meta`, and `trained`: its training rows by hash (None when it recorded none)
+) -> dict:  # `version`, `model`, `meta`, `trained`: its training rows by hash (None when it recorded none), `reference`: its reference.json ({} without)
     "A registered version, loaded for evaluation (the model file's SHA-256 is checked)."
+    folder = registry.path / "versions" / str(version)
     return {"version": version, "model": load_model(registry, version), "meta": registry.meta(version),
-            "trained": read_row_hashes(registry.path / "versions" / str(version) / "train_rows.parquet")}
+            "trained": read_row_hashes(folder / "train_rows.parquet"),
+            "reference": read_json(folder / "reference.json") if (folder / "reference.json").exists() else {}}
 
 def load_champion(
     registry: Registry,  # the project's registry

@@ -5,6 +5,8 @@
 # %% ../nbs/23_metrics.ipynb #c2e7c390
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,12 @@ import pandas as pd
 from sklearn.metrics import (accuracy_score, average_precision_score, brier_score_loss, f1_score, precision_score,
                              recall_score, roc_auc_score)
 
-from .core import Settings
+from .core import Settings, value_key
 
 # %% auto #0
-__all__ = ['classification_metrics', 'binned', 'group_metrics', 'group_words', 'row_hashes', 'row_hashes_bytes',
-           'read_row_hashes', 'model_card', 'threshold_for_recall', 'judged_groups', 'equalized_odds_gap',
-           'fairness_gaps']
+__all__ = ['classification_metrics', 'group_spec', 'cut_groups', 'reference_grouping', 'sensitive_grouping', 'group_metrics',
+           'group_words', 'row_hashes', 'row_hashes_bytes', 'read_row_hashes', 'model_card', 'threshold_for_recall',
+           'judged_groups', 'equalized_odds_gap', 'fairness_gaps']
 
 # %% ../nbs/23_metrics.ipynb #7802025d
 def classification_metrics(
@@ -38,16 +40,89 @@ def classification_metrics(
         "brier": float(brier_score_loss(y_true, scores)),
     }
 
-def binned(
+
+# %% ../nbs/23_metrics.ipynb #5d11ee5b
+def group_spec(
+    values: pd.Series,  # a sensitive column of the training rows
+    name: str,  # the column's name in words ("age"), the first word of a number's group labels
+    value_labels: dict | None = None,  # a category's value labels, by `value_key` ("0": "female")
+    bins: int = 4,  # a number with more than 6 distinct values is cut into this many quantile groups
+) -> dict:  # the column's entry of reference.json's `groups`: kind, name, and cuts (a number) or labels (a category)
+    "How a sensitive column is cut into groups, decided once on the training rows."
+    present = values.dropna()
+    if pd.api.types.is_numeric_dtype(values) and present.nunique() > 6:
+        numbers = present.to_numpy(dtype=float)
+        cuts = np.unique(np.quantile(numbers, np.linspace(0, 1, bins + 1)[1:-1]))
+        return {"kind": "numeric", "name": name, "cuts": cuts.tolist(), "integer": bool(np.all(numbers == np.round(numbers)))}
+    return {"kind": "category", "name": name, "labels": {str(key): str(label) for key, label in (value_labels or {}).items()}}
+
+def _range_names(
+    spec: dict,  # a numeric grouping
+) -> list[str]:  # one label a group, lowest first: "age ≤48", "age 49–55", …, "age ≥62"
+    cuts, name, whole = spec.get("cuts") or [], spec.get("name", ""), spec.get("integer", False)
+    if not cuts:
+        return [name]
+    text = lambda value: f"{value:g}"
+    above = lambda cut: math.floor(cut) + 1 if whole else cut  # the first value of the group above a cut
+    names = [f"{name} ≤{text(math.floor(cuts[0]) if whole else cuts[0])}"]
+    for low, high in zip(cuts[:-1], cuts[1:]):
+        first, last = above(low), (math.floor(high) if whole else high)
+        names.append(f"{name} {text(first)}" if whole and first >= last else f"{name} {text(first)}–{text(last)}")
+    names.append(f"{name} ≥{text(above(cuts[-1]))}" if whole else f"{name} >{text(cuts[-1])}")
+    return names
+
+def cut_groups(
     values: pd.Series,  # a sensitive column
-    bins: int = 4,  # numeric columns are cut into this many quantile bins
-) -> pd.Series:  # group labels
-    "Group labels for a sensitive column: numeric ones (with many values) binned by quantiles."
-    if pd.api.types.is_numeric_dtype(values) and values.nunique() > 6:
-        edges = np.unique(np.nanquantile(values, np.linspace(0, 1, bins + 1)))
-        labels = [f"{edges[i]:g}–{edges[i + 1]:g}" for i in range(len(edges) - 1)]
-        return pd.cut(values, edges, labels=labels, include_lowest=True).astype(str).replace("nan", "missing")
-    return values.map(lambda v: "missing" if pd.isna(v) else (f"{v:g}" if isinstance(v, float) else str(v)))
+    spec: dict,  # how to cut it: `group_spec`, or `reference_grouping` of a stored version
+) -> pd.Series:  # a group label a row, e.g. "age 49–55", "female", "sex missing"
+    "The group of each row: a number by the stored cut points (each group holds its upper cut), a category by its value's label."
+    missing = f"{spec.get('name', '')} missing".strip()
+    if spec.get("kind") == "numeric":
+        numbers = pd.to_numeric(values.map(lambda value: value if isinstance(value, (int, float, str, np.number)) else None),
+                                errors="coerce").to_numpy(dtype=float)
+        names = np.array(_range_names(spec), dtype=object)
+        at = np.searchsorted(np.asarray(spec.get("cuts") or [], dtype=float), numbers, side="left")
+        return pd.Series(np.where(np.isnan(numbers), missing, names[np.clip(at, 0, len(names) - 1)]), index=values.index, dtype=object)
+    try:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    except TypeError:  # a list or a dict among the values (hostile input)
+        codes, uniques = pd.factorize(values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value), use_na_sentinel=True)
+    labels = spec.get("labels") or {}
+    def label(value):
+        key = value_key(value)
+        return missing if key == "missing" else labels.get(key) or f"{spec.get('name', '')} {key}".strip()
+    names = np.array([label(value) for value in uniques] + [missing], dtype=object)
+    return pd.Series(names[np.where(codes < 0, len(uniques), codes)], index=values.index, dtype=object)
+
+def reference_grouping(
+    reference: dict | None,  # a model version's reference.json (None or {} when it has none)
+    column: str,  # a sensitive column
+) -> dict:  # its grouping, for `cut_groups`
+    """A sensitive column's grouping as its model version stored it. A version stored before groupings were is cut at
+    its reference's quartiles when the column is a numeric feature, and by its values otherwise, named by the column."""
+    reference = reference or {}
+    stored = (reference.get("groups") or {}).get(column)
+    if stored:
+        return stored
+    feature = (reference.get("features") or {}).get(column) or {}
+    if feature.get("kind") != "numeric":
+        return {"kind": "category", "name": column, "labels": {}}
+    grid = [float(value) for value in feature.get("quantile_grid") or []]
+    if len(grid) >= 2:
+        cuts = np.interp([0.25, 0.5, 0.75], np.linspace(0, 1, len(grid)), np.maximum.accumulate(grid))
+    else:
+        cuts = [float(value) for level, value in sorted((feature.get("quantiles") or {}).items()) if level in ("0.25", "0.50", "0.75")]
+    whole = bool(grid) and bool(np.mean([value == round(value) for value in grid]) >= 0.5)  # most quantiles of whole numbers are data points
+    return {"kind": "numeric", "name": column, "cuts": np.unique(cuts).tolist(), "integer": whole}
+
+def sensitive_grouping(
+    frame: pd.DataFrame,  # the training rows
+    settings: Settings,  # the project's settings: the sensitive columns, their names and value labels
+    bins: int = 4,  # numeric columns are cut into this many quantile groups
+) -> dict:  # column -> its grouping: reference.json's `groups`
+    "The grouping of every sensitive column, decided on the training rows, to store with the model version."
+    return {column: group_spec(frame[column], settings.column_name(column, unit=False), settings.labels.get(column), bins)
+            for column in settings.sensitive if column in frame.columns}
 
 # %% ../nbs/23_metrics.ipynb #448c1982
 def group_metrics(
@@ -77,13 +152,15 @@ def group_metrics(
     return rows
 
 # %% ../nbs/23_metrics.ipynb #e387f778
+_BARE = re.compile(r"^(missing|-?[0-9.]+(e[-+]?[0-9]+)?(\u2013-?[0-9.]+(e[-+]?[0-9]+)?)?)$")  # an older audit's group: a code, a range, missing
+
 def group_words(
     settings: Settings,  # the project's settings (value labels, names, units)
     column: str,  # a sensitive column, or an intersection "a & b"
-    group: str,  # the group's label as the audit wrote it, e.g. "0 & 29–48"
-) -> str:  # the group in words, e.g. "female, age 29–48 years"
-    "A group of a fairness table in words: labelled values by their label, other values with the column's name and unit."
-    from lifecycle.core import value_key
+    group: str,  # the group's label as the audit wrote it, e.g. "female & age 49–55" (`cut_groups`), or "0 & 29–48" (older audits)
+) -> str:  # the group in words, e.g. "female, age 49–55"
+    """A group of a fairness table in words. Labels from `cut_groups` are words already; audits written before it
+    used codes and bare ranges ("0", "29–48", "missing"), which are named by the value's label, or the column's name and unit."""
     columns = column.split(" & ")
     parts = str(group).split(" & ") if len(columns) > 1 else [str(group)]
     if len(parts) != len(columns):
@@ -92,8 +169,10 @@ def group_words(
     for name, part in zip(columns, parts):
         if value_key(part) in settings.labels.get(name, {}):
             words.append(settings.value_label(name, part))
-        else:
+        elif _BARE.match(part):
             words.append(f"{settings.column_name(name, unit=False)} {part} {settings.units.get(name, '')}".strip())
+        else:
+            words.append(part)
     return ", ".join(words)
 
 # %% ../nbs/23_metrics.ipynb #db9bcd89
@@ -252,11 +331,13 @@ def judged_groups(
     A rate from a handful of patients is noise: a group of 20 holding 4 sick patients has a recall of
     0, 0.25, 0.5, 0.75 or 1, and one patient moves it by 0.25. Each rate is judged only where its
     denominator is large enough."""
-    counts = pd.DataFrame({"group": groups, "positive": np.asarray(y_true) == 1}).groupby("group")["positive"].agg(["size", "sum"])
+    y_true = np.asarray(y_true, dtype=float)  # NaN where no label arrived (monitoring): such a row counts in a group's size only
+    frame = pd.DataFrame({"group": np.asarray(groups), "positive": y_true == 1, "negative": y_true == 0})
+    counts = frame.groupby("group").agg(size=("positive", "size"), positives=("positive", "sum"), negatives=("negative", "sum"))
     large = counts["size"] >= min_size
     return {"size": sorted(counts.index[large]),
-            "positives": sorted(counts.index[large & (counts["sum"] >= min_positives)]),
-            "negatives": sorted(counts.index[large & (counts["size"] - counts["sum"] >= min_negatives)])}
+            "positives": sorted(counts.index[large & (counts["positives"] >= min_positives)]),
+            "negatives": sorted(counts.index[large & (counts["negatives"] >= min_negatives)])}
 
 def equalized_odds_gap(
     y_true: np.ndarray,  # labels

@@ -16,16 +16,17 @@ import numpy as np
 import pandas as pd
 
 from .core import LifecycleError, Project, read_json, write_json
-from .drift import category_counts, category_label, drift_summary, feature_drift, prediction_drift, quantile_points
+from .drift import category_counts, category_label, drift_summary, feature_drift, prediction_drift
 from .alerts import evaluate, parse_kpis
 from .contract import rejection_sentence
+from .metrics import cut_groups, judged_groups, reference_grouping
 
 # %% auto #0
 __all__ = ['RESULTS_FORMAT', 'LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'parse_every', 'event_times', 'window_starts',
            'current_window_start', 'assign_windows', 'weighted_auc', 'realized_metrics', 'calibrated',
-           'estimated_metrics', 'group_labels', 'fairness', 'rejection_figures', 'rejection_lines', 'window_days',
-           'window_report', 'refused_windows', 'update_windows', 'serving_figures', 'scrape_serving',
-           'whole_windows_end', 'monitor_project']
+           'estimated_metrics', 'fairness', 'rejection_figures', 'rejection_lines', 'window_days', 'window_report',
+           'refused_windows', 'update_windows', 'serving_figures', 'scrape_serving', 'whole_windows_end',
+           'monitor_project']
 
 # %% ../nbs/42_monitoring.ipynb #77797d2b
 def parse_every(
@@ -210,35 +211,17 @@ def estimated_metrics(
         statements.append("the calibrated scores are all 0 or all 1: estimated ROC AUC is undefined")
     return {**result, "statements": statements}
 
-# %% ../nbs/42_monitoring.ipynb #cb4b74cd
-def group_labels(
-    values: pd.Series,  # a sensitive column of the window
-    spec: dict | None,  # its entry in reference.json (None when it is not a feature)
-) -> pd.Series:  # a group label a row
-    "Group labels of a sensitive column: numeric ones cut at the reference's quartiles, categories as labelled."
-    if spec and spec.get("kind") == "numeric":
-        levels, quantiles, _ = quantile_points(spec)
-        cuts = np.unique(np.interp([0.25, 0.5, 0.75], levels, quantiles)) if len(levels) else np.array([])
-        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
-        names = ([f"≤{cuts[0]:g}"] + [f"{low:g}–{high:g}" for low, high in zip(cuts[:-1], cuts[1:])] + [f">{cuts[-1]:g}"]) if len(cuts) else ["all"]
-        at = np.searchsorted(cuts, numbers, side="left")
-        labels = np.array(names, dtype=object)[np.clip(at, 0, len(names) - 1)]
-        return pd.Series(np.where(np.isnan(numbers), "missing", labels), index=values.index)
-    try:
-        codes, uniques = pd.factorize(values, use_na_sentinel=True)
-    except TypeError:  # a list or a dict among the values (hostile input)
-        codes, uniques = pd.factorize(values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value), use_na_sentinel=True)
-    names = np.array([category_label(value) for value in uniques] + ["missing"], dtype=object)
-    return pd.Series(names[np.where(codes < 0, len(uniques), codes)], index=values.index)
-
 # %% ../nbs/42_monitoring.ipynb #8e186ad1
 def fairness(
-    groups: pd.Series,  # the group of each prediction (`group_labels`)
+    groups: pd.Series,  # the group of each prediction (`metrics.cut_groups`)
     decisions: np.ndarray,  # decisions, 0 or 1
     labels: np.ndarray,  # labels, 0 or 1, NaN where none arrived
-    min_size: int = 20,  # a group needs this many labelled positives for its recall, this many predictions for its selection rate
+    min_size: int = 20,  # a group needs this many predictions for its selection rate (and for its recall)
+    min_positives: int | None = None,  # and this many labelled positives for its recall (None: `min_size`)
 ) -> tuple[list[dict], dict]:  # (one row a group, the gaps: recall_gap, fnr_gap, selection_rate_gap with _low/_high, statements)
-    "Recall, false negative rate and selection rate per group, and the gaps between the groups large enough to judge."
+    "Recall, false negative rate and selection rate per group, and the gaps between the groups large enough to judge, judged as the gate judges."
+    min_positives = min_size if min_positives is None else min_positives
+    judged = judged_groups(labels, groups.to_numpy(), min_size, min_positives, 0)
     frame = pd.DataFrame({"group": groups.to_numpy(), "selected": np.asarray(decisions, dtype=float),
                           "positive": np.asarray(labels, dtype=float) == 1})
     frame["caught"] = frame["positive"] & (frame["selected"] == 1)
@@ -250,15 +233,16 @@ def fairness(
         rows.append({"group": str(group), "n": int(row["n"]), "positives": int(row["positives"]),
                      "selection_rate": float(row["selected"] / row["n"]), "recall": recall,
                      "false_negative_rate": None if recall is None else 1 - recall,
-                     "too_small": bool(row["positives"] < min_size)})
+                     "too_small": group not in judged["positives"]})
+    enough = f"{min_positives} labelled positives" + (f" among {min_size} predictions" if min_size > min_positives else "")
     gaps = {"statements": []}
-    for name, size, judged in (("recall", "positives", [r for r in rows if not r["too_small"]]),
-                               ("selection_rate", "n", [r for r in rows if r["n"] >= min_size])):
-        if len(judged) < 2:
+    for name, size, kept in (("recall", "positives", [r for r in rows if not r["too_small"]]),
+                             ("selection_rate", "n", [r for r in rows if r["group"] in judged["size"]])):
+        if len(kept) < 2:
             gaps.update({f"{name}_gap": None, f"{name}_gap_low": None, f"{name}_gap_high": None})
-            gaps["statements"].append(f"fewer than two groups with at least {min_size} {'labelled positives' if name == 'recall' else 'predictions'}: the {name.replace('_', ' ')} gap is not judged")
+            gaps["statements"].append(f"fewer than two groups with at least {enough if name == 'recall' else f'{min_size} predictions'}: the {name.replace('_', ' ')} gap is not judged")
             continue
-        high, low = max(judged, key=lambda r: r[name]), min(judged, key=lambda r: r[name])
+        high, low = max(kept, key=lambda r: r[name]), min(kept, key=lambda r: r[name])
         gap = high[name] - low[name]
         spread = 1.96 * math.sqrt(high[name] * (1 - high[name]) / high[size] + low[name] * (1 - low[name]) / low[size])
         gaps.update({f"{name}_gap": gap, f"{name}_gap_low": gap - spread, f"{name}_gap_high": gap + spread,
@@ -266,7 +250,7 @@ def fairness(
     gaps["fnr_gap"] = gaps["recall_gap"]  # the false negative rate's gap is the recall's
     small = [r["group"] for r in rows if r["too_small"]]
     if small:
-        gaps["statements"].append(f"too small to judge recall (fewer than {min_size} labelled positives): {', '.join(small)}")
+        gaps["statements"].append(f"too small to judge recall (fewer than {enough}): {', '.join(small)}")
     return rows, gaps
 
 # %% ../nbs/42_monitoring.ipynb #b9a92f76
@@ -369,7 +353,7 @@ def window_report(
         if column not in rows.columns:
             statements.append(f"sensitive column {column} is not in the log: no fairness figures for it")
             continue
-        table, gaps = fairness(group_labels(rows[column], (reference.get("features") or {}).get(column)), decisions, labels, min_group)
+        table, gaps = fairness(cut_groups(rows[column], reference_grouping(reference, column)), decisions, labels, min_group)
         groups[column] = table
         for name in ("recall_gap", "fnr_gap", "selection_rate_gap"):
             values[f"{name}.{column}"] = gaps.get(name)

@@ -368,10 +368,9 @@ def fit_recalibration(
 
 # %% ../nbs/07_retrain.ipynb #7273a493
 def _groups(settings: Settings, rows: pd.DataFrame, reference: dict | None) -> dict:
-    "Sensitive groups of the rows, cut as monitoring cuts them (numeric columns at the reference's quartiles)."
-    from lifecycle.monitoring import group_labels
-    features = (reference or {}).get("features", {})
-    return {column: group_labels(rows[column], features.get(column)).to_numpy() for column in settings.sensitive if column in rows.columns}
+    "Sensitive groups of the rows, cut as the gate and monitoring cut them (the version's stored grouping)."
+    from lifecycle.metrics import cut_groups, reference_grouping
+    return {column: cut_groups(rows[column], reference_grouping(reference, column)).to_numpy() for column in settings.sensitive if column in rows.columns}
 
 def judge(
     settings: Settings,  # the project's settings (the challenger's file: same project)

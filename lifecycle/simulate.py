@@ -156,7 +156,9 @@ def inject_bad_model(
     model = build_pipeline(meta.get("model") or "logistic_regression", numeric, categorical, int(meta.get("seed", 42) or 42))
     model.fit(rows[numeric + categorical], swapped)
     scores = model.predict_proba(rows[numeric + categorical])[:, 1]
-    reference = reference_statistics(rows, numeric, categorical, scores, rows["_label"].to_numpy().astype(int))
+    champion_reference = registry.path / "versions" / str(champion) / "reference.json"
+    grouping = read_json(champion_reference).get("groups") if champion_reference.exists() else None  # the same training rows: the same groups
+    reference = reference_statistics(rows, numeric, categorical, scores, rows["_label"].to_numpy().astype(int), grouping)
     kept = {key: value for key, value in meta.items() if key not in ("version", "sha256", "bytes", "created", "evaluation", "gate", "metrics", "cv", "wandb")}
     made = "simulate --inject bad-model: the champion's recipe fitted with the labels swapped (a mix-up of positive and negative)"
     version = register(registry, model, {**kept, "injected": made, "metrics": {}, "gate": {"passed": False, "reasons": [f"never gated: {made}"]}},

@@ -24,7 +24,8 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import lifecycle
 from .core import LifecycleError, Settings
-from .metrics import binned, classification_metrics, group_metrics, group_words, model_card, row_hashes, row_hashes_bytes
+from .metrics import (classification_metrics, cut_groups, group_metrics, group_words, model_card, row_hashes, row_hashes_bytes,
+                               sensitive_grouping)
 
 # %% auto #0
 __all__ = ['MODELS', 'SEARCH_GRIDS', 'QUANTILE_GRID', 'PACKAGES', 'feature_columns', 'make_classifier', 'build_pipeline',
@@ -91,8 +92,9 @@ def reference_statistics(
     categorical: list[str],  # category features
     scores: np.ndarray,  # the model's scores on those rows
     labels: np.ndarray,  # their labels
+    groups: dict | None = None,  # the sensitive columns' grouping, decided on the same rows (`metrics.sensitive_grouping`)
 ) -> dict:  # statistics, JSON-ready
-    "Statistics of the training data that monitoring compares production against."
+    "Statistics of the training data that monitoring compares production against, and the grouping every fairness figure uses."
     features = {}
     for column in numeric:
         values = frame[column].dropna().to_numpy(dtype=float)
@@ -113,7 +115,7 @@ def reference_statistics(
     score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
     from sklearn.isotonic import IsotonicRegression  # score -> probability, for monitoring's estimates before labels arrive
     calibration = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
-    return {"format": 2, "rows": len(frame), "positive_rate": float(np.mean(labels)), "features": features,
+    return {"format": 2, "rows": len(frame), "positive_rate": float(np.mean(labels)), "features": features, "groups": groups or {},
             "scores": {"bin_edges": score_edges.tolist(), "bin_counts": score_counts.tolist(),
                        "mean": float(np.mean(scores)), "std": float(np.std(scores)),
                        "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
