@@ -488,7 +488,7 @@ def bench_dashboard(
         from playwright.sync_api import sync_playwright
     except ImportError:
         raise LifecycleError("bench dashboard needs playwright (pip install -e '.[dev]') and Debian's chromium") from None
-    from lifecycle.dashboard import ROOT_ENV
+    from lifecycle.core import PAGE_SETTINGS_ENV, open_project
     from lifecycle.dashserver import dashboard_notebook, offline_template, voila_command
     from lifecycle.monitoring import monitor_project
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
@@ -500,7 +500,7 @@ def bench_dashboard(
         # busy machine's scoring latency must not stop it
         _lifecycle(project, "--stages", "collect,prepare,train,evaluate,deploy", "-p", "prepare.profile=false", "-p", "train.tracking=disabled",
                    "-p", "evaluate.tracking=disabled", "-p", "evaluate.max_latency_ms=10000", "-p", "deploy.max_latency_ms=10000")
-        summary = monitor_project(project)
+        summary = monitor_project(open_project(project / "settings.ini"))
         figures = {"visits": visits, "windows": summary["windows"]}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
@@ -525,7 +525,7 @@ def bench_dashboard(
                 port = _free_port()
                 templates = offline_template(Path(folder) / "templates")  # the same page as the command serves
                 cold = subprocess.Popen(voila_command(dashboard_notebook(), "127.0.0.1", port, preheat=False), cwd=project,
-                                        env={**os.environ, ROOT_ENV: str(project), "JUPYTER_PATH": str(templates)},
+                                        env={**os.environ, PAGE_SETTINGS_ENV: str(project / "settings.ini"), "JUPYTER_PATH": str(templates)},
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     from lifecycle.dashserver import wait_for_port
@@ -1205,7 +1205,7 @@ def bench_retrain(
     if shutil.which("wrk") is None:
         raise LifecycleError("bench retrain needs wrk, the HTTP load generator: apt-get install wrk")
     from datetime import datetime, timezone
-    from lifecycle.core import load_settings
+    from lifecycle.core import load_settings, open_project
     from lifecycle.loop import retrain_project
     from lifecycle.monitoring import monitor_project, whole_windows_end
     from lifecycle.serving.predlog import open_log
@@ -1221,7 +1221,7 @@ def bench_retrain(
         first = registry.resolve("champion")
         replay_sources(sources, settings, days=30, label_delay=7, label_share=0.8, end=whole_windows_end(settings))
         phases, notes = {}, {}
-        monitored, phases["alert"] = _time(lambda: monitor_project(project))
+        monitored, phases["alert"] = _time(lambda: monitor_project(open_project(project / "settings.ini")))
         notes["alerts"] = sorted({alert["labels"]["alertname"] for alert in monitored["alerts"]["firing"]})
         overrides = ["retrain.alerts=any", "retrain.min_new_labels=0", f"retrain.shadow_min={shadow_min}", "prepare.profile=false",
                      "train.tracking=disabled", "evaluate.tracking=disabled", "evaluate.max_latency_ms=10000",

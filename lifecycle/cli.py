@@ -37,9 +37,10 @@ def _bench(args) -> int:
 def _serve(args) -> int:
     import os
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
-    from lifecycle.core import load_settings
+    from lifecycle.core import open_project
     from lifecycle.serving.serve import serve
-    serve(load_settings(args.settings).root, host=args.host, port=args.port, alias=args.model, log_url=args.log,
+    project = open_project(args.settings, log=args.log or None)
+    serve(project.root, host=args.host, port=args.port, alias=args.model, log_url=project.log_url,
           access_log=args.access_log, max_body=args.max_body, max_records=args.max_records)
     return 0
 
@@ -58,10 +59,10 @@ def _by_hand(args, alias: str) -> dict:
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 def _models(args) -> int:
-    from lifecycle.core import load_settings
+    from lifecycle.core import open_project
     from lifecycle.promotion import listing as registry_listing, move_alias, move_back, take_off
     from lifecycle.registry import Registry
-    registry = Registry(load_settings(args.settings).root)
+    registry = Registry(open_project(args.settings).root)
     if args.force and args.action not in ("promote", "shadow"):
         raise LifecycleError("--force goes with models promote or models shadow, e.g. lifecycle models promote 3 --force --reason '…'")
     if args.force and not (args.reason or "").strip():
@@ -148,12 +149,12 @@ def _monitor(args) -> int:
     import signal
     import threading
     from lifecycle.alerts import parse_kpis
-    from lifecycle.core import load_settings
+    from lifecycle.core import open_project
     from lifecycle.rollback import monitor_and_roll_back
     if args.watch is not None and not args.watch > 0:
         raise LifecycleError("monitor --watch takes a positive number of seconds, e.g. --watch 60")
-    settings = load_settings(args.settings)
-    kpis = list(parse_kpis(settings.sections.get("monitor", {}).get("kpis", "")))
+    project = open_project(args.settings)
+    kpis = list(parse_kpis(project.section("monitor").get("kpis", "")))
     code = 0
     stop = threading.Event()
 
@@ -165,12 +166,12 @@ def _monitor(args) -> int:
     previous = signal.signal(signal.SIGINT, interrupted) if args.watch and threading.current_thread() is threading.main_thread() else None
     try:
         while True:
-            summary = monitor_and_roll_back(settings.root, engine=args.engine, scheduler=args.scheduler or None)
+            summary = monitor_and_roll_back(project, engine=args.engine, scheduler=args.scheduler or None)
             code = summary["exit_code"]
             if args.json:
                 print(json.dumps(summary, default=str, indent=None if args.watch else 2), flush=True)
             else:
-                print(monitor_text(summary, kpis, settings.column_name), flush=True)
+                print(monitor_text(summary, kpis, project.settings.column_name), flush=True)
             if not args.watch or stop.wait(args.watch):
                 return code
     except KeyboardInterrupt:
@@ -248,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
     serve.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
     serve.add_argument("--model", default="champion", help="the alias or version to serve (default: champion)")
-    serve.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL, or a SQLite file (default: the project's predictions.sqlite)")
+    serve.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
     serve.add_argument("--access-log", action="store_true", help="log each request's method, path and status")
     serve.add_argument("--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)")
     serve.add_argument("--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)")

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import LifecycleError, Settings, load_settings, read_json, split_list, value_key
+from .core import PAGE_SETTINGS_ENV, LifecycleError, Project, Settings, open_project, page_settings, read_json, split_list, value_key
 
 # %% auto #0
-__all__ = ['CLINIC_KEYS', 'URL_ENV', 'SERVER_TOKEN_ENV', 'LIMIT_SECTIONS', 'STYLE', 'ROOT_ENV', 'PAGE', 'ClinicOptions',
-           'clinic_options', 'band_edges', 'risk_band', 'Field', 'form_fields', 'record_from_form', 'identifier_field',
-           'typical_values', 'attributions', 'shown_value', 'small_groups', 'limit_warnings', 'ClinicClient',
-           'card_sections', 'card_html', 'Reason', 'top_reasons', 'why_html', 'answer_html', 'field_errors', 'Clinic',
-           'clinic_root', 'show_clinic', 'run_clinic']
+__all__ = ['CLINIC_KEYS', 'URL_ENV', 'SERVER_TOKEN_ENV', 'LIMIT_SECTIONS', 'STYLE', 'PAGE', 'ClinicOptions', 'clinic_options',
+           'band_edges', 'risk_band', 'Field', 'form_fields', 'record_from_form', 'identifier_field', 'typical_values',
+           'attributions', 'shown_value', 'small_groups', 'limit_warnings', 'ClinicClient', 'card_sections',
+           'card_html', 'Reason', 'top_reasons', 'why_html', 'answer_html', 'field_errors', 'Clinic', 'clinic_project',
+           'show_clinic', 'run_clinic']
 
 # %% ../nbs/45_clinic.ipynb #a99f270b
 CLINIC_KEYS = {
@@ -531,15 +531,15 @@ class Clinic:
     "The doctor's page: a form generated from the champion, scored through the serving code, the answer explained."
 
     def __init__(self,
-        root: Path,  # the project folder
-        settings: Settings | None = None,  # its settings (None: root/settings.ini)
-        client: ClinicClient | None = None,  # the scoring client (None: in-process, or $LIFECYCLE_CLINIC_URL)
+        project: Project,  # the project scored for: its folder, settings and prediction log
+        client: ClinicClient | None = None,  # the scoring client (None: in-process into the project's log, or $LIFECYCLE_CLINIC_URL)
     ):
         import ipywidgets as widgets
-        self.root = Path(root)
-        self.settings = settings or load_settings(self.root / "settings.ini")
+        if project.settings is None:
+            raise LifecycleError("the doctor's page needs the project's settings file")
+        self.project, self.root, self.settings = project, project.root, project.settings
         self.options = clinic_options(self.settings)
-        self.client = client or ClinicClient(self.root, os.environ.get(URL_ENV, ""))
+        self.client = client or ClinicClient(self.root, os.environ.get(URL_ENV, ""), log_url=project.log_url)
         self.versions: dict[int, dict] = {}  # version -> its meta, reference, fields, card, scorer (what explains its answers)
         self.submissions = 0  # records sent (answered or refused)
         self.title = widgets.HTML(f'{STYLE}<div class="lc-clinic"><h1>{_e(self.settings.title or "Risk")}: one patient</h1>'
@@ -706,23 +706,21 @@ class Clinic:
         return " ".join(words)
 
 # %% ../nbs/45_clinic.ipynb #19e2a77e
-ROOT_ENV = "LIFECYCLE_CLINIC_ROOT"  # the project folder, set by `lifecycle clinic` for Voila's kernels
 PAGE = "clinic_page.ipynb"  # the notebook Voila serves: one cell, `show_clinic()`
 
-def clinic_root(
-    root: str | Path | None = None,  # the project folder; None: $LIFECYCLE_CLINIC_ROOT, else the settings.ini found upward
-) -> Path:  # the project folder
+def clinic_project(
+    settings: str | Path | None = None,  # the settings file; None: the one `lifecycle clinic` named ($LIFECYCLE_SETTINGS), else settings.ini found upward
+) -> Project:  # the project, resolved once for the page
     "The project the page scores for."
-    from lifecycle.core import project_root
-    return project_root(root, ROOT_ENV)
+    return open_project(page_settings(settings))
 
 def show_clinic(
-    root: str | Path | None = None,  # the project folder (None: `clinic_root`)
+    settings: str | Path | None = None,  # the project's settings file (None: `clinic_project`'s)
 ) -> Clinic | None:  # the page (displayed); None when it cannot score (the reason displayed)
     "Build the page and display it: the one call of the page's notebook."
     from IPython.display import HTML, display
     try:
-        clinic = Clinic(clinic_root(root))
+        clinic = Clinic(clinic_project(settings))
     except LifecycleError as error:  # no champion yet, a mistake in [clinic]: a sentence on the page, not a traceback
         display(HTML(f'{STYLE}<div class="lc-clinic"><h1>Risk: one patient</h1><div class="lc-refused">{_e(error)}</div></div>'))
         return None
@@ -739,12 +737,12 @@ def run_clinic(
 ) -> int:  # 0 after SIGTERM or Ctrl-C
     "Serve the doctor's page until SIGTERM or Ctrl-C."
     from lifecycle.dashserver import TOKEN_ENV, dashboard_notebook, serve_page
-    settings = load_settings(settings_path)
-    clinic_options(settings)  # a mistake in [clinic] stops the command, not the page
+    project = open_project(settings_path)
+    clinic_options(project.settings)  # a mistake in [clinic] stops the command, not the page
     if url and not re.match(r"^https?://[^\s/]+(/\S*)?$", url.strip()):
         raise LifecycleError("--url must be the scoring server's address, e.g. http://127.0.0.1:8000")
-    environment = {ROOT_ENV: str(settings.root.resolve()), URL_ENV: url.strip()}
+    environment = {PAGE_SETTINGS_ENV: str(project.settings_path), URL_ENV: url.strip()}  # the page's kernels open the same settings file
     if url and os.environ.get(TOKEN_ENV) and not os.environ.get(SERVER_TOKEN_ENV):
         environment[SERVER_TOKEN_ENV] = os.environ[TOKEN_ENV]  # the same token guards the page and the server
     where = f", scoring through {url.strip()}" if url else ", scoring in-process"
-    return serve_page(dashboard_notebook(PAGE), settings.root, host, port, preheat, environment, None, "Clinic", where, log)
+    return serve_page(dashboard_notebook(PAGE), project.root, host, port, preheat, environment, None, "Clinic", where, log)

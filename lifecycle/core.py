@@ -26,12 +26,13 @@ import pyarrow.parquet as pq
 
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'TERMS', 'REASONS', 'LifecycleError', 'use_work_settings',
-           'find_settings', 'project_root', 'split_list', 'parse_mapping', 'value_key', 'parse_labels', 'coerce_value',
-           'Source', 'Settings', 'parse_source', 'load_settings', 'sha256_bytes', 'sha256_file', 'sha256_json',
-           'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json', 'read_json',
-           'write_parquet', 'write_parquet_files', 'term', 'reason_words', 'styled', 'import_without', 'StageContext',
-           'record_inputs', 'stage_context', 'latest_run']
+__all__ = ['SETTINGS_FILE', 'PAGE_SETTINGS_ENV', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LOG_SECTIONS', 'TERMS', 'REASONS',
+           'LifecycleError', 'use_work_settings', 'find_settings', 'page_settings', 'split_list', 'parse_mapping',
+           'value_key', 'parse_labels', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings',
+           'prediction_log_url', 'Project', 'open_project', 'state_project', 'sha256_bytes', 'sha256_file',
+           'sha256_json', 'thread_pool', 'column_hashes', 'frame_sha256', 'atomic_path', 'write_text', 'write_json',
+           'read_json', 'write_parquet', 'write_parquet_files', 'term', 'reason_words', 'styled', 'import_without',
+           'StageContext', 'record_inputs', 'stage_context', 'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -59,7 +60,7 @@ def find_settings(
     path = Path(path).expanduser()
     if path.is_absolute():
         if path.is_file():
-            return path
+            return path.resolve()  # a real path: a project reached through a symlink is the same project
         raise LifecycleError(f"settings file {path} not found")
     here = Path.cwd()
     for folder in [here, *here.parents]:
@@ -67,14 +68,15 @@ def find_settings(
             return (folder / path).resolve()
     raise LifecycleError(f"settings file {path} not found in {here} or any folder above it")
 
-def project_root(
-    root: str | Path | None,  # the project folder, or None
-    env: str,  # the environment variable naming it when `root` is None (a page's command sets it for Voila's kernels)
-) -> Path:  # the project folder
-    "The project a page serves: `root`, else the folder in `env`, else the folder of the settings.ini found upward."
-    if root is None and os.environ.get(env):
-        root = os.environ[env]
-    return Path(root) if root is not None else find_settings(SETTINGS_FILE).parent
+PAGE_SETTINGS_ENV = "LIFECYCLE_SETTINGS"  # the settings file of the project a page serves, set by its command for Voila's kernels
+
+def page_settings(
+    settings: str | Path | None = None,  # the settings file, or None
+) -> Path:  # the settings file, a real path
+    "The settings file a page serves: `settings`, else the file its command named in the environment, else settings.ini found upward."
+    if settings is None and os.environ.get(PAGE_SETTINGS_ENV):
+        settings = os.environ[PAGE_SETTINGS_ENV]
+    return find_settings(settings if settings is not None else SETTINGS_FILE)
 
 # %% ../nbs/00_core.ipynb #c19c41f7
 DATA_KEYS = {
@@ -302,6 +304,63 @@ def load_settings(
         positive_label=data.get("positive_label", "").strip() or "positive",
         negative_label=data.get("negative_label", "").strip() or "negative",
     )
+
+# %% ../nbs/00_core.ipynb #6aa2ccaf
+LOG_SECTIONS = ("deploy", "monitor")  # the stages whose `log` parameter names the prediction log: one log a project
+
+def prediction_log_url(
+    settings: Settings,  # the project's settings
+    overrides: dict[str, dict[str, str]] | None = None,  # stage -> key -> value text from the command line (`-p deploy.log=…`)
+) -> str:  # "" (the project's predictions.sqlite), a SQLite file, or a postgresql:// URL
+    "The project's one prediction log: `[deploy] log` or `[monitor] log` may name it; when both do, they must agree."
+    named = {}
+    for stage in LOG_SECTIONS:
+        value = {**settings.sections.get(stage, {}), **(overrides or {}).get(stage, {})}.get("log", "").strip()
+        if value:
+            named[stage] = value
+    if len(set(named.values())) > 1:
+        raise LifecycleError(f"{settings.path.name}: [deploy] log and [monitor] log name different prediction logs; "
+                             "a project has one log: set it in one of them, or the same in both")
+    return next(iter(named.values()), "")
+
+@dataclass(frozen=True)
+class Project:
+    """One project, resolved once where a command starts and passed down to every stage, command, server and page."""
+    root: Path  # the project folder, a real path: all the project's state (runs, registry, monitoring, log) lives here
+    settings: Settings | None = None  # its settings, parsed; None for a folder of state alone (a test's, a tool's)
+    log_url: str = ""  # the prediction log: "" for the project's predictions.sqlite, a SQLite file, or a postgresql:// URL
+
+    @property
+    def settings_path(self) -> Path | None:
+        return self.settings.path if self.settings else None
+
+    def section(self, name: str) -> dict[str, str]:
+        "One section of its settings, values as written ({} when it has none)."
+        return self.settings.sections.get(name, {}) if self.settings else {}
+
+    @property
+    def sensitive(self) -> list[str]:
+        "The columns audited for fairness (`[data] sensitive`)."
+        return list(self.settings.sensitive) if self.settings else []
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry"
+
+def open_project(
+    settings: str | Path = SETTINGS_FILE,  # the settings file (a relative one is searched from the working folder upward)
+    log: str | None = None,  # a prediction log named on the command line (`--log`); None: the one the settings name
+    overrides: dict[str, dict[str, str]] | None = None,  # stage -> key -> value overrides (`-p`), which take part in the log's rule
+) -> Project:
+    "Resolve a project from its settings file: a real path, its settings read and checked, its prediction log decided."
+    parsed = load_settings(settings)
+    return Project(parsed.root, parsed, prediction_log_url(parsed, overrides) if log is None else log.strip())
+
+def state_project(
+    root: str | Path,  # a folder of project state without a settings file
+) -> Project:
+    "A project that is only a folder of state (its registry, log and monitoring), for tests and tools: no settings, the default log."
+    return Project(Path(root).resolve())
 
 # %% ../nbs/00_core.ipynb #39862372
 def sha256_bytes(data: bytes) -> str:
@@ -551,10 +610,16 @@ class StageContext:
     run_dir: Path  # this run's folder, runs/<run_id>
     stage: str  # the stage's name, e.g. collect
     explored_from: Path | None = None  # exploring (runs/dev): the latest whole run, whose outputs stand in for missing inputs
+    log_url: str = ""  # the project's prediction log, as the runner resolved it
 
     @property
     def root(self) -> Path:
         return self.settings.root
+
+    @property
+    def project(self) -> Project:
+        "The project this stage works for, as the runner resolved it."
+        return Project(self.settings.root, self.settings, self.log_url)
 
     @property
     def out(self) -> Path:
@@ -604,15 +669,17 @@ def stage_context(
     settings: str | Path,  # the settings file
     run_dir: str | Path,  # the run folder; empty for runs/dev, exploring on top of the latest run
     stage: str,  # this stage's name
+    log: str | None = None,  # the prediction log the runner resolved (a stage's `log` parameter); None: the one the settings name
 ) -> StageContext:
     "The run context of a stage notebook."
     parsed = load_settings(settings)
+    log_url = prediction_log_url(parsed) if log is None else log
     if not str(run_dir):
-        return StageContext(parsed, parsed.root / "runs" / "dev", stage, latest_run(parsed.root))
+        return StageContext(parsed, parsed.root / "runs" / "dev", stage, latest_run(parsed.root), log_url)
     run_dir = Path(run_dir)
     if not run_dir.is_absolute():
         run_dir = parsed.root / run_dir
-    return StageContext(parsed, run_dir, stage)
+    return StageContext(parsed, run_dir, stage, log_url=log_url)
 
 def latest_run(
     root: Path,  # the project folder

@@ -17,17 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, Settings, load_settings, project_root, read_json
+from .core import LifecycleError, Project, Settings, open_project, page_settings, read_json
 from .monitoring import MONITOR_KEYS, _safe_name, parse_every, rejection_lines
 
 # %% auto #0
-__all__ = ['ROOT_ENV', 'REFRESH_ENV', 'STYLE', 'SECTIONS', 'refresh_seconds', 'dashboard_root', 'when_text', 'window_label',
+__all__ = ['REFRESH_ENV', 'STYLE', 'SECTIONS', 'refresh_seconds', 'dashboard_project', 'when_text', 'window_label',
            'last_prediction', 'firing_alerts', 'model_in_service', 'latest_window', 'score_shares', 'read_state',
            'shadow_state', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
            'accuracy_html', 'fairness_html', 'statements_html', 'render', 'shadow_html', 'Dashboard', 'show_dashboard']
 
 # %% ../nbs/43_dashboard.ipynb #baab0b4d
-ROOT_ENV = "LIFECYCLE_DASHBOARD_ROOT"  # the project folder, set by `lifecycle dashboard` for Voila's kernels
 REFRESH_ENV = "LIFECYCLE_DASHBOARD_REFRESH"  # seconds between refreshes when `lifecycle dashboard --refresh` gave them
 
 def refresh_seconds(
@@ -43,11 +42,11 @@ def refresh_seconds(
         raise LifecycleError("[monitor] refresh_seconds must be a number of seconds between 1 and 86400")
     return seconds
 
-def dashboard_root(
-    root: str | Path | None = None,  # the project folder; None: $LIFECYCLE_DASHBOARD_ROOT, else the settings.ini found upward
-) -> Path:  # the project folder
+def dashboard_project(
+    settings: str | Path | None = None,  # the settings file; None: the one `lifecycle dashboard` named ($LIFECYCLE_SETTINGS), else settings.ini found upward
+) -> Project:  # the project, resolved once for the page
     "The project the dashboard shows."
-    return project_root(root, ROOT_ENV)
+    return open_project(page_settings(settings))
 
 # %% ../nbs/43_dashboard.ipynb #d09e3172
 def _utc(value) -> pd.Timestamp | None:
@@ -174,26 +173,25 @@ def score_shares(
 
 # %% ../nbs/43_dashboard.ipynb #4660bdfd
 def read_state(
-    root: Path,  # the project folder
-    settings: Settings | None = None,  # its settings (None: read from root/settings.ini)
+    project: Project,  # the project: its folder, settings and prediction log
     now: datetime | None = None,  # the present (injected in tests)
 ) -> dict:  # everything the page shows, read from the stored results
     "Read the stored results the page shows; each missing piece is None with a statement why."
-    root = Path(root)
+    root = project.root
     folder = root / "monitoring"
-    section = settings.sections.get("monitor", {}) if settings else {}
+    section = project.section("monitor")
     state = {"now": now or datetime.now(timezone.utc), "windows": None, "latest": None, "details": None, "shares": None,
              "reference_scores": None, "statements": [], "unreadable": False}
     state["every"] = parse_every(section.get("window", MONITOR_KEYS["window"]))
     state["model"] = model_in_service(root)
     state["alerts"] = firing_alerts(folder)
     try:
-        state["shadow"] = shadow_state(root, section.get("log", ""))
+        state["shadow"] = shadow_state(root, project.log_url)
     except Exception as error:  # the log being written, a database away: the page says so and shows the rest
         state["shadow"] = None
         state["statements"].append(f"the shadow's figures could not be read from the prediction log ({type(error).__name__})")
     try:
-        state["last_prediction"] = last_prediction(root, section.get("log", ""))
+        state["last_prediction"] = last_prediction(root, project.log_url)
     except LifecycleError as error:
         state["last_prediction"] = None
         state["statements"].append(str(error))
@@ -590,16 +588,12 @@ class Dashboard:
     "The live page: one HTML widget a section, refreshed in place from the stored results."
 
     def __init__(self,
-        root: Path,  # the project folder
-        settings: Settings | None = None,  # its settings (None: read root/settings.ini when there is one)
+        project: Project,  # the project shown: its folder, settings and prediction log
         refresh: float | None = None,  # seconds between refreshes (None: [monitor] refresh_seconds)
     ):
         import ipywidgets as widgets
-        self.root = Path(root)
-        if settings is None and (self.root / "settings.ini").exists():
-            settings = load_settings(self.root / "settings.ini")
-        self.settings = settings
-        section = settings.sections.get("monitor", {}) if settings else {}
+        self.project, self.root, self.settings = project, project.root, project.settings
+        section = project.section("monitor")
         if refresh is None and os.environ.get(REFRESH_ENV):
             refresh = refresh_seconds({"refresh_seconds": os.environ[REFRESH_ENV]})
         self.refresh = refresh if refresh is not None else refresh_seconds(section)
@@ -625,7 +619,7 @@ class Dashboard:
     ) -> dict:  # the state shown
         "Read the stored results and update the widgets that changed."
         signature = self._windows_signature()
-        state = read_state(self.root, self.settings, now)
+        state = read_state(self.project, now)
         redraw = signature != self._signature and not state["unreadable"]
         pages = render(state, self.settings, figures=redraw)
         if state["unreadable"]:  # keep the sections that come from windows.parquet as they were
@@ -662,13 +656,13 @@ class Dashboard:
 
 # %% ../nbs/43_dashboard.ipynb #bd4aec01
 def show_dashboard(
-    root: str | Path | None = None,  # the project folder (None: `dashboard_root()`)
+    settings: str | Path | None = None,  # the project's settings file (None: `dashboard_project()`'s)
 ):  # the Dashboard (its refresh running), or None when the project cannot be read
     "Display the live dashboard and start its refresh: the one call of the notebook Voila serves."
     import ipywidgets as widgets
     from IPython.display import display
     try:
-        board = Dashboard(dashboard_root(root))
+        board = Dashboard(dashboard_project(settings))
         board.update()
     except LifecycleError as error:
         display(widgets.HTML(f'{STYLE}<div class="lc-board"><h1>Monitoring</h1><p class="lc-note">{_e(error)}</p></div>'))

@@ -17,8 +17,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .core import LifecycleError, load_settings, write_json
-from .dashboard import REFRESH_ENV, ROOT_ENV, refresh_seconds
+from .core import PAGE_SETTINGS_ENV, LifecycleError, Project, open_project, write_json
+from .dashboard import REFRESH_ENV, refresh_seconds
 
 # %% auto #0
 __all__ = ['NOTEBOOK', 'TOKEN_ENV', 'TEMPLATE', 'dashboard_notebook', 'offline_template', 'voila_command', 'voila_main',
@@ -113,12 +113,12 @@ class MonitorLoop(threading.Thread):
     "One incremental monitor: `monitor_and_roll_back` (monitoring, then the rollback rules) every `interval` seconds, its outcome in monitoring/monitor_status.json."
 
     def __init__(self,
-        root: Path,  # the project folder
+        project: Project,  # the project monitored
         interval: float,  # seconds between runs
         monitor=None,  # the monitoring function (default `monitor_and_roll_back`; injected in tests)
     ):
         super().__init__(name="lifecycle-monitor", daemon=True)
-        self.root, self.interval = Path(root), float(interval)
+        self.project, self.root, self.interval = project, project.root, float(interval)
         self.halt = threading.Event()
         self.runs = 0
         self._monitor = monitor
@@ -129,7 +129,7 @@ class MonitorLoop(threading.Thread):
         monitor = self._monitor or monitor_and_roll_back
         started = datetime.now(timezone.utc)
         try:
-            summary = monitor(self.root)
+            summary = monitor(self.project)
             status = {"error": None, "windows": summary.get("windows"), "new_predictions": summary.get("new_predictions"),
                       "new_labels": summary.get("new_labels"), "firing": len((summary.get("alerts") or {}).get("firing", []))}
         except LifecycleError as error:
@@ -237,12 +237,13 @@ def run_dashboard(
     log=None,  # where Voila's lines go (default: this process's stderr)
 ) -> int:  # 0 after SIGTERM or Ctrl-C
     "Serve the live dashboard until SIGTERM or Ctrl-C."
-    settings = load_settings(settings_path)
-    interval = float(refresh) if refresh is not None else refresh_seconds(settings.sections.get("monitor", {}))
+    project = open_project(settings_path)
+    interval = float(refresh) if refresh is not None else refresh_seconds(project.section("monitor"))
     if not 1 <= interval <= 86400:
         raise LifecycleError("--refresh must be a number of seconds between 1 and 86400")
     check_access(host, os.environ.get(TOKEN_ENV) or None)
-    loop = MonitorLoop(settings.root, interval) if monitor else None
-    return serve_page(dashboard_notebook(), settings.root, host, port, preheat, {ROOT_ENV: str(settings.root.resolve()), REFRESH_ENV: f"{interval:g}"},
+    loop = MonitorLoop(project, interval) if monitor else None
+    # the page's kernels open the same settings file, by its real path: the same project, the same log
+    return serve_page(dashboard_notebook(), project.root, host, port, preheat, {PAGE_SETTINGS_ENV: str(project.settings_path), REFRESH_ENV: f"{interval:g}"},
                       loop, "Dashboard", f", refreshed every {interval:g} s", log)
 

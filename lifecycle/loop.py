@@ -11,12 +11,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .core import LifecycleError, load_settings, write_json
+from .core import LifecycleError, Project, load_settings, open_project, write_json
 from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters, write_index
 from .promotion import record_decision
 from .rollback import check_rollback, rollback_rules
-from .retrain import (CHALLENGER_STAGES, abandon_unfinished, headline, labeled_predictions, log_url, promote_shadow, retrain_lock,
-                               run_policy, write_retraining_data)
+from .retrain import (CHALLENGER_STAGES, abandon_unfinished, headline, labeled_predictions, promote_shadow, retrain_lock, run_policy,
+                               write_retraining_data)
 
 # %% auto #0
 __all__ = ['new_retrain_id', 'shadow_step', 'retrain_project', 'add_retrain_command']
@@ -33,11 +33,11 @@ def _say(message: str, quiet: bool) -> None:
         print(f"retrain: {message}", file=sys.stderr)
 
 # %% ../nbs/14_loop.ipynb #17ce0a98
-def _challenge(settings, stage, extra: dict, overrides: list[str], policy: dict, now: datetime, quiet: bool) -> dict:
+def _challenge(project: Project, stage, extra: dict, overrides: list[str], policy: dict, now: datetime, quiet: bool) -> dict:
     "Write the retraining data, run the challenger through the stage notebooks, and the retrain stage in its run."
     from lifecycle.serving.predlog import open_log
-    root = settings.root
-    with open_log(log_url(settings), root) as log:
+    root, settings = project.root, project.settings
+    with open_log(project.log_url, root) as log:
         labeled = labeled_predictions(log)
     retrain_id = new_retrain_id(now)
     with retrain_lock(root) as held:
@@ -85,20 +85,20 @@ _SHADOW_HEADLINES = {"in shadow": "Promotion waits: {reason}.", "promoted": "Ver
                      "shadow refused": "The champion stays: {reason}; the shadow is taken off."}
 
 def shadow_step(
-    settings,  # the project's settings
+    project: Project,  # the project: its folder, settings and prediction log
     policy: dict,  # the [retrain] settings
     now: datetime,  # the time
 ) -> dict | None:  # status, headline and the shadow's evidence; None when no version is in shadow
     "A version in shadow first: promote it once `shadow_min` is met (or take it off when it did worse), under the retrain lock."
     from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry
-    if Registry(settings.root).aliases().get("shadow") is None:
+    if Registry(project.root).aliases().get("shadow") is None:
         return None
-    with retrain_lock(settings.root) as held:
+    with retrain_lock(project.root) as held:
         if not held:
             return {"status": "busy", "headline": "No retrain: another retrain of this project is running (retrain/.lock)."}
-        with open_log(log_url(settings), settings.root) as log:
-            result = promote_shadow(settings.root, policy, log, now)
+        with open_log(project.log_url, project.root) as log:
+            result = promote_shadow(project.root, policy, log, now)
     if result["status"] == "no shadow":
         return None
     text = _SHADOW_HEADLINES[result["status"]].format(reason=result["reasons"][0], version=result["evidence"]["version"])
@@ -113,27 +113,28 @@ def retrain_project(
     quiet: bool = False,  # no progress lines on stderr
 ) -> dict:  # status (not now, busy, no data, promoted, champion kept, failed; in shadow, shadow refused), headline, decision, rollback (the rules' verdict), and when it retrained: data, challenger_run, summary
     "Judge the last promotion's rollback rules; promote a version in shadow once it has run long enough; else run the retrain policy and, when it says so, train a challenger and judge it."
-    settings = load_settings(settings_path)
+    extra = parse_overrides(overrides or [])
+    project = open_project(settings_path, overrides=extra)  # resolved once: every step below reads this project and its log
+    settings = project.settings
     stages = discover_stages(cache=settings.root / "runs" / ".cache" / "parameters")
     stage = next((item for item in stages if item.name == "retrain"), None)
     if stage is None:
         raise LifecycleError("the retrain stage notebook (07_retrain.ipynb) is missing from the installed package")
-    extra = parse_overrides(overrides or [])
     parameters = stage_parameters(stage, settings, extra.get("retrain"))
     policy = {key: value for key, value in parameters.items() if key not in ("settings", "run_dir", "force", "challenger_of") and not key.startswith("rollback_")}
     now = now or datetime.now(timezone.utc)
-    rolled = check_rollback(settings.root, rollback_rules(parameters), now=now)  # the promotion before this one, judged first
+    rolled = check_rollback(project, rollback_rules(parameters), now=now)  # the promotion before this one, judged first
     if rolled["rolled_back"]:
         _say(rolled["event"]["reason"], quiet)
-    shadowed = shadow_step(settings, policy, now)
+    shadowed = shadow_step(project, policy, now)
     if shadowed is not None and not (force and shadowed["status"] == "in shadow"):  # a forced retrain may replace a waiting shadow
         _say(shadowed["headline"], quiet)
         return {**shadowed, "rollback": rolled}
-    decision = run_policy(settings.root, policy, now=now, force=force or bool(parameters.get("force")))
+    decision = run_policy(project, policy, now=now, force=force or bool(parameters.get("force")))
     _say(headline({"decision": decision}), quiet)
     if not decision["retrain"]:
         return {"status": "not now", "headline": headline({"decision": decision}), "decision": decision, "rollback": rolled}
-    return {"decision": decision, "rollback": rolled, **_challenge(settings, stage, extra, overrides or [], policy, now, quiet)}
+    return {"decision": decision, "rollback": rolled, **_challenge(project, stage, extra, overrides or [], policy, now, quiet)}
 
 # %% ../nbs/14_loop.ipynb #8065738f
 def _retrain_command(args) -> int:

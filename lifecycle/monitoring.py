@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, read_json, write_json
+from .core import LifecycleError, Project, read_json, write_json
 from .drift import category_counts, category_label, drift_summary, feature_drift, prediction_drift, quantile_points
 from .alerts import evaluate, parse_kpis
 from .contract import rejection_sentence
@@ -547,13 +547,14 @@ def update_windows(
         raise LifecycleError(f"unknown monitoring engine {engine!r}: use local or dask")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # the log is part of what the stored windows summarize: windows of another log (the project's log moved) are not added to
     config = {"format": RESULTS_FORMAT, "every": every, "sensitive": list(sensitive), "min_rows": min_rows, "min_group": min_group,
-              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}}
+              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}, "log": str(getattr(log, "store", ""))}
     statements = []
     try:
         state = read_json(folder / "state.json") if (folder / "state.json").exists() else None
         if state is not None and state.get("config") != _config_hash(config):
-            statements.append("the monitoring settings changed: every window was recomputed from the log")
+            statements.append("the monitoring settings or the prediction log changed: every window was recomputed from the log")
             state = None
         if state is None:
             _start_over(folder)
@@ -853,7 +854,7 @@ def _int_setting(section: dict, key: str) -> int:
     return int(text)
 
 def monitor_project(
-    root: Path,  # the project folder (holding settings.ini, registry/ and the prediction log)
+    project: Project,  # the project (its folder, settings and prediction log), resolved once by the caller
     now: datetime | None = None,  # the time for alerts (injected in tests; default now)
     settings: dict | None = None,  # [monitor] settings overriding the file's (same keys, as text)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
@@ -864,12 +865,10 @@ def monitor_project(
 ) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), exit_code (3 when a critical alert fires), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
-    from lifecycle.core import find_settings, load_settings
     from lifecycle.serving.predlog import open_log
     from datetime import timedelta
-    root = Path(root)
-    project = load_settings(find_settings(root / "settings.ini")) if (root / "settings.ini").exists() else None
-    section = {**(project.sections.get("monitor", {}) if project else {}), **(settings or {})}
+    root = project.root
+    section = {**project.section("monitor"), **(settings or {})}
     unknown = sorted(set(section) - set(MONITOR_KEYS))
     if unknown:
         raise LifecycleError(f"[monitor] {unknown[0]} is not a setting; known: {', '.join(MONITOR_KEYS)}")
@@ -882,9 +881,9 @@ def monitor_project(
         raise LifecycleError("[monitor] repeat_hours must be a number of hours") from None
     registry, reference_for = _references(root)
     own_log = log is None
-    log = open_log(section.get("log", ""), root) if own_log else log
+    log = open_log(project.log_url, root) if own_log else log  # the project's one log, never a section's own idea of it
     try:
-        result = update_windows(root / "monitoring", log, reference_for, every, list(project.sensitive) if project else [], kpis,
+        result = update_windows(root / "monitoring", log, reference_for, every, project.sensitive, kpis,
                                 _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"),
                                 engine=engine, scheduler=scheduler)
     finally:

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lifecycle
-from .core import (LifecycleError, Settings, coerce_value, import_without, load_settings, read_json, sha256_bytes,
+from .core import (LifecycleError, Settings, coerce_value, import_without, load_settings, prediction_log_url, read_json, sha256_bytes,
                             sha256_file, sha256_json, write_json, write_text)
 
 # %% auto #0
@@ -620,6 +620,10 @@ def run_lifecycle(
             raise LifecycleError(f"-p {name}.…: unknown stage '{name}'{did_you_mean(name, names)}; stages: {', '.join(names)}")
     in_run, selected, forced = plan_stages(stages, only, start)
     parameters = {stage.name: stage_parameters(stage, settings, extra.get(stage.name)) for stage in in_run}
+    log = prediction_log_url(settings, extra)  # the project's one prediction log: every stage that takes a `log` gets this one
+    for stage in in_run:
+        if "log" in stage.parameters:
+            parameters[stage.name]["log"] = log
     root = settings.root
     run_id = _new_run_id()
     run_dir, report_dir = root / "runs" / run_id, root / "reports" / run_id

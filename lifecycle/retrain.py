@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, Settings, load_settings, read_json, write_json, write_text
+from .core import LifecycleError, Project, Settings, load_settings, read_json, write_json, write_text
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'SHADOW_HEADINGS', 'CHANGES',
            'PRODUCTION_COPIES', 'firing_alerts', 'champion_since', 'decide', 'decisions', 'retrain_lock',
-           'labeled_predictions', 'gather_evidence', 'log_url', 'run_policy', 'split_holdout', 'as_source_rows',
+           'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows',
            'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'score_rows',
            'fit_recalibration', 'judge', 'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow',
            'shadow_table', 'promote_if_won', 'choose_change', 'derived_reference', 'register_change', 'conclude',
@@ -166,43 +166,37 @@ def labeled_predictions(
 
 # %% ../nbs/07_retrain.ipynb #4fca7c4f
 def gather_evidence(
-    root: Path,  # the project folder
+    project: Project,  # the project: its folder, settings and prediction log
     policy: dict,  # the [retrain] rules (only what they need is read)
     now: datetime,  # the time of the decision
 ) -> dict:  # champion, champion_since, firing, values, new_labels
     "What the policy needs to know, from the registry, the stored alerts, monitoring and the prediction log."
     from lifecycle.registry import Registry, events
-    root = Path(root)
+    root = project.root
     registry = Registry(root)
     champion = registry.aliases().get("champion")
     evidence = {"champion": champion, "champion_since": champion_since(events(registry), champion),
                 "firing": firing_alerts(root / "monitoring"), "values": {}, "new_labels": None}
     if float(policy.get("min_metric", 0) or 0) > 0 or float(policy.get("max_drift_share", 1) or 1) < 1:
         from lifecycle.monitoring import monitor_project
-        latest = monitor_project(root, now=now, settings={"alerts": ""}).get("latest") or {}  # figures only: alerts are monitoring's job
+        latest = monitor_project(project, now=now, settings={"alerts": ""}).get("latest") or {}  # figures only: alerts are monitoring's job
         evidence["values"] = latest.get("values") or {}
     if int(policy.get("min_new_labels", 0) or 0) > 0 and champion is not None:
         from lifecycle.serving.predlog import open_log
-        with open_log(log_url(load_settings(root / "settings.ini")) if (root / "settings.ini").exists() else "", root) as log:
+        with open_log(project.log_url, root) as log:
             evidence["new_labels"] = len(labeled_predictions(log, since=evidence["champion_since"]))
     return evidence
 
-def log_url(
-    settings: Settings,  # the project's settings
-) -> str:  # the prediction log's location, as `open_log` takes it
-    "The prediction log the project writes: [monitor] log, else [deploy] log, else the project's SQLite file."
-    return (settings.sections.get("monitor", {}).get("log") or settings.sections.get("deploy", {}).get("log") or "").strip()
-
 def run_policy(
-    root: Path,  # the project folder
+    project: Project,  # the project: its folder, settings and prediction log
     policy: dict,  # the [retrain] settings
     now: datetime | None = None,  # the time (injected in tests; default now)
     force: bool = False,  # a person asked for a retrain
 ) -> dict:  # the decision, as recorded
     "Gather the evidence, decide, and record the decision."
     now = now or datetime.now(timezone.utc)
-    decision = decide(policy, gather_evidence(root, policy, now), now, force)
-    record_decision(root, {**decision, "kind": "policy"})
+    decision = decide(policy, gather_evidence(project, policy, now), now, force)
+    record_decision(project.root, {**decision, "kind": "policy"})
     return decision
 
 # %% ../nbs/07_retrain.ipynb #94e37d49

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, read_json
+from .core import LifecycleError, Project, read_json
 
 # %% auto #0
 __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback_rules', 'last_promotion', 'judge_rollback',
@@ -165,13 +165,8 @@ def rollback_evidence(
     return evidence
 
 # %% ../nbs/25_rollback.ipynb #7630a23b
-def _sections(root: Path) -> dict:
-    "The project's settings, section by section (none when the folder has no settings.ini)."
-    from lifecycle.core import load_settings
-    return load_settings(root / "settings.ini").sections if (root / "settings.ini").exists() else {}
-
 def check_rollback(
-    root: Path,  # the project folder
+    project: Project,  # the project: its folder, settings and prediction log
     rules: dict | None = None,  # `rollback_rules` (default: from the project's [retrain] section)
     now: datetime | None = None,  # the time (injected in tests; default now)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
@@ -180,9 +175,8 @@ def check_rollback(
     "Evaluate the rollback rules for the current champion and roll it back when one holds."
     from lifecycle.promotion import move_back
     from lifecycle.registry import Registry, events
-    root = Path(root)
-    sections = _sections(root)
-    rules = rules if rules is not None else rollback_rules(sections.get("retrain", {}))
+    root = project.root
+    rules = rules if rules is not None else rollback_rules(project.section("retrain"))
     quiet = {"rollback": False, "rolled_back": False, "reasons": [], "checked": []}
     if not rules["active"]:
         return {**quiet, "checked": ["no rollback rule is set in [retrain]"]}
@@ -191,9 +185,8 @@ def check_rollback(
     if promotion is None or registry.aliases().get("champion") != promotion["version"]:
         return {**quiet, "checked": ["no promotion to watch: the champion replaced no version, or is itself a rollback"]}
     from lifecycle.serving.predlog import open_log
-    where = (sections.get("monitor", {}).get("log") or sections.get("deploy", {}).get("log") or "").strip()
     own = log is None
-    log = open_log(where, root) if own else log
+    log = open_log(project.log_url, root) if own else log
     try:
         evidence = rollback_evidence(root, rules, promotion, log)
     finally:
@@ -213,7 +206,7 @@ def check_rollback(
     decision["rolled_back"] = True
     from lifecycle.alerts import post_webhook, send_notice
     from lifecycle.monitoring import WEBHOOK_ENV
-    webhook = (sections.get("monitor", {}).get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
+    webhook = (project.section("monitor").get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
     notice = send_notice(root / "monitoring", "champion_rolled_back", "critical",
                          f"champion rolled back from version {evidence['champion']} to {evidence['previous']}: {decision['reasons'][0]}", now,
                          labels={"project": root.resolve().name, "model_version": str(evidence["previous"])},
@@ -223,7 +216,7 @@ def check_rollback(
 
 # %% ../nbs/25_rollback.ipynb #c84351de
 def monitor_and_roll_back(
-    root: Path,  # the project folder
+    project: Project,  # the project (its folder, settings and prediction log), resolved once by the caller
     now: datetime | None = None,  # the time for alerts and the rollback (injected in tests; default now)
     log=None,  # an open prediction log (default: the project's, opened and closed by each step)
     post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
@@ -231,13 +224,12 @@ def monitor_and_roll_back(
 ) -> dict:  # `monitor_project`'s summary, with rollback (the rules' verdict; None when no rule is set or nothing is logged yet)
     "Monitor the project, then judge the last promotion by the rollback rules."
     from lifecycle.monitoring import monitor_project
-    root = Path(root)
-    summary = monitor_project(root, now=now, log=log, post=post, **monitoring)
+    summary = monitor_project(project, now=now, log=log, post=post, **monitoring)
     summary["rollback"] = None
-    rules = rollback_rules(_sections(root).get("retrain", {}))
+    rules = rollback_rules(project.section("retrain"))
     if not summary["windows"] or not rules["active"]:
         return summary
-    summary["rollback"] = json.loads(json.dumps(check_rollback(root, rules, now=now, log=log, post=post), default=str))
+    summary["rollback"] = json.loads(json.dumps(check_rollback(project, rules, now=now, log=log, post=post), default=str))
     if summary["rollback"]["rolled_back"]:
         summary["statements"].append(summary["rollback"]["event"]["reason"])
         summary["exit_code"] = 3

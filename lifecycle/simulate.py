@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, load_settings, read_json, write_json, write_text
+from .core import LifecycleError, Project, load_settings, open_project, read_json, write_json, write_text
 
 # %% auto #0
 __all__ = ['SIMULATIONS', 'INJECTIONS', 'SANDBOX_ROLLBACK', 'ROLLBACK_KEYS', 'SHADOW_PREFIX', 'CHANGE_COLORS',
@@ -115,10 +115,10 @@ def label_arrivals(
     return arrivals, (arrivals + pd.Timedelta(days=delay_days)).where(comes, pd.NaT)
 
 # %% ../nbs/13_simulate.ipynb #030fcd5f
-async def _send_day(root: Path, plan: pd.DataFrame, arrivals: pd.Series, fields_from, due: list[tuple], concurrency: int = 8) -> dict:
-    "Score a day's patients through the serving app, then send the labels due: (request_id, label, when)."
+async def _send_day(project: Project, plan: pd.DataFrame, arrivals: pd.Series, fields_from, due: list[tuple], concurrency: int = 8) -> dict:
+    "Score a day's patients through the serving app, into the sandbox's log, then send the labels due: (request_id, label, when)."
     from lifecycle.serving.replay import EVENT_TIME_HEADER, scoring_client, send_traffic, to_records
-    async with scoring_client(root) as scoring:
+    async with scoring_client(project.root, log=project.log_url) as scoring:
         fields = fields_from(await scoring.features())
         nothing = pd.Series([pd.NaT] * len(plan), dtype="datetime64[ns, UTC]")
         sent = await send_traffic(scoring.client, to_records(plan, fields), arrivals.reset_index(drop=True), np.full(len(plan), np.nan),
@@ -381,7 +381,8 @@ def simulate_project(
     first = run_lifecycle(sandbox / "settings.ini", quiet=quiet)
     if first["status"] != "passed":
         raise LifecycleError(f"simulate: the sandbox's first run failed: {first.get('error', 'see its report')}")
-    box = load_settings(sandbox / "settings.ini")
+    box_project = open_project(sandbox / "settings.ini")  # the sandbox's own settings, written above
+    box = box_project.settings
     registry = Registry(sandbox)
     meta = registry.meta(registry.aliases()["champion"])
     plan = plan_traffic(production, days, scale, meta["features"]["numeric"], seed)
@@ -396,7 +397,7 @@ def simulate_project(
     for day in range(days):
         end = pd.Timestamp(start) + pd.Timedelta(days=day + 1)
         if pending and day >= shadow_until:
-            with open_log(box.sections.get("monitor", {}).get("log", ""), sandbox) as log:
+            with open_log(box_project.log_url, sandbox) as log:
                 shadow_rows = int((log.predictions()["channel"] == "shadow").sum()) if log.count() else 0
             changes.append(_settle_shadow(sandbox, day + 1, pending, shadow_rows))
             pending = None
@@ -407,12 +408,12 @@ def simulate_project(
         today = np.flatnonzero(plan["_day"].to_numpy() == day)
         due = [(request_ids[i], labels[i], diagnosed[i]) for i in waiting if diagnosed[i] < end]
         waiting = [i for i in waiting if not diagnosed[i] < end]
-        sent = run_async(lambda: _send_day(sandbox, plan.iloc[today], arrivals.iloc[today], fields_from, due))
+        sent = run_async(lambda: _send_day(box_project, plan.iloc[today], arrivals.iloc[today], fields_from, due))
         for index, request_id in zip(today, sent["request_ids"]):
             request_ids[index] = request_id
             if request_id and pd.notna(diagnosed[index]):
                 waiting.append(index)
-        monitored = monitor_and_roll_back(sandbox)  # monitoring, then the rollback rules judge the injected champion
+        monitored = monitor_and_roll_back(box_project)  # monitoring, then the rollback rules judge the injected champion
         values = (monitored.get("latest") or {}).get("values") or {}
         rolled = monitored.get("rollback") or {}
         if rolled.get("rolled_back"):
@@ -433,10 +434,10 @@ def simulate_project(
         _say(f"day {day + 1}/{days}: {sent['scored']} scored, {len(due)} labels, {record['alerts_sent']} alerts sent"
              + (f"; {changes[-1]['kind']} version {changes[-1]['version']}" if changes and changes[-1]["day"] == day + 1 else ""), quiet)
     if pending:
-        with open_log(box.sections.get("monitor", {}).get("log", ""), sandbox) as log:
+        with open_log(box_project.log_url, sandbox) as log:
             shadow_rows = int((log.predictions()["channel"] == "shadow").sum()) if log.count() else 0
         changes.append(_settle_shadow(sandbox, days, pending, shadow_rows))
-    with open_log(box.sections.get("monitor", {}).get("log", ""), sandbox) as log:
+    with open_log(box_project.log_url, sandbox) as log:
         table = day_figures(log.predictions(), log.labels(), start, days, _calibrations(sandbox))
     table = table.merge(pd.DataFrame(records), on="day", how="left")
     report_dir = Path(first["report"]).parent

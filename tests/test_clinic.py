@@ -244,6 +244,7 @@ HEART = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "e
 def test_the_identifier_is_logged_only_hashed_and_a_champion_with_other_fields_rebuilds_the_form(champion_project):
     "The page's own object, in-process (no browser needed): the identifier field of a project with `[data] id`, and the form rebuilt for a new champion."
     from lifecycle.clinic import Clinic
+    from lifecycle.core import open_project
     from lifecycle.serving.predlog import open_log
     from lifecycle.serving.predlog.writer import id_key, pseudonymize
     root = champion_project
@@ -262,7 +263,7 @@ def test_the_identifier_is_logged_only_hashed_and_a_champion_with_other_fields_r
             clinic.inputs[field.name].value = int(value) if field.kind == "choice" else f"{value:g}"
         clinic.inputs["id"].value = identifier
 
-    clinic = Clinic(root)
+    clinic = Clinic(open_project(root / "settings.ini"))
     try:
         assert clinic.identifier is not None and clinic.identifier.name == "id" and "keyed hash" in clinic.identifier.title
         fill(clinic, too_long)  # an identifier the log cannot keep: refused at its field, never echoed

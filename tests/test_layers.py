@@ -152,3 +152,18 @@ def test_known_exceptions_still_exist():
 def test_the_rules_catch_a_bad_arrow(module, source, expected):
     found = violations({module: imported_modules(source, module)})
     assert [line.split(":")[0] for line in found] == expected
+
+
+def test_nothing_reads_a_settings_file_by_name_or_decides_where_the_log_is():
+    """The project is resolved once (`core.open_project`) and passed down: no module opens `<folder>/settings.ini` itself or
+    reads a section's `log`. The benchmarks and the simulation write projects of their own and open those."""
+    package = Path(lifecycle.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).with_suffix("").as_posix().replace("/", ".")
+        if name in ("core", "_modidx", "bench", "simulate"):
+            continue
+        text = path.read_text()
+        for pattern in (r'/ "settings\.ini"', r'/ SETTINGS_FILE', r'\.get\("log"'):
+            offenders += [f"{name}: {pattern}" for _ in re.finditer(pattern, text)]
+    assert not offenders, offenders

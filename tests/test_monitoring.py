@@ -11,6 +11,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from conftest import free_port
+from lifecycle.core import open_project
 from lifecycle.monitoring import monitor_project
 from lifecycle.serving.predlog import open_log
 from lifecycle.registry import Registry, register, set_alias
@@ -103,7 +104,7 @@ def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
         _log_week(log, model, rng, MONDAY, 3000, False, "clean-")
         drifted_ids, _ = _log_week(log, model, rng, MONDAY + pd.Timedelta(days=7), 3000, True, "drift-", as_block=True)
 
-    first = monitor_project(root, now=t0, settings={"webhook": closed})
+    first = monitor_project(open_project(root / "settings.ini"), now=t0, settings={"webhook": closed})
     windows = _windows(root)
     assert list(windows.index) == ["v1_2024-05-06", "v1_2024-05-13"]
     assert _flagged(root, "v1_2024-05-06") == set()
@@ -123,7 +124,7 @@ def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
     try:
         _Receiver.received.clear()
         # a restart (a new call, state read from the project): the waiting alerts are delivered, nothing fires twice
-        second = monitor_project(root, now=t0 + timedelta(minutes=10), settings={"webhook": url})
+        second = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(minutes=10), settings={"webhook": url})
         assert second["alerts"]["sent"] == [] and second["alerts"]["delivery"] == "delivered (HTTP 200)"
         assert len(_Receiver.received) == 1
         payload = _Receiver.received[0]
@@ -135,18 +136,18 @@ def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
         assert second["new_predictions"] == 0
 
         # still holding after the repeat interval (4 hours): sent again, same fingerprint and start
-        third = monitor_project(root, now=t0 + timedelta(hours=5), settings={"webhook": url})
+        third = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(hours=5), settings={"webhook": url})
         assert {alert["fingerprint"] for alert in third["alerts"]["sent"]} == set(fingerprints.values())
         assert len(_Receiver.received) == 2
 
         # a clean week arrives: the latest window is clean, both alerts resolve once
         with open_log("", root) as log:
             _log_week(log, model, rng, MONDAY + pd.Timedelta(days=14), 3000, False, "later-")
-        fourth = monitor_project(root, now=t0 + timedelta(hours=6), settings={"webhook": url})
+        fourth = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(hours=6), settings={"webhook": url})
         assert fourth["latest"]["window"] == "v1_2024-05-20" and fourth["exit_code"] == 0
         assert sorted((a["labels"]["alertname"], a["status"]) for a in fourth["alerts"]["sent"]) == [("drift", "resolved"), ("sites", "resolved")]
         assert _Receiver.received[-1]["status"] == "resolved"
-        fifth = monitor_project(root, now=t0 + timedelta(hours=12), settings={"webhook": url})
+        fifth = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(hours=12), settings={"webhook": url})
         assert fifth["alerts"]["sent"] == [] and fifth["alerts"]["firing"] == []
         assert len(_Receiver.received) == 3
     finally:
@@ -159,7 +160,7 @@ def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
             log.record_label(request_id, 1, "2024-05-30T00:00:00Z")
         log.flush()
     before = _windows(root)
-    late = monitor_project(root, now=t0 + timedelta(hours=13))
+    late = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(hours=13))
     after = _windows(root)
     assert late["new_labels"] == 200
     assert late["latest"]["window"] == "v1_2024-05-20" and late["latest"]["values"]["recall"] is None
@@ -183,7 +184,7 @@ def test_version_change_mid_week_splits_the_window(project):
         log.record([{"request_id": f"b-{i}", "time": (MONDAY + pd.Timedelta(days=3)).to_pydatetime(), "model_version": 2,
                      "channel": "online", "score": 0.4, "decision": 0, "features": {"x0": float(features["x0"][i])}} for i in range(50)])
         log.flush()
-    result = monitor_project(root, now=datetime(2024, 6, 1, tzinfo=timezone.utc))
+    result = monitor_project(open_project(root / "settings.ini"), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
     assert sorted(_windows(root).index) == ["v1_2024-05-06", "v2_2024-05-06"]
     # version 1 is the champion: its window is the latest; it says another version served in the same week
     assert result["latest"]["window"] == "v1_2024-05-06"

@@ -87,8 +87,9 @@ def test_server_with_a_shadow(champion_project):
         assert httpx.post(server.url + "/feedback", json={"request_id": request_ids[0], "label": 1}).status_code == 202
         wait_for(lambda: pd.notna(label := pairs_of(project).set_index("request_id").loc[request_ids[0], "label"]) and label == 1, what="the label")
         # the champion's monitoring figures leave the shadow out
+        from lifecycle.core import open_project
         from lifecycle.monitoring import monitor_project
-        monitor_project(project)
+        monitor_project(open_project(project / "settings.ini"))
         windows = pd.read_parquet(project / "monitoring" / "windows.parquet")
         assert champion in set(windows["model_version"]) and challenger not in set(windows["model_version"])
 

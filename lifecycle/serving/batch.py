@@ -629,11 +629,11 @@ def dask_read_error(
 # %% ../../nbs/36_batch.ipynb #856f6c74
 def _batch_command(args) -> int:
     "The handler of `lifecycle batch`."
-    from lifecycle.core import load_settings
-    settings = load_settings(args.settings)
-    summary = score_file(settings.root, Path(args.input), Path(args.output), rejects=args.rejects, alias=args.model,
+    from lifecycle.core import open_project
+    project = open_project(args.settings, log=args.log or None)
+    summary = score_file(project.root, Path(args.input), Path(args.output), rejects=args.rejects, alias=args.model,
                          engine=args.engine, scheduler=args.scheduler, chunk_rows=args.chunk_rows,
-                         log_url=args.log, log=not args.no_log, progress=not args.json and not args.quiet)
+                         log_url=project.log_url, log=not args.no_log, progress=not args.json and not args.quiet)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -659,7 +659,7 @@ def add_batch_command(
     batch.add_argument("--model", default="champion", help="the alias or version number to score with")
     batch.add_argument("--chunk-rows", type=int, default=100_000, help="rows read and scored at a time")
     batch.add_argument("--no-log", action="store_true", help="do not record the predictions in the prediction log")
-    batch.add_argument("--log", default="", help="the prediction log URL (default: the project's SQLite file)")
+    batch.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
     batch.add_argument("--quiet", action="store_true", help="no progress lines")
     batch.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     batch.set_defaults(handler=_batch_command)

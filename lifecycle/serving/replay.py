@@ -332,10 +332,10 @@ def describe(
     return " ".join(lines)
 
 def _replay_command(args) -> int:
-    from lifecycle.core import load_settings
-    settings = load_settings(args.settings)
-    summary = replay_input(args.input, settings, days=args.days, label_delay=args.label_delay, label_share=args.label_share,
-                           url=args.url or "", log=args.log, seed=args.seed)
+    from lifecycle.core import open_project
+    project = open_project(args.settings, log=args.log or None)
+    summary = replay_input(args.input, project.settings, days=args.days, label_delay=args.label_delay, label_share=args.label_share,
+                           url=args.url or "", log=project.log_url, seed=args.seed)
     print(json.dumps(summary, indent=2) if args.json else describe(summary))
     return 0
 
@@ -358,7 +358,7 @@ def add_replay_command(
     replay.add_argument("--label-share", type=float, default=0.8, help="the share of records whose label ever arrives (default 0.8)")
     replay.add_argument("--url", default=None, help="a running lifecycle serve (default: in-process through the same app)")
     replay.add_argument("--seed", type=int, default=0, help="random seed for arrivals and for which labels arrive (default 0)")
-    replay.add_argument("--log", default="", metavar="URL", help="in-process: the prediction log (default: the project's predictions.sqlite)")
+    replay.add_argument("--log", default="", metavar="URL", help="in-process: the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
     replay.add_argument("--settings", default="settings.ini", help="the project's settings file")
     replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     replay.set_defaults(handler=_replay_command)

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -35,21 +36,27 @@ from .scoring import LoadRetry, Scorer, Shadow, keep_heap_settled, record_json_s
 
 # %% auto #0
 __all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_CHANNELS', 'REQUEST_ID', 'PROMETHEUS_TEXT',
-           'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated',
+           'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'Serving', 'ModelHolder', 'ServeMetrics', 'Batcher', 'score_isolated',
            'event_time_text', 'record_event_times', 'logged_features', 'count_refused', 'SafeJSONResponse', 'check_ids',
            'create_app', 'new_request_id', 'openapi_components', 'openapi_responses', 'serve']
 
 # %% ../../nbs/35_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serving.serve")
 
+@dataclass(frozen=True)
+class Serving:
+    "What a holder serves, as one value: a reader sees the model, its last load error and the swap count of one moment."
+    scorer: Scorer | None = None  # the model serving, None before the first load
+    error: str | None = None  # the last failure to load, one line
+    swaps: int = 0  # hot swaps since start
+
+
 class ModelHolder:
     "The model version serving now, and the watcher that swaps in a new champion."
 
     def __init__(self, root: Path, alias: str = "champion", interval: float = 0.5):
         self.root, self.alias, self.interval = Path(root), alias, interval
-        self.scorer: Scorer | None = None
-        self.error: str | None = None  # the last failure to load, one line
-        self.swaps = 0
+        self.state = Serving()  # replaced whole by the watcher, never changed in place
         self._seen = None
         self._retry = LoadRetry()  # a version that failed to load is tried again, less and less often
         self._stop = threading.Event()
@@ -63,6 +70,21 @@ class ModelHolder:
         except FileNotFoundError:
             return None
 
+    @property
+    def scorer(self) -> Scorer | None:
+        return self.state.scorer
+
+    @property
+    def error(self) -> str | None:
+        return self.state.error
+
+    @property
+    def swaps(self) -> int:
+        return self.state.swaps
+
+    def _set_error(self, error: str | None):
+        self.state = replace(self.state, error=error)
+
     def check(self) -> bool:
         "Load the alias's version if it is not the one serving; True when a new one was swapped in."
         stamp = self._aliases_stamp()
@@ -73,12 +95,12 @@ class ModelHolder:
         try:
             version = Registry(self.root).resolve(self.alias)
         except LifecycleError as error:
-            self.error = str(error)
+            self._set_error(str(error))
             return False
         if self.scorer is not None and self.scorer.version == version:
             if self._retry.version is not None:  # the alias moved back to the version serving: the failure is no longer wanted
                 self._retry.clear()
-                self.error = None
+                self._set_error(None)
             return False
         if not self._retry.due(version):
             return False
@@ -86,16 +108,16 @@ class ModelHolder:
             scorer = Scorer.from_registry(self.root, version)
         except Exception as error:  # a tampered or untrusted file, or a passing fault: keep serving the old model, try again later
             looks = self._retry.failed(version)
-            self.error = (f"version {version} failed to load ({type(error).__name__}); "
-                          + (f"still serving version {self.scorer.version}" if self.scorer else "no model serving")
-                          + f"; tried {self._retry.failures} time(s), again in {looks * self.interval:g} s")
+            self._set_error(f"version {version} failed to load ({type(error).__name__}); "
+                            + (f"still serving version {self.scorer.version}" if self.scorer else "no model serving")
+                            + f"; tried {self._retry.failures} time(s), again in {looks * self.interval:g} s")
             log.error(self.error)
             return False
         self._retry.clear()
         previous = self.scorer.version if self.scorer else None
-        self.scorer, self.error = scorer, None
+        # one assignment: a reader never sees the new model with the old swap count or error
+        self.state = Serving(scorer=scorer, error=None, swaps=self.state.swaps + (previous is not None))
         settle_heap()  # on this thread, not a request's: the new model frozen out of later collections, the old one collected
-        self.swaps += previous is not None
         log.info("serving model version %s%s", version, f" (was {previous})" if previous else "")
         return True
 
@@ -104,7 +126,7 @@ class ModelHolder:
             try:
                 self.check()
             except Exception as error:  # the watcher must outlive any surprise
-                self.error = f"watching the registry failed ({type(error).__name__})"
+                self._set_error(f"watching the registry failed ({type(error).__name__})")
 
     def start(self):
         "Load the model, then watch for a new champion, on a background thread."
@@ -112,7 +134,7 @@ class ModelHolder:
             try:
                 self.check()
             except Exception as error:
-                self.error = f"loading the model failed ({type(error).__name__})"
+                self._set_error(f"loading the model failed ({type(error).__name__})")
             self._watch()
         self._thread = threading.Thread(target=run, name="model-watcher", daemon=True)
         self._thread.start()
@@ -543,13 +565,14 @@ def create_app(
     async def model(request: Request):
         if not authorized(request):
             return unauthorized()
-        scorer = holder.scorer
+        serving = holder.state  # one moment's model, error and swap count
+        scorer = serving.scorer
         if scorer is None:
-            return _problem(503, "no model is loaded yet" + (f": {holder.error}" if holder.error else ""), "not_ready", ["server"])
+            return _problem(503, "no model is loaded yet" + (f": {serving.error}" if serving.error else ""), "not_ready", ["server"])
         spec = scorer.spec
         return {"version": spec.version, "sha256": spec.sha256, "alias": alias, "threshold": spec.threshold,
                 "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None, "fast_path_reason": scorer.fast_reason,
-                "swaps": holder.swaps, "load_error": holder.error,
+                "swaps": serving.swaps, "load_error": serving.error,
                 "shadow": state["shadow"].status() if state.get("shadow") is not None else None}
 
     @app.get("/metrics", summary="Prometheus metrics")

@@ -650,10 +650,10 @@ def format_summary(summary: dict) -> str:
 def _stream_command(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small batches: one OpenMP thread is faster than a pool
     keep_heap_settled()  # a long-lived consumer: each model it loads is frozen out of later garbage collections
-    from lifecycle.core import load_settings
-    root = load_settings(args.settings).root
-    summary = run_stream(root, args.source, args.sink, alias=args.model, follow=args.follow, batch_size=args.batch_size,
-                         max_wait_ms=args.max_wait_ms, claim_idle_ms=args.claim_idle_ms, log_url=args.log,
+    from lifecycle.core import open_project
+    project = open_project(args.settings, log=args.log or None)
+    summary = run_stream(project.root, args.source, args.sink, alias=args.model, follow=args.follow, batch_size=args.batch_size,
+                         max_wait_ms=args.max_wait_ms, claim_idle_ms=args.claim_idle_ms, log_url=project.log_url,
                          log_predictions=not args.no_log, until_idle=args.until_idle)
     out = sys.stderr if args.sink.strip() == "-" else sys.stdout
     print(json.dumps(summary) if args.json else format_summary(summary), file=out, flush=True)
@@ -679,7 +679,7 @@ def add_stream_command(
     stream.add_argument("--claim-idle-ms", type=int, default=60_000, metavar="N",
                         help="Redis: claim entries another consumer left pending this long (default 60000)")
     stream.add_argument("--until-idle", action="store_true", help="stop when nothing arrives within --max-wait-ms and nothing is pending")
-    stream.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's)")
+    stream.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
     stream.add_argument("--no-log", action="store_true", help="do not record the predictions")
     stream.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     stream.set_defaults(handler=_stream_command)

@@ -33,12 +33,12 @@ def log_location(
     url: str,  # "", "sqlite", "sqlite:///abs/path.sqlite", a file path (relative to root) or "postgresql://…"
     root: Path,  # the project folder
 ) -> tuple[str, Path | str]:  # ("sqlite", the file) or ("postgresql", the URL)
-    "Where the prediction log lives."
+    "Where the prediction log lives: a SQLite file as a real path, so every spelling of it (a symlink, a relative path) is one log."
     url = (url or "").strip()
     if url in ("", "sqlite"):
-        return "sqlite", Path(root) / DEFAULT_FILE
+        return "sqlite", (Path(root) / DEFAULT_FILE).resolve()
     if "://" not in url:
-        return "sqlite", Path(root) / Path(url).expanduser()
+        return "sqlite", (Path(root) / Path(url).expanduser()).resolve()
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
     if scheme.split("+")[0] in ("postgresql", "postgres"):
@@ -47,7 +47,7 @@ def log_location(
         path = rest[1:] if rest.startswith("//") else rest
         if not path:
             raise LifecycleError(f"prediction log URL {url!r} names no file: use sqlite:///absolute/path.sqlite or a path relative to the project")
-        return "sqlite", Path(root) / Path(path).expanduser()
+        return "sqlite", (Path(root) / Path(path).expanduser()).resolve()
     raise LifecycleError(f"prediction log URL scheme {scheme}:// is not supported: use a file path, sqlite:///path or postgresql://…")
 
 def redact_url(url: str) -> str:
@@ -176,7 +176,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (request_id) DO NOTHING"""
 _SQLITE_INSERT_LABELS = """
 INSERT INTO labels (request_id, label, time, logged) VALUES (?, ?, ?, ?)
-ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged"""
+ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged
+WHERE labels.logged IS NULL OR excluded.logged >= labels.logged"""  # the latest written wins: a journal replayed late undoes no later label
 _SQLITE_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -358,7 +359,8 @@ VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
 ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_LABELS = """
 INSERT INTO labels (request_id, label, time, logged) VALUES (%s, %s, %s::timestamptz, %s::timestamptz)
-ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged"""
+ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged
+WHERE labels.logged IS NULL OR EXCLUDED.logged >= labels.logged"""
 _POSTGRES_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data)
 VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s)

@@ -227,8 +227,9 @@ def journal_folder(
     root: Path,  # the project folder
     store,  # the log's store
 ) -> Path:  # where the journals of this log live
-    "One folder a log (a database), in the project's private folder."
-    return Path(root) / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
+    """One folder a log (a database), in the project's private folder: keyed by the log's resolved location (`log_location`),
+    so a server started through a symlink and a monitor started by the real path journal into, and replay, one folder."""
+    return Path(root).resolve() / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
 
 def replay_journals(
     store,  # the log's store
@@ -249,14 +250,16 @@ def replay_journals(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a live process writes it
                 continue
-            rows, refused = [], []
+            rows, labels, refused = [], [], []
             with open(fd, "rb", closefd=False) as handle:
                 for line in handle:
                     try:
                         entry = json.loads(line)
                     except ValueError:  # a line cut short by the crash: its request was never answered
                         continue
-                    if isinstance(entry, dict):  # refused records counted (`record_rejections`)
+                    if isinstance(entry, dict) and "label" in entry:  # a label accepted by /feedback (`record_label`)
+                        labels.append(tuple(entry["label"]))
+                    elif isinstance(entry, dict):  # refused records counted (`record_rejections`)
                         refused.append(entry)
                     else:
                         rows.append(tuple(entry))
@@ -264,6 +267,8 @@ def replay_journals(
             try:
                 for start in range(0, len(rows), chunk):
                     store.write(connection, rows[start:start + chunk], [])
+                for start in range(0, len(labels), chunk):  # after the predictions they belong to
+                    store.write(connection, [], labels[start:start + chunk])
                 if refused:
                     store.write(connection, [], [], (), latest_totals(journal_rejections(refused), utc_text()))
             finally:
@@ -577,10 +582,21 @@ class PredictionLog(PredictionReader):
         label: int,  # the true label
         time=None,  # when it became known (ISO-8601 text or datetime); None for now
     ) -> None:
-        "Queue a true label, which arrives after its prediction."
+        "Queue a true label, which arrives after its prediction; with a journal (a server), journaled first: an accepted label survives kill -9."
         if self.run is not None:
             raise LifecycleError("a batch run's log records predictions only: record labels through a log opened without run")
-        self._enqueue([("l", label_row(request_id, label, time) + (utc_text(),))])  # and when it was written
+        row = label_row(request_id, label, time) + (utc_text(),)  # and when it was written: a replay never undoes a later label
+        if self._journal is None:
+            self._enqueue([("l", row)])
+            return
+        with self._lock:  # journal and queue in one order, as for predictions
+            if self._closing:
+                raise LifecycleError(f"the prediction log {self.store} is closed; open it again with open_log")
+            try:
+                self._journal.append([{"label": list(row)}])
+            except OSError as error:
+                raise JournalError(f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}") from None
+            self._tend_journals(self._enqueue([("l", row)]))
 
     def record_rejections(self,
         rejected: list[tuple],  # (reason code, field or "", records, event time or None for now): see `contract.rejection_reasons`
