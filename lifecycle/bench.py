@@ -1150,10 +1150,11 @@ def _time(call) -> tuple:
 def _shadow_throughput(project: Path, shadow_version: int, seconds: int, rounds: int) -> dict:
     "Requests/s of one server at concurrency 8, with and without a shadow, interleaved; medians; the shadow's own counts."
     import httpx
-    from lifecycle.registry import Registry, clear_alias, set_alias
+    from lifecycle.promotion import move_alias, take_off
+    from lifecycle.registry import Registry
     registry = Registry(project)
     body = json.dumps(_test_record(project))
-    clear_alias(registry, "shadow", "bench retrain: the champion alone")
+    take_off(registry, "shadow", "bench", "bench retrain: the champion alone")
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "serve", "--settings", str(project / "settings.ini"),
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -1170,9 +1171,9 @@ def _shadow_throughput(project: Path, shadow_version: int, seconds: int, rounds:
         for _ in range(rounds):
             for kind in ("without", "with"):
                 if kind == "with":
-                    set_alias(registry, "shadow", shadow_version, "bench retrain: shadow scoring under load")
+                    move_alias(registry, "shadow", shadow_version, "bench", "bench retrain: shadow scoring under load", force=True)
                 else:
-                    clear_alias(registry, "shadow", "bench retrain: the champion alone")
+                    take_off(registry, "shadow", "bench", "bench retrain: the champion alone")
                 shadow_is(shadow_version if kind == "with" else None)
                 runs[kind].append(_wrk(url + "/predict", body, 8, seconds))
             deadline = time.time() + 120
@@ -1208,7 +1209,8 @@ def bench_retrain(
     from lifecycle.loop import retrain_project
     from lifecycle.monitoring import monitor_project, whole_windows_end
     from lifecycle.serving.predlog import open_log
-    from lifecycle.registry import Registry, set_alias
+    from lifecycle.promotion import move_alias
+    from lifecycle.registry import Registry
     from lifecycle.serving.replay import replay_input, replay_sources
     from lifecycle.retrain import promote_shadow, shadow_evidence
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
@@ -1234,7 +1236,8 @@ def bench_retrain(
         if retrained["status"] != "in shadow":  # the comparison kept the champion: the shadow runs by hand, for the figures that follow
             if challenger is None:
                 raise LifecycleError(f"bench retrain: the retrain trained no challenger ({retrained['status']}: {retrained.get('headline', '')})")
-            set_alias(registry, "shadow", challenger, "bench retrain: shadow by hand (the comparison did not put it there)")
+            move_alias(registry, "shadow", challenger, "bench", "bench retrain: shadow by hand (the comparison did not put it there)",
+                       force=True)  # the bench times the shadow path, whatever the challenger's gate said
         challenger = registry.aliases()["shadow"]
         rows = [replay_input(project / path, settings, days=1, label_delay=0.5, label_share=0.8, seed=1) for path in sources.values()]
         notes["shadow_traffic"] = {"records": sum(row["records"] for row in rows), "scored": sum(row["scored"] for row in rows)}

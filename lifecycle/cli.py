@@ -52,26 +52,38 @@ def _clinic(args) -> int:
     from lifecycle.clinic import run_clinic
     return run_clinic(args.settings, host=args.host, port=args.port, url=args.url)
 
+def _by_hand(args, alias: str) -> dict:
+    "A person's move, for retrain/decisions.jsonl."
+    from datetime import datetime, timezone
+    return {"kind": "by hand", "action": args.action, "alias": alias, "forced": bool(args.force), "reasons": [args.reason or "by hand"],
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
 def _models(args) -> int:
     from lifecycle.core import open_project
-    from lifecycle.registry import Registry, clear_alias, describe, rollback, set_alias
+    from lifecycle.promotion import listing as registry_listing, move_alias, move_back, take_off
+    from lifecycle.registry import Registry
     registry = Registry(open_project(args.settings).root)
+    if args.force and args.action not in ("promote", "shadow"):
+        raise LifecycleError("--force goes with models promote or models shadow, e.g. lifecycle models promote 3 --force --reason '…'")
+    if args.force and not (args.reason or "").strip():
+        raise LifecycleError("models --force needs --reason '…': why a version without a passed gate should serve, for the record")
+    reason = args.reason or "by hand"
     if args.action == "promote":
         if args.version is None:
             raise LifecycleError("models promote needs a VERSION, e.g. lifecycle models promote 3 --reason '…'")
-        event = set_alias(registry, args.alias, registry.resolve(args.version), args.reason)
+        event = move_alias(registry, args.alias, registry.resolve(args.version), "person", reason, force=args.force, decision=_by_hand(args, args.alias))
     elif args.action == "rollback":
-        event = rollback(registry, args.reason, args.alias)
+        event = move_back(registry, "person", reason, args.alias, decision=_by_hand(args, args.alias))
     elif args.action == "shadow" and args.clear:
-        event = clear_alias(registry, "shadow", args.reason)
+        event = take_off(registry, "shadow", "person", reason, decision=_by_hand(args, "shadow"))
     elif args.action == "shadow":
         if args.version is None:
             raise LifecycleError("models shadow needs a VERSION (or --clear), e.g. lifecycle models shadow 4 --reason 'challenger of retrain 20260301'")
-        event = set_alias(registry, "shadow", registry.resolve(args.version), args.reason)
+        event = move_alias(registry, "shadow", registry.resolve(args.version), "person", reason, force=args.force, decision=_by_hand(args, "shadow"))
     else:
         event = None
-    listing = describe(registry)
-    if event and event["alias"] == "shadow" and event["version"] is not None and not (registry.meta(event["version"]).get("gate") or {}).get("passed"):
+    listing = registry_listing(registry)
+    if event and event["alias"] == "shadow" and event.get("forced"):
         print(f"warning: version {event['version']} has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, "
               "never promote it", file=sys.stderr)
     if args.json:
@@ -79,11 +91,12 @@ def _models(args) -> int:
         return 0
     if event:
         print(f"{event['alias']} → " + (f"version {event['version']}" if event["version"] is not None else "none") + f" (was {event['previous']}): {event['reason']}")
-    print(f"{'version':>7}  {'created':<25} {'model':<24} {'ROC AUC':>8}  {'gate':<7} {'sha256':<16}  aliases")
+    print(f"{'version':>7}  {'created':<25} {'model':<24} {'ROC AUC':>8}  {'gate':<7} {'promote':<8} {'sha256':<16}  aliases")
     for row in listing["versions"]:
         gate = {True: "passed", False: "refused", None: "—"}[row["gate"]]
-        print(f"{row['version']:>7}  {row['created']:<25} {row['model']:<24} {row['roc_auc']:>8.3f}  {gate:<7} {row['sha256'][:16]}  {', '.join(row['aliases'])}"
-              + ("" if row["file_ok"] else "  ! FILE FAILS ITS SHA-256"))
+        promote = "yes" if row["ungated"] is None else "--force"  # ungated: never a candidate because its ROC AUC is high
+        print(f"{row['version']:>7}  {row['created']:<25} {str(row['model']):<24} {row['roc_auc']:>8.3f}  {gate:<7} {promote:<8} {row['sha256'][:16]}  "
+              f"{', '.join(row['aliases'])}" + ("" if row["file_ok"] else "  ! FILE FAILS ITS SHA-256"))
     for row in listing["versions"]:
         if not row["file_ok"]:
             print(f"warning: version {row['version']}: model.skops does not match its SHA-256 (changed or missing); it cannot be loaded or promoted",
@@ -137,7 +150,7 @@ def _monitor(args) -> int:
     import threading
     from lifecycle.alerts import parse_kpis
     from lifecycle.core import open_project
-    from lifecycle.monitoring import monitor_project
+    from lifecycle.rollback import monitor_and_roll_back
     if args.watch is not None and not args.watch > 0:
         raise LifecycleError("monitor --watch takes a positive number of seconds, e.g. --watch 60")
     project = open_project(args.settings)
@@ -153,7 +166,7 @@ def _monitor(args) -> int:
     previous = signal.signal(signal.SIGINT, interrupted) if args.watch and threading.current_thread() is threading.main_thread() else None
     try:
         while True:
-            summary = monitor_project(project, engine=args.engine, scheduler=args.scheduler or None)
+            summary = monitor_and_roll_back(project, engine=args.engine, scheduler=args.scheduler or None)
             code = summary["exit_code"]
             if args.json:
                 print(json.dumps(summary, default=str, indent=None if args.watch else 2), flush=True)
@@ -208,8 +221,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
     run.set_defaults(handler=_run)
     models = commands.add_parser("models", help="the model registry: versions, aliases, promote, rollback",
-                                 description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back.",
+                                 description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back. "
+                                             "A version without a passed gate (or left by a retrain that did not finish) takes champion or shadow "
+                                             "only with --force and a --reason, both on the record; the list marks it (promote: --force).",
                                  epilog=_examples("lifecycle models", "lifecycle models promote 3 --reason 'better recall on VA'",
+                                                  "lifecycle models promote 5 --force --reason 'gate data was wrong: see ticket 12'",
                                                   "lifecycle models promote challenger --alias champion --reason 'passed shadow'",
                                                   "lifecycle models rollback --reason 'alert: recall dropped'",
                                                   "lifecycle models shadow 4 --reason 'challenger: score beside the champion'",
@@ -219,7 +235,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("version", nargs="?", help="the version to promote (a number, or an alias such as challenger)")
     models.add_argument("--alias", default="champion", choices=["champion", "challenger", "shadow"], help="the alias to move (default: champion)")
     models.add_argument("--clear", action="store_true", help="with shadow: take the version in shadow off")
-    models.add_argument("--reason", default="by hand", help="why, for the record")
+    models.add_argument("--reason", default=None, help="why, for the record (default: by hand; required with --force)")
+    models.add_argument("--force", action="store_true", help="with promote or shadow: a version without a passed gate, on the record with --reason")
     models.add_argument("--settings", default="settings.ini", help="the project's settings file")
     models.add_argument("--json", action="store_true", help="print the registry as one JSON object")
     models.set_defaults(handler=_models)

@@ -110,12 +110,12 @@ def check_access(
 
 # %% ../nbs/44_dashserver.ipynb #afc1fe0d
 class MonitorLoop(threading.Thread):
-    "One incremental monitor: `monitor_project` every `interval` seconds, its outcome in monitoring/monitor_status.json."
+    "One incremental monitor: `monitor_and_roll_back` (monitoring, then the rollback rules) every `interval` seconds, its outcome in monitoring/monitor_status.json."
 
     def __init__(self,
         project: Project,  # the project monitored
         interval: float,  # seconds between runs
-        monitor=None,  # the monitoring function (default `monitor_project`; injected in tests)
+        monitor=None,  # the monitoring function (default `monitor_and_roll_back`; injected in tests)
     ):
         super().__init__(name="lifecycle-monitor", daemon=True)
         self.project, self.root, self.interval = project, project.root, float(interval)
@@ -125,8 +125,8 @@ class MonitorLoop(threading.Thread):
 
     def once(self) -> dict:  # the status written
         "Monitor once and record how it went."
-        from lifecycle.monitoring import monitor_project
-        monitor = self._monitor or monitor_project
+        from lifecycle.rollback import monitor_and_roll_back
+        monitor = self._monitor or monitor_and_roll_back
         started = datetime.now(timezone.utc)
         try:
             summary = monitor(self.project)

@@ -138,12 +138,13 @@ def promote_after_smoke(
     promote: bool = True,  # make the version the champion (False: leave the aliases alone)
 ) -> tuple[int | None, int | None]:  # (the champion before, the champion now)
     "Make a version that passed its smoke test the champion; refuse one that failed, leaving the champion unchanged."
-    from lifecycle.registry import set_alias
+    from lifecycle.promotion import move_alias
     if problems:
         raise LifecycleError(f"the smoke test of model version {version} failed: {'; '.join(problems)}; the champion is unchanged")
     previous = registry.aliases().get("champion")
     if promote and previous != version:
-        set_alias(registry, "champion", version, f"deployed in {run}: smoke test of {smoke['records']} records passed, p99 {smoke['p99_ms']:.1f} ms")
+        move_alias(registry, "champion", version, "deploy", f"deployed in {run}: smoke test of {smoke['records']} records passed, p99 {smoke['p99_ms']:.1f} ms",
+                   expected=previous)  # the champion it was deployed over, not one another run promoted meanwhile
     return previous, registry.aliases().get("champion")
 
 # %% ../nbs/05_deploy.ipynb #696cf8eb

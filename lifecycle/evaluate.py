@@ -19,14 +19,15 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from .core import LifecycleError, read_json
 from .metrics import (classification_metrics, cut_groups, equalized_odds_gap, fairness_gaps, group_metrics, group_words, judged_groups,
                                model_card, read_row_hashes, reference_grouping, row_hashes, threshold_for_recall)
-from .registry import Registry, load_model, save_card, set_alias, update_meta
+from .promotion import move_alias
+from .registry import Registry, load_model, save_card, update_meta
 
 # %% auto #0
 __all__ = ['FAIRNESS_DEFINITIONS', 'sensitive_groups', 'bootstrap', 'fairness_audit', 'pooled_scores', 'fairness_across_seeds',
            'unseen_rows', 'compare_with_champion', 'measure_speed', 'gate', 'near_miss', 'checklist', 'EvaluateOptions',
-           'model_features', 'evaluate_model', 'load_version', 'load_champion', 'evaluation_record', 'record_decision',
-           'decision_markdown', 'stage_summary', 'fairness_sentences', 'recall_interval', 'fairness_figure',
-           'evaluate_headline']
+           'model_features', 'evaluate_model', 'load_version', 'load_champion', 'evaluation_record',
+           'record_evaluation', 'decision_markdown', 'stage_summary', 'fairness_sentences', 'recall_interval',
+           'fairness_figure', 'evaluate_headline']
 
 # %% ../nbs/04_evaluate.ipynb #4602937b
 def sensitive_groups(
@@ -406,7 +407,7 @@ def evaluation_record(
             "versus_champion", "by_source", "speed", "gate")
     return {**{key: result[key] for key in keep}, "fairness": fairness, "champion_version": champion_version, "run_id": run_id}
 
-def record_decision(
+def record_evaluation(
     registry: Registry,  # the project's registry
     version: int,  # the evaluated version
     result: dict,  # from `evaluate_model`
@@ -427,9 +428,9 @@ def record_decision(
     html = save_card(registry, version, card, {named[key][0]: figures[key] for key in named})
     if result["gate"]["passed"]:
         reason = f"passed the gate in run {run_id}: ROC AUC {result['metrics']['roc_auc']:.3f}"
-        set_alias(registry, "challenger", version, reason)
-        if registry.aliases().get("champion") is None:
-            set_alias(registry, "champion", version, reason + "; no champion yet")
+        move_alias(registry, "challenger", version, "gate", reason)
+        if registry.aliases().get("champion") is None:  # compare-and-set: a champion set meanwhile by another run is not replaced
+            move_alias(registry, "champion", version, "gate", reason + "; no champion yet", expected=None)
     return html
 
 # %% ../nbs/04_evaluate.ipynb #997a8f23

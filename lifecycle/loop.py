@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .core import LifecycleError, Project, load_settings, open_project, write_json
 from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters, write_index
+from .promotion import record_decision
 from .rollback import check_rollback, rollback_rules
-from .retrain import (CHALLENGER_STAGES, headline, labeled_predictions, promote_shadow, record_decision, retrain_lock, run_policy,
+from .retrain import (CHALLENGER_STAGES, abandon_unfinished, headline, labeled_predictions, promote_shadow, retrain_lock, run_policy,
                                write_retraining_data)
 
 # %% auto #0
@@ -49,6 +50,8 @@ def _challenge(project: Project, stage, extra: dict, overrides: list[str], polic
 def _challenge_locked(settings, stage, extra: dict, overrides: list[str], policy: dict, now: datetime, quiet: bool, labeled, retrain_id: str) -> dict:
     "The retrain itself, under the project's retrain lock."
     root = settings.root
+    for abandoned in abandon_unfinished(root, now):  # a retrain killed before this one: its versions never promoted, its rows removed
+        _say(abandoned["reasons"][0], quiet)
     if not len(labeled):
         record_decision(root, {"kind": "data", "retrain_id": retrain_id, "time": now.isoformat(timespec="seconds"),
                                "reasons": ["the prediction log holds no labeled predictions: nothing new to learn from"]})

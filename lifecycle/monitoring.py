@@ -845,12 +845,6 @@ def _int_setting(section: dict, key: str) -> int:
         raise LifecycleError(f"[monitor] {key} must be a whole number")
     return int(text)
 
-def _rollback(project: Project, now, post) -> dict | None:
-    "The rollback rules of [retrain], evaluated after the alerts (None when none is set)."
-    from lifecycle.rollback import check_rollback, rollback_rules
-    rules = rollback_rules(project.section("retrain"))
-    return check_rollback(project, rules, now=now, post=post) if rules["active"] else None
-
 def monitor_project(
     project: Project,  # the project (its folder, settings and prediction log), resolved once by the caller
     now: datetime | None = None,  # the time for alerts (injected in tests; default now)
@@ -860,7 +854,7 @@ def monitor_project(
     engine: str = "local",  # where the windows are computed: local (this process) or dask
     scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
     serving_url: str | None = None,  # a running `lifecycle serve` (http://host:port): its /metrics add latency and refused requests
-) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), rollback (or None), exit_code (3 when a critical alert fires or the champion is rolled back), statements
+) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), exit_code (3 when a critical alert fires), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
     from lifecycle.serving.predlog import open_log
@@ -923,8 +917,4 @@ def monitor_project(
         statements += alerts.pop("statements")
         if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):
             summary["exit_code"] = 3
-    summary["rollback"] = _rollback(project, now, post)
-    if summary["rollback"] and summary["rollback"]["rolled_back"]:
-        statements.append(summary["rollback"]["event"]["reason"])
-        summary["exit_code"] = 3
     return _plain(summary)

@@ -31,7 +31,7 @@ from skops.io._utils import read_schema  # noqa: E402
 # %% auto #0
 __all__ = ['TRUSTED_TYPES', 'BUILTIN_TYPES', 'ALIASES', 'CHANGE_FILE', 'canonical_skops', 'model_bytes', 'model_types',
            'load_model_bytes', 'Registry', 'register', 'update_meta', 'load_model', 'events', 'set_alias',
-           'finish_change', 'rollback', 'clear_alias', 'describe', 'markdown_table', 'markdown_to_html', 'save_card']
+           'finish_change', 'clear_alias', 'describe', 'markdown_table', 'markdown_to_html', 'save_card']
 
 # %% ../nbs/20_registry.ipynb #0dea7b9d
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -254,7 +254,8 @@ def set_alias(
     alias: str,  # champion or challenger
     version: int,  # the version it names from now on
     reason: str,  # why, for the record
-    expected: int | None = None,  # when given, move the alias only if it still names this version (compare and set)
+    expected: int | None | str = "any",  # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
+    record: dict | None = None,  # more for the event: who asked (the actor), a forced promotion
 ) -> dict:  # the event recorded
     "Point an alias at a version, atomically and on the record."
     if alias not in ALIASES:
@@ -265,12 +266,12 @@ def set_alias(
         finish_change(registry)
         path = registry.path / "aliases.json"
         aliases = read_json(path) if path.exists() else {}
-        if expected is not None and aliases.get(alias) != expected:
+        if expected != "any" and aliases.get(alias) != expected:
             raise LifecycleError(f"'{alias}' moved to version {aliases.get(alias)} while version {expected} was being judged; "
                                  f"{alias} stays version {aliases.get(alias)}: judge against it again")
         event = {"alias": alias, "version": version, "previous": aliases.get(alias), "reason": reason,
                  "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "metrics": (meta.get("evaluation") or {}).get("metrics") or meta.get("metrics", {})}  # test metrics once evaluated
+                 "metrics": (meta.get("evaluation") or {}).get("metrics") or meta.get("metrics", {}), **(record or {})}  # test metrics once evaluated
         write_json(registry.path / CHANGE_FILE, {"aliases": {**aliases, alias: version}, "event": json.dumps(event, default=str)})
         finish_change(registry)
     return event
@@ -290,22 +291,13 @@ def finish_change(
     write_json(registry.path / "aliases.json", change["aliases"])
     change_path.unlink()
 
-def rollback(
-    registry: Registry,  # the registry
-    reason: str = "rollback",  # why, for the record
-    alias: str = "champion",  # the alias to move back
-) -> dict:  # the event recorded
-    "Move an alias back to the version it named before its last change."
-    history = [event for event in events(registry) if event["alias"] == alias]
-    if not history or history[-1]["previous"] is None:
-        raise LifecycleError(f"'{alias}' has no earlier version to roll back to")
-    return set_alias(registry, alias, history[-1]["previous"], reason)
 
 # %% ../nbs/20_registry.ipynb #5863b722
 def clear_alias(
     registry: Registry,  # the registry
     alias: str,  # champion, challenger or shadow
     reason: str,  # why, for the record
+    record: dict | None = None,  # more for the event: who asked (the actor)
 ) -> dict | None:  # the event recorded; None when the alias named no version
     "Take an alias off, atomically and on the record."
     if alias not in ALIASES:
@@ -317,7 +309,7 @@ def clear_alias(
         if aliases.get(alias) is None:
             return None
         event = {"alias": alias, "version": None, "previous": aliases[alias], "reason": reason,
-                 "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                 "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(record or {})}
         kept = {name: version for name, version in aliases.items() if name != alias}
         write_json(registry.path / CHANGE_FILE, {"aliases": kept, "event": json.dumps(event, default=str)})
         finish_change(registry)

@@ -21,11 +21,12 @@ from .core import LifecycleError, Project, Settings, load_settings, read_json, w
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'SHADOW_HEADINGS', 'CHANGES',
-           'firing_alerts', 'champion_since', 'decide', 'decisions', 'retrain_lock', 'labeled_predictions',
-           'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
-           'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
-           'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'shadow_table', 'promote_if_won',
-           'choose_change', 'derived_reference', 'register_change', 'conclude', 'headline']
+           'PRODUCTION_COPIES', 'firing_alerts', 'champion_since', 'decide', 'decisions', 'retrain_lock',
+           'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows',
+           'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'score_rows',
+           'fit_recalibration', 'judge', 'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow',
+           'shadow_table', 'promote_if_won', 'choose_change', 'derived_reference', 'register_change', 'conclude',
+           'retrain_versions', 'abandon_unfinished', 'headline']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -121,7 +122,7 @@ def decide(
     return {"time": now.isoformat(timespec="seconds"), "retrain": retrain, "reasons": reasons, "checked": checked, "champion": champion}
 
 # %% ../nbs/07_retrain.ipynb #ccd7a03d
-from .rollback import record_decision  # one writer of decisions.jsonl, shared with the rollback rules
+from .promotion import record_decision  # the one writer of decisions.jsonl (the promotion authority's)
 
 def decisions(
     root: Path,  # the project folder
@@ -496,7 +497,8 @@ def promote_shadow(
 
     A version its gate refused (one put in shadow by hand) is taken off at once: promotion needs the gate passed."""
     from lifecycle.compare import compare_models
-    from lifecycle.registry import Registry, clear_alias, set_alias
+    from lifecycle.promotion import move_alias, take_off, ungated
+    from lifecycle.registry import Registry
     registry = Registry(root)
     now = now or datetime.now(timezone.utc)
     evidence = dict(evidence) if evidence is not None else shadow_evidence(root, log)
@@ -506,12 +508,13 @@ def promote_shadow(
     ready, why = shadow_ready(evidence, policy.get("shadow_min", ""))
     record = {"kind": "shadow", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"], "shadow": evidence["version"],
               "evidence": {key: value for key, value in evidence.items() if key != "summary"}, "summary": evidence["summary"]}
-    gate = registry.meta(evidence["version"]).get("gate") or {}
-    if not gate.get("passed"):  # put in shadow by hand: no live record makes a version the gate refused a champion
-        said = "; ".join(gate.get("reasons") or []) or ("it has no gate decision (never evaluated)" if not gate else "no reason recorded")
-        reason = f"version {evidence['version']} cannot be promoted: its gate refused it ({said})"
-        clear_alias(registry, "shadow", reason)
-        record_decision(root, {**record, "promoted": False, "reasons": [reason]})
+    meta = registry.meta(evidence["version"])
+    if ungated(meta):  # put in shadow by force: no live record makes a version the gate refused (or an unfinished retrain left) a champion
+        gate = meta.get("gate") or {}
+        said = ungated(meta) if meta.get("unfinished") else "its gate refused it (" + ("; ".join(gate.get("reasons") or []) or (
+            "it has no gate decision (never evaluated)" if not gate else "no reason recorded")) + ")"
+        reason = f"version {evidence['version']} cannot be promoted: {said}"
+        take_off(registry, "shadow", "retrain", reason, decision={**record, "promoted": False, "reasons": [reason]})
         return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
     if not ready:
         record_decision(root, {**record, "promoted": False, "reasons": [why]})
@@ -527,15 +530,18 @@ def promote_shadow(
         evidence["comparison"] = {key: comparison[key] for key in ("rows", "verdict", "headline", "gains", "losses")}
     if comparison is not None and comparison["verdict"] == "worse":
         reason = f"in shadow, version {evidence['version']} did worse than the champion on live records: {comparison['losses'][0]}"
-        clear_alias(registry, "shadow", reason)
-        record_decision(root, {**record, "promoted": False, "reasons": [reason]})
+        take_off(registry, "shadow", "retrain", reason, decision={**record, "promoted": False, "reasons": [reason]})
         return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
     live = comparison["headline"] if comparison is not None else f"{evidence['labeled']} of its live records are labeled: too few to compare"
     summary = evidence["summary"]
     reason = (f"{why}; agreement with the champion {summary['agreement']:.0%}, mean score shift {summary['score_shift']:+.3f}; {live}")
-    event = set_alias(registry, "champion", evidence["version"], f"promoted from shadow: {reason}")
-    clear_alias(registry, "shadow", f"promoted to champion: version {evidence['version']}")
-    record_decision(root, {**record, "promoted": True, "reasons": [reason]})
+    try:  # only over the champion it ran beside
+        event = move_alias(registry, "champion", evidence["version"], "retrain", f"promoted from shadow: {reason}", expected=evidence["champion"],
+                           decision={**record, "promoted": True, "reasons": [reason]})
+    except LifecycleError as error:
+        record_decision(root, {**record, "promoted": False, "reasons": [str(error)]})
+        return {"status": "in shadow", "reasons": [str(error)], "evidence": evidence}
+    take_off(registry, "shadow", "retrain", f"promoted to champion: version {evidence['version']}")
     return {"status": "promoted", "reasons": [reason], "evidence": evidence, "event": event}
 
 # %% ../nbs/07_retrain.ipynb #2f8fb6ae
@@ -558,9 +564,11 @@ def promote_if_won(
     promote: bool,  # promotion allowed by settings
     evidence: str,  # where the evidence is, for the record
     shadow_min="",  # `[retrain] shadow_min`: when set, a winner goes into shadow first (see `promote_shadow`)
+    actor: str = "retrain",  # who promotes, for the record (the simulation settles its own shadow runs)
 ) -> dict:  # promoted, reasons; shadow (True when the challenger went into shadow instead)
     "Promote the challenger when its gate passed and the comparison allows it (or put it in shadow first); say why either way."
-    from lifecycle.registry import Registry, set_alias
+    from lifecycle.promotion import move_alias
+    from lifecycle.registry import Registry
     comparison = judged.get("comparison")
     reasons = []
     if not (gate or {}).get("passed"):
@@ -575,11 +583,11 @@ def promote_if_won(
         return {"promoted": False, "reasons": reasons}
     ready, why = shadow_ready({"version": judged["challenger"], "pairs": 0, "days": 0.0}, shadow_min)  # a new version: no shadow run yet
     if not ready:
-        event = set_alias(Registry(root), "shadow", judged["challenger"], f"{comparison['headline']} In shadow before promotion. Evidence: {evidence}")
+        event = move_alias(Registry(root), "shadow", judged["challenger"], actor, f"{comparison['headline']} In shadow before promotion. Evidence: {evidence}")
         return {"promoted": False, "shadow": True, "event": event,
                 "reasons": [f"{why}; it scores every live record beside the champion in shadow now"]}
     try:  # only if the champion is still the one it was judged against: two retrains never both promote
-        event = set_alias(Registry(root), "champion", judged["challenger"], f"{comparison['headline']} Evidence: {evidence}", expected=judged["champion"])
+        event = move_alias(Registry(root), "champion", judged["challenger"], actor, f"{comparison['headline']} Evidence: {evidence}", expected=judged["champion"])
     except LifecycleError as error:
         return {"promoted": False, "reasons": [str(error)]}
     return {"promoted": True, "reasons": [comparison["headline"]], "event": event, "change": "challenger", "version": judged["challenger"]}
@@ -686,6 +694,56 @@ def conclude(
                            "champion": judged["champion"], "challenger": judged["challenger"], "promoted": outcome["promoted"], "shadow": bool(outcome.get("shadow")),
                            "change": outcome.get("change"), "version": outcome.get("version"), "reasons": outcome["reasons"], "evidence": evidence})
     return outcome
+
+# %% ../nbs/07_retrain.ipynb #68278d87
+PRODUCTION_COPIES = ("production.parquet", "recent.parquet", "holdout.parquet")  # a retrain's copies of labeled production rows
+
+def retrain_versions(
+    registry,  # the project's Registry
+    retrain_id: str,  # a retrain's id
+) -> list[int]:  # the versions it registered: its challenger (trained on its settings) and a cheaper change it derived
+    "The versions a retrain registered."
+    found = []
+    for version in registry.versions():
+        meta = registry.meta(version)
+        trained_for = ((meta.get("settings") or {}).get("retrain") or {}).get("challenger_of")
+        if retrain_id in (trained_for, (meta.get("derived_from") or {}).get("retrain_id")):
+            found.append(version)
+    return found
+
+def abandon_unfinished(
+    root: Path,  # the project folder (the caller holds the retrain lock)
+    now: datetime,  # the time, for the record
+) -> list[dict]:  # the `abandoned` decisions recorded, one per retrain settled
+    "Settle the retrains that did not finish: mark their versions unpromotable, take a shadow off them, remove their production rows."
+    from lifecycle.promotion import take_off
+    from lifecycle.registry import Registry, update_meta
+    root, registry = Path(root), Registry(root)
+    settled = {entry.get("retrain_id") for entry in decisions(root) if entry.get("kind") in ("promotion", "abandoned")}
+    recorded = []
+    for manifest in sorted((root / "retrain").glob("*/data.json")):
+        folder = manifest.parent
+        if folder.name in settled:
+            continue
+        versions, aliases = retrain_versions(registry, folder.name), registry.aliases()
+        decision = {"kind": "abandoned", "retrain_id": folder.name, "time": now.isoformat(timespec="seconds"), "versions": [], "removed": []}
+        if aliases.get("champion") in versions:
+            decision["reasons"] = [f"retrain {folder.name} did not record its decision, but its version {aliases['champion']} is the champion: its files are kept"]
+        else:
+            for version in versions:
+                update_meta(registry, version, unfinished={"retrain_id": folder.name, "found": decision["time"]})
+                if aliases.get("shadow") == version:
+                    take_off(registry, "shadow", "retrain", f"retrain {folder.name} registered version {version} and did not finish")
+            for name in PRODUCTION_COPIES:
+                if (folder / name).exists():
+                    (folder / name).unlink()
+                    decision["removed"].append(f"retrain/{folder.name}/{name}")
+            decision["versions"] = versions
+            decision["reasons"] = [f"retrain {folder.name} did not finish: {len(versions)} version(s) it registered are marked unfinished "
+                                   "(never promoted), its copies of production rows removed"]
+        record_decision(root, decision)
+        recorded.append(decision)
+    return recorded
 
 # %% ../nbs/07_retrain.ipynb #48e16f37
 def headline(

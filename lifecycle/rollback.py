@@ -5,7 +5,6 @@
 # %% ../nbs/25_rollback.ipynb #50c4d891
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from datetime import datetime, timezone
@@ -18,7 +17,7 @@ from .core import LifecycleError, Project, read_json
 
 # %% auto #0
 __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback_rules', 'last_promotion', 'judge_rollback',
-           'rollback_evidence', 'record_decision', 'check_rollback']
+           'rollback_evidence', 'check_rollback', 'monitor_and_roll_back']
 
 # %% ../nbs/25_rollback.ipynb #b7873e95
 ROLLBACK_METRICS = ("roc_auc", "recall", "precision", "accuracy")  # higher is better for each
@@ -166,21 +165,6 @@ def rollback_evidence(
     return evidence
 
 # %% ../nbs/25_rollback.ipynb #7630a23b
-def record_decision(
-    root: Path,  # the project folder
-    decision: dict,  # a decision of the retrain policy, a promotion or a rollback (plus anything worth keeping)
-) -> Path:  # the decisions file
-    "Append a decision to the project's `retrain/decisions.jsonl`, under a lock (the retrain stage records its own through this too)."
-    path = Path(root) / "retrain" / "decisions.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.write(json.dumps(decision, default=str) + "\n")
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    return path
-
 def check_rollback(
     project: Project,  # the project: its folder, settings and prediction log
     rules: dict | None = None,  # `rollback_rules` (default: from the project's [retrain] section)
@@ -189,7 +173,8 @@ def check_rollback(
     post=None,  # how the alert is posted (injected in tests; default `post_webhook`)
 ) -> dict:  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, when rolled back)
     "Evaluate the rollback rules for the current champion and roll it back when one holds."
-    from lifecycle.registry import Registry, events, set_alias
+    from lifecycle.promotion import move_back
+    from lifecycle.registry import Registry, events
     root = project.root
     rules = rules if rules is not None else rollback_rules(project.section("retrain"))
     quiet = {"rollback": False, "rolled_back": False, "reasons": [], "checked": []}
@@ -212,11 +197,13 @@ def check_rollback(
         return decision
     now = now or datetime.now(timezone.utc)
     reason = f"{ROLLBACK_PREFIX} of version {evidence['champion']} to {evidence['previous']}: " + "; ".join(decision["reasons"])
-    decision["event"] = set_alias(registry, "champion", evidence["previous"], reason)
+    record = {"kind": "rollback", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"], "back_to": evidence["previous"],
+              "promoted_at": evidence["promoted_at"], "reasons": decision["reasons"], "labeled": evidence["labeled"], "figures": evidence["figures"]}
+    try:  # only if the champion is still the one judged: a promotion in between is judged by the next look
+        decision["event"] = move_back(registry, "rollback", reason, expected=evidence["champion"], decision=record)
+    except LifecycleError as error:
+        return {**decision, "rollback": False, "checked": decision["checked"] + [str(error)]}
     decision["rolled_back"] = True
-    record_decision(root, {"kind": "rollback", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"],
-                   "back_to": evidence["previous"], "promoted_at": evidence["promoted_at"], "reasons": decision["reasons"],
-                   "labeled": evidence["labeled"], "figures": evidence["figures"]})
     from lifecycle.alerts import post_webhook, send_notice
     from lifecycle.monitoring import WEBHOOK_ENV
     webhook = (project.section("monitor").get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
@@ -226,3 +213,24 @@ def check_rollback(
                          annotations={"reason": reason, "rolled_back_from": str(evidence["champion"])}, webhook=webhook, post=post or post_webhook)
     decision["alert"] = notice["delivery"]
     return decision
+
+# %% ../nbs/25_rollback.ipynb #c84351de
+def monitor_and_roll_back(
+    project: Project,  # the project (its folder, settings and prediction log), resolved once by the caller
+    now: datetime | None = None,  # the time for alerts and the rollback (injected in tests; default now)
+    log=None,  # an open prediction log (default: the project's, opened and closed by each step)
+    post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
+    **monitoring,  # the rest of `monitor_project`'s arguments (settings, engine, scheduler, serving_url)
+) -> dict:  # `monitor_project`'s summary, with rollback (the rules' verdict; None when no rule is set or nothing is logged yet)
+    "Monitor the project, then judge the last promotion by the rollback rules."
+    from lifecycle.monitoring import monitor_project
+    summary = monitor_project(project, now=now, log=log, post=post, **monitoring)
+    summary["rollback"] = None
+    rules = rollback_rules(project.section("retrain"))
+    if not summary["windows"] or not rules["active"]:
+        return summary
+    summary["rollback"] = json.loads(json.dumps(check_rollback(project, rules, now=now, log=log, post=post), default=str))
+    if summary["rollback"]["rolled_back"]:
+        summary["statements"].append(summary["rollback"]["event"]["reason"])
+        summary["exit_code"] = 3
+    return summary

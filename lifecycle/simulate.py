@@ -139,8 +139,9 @@ def inject_bad_model(
     root: Path,  # the sandbox
     seed: int = 0,  # unused: the bad model is the same for the same champion (kept for the command line's --seed)
 ) -> dict:  # the registry event of its promotion
-    "Register a deliberately worse model and promote it."
-    from lifecycle.registry import Registry, register, set_alias
+    "Register a deliberately worse model and promote it (by force: it never passed a gate, which the event records)."
+    from lifecycle.promotion import move_alias
+    from lifecycle.registry import Registry, register
     from lifecycle.train import build_pipeline, reference_statistics
     registry = Registry(root)
     champion = registry.aliases()["champion"]
@@ -163,7 +164,7 @@ def inject_bad_model(
     made = "simulate --inject bad-model: the champion's recipe fitted with the labels swapped (a mix-up of positive and negative)"
     version = register(registry, model, {**kept, "injected": made, "metrics": {}, "gate": {"passed": False, "reasons": [f"never gated: {made}"]}},
                        files={"reference.json": json.dumps(reference)})
-    return set_alias(registry, "champion", version, f"Injected by {made}")
+    return move_alias(registry, "champion", version, "simulate", f"Injected by {made}", expected=champion, force=True)
 
 # %% ../nbs/13_simulate.ipynb #9088b56e
 SHADOW_PREFIX = "shadow:"  # a shadow prediction's request id: this, then the champion's (as the serving side logs it)
@@ -305,7 +306,8 @@ def _change(day: int, kind: str, version, reason: str) -> dict:
 def _retrain(sandbox: Path, day: int, quiet: bool) -> tuple[dict, list[dict], dict | None]:
     "Run the retrain policy; when a challenger was judged, put it into shadow. Returns (result, changes, pending promotion)."
     from lifecycle.loop import retrain_project
-    from lifecycle.registry import Registry, set_alias
+    from lifecycle.promotion import move_alias
+    from lifecycle.registry import Registry
     result = retrain_project(sandbox / "settings.ini", overrides=["retrain.promote=false"], quiet=quiet)
     changes = []
     if result.get("rollback", {}).get("rolled_back"):
@@ -322,20 +324,23 @@ def _retrain(sandbox: Path, day: int, quiet: bool) -> tuple[dict, list[dict], di
         changes.append(_change(day, "refused", judged["challenger"], "no comparison on held-out patients: " + "; ".join(judged.get("statements", []))))
         return result, changes, None
     verdict = judged["comparison"]["headline"]
-    set_alias(Registry(sandbox), "shadow", judged["challenger"], f"simulate: challenger of retrain {result['retrain_id']} scores beside the champion. {verdict}")
+    # every challenger scores in shadow, its gate passed or not (forced, on the record): its promotion is decided after the shadow run
+    move_alias(Registry(sandbox), "shadow", judged["challenger"], "simulate",
+               f"simulate: challenger of retrain {result['retrain_id']} scores beside the champion. {verdict}", force=True)
     changes.append(_change(day, "shadow", judged["challenger"], f"retrain {result['retrain_id']}: {'; '.join(result['decision']['reasons'])}. {verdict}"))
     return result, changes, {"judged": judged, "gate": gate, "retrain_id": result["retrain_id"]}
 
 def _settle_shadow(sandbox: Path, day: int, pending: dict, shadow_rows: int) -> dict:
     "End a shadow run: promote the challenger when its gate and the comparison allow it, else refuse; the alias is cleared."
-    from lifecycle.registry import Registry, clear_alias
-    from lifecycle.retrain import promote_if_won, record_decision
+    from lifecycle.promotion import take_off
+    from lifecycle.registry import Registry
+    from lifecycle.retrain import promote_if_won
     evidence = f"retrain/{pending['retrain_id']}/comparison.json; {shadow_rows} shadow predictions logged"
-    promotion = promote_if_won(sandbox, pending["judged"], pending["gate"], True, evidence)
-    clear_alias(Registry(sandbox), "shadow", f"simulate: shadow run of version {pending['judged']['challenger']} over")
-    record_decision(sandbox, {"kind": "promotion", "retrain_id": pending["retrain_id"], "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              "champion": pending["judged"]["champion"], "challenger": pending["judged"]["challenger"], "after_shadow": shadow_rows,
-                              "promoted": promotion["promoted"], "reasons": promotion["reasons"], "evidence": evidence})
+    promotion = promote_if_won(sandbox, pending["judged"], pending["gate"], True, evidence, actor="simulate")
+    decision = {"kind": "promotion", "retrain_id": pending["retrain_id"], "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "champion": pending["judged"]["champion"], "challenger": pending["judged"]["challenger"], "after_shadow": shadow_rows,
+                "promoted": promotion["promoted"], "reasons": promotion["reasons"], "evidence": evidence}
+    take_off(Registry(sandbox), "shadow", "simulate", f"simulate: shadow run of version {pending['judged']['challenger']} over", decision=decision)
     kind = "promoted" if promotion["promoted"] else "refused"
     return _change(day, kind, pending["judged"]["challenger"], "; ".join(promotion["reasons"]) + f" (after {shadow_rows} shadow predictions)")
 
@@ -355,7 +360,7 @@ def simulate_project(
     quiet: bool = False,  # no progress lines on stderr
 ) -> dict:  # sandbox, report, run_id, days (one dict a day), changes, headline, seconds
     "Simulate days of production on a sandbox of the project: traffic, labels, monitoring, retrain, shadow, promotion, rollback."
-    from lifecycle.monitoring import monitor_project
+    from lifecycle.rollback import monitor_and_roll_back
     from lifecycle.pipeline import discover_stages, parse_overrides, run_lifecycle, write_index
     from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry
@@ -410,7 +415,7 @@ def simulate_project(
             request_ids[index] = request_id
             if request_id and pd.notna(diagnosed[index]):
                 waiting.append(index)
-        monitored = monitor_project(box_project)
+        monitored = monitor_and_roll_back(box_project)  # monitoring, then the rollback rules judge the injected champion
         values = (monitored.get("latest") or {}).get("values") or {}
         rolled = monitored.get("rollback") or {}
         if rolled.get("rolled_back"):

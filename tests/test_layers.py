@@ -17,7 +17,7 @@ LAYERS = {
     "core": 0,  # settings, hashing, atomic writes, the run context
     # shared services, used by the stages and by serving alike
     "sources": 1, "contract": 1, "metrics": 1, "compare": 1, "registry": 1, "tracking": 1,
-    "drift": 1, "alerts": 1, "monitoring": 1, "rollback": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
+    "drift": 1, "alerts": 1, "monitoring": 1, "rollback": 1, "promotion": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
     # the stages, the dashboard and its server
     "collect": 2, "prepare": 2, "train": 2, "evaluate": 2, "deploy": 2, "monitor": 2, "retrain": 2,
     "dashboard": 2, "dashserver": 2, "clinic": 2,

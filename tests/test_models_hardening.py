@@ -66,9 +66,13 @@ def test_promote_refuses_a_file_that_fails_its_hash_and_the_list_flags_it(projec
     assert {v["version"]: v["file_ok"] for v in json.loads(out)["versions"]} == {1: True, 2: False}
 
 
-def test_shadow_by_hand_of_a_version_without_a_passed_gate_is_warned(project, capsys):
+def test_shadow_by_hand_of_a_version_without_a_passed_gate_needs_force_and_is_warned(project, capsys):
     from lifecycle.registry import update_meta
     code, out, err = _models(project, capsys, "shadow", "2", "--reason", "to watch it")
+    assert code == 1 and "shadow" not in Registry(project).aliases()
+    assert err.strip() == ("lifecycle: version 2 cannot become shadow: it has no gate decision (never evaluated); "
+                           "to promote it anyway: lifecycle models shadow 2 --force --reason '…'")
+    code, out, err = _models(project, capsys, "shadow", "2", "--force", "--reason", "to watch it")
     assert code == 0 and Registry(project).aliases()["shadow"] == 2
     assert err.strip() == "warning: version 2 has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, never promote it"
     update_meta(Registry(project), 2, gate={"passed": True, "reasons": []})
