@@ -24,8 +24,11 @@ __all__ = ['COMPARISONS', 'SEVERITIES', 'tokenize', 'parse_expression', 'evaluat
            'alert_fingerprint', 'update_alerts', 'alertmanager_payload', 'post_webhook', 'raise_alerts', 'send_notice']
 
 # %% ../nbs/41_alerts.ipynb #f9feda6c
-_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_.]*)|(<=|>=|==|!=|[-+*/()<>]))")
+_TOKEN = re.compile(
+    r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|([A-Za-z_][A-Za-z0-9_.]*)|(<=|>=|==|!=|[-+*/()<>]))"
+)
 COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
+
 
 def tokenize(
     text: str,  # an expression
@@ -39,7 +42,9 @@ def tokenize(
         match = _TOKEN.match(text, at)
         if not match:
             position = len(text) - len(text[at:].lstrip()) + 1
-            raise LifecycleError(f"{setting}: unexpected character at position {position}; use numbers, names, + - * / ( ) and comparisons")
+            raise LifecycleError(
+                f"{setting}: unexpected character at position {position}; use numbers, names, + - * / ( ) and comparisons"
+            )
         number, name, operator = match.groups()
         tokens.append(("number", number) if number else ("name", name) if name else ("operator", operator))
         at = match.end()
@@ -109,6 +114,7 @@ class _Parser:
             return node
         self.fail("a number, a name or '('")
 
+
 def parse_expression(
     text: str,  # e.g. "500 * fn + 50 * fp" or "drift_share > 0.3"
     setting: str,  # where it came from, for errors
@@ -145,8 +151,15 @@ def evaluate(
         return left * right
     if kind == "/":
         return None if right == 0 else left / right
-    return {"<": left < right, "<=": left <= right, ">": left > right, ">=": left >= right,
-            "==": left == right, "!=": left != right}[kind]
+    return {
+        "<": left < right,
+        "<=": left <= right,
+        ">": left > right,
+        ">=": left >= right,
+        "==": left == right,
+        "!=": left != right,
+    }[kind]
+
 
 def names(node: tuple) -> set[str]:
     "The names an expression reads."
@@ -158,12 +171,14 @@ def names(node: tuple) -> set[str]:
 SEVERITIES = ("info", "warning", "critical")
 _DEFINITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(?:\(\s*([A-Za-z]+)\s*\))?\s*:(.*)$")
 
+
 @dataclass(frozen=True)
 class Rule:
     name: str  # the alert's name
     expression: str  # its text, as in settings
     tree: tuple  # parsed
     severity: str  # info, warning or critical
+
 
 def _definitions(text: str, setting: str):
     seen = set()
@@ -172,12 +187,15 @@ def _definitions(text: str, setting: str):
             continue
         match = _DEFINITION.match(line)
         if not match:
-            raise LifecycleError(f"{setting}, line {number}: write 'name: expression' (rules: 'name (severity): expression')")
+            raise LifecycleError(
+                f"{setting}, line {number}: write 'name: expression' (rules: 'name (severity): expression')"
+            )
         name, severity, expression = match.groups()
         if name in seen:
             raise LifecycleError(f"{setting}: {name} is defined twice")
         seen.add(name)
         yield name, severity, expression.strip()
+
 
 def parse_kpis(
     text: str,  # the `kpis` setting: one 'name: expression' a line
@@ -190,9 +208,12 @@ def parse_kpis(
             raise LifecycleError(f"{setting}: {name} has a severity; only alert rules have one")
         tree = parse_expression(expression, f"{setting}: {name}")
         if tree[0] in COMPARISONS:
-            raise LifecycleError(f"{setting}: {name} is a comparison; a KPI is a figure (put comparisons in [monitor] alerts)")
+            raise LifecycleError(
+                f"{setting}: {name} is a comparison; a KPI is a figure (put comparisons in [monitor] alerts)"
+            )
         kpis[name] = (expression, tree)
     return kpis
+
 
 def parse_rules(
     text: str,  # the `alerts` setting: one 'name (severity): comparison' a line
@@ -217,11 +238,14 @@ def alert_fingerprint(
     "A stable fingerprint of an alert: the same labels, the same fingerprint, in every process."
     return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
 
+
 def _iso(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
+
 def _format(value) -> str:
     return "unknown" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
 
 def update_alerts(
     state: dict,  # the stored state: fingerprint -> alert (from a previous call; {} the first time)
@@ -245,20 +269,40 @@ def update_alerts(
         if holds is None:
             continue
         if holds:
-            alert = {"labels": alert_labels, "status": "firing", "fingerprint": fingerprint,
-                     "annotations": {"summary": f"{rule.name}: {rule.expression} holds ({_format(figure)})", "expression": rule.expression,
-                                     "value": _format(figure), **(annotations or {})},
-                     "startsAt": previous["startsAt"] if firing else _iso(now), "endsAt": "0001-01-01T00:00:00Z",
-                     "sentAt": previous.get("sentAt") if firing else None}
-            due = not firing or now - datetime.fromisoformat(previous["sentAt"].replace("Z", "+00:00")) >= repeat_interval
+            alert = {
+                "labels": alert_labels,
+                "status": "firing",
+                "fingerprint": fingerprint,
+                "annotations": {
+                    "summary": f"{rule.name}: {rule.expression} holds ({_format(figure)})",
+                    "expression": rule.expression,
+                    "value": _format(figure),
+                    **(annotations or {}),
+                },
+                "startsAt": previous["startsAt"] if firing else _iso(now),
+                "endsAt": "0001-01-01T00:00:00Z",
+                "sentAt": previous.get("sentAt") if firing else None,
+            }
+            due = (
+                not firing or now - datetime.fromisoformat(previous["sentAt"].replace("Z", "+00:00")) >= repeat_interval
+            )
             if due:
                 alert["sentAt"] = _iso(now)
                 events.append({key: value for key, value in alert.items() if key != "sentAt"})
             state[fingerprint] = alert
         elif firing:
-            alert = {**previous, "status": "resolved", "endsAt": _iso(now), "sentAt": _iso(now),
-                     "annotations": {**previous["annotations"], "summary": f"{rule.name}: {rule.expression} no longer holds ({_format(figure)})",
-                                     "value": _format(figure), **(annotations or {})}}
+            alert = {
+                **previous,
+                "status": "resolved",
+                "endsAt": _iso(now),
+                "sentAt": _iso(now),
+                "annotations": {
+                    **previous["annotations"],
+                    "summary": f"{rule.name}: {rule.expression} no longer holds ({_format(figure)})",
+                    "value": _format(figure),
+                    **(annotations or {}),
+                },
+            }
             events.append({key: value for key, value in alert.items() if key != "sentAt"})
             state[fingerprint] = alert
     return state, events
@@ -277,14 +321,33 @@ def alertmanager_payload(
         common_labels = {key: value for key, value in common_labels.items() if alert["labels"].get(key) == value}
     common_annotations = dict(alerts[0]["annotations"]) if alerts else {}
     for alert in alerts[1:]:
-        common_annotations = {key: value for key, value in common_annotations.items() if alert["annotations"].get(key) == value}
-    return {"version": "4", "groupKey": "{}:" + json.dumps(group_labels, sort_keys=True), "truncatedAlerts": 0,
-            "status": "firing" if any(alert["status"] == "firing" for alert in alerts) else "resolved",
-            "receiver": receiver, "groupLabels": group_labels, "commonLabels": common_labels,
-            "commonAnnotations": common_annotations, "externalURL": external_url,
-            "alerts": [{"status": alert["status"], "labels": alert["labels"], "annotations": alert["annotations"],
-                        "startsAt": alert["startsAt"], "endsAt": alert["endsAt"], "generatorURL": external_url,
-                        "fingerprint": alert["fingerprint"]} for alert in alerts]}
+        common_annotations = {
+            key: value for key, value in common_annotations.items() if alert["annotations"].get(key) == value
+        }
+    return {
+        "version": "4",
+        "groupKey": "{}:" + json.dumps(group_labels, sort_keys=True),
+        "truncatedAlerts": 0,
+        "status": "firing" if any(alert["status"] == "firing" for alert in alerts) else "resolved",
+        "receiver": receiver,
+        "groupLabels": group_labels,
+        "commonLabels": common_labels,
+        "commonAnnotations": common_annotations,
+        "externalURL": external_url,
+        "alerts": [
+            {
+                "status": alert["status"],
+                "labels": alert["labels"],
+                "annotations": alert["annotations"],
+                "startsAt": alert["startsAt"],
+                "endsAt": alert["endsAt"],
+                "generatorURL": external_url,
+                "fingerprint": alert["fingerprint"],
+            }
+            for alert in alerts
+        ],
+    }
+
 
 def post_webhook(
     url: str,  # the receiver's URL (http or https)
@@ -313,7 +376,9 @@ def post_webhook(
             if 400 <= error.code < 500 and error.code not in (408, 429):
                 break  # the receiver refuses this payload: retrying will not help
         except (OSError, ValueError) as error:
-            reason = type(error).__name__ if not getattr(error, "reason", None) else str(error.reason).split(":")[0][:80]
+            reason = (
+                type(error).__name__ if not getattr(error, "reason", None) else str(error.reason).split(":")[0][:80]
+            )
     return False, f"not delivered after {attempt + 1} attempt{'s' if attempt else ''} ({reason})"
 
 # %% ../nbs/41_alerts.ipynb #94fc15ff
@@ -327,6 +392,7 @@ def _locked(path: Path):
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
+
 def _read_state(path: Path) -> tuple[dict, str | None]:
     if not path.exists():
         return {"alerts": {}, "outbox": []}, None
@@ -336,7 +402,11 @@ def _read_state(path: Path) -> tuple[dict, str | None]:
             raise ValueError
         return state, None
     except (ValueError, OSError, AttributeError):
-        return {"alerts": {}, "outbox": []}, f"{path.name} was unreadable and was started afresh (alerts that were firing will fire again)"
+        return {
+            "alerts": {},
+            "outbox": [],
+        }, f"{path.name} was unreadable and was started afresh (alerts that were firing will fire again)"
+
 
 def raise_alerts(
     folder: Path,  # where the state and alerts.jsonl live (the project's monitoring folder)
@@ -365,13 +435,18 @@ def raise_alerts(
         outbox = (state["outbox"] + events)[-1000:] if webhook else []
         delivery = "no webhook set"
         if webhook and outbox:
-            payload = alertmanager_payload(outbox, group_labels={key: value for key, value in (labels or {}).items() if key == "project"},
-                                           external_url=external_url)
+            payload = alertmanager_payload(
+                outbox,
+                group_labels={key: value for key, value in (labels or {}).items() if key == "project"},
+                external_url=external_url,
+            )
             delivered, delivery = post(webhook, payload)
             if delivered:
                 outbox = []
             else:
-                statements.append(f"the alert webhook was not reachable: {len(outbox)} alerts wait for the next run ({delivery})")
+                statements.append(
+                    f"the alert webhook was not reachable: {len(outbox)} alerts wait for the next run ({delivery})"
+                )
         write_json(path, {"alerts": alerts, "outbox": outbox})
     firing = [alert for alert in alerts.values() if alert["status"] == "firing"]
     return {"sent": events, "firing": firing, "delivery": delivery, "statements": statements}
@@ -394,8 +469,14 @@ def send_notice(
         raise LifecycleError(f"alert {name}: unknown severity; use one of {', '.join(SEVERITIES)}")
     folder = Path(folder)
     alert_labels = {"alertname": name, "severity": severity, **(labels or {})}
-    alert = {"labels": alert_labels, "status": "firing", "fingerprint": alert_fingerprint({**alert_labels, "at": _iso(now)}),
-             "annotations": {"summary": summary, **(annotations or {})}, "startsAt": _iso(now), "endsAt": _iso(now + hold)}
+    alert = {
+        "labels": alert_labels,
+        "status": "firing",
+        "fingerprint": alert_fingerprint({**alert_labels, "at": _iso(now)}),
+        "annotations": {"summary": summary, **(annotations or {})},
+        "startsAt": _iso(now),
+        "endsAt": _iso(now + hold),
+    }
     statements = []
     with _locked(folder / ".alerts.lock"):
         state, problem = _read_state(folder / "alerts_state.json")
@@ -406,11 +487,15 @@ def send_notice(
         outbox = (state["outbox"] + [alert])[-1000:] if webhook else []
         delivery = "no webhook set"
         if webhook:
-            payload = alertmanager_payload(outbox, group_labels={key: value for key, value in (labels or {}).items() if key == "project"})
+            payload = alertmanager_payload(
+                outbox, group_labels={key: value for key, value in (labels or {}).items() if key == "project"}
+            )
             delivered, delivery = post(webhook, payload)
             if delivered:
                 outbox = []
             else:
-                statements.append(f"the alert webhook was not reachable: {len(outbox)} alerts wait for the next run ({delivery})")
+                statements.append(
+                    f"the alert webhook was not reachable: {len(outbox)} alerts wait for the next run ({delivery})"
+                )
         write_json(folder / "alerts_state.json", {"alerts": state["alerts"], "outbox": outbox})
     return {"sent": alert, "delivery": delivery, "statements": statements}

@@ -29,12 +29,32 @@ __all__ = ['HEART_COLUMNS', 'HEART_FILES', 'MONITOR_PLANTED', 'EVIDENTLY_SCRIPT'
            'bench_monitor', 'bench_retrain', 'format_retrain', 'bench_train', 'run_benchmark']
 
 # %% ../nbs/12_bench.ipynb #7cc0dd6e
-HEART_COLUMNS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num"]
+HEART_COLUMNS = [
+    "age",
+    "sex",
+    "cp",
+    "trestbps",
+    "chol",
+    "fbs",
+    "restecg",
+    "thalach",
+    "exang",
+    "oldpeak",
+    "slope",
+    "ca",
+    "thal",
+    "num",
+]
 HEART_FILES = ["cleveland", "hungarian", "switzerland", "va"]
 
+
 def _heart_data(folder: Path) -> pd.DataFrame:
-    frames = [pd.read_csv(folder / f"processed.{name}.data", header=None, names=HEART_COLUMNS, na_values="?") for name in HEART_FILES]
+    frames = [
+        pd.read_csv(folder / f"processed.{name}.data", header=None, names=HEART_COLUMNS, na_values="?")
+        for name in HEART_FILES
+    ]
     return pd.concat(frames, ignore_index=True)
+
 
 def generate_heart_rows(
     folder: Path,  # the folder of the UCI heart disease files
@@ -67,16 +87,20 @@ def _peak_mib() -> float:
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 def _current_mib() -> float:
     "The process's resident memory now."
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+
 def _task(name: str, project: str) -> dict:
     "Run one task in this process and return its figures (called in a fresh interpreter by `measure`)."
     from lifecycle.core import load_settings, use_work_settings
+
     use_work_settings()  # this process stands in for a stage's kernel, which runs with them
     settings = load_settings(Path(project) / "settings.ini")
     path = Path(settings.sources[0].location)
@@ -85,46 +109,78 @@ def _task(name: str, project: str) -> dict:
         started = time.perf_counter()
         frame = pd.read_csv(path, header=None, names=settings.columns, na_values=settings.na_values)
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "peak_mib": _peak_mib(), "baseline_mib": baseline,
-                "frame_mib": frame.memory_usage(deep=True).sum() / 2**20}
+        return {
+            "seconds": seconds,
+            "peak_mib": _peak_mib(),
+            "baseline_mib": baseline,
+            "frame_mib": frame.memory_usage(deep=True).sum() / 2**20,
+        }
     if name == "collect_prepare":
         from lifecycle.collect import collect
         from lifecycle.core import write_parquet_files
         from lifecycle.prepare import assign_splits, prepare
+
         out = Path(project) / "bench-out"
         baseline = _current_mib()
         phases = {}
         started = clock = time.perf_counter()
+
         def lap(name):
             nonlocal clock
             now = time.perf_counter()
             phases[name] = round(now - clock, 3)
             clock = now
-        snapshot, malformed, manifest = collect(settings, out=out)  # as the stage does: writes the snapshot while hashing it
+
+        snapshot, malformed, manifest = collect(
+            settings, out=out
+        )  # as the stage does: writes the snapshot while hashing it
         lap("collect and write snapshot")
-        result = prepare(snapshot, settings, manifest["version"], missing_values={"chol": "0", "trestbps": "0"},
-                         ranges={"age": "1..120"})
+        result = prepare(
+            snapshot,
+            settings,
+            manifest["version"],
+            missing_values={"chol": "0", "trestbps": "0"},
+            ranges={"age": "1..120"},
+        )
         lap("prepare")
         clean = result["clean"].assign(_split=assign_splits(result["clean"]))
         lap("split")
-        write_parquet_files({out / "clean.parquet": clean, out / "quarantine.parquet": result["quarantined"],
-                             out / "duplicates.parquet": result["duplicates"]})
+        write_parquet_files(
+            {
+                out / "clean.parquet": clean,
+                out / "quarantine.parquet": result["quarantined"],
+                out / "duplicates.parquet": result["duplicates"],
+            }
+        )
         lap("write outputs")
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "collect_seconds": phases["collect and write snapshot"], "phases": phases, "peak_mib": _peak_mib(), "baseline_mib": baseline,
-                "snapshot_mib": snapshot.memory_usage(deep=True).sum() / 2**20, "rows_in": len(snapshot),
-                "rows_clean": len(clean), "rows_quarantined": len(result["quarantined"]),
-                "rows_duplicate": len(result["duplicates"])}
+        return {
+            "seconds": seconds,
+            "collect_seconds": phases["collect and write snapshot"],
+            "phases": phases,
+            "peak_mib": _peak_mib(),
+            "baseline_mib": baseline,
+            "snapshot_mib": snapshot.memory_usage(deep=True).sum() / 2**20,
+            "rows_in": len(snapshot),
+            "rows_clean": len(clean),
+            "rows_quarantined": len(result["quarantined"]),
+            "rows_duplicate": len(result["duplicates"]),
+        }
     if name == "profile":
         from lifecycle.prepare import profile_report
-        clean = pd.read_parquet(Path(project) / "bench-out" / "clean.parquet").drop(columns=["_file", "_line", "_split"])
+
+        clean = pd.read_parquet(Path(project) / "bench-out" / "clean.parquet").drop(
+            columns=["_file", "_line", "_split"]
+        )
         started = time.perf_counter()
         profiled = profile_report(clean, Path(project) / "bench-out" / "profile.html", "bench", 100_000)
         return {"seconds": time.perf_counter() - started, "peak_mib": _peak_mib(), **profiled}
     if name == "bare_fit":  # what a user's script does without lifecycle: read, cross-validate, fit
         from sklearn.model_selection import StratifiedKFold, cross_val_score
-        from lifecycle.train import build_pipeline, feature_columns
+
         from lifecycle.core import read_json
+        from lifecycle.train import build_pipeline, feature_columns
+
         run = sorted((Path(project) / "runs").glob("2*"))[-1]
         clean = pd.read_parquet(run / "prepare" / "clean.parquet")
         numeric, categorical = feature_columns(read_json(run / "prepare" / "schema.json"), settings)
@@ -132,10 +188,13 @@ def _task(name: str, project: str) -> dict:
         features, labels = train[numeric + categorical], train["_label"].astype(int)
         pipeline = build_pipeline("hist_gradient_boosting", numeric, categorical, 42)
         started = time.perf_counter()
-        cross_val_score(pipeline, features, labels, scoring="roc_auc", cv=StratifiedKFold(n_splits=5, shuffle=True, random_state=42))
+        cross_val_score(
+            pipeline, features, labels, scoring="roc_auc", cv=StratifiedKFold(n_splits=5, shuffle=True, random_state=42)
+        )
         pipeline.fit(features, labels)
         return {"seconds": time.perf_counter() - started, "rows_train": len(train)}
     raise LifecycleError(f"unknown bench task {name}")
+
 
 def measure(
     task: str,  # read_csv, collect_prepare or profile
@@ -143,9 +202,13 @@ def measure(
 ) -> dict:  # the task's figures
     "Run one task in a fresh interpreter and return its figures."
     code = f"import json; from lifecycle.bench import _task; print(json.dumps(_task({task!r}, {str(project)!r})))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     if done.returncode != 0:
-        raise LifecycleError(f"bench task {task} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        raise LifecycleError(
+            f"bench task {task} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/12_bench.ipynb #120694a4
@@ -156,18 +219,31 @@ def _write_project(folder: Path, rows: int, heart: Path) -> Path:
     (folder / "settings.ini").write_text(
         "[data]\nsources = generated: heart.data\n"
         f"columns = {', '.join(HEART_COLUMNS)}\nna_values = ?\ntarget = num\npositive = 1, 2, 3, 4\nnegative = 0\n"
-        "[prepare]\nmissing_values = chol: 0\n                 trestbps: 0\nranges = age: 1..120\n")
+        "[prepare]\nmissing_values = chol: 0\n                 trestbps: 0\nranges = age: 1..120\n"
+    )
     return folder
+
 
 def _lifecycle(project: Path, *arguments: str) -> dict:
     "Run `lifecycle run --json` on a project as a user runs it; its summary, with the command's wall time."
-    command = [sys.executable, "-c", "import sys; from lifecycle.cli import main; sys.exit(main(sys.argv[1:]))",
-               "run", "--settings", str(project / "settings.ini"), "--json", *arguments]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from lifecycle.cli import main; sys.exit(main(sys.argv[1:]))",
+        "run",
+        "--settings",
+        str(project / "settings.ini"),
+        "--json",
+        *arguments,
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise LifecycleError(f"bench: lifecycle run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.stdout[-300:]}")
+        raise LifecycleError(
+            f"bench: lifecycle run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.stdout[-300:]}"
+        )
     return {**json.loads(done.stdout), "wall_seconds": time.perf_counter() - started}
+
 
 def _heart_folder(heart: Path | None, benchmark: str) -> Path:
     "The UCI files a benchmark generates its data from: the clone's data/heart-disease-uci by default."
@@ -175,6 +251,7 @@ def _heart_folder(heart: Path | None, benchmark: str) -> Path:
     if not heart.is_dir():
         raise LifecycleError(f"bench {benchmark} needs the UCI heart disease files in {heart}; run it from a clone")
     return heart
+
 
 def bench_prepare(
     rows: int = 1_000_000,  # rows of generated data
@@ -204,21 +281,28 @@ def bench_prepare(
         first_run = _lifecycle(project, "--stages", "collect,prepare")["wall_seconds"]
         cached_run = _lifecycle(project, "--stages", "collect,prepare")["wall_seconds"]
     figures = {
-        "rows": rows, "file_mib": round(file_mib, 1),
+        "rows": rows,
+        "file_mib": round(file_mib, 1),
         "runs": len(runs),
-        "read_csv_seconds": round(floor["seconds"], 2), "read_csv_peak_mib": round(floor["peak_mib"] - floor["baseline_mib"], 1),
+        "read_csv_seconds": round(floor["seconds"], 2),
+        "read_csv_peak_mib": round(floor["peak_mib"] - floor["baseline_mib"], 1),
         "read_csv_seconds_all": [round(run["seconds"], 2) for run in floors],
-        "collect_prepare_seconds": round(ours["seconds"], 2), "collect_seconds": round(ours["collect_seconds"], 2),
+        "collect_prepare_seconds": round(ours["seconds"], 2),
+        "collect_seconds": round(ours["collect_seconds"], 2),
         "collect_prepare_seconds_all": [round(run["seconds"], 2) for run in runs],
-        "later_version_seconds": round(later["seconds"], 2), "later_version_seconds_all": [round(run["seconds"], 2) for run in later_runs],
-        "later_version_time_ratio": round(later["seconds"] / floor["seconds"], 2), "later_version_phases": later["phases"],
+        "later_version_seconds": round(later["seconds"], 2),
+        "later_version_seconds_all": [round(run["seconds"], 2) for run in later_runs],
+        "later_version_time_ratio": round(later["seconds"] / floor["seconds"], 2),
+        "later_version_phases": later["phases"],
         "phases": ours["phases"],
         "collect_prepare_peak_mib": round(highest["peak_mib"] - highest["baseline_mib"], 1),
         "snapshot_mib": round(ours["snapshot_mib"], 1),
         "time_ratio": round(ours["seconds"] / floor["seconds"], 2),
         "memory_ratio": round((highest["peak_mib"] - highest["baseline_mib"]) / ours["snapshot_mib"], 2),
-        "profile_seconds": round(profile["seconds"], 2), "profile_rows": profile["rows_profiled"],
-        "first_run_seconds": round(first_run, 2), "cached_run_seconds": round(cached_run, 2),
+        "profile_seconds": round(profile["seconds"], 2),
+        "profile_rows": profile["rows_profiled"],
+        "first_run_seconds": round(first_run, 2),
+        "cached_run_seconds": round(cached_run, 2),
         "accounting": {key: ours[key] for key in ("rows_in", "rows_clean", "rows_quarantined", "rows_duplicate")},
         "targets": {"time_ratio": 3.0, "memory_ratio": 4.0, "profile_seconds": 60.0, "cached_run_seconds": 3.0},
     }
@@ -231,26 +315,49 @@ def format_prepare(figures: dict) -> str:
     "The prepare benchmark as a table: ours, the floor, the ratio and the target."
     spread = lambda seconds: f"  runs: {', '.join(f'{s:.2f}' for s in seconds)} s"
     rows = [
-        (f"read + prepare, first version (median of {figures['runs']})", f"{figures['collect_prepare_seconds']:.2f} s",
-         f"{figures['read_csv_seconds']:.2f} s (read_csv)", f"{figures['time_ratio']:.2f}x", "≤ 3x"),
+        (
+            f"read + prepare, first version (median of {figures['runs']})",
+            f"{figures['collect_prepare_seconds']:.2f} s",
+            f"{figures['read_csv_seconds']:.2f} s (read_csv)",
+            f"{figures['time_ratio']:.2f}x",
+            "≤ 3x",
+        ),
         (spread(figures["collect_prepare_seconds_all"]), "", spread(figures["read_csv_seconds_all"]).strip(), "", ""),
         *[(f"  {phase}", f"{seconds:.2f} s", "", "", "") for phase, seconds in figures["phases"].items()],
-        (f"read + prepare, later version (median of {figures['runs']})", f"{figures['later_version_seconds']:.2f} s",
-         f"{figures['read_csv_seconds']:.2f} s (read_csv)", f"{figures['later_version_time_ratio']:.2f}x", "≤ 3x"),
+        (
+            f"read + prepare, later version (median of {figures['runs']})",
+            f"{figures['later_version_seconds']:.2f} s",
+            f"{figures['read_csv_seconds']:.2f} s (read_csv)",
+            f"{figures['later_version_time_ratio']:.2f}x",
+            "≤ 3x",
+        ),
         (spread(figures["later_version_seconds_all"]), "", "", "", ""),
         *[(f"  {phase}", f"{seconds:.2f} s", "", "", "") for phase, seconds in figures["later_version_phases"].items()],
-        (f"peak memory above start (highest of {figures['runs']})", f"{figures['collect_prepare_peak_mib']:.0f} MiB", f"{figures['snapshot_mib']:.0f} MiB (snapshot)",
-         f"{figures['memory_ratio']:.2f}x", "≤ 4x"),
+        (
+            f"peak memory above start (highest of {figures['runs']})",
+            f"{figures['collect_prepare_peak_mib']:.0f} MiB",
+            f"{figures['snapshot_mib']:.0f} MiB (snapshot)",
+            f"{figures['memory_ratio']:.2f}x",
+            "≤ 4x",
+        ),
         ("  read_csv alone", f"{figures['read_csv_peak_mib']:.0f} MiB", "", "", ""),
-        ("data quality report", f"{figures['profile_seconds']:.1f} s", f"{figures['profile_rows']:,} rows profiled", "", "< 60 s"),
+        (
+            "data quality report",
+            f"{figures['profile_seconds']:.1f} s",
+            f"{figures['profile_rows']:,} rows profiled",
+            "",
+            "< 60 s",
+        ),
         ("lifecycle run collect,prepare, first", f"{figures['first_run_seconds']:.1f} s", "", "", ""),
         ("lifecycle run collect,prepare, cached", f"{figures['cached_run_seconds']:.2f} s", "", "", "< 3 s"),
     ]
     width = [max(len(str(row[i])) for row in rows) for i in range(5)]
     header = ("figure", "ours", "floor", "ratio", "target")
     width = [max(w, len(h)) for w, h in zip(width, header)]
-    lines = [f"bench prepare: {figures['rows']:,} rows, {figures['file_mib']:.0f} MiB of text; "
-             f"accounting {figures['accounting']}"]
+    lines = [
+        f"bench prepare: {figures['rows']:,} rows, {figures['file_mib']:.0f} MiB of text; "
+        f"accounting {figures['accounting']}"
+    ]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, width)))
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(row, width)) for row in rows]
     return "\n".join(lines)
@@ -261,9 +368,21 @@ def train_champion(project: Path) -> Path:
 
     The gate's latency limit is lifted: a benchmark measures speed itself, and on a busy machine the gate's
     single-record latency check would refuse the model the benchmark needs."""
-    _lifecycle(project, "--stages", "collect,prepare,train,evaluate", "-p", "prepare.profile=false",
-               "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled", "-p", "evaluate.max_latency_ms=10000")
+    _lifecycle(
+        project,
+        "--stages",
+        "collect,prepare,train,evaluate",
+        "-p",
+        "prepare.profile=false",
+        "-p",
+        "train.tracking=disabled",
+        "-p",
+        "evaluate.tracking=disabled",
+        "-p",
+        "evaluate.max_latency_ms=10000",
+    )
     return project
+
 
 def _champion_project(folder: Path, heart: Path) -> Path:
     "The default project (the clone's settings and data) trained up to a champion, in a temporary folder."
@@ -274,23 +393,32 @@ def _champion_project(folder: Path, heart: Path) -> Path:
     (project / "settings.ini").write_text(settings)
     return train_champion(project)
 
+
 def _test_record(project: Path) -> dict:
     "The first test row of the project's last run as a request's JSON record: the champion's features, missing as null."
     from lifecycle.registry import Registry
+
     registry = Registry(project)
     features = registry.meta(registry.resolve("champion"))["features"]
     clean = pd.read_parquet(sorted((project / "runs").glob("2*"))[-1] / "prepare" / "clean.parquet")
     row = clean[clean["_split"] == "test"].iloc[0]
-    return {name: (None if pd.isna(row[name]) else float(row[name])) for name in features["numeric"] + features["categorical"]}
+    return {
+        name: (None if pd.isna(row[name]) else float(row[name]))
+        for name in features["numeric"] + features["categorical"]
+    }
+
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
 def _wait_ready(url: str, process, seconds: float = 120):
     import httpx
+
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process.poll() is not None:
@@ -303,32 +431,58 @@ def _wait_ready(url: str, process, seconds: float = 120):
         time.sleep(0.2)
     raise LifecycleError(f"bench serve: {url} was not ready in {seconds:g} s")
 
+
 def parse_wrk(text: str) -> dict:
     "Requests/s, latency percentiles (ms), requests and errors from `wrk --latency` output."
     import re
-    figures = {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
-               "requests": int(re.search(r"(\d+) requests in", text).group(1))}
+
+    figures = {
+        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", text).group(1)),
+    }
     for percent in ("50", "99"):
         found = re.search(rf"^\s+{percent}(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
         value, unit = (float(found.group(1)), found.group(2)) if found else (None, None)
-        figures[f"p{percent}_ms"] = None if value is None else value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+        figures[f"p{percent}_ms"] = (
+            None if value is None else value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+        )
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     figures["non_2xx"] = int(bad.group(1)) if bad else 0
     figures["socket_errors"] = sum(int(g) for g in errors.groups()) if errors else 0
     return figures
 
+
 def _wrk(url: str, body: str, connections: int, seconds: int) -> dict:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {json.dumps(body)}\n')
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {json.dumps(body)}\n'
+    )
     try:
-        done = subprocess.run(["wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections), "-d", f"{seconds}s",
-                               "--latency", "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+        done = subprocess.run(
+            [
+                "wrk",
+                "-t",
+                "1" if connections == 1 else "2",
+                "-c",
+                str(connections),
+                "-d",
+                f"{seconds}s",
+                "--latency",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        )
     finally:
         script.unlink()
     if done.returncode != 0:
         raise LifecycleError(f"bench serve: wrk failed: {done.stderr.strip()[:200]}")
     return parse_wrk(done.stdout)
+
 
 def _in_process_floor(project: Path, record: dict, seconds: float = 3.0) -> dict:
     "Scoring the same record in-process, one call at a time: the fast path and the plain pipeline."
@@ -347,16 +501,20 @@ fast = rate(lambda: scorer.score_records([record]))
 pipeline = rate(lambda: scorer.model.predict_proba(scorer.frame(check_records([record], scorer.spec)[0])))
 print(json.dumps({{"fast_per_s": fast, "pipeline_per_s": pipeline}}))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     if done.returncode != 0:
         raise LifecycleError(f"bench serve: the in-process floor failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
 
 def mlflow_python() -> Path | None:
     "The interpreter of the MLflow environment (`make mlflow-venv`, or LIFECYCLE_MLFLOW_PYTHON), when there is one."
     given = os.environ.get("LIFECYCLE_MLFLOW_PYTHON")
     candidate = Path(given) if given else Path(__file__).resolve().parent.parent / ".venv-mlflow" / "bin" / "python"
     return candidate if candidate.exists() else None
+
 
 def _mlflow_server(project: Path, folder: Path, port: int):
     """MLflow's scoring server on the same model, or None without an MLflow environment.
@@ -367,19 +525,50 @@ def _mlflow_server(project: Path, folder: Path, port: int):
     if python is None:
         return None
     from lifecycle.registry import TRUSTED_TYPES, Registry, load_model
+
     registry = Registry(project)
     version = registry.resolve("champion")
     load_model(registry, version)  # refuses a file whose hash does not match
     model_dir = folder / "mlflow-model"
-    code = ("import json, sys, skops.io, mlflow.sklearn; "
-            "model = skops.io.load(sys.argv[1], trusted=json.loads(sys.argv[2])); mlflow.sklearn.save_model(model, sys.argv[3], skops_trusted_types=json.loads(sys.argv[2]))")
-    done = subprocess.run([str(python), "-c", code, str(registry.path / "versions" / str(version) / "model.skops"), json.dumps(TRUSTED_TYPES),
-                           str(model_dir)], capture_output=True, text=True)
+    code = (
+        "import json, sys, skops.io, mlflow.sklearn; "
+        "model = skops.io.load(sys.argv[1], trusted=json.loads(sys.argv[2])); mlflow.sklearn.save_model(model, sys.argv[3], skops_trusted_types=json.loads(sys.argv[2]))"
+    )
+    done = subprocess.run(
+        [
+            str(python),
+            "-c",
+            code,
+            str(registry.path / "versions" / str(version) / "model.skops"),
+            json.dumps(TRUSTED_TYPES),
+            str(model_dir),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
-        raise LifecycleError(f"bench serve: saving the model for MLflow failed: {done.stderr.strip().splitlines()[-1:]}")
-    return subprocess.Popen([str(python.parent / "mlflow"), "models", "serve", "-m", str(model_dir), "-p", str(port), "-h", "127.0.0.1",
-                             "--env-manager", "local"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+        raise LifecycleError(
+            f"bench serve: saving the model for MLflow failed: {done.stderr.strip().splitlines()[-1:]}"
+        )
+    return subprocess.Popen(
+        [
+            str(python.parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            str(model_dir),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "--env-manager",
+            "local",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+
 
 def bench_serve(
     seconds: int = 10,  # how long each load runs
@@ -390,22 +579,45 @@ def bench_serve(
     if shutil.which("wrk") is None:
         raise LifecycleError("bench serve needs wrk, the HTTP load generator: apt-get install wrk")
     import httpx
+
     from lifecycle.serving.predlog import open_log
+
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         project = _champion_project(Path(folder), _heart_folder(heart, "serve"))
         record = _test_record(project)
         port = _free_port()
-        server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "serve", "--settings", str(project / "settings.ini"),
-                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "lifecycle"),
+                "serve",
+                "--settings",
+                str(project / "settings.ini"),
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         figures = {"record_fields": len(record), "seconds_each": seconds}
         try:
             _wait_ready(f"http://127.0.0.1:{port}/ready", server)
             body = json.dumps(record)
-            assert httpx.post(f"http://127.0.0.1:{port}/predict", content=body, headers={"content-type": "application/json"}).status_code == 200
+            assert (
+                httpx.post(
+                    f"http://127.0.0.1:{port}/predict", content=body, headers={"content-type": "application/json"}
+                ).status_code
+                == 200
+            )
             figures["ours_c1"] = _wrk(f"http://127.0.0.1:{port}/predict", body, 1, seconds)
             figures["ours_c8"] = _wrk(f"http://127.0.0.1:{port}/predict", body, 8, seconds)
             exposition = httpx.get(f"http://127.0.0.1:{port}/metrics").text  # what the server itself counted
-            figures["served"] = int(sum(float(line.split()[-1]) for line in exposition.splitlines() if line.startswith("lifecycle_predictions_total")))
+            figures["served"] = int(
+                sum(
+                    float(line.split()[-1])
+                    for line in exposition.splitlines()
+                    if line.startswith("lifecycle_predictions_total")
+                )
+            )
         finally:
             server.send_signal(15)
             server.wait(timeout=60)
@@ -426,34 +638,49 @@ def bench_serve(
                 mlflow.wait(timeout=60)
     figures["targets"] = {"requests_per_s_c8": 1000, "p99_ms_c8": 20, "versus_mlflow_c8": 3.0}
     if "mlflow_c8" in figures:
-        figures["versus_mlflow_c8"] = round(figures["ours_c8"]["requests_per_s"] / figures["mlflow_c8"]["requests_per_s"], 2)
+        figures["versus_mlflow_c8"] = round(
+            figures["ours_c8"]["requests_per_s"] / figures["mlflow_c8"]["requests_per_s"], 2
+        )
     if not quiet:
         print(format_serve(figures))
     return figures
 
+
 def format_serve(figures: dict) -> str:
     "The serving benchmark as a table."
-    lines = [f"bench serve: one {figures['record_fields']}-field record a request, POST /predict over loopback, wrk {figures['seconds_each']} s each; "
-             "the server logs every prediction",
-             f"{'':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+    lines = [
+        f"bench serve: one {figures['record_fields']}-field record a request, POST /predict over loopback, wrk {figures['seconds_each']} s each; "
+        "the server logs every prediction",
+        f"{'':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}",
+    ]
+
     def line(label, f):
         return f"{label:<44}{f['requests_per_s']:>10,.0f}{(f['p50_ms'] or 0):>9.2f}{(f['p99_ms'] or 0):>9.2f}{f['non_2xx'] + f['socket_errors']:>8}"
-    lines += [line("lifecycle serve, concurrency 1", figures["ours_c1"]), line("lifecycle serve, concurrency 8", figures["ours_c8"])]
+
+    lines += [
+        line("lifecycle serve, concurrency 1", figures["ours_c1"]),
+        line("lifecycle serve, concurrency 8", figures["ours_c8"]),
+    ]
     if "mlflow_c8" in figures:
-        lines += [line("mlflow models serve, concurrency 1", figures["mlflow_c1"]), line("mlflow models serve, concurrency 8", figures["mlflow_c8"]),
-                  f"ours / MLflow at concurrency 8: {figures['versus_mlflow_c8']:.1f}x (target ≥ 3x)"]
+        lines += [
+            line("mlflow models serve, concurrency 1", figures["mlflow_c1"]),
+            line("mlflow models serve, concurrency 8", figures["mlflow_c8"]),
+            f"ours / MLflow at concurrency 8: {figures['versus_mlflow_c8']:.1f}x (target ≥ 3x)",
+        ]
     else:
         lines.append("mlflow models serve: no MLflow environment (make mlflow-venv, then run again to compare)")
     floor = figures["floor"]
-    lines += [f"{'in-process floor: fast path, one call a record':<44}{floor['fast_per_s']:>10,.0f}",
-              f"{'in-process: the sklearn pipeline, one row':<44}{floor['pipeline_per_s']:>10,.0f}",
-              f"targets at concurrency 8: ≥ 1,000 req/s, p99 < 20 ms; predictions served (the server's count) {figures['served']:,}, "
-              f"in the log after shutdown {figures['logged']:,}"]
+    lines += [
+        f"{'in-process floor: fast path, one call a record':<44}{floor['fast_per_s']:>10,.0f}",
+        f"{'in-process: the sklearn pipeline, one row':<44}{floor['pipeline_per_s']:>10,.0f}",
+        f"targets at concurrency 8: ≥ 1,000 req/s, p99 < 20 ms; predictions served (the server's count) {figures['served']:,}, "
+        f"in the log after shutdown {figures['logged']:,}",
+    ]
     return "\n".join(lines)
-
 
 # %% ../nbs/12_bench.ipynb #9975baa8
 _VISIBLE = "document.body && document.body.innerText.includes('model in service')"
+
 
 def _first_paints(browser, url: str, visits: int, between=None) -> list[float]:
     "Seconds from navigation to the dashboard's text being visible, one fresh page a visit."
@@ -469,6 +696,7 @@ def _first_paints(browser, url: str, visits: int, between=None) -> list[float]:
         page.close()
     return seconds
 
+
 def _wait_for_line(path: Path, text: str, count: int, seconds: float = 180) -> None:
     "Wait until `text` appears `count` times in a log file (Voila's 'Kernel pool … is filled')."
     deadline = time.time() + seconds
@@ -476,6 +704,7 @@ def _wait_for_line(path: Path, text: str, count: int, seconds: float = 180) -> N
         if time.time() > deadline:
             raise LifecycleError(f"bench dashboard: '{text}' did not appear in Voila's log within {seconds:g} s")
         time.sleep(0.2)
+
 
 def bench_dashboard(
     visits: int = 3,  # page loads measured each way
@@ -487,10 +716,13 @@ def bench_dashboard(
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        raise LifecycleError("bench dashboard needs playwright (pip install -e '.[dev]') and Debian's chromium") from None
+        raise LifecycleError(
+            "bench dashboard needs playwright (pip install -e '.[dev]') and Debian's chromium"
+        ) from None
     from lifecycle.core import PAGE_SETTINGS_ENV, open_project
     from lifecycle.dashserver import dashboard_notebook, offline_template, voila_command
     from lifecycle.monitoring import monitor_project
+
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         heart = _heart_folder(heart, "dashboard")
         project = Path(folder) / "heart"
@@ -498,25 +730,54 @@ def bench_dashboard(
         (project / "settings.ini").write_text((heart.parent.parent / "settings.ini").read_text())
         # up to deploy, which logs the production traffic; the latency gates are opened wide: this bench measures the page, and a
         # busy machine's scoring latency must not stop it
-        _lifecycle(project, "--stages", "collect,prepare,train,evaluate,deploy", "-p", "prepare.profile=false", "-p", "train.tracking=disabled",
-                   "-p", "evaluate.tracking=disabled", "-p", "evaluate.max_latency_ms=10000", "-p", "deploy.max_latency_ms=10000")
+        _lifecycle(
+            project,
+            "--stages",
+            "collect,prepare,train,evaluate,deploy",
+            "-p",
+            "prepare.profile=false",
+            "-p",
+            "train.tracking=disabled",
+            "-p",
+            "evaluate.tracking=disabled",
+            "-p",
+            "evaluate.max_latency_ms=10000",
+            "-p",
+            "deploy.max_latency_ms=10000",
+        )
         summary = monitor_project(open_project(project / "settings.ini"))
         figures = {"visits": visits, "windows": summary["windows"]}
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            browser = playwright.chromium.launch(
+                executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
+            )
             try:
                 port, log = _free_port(), Path(folder) / "dashboard.log"
                 with open(log, "w") as out:
-                    server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "dashboard", "--settings", str(project / "settings.ini"),
-                                               "--port", str(port), "--refresh", "60"], stdout=out, stderr=subprocess.STDOUT)
+                    server = subprocess.Popen(
+                        [
+                            str(Path(sys.executable).parent / "lifecycle"),
+                            "dashboard",
+                            "--settings",
+                            str(project / "settings.ini"),
+                            "--port",
+                            str(port),
+                            "--refresh",
+                            "60",
+                        ],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
                 try:
                     filled = "is filled with"
                     _wait_for_line(log, filled, 1)
                     visit = {"n": 0}
+
                     def refilled():  # each visitor takes the preheated kernel: wait for the pool to fill again
                         _wait_for_line(log, filled, visit["n"] + 1)
                         time.sleep(settle)  # "filled" is logged when the kernel starts; the notebook then runs in it
                         visit["n"] += 1
+
                     figures["preheated_seconds"] = _first_paints(browser, f"http://127.0.0.1:{port}/", visits, refilled)
                     figures["preheated_kernels_used"] = log.read_text(errors="replace").count("Using pre-heated kernel")
                 finally:
@@ -524,11 +785,20 @@ def bench_dashboard(
                     server.wait(timeout=120)
                 port = _free_port()
                 templates = offline_template(Path(folder) / "templates")  # the same page as the command serves
-                cold = subprocess.Popen(voila_command(dashboard_notebook(), "127.0.0.1", port, preheat=False), cwd=project,
-                                        env={**os.environ, PAGE_SETTINGS_ENV: str(project / "settings.ini"), "JUPYTER_PATH": str(templates)},
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cold = subprocess.Popen(
+                    voila_command(dashboard_notebook(), "127.0.0.1", port, preheat=False),
+                    cwd=project,
+                    env={
+                        **os.environ,
+                        PAGE_SETTINGS_ENV: str(project / "settings.ini"),
+                        "JUPYTER_PATH": str(templates),
+                    },
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 try:
                     from lifecycle.dashserver import wait_for_port
+
                     wait_for_port("127.0.0.1", port, cold)
                     figures["cold_seconds"] = _first_paints(browser, f"http://127.0.0.1:{port}/", visits)
                 finally:
@@ -544,16 +814,20 @@ def bench_dashboard(
         print(format_dashboard(figures))
     return figures
 
+
 def format_dashboard(figures: dict) -> str:
     "The dashboard benchmark as a table."
-    return "\n".join([
-        f"bench dashboard: first paint in chromium (navigation to the dashboard's text visible), {figures['visits']} visits each, "
-        f"the default project's production traffic in {figures['windows']} windows",
-        f"{'':<46}{'median s':>9}  visits (s)",
-        f"{'lifecycle dashboard (preheated kernel)':<46}{figures['preheated_median']:>9.2f}  {figures['preheated_seconds']}"
-        f" ({figures.get('preheated_kernels_used', '?')} visits served by a preheated kernel)",
-        f"{'cold Voila start of the same notebook':<46}{figures['cold_median']:>9.2f}  {figures['cold_seconds']}",
-        f"preheated / cold: {figures['ratio']:.2f} (target < 0.5; preheated target < 3 s)"])
+    return "\n".join(
+        [
+            f"bench dashboard: first paint in chromium (navigation to the dashboard's text visible), {figures['visits']} visits each, "
+            f"the default project's production traffic in {figures['windows']} windows",
+            f"{'':<46}{'median s':>9}  visits (s)",
+            f"{'lifecycle dashboard (preheated kernel)':<46}{figures['preheated_median']:>9.2f}  {figures['preheated_seconds']}"
+            f" ({figures.get('preheated_kernels_used', '?')} visits served by a preheated kernel)",
+            f"{'cold Voila start of the same notebook':<46}{figures['cold_median']:>9.2f}  {figures['cold_seconds']}",
+            f"preheated / cold: {figures['ratio']:.2f} (target < 0.5; preheated target < 3 s)",
+        ]
+    )
 
 # %% ../nbs/12_bench.ipynb #eb728e00
 _SUBMIT_AND_PAINT = """() => new Promise((resolve, reject) => {
@@ -572,6 +846,7 @@ _SUBMIT_AND_PAINT = """() => new Promise((resolve, reject) => {
     document.querySelector('button.lc-submit').click();
 })"""
 
+
 def fill_clinic_form(
     page,  # a playwright page showing `lifecycle clinic`
     record: dict,  # feature -> value (None: leave empty)
@@ -581,10 +856,22 @@ def fill_clinic_form(
     for field in fields:
         value = record.get(field.name)
         if field.kind == "choice":
-            label = next((text for sent, text in field.choices if value is not None and value == value and float(sent) == float(value)), "not done (missing)")
-            page.locator(f".lc-field-{field.name} select").select_option(value=label)  # ipywidgets: an option's value is its label
+            label = next(
+                (
+                    text
+                    for sent, text in field.choices
+                    if value is not None and value == value and float(sent) == float(value)
+                ),
+                "not done (missing)",
+            )
+            page.locator(f".lc-field-{field.name} select").select_option(
+                value=label
+            )  # ipywidgets: an option's value is its label
         else:
-            page.locator(f".lc-field-{field.name} input").fill("" if value is None or value != value else f"{float(value):g}")
+            page.locator(f".lc-field-{field.name} input").fill(
+                "" if value is None or value != value else f"{float(value):g}"
+            )
+
 
 def bench_clinic(
     submissions: int = 20,  # patients submitted, each timed (after 3 not timed)
@@ -600,6 +887,7 @@ def bench_clinic(
     from lifecycle.core import load_settings, read_json
     from lifecycle.registry import Registry
     from lifecycle.serving.scoring import Scorer, check_records
+
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         heart = _heart_folder(heart, "clinic")
         project = _champion_project(Path(folder), heart)
@@ -610,7 +898,10 @@ def bench_clinic(
         fields = form_fields(meta, reference, settings)
         patients = pd.read_csv(heart / "processed.va.data", header=None, names=HEART_COLUMNS, na_values="?")
         patients = patients[patients[[f.name for f in fields]].isna().mean(axis=1) <= 0.3].head(submissions + 3)
-        records = [{f.name: (None if pd.isna(row[f.name]) else float(row[f.name])) for f in fields} for _, row in patients.iterrows()]
+        records = [
+            {f.name: (None if pd.isna(row[f.name]) else float(row[f.name])) for f in fields}
+            for _, row in patients.iterrows()
+        ]
         figures = {"submissions": len(records) - 3, "model_version": version}
         # the floor: the same work in this process, without a browser or Voila: POST /predict in-process, then the explanation
         client = ClinicClient(project)
@@ -630,12 +921,24 @@ def bench_clinic(
             client.close()
         port, log = _free_port(), Path(folder) / "clinic.log"
         with open(log, "w") as out:
-            server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "clinic", "--settings", str(project / "settings.ini"),
-                                       "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+            server = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "lifecycle"),
+                    "clinic",
+                    "--settings",
+                    str(project / "settings.ini"),
+                    "--port",
+                    str(port),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
             _wait_for_line(log, "Clinic: http", 1)
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+                browser = playwright.chromium.launch(
+                    executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
+                )
                 try:
                     page = browser.new_page(viewport={"width": 1200, "height": 1400})
                     page.goto(f"http://127.0.0.1:{port}/", wait_until="commit")
@@ -643,7 +946,9 @@ def bench_clinic(
                     painted = []
                     for index, record in enumerate(records):
                         fill_clinic_form(page, record, fields)
-                        page.wait_for_timeout(300)  # the typed values reach the kernel (not timed: a person types slower)
+                        page.wait_for_timeout(
+                            300
+                        )  # the typed values reach the kernel (not timed: a person types slower)
                         milliseconds = page.evaluate(_SUBMIT_AND_PAINT)
                         if index >= 3:
                             painted.append(round(milliseconds, 1))
@@ -652,32 +957,45 @@ def bench_clinic(
         finally:
             server.send_signal(15)
             server.wait(timeout=120)
-    figures.update({"painted_ms": painted, "painted_median_ms": float(np.median(painted)), "painted_p90_ms": float(np.percentile(painted, 90)),
-                    "predict_median_ms": float(np.median(predict_ms[3:])), "explain_median_ms": float(np.median(explain_ms[3:])),
-                    "target_ms": 500, "load": round(os.getloadavg()[0], 1)})
+    figures.update(
+        {
+            "painted_ms": painted,
+            "painted_median_ms": float(np.median(painted)),
+            "painted_p90_ms": float(np.percentile(painted, 90)),
+            "predict_median_ms": float(np.median(predict_ms[3:])),
+            "explain_median_ms": float(np.median(explain_ms[3:])),
+            "target_ms": 500,
+            "load": round(os.getloadavg()[0], 1),
+        }
+    )
     if not quiet:
         print(format_clinic(figures))
     return figures
 
+
 def format_clinic(figures: dict) -> str:
     "The clinic benchmark as a table."
-    return "\n".join([
-        f"bench clinic: submit to score and reasons painted on the lifecycle clinic page, in chromium; {figures['submissions']} VA patients, "
-        f"model version {figures['model_version']}, load {figures['load']}",
-        f"{'':<58}{'median ms':>10}{'p90 ms':>9}",
-        f"{'page: click to the answer painted (browser, Voila, kernel)':<58}{figures['painted_median_ms']:>10.1f}{figures['painted_p90_ms']:>9.1f}",
-        f"{'floor: POST /predict in-process (contract, model, log)':<58}{figures['predict_median_ms']:>10.1f}",
-        f"{'floor: the explanation (one rescoring call)':<58}{figures['explain_median_ms']:>10.1f}",
-        f"target: under {figures['target_ms']} ms from submit to score and reasons on the page; each submission (ms): {figures['painted_ms']}"])
-
+    return "\n".join(
+        [
+            f"bench clinic: submit to score and reasons painted on the lifecycle clinic page, in chromium; {figures['submissions']} VA patients, "
+            f"model version {figures['model_version']}, load {figures['load']}",
+            f"{'':<58}{'median ms':>10}{'p90 ms':>9}",
+            f"{'page: click to the answer painted (browser, Voila, kernel)':<58}{figures['painted_median_ms']:>10.1f}{figures['painted_p90_ms']:>9.1f}",
+            f"{'floor: POST /predict in-process (contract, model, log)':<58}{figures['predict_median_ms']:>10.1f}",
+            f"{'floor: the explanation (one rescoring call)':<58}{figures['explain_median_ms']:>10.1f}",
+            f"target: under {figures['target_ms']} ms from submit to score and reasons on the page; each submission (ms): {figures['painted_ms']}",
+        ]
+    )
 
 # %% ../nbs/12_bench.ipynb #4ebf6304
 def _batch_task(name: str, project: str, path: str, rows: int) -> dict:
     "One measurement of the batch benchmark, in this (fresh) process."
     import pyarrow.parquet as pq
-    from lifecycle.serving.batch import score_file
+
     from lifecycle.core import use_work_settings
+    from lifecycle.serving.batch import score_file
     from lifecycle.serving.scoring import Scorer
+
     use_work_settings()  # this process stands in for the `lifecycle batch` command, which runs with them
     if name == "floor":
         scorer = Scorer.from_registry(Path(project))
@@ -687,29 +1005,57 @@ def _batch_task(name: str, project: str, path: str, rows: int) -> dict:
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "rows_per_s": len(frame) / seconds}
     output = Path(path).with_name(f"scored-{rows}.parquet")
-    summary = score_file(Path(project), Path(path), output, log=(name == "ours_logged"), log_url=str(Path(path).with_name(f"log-{rows}.sqlite")), progress=False)
-    return {"seconds": summary["seconds"], "rows_per_s": summary["rows_per_s"], "rows_scored": summary["rows_scored"],
-            "rows_rejected": summary["rows_rejected"], "logged": summary["logged"],
-            "peak_mib": _peak_mib()}
+    summary = score_file(
+        Path(project),
+        Path(path),
+        output,
+        log=(name == "ours_logged"),
+        log_url=str(Path(path).with_name(f"log-{rows}.sqlite")),
+        progress=False,
+    )
+    return {
+        "seconds": summary["seconds"],
+        "rows_per_s": summary["rows_per_s"],
+        "rows_scored": summary["rows_scored"],
+        "rows_rejected": summary["rows_rejected"],
+        "logged": summary["logged"],
+        "peak_mib": _peak_mib(),
+    }
+
 
 def _measure_batch(name: str, project: Path, path: Path, rows: int) -> dict:
     code = f"import json; from lifecycle.bench import _batch_task; print(json.dumps(_batch_task({name!r}, {str(project)!r}, {str(path)!r}, {rows})))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     if done.returncode != 0:
-        raise LifecycleError(f"bench batch task {name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        raise LifecycleError(
+            f"bench batch task {name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/12_bench.ipynb #fd619f0f
 def format_batch(figures: dict) -> str:
     "The batch benchmark as a table."
-    lines = [f"bench batch: the champion (model version {figures['model_version']}) on generated heart rows, Parquet in and out, local engine",
-             f"{'rows':>10}  {'ours rows/s':>12}  {'floor rows/s':>12}  {'ratio':>6}  {'peak MiB':>8}  {'logged rows/s':>13}  {'ratio':>6}  {'peak MiB':>8}"]
+    lines = [
+        f"bench batch: the champion (model version {figures['model_version']}) on generated heart rows, Parquet in and out, local engine",
+        f"{'rows':>10}  {'ours rows/s':>12}  {'floor rows/s':>12}  {'ratio':>6}  {'peak MiB':>8}  {'logged rows/s':>13}  {'ratio':>6}  {'peak MiB':>8}",
+    ]
     for size in figures["sizes"]:
-        lines.append(f"{size['rows']:>10,}  {size['rows_per_s']:>12,.0f}  {size['floor_rows_per_s']:>12,.0f}  {size['ratio']:>5.2f}x  {size['peak_mib']:>8.0f}"
-                     + (f"  {size['logged_rows_per_s']:>13,.0f}  {size['logged_ratio']:>5.2f}x  {size['logged_peak_mib']:>8.0f}" if "logged_rows_per_s" in size else ""))
-    lines.append("targets: ratio >= 0.7x the floor (bare predict_proba on the rows in memory), peak memory < 1024 MiB; "
-                 "the first columns without the prediction log, the last ones with it (SQLite)")
+        lines.append(
+            f"{size['rows']:>10,}  {size['rows_per_s']:>12,.0f}  {size['floor_rows_per_s']:>12,.0f}  {size['ratio']:>5.2f}x  {size['peak_mib']:>8.0f}"
+            + (
+                f"  {size['logged_rows_per_s']:>13,.0f}  {size['logged_ratio']:>5.2f}x  {size['logged_peak_mib']:>8.0f}"
+                if "logged_rows_per_s" in size
+                else ""
+            )
+        )
+    lines.append(
+        "targets: ratio >= 0.7x the floor (bare predict_proba on the rows in memory), peak memory < 1024 MiB; "
+        "the first columns without the prediction log, the last ones with it (SQLite)"
+    )
     return "\n".join(lines)
+
 
 def bench_batch(
     rows_list: tuple = (1_000_000, 5_000_000),  # input sizes
@@ -721,6 +1067,7 @@ def bench_batch(
 ) -> dict:  # the figures
     "Measure batch scoring's rows/s and peak memory against the bare predict_proba on the same rows."
     from lifecycle.serving.scoring import Scorer
+
     heart = _heart_folder(heart, "batch")
     sizes = []
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
@@ -738,13 +1085,23 @@ def bench_batch(
             floor = max(floors, key=lambda run: run["rows_per_s"])
             ours = max(runs, key=lambda run: run["rows_per_s"])
             ours["peak_mib"] = max(run["peak_mib"] for run in runs)
-            size = {"rows": rows, "rows_per_s": ours["rows_per_s"], "floor_rows_per_s": round(floor["rows_per_s"]),
-                    "ratio": round(ours["rows_per_s"] / floor["rows_per_s"], 2), "peak_mib": round(ours["peak_mib"]),
-                    "rows_scored": ours["rows_scored"], "rows_rejected": ours["rows_rejected"]}
+            size = {
+                "rows": rows,
+                "rows_per_s": ours["rows_per_s"],
+                "floor_rows_per_s": round(floor["rows_per_s"]),
+                "ratio": round(ours["rows_per_s"] / floor["rows_per_s"], 2),
+                "peak_mib": round(ours["peak_mib"]),
+                "rows_scored": ours["rows_scored"],
+                "rows_rejected": ours["rows_rejected"],
+            }
             if with_log:
                 logged = _measure_batch("ours_logged", project, path, rows)
-                size.update(logged_rows_per_s=logged["rows_per_s"], logged_ratio=round(logged["rows_per_s"] / floor["rows_per_s"], 2),
-                            logged_peak_mib=round(logged["peak_mib"]), logged=logged["logged"])
+                size.update(
+                    logged_rows_per_s=logged["rows_per_s"],
+                    logged_ratio=round(logged["rows_per_s"] / floor["rows_per_s"], 2),
+                    logged_peak_mib=round(logged["peak_mib"]),
+                    logged=logged["logged"],
+                )
             sizes.append(size)
             path.unlink()
     figures = {"model_version": version, "sizes": sizes, "targets": {"ratio": 0.7, "peak_mib": 1024}}
@@ -765,12 +1122,29 @@ def _local_redis(
     with tempfile.TemporaryDirectory(prefix="lifecycle-redis-") as scratch:
         folder = Path(folder or scratch)
         port = _free_port()
-        server = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                                   "--dir", str(folder), "--protected-mode", "yes"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"redis://127.0.0.1:{port}/0"
         try:
             import redis
+
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -799,18 +1173,24 @@ def _stream_floor(
     by the consumer's own code, their outputs encoded as JSON, in this process: without Redis and without the log."""
     from lifecycle.serving.scoring import Scorer
     from lifecycle.serving.stream import score_events
+
     scorer = Scorer.from_registry(Path(project))
     outputs = scored = 0
     started = time.perf_counter()
     for start in range(0, len(texts), batch_size):
-        events = [(start + offset, text, None, None) for offset, text in enumerate(texts[start:start + batch_size])]
+        events = [(start + offset, text, None, None) for offset, text in enumerate(texts[start : start + batch_size])]
         results, _ = score_events(events, scorer)
         encoded = [json.dumps(result, separators=(",", ":")) for result in results]  # what every sink writes
         outputs += len(encoded)
         scored += sum("score" in result for result in results)
     seconds = time.perf_counter() - started
-    return {"events_per_second": round(len(texts) / seconds) if seconds > 0 else None, "seconds": round(seconds, 3),
-            "outputs": outputs, "scored": scored, "rejected": outputs - scored}
+    return {
+        "events_per_second": round(len(texts) / seconds) if seconds > 0 else None,
+        "seconds": round(seconds, 3),
+        "outputs": outputs,
+        "scored": scored,
+        "rejected": outputs - scored,
+    }
 
 # %% ../nbs/12_bench.ipynb #d1664488
 def _bench_project(project: Path | None) -> Path:
@@ -821,6 +1201,7 @@ def _bench_project(project: Path | None) -> Path:
         return project
     return train_champion(_write_project(project, 5000, _heart_folder(None, "stream")))
 
+
 def _bench_events(events: int) -> list[str]:
     "Records as JSON text, as a producer would send them; one in a thousand malformed."
     frame = generate_heart_rows(_heart_folder(None, "stream"), events).drop(columns=["num"])
@@ -828,6 +1209,7 @@ def _bench_events(events: int) -> list[str]:
     for index in range(999, len(texts), 1000):
         texts[index] = texts[index][:20]
     return texts
+
 
 def bench_stream(
     events: int = 200_000,  # events through Redis, each run
@@ -838,61 +1220,92 @@ def bench_stream(
     "Events per second through Redis Streams with micro-batches, without and with the prediction log, against the same events scored in-process; counts in and out."
     import redis
     from threadpoolctl import threadpool_limits
+
     from lifecycle.serving.scoring import Scorer
     from lifecycle.serving.stream import run_stream
+
     project = _bench_project(project)
     texts = _bench_events(events)
     figures = {"events": events, "batch_size": batch_size, "target_events_per_second": 10_000, "runs": {}}
     # One OpenMP thread, as `lifecycle stream` runs (OMP_NUM_THREADS=1): a pool's threads spin against each other on
     # small batches. The limit reaches the OpenMP runtime once it is loaded, which loading the model does.
     Scorer.from_registry(Path(project))
-    with threadpool_limits(limits=1, user_api="openmp"), tempfile.TemporaryDirectory(prefix="lifecycle-bench-stream-") as scratch, _local_redis() as url:
+    with (
+        threadpool_limits(limits=1, user_api="openmp"),
+        tempfile.TemporaryDirectory(prefix="lifecycle-bench-stream-") as scratch,
+        _local_redis() as url,
+    ):
         floors = [_stream_floor(project, texts, batch_size)]
         client = redis.Redis.from_url(url)
         for label, logged in (("without log", False), ("with log", True)):
             name = "in-" + label.replace(" ", "-")
             for start in range(0, len(texts), 10_000):
                 pipe = client.pipeline(transaction=False)
-                for text in texts[start:start + 10_000]:
+                for text in texts[start : start + 10_000]:
                     pipe.xadd(name, {"record": text})
                 pipe.execute()
             log_file = Path(scratch) / f"{name}.sqlite"
-            summary = run_stream(project, f"{url}?stream={name}&group=bench&consumer=bench-1", f"{url}?stream=out-{name}",
-                                 batch_size=batch_size, max_wait_ms=50, log_url=str(log_file), log_predictions=logged,
-                                 until_idle=True, handle_signals=False)
+            summary = run_stream(
+                project,
+                f"{url}?stream={name}&group=bench&consumer=bench-1",
+                f"{url}?stream=out-{name}",
+                batch_size=batch_size,
+                max_wait_ms=50,
+                log_url=str(log_file),
+                log_predictions=logged,
+                until_idle=True,
+                handle_signals=False,
+            )
             logged_rows = None
             if logged:
                 from lifecycle.serving.predlog import open_log
+
                 with open_log(str(log_file), project) as prediction_log:
                     logged_rows = prediction_log.count("stream")
             figures["runs"][label] = {
-                "events_per_second": summary["events_per_second"], "busy_seconds": summary["busy_seconds"],
-                "in": client.xlen(name), "out": client.xlen(f"out-{name}"), "scored": summary["scored"],
-                "rejected": summary["rejected"], "pending": client.xpending(name, "bench")["pending"], "logged": logged_rows}
-        floors.append(_stream_floor(project, texts, batch_size))  # the floor before and after: a busy machine only slows a run
+                "events_per_second": summary["events_per_second"],
+                "busy_seconds": summary["busy_seconds"],
+                "in": client.xlen(name),
+                "out": client.xlen(f"out-{name}"),
+                "scored": summary["scored"],
+                "rejected": summary["rejected"],
+                "pending": client.xpending(name, "bench")["pending"],
+                "logged": logged_rows,
+            }
+        floors.append(
+            _stream_floor(project, texts, batch_size)
+        )  # the floor before and after: a busy machine only slows a run
     floor = figures["floor"] = max(floors, key=lambda run: run["events_per_second"])
     for run in figures["runs"].values():
-        run["ratio"] = round(run["events_per_second"] / floor["events_per_second"], 2) if run["events_per_second"] else None
+        run["ratio"] = (
+            round(run["events_per_second"] / floor["events_per_second"], 2) if run["events_per_second"] else None
+        )
     if not quiet:
         print(format_bench_stream(figures))
     return figures
 
+
 def format_bench_stream(figures: dict) -> str:
     "The stream benchmark as a table: the floor, then the runs through Redis with their ratio to it."
     floor = figures["floor"]
-    lines = [f"bench stream: {figures['events']:,} events through Redis Streams, micro-batches of {figures['batch_size']}",
-             f"{'run':<18}{'events/s':>10}{'ratio':>7}{'seconds':>9}{'in':>9}{'out':>9}{'scored':>9}{'rejected':>9}{'pending':>8}{'logged':>9}  target",
-             f"{'in-process floor':<18}{floor['events_per_second']:>10,}{'1.00x':>7}{floor['seconds']:>9.2f}{figures['events']:>9,}{floor['outputs']:>9,}"
-             f"{floor['scored']:>9,}{floor['rejected']:>9,}{'—':>8}{'—':>9}  the same events scored without Redis and the log"]
+    lines = [
+        f"bench stream: {figures['events']:,} events through Redis Streams, micro-batches of {figures['batch_size']}",
+        f"{'run':<18}{'events/s':>10}{'ratio':>7}{'seconds':>9}{'in':>9}{'out':>9}{'scored':>9}{'rejected':>9}{'pending':>8}{'logged':>9}  target",
+        f"{'in-process floor':<18}{floor['events_per_second']:>10,}{'1.00x':>7}{floor['seconds']:>9.2f}{figures['events']:>9,}{floor['outputs']:>9,}"
+        f"{floor['scored']:>9,}{floor['rejected']:>9,}{'—':>8}{'—':>9}  the same events scored without Redis and the log",
+    ]
     for label, run in figures["runs"].items():
         logged = "—" if run["logged"] is None else f"{run['logged']:,}"
         ratio = "—" if run.get("ratio") is None else f"{run['ratio']:.2f}x"
-        lines.append(f"{label:<18}{run['events_per_second'] or 0:>10,}{ratio:>7}{run['busy_seconds']:>9.2f}{run['in']:>9,}{run['out']:>9,}"
-                     f"{run['scored']:>9,}{run['rejected']:>9,}{run['pending']:>8,}{logged:>9}  ≥ {figures['target_events_per_second']:,}/s, out = in")
+        lines.append(
+            f"{label:<18}{run['events_per_second'] or 0:>10,}{ratio:>7}{run['busy_seconds']:>9.2f}{run['in']:>9,}{run['out']:>9,}"
+            f"{run['scored']:>9,}{run['rejected']:>9,}{run['pending']:>8,}{logged:>9}  ≥ {figures['target_events_per_second']:,}/s, out = in"
+        )
     return "\n".join(lines)
 
 # %% ../nbs/12_bench.ipynb #edad8bb4
 MONITOR_PLANTED = ("n0", "n1", "l0", "b0", "c0")  # the columns whose distribution the current window changes
+
 
 def drift_frame(
     rows: int,  # rows to make
@@ -902,9 +1315,14 @@ def drift_frame(
     "Generated features for the monitoring benchmark, with drift planted in five columns when asked."
     rng = np.random.default_rng(seed)
     frame = {f"n{i}": rng.normal(i, 1 + i % 3, rows) for i in range(10)}
-    frame.update(l0=rng.lognormal(0, 1, rows), l1=rng.lognormal(1, 0.5, rows), u0=rng.uniform(0, 10, rows),
-                 i0=rng.integers(20, 80, rows).astype(float), b0=(rng.random(rows) < 0.3).astype(float),
-                 k0=rng.integers(0, 4, rows).astype(float))
+    frame.update(
+        l0=rng.lognormal(0, 1, rows),
+        l1=rng.lognormal(1, 0.5, rows),
+        u0=rng.uniform(0, 10, rows),
+        i0=rng.integers(20, 80, rows).astype(float),
+        b0=(rng.random(rows) < 0.3).astype(float),
+        k0=rng.integers(0, 4, rows).astype(float),
+    )
     mix = [0.4, 0.3, 0.15, 0.1, 0.05]
     for j in range(4):
         frame[f"c{j}"] = np.array(list("abcde"))[rng.choice(5, rows, p=mix)]
@@ -917,11 +1335,13 @@ def drift_frame(
         frame["c0"] = np.array(list("abcde"))[rng.choice(5, rows, p=[0.2, 0.3, 0.15, 0.1, 0.25])]
     return frame
 
+
 def drift_reference(
     frame: pd.DataFrame,  # reference rows from `drift_frame`
 ) -> dict:  # reference.json as the train stage stores it (scores and labels made up from n0)
     "The stored reference statistics of the benchmark's reference rows, by the train stage's own function."
     from lifecycle.train import reference_statistics
+
     numeric = [name for name in frame.columns if not name.startswith("c")]
     category = [name for name in frame.columns if name.startswith("c")]
     scores = 1 / (1 + np.exp(-(frame["n0"].to_numpy() - 0.5)))
@@ -951,40 +1371,63 @@ with open("/proc/self/status") as handle:
 print(json.dumps({"seconds": seconds, "peak_mib": peak, "columns": columns}))
 """
 
+
 def evidently_python() -> Path | None:
     "The interpreter of the Evidently environment (`make evidently-venv`, or LIFECYCLE_EVIDENTLY_PYTHON), when there is one."
     given = os.environ.get("LIFECYCLE_EVIDENTLY_PYTHON")
     import lifecycle
-    candidate = Path(given) if given else Path(lifecycle.__file__).resolve().parent.parent / ".venv-evidently" / "bin" / "python"
+
+    candidate = (
+        Path(given)
+        if given
+        else Path(lifecycle.__file__).resolve().parent.parent / ".venv-evidently" / "bin" / "python"
+    )
     return candidate if candidate.exists() else None
+
 
 def _drift_task(folder: str) -> dict:
     "Our drift computation on the benchmark's current window, from the stored reference (in a fresh interpreter)."
     import pyarrow.parquet as pq
+
     from lifecycle.core import read_json, use_work_settings
     from lifecycle.drift import feature_drift
+
     use_work_settings()
     reference = read_json(Path(folder) / "reference.json")
     current = pq.read_table(Path(folder) / "current.parquet").to_pandas()
     started = time.perf_counter()
     table = feature_drift(reference, current)
     seconds = time.perf_counter() - started
-    columns = {row["feature"]: {"method": row["method"], "value": row["statistic"] if row["p_value"] is None else row["p_value"],
-                                "drifted": bool(row["drifted"])} for row in table.to_dict("records")}
+    columns = {
+        row["feature"]: {
+            "method": row["method"],
+            "value": row["statistic"] if row["p_value"] is None else row["p_value"],
+            "drifted": bool(row["drifted"]),
+        }
+        for row in table.to_dict("records")
+    }
     return {"seconds": seconds, "peak_mib": _peak_mib(), "columns": columns}
+
 
 def _run_json(command: list, what: str) -> dict:
     "Run a measuring process and read the JSON line it prints last."
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
-        raise LifecycleError(f"bench monitor: {what} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        raise LifecycleError(
+            f"bench monitor: {what} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
+
 
 def _decisions(run: dict, planted) -> dict:
     "Planted columns found, untouched ones flagged."
     flagged = {name for name, column in run["columns"].items() if column["drifted"]}
-    return {"flagged": sorted(flagged), "planted_found": len(flagged & set(planted)),
-            "false_alarms": sorted(flagged - set(planted))}
+    return {
+        "flagged": sorted(flagged),
+        "planted_found": len(flagged & set(planted)),
+        "false_alarms": sorted(flagged - set(planted)),
+    }
+
 
 def bench_drift(
     rows: int = 1_000_000,  # rows of the reference and of the current window each
@@ -1005,11 +1448,24 @@ def bench_drift(
         python = evidently_python()
         evidently = None
         if python is not None:
-            evidently = _run_json([str(python), "-c", EVIDENTLY_SCRIPT, str(folder / "reference.parquet"), str(folder / "current.parquet")], "Evidently")
+            evidently = _run_json(
+                [
+                    str(python),
+                    "-c",
+                    EVIDENTLY_SCRIPT,
+                    str(folder / "reference.parquet"),
+                    str(folder / "current.parquet"),
+                ],
+                "Evidently",
+            )
             evidently.update(_decisions(evidently, MONITOR_PLANTED))
     figures = {"rows": rows, "features": 20, "planted": list(MONITOR_PLANTED), "ours": ours, "evidently": evidently}
     if evidently is not None:
-        same = [name for name in ours["columns"] if evidently["columns"].get(name, {}).get("drifted") == ours["columns"][name]["drifted"]]
+        same = [
+            name
+            for name in ours["columns"]
+            if evidently["columns"].get(name, {}).get("drifted") == ours["columns"][name]["drifted"]
+        ]
         figures.update(ratio=evidently["seconds"] / ours["seconds"], agreement=len(same), compared=len(ours["columns"]))
     return figures
 
@@ -1035,10 +1491,18 @@ def fill_monitor_log(
         features = drift_frame(size, drifted=block >= drift_after * blocks, seed=number + begin + 1)
         scores = 1 / (1 + np.exp(-(features["n0"].to_numpy() - 0.5)))
         when = start + pd.Timedelta(days=days * block / blocks)
-        log.record_many([f"{prefix}{number + begin + offset}" for offset in range(size)], scores, (scores >= 0.5).astype("int64"),
-                        features, 1, "batch", time=when)
+        log.record_many(
+            [f"{prefix}{number + begin + offset}" for offset in range(size)],
+            scores,
+            (scores >= 0.5).astype("int64"),
+            features,
+            1,
+            "batch",
+            time=when,
+        )
     log.flush()
     return when
+
 
 def _label_old(log, before: pd.Timestamp, share: float = 0.5, seed: int = 0) -> int:
     "Labels, a week after their prediction, for a share of the predictions logged before `before`; returns how many."
@@ -1053,20 +1517,36 @@ def _label_old(log, before: pd.Timestamp, share: float = 0.5, seed: int = 0) -> 
     log.flush()
     return len(chosen)
 
+
 def _monitor_task(folder: str, log_url: str, every: str, engine: str = "local", scheduler: str | None = None) -> dict:
     "One `update_windows` on the benchmark's log (in a fresh interpreter): seconds, peak memory, windows touched."
     from lifecycle.core import read_json, use_work_settings
     from lifecycle.monitoring import update_windows
     from lifecycle.serving.predlog import open_log
+
     use_work_settings()
     reference = read_json(Path(folder) / "reference.json")
     with open_log(log_url, Path(folder)) as log:
         started = time.perf_counter()
-        result = update_windows(Path(folder) / "monitoring", log, lambda version: (reference, 0.5), every, ["c1"],
-                                engine=engine, scheduler=scheduler)
+        result = update_windows(
+            Path(folder) / "monitoring",
+            log,
+            lambda version: (reference, 0.5),
+            every,
+            ["c1"],
+            engine=engine,
+            scheduler=scheduler,
+        )
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_mib": _peak_mib(), "windows": len(result["windows"]), "touched": len(result["touched"]),
-            "new_predictions": result["new_predictions"], "new_labels": result["new_labels"]}
+    return {
+        "seconds": seconds,
+        "peak_mib": _peak_mib(),
+        "windows": len(result["windows"]),
+        "touched": len(result["touched"]),
+        "new_predictions": result["new_predictions"],
+        "new_labels": result["new_labels"],
+    }
+
 
 def bench_incremental(
     rows: int = 1_000_000,  # predictions in the log
@@ -1078,6 +1558,7 @@ def bench_incremental(
 ) -> dict:  # rows, new, labels, scratch and incremental runs, ratio
     "The whole log monitored from scratch, then `new` predictions logged and the windows brought up to date incrementally."
     from lifecycle.serving.predlog import open_log
+
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-monitor-") as scratch:
         folder = Path(folder or scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -1087,40 +1568,59 @@ def bench_incremental(
         with open_log(url, folder) as log:
             last = fill_monitor_log(log, rows, start)
             labels = _label_old(log, last - pd.Timedelta(days=7))
-        code = (f"import json; from lifecycle.bench import _monitor_task; "
-                f"print(json.dumps(_monitor_task({str(folder)!r}, {url!r}, {every!r}, {engine!r}, {scheduler!r})))")
+        code = (
+            f"import json; from lifecycle.bench import _monitor_task; "
+            f"print(json.dumps(_monitor_task({str(folder)!r}, {url!r}, {every!r}, {engine!r}, {scheduler!r})))"
+        )
         full = _run_json([sys.executable, "-c", code], "the monitor from scratch")
         with open_log(url, folder) as log:
             fill_monitor_log(log, new, last + pd.Timedelta(hours=1), blocks=1, drift_after=0, prefix="new", number=0)
         incremental = _run_json([sys.executable, "-c", code], "the incremental monitor")
-    return {"rows": rows, "new": new, "labels": labels, "every": every, "engine": engine, "scratch": full,
-            "incremental": incremental, "share": incremental["seconds"] / full["seconds"]}
+    return {
+        "rows": rows,
+        "new": new,
+        "labels": labels,
+        "every": every,
+        "engine": engine,
+        "scratch": full,
+        "incremental": incremental,
+        "share": incremental["seconds"] / full["seconds"],
+    }
 
 # %% ../nbs/12_bench.ipynb #ee0c2c48
 def format_monitor(figures: dict) -> str:
     "The monitoring benchmark as a table."
     drift, ours = figures["drift"], figures["drift"]["ours"]
-    lines = [f"bench monitor: drift of {drift['rows']:,} current rows x {drift['features']} features against a reference of {drift['rows']:,} rows, "
-             f"drift planted in {', '.join(drift['planted'])}",
-             f"{'':<44}{'seconds':>9}{'peak MiB':>10}  planted found  false alarms",
-             f"{'ours (lifecycle.drift, stored reference)':<44}{ours['seconds']:>9.2f}{ours['peak_mib']:>10.0f}  "
-             f"{ours['planted_found']}/{len(drift['planted'])}{'':>11}{', '.join(ours['false_alarms']) or 'none'}"]
+    lines = [
+        f"bench monitor: drift of {drift['rows']:,} current rows x {drift['features']} features against a reference of {drift['rows']:,} rows, "
+        f"drift planted in {', '.join(drift['planted'])}",
+        f"{'':<44}{'seconds':>9}{'peak MiB':>10}  planted found  false alarms",
+        f"{'ours (lifecycle.drift, stored reference)':<44}{ours['seconds']:>9.2f}{ours['peak_mib']:>10.0f}  "
+        f"{ours['planted_found']}/{len(drift['planted'])}{'':>11}{', '.join(ours['false_alarms']) or 'none'}",
+    ]
     evidently = drift["evidently"]
     if evidently is None:
-        lines.append("Evidently: not measured (no .venv-evidently: run `make evidently-venv`, or set LIFECYCLE_EVIDENTLY_PYTHON)")
+        lines.append(
+            "Evidently: not measured (no .venv-evidently: run `make evidently-venv`, or set LIFECYCLE_EVIDENTLY_PYTHON)"
+        )
     else:
-        lines += [f"{'Evidently 0.7 DataDriftPreset (raw reference)':<44}{evidently['seconds']:>9.2f}{evidently['peak_mib']:>10.0f}  "
-                  f"{evidently['planted_found']}/{len(drift['planted'])}{'':>11}{', '.join(evidently['false_alarms']) or 'none'}",
-                  f"ours is {drift['ratio']:.1f}x faster (target >= 30x); per-column decisions agree on {drift['agreement']}/{drift['compared']} columns"]
+        lines += [
+            f"{'Evidently 0.7 DataDriftPreset (raw reference)':<44}{evidently['seconds']:>9.2f}{evidently['peak_mib']:>10.0f}  "
+            f"{evidently['planted_found']}/{len(drift['planted'])}{'':>11}{', '.join(evidently['false_alarms']) or 'none'}",
+            f"ours is {drift['ratio']:.1f}x faster (target >= 30x); per-column decisions agree on {drift['agreement']}/{drift['compared']} columns",
+        ]
     lines.append(f"target: peak memory of ours < 1024 MiB: {'met' if ours['peak_mib'] < 1024 else 'NOT met'}")
     run = figures["incremental"]
     full, step = run["scratch"], run["incremental"]
-    lines += [f"incremental monitor ({run['engine']} engine, {run['every']} windows) on a SQLite log of {run['rows']:,} predictions (blocks) "
-              f"with {run['labels']:,} labels, then {run['new']:,} new predictions",
-              f"{'from scratch (whole log)':<44}{full['seconds']:>9.2f}{full['peak_mib']:>10.0f}  {full['windows']} windows",
-              f"{'incremental (the new predictions)':<44}{step['seconds']:>9.2f}{step['peak_mib']:>10.0f}  {step['touched']} window(s) recomputed",
-              f"incremental / from scratch: {run['share']:.1%} (target < 5% and < 2 s)"]
+    lines += [
+        f"incremental monitor ({run['engine']} engine, {run['every']} windows) on a SQLite log of {run['rows']:,} predictions (blocks) "
+        f"with {run['labels']:,} labels, then {run['new']:,} new predictions",
+        f"{'from scratch (whole log)':<44}{full['seconds']:>9.2f}{full['peak_mib']:>10.0f}  {full['windows']} windows",
+        f"{'incremental (the new predictions)':<44}{step['seconds']:>9.2f}{step['peak_mib']:>10.0f}  {step['touched']} window(s) recomputed",
+        f"incremental / from scratch: {run['share']:.1%} (target < 5% and < 2 s)",
+    ]
     return "\n".join(lines)
+
 
 def bench_monitor(
     rows: int = 1_000_000,  # rows of the drift comparison (reference and current each) and predictions in the log
@@ -1138,8 +1638,13 @@ def bench_monitor(
 def _production_sources(project: Path) -> dict:
     "The `[deploy] production` sources of a project: name -> path."
     from lifecycle.core import load_settings
+
     text = load_settings(project / "settings.ini").sections.get("deploy", {}).get("production", "")
-    return {name.strip(): path.strip() for name, _, path in (line.partition(":") for line in text.splitlines() if line.strip())}
+    return {
+        name.strip(): path.strip()
+        for name, _, path in (line.partition(":") for line in text.splitlines() if line.strip())
+    }
+
 
 def _time(call) -> tuple:
     "(what the call returned, its wall seconds)."
@@ -1147,49 +1652,86 @@ def _time(call) -> tuple:
     result = call()
     return result, time.perf_counter() - started
 
+
 def _shadow_throughput(project: Path, shadow_version: int, seconds: int, rounds: int) -> dict:
     "Requests/s of one server at concurrency 8, with and without a shadow, interleaved; medians; the shadow's own counts."
     import httpx
+
     from lifecycle.promotion import move_alias, take_off
     from lifecycle.registry import Registry
+
     registry = Registry(project)
     body = json.dumps(_test_record(project))
     take_off(registry, "shadow", "bench", "bench retrain: the champion alone")
     port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "lifecycle"), "serve", "--settings", str(project / "settings.ini"),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "lifecycle"),
+            "serve",
+            "--settings",
+            str(project / "settings.ini"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     runs = {"without": [], "with": []}
     try:
         _wait_ready(url + "/ready", server)
+
         def shadow_is(version):
             deadline = time.time() + 60
             while (httpx.get(url + "/model", timeout=10).json().get("shadow") or {}).get("version") != version:
                 if time.time() > deadline:
                     raise LifecycleError(f"bench retrain: the server did not take shadow version {version} within 60 s")
                 time.sleep(0.1)
+
         for _ in range(rounds):
             for kind in ("without", "with"):
                 if kind == "with":
-                    move_alias(registry, "shadow", shadow_version, "bench", "bench retrain: shadow scoring under load", force=True)
+                    move_alias(
+                        registry,
+                        "shadow",
+                        shadow_version,
+                        "bench",
+                        "bench retrain: shadow scoring under load",
+                        force=True,
+                    )
                 else:
                     take_off(registry, "shadow", "bench", "bench retrain: the champion alone")
                 shadow_is(shadow_version if kind == "with" else None)
                 runs[kind].append(_wrk(url + "/predict", body, 8, seconds))
             deadline = time.time() + 120
-            while (httpx.get(url + "/model", timeout=10).json().get("shadow") or {}).get("waiting") and time.time() < deadline:
+            while (httpx.get(url + "/model", timeout=10).json().get("shadow") or {}).get(
+                "waiting"
+            ) and time.time() < deadline:
                 time.sleep(0.2)  # the next run without a shadow starts when nothing waits for it
         status = httpx.get(url + "/model", timeout=10).json()["shadow"]
     finally:
         server.send_signal(15)
         server.wait(timeout=120)
     median = lambda kind, key: float(np.median([figures[key] for figures in runs[kind]]))
-    figures = {"rounds": rounds, "seconds_each": seconds, "runs": runs, "shadow": status,
-               "without_per_s": median("without", "requests_per_s"), "with_per_s": median("with", "requests_per_s"),
-               "without_p99_ms": median("without", "p99_ms"), "with_p99_ms": median("with", "p99_ms")}
+    figures = {
+        "rounds": rounds,
+        "seconds_each": seconds,
+        "runs": runs,
+        "shadow": status,
+        "without_per_s": median("without", "requests_per_s"),
+        "with_per_s": median("with", "requests_per_s"),
+        "without_p99_ms": median("without", "p99_ms"),
+        "with_p99_ms": median("with", "p99_ms"),
+    }
     figures["cost_share"] = round(1 - figures["with_per_s"] / figures["without_per_s"], 4)
-    ratios = [with_run["requests_per_s"] / without_run["requests_per_s"] for without_run, with_run in zip(runs["without"], runs["with"])]
-    figures["pair_ratios"] = [round(ratio, 4) for ratio in ratios]  # each pair ran back to back: a busy spell hits both alike
+    ratios = [
+        with_run["requests_per_s"] / without_run["requests_per_s"]
+        for without_run, with_run in zip(runs["without"], runs["with"])
+    ]
+    figures["pair_ratios"] = [
+        round(ratio, 4) for ratio in ratios
+    ]  # each pair ran back to back: a busy spell hits both alike
     figures["pair_cost_share"] = round(1 - float(np.median(ratios)), 4)
     return figures
 
@@ -1204,15 +1746,15 @@ def bench_retrain(
     "Time from a triggering alert to a promoted challenger, by phase; and the cost of shadow scoring to serving throughput."
     if shutil.which("wrk") is None:
         raise LifecycleError("bench retrain needs wrk, the HTTP load generator: apt-get install wrk")
-    from datetime import datetime, timezone
     from lifecycle.core import load_settings, open_project
     from lifecycle.loop import retrain_project
     from lifecycle.monitoring import monitor_project, whole_windows_end
-    from lifecycle.serving.predlog import open_log
     from lifecycle.promotion import move_alias
     from lifecycle.registry import Registry
-    from lifecycle.serving.replay import replay_input, replay_sources
     from lifecycle.retrain import promote_shadow, shadow_evidence
+    from lifecycle.serving.predlog import open_log
+    from lifecycle.serving.replay import replay_input, replay_sources
+
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
         project = _champion_project(Path(folder), _heart_folder(heart, "retrain"))
         settings = load_settings(project / "settings.ini")
@@ -1223,33 +1765,65 @@ def bench_retrain(
         phases, notes = {}, {}
         monitored, phases["alert"] = _time(lambda: monitor_project(open_project(project / "settings.ini")))
         notes["alerts"] = sorted({alert["labels"]["alertname"] for alert in monitored["alerts"]["firing"]})
-        overrides = ["retrain.alerts=any", "retrain.min_new_labels=0", f"retrain.shadow_min={shadow_min}", "prepare.profile=false",
-                     "train.tracking=disabled", "evaluate.tracking=disabled", "evaluate.max_latency_ms=10000",
-                     "evaluate.max_fairness_gap=1"]  # the bench times the path, it does not choose a model: a challenger its gate refused is never promoted
+        overrides = [
+            "retrain.alerts=any",
+            "retrain.min_new_labels=0",
+            f"retrain.shadow_min={shadow_min}",
+            "prepare.profile=false",
+            "train.tracking=disabled",
+            "evaluate.tracking=disabled",
+            "evaluate.max_latency_ms=10000",
+            "evaluate.max_fairness_gap=1",
+        ]  # the bench times the path, it does not choose a model: a challenger its gate refused is never promoted
         retrained, wall = _time(lambda: retrain_project(project / "settings.ini", overrides=overrides, quiet=True))
-        stages = {entry["name"]: entry.get("seconds") or 0.0 for entry in (retrained.get("challenger_run") or {}).get("stages", [])}
+        stages = {
+            entry["name"]: entry.get("seconds") or 0.0
+            for entry in (retrained.get("challenger_run") or {}).get("stages", [])
+        }
         phases["data"] = wall - sum(stages.values()) + stages.get("collect", 0) + stages.get("prepare", 0)
         phases["train"] = stages.get("train", 0.0)
         phases["evaluate"] = stages.get("evaluate", 0.0) + stages.get("retrain", 0.0)
         notes["retrain"] = {"status": retrained["status"], "headline": retrained.get("headline", "")}
         challenger = (retrained.get("summary") or {}).get("challenger")
-        if retrained["status"] != "in shadow":  # the comparison kept the champion: the shadow runs by hand, for the figures that follow
+        if (
+            retrained["status"] != "in shadow"
+        ):  # the comparison kept the champion: the shadow runs by hand, for the figures that follow
             if challenger is None:
-                raise LifecycleError(f"bench retrain: the retrain trained no challenger ({retrained['status']}: {retrained.get('headline', '')})")
-            move_alias(registry, "shadow", challenger, "bench", "bench retrain: shadow by hand (the comparison did not put it there)",
-                       force=True)  # the bench times the shadow path, whatever the challenger's gate said
+                raise LifecycleError(
+                    f"bench retrain: the retrain trained no challenger ({retrained['status']}: {retrained.get('headline', '')})"
+                )
+            move_alias(
+                registry,
+                "shadow",
+                challenger,
+                "bench",
+                "bench retrain: shadow by hand (the comparison did not put it there)",
+                force=True,
+            )  # the bench times the shadow path, whatever the challenger's gate said
         challenger = registry.aliases()["shadow"]
-        rows = [replay_input(project / path, settings, days=1, label_delay=0.5, label_share=0.8, seed=1) for path in sources.values()]
-        notes["shadow_traffic"] = {"records": sum(row["records"] for row in rows), "scored": sum(row["scored"] for row in rows)}
+        rows = [
+            replay_input(project / path, settings, days=1, label_delay=0.5, label_share=0.8, seed=1)
+            for path in sources.values()
+        ]
+        notes["shadow_traffic"] = {
+            "records": sum(row["records"] for row in rows),
+            "scored": sum(row["scored"] for row in rows),
+        }
         with open_log("", project) as log:
             evidence, phases["shadow comparison"] = _time(lambda: shadow_evidence(project, log))
             policy = {"shadow_min": str(shadow_min), "min_compare_rows": 30, "bootstrap": 1000}
             promoted, phases["promotion"] = _time(lambda: promote_shadow(project, policy, log, evidence=evidence))
         notes["promotion"] = {"status": promoted["status"], "reasons": promoted["reasons"], "pairs": evidence["pairs"]}
-        throughput = _shadow_throughput(project, first if registry.resolve("champion") != first else challenger, seconds, rounds)
-    figures = {"phases": {name: round(value, 2) for name, value in phases.items()},
-               "alert_to_promotion_seconds": round(sum(phases.values()), 2), "notes": notes, "throughput": throughput,
-               "target_cost_share": 0.10}
+        throughput = _shadow_throughput(
+            project, first if registry.resolve("champion") != first else challenger, seconds, rounds
+        )
+    figures = {
+        "phases": {name: round(value, 2) for name, value in phases.items()},
+        "alert_to_promotion_seconds": round(sum(phases.values()), 2),
+        "notes": notes,
+        "throughput": throughput,
+        "target_cost_share": 0.10,
+    }
     if not quiet:
         print(format_retrain(figures))
     return figures
@@ -1258,24 +1832,30 @@ def bench_retrain(
 def format_retrain(figures: dict) -> str:
     "The retrain benchmark as a table."
     notes, throughput = figures["notes"], figures["throughput"]
-    lines = ["bench retrain: the default project, champion on Cleveland and Hungary, VA and Switzerland replayed as production "
-             "(the challenger's latency and fairness gates relaxed: the bench times the path to a promotion)",
-             f"alerts firing: {', '.join(notes['alerts']) or 'none'}; retrain: {notes['retrain']['status']}; "
-             f"shadow traffic: {notes['shadow_traffic']['scored']} of {notes['shadow_traffic']['records']} records scored; "
-             f"promotion: {notes['promotion']['status']} ({notes['promotion']['pairs']} shadow pairs)",
-             f"{'phase':<24}{'seconds':>9}"]
+    lines = [
+        "bench retrain: the default project, champion on Cleveland and Hungary, VA and Switzerland replayed as production "
+        "(the challenger's latency and fairness gates relaxed: the bench times the path to a promotion)",
+        f"alerts firing: {', '.join(notes['alerts']) or 'none'}; retrain: {notes['retrain']['status']}; "
+        f"shadow traffic: {notes['shadow_traffic']['scored']} of {notes['shadow_traffic']['records']} records scored; "
+        f"promotion: {notes['promotion']['status']} ({notes['promotion']['pairs']} shadow pairs)",
+        f"{'phase':<24}{'seconds':>9}",
+    ]
     lines += [f"{name:<24}{seconds:>9.2f}" for name, seconds in figures["phases"].items()]
-    lines.append(f"{'alert to promotion':<24}{figures['alert_to_promotion_seconds']:>9.2f}  (without the wait for shadow traffic)")
+    lines.append(
+        f"{'alert to promotion':<24}{figures['alert_to_promotion_seconds']:>9.2f}  (without the wait for shadow traffic)"
+    )
     shadow = throughput["shadow"] or {}
-    lines += [f"serving at concurrency 8, {throughput['rounds']} interleaved pairs of {throughput['seconds_each']} s runs (medians):",
-              f"{'':<24}{'req/s':>9}{'p99 ms':>9}",
-              f"{'without a shadow':<24}{throughput['without_per_s']:>9,.0f}{throughput['without_p99_ms']:>9.2f}",
-              f"{'with a shadow':<24}{throughput['with_per_s']:>9,.0f}{throughput['with_p99_ms']:>9.2f}",
-              f"cost of shadow scoring: {throughput['pair_cost_share']:.1%} fewer requests/s, the median of the pairs' ratios "
-              f"({', '.join(f'{ratio:.3f}' for ratio in throughput['pair_ratios'])}; {throughput['cost_share']:.1%} from the medians above; "
-              f"goal < {figures['target_cost_share']:.0%}); "
-              f"the shadow scored {shadow.get('scored', 0):,} of {shadow.get('submitted', 0):,} records handed to it "
-              f"(dropped {shadow.get('dropped', 0):,}, failed {shadow.get('failed', 0):,})"]
+    lines += [
+        f"serving at concurrency 8, {throughput['rounds']} interleaved pairs of {throughput['seconds_each']} s runs (medians):",
+        f"{'':<24}{'req/s':>9}{'p99 ms':>9}",
+        f"{'without a shadow':<24}{throughput['without_per_s']:>9,.0f}{throughput['without_p99_ms']:>9.2f}",
+        f"{'with a shadow':<24}{throughput['with_per_s']:>9,.0f}{throughput['with_p99_ms']:>9.2f}",
+        f"cost of shadow scoring: {throughput['pair_cost_share']:.1%} fewer requests/s, the median of the pairs' ratios "
+        f"({', '.join(f'{ratio:.3f}' for ratio in throughput['pair_ratios'])}; {throughput['cost_share']:.1%} from the medians above; "
+        f"goal < {figures['target_cost_share']:.0%}); "
+        f"the shadow scored {shadow.get('scored', 0):,} of {shadow.get('submitted', 0):,} records handed to it "
+        f"(dropped {shadow.get('dropped', 0):,}, failed {shadow.get('failed', 0):,})",
+    ]
     return "\n".join(lines)
 
 # %% ../nbs/12_bench.ipynb #0712daea
@@ -1291,22 +1871,40 @@ def bench_train(
         started = time.perf_counter()
         floor = measure("bare_fit", project)
         script_seconds = time.perf_counter() - started
-        run = _lifecycle(project, "--stages", "collect,prepare,train", "-p", "prepare.profile=false", "-p", "train.tracking=offline")
+        run = _lifecycle(
+            project, "--stages", "collect,prepare,train", "-p", "prepare.profile=false", "-p", "train.tracking=offline"
+        )
     stage = next(entry for entry in run["stages"] if entry["name"] == "train")
-    figures = {"rows": rows, "rows_train": floor["rows_train"], "train_stage_seconds": round(stage["seconds"], 2),
-               "command_seconds": round(run["wall_seconds"], 2), "bare_script_seconds": round(script_seconds, 2),
-               "bare_fit_seconds": round(floor["seconds"], 2), "ratio": round(stage["seconds"] / script_seconds, 2),
-               "ratio_to_fit_alone": round(stage["seconds"] / floor["seconds"], 2), "target_ratio": 1.5}
+    figures = {
+        "rows": rows,
+        "rows_train": floor["rows_train"],
+        "train_stage_seconds": round(stage["seconds"], 2),
+        "command_seconds": round(run["wall_seconds"], 2),
+        "bare_script_seconds": round(script_seconds, 2),
+        "bare_fit_seconds": round(floor["seconds"], 2),
+        "ratio": round(stage["seconds"] / script_seconds, 2),
+        "ratio_to_fit_alone": round(stage["seconds"] / floor["seconds"], 2),
+        "target_ratio": 1.5,
+    }
     if not quiet:
-        rows_out = [("train stage (kernel, W&B, registry, report)", stage["seconds"], ""),
-                    ("  the whole lifecycle run command", run["wall_seconds"], ""),
-                    ("bare script: python, imports, read, CV + fit", script_seconds, f"{figures['ratio']:.2f}x (target ≤ 1.5x)"),
-                    ("  of which CV + fit alone", floor["seconds"], f"{figures['ratio_to_fit_alone']:.2f}x")]
-        print(f"bench train: {rows:,} rows ({floor['rows_train']:,} training rows), hist_gradient_boosting, 5-fold CV and fit")
+        rows_out = [
+            ("train stage (kernel, W&B, registry, report)", stage["seconds"], ""),
+            ("  the whole lifecycle run command", run["wall_seconds"], ""),
+            (
+                "bare script: python, imports, read, CV + fit",
+                script_seconds,
+                f"{figures['ratio']:.2f}x (target ≤ 1.5x)",
+            ),
+            ("  of which CV + fit alone", floor["seconds"], f"{figures['ratio_to_fit_alone']:.2f}x"),
+        ]
+        print(
+            f"bench train: {rows:,} rows ({floor['rows_train']:,} training rows), hist_gradient_boosting, 5-fold CV and fit"
+        )
         print(f"{'figure':<46}{'seconds':>8}  stage / figure")
         for label, seconds, ratio in rows_out:
             print(f"{label:<46}{seconds:>8.2f}  {ratio}")
     return figures
+
 
 def run_benchmark(
     name: str,  # the benchmark
@@ -1334,5 +1932,6 @@ def run_benchmark(
         return bench_monitor(rows or 1_000_000, quiet=quiet, engine=engine, scheduler=scheduler)
     if name == "retrain":
         return bench_retrain(quiet=quiet)
-    raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard, clinic, monitor, retrain")
-
+    raise LifecycleError(
+        f"unknown benchmark '{name}'; benchmarks: prepare, train, serve, batch, stream, dashboard, clinic, monitor, retrain"
+    )

@@ -17,6 +17,7 @@ __all__ = ['monitor_text', 'parser', 'main']
 # %% ../nbs/11_cli.ipynb #395f895a
 def _run(args) -> int:
     from lifecycle.pipeline import run_lifecycle
+
     only = [name.strip() for name in args.stages.split(",") if name.strip()] if args.stages else None
     run = run_lifecycle(args.settings, only=only, start=args.start, overrides=args.parameter, quiet=args.json)
     if args.json:
@@ -27,80 +28,145 @@ def _run(args) -> int:
         print(f"Report: {run['report']}")
     return 0 if run["status"] == "passed" else 1
 
+
 def _bench(args) -> int:
     from lifecycle.bench import run_benchmark
+
     figures = run_benchmark(args.name, rows=args.rows, quiet=args.json, engine=args.engine, scheduler=args.scheduler)
     if args.json:
         print(json.dumps(figures, indent=2, default=str))
     return 0
 
+
 def _serve(args) -> int:
     import os
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
     from lifecycle.core import open_project
     from lifecycle.serving.serve import serve
+
     project = open_project(args.settings, log=args.log or None)
-    serve(project.root, host=args.host, port=args.port, alias=args.model, log_url=project.log_url,
-          access_log=args.access_log, max_body=args.max_body, max_records=args.max_records)
+    serve(
+        project.root,
+        host=args.host,
+        port=args.port,
+        alias=args.model,
+        log_url=project.log_url,
+        access_log=args.access_log,
+        max_body=args.max_body,
+        max_records=args.max_records,
+    )
     return 0
+
 
 def _dashboard(args) -> int:
     from lifecycle.dashserver import run_dashboard
+
     return run_dashboard(args.settings, host=args.host, port=args.port, refresh=args.refresh)
+
 
 def _clinic(args) -> int:
     from lifecycle.clinic import run_clinic
+
     return run_clinic(args.settings, host=args.host, port=args.port, url=args.url)
+
 
 def _by_hand(args, alias: str) -> dict:
     "A person's move, for retrain/decisions.jsonl."
     from datetime import datetime, timezone
-    return {"kind": "by hand", "action": args.action, "alias": alias, "forced": bool(args.force), "reasons": [args.reason or "by hand"],
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    return {
+        "kind": "by hand",
+        "action": args.action,
+        "alias": alias,
+        "forced": bool(args.force),
+        "reasons": [args.reason or "by hand"],
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
 
 def _models(args) -> int:
     from lifecycle.core import open_project
-    from lifecycle.promotion import listing as registry_listing, move_alias, move_back, take_off
+    from lifecycle.promotion import listing as registry_listing
+    from lifecycle.promotion import move_alias, move_back, take_off
     from lifecycle.registry import Registry
+
     registry = Registry(open_project(args.settings).root)
     if args.force and args.action not in ("promote", "shadow"):
-        raise LifecycleError("--force goes with models promote or models shadow, e.g. lifecycle models promote 3 --force --reason '…'")
+        raise LifecycleError(
+            "--force goes with models promote or models shadow, e.g. lifecycle models promote 3 --force --reason '…'"
+        )
     if args.force and not (args.reason or "").strip():
-        raise LifecycleError("models --force needs --reason '…': why a version without a passed gate should serve, for the record")
+        raise LifecycleError(
+            "models --force needs --reason '…': why a version without a passed gate should serve, for the record"
+        )
     reason = args.reason or "by hand"
     if args.action == "promote":
         if args.version is None:
             raise LifecycleError("models promote needs a VERSION, e.g. lifecycle models promote 3 --reason '…'")
-        event = move_alias(registry, args.alias, registry.resolve(args.version), "person", reason, force=args.force, decision=_by_hand(args, args.alias))
+        event = move_alias(
+            registry,
+            args.alias,
+            registry.resolve(args.version),
+            "person",
+            reason,
+            force=args.force,
+            decision=_by_hand(args, args.alias),
+        )
     elif args.action == "rollback":
         event = move_back(registry, "person", reason, args.alias, decision=_by_hand(args, args.alias))
     elif args.action == "shadow" and args.clear:
         event = take_off(registry, "shadow", "person", reason, decision=_by_hand(args, "shadow"))
     elif args.action == "shadow":
         if args.version is None:
-            raise LifecycleError("models shadow needs a VERSION (or --clear), e.g. lifecycle models shadow 4 --reason 'challenger of retrain 20260301'")
-        event = move_alias(registry, "shadow", registry.resolve(args.version), "person", reason, force=args.force, decision=_by_hand(args, "shadow"))
+            raise LifecycleError(
+                "models shadow needs a VERSION (or --clear), e.g. lifecycle models shadow 4 --reason 'challenger of retrain 20260301'"
+            )
+        event = move_alias(
+            registry,
+            "shadow",
+            registry.resolve(args.version),
+            "person",
+            reason,
+            force=args.force,
+            decision=_by_hand(args, "shadow"),
+        )
     else:
         event = None
     listing = registry_listing(registry)
     if event and event["alias"] == "shadow" and event.get("forced"):
-        print(f"warning: version {event['version']} has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, "
-              "never promote it", file=sys.stderr)
+        print(
+            f"warning: version {event['version']} has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, "
+            "never promote it",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps({**listing, "event": event}, indent=2, default=str))
         return 0
     if event:
-        print(f"{event['alias']} → " + (f"version {event['version']}" if event["version"] is not None else "none") + f" (was {event['previous']}): {event['reason']}")
-    print(f"{'version':>7}  {'created':<25} {'model':<24} {'ROC AUC':>8}  {'gate':<7} {'promote':<8} {'sha256':<16}  aliases")
+        print(
+            f"{event['alias']} → "
+            + (f"version {event['version']}" if event["version"] is not None else "none")
+            + f" (was {event['previous']}): {event['reason']}"
+        )
+    print(
+        f"{'version':>7}  {'created':<25} {'model':<24} {'ROC AUC':>8}  {'gate':<7} {'promote':<8} {'sha256':<16}  aliases"
+    )
     for row in listing["versions"]:
         gate = {True: "passed", False: "refused", None: "—"}[row["gate"]]
-        promote = "yes" if row["ungated"] is None else "--force"  # ungated: never a candidate because its ROC AUC is high
-        print(f"{row['version']:>7}  {row['created']:<25} {str(row['model']):<24} {row['roc_auc']:>8.3f}  {gate:<7} {promote:<8} {row['sha256'][:16]}  "
-              f"{', '.join(row['aliases'])}" + ("" if row["file_ok"] else "  ! FILE FAILS ITS SHA-256"))
+        promote = (
+            "yes" if row["ungated"] is None else "--force"
+        )  # ungated: never a candidate because its ROC AUC is high
+        print(
+            f"{row['version']:>7}  {row['created']:<25} {str(row['model']):<24} {row['roc_auc']:>8.3f}  {gate:<7} {promote:<8} {row['sha256'][:16]}  "
+            f"{', '.join(row['aliases'])}" + ("" if row["file_ok"] else "  ! FILE FAILS ITS SHA-256")
+        )
     for row in listing["versions"]:
         if not row["file_ok"]:
-            print(f"warning: version {row['version']}: model.skops does not match its SHA-256 (changed or missing); it cannot be loaded or promoted",
-                  file=sys.stderr)
+            print(
+                f"warning: version {row['version']}: model.skops does not match its SHA-256 (changed or missing); it cannot be loaded or promoted",
+                file=sys.stderr,
+            )
     return 0
 
 # %% ../nbs/11_cli.ipynb #5362c2a0
@@ -109,31 +175,43 @@ def _figure(value, percent: bool = False) -> str:
         return "unknown"
     return f"{value:.0%}" if percent else f"{value:.3g}" if isinstance(value, float) else str(value)
 
+
 def monitor_text(
     summary: dict,  # `monitor_project`'s result
     kpis: list[str] = (),  # the KPI names of `[monitor] kpis`
     column_name=str,  # a column's name in words (`Settings.column_name`), for the refused records' reasons
 ) -> str:  # lines in words
     "What monitoring found, in words: the latest window, its accuracy (realized and estimated), KPIs, alerts."
-    lines = [f"{summary['project']}: {summary['windows']} windows; {summary['new_predictions']} new predictions and "
-             f"{summary['new_labels']} new labels since the last look; champion: version {summary.get('champion')}."]
+    lines = [
+        f"{summary['project']}: {summary['windows']} windows; {summary['new_predictions']} new predictions and "
+        f"{summary['new_labels']} new labels since the last look; champion: version {summary.get('champion')}."
+    ]
     latest = summary.get("latest")
     if latest:
         values = latest["values"]
-        lines.append(f"Latest window {latest['window']} (model version {latest['model_version']}, from {str(latest['window_start'])[:10]}, "
-                     f"last event {str(latest['last_event'])[:16]} UTC): {values.get('predictions')} predictions, "
-                     f"{values.get('labeled')} with their label.")
+        lines.append(
+            f"Latest window {latest['window']} (model version {latest['model_version']}, from {str(latest['window_start'])[:10]}, "
+            f"last event {str(latest['last_event'])[:16]} UTC): {values.get('predictions')} predictions, "
+            f"{values.get('labeled')} with their label."
+        )
         if values.get("roc_auc") is not None:
-            lines.append(f"Realized ROC AUC {_figure(values['roc_auc'])} (95% interval {_figure(values.get('roc_auc_low'))} to "
-                         f"{_figure(values.get('roc_auc_high'))}) and recall {_figure(values.get('recall'), True)} on {values.get('labeled')} labels.")
+            lines.append(
+                f"Realized ROC AUC {_figure(values['roc_auc'])} (95% interval {_figure(values.get('roc_auc_low'))} to "
+                f"{_figure(values.get('roc_auc_high'))}) and recall {_figure(values.get('recall'), True)} on {values.get('labeled')} labels."
+            )
         if values.get("estimated_roc_auc") is not None:
-            lines.append(f"Estimated from calibrated scores (an estimate, not a measurement): ROC AUC {_figure(values['estimated_roc_auc'])}, "
-                         f"recall {_figure(values.get('estimated_recall'), True)}.")
+            lines.append(
+                f"Estimated from calibrated scores (an estimate, not a measurement): ROC AUC {_figure(values['estimated_roc_auc'])}, "
+                f"recall {_figure(values.get('estimated_recall'), True)}."
+            )
         if kpis:
             lines.append("KPIs: " + "; ".join(f"{name} {_figure(values.get(name))}" for name in kpis) + ".")
         if latest.get("rejections"):
             from lifecycle.monitoring import rejection_lines
-            lines.append(f"Refused by the record contract: {values.get('rejected')} records ({_figure(values.get('rejected_share'), True)} of those received):")
+
+            lines.append(
+                f"Refused by the record contract: {values.get('rejected')} records ({_figure(values.get('rejected_share'), True)} of those received):"
+            )
             lines += [f"  {line}" for line in rejection_lines(latest["rejections"], column_name)]
         lines += [f"- {statement}" for statement in latest.get("statements", [])]
     lines += [f"- {statement}" for statement in summary.get("statements", [])]
@@ -142,15 +220,22 @@ def monitor_text(
         lines.append(f"{len(firing)} alerts firing:")
         lines += [f"  {alert['labels']['severity'].upper()} {alert['annotations']['summary']}" for alert in firing]
     else:
-        lines.append("No alert is firing." if summary.get("alerts", {}).get("delivery") != "no rules" else "No alert rules are set ([monitor] alerts).")
+        lines.append(
+            "No alert is firing."
+            if summary.get("alerts", {}).get("delivery") != "no rules"
+            else "No alert rules are set ([monitor] alerts)."
+        )
     return "\n".join(lines)
+
 
 def _monitor(args) -> int:
     import signal
     import threading
+
     from lifecycle.alerts import parse_kpis
     from lifecycle.core import open_project
     from lifecycle.rollback import monitor_and_roll_back
+
     if args.watch is not None and not args.watch > 0:
         raise LifecycleError("monitor --watch takes a positive number of seconds, e.g. --watch 60")
     project = open_project(args.settings)
@@ -163,7 +248,11 @@ def _monitor(args) -> int:
             raise KeyboardInterrupt
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, interrupted) if args.watch and threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGINT, interrupted)
+        if args.watch and threading.current_thread() is threading.main_thread()
+        else None
+    )
     try:
         while True:
             summary = monitor_and_roll_back(project, engine=args.engine, scheduler=args.scheduler or None)
@@ -183,141 +272,276 @@ def _monitor(args) -> int:
 # %% ../nbs/11_cli.ipynb #1666fb42
 class _Parser(argparse.ArgumentParser):
     "An argument parser that takes options only as written: `--stage` is not silently `--stages`."
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
+
 def _examples(*lines: str) -> str:
     "An `--help` epilog of example command lines."
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
+
 def parser() -> argparse.ArgumentParser:
     "The command line of `lifecycle`."
     import lifecycle
-    top = _Parser(prog="lifecycle", description="Literate MLOps: the machine-learning lifecycle as notebooks.",
-                  epilog=_examples("lifecycle run                      # the whole lifecycle on ./settings.ini",
-                                   "lifecycle run --from train -p train.model=random_forest",
-                                   "lifecycle serve                    # http://127.0.0.1:8000/docs",
-                                   "lifecycle replay --input data/heart-disease-uci/processed.va.data",
-                                   "lifecycle monitor --json",
-                                   "lifecycle models --json",
-                                   "lifecycle COMMAND --help           # each command's options and examples"))
+
+    top = _Parser(
+        prog="lifecycle",
+        description="Literate MLOps: the machine-learning lifecycle as notebooks.",
+        epilog=_examples(
+            "lifecycle run                      # the whole lifecycle on ./settings.ini",
+            "lifecycle run --from train -p train.model=random_forest",
+            "lifecycle serve                    # http://127.0.0.1:8000/docs",
+            "lifecycle replay --input data/heart-disease-uci/processed.va.data",
+            "lifecycle monitor --json",
+            "lifecycle models --json",
+            "lifecycle COMMAND --help           # each command's options and examples",
+        ),
+    )
     top.add_argument("--version", action="version", version=f"lifecycle {lifecycle.__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    run = commands.add_parser("run", help="execute the stage notebooks and write reports/<run_id>/",
-                              description="Execute the stage notebooks with papermill into reports/<run_id>/, reusing stages whose notebook, parameters and inputs are unchanged. "
-                                          "Every parameter value is checked before any stage runs.",
-                              epilog=_examples("lifecycle run",
-                                               "lifecycle run --settings ~/census/settings.ini --json",
-                                               "lifecycle run --stages collect,prepare",
-                                               "lifecycle run --from train -p train.model=random_forest -p train.seed=7",
-                                               "lifecycle run -p prepare.accept_schema=true -p 'prepare.schema_reason=new hospital'"))
-    run.add_argument("--settings", default="settings.ini", help="the project's settings file (default: settings.ini, searched upward)")
+    run = commands.add_parser(
+        "run",
+        help="execute the stage notebooks and write reports/<run_id>/",
+        description="Execute the stage notebooks with papermill into reports/<run_id>/, reusing stages whose notebook, parameters and inputs are unchanged. "
+        "Every parameter value is checked before any stage runs.",
+        epilog=_examples(
+            "lifecycle run",
+            "lifecycle run --settings ~/census/settings.ini --json",
+            "lifecycle run --stages collect,prepare",
+            "lifecycle run --from train -p train.model=random_forest -p train.seed=7",
+            "lifecycle run -p prepare.accept_schema=true -p 'prepare.schema_reason=new hospital'",
+        ),
+    )
+    run.add_argument(
+        "--settings",
+        default="settings.ini",
+        help="the project's settings file (default: settings.ini, searched upward)",
+    )
     run.add_argument("--stages", help="comma-separated stages to run; earlier stages must be cached")
     run.add_argument("--from", dest="start", metavar="STAGE", help="re-execute this stage and every one after it")
-    run.add_argument("-p", dest="parameter", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                     help="override a stage parameter, e.g. -p prepare.seed=7 (repeatable)")
+    run.add_argument(
+        "-p",
+        dest="parameter",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a stage parameter, e.g. -p prepare.seed=7 (repeatable)",
+    )
     run.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
     run.set_defaults(handler=_run)
-    models = commands.add_parser("models", help="the model registry: versions, aliases, promote, rollback",
-                                 description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back. "
-                                             "A version without a passed gate (or left by a retrain that did not finish) takes champion or shadow "
-                                             "only with --force and a --reason, both on the record; the list marks it (promote: --force).",
-                                 epilog=_examples("lifecycle models", "lifecycle models promote 3 --reason 'better recall on VA'",
-                                                  "lifecycle models promote 5 --force --reason 'gate data was wrong: see ticket 12'",
-                                                  "lifecycle models promote challenger --alias champion --reason 'passed shadow'",
-                                                  "lifecycle models rollback --reason 'alert: recall dropped'",
-                                                  "lifecycle models shadow 4 --reason 'challenger: score beside the champion'",
-                                                  "lifecycle models shadow --clear --reason 'enough seen'", "lifecycle models --json"))
-    models.add_argument("action", nargs="?", choices=["list", "promote", "rollback", "shadow"], default="list",
-                        help="list (default), promote, rollback, or shadow (a version scores beside the champion, never answering)")
+    models = commands.add_parser(
+        "models",
+        help="the model registry: versions, aliases, promote, rollback",
+        description="List the registered model versions and aliases; promote a version to an alias, or roll an alias back. "
+        "A version without a passed gate (or left by a retrain that did not finish) takes champion or shadow "
+        "only with --force and a --reason, both on the record; the list marks it (promote: --force).",
+        epilog=_examples(
+            "lifecycle models",
+            "lifecycle models promote 3 --reason 'better recall on VA'",
+            "lifecycle models promote 5 --force --reason 'gate data was wrong: see ticket 12'",
+            "lifecycle models promote challenger --alias champion --reason 'passed shadow'",
+            "lifecycle models rollback --reason 'alert: recall dropped'",
+            "lifecycle models shadow 4 --reason 'challenger: score beside the champion'",
+            "lifecycle models shadow --clear --reason 'enough seen'",
+            "lifecycle models --json",
+        ),
+    )
+    models.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "promote", "rollback", "shadow"],
+        default="list",
+        help="list (default), promote, rollback, or shadow (a version scores beside the champion, never answering)",
+    )
     models.add_argument("version", nargs="?", help="the version to promote (a number, or an alias such as challenger)")
-    models.add_argument("--alias", default="champion", choices=["champion", "challenger", "shadow"], help="the alias to move (default: champion)")
+    models.add_argument(
+        "--alias",
+        default="champion",
+        choices=["champion", "challenger", "shadow"],
+        help="the alias to move (default: champion)",
+    )
     models.add_argument("--clear", action="store_true", help="with shadow: take the version in shadow off")
     models.add_argument("--reason", default=None, help="why, for the record (default: by hand; required with --force)")
-    models.add_argument("--force", action="store_true", help="with promote or shadow: a version without a passed gate, on the record with --reason")
+    models.add_argument(
+        "--force",
+        action="store_true",
+        help="with promote or shadow: a version without a passed gate, on the record with --reason",
+    )
     models.add_argument("--settings", default="settings.ini", help="the project's settings file")
     models.add_argument("--json", action="store_true", help="print the registry as one JSON object")
     models.set_defaults(handler=_models)
-    serve = commands.add_parser("serve", help="real-time HTTP scoring of the champion model",
-                                description="Serve the champion over HTTP (FastAPI, uvicorn): POST /predict, POST /feedback, GET /health, /ready, /model, /metrics, /docs. "
-                                            "Every prediction is written to the prediction log. A new champion is picked up without a restart.",
-                                epilog=_examples("lifecycle serve", "lifecycle serve --port 8080 --log postgresql://user@localhost/predictions",
-                                                 "LIFECYCLE_API_TOKEN=… lifecycle serve --host 0.0.0.0"))
+    serve = commands.add_parser(
+        "serve",
+        help="real-time HTTP scoring of the champion model",
+        description="Serve the champion over HTTP (FastAPI, uvicorn): POST /predict, POST /feedback, GET /health, /ready, /model, /metrics, /docs. "
+        "Every prediction is written to the prediction log. A new champion is picked up without a restart.",
+        epilog=_examples(
+            "lifecycle serve",
+            "lifecycle serve --port 8080 --log postgresql://user@localhost/predictions",
+            "LIFECYCLE_API_TOKEN=… lifecycle serve --host 0.0.0.0",
+        ),
+    )
     serve.add_argument("--settings", default="settings.ini", help="the project's settings file")
-    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
     serve.add_argument("--model", default="champion", help="the alias or version to serve (default: champion)")
-    serve.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
+    serve.add_argument(
+        "--log",
+        default="",
+        metavar="URL",
+        help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)",
+    )
     serve.add_argument("--access-log", action="store_true", help="log each request's method, path and status")
-    serve.add_argument("--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)")
-    serve.add_argument("--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)")
+    serve.add_argument(
+        "--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)"
+    )
+    serve.add_argument(
+        "--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)"
+    )
     serve.set_defaults(handler=_serve)
     from lifecycle.serving.batch import add_batch_command
     from lifecycle.serving.replay import add_replay_command
     from lifecycle.serving.stream import add_stream_command
+
     add_batch_command(commands)
     add_stream_command(commands)
-    dashboard = commands.add_parser("dashboard", help="the live monitoring dashboard in the browser (Voila), with a monitor beside it",
-                                    description="Serve the live monitoring dashboard with Voila (a preheated kernel) and keep one incremental monitor running "
-                                                "beside it. The page reads the stored results and refreshes itself; it shows no record of a patient. "
-                                                "Bound to another address than 127.0.0.1, it needs LIFECYCLE_API_TOKEN.",
-                                    epilog=_examples("lifecycle dashboard                # http://127.0.0.1:8866/",
-                                                     "lifecycle dashboard --port 8900 --refresh 10",
-                                                     "LIFECYCLE_API_TOKEN=… lifecycle dashboard --host 0.0.0.0"))
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="the live monitoring dashboard in the browser (Voila), with a monitor beside it",
+        description="Serve the live monitoring dashboard with Voila (a preheated kernel) and keep one incremental monitor running "
+        "beside it. The page reads the stored results and refreshes itself; it shows no record of a patient. "
+        "Bound to another address than 127.0.0.1, it needs LIFECYCLE_API_TOKEN.",
+        epilog=_examples(
+            "lifecycle dashboard                # http://127.0.0.1:8866/",
+            "lifecycle dashboard --port 8900 --refresh 10",
+            "LIFECYCLE_API_TOKEN=… lifecycle dashboard --host 0.0.0.0",
+        ),
+    )
     dashboard.add_argument("--settings", default="settings.ini", help="the project's settings file")
-    dashboard.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
+    dashboard.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)",
+    )
     dashboard.add_argument("--port", type=int, default=8866, help="the port (default 8866)")
-    dashboard.add_argument("--refresh", type=float, default=None, metavar="SECONDS",
-                           help="seconds between the page's refreshes and the monitor's runs (default: [monitor] refresh_seconds, 30)")
+    dashboard.add_argument(
+        "--refresh",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between the page's refreshes and the monitor's runs (default: [monitor] refresh_seconds, 30)",
+    )
     dashboard.set_defaults(handler=_dashboard)
-    clinic = commands.add_parser("clinic", help="the doctor's page in the browser (Voila): one patient's risk, why, and the model's limits",
-                                 description="Serve the doctor's page with Voila: a form generated from the champion's schema and the project's words; "
-                                             "on submit the risk, its band, the decision in words, the features that moved the score and the model's limits. "
-                                             "It scores through the code of lifecycle serve (in-process, or the server at --url) and logs every score "
-                                             "under channel dashboard. Off loopback it needs LIFECYCLE_API_TOKEN.",
-                                 epilog=_examples("lifecycle clinic                              # http://127.0.0.1:8867/",
-                                                  "lifecycle clinic --url http://127.0.0.1:8000  # through a running lifecycle serve",
-                                                  "LIFECYCLE_API_TOKEN=… lifecycle clinic --host 0.0.0.0"))
+    clinic = commands.add_parser(
+        "clinic",
+        help="the doctor's page in the browser (Voila): one patient's risk, why, and the model's limits",
+        description="Serve the doctor's page with Voila: a form generated from the champion's schema and the project's words; "
+        "on submit the risk, its band, the decision in words, the features that moved the score and the model's limits. "
+        "It scores through the code of lifecycle serve (in-process, or the server at --url) and logs every score "
+        "under channel dashboard. Off loopback it needs LIFECYCLE_API_TOKEN.",
+        epilog=_examples(
+            "lifecycle clinic                              # http://127.0.0.1:8867/",
+            "lifecycle clinic --url http://127.0.0.1:8000  # through a running lifecycle serve",
+            "LIFECYCLE_API_TOKEN=… lifecycle clinic --host 0.0.0.0",
+        ),
+    )
     clinic.add_argument("--settings", default="settings.ini", help="the project's settings file")
-    clinic.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)")
+    clinic.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1; any other needs LIFECYCLE_API_TOKEN)",
+    )
     clinic.add_argument("--port", type=int, default=8867, help="the port (default 8867)")
-    clinic.add_argument("--url", default="", help="score through the lifecycle serve at this address (default: in-process, the same code)")
+    clinic.add_argument(
+        "--url",
+        default="",
+        help="score through the lifecycle serve at this address (default: in-process, the same code)",
+    )
     clinic.set_defaults(handler=_clinic)
     add_replay_command(commands)
-    monitor = commands.add_parser("monitor", help="drift, accuracy, fairness and KPIs per window from the prediction log; alerts",
-                                  description="Bring the monitoring windows up to date with the prediction log (incrementally), raise the alerts of "
-                                              "[monitor] alerts, and print the latest window and the firing alerts. Exit code 3 when a critical "
-                                              "alert fires, 0 otherwise.",
-                                  epilog=_examples("lifecycle monitor", "lifecycle monitor --json", "lifecycle monitor --watch 60",
-                                                   "lifecycle monitor --json || echo 'a critical alert fires'"))
-    monitor.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="run again every SECONDS until interrupted")
-    monitor.add_argument("--json", action="store_true", help="print the result as one JSON object (one a line with --watch)")
+    monitor = commands.add_parser(
+        "monitor",
+        help="drift, accuracy, fairness and KPIs per window from the prediction log; alerts",
+        description="Bring the monitoring windows up to date with the prediction log (incrementally), raise the alerts of "
+        "[monitor] alerts, and print the latest window and the firing alerts. Exit code 3 when a critical "
+        "alert fires, 0 otherwise.",
+        epilog=_examples(
+            "lifecycle monitor",
+            "lifecycle monitor --json",
+            "lifecycle monitor --watch 60",
+            "lifecycle monitor --json || echo 'a critical alert fires'",
+        ),
+    )
+    monitor.add_argument(
+        "--watch", type=float, default=None, metavar="SECONDS", help="run again every SECONDS until interrupted"
+    )
+    monitor.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object (one a line with --watch)"
+    )
     monitor.add_argument("--settings", default="settings.ini", help="the project's settings file")
-    monitor.add_argument("--engine", choices=["local", "dask"], default="local", help="compute the windows in this process, or on Dask (default: local)")
-    monitor.add_argument("--scheduler", default="", metavar="ADDRESS", help="with --engine dask: a Dask scheduler's address (default: a local cluster)")
+    monitor.add_argument(
+        "--engine",
+        choices=["local", "dask"],
+        default="local",
+        help="compute the windows in this process, or on Dask (default: local)",
+    )
+    monitor.add_argument(
+        "--scheduler",
+        default="",
+        metavar="ADDRESS",
+        help="with --engine dask: a Dask scheduler's address (default: a local cluster)",
+    )
     monitor.set_defaults(handler=_monitor)
     from lifecycle.loop import add_retrain_command
+
     add_retrain_command(commands)
     from lifecycle.simulate import add_simulate_command
+
     add_simulate_command(commands)
-    bench = commands.add_parser("bench", help="benchmarks that print measured figures beside their floor",
-                                description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
-                                epilog=_examples("lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"))
-    bench.add_argument("name", choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "clinic", "monitor", "retrain"],
-                       help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
-                            "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
-                            "stream (events/s through Redis Streams against the same events scored in-process) "
-                            "dashboard (first paint of lifecycle dashboard against a cold Voila start, in chromium) "
-                            "clinic (submit to score and reasons painted on the lifecycle clinic page, in chromium) "
-                            "or monitor (drift against Evidently's DataDriftPreset; the incremental monitor against the whole log from scratch)")
-    bench.add_argument("--rows", type=int, default=None, help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks that print measured figures beside their floor",
+        description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
+        epilog=_examples(
+            "lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"
+        ),
+    )
+    bench.add_argument(
+        "name",
+        choices=["prepare", "train", "serve", "batch", "stream", "dashboard", "clinic", "monitor", "retrain"],
+        help="prepare (collect and prepare against a bare read, 1M rows), train (the train stage against a bare script, 100k rows) "
+        "serve (lifecycle serve under wrk against in-process scoring and MLflow), batch (1M and 5M rows against a bare predict_proba) "
+        "stream (events/s through Redis Streams against the same events scored in-process) "
+        "dashboard (first paint of lifecycle dashboard against a cold Voila start, in chromium) "
+        "clinic (submit to score and reasons painted on the lifecycle clinic page, in chromium) "
+        "or monitor (drift against Evidently's DataDriftPreset; the incremental monitor against the whole log from scratch)",
+    )
+    bench.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)",
+    )
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    bench.add_argument("--engine", choices=["local", "dask"], default="local", help="monitor: the incremental monitor's engine")
-    bench.add_argument("--scheduler", default=None, help="monitor with --engine dask: a scheduler address, tcp://host:8786 (default: a local cluster)")
+    bench.add_argument(
+        "--engine", choices=["local", "dask"], default="local", help="monitor: the incremental monitor's engine"
+    )
+    bench.add_argument(
+        "--scheduler",
+        default=None,
+        help="monitor with --engine dask: a scheduler address, tcp://host:8786 (default: a local cluster)",
+    )
     bench.set_defaults(handler=_bench)
     return top
+
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `lifecycle` command."

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import PAGE_SETTINGS_ENV, LifecycleError, Project, Settings, open_project, page_settings, read_json, split_list, value_key
+from lifecycle.core import (
+    PAGE_SETTINGS_ENV,
+    LifecycleError,
+    Project,
+    Settings,
+    open_project,
+    page_settings,
+    read_json,
+    split_list,
+    value_key,
+)
 
 # %% auto #0
 __all__ = ['CLINIC_KEYS', 'URL_ENV', 'SERVER_TOKEN_ENV', 'LIMIT_SECTIONS', 'STYLE', 'PAGE', 'ClinicOptions', 'clinic_options',
@@ -34,14 +44,17 @@ CLINIC_KEYS = {
     "reasons": "how many features the 'why' shows, the largest effects first (default 4)",
 }
 
+
 @dataclass
 class ClinicOptions:
     "The page's settings, checked."
+
     bands: tuple[float, float] | None  # (low below, high from); None: from the model's threshold
     positive_decision: str  # at or above the threshold
     negative_decision: str  # below it
     rare_missing_share: float  # flag a missing value training missed less often than this
     reasons: int  # features in the 'why'
+
 
 def clinic_options(
     settings: Settings,  # the project's settings
@@ -50,7 +63,9 @@ def clinic_options(
     section = settings.sections.get("clinic", {})
     for key in section:
         if key not in CLINIC_KEYS:
-            raise LifecycleError(f"{settings.path.name}: unknown key '{key}' in section [clinic]; known keys: {', '.join(CLINIC_KEYS)}")
+            raise LifecycleError(
+                f"{settings.path.name}: unknown key '{key}' in section [clinic]; known keys: {', '.join(CLINIC_KEYS)}"
+            )
     bands = None
     if section.get("bands", "").strip():
         try:
@@ -58,17 +73,29 @@ def clinic_options(
         except ValueError:
             edges = []
         if len(edges) != 2 or not 0 < edges[0] < edges[1] < 1:
-            raise LifecycleError(f"{settings.path.name}: [clinic] bands must be two scores between 0 and 1, the lower first, e.g. 0.15, 0.35")
+            raise LifecycleError(
+                f"{settings.path.name}: [clinic] bands must be two scores between 0 and 1, the lower first, e.g. 0.15, 0.35"
+            )
         bands = (edges[0], edges[1])
     try:
         rare = float(section.get("rare_missing_share", "0.02"))
         reasons = int(section.get("reasons", "4"))
     except ValueError:
-        raise LifecycleError(f"{settings.path.name}: [clinic] rare_missing_share must be a share (0 to 1) and reasons a whole number") from None
+        raise LifecycleError(
+            f"{settings.path.name}: [clinic] rare_missing_share must be a share (0 to 1) and reasons a whole number"
+        ) from None
     if not (0 <= rare <= 1 and 1 <= reasons <= 50):
-        raise LifecycleError(f"{settings.path.name}: [clinic] rare_missing_share must be between 0 and 1, reasons between 1 and 50")
-    return ClinicOptions(bands, section.get("positive_decision", "").strip() or f"flag for review: {settings.positive_label} is likely",
-                         section.get("negative_decision", "").strip() or f"no flag: {settings.negative_label} is likely on this score", rare, reasons)
+        raise LifecycleError(
+            f"{settings.path.name}: [clinic] rare_missing_share must be between 0 and 1, reasons between 1 and 50"
+        )
+    return ClinicOptions(
+        bands,
+        section.get("positive_decision", "").strip() or f"flag for review: {settings.positive_label} is likely",
+        section.get("negative_decision", "").strip() or f"no flag: {settings.negative_label} is likely on this score",
+        rare,
+        reasons,
+    )
+
 
 def band_edges(
     options: ClinicOptions,  # the page's settings
@@ -76,6 +103,7 @@ def band_edges(
 ) -> tuple[float, float]:  # (low below, high from)
     "The band edges: from settings, else half the threshold and the threshold."
     return options.bands or (threshold / 2, threshold)
+
 
 def risk_band(
     score: float,  # a score
@@ -88,6 +116,7 @@ def risk_band(
 @dataclass
 class Field:
     "One input of the form."
+
     name: str  # the feature
     title: str  # its name in words, with its unit
     kind: str  # number, choice, or id (the optional patient identifier: `identifier_field`)
@@ -97,9 +126,11 @@ class Field:
     missing_share: float  # the share of training patients without this value
     unseen: frozenset  # a choice's values (as `value_key`) that training never had
 
+
 def _sent(value):
     "A category as the record carries it: a whole number without its .0."
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
 
 def form_fields(
     meta: dict,  # the model version's metadata (registry)
@@ -108,6 +139,7 @@ def form_fields(
 ) -> list[Field]:  # the model's features as form fields
     "The form's fields, from the version's contract, its training reference and the project's words."
     from lifecycle.contract import contract_from_meta
+
     contract = contract_from_meta(meta)
     features = list(meta["features"]["numeric"]) + list(meta["features"]["categorical"])
     stored = reference.get("features") or {}
@@ -117,14 +149,39 @@ def form_fields(
         if rule.kind in ("code", "category"):
             frequencies = facts.get("frequencies") or {}
             choices = [(_sent(value), settings.value_label(name, value)) for value in rule.categories]
-            unseen = frozenset(value_key(value) for value in rule.categories if frequencies and not frequencies.get(value_key(value)))
-            fields.append(Field(name, settings.column_name(name), "choice", choices, None, None, float(frequencies.get("missing", 0.0)), unseen))
+            unseen = frozenset(
+                value_key(value) for value in rule.categories if frequencies and not frequencies.get(value_key(value))
+            )
+            fields.append(
+                Field(
+                    name,
+                    settings.column_name(name),
+                    "choice",
+                    choices,
+                    None,
+                    None,
+                    float(frequencies.get("missing", 0.0)),
+                    unseen,
+                )
+            )
             continue
         grid = facts.get("quantile_grid") or []
         seen = (float(grid[0]), float(grid[-1])) if grid else None
         accepted = (rule.low, rule.high) if rule.low is not None else None
-        fields.append(Field(name, settings.column_name(name), "number", [], seen, accepted, float(facts.get("missing_share", 0.0)), frozenset()))
+        fields.append(
+            Field(
+                name,
+                settings.column_name(name),
+                "number",
+                [],
+                seen,
+                accepted,
+                float(facts.get("missing_share", 0.0)),
+                frozenset(),
+            )
+        )
     return fields
+
 
 def record_from_form(
     values: dict,  # feature -> what the form holds: text for a number, the chosen value for a choice, None or "" when empty
@@ -146,18 +203,34 @@ def identifier_field(
 ) -> Field | None:  # the optional identifier field; None when neither the project nor the version names an identifier
     "The patient identifier's field, when the project has one (`[data] id`): sent as the record's identifier, which the log keeps only as a keyed hash."
     from lifecycle.contract import contract_from_meta
-    stored = ((meta.get("schema") or {}).get("contract") or {}).get("id") or ((meta.get("settings") or {}).get("data") or {}).get("id") or ""
+
+    stored = (
+        ((meta.get("schema") or {}).get("contract") or {}).get("id")
+        or ((meta.get("settings") or {}).get("data") or {}).get("id")
+        or ""
+    )
     if not (settings.id or str(stored).strip()):
         return None
     name = contract_from_meta(meta).id_field  # the field the server reads the identifier from
-    return Field(name, f"{settings.column_name(settings.id or name)} (optional; logged only as a keyed hash)", "id", [], None, None, 0.0, frozenset())
+    return Field(
+        name,
+        f"{settings.column_name(settings.id or name)} (optional; logged only as a keyed hash)",
+        "id",
+        [],
+        None,
+        None,
+        0.0,
+        frozenset(),
+    )
 
 # %% ../nbs/45_clinic.ipynb #b13cfc71
 def typical_values(
     features: list[str],  # the model's features, in order
     reference: dict,  # the version's reference.json
     contract,  # the version's `Contract`
-) -> list:  # per feature: the median of a number, the most frequent category (as the contract cleans it); NaN when unknown
+) -> (
+    list
+):  # per feature: the median of a number, the most frequent category (as the contract cleans it); NaN when unknown
     "The training population's typical patient, value by value."
     stored = reference.get("features") or {}
     typical = []
@@ -173,14 +246,18 @@ def typical_values(
             typical.append(float(median) if median is not None else math.nan)
     return typical
 
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
 
 def attributions(
     score_rows,  # a function scoring cleaned rows (`Scorer.scores`)
     row: list,  # the patient's cleaned values, in the model's order
     typical: list,  # `typical_values`
-) -> list[float]:  # per feature: the patient's score minus the score with that feature made typical (0 where it already is)
+) -> list[
+    float
+]:  # per feature: the patient's score minus the score with that feature made typical (0 where it already is)
     "Each feature's effect on this patient's score."
     variants, positions = [list(row)], []
     for position, (value, usual) in enumerate(zip(row, typical)):
@@ -200,6 +277,7 @@ def attributions(
 def _number_text(value: float) -> str:
     return f"{value:g}"
 
+
 def shown_value(
     settings: Settings,  # the project's words
     name: str,  # a feature
@@ -214,7 +292,9 @@ def shown_value(
     unit = settings.units.get(name, "")
     return f"{text} {unit}".strip()
 
+
 _RANGE = re.compile(r"^(-?[0-9.]+(?:e[-+]?[0-9]+)?)\u2013(-?[0-9.]+(?:e[-+]?[0-9]+)?)$")
+
 
 def _in_group(part: str, value) -> bool:
     "Whether a value belongs to one part of a group label as audits before `metrics.cut_groups` wrote them ('28–44', '0', 'missing')."
@@ -225,18 +305,29 @@ def _in_group(part: str, value) -> bool:
         return float(matched.group(1)) <= float(value) <= float(matched.group(2))
     return value_key(value) == value_key(part)
 
+
 def small_groups(
     values: dict,  # feature -> the patient's cleaned value
     fairness: dict,  # the version's evaluation `fairness`: per column (or "a & b"), its groups too small or with too few positives/negatives
     reference: dict | None = None,  # the version's reference.json: the grouping the evaluation cut by
-) -> list[tuple[str, str, str]]:  # (column, group label, why) for each group of the patient the evaluation could not judge
+) -> list[
+    tuple[str, str, str]
+]:  # (column, group label, why) for each group of the patient the evaluation could not judge
     "The patient's groups that the evaluation found too small to judge: the patient is cut into groups as the gate cut its rows."
     import pandas as pd
+
     from lifecycle.metrics import cut_groups, reference_grouping
-    mine = {name: cut_groups(pd.Series([value], dtype=object), reference_grouping(reference, name)).iloc[0] for name, value in values.items()}
+
+    mine = {
+        name: cut_groups(pd.Series([value], dtype=object), reference_grouping(reference, name)).iloc[0]
+        for name, value in values.items()
+    }
     found = []
-    why = {"groups_too_small": "too few patients", "groups_too_few_positives": "too few patients with the condition to judge its recall",
-           "groups_too_few_negatives": "too few patients without it to judge its false alarms"}
+    why = {
+        "groups_too_small": "too few patients",
+        "groups_too_few_positives": "too few patients with the condition to judge its recall",
+        "groups_too_few_negatives": "too few patients without it to judge its false alarms",
+    }
     for column, audit in (fairness or {}).items():
         columns = column.split(" & ")
         if not isinstance(audit, dict) or any(name not in values for name in columns):
@@ -244,9 +335,12 @@ def small_groups(
         for key, words in why.items():
             for label in audit.get(key) or []:
                 parts = str(label).split(" & ")
-                if len(parts) == len(columns) and all(part == mine[name] or _in_group(part, values[name]) for part, name in zip(parts, columns)):
+                if len(parts) == len(columns) and all(
+                    part == mine[name] or _in_group(part, values[name]) for part, name in zip(parts, columns)
+                ):
                     found.append((column, str(label), words))
     return found
+
 
 def limit_warnings(
     row: list,  # the patient's cleaned values, in the model's order
@@ -258,34 +352,47 @@ def limit_warnings(
 ) -> list[str]:  # plain sentences
     "What the model cannot vouch for, for this patient."
     from lifecycle.metrics import group_words
+
     warnings = []
     values = {field.name: value for field, value in zip(fields, row)}
     for field, value in zip(fields, row):
         if _missing(value):
             if field.missing_share < rare_missing_share:
-                warnings.append(f"{field.title} is missing: training almost never missed it ({field.missing_share:.1%} of patients), "
-                                "so the model filled in a typical value it rarely had to.")
+                warnings.append(
+                    f"{field.title} is missing: training almost never missed it ({field.missing_share:.1%} of patients), "
+                    "so the model filled in a typical value it rarely had to."
+                )
             continue
         if field.kind == "number" and field.seen is not None and not field.seen[0] <= value <= field.seen[1]:
             side, bound = ("below", field.seen[0]) if value < field.seen[0] else ("above", field.seen[1])
-            warnings.append(f"{field.title} {_number_text(value)} is {side} anything the model saw in training "
-                            f"({'lowest' if side == 'below' else 'highest'} {_number_text(bound)}): the score extrapolates.")
+            warnings.append(
+                f"{field.title} {_number_text(value)} is {side} anything the model saw in training "
+                f"({'lowest' if side == 'below' else 'highest'} {_number_text(bound)}): the score extrapolates."
+            )
         if field.kind == "choice" and value_key(value) in field.unseen:
-            warnings.append(f"{field.title} '{settings.value_label(field.name, value)}' never occurred in the training data: "
-                            "the model has learned nothing about it.")
+            warnings.append(
+                f"{field.title} '{settings.value_label(field.name, value)}' never occurred in the training data: "
+                "the model has learned nothing about it."
+            )
     for column, label, why in small_groups(values, fairness, reference):
-        warnings.append(f"This patient is in a group the evaluation could not judge ({group_words(settings, column, label)}: {why}): "
-                        "how well the model does for such patients is unknown.")
+        warnings.append(
+            f"This patient is in a group the evaluation could not judge ({group_words(settings, column, label)}: {why}): "
+            "how well the model does for such patients is unknown."
+        )
     return warnings
 
 # %% ../nbs/45_clinic.ipynb #3a83596d
-URL_ENV = "LIFECYCLE_CLINIC_URL"  # the server the page scores through, set by `lifecycle clinic --url` for Voila's kernels
+URL_ENV = (
+    "LIFECYCLE_CLINIC_URL"  # the server the page scores through, set by `lifecycle clinic --url` for Voila's kernels
+)
 SERVER_TOKEN_ENV = "LIFECYCLE_CLINIC_SERVER_TOKEN"  # the token the page sends to the server at --url (Voila takes LIFECYCLE_API_TOKEN away from kernels)
+
 
 class ClinicClient:
     "Score records through the app of `lifecycle serve`: in-process under channel dashboard, or at `url`."
 
-    def __init__(self,
+    def __init__(
+        self,
         root: Path,  # the project folder
         url: str = "",  # a running `lifecycle serve` (empty: in-process)
         log_url: str = "",  # the prediction log of the in-process app (empty: the project's)
@@ -307,7 +414,9 @@ class ClinicClient:
 
     async def _open(self, log_url: str):
         import httpx
+
         from lifecycle.serving.serve import CHANNEL_HEADER, create_app
+
         if self.url:
             token = os.environ.get(SERVER_TOKEN_ENV) or os.environ.get("LIFECYCLE_API_TOKEN")
             self.headers = {CHANNEL_HEADER: "dashboard", **({"Authorization": f"Bearer {token}"} if token else {})}
@@ -319,7 +428,9 @@ class ClinicClient:
             self.app = create_app(self.root, log_url=log_url, channel="dashboard", watch_interval=86400)
             self.lifespan = self.app.router.lifespan_context(self.app)
             await self.lifespan.__aenter__()
-            self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://clinic", timeout=self.timeout)
+            self.client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=self.app), base_url="http://clinic", timeout=self.timeout
+            )
         started = self.loop.time()
         while True:
             try:
@@ -328,12 +439,20 @@ class ClinicClient:
                     return
             except httpx.HTTPError:
                 if self.loop.time() - started > min(10, self.timeout):
-                    raise LifecycleError("clinic: nothing answers at --url; start lifecycle serve there, or leave --url out to score in-process") from None
+                    raise LifecycleError(
+                        "clinic: nothing answers at --url; start lifecycle serve there, or leave --url out to score in-process"
+                    ) from None
             holder = self.app.state.holder if self.app is not None else None
-            if holder is not None and holder.scorer is None and holder.error:  # no champion, or its file refused: say so now
-                raise LifecycleError(f"clinic: no model to score with ({holder.error}); check lifecycle models and the champion alias")
+            if (
+                holder is not None and holder.scorer is None and holder.error
+            ):  # no champion, or its file refused: say so now
+                raise LifecycleError(
+                    f"clinic: no model to score with ({holder.error}); check lifecycle models and the champion alias"
+                )
             if self.loop.time() - started > self.timeout:
-                raise LifecycleError("clinic: no model is ready to score; check lifecycle models and the champion alias")
+                raise LifecycleError(
+                    "clinic: no model is ready to score; check lifecycle models and the champion alias"
+                )
             await asyncio.sleep(0.05)
 
     async def _predict(self, record: dict):
@@ -342,7 +461,8 @@ class ClinicClient:
         answer = await self.client.post("/predict", json=record, headers=self.headers)
         return answer.status_code, answer.json()
 
-    def predict(self,
+    def predict(
+        self,
         record: dict,  # one record
     ) -> tuple[int, dict]:  # (HTTP status, the answer's JSON)
         "POST the record to /predict."
@@ -351,7 +471,9 @@ class ClinicClient:
     async def _model(self):
         answer = await self.client.get("/model", headers=self.headers)
         if answer.status_code == 401:
-            raise LifecycleError(f"clinic: the server at --url asks for a token; set {SERVER_TOKEN_ENV} (or LIFECYCLE_API_TOKEN) for lifecycle clinic")
+            raise LifecycleError(
+                f"clinic: the server at --url asks for a token; set {SERVER_TOKEN_ENV} (or LIFECYCLE_API_TOKEN) for lifecycle clinic"
+            )
         if answer.status_code != 200:
             raise LifecycleError(f"clinic: GET /model answered {answer.status_code}; check the server")
         return answer.json()
@@ -365,15 +487,21 @@ class ClinicClient:
     def scorer(self, version: int):
         "The in-process app's scorer when it holds `version`, else None."
         holder = self.app.state.holder if self.app is not None else None
-        return holder.scorer if holder is not None and holder.scorer is not None and holder.scorer.version == version else None
+        return (
+            holder.scorer
+            if holder is not None and holder.scorer is not None and holder.scorer.version == version
+            else None
+        )
 
     def close(self):
         "Close the client and the in-process app (its prediction log flushed)."
+
         async def shut():
             if getattr(self, "client", None) is not None:
                 await self.client.aclose()
             if self.lifespan is not None:
                 await self.lifespan.__aexit__(None, None, None)
+
         if self.thread.is_alive():
             try:
                 self._call(shut())
@@ -383,6 +511,7 @@ class ClinicClient:
 
 # %% ../nbs/45_clinic.ipynb #b933bbc1
 LIMIT_SECTIONS = ("Intended use", "Ethical considerations", "Caveats and recommendations")
+
 
 def card_sections(
     markdown: str,  # a model card's Markdown
@@ -397,12 +526,14 @@ def card_sections(
             sections[name] += line + "\n"
     return sections
 
+
 def card_html(
     markdown: str,  # the card's Markdown
     only: tuple[str, ...] | None = None,  # the sections to keep (None: all)
 ) -> str:  # the card's body as HTML, every value escaped
     "A model card (or some of its sections) as HTML for the page."
     from lifecycle.registry import markdown_to_html
+
     if only is not None:
         sections = card_sections(markdown)
         markdown = "".join(f"## {name}\n{sections[name]}" for name in only if name in sections)
@@ -429,12 +560,15 @@ STYLE = """<style>
 .lc-clinic table{border-collapse:collapse}.lc-clinic th,.lc-clinic td{padding:2px 7px;border-bottom:1px solid #e4e7eb;font-size:.88em}
 </style>"""
 
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
+
 
 @dataclass
 class Reason:
     "One feature's effect on a patient's score."
+
     name: str  # the feature
     title: str  # its name in words
     shown: str  # the patient's value in words
@@ -445,6 +579,7 @@ class Reason:
         way = "raises" if self.effect > 0 else "lowers"
         return f"{self.title} {self.shown} {way} the risk by {abs(self.effect):.2f}"
 
+
 def top_reasons(
     effects: list[float],  # `attributions`
     row: list,  # the patient's cleaned values
@@ -454,9 +589,15 @@ def top_reasons(
     floor: float = 0.005,  # effects smaller than this are not reasons
 ) -> list[Reason]:  # the largest effects first
     "The few features that moved this patient's score most."
-    reasons = [Reason(field.name, settings.column_name(field.name, unit=False), shown_value(settings, field.name, value), effect)
-               for field, value, effect in zip(fields, row, effects) if abs(effect) >= floor]
+    reasons = [
+        Reason(
+            field.name, settings.column_name(field.name, unit=False), shown_value(settings, field.name, value), effect
+        )
+        for field, value, effect in zip(fields, row, effects)
+        if abs(effect) >= floor
+    ]
     return sorted(reasons, key=lambda reason: -abs(reason.effect))[:count]
+
 
 def why_html(
     reasons: list[Reason],  # `top_reasons`
@@ -465,10 +606,18 @@ def why_html(
     if not reasons:
         return '<h2>Why</h2><p class="lc-note">No single value moves this score by 0.005 or more: the patient is close to the typical patient the model was trained on.</p>'
     widest = max(abs(reason.effect) for reason in reasons)
-    rows = "".join(f'<tr><td>{_e(reason.sentence())}</td><td><span class="lc-bar {"up" if reason.effect > 0 else "down"}" '
-                   f'style="width:{max(2, round(120 * abs(reason.effect) / widest))}px"></span></td></tr>' for reason in reasons)
-    return ('<h2>Why</h2><table class="lc-why">' + rows + '</table><p class="lc-note">Each line: this patient\'s score against the score '
-            'with that one value replaced by the training population\'s typical value. Red raises the risk, green lowers it.</p>')
+    rows = "".join(
+        f'<tr><td>{_e(reason.sentence())}</td><td><span class="lc-bar {"up" if reason.effect > 0 else "down"}" '
+        f'style="width:{max(2, round(120 * abs(reason.effect) / widest))}px"></span></td></tr>'
+        for reason in reasons
+    )
+    return (
+        '<h2>Why</h2><table class="lc-why">'
+        + rows
+        + '</table><p class="lc-note">Each line: this patient\'s score against the score '
+        "with that one value replaced by the training population's typical value. Red raises the risk, green lowers it.</p>"
+    )
+
 
 def answer_html(
     prediction: dict,  # the API's answer for the record: request_id, score, decision, model_version
@@ -483,18 +632,24 @@ def answer_html(
 ) -> str:  # the result panel
     "The answer for one patient."
     score, version = float(prediction["score"]), int(prediction["model_version"])
-    head = (f'<div class="lc-answer" data-score="{_e(repr(score))}" data-request-id="{_e(prediction["request_id"])}" data-version="{version}">'
-            f'<h2>Risk of {_e(settings.positive_label)}</h2><div class="lc-risk"><b class="lc-score">{score:.2f}</b>'
-            f'<span class="lc-band {_e(band)}">{_e(band)} risk</span></div>'
-            f'<div class="lc-decision">Decision: <b>{_e(decision)}</b></div>')
+    head = (
+        f'<div class="lc-answer" data-score="{_e(repr(score))}" data-request-id="{_e(prediction["request_id"])}" data-version="{version}">'
+        f'<h2>Risk of {_e(settings.positive_label)}</h2><div class="lc-risk"><b class="lc-score">{score:.2f}</b>'
+        f'<span class="lc-band {_e(band)}">{_e(band)} risk</span></div>'
+        f'<div class="lc-decision">Decision: <b>{_e(decision)}</b></div>'
+    )
     missing = f" The {missing_count} values not given were often missing in training too." if missing_count else ""
-    limits_part = "".join(f'<div class="lc-warn">{_e(line)}</div>' for line in warnings) or \
-        f'<div class="lc-ok">Every value is within what the model saw in training.{_e(missing)}</div>'
-    tail = (f'<h2>Limits</h2>{limits_part}'
-            f'<details class="lc-limits"><summary>What this model is not for (its model card)</summary>{limits}</details>'
-            f'<p class="lc-note">Answered by model version {version}. Prediction {_e(prediction["request_id"])}: logged under channel '
-            f'dashboard; its diagnosis can be sent later to /feedback.</p>'
-            f'<details class="lc-card"><summary>The model card of version {version}</summary>{card}</details></div>')
+    limits_part = (
+        "".join(f'<div class="lc-warn">{_e(line)}</div>' for line in warnings)
+        or f'<div class="lc-ok">Every value is within what the model saw in training.{_e(missing)}</div>'
+    )
+    tail = (
+        f"<h2>Limits</h2>{limits_part}"
+        f'<details class="lc-limits"><summary>What this model is not for (its model card)</summary>{limits}</details>'
+        f'<p class="lc-note">Answered by model version {version}. Prediction {_e(prediction["request_id"])}: logged under channel '
+        f"dashboard; its diagnosis can be sent later to /feedback.</p>"
+        f'<details class="lc-card"><summary>The model card of version {version}</summary>{card}</details></div>'
+    )
     return head + why_html(reasons) + tail
 
 # %% ../nbs/45_clinic.ipynb #bf6fe1bd
@@ -508,11 +663,13 @@ def _field_hint(field: Field) -> str:
     parts.append("empty: not done")
     return "; ".join(parts)
 
+
 def _field_note(field: Field) -> str:
     "The grey note beside a field (where its error goes when the record is refused): the range training saw."
     if field.kind == "number" and field.seen is not None:
         return f'<span class="lc-note">trained on {_e(_number_text(field.seen[0]))}–{_e(_number_text(field.seen[1]))}</span>'
     return ""
+
 
 def field_errors(
     detail: list,  # the 422 answer's `detail`
@@ -532,39 +689,55 @@ def field_errors(
             general.append(message)
     return at_field, general
 
+
 class Clinic:
     "The doctor's page: a form generated from the champion, scored through the serving code, the answer explained."
 
-    def __init__(self,
+    def __init__(
+        self,
         project: Project,  # the project scored for: its folder, settings and prediction log
-        client: ClinicClient | None = None,  # the scoring client (None: in-process into the project's log, or $LIFECYCLE_CLINIC_URL)
+        client: ClinicClient
+        | None = None,  # the scoring client (None: in-process into the project's log, or $LIFECYCLE_CLINIC_URL)
     ):
         import ipywidgets as widgets
+
         if project.settings is None:
             raise LifecycleError("the doctor's page needs the project's settings file")
         self.project, self.root, self.settings = project, project.root, project.settings
         self.options = clinic_options(self.settings)
         self.client = client or ClinicClient(self.root, os.environ.get(URL_ENV, ""), log_url=project.log_url)
-        self.versions: dict[int, dict] = {}  # version -> its meta, reference, fields, card, scorer (what explains its answers)
+        self.versions: dict[
+            int, dict
+        ] = {}  # version -> its meta, reference, fields, card, scorer (what explains its answers)
         self.submissions = 0  # records sent (answered or refused)
-        self.title = widgets.HTML(f'{STYLE}<div class="lc-clinic"><h1>{_e(self.settings.title or "Risk")}: one patient</h1>'
-                                  '<p class="lc-note">Enter what is known; leave a field empty when the test was not done. '
-                                  'Nothing typed here is kept by this page: each score is logged like any prediction of the API.</p></div>')
+        self.title = widgets.HTML(
+            f'{STYLE}<div class="lc-clinic"><h1>{_e(self.settings.title or "Risk")}: one patient</h1>'
+            '<p class="lc-note">Enter what is known; leave a field empty when the test was not done. '
+            "Nothing typed here is kept by this page: each score is logged like any prediction of the API.</p></div>"
+        )
         self.form = widgets.VBox([])
-        self.button = widgets.Button(description="Score this patient", button_style="primary", layout=widgets.Layout(width="220px", margin="10px 0"))
+        self.button = widgets.Button(
+            description="Score this patient",
+            button_style="primary",
+            layout=widgets.Layout(width="220px", margin="10px 0"),
+        )
         self.button.add_class("lc-submit")
         self.button.on_click(self.submit)
         self.message = widgets.HTML()
         self.message.add_class("lc-message")
         self.result = widgets.HTML()
         self.result.add_class("lc-result")
-        self.view = widgets.VBox([self.title, self.form, self.button, self.message, self.result], layout=widgets.Layout(max_width="820px", padding="0 12px"))
+        self.view = widgets.VBox(
+            [self.title, self.form, self.button, self.message, self.result],
+            layout=widgets.Layout(max_width="820px", padding="0 12px"),
+        )
         self.build(self.client.model()["version"])
 
     def version(self, number: int) -> dict:
         "What the page knows of a model version: read from the registry once."
         if number not in self.versions:
             from lifecycle.registry import Registry
+
             registry = Registry(self.root)
             meta = registry.meta(number)
             folder = self.root / "registry" / "versions" / str(number)
@@ -577,32 +750,49 @@ class Clinic:
             except OSError:
                 card = f"# Model card\n\nVersion {number} has no model card in the registry.\n"
             from lifecycle.contract import contract_from_meta
+
             contract = contract_from_meta(meta)
             features = list(meta["features"]["numeric"]) + list(meta["features"]["categorical"])
-            self.versions[number] = {"meta": meta, "fields": form_fields(meta, reference, self.settings), "card": card_html(card),
-                                     "limits": card_html(card, LIMIT_SECTIONS), "typical": typical_values(features, reference, contract),
-                                     "fairness": (meta.get("evaluation") or {}).get("fairness") or {}, "reference": reference, "scorer": None,
-                                     "identifier": identifier_field(meta, self.settings)}
+            self.versions[number] = {
+                "meta": meta,
+                "fields": form_fields(meta, reference, self.settings),
+                "card": card_html(card),
+                "limits": card_html(card, LIMIT_SECTIONS),
+                "typical": typical_values(features, reference, contract),
+                "fairness": (meta.get("evaluation") or {}).get("fairness") or {},
+                "reference": reference,
+                "scorer": None,
+                "identifier": identifier_field(meta, self.settings),
+            }
         return self.versions[number]
 
     def build(self, number: int) -> None:
         "The form for a version's features."
         import ipywidgets as widgets
+
         known = self.version(number)
         self.fields, self.identifier = known["fields"], known["identifier"]
         self.form_version = number
         self.inputs, self.errors, self.notes, rows = {}, {}, {}, []
         for field in ([self.identifier] if self.identifier is not None else []) + self.fields:
-            label = widgets.HTML(f'<span class="lc-clinic" title="{_e(field.name)}">{_e(field.title)}</span>', layout=widgets.Layout(width="300px"))
+            label = widgets.HTML(
+                f'<span class="lc-clinic" title="{_e(field.name)}">{_e(field.title)}</span>',
+                layout=widgets.Layout(width="300px"),
+            )
             if field.kind == "choice":
-                box = widgets.Dropdown(options=[("not done (missing)", None)] + [(text, value) for value, text in field.choices], value=None,
-                                       layout=widgets.Layout(width="260px"))
+                box = widgets.Dropdown(
+                    options=[("not done (missing)", None)] + [(text, value) for value, text in field.choices],
+                    value=None,
+                    layout=widgets.Layout(width="260px"),
+                )
             elif field.kind == "id":
                 box = widgets.Text(placeholder="optional", layout=widgets.Layout(width="260px"))
             else:
                 box = widgets.Text(placeholder=_field_hint(field), layout=widgets.Layout(width="260px"))
             box.add_class(f"lc-field-{field.name}")
-            error = widgets.HTML(f'<div class="lc-clinic">{_field_note(field)}</div>', layout=widgets.Layout(width="320px"))
+            error = widgets.HTML(
+                f'<div class="lc-clinic">{_field_note(field)}</div>', layout=widgets.Layout(width="320px")
+            )
             error.add_class(f"lc-error-{field.name}")
             self.inputs[field.name], self.errors[field.name], self.notes[field.name] = box, error, error.value
             rows.append(widgets.HBox([label, box, error]))
@@ -615,10 +805,13 @@ class Clinic:
     def explain(self, prediction: dict, record: dict) -> str:
         "The answer panel for a scored record: band, decision, why, limits."
         from lifecycle.serving.scoring import Scorer, check_records
+
         number = int(prediction["model_version"])
         known = self.version(number)
         scorer = self.client.scorer(number)  # the in-process app's own, when it holds this version
-        if scorer is None:  # the server at --url, or a version the app no longer holds: the same version from the registry
+        if (
+            scorer is None
+        ):  # the server at --url, or a version the app no longer holds: the same version from the registry
             if known["scorer"] is None:
                 known["scorer"] = Scorer.from_registry(self.root, number)
             scorer = known["scorer"]
@@ -626,16 +819,24 @@ class Clinic:
         row = rows[0]
         effects = attributions(scorer.scores, row, known["typical"])
         reasons = top_reasons(effects, row, known["fields"], self.settings, self.options.reasons)
-        warnings = limit_warnings(row, known["fields"], known["fairness"], self.settings, self.options.rare_missing_share, known["reference"])
+        warnings = limit_warnings(
+            row, known["fields"], known["fairness"], self.settings, self.options.rare_missing_share, known["reference"]
+        )
         score = float(prediction["score"])
         band = risk_band(score, band_edges(self.options, scorer.spec.threshold))
-        decision = self.options.positive_decision if int(prediction["decision"]) == 1 else self.options.negative_decision
+        decision = (
+            self.options.positive_decision if int(prediction["decision"]) == 1 else self.options.negative_decision
+        )
         missing = sum(_missing(value) for value in row)
-        return answer_html(prediction, band, decision, reasons, warnings, known["card"], known["limits"], self.settings, missing)
+        return answer_html(
+            prediction, band, decision, reasons, warnings, known["card"], known["limits"], self.settings, missing
+        )
 
     def submit(self, _button=None) -> dict:  # status, and the answer or the errors
         "Score what the form holds and show the answer, or the refusal beside its fields."
-        record = record_from_form(self.values(), ([self.identifier] if self.identifier is not None else []) + self.fields)
+        record = record_from_form(
+            self.values(), ([self.identifier] if self.identifier is not None else []) + self.fields
+        )
         for name, error in self.errors.items():
             error.value = self.notes[name]
         self.message.value = ""
@@ -657,22 +858,38 @@ class Clinic:
                 answered = self.form_version
         changed = self.rebuild(answered)
         if changed:
-            self.message.value = f'<div class="lc-clinic lc-ok lc-changed" data-submission="{self.submissions}">{_e(changed)}</div>'
+            self.message.value = (
+                f'<div class="lc-clinic lc-ok lc-changed" data-submission="{self.submissions}">{_e(changed)}</div>'
+            )
         if status != 200:
             detail = answer.get("detail") if isinstance(answer, dict) else None
-            if changed and isinstance(detail, list):  # errors about fields the new form no longer has are the old form's, not the patient's
-                detail = [error for error in detail if not (isinstance(error, dict) and len(error.get("loc") or []) > 2
-                                                            and error["loc"][0] == "body" and error["loc"][2] not in self.inputs)]
+            if changed and isinstance(
+                detail, list
+            ):  # errors about fields the new form no longer has are the old form's, not the patient's
+                detail = [
+                    error
+                    for error in detail
+                    if not (
+                        isinstance(error, dict)
+                        and len(error.get("loc") or []) > 2
+                        and error["loc"][0] == "body"
+                        and error["loc"][2] not in self.inputs
+                    )
+                ]
             at_field, general = field_errors(detail, set(self.inputs))
             for name, message in at_field.items():
-                self.errors[name].value = f'<div class="lc-clinic"><span class="lc-field-error">{_e(message)}</span></div>'
+                self.errors[
+                    name
+                ].value = f'<div class="lc-clinic"><span class="lc-field-error">{_e(message)}</span></div>'
             if changed:
                 general = [changed + " Check the form and submit again."] + general
             if not at_field and not general:
                 general = [f"The scoring service refused the record ({status})."]
             lines = "".join(f"<div>{_e(line)}</div>" for line in general)
-            self.message.value = (f'<div class="lc-clinic lc-refused" data-submission="{self.submissions}">Not scored, nothing was logged: '
-                                  f'{"correct the fields marked in red." if at_field else ""}{lines}</div>')
+            self.message.value = (
+                f'<div class="lc-clinic lc-refused" data-submission="{self.submissions}">Not scored, nothing was logged: '
+                f"{'correct the fields marked in red.' if at_field else ''}{lines}</div>"
+            )
             self.result.value = ""
             return {"status": status, "errors": answer}
         prediction = answer["predictions"][0]
@@ -680,13 +897,16 @@ class Clinic:
             self.result.value = f'<div class="lc-clinic">{self.explain(prediction, record)}</div>'
         except Exception as error:  # a version this project's registry cannot load (--url), or a bug: the score still shows, with why not more
             import traceback
+
             if not isinstance(error, LifecycleError):
                 traceback.print_exc()  # for the kernel's log; the page says it in one line
                 error = f"explaining this score failed ({type(error).__name__})"
-            self.result.value = (f'<div class="lc-clinic lc-answer" data-score="{_e(repr(float(prediction["score"])))}" '
-                                 f'data-request-id="{_e(prediction["request_id"])}" data-version="{int(prediction["model_version"])}">'
-                                 f'<h2>Risk of {_e(self.settings.positive_label)}: {float(prediction["score"]):.2f}</h2>'
-                                 f'<div class="lc-refused">No explanation and no limits: {_e(error)}</div></div>')
+            self.result.value = (
+                f'<div class="lc-clinic lc-answer" data-score="{_e(repr(float(prediction["score"])))}" '
+                f'data-request-id="{_e(prediction["request_id"])}" data-version="{int(prediction["model_version"])}">'
+                f"<h2>Risk of {_e(self.settings.positive_label)}: {float(prediction['score']):.2f}</h2>"
+                f'<div class="lc-refused">No explanation and no limits: {_e(error)}</div></div>'
+            )
             return {"status": status, "prediction": prediction}
         return {"status": status, "prediction": prediction}
 
@@ -702,35 +922,52 @@ class Clinic:
             if name in kept and (choices is None or kept[name] in choices):
                 box.value = kept[name]
         after = [field.name for field in self.fields]
-        added, removed = [f for f in self.fields if f.name not in before], [name for name in before if name not in after]
-        words = [f"Model version {number} now answers (this form was made for version {previous}); the form was rebuilt for it."]
+        added, removed = (
+            [f for f in self.fields if f.name not in before],
+            [name for name in before if name not in after],
+        )
+        words = [
+            f"Model version {number} now answers (this form was made for version {previous}); the form was rebuilt for it."
+        ]
         if added:
             words.append("New fields: " + ", ".join(field.title for field in added) + ".")
         if removed:
-            words.append("Fields no longer used: " + ", ".join(self.settings.column_name(name) for name in removed) + ".")
+            words.append(
+                "Fields no longer used: " + ", ".join(self.settings.column_name(name) for name in removed) + "."
+            )
         return " ".join(words)
 
 # %% ../nbs/45_clinic.ipynb #19e2a77e
 PAGE = "clinic_page.ipynb"  # the notebook Voila serves: one cell, `show_clinic()`
 
+
 def clinic_project(
-    settings: str | Path | None = None,  # the settings file; None: the one `lifecycle clinic` named ($LIFECYCLE_SETTINGS), else settings.ini found upward
+    settings: str
+    | Path
+    | None = None,  # the settings file; None: the one `lifecycle clinic` named ($LIFECYCLE_SETTINGS), else settings.ini found upward
 ) -> Project:  # the project, resolved once for the page
     "The project the page scores for."
     return open_project(page_settings(settings))
+
 
 def show_clinic(
     settings: str | Path | None = None,  # the project's settings file (None: `clinic_project`'s)
 ) -> Clinic | None:  # the page (displayed); None when it cannot score (the reason displayed)
     "Build the page and display it: the one call of the page's notebook."
     from IPython.display import HTML, display
+
     try:
         clinic = Clinic(clinic_project(settings))
     except LifecycleError as error:  # no champion yet, a mistake in [clinic]: a sentence on the page, not a traceback
-        display(HTML(f'{STYLE}<div class="lc-clinic"><h1>Risk: one patient</h1><div class="lc-refused">{_e(error)}</div></div>'))
+        display(
+            HTML(
+                f'{STYLE}<div class="lc-clinic"><h1>Risk: one patient</h1><div class="lc-refused">{_e(error)}</div></div>'
+            )
+        )
         return None
     display(clinic.view)
     return clinic
+
 
 def run_clinic(
     settings_path: str | Path = "settings.ini",  # the project's settings file
@@ -742,12 +979,18 @@ def run_clinic(
 ) -> int:  # 0 after SIGTERM or Ctrl-C
     "Serve the doctor's page until SIGTERM or Ctrl-C."
     from lifecycle.dashserver import TOKEN_ENV, dashboard_notebook, serve_page
+
     project = open_project(settings_path)
     clinic_options(project.settings)  # a mistake in [clinic] stops the command, not the page
     if url and not re.match(r"^https?://[^\s/]+(/\S*)?$", url.strip()):
         raise LifecycleError("--url must be the scoring server's address, e.g. http://127.0.0.1:8000")
-    environment = {PAGE_SETTINGS_ENV: str(project.settings_path), URL_ENV: url.strip()}  # the page's kernels open the same settings file
+    environment = {
+        PAGE_SETTINGS_ENV: str(project.settings_path),
+        URL_ENV: url.strip(),
+    }  # the page's kernels open the same settings file
     if url and os.environ.get(TOKEN_ENV) and not os.environ.get(SERVER_TOKEN_ENV):
         environment[SERVER_TOKEN_ENV] = os.environ[TOKEN_ENV]  # the same token guards the page and the server
     where = f", scoring through {url.strip()}" if url else ", scoring in-process"
-    return serve_page(dashboard_notebook(PAGE), project.root, host, port, preheat, environment, None, "Clinic", where, log)
+    return serve_page(
+        dashboard_notebook(PAGE), project.root, host, port, preheat, environment, None, "Clinic", where, log
+    )

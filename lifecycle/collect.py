@@ -27,13 +27,18 @@ def _text_if_mixed(column: pd.Series) -> pd.Series:
         return column
     return column.where(column.isna(), column.astype(str))
 
+
 def check_named_columns(
     settings: Settings,  # the project's settings
     columns: list[str],  # the columns the data has
 ):
     "Refuse settings that name a column the data lacks: [data] target, id, timestamp, sensitive; [prepare] ranges, recode, missing_values."
-    named = [("[data] target", [settings.target]), ("[data] id", [settings.id]), ("[data] timestamp", [settings.timestamp]),
-             ("[data] sensitive", settings.sensitive)]
+    named = [
+        ("[data] target", [settings.target]),
+        ("[data] id", [settings.id]),
+        ("[data] timestamp", [settings.timestamp]),
+        ("[data] sensitive", settings.sensitive),
+    ]
     prepare = settings.stage_section("prepare")
     for key in ("ranges", "recode", "missing_values"):
         named.append((f"[prepare] {key}", list(parse_mapping(prepare.get(key, ""), f"[prepare] {key}"))))
@@ -41,8 +46,11 @@ def check_named_columns(
         for name in names:
             if name and name not in columns:
                 shown = ", ".join(columns[:40]) + (f" and {len(columns) - 40} more" if len(columns) > 40 else "")
-                raise LifecycleError(f"{settings.path.name}: {where} names column '{name}', which the data does not have; "
-                                     f"its columns are {shown}")
+                raise LifecycleError(
+                    f"{settings.path.name}: {where} names column '{name}', which the data does not have; "
+                    f"its columns are {shown}"
+                )
+
 
 def collect(
     settings: Settings,  # the project's settings
@@ -69,7 +77,13 @@ def collect(
         snapshot[column] = _text_if_mixed(snapshot[column])
     malformed = pd.concat(malformed, ignore_index=True)
     with ThreadPoolExecutor(max_workers=1) as writer:
-        written = writer.submit(write_parquet_files, {out / "snapshot.parquet": snapshot, out / "malformed.parquet": malformed}) if out else None
+        written = (
+            writer.submit(
+                write_parquet_files, {out / "snapshot.parquet": snapshot, out / "malformed.parquet": malformed}
+            )
+            if out
+            else None
+        )
         # while a core writes the files, the hashing takes the others: sharing the writer's core slows both
         version = frame_sha256(snapshot, threads=max(1, (os.cpu_count() or 1) - 1) if written else None)[:16]
         if written:

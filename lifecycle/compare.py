@@ -60,8 +60,15 @@ def delong_test(
     z = difference / se if se > 0 else 0.0
     p_value = float(2 * norm.sf(abs(z))) if se > 0 else 1.0
     half = float(norm.ppf(1 - alpha / 2)) * se
-    return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se, "z": float(z), "p_value": p_value,
-            "interval": [difference - half, difference + half]}
+    return {
+        "auc_a": auc_a,
+        "auc_b": auc_b,
+        "difference": difference,
+        "se": se,
+        "z": float(z),
+        "p_value": p_value,
+        "interval": [difference - half, difference + half],
+    }
 
 # %% ../nbs/24_compare.ipynb #e4734fc0
 def mcnemar_test(
@@ -80,8 +87,14 @@ def mcnemar_test(
         smaller = min(only_a, only_b)
         exact = float(binomtest(smaller, discordant, 0.5).pvalue)
         mid_p = float(min(1.0, exact - binom.pmf(smaller, discordant, 0.5)))
-    return {"only_a_right": only_a, "only_b_right": only_b, "p_value": exact, "mid_p_value": mid_p,
-            "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean())}
+    return {
+        "only_a_right": only_a,
+        "only_b_right": only_b,
+        "p_value": exact,
+        "mid_p_value": mid_p,
+        "accuracy_a": float(right_a.mean()),
+        "accuracy_b": float(right_b.mean()),
+    }
 
 # %% ../nbs/24_compare.ipynb #9726c348
 def paired_bootstrap(
@@ -98,8 +111,14 @@ def paired_bootstrap(
     resampled = np.array([delta[rng.integers(0, len(delta), len(delta))].mean() for _ in range(rounds)])
     low, high = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
     p_value = float(min(1.0, 2 * min((resampled <= 0).mean(), (resampled >= 0).mean())))
-    return {"a": float(losses_a.mean()), "b": float(losses_b.mean()), "difference": float(delta.mean()),
-            "interval": [float(low), float(high)], "p_value": p_value}
+    return {
+        "a": float(losses_a.mean()),
+        "b": float(losses_b.mean()),
+        "difference": float(delta.mean()),
+        "interval": [float(low), float(high)],
+        "p_value": p_value,
+    }
+
 
 def brier_losses(
     labels,  # true labels, 0 or 1
@@ -107,6 +126,7 @@ def brier_losses(
 ) -> np.ndarray:  # the squared error of each row
     "Each row's contribution to the Brier score."
     return (np.asarray(scores, dtype=float) - np.asarray(labels, dtype=float)) ** 2
+
 
 def cost_losses(
     labels,  # true labels, 0 or 1
@@ -129,28 +149,41 @@ def _fairness_gap(
 ) -> float | None:  # the equalized odds gap; None when fewer than two groups can be judged on a rate
     "The evaluate stage's equalized odds gap, over the groups it would judge."
     groups = np.asarray(groups, dtype=object)
-    gap = equalized_odds_gap(labels, decisions, groups, judged_groups(labels, groups, min_group, min_positives, min_negatives))
+    gap = equalized_odds_gap(
+        labels, decisions, groups, judged_groups(labels, groups, min_group, min_positives, min_negatives)
+    )
     return None if math.isnan(gap) else gap
 
 # %% ../nbs/24_compare.ipynb #318f0cdd
-RULE = ("promote when the challenger is significantly better on at least one figure (DeLong on ROC AUC, McNemar mid-p on "
-        "decisions, bootstrap intervals of Brier score and cost) and worse on none, or at parity with a reason set in settings")
+RULE = (
+    "promote when the challenger is significantly better on at least one figure (DeLong on ROC AUC, McNemar mid-p on "
+    "decisions, bootstrap intervals of Brier score and cost) and worse on none, or at parity with a reason set in settings"
+)
+
 
 def _figure_verdicts(auc: dict, decisions: dict, brier: dict, cost: dict, alpha: float) -> tuple[list[str], list[str]]:
     "(gains, losses) of the challenger, one phrase each."
     gains, losses = [], []
     if auc and auc["p_value"] < alpha:
-        (gains if auc["difference"] > 0 else losses).append(f"ROC AUC {auc['auc_b']:.3f} against {auc['auc_a']:.3f} (DeLong p = {auc['p_value']:.3g})")
+        (gains if auc["difference"] > 0 else losses).append(
+            f"ROC AUC {auc['auc_b']:.3f} against {auc['auc_a']:.3f} (DeLong p = {auc['p_value']:.3g})"
+        )
     if decisions["mid_p_value"] < alpha:
         better = decisions["only_b_right"] > decisions["only_a_right"]
-        (gains if better else losses).append(f"right on {decisions['only_b_right']} patients the champion got wrong, wrong on "
-                                             f"{decisions['only_a_right']} it got right (McNemar mid-p = {decisions['mid_p_value']:.3g})")
+        (gains if better else losses).append(
+            f"right on {decisions['only_b_right']} patients the champion got wrong, wrong on "
+            f"{decisions['only_a_right']} it got right (McNemar mid-p = {decisions['mid_p_value']:.3g})"
+        )
     for name, figure in (("Brier score", brier), ("cost per patient", cost)):
         low, high = figure["interval"]
         if high < 0:
-            gains.append(f"{name} {figure['b']:.3f} against {figure['a']:.3f} (difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})")
+            gains.append(
+                f"{name} {figure['b']:.3f} against {figure['a']:.3f} (difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})"
+            )
         elif low > 0:
-            losses.append(f"{name} {figure['b']:.3f} against {figure['a']:.3f} (difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})")
+            losses.append(
+                f"{name} {figure['b']:.3f} against {figure['a']:.3f} (difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})"
+            )
     return gains, losses
 
 # %% ../nbs/24_compare.ipynb #00edc320
@@ -174,23 +207,40 @@ def compare_models(
 ) -> dict:  # rows, positives, auc, decisions, brier, cost, fairness, gains, losses, verdict, promote, rule, headline
     "Compare champion and challenger on the same labeled rows, with paired tests and a verdict in words."
     labels = np.asarray(labels).astype(int)
-    champion_scores, challenger_scores = np.asarray(champion_scores, dtype=float), np.asarray(challenger_scores, dtype=float)
+    champion_scores, challenger_scores = (
+        np.asarray(champion_scores, dtype=float),
+        np.asarray(challenger_scores, dtype=float),
+    )
     champion_decisions = (champion_scores >= champion_threshold).astype(int)
     challenger_decisions = (challenger_scores >= challenger_threshold).astype(int)
     both_classes = 0 < labels.sum() < len(labels)
     auc = delong_test(labels, champion_scores, challenger_scores, alpha) if both_classes else None
     decisions = mcnemar_test(labels, champion_decisions, challenger_decisions)
-    brier = paired_bootstrap(brier_losses(labels, champion_scores), brier_losses(labels, challenger_scores), rounds, seed, alpha)
-    cost = paired_bootstrap(cost_losses(labels, champion_decisions, miss_cost, false_alarm_cost),
-                            cost_losses(labels, challenger_decisions, miss_cost, false_alarm_cost), rounds, seed + 1, alpha)
+    brier = paired_bootstrap(
+        brier_losses(labels, champion_scores), brier_losses(labels, challenger_scores), rounds, seed, alpha
+    )
+    cost = paired_bootstrap(
+        cost_losses(labels, champion_decisions, miss_cost, false_alarm_cost),
+        cost_losses(labels, challenger_decisions, miss_cost, false_alarm_cost),
+        rounds,
+        seed + 1,
+        alpha,
+    )
     gains, losses = _figure_verdicts(auc, decisions, brier, cost, alpha)
     fairness = {}
     for column, column_groups in (groups or {}).items():
         gap_a = _fairness_gap(labels, champion_decisions, column_groups, min_group, min_positives, min_negatives)
         gap_b = _fairness_gap(labels, challenger_decisions, column_groups, min_group, min_positives, min_negatives)
         fairness[column] = {"champion": gap_a, "challenger": gap_b}
-        if max_fairness_gap is not None and gap_b is not None and gap_b > max_fairness_gap and (gap_a is None or gap_b > gap_a):
-            losses.append(f"equalized odds gap by {column} {gap_b:.2f}, above {max_fairness_gap:g} (champion {gap_a if gap_a is None else round(gap_a, 2)})")
+        if (
+            max_fairness_gap is not None
+            and gap_b is not None
+            and gap_b > max_fairness_gap
+            and (gap_a is None or gap_b > gap_a)
+        ):
+            losses.append(
+                f"equalized odds gap by {column} {gap_b:.2f}, above {max_fairness_gap:g} (champion {gap_a if gap_a is None else round(gap_a, 2)})"
+            )
     verdict = "worse" if losses else "better" if gains else "parity"
     promote = verdict == "better" or (verdict == "parity" and bool(parity_reason.strip()))
     if verdict == "better":
@@ -199,7 +249,24 @@ def compare_models(
         headline = f"The challenger is worse on {len(labels)} patients neither model trained on: {losses[0]}."
     else:
         headline = f"The challenger is at parity with the champion on {len(labels)} patients neither model trained on: no significant difference."
-        headline += f" Parity is enough here: {parity_reason.strip()}." if promote else " Parity does not promote without a reason in settings."
-    return {"rows": int(len(labels)), "positives": int(labels.sum()), "thresholds": {"champion": float(champion_threshold), "challenger": float(challenger_threshold)},
-            "auc": auc, "decisions": decisions, "brier": brier, "cost": {**cost, "miss_cost": miss_cost, "false_alarm_cost": false_alarm_cost},
-            "fairness": fairness, "gains": gains, "losses": losses, "verdict": verdict, "promote": promote, "rule": RULE, "headline": headline}
+        headline += (
+            f" Parity is enough here: {parity_reason.strip()}."
+            if promote
+            else " Parity does not promote without a reason in settings."
+        )
+    return {
+        "rows": int(len(labels)),
+        "positives": int(labels.sum()),
+        "thresholds": {"champion": float(champion_threshold), "challenger": float(challenger_threshold)},
+        "auc": auc,
+        "decisions": decisions,
+        "brier": brier,
+        "cost": {**cost, "miss_cost": miss_cost, "false_alarm_cost": false_alarm_cost},
+        "fairness": fairness,
+        "gains": gains,
+        "losses": losses,
+        "verdict": verdict,
+        "promote": promote,
+        "rule": RULE,
+        "headline": headline,
+    }

@@ -30,6 +30,7 @@ _HUMAN_NUMBER = r"^(?P<mantissa>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?)\s*(?
 _PLAIN, _HUMAN = re.compile(_PLAIN_NUMBER), re.compile(_HUMAN_NUMBER)
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9}
 
+
 def _read_texts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     "(floats, NaN where not a number; True where read as a human number) of trimmed, case-folded text."
     values = np.full(len(texts), np.nan)
@@ -50,6 +51,7 @@ def _read_texts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
             human[at] = True
     return values, human
 
+
 def read_number(
     text: str,  # trimmed, case-folded text
 ) -> float:  # the number, or NaN when the text is not one
@@ -60,6 +62,7 @@ def read_number(
     if found and _PLAIN.match(found[1].replace(",", "")):
         return float(found[1].replace(",", "")) * _SCALE[found[2]]
     return math.nan
+
 
 def parse_numbers(
     values: pd.Series,  # text or numbers
@@ -88,6 +91,7 @@ def parse_recode(
         mapping[spelling.strip().casefold()] = value.strip()
     return mapping
 
+
 def parse_range(text: str, where: str) -> tuple[float, float]:
     "Parse a declared range `low..high`."
     low, dots, high = text.partition("..")
@@ -96,12 +100,14 @@ def parse_range(text: str, where: str) -> tuple[float, float]:
     except ValueError:
         raise LifecycleError(f"{where}: expected `low..high`, got {text!r}") from None
 
+
 def parse_values(text: str, where: str) -> list[float]:
     "Parse a list of impossible values `0, -1`."
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise LifecycleError(f"{where}: expected numbers separated by commas, got {text!r}") from None
+
 
 def clean_text(
     values: pd.Series,  # one column
@@ -124,6 +130,7 @@ OK, WRONG_TYPE, NOT_FINITE, OUT_OF_RANGE, UNKNOWN_CATEGORY, MISSING, TOO_MANY_MI
 _NUMBERS = ("number", "code")
 _EXACT = 2**53  # integers below this are floats exactly
 
+
 def _is_code(array: np.ndarray, codes) -> np.ndarray:
     "True where a number is one of a few codes: one comparison a code beats a hash lookup."
     found = np.zeros(len(array), dtype=bool)
@@ -131,10 +138,12 @@ def _is_code(array: np.ndarray, codes) -> np.ndarray:
         found |= array == code
     return found
 
+
 class Rule:
     "One column's contract: cleaning, missing values and the check of its kind."
 
-    def __init__(self,
+    def __init__(
+        self,
         name: str,  # the column
         kind: str,  # number, code, category, text or keep
         na_values: list[str] = (),  # markers of a missing value
@@ -178,7 +187,8 @@ class Rule:
             return number, UNKNOWN_CATEGORY
         return number, OK
 
-    def check_value(self,
+    def check_value(
+        self,
         value,  # one decoded JSON value (None is missing)
     ) -> tuple[object, int]:  # (the cleaned value, NaN when missing; the problem code, 0 when none)
         "Check and clean one value of a record."
@@ -226,10 +236,12 @@ def _uniques(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     return pd.factorize(values)  # missing (None, NaN, NA) is code -1
 
+
 def _each(rule: Rule, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "`check_value` on each value of a column of mixed Python objects (NaN, NA: missing)."
     done = [rule.check_value(None if (v is pd.NA or (type(v) is float and v != v)) else v) for v in values]
     return np.array([v for v, _ in done], dtype=object), np.array([p for _, p in done], dtype=np.int8)
+
 
 def _check_numbers(rule: Rule, series: pd.Series, counts: dict) -> tuple[np.ndarray, np.ndarray]:
     n = len(series)
@@ -247,8 +259,15 @@ def _check_numbers(rule: Rule, series: pd.Series, counts: dict) -> tuple[np.ndar
             return kept.astype("float64"), problems
         codes, distinct = found
         cleaned = [rule._text(text) for text in distinct]
-        counts["recoded"] = int(np.bincount(codes[codes >= 0], minlength=len(distinct))[
-            [i for i, text in enumerate(distinct) if text.strip().casefold() in rule.recode]].sum()) if rule.recode else 0
+        counts["recoded"] = (
+            int(
+                np.bincount(codes[codes >= 0], minlength=len(distinct))[
+                    [i for i, text in enumerate(distinct) if text.strip().casefold() in rule.recode]
+                ].sum()
+            )
+            if rule.recode
+            else 0
+        )
         numbers, human = _read_texts(pa.array(cleaned, type=pa.string()))
         wrong = np.array([text is not None for text in cleaned], dtype=bool) & np.isnan(numbers)
         values = np.append(numbers, np.nan)[codes]
@@ -268,6 +287,7 @@ def _check_numbers(rule: Rule, series: pd.Series, counts: dict) -> tuple[np.ndar
         problems[(problems == OK) & ~(np.isnan(values) | _is_code(values, rule.categories))] = UNKNOWN_CATEGORY
     return values, problems
 
+
 def _check_texts(rule: Rule, series: pd.Series, counts: dict) -> tuple[np.ndarray, np.ndarray]:
     n = len(series)
     if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
@@ -281,16 +301,22 @@ def _check_texts(rule: Rule, series: pd.Series, counts: dict) -> tuple[np.ndarra
     codes, distinct = found
     done = [rule.check_value(text) for text in distinct]
     if rule.recode:
-        counts["recoded"] = int(np.bincount(codes[codes >= 0], minlength=len(distinct))[
-            [i for i, text in enumerate(distinct) if text.strip().casefold() in rule.recode]].sum())
+        counts["recoded"] = int(
+            np.bincount(codes[codes >= 0], minlength=len(distinct))[
+                [i for i, text in enumerate(distinct) if text.strip().casefold() in rule.recode]
+            ].sum()
+        )
     values = np.array([v for v, _ in done] + [np.nan], dtype=object)[codes]
     problems = np.array([p for _, p in done] + [OK], dtype=np.int8)[codes]
     return values, problems
 
+
 def check_column(
     rule: Rule,  # the column's rule
     series: pd.Series,  # its values
-) -> tuple[np.ndarray, np.ndarray, dict]:  # (cleaned values, NaN when missing; problem code per row; counts of what changed)
+) -> tuple[
+    np.ndarray, np.ndarray, dict
+]:  # (cleaned values, NaN when missing; problem code per row; counts of what changed)
     "Check and clean a whole column: `Rule.check_value` on every value, vectorized."
     counts = {"recoded": 0, "made_missing": 0, "human_numbers": 0}
     if rule.kind == "keep":
@@ -303,6 +329,7 @@ def check_column(
 
 # %% ../nbs/15_contract.ipynb #9dcc3d23
 NUMERIC_SHARE = 0.95  # a text column is numeric when this share of its present values read as numbers
+
 
 def infer_numeric(
     frame: pd.DataFrame,  # raw rows
@@ -330,9 +357,11 @@ MAX_MISSING_SHARE = 0.5  # default: a record with more than half its features mi
 MAX_RECORDS = 10_000  # default: the most records one request may carry
 MAX_ERRORS = 100  # default: the most errors one answer lists (with the total count beside them)
 
+
 @dataclass
 class Contract:
     "A project's record contract: one rule a column, in the schema's order, and the record-level limits."
+
     rules: list[Rule]  # in the schema's order: the order in which a row's first broken rule is named
     order: list[str]  # the cleaned values' order (a model's features)
     max_missing_share: float = MAX_MISSING_SHARE  # a record with more of its checked features missing is refused
@@ -341,12 +370,15 @@ class Contract:
     def __post_init__(self):
         by_name = {rule.name: rule for rule in self.rules}
         self.positions = {name: i for i, name in enumerate(self.order)}
-        self.checked = [rule for rule in self.rules if rule.kind in ("number", "code", "category") and rule.name in self.positions]
+        self.checked = [
+            rule for rule in self.rules if rule.kind in ("number", "code", "category") and rule.name in self.positions
+        ]
         self.by_name = by_name
 
     @property
     def features(self) -> list[str]:
         return list(self.order)
+
 
 def _kind(entry: dict) -> str:
     if entry.get("kind") == "numeric":
@@ -356,6 +388,7 @@ def _kind(entry: dict) -> str:
     if entry.get("kind") in ("id", "timestamp"):
         return "keep"
     return "text"
+
 
 def compile_contract(
     columns: dict,  # the stored schema's column entries, by name
@@ -378,11 +411,22 @@ def compile_contract(
         if name in declared:
             entry.update(kind="numeric", min=declared[name][0], max=declared[name][1])
         kind = "keep" if name == id_field else _kind(entry)
-        rules.append(Rule(name, kind, na_values, recode_maps.get(name), impossible.get(name, ()),
-                          entry.get("min") if kind == "number" else None, entry.get("max"), entry.get("categories", ())))
+        rules.append(
+            Rule(
+                name,
+                kind,
+                na_values,
+                recode_maps.get(name),
+                impossible.get(name, ()),
+                entry.get("min") if kind == "number" else None,
+                entry.get("max"),
+                entry.get("categories", ()),
+            )
+        )
     if not 0 < float(max_missing_share) <= 1:
         raise LifecycleError(f"[prepare] max_missing_share = {max_missing_share}: give a share above 0 and at most 1")
     return Contract(rules, list(order), float(max_missing_share), id_field)
+
 
 def contract_settings(
     na_values: list[str],  # `[data] na_values`
@@ -393,8 +437,15 @@ def contract_settings(
     id_field: str,  # `[data] id`
 ) -> dict:  # the settings the contract was compiled from, as prepare stores them beside the schema (and train in the model's meta)
     "What a contract is compiled from, as the run used it (parameters given with `-p` included)."
-    return {"na_values": list(na_values), "recode": dict(recode or {}), "missing_values": dict(missing_values or {}),
-            "ranges": dict(ranges or {}), "max_missing_share": float(max_missing_share), "id": id_field}
+    return {
+        "na_values": list(na_values),
+        "recode": dict(recode or {}),
+        "missing_values": dict(missing_values or {}),
+        "ranges": dict(ranges or {}),
+        "max_missing_share": float(max_missing_share),
+        "id": id_field,
+    }
+
 
 def contract_from_meta(
     meta: dict,  # a registry version's metadata: schema (with the contract's settings), features, the settings file it was trained with
@@ -403,16 +454,32 @@ def contract_from_meta(
     features = list(meta["features"]["numeric"]) + list(meta["features"]["categorical"])
     stored = (meta.get("schema") or {}).get("contract")
     if stored:
-        return compile_contract(meta["schema"]["columns"], features, stored.get("na_values", []), stored.get("recode"),
-                                stored.get("missing_values"), stored.get("ranges"),
-                                float(stored.get("max_missing_share", MAX_MISSING_SHARE)), stored.get("id") or "id")
+        return compile_contract(
+            meta["schema"]["columns"],
+            features,
+            stored.get("na_values", []),
+            stored.get("recode"),
+            stored.get("missing_values"),
+            stored.get("ranges"),
+            float(stored.get("max_missing_share", MAX_MISSING_SHARE)),
+            stored.get("id") or "id",
+        )
     settings = meta.get("settings") or {}
     data, prepare = settings.get("data") or {}, settings.get("prepare") or {}
+
     def mapping(key):
         return parse_mapping(prepare.get(key, "") or "", f"[prepare] {key}")
-    return compile_contract(meta["schema"]["columns"], features, split_list(data.get("na_values", "") or ""),
-                            mapping("recode"), mapping("missing_values"), mapping("ranges"),
-                            float(prepare.get("max_missing_share") or MAX_MISSING_SHARE), (data.get("id") or "").strip() or "id")
+
+    return compile_contract(
+        meta["schema"]["columns"],
+        features,
+        split_list(data.get("na_values", "") or ""),
+        mapping("recode"),
+        mapping("missing_values"),
+        mapping("ranges"),
+        float(prepare.get("max_missing_share") or MAX_MISSING_SHARE),
+        (data.get("id") or "").strip() or "id",
+    )
 
 # %% ../nbs/15_contract.ipynb #b40b32aa
 def _code(labels: list[str], text: str) -> int:
@@ -421,15 +488,19 @@ def _code(labels: list[str], text: str) -> int:
         labels.append(text)
     return labels.index(text)
 
+
 def reason_series(codes: np.ndarray, labels: list[str], index: pd.Index) -> pd.Series:
     """Reasons as a categorical column: a small integer a row (0 for no reason, shown as ""), each text once.
     A million rows of object strings cost 10 ms to create and as much to compare; codes cost a millisecond."""
     return pd.Series(pd.Categorical.from_codes(codes, categories=labels), index=index)
 
+
 def check_frame(
     contract: Contract,  # the rules
     frame: pd.DataFrame,  # rows (other columns are ignored; a column the contract needs and the frame lacks is `missing`)
-) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:  # (cleaned columns in the contract's order; reason per row, "" when none; what changed per column)
+) -> tuple[
+    pd.DataFrame, pd.Series, pd.DataFrame
+]:  # (cleaned columns in the contract's order; reason per row, "" when none; what changed per column)
     "Check and clean rows a column at a time; name each row's first broken rule."
     n = len(frame)
     reasons, labels = np.zeros(n, dtype=np.int16), [""]
@@ -451,8 +522,18 @@ def check_frame(
         if rule.name in checked:
             missing += absent
         cleaned[rule.name] = values
-        report.append({"column": rule.name, "kind": rule.kind, "recoded": 0, "made_missing": 0, "human_numbers": 0, **counts,
-                       "wrong_type": int((problems == WRONG_TYPE).sum()), "missing": int(absent.sum())})
+        report.append(
+            {
+                "column": rule.name,
+                "kind": rule.kind,
+                "recoded": 0,
+                "made_missing": 0,
+                "human_numbers": 0,
+                **counts,
+                "wrong_type": int((problems == WRONG_TYPE).sum()),
+                "missing": int(absent.sum()),
+            }
+        )
     if contract.checked:
         too_many = open_rows & (missing > contract.max_missing_share * len(contract.checked))
         if too_many.any():
@@ -463,14 +544,19 @@ def check_frame(
 # %% ../nbs/15_contract.ipynb #7c52b56e
 _MESSAGES = {
     WRONG_TYPE: ("expected a number", "type_error.number"),
-    NOT_FINITE: ("expected a finite number (NaN and infinity are not values; send null for missing)", "value_error.not_finite"),
+    NOT_FINITE: (
+        "expected a finite number (NaN and infinity are not values; send null for missing)",
+        "value_error.not_finite",
+    ),
     UNKNOWN_CATEGORY: ("not one of the categories the model knows", "value_error.category"),
     MISSING: ("field required (send null for a missing value)", "missing"),
 }
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_. \-]{1,64}$")
 
+
 def _error(index: int, name, message: str, kind: str) -> dict:
     return {"loc": ["body", index] + ([name] if name is not None else []), "msg": message, "type": kind}
+
 
 def problem_error(
     rule: Rule,  # the rule broken
@@ -484,17 +570,26 @@ def problem_error(
         return _error(index, rule.name, "expected text", "type_error.str")
     return _error(index, rule.name, *_MESSAGES[problem])
 
+
 def error_reason(error: dict) -> str:
     "An API error as the reason prepare and batch name (`out_of_range:age`)."
-    kind = {"type_error.number": "wrong_type", "type_error.str": "wrong_type", "value_error.not_finite": "not_finite",
-            "value_error.range": "out_of_range", "value_error.category": "unknown_category"}.get(error["type"], error["type"])
+    kind = {
+        "type_error.number": "wrong_type",
+        "type_error.str": "wrong_type",
+        "value_error.not_finite": "not_finite",
+        "value_error.range": "out_of_range",
+        "value_error.category": "unknown_category",
+    }.get(error["type"], error["type"])
     return f"{kind}:{error['loc'][2]}" if len(error["loc"]) > 2 and kind != "too_many_missing" else kind
+
 
 def _plain(name) -> str:
     "A submitted field name fit to echo, or a placeholder."
     return name if isinstance(name, str) and _PLAIN_NAME.match(name) else "(a field name that is not plain text)"
 
+
 ID_MAX_CHARS = 200  # the longest identifier accepted as text
+
 
 def id_ok(
     value,  # a record's identifier, as decoded from JSON
@@ -509,6 +604,7 @@ def id_ok(
     except UnicodeEncodeError:  # a lone surrogate
         return False
     return True
+
 
 def check_record(
     contract: Contract,  # the rules
@@ -541,15 +637,34 @@ def check_record(
         for name in extra[:10]:
             errors.append(_error(index, _plain(name), "not a field of the model", "extra_forbidden"))
         if len(extra) > 10:
-            errors.append(_error(index, "(more fields)", f"{len(extra) - 10} more fields the model does not have", "extra_forbidden"))
+            errors.append(
+                _error(
+                    index, "(more fields)", f"{len(extra) - 10} more fields the model does not have", "extra_forbidden"
+                )
+            )
         bad = True
     if contract.id_field in record and not id_ok(record[contract.id_field]):
-        errors.append(_error(index, contract.id_field, f"expected text (at most {ID_MAX_CHARS} printable characters) or an integer", "value_error.id"))
+        errors.append(
+            _error(
+                index,
+                contract.id_field,
+                f"expected text (at most {ID_MAX_CHARS} printable characters) or an integer",
+                "value_error.id",
+            )
+        )
         bad = True
     if not bad and missing > contract.max_missing_share * len(contract.checked):
-        errors.append(_error(index, None, f"more than {contract.max_missing_share:.0%} of the features are missing", "too_many_missing"))
+        errors.append(
+            _error(
+                index,
+                None,
+                f"more than {contract.max_missing_share:.0%} of the features are missing",
+                "too_many_missing",
+            )
+        )
         bad = True
     return None if bad else row
+
 
 def check_records(
     contract: Contract,  # the rules
@@ -558,6 +673,7 @@ def check_records(
     "Check and clean records, each on its own."
     errors: list[dict] = []
     return [check_record(contract, index, record, errors) for index, record in enumerate(records)], errors
+
 
 def limit_errors(
     errors: list[dict],  # every error of one request
@@ -584,12 +700,23 @@ REJECTION_REASONS = {  # reason code -> what it means, in words ({field}: the co
     "unprocessable": "the record could not be checked or scored",
     "with_request": "refused with its request: another record of the same request broke the contract",
 }
-_REASON_OF_TYPE = {"missing": "missing", "type_error.number": "wrong_type", "type_error.str": "wrong_type",
-                   "value_error.not_finite": "not_finite", "value_error.range": "out_of_range",
-                   "value_error.category": "unknown_category", "too_many_missing": "too_many_missing",
-                   "extra_forbidden": "unknown_field", "value_error.id": "bad_id", "value_error.event_time": "bad_event_time",
-                   "type_error.object": "not_an_object", "json_invalid": "malformed", "too_large": "too_large",
-                   "type_error.event_id": "bad_event_id"}
+_REASON_OF_TYPE = {
+    "missing": "missing",
+    "type_error.number": "wrong_type",
+    "type_error.str": "wrong_type",
+    "value_error.not_finite": "not_finite",
+    "value_error.range": "out_of_range",
+    "value_error.category": "unknown_category",
+    "too_many_missing": "too_many_missing",
+    "extra_forbidden": "unknown_field",
+    "value_error.id": "bad_id",
+    "value_error.event_time": "bad_event_time",
+    "type_error.object": "not_an_object",
+    "json_invalid": "malformed",
+    "too_large": "too_large",
+    "type_error.event_id": "bad_event_id",
+}
+
 
 def rejection_reason(
     error: dict,  # one error as `check_records` (or a stream) makes it: loc, msg, type
@@ -599,15 +726,21 @@ def rejection_reason(
     reason = _REASON_OF_TYPE.get(error.get("type"), "unprocessable")
     loc = error.get("loc") or []
     field = loc[2] if len(loc) > 2 else loc[1] if len(loc) == 2 and isinstance(loc[1], str) else ""
-    if reason in ("unknown_field", "too_many_missing", "not_an_object", "malformed", "too_large") or field not in fields:
+    if (
+        reason in ("unknown_field", "too_many_missing", "not_an_object", "malformed", "too_large")
+        or field not in fields
+    ):
         field = ""
     return reason, field
+
 
 def rejection_reasons(
     errors: list[dict],  # the errors of one request (loc: ["body", record index, field])
     count: int,  # the records it carried
     fields,  # the field names that may be stored (see `rejection_reason`)
-) -> list[tuple[str, str]]:  # one (reason, field) a record: its first error; ("with_request", "") for a record without one
+) -> list[
+    tuple[str, str]
+]:  # one (reason, field) a record: its first error; ("with_request", "") for a record without one
     "Why each record of a refused request was refused."
     reasons: list = [None] * count
     general = None  # an error that names no record (a request too broken to attribute) applies to the records without their own
@@ -620,13 +753,16 @@ def rejection_reasons(
             general = rejection_reason(error, fields)
     return [reason or general or ("with_request", "") for reason in reasons]
 
+
 def rejection_sentence(
     reason: str,  # a reason code (`REJECTION_REASONS`)
     field: str = "",  # the field, "" when none
     column_name=str,  # a column's name in words (e.g. `Settings.column_name`)
 ) -> str:  # e.g. "serum cholesterol was outside the range the model knows"
     "A reason in words."
-    text = REJECTION_REASONS.get(reason, "refused for a reason this version does not know ({reason})".replace("{reason}", str(reason)))
+    text = REJECTION_REASONS.get(
+        reason, "refused for a reason this version does not know ({reason})".replace("{reason}", str(reason))
+    )
     if "{field}" in text:
         text = text.replace("{field}", column_name(field) if field else "a field")
     return text

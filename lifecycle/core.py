@@ -24,7 +24,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 # %% auto #0
 __all__ = ['SETTINGS_FILE', 'PAGE_SETTINGS_ENV', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LOG_SECTIONS', 'TERMS', 'REASONS',
            'LifecycleError', 'use_work_settings', 'find_settings', 'page_settings', 'split_list', 'parse_mapping',
@@ -53,6 +52,7 @@ def use_work_settings():
 # %% ../nbs/00_core.ipynb #54a6292a
 SETTINGS_FILE = "settings.ini"
 
+
 def find_settings(
     path: str | Path = SETTINGS_FILE,  # a settings file; a relative one is searched from the working folder upward
 ) -> Path:  # the absolute path of the settings file
@@ -68,7 +68,11 @@ def find_settings(
             return (folder / path).resolve()
     raise LifecycleError(f"settings file {path} not found in {here} or any folder above it")
 
-PAGE_SETTINGS_ENV = "LIFECYCLE_SETTINGS"  # the settings file of the project a page serves, set by its command for Voila's kernels
+
+PAGE_SETTINGS_ENV = (
+    "LIFECYCLE_SETTINGS"  # the settings file of the project a page serves, set by its command for Voila's kernels
+)
+
 
 def page_settings(
     settings: str | Path | None = None,  # the settings file, or None
@@ -104,6 +108,7 @@ RUN_KEYS = {
     "timeout": "seconds a cell of a stage notebook may run before the stage is stopped",
 }
 
+
 def split_list(
     text: str,  # comma- or newline-separated values
 ) -> list[str]:  # the stripped, non-empty values
@@ -127,21 +132,27 @@ def parse_mapping(
         mapping[key.strip()] = value.strip()
     return mapping
 
+
 def value_key(
     value,  # a value as data holds it: 1, 1.0, "1", numpy numbers, None or NaN
 ) -> str:  # its plain text: integral numbers without ".0", missing as "missing"
-    "The text by which a value is labelled: the same for 1, 1.0 and \"1\"."
+    'The text by which a value is labelled: the same for 1, 1.0 and "1".'
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "missing"
     if isinstance(value, (bool, np.bool_)):
         return str(int(value))
     if isinstance(value, (int, float, np.integer, np.floating)):
-        return f"{float(value):g}" if float(value) != int(float(value)) or abs(float(value)) >= 1e15 else str(int(float(value)))
+        return (
+            f"{float(value):g}"
+            if float(value) != int(float(value)) or abs(float(value)) >= 1e15
+            else str(int(float(value)))
+        )
     text = str(value).strip()
     try:
         return value_key(float(text)) if text.lower() not in ("nan", "inf", "-inf", "infinity", "-infinity") else text
     except ValueError:
         return text
+
 
 def parse_labels(
     text: str,  # one `column: code = words, code = words` a line
@@ -161,6 +172,7 @@ def parse_labels(
 # %% ../nbs/00_core.ipynb #91e3fd56
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
 
 def coerce_value(
     text: str,  # the value as written in settings.ini
@@ -190,6 +202,7 @@ def coerce_value(
 @dataclass
 class Source:
     "One data source of `[data] sources`."
+
     name: str  # the source's name, kept with every row it contributes
     location: str  # a file path (absolute), or a database URL
     query: str = ""  # the SQL query, for a database source
@@ -198,9 +211,11 @@ class Source:
     def is_sql(self) -> bool:
         return bool(self.query)
 
+
 @dataclass
 class Settings:
     "A project's settings file, parsed."
+
     path: Path  # the settings file
     sections: dict[str, dict[str, str]]  # every section, values as written
     sources: list[Source] = field(default_factory=list)
@@ -238,13 +253,21 @@ class Settings:
         text = value_key(value)
         return self.labels.get(column, {}).get(text, text)
 
-LINEAGE = ["_source", "_file", "_line"]  # columns every collected row carries: source name, file (or database URL), line number (row number for tables)
+
+LINEAGE = [
+    "_source",
+    "_file",
+    "_line",
+]  # columns every collected row carries: source name, file (or database URL), line number (row number for tables)
 
 # %% ../nbs/00_core.ipynb #5861362d
 def _check_keys(section: str, values: dict, known: dict, path: Path):
     for key in values:
         if key not in known:
-            raise LifecycleError(f"{path.name}: unknown key '{key}' in section [{section}]; known keys: {', '.join(known)}")
+            raise LifecycleError(
+                f"{path.name}: unknown key '{key}' in section [{section}]; known keys: {', '.join(known)}"
+            )
+
 
 def parse_source(
     name: str,  # the source's name in `[data] sources`
@@ -259,6 +282,7 @@ def parse_source(
         return Source(name, url.strip(), query.strip())
     path = Path(value).expanduser()
     return Source(name, str(path if path.is_absolute() else (root / path)))
+
 
 def _read_ini(path: Path) -> dict[str, dict[str, str]]:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",), strict=True)
@@ -285,9 +309,14 @@ def load_settings(
     for key in ("sources", "target", "positive"):
         if not data.get(key, "").strip():
             raise LifecycleError(f"{path.name}: [data] {key} is required ({DATA_KEYS[key]})")
-    sources = [parse_source(name, value, path.parent) for name, value in parse_mapping(data["sources"], "[data] sources").items()]
+    sources = [
+        parse_source(name, value, path.parent)
+        for name, value in parse_mapping(data["sources"], "[data] sources").items()
+    ]
     return Settings(
-        path=path, sections=sections, sources=sources,
+        path=path,
+        sections=sections,
+        sources=sources,
         columns=split_list(data.get("columns", "")),
         na_values=split_list(data.get("na_values", "")),
         target=data["target"].strip(),
@@ -308,9 +337,11 @@ def load_settings(
 # %% ../nbs/00_core.ipynb #6aa2ccaf
 LOG_SECTIONS = ("deploy", "monitor")  # the stages whose `log` parameter names the prediction log: one log a project
 
+
 def prediction_log_url(
     settings: Settings,  # the project's settings
-    overrides: dict[str, dict[str, str]] | None = None,  # stage -> key -> value text from the command line (`-p deploy.log=…`)
+    overrides: dict[str, dict[str, str]]
+    | None = None,  # stage -> key -> value text from the command line (`-p deploy.log=…`)
 ) -> str:  # "" (the project's predictions.sqlite), a SQLite file, or a postgresql:// URL
     "The project's one prediction log: `[deploy] log` or `[monitor] log` may name it; when both do, they must agree."
     named = {}
@@ -319,16 +350,22 @@ def prediction_log_url(
         if value:
             named[stage] = value
     if len(set(named.values())) > 1:
-        raise LifecycleError(f"{settings.path.name}: [deploy] log and [monitor] log name different prediction logs; "
-                             "a project has one log: set it in one of them, or the same in both")
+        raise LifecycleError(
+            f"{settings.path.name}: [deploy] log and [monitor] log name different prediction logs; "
+            "a project has one log: set it in one of them, or the same in both"
+        )
     return next(iter(named.values()), "")
+
 
 @dataclass(frozen=True)
 class Project:
     """One project, resolved once where a command starts and passed down to every stage, command, server and page."""
+
     root: Path  # the project folder, a real path: all the project's state (runs, registry, monitoring, log) lives here
     settings: Settings | None = None  # its settings, parsed; None for a folder of state alone (a test's, a tool's)
-    log_url: str = ""  # the prediction log: "" for the project's predictions.sqlite, a SQLite file, or a postgresql:// URL
+    log_url: str = (
+        ""  # the prediction log: "" for the project's predictions.sqlite, a SQLite file, or a postgresql:// URL
+    )
 
     @property
     def settings_path(self) -> Path | None:
@@ -347,14 +384,18 @@ class Project:
     def registry_path(self) -> Path:
         return self.root / "registry"
 
+
 def open_project(
-    settings: str | Path = SETTINGS_FILE,  # the settings file (a relative one is searched from the working folder upward)
+    settings: str
+    | Path = SETTINGS_FILE,  # the settings file (a relative one is searched from the working folder upward)
     log: str | None = None,  # a prediction log named on the command line (`--log`); None: the one the settings name
-    overrides: dict[str, dict[str, str]] | None = None,  # stage -> key -> value overrides (`-p`), which take part in the log's rule
+    overrides: dict[str, dict[str, str]]
+    | None = None,  # stage -> key -> value overrides (`-p`), which take part in the log's rule
 ) -> Project:
     "Resolve a project from its settings file: a real path, its settings read and checked, its prediction log decided."
     parsed = load_settings(settings)
     return Project(parsed.root, parsed, prediction_log_url(parsed, overrides) if log is None else log.strip())
+
 
 def state_project(
     root: str | Path,  # a folder of project state without a settings file
@@ -367,6 +408,7 @@ def sha256_bytes(data: bytes) -> str:
     "SHA-256 of `data`, as hex."
     return hashlib.sha256(data).hexdigest()
 
+
 def sha256_file(
     path: str | Path,  # the file to hash
     chunk_size: int = 1 << 20,  # bytes read at a time, so large files use little memory
@@ -378,15 +420,18 @@ def sha256_file(
             digest.update(chunk)
     return digest.hexdigest()
 
+
 def sha256_json(value) -> str:
     "SHA-256 of a JSON-serializable value, independent of key order."
     return sha256_bytes(json.dumps(value, sort_keys=True, default=str).encode())
+
 
 def thread_pool(
     threads: int | None = None,  # threads (default: up to 4, one a core)
 ) -> ThreadPoolExecutor:
     "A pool for work on columns that lets go of the interpreter (numpy, pandas' hash tables, pyarrow)."
     return ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1))
+
 
 def column_hashes(
     df: pd.DataFrame,  # rows
@@ -399,6 +444,7 @@ def column_hashes(
     hash_one = lambda position: pd.util.hash_pandas_object(df.iloc[:, position], index=False).to_numpy()
     with thread_pool(threads) as pool:
         yield from pool.map(hash_one, positions)
+
 
 def frame_sha256(
     df: pd.DataFrame,  # the data to version
@@ -425,6 +471,7 @@ def frame_sha256(
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
+
 @contextmanager
 def atomic_path(
     path: str | Path,  # the file to write
@@ -442,18 +489,22 @@ def atomic_path(
         if os.path.exists(temporary):
             os.unlink(temporary)
 
+
 def write_text(path: str | Path, text: str):
     "Write `text` to `path` atomically."
     with atomic_path(path) as temporary:
         temporary.write_text(text)
 
+
 def write_json(path: str | Path, value):
     "Write `value` as indented JSON to `path` atomically."
     write_text(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
 
+
 def read_json(path: str | Path):
     "Read a JSON file."
     return json.loads(Path(path).read_text())
+
 
 def write_parquet(
     path: str | Path,  # the file to write
@@ -470,18 +521,30 @@ def write_parquet(
     names start with `_` (source, file, line, label, split, reason): with them a reader finds the row
     group that holds a line. The data columns are read whole by every stage, and their statistics cost
     0.1 s a million rows of the heart data."""
-    schema = pa.Schema.from_pandas(df, preserve_index=False)  # types from all rows: a first chunk may hold only missing values
-    increasing = {field.name for field, (_, column) in zip(schema, df.items())
-                  if pa.types.is_integer(field.type) and len(column) > 1 and column.is_monotonic_increasing}
-    options = {"use_dictionary": [name for name in schema.names if name not in increasing],
-               "column_encoding": {name: "DELTA_BINARY_PACKED" for name in increasing}} if increasing else {}
+    schema = pa.Schema.from_pandas(
+        df, preserve_index=False
+    )  # types from all rows: a first chunk may hold only missing values
+    increasing = {
+        field.name
+        for field, (_, column) in zip(schema, df.items())
+        if pa.types.is_integer(field.type) and len(column) > 1 and column.is_monotonic_increasing
+    }
+    options = (
+        {
+            "use_dictionary": [name for name in schema.names if name not in increasing],
+            "column_encoding": {name: "DELTA_BINARY_PACKED" for name in increasing},
+        }
+        if increasing
+        else {}
+    )
     options["write_statistics"] = [name for name in schema.names if name.startswith("_")]
     with atomic_path(path) as temporary:
         with pq.ParquetWriter(temporary, schema, **options) as writer:
             for start in range(0, max(len(df), 1), rows_per_group):
-                part = df.iloc[start:start + rows_per_group]
+                part = df.iloc[start : start + rows_per_group]
                 writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
     pa.default_memory_pool().release_unused()  # give the conversion buffers back to the system
+
 
 def write_parquet_files(
     files: dict,  # path -> the rows to write there
@@ -494,40 +557,105 @@ def write_parquet_files(
 # %% ../nbs/00_core.ipynb #b9697e84
 TERMS = {
     # accuracy
-    "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)", "accuracy": "accuracy", "f1": "F1 score", "brier": "Brier score",
-    "precision": "precision (flagged patients who have the condition)", "recall": "recall (patients with the condition who are found)",
-    "false_negative_rate": "missed (false negative rate)", "false_positive_rate": "false alarms (false positive rate)", "selection_rate": "share flagged", "threshold": "decision threshold",
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC (average precision)",
+    "accuracy": "accuracy",
+    "f1": "F1 score",
+    "brier": "Brier score",
+    "precision": "precision (flagged patients who have the condition)",
+    "recall": "recall (patients with the condition who are found)",
+    "false_negative_rate": "missed (false negative rate)",
+    "false_positive_rate": "false alarms (false positive rate)",
+    "selection_rate": "share flagged",
+    "threshold": "decision threshold",
     # groups and fairness
-    "n": "patients", "positives": "patients with the condition", "group": "group", "too_small": "too few patients to judge",
-    "recall_judged": "recall judged (enough patients with the condition)", "equalized_odds_difference": "equalized odds difference",
-    "demographic_parity_difference": "demographic parity difference", "low": "95% interval, low", "high": "95% interval, high",
-    "verdict": "verdict", "gated": "decides the gate", "column": "audited by", "seed": "seed of the folds",
-    "true_positive_rate_difference": "recall gap", "false_positive_rate_difference": "false positive rate gap",
-    "recall_gap": "recall gap", "selection_rate_gap": "share flagged gap",
+    "n": "patients",
+    "positives": "patients with the condition",
+    "group": "group",
+    "too_small": "too few patients to judge",
+    "recall_judged": "recall judged (enough patients with the condition)",
+    "equalized_odds_difference": "equalized odds difference",
+    "demographic_parity_difference": "demographic parity difference",
+    "low": "95% interval, low",
+    "high": "95% interval, high",
+    "verdict": "verdict",
+    "gated": "decides the gate",
+    "column": "audited by",
+    "seed": "seed of the folds",
+    "true_positive_rate_difference": "recall gap",
+    "false_positive_rate_difference": "false positive rate gap",
+    "recall_gap": "recall gap",
+    "selection_rate_gap": "share flagged gap",
     # speed
-    "latency_ms": "CPU ms a record (median of rounds; decides the gate)", "latency_ms_min": "CPU ms a record, fastest round",
-    "latency_ms_max": "CPU ms a record, slowest round", "repeats": "records timed",
+    "latency_ms": "CPU ms a record (median of rounds; decides the gate)",
+    "latency_ms_min": "CPU ms a record, fastest round",
+    "latency_ms_max": "CPU ms a record, slowest round",
+    "repeats": "records timed",
     "wall_latency_ms_median": "wall-clock ms a record (median; depends on the machine's load)",
     "batch_rows_per_second": "rows a second in one batch (wall clock)",
     # data in
-    "_source": "source", "format": "format", "location": "location", "rows": "rows", "reason": "reason",
-    "_reason": "reason", "lines": "lines", "lines_malformed": "malformed lines", "lines_blank": "blank lines",
-    "columns_missing": "columns missing", "columns_dropped": "columns dropped", "rows_in": "rows read", "rows_clean": "clean rows",
-    "rows_quarantined": "rows quarantined", "rows_duplicate": "duplicate rows dropped", "quarantined_share": "share quarantined",
-    "kind": "kind", "recoded": "values recoded", "made_missing": "values that mean \"not measured\"", "human_numbers": "numbers read from text (50k, 1,200)",
-    "wrong_type": "values of the wrong type", "missing": "missing values", "numeric": "numeric", "declared": "range declared",
-    "categories": "categories", "type": "type", "min": "lowest", "max": "highest", "_split": "split", "positive_share": "share positive",
-    "snapshot_version": "snapshot", "data_version": "data version", "clean_version": "clean data version", "schema_version": "schema version",
+    "_source": "source",
+    "format": "format",
+    "location": "location",
+    "rows": "rows",
+    "reason": "reason",
+    "_reason": "reason",
+    "lines": "lines",
+    "lines_malformed": "malformed lines",
+    "lines_blank": "blank lines",
+    "columns_missing": "columns missing",
+    "columns_dropped": "columns dropped",
+    "rows_in": "rows read",
+    "rows_clean": "clean rows",
+    "rows_quarantined": "rows quarantined",
+    "rows_duplicate": "duplicate rows dropped",
+    "quarantined_share": "share quarantined",
+    "kind": "kind",
+    "recoded": "values recoded",
+    "made_missing": 'values that mean "not measured"',
+    "human_numbers": "numbers read from text (50k, 1,200)",
+    "wrong_type": "values of the wrong type",
+    "missing": "missing values",
+    "numeric": "numeric",
+    "declared": "range declared",
+    "categories": "categories",
+    "type": "type",
+    "min": "lowest",
+    "max": "highest",
+    "_split": "split",
+    "positive_share": "share positive",
+    "snapshot_version": "snapshot",
+    "data_version": "data version",
+    "clean_version": "clean data version",
+    "schema_version": "schema version",
     # models and serving
-    "model_version": "model version", "model_sha256": "model SHA-256", "model": "model", "rows_train": "training rows",
-    "rows_val": "validation rows", "cv_roc_auc_mean": "cross-validated ROC AUC", "cv_roc_auc_std": "cross-validated ROC AUC, spread",
-    "tracking": "W&B", "labeled_rows": "labeled rows", "champion_version": "champion", "challenger_version": "challenger",
-    "previous_champion": "champion before", "scored": "scored", "rejected": "rejected", "rejected_share": "share refused (of the records received)", "malformed": "malformed",
-    "mean_score": "mean score", "prediction_log": "prediction log", "predictions_in_log": "predictions in the log",
+    "model_version": "model version",
+    "model_sha256": "model SHA-256",
+    "model": "model",
+    "rows_train": "training rows",
+    "rows_val": "validation rows",
+    "cv_roc_auc_mean": "cross-validated ROC AUC",
+    "cv_roc_auc_std": "cross-validated ROC AUC, spread",
+    "tracking": "W&B",
+    "labeled_rows": "labeled rows",
+    "champion_version": "champion",
+    "challenger_version": "challenger",
+    "previous_champion": "champion before",
+    "scored": "scored",
+    "rejected": "rejected",
+    "rejected_share": "share refused (of the records received)",
+    "malformed": "malformed",
+    "mean_score": "mean score",
+    "prediction_log": "prediction log",
+    "predictions_in_log": "predictions in the log",
     # monitoring
-    "predictions": "predictions", "labeled": "with their label", "windows": "windows", "latest_window": "latest window",
+    "predictions": "predictions",
+    "labeled": "with their label",
+    "windows": "windows",
+    "latest_window": "latest window",
     "exit_code": "exit code",
 }
+
 
 def term(
     key,  # a key of lifecycle's own (`rows_quarantined`, `val_roc_auc`, `recall_gap.sex`), or any other label
@@ -541,16 +669,30 @@ def term(
         figure, column = key.split(".", 1)
         return f"{TERMS[figure]} by {column}"
     for prefix, words in (("val_", "validation {}"), ("test_", "test {}"), ("estimated_", "{}, estimated")):
-        if key.startswith(prefix) and key[len(prefix):] in TERMS:
-            return words.format(TERMS[key[len(prefix):]])
-    for suffix, words in (("_low", "{}, 95% low"), ("_high", "{}, 95% high"), ("_mean", "{}, mean"), ("_std", "{}, spread")):
-        if key.endswith(suffix) and key[:-len(suffix)] in TERMS:
-            return words.format(TERMS[key[:-len(suffix)]])
+        if key.startswith(prefix) and key[len(prefix) :] in TERMS:
+            return words.format(TERMS[key[len(prefix) :]])
+    for suffix, words in (
+        ("_low", "{}, 95% low"),
+        ("_high", "{}, 95% high"),
+        ("_mean", "{}, mean"),
+        ("_std", "{}, spread"),
+    ):
+        if key.endswith(suffix) and key[: -len(suffix)] in TERMS:
+            return words.format(TERMS[key[: -len(suffix)]])
     return key.replace("_", " ") if "_" in key and key == key.lower() and " " not in key else key
 
-REASONS = {"wrong_type": "value of the wrong type", "not_finite": "number that is not finite", "out_of_range": "value out of range",
-           "unknown_category": "category the model does not know", "missing": "required value missing",
-           "too_many_missing": "too many features missing", "unknown_label": "unknown label", "value_error.id": "identifier that cannot be logged"}
+
+REASONS = {
+    "wrong_type": "value of the wrong type",
+    "not_finite": "number that is not finite",
+    "out_of_range": "value out of range",
+    "unknown_category": "category the model does not know",
+    "missing": "required value missing",
+    "too_many_missing": "too many features missing",
+    "unknown_label": "unknown label",
+    "value_error.id": "identifier that cannot be logged",
+}
+
 
 def reason_words(
     reason: str,  # a refusal's reason as prepare, batch and serving name it: `out_of_range:age`, `too_many_missing`
@@ -560,7 +702,6 @@ def reason_words(
     kind, _, field = str(reason).partition(":")
     words = REASONS.get(kind, term(kind))
     return f"{words}: {name(field) if name else field}" if field and field != "record" else words
-
 
 # %% ../nbs/00_core.ipynb #393780fa
 def styled(
@@ -575,14 +716,19 @@ def styled(
     frame = frame.copy(deep=False)
     if words:
         frame.columns = frame.columns.map(term) if frame.columns.nlevels == 1 else frame.columns
-        frame.index, frame.columns = frame.index.set_names([term(n) for n in frame.index.names]), frame.columns.set_names([term(n) for n in frame.columns.names])
+        frame.index, frame.columns = (
+            frame.index.set_names([term(n) for n in frame.index.names]),
+            frame.columns.set_names([term(n) for n in frame.columns.names]),
+        )
         formats = {term(column): format for column, format in formats.items()} if formats else formats
     names = lambda index: [None if name is None else html.escape(str(name)) for name in index.names]
-    frame.index, frame.columns = frame.index.set_names(names(frame.index)), frame.columns.set_names(names(frame.columns))  # not escaped by Styler
+    frame.index, frame.columns = (
+        frame.index.set_names(names(frame.index)),
+        frame.columns.set_names(names(frame.columns)),
+    )  # not escaped by Styler
     styler = frame.style.format(formats, precision=precision, escape="html", na_rep=na_rep)
     styler = styler.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
     return styler.set_caption(html.escape(caption)) if caption else styler
-
 
 # %% ../nbs/00_core.ipynb #b012df16
 def import_without(
@@ -606,10 +752,13 @@ def import_without(
 @dataclass
 class StageContext:
     "Where one stage of one run reads its inputs and writes its outputs."
+
     settings: Settings
     run_dir: Path  # this run's folder, runs/<run_id>
     stage: str  # the stage's name, e.g. collect
-    explored_from: Path | None = None  # exploring (runs/dev): the latest whole run, whose outputs stand in for missing inputs
+    explored_from: Path | None = (
+        None  # exploring (runs/dev): the latest whole run, whose outputs stand in for missing inputs
+    )
     log_url: str = ""  # the project's prediction log, as the runner resolved it
 
     @property
@@ -634,7 +783,9 @@ class StageContext:
         if not path.exists() and self.explored_from is not None and (self.explored_from / stage / name).exists():
             return self.explored_from / stage / name
         if not path.exists():
-            raise LifecycleError(f"{path} not found: run the {stage} stage first (lifecycle run --stages {stage},{self.stage})")
+            raise LifecycleError(
+                f"{path} not found: run the {stage} stage first (lifecycle run --stages {stage},{self.stage})"
+            )
         return path
 
     def write_summary(self, summary: dict):
@@ -644,6 +795,7 @@ class StageContext:
     def record_inputs(self, paths: list[Path] | None):
         "Name every file this stage read from outside the run folder (None: they cannot be known)."
         record_inputs(self.out, paths, self.root)
+
 
 def record_inputs(
     stage_dir: Path,  # a stage's output folder
@@ -659,17 +811,20 @@ def record_inputs(
     files = {_input_name(path, root): sha256_file(path) if Path(path).is_file() else None for path in paths}
     write_json(Path(stage_dir) / "_inputs.json", {"files": files})
 
+
 def _input_name(path: Path, root: Path | None) -> str:
     path = Path(path).resolve()
     if root is not None and path.is_relative_to(Path(root).resolve()):
         return path.relative_to(Path(root).resolve()).as_posix()
     return str(path)
 
+
 def stage_context(
     settings: str | Path,  # the settings file
     run_dir: str | Path,  # the run folder; empty for runs/dev, exploring on top of the latest run
     stage: str,  # this stage's name
-    log: str | None = None,  # the prediction log the runner resolved (a stage's `log` parameter); None: the one the settings name
+    log: str
+    | None = None,  # the prediction log the runner resolved (a stage's `log` parameter); None: the one the settings name
 ) -> StageContext:
     "The run context of a stage notebook."
     parsed = load_settings(settings)
@@ -680,6 +835,7 @@ def stage_context(
     if not run_dir.is_absolute():
         run_dir = parsed.root / run_dir
     return StageContext(parsed, run_dir, stage, log_url=log_url)
+
 
 def latest_run(
     root: Path,  # the project folder

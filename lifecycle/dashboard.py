@@ -30,6 +30,7 @@ __all__ = ['REFRESH_ENV', 'STYLE', 'SECTIONS', 'refresh_seconds', 'dashboard_pro
 # %% ../nbs/43_dashboard.ipynb #baab0b4d
 REFRESH_ENV = "LIFECYCLE_DASHBOARD_REFRESH"  # seconds between refreshes when `lifecycle dashboard --refresh` gave them
 
+
 def refresh_seconds(
     section: dict,  # the [monitor] section, values as written
 ) -> float:  # seconds between refreshes
@@ -43,8 +44,11 @@ def refresh_seconds(
         raise LifecycleError("[monitor] refresh_seconds must be a number of seconds between 1 and 86400")
     return seconds
 
+
 def dashboard_project(
-    settings: str | Path | None = None,  # the settings file; None: the one `lifecycle dashboard` named ($LIFECYCLE_SETTINGS), else settings.ini found upward
+    settings: str
+    | Path
+    | None = None,  # the settings file; None: the one `lifecycle dashboard` named ($LIFECYCLE_SETTINGS), else settings.ini found upward
 ) -> Project:  # the project, resolved once for the page
     "The project the dashboard shows."
     return open_project(page_settings(settings))
@@ -61,6 +65,7 @@ def _utc(value) -> pd.Timestamp | None:
         return None
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
+
 def when_text(
     value,  # a time (ISO text, datetime or Timestamp), or None
     now: datetime | None = None,  # the present (injected in tests)
@@ -75,7 +80,10 @@ def when_text(
         if seconds >= size:
             count = int(seconds // size)
             return f"{text} ({count} {unit}{'s' if count > 1 else ''} ago)"
-    return f"{text} (just now)" if seconds >= -60 else f"{text} (later than this machine's clock)"  # a minute's grace: files written while the page reads
+    return (
+        f"{text} (just now)" if seconds >= -60 else f"{text} (later than this machine's clock)"
+    )  # a minute's grace: files written while the page reads
+
 
 def window_label(
     key: str,  # the window's key, e.g. v3_2024-05-06 or v3_n0000002
@@ -93,7 +101,11 @@ def window_label(
     if every == "day":
         return day
     number = key.rsplit("_n", 1)[-1]
-    return f"predictions {int(number) * every + 1}–{(int(number) + 1) * every} from {day}" if number.isdigit() else f"window from {day}"
+    return (
+        f"predictions {int(number) * every + 1}–{(int(number) + 1) * every} from {day}"
+        if number.isdigit()
+        else f"window from {day}"
+    )
 
 # %% ../nbs/43_dashboard.ipynb #beb99926
 def last_prediction(
@@ -102,6 +114,7 @@ def last_prediction(
 ) -> str | None:  # the time of the newest prediction in the log, ISO text; None when it holds none
     "When the last prediction arrived: one small query, never a row of the log."
     from lifecycle.serving.predlog import PostgresStore, SQLiteStore, log_location
+
     kind, where = log_location(url, Path(root))
     if kind == "sqlite" and not Path(where).exists():
         return None  # connecting would create the file
@@ -116,6 +129,7 @@ def last_prediction(
             times.append(_utc(newest))
     return max(times).isoformat() if times else None
 
+
 def firing_alerts(
     folder: Path,  # the project's monitoring folder
 ) -> list[dict]:  # the alerts firing now, critical first, then oldest first
@@ -126,13 +140,17 @@ def firing_alerts(
         return []
     firing = [alert for alert in alerts if isinstance(alert, dict) and alert.get("status") == "firing"]
     rank = {"critical": 0, "warning": 1, "info": 2}
-    return sorted(firing, key=lambda alert: (rank.get((alert.get("labels") or {}).get("severity"), 3), str(alert.get("startsAt"))))
+    return sorted(
+        firing, key=lambda alert: (rank.get((alert.get("labels") or {}).get("severity"), 3), str(alert.get("startsAt")))
+    )
+
 
 def model_in_service(
     root: Path,  # the project folder
 ) -> dict:  # champion and challenger versions (None when unset), the champion's model type and creation time
     "The model versions the registry's aliases name."
     from lifecycle.registry import Registry
+
     registry = Registry(root)
     try:
         aliases = registry.aliases()
@@ -145,7 +163,12 @@ def model_in_service(
             meta = registry.meta(int(champion))
         except (LifecycleError, OSError, ValueError):
             meta = {}
-    return {"champion": champion, "challenger": aliases.get("challenger"), "model": meta.get("model"), "created": meta.get("created")}
+    return {
+        "champion": champion,
+        "challenger": aliases.get("challenger"),
+        "model": meta.get("model"),
+        "created": meta.get("created"),
+    }
 
 # %% ../nbs/43_dashboard.ipynb #081a4c24
 def latest_window(
@@ -158,6 +181,7 @@ def latest_window(
     serving = windows[windows["model_version"] == champion] if champion in set(windows["model_version"]) else windows
     return serving.sort_values(["window_start", "last_event"], kind="stable").iloc[-1]
 
+
 def score_shares(
     folder: Path,  # the project's monitoring folder
     window: str,  # the window's key
@@ -165,7 +189,9 @@ def score_shares(
 ) -> np.ndarray | None:  # the window's share of scores in each bin; None when it has none
     "The window's score distribution on the reference's bins (only the stored scores are read, never a record)."
     try:
-        scores = pd.read_parquet(Path(folder) / "rows" / f"{_safe_name(window)}.parquet", columns=["score"])["score"].to_numpy(dtype=float)
+        scores = pd.read_parquet(Path(folder) / "rows" / f"{_safe_name(window)}.parquet", columns=["score"])[
+            "score"
+        ].to_numpy(dtype=float)
     except Exception:  # missing or half-written: no distribution this time
         return None
     scores = scores[np.isfinite(scores)]
@@ -181,8 +207,16 @@ def read_state(
     root = project.root
     folder = root / "monitoring"
     section = project.section("monitor")
-    state = {"now": now or datetime.now(timezone.utc), "windows": None, "latest": None, "details": None, "shares": None,
-             "reference_scores": None, "statements": [], "unreadable": False}
+    state = {
+        "now": now or datetime.now(timezone.utc),
+        "windows": None,
+        "latest": None,
+        "details": None,
+        "shares": None,
+        "reference_scores": None,
+        "statements": [],
+        "unreadable": False,
+    }
     state["every"] = parse_every(section.get("window", MONITOR_KEYS["window"]))
     state["model"] = model_in_service(root)
     state["alerts"] = firing_alerts(folder)
@@ -190,7 +224,9 @@ def read_state(
         state["shadow"] = shadow_state(root, project.log_url)
     except Exception as error:  # the log being written, a database away: the page says so and shows the rest
         state["shadow"] = None
-        state["statements"].append(f"the shadow's figures could not be read from the prediction log ({type(error).__name__})")
+        state["statements"].append(
+            f"the shadow's figures could not be read from the prediction log ({type(error).__name__})"
+        )
     try:
         state["last_prediction"] = last_prediction(root, project.log_url)
     except LifecycleError as error:
@@ -217,13 +253,21 @@ def read_state(
     except (OSError, ValueError):
         state["details"] = None
     try:
-        scores = read_json(root / "registry" / "versions" / str(int(latest["model_version"])) / "reference.json").get("scores") or {}
+        scores = (
+            read_json(root / "registry" / "versions" / str(int(latest["model_version"])) / "reference.json").get(
+                "scores"
+            )
+            or {}
+        )
     except (OSError, ValueError, AttributeError):
         scores = {}
     if len(scores.get("bin_edges") or []) >= 2 and len(scores.get("bin_counts") or []) == len(scores["bin_edges"]) - 1:
         counts = np.asarray(scores["bin_counts"], dtype=float)
         if counts.sum() > 0:
-            state["reference_scores"] = {"edges": [float(edge) for edge in scores["bin_edges"]], "shares": counts / counts.sum()}
+            state["reference_scores"] = {
+                "edges": [float(edge) for edge in scores["bin_edges"]],
+                "shares": counts / counts.sum(),
+            }
             state["shares"] = score_shares(folder, latest["window"], state["reference_scores"]["edges"])
     return state
 
@@ -231,10 +275,13 @@ def read_state(
 def shadow_state(
     root: Path,  # the project folder
     url: str = "",  # the prediction log ([monitor] log): "" for the project's SQLite file, or a postgresql:// URL
-) -> dict | None:  # the version in shadow against the champion (`shadow_summary`'s row, `pairs` 0 before any); None when no version is in shadow
+) -> (
+    dict | None
+):  # the version in shadow against the champion (`shadow_summary`'s row, `pairs` 0 before any); None when no version is in shadow
     "The shadow run under way, from the prediction log: agreement, score shift, accuracy once labels arrive."
-    from lifecycle.serving.predlog import open_log, shadow_pairs, shadow_summary
     from lifecycle.registry import Registry
+    from lifecycle.serving.predlog import open_log, shadow_pairs, shadow_summary
+
     try:
         aliases = Registry(root).aliases()
     except (OSError, ValueError):
@@ -253,6 +300,7 @@ def shadow_state(
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
+
 def _number(value, percent: bool = False, digits: int = 3) -> str:
     "A figure as text; missing or not finite as a dash."
     try:
@@ -265,15 +313,18 @@ def _number(value, percent: bool = False, digits: int = 3) -> str:
         return f"{value:.0%}"
     return f"{value:,.0f}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.{digits}g}"
 
+
 def _column(table: pd.DataFrame, name: str) -> pd.Series:
     "A column as numbers (NaN where missing); all NaN when the table lacks it."
     if name not in table.columns:
         return pd.Series(np.nan, index=table.index)
     return pd.to_numeric(table[name], errors="coerce").astype(float)
 
+
 def _times(table: pd.DataFrame) -> np.ndarray:
     "The windows' starts, for a time axis (UTC, without the zone: matplotlib draws them as they are)."
     return pd.to_datetime(table["window_start"], utc=True, format="ISO8601").dt.tz_convert(None).to_numpy()
+
 
 def _time_axis(axes, times: np.ndarray) -> None:
     "Dates on the x axis, short and level: each window's start ('6 May') when there are few, else matplotlib's concise dates."
@@ -282,19 +333,24 @@ def _time_axis(axes, times: np.ndarray) -> None:
         axes.set_xticks(times, [f"{stamp.day} {stamp:%b}" for stamp in stamps])
         return
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
     locator = AutoDateLocator(minticks=2, maxticks=7)
     axes.xaxis.set_major_locator(locator)
     axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))
 
+
 def _png(figure) -> str:
     "A matplotlib figure as an <img> tag (base64 PNG)."
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return f'<img alt="" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
+
 def _figure(width: float = 7.0, height: float = 3.0):
     from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return figure, figure.add_subplot()
 
@@ -323,20 +379,36 @@ def header_html(
     settings: Settings | None,  # the project's settings
 ) -> str:  # the title, the model in service, the last prediction, the latest window and when the results were computed
     "The page's head: what is being watched and how fresh it is."
-    title = (settings.title if settings and settings.title else "Monitoring")
+    title = settings.title if settings and settings.title else "Monitoring"
     model, now = state["model"], state["now"]
     champion = f"version {model['champion']}" if model["champion"] is not None else "none yet"
     kind = f"{model['model'].replace('_', ' ')}" if model.get("model") else "no champion in the registry"
     latest = state["latest"]
-    window = window_label(latest["window"], latest["window_start"], state["every"]) if latest is not None else "none yet"
-    facts = [("model in service", champion, kind),
-             ("last prediction", when_text(state["last_prediction"], now).split(" (")[0] if state["last_prediction"] else "none yet",
-              when_text(state["last_prediction"], now).partition(" (")[2].rstrip(")") if state["last_prediction"] else "the log holds no predictions"),
-             ("latest window", window, f"{_number(latest['predictions'])} predictions" if latest is not None else "nothing monitored yet"),
-             ("alerts firing", str(len(state["alerts"])), "now")]
+    window = (
+        window_label(latest["window"], latest["window_start"], state["every"]) if latest is not None else "none yet"
+    )
+    facts = [
+        ("model in service", champion, kind),
+        (
+            "last prediction",
+            when_text(state["last_prediction"], now).split(" (")[0] if state["last_prediction"] else "none yet",
+            when_text(state["last_prediction"], now).partition(" (")[2].rstrip(")")
+            if state["last_prediction"]
+            else "the log holds no predictions",
+        ),
+        (
+            "latest window",
+            window,
+            f"{_number(latest['predictions'])} predictions" if latest is not None else "nothing monitored yet",
+        ),
+        ("alerts firing", str(len(state["alerts"])), "now"),
+    ]
     if model.get("challenger") is not None and model["challenger"] != model["champion"]:
         facts.insert(1, ("challenger", f"version {model['challenger']}", "in evaluation"))
-    boxes = "".join(f'<div class="lc-fact"><span>{_e(name)}</span><b>{_e(value)}</b><span>{_e(note)}</span></div>' for name, value, note in facts)
+    boxes = "".join(
+        f'<div class="lc-fact"><span>{_e(name)}</span><b>{_e(value)}</b><span>{_e(note)}</span></div>'
+        for name, value, note in facts
+    )
     monitor = state.get("monitor") or {}
     fresh = f"Monitoring results computed {when_text(monitor.get('time'), now)}." if monitor.get("time") else ""
     if monitor.get("error"):
@@ -345,6 +417,7 @@ def header_html(
         fresh += " The results were being written; they appear at the next refresh."
     page = f"Page refreshed {now.strftime('%Y-%m-%d %H:%M:%S UTC')}."
     return f'{STYLE}<div class="lc-board"><h1>{_e(title)}</h1><div class="lc-facts">{boxes}</div><p class="lc-note">{_e(page)} {_e(fresh)}</p></div>'
+
 
 def alerts_html(
     alerts: list[dict],  # `firing_alerts`
@@ -370,12 +443,20 @@ def drift_html(
     last: int = 10,  # windows shown, newest last
 ) -> str:  # the heat map of features by window, as a table
     "Which features drifted in which window: a heat map in words."
-    features = [column[len("drift."):] for column in windows.columns if column.startswith("drift.")] if windows is not None else []
+    features = (
+        [column[len("drift.") :] for column in windows.columns if column.startswith("drift.")]
+        if windows is not None
+        else []
+    )
     if not features:
         return '<div class="lc-board"><h2>Data drift by feature and window</h2><p class="lc-note">No window has been judged for drift yet.</p></div>'
     shown = windows.sort_values(["window_start", "model_version"], kind="stable").tail(last)
-    head = "".join(f"<th>{_e(window_label(row.window, row.window_start, every))}" + (f"<br><small>version {_e(int(row.model_version))}</small>" if windows['model_version'].nunique() > 1 else "") + "</th>"
-                   for row in shown.itertuples())
+    head = "".join(
+        f"<th>{_e(window_label(row.window, row.window_start, every))}"
+        + (f"<br><small>version {_e(int(row.model_version))}</small>" if windows["model_version"].nunique() > 1 else "")
+        + "</th>"
+        for row in shown.itertuples()
+    )
     body = []
     for feature in features:
         name = settings.column_name(feature) if settings else feature
@@ -391,9 +472,12 @@ def drift_html(
                 cells.append(f'<td class="calm" title="{_e(note)}">stable</td>')
         body.append(f"<tr><td>{_e(name)}</td>{''.join(cells)}</tr>")
     share = "".join(f"<td>{_number(value, percent=True)}</td>" for value in shown["drift_share"])
-    return (f'<div class="lc-board"><h2>Data drift by feature and window</h2>'
-            f'<table class="lc-table lc-heat"><tr><th>feature</th>{head}</tr>{"".join(body)}'
-            f'<tr><th>share of features drifted</th>{share}</tr></table></div>')
+    return (
+        f'<div class="lc-board"><h2>Data drift by feature and window</h2>'
+        f'<table class="lc-table lc-heat"><tr><th>feature</th>{head}</tr>{"".join(body)}'
+        f"<tr><th>share of features drifted</th>{share}</tr></table></div>"
+    )
+
 
 def kpis_html(
     windows: pd.DataFrame,  # windows.parquet
@@ -405,20 +489,41 @@ def kpis_html(
     if windows is None or not len(windows):
         return '<div class="lc-board"><h2>Key figures</h2><p class="lc-note">No predictions have been monitored yet.</p></div>'
     shown = windows.sort_values(["window_start", "model_version"], kind="stable").tail(last)
-    rows = [("predictions", "predictions", False), ("labels arrived", "labeled", False), ("positive decisions", "positive_rate", True),
-            ("records refused", "rejected", False), ("share refused", "rejected_share", True)]
+    rows = [
+        ("predictions", "predictions", False),
+        ("labels arrived", "labeled", False),
+        ("positive decisions", "positive_rate", True),
+        ("records refused", "rejected", False),
+        ("share refused", "rejected_share", True),
+    ]
     from lifecycle.alerts import names
+
     outcomes = {name for name, (_, tree) in kpis.items() if names(tree) & {"tp", "fp", "fn", "tn"}}
     rows += [(name.replace("_", " "), name, False) for name in kpis]
-    head = "".join(f"<th>{_e(window_label(row.window, row.window_start, every, short=True))}</th>" for row in shown.itertuples())
+    head = "".join(
+        f"<th>{_e(window_label(row.window, row.window_start, every, short=True))}</th>" for row in shown.itertuples()
+    )
     labelled = _column(shown, "labeled").fillna(0).to_numpy()
+
     def cell(column, percent, position, value):
         if column in outcomes and labelled[position] == 0:
             return '<td class="lc-muted">no labels yet</td>'
         return f"<td>{_e(_number(value, percent))}</td>"
-    body = "".join(f"<tr><td>{_e(title)}</td>" + "".join(cell(column, percent, position, value) for position, value in
-                   enumerate(shown[column] if column in shown.columns else [None] * len(shown))) + "</tr>" for title, column, percent in rows)
-    note = "" if kpis else '<p class="lc-note">No KPI is defined: add them to [monitor] kpis, e.g. missed_per_week: fn / weeks.</p>'
+
+    body = "".join(
+        f"<tr><td>{_e(title)}</td>"
+        + "".join(
+            cell(column, percent, position, value)
+            for position, value in enumerate(shown[column] if column in shown.columns else [None] * len(shown))
+        )
+        + "</tr>"
+        for title, column, percent in rows
+    )
+    note = (
+        ""
+        if kpis
+        else '<p class="lc-note">No KPI is defined: add them to [monitor] kpis, e.g. missed_per_week: fn / weeks.</p>'
+    )
     return f'<div class="lc-board"><h2>Key figures</h2><table class="lc-table"><tr><th>{_e(f"{every}s starting" if every in ("day", "week") else "windows from")}</th>{head}</tr>{body}</table>{note}</div>'
 
 # %% ../nbs/43_dashboard.ipynb #5b19557e
@@ -433,14 +538,17 @@ def refused_html(
         return f'<div class="lc-board">{title}<p class="lc-note">No window yet.</p></div>'
     rows = details.get("rejections") or []
     if not rows:
-        return f'<div class="lc-board">{title}<div class="lc-ok">No record was refused in the latest window.</div></div>'
+        return (
+            f'<div class="lc-board">{title}<div class="lc-ok">No record was refused in the latest window.</div></div>'
+        )
     values = details.get("values") or {}
     lines = rejection_lines(rows, settings.column_name if settings else str)
-    head = (f"{_number(values.get('rejected'))} records refused in {window_label(latest['window'], latest['window_start'], state['every'])}, "
-            f"{_number(values.get('rejected_share'), percent=True)} of those received:")
+    head = (
+        f"{_number(values.get('rejected'))} records refused in {window_label(latest['window'], latest['window_start'], state['every'])}, "
+        f"{_number(values.get('rejected_share'), percent=True)} of those received:"
+    )
     items = "".join(f"<li>{_e(line)}</li>" for line in lines)
     return f'<div class="lc-board">{title}<p class="lc-note">{_e(head)}</p><ul class="lc-note">{items}</ul></div>'
-
 
 # %% ../nbs/43_dashboard.ipynb #858686bd
 def scores_html(
@@ -459,14 +567,23 @@ def scores_html(
     figure, axes = _figure(6.2, 2.8)
     edges = np.asarray(reference["edges"])
     axes.stairs(reference["shares"], edges, fill=True, alpha=0.35, color="#829ab1", label="reference (training)")
-    axes.stairs(shares, edges, linewidth=2.2, color="#d64545", label=window_label(latest["window"], latest["window_start"], state["every"]))
+    axes.stairs(
+        shares,
+        edges,
+        linewidth=2.2,
+        color="#d64545",
+        label=window_label(latest["window"], latest["window_start"], state["every"]),
+    )
     positive = settings.positive_label if settings else "positive"
     axes.set_xlabel(f"score (probability of {positive})")
     axes.set_ylabel("share of predictions")
     axes.legend(frameon=False, fontsize=9)
     axes.spines[["top", "right"]].set_visible(False)
-    statement = next((line for line in (state["details"] or {}).get("statements", []) if line.startswith("scores ")), "")
+    statement = next(
+        (line for line in (state["details"] or {}).get("statements", []) if line.startswith("scores ")), ""
+    )
     return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">{_e(statement)}</p></div>'
+
 
 def accuracy_html(
     windows: pd.DataFrame,  # windows.parquet
@@ -482,20 +599,41 @@ def accuracy_html(
         label = "ROC AUC" if name == "roc_auc" else "recall"
         estimated = _column(table, f"estimated_{name}")
         if estimated.notna().any():
-            axes.plot(times, estimated, linestyle="--", marker="o", markerfacecolor="white", color=color, label=f"{label}, estimated (CBPE)")
+            axes.plot(
+                times,
+                estimated,
+                linestyle="--",
+                marker="o",
+                markerfacecolor="white",
+                color=color,
+                label=f"{label}, estimated (CBPE)",
+            )
         measured = _column(table, name)
         if measured.notna().any():
             axes.plot(times, measured, marker="o", color=color, linewidth=2, label=f"{label}, measured")
-            axes.fill_between(times, _column(table, f"{name}_low"), _column(table, f"{name}_high"), color=color, alpha=0.15, linewidth=0)
+            axes.fill_between(
+                times,
+                _column(table, f"{name}_low"),
+                _column(table, f"{name}_high"),
+                color=color,
+                alpha=0.15,
+                linewidth=0,
+            )
     axes.set_ylim(0, 1.02)
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8, loc="lower left", ncols=2)
     _time_axis(axes, times)
     labelled = int(_column(table, "labeled").fillna(0).sum())
-    note = (f"{labelled:,} labels have arrived; measured figures carry 95% bootstrap intervals (shaded). "
-            "Dashed lines are estimates from the calibrated scores, not measurements.") if labelled else \
-           "No labels have arrived yet: every figure is an estimate from the calibrated scores (dashed), not a measurement."
+    note = (
+        (
+            f"{labelled:,} labels have arrived; measured figures carry 95% bootstrap intervals (shaded). "
+            "Dashed lines are estimates from the calibrated scores, not measurements."
+        )
+        if labelled
+        else "No labels have arrived yet: every figure is an estimate from the calibrated scores (dashed), not a measurement."
+    )
     return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">{_e(note)}</p></div>'
+
 
 def fairness_html(
     windows: pd.DataFrame,  # windows.parquet
@@ -505,7 +643,13 @@ def fairness_html(
     "Fairness over time: the gaps between groups, where the groups are large enough to judge."
     title = "<h2>Fairness gaps over time</h2>"
     groups = groups_html(details, settings)
-    columns = sorted({column.split(".", 1)[1] for column in (windows.columns if windows is not None else []) if column.startswith(("recall_gap.", "selection_rate_gap."))})
+    columns = sorted(
+        {
+            column.split(".", 1)[1]
+            for column in (windows.columns if windows is not None else [])
+            if column.startswith(("recall_gap.", "selection_rate_gap."))
+        }
+    )
     if not columns:
         return f'<div class="lc-board">{title}<p class="lc-note">No sensitive column is monitored ([data] sensitive), or no window yet.</p></div>'
     table = windows.sort_values("window_start", kind="stable")
@@ -518,11 +662,20 @@ def fairness_html(
         for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap")):
             values = _column(table, f"{gap}.{column}")
             if values.notna().any():
-                axes.plot(times, values, linestyle=style, marker="o", color=colors[index % len(colors)], label=f"{words} by {name}")
+                axes.plot(
+                    times,
+                    values,
+                    linestyle=style,
+                    marker="o",
+                    color=colors[index % len(colors)],
+                    label=f"{words} by {name}",
+                )
                 drawn = True
     if not drawn:
-        return (f'<div class="lc-board">{title}<p class="lc-note">No window has two groups large enough to judge a gap yet '
-                f'({_e(", ".join(settings.column_name(c, unit=False) if settings else c for c in columns))}).</p>{groups}</div>')
+        return (
+            f'<div class="lc-board">{title}<p class="lc-note">No window has two groups large enough to judge a gap yet '
+            f"({_e(', '.join(settings.column_name(c, unit=False) if settings else c for c in columns))}).</p>{groups}</div>"
+        )
     axes.set_ylim(bottom=0)
     axes.set_ylabel("gap between groups")
     axes.spines[["top", "right"]].set_visible(False)
@@ -537,15 +690,29 @@ def groups_html(
 ) -> str:  # a table a sensitive column: each group's predictions, share flagged and recall ("" without groups)
     "The latest window's groups, named as the gate named them, with the figures their gaps come from."
     from lifecycle.metrics import group_words
+
     tables = []
     for column, rows in ((details or {}).get("groups") or {}).items():
         name = settings.column_name(column, unit=False) if settings else column
-        body = "".join(f"<tr><td>{_e(group_words(settings, column, row['group']) if settings else row['group'])}</td><td>{_number(row['n'])}</td>"
-                       f"<td>{_number(row['selection_rate'], percent=True)}</td>"
-                       + ('<td class="lc-muted">too few to judge</td>' if row.get("too_small") else f"<td>{_number(row['recall'], percent=True)}</td>")
-                       + "</tr>" for row in rows)
-        tables.append(f'<table class="lc-table"><tr><th>{_e(name)}</th><th>predictions</th><th>flagged</th><th>recall</th></tr>{body}</table>')
-    return ('<p class="lc-note">The latest window by group, the groups the gate audited:</p>' + "".join(tables)) if tables else ""
+        body = "".join(
+            f"<tr><td>{_e(group_words(settings, column, row['group']) if settings else row['group'])}</td><td>{_number(row['n'])}</td>"
+            f"<td>{_number(row['selection_rate'], percent=True)}</td>"
+            + (
+                '<td class="lc-muted">too few to judge</td>'
+                if row.get("too_small")
+                else f"<td>{_number(row['recall'], percent=True)}</td>"
+            )
+            + "</tr>"
+            for row in rows
+        )
+        tables.append(
+            f'<table class="lc-table"><tr><th>{_e(name)}</th><th>predictions</th><th>flagged</th><th>recall</th></tr>{body}</table>'
+        )
+    return (
+        ('<p class="lc-note">The latest window by group, the groups the gate audited:</p>' + "".join(tables))
+        if tables
+        else ""
+    )
 
 # %% ../nbs/43_dashboard.ipynb #e2bd4f43
 def statements_html(
@@ -554,13 +721,19 @@ def statements_html(
     "What monitoring says about the latest window, in its own sentences."
     lines = list(state["statements"])
     if state["latest"] is None:
-        lines.insert(0, "No predictions have been monitored yet: the monitor computes windows as predictions arrive in the log." if not state["last_prediction"]
-                     else "Predictions are in the log; the monitor has not computed a window yet.")
+        lines.insert(
+            0,
+            "No predictions have been monitored yet: the monitor computes windows as predictions arrive in the log."
+            if not state["last_prediction"]
+            else "Predictions are in the log; the monitor has not computed a window yet.",
+        )
     lines += (state["details"] or {}).get("statements", [])
     items = "".join(f"<li>{_e(line)}</li>" for line in lines if line)
     return f'<div class="lc-board"><h2>What monitoring says</h2><ul class="lc-note">{items}</ul></div>' if items else ""
 
+
 SECTIONS = ("header", "alerts", "shadow", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
+
 
 def render(
     state: dict,  # `read_state`
@@ -569,14 +742,26 @@ def render(
 ) -> dict[str, str]:  # section name -> its HTML
     "The HTML of every section of the page."
     from lifecycle.alerts import parse_kpis
+
     section = settings.sections.get("monitor", {}) if settings else {}
     windows, every = state["windows"], state["every"]
-    pages = {"header": header_html(state, settings), "alerts": alerts_html(state["alerts"], state["now"]),
-             "drift": drift_html(windows, settings, every), "kpis": kpis_html(windows, parse_kpis(section.get("kpis", "")), every),
-             "refused": refused_html(state, settings), "shadow": shadow_html(state.get("shadow"), state["now"]),
-             "statements": statements_html(state)}
+    pages = {
+        "header": header_html(state, settings),
+        "alerts": alerts_html(state["alerts"], state["now"]),
+        "drift": drift_html(windows, settings, every),
+        "kpis": kpis_html(windows, parse_kpis(section.get("kpis", "")), every),
+        "refused": refused_html(state, settings),
+        "shadow": shadow_html(state.get("shadow"), state["now"]),
+        "statements": statements_html(state),
+    }
     if figures:
-        pages.update({"scores": scores_html(state, settings), "accuracy": accuracy_html(windows), "fairness": fairness_html(windows, settings, state["details"])})
+        pages.update(
+            {
+                "scores": scores_html(state, settings),
+                "accuracy": accuracy_html(windows),
+                "fairness": fairness_html(windows, settings, state["details"]),
+            }
+        )
     return pages
 
 # %% ../nbs/43_dashboard.ipynb #f82f244f
@@ -591,14 +776,22 @@ def shadow_html(
     who = f"Version {_e(shadow['shadow_version'])} scores beside champion version {_e(shadow['champion_version'])}, never answering."
     if not shadow.get("pairs"):
         return f'<div class="lc-board">{title}<p>{who} It has scored no record yet.</p></div>'
-    records, shift, spread = f"{int(shadow['pairs']):,}", f"{shadow['score_shift']:+.3f}", f"{shadow['mean_abs_score_difference']:.3f}"
-    lines = [f"{who} It scored {_e(records)} records the champion scored, the latest {_e(when_text(shadow['last_event'], now))}.",
-             f"They decide alike on {_e(_number(shadow['agreement'], percent=True))} of them; its scores are {_e(shift)} from the "
-             f"champion's on average (mean absolute difference {_e(spread)})."]
+    records, shift, spread = (
+        f"{int(shadow['pairs']):,}",
+        f"{shadow['score_shift']:+.3f}",
+        f"{shadow['mean_abs_score_difference']:.3f}",
+    )
+    lines = [
+        f"{who} It scored {_e(records)} records the champion scored, the latest {_e(when_text(shadow['last_event'], now))}.",
+        f"They decide alike on {_e(_number(shadow['agreement'], percent=True))} of them; its scores are {_e(shift)} from the "
+        f"champion's on average (mean absolute difference {_e(spread)}).",
+    ]
     if shadow.get("labeled"):
-        lines.append(f"On the {_e(int(shadow['labeled']))} whose diagnosis came back: accuracy {_e(_number(shadow['shadow_accuracy'], percent=True))} "
-                     f"against the champion's {_e(_number(shadow['champion_accuracy'], percent=True))}; recall "
-                     f"{_e(_number(shadow['shadow_recall'], percent=True))} against {_e(_number(shadow['champion_recall'], percent=True))}.")
+        lines.append(
+            f"On the {_e(int(shadow['labeled']))} whose diagnosis came back: accuracy {_e(_number(shadow['shadow_accuracy'], percent=True))} "
+            f"against the champion's {_e(_number(shadow['champion_accuracy'], percent=True))}; recall "
+            f"{_e(_number(shadow['shadow_recall'], percent=True))} against {_e(_number(shadow['champion_recall'], percent=True))}."
+        )
     else:
         lines.append("No label has come back for these records yet: accuracy follows when it does.")
     return f'<div class="lc-board">{title}' + "".join(f"<p>{line}</p>" for line in lines) + "</div>"
@@ -607,22 +800,35 @@ def shadow_html(
 class Dashboard:
     "The live page: one HTML widget a section, refreshed in place from the stored results."
 
-    def __init__(self,
+    def __init__(
+        self,
         project: Project,  # the project shown: its folder, settings and prediction log
         refresh: float | None = None,  # seconds between refreshes (None: [monitor] refresh_seconds)
     ):
         import ipywidgets as widgets
+
         self.project, self.root, self.settings = project, project.root, project.settings
         section = project.section("monitor")
         if refresh is None and os.environ.get(REFRESH_ENV):
             refresh = refresh_seconds({"refresh_seconds": os.environ[REFRESH_ENV]})
         self.refresh = refresh if refresh is not None else refresh_seconds(section)
         self.widgets = {name: widgets.HTML() for name in SECTIONS}
-        grid = widgets.GridBox([self.widgets["scores"], self.widgets["accuracy"], self.widgets["fairness"], self.widgets["kpis"]],
-                               layout=widgets.Layout(grid_template_columns="repeat(auto-fit, minmax(480px, 1fr))", grid_gap="8px 24px"))
-        self.view = widgets.VBox([self.widgets["header"], self.widgets["alerts"], self.widgets["shadow"], self.widgets["drift"], grid, self.widgets["refused"],
-                                  self.widgets["statements"]],
-                                 layout=widgets.Layout(max_width="1200px", padding="0 12px"))
+        grid = widgets.GridBox(
+            [self.widgets["scores"], self.widgets["accuracy"], self.widgets["fairness"], self.widgets["kpis"]],
+            layout=widgets.Layout(grid_template_columns="repeat(auto-fit, minmax(480px, 1fr))", grid_gap="8px 24px"),
+        )
+        self.view = widgets.VBox(
+            [
+                self.widgets["header"],
+                self.widgets["alerts"],
+                self.widgets["shadow"],
+                self.widgets["drift"],
+                grid,
+                self.widgets["refused"],
+                self.widgets["statements"],
+            ],
+            layout=widgets.Layout(max_width="1200px", padding="0 12px"),
+        )
         self.updates = 0  # refreshes done
         self.task = None
         self._signature = "never drawn"
@@ -634,7 +840,8 @@ class Dashboard:
         except OSError:
             return None
 
-    def update(self,
+    def update(
+        self,
         now: datetime | None = None,  # the present (injected in tests)
     ) -> dict:  # the state shown
         "Read the stored results and update the widgets that changed."
@@ -658,7 +865,9 @@ class Dashboard:
             try:
                 self.update()
             except Exception as error:  # a bad moment (a file being replaced): say so, try again next time
-                self.widgets["statements"].value = f'<p class="lc-note">The last refresh failed ({_e(type(error).__name__)}); the next one follows in {self.refresh:g} s.</p>'
+                self.widgets[
+                    "statements"
+                ].value = f'<p class="lc-note">The last refresh failed ({_e(type(error).__name__)}); the next one follows in {self.refresh:g} s.</p>'
 
     def start(self) -> asyncio.Task:
         "Refresh every `refresh` seconds on the kernel's event loop (not a thread: Voila shows only what its loop sends)."
@@ -681,11 +890,14 @@ def show_dashboard(
     "Display the live dashboard and start its refresh: the one call of the notebook Voila serves."
     import ipywidgets as widgets
     from IPython.display import display
+
     try:
         board = Dashboard(dashboard_project(settings))
         board.update()
     except LifecycleError as error:
-        display(widgets.HTML(f'{STYLE}<div class="lc-board"><h1>Monitoring</h1><p class="lc-note">{_e(error)}</p></div>'))
+        display(
+            widgets.HTML(f'{STYLE}<div class="lc-board"><h1>Monitoring</h1><p class="lc-note">{_e(error)}</p></div>')
+        )
         return None
     display(board.view)
     board.start()

@@ -28,12 +28,15 @@ __all__ = ['NOTEBOOK', 'TOKEN_ENV', 'TEMPLATE', 'dashboard_notebook', 'offline_t
 NOTEBOOK = "monitoring_dashboard.ipynb"  # the notebook Voila serves: one cell, `show_dashboard()`
 TOKEN_ENV = "LIFECYCLE_API_TOKEN"  # the token `lifecycle serve` uses too
 
+
 def dashboard_notebook(
     name: str = NOTEBOOK,  # the page's notebook (`lifecycle clinic` serves clinic_page.ipynb)
 ) -> Path:  # the notebook's path
     "A page's notebook: the installed package's copy, or the clone's `nbs/`."
     import importlib.resources
+
     import lifecycle
+
     try:
         folder = Path(str(importlib.resources.files("lifecycle.nbs")))
         if (folder / name).exists():
@@ -45,7 +48,9 @@ def dashboard_notebook(
         raise LifecycleError(f"the page's notebook {name} is missing from the lifecycle package: reinstall lifecycle")
     return path
 
+
 TEMPLATE = "lifecycle-offline"  # Voila's lab template without the stylesheets it fetches from a CDN
+
 
 def offline_template(
     folder: Path,  # a folder to hold the template (it goes on JUPYTER_PATH)
@@ -54,15 +59,24 @@ def offline_template(
 
     The page has no icons, and a machine without internet would log a failed request on every visit."""
     from jupyter_core.paths import jupyter_path
-    lab = next((Path(path) for path in jupyter_path("voila", "templates", "lab") if (Path(path) / "index.html.j2").exists()), None)
+
+    lab = next(
+        (Path(path) for path in jupyter_path("voila", "templates", "lab") if (Path(path) / "index.html.j2").exists()),
+        None,
+    )
     if lab is None:
         raise LifecycleError("Voila's lab template is missing: reinstall voila (pip install -e .)")
     target = Path(folder) / "voila" / "templates" / TEMPLATE
     target.mkdir(parents=True, exist_ok=True)
-    page = "".join(line for line in (lab / "index.html.j2").read_text().splitlines(keepends=True) if "https://" not in line or "<link" not in line)
+    page = "".join(
+        line
+        for line in (lab / "index.html.j2").read_text().splitlines(keepends=True)
+        if "https://" not in line or "<link" not in line
+    )
     (target / "index.html.j2").write_text(page)
     (target / "conf.json").write_text(json.dumps({"base_template": "lab"}))
     return Path(folder)
+
 
 def voila_command(
     notebook: Path,  # the notebook to serve
@@ -70,24 +84,38 @@ def voila_command(
     port: int = 8866,  # the port
     preheat: bool = True,  # keep one kernel executed ahead of the next visitor
     python: str = sys.executable,  # the interpreter whose Voila runs
-    template: str | None = TEMPLATE,  # the page template (`offline_template`'s folder must be on JUPYTER_PATH); None: Voila's own
+    template: str
+    | None = TEMPLATE,  # the page template (`offline_template`'s folder must be on JUPYTER_PATH); None: Voila's own
 ) -> list[str]:  # the command line (without a token: `voila_main` adds it from the environment)
     "Voila's command line for the dashboard."
-    command = [python, "-c", "from lifecycle.dashserver import voila_main; voila_main()", str(notebook),
-               "--no-browser", f"--Voila.ip={host}", f"--port={int(port)}", "--Voila.port_retries=0",
-               "--show_tracebacks=False", "--VoilaConfiguration.file_denylist=.*", "--MappingKernelManager.cull_interval=60",
-               "--MappingKernelManager.cull_idle_timeout=600", "--MappingKernelManager.cull_connected=False"]
+    command = [
+        python,
+        "-c",
+        "from lifecycle.dashserver import voila_main; voila_main()",
+        str(notebook),
+        "--no-browser",
+        f"--Voila.ip={host}",
+        f"--port={int(port)}",
+        "--Voila.port_retries=0",
+        "--show_tracebacks=False",
+        "--VoilaConfiguration.file_denylist=.*",
+        "--MappingKernelManager.cull_interval=60",
+        "--MappingKernelManager.cull_idle_timeout=600",
+        "--MappingKernelManager.cull_connected=False",
+    ]
     if preheat:
         command += ["--preheat_kernel=True", "--pool_size=1"]
     if template:
         command.append(f"--template={template}")
     return command
 
+
 def voila_main(
     argv: list[str] | None = None,  # Voila's arguments (default: this process's)
 ) -> None:
     "Run Voila with the token from $LIFECYCLE_API_TOKEN (taken out of the environment, so kernels never see it)."
     from voila.app import main
+
     argv = list(sys.argv[1:] if argv is None else argv)
     token = os.environ.pop(TOKEN_ENV, "")
     argv.append(f"--Voila.token={token}" if token else "--Voila.token=")
@@ -101,18 +129,22 @@ def check_access(
 ) -> None:
     "Refuse an address other than loopback without a token ('' listens on every address: not loopback)."
     import ipaddress
+
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     if not loopback and not token:
-        raise LifecycleError(f"a dashboard on {host} needs a token: set {TOKEN_ENV} (visitors open the page once with ?token=<token>)")
+        raise LifecycleError(
+            f"a dashboard on {host} needs a token: set {TOKEN_ENV} (visitors open the page once with ?token=<token>)"
+        )
 
 # %% ../nbs/44_dashserver.ipynb #afc1fe0d
 class MonitorLoop(threading.Thread):
     "One incremental monitor: `monitor_and_roll_back` (monitoring, then the rollback rules) every `interval` seconds, its outcome in monitoring/monitor_status.json."
 
-    def __init__(self,
+    def __init__(
+        self,
         project: Project,  # the project monitored
         interval: float,  # seconds between runs
         monitor=None,  # the monitoring function (default `monitor_and_roll_back`; injected in tests)
@@ -126,19 +158,29 @@ class MonitorLoop(threading.Thread):
     def once(self) -> dict:  # the status written
         "Monitor once and record how it went."
         from lifecycle.rollback import monitor_and_roll_back
+
         monitor = self._monitor or monitor_and_roll_back
         started = datetime.now(timezone.utc)
         try:
             summary = monitor(self.project)
-            status = {"error": None, "windows": summary.get("windows"), "new_predictions": summary.get("new_predictions"),
-                      "new_labels": summary.get("new_labels"), "firing": len((summary.get("alerts") or {}).get("firing", []))}
+            status = {
+                "error": None,
+                "windows": summary.get("windows"),
+                "new_predictions": summary.get("new_predictions"),
+                "new_labels": summary.get("new_labels"),
+                "firing": len((summary.get("alerts") or {}).get("firing", [])),
+            }
         except LifecycleError as error:
             status = {"error": str(error)}
         except Exception as error:  # a bug: the loop goes on, the traceback goes to the server's log
             traceback.print_exc(file=sys.stderr)
             status = {"error": f"{type(error).__name__} (the dashboard's log has the details)"}
-        status.update({"time": started.isoformat(timespec="seconds"),
-                       "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3)})
+        status.update(
+            {
+                "time": started.isoformat(timespec="seconds"),
+                "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 3),
+            }
+        )
         write_json(self.root / "monitoring" / "monitor_status.json", status)
         self.runs += 1
         return status
@@ -166,7 +208,9 @@ def wait_for_port(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise LifecycleError(f"Voila stopped before it listened (exit {process.returncode}): see its lines above; is port {port} free?")
+            raise LifecycleError(
+                f"Voila stopped before it listened (exit {process.returncode}): see its lines above; is port {port} free?"
+            )
         try:
             with socket.create_connection((target, port), timeout=1):
                 return
@@ -174,8 +218,10 @@ def wait_for_port(
             time.sleep(0.2)
     raise LifecycleError(f"Voila did not listen on port {port} within {timeout:g} s")
 
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
 
 def serve_page(
     notebook: Path,  # the page's notebook
@@ -192,26 +238,45 @@ def serve_page(
     "Serve a Voila page (and run `loop` beside it) until SIGTERM or Ctrl-C: the shared body of `lifecycle dashboard` and `lifecycle clinic`."
     check_access(host, os.environ.get(TOKEN_ENV) or None)
     import tempfile
+
     templates = offline_template(Path(tempfile.mkdtemp(prefix="lifecycle-page-")))
-    environment = {**os.environ, **(environment or {}),
-                   "JUPYTER_PATH": os.pathsep.join(filter(None, [str(templates), os.environ.get("JUPYTER_PATH", "")]))}
-    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}  # SIGINT too: a shell may start us with it ignored
+    environment = {
+        **os.environ,
+        **(environment or {}),
+        "JUPYTER_PATH": os.pathsep.join(filter(None, [str(templates), os.environ.get("JUPYTER_PATH", "")])),
+    }
+    previous = {
+        number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)
+    }  # SIGINT too: a shell may start us with it ignored
     process = None
     try:
         if loop:
             loop.start()
-        process = subprocess.Popen(voila_command(notebook, host, port, preheat), env=environment, cwd=root,
-                                   stdin=subprocess.DEVNULL, stdout=log or sys.stderr, stderr=log or sys.stderr, start_new_session=True)
+        process = subprocess.Popen(
+            voila_command(notebook, host, port, preheat),
+            env=environment,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=log or sys.stderr,
+            stderr=log or sys.stderr,
+            start_new_session=True,
+        )
         wait_for_port(host, port, process)
         shown = f"[{host}]" if ":" in host else host
-        print(f"{name}: http://{shown}:{port}/" + (" (open it once with ?token=<LIFECYCLE_API_TOKEN>)" if os.environ.get(TOKEN_ENV) else "")
-              + f"{note}. Stop with Ctrl-C.", flush=True)
+        print(
+            f"{name}: http://{shown}:{port}/"
+            + (" (open it once with ?token=<LIFECYCLE_API_TOKEN>)" if os.environ.get(TOKEN_ENV) else "")
+            + f"{note}. Stop with Ctrl-C.",
+            flush=True,
+        )
         code = process.wait()
         raise LifecycleError(f"Voila stopped by itself (exit {code}): see its lines above")
     except KeyboardInterrupt:
         return 0
     finally:
-        for number in previous:  # a second Ctrl-C or SIGTERM does not cut the stop short (Voila, in a session of its own, would outlive us)
+        for number in (
+            previous
+        ):  # a second Ctrl-C or SIGTERM does not cut the stop short (Voila, in a session of its own, would outlive us)
             signal.signal(number, signal.SIG_IGN)
         if process is not None and process.poll() is None:
             process.terminate()  # Voila shuts its kernels down on SIGTERM
@@ -223,9 +288,11 @@ def serve_page(
         if loop:
             loop.stop()
         import shutil
+
         shutil.rmtree(templates, ignore_errors=True)
         for number, handler in previous.items():
             signal.signal(number, handler)
+
 
 def run_dashboard(
     settings_path: str | Path = "settings.ini",  # the project's settings file
@@ -244,6 +311,15 @@ def run_dashboard(
     check_access(host, os.environ.get(TOKEN_ENV) or None)
     loop = MonitorLoop(project, interval) if monitor else None
     # the page's kernels open the same settings file, by its real path: the same project, the same log
-    return serve_page(dashboard_notebook(), project.root, host, port, preheat, {PAGE_SETTINGS_ENV: str(project.settings_path), REFRESH_ENV: f"{interval:g}"},
-                      loop, "Dashboard", f", refreshed every {interval:g} s", log)
-
+    return serve_page(
+        dashboard_notebook(),
+        project.root,
+        host,
+        port,
+        preheat,
+        {PAGE_SETTINGS_ENV: str(project.settings_path), REFRESH_ENV: f"{interval:g}"},
+        loop,
+        "Dashboard",
+        f", refreshed every {interval:g} s",
+        log,
+    )

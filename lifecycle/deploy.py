@@ -33,9 +33,14 @@ def to_records(
     return [dict(zip(columns, row)) for row in values.itertuples(index=False, name=None)]
 
 # %% ../nbs/05_deploy.ipynb #9dae323a
-SCORE_TOLERANCE = 1e-12  # a linear model's scores can differ in the last bit between one row and many (BLAS); trees' never do
+SCORE_TOLERANCE = (
+    1e-12  # a linear model's scores can differ in the last bit between one row and many (BLAS); trees' never do
+)
 
-def _single_pass(client, records: list[dict], headers: dict | None) -> tuple[list[tuple[float, float]], list[float], int, set]:
+
+def _single_pass(
+    client, records: list[dict], headers: dict | None
+) -> tuple[list[tuple[float, float]], list[float], int, set]:
     "Each record in a request of its own: ((wall ms, CPU ms) a request, scores, failed requests, model versions)."
     latencies, scores, failed, versions = [], [], 0, set()
     for record in records:
@@ -50,6 +55,7 @@ def _single_pass(client, records: list[dict], headers: dict | None) -> tuple[lis
         scores.append(prediction["score"])
         versions.add(prediction["model_version"])
     return latencies, scores, failed, versions
+
 
 def smoke_test(
     client,  # an HTTP client of the scoring app (FastAPI's TestClient, or httpx against a running server)
@@ -68,19 +74,31 @@ def smoke_test(
     started = time.perf_counter()
     batch = client.post("/predict", json=records, headers=headers)
     batch_seconds = time.perf_counter() - started
-    batch_scores = [p["score"] for p in batch.json()["predictions"]] if batch.status_code == 200 else [math.nan] * len(records)
-    answers = np.concatenate([np.array(scores, dtype=float) for _, scores, _, _ in runs] + [np.array(batch_scores, dtype=float)])
+    batch_scores = (
+        [p["score"] for p in batch.json()["predictions"]] if batch.status_code == 200 else [math.nan] * len(records)
+    )
+    answers = np.concatenate(
+        [np.array(scores, dtype=float) for _, scores, _, _ in runs] + [np.array(batch_scores, dtype=float)]
+    )
     differences = np.abs(answers - np.tile(np.asarray(expected, dtype=float), len(runs) + 1))
-    least = np.min(np.array([run[0] for run in runs], dtype=float).reshape(len(runs), len(records), 2), axis=0) if records else None
+    least = (
+        np.min(np.array([run[0] for run in runs], dtype=float).reshape(len(runs), len(records), 2), axis=0)
+        if records
+        else None
+    )
     wall, cpu = (least[:, 0], least[:, 1]) if records else ([], [])
-    return {"records": len(records), "failed": sum(run[2] for run in runs) + (batch.status_code != 200) * len(records),
-            "identical": bool(np.all(differences == 0)), "max_abs_diff": float(np.nanmax(differences)) if len(records) else 0.0,
-            "p50_ms": float(np.percentile(cpu, 50)) if len(cpu) else None,
-            "p99_ms": float(np.percentile(cpu, 99)) if len(cpu) else None,
-            "wall_p50_ms": float(np.percentile(wall, 50)) if len(wall) else None,
-            "wall_p99_ms": float(np.percentile(wall, 99)) if len(wall) else None,
-            "batch_rows_per_s": len(records) / batch_seconds if batch_seconds > 0 else None,
-            "model_version": sorted(set().union(*(run[3] for run in runs)))}
+    return {
+        "records": len(records),
+        "failed": sum(run[2] for run in runs) + (batch.status_code != 200) * len(records),
+        "identical": bool(np.all(differences == 0)),
+        "max_abs_diff": float(np.nanmax(differences)) if len(records) else 0.0,
+        "p50_ms": float(np.percentile(cpu, 50)) if len(cpu) else None,
+        "p99_ms": float(np.percentile(cpu, 99)) if len(cpu) else None,
+        "wall_p50_ms": float(np.percentile(wall, 50)) if len(wall) else None,
+        "wall_p99_ms": float(np.percentile(wall, 99)) if len(wall) else None,
+        "batch_rows_per_s": len(records) / batch_seconds if batch_seconds > 0 else None,
+        "model_version": sorted(set().union(*(run[3] for run in runs))),
+    }
 
 # %% ../nbs/05_deploy.ipynb #09e04688
 def gated_version(
@@ -92,6 +110,7 @@ def gated_version(
         raise LifecycleError(f"model version {version} did not pass the gate; nothing to deploy")
     return version
 
+
 def smoke_test_version(
     root: Path,  # the project folder
     version: int,  # the model version to test
@@ -101,8 +120,10 @@ def smoke_test_version(
 ) -> dict:  # smoke_test's figures, and `fast_path`: whether the app scores with the fast path
     "Serve `version` with the real scoring app in-process and smoke-test it on `rows`."
     from fastapi.testclient import TestClient
+
     from lifecycle.serving.predlog import open_log
     from lifecycle.serving.serve import create_app
+
     scorer = Scorer.from_registry(root, version)  # refuses a file whose SHA-256 does not match
     records = to_records(rows, scorer.spec.features)
     expected = scorer.model.predict_proba(rows[scorer.spec.features])[:, 1]
@@ -111,7 +132,9 @@ def smoke_test_version(
         deadline = time.time() + ready_seconds
         while client.get("/ready").status_code != 200:
             if time.time() > deadline:
-                raise LifecycleError(f"the scoring app did not load model version {version} within {ready_seconds:g} s: {client.get('/ready').json()}")
+                raise LifecycleError(
+                    f"the scoring app did not load model version {version} within {ready_seconds:g} s: {client.get('/ready').json()}"
+                )
             time.sleep(0.05)
         return {**smoke_test(client, records, expected), "fast_path": scorer.fast is not None}
 
@@ -129,6 +152,7 @@ def smoke_problems(
         problems.append(f"p99 latency {smoke['p99_ms']:.1f} ms (CPU time a request) is above {max_latency_ms:g} ms")
     return problems
 
+
 def promote_after_smoke(
     registry,  # the project's Registry
     version: int,  # the smoke-tested version
@@ -139,12 +163,21 @@ def promote_after_smoke(
 ) -> tuple[int | None, int | None]:  # (the champion before, the champion now)
     "Make a version that passed its smoke test the champion; refuse one that failed, leaving the champion unchanged."
     from lifecycle.promotion import move_alias
+
     if problems:
-        raise LifecycleError(f"the smoke test of model version {version} failed: {'; '.join(problems)}; the champion is unchanged")
+        raise LifecycleError(
+            f"the smoke test of model version {version} failed: {'; '.join(problems)}; the champion is unchanged"
+        )
     previous = registry.aliases().get("champion")
     if promote and previous != version:
-        move_alias(registry, "champion", version, "deploy", f"deployed in {run}: smoke test of {smoke['records']} records passed, p99 {smoke['p99_ms']:.1f} ms",
-                   expected=previous)  # the champion it was deployed over, not one another run promoted meanwhile
+        move_alias(
+            registry,
+            "champion",
+            version,
+            "deploy",
+            f"deployed in {run}: smoke test of {smoke['records']} records passed, p99 {smoke['p99_ms']:.1f} ms",
+            expected=previous,
+        )  # the champion it was deployed over, not one another run promoted meanwhile
     return previous, registry.aliases().get("champion")
 
 # %% ../nbs/05_deploy.ipynb #696cf8eb
@@ -154,18 +187,33 @@ def smoke_markdown(
     previous: int | None,  # the champion before
 ) -> str:  # a heading and a sentence
     "What the reader of the report learns first: which version serves, and how its smoke test went."
-    answers = ("**identical** to the offline scores" if smoke["identical"]
-               else f"equal to the offline scores within {smoke['max_abs_diff']:.1g}")
-    return (f"## Deployed: model version {champion}" + (f" (was {previous})" if previous not in (None, champion) else "") + "\n\n"
-            f"Smoke test: {smoke['records']} test records sent one by one and in one batch; answers {answers}. "
-            f"Single-record requests: median {smoke['p50_ms']:.2f} ms, p99 {smoke['p99_ms']:.2f} ms; "
-            f"one batch request: {smoke['batch_rows_per_s']:,.0f} rows/s.")
+    answers = (
+        "**identical** to the offline scores"
+        if smoke["identical"]
+        else f"equal to the offline scores within {smoke['max_abs_diff']:.1g}"
+    )
+    return (
+        f"## Deployed: model version {champion}"
+        + (f" (was {previous})" if previous not in (None, champion) else "")
+        + "\n\n"
+        f"Smoke test: {smoke['records']} test records sent one by one and in one batch; answers {answers}. "
+        f"Single-record requests: median {smoke['p50_ms']:.2f} ms, p99 {smoke['p99_ms']:.2f} ms; "
+        f"one batch request: {smoke['batch_rows_per_s']:,.0f} rows/s."
+    )
 
 # %% ../nbs/05_deploy.ipynb #995121d3
 def production_ids(frame: pd.DataFrame, version: int) -> list[str]:
     "Stable request ids for rows with lineage (`_source`, `_file`, `_line`)."
-    keys = frame["_source"].astype(str) + ":" + frame["_file"].astype(str) + ":" + frame["_line"].astype(str) + f":v{version}"
+    keys = (
+        frame["_source"].astype(str)
+        + ":"
+        + frame["_file"].astype(str)
+        + ":"
+        + frame["_line"].astype(str)
+        + f":v{version}"
+    )
     return ["batch-" + hashlib.sha256(key.encode()).hexdigest()[:24] for key in keys]
+
 
 def score_rows(
     scorer: Scorer,  # the model
@@ -175,6 +223,7 @@ def score_rows(
 ) -> tuple[list[dict], pd.DataFrame]:  # (prediction log entries, rejected rows: lineage and reason)
     "Check and score rows with the shared scoring path; log entries for the good ones, reasons for the others."
     from datetime import datetime, timezone
+
     when = when or datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     spec = scorer.spec
     done = scorer.score_frame(frame)
@@ -182,11 +231,27 @@ def score_rows(
     ids = production_ids(frame, spec.version)
     records = to_records(frame, spec.features)  # the values as they arrived, as the server logs them
     identifiers = frame[spec.id_field].tolist() if spec.id_field in frame.columns else [None] * len(frame)
-    entries = [{"request_id": ids[at], "time": when, "model_version": prediction.model_version, "channel": channel,
-                "score": prediction.score, "decision": prediction.decision, "id": identifiers[at], "features": records[at]}
-               for at, prediction in zip(np.flatnonzero(good).tolist(), scorer.predictions(done["scores"]))]
-    rejected = pd.DataFrame({"_source": frame["_source"].to_numpy()[~good], "_line": frame["_line"].to_numpy()[~good].astype(int),
-                             "reason": done["reasons"].to_numpy()[~good]}, columns=["_source", "_line", "reason"])
+    entries = [
+        {
+            "request_id": ids[at],
+            "time": when,
+            "model_version": prediction.model_version,
+            "channel": channel,
+            "score": prediction.score,
+            "decision": prediction.decision,
+            "id": identifiers[at],
+            "features": records[at],
+        }
+        for at, prediction in zip(np.flatnonzero(good).tolist(), scorer.predictions(done["scores"]))
+    ]
+    rejected = pd.DataFrame(
+        {
+            "_source": frame["_source"].to_numpy()[~good],
+            "_line": frame["_line"].to_numpy()[~good].astype(int),
+            "reason": done["reasons"].to_numpy()[~good],
+        },
+        columns=["_source", "_line", "reason"],
+    )
     return entries, rejected
 
 # %% ../nbs/05_deploy.ipynb #c3902a13
@@ -203,11 +268,19 @@ def score_production(
         entries += logged
         rejected.append(refused)
         scores = scores_by_source[name] = np.array([entry["score"] for entry in logged])
-        by_source[name] = {"rows": len(rows) + len(malformed), "scored": len(logged), "rejected": len(refused), "malformed": len(malformed),
-                           "positive_share": float(np.mean([entry["decision"] for entry in logged])) if logged else None,
-                           "mean_score": float(scores.mean()) if len(scores) else None}
-    rejected = pd.concat(rejected, ignore_index=True) if rejected else pd.DataFrame(columns=["_source", "_line", "reason"])
+        by_source[name] = {
+            "rows": len(rows) + len(malformed),
+            "scored": len(logged),
+            "rejected": len(refused),
+            "malformed": len(malformed),
+            "positive_share": float(np.mean([entry["decision"] for entry in logged])) if logged else None,
+            "mean_score": float(scores.mean()) if len(scores) else None,
+        }
+    rejected = (
+        pd.concat(rejected, ignore_index=True) if rejected else pd.DataFrame(columns=["_source", "_line", "reason"])
+    )
     return entries, rejected, by_source, scores_by_source
+
 
 def log_predictions(
     entries: list[dict],  # prediction log entries
@@ -217,15 +290,19 @@ def log_predictions(
 ) -> tuple[int, int]:  # (predictions in the log before, after)
     "Write entries to the prediction log and wait until they are stored (an entry logged before is not logged twice)."
     from lifecycle.serving.predlog import open_log
+
     prediction_log = open_log(log, root)
     try:
         before = prediction_log.count()
         prediction_log.record(entries)
         if not prediction_log.flush(timeout=timeout):
-            raise LifecycleError(f"the prediction log did not take the {len(entries)} production predictions within {timeout:g} s: {prediction_log.errors[-1:]}")
+            raise LifecycleError(
+                f"the prediction log did not take the {len(entries)} production predictions within {timeout:g} s: {prediction_log.errors[-1:]}"
+            )
         return before, prediction_log.count()
     finally:
         prediction_log.close()
+
 
 def log_name(
     log: str,  # the prediction log setting: empty, a SQLite file or a postgresql:// URL
@@ -246,9 +323,13 @@ def champion_promotion(
         return None
     made = [event for event in events if event.get("alias") == "champion" and event.get("version") == champion]
     last = made[-1] if made else {}
-    return {"version": champion, "at": last.get("at"), "by": last.get("by"), "reason": last.get("reason"),
-            "by_this_stage": previous != champion}
-
+    return {
+        "version": champion,
+        "at": last.get("at"),
+        "by": last.get("by"),
+        "reason": last.get("reason"),
+        "by_this_stage": previous != champion,
+    }
 
 # %% ../nbs/05_deploy.ipynb #97171bee
 def deploy_inputs(
@@ -261,8 +342,13 @@ def deploy_inputs(
     files = source_files([parse_source(name, path, root) for name, path in production.items()], root)
     if files is None:
         return None
-    models = [registry.path / "versions" / str(version) / "model.skops" for version in dict.fromkeys(versions) if version is not None]
+    models = [
+        registry.path / "versions" / str(version) / "model.skops"
+        for version in dict.fromkeys(versions)
+        if version is not None
+    ]
     return models + files
+
 
 def deploy_summary(
     champion: int | None,  # the champion now
@@ -284,13 +370,21 @@ def deploy_summary(
     before, after = logged
     promotion = champion_promotion(events or [], champion, previous)
     return {
-        "champion_version": champion, "previous_champion": previous,
-        "champion": champion is not None and (version if version is not None else champion) == champion, "promotion": promotion,
+        "champion_version": champion,
+        "previous_champion": previous,
+        "champion": champion is not None and (version if version is not None else champion) == champion,
+        "promotion": promotion,
         "model_sha256": meta["sha256"],
         "smoke": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in smoke.items()},
-        "production": {"scored": len(entries), "rejected": len(rejected), "new_in_log": after - before, "by_source": by_source,
-                       "reasons": rejected["reason"].value_counts().to_dict()},
-        "prediction_log": log_name(log), "predictions_in_log": after,
+        "production": {
+            "scored": len(entries),
+            "rejected": len(rejected),
+            "new_in_log": after - before,
+            "by_source": by_source,
+            "reasons": rejected["reason"].value_counts().to_dict(),
+        },
+        "prediction_log": log_name(log),
+        "predictions_in_log": after,
     }
 
 # %% ../nbs/05_deploy.ipynb #57f64cc1
@@ -305,16 +399,20 @@ def training_decision_rate(
     levels = np.linspace(0, 1, len(grid))
     return float(1 - np.interp(threshold, grid, levels))
 
+
 def production_against_training(
     reference: dict,  # the model version's reference.json
     features: pd.DataFrame,  # the production records' features, one row a prediction
     sources: np.ndarray,  # the production source of each row
     scores: np.ndarray,  # their scores
     threshold: float,  # the decision threshold
-    not_measured: dict[str, list[float]] | None = None,  # per column, values that mean "not measured" (`[prepare] missing_values`)
+    not_measured: dict[str, list[float]]
+    | None = None,  # per column, values that mean "not measured" (`[prepare] missing_values`)
     sharp: float = 0.25,  # a missing share this far (absolute) above training's is a warning
     sharp_rate: float = 0.15,  # a share flagged this far (absolute) from training's is a warning
-) -> dict:  # `missing` (a row a feature: training and each source), `scores` (a row: training and each source), `warnings`
+) -> (
+    dict
+):  # `missing` (a row a feature: training and each source), `scores` (a row: training and each source), `warnings`
     "Compare production traffic with the training rows: missing share per feature, scores and decision rate, by source."
     not_measured = not_measured or {}
     names = list(dict.fromkeys(sources.tolist()))
@@ -330,15 +428,21 @@ def production_against_training(
             here = absent[sources == name]
             row[name] = float(here.mean())
             if row[name] - trained >= sharp:
-                warnings.append(f"{column} is missing in {int(here.sum())} of {len(here)} records from {name} "
-                                f"({row[name]:.0%}), against {trained:.0%} in training")
+                warnings.append(
+                    f"{column} is missing in {int(here.sum())} of {len(here)} records from {name} "
+                    f"({row[name]:.0%}), against {trained:.0%} in training"
+                )
         missing.append(row)
     trained_rate = training_decision_rate(reference, threshold)
-    score_rows = [{"": "training", "rows": reference["rows"], "mean score": reference["scores"]["mean"], "flagged": trained_rate}]
+    score_rows = [
+        {"": "training", "rows": reference["rows"], "mean score": reference["scores"]["mean"], "flagged": trained_rate}
+    ]
     for name in names:
         here = scores[sources == name]
         rate = float(np.mean(here >= threshold)) if len(here) else None
-        score_rows.append({"": name, "rows": int(len(here)), "mean score": float(here.mean()) if len(here) else None, "flagged": rate})
+        score_rows.append(
+            {"": name, "rows": int(len(here)), "mean score": float(here.mean()) if len(here) else None, "flagged": rate}
+        )
         if rate is not None and trained_rate is not None and abs(rate - trained_rate) >= sharp_rate:
             warnings.append(f"{name}: {rate:.0%} of patients flagged, against {trained_rate:.0%} of the training rows")
     return {"missing": missing, "scores": score_rows, "warnings": warnings}
@@ -357,8 +461,13 @@ def champion_story(
         return f"Model version {champion} is champion; the registry holds no record of when it became so."
     last = made[-1]
     when = f"since {last.get('at', 'an unknown time')}"
-    now = "This stage promoted it after its smoke test." if previous != champion else "This stage's smoke test confirmed it; the aliases were unchanged."
+    now = (
+        "This stage promoted it after its smoke test."
+        if previous != champion
+        else "This stage's smoke test confirmed it; the aliases were unchanged."
+    )
     return f"Model version {champion} has been the champion {when} ({last.get('reason', 'no reason recorded')}). {now}"
+
 
 def latency_sentence(
     smoke: dict,  # smoke_test's figures
@@ -366,7 +475,13 @@ def latency_sentence(
     "The smoke test's latency in words: what the figure measures and how to reproduce it."
     if smoke.get("p99_ms") is None:
         return "No single-record request was timed."
-    return (f"Latency: p99 {smoke['p99_ms']:.2f} ms, the CPU time the server spent on one single-record request (all of its threads), "
-            f"99th percentile over {smoke['records']} requests; it does not depend on other programs' load, and it decides the smoke test. "
-            + (f"The wall-clock p99 on this machine at this moment was {smoke['wall_p99_ms']:.2f} ms. " if smoke.get("wall_p99_ms") is not None else "")
-            + "Reproduce with `lifecycle bench serve`.")
+    return (
+        f"Latency: p99 {smoke['p99_ms']:.2f} ms, the CPU time the server spent on one single-record request (all of its threads), "
+        f"99th percentile over {smoke['records']} requests; it does not depend on other programs' load, and it decides the smoke test. "
+        + (
+            f"The wall-clock p99 on this machine at this moment was {smoke['wall_p99_ms']:.2f} ms. "
+            if smoke.get("wall_p99_ms") is not None
+            else ""
+        )
+        + "Reproduce with `lifecycle bench serve`."
+    )

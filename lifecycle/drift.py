@@ -19,9 +19,11 @@ __all__ = ['EPSILON', 'SMALL_REFERENCE', 'P_VALUE_THRESHOLD', 'DISTANCE_THRESHOL
 # %% ../nbs/40_drift.ipynb #3275c39c
 EPSILON = 1e-4  # an empty bin's share, as Evidently floors it, so PSI and JS stay finite
 
+
 def _floored(shares) -> np.ndarray:
     shares = np.asarray(shares, dtype=float)
     return np.where(shares <= 0, EPSILON, shares)
+
 
 def psi(
     reference,  # the reference's share in each bin
@@ -30,6 +32,7 @@ def psi(
     "Population stability index of two distributions over the same bins."
     ref, cur = _floored(reference), _floored(current)
     return float(np.sum((cur - ref) * np.log(cur / ref)))
+
 
 def js_distance(
     reference,  # the reference's share in each bin or category
@@ -63,6 +66,7 @@ def quantile_points(
 # %% ../nbs/40_drift.ipynb #a2a441c3
 _GRID = (np.arange(1000) + 0.5) / 1000
 
+
 def wasserstein_normalized(
     levels: np.ndarray,  # the reference's quantile levels (see `quantile_points`)
     values: np.ndarray,  # the reference's quantiles at those levels
@@ -75,6 +79,7 @@ def wasserstein_normalized(
     current = np.asarray(current, dtype=float)
     current_q = sorted_quantiles(current if presorted else np.sort(current), _GRID)
     return float(np.mean(np.abs(reference_q - current_q)) / max(std or 0.0, 0.001))
+
 
 def sorted_quantiles(
     ordered: np.ndarray,  # values sorted ascending, no missing ones
@@ -100,11 +105,14 @@ def _reference_cdf(levels, values, x, side: str) -> np.ndarray:
         span = unique[safe + 1] - unique[safe]
         between = high[safe] + (low[safe + 1] - high[safe]) * (x - unique[safe]) / span
         exact = x == unique[np.clip(at, 0, len(unique) - 1)]
-        on_point = np.where(side == "right", high[np.clip(at, 0, len(unique) - 1)], low[np.clip(at, 0, len(unique) - 1)])
+        on_point = np.where(
+            side == "right", high[np.clip(at, 0, len(unique) - 1)], low[np.clip(at, 0, len(unique) - 1)]
+        )
         result = np.where(inside, np.where(exact, on_point, between), result)
     at_last = (at == len(unique) - 1) & (x == unique[-1])
     result = np.where(at_last, 1.0 if side == "right" else low[-1], result)
     return result
+
 
 def ks_from_quantiles(
     levels: np.ndarray,  # the reference's quantile levels
@@ -117,8 +125,10 @@ def ks_from_quantiles(
     current = np.asarray(current, dtype=float)
     current = current if presorted else np.sort(current)
     points = np.union1d(current, values)
-    gaps = [np.abs(np.searchsorted(current, points, side) / len(current) - _reference_cdf(levels, values, points, side))
-            for side in ("right", "left")]
+    gaps = [
+        np.abs(np.searchsorted(current, points, side) / len(current) - _reference_cdf(levels, values, points, side))
+        for side in ("right", "left")
+    ]
     statistic = float(max(gaps[0].max(), gaps[1].max()))
     effective = max(1, round(len(current) * reference_rows / (len(current) + reference_rows)))
     return statistic, float(stats.kstwo.sf(statistic, effective))
@@ -132,6 +142,7 @@ def category_label(value) -> str:
         return f"{value:g}"
     return str(value)
 
+
 def category_counts(
     values: pd.Series,  # a category column of the window
 ) -> pd.Series:  # count per label
@@ -139,7 +150,10 @@ def category_counts(
     try:
         codes, uniques = pd.factorize(values, use_na_sentinel=True)
     except TypeError:  # a list or a dict among the values (hostile input): those are counted as text
-        codes, uniques = pd.factorize(values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value), use_na_sentinel=True)
+        codes, uniques = pd.factorize(
+            values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value),
+            use_na_sentinel=True,
+        )
     counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
     labels = [category_label(value) for value in uniques]
     result = pd.Series(counts, index=labels, dtype="int64").groupby(level=0).sum()
@@ -168,6 +182,7 @@ def chi_square(
 SMALL_REFERENCE = 1000  # at most this many reference rows: p-value tests
 P_VALUE_THRESHOLD = 0.05  # p-value tests: drift when p < this
 DISTANCE_THRESHOLD = 0.1  # Wasserstein and Jensen-Shannon: drift when the distance ≥ this
+
 
 def drift_method(
     kind: str,  # numeric or category
@@ -214,13 +229,17 @@ def _numeric_values(column: pd.Series) -> tuple[np.ndarray, int]:
     numbers[~np.isfinite(numbers)] = np.nan
     return numbers, max(invalid, 0)
 
+
 def _numeric_drift(spec: dict, column: pd.Series, reference_rows: int) -> dict:
     numbers, invalid = _numeric_values(column)
     present = np.sort(numbers[~np.isnan(numbers)])  # sorted once: the quantiles, bins and distinct values below read it
     levels, values, exact = quantile_points(spec)
     result = {"missing": int(len(numbers) - len(present)), "invalid": invalid, "exact": exact}
     if len(levels) == 0:
-        return {**result, "statement": "the reference holds no values of this feature (it was missing in training): only its missing share is compared"}
+        return {
+            **result,
+            "statement": "the reference holds no values of this feature (it was missing in training): only its missing share is compared",
+        }
     if len(present) == 0:
         return {**result, "statement": "every value is missing in this window"}
     first_distinct = present[np.flatnonzero(np.r_[True, present[1:] != present[:-1]])[:6]]
@@ -229,12 +248,16 @@ def _numeric_drift(spec: dict, column: pd.Series, reference_rows: int) -> dict:
     edges = np.asarray(spec.get("bin_edges") or [])
     ref_counts = np.asarray(spec.get("bin_counts") or [], dtype=float)
     if len(edges) >= 2 and len(ref_counts) == len(edges) - 1 and ref_counts.sum() > 0:
-        below = np.searchsorted(present, edges[1:-1], side="left")  # values below each inner edge; the outer bins are open
+        below = np.searchsorted(
+            present, edges[1:-1], side="left"
+        )  # values below each inner edge; the outer bins are open
         counts = np.diff(np.concatenate([[0], below, [len(present)]]))
         result["psi"] = psi(ref_counts / ref_counts.sum(), counts / len(present))
     result["wasserstein"] = wasserstein_normalized(levels, values, present, spec.get("std"), presorted=True)
     if method == "ks":
-        result["statistic"], result["p_value"] = ks_from_quantiles(levels, values, present, reference_rows, presorted=True)
+        result["statistic"], result["p_value"] = ks_from_quantiles(
+            levels, values, present, reference_rows, presorted=True
+        )
         drifted = result["p_value"] < threshold
     elif method == "wasserstein":
         result["statistic"] = result["wasserstein"]
@@ -249,6 +272,7 @@ def _numeric_drift(spec: dict, column: pd.Series, reference_rows: int) -> dict:
             drifted = result["statistic"] >= threshold
     return {**result, "method": method, "threshold": threshold, "drifted": bool(drifted)}
 
+
 def _category_drift(spec: dict, column: pd.Series, reference_rows: int) -> dict:
     counts = category_counts(column)
     missing = int(counts.get("missing", 0))
@@ -256,7 +280,10 @@ def _category_drift(spec: dict, column: pd.Series, reference_rows: int) -> dict:
     present = counts.drop("missing", errors="ignore")
     result = {"missing": missing, "invalid": 0, "exact": True}
     if not reference:
-        return {**result, "statement": "the reference holds no values of this feature: only its missing share is compared"}
+        return {
+            **result,
+            "statement": "the reference holds no values of this feature: only its missing share is compared",
+        }
     if present.sum() == 0:
         return {**result, "statement": "every value is missing in this window"}
     total = sum(reference.values())
@@ -270,15 +297,33 @@ def _category_drift(spec: dict, column: pd.Series, reference_rows: int) -> dict:
     return {**result, "method": method, "threshold": threshold, "drifted": bool(drifted)}
 
 # %% ../nbs/40_drift.ipynb #8bd8033c
-FEATURE_DRIFT_COLUMNS = ["feature", "kind", "rows", "method", "statistic", "p_value", "threshold", "drifted", "psi",
-                         "wasserstein", "jensenshannon", "missing_share", "reference_missing_share", "missing_drifted",
-                         "drift", "statement"]
+FEATURE_DRIFT_COLUMNS = [
+    "feature",
+    "kind",
+    "rows",
+    "method",
+    "statistic",
+    "p_value",
+    "threshold",
+    "drifted",
+    "psi",
+    "wasserstein",
+    "jensenshannon",
+    "missing_share",
+    "reference_missing_share",
+    "missing_drifted",
+    "drift",
+    "statement",
+]
+
 
 def feature_drift(
     reference: dict,  # the model version's reference.json
     window: pd.DataFrame,  # the window's predictions, features as columns
     min_rows: int = 20,  # fewer rows than this: drift of the distribution is not judged
-) -> pd.DataFrame:  # one row a feature (columns FEATURE_DRIFT_COLUMNS); `drift` is distribution or missing share drifted
+) -> (
+    pd.DataFrame
+):  # one row a feature (columns FEATURE_DRIFT_COLUMNS); `drift` is distribution or missing share drifted
     "Drift of every feature of the reference in a window of predictions."
     reference_rows = int(reference.get("rows") or 0)
     rows = []
@@ -286,26 +331,49 @@ def feature_drift(
         column = window[name] if name in window.columns else pd.Series([None] * len(window), dtype=object)
         kind = spec.get("kind", "numeric")
         result = (_numeric_drift if kind == "numeric" else _category_drift)(spec, column, reference_rows)
-        reference_missing = float(spec["missing_share"]) if "missing_share" in spec else float((spec.get("frequencies") or {}).get("missing", 0.0))
+        reference_missing = (
+            float(spec["missing_share"])
+            if "missing_share" in spec
+            else float((spec.get("frequencies") or {}).get("missing", 0.0))
+        )
         _, missing_drifted = missing_drift(result["missing"], len(window), reference_missing)
         statement = result.get("statement", "")
         if name not in window.columns:
             statement = "not in the log: every value counts as missing"
         elif len(window) - result["missing"] < min_rows and "method" in result:
-            statement = f"{len(window) - result['missing']} values, fewer than {min_rows}: too few to judge the distribution"
+            statement = (
+                f"{len(window) - result['missing']} values, fewer than {min_rows}: too few to judge the distribution"
+            )
             result["drifted"] = None
         if result.get("invalid"):
-            statement = (statement + "; " if statement else "") + f"{result['invalid']} values were not numbers and count as missing"
+            statement = (
+                statement + "; " if statement else ""
+            ) + f"{result['invalid']} values were not numbers and count as missing"
         if "method" in result and not result.get("exact", True):
-            statement = (statement + "; " if statement else "") + "an older reference without its quantile grid: distances approximated from its deciles"
+            statement = (
+                statement + "; " if statement else ""
+            ) + "an older reference without its quantile grid: distances approximated from its deciles"
         drifted = result.get("drifted")
-        rows.append({"feature": name, "kind": kind, "rows": len(window), "method": result.get("method"),
-                     "statistic": result.get("statistic"), "p_value": result.get("p_value"), "threshold": result.get("threshold"),
-                     "drifted": drifted, "psi": result.get("psi"), "wasserstein": result.get("wasserstein"),
-                     "jensenshannon": result.get("jensenshannon"),
-                     "missing_share": result["missing"] / len(window) if len(window) else None,
-                     "reference_missing_share": reference_missing, "missing_drifted": missing_drifted,
-                     "drift": bool(drifted) or missing_drifted, "statement": statement})
+        rows.append(
+            {
+                "feature": name,
+                "kind": kind,
+                "rows": len(window),
+                "method": result.get("method"),
+                "statistic": result.get("statistic"),
+                "p_value": result.get("p_value"),
+                "threshold": result.get("threshold"),
+                "drifted": drifted,
+                "psi": result.get("psi"),
+                "wasserstein": result.get("wasserstein"),
+                "jensenshannon": result.get("jensenshannon"),
+                "missing_share": result["missing"] / len(window) if len(window) else None,
+                "reference_missing_share": reference_missing,
+                "missing_drifted": missing_drifted,
+                "drift": bool(drifted) or missing_drifted,
+                "statement": statement,
+            }
+        )
     return pd.DataFrame(rows, columns=FEATURE_DRIFT_COLUMNS)
 
 # %% ../nbs/40_drift.ipynb #c65ac4cf
@@ -340,20 +408,37 @@ def prediction_drift(
     result = {"rows": int(len(scores)), "positive_rate": float(decisions.mean()) if len(decisions) else None}
     levels, values, exact = quantile_points(spec)
     if len(levels) == 0:
-        return {**result, "drifted": None, "positive_rate_drifted": None,
-                "statement": "the reference holds no score distribution (an older reference): prediction drift is not judged"}
+        return {
+            **result,
+            "drifted": None,
+            "positive_rate_drifted": None,
+            "statement": "the reference holds no score distribution (an older reference): prediction drift is not judged",
+        }
     reference_rate = float(1 - _reference_cdf(levels, values, np.array([threshold]), "left")[0])
     result["reference_positive_rate"] = reference_rate
     if len(scores) < min_rows:
-        return {**result, "drifted": None, "positive_rate_drifted": None,
-                "statement": f"{len(scores)} scores, fewer than {min_rows}: too few to judge prediction drift"}
+        return {
+            **result,
+            "drifted": None,
+            "positive_rate_drifted": None,
+            "statement": f"{len(scores)} scores, fewer than {min_rows}: too few to judge prediction drift",
+        }
     score_spec = {**spec, "std": spec.get("std") or float(np.diff(values).sum() / 4 or 0.001)}
     drift = _numeric_drift(score_spec, pd.Series(scores), int(reference.get("rows") or 0))
     positives = int(decisions.sum())
     _, rate_drifted = missing_drift(positives, len(decisions), reference_rate)
-    statement = (f"scores {'drifted' if drift['drifted'] else 'did not drift'} ({drift['method']}); positive decisions "
-                 f"{positives / len(decisions):.0%} against {reference_rate:.0%} in the reference")
+    statement = (
+        f"scores {'drifted' if drift['drifted'] else 'did not drift'} ({drift['method']}); positive decisions "
+        f"{positives / len(decisions):.0%} against {reference_rate:.0%} in the reference"
+    )
     if not exact:
         statement += " (older reference: approximated from its score histogram)"
-    return {**result, **{key: drift.get(key) for key in ("method", "statistic", "p_value", "threshold", "drifted", "wasserstein", "psi")},
-            "positive_rate_drifted": rate_drifted, "statement": statement}
+    return {
+        **result,
+        **{
+            key: drift.get(key)
+            for key in ("method", "statistic", "p_value", "threshold", "drifted", "wasserstein", "psi")
+        },
+        "positive_rate_drifted": rate_drifted,
+        "statement": statement,
+    }

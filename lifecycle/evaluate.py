@@ -17,8 +17,20 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from .core import LifecycleError, read_json
-from .metrics import (classification_metrics, cut_groups, equalized_odds_gap, fairness_gaps, group_metrics, group_words, judged_groups,
-                               model_card, read_row_hashes, reference_grouping, row_hashes, threshold_for_recall)
+from lifecycle.metrics import (
+    classification_metrics,
+    cut_groups,
+    equalized_odds_gap,
+    fairness_gaps,
+    group_metrics,
+    group_words,
+    judged_groups,
+    model_card,
+    read_row_hashes,
+    reference_grouping,
+    row_hashes,
+    threshold_for_recall,
+)
 from .promotion import move_alias
 from .registry import Registry, load_model, save_card, update_meta
 
@@ -36,7 +48,10 @@ def sensitive_groups(
     reference: dict | None,  # the model version's reference.json: its stored grouping (`metrics.reference_grouping`)
 ) -> dict[str, np.ndarray]:  # column (and "a & b", their intersection) -> the group of each row
     "The group of each row for each sensitive column, cut by the version's stored grouping, and for their intersection."
-    groups = {column: cut_groups(frame[column], reference_grouping(reference, column)).to_numpy().astype(str) for column in columns}
+    groups = {
+        column: cut_groups(frame[column], reference_grouping(reference, column)).to_numpy().astype(str)
+        for column in columns
+    }
     if len(groups) > 1:
         groups[" & ".join(groups)] = np.array([" & ".join(parts) for parts in zip(*groups.values())])
     return groups
@@ -57,8 +72,12 @@ def bootstrap(
             continue
         for name, statistic in statistics.items():
             values[name].append(statistic(indices))
-    return {name: {"low": float(np.nanpercentile(v, 2.5)), "high": float(np.nanpercentile(v, 97.5))}
-            if v and not np.isnan(v).all() else None for name, v in values.items()}
+    return {
+        name: {"low": float(np.nanpercentile(v, 2.5)), "high": float(np.nanpercentile(v, 97.5))}
+        if v and not np.isnan(v).all()
+        else None
+        for name, v in values.items()
+    }
 
 # %% ../nbs/04_evaluate.ipynb #45dca8b3
 def fairness_audit(
@@ -85,9 +104,12 @@ def fairness_audit(
         interval = None
         if gaps["equalized_odds_difference"] is not None:
             gap = lambda i, labels=labels, judged=judged: equalized_odds_gap(y_true[i], predicted[i], labels[i], judged)
-            interval = _basic_interval(gaps["equalized_odds_difference"], bootstrap(y_true, {"gap": gap}, resamples, seed)["gap"])
+            interval = _basic_interval(
+                gaps["equalized_odds_difference"], bootstrap(y_true, {"gap": gap}, resamples, seed)["gap"]
+            )
         audit[column] = {**gaps, "interval": interval, "groups": rows}
     return audit
+
 
 def _basic_interval(estimate: float, percentile: dict | None) -> dict | None:
     """The basic (pivotal) bootstrap interval from the percentile one: [2·estimate − high, 2·estimate − low], at least 0.
@@ -118,9 +140,13 @@ def pooled_scores(
     seen = labeled.loc[~test]
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     from threadpoolctl import threadpool_limits
-    with threadpool_limits(limits=1):  # small fits: threads waking for each tree cost more than they give, on a busy machine far more
-        scores[~test] = cross_val_predict(clone(model), seen[features], seen["_label"].astype(int), cv=splitter,
-                                          method="predict_proba", n_jobs=1)[:, 1]
+
+    with threadpool_limits(
+        limits=1
+    ):  # small fits: threads waking for each tree cost more than they give, on a busy machine far more
+        scores[~test] = cross_val_predict(
+            clone(model), seen[features], seen["_label"].astype(int), cv=splitter, method="predict_proba", n_jobs=1
+        )[:, 1]
     return scores
 
 # %% ../nbs/04_evaluate.ipynb #36642b6a
@@ -143,14 +169,23 @@ def fairness_across_seeds(
     decided, rows = None, []
     for seed in seeds:
         scores = pooled_scores(model, labeled, features, folds, seed)
-        audit = fairness_audit(y_true, scores, threshold, groups, min_size, min_positives, min_negatives, resamples, seed)
+        audit = fairness_audit(
+            y_true, scores, threshold, groups, min_size, min_positives, min_negatives, resamples, seed
+        )
         decided = decided or audit
         for column, gaps in audit.items():
             interval = gaps["interval"]
-            verdict = ("not judged" if interval is None else "refused" if interval["low"] > max_gap else "passed")
-            rows.append({"seed": seed, "column": column, "equalized_odds_difference": gaps["equalized_odds_difference"],
-                         "low": interval["low"] if interval else None, "high": interval["high"] if interval else None,
-                         "verdict": verdict})
+            verdict = "not judged" if interval is None else "refused" if interval["low"] > max_gap else "passed"
+            rows.append(
+                {
+                    "seed": seed,
+                    "column": column,
+                    "equalized_odds_difference": gaps["equalized_odds_difference"],
+                    "low": interval["low"] if interval else None,
+                    "high": interval["high"] if interval else None,
+                    "verdict": verdict,
+                }
+            )
     return decided, rows
 
 # %% ../nbs/04_evaluate.ipynb #45da6374
@@ -165,6 +200,7 @@ def unseen_rows(
             unseen &= ~np.isin(hashes, np.fromiter(rows, dtype=np.uint64, count=len(rows)))
     return unseen
 
+
 def compare_with_champion(
     y_true: np.ndarray,  # labels of the test rows
     scores: np.ndarray,  # the new model's scores
@@ -178,8 +214,14 @@ def compare_with_champion(
     result = {"rows": int(unseen.sum()), "roc_auc_difference": None, "low": None, "high": None}
     if len(np.unique(y)) < 2:
         return result
-    interval = bootstrap(y, {"difference": lambda i: roc_auc_score(y[i], new[i]) - roc_auc_score(y[i], old[i])}, resamples, seed)
-    return {**result, "roc_auc_difference": float(roc_auc_score(y, new) - roc_auc_score(y, old)), **(interval["difference"] or {})}
+    interval = bootstrap(
+        y, {"difference": lambda i: roc_auc_score(y[i], new[i]) - roc_auc_score(y[i], old[i])}, resamples, seed
+    )
+    return {
+        **result,
+        "roc_auc_difference": float(roc_auc_score(y, new) - roc_auc_score(y, old)),
+        **(interval["difference"] or {}),
+    }
 
 # %% ../nbs/04_evaluate.ipynb #e82ea9fe
 def measure_speed(
@@ -197,6 +239,7 @@ def measure_speed(
     record. Wall-clock figures (latency a caller sees on this machine now, batch throughput) are
     reported beside it but decide nothing."""
     from threadpoolctl import threadpool_limits
+
     records = [rows.iloc[[index % len(rows)]] for index in range(per_repeat)]
     cpu, wall = [], []
     with threadpool_limits(limits=1):
@@ -212,9 +255,14 @@ def measure_speed(
     started = time.perf_counter()
     model.predict_proba(batch)
     seconds = time.perf_counter() - started
-    return {"latency_ms": float(np.median(cpu)), "latency_ms_min": float(np.min(cpu)), "latency_ms_max": float(np.max(cpu)),
-            "repeats": repeats * per_repeat, "wall_latency_ms_median": float(np.median(wall)),
-            "batch_rows_per_second": float(batch_rows / seconds)}
+    return {
+        "latency_ms": float(np.median(cpu)),
+        "latency_ms_min": float(np.min(cpu)),
+        "latency_ms_max": float(np.max(cpu)),
+        "repeats": repeats * per_repeat,
+        "wall_latency_ms_median": float(np.median(wall)),
+        "batch_rows_per_second": float(batch_rows / seconds),
+    }
 
 # %% ../nbs/04_evaluate.ipynb #8e455601
 def gate(
@@ -233,43 +281,108 @@ def gate(
     wins only when the interval of the AUC difference, on rows neither model was trained on, is
     entirely below zero."""
     checks, reasons = [], []
+
     def check(name, figure, threshold, passed, reason, value=None, limit=None, interval=None, at_most=False):
-        checks.append({"check": name, "figure": figure, "threshold": threshold, "passed": bool(passed), "value": value, "limit": limit,
-                       "low": (interval or {}).get("low"), "high": (interval or {}).get("high"), "at_most": at_most})
+        checks.append(
+            {
+                "check": name,
+                "figure": figure,
+                "threshold": threshold,
+                "passed": bool(passed),
+                "value": value,
+                "limit": limit,
+                "low": (interval or {}).get("low"),
+                "high": (interval or {}).get("high"),
+                "at_most": at_most,
+            }
+        )
         if not passed:
             reasons.append(reason)
+
     auc = metrics["roc_auc"]
-    check("ROC AUC, test split", f"{auc:.3f}", f"at least {min_auc:.3f}", auc >= min_auc,
-          f"ROC AUC {auc:.3f} is below the minimum {min_auc:.3f}", auc, min_auc)
+    check(
+        "ROC AUC, test split",
+        f"{auc:.3f}",
+        f"at least {min_auc:.3f}",
+        auc >= min_auc,
+        f"ROC AUC {auc:.3f} is below the minimum {min_auc:.3f}",
+        auc,
+        min_auc,
+    )
     for column, gaps in fairness.items():
         gap, interval = gaps.get("equalized_odds_difference"), gaps.get("interval")
         name = f"equalized odds difference by {column}"
         if gap is None:
-            checks.append({"check": name, "figure": "fewer than two groups to judge", "threshold": "", "passed": True, "value": None, "limit": None})
+            checks.append(
+                {
+                    "check": name,
+                    "figure": "fewer than two groups to judge",
+                    "threshold": "",
+                    "passed": True,
+                    "value": None,
+                    "limit": None,
+                }
+            )
         elif interval is not None:
-            check(name, f"{gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f})",
-                  f"lower end at most {max_fairness_gap:.3f}", interval["low"] <= max_fairness_gap,
-                  f"{name} is {gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f}), above the maximum {max_fairness_gap:.3f}",
-                  gap, max_fairness_gap, interval, True)
+            check(
+                name,
+                f"{gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f})",
+                f"lower end at most {max_fairness_gap:.3f}",
+                interval["low"] <= max_fairness_gap,
+                f"{name} is {gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f}), above the maximum {max_fairness_gap:.3f}",
+                gap,
+                max_fairness_gap,
+                interval,
+                True,
+            )
         else:
-            check(name, f"{gap:.3f}", f"at most {max_fairness_gap:.3f}", gap <= max_fairness_gap,
-                  f"{name} is {gap:.3f}, above the maximum {max_fairness_gap:.3f}", gap, max_fairness_gap, None, True)
+            check(
+                name,
+                f"{gap:.3f}",
+                f"at most {max_fairness_gap:.3f}",
+                gap <= max_fairness_gap,
+                f"{name} is {gap:.3f}, above the maximum {max_fairness_gap:.3f}",
+                gap,
+                max_fairness_gap,
+                None,
+                True,
+            )
     latency = speed["latency_ms"]
-    check("single-record latency (CPU ms a record, median of rounds)", f"{latency:.2f} ms", f"at most {max_latency_ms:.1f} ms",
-          latency <= max_latency_ms, f"single-record latency {latency:.1f} ms (CPU) is above the maximum {max_latency_ms:.1f} ms",
-          latency, max_latency_ms, None, True)
+    check(
+        "single-record latency (CPU ms a record, median of rounds)",
+        f"{latency:.2f} ms",
+        f"at most {max_latency_ms:.1f} ms",
+        latency <= max_latency_ms,
+        f"single-record latency {latency:.1f} ms (CPU) is above the maximum {max_latency_ms:.1f} ms",
+        latency,
+        max_latency_ms,
+        None,
+        True,
+    )
     if versus_champion is not None:
         rows = versus_champion["rows"]
         if versus_champion["low"] is None:
-            checks.append({"check": "versus the champion", "figure": f"not compared: {rows} rows neither model was trained on",
-                           "threshold": "", "passed": True, "value": None, "limit": None})
+            checks.append(
+                {
+                    "check": "versus the champion",
+                    "figure": f"not compared: {rows} rows neither model was trained on",
+                    "threshold": "",
+                    "passed": True,
+                    "value": None,
+                    "limit": None,
+                }
+            )
         else:
             low, high = versus_champion["low"], versus_champion["high"]
-            check("versus the champion (ROC AUC difference)",
-                  f"{versus_champion['roc_auc_difference']:+.3f} (95% interval [{low:+.3f}, {high:+.3f}]) on {rows} rows neither was trained on",
-                  "interval not entirely below 0", high >= 0,
-                  f"significantly worse than the champion: ROC AUC difference 95% interval [{low:+.3f}, {high:+.3f}] on {rows} rows neither was trained on",
-                  versus_champion["roc_auc_difference"], 0.0)  # an interval around 0 is no near miss: no difference
+            check(
+                "versus the champion (ROC AUC difference)",
+                f"{versus_champion['roc_auc_difference']:+.3f} (95% interval [{low:+.3f}, {high:+.3f}]) on {rows} rows neither was trained on",
+                "interval not entirely below 0",
+                high >= 0,
+                f"significantly worse than the champion: ROC AUC difference 95% interval [{low:+.3f}, {high:+.3f}] on {rows} rows neither was trained on",
+                versus_champion["roc_auc_difference"],
+                0.0,
+            )  # an interval around 0 is no near miss: no difference
     return {"passed": not reasons, "reasons": reasons, "checks": checks}
 
 # %% ../nbs/04_evaluate.ipynb #1a277688
@@ -294,6 +407,7 @@ def near_miss(
         return f"its interval reaches below {limit:g}"
     return f"within {near:.0%} of the minimum" if limit and value <= limit * (1 + near) else ""
 
+
 def checklist(
     checks: list[dict],  # the gate's `checks`
     near: float = 0.1,  # a figure within this share of its threshold is a near miss
@@ -303,14 +417,19 @@ def checklist(
     for check in checks:
         note = near_miss(check, near)
         verdict = ("passed" if check["passed"] else "REFUSED") + (f" (near miss: {note})" if note else "")
-        rows.append({"criterion": check["check"], "threshold": check["threshold"], "value": check["figure"], "verdict": verdict})
+        rows.append(
+            {"criterion": check["check"], "threshold": check["threshold"], "value": check["figure"], "verdict": verdict}
+        )
     return rows
 
 # %% ../nbs/04_evaluate.ipynb #6f80800a
 @dataclass
 class EvaluateOptions:
     "The evaluate stage's settings (its parameters cell), as `evaluate_model` takes them."
-    target_recall: float = 0.85  # the decision threshold is the highest that reaches this recall on the validation split
+
+    target_recall: float = (
+        0.85  # the decision threshold is the highest that reaches this recall on the validation split
+    )
     min_auc: float = 0.75  # the lowest test ROC AUC allowed
     max_fairness_gap: float = 0.3  # the largest equalized odds difference allowed (the lower end of its interval)
     max_latency_ms: float = 50.0  # the largest CPU milliseconds a single record may cost
@@ -321,9 +440,11 @@ class EvaluateOptions:
     seed: int = 42  # seed of the bootstrap and of the first fairness folds
     fairness_seeds: int = 3  # seeds of the out-of-fold fairness audit; the first decides, all are shown
 
+
 def model_features(meta: dict) -> list[str]:  # a version's feature columns, numeric then categorical
     "The feature columns a model version reads."
     return meta["features"]["numeric"] + meta["features"]["categorical"]
+
 
 def evaluate_model(
     candidate: dict,  # the new version: `model`, `meta`, `trained` (its training rows by hash, or None), `reference` (its reference.json)
@@ -345,25 +466,60 @@ def evaluate_model(
     metrics = classification_metrics(y_test, scores, threshold)
     groups = sensitive_groups(labeled, sensitive, candidate.get("reference"))
     judging = (options.min_group_size, options.min_group_positives, options.min_group_negatives)
-    fairness_test = fairness_audit(y_test, scores, threshold, {c: g[test_rows] for c, g in groups.items()}, *judging,
-                                   options.bootstrap_resamples, options.seed)
+    fairness_test = fairness_audit(
+        y_test,
+        scores,
+        threshold,
+        {c: g[test_rows] for c, g in groups.items()},
+        *judging,
+        options.bootstrap_resamples,
+        options.seed,
+    )
     seeds = [options.seed + k for k in range(max(options.fairness_seeds, 1))]
     folds = len(meta.get("cv", {}).get("roc_auc_folds", [])) or 5
-    fairness, fairness_by_seed = fairness_across_seeds(model, labeled, features, threshold, groups, seeds, options.max_fairness_gap,
-                                                       folds, *judging, options.bootstrap_resamples)
-    intervals = bootstrap(y_test, {"roc_auc": lambda i: roc_auc_score(y_test[i], scores[i]),
-                                   "recall": lambda i: predicted[i][y_test[i] == 1].mean()}, options.bootstrap_resamples, options.seed)
+    fairness, fairness_by_seed = fairness_across_seeds(
+        model,
+        labeled,
+        features,
+        threshold,
+        groups,
+        seeds,
+        options.max_fairness_gap,
+        folds,
+        *judging,
+        options.bootstrap_resamples,
+    )
+    intervals = bootstrap(
+        y_test,
+        {
+            "roc_auc": lambda i: roc_auc_score(y_test[i], scores[i]),
+            "recall": lambda i: predicted[i][y_test[i] == 1].mean(),
+        },
+        options.bootstrap_resamples,
+        options.seed,
+    )
     versus = champion_metrics = champion_scores = None
     if champion is not None:
-        from lifecycle.serving.scoring import calibrate_scores  # a champion a retrain recalibrated serves its scores through its map
-        champion_scores = calibrate_scores(champion["model"].predict_proba(test[model_features(champion["meta"])])[:, 1], champion["meta"].get("calibration"))
+        from lifecycle.serving.scoring import (
+            calibrate_scores,
+        )  # a champion a retrain recalibrated serves its scores through its map
+
+        champion_scores = calibrate_scores(
+            champion["model"].predict_proba(test[model_features(champion["meta"])])[:, 1],
+            champion["meta"].get("calibration"),
+        )
         champion_metrics = classification_metrics(y_test, champion_scores, champion["meta"].get("threshold", 0.5))
         unseen = unseen_rows(row_hashes(test), candidate["trained"], champion["trained"])
-        versus = compare_with_champion(y_test, scores, champion_scores, unseen, options.bootstrap_resamples, options.seed)
+        versus = compare_with_champion(
+            y_test, scores, champion_scores, unseen, options.bootstrap_resamples, options.seed
+        )
         versus["champion_rows_recorded"] = champion["trained"] is not None
     sources = test["_source"].astype(str).to_numpy()
-    by_source = {source: classification_metrics(y_test[sources == source], scores[sources == source], threshold)
-                 for source in sorted(set(sources)) if (sources == source).sum() >= 10}
+    by_source = {
+        source: classification_metrics(y_test[sources == source], scores[sources == source], threshold)
+        for source in sorted(set(sources))
+        if (sources == source).sum() >= 10
+    }
     speed = measure_speed(model, test[features])
     # The gate judges each sensitive column, as settings name them; their intersection is audited and shown, not gated
     # (its groups are small, and differ in base rate so much that any threshold gives them different error rates).
@@ -371,11 +527,26 @@ def evaluate_model(
         row["gated"] = row["column"] in sensitive
     gated = {column: fairness[column] for column in sensitive}
     decision = gate(metrics, gated, speed, versus, options.min_auc, options.max_fairness_gap, options.max_latency_ms)
-    return {"threshold": threshold, "target_recall": options.target_recall, "metrics": metrics, "intervals": intervals,
-            "fairness": fairness, "fairness_test_split": fairness_test, "fairness_by_seed": fairness_by_seed,
-            "labeled_rows": len(labeled), "test_rows": len(test), "champion_metrics": champion_metrics, "versus_champion": versus,
-            "by_source": by_source, "speed": speed, "gate": decision,
-            "y_test": y_test, "scores": scores, "predicted": predicted, "champion_scores": champion_scores}
+    return {
+        "threshold": threshold,
+        "target_recall": options.target_recall,
+        "metrics": metrics,
+        "intervals": intervals,
+        "fairness": fairness,
+        "fairness_test_split": fairness_test,
+        "fairness_by_seed": fairness_by_seed,
+        "labeled_rows": len(labeled),
+        "test_rows": len(test),
+        "champion_metrics": champion_metrics,
+        "versus_champion": versus,
+        "by_source": by_source,
+        "speed": speed,
+        "gate": decision,
+        "y_test": y_test,
+        "scores": scores,
+        "predicted": predicted,
+        "champion_scores": champion_scores,
+    }
 
 # %% ../nbs/04_evaluate.ipynb #d302b654
 def load_version(
@@ -384,9 +555,14 @@ def load_version(
 ) -> dict:  # `version`, `model`, `meta`, `trained`: its training rows by hash (None when it recorded none), `reference`: its reference.json ({} without)
     "A registered version, loaded for evaluation (the model file's SHA-256 is checked)."
     folder = registry.path / "versions" / str(version)
-    return {"version": version, "model": load_model(registry, version), "meta": registry.meta(version),
-            "trained": read_row_hashes(folder / "train_rows.parquet"),
-            "reference": read_json(folder / "reference.json") if (folder / "reference.json").exists() else {}}
+    return {
+        "version": version,
+        "model": load_model(registry, version),
+        "meta": registry.meta(version),
+        "trained": read_row_hashes(folder / "train_rows.parquet"),
+        "reference": read_json(folder / "reference.json") if (folder / "reference.json").exists() else {},
+    }
+
 
 def load_champion(
     registry: Registry,  # the project's registry
@@ -396,6 +572,7 @@ def load_champion(
     champion = registry.aliases().get("champion")
     return load_version(registry, champion) if champion is not None and champion != version else None
 
+
 def evaluation_record(
     result: dict,  # from `evaluate_model`
     champion_version: int | None,  # the champion it was compared with
@@ -403,9 +580,26 @@ def evaluation_record(
 ) -> dict:  # the JSON-ready evaluation the registry keeps
     "The evaluation as the registry records it: figures, not arrays."
     fairness = {column: {k: v for k, v in gaps.items() if k != "groups"} for column, gaps in result["fairness"].items()}
-    keep = ("threshold", "target_recall", "metrics", "intervals", "fairness_by_seed", "labeled_rows", "test_rows",
-            "versus_champion", "by_source", "speed", "gate")
-    return {**{key: result[key] for key in keep}, "fairness": fairness, "champion_version": champion_version, "run_id": run_id}
+    keep = (
+        "threshold",
+        "target_recall",
+        "metrics",
+        "intervals",
+        "fairness_by_seed",
+        "labeled_rows",
+        "test_rows",
+        "versus_champion",
+        "by_source",
+        "speed",
+        "gate",
+    )
+    return {
+        **{key: result[key] for key in keep},
+        "fairness": fairness,
+        "champion_version": champion_version,
+        "run_id": run_id,
+    }
+
 
 def record_evaluation(
     registry: Registry,  # the project's registry
@@ -414,22 +608,29 @@ def record_evaluation(
     settings,  # the project's settings (for the model card)
     champion_version: int | None,  # the champion it was compared with
     run_id: str,  # this run
-    figures: dict[str, bytes] | None = None,  # the report's own PNGs for the card: "metrics" (ROC, calibration, confusion) and "groups" (recall by group)
+    figures: dict[str, bytes]
+    | None = None,  # the report's own PNGs for the card: "metrics" (ROC, calibration, confusion) and "groups" (recall by group)
 ) -> str:  # the model card as HTML, its figures embedded
     "Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion, when there is none)."
     evaluation = evaluation_record(result, champion_version, run_id)
     meta = update_meta(registry, version, threshold=result["threshold"], evaluation=evaluation, gate=result["gate"])
-    captions = {"metrics": f"ROC curve, calibration and confusion matrix on the {result['test_rows']} test rows, as in the evaluation report",
-                "groups": f"Recall by group on all {result['labeled_rows']} labeled rows (each scored by a model that did not see it), "
-                          "with 95% Wilson intervals and group sizes; grey: too few patients to judge"}
+    captions = {
+        "metrics": f"ROC curve, calibration and confusion matrix on the {result['test_rows']} test rows, as in the evaluation report",
+        "groups": f"Recall by group on all {result['labeled_rows']} labeled rows (each scored by a model that did not see it), "
+        "with 95% Wilson intervals and group sizes; grey: too few patients to judge",
+    }
     figures = figures or {}
     named = {key: (f"card-{key}.png", captions[key]) for key in figures if key in captions}
-    card = model_card(meta, settings, {column: audit["groups"] for column, audit in result["fairness"].items()}, evaluation, named)
+    card = model_card(
+        meta, settings, {column: audit["groups"] for column, audit in result["fairness"].items()}, evaluation, named
+    )
     html = save_card(registry, version, card, {named[key][0]: figures[key] for key in named})
     if result["gate"]["passed"]:
         reason = f"passed the gate in run {run_id}: ROC AUC {result['metrics']['roc_auc']:.3f}"
         move_alias(registry, "challenger", version, "gate", reason)
-        if registry.aliases().get("champion") is None:  # compare-and-set: a champion set meanwhile by another run is not replaced
+        if (
+            registry.aliases().get("champion") is None
+        ):  # compare-and-set: a champion set meanwhile by another run is not replaced
             move_alias(registry, "champion", version, "gate", reason + "; no champion yet", expected=None)
     return html
 
@@ -442,48 +643,84 @@ def decision_markdown(
 ) -> str:  # Markdown: the decision, its checklist (every deciding figure beside its threshold), and the evidence
     "The head of the evaluation report: the decision first, then every figure that decided it."
     from html import escape
+
     from lifecycle.registry import markdown_table
+
     decision = result["gate"]
-    verdict = ("**refused**" if not decision["passed"] else "**passed**: it becomes the challenger"
-               + ("" if champion_version is not None else ", and the champion, since there is none yet"))
+    verdict = (
+        "**refused**"
+        if not decision["passed"]
+        else "**passed**: it becomes the challenger"
+        + ("" if champion_version is not None else ", and the champion, since there is none yet")
+    )
     lines = [f"## Decision: model version {version} {verdict}", ""]
     lines += [f"- {escape(reason)}" for reason in decision["reasons"]] or ["- every criterion of the gate below passed"]
     rows = checklist(decision["checks"])
     metrics, interval = result["metrics"], result["intervals"]["roc_auc"]
     recall, recall_interval = metrics["recall"], result["intervals"].get("recall")
-    rows.append({"criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
-                 "threshold": f"at least {result['target_recall']:.0%}",
-                 "value": f"{recall:.1%}" + (f" (95% interval {recall_interval['low']:.1%}–{recall_interval['high']:.1%})" if recall_interval else ""),
-                 "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)"})
+    rows.append(
+        {
+            "criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
+            "threshold": f"at least {result['target_recall']:.0%}",
+            "value": f"{recall:.1%}"
+            + (
+                f" (95% interval {recall_interval['low']:.1%}–{recall_interval['high']:.1%})" if recall_interval else ""
+            ),
+            "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)",
+        }
+    )
     for row in rows:
         row["verdict"] = row["verdict"] if row["verdict"].startswith(("passed", "met")) else f"**{row['verdict']}**"
-    lines += ["", "### Checklist", "", markdown_table([{k: escape(str(v)) if k != "verdict" else v for k, v in row.items()} for row in rows]), ""]
-    lines += [f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
-              + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
-              + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ {result['target_recall']:.0%}, "
-              f"recall is {metrics['recall']:.1%} and precision {metrics['precision']:.1%}.", ""]
+    lines += [
+        "",
+        "### Checklist",
+        "",
+        markdown_table([{k: escape(str(v)) if k != "verdict" else v for k, v in row.items()} for row in rows]),
+        "",
+    ]
+    lines += [
+        f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
+        + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+        + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ {result['target_recall']:.0%}, "
+        f"recall is {metrics['recall']:.1%} and precision {metrics['precision']:.1%}.",
+        "",
+    ]
     verdicts = pd.DataFrame(result["fairness_by_seed"])
     if len(verdicts):
         steady = verdicts[verdicts["gated"]].groupby("column")["verdict"].nunique().max() in (0, 1)
-        lines += [f"Fairness is judged on all {result['labeled_rows']} labeled rows, each scored by a model that did not see it "
-                  f"(the test split by this model, the training and validation rows out of fold), and repeated over {seeds} seeds "
-                  f"of the folds: the verdict {'is the same for every seed' if steady else '**changes with the seed**'}."]
+        lines += [
+            f"Fairness is judged on all {result['labeled_rows']} labeled rows, each scored by a model that did not see it "
+            f"(the test split by this model, the training and validation rows out of fold), and repeated over {seeds} seeds "
+            f"of the folds: the verdict {'is the same for every seed' if steady else '**changes with the seed**'}."
+        ]
         for column, gaps in result["fairness"].items():
-            if column not in set(verdicts.loc[verdicts["gated"], "column"]) and gaps["equalized_odds_difference"] is not None:
-                lines += [f"The intersection {escape(column)} is audited, not gated: equalized odds difference "
-                          f"{gaps['equalized_odds_difference']:.3f} (true positive rates {gaps['true_positive_rate_difference'] or 0:.3f} apart, "
-                          f"false positive rates {gaps['false_positive_rate_difference'] or 0:.3f} apart)."]
+            if (
+                column not in set(verdicts.loc[verdicts["gated"], "column"])
+                and gaps["equalized_odds_difference"] is not None
+            ):
+                lines += [
+                    f"The intersection {escape(column)} is audited, not gated: equalized odds difference "
+                    f"{gaps['equalized_odds_difference']:.3f} (true positive rates {gaps['true_positive_rate_difference'] or 0:.3f} apart, "
+                    f"false positive rates {gaps['false_positive_rate_difference'] or 0:.3f} apart)."
+                ]
         lines += [""]
     versus = result["versus_champion"]
     if versus is not None:
-        basis = (f"on the {versus['rows']} test rows neither model was trained on" if versus["champion_rows_recorded"]
-                 else f"on all {versus['rows']} test rows (the champion recorded no training rows)")
+        basis = (
+            f"on the {versus['rows']} test rows neither model was trained on"
+            if versus["champion_rows_recorded"]
+            else f"on all {versus['rows']} test rows (the champion recorded no training rows)"
+        )
         if versus["low"] is None:
             lines += [f"Against the champion (version {champion_version}): not compared, too few rows {basis}.", ""]
         else:
-            lines += [f"Against the champion (version {champion_version}), {basis}: ROC AUC difference "
-                      f"{versus['roc_auc_difference']:+.3f}, 95% interval [{versus['low']:+.3f}, {versus['high']:+.3f}].", ""]
+            lines += [
+                f"Against the champion (version {champion_version}), {basis}: ROC AUC difference "
+                f"{versus['roc_auc_difference']:+.3f}, 95% interval [{versus['low']:+.3f}, {versus['high']:+.3f}].",
+                "",
+            ]
     return "\n".join(lines)
+
 
 def stage_summary(
     result: dict,  # from `evaluate_model`
@@ -493,20 +730,34 @@ def stage_summary(
 ) -> dict:  # the stage's summary.json
     "The evaluate stage's summary: metrics, fairness gaps by column, speed, the comparison and the gate."
     rounded = lambda v: round(v, 4) if isinstance(v, float) else v
-    fairness = {column: {k: rounded(v) for k, v in gaps.items() if k not in ("groups", "interval")} | {"interval": gaps["interval"]}
-                for column, gaps in result["fairness"].items()}
-    return {"model_version": version, "threshold": round(result["threshold"], 4),
-            "metrics": {k: round(v, 4) for k, v in result["metrics"].items()}, "fairness": fairness,
-            "fairness_by_seed": result["fairness_by_seed"], "labeled_rows": result["labeled_rows"],
-            "speed": {k: rounded(v) for k, v in result["speed"].items()}, "versus_champion": result["versus_champion"],
-            "gate": result["gate"], "champion_version": aliases.get("champion"), "challenger_version": aliases.get("challenger"),
-            "warnings": warnings}
+    fairness = {
+        column: {k: rounded(v) for k, v in gaps.items() if k not in ("groups", "interval")}
+        | {"interval": gaps["interval"]}
+        for column, gaps in result["fairness"].items()
+    }
+    return {
+        "model_version": version,
+        "threshold": round(result["threshold"], 4),
+        "metrics": {k: round(v, 4) for k, v in result["metrics"].items()},
+        "fairness": fairness,
+        "fairness_by_seed": result["fairness_by_seed"],
+        "labeled_rows": result["labeled_rows"],
+        "speed": {k: rounded(v) for k, v in result["speed"].items()},
+        "versus_champion": result["versus_champion"],
+        "gate": result["gate"],
+        "champion_version": aliases.get("champion"),
+        "challenger_version": aliases.get("challenger"),
+        "warnings": warnings,
+    }
 
 # %% ../nbs/04_evaluate.ipynb #112aab26
-FAIRNESS_DEFINITIONS = ("**Demographic parity difference**: the largest gap between two groups in the share of patients the model "
-                        "flags as positive. **Equalized odds difference**: the largest gap between two groups in recall (the share "
-                        "of sick patients the model finds) or in the false positive rate (the share of healthy patients it flags); "
-                        "0 means the model errs alike for every group.")
+FAIRNESS_DEFINITIONS = (
+    "**Demographic parity difference**: the largest gap between two groups in the share of patients the model "
+    "flags as positive. **Equalized odds difference**: the largest gap between two groups in recall (the share "
+    "of sick patients the model finds) or in the false positive rate (the share of healthy patients it flags); "
+    "0 means the model errs alike for every group."
+)
+
 
 def fairness_sentences(
     fairness: dict,  # from `evaluate_model`: per column, the gaps and its `groups`
@@ -520,22 +771,41 @@ def fairness_sentences(
         judged = [row for row in audit["groups"] if row.get("recall_judged")]
         unjudged = [row for row in audit["groups"] if not row.get("recall_judged")]
         name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
-        labelled = " & " not in column and bool(settings.labels.get(column))  # "female patients"; else "patients in the group age 28–44 years"
-        who = lambda group: (f"{group_words(settings, column, group)} patients with {sick}" if labelled
-                             else f"patients with {sick} in the group {group_words(settings, column, group)}")
-        parts = [f"{row['false_negative_rate']:.0%} of {who(row['group'])} "
-                 f"({round(row['false_negative_rate'] * row['positives'])} of {row['positives']})" for row in judged]
-        sentence = f"By {name}: " + (f"the model misses {', '.join(parts)}." if parts else "no group has enough patients to judge its recall.")
+        labelled = " & " not in column and bool(
+            settings.labels.get(column)
+        )  # "female patients"; else "patients in the group age 28–44 years"
+        who = lambda group: (
+            f"{group_words(settings, column, group)} patients with {sick}"
+            if labelled
+            else f"patients with {sick} in the group {group_words(settings, column, group)}"
+        )
+        parts = [
+            f"{row['false_negative_rate']:.0%} of {who(row['group'])} "
+            f"({round(row['false_negative_rate'] * row['positives'])} of {row['positives']})"
+            for row in judged
+        ]
+        sentence = f"By {name}: " + (
+            f"the model misses {', '.join(parts)}." if parts else "no group has enough patients to judge its recall."
+        )
         if audit.get("equalized_odds_difference") is not None:
             interval = audit.get("interval")
-            sentence += (f" Equalized odds difference {audit['equalized_odds_difference']:.3f}"
-                         + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
-                         + f" against a maximum of {max_gap:.3f}.")
+            sentence += (
+                f" Equalized odds difference {audit['equalized_odds_difference']:.3f}"
+                + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+                + f" against a maximum of {max_gap:.3f}."
+            )
         if unjudged:
-            sentence += (f" Too few patients to judge: {len(unjudged)} of {len(audit['groups'])} groups ("
-                         + ", ".join(f"{group_words(settings, column, row['group'])}: {row['n']} patients, {row['positives']} with {sick}" for row in unjudged) + ").")
+            sentence += (
+                f" Too few patients to judge: {len(unjudged)} of {len(audit['groups'])} groups ("
+                + ", ".join(
+                    f"{group_words(settings, column, row['group'])}: {row['n']} patients, {row['positives']} with {sick}"
+                    for row in unjudged
+                )
+                + ")."
+            )
         sentences.append(sentence)
     return sentences
+
 
 def recall_interval(
     recall: float,  # a group's recall
@@ -546,8 +816,11 @@ def recall_interval(
         return 0.0, 1.0
     z = 1.96
     centre = (recall + z * z / (2 * positives)) / (1 + z * z / positives)
-    half = z * math.sqrt(recall * (1 - recall) / positives + z * z / (4 * positives * positives)) / (1 + z * z / positives)
+    half = (
+        z * math.sqrt(recall * (1 - recall) / positives + z * z / (4 * positives * positives)) / (1 + z * z / positives)
+    )
     return max(0.0, centre - half), min(1.0, centre + half)
+
 
 def fairness_figure(
     fairness: dict,  # from `evaluate_model`
@@ -556,27 +829,39 @@ def fairness_figure(
 ):  # a matplotlib figure: recall by group for each column, with error bars and group sizes, too-small groups greyed (None: no column)
     "Recall by group with 95% intervals and group sizes, for each audited column; groups too small to judge greyed."
     import matplotlib.pyplot as plt
+
     columns = list(fairness)
     if not columns:
         return None
     heights = [max(len(fairness[c]["groups"]), 1) * 0.45 + 1.2 for c in columns]
-    figure, axes = plt.subplots(len(columns), 1, figsize=(8, sum(heights)), squeeze=False,
-                                gridspec_kw={"height_ratios": heights})
+    figure, axes = plt.subplots(
+        len(columns), 1, figsize=(8, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
     for axis, column in zip(axes[:, 0], columns):
         rows = fairness[column]["groups"]
-        labels = [f"{group_words(settings, column, row['group'])} (n={row['n']}, {row['positives']} sick)" for row in rows]
+        labels = [
+            f"{group_words(settings, column, row['group'])} (n={row['n']}, {row['positives']} sick)" for row in rows
+        ]
         recalls = [row["recall"] for row in rows]
         intervals = [recall_interval(row["recall"], row["positives"]) for row in rows]
-        errors = [[r - low for r, (low, _) in zip(recalls, intervals)], [high - r for r, (_, high) in zip(recalls, intervals)]]
+        errors = [
+            [r - low for r, (low, _) in zip(recalls, intervals)],
+            [high - r for r, (_, high) in zip(recalls, intervals)],
+        ]
         colors = ["#1f77b4" if row.get("recall_judged") else "#cccccc" for row in rows]
         axis.barh(labels, recalls, xerr=errors, color=colors, ecolor="#555555", capsize=3)
         axis.axvline(overall_recall, color="black", linestyle=":", label="recall on the test split")
         axis.invert_yaxis()
         name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
-        axis.set(title=f"Recall by {name} (grey: too few to judge)", xlim=(0, 1), xlabel="recall (share of sick patients found)")
+        axis.set(
+            title=f"Recall by {name} (grey: too few to judge)",
+            xlim=(0, 1),
+            xlabel="recall (share of sick patients found)",
+        )
     axes[0, 0].legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
+
 
 def evaluate_headline(
     result: dict,  # from `evaluate_model`
@@ -584,9 +869,13 @@ def evaluate_headline(
 ) -> str:  # one sentence for the index page
     "The evaluate stage's headline: the decision and the figures behind it."
     metrics, auc, recall = result["metrics"], result["intervals"].get("roc_auc"), result["intervals"].get("recall")
-    figures = (f"ROC AUC {metrics['roc_auc']:.2f}" + (f" ({auc['low']:.2f}–{auc['high']:.2f})" if auc else "")
-               + f", recall {metrics['recall']:.0%}" + (f" ({recall['low']:.0%}–{recall['high']:.0%})" if recall else "")
-               + f" at threshold {result['threshold']:.2f}")
+    figures = (
+        f"ROC AUC {metrics['roc_auc']:.2f}"
+        + (f" ({auc['low']:.2f}–{auc['high']:.2f})" if auc else "")
+        + f", recall {metrics['recall']:.0%}"
+        + (f" ({recall['low']:.0%}–{recall['high']:.0%})" if recall else "")
+        + f" at threshold {result['threshold']:.2f}"
+    )
     if result["gate"]["passed"]:
         return f"Model version {version} passed the gate: {figures}"
     return f"Model version {version} was refused by the gate ({'; '.join(result['gate']['reasons'])}): {figures}"

@@ -14,9 +14,17 @@ from pathlib import Path
 from .core import LifecycleError, Project, load_settings, open_project, write_json
 from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters, write_index
 from .promotion import record_decision
+from lifecycle.retrain import (
+    CHALLENGER_STAGES,
+    abandon_unfinished,
+    headline,
+    labeled_predictions,
+    promote_shadow,
+    retrain_lock,
+    run_policy,
+    write_retraining_data,
+)
 from .rollback import check_rollback, rollback_rules
-from .retrain import (CHALLENGER_STAGES, abandon_unfinished, headline, labeled_predictions, promote_shadow, retrain_lock, run_policy,
-                               write_retraining_data)
 
 # %% auto #0
 __all__ = ['new_retrain_id', 'shadow_step', 'retrain_project', 'add_retrain_command']
@@ -28,48 +36,109 @@ def new_retrain_id(
     "A retrain's id."
     return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
+
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
         print(f"retrain: {message}", file=sys.stderr)
 
 # %% ../nbs/14_loop.ipynb #17ce0a98
-def _challenge(project: Project, stage, extra: dict, overrides: list[str], policy: dict, now: datetime, quiet: bool) -> dict:
+def _challenge(
+    project: Project, stage, extra: dict, overrides: list[str], policy: dict, now: datetime, quiet: bool
+) -> dict:
     "Write the retraining data, run the challenger through the stage notebooks, and the retrain stage in its run."
     from lifecycle.serving.predlog import open_log
+
     root, settings = project.root, project.settings
     with open_log(project.log_url, root) as log:
         labeled = labeled_predictions(log)
     retrain_id = new_retrain_id(now)
     with retrain_lock(root) as held:
         if not held:
-            record_decision(root, {"kind": "busy", "retrain_id": retrain_id, "time": now.isoformat(timespec="seconds"),
-                                   "reasons": ["another retrain of this project is running: this one stopped"]})
-            return {"status": "busy", "headline": "No retrain: another retrain of this project is running (retrain/.lock)."}
+            record_decision(
+                root,
+                {
+                    "kind": "busy",
+                    "retrain_id": retrain_id,
+                    "time": now.isoformat(timespec="seconds"),
+                    "reasons": ["another retrain of this project is running: this one stopped"],
+                },
+            )
+            return {
+                "status": "busy",
+                "headline": "No retrain: another retrain of this project is running (retrain/.lock).",
+            }
         return _challenge_locked(settings, stage, extra, overrides, policy, now, quiet, labeled, retrain_id)
 
-def _challenge_locked(settings, stage, extra: dict, overrides: list[str], policy: dict, now: datetime, quiet: bool, labeled, retrain_id: str) -> dict:
+
+def _challenge_locked(
+    settings,
+    stage,
+    extra: dict,
+    overrides: list[str],
+    policy: dict,
+    now: datetime,
+    quiet: bool,
+    labeled,
+    retrain_id: str,
+) -> dict:
     "The retrain itself, under the project's retrain lock."
     root = settings.root
-    for abandoned in abandon_unfinished(root, now):  # a retrain killed before this one: its versions never promoted, its rows removed
+    for abandoned in abandon_unfinished(
+        root, now
+    ):  # a retrain killed before this one: its versions never promoted, its rows removed
         _say(abandoned["reasons"][0], quiet)
     if not len(labeled):
-        record_decision(root, {"kind": "data", "retrain_id": retrain_id, "time": now.isoformat(timespec="seconds"),
-                               "reasons": ["the prediction log holds no labeled predictions: nothing new to learn from"]})
-        return {"status": "no data", "headline": "No retrain: the prediction log holds no labeled predictions yet (labels arrive by POST /feedback)."}
+        record_decision(
+            root,
+            {
+                "kind": "data",
+                "retrain_id": retrain_id,
+                "time": now.isoformat(timespec="seconds"),
+                "reasons": ["the prediction log holds no labeled predictions: nothing new to learn from"],
+            },
+        )
+        return {
+            "status": "no data",
+            "headline": "No retrain: the prediction log holds no labeled predictions yet (labels arrive by POST /feedback).",
+        }
     data = write_retraining_data(settings, policy, labeled, now, retrain_id)
-    _say(f"{data['training_rows']} labeled production rows join the champion's data; {data['holdout_rows']} are held out to compare on", quiet)
+    _say(
+        f"{data['training_rows']} labeled production rows join the champion's data; {data['holdout_rows']} are held out to compare on",
+        quiet,
+    )
     passed_on = [item for item in overrides if not item.strip().startswith("retrain.")]
     run = run_lifecycle(data["settings"], only=CHALLENGER_STAGES, overrides=passed_on, quiet=quiet)
     trained = {entry["name"]: entry for entry in run["stages"]}.get("train", {})
     result = {"retrain_id": retrain_id, "data": data, "challenger_run": run}
     if trained.get("status") not in ("ran", "cached"):
-        record_decision(root, {"kind": "promotion", "retrain_id": retrain_id, "time": now.isoformat(timespec="seconds"), "promoted": False,
-                               "reasons": [f"the challenger was not trained: {run.get('error', 'the run stopped before train')}"]})
-        return {**result, "status": "failed", "headline": f"The challenger was not trained: {run.get('error', 'the run stopped before train')}"}
+        record_decision(
+            root,
+            {
+                "kind": "promotion",
+                "retrain_id": retrain_id,
+                "time": now.isoformat(timespec="seconds"),
+                "promoted": False,
+                "reasons": [f"the challenger was not trained: {run.get('error', 'the run stopped before train')}"],
+            },
+        )
+        return {
+            **result,
+            "status": "failed",
+            "headline": f"The challenger was not trained: {run.get('error', 'the run stopped before train')}",
+        }
     challenger = load_settings(data["settings"])
     report_dir = Path(run["report"]).parent
-    entry = run_stage(stage, stage_parameters(stage, challenger, extra.get("retrain")), challenger, f"retrain-{retrain_id}",
-                      Path(run["run_dir"]), report_dir, executable=True, forced=True, quiet=quiet)
+    entry = run_stage(
+        stage,
+        stage_parameters(stage, challenger, extra.get("retrain")),
+        challenger,
+        f"retrain-{retrain_id}",
+        Path(run["run_dir"]),
+        report_dir,
+        executable=True,
+        forced=True,
+        quiet=quiet,
+    )
     entry.pop("outputs", None)
     run["stages"].append(entry)
     write_json(report_dir / "run.json", run)
@@ -81,8 +150,12 @@ def _challenge_locked(settings, stage, extra: dict, overrides: list[str], policy
     return {**result, "status": status, "summary": summary, "headline": summary.get("headline", "")}
 
 # %% ../nbs/14_loop.ipynb #bbce242d
-_SHADOW_HEADLINES = {"in shadow": "Promotion waits: {reason}.", "promoted": "Version {version} is the champion now, promoted from shadow: {reason}.",
-                     "shadow refused": "The champion stays: {reason}; the shadow is taken off."}
+_SHADOW_HEADLINES = {
+    "in shadow": "Promotion waits: {reason}.",
+    "promoted": "Version {version} is the champion now, promoted from shadow: {reason}.",
+    "shadow refused": "The champion stays: {reason}; the shadow is taken off.",
+}
+
 
 def shadow_step(
     project: Project,  # the project: its folder, settings and prediction log
@@ -90,51 +163,75 @@ def shadow_step(
     now: datetime,  # the time
 ) -> dict | None:  # status, headline and the shadow's evidence; None when no version is in shadow
     "A version in shadow first: promote it once `shadow_min` is met (or take it off when it did worse), under the retrain lock."
-    from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry
+    from lifecycle.serving.predlog import open_log
+
     if Registry(project.root).aliases().get("shadow") is None:
         return None
     with retrain_lock(project.root) as held:
         if not held:
-            return {"status": "busy", "headline": "No retrain: another retrain of this project is running (retrain/.lock)."}
+            return {
+                "status": "busy",
+                "headline": "No retrain: another retrain of this project is running (retrain/.lock).",
+            }
         with open_log(project.log_url, project.root) as log:
             result = promote_shadow(project.root, policy, log, now)
     if result["status"] == "no shadow":
         return None
-    text = _SHADOW_HEADLINES[result["status"]].format(reason=result["reasons"][0], version=result["evidence"]["version"])
+    text = _SHADOW_HEADLINES[result["status"]].format(
+        reason=result["reasons"][0], version=result["evidence"]["version"]
+    )
     return {"status": result["status"], "headline": text, "shadow": result}
 
 # %% ../nbs/14_loop.ipynb #88b3925d
 def retrain_project(
     settings_path: str | Path = "settings.ini",  # the project's settings file
     force: bool = False,  # retrain whatever the policy says
-    overrides: list[str] | None = None,  # `stage.key=value` overrides: retrain.* for the policy, others for the challenger's run
+    overrides: list[str]
+    | None = None,  # `stage.key=value` overrides: retrain.* for the policy, others for the challenger's run
     now: datetime | None = None,  # the time (injected in tests; default now)
     quiet: bool = False,  # no progress lines on stderr
 ) -> dict:  # status (not now, busy, no data, promoted, champion kept, failed; in shadow, shadow refused), headline, decision, rollback (the rules' verdict), and when it retrained: data, challenger_run, summary
     "Judge the last promotion's rollback rules; promote a version in shadow once it has run long enough; else run the retrain policy and, when it says so, train a challenger and judge it."
     extra = parse_overrides(overrides or [])
-    project = open_project(settings_path, overrides=extra)  # resolved once: every step below reads this project and its log
+    project = open_project(
+        settings_path, overrides=extra
+    )  # resolved once: every step below reads this project and its log
     settings = project.settings
     stages = discover_stages(cache=settings.root / "runs" / ".cache" / "parameters")
     stage = next((item for item in stages if item.name == "retrain"), None)
     if stage is None:
         raise LifecycleError("the retrain stage notebook (07_retrain.ipynb) is missing from the installed package")
     parameters = stage_parameters(stage, settings, extra.get("retrain"))
-    policy = {key: value for key, value in parameters.items() if key not in ("settings", "run_dir", "force", "challenger_of") and not key.startswith("rollback_")}
+    policy = {
+        key: value
+        for key, value in parameters.items()
+        if key not in ("settings", "run_dir", "force", "challenger_of") and not key.startswith("rollback_")
+    }
     now = now or datetime.now(timezone.utc)
     rolled = check_rollback(project, rollback_rules(parameters), now=now)  # the promotion before this one, judged first
     if rolled["rolled_back"]:
         _say(rolled["event"]["reason"], quiet)
     shadowed = shadow_step(project, policy, now)
-    if shadowed is not None and not (force and shadowed["status"] == "in shadow"):  # a forced retrain may replace a waiting shadow
+    if shadowed is not None and not (
+        force and shadowed["status"] == "in shadow"
+    ):  # a forced retrain may replace a waiting shadow
         _say(shadowed["headline"], quiet)
         return {**shadowed, "rollback": rolled}
     decision = run_policy(project, policy, now=now, force=force or bool(parameters.get("force")))
     _say(headline({"decision": decision}), quiet)
     if not decision["retrain"]:
-        return {"status": "not now", "headline": headline({"decision": decision}), "decision": decision, "rollback": rolled}
-    return {"decision": decision, "rollback": rolled, **_challenge(project, stage, extra, overrides or [], policy, now, quiet)}
+        return {
+            "status": "not now",
+            "headline": headline({"decision": decision}),
+            "decision": decision,
+            "rollback": rolled,
+        }
+    return {
+        "decision": decision,
+        "rollback": rolled,
+        **_challenge(project, stage, extra, overrides or [], policy, now, quiet),
+    }
 
 # %% ../nbs/14_loop.ipynb #8065738f
 def _retrain_command(args) -> int:
@@ -147,19 +244,33 @@ def _retrain_command(args) -> int:
             print(f"Report: {result['challenger_run']['report']}")
     return 1 if result["status"] == "failed" else 0
 
+
 def add_retrain_command(
     commands,  # the subparsers of the `lifecycle` command
 ) -> None:
     "Add `lifecycle retrain` to the command line."
-    retrain = commands.add_parser("retrain", help="the retrain policy; when it says so, a challenger through the same notebooks, compared and promoted",
-                                  description="Decide from the [retrain] policy (alerts, accuracy, drift, new labels, schedule) whether to retrain, and record why. "
-                                              "When it says so (or with --force): the champion's data plus the labeled production predictions go through collect, prepare, "
-                                              "train and evaluate as a challenger; champion and challenger are compared with paired tests on held-out production patients; "
-                                              "a challenger that wins is promoted, with the evidence on the record.",
-                                  epilog="examples:\n  lifecycle retrain\n  lifecycle retrain --force --json\n  lifecycle retrain --force -p retrain.holdout_share=0.3 -p prepare.profile=false")
+    retrain = commands.add_parser(
+        "retrain",
+        help="the retrain policy; when it says so, a challenger through the same notebooks, compared and promoted",
+        description="Decide from the [retrain] policy (alerts, accuracy, drift, new labels, schedule) whether to retrain, and record why. "
+        "When it says so (or with --force): the champion's data plus the labeled production predictions go through collect, prepare, "
+        "train and evaluate as a challenger; champion and challenger are compared with paired tests on held-out production patients; "
+        "a challenger that wins is promoted, with the evidence on the record.",
+        epilog="examples:\n  lifecycle retrain\n  lifecycle retrain --force --json\n  lifecycle retrain --force -p retrain.holdout_share=0.3 -p prepare.profile=false",
+    )
     retrain.add_argument("--settings", default="settings.ini", help="the project's settings file")
-    retrain.add_argument("--force", action="store_true", help="retrain whatever the policy says (the decision records that a person asked)")
-    retrain.add_argument("-p", dest="parameter", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                         help="override a parameter: retrain.* for the policy and comparison, others for the challenger's run (repeatable)")
+    retrain.add_argument(
+        "--force",
+        action="store_true",
+        help="retrain whatever the policy says (the decision records that a person asked)",
+    )
+    retrain.add_argument(
+        "-p",
+        dest="parameter",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a parameter: retrain.* for the policy and comparison, others for the challenger's run (repeatable)",
+    )
     retrain.add_argument("--json", action="store_true", help="print the result as one JSON object")
     retrain.set_defaults(handler=_retrain_command)

@@ -11,8 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, average_precision_score, brier_score_loss, f1_score, precision_score,
-                             recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from .core import Settings, value_key
 
@@ -40,7 +47,6 @@ def classification_metrics(
         "brier": float(brier_score_loss(y_true, scores)),
     }
 
-
 # %% ../nbs/23_metrics.ipynb #5d11ee5b
 def group_spec(
     values: pd.Series,  # a sensitive column of the training rows
@@ -53,8 +59,18 @@ def group_spec(
     if pd.api.types.is_numeric_dtype(values) and present.nunique() > 6:
         numbers = present.to_numpy(dtype=float)
         cuts = np.unique(np.quantile(numbers, np.linspace(0, 1, bins + 1)[1:-1]))
-        return {"kind": "numeric", "name": name, "cuts": cuts.tolist(), "integer": bool(np.all(numbers == np.round(numbers)))}
-    return {"kind": "category", "name": name, "labels": {str(key): str(label) for key, label in (value_labels or {}).items()}}
+        return {
+            "kind": "numeric",
+            "name": name,
+            "cuts": cuts.tolist(),
+            "integer": bool(np.all(numbers == np.round(numbers))),
+        }
+    return {
+        "kind": "category",
+        "name": name,
+        "labels": {str(key): str(label) for key, label in (value_labels or {}).items()},
+    }
+
 
 def _range_names(
     spec: dict,  # a numeric grouping
@@ -71,6 +87,7 @@ def _range_names(
     names.append(f"{name} ≥{text(above(cuts[-1]))}" if whole else f"{name} >{text(cuts[-1])}")
     return names
 
+
 def cut_groups(
     values: pd.Series,  # a sensitive column
     spec: dict,  # how to cut it: `group_spec`, or `reference_grouping` of a stored version
@@ -78,21 +95,33 @@ def cut_groups(
     "The group of each row: a number by the stored cut points (each group holds its upper cut), a category by its value's label."
     missing = f"{spec.get('name', '')} missing".strip()
     if spec.get("kind") == "numeric":
-        numbers = pd.to_numeric(values.map(lambda value: value if isinstance(value, (int, float, str, np.number)) else None),
-                                errors="coerce").to_numpy(dtype=float)
+        numbers = pd.to_numeric(
+            values.map(lambda value: value if isinstance(value, (int, float, str, np.number)) else None),
+            errors="coerce",
+        ).to_numpy(dtype=float)
         names = np.array(_range_names(spec), dtype=object)
         at = np.searchsorted(np.asarray(spec.get("cuts") or [], dtype=float), numbers, side="left")
-        return pd.Series(np.where(np.isnan(numbers), missing, names[np.clip(at, 0, len(names) - 1)]), index=values.index, dtype=object)
+        return pd.Series(
+            np.where(np.isnan(numbers), missing, names[np.clip(at, 0, len(names) - 1)]),
+            index=values.index,
+            dtype=object,
+        )
     try:
         codes, uniques = pd.factorize(values, use_na_sentinel=True)
     except TypeError:  # a list or a dict among the values (hostile input)
-        codes, uniques = pd.factorize(values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value), use_na_sentinel=True)
+        codes, uniques = pd.factorize(
+            values.map(lambda value: str(value) if isinstance(value, (dict, list, set)) else value),
+            use_na_sentinel=True,
+        )
     labels = spec.get("labels") or {}
+
     def label(value):
         key = value_key(value)
         return missing if key == "missing" else labels.get(key) or f"{spec.get('name', '')} {key}".strip()
+
     names = np.array([label(value) for value in uniques] + [missing], dtype=object)
     return pd.Series(names[np.where(codes < 0, len(uniques), codes)], index=values.index, dtype=object)
+
 
 def reference_grouping(
     reference: dict | None,  # a model version's reference.json (None or {} when it has none)
@@ -111,9 +140,16 @@ def reference_grouping(
     if len(grid) >= 2:
         cuts = np.interp([0.25, 0.5, 0.75], np.linspace(0, 1, len(grid)), np.maximum.accumulate(grid))
     else:
-        cuts = [float(value) for level, value in sorted((feature.get("quantiles") or {}).items()) if level in ("0.25", "0.50", "0.75")]
-    whole = bool(grid) and bool(np.mean([value == round(value) for value in grid]) >= 0.5)  # most quantiles of whole numbers are data points
+        cuts = [
+            float(value)
+            for level, value in sorted((feature.get("quantiles") or {}).items())
+            if level in ("0.25", "0.50", "0.75")
+        ]
+    whole = bool(grid) and bool(
+        np.mean([value == round(value) for value in grid]) >= 0.5
+    )  # most quantiles of whole numbers are data points
     return {"kind": "numeric", "name": column, "cuts": np.unique(cuts).tolist(), "integer": whole}
+
 
 def sensitive_grouping(
     frame: pd.DataFrame,  # the training rows
@@ -121,8 +157,11 @@ def sensitive_grouping(
     bins: int = 4,  # numeric columns are cut into this many quantile groups
 ) -> dict:  # column -> its grouping: reference.json's `groups`
     "The grouping of every sensitive column, decided on the training rows, to store with the model version."
-    return {column: group_spec(frame[column], settings.column_name(column, unit=False), settings.labels.get(column), bins)
-            for column in settings.sensitive if column in frame.columns}
+    return {
+        column: group_spec(frame[column], settings.column_name(column, unit=False), settings.labels.get(column), bins)
+        for column in settings.sensitive
+        if column in frame.columns
+    }
 
 # %% ../nbs/23_metrics.ipynb #448c1982
 def group_metrics(
@@ -131,28 +170,57 @@ def group_metrics(
     threshold: float,  # the decision threshold
     groups: pd.Series | pd.DataFrame,  # the group of each row (several columns: their intersection)
     min_size: int = 20,  # groups smaller than this are too small to judge
-) -> list[dict]:  # one row a group: size, positives, recall, false negative rate, false positive rate, precision, selection rate
+) -> list[
+    dict
+]:  # one row a group: size, positives, recall, false negative rate, false positive rate, precision, selection rate
     "Per-group metrics with Fairlearn."
     from fairlearn.metrics import MetricFrame, count, false_negative_rate, false_positive_rate, selection_rate
+
     predicted = (np.asarray(scores) >= threshold).astype(int)
     frame = MetricFrame(
-        metrics={"n": count, "positives": lambda t, p: int(np.sum(t == 1)), "recall": lambda t, p: recall_score(t, p, zero_division=0),
-                 "false_negative_rate": false_negative_rate, "false_positive_rate": false_positive_rate,
-                 "precision": lambda t, p: precision_score(t, p, zero_division=0), "selection_rate": selection_rate},
-        y_true=np.asarray(y_true), y_pred=predicted, sensitive_features=groups)
+        metrics={
+            "n": count,
+            "positives": lambda t, p: int(np.sum(t == 1)),
+            "recall": lambda t, p: recall_score(t, p, zero_division=0),
+            "false_negative_rate": false_negative_rate,
+            "false_positive_rate": false_positive_rate,
+            "precision": lambda t, p: precision_score(t, p, zero_division=0),
+            "selection_rate": selection_rate,
+        },
+        y_true=np.asarray(y_true),
+        y_pred=predicted,
+        sensitive_features=groups,
+    )
     table = frame.by_group.reset_index()
-    names = [c for c in table.columns if c not in ("n", "positives", "recall", "false_negative_rate", "false_positive_rate", "precision", "selection_rate")]
+    names = [
+        c
+        for c in table.columns
+        if c
+        not in ("n", "positives", "recall", "false_negative_rate", "false_positive_rate", "precision", "selection_rate")
+    ]
     rows = []
     for _, row in table.iterrows():
         group = " & ".join(f"{row[name]}" for name in names)
-        rows.append({"group": group, "n": int(row["n"]), "positives": int(row["positives"]), "recall": float(row["recall"]),
-                     "false_negative_rate": float(row["false_negative_rate"]), "false_positive_rate": float(row["false_positive_rate"]),
-                     "precision": float(row["precision"]),
-                     "selection_rate": float(row["selection_rate"]), "too_small": bool(row["n"] < min_size)})
+        rows.append(
+            {
+                "group": group,
+                "n": int(row["n"]),
+                "positives": int(row["positives"]),
+                "recall": float(row["recall"]),
+                "false_negative_rate": float(row["false_negative_rate"]),
+                "false_positive_rate": float(row["false_positive_rate"]),
+                "precision": float(row["precision"]),
+                "selection_rate": float(row["selection_rate"]),
+                "too_small": bool(row["n"] < min_size),
+            }
+        )
     return rows
 
 # %% ../nbs/23_metrics.ipynb #e387f778
-_BARE = re.compile(r"^(missing|-?[0-9.]+(e[-+]?[0-9]+)?(\u2013-?[0-9.]+(e[-+]?[0-9]+)?)?)$")  # an older audit's group: a code, a range, missing
+_BARE = re.compile(
+    r"^(missing|-?[0-9.]+(e[-+]?[0-9]+)?(\u2013-?[0-9.]+(e[-+]?[0-9]+)?)?)$"
+)  # an older audit's group: a code, a range, missing
+
 
 def group_words(
     settings: Settings,  # the project's settings (value labels, names, units)
@@ -189,9 +257,11 @@ def row_hashes_bytes(
 ) -> bytes:  # a Parquet file of one column, `row_hash`, for a model version's folder
     "Row hashes as the bytes of a Parquet file (`train_rows.parquet` in a version's folder)."
     import io
+
     buffer = io.BytesIO()
     pd.DataFrame({"row_hash": np.asarray(hashes, dtype=np.uint64)}).to_parquet(buffer, index=False)
     return buffer.getvalue()
+
 
 def read_row_hashes(
     path: Path,  # a `train_rows.parquet` file
@@ -204,12 +274,14 @@ def read_row_hashes(
 def _percent(value) -> str:
     return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
+
 def model_card(
     meta: dict,  # the version's metadata
     settings: Settings,  # the project's settings
     by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
     evaluation: dict | None = None,  # test metrics, intervals, fairness and the gate's decision, once evaluated
-    figures: dict[str, tuple[str, str]] | None = None,  # "metrics" and "groups": (PNG file name beside the card, caption), the report's own figures
+    figures: dict[str, tuple[str, str]]
+    | None = None,  # "metrics" and "groups": (PNG file name beside the card, caption), the report's own figures
 ) -> str:  # Markdown
     """A model card with the sections of Mitchell et al. (2019) and Google's Model Card Toolkit: model details, intended
     use, factors, metrics with intervals, evaluation and training data, quantitative analyses by group, the gate's
@@ -221,50 +293,82 @@ def model_card(
     picture = lambda key: [f"![{figures[key][1]}]({figures[key][0]})", ""] if key in figures else []
     from lifecycle.core import term
     from lifecycle.registry import markdown_table
+
     data = settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
     title = getattr(settings, "title", "") or settings.path.parent.name
-    positive, negative = getattr(settings, "positive_label", "positive"), getattr(settings, "negative_label", "negative")
+    positive, negative = (
+        getattr(settings, "positive_label", "positive"),
+        getattr(settings, "negative_label", "negative"),
+    )
     name = lambda column: settings.column_name(column) if hasattr(settings, "column_name") else column
     metrics = (evaluation or {}).get("metrics") or meta.get("metrics", {})
     intervals = (evaluation or {}).get("intervals") or {}
     where = "test split" if evaluation else "validation split"
     features = meta["features"]["numeric"] + meta["features"]["categorical"]
-    lines = [f"# Model card: {title}, model version {meta['version']}", "",
-             "## Model details", "",
-             f"- Owner: {data.get('owner', '').strip() or 'not given (set [data] owner in settings.ini)'}",
-             f"- Registered: {meta.get('registered_at') or meta.get('created') or 'unknown'}; version {meta['version']}, SHA-256 {meta['sha256']}",
-             f"- Type: {meta['model'].replace('_', ' ')} in a scikit-learn pipeline (imputation and encoding fitted on the training rows), seed {meta['seed']}",
-             f"- Licence of the data it learned from: {data.get('licence', '').strip() or 'not given (set [data] licence)'}", "",
-             "## Intended use", "",
-             f"- Predicts {positive} (against {negative}) from {len(features)} features, as a score between 0 and 1 and a decision at a threshold.",
-             "- To support, not replace, a professional's decision: a flag to look again, never a diagnosis.",
-             "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), decisions made without a professional, "
-             "and any use of the score as a probability without checking its calibration on the population at hand.", "",
-             "## Factors", "",
-             f"- Audited by: {', '.join(name(column) for column in getattr(settings, 'sensitive', [])) or 'no sensitive column'}"
-             + (" and their intersection" if len(getattr(settings, "sensitive", [])) > 1 else "") + ".",
-             f"- Features: {', '.join(name(column) for column in features)}.",
-             f"- Sources (hospitals): {', '.join(meta['sources'])}.", ""]
+    lines = [
+        f"# Model card: {title}, model version {meta['version']}",
+        "",
+        "## Model details",
+        "",
+        f"- Owner: {data.get('owner', '').strip() or 'not given (set [data] owner in settings.ini)'}",
+        f"- Registered: {meta.get('registered_at') or meta.get('created') or 'unknown'}; version {meta['version']}, SHA-256 {meta['sha256']}",
+        f"- Type: {meta['model'].replace('_', ' ')} in a scikit-learn pipeline (imputation and encoding fitted on the training rows), seed {meta['seed']}",
+        f"- Licence of the data it learned from: {data.get('licence', '').strip() or 'not given (set [data] licence)'}",
+        "",
+        "## Intended use",
+        "",
+        f"- Predicts {positive} (against {negative}) from {len(features)} features, as a score between 0 and 1 and a decision at a threshold.",
+        "- To support, not replace, a professional's decision: a flag to look again, never a diagnosis.",
+        "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), decisions made without a professional, "
+        "and any use of the score as a probability without checking its calibration on the population at hand.",
+        "",
+        "## Factors",
+        "",
+        f"- Audited by: {', '.join(name(column) for column in getattr(settings, 'sensitive', [])) or 'no sensitive column'}"
+        + (" and their intersection" if len(getattr(settings, "sensitive", [])) > 1 else "")
+        + ".",
+        f"- Features: {', '.join(name(column) for column in features)}.",
+        f"- Sources (hospitals): {', '.join(meta['sources'])}.",
+        "",
+    ]
     lines += [f"## Metrics ({where})", ""]
     rows = []
     for key, value in metrics.items():
         interval = intervals.get(key)
-        rows.append({"metric": term(key), "value": value,
-                     "95% interval": f"{interval['low']:.3f}–{interval['high']:.3f}" if interval else ""})
+        rows.append(
+            {
+                "metric": term(key),
+                "value": value,
+                "95% interval": f"{interval['low']:.3f}–{interval['high']:.3f}" if interval else "",
+            }
+        )
     lines += [markdown_table(rows), ""] + picture("metrics")
     if evaluation:
-        lines += [f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall ≥ {evaluation['target_recall']:.0%} on the validation split.",
-                  "- Intervals: 95% bootstrap over the test split.", ""]
+        lines += [
+            f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall ≥ {evaluation['target_recall']:.0%} on the validation split.",
+            "- Intervals: 95% bootstrap over the test split.",
+            "",
+        ]
     lines += ["## Evaluation data", ""]
     if evaluation:
-        lines += [f"- Accuracy: the test split, {evaluation.get('test_rows', '?')} rows neither training nor the threshold saw.",
-                  f"- Fairness: all {evaluation.get('labeled_rows', '?')} labeled rows, each scored by a model that did not see it.", ""]
+        lines += [
+            f"- Accuracy: the test split, {evaluation.get('test_rows', '?')} rows neither training nor the threshold saw.",
+            f"- Fairness: all {evaluation.get('labeled_rows', '?')} labeled rows, each scored by a model that did not see it.",
+            "",
+        ]
     else:
-        lines += [f"- The validation split ({meta['rows'].get('val', '?')} rows); the evaluate stage adds the test split.", ""]
-    lines += ["## Training data", "",
-              f"- {meta['rows']['train']} training rows of data version {meta['data_version']}, from {', '.join(meta['sources'])}.",
-              f"- Source: {data.get('source', '').strip() or 'not given (set [data] source)'}",
-              f"- Citation: {data.get('citation', '').strip() or 'not given (set [data] citation)'}", ""]
+        lines += [
+            f"- The validation split ({meta['rows'].get('val', '?')} rows); the evaluate stage adds the test split.",
+            "",
+        ]
+    lines += [
+        "## Training data",
+        "",
+        f"- {meta['rows']['train']} training rows of data version {meta['data_version']}, from {', '.join(meta['sources'])}.",
+        f"- Source: {data.get('source', '').strip() or 'not given (set [data] source)'}",
+        f"- Citation: {data.get('citation', '').strip() or 'not given (set [data] citation)'}",
+        "",
+    ]
     fairness = (evaluation or {}).get("fairness", {})
     small_groups = []
     lines += [f"## Quantitative analyses by group ({'every labeled row, out of fold' if evaluation else where})", ""]
@@ -276,33 +380,57 @@ def model_card(
             judged = row.get("recall_judged", not row.get("too_small"))
             if not judged:
                 small_groups.append(f"{words} ({row['n']} patients)")
-            table.append({"group": words, "patients": int(row["n"]), "with " + positive: int(row.get("positives", 0)),
-                          "recall": _percent(row["recall"]), "false negative rate": _percent(row["false_negative_rate"]),
-                          "false positive rate": _percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
-                          "judged": "yes" if judged else "too few to judge"})
+            table.append(
+                {
+                    "group": words,
+                    "patients": int(row["n"]),
+                    "with " + positive: int(row.get("positives", 0)),
+                    "recall": _percent(row["recall"]),
+                    "false negative rate": _percent(row["false_negative_rate"]),
+                    "false positive rate": _percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
+                    "judged": "yes" if judged else "too few to judge",
+                }
+            )
         lines += [f"### By {heading}", "", markdown_table(table), ""]
         gaps = fairness.get(column, {})
         if gaps.get("equalized_odds_difference") is not None:
             interval = gaps.get("interval")
-            lines += [f"- Equalized odds difference {gaps['equalized_odds_difference']:.3f}"
-                      + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "") + ".", ""]
+            lines += [
+                f"- Equalized odds difference {gaps['equalized_odds_difference']:.3f}"
+                + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+                + ".",
+                "",
+            ]
     lines += picture("groups")
-    lines += [("- Groups too small to judge: " + "; ".join(small_groups) + ".") if small_groups else "- Every group was large enough to judge.", ""]
+    lines += [
+        ("- Groups too small to judge: " + "; ".join(small_groups) + ".")
+        if small_groups
+        else "- Every group was large enough to judge.",
+        "",
+    ]
     if evaluation:
         lines += ["## Gate criteria", ""]
-        lines += [f"- {check['check']}: {check['figure']} against {check['threshold'] or 'no threshold'}: {'passed' if check['passed'] else 'refused'}"
-                  for check in evaluation["gate"].get("checks", [])]
+        lines += [
+            f"- {check['check']}: {check['figure']} against {check['threshold'] or 'no threshold'}: {'passed' if check['passed'] else 'refused'}"
+            for check in evaluation["gate"].get("checks", [])
+        ]
         lines += [f"- Decision: {'passed' if evaluation['gate']['passed'] else 'refused'}"]
         lines += [f"- Refused because {reason}" for reason in evaluation["gate"]["reasons"]]
         lines += [""]
-    lines += ["## Ethical considerations", "",
-              "- The data are health records: the model must never expose a patient's identity, and its decisions must be reviewable by a professional.",
-              "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, and the recall of each group is audited above.",
-              "- Groups too small to judge may be served worse without the audit being able to tell.", "",
-              "## Caveats and recommendations", "",
-              f"- Trained on the sources {', '.join(meta['sources'])}; patients from elsewhere may differ.",
-              "- Missing values are imputed from training rows; a feature missing far more often in production (or recorded as 0 for 'not measured') weakens the model.",
-              "- Monitor drift, recall and the groups' gaps in production; retrain when they move.", ""]
+    lines += [
+        "## Ethical considerations",
+        "",
+        "- The data are health records: the model must never expose a patient's identity, and its decisions must be reviewable by a professional.",
+        "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, and the recall of each group is audited above.",
+        "- Groups too small to judge may be served worse without the audit being able to tell.",
+        "",
+        "## Caveats and recommendations",
+        "",
+        f"- Trained on the sources {', '.join(meta['sources'])}; patients from elsewhere may differ.",
+        "- Missing values are imputed from training rows; a feature missing far more often in production (or recorded as 0 for 'not measured') weakens the model.",
+        "- Monitor drift, recall and the groups' gaps in production; retrain when they move.",
+        "",
+    ]
     return "\n".join(lines)
 
 # %% ../nbs/23_metrics.ipynb #207dea6a
@@ -331,13 +459,20 @@ def judged_groups(
     A rate from a handful of patients is noise: a group of 20 holding 4 sick patients has a recall of
     0, 0.25, 0.5, 0.75 or 1, and one patient moves it by 0.25. Each rate is judged only where its
     denominator is large enough."""
-    y_true = np.asarray(y_true, dtype=float)  # NaN where no label arrived (monitoring): such a row counts in a group's size only
+    y_true = np.asarray(
+        y_true, dtype=float
+    )  # NaN where no label arrived (monitoring): such a row counts in a group's size only
     frame = pd.DataFrame({"group": np.asarray(groups), "positive": y_true == 1, "negative": y_true == 0})
-    counts = frame.groupby("group").agg(size=("positive", "size"), positives=("positive", "sum"), negatives=("negative", "sum"))
+    counts = frame.groupby("group").agg(
+        size=("positive", "size"), positives=("positive", "sum"), negatives=("negative", "sum")
+    )
     large = counts["size"] >= min_size
-    return {"size": sorted(counts.index[large]),
-            "positives": sorted(counts.index[large & (counts["positives"] >= min_positives)]),
-            "negatives": sorted(counts.index[large & (counts["negatives"] >= min_negatives)])}
+    return {
+        "size": sorted(counts.index[large]),
+        "positives": sorted(counts.index[large & (counts["positives"] >= min_positives)]),
+        "negatives": sorted(counts.index[large & (counts["negatives"] >= min_negatives)]),
+    }
+
 
 def equalized_odds_gap(
     y_true: np.ndarray,  # labels
@@ -357,6 +492,7 @@ def equalized_odds_gap(
             gaps.append(max(rates) - min(rates))
     return float(max(gaps)) if gaps else float("nan")
 
+
 def fairness_gaps(
     y_true: np.ndarray,  # labels
     predicted: np.ndarray,  # decisions, 0 or 1
@@ -365,17 +501,32 @@ def fairness_gaps(
 ) -> dict:  # demographic parity and equalized odds differences (None where fewer than two groups are judged)
     "Fairlearn's demographic parity difference, and the true and false positive rate gaps of equalized odds, over judged groups."
     from fairlearn.metrics import MetricFrame, demographic_parity_difference, false_positive_rate, true_positive_rate
+
     def difference(metric, names):
         if len(names) < 2:
             return None
         keep = np.isin(groups, names)
-        return float(MetricFrame(metrics=metric, y_true=y_true[keep], y_pred=predicted[keep], sensitive_features=groups[keep]).difference())
+        return float(
+            MetricFrame(
+                metrics=metric, y_true=y_true[keep], y_pred=predicted[keep], sensitive_features=groups[keep]
+            ).difference()
+        )
+
     keep = np.isin(groups, judged["size"])
-    parity = (float(demographic_parity_difference(y_true[keep], predicted[keep], sensitive_features=groups[keep]))
-              if len(judged["size"]) > 1 else None)
+    parity = (
+        float(demographic_parity_difference(y_true[keep], predicted[keep], sensitive_features=groups[keep]))
+        if len(judged["size"]) > 1
+        else None
+    )
     tpr, fpr = difference(true_positive_rate, judged["positives"]), difference(false_positive_rate, judged["negatives"])
     known = [gap for gap in (tpr, fpr) if gap is not None]
-    return {"demographic_parity_difference": parity, "equalized_odds_difference": max(known) if known else None,
-            "true_positive_rate_difference": tpr, "false_positive_rate_difference": fpr, "groups_judged": len(judged["size"]),
-            "groups_too_small": sorted(set(groups.tolist()) - set(judged["size"])), "groups_too_few_positives": [g for g in judged["size"] if g not in judged["positives"]],
-            "groups_too_few_negatives": [g for g in judged["size"] if g not in judged["negatives"]]}
+    return {
+        "demographic_parity_difference": parity,
+        "equalized_odds_difference": max(known) if known else None,
+        "true_positive_rate_difference": tpr,
+        "false_positive_rate_difference": fpr,
+        "groups_judged": len(judged["size"]),
+        "groups_too_small": sorted(set(groups.tolist()) - set(judged["size"])),
+        "groups_too_few_positives": [g for g in judged["size"] if g not in judged["positives"]],
+        "groups_too_few_negatives": [g for g in judged["size"] if g not in judged["negatives"]],
+    }

@@ -21,6 +21,7 @@ __all__ = ['ACCURACY_COLUMNS', 'window_details', 'window_label', 'drift_strength
 def _safe_name(key: str) -> str:
     return "".join(character if character.isalnum() or character in "-_" else "_" for character in key)
 
+
 def window_details(
     folder: Path,  # the project's monitoring folder
     windows: pd.DataFrame,  # the windows table (monitoring/windows.parquet)
@@ -32,6 +33,7 @@ def window_details(
         if path.exists():
             details.append(read_json(path))
     return details
+
 
 def window_label(
     row: dict,  # a windows-table row (window, model_version, window_start)
@@ -54,10 +56,13 @@ def drift_strength(
         strengths.append(abs(row["missing_share"] - row["reference_missing_share"]) / 0.1)
     return min(max(strengths), 3.0) if strengths else None
 
+
 def drift_matrix(
     details: list[dict],  # `window_details`
     name=str,  # feature -> its name in words
-) -> tuple[pd.DataFrame, pd.DataFrame]:  # (strength: features x windows, flagged: the same shape, True where drift was flagged)
+) -> tuple[
+    pd.DataFrame, pd.DataFrame
+]:  # (strength: features x windows, flagged: the same shape, True where drift was flagged)
     "Drift strength and flags of every feature in every window."
     strength, flagged = {}, {}
     for window in details:
@@ -67,8 +72,19 @@ def drift_matrix(
     return pd.DataFrame(strength, dtype=float), pd.DataFrame(flagged).fillna(False).astype(bool)
 
 # %% ../nbs/06_monitor.ipynb #60fcc391
-ACCURACY_COLUMNS = ["predictions", "labeled", "roc_auc", "roc_auc_low", "roc_auc_high", "estimated_roc_auc",
-                    "recall", "recall_low", "recall_high", "estimated_recall"]
+ACCURACY_COLUMNS = [
+    "predictions",
+    "labeled",
+    "roc_auc",
+    "roc_auc_low",
+    "roc_auc_high",
+    "estimated_roc_auc",
+    "recall",
+    "recall_low",
+    "recall_high",
+    "estimated_recall",
+]
+
 
 def over_time(
     windows: pd.DataFrame,  # the windows table
@@ -79,12 +95,18 @@ def over_time(
     table.index = [window_label(row) for row in windows.to_dict("records")] if len(windows) else []
     return table
 
+
 def fairness_columns(
     windows: pd.DataFrame,  # the windows table
     sensitive: list[str],  # the sensitive columns
 ) -> list[str]:  # the gap columns present: recall_gap.<column>, selection_rate_gap.<column>
     "The fairness gaps monitoring computed."
-    return [f"{gap}.{column}" for column in sensitive for gap in ("recall_gap", "selection_rate_gap") if f"{gap}.{column}" in windows.columns]
+    return [
+        f"{gap}.{column}"
+        for column in sensitive
+        for gap in ("recall_gap", "selection_rate_gap")
+        if f"{gap}.{column}" in windows.columns
+    ]
 
 # %% ../nbs/06_monitor.ipynb #6fb38392
 def headline(
@@ -95,29 +117,43 @@ def headline(
     if not latest:
         return "Nothing to monitor yet: the prediction log holds no predictions."
     values = latest["values"]
-    parts = [f"{result['windows']} windows; the latest ({window_label(latest)}) has {values.get('predictions')} predictions"
-             f" and {values.get('labeled')} labels"]
+    parts = [
+        f"{result['windows']} windows; the latest ({window_label(latest)}) has {values.get('predictions')} predictions"
+        f" and {values.get('labeled')} labels"
+    ]
     if values.get("roc_auc") is not None:
         parts.append(f"realized ROC AUC {values['roc_auc']:.2f} on its labels")
     elif values.get("estimated_roc_auc") is not None:
         parts.append(f"estimated ROC AUC {values['estimated_roc_auc']:.2f} (an estimate: its labels have not arrived)")
     if values.get("rejected"):
-        parts.append(f"{int(values['rejected'])} records refused by the contract ({values['rejected_share']:.0%} of those received)")
+        parts.append(
+            f"{int(values['rejected'])} records refused by the contract ({values['rejected_share']:.0%} of those received)"
+        )
     drift = values.get("drifted_features")
     if drift is not None:
         parts.append(f"{int(drift)} feature{'s' if drift != 1 else ''} drifted" if drift else "no feature drifted")
     firing = result.get("alerts", {}).get("firing", [])
     critical = sum(alert["labels"]["severity"] == "critical" for alert in firing)
-    alerts = (f"{len(firing)} alert{'s' if len(firing) != 1 else ''} firing" + (f", {critical} critical" if critical else "")) if firing else "no alert firing"
+    alerts = (
+        (
+            f"{len(firing)} alert{'s' if len(firing) != 1 else ''} firing"
+            + (f", {critical} critical" if critical else "")
+        )
+        if firing
+        else "no alert firing"
+    )
     return "; ".join(parts) + f". {alerts[0].upper() + alerts[1:]}."
 
 # %% ../nbs/06_monitor.ipynb #53839de7
 def score_curves(
     reference: dict | None,  # the model version's reference.json
     scores: dict,  # a name -> the scores of a period (e.g. the latest window, the month so far)
-) -> dict:  # name -> (x, share of scores ≤ x); the reference first, as "reference (training)", when it has a score distribution
+) -> (
+    dict
+):  # name -> (x, share of scores ≤ x); the reference first, as "reference (training)", when it has a score distribution
     "The cumulative score distributions of the reference (from its stored quantiles) and of periods of production."
     from lifecycle.drift import quantile_points
+
     levels, values, _ = quantile_points((reference or {}).get("scores") or {})
     curves = {"reference (training)": (np.asarray(values), np.asarray(levels))} if len(levels) else {}
     for name, period in scores.items():
@@ -125,6 +161,7 @@ def score_curves(
         ordered = np.sort(period[np.isfinite(period)])
         curves[name] = (ordered, np.arange(1, len(ordered) + 1) / max(len(ordered), 1))
     return curves
+
 
 def plot_monitoring(
     strength: pd.DataFrame,  # `drift_matrix` strengths
@@ -136,13 +173,16 @@ def plot_monitoring(
 ):  # a matplotlib Figure
     "The monitoring report's main plot, four panels."
     import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(2, 2, figsize=(14, 9))
     heat = axes[0, 0]
     if strength.size:
         image = heat.imshow(strength.to_numpy(dtype=float), aspect="auto", cmap="OrRd", vmin=0, vmax=3)
         heat.set_yticks(range(len(strength.index)), strength.index, fontsize=8)
         heat.set_xticks(range(len(strength.columns)), strength.columns, rotation=45, ha="right", fontsize=8)
-        rows, columns = np.nonzero(flagged.reindex(index=strength.index, columns=strength.columns).fillna(False).to_numpy(dtype=bool))
+        rows, columns = np.nonzero(
+            flagged.reindex(index=strength.index, columns=strength.columns).fillna(False).to_numpy(dtype=bool)
+        )
         heat.scatter(columns, rows, marker="o", s=14, color="black", label="drift flagged")
         figure.colorbar(image, ax=heat, label="drift strength (1 = threshold)")
         heat.legend(loc="upper right", fontsize=8)
@@ -152,11 +192,31 @@ def plot_monitoring(
     if len(accuracy):
         realized = accuracy["roc_auc"].to_numpy(dtype=float)
         trend.plot(positions, realized, "o-", color="tab:blue", label="ROC AUC, realized (labels arrived)")
-        trend.fill_between(positions, accuracy["roc_auc_low"].to_numpy(dtype=float), accuracy["roc_auc_high"].to_numpy(dtype=float),
-                           color="tab:blue", alpha=0.15, label="95% interval")
-        trend.plot(positions, accuracy["estimated_roc_auc"].to_numpy(dtype=float), "s--", color="tab:orange", label="ROC AUC, estimated (CBPE)")
-        trend.plot(positions, accuracy["recall"].to_numpy(dtype=float), "o-", color="tab:green", label="recall, realized")
-        trend.plot(positions, accuracy["estimated_recall"].to_numpy(dtype=float), "s--", color="tab:olive", label="recall, estimated")
+        trend.fill_between(
+            positions,
+            accuracy["roc_auc_low"].to_numpy(dtype=float),
+            accuracy["roc_auc_high"].to_numpy(dtype=float),
+            color="tab:blue",
+            alpha=0.15,
+            label="95% interval",
+        )
+        trend.plot(
+            positions,
+            accuracy["estimated_roc_auc"].to_numpy(dtype=float),
+            "s--",
+            color="tab:orange",
+            label="ROC AUC, estimated (CBPE)",
+        )
+        trend.plot(
+            positions, accuracy["recall"].to_numpy(dtype=float), "o-", color="tab:green", label="recall, realized"
+        )
+        trend.plot(
+            positions,
+            accuracy["estimated_recall"].to_numpy(dtype=float),
+            "s--",
+            color="tab:olive",
+            label="recall, estimated",
+        )
         trend.set_xticks(positions, accuracy.index, rotation=45, ha="right", fontsize=8)
         trend.legend(fontsize=8, loc="lower left")
     trend.set(title="Accuracy over time", ylim=(0, 1.02), ylabel="")
@@ -168,11 +228,21 @@ def plot_monitoring(
             scores.step(x, y, where="post", color=color, label=name)
     if threshold is not None:
         scores.axvline(threshold, color="black", linestyle=":", label="decision threshold")
-    scores.set(title="Score distribution against the reference", xlabel="score", ylabel="share of patients with a lower score", xlim=(0, 1))
+    scores.set(
+        title="Score distribution against the reference",
+        xlabel="score",
+        ylabel="share of patients with a lower score",
+        xlim=(0, 1),
+    )
     scores.legend(fontsize=8)
     fair = axes[1, 1]
     for column in gaps.columns:
-        fair.plot(np.arange(len(gaps)), gaps[column].to_numpy(dtype=float), "o-", label=column.replace("_", " ").replace(".", " by "))
+        fair.plot(
+            np.arange(len(gaps)),
+            gaps[column].to_numpy(dtype=float),
+            "o-",
+            label=column.replace("_", " ").replace(".", " by "),
+        )
     if len(gaps):
         fair.set_xticks(np.arange(len(gaps)), gaps.index, rotation=45, ha="right", fontsize=8)
     if len(gaps.columns):

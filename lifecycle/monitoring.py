@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, Project, read_json, write_json
-from .drift import category_counts, category_label, drift_summary, feature_drift, prediction_drift
 from .alerts import evaluate, parse_kpis
 from .contract import rejection_sentence
+from .core import LifecycleError, Project, read_json, write_json
+from .drift import category_label, drift_summary, feature_drift, prediction_drift
 from .metrics import cut_groups, judged_groups, reference_grouping
 
 # %% auto #0
@@ -41,11 +41,16 @@ def parse_every(
         return int(text)
     raise LifecycleError(f"{setting} must be day, week or a number of predictions (a positive integer)")
 
+
 def event_times(
     frame: pd.DataFrame,  # predictions: `time`, and `event_time` when the log has one
 ) -> pd.Series:  # UTC times
     "Each prediction's event time: `event_time` where present, else the time it was logged."
-    logged = pd.to_datetime(frame["time"], utc=True, format="ISO8601") if len(frame) else pd.Series([], dtype="datetime64[ns, UTC]")
+    logged = (
+        pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+        if len(frame)
+        else pd.Series([], dtype="datetime64[ns, UTC]")
+    )
     if "event_time" not in frame.columns:
         return logged
     own = pd.to_datetime(frame["event_time"], utc=True, errors="coerce", format="ISO8601")
@@ -59,6 +64,7 @@ def window_starts(
     "The start of each time's window: midnight UTC of its day, or of the Monday of its week."
     start = times.dt.floor("D")
     return start - pd.to_timedelta(start.dt.dayofweek, unit="D") if every == "week" else start
+
 
 def current_window_start(
     every: str | int,  # "day", "week" or N predictions
@@ -75,6 +81,7 @@ def current_window_start(
         return now.to_pydatetime()
     return window_starts(pd.Series([now]), every).iloc[0].to_pydatetime()
 
+
 def assign_windows(
     frame: pd.DataFrame,  # predictions with `time` (and `event_time`), `model_version`, `request_id`
     every: str | int,  # "day", "week" or N predictions
@@ -88,7 +95,9 @@ def assign_windows(
         keys = "v" + versions.astype(str) + "_" + start.dt.strftime("%Y-%m-%d")
         return pd.DataFrame({"window": keys, "window_start": start, "event_time": times}, index=frame.index)
     counted = {} if counted is None else counted
-    order = pd.DataFrame({"time": times, "id": frame["request_id"].astype(str), "v": versions}).sort_values(["time", "id"], kind="stable")
+    order = pd.DataFrame({"time": times, "id": frame["request_id"].astype(str), "v": versions}).sort_values(
+        ["time", "id"], kind="stable"
+    )
     position = order.groupby("v").cumcount() + order["v"].map(lambda v: counted.get(str(v), 0))
     number = (position // every).reindex(frame.index)
     for version, size in versions.value_counts().items():
@@ -118,8 +127,10 @@ def _finite_or_none(value):
     value = float(value)
     return value if math.isfinite(value) else None
 
+
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
+
 
 def _weighted_figures(weights, labels, scores, decisions) -> dict:
     "The accuracy figures under each row of `weights`."
@@ -129,9 +140,15 @@ def _weighted_figures(weights, labels, scores, decisions) -> dict:
     flagged = weights @ decisions
     with np.errstate(invalid="ignore", divide="ignore"):
         prevalence = positives / total
-        return {"roc_auc": weighted_auc(scores, weights * labels, weights * (1 - labels)),
-                "recall": caught / positives, "precision": caught / flagged, "prevalence": prevalence,
-                "brier": (weights @ (scores - labels) ** 2) / total, "calibration_gap": (weights @ scores) / total - prevalence}
+        return {
+            "roc_auc": weighted_auc(scores, weights * labels, weights * (1 - labels)),
+            "recall": caught / positives,
+            "precision": caught / flagged,
+            "prevalence": prevalence,
+            "brier": (weights @ (scores - labels) ** 2) / total,
+            "calibration_gap": (weights @ scores) / total - prevalence,
+        }
+
 
 def realized_metrics(
     labels: np.ndarray,  # the true labels that arrived, 0 or 1
@@ -139,13 +156,21 @@ def realized_metrics(
     decisions: np.ndarray,  # the decisions made, 0 or 1
     n_boot: int = 200,  # bootstrap replicates (0: no intervals)
     seed: int = 0,  # bootstrap seed
-) -> dict:  # labels, tp/fp/fn/tn, each figure with `_low`/`_high`, and `statements` for the figures that cannot be computed
+) -> (
+    dict
+):  # labels, tp/fp/fn/tn, each figure with `_low`/`_high`, and `statements` for the figures that cannot be computed
     "Accuracy where labels arrived, with 95% bootstrap intervals; a figure that cannot be computed is None, with a sentence."
     labels = np.asarray(labels, dtype=float)
     scores, decisions = np.asarray(scores, dtype=float), np.asarray(decisions, dtype=float)
     count = len(labels)
-    result = {"labels": count, "tp": int(((labels == 1) & (decisions == 1)).sum()), "fp": int(((labels == 0) & (decisions == 1)).sum()),
-              "fn": int(((labels == 1) & (decisions == 0)).sum()), "tn": int(((labels == 0) & (decisions == 0)).sum()), "statements": []}
+    result = {
+        "labels": count,
+        "tp": int(((labels == 1) & (decisions == 1)).sum()),
+        "fp": int(((labels == 0) & (decisions == 1)).sum()),
+        "fn": int(((labels == 1) & (decisions == 0)).sum()),
+        "tn": int(((labels == 0) & (decisions == 0)).sum()),
+        "statements": [],
+    }
     names = ("roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap")
     if count == 0:
         result.update({key: None for name in names for key in (name, f"{name}_low", f"{name}_high")})
@@ -167,7 +192,9 @@ def realized_metrics(
         result[f"{name}_low"] = float(np.quantile(drawn, 0.025)) if enough else None
         result[f"{name}_high"] = float(np.quantile(drawn, 0.975)) if enough else None
     if len(np.unique(labels)) < 2:
-        result["statements"].append(f"all {count} labels are {'positive' if labels[0] == 1 else 'negative'}: ROC AUC is undefined")
+        result["statements"].append(
+            f"all {count} labels are {'positive' if labels[0] == 1 else 'negative'}: ROC AUC is undefined"
+        )
     if result["tp"] + result["fn"] == 0:
         result["statements"].append("no positive labels: recall is undefined")
     if result["tp"] + result["fp"] == 0:
@@ -183,8 +210,13 @@ def calibrated(
     scores = np.asarray(scores, dtype=float)
     points = calibration or {}
     if len(points.get("scores") or []) >= 1 and len(points["scores"]) == len(points.get("probabilities") or []):
-        return np.interp(scores, points["scores"], points["probabilities"]), "scores calibrated by the reference's isotonic map"
-    return np.clip(scores, 0, 1), "the reference has no calibration (an older reference): the scores are taken as probabilities"
+        return np.interp(
+            scores, points["scores"], points["probabilities"]
+        ), "scores calibrated by the reference's isotonic map"
+    return np.clip(
+        scores, 0, 1
+    ), "the reference has no calibration (an older reference): the scores are taken as probabilities"
+
 
 def estimated_metrics(
     scores: np.ndarray,  # the window's scores
@@ -196,16 +228,28 @@ def estimated_metrics(
     probabilities, how = calibrated(scores, calibration)
     names = ("estimated_roc_auc", "estimated_recall", "estimated_precision", "estimated_prevalence", "estimated_brier")
     if len(scores) == 0:
-        return {**{name: None for name in names}, "estimated_tp": 0.0, "estimated_fp": 0.0, "estimated_fn": 0.0, "estimated_tn": 0.0,
-                "statements": ["no predictions in this window"]}
+        return {
+            **{name: None for name in names},
+            "estimated_tp": 0.0,
+            "estimated_fp": 0.0,
+            "estimated_fn": 0.0,
+            "estimated_tn": 0.0,
+            "statements": ["no predictions in this window"],
+        }
     tp, fp = float(probabilities @ decisions), float((1 - probabilities) @ decisions)
     fn, tn = float(probabilities @ (1 - decisions)), float((1 - probabilities) @ (1 - decisions))
     with np.errstate(invalid="ignore", divide="ignore"):
-        result = {"estimated_tp": tp, "estimated_fp": fp, "estimated_fn": fn, "estimated_tn": tn,
-                  "estimated_roc_auc": _finite_or_none(weighted_auc(scores, probabilities, 1 - probabilities)[0]),
-                  "estimated_recall": _ratio(tp, tp + fn), "estimated_precision": _ratio(tp, tp + fp),
-                  "estimated_prevalence": float(probabilities.mean()),
-                  "estimated_brier": float(np.mean(probabilities * (1 - scores) ** 2 + (1 - probabilities) * scores ** 2))}
+        result = {
+            "estimated_tp": tp,
+            "estimated_fp": fp,
+            "estimated_fn": fn,
+            "estimated_tn": tn,
+            "estimated_roc_auc": _finite_or_none(weighted_auc(scores, probabilities, 1 - probabilities)[0]),
+            "estimated_recall": _ratio(tp, tp + fn),
+            "estimated_precision": _ratio(tp, tp + fp),
+            "estimated_prevalence": float(probabilities.mean()),
+            "estimated_brier": float(np.mean(probabilities * (1 - scores) ** 2 + (1 - probabilities) * scores**2)),
+        }
     statements = [f"estimates (CBPE): {how}"]
     if result["estimated_roc_auc"] is None:
         statements.append("the calibrated scores are all 0 or all 1: estimated ROC AUC is undefined")
@@ -218,35 +262,62 @@ def fairness(
     labels: np.ndarray,  # labels, 0 or 1, NaN where none arrived
     min_size: int = 20,  # a group needs this many predictions for its selection rate (and for its recall)
     min_positives: int | None = None,  # and this many labelled positives for its recall (None: `min_size`)
-) -> tuple[list[dict], dict]:  # (one row a group, the gaps: recall_gap, fnr_gap, selection_rate_gap with _low/_high, statements)
+) -> tuple[
+    list[dict], dict
+]:  # (one row a group, the gaps: recall_gap, fnr_gap, selection_rate_gap with _low/_high, statements)
     "Recall, false negative rate and selection rate per group, and the gaps between the groups large enough to judge, judged as the gate judges."
     min_positives = min_size if min_positives is None else min_positives
     judged = judged_groups(labels, groups.to_numpy(), min_size, min_positives, 0)
-    frame = pd.DataFrame({"group": groups.to_numpy(), "selected": np.asarray(decisions, dtype=float),
-                          "positive": np.asarray(labels, dtype=float) == 1})
+    frame = pd.DataFrame(
+        {
+            "group": groups.to_numpy(),
+            "selected": np.asarray(decisions, dtype=float),
+            "positive": np.asarray(labels, dtype=float) == 1,
+        }
+    )
     frame["caught"] = frame["positive"] & (frame["selected"] == 1)
-    table = frame.groupby("group", sort=True).agg(n=("selected", "size"), selected=("selected", "sum"),
-                                                  positives=("positive", "sum"), caught=("caught", "sum"))
+    table = frame.groupby("group", sort=True).agg(
+        n=("selected", "size"), selected=("selected", "sum"), positives=("positive", "sum"), caught=("caught", "sum")
+    )
     rows = []
     for group, row in table.iterrows():
         recall = row["caught"] / row["positives"] if row["positives"] else None
-        rows.append({"group": str(group), "n": int(row["n"]), "positives": int(row["positives"]),
-                     "selection_rate": float(row["selected"] / row["n"]), "recall": recall,
-                     "false_negative_rate": None if recall is None else 1 - recall,
-                     "too_small": group not in judged["positives"]})
-    enough = f"{min_positives} labelled positives" + (f" among {min_size} predictions" if min_size > min_positives else "")
+        rows.append(
+            {
+                "group": str(group),
+                "n": int(row["n"]),
+                "positives": int(row["positives"]),
+                "selection_rate": float(row["selected"] / row["n"]),
+                "recall": recall,
+                "false_negative_rate": None if recall is None else 1 - recall,
+                "too_small": group not in judged["positives"],
+            }
+        )
+    enough = f"{min_positives} labelled positives" + (
+        f" among {min_size} predictions" if min_size > min_positives else ""
+    )
     gaps = {"statements": []}
-    for name, size, kept in (("recall", "positives", [r for r in rows if not r["too_small"]]),
-                             ("selection_rate", "n", [r for r in rows if r["group"] in judged["size"]])):
+    for name, size, kept in (
+        ("recall", "positives", [r for r in rows if not r["too_small"]]),
+        ("selection_rate", "n", [r for r in rows if r["group"] in judged["size"]]),
+    ):
         if len(kept) < 2:
             gaps.update({f"{name}_gap": None, f"{name}_gap_low": None, f"{name}_gap_high": None})
-            gaps["statements"].append(f"fewer than two groups with at least {enough if name == 'recall' else f'{min_size} predictions'}: the {name.replace('_', ' ')} gap is not judged")
+            gaps["statements"].append(
+                f"fewer than two groups with at least {enough if name == 'recall' else f'{min_size} predictions'}: the {name.replace('_', ' ')} gap is not judged"
+            )
             continue
         high, low = max(kept, key=lambda r: r[name]), min(kept, key=lambda r: r[name])
         gap = high[name] - low[name]
         spread = 1.96 * math.sqrt(high[name] * (1 - high[name]) / high[size] + low[name] * (1 - low[name]) / low[size])
-        gaps.update({f"{name}_gap": gap, f"{name}_gap_low": gap - spread, f"{name}_gap_high": gap + spread,
-                     f"{name}_gap_groups": f"{high['group']} vs {low['group']}"})
+        gaps.update(
+            {
+                f"{name}_gap": gap,
+                f"{name}_gap_low": gap - spread,
+                f"{name}_gap_high": gap + spread,
+                f"{name}_gap_groups": f"{high['group']} vs {low['group']}",
+            }
+        )
     gaps["fnr_gap"] = gaps["recall_gap"]  # the false negative rate's gap is the recall's
     small = [r["group"] for r in rows if r["too_small"]]
     if small:
@@ -257,7 +328,9 @@ def fairness(
 def rejection_figures(
     refused: list[dict] | None,  # the window's refused records as the log counted them: {channel, reason, field, count}
     predictions: int,  # the window's predictions (records scored)
-) -> tuple[dict, list[dict]]:  # (values: rejected, rejected_share, rejected.<reason>, rejected_share.<reason>, rejected_channel.<channel>; rows: reason, field, count, share, most first)
+) -> tuple[
+    dict, list[dict]
+]:  # (values: rejected, rejected_share, rejected.<reason>, rejected_share.<reason>, rejected_channel.<channel>; rows: reason, field, count, share, most first)
     "How many records a window refused, and what share of those it received, by reason and field."
     refused = [row for row in refused or [] if int(row["count"]) > 0]
     total = sum(int(row["count"]) for row in refused)
@@ -274,9 +347,12 @@ def rejection_figures(
         values[f"rejected_share.{reason}"] = count / received
     for channel, count in sorted(by_channel.items()):
         values[f"rejected_channel.{channel}"] = count
-    rows = [{"reason": reason, "field": field, "count": count, "share": count / received}
-            for (reason, field), count in sorted(by_field.items(), key=lambda item: (-item[1], item[0]))]
+    rows = [
+        {"reason": reason, "field": field, "count": count, "share": count / received}
+        for (reason, field), count in sorted(by_field.items(), key=lambda item: (-item[1], item[0]))
+    ]
     return values, rows
+
 
 def rejection_lines(
     rows: list[dict],  # `rejection_figures`' rows (a window's details `rejections`)
@@ -284,8 +360,11 @@ def rejection_lines(
     limit: int = 10,  # the most lines; the rest are summed in one
 ) -> list[str]:  # one sentence a reason and field, most first
     "A window's refused records in words."
-    lines = [f"{row['count']:,} record{'s' if row['count'] != 1 else ''} ({row['share']:.1%} of those received): "
-             f"{rejection_sentence(row['reason'], row['field'], column_name)}" for row in rows[:limit]]
+    lines = [
+        f"{row['count']:,} record{'s' if row['count'] != 1 else ''} ({row['share']:.1%} of those received): "
+        f"{rejection_sentence(row['reason'], row['field'], column_name)}"
+        for row in rows[:limit]
+    ]
     rest = rows[limit:]
     if rest:
         lines.append(f"{sum(row['count'] for row in rest):,} more records for {len(rest)} other reasons")
@@ -304,6 +383,7 @@ def window_days(
     span = (event_times.max() - event_times.min()).total_seconds() if len(event_times) else 0.0
     return max(span, 3600.0) / 86400
 
+
 def window_report(
     rows: pd.DataFrame,  # the window's predictions: score, decision, label (NaN when none), features, event_time
     reference: dict | None,  # its model version's reference.json (None when the registry has none)
@@ -314,7 +394,8 @@ def window_report(
     min_rows: int = 20,  # fewest rows for a drift judgement
     min_group: int = 20,  # fewest labelled positives for a group's recall
     n_boot: int = 200,  # bootstrap replicates
-    refused: list[dict] | None = None,  # the window's refused records, as the log counted them: {channel, reason, field, count}
+    refused: list[dict]
+    | None = None,  # the window's refused records, as the log counted them: {channel, reason, field, count}
 ) -> dict:  # values (flat numbers), features (drift table rows), groups (fairness rows per column), rejections (by reason and field), statements
     "Everything monitoring knows about one window."
     statements = []
@@ -323,8 +404,13 @@ def window_report(
     labels = rows["label"].to_numpy(dtype=float) if "label" in rows.columns else np.full(len(rows), np.nan)
     labelled = ~np.isnan(labels)
     days = window_days(every, rows["event_time"]) if "event_time" in rows.columns else 1.0
-    values = {"predictions": len(rows), "positives": int(decisions.sum()), "labeled": int(labelled.sum()),
-              "days": days, "weeks": days / 7}
+    values = {
+        "predictions": len(rows),
+        "positives": int(decisions.sum()),
+        "labeled": int(labelled.sum()),
+        "days": days,
+        "weeks": days / 7,
+    }
     reference = reference or {}
     if not reference:
         statements.append("no reference statistics for this model version: drift is not judged")
@@ -338,9 +424,16 @@ def window_report(
     if reference:
         statements.append(summary["statement"])
     scored = prediction_drift(reference, scores, decisions, threshold, min_rows=min_rows)
-    values.update({"score_drift": None if scored.get("drifted") is None else int(scored["drifted"]),
-                   "positive_rate": scored["positive_rate"], "reference_positive_rate": scored.get("reference_positive_rate"),
-                   "positive_rate_drift": None if scored.get("positive_rate_drifted") is None else int(scored["positive_rate_drifted"])})
+    values.update(
+        {
+            "score_drift": None if scored.get("drifted") is None else int(scored["drifted"]),
+            "positive_rate": scored["positive_rate"],
+            "reference_positive_rate": scored.get("reference_positive_rate"),
+            "positive_rate_drift": None
+            if scored.get("positive_rate_drifted") is None
+            else int(scored["positive_rate_drifted"]),
+        }
+    )
     statements.append(scored["statement"])
     realized = realized_metrics(labels[labelled], scores[labelled], decisions[labelled], n_boot=n_boot)
     statements += realized.pop("statements")
@@ -353,7 +446,9 @@ def window_report(
         if column not in rows.columns:
             statements.append(f"sensitive column {column} is not in the log: no fairness figures for it")
             continue
-        table, gaps = fairness(cut_groups(rows[column], reference_grouping(reference, column)), decisions, labels, min_group)
+        table, gaps = fairness(
+            cut_groups(rows[column], reference_grouping(reference, column)), decisions, labels, min_group
+        )
         groups[column] = table
         for name in ("recall_gap", "fnr_gap", "selection_rate_gap"):
             values[f"{name}.{column}"] = gaps.get(name)
@@ -361,17 +456,31 @@ def window_report(
     rejected, rejections = rejection_figures(refused, len(rows))
     values.update(rejected)
     if rejected["rejected"]:
-        statements.append(f"{rejected['rejected']:,} records were refused by the record contract ({rejected['rejected_share']:.1%} of those received)"
-                          + ("; none was scored" if not len(rows) else ""))
+        statements.append(
+            f"{rejected['rejected']:,} records were refused by the record contract ({rejected['rejected_share']:.1%} of those received)"
+            + ("; none was scored" if not len(rows) else "")
+        )
     for name, (text, expression) in (kpis or {}).items():
         values[name] = evaluate(expression, values)
         if values[name] is None:
-            statements.append(f"KPI {name} cannot be computed for this window (a figure it needs is missing, or it divides by zero)")
-    values = {name: (_finite_or_none(value) if isinstance(value, (float, np.floating)) else value) for name, value in values.items()}
-    return {"values": values, "features": drift_table.to_dict("records"), "groups": groups, "rejections": rejections, "statements": statements}
+            statements.append(
+                f"KPI {name} cannot be computed for this window (a figure it needs is missing, or it divides by zero)"
+            )
+    values = {
+        name: (_finite_or_none(value) if isinstance(value, (float, np.floating)) else value)
+        for name, value in values.items()
+    }
+    return {
+        "values": values,
+        "features": drift_table.to_dict("records"),
+        "groups": groups,
+        "rejections": rejections,
+        "statements": statements,
+    }
 
 # %% ../nbs/42_monitoring.ipynb #68b12744
 RESULTS_FORMAT = 5  # 3: volume by channel among the values; labels at the cursor's instant remembered; 4: refused records; 5: a cursor on the log's commit sequence
+
 
 def _plain(value):
     "JSON-ready: numpy scalars as Python numbers, NaN and infinity as None, pandas times as ISO text."
@@ -391,25 +500,31 @@ def _plain(value):
         return value
     return None if pd.isna(value) else str(value)
 
+
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     "Write a results file whole or not at all: a reader (the dashboard) never meets half a file."
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     frame.to_parquet(partial, index=False)
     os.replace(partial, path)
 
+
 def _storable(frame: pd.DataFrame) -> pd.DataFrame:
     "A frame Parquet can hold: a column that mixes numbers and text becomes text, labelled as the reference labels categories."
     import pyarrow as pa
+
     for column in frame.columns[frame.dtypes == object]:
         try:
             pa.array(frame[column], from_pandas=True)
         except (pa.ArrowException, TypeError, ValueError):
-            frame[column] = frame[column].map(lambda value: None if category_label(value) == "missing" else category_label(value))
+            frame[column] = frame[column].map(
+                lambda value: None if category_label(value) == "missing" else category_label(value)
+            )
     return frame
 
 # %% ../nbs/42_monitoring.ipynb #b3a51876
 class _Unreadable(Exception):
     "A results file that cannot be read: the results are rebuilt from the log."
+
 
 def _read_parquet(path: Path) -> pd.DataFrame | None:
     if not path.exists():
@@ -419,17 +534,27 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
     except Exception as error:  # any damage to the file: rebuild
         raise _Unreadable(path.name) from error
 
+
 def _safe_name(key: str) -> str:
     return "".join(character if character.isalnum() or character in "-_" else "_" for character in key)
+
 
 def _config_hash(config: dict) -> str:
     return json.dumps(_plain(config), sort_keys=True)
 
+
 def _start_over(folder: Path) -> None:
     for name in ("rows", "details", "ids"):
         shutil.rmtree(folder / name, ignore_errors=True)
-    for name in ("cursor_ids.parquet", "label_cursor.parquet", "pending_labels.parquet", "windows.parquet", "state.json",
-                 "rejections.parquet", "rejection_windows.parquet"):
+    for name in (
+        "cursor_ids.parquet",
+        "label_cursor.parquet",
+        "pending_labels.parquet",
+        "windows.parquet",
+        "state.json",
+        "rejections.parquet",
+        "rejection_windows.parquet",
+    ):
         (folder / name).unlink(missing_ok=True)
 
 # %% ../nbs/42_monitoring.ipynb #a609c0c6
@@ -450,7 +575,13 @@ def refused_windows(
         return frame
     frame["window"], frame["window_start"] = "", hours
     if starts is None or not len(starts):
-        starts = pd.DataFrame({"window": pd.Series([], dtype=str), "model_version": pd.Series([], dtype="int64"), "window_start": pd.Series([], dtype=str)})
+        starts = pd.DataFrame(
+            {
+                "window": pd.Series([], dtype=str),
+                "model_version": pd.Series([], dtype="int64"),
+                "window_start": pd.Series([], dtype=str),
+            }
+        )
     for version, at in frame.groupby(versions).indices.items():
         known = starts[starts["model_version"].astype("int64") == version].sort_values("window_start", kind="stable")
         if not len(known):
@@ -460,13 +591,17 @@ def refused_windows(
         begins = pd.to_datetime(known["window_start"], utc=True).to_numpy()
         chosen = np.clip(np.searchsorted(begins, hours.iloc[at].to_numpy(), side="right") - 1, 0, len(known) - 1)
         frame.iloc[at, frame.columns.get_loc("window")] = known["window"].to_numpy()[chosen]
-        frame.iloc[at, frame.columns.get_loc("window_start")] = pd.to_datetime(known["window_start"], utc=True).to_numpy()[chosen]
+        frame.iloc[at, frame.columns.get_loc("window_start")] = pd.to_datetime(
+            known["window_start"], utc=True
+        ).to_numpy()[chosen]
     return frame
+
 
 def _refused_counts(folder: Path, log, state: dict, upto: int) -> pd.DataFrame:
     """Every count of refused records the log holds, kept in `rejections.parquet` and read incrementally: rows of the
     commits since the last look replace the totals they had (a count only grows)."""
     from lifecycle.serving.predlog import REJECTION_COLUMNS, read_rejections
+
     key = list(REJECTION_COLUMNS[:-2])
     stored = _read_parquet(folder / "rejections.parquet")
     fresh = read_rejections(log.store, after=state["commit"], upto=upto)
@@ -477,7 +612,10 @@ def _refused_counts(folder: Path, log, state: dict, upto: int) -> pd.DataFrame:
     _write_parquet(merged, folder / "rejections.parquet")
     return merged
 
-def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.DataFrame) -> tuple[dict, dict, set, pd.DataFrame]:
+
+def _refused_by_window(
+    folder: Path, refused: pd.DataFrame, every, starts: pd.DataFrame
+) -> tuple[dict, dict, set, pd.DataFrame]:
     """(window -> its refused records [{channel, reason, field, count}], window -> its head when it has no prediction,
     the windows whose refused records changed since the last update, the table to store as `rejection_windows.parquet`
     once the windows are: an update stopped before that finds the same changes again)."""
@@ -485,22 +623,43 @@ def _refused_by_window(folder: Path, refused: pd.DataFrame, every, starts: pd.Da
     if len(refused):
         placed = refused_windows(refused, every, starts)
         table = placed.groupby(columns, as_index=False, sort=True)["count"].sum()
-        spans = placed.groupby("window").agg(model_version=("model_version", "first"), window_start=("window_start", "min"),
-                                             first_event=("event_hour", "min"), last_event=("event_hour", "max"))
+        spans = placed.groupby("window").agg(
+            model_version=("model_version", "first"),
+            window_start=("window_start", "min"),
+            first_event=("event_hour", "min"),
+            last_event=("event_hour", "max"),
+        )
     else:
         table, spans = pd.DataFrame(columns=columns + ["count"]), pd.DataFrame()
     before = _read_parquet(folder / "rejection_windows.parquet")
+
     def signature(frame):
         if frame is None or not len(frame):
             return {}
-        return {window: json.dumps(part[columns[1:] + ["count"]].astype(str).values.tolist()) for window, part in frame.groupby("window")}
+        return {
+            window: json.dumps(part[columns[1:] + ["count"]].astype(str).values.tolist())
+            for window, part in frame.groupby("window")
+        }
+
     old, new = signature(before), signature(table)
     changed = {window for window in set(old) | set(new) if old.get(window) != new.get(window)}
-    by_window = {window: part[["channel", "reason", "field", "count"]].astype({"count": int}).to_dict("records")
-                 for window, part in table.groupby("window")} if len(table) else {}
-    heads = {window: {"model_version": int(row.model_version), "window_start": pd.Timestamp(row.window_start).isoformat(),
-                      "first_event": pd.Timestamp(row.first_event).isoformat(), "last_event": pd.Timestamp(row.last_event).isoformat()}
-             for window, row in spans.iterrows()}
+    by_window = (
+        {
+            window: part[["channel", "reason", "field", "count"]].astype({"count": int}).to_dict("records")
+            for window, part in table.groupby("window")
+        }
+        if len(table)
+        else {}
+    )
+    heads = {
+        window: {
+            "model_version": int(row.model_version),
+            "window_start": pd.Timestamp(row.window_start).isoformat(),
+            "first_event": pd.Timestamp(row.first_event).isoformat(),
+            "last_event": pd.Timestamp(row.last_event).isoformat(),
+        }
+        for window, row in spans.iterrows()
+    }
     return by_window, heads, changed, table
 
 # %% ../nbs/42_monitoring.ipynb #b4b61162
@@ -516,7 +675,9 @@ def update_windows(
     n_boot: int = 200,  # bootstrap replicates
     engine: str = "local",  # local (this process) or dask (each touched window's report a task on a Dask cluster)
     scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
-) -> dict:  # windows (the flat table), touched (window keys recomputed), new_predictions, new_labels, rebuilt, statements
+) -> (
+    dict
+):  # windows (the flat table), touched (window keys recomputed), new_predictions, new_labels, rebuilt, statements
     """Bring the stored windows up to date with what the log received since the last update.
 
     Both engines give the same figures: they run the same `window_report` on the same stored rows. With `dask`, the
@@ -526,21 +687,59 @@ def update_windows(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # the log is part of what the stored windows summarize: windows of another log (the project's log moved) are not added to
-    config = {"format": RESULTS_FORMAT, "every": every, "sensitive": list(sensitive), "min_rows": min_rows, "min_group": min_group,
-              "n_boot": n_boot, "kpis": {name: text for name, (text, _) in (kpis or {}).items()}, "log": str(getattr(log, "store", ""))}
+    config = {
+        "format": RESULTS_FORMAT,
+        "every": every,
+        "sensitive": list(sensitive),
+        "min_rows": min_rows,
+        "min_group": min_group,
+        "n_boot": n_boot,
+        "kpis": {name: text for name, (text, _) in (kpis or {}).items()},
+        "log": str(getattr(log, "store", "")),
+    }
     statements = []
     with log.store.monitor_lock():  # one update at a time: a second monitor waits, then reads what the first left
         state = _stored_state(folder, config, statements)
         try:
-            return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
-                           engine, scheduler)
+            return _update(
+                folder,
+                log,
+                reference_for,
+                every,
+                sensitive,
+                kpis,
+                min_rows,
+                min_group,
+                n_boot,
+                config,
+                state,
+                statements,
+                engine,
+                scheduler,
+            )
         except _Unreadable as error:  # a stored results file is damaged: only reading the stored state decides this
             statements.append(f"the stored monitoring results ({error}) could not be read: rebuilt from the log")
             _start_over(folder)
-            return _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, None, statements,
-                           engine, scheduler)
+            return _update(
+                folder,
+                log,
+                reference_for,
+                every,
+                sensitive,
+                kpis,
+                min_rows,
+                min_group,
+                n_boot,
+                config,
+                None,
+                statements,
+                engine,
+                scheduler,
+            )
+
 
 _STATE_KEYS = {"config", "commit", "counted", "parts", "refused_rows"}
+
 
 def _stored_state(folder: Path, config: dict, statements: list) -> dict | None:
     "The stored state (the cursor and its counters), or None, having started over, when there is none, it cannot be read or the settings changed."
@@ -556,11 +755,14 @@ def _stored_state(folder: Path, config: dict, statements: list) -> dict | None:
         statements.append("the stored monitoring results (state.json) could not be read: rebuilt from the log")
         state = None
     elif state["config"] != _config_hash(config):
-        statements.append("the monitoring settings or the prediction log changed: every window was recomputed from the log")
+        statements.append(
+            "the monitoring settings or the prediction log changed: every window was recomputed from the log"
+        )
         state = None
     if state is None:
         _start_over(folder)
     return state
+
 
 def _refused_statement(refused: list[tuple[str, str, str]]) -> str:
     "One sentence on the log's rows an update left out: how many, by table, reason and field (never a value)."
@@ -568,11 +770,13 @@ def _refused_statement(refused: list[tuple[str, str, str]]) -> str:
     parts = [f"{count} {table} ({reason}: {field})" for (table, reason, field), count in counts.items()]
     return f"{len(refused)} rows of the prediction log could not be read and were left out (counted, not windowed): {', '.join(parts)}"
 
+
 def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
     "The window of each of `request_ids` that has been windowed (request_id, window), from the id index's parts."
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
     wanted = pa.array(request_ids.astype(str).unique(), pa.string())
     found = []
     for part in sorted((folder / "ids").glob("part-*.parquet")):
@@ -583,7 +787,10 @@ def _windows_of(folder: Path, request_ids: pd.Series) -> pd.DataFrame:
         found.append(table.filter(pc.is_in(table.column("request_id"), value_set=wanted)).to_pandas())
     if not found:
         return pd.DataFrame({"request_id": pd.Series([], dtype=str), "window": pd.Series([], dtype=str)})
-    return pd.concat(found, ignore_index=True).drop_duplicates("request_id")  # a part written again after an update was stopped
+    return pd.concat(found, ignore_index=True).drop_duplicates(
+        "request_id"
+    )  # a part written again after an update was stopped
+
 
 def _add_ids(folder: Path, state: dict, ids: pd.DataFrame) -> None:
     "Append a part to the id index; past 64 parts, merge them into one (a few reads, not one a label)."
@@ -598,10 +805,31 @@ def _add_ids(folder: Path, state: dict, ids: pd.DataFrame) -> None:
         for part in parts:
             part.unlink()
 
-_NO_ROWS = {"request_id": str, "score": float, "decision": float, "label": float, "channel": str, "model_version": "int64"}
 
-def _window_job(path: str | None, key: str, reference: dict | None, threshold: float, every, sensitive, kpis, min_rows, min_group, n_boot,
-                refused: list | None = None, fallback: dict | None = None) -> tuple:
+_NO_ROWS = {
+    "request_id": str,
+    "score": float,
+    "decision": float,
+    "label": float,
+    "channel": str,
+    "model_version": "int64",
+}
+
+
+def _window_job(
+    path: str | None,
+    key: str,
+    reference: dict | None,
+    threshold: float,
+    every,
+    sensitive,
+    kpis,
+    min_rows,
+    min_group,
+    n_boot,
+    refused: list | None = None,
+    fallback: dict | None = None,
+) -> tuple:
     """One window's (head, report) from its stored rows and its refused records: the unit of work of both engines.
     A window of refused records only has no rows (`path` None) and its head from `fallback`."""
     if path is None:
@@ -609,28 +837,49 @@ def _window_job(path: str | None, key: str, reference: dict | None, threshold: f
         rows["event_time"] = pd.Series([], dtype="datetime64[ns, UTC]")
     else:
         rows = pd.read_parquet(path)
-    report = window_report(rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot, refused=refused)
+    report = window_report(
+        rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot, refused=refused
+    )
     channels = rows["channel"].value_counts()
     if len(rows):
         first, last = rows["event_time"].min(), rows["event_time"].max()
-        head = {"window": key, "model_version": int(rows["model_version"].iloc[0]), "window_start": rows["window_start"].min().isoformat(),
-                "first_event": first.isoformat(), "last_event": last.isoformat(), "channels": json.dumps(channels.to_dict())}
+        head = {
+            "window": key,
+            "model_version": int(rows["model_version"].iloc[0]),
+            "window_start": rows["window_start"].min().isoformat(),
+            "first_event": first.isoformat(),
+            "last_event": last.isoformat(),
+            "channels": json.dumps(channels.to_dict()),
+        }
     else:
         head = {"window": key, **fallback, "channels": "{}"}
-    report["values"].update({f"volume.{channel}": int(count) for channel, count in channels.items()})  # operations: volume by channel
+    report["values"].update(
+        {f"volume.{channel}": int(count) for channel, count in channels.items()}
+    )  # operations: volume by channel
     return _plain(head), _plain(report)
+
 
 def _dask_client(scheduler: str | None):
     "(client, cluster or None): a client of the scheduler at `scheduler`, or of a local cluster started here."
     from distributed import Client, LocalCluster
+
     try:
         if scheduler:
             return Client(scheduler, timeout="30s"), None
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=40, env={"OMP_NUM_THREADS": "1"})
+        cluster = LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=40,
+            env={"OMP_NUM_THREADS": "1"},
+        )
         return Client(cluster), cluster
     except (OSError, TimeoutError) as error:
-        raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
+        raise LifecycleError(
+            f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}"
+        ) from None
+
 
 def _run_jobs(jobs: list[tuple], engine: str, scheduler: str | None) -> list[tuple]:
     """The (head, report) of each job (`_window_job`'s arguments), in this process or on Dask, in the jobs' order.
@@ -647,8 +896,23 @@ def _run_jobs(jobs: list[tuple], engine: str, scheduler: str | None) -> list[tup
         if cluster is not None:
             cluster.close()
 
-def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_group, n_boot, config, state, statements,
-            engine="local", scheduler=None) -> dict:
+
+def _update(
+    folder,
+    log,
+    reference_for,
+    every,
+    sensitive,
+    kpis,
+    min_rows,
+    min_group,
+    n_boot,
+    config,
+    state,
+    statements,
+    engine="local",
+    scheduler=None,
+) -> dict:
     rebuilt = state is None
     state = state or {"config": _config_hash(config), "commit": None, "counted": {}, "parts": 0, "refused_rows": {}}
     # The cursor is the log's commit number, not a time: a batch published late, a journal replayed late, a label
@@ -656,12 +920,20 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     upto = log.settled_commit()
     new, refused_rows = log.committed(after=state["commit"], upto=upto)
     new = new.drop_duplicates("request_id").drop(columns=[column for column in ("id_hash",) if column in new.columns])
-    new = new[new["channel"] != "shadow"]  # a shadow's predictions are no part of the champion's figures (see `shadow_pairs`)
+    new = new[
+        new["channel"] != "shadow"
+    ]  # a shadow's predictions are no part of the champion's figures (see `shadow_pairs`)
     if len(new):
-        placed = assign_windows(new, every, state["counted"])  # its event_time replaces the log's (the same, with the fallback applied)
-        new = pd.concat([new.drop(columns=[column for column in placed.columns if column in new.columns]), placed], axis=1)
+        placed = assign_windows(
+            new, every, state["counted"]
+        )  # its event_time replaces the log's (the same, with the fallback applied)
+        new = pd.concat(
+            [new.drop(columns=[column for column in placed.columns if column in new.columns]), placed], axis=1
+        )
         _add_ids(folder, state, new[["request_id", "window"]])
-    labels, refused_labels = log.committed_labels(after=state["commit"], upto=upto)  # in commit order: a correction comes last
+    labels, refused_labels = log.committed_labels(
+        after=state["commit"], upto=upto
+    )  # in commit order: a correction comes last
     new_labels = len(labels)
     refused = [("predictions", *row) for row in refused_rows] + [("labels", *row) for row in refused_labels]
     for table, reason, field in refused:  # counted once: the cursor moves past them
@@ -673,28 +945,52 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     if pending is not None and len(pending):
         labels = pd.concat([pending, labels], ignore_index=True)
     labels = labels.drop_duplicates("request_id", keep="last")  # the latest label of a prediction wins (a correction)
-    labels = labels.merge(_windows_of(folder, labels["request_id"]) if len(labels) else pd.DataFrame(columns=["request_id", "window"]),
-                          on="request_id", how="left")
+    labels = labels.merge(
+        _windows_of(folder, labels["request_id"]) if len(labels) else pd.DataFrame(columns=["request_id", "window"]),
+        on="request_id",
+        how="left",
+    )
     waiting = labels[labels["window"].isna()].drop(columns="window")
     labels = labels[labels["window"].notna()]
     touched = (set(new["window"]) if len(new) else set()) | set(labels["window"])
     table = _read_parquet(folder / "windows.parquet")
-    known = pd.concat([table[["window", "model_version"]] if table is not None and len(table) else pd.DataFrame(columns=["window", "model_version"]),
-                       new[["window", "model_version"]] if len(new) else pd.DataFrame(columns=["window", "model_version"])])
+    known = pd.concat(
+        [
+            table[["window", "model_version"]]
+            if table is not None and len(table)
+            else pd.DataFrame(columns=["window", "model_version"]),
+            new[["window", "model_version"]] if len(new) else pd.DataFrame(columns=["window", "model_version"]),
+        ]
+    )
     references = state.setdefault("references", {})
     for version in sorted(set(known["model_version"].astype(int))):
         has = reference_for(version)[0] is not None
-        if references.get(str(version)) not in (None, has):  # a reference appeared (or went): its windows are judged anew
+        if references.get(str(version)) not in (
+            None,
+            has,
+        ):  # a reference appeared (or went): its windows are judged anew
             touched |= set(known.loc[known["model_version"].astype(int) == version, "window"])
-            statements.append(f"the reference of model version {version} {'appeared' if has else 'is gone'}: its windows were recomputed")
+            statements.append(
+                f"the reference of model version {version} {'appeared' if has else 'is gone'}: its windows were recomputed"
+            )
         references[str(version)] = has
-    starts = pd.concat([table[["window", "model_version", "window_start"]] if table is not None and len(table) else pd.DataFrame(),
-                        new.groupby("window", as_index=False).agg(model_version=("model_version", "first"), window_start=("window_start", "min"))
-                        if len(new) else pd.DataFrame()], ignore_index=True)
+    starts = pd.concat(
+        [
+            table[["window", "model_version", "window_start"]] if table is not None and len(table) else pd.DataFrame(),
+            new.groupby("window", as_index=False).agg(
+                model_version=("model_version", "first"), window_start=("window_start", "min")
+            )
+            if len(new)
+            else pd.DataFrame(),
+        ],
+        ignore_index=True,
+    )
     if len(starts):
         starts["window_start"] = pd.to_datetime(starts["window_start"], utc=True, format="ISO8601")
         starts = starts.sort_values("window_start", kind="stable").drop_duplicates("window")
-    refused, refused_heads, refused_changed, refused_table = _refused_by_window(folder, _refused_counts(folder, log, state, upto), every, starts)
+    refused, refused_heads, refused_changed, refused_table = _refused_by_window(
+        folder, _refused_counts(folder, log, state, upto), every, starts
+    )
     touched |= refused_changed
     touched = sorted(touched)
     flat = {row["window"]: row for row in table.to_dict("records")} if table is not None else {}
@@ -706,14 +1002,32 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         if rows is None and key not in by_window:  # a window of refused records only (or no longer any)
             if key in refused:
                 reference, threshold = reference_for(refused_heads[key]["model_version"])
-                jobs.append((None, key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot,
-                             refused[key], refused_heads[key]))
+                jobs.append(
+                    (
+                        None,
+                        key,
+                        reference,
+                        threshold,
+                        every,
+                        list(sensitive),
+                        kpis,
+                        min_rows,
+                        min_group,
+                        n_boot,
+                        refused[key],
+                        refused_heads[key],
+                    )
+                )
             else:
                 flat.pop(key, None)
                 (folder / "details" / f"{_safe_name(key)}.json").unlink(missing_ok=True)
             continue
-        fresh = new.take(by_window[key]) if key in by_window else new.iloc[:0].copy()  # copies: the rows get a label column below
-        if rows is not None and len(fresh):  # rows an update stopped before its state was saved wrote already: kept once
+        fresh = (
+            new.take(by_window[key]) if key in by_window else new.iloc[:0].copy()
+        )  # copies: the rows get a label column below
+        if rows is not None and len(
+            fresh
+        ):  # rows an update stopped before its state was saved wrote already: kept once
             fresh = fresh[~fresh["request_id"].isin(rows["request_id"])]
         rows = fresh if rows is None else pd.concat([rows, fresh], ignore_index=True) if len(fresh) else rows
         if "label" not in rows.columns:
@@ -725,7 +1039,22 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_parquet(_storable(rows), path)
         reference, threshold = reference_for(int(rows["model_version"].iloc[0]))
-        jobs.append((str(path), key, reference, threshold, every, list(sensitive), kpis, min_rows, min_group, n_boot, refused.get(key, []), None))
+        jobs.append(
+            (
+                str(path),
+                key,
+                reference,
+                threshold,
+                every,
+                list(sensitive),
+                kpis,
+                min_rows,
+                min_group,
+                n_boot,
+                refused.get(key, []),
+                None,
+            )
+        )
     for head, report in _run_jobs(jobs, engine, scheduler):
         write_json(folder / "details" / f"{_safe_name(head['window'])}.json", {**head, **report})
         flat[head["window"]] = {**head, **report["values"]}
@@ -740,10 +1069,19 @@ def _update(folder, log, reference_for, every, sensitive, kpis, min_rows, min_gr
     write_json(folder / "state.json", state)  # last: an update stopped before this is done again, each step kept once
     if len(waiting):
         statements.append(f"{len(waiting)} labels wait for their predictions, which are not in the log yet")
-    refused_rows = [{"table": key.split("|")[0], "reason": key.split("|")[1], "field": key.split("|")[2], "count": count}
-                    for key, count in sorted(state["refused_rows"].items())]
-    return {"windows": windows, "touched": touched, "new_predictions": len(new), "new_labels": new_labels,
-            "rebuilt": rebuilt, "refused_rows": refused_rows, "statements": statements}
+    refused_rows = [
+        {"table": key.split("|")[0], "reason": key.split("|")[1], "field": key.split("|")[2], "count": count}
+        for key, count in sorted(state["refused_rows"].items())
+    ]
+    return {
+        "windows": windows,
+        "touched": touched,
+        "new_predictions": len(new),
+        "new_labels": new_labels,
+        "rebuilt": rebuilt,
+        "refused_rows": refused_rows,
+        "statements": statements,
+    }
 
 # %% ../nbs/42_monitoring.ipynb #17730531
 def _bucket_quantile(
@@ -764,11 +1102,13 @@ def _bucket_quantile(
         lower, below = bound, count
     return lower
 
+
 def serving_figures(
     text: str,  # the server's /metrics page (Prometheus text format)
 ) -> dict:  # model_version, swaps, requests (to /predict), refused (its answers by 4xx/5xx status), latency_p50/_p99 seconds, decisions
     "Operations figures from `lifecycle serve`'s Prometheus metrics: requests refused and why (by status), latency, the model serving."
     from prometheus_client.parser import text_string_to_metric_families
+
     result = {"model_version": None, "swaps": None, "requests": 0, "refused": {}, "decisions": {}}
     buckets = {}
     for family in text_string_to_metric_families(text):
@@ -787,6 +1127,7 @@ def serving_figures(
     result["latency_p50"], result["latency_p99"] = _bucket_quantile(buckets, 0.5), _bucket_quantile(buckets, 0.99)
     return result
 
+
 def scrape_serving(
     url: str,  # the server's address (http://host:port) or its /metrics URL
     token: str | None = None,  # a bearer token, when the server requires one
@@ -794,6 +1135,7 @@ def scrape_serving(
 ) -> tuple[dict | None, str]:  # (the figures, or None when unreachable; a sentence saying which)
     "The serving figures of a running `lifecycle serve`, or None and why not: monitoring never fails for want of them."
     import urllib.request
+
     target = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
     request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -802,28 +1144,61 @@ def scrape_serving(
         figures = serving_figures(text)
     except (OSError, ValueError) as error:
         reason = "it refused the token" if getattr(error, "code", None) == 401 else "it did not answer"
-        return None, f"the server's metrics could not be read ({reason}): serving latency and refused requests are not shown"
-    return figures, f"serving: model version {figures['model_version']}, {figures['requests']} requests to /predict, {sum(figures['refused'].values())} refused"
+        return (
+            None,
+            f"the server's metrics could not be read ({reason}): serving latency and refused requests are not shown",
+        )
+    return (
+        figures,
+        f"serving: model version {figures['model_version']}, {figures['requests']} requests to /predict, {sum(figures['refused'].values())} refused",
+    )
 
 # %% ../nbs/42_monitoring.ipynb #803f2a53
-LABELED_FIGURES = ("labeled", "roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap", "tp", "fp", "fn", "tn")
+LABELED_FIGURES = (
+    "labeled",
+    "roc_auc",
+    "recall",
+    "precision",
+    "prevalence",
+    "brier",
+    "calibration_gap",
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+)
 WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"  # a webhook URL often holds a secret: it may come from the environment instead of settings
 
-MONITOR_KEYS = {"window": "week", "kpis": "", "alerts": "", "webhook": "", "repeat_hours": "4", "min_rows": "20",
-                "min_group": "20", "bootstrap": "200", "log": "",
-                "refresh_seconds": "30"}  # refresh_seconds: the live dashboard's refresh and its monitor's interval
+MONITOR_KEYS = {
+    "window": "week",
+    "kpis": "",
+    "alerts": "",
+    "webhook": "",
+    "repeat_hours": "4",
+    "min_rows": "20",
+    "min_group": "20",
+    "bootstrap": "200",
+    "log": "",
+    "refresh_seconds": "30",
+}  # refresh_seconds: the live dashboard's refresh and its monitor's interval
+
 
 def whole_windows_end(
     settings,  # the project's settings (its `[monitor] window`)
     now: datetime | None = None,  # the present (default: now)
 ) -> datetime:  # UTC
     "Where the project's current monitoring window starts: traffic replayed up to it leaves its latest window whole."
-    return current_window_start(parse_every(settings.sections.get("monitor", {}).get("window", MONITOR_KEYS["window"])), now)
+    return current_window_start(
+        parse_every(settings.sections.get("monitor", {}).get("window", MONITOR_KEYS["window"])), now
+    )
+
 
 def _references(root: Path):
     "model version -> (its reference.json or None, its threshold), read once a version."
     from lifecycle.registry import Registry
+
     registry, cache = Registry(root), {}
+
     def reference_for(version: int):
         if version not in cache:
             folder = registry.path / "versions" / str(version)
@@ -837,13 +1212,16 @@ def _references(root: Path):
                 reference = None
             cache[version] = (reference, float(meta.get("threshold", 0.5)))
         return cache[version]
+
     return registry, reference_for
+
 
 def _int_setting(section: dict, key: str) -> int:
     text = str(section.get(key, MONITOR_KEYS[key])).strip()
     if not text.isdigit():
         raise LifecycleError(f"[monitor] {key} must be a whole number")
     return int(text)
+
 
 def monitor_project(
     project: Project,  # the project (its folder, settings and prediction log), resolved once by the caller
@@ -853,12 +1231,15 @@ def monitor_project(
     post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
     engine: str = "local",  # where the windows are computed: local (this process) or dask
     scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
-    serving_url: str | None = None,  # a running `lifecycle serve` (http://host:port): its /metrics add latency and refused requests
+    serving_url: str
+    | None = None,  # a running `lifecycle serve` (http://host:port): its /metrics add latency and refused requests
 ) -> dict:  # project, windows, latest, alerts (sent, firing, delivery), serving (or None), exit_code (3 when a critical alert fires), statements
     "Monitor a project: update the windows from the log, raise alerts, and summarize the latest window."
+    from datetime import timedelta
+
     from lifecycle.alerts import parse_rules, post_webhook, raise_alerts
     from lifecycle.serving.predlog import open_log
-    from datetime import timedelta
+
     root = project.root
     section = {**project.section("monitor"), **(settings or {})}
     unknown = sorted(set(section) - set(MONITOR_KEYS))
@@ -875,18 +1256,37 @@ def monitor_project(
     own_log = log is None
     log = open_log(project.log_url, root) if own_log else log  # the project's one log, never a section's own idea of it
     try:
-        result = update_windows(root / "monitoring", log, reference_for, every, project.sensitive, kpis,
-                                _int_setting(section, "min_rows"), _int_setting(section, "min_group"), _int_setting(section, "bootstrap"),
-                                engine=engine, scheduler=scheduler)
+        result = update_windows(
+            root / "monitoring",
+            log,
+            reference_for,
+            every,
+            project.sensitive,
+            kpis,
+            _int_setting(section, "min_rows"),
+            _int_setting(section, "min_group"),
+            _int_setting(section, "bootstrap"),
+            engine=engine,
+            scheduler=scheduler,
+        )
     finally:
         if own_log:
             log.close()
     windows, statements = result["windows"], list(result["statements"])
     champion = registry.aliases().get("champion")
-    summary = {"project": root.resolve().name, "windows": len(windows), "new_predictions": result["new_predictions"],
-               "new_labels": result["new_labels"], "rebuilt": result["rebuilt"], "log_rows_refused": result["refused_rows"],
-               "champion": champion, "latest": None,
-               "alerts": {"sent": [], "firing": [], "delivery": "no rules"}, "exit_code": 0, "statements": statements}
+    summary = {
+        "project": root.resolve().name,
+        "windows": len(windows),
+        "new_predictions": result["new_predictions"],
+        "new_labels": result["new_labels"],
+        "rebuilt": result["rebuilt"],
+        "log_rows_refused": result["refused_rows"],
+        "champion": champion,
+        "latest": None,
+        "alerts": {"sent": [], "firing": [], "delivery": "no rules"},
+        "exit_code": 0,
+        "statements": statements,
+    }
     summary["serving"] = None
     if serving_url:
         summary["serving"], said = scrape_serving(serving_url, os.environ.get("LIFECYCLE_API_TOKEN") or None)
@@ -897,22 +1297,43 @@ def monitor_project(
     serving = windows[windows["model_version"] == champion] if champion in set(windows["model_version"]) else windows
     latest = serving.sort_values(["window_start", "last_event"], kind="stable").iloc[-1]
     details = read_json(root / "monitoring" / "details" / f"{_safe_name(latest['window'])}.json")
-    same_period = windows[(windows["window_start"] == latest["window_start"]) & (windows["model_version"] != latest["model_version"])]
+    same_period = windows[
+        (windows["window_start"] == latest["window_start"]) & (windows["model_version"] != latest["model_version"])
+    ]
     if len(same_period) and every in ("day", "week"):
-        details["statements"].append(f"the model version changed during this window: version(s) {', '.join(map(str, sorted(same_period['model_version'])))} served in it too (each has its own window)")
+        details["statements"].append(
+            f"the model version changed during this window: version(s) {', '.join(map(str, sorted(same_period['model_version'])))} served in it too (each has its own window)"
+        )
     labelled = serving[(serving["model_version"] == latest["model_version"]) & (serving["labeled"] > 0)]
     if len(labelled):  # realized figures come late: rules read them from the latest window whose labels arrived
         last = labelled.sort_values(["window_start", "last_event"], kind="stable").iloc[-1]
-        details["values"].update({f"last_labeled.{name}": _plain(last[name]) for name in LABELED_FIGURES if name in last.index})
-        details["statements"].append(f"realized figures for rules (last_labeled.*) come from window {last['window']}, the latest with labels")
-    summary["latest"] = {"window": latest["window"], "model_version": int(latest["model_version"]), "window_start": latest["window_start"],
-                         "last_event": latest["last_event"], "values": details["values"], "statements": details["statements"],
-                         "rejections": details.get("rejections", [])}
+        details["values"].update(
+            {f"last_labeled.{name}": _plain(last[name]) for name in LABELED_FIGURES if name in last.index}
+        )
+        details["statements"].append(
+            f"realized figures for rules (last_labeled.*) come from window {last['window']}, the latest with labels"
+        )
+    summary["latest"] = {
+        "window": latest["window"],
+        "model_version": int(latest["model_version"]),
+        "window_start": latest["window_start"],
+        "last_event": latest["last_event"],
+        "values": details["values"],
+        "statements": details["statements"],
+        "rejections": details.get("rejections", []),
+    }
     if rules:
-        alerts = raise_alerts(root / "monitoring", rules, details["values"], now or datetime.now(timezone.utc),
-                              labels={"project": summary["project"], "model_version": str(int(latest["model_version"]))},
-                              annotations={"window": latest["window"]}, webhook=(section.get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip(),
-                              repeat_interval=repeat, post=post or post_webhook)
+        alerts = raise_alerts(
+            root / "monitoring",
+            rules,
+            details["values"],
+            now or datetime.now(timezone.utc),
+            labels={"project": summary["project"], "model_version": str(int(latest["model_version"]))},
+            annotations={"window": latest["window"]},
+            webhook=(section.get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip(),
+            repeat_interval=repeat,
+            post=post or post_webhook,
+        )
         summary["alerts"] = alerts
         statements += alerts.pop("statements")
         if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):

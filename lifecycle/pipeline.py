@@ -24,8 +24,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lifecycle
-from .core import (LifecycleError, Settings, coerce_value, import_without, load_settings, prediction_log_url, read_json, sha256_bytes,
-                            sha256_file, sha256_json, write_json, write_text)
+from lifecycle.core import (
+    LifecycleError,
+    Settings,
+    coerce_value,
+    import_without,
+    load_settings,
+    prediction_log_url,
+    read_json,
+    sha256_file,
+    sha256_json,
+    write_json,
+    write_text,
+)
 
 # %% auto #0
 __all__ = ['CONTEXT_PARAMETERS', 'RUN_HEADING', 'PAGE_SECTIONS', 'ERROR_TAG', 'stages_folder', 'Stage', 'discover_stages',
@@ -39,6 +50,7 @@ CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every sta
 RUN_HEADING = "## Run the stage"  # the markdown heading of a stage notebook's run section
 _STAGE_FILE = re.compile(r"^0[1-9]_([a-z]+)\.ipynb$")
 
+
 def stages_folder() -> Path:
     "The folder of the stage notebooks: the installed package's copy, or the clone's `nbs/`."
     try:
@@ -49,9 +61,11 @@ def stages_folder() -> Path:
         pass
     return Path(lifecycle.__file__).resolve().parent.parent / "nbs"
 
+
 @dataclass
 class Stage:
     "One stage of the lifecycle: a notebook that is also a module."
+
     name: str  # collect, prepare, …
     notebook: Path  # the stage notebook
     module: str  # the module its exported code lives in
@@ -59,10 +73,15 @@ class Stage:
 
     code_hash: str = ""  # hash of its cells' sources
 
+
 def _cells(notebook: Path) -> list[dict]:
     "A notebook's cells, read as plain JSON (importing nbformat costs a second)."
     cells = json.loads(notebook.read_text())["cells"]
-    return [{**cell, "source": "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]} for cell in cells]
+    return [
+        {**cell, "source": "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]}
+        for cell in cells
+    ]
+
 
 def _default_exp(notebook: Path, cells: list[dict]) -> str:
     for cell in cells:
@@ -71,16 +90,19 @@ def _default_exp(notebook: Path, cells: list[dict]) -> str:
             return match.group(1)
     raise LifecycleError(f"{notebook.name} has no `#| default_exp` cell; a stage notebook must be a module too")
 
+
 def _inspect_parameters(notebook: Path, code_hash: str, cache: Path | None) -> dict:
     "papermill's description of a notebook's parameters, remembered by the notebook's hash."
     remembered = cache / f"{code_hash}.json" if cache else None
     if remembered and remembered.exists():
         return read_json(remembered)
     import papermill
+
     parameters = papermill.inspect_notebook(str(notebook))
     if remembered:
         write_json(remembered, parameters)
     return parameters
+
 
 def discover_stages(
     folder: Path | None = None,  # where the stage notebooks are (default: `stages_folder()`)
@@ -107,7 +129,9 @@ def did_you_mean(
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
+
 _CHOICES = re.compile(r"\bone of ([\w.-]+(?:, [\w.-]+)+)")
+
 
 def parameter_choices(
     help: str,  # a parameter's help text from its notebook, e.g. "the model: one of a, b, c"
@@ -116,17 +140,23 @@ def parameter_choices(
     match = _CHOICES.search(help or "")
     return match.group(1).split(", ") if match else None
 
+
 PAGE_SECTIONS = ["clinic"]  # sections of pages, not stages: `lifecycle clinic` checks its own keys
+
 
 def check_sections(settings: Settings, stages: list[Stage]):
     "Every section must be [data], [run], a page's or a stage's."
     known = ["data", "run"] + PAGE_SECTIONS + [stage.name for stage in stages]
     for section in settings.sections:
         if section not in known:
-            raise LifecycleError(f"{settings.path.name}: unknown section [{section}]{did_you_mean(section, known)}; known sections: {', '.join(known)}")
+            raise LifecycleError(
+                f"{settings.path.name}: unknown section [{section}]{did_you_mean(section, known)}; known sections: {', '.join(known)}"
+            )
     if "clinic" in settings.sections:  # a mistake in the page's settings is found by the run, not first by a clinician
         from lifecycle.clinic import clinic_options
+
         clinic_options(settings)
+
 
 def parse_overrides(
     overrides: list[str],  # `stage.key=value` items from the command line
@@ -140,6 +170,7 @@ def parse_overrides(
             raise LifecycleError(f"-p {item!r}: write it as stage.key=value, e.g. -p prepare.seed=7")
         parsed.setdefault(stage, {})[key] = value
     return parsed
+
 
 def stage_parameters(
     stage: Stage,  # the stage
@@ -155,11 +186,15 @@ def stage_parameters(
         # A mistake is named where it was made: on the command line or in the settings file.
         where = f"-p {stage.name}.{key}" if key in overrides else f"{settings.path.name}: [{stage.name}] {key}"
         if key not in known:
-            raise LifecycleError(f"{where}: unknown key '{key}' of stage {stage.name}{did_you_mean(key, known)}; known keys: {', '.join(known)}")
+            raise LifecycleError(
+                f"{where}: unknown key '{key}' of stage {stage.name}{did_you_mean(key, known)}; known keys: {', '.join(known)}"
+            )
         parameters[key] = coerce_value(text, stage.parameters[key]["inferred_type_name"], where)
         choices = parameter_choices(stage.parameters[key].get("help", ""))
         if choices and parameters[key] not in choices:
-            raise LifecycleError(f"{where} = {parameters[key]!r} is not one of {', '.join(choices)}{did_you_mean(parameters[key], choices)}")
+            raise LifecycleError(
+                f"{where} = {parameters[key]!r} is not one of {', '.join(choices)}{did_you_mean(parameters[key], choices)}"
+            )
     parameters["settings"] = str(settings.path)
     return parameters
 
@@ -169,6 +204,7 @@ def package_code_hash() -> str:
     package = Path(lifecycle.__file__).resolve().parent
     return sha256_json({path.name: sha256_file(path) for path in sorted(package.glob("*.py"))})
 
+
 def cache_key(
     stage: Stage,  # the stage
     parameters: dict,  # its resolved parameters
@@ -177,11 +213,16 @@ def cache_key(
     code: str,  # the package code hash
 ) -> str:  # the key
     "The cache key of one stage execution."
-    return sha256_json({
-        "notebook": stage.code_hash, "code": code,
-        "parameters": {k: v for k, v in parameters.items() if k not in CONTEXT_PARAMETERS},
-        "data": settings.sections.get("data", {}), "upstream": upstream,
-    })
+    return sha256_json(
+        {
+            "notebook": stage.code_hash,
+            "code": code,
+            "parameters": {k: v for k, v in parameters.items() if k not in CONTEXT_PARAMETERS},
+            "data": settings.sections.get("data", {}),
+            "upstream": upstream,
+        }
+    )
+
 
 def inputs_unchanged(
     stage_dir: Path,  # an earlier execution's output folder
@@ -207,11 +248,14 @@ def inputs_unchanged(
 # %% ../nbs/10_pipeline.ipynb #3511b016
 def outputs_hash(folder: Path) -> str:
     "Hash of every file a stage wrote."
-    return sha256_json({str(path.relative_to(folder)): sha256_file(path)
-                        for path in sorted(folder.rglob("*")) if path.is_file()})
+    return sha256_json(
+        {str(path.relative_to(folder)): sha256_file(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+    )
+
 
 def _cache_file(root: Path, stage: str, key: str) -> Path:
     return root / "runs" / ".cache" / stage / f"{key}.json"
+
 
 def find_cached(root: Path, stage: str, key: str) -> dict | None:
     "The record of an earlier execution with this key whose outputs still exist."
@@ -223,6 +267,7 @@ def find_cached(root: Path, stage: str, key: str) -> dict | None:
     if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier, root):
         return None
     return record
+
 
 def _link_tree(source: Path, destination: Path):
     "Hard-link (or copy, across file systems) every file of `source` into `destination`."
@@ -242,9 +287,14 @@ def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
 def run_section_start(cells: list) -> int | None:
     "The index of a stage notebook's `## Run the stage` heading, or None."
-    return next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(RUN_HEADING)), None)
+    return next(
+        (i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(RUN_HEADING)),
+        None,
+    )
+
 
 def run_cells(cells: list) -> list:
     """The cells a stage run executes: the module's code and the run section.
@@ -254,8 +304,12 @@ def run_cells(cells: list) -> list:
     start = run_section_start(cells)
     if start is None:
         return cells
-    return [cell for i, cell in enumerate(cells)
-            if i >= start or cell.cell_type == "markdown" or re.match(r"^#\|\s*(export|default_exp)", cell.source)]
+    return [
+        cell
+        for i, cell in enumerate(cells)
+        if i >= start or cell.cell_type == "markdown" or re.match(r"^#\|\s*(export|default_exp)", cell.source)
+    ]
+
 
 def _import_nbformat():
     """Import nbformat without the IRI grammar of rfc3987-syntax.
@@ -265,6 +319,7 @@ def _import_nbformat():
     if "jsonschema._format" not in sys.modules:  # once jsonschema is in, its formats are settled
         import_without("nbformat", ("rfc3987_syntax",))
     import nbformat  # noqa: F401
+
 
 class Kernel:
     """A Python kernel started for one stage, in its own process.
@@ -276,20 +331,27 @@ class Kernel:
     def __init__(self, cwd: Path):  # the project root, the kernel's working folder
         from jupyter_client import AsyncKernelManager
         from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
+
         self._sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
-        self.manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "kernel"))
+        self.manager = AsyncKernelManager(
+            kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "kernel")
+        )
         # The kernel does a stage's work, so it starts with the settings for the work (never set at import)
         startup = "--IPKernelApp.exec_lines=['from lifecycle.core import use_work_settings', 'use_work_settings()']"
-        run_sync(self.manager.start_kernel)(cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:", startup])
+        run_sync(self.manager.start_kernel)(
+            cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:", startup]
+        )
 
     def stop(self):
         "Shut the kernel down (nbclient leaves a kernel it did not start running) and remove its sockets."
         from jupyter_core.utils import run_sync
+
         try:
             if self.manager.has_kernel:
                 run_sync(self.manager.shutdown_kernel)(now=True)
         finally:
             shutil.rmtree(self._sockets, ignore_errors=True)
+
 
 class Kernels:
     """The kernels of one run. A kernel takes most of a second to boot (ipykernel, IPython, zmq), so the
@@ -315,6 +377,7 @@ class Kernels:
             self._spare.stop()
             self._spare = None
 
+
 def execute_stage(
     notebook: Path,  # the stage notebook
     output: Path,  # the executed notebook to write
@@ -331,13 +394,22 @@ def execute_stage(
         _import_nbformat()
         import nbformat
         import papermill
+
         # While the kernel imports its libraries on one core, this process readies the HTML exporter on the other.
         threading.Thread(target=_warm_exporter, name="warm-html-exporter", daemon=True).start()
         runnable = nbformat.read(notebook, as_version=4)
         runnable.cells = run_cells(runnable.cells)
-        papermill.execute_notebook(runnable, str(output), parameters=parameters, cwd=str(cwd),
-                                   kernel_name="python3", progress_bar=False, log_output=False,
-                                   execution_timeout=timeout, km=kernel.manager)
+        papermill.execute_notebook(
+            runnable,
+            str(output),
+            parameters=parameters,
+            cwd=str(cwd),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=False,
+            execution_timeout=timeout,
+            km=kernel.manager,
+        )
         return None
     except Exception as error:  # a cell's error, a timeout or a dead kernel: papermill still wrote what ran
         name = type(error).__name__
@@ -349,6 +421,7 @@ def execute_stage(
         return f"{name}: {_one_line(error)}"
     finally:
         kernel.stop()
+
 
 _EXPORTER_LOCK = threading.Lock()
 
@@ -364,21 +437,30 @@ _REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- endblock body_header -%}
 """
 
+
 @functools.lru_cache(maxsize=1)
 def _exporter():
     "One HTML exporter a process: its templates are compiled once."
     _import_nbformat()
     import jinja2
     from nbconvert import HTMLExporter
-    return HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
-                        extra_loaders=[jinja2.DictLoader({"lifecycle_report.html.j2": _REPORT_TEMPLATE})],
-                        template_file="lifecycle_report.html.j2")
+
+    return HTMLExporter(
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+        extra_loaders=[jinja2.DictLoader({"lifecycle_report.html.j2": _REPORT_TEMPLATE})],
+        template_file="lifecycle_report.html.j2",
+    )
+
 
 def _warm_exporter():
     "Import nbconvert and compile its templates and selectors by rendering a one-cell notebook (about 0.3 s)."
     import nbformat
+
     with _EXPORTER_LOCK:
         _exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("warm")]))
+
 
 def export_html(
     notebook: Path,  # an executed notebook
@@ -388,13 +470,16 @@ def export_html(
     "Render an executed notebook as HTML: outputs shown, code hidden."
     _import_nbformat()
     import nbformat
+
     executed = nbformat.read(notebook, as_version=4)
     executed.cells = report_cells(executed.cells)
     with _EXPORTER_LOCK:
         body, _ = _exporter().from_notebook_node(executed, resources={"metadata": {"name": title}})
     write_text(destination, body)
 
+
 ERROR_TAG = "papermill-error-cell-tag"
+
 
 def report_cells(cells: list) -> list:
     """The cells a report shows: the title, papermill's error banner, and the stage's run.
@@ -408,7 +493,14 @@ def report_cells(cells: list) -> list:
     errors = [i for i, cell in enumerate(cells) if ERROR_TAG in cell.get("metadata", {}).get("tags", [])]
     if any(i > 1 and i < start for i in errors):
         return cells
-    first_content = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and ERROR_TAG not in cell.get("metadata", {}).get("tags", [])), 0)
+    first_content = next(
+        (
+            i
+            for i, cell in enumerate(cells)
+            if cell.cell_type == "markdown" and ERROR_TAG not in cell.get("metadata", {}).get("tags", [])
+        ),
+        0,
+    )
     keep = set(errors) | {first_content} | set(range(start, len(cells)))
     if cells[start].source.strip() == RUN_HEADING:  # a bare heading says nothing to the reader of a report
         keep.discard(start)
@@ -417,24 +509,30 @@ def report_cells(cells: list) -> list:
 # %% ../nbs/10_pipeline.ipynb #03e4fdb3
 _STATUS_COLOR = {"ran": "#1a7f37", "cached": "#0969da", "failed": "#cf222e"}
 
+
 def _figure(key: str, value) -> str | None:
     "One line of a stage's figures on the index page, in words (`core.term`), or None for values too big to show there."
     from lifecycle.core import term
+
     if key in ("headline", "figure"):  # shown as words and as a picture
         return None
     if key == "gate" and isinstance(value, dict):
         return "gate: passed" if value.get("passed") else f"gate: refused ({len(value.get('reasons', []))} reasons)"
     if key == "metrics" and isinstance(value, dict):
-        return ", ".join(f"{term(name)}: {number:.3f}" for name, number in list(value.items())[:2] if isinstance(number, float))
+        return ", ".join(
+            f"{term(name)}: {number:.3f}" for name, number in list(value.items())[:2] if isinstance(number, float)
+        )
     if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value in ("", None):
         return None
     if isinstance(value, str) and len(value) > 24:
         value = value[:16] + "…"
     return f"{term(key)}: {value:,}" if isinstance(value, int) else f"{term(key)}: {value}"
 
+
 def _figures(summary: dict) -> str:
     shown = [line for key, value in summary.items() if (line := _figure(key, value))]
     return "<br>".join(html.escape(item) for item in shown[:9])
+
 
 def _headline(summary: dict) -> str:
     "A stage's headline in words, as the stage wrote it, and its decision when it made one."
@@ -443,26 +541,38 @@ def _headline(summary: dict) -> str:
     if isinstance(gate, dict):
         verdict = "passed" if gate.get("passed") else "refused"
         reasons = gate.get("reasons") or []
-        why = f": {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "") if reasons and not gate.get("passed") else ""
+        why = (
+            f": {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+            if reasons and not gate.get("passed")
+            else ""
+        )
         parts.append(f'<div class="decision {verdict}">Gate {verdict}{html.escape(why)}</div>')
     if summary.get("headline"):
         parts.append(f'<div class="headline">{html.escape(str(summary["headline"]))}</div>')
     return "".join(parts)
 
+
 def _stage_links(stage: dict) -> list[str]:
     "Links from a stage's row: its report, notebook, summary, extra reports, model version and W&B run."
-    links = [f'<a href="{html.escape(stage[key])}">{label}</a>' for key, label in
-             (("html", "report"), ("notebook", "notebook"), ("summary_file", "summary.json")) if stage.get(key)]
-    links += [f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in stage.get("extra_reports", {}).items()]
+    links = [
+        f'<a href="{html.escape(stage[key])}">{label}</a>'
+        for key, label in (("html", "report"), ("notebook", "notebook"), ("summary_file", "summary.json"))
+        if stage.get(key)
+    ]
+    links += [
+        f'<a href="{html.escape(href)}">{html.escape(label)}</a>'
+        for label, href in stage.get("extra_reports", {}).items()
+    ]
     summary = stage.get("summary") or {}
     if summary.get("model_version") is not None:
-        links.append(f'model version {html.escape(str(summary["model_version"]))} (<code>lifecycle models</code>)')
+        links.append(f"model version {html.escape(str(summary['model_version']))} (<code>lifecycle models</code>)")
     wandb = summary.get("wandb") if isinstance(summary.get("wandb"), dict) else {}
     if wandb.get("url"):
         links.append(f'<a href="{html.escape(wandb["url"])}">W&amp;B run</a>')
     elif wandb.get("sync"):
-        links.append(f'W&amp;B run offline: <code>{html.escape(wandb["sync"])}</code>')
+        links.append(f"W&amp;B run offline: <code>{html.escape(wandb['sync'])}</code>")
     return links
+
 
 def write_index(
     run: dict,  # the run summary object
@@ -474,37 +584,48 @@ def write_index(
     reached = [stage["name"] for stage in run["stages"]]
     for stage in run["stages"]:
         error = f'<div class="error">{html.escape(stage["error"])}</div>' if stage.get("error") else ""
-        cached = f' from {html.escape(stage["cached_from"])}' if stage.get("cached_from") else ""
+        cached = f" from {html.escape(stage['cached_from'])}" if stage.get("cached_from") else ""
         summary = stage.get("summary") or {}
         figures = _figures(summary)
         if figures and summary.get("headline"):  # the words come first; the raw figures are one click away
             figures = f"<details><summary>figures</summary>{figures}</details>"
-        thumbnail = (f'<a href="{html.escape(stage["figure"])}"><img class="thumb" src="{html.escape(stage["figure"])}" alt="{html.escape(stage["name"])}: main plot"></a>'
-                     if stage.get("figure") else "")
-        rows.append(f'<tr><td>{html.escape(stage["name"])}</td>'
-                    f'<td class="nowrap" style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{html.escape(stage["status"])}{cached}</td>'
-                    f'<td class="nowrap">{stage["seconds"]:.1f} s</td><td>{_headline(summary)}{error}<div class="figures">{figures}</div></td>'
-                    f'<td>{thumbnail}</td><td>{" · ".join(_stage_links(stage))}</td></tr>')
+        thumbnail = (
+            f'<a href="{html.escape(stage["figure"])}"><img class="thumb" src="{html.escape(stage["figure"])}" alt="{html.escape(stage["name"])}: main plot"></a>'
+            if stage.get("figure")
+            else ""
+        )
+        rows.append(
+            f"<tr><td>{html.escape(stage['name'])}</td>"
+            f'<td class="nowrap" style="color:{_STATUS_COLOR.get(stage["status"], "#555")}">{html.escape(stage["status"])}{cached}</td>'
+            f'<td class="nowrap">{stage["seconds"]:.1f} s</td><td>{_headline(summary)}{error}<div class="figures">{figures}</div></td>'
+            f"<td>{thumbnail}</td><td>{' · '.join(_stage_links(stage))}</td></tr>"
+        )
     for name in [name for name in (stage_names or []) if name not in reached]:
-        why = "not reached: an earlier stage failed" if run["status"] == "failed" else "not run: outside this run's --stages"
-        rows.append(f'<tr class="not-run"><td>{html.escape(name)}</td><td class="nowrap">not run</td><td></td><td>{why}</td><td></td><td></td></tr>')
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lifecycle run {html.escape(run['run_id'])}</title>
+        why = (
+            "not reached: an earlier stage failed"
+            if run["status"] == "failed"
+            else "not run: outside this run's --stages"
+        )
+        rows.append(
+            f'<tr class="not-run"><td>{html.escape(name)}</td><td class="nowrap">not run</td><td></td><td>{why}</td><td></td><td></td></tr>'
+        )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lifecycle run {html.escape(run["run_id"])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#1f2328}}table{{border-collapse:collapse}}
 td,th{{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical-align:top}}.error{{color:#cf222e}}
 .decision{{font-weight:600;margin-bottom:.3em}}.decision.passed{{color:#1a7f37}}.decision.refused{{color:#cf222e}}
 .headline{{margin-bottom:.3em}}.figures{{color:#57606a;font-size:.9em}}.not-run td{{color:#8c959f}}.nowrap{{white-space:nowrap}}
 img.thumb{{max-width:220px;max-height:140px;border:1px solid #d0d7de}}</style></head>
-<body><h1>lifecycle run {html.escape(run['run_id'])}: <span style="color:{_STATUS_COLOR['ran'] if run['status'] == 'passed' else _STATUS_COLOR['failed']}">{html.escape(run['status'])}</span></h1>
-<p>Project {html.escape(run['settings'])} · started {html.escape(run['started'])} · {run['seconds']:.1f} s in all</p>
+<body><h1>lifecycle run {html.escape(run["run_id"])}: <span style="color:{_STATUS_COLOR["ran"] if run["status"] == "passed" else _STATUS_COLOR["failed"]}">{html.escape(run["status"])}</span></h1>
+<p>Project {html.escape(run["settings"])} · started {html.escape(run["started"])} · {run["seconds"]:.1f} s in all</p>
 <table><tr><th>stage</th><th>status</th><th>time</th><th>what it found</th><th></th><th>read</th></tr>
-{''.join(rows)}</table></body></html>
+{"".join(rows)}</table></body></html>
 """
     write_text(path, page)
-
 
 # %% ../nbs/10_pipeline.ipynb #9ac75f67
 def _new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
 
 def plan_stages(
     stages: list[Stage],  # every stage, in order
@@ -519,7 +640,7 @@ def plan_stages(
     selected = set(only or names)
     forced = set()
     if start:
-        forced = set(names[names.index(start):])
+        forced = set(names[names.index(start) :])
         selected = (selected & forced) if only else forced
     last = max(names.index(name) for name in selected)
     return stages[: last + 1], selected, forced
@@ -528,6 +649,7 @@ def plan_stages(
 def _log(message: str, quiet: bool):
     if not quiet:
         print(message, file=sys.stderr, flush=True)
+
 
 def _reuse(record: dict, stage: Stage, run_dir: Path, report_dir: Path, root: Path) -> None:
     "Link a cached stage's outputs and report files into this run."
@@ -538,6 +660,7 @@ def _reuse(record: dict, stage: Stage, run_dir: Path, report_dir: Path, root: Pa
         if source.exists():
             shutil.copy2(source, report_dir / source.name)
 
+
 def _publish_extras(stage: Stage, run_dir: Path, report_dir: Path) -> dict[str, str]:
     "Copy the HTML reports a stage wrote (such as the data quality report) next to its notebook."
     extras = {}
@@ -546,6 +669,7 @@ def _publish_extras(stage: Stage, run_dir: Path, report_dir: Path) -> dict[str, 
         shutil.copy2(path, report_dir / name)
         extras[path.stem.replace("_", " ")] = name
     return extras
+
 
 def _publish_figure(stage: Stage, run_dir: Path, report_dir: Path, summary: dict | None) -> str | None:
     "Copy the stage's main plot (the PNG its summary names as `figure`) beside its report, for the index's thumbnail."
@@ -556,8 +680,20 @@ def _publish_figure(stage: Stage, run_dir: Path, report_dir: Path, summary: dict
     shutil.copy2(run_dir / stage.name / name, report_dir / published)
     return published
 
-def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_dir: Path, report_dir: Path,
-              executable: bool, forced: bool, quiet: bool, kernels: Kernels | None = None, more: bool = False) -> dict:
+
+def run_stage(
+    stage: Stage,
+    parameters: dict,
+    settings: Settings,
+    key: str,
+    run_dir: Path,
+    report_dir: Path,
+    executable: bool,
+    forced: bool,
+    quiet: bool,
+    kernels: Kernels | None = None,
+    more: bool = False,
+) -> dict:
     """Reuse or execute one stage; return its entry of the run summary.
 
     With `kernels`, the stage takes its kernel from them, and when `more` stages may execute after it, the
@@ -577,7 +713,9 @@ def run_stage(stage: Stage, parameters: dict, settings: Settings, key: str, run_
         kernel = kernels.take() if kernels else None
         if kernels and more:
             kernels.prepare()
-        error = execute_stage(stage.notebook, report_dir / stage.notebook.name, parameters, root, settings.timeout, kernel)
+        error = execute_stage(
+            stage.notebook, report_dir / stage.notebook.name, parameters, root, settings.timeout, kernel
+        )
         if error:
             entry.update(status="failed", error=f"stage '{stage.name}' failed at {error}")
         elif not (run_dir / stage.name / "summary.json").exists():
@@ -617,10 +755,14 @@ def run_lifecycle(
     for name in extra:
         if name not in [stage.name for stage in stages]:
             names = [stage.name for stage in stages]
-            raise LifecycleError(f"-p {name}.…: unknown stage '{name}'{did_you_mean(name, names)}; stages: {', '.join(names)}")
+            raise LifecycleError(
+                f"-p {name}.…: unknown stage '{name}'{did_you_mean(name, names)}; stages: {', '.join(names)}"
+            )
     in_run, selected, forced = plan_stages(stages, only, start)
     parameters = {stage.name: stage_parameters(stage, settings, extra.get(stage.name)) for stage in in_run}
-    log = prediction_log_url(settings, extra)  # the project's one prediction log: every stage that takes a `log` gets this one
+    log = prediction_log_url(
+        settings, extra
+    )  # the project's one prediction log: every stage that takes a `log` gets this one
     for stage in in_run:
         if "log" in stage.parameters:
             parameters[stage.name]["log"] = log
@@ -630,9 +772,16 @@ def run_lifecycle(
     run_dir.mkdir(parents=True)
     report_dir.mkdir(parents=True)
     started = time.perf_counter()
-    run = {"run_id": run_id, "run_dir": str(run_dir), "report": str(report_dir / "index.html"), "status": "running",
-           "settings": str(settings.path), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "seconds": 0.0, "stages": []}
+    run = {
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "report": str(report_dir / "index.html"),
+        "status": "running",
+        "settings": str(settings.path),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": 0.0,
+        "stages": [],
+    }
     code = package_code_hash()
     upstream = {}
     # The first kernel boots while the cache is checked; it is stopped unused if every stage is cached.
@@ -642,9 +791,19 @@ def run_lifecycle(
         for index, stage in enumerate(in_run):
             key = cache_key(stage, parameters[stage.name], settings, upstream, code)
             try:
-                entry = run_stage(stage, parameters[stage.name], settings, key, run_dir, report_dir,
-                                  stage.name in selected, stage.name in forced, quiet, kernels,
-                                  more=any(later.name in selected for later in in_run[index + 1:]))
+                entry = run_stage(
+                    stage,
+                    parameters[stage.name],
+                    settings,
+                    key,
+                    run_dir,
+                    report_dir,
+                    stage.name in selected,
+                    stage.name in forced,
+                    quiet,
+                    kernels,
+                    more=any(later.name in selected for later in in_run[index + 1 :]),
+                )
             except LifecycleError:
                 shutil.rmtree(run_dir, ignore_errors=True)  # the run could not start: leave no half-made run behind
                 shutil.rmtree(report_dir, ignore_errors=True)
@@ -660,7 +819,11 @@ def run_lifecycle(
     failed = [entry for entry in run["stages"] if entry["status"] == "failed"]
     run["status"] = "failed" if failed else "passed"
     if failed:
-        run["error"] = f"{failed[0]['error']}; see {report_dir / failed[0]['notebook']}" if failed[0].get("notebook") else failed[0]["error"]
+        run["error"] = (
+            f"{failed[0]['error']}; see {report_dir / failed[0]['notebook']}"
+            if failed[0].get("notebook")
+            else failed[0]["error"]
+        )
     run["seconds"] = round(time.perf_counter() - started, 2)
     for entry in run["stages"]:
         entry.pop("outputs", None)
@@ -669,6 +832,7 @@ def run_lifecycle(
     if len(in_run) == len(stages):
         _point_latest(root / "reports", run_id)  # a partial run (--stages) does not hide the last whole report
     return run
+
 
 def _point_latest(reports: Path, run_id: str):
     "reports/latest names the newest run that covered every stage."

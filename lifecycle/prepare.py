@@ -13,9 +13,30 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from .contract import (MAX_MISSING_SHARE, NUMERIC_SHARE, _code, _is_code, check_frame, clean_text, compile_contract,
-                                contract_settings, infer_numeric, parse_range, parse_recode, parse_values, reason_series)
-from .core import LINEAGE, LifecycleError, Settings, frame_sha256, read_json, thread_pool, write_json, write_text
+from lifecycle.contract import (
+    MAX_MISSING_SHARE,
+    _code,
+    _is_code,
+    check_frame,
+    clean_text,
+    compile_contract,
+    contract_settings,
+    infer_numeric,
+    parse_range,
+    parse_recode,
+    parse_values,
+    reason_series,
+)
+from lifecycle.core import (
+    LINEAGE,
+    LifecycleError,
+    Settings,
+    frame_sha256,
+    read_json,
+    thread_pool,
+    write_json,
+    write_text,
+)
 
 # %% auto #0
 __all__ = ['SPLITS', 'label_key', 'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema',
@@ -34,6 +55,7 @@ def label_key(value) -> str:
     except ValueError:
         return text
 
+
 def label_target(
     target: pd.Series,  # the target column
     positive: list[str],  # values of the positive class
@@ -45,7 +67,9 @@ def label_target(
     positive_keys = {label_key(value) for value in positive}
     negative_keys = {label_key(value) for value in negative}
     is_positive = np.append(np.isin(keys, list(positive_keys)), False)  # the extra last entry is for code -1: missing
-    is_unknown = np.append(~np.isin(keys, list(positive_keys | negative_keys)) if negative_keys else np.zeros(len(keys), bool), False)
+    is_unknown = np.append(
+        ~np.isin(keys, list(positive_keys | negative_keys)) if negative_keys else np.zeros(len(keys), bool), False
+    )
     label = is_positive[codes].astype("float64")
     reasons, labels = np.zeros(len(target), dtype=np.int16), [""]
     unknown = is_unknown[codes]
@@ -72,12 +96,24 @@ def _infer_numbers(
     distinct = pd.unique(array[:10_000][present[:10_000]])  # the first rows rule most columns out fast
     if len(distinct) <= max_category_levels:
         distinct = pd.unique(array[present])
-    if len(distinct) <= max_category_levels and bool((distinct == np.round(distinct)).all()):  # the distinct values tell
+    if len(distinct) <= max_category_levels and bool(
+        (distinct == np.round(distinct)).all()
+    ):  # the distinct values tell
         return {"kind": "category", "type": "number", "categories": sorted(float(v) for v in distinct)}
-    low, high = float(np.min(array, where=present, initial=np.inf)), float(np.max(array, where=present, initial=-np.inf))
+    low, high = (
+        float(np.min(array, where=present, initial=np.inf)),
+        float(np.max(array, where=present, initial=-np.inf)),
+    )
     span = max(high - low, abs(high), 1.0) * margin
     floor = 0.0 if low >= 0 else low - span
-    return {"kind": "numeric", "min": max(floor, low - span), "max": high + span, "declared": False, "observed": [low, high]}
+    return {
+        "kind": "numeric",
+        "min": max(floor, low - span),
+        "max": high + span,
+        "declared": False,
+        "observed": [low, high],
+    }
+
 
 def infer_column(
     values: pd.Series,  # a standardized column
@@ -109,6 +145,7 @@ def infer_schema(
     """Infer the schema of a data version. The columns are inferred side by side on threads: selecting
     rows and finding distinct values are numpy and pandas hash tables, which let go of the interpreter."""
     usable = np.ones(len(df), dtype=bool) if usable is None else usable
+
     def infer(column: str) -> dict:
         if column == settings.id:
             return {"kind": "id"}
@@ -119,6 +156,7 @@ def infer_schema(
             array = values.to_numpy()
             return _infer_numbers(array, usable & ~np.isnan(array), max_category_levels, margin, ranges.get(column))
         return infer_column(values[usable], numeric[column], max_category_levels, margin, ranges.get(column))
+
     with thread_pool() as pool:
         columns = dict(zip(numeric, pool.map(infer, numeric)))  # in column order, whatever the threads
     return {"target": settings.target, "columns": columns}
@@ -131,6 +169,7 @@ def current_schema(
     path = root / "schema" / "current.json"
     return read_json(path) if path.exists() else None
 
+
 def store_schema(
     root: Path,  # the project folder
     schema: dict,  # the schema to store as the next version
@@ -141,8 +180,13 @@ def store_schema(
     folder = root / "schema"
     previous = current_schema(root)
     version = (previous["version"] + 1) if previous else 1
-    record = {"version": version, "data_version": data_version, "accepted_by": getpass.getuser(),
-              "accepted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason}
+    record = {
+        "version": version,
+        "data_version": data_version,
+        "accepted_by": getpass.getuser(),
+        "accepted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reason": reason,
+    }
     stored = {**record, **schema}
     write_json(folder / f"v{version}.json", stored)
     write_json(folder / "current.json", stored)
@@ -168,12 +212,14 @@ def pandera_schema(
         columns[name] = pa.Column(checks=checks, nullable=True, required=False)
     return pa.DataFrameSchema(columns, strict=False)
 
+
 def _among_codes(codes: list[float]):
     "A pandera check that numeric values are among a few codes."
+
     def check(values: pd.Series) -> pd.Series:
         return pd.Series(_is_code(values.to_numpy(dtype="float64", na_value=np.nan), codes), index=values.index)
-    return check
 
+    return check
 
 # %% ../nbs/02_prepare.ipynb #8789ce29
 def first_reason(*reasons: pd.Series) -> pd.Series:
@@ -181,13 +227,17 @@ def first_reason(*reasons: pd.Series) -> pd.Series:
     labels, combined = [""], np.zeros(len(reasons[0]), dtype=np.int16)
     for more in reasons:
         more = more if isinstance(more.dtype, pd.CategoricalDtype) else more.astype("category")
-        recode = np.array([_code(labels, str(text)) for text in more.cat.categories] + [0], dtype=np.int16)  # code -1 (missing): none
+        recode = np.array(
+            [_code(labels, str(text)) for text in more.cat.categories] + [0], dtype=np.int16
+        )  # code -1 (missing): none
         codes = recode[more.cat.codes.to_numpy()]
         empty = combined == 0
         combined[empty] = codes[empty]
     return reason_series(combined, labels, reasons[0].index)
 
+
 _MIX, _SHIFT, _BLOCK = np.uint64(0x9E3779B97F4A7C15), np.uint64(29), 1 << 16
+
 
 def _hash_ready(column: pd.Series) -> tuple[np.ndarray, bool]:
     "A column as 64-bit words to mix into the row hash, and whether they are floats (which need 0.0 and NaN made one)."
@@ -195,7 +245,10 @@ def _hash_ready(column: pd.Series) -> tuple[np.ndarray, bool]:
         return column.to_numpy(), True
     if column.dtype.kind in "iub" and not isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
         return column.to_numpy().astype(np.int64, copy=False).view(np.uint64), False
-    return pd.util.hash_pandas_object(column, index=False).to_numpy(), False  # text, categories, anything else: by value
+    return pd.util.hash_pandas_object(
+        column, index=False
+    ).to_numpy(), False  # text, categories, anything else: by value
+
 
 def row_hashes(
     df: pd.DataFrame,  # rows
@@ -208,6 +261,7 @@ def row_hashes(
     combining took 0.06-0.10 s."""
     ready = [_hash_ready(df[column]) for column in columns]
     combined = np.empty(len(df), dtype=np.uint64)
+
     def block(start: int):
         stop = min(start + _BLOCK, len(df))
         hashed = np.full(stop - start, 0x345678, dtype=np.uint64)
@@ -221,9 +275,11 @@ def row_hashes(
             hashed *= _MIX
             hashed ^= hashed >> _SHIFT
         combined[start:stop] = hashed
+
     with thread_pool() as pool:
         list(pool.map(block, range(0, len(df), _BLOCK)))
     return combined
+
 
 def duplicate_of(
     df: pd.DataFrame,  # rows
@@ -255,6 +311,7 @@ def duplicate_of(
     kept[candidates[same]] = first_of_hash[same]
     return kept
 
+
 def take_rows(
     df: pd.DataFrame,  # rows
     mask: np.ndarray,  # which rows to take (boolean)
@@ -270,6 +327,7 @@ def take_rows(
         arrays = list(pool.map(take, df.columns))
     return pd.DataFrame(dict(zip(df.columns, arrays)), index=df.index[positions], copy=False)
 
+
 def duplicate_trace(
     df: pd.DataFrame,  # rows
     kept: np.ndarray,  # from `duplicate_of`
@@ -284,7 +342,6 @@ def duplicate_trace(
         trace[f"_kept{column}"] = originals[column].array
     trace["_kept_row"] = df.index.to_numpy()[kept[rows]]
     return trace
-
 
 # %% ../nbs/02_prepare.ipynb #5f8c3b6f
 def quarantine_gate(
@@ -303,11 +360,13 @@ def quarantine_gate(
     named = [f"{reason} {count}" for reason, count in top.items()]
     if lines_malformed:
         named.append(f"malformed lines {lines_malformed}")
-    raise LifecycleError(f"{share:.1%} of rows quarantined or malformed (max {max_share:.0%}): "
-                         f"{', '.join(named)}; see {where}")
+    raise LifecycleError(
+        f"{share:.1%} of rows quarantined or malformed (max {max_share:.0%}): {', '.join(named)}; see {where}"
+    )
 
 # %% ../nbs/02_prepare.ipynb #2e1b3596
 SPLITS = ["train", "val", "test"]
+
 
 def _stratified(labels: np.ndarray, among: np.ndarray, size: float, seed: int) -> np.ndarray:
     "Hold out `size` of each label's rows among `among` (a mask), chosen at random from `seed`: the held-out mask."
@@ -317,6 +376,7 @@ def _stratified(labels: np.ndarray, among: np.ndarray, size: float, seed: int) -
         positions = np.flatnonzero(among & (labels == label))
         held[rng.permutation(positions)[: int(round(len(positions) * size))]] = True
     return held
+
 
 def assign_splits(
     df: pd.DataFrame,  # clean rows with a `_label` column
@@ -340,7 +400,7 @@ def assign_splits(
         test, val = np.zeros(len(df), dtype=bool), np.zeros(len(df), dtype=bool)
         cut = int(round(len(order) * (1 - test_size)))
         test[order[cut:]] = True
-        val[order[int(round(cut * (1 - val_size))):cut]] = True
+        val[order[int(round(cut * (1 - val_size))) : cut]] = True
     elif method == "source":
         test = df["_source"].astype(str).isin(holdout_sources or []).to_numpy()
         if not test.any() or test.all():
@@ -361,6 +421,7 @@ def profile_columns(
     hidden |= {"_file", "_line"}
     return [column for column in df.columns if column not in hidden]
 
+
 def profile_report(
     df: pd.DataFrame,  # the clean rows
     path: Path,  # the HTML file to write
@@ -373,23 +434,33 @@ def profile_report(
     import html
     import io
     import warnings
+
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # no progress bars in the report
         warnings.simplefilter("ignore")
         from data_profiling import ProfileReport
+
         sampled = len(df) > max_rows
         data = df.sample(n=max_rows, random_state=seed) if sampled else df
         # the profiler writes column names (and the title) into its page as markup; it escapes values, not names
         data = data.reset_index(drop=True).rename(columns=lambda column: html.escape(str(column)))
-        report = ProfileReport(data, title=html.escape(title), minimal=sampled, progress_bar=False,
-                               correlations=None if sampled else {"auto": {"calculate": True}})
+        report = ProfileReport(
+            data,
+            title=html.escape(title),
+            minimal=sampled,
+            progress_bar=False,
+            correlations=None if sampled else {"auto": {"calculate": True}},
+        )
         write_text(path, report.to_html())
     return {"rows_profiled": len(data), "mode": "minimal, sampled" if sampled else "full"}
 
 # %% ../nbs/02_prepare.ipynb #636e7fcc
 def _feature_columns(snapshot: pd.DataFrame, settings: Settings) -> list[str]:
     if settings.target not in snapshot.columns:
-        raise LifecycleError(f"[data] target '{settings.target}' is not a column of the data; columns: {', '.join(c for c in snapshot.columns if c not in LINEAGE)}")
+        raise LifecycleError(
+            f"[data] target '{settings.target}' is not a column of the data; columns: {', '.join(c for c in snapshot.columns if c not in LINEAGE)}"
+        )
     return [column for column in snapshot.columns if column not in LINEAGE and column != settings.target]
+
 
 def prepare(
     snapshot: pd.DataFrame,  # the collect stage's snapshot
@@ -403,11 +474,16 @@ def prepare(
     accept_schema: bool = False,  # store a new schema version inferred from this data
     schema_reason: str = "",  # why the new schema version is accepted
     max_missing_share: float = MAX_MISSING_SHARE,  # a row with a larger share of its features missing is quarantined (too_many_missing)
-) -> dict:  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons and the standardization report
+) -> (
+    dict
+):  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons and the standardization report
     "Standardize, validate, quarantine and de-duplicate a snapshot."
     features = _feature_columns(snapshot, settings)
     recode_maps = {column: parse_recode(text, f"[prepare] recode {column}") for column, text in (recode or {}).items()}
-    impossible = {column: parse_values(text, f"[prepare] missing_values {column}") for column, text in (missing_values or {}).items()}
+    impossible = {
+        column: parse_values(text, f"[prepare] missing_values {column}")
+        for column, text in (missing_values or {}).items()
+    }
     declared = {column: parse_range(text, f"[prepare] ranges {column}") for column, text in (ranges or {}).items()}
     for name, mapping in (("recode", recode_maps), ("missing_values", impossible), ("ranges", declared)):
         unknown = [column for column in mapping if column not in snapshot.columns]
@@ -415,25 +491,52 @@ def prepare(
             raise LifecycleError(f"[prepare] {name} names column '{unknown[0]}', which the data does not have")
     for column in (settings.id, settings.timestamp):
         if column and column not in snapshot.columns:
-            raise LifecycleError(f"[data] {'id' if column == settings.id else 'timestamp'} '{column}' is not a column of the data")
+            raise LifecycleError(
+                f"[data] {'id' if column == settings.id else 'timestamp'} '{column}' is not a column of the data"
+            )
     schema = current_schema(settings.root)
     if schema is not None and not accept_schema:
         missing_columns = [name for name in schema["columns"] if name not in snapshot.columns]
         if missing_columns:
-            raise LifecycleError(f"the data lacks column '{missing_columns[0]}' of schema v{schema['version']}; "
-                                 f"fix the source, or accept a new schema (-p prepare.accept_schema=true)")
+            raise LifecycleError(
+                f"the data lacks column '{missing_columns[0]}' of schema v{schema['version']}; "
+                f"fix the source, or accept a new schema (-p prepare.accept_schema=true)"
+            )
+
     def contract(columns: dict):
-        return compile_contract(columns, features, settings.na_values, recode, missing_values, ranges, max_missing_share, settings.id)
+        return compile_contract(
+            columns, features, settings.na_values, recode, missing_values, ranges, max_missing_share, settings.id
+        )
+
     target = clean_text(snapshot[settings.target], settings.na_values, {})
     labels, target_reasons = label_target(target, settings.positive, settings.negative)
-    if schema is None or accept_schema:  # the data decides the types; the rules are then inferred from the rows that pass them
-        kinds = {column: {"kind": "id"} if column == settings.id else {"kind": "timestamp"} for column in (settings.id, settings.timestamp) if column}
+    if (
+        schema is None or accept_schema
+    ):  # the data decides the types; the rules are then inferred from the rows that pass them
+        kinds = {
+            column: {"kind": "id"} if column == settings.id else {"kind": "timestamp"}
+            for column in (settings.id, settings.timestamp)
+            if column
+        }
         kept_as_is = set(kinds)
         numeric = infer_numeric(snapshot, [c for c in features if c not in kept_as_is], settings.na_values, recode_maps)
-        kinds.update({column: {"kind": "numeric", "min": None, "max": None} if is_number else {"kind": "text"} for column, is_number in numeric.items()})
+        kinds.update(
+            {
+                column: {"kind": "numeric", "min": None, "max": None} if is_number else {"kind": "text"}
+                for column, is_number in numeric.items()
+            }
+        )
         data, typed, _ = check_frame(contract({c: kinds[c] for c in features}), snapshot)
         usable = ((target_reasons == "") & (typed == "")).to_numpy()
-        inferred = infer_schema(data, settings, {c: numeric.get(c, False) for c in features}, declared, max_category_levels, range_margin, usable)
+        inferred = infer_schema(
+            data,
+            settings,
+            {c: numeric.get(c, False) for c in features},
+            declared,
+            max_category_levels,
+            range_margin,
+            usable,
+        )
         reason = schema_reason or ("first data version" if schema is None else "accepted by the user")
         schema = store_schema(settings.root, inferred, data_version, reason)
     elif declared:
@@ -441,13 +544,24 @@ def prepare(
             schema["columns"][column].update({"kind": "numeric", "min": low, "max": high, "declared": True})
     data, contract_reasons, report = check_frame(contract(schema["columns"]), snapshot)
     report["numeric"] = report["kind"].isin(["number", "code"])
-    data = pd.DataFrame({c: data[c] if c in data.columns else snapshot[c] for c in snapshot.columns}, index=snapshot.index, copy=False)
+    data = pd.DataFrame(
+        {c: data[c] if c in data.columns else snapshot[c] for c in snapshot.columns}, index=snapshot.index, copy=False
+    )
     data["_label"] = labels
     reasons = first_reason(target_reasons, contract_reasons)
     passed = (reasons == "").to_numpy()
     kept = duplicate_of(data, features + ["_label"], among=passed)
-    quarantined = take_rows(data, ~passed).assign(_reason=reasons[~passed].astype(object))  # text, as the quarantine file holds it
+    quarantined = take_rows(data, ~passed).assign(
+        _reason=reasons[~passed].astype(object)
+    )  # text, as the quarantine file holds it
     clean, duplicates = take_rows(data, passed & (kept < 0)), duplicate_trace(data, kept)
     used = contract_settings(settings.na_values, recode, missing_values, ranges, max_missing_share, settings.id)
-    return {"clean": clean, "quarantined": quarantined, "duplicates": duplicates, "schema": schema, "contract": used,
-            "standardization": report, "reasons": quarantined["_reason"]}
+    return {
+        "clean": clean,
+        "quarantined": quarantined,
+        "duplicates": duplicates,
+        "schema": schema,
+        "contract": used,
+        "standardization": report,
+        "reasons": quarantined["_reason"],
+    }

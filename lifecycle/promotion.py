@@ -19,6 +19,7 @@ __all__ = ['DECISIONS', 'ACTORS', 'SERVING', 'record_decision', 'ungated', 'forc
 # %% ../nbs/26_promotion.ipynb #b2f2dbdd
 DECISIONS = Path("retrain") / "decisions.jsonl"  # in the project folder
 
+
 def record_decision(
     root: Path,  # the project folder
     decision: dict,  # a decision of the retrain policy, a promotion or a rollback (plus anything worth keeping)
@@ -38,6 +39,7 @@ def record_decision(
 ACTORS = ("gate", "deploy", "retrain", "rollback", "person", "simulate", "bench")  # who may ask for an alias move
 SERVING = ("champion", "shadow")  # the aliases that score patients: they need a version whose gate passed (or force)
 
+
 def ungated(
     meta: dict,  # a version's metadata
 ) -> str | None:  # why it may not take champion or shadow without force; None when its gate passed
@@ -55,10 +57,12 @@ def _check_actor(actor: str) -> None:
     if actor not in ACTORS:
         raise LifecycleError(f"unknown actor '{actor}' for an alias move; actors: {', '.join(ACTORS)}")
 
+
 def _decide(registry: Registry, decision: dict | None, event: dict | None) -> None:
     "Append the caller's decision, with the event that carried it out."
     if decision is not None:
         record_decision(registry.path.parent, {**decision, "event": event})
+
 
 def force_hint(
     alias: str,  # champion or shadow
@@ -66,7 +70,9 @@ def force_hint(
 ) -> str:  # the command that promotes it anyway
     "How a person promotes a version without a passed gate anyway."
     return f"lifecycle models {'shadow' if alias == 'shadow' else 'promote'} {version} --force --reason '…'" + (
-        f" --alias {alias}" if alias not in ("champion", "shadow") else "")
+        f" --alias {alias}" if alias not in ("champion", "shadow") else ""
+    )
+
 
 def move_alias(
     registry: Registry,  # the project's registry
@@ -74,7 +80,9 @@ def move_alias(
     version: int,  # the version it names from now on
     actor: str,  # who asks: gate, deploy, retrain, rollback, person, simulate or bench
     reason: str,  # why, for the record
-    expected: int | None | str = "any",  # the version the alias must name now (None: none), else nothing moves; "any": not checked
+    expected: int
+    | None
+    | str = "any",  # the version the alias must name now (None: none), else nothing moves; "any": not checked
     force: bool = False,  # let a version without a passed gate take champion or shadow (a person's explicit choice, recorded)
     decision: dict | None = None,  # a decision to append to retrain/decisions.jsonl once the alias moved
 ) -> dict:  # the registry's event
@@ -83,12 +91,17 @@ def move_alias(
     why = ungated(registry.meta(version)) if alias in SERVING else None
     if why and not force:
         load_model(registry, version)  # a broken file is the first thing to say
-        raise LifecycleError(f"version {version} cannot become {alias}: {why}; to promote it anyway: {force_hint(alias, version)}")
+        raise LifecycleError(
+            f"version {version} cannot become {alias}: {why}; to promote it anyway: {force_hint(alias, version)}"
+        )
     if why and not reason.strip():
         raise LifecycleError(f"promoting version {version} by force needs a reason, for the record: --reason '…'")
-    event = set_alias(registry, alias, version, reason, expected=expected, record={"actor": actor, **({"forced": why} if why else {})})
+    event = set_alias(
+        registry, alias, version, reason, expected=expected, record={"actor": actor, **({"forced": why} if why else {})}
+    )
     _decide(registry, decision, event)
     return event
+
 
 def take_off(
     registry: Registry,  # the project's registry
@@ -103,6 +116,7 @@ def take_off(
     _decide(registry, decision, event)
     return event
 
+
 def move_back(
     registry: Registry,  # the project's registry
     actor: str,  # who asks: rollback (the rules) or person
@@ -116,7 +130,9 @@ def move_back(
     history = [event for event in events(registry) if event["alias"] == alias]
     if not history or history[-1]["previous"] is None:
         raise LifecycleError(f"'{alias}' has no earlier version to roll back to")
-    event = set_alias(registry, alias, history[-1]["previous"], reason, expected=expected, record={"actor": actor, "rollback": True})
+    event = set_alias(
+        registry, alias, history[-1]["previous"], reason, expected=expected, record={"actor": actor, "rollback": True}
+    )
     _decide(registry, decision, event)
     return event
 

@@ -37,6 +37,7 @@ __all__ = ['TRUSTED_TYPES', 'BUILTIN_TYPES', 'ALIASES', 'CHANGE_FILE', 'canonica
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _QUOTED = re.compile(r'"([^"\\]*)"')  # a JSON string without escapes: how skops names the entries of its archive
 
+
 def canonical_skops(
     data: bytes,  # a skops archive
 ) -> bytes:  # the same model, with reproducible bytes
@@ -61,6 +62,7 @@ def canonical_skops(
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, content)
     return out.getvalue()
+
 
 def model_bytes(model) -> bytes:
     "A model as reproducible skops bytes."
@@ -101,8 +103,19 @@ TRUSTED_TYPES = [
 ]
 
 # the plain values and containers of a model's state, which skops stores as nodes too
-BUILTIN_TYPES = ["builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "builtins.int", "builtins.float",
-                 "builtins.bool", "builtins.NoneType", "builtins.bytes", "builtins.bytearray"]
+BUILTIN_TYPES = [
+    "builtins.dict",
+    "builtins.list",
+    "builtins.tuple",
+    "builtins.str",
+    "builtins.int",
+    "builtins.float",
+    "builtins.bool",
+    "builtins.NoneType",
+    "builtins.bytes",
+    "builtins.bytearray",
+]
+
 
 def model_types(
     data: bytes,  # a skops archive
@@ -124,6 +137,7 @@ def model_types(
             pending.extend(node.children.values())
     return types
 
+
 def load_model_bytes(
     data: bytes,  # a skops archive
     where: str = "model",  # names the file in errors
@@ -132,17 +146,22 @@ def load_model_bytes(
     try:
         untrusted = sorted(model_types(data) - set(TRUSTED_TYPES) - set(BUILTIN_TYPES))
         if untrusted:
-            raise LifecycleError(f"{where} holds types that are not trusted ({', '.join(untrusted[:3])}); refusing to load it")
+            raise LifecycleError(
+                f"{where} holds types that are not trusted ({', '.join(untrusted[:3])}); refusing to load it"
+            )
         return skops.io.loads(data, trusted=TRUSTED_TYPES)
     except LifecycleError:
         raise
     except Exception as error:  # a crafted or broken archive can fail anywhere in the reader: never a traceback
-        raise LifecycleError(f"{where} is not a model file lifecycle can load ({type(error).__name__}); "
-                             "register the model again with `lifecycle run`") from None
+        raise LifecycleError(
+            f"{where} is not a model file lifecycle can load ({type(error).__name__}); "
+            "register the model again with `lifecycle run`"
+        ) from None
 
 # %% ../nbs/20_registry.ipynb #66fb2ffe
 ALIASES = ("champion", "challenger", "shadow")  # shadow: the version scoring beside the champion, never answering
 CHANGE_FILE = "alias-change.json"  # an alias change under way: its event and the aliases it sets
+
 
 class Registry:
     "A project's model registry (`registry/` in the project folder)."
@@ -189,7 +208,9 @@ class Registry:
             return version
         aliases = self.aliases()
         if name not in aliases:
-            raise LifecycleError(f"no model is called '{name}' yet in {self.path}; aliases: {', '.join(aliases) or 'none'}")
+            raise LifecycleError(
+                f"no model is called '{name}' yet in {self.path}; aliases: {', '.join(aliases) or 'none'}"
+            )
         return aliases[name]
 
 # %% ../nbs/20_registry.ipynb #699dae9e
@@ -211,11 +232,17 @@ def register(
         for name, content in (files or {}).items():
             target = staging / name
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
-        record = {**meta, "version": version, "sha256": sha256_bytes(data), "bytes": len(data),
-                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record = {
+            **meta,
+            "version": version,
+            "sha256": sha256_bytes(data),
+            "bytes": len(data),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         write_json(staging / "meta.json", record)
         os.rename(staging, registry.path / "versions" / str(version))
     return version
+
 
 def update_meta(registry: Registry, version: int, **changes) -> dict:
     "Add to a version's metadata (the gate's decision, for example), atomically."
@@ -223,6 +250,7 @@ def update_meta(registry: Registry, version: int, **changes) -> dict:
         meta = {**registry.meta(version), **changes}
         write_json(registry.path / "versions" / str(version) / "meta.json", meta)
     return meta
+
 
 def load_model(
     registry: Registry,  # the registry
@@ -233,10 +261,14 @@ def load_model(
     meta = registry.meta(version)
     path = registry.path / "versions" / str(version) / "model.skops"
     if not path.is_file():
-        raise LifecycleError(f"{path} is missing: model version {version} cannot be loaded; register it again with `lifecycle run`")
+        raise LifecycleError(
+            f"{path} is missing: model version {version} cannot be loaded; register it again with `lifecycle run`"
+        )
     data = path.read_bytes()
     if sha256_bytes(data) != meta["sha256"]:
-        raise LifecycleError(f"{path}: SHA-256 does not match the registry's record; the file was changed, refusing to load it")
+        raise LifecycleError(
+            f"{path}: SHA-256 does not match the registry's record; the file was changed, refusing to load it"
+        )
     model = load_model_bytes(data, str(path))
     if not callable(getattr(model, "predict_proba", None)):
         raise LifecycleError(f"{path} is not a fitted classifier (it has no predict_proba); refusing to load it")
@@ -249,12 +281,15 @@ def events(registry: Registry) -> list[dict]:
     path = registry.path / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
+
 def set_alias(
     registry: Registry,  # the registry
     alias: str,  # champion or challenger
     version: int,  # the version it names from now on
     reason: str,  # why, for the record
-    expected: int | None | str = "any",  # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
+    expected: int
+    | None
+    | str = "any",  # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
     record: dict | None = None,  # more for the event: who asked (the actor), a forced promotion
 ) -> dict:  # the event recorded
     "Point an alias at a version, atomically and on the record."
@@ -267,14 +302,27 @@ def set_alias(
         path = registry.path / "aliases.json"
         aliases = read_json(path) if path.exists() else {}
         if expected != "any" and aliases.get(alias) != expected:
-            raise LifecycleError(f"'{alias}' moved to version {aliases.get(alias)} while version {expected} was being judged; "
-                                 f"{alias} stays version {aliases.get(alias)}: judge against it again")
-        event = {"alias": alias, "version": version, "previous": aliases.get(alias), "reason": reason,
-                 "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "metrics": (meta.get("evaluation") or {}).get("metrics") or meta.get("metrics", {}), **(record or {})}  # test metrics once evaluated
-        write_json(registry.path / CHANGE_FILE, {"aliases": {**aliases, alias: version}, "event": json.dumps(event, default=str)})
+            raise LifecycleError(
+                f"'{alias}' moved to version {aliases.get(alias)} while version {expected} was being judged; "
+                f"{alias} stays version {aliases.get(alias)}: judge against it again"
+            )
+        event = {
+            "alias": alias,
+            "version": version,
+            "previous": aliases.get(alias),
+            "reason": reason,
+            "by": getpass.getuser(),
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": (meta.get("evaluation") or {}).get("metrics") or meta.get("metrics", {}),
+            **(record or {}),
+        }  # test metrics once evaluated
+        write_json(
+            registry.path / CHANGE_FILE,
+            {"aliases": {**aliases, alias: version}, "event": json.dumps(event, default=str)},
+        )
         finish_change(registry)
     return event
+
 
 def finish_change(
     registry: Registry,  # the registry, its lock held
@@ -290,7 +338,6 @@ def finish_change(
         write_text(log, recorded + change["event"] + "\n")
     write_json(registry.path / "aliases.json", change["aliases"])
     change_path.unlink()
-
 
 # %% ../nbs/20_registry.ipynb #5863b722
 def clear_alias(
@@ -308,8 +355,15 @@ def clear_alias(
         aliases = read_json(path) if path.exists() else {}
         if aliases.get(alias) is None:
             return None
-        event = {"alias": alias, "version": None, "previous": aliases[alias], "reason": reason,
-                 "by": getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(record or {})}
+        event = {
+            "alias": alias,
+            "version": None,
+            "previous": aliases[alias],
+            "reason": reason,
+            "by": getpass.getuser(),
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(record or {}),
+        }
         kept = {name: version for name, version in aliases.items() if name != alias}
         write_json(registry.path / CHANGE_FILE, {"aliases": kept, "event": json.dumps(event, default=str)})
         finish_change(registry)
@@ -325,14 +379,20 @@ def describe(registry: Registry) -> dict:
         evaluated = (meta.get("evaluation") or {}).get("metrics")
         path = registry.path / "versions" / str(version) / "model.skops"
         intact = path.exists() and sha256_file(path) == meta["sha256"]
-        versions.append({
-            "version": version, "created": meta.get("created"), "model": meta.get("model"), "sha256": meta["sha256"], "file_ok": intact,
-            "data_version": meta.get("data_version"),
-            "roc_auc": round((evaluated or meta.get("metrics", {})).get("roc_auc", float("nan")), 4),
-            "metrics_on": "test" if evaluated else "validation",
-            "gate": (meta.get("gate") or {}).get("passed"),
-            "aliases": [alias for alias, named in aliases.items() if named == version],
-        })
+        versions.append(
+            {
+                "version": version,
+                "created": meta.get("created"),
+                "model": meta.get("model"),
+                "sha256": meta["sha256"],
+                "file_ok": intact,
+                "data_version": meta.get("data_version"),
+                "roc_auc": round((evaluated or meta.get("metrics", {})).get("roc_auc", float("nan")), 4),
+                "metrics_on": "test" if evaluated else "validation",
+                "gate": (meta.get("gate") or {}).get("passed"),
+                "aliases": [alias for alias, named in aliases.items() if named == version],
+            }
+        )
     return {"registry": str(registry.path), "aliases": aliases, "versions": versions}
 
 # %% ../nbs/20_registry.ipynb #4852b77f
@@ -346,12 +406,15 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
     return "\n".join(lines) + "\n"
 
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value) if value is not None else ""
 
+
 _FIGURE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<name>[\w.-]+\.png)\)$")
+
 
 def markdown_to_html(
     markdown: str,  # the card
@@ -360,20 +423,28 @@ def markdown_to_html(
 ) -> str:  # a standalone page: its figures embedded, nothing loaded from elsewhere
     "Render the Markdown of a model card (headings, lists, tables, paragraphs, figures) as a standalone page."
     import base64
+
     images = images or {}
     body, table, items = [], [], []
+
     def flush_list():
         if items:
             body.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
             items.clear()
+
     def flush():
         if table:
             rows = [line.strip("|").split("|") for line in table if not re.match(r"^\|(-+\|)+$", line)]
             head, *rest = rows
-            body.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in rest)
-                        + "</table>")
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in rest)
+                + "</table>"
+            )
             table.clear()
+
     for line in markdown.splitlines():
         if line.startswith("|"):
             table.append(line)
@@ -386,8 +457,10 @@ def markdown_to_html(
         figure = _FIGURE.match(line)
         if figure and figure["name"] in images:
             data = base64.b64encode(images[figure["name"]]).decode("ascii")
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure["caption"])}">'
-                        f'<figcaption>{html.escape(figure["caption"])}</figcaption></figure>')
+            body.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure["caption"])}">'
+                f"<figcaption>{html.escape(figure['caption'])}</figcaption></figure>"
+            )
         elif figure:
             body.append(f"<p>{html.escape(figure['caption'])} (figure not recorded)</p>")
         elif line.startswith("#"):
@@ -397,22 +470,29 @@ def markdown_to_html(
             body.append(f"<p>{html.escape(line)}</p>")
     flush()
     flush_list()
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#1f2328}"
-             "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}"
-             "figure{margin:1em 0}img{max-width:100%}figcaption{color:#57606a;font-size:.9em}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#1f2328}"
+        "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}"
+        "figure{margin:1em 0}img{max-width:100%}figcaption{color:#57606a;font-size:.9em}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
 
 def save_card(
     registry: Registry,  # the registry
     version: int,  # the version the card describes
     markdown: str,  # the card
-    images: dict[str, bytes] | None = None,  # its figures: file name -> PNG bytes, written beside card.md and embedded in card.html
+    images: dict[str, bytes]
+    | None = None,  # its figures: file name -> PNG bytes, written beside card.md and embedded in card.html
 ) -> str:  # the card as an HTML page
     "Write a version's model card as card.md (with its figures' PNG files) and card.html (figures embedded), atomically."
     page = markdown_to_html(markdown, f"Model card, version {version}", images)
     folder = registry.path / "versions" / str(version)
     from lifecycle.core import atomic_path
+
     for name, data in (images or {}).items():
         with atomic_path(folder / name) as temporary:
             temporary.write_bytes(data)

@@ -21,9 +21,16 @@ __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback
 
 # %% ../nbs/25_rollback.ipynb #b7873e95
 ROLLBACK_METRICS = ("roc_auc", "recall", "precision", "accuracy")  # higher is better for each
-ROLLBACK_DEFAULTS = {"rollback_metric": "roc_auc", "rollback_margin": 0.0, "rollback_min_labels": 50, "rollback_alerts": "", "rollback_days": 7.0,
-                     "rollback_alpha": 0.05}
+ROLLBACK_DEFAULTS = {
+    "rollback_metric": "roc_auc",
+    "rollback_margin": 0.0,
+    "rollback_min_labels": 50,
+    "rollback_alerts": "",
+    "rollback_days": 7.0,
+    "rollback_alpha": 0.05,
+}
 ROLLBACK_PREFIX = "Automatic rollback"  # how a rollback's event reason starts in the registry
+
 
 def rollback_rules(
     section: dict,  # the [retrain] settings (text from the file, or the stage's typed parameters); other keys are ignored
@@ -34,7 +41,12 @@ def rollback_rules(
     if metric not in ROLLBACK_METRICS:
         raise LifecycleError(f"[retrain] rollback_metric must be one of {', '.join(ROLLBACK_METRICS)}")
     numbers = {}
-    for key, kind in (("rollback_margin", float), ("rollback_min_labels", int), ("rollback_days", float), ("rollback_alpha", float)):
+    for key, kind in (
+        ("rollback_margin", float),
+        ("rollback_min_labels", int),
+        ("rollback_days", float),
+        ("rollback_alpha", float),
+    ):
         try:
             numbers[key] = kind(float(values[key]))
         except (TypeError, ValueError):
@@ -42,8 +54,15 @@ def rollback_rules(
         if numbers[key] < 0:
             raise LifecycleError(f"[retrain] {key} must be zero or more")
     alerts = [name.strip() for name in str(values["rollback_alerts"]).split(",") if name.strip()]
-    return {"metric": metric, "margin": numbers["rollback_margin"], "min_labels": max(numbers["rollback_min_labels"], 1),
-            "alpha": numbers["rollback_alpha"], "alerts": alerts, "days": numbers["rollback_days"], "active": numbers["rollback_margin"] > 0 or bool(alerts)}
+    return {
+        "metric": metric,
+        "margin": numbers["rollback_margin"],
+        "min_labels": max(numbers["rollback_min_labels"], 1),
+        "alpha": numbers["rollback_alpha"],
+        "alerts": alerts,
+        "days": numbers["rollback_days"],
+        "active": numbers["rollback_margin"] > 0 or bool(alerts),
+    }
 
 # %% ../nbs/25_rollback.ipynb #b28fad76
 def last_promotion(
@@ -51,10 +70,17 @@ def last_promotion(
 ) -> dict | None:  # the event that made the current champion, when it replaced a version and is not itself a rollback
     "The promotion the rollback rules watch."
     moves = [event for event in events if event.get("alias") == "champion"]
-    if not moves or moves[-1].get("previous") in (None, moves[-1].get("version")):  # nothing replaced (a first champion, or the same again)
+    if not moves or moves[-1].get("previous") in (
+        None,
+        moves[-1].get("version"),
+    ):  # nothing replaced (a first champion, or the same again)
         return None
     last = moves[-1]
-    undoes = len(moves) > 1 and moves[-2].get("version") == last.get("previous") and moves[-2].get("previous") == last.get("version")
+    undoes = (
+        len(moves) > 1
+        and moves[-2].get("version") == last.get("previous")
+        and moves[-2].get("previous") == last.get("version")
+    )
     if undoes or str(last.get("reason", "")).startswith(ROLLBACK_PREFIX):
         return None
     return last
@@ -70,46 +96,72 @@ def judge_rollback(
     if rules["margin"] > 0:
         labeled, figures = evidence.get("labeled", 0), evidence.get("figures")
         if labeled < rules["min_labels"] or not figures:
-            checked.append(f"{labeled} of the new champion's predictions have labels (rule: {rules['min_labels']}): too few to compare yet")
+            checked.append(
+                f"{labeled} of the new champion's predictions have labels (rule: {rules['min_labels']}): too few to compare yet"
+            )
         elif figures["champion"] is None or figures["previous"] is None:
             checked.append(f"{metric} cannot be computed on the {labeled} labeled patients (one class only)")
         else:
             drop = figures["previous"] - figures["champion"]
-            sentence = (f"realized {metric} {figures['champion']:.3f} for version {evidence['champion']} against {figures['previous']:.3f} for "
-                        f"version {evidence['previous']} on the same {labeled} labeled patients")
+            sentence = (
+                f"realized {metric} {figures['champion']:.3f} for version {evidence['champion']} against {figures['previous']:.3f} for "
+                f"version {evidence['previous']} on the same {labeled} labeled patients"
+            )
             p_value = evidence.get("p_value")
             tested = "" if p_value is None else f", {evidence.get('test')} p = {p_value:.3g}"
             if drop > rules["margin"] and (p_value is None or p_value < rules["alpha"]):
                 reasons.append(f"{sentence}: {drop:.3f} worse, more than the margin {rules['margin']:g}{tested}")
             elif drop > rules["margin"]:
-                checked.append(f"{sentence}: {drop:.3f} worse, but not significantly ({evidence.get('test')} p = {p_value:.3g}, alpha {rules['alpha']:g})")
+                checked.append(
+                    f"{sentence}: {drop:.3f} worse, but not significantly ({evidence.get('test')} p = {p_value:.3g}, alpha {rules['alpha']:g})"
+                )
             else:
                 checked.append(f"{sentence}: within the margin {rules['margin']:g}")
     if rules["alerts"]:
-        watched = lambda alert: alert["severity"] == "critical" and ("critical" in rules["alerts"] or alert["name"] in rules["alerts"])
-        hits = [alert for alert in evidence.get("alerts", []) if watched(alert) and 0 <= alert["days_after"] <= rules["days"]]
-        reasons += [f"critical alert {alert['name']} fired {alert['days_after']:.1f} days after the promotion (rule: within {rules['days']:g} days)"
-                    for alert in hits]
+        watched = lambda alert: (
+            alert["severity"] == "critical" and ("critical" in rules["alerts"] or alert["name"] in rules["alerts"])
+        )
+        hits = [
+            alert
+            for alert in evidence.get("alerts", [])
+            if watched(alert) and 0 <= alert["days_after"] <= rules["days"]
+        ]
+        reasons += [
+            f"critical alert {alert['name']} fired {alert['days_after']:.1f} days after the promotion (rule: within {rules['days']:g} days)"
+            for alert in hits
+        ]
         if not hits:
-            checked.append(f"no critical alert ({', '.join(rules['alerts'])}) fired for version {evidence.get('champion')} within {rules['days']:g} days of its promotion")
+            checked.append(
+                f"no critical alert ({', '.join(rules['alerts'])}) fired for version {evidence.get('champion')} within {rules['days']:g} days of its promotion"
+            )
     return {"rollback": bool(reasons), "reasons": reasons, "checked": checked}
 
 # %% ../nbs/25_rollback.ipynb #b19cf37a
 def _figure(metric: str, labels: np.ndarray, scores: np.ndarray, threshold: float) -> float | None:
     from lifecycle.metrics import classification_metrics
+
     if metric == "roc_auc" and len(set(labels.tolist())) < 2:
         return None
     value = classification_metrics(labels, scores, threshold)[metric]
     return None if value is None or not np.isfinite(value) else float(value)
 
-def _paired_test(metric: str, labels, old_scores, new_scores, old_threshold: float, new_threshold: float) -> tuple[str | None, float | None]:
+
+def _paired_test(
+    metric: str, labels, old_scores, new_scores, old_threshold: float, new_threshold: float
+) -> tuple[str | None, float | None]:
     "The paired test of the figure, where one applies: DeLong's for ROC AUC, McNemar's mid-p for accuracy; none for recall and precision."
     from lifecycle.compare import delong_test, mcnemar_test
+
     if metric == "roc_auc" and len(set(labels.tolist())) == 2:
         return "DeLong", float(delong_test(labels, old_scores, new_scores)["p_value"])
     if metric == "accuracy":
-        return "McNemar", float(mcnemar_test(labels, (old_scores >= old_threshold).astype(int), (new_scores >= new_threshold).astype(int))["mid_p_value"])
+        return "McNemar", float(
+            mcnemar_test(labels, (old_scores >= old_threshold).astype(int), (new_scores >= new_threshold).astype(int))[
+                "mid_p_value"
+            ]
+        )
     return None, None
+
 
 def _champion_labeled(log, version: int, since: str) -> pd.DataFrame:
     "The version's own (not shadow) predictions since its promotion, with their latest label (what it costs grows with them, not with the log)."
@@ -121,6 +173,7 @@ def _champion_labeled(log, version: int, since: str) -> pd.DataFrame:
     latest = labels.drop_duplicates("request_id", keep="last")[["request_id", "label"]]
     return mine.merge(latest, on="request_id", how="inner")
 
+
 def rollback_evidence(
     root: Path,  # the project folder
     rules: dict,  # `rollback_rules`
@@ -129,16 +182,27 @@ def rollback_evidence(
 ) -> dict:  # champion, previous, labeled, figures, alerts, promoted_at
     "What the rollback rules need: paired figures on the new champion's labeled patients, and the alerts firing for it."
     from lifecycle.serving.scoring import Scorer
+
     champion, previous = int(promotion["version"]), int(promotion["previous"])
-    evidence = {"champion": champion, "previous": previous, "labeled": 0, "figures": None, "test": None, "p_value": None, "alerts": [],
-                "promoted_at": promotion["at"]}
+    evidence = {
+        "champion": champion,
+        "previous": previous,
+        "labeled": 0,
+        "figures": None,
+        "test": None,
+        "p_value": None,
+        "alerts": [],
+        "promoted_at": promotion["at"],
+    }
     if rules["margin"] > 0:
         rows = _champion_labeled(log, champion, promotion["at"])
         evidence["labeled"] = len(rows)
         if len(rows) >= rules["min_labels"]:
             old = Scorer.from_registry(root, previous)
-            records = [{name: (None if pd.isna(value) else value) for name, value in zip(old.spec.features, row)}
-                       for row in rows.reindex(columns=old.spec.features).itertuples(index=False, name=None)]
+            records = [
+                {name: (None if pd.isna(value) else value) for name, value in zip(old.spec.features, row)}
+                for row in rows.reindex(columns=old.spec.features).itertuples(index=False, name=None)
+            ]
             results, _ = old.score_records(records)
             scored = np.array([result is not None for result in results], dtype=bool)
             labels = rows["label"].to_numpy(dtype=int)[scored]
@@ -146,9 +210,13 @@ def rollback_evidence(
             threshold = float(Scorer.from_registry(root, champion).spec.threshold)
             evidence["labeled"] = int(scored.sum())
             new_scores = rows["score"].to_numpy(dtype=float)[scored]
-            evidence["figures"] = {"champion": _figure(rules["metric"], labels, new_scores, threshold),
-                                   "previous": _figure(rules["metric"], labels, old_scores, float(old.spec.threshold))}
-            evidence["test"], evidence["p_value"] = _paired_test(rules["metric"], labels, old_scores, new_scores, float(old.spec.threshold), threshold)
+            evidence["figures"] = {
+                "champion": _figure(rules["metric"], labels, new_scores, threshold),
+                "previous": _figure(rules["metric"], labels, old_scores, float(old.spec.threshold)),
+            }
+            evidence["test"], evidence["p_value"] = _paired_test(
+                rules["metric"], labels, old_scores, new_scores, float(old.spec.threshold), threshold
+            )
     if rules["alerts"]:
         path = Path(root) / "monitoring" / "alerts_state.json"
         try:
@@ -160,8 +228,13 @@ def rollback_evidence(
             labels = alert.get("labels", {}) if isinstance(alert, dict) else {}
             if alert.get("status") == "firing" and labels.get("model_version") == str(champion):
                 started = datetime.fromisoformat(str(alert["startsAt"]).replace("Z", "+00:00"))
-                evidence["alerts"].append({"name": labels.get("alertname", ""), "severity": labels.get("severity", ""),
-                                           "days_after": (started - promoted).total_seconds() / 86400})
+                evidence["alerts"].append(
+                    {
+                        "name": labels.get("alertname", ""),
+                        "severity": labels.get("severity", ""),
+                        "days_after": (started - promoted).total_seconds() / 86400,
+                    }
+                )
     return evidence
 
 # %% ../nbs/25_rollback.ipynb #7630a23b
@@ -171,10 +244,13 @@ def check_rollback(
     now: datetime | None = None,  # the time (injected in tests; default now)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
     post=None,  # how the alert is posted (injected in tests; default `post_webhook`)
-) -> dict:  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, when rolled back)
+) -> (
+    dict
+):  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, when rolled back)
     "Evaluate the rollback rules for the current champion and roll it back when one holds."
     from lifecycle.promotion import move_back
     from lifecycle.registry import Registry, events
+
     root = project.root
     rules = rules if rules is not None else rollback_rules(project.section("retrain"))
     quiet = {"rollback": False, "rolled_back": False, "reasons": [], "checked": []}
@@ -183,8 +259,12 @@ def check_rollback(
     registry = Registry(root)
     promotion = last_promotion(events(registry))
     if promotion is None or registry.aliases().get("champion") != promotion["version"]:
-        return {**quiet, "checked": ["no promotion to watch: the champion replaced no version, or is itself a rollback"]}
+        return {
+            **quiet,
+            "checked": ["no promotion to watch: the champion replaced no version, or is itself a rollback"],
+        }
     from lifecycle.serving.predlog import open_log
+
     own = log is None
     log = open_log(project.log_url, root) if own else log
     try:
@@ -192,13 +272,28 @@ def check_rollback(
     finally:
         if own:
             log.close()
-    decision = {**judge_rollback(rules, evidence), "champion": evidence["champion"], "previous": evidence["previous"], "rolled_back": False}
+    decision = {
+        **judge_rollback(rules, evidence),
+        "champion": evidence["champion"],
+        "previous": evidence["previous"],
+        "rolled_back": False,
+    }
     if not decision["rollback"]:
         return decision
     now = now or datetime.now(timezone.utc)
-    reason = f"{ROLLBACK_PREFIX} of version {evidence['champion']} to {evidence['previous']}: " + "; ".join(decision["reasons"])
-    record = {"kind": "rollback", "time": now.isoformat(timespec="seconds"), "champion": evidence["champion"], "back_to": evidence["previous"],
-              "promoted_at": evidence["promoted_at"], "reasons": decision["reasons"], "labeled": evidence["labeled"], "figures": evidence["figures"]}
+    reason = f"{ROLLBACK_PREFIX} of version {evidence['champion']} to {evidence['previous']}: " + "; ".join(
+        decision["reasons"]
+    )
+    record = {
+        "kind": "rollback",
+        "time": now.isoformat(timespec="seconds"),
+        "champion": evidence["champion"],
+        "back_to": evidence["previous"],
+        "promoted_at": evidence["promoted_at"],
+        "reasons": decision["reasons"],
+        "labeled": evidence["labeled"],
+        "figures": evidence["figures"],
+    }
     try:  # only if the champion is still the one judged: a promotion in between is judged by the next look
         decision["event"] = move_back(registry, "rollback", reason, expected=evidence["champion"], decision=record)
     except LifecycleError as error:
@@ -206,11 +301,19 @@ def check_rollback(
     decision["rolled_back"] = True
     from lifecycle.alerts import post_webhook, send_notice
     from lifecycle.monitoring import WEBHOOK_ENV
+
     webhook = (project.section("monitor").get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
-    notice = send_notice(root / "monitoring", "champion_rolled_back", "critical",
-                         f"champion rolled back from version {evidence['champion']} to {evidence['previous']}: {decision['reasons'][0]}", now,
-                         labels={"project": root.resolve().name, "model_version": str(evidence["previous"])},
-                         annotations={"reason": reason, "rolled_back_from": str(evidence["champion"])}, webhook=webhook, post=post or post_webhook)
+    notice = send_notice(
+        root / "monitoring",
+        "champion_rolled_back",
+        "critical",
+        f"champion rolled back from version {evidence['champion']} to {evidence['previous']}: {decision['reasons'][0]}",
+        now,
+        labels={"project": root.resolve().name, "model_version": str(evidence["previous"])},
+        annotations={"reason": reason, "rolled_back_from": str(evidence["champion"])},
+        webhook=webhook,
+        post=post or post_webhook,
+    )
     decision["alert"] = notice["delivery"]
     return decision
 
@@ -221,15 +324,20 @@ def monitor_and_roll_back(
     log=None,  # an open prediction log (default: the project's, opened and closed by each step)
     post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
     **monitoring,  # the rest of `monitor_project`'s arguments (settings, engine, scheduler, serving_url)
-) -> dict:  # `monitor_project`'s summary, with rollback (the rules' verdict; None when no rule is set or nothing is logged yet)
+) -> (
+    dict
+):  # `monitor_project`'s summary, with rollback (the rules' verdict; None when no rule is set or nothing is logged yet)
     "Monitor the project, then judge the last promotion by the rollback rules."
     from lifecycle.monitoring import monitor_project
+
     summary = monitor_project(project, now=now, log=log, post=post, **monitoring)
     summary["rollback"] = None
     rules = rollback_rules(project.section("retrain"))
     if not summary["windows"] or not rules["active"]:
         return summary
-    summary["rollback"] = json.loads(json.dumps(check_rollback(project, rules, now=now, log=log, post=post), default=str))
+    summary["rollback"] = json.loads(
+        json.dumps(check_rollback(project, rules, now=now, log=log, post=post), default=str)
+    )
     if summary["rollback"]["rolled_back"]:
         summary["statements"].append(summary["rollback"]["event"]["reason"])
         summary["exit_code"] = 3

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import configparser
 import html
 import io
@@ -34,14 +33,20 @@ INJECTIONS = ("bad-model",)
 SANDBOX_ROLLBACK = {"rollback_margin": "0.05", "rollback_min_labels": "50"}  # when the project sets no rollback rule
 ROLLBACK_KEYS = ("rollback_margin", "rollback_alerts")  # the keys that switch a rollback rule on
 
+
 def _absolute_sources(text: str, root: Path) -> str:
     "`name: path` lines with each relative path that exists made absolute (URLs and queries kept as they are)."
     lines = []
     for line in text.splitlines():
         name, _, path = line.partition(":")
         where = root / path.strip()
-        lines.append(f"{name.strip()}: {where.resolve()}" if path.strip() and "://" not in path and where.exists() else line.strip())
+        lines.append(
+            f"{name.strip()}: {where.resolve()}"
+            if path.strip() and "://" not in path and where.exists()
+            else line.strip()
+        )
     return "\n".join(lines)
+
 
 def sandbox_settings_text(
     settings_text: str,  # the project's settings file, as text
@@ -67,7 +72,10 @@ def sandbox_settings_text(
             parser.set(section, key, str(value))
     out = io.StringIO()
     parser.write(out)
-    return "# Written by `lifecycle simulate`: a sandbox of the project. Edit the project's settings.ini, not this file.\n" + out.getvalue()
+    return (
+        "# Written by `lifecycle simulate`: a sandbox of the project. Edit the project's settings.ini, not this file.\n"
+        + out.getvalue()
+    )
 
 # %% ../nbs/13_simulate.ipynb #c1864b8e
 def plan_traffic(
@@ -115,23 +123,41 @@ def label_arrivals(
     return arrivals, (arrivals + pd.Timedelta(days=delay_days)).where(comes, pd.NaT)
 
 # %% ../nbs/13_simulate.ipynb #030fcd5f
-async def _send_day(project: Project, plan: pd.DataFrame, arrivals: pd.Series, fields_from, due: list[tuple], concurrency: int = 8) -> dict:
+async def _send_day(
+    project: Project, plan: pd.DataFrame, arrivals: pd.Series, fields_from, due: list[tuple], concurrency: int = 8
+) -> dict:
     "Score a day's patients through the serving app, into the sandbox's log, then send the labels due: (request_id, label, when)."
     from lifecycle.serving.replay import EVENT_TIME_HEADER, scoring_client, send_traffic, to_records
+
     async with scoring_client(project.root, log=project.log_url) as scoring:
         fields = fields_from(await scoring.features())
         nothing = pd.Series([pd.NaT] * len(plan), dtype="datetime64[ns, UTC]")
-        sent = await send_traffic(scoring.client, to_records(plan, fields), arrivals.reset_index(drop=True), np.full(len(plan), np.nan),
-                                  nothing, arrivals.max() if len(plan) else datetime.now(timezone.utc), scoring.headers, concurrency)
+        sent = await send_traffic(
+            scoring.client,
+            to_records(plan, fields),
+            arrivals.reset_index(drop=True),
+            np.full(len(plan), np.nan),
+            nothing,
+            arrivals.max() if len(plan) else datetime.now(timezone.utc),
+            scoring.headers,
+            concurrency,
+        )
         gate = asyncio.Semaphore(concurrency)
+
         async def feedback(request_id, label, when):
             async with gate:
-                return await scoring.client.post("/feedback", json={"request_id": request_id, "label": int(label)},
-                                                 headers={**scoring.headers, EVENT_TIME_HEADER: pd.Timestamp(when).isoformat()})
+                return await scoring.client.post(
+                    "/feedback",
+                    json={"request_id": request_id, "label": int(label)},
+                    headers={**scoring.headers, EVENT_TIME_HEADER: pd.Timestamp(when).isoformat()},
+                )
+
         answers = await asyncio.gather(*[feedback(*item) for item in due])
     refused = sum(answer.status_code != 202 for answer in answers)
     if refused:
-        raise LifecycleError(f"simulate: {refused} of {len(answers)} labels were refused by the scoring app (/feedback)")
+        raise LifecycleError(
+            f"simulate: {refused} of {len(answers)} labels were refused by the scoring app (/feedback)"
+        )
     return sent
 
 # %% ../nbs/13_simulate.ipynb #ef4f4e71
@@ -143,31 +169,49 @@ def inject_bad_model(
     from lifecycle.promotion import move_alias
     from lifecycle.registry import Registry, register
     from lifecycle.train import build_pipeline, reference_statistics
+
     registry = Registry(root)
     champion = registry.aliases()["champion"]
     meta = registry.meta(champion)
     run_id = (meta.get("evaluation") or {}).get("run_id")
     clean = Path(root) / "runs" / str(run_id) / "prepare" / "clean.parquet"
     if not clean.exists():
-        raise LifecycleError(f"simulate: {clean} is missing: the champion's training rows are needed to make the bad model")
+        raise LifecycleError(
+            f"simulate: {clean} is missing: the champion's training rows are needed to make the bad model"
+        )
     rows = pd.read_parquet(clean)
     rows = rows[rows["_split"] == "train"]
     numeric, categorical = meta["features"]["numeric"], meta["features"]["categorical"]
     swapped = 1 - rows["_label"].to_numpy().astype(int)  # the bug: positive and negative mixed up in the label mapping
-    model = build_pipeline(meta.get("model") or "logistic_regression", numeric, categorical, int(meta.get("seed", 42) or 42))
+    model = build_pipeline(
+        meta.get("model") or "logistic_regression", numeric, categorical, int(meta.get("seed", 42) or 42)
+    )
     model.fit(rows[numeric + categorical], swapped)
     scores = model.predict_proba(rows[numeric + categorical])[:, 1]
     champion_reference = registry.path / "versions" / str(champion) / "reference.json"
-    grouping = read_json(champion_reference).get("groups") if champion_reference.exists() else None  # the same training rows: the same groups
-    reference = reference_statistics(rows, numeric, categorical, scores, rows["_label"].to_numpy().astype(int), grouping)
-    kept = {key: value for key, value in meta.items() if key not in ("version", "sha256", "bytes", "created", "evaluation", "gate", "metrics", "cv", "wandb")}
+    grouping = (
+        read_json(champion_reference).get("groups") if champion_reference.exists() else None
+    )  # the same training rows: the same groups
+    reference = reference_statistics(
+        rows, numeric, categorical, scores, rows["_label"].to_numpy().astype(int), grouping
+    )
+    kept = {
+        key: value
+        for key, value in meta.items()
+        if key not in ("version", "sha256", "bytes", "created", "evaluation", "gate", "metrics", "cv", "wandb")
+    }
     made = "simulate --inject bad-model: the champion's recipe fitted with the labels swapped (a mix-up of positive and negative)"
-    version = register(registry, model, {**kept, "injected": made, "metrics": {}, "gate": {"passed": False, "reasons": [f"never gated: {made}"]}},
-                       files={"reference.json": json.dumps(reference)})
+    version = register(
+        registry,
+        model,
+        {**kept, "injected": made, "metrics": {}, "gate": {"passed": False, "reasons": [f"never gated: {made}"]}},
+        files={"reference.json": json.dumps(reference)},
+    )
     return move_alias(registry, "champion", version, "simulate", f"Injected by {made}", expected=champion, force=True)
 
 # %% ../nbs/13_simulate.ipynb #9088b56e
 SHADOW_PREFIX = "shadow:"  # a shadow prediction's request id: this, then the champion's (as the serving side logs it)
+
 
 def day_figures(
     predictions: pd.DataFrame,  # the log's predictions (event_time, model_version, channel, score, decision, request_id)
@@ -175,36 +219,88 @@ def day_figures(
     start: datetime,  # the first simulated day's start
     days: int,  # simulated days
     calibration_of,  # model version -> its reference's calibration map (or None)
-) -> pd.DataFrame:  # one row a day: patients, labeled, roc_auc, recall, estimated_roc_auc, shadow, shadow_agreement, versions
+) -> (
+    pd.DataFrame
+):  # one row a day: patients, labeled, roc_auc, recall, estimated_roc_auc, shadow, shadow_agreement, versions
     "Each simulated day's accuracy, realized and estimated, and the shadow's agreement."
     from lifecycle.monitoring import estimated_metrics, realized_metrics
+
     rows = []
     own = predictions[predictions["channel"] != "shadow"] if len(predictions) else predictions
     shadows = predictions[predictions["channel"] == "shadow"] if len(predictions) else predictions
-    shadows = shadows.assign(request_id=shadows["request_id"].astype(str).str.removeprefix(SHADOW_PREFIX))  # paired with the champion's by id
-    when = pd.to_datetime(own["event_time"], utc=True, format="ISO8601") if len(own) else pd.Series(dtype="datetime64[ns, UTC]")
+    shadows = shadows.assign(
+        request_id=shadows["request_id"].astype(str).str.removeprefix(SHADOW_PREFIX)
+    )  # paired with the champion's by id
+    when = (
+        pd.to_datetime(own["event_time"], utc=True, format="ISO8601")
+        if len(own)
+        else pd.Series(dtype="datetime64[ns, UTC]")
+    )
     day = ((when - pd.Timestamp(start)).dt.total_seconds() // 86400) if len(own) else pd.Series(dtype=float)
-    latest = labels.drop_duplicates("request_id", keep="last").set_index("request_id")["label"] if len(labels) else pd.Series(dtype=float)
+    latest = (
+        labels.drop_duplicates("request_id", keep="last").set_index("request_id")["label"]
+        if len(labels)
+        else pd.Series(dtype=float)
+    )
     for number in range(days):
         served = own[(day == number).to_numpy()] if len(own) else own
-        shadow = shadows[shadows["request_id"].isin(served["request_id"])]  # a shadow prediction counts on its patient's day
+        shadow = shadows[
+            shadows["request_id"].isin(served["request_id"])
+        ]  # a shadow prediction counts on its patient's day
         label = served["request_id"].map(latest).to_numpy(dtype=float)
         known = ~np.isnan(label)
-        realized = realized_metrics(label[known], served["score"].to_numpy(dtype=float)[known], served["decision"].to_numpy(dtype=float)[known], n_boot=0)
-        estimates = [estimated_metrics(group["score"].to_numpy(dtype=float), group["decision"].to_numpy(dtype=float), calibration_of(int(version)))
-                     for version, group in served.groupby("model_version")]
+        realized = realized_metrics(
+            label[known],
+            served["score"].to_numpy(dtype=float)[known],
+            served["decision"].to_numpy(dtype=float)[known],
+            n_boot=0,
+        )
+        estimates = [
+            estimated_metrics(
+                group["score"].to_numpy(dtype=float),
+                group["decision"].to_numpy(dtype=float),
+                calibration_of(int(version)),
+            )
+            for version, group in served.groupby("model_version")
+        ]
         weights = [len(group) for _, group in served.groupby("model_version")]
-        estimated = [(item["estimated_roc_auc"], weight) for item, weight in zip(estimates, weights) if item["estimated_roc_auc"] is not None]
-        paired = served[["request_id", "decision"]].merge(shadow[["request_id", "decision"]], on="request_id", suffixes=("", "_shadow"))
-        rows.append({"day": number + 1, "date": (pd.Timestamp(start) + pd.Timedelta(days=number)).strftime("%Y-%m-%d"),
-                     "patients": len(served), "labeled": int(known.sum()), "roc_auc": realized.get("roc_auc"), "recall": realized.get("recall"),
-                     "estimated_roc_auc": sum(v * w for v, w in estimated) / sum(w for _, w in estimated) if estimated else None,
-                     "shadow": len(shadow), "shadow_agreement": float((paired["decision"] == paired["decision_shadow"]).mean()) if len(paired) else None,
-                     "versions": ", ".join(str(int(v)) for v in sorted(served["model_version"].unique()))})
+        estimated = [
+            (item["estimated_roc_auc"], weight)
+            for item, weight in zip(estimates, weights)
+            if item["estimated_roc_auc"] is not None
+        ]
+        paired = served[["request_id", "decision"]].merge(
+            shadow[["request_id", "decision"]], on="request_id", suffixes=("", "_shadow")
+        )
+        rows.append(
+            {
+                "day": number + 1,
+                "date": (pd.Timestamp(start) + pd.Timedelta(days=number)).strftime("%Y-%m-%d"),
+                "patients": len(served),
+                "labeled": int(known.sum()),
+                "roc_auc": realized.get("roc_auc"),
+                "recall": realized.get("recall"),
+                "estimated_roc_auc": sum(v * w for v, w in estimated) / sum(w for _, w in estimated)
+                if estimated
+                else None,
+                "shadow": len(shadow),
+                "shadow_agreement": float((paired["decision"] == paired["decision_shadow"]).mean())
+                if len(paired)
+                else None,
+                "versions": ", ".join(str(int(v)) for v in sorted(served["model_version"].unique())),
+            }
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/13_simulate.ipynb #c5ce3181
-CHANGE_COLORS = {"promoted": "tab:green", "refused": "tab:gray", "shadow": "tab:purple", "injected": "tab:red", "rolled back": "tab:orange"}
+CHANGE_COLORS = {
+    "promoted": "tab:green",
+    "refused": "tab:gray",
+    "shadow": "tab:purple",
+    "injected": "tab:red",
+    "rolled back": "tab:orange",
+}
+
 
 def plot_timeline(
     days: pd.DataFrame,  # `day_figures`, with drift_share and alerts_sent (a count) added
@@ -212,30 +308,61 @@ def plot_timeline(
 ):  # a matplotlib Figure
     "The simulation's timeline: accuracy, drift and alerts, shadow agreement, model changes."
     import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(3, 1, figsize=(14, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.4]})
     x = days["day"].to_numpy()
     numbers = lambda column: pd.to_numeric(days[column], errors="coerce").to_numpy(dtype=float)
-    axes[0].plot(x, numbers("roc_auc"), "o-", color="tab:blue", label="ROC AUC, realized\n(the day's patients, labels that came)")
-    axes[0].plot(x, numbers("estimated_roc_auc"), "s--", color="tab:orange", label="ROC AUC, estimated\nfrom calibrated scores")
-    axes[0].plot(x, numbers("recall"), "o-", color="tab:green", alpha=0.6, label="recall at the threshold, realized\n(sick patients caught)")
+    axes[0].plot(
+        x, numbers("roc_auc"), "o-", color="tab:blue", label="ROC AUC, realized\n(the day's patients, labels that came)"
+    )
+    axes[0].plot(
+        x, numbers("estimated_roc_auc"), "s--", color="tab:orange", label="ROC AUC, estimated\nfrom calibrated scores"
+    )
+    axes[0].plot(
+        x,
+        numbers("recall"),
+        "o-",
+        color="tab:green",
+        alpha=0.6,
+        label="recall at the threshold, realized\n(sick patients caught)",
+    )
     axes[0].set(ylim=(0, 1.02), title="Accuracy, day by day")
-    axes[1].bar(x, numbers("drift_share"), color="tab:red", alpha=0.35, label="share of features drifted\n(latest window)")
+    axes[1].bar(
+        x, numbers("drift_share"), color="tab:red", alpha=0.35, label="share of features drifted\n(latest window)"
+    )
     axes[1].set(ylim=(0, 1.05), title="Drift and alerts")
     sent = axes[1].twinx()
     sent.plot(x, numbers("alerts_sent"), "kv", label="alerts sent that day")
     sent.set(ylabel="alerts sent", ylim=(0, max(1.0, float(np.nanmax(numbers("alerts_sent")))) * 1.15 if len(x) else 1))
     sent.yaxis.get_major_locator().set_params(integer=True)
     agreement = numbers("shadow_agreement")
-    axes[2].bar(x, agreement, color="tab:purple", alpha=0.6, label="shadow agrees with the champion\n(share of patients)")
+    axes[2].bar(
+        x, agreement, color="tab:purple", alpha=0.6, label="shadow agrees with the champion\n(share of patients)"
+    )
     if not np.isfinite(agreement).any():
-        axes[2].text(0.5, 0.5, "no shadow predictions logged", transform=axes[2].transAxes, ha="center", va="center", color="gray")
+        axes[2].text(
+            0.5,
+            0.5,
+            "no shadow predictions logged",
+            transform=axes[2].transAxes,
+            ha="center",
+            va="center",
+            color="gray",
+        )
     axes[2].set(ylim=(0, 1.05), title="Shadow", xlabel="simulated day")
     for change in changes:
         color = CHANGE_COLORS.get(change["kind"], "black")
         for axis in axes:
             axis.axvline(change["day"], color=color, linestyle=":", linewidth=1.5)
-        axes[0].annotate(f"{change['kind']} v{change['version']}", (change["day"], 1.0), rotation=90, fontsize=8, color=color,
-                         ha="right", va="top")
+        axes[0].annotate(
+            f"{change['kind']} v{change['version']}",
+            (change["day"], 1.0),
+            rotation=90,
+            fontsize=8,
+            color=color,
+            ha="right",
+            va="top",
+        )
     handles = axes[1].get_legend_handles_labels()
     twin = sent.get_legend_handles_labels()
     axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -243,6 +370,7 @@ def plot_timeline(
     axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     return figure
+
 
 def timeline_html(
     title: str,  # the project's title
@@ -253,51 +381,90 @@ def timeline_html(
     facts: dict,  # label -> value, shown as a list (settings, counts)
 ) -> str:  # a standalone HTML page (no script, nothing from the internet)
     "The timeline report."
+
     def escape(value) -> str:
         if value is None or (isinstance(value, float) and np.isnan(value)):
             return "—"
         return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
-    change_rows = "".join(f"<tr><td>{escape(c['day'])}</td><td>{escape(c['kind'])}</td><td>{escape(c['version'])}</td><td>{escape(c['reason'])}</td></tr>"
-                          for c in changes) or "<tr><td colspan='4'>no model change</td></tr>"
-    columns = [column for column in ("day", "date", "patients", "labeled", "roc_auc", "estimated_roc_auc", "recall", "drift_share",
-                                     "alerts_sent", "alerts", "shadow", "shadow_agreement", "versions") if column in days.columns]
+
+    change_rows = (
+        "".join(
+            f"<tr><td>{escape(c['day'])}</td><td>{escape(c['kind'])}</td><td>{escape(c['version'])}</td><td>{escape(c['reason'])}</td></tr>"
+            for c in changes
+        )
+        or "<tr><td colspan='4'>no model change</td></tr>"
+    )
+    columns = [
+        column
+        for column in (
+            "day",
+            "date",
+            "patients",
+            "labeled",
+            "roc_auc",
+            "estimated_roc_auc",
+            "recall",
+            "drift_share",
+            "alerts_sent",
+            "alerts",
+            "shadow",
+            "shadow_agreement",
+            "versions",
+        )
+        if column in days.columns
+    ]
     head = "".join(f"<th>{escape(column.replace('_', ' '))}</th>" for column in columns)
-    body = "".join("<tr>" + "".join(f"<td>{escape(row[c])}</td>" for c in columns) + "</tr>" for row in days.to_dict("records"))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(row[c])}</td>" for c in columns) + "</tr>" for row in days.to_dict("records")
+    )
     facts_list = "".join(f"<li>{escape(key)}: {escape(value)}</li>" for key, value in facts.items())
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;color:#1f2328;max-width:80em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border-bottom:1px solid #d0d7de;padding:.3em .7em;text-align:left}img{max-width:100%;border:1px solid #d0d7de}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Simulation: {escape(title)}</title><style>{style}</style></head><body>"
-            f"<h1>Simulation: {escape(title)}</h1><p><strong>{escape(headline)}</strong></p>"
-            f"<img src='{escape(picture)}' alt='The simulation timeline: accuracy, drift, alerts, shadow and model changes by day'>"
-            f"<h2>Model changes</h2><table><tr><th>day</th><th>change</th><th>version</th><th>why</th></tr>{change_rows}</table>"
-            f"<h2>Day by day</h2><table><tr>{head}</tr>{body}</table><h2>The run</h2><ul>{facts_list}</ul></body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;color:#1f2328;max-width:80em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border-bottom:1px solid #d0d7de;padding:.3em .7em;text-align:left}img{max-width:100%;border:1px solid #d0d7de}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Simulation: {escape(title)}</title><style>{style}</style></head><body>"
+        f"<h1>Simulation: {escape(title)}</h1><p><strong>{escape(headline)}</strong></p>"
+        f"<img src='{escape(picture)}' alt='The simulation timeline: accuracy, drift, alerts, shadow and model changes by day'>"
+        f"<h2>Model changes</h2><table><tr><th>day</th><th>change</th><th>version</th><th>why</th></tr>{change_rows}</table>"
+        f"<h2>Day by day</h2><table><tr>{head}</tr>{body}</table><h2>The run</h2><ul>{facts_list}</ul></body></html>\n"
+    )
 
 # %% ../nbs/13_simulate.ipynb #5daa89c9
 def _say(message: str, quiet: bool) -> None:
     if not quiet:
         print(f"simulate: {message}", file=sys.stderr)
 
+
 def _production_rows(settings) -> pd.DataFrame:
     "The rows of [deploy] production, read by the project's readers, with their source's name."
     from lifecycle.core import parse_mapping, parse_source
     from lifecycle.sources import read_source
+
     text = settings.sections.get("deploy", {}).get("production", "")
     sources = parse_mapping(text) if text.strip() else {}
     if not sources:
-        raise LifecycleError(f"{settings.path.name}: [deploy] production names no source; the simulation sends those rows as production traffic")
+        raise LifecycleError(
+            f"{settings.path.name}: [deploy] production names no source; the simulation sends those rows as production traffic"
+        )
     frames = [read_source(parse_source(name, where, settings.root), settings)[0] for name, where in sources.items()]
     return pd.concat(frames, ignore_index=True)
+
 
 def _calibrations(root: Path):
     "model version -> its reference's calibration map, read once."
     from lifecycle.registry import Registry
+
     folder, cache = Registry(root).path / "versions", {}
+
     def calibration_of(version: int):
         if version not in cache:
             path = folder / str(version) / "reference.json"
             cache[version] = (read_json(path).get("scores") or {}).get("calibration") if path.exists() else None
         return cache[version]
+
     return calibration_of
+
 
 def _change(day: int, kind: str, version, reason: str) -> dict:
     return {"day": day, "kind": kind, "version": version, "reason": reason}
@@ -308,6 +475,7 @@ def _retrain(sandbox: Path, day: int, quiet: bool) -> tuple[dict, list[dict], di
     from lifecycle.loop import retrain_project
     from lifecycle.promotion import move_alias
     from lifecycle.registry import Registry
+
     result = retrain_project(sandbox / "settings.ini", overrides=["retrain.promote=false"], quiet=quiet)
     changes = []
     if result.get("rollback", {}).get("rolled_back"):
@@ -321,28 +489,69 @@ def _retrain(sandbox: Path, day: int, quiet: bool) -> tuple[dict, list[dict], di
     run_stages = {entry["name"]: entry for entry in result["challenger_run"]["stages"]}
     gate = (run_stages.get("evaluate", {}).get("summary") or {}).get("gate")
     if not judged.get("comparison"):
-        changes.append(_change(day, "refused", judged["challenger"], "no comparison on held-out patients: " + "; ".join(judged.get("statements", []))))
+        changes.append(
+            _change(
+                day,
+                "refused",
+                judged["challenger"],
+                "no comparison on held-out patients: " + "; ".join(judged.get("statements", [])),
+            )
+        )
         return result, changes, None
     verdict = judged["comparison"]["headline"]
     # every challenger scores in shadow, its gate passed or not (forced, on the record): its promotion is decided after the shadow run
-    move_alias(Registry(sandbox), "shadow", judged["challenger"], "simulate",
-               f"simulate: challenger of retrain {result['retrain_id']} scores beside the champion. {verdict}", force=True)
-    changes.append(_change(day, "shadow", judged["challenger"], f"retrain {result['retrain_id']}: {'; '.join(result['decision']['reasons'])}. {verdict}"))
+    move_alias(
+        Registry(sandbox),
+        "shadow",
+        judged["challenger"],
+        "simulate",
+        f"simulate: challenger of retrain {result['retrain_id']} scores beside the champion. {verdict}",
+        force=True,
+    )
+    changes.append(
+        _change(
+            day,
+            "shadow",
+            judged["challenger"],
+            f"retrain {result['retrain_id']}: {'; '.join(result['decision']['reasons'])}. {verdict}",
+        )
+    )
     return result, changes, {"judged": judged, "gate": gate, "retrain_id": result["retrain_id"]}
+
 
 def _settle_shadow(sandbox: Path, day: int, pending: dict, shadow_rows: int) -> dict:
     "End a shadow run: promote the challenger when its gate and the comparison allow it, else refuse; the alias is cleared."
     from lifecycle.promotion import take_off
     from lifecycle.registry import Registry
     from lifecycle.retrain import promote_if_won
+
     evidence = f"retrain/{pending['retrain_id']}/comparison.json; {shadow_rows} shadow predictions logged"
     promotion = promote_if_won(sandbox, pending["judged"], pending["gate"], True, evidence, actor="simulate")
-    decision = {"kind": "promotion", "retrain_id": pending["retrain_id"], "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "champion": pending["judged"]["champion"], "challenger": pending["judged"]["challenger"], "after_shadow": shadow_rows,
-                "promoted": promotion["promoted"], "reasons": promotion["reasons"], "evidence": evidence}
-    take_off(Registry(sandbox), "shadow", "simulate", f"simulate: shadow run of version {pending['judged']['challenger']} over", decision=decision)
+    decision = {
+        "kind": "promotion",
+        "retrain_id": pending["retrain_id"],
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "champion": pending["judged"]["champion"],
+        "challenger": pending["judged"]["challenger"],
+        "after_shadow": shadow_rows,
+        "promoted": promotion["promoted"],
+        "reasons": promotion["reasons"],
+        "evidence": evidence,
+    }
+    take_off(
+        Registry(sandbox),
+        "shadow",
+        "simulate",
+        f"simulate: shadow run of version {pending['judged']['challenger']} over",
+        decision=decision,
+    )
     kind = "promoted" if promotion["promoted"] else "refused"
-    return _change(day, kind, pending["judged"]["challenger"], "; ".join(promotion["reasons"]) + f" (after {shadow_rows} shadow predictions)")
+    return _change(
+        day,
+        kind,
+        pending["judged"]["challenger"],
+        "; ".join(promotion["reasons"]) + f" (after {shadow_rows} shadow predictions)",
+    )
 
 # %% ../nbs/13_simulate.ipynb #72292855
 def simulate_project(
@@ -352,22 +561,27 @@ def simulate_project(
     inject: str = "",  # "bad-model": promote a deliberately worse model on inject_day
     inject_day: int | None = None,  # the day of the injection (default: the middle of the simulation)
     label_delay: float | None = None,  # days until a diagnosis comes back (default: [deploy] label_delay_days)
-    label_share: float | None = None,  # the share of patients whose diagnosis comes back (default: [deploy] label_share)
+    label_share: float
+    | None = None,  # the share of patients whose diagnosis comes back (default: [deploy] label_share)
     shadow_days: int = 2,  # days a challenger scores in shadow before its promotion is decided
     cooldown_days: int = 7,  # fewest days between two retrains
-    overrides: list[str] | None = None,  # `stage.key=value`: written into the sandbox's settings (so every run there has them)
+    overrides: list[str]
+    | None = None,  # `stage.key=value`: written into the sandbox's settings (so every run there has them)
     seed: int = 0,  # random seed of the traffic
     quiet: bool = False,  # no progress lines on stderr
 ) -> dict:  # sandbox, report, run_id, days (one dict a day), changes, headline, seconds
     "Simulate days of production on a sandbox of the project: traffic, labels, monitoring, retrain, shadow, promotion, rollback."
-    from lifecycle.rollback import monitor_and_roll_back
     from lifecycle.pipeline import discover_stages, parse_overrides, run_lifecycle, write_index
-    from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry
+    from lifecycle.rollback import monitor_and_roll_back
+    from lifecycle.serving.predlog import open_log
     from lifecycle.serving.replay import run_async, true_labels
+
     if inject and inject not in INJECTIONS:
         raise LifecycleError(f"simulate: --inject {inject} is not known; use one of {', '.join(INJECTIONS)}")
-    plan_traffic(pd.DataFrame({"x": [1.0]}), days, scale, [])  # --days and --scale checked before the sandbox's first run, not after it
+    plan_traffic(
+        pd.DataFrame({"x": [1.0]}), days, scale, []
+    )  # --days and --scale checked before the sandbox's first run, not after it
     started = time.perf_counter()
     settings = load_settings(settings_path)
     deploy = settings.sections.get("deploy", {})
@@ -377,7 +591,10 @@ def simulate_project(
     simulation_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     sandbox = settings.root / SIMULATIONS / simulation_id
     sandbox.mkdir(parents=True)
-    sections = {section: {key: value for key, value in values.items()} for section, values in parse_overrides(overrides or []).items()}
+    sections = {
+        section: {key: value for key, value in values.items()}
+        for section, values in parse_overrides(overrides or []).items()
+    }
     write_text(sandbox / "settings.ini", sandbox_settings_text(settings.path.read_text(), settings.root, sections))
     _say(f"sandbox {sandbox}: the whole lifecycle first", quiet)
     first = run_lifecycle(sandbox / "settings.ini", quiet=quiet)
@@ -415,16 +632,36 @@ def simulate_project(
             request_ids[index] = request_id
             if request_id and pd.notna(diagnosed[index]):
                 waiting.append(index)
-        monitored = monitor_and_roll_back(box_project)  # monitoring, then the rollback rules judge the injected champion
+        monitored = monitor_and_roll_back(
+            box_project
+        )  # monitoring, then the rollback rules judge the injected champion
         values = (monitored.get("latest") or {}).get("values") or {}
         rolled = monitored.get("rollback") or {}
         if rolled.get("rolled_back"):
             changes.append(_change(day + 1, "rolled back", rolled["event"]["version"], rolled["event"]["reason"]))
-        record = {"day": day + 1, "scored": sent["scored"], "refused": sent["rejected"], "labels_sent": len(due),
-                  "drift_share": values.get("drift_share"), "alerts_sent": len(monitored["alerts"]["sent"]),
-                  "alerts": ", ".join(sorted({alert["labels"]["alertname"] for alert in monitored["alerts"]["sent"] if alert["status"] == "firing"})),
-                  "policy": ""}
-        if pending is None and day >= next_retrain and not (inject and injected and not any(c["kind"] == "rolled back" for c in changes)):
+        record = {
+            "day": day + 1,
+            "scored": sent["scored"],
+            "refused": sent["rejected"],
+            "labels_sent": len(due),
+            "drift_share": values.get("drift_share"),
+            "alerts_sent": len(monitored["alerts"]["sent"]),
+            "alerts": ", ".join(
+                sorted(
+                    {
+                        alert["labels"]["alertname"]
+                        for alert in monitored["alerts"]["sent"]
+                        if alert["status"] == "firing"
+                    }
+                )
+            ),
+            "policy": "",
+        }
+        if (
+            pending is None
+            and day >= next_retrain
+            and not (inject and injected and not any(c["kind"] == "rolled back" for c in changes))
+        ):
             result, made, pending = _retrain(sandbox, day + 1, quiet)
             record["policy"] = result["headline"]
             changes += made
@@ -433,8 +670,15 @@ def simulate_project(
             if pending:
                 shadow_until = day + 1 + shadow_days
         records.append(record)
-        _say(f"day {day + 1}/{days}: {sent['scored']} scored, {len(due)} labels, {record['alerts_sent']} alerts sent"
-             + (f"; {changes[-1]['kind']} version {changes[-1]['version']}" if changes and changes[-1]["day"] == day + 1 else ""), quiet)
+        _say(
+            f"day {day + 1}/{days}: {sent['scored']} scored, {len(due)} labels, {record['alerts_sent']} alerts sent"
+            + (
+                f"; {changes[-1]['kind']} version {changes[-1]['version']}"
+                if changes and changes[-1]["day"] == day + 1
+                else ""
+            ),
+            quiet,
+        )
     if pending:
         with open_log(box_project.log_url, sandbox) as log:
             shadow_rows = int((log.predictions()["channel"] == "shadow").sum()) if log.count() else 0
@@ -446,29 +690,71 @@ def simulate_project(
     figure = plot_timeline(table, changes)
     figure.savefig(report_dir / "simulate.png", dpi=110)
     import matplotlib.pyplot as plt
+
     plt.close(figure)
     kinds = [change["kind"] for change in changes]
-    headline = (f"{days} simulated days, {int(table['patients'].sum())} patients from {', '.join(sorted(production['_source'].astype(str).unique()))}; "
-                + (", ".join(f"{kinds.count(kind)} {kind}" for kind in CHANGE_COLORS if kind in kinds) or "no model change") + ".")
-    facts = {"sandbox": sandbox.relative_to(settings.root).as_posix(), "days": days, "scale": scale, "inject": inject or "none",
-             "label delay (days)": label_delay, "label share": label_share, "shadow days": shadow_days, "seed": seed,
-             "champion at the end": Registry(sandbox).aliases().get("champion")}
-    write_text(report_dir / "simulate.html", timeline_html(box.title or box.root.name, headline, table, changes, "simulate.png", facts))
+    headline = (
+        f"{days} simulated days, {int(table['patients'].sum())} patients from {', '.join(sorted(production['_source'].astype(str).unique()))}; "
+        + (", ".join(f"{kinds.count(kind)} {kind}" for kind in CHANGE_COLORS if kind in kinds) or "no model change")
+        + "."
+    )
+    facts = {
+        "sandbox": sandbox.relative_to(settings.root).as_posix(),
+        "days": days,
+        "scale": scale,
+        "inject": inject or "none",
+        "label delay (days)": label_delay,
+        "label share": label_share,
+        "shadow days": shadow_days,
+        "seed": seed,
+        "champion at the end": Registry(sandbox).aliases().get("champion"),
+    }
+    write_text(
+        report_dir / "simulate.html",
+        timeline_html(box.title or box.root.name, headline, table, changes, "simulate.png", facts),
+    )
     seconds = round(time.perf_counter() - started, 1)
-    first["stages"].append({"name": "simulate", "status": "ran", "seconds": seconds, "html": "simulate.html", "figure": "simulate.png",
-                            "extra_reports": {"timeline": "simulate.html"}, "summary": {"headline": headline, "days": days, "changes": len(changes)}})
+    first["stages"].append(
+        {
+            "name": "simulate",
+            "status": "ran",
+            "seconds": seconds,
+            "html": "simulate.html",
+            "figure": "simulate.png",
+            "extra_reports": {"timeline": "simulate.html"},
+            "summary": {"headline": headline, "days": days, "changes": len(changes)},
+        }
+    )
     write_json(report_dir / "run.json", first)
     write_index(first, report_dir / "index.html", [stage.name for stage in discover_stages()] + ["simulate"])
-    outcome = {"sandbox": str(sandbox), "run_id": first["run_id"], "report": str(report_dir / "simulate.html"), "index": str(report_dir / "index.html"),
-               "headline": headline, "changes": changes, "days": json.loads(table.to_json(orient="records")), "seconds": seconds}
+    outcome = {
+        "sandbox": str(sandbox),
+        "run_id": first["run_id"],
+        "report": str(report_dir / "simulate.html"),
+        "index": str(report_dir / "index.html"),
+        "headline": headline,
+        "changes": changes,
+        "days": json.loads(table.to_json(orient="records")),
+        "seconds": seconds,
+    }
     write_json(sandbox / "simulation.json", outcome)
     return outcome
 
 # %% ../nbs/13_simulate.ipynb #8a7d8833
 def _simulate_command(args) -> int:
-    outcome = simulate_project(args.settings, days=args.days, scale=args.scale, inject=args.inject or "", inject_day=args.inject_day,
-                               label_delay=args.label_delay, label_share=args.label_share, shadow_days=args.shadow_days,
-                               overrides=args.parameter, seed=args.seed, quiet=args.json)
+    outcome = simulate_project(
+        args.settings,
+        days=args.days,
+        scale=args.scale,
+        inject=args.inject or "",
+        inject_day=args.inject_day,
+        label_delay=args.label_delay,
+        label_share=args.label_share,
+        shadow_days=args.shadow_days,
+        overrides=args.parameter,
+        seed=args.seed,
+        quiet=args.json,
+    )
     if args.json:
         print(json.dumps(outcome, indent=2, default=str))
     else:
@@ -478,27 +764,63 @@ def _simulate_command(args) -> int:
         print(f"Report: {outcome['report']}")
     return 0
 
+
 def add_simulate_command(
     commands,  # the subparsers of the `lifecycle` command
 ) -> None:
     "Add `lifecycle simulate` to the command line."
-    simulate = commands.add_parser("simulate", help="the four hospitals end to end, in a sandbox: traffic, labels, monitoring, retrain, shadow, rollback",
-                                   description="In a sandbox of the project (simulations/<id>/): the whole lifecycle, then --days of production in which the rows of "
-                                               "[deploy] production arrive through the scoring app, their labels later; each day monitoring, the rollback rules and the "
-                                               "retrain policy; a challenger in shadow, then promoted or refused with the evidence. Writes a timeline report.",
-                                   epilog="examples:\n  lifecycle simulate\n  lifecycle simulate --days 42 --inject bad-model\n"
-                                          "  lifecycle simulate --scale 20 --days 90 --json\n  lifecycle simulate --days 10 --label-delay 2 -p retrain.min_new_labels=60",
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    simulate = commands.add_parser(
+        "simulate",
+        help="the four hospitals end to end, in a sandbox: traffic, labels, monitoring, retrain, shadow, rollback",
+        description="In a sandbox of the project (simulations/<id>/): the whole lifecycle, then --days of production in which the rows of "
+        "[deploy] production arrive through the scoring app, their labels later; each day monitoring, the rollback rules and the "
+        "retrain policy; a challenger in shadow, then promoted or refused with the evidence. Writes a timeline report.",
+        epilog="examples:\n  lifecycle simulate\n  lifecycle simulate --days 42 --inject bad-model\n"
+        "  lifecycle simulate --scale 20 --days 90 --json\n  lifecycle simulate --days 10 --label-delay 2 -p retrain.min_new_labels=60",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     simulate.add_argument("--settings", default="settings.ini", help="the project's settings file")
     simulate.add_argument("--days", type=int, default=28, help="simulated days of production (default 28)")
-    simulate.add_argument("--scale", type=float, default=1.0, help="traffic multiplier: resample the production rows N times, jittered (default 1)")
-    simulate.add_argument("--inject", choices=INJECTIONS, default=None, help="bad-model: promote a deliberately worse model; the rollback rules must undo it")
+    simulate.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="traffic multiplier: resample the production rows N times, jittered (default 1)",
+    )
+    simulate.add_argument(
+        "--inject",
+        choices=INJECTIONS,
+        default=None,
+        help="bad-model: promote a deliberately worse model; the rollback rules must undo it",
+    )
     simulate.add_argument("--inject-day", type=int, default=None, help="the day of the injection (default: the middle)")
-    simulate.add_argument("--label-delay", type=float, default=None, help="days until a diagnosis comes back (default: [deploy] label_delay_days)")
-    simulate.add_argument("--label-share", type=float, default=None, help="the share of diagnoses that come back (default: [deploy] label_share)")
-    simulate.add_argument("--shadow-days", type=int, default=2, help="days a challenger scores in shadow before its promotion is decided (default 2)")
+    simulate.add_argument(
+        "--label-delay",
+        type=float,
+        default=None,
+        help="days until a diagnosis comes back (default: [deploy] label_delay_days)",
+    )
+    simulate.add_argument(
+        "--label-share",
+        type=float,
+        default=None,
+        help="the share of diagnoses that come back (default: [deploy] label_share)",
+    )
+    simulate.add_argument(
+        "--shadow-days",
+        type=int,
+        default=2,
+        help="days a challenger scores in shadow before its promotion is decided (default 2)",
+    )
     simulate.add_argument("--seed", type=int, default=0, help="random seed of the traffic (default 0)")
-    simulate.add_argument("-p", dest="parameter", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                          help="a setting for the sandbox (e.g. retrain.min_new_labels=60, prepare.profile=false), repeatable")
+    simulate.add_argument(
+        "-p",
+        dest="parameter",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="a setting for the sandbox (e.g. retrain.min_new_labels=60, prepare.profile=false), repeatable",
+    )
     simulate.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     simulate.set_defaults(handler=_simulate_command)

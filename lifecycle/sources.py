@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.csv
 import sqlalchemy
 
-from .core import LifecycleError, Settings, Source, parse_mapping, sha256_file
+from .core import LifecycleError, Settings, Source, sha256_file
 
 # %% auto #0
 __all__ = ['SIDE_EFFECT_FREE', 'SQL_TIMEOUT', 'PARQUET_SUFFIXES', 'JSON_LINES_SUFFIXES', 'with_lineage', 'line_starts',
@@ -52,6 +52,7 @@ def _text_format(path: Path, first_line: str) -> str:
             return delimiter
     return " "
 
+
 def line_starts(
     data: np.ndarray,  # the file's bytes, as uint8
 ) -> np.ndarray:  # the offset where each line starts
@@ -64,18 +65,21 @@ def line_starts(
     mask = np.empty(min(chunk, len(data)), dtype=bool)
     parts = [np.zeros(1, dtype=np.int64)]
     for start in range(0, len(data), chunk):
-        part = data[start:start + chunk]
-        np.equal(part, ord("\n"), out=mask[:len(part)])
-        parts.append(np.flatnonzero(mask[:len(part)]) + (start + 1))
+        part = data[start : start + chunk]
+        np.equal(part, ord("\n"), out=mask[: len(part)])
+        parts.append(np.flatnonzero(mask[: len(part)]) + (start + 1))
     starts = np.concatenate(parts)
     return starts[starts < len(data)] if len(data) else starts[:0]
+
 
 def _per_line(positions: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
     "How many of the sorted byte `positions` fall in each line."
     return np.diff(np.searchsorted(positions, np.append(starts, size)))
 
+
 _SPACE = np.zeros(256, dtype=bool)
 _SPACE[[ord(" "), ord("\t"), ord("\r"), ord("\n")]] = True
+
 
 def blank_lines(
     data: np.ndarray,  # the file's bytes, as uint8
@@ -85,8 +89,9 @@ def blank_lines(
     blank = np.zeros(len(starts), dtype=bool)
     ends = np.append(starts[1:], len(data))
     for index in np.flatnonzero(_SPACE[data[starts]]):
-        blank[index] = bool(_SPACE[data[starts[index]:ends[index]]].all())
+        blank[index] = bool(_SPACE[data[starts[index] : ends[index]]].all())
     return blank
+
 
 def field_counts(
     data: np.ndarray,  # the file's bytes, as uint8
@@ -105,6 +110,7 @@ def _split_fields(text: str, delimiter: str) -> list[str]:
     "A line's fields: runs of whitespace for a space-separated file, else the delimiter, quotes respected."
     return text.split() if delimiter == " " else next(csv.reader([text], delimiter=delimiter), [])
 
+
 def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expected: int) -> np.ndarray:
     "Reasons per line, decoding and parsing each line: for quoted fields and bad bytes."
     reasons = np.full(len(lines), "", dtype=object)
@@ -119,16 +125,22 @@ def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expecte
             reasons[index] = f"expected {expected} fields, found {fields}"
     return reasons
 
+
 def _no_malformed() -> pd.DataFrame:
-    return pd.DataFrame({"_line": pd.Series(dtype="int64"), "reason": pd.Series(dtype="object"), "text": pd.Series(dtype="object")})
+    return pd.DataFrame(
+        {"_line": pd.Series(dtype="int64"), "reason": pd.Series(dtype="object"), "text": pd.Series(dtype="object")}
+    )
+
 
 def _arrow_options(names: list[str], delimiter: str, na_values: list[str], skip_rows: int = 0, on_invalid=None) -> dict:
     return {
         "read_options": pyarrow.csv.ReadOptions(column_names=names, skip_rows=skip_rows),
         "parse_options": pyarrow.csv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-        "convert_options": pyarrow.csv.ConvertOptions(null_values=list(na_values) + [""], strings_can_be_null=True,
-                                                      timestamp_parsers=[]),
+        "convert_options": pyarrow.csv.ConvertOptions(
+            null_values=list(na_values) + [""], strings_can_be_null=True, timestamp_parsers=[]
+        ),
     }
+
 
 def _to_pandas(table: pyarrow.Table) -> pd.DataFrame:
     "Convert column by column, freeing Arrow's memory as it goes, and give it back to the system."
@@ -137,9 +149,11 @@ def _to_pandas(table: pyarrow.Table) -> pd.DataFrame:
     pyarrow.default_memory_pool().release_unused()  # with the system allocator: trims the C heap
     return frame
 
+
 def _arrow_ready(delimiter: str, encoding: str) -> bool:
     "pyarrow's parser reads UTF-8 with a one-character delimiter; whitespace runs and other encodings go to pandas."
     return delimiter != " " and encoding.replace("-", "").lower() in ("utf8", "ascii")
+
 
 def _parse_lines(data: bytes, names: list[str], delimiter: str, na_values: list[str], encoding: str) -> pd.DataFrame:
     "Parse lines already checked to have the right number of fields: pyarrow's parser on every core, else pandas'."
@@ -149,28 +163,44 @@ def _parse_lines(data: bytes, names: list[str], delimiter: str, na_values: list[
             return _to_pandas(table)
         except pyarrow.ArrowInvalid:
             pass  # pyarrow fixes a column's type from its first block; text far down a numeric column needs pandas
-    return pd.read_csv(io.BytesIO(data), header=None, names=names, encoding=encoding, skip_blank_lines=False,
-                       sep=r"\s+" if delimiter == " " else delimiter, na_values=na_values, skipinitialspace=True)
+    return pd.read_csv(
+        io.BytesIO(data),
+        header=None,
+        names=names,
+        encoding=encoding,
+        skip_blank_lines=False,
+        sep=r"\s+" if delimiter == " " else delimiter,
+        na_values=na_values,
+        skipinitialspace=True,
+    )
 
-def _parse_clean_file(raw: bytes, names: list[str], delimiter: str, na_values: list[str], skip_rows: int,
-                      expected_rows: int) -> pd.DataFrame | None:
+
+def _parse_clean_file(
+    raw: bytes, names: list[str], delimiter: str, na_values: list[str], skip_rows: int, expected_rows: int
+) -> pd.DataFrame | None:
     "The fast path: parse the whole file at once; None when any line is malformed (then each line is judged)."
     invalid = []
+
     def on_invalid(row):
         invalid.append(row)
         return "skip"
+
     try:
-        table = pyarrow.csv.read_csv(io.BytesIO(raw), **_arrow_options(names, delimiter, na_values, skip_rows, on_invalid))
+        table = pyarrow.csv.read_csv(
+            io.BytesIO(raw), **_arrow_options(names, delimiter, na_values, skip_rows, on_invalid)
+        )
     except pyarrow.ArrowInvalid:
         return None
     if invalid or table.num_rows != expected_rows:
         return None
     return _to_pandas(table)
 
+
 def _is_header(fields: list[str], columns: list[str]) -> bool:
     "A first line is a header when it names the columns (or, without `columns`, always)."
     names = [field.strip().strip('"').casefold() for field in fields]
     return not columns or names == [column.casefold() for column in columns]
+
 
 def _is_number(text: str) -> bool:
     try:
@@ -179,24 +209,34 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
 
+
 def _looks_like_header(first: list[str], second: list[str]) -> bool:
     "A first line of names over a line of numbers is a header, even when its names are not the expected ones."
     named = [field.strip() for field in first]
-    return (len(first) == len(second) and all(name and not _is_number(name) for name in named)
-            and sum(_is_number(field.strip()) for field in second) >= len(second) / 2)
+    return (
+        len(first) == len(second)
+        and all(name and not _is_number(name) for name in named)
+        and sum(_is_number(field.strip()) for field in second) >= len(second) / 2
+    )
+
 
 def _fields(raw: bytes, starts: np.ndarray, ends: np.ndarray, index: int, delimiter: str, encoding: str) -> list[str]:
-    return _split_fields(raw[starts[index]:ends[index]].decode(encoding, errors="replace"), delimiter)
+    return _split_fields(raw[starts[index] : ends[index]].decode(encoding, errors="replace"), delimiter)
+
 
 def _lines_equal_to(raw: bytes, starts: np.ndarray, ends: np.ndarray, line: bytes) -> np.ndarray:
     "A mask of the lines whose bytes equal `line`: only lines of the same length are compared."
     equal = np.zeros(len(starts), dtype=bool)
     for index in np.flatnonzero((ends - starts) == len(line)):
-        equal[index] = raw[starts[index]:ends[index]] == line
+        equal[index] = raw[starts[index] : ends[index]] == line
     return equal
 
+
 def _decodes(data: bytes, encoding: str) -> bool:
-    if encoding.replace("-", "").replace("_", "").lower() in ("utf8", "ascii", "latin1", "iso88591", "cp1252") and data.isascii():
+    if (
+        encoding.replace("-", "").replace("_", "").lower() in ("utf8", "ascii", "latin1", "iso88591", "cp1252")
+        and data.isascii()
+    ):
         return True  # ASCII bytes are text in these encodings; the check needs no decoded copy of the file
     try:
         data.decode(encoding)
@@ -214,7 +254,9 @@ def read_text_table(
     "Read a delimited text file into rows, setting aside lines that cannot be parsed."
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
-        raise LifecycleError(f"{path} is a binary file, not delimited text; point the source at a text, Parquet or JSON lines file")
+        raise LifecycleError(
+            f"{path} is a binary file, not delimited text; point the source at a text, Parquet or JSON lines file"
+        )
     if b"\r" in raw:
         raw = raw.replace(b"\r\n", b"\n")
     data = np.frombuffer(raw, dtype=np.uint8)
@@ -226,7 +268,7 @@ def read_text_table(
     first_line = np.flatnonzero(~blank)
     if not len(first_line):
         raise LifecycleError(f"{path} is empty: it holds no rows")
-    first = raw[starts[first_line[0]]:ends[first_line[0]]].decode(encoding, errors="replace")
+    first = raw[starts[first_line[0]] : ends[first_line[0]]].decode(encoding, errors="replace")
     delimiter = _text_format(path, first)
     first_fields = _split_fields(first, delimiter)
     header = _is_header(first_fields, columns)
@@ -234,13 +276,22 @@ def read_text_table(
     rows = ~blank
     if header:
         rows[first_line[0]] = False
-    junk_header = not header and len(first_line) > 1 and _looks_like_header(first_fields, _fields(raw, starts, ends, first_line[1], delimiter, encoding))
+    junk_header = (
+        not header
+        and len(first_line) > 1
+        and _looks_like_header(first_fields, _fields(raw, starts, ends, first_line[1], delimiter, encoding))
+    )
     repeated = None
     if header or junk_header:
-        repeated = _lines_equal_to(raw, starts, ends, raw[starts[first_line[0]]:ends[first_line[0]]])
+        repeated = _lines_equal_to(raw, starts, ends, raw[starts[first_line[0]] : ends[first_line[0]]])
         repeated[first_line[0]] = False
     decodes = _decodes(raw, encoding)
-    if decodes and _arrow_ready(delimiter, encoding) and not junk_header and not (repeated is not None and repeated.any()):
+    if (
+        decodes
+        and _arrow_ready(delimiter, encoding)
+        and not junk_header
+        and not (repeated is not None and repeated.any())
+    ):
         skip = int(first_line[0]) + 1 if header else 0
         frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
         if frame is not None:
@@ -254,17 +305,21 @@ def read_text_table(
     counts = field_counts(data, starts, delimiter)
     if b'"' in raw or not decodes:
         candidates = np.flatnonzero(rows & (reasons == ""))
-        reasons[candidates] = _slow_line_checks([raw[starts[i]:ends[i]] for i in candidates], delimiter, encoding, len(names))
+        reasons[candidates] = _slow_line_checks(
+            [raw[starts[i] : ends[i]] for i in candidates], delimiter, encoding, len(names)
+        )
     else:
         wrong = rows & (counts != len(names)) & (reasons == "")
         reasons[wrong] = [f"expected {len(names)} fields, found {count}" for count in counts[wrong]]
     good = rows & (reasons == "")
     bad = np.flatnonzero(rows & ~good)
-    malformed = pd.DataFrame({
-        "_line": bad + 1,
-        "reason": reasons[bad].astype(str),
-        "text": [raw[starts[i]:ends[i]].decode(encoding, errors="replace")[:1000] for i in bad],
-    })
+    malformed = pd.DataFrame(
+        {
+            "_line": bad + 1,
+            "reason": reasons[bad].astype(str),
+            "text": [raw[starts[i] : ends[i]].decode(encoding, errors="replace")[:1000] for i in bad],
+        }
+    )
     lengths = np.diff(np.append(starts, len(raw)))
     kept = raw if good.all() else data[np.repeat(good, lengths)].tobytes()
     if good.any():
@@ -305,6 +360,7 @@ def read_json_lines(
     malformed = pd.DataFrame(bad, columns=["_line", "reason", "text"])
     return frame, malformed, 0
 
+
 def read_parquet_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     "Read a Parquet file; row numbers are its lines."
     try:
@@ -324,16 +380,24 @@ def mask_url(url: str) -> str:
     except Exception:
         return re.sub(r"//[^@/]*@", "//***@", url)
 
+
 def _sqlite_relative_to(url: str, root: Path) -> str:
     "Resolve a relative SQLite path from the project folder, as every other path is."
     parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" and not Path(parsed.database).is_absolute():
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and parsed.database
+        and parsed.database != ":memory:"
+        and not Path(parsed.database).is_absolute()
+    ):
         return parsed.set(database=str(root / parsed.database)).render_as_string(hide_password=False)
     return url
+
 
 _READS = re.compile(r"\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*(\w*)", re.DOTALL)  # the first word after comments
 
 _SQLITE_READING = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+
 
 def read_only_engine(
     url: str,  # a SQLAlchemy database URL (relative SQLite paths already resolved)
@@ -343,17 +407,26 @@ def read_only_engine(
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database if parsed.database and parsed.database != ":memory:" else ":memory:"
-        target = "file::memory:?mode=ro" if database == ":memory:" else f"file:{urllib.parse.quote(str(Path(database).resolve()))}?mode=ro"
+        target = (
+            "file::memory:?mode=ro"
+            if database == ":memory:"
+            else f"file:{urllib.parse.quote(str(Path(database).resolve()))}?mode=ro"
+        )
         engine = sqlalchemy.create_engine(f"sqlite:///{target}&uri=true")
+
         @sqlalchemy.event.listens_for(engine, "connect")
         def _query_only(connection, record):
             connection.execute("PRAGMA query_only = ON")
             # ATTACH opens (and creates) another file even on a read-only connection: allow reading only
-            connection.set_authorizer(lambda action, *names: sqlite3.SQLITE_OK if action in _SQLITE_READING else sqlite3.SQLITE_DENY)
+            connection.set_authorizer(
+                lambda action, *names: sqlite3.SQLITE_OK if action in _SQLITE_READING else sqlite3.SQLITE_DENY
+            )
+
         return engine
     if backend == "postgresql":
         return sqlalchemy.create_engine(url, connect_args={"options": "-c default_transaction_read_only=on"})
     return sqlalchemy.create_engine(url)
+
 
 def read_query(
     source: Source,  # a database source
@@ -361,9 +434,12 @@ def read_query(
     "Refuse a query that is not one read (its first word not SELECT, WITH, VALUES or TABLE); wrap it as a subquery."
     first = _READS.match(source.query).group(1).upper()
     if first not in ("SELECT", "WITH", "VALUES", "TABLE"):
-        raise LifecycleError(f"source '{source.name}' ({mask_url(source.location)}): the query starts with {first[:20] or 'nothing'}; "
-                             "a source is read, never written: give one SELECT")
+        raise LifecycleError(
+            f"source '{source.name}' ({mask_url(source.location)}): the query starts with {first[:20] or 'nothing'}; "
+            "a source is read, never written: give one SELECT"
+        )
     return f"SELECT * FROM (\n{source.query.strip().rstrip(';').strip()}\n) AS source_rows"
+
 
 def read_sql_table(
     source: Source,  # a database source: URL and query
@@ -383,7 +459,9 @@ def read_sql_table(
         engine.dispose()
     except Exception as error:
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise LifecycleError(f"source '{source.name}' ({mask_url(source.location)}): query failed: {first_line}") from None
+        raise LifecycleError(
+            f"source '{source.name}' ({mask_url(source.location)}): query failed: {first_line}"
+        ) from None
     if frame.empty:
         raise LifecycleError(f"source '{source.name}' ({mask_url(source.location)}): the query returned no rows")
     frame["_line"] = np.arange(1, len(frame) + 1)
@@ -393,6 +471,7 @@ def read_sql_table(
 _SQL_WORD = re.compile(r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*")
 _SQL_DOLLAR = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\$")
 _SQL_OPERATOR_CHARACTERS = set("+-*/<>=~!@#%^&|`?")
+
 
 def _string_end(sql: str, start: int, backslash_escapes: bool) -> int:
     "The index after the string literal whose opening quote is at `start`."
@@ -409,6 +488,7 @@ def _string_end(sql: str, start: int, backslash_escapes: bool) -> int:
         else:
             position += 1
     return len(sql)
+
 
 def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
     "The code tokens of SQL text as (kind, text): word, quoted, unicode, operator or other; comments and strings left out."
@@ -439,7 +519,7 @@ def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
                     break
                 end += 2
             end = size if end < 0 else end + 1
-            tokens.append(("quoted", sql[position + 1:end - 1].replace('""', '"')))
+            tokens.append(("quoted", sql[position + 1 : end - 1].replace('""', '"')))
             position = end
         elif character == "$" and _SQL_DOLLAR.match(sql, position):
             tag = _SQL_DOLLAR.match(sql, position).group(0)
@@ -448,7 +528,9 @@ def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
         elif _SQL_WORD.match(sql, position):
             word = _SQL_WORD.match(sql, position).group(0)
             after = position + len(word)
-            if word.lower() in ("e", "b", "x", "n") and sql.startswith("'", after):  # E'…' (backslash escapes), B'…', X'…', N'…'
+            if word.lower() in ("e", "b", "x", "n") and sql.startswith(
+                "'", after
+            ):  # E'…' (backslash escapes), B'…', X'…', N'…'
                 position = _string_end(sql, after, word.lower() == "e" or backslash_escapes)
             elif word.lower() == "u" and sql.startswith("&'", after):
                 position = _string_end(sql, after + 1, False)
@@ -460,7 +542,12 @@ def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
                 position = after
         elif character in _SQL_OPERATOR_CHARACTERS:
             end = position
-            while end < size and sql[end] in _SQL_OPERATOR_CHARACTERS and not sql.startswith("--", end) and not sql.startswith("/*", end):
+            while (
+                end < size
+                and sql[end] in _SQL_OPERATOR_CHARACTERS
+                and not sql.startswith("--", end)
+                and not sql.startswith("/*", end)
+            ):
                 end += 1
             tokens.append(("operator", sql[position:end]))
             position = end
@@ -469,21 +556,38 @@ def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
             position += 1
     return tokens
 
+
 def sql_calls(
     sql: str,  # SQL text: a query, or an expression from a plan
     backslash_escapes: bool = False,  # True when '…' strings take backslash escapes (PostgreSQL's standard_conforming_strings off)
-) -> tuple[set[str], set[str], bool]:  # (names written as calls, operators, True when a name is written with Unicode escapes)
+) -> tuple[
+    set[str], set[str], bool
+]:  # (names written as calls, operators, True when a name is written with Unicode escapes)
     "What SQL text calls, read as PostgreSQL's lexer reads it: the functions (unquoted names lower-cased), the operators."
     tokens = _sql_tokens(sql, backslash_escapes)
-    calls = {text for (kind, text), following in zip(tokens, tokens[1:]) if kind in ("word", "quoted") and following == ("other", "(")}
+    calls = {
+        text
+        for (kind, text), following in zip(tokens, tokens[1:])
+        if kind in ("word", "quoted") and following == ("other", "(")
+    }
     operators = {text for kind, text in tokens if kind == "operator"}
     return calls, operators, any(kind == "unicode" for kind, _ in tokens)
 
-
 # %% ../nbs/22_sources.ipynb #c5e1a003
-SIDE_EFFECT_FREE = frozenset({"random", "random_normal", "clock_timestamp", "timeofday", "gen_random_uuid", "uuidv4", "uuidv7"})
+SIDE_EFFECT_FREE = frozenset(
+    {"random", "random_normal", "clock_timestamp", "timeofday", "gen_random_uuid", "uuidv4", "uuidv7"}
+)
 SQL_TIMEOUT = 600  # seconds a source query may run on PostgreSQL
-_POSTGRES_SHOWN_CLASSES = ("08", "0A", "25", "3D", "42", "53", "57")  # connection, unsupported, read-only, database, syntax, resources, cancel
+_POSTGRES_SHOWN_CLASSES = (
+    "08",
+    "0A",
+    "25",
+    "3D",
+    "42",
+    "53",
+    "57",
+)  # connection, unsupported, read-only, database, syntax, resources, cancel
+
 
 def _postgres_message(error: Exception) -> str:
     "A PostgreSQL error in one line, without the values a data error quotes."
@@ -493,6 +597,7 @@ def _postgres_message(error: Exception) -> str:
         return first_line
     return f"{type(error).__name__} (SQLSTATE {sqlstate})"
 
+
 def _plan_texts(plan) -> list[str]:
     "Every text in an EXPLAIN (FORMAT JSON) plan: its expressions, and function names as calls."
     if isinstance(plan, dict):
@@ -501,6 +606,7 @@ def _plan_texts(plan) -> list[str]:
     if isinstance(plan, list):
         return [text for value in plan for text in _plan_texts(value)]
     return [plan] if isinstance(plan, str) else []
+
 
 def _refuse_volatile(
     connection,  # a psycopg connection
@@ -513,16 +619,24 @@ def _refuse_volatile(
     volatile = connection.execute(
         "SELECT DISTINCT proname FROM pg_proc WHERE provolatile = 'v' AND proname = ANY(%s) AND NOT proname = ANY(%s) "
         "AND NOT 'internal'::regtype::oid = ANY(proargtypes::oid[]) ORDER BY 1",
-        (sorted(calls), sorted(SIDE_EFFECT_FREE))).fetchall()
+        (sorted(calls), sorted(SIDE_EFFECT_FREE)),
+    ).fetchall()
     if volatile:
-        raise LifecycleError(f"{where}: the query calls {volatile[0][0]}(), a function that may have side effects (volatile); "
-                             "a source query may call only functions PostgreSQL declares stable or immutable")
+        raise LifecycleError(
+            f"{where}: the query calls {volatile[0][0]}(), a function that may have side effects (volatile); "
+            "a source query may call only functions PostgreSQL declares stable or immutable"
+        )
     volatile = connection.execute(
         "SELECT DISTINCT o.oprname, p.proname FROM pg_operator o JOIN pg_proc p ON p.oid = o.oprcode "
-        "WHERE p.provolatile = 'v' AND o.oprname = ANY(%s) ORDER BY 1", (sorted(operators),)).fetchall()
+        "WHERE p.provolatile = 'v' AND o.oprname = ANY(%s) ORDER BY 1",
+        (sorted(operators),),
+    ).fetchall()
     if volatile:
-        raise LifecycleError(f"{where}: the query uses the operator {volatile[0][0]}, which calls {volatile[0][1]}(), a function that "
-                             "may have side effects (volatile); a source query may call only stable or immutable functions")
+        raise LifecycleError(
+            f"{where}: the query uses the operator {volatile[0][0]}, which calls {volatile[0][1]}(), a function that "
+            "may have side effects (volatile); a source query may call only stable or immutable functions"
+        )
+
 
 def refuse_side_effects(
     connection,  # a psycopg connection, in the read-only transaction that will run the query
@@ -535,7 +649,7 @@ def refuse_side_effects(
     backslash_escapes = connection.execute("SHOW standard_conforming_strings").fetchone()[0] != "on"
     calls, operators, escaped = sql_calls(query, backslash_escapes)
     if escaped:
-        raise LifecycleError(f"{where}: the query writes a name with Unicode escapes (U&\"…\"); write it plainly")
+        raise LifecycleError(f'{where}: the query writes a name with Unicode escapes (U&"…"); write it plainly')
     _refuse_volatile(connection, calls, operators, where)
     plan = connection.execute(f"EXPLAIN (VERBOSE, FORMAT JSON) {wrapped}", prepare=True).fetchone()[0]
     calls, operators = set(), set()
@@ -544,6 +658,7 @@ def refuse_side_effects(
         calls |= more_calls
         operators |= more_operators
     _refuse_volatile(connection, calls, operators, where)
+
 
 def read_postgres_query(
     url: str,  # a SQLAlchemy PostgreSQL URL (postgresql://, postgresql+psycopg://, …)
@@ -555,10 +670,13 @@ def read_postgres_query(
     """Run a source query on PostgreSQL: one prepared statement (a second is refused by the server), in a read-only
     transaction, under a statement timeout, after `refuse_side_effects`."""
     import psycopg
+
     conninfo = sqlalchemy.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     options = f"-c default_transaction_read_only=on -c statement_timeout={int(timeout * 1000)}"
     try:
-        with psycopg.connect(conninfo, options=options, connect_timeout=10, application_name="lifecycle-source") as connection:
+        with psycopg.connect(
+            conninfo, options=options, connect_timeout=10, application_name="lifecycle-source"
+        ) as connection:
             connection.read_only = True
             with connection.transaction():
                 refuse_side_effects(connection, query if query is not None else wrapped, wrapped, where)
@@ -573,10 +691,10 @@ def read_postgres_query(
         raise LifecycleError(f"{where}: the query returned no rows")
     return frame
 
-
 # %% ../nbs/22_sources.ipynb #66b5a55d
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 JSON_LINES_SUFFIXES = {".jsonl", ".ndjson"}
+
 
 def source_format(source: Source) -> str:
     "sql, parquet, jsonl or text."
@@ -589,6 +707,7 @@ def source_format(source: Source) -> str:
         return "jsonl"
     return "text"
 
+
 def read_source(
     source: Source,  # the source to read
     settings: Settings,  # the project's settings (columns, missing-value markers, root)
@@ -598,7 +717,9 @@ def read_source(
     kind = source_format(source)
     path = Path(source.location)
     if kind != "sql" and not path.is_file():
-        raise LifecycleError(f"source '{source.name}': file {path} not found; check [data] sources in {settings.path.name}")
+        raise LifecycleError(
+            f"source '{source.name}': file {path} not found; check [data] sources in {settings.path.name}"
+        )
     hashing = ThreadPoolExecutor(max_workers=1)
     file_hash = None if kind == "sql" else hashing.submit(sha256_file, path)  # hashed while it is parsed
     try:
@@ -612,13 +733,17 @@ def read_source(
             frame, malformed, blank = read_text_table(path, settings.columns, settings.na_values, encoding)
     except LifecycleError as error:
         message = str(error)
-        raise LifecycleError(message if message.startswith("source '") else f"source '{source.name}': {message}") from None
+        raise LifecycleError(
+            message if message.startswith("source '") else f"source '{source.name}': {message}"
+        ) from None
     finally:
         hashing.shutdown(wait=True)
     shown = mask_url(source.location) if kind == "sql" else _relative(path, settings.root)
     if len(frame) == 0 and len(malformed):  # not one line is data: a wrong file (a system file, another table …)
-        raise LifecycleError(f"source '{source.name}': none of its {len(malformed):,} lines is a row of data "
-                             f"(line {malformed['_line'].iloc[0]}: {malformed['reason'].iloc[0]}); is {shown} the right file?")
+        raise LifecycleError(
+            f"source '{source.name}': none of its {len(malformed):,} lines is a row of data "
+            f"(line {malformed['_line'].iloc[0]}: {malformed['reason'].iloc[0]}); is {shown} the right file?"
+        )
     lines = frame.pop("_line").to_numpy()
     frame.columns = [str(column).strip() for column in frame.columns]
     expected = settings.columns or list(frame.columns)
@@ -626,14 +751,20 @@ def read_source(
     extra = [column for column in frame.columns if column not in expected]
     frame = frame.reindex(columns=expected)
     entry = {
-        "name": source.name, "format": kind, "location": shown,
+        "name": source.name,
+        "format": kind,
+        "location": shown,
         "sha256": None if file_hash is None else file_hash.result(),
-        "rows": len(frame), "lines_malformed": len(malformed), "lines_blank": blank,
-        "columns_missing": missing, "columns_dropped": extra,
+        "rows": len(frame),
+        "lines_malformed": len(malformed),
+        "lines_blank": blank,
+        "columns_missing": missing,
+        "columns_dropped": extra,
     }
     malformed.insert(0, "_file", shown)
     malformed.insert(0, "_source", source.name)
     return with_lineage(frame, source.name, shown, lines), malformed, entry
+
 
 def _relative(path: Path, root: Path) -> str:
     try:

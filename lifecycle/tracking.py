@@ -24,22 +24,31 @@ __all__ = ['MODES', 'tracking_mode', 'wandb_environment', 'Tracker', 'tracking_w
 # %% ../nbs/21_tracking.ipynb #db40d228
 MODES = ("offline", "online", "disabled", "auto")
 
+
 def tracking_mode(
     setting: str = "auto",  # offline, online, disabled, or auto: online when WANDB_API_KEY is set, else offline
 ) -> str:  # offline, online or disabled
     "The W&B mode a run uses."
     if setting not in MODES:
         from lifecycle.core import LifecycleError
+
         raise LifecycleError(f"tracking = {setting!r}: use one of {', '.join(MODES)}")
     if setting == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return setting
 
+
 def wandb_environment(root: Path) -> dict[str, str]:
     "Point every W&B folder into the project, so nothing lands in the home folder."
     folder = Path(root) / "wandb"
-    return {"WANDB_DIR": str(root), "WANDB_DATA_DIR": str(folder / ".data"), "WANDB_CACHE_DIR": str(folder / ".cache"),
-            "WANDB_CONFIG_DIR": str(folder / ".config"), "WANDB_SILENT": "true", "WANDB_DISABLE_CODE": "true"}
+    return {
+        "WANDB_DIR": str(root),
+        "WANDB_DATA_DIR": str(folder / ".data"),
+        "WANDB_CACHE_DIR": str(folder / ".cache"),
+        "WANDB_CONFIG_DIR": str(folder / ".config"),
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_CODE": "true",
+    }
 
 # %% ../nbs/21_tracking.ipynb #c97c4488
 class Tracker:
@@ -70,12 +79,28 @@ class Tracker:
         environment = {**os.environ, **wandb_environment(Path(root)), "PYTHONUNBUFFERED": "1"}
         Path(environment["WANDB_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
         self._media = Path(tempfile.mkdtemp(prefix="media-", dir=environment["WANDB_DATA_DIR"]))
-        self._process = subprocess.Popen([sys.executable, "-c", "from lifecycle.tracking import tracking_worker; tracking_worker()"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                         text=True, cwd=str(root), env=environment)
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from lifecycle.tracking import tracking_worker; tracking_worker()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=str(root),
+            env=environment,
+        )
         threading.Thread(target=self._read_replies, daemon=True, name="wandb-replies").start()
-        self._send({"op": "start", "project": project, "job_type": job_type, "config": config or {}, "name": name,
-                    "group": group, "mode": self.mode, "dir": environment["WANDB_DIR"]})
+        self._send(
+            {
+                "op": "start",
+                "project": project,
+                "job_type": job_type,
+                "config": config or {},
+                "name": name,
+                "group": group,
+                "mode": self.mode,
+                "dir": environment["WANDB_DIR"],
+            }
+        )
 
     def _read_replies(self):
         for line in self._process.stdout:
@@ -163,7 +188,10 @@ class Tracker:
             return {"mode": self.mode}
         if self.mode == "online":
             return {"mode": "online", "url": self._started.get("url")}
-        return {"mode": "offline", "sync": f"wandb sync {Path(self.run_path).relative_to(Path(self.run_path).parents[1])}"}
+        return {
+            "mode": "offline",
+            "sync": f"wandb sync {Path(self.run_path).relative_to(Path(self.run_path).parents[1])}",
+        }
 
     def log(self, metrics: dict):
         "Log metrics (a dict of numbers)."
@@ -191,24 +219,52 @@ class Tracker:
 
     def artifact(self, name: str, kind: str, files: list[Path], metadata: dict | None = None):
         "Log files as a versioned artifact."
-        self._send({"op": "artifact", "name": name, "kind": kind, "files": [str(Path(f).resolve()) for f in files],
-                    "metadata": metadata or {}})
+        self._send(
+            {
+                "op": "artifact",
+                "name": name,
+                "kind": kind,
+                "files": [str(Path(f).resolve()) for f in files],
+                "metadata": metadata or {},
+            }
+        )
 
     def use_artifact(self, name: str, kind: str, files: list[Path], metadata: dict | None = None):
         """Declare the files an earlier stage logged as an artifact as this run's input (lineage). Online, W&B links the
         two runs through the artifact; offline, W&B cannot use artifacts, so the input's name and digest go in the config."""
-        self._send({"op": "use_artifact", "name": name, "kind": kind, "files": [str(Path(f).resolve()) for f in files],
-                    "metadata": metadata or {}})
+        self._send(
+            {
+                "op": "use_artifact",
+                "name": name,
+                "kind": kind,
+                "files": [str(Path(f).resolve()) for f in files],
+                "metadata": metadata or {},
+            }
+        )
 
     def curves(self, name: str, labels, scores, class_names: list[str]):
         "Log ROC and precision-recall curves as W&B's own interactive plots."
-        self._send({"op": "curves", "name": name, "labels": [int(value) for value in labels],
-                    "scores": [float(value) for value in scores], "class_names": list(class_names)})
+        self._send(
+            {
+                "op": "curves",
+                "name": name,
+                "labels": [int(value) for value in labels],
+                "scores": [float(value) for value in scores],
+                "class_names": list(class_names),
+            }
+        )
 
     def confusion(self, name: str, labels, decisions, class_names: list[str]):
         "Log a confusion matrix as W&B's own plot."
-        self._send({"op": "confusion", "name": name, "labels": [int(value) for value in labels],
-                    "decisions": [int(value) for value in decisions], "class_names": list(class_names)})
+        self._send(
+            {
+                "op": "confusion",
+                "name": name,
+                "labels": [int(value) for value in labels],
+                "decisions": [int(value) for value in decisions],
+                "class_names": list(class_names),
+            }
+        )
 
     def finish(self):
         "Close the run and wait (at most the timeout) until its files are complete."
@@ -232,18 +288,22 @@ class Tracker:
         if self._media is not None:
             shutil.rmtree(self._media, ignore_errors=True)
 
+
 def _label(message: dict) -> str:
     "How a warning names the call that failed."
     return f"{message['op']} {message['name']}" if "name" in message and message["op"] != "start" else message["op"]
+
 
 def tracking_worker():
     "The tracking process: read calls as JSON lines on stdin, make them on a W&B run, answer on stdout."
     replies = os.fdopen(os.dup(1), "w")  # answers go here; anything W&B prints goes to stderr instead
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+
     def answer(reply: dict):
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
+
     run, failed, finished = None, False, False
     for line in sys.stdin:
         message = json.loads(line)
@@ -253,35 +313,62 @@ def tracking_worker():
         try:
             if operation == "start":
                 import wandb
+
                 settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True, silent=True)
-                run = wandb.init(project=message["project"], job_type=message["job_type"], config=message["config"],
-                                 name=message["name"], group=message.get("group"), mode=message["mode"], dir=message["dir"],
-                                 settings=settings, reinit="create_new")
-                answer({"op": "start", "run_path": str(Path(run.dir).parent) if message["mode"] == "offline" else run.path,
-                        "url": None if message["mode"] == "offline" else run.url})
+                run = wandb.init(
+                    project=message["project"],
+                    job_type=message["job_type"],
+                    config=message["config"],
+                    name=message["name"],
+                    group=message.get("group"),
+                    mode=message["mode"],
+                    dir=message["dir"],
+                    settings=settings,
+                    reinit="create_new",
+                )
+                answer(
+                    {
+                        "op": "start",
+                        "run_path": str(Path(run.dir).parent) if message["mode"] == "offline" else run.path,
+                        "url": None if message["mode"] == "offline" else run.url,
+                    }
+                )
             elif operation == "log":
                 run.log(message["metrics"])
             elif operation == "summary":
                 run.summary.update(message["values"])
             elif operation == "image":
                 import wandb
+
                 run.log({message["name"]: wandb.Image(message["path"])})
             elif operation == "table":
                 import wandb
+
                 run.log({message["name"]: wandb.Table(columns=message["columns"], data=message["data"])})
             elif operation == "artifact":
                 import wandb
+
                 artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
                 for path in message["files"]:
                     artifact.add_file(path)
                 run.log_artifact(artifact)
             elif operation == "use_artifact":
                 import wandb
+
                 if run.offline:
                     from lifecycle.core import sha256_file
+
                     digest = {Path(path).name: sha256_file(path) for path in message["files"]}
-                    run.config.update({f"input/{message['name']}": {"type": message["kind"], "sha256": digest, **message["metadata"]}},
-                                      allow_val_change=True)
+                    run.config.update(
+                        {
+                            f"input/{message['name']}": {
+                                "type": message["kind"],
+                                "sha256": digest,
+                                **message["metadata"],
+                            }
+                        },
+                        allow_val_change=True,
+                    )
                 else:
                     artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
                     for path in message["files"]:
@@ -290,15 +377,29 @@ def tracking_worker():
             elif operation in ("curves", "confusion"):
                 import numpy
                 import wandb
+
                 labels = message["labels"]
                 if operation == "curves":
                     scores = numpy.asarray(message["scores"])
                     probabilities = numpy.column_stack([1 - scores, scores])
-                    run.log({f"{message['name']}/roc": wandb.plot.roc_curve(labels, probabilities, labels=message["class_names"]),
-                             f"{message['name']}/pr": wandb.plot.pr_curve(labels, probabilities, labels=message["class_names"])})
+                    run.log(
+                        {
+                            f"{message['name']}/roc": wandb.plot.roc_curve(
+                                labels, probabilities, labels=message["class_names"]
+                            ),
+                            f"{message['name']}/pr": wandb.plot.pr_curve(
+                                labels, probabilities, labels=message["class_names"]
+                            ),
+                        }
+                    )
                 else:
-                    run.log({message["name"]: wandb.plot.confusion_matrix(y_true=labels, preds=message["decisions"],
-                                                                          class_names=message["class_names"])})
+                    run.log(
+                        {
+                            message["name"]: wandb.plot.confusion_matrix(
+                                y_true=labels, preds=message["decisions"], class_names=message["class_names"]
+                            )
+                        }
+                    )
             elif operation == "finish":
                 run.finish()
                 finished = True
@@ -307,12 +408,18 @@ def tracking_worker():
         except Exception as error:  # tracking must never break a run: say it once, then stop tracking
             failed = True
             text = str(error).splitlines()[0] if str(error) else ""
-            answer({"op": operation, "warning": f"W&B tracking stopped at '{_label(message)}': {type(error).__name__}: {text}"})
+            answer(
+                {
+                    "op": operation,
+                    "warning": f"W&B tracking stopped at '{_label(message)}': {type(error).__name__}: {text}",
+                }
+            )
             if operation == "start":
                 answer({"op": "start", "run_path": None})
-    if run is not None and not finished and not failed:  # the notebook went away: close the run so its files are complete
+    if (
+        run is not None and not finished and not failed
+    ):  # the notebook went away: close the run so its files are complete
         run.finish()
-
 
 # %% ../nbs/21_tracking.ipynb #832e6d01
 def read_offline_run(

@@ -24,8 +24,16 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import lifecycle
 from .core import LifecycleError, Settings
-from .metrics import (classification_metrics, cut_groups, group_metrics, group_words, model_card, row_hashes, row_hashes_bytes,
-                               sensitive_grouping)
+from lifecycle.metrics import (
+    classification_metrics,
+    cut_groups,
+    group_metrics,
+    group_words,
+    model_card,
+    row_hashes,
+    row_hashes_bytes,
+    sensitive_grouping,
+)
 
 # %% auto #0
 __all__ = ['MODELS', 'SEARCH_GRIDS', 'QUANTILE_GRID', 'PACKAGES', 'feature_columns', 'make_classifier', 'build_pipeline',
@@ -38,16 +46,22 @@ def feature_columns(
     chosen: list[str] | None = None,  # a subset named in settings (empty: all)
 ) -> tuple[list[str], list[str]]:  # (numeric columns, category columns)
     "The model's numeric and category features."
-    usable = {name: spec for name, spec in schema["columns"].items()
-              if spec["kind"] in ("numeric", "category") and name != settings.target}
+    usable = {
+        name: spec
+        for name, spec in schema["columns"].items()
+        if spec["kind"] in ("numeric", "category") and name != settings.target
+    }
     unknown = [name for name in (chosen or []) if name not in usable]
     if unknown:
-        raise LifecycleError(f"[train] features names '{unknown[0]}', which is not a usable column; usable: {', '.join(usable)}")
+        raise LifecycleError(
+            f"[train] features names '{unknown[0]}', which is not a usable column; usable: {', '.join(usable)}"
+        )
     names = chosen or list(usable)
     return ([n for n in names if usable[n]["kind"] == "numeric"], [n for n in names if usable[n]["kind"] == "category"])
 
 # %% ../nbs/03_train.ipynb #c0ea2d84
 MODELS = ("logistic_regression", "random_forest", "hist_gradient_boosting")
+
 
 def make_classifier(name: str, seed: int):
     "A classifier by name, seeded."
@@ -56,9 +70,16 @@ def make_classifier(name: str, seed: int):
     if name == "random_forest":
         return RandomForestClassifier(n_estimators=300, min_samples_leaf=2, random_state=seed, n_jobs=1)
     if name == "hist_gradient_boosting":
-        return HistGradientBoostingClassifier(max_iter=150, learning_rate=0.05, max_leaf_nodes=15, l2_regularization=1.0,
-                                              early_stopping=False, random_state=seed)
+        return HistGradientBoostingClassifier(
+            max_iter=150,
+            learning_rate=0.05,
+            max_leaf_nodes=15,
+            l2_regularization=1.0,
+            early_stopping=False,
+            random_state=seed,
+        )
     raise LifecycleError(f"[train] model = {name!r}: use one of {', '.join(MODELS)}")
+
 
 def build_pipeline(
     model: str,  # logistic_regression, random_forest or hist_gradient_boosting
@@ -70,12 +91,25 @@ def build_pipeline(
     numeric_steps = [("impute", SimpleImputer(strategy="median"))]
     if model == "logistic_regression":
         numeric_steps.append(("scale", StandardScaler()))
-    prepare = ColumnTransformer([
-        ("numeric", Pipeline(numeric_steps), numeric),
-        ("category", Pipeline([("impute", SimpleImputer(strategy="most_frequent")),
-                               ("encode", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), categorical),
-    ], remainder="drop", verbose_feature_names_out=False)
+    prepare = ColumnTransformer(
+        [
+            ("numeric", Pipeline(numeric_steps), numeric),
+            (
+                "category",
+                Pipeline(
+                    [
+                        ("impute", SimpleImputer(strategy="most_frequent")),
+                        ("encode", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+                    ]
+                ),
+                categorical,
+            ),
+        ],
+        remainder="drop",
+        verbose_feature_names_out=False,
+    )
     return Pipeline([("prepare", prepare), ("model", make_classifier(model, seed))])
+
 
 SEARCH_GRIDS = {
     "logistic_regression": {"model__C": [0.1, 1.0, 10.0]},
@@ -84,7 +118,10 @@ SEARCH_GRIDS = {
 }
 
 # %% ../nbs/03_train.ipynb #00ccb101
-QUANTILE_GRID = np.linspace(0, 1, 1001)  # 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+QUANTILE_GRID = np.linspace(
+    0, 1, 1001
+)  # 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+
 
 def reference_statistics(
     frame: pd.DataFrame,  # training rows
@@ -92,7 +129,8 @@ def reference_statistics(
     categorical: list[str],  # category features
     scores: np.ndarray,  # the model's scores on those rows
     labels: np.ndarray,  # their labels
-    groups: dict | None = None,  # the sensitive columns' grouping, decided on the same rows (`metrics.sensitive_grouping`)
+    groups: dict
+    | None = None,  # the sensitive columns' grouping, decided on the same rows (`metrics.sensitive_grouping`)
 ) -> dict:  # statistics, JSON-ready
     "Statistics of the training data that monitoring compares production against, and the grouping every fairness figure uses."
     features = {}
@@ -102,10 +140,19 @@ def reference_statistics(
         quantiles = np.quantile(values, np.concatenate([np.linspace(0, 1, 11), levels])) if len(values) else None
         edges = np.unique(quantiles[:11]) if len(values) else np.array([0.0, 1.0])
         counts, _ = np.histogram(values, bins=edges)
-        grid = np.quantile(values, QUANTILE_GRID).tolist() if len(values) else []  # monitoring's Wasserstein and KS read these
-        features[column] = {"kind": "numeric", "quantile_grid": grid, "quantiles": {f"{q:.2f}": float(v) for q, v in zip(levels, quantiles[11:])} if len(values) else {},
-                            "mean": float(values.mean()) if len(values) else None, "std": float(values.std()) if len(values) else None,
-                            "bin_edges": edges.tolist(), "bin_counts": counts.tolist(), "missing_share": float(frame[column].isna().mean())}
+        grid = (
+            np.quantile(values, QUANTILE_GRID).tolist() if len(values) else []
+        )  # monitoring's Wasserstein and KS read these
+        features[column] = {
+            "kind": "numeric",
+            "quantile_grid": grid,
+            "quantiles": {f"{q:.2f}": float(v) for q, v in zip(levels, quantiles[11:])} if len(values) else {},
+            "mean": float(values.mean()) if len(values) else None,
+            "std": float(values.std()) if len(values) else None,
+            "bin_edges": edges.tolist(),
+            "bin_counts": counts.tolist(),
+            "missing_share": float(frame[column].isna().mean()),
+        }
     for column in categorical:
         shares = {}
         for value, share in frame[column].value_counts(dropna=False, normalize=True).items():
@@ -113,16 +160,33 @@ def reference_statistics(
             shares[label] = shares.get(label, 0.0) + float(share)
         features[column] = {"kind": "category", "frequencies": shares}
     score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
-    from sklearn.isotonic import IsotonicRegression  # score -> probability, for monitoring's estimates before labels arrive
+    from sklearn.isotonic import (
+        IsotonicRegression,
+    )  # score -> probability, for monitoring's estimates before labels arrive
+
     calibration = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
-    return {"format": 2, "rows": len(frame), "positive_rate": float(np.mean(labels)), "features": features, "groups": groups or {},
-            "scores": {"bin_edges": score_edges.tolist(), "bin_counts": score_counts.tolist(),
-                       "mean": float(np.mean(scores)), "std": float(np.std(scores)),
-                       "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
-                       "calibration": {"scores": calibration.X_thresholds_.tolist(), "probabilities": calibration.y_thresholds_.tolist()}}}
+    return {
+        "format": 2,
+        "rows": len(frame),
+        "positive_rate": float(np.mean(labels)),
+        "features": features,
+        "groups": groups or {},
+        "scores": {
+            "bin_edges": score_edges.tolist(),
+            "bin_counts": score_counts.tolist(),
+            "mean": float(np.mean(scores)),
+            "std": float(np.std(scores)),
+            "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
+            "calibration": {
+                "scores": calibration.X_thresholds_.tolist(),
+                "probabilities": calibration.y_thresholds_.tolist(),
+            },
+        },
+    }
 
 # %% ../nbs/03_train.ipynb #12a6c0f9
 PACKAGES = ("lifecycle", "scikit-learn", "numpy", "pandas", "skops", "fairlearn", "wandb")
+
 
 def environment_record(root: Path) -> dict:
     "Python, package versions and git commits: what is needed to rebuild this model."
@@ -132,8 +196,13 @@ def environment_record(root: Path) -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {"python": platform.python_version(), "packages": versions,
-            "project_commit": _git_commit(root), "code_commit": _git_commit(Path(lifecycle.__file__).resolve().parent)}
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "project_commit": _git_commit(root),
+        "code_commit": _git_commit(Path(lifecycle.__file__).resolve().parent),
+    }
+
 
 def _git_commit(folder: Path) -> str | None:
     try:
@@ -151,8 +220,11 @@ def fit_model(
     seed: int,  # random seed
     search: bool,  # run the hyperparameter search
     cv_folds: int,  # folds of the cross-validation
-    weights: np.ndarray | None = None,  # each training row's weight in the fit (`row_weights`); None: every row counts once
-) -> tuple[Pipeline, dict, np.ndarray]:  # (the fitted pipeline, cross-validation results and chosen parameters, training rows' scores)
+    weights: np.ndarray
+    | None = None,  # each training row's weight in the fit (`row_weights`); None: every row counts once
+) -> tuple[
+    Pipeline, dict, np.ndarray
+]:  # (the fitted pipeline, cross-validation results and chosen parameters, training rows' scores)
     """Cross-validate (and search), then fit on every training row.
 
     The training rows' scores are out-of-fold: each row scored by the fold model that did not see it, the
@@ -171,11 +243,17 @@ def fit_model(
         fold_scores = [grid.cv_results_[f"split{i}_test_score"][grid.best_index_] for i in range(cv_folds)]
         scores = pipeline.predict_proba(features)[:, 1]
     else:
-        scores = cross_val_predict(pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params)[:, 1]
+        scores = cross_val_predict(
+            pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params
+        )[:, 1]
         fold_scores = [roc_auc_score(labels.iloc[test], scores[test]) for _, test in folds.split(features, labels)]
         pipeline.fit(features, labels, **fit_params)
-    cv = {"roc_auc_folds": [float(s) for s in fold_scores], "roc_auc_mean": float(np.mean(fold_scores)),
-          "roc_auc_std": float(np.std(fold_scores)), "chosen": chosen}
+    cv = {
+        "roc_auc_folds": [float(s) for s in fold_scores],
+        "roc_auc_mean": float(np.mean(fold_scores)),
+        "roc_auc_std": float(np.std(fold_scores)),
+        "chosen": chosen,
+    }
     return pipeline, cv, scores
 
 # %% ../nbs/03_train.ipynb #deed38c7
@@ -186,6 +264,7 @@ def row_weights(
     "Each training row's weight, by its source."
     import fnmatch
     import re
+
     rules = []
     for item in re.split(r"[\n,]", text or ""):
         if not item.strip():
@@ -196,7 +275,9 @@ def row_weights(
         except ValueError:
             value = float("nan")
         if not name.strip() or not (0 < value < 1e6):
-            raise LifecycleError("[train] source_weights: each item must be `source: weight` with a weight above 0 (e.g. production_*: 2)")
+            raise LifecycleError(
+                "[train] source_weights: each item must be `source: weight` with a weight above 0 (e.g. production_*: 2)"
+            )
         rules.append((name.strip(), value))
     if not rules:
         return None

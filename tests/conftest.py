@@ -1,4 +1,5 @@
 "Shared fixtures: projects written into temporary folders, and the `lifecycle` command run as a user runs it."
+
 import contextlib
 import json
 import os
@@ -44,11 +45,28 @@ def free_port() -> int:
 def local_redis(timeout: float = 10):
     "A private redis-server on 127.0.0.1 and a free port, in a temporary folder, without persistence; yields its URL."
     import redis
+
     with tempfile.TemporaryDirectory(prefix="lifecycle-test-redis-") as folder:
         port = free_port()
-        server = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                   "--appendonly", "no", "--dir", folder, "--protected-mode", "yes"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                shutil.which("redis-server"),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                folder,
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"redis://127.0.0.1:{port}/0"
         try:
             deadline = time.monotonic() + timeout
@@ -57,7 +75,9 @@ def local_redis(timeout: float = 10):
                     redis.Redis.from_url(url).ping()
                     break
                 except redis.exceptions.ConnectionError:
-                    assert server.poll() is None and time.monotonic() < deadline, f"redis-server did not start on port {port}"
+                    assert server.poll() is None and time.monotonic() < deadline, (
+                        f"redis-server did not start on port {port}"
+                    )
                     time.sleep(0.02)
             yield url
         finally:
@@ -94,7 +114,9 @@ def champion_template(tmp_path_factory):
     "The default project after one whole run (without the profile): a champion in its registry. Built once a worker."
     project = copy_default_project(tmp_path_factory.mktemp("template"))
     # the latency gates decide on CPU time, so a busy test machine cannot refuse the template
-    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0)
+    _, run, _, _ = run_lifecycle(
+        "run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0
+    )
     (project / "first-run.json").write_text(json.dumps(run))
     return project
 
@@ -108,8 +130,15 @@ def champion_project(champion_template, tmp_path):
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # this machine has no network: Chromium must not try
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]  # this machine has no network: Chromium must not try
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +150,7 @@ def browser():
             pytest.fail(f"{message}; LIFECYCLE_REQUIRE_SERVICES=1 requires it")
         pytest.skip(message)
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium

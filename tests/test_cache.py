@@ -1,4 +1,5 @@
 "A cache that cannot go stale: a row appended to any file a stage reads runs that stage again, and only the stages it feeds."
+
 import json
 
 from conftest import QUICK, run_lifecycle, stages
@@ -27,10 +28,19 @@ def test_a_row_appended_to_an_input_runs_again_exactly_the_stages_that_read_it(c
     _append(champion_project / "data" / "heart-disease-uci" / "processed.va.data", ROW)
     _, run, _, _ = run_lifecycle(*whole, check=0)
     # retrain reads the prediction log (its policy counts labeled predictions), so it runs again too
-    assert _statuses(run) == {"collect": "cached", "prepare": "cached", "train": "cached", "evaluate": "cached", "deploy": "ran", "monitor": "ran",
-                              "retrain": "ran"}
+    assert _statuses(run) == {
+        "collect": "cached",
+        "prepare": "cached",
+        "train": "cached",
+        "evaluate": "cached",
+        "deploy": "ran",
+        "monitor": "ran",
+        "retrain": "ran",
+    }
     production = stages(run)["deploy"]["summary"]["production"]
-    assert production["by_source"]["va"]["rows"] == first["deploy"]["summary"]["production"]["by_source"]["va"]["rows"] + 1
+    assert (
+        production["by_source"]["va"]["rows"] == first["deploy"]["summary"]["production"]["by_source"]["va"]["rows"] + 1
+    )
     assert production["new_in_log"] == 1  # the rows scored before are not logged twice
     _, run, _, _ = run_lifecycle(*whole, check=0)
     assert _statuses(run)["deploy"] == "cached"

@@ -1,4 +1,5 @@
 "The live dashboard for real: `lifecycle dashboard` (Voila, a preheated kernel, a monitor beside it) in Debian's chromium."
+
 import json
 import os
 import signal
@@ -10,11 +11,11 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import LIFECYCLE, free_port
 from sklearn.linear_model import LogisticRegression
 
-from conftest import LIFECYCLE, free_port
-from lifecycle.serving.predlog import open_log
 from lifecycle.registry import Registry, register, set_alias
+from lifecycle.serving.predlog import open_log
 from lifecycle.train import reference_statistics
 
 NUMERIC = ["age", "pressure", "chol"]
@@ -23,7 +24,9 @@ SCREENSHOT = os.environ.get("LIFECYCLE_DASHBOARD_SCREENSHOT")  # where to keep t
 
 
 def _features(rng, rows, drifted=False):
-    frame = pd.DataFrame({"age": rng.normal(55, 9, rows), "pressure": rng.normal(130, 17, rows), "chol": rng.normal(240, 50, rows)})
+    frame = pd.DataFrame(
+        {"age": rng.normal(55, 9, rows), "pressure": rng.normal(130, 17, rows), "chol": rng.normal(240, 50, rows)}
+    )
     frame["sex"] = rng.choice([0, 1], rows, p=[0.3, 0.7])
     frame["cp"] = rng.choice([1, 2, 3, 4], rows, p=[0.1, 0.2, 0.3, 0.4])
     if drifted:  # an older population, another mix of chest pain, and a hospital that stopped measuring cholesterol
@@ -43,9 +46,16 @@ def project(tmp_path):
     scores = model.predict_proba(train[NUMERIC])[:, 1]
     reference = reference_statistics(train, NUMERIC, ["sex", "cp"], scores, labels)
     registry = Registry(tmp_path)
-    version = register(registry, model, {"threshold": 0.5, "model": "logistic_regression",
-                                         "features": {"numeric": NUMERIC, "categorical": ["sex", "cp"]}},
-                       {"reference.json": json.dumps(reference)})
+    version = register(
+        registry,
+        model,
+        {
+            "threshold": 0.5,
+            "model": "logistic_regression",
+            "features": {"numeric": NUMERIC, "categorical": ["sex", "cp"]},
+        },
+        {"reference.json": json.dumps(reference)},
+    )
     set_alias(registry, "champion", version, "test")
     (tmp_path / "settings.ini").write_text(
         "[data]\nsources = a: a.csv\ntarget = y\npositive = 1\nsensitive = sex\n"
@@ -55,7 +65,8 @@ def project(tmp_path):
         "labels = sex: 0 = female, 1 = male\n\n"
         "[monitor]\nwindow = week\nbootstrap = 50\nmin_group = 10\nrefresh_seconds = 2\n"
         "kpis = missed_per_week: fn / weeks\n       alarms_per_day: positives / days\n"
-        "alerts = drift (critical): drift_share > 0.3\n")
+        "alerts = drift (critical): drift_share > 0.3\n"
+    )
     return tmp_path, model
 
 
@@ -65,12 +76,26 @@ def _log_week(log, model, rng, start, rows, drifted, prefix, labelled=0.0):
     decisions = (scores >= 0.5).astype(int)
     ids = [f"{prefix}{i}" for i in range(rows)]
     if drifted:  # the batch path: one block
-        log.record_many(ids, scores, decisions, features, model_version=1, channel="batch", time=start + pd.Timedelta(days=1))
+        log.record_many(
+            ids, scores, decisions, features, model_version=1, channel="batch", time=start + pd.Timedelta(days=1)
+        )
     else:
         times = start + pd.to_timedelta(np.linspace(0, 6.9 * 86400, rows).round(), unit="s")
         records = features.astype(object).where(features.notna(), None).to_dict("records")
-        log.record([{"request_id": ids[i], "time": times[i].to_pydatetime(), "model_version": 1, "channel": "online",
-                     "score": float(scores[i]), "decision": int(decisions[i]), "features": records[i]} for i in range(rows)])
+        log.record(
+            [
+                {
+                    "request_id": ids[i],
+                    "time": times[i].to_pydatetime(),
+                    "model_version": 1,
+                    "channel": "online",
+                    "score": float(scores[i]),
+                    "decision": int(decisions[i]),
+                    "features": records[i],
+                }
+                for i in range(rows)
+            ]
+        )
     for i in range(int(rows * labelled)):
         log.record_label(ids[i], int(rng.random() < scores[i]), (start + pd.Timedelta(days=9)).isoformat())
     log.flush()
@@ -85,7 +110,9 @@ def _descendants(pid: int) -> set[int]:
                 status = (entry / "status").read_text()
             except OSError:
                 continue
-            parents[int(entry.name)] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            parents[int(entry.name)] = int(
+                next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+            )
     found, frontier = set(), {pid}
     while frontier:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
@@ -110,8 +137,12 @@ def _command_line(pid: int) -> str:
 
 def _start(project_root, port, env=None, *extra):
     out = open(project_root / "dashboard.log", "w")
-    process = subprocess.Popen([str(LIFECYCLE), "dashboard", "--settings", str(project_root / "settings.ini"), "--port", str(port), *extra],
-                               stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        [str(LIFECYCLE), "dashboard", "--settings", str(project_root / "settings.ini"), "--port", str(port), *extra],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     deadline = time.monotonic() + 180
     while "Dashboard: http" not in (project_root / "dashboard.log").read_text():
         assert process.poll() is None, (project_root / "dashboard.log").read_text()
@@ -131,7 +162,9 @@ def _wait_for(page, words, seconds=120):
         text = _page_text(page)
         if all(word in text for word in words):
             return text
-        assert time.monotonic() < deadline, f"{[w for w in words if w not in text]} not on the page after {seconds} s:\n{text[:3000]}"
+        assert time.monotonic() < deadline, (
+            f"{[w for w in words if w not in text]} not on the page after {seconds} s:\n{text[:3000]}"
+        )
         time.sleep(1)
 
 
@@ -146,10 +179,18 @@ def test_the_live_page_shows_new_drift_and_its_alert_without_a_reload(project, b
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         problems = []
-        page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}") if message.type == "error" else None)
+        page.on(
+            "console",
+            lambda message: (
+                problems.append(f"console {message.type}: {message.text}") if message.type == "error" else None
+            ),
+        )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
-        text = _wait_for(page, ["model in service", "version 1", "week of 13 May 2024", "No alert is firing", "serum cholesterol (mg/dl)"])
+        text = _wait_for(
+            page,
+            ["model in service", "version 1", "week of 13 May 2024", "No alert is firing", "serum cholesterol (mg/dl)"],
+        )
         assert "Heart disease at <Test> clinic" in text  # escaped in HTML, shown as written
         assert "week of 20 May 2024" not in text
         for banned in ("Traceback", "Error", "There was an error", "w1-", "w2-"):  # no error output, no request id
@@ -185,8 +226,22 @@ def test_the_live_page_shows_new_drift_and_its_alert_without_a_reload(project, b
 def test_a_token_is_required_off_loopback_and_enforced_when_set(project):
     root, _ = project
     env = {key: value for key, value in os.environ.items() if key != "LIFECYCLE_API_TOKEN"}
-    done = subprocess.run([str(LIFECYCLE), "dashboard", "--settings", str(root / "settings.ini"), "--host", "0.0.0.0",
-                           "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [
+            str(LIFECYCLE),
+            "dashboard",
+            "--settings",
+            str(root / "settings.ini"),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert "needs a token: set LIFECYCLE_API_TOKEN" in done.stderr and "Traceback" not in done.stderr
     assert not (root / "monitoring").exists()  # nothing started
@@ -209,7 +264,9 @@ def test_a_token_is_required_off_loopback_and_enforced_when_set(project):
 
 def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
     "No champion, no prediction, no monitoring results yet: the page says so in words, with no error anywhere."
-    (tmp_path / "settings.ini").write_text("[data]\nsources = a: a.csv\ntarget = y\npositive = 1\n\n[monitor]\nrefresh_seconds = 2\n")
+    (tmp_path / "settings.ini").write_text(
+        "[data]\nsources = a: a.csv\ntarget = y\npositive = 1\n\n[monitor]\nrefresh_seconds = 2\n"
+    )
     port = free_port()
     process = _start(tmp_path, port)
     try:
@@ -218,8 +275,17 @@ def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
         page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda error: problems.append(str(error)))
         page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
-        text = _wait_for(page, ["model in service", "none yet", "the log holds no predictions", "No alert is firing",
-                                "No predictions have been monitored yet", "No window has been judged for drift yet"])
+        text = _wait_for(
+            page,
+            [
+                "model in service",
+                "none yet",
+                "the log holds no predictions",
+                "No alert is firing",
+                "No predictions have been monitored yet",
+                "No window has been judged for drift yet",
+            ],
+        )
         page.wait_for_timeout(5000)  # a few refreshes, the monitor having run on the empty log
         text = _page_text(page)
         assert "Traceback" not in text and "Error" not in text and "failed" not in text
@@ -238,13 +304,25 @@ def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
 def test_voila_serves_no_file_from_beside_the_notebook(tmp_path):
     "Voila serves images next to its notebook by default; the dashboard's command line serves none."
     from lifecycle.dashserver import voila_command, wait_for_port
-    (tmp_path / "monitoring_dashboard.ipynb").write_bytes((Path(__file__).parent.parent / "nbs" / "monitoring_dashboard.ipynb").read_bytes())
+
+    (tmp_path / "monitoring_dashboard.ipynb").write_bytes(
+        (Path(__file__).parent.parent / "nbs" / "monitoring_dashboard.ipynb").read_bytes()
+    )
     (tmp_path / "figure.png").write_bytes(b"\x89PNG not a real picture")
     statuses = {}
     for name, keep in (("dashboard", lambda part: True), ("voila default", lambda part: "denylist" not in part)):
         port = free_port()
-        command = [part for part in voila_command(tmp_path / "monitoring_dashboard.ipynb", port=port, preheat=False, template=None) if keep(part)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LIFECYCLE_DASHBOARD_ROOT": str(tmp_path)})
+        command = [
+            part
+            for part in voila_command(tmp_path / "monitoring_dashboard.ipynb", port=port, preheat=False, template=None)
+            if keep(part)
+        ]
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "LIFECYCLE_DASHBOARD_ROOT": str(tmp_path)},
+        )
         try:
             wait_for_port("127.0.0.1", port, process)
             statuses[name] = httpx.get(f"http://127.0.0.1:{port}/voila/files/figure.png", timeout=60).status_code

@@ -1,13 +1,11 @@
 "A run that fails says so in one line, keeps what it did, and resumes once the cause is fixed."
-import json
+
 import os
 import re
-import textwrap
 from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import QUICK, run_lifecycle, stages
 
 
@@ -20,8 +18,10 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
     bad = heart_project / "data" / "bad.data"
     # 200 rows with an absurd age: far more than the 20% the gate allows.
     bad.write_text("".join(f"{250 + i % 50},1,4,140,260,0,1,112,1,3,2,?,?,1\n" for i in range(200)))
-    text = settings.read_text().replace("hungarian: data/heart-disease-uci/processed.hungarian.data",
-                                        "hungarian: data/heart-disease-uci/processed.hungarian.data\n          bad: data/bad.data")
+    text = settings.read_text().replace(
+        "hungarian: data/heart-disease-uci/processed.hungarian.data",
+        "hungarian: data/heart-disease-uci/processed.hungarian.data\n          bad: data/bad.data",
+    )
     settings.write_text(text)
     code, _, stdout, stderr = run_lifecycle("run", "--settings", settings, *QUICK)
     assert code == 1
@@ -33,33 +33,54 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
     assert "quarantine.parquet" in message
     notebook = Path(re.search(r"see (\S+02_prepare\.ipynb)", message).group(1))
     executed = nbformat.read(notebook, as_version=4)
-    assert any(tag.startswith("papermill-error-cell") for cell in executed.cells for tag in cell.get("metadata", {}).get("tags", []))  # the error banner
-    words = re.sub(r"\S*/\S*", "<path>", message)  # paths left out: a temporary folder's name may hold any number (pytest-250)
+    assert any(
+        tag.startswith("papermill-error-cell")
+        for cell in executed.cells
+        for tag in cell.get("metadata", {}).get("tags", [])
+    )  # the error banner
+    words = re.sub(
+        r"\S*/\S*", "<path>", message
+    )  # paths left out: a temporary folder's name may hold any number (pytest-250)
     assert not any(str(age) in words for age in range(250, 300))  # patient values never in messages
     # The failed run's report says which stage failed.
     index = (notebook.parent / "index.html").read_text()
     assert "failed" in index
     # Raise the threshold (the fix): collect is reused, prepare resumes.
-    code, run, _, _ = run_lifecycle("run", "--settings", settings, *QUICK,
-                                    "-p", "prepare.max_quarantine_share=0.3", "--json", check=0)
+    code, run, _, _ = run_lifecycle(
+        "run", "--settings", settings, *QUICK, "-p", "prepare.max_quarantine_share=0.3", "--json", check=0
+    )
     assert [s["status"] for s in run["stages"]] == ["cached", "ran"]
     assert stages(run)["prepare"]["summary"]["reasons"] == {"out_of_range:age": 200}
 
 
-@pytest.mark.parametrize("settings_text, expected", [
-    ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nsede = 3\n",
-     "lifecycle: settings.ini: [prepare] sede: unknown key 'sede' of stage prepare; did you mean 'seed'?; known keys:"),
-    ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[trian]\nseed = 3\n",
-     "lifecycle: settings.ini: unknown section [trian]"),
-    ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\ntargte = x\n",
-     "lifecycle: settings.ini: unknown key 'targte' in section [data]"),
-    ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\ncolumns = {cols}\n",
-     "lifecycle: settings.ini: [data] positive is required"),
-    ("[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nseed = many\n",
-     "lifecycle: settings.ini: [prepare] seed = 'many' is not a int"),
-])
+@pytest.mark.parametrize(
+    "settings_text, expected",
+    [
+        (
+            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nsede = 3\n",
+            "lifecycle: settings.ini: [prepare] sede: unknown key 'sede' of stage prepare; did you mean 'seed'?; known keys:",
+        ),
+        (
+            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[trian]\nseed = 3\n",
+            "lifecycle: settings.ini: unknown section [trian]",
+        ),
+        (
+            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\ntargte = x\n",
+            "lifecycle: settings.ini: unknown key 'targte' in section [data]",
+        ),
+        (
+            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\ncolumns = {cols}\n",
+            "lifecycle: settings.ini: [data] positive is required",
+        ),
+        (
+            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nseed = many\n",
+            "lifecycle: settings.ini: [prepare] seed = 'many' is not a int",
+        ),
+    ],
+)
 def test_settings_mistakes_are_one_line(heart_project, settings_text, expected):
     from conftest import COLUMNS
+
     (heart_project / "settings.ini").write_text(settings_text.format(cols=COLUMNS))
     code, _, _, stderr = run_lifecycle("run", "--settings", heart_project / "settings.ini")
     assert code == 1
@@ -69,9 +90,11 @@ def test_settings_mistakes_are_one_line(heart_project, settings_text, expected):
 
 def test_command_line_mistakes_are_one_line(heart_project):
     settings = heart_project / "settings.ini"
-    for args, expected in ((["--stages", "train_model"], "lifecycle: unknown stage 'train_model'"),
-                           (["-p", "seed=3"], "lifecycle: -p 'seed=3': write it as stage.key=value"),
-                           (["-p", "nowhere.seed=3"], "lifecycle: -p nowhere.…: unknown stage 'nowhere'")):
+    for args, expected in (
+        (["--stages", "train_model"], "lifecycle: unknown stage 'train_model'"),
+        (["-p", "seed=3"], "lifecycle: -p 'seed=3': write it as stage.key=value"),
+        (["-p", "nowhere.seed=3"], "lifecycle: -p nowhere.…: unknown stage 'nowhere'"),
+    ):
         code, _, _, stderr = run_lifecycle("run", "--settings", settings, *args)
         assert code == 1 and stderr.strip().startswith(expected), stderr
         runs = heart_project / "runs"
@@ -97,8 +120,10 @@ def test_help_documents_every_command():
 
 def _notebook(path, source):
     notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
-                      nbformat.v4.new_code_cell(source)]
+    notebook.cells = [
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(source),
+    ]
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
     nbformat.write(notebook, path)
     return path
@@ -106,6 +131,7 @@ def _notebook(path, source):
 
 def test_a_hanging_stage_is_stopped_after_the_timeout(tmp_path):
     from lifecycle.pipeline import execute_stage
+
     notebook = _notebook(tmp_path / "hang.ipynb", "import time\ntime.sleep(600)")
     error = execute_stage(notebook, tmp_path / "out.ipynb", {"x": 2}, tmp_path, timeout=3)
     assert error == "a cell ran longer than the 3 s timeout ([run] timeout) and was stopped"
@@ -114,6 +140,7 @@ def test_a_hanging_stage_is_stopped_after_the_timeout(tmp_path):
 
 def test_a_failing_cell_is_named_with_its_error(tmp_path):
     from lifecycle.pipeline import execute_stage
+
     notebook = _notebook(tmp_path / "fail.ipynb", "raise ValueError('the reason')")
     error = execute_stage(notebook, tmp_path / "out.ipynb", {}, tmp_path, timeout=60)
     assert error == "cell 2: ValueError: the reason"
@@ -129,6 +156,7 @@ def _alive(pid):
 
 def test_kernels_boot_ahead_and_none_is_left_running(tmp_path):
     from lifecycle.pipeline import Kernels, execute_stage
+
     kernels = Kernels(tmp_path)
     kernels.prepare()  # boots while the runner checks the cache
     booted = kernels._spare

@@ -4,12 +4,15 @@ The grouping is decided on the training rows and stored in reference.json by the
 (`evaluate.sensitive_groups`, `evaluate.fairness_audit`) and monitoring (`monitoring.window_report`) each cut by it. On
 the same rows, scored by the same model at the same threshold, their gaps must be equal, and a group with too few rows
 or positives must be left out of both."""
+
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from lifecycle.core import load_settings
 from lifecycle.evaluate import fairness_audit, sensitive_groups
@@ -24,8 +27,10 @@ SENSITIVE = ["sex", "age"]
 def words(tmp_path_factory):
     "The project's settings: the sensitive columns and the value labels the groups are named by."
     ini = tmp_path_factory.mktemp("groups") / "settings.ini"
-    ini.write_text("[data]\nsources = a: a.csv\ntarget = num\npositive = 1\nsensitive = sex, age\n"
-                   "names = age: age\nunits = age: years\nlabels = sex: 0 = female, 1 = male\n")
+    ini.write_text(
+        "[data]\nsources = a: a.csv\ntarget = num\npositive = 1\nsensitive = sex, age\n"
+        "names = age: age\nunits = age: years\nlabels = sex: 0 = female, 1 = male\n"
+    )
     return load_settings(ini)
 
 
@@ -43,7 +48,9 @@ def _patients(rng, rows, old_share):
 def _reference(train, words, stored):
     "reference.json as the train stage writes it (through JSON); without `groups` when stored before groupings were."
     grouping = sensitive_grouping(train, words) if stored else None
-    reference = reference_statistics(train, ["age"], ["sex"], train["score"].to_numpy(), train["label"].to_numpy().astype(int), grouping)
+    reference = reference_statistics(
+        train, ["age"], ["sex"], train["score"].to_numpy(), train["label"].to_numpy().astype(int), grouping
+    )
     if not stored:
         reference.pop("groups")
     return json.loads(json.dumps(reference))
@@ -53,28 +60,48 @@ def _gate_and_monitor(rows, reference, threshold, min_group):
     "The gate's audit and monitoring's window, both on `rows`, judging groups from `min_group` rows and positives."
     labels = rows["label"].to_numpy().astype(int)
     scores = rows["score"].to_numpy()
-    audit = fairness_audit(labels, scores, threshold, sensitive_groups(rows, SENSITIVE, reference), min_size=min_group,
-                           min_positives=min_group, min_negatives=min_group, resamples=0)
+    audit = fairness_audit(
+        labels,
+        scores,
+        threshold,
+        sensitive_groups(rows, SENSITIVE, reference),
+        min_size=min_group,
+        min_positives=min_group,
+        min_negatives=min_group,
+        resamples=0,
+    )
     window = rows.assign(decision=(scores >= threshold).astype(int), event_time=pd.Timestamp("2024-05-06", tz="UTC"))
     report = window_report(window, reference, threshold, "week", SENSITIVE, min_group=min_group, n_boot=0)
     return audit, report
 
 
 def _same(gate, monitor):
-    return (gate is None and monitor is None) or (gate is not None and monitor is not None and gate == pytest.approx(monitor, abs=1e-12))
+    return (gate is None and monitor is None) or (
+        gate is not None and monitor is not None and gate == pytest.approx(monitor, abs=1e-12)
+    )
 
 
-@given(seed=st.integers(0, 10_000), rows=st.integers(30, 400), old_share=st.floats(0.02, 0.6),
-       threshold=st.floats(0.2, 0.8), min_group=st.integers(3, 40), stored=st.booleans())
+@given(
+    seed=st.integers(0, 10_000),
+    rows=st.integers(30, 400),
+    old_share=st.floats(0.02, 0.6),
+    threshold=st.floats(0.2, 0.8),
+    min_group=st.integers(3, 40),
+    stored=st.booleans(),
+)
 @hypothesis_settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_the_gate_and_monitoring_judge_the_same_groups_alike(words, seed, rows, old_share, threshold, min_group, stored):
+def test_the_gate_and_monitoring_judge_the_same_groups_alike(
+    words, seed, rows, old_share, threshold, min_group, stored
+):
     rng = np.random.default_rng(seed)
     reference = _reference(_patients(rng, 500, 0.3), words, stored)
     evaluated = _patients(rng, rows, old_share)  # another mix of ages than training: the groups must not move with it
     audit, report = _gate_and_monitor(evaluated, reference, threshold, min_group)
     for column in SENSITIVE:
         gate, monitor = audit[column], {row["group"]: row for row in report["groups"][column]}
-        assert sorted(monitor) == sorted(row["group"] for row in gate["groups"]), column  # the same groups, by the same names
+        assert sorted(monitor) == sorted(row["group"] for row in gate["groups"]), (
+            column
+        )  # the same groups, by the same names
         unjudged = set(gate["groups_too_small"]) | set(gate["groups_too_few_positives"])
         assert {group for group, row in monitor.items() if row["too_small"]} == unjudged, column
         for row in gate["groups"]:

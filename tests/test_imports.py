@@ -1,4 +1,5 @@
 "Importing lifecycle changes no global setting: pandas, Arrow, numpy, logging, warnings, signal handlers, environment."
+
 import ast
 import json
 import subprocess
@@ -8,8 +9,13 @@ from pathlib import Path
 import lifecycle
 
 FOLDER = Path(lifecycle.__file__).resolve().parent
-MODULES = sorted(".".join(("lifecycle",) + path.relative_to(FOLDER).with_suffix("").parts[:-1 if path.name == "__init__.py" else None])
-                 for path in FOLDER.rglob("*.py") if path.name != "_modidx.py" and path != FOLDER / "__init__.py")
+MODULES = sorted(
+    ".".join(
+        ("lifecycle",) + path.relative_to(FOLDER).with_suffix("").parts[: -1 if path.name == "__init__.py" else None]
+    )
+    for path in FOLDER.rglob("*.py")
+    if path.name != "_modidx.py" and path != FOLDER / "__init__.py"
+)
 
 
 def module_file(module: str) -> Path:
@@ -32,9 +38,10 @@ def dependencies() -> list[str]:
                 found.add(node.module)
     return sorted(name for name in found if name.split(".")[0] != "lifecycle")
 
+
 # Runs in a fresh interpreter: the settings a user's notebook has after importing pandas, pyarrow and numpy,
 # then after importing each lifecycle module in turn.
-PROBE = r'''
+PROBE = r"""
 import json, logging, os, signal, sys, warnings
 import numpy as np
 import pandas as pd
@@ -86,12 +93,17 @@ for module in modules:
     importlib.import_module(module)
     report[module] = changes(before, settings())
 print(json.dumps(report))
-'''
+"""
 
 
 def test_importing_lifecycle_changes_no_global_setting():
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(MODULES), json.dumps(dependencies())], capture_output=True, text=True, timeout=300,
-                          cwd=Path(lifecycle.__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(MODULES), json.dumps(dependencies())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(lifecycle.__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert list(report) == MODULES
@@ -103,14 +115,18 @@ def test_the_probe_sees_a_change():
     "The probe notices each kind of change it looks for (a test that could not fail would prove nothing)."
     code = PROBE.replace("    importlib.import_module(module)\n    report", "    exec(module)\n    report")
     assert code.count("exec(module)") == 1
-    changes = ["import pandas as pd; pd.set_option('mode.copy_on_write', True)",
-               "import pyarrow as pa; pa.set_memory_pool(pa.system_memory_pool())",
-               "import numpy as np; np.seterr(all='ignore')",
-               "import logging; logging.basicConfig(level=logging.INFO)",
-               "import warnings; warnings.simplefilter('ignore')",
-               "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)",
-               "import os; os.environ['OMP_NUM_THREADS'] = '7'"]
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(changes), "[]"], capture_output=True, text=True, timeout=120)
+    changes = [
+        "import pandas as pd; pd.set_option('mode.copy_on_write', True)",
+        "import pyarrow as pa; pa.set_memory_pool(pa.system_memory_pool())",
+        "import numpy as np; np.seterr(all='ignore')",
+        "import logging; logging.basicConfig(level=logging.INFO)",
+        "import warnings; warnings.simplefilter('ignore')",
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+        "import os; os.environ['OMP_NUM_THREADS'] = '7'",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(changes), "[]"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert [bool(found) for found in report.values()] == [True] * len(changes), report

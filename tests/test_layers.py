@@ -2,6 +2,7 @@
 
 A stage notebook's run section runs as the stage, so its imports count as the module's; the checks on tiny data
 after each function are tests, like those in tests/, and do not count."""
+
 import ast
 import json
 import re
@@ -16,26 +17,53 @@ import lifecycle
 LAYERS = {
     "core": 0,  # settings, hashing, atomic writes, the run context
     # shared services, used by the stages and by serving alike
-    "sources": 1, "contract": 1, "metrics": 1, "compare": 1, "registry": 1, "tracking": 1,
-    "drift": 1, "alerts": 1, "monitoring": 1, "rollback": 1, "promotion": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
+    "sources": 1,
+    "contract": 1,
+    "metrics": 1,
+    "compare": 1,
+    "registry": 1,
+    "tracking": 1,
+    "drift": 1,
+    "alerts": 1,
+    "monitoring": 1,
+    "rollback": 1,
+    "promotion": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
     # the stages, the dashboard and its server
-    "collect": 2, "prepare": 2, "train": 2, "evaluate": 2, "deploy": 2, "monitor": 2, "retrain": 2,
-    "dashboard": 2, "dashserver": 2, "clinic": 2,
+    "collect": 2,
+    "prepare": 2,
+    "train": 2,
+    "evaluate": 2,
+    "deploy": 2,
+    "monitor": 2,
+    "retrain": 2,
+    "dashboard": 2,
+    "dashserver": 2,
+    "clinic": 2,
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
     # stores, reader, writer) are shared services; the server, batch, stream and replay sit beside the stages
-    "serving": 1, "serving.scoring": 1, "serving.predlog": 1, "serving.predlog.stores": 1,
-    "serving.predlog.reader": 1, "serving.predlog.writer": 1,
-    "serving.serve": 2, "serving.batch": 2, "serving.stream": 2, "serving.replay": 2,
+    "serving": 1,
+    "serving.scoring": 1,
+    "serving.predlog": 1,
+    "serving.predlog.stores": 1,
+    "serving.predlog.reader": 1,
+    "serving.predlog.writer": 1,
+    "serving.serve": 2,
+    "serving.batch": 2,
+    "serving.stream": 2,
+    "serving.replay": 2,
     # the runner, the benchmarks and the command line
-    "pipeline": 3, "bench": 3, "cli": 3, "loop": 3, "simulate": 3,
+    "pipeline": 3,
+    "bench": 3,
+    "cli": 3,
+    "loop": 3,
+    "simulate": 3,
 }
 # Inside a package whose parts are ordered, a part imports only the parts before it.
 ORDERED = [["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"]]
 STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor", "retrain"}
 TOP = max(LAYERS.values())
 # Arrows known to break the rules, each being removed on a branch of its own; remove an entry once its fix is merged.
-KNOWN = {
-}
+KNOWN = {}
 
 
 def imported_modules(source: str, module: str = "", package: str = "lifecycle") -> set[str]:
@@ -48,10 +76,13 @@ def imported_modules(source: str, module: str = "", package: str = "lifecycle") 
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # from .core import …, from ..core import …, from . import core
-                base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 base = node.module
-            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}".removeprefix(f"{package}.") in LAYERS else base for alias in node.names]
+            names = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}".removeprefix(f"{package}.") in LAYERS else base
+                for alias in node.names
+            ]
         else:
             continue
         found |= {name.removeprefix(f"{package}.") for name in names if name.startswith(f"{package}.")}
@@ -73,12 +104,16 @@ def violations(imports: dict[str, set[str]]) -> list[str]:
             if target not in LAYERS:
                 continue  # reported by the test that every module has a layer
             if LAYERS[target] > LAYERS[module]:
-                found.append(f"{module} -> {target}: {module} (layer {LAYERS[module]}) imports a layer above it ({LAYERS[target]})")
+                found.append(
+                    f"{module} -> {target}: {module} (layer {LAYERS[module]}) imports a layer above it ({LAYERS[target]})"
+                )
             elif target in ("cli", "bench") and LAYERS[module] < TOP:
                 found.append(f"{module} -> {target}: only the top imports the command line and the benchmarks")
             elif module in STAGES and target in STAGES:
                 found.append(f"{module} -> {target}: a stage imports another stage")
-            elif any(module in parts and target in parts and parts.index(target) > parts.index(module) for parts in ORDERED):
+            elif any(
+                module in parts and target in parts and parts.index(target) > parts.index(module) for parts in ORDERED
+            ):
                 found.append(f"{module} -> {target}: a part of the package imports a part above it")
     return found
 
@@ -87,8 +122,18 @@ def run_section_code(notebook: Path) -> tuple[str | None, str]:
     "A notebook's module name and the code of its run section (the cells after `## Run the stage`), directives and magics removed."
     cells = json.loads(notebook.read_text())["cells"]
     text = lambda cell: "".join(cell["source"])
-    module = next((match.group(1) for cell in cells if (match := re.search(r"^#\|\s*default_exp\s+(\S+)", text(cell), re.M))), None)
-    start = next((i for i, cell in enumerate(cells) if cell["cell_type"] == "markdown" and text(cell).startswith("## Run the stage")), len(cells))
+    module = next(
+        (match.group(1) for cell in cells if (match := re.search(r"^#\|\s*default_exp\s+(\S+)", text(cell), re.M))),
+        None,
+    )
+    start = next(
+        (
+            i
+            for i, cell in enumerate(cells)
+            if cell["cell_type"] == "markdown" and text(cell).startswith("## Run the stage")
+        ),
+        len(cells),
+    )
     code = [text(cell) for cell in cells[start:] if cell["cell_type"] == "code"]
     lines = [line for line in "\n".join(code).splitlines() if not line.lstrip().startswith(("#|", "%", "!"))]
     return module, "\n".join(lines)
@@ -103,7 +148,9 @@ def package_imports() -> dict[str, set[str]]:
         if path.name == "_modidx.py" or parts == ("__init__",):
             continue
         module = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
-        imports[module] = imported_modules(path.read_text(), module if path.name != "__init__.py" else f"{module}.__init__")
+        imports[module] = imported_modules(
+            path.read_text(), module if path.name != "__init__.py" else f"{module}.__init__"
+        )
     notebooks = folder.parent / "nbs"
     for notebook in sorted(notebooks.glob("*.ipynb")):
         module, code = run_section_code(notebook)
@@ -136,19 +183,34 @@ def test_known_exceptions_still_exist():
     assert not gone, f"fixed, remove from KNOWN: {gone}"
 
 
-@pytest.mark.parametrize("module, source, expected", [
-    ("core", "def f():\n    from lifecycle.cli import main\n", ["core -> cli"]),  # inside a function counts
-    ("serving.scoring", "from ..bench import measure\n", ["serving.scoring -> bench"]),  # relative, from a subpackage
-    ("serving.stream", "from lifecycle import cli\n", ["serving.stream -> cli"]),
-    ("deploy", "import lifecycle.collect\n", ["deploy -> collect"]),  # a stage importing a stage, same layer
-    ("pipeline", "from lifecycle.bench import measure\nfrom .collect import collect\n", []),  # the top imports anything
-    ("deploy", "from lifecycle.serving.serve import create_app\nfrom lifecycle.sources import read_source\n", []),
-    ("serving.predlog.stores", "from .writer import open_log\n", ["serving.predlog.stores -> serving.predlog.writer"]),
-    ("serving.batch", "from .predlog import open_log\nfrom ..core import LifecycleError\n", []),
-    ("serving.scoring", "from lifecycle.serving.predlog import open_log\n", []),  # a package, by its __init__
-    ("metrics", "from lifecycle.serving import batch\n", ["metrics -> serving.batch"]),
-    ("registry", "import lifecycle\nfrom lifecycle.core import read_json\n", []),
-])
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        ("core", "def f():\n    from lifecycle.cli import main\n", ["core -> cli"]),  # inside a function counts
+        (
+            "serving.scoring",
+            "from ..bench import measure\n",
+            ["serving.scoring -> bench"],
+        ),  # relative, from a subpackage
+        ("serving.stream", "from lifecycle import cli\n", ["serving.stream -> cli"]),
+        ("deploy", "import lifecycle.collect\n", ["deploy -> collect"]),  # a stage importing a stage, same layer
+        (
+            "pipeline",
+            "from lifecycle.bench import measure\nfrom .collect import collect\n",
+            [],
+        ),  # the top imports anything
+        ("deploy", "from lifecycle.serving.serve import create_app\nfrom lifecycle.sources import read_source\n", []),
+        (
+            "serving.predlog.stores",
+            "from .writer import open_log\n",
+            ["serving.predlog.stores -> serving.predlog.writer"],
+        ),
+        ("serving.batch", "from .predlog import open_log\nfrom ..core import LifecycleError\n", []),
+        ("serving.scoring", "from lifecycle.serving.predlog import open_log\n", []),  # a package, by its __init__
+        ("metrics", "from lifecycle.serving import batch\n", ["metrics -> serving.batch"]),
+        ("registry", "import lifecycle\nfrom lifecycle.core import read_json\n", []),
+    ],
+)
 def test_the_rules_catch_a_bad_arrow(module, source, expected):
     found = violations({module: imported_modules(source, module)})
     assert [line.split(":")[0] for line in found] == expected
@@ -164,6 +226,6 @@ def test_nothing_reads_a_settings_file_by_name_or_decides_where_the_log_is():
         if name in ("core", "_modidx", "bench", "simulate"):
             continue
         text = path.read_text()
-        for pattern in (r'/ "settings\.ini"', r'/ SETTINGS_FILE', r'\.get\("log"'):
+        for pattern in (r'/ "settings\.ini"', r"/ SETTINGS_FILE", r'\.get\("log"'):
             offenders += [f"{name}: {pattern}" for _ in re.finditer(pattern, text)]
     assert not offenders, offenders

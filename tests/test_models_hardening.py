@@ -1,4 +1,5 @@
 "Models: an alias only names a file that matches its hash and loads with our own trusted types; the list flags a file that fails; a refused file is one line."
+
 import io
 import json
 import zipfile
@@ -6,18 +7,26 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
+import skops.io
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-import skops.io
 from lifecycle.cli import main
 from lifecycle.core import LifecycleError, sha256_bytes, write_json
-from lifecycle.registry import Registry, describe, events, load_model, model_bytes, register, set_alias
+from lifecycle.registry import Registry, events, load_model, model_bytes, register, set_alias
 from lifecycle.train import build_pipeline
 
-META = {"model": "logistic_regression", "features": {"numeric": ["age", "chol"], "categorical": []}, "threshold": 0.5,
-        "schema": {"columns": {"age": {"kind": "numeric", "min": 1.0, "max": 120.0},
-                               "chol": {"kind": "numeric", "min": 80.0, "max": 700.0}}}}
+META = {
+    "model": "logistic_regression",
+    "features": {"numeric": ["age", "chol"], "categorical": []},
+    "threshold": 0.5,
+    "schema": {
+        "columns": {
+            "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
+            "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
+        }
+    },
+}
 
 
 def _rows(n=200):
@@ -68,13 +77,19 @@ def test_promote_refuses_a_file_that_fails_its_hash_and_the_list_flags_it(projec
 
 def test_shadow_by_hand_of_a_version_without_a_passed_gate_needs_force_and_is_warned(project, capsys):
     from lifecycle.registry import update_meta
+
     code, out, err = _models(project, capsys, "shadow", "2", "--reason", "to watch it")
     assert code == 1 and "shadow" not in Registry(project).aliases()
-    assert err.strip() == ("lifecycle: version 2 cannot become shadow: it has no gate decision (never evaluated); "
-                           "to promote it anyway: lifecycle models shadow 2 --force --reason '…'")
+    assert err.strip() == (
+        "lifecycle: version 2 cannot become shadow: it has no gate decision (never evaluated); "
+        "to promote it anyway: lifecycle models shadow 2 --force --reason '…'"
+    )
     code, out, err = _models(project, capsys, "shadow", "2", "--force", "--reason", "to watch it")
     assert code == 0 and Registry(project).aliases()["shadow"] == 2
-    assert err.strip() == "warning: version 2 has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, never promote it"
+    assert (
+        err.strip()
+        == "warning: version 2 has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, never promote it"
+    )
     update_meta(Registry(project), 2, gate={"passed": True, "reasons": []})
     code, out, err = _models(project, capsys, "shadow", "2", "--reason", "evaluated now", "--json")
     assert code == 0 and err == "" and json.loads(out)["event"]["version"] == 2
@@ -90,7 +105,9 @@ def test_promote_refuses_a_file_that_does_not_load(project, capsys):
 def test_a_type_skops_trusts_by_default_but_we_do_not_is_refused(project):
     "FunctionTransformer and numpy.exp are on skops' default list, not on ours: the file is refused before it loads."
     frame, labels = _rows()
-    model = make_pipeline(FunctionTransformer(np.exp), build_pipeline("logistic_regression", ["age", "chol"], [], 0)).fit(frame / 100, labels)
+    model = make_pipeline(
+        FunctionTransformer(np.exp), build_pipeline("logistic_regression", ["age", "chol"], [], 0)
+    ).fit(frame / 100, labels)
     data = model_bytes(model)
     assert skops.io.loads(data, trusted=["numpy.dtype"])  # skops alone loads it: its defaults trust both
     _plant(project, 2, data, rehash=True)
@@ -114,14 +131,22 @@ def _crafted_files():
     good = model_bytes(build_pipeline("logistic_regression", ["age", "chol"], [], 0).fit(frame, labels))
     opening = '{"__class__": "list", "__module__": "builtins", "__loader__": "ListNode", "content": ['
     deep = '{"protocol": 2, ' + opening[1:] + opening * 3000 + "]}" * 3001  # 3,000 lists in lists
-    os_system = {"__class__": "system", "__module__": "os", "__loader__": "FunctionNode", "__id__": 1,
-                 "content": {"module_path": "os", "function": "system"}, "protocol": 2}
+    os_system = {
+        "__class__": "system",
+        "__module__": "os",
+        "__loader__": "FunctionNode",
+        "__id__": 1,
+        "content": {"module_path": "os", "function": "system"},
+        "protocol": 2,
+    }
     return {
         "not a zip": b"not a zip file at all",
         "truncated": good[: len(good) // 2],
         "no schema": _schema_archive("{}").replace(b"schema.json", b"schemx.json"),
         "schema not JSON": _schema_archive("{not json"),
-        "bad protocol": _schema_archive({"__class__": "dict", "__module__": "builtins", "__loader__": "DictNode", "protocol": "x"}),
+        "bad protocol": _schema_archive(
+            {"__class__": "dict", "__module__": "builtins", "__loader__": "DictNode", "protocol": "x"}
+        ),
         "deep nesting": _schema_archive(deep),
         "os.system": _schema_archive(os_system),
         "numpy.exp": model_bytes(make_pipeline(FunctionTransformer(np.exp), StandardScaler()).fit(frame / 100)),
@@ -133,8 +158,19 @@ def _crafted_files():
 def test_batch_refuses_a_crafted_model_file_in_one_line(project, capsys, name):
     "Each crafted file, given its matching hash, is refused by `lifecycle batch` in one line, never a traceback."
     _plant(project, 1, _crafted_files()[name], rehash=True)
-    code = main(["batch", "--settings", str(project / "settings.ini"), "--input", str(project / "in.csv"),
-                 "--output", str(project / "out.csv"), "--no-log", "--quiet"])
+    code = main(
+        [
+            "batch",
+            "--settings",
+            str(project / "settings.ini"),
+            "--input",
+            str(project / "in.csv"),
+            "--output",
+            str(project / "out.csv"),
+            "--no-log",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("lifecycle: "), err

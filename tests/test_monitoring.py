@@ -1,20 +1,20 @@
 "Monitoring on a real prediction log (SQLite, filled through the logging API) with planted drift, and alerts posted to a real HTTP server."
+
 import json
 import threading
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import free_port
 from sklearn.linear_model import LogisticRegression
 
-from conftest import free_port
 from lifecycle.core import open_project
 from lifecycle.monitoring import monitor_project
-from lifecycle.serving.predlog import open_log
 from lifecycle.registry import Registry, register, set_alias
+from lifecycle.serving.predlog import open_log
 from lifecycle.train import reference_statistics
 
 NUMERIC = [f"x{i}" for i in range(8)]
@@ -45,14 +45,19 @@ def project(tmp_path):
     scores = model.predict_proba(train[NUMERIC[:3]])[:, 1]
     reference = reference_statistics(train, NUMERIC, CATEGORY, scores, labels)
     registry = Registry(tmp_path)
-    version = register(registry, model, {"threshold": 0.5, "features": {"numeric": NUMERIC[:3], "categorical": []}},
-                       {"reference.json": json.dumps(reference)})
+    version = register(
+        registry,
+        model,
+        {"threshold": 0.5, "features": {"numeric": NUMERIC[:3], "categorical": []}},
+        {"reference.json": json.dumps(reference)},
+    )
     set_alias(registry, "champion", version, "test")
     (tmp_path / "settings.ini").write_text(
         "[data]\nsources = a: a.csv\ntarget = y\npositive = 1\nsensitive = sex\n\n"
         "[monitor]\nwindow = week\nbootstrap = 50\n"
         "kpis = missed_per_week: fn / weeks\n"
-        "alerts = drift (critical): drift_share > 0.3\n         sites (warning): drift.site > 0\n")
+        "alerts = drift (critical): drift_share > 0.3\n         sites (warning): drift.site > 0\n"
+    )
     return tmp_path, model
 
 
@@ -62,12 +67,26 @@ def _log_week(log, model, rng, start, rows, drifted, prefix, as_block=False):
     decisions = (scores >= 0.5).astype(int)
     ids = [f"{prefix}{i}" for i in range(rows)]
     if as_block:  # the batch path: one Parquet block
-        log.record_many(ids, scores, decisions, features, model_version=1, channel="batch", time=start + pd.Timedelta(days=2))
+        log.record_many(
+            ids, scores, decisions, features, model_version=1, channel="batch", time=start + pd.Timedelta(days=2)
+        )
     else:
         times = start + pd.to_timedelta(np.linspace(0, 6.9 * 86400, rows).round(), unit="s")
         records = features.astype(object).where(features.notna(), None).to_dict("records")
-        log.record([{"request_id": ids[i], "time": times[i].to_pydatetime(), "model_version": 1, "channel": "online",
-                     "score": float(scores[i]), "decision": int(decisions[i]), "features": records[i]} for i in range(rows)])
+        log.record(
+            [
+                {
+                    "request_id": ids[i],
+                    "time": times[i].to_pydatetime(),
+                    "model_version": 1,
+                    "channel": "online",
+                    "score": float(scores[i]),
+                    "decision": int(decisions[i]),
+                    "features": records[i],
+                }
+                for i in range(rows)
+            ]
+        )
     log.flush()
     return ids, scores
 
@@ -124,30 +143,43 @@ def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
     try:
         _Receiver.received.clear()
         # a restart (a new call, state read from the project): the waiting alerts are delivered, nothing fires twice
-        second = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(minutes=10), settings={"webhook": url})
+        second = monitor_project(
+            open_project(root / "settings.ini"), now=t0 + timedelta(minutes=10), settings={"webhook": url}
+        )
         assert second["alerts"]["sent"] == [] and second["alerts"]["delivery"] == "delivered (HTTP 200)"
         assert len(_Receiver.received) == 1
         payload = _Receiver.received[0]
         assert (payload["version"], payload["status"]) == ("4", "firing")
         assert {alert["labels"]["alertname"] for alert in payload["alerts"]} == {"drift", "sites"}
-        assert all(set(alert) == {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
-                   for alert in payload["alerts"])
+        assert all(
+            set(alert) == {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
+            for alert in payload["alerts"]
+        )
         fingerprints = {alert["labels"]["alertname"]: alert["fingerprint"] for alert in payload["alerts"]}
         assert second["new_predictions"] == 0
 
         # still holding after the repeat interval (4 hours): sent again, same fingerprint and start
-        third = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(hours=5), settings={"webhook": url})
+        third = monitor_project(
+            open_project(root / "settings.ini"), now=t0 + timedelta(hours=5), settings={"webhook": url}
+        )
         assert {alert["fingerprint"] for alert in third["alerts"]["sent"]} == set(fingerprints.values())
         assert len(_Receiver.received) == 2
 
         # a clean week arrives: the latest window is clean, both alerts resolve once
         with open_log("", root) as log:
             _log_week(log, model, rng, MONDAY + pd.Timedelta(days=14), 3000, False, "later-")
-        fourth = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(hours=6), settings={"webhook": url})
+        fourth = monitor_project(
+            open_project(root / "settings.ini"), now=t0 + timedelta(hours=6), settings={"webhook": url}
+        )
         assert fourth["latest"]["window"] == "v1_2024-05-20" and fourth["exit_code"] == 0
-        assert sorted((a["labels"]["alertname"], a["status"]) for a in fourth["alerts"]["sent"]) == [("drift", "resolved"), ("sites", "resolved")]
+        assert sorted((a["labels"]["alertname"], a["status"]) for a in fourth["alerts"]["sent"]) == [
+            ("drift", "resolved"),
+            ("sites", "resolved"),
+        ]
         assert _Receiver.received[-1]["status"] == "resolved"
-        fifth = monitor_project(open_project(root / "settings.ini"), now=t0 + timedelta(hours=12), settings={"webhook": url})
+        fifth = monitor_project(
+            open_project(root / "settings.ini"), now=t0 + timedelta(hours=12), settings={"webhook": url}
+        )
         assert fifth["alerts"]["sent"] == [] and fifth["alerts"]["firing"] == []
         assert len(_Receiver.received) == 3
     finally:
@@ -164,14 +196,20 @@ def test_planted_drift_is_found_and_alerts_fire_repeat_and_resolve(project):
     after = _windows(root)
     assert late["new_labels"] == 200
     assert late["latest"]["window"] == "v1_2024-05-20" and late["latest"]["values"]["recall"] is None
-    assert late["latest"]["values"]["last_labeled.prevalence"] == 1.0 and late["latest"]["values"]["last_labeled.labeled"] == 200
+    assert (
+        late["latest"]["values"]["last_labeled.prevalence"] == 1.0
+        and late["latest"]["values"]["last_labeled.labeled"] == 200
+    )
     assert after.loc["v1_2024-05-13", "labeled"] == 200 and after.loc["v1_2024-05-06", "labeled"] == 0
     assert after.loc["v1_2024-05-13", "recall"] is not None and after.loc["v1_2024-05-13", "prevalence"] == 1.0
     details = json.loads((root / "monitoring" / "details" / "v1_2024-05-13.json").read_text())
     assert "all 200 labels are positive: ROC AUC is undefined" in details["statements"]
     assert details["values"]["missed_per_week"] == details["values"]["fn"]
     assert list(before.columns) == list(after.columns)
-    untouched = [row.loc["v1_2024-05-06"].astype(object).where(row.loc["v1_2024-05-06"].notna(), None).to_dict() for row in (before, after)]
+    untouched = [
+        row.loc["v1_2024-05-06"].astype(object).where(row.loc["v1_2024-05-06"].notna(), None).to_dict()
+        for row in (before, after)
+    ]
     assert untouched[0] == untouched[1]
 
 
@@ -181,8 +219,20 @@ def test_version_change_mid_week_splits_the_window(project):
     with open_log("", root) as log:
         _log_week(log, model, rng, MONDAY, 100, False, "a-")
         features = _features(rng, 50)
-        log.record([{"request_id": f"b-{i}", "time": (MONDAY + pd.Timedelta(days=3)).to_pydatetime(), "model_version": 2,
-                     "channel": "online", "score": 0.4, "decision": 0, "features": {"x0": float(features["x0"][i])}} for i in range(50)])
+        log.record(
+            [
+                {
+                    "request_id": f"b-{i}",
+                    "time": (MONDAY + pd.Timedelta(days=3)).to_pydatetime(),
+                    "model_version": 2,
+                    "channel": "online",
+                    "score": 0.4,
+                    "decision": 0,
+                    "features": {"x0": float(features["x0"][i])},
+                }
+                for i in range(50)
+            ]
+        )
         log.flush()
     result = monitor_project(open_project(root / "settings.ini"), now=datetime(2024, 6, 1, tzinfo=timezone.utc))
     assert sorted(_windows(root).index) == ["v1_2024-05-06", "v2_2024-05-06"]
@@ -217,7 +267,10 @@ def test_webhook_retries_a_failing_receiver_then_delivers_and_gives_up_on_a_refu
         assert post_webhook(url, {"version": "4"}, sleep=waits.append) == (True, "delivered (HTTP 200)")
         assert waits == [0.2, 0.4] and Flaky.codes == []
         Flaky.codes[:] = [400, 200]  # the receiver refuses the payload: retrying would not help
-        assert post_webhook(url, {"version": "4"}, sleep=waits.append) == (False, "not delivered after 1 attempt (HTTP 400)")
+        assert post_webhook(url, {"version": "4"}, sleep=waits.append) == (
+            False,
+            "not delivered after 1 attempt (HTTP 400)",
+        )
         assert Flaky.codes == [200]
     finally:
         server.shutdown()

@@ -1,13 +1,13 @@
 """After a run, each stage notebook runs top to bottom as a person runs it in JupyterLab: every cell, its checks on tiny
 data included, with the parameters cell as written (run_dir empty: it reads the latest run, writes to runs/dev)."""
+
 import os
 import sys
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import REPO
+from nbclient import NotebookClient
 
 STAGES = ["01_collect", "02_prepare", "03_train", "04_evaluate", "05_deploy", "06_monitor", "07_retrain"]
 

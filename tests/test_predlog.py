@@ -1,5 +1,6 @@
 """The prediction log under load: SQLite read by another process while it is written, a drain on SIGTERM,
 writer crashes, and PostgreSQL against a real server that the tests start and stop themselves."""
+
 import os
 import shutil
 import signal
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import free_port
+
 from lifecycle.core import LifecycleError
 from lifecycle.serving.predlog import PredictionLog, SQLiteStore, id_key, open_log, pseudonymize
 
@@ -25,21 +26,31 @@ REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
 
 def predictions(count, start=0, channel="online"):
     "Predictions as a server would record them, each with a raw identifier that must never reach the database."
-    return [{"request_id": f"r{n}", "time": f"2024-05-01T12:{n // 60 % 60:02d}:{n % 60:02d}Z", "model_version": 2,
-             "channel": channel, "score": (n % 100) / 100, "decision": n % 2,
-             "features": {"age": 30 + n % 50, "chol": None if n % 7 == 0 else 200 + n % 90, "oldpeak": float("nan")},
-             "id": f"patient-{n}"}
-            for n in range(start, start + count)]
+    return [
+        {
+            "request_id": f"r{n}",
+            "time": f"2024-05-01T12:{n // 60 % 60:02d}:{n % 60:02d}Z",
+            "model_version": 2,
+            "channel": channel,
+            "score": (n % 100) / 100,
+            "decision": n % 2,
+            "features": {"age": 30 + n % 50, "chol": None if n % 7 == 0 else 200 + n % 90, "oldpeak": float("nan")},
+            "id": f"patient-{n}",
+        }
+        for n in range(start, start + count)
+    ]
 
 
 def record_from_threads(log, threads, chunks, chunk_size, pause=0.0):
     "Record `threads * chunks * chunk_size` predictions from several threads at once, as a server's workers do."
+
     def work(worker):
         for chunk in range(chunks):
             start = (worker * chunks + chunk) * chunk_size
             log.record(predictions(chunk_size, start=start, channel=("online", "batch", "stream")[worker % 3]))
             if pause:
                 time.sleep(pause)
+
     workers = [threading.Thread(target=work, args=(worker,)) for worker in range(threads)]
     for worker in workers:
         worker.start()
@@ -70,8 +81,12 @@ def test_sqlite_under_load_is_read_by_another_process(tmp_path):
     log = open_log("", tmp_path)
     threads, chunks, chunk_size = 4, 100, 50
     expected = threads * chunks * chunk_size
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "predictions.sqlite"), str(expected)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(tmp_path / "predictions.sqlite"), str(expected)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert reader.stdout.readline().strip() == "ready"
     for worker in record_from_threads(log, threads, chunks, chunk_size, pause=0.003):
         worker.join()
@@ -119,6 +134,7 @@ class _Crash(BaseException):
 
 class CrashingStore(SQLiteStore):
     "Kills the writer thread on every `every`-th batch, before that batch is committed."
+
     def __init__(self, path, every):
         super().__init__(path)
         self.every = every
@@ -189,6 +205,7 @@ def test_sigterm_drains_the_queue(tmp_path, mode):
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
 
+
 def _postgres_bin():
     "The newest /usr/lib/postgresql/<version>/bin that holds initdb, or None."
     found = [path.parent for path in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
@@ -227,8 +244,12 @@ def postgres_server():
         run(bindir / "pg_ctl", "-D", data, "-l", server_log, "-o", options, "-w", "-t", "60", "start")
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       cwd=base, capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            cwd=base,
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -236,6 +257,7 @@ def postgres_server():
 def postgres_url(postgres_server):
     "A new, empty database for one test."
     import psycopg
+
     name = f"predlog_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
@@ -272,6 +294,7 @@ def test_postgres_round_trip(postgres_url, tmp_path):
 
 def test_postgres_connection_killed_mid_load(postgres_url, tmp_path):
     import psycopg
+
     log = open_log(postgres_url, tmp_path, batch_size=200)
     threads, chunks, chunk_size = 3, 100, 100
     workers = record_from_threads(log, threads, chunks, chunk_size, pause=0.01)
@@ -282,9 +305,11 @@ def test_postgres_connection_killed_mid_load(postgres_url, tmp_path):
             while log.count() == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(0.2)
-            killed += admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                    "WHERE application_name = 'lifecycle-predlog' AND datname = current_database() "
-                                    "AND pid <> pg_backend_pid()").fetchone()[0]
+            killed += admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'lifecycle-predlog' AND datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
     for worker in workers:
         worker.join()
     assert log.flush(timeout=60)
@@ -307,17 +332,28 @@ def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
     log = open_log(postgres_url, tmp_path)
     frame = pd.DataFrame({"age": np.arange(5000, dtype=float), "sex": ["m", "f"] * 2500})
     ids = [f"batch-x-{n:06d}" for n in range(5000)]
-    log.record_many(ids[:3000], np.linspace(0, 1, 3000), np.zeros(3000, int), frame.iloc[:3000], 2,
-                    ids=[f"patient-{n}" for n in range(3000)])
+    log.record_many(
+        ids[:3000],
+        np.linspace(0, 1, 3000),
+        np.zeros(3000, int),
+        frame.iloc[:3000],
+        2,
+        ids=[f"patient-{n}" for n in range(3000)],
+    )
     assert log.flush(timeout=30)
-    log.record_many(ids[2000:], np.linspace(0, 1, 3000), np.ones(3000, int), frame.iloc[2000:], 2)  # 1000 of them logged already
+    log.record_many(
+        ids[2000:], np.linspace(0, 1, 3000), np.ones(3000, int), frame.iloc[2000:], 2
+    )  # 1000 of them logged already
     assert log.flush(timeout=30)
     assert log.count() == log.count("batch") == 5000 and log.refused == 0
     logged = open_log(postgres_url, tmp_path).predictions()  # another reader
     assert logged["request_id"].tolist() == ids
     assert logged["age"].tolist() == frame["age"].tolist() and logged["sex"].tolist() == frame["sex"].tolist()
     assert logged["decision"].tolist() == [0] * 3000 + [1] * 2000
-    assert logged["id_hash"].iloc[2999] == pseudonymize("patient-2999", id_key(tmp_path)) and logged["id_hash"].iloc[3000] is None
+    assert (
+        logged["id_hash"].iloc[2999] == pseudonymize("patient-2999", id_key(tmp_path))
+        and logged["id_hash"].iloc[3000] is None
+    )
     assert log.predictions(limit=3)["request_id"].tolist() == ids[-3:]
     # a shadow's blocks carry no features (the champion's predictions hold them); one repeated is logged once
     shadow_ids = ["shadow:" + value for value in ids[:100]]
@@ -333,16 +369,29 @@ def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
 def test_postgres_event_times_and_a_log_made_before_them(postgres_url, tmp_path):
     "A PostgreSQL log without the event_time and logged columns gets them when opened; rows, blocks and labels keep their own times."
     import psycopg
+
     with psycopg.connect(postgres_url, autocommit=True) as admin:  # the tables as logs made them before event times
-        admin.execute("CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TIMESTAMPTZ NOT NULL, model_version BIGINT NOT NULL, "
-                      "channel TEXT NOT NULL, score DOUBLE PRECISION, decision INTEGER NOT NULL, id_hash TEXT, features JSONB NOT NULL)")
-        admin.execute("CREATE TABLE labels (request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, time TIMESTAMPTZ NOT NULL)")
-        admin.execute("INSERT INTO predictions VALUES ('old', '2024-01-01T00:00:00Z', 1, 'online', 0.5, 1, NULL, '{\"age\": 50}')")
+        admin.execute(
+            "CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TIMESTAMPTZ NOT NULL, model_version BIGINT NOT NULL, "
+            "channel TEXT NOT NULL, score DOUBLE PRECISION, decision INTEGER NOT NULL, id_hash TEXT, features JSONB NOT NULL)"
+        )
+        admin.execute(
+            "CREATE TABLE labels (request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, time TIMESTAMPTZ NOT NULL)"
+        )
+        admin.execute(
+            "INSERT INTO predictions VALUES ('old', '2024-01-01T00:00:00Z', 1, 'online', 0.5, 1, NULL, '{\"age\": 50}')"
+        )
         admin.execute("INSERT INTO labels VALUES ('old', 1, '2024-01-03T00:00:00Z')")
     log = open_log(postgres_url, tmp_path)
     log.record([{**predictions(1)[0], "event_time": "2023-12-25T10:00:00+01:00"}])
-    log.record_many(["b-1", "b-2"], [0.1, 0.9], [0, 1], pd.DataFrame({"age": [40.0, 60.0]}), 1,
-                    event_times=["2023-11-01T00:00:00Z", None])
+    log.record_many(
+        ["b-1", "b-2"],
+        [0.1, 0.9],
+        [0, 1],
+        pd.DataFrame({"age": [40.0, 60.0]}),
+        1,
+        event_times=["2023-11-01T00:00:00Z", None],
+    )
     log.record_label("r0", 1, "2024-01-01T09:00:00Z")  # known on January 1st, written now
     assert log.flush(timeout=30)
     times = open_log(postgres_url, tmp_path).predictions().set_index("request_id")
@@ -353,7 +402,15 @@ def test_postgres_event_times_and_a_log_made_before_them(postgres_url, tmp_path)
     labels, refused = log.committed_labels(upto=log.settled_commit())
     labels = labels.set_index("request_id")
     assert labels.loc["r0", "time"] == pd.Timestamp("2024-01-01T09:00:00Z") and refused == []
-    assert labels.loc["old", "time"] == pd.Timestamp("2024-01-03T00:00:00Z")  # an old label (no commit number) is read from the start
-    assert log.committed_labels(after=0, upto=log.settled_commit())[0]["request_id"].tolist() == ["r0"]  # a monitor's cursor finds it
-    assert set(log.committed(after=0, upto=log.settled_commit())[0]["request_id"]) == {"r0", "b-1", "b-2"}  # the old row is before the sequence
+    assert labels.loc["old", "time"] == pd.Timestamp(
+        "2024-01-03T00:00:00Z"
+    )  # an old label (no commit number) is read from the start
+    assert log.committed_labels(after=0, upto=log.settled_commit())[0]["request_id"].tolist() == [
+        "r0"
+    ]  # a monitor's cursor finds it
+    assert set(log.committed(after=0, upto=log.settled_commit())[0]["request_id"]) == {
+        "r0",
+        "b-1",
+        "b-2",
+    }  # the old row is before the sequence
     log.close()

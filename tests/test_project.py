@@ -1,4 +1,5 @@
 "One project, resolved once: a settings file of another name, its prediction log outside the project, reached through a symlink."
+
 import json
 import math
 import os
@@ -8,10 +9,23 @@ import time
 
 import httpx
 import pandas as pd
-
 from conftest import LIFECYCLE, free_port, run_lifecycle
 
-FEATURES = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal"]
+FEATURES = [
+    "age",
+    "sex",
+    "cp",
+    "trestbps",
+    "chol",
+    "fbs",
+    "restecg",
+    "thalach",
+    "exang",
+    "oldpeak",
+    "slope",
+    "ca",
+    "thal",
+]
 
 
 def _records(project, count):
@@ -19,14 +33,20 @@ def _records(project, count):
     run = json.loads((project / "first-run.json").read_text())
     clean = pd.read_parquet(project / "runs" / run["run_id"] / "prepare" / "clean.parquet")
     rows = clean[clean["_split"] == "test"].head(count)
-    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(FEATURES, row)}
-               for row in rows[FEATURES].itertuples(index=False, name=None)]
+    records = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(FEATURES, row)}
+        for row in rows[FEATURES].itertuples(index=False, name=None)
+    ]
     return records, [int(value) for value in rows["_label"]]
 
 
 def _serve(settings, port, output):
-    process = subprocess.Popen([str(LIFECYCLE), "serve", "--settings", str(settings), "--port", str(port)],
-                               stdout=open(output, "w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [str(LIFECYCLE), "serve", "--settings", str(settings), "--port", str(port)],
+        stdout=open(output, "w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -40,6 +60,7 @@ def _serve(settings, port, output):
 
 def _count(log_file, project):
     from lifecycle.serving.predlog import open_log
+
     with open_log(str(log_file), project) as log:
         return log.count(), len(log.labels())
 
@@ -50,6 +71,7 @@ def test_prod_ini_with_its_log_elsewhere_through_a_symlink_is_one_project(champi
     from lifecycle.core import PAGE_SETTINGS_ENV, open_project
     from lifecycle.dashboard import dashboard_project, read_state
     from lifecycle.registry import Registry, load_model, register, set_alias
+
     real = champion_project
     for name in ("predictions.sqlite", "predictions.sqlite-wal", "predictions.sqlite-shm"):
         (real / name).unlink(missing_ok=True)  # the default log is gone: nothing may read or make it
@@ -63,12 +85,17 @@ def test_prod_ini_with_its_log_elsewhere_through_a_symlink_is_one_project(champi
     assert project.root == real.resolve() and project.log_url == str(elsewhere)
 
     # a run through the symlink: deploy replays the production traffic into the log the settings name, monitor reads it
-    code, run, _, stderr = run_lifecycle("run", "--settings", link / "prod.ini", "--stages", "deploy,monitor", "-p", "prepare.profile=false", "--json")
+    code, run, _, stderr = run_lifecycle(
+        "run", "--settings", link / "prod.ini", "--stages", "deploy,monitor", "-p", "prepare.profile=false", "--json"
+    )
     assert code == 0, stderr
     deployed = json.loads((real / "runs" / run["run_id"] / "monitor" / "summary.json").read_text())
     replayed, replay_labels = _count(elsewhere, real)
     assert replayed > 100 and replay_labels > 50, (replayed, replay_labels)
-    assert (deployed["predictions"], deployed["labeled"]) == (replayed, replay_labels)  # the stage read the log deploy wrote
+    assert (deployed["predictions"], deployed["labeled"]) == (
+        replayed,
+        replay_labels,
+    )  # the stage read the log deploy wrote
 
     # a promotion for the rollback rules to watch: a copy of the champion, gated as it was
     registry = Registry(real)
@@ -87,7 +114,12 @@ def test_prod_ini_with_its_log_elsewhere_through_a_symlink_is_one_project(champi
             answer = httpx.post(f"http://127.0.0.1:{port}/predict", json=[record], timeout=30)
             assert answer.status_code == 200, answer.text
             request_id = answer.json()["predictions"][0]["request_id"]
-            assert httpx.post(f"http://127.0.0.1:{port}/feedback", json={"request_id": request_id, "label": label}, timeout=30).status_code == 202
+            assert (
+                httpx.post(
+                    f"http://127.0.0.1:{port}/feedback", json={"request_id": request_id, "label": label}, timeout=30
+                ).status_code
+                == 202
+            )
             answered.append(request_id)
     finally:
         server.send_signal(signal.SIGKILL)
@@ -102,11 +134,22 @@ def test_prod_ini_with_its_log_elsewhere_through_a_symlink_is_one_project(champi
     assert not list((real / ".lifecycle" / "journal").glob("*/*.jsonl"))
 
     # retrain: the rollback rules and the policy count the labels of this log
-    code, retrained, _, stderr = run_lifecycle("retrain", "--settings", link / "prod.ini", "--json", "-p", "retrain.min_new_labels=1000",
-                                               "-p", "retrain.rollback_min_labels=1000")
+    code, retrained, _, stderr = run_lifecycle(
+        "retrain",
+        "--settings",
+        link / "prod.ini",
+        "--json",
+        "-p",
+        "retrain.min_new_labels=1000",
+        "-p",
+        "retrain.rollback_min_labels=1000",
+    )
     assert code == 0, stderr
     assert retrained["status"] == "not now", retrained
-    assert "40 of the new champion's predictions have labels (rule: 1000): too few to compare yet" in retrained["rollback"]["checked"]
+    assert (
+        "40 of the new champion's predictions have labels (rule: 1000): too few to compare yet"
+        in retrained["rollback"]["checked"]
+    )
     assert "40 predictions since the champion's promotion have labels (rule: 1000)" in retrained["decision"]["checked"]
 
     # the dashboard's page, as its command starts it (the settings file named in the environment): the same log

@@ -1,5 +1,6 @@
 """One promotion authority: a version without a passed gate serves only when forced, on the record; a killed retrain leaves nothing
 promotable and no copy of production rows behind; no part of the package moves an alias except through `lifecycle.promotion`."""
+
 import ast
 import json
 import signal
@@ -14,13 +15,22 @@ import pytest
 
 import lifecycle
 from lifecycle.cli import main
+from lifecycle.core import LifecycleError
 from lifecycle.promotion import move_alias
 from lifecycle.registry import Registry, events, register
-from lifecycle.core import LifecycleError
 from lifecycle.train import build_pipeline
 
-META = {"model": "logistic_regression", "features": {"numeric": ["age", "chol"], "categorical": []}, "threshold": 0.5,
-        "schema": {"columns": {"age": {"kind": "numeric", "min": 1.0, "max": 120.0}, "chol": {"kind": "numeric", "min": 80.0, "max": 700.0}}}}
+META = {
+    "model": "logistic_regression",
+    "features": {"numeric": ["age", "chol"], "categorical": []},
+    "threshold": 0.5,
+    "schema": {
+        "columns": {
+            "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
+            "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
+        }
+    },
+}
 
 
 def _rows(n=200, seed=0):
@@ -34,9 +44,16 @@ def project(tmp_path):
     "Version 1 the champion (its gate passed); version 2 never gated, with the higher ROC AUC on the list."
     frame, labels = _rows()
     registry = Registry(tmp_path)
-    register(registry, build_pipeline("logistic_regression", ["age", "chol"], [], 0).fit(frame, labels),
-             {**META, "metrics": {"roc_auc": 0.80}, "gate": {"passed": True, "reasons": []}})
-    register(registry, build_pipeline("logistic_regression", ["age", "chol"], [], 1).fit(frame, labels), {**META, "metrics": {"roc_auc": 0.95}})
+    register(
+        registry,
+        build_pipeline("logistic_regression", ["age", "chol"], [], 0).fit(frame, labels),
+        {**META, "metrics": {"roc_auc": 0.80}, "gate": {"passed": True, "reasons": []}},
+    )
+    register(
+        registry,
+        build_pipeline("logistic_regression", ["age", "chol"], [], 1).fit(frame, labels),
+        {**META, "metrics": {"roc_auc": 0.95}},
+    )
     move_alias(registry, "champion", 1, "gate", "passed the gate", expected=None)
     (tmp_path / "settings.ini").write_text("[data]\nsources = a: in.csv\ntarget = num\npositive = 1\n")
     frame.to_csv(tmp_path / "in.csv", index=False)
@@ -56,33 +73,56 @@ def _decisions(root):
 
 def test_promoting_an_ungated_version_is_refused_in_one_line_that_says_how_to_force(project, capsys):
     code, out, err = _models(project, capsys, "promote", "2", "--reason", "it has the best ROC AUC")
-    assert code == 1 and err == ("lifecycle: version 2 cannot become champion: it has no gate decision (never evaluated); "
-                                 "to promote it anyway: lifecycle models promote 2 --force --reason '…'\n")
-    assert Registry(project).aliases() == {"champion": 1} and len(events(Registry(project))) == 1 and _decisions(project) == []
+    assert code == 1 and err == (
+        "lifecycle: version 2 cannot become champion: it has no gate decision (never evaluated); "
+        "to promote it anyway: lifecycle models promote 2 --force --reason '…'\n"
+    )
+    assert (
+        Registry(project).aliases() == {"champion": 1}
+        and len(events(Registry(project))) == 1
+        and _decisions(project) == []
+    )
     code, out, err = _models(project, capsys, "promote", "2", "--force")  # forced, but no reason for the record
     assert code == 1 and "needs --reason" in err and Registry(project).aliases() == {"champion": 1}
 
 
 def test_force_with_a_reason_promotes_and_the_event_and_decision_record_it(project, capsys):
-    code, out, err = _models(project, capsys, "promote", "2", "--force", "--reason", "gate data was wrong, see ticket 12", "--json")
+    code, out, err = _models(
+        project, capsys, "promote", "2", "--force", "--reason", "gate data was wrong, see ticket 12", "--json"
+    )
     assert code == 0, err
     event = json.loads(out)["event"]
     assert Registry(project).aliases()["champion"] == 2
     recorded = events(Registry(project))[-1]
     assert recorded == event and (recorded["actor"], recorded["forced"], recorded["reason"], recorded["previous"]) == (
-        "person", "it has no gate decision (never evaluated)", "gate data was wrong, see ticket 12", 1)
+        "person",
+        "it has no gate decision (never evaluated)",
+        "gate data was wrong, see ticket 12",
+        1,
+    )
     decision = _decisions(project)[-1]
     assert (decision["kind"], decision["forced"], decision["reasons"], decision["event"]["version"]) == (
-        "by hand", True, ["gate data was wrong, see ticket 12"], 2)
+        "by hand",
+        True,
+        ["gate data was wrong, see ticket 12"],
+        2,
+    )
     # a version whose gate passed needs no force; its move is on the record as a person's too
     code, out, err = _models(project, capsys, "promote", "1", "--reason", "back to the gated one")
-    assert code == 0 and "forced" not in events(Registry(project))[-1] and events(Registry(project))[-1]["actor"] == "person"
+    assert (
+        code == 0
+        and "forced" not in events(Registry(project))[-1]
+        and events(Registry(project))[-1]["actor"] == "person"
+    )
 
 
 def test_the_list_marks_ungated_versions_in_its_table_and_json(project, capsys):
     code, out, _ = _models(project, capsys, "--json")
     assert code == 0
-    assert {row["version"]: row["ungated"] for row in json.loads(out)["versions"]} == {1: None, 2: "it has no gate decision (never evaluated)"}
+    assert {row["version"]: row["ungated"] for row in json.loads(out)["versions"]} == {
+        1: None,
+        2: "it has no gate decision (never evaluated)",
+    }
     code, out, _ = _models(project, capsys)
     header, first, second = out.splitlines()[:3]
     assert "promote" in header.split() and first.split()[0] == "1" and second.split()[0] == "2"
@@ -119,11 +159,18 @@ KILLED_RETRAIN = textwrap.dedent("""
 """)
 
 
-def test_a_retrain_killed_after_registering_its_challenger_leaves_nothing_promotable_after_the_next_start(project, capsys):
+def test_a_retrain_killed_after_registering_its_challenger_leaves_nothing_promotable_after_the_next_start(
+    project, capsys
+):
     from lifecycle.loop import retrain_project
     from lifecycle.promotion import listing
-    (project / "settings.ini").write_text("[data]\nsources = a: in.csv\ncolumns = age, chol, num\ntarget = num\npositive = 1\nnegative = 0\n")
-    done = subprocess.run([sys.executable, "-c", KILLED_RETRAIN, str(project)], capture_output=True, text=True, timeout=300)
+
+    (project / "settings.ini").write_text(
+        "[data]\nsources = a: in.csv\ncolumns = age, chol, num\ntarget = num\npositive = 1\nnegative = 0\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_RETRAIN, str(project)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr
     challenger = int(done.stdout.split()[-1])
     folder = project / "retrain" / "killed"
@@ -132,7 +179,9 @@ def test_a_retrain_killed_after_registering_its_challenger_leaves_nothing_promot
     registry = Registry(project)
     assert registry.aliases()["challenger"] == challenger and registry.meta(challenger)["gate"]["passed"]
 
-    result = retrain_project(project / "settings.ini", force=True, quiet=True)  # the next retrain: no labeled predictions to learn from
+    result = retrain_project(
+        project / "settings.ini", force=True, quiet=True
+    )  # the next retrain: no labeled predictions to learn from
     assert result["status"] == "no data", result
     assert not [path.name for path in folder.iterdir() if path.suffix == ".parquet"]
     abandoned = [entry for entry in _decisions(project) if entry["kind"] == "abandoned"]
@@ -161,7 +210,13 @@ def direct_moves(source: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call):
-            name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr if isinstance(node.func, ast.Attribute) else ""
+            name = (
+                node.func.id
+                if isinstance(node.func, ast.Name)
+                else node.func.attr
+                if isinstance(node.func, ast.Attribute)
+                else ""
+            )
             if name in PRIMITIVES:
                 found.append(f"{name}@{node.lineno}")
         elif isinstance(node, ast.ImportFrom):
@@ -170,7 +225,10 @@ def direct_moves(source: str) -> list[str]:
 
 
 def test_the_detector_finds_direct_moves():
-    assert direct_moves("from lifecycle.registry import set_alias\nset_alias(r, 'champion', 2, 'x')\n") == ["import set_alias@1", "set_alias@2"]
+    assert direct_moves("from lifecycle.registry import set_alias\nset_alias(r, 'champion', 2, 'x')\n") == [
+        "import set_alias@1",
+        "set_alias@2",
+    ]
     assert direct_moves("import lifecycle.registry as reg\nreg.clear_alias(r, 'shadow', 'x')\n") == ["clear_alias@2"]
     assert direct_moves("move_alias(r, 'champion', 2, 'person', 'x')\n") == []
 
@@ -193,7 +251,9 @@ def test_no_stage_run_section_moves_an_alias_except_through_the_promotion_author
         if any(text.startswith(("#| default_exp registry", "#| default_exp promotion")) for text, _ in cells):
             continue
         for index, (text, kind) in enumerate(cells):
-            if kind != "code" or not text.startswith(("#| notest", "#| export")):  # the run sections and the exported code, not the checks
+            if kind != "code" or not text.startswith(
+                ("#| notest", "#| export")
+            ):  # the run sections and the exported code, not the checks
                 continue
             code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("%", "!")))
             if moves := direct_moves(code):

@@ -1,4 +1,5 @@
 "Promotion and its record are one step: a process killed (SIGKILL) at any point of the write leaves aliases and events that agree."
+
 import json
 import shutil
 import signal
@@ -31,14 +32,18 @@ DEADLY = textwrap.dedent("""
     os.replace, os.rename, os.unlink = deadly(os.replace), deadly(os.rename), deadly(os.unlink)
 """)
 
-CHILD = textwrap.dedent("""
+CHILD = (
+    textwrap.dedent("""
     import os, signal, sys
     from lifecycle.registry import Registry, set_alias
     root, k, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-""") + DEADLY + textwrap.dedent("""
+""")
+    + DEADLY
+    + textwrap.dedent("""
     set_alias(Registry(root), "champion", 2, "kill test")
     print(steps[0])
 """)
+)
 
 
 def _template(root):
@@ -47,7 +52,11 @@ def _template(root):
     labels = (frame["age"] > 50).astype(int)
     registry = Registry(root)
     for seed in (0, 1):
-        register(registry, build_pipeline("logistic_regression", ["age", "chol"], [], seed).fit(frame, labels), {"metrics": {}})
+        register(
+            registry,
+            build_pipeline("logistic_regression", ["age", "chol"], [], seed).fit(frame, labels),
+            {"metrics": {}},
+        )
     set_alias(registry, "champion", 1, "first")
 
 
@@ -59,7 +68,9 @@ def test_a_kill_at_every_point_of_a_promotion_leaves_aliases_and_events_in_agree
         for k in range(1, 50):
             project = tmp_path / f"{when}-{k}"
             shutil.copytree(template, project)
-            done = subprocess.run([sys.executable, "-c", CHILD, str(project), str(k), when], capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, str(project), str(k), when], capture_output=True, text=True, timeout=300
+            )
             if done.returncode == 0:
                 assert k > int(done.stdout.split()[-1]), "the child finished without reaching its kill point"
                 break
@@ -67,7 +78,12 @@ def test_a_kill_at_every_point_of_a_promotion_leaves_aliases_and_events_in_agree
             kills += 1
             registry = Registry(project)  # the next process to open the registry
             champion, history = registry.aliases()["champion"], events(registry)
-            assert [event["version"] for event in history] == ([1] if champion == 1 else [1, 2]), (when, k, champion, history)
+            assert [event["version"] for event in history] == ([1] if champion == 1 else [1, 2]), (
+                when,
+                k,
+                champion,
+                history,
+            )
             assert history[-1]["version"] == champion
             assert not (registry.path / "alias-change.json").exists()
             outcomes.add(champion)
@@ -81,44 +97,75 @@ def test_a_kill_at_every_point_of_a_promotion_leaves_aliases_and_events_in_agree
 # The retrain's promotion path: a winning recalibration is registered as a new version (the champion's model file, its map and
 # threshold in the metadata, its card) and promoted with compare-and-set, then the decision is recorded. The child runs that step
 # (`retrain.conclude`, as the retrain stage calls it) and kills itself just before or after its k-th file-system step.
-CONCLUDE = textwrap.dedent("""
+CONCLUDE = (
+    textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
     root, k, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     from lifecycle.retrain import conclude
     judged = json.loads((Path(root) / "retrain" / "t1" / "comparison.json").read_text())
-""") + DEADLY + textwrap.dedent("""
+""")
+    + DEADLY
+    + textwrap.dedent("""
     outcome = conclude(Path(root), "t1", judged, {"passed": False, "reasons": ["refused"]}, {}, "retrain/t1/comparison.json")
     print(json.dumps({"steps": steps[0], "version": outcome.get("version"), "change": outcome.get("change")}))
 """)
+)
 
 
 def _recalibration_template(root):
     "A tiny project whose champion ranks production well but scores it far too low: recalibrating it wins on the held-out patients."
     from datetime import datetime, timedelta, timezone
+
     from lifecycle.core import load_settings, write_json
     from lifecycle.retrain import judge, write_retraining_data
+
     rng = np.random.default_rng(1)
+
     def patients(count):
-        return pd.DataFrame({"age": rng.uniform(20, 80, count).round(), "chol": rng.uniform(100, 400, count).round(), "sex": rng.integers(0, 2, count).astype(float)})
+        return pd.DataFrame(
+            {
+                "age": rng.uniform(20, 80, count).round(),
+                "chol": rng.uniform(100, 400, count).round(),
+                "sex": rng.integers(0, 2, count).astype(float),
+            }
+        )
+
     rule = lambda frame: (frame["age"] + 30 * frame["sex"] > 65).astype(int)
     old, new = patients(300), patients(200)
-    meta = {"features": {"numeric": ["age", "chol"], "categorical": ["sex"]}, "threshold": 0.5, "data_version": "d1",
-            "schema": {"columns": {"age": {"kind": "numeric", "min": 1.0, "max": 120.0}, "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
-                                   "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]}}},
-            "settings": {"prepare": {"recode": "", "missing_values": ""}, "data": {"id": "", "sources": "a: a.csv"}}}
+    meta = {
+        "features": {"numeric": ["age", "chol"], "categorical": ["sex"]},
+        "threshold": 0.5,
+        "data_version": "d1",
+        "schema": {
+            "columns": {
+                "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
+                "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
+                "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]},
+            }
+        },
+        "settings": {"prepare": {"recode": "", "missing_values": ""}, "data": {"id": "", "sources": "a: a.csv"}},
+    }
     root.mkdir(parents=True)
-    (root / "settings.ini").write_text("[data]\nsources = a: a.csv\ncolumns = age, chol, sex, num\ntarget = num\npositive = 1\nnegative = 0\nsensitive = sex\n"
-                                       "[evaluate]\nmax_fairness_gap = 0.9\n")
+    (root / "settings.ini").write_text(
+        "[data]\nsources = a: a.csv\ncolumns = age, chol, sex, num\ntarget = num\npositive = 1\nnegative = 0\nsensitive = sex\n"
+        "[evaluate]\nmax_fairness_gap = 0.9\n"
+    )
     registry = Registry(root)
-    champion = register(registry, build_pipeline("hist_gradient_boosting", ["age", "chol"], ["sex"]).fit(old, rule(old)), meta)
+    champion = register(
+        registry, build_pipeline("hist_gradient_boosting", ["age", "chol"], ["sex"]).fit(old, rule(old)), meta
+    )
     set_alias(registry, "champion", champion, "first")
     now = datetime(2026, 3, 1, tzinfo=timezone.utc)
     sick = ((rule(new) == 1) | (np.random.default_rng(5).random(200) < 0.6)).astype(int)
-    labeled = new.assign(request_id=[f"r{i}" for i in range(200)], time=[now + timedelta(hours=i) for i in range(200)], label=sick)
+    labeled = new.assign(
+        request_id=[f"r{i}" for i in range(200)], time=[now + timedelta(hours=i) for i in range(200)], label=sick
+    )
     write_retraining_data(load_settings(root / "settings.ini"), {"holdout_share": 0.5}, labeled, now, "t1")
     judged = judge(load_settings(root / "settings.ini"), "t1", champion, {"min_compare_rows": 30, "bootstrap": 200})
-    assert judged["candidates"]["recalibration"]["comparison"]["promote"], judged["candidates"]["recalibration"]["comparison"]["headline"]
+    assert judged["candidates"]["recalibration"]["comparison"]["promote"], judged["candidates"]["recalibration"][
+        "comparison"
+    ]["headline"]
     write_json(root / "retrain" / "t1" / "comparison.json", judged)
     return champion
 
@@ -126,6 +173,7 @@ def _recalibration_template(root):
 def test_a_kill_at_every_point_of_a_retrain_promotion_leaves_the_old_or_the_new_champion_hash_valid(tmp_path):
     from lifecycle.registry import load_model
     from lifecycle.serving.scoring import Scorer
+
     template = tmp_path / "template"
     champion = _recalibration_template(template)
     kills, outcomes, completed = 0, set(), False
@@ -133,7 +181,9 @@ def test_a_kill_at_every_point_of_a_retrain_promotion_leaves_the_old_or_the_new_
     for when, k in [("before", 1)] + [("after", step) for step in range(1, 60)]:
         project = tmp_path / f"{when}-{k}"
         shutil.copytree(template, project)
-        done = subprocess.run([sys.executable, "-c", CONCLUDE, str(project), str(k), when], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", CONCLUDE, str(project), str(k), when], capture_output=True, text=True, timeout=300
+        )
         if done.returncode == 0:
             finished = json.loads(done.stdout.strip().splitlines()[-1])
             assert k > finished["steps"] and finished["change"] in ("recalibration", "threshold"), (k, finished)
@@ -146,7 +196,9 @@ def test_a_kill_at_every_point_of_a_retrain_promotion_leaves_the_old_or_the_new_
         history = [event["version"] for event in events(registry) if event["alias"] == "champion"]
         assert history == ([champion] if now == champion else [champion, now]), (when, k, now, history)
         assert not (registry.path / "alias-change.json").exists()
-        for version in registry.versions():  # every version the registry shows is whole: its file matches its hash and loads
+        for (
+            version
+        ) in registry.versions():  # every version the registry shows is whole: its file matches its hash and loads
             load_model(registry, version)
         if now != champion:  # the new champion is the derived version, whole: the champion's model, its map, its card
             meta = registry.meta(now)
@@ -171,6 +223,7 @@ HOLD_LOCK = textwrap.dedent("""
 
 def test_a_retrain_killed_while_holding_the_lock_does_not_leave_it_stuck(tmp_path):
     from lifecycle.retrain import retrain_lock
+
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -186,12 +239,26 @@ def test_a_retrain_killed_while_holding_the_lock_does_not_leave_it_stuck(tmp_pat
 def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_project):
     "Two `lifecycle retrain` processes on one project: the second starts while the first holds the retrain lock, says so in one line, records it."
     from conftest import LIFECYCLE
+
     from lifecycle.retrain import decisions
+
     registry = Registry(champion_project)
     champion, events_before = registry.aliases()["champion"], len(events(registry))
     # a lean challenger (fewer folds, seeds and resamples), its production rows weighing 3 times a row of the champion's data
-    lean = ["-p", "prepare.profile=false", "-p", "train.cv_folds=3", "-p", "evaluate.fairness_seeds=1", "-p", "evaluate.bootstrap_resamples=100",
-            "-p", "retrain.bootstrap=200", "-p", "retrain.production_weight=3"]
+    lean = [
+        "-p",
+        "prepare.profile=false",
+        "-p",
+        "train.cv_folds=3",
+        "-p",
+        "evaluate.fairness_seeds=1",
+        "-p",
+        "evaluate.bootstrap_resamples=100",
+        "-p",
+        "retrain.bootstrap=200",
+        "-p",
+        "retrain.production_weight=3",
+    ]
     command = [str(LIFECYCLE), "retrain", "--settings", str(champion_project / "settings.ini"), "--force", *lean]
     first = subprocess.Popen(command + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -205,7 +272,9 @@ def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_p
         if first.poll() is None:
             first.kill()
     assert second.returncode == 0, second.stderr
-    assert second.stdout.strip().splitlines() == ["No retrain: another retrain of this project is running (retrain/.lock)."]
+    assert second.stdout.strip().splitlines() == [
+        "No retrain: another retrain of this project is running (retrain/.lock)."
+    ]
     assert first.returncode == 0, err[-3000:]
     result = json.loads(out)
     assert result["status"] in ("promoted", "champion kept"), (result["status"], result.get("headline"))
@@ -217,28 +286,42 @@ def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_p
     assert [entry["kind"] for entry in recorded].count("promotion") == 1
     # the weight reached the challenger's fit, on the record
     trained = json.loads((registry.path / "versions" / str(result["summary"]["challenger"]) / "meta.json").read_text())
-    assert trained["source_weights"] == f"production_{result['retrain_id']}: 3" and result["data"]["production_weight"] == 3
+    assert (
+        trained["source_weights"] == f"production_{result['retrain_id']}: 3"
+        and result["data"]["production_weight"] == 3
+    )
 
 
-def test_a_promoted_recalibration_is_served_online_in_batch_and_in_streams_with_the_scores_the_comparison_judged(tmp_path):
+def test_a_promoted_recalibration_is_served_online_in_batch_and_in_streams_with_the_scores_the_comparison_judged(
+    tmp_path,
+):
     "The derived version (the champion's model file, its map and threshold in the metadata) through serve, batch and stream: the judged scores, bit for bit."
     from fastapi.testclient import TestClient
-    from lifecycle.serving.batch import score_file
+
     from lifecycle.retrain import register_change
+    from lifecycle.serving.batch import score_file
     from lifecycle.serving.serve import create_app
     from lifecycle.serving.stream import run_stream
+
     root = tmp_path / "project"
     champion = _recalibration_template(root)
     judged = json.loads((root / "retrain" / "t1" / "comparison.json").read_text())
     version = register_change(root, judged, "recalibration", "t1", "retrain/t1/comparison.json")
     set_alias(Registry(root), "champion", version, "the recalibration won", expected=champion)
     scored = pd.read_parquet(root / "retrain" / "t1" / "scores.parquet")
-    held = pd.read_parquet(root / "retrain" / "t1" / "holdout.parquet").set_index("request_id").loc[scored["request_id"]]
+    held = (
+        pd.read_parquet(root / "retrain" / "t1" / "holdout.parquet").set_index("request_id").loc[scored["request_id"]]
+    )
     features = ["age", "chol", "sex"]
-    records = [{name: (None if pd.isna(value) else float(value)) for name, value in zip(features, row)} for row in held[features].itertuples(index=False)]
+    records = [
+        {name: (None if pd.isna(value) else float(value)) for name, value in zip(features, row)}
+        for row in held[features].itertuples(index=False)
+    ]
     judged_scores = scored["recalibration"].to_numpy()
     judged_decisions = (judged_scores >= judged["candidates"]["recalibration"]["threshold"]).astype(int).tolist()
-    assert not np.array_equal(judged_scores, scored["champion"].to_numpy())  # the map moves the scores: this test can tell
+    assert not np.array_equal(
+        judged_scores, scored["champion"].to_numpy()
+    )  # the map moves the scores: this test can tell
 
     with TestClient(create_app(root)) as client:  # online: one record a request
         while client.get("/ready").status_code != 200:  # the server loads its model in the background
@@ -254,6 +337,11 @@ def test_a_promoted_recalibration_is_served_online_in_batch_and_in_streams_with_
     assert np.array_equal(batch["score"].to_numpy(), judged_scores) and batch["decision"].tolist() == judged_decisions
 
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    run_stream(root, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), log_predictions=False, handle_signals=False)
+    run_stream(
+        root, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), log_predictions=False, handle_signals=False
+    )
     streamed = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert np.array_equal([event["score"] for event in streamed], judged_scores) and [event["decision"] for event in streamed] == judged_decisions
+    assert (
+        np.array_equal([event["score"] for event in streamed], judged_scores)
+        and [event["decision"] for event in streamed] == judged_decisions
+    )

@@ -1,4 +1,5 @@
 "Records the contract refuses are counted in the prediction log by reason, never by value, and monitoring shows them per window."
+
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pandas as pd
-
 from conftest import COLUMNS, LIFECYCLE, free_port, run_lifecycle
 from test_replay_monitor import set_monitor
 
@@ -21,15 +21,36 @@ SECRET_FIELD = "Jane Doe SECRET"  # a field name a client made up
 
 def _good_records(project, count):
     "Cleveland's first complete patients, as JSON records."
-    frame = pd.read_csv(project / "data" / "heart-disease-uci" / "processed.cleveland.data", header=None,
-                        names=[name.strip() for name in COLUMNS.split(",")], na_values="?").dropna().head(count)
+    frame = (
+        pd.read_csv(
+            project / "data" / "heart-disease-uci" / "processed.cleveland.data",
+            header=None,
+            names=[name.strip() for name in COLUMNS.split(",")],
+            na_values="?",
+        )
+        .dropna()
+        .head(count)
+    )
     return [{name: value for name, value in row.items() if name != "num"} for row in frame.to_dict("records")]
 
 
 def _start_server(project, port):
     output = open(project / "serve.log", "w")
-    server = subprocess.Popen([str(LIFECYCLE), "serve", "--settings", str(project / "settings.ini"), "--port", str(port),
-                               "--log", "served.sqlite"], stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    server = subprocess.Popen(
+        [
+            str(LIFECYCLE),
+            "serve",
+            "--settings",
+            str(project / "settings.ini"),
+            "--port",
+            str(port),
+            "--log",
+            "served.sqlite",
+        ],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 90
     while True:
         try:
@@ -49,8 +70,12 @@ def _stored_bytes(project) -> bytes:
 
 def test_a_real_server_counts_refused_records_by_reason_and_monitoring_shows_them(champion_project):
     project = champion_project
-    set_monitor(project, log="served.sqlite", window="day",
-                alerts="records_refused (warning): rejected_share > 0.1\nchol_refused (critical): rejected.out_of_range > 100")
+    set_monitor(
+        project,
+        log="served.sqlite",
+        window="day",
+        alerts="records_refused (warning): rejected_share > 0.1\nchol_refused (critical): rejected.out_of_range > 100",
+    )
     shutil.rmtree(project / "monitoring", ignore_errors=True)
     good = _good_records(project, 40)
     today = datetime.now(timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
@@ -59,8 +84,10 @@ def test_a_real_server_counts_refused_records_by_reason_and_monitoring_shows_the
     server = _start_server(project, port)
     try:
         url = f"http://127.0.0.1:{port}/predict"
+
         def post(records, when):
             return httpx.post(url, json=records, headers={"X-Event-Time": when}, timeout=30)
+
         assert post(good[:30], first).status_code == 200
         out_of_range = [{**record, "chol": SECRET_VALUE, "id": SECRET_ID} for record in good[30:35]]
         assert post(out_of_range, first).status_code == 422  # 5 records: out_of_range on chol
@@ -69,7 +96,9 @@ def test_a_real_server_counts_refused_records_by_reason_and_monitoring_shows_the
         answer = post([{**good[38], SECRET_FIELD: 1, "id": SECRET_ID}], second)
         assert answer.status_code == 422  # 1 unknown field
         assert post(good[:4], second).status_code == 200
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text  # Prometheus sees the same counts, never a value
+        metrics = httpx.get(
+            f"http://127.0.0.1:{port}/metrics", timeout=30
+        ).text  # Prometheus sees the same counts, never a value
         assert 'lifecycle_refused_records_total{field="chol",reason="out_of_range"} 5.0' in metrics
         assert 'lifecycle_refused_records_total{field="age",reason="wrong_type"} 1.0' in metrics
         assert 'lifecycle_refused_records_total{field="",reason="unknown_field"} 1.0' in metrics
@@ -94,9 +123,14 @@ def test_a_real_server_counts_refused_records_by_reason_and_monitoring_shows_the
     assert abs(day["rejected_share"] - 8 / 38) < 1e-12 and day["rejected_channel.online"] == 8
     details = json.loads((project / "monitoring" / "details" / f"{day.name}.json").read_text())
     assert [(row["reason"], row["field"], row["count"]) for row in details["rejections"]] == [
-        ("out_of_range", "chol", 5), ("with_request", "", 2), ("wrong_type", "age", 1)]
+        ("out_of_range", "chol", 5),
+        ("with_request", "", 2),
+        ("wrong_type", "age", 1),
+    ]
 
-    stored = _stored_bytes(project)  # nothing of a refused record reaches the log: not its values, not its id, not a made-up field
+    stored = _stored_bytes(
+        project
+    )  # nothing of a refused record reaches the log: not its values, not its id, not a made-up field
     for secret in (SECRET_ID, repr(SECRET_VALUE), "98765", SECRET_TEXT, SECRET_FIELD, "SECRET"):
         assert secret.encode() not in stored, secret
     assert b"out_of_range" in stored  # the bytes searched are the log's: its counts are there

@@ -1,4 +1,5 @@
 "Every page of a run, opened in a real browser: no console error, no warning or traceback text, every link resolves."
+
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -15,12 +16,14 @@ def _check_page(browser, page_path: Path) -> list[str]:
     "What is wrong with one page: console errors, page errors, noise in its text, links that lead nowhere."
     problems = []
     page = browser.new_page()
-    page.on("console", lambda message: message.type == "error" and problems.append(f"console error: {message.text[:200]}"))
+    page.on(
+        "console", lambda message: message.type == "error" and problems.append(f"console error: {message.text[:200]}")
+    )
     page.on("pageerror", lambda error: problems.append(f"page error: {str(error)[:200]}"))
     page.goto(page_path.as_uri(), wait_until="load")
     text = page.inner_text("body")
     if match := NOISE.search(text):
-        problems.append(f"noise in the text: {text[max(match.start() - 80, 0):match.end() + 80]!r}")
+        problems.append(f"noise in the text: {text[max(match.start() - 80, 0) : match.end() + 80]!r}")
     ids = set(page.eval_on_selector_all("[id], a[name]", "nodes => nodes.map(n => n.id || n.name)"))
     for href in page.eval_on_selector_all("a[href]", "nodes => nodes.map(n => n.getAttribute('href'))"):
         parts = urlsplit(href)
@@ -41,6 +44,13 @@ def test_every_page_of_a_run_reads_cleanly_in_a_browser(champion_project, browse
     report = champion_project / "reports" / "latest"
     pages = _pages(report)
     names = {page.name for page in pages}
-    assert {"index.html", "01_collect.html", "02_prepare.html", "03_train.html", "04_evaluate.html", "05_deploy.html"} <= names, names
+    assert {
+        "index.html",
+        "01_collect.html",
+        "02_prepare.html",
+        "03_train.html",
+        "04_evaluate.html",
+        "05_deploy.html",
+    } <= names, names
     problems = {page.name: found for page in pages if (found := _check_page(browser, page))}
     assert not problems, problems

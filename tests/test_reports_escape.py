@@ -1,10 +1,10 @@
 "No report runs a script: markup planted in values, column names and source names reaches every page of a run as text."
+
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from conftest import COLUMNS, HEART, run_lifecycle
 
 COLUMN = "<img src=x onerror=alert('xss-column')>"  # a column name
@@ -14,6 +14,7 @@ SOURCE = "<u onmouseover=alert('xss-source')>north</u>"  # a source name in sett
 
 class _Live(HTMLParser):
     "Planted markup that became elements: an event handler or attribute naming xss, or xss text inside script, style, b or u."
+
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.found, self.open = [], []
@@ -43,7 +44,9 @@ def live_markup(page: str) -> list[str]:
 
 def test_the_checker_finds_live_markup_and_not_escaped_text():
     assert live_markup(f"<td>{COLUMN}</td>") and live_markup(f"<p>{VALUES[0]}</p>") and live_markup(SOURCE)
-    assert not live_markup("<td>&lt;img src=x onerror=alert('xss-column')&gt;</td><td title=\"<script>xss</script>\">x</td>")
+    assert not live_markup(
+        "<td>&lt;img src=x onerror=alert('xss-column')&gt;</td><td title=\"<script>xss</script>\">x</td>"
+    )
 
 
 def test_markup_in_data_and_settings_is_text_on_every_page(tmp_path):
@@ -67,7 +70,9 @@ max_fairness_gap = 1
 max_latency_ms = 100000
 min_group_size = 5
 """)
-    code, run, stdout, stderr = run_lifecycle("run", "--settings", project / "settings.ini", "--stages", "collect,prepare,train,evaluate", "--json")
+    code, run, stdout, stderr = run_lifecycle(
+        "run", "--settings", project / "settings.ini", "--stages", "collect,prepare,train,evaluate", "--json"
+    )
     assert [stage["status"] for stage in run["stages"]] == ["ran"] * 4, stderr[-2000:]
     report = Path(run["report"]).parent
     pages = sorted(report.glob("*.html")) + sorted((project / "registry").rglob("*.html"))

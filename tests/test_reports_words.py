@@ -1,4 +1,5 @@
 "What a run's reports say: the model card shows the evaluation's own figures, tables speak words, deploy tells who promoted."
+
 import base64
 import json
 import re
@@ -11,6 +12,7 @@ RAW_KEY = re.compile(r"^_?[a-z0-9]+(_[a-z0-9]+)+$|^_[a-z]+$")
 
 class _Headers(HTMLParser):
     "The text of every table header cell (<th>) of a page."
+
     def __init__(self):
         super().__init__()
         self.headers, self._open = [], None
@@ -64,13 +66,20 @@ def test_the_model_card_embeds_the_evaluation_reports_own_figures(champion_proje
 
 def test_report_tables_and_the_index_speak_words_not_keys(champion_project):
     report = champion_project / "reports" / "latest"
-    leaks = {page.name: keys for page in sorted(report.glob("0*.html"))
-             if (keys := sorted({header for header in _headers(page) if RAW_KEY.match(header)}))}
+    leaks = {
+        page.name: keys
+        for page in sorted(report.glob("0*.html"))
+        if (keys := sorted({header for header in _headers(page) if RAW_KEY.match(header)}))
+    }
     assert not leaks, leaks
     index = re.sub(r"<[^>]+>", " ", (report / "index.html").read_text())
-    assert not re.findall(r"\b_?[a-z]+(?:_[a-z0-9]+)+:", index), re.findall(r"\b_?[a-z]+(?:_[a-z0-9]+)+:[^<]{0,20}", index)
+    assert not re.findall(r"\b_?[a-z]+(?:_[a-z0-9]+)+:", index), re.findall(
+        r"\b_?[a-z]+(?:_[a-z0-9]+)+:[^<]{0,20}", index
+    )
     deploy = (report / "05_deploy.html").read_text()
-    assert "too_many_missing" not in deploy and "too many features missing" in deploy  # refusals in words, in the text too
+    assert (
+        "too_many_missing" not in deploy and "too many features missing" in deploy
+    )  # refusals in words, in the text too
 
 
 def test_deploy_summary_tells_when_and_by_whom_the_champion_was_promoted(champion_project):
@@ -78,10 +87,18 @@ def test_deploy_summary_tells_when_and_by_whom_the_champion_was_promoted(champio
     summary = json.loads((report / "deploy-summary.json").read_text())
     events = [json.loads(line) for line in (champion_project / "registry" / "events.jsonl").read_text().splitlines()]
     made = [event for event in events if event["alias"] == "champion"]
-    assert len(made) == 1 and made[0]["version"] == summary["champion_version"] == 1  # evaluate made the first model champion
+    assert (
+        len(made) == 1 and made[0]["version"] == summary["champion_version"] == 1
+    )  # evaluate made the first model champion
     assert "promoted" not in summary  # no "promoted: false" beside a page that says it is champion
     assert summary["champion"] is True
-    assert summary["promotion"] == {"version": 1, "at": made[0]["at"], "by": made[0]["by"], "reason": made[0]["reason"], "by_this_stage": False}
+    assert summary["promotion"] == {
+        "version": 1,
+        "at": made[0]["at"],
+        "by": made[0]["by"],
+        "reason": made[0]["reason"],
+        "by_this_stage": False,
+    }
     assert made[0]["reason"].startswith("passed the gate in run")
     page = (report / "05_deploy.html").read_text()
     assert f"has been the champion since {made[0]['at']}" in page  # the page and the summary tell the same story

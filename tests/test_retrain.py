@@ -1,11 +1,11 @@
 """`lifecycle retrain`: the policy's decision recorded, a challenger trained by the stage notebooks on the champion's data plus labeled
 production predictions, and compared with the champion on held-out production patients neither model trained on."""
+
 import json
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
-
 from conftest import COLUMNS, HEART, run_lifecycle, stages
 
 
@@ -13,12 +13,20 @@ def _log_labeled_production(project):
     "Score VA Long Beach and Switzerland with the champion and log them with their labels, over five days, through the real log API."
     from lifecycle.serving.predlog import open_log
     from lifecycle.serving.scoring import Scorer
+
     names = [name.strip() for name in COLUMNS.split(",")]
-    frame = pd.concat([pd.read_csv(HEART / f"processed.{name}.data", header=None, names=names, na_values="?")
-                       for name in ("switzerland", "va")], ignore_index=True)
+    frame = pd.concat(
+        [
+            pd.read_csv(HEART / f"processed.{name}.data", header=None, names=names, na_values="?")
+            for name in ("switzerland", "va")
+        ],
+        ignore_index=True,
+    )
     scorer = Scorer.from_registry(project)
-    records = [{name: (None if pd.isna(value) else value) for name, value in zip(scorer.spec.features, row)}
-               for row in frame[scorer.spec.features].itertuples(index=False, name=None)]
+    records = [
+        {name: (None if pd.isna(value) else value) for name, value in zip(scorer.spec.features, row)}
+        for row in frame[scorer.spec.features].itertuples(index=False, name=None)
+    ]
     results, _ = scorer.score_records(records)
     good = [index for index, result in enumerate(results) if result is not None]
     start = datetime.now(timezone.utc)  # the days after the champion's promotion
@@ -26,11 +34,19 @@ def _log_labeled_production(project):
         for day in range(5):
             chosen = good[day::5]
             ids = [f"test-{index}" for index in chosen]
-            log.record_many(ids, [results[i]["score"] for i in chosen], [results[i]["decision"] for i in chosen],
-                            pd.DataFrame([records[i] for i in chosen]).astype(float), scorer.version, channel="online",
-                            time=start + timedelta(days=day))
+            log.record_many(
+                ids,
+                [results[i]["score"] for i in chosen],
+                [results[i]["decision"] for i in chosen],
+                pd.DataFrame([records[i] for i in chosen]).astype(float),
+                scorer.version,
+                channel="online",
+                time=start + timedelta(days=day),
+            )
             for request_id, index in zip(ids, chosen):
-                log.record_label(request_id, int(frame["num"].iloc[index] > 0), time=start + timedelta(days=day, hours=6))
+                log.record_label(
+                    request_id, int(frame["num"].iloc[index] > 0), time=start + timedelta(days=day, hours=6)
+                )
         assert log.flush()
     return {f"test-{index}" for index in good}
 
@@ -44,8 +60,18 @@ NO_LATENCY_GATE = ("-p", "evaluate.max_latency_ms=100000", "-p", "deploy.max_lat
 def champion_project(heart_project):
     "The default project after one whole run, without the profile, the latency gates and production traffic: a champion in its registry."
     # no production traffic from deploy: the prediction log holds only what this test logs
-    run_lifecycle("run", "--settings", heart_project / "settings.ini", "-p", "prepare.profile=false", "-p", "deploy.production=",
-                  *NO_LATENCY_GATE, "--json", check=0)
+    run_lifecycle(
+        "run",
+        "--settings",
+        heart_project / "settings.ini",
+        "-p",
+        "prepare.profile=false",
+        "-p",
+        "deploy.production=",
+        *NO_LATENCY_GATE,
+        "--json",
+        check=0,
+    )
     return heart_project
 
 
@@ -60,9 +86,13 @@ def test_retrain_decides_trains_a_challenger_through_the_notebooks_and_judges_it
     assert result["headline"] == "No retrain now: 0 predictions since the champion's promotion have labels (rule: 100)."
 
     logged = _log_labeled_production(champion_project)
-    _, result, _, stderr = run_lifecycle("retrain", "--settings", settings, "--force", "--json", "-p", "prepare.profile=false", *NO_LATENCY_GATE, check=0)
-    assert result["decision"]["reasons"] == ["a person asked for it (--force)",
-                                             f"{len(logged)} predictions since the champion's promotion have labels (rule: 100)"]
+    _, result, _, stderr = run_lifecycle(
+        "retrain", "--settings", settings, "--force", "--json", "-p", "prepare.profile=false", *NO_LATENCY_GATE, check=0
+    )
+    assert result["decision"]["reasons"] == [
+        "a person asked for it (--force)",
+        f"{len(logged)} predictions since the champion's promotion have labels (rule: 100)",
+    ]
     assert result["status"] in ("promoted", "champion kept"), (result["status"], result.get("headline"), stderr[-2000:])
     data = result["data"]
     assert data["labeled"] == len(logged) and data["training_rows"] + data["holdout_rows"] == len(logged)
@@ -90,8 +120,12 @@ def test_retrain_decides_trains_a_challenger_through_the_notebooks_and_judges_it
     assert not set(held["request_id"]) & set(recent["request_id"])
     assert held["time"].min() >= recent["time"].max()  # the newest are held out
     clean = pd.read_parquet(champion_project / "runs" / run["run_id"] / "prepare" / "clean.parquet")
-    assert (clean["_source"] == production_source).sum() <= len(recent)  # only the training part reached the challenger's data
-    champion_sources = json.loads((champion_project / "registry" / "versions" / str(champion) / "meta.json").read_text())["sources"]
+    assert (clean["_source"] == production_source).sum() <= len(
+        recent
+    )  # only the training part reached the challenger's data
+    champion_sources = json.loads(
+        (champion_project / "registry" / "versions" / str(champion) / "meta.json").read_text()
+    )["sources"]
     assert not any(source.startswith("production") for source in champion_sources)
     evidence = json.loads((folder / "comparison.json").read_text())
     comparison = evidence["comparison"]
@@ -106,17 +140,31 @@ def test_retrain_decides_trains_a_challenger_through_the_notebooks_and_judges_it
     # The decision, with its evidence, is on the record; the champion moved only if the rule allowed it.
     summary = stages(run)["retrain"]["summary"]
     assert summary["headline"] and summary["verdict"] == comparison["verdict"]
-    recorded = [json.loads(line) for line in (champion_project / "retrain" / "decisions.jsonl").read_text().splitlines()]
-    assert [entry["kind"] for entry in recorded] == ["policy", "policy", "policy", "promotion"]  # the first run's retrain stage recorded one
+    recorded = [
+        json.loads(line) for line in (champion_project / "retrain" / "decisions.jsonl").read_text().splitlines()
+    ]
+    assert [entry["kind"] for entry in recorded] == [
+        "policy",
+        "policy",
+        "policy",
+        "promotion",
+    ]  # the first run's retrain stage recorded one
     assert recorded[-1]["evidence"] == f"retrain/{result['retrain_id']}/comparison.json"
     aliases = json.loads((champion_project / "registry" / "aliases.json").read_text())
     if summary["promoted"] and summary["change"] == "challenger":
-        assert aliases["champion"] == challenger and comparison["promote"] and stages(run)["evaluate"]["status"] == "ran"
+        assert (
+            aliases["champion"] == challenger and comparison["promote"] and stages(run)["evaluate"]["status"] == "ran"
+        )
         event = json.loads((champion_project / "registry" / "events.jsonl").read_text().splitlines()[-1])
         assert "Evidence: retrain/" in event["reason"]
     elif summary["promoted"]:  # the challenger did not win, a cheaper change did: a new version of the champion's model
-        assert summary["change"] in ("recalibration", "threshold") and evidence["candidates"][summary["change"]]["comparison"]["promote"]
-        derived = json.loads((champion_project / "registry" / "versions" / str(summary["promoted_version"]) / "meta.json").read_text())
+        assert (
+            summary["change"] in ("recalibration", "threshold")
+            and evidence["candidates"][summary["change"]]["comparison"]["promote"]
+        )
+        derived = json.loads(
+            (champion_project / "registry" / "versions" / str(summary["promoted_version"]) / "meta.json").read_text()
+        )
         assert aliases["champion"] == summary["promoted_version"] and derived["derived_from"]["version"] == champion
         assert recorded[-1]["change"] == summary["change"] and recorded[-1]["version"] == summary["promoted_version"]
     else:

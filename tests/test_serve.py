@@ -1,4 +1,5 @@
 "`lifecycle serve` as a real uvicorn server: answers, bad input, hot swap under load, SIGTERM under load."
+
 import json
 import math
 import os
@@ -9,12 +10,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
 from conftest import LIFECYCLE, free_port
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 MARKER = "zq7secret"  # a submitted value that must never come back in a response or a log line
 MARKER_NUMBER = 987654.125
@@ -27,8 +28,20 @@ class Server:
         self.project, self.port = project, free_port()
         self.output = project / f"serve-{self.port}.log"
         self.process = subprocess.Popen(
-            [str(LIFECYCLE), "serve", "--settings", str(project / "settings.ini"), "--port", str(self.port), "--access-log", *extra],
-            stdout=open(self.output, "w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            [
+                str(LIFECYCLE),
+                "serve",
+                "--settings",
+                str(project / "settings.ini"),
+                "--port",
+                str(self.port),
+                "--access-log",
+                *extra,
+            ],
+            stdout=open(self.output, "w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 60
         while True:
@@ -51,14 +64,31 @@ def records_of(project: Path, split: str = "test") -> tuple[list[dict], pd.DataF
     run = json.loads((project / "first-run.json").read_text())
     clean = pd.read_parquet(project / "runs" / run["run_id"] / "prepare" / "clean.parquet")
     rows = clean[clean["_split"] == split]
-    features = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak", "slope", "ca", "thal"]
-    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(features, row)}
-               for row in rows[features].itertuples(index=False, name=None)]
+    features = [
+        "age",
+        "sex",
+        "cp",
+        "trestbps",
+        "chol",
+        "fbs",
+        "restecg",
+        "thalach",
+        "exang",
+        "oldpeak",
+        "slope",
+        "ca",
+        "thal",
+    ]
+    records = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(features, row)}
+        for row in rows[features].itertuples(index=False, name=None)
+    ]
     return records, rows
 
 
 def log_count(project: Path) -> int:
     from lifecycle.serving.predlog import open_log
+
     log = open_log("", project)
     try:
         return log.count()
@@ -69,6 +99,7 @@ def log_count(project: Path) -> int:
 @pytest.fixture(scope="module")
 def server(champion_template, tmp_path_factory):
     import shutil
+
     project = tmp_path_factory.mktemp("serve") / "heart"
     shutil.copytree(champion_template, project, symlinks=True)
     running = Server(project)
@@ -79,6 +110,7 @@ def server(champion_template, tmp_path_factory):
 
 def test_answers_are_the_models_offline_scores(server):
     from lifecycle.registry import Registry, load_model
+
     records, rows = records_of(server.project)
     answer = httpx.post(server.url + "/predict", json=records, timeout=30)
     assert answer.status_code == 200
@@ -97,20 +129,44 @@ def test_answers_are_the_models_offline_scores(server):
     assert docs["properties"]["thal"]["anyOf"][0]["enum"] == [3.0, 6.0, 7.0] and "age" in docs["required"]
     assert httpx.get(server.url + "/docs").status_code == 200
     metrics = httpx.get(server.url + "/metrics").text
-    assert 'lifecycle_requests_total{endpoint="predict",status="200"}' in metrics and "lifecycle_model_version" in metrics
-    assert httpx.post(server.url + "/feedback", json={"request_id": single["request_id"], "label": 1}).status_code == 202
+    assert (
+        'lifecycle_requests_total{endpoint="predict",status="200"}' in metrics and "lifecycle_model_version" in metrics
+    )
+    assert (
+        httpx.post(server.url + "/feedback", json={"request_id": single["request_id"], "label": 1}).status_code == 202
+    )
 
 
 def _record_strategy():
     "Records built from the heart schema, then spoiled in every way a client can spoil them."
     numbers = {"age": (1, 120), "trestbps": (50, 260), "chol": (80, 700), "thalach": (50, 250), "oldpeak": (-5, 10)}
-    codes = {"sex": [0, 1], "cp": [1, 2, 3, 4], "fbs": [0, 1], "restecg": [0, 1, 2], "exang": [0, 1], "slope": [1, 2, 3],
-             "ca": [0, 1, 2, 3], "thal": [3, 6, 7]}
-    good = st.fixed_dictionaries({**{k: st.floats(lo, hi) | st.none() for k, (lo, hi) in numbers.items()},
-                                  **{k: st.sampled_from(v) | st.none() for k, v in codes.items()}})
-    spoilers = st.one_of(st.just(MARKER), st.text(min_size=1).map(lambda t: MARKER + t), st.booleans(), st.just(MARKER_NUMBER),
-                         st.just(float("nan")), st.just(float("inf")), st.lists(st.integers(), max_size=3),
-                         st.dictionaries(st.just("x"), st.just(MARKER), max_size=1), st.integers(-10**6, 10**6))
+    codes = {
+        "sex": [0, 1],
+        "cp": [1, 2, 3, 4],
+        "fbs": [0, 1],
+        "restecg": [0, 1, 2],
+        "exang": [0, 1],
+        "slope": [1, 2, 3],
+        "ca": [0, 1, 2, 3],
+        "thal": [3, 6, 7],
+    }
+    good = st.fixed_dictionaries(
+        {
+            **{k: st.floats(lo, hi) | st.none() for k, (lo, hi) in numbers.items()},
+            **{k: st.sampled_from(v) | st.none() for k, v in codes.items()},
+        }
+    )
+    spoilers = st.one_of(
+        st.just(MARKER),
+        st.text(min_size=1).map(lambda t: MARKER + t),
+        st.booleans(),
+        st.just(MARKER_NUMBER),
+        st.just(float("nan")),
+        st.just(float("inf")),
+        st.lists(st.integers(), max_size=3),
+        st.dictionaries(st.just("x"), st.just(MARKER), max_size=1),
+        st.integers(-(10**6), 10**6),
+    )
 
     @st.composite
     def spoiled(draw):
@@ -124,12 +180,19 @@ def _record_strategy():
         if draw(st.booleans()):
             record["unexpected_field"] = MARKER
         return record
+
     return spoiled()
 
 
-@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(payload=st.one_of(_record_strategy(), st.lists(_record_strategy(), max_size=4), st.just(MARKER), st.integers(), st.none()),
-       raw=st.sampled_from([None, b'{"age": 3', b"\xff\xfe" + MARKER.encode(), b"", b"[" * 50]))
+@hsettings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    payload=st.one_of(
+        _record_strategy(), st.lists(_record_strategy(), max_size=4), st.just(MARKER), st.integers(), st.none()
+    ),
+    raw=st.sampled_from([None, b'{"age": 3', b"\xff\xfe" + MARKER.encode(), b"", b"[" * 50]),
+)
 def test_bad_input_never_gets_a_5xx_and_never_echoes_a_value(server, payload, raw):
     body = raw if raw is not None else json.dumps(payload, allow_nan=True).encode()
     answer = httpx.post(server.url + "/predict", content=body, headers={"content-type": "application/json"}, timeout=10)
@@ -138,14 +201,25 @@ def test_bad_input_never_gets_a_5xx_and_never_echoes_a_value(server, payload, ra
     if answer.status_code == 422:
         detail = answer.json()["detail"]
         assert detail and all(error["loc"][0] == "body" and error["msg"] and error["type"] for error in detail)
-        for error in detail:  # an error about a record names the record and, unless it is about the whole record, the field
+        for (
+            error
+        ) in detail:  # an error about a record names the record and, unless it is about the whole record, the field
             if len(error["loc"]) > 1 and error["type"] not in ("type_error.object", "too_many_missing"):
                 assert isinstance(error["loc"][1], int) and isinstance(error["loc"][2], str)
 
 
 def test_wrong_content_type_and_size(server):
-    assert httpx.post(server.url + "/predict", content=b"age=1", headers={"content-type": "text/plain"}).status_code == 415
-    assert httpx.post(server.url + "/predict", content=b"[" + b"0," * 700_000 + b"0]", headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        httpx.post(server.url + "/predict", content=b"age=1", headers={"content-type": "text/plain"}).status_code == 415
+    )
+    assert (
+        httpx.post(
+            server.url + "/predict",
+            content=b"[" + b"0," * 700_000 + b"0]",
+            headers={"content-type": "application/json"},
+        ).status_code
+        == 413
+    )
     assert httpx.get(server.url + "/health").status_code == 200  # still alive
 
 
@@ -170,6 +244,7 @@ def _hammer(url: str, records: list[dict], stop: threading.Event, outcome: dict)
 
 def test_hot_swap_under_load_fails_no_request(champion_project):
     from lifecycle.registry import Registry, load_model, register, set_alias
+
     server = Server(champion_project)
     records, _ = records_of(champion_project)
     registry = Registry(champion_project)
@@ -203,7 +278,9 @@ def test_hot_swap_under_load_fails_no_request(champion_project):
 def test_a_champion_that_fails_to_load_leaves_the_old_one_serving_until_it_loads(champion_project):
     "A new champion whose file does not load: the old one answers on, the error is shown; the file mended, it loads, no alias moved."
     from unittest import mock
+
     from lifecycle.registry import Registry, load_model, register, set_alias
+
     registry = Registry(champion_project)
     first = registry.resolve("champion")
     meta = {k: v for k, v in registry.meta(first).items() if k not in ("version", "sha256", "bytes", "created")}
@@ -214,7 +291,9 @@ def test_a_champion_that_fails_to_load_leaves_the_old_one_serving_until_it_loads
         path = registry.path / "versions" / str(second) / "model.skops"
         good = path.read_bytes()
         path.write_bytes(b"not a model")
-        with mock.patch("lifecycle.registry.load_model"):  # set_alias would refuse the file; here it changed after the check
+        with mock.patch(
+            "lifecycle.registry.load_model"
+        ):  # set_alias would refuse the file; here it changed after the check
             set_alias(registry, "champion", second, "test: a champion that fails to load")
         deadline = time.time() + 60
         while "failed to load" not in (httpx.get(server.url + "/model").json()["load_error"] or ""):
@@ -240,7 +319,10 @@ def test_sigterm_under_load_writes_every_prediction_served(champion_project):
     before = log_count(champion_project)
     server = Server(champion_project)
     records, _ = records_of(champion_project)
-    stop, outcomes = threading.Event(), [{"transport_errors": 0, "predictions": 0, "versions": set(), "stopping": False} for _ in range(8)]
+    stop, outcomes = (
+        threading.Event(),
+        [{"transport_errors": 0, "predictions": 0, "versions": set(), "stopping": False} for _ in range(8)],
+    )
     threads = [threading.Thread(target=_hammer, args=(server.url, records, stop, o)) for o in outcomes]
     for thread in threads:
         thread.start()
@@ -254,5 +336,7 @@ def test_sigterm_under_load_writes_every_prediction_served(champion_project):
         thread.join()
     served = sum(o["predictions"] for o in outcomes)
     assert served > 100
-    assert all(k in (200, "transport_errors", "predictions", "versions", "stopping") for o in outcomes for k in o), outcomes
+    assert all(k in (200, "transport_errors", "predictions", "versions", "stopping") for o in outcomes for k in o), (
+        outcomes
+    )
     assert log_count(champion_project) - before == served

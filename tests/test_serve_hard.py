@@ -1,5 +1,6 @@
 """`lifecycle serve` attacked as a reliability review would: hostile requests beside normal clients, kill -9 under load,
 the OpenAPI document checked against what the server answers, an address that would listen everywhere."""
+
 import json
 import os
 import random
@@ -12,7 +13,6 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-
 from conftest import LIFECYCLE, free_port
 from test_serve import MARKER, Server, records_of
 
@@ -44,12 +44,18 @@ def _hostile_payloads(records: list[dict], seed: int, count: int) -> list[tuple[
         lambda: ("/predict", record_text(good, {"id": "1" + "0" * 5000})),
         lambda: ("/predict", record_text(good, {"sex": '"\\udfff' + MARKER + '"'})),
         lambda: ("/predict", record_text(good, {"thal": '"\\u0000\\u001b[31m"'})),
-        lambda: ("/predict", record_text(good, {'\\ud800key': "1"})),  # an unknown key: named in the 422 (a name, not a value), escaped
+        lambda: (
+            "/predict",
+            record_text(good, {"\\ud800key": "1"}),
+        ),  # an unknown key: named in the 422 (a name, not a value), escaped
         lambda: ("/predict", record_text(good, {"\\u0000": "1"})),
         lambda: ("/predict", json.dumps([good] * rng.randint(500, 3000))),  # many records
         lambda: ("/predict", json.dumps([{}] * rng.randint(100, 2000))),  # many errors
         lambda: ("/predict", json.dumps([good] * 20 + [{**good, "age": MARKER}] * 20)),
-        lambda: ("/predict", "[" + ",".join([record_text(good)] * 5 + [record_text(good, {"age": "1" + "0" * 400})]) + "]"),
+        lambda: (
+            "/predict",
+            "[" + ",".join([record_text(good)] * 5 + [record_text(good, {"age": "1" + "0" * 400})]) + "]",
+        ),
         lambda: ("/feedback", '{"request_id": "\\u0000", "label": 1}'),
         lambda: ("/feedback", '{"request_id": "\\ud800", "label": 1}'),
         lambda: ("/feedback", json.dumps({"request_id": "a" * 900_000, "label": 1})),
@@ -57,7 +63,9 @@ def _hostile_payloads(records: list[dict], seed: int, count: int) -> list[tuple[
         lambda: ("/feedback", '{"request_id": "' + "0" * 32 + '", "label": 1, "\\ud800": 2}'),
         lambda: ("/feedback", "[" * 1000 + "]" * 1000),
     ]
-    chosen = [makers[n % len(makers)] for n in range(len(makers))] + [rng.choice(makers) for _ in range(count - len(makers))]
+    chosen = [makers[n % len(makers)] for n in range(len(makers))] + [
+        rng.choice(makers) for _ in range(count - len(makers))
+    ]
     return [(path, body.encode("utf-8", "surrogatepass")) for path, body in (make() for make in chosen)]
 
 
@@ -92,6 +100,7 @@ def _hostile_client(url: str, payloads: list, outcome: dict):
 @pytest.fixture(scope="module")
 def hard_server(champion_template, tmp_path_factory):
     import shutil
+
     project = tmp_path_factory.mktemp("serve-hard") / "heart"
     shutil.copytree(champion_template, project, symlinks=True)
     running = Server(project)
@@ -108,8 +117,10 @@ def test_hostile_clients_beside_normal_ones(hard_server):
     normal = [{"transport_errors": 0} for _ in range(4)]
     hostile = [{"transport_errors": 0, "5xx": [], "echoed": 0} for _ in range(2)]
     normals = [threading.Thread(target=_normal_client, args=(hard_server.url, records, stop, o)) for o in normal]
-    hostiles = [threading.Thread(target=_hostile_client, args=(hard_server.url, _hostile_payloads(records, seed, 60), o))
-                for seed, o in enumerate(hostile)]
+    hostiles = [
+        threading.Thread(target=_hostile_client, args=(hard_server.url, _hostile_payloads(records, seed, 60), o))
+        for seed, o in enumerate(hostile)
+    ]
     for thread in normals + hostiles:
         thread.start()
     for thread in hostiles:
@@ -118,8 +129,10 @@ def test_hostile_clients_beside_normal_ones(hard_server):
     for thread in normals:
         thread.join()
     hostile_answers = sum(v for o in hostile for k, v in o.items() if isinstance(k, int))
-    print(f"fuzz: {hostile_answers} hostile requests, {sum(len(o['5xx']) for o in hostile)} 5xx, "
-          f"{sum(o['transport_errors'] for o in hostile + normal)} resets; normal: {normal}")
+    print(
+        f"fuzz: {hostile_answers} hostile requests, {sum(len(o['5xx']) for o in hostile)} 5xx, "
+        f"{sum(o['transport_errors'] for o in hostile + normal)} resets; normal: {normal}"
+    )
     assert hostile_answers == 120 and all(not o["5xx"] and o["transport_errors"] == 0 for o in hostile), hostile
     assert sum(o["echoed"] for o in hostile) == 0
     assert all(set(o) == {"transport_errors", 200} and o["transport_errors"] == 0 for o in normal), normal
@@ -139,7 +152,9 @@ def test_many_to_one_batch_with_one_bad_request(hard_server):
                 barrier.wait()
                 body = bad.encode() if n == 0 else json.dumps(records[(n + round_) % len(records)]).encode()
                 try:
-                    status = session.post(hard_server.url + "/predict", content=body, headers={"content-type": "application/json"}).status_code
+                    status = session.post(
+                        hard_server.url + "/predict", content=body, headers={"content-type": "application/json"}
+                    ).status_code
                 except httpx.TransportError:
                     status = "reset"
                 with lock:
@@ -174,10 +189,13 @@ def _hammer_ids(url: str, records: list[dict], stop: threading.Event, served: li
 def test_sigkill_under_load_loses_no_answered_prediction(champion_project, run):
     "kill -9 while eight clients send requests: every prediction a client got an answer for is in the log."
     from lifecycle.serving.predlog import open_log
+
     server = Server(champion_project)
     records, _ = records_of(champion_project)
     stop, served, outcome = threading.Event(), [], {"transport_errors": 0}
-    threads = [threading.Thread(target=_hammer_ids, args=(server.url, records, stop, served, outcome)) for _ in range(8)]
+    threads = [
+        threading.Thread(target=_hammer_ids, args=(server.url, records, stop, served, outcome)) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     time.sleep(2.0 + run)
@@ -189,7 +207,9 @@ def test_sigkill_under_load_loses_no_answered_prediction(champion_project, run):
     with open_log("", champion_project) as log:  # reopened after the crash, as the restarted server would
         logged = set(log.predictions()["request_id"])
     missing = set(served) - logged
-    print(f"kill -9 run {run}: {len(served)} served, {len(set(served) & logged)} of them logged, {len(missing)} missing")
+    print(
+        f"kill -9 run {run}: {len(served)} served, {len(set(served) & logged)} of them logged, {len(missing)} missing"
+    )
     assert len(served) > 20
     assert not missing, f"{len(missing)} of {len(served)} answered predictions are not in the log"
 
@@ -202,8 +222,12 @@ def _launch(project: Path, *extra: str, token: str | None = None) -> tuple[subpr
     env.pop("LIFECYCLE_API_TOKEN", None)
     if token:
         env["LIFECYCLE_API_TOKEN"] = token
-    process = subprocess.Popen([str(LIFECYCLE), "serve", "--settings", str(project / "settings.ini"), "--port", str(port), *extra],
-                               stdout=open(output, "w"), stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        [str(LIFECYCLE), "serve", "--settings", str(project / "settings.ini"), "--port", str(port), *extra],
+        stdout=open(output, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -223,7 +247,9 @@ def _check_documented(document: dict, path: str, method: str, answer: httpx.Resp
     status = str(answer.status_code)
     assert status in responses, f"{method.upper()} {path} answered {status}, documented: {sorted(responses)}"
     media = answer.headers["content-type"].split(";")[0].strip()
-    assert media in responses[status]["content"], f"{method.upper()} {path} {status}: {media} not in {list(responses[status]['content'])}"
+    assert media in responses[status]["content"], (
+        f"{method.upper()} {path} {status}: {media} not in {list(responses[status]['content'])}"
+    )
     schema = responses[status]["content"][media]["schema"]
     if media == "application/json":
         jsonschema.validate(answer.json(), {**schema, "components": document["components"]})
@@ -243,7 +269,9 @@ def test_openapi_documents_every_answer(champion_project):
         document = httpx.get(url + "/openapi.json", headers=auth).json()
         assert httpx.get(url + "/docs", headers=auth).status_code == 200
         good = json.dumps(records[0]).encode()
-        served = httpx.post(url + "/predict", content=good, headers={**auth, "content-type": "application/json"}).json()["predictions"][0]
+        served = httpx.post(
+            url + "/predict", content=good, headers={**auth, "content-type": "application/json"}
+        ).json()["predictions"][0]
         as_json = {**auth, "content-type": "application/json"}
         sent = [
             ("/predict", "post", dict(content=good, headers=as_json)),
@@ -255,10 +283,25 @@ def test_openapi_documents_every_answer(champion_project):
             ("/predict", "post", dict(content=b"[" * 1000 + b"]" * 1000, headers=as_json)),
             ("/predict", "post", dict(content=json.dumps({**records[0], "age": "old"}).encode(), headers=as_json)),
             ("/predict", "post", dict(content=b"[]", headers=as_json)),
-            ("/feedback", "post", dict(content=json.dumps({"request_id": served["request_id"], "label": 1}).encode(), headers=as_json)),
-            ("/feedback", "post", dict(content=json.dumps({"request_id": "f" * 32, "label": 0}).encode(), headers=as_json)),
+            (
+                "/feedback",
+                "post",
+                dict(content=json.dumps({"request_id": served["request_id"], "label": 1}).encode(), headers=as_json),
+            ),
+            (
+                "/feedback",
+                "post",
+                dict(content=json.dumps({"request_id": "f" * 32, "label": 0}).encode(), headers=as_json),
+            ),
             ("/feedback", "post", dict(content=json.dumps({"request_id": "", "label": 0}).encode(), headers=as_json)),
-            ("/feedback", "post", dict(content=json.dumps({"request_id": served["request_id"], "label": 1}).encode(), headers={"content-type": "application/json"})),
+            (
+                "/feedback",
+                "post",
+                dict(
+                    content=json.dumps({"request_id": served["request_id"], "label": 1}).encode(),
+                    headers={"content-type": "application/json"},
+                ),
+            ),
             ("/feedback", "post", dict(content=b"x", headers={**auth, "content-type": "text/csv"})),
             ("/feedback", "post", dict(content=b'{"request_id": "' + b"a" * 1_100_000 + b'"}', headers=as_json)),
             ("/health", "get", dict()),
@@ -273,7 +316,9 @@ def test_openapi_documents_every_answer(champion_project):
             answer = httpx.request(method.upper(), url + path, timeout=30, **request)
             _check_documented(document, path, method, answer)
             seen.add((path, answer.status_code))
-        assert {("/predict", s) for s in (200, 401, 413, 415, 422)} <= seen and {("/feedback", s) for s in (202, 401, 404, 413, 415, 422)} <= seen
+        assert {("/predict", s) for s in (200, 401, 413, 415, 422)} <= seen and {
+            ("/feedback", s) for s in (202, 401, 404, 413, 415, 422)
+        } <= seen
         # the request schemas say what the server accepts: an empty request_id is refused by both
         feedback_schema = {"$ref": "#/components/schemas/Feedback", "components": document["components"]}
         with pytest.raises(jsonschema.ValidationError):
@@ -286,8 +331,11 @@ def test_openapi_documents_every_answer(champion_project):
     process, url, _ = _launch(champion_project, "--model", "99")
     try:
         document = httpx.get(url + "/openapi.json").json()
-        for path, method, request in [("/predict", "post", dict(content=good, headers={"content-type": "application/json"})),
-                                      ("/model", "get", dict()), ("/ready", "get", dict())]:
+        for path, method, request in [
+            ("/predict", "post", dict(content=good, headers={"content-type": "application/json"})),
+            ("/model", "get", dict()),
+            ("/ready", "get", dict()),
+        ]:
             answer = httpx.request(method.upper(), url + path, timeout=30, **request)
             assert answer.status_code == 503
             _check_documented(document, path, method, answer)
@@ -299,6 +347,22 @@ def test_openapi_documents_every_answer(champion_project):
 def test_an_empty_host_needs_a_token(champion_project):
     "--host '' listens on every interface: like 0.0.0.0, it is refused without a token."
     env = {k: v for k, v in os.environ.items() if k != "LIFECYCLE_API_TOKEN"}
-    done = subprocess.run([str(LIFECYCLE), "serve", "--settings", str(champion_project / "settings.ini"), "--host", "", "--port", str(free_port())],
-                          capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode != 0 and "needs a token" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = subprocess.run(
+        [
+            str(LIFECYCLE),
+            "serve",
+            "--settings",
+            str(champion_project / "settings.ini"),
+            "--host",
+            "",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "needs a token" in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
+        done.stderr
+    )

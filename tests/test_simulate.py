@@ -1,10 +1,9 @@
 """`lifecycle simulate` on a copy of the default project seeded with PII canaries: the story (shadow, promotion or refusal,
 an injected bad model rolled back by the rules) and, from the same run, a scan of every file, the command's output and
 the dashboard page for the canaries (ids may appear only as keyed hashes)."""
+
 import gzip
-import io
 import json
-import os
 import re
 import secrets
 import signal
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import COLUMNS, LIFECYCLE, copy_default_project, free_port, run_lifecycle
 
 # One canary a patient in the id column, one in a free-text column: unique, so that any copy of either is found.
@@ -23,8 +21,29 @@ ID_MARK, NOTE_MARK = "canaryid", "canarynote"
 # A small simulation: 12 days of twice the production traffic (resampled, jittered), labels back the next day, a retrain once
 # 60 labels are in, its challenger a day in shadow, then the bad model. The default project's champion ranks production
 # patients poorly (ROC AUC about 0.69), so telling a backwards model from it takes about 150 labels (DeLong at 0.05).
-SIMULATE = ("simulate", "--days", "12", "--scale", "2", "--label-delay", "1", "--inject", "bad-model", "--inject-day", "3", "--shadow-days", "1", "--seed", "3",
-            "-p", "prepare.profile=false", "-p", "retrain.min_new_labels=60", "-p", "retrain.bootstrap=200")
+SIMULATE = (
+    "simulate",
+    "--days",
+    "12",
+    "--scale",
+    "2",
+    "--label-delay",
+    "1",
+    "--inject",
+    "bad-model",
+    "--inject-day",
+    "3",
+    "--shadow-days",
+    "1",
+    "--seed",
+    "3",
+    "-p",
+    "prepare.profile=false",
+    "-p",
+    "retrain.min_new_labels=60",
+    "-p",
+    "retrain.bootstrap=200",
+)
 
 
 def _seed_canaries(project: Path) -> dict:
@@ -41,7 +60,9 @@ def _seed_canaries(project: Path) -> dict:
             lines.append(f"{patient},{line.strip()},{note}")
         path.write_text("\n".join(lines) + "\n")
     settings = (project / "settings.ini").read_text()
-    settings = settings.replace(f"columns = {COLUMNS}", f"columns = pid, {COLUMNS}, note").replace("id =\n", "id = pid\n")
+    settings = settings.replace(f"columns = {COLUMNS}", f"columns = pid, {COLUMNS}, note").replace(
+        "id =\n", "id = pid\n"
+    )
     assert "id = pid" in settings and "pid, age" in settings
     (project / "settings.ini").write_text(settings)
     return canaries
@@ -55,7 +76,13 @@ def simulated(tmp_path_factory):
     code, outcome, stdout, stderr = run_lifecycle(*SIMULATE, "--settings", project / "settings.ini", "--json")
     assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
     # the plain-text form of the command too (its words go to a terminal, and to CI logs)
-    return {"project": project, "canaries": canaries, "outcome": outcome, "output": stdout + stderr, "sandbox": Path(outcome["sandbox"])}
+    return {
+        "project": project,
+        "canaries": canaries,
+        "outcome": outcome,
+        "output": stdout + stderr,
+        "sandbox": Path(outcome["sandbox"]),
+    }
 
 
 def _events(sandbox: Path) -> list[dict]:
@@ -69,18 +96,26 @@ def test_simulate_tells_the_story_and_the_bad_model_is_rolled_back_by_the_rules(
     assert "shadow" in kinds, outcome["changes"]
     assert kinds.index("shadow") < next(i for i, kind in enumerate(kinds) if kind in ("promoted", "refused")), kinds
     # the bad model was promoted, and the rules brought the champion back by themselves, after it
-    assert "injected" in kinds and "rolled back" in kinds and kinds.index("injected") < kinds.index("rolled back"), outcome["changes"]
+    assert "injected" in kinds and "rolled back" in kinds and kinds.index("injected") < kinds.index("rolled back"), (
+        outcome["changes"]
+    )
     injected = next(change for change in outcome["changes"] if change["kind"] == "injected")["version"]
     events = _events(sandbox)
     champion_moves = [event for event in events if event["alias"] == "champion"]
     promotion_of_bad = next(i for i, event in enumerate(champion_moves) if event["version"] == injected)
     back = champion_moves[promotion_of_bad + 1]
     assert (back["previous"], back["version"]) == (injected, champion_moves[promotion_of_bad]["previous"])
-    assert back["reason"].startswith(f"Automatic rollback of version {injected}") and "DeLong p = " in back["reason"], back["reason"]
+    assert back["reason"].startswith(f"Automatic rollback of version {injected}") and "DeLong p = " in back["reason"], (
+        back["reason"]
+    )
     final = json.loads((sandbox / "registry" / "aliases.json").read_text())["champion"]
-    later = [change["version"] for change in outcome["changes"][kinds.index("rolled back"):] if change["kind"] == "promoted"]
+    later = [
+        change["version"] for change in outcome["changes"][kinds.index("rolled back") :] if change["kind"] == "promoted"
+    ]
     assert final == (later[-1] if later else back["version"]) != injected
-    assert "shadow" not in json.loads((sandbox / "registry" / "aliases.json").read_text())  # the shadow run ended on the record
+    assert "shadow" not in json.loads(
+        (sandbox / "registry" / "aliases.json").read_text()
+    )  # the shadow run ended on the record
     assert [event["alias"] for event in events].count("shadow") == 2
     decisions = [json.loads(line) for line in (sandbox / "retrain" / "decisions.jsonl").read_text().splitlines()]
     rollback = [entry for entry in decisions if entry["kind"] == "rollback"]
@@ -89,19 +124,31 @@ def test_simulate_tells_the_story_and_the_bad_model_is_rolled_back_by_the_rules(
     alerts = [json.loads(line) for line in (sandbox / "monitoring" / "alerts.jsonl").read_text().splitlines()]
     assert [alert["labels"]["alertname"] for alert in alerts].count("champion_rolled_back") == 1
     # the project's own state was not touched: the simulation ran in its sandbox
-    assert not (simulated["project"] / "registry").exists() and not (simulated["project"] / "predictions.sqlite").exists()
+    assert (
+        not (simulated["project"] / "registry").exists() and not (simulated["project"] / "predictions.sqlite").exists()
+    )
 
     # the timeline report: beside the run's other reports, linked from its index, a row a day, every change with its reason
     report = Path(outcome["report"])
-    assert report.parent == Path(outcome["index"]).parent and report.exists() and (report.parent / "simulate.png").stat().st_size > 10_000
+    assert (
+        report.parent == Path(outcome["index"]).parent
+        and report.exists()
+        and (report.parent / "simulate.png").stat().st_size > 10_000
+    )
     assert 'href="simulate.html"' in Path(outcome["index"]).read_text()
     page = report.read_text()
     assert page.count("<tr>") >= 12 + len(outcome["changes"]) and "Automatic rollback of version" in page
     assert not re.search(r"(src|href)=['\"]?https?:", page)  # nothing from the internet
     days = outcome["days"]
-    assert [day["day"] for day in days] == list(range(1, 13)) and sum(day["patients"] for day in days) == sum(day["scored"] for day in days)
-    assert sum(day["scored"] + day["refused"] for day in days) == 2 * 323  # every resampled patient sent: scored, or refused by the contract
-    assert any(day["roc_auc"] is not None for day in days) and all(day["estimated_roc_auc"] is not None for day in days if day["patients"])
+    assert [day["day"] for day in days] == list(range(1, 13)) and sum(day["patients"] for day in days) == sum(
+        day["scored"] for day in days
+    )
+    assert (
+        sum(day["scored"] + day["refused"] for day in days) == 2 * 323
+    )  # every resampled patient sent: scored, or refused by the contract
+    assert any(day["roc_auc"] is not None for day in days) and all(
+        day["estimated_roc_auc"] is not None for day in days if day["patients"]
+    )
 
 
 def _texts(path: Path) -> list[str]:
@@ -121,14 +168,20 @@ def _texts(path: Path) -> list[str]:
 # Data files hold the data, by design: the sources, and the collect and prepare stages' row files (they feed training).
 def _is_data(path: Path, root: Path) -> bool:
     parts = path.relative_to(root).parts
-    return parts[:1] == ("data",) or (parts[:1] == ("runs",) and len(parts) > 3 and parts[2] in ("collect", "prepare") and path.suffix == ".parquet")
+    return parts[:1] == ("data",) or (
+        parts[:1] == ("runs",) and len(parts) > 3 and parts[2] in ("collect", "prepare") and path.suffix == ".parquet"
+    )
 
 
 def _dashboard_html(settings: Path, browser) -> str:
     "The live dashboard's page, as chromium renders it."
     port, log = free_port(), settings.parent / "dashboard.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([str(LIFECYCLE), "dashboard", "--settings", str(settings), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(LIFECYCLE), "dashboard", "--settings", str(settings), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 180
         while "Dashboard: http" not in log.read_text():
@@ -173,12 +226,24 @@ def test_no_canary_anywhere_but_in_the_data(simulated, browser):
     # the scan saw what it had to: the prediction log (with its hashed ids), reports, model cards, W&B files, alerts
     assert scanned > 100
     names = {path.name for path in sandbox.rglob("*")}
-    assert {"predictions.sqlite", "card.html", "alerts.jsonl", "decisions.jsonl", "simulate.html", "index.html"} <= names
+    assert {
+        "predictions.sqlite",
+        "card.html",
+        "alerts.jsonl",
+        "decisions.jsonl",
+        "simulate.html",
+        "index.html",
+    } <= names
     assert any(path.suffix == ".wandb" for path in sandbox.rglob("*"))
     from lifecycle.serving.predlog import open_log
+
     with open_log("", sandbox) as log:
         logged = log.predictions()
     answered, shadow = logged[logged["channel"] != "shadow"], logged[logged["channel"] == "shadow"]
-    assert answered["id_hash"].notna().all() and answered["id_hash"].str.fullmatch(r"[0-9a-f]{16,64}").all()  # ids as keyed hashes only
-    assert len(shadow) and shadow["id_hash"].isna().all()  # a shadow's prediction keeps no id at all: it pairs by request id
+    assert (
+        answered["id_hash"].notna().all() and answered["id_hash"].str.fullmatch(r"[0-9a-f]{16,64}").all()
+    )  # ids as keyed hashes only
+    assert (
+        len(shadow) and shadow["id_hash"].isna().all()
+    )  # a shadow's prediction keeps no id at all: it pairs by request id
     assert len(canaries) == 920

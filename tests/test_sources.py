@@ -1,4 +1,5 @@
 "Collect reads every kind of source, keeps lineage, and sets aside what it cannot parse; prepare accounts for every row."
+
 import json
 import re
 import sqlite3
@@ -6,8 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from conftest import QUICK, COLUMNS, HEART, run_lifecycle, stages
+from conftest import COLUMNS, HEART, QUICK, run_lifecycle, stages
 
 HEADER = COLUMNS.replace(" ", "")
 
@@ -49,9 +49,18 @@ recode = sex: male -> 1, female -> 0
 missing_values = chol: 0
 profile = false
 """)
-    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "--stages", "collect,prepare", "--json", check=0)
+    _, run, _, _ = run_lifecycle(
+        "run", "--settings", project / "settings.ini", "--stages", "collect,prepare", "--json", check=0
+    )
     collect, prepare = stages(run)["collect"]["summary"], stages(run)["prepare"]["summary"]
-    assert collect["rows_by_source"] == {"north": 40, "south": 40, "east": 40, "west": 40, "mobile": 40, "registry": 103}
+    assert collect["rows_by_source"] == {
+        "north": 40,
+        "south": 40,
+        "east": 40,
+        "west": 40,
+        "mobile": 40,
+        "registry": 103,
+    }
     assert collect["lines_malformed"] == 0
     assert prepare["rows_in"] == 303 and prepare["rows_quarantined"] == 0 and prepare["rows_duplicate"] == 0
     run_dir = Path(run["run_dir"])
@@ -66,7 +75,14 @@ profile = false
     assert clean.loc[clean["_source"] == "north", "sex"].tolist() == cleveland["sex"].iloc[:40].tolist()
     manifest = json.loads((run_dir / "collect" / "manifest.json").read_text())
     formats = {source["name"]: source["format"] for source in manifest["sources"]}
-    assert formats == {"north": "text", "south": "text", "east": "text", "west": "parquet", "mobile": "jsonl", "registry": "sql"}
+    assert formats == {
+        "north": "text",
+        "south": "text",
+        "east": "text",
+        "west": "parquet",
+        "mobile": "jsonl",
+        "registry": "sql",
+    }
     assert all(len(source["sha256"]) == 64 for source in manifest["sources"] if source["format"] != "sql")
 
 
@@ -74,21 +90,21 @@ def _corrupted_lines():
     """Fifteen lines in the hospitals' layout, each with the fault its comment names (line = number + 1)."""
     good = _heart_rows("va", 12)
     return [
-        ",".join(f"X{i}" for i in range(1, 15)),    # 0 an export tool's header   -> malformed
-        good[0].replace("63,", "-5,", 1),          # 1 negative age            -> out_of_range:age
-        good[1].replace("44,", "250,", 1),         # 2 absurd age              -> out_of_range:age
-        good[2].replace(",4,", ",9,", 1),          # 3 unknown chest pain code -> unknown_category:cp
-        good[3].rsplit(",", 1)[0] + ",?",          # 4 missing target          -> target_missing
-        good[4].rsplit(",", 1)[0] + ",7",          # 5 unknown target value    -> target_unknown
-        good[5].replace(",1,", ",abc,", 1),        # 6 text in a number column -> wrong_type:sex
-        "#### export from the VA system ####",      # 7 junk line               -> malformed
-        good[6] + ",1",                             # 8 one field too many      -> malformed
-        good[7],                                    # 9 good
-        good[7],                                    # 10 duplicate of line 9
-        good[8].replace("62,", "\"62\",", 1),       # 11 quoted but good
-        good[9].replace("1,4,", "M,4,", 1),         # 12 sex spelled M          -> good after recode
-        good[10],                                   # 13 good
-        good[11][:9],                               # 14 truncated last line    -> malformed
+        ",".join(f"X{i}" for i in range(1, 15)),  # 0 an export tool's header   -> malformed
+        good[0].replace("63,", "-5,", 1),  # 1 negative age            -> out_of_range:age
+        good[1].replace("44,", "250,", 1),  # 2 absurd age              -> out_of_range:age
+        good[2].replace(",4,", ",9,", 1),  # 3 unknown chest pain code -> unknown_category:cp
+        good[3].rsplit(",", 1)[0] + ",?",  # 4 missing target          -> target_missing
+        good[4].rsplit(",", 1)[0] + ",7",  # 5 unknown target value    -> target_unknown
+        good[5].replace(",1,", ",abc,", 1),  # 6 text in a number column -> wrong_type:sex
+        "#### export from the VA system ####",  # 7 junk line               -> malformed
+        good[6] + ",1",  # 8 one field too many      -> malformed
+        good[7],  # 9 good
+        good[7],  # 10 duplicate of line 9
+        good[8].replace("62,", '"62",', 1),  # 11 quoted but good
+        good[9].replace("1,4,", "M,4,", 1),  # 12 sex spelled M          -> good after recode
+        good[10],  # 13 good
+        good[11][:9],  # 14 truncated last line    -> malformed
     ]
 
 
@@ -98,8 +114,10 @@ def test_corrupted_source_against_the_stored_schema(heart_project):
     run_lifecycle("run", "--settings", settings, *QUICK, check=0)  # first version: the schema
     lines = _corrupted_lines()
     (heart_project / "data" / "va-export.data").write_text("\n".join(lines))  # no final newline: truncated
-    text = settings.read_text().replace("hungarian: data/heart-disease-uci/processed.hungarian.data",
-                                        "hungarian: data/heart-disease-uci/processed.hungarian.data\n          va: data/va-export.data")
+    text = settings.read_text().replace(
+        "hungarian: data/heart-disease-uci/processed.hungarian.data",
+        "hungarian: data/heart-disease-uci/processed.hungarian.data\n          va: data/va-export.data",
+    )
     settings.write_text(text)
     _, run, _, stderr = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     collect, prepare = stages(run)["collect"]["summary"], stages(run)["prepare"]["summary"]
@@ -108,10 +126,18 @@ def test_corrupted_source_against_the_stored_schema(heart_project):
     malformed = pd.read_parquet(Path(run["run_dir"]) / "collect" / "malformed.parquet")
     assert malformed[["_source", "_line", "reason"]].values.tolist() == [
         ["va", 1, "a header line whose names are not [data] columns"],
-        ["va", 8, "expected 14 fields, found 1"], ["va", 9, "expected 14 fields, found 15"], ["va", 15, "expected 14 fields, found 4"]]
+        ["va", 8, "expected 14 fields, found 1"],
+        ["va", 9, "expected 14 fields, found 15"],
+        ["va", 15, "expected 14 fields, found 4"],
+    ]
     assert prepare["rows_in"] == 597 + 11
-    assert prepare["reasons"] == {"out_of_range:age": 2, "unknown_category:cp": 1, "target_missing": 1,
-                                  "target_unknown": 1, "wrong_type:sex": 1}
+    assert prepare["reasons"] == {
+        "out_of_range:age": 2,
+        "unknown_category:cp": 1,
+        "target_missing": 1,
+        "target_unknown": 1,
+        "wrong_type:sex": 1,
+    }
     assert prepare["rows_quarantined"] == 6
     assert prepare["rows_duplicate"] == 1 + 1
     assert prepare["rows_clean"] == 597 - 1 + 4
@@ -122,20 +148,32 @@ def test_corrupted_source_against_the_stored_schema(heart_project):
     assert prepare["schema_version"] == 1
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, "lifecycle: stage 'collect' failed at cell {n}: source 'extra': file {path} not found"),
-    (b"", "lifecycle: stage 'collect' failed at cell {n}: source 'extra': {path} is empty: it holds no rows"),
-    (b"\n\n  \n", "lifecycle: stage 'collect' failed at cell {n}: source 'extra': {path} is empty: it holds no rows"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "lifecycle: stage 'collect' failed at cell {n}: source 'extra': {path} is a binary file"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "lifecycle: stage 'collect' failed at cell {n}: source 'extra': file {path} not found"),
+        (b"", "lifecycle: stage 'collect' failed at cell {n}: source 'extra': {path} is empty: it holds no rows"),
+        (
+            b"\n\n  \n",
+            "lifecycle: stage 'collect' failed at cell {n}: source 'extra': {path} is empty: it holds no rows",
+        ),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00",
+            "lifecycle: stage 'collect' failed at cell {n}: source 'extra': {path} is a binary file",
+        ),
+    ],
+)
 def test_a_missing_empty_or_binary_source_is_one_line_naming_it(heart_project, content, expected):
     settings = heart_project / "settings.ini"
     path = heart_project / "data" / "extra.data"
     if content is not None:
         path.write_bytes(content)
-    settings.write_text(settings.read_text().replace(
-        "hungarian: data/heart-disease-uci/processed.hungarian.data",
-        "hungarian: data/heart-disease-uci/processed.hungarian.data\n          extra: data/extra.data"))
+    settings.write_text(
+        settings.read_text().replace(
+            "hungarian: data/heart-disease-uci/processed.hungarian.data",
+            "hungarian: data/heart-disease-uci/processed.hungarian.data\n          extra: data/extra.data",
+        )
+    )
     code, _, _, stderr = run_lifecycle("run", "--settings", settings, *QUICK)
     assert code == 1
     line = stderr.strip().splitlines()[-1]
@@ -153,7 +191,7 @@ def test_an_id_column_never_reaches_the_reports(tmp_path):
     data.insert(0, "patient_id", [f"PX{90000 + i}" for i in range(len(data))])
     data.loc[5, "age"] = 300  # quarantined, so its row is in the quarantine file but not the report
     data.to_csv(project / "patients.csv", index=False)
-    (project / "settings.ini").write_text(f"""[data]
+    (project / "settings.ini").write_text("""[data]
 sources = clinic: patients.csv
 na_values = ?
 target = num

@@ -1,4 +1,5 @@
 "`lifecycle stream`: JSON lines on stdin and from a followed file, and Redis Streams against a real redis-server."
+
 import json
 import os
 import re
@@ -14,7 +15,11 @@ import pandas as pd
 import pytest
 
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
-COMMAND = [sys.executable, "-c", "import sys; from lifecycle.cli import main; sys.exit(main(['stream', *sys.argv[1:]]))"]
+COMMAND = [
+    sys.executable,
+    "-c",
+    "import sys; from lifecycle.cli import main; sys.exit(main(['stream', *sys.argv[1:]]))",
+]
 GOOD = {"age": 61, "chol": 250, "sex": 1}
 
 
@@ -23,18 +28,37 @@ def project(tmp_path_factory):
     "A project folder whose registry holds one small champion (age, chol, sex)."
     from lifecycle.registry import Registry, register, set_alias
     from lifecycle.train import build_pipeline
+
     root = tmp_path_factory.mktemp("stream-project")
     (root / "settings.ini").write_text("[data]\nsources = visits: visits.csv\ntarget = num\npositive = 1\n")
-    meta = {"features": {"numeric": ["age", "chol"], "categorical": ["sex"]}, "threshold": 0.5,
-            "schema": {"columns": {"age": {"kind": "numeric", "min": 1.0, "max": 120.0},
-                                   "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
-                                   "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]}}},
-            "settings": {"prepare": {"recode": "sex: m -> 1, f -> 0"}, "data": {"id": ""}}}
+    meta = {
+        "features": {"numeric": ["age", "chol"], "categorical": ["sex"]},
+        "threshold": 0.5,
+        "schema": {
+            "columns": {
+                "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
+                "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
+                "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]},
+            }
+        },
+        "settings": {"prepare": {"recode": "sex: m -> 1, f -> 0"}, "data": {"id": ""}},
+    }
     rng = np.random.default_rng(1)
-    x = pd.DataFrame({"age": rng.uniform(20, 80, 200), "chol": rng.uniform(100, 400, 200), "sex": rng.integers(0, 2, 200).astype(float)})
+    x = pd.DataFrame(
+        {
+            "age": rng.uniform(20, 80, 200),
+            "chol": rng.uniform(100, 400, 200),
+            "sex": rng.integers(0, 2, 200).astype(float),
+        }
+    )
     y = (x["age"] + 30 * x["sex"] > 65).astype(int)
     registry = Registry(root)
-    set_alias(registry, "champion", register(registry, build_pipeline("logistic_regression", ["age", "chol"], ["sex"]).fit(x, y), meta), "test")
+    set_alias(
+        registry,
+        "champion",
+        register(registry, build_pipeline("logistic_regression", ["age", "chol"], ["sex"]).fit(x, y), meta),
+        "test",
+    )
     return root
 
 
@@ -47,6 +71,7 @@ def redis_url():
             pytest.fail(f"{message}; LIFECYCLE_REQUIRE_SERVICES=1 requires it")
         pytest.skip(message)
     from conftest import local_redis
+
     with local_redis() as url:
         yield url
 
@@ -54,17 +79,26 @@ def redis_url():
 @pytest.fixture
 def client(redis_url):
     import redis
+
     connection = redis.Redis.from_url(redis_url)
     yield connection
     connection.close()
 
 
 def stream_args(project, tmp_path, *args):
-    return [*COMMAND, "--settings", str(project / "settings.ini"), "--log", str(tmp_path / "predictions.sqlite"), *map(str, args)]
+    return [
+        *COMMAND,
+        "--settings",
+        str(project / "settings.ini"),
+        "--log",
+        str(tmp_path / "predictions.sqlite"),
+        *map(str, args),
+    ]
 
 
 def logged(project, tmp_path) -> int:
     from lifecycle.serving.predlog import open_log
+
     with open_log(str(tmp_path / "predictions.sqlite"), project) as prediction_log:
         return prediction_log.count("stream")
 
@@ -90,19 +124,39 @@ def add_events(client, stream, records) -> list[str]:
 
 # --- JSON lines -------------------------------------------------------------------------------------------------
 
+
 def test_stdin_to_stdout(project, tmp_path):
-    lines = [json.dumps(GOOD), '{"age": 6', "", json.dumps({"age": 300, "chol": 250, "sex": 1}),
-             json.dumps({"event_id": "visit-5", "record": {"age": 40, "chol": 180, "sex": "f"}})]
-    done = subprocess.run(stream_args(project, tmp_path, "--source", "-", "--sink", "-", "--json"),
-                          input="\n".join(lines), capture_output=True, text=True, timeout=60)
+    lines = [
+        json.dumps(GOOD),
+        '{"age": 6',
+        "",
+        json.dumps({"age": 300, "chol": 250, "sex": 1}),
+        json.dumps({"event_id": "visit-5", "record": {"age": 40, "chol": 180, "sex": "f"}}),
+    ]
+    done = subprocess.run(
+        stream_args(project, tmp_path, "--source", "-", "--sink", "-", "--json"),
+        input="\n".join(lines),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     outputs = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [o["event_id"] for o in outputs] == [1, 2, 4, "visit-5"]  # line numbers, blank lines counted; the producer's id
+    assert [o["event_id"] for o in outputs] == [
+        1,
+        2,
+        4,
+        "visit-5",
+    ]  # line numbers, blank lines counted; the producer's id
     assert outputs[1]["errors"][0]["type"] == "json_invalid"
-    assert outputs[2]["errors"] == [{"loc": ["record", "age"], "msg": "outside the range 1 to 120", "type": "value_error.range"}]
+    assert outputs[2]["errors"] == [
+        {"loc": ["record", "age"], "msg": "outside the range 1 to 120", "type": "value_error.range"}
+    ]
     # never a submitted value (paths left out: a temporary folder's name may hold any number, pytest-300)
     assert "300" not in re.sub(r"\S*/\S*", "<path>", json.dumps(outputs[2]) + done.stderr)
-    assert {o["decision"] for o in outputs[::3]} <= {0, 1} and all(o["request_id"].startswith("stream:") for o in outputs[::3])
+    assert {o["decision"] for o in outputs[::3]} <= {0, 1} and all(
+        o["request_id"].startswith("stream:") for o in outputs[::3]
+    )
     summary = json.loads(done.stderr.strip().splitlines()[-1])  # on stderr: stdout carries the predictions
     assert (summary["events_in"], summary["scored"], summary["rejected"], summary["ended"]) == (4, 2, 2, "end")
     assert logged(project, tmp_path) == 2
@@ -111,8 +165,12 @@ def test_stdin_to_stdout(project, tmp_path):
 def test_follow_a_growing_file(project, tmp_path):
     source, sink = tmp_path / "visits.jsonl", tmp_path / "scores.jsonl"
     source.write_text(json.dumps(GOOD) + "\n")
-    consumer = subprocess.Popen(stream_args(project, tmp_path, "--source", source, "--sink", sink, "--follow", "--max-wait-ms", 20),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    consumer = subprocess.Popen(
+        stream_args(project, tmp_path, "--source", source, "--sink", sink, "--follow", "--max-wait-ms", 20),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: sink.exists() and len(sink.read_text().splitlines()) == 1, what="the first line")
         with open(source, "a") as handle:
@@ -138,33 +196,69 @@ def test_follow_a_growing_file(project, tmp_path):
 
 
 def test_bad_arguments_are_one_line(project, tmp_path):
-    done = subprocess.run(stream_args(project, tmp_path, "--source", "kafka://broker/visits", "--sink", "-"), capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stderr.strip()) == (1, "lifecycle: --source: kafka:// is not supported; give -, a file path, or redis://host:port/db?stream=NAME")
+    done = subprocess.run(
+        stream_args(project, tmp_path, "--source", "kafka://broker/visits", "--sink", "-"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr.strip()) == (
+        1,
+        "lifecycle: --source: kafka:// is not supported; give -, a file path, or redis://host:port/db?stream=NAME",
+    )
     from conftest import free_port
-    done = subprocess.run(stream_args(project, tmp_path, "--source", f"redis://:pw@127.0.0.1:{free_port()}/0?stream=x", "--sink", "-"),
-                          capture_output=True, text=True, timeout=60)
+
+    done = subprocess.run(
+        stream_args(project, tmp_path, "--source", f"redis://:pw@127.0.0.1:{free_port()}/0?stream=x", "--sink", "-"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert "cannot reach Redis at redis://:***@127.0.0.1" in done.stderr and "pw" not in done.stderr
 
 
 # --- Redis Streams ------------------------------------------------------------------------------------------
 
+
 def test_redis_scores_every_entry_and_acks_bad_ones(project, tmp_path, client, redis_url):
     stream = f"visits-{uuid.uuid4().hex[:8]}"
-    ids = add_events(client, stream, [GOOD, '{"age": 6', {"age": 999, "chol": "high", "sex": 1}, {"age": 45, "chol": 180, "sex": 0}])
+    ids = add_events(
+        client, stream, [GOOD, '{"age": 6', {"age": 999, "chol": "high", "sex": 1}, {"age": 45, "chol": 180, "sex": 0}]
+    )
     ids.append(client.xadd(stream, {"something": "else"}).decode())  # no `record` field
-    done = subprocess.run(stream_args(project, tmp_path, "--source", f"{redis_url}?stream={stream}&group=scoring&consumer=a",
-                                      "--sink", f"{redis_url}?stream={stream}-out", "--until-idle", "--max-wait-ms", 50, "--json"),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        stream_args(
+            project,
+            tmp_path,
+            "--source",
+            f"{redis_url}?stream={stream}&group=scoring&consumer=a",
+            "--sink",
+            f"{redis_url}?stream={stream}-out",
+            "--until-idle",
+            "--max-wait-ms",
+            50,
+            "--json",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     outputs = outputs_of(client, f"{stream}-out")
     assert [o["event_id"] for o in outputs] == ids
-    assert [sorted(o) for o in outputs] == [["decision", "event_id", "model_version", "request_id", "score"], ["errors", "event_id"],
-                                            ["errors", "event_id"], ["decision", "event_id", "model_version", "request_id", "score"],
-                                            ["errors", "event_id"]]
+    assert [sorted(o) for o in outputs] == [
+        ["decision", "event_id", "model_version", "request_id", "score"],
+        ["errors", "event_id"],
+        ["errors", "event_id"],
+        ["decision", "event_id", "model_version", "request_id", "score"],
+        ["errors", "event_id"],
+    ]
     assert outputs[0]["request_id"] == f"stream:{stream}/{ids[0]}:v1"
     assert [e["type"] for e in outputs[2]["errors"]] == ["value_error.range", "type_error.number"]
-    assert "999" not in json.dumps(outputs[2]["errors"]) and "high" not in json.dumps(outputs)  # never a submitted value
+    assert "999" not in json.dumps(outputs[2]["errors"]) and "high" not in json.dumps(
+        outputs
+    )  # never a submitted value
     assert client.xpending(stream, "scoring")["pending"] == 0  # bad events are acknowledged too
     assert json.loads(done.stdout)["ended"] == "idle"
     assert logged(project, tmp_path) == 2
@@ -173,21 +267,30 @@ def test_redis_scores_every_entry_and_acks_bad_ones(project, tmp_path, client, r
 def test_consumer_killed_mid_batch_loses_nothing(project, tmp_path, client, redis_url):
     stream = f"visits-{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(7)
-    records = [{"age": float(age), "chol": float(chol), "sex": int(sex)}
-               for age, chol, sex in zip(rng.uniform(20, 80, 20_000), rng.uniform(100, 400, 20_000), rng.integers(0, 2, 20_000))]
+    records = [
+        {"age": float(age), "chol": float(chol), "sex": int(sex)}
+        for age, chol, sex in zip(
+            rng.uniform(20, 80, 20_000), rng.uniform(100, 400, 20_000), rng.integers(0, 2, 20_000)
+        )
+    ]
     for index in range(0, len(records), 97):
         records[index] = {**records[index], "age": 500}  # out of range: an error output
     ids = []
     for start in range(0, len(records), 5000):
-        ids += add_events(client, stream, records[start:start + 5000])
+        ids += add_events(client, stream, records[start : start + 5000])
     good = sum(1 for record in records if record["age"] != 500)
     source = f"{redis_url}?stream={stream}&group=scoring"
     sink = f"{redis_url}?stream={stream}-out"
-    first = subprocess.Popen(stream_args(project, tmp_path, "--source", source + "&consumer=first", "--sink", sink, "--batch-size", 100),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        stream_args(project, tmp_path, "--source", source + "&consumer=first", "--sink", sink, "--batch-size", 100),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for(lambda: client.xlen(f"{stream}-out") >= 2000, what="the first consumer's outputs")
-        for _ in range(200):  # freeze it; kill it when a batch is read and not acknowledged, else let it run a little more
+        for _ in range(
+            200
+        ):  # freeze it; kill it when a batch is read and not acknowledged, else let it run a little more
             first.send_signal(signal.SIGSTOP)
             if client.xpending(stream, "scoring")["pending"] > 0:
                 break
@@ -200,9 +303,27 @@ def test_consumer_killed_mid_batch_loses_nothing(project, tmp_path, client, redi
     pending = client.xpending(stream, "scoring")["pending"]
     assert pending > 0, "the kill did not land mid-batch"
     assert client.xlen(f"{stream}-out") < len(ids), "the first consumer finished before it was killed"
-    second = subprocess.run(stream_args(project, tmp_path, "--source", source + "&consumer=second", "--sink", sink, "--batch-size", 500,
-                                        "--claim-idle-ms", 200, "--max-wait-ms", 50, "--until-idle", "--json"),
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        stream_args(
+            project,
+            tmp_path,
+            "--source",
+            source + "&consumer=second",
+            "--sink",
+            sink,
+            "--batch-size",
+            500,
+            "--claim-idle-ms",
+            200,
+            "--max-wait-ms",
+            50,
+            "--until-idle",
+            "--json",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["claimed"] >= pending  # the dead consumer's entries were claimed and scored
     outputs = outputs_of(client, f"{stream}-out")
@@ -212,16 +333,30 @@ def test_consumer_killed_mid_batch_loses_nothing(project, tmp_path, client, redi
     by_event = {}
     for output in outputs:
         by_event.setdefault(output["event_id"], []).append(output)
-    assert all(len({json.dumps(o, sort_keys=True) for o in same}) == 1 for same in by_event.values())  # a duplicate is the same output
+    assert all(
+        len({json.dumps(o, sort_keys=True) for o in same}) == 1 for same in by_event.values()
+    )  # a duplicate is the same output
     assert client.xpending(stream, "scoring")["pending"] == 0
     assert logged(project, tmp_path) == good  # exactly one prediction a good event
 
 
 def test_sigterm_finishes_the_batch_and_exits_cleanly(project, tmp_path, client, redis_url):
     stream = f"visits-{uuid.uuid4().hex[:8]}"
-    consumer = subprocess.Popen(stream_args(project, tmp_path, "--source", f"{redis_url}?stream={stream}&group=scoring&consumer=a",
-                                            "--sink", f"{redis_url}?stream={stream}-out", "--max-wait-ms", 50),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    consumer = subprocess.Popen(
+        stream_args(
+            project,
+            tmp_path,
+            "--source",
+            f"{redis_url}?stream={stream}&group=scoring&consumer=a",
+            "--sink",
+            f"{redis_url}?stream={stream}-out",
+            "--max-wait-ms",
+            50,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: client.exists(stream) and client.xinfo_groups(stream), what="the consumer group")
         ids = add_events(client, stream, [GOOD] * 300)

@@ -1,4 +1,5 @@
 "Train and evaluate: tracked, reproducible, registered models, and a gate that refuses worse or unfair ones."
+
 import json
 import shutil
 import subprocess
@@ -8,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import HEART, REPO, run_lifecycle, stages
 
 
@@ -23,7 +23,9 @@ def test_default_project_reaches_an_approved_reproducible_champion(champion_proj
     run = json.loads((heart_project / "first-run.json").read_text())
     train, evaluate = stages(run)["train"]["summary"], stages(run)["evaluate"]["summary"]
     assert (evaluate["gate"]["passed"], evaluate["gate"]["reasons"]) == (True, [])
-    assert all(check["passed"] for check in evaluate["gate"]["checks"]) and len(evaluate["gate"]["checks"]) == 4  # AUC, sex, age, latency
+    assert (
+        all(check["passed"] for check in evaluate["gate"]["checks"]) and len(evaluate["gate"]["checks"]) == 4
+    )  # AUC, sex, age, latency
     assert evaluate["metrics"]["roc_auc"] > 0.8
     assert set(evaluate["fairness"]) == {"sex", "age", "sex & age"}
     version = train["model_version"]
@@ -33,35 +35,64 @@ def test_default_project_reaches_an_approved_reproducible_champion(champion_proj
     assert registered["sha256"] == train["model_sha256"] and evaluate["model_version"] == version
     # The file on disk is the one recorded.
     import hashlib
+
     model_file = heart_project / "registry" / "versions" / str(version) / "model.skops"
     assert hashlib.sha256(model_file.read_bytes()).hexdigest() == train["model_sha256"]
     card = (heart_project / "registry" / "versions" / str(version) / "card.md").read_text()
-    assert "## Intended use" in card and "### By sex" in card and "## Caveats and recommendations" in card and "- Decision: passed" in card
-    assert "## Gate criteria" in card and "## Ethical considerations" in card and "- Licence of the data it learned from: CC BY 4.0" in card
+    assert (
+        "## Intended use" in card
+        and "### By sex" in card
+        and "## Caveats and recommendations" in card
+        and "- Decision: passed" in card
+    )
+    assert (
+        "## Gate criteria" in card
+        and "## Ethical considerations" in card
+        and "- Licence of the data it learned from: CC BY 4.0" in card
+    )
     # Same data, settings and seed: the same model, byte for byte.
-    _, again, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "--from", "train", "--json", check=0)
+    _, again, _, _ = run_lifecycle(
+        "run", "--settings", settings, "-p", "prepare.profile=false", "--from", "train", "--json", check=0
+    )
     retrained = stages(again)["train"]["summary"]
     assert retrained["model_version"] == version + 1
     assert retrained["model_sha256"] == train["model_sha256"]
     # W&B's offline files hold the logged metrics.
     from lifecycle.tracking import read_offline_run
+
     tracked = read_offline_run(train["wandb_run"])
     wandb_folder = Path(train["wandb_run"]).parent
-    assert wandb_folder.name == "wandb" and (wandb_folder.parent / "settings.ini").exists()  # in the project, not the home folder
-    assert tracked["config"]["seed"] == 42 and tracked["config"]["data_version"] == stages(run)["prepare"]["summary"]["data_version"]
+    assert (
+        wandb_folder.name == "wandb" and (wandb_folder.parent / "settings.ini").exists()
+    )  # in the project, not the home folder
+    assert (
+        tracked["config"]["seed"] == 42
+        and tracked["config"]["data_version"] == stages(run)["prepare"]["summary"]["data_version"]
+    )
     assert round(tracked["summary"]["val/roc_auc"], 4) == train["metrics"]["val_roc_auc"]
     assert tracked["summary"]["model_sha256"] == train["model_sha256"]
     # One lifecycle run is one W&B group, one run a stage, named after the run id; evaluate uses the model train logged.
     assert tracked["name"] == f"{run['run_id']}-train" and train["wandb"]["mode"] == "offline"
     assert train["wandb"]["sync"].startswith("wandb sync wandb/offline-run-")
-    assert (wandb_folder.parent / train["wandb"]["sync"].split()[-1]).resolve() == Path(train["wandb_run"]).resolve()  # the command runs from the project
-    evaluate_runs = [path for path in wandb_folder.glob("offline-run-*") if read_offline_run(path)["name"] == f"{run['run_id']}-evaluate"]
+    assert (wandb_folder.parent / train["wandb"]["sync"].split()[-1]).resolve() == Path(
+        train["wandb_run"]
+    ).resolve()  # the command runs from the project
+    evaluate_runs = [
+        path
+        for path in wandb_folder.glob("offline-run-*")
+        if read_offline_run(path)["name"] == f"{run['run_id']}-evaluate"
+    ]
     assert len(evaluate_runs) == 1
     evaluate_tracked = read_offline_run(evaluate_runs[0])
-    assert "input/model" in evaluate_tracked["config"] and {"fairness/sex", "gate/checklist", "test/confusion_table"} <= set(evaluate_tracked["summary"])
+    assert "input/model" in evaluate_tracked["config"] and {
+        "fairness/sex",
+        "gate/checklist",
+        "test/confusion_table",
+    } <= set(evaluate_tracked["summary"])
     # A tampered model file is refused at load.
     from lifecycle.core import LifecycleError
     from lifecycle.registry import Registry, load_model
+
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model_file.write_bytes(bytes(data))
@@ -74,11 +105,20 @@ def test_a_worse_model_is_refused_and_the_champion_stays(champion_project):
     settings = heart_project / "settings.ini"
     first = json.loads((heart_project / "first-run.json").read_text())
     champion = stages(first)["train"]["summary"]["model_version"]
-    code, _, _, stderr = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false",
-                                       "-p", "train.features=fbs", "-p", "train.model=logistic_regression")
+    code, _, _, stderr = run_lifecycle(
+        "run",
+        "--settings",
+        settings,
+        "-p",
+        "prepare.profile=false",
+        "-p",
+        "train.features=fbs",
+        "-p",
+        "train.model=logistic_regression",
+    )
     assert code == 1
     message = stderr.strip().splitlines()[-1]
-    assert message.startswith(f"lifecycle: stage 'evaluate' failed at cell")
+    assert message.startswith("lifecycle: stage 'evaluate' failed at cell")
     assert f"the gate refused model version {champion + 1}" in message
     assert "below the minimum 0.750" in message and "significantly worse than the champion" in message
     listing = _models(heart_project)
@@ -88,19 +128,39 @@ def test_a_worse_model_is_refused_and_the_champion_stays(champion_project):
 
 
 def test_an_unfair_model_is_refused_with_the_reason(champion_project):
-    code, _, _, stderr = run_lifecycle("run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false",
-                                       "-p", "evaluate.max_fairness_gap=0.02")
+    code, _, _, stderr = run_lifecycle(
+        "run",
+        "--settings",
+        champion_project / "settings.ini",
+        "-p",
+        "prepare.profile=false",
+        "-p",
+        "evaluate.max_fairness_gap=0.02",
+    )
     assert code == 1
     assert "the gate refused model version 1: equalized odds difference by sex is" in stderr
     assert "above the maximum 0.020" in stderr
     refused = next(v for v in _models(champion_project)["versions"] if v["version"] == 1)
-    assert refused["gate"] is False  # the decision is on the record; aliases are moved only by a passing gate or by hand
+    assert (
+        refused["gate"] is False
+    )  # the decision is on the record; aliases are moved only by a passing gate or by hand
 
 
 def test_a_tracker_that_fails_does_not_fail_the_run(champion_project, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    _, run, _, _ = run_lifecycle("run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false",
-                                 "-p", "train.tracking=online", "--stages", "collect,prepare,train", "--json", check=0)
+    _, run, _, _ = run_lifecycle(
+        "run",
+        "--settings",
+        champion_project / "settings.ini",
+        "-p",
+        "prepare.profile=false",
+        "-p",
+        "train.tracking=online",
+        "--stages",
+        "collect,prepare,train",
+        "--json",
+        check=0,
+    )
     train = stages(run)["train"]["summary"]
     assert train["wandb_run"] is None
     assert len(train["warnings"]) == 1 and train["warnings"][0].startswith("W&B tracking stopped at 'start'")
@@ -116,8 +176,16 @@ def test_any_binary_classification_data_runs_from_collect_to_evaluate(tmp_path):
     sex = rng.choice(["Male", "Female"], rows)
     signal = 0.04 * (age - 40) + 0.05 * (hours - 40) + np.where(education == "Masters", 1.2, 0) + rng.normal(0, 1, rows)
     income = np.where(signal > 0.5, ">50K", "<=50K")
-    frame = pd.DataFrame({"age": age, "workclass": rng.choice(["Private", "State-gov", "?"], rows), "education": education,
-                          "sex": sex, "hours": hours, "income": income})
+    frame = pd.DataFrame(
+        {
+            "age": age,
+            "workclass": rng.choice(["Private", "State-gov", "?"], rows),
+            "education": education,
+            "sex": sex,
+            "hours": hours,
+            "income": income,
+        }
+    )
     project = tmp_path / "census"
     project.mkdir()
     frame.to_csv(project / "adult.data", header=False, index=False)
@@ -154,9 +222,20 @@ def test_a_credit_file_with_a_header_and_coded_categories(tmp_path):
     savings = rng.choice(["A61", "A62", "A63", "A64", "A65"], rows)
     age = rng.integers(19, 75, rows)
     foreign = rng.choice(["A201", "A202"], rows, p=[0.9, 0.1])
-    risk = 0.03 * (duration - 30) + 0.0001 * (amount - 5000) + np.where(savings == "A61", 0.8, 0) + rng.normal(0, 1, rows)
-    frame = pd.DataFrame({"duration_months": duration, "credit_amount": amount, "purpose": purpose,
-                          "savings": savings, "age": age, "foreign_worker": foreign, "risk": np.where(risk > 0.6, 2, 1)})
+    risk = (
+        0.03 * (duration - 30) + 0.0001 * (amount - 5000) + np.where(savings == "A61", 0.8, 0) + rng.normal(0, 1, rows)
+    )
+    frame = pd.DataFrame(
+        {
+            "duration_months": duration,
+            "credit_amount": amount,
+            "purpose": purpose,
+            "savings": savings,
+            "age": age,
+            "foreign_worker": foreign,
+            "risk": np.where(risk > 0.6, 2, 1),
+        }
+    )
     project = tmp_path / "credit"
     project.mkdir()
     frame.to_csv(project / "german.csv", index=False)
@@ -186,8 +265,19 @@ def test_the_gate_decides_the_same_on_a_busy_machine(champion_project):
     first = stages(json.loads((champion_project / "first-run.json").read_text()))["evaluate"]["summary"]
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
-        _, busy, _, _ = run_lifecycle("run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false",
-                                      "--from", "evaluate", "--stages", "evaluate", "--json", check=0)
+        _, busy, _, _ = run_lifecycle(
+            "run",
+            "--settings",
+            champion_project / "settings.ini",
+            "-p",
+            "prepare.profile=false",
+            "--from",
+            "evaluate",
+            "--stages",
+            "evaluate",
+            "--json",
+            check=0,
+        )
     finally:
         for spinner in spinners:
             spinner.kill()
@@ -208,11 +298,23 @@ def test_a_new_split_neither_flips_fairness_nor_lets_the_champion_win_from_memor
     from lifecycle.evaluate import compare_with_champion, load_version
     from lifecycle.metrics import row_hashes
     from lifecycle.registry import Registry
+
     settings = heart_project / "settings.ini"
 
     def run(seed):
-        _, done, _, _ = run_lifecycle("run", "--settings", settings, "-p", "prepare.profile=false", "-p", f"prepare.seed={seed}",
-                                      "--stages", "collect,prepare,train,evaluate", "--json", check=0)
+        _, done, _, _ = run_lifecycle(
+            "run",
+            "--settings",
+            settings,
+            "-p",
+            "prepare.profile=false",
+            "-p",
+            f"prepare.seed={seed}",
+            "--stages",
+            "collect,prepare,train,evaluate",
+            "--json",
+            check=0,
+        )
         return done
 
     first = stages(run(2))["evaluate"]["summary"]
@@ -226,12 +328,19 @@ def test_a_new_split_neither_flips_fairness_nor_lets_the_champion_win_from_memor
     champion, challenger = load_version(registry, 1), load_version(registry, 2)
     seen = np.isin(row_hashes(test), list(champion["trained"]))
     assert seen.sum() > 30  # the new test split holds many of the champion's training patients
-    assert second["versus_champion"]["rows"] == len(test) - seen.sum() and second["versus_champion"]["champion_rows_recorded"]
+    assert (
+        second["versus_champion"]["rows"] == len(test) - seen.sum()
+        and second["versus_champion"]["champion_rows_recorded"]
+    )
     # Scored on every test row, the champion wins from memory: the comparison the gate used to make refuses the new model.
     features = lambda version: version["meta"]["features"]["numeric"] + version["meta"]["features"]["categorical"]
     y = test["_label"].to_numpy().astype(int)
-    on_every_row = compare_with_champion(y, challenger["model"].predict_proba(test[features(challenger)])[:, 1],
-                                         champion["model"].predict_proba(test[features(champion)])[:, 1], np.ones(len(test), bool))
+    on_every_row = compare_with_champion(
+        y,
+        challenger["model"].predict_proba(test[features(challenger)])[:, 1],
+        champion["model"].predict_proba(test[features(champion)])[:, 1],
+        np.ones(len(test), bool),
+    )
     assert on_every_row["high"] < 0
     assert second["versus_champion"]["high"] >= 0
     # Seed 1 turned the fairness verdict (0.623 by age on the test split alone); on every labeled row it agrees with seeds 2 and 3.
@@ -255,17 +364,42 @@ def test_a_patient_id_column_does_not_flip_the_gate(champion_template, tmp_path)
         path.write_text("".join(f"{prefix}{number:04d},{line}\n" for number, line in enumerate(lines, 1)))
     text = (REPO / "settings.ini").read_text()
     assert "\ncolumns = age, sex," in text and "\nid =\n" in text
-    (project / "settings.ini").write_text(text.replace("\ncolumns = age, sex,", "\ncolumns = patient_id, age, sex,", 1)
-                                          .replace("\nid =\n", "\nid = patient_id\n", 1))
-    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", "--stages", "collect,prepare,train,evaluate",
-                                 "-p", "prepare.profile=false", "-p", "train.tracking=disabled", "-p", "evaluate.tracking=disabled",
-                                 "--json", check=0)
+    (project / "settings.ini").write_text(
+        text.replace("\ncolumns = age, sex,", "\ncolumns = patient_id, age, sex,", 1).replace(
+            "\nid =\n", "\nid = patient_id\n", 1
+        )
+    )
+    _, run, _, _ = run_lifecycle(
+        "run",
+        "--settings",
+        project / "settings.ini",
+        "--stages",
+        "collect,prepare,train,evaluate",
+        "-p",
+        "prepare.profile=false",
+        "-p",
+        "train.tracking=disabled",
+        "-p",
+        "evaluate.tracking=disabled",
+        "--json",
+        check=0,
+    )
     with_ids = stages(run)
     without = stages(json.loads((champion_template / "first-run.json").read_text()))
     # the id keeps the repeated row: one more clean row, so every split moved
     assert (with_ids["prepare"]["summary"]["rows_clean"], without["prepare"]["summary"]["rows_clean"]) == (597, 596)
-    decided = lambda summary: (summary["gate"]["passed"], [(c["check"], c["passed"]) for c in summary["gate"]["checks"]])
-    assert decided(with_ids["evaluate"]["summary"]) == decided(without["evaluate"]["summary"]), with_ids["evaluate"]["summary"]["gate"]
+    decided = lambda summary: (
+        summary["gate"]["passed"],
+        [(c["check"], c["passed"]) for c in summary["gate"]["checks"]],
+    )
+    assert decided(with_ids["evaluate"]["summary"]) == decided(without["evaluate"]["summary"]), with_ids["evaluate"][
+        "summary"
+    ]["gate"]
     assert with_ids["evaluate"]["summary"]["gate"]["passed"]
-    for summary in (with_ids["evaluate"]["summary"], without["evaluate"]["summary"]):  # and no seed of the folds refuses either
-        assert {row["verdict"] for row in summary["fairness_by_seed"] if row["gated"]} == {"passed"}, summary["fairness_by_seed"]
+    for summary in (
+        with_ids["evaluate"]["summary"],
+        without["evaluate"]["summary"],
+    ):  # and no seed of the folds refuses either
+        assert {row["verdict"] for row in summary["fairness_by_seed"] if row["gated"]} == {"passed"}, summary[
+            "fairness_by_seed"
+        ]

@@ -32,6 +32,7 @@ __all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_r
 # %% ../../nbs/36_batch.ipynb #b80237f0
 _PARQUET = (".parquet", ".pq", ".parq")
 
+
 def file_format(path: Path) -> str:
     "parquet or csv, from the file name."
     suffix = Path(path).suffix.lower()
@@ -39,10 +40,14 @@ def file_format(path: Path) -> str:
         return "parquet"
     if suffix == ".csv":
         return "csv"
-    raise LifecycleError(f"{path}: unknown format {suffix or '(no extension)'}; batch reads and writes .parquet and .csv files")
+    raise LifecycleError(
+        f"{path}: unknown format {suffix or '(no extension)'}; batch reads and writes .parquet and .csv files"
+    )
+
 
 class _FirstBadLine:
     "pyarrow's handler of a malformed CSV line: remember the first, stop the read (its text is kept only to find its line number)."
+
     def __init__(self):
         self.row = None
 
@@ -50,6 +55,7 @@ class _FirstBadLine:
         if self.row is None:
             self.row = row
         return "error"
+
 
 def _line_number(path: Path, text: str) -> int | None:
     "The number of the first line of a file that reads `text` (looked for only after a read failed)."
@@ -59,6 +65,7 @@ def _line_number(path: Path, text: str) -> int | None:
             if line.rstrip(b"\r\n") == wanted:
                 return number
     return None
+
 
 def read_error(
     path: Path,  # the input file
@@ -70,17 +77,26 @@ def read_error(
     if bad is not None and bad.row is not None:
         number = _line_number(path, bad.row.text)
         where = f"line {number:,}" if number else f"a line after row {rows_read:,}"
-        return LifecycleError(f"{path}: {where} has {bad.row.actual_columns} fields, the header {bad.row.expected_columns}; "
-                              "fix or remove that line and run again")
-    return LifecycleError(f"{path} cannot be read as {file_format(path)} after row {rows_read:,} ({type(error).__name__}): "
-                          "the file is damaged or is not what its name says")
+        return LifecycleError(
+            f"{path}: {where} has {bad.row.actual_columns} fields, the header {bad.row.expected_columns}; "
+            "fix or remove that line and run again"
+        )
+    return LifecycleError(
+        f"{path} cannot be read as {file_format(path)} after row {rows_read:,} ({type(error).__name__}): "
+        "the file is damaged or is not what its name says"
+    )
+
 
 def _csv_columns(path: Path, bad: _FirstBadLine | None = None) -> list[str]:
     "The column names of a CSV file's header."
-    with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 16),
-                        parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
-                        convert_options=pacsv.ConvertOptions(column_types={}, include_columns=[])) as reader:
+    with pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=1 << 16),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
+        convert_options=pacsv.ConvertOptions(column_types={}, include_columns=[]),
+    ) as reader:
         return reader.schema.names
+
 
 def input_columns(path: Path) -> list[str]:
     "The columns of an input file, read from its footer or header only."
@@ -99,6 +115,7 @@ def _csv_block_size(path: Path, chunk_rows: int) -> int:
     per_line = len(head) / max(1, head.count(b"\n"))
     return int(min(max(per_line * chunk_rows, 1 << 16), 1 << 30))
 
+
 def read_chunks(
     path: Path,  # a Parquet or CSV file
     chunk_rows: int = 100_000,  # rows a chunk (about, for CSV)
@@ -111,15 +128,19 @@ def read_chunks(
             batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
         else:
             text = {name: pa.string() for name in _csv_columns(path, bad)}
-            batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_csv_block_size(path, chunk_rows)),
-                                     parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
-                                     convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True))
+            batches = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=_csv_block_size(path, chunk_rows)),
+                parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
+                convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True),
+            )
         for batch in batches:
             if batch.num_rows:
                 yield start, batch
                 start += batch.num_rows
     except (pa.ArrowException, OSError) as error:  # a malformed line or a damaged page: one line, never its values
         raise read_error(path, error, bad, start) from None
+
 
 def count_rows(path: Path) -> int | None:
     "Rows in a Parquet file (from its footer); None for CSV, which would need a read."
@@ -167,19 +188,27 @@ def _features_frame(table: pa.Table, spec: ServingSpec, text: bool) -> pd.DataFr
         if text and pa.types.is_string(column.type) and spec.contract.by_name[name].kind in ("number", "code"):
             try:
                 numbers = pc.cast(column, pa.float64())
-                if not pc.any(pc.or_(pc.is_nan(numbers), pc.is_inf(numbers))).as_py():  # `nan`, `inf`: words, as the contract reads them
+                if not pc.any(
+                    pc.or_(pc.is_nan(numbers), pc.is_inf(numbers))
+                ).as_py():  # `nan`, `inf`: words, as the contract reads them
                     column = numbers
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 pass
         columns[name] = column.to_pandas()
     return pd.DataFrame(columns)
 
+
 def output_schema(schema: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
     "(scored rows' schema, rejected rows' schema) for an input schema."
     schema = schema.remove_metadata()
-    scored = schema.append(pa.field("score", pa.float64())).append(pa.field("decision", pa.int64())).append(pa.field("model_version", pa.int64()))
+    scored = (
+        schema.append(pa.field("score", pa.float64()))
+        .append(pa.field("decision", pa.int64()))
+        .append(pa.field("model_version", pa.int64()))
+    )
     rejected = schema.append(pa.field("_row", pa.int64())).append(pa.field("reason", pa.string()))
     return scored, rejected
+
 
 def score_chunk(
     scorer: Scorer,  # the model version
@@ -191,15 +220,32 @@ def score_chunk(
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     table = table.replace_schema_metadata(None)
     done = scorer.score_frame(_features_frame(table, scorer.spec, text))
-    features, reasons, good, scores, decisions = done["features"], done["reasons"], done["good"], done["scores"], done["decisions"]
+    features, reasons, good, scores, decisions = (
+        done["features"],
+        done["reasons"],
+        done["good"],
+        done["scores"],
+        done["decisions"],
+    )
     scored = table.filter(pa.array(good))
-    scored = scored.append_column("score", pa.array(scores, pa.float64())).append_column("decision", pa.array(decisions, pa.int64()))
+    scored = scored.append_column("score", pa.array(scores, pa.float64())).append_column(
+        "decision", pa.array(decisions, pa.int64())
+    )
     scored = scored.append_column("model_version", pa.array(np.full(len(scores), scorer.version, dtype=np.int64)))
     rows = start + np.arange(table.num_rows, dtype=np.int64)
     rejected = table.filter(pa.array(~good))
-    rejected = rejected.append_column("_row", pa.array(rows[~good])).append_column("reason", pa.array(reasons.to_numpy()[~good], pa.string()))
-    return {"scored": scored, "rejected": rejected, "features": features, "rows": rows[good], "scores": scores,
-            "decisions": decisions, "reasons": reasons[~good].value_counts().to_dict()}
+    rejected = rejected.append_column("_row", pa.array(rows[~good])).append_column(
+        "reason", pa.array(reasons.to_numpy()[~good], pa.string())
+    )
+    return {
+        "scored": scored,
+        "rejected": rejected,
+        "features": features,
+        "rows": rows[good],
+        "scores": scores,
+        "decisions": decisions,
+        "reasons": reasons[~good].value_counts().to_dict(),
+    }
 
 # %% ../../nbs/36_batch.ipynb #78593d5e
 def file_sha256(path: Path) -> str:
@@ -209,6 +255,7 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
 
 def batch_ids(
     file_hash: str,  # the input file's SHA-256
@@ -222,9 +269,11 @@ def batch_ids(
     prefix = batch_id_prefix(file_hash, version)
     return [f"{prefix}{row:012d}" for row in rows.tolist()]
 
+
 def batch_id_prefix(file_hash: str, version: int) -> str:
     "What the request ids of one file scored by one model version start with."
     return f"batch-{file_hash[:16]}-v{version}-"
+
 
 def start_run(
     log_url: str,  # the prediction log's URL
@@ -232,7 +281,9 @@ def start_run(
 ):  # a `PendingRun`
     "Register a batch run in the prediction log: its predictions stay pending, invisible, until it publishes them."
     from lifecycle.serving.predlog import PendingRun, log_store
+
     return PendingRun(log_store(log_url, root))
+
 
 def end_run(
     run,  # the `PendingRun`
@@ -242,7 +293,9 @@ def end_run(
     if not succeeded:
         try:
             run.abandon()
-        except Exception:  # the run's own error matters more; pending rows are never read, and the next open removes them
+        except (
+            Exception
+        ):  # the run's own error matters more; pending rows are never read, and the next open removes them
             pass
         return
     try:
@@ -251,10 +304,16 @@ def end_run(
         raise
     except Exception as error:
         from lifecycle.serving.predlog import describe_error
-        raise LifecycleError(f"batch run {run.run_id}: its predictions could not be published in the log {run.store} "
-                             f"({describe_error(error)}); run it again") from None
 
-def _log_chunk(log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str, when: str, backlog: int, shadow=None) -> int:
+        raise LifecycleError(
+            f"batch run {run.run_id}: its predictions could not be published in the log {run.store} "
+            f"({describe_error(error)}); run it again"
+        ) from None
+
+
+def _log_chunk(
+    log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str, when: str, backlog: int, shadow=None
+) -> int:
     "Queue one chunk's predictions in the prediction log; the number queued."
     features = done["features"]
     if not len(features):
@@ -264,12 +323,16 @@ def _log_chunk(log, done: dict, scorer: Scorer, table: pa.Table, file_hash: str,
     identifiers = None
     if spec.id_field in table.column_names:
         identifiers = table.column(spec.id_field).take(pa.array(features.index.to_numpy())).to_pylist()
-    log.record_many(ids, done["scores"], done["decisions"], features, spec.version, channel="batch", time=when, ids=identifiers)
+    log.record_many(
+        ids, done["scores"], done["decisions"], features, spec.version, channel="batch", time=when, ids=identifiers
+    )
     if shadow is not None:  # the version in shadow scores the same rows on its own thread
         shadow.submit(spec.version, ids, features=features, when=when)
     if log.pending > backlog:
         if not log.flush(timeout=600):
-            raise LifecycleError(f"the prediction log {log.store} did not take the predictions within 10 minutes; run again with --no-log, or fix the log")
+            raise LifecycleError(
+                f"the prediction log {log.store} did not take the predictions within 10 minutes; run again with --no-log, or fix the log"
+            )
     return len(ids)
 
 # %% ../../nbs/36_batch.ipynb #4d8ea5ed
@@ -307,19 +370,35 @@ def _prepare(root: Path, input: Path, output: Path, rejects: Path | None, alias:
     try:
         columns = input_columns(input)
     except (pa.ArrowInvalid, OSError) as error:
-        raise LifecycleError(f"{input} cannot be read as {file_format(input)}: {str(error).splitlines()[0][:200]}") from None
+        raise LifecycleError(
+            f"{input} cannot be read as {file_format(input)}: {str(error).splitlines()[0][:200]}"
+        ) from None
     absent = [name for name in scorer.spec.features if name not in columns]
     if absent:
-        raise LifecycleError(f"{input} has no column {', '.join(absent)}, which model version {scorer.version} needs; "
-                             f"its features are {', '.join(scorer.spec.features)}")
+        raise LifecycleError(
+            f"{input} has no column {', '.join(absent)}, which model version {scorer.version} needs; "
+            f"its features are {', '.join(scorer.spec.features)}"
+        )
     return input, output, rejects, scorer
+
 
 def _run_summary(engine, started, rows_in, rows_scored, reasons, scorer, output, rejects, logged, log) -> dict:
     seconds = time.perf_counter() - started
-    return {"engine": engine, "rows_in": rows_in, "rows_scored": rows_scored, "rows_rejected": rows_in - rows_scored,
-            "seconds": round(seconds, 3), "rows_per_s": round(rows_in / seconds) if seconds > 0 else None,
-            "model_version": scorer.version, "output": str(output), "rejects": str(rejects),
-            "reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])), "logged": logged, "log": log}
+    return {
+        "engine": engine,
+        "rows_in": rows_in,
+        "rows_scored": rows_scored,
+        "rows_rejected": rows_in - rows_scored,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows_in / seconds) if seconds > 0 else None,
+        "model_version": scorer.version,
+        "output": str(output),
+        "rejects": str(rejects),
+        "reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])),
+        "logged": logged,
+        "log": log,
+    }
+
 
 def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, when, progress, shadow=None) -> tuple:
     text = file_format(input) == "csv"
@@ -335,14 +414,20 @@ def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, whe
             writers["scored"].write(done["scored"])
             writers["rejected"].write(done["rejected"])
             if log is not None:
-                logged += _log_chunk(log, done, scorer, pa.Table.from_batches([batch]), file_hash, when, 2 * chunk_rows, shadow)
+                logged += _log_chunk(
+                    log, done, scorer, pa.Table.from_batches([batch]), file_hash, when, 2 * chunk_rows, shadow
+                )
             rows_in += batch.num_rows
             rows_scored += done["scored"].num_rows
             for reason, count in done["reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + count
             progress.update(batch.num_rows)
         if not writers:  # an empty file: empty outputs with the input's columns
-            schema = pq.ParquetFile(input).schema_arrow if file_format(input) == "parquet" else pa.schema([(n, pa.string()) for n in _csv_columns(input)])
+            schema = (
+                pq.ParquetFile(input).schema_arrow
+                if file_format(input) == "parquet"
+                else pa.schema([(n, pa.string()) for n in _csv_columns(input)])
+            )
             scored_schema, rejected_schema = output_schema(schema)
             writers = {"scored": _Writer(output, scored_schema), "rejected": _Writer(rejects, rejected_schema)}
         if log is not None and not log.flush(timeout=600):
@@ -359,11 +444,13 @@ def _score_local(input, output, rejects, scorer, chunk_rows, log, file_hash, whe
 def _dask_shadow(root: Path, scorer: Scorer) -> dict | None:
     "The version in shadow, for the Dask workers to load (None: no shadow, or the champion itself)."
     from lifecycle.registry import Registry
+
     registry = Registry(root)
     version = registry.aliases().get("shadow")
     if version is None or version == scorer.version:
         return None
     return {"version": version, "sha256": ServingSpec.from_meta(registry.meta(version)).sha256}
+
 
 def score_file(
     root: Path,  # the project folder (its registry/ and prediction log)
@@ -388,9 +475,21 @@ def score_file(
     run = start_run(log_url, Path(root)) if log else None
     if engine == "dask":
         try:
-            counts = _score_dask(Path(root), input, output, rejects, scorer, chunk_rows, log_url if log else None,
-                                 run.run_id if run else None, file_hash, when, progress, scheduler,
-                                 _dask_shadow(Path(root), scorer) if log and alias == "champion" else None)
+            counts = _score_dask(
+                Path(root),
+                input,
+                output,
+                rejects,
+                scorer,
+                chunk_rows,
+                log_url if log else None,
+                run.run_id if run else None,
+                file_hash,
+                when,
+                progress,
+                scheduler,
+                _dask_shadow(Path(root), scorer) if log and alias == "champion" else None,
+            )
         except BaseException as error:
             if run is not None:
                 end_run(run, succeeded=False)
@@ -402,19 +501,36 @@ def score_file(
             end_run(run, succeeded=True)
         if log and counts[2]:  # refused records are counted once the run's predictions are published
             from lifecycle.serving.predlog import open_log
+
             with open_log(log_url, Path(root)) as prediction_log:
                 count_batch_rejections(prediction_log, counts[2], scorer, file_hash, when)
-        return {**_run_summary("dask", started, *counts[:3], scorer, output, rejects, counts[3], log), "shadow": counts[4]}
+        return {
+            **_run_summary("dask", started, *counts[:3], scorer, output, rejects, counts[3], log),
+            "shadow": counts[4],
+        }
     prediction_log = shadow = None
     succeeded = False
     try:
         if run is not None:
             from lifecycle.serving.predlog import open_log
+
             prediction_log = open_log(log_url, Path(root), batch_size=20_000, run=run.run_id)
-            if alias == "champion":  # the version in shadow, if any, scores every row too (logged under channel shadow, published with the run)
+            if (
+                alias == "champion"
+            ):  # the version in shadow, if any, scores every row too (logged under channel shadow, published with the run)
                 shadow = Shadow(Path(root), prediction_log, max_pending=10 * chunk_rows, max_busy=1.0).start()
-        counts = _score_local(input, output, rejects, scorer, chunk_rows, prediction_log, file_hash, when,
-                              Progress(count_rows(input), progress), shadow)
+        counts = _score_local(
+            input,
+            output,
+            rejects,
+            scorer,
+            chunk_rows,
+            prediction_log,
+            file_hash,
+            when,
+            Progress(count_rows(input), progress),
+            shadow,
+        )
         if prediction_log is not None:  # only a run that succeeded: a failed one delivered nothing
             count_batch_rejections(prediction_log, counts[2], scorer, file_hash, when)
         succeeded = True
@@ -427,7 +543,6 @@ def score_file(
             end_run(run, succeeded)
     summary = _run_summary("local", started, *counts[:3], scorer, output, rejects, counts[3], log)
     return {**summary, "shadow": shadow.status() if shadow is not None and shadow.counts["submitted"] else None}
-
 
 # %% ../../nbs/36_batch.ipynb #a715e54e
 def count_batch_rejections(
@@ -457,7 +572,10 @@ def count_batch_rejections(
 
 # %% ../../nbs/36_batch.ipynb #e1303404
 _WORKER_SCORERS = {}  # (root, version) -> Scorer: loaded once per worker process
-_CSV_NULLS = pacsv.ConvertOptions().null_values  # what pyarrow's CSV reader calls missing, for the same rows in both engines
+_CSV_NULLS = (
+    pacsv.ConvertOptions().null_values
+)  # what pyarrow's CSV reader calls missing, for the same rows in both engines
+
 
 def _worker_scorer(root: str, version: int, sha256: str) -> Scorer:
     key = (root, version)
@@ -468,36 +586,65 @@ def _worker_scorer(root: str, version: int, sha256: str) -> Scorer:
         _WORKER_SCORERS[key] = scorer
     return _WORKER_SCORERS[key]
 
+
 def _shadow_part(log, done: dict, scorer: Scorer, plan: dict) -> tuple[int, int]:
     "The version in shadow scores the rows the champion scored in this partition, logged under channel `shadow`; (scored, failed). A failing shadow fails nothing."
     from lifecycle.serving.predlog import shadow_request_id
+
     features = done["features"]
     if not len(features):
         return 0, 0
-    ids = [shadow_request_id(request_id) for request_id in batch_ids(plan["file_hash"], done["rows"], scorer.spec.version)]
+    ids = [
+        shadow_request_id(request_id) for request_id in batch_ids(plan["file_hash"], done["rows"], scorer.spec.version)
+    ]
     try:
         shadow = _worker_scorer(plan["root"], plan["shadow"]["version"], plan["shadow"]["sha256"])
         seen = features.reindex(columns=shadow.spec.features).reset_index(drop=True)  # as the shadow sees them
         scores = shadow.frame_scores(seen)
-        log.record_many(ids, scores, shadow.decisions(scores), seen, shadow.version, channel="shadow", time=plan["when"],
-                        event_times=[plan["when"]] * len(ids))
+        log.record_many(
+            ids,
+            scores,
+            shadow.decisions(scores),
+            seen,
+            shadow.version,
+            channel="shadow",
+            time=plan["when"],
+            event_times=[plan["when"]] * len(ids),
+        )
     except Exception:  # the champion's rows and outputs stand; the summary counts the failure
         return 0, len(ids)
     return len(ids), 0
 
+
 def _dask_part(frame: pd.DataFrame, plan: dict, partition_info=None) -> pd.DataFrame:
     "Score one partition and write its parts; one row of counts."
     number = partition_info["number"] if partition_info else 0
-    summary = {"part": [number], "rows_in": [len(frame)], "rows_scored": [0], "logged": [0], "reasons": ["{}"], "shadow_scored": [0], "shadow_failed": [0]}
+    summary = {
+        "part": [number],
+        "rows_in": [len(frame)],
+        "rows_scored": [0],
+        "logged": [0],
+        "reasons": ["{}"],
+        "shadow_scored": [0],
+        "shadow_failed": [0],
+    }
     if not len(frame) or frame.columns.tolist() == ["__dummy__"]:
         return pd.DataFrame(summary)
     if len(frame) != plan["lengths"][number]:  # the row numbers (and so the request ids) would be wrong
-        raise LifecycleError(f"partition {number} holds {len(frame)} rows, {plan['lengths'][number]} expected; the input changed while it was read")
+        raise LifecycleError(
+            f"partition {number} holds {len(frame)} rows, {plan['lengths'][number]} expected; the input changed while it was read"
+        )
     scorer = _worker_scorer(plan["root"], plan["version"], plan["sha256"])
     table = pa.Table.from_pandas(frame, preserve_index=False)
     if plan["text"]:
-        table = pa.table({name: pc.cast(table.column(name), pa.string()) if not pa.types.is_string(table.column(name).type) else table.column(name)
-                          for name in table.column_names})
+        table = pa.table(
+            {
+                name: pc.cast(table.column(name), pa.string())
+                if not pa.types.is_string(table.column(name).type)
+                else table.column(name)
+                for name in table.column_names
+            }
+        )
     done = score_chunk(scorer, table, plan["offsets"][number], plan["text"])
     for kind in ("scored", "rejected"):
         path = Path(plan[kind]) / f"part-{number:05d}.{plan['suffix']}"
@@ -507,6 +654,7 @@ def _dask_part(frame: pd.DataFrame, plan: dict, partition_info=None) -> pd.DataF
             pq.write_table(done[kind], path)
     if plan["log_url"] is not None:
         from lifecycle.serving.predlog import open_log
+
         with open_log(plan["log_url"], Path(plan["root"]), batch_size=20_000, run=plan["run"]) as log:
             summary["logged"] = [_log_chunk(log, done, scorer, table, plan["file_hash"], plan["when"], 1 << 62)]
             if plan.get("shadow"):  # published with the run's other rows, or taken back with them
@@ -521,9 +669,11 @@ def _dask_part(frame: pd.DataFrame, plan: dict, partition_info=None) -> pd.DataF
 # %% ../../nbs/36_batch.ipynb #ecceec66
 def _read_dask(input: Path, chunk_rows: int):
     import dask.dataframe as dd
+
     if file_format(input) == "parquet":
         return dd.read_parquet(str(input), dtype_backend="pyarrow", split_row_groups=True), False
     return dd.read_csv(str(input), blocksize="64MB", dtype=str, keep_default_na=False, na_values=_CSV_NULLS), True
+
 
 def _replace_folder(partial: Path, final: Path) -> None:
     "Move a finished folder of parts into place, replacing what was there."
@@ -537,21 +687,35 @@ def _replace_folder(partial: Path, final: Path) -> None:
             final.unlink()
         os.replace(partial, final)
 
-def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_id, file_hash, when, progress, scheduler, shadow=None) -> tuple:
-    import dask
+
+def _score_dask(
+    root, input, output, rejects, scorer, chunk_rows, log_url, run_id, file_hash, when, progress, scheduler, shadow=None
+) -> tuple:
     from distributed import Client, LocalCluster, as_completed
+
     frame, text = _read_dask(input, chunk_rows)
-    partial = {kind: path.with_name(f".{path.name}.partial-{os.getpid()}") for kind, path in (("scored", output), ("rejected", rejects))}
+    partial = {
+        kind: path.with_name(f".{path.name}.partial-{os.getpid()}")
+        for kind, path in (("scored", output), ("rejected", rejects))
+    }
     cluster = None
     try:
         if scheduler:
             client = Client(scheduler, timeout="30s")
         else:
-            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=50, env={"OMP_NUM_THREADS": "1"})  # a failed task is the client's one line, not the workers' log
+            cluster = LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=50,
+                env={"OMP_NUM_THREADS": "1"},
+            )  # a failed task is the client's one line, not the workers' log
             client = Client(cluster)
     except (OSError, TimeoutError) as error:
-        raise LifecycleError(f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}") from None
+        raise LifecycleError(
+            f"cannot reach the Dask scheduler {scheduler}: {str(error).splitlines()[0][:200]}"
+        ) from None
     rows_in = rows_scored = logged = shadow_scored = shadow_failed = 0
     reasons = {}
     try:
@@ -560,18 +724,39 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
             if not text:  # Parquet: a partition is a row group, whose size the footer gives
                 footer = pq.ParquetFile(input).metadata
                 lengths = [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
-            if lengths is None or len(lengths) != frame.npartitions:  # CSV: count each partition's rows (a first pass over the text)
+            if (
+                lengths is None or len(lengths) != frame.npartitions
+            ):  # CSV: count each partition's rows (a first pass over the text)
                 lengths = client.compute(frame.map_partitions(len)).result().tolist()
             for path in partial.values():
                 path.mkdir(parents=True)
-            plan = {"root": str(Path(root).resolve()), "version": scorer.version, "sha256": scorer.spec.sha256, "lengths": lengths,
-                    "offsets": np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(int).tolist(), "text": text,
-                    "scored": str(partial["scored"].resolve()), "rejected": str(partial["rejected"].resolve()),
-                    "suffix": output.suffix.lstrip(".").lower() if file_format(output) == "csv" else "parquet",
-                    "log_url": log_url, "run": run_id, "file_hash": file_hash, "when": when, "shadow": shadow}
-            meta = pd.DataFrame({"part": pd.Series(dtype="int64"), "rows_in": pd.Series(dtype="int64"), "rows_scored": pd.Series(dtype="int64"),
-                                 "logged": pd.Series(dtype="int64"), "reasons": pd.Series(dtype=object),
-                                 "shadow_scored": pd.Series(dtype="int64"), "shadow_failed": pd.Series(dtype="int64")})
+            plan = {
+                "root": str(Path(root).resolve()),
+                "version": scorer.version,
+                "sha256": scorer.spec.sha256,
+                "lengths": lengths,
+                "offsets": np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(int).tolist(),
+                "text": text,
+                "scored": str(partial["scored"].resolve()),
+                "rejected": str(partial["rejected"].resolve()),
+                "suffix": output.suffix.lstrip(".").lower() if file_format(output) == "csv" else "parquet",
+                "log_url": log_url,
+                "run": run_id,
+                "file_hash": file_hash,
+                "when": when,
+                "shadow": shadow,
+            }
+            meta = pd.DataFrame(
+                {
+                    "part": pd.Series(dtype="int64"),
+                    "rows_in": pd.Series(dtype="int64"),
+                    "rows_scored": pd.Series(dtype="int64"),
+                    "logged": pd.Series(dtype="int64"),
+                    "reasons": pd.Series(dtype=object),
+                    "shadow_scored": pd.Series(dtype="int64"),
+                    "shadow_failed": pd.Series(dtype="int64"),
+                }
+            )
             parts = frame.map_partitions(_dask_part, plan, meta=meta, enforce_metadata=False)
             ticker = Progress(sum(lengths), progress)
             for future in as_completed(client.compute(parts.to_delayed())):
@@ -596,9 +781,18 @@ def _score_dask(root, input, output, rejects, scorer, chunk_rows, log_url, run_i
             cluster.close()
     shadowed = None
     if shadow is not None and shadow_scored + shadow_failed:  # the same summary the local engine's Shadow gives
-        shadowed = {"version": shadow["version"], "submitted": shadow_scored + shadow_failed, "scored": shadow_scored, "refused": 0,
-                    "failed": shadow_failed, "dropped": 0, "waiting": 0,
-                    "error": f"shadow version {shadow['version']} failed to score {shadow_failed} rows; the champion is not affected" if shadow_failed else None}
+        shadowed = {
+            "version": shadow["version"],
+            "submitted": shadow_scored + shadow_failed,
+            "scored": shadow_scored,
+            "refused": 0,
+            "failed": shadow_failed,
+            "dropped": 0,
+            "waiting": 0,
+            "error": f"shadow version {shadow['version']} failed to score {shadow_failed} rows; the champion is not affected"
+            if shadow_failed
+            else None,
+        }
     return rows_in, rows_scored, reasons, logged, shadowed
 
 # %% ../../nbs/36_batch.ipynb #d4a5e002
@@ -608,6 +802,7 @@ def _reader_failed(error: BaseException) -> bool:
         return True
     return type(error) is OSError  # pyarrow's damaged Parquet page; the cluster's errors are subclasses
 
+
 def dask_read_error(
     input: Path,  # the input file
     error: BaseException,  # what the Dask run raised
@@ -616,50 +811,84 @@ def dask_read_error(
     if isinstance(error, LifecycleError) or not isinstance(error, Exception):
         return None
     try:
-        for _ in read_chunks(input, chunk_rows=10_000):  # small chunks: a damaged Parquet page is placed to within 10,000 rows
+        for _ in read_chunks(
+            input, chunk_rows=10_000
+        ):  # small chunks: a damaged Parquet page is placed to within 10,000 rows
             pass
     except LifecycleError as found:  # the file's first bad line, or the row after which it is damaged
         return found
     if _reader_failed(error):
-        return LifecycleError(f"{input} cannot be read as {file_format(input)} ({type(error).__name__}): "
-                              "the file is damaged or is not what its name says")
+        return LifecycleError(
+            f"{input} cannot be read as {file_format(input)} ({type(error).__name__}): "
+            "the file is damaged or is not what its name says"
+        )
     return None
-
 
 # %% ../../nbs/36_batch.ipynb #856f6c74
 def _batch_command(args) -> int:
     "The handler of `lifecycle batch`."
     from lifecycle.core import open_project
+
     project = open_project(args.settings, log=args.log or None)
-    summary = score_file(project.root, Path(args.input), Path(args.output), rejects=args.rejects, alias=args.model,
-                         engine=args.engine, scheduler=args.scheduler, chunk_rows=args.chunk_rows,
-                         log_url=project.log_url, log=not args.no_log, progress=not args.json and not args.quiet)
+    summary = score_file(
+        project.root,
+        Path(args.input),
+        Path(args.output),
+        rejects=args.rejects,
+        alias=args.model,
+        engine=args.engine,
+        scheduler=args.scheduler,
+        chunk_rows=args.chunk_rows,
+        log_url=project.log_url,
+        log=not args.no_log,
+        progress=not args.json and not args.quiet,
+    )
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"scored {summary['rows_scored']:,} of {summary['rows_in']:,} rows with model version {summary['model_version']} "
-          f"in {summary['seconds']:.1f} s ({summary['rows_per_s'] or 0:,} rows/s) -> {summary['output']}")
+    print(
+        f"scored {summary['rows_scored']:,} of {summary['rows_in']:,} rows with model version {summary['model_version']} "
+        f"in {summary['seconds']:.1f} s ({summary['rows_per_s'] or 0:,} rows/s) -> {summary['output']}"
+    )
     if summary["rows_rejected"]:
         top = ", ".join(f"{reason} ({count:,})" for reason, count in list(summary["reasons"].items())[:5])
         print(f"rejected {summary['rows_rejected']:,} rows -> {summary['rejects']}: {top}")
     return 0
 
+
 def add_batch_command(
     commands,  # the subparsers object of the lifecycle command's parser
 ):
     "Register `lifecycle batch`."
-    batch = commands.add_parser("batch", help="score a Parquet or CSV file with the champion, in chunks",
-                                description="Score every row of a file; rejected rows go to a rejects file with the rule they broke.")
+    batch = commands.add_parser(
+        "batch",
+        help="score a Parquet or CSV file with the champion, in chunks",
+        description="Score every row of a file; rejected rows go to a rejects file with the rule they broke.",
+    )
     batch.add_argument("--input", required=True, help="a .parquet or .csv file")
-    batch.add_argument("--output", required=True, help="the scored rows (.parquet or .csv); with --engine dask, a folder of parts")
+    batch.add_argument(
+        "--output", required=True, help="the scored rows (.parquet or .csv); with --engine dask, a folder of parts"
+    )
     batch.add_argument("--rejects", default=None, help="the rejected rows (default: <output stem>.rejects.<ext>)")
-    batch.add_argument("--engine", choices=["local", "dask"], default="local", help="local: chunked in this process; dask: on a Dask cluster")
-    batch.add_argument("--scheduler", default=None, help="dask: a scheduler address, tcp://host:8786 (default: a local cluster)")
+    batch.add_argument(
+        "--engine",
+        choices=["local", "dask"],
+        default="local",
+        help="local: chunked in this process; dask: on a Dask cluster",
+    )
+    batch.add_argument(
+        "--scheduler", default=None, help="dask: a scheduler address, tcp://host:8786 (default: a local cluster)"
+    )
     batch.add_argument("--settings", default="settings.ini", help="the project's settings file")
     batch.add_argument("--model", default="champion", help="the alias or version number to score with")
     batch.add_argument("--chunk-rows", type=int, default=100_000, help="rows read and scored at a time")
     batch.add_argument("--no-log", action="store_true", help="do not record the predictions in the prediction log")
-    batch.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
+    batch.add_argument(
+        "--log",
+        default="",
+        metavar="URL",
+        help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)",
+    )
     batch.add_argument("--quiet", action="store_true", help="no progress lines")
     batch.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     batch.set_defaults(handler=_batch_command)

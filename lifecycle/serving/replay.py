@@ -10,13 +10,13 @@ import asyncio
 import hashlib
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..core import LifecycleError, Settings, Source, value_key, read_json, write_json
+from ..core import LifecycleError, Settings, Source, read_json, value_key, write_json
 
 # %% auto #0
 __all__ = ['EVENT_TIME_HEADER', 'arrival_times', 'event_times', 'true_labels', 'label_times', 'to_records', 'send_traffic',
@@ -34,7 +34,10 @@ def arrival_times(
     if days <= 0:
         raise LifecycleError("replay: --days must be a positive number of days")
     offsets = np.random.default_rng(seed).uniform(0.0, days * 86400.0, count)
-    return pd.Series(pd.Timestamp(end).tz_convert("UTC") - pd.to_timedelta(offsets, unit="s"), dtype="datetime64[ns, UTC]")
+    return pd.Series(
+        pd.Timestamp(end).tz_convert("UTC") - pd.to_timedelta(offsets, unit="s"), dtype="datetime64[ns, UTC]"
+    )
+
 
 def event_times(
     frame: pd.DataFrame,  # the records
@@ -60,8 +63,11 @@ def true_labels(
     keys = target.map(value_key).to_numpy(dtype=object)
     positive_keys, negative_keys = {value_key(v) for v in positive}, {value_key(v) for v in negative}
     labels = np.where(np.isin(keys, list(positive_keys)), 1.0, np.nan)
-    negative_rows = np.isin(keys, list(negative_keys)) if negative_keys else ~np.isin(keys, list(positive_keys) + ["missing"])
+    negative_rows = (
+        np.isin(keys, list(negative_keys)) if negative_keys else ~np.isin(keys, list(positive_keys) + ["missing"])
+    )
     return np.where(negative_rows & np.isnan(labels), 0.0, labels)
+
 
 def label_times(
     events: pd.Series,  # each record's event time
@@ -89,11 +95,14 @@ def to_records(
     for column in values.columns:  # times as ISO text
         if pd.api.types.is_datetime64_any_dtype(frame.get(column, pd.Series(dtype=object))):
             values[column] = [None if v is None else pd.Timestamp(v).isoformat() for v in values[column]]
-    return [{name: (value.item() if isinstance(value, np.generic) else value) for name, value in zip(fields, row)}
-            for row in values.itertuples(index=False, name=None)]
+    return [
+        {name: (value.item() if isinstance(value, np.generic) else value) for name, value in zip(fields, row)}
+        for row in values.itertuples(index=False, name=None)
+    ]
 
 # %% ../../nbs/38_replay.ipynb #39fc67df
 EVENT_TIME_HEADER = "X-Event-Time"  # as lifecycle.serving.serve names it
+
 
 async def _post(client, path: str, body, when: pd.Timestamp | None, headers: dict, gate: asyncio.Semaphore):
     sent = dict(headers)
@@ -101,6 +110,7 @@ async def _post(client, path: str, body, when: pd.Timestamp | None, headers: dic
         sent[EVENT_TIME_HEADER] = when.isoformat()
     async with gate:
         return await client.post(path, json=body, headers=sent)
+
 
 async def send_traffic(
     client,  # an httpx.AsyncClient of the scoring app (ASGI transport or a real server)
@@ -114,7 +124,9 @@ async def send_traffic(
 ) -> dict:  # scored, rejected, reasons, labels_sent, labels_pending, labels_never, model_versions, request_ids
     "Score every record at its event time, then send the labels that have arrived by `end`."
     headers, gate = headers or {}, asyncio.Semaphore(concurrency)
-    answers = await asyncio.gather(*[_post(client, "/predict", record, when, headers, gate) for record, when in zip(records, events)])
+    answers = await asyncio.gather(
+        *[_post(client, "/predict", record, when, headers, gate) for record, when in zip(records, events)]
+    )
     request_ids, reasons, versions = [None] * len(records), {}, set()
     for number, answer in enumerate(answers):
         if answer.status_code == 200:
@@ -127,25 +139,50 @@ async def send_traffic(
                 reason = f"{error.get('type', 'invalid')}:{where}"
                 reasons[reason] = reasons.get(reason, 0) + 1
         else:
-            raise LifecycleError(f"replay: the scoring app answered {answer.status_code} to a prediction; check the server (lifecycle serve) and its token")
+            raise LifecycleError(
+                f"replay: the scoring app answered {answer.status_code} to a prediction; check the server (lifecycle serve) and its token"
+            )
     end = pd.Timestamp(end).tz_convert("UTC")
-    due = [(number, when) for number, when in enumerate(arrivals) if request_ids[number] and pd.notna(when) and when <= end]
-    feedback = await asyncio.gather(*[_post(client, "/feedback", {"request_id": request_ids[number], "label": int(labels[number])}, when, headers, gate)
-                                      for number, when in due])
+    due = [
+        (number, when) for number, when in enumerate(arrivals) if request_ids[number] and pd.notna(when) and when <= end
+    ]
+    feedback = await asyncio.gather(
+        *[
+            _post(
+                client,
+                "/feedback",
+                {"request_id": request_ids[number], "label": int(labels[number])},
+                when,
+                headers,
+                gate,
+            )
+            for number, when in due
+        ]
+    )
     failed = sum(answer.status_code != 202 for answer in feedback)
     if failed:
-        raise LifecycleError(f"replay: {failed} of {len(feedback)} labels were refused by the scoring app (/feedback); check the server")
+        raise LifecycleError(
+            f"replay: {failed} of {len(feedback)} labels were refused by the scoring app (/feedback); check the server"
+        )
     scored = sum(request_id is not None for request_id in request_ids)
     waiting = sum(1 for number, when in enumerate(arrivals) if request_ids[number] and pd.notna(when) and when > end)
-    return {"scored": scored, "rejected": len(records) - scored, "reasons": reasons, "labels_sent": len(due),
-            "labels_pending": waiting, "labels_never": scored - len(due) - waiting, "model_versions": sorted(versions),
-            "request_ids": request_ids}
+    return {
+        "scored": scored,
+        "rejected": len(records) - scored,
+        "reasons": reasons,
+        "labels_sent": len(due),
+        "labels_pending": waiting,
+        "labels_never": scored - len(due) - waiting,
+        "model_versions": sorted(versions),
+        "request_ids": request_ids,
+    }
 
 # %% ../../nbs/38_replay.ipynb #3cead115
 class scoring_client:
     "An async context manager: an httpx client of the project's scoring app, in-process, or of the server at `url`."
 
-    def __init__(self,
+    def __init__(
+        self,
         root: Path,  # the project folder
         url: str = "",  # a running server (empty: in-process)
         log: str = "",  # the prediction log for the in-process app (empty: the project's)
@@ -157,6 +194,7 @@ class scoring_client:
 
     async def __aenter__(self):
         import httpx
+
         token = os.environ.get("LIFECYCLE_API_TOKEN")
         if self.url:
             self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -164,15 +202,19 @@ class scoring_client:
             self.lifespan = None
         else:
             from lifecycle.serving.serve import create_app
+
             app = create_app(self.root, alias=self.alias, log_url=self.log)
             self.lifespan = app.router.lifespan_context(app)
             await self.lifespan.__aenter__()
-            self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replay", timeout=self.timeout)
+            self.client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://replay", timeout=self.timeout
+            )
         await self._wait_ready()
         return self
 
     async def _wait_ready(self):
         import httpx
+
         started = asyncio.get_running_loop().time()
         reached = False
         while True:
@@ -185,10 +227,14 @@ class scoring_client:
                 pass
             waited = asyncio.get_running_loop().time() - started
             if not reached and waited > min(10, self.timeout):  # nothing answers: a wrong address, or no server
-                raise LifecycleError("replay: nothing answers at the --url given; start lifecycle serve there, or leave --url out to score in-process")
+                raise LifecycleError(
+                    "replay: nothing answers at the --url given; start lifecycle serve there, or leave --url out to score in-process"
+                )
             if waited > self.timeout:
                 where = "the server at --url" if self.url else "the in-process scoring app"
-                raise LifecycleError(f"replay: {where} has no model ready after {self.timeout:g} s; check lifecycle models and the champion alias")
+                raise LifecycleError(
+                    f"replay: {where} has no model ready after {self.timeout:g} s; check lifecycle models and the champion alias"
+                )
             await asyncio.sleep(0.05)
 
     async def __aexit__(self, *exc_info):
@@ -215,8 +261,10 @@ def run_async(
     except RuntimeError:
         return asyncio.run(make())
     from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(lambda: asyncio.run(make())).result()
+
 
 def replay_frame(
     frame: pd.DataFrame,  # labeled rows (the target column included)
@@ -232,7 +280,9 @@ def replay_frame(
 ) -> dict:  # records, scored, rejected, reasons, labels_sent, labels_pending, labels_never, event_times, first_event, last_event, model_versions, scoring
     "Send rows through the scoring path as production traffic over simulated time, and their labels later."
     if settings.target not in frame.columns:
-        raise LifecycleError(f"replay: the input has no target column '{settings.target}' ([data] target): replay needs the true labels")
+        raise LifecycleError(
+            f"replay: the input has no target column '{settings.target}' ([data] target): replay needs the true labels"
+        )
     end = end or datetime.now(timezone.utc)
     frame = frame.reset_index(drop=True)
     events, kind = event_times(frame, settings.timestamp, days, end, seed)
@@ -242,22 +292,42 @@ def replay_frame(
     async def run():
         async with scoring_client(settings.root, url, log) as scoring:
             features = await scoring.features()
-            fields = features + [name for name in (settings.id, settings.timestamp if kind == "data" else "") if name and name in frame.columns and name not in features]
+            fields = features + [
+                name
+                for name in (settings.id, settings.timestamp if kind == "data" else "")
+                if name and name in frame.columns and name not in features
+            ]
             sent_times = pd.Series([None] * len(frame)) if kind == "data" and settings.timestamp in fields else events
-            return await send_traffic(scoring.client, to_records(frame, fields), sent_times, labels, arrivals, end, scoring.headers, concurrency)
+            return await send_traffic(
+                scoring.client,
+                to_records(frame, fields),
+                sent_times,
+                labels,
+                arrivals,
+                end,
+                scoring.headers,
+                concurrency,
+            )
 
     result = run_async(run)
     result.pop("request_ids")
-    return {"records": len(frame), **result, "event_times": kind,
-            "first_event": events.min().isoformat() if len(events) else None, "last_event": events.max().isoformat() if len(events) else None,
-            "scoring": "http" if url else "in-process"}
+    return {
+        "records": len(frame),
+        **result,
+        "event_times": kind,
+        "first_event": events.min().isoformat() if len(events) else None,
+        "last_event": events.max().isoformat() if len(events) else None,
+        "scoring": "http" if url else "in-process",
+    }
 
 # %% ../../nbs/38_replay.ipynb #63a33064
 def _read(source: Source, settings: Settings) -> pd.DataFrame:
     "Rows of a source with lineage, read by the project's readers."
     from lifecycle.sources import read_source
+
     rows, _, _ = read_source(source, settings)
     return rows
+
 
 def replay_input(
     path: str | Path,  # a labeled file (text, Parquet or JSON lines, as the project reads its sources)
@@ -273,8 +343,16 @@ def replay_input(
 
 # %% ../../nbs/38_replay.ipynb #b980c46e
 def _row_keys(frame: pd.DataFrame, version) -> list[str]:
-    keys = frame["_source"].astype(str) + ":" + frame["_file"].astype(str) + ":" + frame["_line"].astype(str) + f":v{version}"
+    keys = (
+        frame["_source"].astype(str)
+        + ":"
+        + frame["_file"].astype(str)
+        + ":"
+        + frame["_line"].astype(str)
+        + f":v{version}"
+    )
     return [hashlib.sha256(key.encode()).hexdigest()[:24] for key in keys]
+
 
 def replay_sources(
     sources: dict,  # source name -> path (as `[deploy] production`)
@@ -284,14 +362,17 @@ def replay_sources(
 ) -> tuple[int, int, dict]:  # (predictions in the log before, after, replay's summary)
     "Replay named sources into the project's prediction log, each row once for a model version."
     from lifecycle.core import parse_source
-    from lifecycle.serving.predlog import open_log
     from lifecycle.registry import Registry
+    from lifecycle.serving.predlog import open_log
+
     version = Registry(settings.root).aliases().get("champion")
     frames = [_read(parse_source(name, path, settings.root), settings) for name, path in sources.items()]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["_source", "_file", "_line"])
     ledger_path = settings.root / ".lifecycle" / "replayed.json"
     ledger = read_json(ledger_path) if ledger_path.exists() else {}
-    place = hashlib.sha256((log or "predictions.sqlite").encode()).hexdigest()[:16]  # never the URL itself: it may hold a password
+    place = hashlib.sha256((log or "predictions.sqlite").encode()).hexdigest()[
+        :16
+    ]  # never the URL itself: it may hold a password
     done = set(ledger.get(place, []))
     keys = _row_keys(rows, version)
     fresh = [key not in done for key in keys]
@@ -303,7 +384,11 @@ def replay_sources(
     summary = {"records": 0, "scored": 0, "already_replayed": len(rows) - sum(fresh)}
     if any(fresh):
         todo = rows[fresh]
-        summary.update(replay_frame(todo.drop(columns=[c for c in todo.columns if str(c).startswith("_")]), settings, log=log, **options))
+        summary.update(
+            replay_frame(
+                todo.drop(columns=[c for c in todo.columns if str(c).startswith("_")]), settings, log=log, **options
+            )
+        )
         ledger[place] = sorted(done | {key for key, new in zip(keys, fresh) if new})
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(ledger_path, ledger)
@@ -320,45 +405,85 @@ def describe(
 ) -> str:  # a few sentences
     "A replay's summary in words."
     from lifecycle.core import reason_words
-    reasons = ", ".join(f"{count} {reason_words(reason)}" for reason, count in sorted(summary.get("reasons", {}).items()))
-    lines = [f"{summary['scored']} of {summary['records']} records scored {summary.get('scoring', '')}".rstrip()
-             + (f" ({summary['rejected']} refused: {reasons})" if summary.get("rejected") else "") + "."]
+
+    reasons = ", ".join(
+        f"{count} {reason_words(reason)}" for reason, count in sorted(summary.get("reasons", {}).items())
+    )
+    lines = [
+        f"{summary['scored']} of {summary['records']} records scored {summary.get('scoring', '')}".rstrip()
+        + (f" ({summary['rejected']} refused: {reasons})" if summary.get("rejected") else "")
+        + "."
+    ]
     if summary.get("first_event"):
         origin = "their own timestamps" if summary.get("event_times") == "data" else "simulated arrivals"
         lines.append(f"Event times from {summary['first_event'][:16]} to {summary['last_event'][:16]} UTC ({origin}).")
     if "labels_sent" in summary:
-        lines.append(f"Labels: {summary['labels_sent']} sent as feedback, {summary['labels_pending']} still pending "
-                     f"(due after now), {summary['labels_never']} never arriving.")
+        lines.append(
+            f"Labels: {summary['labels_sent']} sent as feedback, {summary['labels_pending']} still pending "
+            f"(due after now), {summary['labels_never']} never arriving."
+        )
     return " ".join(lines)
+
 
 def _replay_command(args) -> int:
     from lifecycle.core import open_project
+
     project = open_project(args.settings, log=args.log or None)
-    summary = replay_input(args.input, project.settings, days=args.days, label_delay=args.label_delay, label_share=args.label_share,
-                           url=args.url or "", log=project.log_url, seed=args.seed)
+    summary = replay_input(
+        args.input,
+        project.settings,
+        days=args.days,
+        label_delay=args.label_delay,
+        label_share=args.label_share,
+        url=args.url or "",
+        log=project.log_url,
+        seed=args.seed,
+    )
     print(json.dumps(summary, indent=2) if args.json else describe(summary))
     return 0
+
 
 def add_replay_command(
     commands,  # the subparsers object of the lifecycle command's parser
 ):
     "Register `lifecycle replay`."
-    replay = commands.add_parser("replay", help="send a labeled file through the scoring path as production traffic over simulated time",
-                                 description="Score each record of a labeled file at its event time (its [data] timestamp, else arrivals "
-                                             "spread over --days ending now) through the app of lifecycle serve (in-process, or the server at "
-                                             "--url), and send its true label as feedback --label-delay days later for --label-share of them. "
-                                             "Labels due after now stay pending.",
-                                 epilog="examples:\n  lifecycle replay --input data/heart-disease-uci/processed.va.data\n"
-                                        "  lifecycle replay --input visits.parquet --days 60 --label-delay 14 --label-share 0.5 --json\n"
-                                        "  LIFECYCLE_API_TOKEN=… lifecycle replay --input visits.csv --url http://127.0.0.1:8000",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    replay.add_argument("--input", required=True, help="a labeled file in a format the project reads (text, Parquet, JSON lines)")
-    replay.add_argument("--days", type=float, default=30, help="simulated arrivals over this many days ending now (default 30)")
-    replay.add_argument("--label-delay", type=float, default=7, help="days after its event that a record's label arrives (default 7)")
-    replay.add_argument("--label-share", type=float, default=0.8, help="the share of records whose label ever arrives (default 0.8)")
-    replay.add_argument("--url", default=None, help="a running lifecycle serve (default: in-process through the same app)")
-    replay.add_argument("--seed", type=int, default=0, help="random seed for arrivals and for which labels arrive (default 0)")
-    replay.add_argument("--log", default="", metavar="URL", help="in-process: the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
+    replay = commands.add_parser(
+        "replay",
+        help="send a labeled file through the scoring path as production traffic over simulated time",
+        description="Score each record of a labeled file at its event time (its [data] timestamp, else arrivals "
+        "spread over --days ending now) through the app of lifecycle serve (in-process, or the server at "
+        "--url), and send its true label as feedback --label-delay days later for --label-share of them. "
+        "Labels due after now stay pending.",
+        epilog="examples:\n  lifecycle replay --input data/heart-disease-uci/processed.va.data\n"
+        "  lifecycle replay --input visits.parquet --days 60 --label-delay 14 --label-share 0.5 --json\n"
+        "  LIFECYCLE_API_TOKEN=… lifecycle replay --input visits.csv --url http://127.0.0.1:8000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    replay.add_argument(
+        "--input", required=True, help="a labeled file in a format the project reads (text, Parquet, JSON lines)"
+    )
+    replay.add_argument(
+        "--days", type=float, default=30, help="simulated arrivals over this many days ending now (default 30)"
+    )
+    replay.add_argument(
+        "--label-delay", type=float, default=7, help="days after its event that a record's label arrives (default 7)"
+    )
+    replay.add_argument(
+        "--label-share", type=float, default=0.8, help="the share of records whose label ever arrives (default 0.8)"
+    )
+    replay.add_argument(
+        "--url", default=None, help="a running lifecycle serve (default: in-process through the same app)"
+    )
+    replay.add_argument(
+        "--seed", type=int, default=0, help="random seed for arrivals and for which labels arrive (default 0)"
+    )
+    replay.add_argument(
+        "--log",
+        default="",
+        metavar="URL",
+        help="in-process: the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)",
+    )
     replay.add_argument("--settings", default="settings.ini", help="the project's settings file")
     replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     replay.set_defaults(handler=_replay_command)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import gc
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..contract import Contract, check_frame as contract_check_frame, check_records as contract_check_records, contract_from_meta
+from lifecycle.contract import (
+    Contract,
+    contract_from_meta,
+)
+from lifecycle.contract import (
+    check_frame as contract_check_frame,
+)
+from lifecycle.contract import (
+    check_records as contract_check_records,
+)
 from ..core import LifecycleError
 from .predlog import shadow_request_id
 
@@ -33,6 +41,7 @@ __all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'SHADOW_ALIAS', 'ServingSpe
 @dataclass
 class ServingSpec:
     "What scoring needs to know about a model version."
+
     version: int
     sha256: str
     threshold: float
@@ -41,7 +50,9 @@ class ServingSpec:
     columns: dict  # the schema's column entries, by name
     contract: Contract  # the cleaning and schema rules, compiled (`15_contract`)
     metrics: dict = field(default_factory=dict)
-    calibration: dict | None = None  # a recalibration of the model's scores stored with the version (`calibrate_scores`); None: none
+    calibration: dict | None = (
+        None  # a recalibration of the model's scores stored with the version (`calibrate_scores`); None: none
+    )
 
     @property
     def features(self) -> list[str]:
@@ -56,23 +67,35 @@ class ServingSpec:
     def from_meta(cls, meta: dict) -> "ServingSpec":
         "Read a registry version's metadata."
         evaluation = meta.get("evaluation") or {}
-        return cls(version=meta["version"], sha256=meta["sha256"], threshold=float(meta.get("threshold", 0.5)),
-                   numeric=list(meta["features"]["numeric"]), categorical=list(meta["features"]["categorical"]),
-                   columns=meta["schema"]["columns"], contract=contract_from_meta(meta),
-                   metrics=evaluation.get("metrics") or meta.get("metrics", {}), calibration=meta.get("calibration") or None)
+        return cls(
+            version=meta["version"],
+            sha256=meta["sha256"],
+            threshold=float(meta.get("threshold", 0.5)),
+            numeric=list(meta["features"]["numeric"]),
+            categorical=list(meta["features"]["categorical"]),
+            columns=meta["schema"]["columns"],
+            contract=contract_from_meta(meta),
+            metrics=evaluation.get("metrics") or meta.get("metrics", {}),
+            calibration=meta.get("calibration") or None,
+        )
 
 # %% ../../nbs/30_scoring.ipynb #1fbb91f7
 def check_records(
     records: list,  # decoded JSON: a list of objects
     spec: ServingSpec,  # what the model expects
-) -> tuple[list[list], list[dict]]:  # (one row of values per record, None for a refused one; errors naming record and field)
+) -> tuple[
+    list[list], list[dict]
+]:  # (one row of values per record, None for a refused one; errors naming record and field)
     "Check records against the model's contract, applying the project's cleaning rules."
     return contract_check_records(spec.contract, records)
+
 
 def check_frame(
     frame: pd.DataFrame,  # rows with (at least) the model's feature columns; other columns are ignored
     spec: ServingSpec,  # what the model expects
-) -> tuple[pd.DataFrame, pd.Series]:  # (the good rows' cleaned features, in the model's order; a reason per row, "" when good)
+) -> tuple[
+    pd.DataFrame, pd.Series
+]:  # (the good rows' cleaned features, in the model's order; a reason per row, "" when good)
     "Check rows against the model's contract a column at a time, with the rules of `check_records`."
     cleaned, reasons, _ = contract_check_frame(spec.contract, frame)
     good = (reasons == "").to_numpy()
@@ -91,18 +114,28 @@ def record_json_schema(spec: ServingSpec) -> dict:
         recoded = sorted(rule.recode)
         if rule.kind in ("code", "category"):
             kind = "string" if rule.kind == "category" else "number"
-            properties[name] = {"anyOf": [{"type": kind, "enum": list(rule.categories)}, {"type": "null"}],
-                                "description": "a category the model knows; null when missing"
-                                + (f" (also accepted: {', '.join(recoded)})" if recoded else "")}
+            properties[name] = {
+                "anyOf": [{"type": kind, "enum": list(rule.categories)}, {"type": "null"}],
+                "description": "a category the model knows; null when missing"
+                + (f" (also accepted: {', '.join(recoded)})" if recoded else ""),
+            }
         else:
             number = {"type": "number"}
             if rule.low is not None:
                 number.update(minimum=rule.low, maximum=rule.high)
-            properties[name] = {"anyOf": [number, {"type": "string"}, {"type": "null"}],
-                                "description": "null when missing; text is read as a number (`50k`, `1,200`)"
-                                + (f"; {', '.join(f'{v:g}' for v in sorted(rule.impossible))} also means missing" if rule.impossible else "")}
-    properties[spec.id_field] = {"anyOf": [{"type": "string", "maxLength": 200}, {"type": "integer"}, {"type": "null"}],
-                                 "description": "optional identifier; logged only as a keyed hash"}
+            properties[name] = {
+                "anyOf": [number, {"type": "string"}, {"type": "null"}],
+                "description": "null when missing; text is read as a number (`50k`, `1,200`)"
+                + (
+                    f"; {', '.join(f'{v:g}' for v in sorted(rule.impossible))} also means missing"
+                    if rule.impossible
+                    else ""
+                ),
+            }
+    properties[spec.id_field] = {
+        "anyOf": [{"type": "string", "maxLength": 200}, {"type": "integer"}, {"type": "null"}],
+        "description": "optional identifier; logged only as a keyed hash",
+    }
     return {"type": "object", "properties": properties, "required": spec.features, "additionalProperties": False}
 
 # %% ../../nbs/30_scoring.ipynb #34fc08e3
@@ -111,6 +144,7 @@ class TreeEnsemble:
 
     def __init__(self, model):
         from sklearn.ensemble import HistGradientBoostingClassifier
+
         if not isinstance(model, HistGradientBoostingClassifier) or model.n_trees_per_iteration_ != 1:
             raise LifecycleError("not a binary histogram gradient boosting model")
         nodes = [predictors[0].nodes for predictors in model._predictors]
@@ -145,7 +179,9 @@ class TreeEnsemble:
             at = np.where(leaf, at, np.where(left, self.left[at], self.right[at]))
         leaves = self.value[at]
         start = np.full((len(matrix), 1), self.baseline)
-        return np.cumsum(np.concatenate([start, leaves], axis=1), axis=1)[:, -1]  # tree by tree, as scikit-learn adds them
+        return np.cumsum(np.concatenate([start, leaves], axis=1), axis=1)[
+            :, -1
+        ]  # tree by tree, as scikit-learn adds them
 
     def proba(self, matrix: np.ndarray) -> np.ndarray:
         "The positive class's probability."
@@ -158,8 +194,11 @@ class FastPath:
     def __init__(self, model, numeric: list[str], categorical: list[str]):
         prepare, self.model = model.named_steps["prepare"], model.named_steps["model"]
         parts = {name: (steps, columns) for name, steps, columns in prepare.transformers_ if name != "remainder"}
-        if set(parts) - {"numeric", "category"} or list(parts.get("numeric", (None, []))[1]) != list(numeric) \
-                or list(parts.get("category", (None, []))[1]) != list(categorical):
+        if (
+            set(parts) - {"numeric", "category"}
+            or list(parts.get("numeric", (None, []))[1]) != list(numeric)
+            or list(parts.get("category", (None, []))[1]) != list(categorical)
+        ):
             raise LifecycleError("the pipeline is not the shape the fast path knows")
         self.k = len(numeric)
         numbers = parts["numeric"][0].named_steps if numeric else {}
@@ -173,13 +212,19 @@ class FastPath:
         if categorical:
             steps = parts["category"][0].named_steps
             encoder = steps["encode"]
-            if set(steps) != {"impute", "encode"} or encoder.drop_idx_ is not None or getattr(encoder, "_infrequent_enabled", False):
+            if (
+                set(steps) != {"impute", "encode"}
+                or encoder.drop_idx_ is not None
+                or getattr(encoder, "_infrequent_enabled", False)
+            ):
                 raise LifecycleError("the pipeline is not the shape the fast path knows")
             self.modes = list(steps["impute"].statistics_)
             self.categories = list(encoder.categories_)
         self.lookups = [{value: position for position, value in enumerate(known.tolist())} for known in self.categories]
         self.width = self.k + sum(len(c) for c in self.categories)
-        self.trees_up_to = 64  # rows: above this, the model's own compiled predict is faster than walking the trees in NumPy
+        self.trees_up_to = (
+            64  # rows: above this, the model's own compiled predict is faster than walking the trees in NumPy
+        )
         try:
             self.trees = TreeEnsemble(self.model)
         except (LifecycleError, AttributeError):
@@ -189,19 +234,21 @@ class FastPath:
         "Checked rows (numbers first, then categories) to the model's input matrix."
         matrix = np.zeros((len(rows), self.width))
         if self.k:
-            numbers = np.array([row[:self.k] for row in rows], dtype=float)
+            numbers = np.array([row[: self.k] for row in rows], dtype=float)
             missing = np.isnan(numbers)
             numbers[missing] = np.broadcast_to(self.medians, numbers.shape)[missing]
             if self.mean is not None:
                 numbers -= self.mean
             if self.scale is not None:
                 numbers /= self.scale
-            matrix[:, :self.k] = numbers
+            matrix[:, : self.k] = numbers
         offset = self.k
         for j, (mode, lookup) in enumerate(zip(self.modes, self.lookups)):
             column = [row[self.k + j] for row in rows]
             # a missing value (NaN) is the imputer's mode; an unknown category is all zeros (handle_unknown="ignore")
-            hits = np.array([lookup.get(mode if isinstance(v, float) and v != v else v, -1) for v in column], dtype=np.intp)
+            hits = np.array(
+                [lookup.get(mode if isinstance(v, float) and v != v else v, -1) for v in column], dtype=np.intp
+            )
             found = hits >= 0
             matrix[np.flatnonzero(found), offset + hits[found]] = 1.0
             offset += len(lookup)
@@ -213,8 +260,8 @@ class FastPath:
         # (a linear model's dot products round differently on a column-major matrix)
         matrix = np.zeros((len(features), self.width), order="F" if self.trees is not None else "C")
         if self.k:
-            numbers = matrix[:, :self.k]
-            numbers[:] = features.iloc[:, :self.k].to_numpy(dtype=float)
+            numbers = matrix[:, : self.k]
+            numbers[:] = features.iloc[:, : self.k].to_numpy(dtype=float)
             missing = np.isnan(numbers)
             if missing.any():
                 numbers[missing] = np.broadcast_to(self.medians, numbers.shape)[missing]
@@ -239,13 +286,18 @@ class FastPath:
         return self.model.predict_proba(matrix)[:, 1]
 
 # %% ../../nbs/30_scoring.ipynb #9912064e
-SCORE_TOLERANCE = 1e-12  # a linear model's scores can differ in the last bit between one row and many (BLAS); trees' never do
+SCORE_TOLERANCE = (
+    1e-12  # a linear model's scores can differ in the last bit between one row and many (BLAS); trees' never do
+)
+
 
 def probe_rows(
     spec: ServingSpec,  # what the model expects
     rows: int = 300,  # how many
     seed: int = 0,  # random seed
-) -> pd.DataFrame:  # checked rows as `check_frame` gives them: every feature, missing values and unseen categories among them
+) -> (
+    pd.DataFrame
+):  # checked rows as `check_frame` gives them: every feature, missing values and unseen categories among them
     "Rows across each feature's range, to hold the fast path against the pipeline."
     rng = np.random.default_rng(seed)
     columns = {}
@@ -264,6 +316,7 @@ def probe_rows(
         columns[name] = values
     return pd.DataFrame(columns)
 
+
 def verify_fast_path(
     fast: "FastPath",  # the fast path to check
     pipeline,  # the fitted pipeline it was read from
@@ -277,8 +330,14 @@ def verify_fast_path(
         if built.shape != matrix.shape or not np.array_equal(built, matrix):
             return f"{way} differs from the pipeline's on {len(rows)} generated rows"
     small = fast.trees_up_to
-    ways = {"the tree walk": np.concatenate([fast.scores(listed[i:i + small]) for i in range(0, len(listed), small)]) if len(listed) else expected,
-            "the model on the whole-frame matrix": fast.model.predict_proba(fast.matrix(rows))[:, 1] if fast.trees is None else expected}
+    ways = {
+        "the tree walk": np.concatenate([fast.scores(listed[i : i + small]) for i in range(0, len(listed), small)])
+        if len(listed)
+        else expected,
+        "the model on the whole-frame matrix": fast.model.predict_proba(fast.matrix(rows))[:, 1]
+        if fast.trees is None
+        else expected,
+    }
     for way, scores in ways.items():
         difference = float(np.max(np.abs(scores - expected))) if len(expected) else 0.0
         if not difference <= SCORE_TOLERANCE:
@@ -288,40 +347,60 @@ def verify_fast_path(
 # %% ../../nbs/30_scoring.ipynb #51ae653f
 CALIBRATION_METHODS = ("isotonic", "platt")
 
+
 def calibrate_scores(
     scores,  # a model's own scores (probabilities of the positive class)
-    calibration: dict | list | None,  # a version's `calibration`: isotonic (`scores`, `probabilities`: the fitted steps), platt (`slope`, `intercept` on the logit), or a list of them applied in turn; None: none
+    calibration: dict
+    | list
+    | None,  # a version's `calibration`: isotonic (`scores`, `probabilities`: the fitted steps), platt (`slope`, `intercept` on the logit), or a list of them applied in turn; None: none
 ) -> np.ndarray:  # the calibrated scores (the same scores when there is no calibration)
     "A model's scores through the recalibration stored with its version."
     scores = np.asarray(scores, dtype=float)
     if not calibration:
         return scores
-    if isinstance(calibration, list):  # a recalibrated version recalibrated again: its maps in the order they were fitted
+    if isinstance(
+        calibration, list
+    ):  # a recalibrated version recalibrated again: its maps in the order they were fitted
         for step in calibration:
             scores = calibrate_scores(scores, step)
         return scores
     method = calibration.get("method")
-    if method == "isotonic":  # piecewise linear between the fitted steps, flat beyond them (as IsotonicRegression with clip)
-        return np.interp(scores, np.asarray(calibration["scores"], dtype=float), np.asarray(calibration["probabilities"], dtype=float))
+    if (
+        method == "isotonic"
+    ):  # piecewise linear between the fitted steps, flat beyond them (as IsotonicRegression with clip)
+        return np.interp(
+            scores,
+            np.asarray(calibration["scores"], dtype=float),
+            np.asarray(calibration["probabilities"], dtype=float),
+        )
     if method == "platt":
         clipped = np.clip(scores, 1e-6, 1 - 1e-6)
-        return 1.0 / (1.0 + np.exp(-(float(calibration["slope"]) * np.log(clipped / (1 - clipped)) + float(calibration["intercept"]))))
-    raise LifecycleError(f"the version's metadata names a calibration method lifecycle does not know; known: {', '.join(CALIBRATION_METHODS)}")
+        return 1.0 / (
+            1.0
+            + np.exp(-(float(calibration["slope"]) * np.log(clipped / (1 - clipped)) + float(calibration["intercept"])))
+        )
+    raise LifecycleError(
+        f"the version's metadata names a calibration method lifecycle does not know; known: {', '.join(CALIBRATION_METHODS)}"
+    )
 
 # %% ../../nbs/30_scoring.ipynb #1a52b674
 @dataclass(frozen=True)
 class Prediction:
     "One scored record, as serve answers it, batch writes it, a stream emits it and the prediction log stores it."
+
     score: float  # the positive class's probability
     decision: int  # 1 when the score reaches the version's threshold
     model_version: int  # the version that scored it
-    features: list | None = field(default=None, compare=False, repr=False)  # its cleaned values in the model's order, when the contract checked a record (not part of an answer)
+    features: list | None = field(
+        default=None, compare=False, repr=False
+    )  # its cleaned values in the model's order, when the contract checked a record (not part of an answer)
 
     def keys(self):
         return ("score", "decision", "model_version")
 
     def __getitem__(self, key: str):
         return getattr(self, key)
+
 
 class Scorer:
     "A model version ready to score records."
@@ -337,6 +416,7 @@ class Scorer:
             self.fast_reason = f"the pipeline is not one the fast path reads ({type(error).__name__})"
             return
         from threadpoolctl import threadpool_limits
+
         try:
             with threadpool_limits(1):  # a few hundred rows: threads would only wait for each other on a busy machine
                 self.fast_reason = verify_fast_path(fast, model, probe_rows(self.spec, verify_rows))
@@ -349,6 +429,7 @@ class Scorer:
     def from_registry(cls, root: Path, name: str | int = "champion") -> "Scorer":
         "Load a version (by alias or number) from a project's registry, refusing a file whose hash does not match."
         from lifecycle.registry import Registry, load_model
+
         registry = Registry(root)
         version = registry.resolve(name)
         return cls(load_model(registry, version), registry.meta(version))
@@ -390,7 +471,10 @@ class Scorer:
     def predictions(self, scores: np.ndarray) -> list[Prediction]:
         "Scores as predictions of this version."
         version = self.spec.version
-        return [Prediction(score, decision, version) for score, decision in zip(np.asarray(scores, dtype=float).tolist(), self.decisions(scores).tolist())]
+        return [
+            Prediction(score, decision, version)
+            for score, decision in zip(np.asarray(scores, dtype=float).tolist(), self.decisions(scores).tolist())
+        ]
 
     def score_records(self, records: list) -> tuple[list[Prediction | None], list[dict]]:
         "Check and score records: a prediction per good record (None for a bad one), and the errors."
@@ -400,24 +484,35 @@ class Scorer:
         scores = self.scores([rows[i] for i in good])
         version = self.spec.version
         for i, score, decision in zip(good, np.asarray(scores, dtype=float).tolist(), self.decisions(scores).tolist()):
-            results[i] = Prediction(score, decision, version, rows[i])  # with the cleaned row: the log need not check the record again
+            results[i] = Prediction(
+                score, decision, version, rows[i]
+            )  # with the cleaned row: the log need not check the record again
         return results, errors
 
-    def score_frame(self, frame: pd.DataFrame) -> dict:  # features (good rows, cleaned), reasons (per row), good (mask), scores, decisions
+    def score_frame(
+        self, frame: pd.DataFrame
+    ) -> dict:  # features (good rows, cleaned), reasons (per row), good (mask), scores, decisions
         "Check and score a DataFrame a column at a time."
         features, reasons = check_frame(frame, self.spec)
         scores = self.frame_scores(features.reset_index(drop=True))
-        return {"features": features, "reasons": reasons, "good": (reasons == "").to_numpy(), "scores": scores,
-                "decisions": self.decisions(scores)}
+        return {
+            "features": features,
+            "reasons": reasons,
+            "good": (reasons == "").to_numpy(),
+            "scores": scores,
+            "decisions": self.decisions(scores),
+        }
 
 # %% ../../nbs/30_scoring.ipynb #249fae9d
 _SETTLE = {"on": False}  # whether `settle_heap` works in this process
+
 
 def keep_heap_settled(
     on: bool = True,  # False: `settle_heap` does nothing again
 ) -> None:
     "Let `settle_heap` work in this process: a long-lived server or consumer asks for it; a library user need not."
     _SETTLE["on"] = bool(on)
+
 
 def settle_heap() -> bool:  # True when it settled (the process asked for it with `keep_heap_settled`)
     "After a model is loaded: one full garbage collection, then everything alive frozen out of later collections."
@@ -437,16 +532,19 @@ def _key_part(value):
         return ("dict",) + tuple(sorted((repr(k), repr(v)) for k, v in value.items()))
     return repr(value)
 
+
 def contract_key(
     contract: Contract,  # a compiled contract
 ) -> tuple:  # equal for two contracts that clean and judge every record alike
     "Everything that decides a contract's verdicts and cleaned values, as one comparable value."
-    rules = tuple(tuple(sorted((name, _key_part(value)) for name, value in vars(rule).items())) for rule in contract.rules)
+    rules = tuple(
+        tuple(sorted((name, _key_part(value)) for name, value in vars(rule).items())) for rule in contract.rules
+    )
     return (rules, tuple(contract.order), float(contract.max_missing_share), contract.id_field)
-
 
 # %% ../../nbs/30_scoring.ipynb #0e41fb70
 SHADOW_ALIAS = "shadow"  # the registry alias of the version scoring in shadow
+
 
 class LoadRetry:
     """When a watcher tries again a version that failed to load: at the next look, then 2, 4, 8 … looks later, at most
@@ -472,10 +570,12 @@ class LoadRetry:
         "Nothing failed any more (the version loaded, or is no longer wanted)."
         self.version, self.failures, self._wait = None, 0, 0
 
+
 class Shadow:
     "The version in shadow: scores what the champion scored, on its own thread, and logs it under channel `shadow`."
 
-    def __init__(self,
+    def __init__(
+        self,
         root: Path,  # the project folder (its registry)
         log,  # the PredictionLog the shadow's predictions go to
         max_pending: int = 10_000,  # records waiting at most; beyond it the oldest are dropped (counted)
@@ -487,12 +587,24 @@ class Shadow:
     ):
         if not 0 < max_busy <= 1:
             raise LifecycleError("the shadow's max_busy must be above 0 and at most 1")
-        self.root, self.log, self.max_pending, self.interval, self.max_busy = Path(root), log, max_pending, interval, max_busy
+        self.root, self.log, self.max_pending, self.interval, self.max_busy = (
+            Path(root),
+            log,
+            max_pending,
+            interval,
+            max_busy,
+        )
         self.gather, self.gather_records, self.block_min = gather, gather_records, block_min
         self._queued = 0  # records in the queue (not yet taken by the thread)
         self._hurry = 0  # callers of `drain` waiting: the thread scores what waits without gathering more
-        self._same = (None, None, False)  # (the champion's contract, the shadow's version, whether they clean alike), last compared
-        self._block_high = ""  # the highest request id of the blocks logged so far: a block above it overlaps none of them
+        self._same = (
+            None,
+            None,
+            False,
+        )  # (the champion's contract, the shadow's version, whether they clean alike), last compared
+        self._block_high = (
+            ""  # the highest request id of the blocks logged so far: a block above it overlaps none of them
+        )
         self.scorer: Scorer | None = None
         self.error: str | None = None  # the last failure to load or to score, one line
         self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
@@ -520,6 +632,7 @@ class Shadow:
             return False
         self._seen = stamp
         from lifecycle.registry import Registry
+
         try:
             wanted = Registry(self.root).aliases().get(SHADOW_ALIAS)
         except Exception as error:
@@ -537,32 +650,49 @@ class Shadow:
         try:
             self.scorer, self.error = Scorer.from_registry(self.root, wanted), None
             self._retry.clear()
-        except Exception as error:  # a tampered or untrusted file, or a passing fault: no shadow, the champion serves on
+        except (
+            Exception
+        ) as error:  # a tampered or untrusted file, or a passing fault: no shadow, the champion serves on
             looks = self._retry.failed(wanted)
             self.scorer = None
-            self.error = (f"shadow version {wanted} failed to load ({type(error).__name__}); no shadow scoring; "
-                          f"tried {self._retry.failures} time(s), again in {looks * self.interval:g} s")
+            self.error = (
+                f"shadow version {wanted} failed to load ({type(error).__name__}); no shadow scoring; "
+                f"tried {self._retry.failures} time(s), again in {looks * self.interval:g} s"
+            )
             _log.warning("%s", self.error)
         settle_heap()
         return True
 
-    def submit(self,
+    def submit(
+        self,
         champion_version: int,  # the version that scored them (a shadow equal to it is skipped)
         request_ids: list[str],  # the champion's request ids
         records: list | None = None,  # the records as the champion got them (online, stream) …
         features: pd.DataFrame | None = None,  # … or its checked features, one row a record (batch)
         event_times: list | None = None,  # each record's event time (None: `when`)
         when: str | None = None,  # when the champion logged them
-        rows: list | None = None,  # with `records`: their cleaned values as the champion's contract made them (`Prediction.features`)
-        contract: Contract | None = None,  # the champion's contract that made `rows`; a shadow with the same contract reuses them
+        rows: list
+        | None = None,  # with `records`: their cleaned values as the champion's contract made them (`Prediction.features`)
+        contract: Contract
+        | None = None,  # the champion's contract that made `rows`; a shadow with the same contract reuses them
     ) -> bool:  # False when there is no shadow (nothing queued)
         "Hand what the champion scored to the shadow; returns at once, never raises."
         if self.scorer is None or self._stopping or not len(request_ids):
             return False
         count = len(request_ids)
         with self._wake:
-            self._queue.append((champion_version, list(request_ids), records, features, event_times, when,
-                                rows if rows is not None and records is not None and len(rows) == len(records) else None, contract))
+            self._queue.append(
+                (
+                    champion_version,
+                    list(request_ids),
+                    records,
+                    features,
+                    event_times,
+                    when,
+                    rows if rows is not None and records is not None and len(rows) == len(records) else None,
+                    contract,
+                )
+            )
             self._waiting += count
             self._queued += count
             self.counts["submitted"] += count
@@ -588,32 +718,66 @@ class Shadow:
         ids = [shadow_request_id(request_id) for request_id in request_ids]
         try:
             if records is not None:
-                if rows is not None and None not in rows and self._cleans_alike(contract, scorer):  # the champion's check holds for it
+                if (
+                    rows is not None and None not in rows and self._cleans_alike(contract, scorer)
+                ):  # the champion's check holds for it
                     results = scorer.predictions(scorer.scores(rows))
                 else:
                     results, _ = scorer.score_records(records)
-                kept = [(shadow_id, result.score, result.decision, event_time or when)
-                        for shadow_id, result, event_time in zip(ids, results, event_times) if result is not None]
+                kept = [
+                    (shadow_id, result.score, result.decision, event_time or when)
+                    for shadow_id, result, event_time in zip(ids, results, event_times)
+                    if result is not None
+                ]
                 self.counts["refused"] += len(ids) - len(kept)
                 if len(kept) >= self.block_min and min(item[0] for item in kept) > self._block_high:
                     # one block, without features (the champion's prediction of each record holds them); its ids above those
                     # of the blocks before it, so the log's check for predictions it holds already reads none of them
                     shadow_ids, scores, decisions, times = zip(*kept)
-                    self.log.record_many(list(shadow_ids), scores, decisions, None, scorer.version, channel="shadow",
-                                         time=_utc_now(), event_times=list(times))
+                    self.log.record_many(
+                        list(shadow_ids),
+                        scores,
+                        decisions,
+                        None,
+                        scorer.version,
+                        channel="shadow",
+                        time=_utc_now(),
+                        event_times=list(times),
+                    )
                     self._block_high = max(shadow_ids)
-                elif kept:  # a few: rows (a block has a fixed cost, about 1.9 KB for one prediction against 250 bytes a row)
+                elif (
+                    kept
+                ):  # a few: rows (a block has a fixed cost, about 1.9 KB for one prediction against 250 bytes a row)
                     now, version = _utc_now(), scorer.version
-                    self.log.record([{"request_id": shadow_id, "time": now, "model_version": version, "channel": "shadow",
-                                      "score": score, "decision": decision, "event_time": event_time}
-                                     for shadow_id, score, decision, event_time in kept], journal=False)
+                    self.log.record(
+                        [
+                            {
+                                "request_id": shadow_id,
+                                "time": now,
+                                "model_version": version,
+                                "channel": "shadow",
+                                "score": score,
+                                "decision": decision,
+                                "event_time": event_time,
+                            }
+                            for shadow_id, score, decision, event_time in kept
+                        ],
+                        journal=False,
+                    )
                 self.counts["scored"] += len(kept)
             else:
                 seen = features.reindex(columns=scorer.spec.features).reset_index(drop=True)  # as the shadow saw them
                 scores = scorer.frame_scores(seen)
-                self.log.record_many(ids, scores, scorer.decisions(scores), seen,
-                                     scorer.version, channel="shadow", time=_utc_now(),
-                                     event_times=[event_time or when for event_time in event_times])
+                self.log.record_many(
+                    ids,
+                    scores,
+                    scorer.decisions(scores),
+                    seen,
+                    scorer.version,
+                    channel="shadow",
+                    time=_utc_now(),
+                    event_times=[event_time or when for event_time in event_times],
+                )
                 self.counts["scored"] += len(ids)
         except Exception as error:
             self.counts["failed"] += len(ids)
@@ -655,7 +819,9 @@ class Shadow:
                 with self._wake:
                     self._waiting -= len(item[1])
                     self._wake.notify_all()
-                if self.max_busy < 1 and not self._stopping:  # a bounded share of the CPU: the champion's requests come first
+                if (
+                    self.max_busy < 1 and not self._stopping
+                ):  # a bounded share of the CPU: the champion's requests come first
                     busy = time.perf_counter() - started
                     time.sleep(busy * (1 - self.max_busy) / self.max_busy)
 
@@ -666,7 +832,8 @@ class Shadow:
         self._thread.start()
         return self
 
-    def drain(self,
+    def drain(
+        self,
         timeout: float = 30,  # seconds to wait at most
     ) -> bool:  # True when nothing is left waiting
         "Wait until every submitted record is scored and queued for the log."
@@ -684,7 +851,8 @@ class Shadow:
                 self._hurry -= 1
         return self._waiting == 0
 
-    def stop(self,
+    def stop(
+        self,
         timeout: float = 30,  # seconds to finish what waits
     ) -> None:
         "Score what waits (for up to `timeout` seconds), then stop the thread."
@@ -699,8 +867,10 @@ class Shadow:
         "The shadow's state in one JSON-ready object."
         return {"version": self.version, "error": self.error, **self.counts, "waiting": self._waiting}
 
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
 
 def _merged(
     items: list,  # submitted pieces, oldest first: (champion version, request ids, records, features, event times, when, rows, contract)
@@ -716,8 +886,13 @@ def _merged(
             current = None
             continue
         events = [event or when for event in events] if events is not None else [when] * len(ids)
-        if (current is None or current[0] != version or (current[6] is None) != (rows is None) or current[7] is not contract
-                or len(current[1]) + len(ids) > most):
+        if (
+            current is None
+            or current[0] != version
+            or (current[6] is None) != (rows is None)
+            or current[7] is not contract
+            or len(current[1]) + len(ids) > most
+        ):
             current = (version, [], [], None, [], None, [] if rows is not None else None, contract)
             merged.append(current)
         current[1].extend(ids)
@@ -726,4 +901,3 @@ def _merged(
         if rows is not None:
             current[6].extend(rows)
     return merged
-

@@ -26,13 +26,12 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ..contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors, rejection_reasons
 from ..core import LifecycleError
 from .predlog import JournalError
-from ..contract import ID_MAX_CHARS, MAX_ERRORS, MAX_RECORDS, id_ok, limit_errors, rejection_reasons
 from .scoring import LoadRetry, Scorer, Shadow, keep_heap_settled, record_json_schema, settle_heap
-
 
 # %% auto #0
 __all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_CHANNELS', 'REQUEST_ID', 'PROMETHEUS_TEXT',
@@ -43,9 +42,11 @@ __all__ = ['log', 'ISOLATE_MAX', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_
 # %% ../../nbs/35_serve.ipynb #8eec8d97
 log = logging.getLogger("lifecycle.serving.serve")
 
+
 @dataclass(frozen=True)
 class Serving:
     "What a holder serves, as one value: a reader sees the model, its last load error and the swap count of one moment."
+
     scorer: Scorer | None = None  # the model serving, None before the first load
     error: str | None = None  # the last failure to load, one line
     swaps: int = 0  # hot swaps since start
@@ -92,13 +93,16 @@ class ModelHolder:
             return False
         self._seen = stamp
         from lifecycle.registry import Registry
+
         try:
             version = Registry(self.root).resolve(self.alias)
         except LifecycleError as error:
             self._set_error(str(error))
             return False
         if self.scorer is not None and self.scorer.version == version:
-            if self._retry.version is not None:  # the alias moved back to the version serving: the failure is no longer wanted
+            if (
+                self._retry.version is not None
+            ):  # the alias moved back to the version serving: the failure is no longer wanted
                 self._retry.clear()
                 self._set_error(None)
             return False
@@ -106,11 +110,15 @@ class ModelHolder:
             return False
         try:
             scorer = Scorer.from_registry(self.root, version)
-        except Exception as error:  # a tampered or untrusted file, or a passing fault: keep serving the old model, try again later
+        except (
+            Exception
+        ) as error:  # a tampered or untrusted file, or a passing fault: keep serving the old model, try again later
             looks = self._retry.failed(version)
-            self._set_error(f"version {version} failed to load ({type(error).__name__}); "
-                            + (f"still serving version {self.scorer.version}" if self.scorer else "no model serving")
-                            + f"; tried {self._retry.failures} time(s), again in {looks * self.interval:g} s")
+            self._set_error(
+                f"version {version} failed to load ({type(error).__name__}); "
+                + (f"still serving version {self.scorer.version}" if self.scorer else "no model serving")
+                + f"; tried {self._retry.failures} time(s), again in {looks * self.interval:g} s"
+            )
             log.error(self.error)
             return False
         self._retry.clear()
@@ -130,12 +138,14 @@ class ModelHolder:
 
     def start(self):
         "Load the model, then watch for a new champion, on a background thread."
+
         def run():
             try:
                 self.check()
             except Exception as error:
                 self._set_error(f"loading the model failed ({type(error).__name__})")
             self._watch()
+
         self._thread = threading.Thread(target=run, name="model-watcher", daemon=True)
         self._thread.start()
 
@@ -148,16 +158,36 @@ class ServeMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("lifecycle_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("lifecycle_request_seconds", "Time to answer a scoring request", ["endpoint"], registry=self.registry,
-                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.predictions = Counter("lifecycle_predictions", "Records scored, by decision", ["decision"], registry=self.registry)
+        self.requests = Counter(
+            "lifecycle_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "lifecycle_request_seconds",
+            "Time to answer a scoring request",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        self.predictions = Counter(
+            "lifecycle_predictions", "Records scored, by decision", ["decision"], registry=self.registry
+        )
         self.version = Gauge("lifecycle_model_version", "The model version serving", registry=self.registry)
         self.swaps = Gauge("lifecycle_model_swaps", "Hot swaps since start", registry=self.registry)
-        self.shadow = Gauge("lifecycle_shadow_records", "Records handed to the version in shadow, by outcome", ["outcome"], registry=self.registry)
-        self.shadow_version = Gauge("lifecycle_shadow_version", "The version in shadow (0: none)", registry=self.registry)
-        self.refused = Counter("lifecycle_refused_records", "Records refused by the contract, by reason and field (never a value)",
-                               ["reason", "field"], registry=self.registry)
+        self.shadow = Gauge(
+            "lifecycle_shadow_records",
+            "Records handed to the version in shadow, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.shadow_version = Gauge(
+            "lifecycle_shadow_version", "The version in shadow (0: none)", registry=self.registry
+        )
+        self.refused = Counter(
+            "lifecycle_refused_records",
+            "Records refused by the contract, by reason and field (never a value)",
+            ["reason", "field"],
+            registry=self.registry,
+        )
 
 # %% ../../nbs/35_serve.ipynb #0c7e3823
 class Batcher:
@@ -193,7 +223,9 @@ class Batcher:
             try:
                 results, errors = scorer.score_records(records)
             except Exception as error:  # one request's bad record must not fail its neighbours: each request alone
-                log.warning("a batch of %d requests failed (%s); scoring each request alone", len(group), type(error).__name__)
+                log.warning(
+                    "a batch of %d requests failed (%s); scoring each request alone", len(group), type(error).__name__
+                )
                 for part, future in group:
                     if not future.done():
                         future.set_result((*score_isolated(scorer, part), scorer))
@@ -202,17 +234,25 @@ class Batcher:
             offset = 0
             for part, future in group:
                 count = len(part)
-                mine = [dict(e, loc=["body", e["loc"][1] - offset] + e["loc"][2:]) for e in errors
-                        if attributed and offset <= e["loc"][1] < offset + count]
-                answered = (results[offset:offset + count], mine, scorer)
-                if not attributed or (not mine and None in answered[0]):  # an error not naming its record (a capped list): alone
+                mine = [
+                    dict(e, loc=["body", e["loc"][1] - offset] + e["loc"][2:])
+                    for e in errors
+                    if attributed and offset <= e["loc"][1] < offset + count
+                ]
+                answered = (results[offset : offset + count], mine, scorer)
+                if not attributed or (
+                    not mine and None in answered[0]
+                ):  # an error not naming its record (a capped list): alone
                     answered = (*score_isolated(scorer, part), scorer)
                 if not future.done():
                     future.set_result(answered)
                 offset += count
 
 # %% ../../nbs/35_serve.ipynb #e1c39569
-ISOLATE_MAX = 64  # records of a failed request scored one at a time to find the bad one; a longer request gets one error
+ISOLATE_MAX = (
+    64  # records of a failed request scored one at a time to find the bad one; a longer request gets one error
+)
+
 
 def score_isolated(
     scorer: Scorer,  # the model version scoring
@@ -225,13 +265,25 @@ def score_isolated(
         log.warning("checking or scoring a request failed (%s)", type(error).__name__)
     results = [None] * len(records)
     if len(records) > ISOLATE_MAX:
-        return results, [{"loc": ["body"], "msg": "these records could not be checked or scored; check them against /openapi.json", "type": "unprocessable"}]
+        return results, [
+            {
+                "loc": ["body"],
+                "msg": "these records could not be checked or scored; check them against /openapi.json",
+                "type": "unprocessable",
+            }
+        ]
     errors = []
     for index, record in enumerate(records):
         try:
             [result], mine = scorer.score_records([record])
         except Exception:
-            errors.append({"loc": ["body", index], "msg": "this record could not be checked or scored; check it against /openapi.json", "type": "unprocessable"})
+            errors.append(
+                {
+                    "loc": ["body", index],
+                    "msg": "this record could not be checked or scored; check it against /openapi.json",
+                    "type": "unprocessable",
+                }
+            )
             continue
         results[index] = result
         errors += [dict(e, loc=["body", index] + e["loc"][2:]) for e in mine]
@@ -242,6 +294,7 @@ EVENT_TIME_HEADER = "X-Event-Time"
 CHANNEL_HEADER = "X-Lifecycle-Channel"  # a client that is a page for people (`lifecycle clinic --url`) says so: its predictions are logged under that channel
 CLIENT_CHANNELS = ("online", "dashboard")  # the channels a request may name; batch and stream are not requests
 _EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
+
 
 def event_time_text(
     value,  # a client's time: ISO-8601 text with a date (no zone: UTC)
@@ -259,11 +312,14 @@ def event_time_text(
         return None
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
+
 def record_event_times(
     records: list,  # one request's decoded records
     field: str,  # the project's `[data] timestamp` field ("" when it has none)
     features: list[str],  # the model's features (a timestamp that is a feature stays in the record)
-) -> tuple[list, list, list[dict]]:  # (records without the field, each one's event time or None, errors naming record and field)
+) -> tuple[
+    list, list, list[dict]
+]:  # (records without the field, each one's event time or None, errors naming record and field)
     "Each record's own event time, taken out of the record."
     if not field:
         return records, [None] * len(records), []
@@ -274,8 +330,13 @@ def record_event_times(
             record = {name: item for name, item in record.items() if name != field}
         when = None if value is None else event_time_text(value)
         if value is not None and when is None:
-            errors.append({"loc": ["body", index, field], "msg": "expected an ISO-8601 time with a date, no later than tomorrow",
-                           "type": "value_error.event_time"})
+            errors.append(
+                {
+                    "loc": ["body", index, field],
+                    "msg": "expected an ISO-8601 time with a date, no later than tomorrow",
+                    "type": "value_error.event_time",
+                }
+            )
         kept.append(record)
         times.append(when)
     return kept, times, errors
@@ -289,11 +350,15 @@ def logged_features(
     "A record's features for the prediction log: cleaned by the project's rules, as training saw them."
     if row is None:
         from lifecycle.serving.scoring import check_records
+
         rows, _ = check_records([record], spec)
         row = rows[0]
         if row is None:  # cannot happen for a record that was scored; the raw values then
             return {name: record.get(name) for name in spec.features}
-    return {name: (None if isinstance(value, float) and math.isnan(value) else value) for name, value in zip(spec.features, row)}
+    return {
+        name: (None if isinstance(value, float) and math.isnan(value) else value)
+        for name, value in zip(spec.features, row)
+    }
 
 # %% ../../nbs/35_serve.ipynb #6b6e63f5
 def count_refused(
@@ -308,7 +373,9 @@ def count_refused(
 ) -> int:  # records counted; 0 when counting failed (logged, never raised: the answer goes out regardless)
     "Count the records of a refused request in the prediction log by reason and field (and in the server's metrics)."
     try:
-        reasons = rejection_reasons(errors, count, set(spec.features) | {spec.id_field} | {name for name in fields if name})
+        reasons = rejection_reasons(
+            errors, count, set(spec.features) | {spec.id_field} | {name for name in fields if name}
+        )
         times = event_times if isinstance(event_times, (list, tuple)) else [event_times] * count
         tally = {}
         for (reason, field), when in zip(reasons, times):
@@ -316,8 +383,9 @@ def count_refused(
         if metrics is not None:  # reason codes and the model's own field names: a bounded set of labels
             for (reason, field, _), number in tally.items():
                 metrics.refused.labels(reason, field).inc(number)
-        prediction_log.record_rejections([(reason, field, number, when) for (reason, field, when), number in tally.items()],
-                                         channel, spec.version)
+        prediction_log.record_rejections(
+            [(reason, field, number, when) for (reason, field, when), number in tally.items()], channel, spec.version
+        )
         return count
     except Exception as error:  # a full disk, a closed log: the 422 still goes out
         log.warning("%d refused records could not be counted in the prediction log (%s)", count, type(error).__name__)
@@ -333,22 +401,31 @@ def _loopback(host: str) -> bool:
     except ValueError:
         return False
 
+
 def _in_log(prediction_log, request_id: str) -> bool:
     "Whether the log holds this prediction; one answered a moment ago may still be queued, so ask again after a flush."
-    return prediction_log.has_prediction(request_id) or (prediction_log.flush(timeout=10) and prediction_log.has_prediction(request_id))
+    return prediction_log.has_prediction(request_id) or (
+        prediction_log.flush(timeout=10) and prediction_log.has_prediction(request_id)
+    )
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
+
 class SafeJSONResponse(JSONResponse):
     "JSON as ASCII: text that is not valid UTF-8 (a lone surrogate) is escaped instead of failing the response."
+
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
 
 def _problem(status: int, message: str, kind: str, loc: list | None = None) -> JSONResponse:
     return SafeJSONResponse({"detail": [{"loc": loc or ["body"], "msg": message, "type": kind}]}, status_code=status)
 
+
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # the request ids this server issues (`new_request_id`; uuid4().hex before)
+
 
 def check_ids(
     records: list,  # decoded JSON: one request's records
@@ -358,9 +435,15 @@ def check_ids(
     errors = []
     for index, record in enumerate(records):
         if isinstance(record, dict) and not id_ok(record.get(id_field)):
-            errors.append({"loc": ["body", index, id_field], "type": "value_error.id",
-                           "msg": f"an identifier must be printable text (1 to {ID_MAX_CHARS} characters), an integer, or null"})
+            errors.append(
+                {
+                    "loc": ["body", index, id_field],
+                    "type": "value_error.id",
+                    "msg": f"an identifier must be printable text (1 to {ID_MAX_CHARS} characters), an integer, or null",
+                }
+            )
     return errors
+
 
 def create_app(
     root: Path,  # the project folder (its registry/ and prediction log)
@@ -386,8 +469,10 @@ def create_app(
     async def lifespan(app):
         if state["log"] is None:
             from lifecycle.serving.predlog import open_log
+
             state["log"] = open_log(log_url, root, journal=True)  # answered means logged, even after kill -9
         from lifecycle.serving.predlog import id_key, pseudonymize
+
         state["key"], state["pseudonymize"] = id_key(root), pseudonymize
         holder.start()
         if shadow and alias == "champion":  # a shadow runs beside the champion, not beside a version served by hand
@@ -398,16 +483,23 @@ def create_app(
             state["shadow"].stop(timeout=10)  # what waits is scored and logged before the log closes
         state["log"].close()  # after uvicorn let in-flight requests finish: every prediction is written
 
-    app = FastAPI(title="lifecycle scoring", lifespan=lifespan, version="1", default_response_class=SafeJSONResponse,
-                  openapi_url=None, docs_url=None, redoc_url=None,  # served below, behind the token like /model
-                  description="Scores records with the project's champion model. Every prediction is journaled for the "
-                              "prediction log before its answer is sent. "
-                              f"Event time: a record's own `[data] timestamp` field when the project has one; else the optional "
-                              f"header `{EVENT_TIME_HEADER}` (ISO-8601 with a date, e.g. 2024-05-01T12:00:00Z, no later than a day "
-                              f"from now) for every record of the request, as `lifecycle replay` sends it; else the time of the "
-                              f"request. On /feedback the header says when the label became known. "
-                              f"A page for people that scores through this API sends `{CHANNEL_HEADER}: dashboard`, so that its predictions "
-                              f"are logged apart from the other clients' (channel `online`).")
+    app = FastAPI(
+        title="lifecycle scoring",
+        lifespan=lifespan,
+        version="1",
+        default_response_class=SafeJSONResponse,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,  # served below, behind the token like /model
+        description="Scores records with the project's champion model. Every prediction is journaled for the "
+        "prediction log before its answer is sent. "
+        f"Event time: a record's own `[data] timestamp` field when the project has one; else the optional "
+        f"header `{EVENT_TIME_HEADER}` (ISO-8601 with a date, e.g. 2024-05-01T12:00:00Z, no later than a day "
+        f"from now) for every record of the request, as `lifecycle replay` sends it; else the time of the "
+        f"request. On /feedback the header says when the label became known. "
+        f"A page for people that scores through this API sends `{CHANNEL_HEADER}: dashboard`, so that its predictions "
+        f"are logged apart from the other clients' (channel `online`).",
+    )
     app.state.holder, app.state.metrics, app.state.batcher, app.state.serve = holder, metrics, batcher, state
 
     def authorized(request: Request) -> bool:
@@ -417,8 +509,11 @@ def create_app(
         return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())
 
     def unauthorized() -> JSONResponse:
-        return SafeJSONResponse({"detail": "a bearer token is required (Authorization: Bearer …)"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+        return SafeJSONResponse(
+            {"detail": "a bearer token is required (Authorization: Bearer …)"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     async def read_json_body(request: Request):
         "The decoded body, or an error response."
@@ -445,8 +540,12 @@ def create_app(
         given = request.headers.get(EVENT_TIME_HEADER)
         when = None if given is None else event_time_text(given)
         if given is not None and when is None:
-            return None, _problem(422, f"the {EVENT_TIME_HEADER} header must be an ISO-8601 time with a date, no later than tomorrow",
-                                  "value_error.event_time", ["header", EVENT_TIME_HEADER])
+            return None, _problem(
+                422,
+                f"the {EVENT_TIME_HEADER} header must be an ISO-8601 time with a date, no later than tomorrow",
+                "value_error.event_time",
+                ["header", EVENT_TIME_HEADER],
+            )
         return when, None
 
     def finish(endpoint: str, response: Response, started: float) -> Response:
@@ -454,8 +553,16 @@ def create_app(
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
-    @app.post("/predict", summary="Score one record or a list of records",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}})
+    @app.post(
+        "/predict",
+        summary="Score one record or a list of records",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+            }
+        },
+    )
     async def predict(request: Request):
         started = time.perf_counter()
         if not authorized(request):
@@ -469,59 +576,143 @@ def create_app(
         if not records:
             return finish("predict", _problem(422, "an empty list: nothing to score", "empty"), started)
         if len(records) > max_records:
-            return finish("predict", _problem(422, f"a request may carry at most {max_records} records", "too_many_records"), started)
+            return finish(
+                "predict",
+                _problem(422, f"a request may carry at most {max_records} records", "too_many_records"),
+                started,
+            )
         id_errors = check_ids(records, holder.scorer.spec.id_field)
         if id_errors:  # refused before scoring: a prediction that cannot be logged is not answered
-            count_refused(state["log"], id_errors, len(records), holder.scorer.spec, event_time_text(request.headers.get(EVENT_TIME_HEADER)),
-                          metrics=metrics)
+            count_refused(
+                state["log"],
+                id_errors,
+                len(records),
+                holder.scorer.spec,
+                event_time_text(request.headers.get(EVENT_TIME_HEADER)),
+                metrics=metrics,
+            )
             return finish("predict", SafeJSONResponse({"detail": id_errors}, status_code=422), started)
         sent_time, problem = header_event_time(request)
         if problem:
-            count_refused(state["log"], [{"loc": ["header", EVENT_TIME_HEADER], "type": "value_error.event_time"}], len(records), holder.scorer.spec,
-                          metrics=metrics)
+            count_refused(
+                state["log"],
+                [{"loc": ["header", EVENT_TIME_HEADER], "type": "value_error.event_time"}],
+                len(records),
+                holder.scorer.spec,
+                metrics=metrics,
+            )
             return finish("predict", problem, started)
         logged_channel = request.headers.get(CHANNEL_HEADER, channel)
         if logged_channel not in CLIENT_CHANNELS:
-            return finish("predict", _problem(422, f"the {CHANNEL_HEADER} header must be one of {', '.join(CLIENT_CHANNELS)}", "value_error.channel",
-                                              ["header", CHANNEL_HEADER]), started)
+            return finish(
+                "predict",
+                _problem(
+                    422,
+                    f"the {CHANNEL_HEADER} header must be one of {', '.join(CLIENT_CHANNELS)}",
+                    "value_error.channel",
+                    ["header", CHANNEL_HEADER],
+                ),
+                started,
+            )
         stamp_field = ((holder.scorer.meta.get("settings") or {}).get("data", {}).get("timestamp") or "").strip()
         records, own_times, time_errors = record_event_times(records, stamp_field, holder.scorer.spec.features)
         if time_errors:
-            count_refused(state["log"], time_errors, len(records), holder.scorer.spec, [own or sent_time for own in own_times], fields=(stamp_field,),
-                          metrics=metrics)
+            count_refused(
+                state["log"],
+                time_errors,
+                len(records),
+                holder.scorer.spec,
+                [own or sent_time for own in own_times],
+                fields=(stamp_field,),
+                metrics=metrics,
+            )
             return finish("predict", SafeJSONResponse({"detail": time_errors}, status_code=422), started)
-        results, errors, scorer = await batcher.score(records)  # the version that scored, even if a swap lands meanwhile
+        results, errors, scorer = await batcher.score(
+            records
+        )  # the version that scored, even if a swap lands meanwhile
         version, spec = scorer.version, scorer.spec
         if errors or None in results:  # a record without a result names its error (or, if a check forgot to, gets one)
-            errors = errors or [{"loc": ["body"], "msg": "some records could not be scored; check them against /openapi.json", "type": "unprocessable"}]
-            count_refused(state["log"], errors, len(records), spec, [own or sent_time for own in own_times], fields=(stamp_field,), metrics=metrics)
+            errors = errors or [
+                {
+                    "loc": ["body"],
+                    "msg": "some records could not be scored; check them against /openapi.json",
+                    "type": "unprocessable",
+                }
+            ]
+            count_refused(
+                state["log"],
+                errors,
+                len(records),
+                spec,
+                [own or sent_time for own in own_times],
+                fields=(stamp_field,),
+                metrics=metrics,
+            )
             return finish("predict", SafeJSONResponse(limit_errors(errors, max_errors), status_code=422), started)
         now = _now()
         answers, logged = [], []
         for record, result, own_time in zip(records, results, own_times):
             request_id = new_request_id()
             answers.append({"request_id": request_id, **result})
-            logged.append({"request_id": request_id, "time": now, "model_version": version, "channel": logged_channel,
-                           "score": result["score"], "decision": result["decision"], "id": record.get(spec.id_field),
-                           "features": logged_features(record, spec, result.features), "event_time": own_time or sent_time})
+            logged.append(
+                {
+                    "request_id": request_id,
+                    "time": now,
+                    "model_version": version,
+                    "channel": logged_channel,
+                    "score": result["score"],
+                    "decision": result["decision"],
+                    "id": record.get(spec.id_field),
+                    "features": logged_features(record, spec, result.features),
+                    "event_time": own_time or sent_time,
+                }
+            )
         try:  # journaled before the answer goes out: a client that got an answer finds it in the log, even after kill -9
             state["log"].record(logged)
         except JournalError as error:
             log.error("%s", error)
-            return finish("predict", _problem(503, "the prediction log cannot record predictions now; try again later", "log_unavailable", ["server"]), started)
+            return finish(
+                "predict",
+                _problem(
+                    503,
+                    "the prediction log cannot record predictions now; try again later",
+                    "log_unavailable",
+                    ["server"],
+                ),
+                started,
+            )
         except LifecycleError as error:  # checked above, so a bug: the message names the field, never the value
             log.error("a scored request could not be logged: %s", error)
-            return finish("predict", _problem(422, "the records could not be logged; check their identifiers", "unloggable"), started)
+            return finish(
+                "predict",
+                _problem(422, "the records could not be logged; check their identifiers", "unloggable"),
+                started,
+            )
         for result in results:
             metrics.predictions.labels(str(result["decision"])).inc()
         if state.get("shadow") is not None:  # queued for the shadow's own thread: the answer does not wait for it
-            state["shadow"].submit(version, [entry["request_id"] for entry in logged], records=records,
-                                   event_times=[entry["event_time"] for entry in logged], when=now,
-                                   rows=[result.features for result in results], contract=spec.contract)  # cleaned already: not checked again
+            state["shadow"].submit(
+                version,
+                [entry["request_id"] for entry in logged],
+                records=records,
+                event_times=[entry["event_time"] for entry in logged],
+                when=now,
+                rows=[result.features for result in results],
+                contract=spec.contract,
+            )  # cleaned already: not checked again
         return finish("predict", SafeJSONResponse({"predictions": answers, "model_version": version}), started)
 
-    @app.post("/feedback", summary="Record the true label of an earlier request", status_code=202,
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Feedback"}}}}})
+    @app.post(
+        "/feedback",
+        summary="Record the true label of an earlier request",
+        status_code=202,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Feedback"}}},
+            }
+        },
+    )
     async def feedback(request: Request):
         started = time.perf_counter()
         if not authorized(request):
@@ -535,19 +726,36 @@ def create_app(
         else:
             request_id = payload.get("request_id")
             if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
-                errors.append({"loc": ["body", "request_id"], "msg": "expected the request_id of a prediction this server answered (32 hex digits)",
-                               "type": "value_error.request_id"})
+                errors.append(
+                    {
+                        "loc": ["body", "request_id"],
+                        "msg": "expected the request_id of a prediction this server answered (32 hex digits)",
+                        "type": "value_error.request_id",
+                    }
+                )
             if payload.get("label") not in (0, 1) or isinstance(payload.get("label"), bool):
                 errors.append({"loc": ["body", "label"], "msg": "expected 0 or 1", "type": "value_error.label"})
-            if any(k not in ("request_id", "label") for k in payload):  # the unknown keys are not named: they are submitted text
-                errors.append({"loc": ["body"], "msg": "feedback has only the fields request_id and label", "type": "extra_forbidden"})
+            if any(
+                k not in ("request_id", "label") for k in payload
+            ):  # the unknown keys are not named: they are submitted text
+                errors.append(
+                    {
+                        "loc": ["body"],
+                        "msg": "feedback has only the fields request_id and label",
+                        "type": "extra_forbidden",
+                    }
+                )
         if errors:
             return finish("feedback", SafeJSONResponse({"detail": errors}, status_code=422), started)
         known_at, problem = header_event_time(request)
         if problem:
             return finish("feedback", problem, started)
         if not await run_in_threadpool(_in_log, state["log"], payload["request_id"]):
-            return finish("feedback", _problem(404, "no prediction with this request_id is in the log", "not_found", ["body", "request_id"]), started)
+            return finish(
+                "feedback",
+                _problem(404, "no prediction with this request_id is in the log", "not_found", ["body", "request_id"]),
+                started,
+            )
         state["log"].record_label(payload["request_id"], int(payload["label"]), known_at or _now())
         return finish("feedback", SafeJSONResponse({"recorded": True}, status_code=202), started)
 
@@ -568,12 +776,23 @@ def create_app(
         serving = holder.state  # one moment's model, error and swap count
         scorer = serving.scorer
         if scorer is None:
-            return _problem(503, "no model is loaded yet" + (f": {serving.error}" if serving.error else ""), "not_ready", ["server"])
+            return _problem(
+                503, "no model is loaded yet" + (f": {serving.error}" if serving.error else ""), "not_ready", ["server"]
+            )
         spec = scorer.spec
-        return {"version": spec.version, "sha256": spec.sha256, "alias": alias, "threshold": spec.threshold,
-                "metrics": spec.metrics, "features": spec.features, "fast_path": scorer.fast is not None, "fast_path_reason": scorer.fast_reason,
-                "swaps": serving.swaps, "load_error": serving.error,
-                "shadow": state["shadow"].status() if state.get("shadow") is not None else None}
+        return {
+            "version": spec.version,
+            "sha256": spec.sha256,
+            "alias": alias,
+            "threshold": spec.threshold,
+            "metrics": spec.metrics,
+            "features": spec.features,
+            "fast_path": scorer.fast is not None,
+            "fast_path_reason": scorer.fast_reason,
+            "swaps": serving.swaps,
+            "load_error": serving.error,
+            "shadow": state["shadow"].status() if state.get("shadow") is not None else None,
+        }
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus(request: Request):
@@ -591,14 +810,24 @@ def create_app(
 
     def openapi():
         from fastapi.openapi.utils import get_openapi
+
         document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        record = record_json_schema(holder.scorer.spec) if holder.scorer else {"type": "object", "description": "no model loaded yet"}
+        record = (
+            record_json_schema(holder.scorer.spec)
+            if holder.scorer
+            else {"type": "object", "description": "no model loaded yet"}
+        )
         document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(record, max_records))
         if holder.scorer:  # what check_ids accepts
             record["properties"][holder.scorer.spec.id_field] = {
-                "anyOf": [{"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS}, {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1},
-                          {"type": "number"}, {"type": "null"}],
-                "description": f"optional identifier (printable text of at most {ID_MAX_CHARS} characters, or an integer); logged only as a keyed hash"}
+                "anyOf": [
+                    {"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS},
+                    {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                    {"type": "number"},
+                    {"type": "null"},
+                ],
+                "description": f"optional identifier (printable text of at most {ID_MAX_CHARS} characters, or an integer); logged only as a keyed hash",
+            }
         for (path, method), responses in ENDPOINT_RESPONSES.items():
             guarded = token is not None and (path, method) in AUTHENTICATED
             document["paths"][path][method]["responses"] = openapi_responses(responses, guarded)
@@ -621,11 +850,13 @@ def create_app(
         if not authorized(request):
             return unauthorized()
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
     return app
 
 # %% ../../nbs/35_serve.ipynb #2ea80dc6
 _LAST_ID_TIME = [0]  # the time part of the last id issued in this process
 _ID_LOCK = threading.Lock()
+
 
 def new_request_id() -> str:  # 32 hex digits: nanoseconds since 1970, then 64 random bits
     "A request id for an answered prediction: unguessable, and later than every id this process issued before."
@@ -635,14 +866,38 @@ def new_request_id() -> str:  # 32 hex digits: nanoseconds since 1970, then 64 r
     return f"{now:016x}{secrets.randbits(64):016x}"
 
 # %% ../../nbs/35_serve.ipynb #0557d871
-_PROBLEM = {"type": "object", "required": ["detail"], "additionalProperties": False, "properties": {"detail": {
-    "type": "array", "minItems": 1, "items": {"type": "object", "required": ["loc", "msg", "type"], "properties": {
-        "loc": {"type": "array", "minItems": 1, "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                "description": "where: body, then the record's index and the field; or server"},
-        "msg": {"type": "string", "description": "what is wrong and what to do; never a submitted value"},
-        "type": {"type": "string", "description": "a code for the rule broken"}}}},
-    "errors_total": {"type": "integer", "minimum": 1, "description": "how many errors there were, when `detail` holds only the first of them"}},
-    "description": "Errors, each naming where and what, never a submitted value."}
+_PROBLEM = {
+    "type": "object",
+    "required": ["detail"],
+    "additionalProperties": False,
+    "properties": {
+        "detail": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                        "description": "where: body, then the record's index and the field; or server",
+                    },
+                    "msg": {"type": "string", "description": "what is wrong and what to do; never a submitted value"},
+                    "type": {"type": "string", "description": "a code for the rule broken"},
+                },
+            },
+        },
+        "errors_total": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "how many errors there were, when `detail` holds only the first of them",
+        },
+    },
+    "description": "Errors, each naming where and what, never a submitted value.",
+}
+
 
 def openapi_components(
     record: dict,  # the JSON schema of one record of the model serving
@@ -650,57 +905,126 @@ def openapi_components(
 ) -> dict:  # schemas by name, for the document's components
     "The schemas of every body the API takes or gives."
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}
-    prediction = {"type": "object", "required": ["request_id", "score", "decision", "model_version"], "properties": {
-        "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "the id to send feedback with"},
-        "score": {"type": "number", "minimum": 0, "maximum": 1}, "decision": {"type": "integer", "enum": [0, 1]},
-        "model_version": {"type": "integer"}}}
+    prediction = {
+        "type": "object",
+        "required": ["request_id", "score", "decision", "model_version"],
+        "properties": {
+            "request_id": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{32}$",
+                "description": "the id to send feedback with",
+            },
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "decision": {"type": "integer", "enum": [0, 1]},
+            "model_version": {"type": "integer"},
+        },
+    }
     return {
         "Record": record,
-        "PredictRequest": {"anyOf": [ref("Record"), {"type": "array", "items": ref("Record"), "minItems": 1, "maxItems": max_records}]},
+        "PredictRequest": {
+            "anyOf": [ref("Record"), {"type": "array", "items": ref("Record"), "minItems": 1, "maxItems": max_records}]
+        },
         "Prediction": prediction,
-        "PredictResponse": {"type": "object", "required": ["predictions", "model_version"], "properties": {
-            "predictions": {"type": "array", "items": ref("Prediction")}, "model_version": {"type": "integer"}}},
-        "Feedback": {"type": "object", "required": ["request_id", "label"], "additionalProperties": False, "properties": {
-            "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "minLength": 32, "maxLength": 32,
-                           "description": "the request_id of a prediction this server answered"},
-            "label": {"type": "integer", "enum": [0, 1]}}},
-        "FeedbackRecorded": {"type": "object", "required": ["recorded"], "properties": {"recorded": {"type": "boolean", "enum": [True]}}},
+        "PredictResponse": {
+            "type": "object",
+            "required": ["predictions", "model_version"],
+            "properties": {
+                "predictions": {"type": "array", "items": ref("Prediction")},
+                "model_version": {"type": "integer"},
+            },
+        },
+        "Feedback": {
+            "type": "object",
+            "required": ["request_id", "label"],
+            "additionalProperties": False,
+            "properties": {
+                "request_id": {
+                    "type": "string",
+                    "pattern": "^[0-9a-f]{32}$",
+                    "minLength": 32,
+                    "maxLength": 32,
+                    "description": "the request_id of a prediction this server answered",
+                },
+                "label": {"type": "integer", "enum": [0, 1]},
+            },
+        },
+        "FeedbackRecorded": {
+            "type": "object",
+            "required": ["recorded"],
+            "properties": {"recorded": {"type": "boolean", "enum": [True]}},
+        },
         "Problem": _PROBLEM,
         "Unauthorized": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
-        "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["alive"]}}},
-        "Ready": {"type": "object", "required": ["status"], "properties": {
-            "status": {"type": "string", "enum": ["ready", "loading"]}, "model_version": {"type": "integer"},
-            "error": {"type": ["string", "null"]}}},
-        "Model": {"type": "object", "required": ["version", "sha256", "threshold", "features"], "properties": {
-            "version": {"type": "integer"}, "sha256": {"type": "string"}, "alias": {"type": "string"},
-            "threshold": {"type": "number"}, "metrics": {"type": "object"}, "features": {"type": "array", "items": {"type": "string"}},
-            "fast_path": {"type": "boolean"}, "swaps": {"type": "integer"}, "load_error": {"type": ["string", "null"]},
-            "shadow": {"type": ["object", "null"], "description": "the version in shadow (registry alias `shadow`): its version, "
-                       "last error, and how many records it was handed, scored, refused, failed on or dropped (it is never waited for)",
-                       "properties": {"version": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]},
-                                      **{name: {"type": "integer"} for name in ("submitted", "scored", "refused", "failed", "dropped", "waiting")}}}}},
+        "Health": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string", "enum": ["alive"]}},
+        },
+        "Ready": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ready", "loading"]},
+                "model_version": {"type": "integer"},
+                "error": {"type": ["string", "null"]},
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["version", "sha256", "threshold", "features"],
+            "properties": {
+                "version": {"type": "integer"},
+                "sha256": {"type": "string"},
+                "alias": {"type": "string"},
+                "threshold": {"type": "number"},
+                "metrics": {"type": "object"},
+                "features": {"type": "array", "items": {"type": "string"}},
+                "fast_path": {"type": "boolean"},
+                "swaps": {"type": "integer"},
+                "load_error": {"type": ["string", "null"]},
+                "shadow": {
+                    "type": ["object", "null"],
+                    "description": "the version in shadow (registry alias `shadow`): its version, "
+                    "last error, and how many records it was handed, scored, refused, failed on or dropped (it is never waited for)",
+                    "properties": {
+                        "version": {"type": ["integer", "null"]},
+                        "error": {"type": ["string", "null"]},
+                        **{
+                            name: {"type": "integer"}
+                            for name in ("submitted", "scored", "refused", "failed", "dropped", "waiting")
+                        },
+                    },
+                },
+            },
+        },
     }
+
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 # Every status each endpoint can answer, with its body: (schema name or "text", what it means). 401 is added when a token is set.
 ENDPOINT_RESPONSES = {
-    ("/predict", "post"): {"200": ("PredictResponse", "a result per record, each logged before this answer"),
-                           "413": ("Problem", "the body is over the size limit"),
-                           "415": ("Problem", "the body is not sent as application/json"),
-                           "422": ("Problem", "malformed JSON, or records that break the model's schema: every bad field named"),
-                           "503": ("Problem", "no model is loaded yet, or the prediction log cannot record predictions")},
-    ("/feedback", "post"): {"202": ("FeedbackRecorded", "the label is queued for the log"),
-                            "404": ("Problem", "no prediction with this request_id is in the log"),
-                            "413": ("Problem", "the body is over the size limit"),
-                            "415": ("Problem", "the body is not sent as application/json"),
-                            "422": ("Problem", "malformed JSON, a request_id not of the form the server issues, or a label not 0 or 1")},
+    ("/predict", "post"): {
+        "200": ("PredictResponse", "a result per record, each logged before this answer"),
+        "413": ("Problem", "the body is over the size limit"),
+        "415": ("Problem", "the body is not sent as application/json"),
+        "422": ("Problem", "malformed JSON, or records that break the model's schema: every bad field named"),
+        "503": ("Problem", "no model is loaded yet, or the prediction log cannot record predictions"),
+    },
+    ("/feedback", "post"): {
+        "202": ("FeedbackRecorded", "the label is queued for the log"),
+        "404": ("Problem", "no prediction with this request_id is in the log"),
+        "413": ("Problem", "the body is over the size limit"),
+        "415": ("Problem", "the body is not sent as application/json"),
+        "422": ("Problem", "malformed JSON, a request_id not of the form the server issues, or a label not 0 or 1"),
+    },
     ("/health", "get"): {"200": ("Health", "the process is alive")},
     ("/ready", "get"): {"200": ("Ready", "a model is loaded"), "503": ("Ready", "no model is loaded yet")},
     ("/model", "get"): {"200": ("Model", "the model serving"), "503": ("Problem", "no model is loaded yet")},
     ("/metrics", "get"): {"200": ("text", "Prometheus text exposition format")},
 }
 AUTHENTICATED = {("/predict", "post"), ("/feedback", "post"), ("/model", "get"), ("/metrics", "get")}
+
 
 def openapi_responses(
     responses: dict,  # status -> (schema name or "text", description), from ENDPOINT_RESPONSES
@@ -715,8 +1039,10 @@ def openapi_responses(
             content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
         documented[status] = {"description": description, "content": content}
     if with_token:
-        documented["401"] = {"description": "the bearer token is missing or wrong",
-                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Unauthorized"}}}}
+        documented["401"] = {
+            "description": "the bearer token is missing or wrong",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Unauthorized"}}},
+        }
     return documented
 
 # %% ../../nbs/35_serve.ipynb #95dff0d1
@@ -732,11 +1058,22 @@ def serve(
 ):
     "Run the scoring server until SIGTERM or Ctrl-C."
     import uvicorn
+
     token = os.environ.get("LIFECYCLE_API_TOKEN") or None
     if not _loopback(host) and not token:
-        raise LifecycleError(f"serving on {host} needs a token: set LIFECYCLE_API_TOKEN (clients send Authorization: Bearer <token>)")
+        raise LifecycleError(
+            f"serving on {host} needs a token: set LIFECYCLE_API_TOKEN (clients send Authorization: Bearer <token>)"
+        )
     app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body, max_records=max_records)
     keep_heap_settled()  # a process that lives for its models: each one loaded is frozen out of later collections
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", access_log=access_log,
-                timeout_graceful_shutdown=30, log_level="info")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=access_log,
+        timeout_graceful_shutdown=30,
+        log_level="info",
+    )

@@ -25,11 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from ..contract import rejection_reason
 from ..core import LifecycleError
 from .predlog import redact_url
-from ..contract import rejection_reason
 from .scoring import Shadow, keep_heap_settled
-
 
 # %% auto #0
 __all__ = ['log', 'Endpoint', 'parse_endpoint', 'score_events', 'stream_rejections', 'gather', 'LineSource', 'RedisSource',
@@ -39,6 +38,7 @@ __all__ = ['log', 'Endpoint', 'parse_endpoint', 'score_events', 'stream_rejectio
 @dataclass
 class Endpoint:
     "A parsed `--source` or `--sink`."
+
     kind: str  # stdio, file or redis
     path: str = ""  # the file, for kind file
     url: str = ""  # the Redis server, without the query, for kind redis
@@ -55,8 +55,10 @@ class Endpoint:
             return self.path
         return f"{redact_url(self.url)} stream {self.stream}"
 
+
 _QUERY_KEYS = {"source": ("stream", "group", "consumer", "start"), "sink": ("stream", "maxlen")}
 _ENDPOINT_HELP = "-, a file path, or redis://host:port/db?stream=NAME"
+
 
 def parse_endpoint(
     text: str,  # `-`, a file path, or redis://host:port/db?stream=NAME[&group=G&consumer=C]
@@ -85,23 +87,33 @@ def parse_endpoint(
     if role == "sink":
         maxlen = query.get("maxlen")
         if maxlen is not None and not (maxlen.isdigit() and int(maxlen) > 0):
-            raise LifecycleError(f"--sink: maxlen must be a positive whole number of entries")
+            raise LifecycleError("--sink: maxlen must be a positive whole number of entries")
         return Endpoint("redis", url=url, stream=query["stream"], maxlen=int(maxlen) if maxlen else None)
     start = query.get("start") or "0"
     if start not in ("0", "$"):
         raise LifecycleError("--source: start must be 0 (the whole stream) or $ (new entries only)")
-    return Endpoint("redis", url=url, stream=query["stream"], group=query.get("group") or "lifecycle",
-                    consumer=query.get("consumer") or f"{socket.gethostname()}-{os.getpid()}", start=start)
+    return Endpoint(
+        "redis",
+        url=url,
+        stream=query["stream"],
+        group=query.get("group") or "lifecycle",
+        consumer=query.get("consumer") or f"{socket.gethostname()}-{os.getpid()}",
+        start=start,
+    )
 
 # %% ../../nbs/37_stream.ipynb #202b8050
 def _problem(loc: list, message: str, kind: str) -> dict:
     return {"loc": loc, "msg": message, "type": kind}
 
+
 _MALFORMED = _problem(["record"], "not well-formed JSON", "json_invalid")
 _NO_RECORD = _problem(["record"], "the entry has no 'record' field holding the record's JSON", "missing")
 _DELETED = _problem(["record"], "the entry was deleted from the stream before it was scored", "deleted")
 _TOO_LONG = _problem(["record"], "the line is over the length limit", "too_large")
-_BAD_EVENT_ID = _problem(["event_id"], "an event id must be text (at most 200 characters) or an integer", "type_error.event_id")
+_BAD_EVENT_ID = _problem(
+    ["event_id"], "an event id must be text (at most 200 characters) or an integer", "type_error.event_id"
+)
+
 
 def _decode(payload) -> tuple:
     "(record, the producer's event id or None, problem or None) of one event's JSON text."
@@ -112,6 +124,7 @@ def _decode(payload) -> tuple:
     if isinstance(value, dict) and "record" in value and len(value) <= 2 and (len(value) == 1 or "event_id" in value):
         return value["record"], value.get("event_id"), None
     return value, None, None
+
 
 def _event_id(given) -> str | int | None:
     "The producer's event id, checked; None when it is not one we can echo and key on."
@@ -135,6 +148,7 @@ def score_events(
 ) -> tuple[list[dict], list[dict]]:  # (one output per event, in order; the predictions to log)
     "Check and score a micro-batch in one model call."
     from lifecycle.serving.serve import logged_features
+
     outputs: list = [None] * len(events)
     identities, records, owners = [], [], []
     for index, (source_id, payload, given, problem) in enumerate(events):
@@ -158,7 +172,9 @@ def score_events(
     results, errors = scorer.score_records(records)
     problems: dict[int, list] = {}
     for error in errors:
-        problems.setdefault(error["loc"][1], []).append(_problem(["record", *error["loc"][2:]], error["msg"], error["type"]))
+        problems.setdefault(error["loc"][1], []).append(
+            _problem(["record", *error["loc"][2:]], error["msg"], error["type"])
+        )
     version, spec = scorer.version, scorer.spec
     features, id_field = spec.features, spec.id_field
     now = now or datetime.now(timezone.utc)
@@ -169,11 +185,25 @@ def score_events(
             outputs[index] = {"event_id": event_id, "errors": problems.get(position, [])}
             continue
         request_id = f"stream:{key}:v{version}"
-        outputs[index] = {"event_id": event_id, "request_id": request_id, "score": result["score"],
-                          "decision": result["decision"], "model_version": version}
-        predictions.append({"request_id": request_id, "time": now, "model_version": version, "channel": "stream",
-                            "score": result["score"], "decision": result["decision"], "id": record.get(id_field),
-                            "features": logged_features(record, spec, result.features)})  # as the model saw them, as serve logs them
+        outputs[index] = {
+            "event_id": event_id,
+            "request_id": request_id,
+            "score": result["score"],
+            "decision": result["decision"],
+            "model_version": version,
+        }
+        predictions.append(
+            {
+                "request_id": request_id,
+                "time": now,
+                "model_version": version,
+                "channel": "stream",
+                "score": result["score"],
+                "decision": result["decision"],
+                "id": record.get(id_field),
+                "features": logged_features(record, spec, result.features),
+            }
+        )  # as the model saw them, as serve logs them
     return outputs, predictions
 
 # %% ../../nbs/37_stream.ipynb #6c1524da
@@ -218,9 +248,11 @@ def gather(
 # %% ../../nbs/37_stream.ipynb #843ac633
 class LineSource:
     "JSON lines from stdin or a file, optionally followed as it grows."
+
     acknowledges = False
 
-    def __init__(self,
+    def __init__(
+        self,
         endpoint: Endpoint,  # kind stdio or file
         follow: bool = False,  # keep reading lines appended to the file
         max_line: int = 1_000_000,  # bytes; a longer line gets an error output
@@ -228,7 +260,9 @@ class LineSource:
         self.follow, self.max_line = follow, max_line
         if endpoint.kind == "stdio":
             self.fd, self.owned = sys.stdin.fileno(), False
-            self.key_prefix = f"stdin:{uuid.uuid4().hex[:12]}:"  # stdin has no identity: request ids are unique to this run
+            self.key_prefix = (
+                f"stdin:{uuid.uuid4().hex[:12]}:"  # stdin has no identity: request ids are unique to this run
+            )
         else:
             path = Path(endpoint.path).expanduser()
             try:
@@ -287,7 +321,8 @@ class LineSource:
                 self.skipping = True
             self.buffer = b""
 
-    def poll(self,
+    def poll(
+        self,
         limit: int,  # the most events to return
         timeout: float,  # seconds to wait for a first one
     ) -> list | None:  # events; [] when none came in time; None once the source has ended
@@ -322,25 +357,32 @@ class LineSource:
 def _redis_client(url: str):
     "A redis-py client for `url`, checked with a PING; one line without the password when the server cannot be reached."
     import redis
+
     client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=30)
     try:
         client.ping()
     except redis.exceptions.AuthenticationError:
         raise LifecycleError(f"Redis at {redact_url(url)} refused the password") from None
     except redis.exceptions.RedisError as error:
-        raise LifecycleError(f"cannot reach Redis at {redact_url(url)} ({type(error).__name__}); is redis-server running there?") from None
+        raise LifecycleError(
+            f"cannot reach Redis at {redact_url(url)} ({type(error).__name__}); is redis-server running there?"
+        ) from None
     return client
+
 
 class RedisSource:
     "A Redis stream read through a consumer group."
+
     acknowledges = True
 
-    def __init__(self,
+    def __init__(
+        self,
         endpoint: Endpoint,  # kind redis, with stream, group and consumer
         claim_idle_ms: int = 60_000,  # claim other consumers' entries pending longer than this
         client=None,  # a redis-py client to use (default: one for endpoint.url)
     ):
         import redis
+
         self.endpoint, self.claim_idle_ms = endpoint, int(claim_idle_ms)
         self.client = client or _redis_client(endpoint.url)
         self.stream, self.group, self.consumer = endpoint.stream, endpoint.group, endpoint.consumer
@@ -349,7 +391,9 @@ class RedisSource:
             self.client.xgroup_create(self.stream, self.group, id=endpoint.start, mkstream=True)
         except redis.exceptions.ResponseError as error:
             if "BUSYGROUP" not in str(error):
-                raise LifecycleError(f"cannot create the consumer group {self.group} on {endpoint}: {str(error).splitlines()[0]}") from None
+                raise LifecycleError(
+                    f"cannot create the consumer group {self.group} on {endpoint}: {str(error).splitlines()[0]}"
+                ) from None
         self.own_pending = True  # first, what this consumer name was given before and did not acknowledge
         self.claim_every = min(max(self.claim_idle_ms / 2000, 0.05), 10.0)
         self.next_claim = 0.0  # claim at once on start
@@ -373,8 +417,9 @@ class RedisSource:
         return self._events(response[0][1]) if response else []
 
     def _claim(self, limit: int) -> list:
-        response = self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms,
-                                          start_id=self.cursor, count=limit)
+        response = self.client.xautoclaim(
+            self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=self.cursor, count=limit
+        )
         cursor = response[0].decode() if isinstance(response[0], bytes) else str(response[0])
         self.cursor = cursor
         if cursor == "0-0":  # a full pass over the pending entries
@@ -414,6 +459,7 @@ class RedisSource:
     def close(self) -> None:
         self.client.close()
 
+
 class RedisSink:
     "Outputs appended to a Redis stream, one entry each, field `result`."
 
@@ -440,7 +486,7 @@ class RedisSink:
         dumps = json.dumps
         results = [dumps(output, separators=(",", ":")) for output in outputs]
         for start in range(0, len(results), 5000):  # Lua's unpack and the stack stay well within their limits
-            self.append(keys=[self.endpoint.stream], args=[self.endpoint.maxlen or "", *results[start:start + 5000]])
+            self.append(keys=[self.endpoint.stream], args=[self.endpoint.maxlen or "", *results[start : start + 5000]])
 
     def close(self) -> None:
         self.client.close()
@@ -448,12 +494,16 @@ class RedisSink:
 # %% ../../nbs/37_stream.ipynb #0b52e30b
 class _TextWriter:
     "A text stream (a notebook's stdout) behind the bytes interface of sys.stdout.buffer."
+
     def __init__(self, stream):
         self.stream = stream
+
     def write(self, data: bytes):
         self.stream.write(data.decode())
+
     def flush(self):
         self.stream.flush()
+
 
 class LineSink:
     "Outputs as JSON lines on stdout or appended to a file."
@@ -483,11 +533,13 @@ class LineSink:
             self.handle.close()
             self.owned = False
 
+
 def open_source(endpoint: Endpoint, follow: bool = False, claim_idle_ms: int = 60_000):
     "The source for a parsed `--source`."
     if endpoint.kind == "redis":
         return RedisSource(endpoint, claim_idle_ms)
     return LineSource(endpoint, follow)
+
 
 def open_sink(endpoint: Endpoint):
     "The sink for a parsed `--sink`."
@@ -498,16 +550,19 @@ def open_sink(endpoint: Endpoint):
 # %% ../../nbs/37_stream.ipynb #0e00bf44
 log = logging.getLogger("lifecycle.serving.stream")
 
+
 @contextlib.contextmanager
 def _stop_on_signals(stop: threading.Event, enabled: bool = True):
     "SIGTERM and SIGINT set `stop`; a second SIGINT interrupts. Only in the main thread."
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
+
     def on_signal(signum, frame):
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set()
+
     previous = {number: signal.signal(number, on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -515,9 +570,11 @@ def _stop_on_signals(stop: threading.Event, enabled: bool = True):
         for number, handler in previous.items():
             signal.signal(number, handler)
 
+
 def _connection_errors() -> tuple:
     try:
         import redis
+
         return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
     except ImportError:
         return ()
@@ -542,6 +599,7 @@ def run_stream(
 ) -> dict:  # the counts: events_in, scored, rejected, seconds …
     "Score a stream in micro-batches until it ends, goes idle (`until_idle`) or a stop is requested."
     from lifecycle.serving.serve import ModelHolder
+
     if batch_size < 1 or max_wait_ms < 0 or claim_idle_ms < 1:
         raise LifecycleError("--batch-size and --claim-idle-ms must be at least 1, --max-wait-ms at least 0")
     source_point, sink_point = parse_endpoint(source, "source"), parse_endpoint(sink, "sink")
@@ -563,6 +621,7 @@ def run_stream(
         if log_predictions:
             if prediction_log is None:
                 from lifecycle.serving.predlog import open_log
+
                 prediction_log = open_log(log_url, Path(root))
             predictions_log = prediction_log
             if alias == "champion":  # the version in shadow, if any, scores every event too
@@ -583,15 +642,27 @@ def run_stream(
                             try:
                                 predictions_log.record_rejections(refused, "stream", scorer.version)
                             except LifecycleError as error:  # counting never stops scoring
-                                log.warning("%d refused events could not be counted: %s", sum(n for _, _, n, _ in refused), error)
+                                log.warning(
+                                    "%d refused events could not be counted: %s",
+                                    sum(n for _, _, n, _ in refused),
+                                    error,
+                                )
                         if predictions_log is not None and predictions:
                             predictions_log.record(predictions)
-                            if shadow is not None:  # scored by the version in shadow on its own thread, never waited for
-                                shadow.submit(scorer.version, [item["request_id"] for item in predictions],
-                                              records=[item["features"] for item in predictions], when=predictions[0]["time"])
+                            if (
+                                shadow is not None
+                            ):  # scored by the version in shadow on its own thread, never waited for
+                                shadow.submit(
+                                    scorer.version,
+                                    [item["request_id"] for item in predictions],
+                                    records=[item["features"] for item in predictions],
+                                    when=predictions[0]["time"],
+                                )
                             if reader.acknowledges and not predictions_log.flush():
-                                raise LifecycleError(f"the prediction log {predictions_log.store} did not commit a batch within 30 s; "
-                                                     "stopping without acknowledging it (its entries stay pending)")
+                                raise LifecycleError(
+                                    f"the prediction log {predictions_log.store} did not commit a batch within 30 s; "
+                                    "stopping without acknowledging it (its entries stay pending)"
+                                )
                         reader.ack(events)
                         last = time.perf_counter()
                         counts["batches"] += 1
@@ -610,8 +681,10 @@ def run_stream(
                     now = time.monotonic()
                     failing_since = failing_since or now
                     if now - failing_since > reconnect_seconds:
-                        raise LifecycleError(f"lost Redis ({type(error).__name__}) for over {reconnect_seconds:g} s; "
-                                             "unacknowledged entries stay pending for another consumer") from None
+                        raise LifecycleError(
+                            f"lost Redis ({type(error).__name__}) for over {reconnect_seconds:g} s; "
+                            "unacknowledged entries stay pending for another consumer"
+                        ) from None
                     log.warning("Redis connection failed (%s); retrying in %.1f s", type(error).__name__, backoff)
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -634,52 +707,114 @@ def run_stream(
     counts["claimed"] = getattr(reader, "claimed", 0)
     seconds = time.perf_counter() - started
     busy = (last - first) if first and last else 0.0
-    return {**counts, "seconds": round(seconds, 3), "busy_seconds": round(busy, 3),
-            "events_per_second": round(counts["events_in"] / busy) if busy > 0 else None,
-            "model_version": holder.scorer.version, "source": str(source_point), "sink": str(sink_point),
-            "log": str(predictions_log.store) if predictions_log is not None else None, "ended": ended,
-            "shadow": shadow.status() if shadow is not None and shadow.counts["submitted"] else None}
+    return {
+        **counts,
+        "seconds": round(seconds, 3),
+        "busy_seconds": round(busy, 3),
+        "events_per_second": round(counts["events_in"] / busy) if busy > 0 else None,
+        "model_version": holder.scorer.version,
+        "source": str(source_point),
+        "sink": str(sink_point),
+        "log": str(predictions_log.store) if predictions_log is not None else None,
+        "ended": ended,
+        "shadow": shadow.status() if shadow is not None and shadow.counts["submitted"] else None,
+    }
 
 # %% ../../nbs/37_stream.ipynb #1cbaf38c
 def format_summary(summary: dict) -> str:
     "One line: events in, scored, rejected, seconds."
     rate = f", {summary['events_per_second']:,} events/s" if summary.get("events_per_second") else ""
-    return (f"stream: {summary['events_in']:,} events in, {summary['scored']:,} scored, {summary['rejected']:,} rejected, "
-            f"{summary['seconds']:.2f} s{rate}; model version {summary['model_version']}; ended: {summary['ended']}")
+    return (
+        f"stream: {summary['events_in']:,} events in, {summary['scored']:,} scored, {summary['rejected']:,} rejected, "
+        f"{summary['seconds']:.2f} s{rate}; model version {summary['model_version']}; ended: {summary['ended']}"
+    )
+
 
 def _stream_command(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small batches: one OpenMP thread is faster than a pool
     keep_heap_settled()  # a long-lived consumer: each model it loads is frozen out of later garbage collections
     from lifecycle.core import open_project
+
     project = open_project(args.settings, log=args.log or None)
-    summary = run_stream(project.root, args.source, args.sink, alias=args.model, follow=args.follow, batch_size=args.batch_size,
-                         max_wait_ms=args.max_wait_ms, claim_idle_ms=args.claim_idle_ms, log_url=project.log_url,
-                         log_predictions=not args.no_log, until_idle=args.until_idle)
+    summary = run_stream(
+        project.root,
+        args.source,
+        args.sink,
+        alias=args.model,
+        follow=args.follow,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        claim_idle_ms=args.claim_idle_ms,
+        log_url=project.log_url,
+        log_predictions=not args.no_log,
+        until_idle=args.until_idle,
+    )
     out = sys.stderr if args.sink.strip() == "-" else sys.stdout
     print(json.dumps(summary) if args.json else format_summary(summary), file=out, flush=True)
     return 0
+
 
 def add_stream_command(
     commands,  # the subparsers object of the CLI's parser (`parser.add_subparsers()`)
 ) -> argparse.ArgumentParser:  # the `stream` parser
     "Register `lifecycle stream` on the CLI."
     stream = commands.add_parser(
-        "stream", help="score a stream of records in micro-batches (JSON lines or Redis Streams)",
+        "stream",
+        help="score a stream of records in micro-batches (JSON lines or Redis Streams)",
         description="Score records as they arrive, in micro-batches: JSON lines from stdin or a file (--follow: as it grows), "
-                    "or a Redis stream through a consumer group. One output per input event; predictions are logged with channel "
-                    "stream. Redis: at least once, acknowledged only after the output and the log are written.")
-    stream.add_argument("--source", required=True, metavar="S", help="-, a file of JSON lines, or redis://host:port/db?stream=NAME&group=G&consumer=C "
-                        "(each entry's field 'record' holds the record's JSON)")
-    stream.add_argument("--sink", required=True, metavar="S", help="-, a file (appended), or redis://host:port/db?stream=NAME[&maxlen=N]")
+        "or a Redis stream through a consumer group. One output per input event; predictions are logged with channel "
+        "stream. Redis: at least once, acknowledged only after the output and the log are written.",
+    )
+    stream.add_argument(
+        "--source",
+        required=True,
+        metavar="S",
+        help="-, a file of JSON lines, or redis://host:port/db?stream=NAME&group=G&consumer=C "
+        "(each entry's field 'record' holds the record's JSON)",
+    )
+    stream.add_argument(
+        "--sink",
+        required=True,
+        metavar="S",
+        help="-, a file (appended), or redis://host:port/db?stream=NAME[&maxlen=N]",
+    )
     stream.add_argument("--settings", default="settings.ini", help="the project's settings file")
-    stream.add_argument("--model", default="champion", help="the alias or version to score with (default: champion; a new champion is picked up)")
-    stream.add_argument("--follow", action="store_true", help="keep reading lines appended to the source file, like tail -f")
-    stream.add_argument("--batch-size", type=int, default=500, metavar="N", help="the most events scored in one call (default 500)")
-    stream.add_argument("--max-wait-ms", type=int, default=100, metavar="N", help="a batch closes this long after its first event (default 100)")
-    stream.add_argument("--claim-idle-ms", type=int, default=60_000, metavar="N",
-                        help="Redis: claim entries another consumer left pending this long (default 60000)")
-    stream.add_argument("--until-idle", action="store_true", help="stop when nothing arrives within --max-wait-ms and nothing is pending")
-    stream.add_argument("--log", default="", metavar="URL", help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)")
+    stream.add_argument(
+        "--model",
+        default="champion",
+        help="the alias or version to score with (default: champion; a new champion is picked up)",
+    )
+    stream.add_argument(
+        "--follow", action="store_true", help="keep reading lines appended to the source file, like tail -f"
+    )
+    stream.add_argument(
+        "--batch-size", type=int, default=500, metavar="N", help="the most events scored in one call (default 500)"
+    )
+    stream.add_argument(
+        "--max-wait-ms",
+        type=int,
+        default=100,
+        metavar="N",
+        help="a batch closes this long after its first event (default 100)",
+    )
+    stream.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        default=60_000,
+        metavar="N",
+        help="Redis: claim entries another consumer left pending this long (default 60000)",
+    )
+    stream.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="stop when nothing arrives within --max-wait-ms and nothing is pending",
+    )
+    stream.add_argument(
+        "--log",
+        default="",
+        metavar="URL",
+        help="the prediction log: a postgresql:// URL or a SQLite file (default: the project's, as its settings name it: [deploy] or [monitor] log, else predictions.sqlite)",
+    )
     stream.add_argument("--no-log", action="store_true", help="do not record the predictions")
     stream.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     stream.set_defaults(handler=_stream_command)

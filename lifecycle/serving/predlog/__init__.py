@@ -14,27 +14,54 @@ __all__ = ['block_key', 'CHANNELS', 'DEFAULT_FILE', 'describe_error', 'features_
            'readable_rows']
 
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
-from .stores import block_key, CHANNELS, DEFAULT_FILE, describe_error, features_json
-from .stores import is_data_error, latest_totals, log_location, log_store, PostgresStore
-from .stores import PredictionBlock, redact_url, REJECTION_COLUMNS, SQLiteStore
-from .stores import UnstorableBlock, utc_text, without_logged, write_blocks
-from .reader import pair_shadow, PREDICTION_COLUMNS, PredictionReader, read_rejections
-from .reader import SHADOW_PAIR_COLUMNS, shadow_pairs, SHADOW_PREFIX, shadow_request_id
-from .reader import shadow_summary
-from .writer import FIELD_MAX_CHARS, hour_text, id_key, ID_KEY_ENV, Journal, journal_folder
-from .writer import journal_rejections, JournalError, label_row, open_log, PendingRun
-from .writer import prediction_row, PredictionLog, pseudonymize, RejectionTally
-from .writer import remove_dead_runs, replay_journals
-from .stores import SEQUENCED_TABLES
-from .reader import commit_range, label_problem, prediction_problem, readable_rows
-
 _all_ = [
-    'block_key', 'CHANNELS', 'DEFAULT_FILE', 'describe_error', 'features_json', 'is_data_error', 'latest_totals',
-    'log_location', 'log_store', 'PostgresStore', 'PredictionBlock', 'redact_url', 'REJECTION_COLUMNS',
-    'SQLiteStore', 'UnstorableBlock', 'utc_text', 'without_logged', 'write_blocks', 'pair_shadow',
-    'PREDICTION_COLUMNS', 'PredictionReader', 'read_rejections', 'SHADOW_PAIR_COLUMNS', 'shadow_pairs',
-    'SHADOW_PREFIX', 'shadow_request_id', 'shadow_summary', 'FIELD_MAX_CHARS', 'hour_text', 'id_key', 'ID_KEY_ENV',
-    'Journal', 'journal_folder', 'journal_rejections', 'JournalError', 'label_row', 'open_log', 'PendingRun',
-    'prediction_row', 'PredictionLog', 'pseudonymize', 'RejectionTally', 'remove_dead_runs', 'replay_journals',
-    'SEQUENCED_TABLES', 'commit_range', 'label_problem', 'prediction_problem', 'readable_rows',
+    "block_key",
+    "CHANNELS",
+    "DEFAULT_FILE",
+    "describe_error",
+    "features_json",
+    "is_data_error",
+    "latest_totals",
+    "log_location",
+    "log_store",
+    "PostgresStore",
+    "PredictionBlock",
+    "redact_url",
+    "REJECTION_COLUMNS",
+    "SQLiteStore",
+    "UnstorableBlock",
+    "utc_text",
+    "without_logged",
+    "write_blocks",
+    "pair_shadow",
+    "PREDICTION_COLUMNS",
+    "PredictionReader",
+    "read_rejections",
+    "SHADOW_PAIR_COLUMNS",
+    "shadow_pairs",
+    "SHADOW_PREFIX",
+    "shadow_request_id",
+    "shadow_summary",
+    "FIELD_MAX_CHARS",
+    "hour_text",
+    "id_key",
+    "ID_KEY_ENV",
+    "Journal",
+    "journal_folder",
+    "journal_rejections",
+    "JournalError",
+    "label_row",
+    "open_log",
+    "PendingRun",
+    "prediction_row",
+    "PredictionLog",
+    "pseudonymize",
+    "RejectionTally",
+    "remove_dead_runs",
+    "replay_journals",
+    "SEQUENCED_TABLES",
+    "commit_range",
+    "label_problem",
+    "prediction_problem",
+    "readable_rows",
 ]

@@ -4,11 +4,13 @@
 
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c004
 from __future__ import annotations
+
 import io
 import json
 
 import numpy as np
 import pandas as pd
+
 from .stores import REJECTION_COLUMNS
 
 # %% auto #0
@@ -19,17 +21,26 @@ __all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'commit
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c028
 PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash", "event_time")
 
+
 def _prediction_frame(rows: list[tuple], features: bool = True) -> pd.DataFrame:
     "Rows of the predictions table as a frame: the JSON features expanded into columns (`features=False`: left out)."
     frame = pd.DataFrame([row[:-1] for row in rows], columns=list(PREDICTION_COLUMNS))
-    frame = frame.astype({"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"})
+    frame = frame.astype(
+        {"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"}
+    )
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     frame["event_time"] = _event_times(frame["event_time"], frame["time"])
     if not features:
         return frame
-    features = pd.DataFrame.from_records([json.loads(row[-1]) if isinstance(row[-1], str) else row[-1] for row in rows],
-                                         index=frame.index) if rows else pd.DataFrame(index=frame.index)
+    features = (
+        pd.DataFrame.from_records(
+            [json.loads(row[-1]) if isinstance(row[-1], str) else row[-1] for row in rows], index=frame.index
+        )
+        if rows
+        else pd.DataFrame(index=frame.index)
+    )
     return _with_features(frame, features)
+
 
 def _label_frame(rows: list[tuple]) -> pd.DataFrame:
     "Rows of the labels table (request_id, label, time) as a frame."
@@ -37,20 +48,24 @@ def _label_frame(rows: list[tuple]) -> pd.DataFrame:
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     return frame
 
+
 def _event_times(values: pd.Series, logged: pd.Series) -> pd.Series:
     "Event times as UTC times; a prediction logged without one (an older log) gets the time it was logged."
     own = pd.to_datetime(values.astype(object).where(values.notna(), None), utc=True, format="ISO8601")
     return own.fillna(logged).astype("datetime64[ns, UTC]")
 
+
 def _selected(features: bool) -> str:
     "The predictions table's columns as `_prediction_frame` reads them: with the features' JSON, or NULL in its place."
     return f"{', '.join(PREDICTION_COLUMNS)}, {'features' if features else 'NULL AS features'}"
+
 
 def _oldest_first(frames: list[pd.DataFrame]) -> pd.DataFrame:
     "Frames of rows and blocks as one, oldest first (the empty ones left out, but never all of them)."
     parts = [part for part in frames if len(part)] or frames[:1]
     frame = pd.concat(_typed_alike(parts) if len(parts) > 1 else parts, ignore_index=True)
     return frame.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
+
 
 def _typed_alike(parts: list[pd.DataFrame]) -> list[pd.DataFrame]:
     "A column all missing in one part takes the type the others give it (a label none has yet, a feature a block lacks)."
@@ -63,23 +78,31 @@ def _typed_alike(parts: list[pd.DataFrame]) -> list[pd.DataFrame]:
                     kinds[name] = kind
     typed = []
     for part in parts:
-        cast = {name: kinds[name] for name in part.columns
-                if name in kinds and part[name].dtype != kinds[name] and part[name].isna().all()}
+        cast = {
+            name: kinds[name]
+            for name in part.columns
+            if name in kinds and part[name].dtype != kinds[name] and part[name].isna().all()
+        }
         typed.append(part.astype(cast) if cast else part)
     return typed
+
 
 def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
     "The predictions' columns, then their features; a feature named like one of those columns gets the prefix `feature_`."
     features.columns = [f"feature_{name}" if name in PREDICTION_COLUMNS else name for name in features.columns]
     return pd.concat([frame, features], axis=1)
 
+
 def _block_frame(when, model_version: int, channel: str, data: bytes, features: bool = True) -> pd.DataFrame:
     "A block of predictions as the same frame as `_prediction_frame` makes (`features=False`: its features not even read)."
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     file = pq.ParquetFile(io.BytesIO(data))
     table = file.read(columns=None if features else [name for name in file.schema_arrow.names if name != "features"])
-    struct = table.column("features").combine_chunks() if "features" in table.column_names else None  # None: logged without (a shadow's)
+    struct = (
+        table.column("features").combine_chunks() if "features" in table.column_names else None
+    )  # None: logged without (a shadow's)
     names = [struct.type.field(number).name for number in range(struct.type.num_fields)] if struct is not None else []
     frame = table.drop_columns(["features"] if struct is not None else []).to_pandas()
     stamp = pd.Timestamp(when)  # ISO text (SQLite) or a datetime (PostgreSQL)
@@ -87,15 +110,22 @@ def _block_frame(when, model_version: int, channel: str, data: bytes, features: 
     frame.insert(1, "time", pd.Series(stamp, index=frame.index, dtype="datetime64[ns, UTC]"))
     frame.insert(2, "model_version", np.int64(model_version))
     frame.insert(3, "channel", channel)
-    frame["event_time"] = _event_times(frame["event_time"], frame["time"]) if "event_time" in frame.columns else frame["time"]
-    frame = frame[list(PREDICTION_COLUMNS)].astype({"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"})
-    features = pa.Table.from_arrays(struct.flatten(), names=names).to_pandas() if names else pd.DataFrame(index=frame.index)
+    frame["event_time"] = (
+        _event_times(frame["event_time"], frame["time"]) if "event_time" in frame.columns else frame["time"]
+    )
+    frame = frame[list(PREDICTION_COLUMNS)].astype(
+        {"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"}
+    )
+    features = (
+        pa.Table.from_arrays(struct.flatten(), names=names).to_pandas() if names else pd.DataFrame(index=frame.index)
+    )
     return _with_features(frame, features)
 
 # %% ../../../nbs/33_predlog_reader.ipynb #e2406e53
 def commit_range(
     mark: str,  # the store's parameter mark
-    after: int | None,  # the last commit number already read; None: from the start (rows older than the sequence included)
+    after: int
+    | None,  # the last commit number already read; None: from the start (rows older than the sequence included)
     upto: int | None,  # the last commit number to read (the store's `settled_commit`); None: no bound
 ) -> tuple[str, tuple]:  # (a WHERE condition on `seq`, its parameters)
     "The rows of the commits after `after` up to `upto`: what a reader with a cursor on the commit sequence reads next."
@@ -108,6 +138,7 @@ def commit_range(
         parameters.append(int(upto))
     return " AND ".join(conditions) or "1 = 1", tuple(parameters)
 
+
 def _utf8(value) -> bool:
     "Whether text can be written as UTF-8 (text read with surrogates cannot)."
     try:
@@ -115,6 +146,7 @@ def _utf8(value) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
 
 def _time_problem(value, field: str) -> tuple[str, str] | None:
     "Why a stored time cannot be read, or None."
@@ -125,6 +157,7 @@ def _time_problem(value, field: str) -> tuple[str, str] | None:
     except (ValueError, TypeError):
         return ("unreadable_time", field)
     return None
+
 
 def _text_problem(row: dict, fields: tuple) -> tuple[str, str] | None:
     "Why a text field of a row cannot be read (missing, not text, not UTF-8), or None."
@@ -138,6 +171,7 @@ def _text_problem(row: dict, fields: tuple) -> tuple[str, str] | None:
             return ("not_utf8", field)
     return None
 
+
 def _number_problem(row: dict, fields: tuple) -> tuple[str, str] | None:
     "Why a numeric field cannot be read as a number, or None."
     for field in fields:
@@ -147,12 +181,15 @@ def _number_problem(row: dict, fields: tuple) -> tuple[str, str] | None:
             return ("not_a_number", field)
     return None
 
+
 def prediction_problem(
     row: tuple,  # a predictions row as read: PREDICTION_COLUMNS, then features (JSON text or a dict)
 ) -> tuple[str, str]:  # (reason, field): never the value itself
     "Why a row of the predictions table (written by another tool, say) cannot be read."
     row = dict(zip(PREDICTION_COLUMNS + ("features",), row))
-    problem = _text_problem(row, ("request_id", "channel")) or _number_problem(row, ("model_version", "score", "decision"))
+    problem = _text_problem(row, ("request_id", "channel")) or _number_problem(
+        row, ("model_version", "score", "decision")
+    )
     if problem is None and isinstance(row["features"], str) and not _utf8(row["features"]):
         problem = ("not_utf8", "features")
     if problem is None:
@@ -167,20 +204,28 @@ def prediction_problem(
         problem = None if isinstance(parsed, dict) else ("not_an_object", "features")
     return problem or ("unreadable", "row")
 
+
 def label_problem(
     row: tuple,  # a labels row as read: request_id, label, time
 ) -> tuple[str, str]:  # (reason, field)
     "Why a row of the labels table cannot be read."
     row = dict(zip(("request_id", "label", "time"), row))
-    return (_text_problem(row, ("request_id",)) or _number_problem(row, ("label",))
-            or (_time_problem(row["time"], "time") if row["time"] is not None else ("missing", "time")) or ("unreadable", "row"))
+    return (
+        _text_problem(row, ("request_id",))
+        or _number_problem(row, ("label",))
+        or (_time_problem(row["time"], "time") if row["time"] is not None else ("missing", "time"))
+        or ("unreadable", "row")
+    )
+
 
 def readable_rows(
     rows: list[tuple],  # rows as read from the store
     build,  # rows -> frame; raises on a row it cannot read
     problem,  # row -> (reason, field)
     undecodable: bool = False,  # the rows were read with surrogates for text that is not UTF-8: check each row's text first
-) -> tuple[list[pd.DataFrame], list[tuple[str, str]]]:  # (frames of the readable rows, the (reason, field) of each refused one)
+) -> tuple[
+    list[pd.DataFrame], list[tuple[str, str]]
+]:  # (frames of the readable rows, the (reason, field) of each refused one)
     """Frames of the rows `build` can read and the reasons of those it cannot. One read of all rows is the usual case;
     when it fails, halves are tried until each bad row stands alone: a few bad rows cost a few reads, not one a row."""
     refused = []
@@ -212,15 +257,21 @@ def read_rejections(
     if after is not None or upto is not None:
         where, parameters = commit_range(store.mark, after, upto)
         where = f" WHERE {where}"
-    rows = store.read(f"SELECT {', '.join(REJECTION_COLUMNS)} FROM rejections{where} ORDER BY logged, source", parameters)
+    rows = store.read(
+        f"SELECT {', '.join(REJECTION_COLUMNS)} FROM rejections{where} ORDER BY logged, source", parameters
+    )
     frame = pd.DataFrame(rows, columns=list(REJECTION_COLUMNS)).astype(
-        {"source": str, "channel": str, "model_version": "int64", "reason": str, "field": str, "count": "int64"})
+        {"source": str, "channel": str, "model_version": "int64", "reason": str, "field": str, "count": "int64"}
+    )
     for column in ("logged_hour", "event_hour", "logged"):
         frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
     return frame
 
 # %% ../../../nbs/33_predlog_reader.ipynb #d61c7c61
-SHADOW_PREFIX = "shadow:"  # a shadow prediction's request id: this, then the request id of the champion's prediction of the record
+SHADOW_PREFIX = (
+    "shadow:"  # a shadow prediction's request id: this, then the request id of the champion's prediction of the record
+)
+
 
 def shadow_request_id(
     request_id: str,  # the request id of the champion's prediction
@@ -229,8 +280,19 @@ def shadow_request_id(
     return SHADOW_PREFIX + str(request_id)
 
 # %% ../../../nbs/33_predlog_reader.ipynb #df934d1d
-SHADOW_PAIR_COLUMNS = ("request_id", "event_time", "channel", "champion_version", "champion_score", "champion_decision",
-                       "shadow_version", "shadow_score", "shadow_decision", "label")
+SHADOW_PAIR_COLUMNS = (
+    "request_id",
+    "event_time",
+    "channel",
+    "champion_version",
+    "champion_score",
+    "champion_decision",
+    "shadow_version",
+    "shadow_score",
+    "shadow_decision",
+    "label",
+)
+
 
 def pair_shadow(
     predictions: pd.DataFrame,  # logged predictions (as `PredictionLog.predictions` reads them), shadow ones among them
@@ -239,16 +301,23 @@ def pair_shadow(
     "Shadow predictions beside the champion's predictions of the same records, with each record's latest label."
     is_shadow = (predictions["channel"] == "shadow").to_numpy()
     shadow, champion = predictions[is_shadow], predictions[~is_shadow]
-    shadow = pd.DataFrame({"request_id": shadow["request_id"].str.slice(len(SHADOW_PREFIX)).to_numpy(),
-                           "shadow_version": shadow["model_version"].to_numpy(), "shadow_score": shadow["score"].to_numpy(),
-                           "shadow_decision": shadow["decision"].to_numpy()})
+    shadow = pd.DataFrame(
+        {
+            "request_id": shadow["request_id"].str.slice(len(SHADOW_PREFIX)).to_numpy(),
+            "shadow_version": shadow["model_version"].to_numpy(),
+            "shadow_score": shadow["score"].to_numpy(),
+            "shadow_decision": shadow["decision"].to_numpy(),
+        }
+    )
     champion = champion[["request_id", "event_time", "channel", "model_version", "score", "decision"]].rename(
-        columns={"model_version": "champion_version", "score": "champion_score", "decision": "champion_decision"})
+        columns={"model_version": "champion_version", "score": "champion_score", "decision": "champion_decision"}
+    )
     pairs = champion.merge(shadow, on="request_id", how="inner")
     latest = labels.drop_duplicates("request_id", keep="last")[["request_id", "label"]]
     pairs = pairs.merge(latest, on="request_id", how="left")
     pairs["label"] = pairs["label"].astype("Int64")
     return pairs[list(SHADOW_PAIR_COLUMNS)].sort_values(["event_time", "request_id"], kind="stable", ignore_index=True)
+
 
 def shadow_pairs(
     log,  # an open PredictionLog (or PredictionReader)
@@ -265,58 +334,84 @@ def shadow_pairs(
 # %% ../../../nbs/33_predlog_reader.ipynb #7c89298f
 def shadow_summary(
     pairs: pd.DataFrame,  # what `shadow_pairs` returns
-) -> pd.DataFrame:  # one row a (champion, shadow) pair of versions: pairs, agreement, score shift, and accuracy where labeled
+) -> (
+    pd.DataFrame
+):  # one row a (champion, shadow) pair of versions: pairs, agreement, score shift, and accuracy where labeled
     "Shadow against champion on the same records: agreement, score shift, and accuracy and recall once labels arrive."
     rows = []
     for (champion, shadow), group in pairs.groupby(["champion_version", "shadow_version"], sort=True):
         labeled = group[group["label"].notna()]
         truth = labeled["label"].to_numpy(dtype=int)
         sick = truth == 1
-        row = {"champion_version": int(champion), "shadow_version": int(shadow), "pairs": len(group),
-               "first_event": group["event_time"].min(), "last_event": group["event_time"].max(),
-               "agreement": float((group["champion_decision"] == group["shadow_decision"]).mean()),
-               "score_shift": float((group["shadow_score"] - group["champion_score"]).mean()),
-               "mean_abs_score_difference": float((group["shadow_score"] - group["champion_score"]).abs().mean()),
-               "labeled": len(labeled)}
+        row = {
+            "champion_version": int(champion),
+            "shadow_version": int(shadow),
+            "pairs": len(group),
+            "first_event": group["event_time"].min(),
+            "last_event": group["event_time"].max(),
+            "agreement": float((group["champion_decision"] == group["shadow_decision"]).mean()),
+            "score_shift": float((group["shadow_score"] - group["champion_score"]).mean()),
+            "mean_abs_score_difference": float((group["shadow_score"] - group["champion_score"]).abs().mean()),
+            "labeled": len(labeled),
+        }
         for who in ("champion", "shadow"):
             decided = labeled[f"{who}_decision"].to_numpy(dtype=int)
             row[f"{who}_accuracy"] = float((decided == truth).mean()) if len(labeled) else None
             row[f"{who}_recall"] = float(decided[sick].mean()) if sick.any() else None
         rows.append(row)
-    columns = ["champion_version", "shadow_version", "pairs", "first_event", "last_event", "agreement", "score_shift",
-               "mean_abs_score_difference", "labeled", "champion_accuracy", "champion_recall", "shadow_accuracy", "shadow_recall"]
+    columns = [
+        "champion_version",
+        "shadow_version",
+        "pairs",
+        "first_event",
+        "last_event",
+        "agreement",
+        "score_shift",
+        "mean_abs_score_difference",
+        "labeled",
+        "champion_accuracy",
+        "champion_recall",
+        "shadow_accuracy",
+        "shadow_recall",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 # %% ../../../nbs/33_predlog_reader.ipynb #reader-class
 class PredictionReader:
     "The committed predictions and labels of one store, as monitoring, the dashboard and retraining read them."
 
-    def __init__(self,
+    def __init__(
+        self,
         store,  # the database: a `SQLiteStore` or a `PostgresStore`
     ):
         self.store = store
 
     # --- reading ----------------------------------------------------------------------------
 
-    def count(self,
+    def count(
+        self,
         channel: str | None = None,  # online, batch or stream; None for all
     ) -> int:  # predictions committed to the database
         "How many predictions the database holds."
         where, parameters = "", ()
         if channel is not None:
             where, parameters = f" WHERE channel = {self.store.mark}", (channel,)
-        sql = (f"SELECT (SELECT count(*) FROM predictions{where}) + "  # one statement: one snapshot of both tables
-               f"(SELECT coalesce(sum(row_count), 0) FROM prediction_blocks{where})")
+        sql = (
+            f"SELECT (SELECT count(*) FROM predictions{where}) + "  # one statement: one snapshot of both tables
+            f"(SELECT coalesce(sum(row_count), 0) FROM prediction_blocks{where})"
+        )
         return int(self.store.read(sql, parameters * 2)[0][0])
 
-    def has_prediction(self,
+    def has_prediction(
+        self,
         request_id: str,  # a request id the online server issued
     ) -> bool:  # True when a committed prediction row has it
         "Whether the predictions table holds this request id (one indexed lookup; blocks are not searched)."
         mark = self.store.mark
         return bool(self.store.read(f"SELECT 1 FROM predictions WHERE request_id = {mark} LIMIT 1", (request_id,)))
 
-    def predictions(self,
+    def predictions(
+        self,
         since=None,  # only predictions at or after this time (ISO-8601 text or datetime)
         limit: int | None = None,  # only the latest `limit` of them
         channel: str | None = None,  # only this channel's (online, batch, stream, dashboard, shadow); None for all
@@ -335,8 +430,13 @@ class PredictionReader:
         if limit is not None:
             sql = f"SELECT * FROM ({sql} ORDER BY time DESC, request_id DESC LIMIT {int(limit)}) AS latest"
         frames = [_prediction_frame(self.store.read(f"{sql} ORDER BY time, request_id", parameters), features)]
-        blocks = self.store.read(f"SELECT block_id, time, row_count FROM prediction_blocks{where} ORDER BY time DESC, block_id DESC", parameters)
-        if limit is not None:  # the newest blocks that can hold the latest `limit` predictions, with every block of the same time
+        blocks = self.store.read(
+            f"SELECT block_id, time, row_count FROM prediction_blocks{where} ORDER BY time DESC, block_id DESC",
+            parameters,
+        )
+        if (
+            limit is not None
+        ):  # the newest blocks that can hold the latest `limit` predictions, with every block of the same time
             chosen, held = [], 0
             for block in blocks:
                 if held >= limit and block[1] != chosen[-1][1]:
@@ -351,20 +451,28 @@ class PredictionReader:
         frame = _oldest_first(frames)
         return frame if limit is None else frame.tail(int(limit)).reset_index(drop=True)
 
-    def predictions_of(self,
+    def predictions_of(
+        self,
         request_ids,  # the request ids wanted (text)
         features: bool = False,  # with their features as columns
     ) -> pd.DataFrame:  # the committed predictions with these ids, oldest first; an id not in the log is left out
         "Predictions by request id: rows found through the key's index, and only the blocks whose range of ids holds one."
         import bisect
+
         wanted = sorted({str(value) for value in request_ids})
         rows = []
         for start in range(0, len(wanted), 10_000):  # well under SQLite's 32,766 parameters and PostgreSQL's 65,535
-            chunk = wanted[start:start + 10_000]
-            rows += self.store.read(f"SELECT {_selected(features)} FROM predictions WHERE request_id IN ({', '.join([self.store.mark] * len(chunk))})",
-                                    tuple(chunk))
+            chunk = wanted[start : start + 10_000]
+            rows += self.store.read(
+                f"SELECT {_selected(features)} FROM predictions WHERE request_id IN ({', '.join([self.store.mark] * len(chunk))})",
+                tuple(chunk),
+            )
         frames = [_prediction_frame(rows, features)]
-        for block_id, first, last in self.store.read("SELECT block_id, first_request_id, last_request_id FROM prediction_blocks") if wanted else []:
+        for block_id, first, last in (
+            self.store.read("SELECT block_id, first_request_id, last_request_id FROM prediction_blocks")
+            if wanted
+            else []
+        ):
             at = bisect.bisect_left(wanted, first)  # ids compare in byte order, as both stores compare them
             if at == len(wanted) or wanted[at] > last:
                 continue
@@ -374,7 +482,10 @@ class PredictionReader:
 
     def _block(self, block_id: str, features: bool) -> pd.DataFrame:
         "One logged block as a frame."
-        data = self.store.read(f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}", (block_id,))
+        data = self.store.read(
+            f"SELECT time, model_version, channel, data FROM prediction_blocks WHERE block_id = {self.store.mark}",
+            (block_id,),
+        )
         return _block_frame(*data[0], features=features)
 
     def settled_commit(self) -> int:  # every row of a commit numbered at most this is visible
@@ -390,16 +501,23 @@ class PredictionReader:
                 raise
             return self.store.read(sql, parameters, undecodable=True), True
 
-    def committed(self,
+    def committed(
+        self,
         after: int | None = None,  # the last commit number already read (None: from the start)
         upto: int | None = None,  # the last commit number to read (`settled_commit`); None: every
-    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:  # (predictions as `predictions` gives them, oldest first; (reason, field) of each row left out)
+    ) -> tuple[
+        pd.DataFrame, list[tuple[str, str]]
+    ]:  # (predictions as `predictions` gives them, oldest first; (reason, field) of each row left out)
         """The predictions of the commits after `after` up to `upto`, whatever times they carry. A row that cannot be
         read (written by another tool) is left out and its reason returned, never its value; so is a block that cannot."""
         where, parameters = commit_range(self.store.mark, after, upto)
-        rows, undecodable = self._read_all(f"SELECT {_selected(True)} FROM predictions WHERE {where} ORDER BY time, request_id", parameters)
+        rows, undecodable = self._read_all(
+            f"SELECT {_selected(True)} FROM predictions WHERE {where} ORDER BY time, request_id", parameters
+        )
         frames, refused = readable_rows(rows, _prediction_frame, prediction_problem, undecodable)
-        for block_id, count in self.store.read(f"SELECT block_id, row_count FROM prediction_blocks WHERE {where} ORDER BY time, block_id", parameters):
+        for block_id, count in self.store.read(
+            f"SELECT block_id, row_count FROM prediction_blocks WHERE {where} ORDER BY time, block_id", parameters
+        ):
             try:
                 frames.append(self._block(block_id, True))
             except Exception:  # damaged bytes, a block another tool wrote
@@ -407,13 +525,18 @@ class PredictionReader:
         frames = frames or [_prediction_frame([])]
         return (frames[0] if len(frames) == 1 else _oldest_first(frames)), refused
 
-    def committed_labels(self,
+    def committed_labels(
+        self,
         after: int | None = None,  # the last commit number already read (None: from the start)
         upto: int | None = None,  # the last commit number to read
-    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:  # (request_id, label, time in commit order; (reason, field) of each row left out)
+    ) -> tuple[
+        pd.DataFrame, list[tuple[str, str]]
+    ]:  # (request_id, label, time in commit order; (reason, field) of each row left out)
         "The labels of the commits after `after` up to `upto`, in commit order (a correction comes after what it corrects)."
         where, parameters = commit_range(self.store.mark, after, upto)
-        rows, undecodable = self._read_all(f"SELECT request_id, label, time FROM labels WHERE {where} ORDER BY seq, request_id", parameters)
+        rows, undecodable = self._read_all(
+            f"SELECT request_id, label, time FROM labels WHERE {where} ORDER BY seq, request_id", parameters
+        )
         frames, refused = readable_rows(rows, _label_frame, label_problem, undecodable)
         frames = frames or [_label_frame([])]
         return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], refused
@@ -422,7 +545,8 @@ class PredictionReader:
         "The committed labels."
         return _label_frame(self.store.read("SELECT request_id, label, time FROM labels ORDER BY time, request_id"))
 
-    def rejections(self,
+    def rejections(
+        self,
         since=None,  # only rows written at or after this time
     ) -> pd.DataFrame:  # see `read_rejections`
         "The committed counts of refused records."

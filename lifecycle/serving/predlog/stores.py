@@ -4,16 +4,17 @@
 
 # %% ../../../nbs/32_predlog_stores.ipynb #a1f0c004
 from __future__ import annotations
+
+import fcntl
 import hashlib
 import io
 import json
 import math
 import os
 import re
-import fcntl
 import sqlite3
-from contextlib import contextmanager
 import uuid
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = ['DEFAULT_FILE', 'CHANNELS', 'SEQUENCED_TABLES', 'REJECTION_COLUMNS', 
 
 # %% ../../../nbs/32_predlog_stores.ipynb #a1f0c013
 DEFAULT_FILE = "predictions.sqlite"
+
 
 def log_location(
     url: str,  # "", "sqlite", "sqlite:///abs/path.sqlite", a file path (relative to root) or "postgresql://…"
@@ -47,9 +49,14 @@ def log_location(
     if scheme in ("sqlite", "sqlite3"):
         path = rest[1:] if rest.startswith("//") else rest
         if not path:
-            raise LifecycleError(f"prediction log URL {url!r} names no file: use sqlite:///absolute/path.sqlite or a path relative to the project")
+            raise LifecycleError(
+                f"prediction log URL {url!r} names no file: use sqlite:///absolute/path.sqlite or a path relative to the project"
+            )
         return "sqlite", (Path(root) / Path(path).expanduser()).resolve()
-    raise LifecycleError(f"prediction log URL scheme {scheme}:// is not supported: use a file path, sqlite:///path or postgresql://…")
+    raise LifecycleError(
+        f"prediction log URL scheme {scheme}:// is not supported: use a file path, sqlite:///path or postgresql://…"
+    )
+
 
 def redact_url(url: str) -> str:
     "A database URL without its password, fit for messages."
@@ -57,7 +64,14 @@ def redact_url(url: str) -> str:
     return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 # %% ../../../nbs/32_predlog_stores.ipynb #a1f0c016
-CHANNELS = ("online", "batch", "stream", "dashboard", "shadow")  # dashboard: scored for a clinician on the `lifecycle clinic` page; shadow: a challenger's prediction, never returned to anyone
+CHANNELS = (
+    "online",
+    "batch",
+    "stream",
+    "dashboard",
+    "shadow",
+)  # dashboard: scored for a clinician on the `lifecycle clinic` page; shadow: a challenger's prediction, never returned to anyone
+
 
 def utc_text(
     value=None,  # ISO-8601 text or a datetime; None for now; without a zone it is UTC
@@ -73,6 +87,7 @@ def utc_text(
         value = value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
+
 def _json_value(value):
     "JSON for what features hold besides Python's own types: numpy scalars, pandas' missing values, dates."
     if isinstance(value, np.generic):
@@ -82,6 +97,7 @@ def _json_value(value):
     if value is pd.NA or value is pd.NaT:
         return None
     raise TypeError(f"a feature of type {type(value).__name__} cannot be stored as JSON")
+
 
 def _finite(value):
     "The same structure with NaN and infinity replaced by None."
@@ -94,6 +110,7 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
     return value
+
 
 def features_json(
     features: dict,  # feature name -> value
@@ -171,7 +188,9 @@ CREATE TABLE IF NOT EXISTS pending_blocks (
 );
 CREATE INDEX IF NOT EXISTS pending_blocks_run ON pending_blocks (run_id);
 """
-_SQLITE_COMMIT = "(SELECT number FROM log_commit WHERE id = 1)"  # this transaction's commit number (see `SQLiteStore.begin_commit`)
+_SQLITE_COMMIT = (
+    "(SELECT number FROM log_commit WHERE id = 1)"  # this transaction's commit number (see `SQLiteStore.begin_commit`)
+)
 _SQLITE_INSERT_PREDICTIONS = f"""
 INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time, seq)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {_SQLITE_COMMIT})
@@ -225,6 +244,7 @@ INSERT INTO pending_blocks (run_id, block_id, time, model_version, channel, row_
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (block_id) DO NOTHING"""
 
+
 class _RunLockFile:
     "A batch run's lock: a file beside the database, locked (flock) by the run's process while it lives."
 
@@ -239,8 +259,10 @@ class _RunLockFile:
         os.close(self.handle)
         self.handle = None
 
+
 class SQLiteStore:
     "The prediction log in a SQLite file, in WAL mode."
+
     kind = "sqlite"
     mark = "?"
     overlapping_sql = _SQLITE_OVERLAPPING
@@ -248,7 +270,8 @@ class SQLiteStore:
     publish_block_sql = _SQLITE_PUBLISH_BLOCK  # a pending block into the log, with the commit number
     publish_predictions_sql = _SQLITE_PUBLISH_PREDICTIONS  # a run's pending rows into the log, with the commit number
 
-    def __init__(self,
+    def __init__(
+        self,
         path: Path,  # the database file
         busy_timeout: float = 10.0,  # seconds a statement waits for another process's lock before it fails
     ):
@@ -261,17 +284,24 @@ class SQLiteStore:
     def connect(self):
         "A connection for the writer (autocommit: transactions are explicit)."
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        connection = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: random request ids touch the whole key index
-        connection.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~40 MB of WAL, not 4 MB: a page dirtied often is copied back once
+        connection.execute(
+            "PRAGMA wal_autocheckpoint=10000"
+        )  # checkpoint every ~40 MB of WAL, not 4 MB: a page dirtied often is copied back once
         return connection
 
     def create(self, connection) -> None:
         connection.executescript(_SQLITE_SCHEMA)
         connection.executescript(_SQLITE_REJECTIONS)
-        for table, column in _ADDED_COLUMNS:  # a log made before these columns: its rows keep NULL, read as their `time`
+        for (
+            table,
+            column,
+        ) in _ADDED_COLUMNS:  # a log made before these columns: its rows keep NULL, read as their `time`
             if column not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
                 try:
                     connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
@@ -279,7 +309,9 @@ class SQLiteStore:
                     if "duplicate column" not in str(error):  # another process added it meanwhile: fine
                         raise
         connection.executescript(_SQLITE_SEQUENCE)
-        for table in SEQUENCED_TABLES:  # a log made before the commit sequence: its rows keep NULL (read from the start only)
+        for (
+            table
+        ) in SEQUENCED_TABLES:  # a log made before the commit sequence: its rows keep NULL (read from the start only)
             if "seq" not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
                 try:
                     connection.execute(f"ALTER TABLE {table} ADD COLUMN seq INTEGER")
@@ -308,7 +340,15 @@ class SQLiteStore:
         finally:
             os.close(handle)  # closing drops the lock
 
-    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), rejections: list[tuple] = (), run: str | None = None) -> None:
+    def write(
+        self,
+        connection,
+        predictions: list[tuple],
+        labels: list[tuple],
+        blocks: list[tuple] = (),
+        rejections: list[tuple] = (),
+        run: str | None = None,
+    ) -> None:
         "Write one batch in one transaction; with `run`, its predictions and blocks into that batch run's pending tables (refused-record counts are running totals: written as they come)."
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -351,7 +391,9 @@ class SQLiteStore:
     def read(self, sql: str, parameters=(), undecodable: bool = False) -> list[tuple]:
         "Rows of a query, on a connection of its own; `undecodable`: text that is not UTF-8 read with surrogates, not refused."
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout)
-        if undecodable:  # another tool may have written bytes that are not UTF-8: the reader refuses those rows, not the read
+        if (
+            undecodable
+        ):  # another tool may have written bytes that are not UTF-8: the reader refuses those rows, not the read
             connection.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
         try:
             return connection.execute(sql, parameters).fetchall()
@@ -465,6 +507,7 @@ ON CONFLICT (block_id) DO NOTHING"""
 _RUN_LOCK_CLASS = 7319003  # the first key of a batch run's advisory lock; the second is from its id
 _MONITOR_LOCK = 7319005  # held by the monitor updating its windows
 
+
 class _RunLockSession:
     "A batch run's lock: a session advisory lock, held by a connection of the run's process while it lives."
 
@@ -477,8 +520,10 @@ class _RunLockSession:
         if connection is not None:
             connection.close()
 
+
 class PostgresStore:
     "The prediction log in a PostgreSQL database (psycopg 3)."
+
     kind = "postgresql"
     mark = "%s"
     overlapping_sql = _POSTGRES_OVERLAPPING
@@ -486,7 +531,8 @@ class PostgresStore:
     publish_block_sql = _POSTGRES_PUBLISH_BLOCK
     publish_predictions_sql = _POSTGRES_PUBLISH_PREDICTIONS
 
-    def __init__(self,
+    def __init__(
+        self,
         url: str,  # postgresql://user:password@host:port/database
         connect_timeout: int = 10,  # seconds to wait for the server
     ):
@@ -498,17 +544,23 @@ class PostgresStore:
 
     def connect(self):
         import psycopg  # only when PostgreSQL is used: its import costs a tenth of a second
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout,
-                               application_name="lifecycle-predlog")
+
+        return psycopg.connect(
+            self.url, autocommit=True, connect_timeout=self.connect_timeout, application_name="lifecycle-predlog"
+        )
 
     def create(self, connection) -> None:
         with connection.transaction():
             for statement in _POSTGRES_SCHEMA + _POSTGRES_REJECTIONS:
                 connection.execute(statement)
-            numbered = connection.execute("SELECT count(*) FROM pg_trigger WHERE (tgrelid, tgname) IN "
-                                          "(SELECT to_regclass(name), name || '_seq' FROM unnest(%s::text[]) AS name)",
-                                          (list(SEQUENCED_TABLES),)).fetchone()[0]
-            if numbered < len(SEQUENCED_TABLES):  # a new log, or one made before the sequence (an ALTER locks the table: only then)
+            numbered = connection.execute(
+                "SELECT count(*) FROM pg_trigger WHERE (tgrelid, tgname) IN "
+                "(SELECT to_regclass(name), name || '_seq' FROM unnest(%s::text[]) AS name)",
+                (list(SEQUENCED_TABLES),),
+            ).fetchone()[0]
+            if numbered < len(
+                SEQUENCED_TABLES
+            ):  # a new log, or one made before the sequence (an ALTER locks the table: only then)
                 for statement in _POSTGRES_SEQUENCE:
                     connection.execute(statement)
                 for table in SEQUENCED_TABLES:
@@ -539,7 +591,15 @@ class PostgresStore:
         finally:
             connection.close()  # closing drops the lock
 
-    def write(self, connection, predictions: list[tuple], labels: list[tuple], blocks: list[tuple] = (), rejections: list[tuple] = (), run: str | None = None) -> None:
+    def write(
+        self,
+        connection,
+        predictions: list[tuple],
+        labels: list[tuple],
+        blocks: list[tuple] = (),
+        rejections: list[tuple] = (),
+        run: str | None = None,
+    ) -> None:
         "Write one batch in one transaction (psycopg pipelines `executemany`: one round trip, not one a row); with `run`, its predictions and blocks into its pending tables."
         with connection.transaction():
             with connection.cursor() as cursor:
@@ -581,7 +641,10 @@ class PostgresStore:
 
 # %% ../../../nbs/32_predlog_stores.ipynb #9627f575
 _REJECTION_KEY = ("source", "logged_hour", "event_hour", "channel", "model_version", "reason", "field")
-REJECTION_COLUMNS = _REJECTION_KEY + ("count", "logged")  # logged: when the row was last written (monitoring reads new rows by it)
+REJECTION_COLUMNS = _REJECTION_KEY + (
+    "count",
+    "logged",
+)  # logged: when the row was last written (monitoring reads new rows by it)
 _SQLITE_REJECTIONS = """
 CREATE TABLE IF NOT EXISTS rejections (
     source TEXT NOT NULL,
@@ -622,6 +685,7 @@ VALUES (%s, %s::timestamptz, %s::timestamptz, %s, %s, %s, %s, %s, %s::timestampt
 ON CONFLICT (source, logged_hour, event_hour, channel, model_version, reason, field)
 DO UPDATE SET count = GREATEST(rejections.count, EXCLUDED.count), logged = EXCLUDED.logged, seq = EXCLUDED.seq"""
 
+
 def latest_totals(
     rows: list[tuple],  # rejection rows without `logged`: the key, then the source's running total
     logged: str,  # when they are written (UTC text)
@@ -635,10 +699,18 @@ def latest_totals(
     return [key + (total, logged) for key, total in largest.items()]
 
 # %% ../../../nbs/32_predlog_stores.ipynb #a1f0c024
-_POSTGRES_SAFE_CLASSES = ("08", "40", "53", "57", "58")  # connection, rollback, resources, operator, system: messages without values
+_POSTGRES_SAFE_CLASSES = (
+    "08",
+    "40",
+    "53",
+    "57",
+    "58",
+)  # connection, rollback, resources, operator, system: messages without values
+
 
 class UnstorableBlock(ValueError):
     "A block of predictions that cannot be written as Parquet: retrying would fail the same way."
+
 
 def is_data_error(
     error: BaseException,  # an error from writing a batch
@@ -650,6 +722,7 @@ def is_data_error(
         sqlstate = getattr(error, "sqlstate", None) or ""
         return sqlstate[:2] in ("22", "23") or type(error).__name__ in ("DataError", "IntegrityError")
     return False
+
 
 def describe_error(
     error: BaseException,  # an error from a database driver, the OS or our own code
@@ -681,7 +754,8 @@ def log_store(
 class PredictionBlock:
     "Predictions of one `record_many` call: one model version, one time, one channel; written as one Parquet file."
 
-    def __init__(self,
+    def __init__(
+        self,
         table,  # a pyarrow Table: request_id, score, decision, id_hash, features (a struct of the feature columns)
         when: str,  # UTC time, ISO-8601 text
         model_version: int,
@@ -696,17 +770,30 @@ class PredictionBlock:
         "The block as Parquet (zstd), made once: a retried write sends the same bytes."
         if self._data is None:
             import pyarrow.parquet as pq
+
             sink = io.BytesIO()
             try:
                 pq.write_table(self.table, sink, compression="zstd")
             except Exception as error:
-                raise UnstorableBlock(f"a block of {self.rows} predictions cannot be written as Parquet ({type(error).__name__})") from None
+                raise UnstorableBlock(
+                    f"a block of {self.rows} predictions cannot be written as Parquet ({type(error).__name__})"
+                ) from None
             self._data, self.table = sink.getvalue(), None  # the bytes stay for a retry; the table's memory goes
         return self._data
 
     def row(self) -> tuple:
         "The block as the row the store writes."
-        return (self.block_id, self.time, self.model_version, self.channel, self.rows, self.first, self.last, self.data())
+        return (
+            self.block_id,
+            self.time,
+            self.model_version,
+            self.channel,
+            self.rows,
+            self.first,
+            self.last,
+            self.data(),
+        )
+
 
 def block_key(
     request_ids,  # a pyarrow array (or chunked array) of text, none missing
@@ -714,8 +801,10 @@ def block_key(
     """A block's key: a fresh random id, and the range of its request ids (in byte order, as SQLite and
     PostgreSQL's C collation compare them), by which a later block finds the predictions it repeats."""
     import pyarrow.compute as pc
+
     bounds = pc.min_max(request_ids).as_py()
     return uuid.uuid4().hex, bounds["min"], bounds["max"]
+
 
 def without_logged(
     block: tuple,  # a block's row (see `PredictionBlock.row`)
@@ -725,7 +814,10 @@ def without_logged(
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    logged = pa.chunked_array([pq.read_table(io.BytesIO(data), columns=["request_id"]).column(0) for data in overlapping], pa.string())
+
+    logged = pa.chunked_array(
+        [pq.read_table(io.BytesIO(data), columns=["request_id"]).column(0) for data in overlapping], pa.string()
+    )
     table = pq.read_table(io.BytesIO(block[-1]))
     table = table.filter(pc.invert(pc.is_in(table.column("request_id"), value_set=logged.combine_chunks())))
     if table.num_rows == 0:
@@ -733,6 +825,7 @@ def without_logged(
     if table.num_rows == block[4]:
         return block
     return PredictionBlock(table, *block[1:4]).row()
+
 
 def write_blocks(
     execute,  # the store's `execute(sql, parameters)`, inside its open transaction; returns a cursor

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import heapq
 import hmac
@@ -13,17 +14,16 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import socket
-import fcntl
-import queue
 import threading
 import time
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,9 +31,18 @@ import numpy as np
 import pandas as pd
 
 from ...core import LifecycleError
-from .stores import CHANNELS, describe_error, features_json, is_data_error, latest_totals
-from .stores import log_store, PredictionBlock, utc_text, without_logged
 from .reader import PredictionReader
+from lifecycle.serving.predlog.stores import (
+    CHANNELS,
+    PredictionBlock,
+    describe_error,
+    features_json,
+    is_data_error,
+    latest_totals,
+    log_store,
+    utc_text,
+    without_logged,
+)
 
 # %% auto #0
 __all__ = ['ID_KEY_ENV', 'FIELD_MAX_CHARS', 'pseudonymize', 'id_key', 'prediction_row', 'label_row', 'JournalError', 'Journal',
@@ -52,6 +61,7 @@ def _id_text(value) -> str | None:
             return str(int(value))
     return str(value).strip()
 
+
 def pseudonymize(
     value,  # an identifier (text or number); None or NaN when the record has none
     key: bytes,  # the project's secret key (`id_key`)
@@ -64,6 +74,7 @@ def pseudonymize(
 
 # %% ../../../nbs/34_predlog_writer.ipynb #a1f0c010
 ID_KEY_ENV = "LIFECYCLE_ID_KEY"
+
 
 def _create_key(path: Path) -> None:
     "Write 32 random bytes to `path`, owner-only; when another process made the key first, keep theirs."
@@ -82,6 +93,7 @@ def _create_key(path: Path) -> None:
     finally:
         staging.unlink()
 
+
 def id_key(
     root: Path,  # the project folder
 ) -> bytes:  # the secret key for `pseudonymize`
@@ -94,7 +106,9 @@ def id_key(
         _create_key(path)
     key = path.read_bytes()
     if len(key) < 16:
-        raise LifecycleError(f"{path} holds {len(key)} bytes, too few for a key; restore it, or delete it to make a new one (old hashes will not match new ones)")
+        raise LifecycleError(
+            f"{path} holds {len(key)} bytes, too few for a key; restore it, or delete it to make a new one (old hashes will not match new ones)"
+        )
     return key
 
 # %% ../../../nbs/34_predlog_writer.ipynb #a1f0c018
@@ -112,9 +126,11 @@ _FIELD_HELP = {
 }
 _CONVERSION_ERRORS = (KeyError, TypeError, ValueError, OverflowError, RecursionError)
 
+
 def _id_hasher(key: bytes):
     "`pseudonymize` under one key, with the key's HMAC set up once instead of once a row."
     keyed = hmac.new(key, digestmod=hashlib.sha256)
+
     def hash_id(value) -> str | None:
         text = _id_text(value)
         if text is None:
@@ -122,7 +138,9 @@ def _id_hasher(key: bytes):
         digest = keyed.copy()
         digest.update(text.encode())
         return digest.hexdigest()[:32]
+
     return hash_id
+
 
 def _text_id(value) -> str:
     "A request id as text that every database accepts: valid UTF-8, no NUL character."
@@ -132,8 +150,10 @@ def _text_id(value) -> str:
     text.encode("utf-8")  # a lone surrogate cannot be stored
     return text
 
+
 def _invalid(what: str, field: str) -> LifecycleError:
     return LifecycleError(f"{what}: '{field}' is missing or invalid; it must be {_FIELD_HELP[field]}")
+
 
 def prediction_row(
     prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id; optional event_time
@@ -170,6 +190,7 @@ def prediction_row(
         return (request_id, when, version, channel, score, decision, id_hash, features, event)
     raise _invalid(f"prediction {number}", field)
 
+
 def label_row(
     request_id: str,  # the prediction's request id
     label: int,  # the true label
@@ -193,10 +214,12 @@ def label_row(
 class JournalError(LifecycleError):
     "The journal cannot be written (a full disk): the rows were not recorded."
 
+
 class Journal:
     "An append-only file of converted prediction rows, locked by the process writing it."
 
-    def __init__(self,
+    def __init__(
+        self,
         folder: Path,  # the log's journal folder (`journal_folder`)
     ):
         folder.mkdir(parents=True, exist_ok=True)
@@ -223,6 +246,7 @@ class Journal:
         os.close(self._fd)
         self._fd = None
 
+
 def journal_folder(
     root: Path,  # the project folder
     store,  # the log's store
@@ -230,6 +254,7 @@ def journal_folder(
     """One folder a log (a database), in the project's private folder: keyed by the log's resolved location (`log_location`),
     so a server started through a symlink and a monitor started by the real path journal into, and replay, one folder."""
     return Path(root).resolve() / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
+
 
 def replay_journals(
     store,  # the log's store
@@ -266,9 +291,9 @@ def replay_journals(
             connection = store.connect()
             try:
                 for start in range(0, len(rows), chunk):
-                    store.write(connection, rows[start:start + chunk], [])
+                    store.write(connection, rows[start : start + chunk], [])
                 for start in range(0, len(labels), chunk):  # after the predictions they belong to
-                    store.write(connection, [], labels[start:start + chunk])
+                    store.write(connection, [], labels[start : start + chunk])
                 if refused:
                     store.write(connection, [], [], (), latest_totals(journal_rejections(refused), utc_text()))
             finally:
@@ -276,9 +301,17 @@ def replay_journals(
             path.unlink(missing_ok=True)
             replayed += len(rows)
             if rows:
-                _logger.warning("prediction log %s: replayed %d predictions from a journal left by a process that stopped", store, len(rows))
+                _logger.warning(
+                    "prediction log %s: replayed %d predictions from a journal left by a process that stopped",
+                    store,
+                    len(rows),
+                )
         except Exception as error:  # the database is down: the journal stays for the next open
-            _logger.warning("prediction log %s: replaying a journal failed (%s); it is kept for the next open", store, describe_error(error))
+            _logger.warning(
+                "prediction log %s: replaying a journal failed (%s); it is kept for the next open",
+                store,
+                describe_error(error),
+            )
         finally:
             os.close(fd)
     return replayed
@@ -287,22 +320,26 @@ def replay_journals(
 _REASON_CODE = re.compile(r"^[a-z][a-z_]{0,39}$")
 FIELD_MAX_CHARS = 200  # a column name longer than this is not one (the contract names only the project's columns)
 
+
 def hour_text(
     when=None,  # a time (ISO-8601 text or datetime); None for now
 ) -> str:  # the start of its hour, UTC text
     "The hour a time falls in."
     return utc_text(when)[:13] + ":00:00.000000+00:00"
 
+
 class RejectionTally:
     "Running totals of the records one source refused, by hour logged, hour of the event, channel, model version, reason and field."
 
-    def __init__(self,
+    def __init__(
+        self,
         source: str,  # who counts: a journal file's name, a log instance, a batch file
     ):
         self.source = source
         self.totals = {}
 
-    def add(self,
+    def add(
+        self,
         rejected: list[tuple],  # (reason code, field or "", records, event time or None for now)
         channel: str,  # the channel they came by
         model_version: int,  # the version whose contract refused them
@@ -313,9 +350,13 @@ class RejectionTally:
         increments = {}
         for reason, field, count, when in rejected:
             if not isinstance(reason, str) or not _REASON_CODE.match(reason):
-                raise LifecycleError("record_rejections: a reason must be a code (lower-case letters and _), as contract.rejection_reasons gives")
+                raise LifecycleError(
+                    "record_rejections: a reason must be a code (lower-case letters and _), as contract.rejection_reasons gives"
+                )
             if not isinstance(field, str) or len(field) > FIELD_MAX_CHARS or not field.isprintable():
-                raise LifecycleError(f"record_rejections: a field must be a column name (printable, at most {FIELD_MAX_CHARS} characters) or empty")
+                raise LifecycleError(
+                    f"record_rejections: a field must be a column name (printable, at most {FIELD_MAX_CHARS} characters) or empty"
+                )
             if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
                 raise LifecycleError("record_rejections: a count must be a whole number, 0 or more")
             try:
@@ -333,8 +374,11 @@ class RejectionTally:
             del self.totals[key]
         return [[*key, count] for key, count in increments.items()], rows
 
+
 def journal_rejections(
-    entries: list[dict],  # journal lines of refused records: {"source": …, "rejections": [[logged_hour, event_hour, channel, version, reason, field, count], …]}
+    entries: list[
+        dict
+    ],  # journal lines of refused records: {"source": …, "rejections": [[logged_hour, event_hour, channel, version, reason, field, count], …]}
 ) -> list[tuple]:  # rejection rows without `logged`: each key's total over the entries
     "The totals a journal's increments add up to, as the process that wrote them held them."
     totals = {}
@@ -346,6 +390,7 @@ def journal_rejections(
 
 # %% ../../../nbs/34_predlog_writer.ipynb #a1f0c027
 _logger = logging.getLogger("lifecycle.serving.predlog")
+
 
 @contextmanager
 def _transaction(connection):
@@ -362,9 +407,11 @@ def _transaction(connection):
         raise
     connection.execute("COMMIT")
 
+
 def _weight(item: tuple) -> int:
     "How many predictions or labels a queued item holds."
     return item[1].rows if item[0] == "b" else 1
+
 
 class _Wake:
     """The writer's wake-up call, without a lock anyone holds. `close()` may run in a SIGTERM handler that interrupted
@@ -402,18 +449,22 @@ class _Wake:
             pass
         return self._flag
 
+
 class PredictionLog(PredictionReader):
     "Every prediction served and every label that arrives later, written by a background thread in batches."
 
-    def __init__(self,
+    def __init__(
+        self,
         store,  # the database: a `SQLiteStore` or a `PostgresStore`
         key: bytes,  # the project's secret key, for pseudonymizing identifiers
         batch_size: int = 1000,  # most rows one transaction writes
         interval: float = 0.05,  # seconds the writer waits for a fuller batch
         max_backoff: float = 1.0,  # longest pause between retries of a failed batch
-        journal: Path | None = None,  # a journal folder: `record` appends its rows there first (a server); None: no journal
+        journal: Path
+        | None = None,  # a journal folder: `record` appends its rows there first (a server); None: no journal
         journal_bytes: int = 16 << 20,  # a journal file this large is replaced by a new one
-        run: str | None = None,  # a `PendingRun`'s id: predictions wait in its pending tables, invisible, until it publishes
+        run: str
+        | None = None,  # a `PendingRun`'s id: predictions wait in its pending tables, invisible, until it publishes
     ):
         self.store = store
         self.batch_size = batch_size
@@ -425,17 +476,23 @@ class PredictionLog(PredictionReader):
         self._batch_weight = 0  # predictions and labels in `_batch`
         self._lock = threading.RLock()  # reentrant: close() may run in a signal handler that interrupted record()
         self._committed_changed = threading.Condition(self._lock)
-        self._wake = _Wake()  # set by record() and by close(), which a signal handler may call in the middle of record()
+        self._wake = (
+            _Wake()
+        )  # set by record() and by close(), which a signal handler may call in the middle of record()
         self._stop = threading.Event()
         self._queued = 0  # predictions and labels queued (a block counts its rows)
-        self._committed = 0  # of those, the ones the writer is done with: committed, or (rarely) refused by the database
+        self._committed = (
+            0  # of those, the ones the writer is done with: committed, or (rarely) refused by the database
+        )
         self._waiters = []  # a heap of (ticket, number, Future): callers waiting for their rows to be committed
         self.journal_bytes = journal_bytes
         if run is not None and journal is not None:
             raise LifecycleError("a prediction log writes either for a batch run or through a journal, not both")
         self.run = run
         self._journal = Journal(journal) if journal is not None else None
-        self._tally = RejectionTally(self._journal.path.stem if self._journal else f"log-{uuid.uuid4().hex}")  # refused records counted
+        self._tally = RejectionTally(
+            self._journal.path.stem if self._journal else f"log-{uuid.uuid4().hex}"
+        )  # refused records counted
         self._retired = []  # (Journal, ticket): full journals, deleted once the ticket is committed
         self._waiter_number = 0
         self.refused = 0  # rows the database refused (a value it cannot store); each is in `errors`
@@ -469,12 +526,15 @@ class PredictionLog(PredictionReader):
 
     # --- the caller's side: convert, queue, return -------------------------------------------
 
-    def record(self,
+    def record(
+        self,
         predictions: list[dict],  # each: request_id, time, model_version, channel, score, decision, features, id
         journal: bool = True,  # False: queued without the journal, even when the log has one (rows no client was answered with: a shadow's)
     ) -> int:  # a ticket: `when_committed(ticket)` tells when these rows are in the database
         "Queue predictions for the writer; returns at once (no disk, no network on this thread)."
-        items = [("p", prediction_row(prediction, self._hash_id, number)) for number, prediction in enumerate(predictions)]
+        items = [
+            ("p", prediction_row(prediction, self._hash_id, number)) for number, prediction in enumerate(predictions)
+        ]
         if self._journal is None or not journal:
             return self._enqueue(items)
         with self._lock:  # journal and queue in one order, so a journal is retired only after what it holds is queued
@@ -483,7 +543,9 @@ class PredictionLog(PredictionReader):
             try:
                 self._journal.append([row for _, row in items])
             except OSError as error:
-                raise JournalError(f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}") from None
+                raise JournalError(
+                    f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}"
+                ) from None
             ticket = self._enqueue(items)
             self._tend_journals(ticket)
         return ticket
@@ -497,11 +559,13 @@ class PredictionLog(PredictionReader):
         while self._retired and self._retired[0][1] <= self._committed:
             self._retired.pop(0)[0].release(delete=True)
 
-    def record_many(self,
+    def record_many(
+        self,
         request_ids: list[str],  # one unique id a prediction
         scores,  # the scores (a sequence of numbers)
         decisions,  # the decisions, 0 or 1
-        features: pd.DataFrame | None,  # the features, one row a prediction (missing values as NaN or None); None: none logged
+        features: pd.DataFrame
+        | None,  # the features, one row a prediction (missing values as NaN or None); None: none logged
         model_version: int,  # the model version that scored them all
         channel: str = "batch",  # online, batch or stream
         time=None,  # when they were scored (one time for all; default now)
@@ -517,7 +581,9 @@ class PredictionLog(PredictionReader):
         count = len(request_ids)
         feature_rows = count if features is None else len(features)
         if not (len(scores) == len(decisions) == feature_rows == count) or (ids is not None and len(ids) != count):
-            raise LifecycleError("record_many: request_ids, scores, decisions, features and ids must have one entry a prediction")
+            raise LifecycleError(
+                "record_many: request_ids, scores, decisions, features and ids must have one entry a prediction"
+            )
         if channel not in CHANNELS:
             raise _invalid("record_many", "channel")
         when = utc_text(time)
@@ -535,6 +601,7 @@ class PredictionLog(PredictionReader):
                 raise _invalid("record_many", "event_time") from None
         import pyarrow as pa
         import pyarrow.compute as pc
+
         try:
             score_array = pa.array(np.asarray(scores, dtype="float64"))
             decisions = np.asarray(decisions)
@@ -545,7 +612,11 @@ class PredictionLog(PredictionReader):
                 id_array = pa.array(request_ids, pa.string())
             except (pa.ArrowException, TypeError, UnicodeError):  # not all text: each one as text, checked
                 id_array = pa.array([_text_id(value) for value in request_ids], pa.string())
-            if id_array.null_count or pc.min(pc.utf8_length(id_array)).as_py() == 0 or pc.any(pc.match_substring(id_array, "\x00")).as_py():
+            if (
+                id_array.null_count
+                or pc.min(pc.utf8_length(id_array)).as_py() == 0
+                or pc.any(pc.match_substring(id_array, "\x00")).as_py()
+            ):
                 raise ValueError
         except _CONVERSION_ERRORS + (pa.ArrowException,):
             raise LifecycleError("record_many: a request id, score or decision is missing or invalid") from None
@@ -558,34 +629,67 @@ class PredictionLog(PredictionReader):
             self._enqueue([("b", block)], block.rows)
             return
         try:
-            columns = pa.Table.from_pandas(features.set_axis([str(name) for name in features.columns], axis=1),
-                                           preserve_index=False).combine_chunks()
-            feature_struct = pa.StructArray.from_arrays([column.chunk(0) if column.num_chunks else pa.array([], column.type)
-                                                         for column in columns.columns], names=columns.column_names)
+            columns = pa.Table.from_pandas(
+                features.set_axis([str(name) for name in features.columns], axis=1), preserve_index=False
+            ).combine_chunks()
+            feature_struct = pa.StructArray.from_arrays(
+                [column.chunk(0) if column.num_chunks else pa.array([], column.type) for column in columns.columns],
+                names=columns.column_names,
+            )
         except (pa.ArrowException, TypeError, ValueError):
-            self._record_many_as_rows(id_array.to_pylist(), score_array.to_pylist(), decisions.tolist(), features, version, channel, when,
-                                      hashed.to_pylist(), event_times)
+            self._record_many_as_rows(
+                id_array.to_pylist(),
+                score_array.to_pylist(),
+                decisions.tolist(),
+                features,
+                version,
+                channel,
+                when,
+                hashed.to_pylist(),
+                event_times,
+            )
             return
         table = pa.table({**arrays, "features": feature_struct})
         block = PredictionBlock(table, when, version, channel)
         self._enqueue([("b", block)], block.rows)
 
-    def _record_many_as_rows(self, request_ids, scores, decisions, features, version, channel, when, hashed, event_times=None) -> None:
+    def _record_many_as_rows(
+        self, request_ids, scores, decisions, features, version, channel, when, hashed, event_times=None
+    ) -> None:
         "The row path of `record_many`: one row a prediction, its features as JSON from pandas' C encoder."
         texts = features.to_json(orient="records", lines=True, double_precision=15).splitlines()
         count = len(request_ids)
-        self._enqueue([("p", row) for row in zip(request_ids, [when] * count, [version] * count, [channel] * count,
-                                                  scores, decisions, hashed, texts, event_times or [when] * count)])
+        self._enqueue(
+            [
+                ("p", row)
+                for row in zip(
+                    request_ids,
+                    [when] * count,
+                    [version] * count,
+                    [channel] * count,
+                    scores,
+                    decisions,
+                    hashed,
+                    texts,
+                    event_times or [when] * count,
+                )
+            ]
+        )
 
-    def record_label(self,
+    def record_label(
+        self,
         request_id: str,  # the prediction's request id
         label: int,  # the true label
         time=None,  # when it became known (ISO-8601 text or datetime); None for now
     ) -> None:
         "Queue a true label, which arrives after its prediction; with a journal (a server), journaled first: an accepted label survives kill -9."
         if self.run is not None:
-            raise LifecycleError("a batch run's log records predictions only: record labels through a log opened without run")
-        row = label_row(request_id, label, time) + (utc_text(),)  # and when it was written: a replay never undoes a later label
+            raise LifecycleError(
+                "a batch run's log records predictions only: record labels through a log opened without run"
+            )
+        row = label_row(request_id, label, time) + (
+            utc_text(),
+        )  # and when it was written: a replay never undoes a later label
         if self._journal is None:
             self._enqueue([("l", row)])
             return
@@ -595,14 +699,20 @@ class PredictionLog(PredictionReader):
             try:
                 self._journal.append([{"label": list(row)}])
             except OSError as error:
-                raise JournalError(f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}") from None
+                raise JournalError(
+                    f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}"
+                ) from None
             self._tend_journals(self._enqueue([("l", row)]))
 
-    def record_rejections(self,
-        rejected: list[tuple],  # (reason code, field or "", records, event time or None for now): see `contract.rejection_reasons`
+    def record_rejections(
+        self,
+        rejected: list[
+            tuple
+        ],  # (reason code, field or "", records, event time or None for now): see `contract.rejection_reasons`
         channel: str,  # online, batch or stream
         model_version: int,  # the version whose contract refused them
-        source: str | None = None,  # whose running totals: None for this log's; a batch run names its file, so scoring it again counts nothing twice
+        source: str
+        | None = None,  # whose running totals: None for this log's; a batch run names its file, so scoring it again counts nothing twice
     ) -> int | None:  # a ticket (`when_committed`); None when nothing was refused
         """Count refused records by hour, reason and field, never their values or identifiers; returns at once.
 
@@ -624,7 +734,9 @@ class PredictionLog(PredictionReader):
                 try:
                     self._journal.append([{"source": tally.source, "rejections": increments}])
                 except OSError as error:
-                    raise JournalError(f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}") from None
+                    raise JournalError(
+                        f"the prediction log's journal {self._journal.path} cannot be written: {describe_error(error)}"
+                    ) from None
             ticket = self._enqueue([("r", row) for row in rows])
             if self._journal is not None:
                 self._tend_journals(ticket)
@@ -644,7 +756,8 @@ class PredictionLog(PredictionReader):
             self._wake.set()
         return ticket
 
-    def when_committed(self,
+    def when_committed(
+        self,
         ticket: int,  # what `record` returned
     ) -> Future:  # done with True once the rows are committed; False if the log closed without writing them
         """A future that is done when the rows of `ticket` (and all queued before them) are in the database.
@@ -684,7 +797,8 @@ class PredictionLog(PredictionReader):
         "What went wrong in the writer, one line each (the latest 100), without any submitted value."
         return list(self._errors)
 
-    def flush(self,
+    def flush(
+        self,
         timeout: float = 30,  # seconds to wait at most
     ) -> bool:  # True when every row queued before the call is committed
         "Wait until everything queued so far is in the database."
@@ -700,7 +814,8 @@ class PredictionLog(PredictionReader):
                 self._committed_changed.wait(min(remaining, self.interval))
         return True
 
-    def close(self,
+    def close(
+        self,
         timeout: float = 30,  # seconds to wait for the queue to drain
     ) -> None:
         "Write everything queued, stop the writer, close the connection. Safe to call twice, at exit or on SIGTERM."
@@ -711,7 +826,9 @@ class PredictionLog(PredictionReader):
         try:
             written = self.flush(timeout)
             if not written:
-                self._note(f"closed with {self.pending} rows not written: the database did not take them within {timeout:g} s")
+                self._note(
+                    f"closed with {self.pending} rows not written: the database did not take them within {timeout:g} s"
+                )
             self._stop.set()
             self._wake.set()
             thread = self._thread
@@ -751,7 +868,9 @@ class PredictionLog(PredictionReader):
     def _run(self) -> None:
         try:
             self._write_until_stopped()
-        except BaseException as error:  # the batch stays in self._batch; the next record() or flush() starts a new writer
+        except (
+            BaseException
+        ) as error:  # the batch stays in self._batch; the next record() or flush() starts a new writer
             self._note(f"writer thread stopped ({describe_error(error)}); the next record or flush starts a new one")
 
     def _take(self) -> list:
@@ -788,7 +907,9 @@ class PredictionLog(PredictionReader):
                     except Exception as failure:  # the database itself failed meanwhile: retry as below
                         error = failure
                 failures += 1
-                self._note(f"writing {len(self._batch)} rows failed (attempt {failures}): {describe_error(error)}; retrying on a new connection")
+                self._note(
+                    f"writing {len(self._batch)} rows failed (attempt {failures}): {describe_error(error)}; retrying on a new connection"
+                )
                 self._drop_connection()
                 if self._stop.wait(min(self.max_backoff, 0.01 * 2 ** (failures - 1))):
                     return  # close() gave up waiting for the database
@@ -815,7 +936,9 @@ class PredictionLog(PredictionReader):
                 last_error = error
         if refused:
             self.refused += refused
-            self._note(f"{refused} of {self._batch_weight} rows refused by the database and not logged: {describe_error(last_error)}")
+            self._note(
+                f"{refused} of {self._batch_weight} rows refused by the database and not logged: {describe_error(last_error)}"
+            )
         with self._committed_changed:
             self._committed += self._batch_weight
             self._batch = []
@@ -827,7 +950,9 @@ class PredictionLog(PredictionReader):
             self._connection = self.store.connect()
         predictions = [row for kind, row in batch if kind == "p"]
         labels = [row for kind, row in batch if kind == "l"]
-        blocks = [block.row() for kind, block in batch if kind == "b"]  # compressed before the transaction, not inside it
+        blocks = [
+            block.row() for kind, block in batch if kind == "b"
+        ]  # compressed before the transaction, not inside it
         rejections = latest_totals([row for kind, row in batch if kind == "r"], utc_text())
         extra = {"run": self.run} if self.run is not None else {}
         if rejections:
@@ -854,7 +979,9 @@ def open_log(
     """Open the project's prediction log, creating its tables when needed, replaying the journals a crashed process left
     and removing the pending predictions of batch runs whose process died."""
     store = log_store(url, root)
-    log = PredictionLog(store, id_key(root), batch_size=batch_size, journal=journal_folder(root, store) if journal else None, run=run)
+    log = PredictionLog(
+        store, id_key(root), batch_size=batch_size, journal=journal_folder(root, store) if journal else None, run=run
+    )
     replay_journals(store, journal_folder(root, store))
     remove_dead_runs(store)
     return log
@@ -862,18 +989,24 @@ def open_log(
 # %% ../../../nbs/34_predlog_writer.ipynb #b7a1c011
 _BLOCK_COLUMNS = "block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data"
 
+
 def _delete_run(
     connection,  # a writer's connection to the store, inside a transaction
     mark: str,  # the store's parameter mark
     run_id: str,  # the batch run
 ) -> int:  # predictions removed
     "Remove a batch run's pending rows and its registration."
-    removed = int(connection.execute(f"SELECT (SELECT count(*) FROM pending_predictions WHERE run_id = {mark}) + "
-                                     f"(SELECT coalesce(sum(row_count), 0) FROM pending_blocks WHERE run_id = {mark})",
-                                     (run_id, run_id)).fetchone()[0])
+    removed = int(
+        connection.execute(
+            f"SELECT (SELECT count(*) FROM pending_predictions WHERE run_id = {mark}) + "
+            f"(SELECT coalesce(sum(row_count), 0) FROM pending_blocks WHERE run_id = {mark})",
+            (run_id, run_id),
+        ).fetchone()[0]
+    )
     for table in ("pending_predictions", "pending_blocks", "pending_runs"):
         connection.execute(f"DELETE FROM {table} WHERE run_id = {mark}", (run_id,))
     return removed
+
 
 def _publish_blocks(
     connection,  # a writer's connection, inside the publishing transaction
@@ -885,15 +1018,20 @@ def _publish_blocks(
     if store.kind == "postgresql":  # one block writer at a time, as in `PostgresStore.write`
         connection.execute("SELECT pg_advisory_xact_lock(7319002)")
     published = 0
-    pending = connection.execute(f"SELECT block_id, first_request_id, last_request_id, row_count FROM pending_blocks "
-                                 f"WHERE run_id = {mark} ORDER BY first_request_id", (run_id,)).fetchall()
+    pending = connection.execute(
+        f"SELECT block_id, first_request_id, last_request_id, row_count FROM pending_blocks "
+        f"WHERE run_id = {mark} ORDER BY first_request_id",
+        (run_id,),
+    ).fetchall()
     for block_id, first, last, rows in pending:
         overlapping = [row[0] for row in connection.execute(store.overlapping_sql, (last, first)).fetchall()]
         if not overlapping:  # the usual case: moved inside the database, never through Python
             connection.execute(store.publish_block_sql, (block_id,))
             published += int(rows)
             continue
-        block = connection.execute(f"SELECT {_BLOCK_COLUMNS} FROM pending_blocks WHERE block_id = {mark}", (block_id,)).fetchone()
+        block = connection.execute(
+            f"SELECT {_BLOCK_COLUMNS} FROM pending_blocks WHERE block_id = {mark}", (block_id,)
+        ).fetchone()
         block = without_logged(tuple(block[:-1]) + (bytes(block[-1]),), overlapping)
         if block is not None:
             connection.execute(store.insert_block_sql, block)
@@ -906,7 +1044,8 @@ class PendingRun:
     them into the log in one transaction. `abandon` removes them; so does the next `open_log` once the run's
     process is dead."""
 
-    def __init__(self,
+    def __init__(
+        self,
         store,  # the log's store (`log_store`)
     ):
         self.store = store
@@ -916,12 +1055,16 @@ class PendingRun:
             connection = store.connect()
             try:
                 store.create(connection)
-                self._lock = store.lock_run(self.run_id)  # first the lock, then the registration: a registered run is never taken for dead
+                self._lock = store.lock_run(
+                    self.run_id
+                )  # first the lock, then the registration: a registered run is never taken for dead
                 if self._lock is None:
                     raise LifecycleError(f"batch run {self.run_id} is locked by another process")
                 with _transaction(connection):
-                    connection.execute(f"INSERT INTO pending_runs (run_id, started, owner) VALUES ({store.mark}, {store.mark}, {store.mark})",
-                                       (self.run_id, store.time_parameter(None), f"{socket.gethostname()} pid {os.getpid()}"))
+                    connection.execute(
+                        f"INSERT INTO pending_runs (run_id, started, owner) VALUES ({store.mark}, {store.mark}, {store.mark})",
+                        (self.run_id, store.time_parameter(None), f"{socket.gethostname()} pid {os.getpid()}"),
+                    )
             finally:
                 connection.close()
         except LifecycleError:
@@ -929,7 +1072,9 @@ class PendingRun:
             raise
         except Exception as error:
             self._release()
-            raise LifecycleError(f"cannot start a batch run in the prediction log {store}: {describe_error(error)}") from None
+            raise LifecycleError(
+                f"cannot start a batch run in the prediction log {store}: {describe_error(error)}"
+            ) from None
 
     def __repr__(self):
         return f"PendingRun({self.run_id} in {self.store})"
@@ -948,9 +1093,13 @@ class PendingRun:
         try:
             with _transaction(connection):
                 if connection.execute(f"DELETE FROM pending_runs WHERE run_id = {mark}", (self.run_id,)).rowcount != 1:
-                    raise LifecycleError(f"batch run {self.run_id}: its pending predictions are no longer in the log {self.store} "
-                                         "(removed as a dead run's); run it again")
-                self.store.begin_commit(connection)  # the run's rows carry this commit's number, not the times they were scored at
+                    raise LifecycleError(
+                        f"batch run {self.run_id}: its pending predictions are no longer in the log {self.store} "
+                        "(removed as a dead run's); run it again"
+                    )
+                self.store.begin_commit(
+                    connection
+                )  # the run's rows carry this commit's number, not the times they were scored at
                 published = connection.execute(self.store.publish_predictions_sql, (self.run_id,)).rowcount
                 published += _publish_blocks(connection, self.store, self.run_id)
                 _delete_run(connection, mark, self.run_id)
@@ -979,7 +1128,12 @@ def remove_dead_runs(
     "Remove the pending rows of batch runs whose process died (its lock is free), and rows of runs no longer registered."
     try:
         registered = [row[0] for row in store.read("SELECT run_id FROM pending_runs")]
-        written = {row[0] for row in store.read("SELECT DISTINCT run_id FROM pending_blocks UNION SELECT DISTINCT run_id FROM pending_predictions")}
+        written = {
+            row[0]
+            for row in store.read(
+                "SELECT DISTINCT run_id FROM pending_blocks UNION SELECT DISTINCT run_id FROM pending_predictions"
+            )
+        }
     except Exception:  # a log made before batch runs were pending: nothing to remove
         return 0
     removed = 0
@@ -991,7 +1145,12 @@ def remove_dead_runs(
             connection = store.connect()
             try:
                 with _transaction(connection):
-                    if lock is None and connection.execute(f"SELECT 1 FROM pending_runs WHERE run_id = {store.mark}", (run_id,)).fetchall():
+                    if (
+                        lock is None
+                        and connection.execute(
+                            f"SELECT 1 FROM pending_runs WHERE run_id = {store.mark}", (run_id,)
+                        ).fetchall()
+                    ):
                         continue  # an unregistered run's rows: registered meanwhile (cannot happen: a run registers before it writes)
                     removed += _delete_run(connection, store.mark, run_id)
             finally:
@@ -1000,6 +1159,10 @@ def remove_dead_runs(
             if lock is not None:
                 lock.release()
     if removed:
-        _logger.warning("prediction log %s: removed %d pending predictions of batch runs that stopped before they finished "
-                        "(never visible to a reader)", store, removed)
+        _logger.warning(
+            "prediction log %s: removed %d pending predictions of batch runs that stopped before they finished "
+            "(never visible to a reader)",
+            store,
+            removed,
+        )
     return removed
