@@ -14,6 +14,62 @@ __all__ = ['block_key', 'CHANNELS', 'DEFAULT_FILE', 'describe_error', 'features_
            'readable_rows']
 
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
+from lifecycle.serving.predlog.reader import (  # noqa: F401 (the package's public names, in `_all_`)
+    PREDICTION_COLUMNS,
+    SHADOW_PAIR_COLUMNS,
+    SHADOW_PREFIX,
+    PredictionReader,
+    commit_range,
+    label_problem,
+    pair_shadow,
+    prediction_problem,
+    read_rejections,
+    readable_rows,
+    shadow_pairs,
+    shadow_request_id,
+    shadow_summary,
+)
+from lifecycle.serving.predlog.stores import (  # noqa: F401 (the package's public names, in `_all_`)
+    CHANNELS,
+    DEFAULT_FILE,
+    REJECTION_COLUMNS,
+    SEQUENCED_TABLES,
+    PostgresStore,
+    PredictionBlock,
+    SQLiteStore,
+    UnstorableBlock,
+    block_key,
+    describe_error,
+    features_json,
+    is_data_error,
+    latest_totals,
+    log_location,
+    log_store,
+    redact_url,
+    utc_text,
+    without_logged,
+    write_blocks,
+)
+from lifecycle.serving.predlog.writer import (  # noqa: F401 (the package's public names, in `_all_`)
+    FIELD_MAX_CHARS,
+    ID_KEY_ENV,
+    Journal,
+    JournalError,
+    PendingRun,
+    PredictionLog,
+    RejectionTally,
+    hour_text,
+    id_key,
+    journal_folder,
+    journal_rejections,
+    label_row,
+    open_log,
+    prediction_row,
+    pseudonymize,
+    remove_dead_runs,
+    replay_journals,
+)
+
 _all_ = [
     "block_key",
     "CHANNELS",
