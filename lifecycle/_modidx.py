@@ -1260,6 +1260,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                            'lifecycle.serving.scoring.verify_fast_path': ( 'scoring.html#verify_fast_path',
                                                                                            'lifecycle/serving/scoring.py')},
             'lifecycle.serving.serve': { 'lifecycle.serving.serve.create_app': ('serve.html#create_app', 'lifecycle/serving/serve.py'),
+                                         'lifecycle.serving.serve.include': ('serve.html#include', 'lifecycle/serving/serve.py'),
                                          'lifecycle.serving.serve.lifespan': ('serve.html#lifespan', 'lifecycle/serving/serve.py'),
                                          'lifecycle.serving.serve.serve': ('serve.html#serve', 'lifecycle/serving/serve.py')},
             'lifecycle.serving.stream': { 'lifecycle.serving.stream.Endpoint': ('stream.html#endpoint', 'lifecycle/serving/stream.py'),
