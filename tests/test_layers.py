@@ -229,3 +229,47 @@ def test_nothing_reads_a_settings_file_by_name_or_decides_where_the_log_is():
         for pattern in (r'/ "settings\.ini"', r"/ SETTINGS_FILE", r'\.get\("log"'):
             offenders += [f"{name}: {pattern}" for _ in re.finditer(pattern, text)]
     assert not offenders, offenders
+
+
+def circles(imports: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles among the package's modules (their strongly connected components of more than one module), each
+    sorted; found by Tarjan's algorithm over the arrows `imports` gives, inside functions included."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(module):
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(imports.get(module, set()) - {module}):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(imports):
+        if module not in index:
+            visit(module)
+    return sorted(found)
+
+
+def test_the_circle_finder_finds_circles():
+    arrows = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"d"}, "f": {"f", "a"}}
+    assert circles(arrows) == [["a", "b", "c"], ["d", "e"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    "Not even between modules of one layer, nor through an import inside a function: each module can be read before those above it."
+    found = circles(package_imports())
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(circle) for circle in found)
