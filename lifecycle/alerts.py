@@ -21,7 +21,8 @@ from .core import LifecycleError, read_json, write_json
 
 # %% auto #0
 __all__ = ['COMPARISONS', 'SEVERITIES', 'tokenize', 'parse_expression', 'evaluate', 'names', 'Rule', 'parse_kpis', 'parse_rules',
-           'alert_fingerprint', 'update_alerts', 'alertmanager_payload', 'post_webhook', 'raise_alerts', 'send_notice']
+           'alert_fingerprint', 'update_alerts', 'alertmanager_payload', 'post_webhook', 'raise_alerts',
+           'firing_alerts', 'firing_alert_names', 'send_notice']
 
 # %% ../nbs/41_alerts.ipynb #f9feda6c
 _TOKEN = re.compile(
@@ -450,6 +451,28 @@ def raise_alerts(
         write_json(path, {"alerts": alerts, "outbox": outbox})
     firing = [alert for alert in alerts.values() if alert["status"] == "firing"]
     return {"sent": events, "firing": firing, "delivery": delivery, "statements": statements}
+
+# %% ../nbs/41_alerts.ipynb #ce96e575
+def firing_alerts(
+    folder: Path,  # the project's monitoring folder (holding alerts_state.json)
+) -> list[dict]:  # the alerts firing now, critical first, then oldest first
+    "The firing alerts, as the monitor stored them."
+    try:
+        alerts = (read_json(Path(folder) / "alerts_state.json").get("alerts") or {}).values()
+    except (OSError, ValueError, AttributeError):
+        return []
+    firing = [alert for alert in alerts if isinstance(alert, dict) and alert.get("status") == "firing"]
+    rank = {"critical": 0, "warning": 1, "info": 2}
+    return sorted(
+        firing, key=lambda alert: (rank.get((alert.get("labels") or {}).get("severity"), 3), str(alert.get("startsAt")))
+    )
+
+
+def firing_alert_names(
+    folder: Path,  # the project's monitoring folder (holding alerts_state.json)
+) -> list[str]:  # names of the alerts firing now, sorted
+    "The alerts monitoring left firing, by name."
+    return sorted({(alert.get("labels") or {}).get("alertname", "") for alert in firing_alerts(folder)} - {""})
 
 # %% ../nbs/41_alerts.ipynb #85abd8f1
 def send_notice(

@@ -6,9 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import html
-import io
 import math
 import os
 from datetime import datetime, timezone
@@ -17,14 +14,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .alerts import firing_alerts, parse_kpis
 from .core import LifecycleError, Project, Settings, open_project, page_settings, read_json
-from .monitoring import MONITOR_KEYS, _safe_name, parse_every, rejection_lines
+from .monitoring import MONITOR_KEYS, details_path, parse_every, rows_path
+from .monitoring.windows import utc_timestamp
+
+# isort: split
+from lifecycle.dashboard_sections import (
+    STYLE,
+    _e,
+    accuracy_html,
+    alerts_html,
+    drift_html,
+    fairness_html,
+    header_html,
+    kpis_html,
+    refused_html,
+    scores_html,
+    shadow_html,
+    statements_html,
+)
 
 # %% auto #0
-__all__ = ['REFRESH_ENV', 'STYLE', 'SECTIONS', 'refresh_seconds', 'dashboard_project', 'when_text', 'window_label',
-           'last_prediction', 'firing_alerts', 'model_in_service', 'latest_window', 'score_shares', 'read_state',
-           'shadow_state', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
-           'accuracy_html', 'fairness_html', 'groups_html', 'statements_html', 'render', 'shadow_html', 'Dashboard',
+__all__ = ['REFRESH_ENV', 'SECTIONS', 'refresh_seconds', 'dashboard_project', 'last_prediction', 'model_in_service',
+           'latest_window', 'score_shares', 'reference_scores', 'read_state', 'render', 'shadow_state', 'Dashboard',
            'show_dashboard']
 
 # %% ../nbs/43_dashboard.ipynb #baab0b4d
@@ -53,60 +66,6 @@ def dashboard_project(
     "The project the dashboard shows."
     return open_project(page_settings(settings))
 
-# %% ../nbs/43_dashboard.ipynb #d09e3172
-def _utc(value) -> pd.Timestamp | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    try:
-        stamp = pd.Timestamp(value)
-    except (ValueError, TypeError):
-        return None
-    if pd.isna(stamp):
-        return None
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-
-
-def when_text(
-    value,  # a time (ISO text, datetime or Timestamp), or None
-    now: datetime | None = None,  # the present (injected in tests)
-) -> str:  # e.g. "2024-05-06 14:02 UTC (3 minutes ago)"
-    "A time in words, with how long ago it was."
-    stamp = _utc(value)
-    if stamp is None:
-        return "never"
-    seconds = ((pd.Timestamp(now) if now else pd.Timestamp.now(tz="UTC")) - stamp).total_seconds()
-    text = stamp.strftime("%Y-%m-%d %H:%M UTC")
-    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
-        if seconds >= size:
-            count = int(seconds // size)
-            return f"{text} ({count} {unit}{'s' if count > 1 else ''} ago)"
-    return (
-        f"{text} (just now)" if seconds >= -60 else f"{text} (later than this machine's clock)"
-    )  # a minute's grace: files written while the page reads
-
-
-def window_label(
-    key: str,  # the window's key, e.g. v3_2024-05-06 or v3_n0000002
-    start,  # its start (ISO text or Timestamp)
-    every: str | int,  # "day", "week" or N predictions
-    short: bool = False,  # only the day and month ("6 May"), for narrow tables
-) -> str:  # e.g. "week of 6 May 2024"
-    "A window in words."
-    stamp = _utc(start)
-    day = f"{stamp.day} {stamp.strftime('%b %Y')}" if stamp is not None else "an unknown day"
-    if short:
-        return f"{stamp.day} {stamp:%b}" if stamp is not None else "?"
-    if every == "week":
-        return f"week of {day}"
-    if every == "day":
-        return day
-    number = key.rsplit("_n", 1)[-1]
-    return (
-        f"predictions {int(number) * every + 1}–{(int(number) + 1) * every} from {day}"
-        if number.isdigit()
-        else f"window from {day}"
-    )
-
 # %% ../nbs/43_dashboard.ipynb #beb99926
 def last_prediction(
     root: Path,  # the project folder
@@ -125,24 +84,9 @@ def last_prediction(
             newest = store.read(f"SELECT max(time) FROM {table}")[0][0]
         except Exception:  # the table is not created yet, or the database is away: no time
             continue
-        if _utc(newest) is not None:
-            times.append(_utc(newest))
+        if utc_timestamp(newest) is not None:
+            times.append(utc_timestamp(newest))
     return max(times).isoformat() if times else None
-
-
-def firing_alerts(
-    folder: Path,  # the project's monitoring folder
-) -> list[dict]:  # the alerts firing now, critical first, then oldest first
-    "The firing alerts, as the monitor stored them."
-    try:
-        alerts = (read_json(Path(folder) / "alerts_state.json").get("alerts") or {}).values()
-    except (OSError, ValueError, AttributeError):
-        return []
-    firing = [alert for alert in alerts if isinstance(alert, dict) and alert.get("status") == "firing"]
-    rank = {"critical": 0, "warning": 1, "info": 2}
-    return sorted(
-        firing, key=lambda alert: (rank.get((alert.get("labels") or {}).get("severity"), 3), str(alert.get("startsAt")))
-    )
 
 
 def model_in_service(
@@ -189,9 +133,7 @@ def score_shares(
 ) -> np.ndarray | None:  # the window's share of scores in each bin; None when it has none
     "The window's score distribution on the reference's bins (only the stored scores are read, never a record)."
     try:
-        scores = pd.read_parquet(Path(folder) / "rows" / f"{_safe_name(window)}.parquet", columns=["score"])[
-            "score"
-        ].to_numpy(dtype=float)
+        scores = pd.read_parquet(rows_path(folder, window), columns=["score"])["score"].to_numpy(dtype=float)
     except Exception:  # missing or half-written: no distribution this time
         return None
     scores = scores[np.isfinite(scores)]
@@ -199,6 +141,42 @@ def score_shares(
     return counts / counts.sum() if counts.sum() else None
 
 # %% ../nbs/43_dashboard.ipynb #4660bdfd
+def _read_log_state(
+    project: Project,  # the project: its folder and prediction log
+    state: dict,  # the page's state (its shadow, last_prediction and statements are set)
+) -> None:
+    "What the page reads from the prediction log: the shadow's figures and the last prediction's time, or why not."
+    try:
+        state["shadow"] = shadow_state(project.root, project.log_url)
+    except Exception as error:  # the log being written, a database away: the page says so and shows the rest
+        state["shadow"] = None
+        state["statements"].append(
+            f"the shadow's figures could not be read from the prediction log ({type(error).__name__})"
+        )
+    try:
+        state["last_prediction"] = last_prediction(project.root, project.log_url)
+    except LifecycleError as error:
+        state["last_prediction"] = None
+        state["statements"].append(str(error))
+
+
+def reference_scores(
+    root: Path,  # the project folder
+    version: int,  # a model version
+) -> dict | None:  # edges and shares of the reference's score bins; None when its reference has none
+    "The score distribution a model version's reference stored, on its bins."
+    try:
+        scores = read_json(root / "registry" / "versions" / str(version) / "reference.json").get("scores") or {}
+    except (OSError, ValueError, AttributeError):
+        scores = {}
+    if len(scores.get("bin_edges") or []) < 2 or len(scores.get("bin_counts") or []) != len(scores["bin_edges"]) - 1:
+        return None
+    counts = np.asarray(scores["bin_counts"], dtype=float)
+    if counts.sum() <= 0:
+        return None
+    return {"edges": [float(edge) for edge in scores["bin_edges"]], "shares": counts / counts.sum()}
+
+
 def read_state(
     project: Project,  # the project: its folder, settings and prediction log
     now: datetime | None = None,  # the present (injected in tests)
@@ -220,18 +198,7 @@ def read_state(
     state["every"] = parse_every(section.get("window", MONITOR_KEYS["window"]))
     state["model"] = model_in_service(root)
     state["alerts"] = firing_alerts(folder)
-    try:
-        state["shadow"] = shadow_state(root, project.log_url)
-    except Exception as error:  # the log being written, a database away: the page says so and shows the rest
-        state["shadow"] = None
-        state["statements"].append(
-            f"the shadow's figures could not be read from the prediction log ({type(error).__name__})"
-        )
-    try:
-        state["last_prediction"] = last_prediction(root, project.log_url)
-    except LifecycleError as error:
-        state["last_prediction"] = None
-        state["statements"].append(str(error))
+    _read_log_state(project, state)
     try:
         state["monitor"] = read_json(folder / "monitor_status.json")
     except (OSError, ValueError):
@@ -249,27 +216,44 @@ def read_state(
         return state
     state["latest"] = latest
     try:
-        state["details"] = read_json(folder / "details" / f"{_safe_name(latest['window'])}.json")
+        state["details"] = read_json(details_path(folder, latest["window"]))
     except (OSError, ValueError):
         state["details"] = None
-    try:
-        scores = (
-            read_json(root / "registry" / "versions" / str(int(latest["model_version"])) / "reference.json").get(
-                "scores"
-            )
-            or {}
-        )
-    except (OSError, ValueError, AttributeError):
-        scores = {}
-    if len(scores.get("bin_edges") or []) >= 2 and len(scores.get("bin_counts") or []) == len(scores["bin_edges"]) - 1:
-        counts = np.asarray(scores["bin_counts"], dtype=float)
-        if counts.sum() > 0:
-            state["reference_scores"] = {
-                "edges": [float(edge) for edge in scores["bin_edges"]],
-                "shares": counts / counts.sum(),
-            }
-            state["shares"] = score_shares(folder, latest["window"], state["reference_scores"]["edges"])
+    state["reference_scores"] = reference_scores(root, int(latest["model_version"]))
+    if state["reference_scores"] is not None:
+        state["shares"] = score_shares(folder, latest["window"], state["reference_scores"]["edges"])
     return state
+
+# %% ../nbs/43_dashboard.ipynb #131929f7
+SECTIONS = ("header", "alerts", "shadow", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
+
+
+def render(
+    state: dict,  # `read_state`
+    settings: Settings | None,  # the project's settings
+    figures: bool = True,  # draw the figures (False: keep the previous ones, the windows have not changed)
+) -> dict[str, str]:  # section name -> its HTML
+    "The HTML of every section of the page."
+    section = settings.sections.get("monitor", {}) if settings else {}
+    windows, every = state["windows"], state["every"]
+    pages = {
+        "header": header_html(state, settings),
+        "alerts": alerts_html(state["alerts"], state["now"]),
+        "drift": drift_html(windows, settings, every),
+        "kpis": kpis_html(windows, parse_kpis(section.get("kpis", "")), every),
+        "refused": refused_html(state, settings),
+        "shadow": shadow_html(state.get("shadow"), state["now"]),
+        "statements": statements_html(state),
+    }
+    if figures:
+        pages.update(
+            {
+                "scores": scores_html(state, settings),
+                "accuracy": accuracy_html(windows),
+                "fairness": fairness_html(windows, settings, state["details"]),
+            }
+        )
+    return pages
 
 # %% ../nbs/43_dashboard.ipynb #e92b6c68
 def shadow_state(
@@ -295,506 +279,6 @@ def shadow_state(
     if not len(table):
         return {"champion_version": champion, "shadow_version": shadow, "pairs": 0}
     return table.iloc[0].to_dict()
-
-# %% ../nbs/43_dashboard.ipynb #e9671780
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _number(value, percent: bool = False, digits: int = 3) -> str:
-    "A figure as text; missing or not finite as a dash."
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    if not math.isfinite(value):
-        return "—"
-    if percent:
-        return f"{value:.0%}"
-    return f"{value:,.0f}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.{digits}g}"
-
-
-def _column(table: pd.DataFrame, name: str) -> pd.Series:
-    "A column as numbers (NaN where missing); all NaN when the table lacks it."
-    if name not in table.columns:
-        return pd.Series(np.nan, index=table.index)
-    return pd.to_numeric(table[name], errors="coerce").astype(float)
-
-
-def _times(table: pd.DataFrame) -> np.ndarray:
-    "The windows' starts, for a time axis (UTC, without the zone: matplotlib draws them as they are)."
-    return pd.to_datetime(table["window_start"], utc=True, format="ISO8601").dt.tz_convert(None).to_numpy()
-
-
-def _time_axis(axes, times: np.ndarray) -> None:
-    "Dates on the x axis, short and level: each window's start ('6 May') when there are few, else matplotlib's concise dates."
-    if 0 < len(times) <= 8:
-        stamps = pd.to_datetime(times)
-        axes.set_xticks(times, [f"{stamp.day} {stamp:%b}" for stamp in stamps])
-        return
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-
-    locator = AutoDateLocator(minticks=2, maxticks=7)
-    axes.xaxis.set_major_locator(locator)
-    axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))
-
-
-def _png(figure) -> str:
-    "A matplotlib figure as an <img> tag (base64 PNG)."
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return f'<img alt="" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
-
-
-def _figure(width: float = 7.0, height: float = 3.0):
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return figure, figure.add_subplot()
-
-# %% ../nbs/43_dashboard.ipynb #523369b9
-STYLE = """<style>
-.lc-board{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1f2933;max-width:1180px}
-.lc-board h1{font-size:1.55em;margin:.2em 0 .1em}.lc-board h2{font-size:1.12em;margin:1.1em 0 .4em;color:#334e68}
-.lc-facts{display:flex;flex-wrap:wrap;gap:10px;margin:.6em 0}
-.lc-fact{background:#f0f4f8;border-radius:8px;padding:8px 14px;min-width:150px}
-.lc-fact b{display:block;font-size:1.2em}.lc-fact span{color:#627d98;font-size:.85em}
-.lc-alert{border-left:5px solid #d64545;background:#ffeeee;padding:7px 12px;margin:5px 0;border-radius:4px}
-.lc-alert.warning{border-color:#de911d;background:#fffbea}.lc-alert.info{border-color:#2186eb;background:#e6f6ff}
-.lc-ok{border-left:5px solid #3ebd93;background:#effcf6;padding:7px 12px;border-radius:4px}
-.lc-note{color:#486581;margin:.3em 0}
-.lc-table{border-collapse:collapse;font-size:.88em}.lc-table th,.lc-table td{padding:4px 9px;border-bottom:1px solid #e4e7eb;text-align:right}
-.lc-table th:first-child,.lc-table td:first-child{text-align:left;white-space:nowrap}.lc-table th{white-space:nowrap}
-.lc-table td.lc-muted{color:#9aa5b1;font-style:italic}
-.lc-heat td.drift{background:#f8b4b4;color:#610404;text-align:center}.lc-heat td.calm{background:#e3f9e5;color:#0e5814;text-align:center}
-.lc-heat td.unjudged{background:#f5f7fa;color:#9aa5b1;text-align:center}
-.lc-grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:18px}
-</style>"""
-
-# %% ../nbs/43_dashboard.ipynb #37e2012d
-def header_html(
-    state: dict,  # `read_state`
-    settings: Settings | None,  # the project's settings
-) -> str:  # the title, the model in service, the last prediction, the latest window and when the results were computed
-    "The page's head: what is being watched and how fresh it is."
-    title = settings.title if settings and settings.title else "Monitoring"
-    model, now = state["model"], state["now"]
-    champion = f"version {model['champion']}" if model["champion"] is not None else "none yet"
-    kind = f"{model['model'].replace('_', ' ')}" if model.get("model") else "no champion in the registry"
-    latest = state["latest"]
-    window = (
-        window_label(latest["window"], latest["window_start"], state["every"]) if latest is not None else "none yet"
-    )
-    facts = [
-        ("model in service", champion, kind),
-        (
-            "last prediction",
-            when_text(state["last_prediction"], now).split(" (")[0] if state["last_prediction"] else "none yet",
-            when_text(state["last_prediction"], now).partition(" (")[2].rstrip(")")
-            if state["last_prediction"]
-            else "the log holds no predictions",
-        ),
-        (
-            "latest window",
-            window,
-            f"{_number(latest['predictions'])} predictions" if latest is not None else "nothing monitored yet",
-        ),
-        ("alerts firing", str(len(state["alerts"])), "now"),
-    ]
-    if model.get("challenger") is not None and model["challenger"] != model["champion"]:
-        facts.insert(1, ("challenger", f"version {model['challenger']}", "in evaluation"))
-    boxes = "".join(
-        f'<div class="lc-fact"><span>{_e(name)}</span><b>{_e(value)}</b><span>{_e(note)}</span></div>'
-        for name, value, note in facts
-    )
-    monitor = state.get("monitor") or {}
-    fresh = f"Monitoring results computed {when_text(monitor.get('time'), now)}." if monitor.get("time") else ""
-    if monitor.get("error"):
-        fresh += f" The last monitoring run failed: {monitor['error']}"
-    if state.get("unreadable"):
-        fresh += " The results were being written; they appear at the next refresh."
-    page = f"Page refreshed {now.strftime('%Y-%m-%d %H:%M:%S UTC')}."
-    return f'{STYLE}<div class="lc-board"><h1>{_e(title)}</h1><div class="lc-facts">{boxes}</div><p class="lc-note">{_e(page)} {_e(fresh)}</p></div>'
-
-
-def alerts_html(
-    alerts: list[dict],  # `firing_alerts`
-    now: datetime,  # the present
-) -> str:  # one line an alert: severity, rule, its figure, since when
-    "The firing alerts in words."
-    if not alerts:
-        return '<div class="lc-board"><h2>Alerts</h2><div class="lc-ok">No alert is firing.</div></div>'
-    lines = []
-    for alert in alerts:
-        labels, notes = alert.get("labels") or {}, alert.get("annotations") or {}
-        severity = str(labels.get("severity", "warning"))
-        text = f"{severity.upper()} · {labels.get('alertname', 'alert')}: {notes.get('expression', '')} holds (now {notes.get('value', 'unknown')})"
-        since = f"firing since {when_text(alert.get('startsAt'), now)}"
-        lines.append(f'<div class="lc-alert {_e(severity)}"><b>{_e(text)}</b> — {_e(since)}</div>')
-    return f'<div class="lc-board"><h2>Alerts</h2>{"".join(lines)}</div>'
-
-# %% ../nbs/43_dashboard.ipynb #9938a328
-def drift_html(
-    windows: pd.DataFrame,  # windows.parquet
-    settings: Settings | None,  # for the features' names
-    every: str | int,  # the window length
-    last: int = 10,  # windows shown, newest last
-) -> str:  # the heat map of features by window, as a table
-    "Which features drifted in which window: a heat map in words."
-    features = (
-        [column[len("drift.") :] for column in windows.columns if column.startswith("drift.")]
-        if windows is not None
-        else []
-    )
-    if not features:
-        return '<div class="lc-board"><h2>Data drift by feature and window</h2><p class="lc-note">No window has been judged for drift yet.</p></div>'
-    shown = windows.sort_values(["window_start", "model_version"], kind="stable").tail(last)
-    head = "".join(
-        f"<th>{_e(window_label(row.window, row.window_start, every))}"
-        + (f"<br><small>version {_e(int(row.model_version))}</small>" if windows["model_version"].nunique() > 1 else "")
-        + "</th>"
-        for row in shown.itertuples()
-    )
-    body = []
-    for feature in features:
-        name = settings.column_name(feature) if settings else feature
-        cells = []
-        for _, row in shown.iterrows():
-            flag, missing = row.get(f"drift.{feature}"), row.get(f"missing_share.{feature}")
-            note = f"{_number(missing, percent=True)} missing" if missing is not None and not pd.isna(missing) else ""
-            if flag is None or pd.isna(flag) or row.get("drift_share") is None or pd.isna(row.get("drift_share")):
-                cells.append('<td class="unjudged">not judged</td>')
-            elif flag:
-                cells.append(f'<td class="drift" title="{_e(note)}">drifted</td>')
-            else:
-                cells.append(f'<td class="calm" title="{_e(note)}">stable</td>')
-        body.append(f"<tr><td>{_e(name)}</td>{''.join(cells)}</tr>")
-    share = "".join(f"<td>{_number(value, percent=True)}</td>" for value in shown["drift_share"])
-    return (
-        f'<div class="lc-board"><h2>Data drift by feature and window</h2>'
-        f'<table class="lc-table lc-heat"><tr><th>feature</th>{head}</tr>{"".join(body)}'
-        f"<tr><th>share of features drifted</th>{share}</tr></table></div>"
-    )
-
-
-def kpis_html(
-    windows: pd.DataFrame,  # windows.parquet
-    kpis: dict,  # [monitor] kpis, parsed (`parse_kpis`): name -> (text, expression)
-    every: str | int,  # the window length
-    last: int = 6,  # windows shown, newest last
-) -> str:  # a table of the KPIs and the volume by window
-    "The hospital's own figures, window by window; a KPI that counts outcomes says 'no labels' where none arrived."
-    if windows is None or not len(windows):
-        return '<div class="lc-board"><h2>Key figures</h2><p class="lc-note">No predictions have been monitored yet.</p></div>'
-    shown = windows.sort_values(["window_start", "model_version"], kind="stable").tail(last)
-    rows = [
-        ("predictions", "predictions", False),
-        ("labels arrived", "labeled", False),
-        ("positive decisions", "positive_rate", True),
-        ("records refused", "rejected", False),
-        ("share refused", "rejected_share", True),
-    ]
-    from lifecycle.alerts import names
-
-    outcomes = {name for name, (_, tree) in kpis.items() if names(tree) & {"tp", "fp", "fn", "tn"}}
-    rows += [(name.replace("_", " "), name, False) for name in kpis]
-    head = "".join(
-        f"<th>{_e(window_label(row.window, row.window_start, every, short=True))}</th>" for row in shown.itertuples()
-    )
-    labelled = _column(shown, "labeled").fillna(0).to_numpy()
-
-    def cell(column, percent, position, value):
-        if column in outcomes and labelled[position] == 0:
-            return '<td class="lc-muted">no labels yet</td>'
-        return f"<td>{_e(_number(value, percent))}</td>"
-
-    body = "".join(
-        f"<tr><td>{_e(title)}</td>"
-        + "".join(
-            cell(column, percent, position, value)
-            for position, value in enumerate(shown[column] if column in shown.columns else [None] * len(shown))
-        )
-        + "</tr>"
-        for title, column, percent in rows
-    )
-    note = (
-        ""
-        if kpis
-        else '<p class="lc-note">No KPI is defined: add them to [monitor] kpis, e.g. missed_per_week: fn / weeks.</p>'
-    )
-    return f'<div class="lc-board"><h2>Key figures</h2><table class="lc-table"><tr><th>{_e(f"{every}s starting" if every in ("day", "week") else "windows from")}</th>{head}</tr>{body}</table>{note}</div>'
-
-# %% ../nbs/43_dashboard.ipynb #5b19557e
-def refused_html(
-    state: dict,  # `read_state`
-    settings: Settings | None,  # for the columns' names
-) -> str:  # the latest window's refused records, a line a reason and field
-    "How many records the latest window refused, what share of those received, and why."
-    title = "<h2>Refused records</h2>"
-    details, latest = state.get("details") or {}, state.get("latest")
-    if latest is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">No window yet.</p></div>'
-    rows = details.get("rejections") or []
-    if not rows:
-        return (
-            f'<div class="lc-board">{title}<div class="lc-ok">No record was refused in the latest window.</div></div>'
-        )
-    values = details.get("values") or {}
-    lines = rejection_lines(rows, settings.column_name if settings else str)
-    head = (
-        f"{_number(values.get('rejected'))} records refused in {window_label(latest['window'], latest['window_start'], state['every'])}, "
-        f"{_number(values.get('rejected_share'), percent=True)} of those received:"
-    )
-    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
-    return f'<div class="lc-board">{title}<p class="lc-note">{_e(head)}</p><ul class="lc-note">{items}</ul></div>'
-
-# %% ../nbs/43_dashboard.ipynb #858686bd
-def scores_html(
-    state: dict,  # `read_state`
-    settings: Settings | None,  # for the class names
-) -> str:  # the latest window's score distribution against the reference's
-    "Prediction drift: the scores of the latest window against the reference."
-    title = "<h2>Scores against the reference</h2>"
-    reference, shares, latest = state["reference_scores"], state["shares"], state["latest"]
-    if latest is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">No window yet: no scores to compare.</p></div>'
-    if reference is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">The model version in this window has no reference score distribution: prediction drift is not judged.</p></div>'
-    if shares is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">The latest window\'s scores are not readable yet; they appear at the next refresh.</p></div>'
-    figure, axes = _figure(6.2, 2.8)
-    edges = np.asarray(reference["edges"])
-    axes.stairs(reference["shares"], edges, fill=True, alpha=0.35, color="#829ab1", label="reference (training)")
-    axes.stairs(
-        shares,
-        edges,
-        linewidth=2.2,
-        color="#d64545",
-        label=window_label(latest["window"], latest["window_start"], state["every"]),
-    )
-    positive = settings.positive_label if settings else "positive"
-    axes.set_xlabel(f"score (probability of {positive})")
-    axes.set_ylabel("share of predictions")
-    axes.legend(frameon=False, fontsize=9)
-    axes.spines[["top", "right"]].set_visible(False)
-    statement = next(
-        (line for line in (state["details"] or {}).get("statements", []) if line.startswith("scores ")), ""
-    )
-    return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">{_e(statement)}</p></div>'
-
-
-def accuracy_html(
-    windows: pd.DataFrame,  # windows.parquet
-) -> str:  # ROC AUC and recall over time: measured where labels arrived (with intervals), estimated (CBPE) everywhere
-    "Accuracy over time, measured and estimated, the estimates said to be so."
-    title = "<h2>Accuracy over time</h2>"
-    if windows is None or not len(windows):
-        return f'<div class="lc-board">{title}<p class="lc-note">No window yet.</p></div>'
-    table = windows.sort_values("window_start", kind="stable")
-    times = _times(table)
-    figure, axes = _figure(6.2, 2.8)
-    for name, color in (("roc_auc", "#2186eb"), ("recall", "#de911d")):
-        label = "ROC AUC" if name == "roc_auc" else "recall"
-        estimated = _column(table, f"estimated_{name}")
-        if estimated.notna().any():
-            axes.plot(
-                times,
-                estimated,
-                linestyle="--",
-                marker="o",
-                markerfacecolor="white",
-                color=color,
-                label=f"{label}, estimated (CBPE)",
-            )
-        measured = _column(table, name)
-        if measured.notna().any():
-            axes.plot(times, measured, marker="o", color=color, linewidth=2, label=f"{label}, measured")
-            axes.fill_between(
-                times,
-                _column(table, f"{name}_low"),
-                _column(table, f"{name}_high"),
-                color=color,
-                alpha=0.15,
-                linewidth=0,
-            )
-    axes.set_ylim(0, 1.02)
-    axes.spines[["top", "right"]].set_visible(False)
-    axes.legend(frameon=False, fontsize=8, loc="lower left", ncols=2)
-    _time_axis(axes, times)
-    labelled = int(_column(table, "labeled").fillna(0).sum())
-    note = (
-        (
-            f"{labelled:,} labels have arrived; measured figures carry 95% bootstrap intervals (shaded). "
-            "Dashed lines are estimates from the calibrated scores, not measurements."
-        )
-        if labelled
-        else "No labels have arrived yet: every figure is an estimate from the calibrated scores (dashed), not a measurement."
-    )
-    return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">{_e(note)}</p></div>'
-
-
-def fairness_html(
-    windows: pd.DataFrame,  # windows.parquet
-    settings: Settings | None,  # for the sensitive columns' names
-    details: dict | None = None,  # the latest window's details: its groups (`groups_html`)
-) -> str:  # the recall and selection-rate gaps by sensitive column over time, and the latest window's groups
-    "Fairness over time: the gaps between groups, where the groups are large enough to judge."
-    title = "<h2>Fairness gaps over time</h2>"
-    groups = groups_html(details, settings)
-    columns = sorted(
-        {
-            column.split(".", 1)[1]
-            for column in (windows.columns if windows is not None else [])
-            if column.startswith(("recall_gap.", "selection_rate_gap."))
-        }
-    )
-    if not columns:
-        return f'<div class="lc-board">{title}<p class="lc-note">No sensitive column is monitored ([data] sensitive), or no window yet.</p></div>'
-    table = windows.sort_values("window_start", kind="stable")
-    times = _times(table)
-    figure, axes = _figure(6.2, 2.8)
-    colors = ["#9446ed", "#0b69a3", "#27ab83", "#e12d39"]
-    drawn = False
-    for index, column in enumerate(columns):
-        name = settings.column_name(column, unit=False) if settings else column
-        for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap")):
-            values = _column(table, f"{gap}.{column}")
-            if values.notna().any():
-                axes.plot(
-                    times,
-                    values,
-                    linestyle=style,
-                    marker="o",
-                    color=colors[index % len(colors)],
-                    label=f"{words} by {name}",
-                )
-                drawn = True
-    if not drawn:
-        return (
-            f'<div class="lc-board">{title}<p class="lc-note">No window has two groups large enough to judge a gap yet '
-            f"({_e(', '.join(settings.column_name(c, unit=False) if settings else c for c in columns))}).</p>{groups}</div>"
-        )
-    axes.set_ylim(bottom=0)
-    axes.set_ylabel("gap between groups")
-    axes.spines[["top", "right"]].set_visible(False)
-    axes.legend(frameon=False, fontsize=8)
-    _time_axis(axes, times)
-    return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge are left out of the gaps.</p>{groups}</div>'
-
-# %% ../nbs/43_dashboard.ipynb #ae7ffc15
-def groups_html(
-    details: dict | None,  # the latest window's details (`read_state`): its fairness rows by sensitive column
-    settings: Settings | None,  # for the columns' names and the groups in words
-) -> str:  # a table a sensitive column: each group's predictions, share flagged and recall ("" without groups)
-    "The latest window's groups, named as the gate named them, with the figures their gaps come from."
-    from lifecycle.metrics import group_words
-
-    tables = []
-    for column, rows in ((details or {}).get("groups") or {}).items():
-        name = settings.column_name(column, unit=False) if settings else column
-        body = "".join(
-            f"<tr><td>{_e(group_words(settings, column, row['group']) if settings else row['group'])}</td><td>{_number(row['n'])}</td>"
-            f"<td>{_number(row['selection_rate'], percent=True)}</td>"
-            + (
-                '<td class="lc-muted">too few to judge</td>'
-                if row.get("too_small")
-                else f"<td>{_number(row['recall'], percent=True)}</td>"
-            )
-            + "</tr>"
-            for row in rows
-        )
-        tables.append(
-            f'<table class="lc-table"><tr><th>{_e(name)}</th><th>predictions</th><th>flagged</th><th>recall</th></tr>{body}</table>'
-        )
-    return (
-        ('<p class="lc-note">The latest window by group, the groups the gate audited:</p>' + "".join(tables))
-        if tables
-        else ""
-    )
-
-# %% ../nbs/43_dashboard.ipynb #e2bd4f43
-def statements_html(
-    state: dict,  # `read_state`
-) -> str:  # the latest window's statements and the reader's own, as a list
-    "What monitoring says about the latest window, in its own sentences."
-    lines = list(state["statements"])
-    if state["latest"] is None:
-        lines.insert(
-            0,
-            "No predictions have been monitored yet: the monitor computes windows as predictions arrive in the log."
-            if not state["last_prediction"]
-            else "Predictions are in the log; the monitor has not computed a window yet.",
-        )
-    lines += (state["details"] or {}).get("statements", [])
-    items = "".join(f"<li>{_e(line)}</li>" for line in lines if line)
-    return f'<div class="lc-board"><h2>What monitoring says</h2><ul class="lc-note">{items}</ul></div>' if items else ""
-
-
-SECTIONS = ("header", "alerts", "shadow", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
-
-
-def render(
-    state: dict,  # `read_state`
-    settings: Settings | None,  # the project's settings
-    figures: bool = True,  # draw the figures (False: keep the previous ones, the windows have not changed)
-) -> dict[str, str]:  # section name -> its HTML
-    "The HTML of every section of the page."
-    from lifecycle.alerts import parse_kpis
-
-    section = settings.sections.get("monitor", {}) if settings else {}
-    windows, every = state["windows"], state["every"]
-    pages = {
-        "header": header_html(state, settings),
-        "alerts": alerts_html(state["alerts"], state["now"]),
-        "drift": drift_html(windows, settings, every),
-        "kpis": kpis_html(windows, parse_kpis(section.get("kpis", "")), every),
-        "refused": refused_html(state, settings),
-        "shadow": shadow_html(state.get("shadow"), state["now"]),
-        "statements": statements_html(state),
-    }
-    if figures:
-        pages.update(
-            {
-                "scores": scores_html(state, settings),
-                "accuracy": accuracy_html(windows),
-                "fairness": fairness_html(windows, settings, state["details"]),
-            }
-        )
-    return pages
-
-# %% ../nbs/43_dashboard.ipynb #f82f244f
-def shadow_html(
-    shadow: dict | None,  # `shadow_state`
-    now: datetime,  # the present
-) -> str:  # the shadow against the champion, in sentences
-    "The version in shadow against the champion, on the same records: agreement, score shift, and accuracy once labels arrive."
-    title = "<h2>Shadow against champion</h2>"
-    if shadow is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">No version is in shadow (<code>lifecycle models shadow VERSION</code> puts one there).</p></div>'
-    who = f"Version {_e(shadow['shadow_version'])} scores beside champion version {_e(shadow['champion_version'])}, never answering."
-    if not shadow.get("pairs"):
-        return f'<div class="lc-board">{title}<p>{who} It has scored no record yet.</p></div>'
-    records, shift, spread = (
-        f"{int(shadow['pairs']):,}",
-        f"{shadow['score_shift']:+.3f}",
-        f"{shadow['mean_abs_score_difference']:.3f}",
-    )
-    lines = [
-        f"{who} It scored {_e(records)} records the champion scored, the latest {_e(when_text(shadow['last_event'], now))}.",
-        f"They decide alike on {_e(_number(shadow['agreement'], percent=True))} of them; its scores are {_e(shift)} from the "
-        f"champion's on average (mean absolute difference {_e(spread)}).",
-    ]
-    if shadow.get("labeled"):
-        lines.append(
-            f"On the {_e(int(shadow['labeled']))} whose diagnosis came back: accuracy {_e(_number(shadow['shadow_accuracy'], percent=True))} "
-            f"against the champion's {_e(_number(shadow['champion_accuracy'], percent=True))}; recall "
-            f"{_e(_number(shadow['shadow_recall'], percent=True))} against {_e(_number(shadow['champion_recall'], percent=True))}."
-        )
-    else:
-        lines.append("No label has come back for these records yet: accuracy follows when it does.")
-    return f'<div class="lc-board">{title}' + "".join(f"<p>{line}</p>" for line in lines) + "</div>"
 
 # %% ../nbs/43_dashboard.ipynb #9b015e79
 class Dashboard:

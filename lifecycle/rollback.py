@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .alerts import post_webhook, send_notice
+from .compare import delong_test, mcnemar_test
 from .core import LifecycleError, Project, read_json
+from .metrics import classification_metrics
+from .monitoring import WEBHOOK_ENV, monitor_project
+from .promotion import move_back
+from .registry import Registry, events
+from .serving.predlog.writer import open_log
+from .serving.scoring import Scorer
 
 # %% auto #0
 __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback_rules', 'last_promotion', 'judge_rollback',
@@ -118,9 +126,12 @@ def judge_rollback(
             else:
                 checked.append(f"{sentence}: within the margin {rules['margin']:g}")
     if rules["alerts"]:
-        watched = lambda alert: (
-            alert["severity"] == "critical" and ("critical" in rules["alerts"] or alert["name"] in rules["alerts"])
-        )
+
+        def watched(alert):
+            return alert["severity"] == "critical" and (
+                "critical" in rules["alerts"] or alert["name"] in rules["alerts"]
+            )
+
         hits = [
             alert
             for alert in evidence.get("alerts", [])
@@ -138,8 +149,6 @@ def judge_rollback(
 
 # %% ../nbs/25_rollback.ipynb #b19cf37a
 def _figure(metric: str, labels: np.ndarray, scores: np.ndarray, threshold: float) -> float | None:
-    from lifecycle.metrics import classification_metrics
-
     if metric == "roc_auc" and len(set(labels.tolist())) < 2:
         return None
     value = classification_metrics(labels, scores, threshold)[metric]
@@ -150,8 +159,6 @@ def _paired_test(
     metric: str, labels, old_scores, new_scores, old_threshold: float, new_threshold: float
 ) -> tuple[str | None, float | None]:
     "The paired test of the figure, where one applies: DeLong's for ROC AUC, McNemar's mid-p for accuracy; none for recall and precision."
-    from lifecycle.compare import delong_test, mcnemar_test
-
     if metric == "roc_auc" and len(set(labels.tolist())) == 2:
         return "DeLong", float(delong_test(labels, old_scores, new_scores)["p_value"])
     if metric == "accuracy":
@@ -174,6 +181,63 @@ def _champion_labeled(log, version: int, since: str) -> pd.DataFrame:
     return mine.merge(latest, on="request_id", how="inner")
 
 
+def _paired_evidence(
+    root: Path,  # the project folder
+    metric: str,  # the rule's metric
+    rows: pd.DataFrame,  # the new champion's labeled predictions, with their features
+    champion: int,  # the new champion's version
+    previous: int,  # the version it replaced
+) -> dict:  # labeled (those both versions scored), figures (champion, previous), test, p_value
+    "Both versions on the same labeled patients: the previous one scores them again, the champion's scores are logged."
+    old = Scorer.from_registry(root, previous)
+    records = [
+        {name: (None if pd.isna(value) else value) for name, value in zip(old.spec.features, row)}
+        for row in rows.reindex(columns=old.spec.features).itertuples(index=False, name=None)
+    ]
+    results, _ = old.score_records(records)
+    scored = np.array([result is not None for result in results], dtype=bool)
+    labels = rows["label"].to_numpy(dtype=int)[scored]
+    old_scores = np.array([result["score"] for result in results if result is not None], dtype=float)
+    threshold = float(Scorer.from_registry(root, champion).spec.threshold)
+    new_scores = rows["score"].to_numpy(dtype=float)[scored]
+    test, p_value = _paired_test(metric, labels, old_scores, new_scores, float(old.spec.threshold), threshold)
+    return {
+        "labeled": int(scored.sum()),
+        "figures": {
+            "champion": _figure(metric, labels, new_scores, threshold),
+            "previous": _figure(metric, labels, old_scores, float(old.spec.threshold)),
+        },
+        "test": test,
+        "p_value": p_value,
+    }
+
+
+def _alerts_after(
+    root: Path,  # the project folder
+    champion: int,  # the new champion's version
+    promoted_at: str,  # when it was promoted (ISO)
+) -> list[dict]:  # name, severity, days_after (the promotion) of each alert firing for it, as stored
+    "The alerts firing for the new champion, and how long after its promotion each began."
+    path = Path(root) / "monitoring" / "alerts_state.json"
+    try:
+        stored = read_json(path).get("alerts", {}) if path.exists() else {}
+    except (OSError, ValueError, AttributeError):
+        stored = {}
+    promoted, found = datetime.fromisoformat(promoted_at), []
+    for alert in stored.values():
+        labels = alert.get("labels", {}) if isinstance(alert, dict) else {}
+        if alert.get("status") == "firing" and labels.get("model_version") == str(champion):
+            started = datetime.fromisoformat(str(alert["startsAt"]).replace("Z", "+00:00"))
+            found.append(
+                {
+                    "name": labels.get("alertname", ""),
+                    "severity": labels.get("severity", ""),
+                    "days_after": (started - promoted).total_seconds() / 86400,
+                }
+            )
+    return found
+
+
 def rollback_evidence(
     root: Path,  # the project folder
     rules: dict,  # `rollback_rules`
@@ -181,8 +245,6 @@ def rollback_evidence(
     log,  # an open PredictionLog
 ) -> dict:  # champion, previous, labeled, figures, alerts, promoted_at
     "What the rollback rules need: paired figures on the new champion's labeled patients, and the alerts firing for it."
-    from lifecycle.serving.scoring import Scorer
-
     champion, previous = int(promotion["version"]), int(promotion["previous"])
     evidence = {
         "champion": champion,
@@ -198,46 +260,59 @@ def rollback_evidence(
         rows = _champion_labeled(log, champion, promotion["at"])
         evidence["labeled"] = len(rows)
         if len(rows) >= rules["min_labels"]:
-            old = Scorer.from_registry(root, previous)
-            records = [
-                {name: (None if pd.isna(value) else value) for name, value in zip(old.spec.features, row)}
-                for row in rows.reindex(columns=old.spec.features).itertuples(index=False, name=None)
-            ]
-            results, _ = old.score_records(records)
-            scored = np.array([result is not None for result in results], dtype=bool)
-            labels = rows["label"].to_numpy(dtype=int)[scored]
-            old_scores = np.array([result["score"] for result in results if result is not None], dtype=float)
-            threshold = float(Scorer.from_registry(root, champion).spec.threshold)
-            evidence["labeled"] = int(scored.sum())
-            new_scores = rows["score"].to_numpy(dtype=float)[scored]
-            evidence["figures"] = {
-                "champion": _figure(rules["metric"], labels, new_scores, threshold),
-                "previous": _figure(rules["metric"], labels, old_scores, float(old.spec.threshold)),
-            }
-            evidence["test"], evidence["p_value"] = _paired_test(
-                rules["metric"], labels, old_scores, new_scores, float(old.spec.threshold), threshold
-            )
+            evidence.update(_paired_evidence(root, rules["metric"], rows, champion, previous))
     if rules["alerts"]:
-        path = Path(root) / "monitoring" / "alerts_state.json"
-        try:
-            stored = read_json(path).get("alerts", {}) if path.exists() else {}
-        except (OSError, ValueError, AttributeError):
-            stored = {}
-        promoted = datetime.fromisoformat(promotion["at"])
-        for alert in stored.values():
-            labels = alert.get("labels", {}) if isinstance(alert, dict) else {}
-            if alert.get("status") == "firing" and labels.get("model_version") == str(champion):
-                started = datetime.fromisoformat(str(alert["startsAt"]).replace("Z", "+00:00"))
-                evidence["alerts"].append(
-                    {
-                        "name": labels.get("alertname", ""),
-                        "severity": labels.get("severity", ""),
-                        "days_after": (started - promoted).total_seconds() / 86400,
-                    }
-                )
+        evidence["alerts"] = _alerts_after(root, champion, promotion["at"])
     return evidence
 
 # %% ../nbs/25_rollback.ipynb #7630a23b
+def _rollback_record(
+    evidence: dict,  # `rollback_evidence`
+    decision: dict,  # `judge_rollback`'s, with its reasons
+    now: datetime,  # the time
+) -> tuple[str, dict]:  # (the reason the registry records, the decision record it keeps with the event)
+    "What a rollback says of itself: one reason in words, and the record of its evidence."
+    reason = f"{ROLLBACK_PREFIX} of version {evidence['champion']} to {evidence['previous']}: " + "; ".join(
+        decision["reasons"]
+    )
+    record = {
+        "kind": "rollback",
+        "time": now.isoformat(timespec="seconds"),
+        "champion": evidence["champion"],
+        "back_to": evidence["previous"],
+        "promoted_at": evidence["promoted_at"],
+        "reasons": decision["reasons"],
+        "labeled": evidence["labeled"],
+        "figures": evidence["figures"],
+    }
+    return reason, record
+
+
+def _notify_rollback(
+    project: Project,  # the project (its [monitor] webhook)
+    evidence: dict,  # `rollback_evidence`
+    decision: dict,  # the decision, with its reasons
+    reason: str,  # the reason recorded
+    now: datetime,  # the time
+    post=None,  # how the alert is posted (default `post_webhook`)
+) -> str:  # the notice's delivery, in words
+    "Tell the receiver the champion was rolled back: a critical notice, never blocking."
+    root = project.root
+    webhook = (project.section("monitor").get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
+    notice = send_notice(
+        root / "monitoring",
+        "champion_rolled_back",
+        "critical",
+        f"champion rolled back from version {evidence['champion']} to {evidence['previous']}: {decision['reasons'][0]}",
+        now,
+        labels={"project": root.resolve().name, "model_version": str(evidence["previous"])},
+        annotations={"reason": reason, "rolled_back_from": str(evidence["champion"])},
+        webhook=webhook,
+        post=post or post_webhook,
+    )
+    return notice["delivery"]
+
+
 def check_rollback(
     project: Project,  # the project: its folder, settings and prediction log
     rules: dict | None = None,  # `rollback_rules` (default: from the project's [retrain] section)
@@ -248,9 +323,6 @@ def check_rollback(
     dict
 ):  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, when rolled back)
     "Evaluate the rollback rules for the current champion and roll it back when one holds."
-    from lifecycle.promotion import move_back
-    from lifecycle.registry import Registry, events
-
     root = project.root
     rules = rules if rules is not None else rollback_rules(project.section("retrain"))
     quiet = {"rollback": False, "rolled_back": False, "reasons": [], "checked": []}
@@ -263,8 +335,6 @@ def check_rollback(
             **quiet,
             "checked": ["no promotion to watch: the champion replaced no version, or is itself a rollback"],
         }
-    from lifecycle.serving.predlog import open_log
-
     own = log is None
     log = open_log(project.log_url, root) if own else log
     try:
@@ -281,40 +351,13 @@ def check_rollback(
     if not decision["rollback"]:
         return decision
     now = now or datetime.now(timezone.utc)
-    reason = f"{ROLLBACK_PREFIX} of version {evidence['champion']} to {evidence['previous']}: " + "; ".join(
-        decision["reasons"]
-    )
-    record = {
-        "kind": "rollback",
-        "time": now.isoformat(timespec="seconds"),
-        "champion": evidence["champion"],
-        "back_to": evidence["previous"],
-        "promoted_at": evidence["promoted_at"],
-        "reasons": decision["reasons"],
-        "labeled": evidence["labeled"],
-        "figures": evidence["figures"],
-    }
+    reason, record = _rollback_record(evidence, decision, now)
     try:  # only if the champion is still the one judged: a promotion in between is judged by the next look
         decision["event"] = move_back(registry, "rollback", reason, expected=evidence["champion"], decision=record)
     except LifecycleError as error:
         return {**decision, "rollback": False, "checked": decision["checked"] + [str(error)]}
     decision["rolled_back"] = True
-    from lifecycle.alerts import post_webhook, send_notice
-    from lifecycle.monitoring import WEBHOOK_ENV
-
-    webhook = (project.section("monitor").get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
-    notice = send_notice(
-        root / "monitoring",
-        "champion_rolled_back",
-        "critical",
-        f"champion rolled back from version {evidence['champion']} to {evidence['previous']}: {decision['reasons'][0]}",
-        now,
-        labels={"project": root.resolve().name, "model_version": str(evidence["previous"])},
-        annotations={"reason": reason, "rolled_back_from": str(evidence["champion"])},
-        webhook=webhook,
-        post=post or post_webhook,
-    )
-    decision["alert"] = notice["delivery"]
+    decision["alert"] = _notify_rollback(project, evidence, decision, reason, now, post)
     return decision
 
 # %% ../nbs/25_rollback.ipynb #c84351de
@@ -328,8 +371,6 @@ def monitor_and_roll_back(
     dict
 ):  # `monitor_project`'s summary, with rollback (the rules' verdict; None when no rule is set or nothing is logged yet)
     "Monitor the project, then judge the last promotion by the rollback rules."
-    from lifecycle.monitoring import monitor_project
-
     summary = monitor_project(project, now=now, log=log, post=post, **monitoring)
     summary["rollback"] = None
     rules = rollback_rules(project.section("retrain"))

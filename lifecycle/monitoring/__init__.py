@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/42_monitoring.ipynb #4171df12
+# %% ../../nbs/42_monitoring.ipynb #3738e616
 from lifecycle.monitoring.engine import (
     LABELED_FIGURES,
     MONITOR_KEYS,
@@ -34,6 +34,7 @@ from lifecycle.monitoring.windows import (
     event_times,
     parse_every,
     whole_windows_end,
+    window_label,
     windowing,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "current_window_start",
     "whole_windows_end",
     "Windows",
+    "window_label",
     "rejection_lines",
     "rejection_figures",
     "estimated_metrics",

@@ -12,16 +12,14 @@ import numpy as np
 import pandas as pd
 
 from .core import read_json
+from .drift import quantile_points
+from .monitoring import details_path, window_label
 
 # %% auto #0
-__all__ = ['ACCURACY_COLUMNS', 'window_details', 'window_label', 'drift_strength', 'drift_matrix', 'over_time',
-           'fairness_columns', 'headline', 'score_curves', 'plot_monitoring']
+__all__ = ['ACCURACY_COLUMNS', 'window_details', 'drift_strength', 'drift_matrix', 'over_time', 'fairness_columns', 'headline',
+           'score_curves', 'plot_monitoring']
 
 # %% ../nbs/06_monitor.ipynb #80889af9
-def _safe_name(key: str) -> str:
-    return "".join(character if character.isalnum() or character in "-_" else "_" for character in key)
-
-
 def window_details(
     folder: Path,  # the project's monitoring folder
     windows: pd.DataFrame,  # the windows table (monitoring/windows.parquet)
@@ -29,17 +27,10 @@ def window_details(
     "The stored details of each window."
     details = []
     for key in windows["window"] if len(windows) else []:
-        path = Path(folder) / "details" / f"{_safe_name(key)}.json"
+        path = details_path(folder, key)
         if path.exists():
             details.append(read_json(path))
     return details
-
-
-def window_label(
-    row: dict,  # a windows-table row (window, model_version, window_start)
-) -> str:  # e.g. "v2 from 2024-05-06"
-    "A window's short name for axes and tables."
-    return f"v{int(row['model_version'])} from {str(row['window_start'])[:10]}"
 
 # %% ../nbs/06_monitor.ipynb #91dceb6a
 def drift_strength(
@@ -152,8 +143,6 @@ def score_curves(
     dict
 ):  # name -> (x, share of scores ≤ x); the reference first, as "reference (training)", when it has a score distribution
     "The cumulative score distributions of the reference (from its stored quantiles) and of periods of production."
-    from lifecycle.drift import quantile_points
-
     levels, values, _ = quantile_points((reference or {}).get("scores") or {})
     curves = {"reference (training)": (np.asarray(values), np.asarray(levels))} if len(levels) else {}
     for name, period in scores.items():
@@ -161,6 +150,87 @@ def score_curves(
         ordered = np.sort(period[np.isfinite(period)])
         curves[name] = (ordered, np.arange(1, len(ordered) + 1) / max(len(ordered), 1))
     return curves
+
+
+def _drift_panel(
+    figure,  # the matplotlib Figure (for the colour bar)
+    axis,  # the panel
+    strength: pd.DataFrame,  # `drift_matrix` strengths
+    flagged: pd.DataFrame,  # `drift_matrix` flags
+) -> None:
+    "The drift heat map: each feature's drift strength by window, a dot where drift was flagged."
+    if strength.size:
+        image = axis.imshow(strength.to_numpy(dtype=float), aspect="auto", cmap="OrRd", vmin=0, vmax=3)
+        axis.set_yticks(range(len(strength.index)), strength.index, fontsize=8)
+        axis.set_xticks(range(len(strength.columns)), strength.columns, rotation=45, ha="right", fontsize=8)
+        rows, columns = np.nonzero(
+            flagged.reindex(index=strength.index, columns=strength.columns).fillna(False).to_numpy(dtype=bool)
+        )
+        axis.scatter(columns, rows, marker="o", s=14, color="black", label="drift flagged")
+        figure.colorbar(image, ax=axis, label="drift strength (1 = threshold)")
+        axis.legend(loc="upper right", fontsize=8)
+    axis.set_title("Drift of each feature, by window")
+
+
+def _accuracy_panel(
+    axis,  # the panel
+    accuracy: pd.DataFrame,  # `over_time(windows, ACCURACY_COLUMNS)`
+) -> None:
+    "ROC AUC and recall over time: realized (with the ROC AUC's interval) where labels arrived, estimated dashed."
+    positions = np.arange(len(accuracy))
+    if len(accuracy):
+        column = {name: accuracy[name].to_numpy(dtype=float) for name in accuracy.columns}
+        axis.plot(positions, column["roc_auc"], "o-", color="tab:blue", label="ROC AUC, realized (labels arrived)")
+        axis.fill_between(
+            positions, column["roc_auc_low"], column["roc_auc_high"], color="tab:blue", alpha=0.15, label="95% interval"
+        )
+        axis.plot(positions, column["estimated_roc_auc"], "s--", color="tab:orange", label="ROC AUC, estimated (CBPE)")
+        axis.plot(positions, column["recall"], "o-", color="tab:green", label="recall, realized")
+        axis.plot(positions, column["estimated_recall"], "s--", color="tab:olive", label="recall, estimated")
+        axis.set_xticks(positions, accuracy.index, rotation=45, ha="right", fontsize=8)
+        axis.legend(fontsize=8, loc="lower left")
+    axis.set(title="Accuracy over time", ylim=(0, 1.02), ylabel="")
+
+
+def _scores_panel(
+    axis,  # the panel
+    curves: dict,  # `score_curves`: the reference's and production's
+    threshold: float | None,  # the decision threshold, marked
+) -> None:
+    "The cumulative score distributions of the reference and of production."
+    for (name, (x, y)), color in zip(curves.items(), ["gray", "tab:red", "tab:purple", "tab:brown"]):
+        if name.startswith("reference"):
+            axis.plot(x, y, color=color, label=name)
+        elif len(x):
+            axis.step(x, y, where="post", color=color, label=name)
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle=":", label="decision threshold")
+    axis.set(
+        title="Score distribution against the reference",
+        xlabel="score",
+        ylabel="share of patients with a lower score",
+        xlim=(0, 1),
+    )
+    axis.legend(fontsize=8)
+
+
+def _fairness_panel(
+    axis,  # the panel
+    gaps: pd.DataFrame,  # `over_time(windows, fairness_columns(...))`
+) -> None:
+    "The fairness gaps over time, one line a gap."
+    for column in gaps.columns:
+        axis.plot(
+            np.arange(len(gaps)),
+            gaps[column].to_numpy(dtype=float),
+            "o-",
+            label=column.replace("_", " ").replace(".", " by "),
+        )
+    if len(gaps):
+        axis.set_xticks(np.arange(len(gaps)), gaps.index, rotation=45, ha="right", fontsize=8)
+    if len(gaps.columns):
+        axis.legend(fontsize=8)
+    axis.set(title="Fairness gaps over time (groups large enough to judge)", ylabel="gap between groups")
 
 
 def plot_monitoring(
@@ -172,81 +242,12 @@ def plot_monitoring(
     threshold: float | None = None,  # the decision threshold, marked on the score plot
 ):  # a matplotlib Figure
     "The monitoring report's main plot, four panels."
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: only the stage's run draws, the dashboard never does
 
     figure, axes = plt.subplots(2, 2, figsize=(14, 9))
-    heat = axes[0, 0]
-    if strength.size:
-        image = heat.imshow(strength.to_numpy(dtype=float), aspect="auto", cmap="OrRd", vmin=0, vmax=3)
-        heat.set_yticks(range(len(strength.index)), strength.index, fontsize=8)
-        heat.set_xticks(range(len(strength.columns)), strength.columns, rotation=45, ha="right", fontsize=8)
-        rows, columns = np.nonzero(
-            flagged.reindex(index=strength.index, columns=strength.columns).fillna(False).to_numpy(dtype=bool)
-        )
-        heat.scatter(columns, rows, marker="o", s=14, color="black", label="drift flagged")
-        figure.colorbar(image, ax=heat, label="drift strength (1 = threshold)")
-        heat.legend(loc="upper right", fontsize=8)
-    heat.set_title("Drift of each feature, by window")
-    trend = axes[0, 1]
-    positions = np.arange(len(accuracy))
-    if len(accuracy):
-        realized = accuracy["roc_auc"].to_numpy(dtype=float)
-        trend.plot(positions, realized, "o-", color="tab:blue", label="ROC AUC, realized (labels arrived)")
-        trend.fill_between(
-            positions,
-            accuracy["roc_auc_low"].to_numpy(dtype=float),
-            accuracy["roc_auc_high"].to_numpy(dtype=float),
-            color="tab:blue",
-            alpha=0.15,
-            label="95% interval",
-        )
-        trend.plot(
-            positions,
-            accuracy["estimated_roc_auc"].to_numpy(dtype=float),
-            "s--",
-            color="tab:orange",
-            label="ROC AUC, estimated (CBPE)",
-        )
-        trend.plot(
-            positions, accuracy["recall"].to_numpy(dtype=float), "o-", color="tab:green", label="recall, realized"
-        )
-        trend.plot(
-            positions,
-            accuracy["estimated_recall"].to_numpy(dtype=float),
-            "s--",
-            color="tab:olive",
-            label="recall, estimated",
-        )
-        trend.set_xticks(positions, accuracy.index, rotation=45, ha="right", fontsize=8)
-        trend.legend(fontsize=8, loc="lower left")
-    trend.set(title="Accuracy over time", ylim=(0, 1.02), ylabel="")
-    scores = axes[1, 0]
-    for (name, (x, y)), color in zip(curves.items(), ["gray", "tab:red", "tab:purple", "tab:brown"]):
-        if name.startswith("reference"):
-            scores.plot(x, y, color=color, label=name)
-        elif len(x):
-            scores.step(x, y, where="post", color=color, label=name)
-    if threshold is not None:
-        scores.axvline(threshold, color="black", linestyle=":", label="decision threshold")
-    scores.set(
-        title="Score distribution against the reference",
-        xlabel="score",
-        ylabel="share of patients with a lower score",
-        xlim=(0, 1),
-    )
-    scores.legend(fontsize=8)
-    fair = axes[1, 1]
-    for column in gaps.columns:
-        fair.plot(
-            np.arange(len(gaps)),
-            gaps[column].to_numpy(dtype=float),
-            "o-",
-            label=column.replace("_", " ").replace(".", " by "),
-        )
-    if len(gaps):
-        fair.set_xticks(np.arange(len(gaps)), gaps.index, rotation=45, ha="right", fontsize=8)
-    if len(gaps.columns):
-        fair.legend(fontsize=8)
-    fair.set(title="Fairness gaps over time (groups large enough to judge)", ylabel="gap between groups")
+    _drift_panel(figure, axes[0, 0], strength, flagged)
+    _accuracy_panel(axes[0, 1], accuracy)
+    _scores_panel(axes[1, 0], curves, threshold)
+    _fairness_panel(axes[1, 1], gaps)
     figure.tight_layout()
     return figure
