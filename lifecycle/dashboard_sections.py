@@ -72,7 +72,8 @@ def _times(table: pd.DataFrame) -> np.ndarray:
 
 
 def _time_axis(axes, times: np.ndarray) -> None:
-    "Dates on the x axis, short and level: each window's start ('6 May') when there are few, else matplotlib's concise dates."
+    """Dates on the x axis, short and level: each window's start ('6 May') when there are few, else matplotlib's
+    concise dates."""
     if 0 < len(times) <= 8:
         stamps = pd.to_datetime(times)
         axes.set_xticks(times, [f"{stamp.day} {stamp:%b}" for stamp in stamps])
@@ -90,7 +91,10 @@ def _png(figure) -> str:
 
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
-    return f'<img alt="" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return (
+        '<img alt="" style="max-width:100%" '
+        f'src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    )
 
 
 def _figure(width: float = 7.0, height: float = 3.0):
@@ -110,10 +114,12 @@ STYLE = """<style>
 .lc-alert.warning{border-color:#de911d;background:#fffbea}.lc-alert.info{border-color:#2186eb;background:#e6f6ff}
 .lc-ok{border-left:5px solid #3ebd93;background:#effcf6;padding:7px 12px;border-radius:4px}
 .lc-note{color:#486581;margin:.3em 0}
-.lc-table{border-collapse:collapse;font-size:.88em}.lc-table th,.lc-table td{padding:4px 9px;border-bottom:1px solid #e4e7eb;text-align:right}
+.lc-table{border-collapse:collapse;font-size:.88em}
+.lc-table th,.lc-table td{padding:4px 9px;border-bottom:1px solid #e4e7eb;text-align:right}
 .lc-table th:first-child,.lc-table td:first-child{text-align:left;white-space:nowrap}.lc-table th{white-space:nowrap}
 .lc-table td.lc-muted{color:#9aa5b1;font-style:italic}
-.lc-heat td.drift{background:#f8b4b4;color:#610404;text-align:center}.lc-heat td.calm{background:#e3f9e5;color:#0e5814;text-align:center}
+.lc-heat td.drift{background:#f8b4b4;color:#610404;text-align:center}
+.lc-heat td.calm{background:#e3f9e5;color:#0e5814;text-align:center}
 .lc-heat td.unjudged{background:#f5f7fa;color:#9aa5b1;text-align:center}
 .lc-grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:18px}
 </style>"""
@@ -159,7 +165,10 @@ def header_html(
     if state.get("unreadable"):
         fresh += " The results were being written; they appear at the next refresh."
     page = f"Page refreshed {now.strftime('%Y-%m-%d %H:%M:%S UTC')}."
-    return f'{STYLE}<div class="lc-board"><h1>{_e(title)}</h1><div class="lc-facts">{boxes}</div><p class="lc-note">{_e(page)} {_e(fresh)}</p></div>'
+    return (
+        f'{STYLE}<div class="lc-board"><h1>{_e(title)}</h1><div class="lc-facts">{boxes}</div><p '
+        f'class="lc-note">{_e(page)} {_e(fresh)}</p></div>'
+    )
 
 
 def alerts_html(
@@ -173,7 +182,10 @@ def alerts_html(
     for alert in alerts:
         labels, notes = alert.get("labels") or {}, alert.get("annotations") or {}
         severity = str(labels.get("severity", "warning"))
-        text = f"{severity.upper()} · {labels.get('alertname', 'alert')}: {notes.get('expression', '')} holds (now {notes.get('value', 'unknown')})"
+        text = (
+            f"{severity.upper()} · {labels.get('alertname', 'alert')}: {notes.get('expression', '')} holds (now "
+            f"{notes.get('value', 'unknown')})"
+        )
         since = f"firing since {when_text(alert.get('startsAt'), now)}"
         lines.append(f'<div class="lc-alert {_e(severity)}"><b>{_e(text)}</b> — {_e(since)}</div>')
     return f'<div class="lc-board"><h2>Alerts</h2>{"".join(lines)}</div>'
@@ -192,7 +204,10 @@ def drift_html(
         else []
     )
     if not features:
-        return '<div class="lc-board"><h2>Data drift by feature and window</h2><p class="lc-note">No window has been judged for drift yet.</p></div>'
+        return (
+            '<div class="lc-board"><h2>Data drift by feature and window</h2><p class="lc-note">No window has '
+            "been judged for drift yet.</p></div>"
+        )
     shown = windows.sort_values(["window_start", "model_version"], kind="stable").tail(last)
     head = "".join(
         f"<th>{_e(window_label(row._asdict(), every))}"
@@ -230,7 +245,10 @@ def kpis_html(
 ) -> str:  # a table of the KPIs and the volume by window
     "The hospital's own figures, window by window; a KPI that counts outcomes says 'no labels' where none arrived."
     if windows is None or not len(windows):
-        return '<div class="lc-board"><h2>Key figures</h2><p class="lc-note">No predictions have been monitored yet.</p></div>'
+        return (
+            '<div class="lc-board"><h2>Key figures</h2><p class="lc-note">No predictions have been monitored '
+            "yet.</p></div>"
+        )
     shown = windows.sort_values(["window_start", "model_version"], kind="stable").tail(last)
     rows = [
         ("predictions", "predictions", False),
@@ -265,7 +283,11 @@ def kpis_html(
         if kpis
         else '<p class="lc-note">No KPI is defined: add them to [monitor] kpis, e.g. missed_per_week: fn / weeks.</p>'
     )
-    return f'<div class="lc-board"><h2>Key figures</h2><table class="lc-table"><tr><th>{_e(f"{every}s starting" if every in ("day", "week") else "windows from")}</th>{head}</tr>{body}</table>{note}</div>'
+    return (
+        '<div class="lc-board"><h2>Key figures</h2><table class="lc-table"><tr>'
+        f"<th>{_e(f'{every}s starting' if every in ('day', 'week') else 'windows from')}</th>{head}</tr>"
+        f"{body}</table>{note}</div>"
+    )
 
 # %% ../nbs/43_dashboard_sections.ipynb #5b19557e
 def refused_html(
@@ -302,9 +324,15 @@ def scores_html(
     if latest is None:
         return f'<div class="lc-board">{title}<p class="lc-note">No window yet: no scores to compare.</p></div>'
     if reference is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">The model version in this window has no reference score distribution: prediction drift is not judged.</p></div>'
+        return (
+            f'<div class="lc-board">{title}<p class="lc-note">The model version in this window has no reference '
+            "score distribution: prediction drift is not judged.</p></div>"
+        )
     if shares is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">The latest window\'s scores are not readable yet; they appear at the next refresh.</p></div>'
+        return (
+            f'<div class="lc-board">{title}<p class="lc-note">The latest window\'s scores are not readable yet; '
+            "they appear at the next refresh.</p></div>"
+        )
     figure, axes = _figure(6.2, 2.8)
     edges = np.asarray(reference["edges"])
     axes.stairs(reference["shares"], edges, fill=True, alpha=0.35, color="#829ab1", label="reference (training)")
@@ -371,7 +399,8 @@ def accuracy_html(
             "Dashed lines are estimates from the calibrated scores, not measurements."
         )
         if labelled
-        else "No labels have arrived yet: every figure is an estimate from the calibrated scores (dashed), not a measurement."
+        else "No labels have arrived yet: every figure is an estimate from the calibrated scores (dashed), not a "
+        "measurement."
     )
     return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">{_e(note)}</p></div>'
 
@@ -392,7 +421,10 @@ def fairness_html(
         }
     )
     if not columns:
-        return f'<div class="lc-board">{title}<p class="lc-note">No sensitive column is monitored ([data] sensitive), or no window yet.</p></div>'
+        return (
+            f'<div class="lc-board">{title}<p class="lc-note">No sensitive column is monitored ([data] '
+            "sensitive), or no window yet.</p></div>"
+        )
     table = windows.sort_values("window_start", kind="stable")
     times = _times(table)
     figure, axes = _figure(6.2, 2.8)
@@ -415,14 +447,18 @@ def fairness_html(
     if not drawn:
         return (
             f'<div class="lc-board">{title}<p class="lc-note">No window has two groups large enough to judge a gap yet '
-            f"({_e(', '.join(settings.column_name(c, unit=False) if settings else c for c in columns))}).</p>{groups}</div>"
+            f"({_e(', '.join(settings.column_name(c, unit=False) if settings else c for c in columns))})."
+            f"</p>{groups}</div>"
         )
     axes.set_ylim(bottom=0)
     axes.set_ylabel("gap between groups")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8)
     _time_axis(axes, times)
-    return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge are left out of the gaps.</p>{groups}</div>'
+    return (
+        f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge are left out '
+        f"of the gaps.</p>{groups}</div>"
+    )
 
 # %% ../nbs/43_dashboard_sections.ipynb #ae7ffc15
 def groups_html(
@@ -436,7 +472,8 @@ def groups_html(
     for column, rows in ((details or {}).get("groups") or {}).items():
         name = settings.column_name(column, unit=False) if settings else column
         body = "".join(
-            f"<tr><td>{_e(group_words(settings, column, row['group']) if settings else row['group'])}</td><td>{_number(row['n'])}</td>"
+            f"<tr><td>{_e(group_words(settings, column, row['group']) if settings else row['group'])}</td>"
+            f"<td>{_number(row['n'])}</td>"
             f"<td>{_number(row['selection_rate'], percent=True)}</td>"
             + (
                 '<td class="lc-muted">too few to judge</td>'
@@ -447,7 +484,8 @@ def groups_html(
             for row in rows
         )
         tables.append(
-            f'<table class="lc-table"><tr><th>{_e(name)}</th><th>predictions</th><th>flagged</th><th>recall</th></tr>{body}</table>'
+            f'<table class="lc-table"><tr><th>{_e(name)}</th><th>predictions</th><th>flagged</th><th>recall</th></tr>'
+            f"{body}</table>"
         )
     return (
         ('<p class="lc-note">The latest window by group, the groups the gate audited:</p>' + "".join(tables))
@@ -477,11 +515,18 @@ def shadow_html(
     shadow: dict | None,  # `shadow_state`
     now: datetime,  # the present
 ) -> str:  # the shadow against the champion, in sentences
-    "The version in shadow against the champion, on the same records: agreement, score shift, and accuracy once labels arrive."
+    """The version in shadow against the champion, on the same records: agreement, score shift, and accuracy once
+    labels arrive."""
     title = "<h2>Shadow against champion</h2>"
     if shadow is None:
-        return f'<div class="lc-board">{title}<p class="lc-note">No version is in shadow (<code>lifecycle models shadow VERSION</code> puts one there).</p></div>'
-    who = f"Version {_e(shadow['shadow_version'])} scores beside champion version {_e(shadow['champion_version'])}, never answering."
+        return (
+            f'<div class="lc-board">{title}<p class="lc-note">No version is in shadow (<code>lifecycle models '
+            "shadow VERSION</code> puts one there).</p></div>"
+        )
+    who = (
+        f"Version {_e(shadow['shadow_version'])} scores beside champion version {_e(shadow['champion_version'])}, "
+        "never answering."
+    )
     if not shadow.get("pairs"):
         return f'<div class="lc-board">{title}<p>{who} It has scored no record yet.</p></div>'
     records, shift, spread = (
@@ -490,15 +535,19 @@ def shadow_html(
         f"{shadow['mean_abs_score_difference']:.3f}",
     )
     lines = [
-        f"{who} It scored {_e(records)} records the champion scored, the latest {_e(when_text(shadow['last_event'], now))}.",
-        f"They decide alike on {_e(_number(shadow['agreement'], percent=True))} of them; its scores are {_e(shift)} from the "
+        f"{who} It scored {_e(records)} records the champion scored, the latest "
+        f"{_e(when_text(shadow['last_event'], now))}.",
+        f"They decide alike on {_e(_number(shadow['agreement'], percent=True))} of them; its scores are {_e(shift)} "
+        "from the "
         f"champion's on average (mean absolute difference {_e(spread)}).",
     ]
     if shadow.get("labeled"):
         lines.append(
-            f"On the {_e(int(shadow['labeled']))} whose diagnosis came back: accuracy {_e(_number(shadow['shadow_accuracy'], percent=True))} "
+            f"On the {_e(int(shadow['labeled']))} whose diagnosis came back: accuracy "
+            f"{_e(_number(shadow['shadow_accuracy'], percent=True))} "
             f"against the champion's {_e(_number(shadow['champion_accuracy'], percent=True))}; recall "
-            f"{_e(_number(shadow['shadow_recall'], percent=True))} against {_e(_number(shadow['champion_recall'], percent=True))}."
+            f"{_e(_number(shadow['shadow_recall'], percent=True))} against "
+            f"{_e(_number(shadow['champion_recall'], percent=True))}."
         )
     else:
         lines.append("No label has come back for these records yet: accuracy follows when it does.")
