@@ -489,6 +489,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'lifecycle/monitoring/engine.py'),
                                              'lifecycle.monitoring.engine._save': ( 'monitoring_engine.html#_save',
                                                                                     'lifecycle/monitoring/engine.py'),
+                                             'lifecycle.monitoring.engine._summary': ( 'monitoring_engine.html#_summary',
+                                                                                       'lifecycle/monitoring/engine.py'),
                                              'lifecycle.monitoring.engine._update': ( 'monitoring_engine.html#_update',
                                                                                       'lifecycle/monitoring/engine.py'),
                                              'lifecycle.monitoring.engine._versions_of': ( 'monitoring_engine.html#_versions_of',

@@ -18,6 +18,10 @@ from .alerts import firing_alerts, parse_kpis
 from .core import LifecycleError, Project, Settings, open_project, page_settings, read_json
 from .monitoring import MONITOR_KEYS, details_path, parse_every, rows_path
 from .monitoring.windows import utc_timestamp
+from .registry import Registry
+from .serving.predlog.reader import shadow_pairs, shadow_summary
+from .serving.predlog.stores import PostgresStore, SQLiteStore, log_location
+from .serving.predlog.writer import open_log
 
 # isort: split
 from lifecycle.dashboard_sections import (
@@ -73,8 +77,6 @@ def last_prediction(
     url: str = "",  # the prediction log ([monitor] log): "" for the project's SQLite file, or a postgresql:// URL
 ) -> str | None:  # the time of the newest prediction in the log, ISO text; None when it holds none
     "When the last prediction arrived: one small query, never a row of the log."
-    from lifecycle.serving.predlog import PostgresStore, SQLiteStore, log_location
-
     kind, where = log_location(url, Path(root))
     if kind == "sqlite" and not Path(where).exists():
         return None  # connecting would create the file
@@ -94,8 +96,6 @@ def model_in_service(
     root: Path,  # the project folder
 ) -> dict:  # champion and challenger versions (None when unset), the champion's model type and creation time
     "The model versions the registry's aliases name."
-    from lifecycle.registry import Registry
-
     registry = Registry(root)
     try:
         aliases = registry.aliases()
@@ -265,9 +265,6 @@ def shadow_state(
 ):  # the version in shadow against the champion (`shadow_summary`'s row, `pairs` 0 before any); None when no version is
     # in shadow
     "The shadow run under way, from the prediction log: agreement, score shift, accuracy once labels arrive."
-    from lifecycle.registry import Registry
-    from lifecycle.serving.predlog import open_log, shadow_pairs, shadow_summary
-
     try:
         aliases = Registry(root).aliases()
     except (OSError, ValueError):
@@ -291,7 +288,7 @@ class Dashboard:
         project: Project,  # the project shown: its folder, settings and prediction log
         refresh: float | None = None,  # seconds between refreshes (None: [monitor] refresh_seconds)
     ):
-        import ipywidgets as widgets
+        import ipywidgets as widgets  # start-up time: only the Voila page needs widgets
 
         self.project, self.root, self.settings = project, project.root, project.settings
         section = project.section("monitor")
@@ -376,8 +373,8 @@ def show_dashboard(
     settings: str | Path | None = None,  # the project's settings file (None: `dashboard_project()`'s)
 ):  # the Dashboard (its refresh running), or None when the project cannot be read
     "Display the live dashboard and start its refresh: the one call of the notebook Voila serves."
-    import ipywidgets as widgets
-    from IPython.display import display
+    import ipywidgets as widgets  # start-up time: only the Voila page needs widgets
+    from IPython.display import display  # (and IPython)
 
     try:
         board = Dashboard(dashboard_project(settings))

@@ -14,7 +14,9 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
+from .alerts import names
 from .core import Settings
+from .metrics import group_words
 from .monitoring import rejection_lines
 from .monitoring.windows import utc_timestamp, window_label
 
@@ -78,7 +80,7 @@ def _time_axis(axes, times: np.ndarray) -> None:
         stamps = pd.to_datetime(times)
         axes.set_xticks(times, [f"{stamp.day} {stamp:%b}" for stamp in stamps])
         return
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter  # start-up time: only figures need matplotlib
 
     locator = AutoDateLocator(minticks=2, maxticks=7)
     axes.xaxis.set_major_locator(locator)
@@ -87,7 +89,7 @@ def _time_axis(axes, times: np.ndarray) -> None:
 
 def _png(figure) -> str:
     "A matplotlib figure as an <img> tag (base64 PNG)."
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # start-up time: only figures need matplotlib
 
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
@@ -98,7 +100,7 @@ def _png(figure) -> str:
 
 
 def _figure(width: float = 7.0, height: float = 3.0):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # start-up time: only figures need matplotlib
 
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return figure, figure.add_subplot()
@@ -257,8 +259,6 @@ def kpis_html(
         ("records refused", "rejected", False),
         ("share refused", "rejected_share", True),
     ]
-    from lifecycle.alerts import names
-
     outcomes = {name for name, (_, tree) in kpis.items() if names(tree) & {"tp", "fp", "fn", "tn"}}
     rows += [(name.replace("_", " "), name, False) for name in kpis]
     head = "".join(f"<th>{_e(window_label(row._asdict(), every, short=True))}</th>" for row in shown.itertuples())
@@ -466,8 +466,6 @@ def groups_html(
     settings: Settings | None,  # for the columns' names and the groups in words
 ) -> str:  # a table a sensitive column: each group's predictions, share flagged and recall ("" without groups)
     "The latest window's groups, named as the gate named them, with the figures their gaps come from."
-    from lifecycle.metrics import group_words
-
     tables = []
     for column, rows in ((details or {}).get("groups") or {}).items():
         name = settings.column_name(column, unit=False) if settings else column
