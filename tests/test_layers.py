@@ -46,12 +46,16 @@ LAYERS = {
     "dashserver": 2,
     "clinic": 2,
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
-    # stores, reader, writer) are shared services; the server, batch, stream and replay sit beside the stages
+    # stores, reader, rows, journal, runs, writer) are shared services; the server, batch, stream and replay sit
+    # beside the stages
     "serving": 1,
     "serving.scoring": 1,
     "serving.predlog": 1,
     "serving.predlog.stores": 1,
     "serving.predlog.reader": 1,
+    "serving.predlog.rows": 1,
+    "serving.predlog.journal": 1,
+    "serving.predlog.runs": 1,
     "serving.predlog.writer": 1,
     "serving.serve": 2,  # the server, in parts: holder, checks, openapi, routes (the handlers), serve (the app)
     "serving.holder": 2,
@@ -70,7 +74,14 @@ LAYERS = {
 }
 # Inside a package whose parts are ordered, a part imports only the parts before it.
 ORDERED = [
-    ["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"],
+    [
+        "serving.predlog.stores",
+        "serving.predlog.reader",
+        "serving.predlog.rows",
+        "serving.predlog.journal",
+        "serving.predlog.runs",
+        "serving.predlog.writer",
+    ],
     ["monitoring.windows", "monitoring.figures", "monitoring.store", "monitoring.engine"],
 ]
 STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor_report", "retrain"}

@@ -7,6 +7,16 @@ __all__ = []
 
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
 from .stores import SEQUENCED_TABLES, CHANNELS, DEFAULT_FILE, REJECTION_COLUMNS  # isort: skip
+from lifecycle.serving.predlog.journal import (
+    FIELD_MAX_CHARS,
+    Journal,
+    JournalError,
+    RejectionTally,
+    hour_text,
+    journal_folder,
+    journal_rejections,
+    replay_journals,
+)
 from lifecycle.serving.predlog.reader import (
     PREDICTION_COLUMNS,
     SHADOW_PAIR_COLUMNS,
@@ -21,6 +31,17 @@ from lifecycle.serving.predlog.reader import (
     shadow_pairs,
     shadow_request_id,
     shadow_summary,
+)
+from lifecycle.serving.predlog.rows import (
+    ID_KEY_ENV,
+    id_key,
+    label_row,
+    prediction_row,
+    pseudonymize,
+)
+from lifecycle.serving.predlog.runs import (
+    PendingRun,
+    remove_dead_runs,
 )
 from lifecycle.serving.predlog.stores import (
     PostgresStore,
@@ -40,23 +61,8 @@ from lifecycle.serving.predlog.stores import (
     write_blocks,
 )
 from lifecycle.serving.predlog.writer import (
-    FIELD_MAX_CHARS,
-    ID_KEY_ENV,
-    Journal,
-    JournalError,
-    PendingRun,
     PredictionLog,
-    RejectionTally,
-    hour_text,
-    id_key,
-    journal_folder,
-    journal_rejections,
-    label_row,
     open_log,
-    prediction_row,
-    pseudonymize,
-    remove_dead_runs,
-    replay_journals,
 )
 
 # the package's names; written as `__all__` (not nbdev's `_all_`) so that ruff sees the imports above used
