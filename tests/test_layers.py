@@ -46,11 +46,14 @@ LAYERS = {
     "dashserver": 2,
     "clinic": 2,
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
-    # stores, reader, rows, journal, runs, writer) are shared services; the server, batch, stream and replay sit
-    # beside the stages
+    # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
+    # stream and replay sit beside the stages
     "serving": 1,
     "serving.scoring": 1,
     "serving.predlog": 1,
+    "serving.predlog.common": 1,
+    "serving.predlog.sqlite": 1,
+    "serving.predlog.postgres": 1,
     "serving.predlog.stores": 1,
     "serving.predlog.reader": 1,
     "serving.predlog.rows": 1,
@@ -75,6 +78,9 @@ LAYERS = {
 # Inside a package whose parts are ordered, a part imports only the parts before it.
 ORDERED = [
     [
+        "serving.predlog.common",
+        "serving.predlog.sqlite",
+        "serving.predlog.postgres",
         "serving.predlog.stores",
         "serving.predlog.reader",
         "serving.predlog.rows",

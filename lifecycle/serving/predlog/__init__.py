@@ -6,7 +6,21 @@
 __all__ = []
 
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
-from .stores import SEQUENCED_TABLES, CHANNELS, DEFAULT_FILE, REJECTION_COLUMNS  # isort: skip
+from .common import SEQUENCED_TABLES, CHANNELS, DEFAULT_FILE, REJECTION_COLUMNS  # isort: skip
+from lifecycle.serving.predlog.common import (
+    PredictionBlock,
+    UnstorableBlock,
+    block_key,
+    describe_error,
+    features_json,
+    is_data_error,
+    latest_totals,
+    log_location,
+    redact_url,
+    utc_text,
+    without_logged,
+    write_blocks,
+)
 from lifecycle.serving.predlog.journal import (
     FIELD_MAX_CHARS,
     Journal,
@@ -16,6 +30,9 @@ from lifecycle.serving.predlog.journal import (
     journal_folder,
     journal_rejections,
     replay_journals,
+)
+from lifecycle.serving.predlog.postgres import (
+    PostgresStore,
 )
 from lifecycle.serving.predlog.reader import (
     PREDICTION_COLUMNS,
@@ -43,22 +60,11 @@ from lifecycle.serving.predlog.runs import (
     PendingRun,
     remove_dead_runs,
 )
-from lifecycle.serving.predlog.stores import (
-    PostgresStore,
-    PredictionBlock,
+from lifecycle.serving.predlog.sqlite import (
     SQLiteStore,
-    UnstorableBlock,
-    block_key,
-    describe_error,
-    features_json,
-    is_data_error,
-    latest_totals,
-    log_location,
+)
+from lifecycle.serving.predlog.stores import (
     log_store,
-    redact_url,
-    utc_text,
-    without_logged,
-    write_blocks,
 )
 from lifecycle.serving.predlog.writer import (
     PredictionLog,

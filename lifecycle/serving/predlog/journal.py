@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ...core import LifecycleError
+from .common import describe_error, latest_totals, utc_text
 from .rows import _CONVERSION_ERRORS, _invalid
-from .stores import describe_error, latest_totals, utc_text
 
 _logger = logging.getLogger("lifecycle.serving.predlog")
 

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from .stores import REJECTION_COLUMNS
+from .common import REJECTION_COLUMNS
 
 # %% auto #0
 __all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'commit_range', 'prediction_problem', 'label_problem',

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ...core import LifecycleError
-from .stores import CHANNELS, features_json, utc_text
+from .common import CHANNELS, features_json, utc_text
 
 # %% auto #0
 __all__ = ['ID_KEY_ENV', 'pseudonymize', 'id_key', 'prediction_row', 'label_row']

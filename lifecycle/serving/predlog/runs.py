@@ -12,7 +12,7 @@ import uuid
 from contextlib import contextmanager
 
 from ...core import LifecycleError
-from .stores import describe_error, without_logged
+from .common import describe_error, without_logged
 
 _logger = logging.getLogger("lifecycle.serving.predlog")
 

@@ -21,6 +21,14 @@ from pathlib import Path
 import pandas as pd
 
 from ...core import LifecycleError
+from lifecycle.serving.predlog.common import (
+    CHANNELS,
+    PredictionBlock,
+    describe_error,
+    is_data_error,
+    latest_totals,
+    utc_text,
+)
 from .journal import Journal, JournalError, RejectionTally, journal_folder, replay_journals
 from .reader import PredictionReader
 from lifecycle.serving.predlog.rows import (
@@ -36,15 +44,7 @@ from lifecycle.serving.predlog.rows import (
     prediction_row,
 )
 from .runs import remove_dead_runs
-from lifecycle.serving.predlog.stores import (
-    CHANNELS,
-    PredictionBlock,
-    describe_error,
-    is_data_error,
-    latest_totals,
-    log_store,
-    utc_text,
-)
+from .stores import log_store
 
 # %% auto #0
 __all__ = ['PredictionLog', 'open_log']
