@@ -49,7 +49,9 @@ LAYERS = {
     # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
     # stream and replay sit beside the stages
     "serving": 1,
-    "serving.scoring": 1,
+    "serving.scoring": 1,  # scoring's names in one place, from its parts: scorer, shadow
+    "serving.scorer": 1,
+    "serving.shadow": 1,
     "serving.predlog": 1,
     "serving.predlog.common": 1,
     "serving.predlog.sqlite": 1,
