@@ -136,7 +136,7 @@ class TreeEnsemble:
     "A fitted binary HistGradientBoostingClassifier's trees, walked together with NumPy."
 
     def __init__(self, model):
-        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.ensemble import HistGradientBoostingClassifier  # start-up time: scikit-learn loads with a model
 
         if not isinstance(model, HistGradientBoostingClassifier) or model.n_trees_per_iteration_ != 1:
             raise LifecycleError("not a binary histogram gradient boosting model")
@@ -411,7 +411,7 @@ class Scorer:
         except (LifecycleError, AttributeError, KeyError, TypeError) as error:
             self.fast_reason = f"the pipeline is not one the fast path reads ({type(error).__name__})"
             return
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # start-up time: loads with a model's libraries
 
         try:
             with threadpool_limits(1):  # a few hundred rows: threads would only wait for each other on a busy machine
@@ -424,7 +424,7 @@ class Scorer:
     @classmethod
     def from_registry(cls, root: Path, name: str | int = "champion") -> "Scorer":
         "Load a version (by alias or number) from a project's registry, refusing a file whose hash does not match."
-        from lifecycle.registry import Registry, load_model
+        from lifecycle.registry import Registry, load_model  # start-up time: the registry imports skops
 
         registry = Registry(root)
         version = registry.resolve(name)

@@ -154,7 +154,7 @@ class Shadow:
         if stamp == self._seen and self._retry.version is None:
             return False
         self._seen = stamp
-        from lifecycle.registry import Registry
+        from lifecycle.registry import Registry  # start-up time: the registry imports skops
 
         try:
             wanted = Registry(self.root).aliases().get(SHADOW_ALIAS)

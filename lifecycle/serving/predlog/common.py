@@ -208,7 +208,7 @@ class PredictionBlock:
     def data(self) -> bytes:
         "The block as Parquet (zstd), made once: a retried write sends the same bytes."
         if self._data is None:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # start-up time: pyarrow loads with the first block or Parquet file
 
             sink = io.BytesIO()
             try:
@@ -239,7 +239,7 @@ def block_key(
 ) -> tuple[str, str, str]:  # (block id, first request id, last request id)
     """A block's key: a fresh random id, and the range of its request ids (in byte order, as SQLite and
     PostgreSQL's C collation compare them), by which a later block finds the predictions it repeats."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # start-up time: pyarrow loads with the first block or Parquet file
 
     bounds = pc.min_max(request_ids).as_py()
     return uuid.uuid4().hex, bounds["min"], bounds["max"]
@@ -250,7 +250,7 @@ def without_logged(
     overlapping: list[bytes],  # the data of the logged blocks whose range of request ids overlaps it
 ) -> tuple | None:  # the block's row with only the predictions not logged yet; None when none is left
     "Take out of a block the predictions another block already holds (the same file scored again)."
-    import pyarrow as pa
+    import pyarrow as pa  # start-up time: pyarrow loads with the first block or Parquet file
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

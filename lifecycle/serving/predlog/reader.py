@@ -5,6 +5,7 @@
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c004
 from __future__ import annotations
 
+import bisect
 import io
 import json
 
@@ -100,7 +101,7 @@ def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
 def _block_frame(when, model_version: int, channel: str, data: bytes, features: bool = True) -> pd.DataFrame:
     """A block of predictions as the same frame as `_prediction_frame` makes (`features=False`: its features not even
     read)."""
-    import pyarrow as pa
+    import pyarrow as pa  # start-up time: pyarrow loads with the first block or Parquet file
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(io.BytesIO(data))
@@ -465,8 +466,6 @@ class PredictionReader:
     ) -> pd.DataFrame:  # the committed predictions with these ids, oldest first; an id not in the log is left out
         """Predictions by request id: rows found through the key's index, and only the blocks whose range of ids holds
         one."""
-        import bisect
-
         wanted = sorted({str(value) for value in request_ids})
         rows = []
         for start in range(0, len(wanted), 10_000):  # well under SQLite's 32,766 parameters and PostgreSQL's 65,535

@@ -234,7 +234,7 @@ def _key_arrays(
 ) -> tuple:
     """`record_many`'s request ids, scores and decisions checked, as Arrow arrays: (ids, scores, decisions as an
     integer NumPy array for the row path, decisions)."""
-    import pyarrow as pa  # an optional dependency, imported when first needed (start-up time)
+    import pyarrow as pa  # start-up time: pyarrow loads with the first block or Parquet file
     import pyarrow.compute as pc
 
     try:
@@ -263,7 +263,7 @@ def _feature_struct(
 ):
     """The features as one Arrow struct column, a field a column. Raises what Arrow raises (`ArrowException`,
     `TypeError`, `ValueError`) for a column it cannot type, such as one mixing numbers and text."""
-    import pyarrow as pa  # an optional dependency, imported when first needed (start-up time)
+    import pyarrow as pa  # start-up time: pyarrow loads with the first block or Parquet file
 
     columns = pa.Table.from_pandas(
         features.set_axis([str(name) for name in features.columns], axis=1), preserve_index=False

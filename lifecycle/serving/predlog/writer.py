@@ -226,7 +226,7 @@ class PredictionLog(PredictionReader):
         Features that Arrow cannot hold as typed columns (a column mixing numbers and text) are logged as
         rows instead, with their features as JSON. Without features (a shadow's predictions, whose records
         the champion's predictions hold) the block has none: read back, its feature columns are missing values."""
-        import pyarrow as pa  # an optional dependency, imported when first needed (start-up time)
+        import pyarrow as pa  # start-up time: pyarrow loads with the first block or Parquet file
 
         count = len(request_ids)
         when, version = _block_header(count, scores, decisions, features, ids, channel, model_version, time)
