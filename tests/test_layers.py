@@ -15,7 +15,9 @@ import lifecycle
 # The layers, bottom to top. A module may import modules of its own layer and of the layers below it, never above,
 # with one more rule: no stage imports another stage (stages talk through the files of the run folder).
 LAYERS = {
-    "core": 0,  # settings, hashing, atomic writes, the run context
+    "core": 0,  # settings, the project, the run context
+    "files": 0,  # hashing, atomic writes
+    "words": 0,  # the words of reports
     # shared services, used by the stages and by serving alike
     "sources": 1,
     "contract": 1,
