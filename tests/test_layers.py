@@ -38,6 +38,8 @@ LAYERS = {
     "deploy": 2,
     "monitor": 2,
     "retrain": 2,
+    "shadow": 2,  # the retrain stage's parts: a challenger in shadow, and judging a challenger
+    "challenger": 2,
     "dashboard": 2,
     "dashserver": 2,
     "clinic": 2,
