@@ -16,27 +16,15 @@ import pandera.pandas as pa
 from lifecycle.contract import (
     MAX_MISSING_SHARE,
     _code,
-    _is_code,
     check_frame,
-    clean_text,
     compile_contract,
     contract_settings,
-    infer_numeric,
-    parse_range,
-    parse_recode,
-    parse_values,
     reason_series,
 )
+from .core import LINEAGE, LifecycleError, Settings
+from .files import frame_sha256, read_json, thread_pool, write_json, write_text
 from .metrics import duplicate_hashes
-from lifecycle.core import (
-    LINEAGE,
-    LifecycleError,
-    Settings,
-    frame_sha256,
-    read_json,
-    write_json,
-    write_text,
-)
+from .rules import _is_code, clean_text, infer_numeric, parse_range, parse_recode, parse_values
 
 # %% auto #0
 __all__ = ['SPLITS', 'label_key', 'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema',
@@ -277,7 +265,10 @@ def take_rows(
     if not df.columns.is_unique:
         return df[mask]
     positions = np.flatnonzero(mask)
-    take = lambda column: df[column].array.take(positions)
+
+    def take(column):
+        return df[column].array.take(positions)
+
     with thread_pool() as pool:
         arrays = list(pool.map(take, df.columns))
     return pd.DataFrame(dict(zip(df.columns, arrays)), index=df.index[positions], copy=False)
