@@ -22,6 +22,7 @@ from sklearn.metrics import (
 )
 
 from .core import Settings, thread_pool, value_key
+from .words import term
 
 # %% auto #0
 __all__ = ['classification_metrics', 'group_spec', 'cut_groups', 'reference_grouping', 'sensitive_grouping', 'group_metrics',
@@ -321,85 +322,98 @@ def _percent(value) -> str:
     return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
-def model_card(
+def _picture(
+    figures: dict,  # "metrics" and "groups": (PNG file name beside the card, caption)
+    key: str,  # which figure
+) -> list[str]:  # the figure's Markdown lines, or none when the report has no such figure
+    return [f"![{figures[key][1]}]({figures[key][0]})", ""] if key in figures else []
+
+
+def _namer(settings):
+    "A column's name in words, when the settings know it."
+    return lambda column: settings.column_name(column) if hasattr(settings, "column_name") else column
+
+
+def _card_use(
     meta: dict,  # the version's metadata
     settings: Settings,  # the project's settings
-    by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
-    evaluation: dict | None = None,  # test metrics, intervals, fairness and the gate's decision, once evaluated
-    figures: dict[str, tuple[str, str]]
-    | None = None,  # "metrics" and "groups": (PNG file name beside the card, caption), the report's own figures
-) -> str:  # Markdown
-    """A model card with the sections of Mitchell et al. (2019) and Google's Model Card Toolkit: model details, intended
-    use, factors, metrics with intervals, evaluation and training data, quantitative analyses by group, the gate's
-    criteria, ethical considerations, caveats and recommendations. Words come from `[data]`: the title, the classes'
-    names, the value labels, and the data's source, licence and citation. `figures` are the stage report's own plots
-    (the accuracy curves under the metrics, recall by group with its intervals under the analyses by group), so the
-    card shows what the report shows."""
-    figures = figures or {}
-    picture = lambda key: [f"![{figures[key][1]}]({figures[key][0]})", ""] if key in figures else []
-    from lifecycle.core import term
-    from lifecycle.registry import markdown_table
-
+) -> list[str]:  # Markdown lines: title, model details, intended use, factors
+    "The card's first sections: what the model is, what it is for, and what it is audited by."
     data = settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
     title = getattr(settings, "title", "") or settings.path.parent.name
-    positive, negative = (
-        getattr(settings, "positive_label", "positive"),
-        getattr(settings, "negative_label", "negative"),
-    )
-    name = lambda column: settings.column_name(column) if hasattr(settings, "column_name") else column
-    metrics = (evaluation or {}).get("metrics") or meta.get("metrics", {})
-    intervals = (evaluation or {}).get("intervals") or {}
-    where = "test split" if evaluation else "validation split"
+    positive = getattr(settings, "positive_label", "positive")
+    negative = getattr(settings, "negative_label", "negative")
+    name = _namer(settings)
     features = meta["features"]["numeric"] + meta["features"]["categorical"]
-    lines = [
+    sensitive = getattr(settings, "sensitive", [])
+    registered = meta.get("registered_at") or meta.get("created") or "unknown"
+    return [
         f"# Model card: {title}, model version {meta['version']}",
         "",
         "## Model details",
         "",
         f"- Owner: {data.get('owner', '').strip() or 'not given (set [data] owner in settings.ini)'}",
-        f"- Registered: {meta.get('registered_at') or meta.get('created') or 'unknown'}; version {meta['version']}, SHA-256 {meta['sha256']}",
-        f"- Type: {meta['model'].replace('_', ' ')} in a scikit-learn pipeline (imputation and encoding fitted on the training rows), seed {meta['seed']}",
+        f"- Registered: {registered}; version {meta['version']}, SHA-256 {meta['sha256']}",
+        f"- Type: {meta['model'].replace('_', ' ')} in a scikit-learn pipeline "
+        f"(imputation and encoding fitted on the training rows), seed {meta['seed']}",
         f"- Licence of the data it learned from: {data.get('licence', '').strip() or 'not given (set [data] licence)'}",
         "",
         "## Intended use",
         "",
-        f"- Predicts {positive} (against {negative}) from {len(features)} features, as a score between 0 and 1 and a decision at a threshold.",
+        f"- Predicts {positive} (against {negative}) from {len(features)} features, "
+        "as a score between 0 and 1 and a decision at a threshold.",
         "- To support, not replace, a professional's decision: a flag to look again, never a diagnosis.",
-        "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), decisions made without a professional, "
+        "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), "
+        "decisions made without a professional, "
         "and any use of the score as a probability without checking its calibration on the population at hand.",
         "",
         "## Factors",
         "",
-        f"- Audited by: {', '.join(name(column) for column in getattr(settings, 'sensitive', [])) or 'no sensitive column'}"
-        + (" and their intersection" if len(getattr(settings, "sensitive", [])) > 1 else "")
+        f"- Audited by: {', '.join(name(column) for column in sensitive) or 'no sensitive column'}"
+        + (" and their intersection" if len(sensitive) > 1 else "")
         + ".",
         f"- Features: {', '.join(name(column) for column in features)}.",
         f"- Sources (hospitals): {', '.join(meta['sources'])}.",
         "",
     ]
-    lines += [f"## Metrics ({where})", ""]
-    rows = []
-    for key, value in metrics.items():
-        interval = intervals.get(key)
-        rows.append(
-            {
-                "metric": term(key),
-                "value": value,
-                "95% interval": f"{interval['low']:.3f}–{interval['high']:.3f}" if interval else "",
-            }
-        )
-    lines += [markdown_table(rows), ""] + picture("metrics")
+
+
+def _card_metrics(
+    meta: dict,  # the version's metadata
+    settings: Settings,  # the project's settings
+    evaluation: dict | None,  # the evaluation, once evaluated
+    figures: dict,  # the report's own figures
+) -> list[str]:  # Markdown lines: metrics with intervals, evaluation data, training data
+    "The card's figures, and the data they were measured on and learned from."
+    from lifecycle.registry import markdown_table
+
+    data = settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
+    metrics = (evaluation or {}).get("metrics") or meta.get("metrics", {})
+    intervals = (evaluation or {}).get("intervals") or {}
+    rows = [
+        {
+            "metric": term(key),
+            "value": value,
+            "95% interval": f"{intervals[key]['low']:.3f}–{intervals[key]['high']:.3f}" if intervals.get(key) else "",
+        }
+        for key, value in metrics.items()
+    ]
+    lines = [f"## Metrics ({'test split' if evaluation else 'validation split'})", ""]
+    lines += [markdown_table(rows), ""] + _picture(figures, "metrics")
     if evaluation:
         lines += [
-            f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall ≥ {evaluation['target_recall']:.0%} on the validation split.",
+            f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall "
+            f"≥ {evaluation['target_recall']:.0%} on the validation split.",
             "- Intervals: 95% bootstrap over the test split.",
             "",
         ]
     lines += ["## Evaluation data", ""]
     if evaluation:
         lines += [
-            f"- Accuracy: the test split, {evaluation.get('test_rows', '?')} rows neither training nor the threshold saw.",
-            f"- Fairness: all {evaluation.get('labeled_rows', '?')} labeled rows, each scored by a model that did not see it.",
+            f"- Accuracy: the test split, {evaluation.get('test_rows', '?')} rows "
+            "neither training nor the threshold saw.",
+            f"- Fairness: all {evaluation.get('labeled_rows', '?')} labeled rows, "
+            "each scored by a model that did not see it.",
             "",
         ]
     else:
@@ -407,36 +421,61 @@ def model_card(
             f"- The validation split ({meta['rows'].get('val', '?')} rows); the evaluate stage adds the test split.",
             "",
         ]
-    lines += [
+    return lines + [
         "## Training data",
         "",
-        f"- {meta['rows']['train']} training rows of data version {meta['data_version']}, from {', '.join(meta['sources'])}.",
+        f"- {meta['rows']['train']} training rows of data version {meta['data_version']}, "
+        f"from {', '.join(meta['sources'])}.",
         f"- Source: {data.get('source', '').strip() or 'not given (set [data] source)'}",
         f"- Citation: {data.get('citation', '').strip() or 'not given (set [data] citation)'}",
         "",
     ]
+
+
+def _card_group_rows(
+    settings: Settings,  # the project's settings
+    column: str,  # an audited column (or intersection)
+    group_rows: list[dict],  # its rows of group metrics
+) -> tuple[list[dict], list[str]]:  # the table's rows, and the groups too small to judge
+    "One audited column's table on the card, and its groups too small to judge."
+    positive = getattr(settings, "positive_label", "positive")
+    table, small_groups = [], []
+    for row in group_rows:
+        words = group_words(settings, column, row["group"]) if hasattr(settings, "labels") else row["group"]
+        judged = row.get("recall_judged", not row.get("too_small"))
+        if not judged:
+            small_groups.append(f"{words} ({row['n']} patients)")
+        table.append(
+            {
+                "group": words,
+                "patients": int(row["n"]),
+                "with " + positive: int(row.get("positives", 0)),
+                "recall": _percent(row["recall"]),
+                "false negative rate": _percent(row["false_negative_rate"]),
+                "false positive rate": _percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
+                "judged": "yes" if judged else "too few to judge",
+            }
+        )
+    return table, small_groups
+
+
+def _card_groups(
+    settings: Settings,  # the project's settings
+    by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
+    evaluation: dict | None,  # the evaluation, once evaluated
+    figures: dict,  # the report's own figures
+) -> list[str]:  # Markdown lines: the quantitative analyses by group
+    "The card's analyses by group: a table a column, its equalized odds difference, the groups too small to judge."
+    from lifecycle.registry import markdown_table
+
+    name = _namer(settings)
     fairness = (evaluation or {}).get("fairness", {})
-    small_groups = []
-    lines += [f"## Quantitative analyses by group ({'every labeled row, out of fold' if evaluation else where})", ""]
+    scope = "every labeled row, out of fold" if evaluation else "validation split"
+    lines, small_groups = [f"## Quantitative analyses by group ({scope})", ""], []
     for column, group_rows in by_group.items():
         heading = " × ".join(name(part) for part in column.split(" & "))
-        table = []
-        for row in group_rows:
-            words = group_words(settings, column, row["group"]) if hasattr(settings, "labels") else row["group"]
-            judged = row.get("recall_judged", not row.get("too_small"))
-            if not judged:
-                small_groups.append(f"{words} ({row['n']} patients)")
-            table.append(
-                {
-                    "group": words,
-                    "patients": int(row["n"]),
-                    "with " + positive: int(row.get("positives", 0)),
-                    "recall": _percent(row["recall"]),
-                    "false negative rate": _percent(row["false_negative_rate"]),
-                    "false positive rate": _percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
-                    "judged": "yes" if judged else "too few to judge",
-                }
-            )
+        table, small = _card_group_rows(settings, column, group_rows)
+        small_groups += small
         lines += [f"### By {heading}", "", markdown_table(table), ""]
         gaps = fairness.get(column, {})
         if gaps.get("equalized_odds_difference") is not None:
@@ -447,36 +486,72 @@ def model_card(
                 + ".",
                 "",
             ]
-    lines += picture("groups")
-    lines += [
+    lines += _picture(figures, "groups")
+    return lines + [
         ("- Groups too small to judge: " + "; ".join(small_groups) + ".")
         if small_groups
         else "- Every group was large enough to judge.",
         "",
     ]
-    if evaluation:
-        lines += ["## Gate criteria", ""]
-        lines += [
-            f"- {check['check']}: {check['figure']} against {check['threshold'] or 'no threshold'}: {'passed' if check['passed'] else 'refused'}"
-            for check in evaluation["gate"].get("checks", [])
-        ]
-        lines += [f"- Decision: {'passed' if evaluation['gate']['passed'] else 'refused'}"]
-        lines += [f"- Refused because {reason}" for reason in evaluation["gate"]["reasons"]]
-        lines += [""]
+
+
+def _card_gate(
+    evaluation: dict | None,  # the evaluation, once evaluated
+) -> list[str]:  # Markdown lines: the gate's criteria and decision (none before evaluation)
+    "The gate's checks, its decision and its reasons."
+    if not evaluation:
+        return []
+    gate = evaluation["gate"]
+    lines = ["## Gate criteria", ""]
     lines += [
+        f"- {check['check']}: {check['figure']} against {check['threshold'] or 'no threshold'}: "
+        f"{'passed' if check['passed'] else 'refused'}"
+        for check in gate.get("checks", [])
+    ]
+    lines += [f"- Decision: {'passed' if gate['passed'] else 'refused'}"]
+    lines += [f"- Refused because {reason}" for reason in gate["reasons"]]
+    return lines + [""]
+
+
+def _card_cautions(
+    meta: dict,  # the version's metadata
+) -> list[str]:  # Markdown lines: ethical considerations, caveats and recommendations
+    "The card's last sections: what a reader must keep in mind."
+    return [
         "## Ethical considerations",
         "",
-        "- The data are health records: the model must never expose a patient's identity, and its decisions must be reviewable by a professional.",
-        "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, and the recall of each group is audited above.",
+        "- The data are health records: the model must never expose a patient's identity, "
+        "and its decisions must be reviewable by a professional.",
+        "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, "
+        "and the recall of each group is audited above.",
         "- Groups too small to judge may be served worse without the audit being able to tell.",
         "",
         "## Caveats and recommendations",
         "",
         f"- Trained on the sources {', '.join(meta['sources'])}; patients from elsewhere may differ.",
-        "- Missing values are imputed from training rows; a feature missing far more often in production (or recorded as 0 for 'not measured') weakens the model.",
+        "- Missing values are imputed from training rows; a feature missing far more often in production "
+        "(or recorded as 0 for 'not measured') weakens the model.",
         "- Monitor drift, recall and the groups' gaps in production; retrain when they move.",
         "",
     ]
+
+
+def model_card(
+    meta: dict,  # the version's metadata
+    settings: Settings,  # the project's settings
+    by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
+    evaluation: dict | None = None,  # test metrics, intervals, fairness and the gate's decision, once evaluated
+    figures: dict[str, tuple[str, str]] | None = None,  # "metrics" and "groups": (PNG beside the card, caption)
+) -> str:  # Markdown
+    """A model card with the sections of Mitchell et al. (2019) and Google's Model Card Toolkit: model details, intended
+    use, factors, metrics with intervals, evaluation and training data, quantitative analyses by group, the gate's
+    criteria, ethical considerations, caveats and recommendations. Words come from `[data]`: the title, the classes'
+    names, the value labels, and the data's source, licence and citation. `figures` are the stage report's own plots
+    (the accuracy curves under the metrics, recall by group with its intervals under the analyses by group), so the
+    card shows what the report shows."""
+    figures = figures or {}
+    lines = _card_use(meta, settings) + _card_metrics(meta, settings, evaluation, figures)
+    lines += _card_groups(settings, by_group, evaluation, figures) + _card_gate(evaluation) + _card_cautions(meta)
     return "\n".join(lines)
 
 # %% ../nbs/23_metrics.ipynb #207dea6a
