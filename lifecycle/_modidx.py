@@ -576,6 +576,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'lifecycle.registry.Registry.resolve': ('registry.html#registry.resolve', 'lifecycle/registry.py'),
                                     'lifecycle.registry.Registry.versions': ('registry.html#registry.versions', 'lifecycle/registry.py'),
                                     'lifecycle.registry._cell': ('registry.html#_cell', 'lifecycle/registry.py'),
+                                    'lifecycle.registry._html_line': ('registry.html#_html_line', 'lifecycle/registry.py'),
+                                    'lifecycle.registry._html_table': ('registry.html#_html_table', 'lifecycle/registry.py'),
                                     'lifecycle.registry.canonical_skops': ('registry.html#canonical_skops', 'lifecycle/registry.py'),
                                     'lifecycle.registry.clear_alias': ('registry.html#clear_alias', 'lifecycle/registry.py'),
                                     'lifecycle.registry.describe': ('registry.html#describe', 'lifecycle/registry.py'),

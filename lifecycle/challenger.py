@@ -6,23 +6,28 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from .shadow import promote_if_won
 
-from .core import Settings, load_settings, read_json
+from .compare import compare_models
+from .core import Settings, read_json
+from .metrics import cut_groups, reference_grouping, threshold_for_recall
 from .promotion import record_decision
-
-CHALLENGER_SETTINGS = (
-    "challenger.ini"  # the challenger's settings file, in the project folder (so it shares the registry and schema)
-)
+from .registry import Registry, load_model, markdown_to_html, register
+from .serving.scoring import Scorer, calibrate_scores
+from .shadow import promote_if_won
 
 # %% auto #0
 __all__ = ['CHALLENGER_SETTINGS', 'CHANGES', 'score_rows', 'fit_recalibration', 'judge', 'choose_change', 'derived_reference',
            'register_change', 'conclude', 'headline']
+
+# %% ../nbs/28_challenger.ipynb #3981e4d5
+CHALLENGER_SETTINGS = (
+    "challenger.ini"  # the challenger's settings file, in the project folder (so it shares the registry and schema)
+)
 
 # %% ../nbs/28_challenger.ipynb #b0f44e0b
 def score_rows(
@@ -31,7 +36,6 @@ def score_rows(
     rows: pd.DataFrame,  # rows with the model's features
 ) -> tuple[np.ndarray, float]:  # (scores, NaN where the model refused the row), the version's threshold
     "Score rows through the serving code of one model version."
-    from lifecycle.serving.scoring import Scorer
 
     scorer = Scorer.from_registry(root, version)
     features = scorer.spec.features
@@ -50,8 +54,8 @@ def fit_recalibration(
     method: str = "auto",  # isotonic, platt, or auto (isotonic from 200 rows, else Platt)
 ) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`lifecycle.serving.scoring.calibrate_scores` applies it)
     "Fit a recalibration of scores on recent labeled rows."
-    from sklearn.isotonic import IsotonicRegression
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.isotonic import IsotonicRegression  # deferred: start-up time, only this path needs it
+    from sklearn.linear_model import LogisticRegression  # deferred: start-up time, only this path needs it
 
     scores, labels = np.asarray(scores, dtype=float), np.asarray(labels).astype(int)
     method = ("isotonic" if len(scores) >= 200 else "platt") if method == "auto" else method
@@ -75,7 +79,6 @@ def fit_recalibration(
 # %% ../nbs/28_challenger.ipynb #7273a493
 def _groups(settings: Settings, rows: pd.DataFrame, reference: dict | None) -> dict:
     "Sensitive groups of the rows, cut as the gate and monitoring cut them (the version's stored grouping)."
-    from lifecycle.metrics import cut_groups, reference_grouping
 
     return {
         column: cut_groups(rows[column], reference_grouping(reference, column)).to_numpy()
@@ -91,10 +94,6 @@ def judge(
     policy: dict,  # the [retrain] settings
 ) -> dict:  # champion, challenger, rows, comparison, candidates (recalibration, threshold), statements
     "Compare the champion with a challenger, and with the cheaper changes, on the held-out labeled rows."
-    from lifecycle.compare import compare_models
-    from lifecycle.metrics import threshold_for_recall
-    from lifecycle.registry import Registry
-    from lifecycle.serving.scoring import calibrate_scores
 
     root = settings.root
     folder = root / "retrain" / retrain_id
@@ -214,7 +213,6 @@ def derived_reference(
 ) -> dict:  # the new version's reference statistics
     """The champion's reference, its score distribution mapped through a recalibration (a monotone map: quantiles stay
     quantiles)."""
-    from lifecycle.serving.scoring import calibrate_scores
 
     if not calibration or "quantile_grid" not in (reference.get("scores") or {}):
         return reference
@@ -242,7 +240,6 @@ def register_change(
 ) -> int:  # the new version
     """Register a winning cheaper change as a new version: the champion's model file, its new threshold and calibration
     in the metadata."""
-    from lifecycle.registry import Registry, load_model, markdown_to_html, register
 
     registry = Registry(root)
     champion, candidate = judged["champion"], judged["candidates"][change]

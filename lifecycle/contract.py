@@ -5,12 +5,13 @@
 # %% ../nbs/15_contract.ipynb #966f9281
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from .core import LifecycleError, parse_mapping, split_list
 from lifecycle.rules import (
     MISSING,
     NOT_FINITE,
@@ -26,8 +27,6 @@ from lifecycle.rules import (
     parse_recode,
     parse_values,
 )
-
-from .core import LifecycleError, parse_mapping, split_list
 
 # %% auto #0
 __all__ = ['MAX_MISSING_SHARE', 'MAX_RECORDS', 'MAX_ERRORS', 'ID_MAX_CHARS', 'REJECTION_REASONS', 'Contract', 'compile_contract',

@@ -7,24 +7,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from html import escape
 
 import numpy as np
 import pandas as pd
-from .fairness import bootstrap, fairness_across_seeds, fairness_audit, sensitive_groups
 from sklearn.metrics import roc_auc_score
 
-from .core import LifecycleError, read_json
+from .core import read_json
+from .fairness import bootstrap, fairness_across_seeds, fairness_audit, sensitive_groups
 from lifecycle.metrics import (
     classification_metrics,
-    group_words,
     model_card,
     read_row_hashes,
     row_hashes,
     threshold_for_recall,
 )
 from .promotion import move_alias
-from .registry import Registry, load_model, save_card, update_meta
+from .registry import Registry, load_model, markdown_table, save_card, update_meta
 
 # %% auto #0
 __all__ = ['unseen_rows', 'compare_with_champion', 'measure_speed', 'gate', 'near_miss', 'checklist', 'EvaluateOptions',
@@ -81,7 +80,7 @@ def measure_speed(
     not the model's cost. The gate's figure is the median over the rounds of the CPU milliseconds a
     record. Wall-clock figures (latency a caller sees on this machine now, batch throughput) are
     reported beside it but decide nothing."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # deferred: start-up time, only this path needs it
 
     records = [rows.iloc[[index % len(rows)]] for index in range(per_repeat)]
     cpu, wall = [], []
@@ -488,9 +487,6 @@ def decision_markdown(
     seeds: int,  # how many seeds of the fairness folds were run
 ) -> str:  # Markdown: the decision, its checklist (every deciding figure beside its threshold), and the evidence
     "The head of the evaluation report: the decision first, then every figure that decided it."
-    from html import escape
-
-    from lifecycle.registry import markdown_table
 
     decision = result["gate"]
     verdict = (

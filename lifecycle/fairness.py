@@ -6,12 +6,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from lifecycle.metrics import (
@@ -130,7 +128,7 @@ def pooled_scores(
     scores[test] = model.predict_proba(labeled.loc[test, features])[:, 1]
     seen = labeled.loc[~test]
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # deferred: start-up time, only this path needs it
 
     with threadpool_limits(
         limits=1
@@ -260,7 +258,7 @@ def fairness_figure(
     overall_recall: float,  # the recall on the test split, drawn as a dotted line
 ):  # a matplotlib figure: recall by group for each column, with error bars and group sizes, too-small groups greyed (None: no column)
     "Recall by group with 95% intervals and group sizes, for each audited column; groups too small to judge greyed."
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: start-up time, only this path needs it
 
     columns = list(fairness)
     if not columns:

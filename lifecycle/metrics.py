@@ -5,6 +5,7 @@
 # %% ../nbs/23_metrics.ipynb #c2e7c390
 from __future__ import annotations
 
+import io
 import math
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from sklearn.metrics import (
 )
 
 from .core import Settings, thread_pool, value_key
+from .registry import markdown_table
 from .words import term
 
 # %% auto #0
@@ -175,7 +177,13 @@ def group_metrics(
     dict
 ]:  # one row a group: size, positives, recall, false negative rate, false positive rate, precision, selection rate
     "Per-group metrics with Fairlearn."
-    from fairlearn.metrics import MetricFrame, count, false_negative_rate, false_positive_rate, selection_rate
+    from fairlearn.metrics import (  # deferred: start-up time, only this path needs it
+        MetricFrame,
+        count,
+        false_negative_rate,
+        false_positive_rate,
+        selection_rate,
+    )
 
     predicted = (np.asarray(scores) >= threshold).astype(int)
     frame = MetricFrame(
@@ -257,7 +265,6 @@ def row_hashes_bytes(
     hashes: np.ndarray,  # row hashes, from `row_hashes`
 ) -> bytes:  # a Parquet file of one column, `row_hash`, for a model version's folder
     "Row hashes as the bytes of a Parquet file (`train_rows.parquet` in a version's folder)."
-    import io
 
     buffer = io.BytesIO()
     pd.DataFrame({"row_hash": np.asarray(hashes, dtype=np.uint64)}).to_parquet(buffer, index=False)
@@ -385,7 +392,6 @@ def _card_metrics(
     figures: dict,  # the report's own figures
 ) -> list[str]:  # Markdown lines: metrics with intervals, evaluation data, training data
     "The card's figures, and the data they were measured on and learned from."
-    from lifecycle.registry import markdown_table
 
     data = settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
     metrics = (evaluation or {}).get("metrics") or meta.get("metrics", {})
@@ -466,7 +472,6 @@ def _card_groups(
     figures: dict,  # the report's own figures
 ) -> list[str]:  # Markdown lines: the quantitative analyses by group
     "The card's analyses by group: a table a column, its equalized odds difference, the groups too small to judge."
-    from lifecycle.registry import markdown_table
 
     name = _namer(settings)
     fairness = (evaluation or {}).get("fairness", {})
@@ -621,7 +626,12 @@ def fairness_gaps(
     judged: dict[str, list],  # from `judged_groups`
 ) -> dict:  # demographic parity and equalized odds differences (None where fewer than two groups are judged)
     "Fairlearn's demographic parity difference, and the true and false positive rate gaps of equalized odds, over judged groups."
-    from fairlearn.metrics import MetricFrame, demographic_parity_difference, false_positive_rate, true_positive_rate
+    from fairlearn.metrics import (  # deferred: start-up time, only this path needs it
+        MetricFrame,
+        demographic_parity_difference,
+        false_positive_rate,
+        true_positive_rate,
+    )
 
     def difference(metric, names):
         if len(names) < 2:

@@ -5,7 +5,11 @@
 # %% ../nbs/02_prepare.ipynb #09f9f58c
 from __future__ import annotations
 
+import contextlib
 import getpass
+import html
+import io
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from lifecycle.contract import (
     reason_series,
 )
 from .core import LINEAGE, LifecycleError, Settings
-from .files import frame_sha256, read_json, thread_pool, write_json, write_text
+from .files import read_json, thread_pool, write_json, write_text
 from .metrics import duplicate_hashes
 from .rules import _is_code, clean_text, infer_numeric, parse_range, parse_recode, parse_values
 
@@ -376,14 +380,10 @@ def profile_report(
     seed: int = 42,  # random seed of the sample
 ) -> dict:  # rows profiled and mode
     "Write a data quality report of `df` as HTML."
-    import contextlib
-    import html
-    import io
-    import warnings
 
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # no progress bars in the report
         warnings.simplefilter("ignore")
-        from data_profiling import ProfileReport
+        from data_profiling import ProfileReport  # deferred: start-up time, only this path needs it
 
         sampled = len(df) > max_rows
         data = df.sample(n=max_rows, random_state=seed) if sampled else df

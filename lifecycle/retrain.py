@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from .challenger import CHALLENGER_SETTINGS, headline  # noqa: F401 (headline: re-exported for the loop)
+from .core import LifecycleError, Project, Settings, read_json, write_json, write_text
 
-# re-exported: the loop, the simulation and the benchmarks import these from the retrain stage
+# re-exported: the loop, the simulation and the benchmarks import these from the retrain stage (the decisions file has
+# one writer and one reader, the promotion authority's)
+from .promotion import decisions, record_decision, take_off  # noqa: F401
+from .registry import Registry, events, update_meta
 from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F401
-
-from .core import LifecycleError, Project, Settings, load_settings, read_json, write_json, write_text
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'firing_alerts', 'champion_since',
@@ -142,11 +145,6 @@ def decide(
         "champion": champion,
     }
 
-# %% ../nbs/07_retrain.ipynb #ccd7a03d
-# the decisions file has one writer and one reader, the promotion authority's; `decisions` is re-exported here for
-# the loop and the tests that read it from the retrain stage
-from .promotion import decisions, record_decision  # noqa: F401
-
 # %% ../nbs/07_retrain.ipynb #4e92feab
 @contextmanager
 def retrain_lock(
@@ -187,7 +185,6 @@ def gather_evidence(
     now: datetime,  # the time of the decision
 ) -> dict:  # champion, champion_since, firing, values, new_labels
     "What the policy needs to know, from the registry, the stored alerts, monitoring and the prediction log."
-    from lifecycle.registry import Registry, events
 
     root = project.root
     registry = Registry(root)
@@ -200,14 +197,14 @@ def gather_evidence(
         "new_labels": None,
     }
     if float(policy.get("min_metric", 0) or 0) > 0 or float(policy.get("max_drift_share", 1) or 1) < 1:
-        from lifecycle.monitoring import monitor_project
+        from lifecycle.monitoring import monitor_project  # deferred: start-up time, only this path needs it
 
         latest = (
             monitor_project(project, now=now, settings={"alerts": ""}).get("latest") or {}
         )  # figures only: alerts are monitoring's job
         evidence["values"] = latest.get("values") or {}
     if int(policy.get("min_new_labels", 0) or 0) > 0 and champion is not None:
-        from lifecycle.serving.predlog import open_log
+        from lifecycle.serving.predlog import open_log  # deferred: start-up time, only this path needs it
 
         with open_log(project.log_url, root) as log:
             evidence["new_labels"] = len(labeled_predictions(log, since=evidence["champion_since"]))
@@ -295,7 +292,7 @@ def champion_training_data(
     clean = Path(root) / "runs" / str(run_id) / "prepare" / "clean.parquet" if run_id else None
     rows = None
     if clean is not None and clean.exists():
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # deferred: start-up time, only this path needs it
 
         rows = pq.ParquetFile(clean).metadata.num_rows
     return {
@@ -357,7 +354,6 @@ def write_retraining_data(
     dict
 ):  # the manifest: folder, settings (the challenger's file), rows for training and held out, the champion's data
     "Write the production rows for training, the held-out rows, the challenger's settings and a manifest."
-    from lifecycle.registry import Registry
 
     root = settings.root
     registry = Registry(root)
@@ -437,8 +433,6 @@ def abandon_unfinished(
 ) -> list[dict]:  # the `abandoned` decisions recorded, one per retrain settled
     """Settle the retrains that did not finish: mark their versions unpromotable, take a shadow off them, remove their
     production rows."""
-    from lifecycle.promotion import take_off
-    from lifecycle.registry import Registry, update_meta
 
     root, registry = Path(root), Registry(root)
     settled = {entry.get("retrain_id") for entry in decisions(root) if entry.get("kind") in ("promotion", "abandoned")}

@@ -5,13 +5,16 @@
 # %% ../nbs/27_shadow.ipynb #cdd9944c
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
+from .compare import compare_models
 from .core import LifecycleError
-from .promotion import record_decision
+from .promotion import move_alias, record_decision, take_off, ungated
+from .registry import Registry
+from .serving.predlog import shadow_pairs, shadow_summary
 
 # %% auto #0
 __all__ = ['SHADOW_HEADINGS', 'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'shadow_table',
@@ -68,8 +71,6 @@ def shadow_evidence(
     version: int | None = None,  # the version in shadow (default: the alias `shadow`)
 ) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy where labeled), and the pairs themselves
     "What the prediction log says of a version in shadow against the champion, on the same records."
-    from lifecycle.registry import Registry
-    from lifecycle.serving.predlog import shadow_pairs, shadow_summary
 
     aliases = Registry(root).aliases()
     version = aliases.get("shadow") if version is None else version
@@ -114,9 +115,6 @@ def promote_shadow(
     """Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records.
 
     A version its gate refused (one put in shadow by hand) is taken off at once: promotion needs the gate passed."""
-    from lifecycle.compare import compare_models
-    from lifecycle.promotion import move_alias, take_off, ungated
-    from lifecycle.registry import Registry
 
     registry = Registry(root)
     now = now or datetime.now(timezone.utc)
@@ -238,8 +236,6 @@ def promote_if_won(
 ) -> dict:  # promoted, reasons; shadow (True when the challenger went into shadow instead)
     """Promote the challenger when its gate passed and the comparison allows it (or put it in shadow first); say why
     either way."""
-    from lifecycle.promotion import move_alias
-    from lifecycle.registry import Registry
 
     comparison = judged.get("comparison")
     reasons = []

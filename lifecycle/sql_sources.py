@@ -326,7 +326,7 @@ def read_postgres_query(
 ) -> pd.DataFrame:  # its rows
     """Run a source query on PostgreSQL: one prepared statement (a second is refused by the server), in a read-only
     transaction, under a statement timeout, after `refuse_side_effects`."""
-    import psycopg
+    import psycopg  # deferred: start-up time, only this path needs it
 
     conninfo = sqlalchemy.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     options = f"-c default_transaction_read_only=on -c statement_timeout={int(timeout * 1000)}"
