@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .alerts import firing_alert_names
 from .challenger import CHALLENGER_SETTINGS, headline  # noqa: F401 (headline: re-exported for the loop)
-from .core import LifecycleError, Project, Settings, read_json, write_json, write_text
+from .core import LifecycleError, Project, Settings, write_json, write_text
 
 # re-exported: the loop, the simulation and the benchmarks import these from the retrain stage (the decisions file has
 # one writer and one reader, the promotion authority's)
@@ -26,10 +27,10 @@ from .registry import Registry, events, update_meta
 from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F401
 
 # %% auto #0
-__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'firing_alerts', 'champion_since',
-           'decide', 'retrain_lock', 'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout',
-           'as_source_rows', 'champion_training_data', 'challenger_settings_text', 'write_retraining_data',
-           'retrain_versions', 'abandon_unfinished']
+__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'champion_since', 'decide', 'retrain_lock',
+           'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows',
+           'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'retrain_versions',
+           'abandon_unfinished']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -37,25 +38,6 @@ WATCHED_METRICS = ("roc_auc", "recall", "precision")  # higher is better for eac
 CHALLENGER_STAGES = ["collect", "prepare", "train", "evaluate"]  # the stage notebooks a challenger goes through
 
 # %% ../nbs/07_retrain.ipynb #156afad5
-def firing_alerts(
-    folder: Path,  # the project's monitoring folder (holding alerts_state.json)
-) -> list[str]:  # names of the alerts firing now, sorted
-    "The alerts monitoring left firing, by name, from its stored state."
-    path = Path(folder) / "alerts_state.json"
-    try:
-        alerts = read_json(path).get("alerts", {}) if path.exists() else {}
-    except (OSError, ValueError, AttributeError):
-        return []
-    return sorted(
-        {
-            alert.get("labels", {}).get("alertname", "")
-            for alert in alerts.values()
-            if isinstance(alert, dict) and alert.get("status") == "firing"
-        }
-        - {""}
-    )
-
-
 def champion_since(
     events: list[dict],  # the registry's alias events, oldest first
     champion: int | None,  # the champion's version
@@ -192,7 +174,7 @@ def gather_evidence(
     evidence = {
         "champion": champion,
         "champion_since": champion_since(events(registry), champion),
-        "firing": firing_alerts(root / "monitoring"),
+        "firing": firing_alert_names(root / "monitoring"),
         "values": {},
         "new_labels": None,
     }
