@@ -132,7 +132,8 @@ def contract_settings(
 def contract_from_meta(
     meta: dict,  # a registry version's metadata: schema (with the contract's settings), features, the settings file it was trained with
 ) -> Contract:  # the contract its model was trained under
-    "The contract of a model version (a version stored before the contract: from its settings, each missing field at its default)."
+    """The contract of a model version (a version stored before the contract: from its settings, each missing field at
+    its default)."""
     features = list(meta["features"]["numeric"]) + list(meta["features"]["categorical"])
     stored = (meta.get("schema") or {}).get("contract")
     if stored:
@@ -404,7 +405,8 @@ def rejection_reason(
     error: dict,  # one error as `check_records` (or a stream) makes it: loc, msg, type
     fields,  # the field names that may be stored: the model's features, the id and timestamp fields
 ) -> tuple[str, str]:  # (reason code, field or "")
-    "An error as the reason code and field the prediction log counts: never a value, never a field name a client made up."
+    """An error as the reason code and field the prediction log counts: never a value, never a field name a client made
+    up."""
     reason = _REASON_OF_TYPE.get(error.get("type"), "unprocessable")
     loc = error.get("loc") or []
     field = loc[2] if len(loc) > 2 else loc[1] if len(loc) == 2 and isinstance(loc[1], str) else ""

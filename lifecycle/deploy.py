@@ -451,7 +451,8 @@ def champion_story(
     champion: int | None,  # the champion now
     previous: int | None,  # the champion before this stage
 ) -> str:  # one or two sentences: since when the model serves, and why
-    "When the serving model became champion and why, as the registry recorded it (evaluate makes a first model champion)."
+    """When the serving model became champion and why, as the registry recorded it (evaluate makes a first model
+    champion)."""
     if champion is None:
         return "No model is champion: nothing serves."
     made = [event for event in events if event.get("alias") == "champion" and event.get("version") == champion]

@@ -81,8 +81,13 @@ def _range_names(
     cuts, name, whole = spec.get("cuts") or [], spec.get("name", ""), spec.get("integer", False)
     if not cuts:
         return [name]
-    text = lambda value: f"{value:g}"
-    above = lambda cut: math.floor(cut) + 1 if whole else cut  # the first value of the group above a cut
+
+    def text(value):
+        return f"{value:g}"
+
+    def above(cut):
+        return math.floor(cut) + 1 if whole else cut  # the first value of the group above a cut
+
     names = [f"{name} ≤{text(math.floor(cuts[0]) if whole else cuts[0])}"]
     for low, high in zip(cuts[:-1], cuts[1:]):
         first, last = above(low), (math.floor(high) if whole else high)
@@ -95,7 +100,8 @@ def cut_groups(
     values: pd.Series,  # a sensitive column
     spec: dict,  # how to cut it: `group_spec`, or `reference_grouping` of a stored version
 ) -> pd.Series:  # a group label a row, e.g. "age 49–55", "female", "sex missing"
-    "The group of each row: a number by the stored cut points (each group holds its upper cut), a category by its value's label."
+    """The group of each row: a number by the stored cut points (each group holds its upper cut), a category by its
+    value's label."""
     missing = f"{spec.get('name', '')} missing".strip()
     if spec.get("kind") == "numeric":
         numbers = pd.to_numeric(
@@ -606,7 +612,8 @@ def equalized_odds_gap(
     groups: np.ndarray,  # the group of each row
     judged: dict[str, list],  # from `judged_groups`
 ) -> float:  # the larger of the two gaps; NaN when no rate has two groups to compare
-    "The largest gap in true positive rate (between groups judged on positives) or false positive rate (judged on negatives)."
+    """The largest gap in true positive rate (between groups judged on positives) or false positive rate (judged on
+    negatives)."""
     gaps = []
     for label, key in ((1, "positives"), (0, "negatives")):
         rates = []
@@ -625,7 +632,8 @@ def fairness_gaps(
     groups: np.ndarray,  # the group of each row
     judged: dict[str, list],  # from `judged_groups`
 ) -> dict:  # demographic parity and equalized odds differences (None where fewer than two groups are judged)
-    "Fairlearn's demographic parity difference, and the true and false positive rate gaps of equalized odds, over judged groups."
+    """Fairlearn's demographic parity difference, and the true and false positive rate gaps of equalized odds, over
+    judged groups."""
     from fairlearn.metrics import (  # deferred: start-up time, only this path needs it
         MetricFrame,
         demographic_parity_difference,

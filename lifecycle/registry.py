@@ -153,7 +153,8 @@ def load_model_bytes(
     data: bytes,  # a skops archive
     where: str = "model",  # names the file in errors
 ):
-    "Load a model, refusing any type that is not on our trusted list (skops' own defaults included) and any broken file."
+    """Load a model, refusing any type that is not on our trusted list (skops' own defaults included) and any broken
+    file."""
     try:
         untrusted = sorted(model_types(data) - set(TRUSTED_TYPES) - set(BUILTIN_TYPES))
         if untrusted:
@@ -512,7 +513,8 @@ def save_card(
     images: dict[str, bytes]
     | None = None,  # its figures: file name -> PNG bytes, written beside card.md and embedded in card.html
 ) -> str:  # the card as an HTML page
-    "Write a version's model card as card.md (with its figures' PNG files) and card.html (figures embedded), atomically."
+    """Write a version's model card as card.md (with its figures' PNG files) and card.html (figures embedded),
+    atomically."""
     page = markdown_to_html(markdown, f"Model card, version {version}", images)
     folder = registry.path / "versions" / str(version)
 

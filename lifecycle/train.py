@@ -123,7 +123,8 @@ def reference_statistics(
     groups: dict
     | None = None,  # the sensitive columns' grouping, decided on the same rows (`metrics.sensitive_grouping`)
 ) -> dict:  # statistics, JSON-ready
-    "Statistics of the training data that monitoring compares production against, and the grouping every fairness figure uses."
+    """Statistics of the training data that monitoring compares production against, and the grouping every fairness
+    figure uses."""
     features = {}
     for column in numeric:
         values = frame[column].dropna().to_numpy(dtype=float)
