@@ -49,6 +49,8 @@ LAYERS = {
     "serving.predlog.writer": 1,
     "serving.serve": 2,
     "serving.batch": 2,
+    "serving.batch_chunks": 2,
+    "serving.batch_dask": 2,
     "serving.stream": 2,
     "serving.replay": 2,
     # the runner, the benchmarks and the command line
