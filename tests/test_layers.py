@@ -52,6 +52,7 @@ LAYERS = {
     "serving.batch_chunks": 2,
     "serving.batch_dask": 2,
     "serving.stream": 2,
+    "serving.stream_io": 2,
     "serving.replay": 2,
     # the runner, the benchmarks and the command line
     "pipeline": 3,
