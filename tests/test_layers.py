@@ -39,6 +39,8 @@ LAYERS = {
     "dashboard": 2,
     "dashserver": 2,
     "clinic": 2,
+    "clinic_form": 2,
+    "clinic_html": 2,
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
     # stores, reader, writer) are shared services; the server, batch, stream and replay sit beside the stages
     "serving": 1,

@@ -18,7 +18,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..core import LifecycleError
-from ..registry import Registry
 from .batch_chunks import Progress, _log_chunk, batch_ids, file_format, read_chunks, score_chunk
 from .predlog import open_log, shadow_request_id
 from .scoring import Scorer, ServingSpec
@@ -32,6 +31,9 @@ def dask_shadow(
     scorer: Scorer,  # the version scoring the run
 ) -> dict | None:
     "The version in shadow, for the Dask workers to load (None: no shadow, or the champion itself)."
+    # skops and scikit-learn are slow to import, and every `lifecycle` command imports batch for its parser
+    from lifecycle.registry import Registry
+
     registry = Registry(root)
     version = registry.aliases().get("shadow")
     if version is None or version == scorer.version:

@@ -21,7 +21,6 @@ from ..contract import rejection_reason
 from ..core import LifecycleError, open_project
 from .predlog import open_log
 from .scoring import Shadow, keep_heap_settled
-from .serve import ModelHolder, logged_features
 from .stream_io import open_sink, open_source, parse_endpoint, problem, read_events
 
 # %% auto #0
@@ -47,6 +46,9 @@ def score_events(
     now: datetime | None = None,  # the time logged with the predictions (default: now)
 ) -> tuple[list[dict], list[dict]]:  # (one output per event, in order; the predictions to log)
     "Check and score a micro-batch in one model call."
+    # fastapi is slow to import, and every `lifecycle` command imports this module for its parser
+    from lifecycle.serving.serve import logged_features
+
     outputs, identities, records, owners = read_events(events, key_prefix)
     results, errors = scorer.score_records(records)
     problems = _record_problems(errors)
@@ -323,6 +325,8 @@ def run_stream(
     prediction_log=None,  # a PredictionLog to use instead of opening one (left open)
 ) -> dict:  # the counts: events_in, scored, rejected, seconds …
     "Score a stream in micro-batches until it ends, goes idle (`until_idle`) or a stop is requested."
+    from lifecycle.serving.serve import ModelHolder  # slow to import (fastapi): see `score_events`
+
     if batch_size < 1 or max_wait_ms < 0 or claim_idle_ms < 1:
         raise LifecycleError("--batch-size and --claim-idle-ms must be at least 1, --max-wait-ms at least 0")
     source_point, sink_point = parse_endpoint(source, "source"), parse_endpoint(sink, "sink")
