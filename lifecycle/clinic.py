@@ -114,8 +114,8 @@ class ClinicClient:
             except httpx.HTTPError:
                 if self.loop.time() - started > min(10, self.timeout):
                     raise LifecycleError(
-                        """clinic: nothing answers at --url; start lifecycle serve there, or leave --url out to score
-                        in-process"""
+                        "clinic: nothing answers at --url; start lifecycle serve there, "
+                        "or leave --url out to score in-process"
                     ) from None
             holder = self.app.state.holder if self.app is not None else None
             if (

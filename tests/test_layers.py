@@ -62,6 +62,7 @@ LAYERS = {
     "cli": 3,
     "loop": 3,
     "simulate": 3,
+    "simulate_figures": 3,
 }
 # Inside a package whose parts are ordered, a part imports only the parts before it.
 ORDERED = [["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"]]
