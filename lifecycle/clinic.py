@@ -86,9 +86,9 @@ class ClinicClient:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(self.timeout + 30)
 
     async def _open(self, log_url: str):
-        import httpx
+        import httpx  # slow to import, like fastapi below: only when the page opens its client
 
-        from lifecycle.serving.serve import CHANNEL_HEADER, create_app
+        from lifecycle.serving.serve import CHANNEL_HEADER, create_app  # fastapi: slow to import
 
         if self.url:
             token = os.environ.get(SERVER_TOKEN_ENV) or os.environ.get("LIFECYCLE_API_TOKEN")

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import configparser
 import io
 import json
 import secrets
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +30,12 @@ from lifecycle.core import (
 )
 
 # %% auto #0
-__all__ = ['SIMULATIONS', 'INJECTIONS', 'SANDBOX_ROLLBACK', 'ROLLBACK_KEYS', 'sandbox_settings_text', 'plan_traffic',
-           'label_arrivals', 'inject_bad_model', 'simulate_project', 'add_simulate_command']
+__all__ = ['SIMULATIONS', 'INJECTIONS', 'SANDBOX_ROLLBACK', 'ROLLBACK_KEYS', 'EXAMPLES', 'sandbox_settings_text',
+           'inject_bad_model', 'simulate_project', 'add_simulate_command']
 
 # %% ../nbs/13_simulate.ipynb #7933ab09
 from .simulate_figures import CHANGE_COLORS, day_figures, plot_timeline, timeline_html
+from .simulate_traffic import _send_day, _traffic, plan_traffic
 
 # %% ../nbs/13_simulate.ipynb #108f4c13
 SIMULATIONS = "simulations"  # the sandboxes' folder in the project
@@ -87,98 +87,19 @@ def sandbox_settings_text(
         + out.getvalue()
     )
 
-# %% ../nbs/13_simulate.ipynb #c1864b8e
-def plan_traffic(
-    rows: pd.DataFrame,  # the production rows (features, target, lineage)
-    days: int,  # simulated days
-    scale: float,  # traffic multiplier: 1 sends each row once
-    numeric: list[str],  # numeric features to jitter when resampling
-    seed: int = 0,  # random seed
-) -> pd.DataFrame:  # the rows to send, with `_day` (0-based) and `_second` (within the day), ordered by arrival
-    "Which patient arrives on which day, at which moment."
-    if days < 1:
-        raise LifecycleError("simulate: --days must be at least 1")
-    if not scale > 0:
-        raise LifecycleError("simulate: --scale must be a positive number")
-    rng = np.random.default_rng(seed)
-    count = int(round(len(rows) * scale))
-    if scale == 1:
-        chosen = rows.iloc[rng.permutation(len(rows))].reset_index(drop=True)
-    else:
-        chosen = rows.iloc[rng.integers(0, len(rows), count)].reset_index(drop=True)
-        for column in [name for name in numeric if name in chosen.columns]:
-            values = pd.to_numeric(chosen[column], errors="coerce")
-            spread = float(values.std()) if values.notna().sum() > 1 else 0.0
-            if not spread:
-                continue
-            whole = bool(np.all(np.mod(values.dropna(), 1) == 0))
-            jittered = (values + rng.normal(0, spread / 20, len(values))).clip(values.min(), values.max())
-            chosen[column] = jittered.round(0 if whole else 1).where(values.notna())
-    chosen["_day"] = rng.integers(0, days, len(chosen))
-    chosen["_second"] = rng.uniform(0, 86400, len(chosen))
-    return chosen.sort_values(["_day", "_second"], kind="stable", ignore_index=True)
-
-# %% ../nbs/13_simulate.ipynb #39591385
-def label_arrivals(
-    plan: pd.DataFrame,  # `plan_traffic`'s rows
-    labels: np.ndarray,  # each row's true label (NaN: unknown)
-    start: datetime,  # the first simulated day's start
-    delay_days: float,  # days after arrival that a label comes
-    share: float,  # the share of patients whose label ever comes
-    seed: int = 0,  # random seed
-) -> tuple[pd.Series, pd.Series]:  # (each row's arrival time, its label's arrival time: NaT when it never comes)
-    "When each patient arrives and when their diagnosis comes back."
-    arrivals = pd.Series(pd.Timestamp(start) + pd.to_timedelta(plan["_day"] * 86400 + plan["_second"], unit="s"))
-    comes = (np.random.default_rng(seed + 7).random(len(plan)) < share) & ~np.isnan(labels)
-    return arrivals, (arrivals + pd.Timedelta(days=delay_days)).where(comes, pd.NaT)
-
-# %% ../nbs/13_simulate.ipynb #030fcd5f
-async def _send_day(
-    project: Project, plan: pd.DataFrame, arrivals: pd.Series, fields_from, due: list[tuple], concurrency: int = 8
-) -> dict:
-    """Score a day's patients through the serving app, into the sandbox's log, then send the labels due: (request_id,
-    label, when)."""
-    from lifecycle.serving.replay import EVENT_TIME_HEADER, scoring_client, send_traffic, to_records
-
-    async with scoring_client(project.root, log=project.log_url) as scoring:
-        fields = fields_from(await scoring.features())
-        nothing = pd.Series([pd.NaT] * len(plan), dtype="datetime64[ns, UTC]")
-        sent = await send_traffic(
-            scoring.client,
-            to_records(plan, fields),
-            arrivals.reset_index(drop=True),
-            np.full(len(plan), np.nan),
-            nothing,
-            arrivals.max() if len(plan) else datetime.now(timezone.utc),
-            scoring.headers,
-            concurrency,
-        )
-        gate = asyncio.Semaphore(concurrency)
-
-        async def feedback(request_id, label, when):
-            async with gate:
-                return await scoring.client.post(
-                    "/feedback",
-                    json={"request_id": request_id, "label": int(label)},
-                    headers={**scoring.headers, EVENT_TIME_HEADER: pd.Timestamp(when).isoformat()},
-                )
-
-        answers = await asyncio.gather(*[feedback(*item) for item in due])
-    refused = sum(answer.status_code != 202 for answer in answers)
-    if refused:
-        raise LifecycleError(
-            f"simulate: {refused} of {len(answers)} labels were refused by the scoring app (/feedback)"
-        )
-    return sent
-
 # %% ../nbs/13_simulate.ipynb #ef4f4e71
 def inject_bad_model(
     root: Path,  # the sandbox
     seed: int = 0,  # unused: the bad model is the same for the same champion (kept for the command line's --seed)
 ) -> dict:  # the registry event of its promotion
     "Register a deliberately worse model and promote it (by force: it never passed a gate, which the event records)."
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.promotion import move_alias
+
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.registry import Registry, register
+
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.train import build_pipeline, reference_statistics
 
     registry = Registry(root)
@@ -231,8 +152,9 @@ def _say(message: str, quiet: bool) -> None:
 
 def _production_rows(settings) -> pd.DataFrame:
     "The rows of [deploy] production, read by the project's readers, with their source's name."
+    # core is imported at the top already; kept beside its use for the reader
     from lifecycle.core import parse_mapping, parse_source
-    from lifecycle.sources import read_source
+    from lifecycle.sources import read_source  # its readers (SQL, Parquet) are slow to import: only when a file is read
 
     text = settings.sections.get("deploy", {}).get("production", "")
     sources = parse_mapping(text) if text.strip() else {}
@@ -247,6 +169,7 @@ def _production_rows(settings) -> pd.DataFrame:
 
 def _calibrations(root: Path):
     "model version -> its reference's calibration map, read once."
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.registry import Registry
 
     folder, cache = Registry(root).path / "versions", {}
@@ -267,8 +190,13 @@ def _change(day: int, kind: str, version, reason: str) -> dict:
 def _retrain(sandbox: Path, day: int, quiet: bool) -> tuple[dict, list[dict], dict | None]:
     """Run the retrain policy; when a challenger was judged, put it into shadow. Returns (result, changes, pending
     promotion)."""
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.loop import retrain_project
+
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.promotion import move_alias
+
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.registry import Registry
 
     result = retrain_project(sandbox / "settings.ini", overrides=["retrain.promote=false"], quiet=quiet)
@@ -318,8 +246,13 @@ def _retrain(sandbox: Path, day: int, quiet: bool) -> tuple[dict, list[dict], di
 def _settle_shadow(sandbox: Path, day: int, pending: dict, shadow_rows: int) -> dict:
     """End a shadow run: promote the challenger when its gate and the comparison allow it, else refuse; the alias is
     cleared."""
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.promotion import take_off
+
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.registry import Registry
+
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.retrain import promote_if_won
 
     evidence = f"retrain/{pending['retrain_id']}/comparison.json; {shadow_rows} shadow predictions logged"
@@ -374,46 +307,11 @@ def _open_sandbox(
     return sandbox, first, open_project(sandbox / "settings.ini")  # the sandbox's own settings, written above
 
 
-def _traffic(
-    box_project: Project,  # the sandbox's project
-    production: pd.DataFrame,  # the production rows
-    days: int,  # simulated days
-    scale: float,  # traffic multiplier
-    label_delay: float,  # days until a diagnosis comes back
-    label_share: float,  # the share of patients whose diagnosis comes back
-    seed: int,  # random seed
-) -> dict:  # plan, labels, start, arrivals, diagnosed, fields_from
-    "The simulation's traffic: who comes on which day, their true labels, when each diagnosis arrives."
-    from lifecycle.registry import Registry  # slow to import (skops, scikit-learn): see `simulate_project`
-    from lifecycle.serving.replay import true_labels
-
-    box = box_project.settings
-    registry = Registry(box_project.root)
-    meta = registry.meta(registry.aliases()["champion"])
-    plan = plan_traffic(production, days, scale, meta["features"]["numeric"], seed)
-    labels = true_labels(plan[box.target], box.positive, box.negative)
-    start = (datetime.now(timezone.utc) - timedelta(days=days + label_delay)).replace(minute=0, second=0, microsecond=0)
-    arrivals, diagnosed = label_arrivals(plan, labels, start, label_delay, label_share, seed)
-    extra = [name for name in (box.id,) if name and name in plan.columns]
-
-    def fields_from(features):
-        return features + [name for name in extra if name not in features]
-
-    return {
-        "plan": plan,
-        "labels": labels,
-        "start": start,
-        "arrivals": arrivals,
-        "diagnosed": diagnosed,
-        "fields_from": fields_from,
-    }
-
-
 def _shadow_rows(
     box_project: Project,  # the sandbox's project
 ) -> int:  # predictions the shadow logged
     "How many predictions the version in shadow logged in the sandbox."
-    from lifecycle.serving.predlog import open_log
+    from lifecycle.serving.predlog import open_log  # the log only when a simulation runs: see `simulate_project`
 
     with open_log(box_project.log_url, box_project.root) as log:
         return int((log.predictions()["channel"] == "shadow").sum()) if log.count() else 0
@@ -513,7 +411,7 @@ def _timeline_table(
     records: list[dict],  # `_run_days`' record a day
 ) -> pd.DataFrame:  # a row a day: `day_figures` and the day's record
     "The timeline's table, from the sandbox's prediction log and the days' records."
-    from lifecycle.serving.predlog import open_log
+    from lifecycle.serving.predlog import open_log  # the log only when a simulation runs: see `simulate_project`
 
     with open_log(box_project.log_url, box_project.root) as log:
         table = day_figures(log.predictions(), log.labels(), start, days, _calibrations(box_project.root))
@@ -661,6 +559,13 @@ def _simulate_command(args) -> int:
     return 0
 
 
+EXAMPLES = (
+    "examples:\n  lifecycle simulate\n  lifecycle simulate --days 42 --inject bad-model\n"
+    "  lifecycle simulate --scale 20 --days 90 --json\n"
+    "  lifecycle simulate --days 10 --label-delay 2 -p retrain.min_new_labels=60"
+)  # the command's --help ends with these
+
+
 def add_simulate_command(
     commands,  # the subparsers of the `lifecycle` command
 ) -> None:
@@ -672,9 +577,7 @@ def add_simulate_command(
         "in which the rows of [deploy] production arrive through the scoring app, their labels later; each day "
         "monitoring, the rollback rules and the retrain policy; a challenger in shadow, then promoted or refused "
         "with the evidence. Writes a timeline report.",
-        epilog="examples:\n  lifecycle simulate\n  lifecycle simulate --days 42 --inject bad-model\n"
-        "  lifecycle simulate --scale 20 --days 90 --json\n"
-        "  lifecycle simulate --days 10 --label-delay 2 -p retrain.min_new_labels=60",
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )

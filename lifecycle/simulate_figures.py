@@ -214,7 +214,9 @@ def timeline_html(
     picture: str,  # the picture's file name, beside the page
     facts: dict,  # label -> value, shown as a list (settings, counts)
 ) -> str:  # a standalone HTML page (no script, nothing from the internet)
-    "The timeline report."
+    """The timeline report.
+
+    Long because: one self-contained HTML page (its style, picture, tables and facts), written out top to bottom."""
 
     def escape(value) -> str:
         if value is None or (isinstance(value, float) and np.isnan(value)):

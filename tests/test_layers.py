@@ -64,6 +64,7 @@ LAYERS = {
     "loop": 3,
     "simulate": 3,
     "simulate_figures": 3,
+    "simulate_traffic": 3,
 }
 # Inside a package whose parts are ordered, a part imports only the parts before it.
 ORDERED = [["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"]]

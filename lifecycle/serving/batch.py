@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..core import LifecycleError
+from ..core import LifecycleError, open_project
 from .batch_chunks import Progress, count_rows, file_format, file_sha256, input_columns, score_local
 from .batch_dask import dask_read_error, dask_shadow, score_dask
 from .predlog import PendingRun, describe_error, log_store, open_log
@@ -251,8 +251,6 @@ def count_batch_rejections(
 # %% ../../nbs/36_batch.ipynb #856f6c74
 def _batch_command(args) -> int:
     "The handler of `lifecycle batch`."
-    from lifecycle.core import open_project
-
     project = open_project(args.settings, log=args.log or None)
     summary = score_file(
         project.root,

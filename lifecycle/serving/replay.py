@@ -222,7 +222,7 @@ class scoring_client:
         self.headers = {}
 
     async def __aenter__(self):
-        import httpx
+        import httpx  # slow to import: only when traffic is sent
 
         token = os.environ.get("LIFECYCLE_API_TOKEN")
         if self.url:
@@ -230,7 +230,7 @@ class scoring_client:
             self.client = httpx.AsyncClient(base_url=self.url.rstrip("/"), timeout=self.timeout)
             self.lifespan = None
         else:
-            from lifecycle.serving.serve import create_app
+            from lifecycle.serving.serve import create_app  # fastapi: slow to import, and only for in-process scoring
 
             app = create_app(self.root, alias=self.alias, log_url=self.log)
             self.lifespan = app.router.lifespan_context(app)
@@ -242,7 +242,7 @@ class scoring_client:
         return self
 
     async def _wait_ready(self):
-        import httpx
+        import httpx  # slow to import: only when traffic is sent
 
         started = asyncio.get_running_loop().time()
         reached = False
@@ -292,7 +292,7 @@ def run_async(
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(make())
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor  # only when already inside an event loop
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(lambda: asyncio.run(make())).result()
@@ -355,7 +355,7 @@ def replay_frame(
 # %% ../../nbs/38_replay.ipynb #63a33064
 def _read(source: Source, settings: Settings) -> pd.DataFrame:
     "Rows of a source with lineage, read by the project's readers."
-    from lifecycle.sources import read_source
+    from lifecycle.sources import read_source  # its readers (SQL, Parquet) are slow to import: only when a file is read
 
     rows, _, _ = read_source(source, settings)
     return rows
@@ -393,9 +393,11 @@ def replay_sources(
     **options,  # `replay_frame`'s options: days, label_delay, label_share, seed, end
 ) -> tuple[int, int, dict]:  # (predictions in the log before, after, replay's summary)
     "Replay named sources into the project's prediction log, each row once for a model version."
-    from lifecycle.core import parse_source
+    from lifecycle.core import parse_source  # core is imported at the top already; kept beside its use for the reader
+
+    # slow to import (scikit-learn, skops): the CLI imports this module for its parser
     from lifecycle.registry import Registry
-    from lifecycle.serving.predlog import open_log
+    from lifecycle.serving.predlog import open_log  # the log only when the sources are read from it
 
     version = Registry(settings.root).aliases().get("champion")
     frames = [_read(parse_source(name, path, settings.root), settings) for name, path in sources.items()]
@@ -436,7 +438,7 @@ def describe(
     summary: dict,  # `replay_frame`'s summary
 ) -> str:  # a few sentences
     "A replay's summary in words."
-    from lifecycle.core import reason_words
+    from lifecycle.core import reason_words  # core is imported at the top already; kept beside its one use
 
     reasons = ", ".join(
         f"{count} {reason_words(reason)}" for reason, count in sorted(summary.get("reasons", {}).items())
@@ -458,7 +460,7 @@ def describe(
 
 
 def _replay_command(args) -> int:
-    from lifecycle.core import open_project
+    from lifecycle.core import open_project  # core is imported at the top already; kept beside its one use
 
     project = open_project(args.settings, log=args.log or None)
     summary = replay_input(

@@ -347,19 +347,8 @@ def run_stream(
             if alias == "champion":  # the version in shadow, if any, scores every event too
                 shadow = Shadow(Path(root), predictions_log).start()
         with _stop_on_signals(stop, handle_signals):
-            ended, first, last = _consume(
-                reader,
-                writer,
-                holder,
-                predictions_log,
-                shadow,
-                counts,
-                stop,
-                batch_size,
-                max_wait_ms,
-                until_idle,
-                reconnect_seconds,
-            )
+            pacing = (batch_size, max_wait_ms, until_idle, reconnect_seconds)
+            ended, first, last = _consume(reader, writer, holder, predictions_log, shadow, counts, stop, *pacing)
     finally:
         _close_run(reader, writer, predictions_log, own_log, shadow)
     counts["claimed"] = getattr(reader, "claimed", 0)

@@ -275,7 +275,7 @@ class LineSource:
 # %% ../../nbs/37a_stream_io.ipynb #2638ca7b
 def _redis_client(url: str):
     "A redis-py client for `url`, checked with a PING; one line without the password when the server cannot be reached."
-    import redis
+    import redis  # installed only where Redis is used: JSON lines need none
 
     client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=30)
     try:
@@ -300,7 +300,7 @@ class RedisSource:
         claim_idle_ms: int = 60_000,  # claim other consumers' entries pending longer than this
         client=None,  # a redis-py client to use (default: one for endpoint.url)
     ):
-        import redis
+        import redis  # installed only where Redis is used: JSON lines need none
 
         self.endpoint, self.claim_idle_ms = endpoint, int(claim_idle_ms)
         self.client = client or _redis_client(endpoint.url)
