@@ -14,6 +14,22 @@ __all__ = ['block_key', 'CHANNELS', 'DEFAULT_FILE', 'describe_error', 'features_
            'readable_rows']
 
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
+# the three parts' public names, re-exported: the package's interface (noqa: ruff cannot see `_all_`)
+from .stores import block_key, CHANNELS, DEFAULT_FILE, describe_error, features_json  # noqa: F401
+from .stores import is_data_error, latest_totals, log_location, log_store, PostgresStore  # noqa: F401
+from .stores import PredictionBlock, redact_url, REJECTION_COLUMNS, SQLiteStore  # noqa: F401
+from .stores import UnstorableBlock, utc_text, without_logged, write_blocks  # noqa: F401
+from .reader import pair_shadow, PREDICTION_COLUMNS, PredictionReader, read_rejections  # noqa: F401
+from .reader import SHADOW_PAIR_COLUMNS, shadow_pairs, SHADOW_PREFIX, shadow_request_id  # noqa: F401
+from .reader import shadow_summary  # noqa: F401
+from .writer import FIELD_MAX_CHARS, hour_text, id_key, ID_KEY_ENV, Journal, journal_folder  # noqa: F401
+from .writer import journal_rejections, JournalError, label_row, open_log, PendingRun  # noqa: F401
+from .writer import prediction_row, PredictionLog, pseudonymize, RejectionTally  # noqa: F401
+from .writer import remove_dead_runs, replay_journals  # noqa: F401
+from .stores import SEQUENCED_TABLES  # noqa: F401
+from .reader import commit_range, label_problem, prediction_problem, readable_rows  # noqa: F401
+
+
 _all_ = [
     "block_key",
     "CHANNELS",
