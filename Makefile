@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lab bench sync-check nbdev-test pytest lock clean mlflow-venv evidently-venv screenshots
+.PHONY: run test lab bench sync-check lint nbdev-test pytest lock clean mlflow-venv evidently-venv screenshots
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/lifecycle run --settings settings.ini
 
-test: $(VENV)/.installed-dev sync-check nbdev-test pytest
+test: $(VENV)/.installed-dev sync-check lint nbdev-test pytest
 
 # nbs/ is the source; lifecycle/ must be exactly what nbdev-export makes of it.
 sync-check: $(VENV)/.installed-dev
@@ -30,6 +30,12 @@ sync-check: $(VENV)/.installed-dev
 	if [ "$$before" != "$$after" ]; then \
 		echo "nbs/ and lifecycle/ are out of sync: nbdev-clean && nbdev-export changed files:"; git status --short; exit 1; \
 	fi; echo "nbs/ and lifecycle/ in sync"
+
+# ruff, line length 120 (pyproject.toml): the notebooks and tests formatted, everything linted (the generated modules too,
+# so an import only a notebook's demonstration uses is caught in its export cell).
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check --quiet nbs tests docs
+	$(BIN)/ruff check --quiet nbs lifecycle tests docs
 
 nbdev-test: $(VENV)/.installed-dev
 	$(BIN)/nbdev-test --n-workers 2

@@ -1,4 +1,5 @@
-"Batch scoring: the column checker (the contract's check_frame) agrees with check_records, accounting is exact, scores are the pipeline's, both engines agree."
+"""Batch scoring: the column checker (the contract's check_frame) agrees with check_records, accounting is exact, scores
+are the pipeline's, both engines agree."""
 
 import argparse
 import math
@@ -232,7 +233,8 @@ def test_accounting_and_scores(project, tmp_path, kind):
 
 
 def test_text_in_a_parquet_number_column(project, tmp_path):
-    "A Parquet string column where numbers belong: text that reads as a number is that number (as prepare reads it), a word is refused."
+    """A Parquet string column where numbers belong: text that reads as a number is that number (as prepare reads it), a
+    word is refused."""
     pd.DataFrame(
         {"age": ["54", "fifty"], "chol": [200.0, 250.0], "sex": ["m", "1"], "color": ["red", "blue"]}
     ).to_parquet(tmp_path / "in.parquet")
@@ -385,7 +387,8 @@ def test_command_json(project, tmp_path, capsys):
 
 
 def test_a_run_that_fails_midway_leaves_nothing_in_the_log(project, tmp_path):
-    "Chunks scored and logged before a malformed line: the run fails and writes no output, so its predictions leave the log."
+    """Chunks scored and logged before a malformed line: the run fails and writes no output, so its predictions leave
+    the log."""
     frame, _ = _training_rows(8000, seed=3)
     lines = frame.to_csv(index=False).splitlines()
     lines[-50] += ",1,2,3"  # a malformed line near the end, in the last of several 64 KB blocks
@@ -412,7 +415,8 @@ def _pending(read) -> int:
     try:
         return int(
             read(
-                "SELECT (SELECT count(*) FROM pending_predictions) + (SELECT coalesce(sum(row_count), 0) FROM pending_blocks)"
+                "SELECT (SELECT count(*) FROM pending_predictions) + (SELECT coalesce(sum(row_count), 0) FROM "
+                "pending_blocks)"
             )[0][0]
         )
     except Exception:  # the tables are not there yet
@@ -481,7 +485,8 @@ def _assert_killed_run_invisible_then_removed(project, tmp_path, store, log_url,
 
 
 def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows(project, tmp_path):
-    "SQLite: the run writes pending blocks; holding the database's write lock once some exist, the run cannot publish before its kill."
+    """SQLite: the run writes pending blocks; holding the database's write lock once some exist, the run cannot publish
+    before its kill."""
     import sqlite3
     import time
 
@@ -519,7 +524,8 @@ def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows(project, tmp_pat
 
 
 def test_a_batch_run_killed_with_sigkill_leaves_no_visible_rows_on_postgresql(project, tmp_path, postgres_url):
-    "PostgreSQL: the test holds the block writers' advisory lock, so the run writes pending rows but cannot publish them."
+    """PostgreSQL: the test holds the block writers' advisory lock, so the run writes pending rows but cannot publish
+    them."""
     import time
 
     import psycopg

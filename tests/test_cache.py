@@ -1,4 +1,5 @@
-"A cache that cannot go stale: a row appended to any file a stage reads runs that stage again, and only the stages it feeds."
+"""A cache that cannot go stale: a row appended to any file a stage reads runs that stage again, and only the stages it
+feeds."""
 
 import json
 

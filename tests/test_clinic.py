@@ -1,7 +1,8 @@
-"""`lifecycle clinic`, the doctor's page, for real: Voila, the page in Debian's chromium, and `lifecycle serve` beside it.
+"""`lifecycle clinic`, the doctor's page, for real: Voila, the page in Debian's chromium, and `lifecycle serve` beside
+it.
 
-The page's score must be the API's to the last bit, each score logged under channel `dashboard` with its version, a refused
-record logged nowhere, and a new champion answering the next submission."""
+The page's score must be the API's to the last bit, each score logged under channel `dashboard` with its version, a
+refused record logged nowhere, and a new champion answering the next submission."""
 
 import os
 import signal
@@ -191,7 +192,8 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
             if httpx.get(api + "/ready").status_code == 200:
                 break
             time.sleep(0.2)
-        # the same page started with --url: it scores through the running server (started now, so it finds the server up)
+        # the same page started with --url: it scores through the running server (started now, so it finds the server
+        # up)
         url_port = free_port()
         remote = _start(
             ["clinic", "--settings", str(root / "settings.ini"), "--port", str(url_port), "--url", api],
@@ -328,7 +330,8 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
 
 
 def _without_chol(root: Path) -> int:
-    "A new champion with other fields: the champion's recipe without serum cholesterol, fitted on VA's patients, registered and promoted."
+    """A new champion with other fields: the champion's recipe without serum cholesterol, fitted on VA's patients,
+    registered and promoted."""
     from lifecycle.registry import Registry, register, set_alias
     from lifecycle.serving.scoring import Scorer, check_frame
     from lifecycle.train import build_pipeline
@@ -379,7 +382,8 @@ HEART = [
 
 
 def test_the_identifier_is_logged_only_hashed_and_a_champion_with_other_fields_rebuilds_the_form(champion_project):
-    "The page's own object, in-process (no browser needed): the identifier field of a project with `[data] id`, and the form rebuilt for a new champion."
+    """The page's own object, in-process (no browser needed): the identifier field of a project with `[data] id`, and
+    the form rebuilt for a new champion."""
     from lifecycle.clinic import Clinic
     from lifecycle.core import open_project
     from lifecycle.serving.predlog import open_log

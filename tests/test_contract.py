@@ -324,7 +324,8 @@ def test_tree_walk_mismatch_is_caught(monkeypatch):
 
 
 def test_server_caps_records_and_errors(tmp_path):
-    "`[{}]` * 50,000 must not make 650,000 errors: more records than the cap are one error; errors are listed up to a cap, with a count."
+    """`[{}]` * 50,000 must not make 650,000 errors: more records than the cap are one error; errors are listed up to a
+    cap, with a count."""
     import time
 
     from fastapi.testclient import TestClient

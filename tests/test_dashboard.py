@@ -1,4 +1,5 @@
-"The live dashboard for real: `lifecycle dashboard` (Voila, a preheated kernel, a monitor beside it) in Debian's chromium."
+"""The live dashboard for real: `lifecycle dashboard` (Voila, a preheated kernel, a monitor beside it) in Debian's
+chromium."""
 
 import json
 import os
@@ -38,7 +39,8 @@ def _features(rng, rows, drifted=False):
 
 @pytest.fixture
 def project(tmp_path):
-    "A project whose champion's reference.json comes from the real reference_statistics, its [monitor] refreshing every 2 s."
+    """A project whose champion's reference.json comes from the real reference_statistics, its [monitor] refreshing
+    every 2 s."""
     rng = np.random.default_rng(5)
     train = _features(rng, 3000)
     labels = (rng.random(3000) < 1 / (1 + np.exp(-(train["age"] - 55) / 6))).astype(int)
@@ -60,7 +62,8 @@ def project(tmp_path):
     (tmp_path / "settings.ini").write_text(
         "[data]\nsources = a: a.csv\ntarget = y\npositive = 1\nsensitive = sex\n"
         "title = Heart disease at <Test> clinic\npositive_label = heart disease\n"
-        "names = age: age\n        pressure: resting blood pressure\n        chol: serum cholesterol\n        cp: chest pain type\n"
+        "names = age: age\n        pressure: resting blood pressure\n"
+        "        chol: serum cholesterol\n        cp: chest pain type\n"
         "units = age: years\n        pressure: mm Hg\n        chol: mg/dl\n"
         "labels = sex: 0 = female, 1 = male\n\n"
         "[monitor]\nwindow = week\nbootstrap = 50\nmin_group = 10\nrefresh_seconds = 2\n"

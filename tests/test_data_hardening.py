@@ -1,4 +1,5 @@
-"Data in: sources are read, never written; settings that name a missing column, or a file that is not the data, fail collect in one line; batch never quotes a line of input."
+"""Data in: sources are read, never written; settings that name a missing column, or a file that is not the data, fail
+collect in one line; batch never quotes a line of input."""
 
 import sqlite3
 
@@ -39,7 +40,8 @@ def _clinic_db(project):
         ("SELECT * FROM patients; DROP TABLE patients", "query failed"),
         ("ATTACH DATABASE 'made.db' AS made", "the query starts with ATTACH"),
         (
-            "SELECT * FROM patients WHERE 1 = (SELECT 1 FROM pragma_table_info('patients') LIMIT 1); ATTACH 'made.db' AS made",
+            "SELECT * FROM patients WHERE 1 = (SELECT 1 FROM pragma_table_info('patients') LIMIT 1); ATTACH "
+            "'made.db' AS made",
             "query failed",
         ),
     ],
@@ -64,7 +66,10 @@ def test_a_postgresql_source_is_read_in_a_read_only_transaction(postgres_url):
     with psycopg.connect(postgres_url, autocommit=True) as db:
         db.execute("CREATE TABLE patients (age float, num int)")
         db.execute("INSERT INTO patients VALUES (50, 1), (60, 0)")
-    read = lambda query: read_sql_table(Source("clinic", postgres_url, query), HEART)[0]
+
+    def read(query):
+        return read_sql_table(Source("clinic", postgres_url, query), HEART)[0]
+
     assert len(read("SELECT * FROM patients")) == 2
     for query in [
         "DROP TABLE patients",
@@ -207,7 +212,10 @@ def test_a_postgresql_source_cannot_call_functions_with_side_effects(postgres_ur
         db.execute("CREATE TABLE patients (age float, num int)")
         db.execute("INSERT INTO patients VALUES (50, 1), (60, 0)")
         db.execute("CREATE VIEW sneaky AS SELECT age, pg_advisory_lock(4710)::text AS held FROM patients")
-    read = lambda query: read_sql_table(Source("clinic", postgres_url, query), HEART)[0]
+
+    def read(query):
+        return read_sql_table(Source("clinic", postgres_url, query), HEART)[0]
+
     with psycopg.connect(postgres_url, autocommit=True) as bystander:
         bystander.execute("LISTEN lifecycle")
         for query, function in SIDE_EFFECTS:
@@ -250,7 +258,8 @@ def test_a_postgresql_source_query_runs_under_a_statement_timeout(postgres_url):
     "case", ["a malformed line in the first block", "a malformed line past the first 64 KB", "a damaged parquet page"]
 )
 def test_the_dask_engine_gives_the_same_one_line_input_errors(batch_project, capfd, case):
-    "The whole stderr of `lifecycle batch --engine dask` (its local cluster's workers, which write to the same file, included) is one line."
+    """The whole stderr of `lifecycle batch --engine dask` (its local cluster's workers, which write to the same file,
+    included) is one line."""
     name = "in.parquet" if "parquet" in case else "in.csv"
     if "parquet" in case:
         frame = pd.DataFrame({"age": np.full(60_000, 50.0), "chol": np.arange(60_000) % 300 + 100.0})

@@ -23,7 +23,8 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     ]
     assert {s["status"] for s in run["stages"]} == {"ran"}
     collect, prepare = by_name["collect"]["summary"], by_name["prepare"]["summary"]
-    # Deployed: the smoke test over HTTP gave the offline scores exactly; the held-out hospitals were scored into the log.
+    # Deployed: the smoke test over HTTP gave the offline scores exactly; the held-out hospitals were scored into the
+    # log.
     deploy = by_name["deploy"]["summary"]
     assert (
         deploy["champion_version"] == by_name["evaluate"]["summary"]["model_version"]
@@ -41,7 +42,8 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     assert (
         deploy["predictions_in_log"] == deploy["production"]["scored"] == deploy["replay"]["scored"]
     )  # through replay, over 30 days
-    # Replayed up to where the current monitoring window starts: the latest window monitored is a whole week, any weekday.
+    # Replayed up to where the current monitoring window starts: the latest window monitored is a whole week, any
+    # weekday.
     from lifecycle.monitoring import current_window_start
 
     assert pd.Timestamp(deploy["replay"]["last_event"]) < pd.Timestamp(current_window_start("week"))
@@ -88,7 +90,8 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
         assert f'href="{name}"' in index, name
         assert (report / name).exists(), name
     collect_html = (report / "01_collect.html").read_text()
-    # Code hidden: a line of the run section, which the report shows the outputs of (the notebook beside it holds the line).
+    # Code hidden: a line of the run section, which the report shows the outputs of (the notebook beside it holds the
+    # line).
     run_line = "context = stage_context(settings, run_dir,"
     assert run_line in (report / "01_collect.ipynb").read_text() and run_line not in collect_html
     # Outputs shown: the run's printed line and its table of sources (not a number nbconvert's CSS also holds).
@@ -104,7 +107,8 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
         and "lower end at most 0.300" in evaluate_html
         and "at least 0.750" in evaluate_html
     )
-    # In words: the checklist with its verdicts, whom the model misses by sex (value labels, not codes), the measures defined.
+    # In words: the checklist with its verdicts, whom the model misses by sex (value labels, not codes), the measures
+    # defined.
     assert (
         "Checklist" in evaluate_html and "| criterion |" not in evaluate_html and "<th>criterion</th>" in evaluate_html
     )
@@ -128,7 +132,8 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     for stage in ("collect", "prepare", "train", "evaluate"):
         assert (Path(run["run_dir"]) / stage / by_name[stage]["summary"]["figure"]).exists(), stage
     assert {by_name[stage]["summary"]["wandb"]["mode"] for stage in ("train", "evaluate")} == {"offline"}
-    # The model card: titled from [data] title, the target in words, the data's licence, the groups too small named, real lists.
+    # The model card: titled from [data] title, the target in words, the data's licence, the groups too small named,
+    # real lists.
     card = (report / "evaluate-model_card.html").read_text()
     assert "Model card: Heart disease, from the records of four hospitals (UCI), model version 1" in card
     assert "Predicts heart disease (against no heart disease)" in card and "CC BY 4.0" in card and "`" not in card

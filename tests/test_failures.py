@@ -53,19 +53,26 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
     assert stages(run)["prepare"]["summary"]["reasons"] == {"out_of_range:age": 200}
 
 
+DATA = (
+    "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\n"
+    "columns = {cols}\n"
+)
+
+
 @pytest.mark.parametrize(
     "settings_text, expected",
     [
         (
-            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nsede = 3\n",
-            "lifecycle: settings.ini: [prepare] sede: unknown key 'sede' of stage prepare; did you mean 'seed'?; known keys:",
+            DATA + "[prepare]\nsede = 3\n",
+            "lifecycle: settings.ini: [prepare] sede: unknown key 'sede' of stage prepare; "
+            "did you mean 'seed'?; known keys:",
         ),
         (
-            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[trian]\nseed = 3\n",
+            DATA + "[trian]\nseed = 3\n",
             "lifecycle: settings.ini: unknown section [trian]",
         ),
         (
-            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\ntargte = x\n",
+            DATA + "targte = x\n",
             "lifecycle: settings.ini: unknown key 'targte' in section [data]",
         ),
         (
@@ -73,7 +80,7 @@ def test_quarantine_gate_fails_the_run_in_one_line_then_resumes(heart_project):
             "lifecycle: settings.ini: [data] positive is required",
         ),
         (
-            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\npositive = 1\ncolumns = {cols}\n[prepare]\nseed = many\n",
+            DATA + "[prepare]\nseed = many\n",
             "lifecycle: settings.ini: [prepare] seed = 'many' is not a int",
         ),
     ],

@@ -19,7 +19,8 @@ MODULES = sorted(
 
 
 def module_file(module: str) -> Path:
-    "The source file of a module of the package: `lifecycle.serving.predlog` is `lifecycle/serving/predlog/__init__.py`."
+    """The source file of a module of the package: `lifecycle.serving.predlog` is
+    `lifecycle/serving/predlog/__init__.py`."""
     path = FOLDER.joinpath(*module.split(".")[1:])
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
@@ -60,7 +61,11 @@ def loggers():
 def settings():
     return {
         "pandas": pandas_options(),
-        "arrow": {"memory pool": pa.default_memory_pool().backend_name, "cpu count": pa.cpu_count(), "io threads": pa.io_thread_count()},
+        "arrow": {
+            "memory pool": pa.default_memory_pool().backend_name,
+            "cpu count": pa.cpu_count(),
+            "io threads": pa.io_thread_count(),
+        },
         "numpy": {"errors": np.geterr(), "print": {k: repr(v) for k, v in np.get_printoptions().items()}},
         "logging": {"disable": logging.root.manager.disable, "loggers": loggers()},
         "warnings": [repr(f) for f in warnings.filters],
@@ -78,7 +83,8 @@ def changes(before, after):
             if part == "logging" and before[part]["disable"] != after[part]["disable"]:
                 found.append("logging.disable")
         elif part == "environment":
-            found += [f"environment {key}" for key in set(before[part]) | set(after[part]) if before[part].get(key) != after[part].get(key)]
+            keys = set(before[part]) | set(after[part])
+            found += [f"environment {key}" for key in keys if before[part].get(key) != after[part].get(key)]
         elif before[part] != after[part]:
             found.append(f"{part}: {before[part]} -> {after[part]}")
     return found

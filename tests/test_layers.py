@@ -1,4 +1,5 @@
-"""The package's layers hold: every import arrow of every lifecycle module, read from its source, points down or sideways.
+"""The package's layers hold: every import arrow of every lifecycle module, read from its source, points down or
+sideways.
 
 A stage notebook's run section runs as the stage, so its imports count as the module's; the checks on tiny data
 after each function are tests, like those in tests/, and do not count."""
@@ -100,7 +101,8 @@ def imported_modules(source: str, module: str = "", package: str = "lifecycle") 
 
 
 def layer_name(module: str) -> str:
-    "The name LAYERS knows a module by: itself, or the package it belongs to (`serving.predlog.open_log` → `serving.predlog`)."
+    """The name LAYERS knows a module by: itself, or the package it belongs to (`serving.predlog.open_log` →
+    `serving.predlog`)."""
     while module not in LAYERS and "." in module:
         module = module.rpartition(".")[0]
     return module
@@ -115,7 +117,8 @@ def violations(imports: dict[str, set[str]]) -> list[str]:
                 continue  # reported by the test that every module has a layer
             if LAYERS[target] > LAYERS[module]:
                 found.append(
-                    f"{module} -> {target}: {module} (layer {LAYERS[module]}) imports a layer above it ({LAYERS[target]})"
+                    f"{module} -> {target}: {module} (layer {LAYERS[module]}) imports a layer above it "
+                    f"({LAYERS[target]})"
                 )
             elif target in ("cli", "bench") and LAYERS[module] < TOP:
                 found.append(f"{module} -> {target}: only the top imports the command line and the benchmarks")
@@ -129,9 +132,13 @@ def violations(imports: dict[str, set[str]]) -> list[str]:
 
 
 def run_section_code(notebook: Path) -> tuple[str | None, str]:
-    "A notebook's module name and the code of its run section (the cells after `## Run the stage`), directives and magics removed."
+    """A notebook's module name and the code of its run section (the cells after `## Run the stage`), directives and
+    magics removed."""
     cells = json.loads(notebook.read_text())["cells"]
-    text = lambda cell: "".join(cell["source"])
+
+    def text(cell):
+        return "".join(cell["source"])
+
     module = next(
         (match.group(1) for cell in cells if (match := re.search(r"^#\|\s*default_exp\s+(\S+)", text(cell), re.M))),
         None,
@@ -227,8 +234,8 @@ def test_the_rules_catch_a_bad_arrow(module, source, expected):
 
 
 def test_nothing_reads_a_settings_file_by_name_or_decides_where_the_log_is():
-    """The project is resolved once (`core.open_project`) and passed down: no module opens `<folder>/settings.ini` itself or
-    reads a section's `log`. The benchmarks and the simulation write projects of their own and open those."""
+    """The project is resolved once (`core.open_project`) and passed down: no module opens `<folder>/settings.ini`
+    itself or reads a section's `log`. The benchmarks and the simulation write projects of their own and open those."""
     package = Path(lifecycle.__file__).parent
     offenders = []
     for path in sorted(package.rglob("*.py")):
@@ -239,3 +246,48 @@ def test_nothing_reads_a_settings_file_by_name_or_decides_where_the_log_is():
         for pattern in (r'/ "settings\.ini"', r"/ SETTINGS_FILE", r'\.get\("log"'):
             offenders += [f"{name}: {pattern}" for _ in re.finditer(pattern, text)]
     assert not offenders, offenders
+
+
+def circles(imports: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles among the package's modules (their strongly connected components of more than one module),
+    each sorted; found by Tarjan's algorithm over the arrows `imports` gives, inside functions included."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(module):
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(imports.get(module, set()) - {module}):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(imports):
+        if module not in index:
+            visit(module)
+    return sorted(found)
+
+
+def test_the_circle_finder_finds_circles():
+    arrows = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"d"}, "f": {"f", "a"}}
+    assert circles(arrows) == [["a", "b", "c"], ["d", "e"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    """Not even between modules of one layer, nor through an import inside a function: each module can be read before
+    those above it."""
+    found = circles(package_imports())
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(circle) for circle in found)

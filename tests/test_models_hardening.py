@@ -1,4 +1,5 @@
-"Models: an alias only names a file that matches its hash and loads with our own trusted types; the list flags a file that fails; a refused file is one line."
+"""Models: an alias only names a file that matches its hash and loads with our own trusted types; the list flags a file
+that fails; a refused file is one line."""
 
 import io
 import json
@@ -88,7 +89,8 @@ def test_shadow_by_hand_of_a_version_without_a_passed_gate_needs_force_and_is_wa
     assert code == 0 and Registry(project).aliases()["shadow"] == 2
     assert (
         err.strip()
-        == "warning: version 2 has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, never promote it"
+        == "warning: version 2 has not passed its gate: it scores in shadow, but lifecycle retrain will take it off, "
+        "never promote it"
     )
     update_meta(Registry(project), 2, gate={"passed": True, "reasons": []})
     code, out, err = _models(project, capsys, "shadow", "2", "--reason", "evaluated now", "--json")

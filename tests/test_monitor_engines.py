@@ -1,4 +1,5 @@
-"Monitoring gives the same figures whatever computes them: incrementally or from scratch, on the local or the Dask engine, from a SQLite or a PostgreSQL log, from rows or blocks."
+"""Monitoring gives the same figures whatever computes them: incrementally or from scratch, on the local or the Dask
+engine, from a SQLite or a PostgreSQL log, from rows or blocks."""
 
 import json
 

@@ -142,7 +142,8 @@ def _same_windows(stored: pd.DataFrame, rebuilt: pd.DataFrame) -> None:
 
 
 def test_a_batch_published_behind_the_cursor_is_counted(project):
-    "A batch scored on Tuesday publishes after the monitor read Wednesday's online predictions: the next monitor counts it."
+    """A batch scored on Tuesday publishes after the monitor read Wednesday's online predictions: the next monitor
+    counts it."""
     with open_log("", project) as log:
         _online(log, "mon-", 50, 0)
     run = _batch(project, "batch-", 300, 1)  # scored before what follows, published after it
@@ -167,7 +168,8 @@ def test_a_batch_published_behind_the_cursor_is_counted(project):
 
 
 def test_three_concurrent_monitors_after_a_batch_equal_a_rebuild(project):
-    "Three `lifecycle monitor --json` at once after a batch: they queue on the lock; the windows equal a rebuild, none fails."
+    """Three `lifecycle monitor --json` at once after a batch: they queue on the lock; the windows equal a rebuild, none
+    fails."""
     with open_log("", project) as log:
         _online(log, "mon-", 30, 0)
     assert _monitor(project)[0] == 0
@@ -242,7 +244,8 @@ MALFORMED = {  # a row another tool wrote into the log: (table, SQL values), and
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_a_malformed_row_is_counted_with_its_reason_and_the_state_is_kept(project, kind):
-    "One bad row among good ones: counted with its reason (never its value), no traceback, state kept, the next run fine."
+    """One bad row among good ones: counted with its reason (never its value), no traceback, state kept, the next run
+    fine."""
     table, values, reason, field = MALFORMED[kind]
     with open_log("", project) as log:
         _online(log, "mon-", 30, 0)
@@ -281,19 +284,23 @@ def test_a_malformed_row_is_counted_with_its_reason_and_the_state_is_kept(projec
 
 
 def test_an_old_log_gets_the_sequence_and_old_rows_are_counted_once(tmp_path):
-    "A SQLite log made before the commit sequence: opened, it gets the column; its old rows count once, new rows after them."
+    """A SQLite log made before the commit sequence: opened, it gets the column; its old rows count once, new rows after
+    them."""
     with sqlite3.connect(
         tmp_path / "predictions.sqlite"
     ) as database:  # the tables as logs made them before the sequence
         database.execute(
-            "CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TEXT NOT NULL, model_version INTEGER NOT NULL, "
-            "channel TEXT NOT NULL, score REAL, decision INTEGER NOT NULL, id_hash TEXT, features TEXT NOT NULL, event_time TEXT)"
+            "CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TEXT NOT NULL, model_version INTEGER NOT "
+            "NULL, "
+            "channel TEXT NOT NULL, score REAL, decision INTEGER NOT NULL, id_hash TEXT, features TEXT NOT NULL, "
+            "event_time TEXT)"
         )
         database.execute(
             "CREATE TABLE labels (request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, time TEXT NOT NULL, logged TEXT)"
         )
         database.execute(
-            "INSERT INTO predictions VALUES ('old', '2024-05-06T08:00:00Z', 1, 'online', 0.7, 1, NULL, '{\"x0\": 1}', NULL)"
+            "INSERT INTO predictions VALUES ('old', '2024-05-06T08:00:00Z', 1, 'online', 0.7, 1, NULL, '{\"x0\": "
+            "1}', NULL)"
         )
     with open_log("", tmp_path) as log:
         columns = {
@@ -307,7 +314,8 @@ def test_an_old_log_gets_the_sequence_and_old_rows_are_counted_once(tmp_path):
     assert second["windows"]["predictions"].tolist() == [6]
 
 
-# --- any interleaving gives the windows of a rebuild --------------------------------------------------------------------
+# --- any interleaving gives the windows of a rebuild
+# --------------------------------------------------------------------
 
 OPERATIONS = st.one_of(
     st.tuples(st.just("online"), st.integers(1, 15), st.integers(0, 4)),
@@ -344,7 +352,8 @@ def _concurrent_monitors(root, log, count):
 )
 @given(operations=st.lists(OPERATIONS, min_size=3, max_size=12))
 def test_any_interleaving_gives_the_windows_of_a_rebuild(tmp_path_factory, operations):
-    "Online, batch (slow, killed), replayed journals, labels, single and concurrent monitors, in any order: the windows equal a rebuild."
+    """Online, batch (slow, killed), replayed journals, labels, single and concurrent monitors, in any order: the
+    windows equal a rebuild."""
     root = tmp_path_factory.mktemp("exact")
     log = open_log("", root)
     runs, issued, number = [], [], 0
@@ -400,14 +409,16 @@ def test_any_interleaving_gives_the_windows_of_a_rebuild(tmp_path_factory, opera
         _same_windows(incremental, rebuilt)
 
 
-# --- PostgreSQL: the same, and a commit still in flight is never skipped ------------------------------------------------
+# --- PostgreSQL: the same, and a commit still in flight is never skipped
+# ------------------------------------------------
 
 from test_predlog import postgres_server, postgres_url  # noqa: E402,F401  (the fixtures: a server for the session, a database a test)
 
 
 def test_postgres_a_commit_in_flight_is_waited_for_and_a_late_batch_counted(postgres_url, tmp_path):
-    """A transaction that took its number before a later one committed: `settled_commit` waits for it, so the cursor never
-    passes a row that is not visible yet. A batch published behind the cursor is counted; concurrent monitors queue."""
+    """A transaction that took its number before a later one committed: `settled_commit` waits for it, so the cursor
+    never passes a row that is not visible yet. A batch published behind the cursor is counted; concurrent monitors
+    queue."""
     import psycopg
 
     log = open_log(postgres_url, tmp_path)

@@ -1,4 +1,5 @@
-"Monitoring on a real prediction log (SQLite, filled through the logging API) with planted drift, and alerts posted to a real HTTP server."
+"""Monitoring on a real prediction log (SQLite, filled through the logging API) with planted drift, and alerts posted to
+a real HTTP server."""
 
 import json
 import threading

@@ -218,7 +218,10 @@ def postgres_server():
     "A private PostgreSQL cluster in a temporary folder, for this test session only; yields its URL without a database."
     bindir = _postgres_bin()
     if bindir is None:
-        message = "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): install Debian's postgresql package (apt-get install postgresql)"
+        message = (
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): "
+            "install Debian's postgresql package (apt-get install postgresql)"
+        )
         if REQUIRE_SERVICES:
             pytest.fail(f"{message}; LIFECYCLE_REQUIRE_SERVICES=1 requires it")
         pytest.skip(message)
@@ -328,7 +331,8 @@ def test_postgres_unreachable_says_where_without_the_password(tmp_path):
 
 
 def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
-    "record_many's blocks in PostgreSQL: read back with their features, and a block repeating logged predictions adds only the new ones."
+    """record_many's blocks in PostgreSQL: read back with their features, and a block repeating logged predictions adds
+    only the new ones."""
     log = open_log(postgres_url, tmp_path)
     frame = pd.DataFrame({"age": np.arange(5000, dtype=float), "sex": ["m", "f"] * 2500})
     ids = [f"batch-x-{n:06d}" for n in range(5000)]
@@ -367,13 +371,16 @@ def test_postgres_blocks_log_each_prediction_once(postgres_url, tmp_path):
 
 
 def test_postgres_event_times_and_a_log_made_before_them(postgres_url, tmp_path):
-    "A PostgreSQL log without the event_time and logged columns gets them when opened; rows, blocks and labels keep their own times."
+    """A PostgreSQL log without the event_time and logged columns gets them when opened; rows, blocks and labels keep
+    their own times."""
     import psycopg
 
     with psycopg.connect(postgres_url, autocommit=True) as admin:  # the tables as logs made them before event times
         admin.execute(
-            "CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TIMESTAMPTZ NOT NULL, model_version BIGINT NOT NULL, "
-            "channel TEXT NOT NULL, score DOUBLE PRECISION, decision INTEGER NOT NULL, id_hash TEXT, features JSONB NOT NULL)"
+            "CREATE TABLE predictions (request_id TEXT PRIMARY KEY, time TIMESTAMPTZ NOT NULL, model_version BIGINT "
+            "NOT NULL, "
+            "channel TEXT NOT NULL, score DOUBLE PRECISION, decision INTEGER NOT NULL, id_hash TEXT, features JSONB "
+            "NOT NULL)"
         )
         admin.execute(
             "CREATE TABLE labels (request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, time TIMESTAMPTZ NOT NULL)"

@@ -1,4 +1,5 @@
-"One project, resolved once: a settings file of another name, its prediction log outside the project, reached through a symlink."
+"""One project, resolved once: a settings file of another name, its prediction log outside the project, reached through
+a symlink."""
 
 import json
 import math
@@ -66,8 +67,8 @@ def _count(log_file, project):
 
 
 def test_prod_ini_with_its_log_elsewhere_through_a_symlink_is_one_project(champion_project, tmp_path):
-    """serve (through the symlink), kill -9, the monitor stage of `lifecycle run`, `lifecycle monitor` (by the real path),
-    retrain's rollback rules and policy, and the dashboard all read and write the one log the settings name."""
+    """serve (through the symlink), kill -9, the monitor stage of `lifecycle run`, `lifecycle monitor` (by the real
+    path), retrain's rollback rules and policy, and the dashboard all read and write the one log the settings name."""
     from lifecycle.core import PAGE_SETTINGS_ENV, open_project
     from lifecycle.dashboard import dashboard_project, read_state
     from lifecycle.registry import Registry, load_model, register, set_alias
@@ -126,7 +127,8 @@ def test_prod_ini_with_its_log_elsewhere_through_a_symlink_is_one_project(champi
         server.wait(30)
     assert len(answered) == 40
 
-    # `lifecycle monitor` by the real path: the killed server's journal is replayed from the one journal folder of this log
+    # `lifecycle monitor` by the real path: the killed server's journal is replayed from the one journal folder of this
+    # log
     code, summary, _, stderr = run_lifecycle("monitor", "--settings", real / "prod.ini", "--json")
     assert code in (0, 3), stderr
     assert (summary["new_predictions"], summary["champion"]) == (40, second), summary

@@ -1,5 +1,6 @@
-"""One promotion authority: a version without a passed gate serves only when forced, on the record; a killed retrain leaves nothing
-promotable and no copy of production rows behind; no part of the package moves an alias except through `lifecycle.promotion`."""
+"""One promotion authority: a version without a passed gate serves only when forced, on the record; a killed retrain
+leaves nothing promotable and no copy of production rows behind; no part of the package moves an alias except through
+`lifecycle.promotion`."""
 
 import ast
 import json
@@ -129,8 +130,8 @@ def test_the_list_marks_ungated_versions_in_its_table_and_json(project, capsys):
     assert " yes " in first and " --force " in second
 
 
-# A retrain killed (SIGKILL) right after its challenger was registered: its production rows written under retrain/<id>/, the
-# challenger's version in the registry with a passed gate and the challenger alias, no decision recorded.
+# A retrain killed (SIGKILL) right after its challenger was registered: its production rows written under retrain/<id>/,
+# the challenger's version in the registry with a passed gate and the challenger alias, no decision recorded.
 KILLED_RETRAIN = textwrap.dedent("""
     import os, signal, sys
     from datetime import datetime, timezone
@@ -146,11 +147,13 @@ KILLED_RETRAIN = textwrap.dedent("""
     rng = np.random.default_rng(3)
     now = datetime(2026, 3, 1, tzinfo=timezone.utc)
     rows = pd.DataFrame({"age": rng.uniform(20, 80, 60).round(), "chol": rng.uniform(100, 400, 60).round()})
-    labeled = rows.assign(request_id=[f"r{i}" for i in range(60)], time=[now] * 60, label=(rows["age"] > 50).astype(int))
+    ids = [f"r{i}" for i in range(60)]
+    labeled = rows.assign(request_id=ids, time=[now] * 60, label=(rows["age"] > 50).astype(int))
     with retrain_lock(root) as held:
         assert held
         write_retraining_data(settings, {"holdout_share": 0.5}, labeled, now, "killed")
-        meta = {**registry.meta(1), "gate": {"passed": True, "reasons": []}, "settings": {"retrain": {"challenger_of": "killed"}}}
+        of_run = {"retrain": {"challenger_of": "killed"}}
+        meta = {**registry.meta(1), "gate": {"passed": True, "reasons": []}, "settings": of_run}
         meta = {key: value for key, value in meta.items() if key not in ("version", "sha256", "bytes", "created")}
         version = register(registry, load_model(registry, 1), meta)
         move_alias(registry, "challenger", version, "gate", "passed the gate")
@@ -198,9 +201,9 @@ def test_a_retrain_killed_after_registering_its_challenger_leaves_nothing_promot
     assert len([entry for entry in _decisions(project) if entry["kind"] == "abandoned"]) == 1
 
 
-# Every alias move goes through lifecycle.promotion: the registry's own primitives are called nowhere else in the package, nor in
-# the code the stage notebooks run as stages (their `#| notest` run sections). The checks after each function (tests on tiny data)
-# may set up a registry directly.
+# Every alias move goes through lifecycle.promotion: the registry's own primitives are called nowhere else in the
+# package, nor in the code the stage notebooks run as stages (their `#| notest` run sections). The checks after each
+# function (tests on tiny data) may set up a registry directly.
 PRIMITIVES = {"set_alias", "clear_alias"}
 ALLOWED = {"promotion.py", "registry.py"}
 

@@ -1,4 +1,5 @@
-"Promotion and its record are one step: a process killed (SIGKILL) at any point of the write leaves aliases and events that agree."
+"""Promotion and its record are one step: a process killed (SIGKILL) at any point of the write leaves aliases and events
+that agree."""
 
 import json
 import shutil
@@ -94,9 +95,10 @@ def test_a_kill_at_every_point_of_a_promotion_leaves_aliases_and_events_in_agree
     print(f"kills during promotion: {kills}, records missing: 0")
 
 
-# The retrain's promotion path: a winning recalibration is registered as a new version (the champion's model file, its map and
-# threshold in the metadata, its card) and promoted with compare-and-set, then the decision is recorded. The child runs that step
-# (`retrain.conclude`, as the retrain stage calls it) and kills itself just before or after its k-th file-system step.
+# The retrain's promotion path: a winning recalibration is registered as a new version (the champion's model file, its
+# map and threshold in the metadata, its card) and promoted with compare-and-set, then the decision is recorded. The
+# child runs that step (`retrain.conclude`, as the retrain stage calls it) and kills itself just before or after its
+# k-th file-system step.
 CONCLUDE = (
     textwrap.dedent("""
     import json, os, signal, sys
@@ -107,14 +109,16 @@ CONCLUDE = (
 """)
     + DEADLY
     + textwrap.dedent("""
-    outcome = conclude(Path(root), "t1", judged, {"passed": False, "reasons": ["refused"]}, {}, "retrain/t1/comparison.json")
+    refused = {"passed": False, "reasons": ["refused"]}
+    outcome = conclude(Path(root), "t1", judged, refused, {}, "retrain/t1/comparison.json")
     print(json.dumps({"steps": steps[0], "version": outcome.get("version"), "change": outcome.get("change")}))
 """)
 )
 
 
 def _recalibration_template(root):
-    "A tiny project whose champion ranks production well but scores it far too low: recalibrating it wins on the held-out patients."
+    """A tiny project whose champion ranks production well but scores it far too low: recalibrating it wins on the
+    held-out patients."""
     from datetime import datetime, timedelta, timezone
 
     from lifecycle.core import load_settings, write_json
@@ -131,7 +135,9 @@ def _recalibration_template(root):
             }
         )
 
-    rule = lambda frame: (frame["age"] + 30 * frame["sex"] > 65).astype(int)
+    def rule(frame):
+        return (frame["age"] + 30 * frame["sex"] > 65).astype(int)
+
     old, new = patients(300), patients(200)
     meta = {
         "features": {"numeric": ["age", "chol"], "categorical": ["sex"]},
@@ -148,7 +154,8 @@ def _recalibration_template(root):
     }
     root.mkdir(parents=True)
     (root / "settings.ini").write_text(
-        "[data]\nsources = a: a.csv\ncolumns = age, chol, sex, num\ntarget = num\npositive = 1\nnegative = 0\nsensitive = sex\n"
+        "[data]\nsources = a: a.csv\ncolumns = age, chol, sex, num\n"
+        "target = num\npositive = 1\nnegative = 0\nsensitive = sex\n"
         "[evaluate]\nmax_fairness_gap = 0.9\n"
     )
     registry = Registry(root)
@@ -237,14 +244,16 @@ def test_a_retrain_killed_while_holding_the_lock_does_not_leave_it_stuck(tmp_pat
 
 
 def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_project):
-    "Two `lifecycle retrain` processes on one project: the second starts while the first holds the retrain lock, says so in one line, records it."
+    """Two `lifecycle retrain` processes on one project: the second starts while the first holds the retrain lock, says
+    so in one line, records it."""
     from conftest import LIFECYCLE
 
     from lifecycle.retrain import decisions
 
     registry = Registry(champion_project)
     champion, events_before = registry.aliases()["champion"], len(events(registry))
-    # a lean challenger (fewer folds, seeds and resamples), its production rows weighing 3 times a row of the champion's data
+    # a lean challenger (fewer folds, seeds and resamples), its production rows weighing 3 times a row of the champion's
+    # data
     lean = [
         "-p",
         "prepare.profile=false",
@@ -295,7 +304,8 @@ def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_p
 def test_a_promoted_recalibration_is_served_online_in_batch_and_in_streams_with_the_scores_the_comparison_judged(
     tmp_path,
 ):
-    "The derived version (the champion's model file, its map and threshold in the metadata) through serve, batch and stream: the judged scores, bit for bit."
+    """The derived version (the champion's model file, its map and threshold in the metadata) through serve, batch and
+    stream: the judged scores, bit for bit."""
     from fastapi.testclient import TestClient
 
     from lifecycle.retrain import register_change

@@ -1,4 +1,5 @@
-"Records the contract refuses are counted in the prediction log by reason, never by value, and monitoring shows them per window."
+"""Records the contract refuses are counted in the prediction log by reason, never by value, and monitoring shows them
+per window."""
 
 import json
 import os

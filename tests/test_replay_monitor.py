@@ -188,7 +188,8 @@ def test_replay_then_monitor(champion_project):
 
 
 def test_replay_over_http_scores_as_in_process(champion_project):
-    "The same file replayed over HTTP against a real lifecycle serve (with a token) and in-process: the same scores at the same event times."
+    """The same file replayed over HTTP against a real lifecycle serve (with a token) and in-process: the same scores at
+    the same event times."""
     project, settings = champion_project, champion_project / "settings.ini"
     port, token = free_port(), "t0ken-for-replay"
     environment = {**os.environ, "LIFECYCLE_API_TOKEN": token, "OMP_NUM_THREADS": "1"}
@@ -280,7 +281,8 @@ def test_replay_over_http_scores_as_in_process(champion_project):
 
 
 def test_monitor_watch_repeats_until_interrupted(champion_project):
-    "lifecycle monitor --watch: one JSON object a line, each look a new one, until Ctrl-C; the exit code of the last look."
+    """lifecycle monitor --watch: one JSON object a line, each look a new one, until Ctrl-C; the exit code of the last
+    look."""
     settings = champion_project / "settings.ini"
     set_monitor(champion_project, alerts="traffic_seen (critical): predictions >= 1")
     watcher = subprocess.Popen(

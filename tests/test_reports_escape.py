@@ -13,7 +13,8 @@ SOURCE = "<u onmouseover=alert('xss-source')>north</u>"  # a source name in sett
 
 
 class _Live(HTMLParser):
-    "Planted markup that became elements: an event handler or attribute naming xss, or xss text inside script, style, b or u."
+    """Planted markup that became elements: an event handler or attribute naming xss, or xss text inside script, style,
+    b or u."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)

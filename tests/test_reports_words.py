@@ -1,4 +1,5 @@
-"What a run's reports say: the model card shows the evaluation's own figures, tables speak words, deploy tells who promoted."
+"""What a run's reports say: the model card shows the evaluation's own figures, tables speak words, deploy tells who
+promoted."""
 
 import base64
 import json

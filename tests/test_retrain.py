@@ -1,5 +1,6 @@
-"""`lifecycle retrain`: the policy's decision recorded, a challenger trained by the stage notebooks on the champion's data plus labeled
-production predictions, and compared with the champion on held-out production patients neither model trained on."""
+"""`lifecycle retrain`: the policy's decision recorded, a challenger trained by the stage notebooks on the champion's
+data plus labeled production predictions, and compared with the champion on held-out production patients neither model
+trained on."""
 
 import json
 from datetime import datetime, timedelta, timezone
@@ -10,7 +11,8 @@ from conftest import COLUMNS, HEART, run_lifecycle, stages
 
 
 def _log_labeled_production(project):
-    "Score VA Long Beach and Switzerland with the champion and log them with their labels, over five days, through the real log API."
+    """Score VA Long Beach and Switzerland with the champion and log them with their labels, over five days, through the
+    real log API."""
     from lifecycle.serving.predlog import open_log
     from lifecycle.serving.scoring import Scorer
 
@@ -58,7 +60,8 @@ NO_LATENCY_GATE = ("-p", "evaluate.max_latency_ms=100000", "-p", "deploy.max_lat
 
 @pytest.fixture
 def champion_project(heart_project):
-    "The default project after one whole run, without the profile, the latency gates and production traffic: a champion in its registry."
+    """The default project after one whole run, without the profile, the latency gates and production traffic: a
+    champion in its registry."""
     # no production traffic from deploy: the prediction log holds only what this test logs
     run_lifecycle(
         "run",
@@ -79,8 +82,8 @@ def test_retrain_decides_trains_a_challenger_through_the_notebooks_and_judges_it
     settings = champion_project / "settings.ini"
     champion = json.loads((champion_project / "registry" / "aliases.json").read_text())["champion"]
 
-    # The default project's rule (100 labeled predictions since the champion's promotion) is not met, and nobody forces it:
-    # not now, and the decision is on the record.
+    # The default project's rule (100 labeled predictions since the champion's promotion) is not met, and nobody forces
+    # it: not now, and the decision is on the record.
     _, result, _, _ = run_lifecycle("retrain", "--settings", settings, "--json", check=0)
     assert result["status"] == "not now" and result["decision"]["retrain"] is False
     assert result["headline"] == "No retrain now: 0 predictions since the champion's promotion have labels (rule: 100)."

@@ -276,7 +276,8 @@ def test_hot_swap_under_load_fails_no_request(champion_project):
 
 
 def test_a_champion_that_fails_to_load_leaves_the_old_one_serving_until_it_loads(champion_project):
-    "A new champion whose file does not load: the old one answers on, the error is shown; the file mended, it loads, no alias moved."
+    """A new champion whose file does not load: the old one answers on, the error is shown; the file mended, it loads,
+    no alias moved."""
     from unittest import mock
 
     from lifecycle.registry import Registry, load_model, register, set_alias

@@ -1,4 +1,5 @@
-"A challenger in shadow beside the champion: a real server, batch and stream answer as without it, the shadow's predictions are logged and paired, a failing shadow changes nothing, and promotion waits for `[retrain] shadow_min`."
+"""A challenger in shadow beside the champion: a real server, batch and stream answer as without it, the shadow's
+predictions are logged and paired, a failing shadow changes nothing, and promotion waits for `[retrain] shadow_min`."""
 
 import json
 import time
@@ -92,10 +93,11 @@ def test_server_with_a_shadow(champion_project):
             what="the shadow to load",
         )
         with_shadow = answers(server.url, records)
+
         # the answers are the champion's, identical to those without a shadow
-        strip = lambda replies: [
-            (r["model_version"], [(p["score"], p["decision"]) for p in r["predictions"]]) for r in replies
-        ]
+        def strip(replies):
+            return [(r["model_version"], [(p["score"], p["decision"]) for p in r["predictions"]]) for r in replies]
+
         assert strip(with_shadow) == strip(before)
         assert {r["model_version"] for r in with_shadow} == {champion}
         # every record of those requests has a shadow prediction, logged and paired with the champion's
@@ -137,8 +139,8 @@ def test_server_with_a_shadow(champion_project):
         assert result["status"] == "promoted", result
         assert (registry.aliases()["champion"], registry.aliases().get("shadow")) == (challenger, None)
         wait_for(lambda: httpx.get(server.url + "/model").json()["version"] == challenger, what="the hot swap")
-        # the shadow watches the aliases on its own thread: it lets go of the promoted version a moment later (until then
-        # it skips what the same version scored as champion)
+        # the shadow watches the aliases on its own thread: it lets go of the promoted version a moment later (until
+        # then it skips what the same version scored as champion)
         wait_for(lambda: httpx.get(server.url + "/model").json()["shadow"]["version"] is None, what="the shadow to go")
 
         # a shadow that fails (its model file changed after it was set) changes no answer, and logs nothing
@@ -204,9 +206,12 @@ def test_batch_and_stream_with_a_shadow(champion_project, tmp_path):
     stream = run_stream(project, str(events), str(tmp_path / "shadowed.jsonl"), handle_signals=False)
     # the outputs are the champion's, as without a shadow
     assert pd.read_parquet(tmp_path / "plain.parquet").equals(pd.read_parquet(tmp_path / "shadowed.parquet"))
-    strip = lambda path: [
-        {k: v for k, v in json.loads(line).items() if k != "request_id"} for line in path.read_text().splitlines()
-    ]
+
+    def strip(path):
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "request_id"} for line in path.read_text().splitlines()
+        ]
+
     assert strip(tmp_path / "plain.jsonl") == strip(tmp_path / "shadowed.jsonl")
     assert {r["model_version"] for r in strip(tmp_path / "shadowed.jsonl")} == {champion}
     # every row of both has its shadow prediction, paired with the champion's

@@ -1,6 +1,6 @@
-"""`lifecycle simulate` on a copy of the default project seeded with PII canaries: the story (shadow, promotion or refusal,
-an injected bad model rolled back by the rules) and, from the same run, a scan of every file, the command's output and
-the dashboard page for the canaries (ids may appear only as keyed hashes)."""
+"""`lifecycle simulate` on a copy of the default project seeded with PII canaries: the story (shadow, promotion or
+refusal, an injected bad model rolled back by the rules) and, from the same run, a scan of every file, the command's
+output and the dashboard page for the canaries (ids may appear only as keyed hashes)."""
 
 import gzip
 import json
@@ -18,9 +18,10 @@ from conftest import COLUMNS, LIFECYCLE, copy_default_project, free_port, run_li
 
 # One canary a patient in the id column, one in a free-text column: unique, so that any copy of either is found.
 ID_MARK, NOTE_MARK = "canaryid", "canarynote"
-# A small simulation: 12 days of twice the production traffic (resampled, jittered), labels back the next day, a retrain once
-# 60 labels are in, its challenger a day in shadow, then the bad model. The default project's champion ranks production
-# patients poorly (ROC AUC about 0.69), so telling a backwards model from it takes about 150 labels (DeLong at 0.05).
+# A small simulation: 12 days of twice the production traffic (resampled, jittered), labels back the next day, a retrain
+# once 60 labels are in, its challenger a day in shadow, then the bad model. The default project's champion ranks
+# production patients poorly (ROC AUC about 0.69), so telling a backwards model from it takes about 150 labels (DeLong
+# at 0.05).
 SIMULATE = (
     "simulate",
     "--days",
@@ -47,7 +48,8 @@ SIMULATE = (
 
 
 def _seed_canaries(project: Path) -> dict:
-    "Rewrite the four hospitals' files with an id column (first) and a free-text column (last), each value a unique canary."
+    """Rewrite the four hospitals' files with an id column (first) and a free-text column (last), each value a unique
+    canary."""
     canaries = {}
     for path in sorted((project / "data" / "heart-disease-uci").glob("processed.*.data")):
         lines = []
@@ -128,7 +130,8 @@ def test_simulate_tells_the_story_and_the_bad_model_is_rolled_back_by_the_rules(
         not (simulated["project"] / "registry").exists() and not (simulated["project"] / "predictions.sqlite").exists()
     )
 
-    # the timeline report: beside the run's other reports, linked from its index, a row a day, every change with its reason
+    # the timeline report: beside the run's other reports, linked from its index, a row a day, every change with its
+    # reason
     report = Path(outcome["report"])
     assert (
         report.parent == Path(outcome["index"]).parent
@@ -152,7 +155,8 @@ def test_simulate_tells_the_story_and_the_bad_model_is_rolled_back_by_the_rules(
 
 
 def _texts(path: Path) -> list[str]:
-    "What a file holds, readably: the bytes, and inside zip, gzip and Parquet files (compressed: their bytes would hide a canary)."
+    """What a file holds, readably: the bytes, and inside zip, gzip and Parquet files (compressed: their bytes would
+    hide a canary)."""
     data = path.read_bytes()
     texts = [data.decode("latin-1")]
     if zipfile.is_zipfile(path):  # model.skops, W&B artifacts

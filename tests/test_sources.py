@@ -1,4 +1,5 @@
-"Collect reads every kind of source, keeps lineage, and sets aside what it cannot parse; prepare accounts for every row."
+"""Collect reads every kind of source, keeps lineage, and sets aside what it cannot parse; prepare accounts for every
+row."""
 
 import json
 import re

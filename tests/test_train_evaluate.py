@@ -284,7 +284,10 @@ def test_the_gate_decides_the_same_on_a_busy_machine(champion_project):
             spinner.wait()
     evaluate = stages(busy)["evaluate"]
     assert evaluate["status"] == "ran"
-    decided = lambda gate: (gate["passed"], gate["reasons"], [(c["check"], c["passed"]) for c in gate["checks"]])
+
+    def decided(gate):
+        return gate["passed"], gate["reasons"], [(c["check"], c["passed"]) for c in gate["checks"]]
+
     assert decided(evaluate["summary"]["gate"]) == decided(first["gate"])
     assert first["gate"]["passed"]
     latency = [c for c in evaluate["summary"]["gate"]["checks"] if c["check"].startswith("single-record latency")]
@@ -332,8 +335,12 @@ def test_a_new_split_neither_flips_fairness_nor_lets_the_champion_win_from_memor
         second["versus_champion"]["rows"] == len(test) - seen.sum()
         and second["versus_champion"]["champion_rows_recorded"]
     )
-    # Scored on every test row, the champion wins from memory: the comparison the gate used to make refuses the new model.
-    features = lambda version: version["meta"]["features"]["numeric"] + version["meta"]["features"]["categorical"]
+
+    # Scored on every test row, the champion wins from memory: the comparison the gate used to make refuses the new
+    # model.
+    def features(version):
+        return version["meta"]["features"]["numeric"] + version["meta"]["features"]["categorical"]
+
     y = test["_label"].to_numpy().astype(int)
     on_every_row = compare_with_champion(
         y,
@@ -343,7 +350,8 @@ def test_a_new_split_neither_flips_fairness_nor_lets_the_champion_win_from_memor
     )
     assert on_every_row["high"] < 0
     assert second["versus_champion"]["high"] >= 0
-    # Seed 1 turned the fairness verdict (0.623 by age on the test split alone); on every labeled row it agrees with seeds 2 and 3.
+    # Seed 1 turned the fairness verdict (0.623 by age on the test split alone); on every labeled row it agrees with
+    # seeds 2 and 3.
     third = stages(run(1))["evaluate"]["summary"]
     for summary in (first, second, third):
         fairness_checks = [c for c in summary["gate"]["checks"] if c["check"].startswith("equalized odds")]
@@ -388,10 +396,10 @@ def test_a_patient_id_column_does_not_flip_the_gate(champion_template, tmp_path)
     without = stages(json.loads((champion_template / "first-run.json").read_text()))
     # the id keeps the repeated row: one more clean row, so every split moved
     assert (with_ids["prepare"]["summary"]["rows_clean"], without["prepare"]["summary"]["rows_clean"]) == (597, 596)
-    decided = lambda summary: (
-        summary["gate"]["passed"],
-        [(c["check"], c["passed"]) for c in summary["gate"]["checks"]],
-    )
+
+    def decided(summary):
+        return summary["gate"]["passed"], [(c["check"], c["passed"]) for c in summary["gate"]["checks"]]
+
     assert decided(with_ids["evaluate"]["summary"]) == decided(without["evaluate"]["summary"]), with_ids["evaluate"][
         "summary"
     ]["gate"]
