@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -54,8 +55,6 @@ def _bench(args) -> int:
 
 
 def _serve(args) -> int:
-    import os
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
     from lifecycle.serving.serve import serve  # start-up time: FastAPI and uvicorn take 1.8 s, only serve needs them
 
