@@ -12,9 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .core import LifecycleError, Project, load_settings, open_project, write_json
-from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters, write_index
+from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters
 from .promotion import record_decision
 from .registry import Registry
+from .report import write_index
 from .rollback import check_rollback, rollback_rules
 from .serving.predlog import open_log
 

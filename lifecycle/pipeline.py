@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
-import html
 import importlib
 import importlib.resources
 import json
@@ -16,8 +14,6 @@ import re
 import secrets
 import shutil
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,27 +24,26 @@ from lifecycle.core import (
     LifecycleError,
     Settings,
     coerce_value,
-    import_without,
     load_settings,
     prediction_log_url,
     read_json,
     sha256_file,
     sha256_json,
-    term,
     write_json,
-    write_text,
 )
+
+# nbdev leaves the parenthesized import above absolute; these become relative, which sort after it
+# isort: split
+from .execute import Kernels, execute_stage, export_html
+from .report import write_index
 
 # %% auto #0
 __all__ = ['CONTEXT_PARAMETERS', 'PAGE_SECTIONS', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
            'parameter_choices', 'check_sections', 'parse_overrides', 'stage_parameters', 'package_code_hash',
-           'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached', 'run_section_start', 'run_cells', 'Kernel',
-           'Kernels', 'execute_stage', 'export_html', 'report_cells', 'write_index', 'plan_stages', 'run_stage',
-           'run_lifecycle']
+           'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached', 'plan_stages', 'run_stage', 'run_lifecycle']
 
 # %% ../nbs/10_pipeline.ipynb #42079474
 CONTEXT_PARAMETERS = ("settings", "run_dir")  # given by the runner to every stage, never set in settings.ini
-_RUN_HEADING = "## Run the stage"  # the markdown heading of a stage notebook's run section
 _STAGE_FILE = re.compile(r"^0[1-9]_([a-z]+)\.ipynb$")
 
 
@@ -285,359 +280,6 @@ def _link_tree(source: Path, destination: Path):
             os.link(path, target)
         except OSError:
             shutil.copy2(path, target)
-
-# %% ../nbs/10_pipeline.ipynb #a0987e5e
-def _one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def run_section_start(cells: list) -> int | None:
-    "The index of a stage notebook's `## Run the stage` heading, or None."
-    return next(
-        (i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith(_RUN_HEADING)),
-        None,
-    )
-
-
-def run_cells(cells: list) -> list:
-    """The cells a stage run executes: the module's code and the run section.
-
-    The checks on tiny data that follow each function are for `nbdev-test`; a stage run skips them
-    (they cost seconds each time and show nothing about this run's data)."""
-    start = run_section_start(cells)
-    if start is None:
-        return cells
-    return [
-        cell
-        for i, cell in enumerate(cells)
-        if i >= start or cell.cell_type == "markdown" or re.match(r"^#\|\s*(export|default_exp)", cell.source)
-    ]
-
-
-def _import_nbformat():
-    """Import nbformat without the IRI grammar of rfc3987-syntax.
-
-    jsonschema, under nbformat, compiles that grammar at import when the package is installed (JupyterLab
-    brings it): 0.8 s on every run, for a string format no notebook uses."""
-    if "jsonschema._format" not in sys.modules:  # once jsonschema is in, its formats are settled
-        import_without("nbformat", ("rfc3987_syntax",))
-    import nbformat  # noqa: F401
-
-
-class Kernel:
-    """A Python kernel started for one stage, in its own process.
-
-    Its IPC sockets are in a private folder: no TCP port is open to other users of the machine. The manager
-    is the asynchronous one: nbclient's timeout never fires with a blocking client. The history is kept in
-    memory, as nbclient would ask. It starts with `use_work_settings()` applied: it runs a stage's work."""
-
-    def __init__(self, cwd: Path):  # the project root, the kernel's working folder
-        from jupyter_client import AsyncKernelManager
-        from jupyter_core.utils import run_sync  # works inside a running event loop too (a notebook calling the runner)
-
-        self._sockets = tempfile.mkdtemp(prefix="lifecycle-kernel-")
-        self.manager = AsyncKernelManager(
-            kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "kernel")
-        )
-        # The kernel does a stage's work, so it starts with the settings for the work (never set at import)
-        startup = "--IPKernelApp.exec_lines=['from lifecycle.core import use_work_settings', 'use_work_settings()']"
-        run_sync(self.manager.start_kernel)(
-            cwd=str(cwd), extra_arguments=["--HistoryManager.hist_file=:memory:", startup]
-        )
-
-    def stop(self):
-        "Shut the kernel down (nbclient leaves a kernel it did not start running) and remove its sockets."
-        from jupyter_core.utils import run_sync  # start-up time: as in __init__, only a run needs jupyter
-
-        try:
-            if self.manager.has_kernel:
-                run_sync(self.manager.shutdown_kernel)(now=True)
-        finally:
-            shutil.rmtree(self._sockets, ignore_errors=True)
-
-
-class Kernels:
-    """The kernels of one run. A kernel takes most of a second to boot (ipykernel, IPython, zmq), so the
-    next one boots in its own process while the current stage runs, and a stage starts on a kernel that is
-    ready. A spare that no stage takes is stopped at the end of the run."""
-
-    def __init__(self, cwd: Path):  # the project root
-        self.cwd, self._spare = cwd, None
-
-    def take(self) -> Kernel:
-        "A started kernel: the spare if one is booting, else a new one."
-        kernel, self._spare = self._spare or Kernel(self.cwd), None
-        return kernel
-
-    def prepare(self):
-        "Boot a spare kernel for a stage that may come next."
-        if self._spare is None:
-            self._spare = Kernel(self.cwd)
-
-    def close(self):
-        "Stop the spare, if any."
-        if self._spare is not None:
-            self._spare.stop()
-            self._spare = None
-
-
-def execute_stage(
-    notebook: Path,  # the stage notebook
-    output: Path,  # the executed notebook to write
-    parameters: dict,  # papermill parameters
-    cwd: Path,  # the project root
-    timeout: int,  # seconds a cell may run
-    kernel: Kernel | None = None,  # a kernel started for this stage (else one is started here); stopped at the end
-) -> str | None:  # None on success, else one line saying what failed where
-    "Execute one stage notebook with papermill."
-    kernel = kernel or Kernel(cwd)
-    try:
-        # A new kernel boots in its own process while this one imports papermill (each takes about half a
-        # second); nbclient uses a kernel it finds started.
-        _import_nbformat()
-        import nbformat  # start-up time: imported while the kernel boots, not by every command
-        import papermill  # start-up time: the same
-
-        # While the kernel imports its libraries on one core, this process readies the HTML exporter on the other.
-        threading.Thread(target=_warm_exporter, name="warm-html-exporter", daemon=True).start()
-        runnable = nbformat.read(notebook, as_version=4)
-        runnable.cells = run_cells(runnable.cells)
-        papermill.execute_notebook(
-            runnable,
-            str(output),
-            parameters=parameters,
-            cwd=str(cwd),
-            kernel_name="python3",
-            progress_bar=False,
-            log_output=False,
-            execution_timeout=timeout,
-            km=kernel.manager,
-        )
-        return None
-    except Exception as error:  # a cell's error, a timeout or a dead kernel: papermill still wrote what ran
-        name = type(error).__name__
-        if name == "PapermillExecutionError":
-            message = error.evalue if error.ename in ("LifecycleError",) else f"{error.ename}: {error.evalue}"
-            return f"cell {error.exec_count}: {_one_line(message)}"
-        if "Timeout" in name:
-            return f"a cell ran longer than the {timeout} s timeout ([run] timeout) and was stopped"
-        return f"{name}: {_one_line(error)}"
-    finally:
-        kernel.stop()
-
-
-_EXPORTER_LOCK = threading.Lock()
-
-# JupyterLab's page, without the scripts it loads from the internet (require.js, MathJax, Mermaid, widgets: a report
-# shows none of them, and must open on a machine with no network), and with a way back to the run's index.
-_REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
-{%- block html_head_js -%}{%- endblock html_head_js -%}
-{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
-{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
-{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
-{%- block body_header -%}{{ super() }}
-<nav style="font-family:system-ui,sans-serif;margin:1em 0 0 1em"><a href="index.html">&larr; the run's index</a></nav>
-{%- endblock body_header -%}
-"""
-
-
-@functools.lru_cache(maxsize=1)
-def _exporter():
-    "One HTML exporter a process: its templates are compiled once."
-    _import_nbformat()
-    import jinja2  # start-up time: nbconvert and its templates take 0.3 s, only a run's report needs them
-    from nbconvert import HTMLExporter  # start-up time: the same
-
-    return HTMLExporter(
-        exclude_input=True,
-        exclude_input_prompt=True,
-        exclude_output_prompt=True,
-        extra_loaders=[jinja2.DictLoader({"lifecycle_report.html.j2": _REPORT_TEMPLATE})],
-        template_file="lifecycle_report.html.j2",
-    )
-
-
-def _warm_exporter():
-    "Import nbconvert and compile its templates and selectors by rendering a one-cell notebook (about 0.3 s)."
-    import nbformat  # start-up time: see _import_nbformat
-
-    with _EXPORTER_LOCK:
-        _exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("warm")]))
-
-
-def export_html(
-    notebook: Path,  # an executed notebook
-    destination: Path,  # the HTML file to write
-    title: str,  # the page title
-):
-    "Render an executed notebook as HTML: outputs shown, code hidden."
-    _import_nbformat()
-    import nbformat  # start-up time: see _import_nbformat
-
-    executed = nbformat.read(notebook, as_version=4)
-    executed.cells = report_cells(executed.cells)
-    with _EXPORTER_LOCK:
-        body, _ = _exporter().from_notebook_node(executed, resources={"metadata": {"name": title}})
-    write_text(destination, body)
-
-
-_ERROR_TAG = "papermill-error-cell-tag"
-
-
-def report_cells(cells: list) -> list:
-    """The cells a report shows: the title, papermill's error banner, and the stage's run.
-
-    The functions a stage defines, and the checks on tiny data after each, are for the developer who
-    opens the notebook; the report is for the reader of this run. When the run failed before its run
-    section (a check failed), every cell is shown."""
-    start = run_section_start(cells)
-    if start is None:
-        return cells
-    errors = [i for i, cell in enumerate(cells) if _ERROR_TAG in cell.get("metadata", {}).get("tags", [])]
-    if any(i > 1 and i < start for i in errors):
-        return cells
-    first_content = next(
-        (
-            i
-            for i, cell in enumerate(cells)
-            if cell.cell_type == "markdown" and _ERROR_TAG not in cell.get("metadata", {}).get("tags", [])
-        ),
-        0,
-    )
-    keep = set(errors) | {first_content} | set(range(start, len(cells)))
-    if cells[start].source.strip() == _RUN_HEADING:  # a bare heading says nothing to the reader of a report
-        keep.discard(start)
-    return [cell for i, cell in enumerate(cells) if i in keep]
-
-# %% ../nbs/10_pipeline.ipynb #03e4fdb3
-_STATUS_COLOR = {"ran": "#1a7f37", "cached": "#0969da", "failed": "#cf222e"}
-
-
-def _figure(key: str, value) -> str | None:
-    "One line of a stage's figures on the index page, in words (`core.term`), or None for values too big to show there."
-    if key in ("headline", "figure"):  # shown as words and as a picture
-        return None
-    if key == "gate" and isinstance(value, dict):
-        return "gate: passed" if value.get("passed") else f"gate: refused ({len(value.get('reasons', []))} reasons)"
-    if key == "metrics" and isinstance(value, dict):
-        return ", ".join(
-            f"{term(name)}: {number:.3f}" for name, number in list(value.items())[:2] if isinstance(number, float)
-        )
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value in ("", None):
-        return None
-    if isinstance(value, str) and len(value) > 24:
-        value = value[:16] + "…"
-    return f"{term(key)}: {value:,}" if isinstance(value, int) else f"{term(key)}: {value}"
-
-
-def _figures(summary: dict) -> str:
-    shown = [line for key, value in summary.items() if (line := _figure(key, value))]
-    return "<br>".join(html.escape(item) for item in shown[:9])
-
-
-def _headline(summary: dict) -> str:
-    "A stage's headline in words, as the stage wrote it, and its decision when it made one."
-    parts = []
-    gate = summary.get("gate")
-    if isinstance(gate, dict):
-        verdict = "passed" if gate.get("passed") else "refused"
-        reasons = gate.get("reasons") or []
-        why = (
-            f": {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
-            if reasons and not gate.get("passed")
-            else ""
-        )
-        parts.append(f'<div class="decision {verdict}">Gate {verdict}{html.escape(why)}</div>')
-    if summary.get("headline"):
-        parts.append(f'<div class="headline">{html.escape(str(summary["headline"]))}</div>')
-    return "".join(parts)
-
-
-def _stage_links(stage: dict) -> list[str]:
-    "Links from a stage's row: its report, notebook, summary, extra reports, model version and W&B run."
-    links = [
-        f'<a href="{html.escape(stage[key])}">{label}</a>'
-        for key, label in (("html", "report"), ("notebook", "notebook"), ("summary_file", "summary.json"))
-        if stage.get(key)
-    ]
-    links += [
-        f'<a href="{html.escape(href)}">{html.escape(label)}</a>'
-        for label, href in stage.get("extra_reports", {}).items()
-    ]
-    summary = stage.get("summary") or {}
-    if summary.get("model_version") is not None:
-        links.append(f"model version {html.escape(str(summary['model_version']))} (<code>lifecycle models</code>)")
-    wandb = summary.get("wandb") if isinstance(summary.get("wandb"), dict) else {}
-    if wandb.get("url"):
-        links.append(f'<a href="{html.escape(wandb["url"])}">W&amp;B run</a>')
-    elif wandb.get("sync"):
-        links.append(f"W&amp;B run offline: <code>{html.escape(wandb['sync'])}</code>")
-    return links
-
-
-_PAGE_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;color:#1f2328}table{border-collapse:collapse}\n"
-    "td,th{border-bottom:1px solid #d0d7de;padding:.5em 1em;text-align:left;vertical-align:top}.error{color:#cf222e}\n"
-    ".decision{font-weight:600;margin-bottom:.3em}.decision.passed{color:#1a7f37}.decision.refused{color:#cf222e}\n"
-    ".headline{margin-bottom:.3em}.figures{color:#57606a;font-size:.9em}.not-run td{color:#8c959f}"
-    ".nowrap{white-space:nowrap}\n"
-    "img.thumb{max-width:220px;max-height:140px;border:1px solid #d0d7de}"
-)
-
-
-def _stage_row(stage: dict) -> str:  # one entry of the run's stages -> its row of the index page
-    "A stage's row: its name, status, time, what it found (words first, figures a click away), picture and links."
-    error = f'<div class="error">{html.escape(stage["error"])}</div>' if stage.get("error") else ""
-    cached = f" from {html.escape(stage['cached_from'])}" if stage.get("cached_from") else ""
-    summary = stage.get("summary") or {}
-    figures = _figures(summary)
-    if figures and summary.get("headline"):  # the words come first; the raw figures are one click away
-        figures = f"<details><summary>figures</summary>{figures}</details>"
-    thumbnail = ""
-    if stage.get("figure"):
-        picture = html.escape(stage["figure"])
-        alt = f"{html.escape(stage['name'])}: main plot"
-        thumbnail = f'<a href="{picture}"><img class="thumb" src="{picture}" alt="{alt}"></a>'
-    color = _STATUS_COLOR.get(stage["status"], "#555")
-    return (
-        f"<tr><td>{html.escape(stage['name'])}</td>"
-        f'<td class="nowrap" style="color:{color}">{html.escape(stage["status"])}{cached}</td>'
-        f'<td class="nowrap">{stage["seconds"]:.1f} s</td>'
-        f'<td>{_headline(summary)}{error}<div class="figures">{figures}</div></td>'
-        f"<td>{thumbnail}</td><td>{' · '.join(_stage_links(stage))}</td></tr>"
-    )
-
-
-def write_index(
-    run: dict,  # the run summary object
-    path: Path,  # index.html
-    stage_names: list[str] | None = None,  # every stage of the lifecycle, so those this run did not reach are listed
-):
-    "Write the run's index page: each stage's decision and headline in words, its figures and links."
-    rows = [_stage_row(stage) for stage in run["stages"]]
-    reached = [stage["name"] for stage in run["stages"]]
-    why = (
-        "not reached: an earlier stage failed" if run["status"] == "failed" else "not run: outside this run's --stages"
-    )
-    rows += [
-        f'<tr class="not-run"><td>{html.escape(name)}</td><td class="nowrap">not run</td><td></td><td>{why}</td>'
-        "<td></td><td></td></tr>"
-        for name in (stage_names or [])
-        if name not in reached
-    ]
-    run_id = html.escape(run["run_id"])
-    color = _STATUS_COLOR["ran"] if run["status"] == "passed" else _STATUS_COLOR["failed"]
-    page = (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>lifecycle run {run_id}</title>\n'
-        f"<style>{_PAGE_STYLE}</style></head>\n"
-        f'<body><h1>lifecycle run {run_id}: <span style="color:{color}">{html.escape(run["status"])}</span></h1>\n'
-        f"<p>Project {html.escape(run['settings'])} · started {html.escape(run['started'])} · "
-        f"{run['seconds']:.1f} s in all</p>\n"
-        "<table><tr><th>stage</th><th>status</th><th>time</th><th>what it found</th><th></th><th>read</th></tr>\n"
-        f"{''.join(rows)}</table></body></html>\n"
-    )
-    write_text(path, page)
 
 # %% ../nbs/10_pipeline.ipynb #9ac75f67
 def _new_run_id() -> str:

@@ -54,6 +54,8 @@ LAYERS = {
     "serving.replay": 2,
     # the runner, the benchmarks and the command line
     "pipeline": 3,
+    "execute": 3,  # the runner's parts: a stage notebook executed and rendered, and the run's index page
+    "report": 3,
     "bench": 3,  # the benchmarks, the package lifecycle.bench: one module a benchmark, and the parts they share
     "bench.common": 3,
     "bench.prepare": 3,
