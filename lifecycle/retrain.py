@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .alerts import firing_alert_names
 from .core import LifecycleError, Project, Settings, load_settings, read_json, write_json, write_text
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'SHADOW_HEADINGS', 'CHANGES',
-           'PRODUCTION_COPIES', 'firing_alerts', 'champion_since', 'decide', 'decisions', 'retrain_lock',
-           'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows',
-           'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'score_rows',
-           'fit_recalibration', 'judge', 'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow',
-           'shadow_table', 'promote_if_won', 'choose_change', 'derived_reference', 'register_change', 'conclude',
-           'retrain_versions', 'abandon_unfinished', 'headline']
+           'PRODUCTION_COPIES', 'champion_since', 'decide', 'decisions', 'retrain_lock', 'labeled_predictions',
+           'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
+           'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
+           'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'shadow_table', 'promote_if_won',
+           'choose_change', 'derived_reference', 'register_change', 'conclude', 'retrain_versions',
+           'abandon_unfinished', 'headline']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -37,25 +38,6 @@ CHALLENGER_SETTINGS = (
 CHALLENGER_STAGES = ["collect", "prepare", "train", "evaluate"]  # the stage notebooks a challenger goes through
 
 # %% ../nbs/07_retrain.ipynb #156afad5
-def firing_alerts(
-    folder: Path,  # the project's monitoring folder (holding alerts_state.json)
-) -> list[str]:  # names of the alerts firing now, sorted
-    "The alerts monitoring left firing, by name, from its stored state."
-    path = Path(folder) / "alerts_state.json"
-    try:
-        alerts = read_json(path).get("alerts", {}) if path.exists() else {}
-    except (OSError, ValueError, AttributeError):
-        return []
-    return sorted(
-        {
-            alert.get("labels", {}).get("alertname", "")
-            for alert in alerts.values()
-            if isinstance(alert, dict) and alert.get("status") == "firing"
-        }
-        - {""}
-    )
-
-
 def champion_since(
     events: list[dict],  # the registry's alias events, oldest first
     champion: int | None,  # the champion's version
@@ -204,7 +186,7 @@ def gather_evidence(
     evidence = {
         "champion": champion,
         "champion_since": champion_since(events(registry), champion),
-        "firing": firing_alerts(root / "monitoring"),
+        "firing": firing_alert_names(root / "monitoring"),
         "values": {},
         "new_labels": None,
     }

@@ -26,7 +26,11 @@ LAYERS = {
     "tracking": 1,
     "drift": 1,
     "alerts": 1,
-    "monitoring": 1,
+    "monitoring": 1,  # the package names its parts' public names
+    "monitoring.windows": 1,
+    "monitoring.figures": 1,
+    "monitoring.store": 1,
+    "monitoring.engine": 1,
     "rollback": 1,
     "promotion": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
     # the stages, the dashboard and its server
@@ -35,9 +39,10 @@ LAYERS = {
     "train": 2,
     "evaluate": 2,
     "deploy": 2,
-    "monitor": 2,
+    "monitor_report": 2,  # the monitor stage (nbs/06_monitor): its tables, plot and headline
     "retrain": 2,
     "dashboard": 2,
+    "dashboard_sections": 2,
     "dashserver": 2,
     "clinic": 2,
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
@@ -72,8 +77,11 @@ LAYERS = {
     "simulate": 3,
 }
 # Inside a package whose parts are ordered, a part imports only the parts before it.
-ORDERED = [["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"]]
-STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor", "retrain"}
+ORDERED = [
+    ["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"],
+    ["monitoring.windows", "monitoring.figures", "monitoring.store", "monitoring.engine"],
+]
+STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor_report", "retrain"}
 TOP = max(LAYERS.values())
 # Arrows known to break the rules, each being removed on a branch of its own; remove an entry once its fix is merged.
 KNOWN = {}
