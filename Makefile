@@ -41,7 +41,7 @@ nbdev-test: $(VENV)/.installed-dev
 	$(BIN)/nbdev-test --n-workers 2
 
 pytest: $(VENV)/.installed-dev
-	$(BIN)/pytest -n 2 --durations=10
+	$(BIN)/pytest -n 2 --dist worksteal --durations=30
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab --notebook-dir=nbs

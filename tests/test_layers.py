@@ -53,7 +53,11 @@ LAYERS = {
     "serving.predlog.stores": 1,
     "serving.predlog.reader": 1,
     "serving.predlog.writer": 1,
-    "serving.serve": 2,
+    "serving.serve": 2,  # the server, in parts: holder, checks, openapi, routes (the handlers), serve (the app)
+    "serving.holder": 2,
+    "serving.checks": 2,
+    "serving.openapi": 2,
+    "serving.routes": 2,
     "serving.batch": 2,
     "serving.stream": 2,
     "serving.replay": 2,
