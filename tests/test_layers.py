@@ -45,6 +45,8 @@ LAYERS = {
     "dashboard_sections": 2,
     "dashserver": 2,
     "clinic": 2,
+    "clinic_form": 2,
+    "clinic_html": 2,
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
     # stores, reader, writer) are shared services; the server, batch, stream and replay sit beside the stages
     "serving": 1,
@@ -59,7 +61,10 @@ LAYERS = {
     "serving.openapi": 2,
     "serving.routes": 2,
     "serving.batch": 2,
+    "serving.batch_chunks": 2,
+    "serving.batch_dask": 2,
     "serving.stream": 2,
+    "serving.stream_io": 2,
     "serving.replay": 2,
     # the runner, the benchmarks and the command line
     "pipeline": 3,
@@ -79,6 +84,8 @@ LAYERS = {
     "cli": 3,
     "loop": 3,
     "simulate": 3,
+    "simulate_figures": 3,
+    "simulate_traffic": 3,
 }
 # Inside a package whose parts are ordered, a part imports only the parts before it.
 ORDERED = [
