@@ -105,7 +105,8 @@ def clinic(browser, settings: Path = ROOT / "settings.ini") -> None:
     "docs/clinic.png: `lifecycle clinic` on the project, one patient of VA Long Beach (production traffic) scored and explained."
     import pandas as pd
 
-    from lifecycle.bench import HEART_COLUMNS, fill_clinic_form
+    from lifecycle.bench.clinic import fill_clinic_form
+    from lifecycle.bench.common import HEART_COLUMNS
     from lifecycle.clinic import form_fields
     from lifecycle.core import load_settings, read_json
     from lifecycle.registry import Registry
