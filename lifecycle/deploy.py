@@ -8,13 +8,17 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .core import LifecycleError, Settings, parse_source
+from .promotion import move_alias
+from .serving.predlog import open_log
 from .serving.scoring import Scorer
+from .serving.serve import create_app
 from .sources import read_source, source_files
 
 # %% auto #0
@@ -119,10 +123,7 @@ def smoke_test_version(
     ready_seconds: float = 60,  # how long the app may take to load the model
 ) -> dict:  # smoke_test's figures, and `fast_path`: whether the app scores with the fast path
     "Serve `version` with the real scoring app in-process and smoke-test it on `rows`."
-    from fastapi.testclient import TestClient
-
-    from lifecycle.serving.predlog import open_log
-    from lifecycle.serving.serve import create_app
+    from fastapi.testclient import TestClient  # deferred: start-up time, only this path needs it
 
     scorer = Scorer.from_registry(root, version)  # refuses a file whose SHA-256 does not match
     records = to_records(rows, scorer.spec.features)
@@ -162,7 +163,6 @@ def promote_after_smoke(
     promote: bool = True,  # make the version the champion (False: leave the aliases alone)
 ) -> tuple[int | None, int | None]:  # (the champion before, the champion now)
     "Make a version that passed its smoke test the champion; refuse one that failed, leaving the champion unchanged."
-    from lifecycle.promotion import move_alias
 
     if problems:
         raise LifecycleError(
@@ -222,7 +222,6 @@ def score_rows(
     when: str | None = None,  # the time to log (default: now)
 ) -> tuple[list[dict], pd.DataFrame]:  # (prediction log entries, rejected rows: lineage and reason)
     "Check and score rows with the shared scoring path; log entries for the good ones, reasons for the others."
-    from datetime import datetime, timezone
 
     when = when or datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     spec = scorer.spec
@@ -289,7 +288,6 @@ def log_predictions(
     timeout: float = 120,  # seconds the log may take to store them
 ) -> tuple[int, int]:  # (predictions in the log before, after)
     "Write entries to the prediction log and wait until they are stored (an entry logged before is not logged twice)."
-    from lifecycle.serving.predlog import open_log
 
     prediction_log = open_log(log, root)
     try:
@@ -453,7 +451,8 @@ def champion_story(
     champion: int | None,  # the champion now
     previous: int | None,  # the champion before this stage
 ) -> str:  # one or two sentences: since when the model serves, and why
-    "When the serving model became champion and why, as the registry recorded it (evaluate makes a first model champion)."
+    """When the serving model became champion and why, as the registry recorded it (evaluate makes a first model
+    champion)."""
     if champion is None:
         return "No model is champion: nothing serves."
     made = [event for event in events if event.get("alias") == "champion" and event.get("version") == champion]

@@ -16,9 +16,13 @@ import lifecycle
 # The layers, bottom to top. A module may import modules of its own layer and of the layers below it, never above,
 # with one more rule: no stage imports another stage (stages talk through the files of the run folder).
 LAYERS = {
-    "core": 0,  # settings, hashing, atomic writes, the run context
+    "core": 0,  # settings, the project, the run context
+    "files": 0,  # hashing, atomic writes
+    "words": 0,  # the words of reports
     # shared services, used by the stages and by serving alike
     "sources": 1,
+    "sql_sources": 1,  # SQL sources, read only
+    "rules": 1,  # the rules of one column, which the contract compiles
     "contract": 1,
     "metrics": 1,
     "compare": 1,
@@ -32,7 +36,8 @@ LAYERS = {
     "monitoring.store": 1,
     "monitoring.engine": 1,
     "rollback": 1,
-    "promotion": 1,  # monitoring's computations: the monitor stage, the command and the dashboard use them
+    "promotion": 1,
+    "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures  # monitoring's computations: the monitor stage, the command and the dashboard use them
     # the stages, the dashboard and its server
     "collect": 2,
     "prepare": 2,
@@ -41,6 +46,8 @@ LAYERS = {
     "deploy": 2,
     "monitor_report": 2,  # the monitor stage (nbs/06_monitor): its tables, plot and headline
     "retrain": 2,
+    "shadow": 2,  # the retrain stage's parts: a challenger in shadow, and judging a challenger
+    "challenger": 2,
     "dashboard": 2,
     "dashboard_sections": 2,
     "dashserver": 2,
