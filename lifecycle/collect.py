@@ -32,7 +32,8 @@ def check_named_columns(
     settings: Settings,  # the project's settings
     columns: list[str],  # the columns the data has
 ):
-    "Refuse settings that name a column the data lacks: [data] target, id, timestamp, sensitive; [prepare] ranges, recode, missing_values."
+    """Refuse settings that name a column the data lacks: [data] target, id, timestamp, sensitive; [prepare] ranges,
+    recode, missing_values."""
     named = [
         ("[data] target", [settings.target]),
         ("[data] id", [settings.id]),

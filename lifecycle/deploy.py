@@ -8,13 +8,17 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .core import LifecycleError, Settings, parse_source
+from .promotion import move_alias
+from .serving.predlog import open_log
 from .serving.scoring import Scorer
+from .serving.serve import create_app
 from .sources import read_source, source_files
 
 # %% auto #0
@@ -63,8 +67,11 @@ def smoke_test(
     expected: np.ndarray,  # the model's offline scores of the same records
     headers: dict | None = None,  # e.g. an Authorization header
     passes: int = 3,  # times the records are sent one by one; the latency figures are the fastest pass's
-) -> dict:  # records, identical, max_abs_diff, failed, p50_ms, p99_ms (CPU), wall_p50_ms, wall_p99_ms, batch_rows_per_s, model_version
-    """Score records over HTTP one by one (`passes` times) and in one batch; compare every answer with the offline scores.
+    # records, identical, max_abs_diff, failed, p50_ms, p99_ms (CPU), wall_p50_ms, wall_p99_ms, batch_rows_per_s,
+    # model_version
+) -> dict:
+    """Score records over HTTP one by one (`passes` times) and in one batch; compare every answer with the offline
+    scores.
 
     The latency that decides is what a request costs this process: its CPU time (all of the app's threads, as
     `time.process_time` counts them), each record's least over the passes, then the median and p99 over records.
@@ -119,10 +126,7 @@ def smoke_test_version(
     ready_seconds: float = 60,  # how long the app may take to load the model
 ) -> dict:  # smoke_test's figures, and `fast_path`: whether the app scores with the fast path
     "Serve `version` with the real scoring app in-process and smoke-test it on `rows`."
-    from fastapi.testclient import TestClient
-
-    from lifecycle.serving.predlog import open_log
-    from lifecycle.serving.serve import create_app
+    from fastapi.testclient import TestClient  # deferred: start-up time, only this path needs it
 
     scorer = Scorer.from_registry(root, version)  # refuses a file whose SHA-256 does not match
     records = to_records(rows, scorer.spec.features)
@@ -133,7 +137,8 @@ def smoke_test_version(
         while client.get("/ready").status_code != 200:
             if time.time() > deadline:
                 raise LifecycleError(
-                    f"the scoring app did not load model version {version} within {ready_seconds:g} s: {client.get('/ready').json()}"
+                    f"the scoring app did not load model version {version} within {ready_seconds:g} s: "
+                    f"{client.get('/ready').json()}"
                 )
             time.sleep(0.05)
         return {**smoke_test(client, records, expected), "fast_path": scorer.fast is not None}
@@ -162,7 +167,6 @@ def promote_after_smoke(
     promote: bool = True,  # make the version the champion (False: leave the aliases alone)
 ) -> tuple[int | None, int | None]:  # (the champion before, the champion now)
     "Make a version that passed its smoke test the champion; refuse one that failed, leaving the champion unchanged."
-    from lifecycle.promotion import move_alias
 
     if problems:
         raise LifecycleError(
@@ -222,7 +226,6 @@ def score_rows(
     when: str | None = None,  # the time to log (default: now)
 ) -> tuple[list[dict], pd.DataFrame]:  # (prediction log entries, rejected rows: lineage and reason)
     "Check and score rows with the shared scoring path; log entries for the good ones, reasons for the others."
-    from datetime import datetime, timezone
 
     when = when or datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     spec = scorer.spec
@@ -289,7 +292,6 @@ def log_predictions(
     timeout: float = 120,  # seconds the log may take to store them
 ) -> tuple[int, int]:  # (predictions in the log before, after)
     "Write entries to the prediction log and wait until they are stored (an entry logged before is not logged twice)."
-    from lifecycle.serving.predlog import open_log
 
     prediction_log = open_log(log, root)
     try:
@@ -297,7 +299,8 @@ def log_predictions(
         prediction_log.record(entries)
         if not prediction_log.flush(timeout=timeout):
             raise LifecycleError(
-                f"the prediction log did not take the {len(entries)} production predictions within {timeout:g} s: {prediction_log.errors[-1:]}"
+                f"the prediction log did not take the {len(entries)} production predictions within {timeout:g} s: "
+                f"{prediction_log.errors[-1:]}"
             )
         return before, prediction_log.count()
     finally:
@@ -365,8 +368,9 @@ def deploy_summary(
 ) -> dict:  # the stage's summary.json
     """The deploy stage's summary: the champion, the smoke test, the production traffic.
 
-    `champion` says whether the tested version serves now; `promotion` says when, by whom and why it became champion, and
-    whether this stage did it (`by_this_stage`): a first model that evaluate made champion is champion, not "not promoted"."""
+    `champion` says whether the tested version serves now; `promotion` says when, by whom and why it became champion,
+    and whether this stage did it (`by_this_stage`): a first model that evaluate made champion is champion, not "not
+    promoted"."""
     before, after = logged
     promotion = champion_promotion(events or [], champion, previous)
     return {
@@ -453,7 +457,8 @@ def champion_story(
     champion: int | None,  # the champion now
     previous: int | None,  # the champion before this stage
 ) -> str:  # one or two sentences: since when the model serves, and why
-    "When the serving model became champion and why, as the registry recorded it (evaluate makes a first model champion)."
+    """When the serving model became champion and why, as the registry recorded it (evaluate makes a first model
+    champion)."""
     if champion is None:
         return "No model is champion: nothing serves."
     made = [event for event in events if event.get("alias") == "champion" and event.get("version") == champion]
@@ -476,8 +481,9 @@ def latency_sentence(
     if smoke.get("p99_ms") is None:
         return "No single-record request was timed."
     return (
-        f"Latency: p99 {smoke['p99_ms']:.2f} ms, the CPU time the server spent on one single-record request (all of its threads), "
-        f"99th percentile over {smoke['records']} requests; it does not depend on other programs' load, and it decides the smoke test. "
+        f"Latency: p99 {smoke['p99_ms']:.2f} ms, the CPU time the server spent on one single-record request "
+        f"(all of its threads), 99th percentile over {smoke['records']} requests; it does not depend on other "
+        "programs' load, and it decides the smoke test. "
         + (
             f"The wall-clock p99 on this machine at this moment was {smoke['wall_p99_ms']:.2f} ms. "
             if smoke.get("wall_p99_ms") is not None

@@ -5,188 +5,30 @@
 # %% ../nbs/04_evaluate.ipynb #956092a5
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from html import escape
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from .core import LifecycleError, read_json
+from .core import read_json
+from .fairness import bootstrap, fairness_across_seeds, fairness_audit, sensitive_groups
 from lifecycle.metrics import (
     classification_metrics,
-    cut_groups,
-    equalized_odds_gap,
-    fairness_gaps,
-    group_metrics,
-    group_words,
-    judged_groups,
     model_card,
     read_row_hashes,
-    reference_grouping,
     row_hashes,
     threshold_for_recall,
 )
 from .promotion import move_alias
-from .registry import Registry, load_model, save_card, update_meta
+from .registry import Registry, load_model, markdown_table, save_card, update_meta
 
 # %% auto #0
-__all__ = ['FAIRNESS_DEFINITIONS', 'sensitive_groups', 'bootstrap', 'fairness_audit', 'pooled_scores', 'fairness_across_seeds',
-           'unseen_rows', 'compare_with_champion', 'measure_speed', 'gate', 'near_miss', 'checklist', 'EvaluateOptions',
+__all__ = ['unseen_rows', 'compare_with_champion', 'measure_speed', 'gate', 'near_miss', 'checklist', 'EvaluateOptions',
            'model_features', 'evaluate_model', 'load_version', 'load_champion', 'evaluation_record',
-           'record_evaluation', 'decision_markdown', 'stage_summary', 'fairness_sentences', 'recall_interval',
-           'fairness_figure', 'evaluate_headline']
-
-# %% ../nbs/04_evaluate.ipynb #4602937b
-def sensitive_groups(
-    frame: pd.DataFrame,  # labeled rows
-    columns: list[str],  # the sensitive columns, from `[data] sensitive`
-    reference: dict | None,  # the model version's reference.json: its stored grouping (`metrics.reference_grouping`)
-) -> dict[str, np.ndarray]:  # column (and "a & b", their intersection) -> the group of each row
-    "The group of each row for each sensitive column, cut by the version's stored grouping, and for their intersection."
-    groups = {
-        column: cut_groups(frame[column], reference_grouping(reference, column)).to_numpy().astype(str)
-        for column in columns
-    }
-    if len(groups) > 1:
-        groups[" & ".join(groups)] = np.array([" & ".join(parts) for parts in zip(*groups.values())])
-    return groups
-
-# %% ../nbs/04_evaluate.ipynb #26c03d18
-def bootstrap(
-    y_true: np.ndarray,  # labels
-    statistics: dict,  # name -> function(indices) -> value
-    resamples: int = 200,  # how many resamples
-    seed: int = 42,  # random seed
-) -> dict:  # name -> {low, high} (95% interval), or None when no resample gave a value
-    "Bootstrap 95% confidence intervals of statistics of the rows."
-    rng = np.random.default_rng(seed)
-    values = {name: [] for name in statistics}
-    for _ in range(resamples):
-        indices = rng.integers(0, len(y_true), len(y_true))
-        if len(np.unique(y_true[indices])) < 2:
-            continue
-        for name, statistic in statistics.items():
-            values[name].append(statistic(indices))
-    return {
-        name: {"low": float(np.nanpercentile(v, 2.5)), "high": float(np.nanpercentile(v, 97.5))}
-        if v and not np.isnan(v).all()
-        else None
-        for name, v in values.items()
-    }
-
-# %% ../nbs/04_evaluate.ipynb #45dca8b3
-def fairness_audit(
-    y_true: np.ndarray,  # labels
-    scores: np.ndarray,  # scores, each from a model that did not see the row
-    threshold: float,  # the decision threshold
-    groups: dict[str, np.ndarray],  # from `sensitive_groups`
-    min_size: int = 20,  # a group's selection rate is judged from this many rows
-    min_positives: int = 10,  # its recall from this many positives
-    min_negatives: int = 10,  # its false positive rate from this many negatives
-    resamples: int = 300,  # bootstrap resamples of the equalized odds difference
-    seed: int = 42,  # random seed of the bootstrap
-) -> dict:  # per column: the gaps, their `interval`, and `groups` (a row of metrics a group)
-    "Fairness by each sensitive column: metrics by group, the gaps over judged groups, and a bootstrap interval of the equalized odds difference."
-    y_true = np.asarray(y_true)
-    predicted = (np.asarray(scores) >= threshold).astype(int)
-    audit = {}
-    for column, labels in groups.items():
-        judged = judged_groups(y_true, labels, min_size, min_positives, min_negatives)
-        gaps = fairness_gaps(y_true, predicted, labels, judged)
-        rows = group_metrics(y_true, scores, threshold, pd.Series(labels, name=column), min_size)
-        for row in rows:
-            row["recall_judged"] = row["group"] in judged["positives"]
-        interval = None
-        if gaps["equalized_odds_difference"] is not None:
-            gap = lambda i, labels=labels, judged=judged: equalized_odds_gap(y_true[i], predicted[i], labels[i], judged)
-            interval = _basic_interval(
-                gaps["equalized_odds_difference"], bootstrap(y_true, {"gap": gap}, resamples, seed)["gap"]
-            )
-        audit[column] = {**gaps, "interval": interval, "groups": rows}
-    return audit
-
-
-def _basic_interval(estimate: float, percentile: dict | None) -> dict | None:
-    """The basic (pivotal) bootstrap interval from the percentile one: [2·estimate − high, 2·estimate − low], at least 0.
-
-    The largest gap among several groups is biased upward in resamples (each group's rate wobbles, the
-    maximum picks the widest wobble), so the percentile interval can lie entirely above the gap actually
-    measured; reflecting it around the estimate corrects that bias."""
-    if percentile is None:
-        return None
-    return {"low": max(0.0, 2 * estimate - percentile["high"]), "high": max(0.0, 2 * estimate - percentile["low"])}
-
-# %% ../nbs/04_evaluate.ipynb #46920eba
-def pooled_scores(
-    model,  # the fitted pipeline; cloned (unfitted) for the folds
-    labeled: pd.DataFrame,  # every labeled row, with `_split` and `_label`
-    features: list[str],  # the model's feature columns
-    folds: int = 5,  # folds over the training and validation rows
-    seed: int = 42,  # the seed of the folds
-) -> np.ndarray:  # one score a row, each from a model that did not see that row
-    """A score for every labeled row from a model that never saw it.
-
-    The test rows are scored by the model itself; the training and validation rows out of fold, by the
-    same recipe refitted on the other folds. Fairness gaps measured on all of these rest on every
-    labeled patient, not only on the few in the test split."""
-    scores = np.empty(len(labeled))
-    test = (labeled["_split"] == "test").to_numpy()
-    scores[test] = model.predict_proba(labeled.loc[test, features])[:, 1]
-    seen = labeled.loc[~test]
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(
-        limits=1
-    ):  # small fits: threads waking for each tree cost more than they give, on a busy machine far more
-        scores[~test] = cross_val_predict(
-            clone(model), seen[features], seen["_label"].astype(int), cv=splitter, method="predict_proba", n_jobs=1
-        )[:, 1]
-    return scores
-
-# %% ../nbs/04_evaluate.ipynb #36642b6a
-def fairness_across_seeds(
-    model,  # the fitted pipeline
-    labeled: pd.DataFrame,  # every labeled row, with `_split` and `_label`
-    features: list[str],  # the model's feature columns
-    threshold: float,  # the decision threshold
-    groups: dict[str, np.ndarray],  # from `sensitive_groups`, for the rows of `labeled`
-    seeds: list[int],  # seeds of the folds; the first one decides the gate, the others show how much it moves
-    max_gap: float,  # the largest equalized odds difference allowed
-    folds: int = 5,  # folds over the training and validation rows
-    min_size: int = 20,  # see `fairness_audit`
-    min_positives: int = 10,  # see `fairness_audit`
-    min_negatives: int = 10,  # see `fairness_audit`
-    resamples: int = 300,  # bootstrap resamples
-) -> tuple[dict, list[dict]]:  # (the audit with the first seed, a row per seed and column: gap, interval, verdict)
-    "The fairness audit on every labeled row, repeated over seeds of the folds: the decision, and how stable it is."
-    y_true = labeled["_label"].to_numpy().astype(int)
-    decided, rows = None, []
-    for seed in seeds:
-        scores = pooled_scores(model, labeled, features, folds, seed)
-        audit = fairness_audit(
-            y_true, scores, threshold, groups, min_size, min_positives, min_negatives, resamples, seed
-        )
-        decided = decided or audit
-        for column, gaps in audit.items():
-            interval = gaps["interval"]
-            verdict = "not judged" if interval is None else "refused" if interval["low"] > max_gap else "passed"
-            rows.append(
-                {
-                    "seed": seed,
-                    "column": column,
-                    "equalized_odds_difference": gaps["equalized_odds_difference"],
-                    "low": interval["low"] if interval else None,
-                    "high": interval["high"] if interval else None,
-                    "verdict": verdict,
-                }
-            )
-    return decided, rows
+           'record_evaluation', 'decision_markdown', 'stage_summary', 'evaluate_headline']
 
 # %% ../nbs/04_evaluate.ipynb #45da6374
 def unseen_rows(
@@ -238,7 +80,7 @@ def measure_speed(
     not the model's cost. The gate's figure is the median over the rounds of the CPU milliseconds a
     record. Wall-clock figures (latency a caller sees on this machine now, batch throughput) are
     reported beside it but decide nothing."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # deferred: start-up time, only this path needs it
 
     records = [rows.iloc[[index % len(rows)]] for index in range(per_repeat)]
     cpu, wall = [], []
@@ -412,7 +254,8 @@ def checklist(
     checks: list[dict],  # the gate's `checks`
     near: float = 0.1,  # a figure within this share of its threshold is a near miss
 ) -> list[dict]:  # one row a criterion: criterion, threshold, value (with its interval), verdict
-    "The gate's checklist for the report: each criterion, its threshold, the value, and the verdict with near misses flagged."
+    """The gate's checklist for the report: each criterion, its threshold, the value, and the verdict with near misses
+    flagged."""
     rows = []
     for check in checks:
         note = near_miss(check, near)
@@ -453,7 +296,8 @@ def evaluate_model(
     options: EvaluateOptions,  # the stage's settings
     champion: dict | None = None,  # the champion, like `candidate` plus `version`; None without one
 ) -> dict:  # everything the report shows and the registry records, the gate's decision among it
-    "Evaluate a model beside the champion: threshold, accuracy, fairness on every labeled row, stability, speed, the gate."
+    """Evaluate a model beside the champion: threshold, accuracy, fairness on every labeled row, stability, speed, the
+    gate."""
     model, meta = candidate["model"], candidate["meta"]
     features = model_features(meta)
     labeled = clean.reset_index(drop=True)
@@ -611,7 +455,8 @@ def record_evaluation(
     figures: dict[str, bytes]
     | None = None,  # the report's own PNGs for the card: "metrics" (ROC, calibration, confusion) and "groups" (recall by group)
 ) -> str:  # the model card as HTML, its figures embedded
-    "Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion, when there is none)."
+    """Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion,
+    when there is none)."""
     evaluation = evaluation_record(result, champion_version, run_id)
     meta = update_meta(registry, version, threshold=result["threshold"], evaluation=evaluation, gate=result["gate"])
     captions = {
@@ -642,9 +487,6 @@ def decision_markdown(
     seeds: int,  # how many seeds of the fairness folds were run
 ) -> str:  # Markdown: the decision, its checklist (every deciding figure beside its threshold), and the evidence
     "The head of the evaluation report: the decision first, then every figure that decided it."
-    from html import escape
-
-    from lifecycle.registry import markdown_table
 
     decision = result["gate"]
     verdict = (
@@ -729,7 +571,10 @@ def stage_summary(
     warnings: list[str],  # the tracker's warnings
 ) -> dict:  # the stage's summary.json
     "The evaluate stage's summary: metrics, fairness gaps by column, speed, the comparison and the gate."
-    rounded = lambda v: round(v, 4) if isinstance(v, float) else v
+
+    def rounded(v):
+        return round(v, 4) if isinstance(v, float) else v
+
     fairness = {
         column: {k: rounded(v) for k, v in gaps.items() if k not in ("groups", "interval")}
         | {"interval": gaps["interval"]}
@@ -750,119 +595,7 @@ def stage_summary(
         "warnings": warnings,
     }
 
-# %% ../nbs/04_evaluate.ipynb #112aab26
-FAIRNESS_DEFINITIONS = (
-    "**Demographic parity difference**: the largest gap between two groups in the share of patients the model "
-    "flags as positive. **Equalized odds difference**: the largest gap between two groups in recall (the share "
-    "of sick patients the model finds) or in the false positive rate (the share of healthy patients it flags); "
-    "0 means the model errs alike for every group."
-)
-
-
-def fairness_sentences(
-    fairness: dict,  # from `evaluate_model`: per column, the gaps and its `groups`
-    settings,  # the project's settings
-    max_gap: float,  # the gate's largest equalized odds difference allowed
-) -> list[str]:  # one sentence a column: whom the model misses, with the numbers
-    "Fairness in plain sentences: the share of sick patients the model misses in each group, and the gaps."
-    sick = settings.positive_label
-    sentences = []
-    for column, audit in fairness.items():
-        judged = [row for row in audit["groups"] if row.get("recall_judged")]
-        unjudged = [row for row in audit["groups"] if not row.get("recall_judged")]
-        name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
-        labelled = " & " not in column and bool(
-            settings.labels.get(column)
-        )  # "female patients"; else "patients in the group age 28–44 years"
-        who = lambda group: (
-            f"{group_words(settings, column, group)} patients with {sick}"
-            if labelled
-            else f"patients with {sick} in the group {group_words(settings, column, group)}"
-        )
-        parts = [
-            f"{row['false_negative_rate']:.0%} of {who(row['group'])} "
-            f"({round(row['false_negative_rate'] * row['positives'])} of {row['positives']})"
-            for row in judged
-        ]
-        sentence = f"By {name}: " + (
-            f"the model misses {', '.join(parts)}." if parts else "no group has enough patients to judge its recall."
-        )
-        if audit.get("equalized_odds_difference") is not None:
-            interval = audit.get("interval")
-            sentence += (
-                f" Equalized odds difference {audit['equalized_odds_difference']:.3f}"
-                + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
-                + f" against a maximum of {max_gap:.3f}."
-            )
-        if unjudged:
-            sentence += (
-                f" Too few patients to judge: {len(unjudged)} of {len(audit['groups'])} groups ("
-                + ", ".join(
-                    f"{group_words(settings, column, row['group'])}: {row['n']} patients, {row['positives']} with {sick}"
-                    for row in unjudged
-                )
-                + ")."
-            )
-        sentences.append(sentence)
-    return sentences
-
-
-def recall_interval(
-    recall: float,  # a group's recall
-    positives: int,  # the positives it rests on
-) -> tuple[float, float]:  # the 95% Wilson interval (0, 1 without positives)
-    "The 95% Wilson score interval of a recall measured on `positives` patients."
-    if positives <= 0:
-        return 0.0, 1.0
-    z = 1.96
-    centre = (recall + z * z / (2 * positives)) / (1 + z * z / positives)
-    half = (
-        z * math.sqrt(recall * (1 - recall) / positives + z * z / (4 * positives * positives)) / (1 + z * z / positives)
-    )
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def fairness_figure(
-    fairness: dict,  # from `evaluate_model`
-    settings,  # the project's settings
-    overall_recall: float,  # the recall on the test split, drawn as a dotted line
-):  # a matplotlib figure: recall by group for each column, with error bars and group sizes, too-small groups greyed (None: no column)
-    "Recall by group with 95% intervals and group sizes, for each audited column; groups too small to judge greyed."
-    import matplotlib.pyplot as plt
-
-    columns = list(fairness)
-    if not columns:
-        return None
-    heights = [max(len(fairness[c]["groups"]), 1) * 0.45 + 1.2 for c in columns]
-    figure, axes = plt.subplots(
-        len(columns), 1, figsize=(8, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
-    )
-    for axis, column in zip(axes[:, 0], columns):
-        rows = fairness[column]["groups"]
-        labels = [
-            f"{group_words(settings, column, row['group'])} (n={row['n']}, {row['positives']} sick)" for row in rows
-        ]
-        recalls = [row["recall"] for row in rows]
-        intervals = [recall_interval(row["recall"], row["positives"]) for row in rows]
-        errors = [
-            [r - low for r, (low, _) in zip(recalls, intervals)],
-            [high - r for r, (_, high) in zip(recalls, intervals)],
-        ]
-        colors = ["#1f77b4" if row.get("recall_judged") else "#cccccc" for row in rows]
-        axis.barh(labels, recalls, xerr=errors, color=colors, ecolor="#555555", capsize=3)
-        axis.axvline(overall_recall, color="black", linestyle=":", label="recall on the test split")
-        axis.invert_yaxis()
-        name = " × ".join(settings.column_name(part, unit=False) for part in column.split(" & "))
-        axis.set(
-            title=f"Recall by {name} (grey: too few to judge)",
-            xlim=(0, 1),
-            xlabel="recall (share of sick patients found)",
-        )
-    axes[0, 0].legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
+# %% ../nbs/04_evaluate.ipynb #f319939e
 def evaluate_headline(
     result: dict,  # from `evaluate_model`
     version: int,  # the evaluated version

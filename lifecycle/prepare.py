@@ -5,7 +5,11 @@
 # %% ../nbs/02_prepare.ipynb #09f9f58c
 from __future__ import annotations
 
+import contextlib
 import getpass
+import html
+import io
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,32 +20,20 @@ import pandera.pandas as pa
 from lifecycle.contract import (
     MAX_MISSING_SHARE,
     _code,
-    _is_code,
     check_frame,
-    clean_text,
     compile_contract,
     contract_settings,
-    infer_numeric,
-    parse_range,
-    parse_recode,
-    parse_values,
     reason_series,
 )
-from lifecycle.core import (
-    LINEAGE,
-    LifecycleError,
-    Settings,
-    frame_sha256,
-    read_json,
-    thread_pool,
-    write_json,
-    write_text,
-)
+from .core import LINEAGE, LifecycleError, Settings
+from .files import read_json, thread_pool, write_json, write_text
+from .metrics import duplicate_hashes
+from .rules import _is_code, clean_text, infer_numeric, parse_range, parse_recode, parse_values
 
 # %% auto #0
 __all__ = ['SPLITS', 'label_key', 'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema',
-           'pandera_schema', 'first_reason', 'row_hashes', 'duplicate_of', 'take_rows', 'duplicate_trace',
-           'quarantine_gate', 'assign_splits', 'profile_columns', 'profile_report', 'prepare']
+           'pandera_schema', 'first_reason', 'duplicate_of', 'take_rows', 'duplicate_trace', 'quarantine_gate',
+           'assign_splits', 'profile_columns', 'profile_report', 'prepare']
 
 # %% ../nbs/02_prepare.ipynb #fe0d9f4d
 def label_key(value) -> str:
@@ -236,51 +228,6 @@ def first_reason(*reasons: pd.Series) -> pd.Series:
     return reason_series(combined, labels, reasons[0].index)
 
 
-_MIX, _SHIFT, _BLOCK = np.uint64(0x9E3779B97F4A7C15), np.uint64(29), 1 << 16
-
-
-def _hash_ready(column: pd.Series) -> tuple[np.ndarray, bool]:
-    "A column as 64-bit words to mix into the row hash, and whether they are floats (which need 0.0 and NaN made one)."
-    if column.dtype == np.float64:
-        return column.to_numpy(), True
-    if column.dtype.kind in "iub" and not isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
-        return column.to_numpy().astype(np.int64, copy=False).view(np.uint64), False
-    return pd.util.hash_pandas_object(
-        column, index=False
-    ).to_numpy(), False  # text, categories, anything else: by value
-
-
-def row_hashes(
-    df: pd.DataFrame,  # rows
-    columns: list[str],  # the columns to hash
-) -> np.ndarray:  # one 64-bit hash a row
-    """Hash each row's values in `columns`, to propose duplicates (`duplicate_of` confirms them value by
-    value). Numbers are mixed in by their bits (-0.0 as 0.0, every NaN as one NaN), each column with a
-    multiply and a shift, a block of 65,536 rows at a time so the work stays in the processor's cache; the
-    blocks run on threads. On a million rows of 15 columns: 0.02 s, where hashing each column with pandas and
-    combining took 0.06-0.10 s."""
-    ready = [_hash_ready(df[column]) for column in columns]
-    combined = np.empty(len(df), dtype=np.uint64)
-
-    def block(start: int):
-        stop = min(start + _BLOCK, len(df))
-        hashed = np.full(stop - start, 0x345678, dtype=np.uint64)
-        for values, floats in ready:
-            part = values[start:stop]
-            if floats:
-                part = part + 0.0  # -0.0 becomes 0.0
-                np.copyto(part, np.nan, where=np.isnan(part))  # one NaN, whatever its bits
-                part = part.view(np.uint64)
-            hashed ^= part
-            hashed *= _MIX
-            hashed ^= hashed >> _SHIFT
-        combined[start:stop] = hashed
-
-    with thread_pool() as pool:
-        list(pool.map(block, range(0, len(df), _BLOCK)))
-    return combined
-
-
 def duplicate_of(
     df: pd.DataFrame,  # rows
     columns: list[str],  # the columns that make two rows the same (lineage is not among them)
@@ -292,7 +239,7 @@ def duplicate_of(
     kept = np.full(len(df), -1, dtype=np.int64)
     if not len(positions):
         return kept
-    codes, _ = pd.factorize(row_hashes(df, columns)[positions])
+    codes, _ = pd.factorize(duplicate_hashes(df, columns)[positions])
     # factorize numbers the hashes in order of first appearance, so a row is the first of its hash
     # exactly where the running maximum of the codes grows
     first = np.empty(len(codes), dtype=bool)
@@ -322,7 +269,10 @@ def take_rows(
     if not df.columns.is_unique:
         return df[mask]
     positions = np.flatnonzero(mask)
-    take = lambda column: df[column].array.take(positions)
+
+    def take(column):
+        return df[column].array.take(positions)
+
     with thread_pool() as pool:
         arrays = list(pool.map(take, df.columns))
     return pd.DataFrame(dict(zip(df.columns, arrays)), index=df.index[positions], copy=False)
@@ -430,14 +380,10 @@ def profile_report(
     seed: int = 42,  # random seed of the sample
 ) -> dict:  # rows profiled and mode
     "Write a data quality report of `df` as HTML."
-    import contextlib
-    import html
-    import io
-    import warnings
 
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # no progress bars in the report
         warnings.simplefilter("ignore")
-        from data_profiling import ProfileReport
+        from data_profiling import ProfileReport  # deferred: start-up time, only this path needs it
 
         sampled = len(df) > max_rows
         data = df.sample(n=max_rows, random_state=seed) if sampled else df

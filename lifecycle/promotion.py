@@ -13,8 +13,8 @@ from .core import LifecycleError
 from .registry import Registry, clear_alias, describe, events, load_model, set_alias
 
 # %% auto #0
-__all__ = ['DECISIONS', 'ACTORS', 'SERVING', 'record_decision', 'ungated', 'force_hint', 'move_alias', 'take_off', 'move_back',
-           'listing']
+__all__ = ['DECISIONS', 'ACTORS', 'SERVING', 'record_decision', 'decisions', 'ungated', 'force_hint', 'move_alias', 'take_off',
+           'move_back', 'listing']
 
 # %% ../nbs/26_promotion.ipynb #b2f2dbdd
 DECISIONS = Path("retrain") / "decisions.jsonl"  # in the project folder
@@ -34,6 +34,14 @@ def record_decision(
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
     return path
+
+
+def decisions(
+    root: Path,  # the project folder
+) -> list[dict]:  # every recorded decision, oldest first
+    "The decisions recorded so far."
+    path = Path(root) / DECISIONS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 # %% ../nbs/26_promotion.ipynb #5407002f
 ACTORS = ("gate", "deploy", "retrain", "rollback", "person", "simulate", "bench")  # who may ask for an alias move
@@ -83,10 +91,12 @@ def move_alias(
     expected: int
     | None
     | str = "any",  # the version the alias must name now (None: none), else nothing moves; "any": not checked
-    force: bool = False,  # let a version without a passed gate take champion or shadow (a person's explicit choice, recorded)
+    # let a version without a passed gate take champion or shadow (a person's explicit choice, recorded)
+    force: bool = False,
     decision: dict | None = None,  # a decision to append to retrain/decisions.jsonl once the alias moved
 ) -> dict:  # the registry's event
-    "Point an alias at a version, compare-and-set and on the record; champion and shadow need a passed gate unless forced."
+    """Point an alias at a version, compare-and-set and on the record; champion and shadow need a passed gate unless
+    forced."""
     _check_actor(actor)
     why = ungated(registry.meta(version)) if alias in SERVING else None
     if why and not force:

@@ -5,6 +5,7 @@
 # %% ../nbs/20_registry.ipynb #d5093cff
 from __future__ import annotations
 
+import base64
 import fcntl
 import getpass
 import html
@@ -18,12 +19,22 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .core import LifecycleError, import_without, read_json, sha256_bytes, sha256_file, write_json, write_text
+from lifecycle.core import (
+    LifecycleError,
+    atomic_path,
+    import_without,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    write_json,
+    write_text,
+)
 
 # skops lists scikit-learn's estimators at import by walking every scikit-learn package, which imports Dask
 # (through the Array API shim) and pytest (through the test helpers): 0.3 s of each train stage, for modules
 # no model here uses. The list it builds is the same without them.
 import_without("skops.io", ("sklearn.externals.array_api_compat.dask", "pytest"))
+
 import skops.io  # noqa: E402
 from skops.io._audit import get_tree  # noqa: E402  (the audit skops itself runs before it loads anything)
 from skops.io._utils import read_schema  # noqa: E402
@@ -142,7 +153,8 @@ def load_model_bytes(
     data: bytes,  # a skops archive
     where: str = "model",  # names the file in errors
 ):
-    "Load a model, refusing any type that is not on our trusted list (skops' own defaults included) and any broken file."
+    """Load a model, refusing any type that is not on our trusted list (skops' own defaults included) and any broken
+    file."""
     try:
         untrusted = sorted(model_types(data) - set(TRUSTED_TYPES) - set(BUILTIN_TYPES))
         if untrusted:
@@ -289,7 +301,8 @@ def set_alias(
     reason: str,  # why, for the record
     expected: int
     | None
-    | str = "any",  # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
+    # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
+    | str = "any",
     record: dict | None = None,  # more for the event: who asked (the actor), a forced promotion
 ) -> dict:  # the event recorded
     "Point an alias at a version, atomically and on the record."
@@ -416,34 +429,64 @@ def _cell(value) -> str:
 _FIGURE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<name>[\w.-]+\.png)\)$")
 
 
+_CARD_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#1f2328}"
+    "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}"
+    "figure{margin:1em 0}img{max-width:100%}figcaption{color:#57606a;font-size:.9em}"
+)
+
+
+def _html_table(
+    table: list[str],  # the Markdown table's lines, its header first
+) -> str:  # the table as HTML, every cell escaped
+    rows = [line.strip("|").split("|") for line in table if not re.match(r"^\|(-+\|)+$", line)]
+    head, *rest = rows
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in rest)
+        + "</table>"
+    )
+
+
+def _html_line(
+    line: str,  # a line that is neither a table's nor a list's
+    images: dict[str, bytes],  # file name -> PNG bytes
+) -> str | None:  # the line as HTML (None for a blank line)
+    figure = _FIGURE.match(line)
+    if figure and figure["name"] in images:
+        data = base64.b64encode(images[figure["name"]]).decode("ascii")
+        return (
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure["caption"])}">'
+            f"<figcaption>{html.escape(figure['caption'])}</figcaption></figure>"
+        )
+    if figure:
+        return f"<p>{html.escape(figure['caption'])} (figure not recorded)</p>"
+    if line.startswith("#"):
+        level = len(line) - len(line.lstrip("#"))
+        return f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>"
+    return f"<p>{html.escape(line)}</p>" if line.strip() else None
+
+
 def markdown_to_html(
     markdown: str,  # the card
     title: str,  # the page's title
     images: dict[str, bytes] | None = None,  # file name -> PNG bytes, for the card's `![caption](name.png)` lines
 ) -> str:  # a standalone page: its figures embedded, nothing loaded from elsewhere
     "Render the Markdown of a model card (headings, lists, tables, paragraphs, figures) as a standalone page."
-    import base64
-
     images = images or {}
     body, table, items = [], [], []
+
+    def flush():
+        if table:
+            body.append(_html_table(table))
+            table.clear()
 
     def flush_list():
         if items:
             body.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
             items.clear()
-
-    def flush():
-        if table:
-            rows = [line.strip("|").split("|") for line in table if not re.match(r"^\|(-+\|)+$", line)]
-            head, *rest = rows
-            body.append(
-                "<table><tr>"
-                + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in rest)
-                + "</table>"
-            )
-            table.clear()
 
     for line in markdown.splitlines():
         if line.startswith("|"):
@@ -454,30 +497,13 @@ def markdown_to_html(
             items.append(line[2:])
             continue
         flush_list()
-        figure = _FIGURE.match(line)
-        if figure and figure["name"] in images:
-            data = base64.b64encode(images[figure["name"]]).decode("ascii")
-            body.append(
-                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure["caption"])}">'
-                f"<figcaption>{html.escape(figure['caption'])}</figcaption></figure>"
-            )
-        elif figure:
-            body.append(f"<p>{html.escape(figure['caption'])} (figure not recorded)</p>")
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+        if (element := _html_line(line, images)) is not None:
+            body.append(element)
     flush()
     flush_list()
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#1f2328}"
-        "table{border-collapse:collapse}td,th{border-bottom:1px solid #d0d7de;padding:.3em .8em;text-align:left}"
-        "figure{margin:1em 0}img{max-width:100%}figcaption{color:#57606a;font-size:.9em}"
-    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+        f"<style>{_CARD_STYLE}</style></head><body>{''.join(body)}</body></html>\n"
     )
 
 
@@ -488,10 +514,10 @@ def save_card(
     images: dict[str, bytes]
     | None = None,  # its figures: file name -> PNG bytes, written beside card.md and embedded in card.html
 ) -> str:  # the card as an HTML page
-    "Write a version's model card as card.md (with its figures' PNG files) and card.html (figures embedded), atomically."
+    """Write a version's model card as card.md (with its figures' PNG files) and card.html (figures embedded),
+    atomically."""
     page = markdown_to_html(markdown, f"Model card, version {version}", images)
     folder = registry.path / "versions" / str(version)
-    from lifecycle.core import atomic_path
 
     for name, data in (images or {}).items():
         with atomic_path(folder / name) as temporary:

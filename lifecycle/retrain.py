@@ -9,7 +9,6 @@ import configparser
 import fcntl
 import hashlib
 import io
-import json
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,23 +17,24 @@ import numpy as np
 import pandas as pd
 
 from .alerts import firing_alert_names
-from .core import LifecycleError, Project, Settings, load_settings, read_json, write_json, write_text
+from .challenger import CHALLENGER_SETTINGS, headline  # noqa: F401 (headline: re-exported for the loop)
+from .core import LifecycleError, Project, Settings, write_json, write_text
+
+# re-exported: the loop, the simulation and the benchmarks import these from the retrain stage (the decisions file has
+# one writer and one reader, the promotion authority's)
+from .promotion import decisions, record_decision, take_off  # noqa: F401
+from .registry import Registry, events, update_meta
+from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F401
 
 # %% auto #0
-__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_SETTINGS', 'CHALLENGER_STAGES', 'SHADOW_HEADINGS', 'CHANGES',
-           'PRODUCTION_COPIES', 'champion_since', 'decide', 'decisions', 'retrain_lock', 'labeled_predictions',
-           'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows', 'champion_training_data',
-           'challenger_settings_text', 'write_retraining_data', 'score_rows', 'fit_recalibration', 'judge',
-           'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'shadow_table', 'promote_if_won',
-           'choose_change', 'derived_reference', 'register_change', 'conclude', 'retrain_versions',
-           'abandon_unfinished', 'headline']
+__all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'champion_since', 'decide', 'retrain_lock',
+           'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows',
+           'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'retrain_versions',
+           'abandon_unfinished']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
 WATCHED_METRICS = ("roc_auc", "recall", "precision")  # higher is better for each
-CHALLENGER_SETTINGS = (
-    "challenger.ini"  # the challenger's settings file, in the project folder (so it shares the registry and schema)
-)
 CHALLENGER_STAGES = ["collect", "prepare", "train", "evaluate"]  # the stage notebooks a challenger goes through
 
 # %% ../nbs/07_retrain.ipynb #156afad5
@@ -127,17 +127,6 @@ def decide(
         "champion": champion,
     }
 
-# %% ../nbs/07_retrain.ipynb #ccd7a03d
-from .promotion import record_decision  # the one writer of decisions.jsonl (the promotion authority's)
-
-
-def decisions(
-    root: Path,  # the project folder
-) -> list[dict]:  # every recorded decision, oldest first
-    "The decisions recorded so far."
-    path = Path(root) / "retrain" / "decisions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
 # %% ../nbs/07_retrain.ipynb #4e92feab
 @contextmanager
 def retrain_lock(
@@ -178,7 +167,6 @@ def gather_evidence(
     now: datetime,  # the time of the decision
 ) -> dict:  # champion, champion_since, firing, values, new_labels
     "What the policy needs to know, from the registry, the stored alerts, monitoring and the prediction log."
-    from lifecycle.registry import Registry, events
 
     root = project.root
     registry = Registry(root)
@@ -191,14 +179,14 @@ def gather_evidence(
         "new_labels": None,
     }
     if float(policy.get("min_metric", 0) or 0) > 0 or float(policy.get("max_drift_share", 1) or 1) < 1:
-        from lifecycle.monitoring import monitor_project
+        from lifecycle.monitoring import monitor_project  # deferred: start-up time, only this path needs it
 
         latest = (
             monitor_project(project, now=now, settings={"alerts": ""}).get("latest") or {}
         )  # figures only: alerts are monitoring's job
         evidence["values"] = latest.get("values") or {}
     if int(policy.get("min_new_labels", 0) or 0) > 0 and champion is not None:
-        from lifecycle.serving.predlog import open_log
+        from lifecycle.serving.predlog import open_log  # deferred: start-up time, only this path needs it
 
         with open_log(project.log_url, root) as log:
             evidence["new_labels"] = len(labeled_predictions(log, since=evidence["champion_since"]))
@@ -286,7 +274,7 @@ def champion_training_data(
     clean = Path(root) / "runs" / str(run_id) / "prepare" / "clean.parquet" if run_id else None
     rows = None
     if clean is not None and clean.exists():
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # deferred: start-up time, only this path needs it
 
         rows = pq.ParquetFile(clean).metadata.num_rows
     return {
@@ -348,7 +336,6 @@ def write_retraining_data(
     dict
 ):  # the manifest: folder, settings (the challenger's file), rows for training and held out, the champion's data
     "Write the production rows for training, the held-out rows, the challenger's settings and a manifest."
-    from lifecycle.registry import Registry
 
     root = settings.root
     registry = Registry(root)
@@ -400,606 +387,6 @@ def write_retraining_data(
     write_json(folder / "data.json", manifest)
     return manifest
 
-# %% ../nbs/07_retrain.ipynb #b0f44e0b
-def score_rows(
-    root: Path,  # the project folder
-    version: int,  # the model version
-    rows: pd.DataFrame,  # rows with the model's features
-) -> tuple[np.ndarray, float]:  # (scores, NaN where the model refused the row), the version's threshold
-    "Score rows through the serving code of one model version."
-    from lifecycle.serving.scoring import Scorer
-
-    scorer = Scorer.from_registry(root, version)
-    features = scorer.spec.features
-    present = rows.reindex(columns=features)
-    records = [
-        {name: (None if pd.isna(value) else value) for name, value in zip(features, row)}
-        for row in present.itertuples(index=False, name=None)
-    ]
-    results, _ = scorer.score_records(records)
-    return np.array([result["score"] if result else np.nan for result in results]), scorer.spec.threshold
-
-# %% ../nbs/07_retrain.ipynb #13c90f6f
-def fit_recalibration(
-    scores,  # the model's scores on recent labeled rows
-    labels,  # their labels
-    method: str = "auto",  # isotonic, platt, or auto (isotonic from 200 rows, else Platt)
-) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`lifecycle.serving.scoring.calibrate_scores` applies it)
-    "Fit a recalibration of scores on recent labeled rows."
-    from sklearn.isotonic import IsotonicRegression
-    from sklearn.linear_model import LogisticRegression
-
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels).astype(int)
-    method = ("isotonic" if len(scores) >= 200 else "platt") if method == "auto" else method
-    if method == "isotonic":
-        fitted = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(scores, labels)
-        return {
-            "method": "isotonic",
-            "scores": fitted.X_thresholds_.tolist(),
-            "probabilities": fitted.y_thresholds_.tolist(),
-            "rows": len(scores),
-        }
-    clipped = np.clip(scores, 1e-6, 1 - 1e-6)
-    fitted = LogisticRegression(C=1e6).fit(np.log(clipped / (1 - clipped))[:, None], labels)
-    return {
-        "method": "platt",
-        "slope": float(fitted.coef_[0, 0]),
-        "intercept": float(fitted.intercept_[0]),
-        "rows": len(scores),
-    }
-
-# %% ../nbs/07_retrain.ipynb #7273a493
-def _groups(settings: Settings, rows: pd.DataFrame, reference: dict | None) -> dict:
-    "Sensitive groups of the rows, cut as the gate and monitoring cut them (the version's stored grouping)."
-    from lifecycle.metrics import cut_groups, reference_grouping
-
-    return {
-        column: cut_groups(rows[column], reference_grouping(reference, column)).to_numpy()
-        for column in settings.sensitive
-        if column in rows.columns
-    }
-
-
-def judge(
-    settings: Settings,  # the project's settings (the challenger's file: same project)
-    retrain_id: str,  # the retrain folder under retrain/
-    challenger: int,  # the challenger's model version
-    policy: dict,  # the [retrain] settings
-) -> dict:  # champion, challenger, rows, comparison, candidates (recalibration, threshold), statements
-    "Compare the champion with a challenger, and with the cheaper changes, on the held-out labeled rows."
-    from lifecycle.compare import compare_models
-    from lifecycle.metrics import threshold_for_recall
-    from lifecycle.registry import Registry
-    from lifecycle.serving.scoring import calibrate_scores
-
-    root = settings.root
-    folder = root / "retrain" / retrain_id
-    champion = Registry(root).aliases().get("champion")
-    held, recent = pd.read_parquet(folder / "holdout.parquet"), pd.read_parquet(folder / "recent.parquet")
-    champion_scores, champion_threshold = score_rows(root, champion, held)
-    challenger_scores, challenger_threshold = score_rows(root, challenger, held)
-    both = ~(np.isnan(champion_scores) | np.isnan(challenger_scores))
-    labels = held["label"].to_numpy().astype(int)[both]
-    statements = []
-    if (~both).any():
-        statements.append(f"{int((~both).sum())} held-out rows could not be scored by both models and are left out")
-    result = {
-        "champion": champion,
-        "challenger": challenger,
-        "rows": int(both.sum()),
-        "statements": statements,
-        "comparison": None,
-        "candidates": {},
-    }
-    if both.sum() < int(policy.get("min_compare_rows", 30)) or len(set(labels)) < 2:
-        statements.append(
-            f"only {int(both.sum())} held-out labeled rows (both classes needed, at least {policy.get('min_compare_rows', 30)}): too few to compare"
-        )
-        return result
-    evaluate = settings.sections.get("evaluate", {})
-    reference_path = Registry(root).path / "versions" / str(champion) / "reference.json"
-    options = dict(
-        groups=_groups(
-            settings, held[both].reset_index(drop=True), read_json(reference_path) if reference_path.exists() else None
-        ),
-        miss_cost=float(policy.get("miss_cost", 5.0)),
-        false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
-        alpha=float(policy.get("alpha", 0.05)),
-        rounds=int(policy.get("bootstrap", 1000)),
-        parity_reason=str(policy.get("parity_reason", "")),
-        max_fairness_gap=float(evaluate.get("max_fairness_gap", 0.3)),
-        min_group=int(evaluate.get("min_group_size", 20)),
-    )
-    champion_scores, challenger_scores = champion_scores[both], challenger_scores[both]
-    result["comparison"] = compare_models(
-        labels, champion_scores, challenger_scores, champion_threshold, challenger_threshold, **options
-    )
-    recent_scores, _ = score_rows(root, champion, recent)
-    usable = ~np.isnan(recent_scores)
-    recent_labels = recent["label"].to_numpy().astype(int)[usable]
-    target_recall = float(evaluate.get("target_recall", 0.85))
-    if usable.sum() >= 20 and len(set(recent_labels)) == 2:
-        threshold = threshold_for_recall(recent_labels, recent_scores[usable], target_recall)
-        result["candidates"]["threshold"] = {
-            "threshold": threshold,
-            "calibration": None,
-            "comparison": compare_models(
-                labels, champion_scores, champion_scores, champion_threshold, threshold, **{**options, "seed": 1}
-            ),
-        }
-        calibration = fit_recalibration(recent_scores[usable], recent_labels)
-        calibrated_threshold = threshold_for_recall(
-            recent_labels, calibrate_scores(recent_scores[usable], calibration), target_recall
-        )
-        calibrated = calibrate_scores(
-            champion_scores, calibration
-        )  # the scores a version holding this map serves: `Scorer` applies the same function
-        result["candidates"]["recalibration"] = {
-            "threshold": calibrated_threshold,
-            "calibration": calibration,
-            "comparison": compare_models(
-                labels, champion_scores, calibrated, champion_threshold, calibrated_threshold, **{**options, "seed": 2}
-            ),
-        }
-    else:
-        statements.append(
-            "too few recent labeled rows used for training (20, both classes) to try recalibration or a new threshold"
-        )
-    scored = pd.DataFrame(
-        {
-            "request_id": held["request_id"].to_numpy()[both],
-            "label": labels,
-            "champion": champion_scores,
-            "challenger": challenger_scores,
-        }
-    )
-    if "recalibration" in result["candidates"]:
-        scored["recalibration"] = calibrated
-    scored.to_parquet(folder / "scores.parquet", index=False)  # each compared row's scores, with the evidence
-    return result
-
-# %% ../nbs/07_retrain.ipynb #79c8a47c
-def parse_shadow_min(
-    text,  # `[retrain] shadow_min`: a count of shadow predictions ("200"), or days ("7 days", "7d"); empty or 0: no shadow
-) -> tuple[int, float]:  # (shadow predictions needed, days of shadow needed); (0, 0) when promotion needs no shadow
-    "Read the shadow rule."
-    value = str(text if text is not None else "").strip().lower()
-    if value in ("", "0"):
-        return 0, 0.0
-    number, _, unit = (
-        value.partition(" ") if " " in value else (value.rstrip("d"), "", "d" if value.endswith("d") else "")
-    )
-    unit = unit.strip()
-    try:
-        amount = float(number)
-    except ValueError:
-        amount = -1.0
-    if amount <= 0 or unit not in ("", "d", "day", "days") or (not unit and amount != int(amount)):
-        raise LifecycleError(
-            "[retrain] shadow_min must be a count of shadow predictions (e.g. 200) or days (e.g. 7 days)"
-        )
-    return (0, amount) if unit else (int(amount), 0.0)
-
-# %% ../nbs/07_retrain.ipynb #6044e70e
-def shadow_ready(
-    evidence: dict,  # shadow evidence: version, pairs (shadow predictions paired with the champion's), days (their span in event time)
-    shadow_min,  # the `[retrain] shadow_min` setting
-) -> tuple[bool, str]:  # (promotion allowed by the shadow rule, why, in words)
-    "Whether a version has run in shadow long enough for promotion."
-    count, days = parse_shadow_min(shadow_min)
-    pairs, span, version = int(evidence.get("pairs") or 0), float(evidence.get("days") or 0.0), evidence.get("version")
-    if count and pairs < count:
-        return (
-            False,
-            f"version {version} has {pairs} shadow predictions; [retrain] shadow_min asks for {count} before promotion",
-        )
-    if days and span < days:
-        return (
-            False,
-            f"version {version} has {span:.1f} days of shadow predictions ({pairs}); [retrain] shadow_min asks for {days:g} days",
-        )
-    if not (count or days):
-        return True, "[retrain] shadow_min is not set: no shadow run needed"
-    return True, f"version {version} ran in shadow: {pairs} predictions over {span:.1f} days (rule: {shadow_min})"
-
-# %% ../nbs/07_retrain.ipynb #cd78bf24
-def shadow_evidence(
-    root: Path,  # the project folder
-    log,  # the open prediction log
-    version: int | None = None,  # the version in shadow (default: the alias `shadow`)
-) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy where labeled), and the pairs themselves
-    "What the prediction log says of a version in shadow against the champion, on the same records."
-    from lifecycle.registry import Registry
-    from lifecycle.serving.predlog import shadow_pairs, shadow_summary
-
-    aliases = Registry(root).aliases()
-    version = aliases.get("shadow") if version is None else version
-    champion = aliases.get("champion")
-    pairs = shadow_pairs(log) if version is not None else None
-    if pairs is not None:
-        pairs = pairs[(pairs["shadow_version"] == version) & (pairs["champion_version"] == champion)].reset_index(
-            drop=True
-        )
-    if pairs is None or not len(pairs):
-        return {
-            "version": version,
-            "champion": champion,
-            "pairs": 0,
-            "days": 0.0,
-            "labeled": 0,
-            "summary": None,
-            "rows": pairs,
-        }
-    summary = shadow_summary(pairs).iloc[0].to_dict()
-    span = (pairs["event_time"].max() - pairs["event_time"].min()).total_seconds() / 86400
-    return {
-        "version": version,
-        "champion": champion,
-        "pairs": len(pairs),
-        "days": span,
-        "labeled": int(pairs["label"].notna().sum()),
-        "summary": {
-            key: (value.isoformat() if hasattr(value, "isoformat") else value) for key, value in summary.items()
-        },
-        "rows": pairs,
-    }
-
-# %% ../nbs/07_retrain.ipynb #829b4f3f
-def promote_shadow(
-    root: Path,  # the project folder
-    policy: dict,  # the [retrain] settings: shadow_min, min_compare_rows, alpha, bootstrap, miss_cost, false_alarm_cost
-    log,  # the open prediction log
-    now: datetime | None = None,  # the time (for the record)
-    evidence: dict | None = None,  # what `shadow_evidence` said, when the caller read it already (default: read here)
-) -> dict:  # status (no shadow, in shadow, promoted, shadow refused), reasons, evidence (what the log says)
-    """Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records.
-
-    A version its gate refused (one put in shadow by hand) is taken off at once: promotion needs the gate passed."""
-    from lifecycle.compare import compare_models
-    from lifecycle.promotion import move_alias, take_off, ungated
-    from lifecycle.registry import Registry
-
-    registry = Registry(root)
-    now = now or datetime.now(timezone.utc)
-    evidence = dict(evidence) if evidence is not None else shadow_evidence(root, log)
-    rows = evidence.pop("rows")
-    if evidence["version"] is None:
-        return {"status": "no shadow", "reasons": ["no version is in shadow"], "evidence": evidence}
-    ready, why = shadow_ready(evidence, policy.get("shadow_min", ""))
-    record = {
-        "kind": "shadow",
-        "time": now.isoformat(timespec="seconds"),
-        "champion": evidence["champion"],
-        "shadow": evidence["version"],
-        "evidence": {key: value for key, value in evidence.items() if key != "summary"},
-        "summary": evidence["summary"],
-    }
-    meta = registry.meta(evidence["version"])
-    if ungated(
-        meta
-    ):  # put in shadow by force: no live record makes a version the gate refused (or an unfinished retrain left) a champion
-        gate = meta.get("gate") or {}
-        said = (
-            ungated(meta)
-            if meta.get("unfinished")
-            else "its gate refused it ("
-            + (
-                "; ".join(gate.get("reasons") or [])
-                or ("it has no gate decision (never evaluated)" if not gate else "no reason recorded")
-            )
-            + ")"
-        )
-        reason = f"version {evidence['version']} cannot be promoted: {said}"
-        take_off(registry, "shadow", "retrain", reason, decision={**record, "promoted": False, "reasons": [reason]})
-        return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
-    if not ready:
-        record_decision(root, {**record, "promoted": False, "reasons": [why]})
-        return {"status": "in shadow", "reasons": [why], "evidence": evidence}
-    labeled = rows[rows["label"].notna()] if rows is not None else None
-    comparison = None
-    if (
-        labeled is not None
-        and len(labeled) >= int(policy.get("min_compare_rows", 30))
-        and labeled["label"].nunique() == 2
-    ):
-        threshold = lambda version: float(registry.meta(version).get("threshold", 0.5))
-        comparison = compare_models(
-            labeled["label"].to_numpy(dtype=int),
-            labeled["champion_score"].to_numpy(),
-            labeled["shadow_score"].to_numpy(),
-            threshold(evidence["champion"]),
-            threshold(evidence["version"]),
-            miss_cost=float(policy.get("miss_cost", 5.0)),
-            false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
-            alpha=float(policy.get("alpha", 0.05)),
-            rounds=int(policy.get("bootstrap", 1000)),
-        )
-        evidence["comparison"] = {key: comparison[key] for key in ("rows", "verdict", "headline", "gains", "losses")}
-    if comparison is not None and comparison["verdict"] == "worse":
-        reason = f"in shadow, version {evidence['version']} did worse than the champion on live records: {comparison['losses'][0]}"
-        take_off(registry, "shadow", "retrain", reason, decision={**record, "promoted": False, "reasons": [reason]})
-        return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
-    live = (
-        comparison["headline"]
-        if comparison is not None
-        else f"{evidence['labeled']} of its live records are labeled: too few to compare"
-    )
-    summary = evidence["summary"]
-    reason = f"{why}; agreement with the champion {summary['agreement']:.0%}, mean score shift {summary['score_shift']:+.3f}; {live}"
-    try:  # only over the champion it ran beside
-        event = move_alias(
-            registry,
-            "champion",
-            evidence["version"],
-            "retrain",
-            f"promoted from shadow: {reason}",
-            expected=evidence["champion"],
-            decision={**record, "promoted": True, "reasons": [reason]},
-        )
-    except LifecycleError as error:
-        record_decision(root, {**record, "promoted": False, "reasons": [str(error)]})
-        return {"status": "in shadow", "reasons": [str(error)], "evidence": evidence}
-    take_off(registry, "shadow", "retrain", f"promoted to champion: version {evidence['version']}")
-    return {"status": "promoted", "reasons": [reason], "evidence": evidence, "event": event}
-
-# %% ../nbs/07_retrain.ipynb #2f8fb6ae
-SHADOW_HEADINGS = {
-    "champion_version": "champion",
-    "shadow_version": "shadow",
-    "pairs": "records both scored",
-    "agreement": "same decision",
-    "score_shift": "score shift (shadow − champion)",
-    "mean_abs_score_difference": "mean |score difference|",
-    "labeled": "labels back",
-    "champion_accuracy": "champion accuracy",
-    "shadow_accuracy": "shadow accuracy",
-    "champion_recall": "champion recall",
-    "shadow_recall": "shadow recall",
-}
-
-
-def shadow_table(
-    summary: pd.DataFrame,  # `shadow_summary` of the log's shadow pairs
-) -> pd.DataFrame:  # the same figures under headings a reader understands, one row a shadow run
-    "Shadow runs against the champion, for the report."
-    return summary[[column for column in SHADOW_HEADINGS if column in summary.columns]].rename(columns=SHADOW_HEADINGS)
-
-# %% ../nbs/07_retrain.ipynb #bdfd8819
-def promote_if_won(
-    root: Path,  # the project folder
-    judged: dict,  # what `judge` returned
-    gate: dict | None,  # the challenger's gate decision (from its evaluate stage)
-    promote: bool,  # promotion allowed by settings
-    evidence: str,  # where the evidence is, for the record
-    shadow_min="",  # `[retrain] shadow_min`: when set, a winner goes into shadow first (see `promote_shadow`)
-    actor: str = "retrain",  # who promotes, for the record (the simulation settles its own shadow runs)
-) -> dict:  # promoted, reasons; shadow (True when the challenger went into shadow instead)
-    "Promote the challenger when its gate passed and the comparison allows it (or put it in shadow first); say why either way."
-    from lifecycle.promotion import move_alias
-    from lifecycle.registry import Registry
-
-    comparison = judged.get("comparison")
-    reasons = []
-    if not (gate or {}).get("passed"):
-        reasons.append(
-            "the challenger's gate refused it: " + "; ".join((gate or {}).get("reasons") or ["no gate decision"])
-        )
-    if comparison is None:
-        reasons.append(
-            "no comparison on held-out production patients: "
-            + ("; ".join(judged.get("statements", [])) or "too few rows")
-        )
-    elif not comparison["promote"]:
-        reasons.append(f"the comparison says {comparison['verdict']}: {comparison['rule']}")
-    if not promote:
-        reasons.append("[retrain] promote = false: the verdict is recorded only")
-    if reasons:
-        return {"promoted": False, "reasons": reasons}
-    ready, why = shadow_ready(
-        {"version": judged["challenger"], "pairs": 0, "days": 0.0}, shadow_min
-    )  # a new version: no shadow run yet
-    if not ready:
-        event = move_alias(
-            Registry(root),
-            "shadow",
-            judged["challenger"],
-            actor,
-            f"{comparison['headline']} In shadow before promotion. Evidence: {evidence}",
-        )
-        return {
-            "promoted": False,
-            "shadow": True,
-            "event": event,
-            "reasons": [f"{why}; it scores every live record beside the champion in shadow now"],
-        }
-    try:  # only if the champion is still the one it was judged against: two retrains never both promote
-        event = move_alias(
-            Registry(root),
-            "champion",
-            judged["challenger"],
-            actor,
-            f"{comparison['headline']} Evidence: {evidence}",
-            expected=judged["champion"],
-        )
-    except LifecycleError as error:
-        return {"promoted": False, "reasons": [str(error)]}
-    return {
-        "promoted": True,
-        "reasons": [comparison["headline"]],
-        "event": event,
-        "change": "challenger",
-        "version": judged["challenger"],
-    }
-
-# %% ../nbs/07_retrain.ipynb #fb8d8932
-CHANGES = (
-    "recalibration",
-    "threshold",
-)  # the cheaper changes a retrain can apply as a new version of the champion's model
-
-
-def choose_change(
-    judged: dict,  # what `judge` returned
-    gate: dict | None,  # the challenger's gate decision
-    apply_changes: bool = True,  # a winning cheaper change may be applied
-) -> str | None:  # challenger, recalibration, threshold, or None (nothing wins)
-    "Which change wins: the challenger first, else the cheaper change that promotes at the lowest cost per patient."
-    comparison = judged.get("comparison")
-    if comparison and comparison["promote"] and (gate or {}).get("passed"):
-        return "challenger"
-    if not apply_changes:
-        return None
-    winners = [
-        (judged["candidates"][name]["comparison"]["cost"]["b"], order, name)
-        for order, name in enumerate(CHANGES)
-        if name in judged.get("candidates", {}) and judged["candidates"][name]["comparison"]["promote"]
-    ]
-    return min(winners)[2] if winners else None
-
-# %% ../nbs/07_retrain.ipynb #29f91ce4
-def derived_reference(
-    reference: dict,  # the champion's reference statistics
-    calibration: dict | None,  # the recalibration the new version adds (None: a threshold only)
-) -> dict:  # the new version's reference statistics
-    "The champion's reference, its score distribution mapped through a recalibration (a monotone map: quantiles stay quantiles)."
-    from lifecycle.serving.scoring import calibrate_scores
-
-    if not calibration or "quantile_grid" not in (reference.get("scores") or {}):
-        return reference
-    scores = dict(reference["scores"])
-    grid = calibrate_scores(scores["quantile_grid"], calibration)
-    counts, edges = np.histogram(grid, bins=20, range=(0, 1))
-    rows = int(reference.get("rows") or sum(scores.get("bin_counts") or [0]))
-    scores.update(
-        quantile_grid=grid.tolist(),
-        bin_edges=edges.tolist(),
-        bin_counts=np.round(counts / len(grid) * rows).astype(int).tolist(),
-        mean=float(grid.mean()),
-        std=float(grid.std()),
-        calibration={"scores": [0.0, 1.0], "probabilities": [0.0, 1.0]},
-    )  # recalibrated on labeled production rows: its scores are its estimates
-    return {**reference, "scores": scores, "recalibrated": True}
-
-# %% ../nbs/07_retrain.ipynb #882da287
-def register_change(
-    root: Path,  # the project folder
-    judged: dict,  # what `judge` returned
-    change: str,  # recalibration or threshold
-    retrain_id: str,  # the retrain that judged it
-    evidence: str,  # where the evidence is, relative to the project
-) -> int:  # the new version
-    "Register a winning cheaper change as a new version: the champion's model file, its new threshold and calibration in the metadata."
-    from lifecycle.registry import Registry, load_model, markdown_to_html, register
-
-    registry = Registry(root)
-    champion, candidate = judged["champion"], judged["candidates"][change]
-    comparison, meta = candidate["comparison"], registry.meta(champion)
-    folder = registry.path / "versions" / str(champion)
-    before = meta.get("calibration") or []  # a champion that is itself recalibrated: the new map applies after its own
-    steps = (before if isinstance(before, list) else [before]) + (
-        [candidate["calibration"]] if candidate.get("calibration") else []
-    )
-    figures = {
-        "roc_auc": (comparison.get("auc") or {}).get("auc_b"),
-        "accuracy": comparison["decisions"]["accuracy_b"],
-        "brier": comparison["brier"]["b"],
-        "cost_per_patient": comparison["cost"]["b"],
-    }
-    metrics = {name: float(value) for name, value in figures.items() if value is not None}
-    record = {
-        **{
-            key: value
-            for key, value in meta.items()
-            if key not in ("version", "sha256", "bytes", "created", "gate", "evaluation", "calibration")
-        },
-        "threshold": float(candidate["threshold"]),
-        "calibration": steps or None,
-        "derived_from": {"version": champion, "change": change, "retrain_id": retrain_id, "evidence": evidence},
-        "evaluation": {
-            "run_id": (meta.get("evaluation") or {}).get("run_id"),
-            "metrics": metrics,
-            "on": f"{comparison['rows']} held-out labeled production predictions (retrain {retrain_id})",
-        },
-        "gate": {
-            "passed": True,
-            "by": "the retrain's paired comparison",
-            "verdict": comparison["verdict"],
-            "reasons": comparison["gains"],
-        },
-    }
-    what = (
-        f"version {champion}'s model with its scores recalibrated ({candidate['calibration']['method']}, fitted on "
-        f"{candidate['calibration']['rows']} recent labeled production predictions)"
-        if candidate.get("calibration")
-        else f"version {champion}'s model with its threshold re-chosen on recent labeled production predictions"
-    )
-    card = (
-        f"# Model card: a {change} of version {champion}\n\nThis version is {what}, decision threshold "
-        f"{candidate['threshold']:.4f}. The model file is version {champion}'s (same SHA-256); see its card for the model, its data "
-        f"and its fairness audit.\n\n## Why\n\n{comparison['headline']}\n\nEvidence: {evidence}\n"
-    )
-    files = {name: (folder / name).read_bytes() for name in ("train_rows.parquet",) if (folder / name).exists()}
-    if (folder / "reference.json").exists():
-        files["reference.json"] = json.dumps(
-            derived_reference(read_json(folder / "reference.json"), candidate.get("calibration")), indent=1
-        )
-    # the card goes in with the version, in one step: a process killed midway leaves no version without it
-    files.update(
-        {"card.md": card, "card.html": markdown_to_html(card, f"Model card: a {change} of version {champion}")}
-    )
-    return register(registry, load_model(registry, champion), record, files)
-
-# %% ../nbs/07_retrain.ipynb #d08bbd5b
-def conclude(
-    root: Path,  # the project folder
-    retrain_id: str,  # the retrain judged
-    judged: dict,  # what `judge` returned
-    gate: dict | None,  # the challenger's gate decision (from its evaluate stage)
-    policy: dict,  # the [retrain] settings: promote, apply_changes
-    evidence: str,  # where the evidence is, relative to the project
-) -> dict:  # promoted, change, version, reasons (and event when promoted)
-    "Promote what won (the challenger, or a cheaper change registered as a new version), or keep the champion; record the decision."
-    change = choose_change(judged, gate, bool(policy.get("apply_changes", True)))
-    if change in CHANGES and policy.get("promote", True):
-        candidate = judged["candidates"][change]
-        version = register_change(root, judged, change, retrain_id, evidence)
-        outcome = promote_if_won(
-            root,
-            {**judged, "challenger": version, "comparison": candidate["comparison"]},
-            {"passed": True},
-            True,
-            evidence,
-            policy.get("shadow_min", ""),
-        )
-        outcome.update(change=change, version=version)
-    else:
-        outcome = promote_if_won(
-            root, judged, gate, bool(policy.get("promote", True)), evidence, policy.get("shadow_min", "")
-        )
-        if change in CHANGES:
-            outcome["reasons"].append(
-                f"the {change} of the champion wins, but is not applied: [retrain] promote = false"
-            )
-        elif not outcome["promoted"] and any(c["comparison"]["promote"] for c in judged.get("candidates", {}).values()):
-            outcome["reasons"].append("a cheaper change wins, but [retrain] apply_changes = false: it is recorded only")
-    record_decision(
-        root,
-        {
-            "kind": "promotion",
-            "retrain_id": retrain_id,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "champion": judged["champion"],
-            "challenger": judged["challenger"],
-            "promoted": outcome["promoted"],
-            "shadow": bool(outcome.get("shadow")),
-            "change": outcome.get("change"),
-            "version": outcome.get("version"),
-            "reasons": outcome["reasons"],
-            "evidence": evidence,
-        },
-    )
-    return outcome
-
 # %% ../nbs/07_retrain.ipynb #68278d87
 PRODUCTION_COPIES = (
     "production.parquet",
@@ -1026,9 +413,8 @@ def abandon_unfinished(
     root: Path,  # the project folder (the caller holds the retrain lock)
     now: datetime,  # the time, for the record
 ) -> list[dict]:  # the `abandoned` decisions recorded, one per retrain settled
-    "Settle the retrains that did not finish: mark their versions unpromotable, take a shadow off them, remove their production rows."
-    from lifecycle.promotion import take_off
-    from lifecycle.registry import Registry, update_meta
+    """Settle the retrains that did not finish: mark their versions unpromotable, take a shadow off them, remove their
+    production rows."""
 
     root, registry = Path(root), Registry(root)
     settled = {entry.get("retrain_id") for entry in decisions(root) if entry.get("kind") in ("promotion", "abandoned")}
@@ -1071,33 +457,3 @@ def abandon_unfinished(
         record_decision(root, decision)
         recorded.append(decision)
     return recorded
-
-# %% ../nbs/07_retrain.ipynb #48e16f37
-def headline(
-    outcome: dict,  # the stage's outcome: decision (policy), or judged and promotion (a challenger)
-) -> str:  # one or two sentences for the report's index
-    "The stage's result in words."
-    if "promotion" not in outcome:
-        decision = outcome["decision"]
-        if decision["retrain"]:
-            return (
-                "Retrain due: "
-                + "; ".join(decision["reasons"])
-                + ". `lifecycle retrain` trains and judges a challenger."
-            )
-        return "No retrain now: " + "; ".join(decision["checked"] or ["no reason to"]) + "."
-    judged, promotion = outcome["judged"], outcome["promotion"]
-    comparison = judged.get("comparison")
-    first = (
-        comparison["headline"] if comparison else f"Challenger version {judged['challenger']} could not be compared."
-    )
-    if promotion["promoted"] and promotion.get("change") in CHANGES:
-        won = judged["candidates"][promotion["change"]]["comparison"]
-        what = "recalibrated" if promotion["change"] == "recalibration" else "with its threshold re-chosen"
-        return (
-            f"{first} The champion {what} is better on the same patients: {(won['gains'] or [won['headline']])[0]}. "
-            f"Version {promotion['version']} (version {judged['champion']}'s model, {what}) is the champion now."
-        )
-    if promotion["promoted"]:
-        return f"{first} Version {judged['challenger']} is the champion now."
-    return f"{first} The champion (version {judged['champion']}) stays: {promotion['reasons'][0]}."

@@ -8,9 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
-import sqlite3
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,13 +16,13 @@ import pandas as pd
 import pyarrow.csv
 import sqlalchemy
 
-from .core import LifecycleError, Settings, Source, sha256_file
+from .core import LifecycleError, Settings, Source
+from .files import sha256_file
+from .sql_sources import _no_malformed, _sqlite_relative_to, mask_url, read_sql_table
 
 # %% auto #0
-__all__ = ['SIDE_EFFECT_FREE', 'SQL_TIMEOUT', 'PARQUET_SUFFIXES', 'JSON_LINES_SUFFIXES', 'with_lineage', 'line_starts',
-           'blank_lines', 'field_counts', 'read_text_table', 'read_json_lines', 'read_parquet_table', 'mask_url',
-           'read_only_engine', 'read_query', 'read_sql_table', 'sql_calls', 'refuse_side_effects',
-           'read_postgres_query', 'source_format', 'read_source', 'source_files']
+__all__ = ['PARQUET_SUFFIXES', 'JSON_LINES_SUFFIXES', 'with_lineage', 'line_starts', 'blank_lines', 'field_counts',
+           'read_text_table', 'read_json_lines', 'read_parquet_table', 'source_format', 'read_source', 'source_files']
 
 # %% ../nbs/22_sources.ipynb #5d5aa07d
 def with_lineage(
@@ -44,7 +41,8 @@ def with_lineage(
 
 # %% ../nbs/22_sources.ipynb #3e4f4d57
 def _text_format(path: Path, first_line: str) -> str:
-    "The delimiter of a text file: tab for .tsv, else a comma, tab or semicolon seen in the first line, else whitespace."
+    """The delimiter of a text file: tab for .tsv, else a comma, tab or semicolon seen in the first line, else
+    whitespace."""
     if path.suffix.lower() == ".tsv":
         return "\t"
     for delimiter in (",", "\t", ";"):
@@ -124,12 +122,6 @@ def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expecte
         if fields != expected:
             reasons[index] = f"expected {expected} fields, found {fields}"
     return reasons
-
-
-def _no_malformed() -> pd.DataFrame:
-    return pd.DataFrame(
-        {"_line": pd.Series(dtype="int64"), "reason": pd.Series(dtype="object"), "text": pd.Series(dtype="object")}
-    )
 
 
 def _arrow_options(names: list[str], delimiter: str, na_values: list[str], skip_rows: int = 0, on_invalid=None) -> dict:
@@ -371,325 +363,6 @@ def read_parquet_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
         raise LifecycleError(f"{path} is empty: it holds no rows")
     frame["_line"] = np.arange(1, len(frame) + 1)
     return frame, _no_malformed(), 0
-
-# %% ../nbs/22_sources.ipynb #dd227378
-def mask_url(url: str) -> str:
-    "A database URL without its password, fit for logs and reports."
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"//[^@/]*@", "//***@", url)
-
-
-def _sqlite_relative_to(url: str, root: Path) -> str:
-    "Resolve a relative SQLite path from the project folder, as every other path is."
-    parsed = sqlalchemy.engine.make_url(url)
-    if (
-        parsed.get_backend_name() == "sqlite"
-        and parsed.database
-        and parsed.database != ":memory:"
-        and not Path(parsed.database).is_absolute()
-    ):
-        return parsed.set(database=str(root / parsed.database)).render_as_string(hide_password=False)
-    return url
-
-
-_READS = re.compile(r"\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*(\w*)", re.DOTALL)  # the first word after comments
-
-_SQLITE_READING = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-
-
-def read_only_engine(
-    url: str,  # a SQLAlchemy database URL (relative SQLite paths already resolved)
-) -> sqlalchemy.engine.Engine:  # an engine whose connections cannot write
-    "An engine for reading a source: SQLite opened read-only and query-only, PostgreSQL in read-only transactions."
-    parsed = sqlalchemy.engine.make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        database = parsed.database if parsed.database and parsed.database != ":memory:" else ":memory:"
-        target = (
-            "file::memory:?mode=ro"
-            if database == ":memory:"
-            else f"file:{urllib.parse.quote(str(Path(database).resolve()))}?mode=ro"
-        )
-        engine = sqlalchemy.create_engine(f"sqlite:///{target}&uri=true")
-
-        @sqlalchemy.event.listens_for(engine, "connect")
-        def _query_only(connection, record):
-            connection.execute("PRAGMA query_only = ON")
-            # ATTACH opens (and creates) another file even on a read-only connection: allow reading only
-            connection.set_authorizer(
-                lambda action, *names: sqlite3.SQLITE_OK if action in _SQLITE_READING else sqlite3.SQLITE_DENY
-            )
-
-        return engine
-    if backend == "postgresql":
-        return sqlalchemy.create_engine(url, connect_args={"options": "-c default_transaction_read_only=on"})
-    return sqlalchemy.create_engine(url)
-
-
-def read_query(
-    source: Source,  # a database source
-) -> str:  # the query, wrapped so it runs as one SELECT
-    "Refuse a query that is not one read (its first word not SELECT, WITH, VALUES or TABLE); wrap it as a subquery."
-    first = _READS.match(source.query).group(1).upper()
-    if first not in ("SELECT", "WITH", "VALUES", "TABLE"):
-        raise LifecycleError(
-            f"source '{source.name}' ({mask_url(source.location)}): the query starts with {first[:20] or 'nothing'}; "
-            "a source is read, never written: give one SELECT"
-        )
-    return f"SELECT * FROM (\n{source.query.strip().rstrip(';').strip()}\n) AS source_rows"
-
-
-def read_sql_table(
-    source: Source,  # a database source: URL and query
-    root: Path,  # the project folder, for relative SQLite paths
-) -> tuple[pd.DataFrame, pd.DataFrame, int]:  # (rows with `_line`, no malformed lines, 0)
-    "Run a source's SQL query; row numbers are its lines."
-    url = _sqlite_relative_to(source.location, root)
-    query = read_query(source)
-    if sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql":
-        frame = read_postgres_query(url, query, f"source '{source.name}' ({mask_url(source.location)})", source.query)
-        frame["_line"] = np.arange(1, len(frame) + 1)
-        return frame, _no_malformed(), 0
-    try:
-        engine = read_only_engine(url)
-        with engine.connect() as connection:
-            frame = pd.read_sql_query(sqlalchemy.text(query), connection)
-        engine.dispose()
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise LifecycleError(
-            f"source '{source.name}' ({mask_url(source.location)}): query failed: {first_line}"
-        ) from None
-    if frame.empty:
-        raise LifecycleError(f"source '{source.name}' ({mask_url(source.location)}): the query returned no rows")
-    frame["_line"] = np.arange(1, len(frame) + 1)
-    return frame, _no_malformed(), 0
-
-# %% ../nbs/22_sources.ipynb #c5e1a001
-_SQL_WORD = re.compile(r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*")
-_SQL_DOLLAR = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\$")
-_SQL_OPERATOR_CHARACTERS = set("+-*/<>=~!@#%^&|`?")
-
-
-def _string_end(sql: str, start: int, backslash_escapes: bool) -> int:
-    "The index after the string literal whose opening quote is at `start`."
-    position = start + 1
-    while position < len(sql):
-        character = sql[position]
-        if character == "\\" and backslash_escapes:
-            position += 2
-        elif character == "'":
-            if sql.startswith("''", position):
-                position += 2
-            else:
-                return position + 1
-        else:
-            position += 1
-    return len(sql)
-
-
-def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
-    "The code tokens of SQL text as (kind, text): word, quoted, unicode, operator or other; comments and strings left out."
-    tokens, position, size = [], 0, len(sql)
-    while position < size:
-        character = sql[position]
-        if character.isspace():
-            position += 1
-        elif sql.startswith("--", position):
-            newline = sql.find("\n", position)
-            position = size if newline < 0 else newline + 1
-        elif sql.startswith("/*", position):  # comments nest in PostgreSQL
-            depth, position = 1, position + 2
-            while position < size and depth:
-                if sql.startswith("/*", position):
-                    depth, position = depth + 1, position + 2
-                elif sql.startswith("*/", position):
-                    depth, position = depth - 1, position + 2
-                else:
-                    position += 1
-        elif character == "'":
-            position = _string_end(sql, position, backslash_escapes)
-        elif character == '"':
-            end = position + 1
-            while True:
-                end = sql.find('"', end)
-                if end < 0 or not sql.startswith('""', end):
-                    break
-                end += 2
-            end = size if end < 0 else end + 1
-            tokens.append(("quoted", sql[position + 1 : end - 1].replace('""', '"')))
-            position = end
-        elif character == "$" and _SQL_DOLLAR.match(sql, position):
-            tag = _SQL_DOLLAR.match(sql, position).group(0)
-            end = sql.find(tag, position + len(tag))
-            position = size if end < 0 else end + len(tag)
-        elif _SQL_WORD.match(sql, position):
-            word = _SQL_WORD.match(sql, position).group(0)
-            after = position + len(word)
-            if word.lower() in ("e", "b", "x", "n") and sql.startswith(
-                "'", after
-            ):  # E'…' (backslash escapes), B'…', X'…', N'…'
-                position = _string_end(sql, after, word.lower() == "e" or backslash_escapes)
-            elif word.lower() == "u" and sql.startswith("&'", after):
-                position = _string_end(sql, after + 1, False)
-            elif word.lower() == "u" and sql.startswith('&"', after):
-                tokens.append(("unicode", "U&"))
-                position = after + 1
-            else:
-                tokens.append(("word", word.lower()))
-                position = after
-        elif character in _SQL_OPERATOR_CHARACTERS:
-            end = position
-            while (
-                end < size
-                and sql[end] in _SQL_OPERATOR_CHARACTERS
-                and not sql.startswith("--", end)
-                and not sql.startswith("/*", end)
-            ):
-                end += 1
-            tokens.append(("operator", sql[position:end]))
-            position = end
-        else:
-            tokens.append(("other", character))
-            position += 1
-    return tokens
-
-
-def sql_calls(
-    sql: str,  # SQL text: a query, or an expression from a plan
-    backslash_escapes: bool = False,  # True when '…' strings take backslash escapes (PostgreSQL's standard_conforming_strings off)
-) -> tuple[
-    set[str], set[str], bool
-]:  # (names written as calls, operators, True when a name is written with Unicode escapes)
-    "What SQL text calls, read as PostgreSQL's lexer reads it: the functions (unquoted names lower-cased), the operators."
-    tokens = _sql_tokens(sql, backslash_escapes)
-    calls = {
-        text
-        for (kind, text), following in zip(tokens, tokens[1:])
-        if kind in ("word", "quoted") and following == ("other", "(")
-    }
-    operators = {text for kind, text in tokens if kind == "operator"}
-    return calls, operators, any(kind == "unicode" for kind, _ in tokens)
-
-# %% ../nbs/22_sources.ipynb #c5e1a003
-SIDE_EFFECT_FREE = frozenset(
-    {"random", "random_normal", "clock_timestamp", "timeofday", "gen_random_uuid", "uuidv4", "uuidv7"}
-)
-SQL_TIMEOUT = 600  # seconds a source query may run on PostgreSQL
-_POSTGRES_SHOWN_CLASSES = (
-    "08",
-    "0A",
-    "25",
-    "3D",
-    "42",
-    "53",
-    "57",
-)  # connection, unsupported, read-only, database, syntax, resources, cancel
-
-
-def _postgres_message(error: Exception) -> str:
-    "A PostgreSQL error in one line, without the values a data error quotes."
-    sqlstate = getattr(error, "sqlstate", None) or ""
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    if not sqlstate or sqlstate[:2] in _POSTGRES_SHOWN_CLASSES:
-        return first_line
-    return f"{type(error).__name__} (SQLSTATE {sqlstate})"
-
-
-def _plan_texts(plan) -> list[str]:
-    "Every text in an EXPLAIN (FORMAT JSON) plan: its expressions, and function names as calls."
-    if isinstance(plan, dict):
-        texts = [f"{plan['Function Name']}()"] if isinstance(plan.get("Function Name"), str) else []
-        return texts + [text for value in plan.values() for text in _plan_texts(value)]
-    if isinstance(plan, list):
-        return [text for value in plan for text in _plan_texts(value)]
-    return [plan] if isinstance(plan, str) else []
-
-
-def _refuse_volatile(
-    connection,  # a psycopg connection
-    calls: set[str],  # function names the query calls
-    operators: set[str],  # operators it uses
-    where: str,  # "source 'name' (url)", for the error
-) -> None:
-    """Refuse when one of the functions, or an operator's function, is volatile in pg_proc (in any schema) and not known to
-    only read. A function taking `internal` is left out: SQL cannot call it (TABLESAMPLE's `bernoulli` is one)."""
-    volatile = connection.execute(
-        "SELECT DISTINCT proname FROM pg_proc WHERE provolatile = 'v' AND proname = ANY(%s) AND NOT proname = ANY(%s) "
-        "AND NOT 'internal'::regtype::oid = ANY(proargtypes::oid[]) ORDER BY 1",
-        (sorted(calls), sorted(SIDE_EFFECT_FREE)),
-    ).fetchall()
-    if volatile:
-        raise LifecycleError(
-            f"{where}: the query calls {volatile[0][0]}(), a function that may have side effects (volatile); "
-            "a source query may call only functions PostgreSQL declares stable or immutable"
-        )
-    volatile = connection.execute(
-        "SELECT DISTINCT o.oprname, p.proname FROM pg_operator o JOIN pg_proc p ON p.oid = o.oprcode "
-        "WHERE p.provolatile = 'v' AND o.oprname = ANY(%s) ORDER BY 1",
-        (sorted(operators),),
-    ).fetchall()
-    if volatile:
-        raise LifecycleError(
-            f"{where}: the query uses the operator {volatile[0][0]}, which calls {volatile[0][1]}(), a function that "
-            "may have side effects (volatile); a source query may call only stable or immutable functions"
-        )
-
-
-def refuse_side_effects(
-    connection,  # a psycopg connection, in the read-only transaction that will run the query
-    query: str,  # the query as the settings give it
-    wrapped: str,  # the statement that will run (`read_query`)
-    where: str,  # "source 'name' (url)", for the error
-) -> None:
-    """Refuse a query that calls a function PostgreSQL does not declare free of side effects: first the calls written
-    in it, then those in the plan the server makes of it (which shows what the views it reads call)."""
-    backslash_escapes = connection.execute("SHOW standard_conforming_strings").fetchone()[0] != "on"
-    calls, operators, escaped = sql_calls(query, backslash_escapes)
-    if escaped:
-        raise LifecycleError(f'{where}: the query writes a name with Unicode escapes (U&"…"); write it plainly')
-    _refuse_volatile(connection, calls, operators, where)
-    plan = connection.execute(f"EXPLAIN (VERBOSE, FORMAT JSON) {wrapped}", prepare=True).fetchone()[0]
-    calls, operators = set(), set()
-    for text in _plan_texts(json.loads(plan) if isinstance(plan, str) else plan):
-        more_calls, more_operators, _ = sql_calls(text)  # EXPLAIN writes standard strings
-        calls |= more_calls
-        operators |= more_operators
-    _refuse_volatile(connection, calls, operators, where)
-
-
-def read_postgres_query(
-    url: str,  # a SQLAlchemy PostgreSQL URL (postgresql://, postgresql+psycopg://, …)
-    wrapped: str,  # the statement to run (`read_query`)
-    where: str,  # "source 'name' (url)", for errors
-    query: str | None = None,  # the query as the settings give it (default: `wrapped`)
-    timeout: float = SQL_TIMEOUT,  # seconds the query may run
-) -> pd.DataFrame:  # its rows
-    """Run a source query on PostgreSQL: one prepared statement (a second is refused by the server), in a read-only
-    transaction, under a statement timeout, after `refuse_side_effects`."""
-    import psycopg
-
-    conninfo = sqlalchemy.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    options = f"-c default_transaction_read_only=on -c statement_timeout={int(timeout * 1000)}"
-    try:
-        with psycopg.connect(
-            conninfo, options=options, connect_timeout=10, application_name="lifecycle-source"
-        ) as connection:
-            connection.read_only = True
-            with connection.transaction():
-                refuse_side_effects(connection, query if query is not None else wrapped, wrapped, where)
-                cursor = connection.execute(wrapped, prepare=True)
-                names = [column.name for column in cursor.description]
-                frame = pd.DataFrame.from_records(cursor.fetchall(), columns=names, coerce_float=True)
-    except LifecycleError:
-        raise
-    except Exception as error:
-        raise LifecycleError(f"{where}: query failed: {_postgres_message(error)}") from None
-    if frame.empty:
-        raise LifecycleError(f"{where}: the query returned no rows")
-    return frame
 
 # %% ../nbs/22_sources.ipynb #66b5a55d
 PARQUET_SUFFIXES = {".parquet", ".pq"}

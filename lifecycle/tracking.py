@@ -30,7 +30,7 @@ def tracking_mode(
 ) -> str:  # offline, online or disabled
     "The W&B mode a run uses."
     if setting not in MODES:
-        from lifecycle.core import LifecycleError
+        from lifecycle.core import LifecycleError  # deferred: start-up time, only this path needs it
 
         raise LifecycleError(f"tracking = {setting!r}: use one of {', '.join(MODES)}")
     if setting == "auto":
@@ -312,7 +312,7 @@ def tracking_worker():
             continue
         try:
             if operation == "start":
-                import wandb
+                import wandb  # deferred: start-up time, only this path needs it
 
                 settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True, silent=True)
                 run = wandb.init(
@@ -338,25 +338,25 @@ def tracking_worker():
             elif operation == "summary":
                 run.summary.update(message["values"])
             elif operation == "image":
-                import wandb
+                import wandb  # deferred: start-up time, only this path needs it
 
                 run.log({message["name"]: wandb.Image(message["path"])})
             elif operation == "table":
-                import wandb
+                import wandb  # deferred: start-up time, only this path needs it
 
                 run.log({message["name"]: wandb.Table(columns=message["columns"], data=message["data"])})
             elif operation == "artifact":
-                import wandb
+                import wandb  # deferred: start-up time, only this path needs it
 
                 artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
                 for path in message["files"]:
                     artifact.add_file(path)
                 run.log_artifact(artifact)
             elif operation == "use_artifact":
-                import wandb
+                import wandb  # deferred: start-up time, only this path needs it
 
                 if run.offline:
-                    from lifecycle.core import sha256_file
+                    from lifecycle.core import sha256_file  # deferred: start-up time, only this path needs it
 
                     digest = {Path(path).name: sha256_file(path) for path in message["files"]}
                     run.config.update(
@@ -375,8 +375,8 @@ def tracking_worker():
                         artifact.add_file(path)
                     run.use_artifact(artifact)
             elif operation in ("curves", "confusion"):
-                import numpy
-                import wandb
+                import numpy  # deferred: start-up time, only this path needs it
+                import wandb  # deferred: start-up time, only this path needs it
 
                 labels = message["labels"]
                 if operation == "curves":

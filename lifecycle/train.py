@@ -5,9 +5,10 @@
 # %% ../nbs/03_train.ipynb #9d7e8de4
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
-import json
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,22 +19,12 @@ from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassif
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict, cross_val_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import lifecycle
 from .core import LifecycleError, Settings
-from lifecycle.metrics import (
-    classification_metrics,
-    cut_groups,
-    group_metrics,
-    group_words,
-    model_card,
-    row_hashes,
-    row_hashes_bytes,
-    sensitive_grouping,
-)
 
 # %% auto #0
 __all__ = ['MODELS', 'SEARCH_GRIDS', 'QUANTILE_GRID', 'PACKAGES', 'feature_columns', 'make_classifier', 'build_pipeline',
@@ -132,7 +123,8 @@ def reference_statistics(
     groups: dict
     | None = None,  # the sensitive columns' grouping, decided on the same rows (`metrics.sensitive_grouping`)
 ) -> dict:  # statistics, JSON-ready
-    "Statistics of the training data that monitoring compares production against, and the grouping every fairness figure uses."
+    """Statistics of the training data that monitoring compares production against, and the grouping every fairness
+    figure uses."""
     features = {}
     for column in numeric:
         values = frame[column].dropna().to_numpy(dtype=float)
@@ -262,8 +254,6 @@ def row_weights(
     text: str,  # `[train] source_weights`: one `source: weight` a line or comma-separated; a source may end in `*`
 ) -> np.ndarray | None:  # each row's weight; None when no weight is set
     "Each training row's weight, by its source."
-    import fnmatch
-    import re
 
     rules = []
     for item in re.split(r"[\n,]", text or ""):

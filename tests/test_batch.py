@@ -14,9 +14,9 @@ from test_predlog import postgres_server, postgres_url  # noqa: F401  (the real 
 
 from lifecycle.contract import error_reason
 from lifecycle.registry import Registry, register, set_alias
-from lifecycle.serving.batch import add_batch_command, check_frame, score_file
+from lifecycle.serving.batch import add_batch_command, score_file
 from lifecycle.serving.predlog import open_log
-from lifecycle.serving.scoring import Scorer, ServingSpec, check_records
+from lifecycle.serving.scoring import Scorer, ServingSpec, check_frame, check_records
 from lifecycle.train import build_pipeline
 
 FEATURES = ["age", "chol", "sex", "color"]

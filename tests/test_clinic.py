@@ -49,7 +49,7 @@ def _answer(page, before: str, seconds: float = 120) -> dict:
 
 
 def _submit(page, record, fields) -> dict:
-    from lifecycle.bench import fill_clinic_form
+    from lifecycle.bench.clinic import fill_clinic_form
 
     before = page.evaluate(
         "() => (document.querySelector('.lc-result .lc-answer') || {dataset: {}}).dataset.requestId || ''"
@@ -62,7 +62,7 @@ def _submit(page, record, fields) -> dict:
 
 def _refused(page, record, fields, field: str | None) -> tuple[str, str]:
     "Submit a record the contract refuses; wait for the message; return (the field's message, the page's message)."
-    from lifecycle.bench import fill_clinic_form
+    from lifecycle.bench.clinic import fill_clinic_form
 
     fill_clinic_form(page, {name: value for name, value in record.items() if not isinstance(value, str)}, fields)
     for name, text in record.items():

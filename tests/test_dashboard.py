@@ -131,6 +131,13 @@ def _alive(pid: int) -> bool:
     return " Z " not in state + " "  # a zombie has exited
 
 
+def _wait_gone(pids: list[int], bound: float = 60) -> None:
+    "Wait until none of `pids` is alive, up to `bound` seconds (a bound for a process that never exits, not a measure)."
+    deadline = time.monotonic() + bound
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _command_line(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text()
@@ -220,7 +227,7 @@ def test_the_live_page_shows_new_drift_and_its_alert_without_a_reload(project, b
         code = process.wait(timeout=120)
     log_text = (root / "dashboard.log").read_text()
     assert code == 0, log_text
-    time.sleep(1)
+    _wait_gone(children)
     assert [pid for pid in children if _alive(pid)] == [], "kernels or Voila outlived the dashboard"
     status = json.loads((root / "monitoring" / "monitor_status.json").read_text())
     assert status["error"] is None and status["windows"] == 3
@@ -298,7 +305,7 @@ def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
         children = _descendants(process.pid)
         process.send_signal(signal.SIGINT)  # Ctrl-C
         assert process.wait(timeout=120) == 0
-    time.sleep(1)
+    _wait_gone(children)
     assert children and [pid for pid in children if _alive(pid)] == [], "Voila or a kernel outlived Ctrl-C"
     status = json.loads((tmp_path / "monitoring" / "monitor_status.json").read_text())
     assert status["error"] is None and status["windows"] == 0

@@ -12,7 +12,7 @@ from test_predlog import postgres_server, postgres_url  # noqa: F401  (the real 
 from lifecycle.cli import main
 from lifecycle.core import LifecycleError, Source
 from lifecycle.registry import Registry, register, set_alias
-from lifecycle.sources import read_sql_table
+from lifecycle.sql_sources import read_sql_table
 from lifecycle.train import build_pipeline
 
 SECRET = "PX-SECRET-4711"  # a patient value planted in bad lines: it must never reach an error
@@ -247,7 +247,7 @@ def test_a_postgresql_source_cannot_call_functions_with_side_effects(postgres_ur
 
 
 def test_a_postgresql_source_query_runs_under_a_statement_timeout(postgres_url):
-    from lifecycle.sources import read_postgres_query
+    from lifecycle.sql_sources import read_postgres_query
 
     endless = "SELECT count(*) AS n FROM generate_series(1, 1000000) AS a, generate_series(1, 1000000) AS b"
     with pytest.raises(LifecycleError, match="statement timeout"):

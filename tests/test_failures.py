@@ -137,7 +137,7 @@ def _notebook(path, source):
 
 
 def test_a_hanging_stage_is_stopped_after_the_timeout(tmp_path):
-    from lifecycle.pipeline import execute_stage
+    from lifecycle.execute import execute_stage
 
     notebook = _notebook(tmp_path / "hang.ipynb", "import time\ntime.sleep(600)")
     error = execute_stage(notebook, tmp_path / "out.ipynb", {"x": 2}, tmp_path, timeout=3)
@@ -146,7 +146,7 @@ def test_a_hanging_stage_is_stopped_after_the_timeout(tmp_path):
 
 
 def test_a_failing_cell_is_named_with_its_error(tmp_path):
-    from lifecycle.pipeline import execute_stage
+    from lifecycle.execute import execute_stage
 
     notebook = _notebook(tmp_path / "fail.ipynb", "raise ValueError('the reason')")
     error = execute_stage(notebook, tmp_path / "out.ipynb", {}, tmp_path, timeout=60)
@@ -162,7 +162,7 @@ def _alive(pid):
 
 
 def test_kernels_boot_ahead_and_none_is_left_running(tmp_path):
-    from lifecycle.pipeline import Kernels, execute_stage
+    from lifecycle.execute import Kernels, execute_stage
 
     kernels = Kernels(tmp_path)
     kernels.prepare()  # boots while the runner checks the cache

@@ -15,7 +15,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from lifecycle.core import load_settings
-from lifecycle.evaluate import fairness_audit, sensitive_groups
+from lifecycle.fairness import fairness_audit, sensitive_groups
 from lifecycle.metrics import sensitive_grouping
 from lifecycle.monitoring import window_report
 from lifecycle.train import reference_statistics

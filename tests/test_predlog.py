@@ -181,6 +181,8 @@ while not stopping:
     log.record([{"request_id": f"r{served}", "time": "2024-05-01T12:00:00Z", "model_version": 1, "channel": "online",
                  "score": 0.5, "decision": 1, "features": {"age": 50}, "id": served}])
     served += 1
+    if served == 1000:
+        print("busy", flush=True)  # the test signals once this many are recorded, however slow the machine
 pending = log.pending
 log.close()
 (root / "served").write_text(f"{served} {pending}")
@@ -191,12 +193,12 @@ log.close()
 def test_sigterm_drains_the_queue(tmp_path, mode):
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path), mode], stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
-    time.sleep(1.0)
+    assert server.stdout.readline().strip() == "busy"
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=60) == 0
     served, pending_at_stop = map(int, (tmp_path / "served").read_text().split())
     logged = open_log("", tmp_path).count()
-    assert served > 1000
+    assert served >= 1000
     if mode == "flag":
         assert logged == served, (logged, served, pending_at_stop)
     else:  # the signal may land after a row is queued and before the loop counts it

@@ -104,7 +104,7 @@ CONCLUDE = (
     import json, os, signal, sys
     from pathlib import Path
     root, k, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    from lifecycle.retrain import conclude
+    from lifecycle.challenger import conclude
     judged = json.loads((Path(root) / "retrain" / "t1" / "comparison.json").read_text())
 """)
     + DEADLY
@@ -121,8 +121,9 @@ def _recalibration_template(root):
     held-out patients."""
     from datetime import datetime, timedelta, timezone
 
+    from lifecycle.challenger import judge
     from lifecycle.core import load_settings, write_json
-    from lifecycle.retrain import judge, write_retraining_data
+    from lifecycle.retrain import write_retraining_data
 
     rng = np.random.default_rng(1)
 
@@ -248,7 +249,7 @@ def test_two_retrains_started_together_end_with_at_most_one_promotion(champion_p
     so in one line, records it."""
     from conftest import LIFECYCLE
 
-    from lifecycle.retrain import decisions
+    from lifecycle.promotion import decisions
 
     registry = Registry(champion_project)
     champion, events_before = registry.aliases()["champion"], len(events(registry))
@@ -308,7 +309,7 @@ def test_a_promoted_recalibration_is_served_online_in_batch_and_in_streams_with_
     stream: the judged scores, bit for bit."""
     from fastapi.testclient import TestClient
 
-    from lifecycle.retrain import register_change
+    from lifecycle.challenger import register_change
     from lifecycle.serving.batch import score_file
     from lifecycle.serving.serve import create_app
     from lifecycle.serving.stream import run_stream
