@@ -255,6 +255,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'lifecycle.cli._add_serve': ('cli.html#_add_serve', 'lifecycle/cli.py'),
                                'lifecycle.cli._alert_lines': ('cli.html#_alert_lines', 'lifecycle/cli.py'),
                                'lifecycle.cli._bench': ('cli.html#_bench', 'lifecycle/cli.py'),
+                               'lifecycle.cli._builder': ('cli.html#_builder', 'lifecycle/cli.py'),
                                'lifecycle.cli._by_hand': ('cli.html#_by_hand', 'lifecycle/cli.py'),
                                'lifecycle.cli._check_force': ('cli.html#_check_force', 'lifecycle/cli.py'),
                                'lifecycle.cli._clinic': ('cli.html#_clinic', 'lifecycle/cli.py'),

@@ -37,7 +37,7 @@ LAYERS = {
     "monitoring.engine": 1,
     "rollback": 1,
     "promotion": 1,
-    "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures  # monitoring's computations: the monitor stage, the command and the dashboard use them
+    "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures
     # the stages, the dashboard and its server
     "collect": 2,
     "prepare": 2,
