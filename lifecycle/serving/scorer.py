@@ -339,7 +339,8 @@ def calibrate_scores(
     scores,  # a model's own scores (probabilities of the positive class)
     calibration: dict | list | None,  # a version's `calibration` (isotonic, platt, or a list applied in turn) or None
 ) -> np.ndarray:  # the calibrated scores (the same scores when there is no calibration)
-    "A model's scores through the recalibration stored with its version."
+    """A model's scores through the recalibration stored with its version: isotonic (`scores`, `probabilities`: the
+    fitted steps), platt (`slope`, `intercept` on the logit), or a list of them applied in turn."""
     scores = np.asarray(scores, dtype=float)
     if not calibration:
         return scores
