@@ -426,7 +426,7 @@ def _utc_now() -> str:
 
 
 def _merged(
-    items: list,  # submitted pieces, oldest first: (champion version, ids, records, features, times, when, rows, …)
+    items: list,  # pieces submitted, oldest first: (version, ids, records, features, times, when, rows, contract)
     most: int = 2048,  # records one merged piece holds at most (the shadow rests after each piece)
 ) -> list:  # the pieces to score, in order
     """Consecutive record pieces of one champion version (and the same cleaned-rows contract) merged into one model
