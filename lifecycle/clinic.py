@@ -192,8 +192,7 @@ class Clinic:
     def __init__(
         self,
         project: Project,  # the project scored for: its folder, settings and prediction log
-        client: ClinicClient
-        | None = None,  # the scoring client (None: in-process into the project's log, or $LIFECYCLE_CLINIC_URL)
+        client: ClinicClient | None = None,  # the scoring client (None: in-process, or $LIFECYCLE_CLINIC_URL)
     ):
         import ipywidgets as widgets  # slow to import: only where a page is built, in a kernel
 
@@ -442,10 +441,7 @@ _PAGE = "clinic_page.ipynb"  # the notebook Voila serves: one cell, `show_clinic
 
 
 def clinic_project(
-    settings: str
-    | Path
-    # the settings file; None: the one `lifecycle clinic` named ($LIFECYCLE_SETTINGS), else settings.ini found upward
-    | None = None,
+    settings: str | Path | None = None,  # the settings file; None: $LIFECYCLE_SETTINGS, else settings.ini found upward
 ) -> Project:  # the project, resolved once for the page
     "The project the page scores for."
     return open_project(page_settings(settings))

@@ -215,9 +215,7 @@ def typical_values(
     features: list[str],  # the model's features, in order
     reference: dict,  # the version's reference.json
     contract,  # the version's `Contract`
-) -> (
-    list
-):  # per feature: the median of a number, the most frequent category (as the contract cleans it); NaN when unknown
+) -> list:  # per feature: a number's median, the most frequent category (as the contract cleans it); NaN if unknown
     "The training population's typical patient, value by value."
     stored = reference.get("features") or {}
     typical = []
@@ -242,9 +240,7 @@ def attributions(
     score_rows,  # a function scoring cleaned rows (`Scorer.scores`)
     row: list,  # the patient's cleaned values, in the model's order
     typical: list,  # `typical_values`
-) -> list[
-    float
-]:  # per feature: the patient's score minus the score with that feature made typical (0 where it already is)
+) -> list[float]:  # per feature: the patient's score minus the score with that feature made typical (0 if it is)
     "Each feature's effect on this patient's score."
     variants, positions = [list(row)], []
     for position, (value, usual) in enumerate(zip(row, typical)):
@@ -298,9 +294,7 @@ def small_groups(
     values: dict,  # feature -> the patient's cleaned value
     fairness: dict,  # the evaluation's `fairness`: per column (or "a & b"), groups too small or with too few of a class
     reference: dict | None = None,  # the version's reference.json: the grouping the evaluation cut by
-) -> list[
-    tuple[str, str, str]
-]:  # (column, group label, why) for each group of the patient the evaluation could not judge
+) -> list[tuple[str, str, str]]:  # (column, group label, why) for each patient's group the evaluation could not judge
     """The patient's groups that the evaluation found too small to judge: the patient is cut into groups as the gate cut
     its rows."""
     mine = {

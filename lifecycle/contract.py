@@ -181,9 +181,7 @@ def reason_series(codes: np.ndarray, labels: list[str], index: pd.Index) -> pd.S
 def check_frame(
     contract: Contract,  # the rules
     frame: pd.DataFrame,  # rows (other columns are ignored; a column the contract needs and the frame lacks: `missing`)
-) -> tuple[
-    pd.DataFrame, pd.Series, pd.DataFrame
-]:  # (cleaned columns in the contract's order; reason per row, "" when none; what changed per column)
+) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:  # (cleaned columns, ordered; reason per row or ""; change by column)
     "Check and clean rows a column at a time; name each row's first broken rule."
     n = len(frame)
     reasons, labels = np.zeros(n, dtype=np.int16), [""]
@@ -422,9 +420,7 @@ def rejection_reasons(
     errors: list[dict],  # the errors of one request (loc: ["body", record index, field])
     count: int,  # the records it carried
     fields,  # the field names that may be stored (see `rejection_reason`)
-) -> list[
-    tuple[str, str]
-]:  # one (reason, field) a record: its first error; ("with_request", "") for a record without one
+) -> list[tuple[str, str]]:  # one (reason, field) a record: its first error; ("with_request", "") for one without
     "Why each record of a refused request was refused."
     reasons: list = [None] * count
     # an error that names no record (a request too broken to attribute) applies to the records without their own

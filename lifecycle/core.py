@@ -355,8 +355,7 @@ LOG_SECTIONS = ("deploy", "monitor")  # the stages whose `log` parameter names t
 
 def prediction_log_url(
     settings: Settings,  # the project's settings
-    overrides: dict[str, dict[str, str]]
-    | None = None,  # stage -> key -> value text from the command line (`-p deploy.log=…`)
+    overrides: dict[str, dict[str, str]] | None = None,  # stage -> key -> value text from the command line (`-p`)
 ) -> str:  # "" (the project's predictions.sqlite), a SQLite file, or a postgresql:// URL
     "The project's one prediction log: `[deploy] log` or `[monitor] log` may name it; when both do, they must agree."
     named = {}
@@ -397,11 +396,9 @@ class Project:
 
 
 def open_project(
-    settings: str
-    | Path = SETTINGS_FILE,  # the settings file (a relative one is searched from the working folder upward)
+    settings: str | Path = SETTINGS_FILE,  # the settings file (a relative one is searched for upward)
     log: str | None = None,  # a prediction log named on the command line (`--log`); None: the one the settings name
-    overrides: dict[str, dict[str, str]]
-    | None = None,  # stage -> key -> value overrides (`-p`), which take part in the log's rule
+    overrides: dict[str, dict[str, str]] | None = None,  # stage -> key -> value overrides (`-p`), in the log's rule
 ) -> Project:
     "Resolve a project from its settings file: a real path, its settings read and checked, its prediction log decided."
     parsed = load_settings(settings)
@@ -508,8 +505,7 @@ def stage_context(
     settings: str | Path,  # the settings file
     run_dir: str | Path,  # the run folder; empty for runs/dev, exploring on top of the latest run
     stage: str,  # this stage's name
-    log: str
-    | None = None,  # the log the runner resolved (the stage's `log` parameter); None: the one the settings name
+    log: str | None = None,  # the log the runner resolved (the stage's `log` parameter); None: the settings' one
 ) -> StageContext:
     "The run context of a stage notebook."
     parsed = load_settings(settings)

@@ -63,10 +63,7 @@ def refresh_seconds(
 
 
 def dashboard_project(
-    settings: str
-    | Path
-    | None = None,  # the settings file; None: the one `lifecycle dashboard` named ($LIFECYCLE_SETTINGS), else
-    # settings.ini found upward
+    settings: str | Path | None = None,  # the settings file; None: $LIFECYCLE_SETTINGS, else settings.ini found upward
 ) -> Project:  # the project, resolved once for the page
     "The project the dashboard shows."
     return open_project(page_settings(settings))
@@ -260,10 +257,7 @@ def render(
 def shadow_state(
     root: Path,  # the project folder
     url: str = "",  # the prediction log ([monitor] log): "" for the project's SQLite file, or a postgresql:// URL
-) -> (
-    dict | None
-):  # the version in shadow against the champion (`shadow_summary`'s row, `pairs` 0 before any); None when no version is
-    # in shadow
+) -> dict | None:  # the shadow version against the champion (`shadow_summary`'s row, `pairs` 0 before any); None: none
     "The shadow run under way, from the prediction log: agreement, score shift, accuracy once labels arrive."
     try:
         aliases = Registry(root).aliases()

@@ -85,8 +85,7 @@ def voila_command(
     port: int = 8866,  # the port
     preheat: bool = True,  # keep one kernel executed ahead of the next visitor
     python: str = sys.executable,  # the interpreter whose Voila runs
-    template: str
-    | None = TEMPLATE,  # the page template (`offline_template`'s folder must be on JUPYTER_PATH); None: Voila's own
+    template: str | None = TEMPLATE,  # the page template (its folder must be on JUPYTER_PATH); None: Voila's own
 ) -> list[str]:  # the command line (without a token: `voila_main` adds it from the environment)
     "Voila's command line for the dashboard."
     command = [

@@ -67,9 +67,7 @@ def smoke_test(
     expected: np.ndarray,  # the model's offline scores of the same records
     headers: dict | None = None,  # e.g. an Authorization header
     passes: int = 3,  # times the records are sent one by one; the latency figures are the fastest pass's
-) -> (
-    dict
-):  # records, identical, max_abs_diff, failed, p50/p99_ms (CPU), wall_p50/p99_ms, batch_rows_per_s, model_version
+) -> dict:  # records, identical, max_abs_diff, failed, p50/p99_ms (CPU), wall_p50/p99_ms, batch_rows_per_s, version
     """Score records over HTTP one by one (`passes` times) and in one batch; compare every answer with the offline
     scores.
 
@@ -410,13 +408,10 @@ def production_against_training(
     sources: np.ndarray,  # the production source of each row
     scores: np.ndarray,  # their scores
     threshold: float,  # the decision threshold
-    not_measured: dict[str, list[float]]
-    | None = None,  # per column, values that mean "not measured" (`[prepare] missing_values`)
+    not_measured: dict[str, list[float]] | None = None,  # per column, "not measured" values ([prepare] missing_values)
     sharp: float = 0.25,  # a missing share this far (absolute) above training's is a warning
     sharp_rate: float = 0.15,  # a share flagged this far (absolute) from training's is a warning
-) -> (
-    dict
-):  # `missing` (a row a feature: training and each source), `scores` (a row: training and each source), `warnings`
+) -> dict:  # `missing` (a row a feature: training, each source), `scores` (a row: training, each source), `warnings`
     "Compare production traffic with the training rows: missing share per feature, scores and decision rate, by source."
     not_measured = not_measured or {}
     names = list(dict.fromkeys(sources.tolist()))

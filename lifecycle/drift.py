@@ -322,9 +322,7 @@ def feature_drift(
     reference: dict,  # the model version's reference.json
     window: pd.DataFrame,  # the window's predictions, features as columns
     min_rows: int = 20,  # fewer rows than this: drift of the distribution is not judged
-) -> (
-    pd.DataFrame
-):  # one row a feature (columns FEATURE_DRIFT_COLUMNS); `drift` is distribution or missing share drifted
+) -> pd.DataFrame:  # a row a feature (columns FEATURE_DRIFT_COLUMNS); `drift` is distribution or missing share drifted
     "Drift of every feature of the reference in a window of predictions."
     reference_rows = int(reference.get("rows") or 0)
     rows = []
@@ -400,8 +398,7 @@ def prediction_drift(
     decisions: np.ndarray,  # the window's decisions, 0 or 1
     threshold: float,  # the model version's decision threshold
     min_rows: int = 20,  # fewer rows: not judged
-) -> dict:  # score drift (method, statistic, p_value, drifted, wasserstein, psi), positive_rate,
-    # reference_positive_rate, positive_rate_drifted, statement
+) -> dict:  # score drift (method, statistic, p_value, drifted, …), positive_rate, its reference and drift, statement
     "Drift of the score distribution and of the positive-decision rate."
     spec = reference.get("scores") or {}
     scores = np.asarray(scores, dtype=float)

@@ -171,13 +171,10 @@ def shadow_step(
 def retrain_project(
     settings_path: str | Path = "settings.ini",  # the project's settings file
     force: bool = False,  # retrain whatever the policy says
-    overrides: list[str]
-    | None = None,  # `stage.key=value` overrides: retrain.* for the policy, others for the challenger's run
+    overrides: list[str] | None = None,  # `stage.key=value`: retrain.* for the policy, others for the challenger's run
     now: datetime | None = None,  # the time (injected in tests; default now)
     quiet: bool = False,  # no progress lines on stderr
-) -> (
-    dict
-):  # status, headline, decision, rollback (the rules' verdict); when it retrained: data, challenger_run, summary
+) -> dict:  # status, headline, decision, rollback (the rules' verdict); if retrained: data, challenger_run, summary
     """Judge the last promotion's rollback rules; promote a version in shadow once it has run long enough; else run the
     retrain policy and, when it says so, train a challenger and judge it.
 

@@ -179,9 +179,7 @@ def group_metrics(
     threshold: float,  # the decision threshold
     groups: pd.Series | pd.DataFrame,  # the group of each row (several columns: their intersection)
     min_size: int = 20,  # groups smaller than this are too small to judge
-) -> list[
-    dict
-]:  # one row a group: size, positives, recall, false negative rate, false positive rate, precision, selection rate
+) -> list[dict]:  # a row a group: size, positives, recall, false negative/positive rates, precision, selection rate
     "Per-group metrics with Fairlearn."
     from fairlearn.metrics import (  # deferred: start-up time, only this path needs it
         MetricFrame,

@@ -51,9 +51,7 @@ def drift_strength(
 def drift_matrix(
     details: list[dict],  # `window_details`
     name=str,  # feature -> its name in words
-) -> tuple[
-    pd.DataFrame, pd.DataFrame
-]:  # (strength: features x windows, flagged: the same shape, True where drift was flagged)
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # (strength: features x windows; flagged: same shape, True where drifted)
     "Drift strength and flags of every feature in every window."
     strength, flagged = {}, {}
     for window in details:
@@ -140,9 +138,7 @@ def headline(
 def score_curves(
     reference: dict | None,  # the model version's reference.json
     scores: dict,  # a name -> the scores of a period (e.g. the latest window, the month so far)
-) -> (
-    dict
-):  # name -> (x, share of scores ≤ x); the reference first, as "reference (training)", when it has a score distribution
+) -> dict:  # name -> (x, share of scores ≤ x); first "reference (training)" when the reference has a distribution
     "The cumulative score distributions of the reference (from its stored quantiles) and of periods of production."
     levels, values, _ = quantile_points((reference or {}).get("scores") or {})
     curves = {"reference (training)": (np.asarray(values), np.asarray(levels))} if len(levels) else {}

@@ -508,8 +508,7 @@ def save_card(
     registry: Registry,  # the registry
     version: int,  # the version the card describes
     markdown: str,  # the card
-    images: dict[str, bytes]
-    | None = None,  # its figures: file name -> PNG bytes, written beside card.md and embedded in card.html
+    images: dict[str, bytes] | None = None,  # its figures: file name -> PNG bytes, beside card.md and in card.html
 ) -> str:  # the card as an HTML page
     """Write a version's model card as card.md (with its figures' PNG files) and card.html (figures embedded),
     atomically."""

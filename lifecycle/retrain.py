@@ -308,9 +308,7 @@ def as_source_rows(
 def champion_training_data(
     root: Path,  # the project folder
     meta: dict,  # the champion's metadata
-) -> (
-    dict
-):  # data_version, clean_version, sources, run_id, clean_rows (None when its clean.parquet is gone), recoverable
+) -> dict:  # data_version, clean_version, sources, run_id, clean_rows (None: clean.parquet is gone), recoverable
     "Where the champion's training rows are: the data version in its metadata and the run that prepared it."
     run_id = (meta.get("evaluation") or {}).get("run_id")
     clean = Path(root) / "runs" / str(run_id) / "prepare" / "clean.parquet" if run_id else None
@@ -374,9 +372,7 @@ def write_retraining_data(
     labeled: pd.DataFrame,  # the labeled production predictions
     now: datetime,  # the time of this retrain
     retrain_id: str,  # this retrain's id (its folder under retrain/)
-) -> (
-    dict
-):  # the manifest: folder, settings (the challenger's file), rows for training and held out, the champion's data
+) -> dict:  # the manifest: folder, settings (the challenger's file), rows for training and held out, champion's data
     "Write the production rows for training, the held-out rows, the challenger's settings and a manifest."
 
     root = settings.root

@@ -41,8 +41,7 @@ ROLLBACK_PREFIX = "Automatic rollback"  # how a rollback's event reason starts i
 
 
 def rollback_rules(
-    section: dict,  # the [retrain] settings (text from the file, or the stage's typed parameters); other keys are
-    # ignored
+    section: dict,  # the [retrain] settings (text from the file, or the stage's typed parameters); others ignored
 ) -> dict:  # metric, margin, min_labels, alpha, alerts (names, or ["critical"]), days, active
     "The rollback rules of `[retrain]`, checked."
     values = {**ROLLBACK_DEFAULTS, **{key: value for key, value in section.items() if key in ROLLBACK_DEFAULTS}}
@@ -97,8 +96,7 @@ def last_promotion(
 # %% ../nbs/25_rollback.ipynb #d33b831b
 def judge_rollback(
     rules: dict,  # `rollback_rules`
-    evidence: dict,  # champion, previous, labeled (labels behind the figures), figures {champion, previous} or None,
-    # test and p_value (or None), alerts [{name, severity, days_after}]
+    evidence: dict,  # champion, previous, labeled, figures {champion, previous}|None, test, p_value|None, alerts
 ) -> dict:  # rollback (bool), reasons, checked
     "Decide whether the new champion goes back to the version it replaced."
     reasons, checked = [], []
@@ -328,9 +326,7 @@ def check_rollback(
     now: datetime | None = None,  # the time (injected in tests; default now)
     log=None,  # an open prediction log (default: the project's, opened and closed here)
     post=None,  # how the alert is posted (injected in tests; default `post_webhook`)
-) -> (
-    dict
-):  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, when rolled back)
+) -> dict:  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, if rolled back)
     "Evaluate the rollback rules for the current champion and roll it back when one holds."
     root = project.root
     rules = rules if rules is not None else rollback_rules(project.section("retrain"))
@@ -376,9 +372,7 @@ def monitor_and_roll_back(
     log=None,  # an open prediction log (default: the project's, opened and closed by each step)
     post=None,  # how alerts are posted (injected in tests; default `post_webhook`)
     **monitoring,  # the rest of `monitor_project`'s arguments (settings, engine, scheduler, serving_url)
-) -> (
-    dict
-):  # `monitor_project`'s summary, with rollback (the rules' verdict; None when no rule is set or nothing is logged yet)
+) -> dict:  # `monitor_project`'s summary, with rollback (the rules' verdict; None: no rule set or nothing logged yet)
     "Monitor the project, then judge the last promotion by the rollback rules."
     summary = monitor_project(project, now=now, log=log, post=post, **monitoring)
     summary["rollback"] = None

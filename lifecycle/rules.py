@@ -310,9 +310,7 @@ def _check_texts(rule: Rule, series: pd.Series, counts: dict) -> tuple[np.ndarra
 def check_column(
     rule: Rule,  # the column's rule
     series: pd.Series,  # its values
-) -> tuple[
-    np.ndarray, np.ndarray, dict
-]:  # (cleaned values, NaN when missing; problem code per row; counts of what changed)
+) -> tuple[np.ndarray, np.ndarray, dict]:  # (cleaned values, NaN when missing; problem code per row; counts of changes)
     "Check and clean a whole column: `Rule.check_value` on every value, vectorized."
     counts = {"recoded": 0, "made_missing": 0, "human_numbers": 0}
     if rule.kind == "keep":

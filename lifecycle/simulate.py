@@ -480,12 +480,10 @@ def simulate_project(
     inject: str = "",  # "bad-model": promote a deliberately worse model on inject_day
     inject_day: int | None = None,  # the day of the injection (default: the middle of the simulation)
     label_delay: float | None = None,  # days until a diagnosis comes back (default: [deploy] label_delay_days)
-    label_share: float
-    | None = None,  # the share of patients whose diagnosis comes back (default: [deploy] label_share)
+    label_share: float | None = None,  # share of patients whose diagnosis comes back (default: [deploy] label_share)
     shadow_days: int = 2,  # days a challenger scores in shadow before its promotion is decided
     cooldown_days: int = 7,  # fewest days between two retrains
-    overrides: list[str]
-    | None = None,  # `stage.key=value`: written into the sandbox's settings (so every run there has them)
+    overrides: list[str] | None = None,  # `stage.key=value`: written into the sandbox's settings (every run has them)
     seed: int = 0,  # random seed of the traffic
     quiet: bool = False,  # no progress lines on stderr
 ) -> dict:  # sandbox, report, run_id, days (one dict a day), changes, headline, seconds

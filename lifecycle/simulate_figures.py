@@ -77,9 +77,7 @@ def day_figures(
     start: datetime,  # the first simulated day's start
     days: int,  # simulated days
     calibration_of,  # model version -> its reference's calibration map (or None)
-) -> (
-    pd.DataFrame
-):  # one row a day: patients, labeled, roc_auc, recall, estimated_roc_auc, shadow, shadow_agreement, versions
+) -> pd.DataFrame:  # a row a day: patients, labeled, roc_auc, recall, estimated_roc_auc, shadow, agreement, versions
     "Each simulated day's accuracy, realized and estimated, and the shadow's agreement."
     own = predictions[predictions["channel"] != "shadow"] if len(predictions) else predictions
     shadows = predictions[predictions["channel"] == "shadow"] if len(predictions) else predictions

@@ -228,9 +228,7 @@ def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
 def sql_calls(
     sql: str,  # SQL text: a query, or an expression from a plan
     backslash_escapes: bool = False,  # True when '…' strings take backslash escapes (standard_conforming_strings off)
-) -> tuple[
-    set[str], set[str], bool
-]:  # (names written as calls, operators, True when a name is written with Unicode escapes)
+) -> tuple[set[str], set[str], bool]:  # (names written as calls, operators, True when a name uses Unicode escapes)
     """What SQL text calls, read as PostgreSQL's lexer reads it: the functions (unquoted names lower-cased), the
     operators."""
     tokens = _sql_tokens(sql, backslash_escapes)

@@ -78,9 +78,7 @@ def realized_metrics(
     decisions: np.ndarray,  # the decisions made, 0 or 1
     n_boot: int = 200,  # bootstrap replicates (0: no intervals)
     seed: int = 0,  # bootstrap seed
-) -> (
-    dict
-):  # labels, tp/fp/fn/tn, each figure with `_low`/`_high`, and `statements` for the figures that cannot be computed
+) -> dict:  # labels, tp/fp/fn/tn, each figure with `_low`/`_high`, `statements` for figures that cannot be computed
     """Accuracy where labels arrived, with 95% bootstrap intervals; a figure that cannot be computed is None, with a
     sentence."""
     labels = np.asarray(labels, dtype=float)
@@ -269,9 +267,7 @@ def fairness(
 def rejection_figures(
     refused: list[dict] | None,  # the window's refused records as the log counted them: {channel, reason, field, count}
     predictions: int,  # the window's predictions (records scored)
-) -> tuple[
-    dict, list[dict]
-]:  # (values: rejected, rejected_share, each by reason and channel; rows: reason, field, count, share)
+) -> tuple[dict, list[dict]]:  # (values: rejected, rejected_share, by reason, channel; rows: reason, field, count, %)
     "How many records a window refused, and what share of those it received, by reason and field."
     refused = [row for row in refused or [] if int(row["count"]) > 0]
     total = sum(int(row["count"]) for row in refused)

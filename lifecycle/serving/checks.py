@@ -58,9 +58,7 @@ def record_event_times(
     records: list,  # one request's decoded records
     field: str,  # the project's `[data] timestamp` field ("" when it has none)
     features: list[str],  # the model's features (a timestamp that is a feature stays in the record)
-) -> tuple[
-    list, list, list[dict]
-]:  # (records without the field, each one's event time or None, errors naming record and field)
+) -> tuple[list, list, list[dict]]:  # (records without the field, event times or None, errors naming record, field)
     "Each record's own event time, taken out of the record."
     if not field:
         return records, [None] * len(records), []

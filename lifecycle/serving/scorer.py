@@ -76,9 +76,7 @@ class ServingSpec:
 def check_records(
     records: list,  # decoded JSON: a list of objects
     spec: ServingSpec,  # what the model expects
-) -> tuple[
-    list[list], list[dict]
-]:  # (one row of values per record, None for a refused one; errors naming record and field)
+) -> tuple[list[list], list[dict]]:  # (a row of values per record, None if refused; errors naming record and field)
     "Check records against the model's contract, applying the project's cleaning rules."
     return contract_check_records(spec.contract, records)
 
@@ -86,9 +84,7 @@ def check_records(
 def check_frame(
     frame: pd.DataFrame,  # rows with (at least) the model's feature columns; other columns are ignored
     spec: ServingSpec,  # what the model expects
-) -> tuple[
-    pd.DataFrame, pd.Series
-]:  # (the good rows' cleaned features, in the model's order; a reason per row, "" when good)
+) -> tuple[pd.DataFrame, pd.Series]:  # (good rows' cleaned features in the model's order; a reason per row, "" if good)
     "Check rows against the model's contract a column at a time, with the rules of `check_records`."
     cleaned, reasons, _ = contract_check_frame(spec.contract, frame)
     good = (reasons == "").to_numpy()
@@ -288,9 +284,7 @@ def probe_rows(
     spec: ServingSpec,  # what the model expects
     rows: int = 300,  # how many
     seed: int = 0,  # random seed
-) -> (
-    pd.DataFrame
-):  # checked rows as `check_frame` gives them: every feature, missing values and unseen categories among them
+) -> pd.DataFrame:  # checked rows as `check_frame` gives them: every feature, missing values and unseen categories
     "Rows across each feature's range, to hold the fast path against the pipeline."
     rng = np.random.default_rng(seed)
     columns = {}
@@ -343,13 +337,10 @@ CALIBRATION_METHODS = ("isotonic", "platt")
 
 def calibrate_scores(
     scores,  # a model's own scores (probabilities of the positive class)
-    calibration: dict
-    | list
-    # a version's `calibration`: isotonic (`scores`, `probabilities`: the fitted steps), platt (`slope`, `intercept` on
-    # the logit), or a list of them applied in turn; None: none
-    | None,
+    calibration: dict | list | None,  # a version's `calibration` (isotonic, platt, or a list applied in turn) or None
 ) -> np.ndarray:  # the calibrated scores (the same scores when there is no calibration)
-    "A model's scores through the recalibration stored with its version."
+    """A model's scores through the recalibration stored with its version: isotonic (`scores`, `probabilities`: the
+    fitted steps), platt (`slope`, `intercept` on the logit), or a list of them applied in turn."""
     scores = np.asarray(scores, dtype=float)
     if not calibration:
         return scores

@@ -194,11 +194,8 @@ class Shadow:
         features: pd.DataFrame | None = None,  # … or its checked features, one row a record (batch)
         event_times: list | None = None,  # each record's event time (None: `when`)
         when: str | None = None,  # when the champion logged them
-        rows: list
-        # with `records`: their cleaned values as the champion's contract made them (`Prediction.features`)
-        | None = None,
-        contract: Contract
-        | None = None,  # the champion's contract that made `rows`; a shadow with the same contract reuses them
+        rows: list | None = None,  # with `records`: their values as the champion's contract cleaned them
+        contract: Contract | None = None,  # the champion's contract that made `rows` (a shadow with it reuses them)
     ) -> bool:  # False when there is no shadow (nothing queued)
         "Hand what the champion scored to the shadow; returns at once, never raises."
         if self.scorer is None or self._stopping or not len(request_ids):
@@ -429,9 +426,7 @@ def _utc_now() -> str:
 
 
 def _merged(
-    # submitted pieces, oldest first: (champion version, request ids, records, features, event times, when, rows,
-    # contract)
-    items: list,
+    items: list,  # pieces submitted, oldest first: (version, ids, records, features, times, when, rows, contract)
     most: int = 2048,  # records one merged piece holds at most (the shadow rests after each piece)
 ) -> list:  # the pieces to score, in order
     """Consecutive record pieces of one champion version (and the same cleaned-rows contract) merged into one model

@@ -196,11 +196,7 @@ class RejectionTally:
 
 
 def journal_rejections(
-    entries: list[
-        dict
-        # journal lines of refused records: {"source": …, "rejections":
-        # [[logged_hour, event_hour, channel, version, reason, field, count], …]}
-    ],
+    entries: list[dict],  # journal lines of refused records: {"source": …, "rejections": [[logged_hour, …, count], …]}
 ) -> list[tuple]:  # rejection rows without `logged`: each key's total over the entries
     "The totals a journal's increments add up to, as the process that wrote them held them."
     totals = {}

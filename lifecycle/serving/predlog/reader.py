@@ -130,8 +130,7 @@ def _block_frame(when, model_version: int, channel: str, data: bytes, features: 
 # %% ../../../nbs/33_predlog_reader.ipynb #e2406e53
 def commit_range(
     mark: str,  # the store's parameter mark
-    after: int
-    | None,  # the last commit number already read; None: from the start (rows older than the sequence included)
+    after: int | None,  # the last commit number already read; None: from the start (rows older than the sequence too)
     upto: int | None,  # the last commit number to read (the store's `settled_commit`); None: no bound
 ) -> tuple[str, tuple]:  # (a WHERE condition on `seq`, its parameters)
     "The rows of the commits after `after` up to `upto`: what a reader with a cursor on the commit sequence reads next."
@@ -228,11 +227,8 @@ def readable_rows(
     rows: list[tuple],  # rows as read from the store
     build,  # rows -> frame; raises on a row it cannot read
     problem,  # row -> (reason, field)
-    # the rows were read with surrogates for text that is not UTF-8: check each row's text first
-    undecodable: bool = False,
-) -> tuple[
-    list[pd.DataFrame], list[tuple[str, str]]
-]:  # (frames of the readable rows, the (reason, field) of each refused one)
+    undecodable: bool = False,  # rows read with surrogates for text that is not UTF-8: check each row's text first
+) -> tuple[list[pd.DataFrame], list[tuple[str, str]]]:  # (frames of readable rows, (reason, field) of each refused)
     """Frames of the rows `build` can read and the reasons of those it cannot. One read of all rows is the usual case;
     when it fails, halves are tried until each bad row stands alone: a few bad rows cost a few reads, not one a row."""
     refused = []
@@ -342,9 +338,7 @@ def shadow_pairs(
 # %% ../../../nbs/33_predlog_reader.ipynb #7c89298f
 def shadow_summary(
     pairs: pd.DataFrame,  # what `shadow_pairs` returns
-) -> (
-    pd.DataFrame
-):  # one row a (champion, shadow) pair of versions: pairs, agreement, score shift, and accuracy where labeled
+) -> pd.DataFrame:  # a row a (champion, shadow) pair: pairs, agreement, score shift, and accuracy where labeled
     "Shadow against champion on the same records: agreement, score shift, and accuracy and recall once labels arrive."
     rows = []
     for (champion, shadow), group in pairs.groupby(["champion_version", "shadow_version"], sort=True):
@@ -513,9 +507,7 @@ class PredictionReader:
         self,
         after: int | None = None,  # the last commit number already read (None: from the start)
         upto: int | None = None,  # the last commit number to read (`settled_commit`); None: every
-    ) -> tuple[
-        pd.DataFrame, list[tuple[str, str]]
-    ]:  # (predictions as `predictions` gives them, oldest first; (reason, field) of each row left out)
+    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:  # (predictions, oldest first; (reason, field) of each left out)
         """The predictions of the commits after `after` up to `upto`, whatever times they carry. A row that cannot be
         read (written by another tool) is left out and its reason returned, never its value; so is a block that
         cannot."""
@@ -538,9 +530,7 @@ class PredictionReader:
         self,
         after: int | None = None,  # the last commit number already read (None: from the start)
         upto: int | None = None,  # the last commit number to read
-    ) -> tuple[
-        pd.DataFrame, list[tuple[str, str]]
-    ]:  # (request_id, label, time in commit order; (reason, field) of each row left out)
+    ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:  # (request_id, label, time by commit; (reason, field) per row out)
         """The labels of the commits after `after` up to `upto`, in commit order (a correction comes after what it
         corrects)."""
         where, parameters = commit_range(self.store.mark, after, upto)

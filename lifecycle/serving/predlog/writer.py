@@ -105,11 +105,9 @@ class PredictionLog(PredictionReader):
         batch_size: int = 1000,  # most rows one transaction writes
         interval: float = 0.05,  # seconds the writer waits for a fuller batch
         max_backoff: float = 1.0,  # longest pause between retries of a failed batch
-        journal: Path
-        | None = None,  # a journal folder: `record` appends its rows there first (a server); None: no journal
+        journal: Path | None = None,  # a journal folder: `record` appends its rows there first (a server); None: none
         journal_bytes: int = 16 << 20,  # a journal file this large is replaced by a new one
-        run: str
-        | None = None,  # a `PendingRun`'s id: predictions wait in its pending tables, invisible, until it publishes
+        run: str | None = None,  # a `PendingRun`'s id: predictions wait, invisible, in its pending tables
     ):
         self.store = store
         self.batch_size = batch_size
@@ -174,8 +172,7 @@ class PredictionLog(PredictionReader):
     def record(
         self,
         predictions: list[dict],  # each: request_id, time, model_version, channel, score, decision, features, id
-        # False: queued without the journal, even when the log has one (rows no client was answered with: a shadow's)
-        journal: bool = True,
+        journal: bool = True,  # False: queued without the journal (rows no client was answered with: a shadow's)
     ) -> int:  # a ticket: `when_committed(ticket)` tells when these rows are in the database
         "Queue predictions for the writer; returns at once (no disk, no network on this thread)."
         items = [
@@ -211,14 +208,12 @@ class PredictionLog(PredictionReader):
         request_ids: list[str],  # one unique id a prediction
         scores,  # the scores (a sequence of numbers)
         decisions,  # the decisions, 0 or 1
-        features: pd.DataFrame
-        | None,  # the features, one row a prediction (missing values as NaN or None); None: none logged
+        features: pd.DataFrame | None,  # the features, one row a prediction (missing: NaN or None); None: none logged
         model_version: int,  # the model version that scored them all
         channel: str = "batch",  # online, batch or stream
         time=None,  # when they were scored (one time for all; default now)
         ids=None,  # the raw identifiers, or None: pseudonymized here, never queued
-        # each prediction's event time (ISO-8601 text or datetimes), or None: the time they were logged
-        event_times=None,
+        event_times=None,  # each prediction's event time (ISO-8601 text or datetimes), or None: when logged
     ) -> None:
         """Queue many predictions of one model at once, as one block: the bulk path of batch scoring.
 
@@ -315,15 +310,10 @@ class PredictionLog(PredictionReader):
 
     def record_rejections(
         self,
-        rejected: list[
-            tuple
-        ],  # (reason code, field or "", records, event time or None for now): see `contract.rejection_reasons`
+        rejected: list[tuple],  # (reason code, field or "", records, event time or None: now): `rejection_reasons`
         channel: str,  # online, batch or stream
         model_version: int,  # the version whose contract refused them
-        source: str
-        # whose running totals: None for this log's; a batch run names its file, so scoring it again counts nothing
-        # twice
-        | None = None,
+        source: str | None = None,  # whose totals: None: this log's; a batch run's file (rescored: none counted twice)
     ) -> int | None:  # a ticket (`when_committed`); None when nothing was refused
         """Count refused records by hour, reason and field, never their values or identifiers; returns at once.
 
@@ -588,8 +578,7 @@ def open_log(
     url: str,  # "" or "sqlite": predictions.sqlite in the project; a file path or sqlite:///path; or postgresql://…
     root: Path,  # the project folder: relative paths start there, and the id key lives there
     batch_size: int = 1000,  # most rows one transaction writes
-    # journal every recorded row before it is queued (the server: answered means logged, even after kill -9)
-    journal: bool = False,
+    journal: bool = False,  # journal each row before it is queued (a server: answered means logged, even after kill -9)
     run: str | None = None,  # a `PendingRun`'s id: this log's predictions stay invisible until that run publishes them
 ) -> PredictionLog:
     """Open the project's prediction log, creating its tables when needed, replaying the journals a crashed process left
