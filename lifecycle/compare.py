@@ -278,15 +278,9 @@ def compare_models(
         alpha,
     )
     gains, losses = _figure_verdicts(auc, decisions, brier, cost, alpha)
+    judging = (min_group, min_positives, min_negatives)
     fairness, unfair = fairness_comparison(
-        labels,
-        champion_decisions,
-        challenger_decisions,
-        groups,
-        max_fairness_gap,
-        min_group,
-        min_positives,
-        min_negatives,
+        labels, champion_decisions, challenger_decisions, groups, max_fairness_gap, *judging
     )
     losses += unfair
     verdict, promote, headline = comparison_verdict(len(labels), gains, losses, parity_reason)

@@ -527,20 +527,18 @@ def prepare(
     target = clean_text(snapshot[settings.target], settings.na_values, {})
     labels, target_reasons = label_target(target, settings.positive, settings.negative)
     if schema is None or accept_schema:
-        reason = schema_reason or ("first data version" if schema is None else "accepted by the user")
-        usable_target = (target_reasons == "").to_numpy()
         schema = new_schema(
             snapshot,
             settings,
             features,
             contract,
-            usable_target,
+            (target_reasons == "").to_numpy(),
             recode_maps,
             declared,
             max_category_levels,
             range_margin,
             data_version,
-            reason,
+            schema_reason or ("first data version" if schema is None else "accepted by the user"),
         )
     elif declared:
         for column, (low, high) in declared.items():  # declared ranges in settings always win

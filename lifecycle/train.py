@@ -134,7 +134,7 @@ def reference_statistics(
         counts, _ = np.histogram(values, bins=edges)
         grid = (
             np.quantile(values, QUANTILE_GRID).tolist() if len(values) else []
-        )  # monitoring's Wasserstein and KS read these
+        )  # monitoring's Wasserstein, KS read it
         features[column] = {
             "kind": "numeric",
             "quantile_grid": grid,
@@ -152,9 +152,7 @@ def reference_statistics(
             shares[label] = shares.get(label, 0.0) + float(share)
         features[column] = {"kind": "category", "frequencies": shares}
     score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
-    from sklearn.isotonic import (
-        IsotonicRegression,
-    )  # score -> probability, for monitoring's estimates before labels arrive
+    from sklearn.isotonic import IsotonicRegression  # score -> probability, for monitoring's estimates before labels
 
     calibration = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
     return {
