@@ -109,9 +109,8 @@ SEARCH_GRIDS = {
 }
 
 # %% ../nbs/03_train.ipynb #00ccb101
-QUANTILE_GRID = np.linspace(
-    0, 1, 1001
-)  # 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+# 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+QUANTILE_GRID = np.linspace(0, 1, 1001)
 
 
 def reference_statistics(
@@ -264,7 +263,8 @@ def row_weights(
             value = float("nan")
         if not name.strip() or not (0 < value < 1e6):
             raise LifecycleError(
-                "[train] source_weights: each item must be `source: weight` with a weight above 0 (e.g. production_*: 2)"
+                "[train] source_weights: each item must be `source: weight` with a weight above 0 "
+                "(e.g. production_*: 2)"
             )
         rules.append((name.strip(), value))
     if not rules:
