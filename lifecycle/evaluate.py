@@ -15,17 +15,17 @@ from sklearn.metrics import roc_auc_score
 
 from .core import read_json
 from .fairness import bootstrap, fairness_across_seeds, fairness_audit, sensitive_groups
+from .gate import checklist, gate
 from .metrics import classification_metrics, model_card, read_row_hashes, row_hashes, threshold_for_recall
 from .promotion import move_alias
 from .registry import Registry, load_model, markdown_table, save_card, update_meta
 
 # %% auto #0
-__all__ = ['unseen_rows', 'compare_with_champion', 'measure_speed', 'gate_check', 'undecided_check', 'auc_check',
-           'fairness_check', 'latency_check', 'champion_check', 'gate', 'near_miss', 'checklist', 'EvaluateOptions',
-           'model_features', 'split_rows', 'fairness_evidence', 'score_intervals', 'champion_evidence',
-           'metrics_by_source', 'evaluate_model', 'load_version', 'load_champion', 'evaluation_record',
-           'record_evaluation', 'decision_head', 'recall_row', 'checklist_markdown', 'accuracy_paragraph',
-           'fairness_paragraph', 'champion_paragraph', 'decision_markdown', 'stage_summary', 'evaluate_headline']
+__all__ = ['unseen_rows', 'compare_with_champion', 'measure_speed', 'EvaluateOptions', 'model_features', 'split_rows',
+           'fairness_evidence', 'score_intervals', 'champion_evidence', 'metrics_by_source', 'evaluate_model',
+           'load_version', 'load_champion', 'evaluation_record', 'record_evaluation', 'decision_head', 'recall_row',
+           'checklist_markdown', 'accuracy_paragraph', 'fairness_paragraph', 'champion_paragraph', 'decision_markdown',
+           'stage_summary', 'evaluate_headline']
 
 # %% ../nbs/04_evaluate.ipynb #45da6374
 def unseen_rows(
@@ -102,181 +102,6 @@ def measure_speed(
         "wall_latency_ms_median": float(np.median(wall)),
         "batch_rows_per_second": float(batch_rows / seconds),
     }
-
-# %% ../nbs/04_evaluate.ipynb #8578b670
-def gate_check(
-    name: str,  # the criterion
-    figure: str,  # the figure, in words
-    threshold: str,  # the threshold, in words
-    passed: bool,  # whether it passed
-    value: float | None = None,  # the figure as a number, for near misses
-    limit: float | None = None,  # the threshold as a number
-    interval: dict | None = None,  # the figure's interval: `low`, `high`
-    at_most: bool = False,  # True when the figure must stay at most the limit
-) -> dict:  # one of the gate's `checks`
-    "One row of the gate's checks: a deciding figure beside its threshold."
-    return {
-        "check": name,
-        "figure": figure,
-        "threshold": threshold,
-        "passed": bool(passed),
-        "value": value,
-        "limit": limit,
-        "low": (interval or {}).get("low"),
-        "high": (interval or {}).get("high"),
-        "at_most": at_most,
-    }
-
-
-def undecided_check(
-    name: str,  # the criterion
-    figure: str,  # why it could not be judged
-) -> dict:  # a passed check with no figure to judge
-    "A criterion the gate could not judge: it passes, with no value or threshold."
-    return {"check": name, "figure": figure, "threshold": "", "passed": True, "value": None, "limit": None}
-
-
-def auc_check(
-    auc: float,  # the test ROC AUC
-    min_auc: float,  # the lowest ROC AUC allowed
-) -> tuple[dict, str]:  # the check, and the reason when it refused (else "")
-    "The gate's accuracy criterion: the test ROC AUC at least the minimum."
-    passed = auc >= min_auc
-    check = gate_check("ROC AUC, test split", f"{auc:.3f}", f"at least {min_auc:.3f}", passed, auc, min_auc)
-    return check, "" if passed else f"ROC AUC {auc:.3f} is below the minimum {min_auc:.3f}"
-
-
-def fairness_check(
-    column: str,  # a sensitive column
-    gaps: dict,  # its `equalized_odds_difference` and bootstrap `interval` (None: no interval)
-    max_fairness_gap: float,  # the largest equalized odds difference allowed
-) -> tuple[dict, str]:  # the check, and the reason when it refused (else "")
-    """The gate's fairness criterion for one column: refused when the gap is above the maximum beyond doubt (the lower
-    end of its interval above it); without an interval the gap itself is compared."""
-    gap, interval = gaps.get("equalized_odds_difference"), gaps.get("interval")
-    name = f"equalized odds difference by {column}"
-    if gap is None:
-        return undecided_check(name, "fewer than two groups to judge"), ""
-    limit = f"the maximum {max_fairness_gap:.3f}"
-    if interval is not None:
-        spread = f"{gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f})"
-        passed = interval["low"] <= max_fairness_gap
-        threshold = f"lower end at most {max_fairness_gap:.3f}"
-    else:
-        spread, passed, threshold = f"{gap:.3f}", gap <= max_fairness_gap, f"at most {max_fairness_gap:.3f}"
-    check = gate_check(name, spread, threshold, passed, gap, max_fairness_gap, interval, True)
-    return check, "" if passed else f"{name} is {spread}, above {limit}"
-
-
-def latency_check(
-    latency: float,  # CPU milliseconds a single record costs, from `measure_speed`
-    max_latency_ms: float,  # the largest allowed
-) -> tuple[dict, str]:  # the check, and the reason when it refused (else "")
-    "The gate's speed criterion: a single record's CPU cost at most the maximum."
-    passed = latency <= max_latency_ms
-    check = gate_check(
-        "single-record latency (CPU ms a record, median of rounds)",
-        f"{latency:.2f} ms",
-        f"at most {max_latency_ms:.1f} ms",
-        passed,
-        latency,
-        max_latency_ms,
-        None,
-        True,
-    )
-    reason = f"single-record latency {latency:.1f} ms (CPU) is above the maximum {max_latency_ms:.1f} ms"
-    return check, "" if passed else reason
-
-
-def champion_check(
-    versus: dict,  # from `compare_with_champion`
-) -> tuple[dict, str]:  # the check, and the reason when it refused (else "")
-    """The gate's comparison with the champion: refused only when the interval of the ROC AUC difference, on rows
-    neither model was trained on, is entirely below zero (an interval around 0 is no near miss: no difference)."""
-    rows = versus["rows"]
-    if versus["low"] is None:
-        return undecided_check("versus the champion", f"not compared: {rows} rows neither model was trained on"), ""
-    low, high = versus["low"], versus["high"]
-    interval, basis = f"[{low:+.3f}, {high:+.3f}]", f"on {rows} rows neither was trained on"
-    check = gate_check(
-        "versus the champion (ROC AUC difference)",
-        f"{versus['roc_auc_difference']:+.3f} (95% interval {interval}) {basis}",
-        "interval not entirely below 0",
-        high >= 0,
-        versus["roc_auc_difference"],
-        0.0,
-    )
-    return (
-        check,
-        ""
-        if high >= 0
-        else f"significantly worse than the champion: ROC AUC difference 95% interval {interval} {basis}",
-    )
-
-# %% ../nbs/04_evaluate.ipynb #8e455601
-def gate(
-    metrics: dict,  # test metrics of the new model
-    fairness: dict,  # per sensitive column: `equalized_odds_difference` and its bootstrap `interval`
-    speed: dict,  # from `measure_speed`
-    versus_champion: dict | None,  # from `compare_with_champion`, or None without a champion
-    min_auc: float,  # the lowest ROC AUC allowed
-    max_fairness_gap: float,  # the largest equalized odds difference allowed
-    max_latency_ms: float,  # the largest CPU milliseconds a single record may cost
-) -> dict:  # passed, the reason for each refusal, and `checks`: every deciding figure beside its threshold
-    """Decide whether a model may serve: not worse, not unfair, not slow.
-
-    A fairness gap refuses the model when it is above the maximum beyond doubt: when the lower end of
-    its bootstrap interval is above it. Without an interval the gap itself is compared. The champion
-    wins only when the interval of the AUC difference, on rows neither model was trained on, is
-    entirely below zero."""
-    judged = [auc_check(metrics["roc_auc"], min_auc)]
-    judged += [fairness_check(column, gaps, max_fairness_gap) for column, gaps in fairness.items()]
-    judged.append(latency_check(speed["latency_ms"], max_latency_ms))
-    if versus_champion is not None:
-        judged.append(champion_check(versus_champion))
-    reasons = [reason for _, reason in judged if reason]
-    return {"passed": not reasons, "reasons": reasons, "checks": [check for check, _ in judged]}
-
-# %% ../nbs/04_evaluate.ipynb #1a277688
-def near_miss(
-    check: dict,  # one of the gate's `checks`, with `value`, `limit`, `low`, `high`, `at_most`
-    near: float = 0.1,  # a figure within this share of its threshold is a near miss
-) -> str:  # why the check was close, in words; empty when it was not
-    "Why a check that passed was a near miss: its figure beyond or close to the threshold, or its interval crossing it."
-    value, limit = check.get("value"), check.get("limit")
-    if not check["passed"] or value is None or limit is None:
-        return ""
-    low, high, at_most = check.get("low"), check.get("high"), check.get("at_most", False)
-    if at_most:
-        if value > limit:
-            return (
-                f"the figure {value:.3f} is above the maximum {limit:.3f}; "
-                "it passes only because its interval reaches below it"
-            )
-        if high is not None and high > limit:
-            return f"its interval reaches above the maximum {limit:.3f}"
-        return f"within {near:.0%} of the maximum" if value >= limit * (1 - near) else ""
-    if value < limit:
-        return f"the figure {value:+.3f} is below {limit:g}, not significantly"
-    if low is not None and low < limit:
-        return f"its interval reaches below {limit:g}"
-    return f"within {near:.0%} of the minimum" if limit and value <= limit * (1 + near) else ""
-
-
-def checklist(
-    checks: list[dict],  # the gate's `checks`
-    near: float = 0.1,  # a figure within this share of its threshold is a near miss
-) -> list[dict]:  # one row a criterion: criterion, threshold, value (with its interval), verdict
-    """The gate's checklist for the report: each criterion, its threshold, the value, and the verdict with near misses
-    flagged."""
-    rows = []
-    for check in checks:
-        note = near_miss(check, near)
-        verdict = ("passed" if check["passed"] else "REFUSED") + (f" (near miss: {note})" if note else "")
-        rows.append(
-            {"criterion": check["check"], "threshold": check["threshold"], "value": check["figure"], "verdict": verdict}
-        )
-    return rows
 
 # %% ../nbs/04_evaluate.ipynb #d40e3b83
 @dataclass
