@@ -1,5 +1,6 @@
-"""Refresh the README's pictures from the latest run's report, the live dashboard, the doctor's page and the latest simulation's
-timeline: `make screenshots` (after `make run`; it runs the README's `lifecycle simulate` when no simulation was made yet).
+"""Refresh the README's pictures from the latest run's report, the live dashboard, the doctor's page and the latest
+simulation's timeline: `make screenshots` (after `make run`; it runs the README's `lifecycle simulate` when no
+simulation was made yet).
 
 Drives Debian's chromium with playwright (never `playwright install`, which downloads a browser)."""
 
@@ -102,7 +103,8 @@ def simulation(page) -> None:
 
 
 def clinic(browser, settings: Path = ROOT / "settings.ini") -> None:
-    "docs/clinic.png: `lifecycle clinic` on the project, one patient of VA Long Beach (production traffic) scored and explained."
+    """docs/clinic.png: `lifecycle clinic` on the project, one patient of VA Long Beach (production traffic) scored and
+    explained."""
     import pandas as pd
 
     from lifecycle.bench.clinic import fill_clinic_form

@@ -52,7 +52,7 @@ def fit_recalibration(
     scores,  # the model's scores on recent labeled rows
     labels,  # their labels
     method: str = "auto",  # isotonic, platt, or auto (isotonic from 200 rows, else Platt)
-) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`lifecycle.serving.scoring.calibrate_scores` applies it)
+) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`calibrate_scores` of serving applies it)
     "Fit a recalibration of scores on recent labeled rows."
     from sklearn.isotonic import IsotonicRegression  # deferred: start-up time, only this path needs it
     from sklearn.linear_model import LogisticRegression  # deferred: start-up time, only this path needs it
@@ -75,6 +75,62 @@ def fit_recalibration(
         "intercept": float(fitted.intercept_[0]),
         "rows": len(scores),
     }
+
+# %% ../nbs/28_challenger.ipynb #572c44c4
+def _compare_options(
+    policy: dict,  # the [retrain] settings
+    evaluate: dict,  # the [evaluate] settings
+    groups: dict,  # sensitive column -> each compared row's group
+) -> dict:  # the keyword arguments every `compare_models` call of a judgement shares
+    "The settings every comparison of one judgement shares."
+    return dict(
+        groups=groups,
+        miss_cost=float(policy.get("miss_cost", 5.0)),
+        false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
+        alpha=float(policy.get("alpha", 0.05)),
+        rounds=int(policy.get("bootstrap", 1000)),
+        parity_reason=str(policy.get("parity_reason", "")),
+        max_fairness_gap=float(evaluate.get("max_fairness_gap", 0.3)),
+        min_group=int(evaluate.get("min_group_size", 20)),
+    )
+
+
+def _cheaper_changes(
+    labels,  # the compared held-out rows' labels
+    champion_scores,  # the champion's scores on them
+    champion_threshold: float,  # the champion's threshold
+    recent_labels,  # labels of the recent rows used for training, that the champion could score
+    recent_scores,  # the champion's scores on those recent rows
+    target_recall: float,  # the recall a new threshold aims at
+    options: dict,  # the shared `compare_models` settings (`_compare_options`)
+) -> tuple:  # (candidates: threshold and recalibration, the recalibrated held-out scores), or ({}, None): too few
+    "A new threshold and a recalibration fitted on the recent rows, each compared with the champion."
+    if len(recent_scores) < 20 or len(set(recent_labels)) != 2:
+        return {}, None
+    threshold = threshold_for_recall(recent_labels, recent_scores, target_recall)
+    candidates = {
+        "threshold": {
+            "threshold": threshold,
+            "calibration": None,
+            "comparison": compare_models(
+                labels, champion_scores, champion_scores, champion_threshold, threshold, **{**options, "seed": 1}
+            ),
+        }
+    }
+    calibration = fit_recalibration(recent_scores, recent_labels)
+    calibrated_threshold = threshold_for_recall(
+        recent_labels, calibrate_scores(recent_scores, calibration), target_recall
+    )
+    # the scores a version holding this map serves: `Scorer` applies the same function
+    calibrated = calibrate_scores(champion_scores, calibration)
+    candidates["recalibration"] = {
+        "threshold": calibrated_threshold,
+        "calibration": calibration,
+        "comparison": compare_models(
+            labels, champion_scores, calibrated, champion_threshold, calibrated_threshold, **{**options, "seed": 2}
+        ),
+    }
+    return candidates, calibrated
 
 # %% ../nbs/28_challenger.ipynb #7273a493
 def _groups(settings: Settings, rows: pd.DataFrame, reference: dict | None) -> dict:
@@ -116,23 +172,14 @@ def judge(
     }
     if both.sum() < int(policy.get("min_compare_rows", 30)) or len(set(labels)) < 2:
         statements.append(
-            f"only {int(both.sum())} held-out labeled rows (both classes needed, at least {policy.get('min_compare_rows', 30)}): too few to compare"
+            f"only {int(both.sum())} held-out labeled rows (both classes needed, at least "
+            f"{policy.get('min_compare_rows', 30)}): too few to compare"
         )
         return result
     evaluate = settings.sections.get("evaluate", {})
     reference_path = Registry(root).path / "versions" / str(champion) / "reference.json"
-    options = dict(
-        groups=_groups(
-            settings, held[both].reset_index(drop=True), read_json(reference_path) if reference_path.exists() else None
-        ),
-        miss_cost=float(policy.get("miss_cost", 5.0)),
-        false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
-        alpha=float(policy.get("alpha", 0.05)),
-        rounds=int(policy.get("bootstrap", 1000)),
-        parity_reason=str(policy.get("parity_reason", "")),
-        max_fairness_gap=float(evaluate.get("max_fairness_gap", 0.3)),
-        min_group=int(evaluate.get("min_group_size", 20)),
-    )
+    reference = read_json(reference_path) if reference_path.exists() else None
+    options = _compare_options(policy, evaluate, _groups(settings, held[both].reset_index(drop=True), reference))
     champion_scores, challenger_scores = champion_scores[both], challenger_scores[both]
     result["comparison"] = compare_models(
         labels, champion_scores, challenger_scores, champion_threshold, challenger_threshold, **options
@@ -141,41 +188,15 @@ def judge(
     usable = ~np.isnan(recent_scores)
     recent_labels = recent["label"].to_numpy().astype(int)[usable]
     target_recall = float(evaluate.get("target_recall", 0.85))
-    if usable.sum() >= 20 and len(set(recent_labels)) == 2:
-        threshold = threshold_for_recall(recent_labels, recent_scores[usable], target_recall)
-        result["candidates"]["threshold"] = {
-            "threshold": threshold,
-            "calibration": None,
-            "comparison": compare_models(
-                labels, champion_scores, champion_scores, champion_threshold, threshold, **{**options, "seed": 1}
-            ),
-        }
-        calibration = fit_recalibration(recent_scores[usable], recent_labels)
-        calibrated_threshold = threshold_for_recall(
-            recent_labels, calibrate_scores(recent_scores[usable], calibration), target_recall
-        )
-        calibrated = calibrate_scores(
-            champion_scores, calibration
-        )  # the scores a version holding this map serves: `Scorer` applies the same function
-        result["candidates"]["recalibration"] = {
-            "threshold": calibrated_threshold,
-            "calibration": calibration,
-            "comparison": compare_models(
-                labels, champion_scores, calibrated, champion_threshold, calibrated_threshold, **{**options, "seed": 2}
-            ),
-        }
-    else:
+    result["candidates"], calibrated = _cheaper_changes(
+        labels, champion_scores, champion_threshold, recent_labels, recent_scores[usable], target_recall, options
+    )
+    if not result["candidates"]:
         statements.append(
             "too few recent labeled rows used for training (20, both classes) to try recalibration or a new threshold"
         )
-    scored = pd.DataFrame(
-        {
-            "request_id": held["request_id"].to_numpy()[both],
-            "label": labels,
-            "champion": champion_scores,
-            "challenger": challenger_scores,
-        }
-    )
+    identified = {"request_id": held["request_id"].to_numpy()[both], "label": labels}
+    scored = pd.DataFrame({**identified, "champion": champion_scores, "challenger": challenger_scores})
     if "recalibration" in result["candidates"]:
         scored["recalibration"] = calibrated
     scored.to_parquet(folder / "scores.parquet", index=False)  # each compared row's scores, with the evidence
@@ -230,6 +251,67 @@ def derived_reference(
     )  # recalibrated on labeled production rows: its scores are its estimates
     return {**reference, "scores": scores, "recalibrated": True}
 
+# %% ../nbs/28_challenger.ipynb #b49b5a70
+def _derived_record(
+    meta: dict,  # the champion's metadata
+    candidate: dict,  # the winning change, as `judge` returned it (threshold, calibration, comparison)
+    champion: int,  # the champion's version
+    change: str,  # recalibration or threshold
+    retrain_id: str,  # the retrain that judged it
+    evidence: str,  # where the evidence is, relative to the project
+) -> dict:  # the new version's metadata
+    "The metadata of a version derived from the champion by a cheaper change: its threshold, calibration, figures."
+    comparison = candidate["comparison"]
+    before = meta.get("calibration") or []  # a champion that is itself recalibrated: the new map applies after its own
+    steps = (before if isinstance(before, list) else [before]) + (
+        [candidate["calibration"]] if candidate.get("calibration") else []
+    )
+    figures = {
+        "roc_auc": (comparison.get("auc") or {}).get("auc_b"),
+        "accuracy": comparison["decisions"]["accuracy_b"],
+        "brier": comparison["brier"]["b"],
+        "cost_per_patient": comparison["cost"]["b"],
+    }
+    dropped = ("version", "sha256", "bytes", "created", "gate", "evaluation", "calibration")
+    return {
+        **{key: value for key, value in meta.items() if key not in dropped},
+        "threshold": float(candidate["threshold"]),
+        "calibration": steps or None,
+        "derived_from": {"version": champion, "change": change, "retrain_id": retrain_id, "evidence": evidence},
+        "evaluation": {
+            "run_id": (meta.get("evaluation") or {}).get("run_id"),
+            "metrics": {name: float(value) for name, value in figures.items() if value is not None},
+            "on": f"{comparison['rows']} held-out labeled production predictions (retrain {retrain_id})",
+        },
+        "gate": {
+            "passed": True,
+            "by": "the retrain's paired comparison",
+            "verdict": comparison["verdict"],
+            "reasons": comparison["gains"],
+        },
+    }
+
+
+def _derived_card(
+    candidate: dict,  # the winning change, as `judge` returned it
+    champion: int,  # the champion's version
+    change: str,  # recalibration or threshold
+    evidence: str,  # where the evidence is, relative to the project
+) -> str:  # the model card, markdown
+    "The model card of a version derived from the champion by a cheaper change."
+    what = (
+        f"version {champion}'s model with its scores recalibrated ({candidate['calibration']['method']}, fitted on "
+        f"{candidate['calibration']['rows']} recent labeled production predictions)"
+        if candidate.get("calibration")
+        else f"version {champion}'s model with its threshold re-chosen on recent labeled production predictions"
+    )
+    return (
+        f"# Model card: a {change} of version {champion}\n\nThis version is {what}, decision threshold "
+        f"{candidate['threshold']:.4f}. The model file is version {champion}'s (same SHA-256); see its card for the "
+        f"model, its data and its fairness audit.\n\n## Why\n\n{candidate['comparison']['headline']}\n\n"
+        f"Evidence: {evidence}\n"
+    )
+
 # %% ../nbs/28_challenger.ipynb #882da287
 def register_change(
     root: Path,  # the project folder
@@ -243,51 +325,9 @@ def register_change(
 
     registry = Registry(root)
     champion, candidate = judged["champion"], judged["candidates"][change]
-    comparison, meta = candidate["comparison"], registry.meta(champion)
     folder = registry.path / "versions" / str(champion)
-    before = meta.get("calibration") or []  # a champion that is itself recalibrated: the new map applies after its own
-    steps = (before if isinstance(before, list) else [before]) + (
-        [candidate["calibration"]] if candidate.get("calibration") else []
-    )
-    figures = {
-        "roc_auc": (comparison.get("auc") or {}).get("auc_b"),
-        "accuracy": comparison["decisions"]["accuracy_b"],
-        "brier": comparison["brier"]["b"],
-        "cost_per_patient": comparison["cost"]["b"],
-    }
-    metrics = {name: float(value) for name, value in figures.items() if value is not None}
-    record = {
-        **{
-            key: value
-            for key, value in meta.items()
-            if key not in ("version", "sha256", "bytes", "created", "gate", "evaluation", "calibration")
-        },
-        "threshold": float(candidate["threshold"]),
-        "calibration": steps or None,
-        "derived_from": {"version": champion, "change": change, "retrain_id": retrain_id, "evidence": evidence},
-        "evaluation": {
-            "run_id": (meta.get("evaluation") or {}).get("run_id"),
-            "metrics": metrics,
-            "on": f"{comparison['rows']} held-out labeled production predictions (retrain {retrain_id})",
-        },
-        "gate": {
-            "passed": True,
-            "by": "the retrain's paired comparison",
-            "verdict": comparison["verdict"],
-            "reasons": comparison["gains"],
-        },
-    }
-    what = (
-        f"version {champion}'s model with its scores recalibrated ({candidate['calibration']['method']}, fitted on "
-        f"{candidate['calibration']['rows']} recent labeled production predictions)"
-        if candidate.get("calibration")
-        else f"version {champion}'s model with its threshold re-chosen on recent labeled production predictions"
-    )
-    card = (
-        f"# Model card: a {change} of version {champion}\n\nThis version is {what}, decision threshold "
-        f"{candidate['threshold']:.4f}. The model file is version {champion}'s (same SHA-256); see its card for the model, its data "
-        f"and its fairness audit.\n\n## Why\n\n{comparison['headline']}\n\nEvidence: {evidence}\n"
-    )
+    record = _derived_record(registry.meta(champion), candidate, champion, change, retrain_id, evidence)
+    card = _derived_card(candidate, champion, change, evidence)
     files = {name: (folder / name).read_bytes() for name in ("train_rows.parquet",) if (folder / name).exists()}
     if (folder / "reference.json").exists():
         files["reference.json"] = json.dumps(

@@ -12,24 +12,21 @@ import signal
 import sys
 import threading
 from datetime import datetime, timezone
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .alerts import parse_kpis
 from .bench import BENCHMARKS, run_benchmark
-from .clinic import run_clinic
 from .core import LifecycleError, open_project, use_work_settings
-from .dashserver import run_dashboard
-from .loop import add_retrain_command
-from .monitoring import rejection_lines
 from .pipeline import run_lifecycle
-from .promotion import listing as registry_listing
-from .promotion import move_alias, move_back, take_off
-from .registry import Registry
-from .rollback import monitor_and_roll_back
 from .serving.batch import add_batch_command
 from .serving.replay import add_replay_command
 from .serving.stream import add_stream_command
 from .simulate import add_simulate_command
+
+if TYPE_CHECKING:  # start-up time: the commands that need scikit-learn (through the registry) import it when they run
+    from lifecycle.registry import Registry
 
 # %% auto #0
 __all__ = ['COMMANDS', 'monitor_text', 'parser', 'main']
@@ -73,10 +70,14 @@ def _serve(args) -> int:
 
 
 def _dashboard(args) -> int:
+    from lifecycle.dashserver import run_dashboard  # start-up time: Voila's server and scikit-learn, for this command
+
     return run_dashboard(args.settings, host=args.host, port=args.port, refresh=args.refresh)
 
 
 def _clinic(args) -> int:
+    from lifecycle.clinic import run_clinic  # start-up time: Voila's server and scikit-learn, for this command
+
     return run_clinic(args.settings, host=args.host, port=args.port, url=args.url)
 
 # %% ../nbs/11_cli.ipynb #a0d78339
@@ -109,6 +110,8 @@ def _move(
     args,  # the parsed `lifecycle models` command line
 ) -> dict | None:  # the move's event, None for `list`
     "The alias move `models promote|rollback|shadow` asks for, through the promotion authority."
+    from lifecycle.promotion import move_alias, move_back, take_off  # start-up time: the registry loads scikit-learn
+
     reason = args.reason or "by hand"
     if args.action == "promote":
         if args.version is None:
@@ -169,6 +172,9 @@ def _unreadable(
 
 
 def _models(args) -> int:
+    from lifecycle.promotion import listing as registry_listing  # start-up time: the registry loads scikit-learn
+    from lifecycle.registry import Registry  # start-up time: scikit-learn (skops), for the commands that need it
+
     registry = Registry(open_project(args.settings).root)
     _check_force(args)
     event = _move(registry, args)
@@ -224,6 +230,8 @@ def _window_lines(
             f"Refused by the record contract: {values.get('rejected')} records "
             f"({_figure(values.get('rejected_share'), True)} of those received):"
         )
+        from lifecycle.monitoring import rejection_lines  # start-up time: monitoring loads SciPy, for this command
+
         lines += [f"  {line}" for line in rejection_lines(latest["rejections"], column_name)]
     return lines + [f"- {statement}" for statement in latest.get("statements", [])]
 
@@ -260,6 +268,8 @@ def monitor_text(
 def _monitor(args) -> int:
     if args.watch is not None and not args.watch > 0:
         raise LifecycleError("monitor --watch takes a positive number of seconds, e.g. --watch 60")
+    from lifecycle.rollback import monitor_and_roll_back  # start-up time: scikit-learn and SciPy, for this command
+
     project = open_project(args.settings)
     kpis = list(parse_kpis(project.section("monitor").get("kpis", "")))
     code = 0
@@ -554,7 +564,9 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
     bench.set_defaults(handler=_bench)
 
 # %% ../nbs/11_cli.ipynb #f6bab774
-COMMANDS = {  # name -> builder(commands): adds the command, its options and its handler; in the order of --help
+# name -> builder(commands), or "module:builder" for one whose module takes seconds to import (imported only when its
+# command is built): adds the command, its options and its handler; in the order of --help
+COMMANDS = {
     "run": _add_run,
     "models": _add_models,
     "serve": _add_serve,
@@ -564,13 +576,23 @@ COMMANDS = {  # name -> builder(commands): adds the command, its options and its
     "clinic": _add_clinic,
     "replay": add_replay_command,
     "monitor": _add_monitor,
-    "retrain": add_retrain_command,
+    "retrain": "lifecycle.loop:add_retrain_command",
     "simulate": add_simulate_command,
     "bench": _add_bench,
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def _builder(entry):  # a COMMANDS value: a builder, or "module:builder"
+    "The builder of a command, its module imported now if COMMANDS names it by its path."
+    if isinstance(entry, str):
+        module, name = entry.split(":")
+        return getattr(import_module(module), name)
+    return entry
+
+
+def parser(
+    command: str | None = None,  # the command about to run: only it is added (None, or not a command: every one)
+) -> argparse.ArgumentParser:
     "The command line of `lifecycle`: the top parser, and each command of COMMANDS added by its builder."
     top = _Parser(
         prog="lifecycle",
@@ -587,14 +609,17 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=f"lifecycle {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for add_command in COMMANDS.values():
-        add_command(commands)
+    for name, entry in COMMANDS.items():
+        if command not in COMMANDS or command == name:
+            _builder(entry)(commands)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `lifecycle` command."
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in argv if not word.startswith("-")), None)  # the top parser has no valued option
+    args = parser(command).parse_args(argv)
     use_work_settings()  # this process does the work: here, not at import, so importing lifecycle changes nothing
     try:
         return args.handler(args)

@@ -117,7 +117,9 @@ def contract_settings(
     ranges: dict[str, str] | None,  # `[prepare] ranges`, per column
     max_missing_share: float,  # `[prepare] max_missing_share`
     id_field: str,  # `[data] id`
-) -> dict:  # the settings the contract was compiled from, as prepare stores them beside the schema (and train in the model's meta)
+    # the settings the contract was compiled from, as prepare stores them beside the schema (and train in the model's
+    # meta)
+) -> dict:
     "What a contract is compiled from, as the run used it (parameters given with `-p` included)."
     return {
         "na_values": list(na_values),
@@ -130,7 +132,9 @@ def contract_settings(
 
 
 def contract_from_meta(
-    meta: dict,  # a registry version's metadata: schema (with the contract's settings), features, the settings file it was trained with
+    # a registry version's metadata: schema (with the contract's settings), features, the settings file it was trained
+    # with
+    meta: dict,
 ) -> Contract:  # the contract its model was trained under
     """The contract of a model version (a version stored before the contract: from its settings, each missing field at
     its default)."""
@@ -180,7 +184,8 @@ def reason_series(codes: np.ndarray, labels: list[str], index: pd.Index) -> pd.S
 
 def check_frame(
     contract: Contract,  # the rules
-    frame: pd.DataFrame,  # rows (other columns are ignored; a column the contract needs and the frame lacks is `missing`)
+    # rows (other columns are ignored; a column the contract needs and the frame lacks is `missing`)
+    frame: pd.DataFrame,
 ) -> tuple[
     pd.DataFrame, pd.Series, pd.DataFrame
 ]:  # (cleaned columns in the contract's order; reason per row, "" when none; what changed per column)
@@ -427,7 +432,8 @@ def rejection_reasons(
 ]:  # one (reason, field) a record: its first error; ("with_request", "") for a record without one
     "Why each record of a refused request was refused."
     reasons: list = [None] * count
-    general = None  # an error that names no record (a request too broken to attribute) applies to the records without their own
+    # an error that names no record (a request too broken to attribute) applies to the records without their own
+    general = None
     for error in errors:
         loc = error.get("loc") or []
         if len(loc) > 1 and isinstance(loc[1], int) and not isinstance(loc[1], bool) and 0 <= loc[1] < count:

@@ -67,8 +67,11 @@ def smoke_test(
     expected: np.ndarray,  # the model's offline scores of the same records
     headers: dict | None = None,  # e.g. an Authorization header
     passes: int = 3,  # times the records are sent one by one; the latency figures are the fastest pass's
-) -> dict:  # records, identical, max_abs_diff, failed, p50_ms, p99_ms (CPU), wall_p50_ms, wall_p99_ms, batch_rows_per_s, model_version
-    """Score records over HTTP one by one (`passes` times) and in one batch; compare every answer with the offline scores.
+    # records, identical, max_abs_diff, failed, p50_ms, p99_ms (CPU), wall_p50_ms, wall_p99_ms, batch_rows_per_s,
+    # model_version
+) -> dict:
+    """Score records over HTTP one by one (`passes` times) and in one batch; compare every answer with the offline
+    scores.
 
     The latency that decides is what a request costs this process: its CPU time (all of the app's threads, as
     `time.process_time` counts them), each record's least over the passes, then the median and p99 over records.
@@ -134,7 +137,8 @@ def smoke_test_version(
         while client.get("/ready").status_code != 200:
             if time.time() > deadline:
                 raise LifecycleError(
-                    f"the scoring app did not load model version {version} within {ready_seconds:g} s: {client.get('/ready').json()}"
+                    f"the scoring app did not load model version {version} within {ready_seconds:g} s: "
+                    f"{client.get('/ready').json()}"
                 )
             time.sleep(0.05)
         return {**smoke_test(client, records, expected), "fast_path": scorer.fast is not None}
@@ -295,7 +299,8 @@ def log_predictions(
         prediction_log.record(entries)
         if not prediction_log.flush(timeout=timeout):
             raise LifecycleError(
-                f"the prediction log did not take the {len(entries)} production predictions within {timeout:g} s: {prediction_log.errors[-1:]}"
+                f"the prediction log did not take the {len(entries)} production predictions within {timeout:g} s: "
+                f"{prediction_log.errors[-1:]}"
             )
         return before, prediction_log.count()
     finally:
@@ -363,8 +368,9 @@ def deploy_summary(
 ) -> dict:  # the stage's summary.json
     """The deploy stage's summary: the champion, the smoke test, the production traffic.
 
-    `champion` says whether the tested version serves now; `promotion` says when, by whom and why it became champion, and
-    whether this stage did it (`by_this_stage`): a first model that evaluate made champion is champion, not "not promoted"."""
+    `champion` says whether the tested version serves now; `promotion` says when, by whom and why it became champion,
+    and whether this stage did it (`by_this_stage`): a first model that evaluate made champion is champion, not "not
+    promoted"."""
     before, after = logged
     promotion = champion_promotion(events or [], champion, previous)
     return {
@@ -475,8 +481,9 @@ def latency_sentence(
     if smoke.get("p99_ms") is None:
         return "No single-record request was timed."
     return (
-        f"Latency: p99 {smoke['p99_ms']:.2f} ms, the CPU time the server spent on one single-record request (all of its threads), "
-        f"99th percentile over {smoke['records']} requests; it does not depend on other programs' load, and it decides the smoke test. "
+        f"Latency: p99 {smoke['p99_ms']:.2f} ms, the CPU time the server spent on one single-record request "
+        f"(all of its threads), 99th percentile over {smoke['records']} requests; it does not depend on other "
+        "programs' load, and it decides the smoke test. "
         + (
             f"The wall-clock p99 on this machine at this moment was {smoke['wall_p99_ms']:.2f} ms. "
             if smoke.get("wall_p99_ms") is not None

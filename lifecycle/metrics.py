@@ -240,10 +240,12 @@ _BARE = re.compile(
 def group_words(
     settings: Settings,  # the project's settings (value labels, names, units)
     column: str,  # a sensitive column, or an intersection "a & b"
-    group: str,  # the group's label as the audit wrote it, e.g. "female & age 49–55" (`cut_groups`), or "0 & 29–48" (older audits)
+    # the group's label as the audit wrote it, e.g. "female & age 49–55" (`cut_groups`), or "0 & 29–48" (older audits)
+    group: str,
 ) -> str:  # the group in words, e.g. "female, age 49–55"
     """A group of a fairness table in words. Labels from `cut_groups` are words already; audits written before it
-    used codes and bare ranges ("0", "29–48", "missing"), which are named by the value's label, or the column's name and unit."""
+    used codes and bare ranges ("0", "29–48", "missing"), which are named by the value's label, or the column's name and
+    unit."""
     columns = column.split(" & ")
     parts = str(group).split(" & ") if len(columns) > 1 else [str(group)]
     if len(parts) != len(columns):
@@ -304,11 +306,11 @@ def duplicate_hashes(
     columns: list[str],  # the columns to hash
 ) -> np.ndarray:  # one 64-bit hash a row
     """Hash each row's values in `columns`, to propose duplicates (prepare's `duplicate_of` confirms them value
-    by value). Not `row_hashes`: those are recorded with each model version and must stay comparable across
-    versions, while these only need to be fast and to make equal values equal (-0.0 and 0.0, every NaN). Numbers are mixed in by
-    their bits (-0.0 as 0.0, every NaN as one NaN), each column with a multiply and a shift, a block of 65,536 rows
-    at a time so the work stays in the processor's cache; the blocks run on threads. On a million rows of 15 columns: 0.02 s, where hashing each column with pandas and
-    combining took 0.06-0.10 s."""
+    by value). Not `row_hashes`: those are recorded with each model version and must stay comparable across versions,
+    while these only need to be fast and to make equal values equal (-0.0 and 0.0, every NaN). Numbers are mixed in by
+    their bits (-0.0 as 0.0, every NaN as one NaN), each column with a multiply and a shift, a block of 65,536 rows at a
+    time so the work stays in the processor's cache; the blocks run on threads. On a million rows of 15 columns: 0.02 s,
+    where hashing each column with pandas and combining took 0.06-0.10 s."""
     ready = [_hash_ready(df[column]) for column in columns]
     combined = np.empty(len(df), dtype=np.uint64)
 

@@ -91,7 +91,8 @@ def move_alias(
     expected: int
     | None
     | str = "any",  # the version the alias must name now (None: none), else nothing moves; "any": not checked
-    force: bool = False,  # let a version without a passed gate take champion or shadow (a person's explicit choice, recorded)
+    # let a version without a passed gate take champion or shadow (a person's explicit choice, recorded)
+    force: bool = False,
     decision: dict | None = None,  # a decision to append to retrain/decisions.jsonl once the alias moved
 ) -> dict:  # the registry's event
     """Point an alias at a version, compare-and-set and on the record; champion and shadow need a passed gate unless

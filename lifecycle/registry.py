@@ -301,7 +301,8 @@ def set_alias(
     reason: str,  # why, for the record
     expected: int
     | None
-    | str = "any",  # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
+    # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
+    | str = "any",
     record: dict | None = None,  # more for the event: who asked (the actor), a forced promotion
 ) -> dict:  # the event recorded
     "Point an alias at a version, atomically and on the record."

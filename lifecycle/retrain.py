@@ -60,6 +60,84 @@ def _figure(values: dict, metric: str) -> tuple[float | None, str]:
     return None, ""
 
 
+def _alert_rule(
+    policy: dict,  # the [retrain] settings (alerts)
+    evidence: dict,  # firing: the alerts firing now
+) -> tuple[list, list]:  # (reasons to retrain, states checked); both empty when the rule is off
+    "The alerts rule: retrain while one of the named alerts (any: every alert) fires."
+    names = [name.strip() for name in str(policy.get("alerts", "")).split(",") if name.strip()]
+    if not names:
+        return [], []
+    firing = evidence.get("firing", [])
+    hits = firing if "any" in names else [name for name in firing if name in names]
+    said = f"alerts {', '.join(names)}: " + (f"{len(hits)} firing" if hits else "none firing")
+    return [f"alert {name} is firing" for name in hits], [said]
+
+
+def _metric_rule(
+    policy: dict,  # the [retrain] settings (metric, min_metric)
+    values: dict,  # the latest monitoring window's figures
+) -> tuple[list, list]:  # (reasons to retrain, states checked); both empty when the rule is off
+    "The accuracy rule: retrain when the latest realized (else estimated) figure is below its floor."
+    metric, floor = str(policy.get("metric", "recall")), float(policy.get("min_metric", 0) or 0)
+    if floor <= 0:
+        return [], []
+    if metric not in WATCHED_METRICS:
+        raise LifecycleError(f"[retrain] metric must be one of {', '.join(WATCHED_METRICS)}")
+    value, kind = _figure(values, metric)
+    if value is None:
+        return [], [f"{metric}: no figure from monitoring yet (run `lifecycle monitor`)"]
+    if value < floor:
+        return [f"{kind} {metric} {value:.3f} is below {floor:g}"], []
+    return [], [f"{kind} {metric} {value:.3f} is at or above {floor:g}"]
+
+
+def _drift_rule(
+    policy: dict,  # the [retrain] settings (max_drift_share)
+    values: dict,  # the latest monitoring window's figures (drift_share)
+) -> tuple[list, list]:  # (reasons to retrain, states checked); both empty when the rule is off
+    "The drift rule: retrain when the share of drifted features is above its ceiling."
+    ceiling = float(policy.get("max_drift_share", 1) or 1)
+    if ceiling >= 1:
+        return [], []
+    share = values.get("drift_share")
+    if not isinstance(share, (int, float)):
+        return [], ["drift share: no figure from monitoring yet (run `lifecycle monitor`)"]
+    if share > ceiling:
+        return [f"{share:.0%} of the features drifted, above {ceiling:.0%}"], []
+    return [], [f"{share:.0%} of the features drifted, not above {ceiling:.0%}"]
+
+
+def _labels_rule(
+    policy: dict,  # the [retrain] settings (min_new_labels)
+    evidence: dict,  # new_labels: labeled predictions since the champion's promotion
+) -> tuple[list, list]:  # (reasons to retrain, states checked); both empty when the rule is off
+    "The new-labels rule: retrain once enough predictions since the champion's promotion have labels."
+    wanted = int(policy.get("min_new_labels", 0) or 0)
+    if wanted <= 0:
+        return [], []
+    count = int(evidence.get("new_labels") or 0)
+    said = [f"{count} predictions since the champion's promotion have labels (rule: {wanted})"]
+    return (said, []) if count >= wanted else ([], said)
+
+
+def _schedule_rule(
+    policy: dict,  # the [retrain] settings (every_days)
+    evidence: dict,  # champion_since: the champion's promotion time
+    now: datetime,  # the time of the decision
+) -> tuple[list, list]:  # (reasons to retrain, states checked); both empty when the rule is off
+    "The schedule rule: retrain when the champion is `every_days` old."
+    days = int(policy.get("every_days", 0) or 0)
+    if days <= 0:
+        return [], []
+    since = evidence.get("champion_since")
+    if since is None:
+        return [], ["schedule: the champion's promotion time is unknown"]
+    age = (now - since).total_seconds() / 86400
+    said = [f"the champion is {age:.1f} days old (rule: every {days} days)"]
+    return (said, []) if age >= days else ([], said)
+
+# %% ../nbs/07_retrain.ipynb #ec8b7a0e
 def decide(
     policy: dict,  # the [retrain] rules: alerts, metric, min_metric, max_drift_share, min_new_labels, every_days
     evidence: dict,  # champion, firing (alert names), values (the latest window's figures), new_labels, champion_since
@@ -67,53 +145,17 @@ def decide(
     force: bool = False,  # a person asked for a retrain
 ) -> dict:  # time, retrain, reasons (why retrain), checked (every rule's state), champion
     "Decide whether to retrain, with the reason for each rule checked."
-    reasons, checked = [], []
-    if force:
-        reasons.append("a person asked for it (--force)")
-    names = [name.strip() for name in str(policy.get("alerts", "")).split(",") if name.strip()]
-    if names:
-        firing = evidence.get("firing", [])
-        hits = firing if "any" in names else [name for name in firing if name in names]
-        reasons += [f"alert {name} is firing" for name in hits]
-        checked.append(f"alerts {', '.join(names)}: " + (f"{len(hits)} firing" if hits else "none firing"))
+    reasons, checked, ruled = (["a person asked for it (--force)"] if force else []), [], False
     values = evidence.get("values") or {}
-    metric, floor = str(policy.get("metric", "recall")), float(policy.get("min_metric", 0) or 0)
-    if floor > 0:
-        if metric not in WATCHED_METRICS:
-            raise LifecycleError(f"[retrain] metric must be one of {', '.join(WATCHED_METRICS)}")
-        value, kind = _figure(values, metric)
-        if value is None:
-            checked.append(f"{metric}: no figure from monitoring yet (run `lifecycle monitor`)")
-        elif value < floor:
-            reasons.append(f"{kind} {metric} {value:.3f} is below {floor:g}")
-        else:
-            checked.append(f"{kind} {metric} {value:.3f} is at or above {floor:g}")
-    ceiling = float(policy.get("max_drift_share", 1) or 1)
-    if ceiling < 1:
-        share = values.get("drift_share")
-        if not isinstance(share, (int, float)):
-            checked.append("drift share: no figure from monitoring yet (run `lifecycle monitor`)")
-        elif share > ceiling:
-            reasons.append(f"{share:.0%} of the features drifted, above {ceiling:.0%}")
-        else:
-            checked.append(f"{share:.0%} of the features drifted, not above {ceiling:.0%}")
-    wanted = int(policy.get("min_new_labels", 0) or 0)
-    if wanted > 0:
-        count = int(evidence.get("new_labels") or 0)
-        (reasons if count >= wanted else checked).append(
-            f"{count} predictions since the champion's promotion have labels (rule: {wanted})"
-        )
-    days = int(policy.get("every_days", 0) or 0)
-    since = evidence.get("champion_since")
-    if days > 0:
-        if since is None:
-            checked.append("schedule: the champion's promotion time is unknown")
-        else:
-            age = (now - since).total_seconds() / 86400
-            (reasons if age >= days else checked).append(
-                f"the champion is {age:.1f} days old (rule: every {days} days)"
-            )
-    if not (names or floor > 0 or ceiling < 1 or wanted > 0 or days > 0):
+    for said, noted in (
+        _alert_rule(policy, evidence),
+        _metric_rule(policy, values),
+        _drift_rule(policy, values),
+        _labels_rule(policy, evidence),
+        _schedule_rule(policy, evidence, now),
+    ):
+        reasons, checked, ruled = reasons + said, checked + noted, ruled or bool(said or noted)
+    if not ruled:
         checked.append("no rule is set in [retrain]: only `lifecycle retrain --force` retrains")
     champion = evidence.get("champion")
     retrain = bool(reasons) and champion is not None
@@ -321,14 +363,14 @@ def challenger_settings_text(
     out = io.StringIO()
     parser.write(out)
     return (
-        f"# Written by `lifecycle retrain` ({retrain_id}): the challenger's settings. Edit settings.ini, not this file.\n"
-        + out.getvalue()
+        f"# Written by `lifecycle retrain` ({retrain_id}): the challenger's settings. "
+        "Edit settings.ini, not this file.\n" + out.getvalue()
     )
 
 # %% ../nbs/07_retrain.ipynb #9f9031ee
 def write_retraining_data(
     settings: Settings,  # the project's settings
-    policy: dict,  # the [retrain] settings: window_days, window_predictions, production_weight, holdout_share, accept_schema
+    policy: dict,  # the [retrain] settings: window_days, window_predictions, production_weight, holdout_share, ...
     labeled: pd.DataFrame,  # the labeled production predictions
     now: datetime,  # the time of this retrain
     retrain_id: str,  # this retrain's id (its folder under retrain/)
@@ -433,7 +475,8 @@ def abandon_unfinished(
         }
         if aliases.get("champion") in versions:
             decision["reasons"] = [
-                f"retrain {folder.name} did not record its decision, but its version {aliases['champion']} is the champion: its files are kept"
+                f"retrain {folder.name} did not record its decision, but its version {aliases['champion']} "
+                "is the champion: its files are kept"
             ]
         else:
             for version in versions:

@@ -22,7 +22,7 @@ __all__ = ['SHADOW_HEADINGS', 'parse_shadow_min', 'shadow_ready', 'shadow_eviden
 
 # %% ../nbs/27_shadow.ipynb #79c8a47c
 def parse_shadow_min(
-    text,  # `[retrain] shadow_min`: a count of shadow predictions ("200"), or days ("7 days", "7d"); empty or 0: no shadow
+    text,  # `[retrain] shadow_min`: a count of shadow predictions ("200") or days ("7 days", "7d"); empty, 0: none
 ) -> tuple[int, float]:  # (shadow predictions needed, days of shadow needed); (0, 0) when promotion needs no shadow
     "Read the shadow rule."
     value = str(text if text is not None else "").strip().lower()
@@ -44,7 +44,7 @@ def parse_shadow_min(
 
 # %% ../nbs/27_shadow.ipynb #6044e70e
 def shadow_ready(
-    evidence: dict,  # shadow evidence: version, pairs (shadow predictions paired with the champion's), days (their span in event time)
+    evidence: dict,  # shadow evidence: version, pairs (shadow predictions beside the champion's), days (their span)
     shadow_min,  # the `[retrain] shadow_min` setting
 ) -> tuple[bool, str]:  # (promotion allowed by the shadow rule, why, in words)
     "Whether a version has run in shadow long enough for promotion."
@@ -58,7 +58,8 @@ def shadow_ready(
     if days and span < days:
         return (
             False,
-            f"version {version} has {span:.1f} days of shadow predictions ({pairs}); [retrain] shadow_min asks for {days:g} days",
+            f"version {version} has {span:.1f} days of shadow predictions ({pairs}); [retrain] shadow_min asks for "
+            f"{days:g} days",
         )
     if not (count or days):
         return True, "[retrain] shadow_min is not set: no shadow run needed"
@@ -69,7 +70,7 @@ def shadow_evidence(
     root: Path,  # the project folder
     log,  # the open prediction log
     version: int | None = None,  # the version in shadow (default: the alias `shadow`)
-) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy where labeled), and the pairs themselves
+) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy), and the pairs
     "What the prediction log says of a version in shadow against the champion, on the same records."
 
     aliases = Registry(root).aliases()
@@ -104,6 +105,76 @@ def shadow_evidence(
         "rows": pairs,
     }
 
+# %% ../nbs/27_shadow.ipynb #39c48a18
+def _refused_gate(
+    meta: dict,  # the shadow version's metadata, one `ungated` finds wanting
+) -> str:  # why it cannot be promoted, in words
+    "Why a version put in shadow by force cannot become the champion: its gate refused it, or it never finished."
+    if meta.get("unfinished"):
+        return ungated(meta)
+    gate = meta.get("gate") or {}
+    reasons = "; ".join(gate.get("reasons") or []) or (
+        "it has no gate decision (never evaluated)" if not gate else "no reason recorded"
+    )
+    return f"its gate refused it ({reasons})"
+
+
+def _live_comparison(
+    rows: pd.DataFrame | None,  # the shadow pairs (`shadow_evidence`'s rows), or None
+    policy: dict,  # the [retrain] settings: min_compare_rows, alpha, bootstrap, miss_cost, false_alarm_cost
+    threshold,  # version -> its decision threshold (read only when there is something to compare)
+    champion: int,  # the champion's version
+    shadow: int,  # the version in shadow
+) -> dict | None:  # `compare_models` on the labeled pairs; None: too few (or one class only)
+    "The champion and the version in shadow compared on the live records that have labels."
+    labeled = rows[rows["label"].notna()] if rows is not None else None
+    if labeled is None or len(labeled) < int(policy.get("min_compare_rows", 30)) or labeled["label"].nunique() != 2:
+        return None
+    return compare_models(
+        labeled["label"].to_numpy(dtype=int),
+        labeled["champion_score"].to_numpy(),
+        labeled["shadow_score"].to_numpy(),
+        threshold(champion),
+        threshold(shadow),
+        miss_cost=float(policy.get("miss_cost", 5.0)),
+        false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
+        alpha=float(policy.get("alpha", 0.05)),
+        rounds=int(policy.get("bootstrap", 1000)),
+    )
+
+
+def _shadow_record(
+    evidence: dict,  # what `shadow_evidence` said, without its rows
+    now: datetime,  # the time of the decision
+) -> dict:  # the decision record's common part (promoted and reasons are added by the outcome)
+    "The decision record of a shadow run's review."
+    return {
+        "kind": "shadow",
+        "time": now.isoformat(timespec="seconds"),
+        "champion": evidence["champion"],
+        "shadow": evidence["version"],
+        "evidence": {key: value for key, value in evidence.items() if key != "summary"},
+        "summary": evidence["summary"],
+    }
+
+
+def _promotion_reason(
+    why: str,  # what `shadow_ready` said
+    evidence: dict,  # what `shadow_evidence` said (labeled, summary)
+    comparison: dict | None,  # `_live_comparison`, or None: too few labels
+) -> str:  # the reason a shadow version is promoted, for the record
+    "Why the version in shadow becomes the champion, in words: its evidence, agreement, and the live comparison."
+    live = (
+        comparison["headline"]
+        if comparison is not None
+        else f"{evidence['labeled']} of its live records are labeled: too few to compare"
+    )
+    summary = evidence["summary"]
+    return (
+        f"{why}; agreement with the champion {summary['agreement']:.0%}, mean score shift "
+        f"{summary['score_shift']:+.3f}; {live}"
+    )
+
 # %% ../nbs/27_shadow.ipynb #829b4f3f
 def promote_shadow(
     root: Path,  # the project folder
@@ -112,7 +183,8 @@ def promote_shadow(
     now: datetime | None = None,  # the time (for the record)
     evidence: dict | None = None,  # what `shadow_evidence` said, when the caller read it already (default: read here)
 ) -> dict:  # status (no shadow, in shadow, promoted, shadow refused), reasons, evidence (what the log says)
-    """Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled records.
+    """Promote the version in shadow once `shadow_min` is met, unless it did worse than the champion on the live labeled
+    records.
 
     A version its gate refused (one put in shadow by hand) is taken off at once: promotion needs the gate passed."""
 
@@ -123,69 +195,31 @@ def promote_shadow(
     if evidence["version"] is None:
         return {"status": "no shadow", "reasons": ["no version is in shadow"], "evidence": evidence}
     ready, why = shadow_ready(evidence, policy.get("shadow_min", ""))
-    record = {
-        "kind": "shadow",
-        "time": now.isoformat(timespec="seconds"),
-        "champion": evidence["champion"],
-        "shadow": evidence["version"],
-        "evidence": {key: value for key, value in evidence.items() if key != "summary"},
-        "summary": evidence["summary"],
-    }
+    record = _shadow_record(evidence, now)
     meta = registry.meta(evidence["version"])
-    if ungated(
-        meta
-    ):  # put in shadow by force: no live record makes a version the gate refused (or an unfinished retrain left) a champion
-        gate = meta.get("gate") or {}
-        said = (
-            ungated(meta)
-            if meta.get("unfinished")
-            else "its gate refused it ("
-            + (
-                "; ".join(gate.get("reasons") or [])
-                or ("it has no gate decision (never evaluated)" if not gate else "no reason recorded")
-            )
-            + ")"
-        )
-        reason = f"version {evidence['version']} cannot be promoted: {said}"
+    # put in shadow by force: no live record makes a version the gate refused (or an unfinished retrain left) a champion
+    if ungated(meta):
+        reason = f"version {evidence['version']} cannot be promoted: {_refused_gate(meta)}"
         take_off(registry, "shadow", "retrain", reason, decision={**record, "promoted": False, "reasons": [reason]})
         return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
     if not ready:
         record_decision(root, {**record, "promoted": False, "reasons": [why]})
         return {"status": "in shadow", "reasons": [why], "evidence": evidence}
-    labeled = rows[rows["label"].notna()] if rows is not None else None
-    comparison = None
-    if (
-        labeled is not None
-        and len(labeled) >= int(policy.get("min_compare_rows", 30))
-        and labeled["label"].nunique() == 2
-    ):
 
-        def threshold(version):
-            return float(registry.meta(version).get("threshold", 0.5))
+    def threshold(version):
+        return float(registry.meta(version).get("threshold", 0.5))
 
-        comparison = compare_models(
-            labeled["label"].to_numpy(dtype=int),
-            labeled["champion_score"].to_numpy(),
-            labeled["shadow_score"].to_numpy(),
-            threshold(evidence["champion"]),
-            threshold(evidence["version"]),
-            miss_cost=float(policy.get("miss_cost", 5.0)),
-            false_alarm_cost=float(policy.get("false_alarm_cost", 1.0)),
-            alpha=float(policy.get("alpha", 0.05)),
-            rounds=int(policy.get("bootstrap", 1000)),
-        )
+    comparison = _live_comparison(rows, policy, threshold, evidence["champion"], evidence["version"])
+    if comparison is not None:
         evidence["comparison"] = {key: comparison[key] for key in ("rows", "verdict", "headline", "gains", "losses")}
     if comparison is not None and comparison["verdict"] == "worse":
-        reason = f"in shadow, version {evidence['version']} did worse than the champion on live records: {comparison['losses'][0]}"
+        reason = (
+            f"in shadow, version {evidence['version']} did worse than the champion on live records: "
+            f"{comparison['losses'][0]}"
+        )
         take_off(registry, "shadow", "retrain", reason, decision={**record, "promoted": False, "reasons": [reason]})
         return {"status": "shadow refused", "reasons": [reason], "evidence": evidence}
-    live = (
-        comparison["headline"]
-        if comparison is not None
-        else f"{evidence['labeled']} of its live records are labeled: too few to compare"
-    )
-    summary = evidence["summary"]
-    reason = f"{why}; agreement with the champion {summary['agreement']:.0%}, mean score shift {summary['score_shift']:+.3f}; {live}"
+    reason = _promotion_reason(why, evidence, comparison)
     try:  # only over the champion it ran beside
         event = move_alias(
             registry,
@@ -224,21 +258,14 @@ def shadow_table(
     "Shadow runs against the champion, for the report."
     return summary[[column for column in SHADOW_HEADINGS if column in summary.columns]].rename(columns=SHADOW_HEADINGS)
 
-# %% ../nbs/27_shadow.ipynb #bdfd8819
-def promote_if_won(
-    root: Path,  # the project folder
+# %% ../nbs/27_shadow.ipynb #37a8b9a2
+def _promotion_refusals(
     judged: dict,  # what `judge` returned
     gate: dict | None,  # the challenger's gate decision (from its evaluate stage)
     promote: bool,  # promotion allowed by settings
-    evidence: str,  # where the evidence is, for the record
-    shadow_min="",  # `[retrain] shadow_min`: when set, a winner goes into shadow first (see `promote_shadow`)
-    actor: str = "retrain",  # who promotes, for the record (the simulation settles its own shadow runs)
-) -> dict:  # promoted, reasons; shadow (True when the challenger went into shadow instead)
-    """Promote the challenger when its gate passed and the comparison allows it (or put it in shadow first); say why
-    either way."""
-
-    comparison = judged.get("comparison")
-    reasons = []
+) -> list:  # every reason the challenger is not promoted; empty: it may be
+    "Why a judged challenger may not be promoted: its gate, the comparison, or the settings."
+    comparison, reasons = judged.get("comparison"), []
     if not (gate or {}).get("passed"):
         reasons.append(
             "the challenger's gate refused it: " + "; ".join((gate or {}).get("reasons") or ["no gate decision"])
@@ -252,6 +279,22 @@ def promote_if_won(
         reasons.append(f"the comparison says {comparison['verdict']}: {comparison['rule']}")
     if not promote:
         reasons.append("[retrain] promote = false: the verdict is recorded only")
+    return reasons
+
+# %% ../nbs/27_shadow.ipynb #bdfd8819
+def promote_if_won(
+    root: Path,  # the project folder
+    judged: dict,  # what `judge` returned
+    gate: dict | None,  # the challenger's gate decision (from its evaluate stage)
+    promote: bool,  # promotion allowed by settings
+    evidence: str,  # where the evidence is, for the record
+    shadow_min="",  # `[retrain] shadow_min`: when set, a winner goes into shadow first (see `promote_shadow`)
+    actor: str = "retrain",  # who promotes, for the record (the simulation settles its own shadow runs)
+) -> dict:  # promoted, reasons; shadow (True when the challenger went into shadow instead)
+    """Promote the challenger when its gate passed and the comparison allows it (or put it in shadow first); say why
+    either way."""
+
+    comparison, reasons = judged.get("comparison"), _promotion_refusals(judged, gate, promote)
     if reasons:
         return {"promoted": False, "reasons": reasons}
     ready, why = shadow_ready(

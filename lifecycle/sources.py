@@ -236,6 +236,84 @@ def _decodes(data: bytes, encoding: str) -> bool:
     except UnicodeDecodeError:
         return False
 
+# %% ../nbs/22_sources.ipynb #d38a9c81
+def _text_bytes(
+    path: Path,  # a delimited text file
+) -> bytes:  # its bytes, with Windows line ends made plain newlines
+    "A text file's bytes, refusing a binary file."
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise LifecycleError(
+            f"{path} is a binary file, not delimited text; point the source at a text, Parquet or JSON lines file"
+        )
+    return raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw
+
+
+def _line_ends(
+    raw: bytes,  # the file's bytes
+    starts: np.ndarray,  # line offsets (`line_starts`)
+) -> np.ndarray:  # where each line ends, before its newline
+    "Each line's end offset, before its newline."
+    ends = np.append(starts[1:] - 1, len(raw))
+    if len(raw) and raw[-1:] == b"\n":
+        ends[-1] = len(raw) - 1
+    return ends
+
+
+def _line_reasons(
+    raw: bytes,  # the file's bytes
+    starts: np.ndarray,  # line offsets
+    ends: np.ndarray,  # line ends (`_line_ends`)
+    rows: np.ndarray,  # which lines are meant to be rows
+    reasons: np.ndarray,  # reasons already found (header lines), "" for none; filled in place
+    delimiter: str,  # the file's delimiter
+    encoding: str,  # its text encoding
+    width: int,  # the fields a row must have
+    decodes: bool,  # the whole file decodes in `encoding`
+) -> np.ndarray:  # each line's reason to be set aside, "" for a good line
+    "Judge each row line: quoted fields or undecodable bytes, line by line; else by its count of fields."
+    if b'"' in raw or not decodes:
+        candidates = np.flatnonzero(rows & (reasons == ""))
+        reasons[candidates] = _slow_line_checks(
+            [raw[starts[i] : ends[i]] for i in candidates], delimiter, encoding, width
+        )
+    else:
+        counts = field_counts(np.frombuffer(raw, dtype=np.uint8), starts, delimiter)
+        wrong = rows & (counts != width) & (reasons == "")
+        reasons[wrong] = [f"expected {width} fields, found {count}" for count in counts[wrong]]
+    return reasons
+
+
+def _kept_lines(
+    raw: bytes,  # the file's bytes
+    starts: np.ndarray,  # line offsets
+    ends: np.ndarray,  # line ends
+    rows: np.ndarray,  # which lines are meant to be rows
+    reasons: np.ndarray,  # each line's reason to be set aside (`_line_reasons`)
+    names: list[str],  # the column names
+    delimiter: str,  # the file's delimiter
+    na_values: list[str],  # cell values that mean missing
+    encoding: str,  # its text encoding
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # (the good rows with a `_line` column, the malformed lines)
+    "Parse the good row lines, and list the others with their line numbers and reasons."
+    good = rows & (reasons == "")
+    bad = np.flatnonzero(rows & ~good)
+    malformed = pd.DataFrame(
+        {
+            "_line": bad + 1,
+            "reason": reasons[bad].astype(str),
+            "text": [raw[starts[i] : ends[i]].decode(encoding, errors="replace")[:1000] for i in bad],
+        }
+    )
+    lengths = np.diff(np.append(starts, len(raw)))
+    kept = raw if good.all() else np.frombuffer(raw, dtype=np.uint8)[np.repeat(good, lengths)].tobytes()
+    if good.any():
+        frame = _parse_lines(kept, names, delimiter, na_values, encoding)
+    else:
+        frame = pd.DataFrame({name: pd.Series(dtype="object") for name in names})
+    frame["_line"] = np.flatnonzero(good) + 1
+    return frame, malformed
+
 # %% ../nbs/22_sources.ipynb #fcfee3d8
 def read_text_table(
     path: Path,  # a CSV, TSV or space-separated text file
@@ -244,18 +322,10 @@ def read_text_table(
     encoding: str = "utf-8",  # the file's text encoding
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:  # (rows with a `_line` column, malformed lines, blank lines)
     "Read a delimited text file into rows, setting aside lines that cannot be parsed."
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise LifecycleError(
-            f"{path} is a binary file, not delimited text; point the source at a text, Parquet or JSON lines file"
-        )
-    if b"\r" in raw:
-        raw = raw.replace(b"\r\n", b"\n")
+    raw = _text_bytes(path)
     data = np.frombuffer(raw, dtype=np.uint8)
     starts = line_starts(data)
-    ends = np.append(starts[1:] - 1, len(raw))  # each line's end, before its newline
-    if len(raw) and raw[-1:] == b"\n":
-        ends[-1] = len(raw) - 1
+    ends = _line_ends(raw, starts)
     blank = blank_lines(data, starts)
     first_line = np.flatnonzero(~blank)
     if not len(first_line):
@@ -294,31 +364,8 @@ def read_text_table(
         reasons[first_line[0]] = "a header line whose names are not [data] columns"
     if repeated is not None:
         reasons[repeated] = "a repeated header line"
-    counts = field_counts(data, starts, delimiter)
-    if b'"' in raw or not decodes:
-        candidates = np.flatnonzero(rows & (reasons == ""))
-        reasons[candidates] = _slow_line_checks(
-            [raw[starts[i] : ends[i]] for i in candidates], delimiter, encoding, len(names)
-        )
-    else:
-        wrong = rows & (counts != len(names)) & (reasons == "")
-        reasons[wrong] = [f"expected {len(names)} fields, found {count}" for count in counts[wrong]]
-    good = rows & (reasons == "")
-    bad = np.flatnonzero(rows & ~good)
-    malformed = pd.DataFrame(
-        {
-            "_line": bad + 1,
-            "reason": reasons[bad].astype(str),
-            "text": [raw[starts[i] : ends[i]].decode(encoding, errors="replace")[:1000] for i in bad],
-        }
-    )
-    lengths = np.diff(np.append(starts, len(raw)))
-    kept = raw if good.all() else data[np.repeat(good, lengths)].tobytes()
-    if good.any():
-        frame = _parse_lines(kept, names, delimiter, na_values, encoding)
-    else:
-        frame = pd.DataFrame({name: pd.Series(dtype="object") for name in names})
-    frame["_line"] = np.flatnonzero(good) + 1
+    reasons = _line_reasons(raw, starts, ends, rows, reasons, delimiter, encoding, len(names), decodes)
+    frame, malformed = _kept_lines(raw, starts, ends, rows, reasons, names, delimiter, na_values, encoding)
     return frame, malformed, int(blank.sum())
 
 # %% ../nbs/22_sources.ipynb #d8cc5109

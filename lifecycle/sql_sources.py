@@ -146,81 +146,93 @@ def _string_end(sql: str, start: int, backslash_escapes: bool) -> int:
     return len(sql)
 
 
+def _comment_end(sql: str, start: int) -> int:
+    "The index after the block comment opening at `start` (comments nest in PostgreSQL)."
+    depth, position = 1, start + 2
+    while position < len(sql) and depth:
+        if sql.startswith("/*", position):
+            depth, position = depth + 1, position + 2
+        elif sql.startswith("*/", position):
+            depth, position = depth - 1, position + 2
+        else:
+            position += 1
+    return position
+
+
+def _quoted_name(sql: str, start: int) -> tuple[str, int]:
+    "The quoted identifier opening at `start` (a doubled quote is one quote), and the index after it."
+    end = start + 1
+    while True:
+        end = sql.find('"', end)
+        if end < 0 or not sql.startswith('""', end):
+            break
+        end += 2
+    end = len(sql) if end < 0 else end + 1
+    return sql[start + 1 : end - 1].replace('""', '"'), end
+
+
+def _word_token(sql: str, start: int, word: str, backslash_escapes: bool) -> tuple[tuple | None, int]:
+    "The token the word at `start` makes (None: the prefix of a string literal, skipped), and the index after it."
+    after, lower = start + len(word), word.lower()
+    if lower in ("e", "b", "x", "n") and sql.startswith("'", after):  # E'…' (backslash escapes), B'…', X'…', N'…'
+        return None, _string_end(sql, after, lower == "e" or backslash_escapes)
+    if lower == "u" and sql.startswith("&'", after):
+        return None, _string_end(sql, after + 1, False)
+    if lower == "u" and sql.startswith('&"', after):
+        return ("unicode", "U&"), after + 1
+    return ("word", lower), after
+
+
+def _operator_end(sql: str, start: int) -> int:
+    "The index after the operator starting at `start` (the start of a comment ends it)."
+    end = start
+    while end < len(sql) and sql[end] in _SQL_OPERATOR_CHARACTERS and not sql.startswith(("--", "/*"), end):
+        end += 1
+    return end
+
+# %% ../nbs/18_sql_sources.ipynb #3b89a08c
 def _sql_tokens(sql: str, backslash_escapes: bool) -> list[tuple[str, str]]:
     """The code tokens of SQL text as (kind, text): word, quoted, unicode, operator or other; comments and strings left
     out."""
     tokens, position, size = [], 0, len(sql)
     while position < size:
-        character = sql[position]
+        character, token = sql[position], None
         if character.isspace():
             position += 1
         elif sql.startswith("--", position):
             newline = sql.find("\n", position)
             position = size if newline < 0 else newline + 1
-        elif sql.startswith("/*", position):  # comments nest in PostgreSQL
-            depth, position = 1, position + 2
-            while position < size and depth:
-                if sql.startswith("/*", position):
-                    depth, position = depth + 1, position + 2
-                elif sql.startswith("*/", position):
-                    depth, position = depth - 1, position + 2
-                else:
-                    position += 1
+        elif sql.startswith("/*", position):
+            position = _comment_end(sql, position)
         elif character == "'":
             position = _string_end(sql, position, backslash_escapes)
         elif character == '"':
-            end = position + 1
-            while True:
-                end = sql.find('"', end)
-                if end < 0 or not sql.startswith('""', end):
-                    break
-                end += 2
-            end = size if end < 0 else end + 1
-            tokens.append(("quoted", sql[position + 1 : end - 1].replace('""', '"')))
-            position = end
+            name, position = _quoted_name(sql, position)
+            token = ("quoted", name)
         elif character == "$" and _SQL_DOLLAR.match(sql, position):
             tag = _SQL_DOLLAR.match(sql, position).group(0)
             end = sql.find(tag, position + len(tag))
             position = size if end < 0 else end + len(tag)
         elif _SQL_WORD.match(sql, position):
-            word = _SQL_WORD.match(sql, position).group(0)
-            after = position + len(word)
-            if word.lower() in ("e", "b", "x", "n") and sql.startswith(
-                "'", after
-            ):  # E'…' (backslash escapes), B'…', X'…', N'…'
-                position = _string_end(sql, after, word.lower() == "e" or backslash_escapes)
-            elif word.lower() == "u" and sql.startswith("&'", after):
-                position = _string_end(sql, after + 1, False)
-            elif word.lower() == "u" and sql.startswith('&"', after):
-                tokens.append(("unicode", "U&"))
-                position = after + 1
-            else:
-                tokens.append(("word", word.lower()))
-                position = after
+            token, position = _word_token(sql, position, _SQL_WORD.match(sql, position).group(0), backslash_escapes)
         elif character in _SQL_OPERATOR_CHARACTERS:
-            end = position
-            while (
-                end < size
-                and sql[end] in _SQL_OPERATOR_CHARACTERS
-                and not sql.startswith("--", end)
-                and not sql.startswith("/*", end)
-            ):
-                end += 1
-            tokens.append(("operator", sql[position:end]))
-            position = end
+            end = _operator_end(sql, position)
+            token, position = ("operator", sql[position:end]), end
         else:
-            tokens.append(("other", character))
-            position += 1
+            token, position = ("other", character), position + 1
+        if token is not None:
+            tokens.append(token)
     return tokens
 
 
 def sql_calls(
     sql: str,  # SQL text: a query, or an expression from a plan
-    backslash_escapes: bool = False,  # True when '…' strings take backslash escapes (PostgreSQL's standard_conforming_strings off)
+    backslash_escapes: bool = False,  # True when '…' strings take backslash escapes (standard_conforming_strings off)
 ) -> tuple[
     set[str], set[str], bool
 ]:  # (names written as calls, operators, True when a name is written with Unicode escapes)
-    "What SQL text calls, read as PostgreSQL's lexer reads it: the functions (unquoted names lower-cased), the operators."
+    """What SQL text calls, read as PostgreSQL's lexer reads it: the functions (unquoted names lower-cased), the
+    operators."""
     tokens = _sql_tokens(sql, backslash_escapes)
     calls = {
         text
@@ -271,8 +283,8 @@ def _refuse_volatile(
     operators: set[str],  # operators it uses
     where: str,  # "source 'name' (url)", for the error
 ) -> None:
-    """Refuse when one of the functions, or an operator's function, is volatile in pg_proc (in any schema) and not known to
-    only read. A function taking `internal` is left out: SQL cannot call it (TABLESAMPLE's `bernoulli` is one)."""
+    """Refuse when one of the functions, or an operator's function, is volatile in pg_proc (in any schema) and not known
+    to only read. A function taking `internal` is left out: SQL cannot call it (TABLESAMPLE's `bernoulli` is one)."""
     volatile = connection.execute(
         "SELECT DISTINCT proname FROM pg_proc WHERE provolatile = 'v' AND proname = ANY(%s) AND NOT proname = ANY(%s) "
         "AND NOT 'internal'::regtype::oid = ANY(proargtypes::oid[]) ORDER BY 1",

@@ -386,8 +386,7 @@ def test_the_identifier_is_logged_only_hashed_and_a_champion_with_other_fields_r
     the form rebuilt for a new champion."""
     from lifecycle.clinic import Clinic
     from lifecycle.core import open_project
-    from lifecycle.serving.predlog import open_log
-    from lifecycle.serving.predlog.writer import id_key, pseudonymize
+    from lifecycle.serving.predlog import id_key, open_log, pseudonymize
 
     root = champion_project
     settings = root / "settings.ini"

@@ -37,7 +37,7 @@ LAYERS = {
     "monitoring.engine": 1,
     "rollback": 1,
     "promotion": 1,
-    "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures  # monitoring's computations: the monitor stage, the command and the dashboard use them
+    "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures
     # the stages, the dashboard and its server
     "collect": 2,
     "prepare": 2,
@@ -56,12 +56,21 @@ LAYERS = {
     "clinic_form": 2,
     "clinic_html": 2,
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
-    # stores, reader, writer) are shared services; the server, batch, stream and replay sit beside the stages
+    # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
+    # stream and replay sit beside the stages
     "serving": 1,
-    "serving.scoring": 1,
+    "serving.scoring": 1,  # scoring's names in one place, from its parts: scorer, shadow
+    "serving.scorer": 1,
+    "serving.shadow": 1,
     "serving.predlog": 1,
+    "serving.predlog.common": 1,
+    "serving.predlog.sqlite": 1,
+    "serving.predlog.postgres": 1,
     "serving.predlog.stores": 1,
     "serving.predlog.reader": 1,
+    "serving.predlog.rows": 1,
+    "serving.predlog.journal": 1,
+    "serving.predlog.runs": 1,
     "serving.predlog.writer": 1,
     "serving.serve": 2,  # the server, in parts: holder, checks, openapi, routes (the handlers), serve (the app)
     "serving.holder": 2,
@@ -97,7 +106,17 @@ LAYERS = {
 }
 # Inside a package whose parts are ordered, a part imports only the parts before it.
 ORDERED = [
-    ["serving.predlog.stores", "serving.predlog.reader", "serving.predlog.writer"],
+    [
+        "serving.predlog.common",
+        "serving.predlog.sqlite",
+        "serving.predlog.postgres",
+        "serving.predlog.stores",
+        "serving.predlog.reader",
+        "serving.predlog.rows",
+        "serving.predlog.journal",
+        "serving.predlog.runs",
+        "serving.predlog.writer",
+    ],
     ["monitoring.windows", "monitoring.figures", "monitoring.store", "monitoring.engine"],
 ]
 STAGES = {"collect", "prepare", "train", "evaluate", "deploy", "monitor_report", "retrain"}

@@ -121,8 +121,8 @@ def _recalibration_template(root):
     held-out patients."""
     from datetime import datetime, timedelta, timezone
 
-    from lifecycle.core import load_settings, write_json
     from lifecycle.challenger import judge
+    from lifecycle.core import load_settings, write_json
     from lifecycle.retrain import write_retraining_data
 
     rng = np.random.default_rng(1)

@@ -31,19 +31,25 @@ def long_functions(source: str) -> list[tuple[str, int]]:
 
 
 def silent_inner_imports(source: str) -> list[int]:
-    "Line numbers of imports inside a function or class with no comment on their lines or the line above."
+    """Line numbers of imports inside a function or class with no comment on their lines or the line above; a run of
+    imports one after the other shares the comment of its first."""
     lines = source.splitlines()
-    found = []
-    tree = ast.parse(source)
-    for parent in ast.walk(tree):
-        if not isinstance(parent, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        for node in ast.walk(parent):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                text = lines[node.lineno - 2 : node.end_lineno]
-                if not any("#" in line for line in text):
-                    found.append(node.lineno)
-    return sorted(set(found))
+    inner = set()
+    for parent in ast.walk(ast.parse(source)):
+        if isinstance(parent, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            inner |= {
+                (node.lineno, node.end_lineno)
+                for node in ast.walk(parent)
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+            }
+    found, explained_until = [], None
+    for start, end in sorted(inner):
+        said = any("#" in line for line in lines[start - 2 : end])
+        if said or explained_until == start - 1:
+            explained_until = end
+        else:
+            found.append(start)
+    return found
 
 
 def test_the_checks_catch_what_they_say():
@@ -52,6 +58,7 @@ def test_the_checks_catch_what_they_say():
     assert long_functions(f'def f():\n    "{REASON}: one table."\n{body}\n') == []
     assert silent_inner_imports("import os\n\ndef f():\n    import json\n    return json\n") == [4]
     assert silent_inner_imports("def f():\n    import torch  # optional: only for the deep model\n") == []
+    assert silent_inner_imports("def f():\n    import a  # start-up time\n    import b\n\n    import c\n") == [5]
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda path: path.relative_to(PACKAGE).as_posix())

@@ -6,7 +6,34 @@
 __all__ = []
 
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
-from .stores import SEQUENCED_TABLES, CHANNELS, DEFAULT_FILE, REJECTION_COLUMNS  # isort: skip
+from .common import SEQUENCED_TABLES, CHANNELS, DEFAULT_FILE, REJECTION_COLUMNS  # isort: skip
+from lifecycle.serving.predlog.common import (
+    PredictionBlock,
+    UnstorableBlock,
+    block_key,
+    describe_error,
+    features_json,
+    is_data_error,
+    latest_totals,
+    log_location,
+    redact_url,
+    utc_text,
+    without_logged,
+    write_blocks,
+)
+from lifecycle.serving.predlog.journal import (
+    FIELD_MAX_CHARS,
+    Journal,
+    JournalError,
+    RejectionTally,
+    hour_text,
+    journal_folder,
+    journal_rejections,
+    replay_journals,
+)
+from lifecycle.serving.predlog.postgres import (
+    PostgresStore,
+)
 from lifecycle.serving.predlog.reader import (
     PREDICTION_COLUMNS,
     SHADOW_PAIR_COLUMNS,
@@ -22,41 +49,26 @@ from lifecycle.serving.predlog.reader import (
     shadow_request_id,
     shadow_summary,
 )
-from lifecycle.serving.predlog.stores import (
-    PostgresStore,
-    PredictionBlock,
-    SQLiteStore,
-    UnstorableBlock,
-    block_key,
-    describe_error,
-    features_json,
-    is_data_error,
-    latest_totals,
-    log_location,
-    log_store,
-    redact_url,
-    utc_text,
-    without_logged,
-    write_blocks,
-)
-from lifecycle.serving.predlog.writer import (
-    FIELD_MAX_CHARS,
+from lifecycle.serving.predlog.rows import (
     ID_KEY_ENV,
-    Journal,
-    JournalError,
-    PendingRun,
-    PredictionLog,
-    RejectionTally,
-    hour_text,
     id_key,
-    journal_folder,
-    journal_rejections,
     label_row,
-    open_log,
     prediction_row,
     pseudonymize,
+)
+from lifecycle.serving.predlog.runs import (
+    PendingRun,
     remove_dead_runs,
-    replay_journals,
+)
+from lifecycle.serving.predlog.sqlite import (
+    SQLiteStore,
+)
+from lifecycle.serving.predlog.stores import (
+    log_store,
+)
+from lifecycle.serving.predlog.writer import (
+    PredictionLog,
+    open_log,
 )
 
 # the package's names; written as `__all__` (not nbdev's `_all_`) so that ruff sees the imports above used

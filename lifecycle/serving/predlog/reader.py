@@ -5,13 +5,14 @@
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c004
 from __future__ import annotations
 
+import bisect
 import io
 import json
 
 import numpy as np
 import pandas as pd
 
-from .stores import REJECTION_COLUMNS
+from .common import REJECTION_COLUMNS
 
 # %% auto #0
 __all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'commit_range', 'prediction_problem', 'label_problem',
@@ -68,13 +69,16 @@ def _oldest_first(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def _typed_alike(parts: list[pd.DataFrame]) -> list[pd.DataFrame]:
-    "A column all missing in one part takes the type the others give it (a label none has yet, a feature a block lacks)."
+    """A column all missing in one part takes the type the others give it (a label none has yet, a feature a block
+    lacks)."""
     kinds = {}  # each column's type where it has values: numbers, times or objects can hold a missing value
     for part in parts:
         for name in part.columns:
             if name not in kinds and part[name].notna().any():
                 kind = part[name].dtype
-                if pd.api.types.is_float_dtype(kind) or pd.api.types.is_datetime64_any_dtype(kind) or kind == object:
+                if (
+                    pd.api.types.is_float_dtype(kind) or pd.api.types.is_datetime64_any_dtype(kind) or kind == object  # noqa: E721 -- a dtype compared with object (text), not a type check
+                ):
                     kinds[name] = kind
     typed = []
     for part in parts:
@@ -88,14 +92,16 @@ def _typed_alike(parts: list[pd.DataFrame]) -> list[pd.DataFrame]:
 
 
 def _with_features(frame: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
-    "The predictions' columns, then their features; a feature named like one of those columns gets the prefix `feature_`."
+    """The predictions' columns, then their features; a feature named like one of those columns gets the prefix
+    `feature_`."""
     features.columns = [f"feature_{name}" if name in PREDICTION_COLUMNS else name for name in features.columns]
     return pd.concat([frame, features], axis=1)
 
 
 def _block_frame(when, model_version: int, channel: str, data: bytes, features: bool = True) -> pd.DataFrame:
-    "A block of predictions as the same frame as `_prediction_frame` makes (`features=False`: its features not even read)."
-    import pyarrow as pa
+    """A block of predictions as the same frame as `_prediction_frame` makes (`features=False`: its features not even
+    read)."""
+    import pyarrow as pa  # start-up time: pyarrow loads with the first block or Parquet file
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(io.BytesIO(data))
@@ -222,7 +228,8 @@ def readable_rows(
     rows: list[tuple],  # rows as read from the store
     build,  # rows -> frame; raises on a row it cannot read
     problem,  # row -> (reason, field)
-    undecodable: bool = False,  # the rows were read with surrogates for text that is not UTF-8: check each row's text first
+    # the rows were read with surrogates for text that is not UTF-8: check each row's text first
+    undecodable: bool = False,
 ) -> tuple[
     list[pd.DataFrame], list[tuple[str, str]]
 ]:  # (frames of the readable rows, the (reason, field) of each refused one)
@@ -250,7 +257,8 @@ def read_rejections(
     after: int | None = None,  # only rows of commits after this number (see `commit_range`)
     upto: int | None = None,  # ... up to this one
 ) -> pd.DataFrame:  # REJECTION_COLUMNS; hours and `logged` as UTC times; oldest write first
-    "The counts of refused records: one row a source, hour logged, hour of the event, channel, model version, reason and field."
+    """The counts of refused records: one row a source, hour logged, hour of the event, channel, model version, reason
+    and field."""
     where, parameters = "", ()
     if since is not None:
         where, parameters = f" WHERE logged >= {store.mark}", (store.time_parameter(since),)
@@ -456,15 +464,15 @@ class PredictionReader:
         request_ids,  # the request ids wanted (text)
         features: bool = False,  # with their features as columns
     ) -> pd.DataFrame:  # the committed predictions with these ids, oldest first; an id not in the log is left out
-        "Predictions by request id: rows found through the key's index, and only the blocks whose range of ids holds one."
-        import bisect
-
+        """Predictions by request id: rows found through the key's index, and only the blocks whose range of ids holds
+        one."""
         wanted = sorted({str(value) for value in request_ids})
         rows = []
         for start in range(0, len(wanted), 10_000):  # well under SQLite's 32,766 parameters and PostgreSQL's 65,535
             chunk = wanted[start : start + 10_000]
             rows += self.store.read(
-                f"SELECT {_selected(features)} FROM predictions WHERE request_id IN ({', '.join([self.store.mark] * len(chunk))})",
+                f"SELECT {_selected(features)} FROM predictions "
+                f"WHERE request_id IN ({', '.join([self.store.mark] * len(chunk))})",
                 tuple(chunk),
             )
         frames = [_prediction_frame(rows, features)]
@@ -509,7 +517,8 @@ class PredictionReader:
         pd.DataFrame, list[tuple[str, str]]
     ]:  # (predictions as `predictions` gives them, oldest first; (reason, field) of each row left out)
         """The predictions of the commits after `after` up to `upto`, whatever times they carry. A row that cannot be
-        read (written by another tool) is left out and its reason returned, never its value; so is a block that cannot."""
+        read (written by another tool) is left out and its reason returned, never its value; so is a block that
+        cannot."""
         where, parameters = commit_range(self.store.mark, after, upto)
         rows, undecodable = self._read_all(
             f"SELECT {_selected(True)} FROM predictions WHERE {where} ORDER BY time, request_id", parameters
@@ -532,7 +541,8 @@ class PredictionReader:
     ) -> tuple[
         pd.DataFrame, list[tuple[str, str]]
     ]:  # (request_id, label, time in commit order; (reason, field) of each row left out)
-        "The labels of the commits after `after` up to `upto`, in commit order (a correction comes after what it corrects)."
+        """The labels of the commits after `after` up to `upto`, in commit order (a correction comes after what it
+        corrects)."""
         where, parameters = commit_range(self.store.mark, after, upto)
         rows, undecodable = self._read_all(
             f"SELECT request_id, label, time FROM labels WHERE {where} ORDER BY seq, request_id", parameters

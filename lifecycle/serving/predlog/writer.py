@@ -6,406 +6,51 @@
 from __future__ import annotations
 
 import atexit
-import fcntl
-import hashlib
 import heapq
-import hmac
-import json
 import logging
-import math
 import os
 import queue
-import re
-import secrets
-import socket
 import threading
 import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ...core import LifecycleError
-from .reader import PredictionReader
-from lifecycle.serving.predlog.stores import (
+from lifecycle.serving.predlog.common import (
     CHANNELS,
     PredictionBlock,
     describe_error,
-    features_json,
     is_data_error,
     latest_totals,
-    log_store,
     utc_text,
-    without_logged,
 )
+from .journal import Journal, JournalError, RejectionTally, journal_folder, replay_journals
+from .reader import PredictionReader
+from lifecycle.serving.predlog.rows import (
+    _CONVERSION_ERRORS,
+    _block_header,
+    _checked_event_times,
+    _feature_struct,
+    _id_hasher,
+    _invalid,
+    _key_arrays,
+    id_key,
+    label_row,
+    prediction_row,
+)
+from .runs import remove_dead_runs
+from .stores import log_store
 
 # %% auto #0
-__all__ = ['ID_KEY_ENV', 'FIELD_MAX_CHARS', 'pseudonymize', 'id_key', 'prediction_row', 'label_row', 'JournalError', 'Journal',
-           'journal_folder', 'replay_journals', 'hour_text', 'RejectionTally', 'journal_rejections', 'PredictionLog',
-           'open_log', 'PendingRun', 'remove_dead_runs']
-
-# %% ../../../nbs/34_predlog_writer.ipynb #a1f0c007
-def _id_text(value) -> str | None:
-    "An identifier as text, the same for 42, 42.0 and '42'; None when it is missing."
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if value.is_integer():
-            return str(int(value))
-    return str(value).strip()
-
-
-def pseudonymize(
-    value,  # an identifier (text or number); None or NaN when the record has none
-    key: bytes,  # the project's secret key (`id_key`)
-) -> str | None:  # 32 hex characters; None for a missing identifier
-    "A keyed hash (HMAC-SHA256) of an identifier: the same for the same identifier, useless without the key."
-    text = _id_text(value)
-    if text is None:
-        return None
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:32]
-
-# %% ../../../nbs/34_predlog_writer.ipynb #a1f0c010
-ID_KEY_ENV = "LIFECYCLE_ID_KEY"
-
-
-def _create_key(path: Path) -> None:
-    "Write 32 random bytes to `path`, owner-only; when another process made the key first, keep theirs."
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    handle = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(handle, secrets.token_bytes(32))
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-    try:
-        os.link(staging, path)  # atomic, and refuses to replace a key that exists
-    except FileExistsError:
-        pass
-    finally:
-        staging.unlink()
-
-
-def id_key(
-    root: Path,  # the project folder
-) -> bytes:  # the secret key for `pseudonymize`
-    "The project's secret key: `$LIFECYCLE_ID_KEY` when set, else `.lifecycle/id.key`, made once."
-    from_environment = os.environ.get(ID_KEY_ENV)
-    if from_environment:
-        return from_environment.encode()
-    path = Path(root) / ".lifecycle" / "id.key"
-    if not path.exists():
-        _create_key(path)
-    key = path.read_bytes()
-    if len(key) < 16:
-        raise LifecycleError(
-            f"{path} holds {len(key)} bytes, too few for a key; restore it, or delete it to make a new one (old hashes will not match new ones)"
-        )
-    return key
-
-# %% ../../../nbs/34_predlog_writer.ipynb #a1f0c018
-_FIELD_HELP = {
-    "request_id": "a unique text",
-    "time": "ISO-8601 text or a datetime",
-    "event_time": "ISO-8601 text, a datetime or None",
-    "model_version": "an integer",
-    "channel": f"one of {', '.join(CHANNELS)}",
-    "score": "a number",
-    "decision": "an integer, 0 or 1",
-    "features": "a dict of JSON values",
-    "id": "text, a number or None",
-    "label": "an integer, 0 or 1",
-}
-_CONVERSION_ERRORS = (KeyError, TypeError, ValueError, OverflowError, RecursionError)
-
-
-def _id_hasher(key: bytes):
-    "`pseudonymize` under one key, with the key's HMAC set up once instead of once a row."
-    keyed = hmac.new(key, digestmod=hashlib.sha256)
-
-    def hash_id(value) -> str | None:
-        text = _id_text(value)
-        if text is None:
-            return None
-        digest = keyed.copy()
-        digest.update(text.encode())
-        return digest.hexdigest()[:32]
-
-    return hash_id
-
-
-def _text_id(value) -> str:
-    "A request id as text that every database accepts: valid UTF-8, no NUL character."
-    text = str(value)
-    if "\x00" in text or not text:
-        raise ValueError
-    text.encode("utf-8")  # a lone surrogate cannot be stored
-    return text
-
-
-def _invalid(what: str, field: str) -> LifecycleError:
-    return LifecycleError(f"{what}: '{field}' is missing or invalid; it must be {_FIELD_HELP[field]}")
-
-
-def prediction_row(
-    prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id; optional event_time
-    hash_id,  # identifier -> its pseudonym (see `_id_hasher`)
-    number: int = 0,  # the prediction's position in its call, for errors
-) -> tuple:  # (request_id, time, model_version, channel, score, decision, id_hash, features JSON, event_time)
-    "One prediction as the row the log stores; the raw identifier goes no further than this."
-    field = "request_id"
-    try:
-        request_id = _text_id(prediction["request_id"])
-        field = "time"
-        when = utc_text(prediction.get("time"))
-        field = "event_time"  # when it happened (the record's own time, or a replay's simulated arrival); default: when logged
-        event = when if prediction.get("event_time") is None else utc_text(prediction["event_time"])
-        field = "model_version"
-        version = int(prediction["model_version"])
-        if not 0 <= version < 2**63:
-            raise ValueError
-        field = "channel"
-        channel = prediction["channel"]
-        if channel not in CHANNELS:
-            raise ValueError
-        field = "score"
-        score = float(prediction["score"])
-        field = "decision"
-        decision = int(prediction["decision"])
-        field = "features"
-        features = features_json(prediction.get("features") or {})
-        field = "id"
-        id_hash = hash_id(prediction.get("id"))
-    except _CONVERSION_ERRORS:
-        pass  # raised below, outside this block, so the error does not chain the original (which quotes the value)
-    else:
-        return (request_id, when, version, channel, score, decision, id_hash, features, event)
-    raise _invalid(f"prediction {number}", field)
-
-
-def label_row(
-    request_id: str,  # the prediction's request id
-    label: int,  # the true label
-    when=None,  # when it became known; None for now
-) -> tuple:  # (request_id, label, time)
-    "One label as the row the log stores."
-    field = "request_id"
-    try:
-        request_id = _text_id(request_id)
-        field = "label"
-        label = int(label)
-        field = "time"
-        when = utc_text(when)
-    except _CONVERSION_ERRORS:
-        pass
-    else:
-        return (request_id, label, when)
-    raise _invalid("label", field)
-
-# %% ../../../nbs/34_predlog_writer.ipynb #3a263785
-class JournalError(LifecycleError):
-    "The journal cannot be written (a full disk): the rows were not recorded."
-
-
-class Journal:
-    "An append-only file of converted prediction rows, locked by the process writing it."
-
-    def __init__(
-        self,
-        folder: Path,  # the log's journal folder (`journal_folder`)
-    ):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        self.path = folder / f"{uuid.uuid4().hex}.jsonl"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives: replay skips it
-        self.size = 0
-
-    def append(self, rows: list[tuple]) -> None:
-        "Append rows in one write (one line each); an error (a full disk) is raised."
-        data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode()
-        written = os.write(self._fd, data)
-        while written < len(data):  # a short write: rare, on a signal
-            written += os.write(self._fd, data[written:])
-        self.size += len(data)
-
-    def release(self, delete: bool) -> None:
-        "Close the file; delete it when every row in it is committed, else leave it for a replay."
-        if self._fd is None:
-            return
-        if delete:
-            self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = None
-
-
-def journal_folder(
-    root: Path,  # the project folder
-    store,  # the log's store
-) -> Path:  # where the journals of this log live
-    """One folder a log (a database), in the project's private folder: keyed by the log's resolved location (`log_location`),
-    so a server started through a symlink and a monitor started by the real path journal into, and replay, one folder."""
-    return Path(root).resolve() / ".lifecycle" / "journal" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
-
-
-def replay_journals(
-    store,  # the log's store
-    folder: Path,  # its journal folder
-    chunk: int = 1000,  # rows a transaction
-) -> int:  # rows replayed (those already logged included)
-    "Write the rows of every journal no live process holds, then delete it."
-    if not folder.is_dir():
-        return 0
-    replayed = 0
-    for path in sorted(folder.glob("*.jsonl")):
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:  # replayed by another process meanwhile
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # a live process writes it
-                continue
-            rows, labels, refused = [], [], []
-            with open(fd, "rb", closefd=False) as handle:
-                for line in handle:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:  # a line cut short by the crash: its request was never answered
-                        continue
-                    if isinstance(entry, dict) and "label" in entry:  # a label accepted by /feedback (`record_label`)
-                        labels.append(tuple(entry["label"]))
-                    elif isinstance(entry, dict):  # refused records counted (`record_rejections`)
-                        refused.append(entry)
-                    else:
-                        rows.append(tuple(entry))
-            connection = store.connect()
-            try:
-                for start in range(0, len(rows), chunk):
-                    store.write(connection, rows[start : start + chunk], [])
-                for start in range(0, len(labels), chunk):  # after the predictions they belong to
-                    store.write(connection, [], labels[start : start + chunk])
-                if refused:
-                    store.write(connection, [], [], (), latest_totals(journal_rejections(refused), utc_text()))
-            finally:
-                connection.close()
-            path.unlink(missing_ok=True)
-            replayed += len(rows)
-            if rows:
-                _logger.warning(
-                    "prediction log %s: replayed %d predictions from a journal left by a process that stopped",
-                    store,
-                    len(rows),
-                )
-        except Exception as error:  # the database is down: the journal stays for the next open
-            _logger.warning(
-                "prediction log %s: replaying a journal failed (%s); it is kept for the next open",
-                store,
-                describe_error(error),
-            )
-        finally:
-            os.close(fd)
-    return replayed
-
-# %% ../../../nbs/34_predlog_writer.ipynb #902c7d80
-_REASON_CODE = re.compile(r"^[a-z][a-z_]{0,39}$")
-FIELD_MAX_CHARS = 200  # a column name longer than this is not one (the contract names only the project's columns)
-
-
-def hour_text(
-    when=None,  # a time (ISO-8601 text or datetime); None for now
-) -> str:  # the start of its hour, UTC text
-    "The hour a time falls in."
-    return utc_text(when)[:13] + ":00:00.000000+00:00"
-
-
-class RejectionTally:
-    "Running totals of the records one source refused, by hour logged, hour of the event, channel, model version, reason and field."
-
-    def __init__(
-        self,
-        source: str,  # who counts: a journal file's name, a log instance, a batch file
-    ):
-        self.source = source
-        self.totals = {}
-
-    def add(
-        self,
-        rejected: list[tuple],  # (reason code, field or "", records, event time or None for now)
-        channel: str,  # the channel they came by
-        model_version: int,  # the version whose contract refused them
-        now=None,  # the time they are counted (default now)
-    ) -> tuple[list, list]:  # (increments, for the journal; rows with the new totals, for the queue)
-        "Count refused records; reasons and fields are checked to be codes and column names, never values."
-        logged_hour = hour_text(now)
-        increments = {}
-        for reason, field, count, when in rejected:
-            if not isinstance(reason, str) or not _REASON_CODE.match(reason):
-                raise LifecycleError(
-                    "record_rejections: a reason must be a code (lower-case letters and _), as contract.rejection_reasons gives"
-                )
-            if not isinstance(field, str) or len(field) > FIELD_MAX_CHARS or not field.isprintable():
-                raise LifecycleError(
-                    f"record_rejections: a field must be a column name (printable, at most {FIELD_MAX_CHARS} characters) or empty"
-                )
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-                raise LifecycleError("record_rejections: a count must be a whole number, 0 or more")
-            try:
-                event_hour = logged_hour if when is None else hour_text(when)
-            except _CONVERSION_ERRORS:
-                raise _invalid("record_rejections", "event_time") from None
-            if count:
-                key = (logged_hour, event_hour, channel, int(model_version), reason, field)
-                increments[key] = increments.get(key, 0) + int(count)
-        rows = []
-        for key, count in increments.items():
-            self.totals[key] = self.totals.get(key, 0) + count
-            rows.append((self.source, *key, self.totals[key]))
-        for key in [key for key in self.totals if key[0] < logged_hour]:  # queued with their final totals already
-            del self.totals[key]
-        return [[*key, count] for key, count in increments.items()], rows
-
-
-def journal_rejections(
-    entries: list[
-        dict
-    ],  # journal lines of refused records: {"source": …, "rejections": [[logged_hour, event_hour, channel, version, reason, field, count], …]}
-) -> list[tuple]:  # rejection rows without `logged`: each key's total over the entries
-    "The totals a journal's increments add up to, as the process that wrote them held them."
-    totals = {}
-    for entry in entries:
-        for *key, count in entry.get("rejections", []):
-            key = (str(entry.get("source", "")), *key)
-            totals[key] = totals.get(key, 0) + int(count)
-    return [(*key, total) for key, total in totals.items()]
+__all__ = ['PredictionLog', 'open_log']
 
 # %% ../../../nbs/34_predlog_writer.ipynb #a1f0c027
 _logger = logging.getLogger("lifecycle.serving.predlog")
-
-
-@contextmanager
-def _transaction(connection):
-    "One transaction on a writer's connection (autocommit SQLite or psycopg)."
-    if hasattr(connection, "transaction"):  # psycopg
-        with connection.transaction():
-            yield
-        return
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
 
 
 def _weight(item: tuple) -> int:
@@ -529,7 +174,8 @@ class PredictionLog(PredictionReader):
     def record(
         self,
         predictions: list[dict],  # each: request_id, time, model_version, channel, score, decision, features, id
-        journal: bool = True,  # False: queued without the journal, even when the log has one (rows no client was answered with: a shadow's)
+        # False: queued without the journal, even when the log has one (rows no client was answered with: a shadow's)
+        journal: bool = True,
     ) -> int:  # a ticket: `when_committed(ticket)` tells when these rows are in the database
         "Queue predictions for the writer; returns at once (no disk, no network on this thread)."
         items = [
@@ -551,7 +197,8 @@ class PredictionLog(PredictionReader):
         return ticket
 
     def _tend_journals(self, ticket: int) -> None:
-        "Start a new journal file when this one is full; delete the full ones whose rows are all committed. Holds the lock."
+        """Start a new journal file when this one is full; delete the full ones whose rows are all committed. Holds the
+        lock."""
         if self._journal.size >= self.journal_bytes:
             self._retired.append((self._journal, ticket))
             self._journal = Journal(self._journal.folder)
@@ -570,7 +217,8 @@ class PredictionLog(PredictionReader):
         channel: str = "batch",  # online, batch or stream
         time=None,  # when they were scored (one time for all; default now)
         ids=None,  # the raw identifiers, or None: pseudonymized here, never queued
-        event_times=None,  # each prediction's event time (ISO-8601 text or datetimes), or None: the time they were logged
+        # each prediction's event time (ISO-8601 text or datetimes), or None: the time they were logged
+        event_times=None,
     ) -> None:
         """Queue many predictions of one model at once, as one block: the bulk path of batch scoring.
 
@@ -578,48 +226,14 @@ class PredictionLog(PredictionReader):
         Features that Arrow cannot hold as typed columns (a column mixing numbers and text) are logged as
         rows instead, with their features as JSON. Without features (a shadow's predictions, whose records
         the champion's predictions hold) the block has none: read back, its feature columns are missing values."""
+        import pyarrow as pa  # start-up time: pyarrow loads with the first block or Parquet file
+
         count = len(request_ids)
-        feature_rows = count if features is None else len(features)
-        if not (len(scores) == len(decisions) == feature_rows == count) or (ids is not None and len(ids) != count):
-            raise LifecycleError(
-                "record_many: request_ids, scores, decisions, features and ids must have one entry a prediction"
-            )
-        if channel not in CHANNELS:
-            raise _invalid("record_many", "channel")
-        when = utc_text(time)
-        version = int(model_version)
-        if not 0 <= version < 2**63:
-            raise _invalid("record_many", "model_version")
+        when, version = _block_header(count, scores, decisions, features, ids, channel, model_version, time)
         if not count:
             return
-        if event_times is not None:
-            if len(event_times) != count:
-                raise LifecycleError("record_many: event_times must have one entry a prediction")
-            try:
-                event_times = [when if value is None else utc_text(value) for value in event_times]
-            except _CONVERSION_ERRORS:
-                raise _invalid("record_many", "event_time") from None
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        try:
-            score_array = pa.array(np.asarray(scores, dtype="float64"))
-            decisions = np.asarray(decisions)
-            if decisions.dtype.kind not in "iub":
-                decisions = np.array([int(value) for value in decisions.tolist()], dtype="int64")
-            decision_array = pa.array(decisions.astype("int64", copy=False))
-            try:
-                id_array = pa.array(request_ids, pa.string())
-            except (pa.ArrowException, TypeError, UnicodeError):  # not all text: each one as text, checked
-                id_array = pa.array([_text_id(value) for value in request_ids], pa.string())
-            if (
-                id_array.null_count
-                or pc.min(pc.utf8_length(id_array)).as_py() == 0
-                or pc.any(pc.match_substring(id_array, "\x00")).as_py()
-            ):
-                raise ValueError
-        except _CONVERSION_ERRORS + (pa.ArrowException,):
-            raise LifecycleError("record_many: a request id, score or decision is missing or invalid") from None
+        event_times = _checked_event_times(event_times, when, count)
+        id_array, score_array, decisions, decision_array = _key_arrays(request_ids, scores, decisions)
         hashed = pa.array([self._hash_id(value) for value in ids] if ids is not None else [None] * count, pa.string())
         arrays = {"request_id": id_array, "score": score_array, "decision": decision_array, "id_hash": hashed}
         if event_times is not None:  # a block's rows each keep their own event time
@@ -629,13 +243,7 @@ class PredictionLog(PredictionReader):
             self._enqueue([("b", block)], block.rows)
             return
         try:
-            columns = pa.Table.from_pandas(
-                features.set_axis([str(name) for name in features.columns], axis=1), preserve_index=False
-            ).combine_chunks()
-            feature_struct = pa.StructArray.from_arrays(
-                [column.chunk(0) if column.num_chunks else pa.array([], column.type) for column in columns.columns],
-                names=columns.column_names,
-            )
+            feature_struct = _feature_struct(features)
         except (pa.ArrowException, TypeError, ValueError):
             self._record_many_as_rows(
                 id_array.to_pylist(),
@@ -682,7 +290,8 @@ class PredictionLog(PredictionReader):
         label: int,  # the true label
         time=None,  # when it became known (ISO-8601 text or datetime); None for now
     ) -> None:
-        "Queue a true label, which arrives after its prediction; with a journal (a server), journaled first: an accepted label survives kill -9."
+        """Queue a true label, which arrives after its prediction; with a journal (a server), journaled first: an
+        accepted label survives kill -9."""
         if self.run is not None:
             raise LifecycleError(
                 "a batch run's log records predictions only: record labels through a log opened without run"
@@ -712,7 +321,9 @@ class PredictionLog(PredictionReader):
         channel: str,  # online, batch or stream
         model_version: int,  # the version whose contract refused them
         source: str
-        | None = None,  # whose running totals: None for this log's; a batch run names its file, so scoring it again counts nothing twice
+        # whose running totals: None for this log's; a batch run names its file, so scoring it again counts nothing
+        # twice
+        | None = None,
     ) -> int | None:  # a ticket (`when_committed`); None when nothing was refused
         """Count refused records by hour, reason and field, never their values or identifiers; returns at once.
 
@@ -908,7 +519,8 @@ class PredictionLog(PredictionReader):
                         error = failure
                 failures += 1
                 self._note(
-                    f"writing {len(self._batch)} rows failed (attempt {failures}): {describe_error(error)}; retrying on a new connection"
+                    f"writing {len(self._batch)} rows failed (attempt {failures}): {describe_error(error)}; "
+                    "retrying on a new connection"
                 )
                 self._drop_connection()
                 if self._stop.wait(min(self.max_backoff, 0.01 * 2 ** (failures - 1))):
@@ -931,13 +543,16 @@ class PredictionLog(PredictionReader):
                 self._write([item])
             except Exception as error:
                 if not is_data_error(error):
-                    raise  # the database failed, not the row: the batch is retried (rows written so far are skipped by ON CONFLICT)
+                    # the database failed, not the row: the batch is retried (rows written so far are skipped by ON
+                    # CONFLICT)
+                    raise
                 refused += _weight(item)
                 last_error = error
         if refused:
             self.refused += refused
             self._note(
-                f"{refused} of {self._batch_weight} rows refused by the database and not logged: {describe_error(last_error)}"
+                f"{refused} of {self._batch_weight} rows refused by the database and not logged: "
+                f"{describe_error(last_error)}"
             )
         with self._committed_changed:
             self._committed += self._batch_weight
@@ -973,7 +588,8 @@ def open_log(
     url: str,  # "" or "sqlite": predictions.sqlite in the project; a file path or sqlite:///path; or postgresql://…
     root: Path,  # the project folder: relative paths start there, and the id key lives there
     batch_size: int = 1000,  # most rows one transaction writes
-    journal: bool = False,  # journal every recorded row before it is queued (the server: answered means logged, even after kill -9)
+    # journal every recorded row before it is queued (the server: answered means logged, even after kill -9)
+    journal: bool = False,
     run: str | None = None,  # a `PendingRun`'s id: this log's predictions stay invisible until that run publishes them
 ) -> PredictionLog:
     """Open the project's prediction log, creating its tables when needed, replaying the journals a crashed process left
@@ -985,184 +601,3 @@ def open_log(
     replay_journals(store, journal_folder(root, store))
     remove_dead_runs(store)
     return log
-
-# %% ../../../nbs/34_predlog_writer.ipynb #b7a1c011
-_BLOCK_COLUMNS = "block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data"
-
-
-def _delete_run(
-    connection,  # a writer's connection to the store, inside a transaction
-    mark: str,  # the store's parameter mark
-    run_id: str,  # the batch run
-) -> int:  # predictions removed
-    "Remove a batch run's pending rows and its registration."
-    removed = int(
-        connection.execute(
-            f"SELECT (SELECT count(*) FROM pending_predictions WHERE run_id = {mark}) + "
-            f"(SELECT coalesce(sum(row_count), 0) FROM pending_blocks WHERE run_id = {mark})",
-            (run_id, run_id),
-        ).fetchone()[0]
-    )
-    for table in ("pending_predictions", "pending_blocks", "pending_runs"):
-        connection.execute(f"DELETE FROM {table} WHERE run_id = {mark}", (run_id,))
-    return removed
-
-
-def _publish_blocks(
-    connection,  # a writer's connection, inside the publishing transaction
-    store,  # the store (its marks and statements)
-    run_id: str,  # the batch run
-) -> int:  # predictions moved into prediction_blocks
-    "Move a run's pending blocks into prediction_blocks, each without the predictions a logged block holds already."
-    mark = store.mark
-    if store.kind == "postgresql":  # one block writer at a time, as in `PostgresStore.write`
-        connection.execute("SELECT pg_advisory_xact_lock(7319002)")
-    published = 0
-    pending = connection.execute(
-        f"SELECT block_id, first_request_id, last_request_id, row_count FROM pending_blocks "
-        f"WHERE run_id = {mark} ORDER BY first_request_id",
-        (run_id,),
-    ).fetchall()
-    for block_id, first, last, rows in pending:
-        overlapping = [row[0] for row in connection.execute(store.overlapping_sql, (last, first)).fetchall()]
-        if not overlapping:  # the usual case: moved inside the database, never through Python
-            connection.execute(store.publish_block_sql, (block_id,))
-            published += int(rows)
-            continue
-        block = connection.execute(
-            f"SELECT {_BLOCK_COLUMNS} FROM pending_blocks WHERE block_id = {mark}", (block_id,)
-        ).fetchone()
-        block = without_logged(tuple(block[:-1]) + (bytes(block[-1]),), overlapping)
-        if block is not None:
-            connection.execute(store.insert_block_sql, block)
-            published += block[4]
-    return published
-
-# %% ../../../nbs/34_predlog_writer.ipynb #b7a1c012
-class PendingRun:
-    """A batch run whose predictions stay in the pending tables, invisible to every reader, until `publish` moves
-    them into the log in one transaction. `abandon` removes them; so does the next `open_log` once the run's
-    process is dead."""
-
-    def __init__(
-        self,
-        store,  # the log's store (`log_store`)
-    ):
-        self.store = store
-        self.run_id = uuid.uuid4().hex
-        self._lock = None
-        try:
-            connection = store.connect()
-            try:
-                store.create(connection)
-                self._lock = store.lock_run(
-                    self.run_id
-                )  # first the lock, then the registration: a registered run is never taken for dead
-                if self._lock is None:
-                    raise LifecycleError(f"batch run {self.run_id} is locked by another process")
-                with _transaction(connection):
-                    connection.execute(
-                        f"INSERT INTO pending_runs (run_id, started, owner) VALUES ({store.mark}, {store.mark}, {store.mark})",
-                        (self.run_id, store.time_parameter(None), f"{socket.gethostname()} pid {os.getpid()}"),
-                    )
-            finally:
-                connection.close()
-        except LifecycleError:
-            self._release()
-            raise
-        except Exception as error:
-            self._release()
-            raise LifecycleError(
-                f"cannot start a batch run in the prediction log {store}: {describe_error(error)}"
-            ) from None
-
-    def __repr__(self):
-        return f"PendingRun({self.run_id} in {self.store})"
-
-    def _release(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.release()
-
-    def publish(self) -> int:  # predictions made visible (those another block already held are left out)
-        "Make the run's predictions visible, all at once. Call it after every log writing for the run is flushed and closed."
-        if self._lock is None:
-            raise LifecycleError(f"batch run {self.run_id} was already published or abandoned")
-        mark = self.store.mark
-        connection = self.store.connect()
-        try:
-            with _transaction(connection):
-                if connection.execute(f"DELETE FROM pending_runs WHERE run_id = {mark}", (self.run_id,)).rowcount != 1:
-                    raise LifecycleError(
-                        f"batch run {self.run_id}: its pending predictions are no longer in the log {self.store} "
-                        "(removed as a dead run's); run it again"
-                    )
-                self.store.begin_commit(
-                    connection
-                )  # the run's rows carry this commit's number, not the times they were scored at
-                published = connection.execute(self.store.publish_predictions_sql, (self.run_id,)).rowcount
-                published += _publish_blocks(connection, self.store, self.run_id)
-                _delete_run(connection, mark, self.run_id)
-        finally:
-            connection.close()
-        self._release()
-        return max(0, published)
-
-    def abandon(self) -> int:  # predictions removed
-        "Remove the run's pending predictions: the run failed, so none of them was delivered."
-        if self._lock is None:
-            return 0
-        connection = self.store.connect()
-        try:
-            with _transaction(connection):
-                removed = _delete_run(connection, self.store.mark, self.run_id)
-        finally:
-            connection.close()
-        self._release()
-        return removed
-
-# %% ../../../nbs/34_predlog_writer.ipynb #b7a1c013
-def remove_dead_runs(
-    store,  # the log's store
-) -> int:  # pending predictions removed
-    "Remove the pending rows of batch runs whose process died (its lock is free), and rows of runs no longer registered."
-    try:
-        registered = [row[0] for row in store.read("SELECT run_id FROM pending_runs")]
-        written = {
-            row[0]
-            for row in store.read(
-                "SELECT DISTINCT run_id FROM pending_blocks UNION SELECT DISTINCT run_id FROM pending_predictions"
-            )
-        }
-    except Exception:  # a log made before batch runs were pending: nothing to remove
-        return 0
-    removed = 0
-    for run_id in registered + sorted(written - set(registered)):
-        lock = store.lock_run(run_id) if run_id in registered else None
-        if run_id in registered and lock is None:
-            continue  # its process lives
-        try:
-            connection = store.connect()
-            try:
-                with _transaction(connection):
-                    if (
-                        lock is None
-                        and connection.execute(
-                            f"SELECT 1 FROM pending_runs WHERE run_id = {store.mark}", (run_id,)
-                        ).fetchall()
-                    ):
-                        continue  # an unregistered run's rows: registered meanwhile (cannot happen: a run registers before it writes)
-                    removed += _delete_run(connection, store.mark, run_id)
-            finally:
-                connection.close()
-        finally:
-            if lock is not None:
-                lock.release()
-    if removed:
-        _logger.warning(
-            "prediction log %s: removed %d pending predictions of batch runs that stopped before they finished "
-            "(never visible to a reader)",
-            store,
-            removed,
-        )
-    return removed
