@@ -117,9 +117,7 @@ def contract_settings(
     ranges: dict[str, str] | None,  # `[prepare] ranges`, per column
     max_missing_share: float,  # `[prepare] max_missing_share`
     id_field: str,  # `[data] id`
-    # the settings the contract was compiled from, as prepare stores them beside the schema (and train in the model's
-    # meta)
-) -> dict:
+) -> dict:  # the settings the contract was compiled from, as prepare stores them beside the schema (and train)
     "What a contract is compiled from, as the run used it (parameters given with `-p` included)."
     return {
         "na_values": list(na_values),
@@ -132,9 +130,7 @@ def contract_settings(
 
 
 def contract_from_meta(
-    # a registry version's metadata: schema (with the contract's settings), features, the settings file it was trained
-    # with
-    meta: dict,
+    meta: dict,  # a registry version's metadata: schema (with the contract's settings), features, its settings file
 ) -> Contract:  # the contract its model was trained under
     """The contract of a model version (a version stored before the contract: from its settings, each missing field at
     its default)."""
@@ -184,8 +180,7 @@ def reason_series(codes: np.ndarray, labels: list[str], index: pd.Index) -> pd.S
 
 def check_frame(
     contract: Contract,  # the rules
-    # rows (other columns are ignored; a column the contract needs and the frame lacks is `missing`)
-    frame: pd.DataFrame,
+    frame: pd.DataFrame,  # rows (other columns are ignored; a column the contract needs and the frame lacks: `missing`)
 ) -> tuple[
     pd.DataFrame, pd.Series, pd.DataFrame
 ]:  # (cleaned columns in the contract's order; reason per row, "" when none; what changed per column)

@@ -67,9 +67,9 @@ def smoke_test(
     expected: np.ndarray,  # the model's offline scores of the same records
     headers: dict | None = None,  # e.g. an Authorization header
     passes: int = 3,  # times the records are sent one by one; the latency figures are the fastest pass's
-    # records, identical, max_abs_diff, failed, p50_ms, p99_ms (CPU), wall_p50_ms, wall_p99_ms, batch_rows_per_s,
-    # model_version
-) -> dict:
+) -> (
+    dict
+):  # records, identical, max_abs_diff, failed, p50/p99_ms (CPU), wall_p50/p99_ms, batch_rows_per_s, model_version
     """Score records over HTTP one by one (`passes` times) and in one batch; compare every answer with the offline
     scores.
 

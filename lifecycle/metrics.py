@@ -240,8 +240,7 @@ _BARE = re.compile(
 def group_words(
     settings: Settings,  # the project's settings (value labels, names, units)
     column: str,  # a sensitive column, or an intersection "a & b"
-    # the group's label as the audit wrote it, e.g. "female & age 49–55" (`cut_groups`), or "0 & 29–48" (older audits)
-    group: str,
+    group: str,  # the group's label as the audit wrote it: "female & age 49–55" (`cut_groups`), "0 & 29–48" (older)
 ) -> str:  # the group in words, e.g. "female, age 49–55"
     """A group of a fairness table in words. Labels from `cut_groups` are words already; audits written before it
     used codes and bare ranges ("0", "29–48", "missing"), which are named by the value's label, or the column's name and

@@ -88,11 +88,8 @@ def move_alias(
     version: int,  # the version it names from now on
     actor: str,  # who asks: gate, deploy, retrain, rollback, person, simulate or bench
     reason: str,  # why, for the record
-    expected: int
-    | None
-    | str = "any",  # the version the alias must name now (None: none), else nothing moves; "any": not checked
-    # let a version without a passed gate take champion or shadow (a person's explicit choice, recorded)
-    force: bool = False,
+    expected: int | None | str = "any",  # the alias must name it now (None: none), or nothing moves; "any": no check
+    force: bool = False,  # let a version without a passed gate take champion or shadow (a person's choice, recorded)
     decision: dict | None = None,  # a decision to append to retrain/decisions.jsonl once the alias moved
 ) -> dict:  # the registry's event
     """Point an alias at a version, compare-and-set and on the record; champion and shadow need a passed gate unless

@@ -299,10 +299,7 @@ def set_alias(
     alias: str,  # champion or challenger
     version: int,  # the version it names from now on
     reason: str,  # why, for the record
-    expected: int
-    | None
-    # the version the alias must still name (None: no version), else nothing moves (compare and set); "any": not checked
-    | str = "any",
+    expected: int | None | str = "any",  # the alias must still name it (None: none), or nothing moves; "any": no check
     record: dict | None = None,  # more for the event: who asked (the actor), a forced promotion
 ) -> dict:  # the event recorded
     "Point an alias at a version, atomically and on the record."
