@@ -14,7 +14,7 @@ from .metrics import equalized_odds_gap, judged_groups
 
 # %% auto #0
 __all__ = ['RULE', 'auc_pairs', 'delong_components', 'delong_test', 'mcnemar_test', 'paired_bootstrap', 'brier_losses',
-           'cost_losses', 'compare_models']
+           'cost_losses', 'fairness_comparison', 'comparison_verdict', 'compare_models']
 
 # %% ../nbs/24_compare.ipynb #5220bdd4
 def auc_pairs(
@@ -157,7 +157,8 @@ def _fairness_gap(
 # %% ../nbs/24_compare.ipynb #318f0cdd
 RULE = (
     "promote when the challenger is significantly better on at least one figure (DeLong on ROC AUC, McNemar mid-p on "
-    "decisions, bootstrap intervals of Brier score and cost) and worse on none, or at parity with a reason set in settings"
+    "decisions, bootstrap intervals of Brier score and cost) and worse on none, "
+    "or at parity with a reason set in settings"
 )
 
 
@@ -178,13 +179,65 @@ def _figure_verdicts(auc: dict, decisions: dict, brier: dict, cost: dict, alpha:
         low, high = figure["interval"]
         if high < 0:
             gains.append(
-                f"{name} {figure['b']:.3f} against {figure['a']:.3f} (difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})"
+                f"{name} {figure['b']:.3f} against {figure['a']:.3f} "
+                f"(difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})"
             )
         elif low > 0:
             losses.append(
-                f"{name} {figure['b']:.3f} against {figure['a']:.3f} (difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})"
+                f"{name} {figure['b']:.3f} against {figure['a']:.3f} "
+                f"(difference {figure['difference']:+.3f}, interval {low:+.3f} to {high:+.3f})"
             )
     return gains, losses
+
+# %% ../nbs/24_compare.ipynb #4cc83883
+def fairness_comparison(
+    labels: np.ndarray,  # true labels, 0 or 1
+    champion_decisions: np.ndarray,  # the champion's decisions, 0 or 1
+    challenger_decisions: np.ndarray,  # the challenger's decisions
+    groups: dict | None,  # sensitive column -> each row's group
+    max_fairness_gap: float | None,  # the largest equalized odds gap allowed (None: not judged)
+    min_group: int = 20,  # groups smaller than this are not judged
+    min_positives: int = 10,  # a group's recall is judged on this many positives
+    min_negatives: int = 10,  # its false positive rate on this many negatives
+) -> tuple[dict, list[str]]:  # per column both models' gaps; the losses: the challenger above the maximum and worse
+    """Both models' equalized odds gaps by each sensitive column; a loss where the challenger's is above the maximum and
+    above the champion's."""
+    fairness, losses = {}, []
+    for column, column_groups in (groups or {}).items():
+        gap_a = _fairness_gap(labels, champion_decisions, column_groups, min_group, min_positives, min_negatives)
+        gap_b = _fairness_gap(labels, challenger_decisions, column_groups, min_group, min_positives, min_negatives)
+        fairness[column] = {"champion": gap_a, "challenger": gap_b}
+        if max_fairness_gap is None or gap_b is None or gap_b <= max_fairness_gap:
+            continue
+        if gap_a is None or gap_b > gap_a:
+            champion = gap_a if gap_a is None else round(gap_a, 2)
+            losses.append(
+                f"equalized odds gap by {column} {gap_b:.2f}, above {max_fairness_gap:g} (champion {champion})"
+            )
+    return fairness, losses
+
+
+def comparison_verdict(
+    rows: int,  # the rows compared
+    gains: list[str],  # the challenger's significant gains, in words
+    losses: list[str],  # its significant losses
+    parity_reason: str = "",  # why parity is enough to promote (from settings); empty: it is not
+) -> tuple[str, bool, str]:  # the verdict (worse, better or parity), whether to promote, the headline
+    "The verdict from the gains and losses, whether it promotes, and the headline that says so."
+    verdict = "worse" if losses else "better" if gains else "parity"
+    promote = verdict == "better" or (verdict == "parity" and bool(parity_reason.strip()))
+    patients = f"{rows} patients neither model trained on"
+    if verdict == "better":
+        return verdict, promote, f"The challenger is better on {patients}: {gains[0]}."
+    if verdict == "worse":
+        return verdict, promote, f"The challenger is worse on {patients}: {losses[0]}."
+    headline = f"The challenger is at parity with the champion on {patients}: no significant difference."
+    headline += (
+        f" Parity is enough here: {parity_reason.strip()}."
+        if promote
+        else " Parity does not promote without a reason in settings."
+    )
+    return verdict, promote, headline
 
 # %% ../nbs/24_compare.ipynb #00edc320
 def compare_models(
@@ -207,10 +260,8 @@ def compare_models(
 ) -> dict:  # rows, positives, auc, decisions, brier, cost, fairness, gains, losses, verdict, promote, rule, headline
     "Compare champion and challenger on the same labeled rows, with paired tests and a verdict in words."
     labels = np.asarray(labels).astype(int)
-    champion_scores, challenger_scores = (
-        np.asarray(champion_scores, dtype=float),
-        np.asarray(challenger_scores, dtype=float),
-    )
+    champion_scores = np.asarray(champion_scores, dtype=float)
+    challenger_scores = np.asarray(challenger_scores, dtype=float)
     champion_decisions = (champion_scores >= champion_threshold).astype(int)
     challenger_decisions = (challenger_scores >= challenger_threshold).astype(int)
     both_classes = 0 < labels.sum() < len(labels)
@@ -227,33 +278,12 @@ def compare_models(
         alpha,
     )
     gains, losses = _figure_verdicts(auc, decisions, brier, cost, alpha)
-    fairness = {}
-    for column, column_groups in (groups or {}).items():
-        gap_a = _fairness_gap(labels, champion_decisions, column_groups, min_group, min_positives, min_negatives)
-        gap_b = _fairness_gap(labels, challenger_decisions, column_groups, min_group, min_positives, min_negatives)
-        fairness[column] = {"champion": gap_a, "challenger": gap_b}
-        if (
-            max_fairness_gap is not None
-            and gap_b is not None
-            and gap_b > max_fairness_gap
-            and (gap_a is None or gap_b > gap_a)
-        ):
-            losses.append(
-                f"equalized odds gap by {column} {gap_b:.2f}, above {max_fairness_gap:g} (champion {gap_a if gap_a is None else round(gap_a, 2)})"
-            )
-    verdict = "worse" if losses else "better" if gains else "parity"
-    promote = verdict == "better" or (verdict == "parity" and bool(parity_reason.strip()))
-    if verdict == "better":
-        headline = f"The challenger is better on {len(labels)} patients neither model trained on: {gains[0]}."
-    elif verdict == "worse":
-        headline = f"The challenger is worse on {len(labels)} patients neither model trained on: {losses[0]}."
-    else:
-        headline = f"The challenger is at parity with the champion on {len(labels)} patients neither model trained on: no significant difference."
-        headline += (
-            f" Parity is enough here: {parity_reason.strip()}."
-            if promote
-            else " Parity does not promote without a reason in settings."
-        )
+    judging = (min_group, min_positives, min_negatives)
+    fairness, unfair = fairness_comparison(
+        labels, champion_decisions, challenger_decisions, groups, max_fairness_gap, *judging
+    )
+    losses += unfair
+    verdict, promote, headline = comparison_verdict(len(labels), gains, losses, parity_reason)
     return {
         "rows": int(len(labels)),
         "positives": int(labels.sum()),

@@ -15,20 +15,17 @@ from sklearn.metrics import roc_auc_score
 
 from .core import read_json
 from .fairness import bootstrap, fairness_across_seeds, fairness_audit, sensitive_groups
-from lifecycle.metrics import (
-    classification_metrics,
-    model_card,
-    read_row_hashes,
-    row_hashes,
-    threshold_for_recall,
-)
+from .gate import checklist, gate
+from .metrics import classification_metrics, model_card, read_row_hashes, row_hashes, threshold_for_recall
 from .promotion import move_alias
 from .registry import Registry, load_model, markdown_table, save_card, update_meta
 
 # %% auto #0
-__all__ = ['unseen_rows', 'compare_with_champion', 'measure_speed', 'gate', 'near_miss', 'checklist', 'EvaluateOptions',
-           'model_features', 'evaluate_model', 'load_version', 'load_champion', 'evaluation_record',
-           'record_evaluation', 'decision_markdown', 'stage_summary', 'evaluate_headline']
+__all__ = ['unseen_rows', 'compare_with_champion', 'measure_speed', 'EvaluateOptions', 'model_features', 'split_rows',
+           'fairness_evidence', 'score_intervals', 'champion_evidence', 'metrics_by_source', 'evaluate_model',
+           'load_version', 'load_champion', 'evaluation_record', 'record_evaluation', 'decision_head', 'recall_row',
+           'checklist_markdown', 'accuracy_paragraph', 'fairness_paragraph', 'champion_paragraph', 'decision_markdown',
+           'stage_summary', 'evaluate_headline']
 
 # %% ../nbs/04_evaluate.ipynb #45da6374
 def unseen_rows(
@@ -106,166 +103,7 @@ def measure_speed(
         "batch_rows_per_second": float(batch_rows / seconds),
     }
 
-# %% ../nbs/04_evaluate.ipynb #8e455601
-def gate(
-    metrics: dict,  # test metrics of the new model
-    fairness: dict,  # per sensitive column: `equalized_odds_difference` and its bootstrap `interval`
-    speed: dict,  # from `measure_speed`
-    versus_champion: dict | None,  # from `compare_with_champion`, or None without a champion
-    min_auc: float,  # the lowest ROC AUC allowed
-    max_fairness_gap: float,  # the largest equalized odds difference allowed
-    max_latency_ms: float,  # the largest CPU milliseconds a single record may cost
-) -> dict:  # passed, the reason for each refusal, and `checks`: every deciding figure beside its threshold
-    """Decide whether a model may serve: not worse, not unfair, not slow.
-
-    A fairness gap refuses the model when it is above the maximum beyond doubt: when the lower end of
-    its bootstrap interval is above it. Without an interval the gap itself is compared. The champion
-    wins only when the interval of the AUC difference, on rows neither model was trained on, is
-    entirely below zero."""
-    checks, reasons = [], []
-
-    def check(name, figure, threshold, passed, reason, value=None, limit=None, interval=None, at_most=False):
-        checks.append(
-            {
-                "check": name,
-                "figure": figure,
-                "threshold": threshold,
-                "passed": bool(passed),
-                "value": value,
-                "limit": limit,
-                "low": (interval or {}).get("low"),
-                "high": (interval or {}).get("high"),
-                "at_most": at_most,
-            }
-        )
-        if not passed:
-            reasons.append(reason)
-
-    auc = metrics["roc_auc"]
-    check(
-        "ROC AUC, test split",
-        f"{auc:.3f}",
-        f"at least {min_auc:.3f}",
-        auc >= min_auc,
-        f"ROC AUC {auc:.3f} is below the minimum {min_auc:.3f}",
-        auc,
-        min_auc,
-    )
-    for column, gaps in fairness.items():
-        gap, interval = gaps.get("equalized_odds_difference"), gaps.get("interval")
-        name = f"equalized odds difference by {column}"
-        if gap is None:
-            checks.append(
-                {
-                    "check": name,
-                    "figure": "fewer than two groups to judge",
-                    "threshold": "",
-                    "passed": True,
-                    "value": None,
-                    "limit": None,
-                }
-            )
-        elif interval is not None:
-            check(
-                name,
-                f"{gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f})",
-                f"lower end at most {max_fairness_gap:.3f}",
-                interval["low"] <= max_fairness_gap,
-                f"{name} is {gap:.3f} (95% interval {interval['low']:.3f}–{interval['high']:.3f}), above the maximum {max_fairness_gap:.3f}",
-                gap,
-                max_fairness_gap,
-                interval,
-                True,
-            )
-        else:
-            check(
-                name,
-                f"{gap:.3f}",
-                f"at most {max_fairness_gap:.3f}",
-                gap <= max_fairness_gap,
-                f"{name} is {gap:.3f}, above the maximum {max_fairness_gap:.3f}",
-                gap,
-                max_fairness_gap,
-                None,
-                True,
-            )
-    latency = speed["latency_ms"]
-    check(
-        "single-record latency (CPU ms a record, median of rounds)",
-        f"{latency:.2f} ms",
-        f"at most {max_latency_ms:.1f} ms",
-        latency <= max_latency_ms,
-        f"single-record latency {latency:.1f} ms (CPU) is above the maximum {max_latency_ms:.1f} ms",
-        latency,
-        max_latency_ms,
-        None,
-        True,
-    )
-    if versus_champion is not None:
-        rows = versus_champion["rows"]
-        if versus_champion["low"] is None:
-            checks.append(
-                {
-                    "check": "versus the champion",
-                    "figure": f"not compared: {rows} rows neither model was trained on",
-                    "threshold": "",
-                    "passed": True,
-                    "value": None,
-                    "limit": None,
-                }
-            )
-        else:
-            low, high = versus_champion["low"], versus_champion["high"]
-            check(
-                "versus the champion (ROC AUC difference)",
-                f"{versus_champion['roc_auc_difference']:+.3f} (95% interval [{low:+.3f}, {high:+.3f}]) on {rows} rows neither was trained on",
-                "interval not entirely below 0",
-                high >= 0,
-                f"significantly worse than the champion: ROC AUC difference 95% interval [{low:+.3f}, {high:+.3f}] on {rows} rows neither was trained on",
-                versus_champion["roc_auc_difference"],
-                0.0,
-            )  # an interval around 0 is no near miss: no difference
-    return {"passed": not reasons, "reasons": reasons, "checks": checks}
-
-# %% ../nbs/04_evaluate.ipynb #1a277688
-def near_miss(
-    check: dict,  # one of the gate's `checks`, with `value`, `limit`, `low`, `high`, `at_most`
-    near: float = 0.1,  # a figure within this share of its threshold is a near miss
-) -> str:  # why the check was close, in words; empty when it was not
-    "Why a check that passed was a near miss: its figure beyond or close to the threshold, or its interval crossing it."
-    value, limit = check.get("value"), check.get("limit")
-    if not check["passed"] or value is None or limit is None:
-        return ""
-    low, high, at_most = check.get("low"), check.get("high"), check.get("at_most", False)
-    if at_most:
-        if value > limit:
-            return f"the figure {value:.3f} is above the maximum {limit:.3f}; it passes only because its interval reaches below it"
-        if high is not None and high > limit:
-            return f"its interval reaches above the maximum {limit:.3f}"
-        return f"within {near:.0%} of the maximum" if value >= limit * (1 - near) else ""
-    if value < limit:
-        return f"the figure {value:+.3f} is below {limit:g}, not significantly"
-    if low is not None and low < limit:
-        return f"its interval reaches below {limit:g}"
-    return f"within {near:.0%} of the minimum" if limit and value <= limit * (1 + near) else ""
-
-
-def checklist(
-    checks: list[dict],  # the gate's `checks`
-    near: float = 0.1,  # a figure within this share of its threshold is a near miss
-) -> list[dict]:  # one row a criterion: criterion, threshold, value (with its interval), verdict
-    """The gate's checklist for the report: each criterion, its threshold, the value, and the verdict with near misses
-    flagged."""
-    rows = []
-    for check in checks:
-        note = near_miss(check, near)
-        verdict = ("passed" if check["passed"] else "REFUSED") + (f" (near miss: {note})" if note else "")
-        rows.append(
-            {"criterion": check["check"], "threshold": check["threshold"], "value": check["figure"], "verdict": verdict}
-        )
-    return rows
-
-# %% ../nbs/04_evaluate.ipynb #6f80800a
+# %% ../nbs/04_evaluate.ipynb #d40e3b83
 @dataclass
 class EvaluateOptions:
     "The evaluate stage's settings (its parameters cell), as `evaluate_model` takes them."
@@ -289,8 +127,110 @@ def model_features(meta: dict) -> list[str]:  # a version's feature columns, num
     return meta["features"]["numeric"] + meta["features"]["categorical"]
 
 
+def split_rows(
+    clean: pd.DataFrame,  # the clean rows, with `_split`
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:  # the labeled rows (index reset), which are validation, which test
+    "The labeled rows, and masks of the validation and test splits among them."
+    labeled = clean.reset_index(drop=True)
+    return labeled, (labeled["_split"] == "val").to_numpy(), (labeled["_split"] == "test").to_numpy()
+
+
+def fairness_evidence(
+    model,  # the fitted pipeline
+    meta: dict,  # its metadata (`cv.roc_auc_folds` sets the number of folds)
+    labeled: pd.DataFrame,  # the labeled rows
+    groups: dict,  # per sensitive column, each row's group, from `sensitive_groups`
+    test_rows: np.ndarray,  # which labeled rows are the test split
+    scores: np.ndarray,  # the model's test scores
+    threshold: float,  # the decision threshold
+    options: EvaluateOptions,  # the stage's settings
+) -> tuple[dict, dict, list[dict]]:  # fairness on the test split, on every labeled row (first seed), and by seed
+    "Fairness on the test split alone, and on every labeled row out of fold, repeated over seeds of the folds."
+    y_test = labeled.loc[test_rows, "_label"].to_numpy().astype(int)
+    judging = (options.min_group_size, options.min_group_positives, options.min_group_negatives)
+    test_groups = {c: g[test_rows] for c, g in groups.items()}
+    fairness_test = fairness_audit(
+        y_test, scores, threshold, test_groups, *judging, options.bootstrap_resamples, options.seed
+    )
+    seeds = [options.seed + k for k in range(max(options.fairness_seeds, 1))]
+    folds = len(meta.get("cv", {}).get("roc_auc_folds", [])) or 5
+    fairness, by_seed = fairness_across_seeds(
+        model,
+        labeled,
+        model_features(meta),
+        threshold,
+        groups,
+        seeds,
+        options.max_fairness_gap,
+        folds,
+        *judging,
+        options.bootstrap_resamples,
+    )
+    return fairness_test, fairness, by_seed
+
+
+def score_intervals(
+    y_test: np.ndarray,  # labels of the test rows
+    scores: np.ndarray,  # the model's scores
+    predicted: np.ndarray,  # its decisions at the threshold
+    resamples: int,  # bootstrap resamples
+    seed: int,  # random seed of the bootstrap
+) -> dict:  # `roc_auc` and `recall`, each a 95% interval (or None)
+    "Bootstrap intervals of the test ROC AUC and recall."
+    return bootstrap(
+        y_test,
+        {
+            "roc_auc": lambda i: roc_auc_score(y_test[i], scores[i]),
+            "recall": lambda i: predicted[i][y_test[i] == 1].mean(),
+        },
+        resamples,
+        seed,
+    )
+
+
+def champion_evidence(
+    candidate: dict,  # the new version, as `evaluate_model` takes it
+    champion: dict,  # the champion, likewise
+    test: pd.DataFrame,  # the test rows
+    scores: np.ndarray,  # the new model's test scores
+    options: EvaluateOptions,  # the stage's settings
+) -> tuple[dict, dict, np.ndarray]:  # the comparison, the champion's test metrics, the champion's scores
+    "The champion scored on the test rows (through its calibration map) and compared on rows neither model saw."
+    from lifecycle.serving.scoring import (
+        calibrate_scores,
+    )  # a champion a retrain recalibrated serves its scores through its map
+
+    y_test = test["_label"].to_numpy().astype(int)
+    champion_scores = calibrate_scores(
+        champion["model"].predict_proba(test[model_features(champion["meta"])])[:, 1],
+        champion["meta"].get("calibration"),
+    )
+    champion_metrics = classification_metrics(y_test, champion_scores, champion["meta"].get("threshold", 0.5))
+    unseen = unseen_rows(row_hashes(test), candidate["trained"], champion["trained"])
+    versus = compare_with_champion(y_test, scores, champion_scores, unseen, options.bootstrap_resamples, options.seed)
+    versus["champion_rows_recorded"] = champion["trained"] is not None
+    return versus, champion_metrics, champion_scores
+
+
+def metrics_by_source(
+    test: pd.DataFrame,  # the test rows, with `_source`
+    y_test: np.ndarray,  # their labels
+    scores: np.ndarray,  # the model's scores
+    threshold: float,  # the decision threshold
+    min_rows: int = 10,  # sources with fewer test rows are left out
+) -> dict:  # per source, its classification metrics
+    "Test metrics of each source with enough rows."
+    sources = test["_source"].astype(str).to_numpy()
+    return {
+        source: classification_metrics(y_test[sources == source], scores[sources == source], threshold)
+        for source in sorted(set(sources))
+        if (sources == source).sum() >= min_rows
+    }
+
+# %% ../nbs/04_evaluate.ipynb #6f80800a
 def evaluate_model(
-    candidate: dict,  # the new version: `model`, `meta`, `trained` (its training rows by hash, or None), `reference` (its reference.json)
+    # the new version: `model`, `meta`, `trained` (its training rows by hash, or None), `reference` (its reference.json)
+    candidate: dict,
     clean: pd.DataFrame,  # the clean rows, with `_split`, `_label` and `_source`
     sensitive: list[str],  # the sensitive columns
     options: EvaluateOptions,  # the stage's settings
@@ -300,8 +240,7 @@ def evaluate_model(
     gate."""
     model, meta = candidate["model"], candidate["meta"]
     features = model_features(meta)
-    labeled = clean.reset_index(drop=True)
-    val_rows, test_rows = (labeled["_split"] == "val").to_numpy(), (labeled["_split"] == "test").to_numpy()
+    labeled, val_rows, test_rows = split_rows(clean)
     val, test = labeled[val_rows], labeled[test_rows]
     y_val, y_test = val["_label"].to_numpy().astype(int), test["_label"].to_numpy().astype(int)
     threshold = threshold_for_recall(y_val, model.predict_proba(val[features])[:, 1], options.target_recall)
@@ -309,61 +248,14 @@ def evaluate_model(
     predicted = (scores >= threshold).astype(int)
     metrics = classification_metrics(y_test, scores, threshold)
     groups = sensitive_groups(labeled, sensitive, candidate.get("reference"))
-    judging = (options.min_group_size, options.min_group_positives, options.min_group_negatives)
-    fairness_test = fairness_audit(
-        y_test,
-        scores,
-        threshold,
-        {c: g[test_rows] for c, g in groups.items()},
-        *judging,
-        options.bootstrap_resamples,
-        options.seed,
+    fairness_test, fairness, fairness_by_seed = fairness_evidence(
+        model, meta, labeled, groups, test_rows, scores, threshold, options
     )
-    seeds = [options.seed + k for k in range(max(options.fairness_seeds, 1))]
-    folds = len(meta.get("cv", {}).get("roc_auc_folds", [])) or 5
-    fairness, fairness_by_seed = fairness_across_seeds(
-        model,
-        labeled,
-        features,
-        threshold,
-        groups,
-        seeds,
-        options.max_fairness_gap,
-        folds,
-        *judging,
-        options.bootstrap_resamples,
-    )
-    intervals = bootstrap(
-        y_test,
-        {
-            "roc_auc": lambda i: roc_auc_score(y_test[i], scores[i]),
-            "recall": lambda i: predicted[i][y_test[i] == 1].mean(),
-        },
-        options.bootstrap_resamples,
-        options.seed,
-    )
+    intervals = score_intervals(y_test, scores, predicted, options.bootstrap_resamples, options.seed)
     versus = champion_metrics = champion_scores = None
     if champion is not None:
-        from lifecycle.serving.scoring import (
-            calibrate_scores,
-        )  # a champion a retrain recalibrated serves its scores through its map
-
-        champion_scores = calibrate_scores(
-            champion["model"].predict_proba(test[model_features(champion["meta"])])[:, 1],
-            champion["meta"].get("calibration"),
-        )
-        champion_metrics = classification_metrics(y_test, champion_scores, champion["meta"].get("threshold", 0.5))
-        unseen = unseen_rows(row_hashes(test), candidate["trained"], champion["trained"])
-        versus = compare_with_champion(
-            y_test, scores, champion_scores, unseen, options.bootstrap_resamples, options.seed
-        )
-        versus["champion_rows_recorded"] = champion["trained"] is not None
-    sources = test["_source"].astype(str).to_numpy()
-    by_source = {
-        source: classification_metrics(y_test[sources == source], scores[sources == source], threshold)
-        for source in sorted(set(sources))
-        if (sources == source).sum() >= 10
-    }
+        versus, champion_metrics, champion_scores = champion_evidence(candidate, champion, test, scores, options)
+    by_source = metrics_by_source(test, y_test, scores, threshold)
     speed = measure_speed(model, test[features])
     # The gate judges each sensitive column, as settings name them; their intersection is audited and shown, not gated
     # (its groups are small, and differ in base rate so much that any threshold gives them different error rates).
@@ -396,7 +288,9 @@ def evaluate_model(
 def load_version(
     registry: Registry,  # the project's registry
     version: int,  # a version number
-) -> dict:  # `version`, `model`, `meta`, `trained`: its training rows by hash (None when it recorded none), `reference`: its reference.json ({} without)
+    # `version`, `model`, `meta`, `trained`: its training rows by hash (None when it recorded none), `reference`: its
+    # reference.json ({} without)
+) -> dict:
     "A registered version, loaded for evaluation (the model file's SHA-256 is checked)."
     folder = registry.path / "versions" / str(version)
     return {
@@ -453,15 +347,18 @@ def record_evaluation(
     champion_version: int | None,  # the champion it was compared with
     run_id: str,  # this run
     figures: dict[str, bytes]
-    | None = None,  # the report's own PNGs for the card: "metrics" (ROC, calibration, confusion) and "groups" (recall by group)
+    # the report's own PNGs for the card: "metrics" (ROC, calibration, confusion) and "groups" (recall by group)
+    | None = None,
 ) -> str:  # the model card as HTML, its figures embedded
     """Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion,
     when there is none)."""
     evaluation = evaluation_record(result, champion_version, run_id)
     meta = update_meta(registry, version, threshold=result["threshold"], evaluation=evaluation, gate=result["gate"])
     captions = {
-        "metrics": f"ROC curve, calibration and confusion matrix on the {result['test_rows']} test rows, as in the evaluation report",
-        "groups": f"Recall by group on all {result['labeled_rows']} labeled rows (each scored by a model that did not see it), "
+        "metrics": f"ROC curve, calibration and confusion matrix on the {result['test_rows']} test rows, "
+        "as in the evaluation report",
+        "groups": f"Recall by group on all {result['labeled_rows']} labeled rows "
+        "(each scored by a model that did not see it), "
         "with 95% Wilson intervals and group sizes; grey: too few patients to judge",
     }
     figures = figures or {}
@@ -479,6 +376,110 @@ def record_evaluation(
             move_alias(registry, "champion", version, "gate", reason + "; no champion yet", expected=None)
     return html
 
+# %% ../nbs/04_evaluate.ipynb #bfedb370
+def decision_head(
+    decision: dict,  # the gate's decision
+    version: int,  # the evaluated version
+    champion_version: int | None,  # the champion it was compared with (None: there was none)
+) -> list[str]:  # Markdown lines: the heading and the reasons
+    "The decision's heading and its reasons (or that every criterion passed)."
+    verdict = (
+        "**refused**"
+        if not decision["passed"]
+        else "**passed**: it becomes the challenger"
+        + ("" if champion_version is not None else ", and the champion, since there is none yet")
+    )
+    lines = [f"## Decision: model version {version} {verdict}", ""]
+    return lines + (
+        [f"- {escape(reason)}" for reason in decision["reasons"]] or ["- every criterion of the gate below passed"]
+    )
+
+
+def recall_row(
+    result: dict,  # from `evaluate_model`
+) -> dict:  # a checklist row: the recall at the threshold beside its target (shown, not gated)
+    "The checklist's row for the recall the threshold was chosen for."
+    recall, interval = result["metrics"]["recall"], result["intervals"].get("recall")
+    return {
+        "criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
+        "threshold": f"at least {result['target_recall']:.0%}",
+        "value": f"{recall:.1%}"
+        + (f" (95% interval {interval['low']:.1%}–{interval['high']:.1%})" if interval else ""),
+        "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)",
+    }
+
+
+def checklist_markdown(
+    rows: list[dict],  # checklist rows, from `checklist` and `recall_row`
+) -> list[str]:  # Markdown lines: the checklist table, verdicts other than passed or met in bold
+    "The checklist as a Markdown table, its cells escaped, its failing verdicts in bold."
+    for row in rows:
+        row["verdict"] = row["verdict"] if row["verdict"].startswith(("passed", "met")) else f"**{row['verdict']}**"
+    table = markdown_table([{k: escape(str(v)) if k != "verdict" else v for k, v in row.items()} for row in rows])
+    return ["", "### Checklist", "", table, ""]
+
+
+def accuracy_paragraph(
+    result: dict,  # from `evaluate_model`
+) -> list[str]:  # Markdown lines: the test ROC AUC and the threshold's recall and precision
+    "The test split's accuracy in one sentence."
+    metrics, interval = result["metrics"], result["intervals"]["roc_auc"]
+    return [
+        f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
+        + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+        + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ {result['target_recall']:.0%}, "
+        f"recall is {metrics['recall']:.1%} and precision {metrics['precision']:.1%}.",
+        "",
+    ]
+
+
+def fairness_paragraph(
+    result: dict,  # from `evaluate_model`
+    seeds: int,  # how many seeds of the fairness folds were run
+) -> list[str]:  # Markdown lines: how fairness was judged, whether the verdict held over seeds, the intersections
+    "How fairness was judged, whether its verdict changes with the seed, and the audited (ungated) intersections."
+    verdicts = pd.DataFrame(result["fairness_by_seed"])
+    if not len(verdicts):
+        return []
+    steady = verdicts[verdicts["gated"]].groupby("column")["verdict"].nunique().max() in (0, 1)
+    lines = [
+        f"Fairness is judged on all {result['labeled_rows']} labeled rows, each scored by a model that did not see it "
+        "(the test split by this model, the training and validation rows out of fold), "
+        f"and repeated over {seeds} seeds of the folds: "
+        f"the verdict {'is the same for every seed' if steady else '**changes with the seed**'}."
+    ]
+    gated = set(verdicts.loc[verdicts["gated"], "column"])
+    for column, gaps in result["fairness"].items():
+        if column not in gated and gaps["equalized_odds_difference"] is not None:
+            lines += [
+                f"The intersection {escape(column)} is audited, not gated: equalized odds difference "
+                f"{gaps['equalized_odds_difference']:.3f} "
+                f"(true positive rates {gaps['true_positive_rate_difference'] or 0:.3f} apart, "
+                f"false positive rates {gaps['false_positive_rate_difference'] or 0:.3f} apart)."
+            ]
+    return lines + [""]
+
+
+def champion_paragraph(
+    versus: dict | None,  # from `compare_with_champion` (None: no champion)
+    champion_version: int | None,  # the champion it was compared with
+) -> list[str]:  # Markdown lines: the comparison with the champion, on which rows
+    "The comparison with the champion in one sentence, naming the rows it was made on."
+    if versus is None:
+        return []
+    basis = (
+        f"on the {versus['rows']} test rows neither model was trained on"
+        if versus["champion_rows_recorded"]
+        else f"on all {versus['rows']} test rows (the champion recorded no training rows)"
+    )
+    if versus["low"] is None:
+        return [f"Against the champion (version {champion_version}): not compared, too few rows {basis}.", ""]
+    return [
+        f"Against the champion (version {champion_version}), {basis}: ROC AUC difference "
+        f"{versus['roc_auc_difference']:+.3f}, 95% interval [{versus['low']:+.3f}, {versus['high']:+.3f}].",
+        "",
+    ]
+
 # %% ../nbs/04_evaluate.ipynb #997a8f23
 def decision_markdown(
     result: dict,  # from `evaluate_model`
@@ -487,80 +488,10 @@ def decision_markdown(
     seeds: int,  # how many seeds of the fairness folds were run
 ) -> str:  # Markdown: the decision, its checklist (every deciding figure beside its threshold), and the evidence
     "The head of the evaluation report: the decision first, then every figure that decided it."
-
-    decision = result["gate"]
-    verdict = (
-        "**refused**"
-        if not decision["passed"]
-        else "**passed**: it becomes the challenger"
-        + ("" if champion_version is not None else ", and the champion, since there is none yet")
-    )
-    lines = [f"## Decision: model version {version} {verdict}", ""]
-    lines += [f"- {escape(reason)}" for reason in decision["reasons"]] or ["- every criterion of the gate below passed"]
-    rows = checklist(decision["checks"])
-    metrics, interval = result["metrics"], result["intervals"]["roc_auc"]
-    recall, recall_interval = metrics["recall"], result["intervals"].get("recall")
-    rows.append(
-        {
-            "criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
-            "threshold": f"at least {result['target_recall']:.0%}",
-            "value": f"{recall:.1%}"
-            + (
-                f" (95% interval {recall_interval['low']:.1%}–{recall_interval['high']:.1%})" if recall_interval else ""
-            ),
-            "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)",
-        }
-    )
-    for row in rows:
-        row["verdict"] = row["verdict"] if row["verdict"].startswith(("passed", "met")) else f"**{row['verdict']}**"
-    lines += [
-        "",
-        "### Checklist",
-        "",
-        markdown_table([{k: escape(str(v)) if k != "verdict" else v for k, v in row.items()} for row in rows]),
-        "",
-    ]
-    lines += [
-        f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
-        + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
-        + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ {result['target_recall']:.0%}, "
-        f"recall is {metrics['recall']:.1%} and precision {metrics['precision']:.1%}.",
-        "",
-    ]
-    verdicts = pd.DataFrame(result["fairness_by_seed"])
-    if len(verdicts):
-        steady = verdicts[verdicts["gated"]].groupby("column")["verdict"].nunique().max() in (0, 1)
-        lines += [
-            f"Fairness is judged on all {result['labeled_rows']} labeled rows, each scored by a model that did not see it "
-            f"(the test split by this model, the training and validation rows out of fold), and repeated over {seeds} seeds "
-            f"of the folds: the verdict {'is the same for every seed' if steady else '**changes with the seed**'}."
-        ]
-        for column, gaps in result["fairness"].items():
-            if (
-                column not in set(verdicts.loc[verdicts["gated"], "column"])
-                and gaps["equalized_odds_difference"] is not None
-            ):
-                lines += [
-                    f"The intersection {escape(column)} is audited, not gated: equalized odds difference "
-                    f"{gaps['equalized_odds_difference']:.3f} (true positive rates {gaps['true_positive_rate_difference'] or 0:.3f} apart, "
-                    f"false positive rates {gaps['false_positive_rate_difference'] or 0:.3f} apart)."
-                ]
-        lines += [""]
-    versus = result["versus_champion"]
-    if versus is not None:
-        basis = (
-            f"on the {versus['rows']} test rows neither model was trained on"
-            if versus["champion_rows_recorded"]
-            else f"on all {versus['rows']} test rows (the champion recorded no training rows)"
-        )
-        if versus["low"] is None:
-            lines += [f"Against the champion (version {champion_version}): not compared, too few rows {basis}.", ""]
-        else:
-            lines += [
-                f"Against the champion (version {champion_version}), {basis}: ROC AUC difference "
-                f"{versus['roc_auc_difference']:+.3f}, 95% interval [{versus['low']:+.3f}, {versus['high']:+.3f}].",
-                "",
-            ]
+    lines = decision_head(result["gate"], version, champion_version)
+    lines += checklist_markdown(checklist(result["gate"]["checks"]) + [recall_row(result)])
+    lines += accuracy_paragraph(result) + fairness_paragraph(result, seeds)
+    lines += champion_paragraph(result["versus_champion"], champion_version)
     return "\n".join(lines)
 
 

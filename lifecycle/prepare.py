@@ -17,14 +17,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from lifecycle.contract import (
-    MAX_MISSING_SHARE,
-    _code,
-    check_frame,
-    compile_contract,
-    contract_settings,
-    reason_series,
-)
+from .contract import MAX_MISSING_SHARE, _code, check_frame, compile_contract, contract_settings, reason_series
 from .core import LINEAGE, LifecycleError, Settings
 from .files import read_json, thread_pool, write_json, write_text
 from .metrics import duplicate_hashes
@@ -33,7 +26,8 @@ from .rules import _is_code, clean_text, infer_numeric, parse_range, parse_recod
 # %% auto #0
 __all__ = ['SPLITS', 'label_key', 'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema',
            'pandera_schema', 'first_reason', 'duplicate_of', 'take_rows', 'duplicate_trace', 'quarantine_gate',
-           'assign_splits', 'profile_columns', 'profile_report', 'prepare']
+           'assign_splits', 'profile_columns', 'profile_report', 'parse_rules', 'check_columns', 'new_schema',
+           'sort_rows', 'prepare']
 
 # %% ../nbs/02_prepare.ipynb #fe0d9f4d
 def label_key(value) -> str:
@@ -399,11 +393,109 @@ def profile_report(
         write_text(path, report.to_html())
     return {"rows_profiled": len(data), "mode": "minimal, sampled" if sampled else "full"}
 
+# %% ../nbs/02_prepare.ipynb #a0c52127
+def parse_rules(
+    columns,  # the data's columns
+    recode: dict[str, str] | None = None,  # per column: `spelling -> value, …`
+    missing_values: dict[str, str] | None = None,  # per column: `0, -1`, impossible values meaning "not measured"
+    ranges: dict[str, str] | None = None,  # per column: `low..high`, declared valid ranges
+) -> tuple[dict, dict, dict]:  # per column: recode maps, impossible values, declared (low, high)
+    "The stage's per-column rules, parsed; each must name a column of the data."
+    recode_maps = {column: parse_recode(text, f"[prepare] recode {column}") for column, text in (recode or {}).items()}
+    impossible = {
+        column: parse_values(text, f"[prepare] missing_values {column}")
+        for column, text in (missing_values or {}).items()
+    }
+    declared = {column: parse_range(text, f"[prepare] ranges {column}") for column, text in (ranges or {}).items()}
+    for name, mapping in (("recode", recode_maps), ("missing_values", impossible), ("ranges", declared)):
+        unknown = [column for column in mapping if column not in columns]
+        if unknown:
+            raise LifecycleError(f"[prepare] {name} names column '{unknown[0]}', which the data does not have")
+    return recode_maps, impossible, declared
+
+
+def check_columns(
+    snapshot: pd.DataFrame,  # the snapshot
+    settings: Settings,  # the project's settings (its id and timestamp columns)
+    schema: dict | None,  # the stored schema (None: none yet)
+    accept_schema: bool,  # a new schema version is being accepted: the stored one's columns are not required
+) -> None:  # raises LifecycleError naming the first missing column
+    "The data has the id and timestamp columns settings name, and every column of the stored schema."
+    for column in (settings.id, settings.timestamp):
+        if column and column not in snapshot.columns:
+            raise LifecycleError(
+                f"[data] {'id' if column == settings.id else 'timestamp'} '{column}' is not a column of the data"
+            )
+    if schema is not None and not accept_schema:
+        missing_columns = [name for name in schema["columns"] if name not in snapshot.columns]
+        if missing_columns:
+            raise LifecycleError(
+                f"the data lacks column '{missing_columns[0]}' of schema v{schema['version']}; "
+                f"fix the source, or accept a new schema (-p prepare.accept_schema=true)"
+            )
+
+
+def new_schema(
+    snapshot: pd.DataFrame,  # the snapshot
+    settings: Settings,  # the project's settings
+    features: list[str],  # the feature columns
+    contract,  # columns -> the compiled contract, as `prepare` builds it
+    usable_target: np.ndarray,  # True for the rows whose label is valid
+    recode_maps: dict,  # per column, parsed recode maps
+    declared: dict,  # per column, declared (low, high)
+    max_category_levels: int,  # integer columns with at most this many values are categories
+    range_margin: float,  # inferred ranges widen by this share of the span on each side
+    data_version: str,  # the snapshot's version
+    reason: str,  # why the new schema version is stored
+) -> dict:  # the stored schema
+    """Infer and store a schema version: the data decides the types; the rules are then inferred from the rows that
+    pass them."""
+    kinds = {
+        column: {"kind": "id"} if column == settings.id else {"kind": "timestamp"}
+        for column in (settings.id, settings.timestamp)
+        if column
+    }
+    kept_as_is = set(kinds)
+    numeric = infer_numeric(snapshot, [c for c in features if c not in kept_as_is], settings.na_values, recode_maps)
+    kinds.update(
+        {
+            column: {"kind": "numeric", "min": None, "max": None} if is_number else {"kind": "text"}
+            for column, is_number in numeric.items()
+        }
+    )
+    data, typed, _ = check_frame(contract({c: kinds[c] for c in features}), snapshot)
+    usable = usable_target & (typed == "").to_numpy()
+    inferred = infer_schema(
+        data,
+        settings,
+        {c: numeric.get(c, False) for c in features},
+        declared,
+        max_category_levels,
+        range_margin,
+        usable,
+    )
+    return store_schema(settings.root, inferred, data_version, reason)
+
+
+def sort_rows(
+    data: pd.DataFrame,  # the checked rows, with `_label`
+    features: list[str],  # the feature columns
+    reasons: pd.Series,  # each row's first reason to quarantine it ("" when it passed)
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:  # clean rows, quarantined rows (with `_reason`), duplicates
+    "Rows that passed and are not repeats, rows quarantined with their reason, and the trace of duplicates."
+    passed = (reasons == "").to_numpy()
+    kept = duplicate_of(data, features + ["_label"], among=passed)
+    quarantined = take_rows(data, ~passed).assign(
+        _reason=reasons[~passed].astype(object)
+    )  # text, as the quarantine file holds it
+    return take_rows(data, passed & (kept < 0)), quarantined, duplicate_trace(data, kept)
+
 # %% ../nbs/02_prepare.ipynb #636e7fcc
 def _feature_columns(snapshot: pd.DataFrame, settings: Settings) -> list[str]:
     if settings.target not in snapshot.columns:
         raise LifecycleError(
-            f"[data] target '{settings.target}' is not a column of the data; columns: {', '.join(c for c in snapshot.columns if c not in LINEAGE)}"
+            f"[data] target '{settings.target}' is not a column of the data; "
+            f"columns: {', '.join(c for c in snapshot.columns if c not in LINEAGE)}"
         )
     return [column for column in snapshot.columns if column not in LINEAGE and column != settings.target]
 
@@ -419,35 +511,13 @@ def prepare(
     max_category_levels: int = 12,  # integer columns with at most this many values are categories
     accept_schema: bool = False,  # store a new schema version inferred from this data
     schema_reason: str = "",  # why the new schema version is accepted
-    max_missing_share: float = MAX_MISSING_SHARE,  # a row with a larger share of its features missing is quarantined (too_many_missing)
-) -> (
-    dict
-):  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons and the standardization report
+    max_missing_share: float = MAX_MISSING_SHARE,  # a row with a larger share of features missing is quarantined
+) -> dict:  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons, standardization
     "Standardize, validate, quarantine and de-duplicate a snapshot."
     features = _feature_columns(snapshot, settings)
-    recode_maps = {column: parse_recode(text, f"[prepare] recode {column}") for column, text in (recode or {}).items()}
-    impossible = {
-        column: parse_values(text, f"[prepare] missing_values {column}")
-        for column, text in (missing_values or {}).items()
-    }
-    declared = {column: parse_range(text, f"[prepare] ranges {column}") for column, text in (ranges or {}).items()}
-    for name, mapping in (("recode", recode_maps), ("missing_values", impossible), ("ranges", declared)):
-        unknown = [column for column in mapping if column not in snapshot.columns]
-        if unknown:
-            raise LifecycleError(f"[prepare] {name} names column '{unknown[0]}', which the data does not have")
-    for column in (settings.id, settings.timestamp):
-        if column and column not in snapshot.columns:
-            raise LifecycleError(
-                f"[data] {'id' if column == settings.id else 'timestamp'} '{column}' is not a column of the data"
-            )
+    recode_maps, _, declared = parse_rules(snapshot.columns, recode, missing_values, ranges)
     schema = current_schema(settings.root)
-    if schema is not None and not accept_schema:
-        missing_columns = [name for name in schema["columns"] if name not in snapshot.columns]
-        if missing_columns:
-            raise LifecycleError(
-                f"the data lacks column '{missing_columns[0]}' of schema v{schema['version']}; "
-                f"fix the source, or accept a new schema (-p prepare.accept_schema=true)"
-            )
+    check_columns(snapshot, settings, schema, accept_schema)
 
     def contract(columns: dict):
         return compile_contract(
@@ -456,35 +526,20 @@ def prepare(
 
     target = clean_text(snapshot[settings.target], settings.na_values, {})
     labels, target_reasons = label_target(target, settings.positive, settings.negative)
-    if (
-        schema is None or accept_schema
-    ):  # the data decides the types; the rules are then inferred from the rows that pass them
-        kinds = {
-            column: {"kind": "id"} if column == settings.id else {"kind": "timestamp"}
-            for column in (settings.id, settings.timestamp)
-            if column
-        }
-        kept_as_is = set(kinds)
-        numeric = infer_numeric(snapshot, [c for c in features if c not in kept_as_is], settings.na_values, recode_maps)
-        kinds.update(
-            {
-                column: {"kind": "numeric", "min": None, "max": None} if is_number else {"kind": "text"}
-                for column, is_number in numeric.items()
-            }
-        )
-        data, typed, _ = check_frame(contract({c: kinds[c] for c in features}), snapshot)
-        usable = ((target_reasons == "") & (typed == "")).to_numpy()
-        inferred = infer_schema(
-            data,
+    if schema is None or accept_schema:
+        schema = new_schema(
+            snapshot,
             settings,
-            {c: numeric.get(c, False) for c in features},
+            features,
+            contract,
+            (target_reasons == "").to_numpy(),
+            recode_maps,
             declared,
             max_category_levels,
             range_margin,
-            usable,
+            data_version,
+            schema_reason or ("first data version" if schema is None else "accepted by the user"),
         )
-        reason = schema_reason or ("first data version" if schema is None else "accepted by the user")
-        schema = store_schema(settings.root, inferred, data_version, reason)
     elif declared:
         for column, (low, high) in declared.items():  # declared ranges in settings always win
             schema["columns"][column].update({"kind": "numeric", "min": low, "max": high, "declared": True})
@@ -494,13 +549,7 @@ def prepare(
         {c: data[c] if c in data.columns else snapshot[c] for c in snapshot.columns}, index=snapshot.index, copy=False
     )
     data["_label"] = labels
-    reasons = first_reason(target_reasons, contract_reasons)
-    passed = (reasons == "").to_numpy()
-    kept = duplicate_of(data, features + ["_label"], among=passed)
-    quarantined = take_rows(data, ~passed).assign(
-        _reason=reasons[~passed].astype(object)
-    )  # text, as the quarantine file holds it
-    clean, duplicates = take_rows(data, passed & (kept < 0)), duplicate_trace(data, kept)
+    clean, quarantined, duplicates = sort_rows(data, features, first_reason(target_reasons, contract_reasons))
     used = contract_settings(settings.na_values, recode, missing_values, ranges, max_missing_share, settings.id)
     return {
         "clean": clean,

@@ -19,7 +19,8 @@ import warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['MODES', 'tracking_mode', 'wandb_environment', 'Tracker', 'tracking_worker', 'read_offline_run']
+__all__ = ['MODES', 'tracking_mode', 'wandb_environment', 'start_run', 'wandb_artifact', 'use_artifact', 'log_plots',
+           'apply_call', 'Tracker', 'tracking_worker', 'read_offline_run']
 
 # %% ../nbs/21_tracking.ipynb #db40d228
 MODES = ("offline", "online", "disabled", "auto")
@@ -49,6 +50,107 @@ def wandb_environment(root: Path) -> dict[str, str]:
         "WANDB_SILENT": "true",
         "WANDB_DISABLE_CODE": "true",
     }
+
+# %% ../nbs/21_tracking.ipynb #892f691f
+def start_run(
+    message: dict,  # the `start` call: project, job_type, config, name, group, mode, dir
+) -> tuple:  # the W&B run, and the answer to send: its path and URL (None offline)
+    "Start the W&B run a `start` call asks for."
+    import wandb  # deferred: start-up time, only this path needs it
+
+    settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True, silent=True)
+    run = wandb.init(
+        project=message["project"],
+        job_type=message["job_type"],
+        config=message["config"],
+        name=message["name"],
+        group=message.get("group"),
+        mode=message["mode"],
+        dir=message["dir"],
+        settings=settings,
+        reinit="create_new",
+    )
+    offline = message["mode"] == "offline"
+    reply = {
+        "op": "start",
+        "run_path": str(Path(run.dir).parent) if offline else run.path,
+        "url": None if offline else run.url,
+    }
+    return run, reply
+
+
+def wandb_artifact(
+    message: dict,  # an `artifact` or `use_artifact` call: name, kind, metadata, files
+):  # a W&B artifact holding the files
+    "The artifact an `artifact` or `use_artifact` call describes."
+    import wandb  # deferred: start-up time, only this path needs it
+
+    artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
+    for path in message["files"]:
+        artifact.add_file(path)
+    return artifact
+
+
+def use_artifact(
+    run,  # the W&B run
+    message: dict,  # the `use_artifact` call: name, kind, metadata, files
+) -> None:
+    "Record an input of the run: online as a used artifact, offline in its config with the files' SHA-256."
+    if not run.offline:
+        run.use_artifact(wandb_artifact(message))
+        return
+    from lifecycle.core import sha256_file  # deferred: start-up time, only this path needs it
+
+    digest = {Path(path).name: sha256_file(path) for path in message["files"]}
+    entry = {"type": message["kind"], "sha256": digest, **message["metadata"]}
+    run.config.update({f"input/{message['name']}": entry}, allow_val_change=True)
+
+
+def log_plots(
+    run,  # the W&B run
+    message: dict,  # a `curves` call (labels, scores, class_names) or `confusion` call (labels, decisions, class_names)
+) -> None:
+    "Log ROC and precision-recall curves, or a confusion matrix, as W&B plots."
+    import numpy  # deferred: start-up time, only this path needs it
+    import wandb  # deferred: start-up time, only this path needs it
+
+    labels, name, classes = message["labels"], message["name"], message["class_names"]
+    if message["op"] == "confusion":
+        run.log({name: wandb.plot.confusion_matrix(y_true=labels, preds=message["decisions"], class_names=classes)})
+        return
+    scores = numpy.asarray(message["scores"])
+    probabilities = numpy.column_stack([1 - scores, scores])
+    run.log(
+        {
+            f"{name}/roc": wandb.plot.roc_curve(labels, probabilities, labels=classes),
+            f"{name}/pr": wandb.plot.pr_curve(labels, probabilities, labels=classes),
+        }
+    )
+
+
+def apply_call(
+    run,  # the W&B run
+    message: dict,  # one call other than start and finish (an unknown `op` is ignored)
+) -> None:
+    "Make one tracking call on the run."
+    operation = message["op"]
+    if operation == "log":
+        run.log(message["metrics"])
+    elif operation == "summary":
+        run.summary.update(message["values"])
+    elif operation in ("image", "table"):
+        import wandb  # deferred: start-up time, only this path needs it
+
+        if operation == "image":
+            run.log({message["name"]: wandb.Image(message["path"])})
+        else:
+            run.log({message["name"]: wandb.Table(columns=message["columns"], data=message["data"])})
+    elif operation == "artifact":
+        run.log_artifact(wandb_artifact(message))
+    elif operation == "use_artifact":
+        use_artifact(run, message)
+    elif operation in ("curves", "confusion"):
+        log_plots(run, message)
 
 # %% ../nbs/21_tracking.ipynb #c97c4488
 class Tracker:
@@ -231,7 +333,8 @@ class Tracker:
 
     def use_artifact(self, name: str, kind: str, files: list[Path], metadata: dict | None = None):
         """Declare the files an earlier stage logged as an artifact as this run's input (lineage). Online, W&B links the
-        two runs through the artifact; offline, W&B cannot use artifacts, so the input's name and digest go in the config."""
+        two runs through the artifact; offline, W&B cannot use artifacts, so the input's name and digest go in the
+        config."""
         self._send(
             {
                 "op": "use_artifact",
@@ -312,99 +415,15 @@ def tracking_worker():
             continue
         try:
             if operation == "start":
-                import wandb  # deferred: start-up time, only this path needs it
-
-                settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True, silent=True)
-                run = wandb.init(
-                    project=message["project"],
-                    job_type=message["job_type"],
-                    config=message["config"],
-                    name=message["name"],
-                    group=message.get("group"),
-                    mode=message["mode"],
-                    dir=message["dir"],
-                    settings=settings,
-                    reinit="create_new",
-                )
-                answer(
-                    {
-                        "op": "start",
-                        "run_path": str(Path(run.dir).parent) if message["mode"] == "offline" else run.path,
-                        "url": None if message["mode"] == "offline" else run.url,
-                    }
-                )
-            elif operation == "log":
-                run.log(message["metrics"])
-            elif operation == "summary":
-                run.summary.update(message["values"])
-            elif operation == "image":
-                import wandb  # deferred: start-up time, only this path needs it
-
-                run.log({message["name"]: wandb.Image(message["path"])})
-            elif operation == "table":
-                import wandb  # deferred: start-up time, only this path needs it
-
-                run.log({message["name"]: wandb.Table(columns=message["columns"], data=message["data"])})
-            elif operation == "artifact":
-                import wandb  # deferred: start-up time, only this path needs it
-
-                artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
-                for path in message["files"]:
-                    artifact.add_file(path)
-                run.log_artifact(artifact)
-            elif operation == "use_artifact":
-                import wandb  # deferred: start-up time, only this path needs it
-
-                if run.offline:
-                    from lifecycle.core import sha256_file  # deferred: start-up time, only this path needs it
-
-                    digest = {Path(path).name: sha256_file(path) for path in message["files"]}
-                    run.config.update(
-                        {
-                            f"input/{message['name']}": {
-                                "type": message["kind"],
-                                "sha256": digest,
-                                **message["metadata"],
-                            }
-                        },
-                        allow_val_change=True,
-                    )
-                else:
-                    artifact = wandb.Artifact(message["name"], type=message["kind"], metadata=message["metadata"])
-                    for path in message["files"]:
-                        artifact.add_file(path)
-                    run.use_artifact(artifact)
-            elif operation in ("curves", "confusion"):
-                import numpy  # deferred: start-up time, only this path needs it
-                import wandb  # deferred: start-up time, only this path needs it
-
-                labels = message["labels"]
-                if operation == "curves":
-                    scores = numpy.asarray(message["scores"])
-                    probabilities = numpy.column_stack([1 - scores, scores])
-                    run.log(
-                        {
-                            f"{message['name']}/roc": wandb.plot.roc_curve(
-                                labels, probabilities, labels=message["class_names"]
-                            ),
-                            f"{message['name']}/pr": wandb.plot.pr_curve(
-                                labels, probabilities, labels=message["class_names"]
-                            ),
-                        }
-                    )
-                else:
-                    run.log(
-                        {
-                            message["name"]: wandb.plot.confusion_matrix(
-                                y_true=labels, preds=message["decisions"], class_names=message["class_names"]
-                            )
-                        }
-                    )
+                run, reply = start_run(message)
+                answer(reply)
             elif operation == "finish":
                 run.finish()
                 finished = True
                 answer({"op": "finish"})
                 break
+            else:
+                apply_call(run, message)
         except Exception as error:  # tracking must never break a run: say it once, then stop tracking
             failed = True
             text = str(error).splitlines()[0] if str(error) else ""
@@ -416,10 +435,8 @@ def tracking_worker():
             )
             if operation == "start":
                 answer({"op": "start", "run_path": None})
-    if (
-        run is not None and not finished and not failed
-    ):  # the notebook went away: close the run so its files are complete
-        run.finish()
+    if run is not None and not finished and not failed:
+        run.finish()  # the notebook went away: close the run so its files are complete
 
 # %% ../nbs/21_tracking.ipynb #832e6d01
 def read_offline_run(

@@ -109,9 +109,8 @@ SEARCH_GRIDS = {
 }
 
 # %% ../nbs/03_train.ipynb #00ccb101
-QUANTILE_GRID = np.linspace(
-    0, 1, 1001
-)  # 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+# 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+QUANTILE_GRID = np.linspace(0, 1, 1001)
 
 
 def reference_statistics(
@@ -134,7 +133,7 @@ def reference_statistics(
         counts, _ = np.histogram(values, bins=edges)
         grid = (
             np.quantile(values, QUANTILE_GRID).tolist() if len(values) else []
-        )  # monitoring's Wasserstein and KS read these
+        )  # monitoring's Wasserstein, KS read it
         features[column] = {
             "kind": "numeric",
             "quantile_grid": grid,
@@ -152,9 +151,7 @@ def reference_statistics(
             shares[label] = shares.get(label, 0.0) + float(share)
         features[column] = {"kind": "category", "frequencies": shares}
     score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
-    from sklearn.isotonic import (
-        IsotonicRegression,
-    )  # score -> probability, for monitoring's estimates before labels arrive
+    from sklearn.isotonic import IsotonicRegression  # score -> probability, for monitoring's estimates before labels
 
     calibration = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
     return {
@@ -266,7 +263,8 @@ def row_weights(
             value = float("nan")
         if not name.strip() or not (0 < value < 1e6):
             raise LifecycleError(
-                "[train] source_weights: each item must be `source: weight` with a weight above 0 (e.g. production_*: 2)"
+                "[train] source_weights: each item must be `source: weight` with a weight above 0 "
+                "(e.g. production_*: 2)"
             )
         rules.append((name.strip(), value))
     if not rules:

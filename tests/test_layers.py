@@ -43,6 +43,7 @@ LAYERS = {
     "prepare": 2,
     "train": 2,
     "evaluate": 2,
+    "gate": 2,  # the evaluate stage's gate and its checklist
     "deploy": 2,
     "monitor_report": 2,  # the monitor stage (nbs/06_monitor): its tables, plot and headline
     "retrain": 2,
