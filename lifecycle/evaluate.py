@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 from .core import read_json
 from .fairness import bootstrap, fairness_across_seeds, fairness_audit, sensitive_groups
 from .gate import checklist, gate
-from .metrics import classification_metrics, model_card, read_row_hashes, row_hashes, threshold_for_recall
+from .metrics import classification_metrics, read_row_hashes, row_hashes, threshold_for_recall
+from .model_card import model_card
 from .promotion import move_alias
 from .registry import Registry, load_model, markdown_table, save_card, update_meta
 
@@ -229,8 +230,7 @@ def metrics_by_source(
 
 # %% ../nbs/04_evaluate.ipynb #6f80800a
 def evaluate_model(
-    # the new version: `model`, `meta`, `trained` (its training rows by hash, or None), `reference` (its reference.json)
-    candidate: dict,
+    candidate: dict,  # the new version: `model`, `meta`, `trained` (training rows by hash, or None), `reference`
     clean: pd.DataFrame,  # the clean rows, with `_split`, `_label` and `_source`
     sensitive: list[str],  # the sensitive columns
     options: EvaluateOptions,  # the stage's settings
@@ -288,9 +288,7 @@ def evaluate_model(
 def load_version(
     registry: Registry,  # the project's registry
     version: int,  # a version number
-    # `version`, `model`, `meta`, `trained`: its training rows by hash (None when it recorded none), `reference`: its
-    # reference.json ({} without)
-) -> dict:
+) -> dict:  # `version`, `model`, `meta`, `trained` (training rows by hash, or None), `reference` ({} without)
     "A registered version, loaded for evaluation (the model file's SHA-256 is checked)."
     folder = registry.path / "versions" / str(version)
     return {
@@ -346,9 +344,7 @@ def record_evaluation(
     settings,  # the project's settings (for the model card)
     champion_version: int | None,  # the champion it was compared with
     run_id: str,  # this run
-    figures: dict[str, bytes]
-    # the report's own PNGs for the card: "metrics" (ROC, calibration, confusion) and "groups" (recall by group)
-    | None = None,
+    figures: dict[str, bytes] | None = None,  # the report's PNGs for the card: "metrics" (ROC, …), "groups" (recall)
 ) -> str:  # the model card as HTML, its figures embedded
     """Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion,
     when there is none)."""

@@ -101,7 +101,8 @@ def fairness_audit(
 
 
 def _basic_interval(estimate: float, percentile: dict | None) -> dict | None:
-    """The basic (pivotal) bootstrap interval from the percentile one: [2·estimate − high, 2·estimate − low], at least 0.
+    """The basic (pivotal) bootstrap interval from the percentile one: [2·estimate − high, 2·estimate − low], at least
+    0.
 
     The largest gap among several groups is biased upward in resamples (each group's rate wobbles, the
     maximum picks the widest wobble), so the percentile interval can lie entirely above the gap actually
@@ -228,7 +229,8 @@ def fairness_sentences(
             sentence += (
                 f" Too few patients to judge: {len(unjudged)} of {len(audit['groups'])} groups ("
                 + ", ".join(
-                    f"{group_words(settings, column, row['group'])}: {row['n']} patients, {row['positives']} with {sick}"
+                    f"{group_words(settings, column, row['group'])}: "
+                    f"{row['n']} patients, {row['positives']} with {sick}"
                     for row in unjudged
                 )
                 + ")."
@@ -256,7 +258,7 @@ def fairness_figure(
     fairness: dict,  # from `evaluate_model`
     settings,  # the project's settings
     overall_recall: float,  # the recall on the test split, drawn as a dotted line
-):  # a matplotlib figure: recall by group for each column, with error bars and group sizes, too-small groups greyed (None: no column)
+):  # recall by group for each column, error bars, group sizes, too-small groups greyed (None: no column)
     "Recall by group with 95% intervals and group sizes, for each audited column; groups too small to judge greyed."
     import matplotlib.pyplot as plt  # deferred: start-up time, only this path needs it
 

@@ -119,8 +119,7 @@ def reference_statistics(
     categorical: list[str],  # category features
     scores: np.ndarray,  # the model's scores on those rows
     labels: np.ndarray,  # their labels
-    groups: dict
-    | None = None,  # the sensitive columns' grouping, decided on the same rows (`metrics.sensitive_grouping`)
+    groups: dict | None = None,  # the sensitive columns' grouping on the same rows (`metrics.sensitive_grouping`)
 ) -> dict:  # statistics, JSON-ready
     """Statistics of the training data that monitoring compares production against, and the grouping every fairness
     figure uses."""
@@ -209,11 +208,8 @@ def fit_model(
     seed: int,  # random seed
     search: bool,  # run the hyperparameter search
     cv_folds: int,  # folds of the cross-validation
-    weights: np.ndarray
-    | None = None,  # each training row's weight in the fit (`row_weights`); None: every row counts once
-) -> tuple[
-    Pipeline, dict, np.ndarray
-]:  # (the fitted pipeline, cross-validation results and chosen parameters, training rows' scores)
+    weights: np.ndarray | None = None,  # each training row's weight in the fit (`row_weights`); None: one each
+) -> tuple[Pipeline, dict, np.ndarray]:  # (fitted pipeline, cross-validation and chosen parameters, training scores)
     """Cross-validate (and search), then fit on every training row.
 
     The training rows' scores are out-of-fold: each row scored by the fold model that did not see it, the

@@ -25,6 +25,7 @@ LAYERS = {
     "rules": 1,  # the rules of one column, which the contract compiles
     "contract": 1,
     "metrics": 1,
+    "model_card": 1,  # a version's card, in the project's words
     "compare": 1,
     "registry": 1,
     "tracking": 1,

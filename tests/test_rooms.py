@@ -83,8 +83,6 @@ def test_a_module_is_a_room(path):
 
 # Docments: a parameter's comment on its own line, as fastcore's `docments` (nbdev's show_doc) and papermill read it.
 NOTEBOOKS = PACKAGE.parent / "nbs"
-# Another helper is fixing these notebooks' signatures right now; the lead removes them from here after.
-NOT_YET = {"02_prepare", "03_train", "04_evaluate"}
 
 
 def export_cells(notebook: Path) -> list[str]:
@@ -210,20 +208,13 @@ def _half_docmented(
 
 @pytest.mark.parametrize("notebook", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.stem)
 def test_docments_sit_on_their_parameters_lines(notebook):
-    if notebook.stem in NOT_YET:
-        pytest.skip("another helper is fixing this notebook's signatures")
     for source in export_cells(notebook):
         assert not split_docments(source), f"{notebook.name}: signatures split over lines: {split_docments(source)}"
-
-
-MODULES_NOT_YET = {"prepare", "train", "evaluate"}  # the notebooks of NOT_YET
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda path: path.relative_to(PACKAGE).as_posix())
 def test_docments_gives_each_parameter_its_own_comment(path):
     name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
-    if name.removeprefix("lifecycle.") in MODULES_NOT_YET:
-        pytest.skip("another helper is fixing this module's notebook")
     module = importlib.import_module(name)
     wrong = {
         f.__qualname__: docment_mismatches(f)
