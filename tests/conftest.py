@@ -89,6 +89,14 @@ def local_redis(timeout: float = 10):
                 server.wait()
 
 
+def wait_for(check, seconds=180, what="the condition"):  # a bound for a hang, not a measure of speed
+    "Wait until `check()` is true; fail after `seconds` (a test that hangs, never a slow machine's verdict)."
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def stages(run):
     "The run's stages by name."
     return {stage["name"]: stage for stage in run["stages"]}

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from conftest import LIFECYCLE, free_port
+from conftest import LIFECYCLE, free_port, wait_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -254,9 +254,7 @@ def test_hot_swap_under_load_fails_no_request(champion_project):
     try:
         for thread in threads:
             thread.start()
-        while sum(o["predictions"] for o in outcomes) < 50:  # the first version answers under load
-            assert all(thread.is_alive() for thread in threads)
-            time.sleep(0.01)
+        wait_for(lambda: sum(o["predictions"] for o in outcomes) >= 50, what="the first version's answers")
         meta = {k: v for k, v in registry.meta(first).items() if k not in ("version", "sha256", "bytes", "created")}
         second = register(registry, load_model(registry, first), meta)
         set_alias(registry, "champion", second, "hot swap test")
@@ -264,9 +262,7 @@ def test_hot_swap_under_load_fails_no_request(champion_project):
         while httpx.get(server.url + "/model").json()["version"] != second:
             assert time.monotonic() < deadline, "the server did not swap in the new champion"
             time.sleep(0.1)
-        while not any(second in o["versions"] for o in outcomes):  # and the second answers under load too
-            assert all(thread.is_alive() for thread in threads)
-            time.sleep(0.01)
+        wait_for(lambda: any(second in o["versions"] for o in outcomes), what="the second version's answers")
     finally:
         stop.set()
         for thread in threads:
@@ -332,9 +328,7 @@ def test_sigterm_under_load_writes_every_prediction_served(champion_project):
     for thread in threads:
         thread.start()
     # under load: the signal comes once the server has answered 200 predictions, however slow the machine is
-    while sum(o["predictions"] for o in outcomes) < 200:
-        assert all(thread.is_alive() for thread in threads) and server.process.poll() is None
-        time.sleep(0.01)
+    wait_for(lambda: sum(o["predictions"] for o in outcomes) >= 200, what="200 answers under load")
     for outcome in outcomes:
         outcome["stopping"] = True
     server.process.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import LIFECYCLE, free_port
+from conftest import LIFECYCLE, free_port, wait_for
 from test_serve import MARKER, Server, records_of
 
 TOKEN = "t0ken-for-tests"
@@ -199,9 +199,7 @@ def test_sigkill_under_load_loses_no_answered_prediction(champion_project, run):
     for thread in threads:
         thread.start()
     # the kill comes once this many answers are out (more at each run), however slow the machine is
-    while len(served) < 50 * (run + 1):
-        assert all(thread.is_alive() for thread in threads) and server.process.poll() is None
-        time.sleep(0.01)
+    wait_for(lambda: len(served) >= 50 * (run + 1), what="answers under load")
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=30)
     stop.set()

@@ -13,6 +13,7 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import wait_for
 
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
 COMMAND = [
@@ -101,13 +102,6 @@ def logged(project, tmp_path) -> int:
 
     with open_log(str(tmp_path / "predictions.sqlite"), project) as prediction_log:
         return prediction_log.count("stream")
-
-
-def wait_for(check, seconds=180, what="the condition"):  # a bound for a hang, not a measure of speed
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def outputs_of(client, stream) -> list[dict]:
