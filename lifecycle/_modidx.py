@@ -1707,6 +1707,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                           'lifecycle.serving.stream.score_events': ( 'stream.html#score_events',
                                                                                      'lifecycle/serving/stream.py'),
                                           'lifecycle.serving.stream.stream_rejections': ( 'stream.html#stream_rejections',
+                                                                                          'lifecycle/serving/stream.py'),
+                                          'lifecycle.serving.stream.stream_request_id': ( 'stream.html#stream_request_id',
                                                                                           'lifecycle/serving/stream.py')},
             'lifecycle.serving.stream_io': { 'lifecycle.serving.stream_io.Endpoint': ( 'stream_io.html#endpoint',
                                                                                        'lifecycle/serving/stream_io.py'),
