@@ -105,3 +105,106 @@ def test_a_trickling_receiver_holds_monitoring_no_longer_than_the_deadline(tmp_p
     assert "1 alerts wait for the next run" in " ".join(result["statements"])
     state = json.loads((tmp_path / "alerts_state.json").read_text())
     assert [alert["labels"]["alertname"] for alert in state["outbox"]] == ["auc_low"]
+
+
+# --- hostile input to replay and collect: set aside with a reason, counted, no traceback --------------------------
+
+SECRET = "PX-SECRET-4711"  # a patient value planted in every bad line: it must never reach an output or an error
+
+
+def hostile_lines(record: dict) -> list[bytes]:
+    "Lines no reader makes a record of: bytes that are not UTF-8, a field over 131,072 characters, deep nesting."
+    return [
+        json.dumps({**record, "note": SECRET}).encode()[:-1] + b', "x": "\xff\xfe"}',
+        json.dumps({**record, "note": SECRET + "x" * 140_000}).encode(),  # a long field is fine in JSON: kept
+        json.dumps({**record, "note": SECRET}).encode()[:-1] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        json.dumps({**record, "note": SECRET}).encode()[:-1] + b', "x": ' + b"[" * 40 + b"]" * 40 + b"}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def small_project(tmp_path_factory):
+    "A project whose registry holds one small champion (age, chol, sex), as the stream tests build it."
+    import numpy as np
+    import pandas as pd
+
+    from lifecycle.registry import Registry, register, set_alias
+    from lifecycle.train import build_pipeline
+
+    root = tmp_path_factory.mktemp("holes-project")
+    (root / "settings.ini").write_text("[data]\nsources = visits: visits.csv\ntarget = num\npositive = 1\n")
+    meta = {
+        "features": {"numeric": ["age", "chol"], "categorical": ["sex"]},
+        "threshold": 0.5,
+        "schema": {
+            "columns": {
+                "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
+                "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
+                "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]},
+            }
+        },
+        "settings": {"data": {"id": ""}},
+    }
+    rng = np.random.default_rng(1)
+    x = pd.DataFrame(
+        {"age": rng.uniform(20, 80, 200), "chol": rng.uniform(100, 400, 200), "sex": rng.integers(0, 2, 200)}
+    )
+    y = (x["age"] + 30 * x["sex"] > 65).astype(int)
+    registry = Registry(root)
+    model = build_pipeline("logistic_regression", ["age", "chol"], ["sex"]).fit(x.astype(float), y)
+    set_alias(registry, "champion", register(registry, model, meta), "test")
+    return root
+
+
+def test_replay_sets_hostile_lines_aside_and_counts_them(small_project, tmp_path):
+    from conftest import run_lifecycle
+
+    record = {"age": 61, "chol": 250, "sex": 1, "num": 1}
+    visits = tmp_path / "visits.jsonl"
+    visits.write_bytes(b"\n".join([json.dumps(record).encode(), *hostile_lines(record), json.dumps(record).encode()]))
+    table = tmp_path / "visits.csv"
+    table.write_bytes(
+        b"age,chol,sex,num\n61,250,1,1\n"
+        + b'61,"'
+        + SECRET.encode()
+        + b"x" * 140_000
+        + b'",1,1\n'  # a field the CSV reader refuses
+        + b"61,\xff\xfe,1,1\n"
+        + b"45,180,0,0\n"
+    )
+    settings = small_project / "settings.ini"
+    code, jsonl, _, stderr = run_lifecycle("replay", "--settings", settings, "--input", visits, "--json", check=0)
+    assert (jsonl["records"], jsonl["scored"], jsonl["set_aside"]) == (3, 3, 3), jsonl  # the long JSON field is kept
+    assert jsonl["set_aside_reasons"] == {"bytes that are not utf-8 text": 1, "JSON nested deeper than 32 levels": 2}
+    code, text, _, stderr = run_lifecycle("replay", "--settings", settings, "--input", table, "--json", check=0)
+    assert (text["records"], text["scored"], text["set_aside"]) == (2, 2, 2), text
+    assert text["set_aside_reasons"] == {"a field over 131,072 characters": 1, "bytes that are not utf-8 text": 1}
+    code, _, words, stderr = run_lifecycle("replay", "--settings", settings, "--input", table, check=0)
+    assert "2 input lines set aside, not sent: a field over 131,072 characters (1); bytes that are not" in words
+    assert "Traceback" not in stderr and SECRET not in stderr + words + json.dumps([jsonl, text])
+
+
+def test_collect_sets_a_deeply_nested_line_aside_with_the_others(tmp_path):
+    import pandas as pd
+    from conftest import COLUMNS, HEART, run_lifecycle
+
+    names = COLUMNS.split(", ")
+    rows = pd.read_csv(HEART / "processed.cleveland.data", header=None, names=names, na_values="?").head(40)
+    records = [
+        json.dumps({k: (None if pd.isna(v) else v) for k, v in row.items()}).encode() for _, row in rows.iterrows()
+    ]
+    project = tmp_path / "jsonl"
+    project.mkdir()
+    (project / "visits.jsonl").write_bytes(b"\n".join([*records[:20], *hostile_lines({"age": 50}), *records[20:]]))
+    (project / "settings.ini").write_text(
+        "[data]\nsources = visits: visits.jsonl\ntarget = num\npositive = 1, 2, 3, 4\n"
+    )
+    code, run, _, stderr = run_lifecycle("run", "--settings", project / "settings.ini", "--stages", "collect", "--json")
+    assert code == 0 and [stage["status"] for stage in run["stages"]] == ["ran"], stderr
+    malformed = pd.read_parquet(next(project.glob("runs/*/collect/malformed.parquet")))
+    assert malformed[["_line", "reason"]].values.tolist() == [
+        [21, "bytes that are not utf-8 text"],
+        [23, "JSON nested deeper than 32 levels"],
+        [24, "JSON nested deeper than 32 levels"],
+    ]
+    assert run["stages"][0]["summary"]["lines_malformed"] == 3 and run["stages"][0]["summary"]["rows"] == 41
