@@ -208,3 +208,117 @@ def test_collect_sets_a_deeply_nested_line_aside_with_the_others(tmp_path):
         [24, "JSON nested deeper than 32 levels"],
     ]
     assert run["stages"][0]["summary"]["lines_malformed"] == 3 and run["stages"][0]["summary"]["rows"] == 41
+
+
+# --- the paired tests at their extremes, against plain reference implementations ----------------------------------
+
+from fractions import Fraction  # noqa: E402  (the statistics tests' own imports, kept beside them)
+from itertools import product  # noqa: E402
+from math import comb  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def reference_auc(labels, scores) -> Fraction:
+    "The definition: the share of (positive, negative) pairs ranked the right way, ties one half, exactly."
+    pairs = [(p, n) for p, yp in zip(scores, labels) if yp for n, yn in zip(scores, labels) if not yn]
+    right = sum(Fraction(1) if p > n else Fraction(1, 2) if p == n else Fraction(0) for p, n in pairs)
+    return right / len(pairs)
+
+
+def reference_ranks(scores) -> list[Fraction]:
+    "Midranks, from their definition: 1 + the scores below, + half the other scores equal."
+    return [1 + sum(o < s for o in scores) + Fraction(sum(o == s for o in scores) - 1, 2) for s in scores]
+
+
+def reference_permutation_p(labels, a, b) -> Fraction:
+    "Every one of the 2^N swaps of the two models' ranks on a patient, each AUC from its definition."
+    a, b = reference_ranks(a), reference_ranks(b)
+    observed = abs(reference_auc(labels, b) - reference_auc(labels, a))
+    hits = 0
+    for swap in product((False, True), repeat=len(labels)):
+        first = [y if s else x for x, y, s in zip(a, b, swap)]
+        second = [x if s else y for x, y, s in zip(a, b, swap)]
+        hits += abs(reference_auc(labels, second) - reference_auc(labels, first)) >= observed
+    return Fraction(hits, 2 ** len(labels))
+
+
+@st.composite
+def tiny_paired(draw):
+    "2 to 9 patients with both classes, two models' scores with many ties."
+    size = draw(st.integers(2, 9))
+    labels = draw(st.lists(st.integers(0, 1), min_size=size, max_size=size).filter(lambda y: 0 < sum(y) < size))
+    scores = st.lists(st.integers(0, 3), min_size=size, max_size=size)
+    return labels, draw(scores), draw(scores)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tiny_paired())
+def test_the_auc_test_on_tiny_groups_is_the_exact_permutation_test(case):
+    "Fewer than 10 of a class: the p-value is exactly the share of the 2^N swaps as extreme (ties, one of a class)."
+    from lifecycle.compare import delong_test
+
+    labels, a, b = case
+    result = delong_test(labels, a, b)
+    assert result["method"] == "paired permutation"
+    assert abs(result["p_value"] - float(reference_permutation_p(labels, a, b))) < 1e-12
+    assert abs(result["difference"] - float(reference_auc(labels, b) - reference_auc(labels, a))) < 1e-12
+
+
+def test_perfect_separation_both_ways_is_significant_and_rolls_back():
+    "ROC AUC 0.000 against 1.000 on the same 80 patients: a significant drop, never 'not significantly (p = 1)'."
+    from lifecycle.compare import compare_models, delong_test
+    from lifecycle.rollback import _paired_test, judge_rollback, rollback_rules
+
+    labels = np.repeat([1, 0], 40)
+    right, backwards = np.linspace(0.99, 0.01, 80), np.linspace(0.01, 0.99, 80)
+    test, p_value = _paired_test("roc_auc", labels, right, backwards, 0.5, 0.5)
+    assert test == "paired permutation" and p_value == 1 / 2001  # no random swap of 2,000 is as extreme
+    rules = rollback_rules({"rollback_margin": 0.05, "rollback_min_labels": 30})
+    evidence = {"champion": 2, "previous": 1, "labeled": 80, "figures": {"champion": 0.0, "previous": 1.0}}
+    decision = judge_rollback(rules, {**evidence, "test": test, "p_value": p_value, "alerts": []})
+    assert decision["rollback"] and "paired permutation p = 0.0005" in decision["reasons"][0], decision
+    assert delong_test(labels, right, right)["p_value"] == 1.0  # the same model: no difference
+    verdict = compare_models(labels, right, backwards, 0.5, 0.5, rounds=200)
+    assert (
+        verdict["verdict"] == "worse" and "ROC AUC 0.000 against 1.000 (paired permutation p = " in verdict["headline"]
+    )
+
+
+def test_the_random_swaps_agree_with_every_swap():
+    "Above 12 patients the swaps are drawn at random: their p-value is the exact one within its sampling error."
+    from lifecycle.compare import permutation_auc_test
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        labels = np.array([1] * 7 + [0] * 7)
+        a, b = rng.integers(0, 4, 14), labels + rng.integers(0, 3, 14)
+        exact = permutation_auc_test(labels, a, b, exact_up_to=14)
+        drawn = permutation_auc_test(labels, a, b, rounds=4000, seed=5)
+        assert abs(drawn - exact) <= 4 * np.sqrt(exact * (1 - exact) / 4000) + 1 / 4001, (drawn, exact)
+
+
+def reference_mcnemar(only_a: int, only_b: int) -> tuple[Fraction, Fraction]:
+    "Exact and mid-p two-sided McNemar p-values from the binomial definition (Fagerland et al. 2013), in fractions."
+    discordant, smaller = only_a + only_b, min(only_a, only_b)
+    tail = 2 * sum(Fraction(comb(discordant, x), 2**discordant) for x in range(smaller + 1))
+    point = Fraction(comb(discordant, smaller), 2**discordant)
+    return min(Fraction(1), tail), min(Fraction(1), tail - point)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 120), st.integers(0, 120), st.integers(0, 30))
+def test_mcnemar_agrees_with_its_definition(only_a, only_b, both):
+    from lifecycle.compare import mcnemar_test
+
+    labels = np.ones(only_a + only_b + both, dtype=int)
+    right_a = np.r_[np.ones(only_a), np.zeros(only_b), np.ones(both)]
+    right_b = np.r_[np.zeros(only_a), np.ones(only_b), np.ones(both)]
+    result = mcnemar_test(labels, right_a, right_b)
+    exact, mid = reference_mcnemar(only_a, only_b)
+    assert (result["only_a_right"], result["only_b_right"]) == (only_a, only_b)
+    assert abs(result["p_value"] - float(exact)) <= 1e-12 * max(1.0, float(exact)) + 1e-300
+    assert abs(result["mid_p_value"] - float(mid)) <= 1e-9 * float(mid) + 1e-300
+    assert result["mid_p_value"] <= result["p_value"]
