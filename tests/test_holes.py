@@ -322,3 +322,26 @@ def test_mcnemar_agrees_with_its_definition(only_a, only_b, both):
     assert abs(result["p_value"] - float(exact)) <= 1e-12 * max(1.0, float(exact)) + 1e-300
     assert abs(result["mid_p_value"] - float(mid)) <= 1e-9 * float(mid) + 1e-300
     assert result["mid_p_value"] <= result["p_value"]
+
+
+# --- the clinic's refusals in its own name --------------------------------------------------------------------------
+
+
+def test_the_clinic_refuses_in_its_own_name(small_project):
+    import os
+    import subprocess
+
+    from conftest import LIFECYCLE
+
+    environment = {key: value for key, value in os.environ.items() if key != "LIFECYCLE_API_TOKEN"}
+    done = subprocess.run(
+        [str(LIFECYCLE), "clinic", "--settings", str(small_project / "settings.ini"), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
+    assert done.returncode == 1 and done.stderr == (
+        "lifecycle: the clinic page on 0.0.0.0 needs a token: set LIFECYCLE_API_TOKEN "
+        "(visitors open the page once with ?token=<token>)\n"
+    ), done.stderr
