@@ -9,6 +9,7 @@ import functools
 import http.client
 import json
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -123,6 +124,8 @@ def _post_once(
         return False, f"HTTP {error.code}", 400 <= error.code < 500 and error.code not in (408, 429)
     except (OSError, ValueError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", None)
+        if isinstance(reason, ssl.SSLError):  # e.g. a certificate this machine does not trust: trying again won't help
+            return False, f"TLS {reason.reason or type(reason).__name__}", True
         return False, type(error).__name__ if not reason else str(reason).split(":")[0][:80], False
 
 

@@ -15,10 +15,11 @@ class Trickler:
     """A real HTTP receiver on 127.0.0.1 that reads the request, then answers a byte at a time, `pause` seconds apart:
     `answer` whole, then (with `endless`) header lines for as long as the client keeps the connection open."""
 
-    def __init__(self, pause: float = 0.2, answer: bytes = b"HTTP/1.1 200 OK\r\n", endless: bool = True):
-        self.pause, self.answer, self.endless = pause, answer, endless
+    def __init__(self, pause: float = 0.2, answer: bytes = b"HTTP/1.1 200 OK\r\n", endless: bool = True, tls=None):
+        self.pause, self.answer, self.endless, self.tls = pause, answer, endless, tls
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/alerts"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://localhost:{self.listener.getsockname()[1]}/alerts"
         self.requests, self.hung_up = [], threading.Event()
         self.stopped = threading.Event()
         threading.Thread(target=self.serve, daemon=True).start()
@@ -32,6 +33,11 @@ class Trickler:
             threading.Thread(target=self.answer_one, args=(connection,), daemon=True).start()
 
     def answer_one(self, connection):
+        if self.tls is not None:
+            try:
+                connection = self.tls.wrap_socket(connection, server_side=True)
+            except OSError:  # the client refused our certificate
+                return
         with connection:
             received = b""
             while b"\r\n\r\n" not in received:
@@ -90,6 +96,61 @@ def test_a_trickling_receiver_gets_no_more_than_the_deadline(trickler):
     assert receiver.hung_up.wait(60)  # the connection was shut: no thread lingers on the trickle
     slow_but_done = trickler(pause=0.01, endless=False)  # a whole answer, slowly, well within the deadline
     assert within(60, post_webhook, slow_but_done.url, {"version": "4"}) == (True, "delivered (HTTP 200)")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    "A self-signed certificate for localhost (openssl), and a server context holding it."
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            folder / "key.pem",
+            "-out",
+            folder / "cert.pem",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return folder / "cert.pem", context
+
+
+def test_under_tls_too(trickler, certificate, monkeypatch):
+    "An untrusted certificate is final (one try, its reason); a trusted receiver that trickles is cut at the deadline."
+    from lifecycle.webhook import post_webhook
+
+    path, context = certificate
+    receiver = trickler(pause=0.2, tls=context)
+    assert within(60, post_webhook, receiver.url, {"version": "4"}, deadline=5) == (
+        False,
+        "not delivered after 1 attempt (TLS CERTIFICATE_VERIFY_FAILED)",
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))  # now this machine trusts it
+    assert within(60, post_webhook, receiver.url, {"version": "4"}, deadline=1) == (
+        False,
+        "not delivered after 1 attempt (no answer within 1 s)",
+    )
+    assert receiver.requests == [{"version": "4"}] and receiver.hung_up.wait(60)
 
 
 def test_a_trickling_receiver_holds_monitoring_no_longer_than_the_deadline(tmp_path, trickler):
