@@ -9,20 +9,18 @@ import fcntl
 import hashlib
 import json
 import re
-import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .core import LifecycleError, read_json, write_json
+from .webhook import post_webhook
 
 # %% auto #0
 __all__ = ['COMPARISONS', 'SEVERITIES', 'tokenize', 'parse_expression', 'evaluate', 'names', 'Rule', 'parse_kpis', 'parse_rules',
-           'alert_fingerprint', 'update_alerts', 'alertmanager_payload', 'post_webhook', 'raise_alerts',
-           'firing_alerts', 'firing_alert_names', 'send_notice']
+           'alert_fingerprint', 'update_alerts', 'alertmanager_payload', 'raise_alerts', 'firing_alerts',
+           'firing_alert_names', 'send_notice']
 
 # %% ../nbs/41_alerts.ipynb #f9feda6c
 _TOKEN = re.compile(
@@ -349,39 +347,6 @@ def alertmanager_payload(
             for alert in alerts
         ],
     }
-
-
-def post_webhook(
-    url: str,  # the receiver's URL (http or https)
-    payload: dict,  # the JSON body
-    attempts: int = 3,  # tries at most
-    timeout: float = 2.0,  # seconds per try
-    backoff: float = 0.2,  # seconds before the second try, doubled after each
-    sleep=time.sleep,  # how to wait (injected in tests)
-) -> tuple[bool, str]:  # (delivered, what happened in one line, without the URL's credentials)
-    "POST a payload, retrying a bounded number of times; never raises."
-    if not str(url).lower().startswith(("http://", "https://")):
-        return False, "the webhook URL must start with http:// or https://"
-    body = json.dumps(payload).encode()
-    reason = "not tried"
-    for attempt in range(attempts):
-        if attempt:
-            sleep(backoff * 2 ** (attempt - 1))
-        request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                if 200 <= response.status < 300:
-                    return True, f"delivered (HTTP {response.status})"
-                reason = f"HTTP {response.status}"
-        except urllib.error.HTTPError as error:
-            reason = f"HTTP {error.code}"
-            if 400 <= error.code < 500 and error.code not in (408, 429):
-                break  # the receiver refuses this payload: retrying will not help
-        except (OSError, ValueError) as error:
-            reason = (
-                type(error).__name__ if not getattr(error, "reason", None) else str(error.reason).split(":")[0][:80]
-            )
-    return False, f"not delivered after {attempt + 1} attempt{'s' if attempt else ''} ({reason})"
 
 # %% ../nbs/41_alerts.ipynb #94fc15ff
 @contextmanager

@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import binom, binomtest, norm, rankdata
+from scipy.stats import binom, norm, rankdata
 
 from .metrics import equalized_odds_gap, judged_groups
 
 # %% auto #0
-__all__ = ['RULE', 'auc_pairs', 'delong_components', 'delong_test', 'mcnemar_test', 'paired_bootstrap', 'brier_losses',
-           'cost_losses', 'fairness_comparison', 'comparison_verdict', 'compare_models']
+__all__ = ['MIN_CLASS_FOR_DELONG', 'RULE', 'auc_pairs', 'delong_components', 'auc_rows', 'permutation_auc_test', 'delong_test',
+           'mcnemar_test', 'paired_bootstrap', 'brier_losses', 'cost_losses', 'fairness_comparison',
+           'comparison_verdict', 'compare_models']
 
 # %% ../nbs/24_compare.ipynb #5220bdd4
 def auc_pairs(
@@ -44,29 +45,87 @@ def delong_components(
     return float(v10.mean()), v10, v01
 
 # %% ../nbs/24_compare.ipynb #ac9c46f9
+MIN_CLASS_FOR_DELONG = 10  # patients of each class DeLong's normal approximation stands on; fewer: the permutation test
+
+
+def auc_rows(
+    labels: np.ndarray,  # true labels as booleans, one a column
+    scores: np.ndarray,  # a matrix: each row the scores of one model (or one permutation) on the same patients
+) -> np.ndarray:  # the ROC AUC of each row
+    """The ROC AUC of each row of a score matrix at once: the Mann-Whitney form from midranks (ties count one half);
+    with a small class, by comparing its few patients with the others, which costs less than ranking every row."""
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if min(positives, negatives) <= 32:  # e.g. 5 sick among 50,000: 5 comparisons a patient instead of a sort
+        few, many = (
+            (scores[:, labels], scores[:, ~labels])
+            if positives <= negatives
+            else (scores[:, ~labels], scores[:, labels])
+        )
+        wins = sum(
+            (column[:, None] > many).sum(axis=1) + 0.5 * (column[:, None] == many).sum(axis=1) for column in few.T
+        )
+        share = wins / (positives * negatives)
+        return share if positives <= negatives else 1 - share
+    ranks = rankdata(scores, axis=1)
+    return (ranks[:, labels].sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def permutation_auc_test(
+    labels,  # true labels, 0 or 1 (both present)
+    scores_a,  # the first model's scores
+    scores_b,  # the second model's scores, on the same rows
+    rounds: int = 0,  # random swaps past `exact_up_to` (0: 2,000; fewer past 2,000 patients, at least 200)
+    seed: int = 0,  # random seed of those swaps
+    exact_up_to: int = 12,  # up to this many patients, every one of the 2^N swaps is tried: the exact p-value
+) -> float:  # two-sided p-value of the AUC difference
+    "A paired permutation test of two ROC AUCs on the same patients, on each model's ranks (see above)."
+    labels = np.asarray(labels).astype(bool)
+    ranked = np.vstack([rankdata(scores_a), rankdata(scores_b)])
+    if (ranked[0] == ranked[1]).all():
+        return 1.0  # the same order: every swap changes nothing
+    observed = abs(float(np.diff(auc_rows(labels, ranked))[0]))
+    count = len(labels)
+    exact = count <= exact_up_to
+    rounds = rounds or max(200, min(2000, 4_000_000 // count))
+    rng = np.random.default_rng(seed)
+    swaps = (np.arange(2**count)[:, None] >> np.arange(count)) & 1 if exact else rng.random((rounds, count)) < 0.5
+    step, extreme = max(1, 2_000_000 // count), 0  # about 16 MB of scores a block
+    for start in range(0, len(swaps), step):
+        swapped = swaps[start : start + step].astype(bool)
+        a, b = np.where(swapped, ranked[1], ranked[0]), np.where(swapped, ranked[0], ranked[1])
+        differences = np.abs(auc_rows(labels, b) - auc_rows(labels, a))
+        extreme += int((differences >= observed - 1e-9).sum())  # as far from zero, up to rounding
+    return extreme / len(swaps) if exact else (extreme + 1) / (rounds + 1)
+
+# %% ../nbs/24_compare.ipynb #7c021d13
 def delong_test(
     labels,  # true labels, 0 or 1
     scores_a,  # the first model's scores (the champion)
     scores_b,  # the second model's scores (the challenger), on the same rows
     alpha: float = 0.05,  # 1 - the confidence of the interval
-) -> dict:  # auc_a, auc_b, difference (b − a), se, z, p_value, interval
-    "DeLong's test for the difference of two correlated ROC AUCs (same patients, two models)."
+) -> dict:  # auc_a, auc_b, difference (b − a), method, se, z, p_value, interval (None when permuted)
+    """DeLong's test for the difference of two correlated ROC AUCs (same patients, two models); the paired permutation
+    test where DeLong's variance is degenerate (perfect separation) or a class is small."""
     auc_a, v10_a, v01_a = delong_components(labels, scores_a)
     auc_b, v10_b, v01_b = delong_components(labels, scores_b)
-    s10, s01 = np.cov(np.vstack([v10_a, v10_b])), np.cov(np.vstack([v01_a, v01_b]))
-    covariance = s10 / len(v10_a) + s01 / len(v01_a)
-    variance = max(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1], 0.0)
-    difference, se = auc_b - auc_a, float(np.sqrt(variance))
-    z = difference / se if se > 0 else 0.0
-    p_value = float(2 * norm.sf(abs(z))) if se > 0 else 1.0
+    difference, smallest = auc_b - auc_a, min(len(v10_a), len(v01_a))
+    se = 0.0
+    if smallest >= 2:
+        s10, s01 = np.cov(np.vstack([v10_a, v10_b])), np.cov(np.vstack([v01_a, v01_b]))
+        covariance = s10 / len(v10_a) + s01 / len(v01_a)
+        se = float(np.sqrt(max(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1], 0.0)))
+    result = {"auc_a": auc_a, "auc_b": auc_b, "difference": difference}
+    if smallest < MIN_CLASS_FOR_DELONG or not se > 0:
+        p_value = permutation_auc_test(labels, scores_a, scores_b)
+        return {**result, "method": "paired permutation", "se": None, "z": None, "p_value": p_value, "interval": None}
     half = float(norm.ppf(1 - alpha / 2)) * se
     return {
-        "auc_a": auc_a,
-        "auc_b": auc_b,
-        "difference": difference,
+        **result,
+        "method": "DeLong",
         "se": se,
-        "z": float(z),
-        "p_value": p_value,
+        "z": float(difference / se),
+        "p_value": float(2 * norm.sf(abs(difference / se))),
         "interval": [difference - half, difference + half],
     }
 
@@ -81,19 +140,19 @@ def mcnemar_test(
     right_a, right_b = np.asarray(decisions_a).astype(int) == labels, np.asarray(decisions_b).astype(int) == labels
     only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     discordant = only_a + only_b
-    if discordant == 0:
-        exact = mid_p = 1.0
+    smaller = min(only_a, only_b)
+    point = float(binom.pmf(smaller, discordant, 0.5))  # 1 when no patient is discordant
+    if 2 * smaller + 1 >= discordant:  # an even split or one off it: 2·P(X ≤ k) is 1 + P(X = k), or 1, by symmetry
+        tail = 1.0 + (point if 2 * smaller == discordant else 0.0)
     else:
-        smaller = min(only_a, only_b)
-        exact = float(binomtest(smaller, discordant, 0.5).pvalue)
-        mid_p = float(min(1.0, exact - binom.pmf(smaller, discordant, 0.5)))
+        tail = 2 * float(binom.cdf(smaller, discordant, 0.5))
     return {
         "only_a_right": only_a,
         "only_b_right": only_b,
-        "p_value": exact,
-        "mid_p_value": mid_p,
-        "accuracy_a": float(right_a.mean()),
-        "accuracy_b": float(right_b.mean()),
+        "p_value": float(min(1.0, tail)),
+        "mid_p_value": float(min(1.0, tail - point)),  # capped after the subtraction: an even split is p = 1
+        "accuracy_a": float(right_a.mean()) if len(labels) else None,
+        "accuracy_b": float(right_b.mean()) if len(labels) else None,
     }
 
 # %% ../nbs/24_compare.ipynb #9726c348
@@ -167,7 +226,7 @@ def _figure_verdicts(auc: dict, decisions: dict, brier: dict, cost: dict, alpha:
     gains, losses = [], []
     if auc and auc["p_value"] < alpha:
         (gains if auc["difference"] > 0 else losses).append(
-            f"ROC AUC {auc['auc_b']:.3f} against {auc['auc_a']:.3f} (DeLong p = {auc['p_value']:.3g})"
+            f"ROC AUC {auc['auc_b']:.3f} against {auc['auc_a']:.3f} ({auc['method']} p = {auc['p_value']:.3g})"
         )
     if decisions["mid_p_value"] < alpha:
         better = decisions["only_b_right"] > decisions["only_a_right"]

@@ -126,6 +126,7 @@ def voila_main(
 def check_access(
     host: str,  # the address to listen on
     token: str | None,  # the token, or None
+    page: str = "the dashboard",  # what the refusal calls the page: the dashboard, the clinic page
 ) -> None:
     "Refuse an address other than loopback without a token ('' listens on every address: not loopback)."
     try:
@@ -134,7 +135,7 @@ def check_access(
         loopback = False
     if not loopback and not token:
         raise LifecycleError(
-            f"a dashboard on {host} needs a token: set {TOKEN_ENV} (visitors open the page once with ?token=<token>)"
+            f"{page} on {host} needs a token: set {TOKEN_ENV} (visitors open the page once with ?token=<token>)"
         )
 
 # %% ../nbs/44_dashserver.ipynb #afc1fe0d
@@ -254,13 +255,13 @@ def serve_page(
     preheat: bool = True,  # a preheated kernel
     environment: dict | None = None,  # more environment for Voila's kernels
     loop: threading.Thread | None = None,  # a thread with a `stop` to run beside the page (the monitor), or None
-    name: str = "Dashboard",  # what the printed line calls the page
+    name: str = "Dashboard",  # what the printed line and the refusals call the page
     note: str = "",  # more words for the printed line
     log=None,  # where Voila's lines go (default: this process's stderr)
 ) -> int:  # 0 after SIGTERM or Ctrl-C
     """Serve a Voila page (and run `loop` beside it) until SIGTERM or Ctrl-C: the shared body of `lifecycle dashboard`
     and `lifecycle clinic`."""
-    check_access(host, os.environ.get(TOKEN_ENV) or None)
+    check_access(host, os.environ.get(TOKEN_ENV) or None, f"the {name.lower()} page")
     environment, templates = _page_environment(environment)
     # SIGINT too: a shell may start us with it ignored
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}

@@ -166,7 +166,8 @@ def _paired_test(
     """The paired test of the figure, where one applies: DeLong's for ROC AUC, McNemar's mid-p for accuracy; none
     for recall and precision."""
     if metric == "roc_auc" and len(set(labels.tolist())) == 2:
-        return "DeLong", float(delong_test(labels, old_scores, new_scores)["p_value"])
+        tested = delong_test(labels, old_scores, new_scores)  # DeLong's, or the permutation test at the extremes
+        return tested["method"], float(tested["p_value"])
     if metric == "accuracy":
         return "McNemar", float(
             mcnemar_test(labels, (old_scores >= old_threshold).astype(int), (new_scores >= new_threshold).astype(int))[

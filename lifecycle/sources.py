@@ -21,8 +21,9 @@ from .files import sha256_file
 from .sql_sources import _no_malformed, _sqlite_relative_to, mask_url, read_sql_table
 
 # %% auto #0
-__all__ = ['PARQUET_SUFFIXES', 'JSON_LINES_SUFFIXES', 'with_lineage', 'line_starts', 'blank_lines', 'field_counts',
-           'read_text_table', 'read_json_lines', 'read_parquet_table', 'source_format', 'read_source', 'source_files']
+__all__ = ['FIELD_LIMIT', 'MAX_JSON_DEPTH', 'PARQUET_SUFFIXES', 'JSON_LINES_SUFFIXES', 'with_lineage', 'line_starts',
+           'blank_lines', 'field_counts', 'read_text_table', 'json_depth', 'read_json_lines', 'read_parquet_table',
+           'source_format', 'read_source', 'source_files']
 
 # %% ../nbs/22_sources.ipynb #5d5aa07d
 def with_lineage(
@@ -105,12 +106,23 @@ def field_counts(
 
 # %% ../nbs/22_sources.ipynb #e79abfeb
 def _split_fields(text: str, delimiter: str) -> list[str]:
-    "A line's fields: runs of whitespace for a space-separated file, else the delimiter, quotes respected."
+    """A line's fields: runs of whitespace for a space-separated file, else the delimiter, quotes respected; raises
+    `csv.Error` for a field over `FIELD_LIMIT` characters."""
     return text.split() if delimiter == " " else next(csv.reader([text], delimiter=delimiter), [])
 
 
+FIELD_LIMIT = csv.field_size_limit()  # 131,072 characters: the longest field Python's CSV reader takes
+
+
+def _csv_reason(error: csv.Error) -> str:
+    "Why the CSV reader refused a line, in words (its messages never quote the line)."
+    if "field limit" in str(error):
+        return f"a field over {FIELD_LIMIT:,} characters"
+    return f"a line the CSV reader cannot split ({str(error)[:60]})"
+
+
 def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expected: int) -> np.ndarray:
-    "Reasons per line, decoding and parsing each line: for quoted fields and bad bytes."
+    "Reasons per line, decoding and parsing each line: for quoted fields, bad bytes and very long lines."
     reasons = np.full(len(lines), "", dtype=object)
     for index, line in enumerate(lines):
         try:
@@ -118,7 +130,11 @@ def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expecte
         except UnicodeDecodeError:
             reasons[index] = f"bytes that are not {encoding} text"
             continue
-        fields = len(_split_fields(text, delimiter))
+        try:
+            fields = len(_split_fields(text, delimiter))
+        except csv.Error as error:
+            reasons[index] = _csv_reason(error)
+            continue
         if fields != expected:
             reasons[index] = f"expected {expected} fields, found {fields}"
     return reasons
@@ -213,7 +229,11 @@ def _looks_like_header(first: list[str], second: list[str]) -> bool:
 
 
 def _fields(raw: bytes, starts: np.ndarray, ends: np.ndarray, index: int, delimiter: str, encoding: str) -> list[str]:
-    return _split_fields(raw[starts[index] : ends[index]].decode(encoding, errors="replace"), delimiter)
+    "The fields of line `index`, to tell a header; none when the CSV reader refuses the line (it is then no header)."
+    try:
+        return _split_fields(raw[starts[index] : ends[index]].decode(encoding, errors="replace"), delimiter)
+    except csv.Error:
+        return []
 
 
 def _lines_equal_to(raw: bytes, starts: np.ndarray, ends: np.ndarray, line: bytes) -> np.ndarray:
@@ -271,16 +291,16 @@ def _line_reasons(
     width: int,  # the fields a row must have
     decodes: bool,  # the whole file decodes in `encoding`
 ) -> np.ndarray:  # each line's reason to be set aside, "" for a good line
-    "Judge each row line: quoted fields or undecodable bytes, line by line; else by its count of fields."
+    """Judge each row line: quoted fields or undecodable bytes, line by line; else by its count of fields, but a line
+    long enough to hold a field over `FIELD_LIMIT`, which is judged line by line too."""
     if b'"' in raw or not decodes:
         candidates = np.flatnonzero(rows & (reasons == ""))
-        reasons[candidates] = _slow_line_checks(
-            [raw[starts[i] : ends[i]] for i in candidates], delimiter, encoding, width
-        )
     else:
         counts = field_counts(np.frombuffer(raw, dtype=np.uint8), starts, delimiter)
         wrong = rows & (counts != width) & (reasons == "")
         reasons[wrong] = [f"expected {width} fields, found {count}" for count in counts[wrong]]
+        candidates = np.flatnonzero(rows & (reasons == "") & (ends - starts > FIELD_LIMIT))
+    reasons[candidates] = _slow_line_checks([raw[starts[i] : ends[i]] for i in candidates], delimiter, encoding, width)
     return reasons
 
 
@@ -332,7 +352,7 @@ def read_text_table(
         raise LifecycleError(f"{path} is empty: it holds no rows")
     first = raw[starts[first_line[0]] : ends[first_line[0]]].decode(encoding, errors="replace")
     delimiter = _text_format(path, first)
-    first_fields = _split_fields(first, delimiter)
+    first_fields = _fields(raw, starts, ends, first_line[0], delimiter, encoding)
     header = _is_header(first_fields, columns)
     names = [field.strip() for field in first_fields] if header else columns
     rows = ~blank
@@ -353,6 +373,7 @@ def read_text_table(
         and _arrow_ready(delimiter, encoding)
         and not junk_header
         and not (repeated is not None and repeated.any())
+        and not (ends - starts > FIELD_LIMIT).any()  # pyarrow would keep a field the line-by-line path sets aside
     ):
         skip = int(first_line[0]) + 1 if header else 0
         frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
@@ -369,6 +390,42 @@ def read_text_table(
     return frame, malformed, int(blank.sum())
 
 # %% ../nbs/22_sources.ipynb #d8cc5109
+MAX_JSON_DEPTH = 32  # levels of nesting a JSON line may have: a record is one, a list in a field two
+
+
+def json_depth(
+    value,  # a decoded JSON value
+) -> int:  # its levels of nesting: 0 for a number or text, 1 for a flat object or list
+    "How deeply a JSON value nests, without recursion."
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            pending.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _json_line(
+    raw: bytes,  # one line of the file
+    encoding: str,  # the file's text encoding
+) -> tuple[dict | None, str]:  # (the record, "") or (None, the reason it is set aside)
+    "One JSON line as a record, or why it is none."
+    try:
+        record = json.loads(raw.decode(encoding))
+    except UnicodeDecodeError:
+        return None, f"bytes that are not {encoding} text"
+    except ValueError:
+        return None, "not valid JSON"
+    except RecursionError:
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    if not isinstance(record, dict):
+        return None, "a JSON value that is not an object"
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(record) > MAX_JSON_DEPTH:
+        return None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    return record, ""
+
+
 def read_json_lines(
     path: Path,  # a file of one JSON object a line
     encoding: str = "utf-8",  # the file's text encoding
@@ -379,16 +436,9 @@ def read_json_lines(
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
-            try:
-                record = json.loads(raw.decode(encoding))
-            except UnicodeDecodeError:
-                bad.append((number, f"bytes that are not {encoding} text", raw.decode(encoding, errors="replace")))
-                continue
-            except ValueError:
-                bad.append((number, "not valid JSON", raw.decode(encoding, errors="replace")))
-                continue
-            if not isinstance(record, dict):
-                bad.append((number, "a JSON value that is not an object", raw.decode(encoding)))
+            record, reason = _json_line(raw, encoding)
+            if reason:
+                bad.append((number, reason, raw.decode(encoding, errors="replace")[:1000]))
                 continue
             records.append(record)
             numbers.append(number)

@@ -364,6 +364,26 @@ def test_command_errors_are_one_line(project, tmp_path):
     assert code == 1 and "unknown format" in stderr
 
 
+def test_a_binary_or_undecodable_file_is_one_line(project, tmp_path):
+    "pyarrow fails to decode such a line for its handler; the user sees one line, never its 'Exception ignored'."
+    from conftest import run_lifecycle
+
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "late.csv").write_bytes(b"age,chol,sex,color\n" + b"50,200,1,red\n" * 30_000 + b"\xff\xfe\n")
+    expected = {
+        "binary.csv": f"lifecycle: {tmp_path / 'binary.csv'} is a binary file, not CSV text; "
+        "give a CSV or Parquet file",
+        "late.csv": f"lifecycle: {tmp_path / 'late.csv'}: line 30,002 holds bytes that are not UTF-8 text; "
+        "save the file as UTF-8, or fix or remove that line, and run again",
+    }
+    for name, line in expected.items():
+        code, _, _, stderr = run_lifecycle(
+            "batch", "--settings", project / "settings.ini", "--input", tmp_path / name, "--output", tmp_path / "o.csv"
+        )
+        assert (code, stderr) == (1, line + "\n")
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_command_json(project, tmp_path, capsys):
     import json
 

@@ -172,7 +172,7 @@ def _batch(scorer, records):
 def _stream(scorer, records):
     "What a stream computes: JSON lines in, one output per event."
     events = [(i, json.dumps(record), None, None) for i, record in enumerate(records)]
-    outputs, logged = score_events(events, scorer, "test/")
+    outputs, logged = score_events(events, scorer, b"k" * 32, "test/")
     logged = iter(logged)
     results = []
     for output in outputs:
@@ -256,7 +256,7 @@ def test_record_only_rules(world):
         text.encode("utf-8")  # every error can be sent
         assert "<b>" not in text and "\\ud800" not in text
     outputs, _ = score_events(
-        [(0, json.dumps({**base, "cp": None, "age": "?", "chol": 0, "sex": None}), None, None)], scorer
+        [(0, json.dumps({**base, "cp": None, "age": "?", "chol": 0, "sex": None}), None, None)], scorer, b"k" * 32
     )
     assert outputs[0]["errors"][0]["type"] == "too_many_missing"
 

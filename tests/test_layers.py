@@ -31,6 +31,7 @@ LAYERS = {
     "tracking": 1,
     "drift": 1,
     "alerts": 1,
+    "webhook": 1,  # posting alerts within a total deadline
     "monitoring": 1,  # the package names its parts' public names
     "monitoring.windows": 1,
     "monitoring.figures": 1,

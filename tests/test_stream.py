@@ -149,11 +149,45 @@ def test_stdin_to_stdout(project, tmp_path):
     # never a submitted value (paths left out: a temporary folder's name may hold any number, pytest-300)
     assert "300" not in re.sub(r"\S*/\S*", "<path>", json.dumps(outputs[2]) + done.stderr)
     assert {o["decision"] for o in outputs[::3]} <= {0, 1} and all(
-        o["request_id"].startswith("stream:") for o in outputs[::3]
+        re.fullmatch(r"[0-9a-f]{32}", o["request_id"]) for o in outputs[::3]
     )
     summary = json.loads(done.stderr.strip().splitlines()[-1])  # on stderr: stdout carries the predictions
     assert (summary["events_in"], summary["scored"], summary["rejected"], summary["ended"]) == (4, 2, 2, "end")
     assert logged(project, tmp_path) == 2
+
+
+def test_event_ids_reach_the_log_only_as_keyed_hashes(project, tmp_path):
+    "A producer's event id (a visit number, markup) is hashed under the project's key: never in the log in clear."
+    import sqlite3
+
+    from lifecycle.serving.predlog import id_key
+    from lifecycle.serving.stream import stream_request_id
+
+    names = ["<script>alert(1)</script>", "visit-4711-Mustermann"]
+    lines = [json.dumps({"event_id": name, "record": GOOD}) for name in names] + [json.dumps(GOOD)]
+    runs = [
+        subprocess.run(
+            stream_args(project, tmp_path, "--source", "-", "--sink", "-"),
+            input="\n".join(lines),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for _ in range(2)
+    ]  # the same events twice: the same request ids, logged once
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr
+    outputs = [json.loads(line) for line in runs[0].stdout.splitlines()]
+    assert [o["event_id"] for o in outputs[:2]] == names  # the producer's own sink gets its ids back
+    secret = id_key(project)
+    assert [o["request_id"] for o in outputs[:2]] == [stream_request_id(f"id:{name}", 1, secret) for name in names]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", o["request_id"]) for o in outputs)  # the form /feedback takes
+    assert runs[1].stdout.splitlines()[:2] == runs[0].stdout.splitlines()[:2]
+    with sqlite3.connect(tmp_path / "predictions.sqlite") as database:
+        stored = {row[0] for row in database.execute("SELECT request_id FROM predictions")}
+    assert stored >= {o["request_id"] for o in outputs[:2]} and len(stored) == 4  # stdin lines: new ids each run
+    everything = b"".join(path.read_bytes() for path in tmp_path.rglob("*") if path.is_file())
+    assert b"script" not in everything and b"Mustermann" not in everything
+    assert b"script" not in (runs[0].stderr + runs[1].stderr).encode()
 
 
 def test_follow_a_growing_file(project, tmp_path):
@@ -248,7 +282,10 @@ def test_redis_scores_every_entry_and_acks_bad_ones(project, tmp_path, client, r
         ["decision", "event_id", "model_version", "request_id", "score"],
         ["errors", "event_id"],
     ]
-    assert outputs[0]["request_id"] == f"stream:{stream}/{ids[0]}:v1"
+    from lifecycle.serving.predlog import id_key
+    from lifecycle.serving.stream import stream_request_id
+
+    assert outputs[0]["request_id"] == stream_request_id(f"{stream}/{ids[0]}", 1, id_key(project))
     assert [e["type"] for e in outputs[2]["errors"]] == ["value_error.range", "type_error.number"]
     assert "999" not in json.dumps(outputs[2]["errors"]) and "high" not in json.dumps(
         outputs

@@ -17,7 +17,7 @@ import redis
 from threadpoolctl import threadpool_limits
 
 from ..core import LifecycleError
-from ..serving.predlog import open_log
+from ..serving.predlog import id_key, open_log
 from ..serving.scoring import Scorer
 from ..serving.stream import run_stream, score_events
 
@@ -77,11 +77,12 @@ def stream_floor(
     """The stream benchmark's floor: the same events decoded, checked and scored in micro-batches of the same size
     by the consumer's own code, their outputs encoded as JSON, in this process: without Redis and without the log."""
     scorer = Scorer.from_registry(Path(project))
+    secret = id_key(Path(project))
     outputs = scored = 0
     started = time.perf_counter()
     for start in range(0, len(texts), batch_size):
         events = [(start + offset, text, None, None) for offset, text in enumerate(texts[start : start + batch_size])]
-        results, _ = score_events(events, scorer)
+        results, _ = score_events(events, scorer, secret)
         encoded = [json.dumps(result, separators=(",", ":")) for result in results]  # what every sink writes
         outputs += len(encoded)
         scored += sum("score" in result for result in results)

@@ -5,6 +5,7 @@
 # %% ../../nbs/36a_batch_chunks.ipynb #1f8270e4
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -44,15 +45,52 @@ def file_format(path: Path) -> str:
 class _FirstBadLine:
     """pyarrow's handler of a malformed CSV line: remember the first, stop the read.
 
-    Its text is kept only to find its line number."""
+    Its text is kept only to find its line number. pyarrow decodes a malformed line's text before it calls the
+    handler; for bytes that are not UTF-8 text (a binary file) that fails inside pyarrow, which prints "Exception
+    ignored … UnicodeDecodeError" and stops the read: while `quiet()`, that is noted here (`undecodable`) instead."""
 
     def __init__(self):
         self.row = None
+        self.undecodable = False
 
     def __call__(self, row) -> str:
         if self.row is None:
             self.row = row
         return "error"
+
+    @contextlib.contextmanager
+    def quiet(self):
+        "While reading: pyarrow's failure to decode a line for this handler is noted, every other report passed on."
+        previous = sys.unraisablehook
+
+        def note(unraisable):
+            if unraisable.object is self and isinstance(unraisable.exc_value, UnicodeDecodeError):
+                self.undecodable = True
+            else:
+                previous(unraisable)
+
+        sys.unraisablehook = note
+        try:
+            yield self
+        finally:
+            sys.unraisablehook = previous
+
+
+def _not_text(path: Path) -> str | None:
+    "Why a CSV file is not UTF-8 text, in one line, or None when it is (looked for only after a read failed)."
+    with open(path, "rb") as handle:
+        if b"\x00" in handle.read(8192):
+            return f"{path} is a binary file, not CSV text; give a CSV or Parquet file"
+        handle.seek(0)
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return (
+                    f"{path}: line {number:,} holds bytes that are not UTF-8 text; "
+                    "save the file as UTF-8, or fix or remove that line, and run again"
+                )
+    return None
 
 
 def _line_number(path: Path, text: str) -> int | None:
@@ -72,6 +110,10 @@ def read_error(
     rows_read: int = 0,  # rows read before it
 ) -> LifecycleError:  # one line: where and what rule, never the line's values (they are patient data)
     "The one-line error for an input file that cannot be read on."
+    unnamed = bad is not None and bad.row is None and file_format(path) == "csv"  # pyarrow named no line
+    not_text = _not_text(path) if unnamed else None
+    if not_text:
+        return LifecycleError(not_text)
     if bad is not None and bad.row is not None:
         number = _line_number(path, bad.row.text)
         where = f"line {number:,}" if number else f"a line after row {rows_read:,}"
@@ -102,7 +144,8 @@ def input_columns(path: Path) -> list[str]:
     try:
         if file_format(path) == "parquet":
             return pq.ParquetFile(path).schema_arrow.names
-        return _csv_columns(path, bad)
+        with bad.quiet():
+            return _csv_columns(path, bad)
     except (pa.ArrowException, OSError) as error:
         raise read_error(path, error, bad) from None
 
@@ -125,14 +168,19 @@ def read_chunks(
         if file_format(path) == "parquet":
             batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
         else:
-            text = {name: pa.string() for name in _csv_columns(path, bad)}
-            batches = pacsv.open_csv(
-                path,
-                read_options=pacsv.ReadOptions(block_size=_csv_block_size(path, chunk_rows)),
-                parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
-                convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True),
-            )
-        for batch in batches:
+            with bad.quiet():
+                text = {name: pa.string() for name in _csv_columns(path, bad)}
+                batches = pacsv.open_csv(
+                    path,
+                    read_options=pacsv.ReadOptions(block_size=_csv_block_size(path, chunk_rows)),
+                    parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
+                    convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True),
+                )
+        while True:
+            with bad.quiet():  # only while pyarrow reads: the caller's own work between chunks is left alone
+                batch = next(batches, None)
+            if batch is None:
+                break
             if batch.num_rows:
                 yield start, batch
                 start += batch.num_rows

@@ -353,12 +353,24 @@ def replay_frame(
     }
 
 # %% ../../nbs/38_replay.ipynb #63a33064
-def _read(source: Source, settings: Settings) -> pd.DataFrame:
-    "Rows of a source with lineage, read by the project's readers."
+def _read(
+    source: Source,  # the source to read
+    settings: Settings,  # the project's settings
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # (rows with lineage, the lines set aside with their `reason`)
+    "Rows of a source with lineage, read by the project's readers, and the lines they set aside."
     from lifecycle.sources import read_source  # its readers (SQL, Parquet) are slow to import: only when a file is read
 
-    rows, _, _ = read_source(source, settings)
-    return rows
+    rows, malformed, _ = read_source(source, settings)
+    return rows, malformed
+
+
+def _set_aside(
+    malformed: list[pd.DataFrame],  # the lines the readers set aside, with their `reason`
+) -> dict:  # set_aside (lines), set_aside_reasons (reason -> lines)
+    "The lines that were not sent, counted by reason (never their text)."
+    reasons = pd.concat([part["reason"] for part in malformed]) if malformed else pd.Series(dtype=object)
+    counts = reasons.astype(str).value_counts()
+    return {"set_aside": int(counts.sum()), "set_aside_reasons": {str(k): int(v) for k, v in counts.items()}}
 
 
 def replay_input(
@@ -370,8 +382,9 @@ def replay_input(
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise LifecycleError(f"replay: the input file {path} is not there; give --input a labeled file")
-    rows = _read(Source(path.stem, str(path)), settings)
-    return replay_frame(rows.drop(columns=[c for c in rows.columns if str(c).startswith("_")]), settings, **options)
+    rows, malformed = _read(Source(path.stem, str(path)), settings)
+    summary = replay_frame(rows.drop(columns=[c for c in rows.columns if str(c).startswith("_")]), settings, **options)
+    return {**summary, **_set_aside([malformed])}
 
 # %% ../../nbs/38_replay.ipynb #b980c46e
 def _row_keys(frame: pd.DataFrame, version) -> list[str]:
@@ -400,7 +413,8 @@ def replay_sources(
     from lifecycle.serving.predlog import open_log  # the log only when the sources are read from it
 
     version = Registry(settings.root).aliases().get("champion")
-    frames = [_read(parse_source(name, path, settings.root), settings) for name, path in sources.items()]
+    read = [_read(parse_source(name, path, settings.root), settings) for name, path in sources.items()]
+    frames = [rows for rows, _ in read]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["_source", "_file", "_line"])
     ledger_path = settings.root / ".lifecycle" / "replayed.json"
     ledger = read_json(ledger_path) if ledger_path.exists() else {}
@@ -415,7 +429,12 @@ def replay_sources(
         before = prediction_log.count()
     finally:
         prediction_log.close()
-    summary = {"records": 0, "scored": 0, "already_replayed": len(rows) - sum(fresh)}
+    summary = {
+        "records": 0,
+        "scored": 0,
+        "already_replayed": len(rows) - sum(fresh),
+        **_set_aside([m for _, m in read]),
+    }
     if any(fresh):
         todo = rows[fresh]
         summary.update(
@@ -456,6 +475,10 @@ def describe(
             f"Labels: {summary['labels_sent']} sent as feedback, {summary['labels_pending']} still pending "
             f"(due after now), {summary['labels_never']} never arriving."
         )
+    if summary.get("set_aside"):
+        why = "; ".join(f"{reason} ({count})" for reason, count in summary["set_aside_reasons"].items())
+        count = summary["set_aside"]
+        lines.append(f"{count} input line{'s' if count != 1 else ''} set aside, not sent: {why}.")
     return " ".join(lines)
 
 

@@ -19,12 +19,13 @@ from pathlib import Path
 
 from ..contract import rejection_reason
 from ..core import LifecycleError, open_project
-from .predlog import open_log
+from .predlog import id_key, open_log, pseudonymize
 from .scoring import Shadow, keep_heap_settled
 from .stream_io import open_sink, open_source, parse_endpoint, problem, read_events
 
 # %% auto #0
-__all__ = ['log', 'score_events', 'stream_rejections', 'gather', 'run_stream', 'format_summary', 'add_stream_command']
+__all__ = ['log', 'stream_request_id', 'score_events', 'stream_rejections', 'gather', 'run_stream', 'format_summary',
+           'add_stream_command']
 
 # %% ../../nbs/37_stream.ipynb #5f7fca35
 def _record_problems(
@@ -39,9 +40,19 @@ def _record_problems(
     return problems
 
 
+def stream_request_id(
+    key: str,  # the event's name: its source's prefix and source id, or "id:" and the producer's event id
+    version: int,  # the model version that scored it
+    secret: bytes,  # the project's secret key (`id_key`)
+) -> str:  # 32 hex digits, like the ids the server issues
+    "The request id of a streamed prediction: the keyed hash of its event's name, the same each time it is scored."
+    return pseudonymize(f"stream:{key}:v{version}", secret)
+
+
 def score_events(
     events: list[tuple],  # (source id, JSON text or None, producer's event id or None, problem or None)
     scorer,  # a `Scorer`
+    secret: bytes,  # the project's secret key (`id_key`): request ids are keyed hashes of the events' names
     key_prefix: str = "",  # makes source ids unique across sources, e.g. "visits/" for a Redis stream
     now: datetime | None = None,  # the time logged with the predictions (default: now)
 ) -> tuple[list[dict], list[dict]]:  # (one output per event, in order; the predictions to log)
@@ -61,7 +72,7 @@ def score_events(
         if result is None:
             outputs[index] = {"event_id": event_id, "errors": problems.get(position, [])}
             continue
-        request_id = f"stream:{key}:v{version}"
+        request_id = stream_request_id(key, version, secret)
         outputs[index] = {
             "event_id": event_id,
             "request_id": request_id,
@@ -191,6 +202,7 @@ def _log_batch(
 def _score_batch(
     events: list[tuple],  # the micro-batch, from `gather`
     scorer,  # the version scoring the whole batch
+    secret: bytes,  # the project's secret key, for the request ids
     reader,  # the source
     writer,  # the sink
     predictions_log,  # the open prediction log, or None
@@ -198,7 +210,7 @@ def _score_batch(
     counts: dict,  # the run's counts, updated
 ) -> None:
     "One micro-batch: scored in one model call, its outputs written and logged, then acknowledged and counted."
-    outputs, predictions = score_events(events, scorer, reader.key_prefix)
+    outputs, predictions = score_events(events, scorer, secret, reader.key_prefix)
     writer.write(outputs)
     if predictions_log is not None:
         _log_batch(predictions_log, outputs, predictions, scorer, shadow, reader.acknowledges)
@@ -270,6 +282,7 @@ def _consume(
     reader,  # the source
     writer,  # the sink
     holder,  # the `ModelHolder`: its scorer, swapped for a new champion between batches
+    secret: bytes,  # the project's secret key, for the request ids
     predictions_log,  # the open prediction log, or None
     shadow,  # the started `Shadow`, or None
     counts: dict,  # the run's counts, updated
@@ -289,7 +302,7 @@ def _consume(
             if events:
                 first = first or time.perf_counter()
                 # one version for the whole batch
-                _score_batch(events, holder.scorer, reader, writer, predictions_log, shadow, counts)
+                _score_batch(events, holder.scorer, secret, reader, writer, predictions_log, shadow, counts)
                 last = time.perf_counter()
             reconnect.reset()
             if source_ended:
@@ -348,7 +361,8 @@ def run_stream(
                 shadow = Shadow(Path(root), predictions_log).start()
         with _stop_on_signals(stop, handle_signals):
             pacing = (batch_size, max_wait_ms, until_idle, reconnect_seconds)
-            ended, first, last = _consume(reader, writer, holder, predictions_log, shadow, counts, stop, *pacing)
+            parts = (reader, writer, holder, id_key(Path(root)), predictions_log, shadow)
+            ended, first, last = _consume(*parts, counts, stop, *pacing)
     finally:
         _close_run(reader, writer, predictions_log, own_log, shadow)
     counts["claimed"] = getattr(reader, "claimed", 0)
