@@ -48,6 +48,7 @@ from lifecycle.core import (
 __all__ = ['URL_ENV', 'SERVER_TOKEN_ENV', 'ClinicClient', 'Clinic', 'clinic_project', 'show_clinic', 'run_clinic']
 
 # %% ../nbs/45_clinic.ipynb #a0d4b237
+from .access import server_options
 from .contract import contract_from_meta
 from .dashserver import TOKEN_ENV, dashboard_notebook, serve_page
 from .registry import Registry
@@ -488,5 +489,15 @@ def run_clinic(
         environment[SERVER_TOKEN_ENV] = os.environ[TOKEN_ENV]  # the same token guards the page and the server
     where = f", scoring through {url.strip()}" if url else ", scoring in-process"
     return serve_page(
-        dashboard_notebook(_PAGE), project.root, host, port, preheat, environment, None, "Clinic", where, log
+        dashboard_notebook(_PAGE),
+        project.root,
+        host,
+        port,
+        preheat,
+        environment,
+        None,
+        "Clinic",
+        where,
+        log,
+        server_options(project.settings),
     )
