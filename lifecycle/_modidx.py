@@ -319,6 +319,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'lifecycle.clinic.ClinicClient.scorer': ('clinic.html#clinicclient.scorer', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic.clinic_project': ('clinic.html#clinic_project', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic.run_clinic': ('clinic.html#run_clinic', 'lifecycle/clinic.py'),
+                                  'lifecycle.clinic.server_token': ('clinic.html#server_token', 'lifecycle/clinic.py'),
                                   'lifecycle.clinic.show_clinic': ('clinic.html#show_clinic', 'lifecycle/clinic.py')},
             'lifecycle.clinic_form': { 'lifecycle.clinic_form.ClinicOptions': ( 'clinic_form.html#clinicoptions',
                                                                                 'lifecycle/clinic_form.py'),

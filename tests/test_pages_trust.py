@@ -60,8 +60,10 @@ def _start(command: list, root: Path, name: str, ready: str, token: str | None =
 
 
 def _stop(process: subprocess.Popen) -> int:
+    "SIGTERM, then the exit code: 0 for a clean stop (uvicorn re-raises SIGTERM after its graceful shutdown)."
     process.send_signal(signal.SIGTERM)
-    return process.wait(timeout=120)
+    code = process.wait(timeout=120)
+    return 0 if code == -signal.SIGTERM else code
 
 
 def _serve(root: Path) -> tuple[subprocess.Popen, int]:
@@ -181,7 +183,8 @@ def test_a_guessable_token_is_refused_at_start_in_one_line(champion_project, com
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "LIFECYCLE_API_TOKEN is too weak" in lines[0], done.stderr
-    assert "Traceback" not in done.stderr and (token.strip() == "" or token not in done.stderr + done.stdout)
+    assert "Traceback" not in done.stderr
+    assert len(token.strip()) < 8 or token not in done.stderr + done.stdout  # a token long enough to tell: not echoed
 
 
 def test_the_clinic_page_refuses_foreign_hosts_and_origins_and_never_writes_its_token(champion_project):
