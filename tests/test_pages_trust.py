@@ -79,12 +79,25 @@ def _serve(root: Path) -> tuple[subprocess.Popen, int]:
     return process, port
 
 
-def _clinic(root: Path) -> tuple[subprocess.Popen, int]:
+def _clinic(root: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     process = _start(
-        ["clinic", "--settings", str(root / "settings.ini"), "--port", str(port)], root, "clinic", "Clinic: http"
+        ["clinic", "--settings", str(root / "settings.ini"), "--port", str(port), *extra],
+        root,
+        "clinic",
+        "Clinic: http",
     )
     return process, port
+
+
+def _no_secret_in_kernels(pid: int) -> None:
+    "No kernel of the page server holds the token or the canary in its environment, nor a query in its request URL."
+    kernels = _kernels(pid)
+    assert kernels
+    for kernel in kernels:
+        environment = Path(f"/proc/{kernel}/environ").read_bytes().decode(errors="replace").split("\0")
+        assert not any(TOKEN in item or CANARY in item for item in environment)
+        assert all("?" not in item for item in environment if item.startswith("VOILA_REQUEST_URL="))
 
 
 def _descendants(pid: int) -> set[int]:
@@ -213,12 +226,7 @@ def test_the_clinic_page_refuses_foreign_hosts_and_origins_and_never_writes_its_
             websocket.create_connection(channels, host=f"evil.example:{port}", origin=f"http://evil.example:{port}")
         accepted = websocket.create_connection(channels, origin=url, timeout=30)  # the page's own origin
         accepted.close()
-        kernels = _kernels(process.pid)
-        assert kernels
-        for pid in kernels:
-            environment = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
-            assert not any(TOKEN in item or CANARY in item for item in environment)
-            assert all("?" not in item for item in environment if item.startswith("VOILA_REQUEST_URL="))
+        _no_secret_in_kernels(process.pid)
         wrong = httpx.get(f"{url}/?token=not-the-token-{CANARY}", timeout=60)
         assert wrong.status_code in (302, 403)
     finally:
@@ -287,14 +295,15 @@ class _ForeignPage(BaseHTTPRequestHandler):
 
 
 def test_in_a_browser_a_rebound_name_reaches_neither_the_page_nor_the_server(champion_project):
-    "evil.example resolves to this machine, as a DNS-rebinding page makes it: the page and the API both refuse it."
+    """evil.example resolves to this machine, as a DNS-rebinding page makes it: the page and the API both refuse it,
+    and another site's page can open neither the page's kernel websocket nor score through the API."""
     if not CHROMIUM.exists():
         pytest.skip("chromium is not installed: install Debian's chromium package (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     root = champion_project
     serve, api_port = _serve(root)
-    clinic, page_port = _clinic(root)
+    clinic, page_port = _clinic(root, "--url", f"http://127.0.0.1:{api_port}")  # its kernels need the server's token
     foreign = ThreadingHTTPServer(("127.0.0.1", 0), _ForeignPage)
     threading.Thread(target=foreign.serve_forever, daemon=True).start()
     try:
@@ -329,6 +338,7 @@ def test_in_a_browser_a_rebound_name_reaches_neither_the_page_nor_the_server(cha
                 real.wait_for_function(
                     "document.body.innerText.includes('resting blood pressure (mm Hg)')", timeout=180_000
                 )
+                _no_secret_in_kernels(clinic.pid)  # the server's token reached them in a file, not their environment
             finally:
                 chromium.close()
     finally:
