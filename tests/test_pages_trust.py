@@ -238,8 +238,9 @@ def test_the_clinic_page_refuses_foreign_hosts_and_origins_and_never_writes_its_
 
 def test_fifty_page_views_hold_memory_under_a_bound_and_idle_kernels_are_culled(champion_project):
     """50 simultaneous views of the clinic page with at most 2 at once: 2 kernels for views and 1 preheated, never
-    more; the others get the busy page. Bound: 1.5 GB for Voila and its kernels (measured here: about 0.6 GB; 12
-    plain GETs without the bound held 2.0 GB more)."""
+    more; the others get the busy page. Bound: 2.0 GB, the summed resident memory of `lifecycle clinic`, Voila and
+    its kernels (shared pages counted in each): measured here 1.06 GB at the peak, with 2 kernels alive. Without the
+    bound, 12 plain GETs held 13 kernels and 2.0 GB more (issue 21): 50 views, about 8 GB."""
     root = champion_project
     _servers_section(root, max_kernels=2, kernel_idle_seconds=10)
     process, port = _clinic(root)
@@ -274,7 +275,7 @@ def test_fifty_page_views_hold_memory_under_a_bound_and_idle_kernels_are_culled(
         assert _stop(process) == 0
     print(f"50 views: peak {peak['rss'] / 1e9:.2f} GB over {peak['kernels']} kernels")
     assert peak["kernels"] <= 3
-    assert peak["rss"] < 1.5e9
+    assert peak["rss"] < 2.0e9
 
 
 class _ForeignPage(BaseHTTPRequestHandler):
