@@ -5,7 +5,8 @@
 #   docker run -p 8000:8000 -e LIFECYCLE_API_TOKEN=… heart-scoring
 #
 # The server listens on 0.0.0.0 inside the container, so it requires the bearer token: clients send
-# `Authorization: Bearer …`. Set LIFECYCLE_LOG_URL to a postgresql:// URL to keep the prediction log
+# `Authorization: Bearer …` (16 characters or more). It answers to addresses in digits and `localhost`;
+# a DNS name clients use for it goes in settings.ini, `[servers] allowed_hosts`. Set LIFECYCLE_LOG_URL to a postgresql:// URL to keep the prediction log
 # outside the container (by default it is a SQLite file inside it, gone with the container), and
 # LIFECYCLE_ID_KEY to the key that pseudonymizes identifiers (by default the project keeps its own in
 # .lifecycle/id.key, which is not copied into the image).

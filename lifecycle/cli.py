@@ -16,6 +16,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .access import server_options
 from .alerts import parse_kpis
 from .bench import BENCHMARKS, run_benchmark
 from .core import LifecycleError, open_project, use_work_settings
@@ -65,6 +66,7 @@ def _serve(args) -> int:
         access_log=args.access_log,
         max_body=args.max_body,
         max_records=args.max_records,
+        allowed_hosts=server_options(project.settings).allowed_hosts,
     )
     return 0
 

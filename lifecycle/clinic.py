@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -45,9 +46,11 @@ from lifecycle.core import (
 )
 
 # %% auto #0
-__all__ = ['URL_ENV', 'SERVER_TOKEN_ENV', 'ClinicClient', 'Clinic', 'clinic_project', 'show_clinic', 'run_clinic']
+__all__ = ['URL_ENV', 'SERVER_TOKEN_ENV', 'SERVER_TOKEN_FILE_ENV', 'server_token', 'ClinicClient', 'Clinic', 'clinic_project',
+           'show_clinic', 'run_clinic']
 
 # %% ../nbs/45_clinic.ipynb #a0d4b237
+from .access import server_options
 from .contract import contract_from_meta
 from .dashserver import TOKEN_ENV, dashboard_notebook, serve_page
 from .registry import Registry
@@ -59,6 +62,16 @@ URL_ENV = (
 )
 # the token the page sends to the server at --url (Voila takes LIFECYCLE_API_TOKEN away from kernels)
 SERVER_TOKEN_ENV = "LIFECYCLE_CLINIC_SERVER_TOKEN"
+# where the page's kernels read that token: a file only this user reads, so no kernel environment holds it
+SERVER_TOKEN_FILE_ENV = "LIFECYCLE_CLINIC_SERVER_TOKEN_FILE"
+
+
+def server_token() -> str | None:  # the token for the server at --url, or None
+    "The token the page sends: from the file `lifecycle clinic` wrote for its kernels, else the environment."
+    path = os.environ.get(SERVER_TOKEN_FILE_ENV)
+    if path and Path(path).is_file():
+        return Path(path).read_text().strip() or None
+    return os.environ.get(SERVER_TOKEN_ENV) or os.environ.get("LIFECYCLE_API_TOKEN") or None
 
 
 class ClinicClient:
@@ -91,7 +104,7 @@ class ClinicClient:
         from lifecycle.serving.serve import CHANNEL_HEADER, create_app  # fastapi: slow to import
 
         if self.url:
-            token = os.environ.get(SERVER_TOKEN_ENV) or os.environ.get("LIFECYCLE_API_TOKEN")
+            token = server_token()
             self.headers = {CHANNEL_HEADER: "dashboard", **({"Authorization": f"Bearer {token}"} if token else {})}
             self.client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
         else:
@@ -484,9 +497,29 @@ def run_clinic(
         PAGE_SETTINGS_ENV: str(project.settings_path),
         URL_ENV: url.strip(),
     }  # the page's kernels open the same settings file
-    if url and os.environ.get(TOKEN_ENV) and not os.environ.get(SERVER_TOKEN_ENV):
-        environment[SERVER_TOKEN_ENV] = os.environ[TOKEN_ENV]  # the same token guards the page and the server
+    # the same token guards the page and the server, unless the server's is given apart
+    token = (os.environ.get(SERVER_TOKEN_ENV) or os.environ.get(TOKEN_ENV)) if url else None
+    secret = None
+    if token:  # for the kernels in a file only this user reads (mkstemp: 0600), never in their environment
+        descriptor, secret = tempfile.mkstemp(prefix="lifecycle-clinic-")
+        with os.fdopen(descriptor, "w") as out:
+            out.write(token)
+        environment[SERVER_TOKEN_FILE_ENV] = secret
     where = f", scoring through {url.strip()}" if url else ", scoring in-process"
-    return serve_page(
-        dashboard_notebook(_PAGE), project.root, host, port, preheat, environment, None, "Clinic", where, log
-    )
+    try:
+        return serve_page(
+            dashboard_notebook(_PAGE),
+            project.root,
+            host,
+            port,
+            preheat,
+            environment,
+            None,
+            "Clinic",
+            where,
+            log,
+            server_options(project.settings),
+        )
+    finally:
+        if secret:
+            os.unlink(secret)

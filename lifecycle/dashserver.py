@@ -21,12 +21,13 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .access import ServerOptions, check_token, server_options
 from .core import PAGE_SETTINGS_ENV, LifecycleError, Project, open_project, write_json
 from .dashboard import REFRESH_ENV, refresh_seconds
 
 # %% auto #0
-__all__ = ['NOTEBOOK', 'TOKEN_ENV', 'TEMPLATE', 'dashboard_notebook', 'offline_template', 'voila_command', 'voila_main',
-           'check_access', 'MonitorLoop', 'wait_for_port', 'serve_page', 'run_dashboard']
+__all__ = ['NOTEBOOK', 'TOKEN_ENV', 'TEMPLATE', 'dashboard_notebook', 'offline_template', 'voila_command', 'check_access',
+           'MonitorLoop', 'wait_for_port', 'serve_page', 'run_dashboard']
 
 # %% ../nbs/44_dashserver.ipynb #d89406d7
 NOTEBOOK = "monitoring_dashboard.ipynb"  # the notebook Voila serves: one cell, `show_dashboard()`
@@ -86,12 +87,16 @@ def voila_command(
     preheat: bool = True,  # keep one kernel executed ahead of the next visitor
     python: str = sys.executable,  # the interpreter whose Voila runs
     template: str | None = TEMPLATE,  # the page template (its folder must be on JUPYTER_PATH); None: Voila's own
+    options: ServerOptions | None = None,  # `[servers]`: host names, the most views, idle seconds (None: defaults)
+    name: str = "Dashboard",  # the page's name, in its refusals and its busy page
 ) -> list[str]:  # the command line (without a token: `voila_main` adds it from the environment)
-    "Voila's command line for the dashboard."
+    "Voila's command line for a page: `lifecycle.pageserver.PageServer`, Voila within bounds."
+    options = options or ServerOptions()
+    idle = options.kernel_idle_seconds
     command = [
         python,
         "-c",
-        "from lifecycle.dashserver import voila_main; voila_main()",
+        "from lifecycle.pageserver import voila_main; voila_main()",
         str(notebook),
         "--no-browser",
         f"--Voila.ip={host}",
@@ -99,28 +104,19 @@ def voila_command(
         "--Voila.port_retries=0",
         "--show_tracebacks=False",
         "--VoilaConfiguration.file_denylist=.*",
-        "--MappingKernelManager.cull_interval=60",
-        "--MappingKernelManager.cull_idle_timeout=600",
-        "--MappingKernelManager.cull_connected=False",
+        f"--MappingKernelManager.cull_interval={max(5, idle // 4)}",
+        f"--MappingKernelManager.cull_idle_timeout={idle}",
+        "--MappingKernelManager.cull_connected=False",  # a page open in a browser keeps its kernel
+        f"--PageServer.page_name={name}",
+        f"--PageServer.allowed_hosts={','.join(options.allowed_hosts)}",
+        f"--PageServer.max_kernels={options.max_kernels}",
+        f"--PageServer.idle_seconds={idle}",
     ]
     if preheat:
         command += ["--preheat_kernel=True", "--pool_size=1"]
     if template:
         command.append(f"--template={template}")
     return command
-
-
-def voila_main(
-    argv: list[str] | None = None,  # Voila's arguments (default: this process's)
-) -> None:
-    "Run Voila with the token from $LIFECYCLE_API_TOKEN (taken out of the environment, so kernels never see it)."
-    from voila.app import main  # slow to import: only in the Voila process
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    token = os.environ.pop(TOKEN_ENV, "")
-    argv.append(f"--Voila.token={token}" if token else "--Voila.token=")
-    sys.argv = [sys.argv[0]] + argv
-    main()
 
 # %% ../nbs/44_dashserver.ipynb #58843ce1
 def check_access(
@@ -137,6 +133,7 @@ def check_access(
         raise LifecycleError(
             f"{page} on {host} needs a token: set {TOKEN_ENV} (visitors open the page once with ?token=<token>)"
         )
+    check_token(token, TOKEN_ENV)
 
 # %% ../nbs/44_dashserver.ipynb #afc1fe0d
 class MonitorLoop(threading.Thread):
@@ -258,6 +255,7 @@ def serve_page(
     name: str = "Dashboard",  # what the printed line and the refusals call the page
     note: str = "",  # more words for the printed line
     log=None,  # where Voila's lines go (default: this process's stderr)
+    options: ServerOptions | None = None,  # `[servers]` (None: the defaults)
 ) -> int:  # 0 after SIGTERM or Ctrl-C
     """Serve a Voila page (and run `loop` beside it) until SIGTERM or Ctrl-C: the shared body of `lifecycle dashboard`
     and `lifecycle clinic`."""
@@ -270,7 +268,7 @@ def serve_page(
         if loop:
             loop.start()
         process = subprocess.Popen(
-            voila_command(notebook, host, port, preheat),
+            voila_command(notebook, host, port, preheat, options=options, name=name),
             env=environment,
             cwd=root,
             stdin=subprocess.DEVNULL,
@@ -326,4 +324,5 @@ def run_dashboard(
         "Dashboard",
         f", refreshed every {interval:g} s",
         log,
+        server_options(project.settings),
     )

@@ -34,6 +34,7 @@ from lifecycle.core import (
 
 # nbdev leaves the parenthesized import above absolute; these become relative, which sort after it
 # isort: split
+from .access import server_options
 from .execute import Kernels, execute_stage, export_html
 from .report import write_index
 
@@ -137,7 +138,7 @@ def parameter_choices(
     return match.group(1).split(", ") if match else None
 
 
-PAGE_SECTIONS = ["clinic"]  # sections of pages, not stages: `lifecycle clinic` checks its own keys
+PAGE_SECTIONS = ["clinic", "servers"]  # sections of pages and servers, not stages: checked here and where read
 
 
 def check_sections(settings: Settings, stages: list[Stage]):
@@ -153,6 +154,7 @@ def check_sections(settings: Settings, stages: list[Stage]):
         from lifecycle.clinic import clinic_options
 
         clinic_options(settings)
+    server_options(settings)
 
 
 def parse_overrides(

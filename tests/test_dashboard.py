@@ -257,16 +257,20 @@ def test_a_token_is_required_off_loopback_and_enforced_when_set(project):
     assert not (root / "monitoring").exists()  # nothing started
 
     port = free_port()
-    process = _start(root, port, {"LIFECYCLE_API_TOKEN": "s3cret-token"})
+    process = _start(root, port, {"LIFECYCLE_API_TOKEN": "s3cret-token-for-pages"})
     try:
-        assert "s3cret-token" not in _command_line(process.pid)
+        assert "s3cret-token-for-pages" not in _command_line(process.pid)
         refused = httpx.get(f"http://127.0.0.1:{port}/", timeout=60, follow_redirects=False)
         assert refused.status_code in (302, 403), refused.status_code
         assert "Monitoring" not in refused.text
-        allowed = httpx.get(f"http://127.0.0.1:{port}/?token=s3cret-token", timeout=120, follow_redirects=True)
+        allowed = httpx.get(
+            f"http://127.0.0.1:{port}/?token=s3cret-token-for-pages", timeout=120, follow_redirects=True
+        )
         assert allowed.status_code == 200
         commands = [_command_line(pid) for pid in _descendants(process.pid)]
-        assert commands and not any("s3cret-token" in command for command in commands)  # never on a command line
+        assert commands and not any(
+            "s3cret-token-for-pages" in command for command in commands
+        )  # never on a command line
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0

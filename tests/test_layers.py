@@ -19,6 +19,7 @@ LAYERS = {
     "core": 0,  # settings, the project, the run context
     "files": 0,  # hashing, atomic writes
     "words": 0,  # the words of reports
+    "access": 1,  # who may reach the servers: host names, origins, token strength, masked log lines
     # shared services, used by the stages and by serving alike
     "sources": 1,
     "sql_sources": 1,  # SQL sources, read only
@@ -54,6 +55,7 @@ LAYERS = {
     "dashboard": 2,
     "dashboard_sections": 2,
     "dashserver": 2,
+    "pageserver": 2,  # the Voila process of the pages: guarded, bounded, its logs masked
     "clinic": 2,
     "clinic_form": 2,
     "clinic_html": 2,

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from starlette.datastructures import State
 
+from ..access import HostGuard, HostRule, QueryMask, check_token
 from ..contract import MAX_ERRORS, MAX_RECORDS
 from ..core import LifecycleError
 from .checks import CHANNEL_HEADER, EVENT_TIME_HEADER, SafeJSONResponse, _loopback
@@ -139,8 +140,10 @@ def serve(
     access_log: bool = False,  # log each request (method, path, status: never a body)
     max_body: int = 1_000_000,  # bytes
     max_records: int = MAX_RECORDS,  # the most records one request may carry
+    allowed_hosts: tuple[str, ...] = (),  # host names it answers to besides `host` (`[servers] allowed_hosts`)
 ):
-    "Run the scoring server until SIGTERM or Ctrl-C."
+    """Run the scoring server until SIGTERM or Ctrl-C: only for its own host names and pages (`HostGuard`), its
+    access log without query strings."""
     import uvicorn  # start-up time: only `lifecycle serve` runs the server, other commands import this module
 
     token = os.environ.get("LIFECYCLE_API_TOKEN") or None
@@ -148,11 +151,14 @@ def serve(
         raise LifecycleError(
             f"serving on {host} needs a token: set LIFECYCLE_API_TOKEN (clients send Authorization: Bearer <token>)"
         )
+    check_token(token)
     app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body, max_records=max_records)
     keep_heap_settled()  # a process that lives for its models: each one loaded is frozen out of later collections
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(QueryMask((token or "",)))
     uvicorn.run(
-        app,
+        HostGuard(app, HostRule(host, allowed_hosts)),
         host=host,
         port=port,
         loop="uvloop",
