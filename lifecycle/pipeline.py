@@ -150,7 +150,7 @@ def check_sections(settings: Settings, stages: list[Stage]):
                 f"known sections: {', '.join(known)}"
             )
     if "clinic" in settings.sections:  # a mistake in the page's settings is found by the run, not first by a clinician
-        from lifecycle.clinic import clinic_options
+        from lifecycle.clinic_form import clinic_options  # start-up time: not the page's server, nor scikit-learn
 
         clinic_options(settings)
 
