@@ -119,12 +119,12 @@ def heart_project(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def champion_template(tmp_path_factory, worker_id):
+def champion_template(tmp_path_factory):
     """The default project after one whole run (without the profile): a champion in its registry. Built once a
     session: under xdist, the first worker to need it builds it holding a lock in the folder all workers share
     (pytest-xdist's pattern for session data); the others wait, then read it. No test changes it (tests copy it)."""
     shared = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # set in each xdist worker
         shared = shared.parent  # the session's folder, holding each worker's own
     folder = shared / "champion-template"
     with open(shared / "champion-template.lock", "w") as lock:
