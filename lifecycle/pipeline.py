@@ -34,7 +34,7 @@ from lifecycle.core import (
 
 # nbdev leaves the parenthesized import above absolute; these become relative, which sort after it
 # isort: split
-from .execute import Kernels, execute_stage, export_html
+from .execute import Kernels, _import_nbformat, execute_stage, export_html
 from .report import write_index
 
 # %% auto #0
@@ -92,6 +92,7 @@ def _inspect_parameters(notebook: Path, code_hash: str, cache: Path | None) -> d
     remembered = cache / f"{code_hash}.json" if cache else None
     if remembered and remembered.exists():
         return read_json(remembered)
+    _import_nbformat()  # before papermill, which would import nbformat with the IRI grammar (2 s on a first run)
     import papermill  # start-up time: every command imports the runner, only a run needs papermill (0.5 s)
 
     parameters = papermill.inspect_notebook(str(notebook))
