@@ -14,7 +14,6 @@ import pandas as pd
 
 from .contract import contract_from_meta
 from .core import LifecycleError, Settings, split_list, value_key
-from .metrics import cut_groups, group_words, reference_grouping
 
 # %% auto #0
 __all__ = ['CLINIC_KEYS', 'ClinicOptions', 'clinic_options', 'band_edges', 'risk_band', 'Field', 'form_fields',
@@ -297,6 +296,9 @@ def small_groups(
 ) -> list[tuple[str, str, str]]:  # (column, group label, why) for each patient's group the evaluation could not judge
     """The patient's groups that the evaluation found too small to judge: the patient is cut into groups as the gate cut
     its rows."""
+    # deferred: start-up time, the metrics bring scikit-learn; `lifecycle run` reads [clinic] through this module
+    from lifecycle.metrics import cut_groups, reference_grouping
+
     mine = {
         name: cut_groups(pd.Series([value], dtype=object), reference_grouping(reference, name)).iloc[0]
         for name, value in values.items()
@@ -330,6 +332,8 @@ def limit_warnings(
     reference: dict | None = None,  # the version's reference.json: the grouping its evaluation cut by
 ) -> list[str]:  # plain sentences
     "What the model cannot vouch for, for this patient."
+    from lifecycle.metrics import group_words  # deferred: start-up time, as in `small_groups`
+
     warnings = []
     values = {field.name: value for field, value in zip(fields, row)}
     for field, value in zip(fields, row):

@@ -35,7 +35,7 @@ from lifecycle.core import (
 # nbdev leaves the parenthesized import above absolute; these become relative, which sort after it
 # isort: split
 from .access import server_options
-from .execute import Kernels, execute_stage, export_html
+from .execute import Kernels, _import_nbformat, execute_stage, export_html
 from .report import write_index
 
 # %% auto #0
@@ -93,6 +93,7 @@ def _inspect_parameters(notebook: Path, code_hash: str, cache: Path | None) -> d
     remembered = cache / f"{code_hash}.json" if cache else None
     if remembered and remembered.exists():
         return read_json(remembered)
+    _import_nbformat()  # before papermill, which would import nbformat with the IRI grammar (2 s on a first run)
     import papermill  # start-up time: every command imports the runner, only a run needs papermill (0.5 s)
 
     parameters = papermill.inspect_notebook(str(notebook))
@@ -151,7 +152,7 @@ def check_sections(settings: Settings, stages: list[Stage]):
                 f"known sections: {', '.join(known)}"
             )
     if "clinic" in settings.sections:  # a mistake in the page's settings is found by the run, not first by a clinician
-        from lifecycle.clinic import clinic_options
+        from lifecycle.clinic_form import clinic_options  # start-up time: not the page's server, nor scikit-learn
 
         clinic_options(settings)
     server_options(settings)

@@ -1,6 +1,7 @@
 "Shared fixtures: projects written into temporary folders, and the `lifecycle` command run as a user runs it."
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -119,14 +120,25 @@ def heart_project(tmp_path):
 
 @pytest.fixture(scope="session")
 def champion_template(tmp_path_factory):
-    "The default project after one whole run (without the profile): a champion in its registry. Built once a worker."
-    project = copy_default_project(tmp_path_factory.mktemp("template"))
-    # the latency gates decide on CPU time, so a busy test machine cannot refuse the template
-    _, run, _, _ = run_lifecycle(
-        "run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0
-    )
-    (project / "first-run.json").write_text(json.dumps(run))
-    return project
+    """The default project after one whole run (without the profile): a champion in its registry. Built once a
+    session: under xdist, the first worker to need it builds it holding a lock in the folder all workers share
+    (pytest-xdist's pattern for session data); the others wait, then read it. No test changes it (tests copy it)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # set in each xdist worker
+        shared = shared.parent  # the session's folder, holding each worker's own
+    folder = shared / "champion-template"
+    with open(shared / "champion-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a worker dies holding it
+        if not (folder / "heart" / "first-run.json").exists():  # written last: a build that failed is started again
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            project = copy_default_project(folder)
+            # the latency gates decide on CPU time, so a busy test machine cannot refuse the template
+            _, run, _, _ = run_lifecycle(
+                "run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0
+            )
+            (project / "first-run.json").write_text(json.dumps(run))
+    return folder / "heart"
 
 
 @pytest.fixture
