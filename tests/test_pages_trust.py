@@ -295,13 +295,9 @@ class _ForeignPage(BaseHTTPRequestHandler):
         pass
 
 
-def test_in_a_browser_a_rebound_name_reaches_neither_the_page_nor_the_server(champion_project):
+def test_in_a_browser_a_rebound_name_reaches_neither_the_page_nor_the_server(champion_project, browser):
     """evil.example resolves to this machine, as a DNS-rebinding page makes it: the page and the API both refuse it,
     and another site's page can open neither the page's kernel websocket nor score through the API."""
-    if not CHROMIUM.exists():
-        pytest.skip("chromium is not installed: install Debian's chromium package (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     root = champion_project
     serve, api_port = _serve(root)
     clinic, page_port = _clinic(root, "--url", f"http://127.0.0.1:{api_port}")  # its kernels need the server's token
@@ -319,29 +315,29 @@ def test_in_a_browser_a_rebound_name_reaches_neither_the_page_nor_the_server(cha
             ".then(() => { window.outcome.fetch = 'sent'; }, () => { window.outcome.fetch = 'failed'; });"
         )
         rules = "--host-resolver-rules=MAP evil.example 127.0.0.1"
-        with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, rules])
-            try:
-                page = chromium.new_page()
-                for address, what in [
-                    (f"evil.example:{page_port}/?token={TOKEN}", "Clinic does not answer"),
-                    (f"evil.example:{api_port}/health", "host_not_allowed"),
-                ]:
-                    answer = page.goto(f"http://{address}")
-                    assert answer.status == 403 and what in page.content(), address
-                page.goto(f"http://evil.example:{foreign.server_port}/")
-                page.wait_for_function("window.outcome && window.outcome.ws && window.outcome.fetch", timeout=60_000)
-                outcome = page.evaluate("window.outcome")
-                assert outcome["ws"] == "refused", outcome
-                real = chromium.new_page()  # the page itself, at its own address, works with its guard
-                real.goto(f"http://127.0.0.1:{page_port}/?token={TOKEN}")
-                # the form is widgets: drawn only through the kernel's websocket, which the guard let through
-                real.wait_for_function(
-                    "document.body.innerText.includes('resting blood pressure (mm Hg)')", timeout=180_000
-                )
-                _no_secret_in_kernels(clinic.pid)  # the server's token reached them in a file, not their environment
-            finally:
-                chromium.close()
+        # a second chromium (the name mapping is a launch option) from the session's playwright: a process runs one
+        chromium = browser.browser_type.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, rules])
+        try:
+            page = chromium.new_page()
+            for address, what in [
+                (f"evil.example:{page_port}/?token={TOKEN}", "Clinic does not answer"),
+                (f"evil.example:{api_port}/health", "host_not_allowed"),
+            ]:
+                answer = page.goto(f"http://{address}")
+                assert answer.status == 403 and what in page.content(), address
+            page.goto(f"http://evil.example:{foreign.server_port}/")
+            page.wait_for_function("window.outcome && window.outcome.ws && window.outcome.fetch", timeout=60_000)
+            outcome = page.evaluate("window.outcome")
+            assert outcome["ws"] == "refused", outcome
+            real = chromium.new_page()  # the page itself, at its own address, works with its guard
+            real.goto(f"http://127.0.0.1:{page_port}/?token={TOKEN}")
+            # the form is widgets: drawn only through the kernel's websocket, which the guard let through
+            real.wait_for_function(
+                "document.body.innerText.includes('resting blood pressure (mm Hg)')", timeout=180_000
+            )
+            _no_secret_in_kernels(clinic.pid)  # the server's token reached them in a file, not their environment
+        finally:
+            chromium.close()
     finally:
         foreign.shutdown()
         assert _stop(clinic) == 0
