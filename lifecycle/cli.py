@@ -53,6 +53,7 @@ def _bench(args) -> int:
 
 def _serve(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
+    from lifecycle.labels import label_policy  # beside serve: the command's own settings
     from lifecycle.serving.serve import serve  # start-up time: FastAPI and uvicorn take 1.8 s, only serve needs them
 
     project = open_project(args.settings, log=args.log or None)
@@ -65,6 +66,7 @@ def _serve(args) -> int:
         access_log=args.access_log,
         max_body=args.max_body,
         max_records=args.max_records,
+        labels=label_policy(project.section("labels")),
     )
     return 0
 
