@@ -16,7 +16,8 @@ from .core import LifecycleError, parse_mapping, split_list
 
 # %% auto #0
 __all__ = ['FEEDBACK', 'IMPORT', 'LEGACY', 'REPLAY', 'RESERVED', 'NAME', 'MIN_SECRET', 'LABELS_KEYS', 'LabelPolicy',
-           'label_policy', 'weak_secret', 'labeller_secrets', 'labeller_of', 'trusted_mask', 'provenance', 'rests_on']
+           'label_policy', 'weak_secret', 'labeller_secrets', 'labeller_of', 'trusted_mask', 'provenance', 'tally',
+           'rests_on', 'disagreeing_words']
 
 # %% ../nbs/39_labels.ipynb #5a135d72
 FEEDBACK = "feedback"  # the door of POST /feedback
@@ -135,20 +136,41 @@ def provenance(
     return labels["source"].astype(str) + labels["credential"].astype(str).map(lambda name: f":{name}" if name else "")
 
 
-def _counted(labels: pd.DataFrame) -> str:
-    counts = provenance(labels).value_counts()
+def tally(
+    labels: pd.DataFrame,  # labels with `source` and `credential`
+    trusted,  # doors and credentials trusted (None: every label)
+    counts: dict | None = None,  # counts so far ({"used": {where: n}, "left_out": {where: n}}), added to in place
+) -> dict:  # {"used": {where: n}, "left_out": {where: n}}
+    "Count labels by where they came from, those that decide (`used`) apart from the untrusted ones (`left_out`)."
+    counts = counts if counts is not None else {"used": {}, "left_out": {}}
+    mask = trusted_mask(labels, trusted)
+    for part, chosen in (("used", labels[mask]), ("left_out", labels[~mask])):
+        for where, count in provenance(chosen).value_counts().items():
+            counts[part][where] = counts[part].get(where, 0) + int(count)
+    return counts
+
+
+def _counted(counts: dict) -> str:
     return ", ".join(f"{count} from {where}" for where, count in sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def rests_on(
-    labels: pd.DataFrame,  # the labels considered, with `source` and `credential`
-    trusted,  # doors and credentials trusted (None: every label)
+    labels,  # the labels considered (a frame with `source` and `credential`), or their `tally`
+    trusted=None,  # doors and credentials trusted (None: every label); unused for a tally
     what: str = "it",  # what rests on them, for the sentence
 ) -> str:  # one sentence
     "How many labels from where a figure or a decision rests on, and how many untrusted ones were left out."
-    mask = trusted_mask(labels, trusted)
-    used, left = labels[mask], labels[~mask]
-    sentence = f"{what} rests on {len(used)} labels" + (f" ({_counted(used)})" if len(used) else "")
-    if len(left):
-        sentence += f"; {len(left)} untrusted labels were left out ({_counted(left)})"
+    counts = tally(labels, trusted) if isinstance(labels, pd.DataFrame) else labels
+    used, left = sum(counts["used"].values()), sum(counts["left_out"].values())
+    sentence = f"{what} rests on {used} labels" + (f" ({_counted(counts['used'])})" if used else "")
+    if left:
+        sentence += f"; {left} untrusted labels were left out ({_counted(counts['left_out'])})"
     return sentence
+
+# %% ../nbs/39_labels.ipynb #d68958d0
+def disagreeing_words(
+    log,  # the prediction log (its `disagreeing` count)
+) -> str:  # "; N predictions received labels that disagree …", or "" when none did
+    "The predictions whose labels disagree, as the end of a sentence."
+    count = log.disagreeing()
+    return f"; {count} predictions received labels that disagree (the latest trusted one counts)" if count else ""

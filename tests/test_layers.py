@@ -21,6 +21,7 @@ LAYERS = {
     "words": 0,  # the words of reports
     # shared services, used by the stages and by serving alike
     "sources": 1,
+    "labels": 1,  # who may label, whose labels decide (the prediction log's reader asks it)
     "sql_sources": 1,  # SQL sources, read only
     "rules": 1,  # the rules of one column, which the contract compiles
     "contract": 1,

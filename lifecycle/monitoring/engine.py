@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..alerts import parse_kpis, parse_rules, post_webhook, raise_alerts
 from ..core import LifecycleError, Project, read_json, write_json
+from ..labels import disagreeing_words, label_policy, rests_on, tally, trusted_mask
 from ..registry import Registry
 from ..serving.predlog.writer import open_log
 
@@ -311,6 +312,9 @@ def _update(
     refused = [("predictions", *row) for row in refused_rows] + [("labels", *row) for row in refused_labels]
     store.count_refused_rows(state, refused, statements)
     new_labels = len(labels)
+    # only trusted doors and credentials decide; every label is counted by where it came from
+    state["label_sources"] = tally(labels, config["trusted"], state.get("label_sources"))
+    labels = labels[trusted_mask(labels, config["trusted"])]
     labels, waiting = _new_labels(folder, labels)
     stored = store.read_parquet(folder / "windows.parquet")
     touched = (set(new["window"]) if len(new) else set()) | set(labels["window"])
@@ -332,6 +336,7 @@ def _update(
     windows = _save(folder, state, flat, stored, bool(touched), waiting, refused_table, upto)
     if len(waiting):
         statements.append(f"{len(waiting)} labels wait for their predictions, which are not in the log yet")
+    statements.append(rests_on(state["label_sources"], what="the realized figures") + disagreeing_words(log))
     return {
         "windows": windows,
         "touched": touched,
@@ -358,6 +363,7 @@ def update_windows(
     n_boot: int = 200,  # bootstrap replicates
     engine: str = "local",  # local (this process) or dask (each touched window's report a task on a Dask cluster)
     scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
 ) -> dict:  # windows (the table), touched (window keys recomputed), new_predictions, new_labels, rebuilt, statements
     """Bring the stored windows up to date with what the log received since the last update.
 
@@ -380,6 +386,7 @@ def update_windows(
         "n_boot": n_boot,
         "kpis": {name: text for name, (text, _) in (kpis or {}).items()},
         "log": str(getattr(log, "store", "")),
+        "trusted": None if trusted is None else sorted(trusted),
     }
     statements = []
     with log.store.monitor_lock():  # one update at a time: a second monitor waits, then reads what the first left
@@ -579,6 +586,7 @@ def monitor_project(
             _int_setting(section, "bootstrap"),
             engine=engine,
             scheduler=scheduler,
+            trusted=label_policy(project.section("labels")).trusted,
         )
     finally:
         if own_log:
