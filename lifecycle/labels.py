@@ -17,7 +17,7 @@ from .core import LifecycleError, parse_mapping, split_list
 # %% auto #0
 __all__ = ['FEEDBACK', 'IMPORT', 'LEGACY', 'REPLAY', 'RESERVED', 'NAME', 'MIN_SECRET', 'LABELS_KEYS', 'LabelPolicy',
            'label_policy', 'weak_secret', 'labeller_secrets', 'labeller_of', 'trusted_mask', 'provenance', 'tally',
-           'rests_on', 'disagreeing_words']
+           'rests_on', 'disagreeing_words', 'latest_trusted']
 
 # %% ../nbs/39_labels.ipynb #5a135d72
 FEEDBACK = "feedback"  # the door of POST /feedback
@@ -174,3 +174,16 @@ def disagreeing_words(
     "The predictions whose labels disagree, as the end of a sentence."
     count = log.disagreeing()
     return f"; {count} predictions received labels that disagree (the latest trusted one counts)" if count else ""
+
+# %% ../nbs/39_labels.ipynb #c59f61ae
+def latest_trusted(
+    history: pd.DataFrame,  # label events (`PredictionReader.label_history`), with `logged`
+    request_ids,  # the predictions wanted
+    trusted,  # doors and credentials trusted (None: every label)
+) -> tuple[pd.DataFrame, dict]:  # (each wanted prediction's latest trusted label event, `tally` of what was used/left)
+    """The labels a decision rests on: each prediction's latest label from a trusted door or credential (by when it was
+    written); and the count of those, and of the untrusted labels of the same predictions left out."""
+    history = history[history["request_id"].isin(set(request_ids))]
+    trusted_rows = trusted_mask(history, trusted)
+    latest = history[trusted_rows].sort_values("logged", kind="stable").drop_duplicates("request_id", keep="last")
+    return latest, tally(pd.concat([latest, history[~trusted_rows]]), trusted)

@@ -346,6 +346,7 @@ def pair_shadow(
 def shadow_pairs(
     log,  # an open PredictionLog (or PredictionReader)
     since=None,  # only shadow predictions logged at or after this time
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
 ) -> pd.DataFrame:  # SHADOW_PAIR_COLUMNS, one row a record both scored, oldest event first
     """Each shadow prediction in the log, paired with the champion's prediction of the same record and its label.
 
@@ -353,7 +354,7 @@ def shadow_pairs(
     not the whole log, which the dashboard would otherwise read at every refresh."""
     shadow = log.predictions(since=since, channel="shadow", features=False)
     champion = log.predictions_of(shadow["request_id"].str.slice(len(SHADOW_PREFIX)).tolist())
-    return pair_shadow(pd.concat([champion, shadow], ignore_index=True), log.labels())
+    return pair_shadow(pd.concat([champion, shadow], ignore_index=True), log.labels(trusted))
 
 # %% ../../../nbs/33_predlog_reader.ipynb #7c89298f
 def shadow_summary(
