@@ -577,6 +577,7 @@ COMMANDS = {
     "dashboard": _add_dashboard,
     "clinic": _add_clinic,
     "replay": add_replay_command,
+    "labels": "lifecycle.label_import:add_labels_command",
     "monitor": _add_monitor,
     "retrain": "lifecycle.loop:add_retrain_command",
     "simulate": add_simulate_command,
