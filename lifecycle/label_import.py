@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .core import LifecycleError, Project, Source, open_project
-from .labels import IMPORT, NAME, label_policy
+from .labels import IMPORT, NAME, confirm_suspects, label_policy
 from .serving.predlog import open_log
 from .serving.replay import true_labels
 from .sources import read_source
@@ -157,10 +157,18 @@ def _import_command(args) -> int:
     return 0
 
 
+def _confirm_command(args) -> int:
+    project = open_project(args.settings)
+    with open_log(project.log_url, project.root) as log, log.store.monitor_lock():  # not while a monitor writes
+        count = confirm_suspects(project.root / "monitoring", args.by, args.reason)
+    print(f"{count} suspicion(s) of labels confirmed by {args.by.strip()}" if count else "no suspect labels to confirm")
+    return 0
+
+
 def add_labels_command(
     commands,  # the subparsers of the `lifecycle` command
 ) -> None:
-    "Add `lifecycle labels` (import) to the command line."
+    "Add `lifecycle labels` (import, confirm) to the command line."
     labels = commands.add_parser(
         "labels",
         help="labels from the hospital: import a diagnoses file (the trusted door beside /feedback)",
@@ -176,3 +184,11 @@ def add_labels_command(
     imported.add_argument("--settings", default="settings.ini", help="the project's settings file")
     imported.add_argument("--json", action="store_true", help="print the result as one JSON object")
     imported.set_defaults(handler=_import_command)
+    confirm = actions.add_parser(
+        "confirm",
+        help="confirm suspect labels genuine (labels_suspect): the automatic rollback may use them again",
+    )
+    confirm.add_argument("--by", required=True, help="who confirms (recorded)")
+    confirm.add_argument("--reason", required=True, help="why the labels are genuine (recorded)")
+    confirm.add_argument("--settings", default="settings.ini", help="the project's settings file")
+    confirm.set_defaults(handler=_confirm_command)

@@ -9,15 +9,21 @@ import hmac
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, parse_mapping, split_list
+from .alerts import post_webhook, send_notice
+from .core import LifecycleError, parse_mapping, read_json, split_list, write_json
 
 # %% auto #0
-__all__ = ['FEEDBACK', 'IMPORT', 'LEGACY', 'REPLAY', 'RESERVED', 'NAME', 'MIN_SECRET', 'LABELS_KEYS', 'LabelPolicy',
-           'label_policy', 'weak_secret', 'labeller_secrets', 'labeller_of', 'trusted_mask', 'provenance', 'tally',
-           'rests_on', 'disagreeing_words', 'latest_trusted']
+__all__ = ['FEEDBACK', 'IMPORT', 'LEGACY', 'REPLAY', 'RESERVED', 'NAME', 'MIN_SECRET', 'LABELS_KEYS', 'SUSPECT_MIN',
+           'SUSPECT_SHARE', 'SUSPECT_P', 'SUSPECT_FILE', 'LabelPolicy', 'label_policy', 'weak_secret',
+           'labeller_secrets', 'labeller_of', 'trusted_mask', 'provenance', 'tally', 'rests_on', 'disagreeing_words',
+           'latest_trusted', 'suspect_floods', 'suspect_sentence', 'note_suspects', 'notify_suspects', 'rollback_hold',
+           'confirm_suspects']
 
 # %% ../nbs/39_labels.ipynb #5a135d72
 FEEDBACK = "feedback"  # the door of POST /feedback
@@ -187,3 +193,140 @@ def latest_trusted(
     trusted_rows = trusted_mask(history, trusted)
     latest = history[trusted_rows].sort_values("logged", kind="stable").drop_duplicates("request_id", keep="last")
     return latest, tally(pd.concat([latest, history[~trusted_rows]]), trusted)
+
+# %% ../nbs/39_labels.ipynb #95892477
+SUSPECT_MIN = 20  # fewest disagreeing labels of one provenance in one update before they can be suspect
+SUSPECT_SHARE = 0.5  # ... more than this share of them disagreeing with the model's decision
+SUSPECT_P = 1e-6  # ... and a count this unlikely by the model's own scores (Poisson tail)
+SUSPECT_FILE = "labels_suspect.json"  # in the monitoring folder: each suspicion, and its confirmation
+
+
+def suspect_floods(
+    labels: pd.DataFrame,  # label events with their prediction's `score` and `decision`, `source` and `credential`
+    trusted=None,  # doors and credentials trusted (None: every label), to say whether a suspicion touches decisions
+) -> list[dict]:  # per suspect provenance: provenance, labels, disagreeing, expected, p_value, trusted
+    "The provenances whose labels disagree with the model far beyond what its scores predict."
+    from scipy.stats import poisson  # start-up time: SciPy only when labels are judged
+
+    found = []
+    labels = labels.dropna(subset=["score", "decision"])
+    disagree = (labels["label"] != labels["decision"]).to_numpy()
+    score = labels["score"].to_numpy(dtype=float)
+    expected = np.where(labels["decision"].to_numpy() == 1, 1 - score, score)
+    where = provenance(labels).to_numpy()
+    for name in sorted(set(where)):
+        mine = where == name
+        observed, predicted = int(disagree[mine].sum()), float(expected[mine].sum())
+        p_value = float(poisson.sf(observed - 1, max(predicted, 1e-9)))
+        if observed >= SUSPECT_MIN and observed > SUSPECT_SHARE * mine.sum() and p_value < SUSPECT_P:
+            found.append(
+                {
+                    "provenance": name,
+                    "labels": int(mine.sum()),
+                    "disagreeing": observed,
+                    "expected": round(predicted, 1),
+                    "p_value": p_value,
+                    "trusted": bool(trusted_mask(labels[mine], trusted).all()),
+                }
+            )
+    return found
+
+# %% ../nbs/39_labels.ipynb #7c1528a3
+def suspect_sentence(
+    item: dict,  # one suspicion (`suspect_floods`)
+) -> str:  # what it means, in one sentence
+    "A suspicion in words: how many labels from where disagree, against how many the scores predict, and what follows."
+    sentence = (
+        f"labels_suspect: {item['disagreeing']} of {item['labels']} new labels from {item['provenance']} disagree with "
+        f"the model, where its scores predict {item['expected']:g}"
+    )
+    if item["trusted"]:
+        return sentence + "; automatic rollback is held until a person confirms them (lifecycle labels confirm)"
+    return sentence + "; they are not trusted and decide nothing"
+
+
+def note_suspects(
+    folder: Path,  # the project's monitoring folder (`SUSPECT_FILE` in it)
+    log,  # the prediction log (the labelled predictions' scores and decisions)
+    labels: pd.DataFrame,  # the label events of one monitoring update, every provenance
+    trusted,  # doors and credentials trusted (`[labels] trusted`)
+    statements: list,  # sentences for the user (appended to)
+) -> list[dict]:  # the new suspicions
+    "Judge one update's labels; keep each suspicion, unconfirmed, in the monitoring folder; say so."
+    if not len(labels):
+        return []
+    scored = log.predictions_of(labels["request_id"])[["request_id", "score", "decision"]]
+    found = suspect_floods(labels.merge(scored.drop_duplicates("request_id"), on="request_id", how="left"), trusted)
+    if found:
+        path = Path(folder) / SUSPECT_FILE
+        stored = read_json(path) if path.exists() else {"suspicions": []}
+        noted = datetime.now(timezone.utc).isoformat(timespec="seconds")  # for the record; nothing decides on it
+        stored["suspicions"] += [{**item, "noted": noted, "confirmed": None} for item in found]
+        write_json(path, stored)
+        statements += [suspect_sentence(item) for item in found]
+    return found
+
+
+def notify_suspects(
+    folder: Path,  # the project's monitoring folder (alerts.jsonl)
+    found: list[dict],  # new suspicions (`note_suspects`)
+    now: datetime,  # the time
+    webhook: str,  # the receiver's URL ("" for none)
+    project: str,  # the project's name, a label of the alert
+    post=None,  # how alerts are posted (default `post_webhook`)
+) -> list[str]:  # the deliveries, in words
+    "Raise `labels_suspect` for each suspicion: a warning, to alerts.jsonl and the webhook, never blocking."
+    said = []
+    for item in found:
+        notice = send_notice(
+            folder,
+            "labels_suspect",
+            "warning",
+            suspect_sentence(item),
+            now,
+            labels={"project": project, "provenance": item["provenance"]},
+            annotations={"expected": str(item["expected"]), "disagreeing": str(item["disagreeing"])},
+            webhook=webhook,
+            post=post or post_webhook,
+        )
+        said.append(f"labels_suspect for {item['provenance']}: {notice['delivery']}")
+    return said
+
+
+def rollback_hold(
+    folder: Path,  # the project's monitoring folder
+) -> str | None:  # why automatic rollback waits, or None when nothing holds it
+    "Whether a suspicion among trusted labels, not confirmed by a person, holds the automatic rollback."
+    path = Path(folder) / SUSPECT_FILE
+    try:
+        stored = read_json(path) if path.exists() else {"suspicions": []}
+    except (OSError, ValueError):
+        return f"automatic rollback is held: monitoring/{SUSPECT_FILE} cannot be read; check it"
+    waiting = [item for item in stored["suspicions"] if item.get("trusted") and not item.get("confirmed")]
+    if not waiting:
+        return None
+    where = ", ".join(sorted({item["provenance"] for item in waiting}))
+    return (
+        f"automatic rollback is held: labels from {where} disagree with the model far beyond what its scores predict "
+        "(labels_suspect); a person confirms them with lifecycle labels confirm --by NAME --reason TEXT"
+    )
+
+
+def confirm_suspects(
+    folder: Path,  # the project's monitoring folder
+    by: str,  # who confirms (a person's name)
+    reason: str,  # why the labels are genuine
+    now: datetime | None = None,  # the time, for the record
+) -> int:  # suspicions confirmed
+    "A person confirms the suspect labels genuine: recorded with who, why and when; the rollback may use them."
+    if not by.strip() or not reason.strip() or len(by) > 200 or len(reason) > 2000:
+        raise LifecycleError("labels confirm: give --by (who, up to 200 characters) and --reason (why, up to 2000)")
+    path = Path(folder) / SUSPECT_FILE
+    stored = read_json(path) if path.exists() else {"suspicions": []}
+    stamp = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    waiting = [item for item in stored["suspicions"] if not item.get("confirmed")]
+    for item in waiting:
+        item["confirmed"] = {"by": by.strip(), "reason": reason.strip(), "at": stamp}
+    if waiting:
+        write_json(path, stored)
+    return len(waiting)

@@ -16,7 +16,7 @@ import pandas as pd
 from .alerts import post_webhook, send_notice
 from .compare import delong_test, mcnemar_test
 from .core import LifecycleError, Project, read_json
-from .labels import label_policy, latest_trusted, rests_on
+from .labels import label_policy, latest_trusted, rests_on, rollback_hold
 from .metrics import classification_metrics
 from .monitoring import WEBHOOK_ENV, monitor_project
 from .promotion import move_back
@@ -363,6 +363,9 @@ def check_rollback(
     }
     if not decision["rollback"]:
         return decision
+    held = rollback_hold(root / "monitoring")  # labels_suspect among trusted labels: a person confirms first
+    if held:
+        return {**decision, "rollback": False, "held": True, "checked": decision["checked"] + [held]}
     now = now or datetime.now(timezone.utc)
     reason, record = _rollback_record(evidence, decision, now)
     try:  # only if the champion is still the one judged: a promotion in between is judged by the next look

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -101,9 +102,16 @@ class Server:
             time.sleep(0.1)
 
     def predict(self, records: list[dict]) -> list[dict]:
+        "A prediction a record, None for one the contract refuses (too many features missing, in these hospitals)."
         answer = httpx.post(self.url + "/predict", json=records, timeout=60)
+        refused = set()
+        if answer.status_code == 422:
+            refused = {error["loc"][1] for error in answer.json()["detail"]}
+            kept = [record for number, record in enumerate(records) if number not in refused]
+            answer = httpx.post(self.url + "/predict", json=kept, timeout=60)
         assert answer.status_code == 200, answer.text
-        return answer.json()["predictions"]
+        answered = iter(answer.json()["predictions"])
+        return [None if number in refused else next(answered) for number in range(len(records))]
 
     def label(self, request_id: str, label: int, headers: dict) -> httpx.Response:
         return httpx.post(self.url + "/feedback", json={"request_id": request_id, "label": label}, headers=headers)
@@ -137,7 +145,7 @@ def attacked(champion_project, tmp_path):
     server = Server(champion_project)
     try:
         # the doors it found open are shut: no credential, the scoring token's place, a guessed secret
-        served = server.predict(records)
+        served = [p for p in server.predict(records) if p is not None]
         some = served[0]["request_id"]
         assert server.label(some, 1, {}).status_code == 401
         assert server.label(some, 1, {"Authorization": "Bearer not-a-labeller-secret-at-all"}).status_code == 401
@@ -188,8 +196,9 @@ def test_a_model_really_worse_is_rolled_back_on_trusted_labels(champion_project)
     records, diagnoses = _production(champion_project)
     server = Server(champion_project)
     try:
-        served = server.predict(records)
-        answers = [server.label(p["request_id"], label, LABELLER).status_code for p, label in zip(served, diagnoses)]
+        pairs = [(p, label) for p, label in zip(server.predict(records), diagnoses) if p is not None]
+        served = [p for p, _ in pairs]
+        answers = [server.label(p["request_id"], label, LABELLER).status_code for p, label in pairs]
     finally:
         server.stop()
     assert answers == [202] * len(served)
@@ -198,3 +207,35 @@ def test_a_model_really_worse_is_rolled_back_on_trusted_labels(champion_project)
     assert Registry(champion_project).aliases()["champion"] == first != second
     reason = summary["rollback"]["event"]["reason"]
     assert reason.endswith(f"the comparison rests on {len(served)} labels ({len(served)} from feedback:lab)"), reason
+
+
+def test_limits_per_labeller_and_per_prediction_answer_429(champion_project):
+    """Counted in the log, not by a clock's race: a burst of concurrent labels passes the hourly limit exactly, a
+    prediction takes at most its labels, relabels are kept as history and disagreeing ones counted."""
+    settings = champion_project / "settings.ini"
+    settings.write_text(
+        settings.read_text()
+        .replace("max_per_hour = 1000", "max_per_hour = 6")
+        .replace("max_per_prediction = 3", "max_per_prediction = 2")
+    )
+    records, _ = _production(champion_project)
+    server = Server(champion_project)
+    try:
+        served = [p["request_id"] for p in server.predict(records[:40]) if p is not None]
+        first, second = served[0], served[1]
+        assert [server.label(first, label, LABELLER).status_code for label in (1, 0, 1)] == [202, 202, 429]
+        refused = server.label(first, 1, LABELLER)
+        assert refused.json()["detail"][0]["type"] == "rate_limited.prediction" and first not in refused.text
+        with ThreadPoolExecutor(8) as pool:  # ten at once for ten predictions: the four left in the hour, no more
+            codes = list(pool.map(lambda request_id: server.label(request_id, 1, LABELLER).status_code, served[2:12]))
+        assert sorted(codes) == [202] * 4 + [429] * 6, codes
+        late = server.label(second, 1, LABELLER)
+        assert late.status_code == 429 and late.headers["Retry-After"] == "3600"
+        assert late.json()["detail"][0]["type"] == "rate_limited.labeller"
+    finally:
+        server.stop()
+    with open_log("", champion_project) as log:
+        history = log.label_history()
+        mine = history[history["credential"] == "lab"]
+        assert len(mine) == 6 and log.disagreeing() == 1
+        assert log.labels(("lab",)).set_index("request_id").loc[first, "label"] == 0  # the relabel is the latest

@@ -16,7 +16,15 @@ import pandas as pd
 
 from ..alerts import parse_kpis, parse_rules, post_webhook, raise_alerts
 from ..core import LifecycleError, Project, read_json, write_json
-from ..labels import disagreeing_words, label_policy, rests_on, tally, trusted_mask
+from lifecycle.labels import (
+    disagreeing_words,
+    label_policy,
+    note_suspects,
+    notify_suspects,
+    rests_on,
+    tally,
+    trusted_mask,
+)
 from ..registry import Registry
 from ..serving.predlog.writer import open_log
 
@@ -314,6 +322,7 @@ def _update(
     new_labels = len(labels)
     # only trusted doors and credentials decide; every label is counted by where it came from
     state["label_sources"] = tally(labels, config["trusted"], state.get("label_sources"))
+    suspects = note_suspects(folder, log, labels, config["trusted"], statements)  # a flood of disagreeing labels
     labels = labels[trusted_mask(labels, config["trusted"])]
     labels, waiting = _new_labels(folder, labels)
     stored = store.read_parquet(folder / "windows.parquet")
@@ -342,6 +351,7 @@ def _update(
         "touched": touched,
         "new_predictions": len(new),
         "new_labels": new_labels,
+        "labels_suspect": suspects,
         "rebuilt": rebuilt,
         "refused_rows": [
             {"table": key.split("|")[0], "reason": key.split("|")[1], "field": key.split("|")[2], "count": count}
@@ -594,6 +604,10 @@ def monitor_project(
     windows, champion = result["windows"], registry.aliases().get("champion")
     summary = _summary(root, result, champion)
     statements = summary["statements"]
+    if result["labels_suspect"]:
+        webhook = (section.get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
+        now_ = now or datetime.now(timezone.utc)
+        statements += notify_suspects(root / "monitoring", result["labels_suspect"], now_, webhook, root.name, post)
     if serving_url:
         summary["serving"], said = scrape_serving(serving_url, os.environ.get("LIFECYCLE_API_TOKEN") or None)
         statements.append(said)
