@@ -23,7 +23,7 @@ __all__ = ['FEEDBACK', 'IMPORT', 'LEGACY', 'REPLAY', 'RESERVED', 'NAME', 'MIN_SE
            'SUSPECT_SHARE', 'SUSPECT_P', 'SUSPECT_FILE', 'LabelPolicy', 'label_policy', 'weak_secret',
            'labeller_secrets', 'labeller_of', 'trusted_mask', 'provenance', 'tally', 'rests_on', 'disagreeing_words',
            'latest_trusted', 'suspect_floods', 'suspect_sentence', 'note_suspects', 'notify_suspects', 'rollback_hold',
-           'confirm_suspects']
+           'confirm_suspects', 'judge_labels']
 
 # %% ../nbs/39_labels.ipynb #5a135d72
 FEEDBACK = "feedback"  # the door of POST /feedback
@@ -330,3 +330,17 @@ def confirm_suspects(
     if waiting:
         write_json(path, stored)
     return len(waiting)
+
+
+def judge_labels(
+    folder: Path,  # the project's monitoring folder
+    log,  # the prediction log
+    labels: pd.DataFrame,  # the label events of one monitoring update, every provenance
+    trusted,  # the doors and credentials whose labels count (None: every label)
+    state: dict,  # the monitor's stored state: its counts of labels by provenance (`label_sources`, updated)
+    statements: list,  # sentences for the user (appended to)
+) -> tuple[pd.DataFrame, list]:  # (the trusted labels, new suspicions)
+    "What a monitor does with new labels: count each by where it came from, judge a flood, keep the trusted ones."
+    state["label_sources"] = tally(labels, trusted, state.get("label_sources"))
+    suspects = note_suspects(folder, log, labels, trusted, statements)
+    return labels[trusted_mask(labels, trusted)], suspects

@@ -179,9 +179,7 @@ def _promotion_reason(
 # %% ../nbs/27_shadow.ipynb #829b4f3f
 def promote_shadow(
     root: Path,  # the project folder
-    # the [retrain] settings: shadow_min, min_compare_rows, alpha, bootstrap, miss_cost, false_alarm_cost; and
-    # `trusted`: the doors and credentials whose labels count ([labels] trusted; absent: every label)
-    policy: dict,
+    policy: dict,  # [retrain]: shadow_min, min_compare_rows, alpha, bootstrap, costs; `trusted`: [labels] trusted
     log,  # the open prediction log
     now: datetime | None = None,  # the time (for the record)
     evidence: dict | None = None,  # what `shadow_evidence` said, when the caller read it already (default: read here)

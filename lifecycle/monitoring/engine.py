@@ -16,15 +16,7 @@ import pandas as pd
 
 from ..alerts import parse_kpis, parse_rules, post_webhook, raise_alerts
 from ..core import LifecycleError, Project, read_json, write_json
-from lifecycle.labels import (
-    disagreeing_words,
-    label_policy,
-    note_suspects,
-    notify_suspects,
-    rests_on,
-    tally,
-    trusted_mask,
-)
+from ..labels import disagreeing_words, judge_labels, label_policy, notify_suspects, rests_on
 from ..registry import Registry
 from ..serving.predlog.writer import open_log
 
@@ -320,10 +312,7 @@ def _update(
     refused = [("predictions", *row) for row in refused_rows] + [("labels", *row) for row in refused_labels]
     store.count_refused_rows(state, refused, statements)
     new_labels = len(labels)
-    # only trusted doors and credentials decide; every label is counted by where it came from
-    state["label_sources"] = tally(labels, config["trusted"], state.get("label_sources"))
-    suspects = note_suspects(folder, log, labels, config["trusted"], statements)  # a flood of disagreeing labels
-    labels = labels[trusted_mask(labels, config["trusted"])]
+    labels, suspects = judge_labels(folder, log, labels, config["trusted"], state, statements)
     labels, waiting = _new_labels(folder, labels)
     stored = store.read_parquet(folder / "windows.parquet")
     touched = (set(new["window"]) if len(new) else set()) | set(labels["window"])
@@ -540,6 +529,20 @@ def _summary(
     }
 
 
+def _suspected(
+    root: Path,  # the project folder
+    found: list,  # new suspicions of labels (`note_suspects`)
+    section: dict,  # the [monitor] settings (its webhook)
+    now: datetime | None,  # the time for alerts
+    post,  # how alerts are posted (None: `post_webhook`)
+) -> list[str]:  # the deliveries, in words
+    "Raise `labels_suspect` for the suspicions of this update."
+    if not found:
+        return []
+    webhook = (section.get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
+    return notify_suspects(root / "monitoring", found, now or datetime.now(timezone.utc), webhook, root.name, post)
+
+
 def _raise_alerts(
     folder: Path,  # the project's monitoring folder
     found: dict,  # `_monitor_settings`
@@ -604,10 +607,7 @@ def monitor_project(
     windows, champion = result["windows"], registry.aliases().get("champion")
     summary = _summary(root, result, champion)
     statements = summary["statements"]
-    if result["labels_suspect"]:
-        webhook = (section.get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
-        now_ = now or datetime.now(timezone.utc)
-        statements += notify_suspects(root / "monitoring", result["labels_suspect"], now_, webhook, root.name, post)
+    statements += _suspected(root, result["labels_suspect"], section, now, post)
     if serving_url:
         summary["serving"], said = scrape_serving(serving_url, os.environ.get("LIFECYCLE_API_TOKEN") or None)
         statements.append(said)

@@ -285,8 +285,7 @@ class PredictionLog(PredictionReader):
         request_id: str,  # the prediction's request id
         label: int,  # the true label
         time=None,  # when it became known (ISO-8601 text or datetime); None for now
-        # the door it came by: feedback (POST /feedback names it) or import (a file, or the project's own code)
-        source: str = "import",
+        source: str = "import",  # the door it came by: feedback (POST /feedback), import (a file, the project's code)
         credential: str = "",  # the labeller's name (never its secret), or the imported file's
     ) -> None:
         """Queue a true label, which arrives after its prediction, with its provenance; a relabel is a new event, the
