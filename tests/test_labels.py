@@ -5,6 +5,7 @@ enter no retrain's data, while a model that is really worse is still rolled back
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -165,7 +166,15 @@ def test_forged_labels_from_an_untrusted_labeller_move_nothing(attacked, tmp_pat
     assert Registry(project).aliases()["champion"] == second
     assert not (summary["rollback"] or {}).get("rolled_back") and _critical(summary) == []
     said = " ".join(summary["statements"])
-    assert "140 untrusted labels were left out (140 from feedback:ward)" in said, said
+    rests = (
+        r"monitoring rests on (\d+) labels \(\1 from feedback:replay\); 140 untrusted labels were left out \(140 from"
+    )
+    assert re.search(rests + r" feedback:ward\)", said), said  # the deploy replay's labels, and not one forged
+    # the flood is news: labels_suspect, a warning, that holds nothing (the ward decides nothing)
+    assert "from feedback:ward disagree with the model" in said and "they are not trusted and decide nothing" in said
+    sent = [json.loads(line) for line in (project / "monitoring" / "alerts.jsonl").read_text().splitlines()]
+    suspect = [alert for alert in sent if alert["labels"]["alertname"] == "labels_suspect"]
+    assert [alert["labels"]["severity"] for alert in suspect] == ["warning"], sent
     if summary["rollback"]:
         assert "the comparison rests on 0 labels; 140 untrusted labels were left out" in " ".join(
             summary["rollback"]["checked"]
@@ -185,8 +194,13 @@ def test_forged_labels_from_an_untrusted_labeller_move_nothing(attacked, tmp_pat
     shutil.copytree(project, control, symlinks=True)
     _with_ward(control, trusted="import, replay, lab, ward")
     code, trusting, _, stderr = run_lifecycle("monitor", "--settings", control / "settings.ini", "--json")
-    assert code == 3, (stderr, trusting["statements"])
-    assert _critical(trusting) or (trusting["rollback"] or {}).get("rolled_back"), trusting
+    assert code == 3 and set(_critical(trusting)) == {"auc_low", "missed_sick"}, (stderr, trusting["statements"])
+    assert "automatic rollback is held until a person confirms them" in " ".join(trusting["statements"])
+    code, _, out, _ = run_lifecycle(
+        "labels", "confirm", "--by", "Dr. Lee", "--reason", "audited", "--settings", control / "settings.ini"
+    )
+    confirmed = json.loads((control / "monitoring" / "labels_suspect.json").read_text())["suspicions"][-1]["confirmed"]
+    assert code == 0 and "confirmed by Dr. Lee" in out and confirmed["reason"] == "audited", out
 
 
 def test_a_model_really_worse_is_rolled_back_on_trusted_labels(champion_project):

@@ -334,7 +334,7 @@ def _update(
     windows = _save(folder, state, flat, stored, bool(touched), waiting, refused_table, upto)
     if len(waiting):
         statements.append(f"{len(waiting)} labels wait for their predictions, which are not in the log yet")
-    statements.append(rests_on(state["label_sources"], what="the realized figures") + disagreeing_words(log))
+    statements.append(rests_on(state["label_sources"], what="monitoring") + disagreeing_words(log))
     return {
         "windows": windows,
         "touched": touched,
