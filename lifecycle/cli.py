@@ -54,6 +54,7 @@ def _bench(args) -> int:
 
 def _serve(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
+    from lifecycle.labels import label_policy  # beside serve: the command's own settings
     from lifecycle.serving.serve import serve  # start-up time: FastAPI and uvicorn take 1.8 s, only serve needs them
 
     project = open_project(args.settings, log=args.log or None)
@@ -67,6 +68,7 @@ def _serve(args) -> int:
         max_body=args.max_body,
         max_records=args.max_records,
         allowed_hosts=server_options(project.settings).allowed_hosts,
+        labels=label_policy(project.section("labels")),
     )
     return 0
 
@@ -577,6 +579,7 @@ COMMANDS = {
     "dashboard": _add_dashboard,
     "clinic": _add_clinic,
     "replay": add_replay_command,
+    "labels": "lifecycle.label_import:add_labels_command",
     "monitor": _add_monitor,
     "retrain": "lifecycle.loop:add_retrain_command",
     "simulate": add_simulate_command,

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .core import LifecycleError, Project, load_settings, open_project, write_json
+from .labels import label_policy, rests_on
 from .pipeline import discover_stages, parse_overrides, run_lifecycle, run_stage, stage_parameters
 from .promotion import record_decision
 from .registry import Registry
@@ -25,7 +26,7 @@ from lifecycle.retrain import (
     CHALLENGER_STAGES,
     abandon_unfinished,
     headline,
-    labeled_predictions,
+    labeled_with_sources,
     promote_shadow,
     retrain_lock,
     run_policy,
@@ -54,8 +55,10 @@ def _challenge(
     "Write the retraining data, run the challenger through the stage notebooks, and the retrain stage in its run."
     root, settings = project.root, project.settings
     with open_log(project.log_url, root) as log:
-        labeled = labeled_predictions(log)
+        labeled, sources = labeled_with_sources(log, trusted=label_policy(project.section("labels")).trusted)
     retrain_id = new_retrain_id(now)
+    said = rests_on(sources, what="the production data")  # which labels the challenger learns from and is judged on
+    _say(said, quiet)
     with retrain_lock(root) as held:
         if not held:
             _decided(root, "busy", retrain_id, now, "another retrain of this project is running: this one stopped")
@@ -63,7 +66,8 @@ def _challenge(
                 "status": "busy",
                 "headline": "No retrain: another retrain of this project is running (retrain/.lock).",
             }
-        return _challenge_locked(settings, stage, extra, overrides, policy, now, quiet, labeled, retrain_id)
+        result = _challenge_locked(settings, stage, extra, overrides, policy, now, quiet, labeled, retrain_id)
+    return {**result, "labels": said}
 
 
 def _decided(root: Path, kind: str, retrain_id: str, now: datetime, reason: str, **more) -> None:
@@ -194,6 +198,7 @@ def retrain_project(
         for key, value in parameters.items()
         if key not in ("settings", "run_dir", "force", "challenger_of") and not key.startswith("rollback_")
     }
+    policy["trusted"] = label_policy(project.section("labels")).trusted  # the shadow's comparison: trusted labels only
     now = now or datetime.now(timezone.utc)
     rolled = check_rollback(project, rollback_rules(parameters), now=now)  # the promotion before this one, judged first
     if rolled["rolled_back"]:

@@ -36,10 +36,11 @@ from lifecycle.core import (
 # isort: split
 from .access import server_options
 from .execute import Kernels, _import_nbformat, execute_stage, export_html
+from .labels import label_policy
 from .report import write_index
 
 # %% auto #0
-__all__ = ['CONTEXT_PARAMETERS', 'PAGE_SECTIONS', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
+__all__ = ['CONTEXT_PARAMETERS', 'PAGE_SECTIONS', 'SERVICE_SECTIONS', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
            'parameter_choices', 'check_sections', 'parse_overrides', 'stage_parameters', 'package_code_hash',
            'cache_key', 'inputs_unchanged', 'outputs_hash', 'find_cached', 'plan_stages', 'run_stage', 'run_lifecycle']
 
@@ -140,17 +141,19 @@ def parameter_choices(
 
 
 PAGE_SECTIONS = ["clinic", "servers"]  # sections of pages and servers, not stages: checked here and where read
+SERVICE_SECTIONS = ["labels"]  # sections every labelled path reads: who may label, whose labels decide
 
 
 def check_sections(settings: Settings, stages: list[Stage]):
-    "Every section must be [data], [run], a page's or a stage's."
-    known = ["data", "run"] + PAGE_SECTIONS + [stage.name for stage in stages]
+    "Every section must be [data], [run], [labels], a page's or a stage's."
+    known = ["data", "run"] + SERVICE_SECTIONS + PAGE_SECTIONS + [stage.name for stage in stages]
     for section in settings.sections:
         if section not in known:
             raise LifecycleError(
                 f"{settings.path.name}: unknown section [{section}]{did_you_mean(section, known)}; "
                 f"known sections: {', '.join(known)}"
             )
+    label_policy(settings.sections.get("labels"))  # a mistake in [labels] is found by the run, not first by a server
     if "clinic" in settings.sections:  # a mistake in the page's settings is found by the run, not first by a clinician
         from lifecycle.clinic_form import clinic_options  # start-up time: not the page's server, nor scikit-learn
 

@@ -19,6 +19,7 @@ import pandas as pd
 from .alerts import firing_alert_names
 from .challenger import CHALLENGER_SETTINGS, headline  # noqa: F401 (headline: re-exported for the loop)
 from .core import LifecycleError, Project, Settings, write_json, write_text
+from .labels import label_policy, latest_trusted
 
 # re-exported: the loop, the simulation and the benchmarks import these from the retrain stage (the decisions file has
 # one writer and one reader, the promotion authority's)
@@ -28,9 +29,9 @@ from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F40
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'champion_since', 'decide', 'retrain_lock',
-           'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout', 'as_source_rows',
-           'champion_training_data', 'challenger_settings_text', 'write_retraining_data', 'retrain_versions',
-           'abandon_unfinished']
+           'labeled_with_sources', 'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout',
+           'as_source_rows', 'champion_training_data', 'challenger_settings_text', 'write_retraining_data',
+           'retrain_versions', 'abandon_unfinished']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -189,18 +190,29 @@ def retrain_lock(
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 # %% ../nbs/07_retrain.ipynb #c5139207
+def labeled_with_sources(
+    log,  # an open PredictionLog
+    since: datetime | None = None,  # only predictions at or after this time
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
+) -> tuple[pd.DataFrame, dict]:  # (the labeled predictions, oldest first, with `label`; `tally` of their labels)
+    """Logged predictions joined with their latest trusted label (shadow predictions left out), and how many labels
+    from where that rests on (untrusted ones counted apart)."""
+    predictions = log.predictions(since=since)
+    predictions = predictions[predictions["channel"] != "shadow"]
+    latest, counts = latest_trusted(log.label_history(), predictions["request_id"], trusted)
+    if not len(predictions) or not len(latest):
+        return predictions.iloc[0:0].assign(label=pd.Series(dtype="int64")), counts
+    joined = predictions.merge(latest[["request_id", "label"]], on="request_id", how="inner")
+    return joined.sort_values(["time", "request_id"], kind="stable", ignore_index=True), counts
+
+
 def labeled_predictions(
     log,  # an open PredictionLog
     since: datetime | None = None,  # only predictions at or after this time
-) -> pd.DataFrame:  # the predictions that have a label, oldest first, with `label`
-    "Logged predictions joined with their latest label (shadow predictions left out)."
-    predictions = log.predictions(since=since)
-    labels = log.labels()
-    if not len(predictions) or not len(labels):
-        return predictions.iloc[0:0].assign(label=pd.Series(dtype="int64"))
-    latest = labels.drop_duplicates("request_id", keep="last")[["request_id", "label"]]
-    joined = predictions[predictions["channel"] != "shadow"].merge(latest, on="request_id", how="inner")
-    return joined.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
+) -> pd.DataFrame:  # the predictions that have a trusted label, oldest first, with `label`
+    "Logged predictions joined with their latest trusted label (shadow predictions left out)."
+    return labeled_with_sources(log, since, trusted)[0]
 
 # %% ../nbs/07_retrain.ipynb #4fca7c4f
 def gather_evidence(
@@ -231,7 +243,8 @@ def gather_evidence(
         from lifecycle.serving.predlog import open_log  # deferred: start-up time, only this path needs it
 
         with open_log(project.log_url, root) as log:
-            evidence["new_labels"] = len(labeled_predictions(log, since=evidence["champion_since"]))
+            trusted = label_policy(project.section("labels")).trusted
+            evidence["new_labels"] = len(labeled_predictions(log, since=evidence["champion_since"], trusted=trusted))
     return evidence
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from .alerts import post_webhook, send_notice
 from .compare import delong_test, mcnemar_test
 from .core import LifecycleError, Project, read_json
+from .labels import label_policy, latest_trusted, rests_on, rollback_hold
 from .metrics import classification_metrics
 from .monitoring import WEBHOOK_ENV, monitor_project
 from .promotion import move_back
@@ -128,6 +129,8 @@ def judge_rollback(
                 )
             else:
                 checked.append(f"{sentence}: within the margin {rules['margin']:g}")
+        if evidence.get("label_sources"):
+            checked.append(rests_on(evidence["label_sources"], what="the comparison"))
     if rules["alerts"]:
 
         def watched(alert):
@@ -177,16 +180,17 @@ def _paired_test(
     return None, None
 
 
-def _champion_labeled(log, version: int, since: str) -> pd.DataFrame:
-    """The version's own (not shadow) predictions since its promotion, with their latest label (what it costs grows
-    with them, not with the log)."""
+def _champion_labeled(
+    log, version: int, since: str, trusted=None
+) -> tuple[pd.DataFrame, dict]:  # (the labeled predictions, `tally` of the labels: used, and untrusted left out)
+    """The version's own (not shadow) predictions since its promotion, with their latest trusted label (what it costs
+    grows with them, not with the log), and where their labels came from."""
     predictions = log.predictions(since=since)
-    labels = log.labels()
     mine = predictions[(predictions["model_version"] == version) & (predictions["channel"] != "shadow")]
-    if not len(mine) or not len(labels):
-        return mine.iloc[0:0].assign(label=pd.Series(dtype="int64"))
-    latest = labels.drop_duplicates("request_id", keep="last")[["request_id", "label"]]
-    return mine.merge(latest, on="request_id", how="inner")
+    latest, counts = latest_trusted(log.label_history(), mine["request_id"], trusted)
+    if not len(mine) or not len(latest):
+        return mine.iloc[0:0].assign(label=pd.Series(dtype="int64")), counts
+    return mine.merge(latest[["request_id", "label"]], on="request_id", how="inner"), counts
 
 
 def _paired_evidence(
@@ -251,7 +255,8 @@ def rollback_evidence(
     rules: dict,  # `rollback_rules`
     promotion: dict,  # `last_promotion`'s event
     log,  # an open PredictionLog
-) -> dict:  # champion, previous, labeled, figures, alerts, promoted_at
+    trusted=None,  # the doors and credentials whose labels decide (`[labels] trusted`); None: every label
+) -> dict:  # champion, previous, labeled, figures, alerts, promoted_at, label_sources (`tally`)
     "What the rollback rules need: paired figures on the new champion's labeled patients, and the alerts firing for it."
     champion, previous = int(promotion["version"]), int(promotion["previous"])
     evidence = {
@@ -265,7 +270,7 @@ def rollback_evidence(
         "promoted_at": promotion["at"],
     }
     if rules["margin"] > 0:
-        rows = _champion_labeled(log, champion, promotion["at"])
+        rows, evidence["label_sources"] = _champion_labeled(log, champion, promotion["at"], trusted)
         evidence["labeled"] = len(rows)
         if len(rows) >= rules["min_labels"]:
             evidence.update(_paired_evidence(root, rules["metric"], rows, champion, previous))
@@ -292,7 +297,10 @@ def _rollback_record(
         "reasons": decision["reasons"],
         "labeled": evidence["labeled"],
         "figures": evidence["figures"],
+        "label_sources": evidence.get("label_sources"),
     }
+    if evidence.get("label_sources") and evidence["figures"]:
+        reason += f"; {rests_on(evidence['label_sources'], what='the comparison')}"
     return reason, record
 
 
@@ -344,7 +352,7 @@ def check_rollback(
     own = log is None
     log = open_log(project.log_url, root) if own else log
     try:
-        evidence = rollback_evidence(root, rules, promotion, log)
+        evidence = rollback_evidence(root, rules, promotion, log, label_policy(project.section("labels")).trusted)
     finally:
         if own:
             log.close()
@@ -356,6 +364,9 @@ def check_rollback(
     }
     if not decision["rollback"]:
         return decision
+    held = rollback_hold(root / "monitoring")  # labels_suspect among trusted labels: a person confirms first
+    if held:
+        return {**decision, "rollback": False, "held": True, "checked": decision["checked"] + [held]}
     now = now or datetime.now(timezone.utc)
     reason, record = _rollback_record(evidence, decision, now)
     try:  # only if the champion is still the one judged: a promotion in between is judged by the next look

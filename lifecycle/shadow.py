@@ -70,13 +70,14 @@ def shadow_evidence(
     root: Path,  # the project folder
     log,  # the open prediction log
     version: int | None = None,  # the version in shadow (default: the alias `shadow`)
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
 ) -> dict:  # version, champion, pairs, days, labeled, summary (agreement, score shift, accuracy), and the pairs
     "What the prediction log says of a version in shadow against the champion, on the same records."
 
     aliases = Registry(root).aliases()
     version = aliases.get("shadow") if version is None else version
     champion = aliases.get("champion")
-    pairs = shadow_pairs(log) if version is not None else None
+    pairs = shadow_pairs(log, trusted=trusted) if version is not None else None
     if pairs is not None:
         pairs = pairs[(pairs["shadow_version"] == version) & (pairs["champion_version"] == champion)].reset_index(
             drop=True
@@ -178,7 +179,7 @@ def _promotion_reason(
 # %% ../nbs/27_shadow.ipynb #829b4f3f
 def promote_shadow(
     root: Path,  # the project folder
-    policy: dict,  # the [retrain] settings: shadow_min, min_compare_rows, alpha, bootstrap, miss_cost, false_alarm_cost
+    policy: dict,  # [retrain]: shadow_min, min_compare_rows, alpha, bootstrap, costs; `trusted`: [labels] trusted
     log,  # the open prediction log
     now: datetime | None = None,  # the time (for the record)
     evidence: dict | None = None,  # what `shadow_evidence` said, when the caller read it already (default: read here)
@@ -190,7 +191,7 @@ def promote_shadow(
 
     registry = Registry(root)
     now = now or datetime.now(timezone.utc)
-    evidence = dict(evidence) if evidence is not None else shadow_evidence(root, log)
+    evidence = dict(evidence) if evidence is not None else shadow_evidence(root, log, trusted=policy.get("trusted"))
     rows = evidence.pop("rows")
     if evidence["version"] is None:
         return {"status": "no shadow", "reasons": ["no version is in shadow"], "evidence": evidence}

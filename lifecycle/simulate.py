@@ -34,6 +34,7 @@ __all__ = ['SIMULATIONS', 'INJECTIONS', 'SANDBOX_ROLLBACK', 'ROLLBACK_KEYS', 'EX
            'inject_bad_model', 'simulate_project', 'add_simulate_command']
 
 # %% ../nbs/13_simulate.ipynb #7933ab09
+from .labels import label_policy
 from .simulate_figures import CHANGE_COLORS, day_figures, plot_timeline, timeline_html
 from .simulate_traffic import _send_day, _traffic, plan_traffic
 
@@ -414,7 +415,8 @@ def _timeline_table(
     from lifecycle.serving.predlog import open_log  # the log only when a simulation runs: see `simulate_project`
 
     with open_log(box_project.log_url, box_project.root) as log:
-        table = day_figures(log.predictions(), log.labels(), start, days, _calibrations(box_project.root))
+        trusted = label_policy(box_project.section("labels")).trusted  # the figures of the labels that decide
+        table = day_figures(log.predictions(), log.labels(trusted), start, days, _calibrations(box_project.root))
     return table.merge(pd.DataFrame(records), on="day", how="left")
 
 

@@ -93,7 +93,7 @@ async def _send_day(
                 return await scoring.client.post(
                     "/feedback",
                     json={"request_id": request_id, "label": int(label)},
-                    headers={**scoring.headers, EVENT_TIME_HEADER: pd.Timestamp(when).isoformat()},
+                    headers={**scoring.label_headers, EVENT_TIME_HEADER: pd.Timestamp(when).isoformat()},
                 )
 
         answers = await asyncio.gather(*[feedback(*item) for item in due])

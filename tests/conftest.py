@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 # Two test workers share two cores: one thread each for OpenMP and BLAS, or their thread pools spin against each other.
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+# The default project's labeller (settings.ini: [labels] labellers = lab: LIFECYCLE_LABELLER_LAB): servers the tests
+# start inherit it; LABELLER is the header a test sends its labels to /feedback with.
+os.environ.setdefault("LIFECYCLE_LABELLER_LAB", "test-labeller-lab-secret-0123")
+LABELLER = {"Authorization": f"Bearer {os.environ['LIFECYCLE_LABELLER_LAB']}"}
 HEART = REPO / "data" / "heart-disease-uci"
 LIFECYCLE = Path(sys.executable).parent / "lifecycle"
 QUICK = ("--stages", "collect,prepare", "-p", "prepare.profile=false")  # the data stages only, without the profile

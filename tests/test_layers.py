@@ -22,6 +22,7 @@ LAYERS = {
     "access": 1,  # who may reach the servers: host names, origins, token strength, masked log lines
     # shared services, used by the stages and by serving alike
     "sources": 1,
+    "labels": 1,  # who may label, whose labels decide (the prediction log's reader asks it)
     "sql_sources": 1,  # SQL sources, read only
     "rules": 1,  # the rules of one column, which the contract compiles
     "contract": 1,
@@ -59,6 +60,7 @@ LAYERS = {
     "clinic": 2,
     "clinic_form": 2,
     "clinic_html": 2,
+    "label_import": 2,  # `lifecycle labels import`: a diagnoses file read by collect's readers, into the log
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
     # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
     # stream and replay sit beside the stages

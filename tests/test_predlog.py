@@ -423,3 +423,44 @@ def test_postgres_event_times_and_a_log_made_before_them(postgres_url, tmp_path)
         "b-2",
     }  # the old row is before the sequence
     log.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_label_events_keep_provenance_and_history(store, request, tmp_path):
+    """Each label is an event with its source, arrival and credential; a relabel is kept, the latest trusted one wins,
+    disagreeing ones are counted; what the limits count; a journal replayed twice adds nothing; a label of the older
+    labels table reads as `legacy` (on both stores)."""
+    url = request.getfixturevalue("postgres_url") if store == "postgres" else ""
+    log = open_log(url, tmp_path)
+    log.record(predictions(3))
+    log.record_label("r0", 1, "2024-01-02T00:00:00Z", "feedback", "lab")
+    log.record_label("r0", 0, "2024-01-03T00:00:00Z", "feedback", "ward")  # a relabel from an untrusted labeller
+    log.record_label("r1", 1, "2024-01-02T00:00:00Z", "import", "diagnoses")
+    assert log.flush(timeout=30)
+    if store == "sqlite":
+        with sqlite3.connect(tmp_path / "predictions.sqlite") as database:  # another tool, the table before provenance
+            database.execute("INSERT INTO labels (request_id, label, time) VALUES ('r2', 1, '2024-01-04T00:00:00Z')")
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as database:
+            database.execute("INSERT INTO labels (request_id, label, time) VALUES ('r2', 1, '2024-01-04T00:00:00Z')")
+    history = log.label_history()
+    assert history[["request_id", "label", "source", "credential"]].values.tolist() == [
+        ["r0", 1, "feedback", "lab"],
+        ["r0", 0, "feedback", "ward"],
+        ["r1", 1, "import", "diagnoses"],
+        ["r2", 1, "legacy", ""],
+    ]
+    assert history["logged"].notna().all()
+    trusted = log.labels(("lab", "import"))
+    assert trusted[["request_id", "label"]].values.tolist() == [["r0", 1], ["r1", 1]]
+    assert log.labels()[["request_id", "label"]].values.tolist() == [["r1", 1], ["r0", 0], ["r2", 1]]  # by time known
+    assert log.disagreeing() == 1
+    assert (log.labels_sent(credential="lab"), log.labels_sent(request_id="r0")) == (1, 2)
+    assert log.labels_sent(credential="lab", since=pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1)) == 0
+    labels, refused = log.committed_labels(after=0, upto=log.settled_commit())
+    assert labels["credential"].tolist()[:3] == ["lab", "ward", "diagnoses"] and refused == []
+    with pytest.raises(LifecycleError, match="never a secret"):
+        log.record_label("r1", 1, None, "feedback", "Bearer s3cret")
+    log.close()

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pandas as pd
-from conftest import LIFECYCLE, free_port, run_lifecycle
+from conftest import LABELLER, LIFECYCLE, free_port, run_lifecycle
 
 FEATURES = [
     "age",
@@ -117,7 +117,10 @@ def test_prod_ini_with_its_log_elsewhere_through_a_symlink_is_one_project(champi
             request_id = answer.json()["predictions"][0]["request_id"]
             assert (
                 httpx.post(
-                    f"http://127.0.0.1:{port}/feedback", json={"request_id": request_id, "label": label}, timeout=30
+                    f"http://127.0.0.1:{port}/feedback",
+                    json={"request_id": request_id, "label": label},
+                    headers=LABELLER,
+                    timeout=30,
                 ).status_code
                 == 202
             )

@@ -192,7 +192,14 @@ def test_replay_over_http_scores_as_in_process(champion_project):
     the same event times."""
     project, settings = champion_project, champion_project / "settings.ini"
     port, token = free_port(), "t0ken-for-replay"
-    environment = {**os.environ, "LIFECYCLE_API_TOKEN": token, "OMP_NUM_THREADS": "1"}
+    # the scoring token for /predict, the default project's labeller (lab) for /feedback
+    labeller = os.environ["LIFECYCLE_LABELLER_LAB"]
+    environment = {
+        **os.environ,
+        "LIFECYCLE_API_TOKEN": token,
+        "LIFECYCLE_LABELLER_TOKEN": labeller,
+        "OMP_NUM_THREADS": "1",
+    }
     output = project / "serve.log"
     server = subprocess.Popen(
         [str(LIFECYCLE), "serve", "--settings", str(settings), "--port", str(port), "--log", "served.sqlite"],

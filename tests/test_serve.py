@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from conftest import LIFECYCLE, free_port, wait_for
+from conftest import LABELLER, LIFECYCLE, free_port, wait_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -133,7 +133,10 @@ def test_answers_are_the_models_offline_scores(server):
         'lifecycle_requests_total{endpoint="predict",status="200"}' in metrics and "lifecycle_model_version" in metrics
     )
     assert (
-        httpx.post(server.url + "/feedback", json={"request_id": single["request_id"], "label": 1}).status_code == 202
+        httpx.post(
+            server.url + "/feedback", json={"request_id": single["request_id"], "label": 1}, headers=LABELLER
+        ).status_code
+        == 202
     )
 
 

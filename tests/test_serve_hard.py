@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import LIFECYCLE, free_port, wait_for
+from conftest import LABELLER, LIFECYCLE, free_port, wait_for
 from test_serve import MARKER, Server, records_of
 
 TOKEN = "t0ken-for-the-tests"  # 16 characters or more: a shorter token is refused at start
@@ -86,7 +86,8 @@ def _hostile_client(url: str, payloads: list, outcome: dict):
     with httpx.Client(timeout=120) as client:
         for path, body in payloads:
             try:
-                answer = client.post(url + path, content=body, headers={"content-type": "application/json"})
+                # with a labeller's credential: a hostile labeller's bodies reach the checks behind it
+                answer = client.post(url + path, content=body, headers={"content-type": "application/json", **LABELLER})
             except httpx.TransportError:
                 outcome["transport_errors"] += 1
                 continue
@@ -274,6 +275,7 @@ def test_openapi_documents_every_answer(champion_project):
             url + "/predict", content=good, headers={**auth, "content-type": "application/json"}
         ).json()["predictions"][0]
         as_json = {**auth, "content-type": "application/json"}
+        labels = {**LABELLER, "content-type": "application/json"}
         sent = [
             ("/predict", "post", dict(content=good, headers=as_json)),
             ("/predict", "post", dict(content=json.dumps(records[:5]).encode(), headers=as_json)),
@@ -287,14 +289,19 @@ def test_openapi_documents_every_answer(champion_project):
             (
                 "/feedback",
                 "post",
-                dict(content=json.dumps({"request_id": served["request_id"], "label": 1}).encode(), headers=as_json),
+                dict(content=json.dumps({"request_id": served["request_id"], "label": 1}).encode(), headers=labels),
             ),
             (
                 "/feedback",
                 "post",
-                dict(content=json.dumps({"request_id": "f" * 32, "label": 0}).encode(), headers=as_json),
+                dict(content=json.dumps({"request_id": "f" * 32, "label": 0}).encode(), headers=labels),
             ),
-            ("/feedback", "post", dict(content=json.dumps({"request_id": "", "label": 0}).encode(), headers=as_json)),
+            ("/feedback", "post", dict(content=json.dumps({"request_id": "", "label": 0}).encode(), headers=labels)),
+            (  # the scoring token is not a labeller's credential
+                "/feedback",
+                "post",
+                dict(content=json.dumps({"request_id": served["request_id"], "label": 0}).encode(), headers=as_json),
+            ),
             (
                 "/feedback",
                 "post",
@@ -303,8 +310,8 @@ def test_openapi_documents_every_answer(champion_project):
                     headers={"content-type": "application/json"},
                 ),
             ),
-            ("/feedback", "post", dict(content=b"x", headers={**auth, "content-type": "text/csv"})),
-            ("/feedback", "post", dict(content=b'{"request_id": "' + b"a" * 1_100_000 + b'"}', headers=as_json)),
+            ("/feedback", "post", dict(content=b"x", headers={**LABELLER, "content-type": "text/csv"})),
+            ("/feedback", "post", dict(content=b'{"request_id": "' + b"a" * 1_100_000 + b'"}', headers=labels)),
             ("/health", "get", dict()),
             ("/ready", "get", dict()),
             ("/model", "get", dict(headers=auth)),

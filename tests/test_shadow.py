@@ -9,7 +9,7 @@ from unittest import mock
 import httpx
 import numpy as np
 import pandas as pd
-from conftest import run_lifecycle
+from conftest import LABELLER, run_lifecycle
 from test_serve import Server, records_of
 
 FEATURES = [
@@ -113,7 +113,12 @@ def test_server_with_a_shadow(champion_project):
         assert set(pairs["channel"]) == {"online"} and pairs["label"].isna().all()
         assert (pairs["shadow_score"] != pairs["champion_score"]).any()  # a real challenger, not the champion again
         # a label sent for the champion's request id is the label of the pair
-        assert httpx.post(server.url + "/feedback", json={"request_id": request_ids[0], "label": 1}).status_code == 202
+        assert (
+            httpx.post(
+                server.url + "/feedback", json={"request_id": request_ids[0], "label": 1}, headers=LABELLER
+            ).status_code
+            == 202
+        )
         wait_for(
             lambda: (
                 pd.notna(label := pairs_of(project).set_index("request_id").loc[request_ids[0], "label"]) and label == 1

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..alerts import parse_kpis, parse_rules, post_webhook, raise_alerts
 from ..core import LifecycleError, Project, read_json, write_json
+from ..labels import disagreeing_words, judge_labels, label_policy, notify_suspects, rests_on
 from ..registry import Registry
 from ..serving.predlog.writer import open_log
 
@@ -311,6 +312,7 @@ def _update(
     refused = [("predictions", *row) for row in refused_rows] + [("labels", *row) for row in refused_labels]
     store.count_refused_rows(state, refused, statements)
     new_labels = len(labels)
+    labels, suspects = judge_labels(folder, log, labels, config["trusted"], state, statements)
     labels, waiting = _new_labels(folder, labels)
     stored = store.read_parquet(folder / "windows.parquet")
     touched = (set(new["window"]) if len(new) else set()) | set(labels["window"])
@@ -332,11 +334,13 @@ def _update(
     windows = _save(folder, state, flat, stored, bool(touched), waiting, refused_table, upto)
     if len(waiting):
         statements.append(f"{len(waiting)} labels wait for their predictions, which are not in the log yet")
+    statements.append(rests_on(state["label_sources"], what="monitoring") + disagreeing_words(log))
     return {
         "windows": windows,
         "touched": touched,
         "new_predictions": len(new),
         "new_labels": new_labels,
+        "labels_suspect": suspects,
         "rebuilt": rebuilt,
         "refused_rows": [
             {"table": key.split("|")[0], "reason": key.split("|")[1], "field": key.split("|")[2], "count": count}
@@ -358,6 +362,7 @@ def update_windows(
     n_boot: int = 200,  # bootstrap replicates
     engine: str = "local",  # local (this process) or dask (each touched window's report a task on a Dask cluster)
     scheduler: str | None = None,  # dask: a scheduler address (tcp://host:8786); None starts a local cluster
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
 ) -> dict:  # windows (the table), touched (window keys recomputed), new_predictions, new_labels, rebuilt, statements
     """Bring the stored windows up to date with what the log received since the last update.
 
@@ -380,6 +385,7 @@ def update_windows(
         "n_boot": n_boot,
         "kpis": {name: text for name, (text, _) in (kpis or {}).items()},
         "log": str(getattr(log, "store", "")),
+        "trusted": None if trusted is None else sorted(trusted),
     }
     statements = []
     with log.store.monitor_lock():  # one update at a time: a second monitor waits, then reads what the first left
@@ -523,6 +529,20 @@ def _summary(
     }
 
 
+def _suspected(
+    root: Path,  # the project folder
+    found: list,  # new suspicions of labels (`note_suspects`)
+    section: dict,  # the [monitor] settings (its webhook)
+    now: datetime | None,  # the time for alerts
+    post,  # how alerts are posted (None: `post_webhook`)
+) -> list[str]:  # the deliveries, in words
+    "Raise `labels_suspect` for the suspicions of this update."
+    if not found:
+        return []
+    webhook = (section.get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip()
+    return notify_suspects(root / "monitoring", found, now or datetime.now(timezone.utc), webhook, root.name, post)
+
+
 def _raise_alerts(
     folder: Path,  # the project's monitoring folder
     found: dict,  # `_monitor_settings`
@@ -579,6 +599,7 @@ def monitor_project(
             _int_setting(section, "bootstrap"),
             engine=engine,
             scheduler=scheduler,
+            trusted=label_policy(project.section("labels")).trusted,
         )
     finally:
         if own_log:
@@ -586,6 +607,7 @@ def monitor_project(
     windows, champion = result["windows"], registry.aliases().get("champion")
     summary = _summary(root, result, champion)
     statements = summary["statements"]
+    statements += _suspected(root, result["labels_suspect"], section, now, post)
     if serving_url:
         summary["serving"], said = scrape_serving(serving_url, os.environ.get("LIFECYCLE_API_TOKEN") or None)
         statements.append(said)

@@ -12,8 +12,8 @@ from ..contract import ID_MAX_CHARS, MAX_RECORDS
 from .scoring import record_json_schema
 
 # %% auto #0
-__all__ = ['PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'prediction_schemas', 'feedback_schemas', 'status_schemas',
-           'openapi_components', 'openapi_responses', 'id_schema', 'openapi_document']
+__all__ = ['PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'LABELLED', 'prediction_schemas', 'feedback_schemas',
+           'status_schemas', 'openapi_components', 'openapi_responses', 'id_schema', 'openapi_document']
 
 # %% ../../nbs/35c_serve_openapi.ipynb #6a5c3eef
 _PROBLEM = {
@@ -195,13 +195,15 @@ ENDPOINT_RESPONSES = {
         "413": ("Problem", "the body is over the size limit"),
         "415": ("Problem", "the body is not sent as application/json"),
         "422": ("Problem", "malformed JSON, a request_id not of the form the server issues, or a label not 0 or 1"),
+        "429": ("Problem", "a limit reached: this labeller's labels in the last hour, or this prediction's labels"),
     },
     ("/health", "get"): {"200": ("Health", "the process is alive")},
     ("/ready", "get"): {"200": ("Ready", "a model is loaded"), "503": ("Ready", "no model is loaded yet")},
     ("/model", "get"): {"200": ("Model", "the model serving"), "503": ("Problem", "no model is loaded yet")},
     ("/metrics", "get"): {"200": ("text", "Prometheus text exposition format")},
 }
-AUTHENTICATED = {("/predict", "post"), ("/feedback", "post"), ("/model", "get"), ("/metrics", "get")}
+AUTHENTICATED = {("/predict", "post"), ("/model", "get"), ("/metrics", "get")}  # the scoring token, when one is set
+LABELLED = ("/feedback", "post")  # a labeller's credential, always
 
 
 def openapi_responses(
@@ -251,10 +253,13 @@ def openapi_document(
         record["properties"][scorer.spec.id_field] = id_schema()
     guarded_by_token = settings.token is not None
     for (path, method), responses in ENDPOINT_RESPONSES.items():
-        guarded = guarded_by_token and (path, method) in AUTHENTICATED
+        labelled = (path, method) == LABELLED  # a labeller's credential, on every interface, never the scoring token
+        guarded = labelled or (guarded_by_token and (path, method) in AUTHENTICATED)
         document["paths"][path][method]["responses"] = openapi_responses(responses, guarded)
         if guarded:
-            document["paths"][path][method]["security"] = [{"bearer": []}]
+            document["paths"][path][method]["security"] = [{"labeller" if labelled else "bearer": []}]
+    schemes = {"labeller": {"type": "http", "scheme": "bearer", "description": "a labeller's secret ([labels])"}}
     if guarded_by_token:
-        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+    document["components"]["securitySchemes"] = schemes
     return document

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,11 +18,12 @@ import numpy as np
 import pandas as pd
 
 from ..core import LifecycleError, Settings, Source, read_json, value_key, write_json
+from ..labels import REPLAY
 
 # %% auto #0
-__all__ = ['EVENT_TIME_HEADER', 'arrival_times', 'event_times', 'true_labels', 'label_times', 'to_records', 'post_at',
-           'send_traffic', 'scoring_client', 'run_async', 'replay_frame', 'replay_input', 'replay_sources', 'describe',
-           'add_replay_command']
+__all__ = ['EVENT_TIME_HEADER', 'LABELLER_ENV', 'arrival_times', 'event_times', 'true_labels', 'label_times', 'to_records',
+           'post_at', 'send_traffic', 'scoring_client', 'run_async', 'replay_frame', 'replay_input', 'replay_sources',
+           'describe', 'add_replay_command']
 
 # %% ../../nbs/38_replay.ipynb #07626000
 def arrival_times(
@@ -102,6 +104,7 @@ def to_records(
 
 # %% ../../nbs/38_replay.ipynb #39fc67df
 EVENT_TIME_HEADER = "X-Event-Time"  # as lifecycle.serving.serve names it
+LABELLER_ENV = "LIFECYCLE_LABELLER_TOKEN"  # a labeller's secret, for labels sent to a server at --url
 
 
 async def post_at(
@@ -166,6 +169,10 @@ async def _send_labels(
         ]
     )
     failed = sum(answer.status_code != 202 for answer in feedback)
+    if any(answer.status_code == 401 for answer in feedback):
+        raise LifecycleError(
+            f"replay: the scoring app refused the labels (/feedback 401); set {LABELLER_ENV} to a labeller's secret"
+        )
     if failed:
         raise LifecycleError(
             f"replay: {failed} of {len(feedback)} labels were refused by the scoring app (/feedback); check the server"
@@ -181,6 +188,7 @@ async def send_traffic(
     end: datetime,  # the present: labels arriving after it are pending, not sent
     headers: dict | None = None,  # e.g. the Authorization header
     concurrency: int = 8,  # requests in flight at once
+    label_headers: dict | None = None,  # the headers of /feedback: a labeller's credential
 ) -> dict:  # scored, rejected, reasons, labels_sent, labels_pending, labels_never, model_versions, request_ids
     "Score every record at its event time, then send the labels that have arrived by `end`."
     headers, gate = headers or {}, asyncio.Semaphore(concurrency)
@@ -192,7 +200,7 @@ async def send_traffic(
     due = [
         (number, when) for number, when in enumerate(arrivals) if request_ids[number] and pd.notna(when) and when <= end
     ]
-    await _send_labels(client, due, request_ids, labels, headers, gate)
+    await _send_labels(client, due, request_ids, labels, label_headers or {}, gate)
     scored = sum(request_id is not None for request_id in request_ids)
     waiting = sum(1 for number, when in enumerate(arrivals) if request_ids[number] and pd.notna(when) and when > end)
     return {
@@ -219,7 +227,8 @@ class scoring_client:
         timeout: float = 120,  # seconds to wait for a model, and for one request
     ):
         self.root, self.url, self.log, self.alias, self.timeout = Path(root), url.strip(), log, alias, timeout
-        self.headers = {}
+        self.headers = {}  # what /predict and /model need: the scoring token, if any
+        self.label_headers = {}  # what /feedback needs: a labeller's credential
 
     async def __aenter__(self):
         import httpx  # slow to import: only when traffic is sent
@@ -227,12 +236,18 @@ class scoring_client:
         token = os.environ.get("LIFECYCLE_API_TOKEN")
         if self.url:
             self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+            labeller = os.environ.get(LABELLER_ENV)
+            self.label_headers = {"Authorization": f"Bearer {labeller}"} if labeller else {}
             self.client = httpx.AsyncClient(base_url=self.url.rstrip("/"), timeout=self.timeout)
             self.lifespan = None
         else:
             from lifecycle.serving.serve import create_app  # fastapi: slow to import, and only for in-process scoring
 
-            app = create_app(self.root, alias=self.alias, log_url=self.log)
+            secret = secrets.token_urlsafe(
+                32
+            )  # the in-process app's own labeller: its secret never leaves this process
+            app = create_app(self.root, alias=self.alias, log_url=self.log, labellers={REPLAY: secret})
+            self.label_headers = {"Authorization": f"Bearer {secret}"}
             self.lifespan = app.router.lifespan_context(app)
             await self.lifespan.__aenter__()
             self.client = httpx.AsyncClient(
@@ -339,6 +354,7 @@ def replay_frame(
                 end,
                 scoring.headers,
                 concurrency,
+                scoring.label_headers,
             )
 
     result = run_async(run)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..contract import MAX_ERRORS, MAX_RECORDS, limit_errors
 from ..core import LifecycleError
+from ..labels import FEEDBACK, labeller_of
 from . import checks
 from .predlog import JournalError
 
@@ -26,8 +28,8 @@ log = logging.getLogger("lifecycle.serving.serve")  # the server's logger, as be
 # %% auto #0
 __all__ = ['log', 'predictions', 'labels', 'status', 'docs', 'ROUTERS', 'ServeSettings', 'finish', 'Admitted', 'admit',
            'check_request', 'refuse_unscored', 'answers', 'journal', 'after_answer', 'predict', 'feedback_errors',
-           'feedback', 'health', 'ready', 'model_status', 'model', 'exposition', 'prometheus', 'openapi_document',
-           'swagger_page']
+           'unlabelled', 'label_limits', 'limited', 'feedback', 'health', 'ready', 'model_status', 'model',
+           'exposition', 'prometheus', 'openapi_document', 'swagger_page']
 
 # %% ../../nbs/35d_serve_routes.ipynb #52d217ca
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class ServeSettings:
     max_records: int = MAX_RECORDS  # the most records one request may carry
     max_errors: int = MAX_ERRORS  # the most errors a 422 lists
     channel: str = "online"  # the channel predictions are logged under when a request names none
+    labellers: dict = field(default_factory=dict)  # credential name -> secret: who may send labels to /feedback
+    max_labels_per_hour: int = 1000  # labels one credential may send in an hour (counted in the log)
+    max_labels_per_prediction: int = 3  # labels one prediction may receive, relabels included
 
 
 def finish(
@@ -273,6 +278,41 @@ def feedback_errors(
     return errors
 
 
+def unlabelled() -> Response:
+    "The 401 answer to a label without a labeller's credential."
+    return checks.SafeJSONResponse(
+        {"detail": "a labeller's credential is required (Authorization: Bearer <the labeller's secret>)"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="labels"'},
+    )
+
+
+def label_limits(
+    state,  # the app's state
+    credential: str,  # the labeller's name
+    request_id: str,  # the prediction labelled
+) -> Response | None:  # None when the label may be recorded; else the 429
+    """The limits, counted in the log: labels of this credential in the last hour, labels of this prediction. A 429
+    says which limit and when to try again."""
+    settings, log = state.settings, state.log
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    if log.labels_sent(credential=credential, since=hour_ago) >= settings.max_labels_per_hour:
+        message = f"this labeller sent {settings.max_labels_per_hour} labels in the last hour, the limit; try later"
+        return limited(message, "rate_limited.labeller", 3600)
+    if log.labels_sent(request_id=request_id) >= settings.max_labels_per_prediction:
+        message = f"this prediction has {settings.max_labels_per_prediction} labels, the most it may receive"
+        return limited(message, "rate_limited.prediction", None)
+    return None
+
+
+def limited(message: str, kind: str, retry_seconds: int | None) -> Response:
+    "A 429 naming the limit (and, for a limit that passes, when to try again)."
+    answer = checks.error_answer(429, message, kind, ["body", "request_id"] if "prediction" in kind else ["header"])
+    if retry_seconds:
+        answer.headers["Retry-After"] = str(retry_seconds)
+    return answer
+
+
 labels = APIRouter()
 
 
@@ -290,8 +330,9 @@ labels = APIRouter()
 async def feedback(request: Request):
     started = time.perf_counter()
     state = request.app.state
-    if not checks.authorized(request, state.settings.token):
-        return finish(state, "feedback", checks.unauthorized(), started)
+    credential = labeller_of(request.headers.get("authorization"), state.settings.labellers)
+    if credential is None:  # a scoring token is not a labeller's credential, on loopback too
+        return finish(state, "feedback", unlabelled(), started)
     payload, problem = await checks.read_json_body(request, state.settings.max_body)
     if problem:
         return finish(state, "feedback", problem, started)
@@ -306,7 +347,14 @@ async def feedback(request: Request):
         return finish(
             state, "feedback", checks.error_answer(404, message, "not_found", ["body", "request_id"]), started
         )
-    state.log.record_label(payload["request_id"], int(payload["label"]), known_at or checks.now_text())
+    async with state.label_lock:  # counted and recorded one at a time: a burst cannot pass the limits together
+        problem = await run_in_threadpool(label_limits, state, credential, payload["request_id"])
+        if problem:
+            return finish(state, "feedback", problem, started)
+        state.log.record_label(
+            payload["request_id"], int(payload["label"]), known_at or checks.now_text(), FEEDBACK, credential
+        )
+        await run_in_threadpool(state.log.flush, 30)  # committed before the next label is counted
     return finish(state, "feedback", checks.SafeJSONResponse({"recorded": True}, status_code=202), started)
 
 # %% ../../nbs/35d_serve_routes.ipynb #fdd7ee2d

@@ -5,6 +5,7 @@
 # %% ../../nbs/35_serve.ipynb #b6c66411
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from starlette.datastructures import State
 from ..access import HostGuard, HostRule, QueryMask, check_token
 from ..contract import MAX_ERRORS, MAX_RECORDS
 from ..core import LifecycleError
+from ..labels import LabelPolicy, label_policy, labeller_secrets
 from .checks import CHANNEL_HEADER, EVENT_TIME_HEADER, SafeJSONResponse, _loopback
 from .checks import logged_features as logged_features  # other modules import it from here
 from .holder import Batcher, ModelHolder, ServeMetrics
@@ -103,10 +105,25 @@ def create_app(
     max_records: int = MAX_RECORDS,  # the most records one request may carry; more get a 422 `too_many_records`
     max_errors: int = MAX_ERRORS,  # the most errors a 422 lists (`errors_total` counts them all)
     channel: str = "online",  # the channel of predictions when a request names none (`lifecycle clinic`: dashboard)
+    labellers: dict | None = None,  # credential name -> secret: who may send labels to /feedback (none: nobody)
+    label_policy: LabelPolicy | None = None,  # `[labels]`: the limits per credential and per prediction
 ) -> FastAPI:
     "The scoring app: its state (settings, model holder, batcher, metrics; log and shadow once started) and routers."
+    limits = label_policy or LabelPolicy({}, (), 1000, 3)
     settings = ServeSettings(
-        Path(root), alias, log_url, token, max_body, watch_interval, shadow, max_records, max_errors, channel
+        Path(root),
+        alias,
+        log_url,
+        token,
+        max_body,
+        watch_interval,
+        shadow,
+        max_records,
+        max_errors,
+        channel,
+        dict(labellers or {}),
+        limits.max_per_hour,
+        limits.max_per_prediction,
     )
     app = FastAPI(
         title="lifecycle scoring",
@@ -125,6 +142,7 @@ def create_app(
         ServeMetrics(),
     )
     state.batcher, state.log, state.shadow = Batcher(state.holder), prediction_log, None
+    state.label_lock = asyncio.Lock()  # /feedback counts and records one label at a time
     for router in ROUTERS:
         include(app, router)
     app.openapi = partial(openapi_document, app)  # built per call: the schema is the one of the model serving now
@@ -141,6 +159,7 @@ def serve(
     max_body: int = 1_000_000,  # bytes
     max_records: int = MAX_RECORDS,  # the most records one request may carry
     allowed_hosts: tuple[str, ...] = (),  # host names it answers to besides `host` (`[servers] allowed_hosts`)
+    labels: LabelPolicy | None = None,  # the project's `[labels]`: its labellers (secrets from the environment), limits
 ):
     """Run the scoring server until SIGTERM or Ctrl-C: only for its own host names and pages (`HostGuard`), its
     access log without query strings."""
@@ -152,11 +171,26 @@ def serve(
             f"serving on {host} needs a token: set LIFECYCLE_API_TOKEN (clients send Authorization: Bearer <token>)"
         )
     check_token(token)
-    app = create_app(root, alias=alias, log_url=log_url, token=token, max_body=max_body, max_records=max_records)
+    labels = labels or label_policy(None)
+    labellers = labeller_secrets(labels, os.environ, token)
+    app = create_app(
+        root,
+        alias=alias,
+        log_url=log_url,
+        token=token,
+        max_body=max_body,
+        max_records=max_records,
+        labellers=labellers,
+        label_policy=labels,
+    )
     keep_heap_settled()  # a process that lives for its models: each one loaded is frozen out of later collections
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(QueryMask((token or "",)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not labellers:
+        logging.getLogger("lifecycle.serving.serve").warning(
+            "no labeller's secret is set ([labels] labellers names the variables): /feedback refuses every label"
+        )
     uvicorn.run(
         HostGuard(app, HostRule(host, allowed_hosts)),
         host=host,

@@ -5,6 +5,7 @@
 # %% ../../../nbs/32a_predlog_common.ipynb #57261930
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -20,9 +21,9 @@ import pandas as pd
 from ...core import LifecycleError
 
 # %% auto #0
-__all__ = ['DEFAULT_FILE', 'CHANNELS', 'SEQUENCED_TABLES', 'REJECTION_COLUMNS', 'log_location', 'redact_url', 'utc_text',
-           'features_json', 'latest_totals', 'UnstorableBlock', 'is_data_error', 'describe_error', 'PredictionBlock',
-           'block_key', 'without_logged', 'write_blocks']
+__all__ = ['DEFAULT_FILE', 'CHANNELS', 'SEQUENCED_TABLES', 'REJECTION_COLUMNS', 'LABEL_ROW', 'log_location', 'redact_url',
+           'utc_text', 'features_json', 'latest_totals', 'label_event', 'UnstorableBlock', 'is_data_error',
+           'describe_error', 'PredictionBlock', 'block_key', 'without_logged', 'write_blocks']
 
 # %% ../../../nbs/32a_predlog_common.ipynb #a1f0c013
 DEFAULT_FILE = "predictions.sqlite"
@@ -126,7 +127,7 @@ def features_json(
     return text
 
 # %% ../../../nbs/32a_predlog_common.ipynb #9627f575
-SEQUENCED_TABLES = ("predictions", "labels", "prediction_blocks", "rejections")
+SEQUENCED_TABLES = ("predictions", "labels", "prediction_blocks", "rejections", "label_events")
 _REJECTION_KEY = ("source", "logged_hour", "event_hour", "channel", "model_version", "reason", "field")
 REJECTION_COLUMNS = _REJECTION_KEY + (
     "count",
@@ -145,6 +146,20 @@ def latest_totals(
         if row[-1] > largest.get(key, -1):
             largest[key] = row[-1]
     return [key + (total, logged) for key, total in largest.items()]
+
+# %% ../../../nbs/32a_predlog_common.ipynb #cb7ada87
+LABEL_ROW = ("request_id", "label", "time", "logged", "source", "credential")  # a label as the writer queues it
+
+
+def label_event(
+    row,  # a label as queued: `LABEL_ROW` (a journal written before provenance: its first four)
+) -> tuple:  # (event_id, request_id, label, time, logged, source, credential): the row the events table stores
+    """A label as the append-only events table stores it. Its id is a hash of the whole label, so a journal replayed
+    twice adds no row; a label written before labels had a provenance comes from `legacy`."""
+    request_id, label, when, logged, source, credential = (tuple(row) + ("legacy", ""))[:6]
+    logged = logged or when
+    text = "\x1f".join(str(value) for value in (request_id, label, when, logged, source, credential))
+    return (hashlib.sha256(text.encode()).hexdigest()[:32], request_id, label, when, logged, source, credential)
 
 # %% ../../../nbs/32a_predlog_common.ipynb #a1f0c024
 _POSTGRES_SAFE_CLASSES = (

@@ -9,7 +9,7 @@ import hashlib
 from contextlib import contextmanager
 from datetime import datetime
 
-from .common import SEQUENCED_TABLES, redact_url, utc_text, write_blocks
+from .common import SEQUENCED_TABLES, label_event, redact_url, utc_text, write_blocks
 
 # %% auto #0
 __all__ = ['PostgresStore']
@@ -34,6 +34,16 @@ _POSTGRES_SCHEMA = [
         time TIMESTAMPTZ NOT NULL,
         logged TIMESTAMPTZ)""",
     "CREATE INDEX IF NOT EXISTS labels_time ON labels (time)",
+    """CREATE TABLE IF NOT EXISTS label_events (
+        event_id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        label INTEGER NOT NULL,
+        time TIMESTAMPTZ NOT NULL,
+        logged TIMESTAMPTZ NOT NULL,
+        source TEXT NOT NULL,
+        credential TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS label_events_request ON label_events (request_id)",
+    "CREATE INDEX IF NOT EXISTS label_events_credential ON label_events (credential, logged)",
     "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS event_time TIMESTAMPTZ",  # a log made before event times
     "ALTER TABLE labels ADD COLUMN IF NOT EXISTS logged TIMESTAMPTZ",  # ... or before labels had a write time
     """CREATE TABLE IF NOT EXISTS prediction_blocks (
@@ -106,10 +116,9 @@ INSERT INTO predictions (request_id, time, model_version, channel, score, decisi
 VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
 ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_LABELS = """
-INSERT INTO labels (request_id, label, time, logged) VALUES (%s, %s, %s::timestamptz, %s::timestamptz)
-ON CONFLICT (request_id) DO UPDATE SET label = EXCLUDED.label, time = EXCLUDED.time, logged = EXCLUDED.logged,
-    seq = EXCLUDED.seq
-WHERE labels.logged IS NULL OR EXCLUDED.logged >= labels.logged"""
+INSERT INTO label_events (event_id, request_id, label, time, logged, source, credential)
+VALUES (%s, %s, %s, %s::timestamptz, %s::timestamptz, %s, %s)
+ON CONFLICT (event_id) DO NOTHING"""
 _POSTGRES_INSERT_BLOCKS = """
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id,
     last_request_id, data)
@@ -238,7 +247,7 @@ class PostgresStore:
                 if predictions:
                     cursor.executemany(_POSTGRES_INSERT_PREDICTIONS, predictions)
                 if labels:
-                    cursor.executemany(_POSTGRES_INSERT_LABELS, labels)
+                    cursor.executemany(_POSTGRES_INSERT_LABELS, [label_event(row) for row in labels])
                 if blocks:  # one block writer at a time, so two overlapping blocks cannot both miss each other
                     cursor.execute("SELECT pg_advisory_xact_lock(7319002)")
                 write_blocks(cursor.execute, _POSTGRES_OVERLAPPING, _POSTGRES_INSERT_BLOCKS, blocks)

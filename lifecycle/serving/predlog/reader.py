@@ -12,12 +12,13 @@ import json
 import numpy as np
 import pandas as pd
 
+from ...labels import trusted_mask
 from .common import REJECTION_COLUMNS
 
 # %% auto #0
-__all__ = ['PREDICTION_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'commit_range', 'prediction_problem', 'label_problem',
-           'readable_rows', 'read_rejections', 'shadow_request_id', 'pair_shadow', 'shadow_pairs', 'shadow_summary',
-           'PredictionReader']
+__all__ = ['PREDICTION_COLUMNS', 'LABEL_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'label_events_sql', 'commit_range',
+           'prediction_problem', 'label_problem', 'readable_rows', 'read_rejections', 'shadow_request_id',
+           'pair_shadow', 'shadow_pairs', 'shadow_summary', 'PredictionReader']
 
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c028
 PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash", "event_time")
@@ -43,11 +44,30 @@ def _prediction_frame(rows: list[tuple], features: bool = True) -> pd.DataFrame:
     return _with_features(frame, features)
 
 
+LABEL_COLUMNS = ["request_id", "label", "time", "source", "credential", "logged"]
+
+
 def _label_frame(rows: list[tuple]) -> pd.DataFrame:
-    "Rows of the labels table (request_id, label, time) as a frame."
-    frame = pd.DataFrame(rows, columns=["request_id", "label", "time"]).astype({"request_id": str, "label": "int64"})
-    frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    """Label events (request_id, label, time known, source, credential, time written; a commit number after them is
+    dropped) as a frame."""
+    frame = pd.DataFrame([tuple(row)[:6] for row in rows], columns=LABEL_COLUMNS)
+    frame = frame.astype({"request_id": str, "label": "int64", "source": str, "credential": str})
+    for column in ("time", "logged"):
+        frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
     return frame
+
+
+def label_events_sql(
+    where: str,  # a condition on `seq` (`commit_range`), applied to both tables
+) -> str:  # the query: the label events, then the labels logged before labels had a provenance (source `legacy`)
+    """Every label event in commit order: the events table, and the rows of the older labels table (one a
+    prediction, written before labels had a provenance, or by another tool), as from `legacy`."""
+    return (
+        f"SELECT request_id, label, time, source, credential, logged, seq FROM label_events WHERE {where} "
+        "UNION ALL SELECT request_id, label, time, 'legacy', '', coalesce(logged, time), seq "
+        f"FROM labels WHERE {where} "
+        "ORDER BY seq NULLS FIRST, request_id"
+    )
 
 
 def _event_times(values: pd.Series, logged: pd.Series) -> pd.Series:
@@ -326,6 +346,7 @@ def pair_shadow(
 def shadow_pairs(
     log,  # an open PredictionLog (or PredictionReader)
     since=None,  # only shadow predictions logged at or after this time
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
 ) -> pd.DataFrame:  # SHADOW_PAIR_COLUMNS, one row a record both scored, oldest event first
     """Each shadow prediction in the log, paired with the champion's prediction of the same record and its label.
 
@@ -333,7 +354,7 @@ def shadow_pairs(
     not the whole log, which the dashboard would otherwise read at every refresh."""
     shadow = log.predictions(since=since, channel="shadow", features=False)
     champion = log.predictions_of(shadow["request_id"].str.slice(len(SHADOW_PREFIX)).tolist())
-    return pair_shadow(pd.concat([champion, shadow], ignore_index=True), log.labels())
+    return pair_shadow(pd.concat([champion, shadow], ignore_index=True), log.labels(trusted))
 
 # %% ../../../nbs/33_predlog_reader.ipynb #7c89298f
 def shadow_summary(
@@ -534,16 +555,51 @@ class PredictionReader:
         """The labels of the commits after `after` up to `upto`, in commit order (a correction comes after what it
         corrects)."""
         where, parameters = commit_range(self.store.mark, after, upto)
-        rows, undecodable = self._read_all(
-            f"SELECT request_id, label, time FROM labels WHERE {where} ORDER BY seq, request_id", parameters
-        )
+        rows, undecodable = self._read_all(label_events_sql(where), parameters * 2)
         frames, refused = readable_rows(rows, _label_frame, label_problem, undecodable)
         frames = frames or [_label_frame([])]
         return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], refused
 
-    def labels(self) -> pd.DataFrame:  # request_id, label, time; oldest first
-        "The committed labels."
-        return _label_frame(self.store.read("SELECT request_id, label, time FROM labels ORDER BY time, request_id"))
+    def label_history(self) -> pd.DataFrame:  # request_id, label, time, source, credential; in commit order
+        "Every committed label event, relabels included, with its provenance."
+        return _label_frame(self.store.read(label_events_sql("1 = 1")))
+
+    def labels(
+        self,
+        trusted=None,  # doors and credentials whose labels count (`[labels] trusted`); None: every label
+    ) -> pd.DataFrame:  # request_id, label, time, source, credential: one a prediction, oldest first
+        """Each prediction's latest label (by when it was written) from a trusted door or credential: a correction wins,
+        a journal replayed late undoes no later label."""
+        history = self.label_history().sort_values("logged", kind="stable")
+        latest = history[trusted_mask(history, trusted)].drop_duplicates("request_id", keep="last")
+        return latest.sort_values(["time", "request_id"], kind="stable", ignore_index=True)
+
+    def disagreeing(self) -> int:  # predictions with labels that disagree
+        "How many predictions received labels that disagree (from any door or credential)."
+        sql = (
+            "SELECT count(*) FROM (SELECT request_id FROM (SELECT request_id, label FROM label_events "
+            "UNION ALL SELECT request_id, label FROM labels) AS every_label "
+            "GROUP BY request_id HAVING min(label) <> max(label)) AS mixed"
+        )
+        return int(self.store.read(sql)[0][0])
+
+    def labels_sent(
+        self,
+        credential: str | None = None,  # this labeller's labels (None: any)
+        request_id: str | None = None,  # this prediction's labels (None: any)
+        since=None,  # only those written at or after this time
+    ) -> int:  # label events committed
+        "How many labels a credential sent, or a prediction received: what the limits count."
+        conditions, parameters, mark = [], [], self.store.mark
+        for column, value in (("credential", credential), ("request_id", request_id)):
+            if value is not None:
+                conditions.append(f"{column} = {mark}")
+                parameters.append(value)
+        if since is not None:
+            conditions.append(f"logged >= {mark}")
+            parameters.append(self.store.time_parameter(since))
+        where = " AND ".join(conditions) or "1 = 1"
+        return int(self.store.read(f"SELECT count(*) FROM label_events WHERE {where}", tuple(parameters))[0][0])
 
     def rejections(
         self,

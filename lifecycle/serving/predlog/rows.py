@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import secrets
 import threading
 from pathlib import Path
@@ -20,7 +21,7 @@ from ...core import LifecycleError
 from .common import CHANNELS, features_json, utc_text
 
 # %% auto #0
-__all__ = ['ID_KEY_ENV', 'pseudonymize', 'id_key', 'prediction_row', 'label_row']
+__all__ = ['ID_KEY_ENV', 'pseudonymize', 'id_key', 'prediction_row', 'label_row', 'provenance_row']
 
 # %% ../../../nbs/34a_predlog_rows.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -184,6 +185,21 @@ def label_row(
     else:
         return (request_id, label, when)
     raise _invalid("label", field)
+
+
+_PROVENANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as `lifecycle.labels.NAME`: a name, logged and shown
+
+
+def provenance_row(
+    source: str,  # the door a label came by
+    credential: str = "",  # the labeller's or file's name ("" for none)
+) -> tuple:  # (source, credential)
+    "Where a label came from, checked: names only, never a secret or free text."
+    if not isinstance(source, str) or not _PROVENANCE.fullmatch(source):
+        raise LifecycleError("a label's source must be a name (letters, digits, _ . -)")
+    if not isinstance(credential, str) or (credential and not _PROVENANCE.fullmatch(credential)):
+        raise LifecycleError("a label's credential must be a name (letters, digits, _ . -), never a secret")
+    return (source, credential)
 
 # %% ../../../nbs/34a_predlog_rows.ipynb #0add7916
 def _block_header(

@@ -11,7 +11,7 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 
-from .common import SEQUENCED_TABLES, utc_text, write_blocks
+from .common import SEQUENCED_TABLES, label_event, utc_text, write_blocks
 
 # %% auto #0
 __all__ = ['SQLiteStore']
@@ -37,6 +37,17 @@ CREATE TABLE IF NOT EXISTS labels (
     logged TEXT
 );
 CREATE INDEX IF NOT EXISTS labels_time ON labels (time);
+CREATE TABLE IF NOT EXISTS label_events (
+    event_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    label INTEGER NOT NULL,
+    time TEXT NOT NULL,
+    logged TEXT NOT NULL,
+    source TEXT NOT NULL,
+    credential TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS label_events_request ON label_events (request_id);
+CREATE INDEX IF NOT EXISTS label_events_credential ON label_events (credential, logged);
 CREATE TABLE IF NOT EXISTS prediction_blocks (
     block_id TEXT PRIMARY KEY,
     time TEXT NOT NULL,
@@ -87,12 +98,11 @@ _SQLITE_INSERT_PREDICTIONS = f"""
 INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time, seq)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {_SQLITE_COMMIT})
 ON CONFLICT (request_id) DO NOTHING"""
-# the latest written wins: a journal replayed late undoes no later label
+# labels are events: a relabel is a new row, the history kept; a journal replayed twice adds no row (the event id)
 _SQLITE_INSERT_LABELS = f"""
-INSERT INTO labels (request_id, label, time, logged, seq) VALUES (?, ?, ?, ?, {_SQLITE_COMMIT})
-ON CONFLICT (request_id) DO UPDATE SET label = excluded.label, time = excluded.time, logged = excluded.logged,
-    seq = excluded.seq
-WHERE labels.logged IS NULL OR excluded.logged >= labels.logged"""
+INSERT INTO label_events (event_id, request_id, label, time, logged, source, credential, seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, {_SQLITE_COMMIT})
+ON CONFLICT (event_id) DO NOTHING"""
 _SQLITE_INSERT_BLOCKS = f"""
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id,
     last_request_id, data, seq)
@@ -258,7 +268,7 @@ class SQLiteStore:
                 if predictions:
                     connection.executemany(_SQLITE_INSERT_PREDICTIONS, predictions)
                 if labels:
-                    connection.executemany(_SQLITE_INSERT_LABELS, labels)
+                    connection.executemany(_SQLITE_INSERT_LABELS, [label_event(row) for row in labels])
                 write_blocks(connection.execute, _SQLITE_OVERLAPPING, _SQLITE_INSERT_BLOCKS, blocks)
             if rejections:
                 connection.executemany(_SQLITE_INSERT_REJECTIONS, rejections)

@@ -42,6 +42,7 @@ from lifecycle.serving.predlog.rows import (
     id_key,
     label_row,
     prediction_row,
+    provenance_row,
 )
 from .runs import remove_dead_runs
 from .stores import log_store
@@ -284,16 +285,17 @@ class PredictionLog(PredictionReader):
         request_id: str,  # the prediction's request id
         label: int,  # the true label
         time=None,  # when it became known (ISO-8601 text or datetime); None for now
+        source: str = "import",  # the door it came by: feedback (POST /feedback), import (a file, the project's code)
+        credential: str = "",  # the labeller's name (never its secret), or the imported file's
     ) -> None:
-        """Queue a true label, which arrives after its prediction; with a journal (a server), journaled first: an
-        accepted label survives kill -9."""
+        """Queue a true label, which arrives after its prediction, with its provenance; a relabel is a new event, the
+        earlier ones kept. With a journal (a server), journaled first: an accepted label survives kill -9."""
         if self.run is not None:
             raise LifecycleError(
                 "a batch run's log records predictions only: record labels through a log opened without run"
             )
-        row = label_row(request_id, label, time) + (
-            utc_text(),
-        )  # and when it was written: a replay never undoes a later label
+        # with when it was written (its arrival), where from and whose
+        row = label_row(request_id, label, time) + (utc_text(), *provenance_row(source, credential))
         if self._journal is None:
             self._enqueue([("l", row)])
             return
