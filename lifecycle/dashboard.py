@@ -16,6 +16,7 @@ import pandas as pd
 
 from .alerts import firing_alerts, parse_kpis
 from .core import LifecycleError, Project, Settings, open_project, page_settings, read_json
+from .labels import label_policy
 from .monitoring import MONITOR_KEYS, details_path, parse_every, rows_path
 from .monitoring.windows import utc_timestamp
 from .registry import Registry
@@ -145,7 +146,8 @@ def _read_log_state(
 ) -> None:
     "What the page reads from the prediction log: the shadow's figures and the last prediction's time, or why not."
     try:
-        state["shadow"] = shadow_state(project.root, project.log_url)
+        trusted = label_policy(project.section("labels")).trusted
+        state["shadow"] = shadow_state(project.root, project.log_url, trusted)
     except Exception as error:  # the log being written, a database away: the page says so and shows the rest
         state["shadow"] = None
         state["statements"].append(
@@ -257,8 +259,10 @@ def render(
 def shadow_state(
     root: Path,  # the project folder
     url: str = "",  # the prediction log ([monitor] log): "" for the project's SQLite file, or a postgresql:// URL
+    trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
 ) -> dict | None:  # the shadow version against the champion (`shadow_summary`'s row, `pairs` 0 before any); None: none
-    "The shadow run under way, from the prediction log: agreement, score shift, accuracy once labels arrive."
+    """The shadow run under way, from the prediction log: agreement, score shift, accuracy once trusted labels
+    arrive (the same labels monitoring and rollback rest on)."""
     try:
         aliases = Registry(root).aliases()
     except (OSError, ValueError):
@@ -267,7 +271,7 @@ def shadow_state(
     if shadow is None:
         return None
     with open_log(url, Path(root)) as log:
-        pairs = shadow_pairs(log)
+        pairs = shadow_pairs(log, trusted=trusted)
     table = shadow_summary(pairs[(pairs["shadow_version"] == shadow) & (pairs["champion_version"] == champion)])
     if not len(table):
         return {"champion_version": champion, "shadow_version": shadow, "pairs": 0}
