@@ -150,11 +150,14 @@ def _new_labels(
     folder: Path,  # the project's monitoring folder
     labels: pd.DataFrame,  # the labels of the commits after the cursor, in commit order
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # (labels with the window of their prediction, labels still waiting)
-    "The labels to apply, with those that waited for their predictions; the latest label of a prediction wins."
+    """The labels to apply, with those that waited for their predictions; a prediction's latest label by when it was
+    written wins (the reader's `labels` rule): a journal replayed late commits an old label after a newer one."""
     pending = store.read_parquet(folder / "pending_labels.parquet")
     if pending is not None and len(pending):
         labels = pd.concat([pending, labels], ignore_index=True)
-    labels = labels.drop_duplicates("request_id", keep="last")  # a correction comes last
+    if "logged" in labels.columns:
+        labels = labels.sort_values("logged", kind="stable")  # commit order among labels written at the same time
+    labels = labels.drop_duplicates("request_id", keep="last")
     labels = labels.merge(
         store.windows_of(folder, labels["request_id"])
         if len(labels)
@@ -229,10 +232,17 @@ def _window_rows(
     rows = fresh if rows is None else pd.concat([rows, fresh], ignore_index=True) if len(fresh) else rows
     if "label" not in rows.columns:
         rows["label"] = np.nan
-    arrived = labels[labels["window"] == key].set_index("request_id")["label"]
+    if "label_logged" not in rows.columns:  # when the label kept was written: an older one arriving late loses
+        rows["label_logged"] = pd.Series(pd.NaT, index=rows.index, dtype="datetime64[ns, UTC]")
+    arrived = labels[labels["window"] == key].set_index("request_id")
     if len(arrived):
-        matched = rows["request_id"].map(arrived)
-        rows["label"] = matched.where(matched.notna(), rows["label"]).astype(float)
+        matched = rows["request_id"].map(arrived["label"])
+        written = rows["request_id"].map(arrived["logged"]) if "logged" in arrived.columns else None
+        newer = matched.notna()
+        if written is not None:
+            newer &= rows["label_logged"].isna() | (written >= rows["label_logged"])
+            rows["label_logged"] = written.where(newer, rows["label_logged"])
+        rows["label"] = matched.where(newer, rows["label"]).astype(float)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.write_parquet(store.storable(rows), path)
     return rows
