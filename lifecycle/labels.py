@@ -128,11 +128,13 @@ def trusted_mask(
     labels: pd.DataFrame,  # labels with `source` and `credential`
     trusted,  # doors and credentials trusted (None: every label)
 ) -> pd.Series:  # True for a label that may decide
-    "Which labels come from a trusted door or credential."
+    """Which labels come from a trusted door (`import`), labeller (`lab`: its labels through /feedback) or exact
+    provenance (`import:diagnoses`, one imported file): a file named like a labeller is not that labeller."""
     if trusted is None:
         return pd.Series(True, index=labels.index)
     trusted = set(trusted)
-    return labels["source"].isin(trusted) | labels["credential"].isin(trusted - {""})
+    by_labeller = (labels["source"] == FEEDBACK) & labels["credential"].isin(trusted - {""})
+    return labels["source"].isin(trusted) | by_labeller | provenance(labels).isin(trusted)
 
 
 def provenance(
