@@ -75,9 +75,11 @@ def check_diagnoses(
     labels_of,  # request id -> labels it holds already
     most: int,  # `[labels] max_per_prediction`
     now: str,  # the time of a diagnosis without one
+    imported: dict | None = None,  # request id -> the latest label this same file gave it before (a re-import)
 ) -> tuple[list[tuple], dict]:  # ((request_id, label, time) to record, {reason: rows set aside})
-    "The diagnoses that may become labels, and the reasons of those set aside (never their values)."
-    kept, set_aside, counted = [], {}, {}
+    """The diagnoses that may become labels, and the reasons of those set aside (never their values); a diagnosis the
+    same file already gave is not recorded again, so importing a file twice changes nothing."""
+    kept, set_aside, counted, imported = [], {}, {}, imported or {}
     for request_id, label, when in found.itertuples(index=False, name=None):
         reason = None
         text = when if when is not None and not (isinstance(when, float) and np.isnan(when)) else None
@@ -90,6 +92,8 @@ def check_diagnoses(
             reason = "not a time"
         elif request_id not in known:
             reason = "no such prediction in the log"
+        elif imported.get(request_id) == int(label):
+            reason = "already recorded from this file"
         elif labels_of(request_id) + counted.get(request_id, 0) >= most:
             reason = "the prediction has its most labels"
         if reason:
@@ -97,6 +101,7 @@ def check_diagnoses(
             continue
         counted[request_id] = counted.get(request_id, 0) + 1
         kept.append((request_id, int(label), moment))
+        imported[request_id] = int(label)
     return kept, set_aside
 
 # %% ../nbs/39a_label_import.ipynb #ddceb883
@@ -121,8 +126,11 @@ def import_labels(
         ids = [value for value in found["request_id"].dropna().astype(str).unique()]
         known = set(log.predictions_of(ids)["request_id"]) if ids else set()
         now = datetime.now(timezone.utc).isoformat()
+        history = log.label_history().sort_values("logged", kind="stable")
+        earlier = history[(history["source"] == IMPORT) & (history["credential"] == credential)]
+        imported = dict(zip(earlier["request_id"], earlier["label"].astype(int)))  # the latest of each: later rows win
         kept, set_aside = check_diagnoses(
-            found, known, lambda request_id: log.labels_sent(request_id=request_id), most, now
+            found, known, lambda request_id: log.labels_sent(request_id=request_id), most, now, imported
         )
         for request_id, label, when in kept:
             log.record_label(request_id, label, when, IMPORT, credential)
