@@ -8,12 +8,14 @@ __all__ = []
 # %% ../../../nbs/31_predlog.ipynb #predlog-names
 from .common import SEQUENCED_TABLES, CHANNELS, DEFAULT_FILE, REJECTION_COLUMNS  # isort: skip
 from lifecycle.serving.predlog.common import (
+    LABEL_ROW,
     PredictionBlock,
     UnstorableBlock,
     block_key,
     describe_error,
     features_json,
     is_data_error,
+    label_event,
     latest_totals,
     log_location,
     redact_url,
@@ -35,11 +37,13 @@ from lifecycle.serving.predlog.postgres import (
     PostgresStore,
 )
 from lifecycle.serving.predlog.reader import (
+    LABEL_COLUMNS,
     PREDICTION_COLUMNS,
     SHADOW_PAIR_COLUMNS,
     SHADOW_PREFIX,
     PredictionReader,
     commit_range,
+    label_events_sql,
     label_problem,
     pair_shadow,
     prediction_problem,
@@ -54,6 +58,7 @@ from lifecycle.serving.predlog.rows import (
     id_key,
     label_row,
     prediction_row,
+    provenance_row,
     pseudonymize,
 )
 from lifecycle.serving.predlog.runs import (
@@ -122,4 +127,9 @@ __all__ = [
     "label_problem",
     "prediction_problem",
     "readable_rows",
+    "LABEL_ROW",
+    "label_event",
+    "LABEL_COLUMNS",
+    "label_events_sql",
+    "provenance_row",
 ]
