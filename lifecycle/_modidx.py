@@ -975,6 +975,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'lifecycle.registry._cell': ('registry.html#_cell', 'lifecycle/registry.py'),
                                     'lifecycle.registry._html_line': ('registry.html#_html_line', 'lifecycle/registry.py'),
                                     'lifecycle.registry._html_table': ('registry.html#_html_table', 'lifecycle/registry.py'),
+                                    'lifecycle.registry._skops_io': ('registry.html#_skops_io', 'lifecycle/registry.py'),
                                     'lifecycle.registry.canonical_skops': ('registry.html#canonical_skops', 'lifecycle/registry.py'),
                                     'lifecycle.registry.clear_alias': ('registry.html#clear_alias', 'lifecycle/registry.py'),
                                     'lifecycle.registry.describe': ('registry.html#describe', 'lifecycle/registry.py'),
