@@ -438,8 +438,7 @@ def _execute(
     "Run (or reuse) each stage in turn until one fails; record the ones that ran in the cache."
     root, run_dir, report_dir = settings.root, Path(run["run_dir"]), Path(run["report"]).parent
     code, upstream = package_code_hash(), {}
-    kernels = Kernels(root)  # the first kernel boots while the cache is checked; stopped unused if all is cached
-    kernels.prepare()
+    kernels = Kernels(root)  # the first kernel boots when a stage turns out not cached: none if all is cached
     try:
         for index, stage in enumerate(in_run):
             key = cache_key(stage, parameters[stage.name], settings, upstream, code)

@@ -30,14 +30,15 @@ from lifecycle.core import (
     write_text,
 )
 
-# skops lists scikit-learn's estimators at import by walking every scikit-learn package, which imports Dask
-# (through the Array API shim) and pytest (through the test helpers): 0.3 s of each train stage, for modules
-# no model here uses. The list it builds is the same without them.
-import_without("skops.io", ("sklearn.externals.array_api_compat.dask", "pytest"))
 
-import skops.io  # noqa: E402
-from skops.io._audit import get_tree  # noqa: E402  (the audit skops itself runs before it loads anything)
-from skops.io._utils import read_schema  # noqa: E402
+def _skops_io():  # -> the skops.io module
+    """skops, imported when a model is written or read, not with the registry: importing it imports all of
+    scikit-learn (3 s), which the commands that only read aliases and events (monitor, models) never need.
+
+    skops lists scikit-learn's estimators at import by walking every scikit-learn package, which imports Dask
+    (through the Array API shim) and pytest (through the test helpers): 0.3 s of each train stage, for modules
+    no model here uses. The list it builds is the same without them."""
+    return import_without("skops.io", ("sklearn.externals.array_api_compat.dask", "pytest"))
 
 # %% auto #0
 __all__ = ['TRUSTED_TYPES', 'BUILTIN_TYPES', 'ALIASES', 'CHANGE_FILE', 'canonical_skops', 'model_bytes', 'model_types',
@@ -77,7 +78,7 @@ def canonical_skops(
 
 def model_bytes(model) -> bytes:
     "A model as reproducible skops bytes."
-    return canonical_skops(skops.io.dumps(model))
+    return canonical_skops(_skops_io().dumps(model))
 
 # %% ../nbs/20_registry.ipynb #ee145a02
 TRUSTED_TYPES = [
@@ -132,6 +133,10 @@ def model_types(
     data: bytes,  # a skops archive
 ) -> set[str]:  # every type (module.name) the archive would build, functions included
     "Read the types a skops archive names from its schema, building nothing."
+    _skops_io()
+    from skops.io._audit import get_tree  # start-up time (see _skops_io); the audit skops runs before it loads
+    from skops.io._utils import read_schema  # start-up time: the same
+
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         schema, context = read_schema(archive)
         tree = get_tree(schema, load_context=context, trusted=None)
@@ -161,7 +166,7 @@ def load_model_bytes(
             raise LifecycleError(
                 f"{where} holds types that are not trusted ({', '.join(untrusted[:3])}); refusing to load it"
             )
-        return skops.io.loads(data, trusted=TRUSTED_TYPES)
+        return _skops_io().loads(data, trusted=TRUSTED_TYPES)
     except LifecycleError:
         raise
     except Exception as error:  # a crafted or broken archive can fail anywhere in the reader: never a traceback

@@ -214,7 +214,27 @@ def fit_model(
 
     The training rows' scores are out-of-fold: each row scored by the fold model that did not see it, the
     way the model will score new patients (in-sample scores of a boosted model are overconfident). With a
-    search, they are the chosen model's in-sample scores."""
+    search, they are the chosen model's in-sample scores.
+
+    On one thread, as `pooled_scores` fits: a few hundred rows are too few for OpenMP's threads to pay for waking
+    for each tree, and on a busy machine they wait for each other (53 s instead of 3 s seen). The model is the same."""
+    from threadpoolctl import threadpool_limits  # start-up time: only training needs it
+
+    with threadpool_limits(limits=1):
+        return _fit_model(train, numeric, categorical, model, seed, search, cv_folds, weights)
+
+
+def _fit_model(
+    train: pd.DataFrame,  # training rows with `_label`
+    numeric: list[str],  # numeric features
+    categorical: list[str],  # category features
+    model: str,  # the classifier's name
+    seed: int,  # random seed
+    search: bool,  # run the hyperparameter search
+    cv_folds: int,  # folds of the cross-validation
+    weights: np.ndarray | None,  # each training row's weight in the fit; None: one each
+) -> tuple[Pipeline, dict, np.ndarray]:  # as `fit_model`
+    "`fit_model`'s work, on whatever threads it is given."
     pipeline = build_pipeline(model, numeric, categorical, seed)
     folds = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
     features, labels = train[numeric + categorical], train["_label"].astype(int)

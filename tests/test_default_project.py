@@ -7,6 +7,8 @@ from pathlib import Path
 import pandas as pd
 from conftest import QUICK, REPO, run_lifecycle, stages
 
+from lifecycle.pipeline import run_lifecycle as run_in_process
+
 
 def test_default_project_runs_end_to_end_with_a_report(heart_project):
     code, run, _, _ = run_lifecycle("run", "--settings", heart_project / "settings.ini", "--json", check=0)
@@ -159,13 +161,23 @@ def test_default_project_runs_end_to_end_with_a_report(heart_project):
     assert (clean["chol"] == 0).sum() == 0
 
 
-def test_cache_reuses_unchanged_stages_and_reruns_changed_ones(heart_project):
+class _NoKernel:
+    def __init__(self, cwd):  # the project root
+        raise AssertionError("a kernel was started")
+
+
+def test_cache_reuses_unchanged_stages_and_reruns_changed_ones(heart_project, monkeypatch):
     settings = heart_project / "settings.ini"
     run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     _, cached, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "--json", check=0)
     assert [s["status"] for s in cached["stages"]] == ["cached", "cached"]
     assert (Path(cached["run_dir"]) / "prepare" / "clean.parquet").exists()  # outputs linked into the new run
     assert (Path(cached["report"]).parent / "02_prepare.html").exists()  # and the report too
+    # A run with every stage cached starts no kernel (the runner's function, with kernels that cannot start).
+    monkeypatch.setattr("lifecycle.execute.Kernel", _NoKernel)
+    in_process = run_in_process(settings, only=["collect", "prepare"], overrides=["prepare.profile=false"], quiet=True)
+    assert [s["status"] for s in in_process["stages"]] == ["cached", "cached"]
+    monkeypatch.undo()
     # A changed parameter re-executes that stage only.
     _, changed, _, _ = run_lifecycle("run", "--settings", settings, *QUICK, "-p", "prepare.seed=7", "--json", check=0)
     assert [s["status"] for s in changed["stages"]] == ["cached", "ran"]

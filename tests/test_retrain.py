@@ -3,6 +3,7 @@ data plus labeled production predictions, and compared with the champion on held
 trained on."""
 
 import json
+import shutil
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
@@ -59,23 +60,17 @@ NO_LATENCY_GATE = ("-p", "evaluate.max_latency_ms=100000", "-p", "deploy.max_lat
 
 
 @pytest.fixture
-def champion_project(heart_project):
-    """The default project after one whole run, without the profile, the latency gates and production traffic: a
-    champion in its registry."""
-    # no production traffic from deploy: the prediction log holds only what this test logs
-    run_lifecycle(
-        "run",
-        "--settings",
-        heart_project / "settings.ini",
-        "-p",
-        "prepare.profile=false",
-        "-p",
-        "deploy.production=",
-        *NO_LATENCY_GATE,
-        "--json",
-        check=0,
-    )
-    return heart_project
+def champion_project(champion_project):
+    """The default project after one whole run, without the profile and production traffic: a champion in its registry.
+    A copy of the session's template (conftest) with its prediction log, the log's journals and the monitoring built
+    from it removed, so that the log holds only what this test logs, as if deploy had replayed no production traffic.
+    """
+    for path in champion_project.glob("*predictions.sqlite*"):  # the log, its -wal and -shm files, the monitor's lock
+        path.unlink()
+    shutil.rmtree(champion_project / ".lifecycle" / "journal", ignore_errors=True)
+    shutil.rmtree(champion_project / "monitoring")
+    assert json.loads((champion_project / "registry" / "aliases.json").read_text())["champion"]
+    return champion_project
 
 
 def test_retrain_decides_trains_a_challenger_through_the_notebooks_and_judges_it_on_unseen_patients(champion_project):
