@@ -26,6 +26,8 @@ HEART = REPO / "data" / "heart-disease-uci"
 LIFECYCLE = Path(sys.executable).parent / "lifecycle"
 QUICK = ("--stages", "collect,prepare", "-p", "prepare.profile=false")  # the data stages only, without the profile
 COLUMNS = "age, sex, cp, trestbps, chol, fbs, restecg, thalach, exang, oldpeak, slope, ca, thal, num"
+HEART_COLUMNS = COLUMNS.split(", ")  # the UCI files' columns, the target last
+FEATURES = HEART_COLUMNS[:-1]  # the default project's 13 features
 
 
 def run_lifecycle(*args, cwd=None, check=None):
@@ -179,3 +181,62 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+def descendants(pid: int) -> set[int]:
+    "The processes started (directly or not) by `pid`, from /proc."
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(
+                next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+            )
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def small_champion(
+    root: Path,  # an empty folder: the project
+    recode: str = "",  # the `[prepare] recode` the model was trained with ("" for none)
+) -> Path:  # the project's folder
+    """A project whose registry holds one small champion (logistic regression on age, chol, sex; 200 generated rows),
+    its settings reading `visits.csv`: the stream and hostile-input tests' project, made in a second."""
+    import numpy as np  # deferred: only the tests that ask for a small project need them
+    import pandas as pd
+
+    from lifecycle.registry import Registry, register, set_alias
+    from lifecycle.train import build_pipeline
+
+    (root / "settings.ini").write_text("[data]\nsources = visits: visits.csv\ntarget = num\npositive = 1\n")
+    meta = {
+        "features": {"numeric": ["age", "chol"], "categorical": ["sex"]},
+        "threshold": 0.5,
+        "schema": {
+            "columns": {
+                "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
+                "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
+                "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]},
+            }
+        },
+        "settings": {**({"prepare": {"recode": recode}} if recode else {}), "data": {"id": ""}},
+    }
+    rng = np.random.default_rng(1)
+    x = pd.DataFrame(
+        {
+            "age": rng.uniform(20, 80, 200),
+            "chol": rng.uniform(100, 400, 200),
+            "sex": rng.integers(0, 2, 200).astype(float),
+        }
+    )
+    y = (x["age"] + 30 * x["sex"] > 65).astype(int)
+    registry = Registry(root)
+    model = build_pipeline("logistic_regression", ["age", "chol"], ["sex"]).fit(x, y)
+    set_alias(registry, "champion", register(registry, model, meta), "test")
+    return root

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
-from conftest import LIFECYCLE, free_port
+from conftest import HEART_COLUMNS, LIFECYCLE, free_port
 
 SCREENSHOT = os.environ.get("LIFECYCLE_CLINIC_SCREENSHOT")  # where to keep the picture (docs/screenshots.py sets it)
 
@@ -100,22 +100,7 @@ def _second_version(root: Path) -> int:
         root / "data" / "heart-disease-uci" / "processed.va.data",
         header=None,
         na_values="?",
-        names=[
-            "age",
-            "sex",
-            "cp",
-            "trestbps",
-            "chol",
-            "fbs",
-            "restecg",
-            "thalach",
-            "exang",
-            "oldpeak",
-            "slope",
-            "ca",
-            "thal",
-            "num",
-        ],
+        names=HEART_COLUMNS,
     )
     features, reasons = check_frame(frame, scorer.spec)
     labels = (frame.loc[(reasons == "").to_numpy(), "num"] > 0).astype(int).to_numpy()
@@ -151,22 +136,7 @@ def test_the_page_scores_as_the_api_explains_and_logs_under_channel_dashboard(ch
         root / "data" / "heart-disease-uci" / "processed.va.data",
         header=None,
         na_values="?",
-        names=[
-            "age",
-            "sex",
-            "cp",
-            "trestbps",
-            "chol",
-            "fbs",
-            "restecg",
-            "thalach",
-            "exang",
-            "oldpeak",
-            "slope",
-            "ca",
-            "thal",
-            "num",
-        ],
+        names=HEART_COLUMNS,
     )
     rows = [
         {f.name: (None if pd.isna(row[f.name]) else float(row[f.name])) for f in fields} for _, row in va.iterrows()
@@ -339,7 +309,7 @@ def _without_chol(root: Path) -> int:
     registry = Registry(root)
     scorer = Scorer.from_registry(root, 1)
     frame = pd.read_csv(
-        root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?", names=HEART
+        root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?", names=HEART_COLUMNS
     )
     features, reasons = check_frame(frame, scorer.spec)
     labels = (frame.loc[(reasons == "").to_numpy(), "num"] > 0).astype(int).to_numpy()
@@ -363,24 +333,6 @@ def _without_chol(root: Path) -> int:
     return version
 
 
-HEART = [
-    "age",
-    "sex",
-    "cp",
-    "trestbps",
-    "chol",
-    "fbs",
-    "restecg",
-    "thalach",
-    "exang",
-    "oldpeak",
-    "slope",
-    "ca",
-    "thal",
-    "num",
-]
-
-
 def test_the_identifier_is_logged_only_hashed_and_a_champion_with_other_fields_rebuilds_the_form(champion_project):
     """The page's own object, in-process (no browser needed): the identifier field of a project with `[data] id`, and
     the form rebuilt for a new champion."""
@@ -391,7 +343,9 @@ def test_the_identifier_is_logged_only_hashed_and_a_champion_with_other_fields_r
     root = champion_project
     settings = root / "settings.ini"
     settings.write_text(settings.read_text().replace("\nid =\n", "\nid = patient_id\n"))
-    va = pd.read_csv(root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?", names=HEART)
+    va = pd.read_csv(
+        root / "data" / "heart-disease-uci" / "processed.va.data", header=None, na_values="?", names=HEART_COLUMNS
+    )
     complete = next(row for _, row in va.drop(columns="num").iterrows() if not row.isna().any())
     secret, too_long = "MRN-884213 Doe", "Z" * 250
 

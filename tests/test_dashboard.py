@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import LIFECYCLE, free_port
+from conftest import LIFECYCLE, descendants, free_port
 from sklearn.linear_model import LogisticRegression
 
 from lifecycle.registry import Registry, register, set_alias
@@ -102,25 +102,6 @@ def _log_week(log, model, rng, start, rows, drifted, prefix, labelled=0.0):
     for i in range(int(rows * labelled)):
         log.record_label(ids[i], int(rng.random() < scores[i]), (start + pd.Timedelta(days=9)).isoformat())
     log.flush()
-
-
-def _descendants(pid: int) -> set[int]:
-    "The processes started (directly or not) by `pid`, from /proc."
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(
-                next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
-            )
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -222,7 +203,7 @@ def test_the_live_page_shows_new_drift_and_its_alert_without_a_reload(project, b
         assert picture.stat().st_size > 10_000
         page.close()
     finally:
-        children = _descendants(process.pid)
+        children = descendants(process.pid)
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=120)
     log_text = (root / "dashboard.log").read_text()
@@ -267,7 +248,7 @@ def test_a_token_is_required_off_loopback_and_enforced_when_set(project):
             f"http://127.0.0.1:{port}/?token=s3cret-token-for-pages", timeout=120, follow_redirects=True
         )
         assert allowed.status_code == 200
-        commands = [_command_line(pid) for pid in _descendants(process.pid)]
+        commands = [_command_line(pid) for pid in descendants(process.pid)]
         assert commands and not any(
             "s3cret-token-for-pages" in command for command in commands
         )  # never on a command line
@@ -306,7 +287,7 @@ def test_an_empty_project_is_a_statement_not_an_error(tmp_path, browser):
         assert problems == [], problems
         page.close()
     finally:
-        children = _descendants(process.pid)
+        children = descendants(process.pid)
         process.send_signal(signal.SIGINT)  # Ctrl-C
         assert process.wait(timeout=120) == 0
     _wait_gone(children)

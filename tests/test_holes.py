@@ -7,6 +7,7 @@ import threading
 from datetime import datetime, timezone
 
 import pytest
+from conftest import small_champion
 
 # --- the alert webhook: a total deadline ---------------------------------------------------------------------------
 
@@ -186,35 +187,7 @@ def hostile_lines(record: dict) -> list[bytes]:
 @pytest.fixture(scope="module")
 def small_project(tmp_path_factory):
     "A project whose registry holds one small champion (age, chol, sex), as the stream tests build it."
-    import numpy as np
-    import pandas as pd
-
-    from lifecycle.registry import Registry, register, set_alias
-    from lifecycle.train import build_pipeline
-
-    root = tmp_path_factory.mktemp("holes-project")
-    (root / "settings.ini").write_text("[data]\nsources = visits: visits.csv\ntarget = num\npositive = 1\n")
-    meta = {
-        "features": {"numeric": ["age", "chol"], "categorical": ["sex"]},
-        "threshold": 0.5,
-        "schema": {
-            "columns": {
-                "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
-                "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
-                "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]},
-            }
-        },
-        "settings": {"data": {"id": ""}},
-    }
-    rng = np.random.default_rng(1)
-    x = pd.DataFrame(
-        {"age": rng.uniform(20, 80, 200), "chol": rng.uniform(100, 400, 200), "sex": rng.integers(0, 2, 200)}
-    )
-    y = (x["age"] + 30 * x["sex"] > 65).astype(int)
-    registry = Registry(root)
-    model = build_pipeline("logistic_regression", ["age", "chol"], ["sex"]).fit(x.astype(float), y)
-    set_alias(registry, "champion", register(registry, model, meta), "test")
-    return root
+    return small_champion(tmp_path_factory.mktemp("holes-project"))
 
 
 def test_replay_sets_hostile_lines_aside_and_counts_them(small_project, tmp_path):

@@ -14,25 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import websocket
-from conftest import CHROMIUM, CHROMIUM_ARGS, LIFECYCLE, free_port, wait_for
+from conftest import CHROMIUM, CHROMIUM_ARGS, FEATURES, LIFECYCLE, descendants, free_port, wait_for
 
 TOKEN = "Zq3-8xYv_2Lk9PmA-pages"  # strong enough: at least 16 characters, not one repeated
 CANARY = "MRN-0042-CANARY"  # a patient number a visitor might put in a query string
-COLUMNS = [
-    "age",
-    "sex",
-    "cp",
-    "trestbps",
-    "chol",
-    "fbs",
-    "restecg",
-    "thalach",
-    "exang",
-    "oldpeak",
-    "slope",
-    "ca",
-    "thal",
-]
 KERNEL_ID = re.compile(r'"kernelId":\s*"([0-9a-f-]{36})"')
 
 
@@ -100,27 +85,10 @@ def _no_secret_in_kernels(pid: int) -> None:
         assert all("?" not in item for item in environment if item.startswith("VOILA_REQUEST_URL="))
 
 
-def _descendants(pid: int) -> set[int]:
-    "The processes started (directly or not) by `pid`, from /proc."
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(next(line.split()[1] for line in status.splitlines() if line[:5] == "PPid:"))
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def _kernels(pid: int) -> list[int]:
     "The page server's kernels: the ipykernel processes under `pid`."
     kernels = []
-    for child in _descendants(pid):
+    for child in descendants(pid):
         try:
             if b"ipykernel" in Path(f"/proc/{child}/cmdline").read_bytes():
                 kernels.append(child)
@@ -132,7 +100,7 @@ def _kernels(pid: int) -> list[int]:
 def _rss_bytes(pid: int) -> int:
     "Resident memory of `pid` and every process under it."
     total = 0
-    for one in {pid} | _descendants(pid):
+    for one in {pid} | descendants(pid):
         try:
             status = Path(f"/proc/{one}/status").read_text()
         except OSError:
@@ -144,7 +112,7 @@ def _rss_bytes(pid: int) -> int:
 def test_the_server_answers_only_its_own_host_names_and_pages(champion_project):
     root = champion_project
     _servers_section(root, allowed_hosts="scoring.example.org")
-    record = dict(zip(COLUMNS, [63, 1, 1, 145, 233, 1, 2, 150, 0, 2.3, 3, 0, 6]))
+    record = dict(zip(FEATURES, [63, 1, 1, 145, 233, 1, 2, 150, 0, 2.3, 3, 0, 6]))
     process, port = _serve(root)
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
     try:

@@ -10,23 +10,7 @@ import time
 
 import httpx
 import pandas as pd
-from conftest import LABELLER, LIFECYCLE, free_port, run_lifecycle
-
-FEATURES = [
-    "age",
-    "sex",
-    "cp",
-    "trestbps",
-    "chol",
-    "fbs",
-    "restecg",
-    "thalach",
-    "exang",
-    "oldpeak",
-    "slope",
-    "ca",
-    "thal",
-]
+from conftest import FEATURES, LABELLER, LIFECYCLE, free_port, run_lifecycle
 
 
 def _records(project, count):

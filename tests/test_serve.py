@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from conftest import LABELLER, LIFECYCLE, free_port, wait_for
+from conftest import FEATURES, LABELLER, LIFECYCLE, free_port, wait_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -64,21 +64,7 @@ def records_of(project: Path, split: str = "test") -> tuple[list[dict], pd.DataF
     run = json.loads((project / "first-run.json").read_text())
     clean = pd.read_parquet(project / "runs" / run["run_id"] / "prepare" / "clean.parquet")
     rows = clean[clean["_split"] == split]
-    features = [
-        "age",
-        "sex",
-        "cp",
-        "trestbps",
-        "chol",
-        "fbs",
-        "restecg",
-        "thalach",
-        "exang",
-        "oldpeak",
-        "slope",
-        "ca",
-        "thal",
-    ]
+    features = FEATURES
     records = [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(features, row)}
         for row in rows[features].itertuples(index=False, name=None)

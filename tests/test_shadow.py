@@ -9,24 +9,8 @@ from unittest import mock
 import httpx
 import numpy as np
 import pandas as pd
-from conftest import LABELLER, run_lifecycle
+from conftest import FEATURES, LABELLER, run_lifecycle
 from test_serve import Server, records_of
-
-FEATURES = [
-    "age",
-    "sex",
-    "cp",
-    "trestbps",
-    "chol",
-    "fbs",
-    "restecg",
-    "thalach",
-    "exang",
-    "oldpeak",
-    "slope",
-    "ca",
-    "thal",
-]
 
 
 def register_challenger(project: Path) -> int:

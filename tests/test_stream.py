@@ -11,9 +11,8 @@ import time
 import uuid
 
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import wait_for
+from conftest import small_champion, wait_for
 
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
 COMMAND = [
@@ -27,40 +26,7 @@ GOOD = {"age": 61, "chol": 250, "sex": 1}
 @pytest.fixture(scope="session")
 def project(tmp_path_factory):
     "A project folder whose registry holds one small champion (age, chol, sex)."
-    from lifecycle.registry import Registry, register, set_alias
-    from lifecycle.train import build_pipeline
-
-    root = tmp_path_factory.mktemp("stream-project")
-    (root / "settings.ini").write_text("[data]\nsources = visits: visits.csv\ntarget = num\npositive = 1\n")
-    meta = {
-        "features": {"numeric": ["age", "chol"], "categorical": ["sex"]},
-        "threshold": 0.5,
-        "schema": {
-            "columns": {
-                "age": {"kind": "numeric", "min": 1.0, "max": 120.0},
-                "chol": {"kind": "numeric", "min": 80.0, "max": 700.0},
-                "sex": {"kind": "category", "type": "number", "categories": [0.0, 1.0]},
-            }
-        },
-        "settings": {"prepare": {"recode": "sex: m -> 1, f -> 0"}, "data": {"id": ""}},
-    }
-    rng = np.random.default_rng(1)
-    x = pd.DataFrame(
-        {
-            "age": rng.uniform(20, 80, 200),
-            "chol": rng.uniform(100, 400, 200),
-            "sex": rng.integers(0, 2, 200).astype(float),
-        }
-    )
-    y = (x["age"] + 30 * x["sex"] > 65).astype(int)
-    registry = Registry(root)
-    set_alias(
-        registry,
-        "champion",
-        register(registry, build_pipeline("logistic_regression", ["age", "chol"], ["sex"]).fit(x, y), meta),
-        "test",
-    )
-    return root
+    return small_champion(tmp_path_factory.mktemp("stream-project"), recode="sex: m -> 1, f -> 0")
 
 
 @pytest.fixture(scope="session")
