@@ -221,45 +221,31 @@ def fit_model(
     from threadpoolctl import threadpool_limits  # start-up time: only training needs it
 
     with threadpool_limits(limits=1):
-        return _fit_model(train, numeric, categorical, model, seed, search, cv_folds, weights)
-
-
-def _fit_model(
-    train: pd.DataFrame,  # training rows with `_label`
-    numeric: list[str],  # numeric features
-    categorical: list[str],  # category features
-    model: str,  # the classifier's name
-    seed: int,  # random seed
-    search: bool,  # run the hyperparameter search
-    cv_folds: int,  # folds of the cross-validation
-    weights: np.ndarray | None,  # each training row's weight in the fit; None: one each
-) -> tuple[Pipeline, dict, np.ndarray]:  # as `fit_model`
-    "`fit_model`'s work, on whatever threads it is given."
-    pipeline = build_pipeline(model, numeric, categorical, seed)
-    folds = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
-    features, labels = train[numeric + categorical], train["_label"].astype(int)
-    chosen = {}
-    fit_params = {} if weights is None else {"model__sample_weight": np.asarray(weights, dtype=float)}
-    if search:
-        grid = GridSearchCV(pipeline, SEARCH_GRIDS[model], scoring="roc_auc", cv=folds, n_jobs=1)
-        grid.fit(features, labels, **fit_params)
-        chosen = {key.removeprefix("model__"): value for key, value in grid.best_params_.items()}
-        pipeline = grid.best_estimator_
-        fold_scores = [grid.cv_results_[f"split{i}_test_score"][grid.best_index_] for i in range(cv_folds)]
-        scores = pipeline.predict_proba(features)[:, 1]
-    else:
-        scores = cross_val_predict(
-            pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params
-        )[:, 1]
-        fold_scores = [roc_auc_score(labels.iloc[test], scores[test]) for _, test in folds.split(features, labels)]
-        pipeline.fit(features, labels, **fit_params)
-    cv = {
-        "roc_auc_folds": [float(s) for s in fold_scores],
-        "roc_auc_mean": float(np.mean(fold_scores)),
-        "roc_auc_std": float(np.std(fold_scores)),
-        "chosen": chosen,
-    }
-    return pipeline, cv, scores
+        pipeline = build_pipeline(model, numeric, categorical, seed)
+        folds = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
+        features, labels = train[numeric + categorical], train["_label"].astype(int)
+        chosen = {}
+        fit_params = {} if weights is None else {"model__sample_weight": np.asarray(weights, dtype=float)}
+        if search:
+            grid = GridSearchCV(pipeline, SEARCH_GRIDS[model], scoring="roc_auc", cv=folds, n_jobs=1)
+            grid.fit(features, labels, **fit_params)
+            chosen = {key.removeprefix("model__"): value for key, value in grid.best_params_.items()}
+            pipeline = grid.best_estimator_
+            fold_scores = [grid.cv_results_[f"split{i}_test_score"][grid.best_index_] for i in range(cv_folds)]
+            scores = pipeline.predict_proba(features)[:, 1]
+        else:
+            scores = cross_val_predict(
+                pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params
+            )[:, 1]
+            fold_scores = [roc_auc_score(labels.iloc[test], scores[test]) for _, test in folds.split(features, labels)]
+            pipeline.fit(features, labels, **fit_params)
+        cv = {
+            "roc_auc_folds": [float(s) for s in fold_scores],
+            "roc_auc_mean": float(np.mean(fold_scores)),
+            "roc_auc_std": float(np.std(fold_scores)),
+            "chosen": chosen,
+        }
+        return pipeline, cv, scores
 
 # %% ../nbs/03_train.ipynb #deed38c7
 def row_weights(
