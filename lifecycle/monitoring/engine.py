@@ -155,8 +155,8 @@ def _new_labels(
     pending = store.read_parquet(folder / "pending_labels.parquet")
     if pending is not None and len(pending):
         labels = pd.concat([pending, labels], ignore_index=True)
-    if "logged" in labels.columns:
-        labels = labels.sort_values("logged", kind="stable")  # commit order among labels written at the same time
+    # commit order among labels written at the same time; a pending label stored before labels had an arrival first
+    labels = labels.sort_values("logged", kind="stable", na_position="first")
     labels = labels.drop_duplicates("request_id", keep="last")
     labels = labels.merge(
         store.windows_of(folder, labels["request_id"])
@@ -237,11 +237,9 @@ def _window_rows(
     arrived = labels[labels["window"] == key].set_index("request_id")
     if len(arrived):
         matched = rows["request_id"].map(arrived["label"])
-        written = rows["request_id"].map(arrived["logged"]) if "logged" in arrived.columns else None
-        newer = matched.notna()
-        if written is not None:
-            newer &= rows["label_logged"].isna() | (written >= rows["label_logged"])
-            rows["label_logged"] = written.where(newer, rows["label_logged"])
+        written = rows["request_id"].map(arrived["logged"])
+        newer = matched.notna() & (rows["label_logged"].isna() | (written >= rows["label_logged"]))
+        rows["label_logged"] = written.where(newer, rows["label_logged"])
         rows["label"] = matched.where(newer, rows["label"]).astype(float)
     path.parent.mkdir(parents=True, exist_ok=True)
     store.write_parquet(store.storable(rows), path)
