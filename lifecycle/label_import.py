@@ -15,6 +15,7 @@ import pandas as pd
 
 from .core import LifecycleError, Project, Source, open_project
 from .labels import IMPORT, NAME, confirm_suspects, label_policy
+from .monitoring.windows import utc_timestamp
 from .serving.predlog import open_log
 from .serving.replay import true_labels
 from .sources import read_source
@@ -58,15 +59,9 @@ def diagnoses(
 
 # %% ../nbs/39a_label_import.ipynb #0d719a5d
 def _time_text(value) -> str | None:
-    "A diagnosis's time as UTC text; None when it is not a time (a missing one is now)."
-    try:
-        moment = pd.Timestamp(value)
-    except (ValueError, TypeError):
-        return None
-    if pd.isna(moment):
-        return None
-    moment = moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
-    return moment.isoformat()
+    "A diagnosis's time as UTC text (`utc_timestamp`'s reading, the monitor's); None when it is not a time."
+    moment = utc_timestamp(value)
+    return None if moment is None else moment.isoformat()
 
 
 def check_diagnoses(
