@@ -42,6 +42,8 @@ LAYERS = {
     "rollback": 1,
     "promotion": 1,
     "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures
+    "regression": 1,  # regression's metrics, intervals, plots, conformal intervals, fairness gaps, paired comparison
+    "regression_estimates": 1,  # regression without labels: direct loss estimation; conformal re-calibration
     # the stages, the dashboard and its server
     "collect": 2,
     "prepare": 2,
