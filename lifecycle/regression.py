@@ -240,7 +240,7 @@ class ConformalInterval:
         half = self.quantile * self.scale(features)
         return predictions - half, predictions + half
 
-# %% ../nbs/23r_regression.ipynb #76589497
+# %% ../nbs/23r_regression.ipynb #d06da2ee
 def fit_conformal(
     y_true: np.ndarray,  # actual values of calibration rows (rows the model did not train on)
     predicted: np.ndarray,  # the model's predictions of them
@@ -265,9 +265,11 @@ def fit_difficulty(
 ):  # a fitted regressor of |residual|
     "A small gradient-boosting model of how large a row's error is, for normalised conformal intervals."
     from sklearn.ensemble import HistGradientBoostingRegressor  # deferred: start-up time, only this path needs it
+    from threadpoolctl import threadpool_limits  # deferred: start-up time, only this path needs it
 
     model = HistGradientBoostingRegressor(max_iter=100, max_leaf_nodes=15, min_samples_leaf=40, random_state=seed)
-    return model.fit(features, np.asarray(absolute_residuals, dtype=float))
+    with threadpool_limits(limits=1):  # a small fit: threads waking for each tree cost more than they give
+        return model.fit(features, np.asarray(absolute_residuals, dtype=float))
 
 # %% ../nbs/23r_regression.ipynb #c2bee82e
 def binomial_interval(
