@@ -55,7 +55,7 @@ def mape_note(
         "and an error as a share of zero or of a negative value means nothing."
     )
 
-# %% ../nbs/23r_regression.ipynb #49cc764c
+# %% ../nbs/23r_regression.ipynb #a43fd490
 _BLOCK_INDICES = 2_000_000  # row indices a block of resamples holds (16 MB)
 
 
@@ -72,15 +72,18 @@ def resample_blocks(
 
 
 def _resampled_metrics(y_true: np.ndarray, errors: np.ndarray, rows: np.ndarray) -> dict:
-    "Each metric on each resample of a block (one value a row of `rows`)."
-    y, e = y_true[rows], errors[rows]
-    spread = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    """Each metric on each resample of a block (one value a row of `rows`): every metric is a mean of a per-row
+    quantity, so each is one gather and one row-wise sum (R² from the sums of the centred target and its square)."""
+    centred = y_true - y_true.mean()  # centred once, so the sums of squares lose no precision
+    count = rows.shape[1]
+    squared = (errors**2)[rows].sum(axis=1)
+    spread = (centred**2)[rows].sum(axis=1) - centred[rows].sum(axis=1) ** 2 / count
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
-            "mae": np.abs(e).mean(axis=1),
-            "rmse": np.sqrt((e**2).mean(axis=1)),
-            "r2": np.where(spread > 0, 1 - (e**2).sum(axis=1) / spread, np.nan),
-            "mape": (np.abs(e) / y).mean(axis=1),
+            "mae": np.abs(errors)[rows].mean(axis=1),
+            "rmse": np.sqrt(squared / count),
+            "r2": np.where(spread > 1e-12 * (centred**2).sum(), 1 - squared / spread, np.nan),
+            "mape": (np.abs(errors) / y_true)[rows].mean(axis=1),
         }
 
 # %% ../nbs/23r_regression.ipynb #820ea57f
