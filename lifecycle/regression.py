@@ -136,7 +136,7 @@ def residuals_by_value(
         }
     ).reset_index(drop=True)
 
-# %% ../nbs/23r_regression.ipynb #b03695a5
+# %% ../nbs/23r_regression.ipynb #5da6b430
 def _unit(unit: str) -> str:
     return f" ({unit})" if unit else ""
 
@@ -177,7 +177,7 @@ def residuals_figure(
 
     table = residuals_by_value(y_true, predicted, bins)
     middle = (table["low"] + table["high"]) / 2
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(8, 4))
     axis.fill_between(
         middle, table["low_residual"], table["high_residual"], color="#1f77b4", alpha=0.2, label="10th–90th percentile"
     )
@@ -186,7 +186,7 @@ def residuals_figure(
     for x, y, rows in zip(middle, table["high_residual"], table["rows"]):
         axis.annotate(f"{rows:,}", (x, y), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     axis.set(
-        title=f"Residuals of {target} by predicted value (n = {int(table['rows'].sum()):,}; counts per bin)",
+        title=f"Residuals by predicted {target} (n = {int(table['rows'].sum()):,}; rows per bin above)",
         xlabel=f"predicted {target}{_unit(unit)}",
         ylabel=f"actual − predicted{_unit(unit)}",
     )
