@@ -1048,6 +1048,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'lifecycle/regression.py'),
                                       'lifecycle.regression.fit_conformal': ('regression.html#fit_conformal', 'lifecycle/regression.py'),
                                       'lifecycle.regression.fit_difficulty': ('regression.html#fit_difficulty', 'lifecycle/regression.py'),
+                                      'lifecycle.regression.mae_gap_interval': ( 'regression.html#mae_gap_interval',
+                                                                                 'lifecycle/regression.py'),
                                       'lifecycle.regression.mape_note': ('regression.html#mape_note', 'lifecycle/regression.py'),
                                       'lifecycle.regression.paired_mean_bootstrap': ( 'regression.html#paired_mean_bootstrap',
                                                                                       'lifecycle/regression.py'),

@@ -18,7 +18,7 @@ from .core import LifecycleError
 # %% auto #0
 __all__ = ['RULE', 'regression_metrics', 'mape_note', 'resample_blocks', 'regression_intervals', 'residuals_by_value',
            'predicted_actual_figure', 'residuals_figure', 'conformal_quantile', 'ConformalInterval', 'fit_conformal',
-           'fit_difficulty', 'binomial_interval', 'achieved_coverage', 'regression_group_metrics',
+           'fit_difficulty', 'binomial_interval', 'achieved_coverage', 'regression_group_metrics', 'mae_gap_interval',
            'regression_fairness', 'paired_mean_bootstrap', 'wilcoxon_errors', 'compare_regressors']
 
 # %% ../nbs/23r_regression.ipynb #f187728d
@@ -136,7 +136,7 @@ def residuals_by_value(
         }
     ).reset_index(drop=True)
 
-# %% ../nbs/23r_regression.ipynb #5da6b430
+# %% ../nbs/23r_regression.ipynb #a82a7c25
 def _unit(unit: str) -> str:
     return f" ({unit})" if unit else ""
 
@@ -156,7 +156,7 @@ def predicted_actual_figure(
     ends = [float(min(y_true.min(), predicted.min())), float(max(y_true.max(), predicted.max()))]
     axis.plot(ends, ends, color="black", linestyle=":", label="predicted = actual")
     axis.set(
-        title=f"Predicted against actual {target} (n = {len(y_true):,})",
+        title=f"Predicted against actual {target}{_unit(unit)}, n = {len(y_true):,}",
         xlabel=f"actual {target}{_unit(unit)}",
         ylabel=f"predicted {target}{_unit(unit)}",
     )
@@ -186,7 +186,7 @@ def residuals_figure(
     for x, y, rows in zip(middle, table["high_residual"], table["rows"]):
         axis.annotate(f"{rows:,}", (x, y), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     axis.set(
-        title=f"Residuals by predicted {target} (n = {int(table['rows'].sum()):,}; rows per bin above)",
+        title=f"Residuals by predicted {target}{_unit(unit)}, n = {int(table['rows'].sum()):,} (rows per bin above)",
         xlabel=f"predicted {target}{_unit(unit)}",
         ylabel=f"actual − predicted{_unit(unit)}",
     )
@@ -306,7 +306,7 @@ def achieved_coverage(
         "interval": {"low": lower, "high": upper},
     }
 
-# %% ../nbs/23r_regression.ipynb #1b11ab42
+# %% ../nbs/23r_regression.ipynb #290a12ae
 def _covered(y_true, y_pred, low, high) -> float:
     return float(((y_true >= low) & (y_true <= high)).mean())
 
@@ -338,7 +338,11 @@ def regression_group_metrics(
     )
     rows = []
     for group, row in frame.by_group.iterrows():
-        entry = {"group": str(group), **{name: float(row[name]) for name in metrics}, "too_small": row["n"] < min_size}
+        entry = {
+            "group": str(group),
+            **{name: float(row[name]) for name in metrics},
+            "too_small": bool(row["n"] < min_size),
+        }
         entry["n"] = int(row["n"])
         if "coverage" in entry:
             covered_low, covered_high = binomial_interval(round(entry["coverage"] * entry["n"]), entry["n"])
@@ -346,7 +350,36 @@ def regression_group_metrics(
         rows.append(entry)
     return rows
 
-# %% ../nbs/23r_regression.ipynb #5671b129
+# %% ../nbs/23r_regression.ipynb #ce27b805
+def mae_gap_interval(
+    y_true: np.ndarray,  # actual values
+    predicted: np.ndarray,  # predicted values
+    groups: np.ndarray,  # the group of each row
+    judged: list,  # the groups large enough to judge; the gap is taken over these
+    resamples: int = 300,  # bootstrap resamples
+    seed: int = 42,  # random seed
+) -> dict | None:  # {low, high}: the 95% basic bootstrap interval of the MAE gap; None with fewer than two groups
+    "A bootstrap interval of the MAE gap between judged groups, every resample of a block at once."
+    groups = np.asarray(groups)
+    keep = np.isin(groups, judged)
+    codes, names = pd.factorize(groups[keep])
+    if len(names) < 2 or resamples < 1:
+        return None
+    errors = np.abs(np.asarray(y_true, dtype=float) - np.asarray(predicted, dtype=float))[keep]
+    cells, gaps = len(names), []
+    for rows in resample_blocks(len(errors), resamples, seed):
+        at = (codes[rows] + cells * np.arange(len(rows))[:, None]).ravel()  # a (resample, group) cell a drawn row
+        sums = np.bincount(at, weights=errors[rows].ravel(), minlength=len(rows) * cells).reshape(len(rows), cells)
+        sizes = np.bincount(at, minlength=len(rows) * cells).reshape(len(rows), cells)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mae = sums / sizes  # NaN where a resample drew no row of a group
+        gaps.append(np.nanmax(mae, axis=1) - np.nanmin(mae, axis=1))
+    by_group = pd.Series(errors).groupby(codes).mean()
+    estimate = float(by_group.max() - by_group.min())
+    low, high = np.nanpercentile(np.concatenate(gaps), [2.5, 97.5])
+    return {"low": max(0.0, 2 * estimate - float(high)), "high": max(0.0, 2 * estimate - float(low))}
+
+# %% ../nbs/23r_regression.ipynb #ee13e88d
 def regression_fairness(
     y_true: np.ndarray,  # actual values
     predicted: np.ndarray,  # predicted values
@@ -354,7 +387,9 @@ def regression_fairness(
     low: np.ndarray | None = None,  # each row's interval, lower end (None: no coverage gap)
     high: np.ndarray | None = None,  # upper end
     min_size: int = 20,  # a group is judged from this many rows
-) -> dict:  # per column: mae_difference, coverage_difference, groups_judged, groups_too_small, groups
+    resamples: int = 300,  # bootstrap resamples of the MAE gap's interval (0: no interval)
+    seed: int = 42,  # random seed of the bootstrap
+) -> dict:  # per column: mae_difference, its interval, coverage_difference, groups_judged, groups_too_small, groups
     """The MAE gap (largest minus smallest group MAE) and the coverage gap by each sensitive column, over the groups
     large enough to judge; None where fewer than two are."""
     audit = {}
@@ -368,6 +403,7 @@ def regression_fairness(
 
         audit[column] = {
             "mae_difference": gap("mae"),
+            "interval": mae_gap_interval(y_true, predicted, labels, [row["group"] for row in judged], resamples, seed),
             "coverage_difference": gap("coverage"),
             "groups_judged": len(judged),
             "groups_too_small": [row["group"] for row in rows if row["too_small"]],
@@ -375,7 +411,7 @@ def regression_fairness(
         }
     return audit
 
-# %% ../nbs/23r_regression.ipynb #fe512768
+# %% ../nbs/23r_regression.ipynb #7f2c11f8
 def paired_mean_bootstrap(
     losses_a: np.ndarray,  # the first model's loss on each row (the champion)
     losses_b: np.ndarray,  # the second model's loss on the same rows (the challenger)
@@ -415,7 +451,7 @@ def wilcoxon_errors(
     direction = float((np.sign(nonzero) * rankdata(np.abs(nonzero))).mean())
     return {**result, "statistic": float(test.statistic), "p_value": float(test.pvalue), "direction": direction}
 
-# %% ../nbs/23r_regression.ipynb #a18a8eb3
+# %% ../nbs/23r_regression.ipynb #d676740c
 RULE = (
     "promote when the challenger is significantly better on MAE (paired bootstrap interval below zero, or the Wilcoxon "
     "signed-rank test on absolute errors) and worse on neither, or at parity with a reason set in settings"
@@ -442,7 +478,7 @@ def _verdicts(mae: dict, signed: dict, alpha: float) -> tuple[list[str], list[st
         (gains if signed["direction"] < 0 else losses).append(phrase)
     return gains, losses
 
-# %% ../nbs/23r_regression.ipynb #6676ab99
+# %% ../nbs/23r_regression.ipynb #d9334f44
 def compare_regressors(
     y_true: np.ndarray,  # actual values of the comparison rows (neither model trained on them)
     champion: np.ndarray,  # the champion's predictions of them
@@ -463,8 +499,12 @@ def compare_regressors(
     gains, losses = _verdicts(mae, signed, alpha)
     fairness = {}
     for column, labels in (groups or {}).items():
-        gap_a = regression_fairness(y_true, champion, {column: labels}, min_size=min_group)[column]["mae_difference"]
-        gap_b = regression_fairness(y_true, challenger, {column: labels}, min_size=min_group)[column]["mae_difference"]
+        gap_a, gap_b = (
+            regression_fairness(y_true, model, {column: labels}, min_size=min_group, resamples=0)[column][
+                "mae_difference"
+            ]
+            for model in (champion, challenger)
+        )
         fairness[column] = {"champion": gap_a, "challenger": gap_b}
         if max_mae_gap is not None and gap_b is not None and gap_b > max_mae_gap and (gap_a is None or gap_b > gap_a):
             losses.append(f"MAE gap by {column} {gap_b:.3g}, above {max_mae_gap:g} (champion {gap_a})")

@@ -70,15 +70,13 @@ def fit_loss_estimator(
         len(errors),
     )
 
-# %% ../nbs/23s_regression_estimates.ipynb #11bd780c
+# %% ../nbs/23s_regression_estimates.ipynb #860b8843
 def estimate_by_window(
     estimator: LossEstimator,  # from `fit_loss_estimator`
     inputs: pd.DataFrame,  # `loss_inputs` of production rows
     windows: np.ndarray,  # each row's window (a date, a week, a chunk number)
     confidence: float = 0.95,  # the confidence of each window's interval
-) -> (
-    pd.DataFrame
-):  # a row a window: window, rows, estimated_mae, mae_low, mae_high, estimated_rmse, rmse_low, rmse_high
+) -> pd.DataFrame:  # a row a window: window, rows, estimated_mae and _rmse, each with _low and _high
     "The estimated MAE and RMSE of each window of unlabelled rows, with the interval of their sampling error."
     absolute, squared = estimator.expected(inputs)
     frame = pd.DataFrame({"window": np.asarray(windows), "absolute": absolute, "squared": squared})
