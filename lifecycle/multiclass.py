@@ -12,7 +12,8 @@ from .compare import comparison_verdict, mcnemar_test
 from .core import LifecycleError, value_key
 
 # %% auto #0
-__all__ = ['MULTICLASS_METRICS', 'MULTICLASS_RULE', 'class_codes', 'multiclass_figures', 'class_names', 'rare_classes',
+__all__ = ['MULTICLASS_METRICS', 'MULTICLASS_RULE', 'class_codes', 'resample_weights', 'weighted_confusions', 'confusion_figures',
+           'weighted_auc', 'percentile_interval', 'multiclass_figures', 'class_names', 'rare_classes',
            'rare_class_words', 'confusion_words', 'class_curves_figure', 'group_table', 'multiclass_fairness',
            'paired_figure', 'compare_multiclass']
 
@@ -34,8 +35,8 @@ def class_codes(
         )
     return result
 
-# %% ../nbs/23m_multiclass.ipynb #bf4babd7
-def _weights(
+# %% ../nbs/23m_multiclass.ipynb #7fcb1759
+def resample_weights(
     rows: int,  # rows of the data
     resamples: int,  # bootstrap resamples
     seed: int,  # random seed
@@ -50,7 +51,7 @@ def _weights(
         yield np.bincount(drawn.ravel(), minlength=size * rows).reshape(size, rows).astype(float)
 
 
-def _confusions(
+def weighted_confusions(
     weights: np.ndarray,  # (resamples, rows) weights
     true_codes: np.ndarray,  # each row's class column
     predicted_codes: np.ndarray,  # each row's predicted class column
@@ -62,7 +63,7 @@ def _confusions(
     return (weights @ pairs).reshape(-1, count, count)
 
 
-def _from_confusions(
+def confusion_figures(
     confusions: np.ndarray,  # (resamples, true, predicted) counts
 ) -> dict:  # accuracy, balanced_accuracy, macro_f1 (resamples,); recall, precision, f1 (resamples, classes)
     """Accuracy, balanced accuracy (recall averaged over the classes present), macro-F1 (over the classes present or
@@ -101,19 +102,20 @@ def _log_losses(
     return -np.log(np.clip(proba[np.arange(len(true_codes)), true_codes], eps, 1 - eps))
 
 
-def _weighted_auc(
+def weighted_auc(
     weights: np.ndarray,  # (resamples, rows) weights
     scores: np.ndarray,  # one class's probability on each row
-    positive: np.ndarray,  # whether each row is of that class
+    positive: np.ndarray,  # whether each row is of that class; or its probability of being so (an expected AUC)
 ) -> np.ndarray:  # the one-vs-rest ROC AUC under each resample's weights (NaN without both kinds of rows)
     """ROC AUC of weighted rows: each class's weight in every group of tied scores, then the weighted share of
-    (positive, negative) pairs the positive wins (ties count one half)."""
+    (positive, negative) pairs the positive wins (ties count one half). A row whose `positive` is a probability counts
+    that much as a positive and the rest as a negative."""
     order = np.argsort(scores, kind="mergesort")
-    ordered = scores[order]
+    ordered, positive = scores[order], np.asarray(positive, dtype=float)[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     weighted = weights[:, order]
-    wins = np.add.reduceat(weighted * positive[order], starts, axis=1)
-    losses = np.add.reduceat(weighted * ~positive[order], starts, axis=1)
+    wins = np.add.reduceat(weighted * positive, starts, axis=1)
+    losses = np.add.reduceat(weighted * (1 - positive), starts, axis=1)
     below = np.cumsum(losses, axis=1) - losses
     with np.errstate(invalid="ignore", divide="ignore"):
         return (wins * (below + 0.5 * losses)).sum(axis=1) / (wins.sum(axis=1) * losses.sum(axis=1))
@@ -126,9 +128,9 @@ def _figures(
 ) -> dict:  # every figure, a value a resample (per-class figures: a column a class)
     "Every multiclass figure under each row of weights."
     count = proba.shape[1]
-    figures = _from_confusions(_confusions(weights, true_codes, proba.argmax(axis=1), count))
+    figures = confusion_figures(weighted_confusions(weights, true_codes, proba.argmax(axis=1), count))
     figures["log_loss"] = weights @ _log_losses(proba, true_codes) / weights.sum(axis=1)
-    aucs = np.column_stack([_weighted_auc(weights, proba[:, c], true_codes == c) for c in range(count)])
+    aucs = np.column_stack([weighted_auc(weights, proba[:, c], true_codes == c) for c in range(count)])
     figures["roc_auc"] = _row_mean(aucs)
     return figures
 
@@ -136,7 +138,7 @@ def _figures(
 MULTICLASS_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "roc_auc")
 
 
-def _interval(
+def percentile_interval(
     values: np.ndarray,  # one figure across resamples
     alpha: float,  # 1 − the confidence
 ) -> dict | None:  # {low, high}, None when no resample gave a value
@@ -155,7 +157,7 @@ def _resampled(
     seed: int,  # random seed
 ) -> dict:  # every figure across the resamples
     "Every figure in each of `resamples` bootstrap resamples."
-    blocks = [_figures(weights, true_codes, proba) for weights in _weights(len(true_codes), resamples, seed)]
+    blocks = [_figures(weights, true_codes, proba) for weights in resample_weights(len(true_codes), resamples, seed)]
     return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
 
 
@@ -177,7 +179,7 @@ def multiclass_figures(
     def interval(name, column=None):
         if spread is None:
             return None
-        return _interval(spread[name] if column is None else spread[name][:, column], alpha)
+        return percentile_interval(spread[name] if column is None else spread[name][:, column], alpha)
 
     def number(value):
         return None if np.isnan(value) else float(value)
@@ -266,10 +268,11 @@ def confusion_words(
         if not row.sum():
             continue
         others = sorted((c for c in range(len(classes)) if c != column and row[c]), key=lambda c: -row[c])
-        parts = [f"{row[c]} {names[c]}" for c in [column] + others]
+        parts = [f"{row[c]} {names[c]}" for c in ([column] if row[column] else []) + others]
         listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
+        called = f"called {listed}" if row[column] else f"called none of them {names[column]}: {listed}"
         noun = nouns[0] if row.sum() == 1 else nouns[1]
-        sentences.append(f"Of {row.sum()} {noun} with {names[column]}, the model called {listed}.")
+        sentences.append(f"Of {row.sum()} {noun} with {names[column]}, the model {called}.")
     return sentences
 
 # %% ../nbs/23m_multiclass.ipynb #3f8fcf3c
@@ -290,7 +293,7 @@ def class_curves_figure(
         if not positive.any() or positive.all():
             continue
         false_rate, true_rate, _ = roc_curve(positive, proba[:, column])
-        auc = _weighted_auc(np.ones((1, len(positive))), proba[:, column], positive)[0]
+        auc = weighted_auc(np.ones((1, len(positive))), proba[:, column], positive)[0]
         axis.plot(false_rate, true_rate, label=f"{name}: AUC {auc:.2f} (n={int(positive.sum())})")
     axis.plot([0, 1], [0, 1], color="#999999", linestyle=":")
     axis.set_xlabel("false positive rate (one class against the rest)")
@@ -405,7 +408,7 @@ def paired_figure(
     differences = np.concatenate(
         [
             _figures(weights, true_codes, proba_b)[name] - _figures(weights, true_codes, proba_a)[name]
-            for weights in _weights(len(true_codes), rounds, seed)
+            for weights in resample_weights(len(true_codes), rounds, seed)
         ]
     )
     differences = differences[~np.isnan(differences)]
