@@ -14,8 +14,9 @@ from .core import LifecycleError, value_key
 # %% auto #0
 __all__ = ['MULTICLASS_METRICS', 'MULTICLASS_RULE', 'class_codes', 'resample_weights', 'weighted_confusions', 'confusion_figures',
            'weighted_auc', 'percentile_interval', 'multiclass_figures', 'class_names', 'rare_classes',
-           'rare_class_words', 'confusion_words', 'class_curves_figure', 'group_table', 'multiclass_fairness',
-           'paired_figure', 'compare_multiclass']
+           'rare_class_words', 'confusion_words', 'class_curves_figure', 'group_table',
+           'balanced_accuracy_gap_interval', 'multiclass_fairness', 'fairness_words', 'paired_figure',
+           'compare_multiclass']
 
 # %% ../nbs/23m_multiclass.ipynb #1e82277f
 def class_codes(
@@ -112,10 +113,12 @@ def weighted_auc(
     that much as a positive and the rest as a negative."""
     order = np.argsort(scores, kind="mergesort")
     ordered, positive = scores[order], np.asarray(positive, dtype=float)[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])  # the last row of each run of tied scores
     weighted = weights[:, order]
-    wins = np.add.reduceat(weighted * positive, starts, axis=1)
-    losses = np.add.reduceat(weighted * (1 - positive), starts, axis=1)
+    wins, losses = weighted * positive, weighted * (1 - positive)
+    if len(ends) < len(ordered):  # ties: each run of tied scores' sums
+        wins = np.diff(np.cumsum(wins, axis=1)[:, ends], axis=1, prepend=0.0)
+        losses = np.diff(np.cumsum(losses, axis=1)[:, ends], axis=1, prepend=0.0)
     below = np.cumsum(losses, axis=1) - losses
     with np.errstate(invalid="ignore", divide="ignore"):
         return (wins * (below + 0.5 * losses)).sum(axis=1) / (wins.sum(axis=1) * losses.sum(axis=1))
@@ -327,9 +330,14 @@ def group_table(
 ) -> pd.DataFrame:  # a row a group: n, balanced_accuracy, recall_<c> and rows_<c> for each class column c
     "Balanced accuracy and each class's recall and rows by group, with Fairlearn's MetricFrame."
     from fairlearn.metrics import MetricFrame  # deferred: start-up time, only audits need it
-    from sklearn.metrics import balanced_accuracy_score  # deferred: start-up time, only audits need it
 
-    metrics = {"n": lambda true, predicted: len(true), "balanced_accuracy": balanced_accuracy_score}
+    def balanced_accuracy(true, predicted):
+        rows = np.ones((1, len(true)))
+        return confusion_figures(weighted_confusions(rows, np.asarray(true), np.asarray(predicted), count))[
+            "balanced_accuracy"
+        ][0]
+
+    metrics = {"n": lambda true, predicted: len(true), "balanced_accuracy": balanced_accuracy}
     for column in range(count):
         metrics[f"recall_{column}"] = _recall_of(column)
         metrics[f"rows_{column}"] = lambda true, predicted, column=column: int((np.asarray(true) == column).sum())
@@ -338,7 +346,67 @@ def group_table(
     )
     return frame.by_group
 
-# %% ../nbs/23m_multiclass.ipynb #42f56c00
+# %% ../nbs/23m_multiclass.ipynb #27abdd06
+def _group_rows(
+    table: pd.DataFrame,  # from `group_table`
+    keys: list[str],  # each class column's key
+    min_size: int,  # a group is judged from this many rows
+    min_class_rows: int,  # a class's recall in a group from this many rows of it there
+) -> list[dict]:  # a row a group: group, n, balanced_accuracy, too_small, rows, recall, recall_judged
+    "The groups' figures, each marked judged or not."
+    rows = []
+    for group, row in table.iterrows():
+        large = int(row["n"]) >= min_size
+        rows.append(
+            {
+                "group": str(group),
+                "n": int(row["n"]),
+                "balanced_accuracy": float(row["balanced_accuracy"]),
+                "too_small": not large,
+                "rows": {key: int(row[f"rows_{c}"]) for c, key in enumerate(keys)},
+                "recall": {key: _number(row[f"recall_{c}"]) for c, key in enumerate(keys)},
+                "recall_judged": {
+                    key: bool(large and row[f"rows_{c}"] >= min_class_rows) for c, key in enumerate(keys)
+                },
+            }
+        )
+    return rows
+
+
+def balanced_accuracy_gap_interval(
+    true_codes: np.ndarray,  # each row's class column
+    predicted_codes: np.ndarray,  # each row's predicted class column
+    labels: np.ndarray,  # each row's group
+    judged: list[str],  # the groups judged (at least two)
+    count: int,  # how many classes
+    gap: float,  # the gap measured on the rows
+    resamples: int = 300,  # bootstrap resamples
+    seed: int = 42,  # random seed
+    alpha: float = 0.05,  # 1 − the confidence
+) -> dict | None:  # {low, high}: the basic bootstrap interval of the balanced-accuracy gap; None without resamples
+    """The balanced-accuracy gap between judged groups in each resample of the rows (each group's weighted confusion
+    matrix), as a basic interval: the percentile one reflected around the gap, at least 0, as `fairness` does for
+    binary (the largest of several gaps is biased upward in resamples)."""
+    if not resamples:
+        return None
+    spreads = []
+    for weights in resample_weights(len(true_codes), resamples, seed):
+        accuracies = [
+            confusion_figures(
+                weighted_confusions(
+                    weights[:, labels == group], true_codes[labels == group], predicted_codes[labels == group], count
+                )
+            )["balanced_accuracy"]
+            for group in judged
+        ]
+        stacked = np.column_stack(accuracies)
+        spreads.append(np.nanmax(stacked, axis=1) - np.nanmin(stacked, axis=1))
+    percentile = percentile_interval(np.concatenate(spreads), alpha)
+    if percentile is None:
+        return None
+    return {"low": max(0.0, 2 * gap - percentile["high"]), "high": max(0.0, 2 * gap - percentile["low"])}
+
+
 def multiclass_fairness(
     y_true,  # labels as the data holds them
     proba: np.ndarray,  # (rows, classes) probabilities
@@ -346,33 +414,30 @@ def multiclass_fairness(
     groups: dict[str, np.ndarray],  # sensitive column -> each row's group, from `fairness.sensitive_groups`
     min_size: int = 20,  # a group's balanced accuracy is judged from this many rows
     min_class_rows: int = 10,  # a class's recall in a group from this many rows of the class there
-) -> dict:  # per column: balanced_accuracy_difference, recall_differences (class -> gap), groups, groups_too_small
-    """The balanced-accuracy gap and each class's recall gap between the groups of each sensitive column, over the
-    groups with enough evidence; the groups too small are named."""
+    resamples: int = 300,  # bootstrap resamples of the balanced-accuracy gap (0: no interval)
+    seed: int = 42,  # random seed of the bootstrap
+) -> dict:  # per column: balanced_accuracy_difference, interval, recall_differences, groups, groups_too_small
+    """The balanced-accuracy gap (with a bootstrap interval) and each class's recall gap between the groups of each
+    sensitive column, over the groups with enough evidence; the groups too small are named."""
     true_codes, predicted_codes = class_codes(y_true, classes), np.asarray(proba).argmax(axis=1)
     keys = [value_key(value) for value in classes]
     audit = {}
     for column, labels in groups.items():
-        table = group_table(true_codes, predicted_codes, np.asarray(labels).astype(str), len(classes))
-        rows = []
-        for group, row in table.iterrows():
-            large = int(row["n"]) >= min_size
-            rows.append(
-                {
-                    "group": str(group),
-                    "n": int(row["n"]),
-                    "balanced_accuracy": float(row["balanced_accuracy"]),
-                    "too_small": not large,
-                    "rows": {key: int(row[f"rows_{c}"]) for c, key in enumerate(keys)},
-                    "recall": {key: _number(row[f"recall_{c}"]) for c, key in enumerate(keys)},
-                    "recall_judged": {
-                        key: bool(large and row[f"rows_{c}"] >= min_class_rows) for c, key in enumerate(keys)
-                    },
-                }
-            )
+        labels = np.asarray(labels).astype(str)
+        rows = _group_rows(
+            group_table(true_codes, predicted_codes, labels, len(classes)), keys, min_size, min_class_rows
+        )
         judged = [row for row in rows if not row["too_small"]]
+        gap = _gap([row["balanced_accuracy"] for row in judged])
+        interval = None
+        if gap is not None:
+            names = [row["group"] for row in judged]
+            interval = balanced_accuracy_gap_interval(
+                true_codes, predicted_codes, labels, names, len(classes), gap, resamples, seed
+            )
         audit[column] = {
-            "balanced_accuracy_difference": _gap([row["balanced_accuracy"] for row in judged]),
+            "balanced_accuracy_difference": gap,
+            "interval": interval,
             "recall_differences": {
                 key: _gap([row["recall"][key] for row in judged if row["recall_judged"][key]]) for key in keys
             },
@@ -387,7 +452,40 @@ def _number(value) -> float | None:  # a float, None for NaN
     "A figure as a float, None where it is undefined."
     return None if value is None or np.isnan(value) else float(value)
 
-# %% ../nbs/23m_multiclass.ipynb #0ac65993
+# %% ../nbs/23m_multiclass.ipynb #f361475e
+def fairness_words(
+    audit: dict,  # one column's entry of `multiclass_fairness`
+    column: str,  # the column in words ("sex")
+    names: dict,  # class key -> its words
+    min_size: int = 20,  # the rows a group needs to be judged, as the audit used
+) -> list[str]:  # sentences: the balanced-accuracy gap, the largest recall gap, the groups too small
+    "One sensitive column's audit in words."
+    judged = [row for row in audit["groups"] if not row["too_small"]]
+    if audit["balanced_accuracy_difference"] is None:
+        sentences = [f"Balanced accuracy by {column}: fewer than two groups are large enough to judge."]
+    else:
+        low = min(judged, key=lambda row: row["balanced_accuracy"])
+        high = max(judged, key=lambda row: row["balanced_accuracy"])
+        interval = audit.get("interval")
+        sentence = (
+            f"Balanced accuracy by {column} ranges from {low['balanced_accuracy']:.2f} ({low['group']}) to "
+            f"{high['balanced_accuracy']:.2f} ({high['group']}), a gap of {audit['balanced_accuracy_difference']:.2f}"
+        )
+        sentences = [sentence + (f" (95% interval {interval['low']:.2f}–{interval['high']:.2f})." if interval else ".")]
+    gaps = {key: gap for key, gap in audit["recall_differences"].items() if gap is not None}
+    if gaps:
+        key = max(gaps, key=gaps.get)
+        rows = [row for row in judged if row["recall_judged"][key]]
+        low, high = min(rows, key=lambda row: row["recall"][key]), max(rows, key=lambda row: row["recall"][key])
+        sentences.append(
+            f"The largest gap in a class's recall is for {names[key]}: {low['recall'][key]:.2f} ({low['group']}) "
+            f"against {high['recall'][key]:.2f} ({high['group']})."
+        )
+    if audit["groups_too_small"]:
+        sentences.append(f"Too few patients to judge (fewer than {min_size}): {', '.join(audit['groups_too_small'])}.")
+    return sentences
+
+# %% ../nbs/23m_multiclass.ipynb #943f508b
 MULTICLASS_RULE = (
     "promote when the challenger is significantly better on at least one figure (McNemar mid-p on right answers, "
     "bootstrap intervals of macro-F1 and log loss) and worse on none, or at parity with a reason set in settings"
@@ -421,7 +519,7 @@ def paired_figure(
         "p_value": float(min(1.0, 2 * min((differences <= 0).mean(), (differences >= 0).mean()))),
     }
 
-# %% ../nbs/23m_multiclass.ipynb #1880337b
+# %% ../nbs/23m_multiclass.ipynb #f9c13ba3
 def _verdicts(decisions: dict, macro_f1: dict, loss: dict, alpha: float) -> tuple[list[str], list[str]]:
     "(gains, losses) of the challenger, one phrase each."
     gains, losses = [], []
