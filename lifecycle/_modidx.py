@@ -975,6 +975,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                           'lifecycle/multiclass_estimates.py'),
                                                 'lifecycle.multiclass_estimates.set_coverage': ( 'multiclass_estimates.html#set_coverage',
                                                                                                  'lifecycle/multiclass_estimates.py'),
+                                                'lifecycle.multiclass_estimates.set_words': ( 'multiclass_estimates.html#set_words',
+                                                                                              'lifecycle/multiclass_estimates.py'),
                                                 'lifecycle.multiclass_estimates.top_label_ece': ( 'multiclass_estimates.html#top_label_ece',
                                                                                                   'lifecycle/multiclass_estimates.py')},
             'lifecycle.pageserver': { 'lifecycle.pageserver.ForeignRequest': ('pageserver.html#foreignrequest', 'lifecycle/pageserver.py'),

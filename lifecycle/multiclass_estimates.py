@@ -19,7 +19,7 @@ from lifecycle.multiclass import (
 
 # %% auto #0
 __all__ = ['CONFORMAL_METHODS', 'top_label_ece', 'TemperatureScaling', 'OneVsRestIsotonic', 'estimated_performance',
-           'conformity_scores', 'ConformalSets', 'set_coverage']
+           'conformity_scores', 'ConformalSets', 'set_coverage', 'set_words']
 
 # %% ../nbs/23n_multiclass_estimates.ipynb #2895feee
 def top_label_ece(
@@ -261,3 +261,17 @@ def set_coverage(
         "mean_size": float(sets.sum(axis=1).mean()) if len(codes) else None,
         "empty": float((sets.sum(axis=1) == 0).mean()) if len(codes) else None,
     }
+
+# %% ../nbs/23n_multiclass_estimates.ipynb #24005322
+def set_words(
+    members: np.ndarray,  # one row's prediction set: True where the class is in it
+    names: list[str],  # each class in words, from `multiclass.class_names`
+    coverage: float,  # the coverage the sets were calibrated to
+) -> str:  # e.g. "grade 1 or grade 2 (90% of such sets hold the true grade)"
+    "One row's prediction set in words, with its coverage."
+    held = [name for name, member in zip(names, members) if member]
+    promise = f"{coverage:.0%} of such sets hold the true class"
+    if not held:
+        return f"no class is likely enough to name ({promise})"
+    listed = held[0] if len(held) == 1 else ", ".join(held[:-1]) + f" or {held[-1]}"
+    return f"{listed} ({promise})"
