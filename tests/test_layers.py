@@ -27,6 +27,8 @@ LAYERS = {
     "rules": 1,  # the rules of one column, which the contract compiles
     "contract": 1,
     "metrics": 1,
+    "multiclass": 1,  # a target of several classes: metrics and intervals, words, fairness gaps, paired comparison
+    "multiclass_estimates": 1,  # beyond its labels: calibration, estimated performance (CBPE), conformal sets
     "model_card": 1,  # a version's card, in the project's words
     "compare": 1,
     "registry": 1,
