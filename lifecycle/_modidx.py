@@ -1292,6 +1292,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'lifecycle/serving/openapi.py'),
                                            'lifecycle.serving.openapi.id_schema': ( 'serve_openapi.html#id_schema',
                                                                                     'lifecycle/serving/openapi.py'),
+                                           'lifecycle.serving.openapi.missing_rule': ( 'serve_openapi.html#missing_rule',
+                                                                                       'lifecycle/serving/openapi.py'),
                                            'lifecycle.serving.openapi.openapi_components': ( 'serve_openapi.html#openapi_components',
                                                                                              'lifecycle/serving/openapi.py'),
                                            'lifecycle.serving.openapi.openapi_document': ( 'serve_openapi.html#openapi_document',
