@@ -423,6 +423,8 @@ def read_json_lines(
     records, numbers, bad = [], [], []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark: not part of the record
+                raw = raw[3:]
             if not raw.strip():
                 continue
             record, reason = _json_line(raw, encoding)
