@@ -184,7 +184,10 @@ def trailing_delimiter(
     return delimiter != " " and all(line.rstrip(" \t\r").endswith(delimiter) for line in lines)
 
 
-def drop_trailing_delimiter(raw: bytes, delimiter: str) -> bytes:
+def drop_trailing_delimiter(
+    raw: bytes,  # UTF-8 text whose every line ends with the delimiter
+    delimiter: str,  # its delimiter
+) -> bytes:  # the text without the delimiter that ended each line
     "Drop one delimiter at the end of each line."
     return re.sub(rb"(?m)" + re.escape(delimiter.encode()) + rb"[ \t]*$", b"", raw)
 
