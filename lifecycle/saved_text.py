@@ -204,13 +204,13 @@ def notes_before_header(
     fields: list[list[str]],  # the fields of the first non-blank lines
     has_header: bool,  # whether the file is expected to have a header line (no `[data] columns`)
 ) -> int:  # how many of the first lines are notes, not the header or data
-    "Count the note lines before the header: lines with fewer fields than the lines after them."
+    "Count the note lines before the header (or the data): lines with at most half the fields of the lines after them."
     widths = [len(line) for line in fields]
     width = Counter(widths).most_common(1)[0][0]
     if width < 2 or widths[0] >= width:
         return 0
     start = next((index for index, seen in enumerate(widths[:20]) if seen == width), 0)
-    if not start or any(seen >= width for seen in widths[:start]):
+    if not start or any(seen > width // 2 for seen in widths[:start]):  # a short row of data is no note
         return 0
     names = [name.strip() for name in fields[start]]
     return start if not has_header or all(name and not _number(name) for name in names) else 0

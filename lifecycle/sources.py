@@ -370,7 +370,7 @@ def read_text_table(
     reasons = np.full(len(starts), "", dtype=object)  # the slow path: each line judged, with a reason
     if junk_header:
         reasons[first_line[0]] = "a header line whose names are not [data] columns"
-    reasons[nonblank[:notes]] = "a note line before the header"
+    reasons[nonblank[:notes]] = f"a note line before the {'header' if header else 'data'}"
     reasons[first_line[1 : 1 + metadata]] = "a metadata line between the header and the data"
     if repeated is not None:
         reasons[repeated] = "a repeated header line"
