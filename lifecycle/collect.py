@@ -55,7 +55,7 @@ def check_named_columns(
 
 def collect(
     settings: Settings,  # the project's settings
-    encoding: str = "utf-8",  # text encoding of text and JSON lines files
+    encoding: str | None = None,  # text encoding of text and JSON lines files (None: detected, UTF-8 for JSON)
     out: Path | None = None,  # a folder: write snapshot.parquet and malformed.parquet there too
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:  # (snapshot, malformed lines, manifest)
     """Read every source into one snapshot with lineage, plus its malformed lines and manifest.

@@ -99,7 +99,8 @@ def page_settings(
 
 # %% ../nbs/00_core.ipynb #c19c41f7
 DATA_KEYS = {
-    "sources": "one `name: path` a line; a path, or a database URL and query as `URL :: SELECT …`",
+    "sources": "one `name: path` a line; a path (text options after ` :: `: encoding=, delimiter=, decimal=), "
+    "or a database URL and query as `URL :: SELECT …`",
     "columns": "column names for files without a header line",
     "na_values": "cell values that mean missing",
     "target": "the column to predict",
@@ -221,6 +222,7 @@ class Source:
     name: str  # the source's name, kept with every row it contributes
     location: str  # a file path (absolute), or a database URL
     query: str = ""  # the SQL query, for a database source
+    options: dict = field(default_factory=dict)  # a text file's options (`path :: encoding=cp1252 delimiter=tab`)
 
     @property
     def is_sql(self) -> bool:
@@ -289,14 +291,24 @@ def parse_source(
     value: str,  # a file path (relative to `root`), or `URL :: SELECT …` for a database
     root: Path,  # the project folder
 ) -> Source:
-    "One entry of `[data] sources` as a `Source`: a file, or a SQL query against a SQLAlchemy URL."
+    """One entry of `[data] sources` as a `Source`: a file (with options after ` :: `, each `key=value`), or a SQL
+    query against a SQLAlchemy URL."""
     if "://" in value:
         url, sep, query = value.partition("::")
         if not sep or not query.strip():
             raise LifecycleError(f"[data] sources: source '{name}' is a database URL; write it as `URL :: SELECT …`")
         return Source(name, url.strip(), query.strip())
-    path = Path(value).expanduser()
-    return Source(name, str(path if path.is_absolute() else (root / path)))
+    value, _, written = value.partition(" :: ")
+    options = {}
+    for option in written.split():
+        key, sep, setting = option.partition("=")
+        if not sep or not key or not setting:
+            raise LifecycleError(
+                f"[data] sources: source '{name}' has an option not written `key=value` after ` :: `; write it so"
+            )
+        options[key] = setting
+    path = Path(value.strip()).expanduser()
+    return Source(name, str(path if path.is_absolute() else (root / path)), options=options)
 
 
 def _read_ini(path: Path) -> dict[str, dict[str, str]]:

@@ -18,6 +18,7 @@ import sqlalchemy
 
 from .core import LifecycleError, Settings, Source
 from .files import sha256_file
+from .saved_text import SAMPLE_LINES, SavedText, metadata_after_header, notes_before_header, read_saved
 from .sql_sources import _no_malformed, _sqlite_relative_to, mask_url, read_sql_table
 
 # %% auto #0
@@ -41,17 +42,6 @@ def with_lineage(
     return df
 
 # %% ../nbs/22_sources.ipynb #3e4f4d57
-def _text_format(path: Path, first_line: str) -> str:
-    """The delimiter of a text file: tab for .tsv, else a comma, tab or semicolon seen in the first line, else
-    whitespace."""
-    if path.suffix.lower() == ".tsv":
-        return "\t"
-    for delimiter in (",", "\t", ";"):
-        if delimiter in first_line:
-            return delimiter
-    return " "
-
-
 def line_starts(
     data: np.ndarray,  # the file's bytes, as uint8
 ) -> np.ndarray:  # the offset where each line starts
@@ -257,18 +247,6 @@ def _decodes(data: bytes, encoding: str) -> bool:
         return False
 
 # %% ../nbs/22_sources.ipynb #d38a9c81
-def _text_bytes(
-    path: Path,  # a delimited text file
-) -> bytes:  # its bytes, with Windows line ends made plain newlines
-    "A text file's bytes, refusing a binary file."
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise LifecycleError(
-            f"{path} is a binary file, not delimited text; point the source at a text, Parquet or JSON lines file"
-        )
-    return raw.replace(b"\r\n", b"\n") if b"\r" in raw else raw
-
-
 def _line_ends(
     raw: bytes,  # the file's bytes
     starts: np.ndarray,  # line offsets (`line_starts`)
@@ -339,21 +317,28 @@ def read_text_table(
     path: Path,  # a CSV, TSV or space-separated text file
     columns: list[str],  # names for a file without a header line (empty: the file has one)
     na_values: list[str],  # cell values that mean missing
-    encoding: str = "utf-8",  # the file's text encoding
+    encoding: str | None = None,  # the file's text encoding (None: detected)
+    saved: SavedText | None = None,  # the file as `read_saved` read it (None: read here, every decision detected)
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:  # (rows with a `_line` column, malformed lines, blank lines)
-    "Read a delimited text file into rows, setting aside lines that cannot be parsed."
-    raw = _text_bytes(path)
+    """Read a delimited text file into rows, setting aside lines that cannot be parsed, and notes before the header
+    and metadata lines after it.
+
+    Long because it chooses between two paths: the whole file parsed at once, or each line judged."""
+    saved = saved or read_saved(path, encoding=encoding)
+    raw, delimiter, encoding = saved.text, saved.delimiter, "utf-8"  # the text is UTF-8 now, line for line the file
     data = np.frombuffer(raw, dtype=np.uint8)
     starts = line_starts(data)
     ends = _line_ends(raw, starts)
     blank = blank_lines(data, starts)
-    first_line = np.flatnonzero(~blank)
-    if not len(first_line):
+    nonblank = np.flatnonzero(~blank)
+    if not len(nonblank):
         raise LifecycleError(f"{path} is empty: it holds no rows")
-    first = raw[starts[first_line[0]] : ends[first_line[0]]].decode(encoding, errors="replace")
-    delimiter = _text_format(path, first)
-    first_fields = _fields(raw, starts, ends, first_line[0], delimiter, encoding)
+    sample = [_fields(raw, starts, ends, index, delimiter, encoding) for index in nonblank[: SAMPLE_LINES + 1]]
+    notes = notes_before_header(sample, not columns)
+    first_line = nonblank[notes:]
+    first_fields = sample[notes]
     header = _is_header(first_fields, columns)
+    metadata = metadata_after_header(sample[notes + 1 :], na_values) if header else 0
     names = [field.strip() for field in first_fields] if header else columns
     rows = ~blank
     if header:
@@ -372,6 +357,8 @@ def read_text_table(
         decodes
         and _arrow_ready(delimiter, encoding)
         and not junk_header
+        and not notes
+        and not metadata
         and not (repeated is not None and repeated.any())
         and not (ends - starts > FIELD_LIMIT).any()  # pyarrow would keep a field the line-by-line path sets aside
     ):
@@ -383,6 +370,8 @@ def read_text_table(
     reasons = np.full(len(starts), "", dtype=object)  # the slow path: each line judged, with a reason
     if junk_header:
         reasons[first_line[0]] = "a header line whose names are not [data] columns"
+    reasons[nonblank[:notes]] = f"a note line before the {'header' if header else 'data'}"
+    reasons[first_line[1 : 1 + metadata]] = "a metadata line between the header and the data"
     if repeated is not None:
         reasons[repeated] = "a repeated header line"
     reasons = _line_reasons(raw, starts, ends, rows, reasons, delimiter, encoding, len(names), decodes)
@@ -434,6 +423,8 @@ def read_json_lines(
     records, numbers, bad = [], [], []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark: not part of the record
+                raw = raw[3:]
             if not raw.strip():
                 continue
             record, reason = _json_line(raw, encoding)
@@ -481,7 +472,7 @@ def source_format(source: Source) -> str:
 def read_source(
     source: Source,  # the source to read
     settings: Settings,  # the project's settings (columns, missing-value markers, root)
-    encoding: str = "utf-8",  # text encoding of text and JSON lines files
+    encoding: str | None = None,  # text encoding of text and JSON lines files (None: detected, or utf-8 for JSON)
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:  # (rows, malformed lines, the source's manifest entry)
     "Read one source into rows with lineage, its malformed lines, and a manifest entry."
     kind = source_format(source)
@@ -498,9 +489,10 @@ def read_source(
         elif kind == "parquet":
             frame, malformed, blank = read_parquet_table(path)
         elif kind == "jsonl":
-            frame, malformed, blank = read_json_lines(path, encoding)
+            frame, malformed, blank = read_json_lines(path, encoding or "utf-8")
         else:
-            frame, malformed, blank = read_text_table(path, settings.columns, settings.na_values, encoding)
+            saved = read_saved(path, source.options, encoding)
+            frame, malformed, blank = read_text_table(path, settings.columns, settings.na_values, saved=saved)
     except LifecycleError as error:
         message = str(error)
         raise LifecycleError(
@@ -531,6 +523,9 @@ def read_source(
         "columns_missing": missing,
         "columns_dropped": extra,
     }
+    if kind == "text":
+        entry["text"] = saved.decisions()
+        entry["read_as"] = saved.words()
     malformed.insert(0, "_file", shown)
     malformed.insert(0, "_source", source.name)
     return with_lineage(frame, source.name, shown, lines), malformed, entry

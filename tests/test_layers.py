@@ -24,6 +24,7 @@ LAYERS = {
     "sources": 1,
     "labels": 1,  # who may label, whose labels decide (the prediction log's reader asks it)
     "sql_sources": 1,  # SQL sources, read only
+    "saved_text": 1,  # text files as people save them: encoding, delimiter, decimal mark
     "rules": 1,  # the rules of one column, which the contract compiles
     "contract": 1,
     "metrics": 1,

@@ -13,7 +13,7 @@ from .scoring import record_json_schema
 
 # %% auto #0
 __all__ = ['PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'LABELLED', 'prediction_schemas', 'feedback_schemas',
-           'status_schemas', 'openapi_components', 'openapi_responses', 'id_schema', 'openapi_document']
+           'status_schemas', 'openapi_components', 'openapi_responses', 'id_schema', 'missing_rule', 'openapi_document']
 
 # %% ../../nbs/35c_serve_openapi.ipynb #6a5c3eef
 _PROBLEM = {
@@ -75,10 +75,16 @@ def prediction_schemas(
     }
     return {
         "Record": record,
-        "PredictRequest": {
+        "PredictRequest": {  # the record written out, not referred to: a fuzzer's generator reads it the same
             "anyOf": [
-                _ref("Record"),
-                {"type": "array", "items": _ref("Record"), "minItems": 1, "maxItems": max_records},
+                record,
+                {
+                    "type": "array",
+                    "items": record,
+                    "minItems": 1,
+                    "maxItems": max_records,
+                    "description": f"at most {max_records} records, each an object: any other item is refused (422)",
+                },
             ]
         },
         "Prediction": prediction,
@@ -186,7 +192,12 @@ ENDPOINT_RESPONSES = {
         "200": ("PredictResponse", "a result per record, each logged before this answer"),
         "413": ("Problem", "the body is over the size limit"),
         "415": ("Problem", "the body is not sent as application/json"),
-        "422": ("Problem", "malformed JSON, or records that break the model's schema: every bad field named"),
+        "422": (
+            "Problem",
+            "malformed JSON, more than the documented number of records, an item that is not an object, records "
+            "that break the model's schema (every bad field named), or a record with too many features missing "
+            "(type too_many_missing: see the record's x-max-missing-features)",
+        ),
         "503": ("Problem", "no model is loaded yet, or the prediction log cannot record predictions"),
     },
     ("/feedback", "post"): {
@@ -231,12 +242,27 @@ def id_schema() -> dict:
     return {
         "anyOf": [
             {"type": "string", "minLength": 1, "maxLength": ID_MAX_CHARS},
-            {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
-            {"type": "number"},
+            {"type": "integer", "minimum": -(2**63) + 1, "maximum": 2**63 - 1},
             {"type": "null"},
         ],
         "description": f"optional identifier (printable text of at most {ID_MAX_CHARS} characters, or an integer); "
         "logged only as a keyed hash",
+    }
+
+
+def missing_rule(
+    contract,  # the model's `Contract`
+) -> dict:  # keywords for the record's schema: its description and `x-max-missing-share`
+    """The too-many-missing rule, in words and as a number: a count over the record's fields, which JSON Schema cannot
+    state, so a client (or a fuzzer) reads it here and the server answers a record that breaks it with a 422."""
+    share, features = contract.max_missing_share, len(contract.checked)
+    allowed = int(share * features)
+    return {
+        "description": f"one record: every feature present (null when unknown). At most {allowed} of its {features} "
+        f"features may be missing (null, a missing-value marker, or a value that means missing): a record with more "
+        f"(over {share:.0%}) is refused with a 422 of type too_many_missing",
+        "x-max-missing-share": share,
+        "x-max-missing-features": allowed,
     }
 
 
@@ -249,8 +275,13 @@ def openapi_document(
     record = record_json_schema(scorer.spec) if scorer else {"type": "object", "description": "no model loaded yet"}
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(openapi_components(record, settings.max_records))
-    if scorer:  # what check_ids accepts
+    if scorer:  # what check_ids accepts, and the rule JSON Schema cannot count
         record["properties"][scorer.spec.id_field] = id_schema()
+        record.update(missing_rule(scorer.spec.contract))
+    for path in ("/predict", "/feedback"):
+        document["paths"][path]["post"].setdefault("requestBody", {})["description"] = (
+            f"JSON of at most {settings.max_body:,} bytes (a larger body: 413)"
+        )
     guarded_by_token = settings.token is not None
     for (path, method), responses in ENDPOINT_RESPONSES.items():
         labelled = (path, method) == LABELLED  # a labeller's credential, on every interface, never the scoring token
