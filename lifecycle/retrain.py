@@ -29,9 +29,9 @@ from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F40
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'champion_since', 'decide', 'retrain_lock',
-           'labeled_with_sources', 'labeled_predictions', 'gather_evidence', 'run_policy', 'split_holdout',
-           'as_source_rows', 'champion_training_data', 'challenger_settings_text', 'write_retraining_data',
-           'retrain_versions', 'abandon_unfinished']
+           'arrival_order', 'labeled_with_sources', 'labeled_predictions', 'gather_evidence', 'run_policy',
+           'split_holdout', 'as_source_rows', 'champion_training_data', 'challenger_settings_text',
+           'write_retraining_data', 'retrain_versions', 'abandon_unfinished']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
 POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
@@ -190,11 +190,28 @@ def retrain_lock(
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 # %% ../nbs/07_retrain.ipynb #c5139207
+def arrival_order(
+    predictions: pd.DataFrame,  # logged predictions with `time` and `request_id` (and `event_time` when the log has it)
+) -> pd.DataFrame:  # the same rows, oldest first
+    """Oldest first by when each patient came (event time), then by when it was scored; ties broken by a hash of the
+    request id. Scoring time alone is no order: requests scored at once are logged as their threads finish, so a replay
+    or a simulation would train on and hold out other rows at each run."""
+    scored = pd.to_datetime(predictions["time"], utc=True)
+    came = pd.to_datetime(predictions["event_time"], utc=True) if "event_time" in predictions.columns else scored
+    keyed = predictions.assign(
+        _came=came.fillna(scored),
+        _scored=scored,
+        _tie=[hashlib.sha256(str(value).encode()).hexdigest() for value in predictions["request_id"]],
+    )
+    ordered = keyed.sort_values(["_came", "_scored", "_tie"], kind="stable")
+    return ordered.drop(columns=["_came", "_scored", "_tie"]).reset_index(drop=True)
+
+
 def labeled_with_sources(
     log,  # an open PredictionLog
     since: datetime | None = None,  # only predictions at or after this time
     trusted=None,  # the doors and credentials whose labels count (`[labels] trusted`); None: every label
-) -> tuple[pd.DataFrame, dict]:  # (the labeled predictions, oldest first, with `label`; `tally` of their labels)
+) -> tuple[pd.DataFrame, dict]:  # (the labeled predictions in `arrival_order`, with `label`; `tally` of their labels)
     """Logged predictions joined with their latest trusted label (shadow predictions left out), and how many labels
     from where that rests on (untrusted ones counted apart)."""
     predictions = log.predictions(since=since)
@@ -203,7 +220,7 @@ def labeled_with_sources(
     if not len(predictions) or not len(latest):
         return predictions.iloc[0:0].assign(label=pd.Series(dtype="int64")), counts
     joined = predictions.merge(latest[["request_id", "label"]], on="request_id", how="inner")
-    return joined.sort_values(["time", "request_id"], kind="stable", ignore_index=True), counts
+    return arrival_order(joined), counts
 
 
 def labeled_predictions(
@@ -265,11 +282,10 @@ def split_holdout(
     labeled: pd.DataFrame,  # labeled predictions with `time` and `request_id`
     holdout_share: float,  # the share kept out of training (the newest)
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # (rows for training, rows held out for the comparison)
-    "Keep the newest share of labeled predictions out of training; ties in time are broken by a hash of the request id."
+    "Keep the newest share of labeled predictions (in `arrival_order`) out of training."
     if not 0 < holdout_share < 1:
         raise LifecycleError("[retrain] holdout_share must be between 0 and 1 (exclusive)")
-    order = labeled.assign(_tie=[hashlib.sha256(str(value).encode()).hexdigest() for value in labeled["request_id"]])
-    order = order.sort_values(["time", "_tie"], kind="stable").drop(columns="_tie")
+    order = arrival_order(labeled)
     held = int(round(len(order) * holdout_share))
     cut = len(order) - held
     return order.iloc[:cut].reset_index(drop=True), order.iloc[cut:].reset_index(drop=True)
@@ -398,7 +414,7 @@ def write_retraining_data(
         labeled = labeled[pd.to_datetime(labeled["time"], utc=True) >= now - timedelta(days=days)]
     newest = int(policy.get("window_predictions", 0) or 0)
     if newest > 0 and len(labeled) > newest:
-        labeled = labeled.sort_values(["time", "request_id"], kind="stable").iloc[-newest:]
+        labeled = arrival_order(labeled).iloc[-newest:]
     training, held = split_holdout(labeled, float(policy.get("holdout_share", 0.5)))
     folder = root / "retrain" / retrain_id
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ from lifecycle.core import (
 )
 
 # %% auto #0
-__all__ = ['plan_traffic', 'label_arrivals']
+__all__ = ['plan_traffic', 'label_arrivals', 'simulation_start']
 
 # %% ../nbs/13b_simulate_traffic.ipynb #c1864b8e
 def plan_traffic(
@@ -63,6 +63,17 @@ def label_arrivals(
     arrivals = pd.Series(pd.Timestamp(start) + pd.to_timedelta(plan["_day"] * 86400 + plan["_second"], unit="s"))
     comes = (np.random.default_rng(seed + 7).random(len(plan)) < share) & ~np.isnan(labels)
     return arrivals, (arrivals + pd.Timedelta(days=delay_days)).where(comes, pd.NaT)
+
+# %% ../nbs/13b_simulate_traffic.ipynb #5f0bea4a
+def simulation_start(
+    now: datetime,  # the present
+    days: int,  # simulated days
+    label_delay: float,  # days until a diagnosis comes back
+) -> datetime:  # the first simulated day's start: a Monday, midnight UTC
+    "The latest Monday midnight (UTC) from which the simulated days and their labels all lie before `now`."
+    latest = pd.Timestamp(now).tz_convert("UTC") - pd.Timedelta(days=days + label_delay)
+    monday = latest.floor("D") - pd.Timedelta(days=latest.dayofweek)
+    return monday.to_pydatetime()
 
 # %% ../nbs/13b_simulate_traffic.ipynb #030fcd5f
 async def _send_day(
@@ -123,7 +134,7 @@ def _traffic(
     meta = registry.meta(registry.aliases()["champion"])
     plan = plan_traffic(production, days, scale, meta["features"]["numeric"], seed)
     labels = true_labels(plan[box.target], box.positive, box.negative)
-    start = (datetime.now(timezone.utc) - timedelta(days=days + label_delay)).replace(minute=0, second=0, microsecond=0)
+    start = simulation_start(datetime.now(timezone.utc), days, label_delay)
     arrivals, diagnosed = label_arrivals(plan, labels, start, label_delay, label_share, seed)
     extra = [name for name in (box.id,) if name and name in plan.columns]
 

@@ -4,6 +4,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -240,3 +241,37 @@ def small_champion(
     model = build_pipeline("logistic_regression", ["age", "chol"], ["sex"]).fit(x, y)
     set_alias(registry, "champion", register(registry, model, meta), "test")
     return root
+
+
+# --- CPU time a test: wall-clock durations on a shared machine measure the neighbours too ---------------------------
+def _cpu_seconds() -> float:
+    "CPU seconds of this process and of the children it has waited for (servers and commands the tests ran)."
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    "Record each phase's CPU seconds in the item's user properties (they travel with its reports from xdist workers)."
+    item.user_properties.append(("cpu_start", _cpu_seconds()))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    item.user_properties.append((f"cpu_{call.when}", _cpu_seconds()))
+    yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    "The tests that took the most CPU (setup, call and teardown; a session fixture counts where it was built)."
+    spent = {}
+    for report in [report for reports in terminalreporter.stats.values() for report in reports]:
+        marks = dict(getattr(report, "user_properties", ()))
+        if getattr(report, "when", "") == "teardown" and "cpu_start" in marks and "cpu_teardown" in marks:
+            spent[report.nodeid] = marks["cpu_teardown"] - marks["cpu_start"]
+    if spent:
+        terminalreporter.write_sep("=", "most CPU seconds (this process and its waited children)")
+        for nodeid, seconds in sorted(spent.items(), key=lambda pair: -pair[1])[:30]:
+            terminalreporter.write_line(f"{seconds:8.1f}s {nodeid}")
+        terminalreporter.write_line(f"{sum(spent.values()):8.1f}s in all {len(spent)} tests")

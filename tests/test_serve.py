@@ -43,11 +43,19 @@ class Server:
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        try:
+            self._wait_ready()
+        except BaseException:  # a server that never got ready is not left running for the rest of the session
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def _wait_ready(self):
         deadline = time.time() + 60
         while True:
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    break
+                    return
             except httpx.TransportError:
                 pass
             assert self.process.poll() is None, self.output.read_text()
