@@ -41,6 +41,7 @@ LAYERS = {
     "monitoring.engine": 1,
     "rollback": 1,
     "promotion": 1,
+    "tasks": 1,  # what depends on the kind of target (binary, multiclass, regression): one object a task
     "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures
     # the stages, the dashboard and its server
     "collect": 2,
