@@ -230,7 +230,8 @@ def evaluate_model(
     for row in fairness_by_seed:
         row["gated"] = row["column"] in sensitive
     gated = {column: fairness[column] for column in sensitive}
-    decision = gate(metrics, gated, speed, versus, options.min_auc, options.max_fairness_gap, options.max_latency_ms)
+    limits = (options.min_auc, options.max_fairness_gap, options.max_latency_ms)
+    decision = gate(metrics, gated, speed, versus, *limits, task)
     return {
         "threshold": threshold,
         "target_recall": options.target_recall,
