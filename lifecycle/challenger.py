@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .compare import compare_models
 from .core import Settings, read_json
-from .metrics import cut_groups, reference_grouping, threshold_for_recall
+from .metrics import cut_groups, reference_grouping
 from .promotion import record_decision
 from .registry import Registry, load_model, markdown_to_html, register
 from .serving.scoring import Scorer, calibrate_scores
 from .shadow import promote_if_won
+from .tasks import Task, task_for
 
 # %% auto #0
 __all__ = ['CHALLENGER_SETTINGS', 'CHANGES', 'score_rows', 'fit_recalibration', 'judge', 'choose_change', 'derived_reference',
@@ -103,30 +103,29 @@ def _cheaper_changes(
     recent_scores,  # the champion's scores on those recent rows
     target_recall: float,  # the recall a new threshold aims at
     options: dict,  # the shared `compare_models` settings (`_compare_options`)
+    task: Task,  # the project's task: its decision and paired comparison
 ) -> tuple:  # (candidates: threshold and recalibration, the recalibrated held-out scores), or ({}, None): too few
     "A new threshold and a recalibration fitted on the recent rows, each compared with the champion."
     if len(recent_scores) < 20 or len(set(recent_labels)) != 2:
         return {}, None
-    threshold = threshold_for_recall(recent_labels, recent_scores, target_recall)
+    threshold = task.fit_decision(recent_labels, recent_scores, target_recall)
     candidates = {
         "threshold": {
             "threshold": threshold,
             "calibration": None,
-            "comparison": compare_models(
+            "comparison": task.compare(
                 labels, champion_scores, champion_scores, champion_threshold, threshold, **{**options, "seed": 1}
             ),
         }
     }
     calibration = fit_recalibration(recent_scores, recent_labels)
-    calibrated_threshold = threshold_for_recall(
-        recent_labels, calibrate_scores(recent_scores, calibration), target_recall
-    )
+    calibrated_threshold = task.fit_decision(recent_labels, calibrate_scores(recent_scores, calibration), target_recall)
     # the scores a version holding this map serves: `Scorer` applies the same function
     calibrated = calibrate_scores(champion_scores, calibration)
     candidates["recalibration"] = {
         "threshold": calibrated_threshold,
         "calibration": calibration,
-        "comparison": compare_models(
+        "comparison": task.compare(
             labels, champion_scores, calibrated, champion_threshold, calibrated_threshold, **{**options, "seed": 2}
         ),
     }
@@ -181,7 +180,8 @@ def judge(
     reference = read_json(reference_path) if reference_path.exists() else None
     options = _compare_options(policy, evaluate, _groups(settings, held[both].reset_index(drop=True), reference))
     champion_scores, challenger_scores = champion_scores[both], challenger_scores[both]
-    result["comparison"] = compare_models(
+    task = task_for(settings, held["label"])  # the paired tests are the task's
+    result["comparison"] = task.compare(
         labels, champion_scores, challenger_scores, champion_threshold, challenger_threshold, **options
     )
     recent_scores, _ = score_rows(root, champion, recent)
@@ -189,7 +189,7 @@ def judge(
     recent_labels = recent["label"].to_numpy().astype(int)[usable]
     target_recall = float(evaluate.get("target_recall", 0.85))
     result["candidates"], calibrated = _cheaper_changes(
-        labels, champion_scores, champion_threshold, recent_labels, recent_scores[usable], target_recall, options
+        labels, champion_scores, champion_threshold, recent_labels, recent_scores[usable], target_recall, options, task
     )
     if not result["candidates"]:
         statements.append(

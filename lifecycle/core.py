@@ -41,7 +41,7 @@ from lifecycle.words import (  # noqa: F401
 )
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'PAGE_SETTINGS_ENV', 'DATA_KEYS', 'RUN_KEYS', 'LINEAGE', 'LOG_SECTIONS', 'LifecycleError',
+__all__ = ['SETTINGS_FILE', 'PAGE_SETTINGS_ENV', 'DATA_KEYS', 'TASKS', 'RUN_KEYS', 'LINEAGE', 'LOG_SECTIONS', 'LifecycleError',
            'use_work_settings', 'find_settings', 'page_settings', 'split_list', 'parse_mapping', 'value_key',
            'parse_labels', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'prediction_log_url',
            'Project', 'open_project', 'state_project', 'import_without', 'StageContext', 'record_inputs',
@@ -104,7 +104,8 @@ DATA_KEYS = {
     "columns": "column names for files without a header line",
     "na_values": "cell values that mean missing",
     "target": "the column to predict",
-    "positive": "target values counted as the positive class",
+    "task": "binary, multiclass or regression; empty: inferred from the target when prepare first sees the data",
+    "positive": "target values counted as the positive class (a binary task's; required for it)",
     "negative": "target values counted as negative (others are unknown labels); empty: every other value",
     "sensitive": "columns Fairlearn audits by",
     "id": "the record identifier column (pseudonymized, never shown)",
@@ -120,6 +121,7 @@ DATA_KEYS = {
     "citation": "how to cite the data (for the model card)",
     "owner": "who owns the models trained on it: a person, team or organisation (for the model card)",
 }
+TASKS = ("binary", "multiclass", "regression")  # the kinds of target a project may predict
 RUN_KEYS = {
     "timeout": "seconds a cell of a stage notebook may run before the stage is stopped",
 }
@@ -239,6 +241,7 @@ class Settings:
     columns: list[str] = field(default_factory=list)
     na_values: list[str] = field(default_factory=list)
     target: str = ""
+    task: str = ""  # binary, multiclass or regression; "" until prepare infers it from the target
     positive: list[str] = field(default_factory=list)
     negative: list[str] = field(default_factory=list)
     sensitive: list[str] = field(default_factory=list)
@@ -333,9 +336,14 @@ def load_settings(
         raise LifecycleError(f"{path.name} has no [data] section; it must describe the dataset")
     _check_keys("data", data, DATA_KEYS, path)
     _check_keys("run", sections.get("run", {}), RUN_KEYS, path)
-    for key in ("sources", "target", "positive"):
+    for key in ("sources", "target"):
         if not data.get(key, "").strip():
             raise LifecycleError(f"{path.name}: [data] {key} is required ({DATA_KEYS[key]})")
+    task = data.get("task", "").strip().lower()
+    if task and task not in TASKS:
+        raise LifecycleError(f"{path.name}: [data] task must be one of {', '.join(TASKS)} (or empty, to infer it)")
+    if task == "binary" and not data.get("positive", "").strip():
+        raise LifecycleError(f"{path.name}: [data] positive is required for a binary task ({DATA_KEYS['positive']})")
     sources = [
         parse_source(name, value, path.parent)
         for name, value in parse_mapping(data["sources"], "[data] sources").items()
@@ -347,7 +355,8 @@ def load_settings(
         columns=split_list(data.get("columns", "")),
         na_values=split_list(data.get("na_values", "")),
         target=data["target"].strip(),
-        positive=split_list(data["positive"]),
+        task=task,
+        positive=split_list(data.get("positive", "")),
         negative=split_list(data.get("negative", "")),
         sensitive=split_list(data.get("sensitive", "")),
         id=data.get("id", "").strip(),

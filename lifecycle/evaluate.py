@@ -11,22 +11,27 @@ from html import escape
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from .core import read_json
-from .fairness import bootstrap, fairness_across_seeds, fairness_audit, sensitive_groups
+from .fairness import fairness_across_seeds, sensitive_groups
 from .gate import checklist, gate
-from .metrics import classification_metrics, read_row_hashes, row_hashes, threshold_for_recall
+from .metrics import read_row_hashes, row_hashes
 from .model_card import model_card
 from .promotion import move_alias
 from .registry import Registry, load_model, markdown_table, save_card, update_meta
+from lifecycle.tasks import (  # noqa: F401 (compare_with_champion and score_intervals lived here: their names stay)
+    BinaryTask,
+    Task,
+    compare_with_champion,
+    score_intervals,
+)
 
 # %% auto #0
-__all__ = ['unseen_rows', 'compare_with_champion', 'measure_speed', 'EvaluateOptions', 'model_features', 'split_rows',
-           'fairness_evidence', 'score_intervals', 'champion_evidence', 'metrics_by_source', 'evaluate_model',
-           'load_version', 'load_champion', 'evaluation_record', 'record_evaluation', 'decision_head', 'recall_row',
-           'checklist_markdown', 'accuracy_paragraph', 'fairness_paragraph', 'champion_paragraph', 'decision_markdown',
-           'stage_summary', 'evaluate_headline']
+__all__ = ['unseen_rows', 'measure_speed', 'EvaluateOptions', 'model_features', 'split_rows', 'fairness_evidence',
+           'champion_evidence', 'metrics_by_source', 'evaluate_model', 'load_version', 'load_champion',
+           'evaluation_record', 'record_evaluation', 'decision_head', 'recall_row', 'checklist_markdown',
+           'accuracy_paragraph', 'fairness_paragraph', 'champion_paragraph', 'decision_markdown', 'stage_summary',
+           'evaluate_headline']
 
 # %% ../nbs/04_evaluate.ipynb #45da6374
 def unseen_rows(
@@ -39,29 +44,6 @@ def unseen_rows(
         if rows is not None:
             unseen &= ~np.isin(hashes, np.fromiter(rows, dtype=np.uint64, count=len(rows)))
     return unseen
-
-
-def compare_with_champion(
-    y_true: np.ndarray,  # labels of the test rows
-    scores: np.ndarray,  # the new model's scores
-    champion_scores: np.ndarray,  # the champion's scores
-    unseen: np.ndarray,  # the rows neither model was trained on, from `unseen_rows`
-    resamples: int = 300,  # bootstrap resamples
-    seed: int = 42,  # random seed of the bootstrap
-) -> dict:  # rows compared, the ROC AUC difference (new − champion) and its 95% interval (None with too few rows)
-    "The ROC AUC difference between the new model and the champion on rows neither has seen, with a bootstrap interval."
-    y, new, old = np.asarray(y_true)[unseen], np.asarray(scores)[unseen], np.asarray(champion_scores)[unseen]
-    result = {"rows": int(unseen.sum()), "roc_auc_difference": None, "low": None, "high": None}
-    if len(np.unique(y)) < 2:
-        return result
-    interval = bootstrap(
-        y, {"difference": lambda i: roc_auc_score(y[i], new[i]) - roc_auc_score(y[i], old[i])}, resamples, seed
-    )
-    return {
-        **result,
-        "roc_auc_difference": float(roc_auc_score(y, new) - roc_auc_score(y, old)),
-        **(interval["difference"] or {}),
-    }
 
 # %% ../nbs/04_evaluate.ipynb #e82ea9fe
 def measure_speed(
@@ -145,13 +127,15 @@ def fairness_evidence(
     scores: np.ndarray,  # the model's test scores
     threshold: float,  # the decision threshold
     options: EvaluateOptions,  # the stage's settings
+    task: Task | None = None,  # the project's task (None: binary)
 ) -> tuple[dict, dict, list[dict]]:  # fairness on the test split, on every labeled row (first seed), and by seed
     "Fairness on the test split alone, and on every labeled row out of fold, repeated over seeds of the folds."
+    task = task or BinaryTask()
     y_test = labeled.loc[test_rows, "_label"].to_numpy().astype(int)
     judging = (options.min_group_size, options.min_group_positives, options.min_group_negatives)
     test_groups = {c: g[test_rows] for c, g in groups.items()}
-    fairness_test = fairness_audit(
-        y_test, scores, threshold, test_groups, *judging, options.bootstrap_resamples, options.seed
+    fairness_test = task.fairness(
+        y_test, scores, threshold, test_groups, *judging, resamples=options.bootstrap_resamples, seed=options.seed
     )
     seeds = [options.seed + k for k in range(max(options.fairness_seeds, 1))]
     folds = len(meta.get("cv", {}).get("roc_auc_folds", [])) or 5
@@ -170,45 +154,27 @@ def fairness_evidence(
     return fairness_test, fairness, by_seed
 
 
-def score_intervals(
-    y_test: np.ndarray,  # labels of the test rows
-    scores: np.ndarray,  # the model's scores
-    predicted: np.ndarray,  # its decisions at the threshold
-    resamples: int,  # bootstrap resamples
-    seed: int,  # random seed of the bootstrap
-) -> dict:  # `roc_auc` and `recall`, each a 95% interval (or None)
-    "Bootstrap intervals of the test ROC AUC and recall."
-    return bootstrap(
-        y_test,
-        {
-            "roc_auc": lambda i: roc_auc_score(y_test[i], scores[i]),
-            "recall": lambda i: predicted[i][y_test[i] == 1].mean(),
-        },
-        resamples,
-        seed,
-    )
-
-
 def champion_evidence(
     candidate: dict,  # the new version, as `evaluate_model` takes it
     champion: dict,  # the champion, likewise
     test: pd.DataFrame,  # the test rows
     scores: np.ndarray,  # the new model's test scores
     options: EvaluateOptions,  # the stage's settings
+    task: Task | None = None,  # the project's task (None: binary)
 ) -> tuple[dict, dict, np.ndarray]:  # the comparison, the champion's test metrics, the champion's scores
     "The champion scored on the test rows (through its calibration map) and compared on rows neither model saw."
     from lifecycle.serving.scoring import (
         calibrate_scores,
     )  # a champion a retrain recalibrated serves its scores through its map
 
+    task = task or BinaryTask()
     y_test = test["_label"].to_numpy().astype(int)
     champion_scores = calibrate_scores(
-        champion["model"].predict_proba(test[model_features(champion["meta"])])[:, 1],
-        champion["meta"].get("calibration"),
+        task.scores(champion["model"], test[model_features(champion["meta"])]), champion["meta"].get("calibration")
     )
-    champion_metrics = classification_metrics(y_test, champion_scores, champion["meta"].get("threshold", 0.5))
+    champion_metrics = task.metrics(y_test, champion_scores, champion["meta"].get("threshold", 0.5))
     unseen = unseen_rows(row_hashes(test), candidate["trained"], champion["trained"])
-    versus = compare_with_champion(y_test, scores, champion_scores, unseen, options.bootstrap_resamples, options.seed)
+    versus = task.versus(y_test, scores, champion_scores, unseen, options.bootstrap_resamples, options.seed)
     versus["champion_rows_recorded"] = champion["trained"] is not None
     return versus, champion_metrics, champion_scores
 
@@ -219,11 +185,12 @@ def metrics_by_source(
     scores: np.ndarray,  # the model's scores
     threshold: float,  # the decision threshold
     min_rows: int = 10,  # sources with fewer test rows are left out
-) -> dict:  # per source, its classification metrics
+    task: Task | None = None,  # the project's task (None: binary)
+) -> dict:  # per source, the task's metrics
     "Test metrics of each source with enough rows."
-    sources = test["_source"].astype(str).to_numpy()
+    task, sources = task or BinaryTask(), test["_source"].astype(str).to_numpy()
     return {
-        source: classification_metrics(y_test[sources == source], scores[sources == source], threshold)
+        source: task.metrics(y_test[sources == source], scores[sources == source], threshold)
         for source in sorted(set(sources))
         if (sources == source).sum() >= min_rows
     }
@@ -235,34 +202,36 @@ def evaluate_model(
     sensitive: list[str],  # the sensitive columns
     options: EvaluateOptions,  # the stage's settings
     champion: dict | None = None,  # the champion, like `candidate` plus `version`; None without one
+    task: Task | None = None,  # the project's task, from `task_for` (None: binary)
 ) -> dict:  # everything the report shows and the registry records, the gate's decision among it
     """Evaluate a model beside the champion: threshold, accuracy, fairness on every labeled row, stability, speed, the
     gate."""
-    model, meta = candidate["model"], candidate["meta"]
+    model, meta, task = candidate["model"], candidate["meta"], task or BinaryTask()
     features = model_features(meta)
     labeled, val_rows, test_rows = split_rows(clean)
     val, test = labeled[val_rows], labeled[test_rows]
     y_val, y_test = val["_label"].to_numpy().astype(int), test["_label"].to_numpy().astype(int)
-    threshold = threshold_for_recall(y_val, model.predict_proba(val[features])[:, 1], options.target_recall)
-    scores = model.predict_proba(test[features])[:, 1]
-    predicted = (scores >= threshold).astype(int)
-    metrics = classification_metrics(y_test, scores, threshold)
+    threshold = task.fit_decision(y_val, task.scores(model, val[features]), options.target_recall)
+    scores = task.scores(model, test[features])
+    predicted = task.decide(scores, threshold)
+    metrics = task.metrics(y_test, scores, threshold)
     groups = sensitive_groups(labeled, sensitive, candidate.get("reference"))
     fairness_test, fairness, fairness_by_seed = fairness_evidence(
-        model, meta, labeled, groups, test_rows, scores, threshold, options
+        model, meta, labeled, groups, test_rows, scores, threshold, options, task
     )
-    intervals = score_intervals(y_test, scores, predicted, options.bootstrap_resamples, options.seed)
+    intervals = task.intervals(y_test, scores, predicted, options.bootstrap_resamples, options.seed)
     versus = champion_metrics = champion_scores = None
     if champion is not None:
-        versus, champion_metrics, champion_scores = champion_evidence(candidate, champion, test, scores, options)
-    by_source = metrics_by_source(test, y_test, scores, threshold)
+        versus, champion_metrics, champion_scores = champion_evidence(candidate, champion, test, scores, options, task)
+    by_source = metrics_by_source(test, y_test, scores, threshold, task=task)
     speed = measure_speed(model, test[features])
     # The gate judges each sensitive column, as settings name them; their intersection is audited and shown, not gated
     # (its groups are small, and differ in base rate so much that any threshold gives them different error rates).
     for row in fairness_by_seed:
         row["gated"] = row["column"] in sensitive
     gated = {column: fairness[column] for column in sensitive}
-    decision = gate(metrics, gated, speed, versus, options.min_auc, options.max_fairness_gap, options.max_latency_ms)
+    limits = (options.min_auc, options.max_fairness_gap, options.max_latency_ms)
+    decision = gate(metrics, gated, speed, versus, *limits, task)
     return {
         "threshold": threshold,
         "target_recall": options.target_recall,

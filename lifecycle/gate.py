@@ -5,6 +5,8 @@
 # %% ../nbs/04a_gate.ipynb #3627412e
 from __future__ import annotations
 
+from .tasks import BinaryTask, Task
+
 # %% auto #0
 __all__ = ['gate_check', 'undecided_check', 'auc_check', 'fairness_check', 'latency_check', 'champion_check', 'gate', 'near_miss',
            'checklist']
@@ -128,6 +130,7 @@ def gate(
     min_auc: float,  # the lowest ROC AUC allowed
     max_fairness_gap: float,  # the largest equalized odds difference allowed
     max_latency_ms: float,  # the largest CPU milliseconds a single record may cost
+    task: Task | None = None,  # the project's task: which of `metrics` the accuracy criterion judges (None: binary)
 ) -> dict:  # passed, the reason for each refusal, and `checks`: every deciding figure beside its threshold
     """Decide whether a model may serve: not worse, not unfair, not slow.
 
@@ -135,7 +138,7 @@ def gate(
     its bootstrap interval is above it. Without an interval the gap itself is compared. The champion
     wins only when the interval of the AUC difference, on rows neither model was trained on, is
     entirely below zero."""
-    judged = [auc_check(metrics["roc_auc"], min_auc)]
+    judged = [auc_check(metrics[(task or BinaryTask()).headline_metric], min_auc)]
     judged += [fairness_check(column, gaps, max_fairness_gap) for column, gaps in fairness.items()]
     judged.append(latency_check(speed["latency_ms"], max_latency_ms))
     if versus_champion is not None:

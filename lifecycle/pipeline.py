@@ -38,6 +38,7 @@ from .access import server_options
 from .execute import Kernels, _import_nbformat, execute_stage, export_html
 from .labels import label_policy
 from .report import write_index
+from .tasks import check_task
 
 # %% auto #0
 __all__ = ['CONTEXT_PARAMETERS', 'PAGE_SECTIONS', 'SERVICE_SECTIONS', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
@@ -490,6 +491,7 @@ def run_lifecycle(
     settings = load_settings(settings_path)
     stages = discover_stages(cache=settings.root / "runs" / ".cache" / "parameters")
     check_sections(settings, stages)
+    check_task(settings)  # a task this version cannot run is refused before the first stage
     in_run, selected, forced = plan_stages(stages, only, start)
     parameters = _run_parameters(stages, in_run, settings, parse_overrides(overrides or []))
     root, run_id = settings.root, _new_run_id()

@@ -22,49 +22,12 @@ from .core import LINEAGE, LifecycleError, Settings
 from .files import read_json, thread_pool, write_json, write_text
 from .metrics import duplicate_hashes
 from .rules import _is_code, clean_text, infer_numeric, parse_range, parse_recode, parse_values
+from .tasks import label_key, label_target, task_for  # noqa: F401 (their home was here: names kept)
 
 # %% auto #0
-__all__ = ['SPLITS', 'label_key', 'label_target', 'infer_column', 'infer_schema', 'current_schema', 'store_schema',
-           'pandera_schema', 'first_reason', 'duplicate_of', 'take_rows', 'duplicate_trace', 'quarantine_gate',
-           'assign_splits', 'profile_columns', 'profile_report', 'parse_rules', 'check_columns', 'new_schema',
-           'sort_rows', 'prepare']
-
-# %% ../nbs/02_prepare.ipynb #fe0d9f4d
-def label_key(value) -> str:
-    "A label as comparable text: `1`, `1.0` and ` 1 ` are the same label."
-    if isinstance(value, (int, float, np.integer, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    text = str(value).strip().casefold()
-    try:
-        number = float(text)
-        return str(int(number)) if number.is_integer() else text
-    except ValueError:
-        return text
-
-
-def label_target(
-    target: pd.Series,  # the target column
-    positive: list[str],  # values of the positive class
-    negative: list[str],  # values of the negative class; empty: every other value
-) -> tuple[pd.Series, pd.Series]:  # (label 1/0, NaN when unknown; reason per row)
-    "Turn target values into a binary label, with a reason for each row that has none."
-    codes, values = pd.factorize(target)  # judge each distinct value once, not each row
-    keys = np.array([label_key(value) for value in values], dtype=object)
-    positive_keys = {label_key(value) for value in positive}
-    negative_keys = {label_key(value) for value in negative}
-    is_positive = np.append(np.isin(keys, list(positive_keys)), False)  # the extra last entry is for code -1: missing
-    is_unknown = np.append(
-        ~np.isin(keys, list(positive_keys | negative_keys)) if negative_keys else np.zeros(len(keys), bool), False
-    )
-    label = is_positive[codes].astype("float64")
-    reasons, labels = np.zeros(len(target), dtype=np.int16), [""]
-    unknown = is_unknown[codes]
-    reasons[unknown] = _code(labels, "target_unknown")
-    label[unknown] = np.nan
-    missing = codes == -1
-    reasons[missing] = _code(labels, "target_missing")
-    label[missing] = np.nan
-    return pd.Series(label, index=target.index), reason_series(reasons, labels, target.index)
+__all__ = ['SPLITS', 'infer_column', 'infer_schema', 'current_schema', 'store_schema', 'pandera_schema', 'first_reason',
+           'duplicate_of', 'take_rows', 'duplicate_trace', 'quarantine_gate', 'assign_splits', 'profile_columns',
+           'profile_report', 'parse_rules', 'check_columns', 'new_schema', 'sort_rows', 'prepare']
 
 # %% ../nbs/02_prepare.ipynb #a3f8e2ab
 def _infer_numbers(
@@ -512,8 +475,11 @@ def prepare(
     accept_schema: bool = False,  # store a new schema version inferred from this data
     schema_reason: str = "",  # why the new schema version is accepted
     max_missing_share: float = MAX_MISSING_SHARE,  # a row with a larger share of features missing is quarantined
-) -> dict:  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons, standardization
-    "Standardize, validate, quarantine and de-duplicate a snapshot."
+) -> dict:  # clean, quarantined and duplicate rows, the schema, the contract's settings, reasons, standardization, task
+    """Standardize, validate, quarantine and de-duplicate a snapshot, its target labelled by the project's task.
+
+    Long because it is the stage's one sequence, each step a call: the task and labels, the schema, the contract's
+    check, the sort into clean, quarantined and duplicate rows."""
     features = _feature_columns(snapshot, settings)
     recode_maps, _, declared = parse_rules(snapshot.columns, recode, missing_values, ranges)
     schema = current_schema(settings.root)
@@ -525,7 +491,8 @@ def prepare(
         )
 
     target = clean_text(snapshot[settings.target], settings.na_values, {})
-    labels, target_reasons = label_target(target, settings.positive, settings.negative)
+    task = task_for(settings, target)  # set in settings, or inferred from the target the first time it is seen
+    labels, target_reasons = task.labels(target)
     if schema is None or accept_schema:
         schema = new_schema(
             snapshot,
@@ -559,4 +526,5 @@ def prepare(
         "contract": used,
         "standardization": report,
         "reasons": quarantined["_reason"],
+        "task": task,
     }

@@ -76,8 +76,17 @@ DATA = (
             "lifecycle: settings.ini: unknown key 'targte' in section [data]",
         ),
         (
-            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\ncolumns = {cols}\n",
-            "lifecycle: settings.ini: [data] positive is required",
+            "[data]\nsources = a: data/heart-disease-uci/processed.cleveland.data\ntarget = num\ntask = binary\n"
+            "columns = {cols}\n",
+            "lifecycle: settings.ini: [data] positive is required for a binary task",
+        ),
+        (
+            DATA + "task = ordinal\n",
+            "lifecycle: settings.ini: [data] task must be one of binary, multiclass, regression",
+        ),
+        (  # refused before the first stage runs, until the regression task exists
+            DATA + "task = regression\n",
+            "lifecycle: [data] task = regression (set in settings.ini): this version trains, gates and serves binary",
         ),
         (
             DATA + "[prepare]\nseed = many\n",

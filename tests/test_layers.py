@@ -44,6 +44,7 @@ LAYERS = {
     "monitoring.engine": 1,
     "rollback": 1,
     "promotion": 1,
+    "tasks": 1,  # what depends on the kind of target (binary, multiclass, regression): one object a task
     "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures
     "regression": 1,  # regression's metrics, intervals, plots, conformal intervals, fairness gaps, paired comparison
     "regression_estimates": 1,  # regression without labels: direct loss estimation; conformal re-calibration
