@@ -375,11 +375,11 @@ def _estimate_values(
     cbpe: dict,  # `estimated_metrics` on the window
     drifted_features: int,  # how many features drifted
     n_boot: int,  # bootstrap replicates
-) -> tuple[dict, list[str]]:  # (values: cbpe_*, shift_*, estimator, outside_share, the estimated_* shown; statements)
+) -> tuple[dict, list[str]]:  # (values: cbpe_*, shift_*, estimator, outside_share, estimated_* shown; statements)
     """The estimates a window shows (`estimate.choose_estimate`), CBPE's kept as `cbpe_*` and the label-shift one as
     `shift_*` beside them; CBPE alone, said so, when the reference holds no training prevalence (an older one)."""
     values = {f"cbpe_{name}": cbpe[f"estimated_{name}"] for name in ("roc_auc", "recall", "precision", "prevalence")}
-    prior = reference.get("positive_rate")
+    prior = values["reference_prevalence"] = reference.get("positive_rate")
     if prior is None or not len(rows):
         values["estimator"] = "cbpe" if len(rows) else "none"
         return values, ["estimates by CBPE: the reference holds no training prevalence"] if len(rows) else []
