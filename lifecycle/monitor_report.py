@@ -13,11 +13,11 @@ import pandas as pd
 
 from .core import read_json
 from .drift import quantile_points
-from .monitoring import details_path, window_label
+from .monitoring import details_path, estimate_words, window_label
 
 # %% auto #0
-__all__ = ['ACCURACY_COLUMNS', 'ESTIMATOR_WORDS', 'window_details', 'drift_strength', 'drift_matrix', 'over_time',
-           'fairness_columns', 'estimate_words', 'headline', 'score_curves', 'plot_monitoring', 'plot_reliability']
+__all__ = ['ACCURACY_COLUMNS', 'window_details', 'drift_strength', 'drift_matrix', 'over_time', 'fairness_columns', 'headline',
+           'score_curves', 'plot_monitoring', 'plot_reliability']
 
 # %% ../nbs/06_monitor.ipynb #80889af9
 def window_details(
@@ -98,33 +98,6 @@ def fairness_columns(
     ]
 
 # %% ../nbs/06_monitor.ipynb #6fb38392
-ESTIMATOR_WORDS = {"label_shift": "adjusted for label shift", "cbpe": "CBPE"}  # `estimator` in a headline
-
-
-def estimate_words(
-    values: dict,  # a window's figures: estimated_*, estimator, outside_share, reference_prevalence
-) -> list[str]:  # the window's estimate in words (with the production prevalence estimated), or why there is none
-    "A window's estimates before its labels, said to be estimates, with the estimator shown; none when untrusted."
-    if values.get("estimator") == "none" and values.get("outside_share") is not None:
-        return [
-            f"no estimate of its accuracy: it cannot be trusted, {values['outside_share']:.0%} of its patients are "
-            "outside the training data's range"
-        ]
-    words = []
-    if values.get("estimated_roc_auc") is not None:
-        how = ESTIMATOR_WORDS.get(values.get("estimator"))
-        words.append(
-            f"estimated ROC AUC {values['estimated_roc_auc']:.2f} (an estimate"
-            + (f", {how}" if how else "")
-            + ": its labels have not arrived)"
-        )
-    if values.get("estimated_prevalence") is not None and values.get("reference_prevalence") is not None:
-        words.append(
-            f"estimated prevalence {values['estimated_prevalence']:.0%} (training {values['reference_prevalence']:.0%})"
-        )
-    return words
-
-
 def headline(
     result: dict,  # `monitor_project`'s result
 ) -> str:  # one or two sentences

@@ -13,9 +13,9 @@ import pandas as pd
 from ..drift import category_label
 
 # %% auto #0
-__all__ = ['OUTSIDE_LIMIT', 'OUTSIDE_MARGIN', 'CALIBRATION_BINS', 'ESTIMATORS', 'weighted_auc', 'finite_or_none',
-           'outside_support', 'em_prevalence', 'shift_estimates', 'calibration_figures', 'reference_reliability',
-           'choose_estimate']
+__all__ = ['OUTSIDE_LIMIT', 'OUTSIDE_MARGIN', 'CALIBRATION_BINS', 'ESTIMATORS', 'ESTIMATOR_WORDS', 'weighted_auc',
+           'finite_or_none', 'outside_support', 'em_prevalence', 'shift_estimates', 'calibration_figures',
+           'reference_reliability', 'choose_estimate', 'estimate_words']
 
 # %% ../../nbs/46a_monitoring_estimate.ipynb #5e854687
 def weighted_auc(
@@ -332,3 +332,30 @@ def choose_estimate(
             else "estimates by CBPE: the label-shift estimate needs the training prevalence and an interval"
         )
     return {"estimator": estimator, "outside_share": outside, **_shown(shift, cbpe, estimator)}, [why]
+
+# %% ../../nbs/46a_monitoring_estimate.ipynb #26aa6b3b
+ESTIMATOR_WORDS = {"label_shift": "adjusted for label shift", "cbpe": "CBPE"}  # `estimator` in a headline
+
+
+def estimate_words(
+    values: dict,  # a window's figures: estimated_*, estimator, outside_share, reference_prevalence
+) -> list[str]:  # the window's estimate in words (with the production prevalence estimated), or why there is none
+    "A window's estimates before its labels, said to be estimates, with the estimator shown; none when untrusted."
+    if values.get("estimator") == "none" and values.get("outside_share") is not None:
+        return [
+            f"no estimate of its accuracy: it cannot be trusted, {values['outside_share']:.0%} of its patients are "
+            "outside the training data's range"
+        ]
+    words = []
+    if values.get("estimated_roc_auc") is not None:
+        how = ESTIMATOR_WORDS.get(values.get("estimator"))
+        words.append(
+            f"estimated ROC AUC {values['estimated_roc_auc']:.2f} (an estimate"
+            + (f", {how}" if how else "")
+            + ": its labels have not arrived)"
+        )
+    if values.get("estimated_prevalence") is not None and values.get("reference_prevalence") is not None:
+        words.append(
+            f"estimated prevalence {values['estimated_prevalence']:.0%} (training {values['reference_prevalence']:.0%})"
+        )
+    return words
