@@ -105,6 +105,7 @@ LAYERS = {
     "bench.clinic": 3,
     "bench.monitor": 3,
     "bench.retrain": 3,
+    "bench.estimate": 3,
     "cli": 3,
     "loop": 3,
     "simulate": 3,
