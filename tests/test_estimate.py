@@ -95,14 +95,14 @@ def test_the_calibration_alert_fires_then_resolves(project):
     _log_week(root, model, rng, 0, 0.8, labels_from="true")  # calibrated at 30%: at 80% the scores are too low
     first = monitor_project(open_project(root / "settings.ini"), now=NOW)
     values = first["latest"]["values"]
-    assert values["calibration_error_low"] > 0.1 and values["last_labeled.calibration_error"] > 0.1
+    assert values["calibration_error_low"] > 0.1 and values["last_labeled.calibration_excess"] > 0.1
     assert [alert["labels"]["alertname"] for alert in first["alerts"]["firing"]] == ["calibration_drift"]
     details = json.loads((root / "monitoring" / "details" / f"{first['latest']['window']}.json").read_text())
     assert details["reliability"]["window"] and details["reliability"]["reference"]
 
     _log_week(root, model, rng, 1, 0.3, labels_from="scores")  # labels as the scores say: calibrated again
     second = monitor_project(open_project(root / "settings.ini"), now=NOW)
-    assert second["latest"]["values"]["last_labeled.calibration_error"] < 0.1
+    assert second["latest"]["values"]["last_labeled.calibration_excess"] < 0.1
     assert [(a["labels"]["alertname"], a["status"]) for a in second["alerts"]["sent"]] == [
         ("calibration_drift", "resolved")
     ]

@@ -411,8 +411,8 @@ def update_windows(
 # %% ../../nbs/49_monitoring_engine.ipynb #e5fa04ca
 # the realized figures rules read from the latest window whose labels arrived (`last_labeled.<name>`)
 LABELED_FIGURES = tuple(
-    "labeled roc_auc recall precision prevalence brier calibration_gap calibration_error tp fp fn tn".split()
-)
+    "labeled roc_auc recall precision prevalence brier calibration_gap calibration_error calibration_excess".split()
+) + ("tp", "fp", "fn", "tn")
 # a webhook URL often holds a secret: it may come from the environment instead of settings
 WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"
 
@@ -474,8 +474,9 @@ def _calibration_rule(
     section: dict,  # the [monitor] settings, as text
     rules: list,  # the rules the `alerts` setting defines (one of the same name wins)
 ) -> list:  # the `calibration_drift` rule, or none (off, or defined in `alerts`)
-    """`calibration_drift` (warning): the expected calibration error of the latest window whose labels arrived is above
-    `[monitor] max_calibration_error` (0: off). It resolves when a later labelled window is back under the limit."""
+    """`calibration_drift` (warning): the expected calibration error of the latest window whose labels arrived, less
+    what chance alone gives a calibrated model with as many labels (`calibration_excess`), is above `[monitor]
+    max_calibration_error` (0: off). It resolves when a later labelled window is back under the limit."""
     text = str(section.get("max_calibration_error", MONITOR_KEYS["max_calibration_error"])).strip()
     try:
         limit = float(text)
@@ -486,7 +487,7 @@ def _calibration_rule(
     if limit == 0 or any(rule.name == CALIBRATION_RULE for rule in rules):
         return []
     return parse_rules(
-        f"{CALIBRATION_RULE} (warning): last_labeled.calibration_error > {limit:g}", "[monitor] max_calibration_error"
+        f"{CALIBRATION_RULE} (warning): last_labeled.calibration_excess > {limit:g}", "[monitor] max_calibration_error"
     )
 
 

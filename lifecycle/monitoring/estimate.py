@@ -196,16 +196,17 @@ def calibration_figures(
     scores: np.ndarray,  # the scores of those predictions
     n_boot: int = 200,  # bootstrap replicates (0: no interval)
     seed: int = 0,  # bootstrap seed
-) -> dict:  # calibration_error with _low/_high (None without labels), reliability: a row a bin with n, score, observed
+) -> dict:  # calibration_error and calibration_excess with _low/_high (None without labels), reliability rows
     """The expected calibration error (the mean gap between score and observed rate over `CALIBRATION_BINS` bins of
-    score, each bin weighted by its rows) with a 95% Poisson-bootstrap interval, and the reliability diagram's rows."""
+    score, each bin weighted by its rows) with a 95% Poisson-bootstrap interval, and the reliability diagram's rows.
+
+    With few labels the error is large by chance alone (about 0.2 with 20 labels of a perfectly calibrated model), so
+    `calibration_excess` is the error less the mean error of a calibrated model on the same scores (labels drawn from
+    the scores themselves, as many replicates as the bootstrap): what the alert judges."""
     labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
     if not len(labels):
-        return {
-            "calibration_error": None,
-            "calibration_error_low": None,
-            "calibration_error_high": None,
-            "reliability": [],
+        return {f"calibration_{name}{end}": None for name in ("error", "excess") for end in ("", "_low", "_high")} | {
+            "reliability": []
         }
     counts, summed, positive = _binned(np.ones((1, len(labels))), scores, labels)
     error = float(np.abs(summed - positive).sum() / len(labels))
@@ -220,6 +221,11 @@ def calibration_figures(
     drawn = np.concatenate(drawn) if drawn else np.array([])
     drawn = drawn[np.isfinite(drawn)]
     enough = len(drawn) >= max(10, n_boot // 2)
+    at = np.clip((scores * CALIBRATION_BINS).astype(int), 0, CALIBRATION_BINS - 1)
+    replicates = max(2, min(50, 2_000_000 // len(labels)))  # memory bounded; with many labels chance is small
+    chance_labels = (rng.random((replicates, len(scores))) < scores).astype(float)  # a calibrated model's labels
+    chance_sums = np.stack([chance_labels[:, at == k].sum(axis=1) for k in range(CALIBRATION_BINS)], axis=1)
+    chance = float(np.mean(np.abs(summed - chance_sums).sum(axis=1) / len(labels)))
     rows = [
         {
             "bin": f"{k / CALIBRATION_BINS:.1f}–{(k + 1) / CALIBRATION_BINS:.1f}",
@@ -234,6 +240,9 @@ def calibration_figures(
         "calibration_error": error,
         "calibration_error_low": float(np.quantile(drawn, 0.025)) if enough else None,
         "calibration_error_high": float(np.quantile(drawn, 0.975)) if enough else None,
+        "calibration_excess": error - chance,
+        "calibration_excess_low": float(np.quantile(drawn, 0.025)) - chance if enough else None,
+        "calibration_excess_high": float(np.quantile(drawn, 0.975)) - chance if enough else None,
         "reliability": rows,
     }
 
