@@ -41,9 +41,7 @@ def estimate_rows(
 
 def estimate_summary(
     rows: list[dict],  # `estimate_rows`
-) -> (
-    dict
-):  # per figure: mean absolute error of ours and of CBPE, their ratio, the share of windows ours' interval covers
+) -> dict:  # by figure: mean absolute errors (ours, CBPE), their ratio, our interval's coverage
     "How close each estimate came to what was measured, and how often our interval held the measured value."
     summary = {"windows": len(rows)}
     for name in FIGURES:

@@ -22,12 +22,12 @@ from ..serving.predlog.writer import open_log
 
 # isort: split
 from . import store
+from .estimate import calibration_rule
 from .figures import scrape_serving, window_report
 from .windows import DEFAULT_WINDOW, Windows, windowing
 
 # %% auto #0
-__all__ = ['LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'CALIBRATION_RULE', 'WindowOptions', 'update_windows',
-           'monitor_project']
+__all__ = ['LABELED_FIGURES', 'WEBHOOK_ENV', 'MONITOR_KEYS', 'WindowOptions', 'update_windows', 'monitor_project']
 
 # %% ../../nbs/49_monitoring_engine.ipynb #5b829c5f
 class WindowOptions(NamedTuple):
@@ -467,30 +467,6 @@ def _int_setting(
     return int(text)
 
 
-CALIBRATION_RULE = "calibration_drift"  # the alert `[monitor] max_calibration_error` defines
-
-
-def _calibration_rule(
-    section: dict,  # the [monitor] settings, as text
-    rules: list,  # the rules the `alerts` setting defines (one of the same name wins)
-) -> list:  # the `calibration_drift` rule, or none (off, or defined in `alerts`)
-    """`calibration_drift` (warning): the expected calibration error of the latest window whose labels arrived, less
-    what chance alone gives a calibrated model with as many labels (`calibration_excess`), is above `[monitor]
-    max_calibration_error` (0: off). It resolves when a later labelled window is back under the limit."""
-    text = str(section.get("max_calibration_error", MONITOR_KEYS["max_calibration_error"])).strip()
-    try:
-        limit = float(text)
-    except ValueError:
-        limit = -1.0
-    if not 0 <= limit <= 1:
-        raise LifecycleError("[monitor] max_calibration_error must be a number from 0 to 1 (0: no calibration alert)")
-    if limit == 0 or any(rule.name == CALIBRATION_RULE for rule in rules):
-        return []
-    return parse_rules(
-        f"{CALIBRATION_RULE} (warning): last_labeled.calibration_excess > {limit:g}", "[monitor] max_calibration_error"
-    )
-
-
 def _monitor_settings(
     project: Project,  # the project
     settings: dict | None,  # [monitor] settings overriding the file's
@@ -506,7 +482,9 @@ def _monitor_settings(
         "kpis": parse_kpis(section.get("kpis", "")),
         "rules": parse_rules(section.get("alerts", "")),
     }
-    found["rules"] += _calibration_rule(section, found["rules"])
+    found["rules"] += calibration_rule(
+        section.get("max_calibration_error", MONITOR_KEYS["max_calibration_error"]), found["rules"]
+    )
     try:
         found["repeat"] = timedelta(hours=float(section.get("repeat_hours", MONITOR_KEYS["repeat_hours"])))
     except ValueError:

@@ -10,12 +10,14 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..alerts import parse_rules
+from ..core import LifecycleError
 from ..drift import category_label
 
 # %% auto #0
-__all__ = ['OUTSIDE_LIMIT', 'OUTSIDE_MARGIN', 'CALIBRATION_BINS', 'ESTIMATORS', 'ESTIMATOR_WORDS', 'weighted_auc',
-           'finite_or_none', 'outside_support', 'em_prevalence', 'shift_estimates', 'calibration_figures',
-           'reference_reliability', 'choose_estimate', 'estimate_words']
+__all__ = ['OUTSIDE_LIMIT', 'OUTSIDE_MARGIN', 'CALIBRATION_BINS', 'CALIBRATION_RULE', 'ESTIMATORS', 'ESTIMATOR_WORDS',
+           'weighted_auc', 'finite_or_none', 'outside_support', 'em_prevalence', 'shift_estimates',
+           'calibration_figures', 'reference_reliability', 'calibration_rule', 'choose_estimate', 'estimate_words']
 
 # %% ../../nbs/46a_monitoring_estimate.ipynb #5e854687
 def weighted_auc(
@@ -273,6 +275,30 @@ def reference_reliability(
             )
             error += share * abs(rows[-1]["score"] - rows[-1]["observed"])
     return rows, float(error)
+
+# %% ../../nbs/46a_monitoring_estimate.ipynb #1a0c30a8
+CALIBRATION_RULE = "calibration_drift"  # the alert `[monitor] max_calibration_error` defines
+
+
+def calibration_rule(
+    text: str,  # `[monitor] max_calibration_error`, as text
+    rules: list,  # the rules the `alerts` setting defines (one of the same name wins)
+) -> list:  # the `calibration_drift` rule, or none (off, or defined in `alerts`)
+    """`calibration_drift` (warning): the expected calibration error of the latest window whose labels arrived, less
+    what chance alone gives a calibrated model with as many labels (`calibration_excess`), is above `[monitor]
+    max_calibration_error` (0: off). It resolves when a later labelled window is back under the limit."""
+    text = str(text).strip()
+    try:
+        limit = float(text)
+    except ValueError:
+        limit = -1.0
+    if not 0 <= limit <= 1:
+        raise LifecycleError("[monitor] max_calibration_error must be a number from 0 to 1 (0: no calibration alert)")
+    if limit == 0 or any(rule.name == CALIBRATION_RULE for rule in rules):
+        return []
+    return parse_rules(
+        f"{CALIBRATION_RULE} (warning): last_labeled.calibration_excess > {limit:g}", "[monitor] max_calibration_error"
+    )
 
 # %% ../../nbs/46a_monitoring_estimate.ipynb #52565924
 ESTIMATORS = {  # `estimator`: which estimate a window shows

@@ -368,28 +368,45 @@ def _kpi_values(
 
 
 def _estimate_values(
+    values: dict,  # the window's values so far, its drifted_features among them (updated in place)
     rows: pd.DataFrame,  # the window's predictions
     reference: dict,  # the reference statistics ({} when none)
     scores: np.ndarray,  # the window's scores
     decisions: np.ndarray,  # the window's decisions
     cbpe: dict,  # `estimated_metrics` on the window
-    drifted_features: int,  # how many features drifted
     n_boot: int,  # bootstrap replicates
-) -> tuple[dict, list[str]]:  # (values: cbpe_*, shift_*, estimator, outside_share, estimated_* shown; statements)
+) -> list[str]:  # which estimate the window shows, and why
     """The estimates a window shows (`estimate.choose_estimate`), CBPE's kept as `cbpe_*` and the label-shift one as
     `shift_*` beside them; CBPE alone, said so, when the reference holds no training prevalence (an older one)."""
-    values = {f"cbpe_{name}": cbpe[f"estimated_{name}"] for name in ("roc_auc", "recall", "precision", "prevalence")}
+    values.update(
+        {f"cbpe_{name}": cbpe[f"estimated_{name}"] for name in ("roc_auc", "recall", "precision", "prevalence")}
+    )
     prior = values["reference_prevalence"] = reference.get("positive_rate")
     if prior is None or not len(rows):
         values["estimator"] = "cbpe" if len(rows) else "none"
-        return values, ["estimates by CBPE: the reference holds no training prevalence"] if len(rows) else []
+        return ["estimates by CBPE: the reference holds no training prevalence"] if len(rows) else []
     probabilities, _ = calibrated(scores, (reference.get("scores") or {}).get("calibration"))
     shift = shift_estimates(scores, decisions, probabilities, prior, n_boot=n_boot)
-    chosen, said = choose_estimate(rows, reference, shift, cbpe, drifted_features)
+    chosen, said = choose_estimate(rows, reference, shift, cbpe, values["drifted_features"])
     values.update({**shift, **chosen})
     for end in ("", "_low", "_high"):  # the production prevalence, estimated before labels arrive
         values[f"estimated_prevalence{end}"] = shift[f"shift_prevalence{end}"]
-    return values, said
+    return said
+
+
+def _calibration_values(
+    values: dict,  # the window's values so far (updated in place)
+    labels: np.ndarray,  # the labels that arrived
+    scores: np.ndarray,  # their predictions' scores
+    reference: dict,  # the reference statistics ({} when none)
+    n_boot: int,  # bootstrap replicates
+) -> dict:  # the reliability diagrams' rows: window (the labelled rows'), reference (the training's)
+    "The window's calibration error with its interval and excess over chance, and the training's."
+    calibration = calibration_figures(labels, scores, n_boot=n_boot)
+    window = calibration.pop("reliability")
+    values.update(calibration)
+    rows, values["reference_calibration_error"] = reference_reliability(reference)
+    return {"window": window, "reference": rows}
 
 
 def window_report(
@@ -426,12 +443,8 @@ def window_report(
     estimated = estimated_metrics(scores, decisions, (reference.get("scores") or {}).get("calibration"))
     statements += estimated.pop("statements")
     values.update(estimated)
-    shown, said = _estimate_values(rows, reference, scores, decisions, estimated, values["drifted_features"], n_boot)
-    values.update(shown)
-    statements += said
-    calibration = calibration_figures(labels[labelled], scores[labelled], n_boot=n_boot)
-    reliability = calibration.pop("reliability")
-    values.update(calibration)
+    statements += _estimate_values(values, rows, reference, scores, decisions, estimated, n_boot)
+    reliability = _calibration_values(values, labels[labelled], scores[labelled], reference, n_boot)
     gaps, groups, said = _group_values(rows, reference, sensitive, decisions, labels, min_group)
     values.update(gaps)
     statements += said
@@ -447,10 +460,9 @@ def window_report(
         name: (finite_or_none(value) if isinstance(value, (float, np.floating)) else value)
         for name, value in values.items()
     }
-    reference_rows, values["reference_calibration_error"] = reference_reliability(reference)
     return {
         "values": values,
-        "reliability": {"window": reliability, "reference": reference_rows},
+        "reliability": reliability,
         "features": drift_table.to_dict("records"),
         "groups": groups,
         "rejections": rejections,
