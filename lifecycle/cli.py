@@ -222,11 +222,14 @@ def _window_lines(
             f"{_figure(values.get('roc_auc_high'))}) and recall {_figure(values.get('recall'), True)} on "
             f"{values.get('labeled')} labels."
         )
-    if values.get("estimated_roc_auc") is not None:
-        lines.append(
-            "Estimated from calibrated scores (an estimate, not a measurement): "
-            f"ROC AUC {_figure(values['estimated_roc_auc'])}, recall {_figure(values.get('estimated_recall'), True)}."
-        )
+    from lifecycle.monitoring import estimate_words  # start-up time: monitoring loads SciPy, for this command
+
+    said = estimate_words(values)  # which estimate, and why none when none can be trusted
+    if values.get("estimated_recall") is not None:
+        said.append(f"estimated recall {_figure(values['estimated_recall'], True)}")
+    if said:
+        text = "; ".join(said)
+        lines.append(text[0].upper() + text[1:] + ".")
     if kpis:
         lines.append("KPIs: " + "; ".join(f"{name} {_figure(values.get(name))}" for name in kpis) + ".")
     if latest.get("rejections"):
@@ -234,7 +237,7 @@ def _window_lines(
             f"Refused by the record contract: {values.get('rejected')} records "
             f"({_figure(values.get('rejected_share'), True)} of those received):"
         )
-        from lifecycle.monitoring import rejection_lines  # start-up time: monitoring loads SciPy, for this command
+        from lifecycle.monitoring import rejection_lines  # start-up time: as above
 
         lines += [f"  {line}" for line in rejection_lines(latest["rejections"], column_name)]
     return lines + [f"- {statement}" for statement in latest.get("statements", [])]

@@ -17,7 +17,7 @@ import pandas as pd
 from .alerts import names
 from .core import Settings
 from .metrics import group_words
-from .monitoring import rejection_lines
+from .monitoring import estimate_words, rejection_lines
 from .monitoring.windows import utc_timestamp, window_label
 
 # %% auto #0
@@ -356,7 +356,7 @@ def scores_html(
 
 def accuracy_html(
     windows: pd.DataFrame,  # windows.parquet
-) -> str:  # ROC AUC and recall over time: measured where labels arrived (with intervals), estimated (CBPE) everywhere
+) -> str:  # ROC AUC and recall over time: measured where labels arrived (with intervals), estimated everywhere
     "Accuracy over time, measured and estimated, the estimates said to be so."
     title = "<h2>Accuracy over time</h2>"
     if windows is None or not len(windows):
@@ -375,7 +375,7 @@ def accuracy_html(
                 marker="o",
                 markerfacecolor="white",
                 color=color,
-                label=f"{label}, estimated (CBPE)",
+                label=f"{label}, estimated",
             )
         measured = _column(table, name)
         if measured.notna().any():
@@ -402,6 +402,12 @@ def accuracy_html(
         else "No labels have arrived yet: every figure is an estimate from the calibrated scores (dashed), not a "
         "measurement."
     )
+    latest = table.iloc[-1].to_dict()  # the latest window's estimate, or why there is none, and its prevalence
+    said = estimate_words(
+        {key: (None if isinstance(value, float) and pd.isna(value) else value) for key, value in latest.items()}
+    )
+    if said:
+        note += f" Latest window: {'; '.join(said)}."
     return f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">{_e(note)}</p></div>'
 
 

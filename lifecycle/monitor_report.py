@@ -13,11 +13,11 @@ import pandas as pd
 
 from .core import read_json
 from .drift import quantile_points
-from .monitoring import details_path, window_label
+from .monitoring import details_path, estimate_words, window_label
 
 # %% auto #0
 __all__ = ['ACCURACY_COLUMNS', 'window_details', 'drift_strength', 'drift_matrix', 'over_time', 'fairness_columns', 'headline',
-           'score_curves', 'plot_monitoring']
+           'score_curves', 'plot_monitoring', 'plot_reliability']
 
 # %% ../nbs/06_monitor.ipynb #80889af9
 def window_details(
@@ -112,8 +112,8 @@ def headline(
     ]
     if values.get("roc_auc") is not None:
         parts.append(f"realized ROC AUC {values['roc_auc']:.2f} on its labels")
-    elif values.get("estimated_roc_auc") is not None:
-        parts.append(f"estimated ROC AUC {values['estimated_roc_auc']:.2f} (an estimate: its labels have not arrived)")
+    else:
+        parts += estimate_words(values)
     if values.get("rejected"):
         parts.append(
             f"{int(values['rejected'])} records refused by the contract ({values['rejected_share']:.0%} of those "
@@ -181,7 +181,7 @@ def _accuracy_panel(
         axis.fill_between(
             positions, column["roc_auc_low"], column["roc_auc_high"], color="tab:blue", alpha=0.15, label="95% interval"
         )
-        axis.plot(positions, column["estimated_roc_auc"], "s--", color="tab:orange", label="ROC AUC, estimated (CBPE)")
+        axis.plot(positions, column["estimated_roc_auc"], "s--", color="tab:orange", label="ROC AUC, estimated")
         axis.plot(positions, column["recall"], "o-", color="tab:green", label="recall, realized")
         axis.plot(positions, column["estimated_recall"], "s--", color="tab:olive", label="recall, estimated")
         axis.set_xticks(positions, accuracy.index, rotation=45, ha="right", fontsize=8)
@@ -247,4 +247,51 @@ def plot_monitoring(
     _scores_panel(axes[1, 0], curves, threshold)
     _fairness_panel(axes[1, 1], gaps)
     figure.tight_layout()
+    return figure
+
+# %% ../nbs/06_monitor.ipynb #f2b2ab68
+def plot_reliability(
+    window: list[dict],  # the latest labelled window's reliability rows (its details' `reliability.window`)
+    reference: list[dict],  # the reference's (its details' `reliability.reference`)
+    name: str,  # the window's name
+    calibration_error: float | None = None,  # the window's expected calibration error
+    reference_error: float | None = None,  # the reference's
+):  # a matplotlib Figure
+    """The reliability diagram of the latest labelled window beside the reference's: the share of patients with the
+    condition against the mean score, by bin of score, with each bin's patients."""
+    import matplotlib.pyplot as plt  # start-up time: only the stage's run draws, the dashboard never does
+
+    figure, axis = plt.subplots(figsize=(6, 5))
+    axis.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    if reference:
+        error = f", ECE {reference_error:.2f}" if reference_error is not None else ""
+        axis.plot(
+            [row["score"] for row in reference],
+            [row["observed"] for row in reference],
+            "o-",
+            color="gray",
+            label=f"reference (training{error})",
+        )
+    if window:
+        total = sum(row["n"] for row in window)
+        error = f", ECE {calibration_error:.2f}" if calibration_error is not None else ""
+        axis.plot(
+            [row["score"] for row in window],
+            [row["observed"] for row in window],
+            "s-",
+            color="tab:red",
+            label=f"{name} (n = {total}{error})",
+        )
+        for row in window:
+            axis.annotate(
+                str(row["n"]), (row["score"], row["observed"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    axis.set(
+        title="Reliability: observed share against score (numbers: patients in the bin)",
+        xlabel="score (mean of the bin, 0 to 1)",
+        ylabel="observed share with the condition (0 to 1)",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    axis.legend(fontsize=8, loc="upper left")
     return figure

@@ -39,6 +39,7 @@ LAYERS = {
     "webhook": 1,  # posting alerts within a total deadline
     "monitoring": 1,  # the package names its parts' public names
     "monitoring.windows": 1,
+    "monitoring.estimate": 1,  # estimates that survive label shift, and calibration drift
     "monitoring.figures": 1,
     "monitoring.store": 1,
     "monitoring.engine": 1,
@@ -110,6 +111,7 @@ LAYERS = {
     "bench.clinic": 3,
     "bench.monitor": 3,
     "bench.retrain": 3,
+    "bench.estimate": 3,
     "cli": 3,
     "loop": 3,
     "simulate": 3,

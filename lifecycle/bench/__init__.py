@@ -23,6 +23,7 @@ BENCHMARKS = {  # name -> what it measures against what; its module is lifecycle
     "clinic": "submit to score and reasons painted on the lifecycle clinic page, in chromium",
     "monitor": "drift against Evidently's DataDriftPreset; the incremental monitor against the whole log from scratch",
     "retrain": "alert to promoted challenger by phase; the cost of shadow scoring to serving throughput",
+    "estimate": "estimates before labels (ours, CBPE) against what the labels measured, on the default project",
 }
 
 

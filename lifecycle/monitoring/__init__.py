@@ -14,6 +14,14 @@ from lifecycle.monitoring.engine import (
     monitor_project,
     update_windows,
 )
+from lifecycle.monitoring.estimate import (
+    calibration_figures,
+    em_prevalence,
+    estimate_words,
+    outside_support,
+    shift_estimates,
+    weighted_auc,
+)
 from lifecycle.monitoring.figures import (
     calibrated,
     estimated_metrics,
@@ -23,7 +31,6 @@ from lifecycle.monitoring.figures import (
     rejection_lines,
     scrape_serving,
     serving_figures,
-    weighted_auc,
     window_report,
 )
 from lifecycle.monitoring.windows import (
@@ -62,6 +69,11 @@ __all__ = [
     "window_report",
     "calibrated",
     "weighted_auc",
+    "em_prevalence",
+    "shift_estimates",
+    "outside_support",
+    "calibration_figures",
+    "estimate_words",
     "RESULTS_FORMAT",
     "rows_path",
     "details_path",

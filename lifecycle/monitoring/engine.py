@@ -22,6 +22,7 @@ from ..serving.predlog.writer import open_log
 
 # isort: split
 from . import store
+from .estimate import calibration_rule
 from .figures import scrape_serving, window_report
 from .windows import DEFAULT_WINDOW, Windows, windowing
 
@@ -409,7 +410,9 @@ def update_windows(
 
 # %% ../../nbs/49_monitoring_engine.ipynb #e5fa04ca
 # the realized figures rules read from the latest window whose labels arrived (`last_labeled.<name>`)
-LABELED_FIGURES = tuple("labeled roc_auc recall precision prevalence brier calibration_gap tp fp fn tn".split())
+LABELED_FIGURES = tuple(
+    "labeled roc_auc recall precision prevalence brier calibration_gap calibration_error calibration_excess".split()
+) + ("tp", "fp", "fn", "tn")
 # a webhook URL often holds a secret: it may come from the environment instead of settings
 WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"
 
@@ -424,7 +427,9 @@ MONITOR_KEYS = {
     "bootstrap": "200",
     "log": "",
     "refresh_seconds": "30",
-}  # refresh_seconds: the live dashboard's refresh and its monitor's interval
+    "max_calibration_error": "0.1",
+}  # refresh_seconds: the live dashboard's refresh and its monitor's interval; max_calibration_error: the
+# `calibration_drift` alert's limit (0: off)
 
 # %% ../../nbs/49_monitoring_engine.ipynb #41bb4e01
 def _references(
@@ -477,6 +482,9 @@ def _monitor_settings(
         "kpis": parse_kpis(section.get("kpis", "")),
         "rules": parse_rules(section.get("alerts", "")),
     }
+    found["rules"] += calibration_rule(
+        section.get("max_calibration_error", MONITOR_KEYS["max_calibration_error"]), found["rules"]
+    )
     try:
         found["repeat"] = timedelta(hours=float(section.get("repeat_hours", MONITOR_KEYS["repeat_hours"])))
     except ValueError:

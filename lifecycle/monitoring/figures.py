@@ -16,37 +16,21 @@ from ..alerts import evaluate
 from ..contract import rejection_sentence
 from ..drift import drift_summary, feature_drift, prediction_drift
 from ..metrics import cut_groups, judged_groups, reference_grouping
+from lifecycle.monitoring.estimate import (
+    calibration_figures,
+    choose_estimate,
+    finite_or_none,
+    reference_reliability,
+    shift_estimates,
+    weighted_auc,
+)
 from .windows import windowing
 
 # %% auto #0
-__all__ = ['weighted_auc', 'finite_or_none', 'realized_metrics', 'calibrated', 'estimated_metrics', 'fairness',
-           'rejection_figures', 'rejection_lines', 'window_report', 'serving_figures', 'scrape_serving']
-
-# %% ../../nbs/47_monitoring_figures.ipynb #5e854687
-def weighted_auc(
-    scores: np.ndarray,  # scores, one a row
-    positive_weights: np.ndarray,  # each row's weight as a positive (one weighting, or a matrix: one a row)
-    negative_weights: np.ndarray,  # each row's weight as a negative, same shape
-) -> np.ndarray:  # ROC AUC of each weighting (NaN when one class has no weight)
-    "ROC AUC of scores under weights: P(a positive's score > a negative's) plus half the ties."
-    order = np.argsort(scores, kind="stable")
-    ordered = np.asarray(scores)[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.array([0])
-    positive = np.add.reduceat(np.atleast_2d(positive_weights)[:, order], starts, axis=1)
-    negative = np.add.reduceat(np.atleast_2d(negative_weights)[:, order], starts, axis=1)
-    below = np.cumsum(negative, axis=1) - negative
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (positive * (below + 0.5 * negative)).sum(axis=1) / (positive.sum(axis=1) * negative.sum(axis=1))
+__all__ = ['realized_metrics', 'calibrated', 'estimated_metrics', 'fairness', 'rejection_figures', 'rejection_lines',
+           'window_report', 'serving_figures', 'scrape_serving']
 
 # %% ../../nbs/47_monitoring_figures.ipynb #a962249a
-def finite_or_none(
-    value,  # a number
-) -> float | None:  # the number as a float, or None when it is NaN or infinite
-    "A figure as JSON and the reader want it: never NaN."
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _ratio(
     numerator: float,  # a count
     denominator: float,  # another (0: no ratio)
@@ -383,6 +367,48 @@ def _kpi_values(
     return statements
 
 
+def _estimate_values(
+    values: dict,  # the window's values so far, its drifted_features among them (updated in place)
+    rows: pd.DataFrame,  # the window's predictions
+    reference: dict,  # the reference statistics ({} when none)
+    scores: np.ndarray,  # the window's scores
+    decisions: np.ndarray,  # the window's decisions
+    cbpe: dict,  # `estimated_metrics` on the window
+    n_boot: int,  # bootstrap replicates
+) -> list[str]:  # which estimate the window shows, and why
+    """The estimates a window shows (`estimate.choose_estimate`), CBPE's kept as `cbpe_*` and the label-shift one as
+    `shift_*` beside them; CBPE alone, said so, when the reference holds no training prevalence (an older one)."""
+    values.update(
+        {f"cbpe_{name}": cbpe[f"estimated_{name}"] for name in ("roc_auc", "recall", "precision", "prevalence")}
+    )
+    prior = values["reference_prevalence"] = reference.get("positive_rate")
+    if prior is None or not len(rows):
+        values["estimator"] = "cbpe" if len(rows) else "none"
+        return ["estimates by CBPE: the reference holds no training prevalence"] if len(rows) else []
+    probabilities, _ = calibrated(scores, (reference.get("scores") or {}).get("calibration"))
+    shift = shift_estimates(scores, decisions, probabilities, prior, n_boot=n_boot)
+    chosen, said = choose_estimate(rows, reference, shift, cbpe, values["drifted_features"])
+    values.update({**shift, **chosen})
+    for end in ("", "_low", "_high"):  # the production prevalence, estimated before labels arrive
+        values[f"estimated_prevalence{end}"] = shift[f"shift_prevalence{end}"]
+    return said
+
+
+def _calibration_values(
+    values: dict,  # the window's values so far (updated in place)
+    labels: np.ndarray,  # the labels that arrived
+    scores: np.ndarray,  # their predictions' scores
+    reference: dict,  # the reference statistics ({} when none)
+    n_boot: int,  # bootstrap replicates
+) -> dict:  # the reliability diagrams' rows: window (the labelled rows'), reference (the training's)
+    "The window's calibration error with its interval and excess over chance, and the training's."
+    calibration = calibration_figures(labels, scores, n_boot=n_boot)
+    window = calibration.pop("reliability")
+    values.update(calibration)
+    rows, values["reference_calibration_error"] = reference_reliability(reference)
+    return {"window": window, "reference": rows}
+
+
 def window_report(
     rows: pd.DataFrame,  # the window's predictions: score, decision, label (NaN when none), features, event_time
     reference: dict | None,  # its model version's reference.json (None when the registry has none)
@@ -417,6 +443,8 @@ def window_report(
     estimated = estimated_metrics(scores, decisions, (reference.get("scores") or {}).get("calibration"))
     statements += estimated.pop("statements")
     values.update(estimated)
+    statements += _estimate_values(values, rows, reference, scores, decisions, estimated, n_boot)
+    reliability = _calibration_values(values, labels[labelled], scores[labelled], reference, n_boot)
     gaps, groups, said = _group_values(rows, reference, sensitive, decisions, labels, min_group)
     values.update(gaps)
     statements += said
@@ -434,6 +462,7 @@ def window_report(
     }
     return {
         "values": values,
+        "reliability": reliability,
         "features": drift_table.to_dict("records"),
         "groups": groups,
         "rejections": rejections,
