@@ -15,9 +15,10 @@ from ..core import LifecycleError
 from ..drift import category_label
 
 # %% auto #0
-__all__ = ['OUTSIDE_LIMIT', 'OUTSIDE_MARGIN', 'CALIBRATION_BINS', 'CALIBRATION_RULE', 'ESTIMATORS', 'ESTIMATOR_WORDS',
-           'weighted_auc', 'finite_or_none', 'outside_support', 'em_prevalence', 'shift_estimates',
-           'calibration_figures', 'reference_reliability', 'calibration_rule', 'choose_estimate', 'estimate_words']
+__all__ = ['OUTSIDE_LIMIT', 'OUTSIDE_MARGIN', 'BOOTSTRAP_ROWS', 'CALIBRATION_BINS', 'CALIBRATION_RULE', 'ESTIMATORS',
+           'ESTIMATOR_WORDS', 'weighted_auc', 'finite_or_none', 'outside_support', 'em_prevalence', 'bootstrap_sample',
+           'scaled_interval', 'shift_estimates', 'calibration_figures', 'reference_reliability', 'calibration_rule',
+           'choose_estimate', 'estimate_words']
 
 # %% ../../nbs/46a_monitoring_estimate.ipynb #5e854687
 def weighted_auc(
@@ -130,6 +131,60 @@ def _figures(
         }
 
 
+BOOTSTRAP_ROWS = 20_000  # a bootstrap draws from at most this many of a window's rows (a fixed-seed subsample)
+
+
+def bootstrap_sample(
+    count: int,  # the window's rows
+    most: int = BOOTSTRAP_ROWS,  # the bootstrap draws from at most this many
+    seed: int = 0,  # the subsample's seed
+) -> tuple[np.ndarray | None, float]:  # (the rows it draws from, None: all of them; the half-widths' scale)
+    """The rows a bootstrap draws from: all of them up to `most`, else a fixed-seed random subsample of `most` rows,
+    with the scale sqrt(m/n) that brings its interval's half-widths to the whole window's: the figures are means (or,
+    ROC AUC, a U-statistic), whose spread shrinks as one over the square root of the rows."""
+    if count <= most:
+        return None, 1.0
+    return np.sort(np.random.default_rng(seed).choice(count, most, replace=False)), math.sqrt(most / count)
+
+
+def scaled_interval(
+    point: float | None,  # the whole window's estimate
+    sample: dict,  # the subsample's figures: the estimate (`name`) with its interval (`name_low`, `name_high`)
+    name: str,  # which figure
+    scale: float,  # `bootstrap_sample`'s scale
+) -> tuple[float | None, float | None]:  # the whole window's interval (None, None: unknown)
+    "The subsample's interval, its ends' distances to its own estimate scaled, around the whole window's estimate."
+    low, centre, high = sample[f"{name}_low"], sample[name], sample[f"{name}_high"]
+    if None in (point, low, centre, high):
+        return None, None
+    return point + (low - centre) * scale, point + (high - centre) * scale
+
+
+def _shift_draws(
+    scores: np.ndarray,  # the rows' scores
+    decisions: np.ndarray,  # their decisions, 0 or 1
+    probabilities: np.ndarray,  # their calibrated probabilities
+    prior: float,  # the reference's prevalence
+    n_boot: int,  # bootstrap replicates
+    seed: int,  # bootstrap seed
+) -> dict:  # roc_auc, recall, precision, prevalence: the finite values of the replicates
+    "The Poisson bootstrap of the rows, every replicate its own EM and its own labels (in blocks that bound memory)."
+    drawn = {name: [] for name in ("roc_auc", "recall", "precision", "prevalence")}
+    rng = np.random.default_rng(seed)
+    count = len(scores)
+    block = max(1, 2_000_000 // count)
+    for start in range(0, n_boot, block):
+        weights = rng.poisson(1.0, size=(min(block, n_boot - start), count)).astype(float)
+        prevalence = em_prevalence(probabilities, prior, weights)
+        adjusted = _adjusted(probabilities[None, :], prevalence[:, None], prior)
+        # the labels the window may get: what is measured when they arrive varies with them, as much as the estimate
+        labels = (rng.random(adjusted.shape) < adjusted).astype(float)
+        for name, values in _figures(weights, labels, scores, decisions).items():
+            drawn[name].append(prevalence if name == "prevalence" else values)
+    drawn = {name: np.concatenate(values) if values else np.array([]) for name, values in drawn.items()}
+    return {name: values[np.isfinite(values)] for name, values in drawn.items()}
+
+
 def shift_estimates(
     scores: np.ndarray,  # the window's scores
     decisions: np.ndarray,  # the decisions made, 0 or 1
@@ -137,10 +192,11 @@ def shift_estimates(
     prior: float,  # the reference's prevalence
     n_boot: int = 200,  # bootstrap replicates (0: no intervals)
     seed: int = 0,  # bootstrap seed
+    most: int = BOOTSTRAP_ROWS,  # the bootstrap draws from at most this many rows (`bootstrap_sample`)
 ) -> dict:  # shift_roc_auc, shift_recall, shift_precision, shift_prevalence, each with _low/_high (None: unknown)
     """Estimates that survive a change of prevalence: the window's prevalence by EM (`em_prevalence`), each calibrated
-    probability re-weighted to it, then CBPE's expected figures from those; 95% intervals from a Poisson bootstrap of
-    the rows, every replicate its own EM (vectorized, in blocks that bound memory)."""
+    probability re-weighted to it, then CBPE's expected figures from those, on all the rows; 95% intervals from a
+    Poisson bootstrap of the rows, every replicate its own EM, on at most `most` rows (`bootstrap_sample`)."""
     names = ("roc_auc", "recall", "precision", "prevalence")
     scores, decisions = np.asarray(scores, dtype=float), np.asarray(decisions, dtype=float)
     probabilities = np.asarray(probabilities, dtype=float)
@@ -156,26 +212,25 @@ def shift_estimates(
         "shift_fn": float(adjusted @ (1 - decisions)),
         "shift_tn": float((1 - adjusted) @ (1 - decisions)),
     }
-    drawn = {name: [] for name in names}
-    rng = np.random.default_rng(seed)
-    block = max(1, 2_000_000 // count)
-    for start in range(0, n_boot, block):
-        weights = rng.poisson(1.0, size=(min(block, n_boot - start), count)).astype(float)
-        prevalence = em_prevalence(probabilities, prior, weights)
-        adjusted = _adjusted(probabilities[None, :], prevalence[:, None], prior)
-        # the labels the window may get: what is measured when they arrive varies with them, as much as the estimate
-        labels = (rng.random(adjusted.shape) < adjusted).astype(float)
-        for name, values in _figures(weights, labels, scores, decisions).items():
-            drawn[name].append(prevalence if name == "prevalence" else values)
-    result = counts
+    estimates = {name: finite_or_none(point[name][0]) for name in names}
+    chosen, scale = bootstrap_sample(count, most, seed)
+    if chosen is not None:  # a large window: the subsample's intervals, scaled around the estimates on all rows
+        sample = shift_estimates(scores[chosen], decisions[chosen], probabilities[chosen], prior, n_boot, seed, most)
+        intervals = {name: scaled_interval(estimates[name], sample, f"shift_{name}", scale) for name in names}
+    else:
+        drawn = _shift_draws(scores, decisions, probabilities, prior, n_boot, seed)
+        intervals = {
+            name: (np.quantile(drawn[name], 0.025), np.quantile(drawn[name], 0.975))
+            if estimates[name] is not None and len(drawn[name]) >= max(10, n_boot // 2)
+            else (None, None)
+            for name in names
+        }
     for name in names:
-        result[f"shift_{name}"] = finite_or_none(point[name][0])
-        values = np.concatenate(drawn[name]) if drawn[name] else np.array([])
-        values = values[np.isfinite(values)]
-        enough = result[f"shift_{name}"] is not None and len(values) >= max(10, n_boot // 2)
-        result[f"shift_{name}_low"] = float(np.quantile(values, 0.025)) if enough else None
-        result[f"shift_{name}_high"] = float(np.quantile(values, 0.975)) if enough else None
-    return result
+        low, high = intervals[name]
+        counts[f"shift_{name}"] = estimates[name]
+        counts[f"shift_{name}_low"] = None if low is None else float(low)
+        counts[f"shift_{name}_high"] = None if high is None else float(high)
+    return counts
 
 # %% ../../nbs/46a_monitoring_estimate.ipynb #1a9ce39a
 CALIBRATION_BINS = 10  # the reliability diagram's and the expected calibration error's bins of score: [0, 0.1) …
@@ -193,14 +248,34 @@ def _binned(
     return weights @ onehot, (weights * scores) @ onehot, (weights * labels) @ onehot
 
 
+def _calibration_draws(
+    labels: np.ndarray,  # the labels, 0 or 1
+    scores: np.ndarray,  # their scores
+    n_boot: int,  # bootstrap replicates
+    rng: np.random.Generator,  # the bootstrap's generator
+) -> np.ndarray:  # the finite expected calibration errors of the replicates
+    "The Poisson bootstrap of the expected calibration error (in blocks that bound memory)."
+    drawn = []
+    block = max(1, 2_000_000 // len(labels))
+    for start in range(0, n_boot, block):
+        weights = rng.poisson(1.0, size=(min(block, n_boot - start), len(labels))).astype(float)
+        many, score_sum, label_sum = _binned(weights, scores, labels)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            drawn.append(np.abs(score_sum - label_sum).sum(axis=1) / many.sum(axis=1))
+    drawn = np.concatenate(drawn) if drawn else np.array([])
+    return drawn[np.isfinite(drawn)]
+
+
 def calibration_figures(
     labels: np.ndarray,  # the labels that arrived, 0 or 1
     scores: np.ndarray,  # the scores of those predictions
     n_boot: int = 200,  # bootstrap replicates (0: no interval)
     seed: int = 0,  # bootstrap seed
+    most: int = BOOTSTRAP_ROWS,  # the bootstrap draws from at most this many labels (`bootstrap_sample`)
 ) -> dict:  # calibration_error and calibration_excess with _low/_high (None without labels), reliability rows
     """The expected calibration error (the mean gap between score and observed rate over `CALIBRATION_BINS` bins of
-    score, each bin weighted by its rows) with a 95% Poisson-bootstrap interval, and the reliability diagram's rows.
+    score, each bin weighted by its rows) with a 95% Poisson-bootstrap interval (of at most `most` labels: above, a
+    subsample's, scaled as `bootstrap_sample` says), and the reliability diagram's rows.
 
     With few labels the error is large by chance alone (about 0.2 with 20 labels of a perfectly calibrated model), so
     `calibration_excess` is the error less the mean error of a calibrated model on the same scores (labels drawn from
@@ -212,17 +287,15 @@ def calibration_figures(
         }
     counts, summed, positive = _binned(np.ones((1, len(labels))), scores, labels)
     error = float(np.abs(summed - positive).sum() / len(labels))
-    drawn = []
     rng = np.random.default_rng(seed)
-    block = max(1, 2_000_000 // len(labels))
-    for start in range(0, n_boot, block):
-        weights = rng.poisson(1.0, size=(min(block, n_boot - start), len(labels))).astype(float)
-        many, score_sum, label_sum = _binned(weights, scores, labels)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            drawn.append(np.abs(score_sum - label_sum).sum(axis=1) / many.sum(axis=1))
-    drawn = np.concatenate(drawn) if drawn else np.array([])
-    drawn = drawn[np.isfinite(drawn)]
-    enough = len(drawn) >= max(10, n_boot // 2)
+    chosen, scale = bootstrap_sample(len(labels), most, seed)
+    if chosen is None:
+        drawn = _calibration_draws(labels, scores, n_boot, rng)
+        enough = len(drawn) >= max(10, n_boot // 2)
+        low, high = (np.quantile(drawn, 0.025), np.quantile(drawn, 0.975)) if enough else (None, None)
+    else:  # many labels: the subsample's interval, scaled around the error on all of them
+        sample = calibration_figures(labels[chosen], scores[chosen], n_boot, seed, most)
+        low, high = scaled_interval(error, sample, "calibration_error", scale)
     at = np.clip((scores * CALIBRATION_BINS).astype(int), 0, CALIBRATION_BINS - 1)
     replicates = max(2, min(50, 2_000_000 // len(labels)))  # memory bounded; with many labels chance is small
     chance_labels = (rng.random((replicates, len(scores))) < scores).astype(float)  # a calibrated model's labels
@@ -240,11 +313,11 @@ def calibration_figures(
     ]
     return {
         "calibration_error": error,
-        "calibration_error_low": float(np.quantile(drawn, 0.025)) if enough else None,
-        "calibration_error_high": float(np.quantile(drawn, 0.975)) if enough else None,
+        "calibration_error_low": None if low is None else float(low),
+        "calibration_error_high": None if high is None else float(high),
         "calibration_excess": error - chance,
-        "calibration_excess_low": float(np.quantile(drawn, 0.025)) - chance if enough else None,
-        "calibration_excess_high": float(np.quantile(drawn, 0.975)) - chance if enough else None,
+        "calibration_excess_low": None if low is None else float(low) - chance,
+        "calibration_excess_high": None if high is None else float(high) - chance,
         "reliability": rows,
     }
 
