@@ -574,6 +574,7 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
 # name -> builder(commands), or "module:builder" for one whose module takes seconds to import (imported only when its
 # command is built): adds the command, its options and its handler; in the order of --help
 COMMANDS = {
+    "init": "lifecycle.init_project:add_init_command",
     "run": _add_run,
     "models": _add_models,
     "serve": _add_serve,
@@ -606,6 +607,7 @@ def parser(
         prog="lifecycle",
         description="Literate MLOps: the machine-learning lifecycle as notebooks.",
         epilog=_examples(
+            "lifecycle init data.csv --target outcome  # a settings.ini for your own file, with its evidence",
             "lifecycle run                      # the whole lifecycle on ./settings.ini",
             "lifecycle run --from train -p train.model=random_forest",
             "lifecycle serve                    # http://127.0.0.1:8000/docs",
