@@ -679,6 +679,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'lifecycle/init_project.py'),
                                         'lifecycle.init_project._source_lines': ( 'init_project.html#_source_lines',
                                                                                   'lifecycle/init_project.py'),
+                                        'lifecycle.init_project._sqlite_from_here': ( 'init_project.html#_sqlite_from_here',
+                                                                                      'lifecycle/init_project.py'),
                                         'lifecycle.init_project._wrapped': ('init_project.html#_wrapped', 'lifecycle/init_project.py'),
                                         'lifecycle.init_project._zero_lines': ( 'init_project.html#_zero_lines',
                                                                                 'lifecycle/init_project.py'),

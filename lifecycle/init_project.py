@@ -196,6 +196,19 @@ def source_names(
     return [name if names.count(name) == 1 else f"{name}_{i + 1}" for i, name in enumerate(names)]
 
 # %% ../nbs/11c_init_project.ipynb #26cc1e43
+def _sqlite_from_here(
+    source: Source,  # a source as named on the command line
+) -> Source:  # the same, a relative SQLite file resolved from the working folder (where the user named it)
+    "A SQLite source's relative file, as the user named it from the working folder, made absolute."
+    if not source.is_sql:
+        return source
+    url = sqlalchemy.engine.make_url(source.location)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return source
+    database = str(Path(url.database).expanduser().resolve())
+    return Source(source.name, url.set(database=database).render_as_string(hide_password=False), source.query)
+
+
 def _first_fields(source: Source) -> list[str]:
     "The fields of a text file's first non-blank line, split as collect splits them."
     saved = read_saved(Path(source.location), source.options)
@@ -343,7 +356,7 @@ def init_project(
         )
     if positive and task not in ("", "binary"):
         raise LifecycleError(f"--positive names the yes of a binary task, not of a {task} one; drop one of them")
-    sources = [parse_source(name, item, Path.cwd()) for name, item in zip(source_names(data), data)]
+    sources = [_sqlite_from_here(parse_source(name, item, Path.cwd())) for name, item in zip(source_names(data), data)]
     frame, entries = read_data(sources, path, list(columns or []))
     lines, words = infer_settings(frame, target, task, positive, path)
     head = _source_lines(sources, entries, frame, words, root, list(columns or []))

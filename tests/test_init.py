@@ -153,3 +153,22 @@ def test_init_then_run(tmp_path):
         "run", "--settings", project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0
     )
     assert run["status"] == "passed" and {stage["status"] for stage in run["stages"]} == {"ran"}
+
+
+def test_a_sql_source_and_a_parquet_file(tmp_path, monkeypatch):
+    """A SQLite query named from the working folder (its relative file resolved from there, then written relative to
+    the project) and a Parquet file with a datetime column: the same inferences as from text."""
+    import sqlite3
+
+    frame = pd.read_csv(messy_csv(tmp_path / "visits.csv"), sep=";", decimal=",", na_values="?", encoding="utf-8-sig")
+    with sqlite3.connect(tmp_path / "clinic.db") as connection:
+        frame.to_sql("visits", connection, index=False)
+    monkeypatch.chdir(tmp_path)
+    result = init_project(["sqlite:///clinic.db :: SELECT * FROM visits"], "outcome", ".")
+    assert (result["id"], result["timestamp"], result["positive"]) == ("patient_id", "visit_date", ["yes"])
+    assert "sources = database: sqlite:///clinic.db :: SELECT * FROM visits" in Path(result["settings"]).read_text()
+    frame.assign(visit_date=pd.to_datetime(frame["visit_date"])).to_parquet(tmp_path / "visits.parquet")
+    parquet = init_project(["visits.parquet"], "outcome", "parquet")
+    assert {key: parquet[key] for key in ("id", "timestamp", "task", "sensitive")} == {
+        key: result[key] for key in ("id", "timestamp", "task", "sensitive")
+    }
