@@ -265,7 +265,7 @@ def target_lines(
         said = f"{len(counts)} values: {_counted(counts.sort_index(key=lambda index: index.map(label_key)), 20)}"
     lines = [
         Line("data", "target", column, [f"the column to predict: {len(present):,} rows, {said}{missing}"]),
-        Line("data", "task", name, [f"{reason.replace(settings.path.name, '--task')}"]),
+        Line("data", "task", name, ["named with --task" if task else reason]),
     ]
     if name == "binary":
         yes, no, why = choose_positive(counts, column, positive)
