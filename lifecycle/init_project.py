@@ -46,10 +46,13 @@ from .sources import read_source, source_format
 from .sql_sources import mask_url
 
 # %% auto #0
-__all__ = ['infer_settings', 'source_names', 'read_data', 'source_value', 'settings_text', 'init_project', 'init_words',
-           'add_init_command']
+__all__ = ['NAMED_IDENTIFIERS', 'infer_settings', 'source_names', 'read_data', 'source_value', 'settings_text', 'init_project',
+           'init_words', 'add_init_command']
 
 # %% ../nbs/11c_init_project.ipynb #af668dee
+NAMED_IDENTIFIERS = {"id", "uuid", "guid", "identifier", "mrn", "ssn"}  # names that make a column an identifier
+
+
 def _na_line(frame: pd.DataFrame) -> Line:
     "`na_values`: the missing-value spellings found, each with its cells; empty cells said, being missing already."
     found = missing_spellings(frame)
@@ -95,7 +98,12 @@ def _role_lines(frame: pd.DataFrame, clean: dict[str, pd.Series], target: str) -
         lines.append(
             Line("prepare", "split", "time", [f"a time column ({timestamp}): the newest rows are the test set"])
         )
-    return lines, [column for column in ids if column != identifier]
+    named = [
+        c
+        for c in frame.columns
+        if c not in (target, timestamp) and c not in ids and set(name_words(c)) & NAMED_IDENTIFIERS
+    ]  # a patient's id repeated over visits: no feature, and its values never shown
+    return lines, [column for column in ids if column != identifier] + named
 
 # %% ../nbs/11c_init_project.ipynb #978550d9
 def infer_settings(
@@ -173,7 +181,9 @@ def _feature_lines(clean, usable: list[str], target: str, other_ids: list[str], 
     if not parts and not other_ids:
         return []
     evidence = [f"{said}: parts of the target, known only with it, left out"] if parts else []
-    evidence += [f"{', '.join(other_ids)}: identifiers too, left out"] if other_ids else []
+    evidence += (
+        [f"{', '.join(other_ids)}: identifiers too (unique on every row, or named so), left out"] if other_ids else []
+    )
     return [Line("train", "features", ", ".join(c for c in usable if c not in parts), evidence)]
 
 # %% ../nbs/11c_init_project.ipynb #5a12ac15
