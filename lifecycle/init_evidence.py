@@ -128,7 +128,8 @@ def impossible_zero(
     low, median = float(others.min()), float(others.median())
     if low < 0.3 * median:
         return None
-    return f"0 on {zeros:,} rows, while every other value is {_number(low)} or more (median {_number(median)})"
+    rows = f"{zeros:,} row" + ("s" if zeros != 1 else "")
+    return f"0 on {rows}, while every other value is {_number(low)} or more (median {_number(median)})"
 
 # %% ../nbs/11b_init_evidence.ipynb #0ca8366c
 def target_parts(
