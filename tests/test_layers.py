@@ -112,6 +112,9 @@ LAYERS = {
     "bench.monitor": 3,
     "bench.retrain": 3,
     "bench.estimate": 3,
+    "bench.nannyml_side": 3,
+    "bench.estimate_multiclass": 3,
+    "bench.estimate_regression": 3,
     "cli": 3,
     "init_evidence": 3,  # what init reads in a column, each finding with its evidence in words
     "init_project": 3,  # `lifecycle init`: settings.ini for the user's data, each inferred line with its evidence

@@ -13,7 +13,7 @@ from ..core import LifecycleError
 __all__ = ['BENCHMARKS', 'benchmark', 'run_benchmark']
 
 # %% ../../nbs/12_bench.ipynb #eea34227
-BENCHMARKS = {  # name -> what it measures against what; its module is lifecycle.bench.NAME
+BENCHMARKS = {  # name -> what it measures against what; its module is lifecycle.bench.NAME (- as _)
     "prepare": "collect and prepare against a bare read, 1M rows",
     "train": "the train stage against a bare script, 100k rows",
     "serve": "lifecycle serve under wrk against in-process scoring and MLflow",
@@ -23,7 +23,10 @@ BENCHMARKS = {  # name -> what it measures against what; its module is lifecycle
     "clinic": "submit to score and reasons painted on the lifecycle clinic page, in chromium",
     "monitor": "drift against Evidently's DataDriftPreset; the incremental monitor against the whole log from scratch",
     "retrain": "alert to promoted challenger by phase; the cost of shadow scoring to serving throughput",
-    "estimate": "estimates before labels (ours, CBPE) against what the labels measured, on the default project",
+    "estimate": "estimates before labels (ours, CBPE, NannyML's CBPE) against what the labels measured, on the default "
+    "project",
+    "estimate-multiclass": "our multiclass CBPE against NannyML's on the heart grades: error, coverage, CPU",
+    "estimate-regression": "our direct loss estimation against NannyML's DLE on bike sharing by month",
 }
 
 
@@ -33,7 +36,8 @@ def benchmark(
     "The module of a benchmark, by name."
     if name not in BENCHMARKS:
         raise LifecycleError(f"unknown benchmark '{name}'; benchmarks: {', '.join(BENCHMARKS)}")
-    return importlib.import_module(f"lifecycle.bench.{name}")  # start-up time: only the benchmark that runs
+    module = name.replace("-", "_")
+    return importlib.import_module(f"lifecycle.bench.{module}")  # start-up time: only the benchmark that runs
 
 
 def run_benchmark(

@@ -26,9 +26,9 @@ from ..registry import Registry
 # %% auto #0
 __all__ = ['HEART_COLUMNS', 'HEART_FILES', 'QUICK_RUN', 'read_heart_file', 'generate_heart_rows', 'heart_folder',
            'peak_memory_mib', 'current_memory_mib', 'run_json', 'in_fresh_interpreter', 'write_project',
-           'lifecycle_run', 'train_champion', 'clone_folder', 'default_project', 'champion_project', 'test_record',
-           'free_port', 'start_command', 'stop', 'wait_ready', 'wait_for_line', 'timed', 'parse_wrk', 'needs_wrk',
-           'wrk', 'chromium', 'needs_playwright']
+           'lifecycle_run', 'train_champion', 'clone_folder', 'side_python', 'default_project', 'champion_project',
+           'test_record', 'free_port', 'start_command', 'stop', 'wait_ready', 'wait_for_line', 'timed', 'parse_wrk',
+           'needs_wrk', 'wrk', 'chromium', 'needs_playwright']
 
 # %% ../../nbs/12a_bench_common.ipynb #2f6e4019
 HEART_COLUMNS = [
@@ -193,6 +193,17 @@ def train_champion(
 def clone_folder() -> Path:  # the folder the package's folder is in
     "The clone that holds the package: where data/, .venv-mlflow and .venv-evidently are."
     return Path(sys.modules["lifecycle"].__file__).resolve().parent.parent
+
+
+def side_python(
+    venv: str,  # the venv's folder in the clone: .venv-evidently, .venv-nannyml
+    variable: str,  # the environment variable that names another interpreter instead
+) -> Path | None:  # its interpreter, None when neither exists
+    """The interpreter of a tool the benchmarks compare against, installed in a venv of its own (its pins are not the
+    project's); the benchmark hands it Parquet files and reads the JSON line it prints (`run_json`)."""
+    given = os.environ.get(variable)
+    candidate = Path(given) if given else clone_folder() / venv / "bin" / "python"
+    return candidate if candidate.exists() else None
 
 
 def default_project(

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..train import reference_statistics
 
 # nbdev writes the next import as `.common`, which sorts after `..core`: a block of its own
 # isort: split
-from .common import clone_folder, in_fresh_interpreter, peak_memory_mib, run_json
+from .common import in_fresh_interpreter, peak_memory_mib, run_json, side_python
 
 # %% auto #0
 __all__ = ['MONITOR_PLANTED', 'EVIDENTLY_SCRIPT', 'drift_frame', 'drift_reference', 'evidently_python', 'drift_task',
@@ -100,9 +99,7 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak, "columns": columns}))
 
 def evidently_python() -> Path | None:
     "The interpreter of the Evidently environment (`make evidently-venv`, or LIFECYCLE_EVIDENTLY_PYTHON), if any."
-    given = os.environ.get("LIFECYCLE_EVIDENTLY_PYTHON")
-    candidate = Path(given) if given else clone_folder() / ".venv-evidently" / "bin" / "python"
-    return candidate if candidate.exists() else None
+    return side_python(".venv-evidently", "LIFECYCLE_EVIDENTLY_PYTHON")
 
 
 def drift_task(
