@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lab bench sync-check lint nbdev-test pytest lock clean mlflow-venv evidently-venv screenshots
+.PHONY: run test lab bench sync-check lint nbdev-test pytest lock clean mlflow-venv evidently-venv nannyml-venv screenshots
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,3 +76,10 @@ mlflow-venv:
 evidently-venv:
 	test -x .venv-evidently/bin/python || $(PYTHON) -m venv .venv-evidently
 	.venv-evidently/bin/python -m pip --disable-pip-version-check -q install "evidently==0.7.23" "pandas==2.3.3" "numpy==2.4.6" "pyarrow==26.0.1"
+
+# NannyML, for `lifecycle bench estimate`, `estimate-multiclass` and `estimate-regression` to compare our performance
+# estimates (CBPE, multiclass CBPE, direct loss estimation) with its own on the same chunks. A bench-only extra in a
+# venv of its own, as Evidently; nannyml 0.13.1 imports statsmodels without declaring it.
+nannyml-venv:
+	test -x .venv-nannyml/bin/python || $(PYTHON) -m venv .venv-nannyml
+	.venv-nannyml/bin/python -m pip --disable-pip-version-check -q install "nannyml==0.13.1" "statsmodels==0.14.5" "pandas==2.3.3" "numpy==2.4.6" "pyarrow==26.0.1" "scikit-learn==1.9.1"

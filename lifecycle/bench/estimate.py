@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..registry import Registry, load_model
+
 # isort: split
 from .common import QUICK_RUN, default_project, heart_folder, lifecycle_run
+from .nannyml_side import NANNYML_MISSING, run_nannyml
 
 # %% auto #0
-__all__ = ['FIGURES', 'estimate_rows', 'estimate_summary', 'format_estimate', 'bench_estimate', 'run']
+__all__ = ['FIGURES', 'estimate_rows', 'estimate_summary', 'format_estimate', 'nannyml_frames', 'nannyml_binary',
+           'bench_estimate', 'run']
 
 # %% ../../nbs/12k_bench_estimate.ipynb #e86706bb
 FIGURES = ("roc_auc", "recall")  # the figures compared, measured against estimated
@@ -23,8 +27,10 @@ FIGURES = ("roc_auc", "recall")  # the figures compared, measured against estima
 
 def estimate_rows(
     windows: pd.DataFrame,  # a project's monitoring/windows.parquet
-) -> list[dict]:  # a row a window with labels: measured (with its interval), ours (with its interval), CBPE, shown
-    "Each labelled window's measured figures beside the two estimates of them made from its scores alone."
+    nannyml: dict | None = None,  # `run_nannyml`'s figures on the same windows, None without NannyML
+) -> list[dict]:  # a row a labelled window: measured, ours (with their intervals), CBPE, NannyML's CBPE, shown
+    "Each labelled window's measured figures beside the estimates of them made from its scores alone."
+    by_window = (nannyml or {}).get("chunks", {})
     rows = []
     for window in windows.sort_values(["window_start", "model_version"], kind="stable").to_dict("records"):
         if not window.get("labeled") or pd.isna(window.get("roc_auc")):
@@ -35,19 +41,22 @@ def estimate_rows(
                 row[f"measured_{name}{end}"] = window.get(f"{name}{end}")
                 row[f"ours_{name}{end}"] = window.get(f"shift_{name}{end}")
             row[f"cbpe_{name}"] = window.get(f"cbpe_{name}")
+            theirs = by_window.get(window["window"], {}).get(name) or {}
+            row[f"nannyml_{name}"] = theirs.get("value")
         rows.append(row)
     return rows
 
 
 def estimate_summary(
     rows: list[dict],  # `estimate_rows`
-) -> dict:  # by figure: mean absolute errors (ours, CBPE), their ratio, our interval's coverage
+) -> dict:  # by figure: mean absolute errors (ours, CBPE, NannyML's), ours/CBPE, our interval's coverage
     "How close each estimate came to what was measured, and how often our interval held the measured value."
     summary = {"windows": len(rows)}
     for name in FIGURES:
         measured = np.array([row[f"measured_{name}"] for row in rows], dtype=float)
         ours = np.array([row[f"ours_{name}"] for row in rows], dtype=float)
         cbpe = np.array([row[f"cbpe_{name}"] for row in rows], dtype=float)
+        theirs = np.array([row.get(f"nannyml_{name}") for row in rows], dtype=float)
         low = np.array([row[f"ours_{name}_low"] for row in rows], dtype=float)
         high = np.array([row[f"ours_{name}_high"] for row in rows], dtype=float)
         error_ours, error_cbpe = np.nanmean(np.abs(ours - measured)), np.nanmean(np.abs(cbpe - measured))
@@ -56,6 +65,7 @@ def estimate_summary(
             "mae_cbpe": float(error_cbpe),
             "ratio": float(error_ours / error_cbpe) if error_cbpe else None,
             "covered": float(np.mean((low <= measured) & (measured <= high))),
+            "mae_nannyml": float(np.nanmean(np.abs(theirs - measured))) if np.isfinite(theirs).any() else None,
         }
     return summary
 
@@ -76,13 +86,14 @@ def format_estimate(
         f"bench estimate: the default project's real shift ({figures['windows']} labelled windows); measured on the "
         "labels that arrived, estimated from the scores alone",
         f"{'window':<16}{'figure':<9}{'labels':>7}  {'measured (95% CI)':<22}{'ours (95% interval)':<22}{'CBPE':>7}"
-        "  shown",
+        f"{'NannyML':>9}  shown",
     ]
     for row in figures["rows"]:
         for name in FIGURES:
             lines.append(
                 f"{row['window']:<16}{name:<9}{row['labeled']:>7}  {_interval(row, 'measured', name):<22}"
-                f"{_interval(row, 'ours', name):<22}{_interval(row, 'cbpe', name):>7}  {row['estimator']}"
+                f"{_interval(row, 'ours', name):<22}{_interval(row, 'cbpe', name):>7}"
+                f"{_interval(row, 'nannyml', name):>9}  {row['estimator']}"
             )
     for name in FIGURES:
         figure = figures["summary"][name]
@@ -93,21 +104,72 @@ def format_estimate(
             f"interval covers the measured value in {figure['covered']:.0%} of windows (goal >= 80%: "
             f"{'met' if figure['covered'] >= 0.8 else 'NOT met'})"
         )
+    nannyml = figures.get("nannyml")
+    if nannyml is None:
+        lines.append(NANNYML_MISSING)
+        return "\n".join(lines)
+    for name in FIGURES:
+        theirs = figures["summary"][name]["mae_nannyml"]
+        lines.append(
+            f"{name}: NannyML {nannyml['version']} CBPE's mean absolute error "
+            f"{'—' if theirs is None else f'{theirs:.3f}'} (ours {figures['summary'][name]['mae_ours']:.3f})"
+        )
+    lines.append(f"NannyML's CPU, fit and estimate: {nannyml['fit_cpu'] + nannyml['estimate_cpu']:.3f} s")
     return "\n".join(lines)
+
+# %% ../../nbs/12k_bench_estimate.ipynb #6c2a9d3f
+def nannyml_frames(
+    held: pd.DataFrame,  # labelled rows the model did not train on: `score`, `_label`
+    threshold: float,  # the champion's decision threshold
+    windows: pd.DataFrame,  # the monitor's rows: `score`, `decision`, `window`
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # NannyML's reference (proba, y_pred, y_true) and analysis (and `_chunk`)
+    "The rows NannyML's binary CBPE reads: the reference with its labels, each window's rows as a chunk."
+    reference = pd.DataFrame(
+        {
+            "proba": held["score"].to_numpy(dtype=float),
+            "y_pred": (held["score"].to_numpy() >= threshold).astype(int),
+            "y_true": held["_label"].to_numpy(dtype=int),
+        }
+    )
+    analysis = pd.DataFrame(
+        {
+            "proba": windows["score"].to_numpy(dtype=float),
+            "y_pred": windows["decision"].to_numpy(dtype=int),
+            "_chunk": windows["window"].astype(str).to_numpy(),
+        }
+    )
+    return reference, analysis
+
+
+def nannyml_binary(
+    project: Path,  # a default project after `lifecycle run`
+) -> dict | None:  # `run_nannyml`'s figures by window, None without NannyML
+    "NannyML's CBPE on the project's windows, fitted on the validation and test rows the champion did not train on."
+    registry = Registry(project)
+    meta = registry.meta(registry.resolve("champion"))
+    clean = pd.read_parquet(sorted((project / "runs").glob("2*"))[-1] / "prepare" / "clean.parquet")
+    held = clean[clean["_split"] != "train"]
+    features = meta["features"]["numeric"] + meta["features"]["categorical"]
+    held = held.assign(score=load_model(registry, "champion").predict_proba(held[features])[:, 1])
+    windows = pd.concat([pd.read_parquet(path) for path in sorted((project / "monitoring" / "rows").glob("*.parquet"))])
+    reference, analysis = nannyml_frames(held, meta["threshold"], windows)
+    spec = {"kind": "cbpe_binary", "metrics": list(FIGURES)}
+    return run_nannyml(spec, reference, analysis, "bench estimate: NannyML")
 
 # %% ../../nbs/12k_bench_estimate.ipynb #c6340380
 def bench_estimate(
     quiet: bool = False,  # no table on stdout
     heart: Path | None = None,  # the UCI files (default: the clone's)
-) -> dict:  # windows, rows (a labelled window each), summary
+) -> dict:  # windows, rows (a labelled window each), summary, nannyml (its run, None without it)
     """Run the default project (Cleveland and Hungary trained, VA Long Beach and Switzerland replayed with their labels
     a week later) as a user runs it, in a temporary folder, and compare each labelled window's estimates with what
     its labels measured."""
     with tempfile.TemporaryDirectory() as folder:
         project = default_project(Path(folder), heart_folder(heart, "estimate"))
         lifecycle_run(project, *QUICK_RUN)
-        rows = estimate_rows(pd.read_parquet(project / "monitoring" / "windows.parquet"))
-    figures = {"windows": len(rows), "rows": rows, "summary": estimate_summary(rows)}
+        nannyml = nannyml_binary(project)
+        rows = estimate_rows(pd.read_parquet(project / "monitoring" / "windows.parquet"), nannyml)
+    figures = {"windows": len(rows), "rows": rows, "summary": estimate_summary(rows), "nannyml": nannyml}
     if not quiet:
         print(format_estimate(figures))
     return figures
