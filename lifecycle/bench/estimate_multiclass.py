@@ -5,7 +5,6 @@
 # %% ../../nbs/12m_bench_estimate_multiclass.ipynb #d8ab482c
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from ..multiclass_estimates import TemperatureScaling, estimated_performance
 
 # isort: split
 from .common import heart_folder
-from .nannyml_side import format_side, run_nannyml, side_rows, side_summary
+from .nannyml_side import format_side, least_cpu, run_nannyml, side_rows, side_summary
 
 # %% auto #0
 __all__ = ['HEART', 'COMPARED', 'CHUNK_ROWS', 'hospitals', 'chunk_labels', 'severity_split', 'realized_figures', 'ours_by_chunk',
@@ -88,18 +87,20 @@ def ours_by_chunk(
     proba: np.ndarray,  # the analysis rows' probabilities
     chunks: np.ndarray,  # each analysis row's chunk
     classes,  # the model's classes
-) -> tuple[dict, float]:  # chunk -> metric -> value, low, high; the CPU seconds it took
+) -> tuple[dict, float]:  # chunk -> metric -> value, low, high; the least CPU seconds it took
     "Our multiclass CBPE of every chunk, temperature-scaled on the reference, and the CPU it cost."
-    started = time.process_time()
-    temperature = TemperatureScaling().fit(reference_proba, reference_labels, classes)
-    calibrated = temperature.transform(proba)
-    estimates = {}
-    for chunk in pd.unique(chunks):
-        figures = estimated_performance(calibrated[chunks == chunk], classes)
-        estimates[chunk] = {
-            name: {"value": figures["metrics"][name], **(figures["intervals"][name] or {})} for name in COMPARED
-        }
-    return estimates, time.process_time() - started
+
+    def estimate():
+        temperature = TemperatureScaling().fit(reference_proba, reference_labels, classes)
+        calibrated = temperature.transform(proba)
+        return {chunk: estimated_performance(calibrated[chunks == chunk], classes) for chunk in pd.unique(chunks)}
+
+    figures, seconds = least_cpu(estimate)
+    estimates = {
+        chunk: {name: {"value": each["metrics"][name], **(each["intervals"][name] or {})} for name in COMPARED}
+        for chunk, each in figures.items()
+    }
+    return estimates, seconds
 
 
 def nannyml_frames(
@@ -115,7 +116,7 @@ def nannyml_frames(
 def bench_estimate_multiclass(
     quiet: bool = False,  # no table on stdout
     heart: Path | None = None,  # the UCI files (default: the clone's)
-) -> dict:  # chunks, rows (a chunk and metric each), summary, nannyml (its run, None without its venv)
+) -> dict:  # chunks, rows (a chunk and metric each), summary, unshifted (held-out chunks' summary), nannyml
     "Our multiclass CBPE against NannyML's on the heart grades: held-out chunks, then VA and Switzerland."
     from sklearn.impute import SimpleImputer  # deferred: start-up time, only this benchmark needs them
     from sklearn.linear_model import LogisticRegression
@@ -145,6 +146,7 @@ def bench_estimate_multiclass(
             {
                 "chunk": chunk,
                 "rows": int(where.sum()),
+                "shifted": not chunk.startswith("held-out"),
                 "realized": realized_figures(analysis.loc[where, "num"], proba[where], classes),
                 "ours": ours[chunk],
                 "nannyml": {name: nannyml[theirs_name] for name, theirs_name in COMPARED.items()} if nannyml else None,
@@ -152,13 +154,14 @@ def bench_estimate_multiclass(
         )
     rows = side_rows(per_chunk, tuple(COMPARED))
     summary = side_summary(rows, tuple(COMPARED), ours_cpu, theirs)
-    figures = {"chunks": len(per_chunk), "rows": rows, "summary": summary, "nannyml": theirs}
+    unshifted = side_summary([row for row in rows if not row["shifted"]], tuple(COMPARED), ours_cpu, theirs)
+    figures = {"chunks": len(per_chunk), "rows": rows, "summary": summary, "unshifted": unshifted, "nannyml": theirs}
     if not quiet:
         title = (
             f"bench estimate-multiclass: heart grades 0–4, fitted on {len(fit)} Cleveland+Hungarian rows, reference "
             f"{len(reference)}; {len(per_chunk)} chunks (held-out, then VA and Switzerland's real shift)"
         )
-        print(format_side(title, rows, summary, tuple(COMPARED), theirs))
+        print(format_side(title, rows, summary, tuple(COMPARED), theirs, unshifted))
     return figures
 
 
