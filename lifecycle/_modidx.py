@@ -128,6 +128,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                            'lifecycle.bench.dashboard.run': ('bench_dashboard.html#run', 'lifecycle/bench/dashboard.py')},
             'lifecycle.bench.estimate': { 'lifecycle.bench.estimate._interval': ( 'bench_estimate.html#_interval',
                                                                                   'lifecycle/bench/estimate.py'),
+                                          'lifecycle.bench.estimate._share': ('bench_estimate.html#_share', 'lifecycle/bench/estimate.py'),
                                           'lifecycle.bench.estimate.bench_estimate': ( 'bench_estimate.html#bench_estimate',
                                                                                        'lifecycle/bench/estimate.py'),
                                           'lifecycle.bench.estimate.estimate_rows': ( 'bench_estimate.html#estimate_rows',

@@ -42,7 +42,8 @@ def estimate_rows(
                 row[f"ours_{name}{end}"] = window.get(f"shift_{name}{end}")
             row[f"cbpe_{name}"] = window.get(f"cbpe_{name}")
             theirs = by_window.get(window["window"], {}).get(name) or {}
-            row[f"nannyml_{name}"] = theirs.get("value")
+            for end, key in (("", "value"), ("_low", "low"), ("_high", "high")):
+                row[f"nannyml_{name}{end}"] = theirs.get(key)
         rows.append(row)
     return rows
 
@@ -56,7 +57,9 @@ def estimate_summary(
         measured = np.array([row[f"measured_{name}"] for row in rows], dtype=float)
         ours = np.array([row[f"ours_{name}"] for row in rows], dtype=float)
         cbpe = np.array([row[f"cbpe_{name}"] for row in rows], dtype=float)
-        theirs = np.array([row.get(f"nannyml_{name}") for row in rows], dtype=float)
+        theirs, theirs_low, theirs_high = (
+            np.array([row.get(f"nannyml_{name}{end}") for row in rows], dtype=float) for end in ("", "_low", "_high")
+        )
         low = np.array([row[f"ours_{name}_low"] for row in rows], dtype=float)
         high = np.array([row[f"ours_{name}_high"] for row in rows], dtype=float)
         error_ours, error_cbpe = np.nanmean(np.abs(ours - measured)), np.nanmean(np.abs(cbpe - measured))
@@ -66,6 +69,9 @@ def estimate_summary(
             "ratio": float(error_ours / error_cbpe) if error_cbpe else None,
             "covered": float(np.mean((low <= measured) & (measured <= high))),
             "mae_nannyml": float(np.nanmean(np.abs(theirs - measured))) if np.isfinite(theirs).any() else None,
+            "covered_nannyml": float(np.mean((theirs_low <= measured) & (measured <= theirs_high)))
+            if np.isfinite(theirs_low).any()
+            else None,
         }
     return summary
 
@@ -78,6 +84,10 @@ def _interval(row: dict, prefix: str, name: str) -> str:
     return f"{value:.3f}" + (f" ({low:.2f}–{high:.2f})" if low is not None and not pd.isna(low) else "")
 
 
+def _share(value) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
 def format_estimate(
     figures: dict,  # `bench_estimate`'s figures
 ) -> str:  # the table: a line a labelled window and figure, then the summary against the goal
@@ -86,14 +96,14 @@ def format_estimate(
         f"bench estimate: the default project's real shift ({figures['windows']} labelled windows); measured on the "
         "labels that arrived, estimated from the scores alone",
         f"{'window':<16}{'figure':<9}{'labels':>7}  {'measured (95% CI)':<22}{'ours (95% interval)':<22}{'CBPE':>7}"
-        f"{'NannyML':>9}  shown",
+        f"  {'NannyML (±3 s.e.)':<22}shown",
     ]
     for row in figures["rows"]:
         for name in FIGURES:
             lines.append(
                 f"{row['window']:<16}{name:<9}{row['labeled']:>7}  {_interval(row, 'measured', name):<22}"
                 f"{_interval(row, 'ours', name):<22}{_interval(row, 'cbpe', name):>7}"
-                f"{_interval(row, 'nannyml', name):>9}  {row['estimator']}"
+                f"  {_interval(row, 'nannyml', name):<22}{row['estimator']}"
             )
     for name in FIGURES:
         figure = figures["summary"][name]
@@ -109,10 +119,11 @@ def format_estimate(
         lines.append(NANNYML_MISSING)
         return "\n".join(lines)
     for name in FIGURES:
-        theirs = figures["summary"][name]["mae_nannyml"]
+        theirs, covered = figures["summary"][name]["mae_nannyml"], _share(figures["summary"][name]["covered_nannyml"])
         lines.append(
             f"{name}: NannyML {nannyml['version']} CBPE's mean absolute error "
-            f"{'—' if theirs is None else f'{theirs:.3f}'} (ours {figures['summary'][name]['mae_ours']:.3f})"
+            f"{'—' if theirs is None else f'{theirs:.3f}'} (ours {figures['summary'][name]['mae_ours']:.3f}); its "
+            f"interval (±3 sampling errors) covers the measured value in {covered} of windows"
         )
     lines.append(f"NannyML's CPU, fit and estimate: {nannyml['fit_cpu'] + nannyml['estimate_cpu']:.3f} s")
     return "\n".join(lines)
