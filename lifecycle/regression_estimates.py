@@ -43,7 +43,12 @@ class LossEstimator:
         inputs: pd.DataFrame,  # `loss_inputs` of production rows
     ) -> tuple[np.ndarray, np.ndarray]:  # each row's expected absolute error and expected squared error, ≥ 0
         "The expected losses of each row."
-        return np.clip(self.absolute.predict(inputs), 0, None), np.clip(self.squared.predict(inputs), 0, None)
+        from threadpoolctl import threadpool_limits  # deferred: start-up time, only this path needs it
+
+        # One thread, as the fit: OpenMP's threads cost 7-11x the CPU of one on a busy 2-core machine for a few
+        # thousand rows (`lifecycle bench estimate-regression`: 1.2-1.9 s against 0.17 s), for the same numbers.
+        with threadpool_limits(limits=1):
+            return np.clip(self.absolute.predict(inputs), 0, None), np.clip(self.squared.predict(inputs), 0, None)
 
 # %% ../nbs/23s_regression_estimates.ipynb #8cceb79a
 def fit_loss_estimator(
