@@ -4,6 +4,7 @@ import contextlib
 import fcntl
 import json
 import os
+import platform
 import resource
 import shutil
 import socket
@@ -19,6 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Two test workers share two cores: one thread each for OpenMP and BLAS, or their thread pools spin against each other.
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+# One BLAS kernel on every machine: OpenBLAS picks its kernels by CPU (SkylakeX on an AVX-512 EPYC, Haswell on most
+# others), and a logistic regression's last bits differ between them, so the model bytes pinned in
+# tests/binary_parity.json would hold on one kind of CPU only. Haswell's kernels run on every x86-64 CPU with AVX2.
+# Set before anything loads numpy; the servers and commands the tests start inherit it.
+if platform.machine() in ("x86_64", "AMD64") and " avx2" in Path("/proc/cpuinfo").read_text(errors="replace"):
+    os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
 # The default project's labeller (settings.ini: [labels] labellers = lab: LIFECYCLE_LABELLER_LAB): servers the tests
 # start inherit it; LABELLER is the header a test sends its labels to /feedback with.
 os.environ.setdefault("LIFECYCLE_LABELLER_LAB", "test-labeller-lab-secret-0123")

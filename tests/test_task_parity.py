@@ -96,6 +96,10 @@ def test_the_default_project_is_binary_and_says_why(parity):
 
 
 def test_each_candidate_has_the_same_model_bytes_as_before(parity):
+    from threadpoolctl import threadpool_info
+
+    kernels = {pool.get("architecture") for pool in threadpool_info() if pool.get("internal_api") == "openblas"}
+    assert kernels <= {"Haswell"}, f"recorded with OpenBLAS's Haswell kernels; this process has {kernels}"
     for model in MODELS:
         pipeline, cv, _ = parity["fitted"][model]
         assert sha256_bytes(model_bytes(pipeline)) == RECORDED[model]["sha256"], model
