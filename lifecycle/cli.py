@@ -439,7 +439,11 @@ def _add_serve(commands) -> None:  # commands: the subparsers of the `lifecycle`
     )
     serve.add_argument("--access-log", action="store_true", help="log each request's method, path and status")
     serve.add_argument(
-        "--max-body", type=int, default=1_000_000, help="the largest request body in bytes (default 1,000,000)"
+        "--max-body",
+        type=int,
+        default=None,
+        help="the largest /predict body in bytes (default: what --max-records records of the model's largest valid "
+        "form need; set, the record cap is what it holds). /feedback: this, or 1,000,000",
     )
     serve.add_argument(
         "--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)"

@@ -99,7 +99,7 @@ def page_settings(
 
 # %% ../nbs/00_core.ipynb #c19c41f7
 DATA_KEYS = {
-    "sources": "one `name: path` a line; a path (text options after ` :: `: encoding=, delimiter=, decimal=), "
+    "sources": "one `name: path` a line; a path (text options after ` :: `: encoding=, delimiter=, decimal=, quote=), "
     "or a database URL and query as `URL :: SELECT …`",
     "columns": "column names for files without a header line",
     "na_values": "cell values that mean missing",

@@ -17,8 +17,8 @@ from .core import LifecycleError
 
 # %% auto #0
 __all__ = ['PROBLEMS', 'OK', 'WRONG_TYPE', 'NOT_FINITE', 'OUT_OF_RANGE', 'UNKNOWN_CATEGORY', 'MISSING', 'TOO_MANY_MISSING',
-           'NUMERIC_SHARE', 'read_number', 'parse_numbers', 'parse_recode', 'parse_range', 'parse_values', 'clean_text',
-           'Rule', 'check_column', 'infer_numeric']
+           'TEXT_NUMBER_CHARS', 'NUMERIC_SHARE', 'read_number', 'parse_numbers', 'parse_recode', 'parse_range',
+           'parse_values', 'clean_text', 'Rule', 'check_column', 'infer_numeric']
 
 # %% ../nbs/17_rules.ipynb #6dbaeb54
 _PLAIN_NUMBER = r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?$"
@@ -125,6 +125,7 @@ PROBLEMS = ("", "wrong_type", "not_finite", "out_of_range", "unknown_category", 
 OK, WRONG_TYPE, NOT_FINITE, OUT_OF_RANGE, UNKNOWN_CATEGORY, MISSING, TOO_MANY_MISSING = range(len(PROBLEMS))
 _NUMBERS = ("number", "code")
 _EXACT = 2**53  # integers below this are floats exactly
+TEXT_NUMBER_CHARS = 32  # the longest text read as a number (`1,234,567.89 k` is 14): longer text is no number
 
 
 def _is_code(array: np.ndarray, codes) -> np.ndarray:
@@ -202,6 +203,8 @@ class Rule:
                 except OverflowError:  # an integer beyond the largest float
                     return math.nan, NOT_FINITE
             if isinstance(value, str):
+                if len(value) > TEXT_NUMBER_CHARS:
+                    return math.nan, WRONG_TYPE
                 text = self._text(value)
                 if text is None:
                     return math.nan, OK
@@ -266,6 +269,7 @@ def _check_numbers(rule: Rule, series: pd.Series, counts: dict) -> tuple[np.ndar
         )
         numbers, human = _read_texts(pa.array(cleaned, type=pa.string()))
         wrong = np.array([text is not None for text in cleaned], dtype=bool) & np.isnan(numbers)
+        wrong |= np.array([len(text) > TEXT_NUMBER_CHARS for text in distinct], dtype=bool)
         values = np.append(numbers, np.nan)[codes]
         problems = np.append(np.where(wrong, WRONG_TYPE, OK).astype(np.int8), np.int8(OK))[codes]
         counts["human_numbers"] = int(np.append(human, False)[codes].sum())

@@ -15,14 +15,15 @@ from pathlib import Path
 from .core import LifecycleError
 
 # %% auto #0
-__all__ = ['DELIMITER_NAMES', 'DECIMAL_NAMES', 'SAMPLE_LINES', 'OPTION_READERS', 'delimiter_option', 'decimal_option',
-           'encoding_option', 'drop_bom', 'guess_encoding', 'as_utf8', 'detect_delimiter', 'detect_decimal',
-           'point_decimals', 'trailing_delimiter', 'drop_trailing_delimiter', 'notes_before_header',
-           'metadata_after_header', 'SavedText', 'read_saved']
+__all__ = ['DELIMITER_NAMES', 'DECIMAL_NAMES', 'QUOTE_NAMES', 'SAMPLE_LINES', 'OPTION_READERS', 'delimiter_option',
+           'decimal_option', 'quote_option', 'csv_quoting', 'encoding_option', 'drop_bom', 'guess_encoding', 'as_utf8',
+           'detect_delimiter', 'detect_decimal', 'point_decimals', 'trailing_delimiter', 'drop_trailing_delimiter',
+           'notes_before_header', 'metadata_after_header', 'SavedText', 'read_saved']
 
 # %% ../nbs/22a_saved_text.ipynb #ce8bc507
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe", " ": "whitespace"}
 DECIMAL_NAMES = {".": "point", ",": "comma"}
+QUOTE_NAMES = {'"': "double", "'": "single", "": "none"}
 SAMPLE_LINES = 200  # lines looked at to detect the delimiter, the decimal mark, notes and metadata
 
 
@@ -46,6 +47,25 @@ def decimal_option(
     if value in words or value in DECIMAL_NAMES:
         return words.get(value, value)
     raise LifecycleError("source option decimal must be point or comma; change it on the source line")
+
+
+def quote_option(
+    value: str,  # `double`, `single`, `none`, or the character itself (`"` or `'`)
+) -> str:  # the quote character, "" for none (a quote is then a character like any other)
+    "A source line's `quote=` as the character it names."
+    words = {name: mark for mark, name in QUOTE_NAMES.items()}
+    if value in words or (value in QUOTE_NAMES and value):
+        return words.get(value, value)
+    raise LifecycleError(
+        f"source option quote must be one of {', '.join(words)} (or the character itself); change it on the source line"
+    )
+
+
+def csv_quoting(
+    quote: str,  # the quote character, "" for none
+) -> dict:  # the keywords Python's `csv.reader` takes for it
+    "The quoting of Python's CSV reader for a quote character, or for none."
+    return {"quotechar": quote, "quoting": csv.QUOTE_MINIMAL} if quote else {"quoting": csv.QUOTE_NONE}
 
 
 def encoding_option(
@@ -120,16 +140,18 @@ def as_utf8(
 _CANDIDATES = (",", "\t", ";", "|")
 
 
-def _split(line: str, delimiter: str) -> list[str]:
+def _split(line: str, delimiter: str, quote: str = '"') -> list[str]:
     try:
-        return line.split() if delimiter == " " else next(csv.reader([line], delimiter=delimiter), [])
+        if delimiter == " ":
+            return line.split()
+        return next(csv.reader([line], delimiter=delimiter, **csv_quoting(quote)), [])
     except csv.Error:
         return []
 
 
-def _consistency(lines: list[str], delimiter: str) -> float:
+def _consistency(lines: list[str], delimiter: str, quote: str = '"') -> float:
     "The share of `lines` that this delimiter splits into its most common number of fields, when that is over one."
-    widths = Counter(len(_split(line, delimiter)) for line in lines)
+    widths = Counter(len(_split(line, delimiter, quote)) for line in lines)
     width, count = widths.most_common(1)[0]
     return count / len(lines) if width > 1 else 0.0
 
@@ -137,11 +159,12 @@ def _consistency(lines: list[str], delimiter: str) -> float:
 def detect_delimiter(
     lines: list[str],  # the first non-blank lines
     suffix: str = "",  # the file's suffix (`.tsv` means tab)
+    quote: str = '"',  # the quote character, "" for none
 ) -> str:  # the delimiter, or " " for runs of whitespace
     "The delimiter the first lines are written with."
     if suffix.lower() == ".tsv":
         return "\t"
-    scores = {mark: _consistency(lines, mark) for mark in _CANDIDATES if any(mark in line for line in lines)}
+    scores = {mark: _consistency(lines, mark, quote) for mark in _CANDIDATES if any(mark in line for line in lines)}
     best = max(scores, key=scores.get, default=None)
     if best is None or scores[best] == 0:
         return " "
@@ -156,11 +179,12 @@ _DECIMAL_POINT = re.compile(r'^"?\s*[-+]?\d*\.\d+\s*"?$')
 def detect_decimal(
     lines: list[str],  # the first non-blank lines
     delimiter: str,  # their delimiter
+    quote: str = '"',  # the quote character, "" for none
 ) -> str:  # "," when numbers are written with a decimal comma, else "."
     "The decimal mark of the numbers in the first lines."
     if delimiter == ",":
         return "."
-    fields = [value for line in lines for value in _split(line, delimiter)]
+    fields = [value for line in lines for value in _split(line, delimiter, quote)]
     commas = sum(bool(_DECIMAL_COMMA.match(value)) for value in fields)
     points = sum(bool(_DECIMAL_POINT.match(value)) for value in fields)
     return "," if commas and not points else "."
@@ -169,10 +193,14 @@ def detect_decimal(
 def point_decimals(
     raw: bytes,  # UTF-8 text
     delimiter: str,  # its delimiter (not a comma)
+    quote: str = '"',  # the quote character a number may stand in, "" for none
 ) -> bytes:  # the text with every field that is a number written with a decimal comma written with a point
     "Rewrite decimal commas as points, field by field, leaving text fields alone; no line is added or removed."
     mark = re.escape(delimiter.encode()) if delimiter != " " else rb"[ \t]"
-    number = re.compile(rb"(?m)(^|" + mark + rb')("?[ ]*[-+]?\d*),(\d+[ ]*"?)(?=' + mark + rb"|$)")
+    quoted = re.escape(quote.encode()) + b"?" if quote else b""
+    number = re.compile(
+        rb"(?m)(^|" + mark + rb")(" + quoted + rb"[ ]*[-+]?\d*),(\d+[ ]*" + quoted + rb")(?=" + mark + rb"|$)"
+    )
     return number.sub(rb"\1\2.\3", raw)
 
 
@@ -249,7 +277,8 @@ class SavedText:
     delimiter: str  # the field delimiter, " " for runs of whitespace
     decimal: str = "."  # the decimal mark of its numbers (decimal commas are rewritten as points in `text`)
     byte_order_mark: str = ""  # the encoding its byte-order mark named, "" for none
-    quoted: bool = False  # some fields are in double quotes
+    quote: str = '"'  # the quote character, "" for none
+    quoted: bool = False  # some fields are in quotes
     trailing_delimiter: bool = False  # every line ended with the delimiter (dropped in `text`)
     given: list = field(default_factory=list)  # the decisions set on the source line
 
@@ -260,6 +289,7 @@ class SavedText:
             "byte_order_mark": self.byte_order_mark or None,
             "delimiter": DELIMITER_NAMES[self.delimiter],
             "decimal": DECIMAL_NAMES[self.decimal],
+            "quote": QUOTE_NAMES[self.quote],
             "quoted_fields": self.quoted,
             "trailing_delimiter": self.trailing_delimiter,
             "set_on_source_line": list(self.given),
@@ -276,14 +306,22 @@ class SavedText:
             said.append(f"a {self.byte_order_mark} byte-order mark dropped")
         said.append(f"fields split by {DELIMITER_NAMES[self.delimiter]} ({how('delimiter')})")
         said.append(f"decimal {DECIMAL_NAMES[self.decimal]} ({how('decimal')})")
-        if self.quoted:
-            said.append("some fields in double quotes, read as their values")
+        if not self.quote:
+            said.append(f"no quote character ({how('quote')}): quotes read as text")
+        elif self.quoted or "quote" in self.given:
+            quotes = f"{QUOTE_NAMES[self.quote]} quotes ({how('quote')})"
+            said.append(f"some fields in {quotes}, read as their values" if self.quoted else quotes)
         if self.trailing_delimiter:
             said.append("the delimiter ending every line dropped")
         return ", ".join(said)
 
 # %% ../nbs/22a_saved_text.ipynb #46c7b76d
-OPTION_READERS = {"encoding": encoding_option, "delimiter": delimiter_option, "decimal": decimal_option}
+OPTION_READERS = {
+    "encoding": encoding_option,
+    "delimiter": delimiter_option,
+    "decimal": decimal_option,
+    "quote": quote_option,
+}
 
 
 def _sample(raw: bytes) -> list[str]:
@@ -294,7 +332,7 @@ def _sample(raw: bytes) -> list[str]:
 
 def read_saved(
     path: Path,  # a delimited text file
-    options: dict | None = None,  # the source line's options (encoding, delimiter, decimal), values as written
+    options: dict | None = None,  # the source line's options (encoding, delimiter, decimal, quote), values as written
     encoding: str | None = None,  # the encoding, when the caller knows it (a source line's option wins)
 ) -> SavedText:  # the text in UTF-8 and the decisions
     "Read a delimited text file as it was saved: each decision detected unless set."
@@ -319,22 +357,24 @@ def read_saved(
     if codecs.BOM_UTF8 in raw:  # files saved with a mark each, then joined: a mark opens each part
         raw = re.sub(rb"(?m)^\xef\xbb\xbf", b"", raw)
     sample = _sample(raw)
-    delimiter = given.get("delimiter") or (detect_delimiter(sample, path.suffix) if sample else ",")
-    decimal = given.get("decimal") or (detect_decimal(sample, delimiter) if sample else ".")
+    quote = given.get("quote", '"')
+    delimiter = given.get("delimiter") or (detect_delimiter(sample, path.suffix, quote) if sample else ",")
+    decimal = given.get("decimal") or (detect_decimal(sample, delimiter, quote) if sample else ".")
     if decimal == "," and delimiter == ",":
         raise LifecycleError("a decimal comma needs another delimiter; set delimiter= on the source line")
     trailing = bool(sample) and trailing_delimiter(sample, delimiter)
     if trailing:
         raw = drop_trailing_delimiter(raw, delimiter)
     if decimal == ",":
-        raw = point_decimals(raw, delimiter)
+        raw = point_decimals(raw, delimiter, quote)
     return SavedText(
         text=raw,
         encoding=chosen,
         delimiter=delimiter,
         decimal=decimal,
         byte_order_mark=bom,
-        quoted=any('"' in line for line in sample),
+        quote=quote,
+        quoted=bool(quote) and any(quote in line for line in sample),
         trailing_delimiter=trailing,
         given=list(given),
     )

@@ -18,7 +18,14 @@ import sqlalchemy
 
 from .core import LifecycleError, Settings, Source
 from .files import sha256_file
-from .saved_text import SAMPLE_LINES, SavedText, metadata_after_header, notes_before_header, read_saved
+from lifecycle.saved_text import (
+    SAMPLE_LINES,
+    SavedText,
+    csv_quoting,
+    metadata_after_header,
+    notes_before_header,
+    read_saved,
+)
 from .sql_sources import _no_malformed, _sqlite_relative_to, mask_url, read_sql_table
 
 # %% auto #0
@@ -95,10 +102,12 @@ def field_counts(
     return _per_line(np.flatnonzero(data == ord(delimiter)), starts, len(data)) + 1
 
 # %% ../nbs/22_sources.ipynb #e79abfeb
-def _split_fields(text: str, delimiter: str) -> list[str]:
-    """A line's fields: runs of whitespace for a space-separated file, else the delimiter, quotes respected; raises
-    `csv.Error` for a field over `FIELD_LIMIT` characters."""
-    return text.split() if delimiter == " " else next(csv.reader([text], delimiter=delimiter), [])
+def _split_fields(text: str, delimiter: str, quote: str = '"') -> list[str]:
+    """A line's fields: runs of whitespace for a space-separated file, else the delimiter, quotes (`quote`, "" for
+    none) respected; raises `csv.Error` for a field over `FIELD_LIMIT` characters."""
+    if delimiter == " ":
+        return text.split()
+    return next(csv.reader([text], delimiter=delimiter, **csv_quoting(quote)), [])
 
 
 FIELD_LIMIT = csv.field_size_limit()  # 131,072 characters: the longest field Python's CSV reader takes
@@ -111,7 +120,7 @@ def _csv_reason(error: csv.Error) -> str:
     return f"a line the CSV reader cannot split ({str(error)[:60]})"
 
 
-def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expected: int) -> np.ndarray:
+def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expected: int, quote: str = '"') -> np.ndarray:
     "Reasons per line, decoding and parsing each line: for quoted fields, bad bytes and very long lines."
     reasons = np.full(len(lines), "", dtype=object)
     for index, line in enumerate(lines):
@@ -121,7 +130,7 @@ def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expecte
             reasons[index] = f"bytes that are not {encoding} text"
             continue
         try:
-            fields = len(_split_fields(text, delimiter))
+            fields = len(_split_fields(text, delimiter, quote))
         except csv.Error as error:
             reasons[index] = _csv_reason(error)
             continue
@@ -130,10 +139,14 @@ def _slow_line_checks(lines: list[bytes], delimiter: str, encoding: str, expecte
     return reasons
 
 
-def _arrow_options(names: list[str], delimiter: str, na_values: list[str], skip_rows: int = 0, on_invalid=None) -> dict:
+def _arrow_options(
+    names: list[str], delimiter: str, na_values: list[str], skip_rows: int = 0, on_invalid=None, quote: str = '"'
+) -> dict:
     return {
         "read_options": pyarrow.csv.ReadOptions(column_names=names, skip_rows=skip_rows),
-        "parse_options": pyarrow.csv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+        "parse_options": pyarrow.csv.ParseOptions(
+            delimiter=delimiter, quote_char=quote or False, invalid_row_handler=on_invalid
+        ),
         "convert_options": pyarrow.csv.ConvertOptions(
             null_values=list(na_values) + [""], strings_can_be_null=True, timestamp_parsers=[]
         ),
@@ -153,11 +166,13 @@ def _arrow_ready(delimiter: str, encoding: str) -> bool:
     return delimiter != " " and encoding.replace("-", "").lower() in ("utf8", "ascii")
 
 
-def _parse_lines(data: bytes, names: list[str], delimiter: str, na_values: list[str], encoding: str) -> pd.DataFrame:
+def _parse_lines(
+    data: bytes, names: list[str], delimiter: str, na_values: list[str], encoding: str, quote: str = '"'
+) -> pd.DataFrame:
     "Parse lines already checked to have the right number of fields: pyarrow's parser on every core, else pandas'."
     if _arrow_ready(delimiter, encoding):
         try:
-            table = pyarrow.csv.read_csv(io.BytesIO(data), **_arrow_options(names, delimiter, na_values))
+            table = pyarrow.csv.read_csv(io.BytesIO(data), **_arrow_options(names, delimiter, na_values, quote=quote))
             return _to_pandas(table)
         except pyarrow.ArrowInvalid:
             pass  # pyarrow fixes a column's type from its first block; text far down a numeric column needs pandas
@@ -170,11 +185,18 @@ def _parse_lines(data: bytes, names: list[str], delimiter: str, na_values: list[
         sep=r"\s+" if delimiter == " " else delimiter,
         na_values=na_values,
         skipinitialspace=True,
+        **csv_quoting(quote),
     )
 
 
 def _parse_clean_file(
-    raw: bytes, names: list[str], delimiter: str, na_values: list[str], skip_rows: int, expected_rows: int
+    raw: bytes,
+    names: list[str],
+    delimiter: str,
+    na_values: list[str],
+    skip_rows: int,
+    expected_rows: int,
+    quote: str = '"',
 ) -> pd.DataFrame | None:
     "The fast path: parse the whole file at once; None when any line is malformed (then each line is judged)."
     invalid = []
@@ -185,7 +207,7 @@ def _parse_clean_file(
 
     try:
         table = pyarrow.csv.read_csv(
-            io.BytesIO(raw), **_arrow_options(names, delimiter, na_values, skip_rows, on_invalid)
+            io.BytesIO(raw), **_arrow_options(names, delimiter, na_values, skip_rows, on_invalid, quote)
         )
     except pyarrow.ArrowInvalid:
         return None
@@ -218,10 +240,12 @@ def _looks_like_header(first: list[str], second: list[str]) -> bool:
     )
 
 
-def _fields(raw: bytes, starts: np.ndarray, ends: np.ndarray, index: int, delimiter: str, encoding: str) -> list[str]:
+def _fields(
+    raw: bytes, starts: np.ndarray, ends: np.ndarray, index: int, delimiter: str, encoding: str, quote: str = '"'
+) -> list[str]:
     "The fields of line `index`, to tell a header; none when the CSV reader refuses the line (it is then no header)."
     try:
-        return _split_fields(raw[starts[index] : ends[index]].decode(encoding, errors="replace"), delimiter)
+        return _split_fields(raw[starts[index] : ends[index]].decode(encoding, errors="replace"), delimiter, quote)
     except csv.Error:
         return []
 
@@ -268,17 +292,19 @@ def _line_reasons(
     encoding: str,  # its text encoding
     width: int,  # the fields a row must have
     decodes: bool,  # the whole file decodes in `encoding`
+    quote: str = '"',  # the quote character, "" for none
 ) -> np.ndarray:  # each line's reason to be set aside, "" for a good line
     """Judge each row line: quoted fields or undecodable bytes, line by line; else by its count of fields, but a line
     long enough to hold a field over `FIELD_LIMIT`, which is judged line by line too."""
-    if b'"' in raw or not decodes:
+    if (quote and quote.encode() in raw) or not decodes:
         candidates = np.flatnonzero(rows & (reasons == ""))
     else:
         counts = field_counts(np.frombuffer(raw, dtype=np.uint8), starts, delimiter)
         wrong = rows & (counts != width) & (reasons == "")
         reasons[wrong] = [f"expected {width} fields, found {count}" for count in counts[wrong]]
         candidates = np.flatnonzero(rows & (reasons == "") & (ends - starts > FIELD_LIMIT))
-    reasons[candidates] = _slow_line_checks([raw[starts[i] : ends[i]] for i in candidates], delimiter, encoding, width)
+    lines = [raw[starts[i] : ends[i]] for i in candidates]
+    reasons[candidates] = _slow_line_checks(lines, delimiter, encoding, width, quote)
     return reasons
 
 
@@ -292,6 +318,7 @@ def _kept_lines(
     delimiter: str,  # the file's delimiter
     na_values: list[str],  # cell values that mean missing
     encoding: str,  # its text encoding
+    quote: str = '"',  # the quote character, "" for none
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # (the good rows with a `_line` column, the malformed lines)
     "Parse the good row lines, and list the others with their line numbers and reasons."
     good = rows & (reasons == "")
@@ -306,7 +333,7 @@ def _kept_lines(
     lengths = np.diff(np.append(starts, len(raw)))
     kept = raw if good.all() else np.frombuffer(raw, dtype=np.uint8)[np.repeat(good, lengths)].tobytes()
     if good.any():
-        frame = _parse_lines(kept, names, delimiter, na_values, encoding)
+        frame = _parse_lines(kept, names, delimiter, na_values, encoding, quote)
     else:
         frame = pd.DataFrame({name: pd.Series(dtype="object") for name in names})
     frame["_line"] = np.flatnonzero(good) + 1
@@ -325,7 +352,7 @@ def read_text_table(
 
     Long because it chooses between two paths: the whole file parsed at once, or each line judged."""
     saved = saved or read_saved(path, encoding=encoding)
-    raw, delimiter, encoding = saved.text, saved.delimiter, "utf-8"  # the text is UTF-8 now, line for line the file
+    raw, delimiter, quote, encoding = saved.text, saved.delimiter, saved.quote, "utf-8"  # UTF-8 now, line for line
     data = np.frombuffer(raw, dtype=np.uint8)
     starts = line_starts(data)
     ends = _line_ends(raw, starts)
@@ -333,7 +360,7 @@ def read_text_table(
     nonblank = np.flatnonzero(~blank)
     if not len(nonblank):
         raise LifecycleError(f"{path} is empty: it holds no rows")
-    sample = [_fields(raw, starts, ends, index, delimiter, encoding) for index in nonblank[: SAMPLE_LINES + 1]]
+    sample = [_fields(raw, starts, ends, index, delimiter, encoding, quote) for index in nonblank[: SAMPLE_LINES + 1]]
     notes = notes_before_header(sample, not columns)
     first_line = nonblank[notes:]
     first_fields = sample[notes]
@@ -346,7 +373,7 @@ def read_text_table(
     junk_header = (
         not header
         and len(first_line) > 1
-        and _looks_like_header(first_fields, _fields(raw, starts, ends, first_line[1], delimiter, encoding))
+        and _looks_like_header(first_fields, _fields(raw, starts, ends, first_line[1], delimiter, encoding, quote))
     )
     repeated = None
     if header or junk_header:
@@ -363,7 +390,7 @@ def read_text_table(
         and not (ends - starts > FIELD_LIMIT).any()  # pyarrow would keep a field the line-by-line path sets aside
     ):
         skip = int(first_line[0]) + 1 if header else 0
-        frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()))
+        frame = _parse_clean_file(raw, names, delimiter, na_values, skip, int(rows.sum()), quote)
         if frame is not None:
             frame["_line"] = np.flatnonzero(rows) + 1
             return frame, _no_malformed(), int(blank.sum())
@@ -374,8 +401,8 @@ def read_text_table(
     reasons[first_line[1 : 1 + metadata]] = "a metadata line between the header and the data"
     if repeated is not None:
         reasons[repeated] = "a repeated header line"
-    reasons = _line_reasons(raw, starts, ends, rows, reasons, delimiter, encoding, len(names), decodes)
-    frame, malformed = _kept_lines(raw, starts, ends, rows, reasons, names, delimiter, na_values, encoding)
+    reasons = _line_reasons(raw, starts, ends, rows, reasons, delimiter, encoding, len(names), decodes, quote)
+    frame, malformed = _kept_lines(raw, starts, ends, rows, reasons, names, delimiter, na_values, encoding, quote)
     return frame, malformed, int(blank.sum())
 
 # %% ../nbs/22_sources.ipynb #d8cc5109

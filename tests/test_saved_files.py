@@ -144,6 +144,24 @@ def test_decisions_set_on_the_source_line_win(tmp_path):
         _collect(tmp_path / "bad2", text, options="latin-1")
 
 
+def test_the_quote_character_is_set_on_the_source_line(tmp_path):
+    "`quote=` on the source line: single quotes hold a delimiter, `none` reads quotes as text; a wrong one, one line."
+    text = b"age;city;oldpeak;num\n61;'Bad; Ems';'1,5';1\n45;'Chur';'0,2';0\n"
+    snapshot, malformed, entry = _collect(tmp_path / "single", text, options="quote=' delimiter=semicolon")
+    assert snapshot["city"].tolist() == ["Bad; Ems", "Chur"] and snapshot["oldpeak"].tolist() == [1.5, 0.2]
+    assert entry["text"]["quote"] == "single" and entry["text"]["set_on_source_line"] == ["quote", "delimiter"]
+    assert "some fields in single quotes (as set on its source line)" in entry["read_as"] and len(malformed) == 0
+    # without the option, the single quotes are text: the quoted `;` splits a field, so those lines are set aside
+    snapshot, malformed, entry = _collect(tmp_path / "double", text, options="delimiter=semicolon")
+    assert entry["text"]["quote"] == "double" and malformed["_line"].tolist() == [2]
+    text = b'age,note,num\n61,5" screw,1\n45,"plain",0\n'  # an inch mark is no quote: none keeps it as text
+    snapshot, malformed, entry = _collect(tmp_path / "none", text, options="quote=none")
+    assert snapshot["note"].tolist() == ['5" screw', '"plain"'] and len(malformed) == 0
+    assert entry["text"]["quote"] == "none" and "no quote character (as set on its source line)" in entry["read_as"]
+    with pytest.raises(LifecycleError, match=r"^source 'visits': source option quote must be one of double, single"):
+        _collect(tmp_path / "bad", text, options="quote=backtick")
+
+
 def test_a_plain_file_gives_the_snapshot_it_gave_before(tmp_path):
     "The default project's sources, plain UTF-8: the same snapshot version as before files were read as saved."
     from conftest import copy_default_project

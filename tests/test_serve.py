@@ -96,7 +96,7 @@ def server(champion_template, tmp_path_factory):
 
     project = tmp_path_factory.mktemp("serve") / "heart"
     shutil.copytree(champion_template, project, symlinks=True)
-    running = Server(project)
+    running = Server(project, "--max-body", "1000000")  # a byte limit set: the record cap is what it holds
     yield running
     running.stop()
     assert MARKER not in running.output.read_text() and str(MARKER_NUMBER) not in running.output.read_text()

@@ -261,7 +261,7 @@ def test_openapi_documents_every_answer(champion_project):
     "Requests of every kind, with a token required; each answer's status, content type and body are as documented."
     records, _ = records_of(champion_project)
     auth = {"authorization": f"Bearer {TOKEN}"}
-    process, url, _ = _launch(champion_project, token=TOKEN)
+    process, url, _ = _launch(champion_project, "--max-body", "1000000", token=TOKEN)  # 1,400,001 bytes: a 413
     try:
         deadline = time.time() + 60
         while httpx.get(url + "/ready").status_code != 200:
@@ -269,6 +269,11 @@ def test_openapi_documents_every_answer(champion_project):
             time.sleep(0.1)
         assert httpx.get(url + "/openapi.json").status_code == 401 and httpx.get(url + "/docs").status_code == 401
         document = httpx.get(url + "/openapi.json", headers=auth).json()
+        from lifecycle.serving.openapi import record_bytes
+
+        cap = document["components"]["schemas"]["PredictRequest"]["anyOf"][1]["maxItems"]
+        assert document["paths"]["/predict"]["post"]["requestBody"]["x-max-body-bytes"] == 1_000_000
+        assert 1 + cap * (record_bytes(document["components"]["schemas"]["Record"]) + 1) <= 1_000_000 and cap > 100
         assert httpx.get(url + "/docs", headers=auth).status_code == 200
         good = json.dumps(records[0]).encode()
         served = httpx.post(

@@ -5,6 +5,9 @@
 # %% ../../nbs/35c_serve_openapi.ipynb #5ffd92d4
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -12,8 +15,10 @@ from ..contract import ID_MAX_CHARS, MAX_RECORDS
 from .scoring import record_json_schema
 
 # %% auto #0
-__all__ = ['PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'LABELLED', 'prediction_schemas', 'feedback_schemas',
-           'status_schemas', 'openapi_components', 'openapi_responses', 'id_schema', 'missing_rule', 'openapi_document']
+__all__ = ['PROMETHEUS_TEXT', 'ENDPOINT_RESPONSES', 'AUTHENTICATED', 'LABELLED', 'FEEDBACK_MAX_BODY', 'LONGEST_NUMBER',
+           'prediction_schemas', 'feedback_schemas', 'status_schemas', 'openapi_components', 'openapi_responses',
+           'id_schema', 'missing_rule', 'served_record', 'value_bytes', 'record_bytes', 'predict_limits',
+           'served_limits', 'openapi_document']
 
 # %% ../../nbs/35c_serve_openapi.ipynb #6a5c3eef
 _PROBLEM = {
@@ -266,22 +271,91 @@ def missing_rule(
     }
 
 
+def served_record(
+    spec,  # the model's `ServingSpec`
+) -> dict:  # the JSON schema of one record, as the document states it
+    "One record of the model serving: its features, the identifier `check_ids` accepts, and the too-many-missing rule."
+    record = record_json_schema(spec)
+    record["properties"][spec.id_field] = id_schema()
+    record.update(missing_rule(spec.contract))
+    return record
+
+
+FEEDBACK_MAX_BODY = 1_000_000  # bytes: /feedback's limit when none is set (a valid label is under 100 bytes)
+LONGEST_NUMBER = 24  # characters: the longest shortest form of a double (-2.2250738585072014e-308)
+
+
+def value_bytes(
+    schema: dict,  # the JSON schema of one value (anyOf, enum, string with maxLength, number, integer, null)
+) -> int:  # the most bytes a valid value takes
+    """The most bytes one valid value takes in compact JSON as encoders write it: a number in its shortest form, and
+    a string even with every character escaped (a character outside the BMP as a surrogate pair: 12 bytes)."""
+    if "anyOf" in schema:
+        return max(value_bytes(part) for part in schema["anyOf"])
+    if "enum" in schema:
+        return max(len(json.dumps(value)) for value in schema["enum"])
+    kind = schema["type"]
+    if kind == "string":
+        return 2 + 12 * schema["maxLength"]  # a string without maxLength has no largest form: a KeyError here
+    if kind == "integer":
+        return max(len(str(schema["minimum"])), len(str(schema["maximum"])))
+    return {"number": LONGEST_NUMBER, "null": 4, "boolean": 5}[kind]
+
+
+def record_bytes(
+    record: dict,  # the JSON schema of one record (an object of named properties)
+) -> int:  # the most bytes a valid record takes, every property present
+    "The most bytes one valid record takes in compact JSON: `{`, each name, `:` and its largest value, commas, `}`."
+    fields = [len(json.dumps(name)) + 1 + value_bytes(schema) for name, schema in record["properties"].items()]
+    return 2 + sum(fields) + len(fields) - 1
+
+
+def predict_limits(
+    record: dict,  # the JSON schema of one record
+    max_records: int,  # the most records a request may carry, as set (`--max-records`)
+    max_body: int | None,  # the body's byte limit as set (`--max-body`); None: what `max_records` records need
+) -> tuple[int, int]:  # (the most records one request carries, the body's byte limit), each reachable with the other
+    """The record cap and the byte limit of `/predict`, made to agree: a list of the cap's records of the largest valid
+    form fits in the byte limit. Unset, the byte limit is what the cap needs; set, the cap is what it holds."""
+    largest = record_bytes(record)
+    if max_body is None:
+        return max_records, 1 + max_records * (largest + 1)  # `[`, the records and the commas between them, `]`
+    return max(1, min(max_records, (max_body - 1) // (largest + 1))), max_body
+
+
+@lru_cache(maxsize=8)
+def served_limits(
+    scorer,  # the `Scorer` serving (one entry a model loaded)
+    max_records: int,  # `ServeSettings.max_records`
+    max_body: int | None,  # `ServeSettings.max_body`
+) -> tuple[int, int]:  # `predict_limits` of the model's record
+    "`predict_limits` of the record a scorer takes, computed once a model."
+    return predict_limits(served_record(scorer.spec), max_records, max_body)
+
+
 def openapi_document(
     app: FastAPI,  # the scoring app (`create_app`): its routes, and in `app.state` the model holder and settings
 ) -> dict:  # the OpenAPI document
     "The app's OpenAPI document, built per call: the schema is the one of the model serving now."
     scorer, settings = app.state.holder.scorer, app.state.settings
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    record = record_json_schema(scorer.spec) if scorer else {"type": "object", "description": "no model loaded yet"}
+    record = served_record(scorer.spec) if scorer else {"type": "object", "description": "no model loaded yet"}
+    max_records, max_body = (
+        served_limits(scorer, settings.max_records, settings.max_body)
+        if scorer
+        else (settings.max_records, settings.max_body or FEEDBACK_MAX_BODY)
+    )
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update(openapi_components(record, settings.max_records))
-    if scorer:  # what check_ids accepts, and the rule JSON Schema cannot count
-        record["properties"][scorer.spec.id_field] = id_schema()
-        record.update(missing_rule(scorer.spec.contract))
-    for path in ("/predict", "/feedback"):
-        document["paths"][path]["post"].setdefault("requestBody", {})["description"] = (
-            f"JSON of at most {settings.max_body:,} bytes (a larger body: 413)"
+    schemas.update(openapi_components(record, max_records))
+    for path, limit in (("/predict", max_body), ("/feedback", settings.max_body or FEEDBACK_MAX_BODY)):
+        body = document["paths"][path]["post"].setdefault("requestBody", {})
+        body["description"] = f"JSON of at most {limit:,} bytes (a larger body: 413)" + (
+            f"; it holds {max_records:,} records of the largest valid form written compact, even with every character "
+            "of their strings escaped"
+            if path == "/predict"
+            else ""
         )
+        body["x-max-body-bytes"] = limit
     guarded_by_token = settings.token is not None
     for (path, method), responses in ENDPOINT_RESPONSES.items():
         labelled = (path, method) == LABELLED  # a labeller's credential, on every interface, never the scoring token

@@ -21,6 +21,7 @@ from ..contract import MAX_ERRORS, MAX_RECORDS, limit_errors
 from ..core import LifecycleError
 from ..labels import FEEDBACK, labeller_of
 from . import checks
+from .openapi import FEEDBACK_MAX_BODY, served_limits
 from .predlog import JournalError
 
 log = logging.getLogger("lifecycle.serving.serve")  # the server's logger, as before its parts became modules
@@ -40,7 +41,9 @@ class ServeSettings:
     alias: str = "champion"  # the alias (or version number) to serve
     log_url: str = ""  # the prediction log: empty for the project's SQLite file, or a postgresql:// URL
     token: str | None = None  # a bearer token every scoring call must carry (None: no authentication)
-    max_body: int = 1_000_000  # bytes; a larger body gets a 413
+    max_body: int | None = (
+        None  # bytes; a larger body gets a 413 (None: what max_records records need, `predict_limits`)
+    )
     watch_interval: float = 0.5  # seconds between looks at the registry's aliases
     shadow: bool = True  # score every record with the version in shadow too, off the request path
     max_records: int = MAX_RECORDS  # the most records one request may carry
@@ -84,16 +87,15 @@ async def admit(
         return None, checks.unauthorized()
     if state.holder.scorer is None:
         return None, checks.error_answer(503, "no model is loaded yet", "not_ready", ["server"])
-    payload, problem = await checks.read_json_body(request, settings.max_body)
+    max_records, max_body = served_limits(state.holder.scorer, settings.max_records, settings.max_body)
+    payload, problem = await checks.read_json_body(request, max_body)
     if problem:
         return None, problem
     records = payload if isinstance(payload, list) else [payload]
     if not records:
         return None, checks.error_answer(422, "an empty list: nothing to score", "empty")
-    if len(records) > settings.max_records:
-        return None, checks.error_answer(
-            422, f"a request may carry at most {settings.max_records} records", "too_many_records"
-        )
+    if len(records) > max_records:
+        return None, checks.error_answer(422, f"a request may carry at most {max_records} records", "too_many_records")
     return records, None
 
 
@@ -333,7 +335,7 @@ async def feedback(request: Request):
     credential = labeller_of(request.headers.get("authorization"), state.settings.labellers)
     if credential is None:  # a scoring token is not a labeller's credential, on loopback too
         return finish(state, "feedback", unlabelled(), started)
-    payload, problem = await checks.read_json_body(request, state.settings.max_body)
+    payload, problem = await checks.read_json_body(request, state.settings.max_body or FEEDBACK_MAX_BODY)
     if problem:
         return finish(state, "feedback", problem, started)
     errors = feedback_errors(payload)

@@ -23,6 +23,7 @@ from lifecycle.contract import (
     check_records as contract_check_records,
 )
 from ..core import LifecycleError
+from ..rules import TEXT_NUMBER_CHARS
 
 _log = logging.getLogger("lifecycle.serving.scoring")
 
@@ -113,7 +114,7 @@ def record_json_schema(spec: ServingSpec) -> dict:
             if rule.low is not None:
                 number.update(minimum=rule.low, maximum=rule.high)
             properties[name] = {
-                "anyOf": [number, {"type": "string"}, {"type": "null"}],
+                "anyOf": [number, {"type": "string", "maxLength": TEXT_NUMBER_CHARS}, {"type": "null"}],
                 "description": "null when missing; text is read as a number (`50k`, `1,200`)"
                 + (
                     f"; {', '.join(f'{v:g}' for v in sorted(rule.impossible))} also means missing"

@@ -98,7 +98,7 @@ def create_app(
     alias: str = "champion",  # the alias (or version number) to serve
     log_url: str = "",  # the prediction log: empty for the project's SQLite file, or a postgresql:// URL
     token: str | None = None,  # a bearer token every scoring call must carry (None: no authentication)
-    max_body: int = 1_000_000,  # bytes; a larger body gets a 413
+    max_body: int | None = None,  # bytes; a larger body gets a 413 (None: what `max_records` records need)
     watch_interval: float = 0.5,  # seconds between looks at the registry's aliases
     prediction_log=None,  # a PredictionLog to use instead of opening one (tests)
     shadow: bool = True,  # score every record with the version in shadow too (alias `shadow`), off the request path
@@ -156,7 +156,7 @@ def serve(
     alias: str = "champion",  # the alias (or version) to serve
     log_url: str = "",  # the prediction log URL (empty: the project's SQLite file)
     access_log: bool = False,  # log each request (method, path, status: never a body)
-    max_body: int = 1_000_000,  # bytes
+    max_body: int | None = None,  # bytes (None: what `max_records` records of the model's largest valid form need)
     max_records: int = MAX_RECORDS,  # the most records one request may carry
     allowed_hosts: tuple[str, ...] = (),  # host names it answers to besides `host` (`[servers] allowed_hosts`)
     labels: LabelPolicy | None = None,  # the project's `[labels]`: its labellers (secrets from the environment), limits
