@@ -5,31 +5,19 @@
 # %% ../../nbs/47a_monitoring_sites.ipynb #8fee1735
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..alerts import evaluate, raise_alerts
+from ..core import read_json
+from .store import details_path
+from ..serving.predlog.rows import SITE_COLUMN, site_name
 
 # %% auto #0
-__all__ = ['SITE_COLUMN', 'MEASURED', 'FLEET_FIGURES', 'site_name', 'site_evidence', 'site_reports', 'latest_sites',
-           'raise_site_alerts', 'fleet_table', 'fleet_words']
-
-# %% ../../nbs/47a_monitoring_sites.ipynb #3d00b890
-SITE_COLUMN = "_site"  # the key of a logged prediction's features that holds its site
-_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
-
-
-def site_name(
-    value,  # a site as it arrived (a source's name, a header)
-) -> str | None:  # the name, stripped; None when it is no name (empty, too long, other characters)
-    "A site's name as the log keeps it: letters, digits, space, `_ . -`, at most 64 characters; else None."
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    return text if _SITE_NAME.fullmatch(text) else None
+__all__ = ['MEASURED', 'FLEET_FIGURES', 'site_evidence', 'site_reports', 'latest_sites', 'raise_site_alerts', 'stored_sites',
+           'fleet_table', 'fleet_words', 'sites_over_time']
 
 # %% ../../nbs/47a_monitoring_sites.ipynb #90807b01
 MEASURED = ("roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap", "calibration_error")
@@ -131,6 +119,26 @@ def raise_site_alerts(
         result["statements"] += found["statements"]
     return result
 
+# %% ../../nbs/47a_monitoring_sites.ipynb #acae54e37e7d407bbb7b55eff062a284
+def stored_sites(
+    folder: Path,  # the project's monitoring folder
+    windows: pd.DataFrame,  # the windows table
+    latest,  # the latest window's row (the version in service), or None
+    figures=(),  # the realized figures to take from the latest labelled window (`LABELED_FIGURES`)
+) -> dict:  # site -> its figures (`latest_sites`); {} when the stored results hold no site
+    "Each site's latest figures, read from the stored details: those of the latest window and of the latest labelled."
+    if latest is None or windows is None or "sites" not in windows.columns:
+        return {}
+    same = windows[(windows["model_version"] == latest["model_version"]) & (windows["labeled"] > 0)]
+    keys = [latest["window"]] + (
+        [same.sort_values(["window_start", "last_event"]).iloc[-1]["window"]] if len(same) else []
+    )
+    try:
+        found = [read_json(details_path(folder, key)) for key in keys]
+    except (OSError, ValueError):  # written while read: the next look has them
+        return {}
+    return latest_sites(found[0], found[1] if len(found) > 1 else None, figures)
+
 # %% ../../nbs/47a_monitoring_sites.ipynb #051e9d26
 FLEET_FIGURES = ("predictions", "drift_share", "estimated_roc_auc", "estimator", "last_labeled.roc_auc")
 FLEET_FIGURES += ("last_labeled.recall", "last_labeled.calibration_error", "labeled")
@@ -153,7 +161,10 @@ def fleet_table(
                 "alerts": ", ".join(sorted(labels["alertname"] for labels in mine)),
             }
         )
-    table = pd.DataFrame(rows, columns=["site", *FLEET_FIGURES, "critical", "warning", "alerts"])
+    gaps = sorted({name for values in sites.values() for name in values if name.startswith("recall_gap.")})
+    for row, values in zip(rows, sites.values()):
+        row.update({name: values.get(name) for name in gaps})  # fairness at each site: its recall gap by column
+    table = pd.DataFrame(rows, columns=["site", *FLEET_FIGURES, *gaps, "critical", "warning", "alerts"])
     auc = table["last_labeled.roc_auc"].astype(float).fillna(table["estimated_roc_auc"].astype(float))
     order = pd.DataFrame({"c": -table["critical"], "w": -table["warning"], "auc": auc, "site": table["site"]})
     return table.loc[order.sort_values(["c", "w", "auc", "site"], na_position="last").index].reset_index(drop=True)
@@ -175,3 +186,17 @@ def fleet_words(
         f"{_figure(row.get('last_labeled.roc_auc'))} (latest labelled window), estimated "
         f"{_figure(row.get('estimated_roc_auc'))}; drifted features {drift}{alerts}"
     )
+
+# %% ../../nbs/47a_monitoring_sites.ipynb #72eea5119410473aa328ad9291626812
+def sites_over_time(
+    details: list[dict],  # the windows' details, oldest first
+    figure: str,  # one figure of a window's values (roc_auc, estimated_roc_auc, drift_share …)
+    label=None,  # a window's details -> its name (`window_label`)
+) -> pd.DataFrame:  # windows x sites; NaN where a site had no predictions or the figure was not judged
+    "One figure of every site in every window."
+    label = label or (lambda window: window["window"])
+    table = {
+        label(window): {site: part["values"].get(figure) for site, part in (window.get("sites") or {}).items()}
+        for window in details
+    }
+    return pd.DataFrame(table, dtype=float).T
