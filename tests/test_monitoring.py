@@ -338,3 +338,29 @@ def test_a_site_whose_patients_degrade_alerts_though_the_pool_holds(project):
 
     fleet = fleet_table(sites, out["alerts"]["firing"])
     assert list(fleet["site"]) == ["south", "north", "tiny"] and fleet.loc[0, "alerts"] == "auc_low, calibration_drift"
+
+
+def test_a_request_s_site_reaches_the_log_through_the_real_app(tmp_path):
+    "`X-Site` on /predict: each record's prediction is logged with its site; a header that is no name is a 422."
+    import time
+
+    from conftest import small_champion
+    from fastapi.testclient import TestClient
+
+    from lifecycle.serving.serve import create_app
+
+    root = small_champion(tmp_path)
+    app = create_app(root, log_url=str(root / "log.sqlite"))
+    with TestClient(app) as client:
+        for _ in range(200):  # a bound for a hang, not a measure of speed
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        record = {"age": 61, "chol": 240, "sex": 1}
+        assert client.post("/predict", json=[record, record], headers={"X-Site": "VA Long Beach"}).status_code == 200
+        assert client.post("/predict", json=record).status_code == 200  # no header: no site
+        refused = client.post("/predict", json=record, headers={"X-Site": "<script>x</script>"})
+        assert refused.status_code == 422 and "<script>" not in refused.text
+    with open_log(str(root / "log.sqlite"), root) as log:
+        logged = log.predictions()
+    assert sorted(logged["_site"].fillna("none")) == ["VA Long Beach", "VA Long Beach", "none"]
