@@ -863,6 +863,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'lifecycle/monitoring/sites.py'),
                                             'lifecycle.monitoring.sites._figure': ( 'monitoring_sites.html#_figure',
                                                                                     'lifecycle/monitoring/sites.py'),
+                                            'lifecycle.monitoring.sites.fleet_in_words': ( 'monitoring_sites.html#fleet_in_words',
+                                                                                           'lifecycle/monitoring/sites.py'),
                                             'lifecycle.monitoring.sites.fleet_table': ( 'monitoring_sites.html#fleet_table',
                                                                                         'lifecycle/monitoring/sites.py'),
                                             'lifecycle.monitoring.sites.fleet_words': ( 'monitoring_sites.html#fleet_words',

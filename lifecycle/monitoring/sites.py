@@ -17,7 +17,7 @@ from ..serving.predlog.rows import SITE_COLUMN, site_name
 
 # %% auto #0
 __all__ = ['MEASURED', 'FLEET_FIGURES', 'site_evidence', 'site_reports', 'latest_sites', 'raise_site_alerts', 'stored_sites',
-           'fleet_table', 'fleet_words', 'sites_over_time']
+           'fleet_table', 'fleet_in_words', 'fleet_words', 'sites_over_time']
 
 # %% ../../nbs/47a_monitoring_sites.ipynb #90807b01
 MEASURED = ("roc_auc", "recall", "precision", "prevalence", "brier", "calibration_gap", "calibration_error")
@@ -83,6 +83,7 @@ def site_reports(
             "values": part["values"],
             "drifted": [row["feature"] for row in part["features"] if row.get("drift")],
             "groups": part["groups"],
+            "not_judged": said,  # what its few rows or labels cannot carry, in words
             "statements": said + part["statements"],
         }
     return found
@@ -168,6 +169,34 @@ def fleet_table(
     auc = table["last_labeled.roc_auc"].astype(float).fillna(table["estimated_roc_auc"].astype(float))
     order = pd.DataFrame({"c": -table["critical"], "w": -table["warning"], "auc": auc, "site": table["site"]})
     return table.loc[order.sort_values(["c", "w", "auc", "site"], na_position="last").index].reset_index(drop=True)
+
+# %% ../../nbs/47a_monitoring_sites.ipynb #10185d26023b46108eb7d9f57d49d2b3
+_FLEET_NAMES = {
+    "predictions": "predictions (latest window)",
+    "drift_share": "features drifted (share)",
+    "estimated_roc_auc": "ROC AUC estimated",
+    "estimator": "estimator",
+    "last_labeled.roc_auc": "ROC AUC measured",
+    "last_labeled.recall": "recall measured",
+    "last_labeled.calibration_error": "calibration error",
+    "labeled": "labelled (latest window)",
+    "alerts": "alerts firing",
+}
+
+
+def fleet_in_words(
+    table: pd.DataFrame,  # `fleet_table`
+    column_name=str,  # a sensitive column's name in words (`Settings.column_name`)
+) -> (
+    pd.DataFrame
+):  # the same rows, indexed by site, the columns named in words (measured: in the latest labelled window)
+    "The fleet as a table a reader reads: its columns in words."
+    named = {
+        name: f"recall gap by {column_name(name.split('.', 1)[1])}"
+        for name in table.columns
+        if name.startswith("recall_gap.")
+    }
+    return table.drop(columns=["critical", "warning"]).set_index("site").rename(columns={**_FLEET_NAMES, **named})
 
 # %% ../../nbs/47a_monitoring_sites.ipynb #670e7de6
 def _figure(value, digits: int = 2) -> str:
