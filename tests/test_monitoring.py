@@ -316,6 +316,7 @@ def test_a_site_whose_patients_degrade_alerts_though_the_pool_holds(project):
         open_project(root / "settings.ini"), now=datetime(2024, 6, 1, tzinfo=timezone.utc), settings={"alerts": rules}
     )
     pooled, sites = out["latest"]["values"], out["latest"]["sites"]
+    json.dumps(out, allow_nan=False)  # `lifecycle monitor --json`: each site's figures under latest.sites, no NaN
     assert pooled["roc_auc"] >= 0.6 and pooled["sites"] == 3  # the pool holds
     assert sites["south"]["roc_auc"] < 0.45 < 0.65 < sites["north"]["roc_auc"]
     firing = [(alert["labels"]["alertname"], alert["labels"].get("site")) for alert in out["alerts"]["firing"]]
