@@ -187,9 +187,7 @@ _FLEET_NAMES = {
 def fleet_in_words(
     table: pd.DataFrame,  # `fleet_table`
     column_name=str,  # a sensitive column's name in words (`Settings.column_name`)
-) -> (
-    pd.DataFrame
-):  # the same rows, indexed by site, the columns named in words (measured: in the latest labelled window)
+) -> pd.DataFrame:  # the same rows, indexed by site, the columns in words
     "The fleet as a table a reader reads: its columns in words."
     named = {
         name: f"recall gap by {column_name(name.split('.', 1)[1])}"
