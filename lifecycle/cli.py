@@ -248,8 +248,10 @@ def _alert_lines(summary: dict) -> list[str]:  # `monitor_project`'s result -> l
     firing = summary.get("alerts", {}).get("firing", [])
     if firing:
         lines = [f"{len(firing)} alerts firing:"]
+        where = [f"at site {alert['labels']['site']}: " if alert["labels"].get("site") else "" for alert in firing]
         return lines + [
-            f"  {alert['labels']['severity'].upper()} {alert['annotations']['summary']}" for alert in firing
+            f"  {alert['labels']['severity'].upper()} {at}{alert['annotations']['summary']}"
+            for alert, at in zip(firing, where)
         ]
     if summary.get("alerts", {}).get("delivery") == "no rules":
         return ["No alert rules are set ([monitor] alerts)."]
@@ -268,6 +270,11 @@ def monitor_text(
     ]
     if summary.get("latest"):
         lines += _window_lines(summary["latest"], kpis, column_name)
+    if (summary.get("latest") or {}).get("sites"):
+        from lifecycle.monitoring.sites import fleet_table, fleet_words  # start-up time: as above
+
+        fleet = fleet_table(summary["latest"]["sites"], summary.get("alerts", {}).get("firing", []))
+        lines += ["Sites, worst first:"] + [f"  {fleet_words(row)}" for row in fleet.to_dict("records")]
     lines += [f"- {statement}" for statement in summary.get("statements", [])]
     return "\n".join(lines + _alert_lines(summary))
 

@@ -17,7 +17,8 @@ import pandas as pd
 from .alerts import firing_alerts, parse_kpis
 from .core import LifecycleError, Project, Settings, open_project, page_settings, read_json
 from .labels import label_policy
-from .monitoring import MONITOR_KEYS, details_path, parse_every, rows_path
+from .monitoring import LABELED_FIGURES, MONITOR_KEYS, details_path, parse_every, rows_path
+from .monitoring.sites import stored_sites
 from .monitoring.windows import utc_timestamp
 from .registry import Registry
 from .serving.predlog.reader import shadow_pairs, shadow_summary
@@ -37,6 +38,7 @@ from lifecycle.dashboard_sections import (
     refused_html,
     scores_html,
     shadow_html,
+    sites_html,
     statements_html,
 )
 
@@ -194,6 +196,7 @@ def read_state(
         "reference_scores": None,
         "statements": [],
         "unreadable": False,
+        "sites": {},
     }
     state["every"] = parse_every(section.get("window", MONITOR_KEYS["window"]))
     state["model"] = model_in_service(root)
@@ -219,13 +222,15 @@ def read_state(
         state["details"] = read_json(details_path(folder, latest["window"]))
     except (OSError, ValueError):
         state["details"] = None
+    state["sites"] = stored_sites(folder, state["windows"], latest, LABELED_FIGURES)  # the fleet, one row a site
     state["reference_scores"] = reference_scores(root, int(latest["model_version"]))
     if state["reference_scores"] is not None:
         state["shares"] = score_shares(folder, latest["window"], state["reference_scores"]["edges"])
     return state
 
 # %% ../nbs/43_dashboard.ipynb #131929f7
-SECTIONS = ("header", "alerts", "shadow", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
+SECTIONS = ("header", "alerts", "sites", "shadow", "drift", "scores", "accuracy", "fairness", "kpis", "refused")
+SECTIONS += ("statements",)
 
 
 def render(
@@ -239,6 +244,7 @@ def render(
     pages = {
         "header": header_html(state, settings),
         "alerts": alerts_html(state["alerts"], state["now"]),
+        "sites": sites_html(state.get("sites"), state["alerts"], settings),
         "drift": drift_html(windows, settings, every),
         "kpis": kpis_html(windows, parse_kpis(section.get("kpis", "")), every),
         "refused": refused_html(state, settings),

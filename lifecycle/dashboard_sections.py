@@ -18,11 +18,12 @@ from .alerts import names
 from .core import Settings
 from .metrics import group_words
 from .monitoring import estimate_words, rejection_lines
+from .monitoring.sites import fleet_table
 from .monitoring.windows import utc_timestamp, window_label
 
 # %% auto #0
 __all__ = ['STYLE', 'when_text', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
-           'accuracy_html', 'fairness_html', 'groups_html', 'statements_html', 'shadow_html']
+           'accuracy_html', 'fairness_html', 'groups_html', 'sites_html', 'statements_html', 'shadow_html']
 
 # %% ../nbs/43_dashboard_sections.ipynb #d09e3172
 def when_text(
@@ -184,8 +185,9 @@ def alerts_html(
     for alert in alerts:
         labels, notes = alert.get("labels") or {}, alert.get("annotations") or {}
         severity = str(labels.get("severity", "warning"))
+        where = f" at site {labels['site']}" if labels.get("site") else ""  # a site's own alert names its site
         text = (
-            f"{severity.upper()} · {labels.get('alertname', 'alert')}: {notes.get('expression', '')} holds (now "
+            f"{severity.upper()} · {labels.get('alertname', 'alert')}{where}: {notes.get('expression', '')} holds (now "
             f"{notes.get('value', 'unknown')})"
         )
         since = f"firing since {when_text(alert.get('startsAt'), now)}"
@@ -495,6 +497,55 @@ def groups_html(
         ('<p class="lc-note">The latest window by group, the groups the gate audited:</p>' + "".join(tables))
         if tables
         else ""
+    )
+
+# %% ../nbs/43_dashboard_sections.ipynb #acae54e37e7d407bbb7b55eff062a284
+def _judged(value, percent: bool = False) -> str:
+    "A site's figure, or 'too few to judge' in place of a missing one."
+    text = _number(value, percent=percent)
+    return '<span class="lc-muted">too few to judge</span>' if text == "—" else text
+
+
+def sites_html(
+    sites: dict | None,  # site -> its latest figures (`read_state`'s `sites`)
+    alerts: list[dict],  # the firing alerts (`firing_alerts`): theirs carry the label `site`
+    settings: Settings | None = None,  # for the sensitive columns' names
+) -> str:  # a table one row a site, worst first ("" when no prediction carries a site)
+    "The fleet: each site's standing in the latest window, worst first."
+    if not sites:
+        return ""
+    table = fleet_table(sites, alerts)
+    gaps = [name for name in table.columns if name.startswith("recall_gap.")]
+    named = [
+        settings.column_name(name.split(".", 1)[1], unit=False) if settings else name.split(".", 1)[1] for name in gaps
+    ]
+    head = "".join(
+        f"<th>{_e(text)}</th>"
+        for text in [
+            "site",
+            "predictions",
+            "drifted features",
+            "ROC AUC measured",
+            "ROC AUC estimated",
+            "recall",
+            "calibration error",
+        ]
+        + [f"recall gap by {name}" for name in named]
+        + ["alerts firing"]
+    )
+    body = "".join(
+        f"<tr><td><b>{_e(row['site'])}</b></td><td>{_number(row['predictions'])}</td>"
+        f"<td>{_judged(row['drift_share'], percent=True)}</td><td>{_judged(row['last_labeled.roc_auc'])}</td>"
+        f"<td>{_judged(row['estimated_roc_auc'])}</td><td>{_judged(row['last_labeled.recall'])}</td>"
+        f"<td>{_judged(row['last_labeled.calibration_error'])}</td>"
+        + "".join(f"<td>{_judged(row[name])}</td>" for name in gaps)
+        + f"<td>{_e(row['alerts']) or 'none'}</td></tr>"
+        for row in table.to_dict("records")
+    )
+    return (
+        f'<div class="lc-board"><h2>Sites, worst first</h2><p class="lc-note">{len(table)} sites in the latest window; '
+        "measured figures from each site's latest window whose labels arrived, estimated ones from the latest.</p>"
+        f'<table class="lc-table"><tr>{head}</tr>{body}</table></div>'
     )
 
 # %% ../nbs/43_dashboard_sections.ipynb #63800737

@@ -17,6 +17,7 @@ import pandas as pd
 from .core import LifecycleError, Settings, parse_source
 from .promotion import move_alias
 from .serving.predlog import open_log
+from .serving.predlog.rows import SITE_COLUMN, site_name
 from .serving.scoring import Scorer
 from .serving.serve import create_app
 from .sources import read_source, source_files
@@ -232,6 +233,7 @@ def score_rows(
     ids = production_ids(frame, spec.version)
     records = to_records(frame, spec.features)  # the values as they arrived, as the server logs them
     identifiers = frame[spec.id_field].tolist() if spec.id_field in frame.columns else [None] * len(frame)
+    sites = frame["_source"].map(site_name).tolist()  # each row's site: its source's name, logged as `_site`
     entries = [
         {
             "request_id": ids[at],
@@ -241,7 +243,7 @@ def score_rows(
             "score": prediction.score,
             "decision": prediction.decision,
             "id": identifiers[at],
-            "features": records[at],
+            "features": {**records[at], SITE_COLUMN: sites[at]},
         }
         for at, prediction in zip(np.flatnonzero(good).tolist(), scorer.predictions(done["scores"]))
     ]

@@ -96,6 +96,9 @@ async def _send_day(
             arrivals.max() if len(plan) else datetime.now(timezone.utc),
             scoring.headers,
             concurrency,
+            sites=plan["_source"].astype(str).tolist()
+            if "_source" in plan.columns
+            else None,  # each patient's hospital
         )
         gate = asyncio.Semaphore(concurrency)
 

@@ -41,6 +41,7 @@ LAYERS = {
     "monitoring.windows": 1,
     "monitoring.estimate": 1,  # estimates that survive label shift, and calibration drift
     "monitoring.figures": 1,
+    "monitoring.sites": 1,  # every window's figures per site, its alerts labelled with the site, the fleet
     "monitoring.store": 1,
     "monitoring.engine": 1,
     "rollback": 1,

@@ -276,3 +276,97 @@ def test_webhook_retries_a_failing_receiver_then_delivers_and_gives_up_on_a_refu
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_site_whose_patients_degrade_alerts_though_the_pool_holds(project):
+    """One hospital's patients degrade (their diagnoses turn against the scores) while the pool's ROC AUC holds: the
+    site's alert fires with its `site` label and the pool's does not; a site of a handful of patients is said too small,
+    not judged; the fleet puts the degraded site first."""
+    root, model = project
+    rng = np.random.default_rng(5)
+    sizes = {"north": 900, "south": 120, "tiny": 12}
+    features = _features(rng, sum(sizes.values()))
+    features["_site"] = np.repeat(list(sizes), list(sizes.values()))
+    scores = model.predict_proba(features[NUMERIC[:3]])[:, 1]
+    risk = 1 / (1 + np.exp(-features["x0"].to_numpy()))
+    degraded = (features["_site"] == "south").to_numpy()
+    labels = (rng.random(len(features)) < np.where(degraded, 1 - risk, risk)).astype(int)
+    times = MONDAY + pd.to_timedelta(np.linspace(0, 6.9 * 86400, len(features)).round(), unit="s")
+    records = features.astype(object).where(features.notna(), None).to_dict("records")
+    with open_log("", root) as log:
+        log.record(
+            [
+                {
+                    "request_id": f"p{i}",
+                    "time": times[i].to_pydatetime(),
+                    "model_version": 1,
+                    "channel": "online",
+                    "score": float(scores[i]),
+                    "decision": int(scores[i] >= 0.5),
+                    "features": records[i],
+                }
+                for i in range(len(features))
+            ]
+        )
+        for i, label in enumerate(labels):
+            log.record_label(f"p{i}", int(label), "2024-05-14T00:00:00Z")
+        log.flush()
+    rules = "auc_low (critical): roc_auc < 0.6\ndrift (warning): drift_share > 0.5"
+    out = monitor_project(
+        open_project(root / "settings.ini"), now=datetime(2024, 6, 1, tzinfo=timezone.utc), settings={"alerts": rules}
+    )
+    pooled, sites = out["latest"]["values"], out["latest"]["sites"]
+    json.dumps(out, allow_nan=False)  # `lifecycle monitor --json`: each site's figures under latest.sites, no NaN
+    assert pooled["roc_auc"] >= 0.6 and pooled["sites"] == 3  # the pool holds
+    assert sites["south"]["roc_auc"] < 0.45 < 0.65 < sites["north"]["roc_auc"]
+    firing = [(alert["labels"]["alertname"], alert["labels"].get("site")) for alert in out["alerts"]["firing"]]
+    # south is miscalibrated too (the default calibration rule); nothing fires for the pool or the other sites
+    assert sorted(firing) == [("auc_low", "south"), ("calibration_drift", "south")] and out["exit_code"] == 3
+    assert out["alerts"]["firing"][0]["labels"]["project"] == root.name
+    # the small site: counted, its figures not judged and said so in words
+    assert sites["tiny"]["predictions"] == 12 and sites["tiny"]["roc_auc"] is None
+    assert sites["tiny"]["drift_share"] is None and sites["tiny"]["estimated_roc_auc"] is None
+    details = json.loads((root / "monitoring" / "details" / f"{out['latest']['window']}.json").read_text())
+    said = details["sites"]["tiny"]["statements"]
+    assert "12 predictions, fewer than 20: drift and estimates are not judged" in said
+    assert any(
+        "labelled sick patients, fewer than 20: measured accuracy and calibration are not judged" in line
+        for line in said
+    )
+    # fairness per site, as the pool's: its groups by sex
+    assert {row["group"] for row in details["sites"]["north"]["groups"]["sex"]} == {"sex 0", "sex 1"}
+    from lifecycle.monitoring.sites import fleet_table
+
+    fleet = fleet_table(sites, out["alerts"]["firing"])
+    assert list(fleet["site"]) == ["south", "north", "tiny"] and fleet.loc[0, "alerts"] == "auc_low, calibration_drift"
+    from lifecycle.cli import monitor_text
+
+    words = monitor_text(out)  # `lifecycle monitor` in words: the fleet, and the alert with its site
+    assert "CRITICAL at site south: auc_low" in words
+    assert words.index("Sites, worst first:\n  south: 120 predictions, ROC AUC measured") > 0
+
+
+def test_a_request_s_site_reaches_the_log_through_the_real_app(tmp_path):
+    "`X-Site` on /predict: each record's prediction is logged with its site; a header that is no name is a 422."
+    import time
+
+    from conftest import small_champion
+    from fastapi.testclient import TestClient
+
+    from lifecycle.serving.serve import create_app
+
+    root = small_champion(tmp_path)
+    app = create_app(root, log_url=str(root / "log.sqlite"))
+    with TestClient(app) as client:
+        for _ in range(200):  # a bound for a hang, not a measure of speed
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        record = {"age": 61, "chol": 240, "sex": 1}
+        assert client.post("/predict", json=[record, record], headers={"X-Site": "VA Long Beach"}).status_code == 200
+        assert client.post("/predict", json=record).status_code == 200  # no header: no site
+        refused = client.post("/predict", json=record, headers={"X-Site": "<script>x</script>"})
+        assert refused.status_code == 422 and "<script>" not in refused.text
+    with open_log(str(root / "log.sqlite"), root) as log:
+        logged = log.predictions()
+    assert sorted(logged["_site"].fillna("none")) == ["VA Long Beach", "VA Long Beach", "none"]

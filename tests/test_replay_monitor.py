@@ -61,6 +61,13 @@ def test_the_run_ends_with_a_month_of_history(champion_project):
     )
     assert monitor["headline"].startswith(f"{monitor['windows']} windows") and monitor["figure"] == "monitoring.png"
     assert (champion_project / "runs" / run["run_id"] / "monitor" / "monitoring.png").stat().st_size > 10_000
+    # each hospital beside the pool: the replay sent each row with its source's name as its site
+    windows = windows_of(champion_project)
+    assert set(windows["sites"]) <= {1, 2} and windows["sites"].max() == 2
+    latest = windows.sort_values("window_start", kind="stable").iloc[-1]
+    details = json.loads((champion_project / "monitoring" / "details" / f"{latest['window']}.json").read_text())
+    assert set(details["sites"]) == {"switzerland", "va"}
+    assert sum(part["values"]["predictions"] for part in details["sites"].values()) == latest["predictions"]
     # the stage again (deploy cached): nothing replayed twice
     _, again, _, _ = run_lifecycle(
         "run", "--settings", champion_project / "settings.ini", "-p", "prepare.profile=false", "--json", check=0

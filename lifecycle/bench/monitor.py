@@ -185,8 +185,9 @@ def fill_monitor_log(
     drift_after: float = 0.5,  # the share of the blocks after which drift is planted
     prefix: str = "r",  # request ids: prefix and a number
     number: int = 0,  # the first request id's number
+    sites: int = 4,  # the predictions come from this many sites, in turn (0: no site), each judged apart
 ) -> pd.Timestamp:  # the last block's time
-    "Log generated predictions as blocks (the batch path), the later ones drifted; scores from n0."
+    "Log generated predictions as blocks (the batch path), the later ones drifted; scores from n0; each with its site."
     blocks = max(1, min(blocks, rows))
     block_rows = -(-rows // blocks)
     when = start
@@ -195,6 +196,8 @@ def fill_monitor_log(
         if size <= 0:
             break
         features = drift_frame(size, drifted=block >= drift_after * blocks, seed=number + begin + 1)
+        if sites:
+            features["_site"] = [f"site{(number + begin + offset) % sites}" for offset in range(size)]
         scores = 1 / (1 + np.exp(-(features["n0"].to_numpy() - 0.5)))
         when = start + pd.Timedelta(days=days * block / blocks)
         log.record_many(
@@ -263,7 +266,8 @@ def bench_incremental(
     engine: str = "local",  # the monitor's engine: local or dask
     scheduler: str | None = None,  # dask: a scheduler address (default: a local cluster)
     folder: Path | None = None,  # where the log goes (default: a temporary folder)
-) -> dict:  # rows, new, labels, scratch and incremental runs, ratio
+    sites: int = 4,  # sites the predictions come from (0: none): each window's figures per site too
+) -> dict:  # rows, new, labels, sites, scratch and incremental runs, ratio
     """The whole log monitored from scratch, then `new` predictions logged and the windows brought up to date
     incrementally."""
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-monitor-") as scratch:
@@ -273,17 +277,20 @@ def bench_incremental(
         url = str(folder / "predictions.sqlite")
         start = pd.Timestamp("2026-01-01", tz="UTC")
         with open_log(url, folder) as log:
-            last = fill_monitor_log(log, rows, start)
+            last = fill_monitor_log(log, rows, start, sites=sites)
             labels = _label_old(log, last - pd.Timedelta(days=7))
         task = ("lifecycle.bench.monitor.monitor_task", folder, url, every, engine, scheduler)
         full = in_fresh_interpreter(*task, what="bench monitor: the monitor from scratch")
         with open_log(url, folder) as log:
-            fill_monitor_log(log, new, last + pd.Timedelta(hours=1), blocks=1, drift_after=0, prefix="new", number=0)
+            fill_monitor_log(
+                log, new, last + pd.Timedelta(hours=1), blocks=1, drift_after=0, prefix="new", number=0, sites=sites
+            )
         incremental = in_fresh_interpreter(*task, what="bench monitor: the incremental monitor")
     return {
         "rows": rows,
         "new": new,
         "labels": labels,
+        "sites": sites,
         "every": every,
         "engine": engine,
         "scratch": full,
@@ -326,7 +333,8 @@ def format_monitor(figures: dict) -> str:
     full, step = run["scratch"], run["incremental"]
     lines += [
         f"incremental monitor ({run['engine']} engine, {run['every']} windows) on a SQLite log of {run['rows']:,} "
-        f"predictions (blocks) with {run['labels']:,} labels, then {run['new']:,} new predictions",
+        f"predictions (blocks, {run.get('sites', 0)} sites) with {run['labels']:,} labels, then {run['new']:,} new "
+        "predictions",
         f"{'from scratch (whole log)':<44}{full['seconds']:>9.2f}{full['peak_mib']:>10.0f}  {full['windows']} windows",
         f"{'incremental (the new predictions)':<44}{step['seconds']:>9.2f}{step['peak_mib']:>10.0f}  "
         f"{step['touched']} window(s) recomputed",

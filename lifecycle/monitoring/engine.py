@@ -24,6 +24,7 @@ from ..serving.predlog.writer import open_log
 from . import store
 from .estimate import calibration_rule
 from .figures import scrape_serving, window_report
+from .sites import latest_sites, raise_site_alerts, site_reports
 from .windows import DEFAULT_WINDOW, Windows, windowing
 
 # %% auto #0
@@ -69,9 +70,11 @@ def _window_job(
     else:
         rows = pd.read_parquet(path)
     every, sensitive, kpis, min_rows, min_group, n_boot = options
-    report = window_report(
-        rows, reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot, refused=refused
-    )
+    judged_by = (reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
+    report = window_report(rows, *judged_by, refused=refused)
+    # each site's figures by the same report on its rows (a refused record names no site)
+    report["sites"] = site_reports(rows, lambda part: window_report(part, *judged_by), min_rows, min_group, kpis)
+    report["values"]["sites"] = len(report["sites"])
     channels = rows["channel"].value_counts()
     if len(rows):
         head = {
@@ -401,9 +404,8 @@ def update_windows(
         state = store.stored_state(folder, config, statements)
         try:
             return _update(folder, log, reference_for, options, config, state, statements, engine, scheduler)
-        except (
-            store.Unreadable
-        ) as error:  # a stored results file is damaged: only reading the stored state decides this
+        # a stored results file is damaged: only reading the stored state decides this
+        except store.Unreadable as error:
             statements.append(f"the stored monitoring results ({error}) could not be read: rebuilt from the log")
             store.start_over(folder)
             return _update(folder, log, reference_for, options, config, None, statements, engine, scheduler)
@@ -512,8 +514,12 @@ def _latest_details(
             f"{', '.join(map(str, sorted(same_period['model_version'])))} served in it too (each has its own window)"
         )
     labelled = serving[(serving["model_version"] == latest["model_version"]) & (serving["labeled"] > 0)]
+    details["site_values"] = latest_sites(details, None)
     if len(labelled):  # realized figures come late: rules read them from the latest window whose labels arrived
         last = labelled.sort_values(["window_start", "last_event"], kind="stable").iloc[-1]
+        details["site_values"] = latest_sites(
+            details, read_json(store.details_path(folder, last["window"])), LABELED_FIGURES
+        )
         details["values"].update(
             {f"last_labeled.{name}": store.plain(last[name]) for name in LABELED_FIGURES if name in last.index}
         )
@@ -568,18 +574,16 @@ def _raise_alerts(
 ) -> None:
     "Evaluate the alert rules on the latest window, post them, and exit 3 when a critical one fires."
     latest = summary["latest"]
-    alerts = raise_alerts(
-        folder,
-        found["rules"],
-        latest["values"],
-        now or datetime.now(timezone.utc),
-        labels={"project": summary["project"], "model_version": str(latest["model_version"])},
-        annotations={"window": latest["window"]},
-        webhook=(found["section"].get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip(),
-        repeat_interval=found["repeat"],
-        post=post or post_webhook,
-    )
-    summary["alerts"] = alerts
+    options = {
+        "now": now or datetime.now(timezone.utc),
+        "labels": {"project": summary["project"], "model_version": str(latest["model_version"])},
+        "annotations": {"window": latest["window"]},
+        "webhook": (found["section"].get("webhook", "") or os.environ.get(WEBHOOK_ENV, "")).strip(),
+        "repeat_interval": found["repeat"],
+        "post": post or post_webhook,
+    }
+    pooled = raise_alerts(folder, found["rules"], latest["values"], **options)
+    summary["alerts"] = alerts = raise_site_alerts(folder, found["rules"], latest["sites"], options, pooled)
     summary["statements"] += alerts.pop("statements")
     if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):
         summary["exit_code"] = 3
@@ -639,6 +643,7 @@ def monitor_project(
         "values": details["values"],
         "statements": details["statements"],
         "rejections": details.get("rejections", []),
+        "sites": details["site_values"],  # each site's figures, its realized ones from its latest labelled window
     }
     if found["rules"]:
         _raise_alerts(root / "monitoring", found, summary, now, post)

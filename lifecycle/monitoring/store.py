@@ -143,8 +143,9 @@ def details_path(
 
 # %% ../../nbs/48_monitoring_store.ipynb #3ff0a3f4
 # 3: volume by channel among the values; labels at the cursor's instant remembered; 4: refused records; 5: a cursor on
-# the log's commit sequence; 6: estimates that survive label shift, calibration error and reliability
-RESULTS_FORMAT = 6
+# the log's commit sequence; 6: estimates that survive label shift, calibration error and reliability; 7: figures per
+# site (`sites` in a window's details)
+RESULTS_FORMAT = 7
 
 
 def config_hash(

@@ -20,20 +20,23 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..contract import ID_MAX_CHARS, id_ok, rejection_reasons
+from .predlog.rows import SITE_COLUMN, site_name
 from .scoring import check_records
 
 log = logging.getLogger("lifecycle.serving.serve")  # the server's logger, as before its parts became modules
 
 # %% auto #0
-__all__ = ['log', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_CHANNELS', 'REQUEST_ID', 'event_time_text', 'record_event_times',
-           'logged_features', 'count_refused', 'in_log', 'now_text', 'SafeJSONResponse', 'error_answer', 'check_ids',
-           'authorized', 'unauthorized', 'read_json_body', 'header_event_time', 'new_request_id']
+__all__ = ['log', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_CHANNELS', 'SITE_HEADER', 'REQUEST_ID', 'event_time_text',
+           'record_event_times', 'logged_features', 'count_refused', 'in_log', 'now_text', 'SafeJSONResponse',
+           'error_answer', 'check_ids', 'authorized', 'unauthorized', 'read_json_body', 'header_event_time',
+           'header_site', 'new_request_id']
 
 # %% ../../nbs/35b_serve_checks.ipynb #61ea69b3
 EVENT_TIME_HEADER = "X-Event-Time"
 # a client that is a page for people (`lifecycle clinic --url`) says so: its predictions are logged under that channel
 CHANNEL_HEADER = "X-Lifecycle-Channel"
 CLIENT_CHANNELS = ("online", "dashboard")  # the channels a request may name; batch and stream are not requests
+SITE_HEADER = "X-Site"  # the site (hospital) a request's records come from: monitoring judges each site apart
 _EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
 
 
@@ -85,16 +88,21 @@ def logged_features(
     record: dict,  # one record that passed the model's checks
     spec,  # the model's `ServingSpec`
     row: list | None = None,  # its cleaned values, as scoring checked them (`Prediction.features`); None: checked here
-) -> dict:  # feature -> its value as the model saw it (None when missing)
-    "A record's features for the prediction log: cleaned by the project's rules, as training saw them."
+    site: str | None = None,  # the site it came from (`X-Site`), logged as `_site`; None: none
+) -> dict:  # feature -> its value as the model saw it (None when missing), and `_site` when given
+    "A record's features for the prediction log: cleaned by the project's rules, as training saw them; its site."
+    where = {} if site is None else {SITE_COLUMN: site}
     if row is None:
         rows, _ = check_records([record], spec)
         row = rows[0]
         if row is None:  # cannot happen for a record that was scored; the raw values then
-            return {name: record.get(name) for name in spec.features}
+            return {**{name: record.get(name) for name in spec.features}, **where}
     return {
-        name: (None if isinstance(value, float) and math.isnan(value) else value)
-        for name, value in zip(spec.features, row)
+        **{
+            name: (None if isinstance(value, float) and math.isnan(value) else value)
+            for name, value in zip(spec.features, row)
+        },
+        **where,
     }
 
 # %% ../../nbs/35b_serve_checks.ipynb #df7eb295
@@ -242,6 +250,20 @@ def header_event_time(
             ["header", EVENT_TIME_HEADER],
         )
     return when, None
+
+
+def header_site(
+    request: Request,  # the request
+) -> tuple:  # (its `X-Site` name or None when absent, None) or (None, the error answer)
+    "The request's `X-Site` (None when absent), or an error response that never echoes it."
+    given = request.headers.get(SITE_HEADER)
+    site = None if given is None else site_name(given)
+    if given is not None and site is None:
+        message = (
+            f"the {SITE_HEADER} header must be a site's name: letters, digits, space, _ . -; at most 64 characters"
+        )
+        return None, error_answer(422, message, "value_error.site", ["header", SITE_HEADER])
+    return site, None
 
 # %% ../../nbs/35b_serve_checks.ipynb #712fcd37
 _LAST_ID_TIME = [0]  # the time part of the last id issued in this process

@@ -21,9 +21,9 @@ from ..core import LifecycleError, Settings, Source, read_json, value_key, write
 from ..labels import REPLAY
 
 # %% auto #0
-__all__ = ['EVENT_TIME_HEADER', 'LABELLER_ENV', 'arrival_times', 'event_times', 'true_labels', 'label_times', 'to_records',
-           'post_at', 'send_traffic', 'scoring_client', 'run_async', 'replay_frame', 'replay_input', 'replay_sources',
-           'describe', 'add_replay_command']
+__all__ = ['EVENT_TIME_HEADER', 'SITE_HEADER', 'LABELLER_ENV', 'arrival_times', 'event_times', 'true_labels', 'label_times',
+           'to_records', 'post_at', 'send_traffic', 'scoring_client', 'run_async', 'replay_frame', 'replay_input',
+           'replay_sources', 'describe', 'add_replay_command']
 
 # %% ../../nbs/38_replay.ipynb #07626000
 def arrival_times(
@@ -104,6 +104,7 @@ def to_records(
 
 # %% ../../nbs/38_replay.ipynb #39fc67df
 EVENT_TIME_HEADER = "X-Event-Time"  # as lifecycle.serving.serve names it
+SITE_HEADER = "X-Site"  # as lifecycle.serving.serve names it
 LABELLER_ENV = "LIFECYCLE_LABELLER_TOKEN"  # a labeller's secret, for labels sent to a server at --url
 
 
@@ -189,11 +190,16 @@ async def send_traffic(
     headers: dict | None = None,  # e.g. the Authorization header
     concurrency: int = 8,  # requests in flight at once
     label_headers: dict | None = None,  # the headers of /feedback: a labeller's credential
+    sites: list | None = None,  # each record's site (hospital), sent as its `X-Site` (None: none)
 ) -> dict:  # scored, rejected, reasons, labels_sent, labels_pending, labels_never, model_versions, request_ids
-    "Score every record at its event time, then send the labels that have arrived by `end`."
+    "Score every record at its event time (and its site), then send the labels that have arrived by `end`."
     headers, gate = headers or {}, asyncio.Semaphore(concurrency)
+    sent = [headers if site is None else {**headers, SITE_HEADER: site} for site in (sites or [None] * len(records))]
     answers = await asyncio.gather(
-        *[post_at(client, "/predict", record, when, headers, gate) for record, when in zip(records, events)]
+        *[
+            post_at(client, "/predict", record, when, sent[number], gate)
+            for number, (record, when) in enumerate(zip(records, events))
+        ]
     )
     request_ids, reasons, versions = _read_answers(answers)
     end = pd.Timestamp(end).tz_convert("UTC")
@@ -324,6 +330,7 @@ def replay_frame(
     seed: int = 0,  # random seed for arrivals and for which labels arrive
     end: datetime | None = None,  # the present (default: now)
     concurrency: int = 8,  # requests in flight at once
+    sites: list | None = None,  # each row's site (hospital), logged with its prediction (None: none)
 ) -> dict:  # records, scored, rejected, reasons, labels (sent, pending, never), event times, model_versions, scoring
     "Send rows through the scoring path as production traffic over simulated time, and their labels later."
     if settings.target not in frame.columns:
@@ -355,6 +362,7 @@ def replay_frame(
                 scoring.headers,
                 concurrency,
                 scoring.label_headers,
+                sites,
             )
 
     result = run_async(run)
@@ -455,7 +463,11 @@ def replay_sources(
         todo = rows[fresh]
         summary.update(
             replay_frame(
-                todo.drop(columns=[c for c in todo.columns if str(c).startswith("_")]), settings, log=log, **options
+                todo.drop(columns=[c for c in todo.columns if str(c).startswith("_")]),
+                settings,
+                log=log,
+                sites=todo["_source"].astype(str).tolist(),  # each row's site: its source's name
+                **options,
             )
         )
         ledger[place] = sorted(done | {key for key, new in zip(keys, fresh) if new})

@@ -75,6 +75,7 @@ class Admitted:
     sent_time: str | None  # the request's `X-Event-Time`, or None
     channel: str  # the channel its predictions are logged under
     stamp_field: str  # the project's `[data] timestamp` field, "" when none
+    site: str | None = None  # the request's `X-Site`: the site its records come from, logged with each
 
 
 async def admit(
@@ -122,13 +123,16 @@ def check_request(
     if channel not in checks.CLIENT_CHANNELS:
         message = f"the {checks.CHANNEL_HEADER} header must be one of {', '.join(checks.CLIENT_CHANNELS)}"
         return None, checks.error_answer(422, message, "value_error.channel", ["header", checks.CHANNEL_HEADER])
+    site, problem = checks.header_site(request)
+    if problem:
+        return None, problem
     stamp_field = ((scorer.meta.get("settings") or {}).get("data", {}).get("timestamp") or "").strip()
     records, own_times, time_errors = checks.record_event_times(records, stamp_field, spec.features)
     if time_errors:
         times = [own or sent_time for own in own_times]
         checks.count_refused(state.log, time_errors, len(records), spec, times, fields=(stamp_field,), metrics=metrics)
         return None, checks.SafeJSONResponse({"detail": time_errors}, status_code=422)
-    return Admitted(records, own_times, sent_time, channel, stamp_field), None
+    return Admitted(records, own_times, sent_time, channel, stamp_field, site), None
 
 
 def refuse_unscored(
@@ -172,7 +176,7 @@ def answers(
                 "score": result["score"],
                 "decision": result["decision"],
                 "id": record.get(spec.id_field),
-                "features": checks.logged_features(record, spec, result.features),
+                "features": checks.logged_features(record, spec, result.features, admitted.site),
                 "event_time": own_time or admitted.sent_time,
             }
         )

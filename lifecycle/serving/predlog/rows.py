@@ -21,7 +21,7 @@ from ...core import LifecycleError
 from .common import CHANNELS, features_json, utc_text
 
 # %% auto #0
-__all__ = ['ID_KEY_ENV', 'pseudonymize', 'id_key', 'prediction_row', 'label_row', 'provenance_row']
+__all__ = ['ID_KEY_ENV', 'SITE_COLUMN', 'pseudonymize', 'id_key', 'site_name', 'prediction_row', 'label_row', 'provenance_row']
 
 # %% ../../../nbs/34a_predlog_rows.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -85,6 +85,20 @@ def id_key(
             "(old hashes will not match new ones)"
         )
     return key
+
+# %% ../../../nbs/34a_predlog_rows.ipynb #3d00b890
+SITE_COLUMN = "_site"  # the key of a logged prediction's features that holds its site
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
+
+
+def site_name(
+    value,  # a site as it arrived (a source's name, a header)
+) -> str | None:  # the name, stripped; None when it is no name (empty, too long, other characters)
+    "A site's name as the log keeps it: letters, digits, space, `_ . -`, at most 64 characters; else None."
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    return text if _SITE_NAME.fullmatch(text) else None
 
 # %% ../../../nbs/34a_predlog_rows.ipynb #a1f0c018
 _FIELD_HELP = {
