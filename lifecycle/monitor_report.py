@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ import pandas as pd
 
 from .core import read_json
 from .drift import quantile_points
-from .monitoring import details_path, estimate_words, window_label
+from .labels import SUSPECT_FILE
+from .monitoring import WEBHOOK_ENV, details_path, estimate_words, window_label
+from .registry import CHANGE_FILE, Registry
 
 # %% auto #0
 __all__ = ['ACCURACY_COLUMNS', 'window_details', 'drift_strength', 'drift_matrix', 'over_time', 'fairness_columns', 'headline',
-           'score_curves', 'plot_monitoring', 'plot_reliability']
+           'score_curves', 'plot_monitoring', 'plot_reliability', 'monitor_inputs']
 
 # %% ../nbs/06_monitor.ipynb #80889af9
 def window_details(
@@ -295,3 +298,23 @@ def plot_reliability(
     )
     axis.legend(fontsize=8, loc="upper left")
     return figure
+
+# %% ../nbs/06_monitor.ipynb #c145aaa6
+def monitor_inputs(
+    root: Path,  # the project folder
+    result: dict,  # `monitor_and_roll_back`'s summary (its `log_position` and alerts)
+    webhook: str,  # the [monitor] webhook setting (empty: none)
+) -> dict | None:  # the arguments of `StageContext.record_inputs`, or None: run every time
+    "What the monitor stage read besides its parameters and [data], for the runner's cache (None: not cacheable)."
+    if result["alerts"]["firing"] and (webhook or os.environ.get(WEBHOOK_ENV)):
+        return None  # a firing alert's repeat is due by the clock
+    registry = Registry(root).path
+    versions = sorted(registry.glob("versions/*/"))
+    return {
+        "paths": [registry / "aliases.json", registry / CHANGE_FILE, registry / "events.jsonl"]
+        + [folder / name for folder in versions for name in ("reference.json", "meta.json")]
+        + [Path(root) / "monitoring" / SUSPECT_FILE],
+        "log": result["log_position"],
+        "sections": ["labels", "retrain"],
+        "environment": [WEBHOOK_ENV],
+    }

@@ -351,6 +351,7 @@ def _update(
         "new_labels": new_labels,
         "labels_suspect": suspects,
         "rebuilt": rebuilt,
+        "position": {"identity": log.store.identity(), "commit": upto},  # what these windows have seen of the log
         "refused_rows": [
             {"table": key.split("|")[0], "reason": key.split("|")[1], "field": key.split("|")[2], "count": count}
             for key, count in sorted(state["refused_rows"].items())
@@ -535,6 +536,7 @@ def _summary(
         "new_predictions": result["new_predictions"],
         "new_labels": result["new_labels"],
         "rebuilt": result["rebuilt"],
+        "log_position": result["position"],  # the log's identity and the commit read up to: the runner's cache key
         "log_rows_refused": result["refused_rows"],
         "champion": champion,
         "latest": None,
