@@ -174,7 +174,11 @@ def reference_scores(
     counts = np.asarray(scores["bin_counts"], dtype=float)
     if counts.sum() <= 0:
         return None
-    return {"edges": [float(edge) for edge in scores["bin_edges"]], "shares": counts / counts.sum()}
+    return {
+        "edges": [float(edge) for edge in scores["bin_edges"]],
+        "shares": counts / counts.sum(),
+        "rows": int(counts.sum()),  # the patients behind the reference's distribution
+    }
 
 
 def read_state(
@@ -228,6 +232,14 @@ def read_state(
 SECTIONS = ("header", "alerts", "shadow", "drift", "scores", "accuracy", "fairness", "kpis", "refused", "statements")
 
 
+def _min_group(section: dict) -> int:
+    "[monitor] min_group as the monitor reads it (a value it refuses shows the default here; the monitor says why)."
+    try:
+        return int(str(section.get("min_group", "") or MONITOR_KEYS["min_group"]).strip())
+    except ValueError:
+        return int(MONITOR_KEYS["min_group"])
+
+
 def render(
     state: dict,  # `read_state`
     settings: Settings | None,  # the project's settings
@@ -250,7 +262,7 @@ def render(
             {
                 "scores": scores_html(state, settings),
                 "accuracy": accuracy_html(windows),
-                "fairness": fairness_html(windows, settings, state["details"]),
+                "fairness": fairness_html(windows, settings, state["details"], _min_group(section)),
             }
         )
     return pages

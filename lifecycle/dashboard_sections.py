@@ -22,7 +22,7 @@ from .monitoring.windows import utc_timestamp, window_label
 
 # %% auto #0
 __all__ = ['STYLE', 'when_text', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
-           'accuracy_html', 'fairness_html', 'groups_html', 'statements_html', 'shadow_html']
+           'accuracy_html', 'fairness_html', 'small_groups_words', 'groups_html', 'statements_html', 'shadow_html']
 
 # %% ../nbs/43_dashboard_sections.ipynb #d09e3172
 def when_text(
@@ -93,8 +93,15 @@ def _png(figure) -> str:
 
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
+    # the axes' words as the picture's text: what a screen reader says, and what a test can read
+    said = "; ".join(
+        (f"{axes.get_title()}: " if axes.get_title() else "")
+        + f"x {axes.get_xlabel()}, y {axes.get_ylabel()}"
+        + (f"; {', '.join(text.get_text() for text in axes.get_legend().get_texts())}" if axes.get_legend() else "")
+        for axes in figure.axes
+    )
     return (
-        '<img alt="" style="max-width:100%" '
+        f'<img alt="{_e(said)}" style="max-width:100%" '
         f'src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
     )
 
@@ -335,16 +342,21 @@ def scores_html(
         )
     figure, axes = _figure(6.2, 2.8)
     edges = np.asarray(reference["edges"])
-    axes.stairs(reference["shares"], edges, fill=True, alpha=0.35, color="#829ab1", label="reference (training)")
+    trained = f", {_number(reference['rows'])} patients" if reference.get("rows") else ""
+    axes.stairs(
+        reference["shares"], edges, fill=True, alpha=0.35, color="#829ab1", label=f"reference (training{trained})"
+    )
+    scored = latest.get("predictions")
     axes.stairs(
         shares,
         edges,
         linewidth=2.2,
         color="#d64545",
-        label=window_label(latest, state["every"]),
+        label=window_label(latest, state["every"])
+        + (f" ({_number(scored)} predictions)" if scored is not None and not pd.isna(scored) else ""),
     )
     positive = settings.positive_label if settings else "positive"
-    axes.set_xlabel(f"score (probability of {positive})")
+    axes.set_xlabel(f"score (probability of {positive}, 0 to 1)")
     axes.set_ylabel("share of predictions")
     axes.legend(frameon=False, fontsize=9)
     axes.spines[["top", "right"]].set_visible(False)
@@ -380,6 +392,12 @@ def accuracy_html(
         measured = _column(table, name)
         if measured.notna().any():
             axes.plot(times, measured, marker="o", color=color, linewidth=2, label=f"{label}, measured")
+            if name == "roc_auc":  # each measured point with the labels behind it
+                for when, value, labels in zip(times, measured, _column(table, "labeled")):
+                    if not pd.isna(value) and not pd.isna(labels):
+                        axes.annotate(
+                            f"n={int(labels)}", (when, value), fontsize=7, xytext=(0, -11), textcoords="offset points"
+                        )
             axes.fill_between(
                 times,
                 _column(table, f"{name}_low"),
@@ -389,13 +407,16 @@ def accuracy_html(
                 linewidth=0,
             )
     axes.set_ylim(0, 1.02)
+    axes.set_ylabel("ROC AUC, recall (0 to 1)")
+    axes.set_xlabel(f"window start ({_windows_n(table)})")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8, loc="lower left", ncols=2)
     _time_axis(axes, times)
     labelled = int(_column(table, "labeled").fillna(0).sum())
     note = (
         (
-            f"{labelled:,} labels have arrived; measured figures carry 95% bootstrap intervals (shaded). "
+            f"{labelled:,} labels have arrived (n: the labels behind each measured point); measured figures carry "
+            "95% bootstrap intervals (shaded). "
             "Dashed lines are estimates from the calibrated scores, not measurements."
         )
         if labelled
@@ -415,6 +436,7 @@ def fairness_html(
     windows: pd.DataFrame,  # windows.parquet
     settings: Settings | None,  # for the sensitive columns' names
     details: dict | None = None,  # the latest window's details: its groups (`groups_html`)
+    min_group: int = 20,  # the evidence a gap needs ([monitor] min_group): labelled positives (recall), predictions
 ) -> str:  # the recall and selection-rate gaps by sensitive column over time, and the latest window's groups
     "Fairness over time: the gaps between groups, where the groups are large enough to judge."
     title = "<h2>Fairness gaps over time</h2>"
@@ -432,39 +454,98 @@ def fairness_html(
             "sensitive), or no window yet.</p></div>"
         )
     table = windows.sort_values("window_start", kind="stable")
+    series = [
+        (column, gap, style, words, _column(table, f"{gap}.{column}"))
+        for column in columns
+        for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap"))
+    ]
+    starts = table["window_start"].to_numpy()
+    # one judged week (or its versions' windows, which start together) is a dot, not a trend
+    series = [item for item in series if len(set(starts[item[-1].notna().to_numpy()])) >= 2]
+    if not series:  # an empty plot says nothing: say why in words, with the groups' sizes
+        return (
+            f'<div class="lc-board">{title}<p class="lc-note">'
+            f"{_e(small_groups_words(windows, details, settings, min_group, columns))}</p>{groups}</div>"
+        )
     times = _times(table)
     figure, axes = _figure(6.2, 2.8)
     colors = ["#9446ed", "#0b69a3", "#27ab83", "#e12d39"]
-    drawn = False
-    for index, column in enumerate(columns):
+    for column, _, style, words, values in series:
         name = settings.column_name(column, unit=False) if settings else column
-        for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap")):
-            values = _column(table, f"{gap}.{column}")
-            if values.notna().any():
-                axes.plot(
-                    times,
-                    values,
-                    linestyle=style,
-                    marker="o",
-                    color=colors[index % len(colors)],
-                    label=f"{words} by {name}",
-                )
-                drawn = True
-    if not drawn:
-        return (
-            f'<div class="lc-board">{title}<p class="lc-note">No window has two groups large enough to judge a gap yet '
-            f"({_e(', '.join(settings.column_name(c, unit=False) if settings else c for c in columns))})."
-            f"</p>{groups}</div>"
+        axes.plot(
+            times,
+            values,
+            linestyle=style,
+            marker="o",
+            color=colors[columns.index(column) % len(colors)],
+            label=f"{words} by {name}",
         )
+    if len(set(times)) > 1:  # the whole span of the windows, not only the judged ones
+        axes.set_xlim(times.min(), times.max())
     axes.set_ylim(bottom=0)
-    axes.set_ylabel("gap between groups")
+    axes.set_ylabel("gap (share, 0 to 1)")
+    axes.set_xlabel(f"window start ({_windows_n(table)})")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8)
     _time_axis(axes, times)
     return (
-        f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge are left out '
+        f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge (fewer than '
+        f"{min_group} labelled positives for recall, {min_group} predictions for the selection rate) are left out "
         f"of the gaps.</p>{groups}</div>"
     )
+
+
+def _windows_n(
+    table: pd.DataFrame,  # the windows drawn
+) -> str:  # "n = 55–60 predictions a window"
+    "How many predictions each point of a figure over windows rests on."
+    counts = _column(table, "predictions").dropna()
+    if not len(counts):
+        return "one point a window"
+    low, high = int(counts.min()), int(counts.max())
+    return f"n = {low:,} predictions a window" if low == high else f"n = {low:,}–{high:,} predictions a window"
+
+
+def _counted(count, word: str) -> str:
+    return f"{int(count):,} {word}{'' if int(count) == 1 else 's'}"
+
+
+def small_groups_words(
+    windows: pd.DataFrame,  # windows.parquet
+    details: dict | None,  # the latest window's details: its groups with their sizes
+    settings: Settings | None,  # for the columns' and groups' names
+    min_group: int,  # [monitor] min_group: the evidence a gap needs
+    columns: list[str],  # the sensitive columns monitored
+) -> str:  # one paragraph: why no gap is drawn, which groups, how many rows each
+    "Why no fairness gap can be followed over time, in words: the groups of the latest window and their sizes."
+    found = pd.concat(
+        [_column(windows, f"{gap}.{column}") for column in columns for gap in ("recall_gap", "selection_rate_gap")],
+        axis=1,
+    ).notna()
+    judged = windows.loc[found.any(axis=1).to_numpy(), "window_start"].nunique()  # versions' windows start together
+    names = ", ".join(settings.column_name(column, unit=False) if settings else column for column in columns)
+    said = (
+        f"No fairness gap can be followed over time yet ({names}): "
+        + (
+            f"a gap could be judged in only {judged} window{'s' if judged != 1 else ''}, too few for a trend. "
+            if judged
+            else "no window had two groups large enough to judge. "
+        )
+        + f"A gap needs two groups with at least {min_group} labelled positives each (recall) or {min_group} "
+        "predictions each (share flagged) ([monitor] min_group)."
+    )
+    sizes = []
+    for column, rows in ((details or {}).get("groups") or {}).items():
+        name = settings.column_name(column, unit=False) if settings else column
+        each = ", ".join(
+            f"{group_words(settings, column, row['group']) if settings else row['group']} {_counted(row['n'], 'row')}"
+            + (f" ({_counted(row['positives'], 'labelled positive')})" if row.get("positives") is not None else "")
+            for row in rows
+        )
+        sizes.append(f"{name}: {each}")
+    if sizes:
+        said += " The latest window holds " + "; ".join(sizes) + "."
+    return said
 
 # %% ../nbs/43_dashboard_sections.ipynb #ae7ffc15
 def groups_html(
