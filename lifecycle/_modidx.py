@@ -729,6 +729,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'lifecycle/monitor_report.py'),
                                           'lifecycle.monitor_report._scores_panel': ( 'monitor.html#_scores_panel',
                                                                                       'lifecycle/monitor_report.py'),
+                                          'lifecycle.monitor_report._window_ticks': ( 'monitor.html#_window_ticks',
+                                                                                      'lifecycle/monitor_report.py'),
                                           'lifecycle.monitor_report._with_n': ('monitor.html#_with_n', 'lifecycle/monitor_report.py'),
                                           'lifecycle.monitor_report.drift_matrix': ( 'monitor.html#drift_matrix',
                                                                                      'lifecycle/monitor_report.py'),

@@ -167,9 +167,7 @@ def _drift_panel(
     if strength.size:
         image = axis.imshow(strength.to_numpy(dtype=float), aspect="auto", cmap="OrRd", vmin=0, vmax=3)
         axis.set_yticks(range(len(strength.index)), strength.index, fontsize=8)
-        axis.set_xticks(
-            range(len(strength.columns)), _with_n(strength.columns, rows, "rows"), rotation=45, ha="right", fontsize=8
-        )
+        _window_ticks(axis, _with_n(strength.columns, rows, "rows"))
         rows, columns = np.nonzero(
             flagged.reindex(index=strength.index, columns=strength.columns).fillna(False).to_numpy(dtype=bool)
         )
@@ -194,9 +192,7 @@ def _accuracy_panel(
         axis.plot(positions, column["estimated_roc_auc"], "s--", color="tab:orange", label="ROC AUC, estimated")
         axis.plot(positions, column["recall"], "o-", color="tab:green", label="recall, realized")
         axis.plot(positions, column["estimated_recall"], "s--", color="tab:olive", label="recall, estimated")
-        axis.set_xticks(
-            positions, _with_n(accuracy.index, accuracy["labeled"], "labels"), rotation=45, ha="right", fontsize=8
-        )
+        _window_ticks(axis, _with_n(accuracy.index, accuracy["labeled"], "labels"))
         axis.legend(fontsize=8, loc="lower left")
     axis.set(
         title="Accuracy over time (n: labels arrived in the window)", ylim=(0, 1.02), ylabel="ROC AUC, recall (0 to 1)"
@@ -248,9 +244,19 @@ def _fairness_panel(
             "o-",
             label=column.replace("_", " ").replace(".", " by "),
         )
-    axis.set_xticks(np.arange(len(gaps)), _with_n(gaps.index, rows, "rows"), rotation=45, ha="right", fontsize=8)
+    _window_ticks(axis, _with_n(gaps.index, rows, "rows"))
     axis.legend(fontsize=8)
     axis.set(ylabel="gap between groups (share, 0 to 1)")
+
+
+def _window_ticks(
+    axis,  # a panel whose x positions are windows 0, 1, …
+    labels: list[str],  # each window's label
+    most: int = 16,  # most labels drawn: beyond, every second, third … window is named
+) -> None:
+    "Name the windows under a panel, slanted, thinned so that they never overlap."
+    step = max(1, math.ceil(len(labels) / most))
+    axis.set_xticks(range(0, len(labels), step), labels[::step], rotation=45, ha="right", fontsize=8)
 
 
 def _with_n(
