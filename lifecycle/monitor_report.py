@@ -348,14 +348,19 @@ def monitor_inputs(
     webhook: str,  # the [monitor] webhook setting (empty: none)
 ) -> dict | None:  # the arguments of `StageContext.record_inputs`, or None: run every time
     "What the monitor stage read besides its parameters and [data], for the runner's cache (None: not cacheable)."
-    if result["alerts"]["firing"] and (webhook or os.environ.get(WEBHOOK_ENV)):
-        return None  # a firing alert's repeat is due by the clock
+    alerts = Path(root) / "monitoring" / "alerts_state.json"  # the rollback rules read the alerts firing there
+    try:
+        waiting = bool(read_json(alerts).get("outbox")) if alerts.exists() else False
+    except (OSError, ValueError, AttributeError):
+        waiting = True  # unreadable: run, and let the alerts say why
+    if (result["alerts"]["firing"] or waiting) and (webhook or os.environ.get(WEBHOOK_ENV)):
+        return None  # a firing alert's repeat is due by the clock; a notice the receiver missed is sent again
     registry = Registry(root).path
     versions = sorted(registry.glob("versions/*/"))
     return {
         "paths": [registry / "aliases.json", registry / CHANGE_FILE, registry / "events.jsonl"]
         + [folder / name for folder in versions for name in ("reference.json", "meta.json")]
-        + [Path(root) / "monitoring" / SUSPECT_FILE],
+        + [Path(root) / "monitoring" / SUSPECT_FILE, alerts],
         "log": result["log_position"],
         "sections": ["labels", "retrain"],
         "environment": [WEBHOOK_ENV],
