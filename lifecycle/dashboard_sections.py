@@ -392,12 +392,8 @@ def accuracy_html(
         measured = _column(table, name)
         if measured.notna().any():
             axes.plot(times, measured, marker="o", color=color, linewidth=2, label=f"{label}, measured")
-            if name == "roc_auc":  # each measured point with the labels behind it
-                for when, value, labels in zip(times, measured, _column(table, "labeled")):
-                    if not pd.isna(value) and not pd.isna(labels):
-                        axes.annotate(
-                            f"n={int(labels)}", (when, value), fontsize=7, xytext=(0, -11), textcoords="offset points"
-                        )
+            if name == "roc_auc":
+                _label_counts(axes, times, measured, _column(table, "labeled"))
             axes.fill_between(
                 times,
                 _column(table, f"{name}_low"),
@@ -454,14 +450,7 @@ def fairness_html(
             "sensitive), or no window yet.</p></div>"
         )
     table = windows.sort_values("window_start", kind="stable")
-    series = [
-        (column, gap, style, words, _column(table, f"{gap}.{column}"))
-        for column in columns
-        for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap"))
-    ]
-    starts = table["window_start"].to_numpy()
-    # one judged week (or its versions' windows, which start together) is a dot, not a trend
-    series = [item for item in series if len(set(starts[item[-1].notna().to_numpy()])) >= 2]
+    series = _judged_series(table, columns)
     if not series:  # an empty plot says nothing: say why in words, with the groups' sizes
         return (
             f'<div class="lc-board">{title}<p class="lc-note">'
@@ -470,7 +459,7 @@ def fairness_html(
     times = _times(table)
     figure, axes = _figure(6.2, 2.8)
     colors = ["#9446ed", "#0b69a3", "#27ab83", "#e12d39"]
-    for column, _, style, words, values in series:
+    for column, style, words, values in series:
         name = settings.column_name(column, unit=False) if settings else column
         axes.plot(
             times,
@@ -493,6 +482,27 @@ def fairness_html(
         f"{min_group} labelled positives for recall, {min_group} predictions for the selection rate) are left out "
         f"of the gaps.</p>{groups}</div>"
     )
+
+
+def _label_counts(axes, times: np.ndarray, measured: pd.Series, labels: pd.Series) -> None:
+    "Each measured point with the labels behind it (n=…), just under it."
+    for when, value, count in zip(times, measured, labels):
+        if not pd.isna(value) and not pd.isna(count):
+            axes.annotate(f"n={int(count)}", (when, value), fontsize=7, xytext=(0, -11), textcoords="offset points")
+
+
+def _judged_series(
+    table: pd.DataFrame,  # the windows, oldest first
+    columns: list[str],  # the sensitive columns
+) -> list[tuple]:  # (column, line style, words, values) of each gap judged in two window starts or more
+    "The fairness gaps worth a line: one judged week (or its versions' windows, which start together) is a dot."
+    starts = table["window_start"].to_numpy()
+    series = [
+        (column, style, words, _column(table, f"{gap}.{column}"))
+        for column in columns
+        for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap"))
+    ]
+    return [item for item in series if len(set(starts[item[-1].notna().to_numpy()])) >= 2]
 
 
 def _windows_n(

@@ -338,7 +338,7 @@ def plot_reliability(
         xlim=(0, 1),
         ylim=(0, 1.02),
     )
-    axis.legend(fontsize=8, loc="upper left")
+    axis.legend(fontsize=8, loc="lower right")  # the upper left holds the low scores' bins
     return figure
 
 # %% ../nbs/06_monitor.ipynb #c145aaa6
