@@ -31,12 +31,12 @@ def test_a_row_appended_to_an_input_runs_again_exactly_the_stages_that_read_it(c
     # Whatever moves the log runs the monitor again, and it sees what came: a label, a prediction.
     monitor_only = ("run", "--settings", settings, "--stages", "monitor", "-p", "prepare.profile=false", "--json")
     with open_log("", champion_project) as log:
-        labeled = log.predictions(limit=1, features=False)["request_id"].iloc[0]
-        log.record_label(labeled, 1, source="import", credential="test_cache")
+        waiting = set(log.predictions(features=False)["request_id"]) - set(log.labels()["request_id"])
+        log.record_label(min(waiting), 1, source="import", credential="test_cache")  # a trusted door
         assert log.flush()
     _, run, _, _ = run_lifecycle(*monitor_only, check=0)
     assert _statuses(run)["monitor"] == "ran"
-    assert stages(run)["monitor"]["summary"]["labeled"] >= first["monitor"]["summary"]["labeled"]
+    assert stages(run)["monitor"]["summary"]["labeled"] == first["monitor"]["summary"]["labeled"] + 1  # it saw it
     _, run, _, _ = run_lifecycle(*monitor_only, check=0)
     assert _statuses(run)["monitor"] == "cached"
     with open_log("", champion_project) as log:
@@ -46,12 +46,9 @@ def test_a_row_appended_to_an_input_runs_again_exactly_the_stages_that_read_it(c
     _, run, _, _ = run_lifecycle(*monitor_only, check=0)
     assert _statuses(run)["monitor"] == "ran"
     assert stages(run)["monitor"]["summary"]["predictions"] == first["monitor"]["summary"]["predictions"] + 1
-    # A [monitor] setting, and a section monitoring reads besides its own ([labels]: whose labels count)
+    # A [monitor] setting (the other sections and variables the monitor reads: nbs/10_pipeline's checks)
     text = settings.read_text()
     settings.write_text(text.replace("repeat_hours = 24", "repeat_hours = 12"))
-    _, run, _, _ = run_lifecycle(*monitor_only, check=0)
-    assert _statuses(run)["monitor"] == "ran"
-    settings.write_text(text.replace("trusted = import, replay, lab", "trusted = import, replay"))
     _, run, _, _ = run_lifecycle(*monitor_only, check=0)
     assert _statuses(run)["monitor"] == "ran"
     settings.write_text(text)
