@@ -247,9 +247,8 @@ def _alert_lines(summary: dict) -> list[str]:  # `monitor_project`'s result -> l
     "The alerts firing, or why none is."
     firing = summary.get("alerts", {}).get("firing", [])
     if firing:
-        lines = [f"{len(firing)} alerts firing:"]
         where = [f"at site {alert['labels']['site']}: " if alert["labels"].get("site") else "" for alert in firing]
-        return lines + [
+        return [f"{len(firing)} alerts firing:"] + [
             f"  {alert['labels']['severity'].upper()} {at}{alert['annotations']['summary']}"
             for alert, at in zip(firing, where)
         ]
@@ -448,9 +447,8 @@ def _add_serve(commands) -> None:  # commands: the subparsers of the `lifecycle`
     serve.add_argument(
         "--max-body",
         type=int,
-        default=None,
-        help="the largest /predict body in bytes (default: what --max-records records of the model's largest valid "
-        "form need; set, the record cap is what it holds). /feedback: this, or 1,000,000",
+        help="largest /predict body in bytes (default: what --max-records records of the model's largest valid form "
+        "need; set, the record cap is what it holds). /feedback: this, or 1,000,000",
     )
     serve.add_argument(
         "--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)"

@@ -126,8 +126,8 @@ def why_html(
         '<h2>Why</h2><table class="lc-why">'
         + rows
         + '</table><p class="lc-note">Each line: this patient\'s score against the score '
-        "with that one value replaced by the training population's typical value. "
-        "Red raises the risk, green lowers it.</p>"
+        "with that one value replaced by the training population's typical value, in the score's unit (a "
+        "probability, 0 to 1); one patient, this one. Red raises the risk, green lowers it.</p>"
     )
 
 

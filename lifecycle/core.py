@@ -45,7 +45,7 @@ __all__ = ['SETTINGS_FILE', 'PAGE_SETTINGS_ENV', 'DATA_KEYS', 'TASKS', 'RUN_KEYS
            'use_work_settings', 'find_settings', 'page_settings', 'split_list', 'parse_mapping', 'value_key',
            'parse_labels', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'prediction_log_url',
            'Project', 'open_project', 'state_project', 'import_without', 'StageContext', 'record_inputs',
-           'stage_context', 'latest_run']
+           'environment_digest', 'stage_context', 'latest_run']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -495,15 +495,31 @@ class StageContext:
         "Write the stage's summary.json: counts, metrics, decisions."
         write_json(self.out / "summary.json", summary)
 
-    def record_inputs(self, paths: list[Path] | None):
-        "Name every file this stage read from outside the run folder (None: they cannot be known)."
-        record_inputs(self.out, paths, self.root)
+    def record_inputs(
+        self,
+        paths: list[Path] | None,  # every file read from outside the run folder (None: they cannot be known)
+        log: dict | None = None,  # the prediction log's position the stage read up to (`identity`, `commit`)
+        sections: list[str] = (),  # settings sections it read besides its own and [data]
+        environment: list[str] = (),  # environment variables it read
+    ):
+        "Name everything this stage read from outside the run folder, for the runner's cache."
+        record_inputs(
+            self.out,
+            paths,
+            self.root,
+            log=log,
+            sections={name: self.settings.sections.get(name, {}) for name in sections},
+            environment=environment,
+        )
 
 
 def record_inputs(
     stage_dir: Path,  # a stage's output folder
     paths: list[Path] | None,  # every file it read outside the run folder; None when they cannot be hashed
     root: Path | None = None,  # the project folder: files inside it are named relative to it
+    log: dict | None = None,  # the prediction log's position read up to: identity, commit (None: no log read)
+    sections: dict[str, dict] | None = None,  # settings sections read besides the stage's own and [data]
+    environment: list[str] = (),  # environment variables read
 ):
     """Write `_inputs.json`, each file's content hash: the runner reuses this stage's outputs only while every
     one of these files has the same content. A file inside the project is named relative to it, so a copied or
@@ -512,7 +528,22 @@ def record_inputs(
         write_json(Path(stage_dir) / "_inputs.json", {"uncacheable": True})
         return
     files = {_input_name(path, root): sha256_file(path) if Path(path).is_file() else None for path in paths}
-    write_json(Path(stage_dir) / "_inputs.json", {"files": files})
+    record = {"files": files}
+    if log is not None:  # the runner asks the log where it stands now: a new prediction or label moved it
+        record["log"] = {"identity": log["identity"], "commit": int(log["commit"])}
+    if sections:  # digests, not values: a section may hold a URL with a secret
+        record["sections"] = {name: sha256_json(values) for name, values in sections.items()}
+    if environment:
+        record["environment"] = {name: environment_digest(name) for name in environment}
+    write_json(Path(stage_dir) / "_inputs.json", record)
+
+
+def environment_digest(
+    name: str,  # an environment variable
+) -> str | None:  # the SHA-256 of its value, None when it is not set
+    "What the cache remembers of an environment variable: a digest, never its value (it may be a secret)."
+    value = os.environ.get(name)
+    return None if value is None else sha256_json(value)
 
 
 def _input_name(path: Path, root: Path | None) -> str:

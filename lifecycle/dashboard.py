@@ -26,6 +26,7 @@ from .serving.predlog.stores import PostgresStore, SQLiteStore, log_location
 from .serving.predlog.writer import open_log
 
 # isort: split
+from .dashboard_fleet import shadow_html, sites_html
 from lifecycle.dashboard_sections import (
     STYLE,
     _e,
@@ -37,8 +38,6 @@ from lifecycle.dashboard_sections import (
     kpis_html,
     refused_html,
     scores_html,
-    shadow_html,
-    sites_html,
     statements_html,
 )
 
@@ -176,7 +175,11 @@ def reference_scores(
     counts = np.asarray(scores["bin_counts"], dtype=float)
     if counts.sum() <= 0:
         return None
-    return {"edges": [float(edge) for edge in scores["bin_edges"]], "shares": counts / counts.sum()}
+    return {
+        "edges": [float(edge) for edge in scores["bin_edges"]],
+        "shares": counts / counts.sum(),
+        "rows": int(counts.sum()),  # the patients behind the reference's distribution
+    }
 
 
 def read_state(
@@ -233,6 +236,14 @@ SECTIONS = ("header", "alerts", "sites", "shadow", "drift", "scores", "accuracy"
 SECTIONS += ("statements",)
 
 
+def _min_group(section: dict) -> int:
+    "[monitor] min_group as the monitor reads it (a value it refuses shows the default here; the monitor says why)."
+    try:
+        return int(str(section.get("min_group", "") or MONITOR_KEYS["min_group"]).strip())
+    except ValueError:
+        return int(MONITOR_KEYS["min_group"])
+
+
 def render(
     state: dict,  # `read_state`
     settings: Settings | None,  # the project's settings
@@ -256,7 +267,7 @@ def render(
             {
                 "scores": scores_html(state, settings),
                 "accuracy": accuracy_html(windows),
-                "fairness": fairness_html(windows, settings, state["details"]),
+                "fairness": fairness_html(windows, settings, state["details"], _min_group(section)),
             }
         )
     return pages

@@ -18,12 +18,11 @@ from .alerts import names
 from .core import Settings
 from .metrics import group_words
 from .monitoring import estimate_words, rejection_lines
-from .monitoring.sites import fleet_table
 from .monitoring.windows import utc_timestamp, window_label
 
 # %% auto #0
 __all__ = ['STYLE', 'when_text', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
-           'accuracy_html', 'fairness_html', 'groups_html', 'sites_html', 'statements_html', 'shadow_html']
+           'accuracy_html', 'fairness_html', 'small_groups_words', 'groups_html', 'statements_html']
 
 # %% ../nbs/43_dashboard_sections.ipynb #d09e3172
 def when_text(
@@ -94,8 +93,15 @@ def _png(figure) -> str:
 
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
+    # the axes' words as the picture's text: what a screen reader says, and what a test can read
+    said = "; ".join(
+        (f"{axes.get_title()}: " if axes.get_title() else "")
+        + f"x {axes.get_xlabel()}, y {axes.get_ylabel()}"
+        + (f"; {', '.join(text.get_text() for text in axes.get_legend().get_texts())}" if axes.get_legend() else "")
+        for axes in figure.axes
+    )
     return (
-        '<img alt="" style="max-width:100%" '
+        f'<img alt="{_e(said)}" style="max-width:100%" '
         f'src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
     )
 
@@ -337,16 +343,21 @@ def scores_html(
         )
     figure, axes = _figure(6.2, 2.8)
     edges = np.asarray(reference["edges"])
-    axes.stairs(reference["shares"], edges, fill=True, alpha=0.35, color="#829ab1", label="reference (training)")
+    trained = f", {_number(reference['rows'])} patients" if reference.get("rows") else ""
+    axes.stairs(
+        reference["shares"], edges, fill=True, alpha=0.35, color="#829ab1", label=f"reference (training{trained})"
+    )
+    scored = latest.get("predictions")
     axes.stairs(
         shares,
         edges,
         linewidth=2.2,
         color="#d64545",
-        label=window_label(latest, state["every"]),
+        label=window_label(latest, state["every"])
+        + (f" ({_number(scored)} predictions)" if scored is not None and not pd.isna(scored) else ""),
     )
     positive = settings.positive_label if settings else "positive"
-    axes.set_xlabel(f"score (probability of {positive})")
+    axes.set_xlabel(f"score (probability of {positive}, 0 to 1)")
     axes.set_ylabel("share of predictions")
     axes.legend(frameon=False, fontsize=9)
     axes.spines[["top", "right"]].set_visible(False)
@@ -382,6 +393,8 @@ def accuracy_html(
         measured = _column(table, name)
         if measured.notna().any():
             axes.plot(times, measured, marker="o", color=color, linewidth=2, label=f"{label}, measured")
+            if name == "roc_auc":
+                _label_counts(axes, times, measured, _column(table, "labeled"))
             axes.fill_between(
                 times,
                 _column(table, f"{name}_low"),
@@ -391,13 +404,16 @@ def accuracy_html(
                 linewidth=0,
             )
     axes.set_ylim(0, 1.02)
+    axes.set_ylabel("ROC AUC, recall (0 to 1)")
+    axes.set_xlabel(f"window start ({_windows_n(table)})")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8, loc="lower left", ncols=2)
     _time_axis(axes, times)
     labelled = int(_column(table, "labeled").fillna(0).sum())
     note = (
         (
-            f"{labelled:,} labels have arrived; measured figures carry 95% bootstrap intervals (shaded). "
+            f"{labelled:,} labels have arrived (n: the labels behind each measured point); measured figures carry "
+            "95% bootstrap intervals (shaded). "
             "Dashed lines are estimates from the calibrated scores, not measurements."
         )
         if labelled
@@ -417,6 +433,7 @@ def fairness_html(
     windows: pd.DataFrame,  # windows.parquet
     settings: Settings | None,  # for the sensitive columns' names
     details: dict | None = None,  # the latest window's details: its groups (`groups_html`)
+    min_group: int = 20,  # the evidence a gap needs ([monitor] min_group): labelled positives (recall), predictions
 ) -> str:  # the recall and selection-rate gaps by sensitive column over time, and the latest window's groups
     "Fairness over time: the gaps between groups, where the groups are large enough to judge."
     title = "<h2>Fairness gaps over time</h2>"
@@ -434,39 +451,112 @@ def fairness_html(
             "sensitive), or no window yet.</p></div>"
         )
     table = windows.sort_values("window_start", kind="stable")
+    series = _judged_series(table, columns)
+    if not series:  # an empty plot says nothing: say why in words, with the groups' sizes
+        return (
+            f'<div class="lc-board">{title}<p class="lc-note">'
+            f"{_e(small_groups_words(windows, details, settings, min_group, columns))}</p>{groups}</div>"
+        )
     times = _times(table)
     figure, axes = _figure(6.2, 2.8)
     colors = ["#9446ed", "#0b69a3", "#27ab83", "#e12d39"]
-    drawn = False
-    for index, column in enumerate(columns):
+    for column, style, words, values in series:
         name = settings.column_name(column, unit=False) if settings else column
-        for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap")):
-            values = _column(table, f"{gap}.{column}")
-            if values.notna().any():
-                axes.plot(
-                    times,
-                    values,
-                    linestyle=style,
-                    marker="o",
-                    color=colors[index % len(colors)],
-                    label=f"{words} by {name}",
-                )
-                drawn = True
-    if not drawn:
-        return (
-            f'<div class="lc-board">{title}<p class="lc-note">No window has two groups large enough to judge a gap yet '
-            f"({_e(', '.join(settings.column_name(c, unit=False) if settings else c for c in columns))})."
-            f"</p>{groups}</div>"
+        axes.plot(
+            times,
+            values,
+            linestyle=style,
+            marker="o",
+            color=colors[columns.index(column) % len(colors)],
+            label=f"{words} by {name}",
         )
+    if len(set(times)) > 1:  # the whole span of the windows, not only the judged ones
+        axes.set_xlim(times.min(), times.max())
     axes.set_ylim(bottom=0)
-    axes.set_ylabel("gap between groups")
+    axes.set_ylabel("gap (share, 0 to 1)")
+    axes.set_xlabel(f"window start ({_windows_n(table)})")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8)
     _time_axis(axes, times)
     return (
-        f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge are left out '
+        f'<div class="lc-board">{title}{_png(figure)}<p class="lc-note">Groups too small to judge (fewer than '
+        f"{min_group} labelled positives for recall, {min_group} predictions for the selection rate) are left out "
         f"of the gaps.</p>{groups}</div>"
     )
+
+
+def _label_counts(axes, times: np.ndarray, measured: pd.Series, labels: pd.Series) -> None:
+    "Each measured point with the labels behind it (n=…), just under it."
+    for when, value, count in zip(times, measured, labels):
+        if not pd.isna(value) and not pd.isna(count):
+            axes.annotate(f"n={int(count)}", (when, value), fontsize=7, xytext=(0, -11), textcoords="offset points")
+
+
+def _judged_series(
+    table: pd.DataFrame,  # the windows, oldest first
+    columns: list[str],  # the sensitive columns
+) -> list[tuple]:  # (column, line style, words, values) of each gap judged in two window starts or more
+    "The fairness gaps worth a line: one judged week (or its versions' windows, which start together) is a dot."
+    starts = table["window_start"].to_numpy()
+    series = [
+        (column, style, words, _column(table, f"{gap}.{column}"))
+        for column in columns
+        for gap, style, words in (("recall_gap", "-", "recall gap"), ("selection_rate_gap", ":", "selection-rate gap"))
+    ]
+    return [item for item in series if len(set(starts[item[-1].notna().to_numpy()])) >= 2]
+
+
+def _windows_n(
+    table: pd.DataFrame,  # the windows drawn
+) -> str:  # "n = 55–60 predictions a window"
+    "How many predictions each point of a figure over windows rests on."
+    counts = _column(table, "predictions").dropna()
+    if not len(counts):
+        return "one point a window"
+    low, high = int(counts.min()), int(counts.max())
+    return f"n = {low:,} predictions a window" if low == high else f"n = {low:,}–{high:,} predictions a window"
+
+
+def _counted(count, word: str) -> str:
+    return f"{int(count):,} {word}{'' if int(count) == 1 else 's'}"
+
+
+def small_groups_words(
+    windows: pd.DataFrame,  # windows.parquet
+    details: dict | None,  # the latest window's details: its groups with their sizes
+    settings: Settings | None,  # for the columns' and groups' names
+    min_group: int,  # [monitor] min_group: the evidence a gap needs
+    columns: list[str],  # the sensitive columns monitored
+) -> str:  # one paragraph: why no gap is drawn, which groups, how many rows each
+    "Why no fairness gap can be followed over time, in words: the groups of the latest window and their sizes."
+    found = pd.concat(
+        [_column(windows, f"{gap}.{column}") for column in columns for gap in ("recall_gap", "selection_rate_gap")],
+        axis=1,
+    ).notna()
+    judged = windows.loc[found.any(axis=1).to_numpy(), "window_start"].nunique()  # versions' windows start together
+    names = ", ".join(settings.column_name(column, unit=False) if settings else column for column in columns)
+    said = (
+        f"No fairness gap can be followed over time yet ({names}): "
+        + (
+            f"a gap could be judged in only {judged} window{'s' if judged != 1 else ''}, too few for a trend. "
+            if judged
+            else "no window had two groups large enough to judge. "
+        )
+        + f"A gap needs two groups with at least {min_group} labelled positives each (recall) or {min_group} "
+        "predictions each (share flagged) ([monitor] min_group)."
+    )
+    sizes = []
+    for column, rows in ((details or {}).get("groups") or {}).items():
+        name = settings.column_name(column, unit=False) if settings else column
+        each = ", ".join(
+            f"{group_words(settings, column, row['group']) if settings else row['group']} {_counted(row['n'], 'row')}"
+            + (f" ({_counted(row['positives'], 'labelled positive')})" if row.get("positives") is not None else "")
+            for row in rows
+        )
+        sizes.append(f"{name}: {each}")
+    if sizes:
+        said += " The latest window holds " + "; ".join(sizes) + "."
+    return said
 
 # %% ../nbs/43_dashboard_sections.ipynb #ae7ffc15
 def groups_html(
@@ -499,55 +589,6 @@ def groups_html(
         else ""
     )
 
-# %% ../nbs/43_dashboard_sections.ipynb #acae54e37e7d407bbb7b55eff062a284
-def _judged(value, percent: bool = False) -> str:
-    "A site's figure, or 'too few to judge' in place of a missing one."
-    text = _number(value, percent=percent)
-    return '<span class="lc-muted">too few to judge</span>' if text == "—" else text
-
-
-def sites_html(
-    sites: dict | None,  # site -> its latest figures (`read_state`'s `sites`)
-    alerts: list[dict],  # the firing alerts (`firing_alerts`): theirs carry the label `site`
-    settings: Settings | None = None,  # for the sensitive columns' names
-) -> str:  # a table one row a site, worst first ("" when no prediction carries a site)
-    "The fleet: each site's standing in the latest window, worst first."
-    if not sites:
-        return ""
-    table = fleet_table(sites, alerts)
-    gaps = [name for name in table.columns if name.startswith("recall_gap.")]
-    named = [
-        settings.column_name(name.split(".", 1)[1], unit=False) if settings else name.split(".", 1)[1] for name in gaps
-    ]
-    head = "".join(
-        f"<th>{_e(text)}</th>"
-        for text in [
-            "site",
-            "predictions",
-            "drifted features",
-            "ROC AUC measured",
-            "ROC AUC estimated",
-            "recall",
-            "calibration error",
-        ]
-        + [f"recall gap by {name}" for name in named]
-        + ["alerts firing"]
-    )
-    body = "".join(
-        f"<tr><td><b>{_e(row['site'])}</b></td><td>{_number(row['predictions'])}</td>"
-        f"<td>{_judged(row['drift_share'], percent=True)}</td><td>{_judged(row['last_labeled.roc_auc'])}</td>"
-        f"<td>{_judged(row['estimated_roc_auc'])}</td><td>{_judged(row['last_labeled.recall'])}</td>"
-        f"<td>{_judged(row['last_labeled.calibration_error'])}</td>"
-        + "".join(f"<td>{_judged(row[name])}</td>" for name in gaps)
-        + f"<td>{_e(row['alerts']) or 'none'}</td></tr>"
-        for row in table.to_dict("records")
-    )
-    return (
-        f'<div class="lc-board"><h2>Sites, worst first</h2><p class="lc-note">{len(table)} sites in the latest window; '
-        "measured figures from each site's latest window whose labels arrived, estimated ones from the latest.</p>"
-        f'<table class="lc-table"><tr>{head}</tr>{body}</table></div>'
-    )
-
 # %% ../nbs/43_dashboard_sections.ipynb #63800737
 def statements_html(
     state: dict,  # `read_state`
@@ -564,46 +605,3 @@ def statements_html(
     lines += (state["details"] or {}).get("statements", [])
     items = "".join(f"<li>{_e(line)}</li>" for line in lines if line)
     return f'<div class="lc-board"><h2>What monitoring says</h2><ul class="lc-note">{items}</ul></div>' if items else ""
-
-# %% ../nbs/43_dashboard_sections.ipynb #f82f244f
-def shadow_html(
-    shadow: dict | None,  # `shadow_state`
-    now: datetime,  # the present
-) -> str:  # the shadow against the champion, in sentences
-    """The version in shadow against the champion, on the same records: agreement, score shift, and accuracy once
-    labels arrive."""
-    title = "<h2>Shadow against champion</h2>"
-    if shadow is None:
-        return (
-            f'<div class="lc-board">{title}<p class="lc-note">No version is in shadow (<code>lifecycle models '
-            "shadow VERSION</code> puts one there).</p></div>"
-        )
-    who = (
-        f"Version {_e(shadow['shadow_version'])} scores beside champion version {_e(shadow['champion_version'])}, "
-        "never answering."
-    )
-    if not shadow.get("pairs"):
-        return f'<div class="lc-board">{title}<p>{who} It has scored no record yet.</p></div>'
-    records, shift, spread = (
-        f"{int(shadow['pairs']):,}",
-        f"{shadow['score_shift']:+.3f}",
-        f"{shadow['mean_abs_score_difference']:.3f}",
-    )
-    lines = [
-        f"{who} It scored {_e(records)} records the champion scored, the latest "
-        f"{_e(when_text(shadow['last_event'], now))}.",
-        f"They decide alike on {_e(_number(shadow['agreement'], percent=True))} of them; its scores are {_e(shift)} "
-        "from the "
-        f"champion's on average (mean absolute difference {_e(spread)}).",
-    ]
-    if shadow.get("labeled"):
-        lines.append(
-            f"On the {_e(int(shadow['labeled']))} whose diagnosis came back: accuracy "
-            f"{_e(_number(shadow['shadow_accuracy'], percent=True))} "
-            f"against the champion's {_e(_number(shadow['champion_accuracy'], percent=True))}; recall "
-            f"{_e(_number(shadow['shadow_recall'], percent=True))} against "
-            f"{_e(_number(shadow['champion_recall'], percent=True))}."
-        )
-    else:
-        lines.append("No label has come back for these records yet: accuracy follows when it does.")
-    return f'<div class="lc-board">{title}' + "".join(f"<p>{line}</p>" for line in lines) + "</div>"

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import math
+import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,13 @@ import pandas as pd
 
 from .core import read_json
 from .drift import quantile_points
-from .monitoring import details_path, estimate_words, window_label
+from .labels import SUSPECT_FILE
+from .monitoring import WEBHOOK_ENV, details_path, estimate_words, window_label
+from .registry import CHANGE_FILE, Registry
 
 # %% auto #0
 __all__ = ['ACCURACY_COLUMNS', 'window_details', 'drift_strength', 'drift_matrix', 'over_time', 'fairness_columns', 'headline',
-           'score_curves', 'plot_monitoring', 'plot_reliability']
+           'score_curves', 'plot_monitoring', 'plot_reliability', 'monitor_inputs']
 
 # %% ../nbs/06_monitor.ipynb #80889af9
 def window_details(
@@ -140,8 +144,11 @@ def score_curves(
     scores: dict,  # a name -> the scores of a period (e.g. the latest window, the month so far)
 ) -> dict:  # name -> (x, share of scores ≤ x); first "reference (training)" when the reference has a distribution
     "The cumulative score distributions of the reference (from its stored quantiles) and of periods of production."
-    levels, values, _ = quantile_points((reference or {}).get("scores") or {})
-    curves = {"reference (training)": (np.asarray(values), np.asarray(levels))} if len(levels) else {}
+    stored = (reference or {}).get("scores") or {}
+    levels, values, _ = quantile_points(stored)
+    rows = int(sum(stored.get("bin_counts") or []))
+    name = f"reference (training, {rows:,} patients)" if rows else "reference (training)"
+    curves = {name: (np.asarray(values), np.asarray(levels))} if len(levels) else {}
     for name, period in scores.items():
         period = np.asarray(period, dtype=float)
         ordered = np.sort(period[np.isfinite(period)])
@@ -154,19 +161,20 @@ def _drift_panel(
     axis,  # the panel
     strength: pd.DataFrame,  # `drift_matrix` strengths
     flagged: pd.DataFrame,  # `drift_matrix` flags
+    rows: pd.Series | None = None,  # window label -> its predictions (the n under each column)
 ) -> None:
     "The drift heat map: each feature's drift strength by window, a dot where drift was flagged."
     if strength.size:
         image = axis.imshow(strength.to_numpy(dtype=float), aspect="auto", cmap="OrRd", vmin=0, vmax=3)
         axis.set_yticks(range(len(strength.index)), strength.index, fontsize=8)
-        axis.set_xticks(range(len(strength.columns)), strength.columns, rotation=45, ha="right", fontsize=8)
+        _window_ticks(axis, _with_n(strength.columns, rows, "rows"))
         rows, columns = np.nonzero(
             flagged.reindex(index=strength.index, columns=strength.columns).fillna(False).to_numpy(dtype=bool)
         )
         axis.scatter(columns, rows, marker="o", s=14, color="black", label="drift flagged")
         figure.colorbar(image, ax=axis, label="drift strength (1 = threshold)")
         axis.legend(loc="upper right", fontsize=8)
-    axis.set_title("Drift of each feature, by window")
+    axis.set_title("Drift of each feature, by window (n: rows in the window)")
 
 
 def _accuracy_panel(
@@ -184,9 +192,11 @@ def _accuracy_panel(
         axis.plot(positions, column["estimated_roc_auc"], "s--", color="tab:orange", label="ROC AUC, estimated")
         axis.plot(positions, column["recall"], "o-", color="tab:green", label="recall, realized")
         axis.plot(positions, column["estimated_recall"], "s--", color="tab:olive", label="recall, estimated")
-        axis.set_xticks(positions, accuracy.index, rotation=45, ha="right", fontsize=8)
+        _window_ticks(axis, _with_n(accuracy.index, accuracy["labeled"], "labels"))
         axis.legend(fontsize=8, loc="lower left")
-    axis.set(title="Accuracy over time", ylim=(0, 1.02), ylabel="")
+    axis.set(
+        title="Accuracy over time (n: labels arrived in the window)", ylim=(0, 1.02), ylabel="ROC AUC, recall (0 to 1)"
+    )
 
 
 def _scores_panel(
@@ -203,8 +213,8 @@ def _scores_panel(
     if threshold is not None:
         axis.axvline(threshold, color="black", linestyle=":", label="decision threshold")
     axis.set(
-        title="Score distribution against the reference",
-        xlabel="score",
+        title="Score distribution against the reference (n in the legend)",
+        xlabel="score (probability, 0 to 1)",
         ylabel="share of patients with a lower score",
         xlim=(0, 1),
     )
@@ -214,20 +224,53 @@ def _scores_panel(
 def _fairness_panel(
     axis,  # the panel
     gaps: pd.DataFrame,  # `over_time(windows, fairness_columns(...))`
+    rows: pd.Series | None = None,  # window label -> its predictions
+    too_small: str = "",  # what to say when no gap was judged in two windows (`small_groups_words`)
 ) -> None:
-    "The fairness gaps over time, one line a gap."
-    for column in gaps.columns:
+    "The fairness gaps over time, one line a gap judged in two windows or more; else the reason, in words."
+    # two windows at least, not two versions' windows of one week: a trend needs two times
+    starts = np.array([str(label).split(" from ", 1)[-1] for label in gaps.index])
+    drawn = [column for column in gaps.columns if len(set(starts[gaps[column].notna().to_numpy()])) >= 2]
+    axis.set_title("Fairness gaps over time (groups large enough to judge)")
+    if not drawn:  # an empty plot says nothing: say why
+        axis.axis("off")
+        words = too_small or "No fairness gap was judged in two windows: the groups are too small."
+        axis.text(0, 0.95, textwrap.fill(words, 70), va="top", fontsize=10, transform=axis.transAxes)
+        return
+    for column in drawn:
         axis.plot(
             np.arange(len(gaps)),
             gaps[column].to_numpy(dtype=float),
             "o-",
             label=column.replace("_", " ").replace(".", " by "),
         )
-    if len(gaps):
-        axis.set_xticks(np.arange(len(gaps)), gaps.index, rotation=45, ha="right", fontsize=8)
-    if len(gaps.columns):
-        axis.legend(fontsize=8)
-    axis.set(title="Fairness gaps over time (groups large enough to judge)", ylabel="gap between groups")
+    _window_ticks(axis, _with_n(gaps.index, rows, "rows"))
+    axis.legend(fontsize=8)
+    axis.set(ylabel="gap between groups (share, 0 to 1)")
+
+
+def _window_ticks(
+    axis,  # a panel whose x positions are windows 0, 1, …
+    labels: list[str],  # each window's label
+    most: int = 16,  # most labels drawn: beyond, every second, third … window is named
+) -> None:
+    "Name the windows under a panel, slanted, thinned so that they never overlap."
+    step = max(1, math.ceil(len(labels) / most))
+    axis.set_xticks(range(0, len(labels), step), labels[::step], rotation=45, ha="right", fontsize=8)
+
+
+def _with_n(
+    labels,  # the windows' labels
+    counts: pd.Series | None,  # label -> its count (None: labels as they are)
+    unit: str,  # what is counted: rows, labels
+) -> list[str]:  # "v1 from 2024-05-06 (40 rows)"
+    "Each window's label with the n behind it."
+    if counts is None:
+        return list(labels)
+    return [
+        f"{label} ({int(counts[label]):,} {unit})" if label in counts.index and not pd.isna(counts[label]) else label
+        for label in labels
+    ]
 
 
 def plot_monitoring(
@@ -237,15 +280,17 @@ def plot_monitoring(
     curves: dict,  # `score_curves`: the reference's and production's
     gaps: pd.DataFrame,  # `over_time(windows, fairness_columns(...))`
     threshold: float | None = None,  # the decision threshold, marked on the score plot
+    too_small: str = "",  # why no fairness gap is drawn, in words (`small_groups_words`)
 ):  # a matplotlib Figure
     "The monitoring report's main plot, four panels."
     import matplotlib.pyplot as plt  # start-up time: only the stage's run draws, the dashboard never does
 
     figure, axes = plt.subplots(2, 2, figsize=(14, 9))
-    _drift_panel(figure, axes[0, 0], strength, flagged)
+    rows = accuracy["predictions"] if "predictions" in accuracy.columns else None
+    _drift_panel(figure, axes[0, 0], strength, flagged, rows)
     _accuracy_panel(axes[0, 1], accuracy)
     _scores_panel(axes[1, 0], curves, threshold)
-    _fairness_panel(axes[1, 1], gaps)
+    _fairness_panel(axes[1, 1], gaps, rows, too_small)
     figure.tight_layout()
     return figure
 
@@ -293,5 +338,30 @@ def plot_reliability(
         xlim=(0, 1),
         ylim=(0, 1.02),
     )
-    axis.legend(fontsize=8, loc="upper left")
+    axis.legend(fontsize=8, loc="lower right")  # the upper left holds the low scores' bins
     return figure
+
+# %% ../nbs/06_monitor.ipynb #c145aaa6
+def monitor_inputs(
+    root: Path,  # the project folder
+    result: dict,  # `monitor_and_roll_back`'s summary (its `log_position` and alerts)
+    webhook: str,  # the [monitor] webhook setting (empty: none)
+) -> dict | None:  # the arguments of `StageContext.record_inputs`, or None: run every time
+    "What the monitor stage read besides its parameters and [data], for the runner's cache (None: not cacheable)."
+    alerts = Path(root) / "monitoring" / "alerts_state.json"  # the rollback rules read the alerts firing there
+    try:
+        waiting = bool(read_json(alerts).get("outbox")) if alerts.exists() else False
+    except (OSError, ValueError, AttributeError):
+        waiting = True  # unreadable: run, and let the alerts say why
+    if (result["alerts"]["firing"] or waiting) and (webhook or os.environ.get(WEBHOOK_ENV)):
+        return None  # a firing alert's repeat is due by the clock; a notice the receiver missed is sent again
+    registry = Registry(root).path
+    versions = sorted(registry.glob("versions/*/"))
+    return {
+        "paths": [registry / "aliases.json", registry / CHANGE_FILE, registry / "events.jsonl"]
+        + [folder / name for folder in versions for name in ("reference.json", "meta.json")]
+        + [Path(root) / "monitoring" / SUSPECT_FILE, alerts],
+        "log": result["log_position"],
+        "sections": ["labels", "retrain"],
+        "environment": [WEBHOOK_ENV],
+    }

@@ -24,6 +24,7 @@ from lifecycle.core import (
     LifecycleError,
     Settings,
     coerce_value,
+    environment_digest,
     load_settings,
     prediction_log_url,
     read_json,
@@ -206,9 +207,11 @@ def stage_parameters(
 
 # %% ../nbs/10_pipeline.ipynb #a528e169
 def package_code_hash() -> str:
-    "Hash of the lifecycle package's code: a change to a shared module invalidates every stage."
+    "Hash of the lifecycle package's code, its subpackages too: a change to a shared module invalidates every stage."
     package = Path(lifecycle.__file__).resolve().parent
-    return sha256_json({path.name: sha256_file(path) for path in sorted(package.glob("*.py"))})
+    return sha256_json(
+        {path.relative_to(package).as_posix(): sha256_file(path) for path in sorted(package.rglob("*.py"))}
+    )
 
 
 def cache_key(
@@ -233,8 +236,11 @@ def cache_key(
 def inputs_unchanged(
     stage_dir: Path,  # an earlier execution's output folder
     root: Path,  # the project folder, which relative names in `_inputs.json` are relative to
-) -> bool:  # whether every file it read still has the same content
-    """Check the files an earlier execution recorded in `_inputs.json`, by content.
+    settings: Settings | None = None,  # the project's settings, for the sections it recorded
+    log_position=None,  # () -> the prediction log's position now (`log_position`), for a stage that read the log
+) -> bool:  # whether everything it read is as it was
+    """Check what an earlier execution recorded in `_inputs.json`: the files it read, by content; the settings
+    sections and environment variables it read, by digest; the prediction log's position it read up to.
 
     A stage that recorded nothing is never reused: a stage that forgot to name what it read runs again
     rather than serve stale results."""
@@ -249,7 +255,14 @@ def inputs_unchanged(
         current = sha256_file(file) if file.is_file() else None
         if current != digest:
             return False
-    return True
+    for section, digest in recorded.get("sections", {}).items():
+        if settings is None or sha256_json(settings.sections.get(section, {})) != digest:
+            return False
+    for name, digest in recorded.get("environment", {}).items():
+        if environment_digest(name) != digest:
+            return False
+    # asked last, and only when all else holds: opening the log costs more than hashing a few files
+    return "log" not in recorded or (log_position is not None and log_position() == recorded["log"])
 
 # %% ../nbs/10_pipeline.ipynb #3511b016
 def outputs_hash(folder: Path) -> str:
@@ -263,16 +276,36 @@ def _cache_file(root: Path, stage: str, key: str) -> Path:
     return root / "runs" / ".cache" / stage / f"{key}.json"
 
 
-def find_cached(root: Path, stage: str, key: str) -> dict | None:
-    "The record of an earlier execution with this key whose outputs still exist."
+def find_cached(
+    root: Path,  # the project folder
+    stage: str,  # the stage's name
+    key: str,  # its cache key
+    settings: Settings | None = None,  # the project's settings (for the sections a stage recorded reading)
+    log_position=None,  # () -> the prediction log's position now (for a stage that read the log)
+) -> dict | None:  # the record (run_id, outputs), or None
+    "The record of an earlier execution with this key whose outputs still exist and whose inputs are unchanged."
     path = _cache_file(root, stage, key)
     if not path.exists():
         return None
     record = read_json(path)
     earlier = root / "runs" / record["run_id"] / stage
-    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier, root):
+    if not (earlier / "summary.json").exists() or not inputs_unchanged(earlier, root, settings, log_position):
         return None
     return record
+
+
+def _log_position(url: str, root: Path):
+    "() -> where the project's log stands now, or None when it cannot be opened (the stage runs and says why)."
+
+    def position():
+        from lifecycle.serving.predlog.writer import log_position  # start-up time: only a cache check opens the log
+
+        try:
+            return log_position(url, root)
+        except LifecycleError:
+            return None
+
+    return position
 
 
 def _link_tree(source: Path, destination: Path):
@@ -367,7 +400,8 @@ def run_stage(
     root = settings.root
     entry = {"name": stage.name, "status": "ran", "seconds": 0.0, "summary": None}
     started = time.perf_counter()
-    record = None if forced else find_cached(root, stage.name, key)
+    position = _log_position(parameters["log"], root) if "log" in parameters else None
+    record = None if forced else find_cached(root, stage.name, key, settings, position)
     if record is None and not executable:
         raise LifecycleError(f"stage '{stage.name}' has no up-to-date outputs; include it: --stages {stage.name},…")
     if record is not None:

@@ -130,13 +130,13 @@ def _plot_accuracy(axis, x: np.ndarray, numbers) -> None:
         alpha=0.6,
         label="recall at the threshold, realized\n(sick patients caught)",
     )
-    axis.set(ylim=(0, 1.02), title="Accuracy, day by day")
+    axis.set(ylim=(0, 1.02), title="Accuracy, day by day", ylabel="ROC AUC, recall (0 to 1)")
 
 
 def _plot_drift(axis, x: np.ndarray, numbers):  # the alerts' own axis
     "The middle panel: the share of features drifted, and the alerts sent on their own scale."
     axis.bar(x, numbers("drift_share"), color="tab:red", alpha=0.35, label="share of features drifted\n(latest window)")
-    axis.set(ylim=(0, 1.05), title="Drift and alerts")
+    axis.set(ylim=(0, 1.05), title="Drift and alerts", ylabel="share of features (0 to 1)")
     sent = axis.twinx()
     sent.plot(x, numbers("alerts_sent"), "kv", label="alerts sent that day")
     sent.set(ylabel="alerts sent", ylim=(0, max(1.0, float(np.nanmax(numbers("alerts_sent")))) * 1.15 if len(x) else 1))
@@ -158,7 +158,7 @@ def _plot_shadow(axis, x: np.ndarray, numbers) -> None:
             va="center",
             color="gray",
         )
-    axis.set(ylim=(0, 1.05), title="Shadow", xlabel="simulated day")
+    axis.set(ylim=(0, 1.05), title="Shadow", xlabel="simulated day (days)", ylabel="share of patients (0 to 1)")
 
 
 def _mark_changes(axes, changes: list[dict]) -> None:
@@ -194,6 +194,10 @@ def plot_timeline(
     _plot_accuracy(axes[0], x, numbers)
     sent = _plot_drift(axes[1], x, numbers)
     _plot_shadow(axes[2], x, numbers)
+    patients = numbers("patients") if "patients" in days.columns else np.array([])
+    if np.isfinite(patients).any():  # the n behind each day's points
+        low, high = int(np.nanmin(patients)), int(np.nanmax(patients))
+        axes[0].set_title(f"Accuracy, day by day (n = {low:,}–{high:,} patients a day; labels: the table below)")
     _mark_changes(axes, changes)
     handles = axes[1].get_legend_handles_labels()
     twin = sent.get_legend_handles_labels()

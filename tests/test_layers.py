@@ -63,6 +63,7 @@ LAYERS = {
     "challenger": 2,
     "dashboard": 2,
     "dashboard_sections": 2,
+    "dashboard_fleet": 2,  # the dashboard's sections on what runs where: sites worst first, the shadow
     "dashserver": 2,
     "pageserver": 2,  # the Voila process of the pages: guarded, bounded, its logs masked
     "clinic": 2,

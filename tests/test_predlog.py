@@ -20,6 +20,7 @@ from conftest import free_port
 
 from lifecycle.core import LifecycleError
 from lifecycle.serving.predlog import PredictionLog, SQLiteStore, id_key, open_log, pseudonymize
+from lifecycle.serving.predlog.writer import log_position
 
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
 
@@ -293,6 +294,12 @@ def test_postgres_round_trip(postgres_url, tmp_path):
     assert labels[["request_id", "label"]].values.tolist() == [["r3", 0]]
     assert str(labels["time"].iloc[0]) == "2024-05-02 09:00:00+00:00"
     assert open_log(postgres_url, tmp_path).count() == 121  # another reader
+    # where the log stands (the runner's cache asks it for the monitor): reading moves nothing, a label moves it
+    position = log_position(postgres_url, tmp_path)
+    assert log_position(postgres_url, tmp_path) == position and position["identity"].startswith("postgresql:")
+    log.record_label("r4", 1)
+    assert log.flush(timeout=30)
+    assert log_position(postgres_url, tmp_path)["commit"] > position["commit"]
     log.close()
     assert log.errors == []
 

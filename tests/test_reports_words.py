@@ -7,6 +7,9 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+from lifecycle.core import open_project
+from lifecycle.dashboard import read_state, render
+
 # Lifecycle's own keys, as they would leak into a page: snake_case words, or a name with a leading underscore.
 RAW_KEY = re.compile(r"^_?[a-z0-9]+(_[a-z0-9]+)+$|^_[a-z]+$")
 
@@ -103,3 +106,22 @@ def test_deploy_summary_tells_when_and_by_whom_the_champion_was_promoted(champio
     assert made[0]["reason"].startswith("passed the gate in run")
     page = (report / "05_deploy.html").read_text()
     assert f"has been the champion since {made[0]['at']}" in page  # the page and the summary tell the same story
+
+
+def test_the_dashboards_figures_state_unit_and_n_and_small_groups_are_words(champion_project):
+    """Every figure of the dashboard says its unit and the n behind it (its picture's text, what a screen reader
+    reads); fairness gaps that cannot be followed over time are a sentence naming the groups, their sizes and the
+    minimum, never an empty plot. The default project's weeks hold about 60 patients, few of them women: no gap can
+    be judged in two weeks."""
+    project = open_project(champion_project / "settings.ini")
+    pages = render(read_state(project), project.settings)
+    fairness = pages["fairness"]
+    assert "<img" not in fairness, "an empty plot where words belong"
+    assert "at least 20 labelled positives" in fairness and "[monitor] min_group" in fairness
+    assert re.search(r"sex: female \d+ rows? \(\d+ labelled positives?\), male \d+ rows", fairness), fairness
+    said = {name: re.findall(r'<img alt="([^"]*)"', pages[name]) for name in ("scores", "accuracy")}
+    assert re.search(r"x score \(probability of heart disease, 0 to 1\), y share of predictions", said["scores"][0])
+    assert re.search(r"reference \(training, [\d,]+ patients\), week of .* \([\d,]+ predictions\)", said["scores"][0])
+    assert re.search(
+        r"x window start \(n = [\d,–]+ predictions a window\), y ROC AUC, recall \(0 to 1\)", said["accuracy"][0]
+    )

@@ -354,6 +354,7 @@ def _update(
         "new_labels": new_labels,
         "labels_suspect": suspects,
         "rebuilt": rebuilt,
+        "position": {"identity": log.store.identity(), "commit": upto},  # what these windows have seen of the log
         "refused_rows": [
             {"table": key.split("|")[0], "reason": key.split("|")[1], "field": key.split("|")[2], "count": count}
             for key, count in sorted(state["refused_rows"].items())
@@ -514,12 +515,10 @@ def _latest_details(
             f"{', '.join(map(str, sorted(same_period['model_version'])))} served in it too (each has its own window)"
         )
     labelled = serving[(serving["model_version"] == latest["model_version"]) & (serving["labeled"] > 0)]
-    details["site_values"] = latest_sites(details, None)
-    if len(labelled):  # realized figures come late: rules read them from the latest window whose labels arrived
-        last = labelled.sort_values(["window_start", "last_event"], kind="stable").iloc[-1]
-        details["site_values"] = latest_sites(
-            details, read_json(store.details_path(folder, last["window"])), LABELED_FIGURES
-        )
+    last = labelled.sort_values(["window_start", "last_event"], kind="stable").iloc[-1] if len(labelled) else None
+    last_details = None if last is None else read_json(store.details_path(folder, last["window"]))
+    details["site_values"] = latest_sites(details, last_details, LABELED_FIGURES)
+    if last is not None:
         details["values"].update(
             {f"last_labeled.{name}": store.plain(last[name]) for name in LABELED_FIGURES if name in last.index}
         )
@@ -541,6 +540,7 @@ def _summary(
         "new_predictions": result["new_predictions"],
         "new_labels": result["new_labels"],
         "rebuilt": result["rebuilt"],
+        "log_position": result["position"],  # the log's identity and the commit read up to: the runner's cache key
         "log_rows_refused": result["refused_rows"],
         "champion": champion,
         "latest": None,

@@ -212,6 +212,12 @@ class PostgresStore:
         finally:
             connection.close()
 
+    def identity(self) -> str:
+        """Which log this is, within its database: the object ids of its commit sequence and predictions table, new
+        whenever the log is dropped and made again (its commit numbers starting over)."""
+        sequence, table = self.read("SELECT 'log_commit'::regclass::oid, 'predictions'::regclass::oid")[0]
+        return f"postgresql:{int(sequence)}:{int(table)}"
+
     @contextmanager
     def monitor_lock(self):
         """Held while a monitor updates its windows: a session advisory lock on a connection of its own; a second

@@ -515,6 +515,10 @@ class PredictionReader:
         "Where a reader on the commit sequence may read up to (see the stores' `settled_commit`)."
         return self.store.settled_commit()
 
+    def position(self) -> dict:  # identity (which log), commit (its settled commit)
+        "Where the log stands: a reader that has read up to here has seen every row committed to this log."
+        return {"identity": self.store.identity(), "commit": self.settled_commit()}
+
     def _read_all(self, sql: str, parameters: tuple) -> tuple[list[tuple], bool]:
         "Rows of a query, and whether text that is not UTF-8 had to be read with surrogates (rows another tool wrote)."
         try:

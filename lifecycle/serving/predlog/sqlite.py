@@ -116,6 +116,8 @@ ON CONFLICT (block_id) DO NOTHING"""
 _SQLITE_SEQUENCE = """
 CREATE TABLE IF NOT EXISTS log_commit (id INTEGER PRIMARY KEY CHECK (id = 1), number INTEGER NOT NULL);
 INSERT OR IGNORE INTO log_commit (id, number) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS log_identity (id INTEGER PRIMARY KEY CHECK (id = 1), token TEXT NOT NULL);
+INSERT OR IGNORE INTO log_identity (id, token) VALUES (1, lower(hex(randomblob(16))));
 """
 _SQLITE_SEQUENCE_TRIGGER = """
 CREATE TRIGGER IF NOT EXISTS {table}_seq AFTER INSERT ON {table} WHEN NEW.seq IS NULL
@@ -234,6 +236,11 @@ class SQLiteStore:
     def settled_commit(self) -> int:
         "The highest commit number whose rows are all visible to a reader (SQLite: the last committed)."
         return int(self.read("SELECT number FROM log_commit WHERE id = 1")[0][0])
+
+    def identity(self) -> str:
+        """Which log this is: a random token drawn when its tables were made, so a log deleted and made again (its
+        commit numbers starting over) is never taken for the one before."""
+        return "sqlite:" + self.read("SELECT token FROM log_identity WHERE id = 1")[0][0]
 
     @contextmanager
     def monitor_lock(self):

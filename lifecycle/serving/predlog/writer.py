@@ -48,7 +48,7 @@ from .runs import remove_dead_runs
 from .stores import log_store
 
 # %% auto #0
-__all__ = ['PredictionLog', 'open_log']
+__all__ = ['PredictionLog', 'open_log', 'log_position']
 
 # %% ../../../nbs/34_predlog_writer.ipynb #a1f0c027
 _logger = logging.getLogger("lifecycle.serving.predlog")
@@ -592,3 +592,16 @@ def open_log(
     replay_journals(store, journal_folder(root, store))
     remove_dead_runs(store)
     return log
+
+
+def log_position(
+    url: str,  # the project's log, as `open_log` takes it
+    root: Path,  # the project folder
+) -> dict:  # identity, commit: `PredictionReader.position`
+    """Where the project's log stands now, as a monitor opening it would find it (a crashed process's journal
+    replayed, a dead batch run's pending rows removed): the runner's cache asks it whether anything new arrived."""
+    log = open_log(url, root)
+    try:
+        return log.position()
+    finally:
+        log.close()
