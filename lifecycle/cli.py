@@ -46,7 +46,9 @@ def _run(args) -> int:
 
 
 def _bench(args) -> int:
-    figures = run_benchmark(args.name, rows=args.rows, quiet=args.json, engine=args.engine, scheduler=args.scheduler)
+    figures = run_benchmark(
+        args.name, rows=args.rows, quiet=args.json, engine=args.engine, scheduler=args.scheduler, workers=args.workers
+    )
     if args.json:
         print(json.dumps(figures, indent=2, default=str))
     return 0
@@ -56,7 +58,9 @@ def _serve(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
     from lifecycle.labels import label_policy  # beside serve: the command's own settings
     from lifecycle.serving.serve import serve  # start-up time: FastAPI and uvicorn take 1.8 s, only serve needs them
+    from lifecycle.serving.workers import worker_count
 
+    workers = worker_count(args.workers)
     project = open_project(args.settings, log=args.log or None)
     serve(
         project.root,
@@ -69,6 +73,7 @@ def _serve(args) -> int:
         max_records=args.max_records,
         allowed_hosts=server_options(project.settings).allowed_hosts,
         labels=label_policy(project.section("labels")),
+        workers=workers,
     )
     return 0
 
@@ -426,6 +431,7 @@ def _add_serve(commands) -> None:  # commands: the subparsers of the `lifecycle`
             "lifecycle serve",
             "lifecycle serve --port 8080 --log postgresql://user@localhost/predictions",
             "LIFECYCLE_API_TOKEN=… lifecycle serve --host 0.0.0.0",
+            "lifecycle serve --workers auto  # one process a core, on one port",
         ),
     )
     _listen_options(serve, 8000)
@@ -443,6 +449,13 @@ def _add_serve(commands) -> None:  # commands: the subparsers of the `lifecycle`
     )
     serve.add_argument(
         "--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)"
+    )
+    serve.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="processes on the port, each scoring and logging, under one supervisor that starts a dead one again "
+        "(default 1; auto: one a core)",
     )
     serve.set_defaults(handler=_serve)
 
@@ -540,7 +553,10 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
         help="benchmarks that print measured figures beside their floor",
         description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
         epilog=_examples(
-            "lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"
+            "lifecycle bench prepare",
+            "lifecycle bench serve --json",
+            "lifecycle bench serve --workers 1,2",
+            "lifecycle bench batch --rows 200000",
         ),
     )
     bench.add_argument(
@@ -560,6 +576,12 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
         help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)",
     )
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.add_argument(
+        "--workers",
+        default=None,
+        metavar="N,M",
+        help="serve: compare lifecycle serve --workers N for each count, e.g. 1,2 (the scaling ratio)",
+    )
     bench.add_argument(
         "--engine", choices=["local", "dask"], default="local", help="monitor: the incremental monitor's engine"
     )

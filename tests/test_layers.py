@@ -90,6 +90,7 @@ LAYERS = {
     "serving.checks": 2,
     "serving.openapi": 2,
     "serving.routes": 2,
+    "serving.workers": 2,  # `lifecycle serve --workers N`: the supervisor and its workers
     "serving.batch": 2,
     "serving.batch_chunks": 2,
     "serving.batch_dask": 2,
