@@ -227,6 +227,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'lifecycle.bench.serve.bench_serve': ('bench_serve.html#bench_serve', 'lifecycle/bench/serve.py'),
                                        'lifecycle.bench.serve.bench_workers': ( 'bench_serve.html#bench_workers',
                                                                                 'lifecycle/bench/serve.py'),
+                                       'lifecycle.bench.serve.fastapi_floor': ( 'bench_serve.html#fastapi_floor',
+                                                                                'lifecycle/bench/serve.py'),
                                        'lifecycle.bench.serve.format_serve': ('bench_serve.html#format_serve', 'lifecycle/bench/serve.py'),
                                        'lifecycle.bench.serve.format_workers': ( 'bench_serve.html#format_workers',
                                                                                  'lifecycle/bench/serve.py'),

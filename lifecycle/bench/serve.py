@@ -35,8 +35,8 @@ from lifecycle.bench.common import (
 )
 
 # %% auto #0
-__all__ = ['served_count', 'in_process_floor', 'mlflow_python', 'mlflow_server', 'worker_counts', 'bench_workers',
-           'format_workers', 'bench_serve', 'format_serve', 'run']
+__all__ = ['FASTAPI_FLOOR_APP', 'served_count', 'in_process_floor', 'mlflow_python', 'mlflow_server', 'fastapi_floor',
+           'worker_counts', 'bench_workers', 'format_workers', 'bench_serve', 'format_serve', 'run']
 
 # %% ../../nbs/12d_bench_serve.ipynb #eb51863d
 def served_count(
@@ -163,6 +163,49 @@ def _serve_mlflow(project: Path, folder: Path, record: dict, seconds: int) -> di
         server.terminate()
         server.wait(timeout=60)
 
+# %% ../../nbs/12d_bench_serve.ipynb #b487cbc6
+FASTAPI_FLOOR_APP = """
+import json, sys, uuid
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+app = FastAPI()
+
+
+@app.get("/ready")
+async def ready():
+    return {"status": "ready"}
+
+
+@app.post("/predict")
+async def predict(request: Request):
+    record = json.loads(await request.body())
+    answer = {"request_id": uuid.uuid4().hex, "score": 0.5, "decision": int(bool(record)), "model_version": 1}
+    return Response(json.dumps({"predictions": [answer], "model_version": 1}), media_type="application/json")
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools", access_log=False,
+            log_level="warning")
+"""
+
+
+def fastapi_floor(
+    record: dict,  # the record every request carries
+    seconds: int,  # how long the load runs
+) -> dict:  # wrk's figures at concurrency 8
+    "A bare FastAPI app under uvicorn, parsing the record and answering the same shape: the framework's floor."
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", FASTAPI_FLOOR_APP, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/ready", server)
+        return wrk(f"{url}/predict", json.dumps(record), 8, seconds)
+    finally:
+        stop(server, 60)
+
 # %% ../../nbs/12d_bench_serve.ipynb #1ae269fb
 def worker_counts(
     text: str,  # `--workers` of the bench: numbers (or auto) separated by commas, e.g. "1,2"
@@ -267,9 +310,13 @@ def bench_serve(
         figures = {"record_fields": len(record), "seconds_each": seconds, **_serve_ours(project, record, seconds)}
         with open_log("", project) as log:
             figures["logged"] = log.count()
+        figures["fastapi_c8"] = fastapi_floor(record, seconds)
         figures["floor"] = in_process_floor(project, record)
         figures.update(_serve_mlflow(project, Path(folder), record, seconds))
-    figures["targets"] = {"requests_per_s_c8": 1000, "p99_ms_c8": 20, "versus_mlflow_c8": 3.0}
+    figures["targets"] = {"requests_per_s_c8": 1000, "p99_ms_c8": 20, "versus_mlflow_c8": 3.0, "versus_fastapi_c8": 0.7}
+    figures["versus_fastapi_c8"] = round(
+        figures["ours_c8"]["requests_per_s"] / figures["fastapi_c8"]["requests_per_s"], 2
+    )
     if "mlflow_c8" in figures:
         ratio = figures["ours_c8"]["requests_per_s"] / figures["mlflow_c8"]["requests_per_s"]
         figures["versus_mlflow_c8"] = round(ratio, 2)
@@ -304,6 +351,11 @@ def format_serve(figures: dict) -> str:
         ]
     else:
         lines.append("mlflow models serve: no MLflow environment (make mlflow-venv, then run again to compare)")
+    if "fastapi_c8" in figures:
+        lines += [
+            _load_line("bare FastAPI app (the floor), concurrency 8", figures["fastapi_c8"]),
+            f"ours / the bare FastAPI app at concurrency 8: {figures['versus_fastapi_c8']:.0%} (goal ≥ 70%)",
+        ]
     floor = figures["floor"]
     lines += [
         f"{'in-process floor: fast path, one call a record':<44}{floor['fast_per_s']:>10,.0f}",

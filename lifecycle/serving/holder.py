@@ -42,6 +42,7 @@ class ModelHolder:
         self._seen = None
         self._retry = LoadRetry()  # a version that failed to load is tried again, less and less often
         self._stop = threading.Event()
+        self.first_look = threading.Event()  # set once the first load ended (a model serving, or its error)
         self._thread: threading.Thread | None = None
 
     def _aliases_stamp(self):
@@ -124,6 +125,7 @@ class ModelHolder:
                 self.check()
             except Exception as error:
                 self._set_error(f"loading the model failed ({type(error).__name__})")
+            self.first_look.set()
             self._watch()
 
         self._thread = threading.Thread(target=run, name="model-watcher", daemon=True)

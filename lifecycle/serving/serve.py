@@ -69,6 +69,8 @@ async def lifespan(app: FastAPI):
     if state.log is None:
         state.log = open_log(settings.log_url, settings.root, journal=True)  # answered means logged, even after kill -9
     state.holder.start()
+    if state.metrics.folder is not None:  # a worker of several takes connections once its model is loaded: meanwhile
+        await asyncio.to_thread(state.holder.first_look.wait, 600)  # the others answer (or the requests wait)
     if settings.shadow and settings.alias == "champion":  # a shadow runs beside the champion, not a version by hand
         state.shadow = Shadow(settings.root, state.log, interval=settings.watch_interval).start()
     if state.metrics.folder is not None:  # a worker: the /metrics another worker answers reads its gauges' files
