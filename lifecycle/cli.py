@@ -60,7 +60,7 @@ def _serve(args) -> int:
     from lifecycle.serving.serve import serve  # start-up time: FastAPI and uvicorn take 1.8 s, only serve needs them
     from lifecycle.serving.workers import worker_count
 
-    workers = worker_count(args.workers)
+    workers = worker_count(args.workers)  # a wrong count is refused before the project is opened
     project = open_project(args.settings, log=args.log or None)
     serve(
         project.root,
@@ -451,11 +451,7 @@ def _add_serve(commands) -> None:  # commands: the subparsers of the `lifecycle`
         "--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)"
     )
     serve.add_argument(
-        "--workers",
-        default="1",
-        metavar="N",
-        help="processes on the port, each scoring and logging, under one supervisor that starts a dead one again "
-        "(default 1; auto: one a core)",
+        "--workers", default="1", metavar="N", help="processes on the port (default 1; auto: one a core)"
     )
     serve.set_defaults(handler=_serve)
 
@@ -553,10 +549,7 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
         help="benchmarks that print measured figures beside their floor",
         description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
         epilog=_examples(
-            "lifecycle bench prepare",
-            "lifecycle bench serve --json",
-            "lifecycle bench serve --workers 1,2",
-            "lifecycle bench batch --rows 200000",
+            "lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench serve --workers 1,2"
         ),
     )
     bench.add_argument(
@@ -576,12 +569,7 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
         help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)",
     )
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    bench.add_argument(
-        "--workers",
-        default=None,
-        metavar="N,M",
-        help="serve: compare lifecycle serve --workers N for each count, e.g. 1,2 (the scaling ratio)",
-    )
+    bench.add_argument("--workers", metavar="N,M", help="serve: compare lifecycle serve --workers N for N in 1,2")
     bench.add_argument(
         "--engine", choices=["local", "dask"], default="local", help="monitor: the incremental monitor's engine"
     )
