@@ -20,6 +20,7 @@ from .access import server_options
 from .alerts import parse_kpis
 from .bench import BENCHMARKS, run_benchmark
 from .core import LifecycleError, open_project, use_work_settings
+from .monitor_words import monitor_text
 from .pipeline import run_lifecycle
 from .serving.batch import add_batch_command
 from .serving.replay import add_replay_command
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # start-up time: the commands that need scikit-learn (through
     from lifecycle.registry import Registry
 
 # %% auto #0
-__all__ = ['COMMANDS', 'monitor_text', 'parser', 'main']
+__all__ = ['COMMANDS', 'parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #35e427f9
 def _run(args) -> int:
@@ -46,7 +47,9 @@ def _run(args) -> int:
 
 
 def _bench(args) -> int:
-    figures = run_benchmark(args.name, rows=args.rows, quiet=args.json, engine=args.engine, scheduler=args.scheduler)
+    figures = run_benchmark(
+        args.name, rows=args.rows, quiet=args.json, engine=args.engine, scheduler=args.scheduler, workers=args.workers
+    )
     if args.json:
         print(json.dumps(figures, indent=2, default=str))
     return 0
@@ -56,7 +59,9 @@ def _serve(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many small requests: one OpenMP thread each is faster than a pool
     from lifecycle.labels import label_policy  # beside serve: the command's own settings
     from lifecycle.serving.serve import serve  # start-up time: FastAPI and uvicorn take 1.8 s, only serve needs them
+    from lifecycle.serving.workers import worker_count
 
+    workers = worker_count(args.workers)  # a wrong count is refused before the project is opened
     project = open_project(args.settings, log=args.log or None)
     serve(
         project.root,
@@ -69,6 +74,7 @@ def _serve(args) -> int:
         max_records=args.max_records,
         allowed_hosts=server_options(project.settings).allowed_hosts,
         labels=label_policy(project.section("labels")),
+        workers=workers,
     )
     return 0
 
@@ -198,86 +204,6 @@ def _models(args) -> int:
     return 0
 
 # %% ../nbs/11_cli.ipynb #89dd7d2c
-def _figure(value, percent: bool = False) -> str:
-    if value is None:
-        return "unknown"
-    return f"{value:.0%}" if percent else f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _window_lines(
-    latest: dict,  # the latest window of `monitor_project`'s result
-    kpis: list[str],  # the KPI names of `[monitor] kpis`
-    column_name,  # a column's name in words
-) -> list[str]:  # lines in words
-    "The latest window in words: its traffic, accuracy (realized and estimated), KPIs, refused records, statements."
-    values = latest["values"]
-    lines = [
-        f"Latest window {latest['window']} (model version {latest['model_version']}, "
-        f"from {str(latest['window_start'])[:10]}, last event {str(latest['last_event'])[:16]} UTC): "
-        f"{values.get('predictions')} predictions, {values.get('labeled')} with their label."
-    ]
-    if values.get("roc_auc") is not None:
-        lines.append(
-            f"Realized ROC AUC {_figure(values['roc_auc'])} (95% interval {_figure(values.get('roc_auc_low'))} to "
-            f"{_figure(values.get('roc_auc_high'))}) and recall {_figure(values.get('recall'), True)} on "
-            f"{values.get('labeled')} labels."
-        )
-    from lifecycle.monitoring import estimate_words  # start-up time: monitoring loads SciPy, for this command
-
-    said = estimate_words(values)  # which estimate, and why none when none can be trusted
-    if values.get("estimated_recall") is not None:
-        said.append(f"estimated recall {_figure(values['estimated_recall'], True)}")
-    if said:
-        text = "; ".join(said)
-        lines.append(text[0].upper() + text[1:] + ".")
-    if kpis:
-        lines.append("KPIs: " + "; ".join(f"{name} {_figure(values.get(name))}" for name in kpis) + ".")
-    if latest.get("rejections"):
-        lines.append(
-            f"Refused by the record contract: {values.get('rejected')} records "
-            f"({_figure(values.get('rejected_share'), True)} of those received):"
-        )
-        from lifecycle.monitoring import rejection_lines  # start-up time: as above
-
-        lines += [f"  {line}" for line in rejection_lines(latest["rejections"], column_name)]
-    return lines + [f"- {statement}" for statement in latest.get("statements", [])]
-
-
-def _alert_lines(summary: dict) -> list[str]:  # `monitor_project`'s result -> lines in words
-    "The alerts firing, or why none is."
-    firing = summary.get("alerts", {}).get("firing", [])
-    if firing:
-        where = [f"at site {alert['labels']['site']}: " if alert["labels"].get("site") else "" for alert in firing]
-        return [f"{len(firing)} alerts firing:"] + [
-            f"  {alert['labels']['severity'].upper()} {at}{alert['annotations']['summary']}"
-            for alert, at in zip(firing, where)
-        ]
-    if summary.get("alerts", {}).get("delivery") == "no rules":
-        return ["No alert rules are set ([monitor] alerts)."]
-    return ["No alert is firing."]
-
-
-def monitor_text(
-    summary: dict,  # `monitor_project`'s result
-    kpis: list[str] = (),  # the KPI names of `[monitor] kpis`
-    column_name=str,  # a column's name in words (`Settings.column_name`), for the refused records' reasons
-) -> str:  # lines in words
-    "What monitoring found, in words: the latest window, its accuracy (realized and estimated), KPIs, alerts."
-    lines = [
-        f"{summary['project']}: {summary['windows']} windows; {summary['new_predictions']} new predictions and "
-        f"{summary['new_labels']} new labels since the last look; champion: version {summary.get('champion')}."
-    ]
-    if summary.get("latest"):
-        lines += _window_lines(summary["latest"], kpis, column_name)
-    if (summary.get("latest") or {}).get("sites"):
-        from lifecycle.monitoring.sites import fleet_table, fleet_words  # start-up time: as above
-
-        fleet = fleet_table(summary["latest"]["sites"], summary.get("alerts", {}).get("firing", []))
-        lines += ["Sites, worst first:"] + [f"  {fleet_words(row)}" for row in fleet.to_dict("records")]
-    lines += [f"- {statement}" for statement in summary.get("statements", [])]
-    return "\n".join(lines + _alert_lines(summary))
-
-
 def _monitor(args) -> int:
     if args.watch is not None and not args.watch > 0:
         raise LifecycleError("monitor --watch takes a positive number of seconds, e.g. --watch 60")
@@ -432,6 +358,7 @@ def _add_serve(commands) -> None:  # commands: the subparsers of the `lifecycle`
             "lifecycle serve",
             "lifecycle serve --port 8080 --log postgresql://user@localhost/predictions",
             "LIFECYCLE_API_TOKEN=… lifecycle serve --host 0.0.0.0",
+            "lifecycle serve --workers auto  # one process a core, on one port",
         ),
     )
     _listen_options(serve, 8000)
@@ -452,6 +379,9 @@ def _add_serve(commands) -> None:  # commands: the subparsers of the `lifecycle`
     )
     serve.add_argument(
         "--max-records", type=int, default=10_000, help="the most records one request may carry (default 10,000)"
+    )
+    serve.add_argument(
+        "--workers", default="1", metavar="N", help="processes on the port (default 1; auto: one a core)"
     )
     serve.set_defaults(handler=_serve)
 
@@ -549,7 +479,7 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
         help="benchmarks that print measured figures beside their floor",
         description="Run a benchmark and print its figures side by side with the floor, measured in one run.",
         epilog=_examples(
-            "lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench batch --rows 200000"
+            "lifecycle bench prepare", "lifecycle bench serve --json", "lifecycle bench serve --workers 1,2"
         ),
     )
     bench.add_argument(
@@ -569,6 +499,7 @@ def _add_bench(commands) -> None:  # commands: the subparsers of the `lifecycle`
         help="rows of generated data (default: 1,000,000 for prepare, 100,000 for train)",
     )
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.add_argument("--workers", metavar="N,M", help="serve: compare lifecycle serve --workers N for N in 1,2")
     bench.add_argument(
         "--engine", choices=["local", "dask"], default="local", help="monitor: the incremental monitor's engine"
     )

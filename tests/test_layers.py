@@ -57,6 +57,7 @@ LAYERS = {
     "evaluate": 2,
     "gate": 2,  # the evaluate stage's gate and its checklist
     "deploy": 2,
+    "monitor_words": 2,  # what `lifecycle monitor` prints: the latest window, sites and alerts in words
     "monitor_report": 2,  # the monitor stage (nbs/06_monitor): its tables, plot and headline
     "retrain": 2,
     "shadow": 2,  # the retrain stage's parts: a challenger in shadow, and judging a challenger
@@ -92,6 +93,7 @@ LAYERS = {
     "serving.checks": 2,
     "serving.openapi": 2,
     "serving.routes": 2,
+    "serving.workers": 2,  # `lifecycle serve --workers N`: the supervisor and its workers
     "serving.batch": 2,
     "serving.batch_chunks": 2,
     "serving.batch_dask": 2,

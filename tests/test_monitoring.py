@@ -339,7 +339,7 @@ def test_a_site_whose_patients_degrade_alerts_though_the_pool_holds(project):
 
     fleet = fleet_table(sites, out["alerts"]["firing"])
     assert list(fleet["site"]) == ["south", "north", "tiny"] and fleet.loc[0, "alerts"] == "auc_low, calibration_drift"
-    from lifecycle.cli import monitor_text
+    from lifecycle.monitor_words import monitor_text
 
     words = monitor_text(out)  # `lifecycle monitor` in words: the fleet, and the alert with its site
     assert "CRITICAL at site south: auc_low" in words

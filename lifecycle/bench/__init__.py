@@ -46,6 +46,7 @@ def run_benchmark(
     quiet: bool = False,  # no table on stdout
     engine: str = "local",  # monitor: the engine of the incremental monitor (local or dask)
     scheduler: str | None = None,  # monitor: a Dask scheduler address
+    workers: str | None = None,  # serve: worker counts to compare, e.g. "1,2"
 ) -> dict:  # its figures
     "Run a benchmark by name."
-    return benchmark(name).run(rows=rows, quiet=quiet, engine=engine, scheduler=scheduler)
+    return benchmark(name).run(rows=rows, quiet=quiet, engine=engine, scheduler=scheduler, workers=workers)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -34,7 +35,8 @@ from lifecycle.bench.common import (
 )
 
 # %% auto #0
-__all__ = ['served_count', 'in_process_floor', 'mlflow_python', 'mlflow_server', 'bench_serve', 'format_serve', 'run']
+__all__ = ['FASTAPI_FLOOR_APP', 'served_count', 'in_process_floor', 'mlflow_python', 'mlflow_server', 'fastapi_floor',
+           'worker_counts', 'bench_workers', 'format_workers', 'bench_serve', 'format_serve', 'run']
 
 # %% ../../nbs/12d_bench_serve.ipynb #eb51863d
 def served_count(
@@ -161,6 +163,139 @@ def _serve_mlflow(project: Path, folder: Path, record: dict, seconds: int) -> di
         server.terminate()
         server.wait(timeout=60)
 
+# %% ../../nbs/12d_bench_serve.ipynb #b487cbc6
+FASTAPI_FLOOR_APP = """
+import json, sys, uuid
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+app = FastAPI()
+
+
+@app.get("/ready")
+async def ready():
+    return {"status": "ready"}
+
+
+@app.post("/predict")
+async def predict(request: Request):
+    record = json.loads(await request.body())
+    answer = {"request_id": uuid.uuid4().hex, "score": 0.5, "decision": int(bool(record)), "model_version": 1}
+    return Response(json.dumps({"predictions": [answer], "model_version": 1}), media_type="application/json")
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools", access_log=False,
+            log_level="warning")
+"""
+
+
+def fastapi_floor(
+    record: dict,  # the record every request carries
+    seconds: int,  # how long the load runs
+) -> dict:  # wrk's figures at concurrency 8
+    "A bare FastAPI app under uvicorn, parsing the record and answering the same shape: the framework's floor."
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", FASTAPI_FLOOR_APP, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/ready", server)
+        return wrk(f"{url}/predict", json.dumps(record), 8, seconds)
+    finally:
+        stop(server, 60)
+
+# %% ../../nbs/12d_bench_serve.ipynb #1ae269fb
+def worker_counts(
+    text: str,  # `--workers` of the bench: numbers (or auto) separated by commas, e.g. "1,2"
+) -> list[int]:  # the counts, in the order given
+    "The worker counts `lifecycle bench serve --workers` compares."
+    from lifecycle.serving.workers import worker_count  # start-up time: the server's modules, for this option only
+
+    counts = [worker_count(part) for part in str(text).split(",") if part.strip()]
+    if not counts:
+        raise LifecycleError("bench serve: --workers needs at least one count, e.g. 1,2")
+    return counts
+
+# %% ../../nbs/12d_bench_serve.ipynb #78ee1425
+def _loaded_workers(output: Path) -> int:
+    "How many workers have said they serve a model, from the server's output."
+    return output.read_text(errors="replace").count("serving model version")
+
+
+def _serve_with_workers(project: Path, record: dict, seconds: int, count: int) -> dict:
+    "`lifecycle serve --workers count` under wrk at concurrency 8: its figures, served, logged, the load average."
+    with open_log("", project) as log:
+        before = log.count()
+    port = free_port()
+    output = project / f"bench-serve-{count}-workers.log"
+    with open(output, "w") as out:
+        server = start_command("serve", project, port, "--workers", str(count), out=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/ready", server)
+        deadline = time.monotonic() + 300  # a bound for a hang: each worker loads the model on its own
+        while _loaded_workers(output) < count:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise LifecycleError(f"bench serve: {count} workers did not all load the model; see {output}")
+            time.sleep(0.2)
+        load_average = os.getloadavg()[0]
+        figures = {"workers": count, "load_average": round(load_average, 2)}
+        figures["c8"] = wrk(f"{url}/predict", json.dumps(record), 8, seconds)
+        figures["served"] = served_count(httpx.get(f"{url}/metrics").text)
+    finally:
+        stop(server, 120)
+    with open_log("", project) as log:
+        figures["logged"] = log.count() - before
+    return figures
+
+
+def bench_workers(
+    counts: list[int],  # the worker counts to compare, e.g. [1, 2]
+    seconds: int = 10,  # how long each load runs
+    heart: Path | None = None,  # the UCI files (default: the clone's data/heart-disease-uci)
+    quiet: bool = False,  # no table on stdout
+) -> dict:  # the figures: one entry a count, and each count's rate over the first's
+    "Requests/s of `lifecycle serve --workers N` for each N, one after the other on one project: the scaling ratio."
+    needs_wrk("serve")
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-") as folder:
+        project = champion_project(Path(folder), heart_folder(heart, "serve"))
+        record = test_record(project)
+        runs = [_serve_with_workers(project, record, seconds, count) for count in counts]
+    first = runs[0]["c8"]["requests_per_s"]
+    for run in runs:
+        run["ratio"] = round(run["c8"]["requests_per_s"] / first, 2) if first else None
+    figures = {"record_fields": len(record), "seconds_each": seconds, "cores": os.cpu_count(), "runs": runs}
+    figures["targets"] = {"ratio_2_workers_on_2_cores": 1.6}
+    if not quiet:
+        print(format_workers(figures))
+    return figures
+
+
+def format_workers(figures: dict) -> str:
+    "The workers benchmark as a table."
+    lines = [
+        f"bench serve --workers: one {figures['record_fields']}-field record a request, POST /predict over loopback, "
+        f"wrk at concurrency 8, {figures['seconds_each']} s each; {figures['cores']} cores; every prediction logged",
+        f"{'':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'ratio':>8}{'served':>9}{'logged':>9}"
+        f"{'load':>7}",
+    ]
+    for run in figures["runs"]:
+        load = run["c8"]
+        errors = load["non_2xx"] + load["socket_errors"]
+        ratio = f"{run['ratio']:.2f}x" if run["ratio"] is not None else "-"
+        lines.append(
+            f"{'lifecycle serve, ' + str(run['workers']) + ' worker(s)':<28}{load['requests_per_s']:>10,.0f}"
+            f"{(load['p50_ms'] or 0):>9.2f}{(load['p99_ms'] or 0):>9.2f}{errors:>8}{ratio:>8}"
+            f"{run['served']:>9,}{run['logged']:>9,}{run['load_average']:>7.1f}"
+        )
+    lines.append(
+        "ratio: requests/s over the first line's; goal with 2 workers on 2 cores: at least 1.6x. load: the load "
+        "average when the line's load began (a busy machine lowers every rate)"
+    )
+    return "\n".join(lines)
+
 # %% ../../nbs/12d_bench_serve.ipynb #52f338ba
 def bench_serve(
     seconds: int = 10,  # how long each load runs
@@ -175,9 +310,13 @@ def bench_serve(
         figures = {"record_fields": len(record), "seconds_each": seconds, **_serve_ours(project, record, seconds)}
         with open_log("", project) as log:
             figures["logged"] = log.count()
+        figures["fastapi_c8"] = fastapi_floor(record, seconds)
         figures["floor"] = in_process_floor(project, record)
         figures.update(_serve_mlflow(project, Path(folder), record, seconds))
-    figures["targets"] = {"requests_per_s_c8": 1000, "p99_ms_c8": 20, "versus_mlflow_c8": 3.0}
+    figures["targets"] = {"requests_per_s_c8": 1000, "p99_ms_c8": 20, "versus_mlflow_c8": 3.0, "versus_fastapi_c8": 0.7}
+    figures["versus_fastapi_c8"] = round(
+        figures["ours_c8"]["requests_per_s"] / figures["fastapi_c8"]["requests_per_s"], 2
+    )
     if "mlflow_c8" in figures:
         ratio = figures["ours_c8"]["requests_per_s"] / figures["mlflow_c8"]["requests_per_s"]
         figures["versus_mlflow_c8"] = round(ratio, 2)
@@ -212,6 +351,11 @@ def format_serve(figures: dict) -> str:
         ]
     else:
         lines.append("mlflow models serve: no MLflow environment (make mlflow-venv, then run again to compare)")
+    if "fastapi_c8" in figures:
+        lines += [
+            _load_line("bare FastAPI app (the floor), concurrency 8", figures["fastapi_c8"]),
+            f"ours / the bare FastAPI app at concurrency 8: {figures['versus_fastapi_c8']:.0%} (goal ≥ 70%)",
+        ]
     floor = figures["floor"]
     lines += [
         f"{'in-process floor: fast path, one call a record':<44}{floor['fast_per_s']:>10,.0f}",
@@ -224,7 +368,10 @@ def format_serve(figures: dict) -> str:
 
 def run(
     quiet: bool = False,  # no table on stdout
+    workers: str | None = None,  # `--workers 1,2`: compare `lifecycle serve --workers N` for each N instead
     **options,  # other benchmarks' options, not this one's
 ) -> dict:  # the figures
-    "`lifecycle bench serve`."
+    "`lifecycle bench serve` (with `--workers`, `bench_workers`)."
+    if workers:
+        return bench_workers(worker_counts(workers), quiet=quiet)
     return bench_serve(quiet=quiet)

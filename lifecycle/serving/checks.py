@@ -29,7 +29,7 @@ log = logging.getLogger("lifecycle.serving.serve")  # the server's logger, as be
 __all__ = ['log', 'EVENT_TIME_HEADER', 'CHANNEL_HEADER', 'CLIENT_CHANNELS', 'SITE_HEADER', 'REQUEST_ID', 'event_time_text',
            'record_event_times', 'logged_features', 'count_refused', 'in_log', 'now_text', 'SafeJSONResponse',
            'error_answer', 'check_ids', 'authorized', 'unauthorized', 'read_json_body', 'header_event_time',
-           'header_site', 'new_request_id']
+           'header_site', 'set_id_lane', 'new_request_id']
 
 # %% ../../nbs/35b_serve_checks.ipynb #61ea69b3
 EVENT_TIME_HEADER = "X-Event-Time"
@@ -267,12 +267,27 @@ def header_site(
 
 # %% ../../nbs/35b_serve_checks.ipynb #712fcd37
 _LAST_ID_TIME = [0]  # the time part of the last id issued in this process
+_ID_LANE = [0, 1]  # (this process's lane, the lanes): `lifecycle serve --workers N` gives each worker its own
 _ID_LOCK = threading.Lock()
+
+
+def set_id_lane(
+    lane: int,  # this process's lane, 0 to lanes - 1 (a worker's number)
+    lanes: int,  # how many processes issue ids side by side (the workers)
+) -> None:
+    """Issue ids whose time part is `lane` modulo `lanes`: two workers of one server can never issue the same id,
+    whatever their clocks and random draws (an id counts nanoseconds; a lane of N takes one count in N)."""
+    if not 0 <= lane < lanes:
+        raise ValueError("a lane is a number from 0 to lanes - 1")
+    with _ID_LOCK:
+        _ID_LANE[:] = [lane, lanes]
 
 
 def new_request_id() -> str:  # 32 hex digits: nanoseconds since 1970, then 64 random bits
     "A request id for an answered prediction: unguessable, and later than every id this process issued before."
     with _ID_LOCK:
+        lane, lanes = _ID_LANE
         now = max(time.time_ns(), _LAST_ID_TIME[0] + 1)
+        now += (lane - now) % lanes  # the next count in this process's lane
         _LAST_ID_TIME[0] = now
     return f"{now:016x}{secrets.randbits(64):016x}"

@@ -42,6 +42,7 @@ class ModelHolder:
         self._seen = None
         self._retry = LoadRetry()  # a version that failed to load is tried again, less and less often
         self._stop = threading.Event()
+        self.first_look = threading.Event()  # set once the first load ended (a model serving, or its error)
         self._thread: threading.Thread | None = None
 
     def _aliases_stamp(self):
@@ -124,6 +125,7 @@ class ModelHolder:
                 self.check()
             except Exception as error:
                 self._set_error(f"loading the model failed ({type(error).__name__})")
+            self.first_look.set()
             self._watch()
 
         self._thread = threading.Thread(target=run, name="model-watcher", daemon=True)
@@ -134,9 +136,15 @@ class ModelHolder:
 
 # %% ../../nbs/35a_serve_holder.ipynb #4d3d1dea
 class ServeMetrics:
-    "The server's Prometheus metrics."
+    """The server's Prometheus metrics. With `folder` (a worker of `lifecycle serve --workers N`), each worker's values
+    live in files there and /metrics adds up every worker's: counters and latencies summed, a dead worker's counts
+    kept; the gauges of live workers only, the model's as the latest set."""
 
-    def __init__(self):
+    def __init__(
+        self,
+        folder: str | None = None,  # the workers' metrics folder (prometheus_client's multiprocess mode); None: alone
+    ):
+        self.folder = folder
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lifecycle_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
@@ -151,16 +159,30 @@ class ServeMetrics:
         self.predictions = Counter(
             "lifecycle_predictions", "Records scored, by decision", ["decision"], registry=self.registry
         )
-        self.version = Gauge("lifecycle_model_version", "The model version serving", registry=self.registry)
-        self.swaps = Gauge("lifecycle_model_swaps", "Hot swaps since start", registry=self.registry)
+        self.version = Gauge(
+            "lifecycle_model_version",
+            "The model version serving",
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.swaps = Gauge(
+            "lifecycle_model_swaps",
+            "Hot swaps since start (workers: the most of one worker)",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.shadow = Gauge(
             "lifecycle_shadow_records",
             "Records handed to the version in shadow, by outcome",
             ["outcome"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.shadow_version = Gauge(
-            "lifecycle_shadow_version", "The version in shadow (0: none)", registry=self.registry
+            "lifecycle_shadow_version",
+            "The version in shadow (0: none)",
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
         self.refused = Counter(
             "lifecycle_refused_records",

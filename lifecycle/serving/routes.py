@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..contract import MAX_ERRORS, MAX_RECORDS, limit_errors
 from ..core import LifecycleError
@@ -30,7 +31,7 @@ log = logging.getLogger("lifecycle.serving.serve")  # the server's logger, as be
 __all__ = ['log', 'predictions', 'labels', 'status', 'docs', 'ROUTERS', 'ServeSettings', 'finish', 'Admitted', 'admit',
            'check_request', 'refuse_unscored', 'answers', 'journal', 'after_answer', 'predict', 'feedback_errors',
            'unlabelled', 'label_limits', 'limited', 'feedback', 'health', 'ready', 'model_status', 'model',
-           'exposition', 'prometheus', 'openapi_document', 'swagger_page']
+           'set_gauges', 'exposition', 'prometheus', 'openapi_document', 'swagger_page']
 
 # %% ../../nbs/35d_serve_routes.ipynb #52d217ca
 @dataclass(frozen=True)
@@ -414,10 +415,10 @@ async def model(request: Request):
     return model_status(state)
 
 
-def exposition(
+def set_gauges(
     state,  # the app's state
-) -> bytes:  # Prometheus text
-    "The server's metrics, with the gauges of the model and the shadow set to this moment's."
+) -> None:
+    "Set the gauges of the model and the shadow to this moment's (a worker does it at each look, for the others' sums)."
     metrics, holder = state.metrics, state.holder
     if holder.scorer is not None:
         metrics.version.set(holder.scorer.version)
@@ -427,7 +428,19 @@ def exposition(
         metrics.shadow_version.set(shadow["version"] or 0)
         for outcome in ("submitted", "scored", "refused", "failed", "dropped"):
             metrics.shadow.labels(outcome).set(shadow[outcome])
-    return generate_latest(metrics.registry)
+
+
+def exposition(
+    state,  # the app's state
+) -> bytes:  # Prometheus text
+    "The server's metrics (every worker's, added up, under `--workers N`), with this moment's gauges."
+    metrics = state.metrics
+    set_gauges(state)
+    if metrics.folder is None:
+        return generate_latest(metrics.registry)
+    workers = CollectorRegistry()
+    MultiProcessCollector(workers, path=metrics.folder)
+    return generate_latest(workers)
 
 
 @status.get("/metrics", summary="Prometheus metrics")

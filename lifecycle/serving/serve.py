@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -24,15 +25,16 @@ from .checks import logged_features as logged_features  # other modules import i
 from .holder import Batcher, ModelHolder, ServeMetrics
 from .openapi import openapi_document
 from .predlog import open_log
-from .routes import ROUTERS, ServeSettings
+from .routes import ROUTERS, ServeSettings, set_gauges
 from .scoring import Shadow, keep_heap_settled
+from .workers import run_workers
 
 # names other modules import from here, where they were before the server's parts became modules
 _all_ = ["CHANNEL_HEADER", "logged_features", "ModelHolder", "ServeMetrics"]
 
 # %% auto #0
-__all__ = ['API_DESCRIPTION', 'AppState', 'lifespan', 'include', 'create_app', 'serve', 'CHANNEL_HEADER', 'logged_features',
-           'ModelHolder', 'ServeMetrics']
+__all__ = ['API_DESCRIPTION', 'AppState', 'lifespan', 'keep_gauges', 'include', 'create_app', 'serve', 'CHANNEL_HEADER',
+           'logged_features', 'ModelHolder', 'ServeMetrics']
 
 # %% ../../nbs/35_serve.ipynb #39c8870c
 class AppState(State):
@@ -60,18 +62,37 @@ API_DESCRIPTION = (
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    "Open the log and start the model's watcher and the shadow; at the end, stop them and close the log."
+    """Open the log and start the model's watcher and the shadow (and, in a worker, the keeper of its gauges); at the
+    end, stop them and close the log."""
     state, settings = app.state, app.state.settings
+    gauges_stop = threading.Event()
     if state.log is None:
         state.log = open_log(settings.log_url, settings.root, journal=True)  # answered means logged, even after kill -9
     state.holder.start()
+    if state.metrics.folder is not None:  # a worker of several takes connections once its model is loaded: meanwhile
+        await asyncio.to_thread(state.holder.first_look.wait, 600)  # the others answer (or the requests wait)
     if settings.shadow and settings.alias == "champion":  # a shadow runs beside the champion, not a version by hand
         state.shadow = Shadow(settings.root, state.log, interval=settings.watch_interval).start()
+    if state.metrics.folder is not None:  # a worker: the /metrics another worker answers reads its gauges' files
+        threading.Thread(target=keep_gauges, args=(state, gauges_stop), name="worker-gauges", daemon=True).start()
     yield
+    gauges_stop.set()
     state.holder.stop()
     if state.shadow is not None:
         state.shadow.stop(timeout=10)  # what waits is scored and logged before the log closes
     state.log.close()  # after uvicorn let in-flight requests finish: every prediction is written
+
+
+def keep_gauges(
+    state,  # the app's state
+    stop: threading.Event,  # set when the app stops
+) -> None:
+    "Set a worker's gauges (model, swaps, shadow) at every look at the registry, until `stop`."
+    while not stop.wait(state.settings.watch_interval):
+        try:
+            set_gauges(state)
+        except Exception as error:  # the gauges must not end the worker
+            logging.getLogger("lifecycle.serving.serve").warning("setting the gauges failed (%s)", type(error).__name__)
 
 
 def include(
@@ -107,6 +128,7 @@ def create_app(
     channel: str = "online",  # the channel of predictions when a request names none (`lifecycle clinic`: dashboard)
     labellers: dict | None = None,  # credential name -> secret: who may send labels to /feedback (none: nobody)
     label_policy: LabelPolicy | None = None,  # `[labels]`: the limits per credential and per prediction
+    metrics_folder: str | None = None,  # a worker of `--workers N`: its metrics in this folder, /metrics sums them all
 ) -> FastAPI:
     "The scoring app: its state (settings, model holder, batcher, metrics; log and shadow once started) and routers."
     limits = label_policy or LabelPolicy({}, (), 1000, 3)
@@ -139,7 +161,7 @@ def create_app(
     state.settings, state.holder, state.metrics = (
         settings,
         ModelHolder(settings.root, alias, watch_interval),
-        ServeMetrics(),
+        ServeMetrics(metrics_folder),
     )
     state.batcher, state.log, state.shadow = Batcher(state.holder), prediction_log, None
     state.label_lock = asyncio.Lock()  # /feedback counts and records one label at a time
@@ -160,9 +182,10 @@ def serve(
     max_records: int = MAX_RECORDS,  # the most records one request may carry
     allowed_hosts: tuple[str, ...] = (),  # host names it answers to besides `host` (`[servers] allowed_hosts`)
     labels: LabelPolicy | None = None,  # the project's `[labels]`: its labellers (secrets from the environment), limits
+    workers: int = 1,  # processes on the port, each scoring and logging (`worker_count`: `auto` is the cores)
 ):
     """Run the scoring server until SIGTERM or Ctrl-C: only for its own host names and pages (`HostGuard`), its
-    access log without query strings."""
+    access log without query strings; with `workers` above 1, that many processes on one port (`run_workers`)."""
     import uvicorn  # start-up time: only `lifecycle serve` runs the server, other commands import this module
 
     token = os.environ.get("LIFECYCLE_API_TOKEN") or None
@@ -173,16 +196,22 @@ def serve(
     check_token(token)
     labels = labels or label_policy(None)
     labellers = labeller_secrets(labels, os.environ, token)
-    app = create_app(
-        root,
-        alias=alias,
-        log_url=log_url,
-        token=token,
-        max_body=max_body,
-        max_records=max_records,
-        labellers=labellers,
-        label_policy=labels,
-    )
+    rule = HostRule(host, allowed_hosts)
+
+    def guarded_app(metrics_folder: str | None = None):  # in each worker: its own app, holder, log and metrics
+        app = create_app(
+            root,
+            alias=alias,
+            log_url=log_url,
+            token=token,
+            max_body=max_body,
+            max_records=max_records,
+            labellers=labellers,
+            label_policy=labels,
+            metrics_folder=metrics_folder,
+        )
+        return HostGuard(app, rule)
+
     keep_heap_settled()  # a process that lives for its models: each one loaded is frozen out of later collections
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(QueryMask((token or "",)))
@@ -191,13 +220,14 @@ def serve(
         logging.getLogger("lifecycle.serving.serve").warning(
             "no labeller's secret is set ([labels] labellers names the variables): /feedback refuses every label"
         )
-    uvicorn.run(
-        HostGuard(app, HostRule(host, allowed_hosts)),
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=access_log,
-        timeout_graceful_shutdown=30,
-        log_level="info",
-    )
+    options = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": access_log,
+        "timeout_graceful_shutdown": 30,
+        "log_level": "info",
+    }
+    if workers > 1:
+        run_workers(guarded_app, workers, host, port, options)
+        return
+    uvicorn.run(guarded_app(), host=host, port=port, **options)
