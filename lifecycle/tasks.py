@@ -16,8 +16,9 @@ from .fairness import bootstrap, fairness_audit
 from .metrics import classification_metrics, threshold_for_recall
 
 # %% auto #0
-__all__ = ['TASK_CLASSES', 'label_key', 'label_target', 'infer_task', 'compare_with_champion', 'score_intervals', 'Task',
-           'BinaryTask', 'task_for', 'check_task']
+__all__ = ['MODEL_FAMILIES', 'CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'label_key', 'label_target', 'infer_task',
+           'compare_with_champion', 'score_intervals', 'make_classifier', 'Task', 'BinaryTask', 'task_class',
+           'task_for', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
 def label_key(value) -> str:
@@ -144,6 +145,45 @@ def score_intervals(
         seed,
     )
 
+# %% ../nbs/22t_tasks.ipynb #4bdab253
+MODEL_FAMILIES = ("logistic_regression", "random_forest", "hist_gradient_boosting")  # what `[train] model` names
+
+
+def make_classifier(
+    name: str,  # a model family
+    seed: int,  # random seed
+):  # an unfitted scikit-learn classifier
+    "A classifier by family, seeded."
+    # start-up time: only training builds estimators
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    if name == "logistic_regression":
+        return LogisticRegression(max_iter=2000)
+    if name == "random_forest":
+        return RandomForestClassifier(n_estimators=300, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    if name == "hist_gradient_boosting":
+        return HistGradientBoostingClassifier(
+            max_iter=150,
+            learning_rate=0.05,
+            max_leaf_nodes=15,
+            l2_regularization=1.0,
+            early_stopping=False,
+            random_state=seed,
+        )
+    raise LifecycleError(f"[train] model = {name!r}: use one of {', '.join(MODEL_FAMILIES)}")
+
+
+CLASSIFIER_GRIDS = {  # the search's grid of each family's classifier
+    "logistic_regression": {"model__C": [0.1, 1.0, 10.0]},
+    "random_forest": {"model__max_depth": [None, 6], "model__min_samples_leaf": [1, 4]},
+    "hist_gradient_boosting": {"model__learning_rate": [0.03, 0.1], "model__max_leaf_nodes": [7, 15]},
+}
+
+# The quantiles a reference keeps of each numeric feature and of the answers. 101 percentiles overstate the Wasserstein
+# distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+QUANTILE_GRID = np.linspace(0, 1, 1001)
+
 # %% ../nbs/22t_tasks.ipynb #b73ba040
 class Task:
     """What depends on the kind of target, asked by the stages: labels, scores, the decision, metrics and intervals,
@@ -152,7 +192,19 @@ class Task:
     name = ""  # binary, multiclass or regression
     label_type = object  # the Python type of one label, as /feedback takes it
     answer_fields: tuple[str, ...] = ()  # the fields of one answer of the API, batch and stream
-    headline_metric = ""  # the metric the gate's accuracy check and the headline name
+    headline_metric = ""  # the metric the headline, the comparison with the champion and the cv record name
+    metric_words = ""  # the headline metric in words ("ROC AUC")
+    higher_is_better = True  # whether a larger headline metric is better
+    cv_metric = ""  # the metric of each cross-validation fold: the cv record's keys (`roc_auc_folds`, ...)
+    search_scoring = ""  # scikit-learn's name of the hyperparameter search's scoring
+    floor_metric = ""  # the metric the gate's accuracy criterion judges against a minimum
+    floor_option = ""  # the evaluate setting holding that minimum (`min_auc`)
+    floor_words = ""  # that metric in words
+    fairness_gap = ""  # the gap of each sensitive column's audit the gate judges
+    fairness_words = ""  # that gap in words
+    decision_option = ""  # the evaluate setting the decision is fitted for (`target_recall`); "" for none
+    predict_method = "predict_proba"  # the model's method that answers, as serving and the speed check call it
+    out_of_fold_audit = False  # fairness is also audited on every labeled row out of fold, over seeds
 
     def __init__(
         self,
@@ -267,6 +319,96 @@ class Task:
         "Performance estimated without labels, from the scores alone."
         return self._estimate(np.asarray(scores, dtype=float), np.asarray(decisions, dtype=float), calibration)
 
+    def estimator(
+        self,
+        model: str,  # the model family: one of MODEL_FAMILIES
+        seed: int,  # random seed
+    ):  # an unfitted scikit-learn estimator
+        "The task's estimator of a model family."
+        if model not in MODEL_FAMILIES:
+            raise LifecycleError(f"[train] model = {model!r}: use one of {', '.join(MODEL_FAMILIES)}")
+        return self._estimator(model, seed)
+
+    def folds(
+        self,
+        cv_folds: int,  # how many folds
+        seed: int,  # random seed of the shuffle
+    ):  # a scikit-learn splitter
+        "The cross-validation folds: stratified by class for a classifier, shuffled rows for a regressor."
+        return self._folds(cv_folds, seed)
+
+    def out_of_fold(
+        self,
+        pipeline,  # the unfitted pipeline
+        features: pd.DataFrame,  # training features
+        labels,  # training labels, from `label_array`
+        folds,  # from `folds`
+        fit_params: dict,  # keyword arguments of each fit (row weights)
+    ) -> np.ndarray:  # each row's score from the fold model that did not see it
+        "Out-of-fold scores of the training rows."
+        return np.asarray(self._out_of_fold(pipeline, features, labels, folds, fit_params), dtype=float)
+
+    def fold_metric(
+        self,
+        labels,  # one fold's labels
+        scores: np.ndarray,  # their out-of-fold scores
+    ) -> float:  # the cv metric on the fold
+        "The cross-validation metric of one fold."
+        return float(self._fold_metric(labels, np.asarray(scores, dtype=float)))
+
+    def cv_record(
+        self,
+        fold_scores: list[float],  # the cv metric of each fold
+        chosen: dict,  # the search's chosen parameters ({} without a search)
+    ) -> dict:  # `<metric>_folds`, `<metric>_mean`, `<metric>_std`, `chosen`
+        "The cross-validation as the model's metadata keeps it, keyed by the task's cv metric."
+        return {
+            f"{self.cv_metric}_folds": [float(s) for s in fold_scores],
+            f"{self.cv_metric}_mean": float(np.mean(fold_scores)),
+            f"{self.cv_metric}_std": float(np.std(fold_scores)),
+            "chosen": chosen,
+        }
+
+    def search_grid(
+        self,
+        model: str,  # the model family
+    ) -> dict:  # the grid of the search, scikit-learn's `param_grid`
+        "The hyperparameter grid of a family's estimator."
+        return self._search_grid(model)
+
+    def label_array(
+        self,
+        labels,  # the `_label` column (a Series or an array)
+    ):  # the same, in the type the model is fitted on
+        "Labels in the task's type: 0/1 integers, class names, numbers."
+        return self._label_array(labels)
+
+    def reference_scores(
+        self,
+        scores: np.ndarray,  # the model's out-of-fold scores of the training rows
+        labels: np.ndarray,  # their labels
+    ) -> dict:  # `labels` (figures of the labels) and `scores` (what monitoring compares production's answers with)
+        "Statistics of the training rows' answers and labels, kept with the model for monitoring."
+        return self._reference_scores(np.asarray(scores, dtype=float), np.asarray(labels))
+
+    def by_group(
+        self,
+        labels: np.ndarray,  # labels
+        scores: np.ndarray,  # the model's scores
+        group: pd.Series,  # each row's group, named by its column
+        min_size: int,  # groups smaller than this are too small to judge
+    ) -> list[dict]:  # a row a group, the task's figures
+        "The task's figures by group for the training report, at a default decision (evaluate fits the real one)."
+        return self._by_group(np.asarray(labels), np.asarray(scores, dtype=float), group, min_size)
+
+    def number(
+        self,
+        value: float | None,  # a figure of the task's metrics
+        places: int = 2,  # decimal places of a score between 0 and 1
+    ) -> str:  # the figure in words
+        "A figure written as the task's reports write it."
+        return "n/a" if value is None else f"{value:.{places}f}"
+
     def _labels(self, target):
         raise NotImplementedError
 
@@ -297,6 +439,30 @@ class Task:
     def _estimate(self, scores, decisions, calibration):
         raise NotImplementedError
 
+    def _estimator(self, model, seed):
+        raise NotImplementedError
+
+    def _folds(self, cv_folds, seed):
+        raise NotImplementedError
+
+    def _out_of_fold(self, pipeline, features, labels, folds, fit_params):
+        raise NotImplementedError
+
+    def _fold_metric(self, labels, scores):
+        raise NotImplementedError
+
+    def _search_grid(self, model):
+        raise NotImplementedError
+
+    def _label_array(self, labels):
+        raise NotImplementedError
+
+    def _reference_scores(self, scores, labels):
+        raise NotImplementedError
+
+    def _by_group(self, labels, scores, group, min_size):
+        raise NotImplementedError
+
 # %% ../nbs/22t_tasks.ipynb #ef40d48c
 class BinaryTask(Task):
     "A yes/no target: a score for the positive class, a threshold chosen for recall, ROC AUC at the head."
@@ -305,6 +471,13 @@ class BinaryTask(Task):
     label_type = int  # 0 or 1
     answer_fields = ("score", "decision", "model_version")
     headline_metric = "roc_auc"
+    metric_words = "ROC AUC"
+    cv_metric = "roc_auc"
+    search_scoring = "roc_auc"
+    floor_metric, floor_option, floor_words = "roc_auc", "min_auc", "ROC AUC"
+    fairness_gap, fairness_words = "equalized_odds_difference", "equalized odds difference"
+    decision_option = "target_recall"
+    out_of_fold_audit = True
 
     def _labels(self, target):
         positive, negative = (self.settings.positive, self.settings.negative) if self.settings else ([], [])
@@ -341,15 +514,80 @@ class BinaryTask(Task):
 
         return estimated_metrics(scores, decisions, calibration)
 
+    def _estimator(self, model, seed):
+        return make_classifier(model, seed)
+
+    def _folds(self, cv_folds, seed):
+        from sklearn.model_selection import StratifiedKFold  # start-up time: only training needs it
+
+        return StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
+
+    def _out_of_fold(self, pipeline, features, labels, folds, fit_params):
+        from sklearn.model_selection import cross_val_predict  # start-up time: only training needs it
+
+        return cross_val_predict(
+            pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params
+        )[:, 1]
+
+    def _fold_metric(self, labels, scores):
+        return roc_auc_score(labels, scores)
+
+    def _search_grid(self, model):
+        return CLASSIFIER_GRIDS[model]
+
+    def _label_array(self, labels):
+        return labels.astype(int)
+
+    def _reference_scores(self, scores, labels):
+        from sklearn.isotonic import (
+            IsotonicRegression,
+        )  # score -> probability, for monitoring's estimates before labels
+
+        score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
+        calibration = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
+        return {
+            "labels": {"positive_rate": float(np.mean(labels))},
+            "scores": {
+                "bin_edges": score_edges.tolist(),
+                "bin_counts": score_counts.tolist(),
+                "mean": float(np.mean(scores)),
+                "std": float(np.std(scores)),
+                "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
+                "calibration": {
+                    "scores": calibration.X_thresholds_.tolist(),
+                    "probabilities": calibration.y_thresholds_.tolist(),
+                },
+            },
+        }
+
+    def _by_group(self, labels, scores, group, min_size):
+        from lifecycle.metrics import group_metrics  # the binary figures by group
+
+        return group_metrics(labels, scores, 0.5, group, min_size)
+
 # %% ../nbs/22t_tasks.ipynb #e9180d92
-TASK_CLASSES: dict[str, type[Task]] = {"binary": BinaryTask}  # the tasks this version runs, by name
+TASK_CLASSES: dict[str, type[Task] | str] = {  # the tasks this version runs, by name: a class or its import path
+    "binary": BinaryTask,
+    "multiclass": "lifecycle.task_multiclass.MulticlassTask",
+    "regression": "lifecycle.task_regression.RegressionTask",
+}
+
+
+def task_class(
+    name: str,  # a task's name
+) -> type[Task]:  # its class, imported when it is named by its path
+    "The class of a task, by name."
+    found = TASK_CLASSES[name]
+    if isinstance(found, str):  # the module imports this one: imported on first use, not at the top
+        import importlib
+
+        module, _, attribute = found.rpartition(".")
+        found = getattr(importlib.import_module(module), attribute)
+    return found
 
 
 def _refusal(name: str, reason: str) -> str:  # the one line that refuses a task this version cannot run
-    return (
-        f"[data] task = {name} ({reason}): this version trains, gates and serves binary targets only; "
-        "for a yes/no outcome set [data] task = binary and name the yes values in [data] positive"
-    )
+    return f"[data] task = {name} ({reason}): this version runs {', '.join(TASK_CLASSES)} tasks; set [data] task to one"
 
 
 def task_for(
@@ -368,7 +606,7 @@ def task_for(
         raise LifecycleError(
             f"[data] positive is required: the task is binary ({reason}); name the target values counted as positive"
         )
-    return TASK_CLASSES[name](settings, reason)
+    return task_class(name)(settings, reason)
 
 
 def check_task(
