@@ -112,6 +112,17 @@ TRUSTED_TYPES = [
     "numpy.bool_",
     "builtins.slice",
     "collections.OrderedDict",
+    # the regressors of the three families, and the multiclass gradient boosting's loss (issue 22)
+    "sklearn.linear_model._ridge.Ridge",
+    "sklearn.ensemble._forest.RandomForestRegressor",
+    "sklearn.tree._classes.DecisionTreeRegressor",
+    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingRegressor",
+    "sklearn._loss.loss.HalfSquaredError",
+    "sklearn._loss._loss.CyHalfSquaredError",
+    "sklearn._loss.link.IdentityLink",
+    "sklearn._loss.loss.HalfMultinomialLoss",
+    "sklearn._loss._loss.CyHalfMultinomialLoss",
+    "sklearn._loss.link.MultinomialLogit",
 ]
 
 # the plain values and containers of a model's state, which skops stores as nodes too

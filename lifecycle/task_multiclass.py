@@ -14,10 +14,15 @@ from .contract import _code, reason_series
 from .core import LifecycleError
 from lifecycle.multiclass import (
     class_codes,
+    class_curves_figure,
+    class_names,
     compare_multiclass,
+    confusion_words,
     multiclass_fairness,
     multiclass_figures,
     paired_figure,
+    rare_class_words,
+    rare_classes,
 )
 from .multiclass_estimates import TemperatureScaling
 from .tasks import CLASSIFIER_GRIDS, Task, label_key, make_classifier
@@ -58,6 +63,8 @@ class MulticlassTask(Task):
     floor_words = "ROC AUC (each class against the rest, averaged)"
     fairness_gap, fairness_words = "balanced_accuracy_difference", "balanced-accuracy gap"
     classes = None  # the classes of the model last scored
+    default_decision = 1.0  # no temperature: the model's own probabilities
+    figure_caption = "Each class's ROC curve against the rest, on the validation split"
 
     def calibrated(
         self,
@@ -151,3 +158,48 @@ class MulticlassTask(Task):
         audit = multiclass_fairness(labels, scores, self.classes, {group.name: group.to_numpy()}, min_size, resamples=0)
         keep = ("group", "n", "balanced_accuracy", "too_small")
         return [{key: row[key] for key in keep} for row in audit[group.name]["groups"]]
+
+    def class_words(
+        self,
+        settings,  # the project's settings: the target's value labels
+    ) -> list[str]:  # each class of `classes` in words
+        "The classes in words: their value labels in settings, else the target's name and the value."
+        target = settings.target
+        return class_names(self.classes, settings.labels.get(target), settings.column_name(target, unit=False))
+
+    def _validation_figures(self, labels, scores, settings):
+        return [class_curves_figure(labels, scores, self.classes, self.class_words(settings))]
+
+    def _validation_words(self, labels, scores, settings):
+        names = self.class_words(settings)
+        figures = multiclass_figures(labels, scores, self.classes, resamples=0)
+        rare_classes(figures, None)
+        keyed = {label_key(value): name for value, name in zip(self.classes, names)}
+        return rare_class_words(figures, keyed) + confusion_words(
+            labels, scores, self.classes, names, settings.row_nouns
+        )
+
+    def _split_table(self, clean):
+        shares = pd.crosstab(clean["_split"], clean["_label"].astype(str), normalize="index")
+        shares.columns = [f"share of class {column}" for column in shares.columns]
+        table = clean.groupby("_split", observed=True)["_label"].size().rename("rows").to_frame().join(shares)
+        return table, {column: "{:.1%}" for column in shares.columns}
+
+    def _card_use(self, settings, features):
+        target = settings.column_name(settings.target, unit=False)
+        classes = settings.labels.get(settings.target, {})
+        listed = f" ({', '.join(classes.values())})" if classes else ""
+        _, rows = settings.row_nouns
+        return [
+            f"- Predicts the {target}{listed} from {features} features, as a probability for each class "
+            "(temperature-scaled on the validation split); the class called is the most probable.",
+            "- To support, not replace, a person's judgement: the probabilities say how sure the model is.",
+            f"- Out of scope: {rows} unlike those in the training data (other places or eras), and classes too rare "
+            "in training to learn (named in the evaluation report).",
+        ]
+
+    def _card_decision(self, evaluation):
+        return [
+            f"- Temperature {evaluation['threshold']:.3f}, fitted on the validation split by log loss: it calibrates "
+            "the probabilities and never changes the class called."
+        ]

@@ -15,11 +15,14 @@ from .core import LifecycleError
 from lifecycle.regression import (
     compare_regressors,
     conformal_quantile,
+    mape_note,
     paired_mean_bootstrap,
+    predicted_actual_figure,
     regression_fairness,
     regression_group_metrics,
     regression_intervals,
     regression_metrics,
+    residuals_figure,
 )
 from .tasks import MODEL_FAMILIES, QUANTILE_GRID, Task
 
@@ -90,8 +93,11 @@ class RegressionTask(Task):
     floor_metric, floor_option, floor_words = "r2", "min_r2", "R²"
     fairness_gap = "relative_mae_difference"
     fairness_words = "MAE gap between groups, as a share of the MAE"
+    fairness_interval = "relative_interval"
     decision_option = "coverage"
     predict_method = "predict"
+    default_decision = float("nan")  # no interval before evaluate fits one
+    figure_caption = "Predicted against actual values on the validation split"
 
     def _labels(self, target):
         return number_labels(target)
@@ -107,6 +113,8 @@ class RegressionTask(Task):
 
     def _metrics(self, labels, scores, decision):
         labels = labels.astype(float)
+        if np.isnan(decision):  # no interval fitted yet
+            return regression_metrics(labels, scores)
         covered = np.abs(labels - scores) <= decision
         return {
             **regression_metrics(labels, scores),
@@ -194,3 +202,36 @@ class RegressionTask(Task):
         if value is None:
             return "n/a"
         return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+
+    def _validation_figures(self, labels, scores, settings):
+        target = settings.target
+        words, unit = settings.column_name(target, unit=False), settings.units.get(target, "")
+        labels = labels.astype(float)
+        return [predicted_actual_figure(labels, scores, words, unit), residuals_figure(labels, scores, words, unit)]
+
+    def _validation_words(self, labels, scores, settings):
+        note = mape_note(labels.astype(float), settings.column_name(settings.target, unit=False))
+        return [note] if note else []
+
+    def _split_table(self, clean):
+        values = clean["_label"].astype(float).groupby(clean["_split"], observed=True)
+        table = values.agg(rows="size", mean="mean", median="median", std="std")
+        return table, {"mean": "{:,.3g}", "median": "{:,.3g}", "std": "{:,.3g}"}
+
+    def _card_use(self, settings, features):
+        target = settings.column_name(settings.target)
+        _, rows = settings.row_nouns
+        return [
+            f"- Predicts the {target} from {features} features, as a value with a prediction interval "
+            "(split conformal, calibrated on the validation split).",
+            "- To plan with, beside a person's judgement: the interval says how far off the value may be.",
+            f"- Out of scope: {rows} unlike those in the training data (other places or eras, a system that grew).",
+        ]
+
+    def _card_decision(self, evaluation):
+        coverage = evaluation.get("coverage")
+        share = f"{coverage:.0%}" if coverage is not None else "the set share"
+        return [
+            f"- Prediction interval: the value ± {evaluation['threshold']:.3g}, fitted on the validation split to hold "
+            f"the true value for {share} of rows."
+        ]

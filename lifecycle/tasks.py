@@ -202,9 +202,12 @@ class Task:
     floor_words = ""  # that metric in words
     fairness_gap = ""  # the gap of each sensitive column's audit the gate judges
     fairness_words = ""  # that gap in words
+    fairness_interval = "interval"  # the key of that gap's bootstrap interval in each column's audit
     decision_option = ""  # the evaluate setting the decision is fitted for (`target_recall`); "" for none
     predict_method = "predict_proba"  # the model's method that answers, as serving and the speed check call it
     out_of_fold_audit = False  # fairness is also audited on every labeled row out of fold, over seeds
+    default_decision = 0.5  # the decision the training report uses before evaluate fits the real one
+    figure_caption = ""  # what the training report's first figure shows, for the model card
 
     def __init__(
         self,
@@ -409,6 +412,98 @@ class Task:
         "A figure written as the task's reports write it."
         return "n/a" if value is None else f"{value:.{places}f}"
 
+    def validation_figures(
+        self,
+        labels: np.ndarray,  # validation labels
+        scores: np.ndarray,  # the model's validation scores
+        settings: Settings,  # the project's settings: the target's and the classes' words
+    ) -> list:  # matplotlib figures, the first the stage's thumbnail
+        "The figures the training report shows of the validation split."
+        return self._validation_figures(np.asarray(labels), np.asarray(scores, dtype=float), settings)
+
+    def validation_words(
+        self,
+        labels: np.ndarray,  # validation labels
+        scores: np.ndarray,  # the model's validation scores
+        settings: Settings,  # the project's settings
+    ) -> list[str]:  # sentences for the training report (none for a binary task: its figures say it)
+        "What the training report says of the validation split in words."
+        return self._validation_words(np.asarray(labels), np.asarray(scores, dtype=float), settings)
+
+    def track(
+        self,
+        tracker,  # the stage's `Tracker`
+        labels: np.ndarray,  # validation labels
+        scores: np.ndarray,  # the model's validation scores
+        settings: Settings,  # the project's settings
+    ) -> None:
+        "Log W&B's own plots of the validation split, where W&B has plots of the task."
+        self._track(tracker, labels, scores, settings)
+
+    def _track(self, tracker, labels, scores, settings):
+        return None
+
+    def split_table(
+        self,
+        clean: pd.DataFrame,  # clean rows with `_split` and `_label`
+    ) -> tuple[pd.DataFrame, dict]:  # a row a split: its rows and the labels' figures; the columns' formats
+        "The splits and their labels, as the prepare report shows them."
+        return self._split_table(clean)
+
+    def _split_table(self, clean):
+        raise NotImplementedError
+
+    def card_use(
+        self,
+        settings: Settings,  # the project's settings: the target's and classes' words
+        features: int,  # how many features the model reads
+    ) -> list[str]:  # the model card's "Intended use" bullets
+        "What the model is for, in the task's words."
+        return self._card_use(settings, features)
+
+    def card_group_row(
+        self,
+        row: dict,  # one group's figures, from `by_group` or the fairness audit
+        settings: Settings,  # the project's settings
+    ) -> dict:  # the card's columns for that group, after its name and rows
+        "One group's figures as the model card's table shows them."
+        return self._card_group_row(row, settings)
+
+    def card_decision(
+        self,
+        evaluation: dict,  # the evaluation record
+    ) -> list[str]:  # bullets: how the decision was fitted
+        "How the model's decision was fitted, for the model card."
+        return self._card_decision(evaluation)
+
+    def card_cautions(
+        self,
+        settings: Settings,  # the project's settings
+    ) -> list[str]:  # the model card's "Ethical considerations" bullets
+        "What a reader must keep in mind, in the task's words."
+        return self._card_cautions(settings)
+
+    def _card_use(self, settings, features):
+        raise NotImplementedError
+
+    def _card_group_row(self, row, settings):
+        return {
+            key: f"{value:.3g}" if isinstance(value, float) else value
+            for key, value in row.items()
+            if key not in ("group", "n", "too_small") and not isinstance(value, (dict, list))
+        }
+
+    def _card_decision(self, evaluation):
+        raise NotImplementedError
+
+    def _card_cautions(self, settings):
+        _, rows = settings.row_nouns
+        return [
+            f"- Decisions about people made from its answers must be reviewable by a person; {rows} are never "
+            "identified in its reports.",
+            "- Groups too small to judge may be served worse without the audit being able to tell.",
+        ]
+
     def _labels(self, target):
         raise NotImplementedError
 
@@ -463,6 +558,12 @@ class Task:
     def _by_group(self, labels, scores, group, min_size):
         raise NotImplementedError
 
+    def _validation_figures(self, labels, scores, settings):
+        raise NotImplementedError
+
+    def _validation_words(self, labels, scores, settings):
+        return []
+
 # %% ../nbs/22t_tasks.ipynb #ef40d48c
 class BinaryTask(Task):
     "A yes/no target: a score for the positive class, a threshold chosen for recall, ROC AUC at the head."
@@ -478,6 +579,7 @@ class BinaryTask(Task):
     fairness_gap, fairness_words = "equalized_odds_difference", "equalized odds difference"
     decision_option = "target_recall"
     out_of_fold_audit = True
+    figure_caption = "ROC curve, precision-recall and calibration on the validation split"
 
     def _labels(self, target):
         positive, negative = (self.settings.positive, self.settings.negative) if self.settings else ([], [])
@@ -564,6 +666,77 @@ class BinaryTask(Task):
         from lifecycle.metrics import group_metrics  # the binary figures by group
 
         return group_metrics(labels, scores, 0.5, group, min_size)
+
+    def _validation_figures(self, labels, scores, settings):
+        # start-up time: only reports draw
+        import matplotlib.pyplot as plt
+        from sklearn.calibration import calibration_curve
+        from sklearn.metrics import precision_recall_curve, roc_curve
+
+        metrics = self.metrics(labels, scores, self.default_decision)
+        figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+        fpr, tpr, _ = roc_curve(labels, scores)
+        axes[0].plot(fpr, tpr)
+        axes[0].plot([0, 1], [0, 1], ":", color="grey")
+        axes[0].set(
+            title=f"ROC (AUC {metrics['roc_auc']:.3f})", xlabel="false positive rate", ylabel="true positive rate"
+        )
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        axes[1].plot(recall, precision)
+        axes[1].set(title=f"Precision-recall (AP {metrics['pr_auc']:.3f})", xlabel="recall", ylabel="precision")
+        observed, predicted = calibration_curve(labels, scores, n_bins=8, strategy="quantile")
+        axes[2].plot(predicted, observed, "o-")
+        axes[2].plot([0, 1], [0, 1], ":", color="grey")
+        axes[2].set(title="Calibration", xlabel="predicted probability", ylabel="observed share positive")
+        plt.tight_layout()
+        return [figure]
+
+    def _track(self, tracker, labels, scores, settings):
+        tracker.curves("validation", labels, scores, [settings.negative_label, settings.positive_label])
+
+    def _split_table(self, clean):
+        table = clean.groupby("_split", observed=True)["_label"].agg(rows="size", positive_share="mean")
+        return table, {"positive_share": "{:.1%}"}
+
+    def _card_use(self, settings, features):
+        positive = getattr(settings, "positive_label", "positive")
+        negative = getattr(settings, "negative_label", "negative")
+        return [
+            f"- Predicts {positive} (against {negative}) from {features} features, "
+            "as a score between 0 and 1 and a decision at a threshold.",
+            "- To support, not replace, a professional's decision: a flag to look again, never a diagnosis.",
+            "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), "
+            "decisions made without a professional, "
+            "and any use of the score as a probability without checking its calibration on the population at hand.",
+        ]
+
+    def _card_group_row(self, row, settings):
+        positive = getattr(settings, "positive_label", "positive")
+
+        def percent(value) -> str:
+            return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+        return {
+            "with " + positive: int(row.get("positives", 0)),
+            "recall": percent(row["recall"]),
+            "false negative rate": percent(row["false_negative_rate"]),
+            "false positive rate": percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
+        }
+
+    def _card_decision(self, evaluation):
+        return [
+            f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall "
+            f"≥ {evaluation['target_recall']:.0%} on the validation split."
+        ]
+
+    def _card_cautions(self, settings):
+        return [
+            "- The data are health records: the model must never expose a patient's identity, "
+            "and its decisions must be reviewable by a professional.",
+            "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, "
+            "and the recall of each group is audited above.",
+            "- Groups too small to judge may be served worse without the audit being able to tell.",
+        ]
 
 # %% ../nbs/22t_tasks.ipynb #e9180d92
 TASK_CLASSES: dict[str, type[Task] | str] = {  # the tasks this version runs, by name: a class or its import path
