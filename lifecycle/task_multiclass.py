@@ -25,7 +25,8 @@ from lifecycle.multiclass import (
     rare_classes,
 )
 from .multiclass_estimates import TemperatureScaling
-from .tasks import CLASSIFIER_GRIDS, Task, label_key, make_classifier
+from .task_base import Task
+from .tasks import CLASSIFIER_GRIDS, label_key, make_classifier
 
 # %% auto #0
 __all__ = ['class_labels', 'MulticlassTask']

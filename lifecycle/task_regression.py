@@ -24,7 +24,8 @@ from lifecycle.regression import (
     regression_metrics,
     residuals_figure,
 )
-from .tasks import MODEL_FAMILIES, QUANTILE_GRID, Task
+from .task_base import MODEL_FAMILIES, Task
+from .tasks import QUANTILE_GRID
 
 # %% auto #0
 __all__ = ['REGRESSOR_GRIDS', 'make_regressor', 'number_labels', 'RegressionTask']
