@@ -298,8 +298,11 @@ def load_model(
             f"{path}: SHA-256 does not match the registry's record; the file was changed, refusing to load it"
         )
     model = load_model_bytes(data, str(path))
-    if not callable(getattr(model, "predict_proba", None)):
-        raise LifecycleError(f"{path} is not a fitted classifier (it has no predict_proba); refusing to load it")
+    task = meta.get("task", "binary")  # a regressor answers with predict, a classifier with predict_proba
+    method = "predict" if task == "regression" else "predict_proba"
+    if not callable(getattr(model, method, None)):
+        kind = "regressor" if task == "regression" else "classifier"
+        raise LifecycleError(f"{path} is not a fitted {kind} (it has no {method}); refusing to load it")
     return model
 
 # %% ../nbs/20_registry.ipynb #a1f092e9

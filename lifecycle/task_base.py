@@ -39,6 +39,9 @@ class Task:
     out_of_fold_audit = False  # fairness is also audited on every labeled row out of fold, over seeds
     default_decision = 0.5  # the decision the training report uses before evaluate fits the real one
     figure_caption = ""  # what the training report's first figure shows, for the model card
+    test_caption = ""  # what the evaluation report's figure shows, for the model card ({rows}: test rows)
+    groups_caption = ""  # what its fairness figure shows ({rows}: the rows audited)
+    source_columns: tuple[str, ...] = ()  # the metrics the evaluation report shows by source
 
     def __init__(
         self,
@@ -334,6 +337,98 @@ class Task:
             "identified in its reports.",
             "- Groups too small to judge may be served worse without the audit being able to tell.",
         ]
+
+    def decision_check(
+        self,
+        result: dict,  # from `evaluate_model`
+    ) -> dict | None:  # a checklist row: the decision's target beside what it reached (shown, not gated); None
+        "The checklist's row for what the decision was fitted to reach."
+        return self._decision_check(result)
+
+    def accuracy_sentence(
+        self,
+        result: dict,  # from `evaluate_model`
+        settings: Settings,  # the project's settings: the target's words and unit
+    ) -> str:  # one paragraph: the test split's figures with their intervals
+        "The test split's accuracy in the task's words."
+        return self._accuracy_sentence(result, settings)
+
+    def headline(
+        self,
+        result: dict,  # from `evaluate_model`
+    ) -> str:  # the figures of the evaluate stage's headline
+        "The evaluation's figures in a line."
+        return self._headline(result)
+
+    def test_figure(
+        self,
+        result: dict,  # from `evaluate_model`
+        settings: Settings,  # the project's settings
+        names: tuple[str, str],  # the new model's and the champion's names in the legend
+    ):  # a matplotlib figure, the stage's thumbnail
+        "The evaluation report's figure of the test split."
+        return self._test_figure(result, settings, names)
+
+    def fairness_lines(
+        self,
+        fairness: dict,  # per audited column, the task's audit
+        settings: Settings,  # the project's settings
+        limit: float,  # the gate's largest gap
+    ) -> list[str]:  # sentences
+        "The fairness audit in words."
+        return self._fairness_lines(fairness, settings, limit)
+
+    def fairness_caption(
+        self,
+        name: str,  # the column in words
+        gaps: dict,  # its audit
+    ) -> str:  # the caption of its table
+        "One audited column's table caption: its gap, interval and judged groups."
+        gap, interval = gaps.get(self.fairness_gap), gaps.get(self.fairness_interval)
+        if gap is None:
+            return f"{name}: fewer than two groups large enough to judge"
+        spread = f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else ""
+        return f"{name}: {self.fairness_words} {gap:.3f}{spread} over {gaps['groups_judged']} judged groups"
+
+    def fairness_figure(
+        self,
+        fairness: dict,  # per audited column, the task's audit
+        settings: Settings,  # the project's settings
+        metrics: dict,  # the test metrics
+    ):  # a matplotlib figure, or None when the task draws none
+        "The fairness audit's figure."
+        return self._fairness_figure(fairness, settings, metrics)
+
+    def track_test(
+        self,
+        tracker,  # the stage's `Tracker`
+        labels: np.ndarray,  # test labels
+        predicted: np.ndarray,  # the decisions
+        settings: Settings,  # the project's settings
+    ) -> None:
+        "Log W&B's own plots of the test split, where W&B has plots of the task."
+        self._track_test(tracker, labels, predicted, settings)
+
+    def _decision_check(self, result):
+        return None
+
+    def _accuracy_sentence(self, result, settings):
+        raise NotImplementedError
+
+    def _headline(self, result):
+        raise NotImplementedError
+
+    def _test_figure(self, result, settings, names):
+        raise NotImplementedError
+
+    def _fairness_lines(self, fairness, settings, limit):
+        return []
+
+    def _fairness_figure(self, fairness, settings, metrics):
+        return None
+
+    def _track_test(self, tracker, labels, predicted, settings):
+        return None
 
     def _labels(self, target):
         raise NotImplementedError

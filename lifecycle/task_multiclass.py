@@ -18,6 +18,7 @@ from lifecycle.multiclass import (
     class_names,
     compare_multiclass,
     confusion_words,
+    fairness_words,
     multiclass_fairness,
     multiclass_figures,
     paired_figure,
@@ -66,6 +67,8 @@ class MulticlassTask(Task):
     classes = None  # the classes of the model last scored
     default_decision = 1.0  # no temperature: the model's own probabilities
     figure_caption = "Each class's ROC curve against the rest, on the validation split"
+    test_caption = "Each class's ROC curve against the rest, on the {rows} test rows"
+    source_columns = ("balanced_accuracy", "accuracy", "macro_f1")
 
     def calibrated(
         self,
@@ -203,4 +206,42 @@ class MulticlassTask(Task):
         return [
             f"- Temperature {evaluation['threshold']:.3f}, fitted on the validation split by log loss: it calibrates "
             "the probabilities and never changes the class called."
+        ]
+
+    def _accuracy_sentence(self, result, settings):
+        metrics, intervals, number = result["metrics"], result["intervals"], self.number
+
+        def spread(name):
+            found = intervals.get(name)
+            return f" (95% interval {found['low']:.3f}–{found['high']:.3f})" if found else ""
+
+        figures = multiclass_figures(result["y_test"], result["scores"], self.classes, resamples=0)
+        rare_classes(figures, None)
+        names = {label_key(value): name for value, name in zip(self.classes, self.class_words(settings))}
+        rare = " ".join(rare_class_words(figures, names))
+        return (
+            f"Test split: {result['test_rows']} rows. Balanced accuracy {number(metrics['balanced_accuracy'], 3)}"
+            f"{spread('balanced_accuracy')}; accuracy {number(metrics['accuracy'], 3)}{spread('accuracy')}, macro-F1 "
+            f"{number(metrics['macro_f1'], 3)}{spread('macro_f1')}, ROC AUC (each class against the rest, averaged) "
+            f"{number(metrics['roc_auc'], 3)}{spread('roc_auc')}, log loss {number(metrics['log_loss'], 3)} at "
+            f"temperature {result['threshold']:.2f}, fitted on the validation split. {rare}"
+        ).strip()
+
+    def _headline(self, result):
+        metrics, interval = result["metrics"], result["intervals"].get("balanced_accuracy")
+        return (
+            f"balanced accuracy {self.number(metrics['balanced_accuracy'])}"
+            + (f" ({interval['low']:.2f}–{interval['high']:.2f})" if interval else "")
+            + f", ROC AUC (each class against the rest) {self.number(metrics['roc_auc'])}"
+        )
+
+    def _test_figure(self, result, settings, names):
+        return class_curves_figure(result["y_test"], result["scores"], self.classes, self.class_words(settings))
+
+    def _fairness_lines(self, fairness, settings, limit):
+        names = {label_key(value): name for value, name in zip(self.classes, self.class_words(settings))}
+        return [
+            sentence
+            for column, audit in fairness.items()
+            for sentence in fairness_words(audit, settings.column_name(column, unit=False), names)
         ]

@@ -13,6 +13,7 @@ import pandas as pd
 from .contract import _code, reason_series
 from .core import LifecycleError
 from lifecycle.regression import (
+    achieved_coverage,
     compare_regressors,
     conformal_quantile,
     mape_note,
@@ -99,6 +100,8 @@ class RegressionTask(Task):
     predict_method = "predict"
     default_decision = float("nan")  # no interval before evaluate fits one
     figure_caption = "Predicted against actual values on the validation split"
+    test_caption = "Predicted against actual values on the {rows} test rows"
+    source_columns = ("mae", "rmse", "r2")
 
     def _labels(self, target):
         return number_labels(target)
@@ -230,9 +233,87 @@ class RegressionTask(Task):
         ]
 
     def _card_decision(self, evaluation):
-        coverage = evaluation.get("coverage")
+        coverage = evaluation.get("decision_target")
         share = f"{coverage:.0%}" if coverage is not None else "the set share"
         return [
             f"- Prediction interval: the value ± {evaluation['threshold']:.3g}, fitted on the validation split to hold "
             f"the true value for {share} of rows."
         ]
+
+    def achieved(
+        self,
+        result: dict,  # from `evaluate_model`
+    ) -> dict:  # `achieved_coverage`'s figures on the test split
+        "The share of test rows whose interval held the true value, with its binomial interval."
+        predicted, half = result["scores"], result["threshold"]
+        return achieved_coverage(result["y_test"], predicted - half, predicted + half)
+
+    def _decision_check(self, result):
+        covered, target = self.achieved(result), result["decision_target"]
+        interval = covered["interval"]
+        return {
+            "criterion": "coverage of the prediction interval, test split (its target; shown, not gated)",
+            "threshold": f"at least {target:.0%}",
+            "value": f"{covered['coverage']:.1%} (95% interval {interval['low']:.1%}–{interval['high']:.1%})",
+            "verdict": "met" if interval["high"] >= target else "below the target (not gated)",
+        }
+
+    def _accuracy_sentence(self, result, settings):
+        metrics, intervals, number = result["metrics"], result["intervals"], self.number
+        unit = settings.units.get(settings.target, "")
+        covered = self.achieved(result)
+
+        def spread(name):
+            found = intervals.get(name)
+            return f" (95% interval {number(found['low'])}–{number(found['high'])})" if found else ""
+
+        mape = f", MAPE {metrics['mape']:.1%}{spread('mape')}" if not np.isnan(metrics.get("mape", np.nan)) else ""
+        note = mape_note(result["y_test"], settings.column_name(settings.target, unit=False)) or ""
+        return (
+            f"Test split: {result['test_rows']} rows. MAE {number(metrics['mae'])}{f' {unit}' if unit else ''}"
+            f"{spread('mae')}, RMSE {number(metrics['rmse'])}{spread('rmse')}, R² {number(metrics['r2'])}"
+            f"{spread('r2')}{mape}. The {result['decision_target']:.0%} prediction interval (the value ± "
+            f"{number(result['threshold'])}, split conformal, fitted on the validation split) held the true value "
+            f"for {covered['coverage']:.1%} of the test rows (95% interval {covered['interval']['low']:.1%}–"
+            f"{covered['interval']['high']:.1%}). {note}"
+        ).strip()
+
+    def _headline(self, result):
+        metrics, interval = result["metrics"], result["intervals"].get("mae")
+        return (
+            f"MAE {self.number(metrics['mae'])}"
+            + (f" ({self.number(interval['low'])}–{self.number(interval['high'])})" if interval else "")
+            + f", R² {self.number(metrics['r2'])}, {self.achieved(result)['coverage']:.0%} of values inside the "
+            f"{result['decision_target']:.0%} interval"
+        )
+
+    def _test_figure(self, result, settings, names):
+        target = settings.target
+        words, unit = settings.column_name(target, unit=False), settings.units.get(target, "")
+        return predicted_actual_figure(result["y_test"], result["scores"], words, unit)
+
+    def _fairness_lines(self, fairness, settings, limit):
+        lines = []
+        _, rows = settings.row_nouns
+        for column, audit in fairness.items():
+            name = settings.column_name(column, unit=False)
+            judged = [row for row in audit["groups"] if not row["too_small"]]
+            if audit["mae_difference"] is None:
+                lines.append(f"MAE by {name}: fewer than two groups are large enough to judge.")
+            else:
+                low, high = min(judged, key=lambda row: row["mae"]), max(judged, key=lambda row: row["mae"])
+                share, interval = audit["relative_mae_difference"], audit["relative_interval"]
+                lines.append(
+                    f"MAE by {name} ranges from {self.number(low['mae'])} ({low['group']}) to "
+                    f"{self.number(high['mae'])} ({high['group']}), a gap of {share:.0%} of the MAE"
+                    + (f" (95% interval {interval['low']:.0%}–{interval['high']:.0%})" if interval else "")
+                    + f"; the gate refuses a gap surely above {limit:.0%}."
+                )
+            if audit.get("coverage_difference") is not None:
+                coverages = [row["coverage"] for row in judged]
+                lines.append(
+                    f"Coverage of the prediction interval by {name}: from {min(coverages):.0%} to {max(coverages):.0%}."
+                )
+            if audit["groups_too_small"]:
+                lines.append(f"Too few {rows} to judge by {name}: {', '.join(audit['groups_too_small'])}.")
+        return lines

@@ -198,6 +198,12 @@ class BinaryTask(Task):
     decision_option = "target_recall"
     out_of_fold_audit = True
     figure_caption = "ROC curve, precision-recall and calibration on the validation split"
+    test_caption = "ROC curve, calibration and confusion matrix on the {rows} test rows, as in the evaluation report"
+    groups_caption = (
+        "Recall by group on all {rows} labeled rows (each scored by a model that did not see it), "
+        "with 95% Wilson intervals and group sizes; grey: too few patients to judge"
+    )
+    source_columns = ("roc_auc", "recall", "precision")
 
     def _labels(self, target):
         positive, negative = (self.settings.positive, self.settings.negative) if self.settings else ([], [])
@@ -354,6 +360,101 @@ class BinaryTask(Task):
             "and the recall of each group is audited above.",
             "- Groups too small to judge may be served worse without the audit being able to tell.",
         ]
+
+    def _decision_check(self, result):
+        recall, interval = result["metrics"]["recall"], result["intervals"].get("recall")
+        return {
+            "criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
+            "threshold": f"at least {result['target_recall']:.0%}",
+            "value": f"{recall:.1%}"
+            + (f" (95% interval {interval['low']:.1%}–{interval['high']:.1%})" if interval else ""),
+            "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)",
+        }
+
+    def _accuracy_sentence(self, result, settings):
+        metrics, interval = result["metrics"], result["intervals"]["roc_auc"]
+        return (
+            f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
+            + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+            + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ "
+            f"{result['target_recall']:.0%}, recall is {metrics['recall']:.1%} "
+            f"and precision {metrics['precision']:.1%}."
+        )
+
+    def _headline(self, result):
+        metrics, auc, recall = result["metrics"], result["intervals"].get("roc_auc"), result["intervals"].get("recall")
+        return (
+            f"ROC AUC {metrics['roc_auc']:.2f}"
+            + (f" ({auc['low']:.2f}–{auc['high']:.2f})" if auc else "")
+            + f", recall {metrics['recall']:.0%}"
+            + (f" ({recall['low']:.0%}–{recall['high']:.0%})" if recall else "")
+            + f" at threshold {result['threshold']:.2f}"
+        )
+
+    def _test_figure(self, result, settings, names):
+        """The ROC curves (the champion's beside), calibration and the confusion matrix at the threshold.
+
+        Long because it is one figure of three panels, each a few plain matplotlib lines."""
+        import matplotlib.pyplot as plt  # start-up time: only reports draw
+        from sklearn.calibration import calibration_curve
+        from sklearn.metrics import confusion_matrix, roc_curve
+
+        y_test, scores, metrics = result["y_test"], result["scores"], result["metrics"]
+        figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+        fpr, tpr, _ = roc_curve(y_test, scores)
+        axes[0].plot(fpr, tpr, label=names[0])
+        if result["champion_scores"] is not None:
+            fpr_c, tpr_c, _ = roc_curve(y_test, result["champion_scores"])
+            axes[0].plot(fpr_c, tpr_c, label=names[1])
+        axes[0].plot([0, 1], [0, 1], ":", color="grey")
+        axes[0].legend()
+        axes[0].set(title="ROC, test split", xlabel="false positive rate", ylabel="true positive rate")
+        observed, expected = calibration_curve(y_test, scores, n_bins=8, strategy="quantile")
+        axes[1].plot(expected, observed, "o-")
+        axes[1].plot([0, 1], [0, 1], ":", color="grey")
+        axes[1].set(
+            title=f"Calibration (Brier {metrics['brier']:.3f})",
+            xlabel="predicted probability",
+            ylabel="observed share positive",
+        )
+        matrix = confusion_matrix(y_test, result["predicted"], labels=[0, 1])
+        axes[2].imshow(matrix, cmap="Blues")
+        for (row, column), count in np.ndenumerate(matrix):
+            axes[2].text(column, row, str(count), ha="center", va="center", fontsize=14)
+        axes[2].set(
+            title=f"Confusion at threshold {result['threshold']:.2f}",
+            xticks=[0, 1],
+            yticks=[0, 1],
+            xticklabels=["predicted " + settings.negative_label, "predicted " + settings.positive_label],
+            yticklabels=[settings.negative_label, settings.positive_label],
+        )
+        plt.tight_layout()
+        return figure
+
+    def _fairness_lines(self, fairness, settings, limit):
+        from lifecycle.fairness import FAIRNESS_DEFINITIONS, fairness_sentences  # the binary audit's words
+
+        return fairness_sentences(fairness, settings, limit) + [FAIRNESS_DEFINITIONS]
+
+    def fairness_caption(self, name, gaps):
+        "One audited column's table caption: its equalized odds and demographic parity differences."
+        if gaps["equalized_odds_difference"] is None:
+            return f"{name}: fewer than two groups large enough to judge"
+        interval, parity = gaps["interval"], gaps["demographic_parity_difference"]
+        return (
+            f"{name}: equalized odds difference {gaps['equalized_odds_difference']:.3f}"
+            + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+            + (f", demographic parity difference {parity:.3f}" if parity is not None else "")
+            + f" over {gaps['groups_judged']} judged groups"
+        )
+
+    def _fairness_figure(self, fairness, settings, metrics):
+        from lifecycle.fairness import fairness_figure  # recall by group, the binary audit's figure
+
+        return fairness_figure(fairness, settings, metrics["recall"])
+
+    def _track_test(self, tracker, labels, predicted, settings):
+        tracker.confusion("test/confusion", labels, predicted, [settings.negative_label, settings.positive_label])
 
 # %% ../nbs/22t_tasks.ipynb #e9180d92
 TASK_CLASSES: dict[str, type[Task] | str] = {  # the tasks this version runs, by name: a class or its import path
