@@ -2531,6 +2531,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'lifecycle.tasks.label_target': ('tasks.html#label_target', 'lifecycle/tasks.py'),
                                  'lifecycle.tasks.make_classifier': ('tasks.html#make_classifier', 'lifecycle/tasks.py'),
                                  'lifecycle.tasks.score_intervals': ('tasks.html#score_intervals', 'lifecycle/tasks.py'),
+                                 'lifecycle.tasks.stage_not_built': ('tasks.html#stage_not_built', 'lifecycle/tasks.py'),
                                  'lifecycle.tasks.task_class': ('tasks.html#task_class', 'lifecycle/tasks.py'),
                                  'lifecycle.tasks.task_for': ('tasks.html#task_for', 'lifecycle/tasks.py')},
             'lifecycle.tracking': { 'lifecycle.tracking.Tracker': ('tracking.html#tracker', 'lifecycle/tracking.py'),

@@ -38,6 +38,7 @@ class Task:
     predict_method = "predict_proba"  # the model's method that answers, as serving and the speed check call it
     out_of_fold_audit = False  # fairness is also audited on every labeled row out of fold, over seeds
     default_decision = 0.5  # the decision the training report uses before evaluate fits the real one
+    stages_built: tuple[str, ...] | None = None  # the stages this version runs for the task (None: every one)
     figure_caption = ""  # what the training report's first figure shows, for the model card
     test_caption = ""  # what the evaluation report's figure shows, for the model card ({rows}: test rows)
     groups_caption = ""  # what its fairness figure shows ({rows}: the rows audited)

@@ -17,9 +17,9 @@ from .metrics import classification_metrics, threshold_for_recall
 from .task_base import MODEL_FAMILIES, Task  # noqa: F401 (the base's home was here: names kept)
 
 # %% auto #0
-__all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'label_key', 'label_target', 'infer_task',
-           'compare_with_champion', 'score_intervals', 'make_classifier', 'BinaryTask', 'task_class', 'task_for',
-           'check_task']
+__all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_key', 'label_target', 'infer_task',
+           'compare_with_champion', 'score_intervals', 'make_classifier', 'BinaryTask', 'task_class', 'stage_not_built',
+           'task_for', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
 def label_key(value) -> str:
@@ -479,6 +479,25 @@ def task_class(
 
 def _refusal(name: str, reason: str) -> str:  # the one line that refuses a task this version cannot run
     return f"[data] task = {name} ({reason}): this version runs {', '.join(TASK_CLASSES)} tasks; set [data] task to one"
+
+
+NOT_BUILT = {  # what a stage would do for a task whose class does not run it yet
+    "deploy": "serving its answers (POST /predict, batch, stream, the smoke test)",
+    "monitor": "monitoring it (realized and estimated performance, drift of its answers, coverage, fairness over time)",
+    "retrain": "retraining it (the paired comparison, shadow, promotion and rollback)",
+}
+
+
+def stage_not_built(
+    task: str,  # the project's task name ("" when not known yet: every stage runs)
+    stage: str,  # a stage's name
+) -> str:  # one line saying what is not built, or "" when the stage runs for the task
+    "One line for a stage this version does not run for a task yet; empty when it runs."
+    built = task_class(task).stages_built if task in TASK_CLASSES else None
+    if built is None or stage in built:
+        return ""
+    doing = NOT_BUILT.get(stage, "this stage")
+    return f"not built for a {task} task yet: {doing} is built for binary tasks only; {', '.join(built)} ran"
 
 
 def task_for(
