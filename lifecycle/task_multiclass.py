@@ -111,7 +111,11 @@ class MulticlassTask(Task):
 
     def _compare(self, labels, champion_scores, challenger_scores, champion_decision, challenger_decision, options):
         return compare_multiclass(
-            labels, champion_scores, challenger_scores, self.classes, **_options(compare_multiclass, options)
+            labels,
+            champion_scores,
+            challenger_scores,
+            self.classes,
+            **_options(compare_multiclass, {**self._noun(), **options}),
         )
 
     def _fairness(self, labels, scores, decision, groups, judging, resamples, seed):
@@ -246,3 +250,6 @@ class MulticlassTask(Task):
             for column, audit in fairness.items()
             for sentence in fairness_words(audit, settings.column_name(column, unit=False), names)
         ]
+
+    def _noun(self) -> dict:  # the project's word for its rows, for the comparison's headline
+        return {"noun": self.settings.row_nouns[1]} if self.settings else {}

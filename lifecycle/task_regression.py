@@ -142,7 +142,9 @@ class RegressionTask(Task):
         return {**result, "mae_difference": paired["difference"], "low": low, "high": high}
 
     def _compare(self, labels, champion_scores, challenger_scores, champion_decision, challenger_decision, options):
-        return compare_regressors(labels, champion_scores, challenger_scores, **_options(compare_regressors, options))
+        return compare_regressors(
+            labels, champion_scores, challenger_scores, **_options(compare_regressors, {**self._noun(), **options})
+        )
 
     def _fairness(self, labels, scores, decision, groups, judging, resamples, seed):
         labels = labels.astype(float)
@@ -318,3 +320,6 @@ class RegressionTask(Task):
             if audit["groups_too_small"]:
                 lines.append(f"Too few {rows} to judge by {name}: {', '.join(audit['groups_too_small'])}.")
         return lines
+
+    def _noun(self) -> dict:  # the project's word for its rows, for the comparison's headline
+        return {"noun": self.settings.row_nouns[1]} if self.settings else {}
