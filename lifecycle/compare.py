@@ -281,11 +281,12 @@ def comparison_verdict(
     gains: list[str],  # the challenger's significant gains, in words
     losses: list[str],  # its significant losses
     parity_reason: str = "",  # why parity is enough to promote (from settings); empty: it is not
+    noun: str = "patients",  # what the rows are, many (`Settings.row_nouns`: hours, rows)
 ) -> tuple[str, bool, str]:  # the verdict (worse, better or parity), whether to promote, the headline
     "The verdict from the gains and losses, whether it promotes, and the headline that says so."
     verdict = "worse" if losses else "better" if gains else "parity"
     promote = verdict == "better" or (verdict == "parity" and bool(parity_reason.strip()))
-    patients = f"{rows} patients neither model trained on"
+    patients = f"{rows} {noun} neither model trained on"
     if verdict == "better":
         return verdict, promote, f"The challenger is better on {patients}: {gains[0]}."
     if verdict == "worse":

@@ -115,6 +115,7 @@ DATA_KEYS = {
     "units": "per column, its unit, one `column: unit` a line",
     "labels": "per column, its values in words, one `column: code = words, code = words` a line",
     "positive_label": "the positive class in words",
+    "row_noun": "what a row is, one and many, for reports (`hour, hours`); empty: patient, patients",
     "negative_label": "the negative class in words",
     "source": "where the data comes from, in words (for the model card)",
     "licence": "the data's licence (for the model card)",
@@ -254,6 +255,13 @@ class Settings:
     labels: dict[str, dict[str, str]] = field(default_factory=dict)  # column -> value key -> its words
     positive_label: str = "positive"
     negative_label: str = "negative"
+    row_noun: str = "patient, patients"  # what a row is, one and many
+
+    @property
+    def row_nouns(self) -> tuple[str, str]:
+        "What a row is in reports, one and many: ('patient', 'patients') unless `[data] row_noun` says otherwise."
+        one, _, many = self.row_noun.partition(",")
+        return one.strip(), (many.strip() or f"{one.strip()}s")
 
     @property
     def root(self) -> Path:
@@ -368,6 +376,7 @@ def load_settings(
         labels=parse_labels(data.get("labels", "")),
         positive_label=data.get("positive_label", "").strip() or "positive",
         negative_label=data.get("negative_label", "").strip() or "negative",
+        row_noun=data.get("row_noun", "").strip() or "patient, patients",
     )
 
 # %% ../nbs/00_core.ipynb #6aa2ccaf

@@ -52,6 +52,7 @@ def measure_speed(
     repeats: int = 10,  # timed rounds of single-record predictions
     per_repeat: int = 20,  # single-record predictions in a round
     batch_rows: int = 20_000,  # rows in the batch to time
+    method: str = "predict_proba",  # the model's method that answers (a regressor's: predict)
 ) -> dict:  # the gate's figure `latency_ms`, its spread, and wall-clock figures shown for information
     """What scoring one record costs the model, measured so that a busy machine does not change it.
 
@@ -62,20 +63,21 @@ def measure_speed(
     reported beside it but decide nothing."""
     from threadpoolctl import threadpool_limits  # deferred: start-up time, only this path needs it
 
+    answer = getattr(model, method)
     records = [rows.iloc[[index % len(rows)]] for index in range(per_repeat)]
     cpu, wall = [], []
     with threadpool_limits(limits=1):
         for record in records[:5]:  # warm-up
-            model.predict_proba(record)
+            answer(record)
         for _ in range(repeats):
             started_cpu, started_wall = time.thread_time(), time.perf_counter()
             for record in records:
-                model.predict_proba(record)
+                answer(record)
             cpu.append((time.thread_time() - started_cpu) * 1000 / per_repeat)
             wall.append((time.perf_counter() - started_wall) * 1000 / per_repeat)
     batch = rows.sample(n=batch_rows, replace=True, random_state=0)
     started = time.perf_counter()
-    model.predict_proba(batch)
+    answer(batch)
     seconds = time.perf_counter() - started
     return {
         "latency_ms": float(np.median(cpu)),
@@ -103,6 +105,8 @@ class EvaluateOptions:
     bootstrap_resamples: int = 300  # resamples for the confidence intervals
     seed: int = 42  # seed of the bootstrap and of the first fairness folds
     fairness_seeds: int = 3  # seeds of the out-of-fold fairness audit; the first decides, all are shown
+    coverage: float = 0.9  # a regression's prediction interval holds the true value for this share of rows
+    min_r2: float = 0.0  # the lowest test R² of a regression (0: better than always predicting the mean)
 
 
 def model_features(meta: dict) -> list[str]:  # a version's feature columns, numeric then categorical
@@ -131,14 +135,18 @@ def fairness_evidence(
 ) -> tuple[dict, dict, list[dict]]:  # fairness on the test split, on every labeled row (first seed), and by seed
     "Fairness on the test split alone, and on every labeled row out of fold, repeated over seeds of the folds."
     task = task or BinaryTask()
-    y_test = labeled.loc[test_rows, "_label"].to_numpy().astype(int)
+    y_test = task.label_array(labeled.loc[test_rows, "_label"].to_numpy())
     judging = (options.min_group_size, options.min_group_positives, options.min_group_negatives)
     test_groups = {c: g[test_rows] for c, g in groups.items()}
     fairness_test = task.fairness(
         y_test, scores, threshold, test_groups, *judging, resamples=options.bootstrap_resamples, seed=options.seed
     )
+    if (
+        not task.out_of_fold_audit
+    ):  # the task's audit is on the test split: every row scored by a model that did not see it
+        return fairness_test, fairness_test, []
     seeds = [options.seed + k for k in range(max(options.fairness_seeds, 1))]
-    folds = len(meta.get("cv", {}).get("roc_auc_folds", [])) or 5
+    folds = len(meta.get("cv", {}).get(f"{task.cv_metric}_folds", [])) or 5
     fairness, by_seed = fairness_across_seeds(
         model,
         labeled,
@@ -168,7 +176,7 @@ def champion_evidence(
     )  # a champion a retrain recalibrated serves its scores through its map
 
     task = task or BinaryTask()
-    y_test = test["_label"].to_numpy().astype(int)
+    y_test = task.label_array(test["_label"].to_numpy())
     champion_scores = calibrate_scores(
         task.scores(champion["model"], test[model_features(champion["meta"])]), champion["meta"].get("calibration")
     )
@@ -210,8 +218,9 @@ def evaluate_model(
     features = model_features(meta)
     labeled, val_rows, test_rows = split_rows(clean)
     val, test = labeled[val_rows], labeled[test_rows]
-    y_val, y_test = val["_label"].to_numpy().astype(int), test["_label"].to_numpy().astype(int)
-    threshold = task.fit_decision(y_val, task.scores(model, val[features]), options.target_recall)
+    y_val, y_test = task.label_array(val["_label"].to_numpy()), task.label_array(test["_label"].to_numpy())
+    target = getattr(options, task.decision_option) if task.decision_option else None  # what the decision reaches
+    threshold = task.fit_decision(y_val, task.scores(model, val[features]), target)
     scores = task.scores(model, test[features])
     predicted = task.decide(scores, threshold)
     metrics = task.metrics(y_test, scores, threshold)
@@ -224,17 +233,19 @@ def evaluate_model(
     if champion is not None:
         versus, champion_metrics, champion_scores = champion_evidence(candidate, champion, test, scores, options, task)
     by_source = metrics_by_source(test, y_test, scores, threshold, task=task)
-    speed = measure_speed(model, test[features])
+    speed = measure_speed(model, test[features], method=task.predict_method)
     # The gate judges each sensitive column, as settings name them; their intersection is audited and shown, not gated
     # (its groups are small, and differ in base rate so much that any threshold gives them different error rates).
     for row in fairness_by_seed:
         row["gated"] = row["column"] in sensitive
     gated = {column: fairness[column] for column in sensitive}
-    limits = (options.min_auc, options.max_fairness_gap, options.max_latency_ms)
+    limits = (getattr(options, task.floor_option), options.max_fairness_gap, options.max_latency_ms)
     decision = gate(metrics, gated, speed, versus, *limits, task)
     return {
         "threshold": threshold,
         "target_recall": options.target_recall,
+        "decision_target": target,
+        "decision": {"task": task.name, "parameter": threshold, "target": target, "fitted_on_rows": len(val)},
         "metrics": metrics,
         "intervals": intervals,
         "fairness": fairness,
@@ -288,6 +299,7 @@ def evaluation_record(
     keep = (
         "threshold",
         "target_recall",
+        "decision_target",
         "metrics",
         "intervals",
         "fairness_by_seed",
@@ -314,26 +326,39 @@ def record_evaluation(
     champion_version: int | None,  # the champion it was compared with
     run_id: str,  # this run
     figures: dict[str, bytes] | None = None,  # the report's PNGs for the card: "metrics" (ROC, …), "groups" (recall)
+    task: Task | None = None,  # the project's task (None: binary)
 ) -> str:  # the model card as HTML, its figures embedded
     """Write the decision to the registry with the model card; a model that passed becomes the challenger (and champion,
     when there is none)."""
+    task = task or BinaryTask()
     evaluation = evaluation_record(result, champion_version, run_id)
-    meta = update_meta(registry, version, threshold=result["threshold"], evaluation=evaluation, gate=result["gate"])
+    # the decision (a threshold, a temperature, a conformal half-width) is stored with the version: serving reads it
+    meta = update_meta(
+        registry,
+        version,
+        threshold=result["threshold"],
+        decision=result["decision"],
+        evaluation=evaluation,
+        gate=result["gate"],
+    )
     captions = {
-        "metrics": f"ROC curve, calibration and confusion matrix on the {result['test_rows']} test rows, "
-        "as in the evaluation report",
-        "groups": f"Recall by group on all {result['labeled_rows']} labeled rows "
-        "(each scored by a model that did not see it), "
-        "with 95% Wilson intervals and group sizes; grey: too few patients to judge",
+        "metrics": task.test_caption.format(rows=result["test_rows"]),
+        "groups": task.groups_caption.format(rows=result["labeled_rows"]),
     }
     figures = figures or {}
     named = {key: (f"card-{key}.png", captions[key]) for key in figures if key in captions}
     card = model_card(
-        meta, settings, {column: audit["groups"] for column, audit in result["fairness"].items()}, evaluation, named
+        meta,
+        settings,
+        {column: audit["groups"] for column, audit in result["fairness"].items()},
+        evaluation,
+        named,
+        task,
     )
     html = save_card(registry, version, card, {named[key][0]: figures[key] for key in named})
     if result["gate"]["passed"]:
-        reason = f"passed the gate in run {run_id}: ROC AUC {result['metrics']['roc_auc']:.3f}"
+        headline = result["metrics"][task.headline_metric]
+        reason = f"passed the gate in run {run_id}: {task.metric_words} {task.number(headline, 3)}"
         move_alias(registry, "challenger", version, "gate", reason)
         if (
             registry.aliases().get("champion") is None
@@ -363,15 +388,8 @@ def decision_head(
 def recall_row(
     result: dict,  # from `evaluate_model`
 ) -> dict:  # a checklist row: the recall at the threshold beside its target (shown, not gated)
-    "The checklist's row for the recall the threshold was chosen for."
-    recall, interval = result["metrics"]["recall"], result["intervals"].get("recall")
-    return {
-        "criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
-        "threshold": f"at least {result['target_recall']:.0%}",
-        "value": f"{recall:.1%}"
-        + (f" (95% interval {interval['low']:.1%}–{interval['high']:.1%})" if interval else ""),
-        "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)",
-    }
+    "The checklist's row for the recall the threshold was chosen for (a binary task's `decision_check`)."
+    return BinaryTask().decision_check(result)
 
 
 def checklist_markdown(
@@ -386,16 +404,11 @@ def checklist_markdown(
 
 def accuracy_paragraph(
     result: dict,  # from `evaluate_model`
-) -> list[str]:  # Markdown lines: the test ROC AUC and the threshold's recall and precision
-    "The test split's accuracy in one sentence."
-    metrics, interval = result["metrics"], result["intervals"]["roc_auc"]
-    return [
-        f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
-        + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
-        + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ {result['target_recall']:.0%}, "
-        f"recall is {metrics['recall']:.1%} and precision {metrics['precision']:.1%}.",
-        "",
-    ]
+    task: Task | None = None,  # the project's task (None: binary)
+    settings=None,  # the project's settings: the target's words and unit
+) -> list[str]:  # Markdown lines: the test split's figures with their intervals
+    "The test split's accuracy in the task's words."
+    return [escape((task or BinaryTask()).accuracy_sentence(result, settings)), ""]
 
 
 def fairness_paragraph(
@@ -426,8 +439,9 @@ def fairness_paragraph(
 
 
 def champion_paragraph(
-    versus: dict | None,  # from `compare_with_champion` (None: no champion)
+    versus: dict | None,  # from the task's `versus` (None: no champion)
     champion_version: int | None,  # the champion it was compared with
+    task: Task | None = None,  # the project's task: its headline metric (None: binary)
 ) -> list[str]:  # Markdown lines: the comparison with the champion, on which rows
     "The comparison with the champion in one sentence, naming the rows it was made on."
     if versus is None:
@@ -439,9 +453,11 @@ def champion_paragraph(
     )
     if versus["low"] is None:
         return [f"Against the champion (version {champion_version}): not compared, too few rows {basis}.", ""]
+    task = task or BinaryTask()
     return [
-        f"Against the champion (version {champion_version}), {basis}: ROC AUC difference "
-        f"{versus['roc_auc_difference']:+.3f}, 95% interval [{versus['low']:+.3f}, {versus['high']:+.3f}].",
+        f"Against the champion (version {champion_version}), {basis}: {task.metric_words} difference "
+        f"{versus[f'{task.headline_metric}_difference']:+.3f}, "
+        f"95% interval [{versus['low']:+.3f}, {versus['high']:+.3f}].",
         "",
     ]
 
@@ -451,12 +467,16 @@ def decision_markdown(
     version: int,  # the evaluated version
     champion_version: int | None,  # the champion it was compared with (None: there was none)
     seeds: int,  # how many seeds of the fairness folds were run
+    task: Task | None = None,  # the project's task (None: binary)
+    settings=None,  # the project's settings: the target's words
 ) -> str:  # Markdown: the decision, its checklist (every deciding figure beside its threshold), and the evidence
     "The head of the evaluation report: the decision first, then every figure that decided it."
+    task = task or BinaryTask()
     lines = decision_head(result["gate"], version, champion_version)
-    lines += checklist_markdown(checklist(result["gate"]["checks"]) + [recall_row(result)])
-    lines += accuracy_paragraph(result) + fairness_paragraph(result, seeds)
-    lines += champion_paragraph(result["versus_champion"], champion_version)
+    extra = task.decision_check(result)  # what the decision was fitted to reach, shown, not gated
+    lines += checklist_markdown(checklist(result["gate"]["checks"]) + ([extra] if extra else []))
+    lines += accuracy_paragraph(result, task, settings) + fairness_paragraph(result, seeds)
+    lines += champion_paragraph(result["versus_champion"], champion_version, task)
     return "\n".join(lines)
 
 
@@ -479,7 +499,7 @@ def stage_summary(
     return {
         "model_version": version,
         "threshold": round(result["threshold"], 4),
-        "metrics": {k: round(v, 4) for k, v in result["metrics"].items()},
+        "metrics": {k: rounded(v) for k, v in result["metrics"].items()},
         "fairness": fairness,
         "fairness_by_seed": result["fairness_by_seed"],
         "labeled_rows": result["labeled_rows"],
@@ -495,16 +515,10 @@ def stage_summary(
 def evaluate_headline(
     result: dict,  # from `evaluate_model`
     version: int,  # the evaluated version
+    task: Task | None = None,  # the project's task (None: binary)
 ) -> str:  # one sentence for the index page
     "The evaluate stage's headline: the decision and the figures behind it."
-    metrics, auc, recall = result["metrics"], result["intervals"].get("roc_auc"), result["intervals"].get("recall")
-    figures = (
-        f"ROC AUC {metrics['roc_auc']:.2f}"
-        + (f" ({auc['low']:.2f}–{auc['high']:.2f})" if auc else "")
-        + f", recall {metrics['recall']:.0%}"
-        + (f" ({recall['low']:.0%}–{recall['high']:.0%})" if recall else "")
-        + f" at threshold {result['threshold']:.2f}"
-    )
+    figures = (task or BinaryTask()).headline(result)
     if result["gate"]["passed"]:
         return f"Model version {version} passed the gate: {figures}"
     return f"Model version {version} was refused by the gate ({'; '.join(result['gate']['reasons'])}): {figures}"

@@ -45,24 +45,27 @@ def undecided_check(
 
 
 def auc_check(
-    auc: float,  # the test ROC AUC
-    min_auc: float,  # the lowest ROC AUC allowed
+    auc: float,  # the test ROC AUC (or the task's floor metric)
+    min_auc: float,  # the lowest allowed
+    words: str = "ROC AUC",  # the metric in words
 ) -> tuple[dict, str]:  # the check, and the reason when it refused (else "")
-    "The gate's accuracy criterion: the test ROC AUC at least the minimum."
+    "The gate's accuracy criterion: the test ROC AUC (a task's floor metric) at least the minimum."
     passed = auc >= min_auc
-    check = gate_check("ROC AUC, test split", f"{auc:.3f}", f"at least {min_auc:.3f}", passed, auc, min_auc)
-    return check, "" if passed else f"ROC AUC {auc:.3f} is below the minimum {min_auc:.3f}"
+    check = gate_check(f"{words}, test split", f"{auc:.3f}", f"at least {min_auc:.3f}", passed, auc, min_auc)
+    return check, "" if passed else f"{words} {auc:.3f} is below the minimum {min_auc:.3f}"
 
 
 def fairness_check(
     column: str,  # a sensitive column
     gaps: dict,  # its `equalized_odds_difference` and bootstrap `interval` (None: no interval)
     max_fairness_gap: float,  # the largest equalized odds difference allowed
+    task: Task | None = None,  # the project's task: which gap of `gaps`, in which words (None: binary)
 ) -> tuple[dict, str]:  # the check, and the reason when it refused (else "")
     """The gate's fairness criterion for one column: refused when the gap is above the maximum beyond doubt (the lower
     end of its interval above it); without an interval the gap itself is compared."""
-    gap, interval = gaps.get("equalized_odds_difference"), gaps.get("interval")
-    name = f"equalized odds difference by {column}"
+    task = task or BinaryTask()
+    gap, interval = gaps.get(task.fairness_gap), gaps.get(task.fairness_interval)
+    name = f"{task.fairness_words} by {column}"
     if gap is None:
         return undecided_check(name, "fewer than two groups to judge"), ""
     limit = f"the maximum {max_fairness_gap:.3f}"
@@ -97,29 +100,30 @@ def latency_check(
 
 
 def champion_check(
-    versus: dict,  # from `compare_with_champion`
+    versus: dict,  # from the task's `versus`
+    task: Task | None = None,  # the project's task: its headline metric, and which way is better (None: binary)
 ) -> tuple[dict, str]:  # the check, and the reason when it refused (else "")
-    """The gate's comparison with the champion: refused only when the interval of the ROC AUC difference, on rows
-    neither model was trained on, is entirely below zero (an interval around 0 is no near miss: no difference)."""
+    """The gate's comparison with the champion: refused only when the interval of the headline metric's difference,
+    on rows neither model was trained on, is entirely on the worse side of zero (below it for ROC AUC, above it for an
+    error such as MAE; an interval around 0 is no near miss: no difference)."""
+    task = task or BinaryTask()
     rows = versus["rows"]
     if versus["low"] is None:
         return undecided_check("versus the champion", f"not compared: {rows} rows neither model was trained on"), ""
     low, high = versus["low"], versus["high"]
     interval, basis = f"[{low:+.3f}, {high:+.3f}]", f"on {rows} rows neither was trained on"
+    kept, side = (high >= 0, "below") if task.higher_is_better else (low <= 0, "above")
+    difference = versus[f"{task.headline_metric}_difference"]
     check = gate_check(
-        "versus the champion (ROC AUC difference)",
-        f"{versus['roc_auc_difference']:+.3f} (95% interval {interval}) {basis}",
-        "interval not entirely below 0",
-        high >= 0,
-        versus["roc_auc_difference"],
+        f"versus the champion ({task.metric_words} difference)",
+        f"{difference:+.3f} (95% interval {interval}) {basis}",
+        f"interval not entirely {side} 0",
+        kept,
+        difference,
         0.0,
     )
-    return (
-        check,
-        ""
-        if high >= 0
-        else f"significantly worse than the champion: ROC AUC difference 95% interval {interval} {basis}",
-    )
+    reason = f"significantly worse than the champion: {task.metric_words} difference 95% interval {interval} {basis}"
+    return check, "" if kept else reason
 
 # %% ../nbs/04a_gate.ipynb #8e455601
 def gate(
@@ -127,7 +131,7 @@ def gate(
     fairness: dict,  # per sensitive column: `equalized_odds_difference` and its bootstrap `interval`
     speed: dict,  # from `measure_speed`
     versus_champion: dict | None,  # from `compare_with_champion`, or None without a champion
-    min_auc: float,  # the lowest ROC AUC allowed
+    min_auc: float,  # the lowest ROC AUC allowed (the task's floor metric: `task.floor_option` names its setting)
     max_fairness_gap: float,  # the largest equalized odds difference allowed
     max_latency_ms: float,  # the largest CPU milliseconds a single record may cost
     task: Task | None = None,  # the project's task: which of `metrics` the accuracy criterion judges (None: binary)
@@ -138,11 +142,12 @@ def gate(
     its bootstrap interval is above it. Without an interval the gap itself is compared. The champion
     wins only when the interval of the AUC difference, on rows neither model was trained on, is
     entirely below zero."""
-    judged = [auc_check(metrics[(task or BinaryTask()).headline_metric], min_auc)]
-    judged += [fairness_check(column, gaps, max_fairness_gap) for column, gaps in fairness.items()]
+    task = task or BinaryTask()
+    judged = [auc_check(metrics[task.floor_metric], min_auc, task.floor_words)]
+    judged += [fairness_check(column, gaps, max_fairness_gap, task) for column, gaps in fairness.items()]
     judged.append(latency_check(speed["latency_ms"], max_latency_ms))
     if versus_champion is not None:
-        judged.append(champion_check(versus_champion))
+        judged.append(champion_check(versus_champion, task))
     reasons = [reason for _, reason in judged if reason]
     return {"passed": not reasons, "reasons": reasons, "checks": [check for check, _ in judged]}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .core import Settings
 from .metrics import group_words
 from .registry import markdown_table
+from .tasks import BinaryTask, Task
 from .words import term
 
 # %% auto #0
@@ -33,12 +34,11 @@ def _namer(settings):
 def _card_use(
     meta: dict,  # the version's metadata
     settings: Settings,  # the project's settings
+    task: Task,  # the project's task: what the model is for, in its words
 ) -> list[str]:  # Markdown lines: title, model details, intended use, factors
     "The card's first sections: what the model is, what it is for, and what it is audited by."
     data = settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
     title = getattr(settings, "title", "") or settings.path.parent.name
-    positive = getattr(settings, "positive_label", "positive")
-    negative = getattr(settings, "negative_label", "negative")
     name = _namer(settings)
     features = meta["features"]["numeric"] + meta["features"]["categorical"]
     sensitive = getattr(settings, "sensitive", [])
@@ -56,12 +56,7 @@ def _card_use(
         "",
         "## Intended use",
         "",
-        f"- Predicts {positive} (against {negative}) from {len(features)} features, "
-        "as a score between 0 and 1 and a decision at a threshold.",
-        "- To support, not replace, a professional's decision: a flag to look again, never a diagnosis.",
-        "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), "
-        "decisions made without a professional, "
-        "and any use of the score as a probability without checking its calibration on the population at hand.",
+        *task.card_use(settings, len(features)),
         "",
         "## Factors",
         "",
@@ -69,7 +64,7 @@ def _card_use(
         + (" and their intersection" if len(sensitive) > 1 else "")
         + ".",
         f"- Features: {', '.join(name(column) for column in features)}.",
-        f"- Sources (hospitals): {', '.join(meta['sources'])}.",
+        f"- Sources: {', '.join(meta['sources'])}.",
         "",
     ]
 
@@ -79,6 +74,7 @@ def _card_metrics(
     settings: Settings,  # the project's settings
     evaluation: dict | None,  # the evaluation, once evaluated
     figures: dict,  # the report's own figures
+    task: Task,  # the project's task
 ) -> list[str]:  # Markdown lines: metrics with intervals, evaluation data, training data
     "The card's figures, and the data they were measured on and learned from."
 
@@ -96,19 +92,16 @@ def _card_metrics(
     lines = [f"## Metrics ({'test split' if evaluation else 'validation split'})", ""]
     lines += [markdown_table(rows), ""] + _picture(figures, "metrics")
     if evaluation:
-        lines += [
-            f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall "
-            f"≥ {evaluation['target_recall']:.0%} on the validation split.",
-            "- Intervals: 95% bootstrap over the test split.",
-            "",
-        ]
+        lines += [*task.card_decision(evaluation), "- Intervals: 95% bootstrap over the test split.", ""]
     lines += ["## Evaluation data", ""]
     if evaluation:
         lines += [
             f"- Accuracy: the test split, {evaluation.get('test_rows', '?')} rows "
             "neither training nor the threshold saw.",
             f"- Fairness: all {evaluation.get('labeled_rows', '?')} labeled rows, "
-            "each scored by a model that did not see it.",
+            "each scored by a model that did not see it."
+            if task.out_of_fold_audit
+            else f"- Fairness: the test split, {evaluation.get('test_rows', '?')} rows.",
             "",
         ]
     else:
@@ -131,23 +124,21 @@ def _card_group_rows(
     settings: Settings,  # the project's settings
     column: str,  # an audited column (or intersection)
     group_rows: list[dict],  # its rows of group metrics
+    task: Task,  # the project's task: the figures of a group
 ) -> tuple[list[dict], list[str]]:  # the table's rows, and the groups too small to judge
     "One audited column's table on the card, and its groups too small to judge."
-    positive = getattr(settings, "positive_label", "positive")
+    one, many = settings.row_nouns if hasattr(settings, "row_nouns") else ("patient", "patients")
     table, small_groups = [], []
     for row in group_rows:
         words = group_words(settings, column, row["group"]) if hasattr(settings, "labels") else row["group"]
         judged = row.get("recall_judged", not row.get("too_small"))
         if not judged:
-            small_groups.append(f"{words} ({row['n']} patients)")
+            small_groups.append(f"{words} ({row['n']} {one if row['n'] == 1 else many})")
         table.append(
             {
                 "group": words,
-                "patients": int(row["n"]),
-                "with " + positive: int(row.get("positives", 0)),
-                "recall": _percent(row["recall"]),
-                "false negative rate": _percent(row["false_negative_rate"]),
-                "false positive rate": _percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
+                many: int(row["n"]),
+                **task.card_group_row(row, settings),
                 "judged": "yes" if judged else "too few to judge",
             }
         )
@@ -159,23 +150,28 @@ def _card_groups(
     by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
     evaluation: dict | None,  # the evaluation, once evaluated
     figures: dict,  # the report's own figures
+    task: Task,  # the project's task: its fairness gap
 ) -> list[str]:  # Markdown lines: the quantitative analyses by group
-    "The card's analyses by group: a table a column, its equalized odds difference, the groups too small to judge."
+    "The card's analyses by group: a table a column, the task's fairness gap, the groups too small to judge."
 
     name = _namer(settings)
     fairness = (evaluation or {}).get("fairness", {})
-    scope = "every labeled row, out of fold" if evaluation else "validation split"
+    scope = (
+        ("every labeled row, out of fold" if task.out_of_fold_audit else "test split")
+        if evaluation
+        else "validation split"
+    )
     lines, small_groups = [f"## Quantitative analyses by group ({scope})", ""], []
     for column, group_rows in by_group.items():
         heading = " × ".join(name(part) for part in column.split(" & "))
-        table, small = _card_group_rows(settings, column, group_rows)
+        table, small = _card_group_rows(settings, column, group_rows, task)
         small_groups += small
         lines += [f"### By {heading}", "", markdown_table(table), ""]
         gaps = fairness.get(column, {})
-        if gaps.get("equalized_odds_difference") is not None:
-            interval = gaps.get("interval")
+        if gaps.get(task.fairness_gap) is not None:
+            interval = gaps.get(task.fairness_interval)
             lines += [
-                f"- Equalized odds difference {gaps['equalized_odds_difference']:.3f}"
+                f"- {task.fairness_words[0].upper() + task.fairness_words[1:]} {gaps[task.fairness_gap]:.3f}"
                 + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
                 + ".",
                 "",
@@ -209,23 +205,22 @@ def _card_gate(
 
 def _card_cautions(
     meta: dict,  # the version's metadata
+    settings: Settings,  # the project's settings
+    task: Task,  # the project's task
 ) -> list[str]:  # Markdown lines: ethical considerations, caveats and recommendations
     "The card's last sections: what a reader must keep in mind."
+    _, many = settings.row_nouns if hasattr(settings, "row_nouns") else ("patient", "patients")
     return [
         "## Ethical considerations",
         "",
-        "- The data are health records: the model must never expose a patient's identity, "
-        "and its decisions must be reviewable by a professional.",
-        "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, "
-        "and the recall of each group is audited above.",
-        "- Groups too small to judge may be served worse without the audit being able to tell.",
+        *task.card_cautions(settings),
         "",
         "## Caveats and recommendations",
         "",
-        f"- Trained on the sources {', '.join(meta['sources'])}; patients from elsewhere may differ.",
+        f"- Trained on the sources {', '.join(meta['sources'])}; {many} from elsewhere may differ.",
         "- Missing values are imputed from training rows; a feature missing far more often in production "
         "(or recorded as 0 for 'not measured') weakens the model.",
-        "- Monitor drift, recall and the groups' gaps in production; retrain when they move.",
+        f"- Monitor drift, {task.metric_words} and the groups' gaps in production; retrain when they move.",
         "",
     ]
 
@@ -236,6 +231,7 @@ def model_card(
     by_group: dict[str, list[dict]],  # per audited column (and intersection): rows of group metrics
     evaluation: dict | None = None,  # test metrics, intervals, fairness and the gate's decision, once evaluated
     figures: dict[str, tuple[str, str]] | None = None,  # "metrics" and "groups": (PNG beside the card, caption)
+    task: Task | None = None,  # the project's task: the card's words (None: binary)
 ) -> str:  # Markdown
     """A model card with the sections of Mitchell et al. (2019) and Google's Model Card Toolkit: model details, intended
     use, factors, metrics with intervals, evaluation and training data, quantitative analyses by group, the gate's
@@ -243,7 +239,8 @@ def model_card(
     names, the value labels, and the data's source, licence and citation. `figures` are the stage report's own plots
     (the accuracy curves under the metrics, recall by group with its intervals under the analyses by group), so the
     card shows what the report shows."""
-    figures = figures or {}
-    lines = _card_use(meta, settings) + _card_metrics(meta, settings, evaluation, figures)
-    lines += _card_groups(settings, by_group, evaluation, figures) + _card_gate(evaluation) + _card_cautions(meta)
+    figures, task = figures or {}, task or BinaryTask()
+    lines = _card_use(meta, settings, task) + _card_metrics(meta, settings, evaluation, figures, task)
+    lines += _card_groups(settings, by_group, evaluation, figures, task) + _card_gate(evaluation)
+    lines += _card_cautions(meta, settings, task)
     return "\n".join(lines)

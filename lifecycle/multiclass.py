@@ -549,6 +549,7 @@ def compare_multiclass(
     rounds: int = 1000,  # bootstrap resamples
     seed: int = 0,  # random seed of the bootstraps
     parity_reason: str = "",  # why parity is enough to promote (from settings); empty: it is not
+    noun: str = "patients",  # what the rows are, many (`Settings.row_nouns`), for the headline
 ) -> dict:  # rows, classes, decisions, macro_f1, log_loss, gains, losses, verdict, promote, rule, headline
     "Compare champion and challenger on the same labeled rows, with paired tests and a verdict in words."
     true_codes = class_codes(labels, classes, "the comparison labels")
@@ -560,7 +561,7 @@ def compare_multiclass(
     macro_f1 = paired_figure(true_codes, champion_proba, challenger_proba, "macro_f1", rounds, seed, alpha)
     loss = paired_figure(true_codes, champion_proba, challenger_proba, "log_loss", rounds, seed + 1, alpha)
     gains, losses = _verdicts(decisions, macro_f1, loss, alpha)
-    verdict, promote, headline = comparison_verdict(len(true_codes), gains, losses, parity_reason)
+    verdict, promote, headline = comparison_verdict(len(true_codes), gains, losses, parity_reason, noun)
     return {
         "rows": int(len(true_codes)),
         "classes": [value_key(value) for value in classes],

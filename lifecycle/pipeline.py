@@ -39,7 +39,7 @@ from .access import server_options
 from .execute import Kernels, _import_nbformat, execute_stage, export_html
 from .labels import label_policy
 from .report import write_index
-from .tasks import check_task
+from .tasks import check_task, stage_not_built
 
 # %% auto #0
 __all__ = ['CONTEXT_PARAMETERS', 'PAGE_SECTIONS', 'SERVICE_SECTIONS', 'stages_folder', 'Stage', 'discover_stages', 'did_you_mean',
@@ -472,10 +472,14 @@ def _execute(
 ) -> None:
     "Run (or reuse) each stage in turn until one fails; record the ones that ran in the cache."
     root, run_dir, report_dir = settings.root, Path(run["run_dir"]), Path(run["report"]).parent
-    code, upstream = package_code_hash(), {}
+    code, upstream, task = package_code_hash(), {}, settings.task
     kernels = Kernels(root)  # the first kernel boots when a stage turns out not cached: none if all is cached
     try:
         for index, stage in enumerate(in_run):
+            if line := stage_not_built(task, stage.name):  # one honest line, no notebook run, nothing cached
+                _log(f"{stage.name}: {line}", quiet)
+                run["stages"].append({"name": stage.name, "status": "not built", "seconds": 0.0, "error": line})
+                continue
             key = cache_key(stage, parameters[stage.name], settings, upstream, code)
             more = any(later.name in selected for later in in_run[index + 1 :])
             entry = run_stage(
@@ -492,6 +496,7 @@ def _execute(
                 more=more,
             )
             run["stages"].append(entry)
+            task = ((entry.get("summary") or {}).get("task") or {}).get("name", task)  # prepare names it, inferred
             if entry["status"] == "failed":
                 break
             if entry["status"] == "ran":

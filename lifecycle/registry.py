@@ -112,6 +112,17 @@ TRUSTED_TYPES = [
     "numpy.bool_",
     "builtins.slice",
     "collections.OrderedDict",
+    # the regressors of the three families, and the multiclass gradient boosting's loss (issue 22)
+    "sklearn.linear_model._ridge.Ridge",
+    "sklearn.ensemble._forest.RandomForestRegressor",
+    "sklearn.tree._classes.DecisionTreeRegressor",
+    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingRegressor",
+    "sklearn._loss.loss.HalfSquaredError",
+    "sklearn._loss._loss.CyHalfSquaredError",
+    "sklearn._loss.link.IdentityLink",
+    "sklearn._loss.loss.HalfMultinomialLoss",
+    "sklearn._loss._loss.CyHalfMultinomialLoss",
+    "sklearn._loss.link.MultinomialLogit",
 ]
 
 # the plain values and containers of a model's state, which skops stores as nodes too
@@ -287,8 +298,11 @@ def load_model(
             f"{path}: SHA-256 does not match the registry's record; the file was changed, refusing to load it"
         )
     model = load_model_bytes(data, str(path))
-    if not callable(getattr(model, "predict_proba", None)):
-        raise LifecycleError(f"{path} is not a fitted classifier (it has no predict_proba); refusing to load it")
+    task = meta.get("task", "binary")  # a regressor answers with predict, a classifier with predict_proba
+    method = "predict" if task == "regression" else "predict_proba"
+    if not callable(getattr(model, method, None)):
+        kind = "regressor" if task == "regression" else "classifier"
+        raise LifecycleError(f"{path} is not a fitted {kind} (it has no {method}); refusing to load it")
     return model
 
 # %% ../nbs/20_registry.ipynb #a1f092e9

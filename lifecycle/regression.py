@@ -488,6 +488,7 @@ def compare_regressors(
     rounds: int = 1000,  # bootstrap resamples
     seed: int = 0,  # random seed of the bootstrap
     parity_reason: str = "",  # why parity is enough to promote (from settings); empty: it is not
+    noun: str = "patients",  # what the rows are, many (`Settings.row_nouns`), for the headline
     max_mae_gap: float | None = None,  # the largest MAE gap between groups allowed (None: not judged)
     min_group: int = 20,  # groups smaller than this are not judged
 ) -> dict:  # rows, mae, wilcoxon, fairness, gains, losses, verdict, promote, rule, headline
@@ -508,7 +509,7 @@ def compare_regressors(
         fairness[column] = {"champion": gap_a, "challenger": gap_b}
         if max_mae_gap is not None and gap_b is not None and gap_b > max_mae_gap and (gap_a is None or gap_b > gap_a):
             losses.append(f"MAE gap by {column} {gap_b:.3g}, above {max_mae_gap:g} (champion {gap_a})")
-    verdict, promote, headline = comparison_verdict(len(y_true), gains, losses, parity_reason)
+    verdict, promote, headline = comparison_verdict(len(y_true), gains, losses, parity_reason, noun)
     return {
         "rows": int(len(y_true)),
         "mae": mae,

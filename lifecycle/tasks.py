@@ -14,10 +14,12 @@ from .contract import _code, reason_series
 from .core import LifecycleError, Settings
 from .fairness import bootstrap, fairness_audit
 from .metrics import classification_metrics, threshold_for_recall
+from .task_base import MODEL_FAMILIES, Task  # noqa: F401 (the base's home was here: names kept)
 
 # %% auto #0
-__all__ = ['TASK_CLASSES', 'label_key', 'label_target', 'infer_task', 'compare_with_champion', 'score_intervals', 'Task',
-           'BinaryTask', 'task_for', 'check_task']
+__all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_key', 'label_target', 'infer_task',
+           'compare_with_champion', 'score_intervals', 'make_classifier', 'BinaryTask', 'task_class', 'stage_not_built',
+           'task_for', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
 def label_key(value) -> str:
@@ -144,158 +146,41 @@ def score_intervals(
         seed,
     )
 
-# %% ../nbs/22t_tasks.ipynb #b73ba040
-class Task:
-    """What depends on the kind of target, asked by the stages: labels, scores, the decision, metrics and intervals,
-    the paired comparison, fairness and estimated performance. A task implements the `_` methods."""
+# %% ../nbs/22t_tasks.ipynb #4bdab253
+def make_classifier(
+    name: str,  # a model family
+    seed: int,  # random seed
+):  # an unfitted scikit-learn classifier
+    "A classifier by family, seeded."
+    # start-up time: only training builds estimators
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
 
-    name = ""  # binary, multiclass or regression
-    label_type = object  # the Python type of one label, as /feedback takes it
-    answer_fields: tuple[str, ...] = ()  # the fields of one answer of the API, batch and stream
-    headline_metric = ""  # the metric the gate's accuracy check and the headline name
-
-    def __init__(
-        self,
-        settings: Settings | None = None,  # the project's settings (None: a task without a project, for tests)
-        reason: str = "",  # why this task: "set in settings.ini", or how it was inferred
-    ):
-        self.settings, self.reason = settings, reason
-
-    def sentence(self) -> str:  # one line for the prepare report: the task and why
-        "The task in one line, as the prepare report says it."
-        return f"task: {self.name} ({self.reason})" if self.reason else f"task: {self.name}"
-
-    def labels(
-        self,
-        target: pd.Series,  # the target column, cleaned (missing values as NaN)
-    ) -> tuple[pd.Series, pd.Series]:  # (each row's label, NaN without one; the reason a row has none)
-        "The target as the model's labels, with the reason for each row that has none."
-        return self._labels(target)
-
-    def scores(
-        self,
-        model,  # a fitted pipeline
-        rows: pd.DataFrame,  # feature rows, in the model's columns
-    ) -> np.ndarray:  # what the model says of each row: a score, class probabilities or a value
-        "The model's raw answer for each row."
-        return np.asarray(self._scores(model, rows), dtype=float)
-
-    def fit_decision(
-        self,
-        labels: np.ndarray,  # validation labels
-        scores: np.ndarray,  # validation scores
-        target: float,  # what the decision must reach (a binary task's recall)
-    ) -> float:  # the decision's parameter (a binary task's threshold)
-        "Choose the decision on the validation split."
-        return self._fit_decision(np.asarray(labels), np.asarray(scores, dtype=float), target)
-
-    def decide(
-        self,
-        scores: np.ndarray,  # the model's scores
-        decision: float,  # the decision's parameter, from `fit_decision`
-    ) -> np.ndarray:  # the decision for each row
-        "The decisions the model's scores lead to."
-        return self._decide(np.asarray(scores, dtype=float), decision)
-
-    def metrics(
-        self,
-        labels: np.ndarray,  # true labels
-        scores: np.ndarray,  # the model's scores
-        decision: float,  # the decision's parameter
-    ) -> dict:  # metric name -> value
-        "The accuracy figures of scores at a decision."
-        return self._metrics(np.asarray(labels), np.asarray(scores, dtype=float), decision)
-
-    def intervals(
-        self,
-        labels: np.ndarray,  # true labels of the test rows
-        scores: np.ndarray,  # the model's scores
-        decided: np.ndarray,  # its decisions
-        resamples: int,  # bootstrap resamples
-        seed: int,  # random seed of the bootstrap
-    ) -> dict:  # metric name -> its 95% interval (or None)
-        "Bootstrap intervals of the figures the report and the gate quote."
-        return self._intervals(np.asarray(labels), np.asarray(scores, dtype=float), decided, resamples, seed)
-
-    def versus(
-        self,
-        labels: np.ndarray,  # labels of the test rows
-        scores: np.ndarray,  # the new model's scores
-        champion_scores: np.ndarray,  # the champion's scores
-        unseen: np.ndarray,  # the rows neither model was trained on
-        resamples: int,  # bootstrap resamples
-        seed: int,  # random seed of the bootstrap
-    ) -> dict:  # rows compared, the headline metric's difference (new − champion) and its 95% interval
-        "The new model against the champion on rows neither has seen, for the gate."
-        return self._versus(np.asarray(labels), scores, champion_scores, np.asarray(unseen, bool), resamples, seed)
-
-    def compare(
-        self,
-        labels,  # true labels of the comparison rows
-        champion_scores,  # the champion's scores on those rows
-        challenger_scores,  # the challenger's scores on the same rows
-        champion_decision: float,  # the champion's decision parameter
-        challenger_decision: float,  # the challenger's decision parameter
-        **options,  # the comparison's settings: groups, costs, alpha, rounds, seed, parity reason, fairness limits
-    ) -> dict:  # the paired tests, gains, losses, verdict, promote, headline
-        "Champion against challenger on the same labeled rows, with the task's paired tests and a verdict in words."
-        return self._compare(
-            labels, champion_scores, challenger_scores, champion_decision, challenger_decision, options
+    if name == "logistic_regression":
+        return LogisticRegression(max_iter=2000)
+    if name == "random_forest":
+        return RandomForestClassifier(n_estimators=300, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    if name == "hist_gradient_boosting":
+        return HistGradientBoostingClassifier(
+            max_iter=150,
+            learning_rate=0.05,
+            max_leaf_nodes=15,
+            l2_regularization=1.0,
+            early_stopping=False,
+            random_state=seed,
         )
+    raise LifecycleError(f"[train] model = {name!r}: use one of {', '.join(MODEL_FAMILIES)}")
 
-    def fairness(
-        self,
-        labels: np.ndarray,  # labels
-        scores: np.ndarray,  # scores, each from a model that did not see the row
-        decision: float,  # the decision's parameter
-        groups: dict[str, np.ndarray],  # per sensitive column, each row's group
-        *judging,  # the evidence rules: smallest group, and the task's other minimums
-        resamples: int = 300,  # bootstrap resamples of the gaps
-        seed: int = 42,  # random seed of the bootstrap
-    ) -> dict:  # per column: the gaps, their interval and the groups' metrics
-        "Fairness by each sensitive column, in the task's metrics."
-        return self._fairness(
-            np.asarray(labels), np.asarray(scores, dtype=float), decision, groups, judging, resamples, seed
-        )
 
-    def estimate(
-        self,
-        scores: np.ndarray,  # a window's scores
-        decisions: np.ndarray,  # the decisions made
-        calibration: dict | None,  # the reference's calibration map
-    ) -> dict:  # estimated figures, labeled as estimates
-        "Performance estimated without labels, from the scores alone."
-        return self._estimate(np.asarray(scores, dtype=float), np.asarray(decisions, dtype=float), calibration)
+CLASSIFIER_GRIDS = {  # the search's grid of each family's classifier
+    "logistic_regression": {"model__C": [0.1, 1.0, 10.0]},
+    "random_forest": {"model__max_depth": [None, 6], "model__min_samples_leaf": [1, 4]},
+    "hist_gradient_boosting": {"model__learning_rate": [0.03, 0.1], "model__max_leaf_nodes": [7, 15]},
+}
 
-    def _labels(self, target):
-        raise NotImplementedError
-
-    def _scores(self, model, rows):
-        raise NotImplementedError
-
-    def _fit_decision(self, labels, scores, target):
-        raise NotImplementedError
-
-    def _decide(self, scores, decision):
-        raise NotImplementedError
-
-    def _metrics(self, labels, scores, decision):
-        raise NotImplementedError
-
-    def _intervals(self, labels, scores, decided, resamples, seed):
-        raise NotImplementedError
-
-    def _versus(self, labels, scores, champion_scores, unseen, resamples, seed):
-        raise NotImplementedError
-
-    def _compare(self, labels, champion_scores, challenger_scores, champion_decision, challenger_decision, options):
-        raise NotImplementedError
-
-    def _fairness(self, labels, scores, decision, groups, judging, resamples, seed):
-        raise NotImplementedError
-
-    def _estimate(self, scores, decisions, calibration):
-        raise NotImplementedError
+# The quantiles a reference keeps of each numeric feature and of the answers. 101 percentiles overstate the Wasserstein
+# distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
+QUANTILE_GRID = np.linspace(0, 1, 1001)
 
 # %% ../nbs/22t_tasks.ipynb #ef40d48c
 class BinaryTask(Task):
@@ -305,6 +190,20 @@ class BinaryTask(Task):
     label_type = int  # 0 or 1
     answer_fields = ("score", "decision", "model_version")
     headline_metric = "roc_auc"
+    metric_words = "ROC AUC"
+    cv_metric = "roc_auc"
+    search_scoring = "roc_auc"
+    floor_metric, floor_option, floor_words = "roc_auc", "min_auc", "ROC AUC"
+    fairness_gap, fairness_words = "equalized_odds_difference", "equalized odds difference"
+    decision_option = "target_recall"
+    out_of_fold_audit = True
+    figure_caption = "ROC curve, precision-recall and calibration on the validation split"
+    test_caption = "ROC curve, calibration and confusion matrix on the {rows} test rows, as in the evaluation report"
+    groups_caption = (
+        "Recall by group on all {rows} labeled rows (each scored by a model that did not see it), "
+        "with 95% Wilson intervals and group sizes; grey: too few patients to judge"
+    )
+    source_columns = ("roc_auc", "recall", "precision")
 
     def _labels(self, target):
         positive, negative = (self.settings.positive, self.settings.negative) if self.settings else ([], [])
@@ -341,15 +240,280 @@ class BinaryTask(Task):
 
         return estimated_metrics(scores, decisions, calibration)
 
+    def _estimator(self, model, seed):
+        return make_classifier(model, seed)
+
+    def _folds(self, cv_folds, seed):
+        from sklearn.model_selection import StratifiedKFold  # start-up time: only training needs it
+
+        return StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
+
+    def _out_of_fold(self, pipeline, features, labels, folds, fit_params):
+        from sklearn.model_selection import cross_val_predict  # start-up time: only training needs it
+
+        return cross_val_predict(
+            pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params
+        )[:, 1]
+
+    def _fold_metric(self, labels, scores):
+        return roc_auc_score(labels, scores)
+
+    def _search_grid(self, model):
+        return CLASSIFIER_GRIDS[model]
+
+    def _label_array(self, labels):
+        return labels.astype(int)
+
+    def _reference_scores(self, scores, labels):
+        from sklearn.isotonic import (
+            IsotonicRegression,
+        )  # score -> probability, for monitoring's estimates before labels
+
+        score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
+        calibration = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
+        return {
+            "labels": {"positive_rate": float(np.mean(labels))},
+            "scores": {
+                "bin_edges": score_edges.tolist(),
+                "bin_counts": score_counts.tolist(),
+                "mean": float(np.mean(scores)),
+                "std": float(np.std(scores)),
+                "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
+                "calibration": {
+                    "scores": calibration.X_thresholds_.tolist(),
+                    "probabilities": calibration.y_thresholds_.tolist(),
+                },
+            },
+        }
+
+    def _by_group(self, labels, scores, group, min_size):
+        from lifecycle.metrics import group_metrics  # the binary figures by group
+
+        return group_metrics(labels, scores, 0.5, group, min_size)
+
+    def _validation_figures(self, labels, scores, settings):
+        import matplotlib.pyplot as plt  # start-up time: only reports draw
+        from sklearn.calibration import calibration_curve
+        from sklearn.metrics import precision_recall_curve, roc_curve
+
+        metrics = self.metrics(labels, scores, self.default_decision)
+        rows, many = len(labels), settings.row_nouns()[1]
+        figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+        fpr, tpr, _ = roc_curve(labels, scores)
+        axes[0].plot(fpr, tpr)
+        axes[0].plot([0, 1], [0, 1], ":", color="grey")
+        axes[0].set(
+            title=f"ROC (AUC {metrics['roc_auc']:.3f}; validation, n = {rows} {many})",
+            xlabel="false positive rate (share of negatives)",
+            ylabel="true positive rate (share of positives)",
+        )
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        axes[1].plot(recall, precision)
+        axes[1].set(
+            title=f"Precision-recall (AP {metrics['pr_auc']:.3f}; n = {rows})",
+            xlabel="recall (share of positives found)",
+            ylabel="precision (share of flagged that are positive)",
+        )
+        observed, predicted = calibration_curve(labels, scores, n_bins=8, strategy="quantile")
+        axes[2].plot(predicted, observed, "o-")
+        axes[2].plot([0, 1], [0, 1], ":", color="grey")
+        axes[2].set(
+            title=f"Calibration (8 bins of ~{rows // 8} {many})",
+            xlabel="predicted probability (0 to 1)",
+            ylabel="observed share positive (0 to 1)",
+        )
+        plt.tight_layout()
+        return [figure]
+
+    def _track(self, tracker, labels, scores, settings):
+        tracker.curves("validation", labels, scores, [settings.negative_label, settings.positive_label])
+
+    def _split_table(self, clean):
+        table = clean.groupby("_split", observed=True)["_label"].agg(rows="size", positive_share="mean")
+        return table, {"positive_share": "{:.1%}"}
+
+    def _card_use(self, settings, features):
+        positive = getattr(settings, "positive_label", "positive")
+        negative = getattr(settings, "negative_label", "negative")
+        return [
+            f"- Predicts {positive} (against {negative}) from {features} features, "
+            "as a score between 0 and 1 and a decision at a threshold.",
+            "- To support, not replace, a professional's decision: a flag to look again, never a diagnosis.",
+            "- Out of scope: patients unlike those in the training data (other hospitals, countries or eras), "
+            "decisions made without a professional, "
+            "and any use of the score as a probability without checking its calibration on the population at hand.",
+        ]
+
+    def _card_group_row(self, row, settings):
+        positive = getattr(settings, "positive_label", "positive")
+
+        def percent(value) -> str:
+            return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+        return {
+            "with " + positive: int(row.get("positives", 0)),
+            "recall": percent(row["recall"]),
+            "false negative rate": percent(row["false_negative_rate"]),
+            "false positive rate": percent(row["false_positive_rate"]) if "false_positive_rate" in row else "",
+        }
+
+    def _card_decision(self, evaluation):
+        return [
+            f"- Decision threshold {evaluation['threshold']:.3f}, the highest reaching recall "
+            f"≥ {evaluation['target_recall']:.0%} on the validation split."
+        ]
+
+    def _card_cautions(self, settings):
+        return [
+            "- The data are health records: the model must never expose a patient's identity, "
+            "and its decisions must be reviewable by a professional.",
+            "- Missing a sick patient (a false negative) costs more than a false alarm; the threshold favours recall, "
+            "and the recall of each group is audited above.",
+            "- Groups too small to judge may be served worse without the audit being able to tell.",
+        ]
+
+    def _decision_check(self, result):
+        recall, interval = result["metrics"]["recall"], result["intervals"].get("recall")
+        return {
+            "criterion": "recall at the threshold, test split (the threshold's target; shown, not gated)",
+            "threshold": f"at least {result['target_recall']:.0%}",
+            "value": f"{recall:.1%}"
+            + (f" (95% interval {interval['low']:.1%}–{interval['high']:.1%})" if interval else ""),
+            "verdict": "met" if recall >= result["target_recall"] else "below the target (not gated)",
+        }
+
+    def _accuracy_sentence(self, result, settings):
+        metrics, interval = result["metrics"], result["intervals"]["roc_auc"]
+        return (
+            f"Test split: {result['test_rows']} rows. ROC AUC {metrics['roc_auc']:.3f}"
+            + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+            + f"; at threshold {result['threshold']:.3f}, chosen on validation for recall ≥ "
+            f"{result['target_recall']:.0%}, recall is {metrics['recall']:.1%} "
+            f"and precision {metrics['precision']:.1%}."
+        )
+
+    def _headline(self, result):
+        metrics, auc, recall = result["metrics"], result["intervals"].get("roc_auc"), result["intervals"].get("recall")
+        return (
+            f"ROC AUC {metrics['roc_auc']:.2f}"
+            + (f" ({auc['low']:.2f}–{auc['high']:.2f})" if auc else "")
+            + f", recall {metrics['recall']:.0%}"
+            + (f" ({recall['low']:.0%}–{recall['high']:.0%})" if recall else "")
+            + f" at threshold {result['threshold']:.2f}"
+        )
+
+    def _test_figure(self, result, settings, names):
+        """The ROC curves (the champion's beside), calibration and the confusion matrix at the threshold.
+
+        Long because it is one figure of three panels, each a few plain matplotlib lines."""
+        import matplotlib.pyplot as plt  # start-up time: only reports draw
+        from sklearn.calibration import calibration_curve
+        from sklearn.metrics import confusion_matrix, roc_curve
+
+        y_test, scores, metrics = result["y_test"], result["scores"], result["metrics"]
+        figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+        fpr, tpr, _ = roc_curve(y_test, scores)
+        axes[0].plot(fpr, tpr, label=names[0])
+        if result["champion_scores"] is not None:
+            fpr_c, tpr_c, _ = roc_curve(y_test, result["champion_scores"])
+            axes[0].plot(fpr_c, tpr_c, label=names[1])
+        axes[0].plot([0, 1], [0, 1], ":", color="grey")
+        axes[0].legend()
+        many = settings.row_nouns()[1]
+        axes[0].set(
+            title=f"ROC, test split (n = {len(y_test)} {many})",
+            xlabel="false positive rate (share of negatives)",
+            ylabel="true positive rate (share of positives)",
+        )
+        observed, expected = calibration_curve(y_test, scores, n_bins=8, strategy="quantile")
+        axes[1].plot(expected, observed, "o-")
+        axes[1].plot([0, 1], [0, 1], ":", color="grey")
+        axes[1].set(
+            title=f"Calibration (Brier {metrics['brier']:.3f}; 8 bins of ~{len(y_test) // 8} {many})",
+            xlabel="predicted probability (0 to 1)",
+            ylabel="observed share positive (0 to 1)",
+        )
+        matrix = confusion_matrix(y_test, result["predicted"], labels=[0, 1])
+        axes[2].imshow(matrix, cmap="Blues")
+        for (row, column), count in np.ndenumerate(matrix):
+            axes[2].text(column, row, str(count), ha="center", va="center", fontsize=14)
+        axes[2].set(
+            title=f"Confusion at threshold {result['threshold']:.2f} ({many}, n = {len(y_test)})",
+            xticks=[0, 1],
+            yticks=[0, 1],
+            xticklabels=["predicted\n" + settings.negative_label, "predicted\n" + settings.positive_label],
+            yticklabels=[settings.negative_label, settings.positive_label],
+        )
+        plt.tight_layout()
+        return figure
+
+    def _fairness_lines(self, fairness, settings, limit):
+        from lifecycle.fairness import FAIRNESS_DEFINITIONS, fairness_sentences  # the binary audit's words
+
+        return fairness_sentences(fairness, settings, limit) + [FAIRNESS_DEFINITIONS]
+
+    def fairness_caption(self, name, gaps):
+        "One audited column's table caption: its equalized odds and demographic parity differences."
+        if gaps["equalized_odds_difference"] is None:
+            return f"{name}: fewer than two groups large enough to judge"
+        interval, parity = gaps["interval"], gaps["demographic_parity_difference"]
+        return (
+            f"{name}: equalized odds difference {gaps['equalized_odds_difference']:.3f}"
+            + (f" (95% interval {interval['low']:.3f}–{interval['high']:.3f})" if interval else "")
+            + (f", demographic parity difference {parity:.3f}" if parity is not None else "")
+            + f" over {gaps['groups_judged']} judged groups"
+        )
+
+    def _fairness_figure(self, fairness, settings, metrics):
+        from lifecycle.fairness import fairness_figure  # recall by group, the binary audit's figure
+
+        return fairness_figure(fairness, settings, metrics["recall"])
+
+    def _track_test(self, tracker, labels, predicted, settings):
+        tracker.confusion("test/confusion", labels, predicted, [settings.negative_label, settings.positive_label])
+
 # %% ../nbs/22t_tasks.ipynb #e9180d92
-TASK_CLASSES: dict[str, type[Task]] = {"binary": BinaryTask}  # the tasks this version runs, by name
+TASK_CLASSES: dict[str, type[Task] | str] = {  # the tasks this version runs, by name: a class or its import path
+    "binary": BinaryTask,
+    "multiclass": "lifecycle.task_multiclass.MulticlassTask",
+    "regression": "lifecycle.task_regression.RegressionTask",
+}
+
+
+def task_class(
+    name: str,  # a task's name
+) -> type[Task]:  # its class, imported when it is named by its path
+    "The class of a task, by name."
+    found = TASK_CLASSES[name]
+    if isinstance(found, str):  # the module imports this one: imported on first use, not at the top
+        import importlib
+
+        module, _, attribute = found.rpartition(".")
+        found = getattr(importlib.import_module(module), attribute)
+    return found
 
 
 def _refusal(name: str, reason: str) -> str:  # the one line that refuses a task this version cannot run
-    return (
-        f"[data] task = {name} ({reason}): this version trains, gates and serves binary targets only; "
-        "for a yes/no outcome set [data] task = binary and name the yes values in [data] positive"
-    )
+    return f"[data] task = {name} ({reason}): this version runs {', '.join(TASK_CLASSES)} tasks; set [data] task to one"
+
+
+NOT_BUILT = {  # what a stage would do for a task whose class does not run it yet
+    "deploy": "serving its answers (POST /predict, batch, stream, the smoke test)",
+    "monitor": "monitoring it (realized and estimated performance, drift of its answers, coverage, fairness over time)",
+    "retrain": "retraining it (the paired comparison, shadow, promotion and rollback)",
+}
+
+
+def stage_not_built(
+    task: str,  # the project's task name ("" when not known yet: every stage runs)
+    stage: str,  # a stage's name
+) -> str:  # one line saying what is not built, or "" when the stage runs for the task
+    "One line for a stage this version does not run for a task yet; empty when it runs."
+    built = task_class(task).stages_built if task in TASK_CLASSES else None
+    if built is None or stage in built:
+        return ""
+    doing = NOT_BUILT.get(stage, "this stage")
+    return f"not built for a {task} task yet: {doing} is built for binary tasks only; {', '.join(built)} ran"
 
 
 def task_for(
@@ -368,7 +532,7 @@ def task_for(
         raise LifecycleError(
             f"[data] positive is required: the task is binary ({reason}); name the target values counted as positive"
         )
-    return TASK_CLASSES[name](settings, reason)
+    return task_class(name)(settings, reason)
 
 
 def check_task(

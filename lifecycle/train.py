@@ -15,20 +15,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
+from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import lifecycle
 from .core import LifecycleError, Settings
+from .tasks import MODEL_FAMILIES, QUANTILE_GRID, BinaryTask, Task, make_classifier  # noqa: F401 (make_classifier's home was here)
 
 # %% auto #0
-__all__ = ['MODELS', 'SEARCH_GRIDS', 'QUANTILE_GRID', 'PACKAGES', 'feature_columns', 'make_classifier', 'build_pipeline',
-           'reference_statistics', 'environment_record', 'fit_model', 'row_weights']
+__all__ = ['MODELS', 'PACKAGES', 'feature_columns', 'build_pipeline', 'reference_statistics', 'environment_record', 'fit_model',
+           'row_weights']
 
 # %% ../nbs/03_train.ipynb #8ed41083
 def feature_columns(
@@ -51,25 +49,7 @@ def feature_columns(
     return ([n for n in names if usable[n]["kind"] == "numeric"], [n for n in names if usable[n]["kind"] == "category"])
 
 # %% ../nbs/03_train.ipynb #c0ea2d84
-MODELS = ("logistic_regression", "random_forest", "hist_gradient_boosting")
-
-
-def make_classifier(name: str, seed: int):
-    "A classifier by name, seeded."
-    if name == "logistic_regression":
-        return LogisticRegression(max_iter=2000)
-    if name == "random_forest":
-        return RandomForestClassifier(n_estimators=300, min_samples_leaf=2, random_state=seed, n_jobs=1)
-    if name == "hist_gradient_boosting":
-        return HistGradientBoostingClassifier(
-            max_iter=150,
-            learning_rate=0.05,
-            max_leaf_nodes=15,
-            l2_regularization=1.0,
-            early_stopping=False,
-            random_state=seed,
-        )
-    raise LifecycleError(f"[train] model = {name!r}: use one of {', '.join(MODELS)}")
+MODELS = MODEL_FAMILIES  # the model families `[train] model` names
 
 
 def build_pipeline(
@@ -77,7 +57,8 @@ def build_pipeline(
     numeric: list[str],  # numeric feature columns
     categorical: list[str],  # category feature columns
     seed: int = 42,  # random seed
-) -> Pipeline:  # imputation and encoding, then the classifier
+    task: Task | None = None,  # the project's task: its estimator of the family (None: binary, a classifier)
+) -> Pipeline:  # imputation and encoding, then the task's estimator
     "The model pipeline: every preprocessing step is fitted inside it, on training rows only."
     numeric_steps = [("impute", SimpleImputer(strategy="median"))]
     if model == "logistic_regression":
@@ -99,20 +80,9 @@ def build_pipeline(
         remainder="drop",
         verbose_feature_names_out=False,
     )
-    return Pipeline([("prepare", prepare), ("model", make_classifier(model, seed))])
-
-
-SEARCH_GRIDS = {
-    "logistic_regression": {"model__C": [0.1, 1.0, 10.0]},
-    "random_forest": {"model__max_depth": [None, 6], "model__min_samples_leaf": [1, 4]},
-    "hist_gradient_boosting": {"model__learning_rate": [0.03, 0.1], "model__max_leaf_nodes": [7, 15]},
-}
+    return Pipeline([("prepare", prepare), ("model", (task or BinaryTask()).estimator(model, seed))])
 
 # %% ../nbs/03_train.ipynb #00ccb101
-# 101 percentiles overstate the Wasserstein distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
-QUANTILE_GRID = np.linspace(0, 1, 1001)
-
-
 def reference_statistics(
     frame: pd.DataFrame,  # training rows
     numeric: list[str],  # numeric features
@@ -120,6 +90,7 @@ def reference_statistics(
     scores: np.ndarray,  # the model's scores on those rows
     labels: np.ndarray,  # their labels
     groups: dict | None = None,  # the sensitive columns' grouping on the same rows (`metrics.sensitive_grouping`)
+    task: Task | None = None,  # the project's task: what it keeps of the answers and labels (None: binary)
 ) -> dict:  # statistics, JSON-ready
     """Statistics of the training data that monitoring compares production against, and the grouping every fairness
     figure uses."""
@@ -149,27 +120,14 @@ def reference_statistics(
             label = "missing" if pd.isna(value) else f"{value:g}" if isinstance(value, float) else str(value)
             shares[label] = shares.get(label, 0.0) + float(share)
         features[column] = {"kind": "category", "frequencies": shares}
-    score_counts, score_edges = np.histogram(scores, bins=20, range=(0, 1))
-    from sklearn.isotonic import IsotonicRegression  # score -> probability, for monitoring's estimates before labels
-
-    calibration = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
+    answers = (task or BinaryTask()).reference_scores(scores, labels)  # the scores and labels, as the task keeps them
     return {
         "format": 2,
         "rows": len(frame),
-        "positive_rate": float(np.mean(labels)),
+        **answers["labels"],
         "features": features,
         "groups": groups or {},
-        "scores": {
-            "bin_edges": score_edges.tolist(),
-            "bin_counts": score_counts.tolist(),
-            "mean": float(np.mean(scores)),
-            "std": float(np.std(scores)),
-            "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
-            "calibration": {
-                "scores": calibration.X_thresholds_.tolist(),
-                "probabilities": calibration.y_thresholds_.tolist(),
-            },
-        },
+        "scores": answers["scores"],
     }
 
 # %% ../nbs/03_train.ipynb #12a6c0f9
@@ -209,6 +167,7 @@ def fit_model(
     search: bool,  # run the hyperparameter search
     cv_folds: int,  # folds of the cross-validation
     weights: np.ndarray | None = None,  # each training row's weight in the fit (`row_weights`); None: one each
+    task: Task | None = None,  # the project's task: estimator, folds, cv metric, search scoring (None: binary)
 ) -> tuple[Pipeline, dict, np.ndarray]:  # (fitted pipeline, cross-validation and chosen parameters, training scores)
     """Cross-validate (and search), then fit on every training row.
 
@@ -220,32 +179,28 @@ def fit_model(
     for each tree, and on a busy machine they wait for each other (53 s instead of 3 s seen). The model is the same."""
     from threadpoolctl import threadpool_limits  # start-up time: only training needs it
 
+    task = task or BinaryTask()
     with threadpool_limits(limits=1):
-        pipeline = build_pipeline(model, numeric, categorical, seed)
-        folds = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
-        features, labels = train[numeric + categorical], train["_label"].astype(int)
+        pipeline = build_pipeline(model, numeric, categorical, seed, task)
+        folds = task.folds(cv_folds, seed)
+        features, labels = train[numeric + categorical], task.label_array(train["_label"])
         chosen = {}
         fit_params = {} if weights is None else {"model__sample_weight": np.asarray(weights, dtype=float)}
         if search:
-            grid = GridSearchCV(pipeline, SEARCH_GRIDS[model], scoring="roc_auc", cv=folds, n_jobs=1)
+            grid = GridSearchCV(pipeline, task.search_grid(model), scoring=task.search_scoring, cv=folds, n_jobs=1)
             grid.fit(features, labels, **fit_params)
             chosen = {key.removeprefix("model__"): value for key, value in grid.best_params_.items()}
             pipeline = grid.best_estimator_
             fold_scores = [grid.cv_results_[f"split{i}_test_score"][grid.best_index_] for i in range(cv_folds)]
-            scores = pipeline.predict_proba(features)[:, 1]
+            fold_scores = [abs(s) for s in fold_scores]  # a loss's scoring is negated (neg_mean_absolute_error)
+            scores = task.scores(pipeline, features)
         else:
-            scores = cross_val_predict(
-                pipeline, features, labels, cv=folds, method="predict_proba", n_jobs=1, params=fit_params
-            )[:, 1]
-            fold_scores = [roc_auc_score(labels.iloc[test], scores[test]) for _, test in folds.split(features, labels)]
+            scores = task.out_of_fold(pipeline, features, labels, folds, fit_params)
+            fold_scores = [
+                task.fold_metric(labels.iloc[test], scores[test]) for _, test in folds.split(features, labels)
+            ]
             pipeline.fit(features, labels, **fit_params)
-        cv = {
-            "roc_auc_folds": [float(s) for s in fold_scores],
-            "roc_auc_mean": float(np.mean(fold_scores)),
-            "roc_auc_std": float(np.std(fold_scores)),
-            "chosen": chosen,
-        }
-        return pipeline, cv, scores
+        return pipeline, task.cv_record(fold_scores, chosen), scores
 
 # %% ../nbs/03_train.ipynb #deed38c7
 def row_weights(

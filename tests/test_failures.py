@@ -84,10 +84,6 @@ DATA = (
             DATA + "task = ordinal\n",
             "lifecycle: settings.ini: [data] task must be one of binary, multiclass, regression",
         ),
-        (  # refused before the first stage runs, until the regression task exists
-            DATA + "task = regression\n",
-            "lifecycle: [data] task = regression (set in settings.ini): this version trains, gates and serves binary",
-        ),
         (
             DATA + "[prepare]\nseed = many\n",
             "lifecycle: settings.ini: [prepare] seed = 'many' is not a int",

@@ -47,6 +47,9 @@ LAYERS = {
     "rollback": 1,
     "promotion": 1,
     "tasks": 1,  # what depends on the kind of target (binary, multiclass, regression): one object a task
+    "task_base": 1,  # the template of a task, which each task implements
+    "task_multiclass": 1,  # the multiclass task, on the multiclass libraries
+    "task_regression": 1,  # the regression task, on the regression library
     "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures
     "regression": 1,  # regression's metrics, intervals, plots, conformal intervals, fairness gaps, paired comparison
     "regression_estimates": 1,  # regression without labels: direct loss estimation; conformal re-calibration
