@@ -297,7 +297,7 @@ class BinaryTask(Task):
         from sklearn.metrics import precision_recall_curve, roc_curve
 
         metrics = self.metrics(labels, scores, self.default_decision)
-        rows, many = len(labels), settings.row_nouns()[1]
+        rows, many = len(labels), settings.row_nouns[1]
         figure, axes = plt.subplots(1, 3, figsize=(13, 4))
         fpr, tpr, _ = roc_curve(labels, scores)
         axes[0].plot(fpr, tpr)
@@ -419,7 +419,7 @@ class BinaryTask(Task):
             axes[0].plot(fpr_c, tpr_c, label=names[1])
         axes[0].plot([0, 1], [0, 1], ":", color="grey")
         axes[0].legend()
-        many = settings.row_nouns()[1]
+        many = settings.row_nouns[1]
         axes[0].set(
             title=f"ROC, test split (n = {len(y_test)} {many})",
             xlabel="false positive rate (share of negatives)",
