@@ -20,7 +20,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/lifecycle run --settings settings.ini
 
-test: $(VENV)/.installed-dev sync-check lint nbdev-test pytest
+# The notebooks' checks and pytest run side by side, and pytest on four workers for two cores: much of its time is
+# waiting (servers starting, `lifecycle` commands, browsers), which would leave a core idle. Each one's output is printed
+# whole when it ends (the notebooks' first: they take minutes, pytest most of the run); a failure in either fails
+# the target, after both have run.
+test: $(VENV)/.installed-dev sync-check lint
+	@$(MAKE) --no-print-directory -j 2 --output-sync=target nbdev-test pytest
 
 # nbs/ is the source; lifecycle/ must be exactly what nbdev-export makes of it.
 sync-check: $(VENV)/.installed-dev
@@ -41,7 +46,7 @@ nbdev-test: $(VENV)/.installed-dev
 	$(BIN)/nbdev-test --n-workers 2
 
 pytest: $(VENV)/.installed-dev
-	$(BIN)/pytest -n 2 --dist worksteal --durations=30
+	$(BIN)/pytest -n 4 --dist worksteal --durations=30
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab --notebook-dir=nbs

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Two test workers share two cores: one thread each for OpenMP and BLAS, or their thread pools spin against each other.
+# Four test workers share two cores: one thread each for OpenMP and BLAS, or their thread pools spin against each other.
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 # One BLAS kernel on every machine: OpenBLAS picks its kernels by CPU (SkylakeX on an AVX-512 EPYC, Haswell on most

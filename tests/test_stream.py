@@ -98,7 +98,7 @@ def test_stdin_to_stdout(project, tmp_path):
         input="\n".join(lines),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a bound for a hang: four test workers on a busy machine start slowly
     )
     assert done.returncode == 0, done.stderr
     outputs = [json.loads(line) for line in done.stdout.splitlines()]
@@ -137,7 +137,7 @@ def test_event_ids_reach_the_log_only_as_keyed_hashes(project, tmp_path):
             input="\n".join(lines),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,  # a bound for a hang: four test workers on a busy machine start slowly
         )
         for _ in range(2)
     ]  # the same events twice: the same request ids, logged once
@@ -194,7 +194,7 @@ def test_bad_arguments_are_one_line(project, tmp_path):
         stream_args(project, tmp_path, "--source", "kafka://broker/visits", "--sink", "-"),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a bound for a hang: four test workers on a busy machine start slowly
     )
     assert (done.returncode, done.stderr.strip()) == (
         1,
@@ -206,7 +206,7 @@ def test_bad_arguments_are_one_line(project, tmp_path):
         stream_args(project, tmp_path, "--source", f"redis://:pw@127.0.0.1:{free_port()}/0?stream=x", "--sink", "-"),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a bound for a hang: four test workers on a busy machine start slowly
     )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert "cannot reach Redis at redis://:***@127.0.0.1" in done.stderr and "pw" not in done.stderr
@@ -236,7 +236,7 @@ def test_redis_scores_every_entry_and_acks_bad_ones(project, tmp_path, client, r
         ),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a bound for a hang: four test workers on a busy machine start slowly
     )
     assert done.returncode == 0, done.stderr
     outputs = outputs_of(client, f"{stream}-out")
