@@ -45,11 +45,9 @@ class ModelHolder:
         self.first_look = threading.Event()  # set once the first load ended (a model serving, or its error)
         self._thread: threading.Thread | None = None
 
-    def _aliases_stamp(self):
-        path = self.root / "registry" / "aliases.json"
-        try:
-            stat = path.stat()
-            return (stat.st_mtime_ns, stat.st_size)
+    def _aliases_stamp(self):  # the aliases file's bytes (a few hundred): compared whole, never by its times
+        try:  # two changes within one tick of the file system's clock, of one size, have the same mtime and size
+            return (self.root / "registry" / "aliases.json").read_bytes()
         except FileNotFoundError:
             return None
 

@@ -131,7 +131,7 @@ class Shadow:
         self.scorer: Scorer | None = None
         self.error: str | None = None  # the last failure to load or to score, one line
         self.counts = {"submitted": 0, "scored": 0, "refused": 0, "failed": 0, "dropped": 0}
-        self._seen = None  # the aliases file's stamp when last read
+        self._seen = None  # the aliases file's bytes when last read
         self._retry = LoadRetry()  # a version that failed to load is tried again, less and less often
         self._queue: collections.deque = collections.deque()
         self._waiting = 0  # records in the queue or being scored
@@ -145,10 +145,8 @@ class Shadow:
 
     def check(self) -> bool:  # True when the version in shadow changed
         "Load the version the alias `shadow` names; none named, or one that fails to load, is no shadow."
-        path = self.root / "registry" / "aliases.json"
-        try:
-            stat = path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
+        try:  # the file's bytes, compared whole: two changes within one tick of the file system's clock, of one
+            stamp = (self.root / "registry" / "aliases.json").read_bytes()  # size, have the same mtime and size
         except FileNotFoundError:
             stamp = None
         if stamp == self._seen and self._retry.version is None:

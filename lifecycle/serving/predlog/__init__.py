@@ -55,11 +55,13 @@ from lifecycle.serving.predlog.reader import (
 )
 from lifecycle.serving.predlog.rows import (
     ID_KEY_ENV,
+    SITE_COLUMN,
     id_key,
     label_row,
     prediction_row,
     provenance_row,
     pseudonymize,
+    site_name,
 )
 from lifecycle.serving.predlog.runs import (
     PendingRun,
@@ -73,6 +75,7 @@ from lifecycle.serving.predlog.stores import (
 )
 from lifecycle.serving.predlog.writer import (
     PredictionLog,
+    log_position,
     open_log,
 )
 
@@ -132,4 +135,7 @@ __all__ = [
     "LABEL_COLUMNS",
     "label_events_sql",
     "provenance_row",
+    "SITE_COLUMN",
+    "site_name",
+    "log_position",
 ]
