@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 from datetime import datetime, timezone
@@ -331,10 +332,9 @@ class Dashboard:
         self.task = None
         self._signature = "never drawn"
 
-    def _windows_signature(self):
+    def _windows_signature(self):  # the stored windows' bytes, hashed: any change redraws, whatever the file's times
         try:
-            stat = (self.root / "monitoring" / "windows.parquet").stat()
-            return (stat.st_mtime_ns, stat.st_size)
+            return hashlib.blake2b((self.root / "monitoring" / "windows.parquet").read_bytes(), digest_size=16).digest()
         except OSError:
             return None
 
