@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, Project, Source, open_project
+from . import audit_chain
+from .core import LifecycleError, Project, Source, open_project, sha256_file
 from .labels import IMPORT, NAME, confirm_suspects, label_policy
 from .monitoring.windows import utc_timestamp
 from .serving.predlog import open_log
@@ -134,7 +135,7 @@ def import_labels(
     finally:
         if own:
             log.close()
-    return {
+    done = {
         "file": path.name,
         "credential": credential,
         "rows": len(found),
@@ -142,6 +143,8 @@ def import_labels(
         "set_aside": set_aside,
         "malformed": len(malformed),
     }
+    audit_chain.append(project.root, "labels", {**done, "sha256": sha256_file(path)})  # the file may live elsewhere
+    return done
 
 # %% ../nbs/39a_label_import.ipynb #0ce9c187
 def _import_command(args) -> int:

@@ -9,6 +9,7 @@ import fcntl
 import json
 from pathlib import Path
 
+from . import audit_chain
 from .core import LifecycleError
 from .registry import Registry, clear_alias, describe, events, load_model, set_alias
 
@@ -33,6 +34,7 @@ def record_decision(
             handle.write(json.dumps(decision, default=str) + "\n")
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+    audit_chain.append(root, "decision", decision, [path])
     return path
 
 

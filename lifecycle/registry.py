@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import audit_chain
 from lifecycle.core import (
     LifecycleError,
     atomic_path,
@@ -268,7 +269,11 @@ def register(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(staging / "meta.json", record)
-        os.rename(staging, registry.path / "versions" / str(version))
+        folder = registry.path / "versions" / str(version)
+        os.rename(staging, folder)
+        named = [folder / "model.skops", folder / "meta.json"] + [folder / name for name in files or {}]
+        said = {"version": version, "sha256": record["sha256"], "model": meta.get("model")}
+        audit_chain.append(registry.path.parent, "register", {**said, "data_version": meta.get("data_version")}, named)
     return version
 
 
@@ -277,6 +282,11 @@ def update_meta(registry: Registry, version: int, **changes) -> dict:
     with registry._locked():
         meta = {**registry.meta(version), **changes}
         write_json(registry.path / "versions" / str(version) / "meta.json", meta)
+        named = [registry.path / "versions" / str(version) / "meta.json"]
+        run = registry.path.parent / "runs" / str((meta.get("evaluation") or {}).get("run_id"))
+        evidence = (run / "collect" / "manifest.json", run / "prepare" / "schema.json")  # the data it was trained on
+        named += [path for path in evidence if path.exists()]
+        audit_chain.append(registry.path.parent, "meta", {"version": version, "changed": sorted(changes)}, named)
     return meta
 
 
@@ -366,6 +376,11 @@ def finish_change(
     if recorded.rstrip("\n").rsplit("\n", 1)[-1] != change["event"]:  # not appended yet (killed before that step)
         write_text(log, recorded + change["event"] + "\n")
     write_json(registry.path / "aliases.json", change["aliases"])
+    event = json.loads(change["event"])
+    named = [log, registry.path / "aliases.json"]
+    if event.get("version") is not None:
+        named.append(registry.path / "versions" / str(event["version"]) / "model.skops")
+    audit_chain.append(registry.path.parent, "alias", event, named, once=True)  # once: a change finished twice
     change_path.unlink()
 
 # %% ../nbs/20_registry.ipynb #5863b722
@@ -539,4 +554,6 @@ def save_card(
             temporary.write_bytes(data)
     write_text(folder / "card.md", markdown)
     write_text(folder / "card.html", page)
+    named = [folder / "card.md", folder / "card.html"] + [folder / name for name in images or {}]
+    audit_chain.append(registry.path.parent, "card", {"version": version}, named)
     return page

@@ -33,6 +33,7 @@ LAYERS = {
     "model_card": 1,  # a version's card, in the project's words
     "compare": 1,
     "registry": 1,
+    "audit_chain": 1,  # the tamper-evident record: a hash chain of every change, which the registry appends to
     "tracking": 1,
     "drift": 1,
     "alerts": 1,
