@@ -16,7 +16,7 @@ from pathlib import Path
 from .core import LifecycleError, sha256_bytes, sha256_file
 
 # %% auto #0
-__all__ = ['CHAIN', 'KEY_ENV', 'GENESIS', 'canonical', 'entry_hash', 'sign', 'append', 'verify']
+__all__ = ['CHAIN', 'KEY_ENV', 'GENESIS', 'AUDIT_KEYS', 'canonical', 'entry_hash', 'sign', 'append', 'verify', 'audit_settings']
 
 # %% ../nbs/20b_audit_chain.ipynb #7dd31254
 CHAIN = Path("audit") / "chain.jsonl"  # in the project folder
@@ -200,3 +200,20 @@ def _shape(raw: bytes) -> dict:
         return {"kind": str(entry.get("kind")), "at": str(entry.get("at"))}
     except (ValueError, AttributeError):
         return {}
+
+# %% ../nbs/20b_audit_chain.ipynb #d8d9b3ec
+AUDIT_KEYS = {"signed": "true: every entry must be signed with the key in LIFECYCLE_AUDIT_KEY (default false)"}
+
+
+def audit_settings(
+    section: dict | None,  # the `[audit]` section, values as text
+) -> dict:  # signed (bool)
+    "The project's `[audit]` settings; an unknown key or value is a one-line error naming it."
+    section = section or {}
+    unknown = sorted(set(section) - set(AUDIT_KEYS))
+    if unknown:
+        raise LifecycleError(f"[audit] {unknown[0]} is not a setting; known: {', '.join(AUDIT_KEYS)}")
+    value = section.get("signed", "false").strip().lower()
+    if value not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        raise LifecycleError("[audit] signed is true or false")
+    return {"signed": value in ("true", "yes", "1", "on")}

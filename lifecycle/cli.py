@@ -524,6 +524,7 @@ COMMANDS = {
     "clinic": _add_clinic,
     "replay": add_replay_command,
     "labels": "lifecycle.label_import:add_labels_command",
+    "audit": "lifecycle.audit:add_audit_command",
     "monitor": _add_monitor,
     "retrain": "lifecycle.loop:add_retrain_command",
     "simulate": add_simulate_command,

@@ -36,6 +36,7 @@ from lifecycle.core import (
 # nbdev leaves the parenthesized import above absolute; these become relative, which sort after it
 # isort: split
 from .access import server_options
+from .audit_chain import audit_settings
 from .execute import Kernels, _import_nbformat, execute_stage, export_html
 from .labels import label_policy
 from .report import write_index
@@ -143,7 +144,7 @@ def parameter_choices(
 
 
 PAGE_SECTIONS = ["clinic", "servers"]  # sections of pages and servers, not stages: checked here and where read
-SERVICE_SECTIONS = ["labels"]  # sections every labelled path reads: who may label, whose labels decide
+SERVICE_SECTIONS = ["labels", "audit"]  # who may label and whose labels decide; whether the record must be signed
 
 
 def check_sections(settings: Settings, stages: list[Stage]):
@@ -156,6 +157,7 @@ def check_sections(settings: Settings, stages: list[Stage]):
                 f"known sections: {', '.join(known)}"
             )
     label_policy(settings.sections.get("labels"))  # a mistake in [labels] is found by the run, not first by a server
+    audit_settings(settings.sections.get("audit"))
     if "clinic" in settings.sections:  # a mistake in the page's settings is found by the run, not first by a clinician
         from lifecycle.clinic_form import clinic_options  # start-up time: not the page's server, nor scikit-learn
 

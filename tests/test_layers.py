@@ -74,6 +74,9 @@ LAYERS = {
     "clinic": 2,
     "clinic_form": 2,
     "clinic_html": 2,
+    "evidence": 2,  # a version's evidence: the Annex IV sections, from its records and the project's settings
+    "change_control": 2,  # the evidence's change-control plan, and every champion change judged against it
+    "evidence_pack": 2,  # `lifecycle audit VERSION`: the evidence as a page, JSON and records, with their manifest
     "label_import": 2,  # `lifecycle labels import`: a diagnoses file read by collect's readers, into the log
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
     # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
@@ -124,6 +127,7 @@ LAYERS = {
     "bench.estimate_multiclass": 3,
     "bench.estimate_regression": 3,
     "cli": 3,
+    "audit": 3,  # `lifecycle audit`: verify the record, write an evidence pack; its subcommands
     "init_evidence": 3,  # what init reads in a column, each finding with its evidence in words
     "init_project": 3,  # `lifecycle init`: settings.ini for the user's data, each inferred line with its evidence
     "loop": 3,
