@@ -24,7 +24,8 @@ __all__ = ['STYLE', 'MARK', 'render_html', 'records', 'write_pack', 'build_pack'
 STYLE = (
     "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#1f2328;line-height:1.45}"
     "table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border-bottom:1px solid #d0d7de;padding:.25em .7em;"
-    "text-align:left;vertical-align:top}th{background:#f6f8fa}caption{text-align:left;font-weight:600;padding:.3em 0}"
+    "text-align:left;vertical-align:top;overflow-wrap:anywhere}th{background:#f6f8fa}"
+    "caption{text-align:left;font-weight:600;padding:.3em 0}"
     ".outside{color:#6e4c00;background:#fff8c5;padding:.4em .7em}.bad{color:#a40e26;font-weight:600}"
     ".ok{color:#1a7f37;font-weight:600}.annex{color:#57606a;font-weight:normal;font-size:.8em}code{font-size:.9em}"
 )
