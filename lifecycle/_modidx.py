@@ -60,6 +60,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'lifecycle.audit_chain': { 'lifecycle.audit_chain._digests': ('audit_chain.html#_digests', 'lifecycle/audit_chain.py'),
                                        'lifecycle.audit_chain._entry_fault': ('audit_chain.html#_entry_fault', 'lifecycle/audit_chain.py'),
                                        'lifecycle.audit_chain._last_line': ('audit_chain.html#_last_line', 'lifecycle/audit_chain.py'),
+                                       'lifecycle.audit_chain._next_number': ('audit_chain.html#_next_number', 'lifecycle/audit_chain.py'),
+                                       'lifecycle.audit_chain._parsed': ('audit_chain.html#_parsed', 'lifecycle/audit_chain.py'),
                                        'lifecycle.audit_chain._shape': ('audit_chain.html#_shape', 'lifecycle/audit_chain.py'),
                                        'lifecycle.audit_chain.append': ('audit_chain.html#append', 'lifecycle/audit_chain.py'),
                                        'lifecycle.audit_chain.audit_settings': ( 'audit_chain.html#audit_settings',

@@ -80,6 +80,26 @@ def _digests(
     return named
 
 
+def _parsed(line: bytes | None) -> dict | None:
+    "The last entry, or None when there is none or it does not parse (verify names such a line)."
+    try:
+        entry = json.loads(line) if line else None
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("n"), int) else None
+
+
+def _next_number(
+    path: Path,  # the chain
+    before: dict | None,  # its last entry, parsed
+    last: bytes | None,  # its last line
+) -> int:  # the number of the entry to append
+    "One more than the last entry's; after a line that does not parse, one more than the lines (never a crash)."
+    if before:
+        return before["n"] + 1
+    return len(path.read_bytes().splitlines()) + 1 if last else 1
+
+
 def append(
     root: Path,  # the project folder
     kind: str,  # what changed: register, meta, card, alias, decision, labels
@@ -95,11 +115,11 @@ def append(
     with open(path.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         last = _last_line(path)
-        before = json.loads(last) if last else None
+        before = _parsed(last)
         if once and before and before.get("kind") == kind and before.get("record") == record:
             return before
         entry = {
-            "n": (before["n"] + 1) if before else 1,
+            "n": _next_number(path, before, last),
             "kind": kind,
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "record": record,

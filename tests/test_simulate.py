@@ -251,3 +251,36 @@ def test_no_canary_anywhere_but_in_the_data(simulated, browser):
         len(shadow) and shadow["id_hash"].isna().all()
     )  # a shadow's prediction keeps no id at all: it pairs by request id
     assert len(canaries) == 920
+
+
+def test_the_evidence_pack_shows_every_model_change_with_its_evidence_and_only_the_injection_outside_the_protocol(
+    simulated,
+):
+    "Issue 25: the first champion's evidence pack, from the simulation's record (its chain whole), and no canary in it."
+    sandbox, outcome = simulated["sandbox"], simulated["outcome"]
+    pack_folder = sandbox / "audit" / "review-v1"
+    code, built, _, stderr = run_lifecycle(
+        "audit", "1", "--settings", sandbox / "settings.ini", "--output", pack_folder, "--json"
+    )
+    assert code == 0, stderr
+    assert built["verified"], built["first"]  # every change of the simulation is on the chain, and it holds
+    pack = json.loads((pack_folder / "evidence.json").read_text())
+    created = json.loads((sandbox / "registry" / "versions" / "1" / "meta.json").read_text())["created"]
+    moves = [event for event in _events(sandbox) if event["alias"] == "champion" and event["at"] >= created]
+    changes = pack["change_control"]["changes"]
+    assert [(change["at"], change["version"]) for change in changes] == [(e["at"], e["version"]) for e in moves]
+    assert all(change["evidence"] for change in changes), changes  # each with its gate, decision or comparison
+    injected = next(change for change in outcome["changes"] if change["kind"] == "injected")["version"]
+    outside = [change for change in changes if not change["within"]]
+    assert [(change["version"], change["actor"]) for change in outside] == [(injected, "simulate")], outside
+    assert outside[0]["why"].startswith("forced by simulate")  # the deliberate bad model, named as outside it
+    back = next(change for change in changes if change["previous"] == injected)
+    assert back["within"] and any(words.startswith("decision rollback") for words in back["evidence"])
+    decisions = [json.loads(line) for line in (sandbox / "retrain" / "decisions.jsonl").read_text().splitlines()]
+    retrains = {entry["retrain_id"] for entry in decisions if entry.get("retrain_id")}
+    assert retrains and {impact["retrain"] for impact in pack["change_control"]["impacts"]} == retrains
+    promoted = [change for change in changes if change["actor"] == "simulate" and change["within"]]
+    assert all(any(words.startswith("comparison: ") for words in change["evidence"]) for change in promoted)
+    needles = re.compile(f"{ID_MARK}|{NOTE_MARK}")
+    for path in pack_folder.rglob("*"):
+        assert not path.is_file() or not needles.search(path.read_text(errors="replace")), path
