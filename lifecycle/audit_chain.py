@@ -75,7 +75,8 @@ def _digests(
     for name in files:
         path = Path(name)
         path = path if path.is_absolute() else root / path
-        relative = path.resolve().relative_to(root.resolve()).as_posix()
+        # by its path in the project, as written (a symlinked folder stays where the project names it)
+        relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
         named[relative] = sha256_file(path) if path.is_file() else None
     return named
 
