@@ -126,6 +126,7 @@ LAYERS = {
     "bench.nannyml_side": 3,
     "bench.estimate_multiclass": 3,
     "bench.estimate_regression": 3,
+    "bench.audit": 3,
     "cli": 3,
     "audit": 3,  # `lifecycle audit`: verify the record, write an evidence pack; its subcommands
     "init_evidence": 3,  # what init reads in a column, each finding with its evidence in words
