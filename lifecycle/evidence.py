@@ -484,8 +484,10 @@ def entry_words(
             f"{record.get('alias')} → {moved} (was {record.get('previous')}) by {actor}{forced}: {record.get('reason')}"
         )
     if kind == "decision":
-        reasons = record.get("reasons") or [""]
-        return f"decision {record.get('kind')} {record.get('retrain_id') or ''}: {reasons[0]}".replace("  ", " ")
+        said = (record.get("reasons") or record.get("checked") or [""])[0]
+        if record.get("kind") == "policy":
+            return f"retrain policy: {'retrain' if record.get('retrain') else 'no retrain'} ({said})"
+        return f"decision {record.get('kind')} {record.get('retrain_id') or ''}".rstrip() + f": {said}"
     if kind == "register":
         return (
             f"version {record.get('version')} registered ({record.get('model')}, data version "

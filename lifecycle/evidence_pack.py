@@ -27,16 +27,21 @@ STYLE = (
     "text-align:left;vertical-align:top;overflow-wrap:anywhere}th{background:#f6f8fa}"
     "caption{text-align:left;font-weight:600;padding:.3em 0}"
     ".outside{color:#6e4c00;background:#fff8c5;padding:.4em .7em}.bad{color:#a40e26;font-weight:600}"
-    ".ok{color:#1a7f37;font-weight:600}.annex{color:#57606a;font-weight:normal;font-size:.8em}code{font-size:.9em}"
+    "td.n{white-space:nowrap}.ok{color:#1a7f37;font-weight:600}.annex{color:#57606a;font-weight:normal;font-size:.8em}code{font-size:.9em}"
 )
+
+
+def _cell(value) -> str:
+    "A table cell, escaped; a short value without spaces (a time, a kind) is never broken across lines."
+    text = str(value)
+    short = len(text) <= 32 and " " not in text
+    return f"<td class='n'>{html.escape(text)}</td>" if short else f"<td>{html.escape(text)}</td>"
 
 
 def _table_html(entry: dict) -> str:
     "A section's table, every cell escaped."
     head = "".join(f"<th>{html.escape(str(column))}</th>" for column in entry["columns"])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in entry["rows"]
-    )
+    body = "".join("<tr>" + "".join(_cell(cell) for cell in row) + "</tr>" for row in entry["rows"])
     return f"<table><caption>{html.escape(entry['title'])}</caption><tr>{head}</tr>{body}</table>"
 
 
