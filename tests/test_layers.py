@@ -73,6 +73,7 @@ LAYERS = {
     "clinic": 2,
     "clinic_form": 2,
     "clinic_html": 2,
+    "clinic_tasks": 2,  # the doctor's page for a multiclass or a regression model
     "label_import": 2,  # `lifecycle labels import`: a diagnoses file read by collect's readers, into the log
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
     # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
