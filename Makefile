@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lab bench sync-check lint nbdev-test pytest lock clean mlflow-venv evidently-venv nannyml-venv screenshots
+.PHONY: run test lab bench sync-check lint nbdev-test pytest lock clean mlflow-venv evidently-venv nannyml-venv screenshots example-pictures
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ screenshots: $(VENV)/.installed-dev
 	ls simulations/*/simulation.json >/dev/null 2>&1 || $(BIN)/lifecycle simulate --days 14 --scale 2 --label-delay 1 --inject bad-model \
 		--inject-day 3 --shadow-days 1 --seed 3 -p retrain.min_new_labels=60 -p prepare.profile=false
 	$(BIN)/python docs/screenshots.py
+
+# The example projects' pictures in the README: each example's run index and its doctor's page (runs an example first
+# when it has no run yet).
+example-pictures: $(VENV)/.installed-dev
+	$(BIN)/python docs/example_pictures.py
 
 bench: $(VENV)/.installed
 	$(BIN)/lifecycle bench prepare

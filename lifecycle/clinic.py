@@ -36,6 +36,7 @@ from lifecycle.clinic_html import (
     field_errors,
     top_reasons,
 )
+from .clinic_tasks import contract_answers, task_explanation
 from lifecycle.core import (
     PAGE_SETTINGS_ENV,
     LifecycleError,
@@ -213,19 +214,20 @@ class Clinic:
             raise LifecycleError("the doctor's page needs the project's settings file")
         self.project, self.root, self.settings = project, project.root, project.settings
         self.options = clinic_options(self.settings)
+        one, _ = self.settings.row_nouns  # what a record is: a patient, an hour
         self.client = client or ClinicClient(self.root, os.environ.get(URL_ENV, ""), log_url=project.log_url)
         self.versions: dict[
             int, dict
         ] = {}  # version -> its meta, reference, fields, card, scorer (what explains its answers)
         self.submissions = 0  # records sent (answered or refused)
         self.title = widgets.HTML(
-            f'{STYLE}<div class="lc-clinic"><h1>{_e(self.settings.title or "Risk")}: one patient</h1>'
+            f'{STYLE}<div class="lc-clinic"><h1>{_e(self.settings.title or "Risk")}: one {_e(one)}</h1>'
             '<p class="lc-note">Enter what is known; leave a field empty when the test was not done. '
             "Nothing typed here is kept by this page: each score is logged like any prediction of the API.</p></div>"
         )
         self.form = widgets.VBox([])
         self.button = widgets.Button(
-            description="Score this patient",
+            description=f"Score this {one}",
             button_style="primary",
             layout=widgets.Layout(width="220px", margin="10px 0"),
         )
@@ -259,6 +261,7 @@ class Clinic:
             features = list(meta["features"]["numeric"]) + list(meta["features"]["categorical"])
             self.versions[number] = {
                 "meta": meta,
+                "task": meta.get("task") or "binary",
                 "fields": form_fields(meta, reference, self.settings),
                 "card": card_html(card),
                 "limits": card_html(card, LIMIT_SECTIONS),
@@ -310,15 +313,11 @@ class Clinic:
         "The answer panel for a scored record: band, decision, why, limits."
         number = int(prediction["model_version"])
         known = self.version(number)
-        scorer = self.client.scorer(number)  # the in-process app's own, when it holds this version
-        if (
-            scorer is None
-        ):  # the server at --url, or a version the app no longer holds: the same version from the registry
-            if known["scorer"] is None:
-                known["scorer"] = Scorer.from_registry(self.root, number)
-            scorer = known["scorer"]
+        scorer = self.scorer_of(number)
         rows, _ = check_records([record], scorer.spec)
         row = rows[0]
+        if known["task"] != "binary":  # the task's answer in words, with the same reasons and limits
+            return task_explanation(scorer, prediction, row, known, self.settings, self.options)
         effects = attributions(scorer.scores, row, known["typical"])
         reasons = top_reasons(effects, row, known["fields"], self.settings, self.options.reasons)
         warnings = limit_warnings(
@@ -334,6 +333,28 @@ class Clinic:
             prediction, band, decision, reasons, warnings, known["card"], known["limits"], self.settings, missing
         )
 
+    def scorer_of(self, number: int):
+        "A version's scorer: the in-process app's own when it holds that version, else loaded from the registry once."
+        scorer = self.client.scorer(number)
+        if scorer is None:  # the server at --url, or a version the app no longer holds: the same version, read here
+            known = self.version(number)
+            if known["scorer"] is None:
+                known["scorer"] = Scorer.from_registry(self.root, number)
+            scorer = known["scorer"]
+        return scorer
+
+    def score(self, record: dict) -> tuple[int, dict]:  # (HTTP status, the answer's JSON)
+        """The record's answer from the serving code: POST /predict. Until lifecycle serve answers multiclass and
+        regression records (issue 22's serving work), the page computes their answer with `contract_answers`, the
+        per-task contract's fields, unlogged; once it does, this method is `self.client.predict(record)` alone."""
+        if self.version(self.form_version)["task"] == "binary":
+            return self.client.predict(record)
+        scorer = self.scorer_of(int(self.client.model()["version"]))
+        rows, errors = check_records([record], scorer.spec)
+        if errors or rows[0] is None:
+            return 422, {"detail": errors}
+        return 200, {"predictions": contract_answers(scorer, rows)}
+
     def submit(self, _button=None) -> dict:  # status, and the answer or the errors
         "Score what the form holds and show the answer, or the refusal beside its fields."
         record = record_from_form(
@@ -344,7 +365,7 @@ class Clinic:
         self.message.value = ""
         self.submissions += 1
         try:
-            status, answer = self.client.predict(record)
+            status, answer = self.score(record)
         except LifecycleError as error:
             self.message.value = f'<div class="lc-clinic lc-refused">{_e(error)}</div>'
             return {"status": None}
@@ -414,7 +435,8 @@ class Clinic:
                 error = f"explaining this score failed ({type(error).__name__})"
             self.result.value = (
                 f'<div class="lc-clinic lc-answer" data-score="{_e(repr(float(prediction["score"])))}" '
-                f'data-request-id="{_e(prediction["request_id"])}" data-version="{int(prediction["model_version"])}">'
+                f'data-request-id="{_e(prediction.get("request_id") or "")}" '
+                f'data-version="{int(prediction["model_version"])}">'
                 f"<h2>Risk of {_e(self.settings.positive_label)}: {float(prediction['score']):.2f}</h2>"
                 f'<div class="lc-refused">No explanation and no limits: {_e(error)}</div></div>'
             )

@@ -334,14 +334,14 @@ def limit_warnings(
     "What the model cannot vouch for, for this patient."
     from lifecycle.metrics import group_words  # deferred: start-up time, as in `small_groups`
 
-    warnings = []
+    warnings, (one, many) = [], settings.row_nouns
     values = {field.name: value for field, value in zip(fields, row)}
     for field, value in zip(fields, row):
         if _missing(value):
             if field.missing_share < rare_missing_share:
                 warnings.append(
                     f"{field.title} is missing: training almost never missed it "
-                    f"({field.missing_share:.1%} of patients), "
+                    f"({field.missing_share:.1%} of {many}), "
                     "so the model filled in a typical value it rarely had to."
                 )
             continue
@@ -358,8 +358,8 @@ def limit_warnings(
             )
     for column, label, why in small_groups(values, fairness, reference):
         warnings.append(
-            "This patient is in a group the evaluation could not judge "
+            f"This {one} is in a group the evaluation could not judge "
             f"({group_words(settings, column, label)}: {why}): "
-            "how well the model does for such patients is unknown."
+            f"how well the model does for such {many} is unknown."
         )
     return warnings

@@ -15,7 +15,7 @@ from .registry import markdown_to_html
 
 # %% auto #0
 __all__ = ['LIMIT_SECTIONS', 'STYLE', 'card_sections', 'card_html', 'Reason', 'top_reasons', 'why_html', 'answer_html',
-           'field_errors']
+           'answer_tail', 'field_errors']
 
 # %% ../nbs/45b_clinic_html.ipynb #b933bbc1
 LIMIT_SECTIONS = ("Intended use", "Ethical considerations", "Caveats and recommendations")
@@ -151,20 +151,36 @@ def answer_html(
         f'<span class="lc-band {_e(band)}">{_e(band)} risk</span></div>'
         f'<div class="lc-decision">Decision: <b>{_e(decision)}</b></div>'
     )
+    return head + why_html(reasons) + answer_tail(prediction, warnings, card, limits, missing_count)
+
+
+def answer_tail(
+    prediction: dict,  # the answer: model_version, and request_id when the prediction log holds it
+    warnings: list[str],  # `limit_warnings`
+    card: str,  # the version's model card, HTML (`card_html`)
+    limits: str,  # its limitations, HTML
+    missing_count: int = 0,  # values the record left empty
+    outcome: str = "diagnosis",  # what /feedback takes for it, in words
+) -> str:  # the limits, where the answer was logged, the model card; closes the answer's `div`
+    "The end of an answer panel, the same for every task: its limits and its model card."
+    version = int(prediction["model_version"])
     missing = f" The {missing_count} values not given were often missing in training too." if missing_count else ""
     limits_part = (
         "".join(f'<div class="lc-warn">{_e(line)}</div>' for line in warnings)
         or f'<div class="lc-ok">Every value is within what the model saw in training.{_e(missing)}</div>'
     )
-    tail = (
+    logged = (
+        f"Prediction {_e(prediction['request_id'])}: logged under channel dashboard; its {_e(outcome)} can be sent "
+        "later to /feedback."
+        if prediction.get("request_id")
+        else "Computed by this page from that version and not logged: lifecycle serve does not answer this task yet."
+    )
+    return (
         f"<h2>Limits</h2>{limits_part}"
         f'<details class="lc-limits"><summary>What this model is not for (its model card)</summary>{limits}</details>'
-        f'<p class="lc-note">Answered by model version {version}. '
-        f"Prediction {_e(prediction['request_id'])}: logged under channel "
-        f"dashboard; its diagnosis can be sent later to /feedback.</p>"
+        f'<p class="lc-note">Answered by model version {version}. {logged}</p>'
         f'<details class="lc-card"><summary>The model card of version {version}</summary>{card}</details></div>'
     )
-    return head + why_html(reasons) + tail
 
 # %% ../nbs/45b_clinic_html.ipynb #b6c26ab3
 def _field_hint(field: Field) -> str:

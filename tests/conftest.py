@@ -155,6 +155,48 @@ def champion_template(tmp_path_factory):
     return folder / "heart"
 
 
+EXAMPLE_CHEAP = ("-p", "prepare.profile=false", "-p", "evaluate.bootstrap_resamples=100")  # an example's test run
+
+
+def copy_example(name: str, folder: Path) -> Path:
+    "An example project copied with the data its settings name, at the same relative paths; returns its folder."
+    project = folder / "examples" / name
+    project.mkdir(parents=True)
+    shutil.copy(REPO / "examples" / name / "settings.ini", project / "settings.ini")
+    if (REPO / "examples" / name / "data").exists():
+        shutil.copytree(REPO / "examples" / name / "data", project / "data")
+    else:  # heart-severity reads the default project's files, two folders up
+        shutil.copytree(HEART, folder / "data" / "heart-disease-uci")
+    return project
+
+
+@pytest.fixture(scope="session")
+def example_templates(tmp_path_factory):
+    """The example projects (examples/<name>) after one whole run each, as a user runs them (the profile off, fewer
+    bootstrap resamples): a function of the example's name, giving the folder that holds `examples/<name>` and the
+    run's JSON in `first-run.json`. Each is built on first use, once a session, under a lock the xdist workers share
+    (as `champion_template`); no test changes it (tests copy it)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+
+    def template(name: str) -> Path:
+        folder = shared / f"example-{name}"
+        with open(shared / f"example-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / "first-run.json").exists():  # written last: a build that failed is started again
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                project = copy_example(name, folder)
+                _, run, _, _ = run_lifecycle(
+                    "run", "--settings", project / "settings.ini", *EXAMPLE_CHEAP, "--json", check=0
+                )
+                (folder / "first-run.json").write_text(json.dumps(run))
+        return folder
+
+    return template
+
+
 @pytest.fixture
 def champion_project(champion_template, tmp_path):
     "A copy of the template project for one test: its stages cached, its registry holding a champion."

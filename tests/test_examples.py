@@ -4,31 +4,15 @@ it (`lifecycle run --settings examples/<name>/settings.ini`, the profile off), a
 say so in one line."""
 
 import json
-import shutil
-
-from conftest import HEART, REPO, run_lifecycle
 
 from lifecycle.registry import Registry, load_model
 
-CHEAP = ("-p", "prepare.profile=false", "-p", "evaluate.bootstrap_resamples=100")
 
-
-def copy_example(name: str, folder):
-    "An example project copied with the data its settings name, at the same relative paths."
-    project = folder / "examples" / name
-    project.mkdir(parents=True)
-    shutil.copy(REPO / "examples" / name / "settings.ini", project / "settings.ini")
-    if (REPO / "examples" / name / "data").exists():
-        shutil.copytree(REPO / "examples" / name / "data", project / "data")
-    else:  # heart-severity reads the default project's files, two folders up
-        shutil.copytree(HEART, folder / "data" / "heart-disease-uci")
-    return project
-
-
-def run_example(name: str, folder) -> tuple[dict, dict, dict]:
+def run_example(name: str, templates) -> tuple[dict, dict, dict]:
     "The whole run of an example: (the run, the evaluate stage's summary, the evaluated version's metadata)."
-    project = copy_example(name, folder)
-    _, run, _, _ = run_lifecycle("run", "--settings", project / "settings.ini", *CHEAP, "--json", check=0)
+    folder = templates(name)  # the session's run of the example (conftest `example_templates`), read, never changed
+    project = folder / "examples" / name
+    run = json.loads((folder / "first-run.json").read_text())
     stages = {stage["name"]: stage for stage in run["stages"]}
     assert [stages[name]["status"] for name in ("collect", "prepare", "train", "evaluate")] == ["ran"] * 4, run
     for name in ("deploy", "monitor", "retrain"):  # one honest line each, nothing run
@@ -42,8 +26,8 @@ def run_example(name: str, folder) -> tuple[dict, dict, dict]:
     return run, evaluated, {**meta, "report": report}
 
 
-def test_heart_severity_grades_are_trained_and_judged_as_classes(tmp_path):
-    run, evaluated, meta = run_example("heart-severity", tmp_path)
+def test_heart_severity_grades_are_trained_and_judged_as_classes(example_templates):
+    run, evaluated, meta = run_example("heart-severity", example_templates)
     assert meta["task"] == "multiclass" and meta["decision"]["task"] == "multiclass"
     assert evaluated["headline"].startswith(f"Model version {evaluated['model_version']} passed the gate: balanced")
     assert 0.3 < evaluated["metrics"]["balanced_accuracy"] < 0.8 and evaluated["metrics"]["roc_auc"] > 0.75
@@ -51,8 +35,8 @@ def test_heart_severity_grades_are_trained_and_judged_as_classes(tmp_path):
     assert "Grade 4 is too rare" in meta["report"]  # Hungary has no grade 4, Cleveland 13: named, not judged
 
 
-def test_bike_sharing_rentals_are_predicted_with_an_interval(tmp_path):
-    run, evaluated, meta = run_example("bike-sharing", tmp_path)
+def test_bike_sharing_rentals_are_predicted_with_an_interval(example_templates):
+    run, evaluated, meta = run_example("bike-sharing", example_templates)
     assert meta["task"] == "regression" and meta["decision"]["target"] == 0.9
     assert meta["decision"]["fitted_on_rows"] > 1000  # calibrated on the validation split, rows the model never saw
     assert 0.8 < evaluated["metrics"]["coverage"] < 0.97, evaluated["metrics"]  # near 90% on the test weeks

@@ -77,6 +77,7 @@ LAYERS = {
     "evidence": 2,  # a version's evidence: the Annex IV sections, from its records and the project's settings
     "change_control": 2,  # the evidence's change-control plan, and every champion change judged against it
     "evidence_pack": 2,  # `lifecycle audit VERSION`: the evidence as a page, JSON and records, with their manifest
+    "clinic_tasks": 2,  # the doctor's page for a multiclass or a regression model
     "label_import": 2,  # `lifecycle labels import`: a diagnoses file read by collect's readers, into the log
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
     # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
