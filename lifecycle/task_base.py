@@ -157,6 +157,19 @@ class Task:
         "Performance estimated without labels, from the scores alone."
         return self._estimate(np.asarray(scores, dtype=float), np.asarray(decisions, dtype=float), calibration)
 
+    def window_report(
+        self,
+        rows: pd.DataFrame,  # a monitoring window's rows, as the prediction log's reader gives them
+        reference: dict | None,  # the model version's reference, its decision record beside (None when none)
+        decision: float,  # the version's decision parameter
+        *judging,  # every, sensitive, kpis, min_rows, min_group, n_boot, refused: `monitoring.window_report`'s
+    ) -> dict:  # values, reliability, features, groups, rejections, statements
+        "Everything monitoring knows about one window of the task's model: drift, accuracy, coverage, fairness, KPIs."
+        return self._window_report(rows, reference, decision, *judging)
+
+    def _window_report(self, rows, reference, decision, *judging):
+        raise NotImplementedError
+
     def estimator(
         self,
         model: str,  # the model family: one of MODEL_FAMILIES

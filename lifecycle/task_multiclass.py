@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from .contract import _code, reason_series
-from .core import LifecycleError
 from lifecycle.multiclass import (
     class_codes,
     class_curves_figure,
@@ -123,7 +122,14 @@ class MulticlassTask(Task):
         return multiclass_fairness(labels, scores, self.classes, groups, **sizes, resamples=resamples, seed=seed)
 
     def _estimate(self, scores, decisions, calibration):
-        raise LifecycleError("estimated performance of a multiclass model in monitoring is not built yet")
+        from lifecycle.multiclass_estimates import estimated_performance  # start-up time: only monitoring estimates
+
+        return estimated_performance(scores, list(range(scores.shape[1])), samples=200, seed=0)
+
+    def _window_report(self, rows, reference, decision, *judging):
+        from lifecycle.monitoring.task_figures import multiclass_window_report  # monitoring calls the task: when used
+
+        return multiclass_window_report(rows, reference, decision, *judging)
 
     def _estimator(self, model, seed):
         return make_classifier(model, seed)

@@ -25,6 +25,7 @@ from lifecycle.regression import (
     regression_metrics,
     residuals_figure,
 )
+from .regression_estimates import loss_table
 from .task_base import MODEL_FAMILIES, Task
 from .tasks import QUANTILE_GRID
 
@@ -161,7 +162,14 @@ class RegressionTask(Task):
         return audit
 
     def _estimate(self, scores, decisions, calibration):
-        raise LifecycleError("estimated performance of a regression model in monitoring is not built yet")
+        from lifecycle.monitoring.task_figures import value_estimated  # start-up time: only monitoring estimates
+
+        return value_estimated(scores, calibration)[0]
+
+    def _window_report(self, rows, reference, decision, *judging):
+        from lifecycle.monitoring.task_figures import regression_window_report  # monitoring calls the task: when used
+
+        return regression_window_report(rows, reference, decision, *judging)
 
     def _estimator(self, model, seed):
         return make_regressor(model, seed)
@@ -198,6 +206,7 @@ class RegressionTask(Task):
                 "std": float(np.std(scores)),
                 "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
                 "absolute_error_quantiles": np.quantile(np.abs(labels - scores), [0.5, 0.9, 0.99]).tolist(),
+                "loss_table": loss_table(scores, labels),  # direct loss estimation's model, for monitoring
             },
         }
 

@@ -19,7 +19,7 @@ from .task_base import MODEL_FAMILIES, Task  # noqa: F401 (the base's home was h
 # %% auto #0
 __all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_key', 'label_target', 'infer_task',
            'compare_with_champion', 'score_intervals', 'make_classifier', 'BinaryTask', 'task_class', 'stage_not_built',
-           'task_for', 'check_task']
+           'task_for', 'version_task', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
 def label_key(value) -> str:
@@ -239,6 +239,11 @@ class BinaryTask(Task):
         from lifecycle.monitoring.figures import estimated_metrics  # start-up time: only monitoring estimates
 
         return estimated_metrics(scores, decisions, calibration)
+
+    def _window_report(self, rows, reference, decision, *judging):
+        from lifecycle.monitoring.figures import window_report  # start-up time: only monitoring needs it
+
+        return window_report(rows, reference, decision, *judging)
 
     def _estimator(self, model, seed):
         return make_classifier(model, seed)
@@ -533,6 +538,13 @@ def task_for(
             f"[data] positive is required: the task is binary ({reason}); name the target values counted as positive"
         )
     return task_class(name)(settings, reason)
+
+
+def version_task(
+    reference: dict | None,  # a model version's reference, its decision record beside it (monitoring reads both)
+) -> Task:  # the version's task object
+    "The task of a model version, as its decision record names it; a version without one (an older one) is binary."
+    return task_class(((reference or {}).get("decision") or {}).get("task") or "binary")()
 
 
 def check_task(

@@ -19,11 +19,12 @@ from ..core import LifecycleError, Project, read_json, write_json
 from ..labels import disagreeing_words, judge_labels, label_policy, notify_suspects, rests_on
 from ..registry import Registry
 from ..serving.predlog.writer import open_log
+from ..tasks import version_task
 
 # isort: split
 from . import store
 from .estimate import calibration_rule
-from .figures import scrape_serving, window_report
+from .figures import scrape_serving
 from .sites import latest_sites, raise_site_alerts, site_reports
 from .windows import DEFAULT_WINDOW, Windows, windowing
 
@@ -43,14 +44,7 @@ class WindowOptions(NamedTuple):
 
 
 # the columns of a window with no rows (refused records only)
-_NO_ROWS = {
-    "request_id": str,
-    "score": float,
-    "decision": float,
-    "label": float,
-    "channel": str,
-    "model_version": "int64",
-}
+_NO_ROWS = dict(request_id=str, score=float, decision=float, label=float, channel=str, model_version="int64")
 
 
 def _window_job(
@@ -71,9 +65,10 @@ def _window_job(
         rows = pd.read_parquet(path)
     every, sensitive, kpis, min_rows, min_group, n_boot = options
     judged_by = (reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
-    report = window_report(rows, *judged_by, refused=refused)
+    report_of = version_task(reference).window_report  # the figures of the version's task
+    report = report_of(rows, *judged_by, refused)
     # each site's figures by the same report on its rows (a refused record names no site)
-    report["sites"] = site_reports(rows, lambda part: window_report(part, *judged_by), min_rows, min_group, kpis)
+    report["sites"] = site_reports(rows, lambda part: report_of(part, *judged_by), min_rows, min_group, kpis)
     report["values"]["sites"] = len(report["sites"])
     channels = rows["channel"].value_counts()
     if len(rows):
@@ -449,8 +444,8 @@ def _references(
                 meta = read_json(folder / "meta.json")
             except (OSError, ValueError):
                 meta = {}
-            try:
-                reference = read_json(folder / "reference.json")
+            try:  # the version's decision record beside it: its task, and what the decision was fitted to reach
+                reference = {**read_json(folder / "reference.json"), "decision": meta.get("decision")}
             except (OSError, ValueError):
                 reference = None
             cache[version] = (reference, float(meta.get("threshold", 0.5)))
