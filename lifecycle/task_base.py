@@ -170,6 +170,16 @@ class Task:
     def _window_report(self, rows, reference, decision, *judging):
         raise NotImplementedError
 
+    def window_words(
+        self,
+        values: dict,  # a monitoring window's figures (`window_report`'s values)
+    ) -> list[str]:  # sentences: its accuracy where labels arrived, and estimated before they do
+        "A monitoring window's accuracy in the task's words, as `lifecycle monitor` says it."
+        return self._window_words(values)
+
+    def _window_words(self, values):
+        raise NotImplementedError
+
     def estimator(
         self,
         model: str,  # the model family: one of MODEL_FAMILIES

@@ -131,6 +131,41 @@ class MulticlassTask(Task):
 
         return multiclass_window_report(rows, reference, decision, *judging)
 
+    def _window_words(self, values):
+        def spread(name):
+            low, high = values.get(f"{name}_low"), values.get(f"{name}_high")
+            return f" (95% interval {low:.2f} to {high:.2f})" if low is not None and high is not None else ""
+
+        lines = []
+        if values.get("balanced_accuracy") is not None:
+            lines.append(
+                f"Realized balanced accuracy {values['balanced_accuracy']:.2f}{spread('balanced_accuracy')}, accuracy "
+                f"{self.number(values.get('accuracy'))}, macro-F1 {self.number(values.get('macro_f1'))} on "
+                f"{values.get('labeled')} labels."
+            )
+        if values.get("estimated_balanced_accuracy") is not None:
+            lines.append(
+                f"Estimated balanced accuracy {values['estimated_balanced_accuracy']:.2f}"
+                f"{spread('estimated_balanced_accuracy')} (an estimate, multiclass CBPE from the answered "
+                "probabilities: its labels have not arrived)."
+            )
+        keys = [name.split(".", 1)[1] for name in values if name.startswith("class_share.")]
+        if keys:
+            target = self.settings.target if self.settings else ""
+            names = (
+                class_names(keys, self.settings.labels.get(target), self.settings.column_name(target, unit=False))
+                if self.settings
+                else keys
+            )
+            moved = {None: "", 0: " (the mix as in training)", 1: " (the mix drifted from training's)"}
+            lines.append(
+                "Classes called: "
+                + ", ".join(f"{name} {values[f'class_share.{key}']:.0%}" for key, name in zip(keys, names))
+                + moved[values.get("prediction_drift")]
+                + "."
+            )
+        return lines
+
     def _estimator(self, model, seed):
         return make_classifier(model, seed)
 

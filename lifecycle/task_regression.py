@@ -171,6 +171,46 @@ class RegressionTask(Task):
 
         return regression_window_report(rows, reference, decision, *judging)
 
+    def _window_words(self, values):
+        number = self.number
+        unit = self.settings.units.get(self.settings.target, "") if self.settings else ""
+        unit = f" {unit}" if unit else ""
+
+        def spread(name, percent=False):
+            low, high = values.get(f"{name}_low"), values.get(f"{name}_high")
+            if low is None or high is None:
+                return ""
+            return (
+                f" (95% interval {low:.0%} to {high:.0%})"
+                if percent
+                else f" (95% interval {number(low)} to {number(high)})"
+            )
+
+        lines = []
+        if values.get("mae") is not None:
+            lines.append(
+                f"Realized MAE {number(values['mae'])}{unit}{spread('mae')}, RMSE {number(values.get('rmse'))}{unit}, "
+                f"R² {number(values.get('r2'))} on {values.get('labeled')} labels."
+            )
+        if values.get("coverage") is not None and values.get("coverage_target") is not None:
+            short = ": below its target" if values.get("coverage_short") else ""
+            lines.append(
+                f"The {values['coverage_target']:.0%} prediction interval held {values['coverage']:.0%} of the "
+                f"labelled values{spread('coverage', True)}{short}."
+            )
+        if values.get("estimated_mae") is not None:
+            lines.append(
+                f"Estimated MAE {number(values['estimated_mae'])}{unit}{spread('estimated_mae')} (an estimate, direct "
+                "loss estimation: its labels have not arrived)."
+            )
+        if values.get("prediction_drift") is not None:
+            lines.append(
+                f"Predicted values {'drifted' if values['prediction_drift'] else 'did not drift'}: mean "
+                f"{number(values.get('predicted_mean'))}{unit} against {number(values.get('reference_predicted_mean'))}"
+                f"{unit} in training."
+            )
+        return lines
+
     def _estimator(self, model, seed):
         return make_regressor(model, seed)
 

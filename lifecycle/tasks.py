@@ -245,6 +245,27 @@ class BinaryTask(Task):
 
         return window_report(rows, reference, decision, *judging)
 
+    def _window_words(self, values):
+        from lifecycle.monitoring.estimate import estimate_words  # start-up time: monitoring loads SciPy
+
+        def figure(value, percent=False):
+            return "unknown" if value is None else f"{value:.0%}" if percent else f"{value:.3g}"
+
+        lines = []
+        if values.get("roc_auc") is not None:
+            lines.append(
+                f"Realized ROC AUC {figure(values['roc_auc'])} (95% interval {figure(values.get('roc_auc_low'))} to "
+                f"{figure(values.get('roc_auc_high'))}) and recall {figure(values.get('recall'), True)} on "
+                f"{values.get('labeled')} labels."
+            )
+        said = estimate_words(values)  # which estimate, and why none when none can be trusted
+        if values.get("estimated_recall") is not None:
+            said.append(f"estimated recall {figure(values['estimated_recall'], True)}")
+        if said:
+            text = "; ".join(said)
+            lines.append(text[0].upper() + text[1:] + ".")
+        return lines
+
     def _estimator(self, model, seed):
         return make_classifier(model, seed)
 

@@ -26,6 +26,7 @@ from . import store
 from .estimate import calibration_rule
 from .figures import scrape_serving
 from .sites import latest_sites, raise_site_alerts, site_reports
+from .task_figures import TASK_LABELED_FIGURES, coverage_rule
 from .windows import DEFAULT_WINDOW, Windows, windowing
 
 # %% auto #0
@@ -408,9 +409,10 @@ def update_windows(
 
 # %% ../../nbs/49_monitoring_engine.ipynb #e5fa04ca
 # the realized figures rules read from the latest window whose labels arrived (`last_labeled.<name>`)
-LABELED_FIGURES = tuple(
-    "labeled roc_auc recall precision prevalence brier calibration_gap calibration_error calibration_excess".split()
-) + ("tp", "fp", "fn", "tn")
+_BINARY_LABELED = (
+    "labeled roc_auc recall precision prevalence brier calibration_gap calibration_error calibration_excess"
+)
+LABELED_FIGURES = tuple(_BINARY_LABELED.split()) + ("tp", "fp", "fn", "tn") + TASK_LABELED_FIGURES  # other tasks' too
 # a webhook URL often holds a secret: it may come from the environment instead of settings
 WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"
 
@@ -639,7 +641,9 @@ def monitor_project(
         "statements": details["statements"],
         "rejections": details.get("rejections", []),
         "sites": details["site_values"],  # each site's figures, its realized ones from its latest labelled window
+        "task": version_task(reference_for(int(latest["model_version"]))[0]).name,  # whose figures they are
     }
+    found["rules"] += coverage_rule(found["rules"], summary["latest"]["values"])  # a window with intervals: theirs
     if found["rules"]:
         _raise_alerts(root / "monitoring", found, summary, now, post)
     return store.plain(summary)

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from ..alerts import parse_rules
 from ..drift import DISTANCE_THRESHOLD, drift_summary, feature_drift, js_distance, prediction_drift
 from ..metrics import cut_groups, reference_grouping
 from .estimate import finite_or_none
@@ -21,9 +22,9 @@ from ..regression import achieved_coverage, regression_intervals, regression_met
 from ..regression_estimates import expected_loss, loss_table  # noqa: F401 (loss_table: for the checks)
 
 # %% auto #0
-__all__ = ['CLASS_FIGURES', 'class_answers', 'value_answers', 'class_realized', 'class_estimated', 'class_mix', 'class_groups',
-           'value_estimated', 'value_realized', 'window_coverage', 'value_drift', 'value_groups',
-           'multiclass_window_report', 'regression_window_report']
+__all__ = ['CLASS_FIGURES', 'COVERAGE_RULE', 'TASK_LABELED_FIGURES', 'class_answers', 'value_answers', 'class_realized',
+           'class_estimated', 'class_mix', 'class_groups', 'value_estimated', 'value_realized', 'window_coverage',
+           'value_drift', 'value_groups', 'multiclass_window_report', 'regression_window_report', 'coverage_rule']
 
 # %% ../../nbs/47b_monitoring_tasks.ipynb #df88925b
 def class_answers(
@@ -72,11 +73,16 @@ CLASS_FIGURES = ("accuracy", "balanced_accuracy", "macro_f1")  # a multiclass wi
 
 def class_realized(
     labels: np.ndarray,  # the labelled rows' classes, as indices
-    probabilities: np.ndarray,  # their probabilities (rows × classes)
+    probabilities: np.ndarray,  # their probabilities (rows × classes; NaN where the log holds none)
     n_boot: int,  # bootstrap resamples (0: no intervals)
+    called: np.ndarray | None = None,  # their classes called, as indices (None: the most probable)
 ) -> tuple[dict, list[str]]:  # (accuracy, balanced_accuracy, macro_f1, log_loss, roc_auc with _low/_high; statements)
-    "A multiclass window's figures where labels arrived, with bootstrap intervals."
+    """A multiclass window's figures where labels arrived, with bootstrap intervals. Without every row's probabilities
+    (a log written before it kept them) the figures of the classes called are measured, not log loss or ROC AUC."""
     count = probabilities.shape[1]
+    whole = not np.isnan(probabilities).any()
+    if called is not None and not whole:  # the class called, as a certainty: accuracy, balanced accuracy, macro-F1
+        probabilities = np.eye(count)[called.astype(int)] if len(called) else probabilities
     values = {}
     if not len(labels):
         for name in CLASS_FIGURES + ("log_loss", "roc_auc"):
@@ -84,7 +90,13 @@ def class_realized(
         return values, ["no labels have arrived for this window yet"]
     figures = multiclass_figures(labels.astype(int), probabilities, list(range(count)), n_boot, seed=0)
     for name in CLASS_FIGURES + ("log_loss", "roc_auc"):
-        _with_interval(values, name, figures["metrics"][name], figures["intervals"][name])
+        measured = whole or name in CLASS_FIGURES
+        _with_interval(
+            values,
+            name,
+            figures["metrics"][name] if measured else None,
+            figures["intervals"][name] if measured else None,
+        )
     present = len(np.unique(labels))
     return values, ([f"only {present} class among the {len(labels)} labels"] if present < 2 else [])
 
@@ -392,7 +404,9 @@ def multiclass_window_report(
     def answered():
         labelled = ~np.isnan(answers["labels"])
         values, statements = class_mix(answers["called"], reference, min_rows)
-        realized, said = class_realized(answers["labels"][labelled], answers["probabilities"][labelled], n_boot)
+        realized, said = class_realized(
+            answers["labels"][labelled], answers["probabilities"][labelled], n_boot, answers["called"][labelled]
+        )
         estimated, guessed = class_estimated(answers["probabilities"], n_boot)
         gaps, groups, fair = _by_column(
             rows,
@@ -436,3 +450,18 @@ def regression_window_report(
         return {**values, **realized, **covered, **estimated, **gaps}, groups, statements + said + held + guessed + fair
 
     return _common_report(rows, reference, every, kpis, min_rows, refused, answered)
+
+# %% ../../nbs/47b_monitoring_tasks.ipynb #5f3b9ef1
+COVERAGE_RULE = "interval_coverage"  # the default rule on the prediction interval's coverage
+# the realized figures of multiclass and regression windows that rules read from the latest labelled one
+TASK_LABELED_FIGURES = CLASS_FIGURES + ("log_loss", "mae", "rmse", "r2", "coverage", "coverage_short")
+
+
+def coverage_rule(
+    rules: list,  # the rules the `alerts` setting defines (one of the same name wins)
+    values: dict,  # the latest window's figures
+) -> list:  # the `interval_coverage` rule, or none (no interval in the window, or defined in `alerts`)
+    "The default alert on the prediction interval's coverage, for a window whose answers carry an interval."
+    if "coverage_target" not in values or any(rule.name == COVERAGE_RULE for rule in rules):
+        return []
+    return parse_rules(f"{COVERAGE_RULE} (warning): last_labeled.coverage_short > 0", "[monitor] alerts")
