@@ -2763,6 +2763,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                        'lifecycle/task_regression.py'),
                                            'lifecycle.task_regression.RegressionTask.achieved': ( 'task_regression.html#regressiontask.achieved',
                                                                                                   'lifecycle/task_regression.py'),
+                                           'lifecycle.task_regression.RegressionTask.monitor_axis': ( 'task_regression.html#regressiontask.monitor_axis',
+                                                                                                      'lifecycle/task_regression.py'),
                                            'lifecycle.task_regression.RegressionTask.number': ( 'task_regression.html#regressiontask.number',
                                                                                                 'lifecycle/task_regression.py'),
                                            'lifecycle.task_regression._options': ( 'task_regression.html#_options',

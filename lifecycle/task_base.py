@@ -43,6 +43,10 @@ class Task:
     test_caption = ""  # what the evaluation report's figure shows, for the model card ({rows}: test rows)
     groups_caption = ""  # what its fairness figure shows ({rows}: the rows audited)
     source_columns: tuple[str, ...] = ()  # the metrics the evaluation report shows by source
+    monitor_series: tuple[tuple[str, str], ...] = ()  # the dashboard's figures over time: (window value, words)
+    monitor_bounded = True  # those figures lie between 0 and 1
+    monitor_axis = ""  # their axis in words
+    monitor_estimates = ""  # what the estimates before labels come from, in words
 
     def __init__(
         self,

@@ -69,6 +69,9 @@ class MulticlassTask(Task):
     figure_caption = "Each class's ROC curve against the rest, on the validation split"
     test_caption = "Each class's ROC curve against the rest, on the {rows} test rows"
     source_columns = ("balanced_accuracy", "accuracy", "macro_f1")
+    monitor_series = (("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"))
+    monitor_axis = "balanced accuracy, accuracy (0 to 1)"
+    monitor_estimates = "the answered probabilities (multiclass CBPE)"
 
     def calibrated(
         self,

@@ -104,6 +104,14 @@ class RegressionTask(Task):
     figure_caption = "Predicted against actual values on the validation split"
     test_caption = "Predicted against actual values on the {rows} test rows"
     source_columns = ("mae", "rmse", "r2")
+    monitor_series = (("mae", "MAE"),)
+    monitor_bounded = False  # an error in the target's unit
+    monitor_estimates = "direct loss estimation (each answer's expected error, learnt out of fold in training)"
+
+    @property
+    def monitor_axis(self) -> str:  # the dashboard's axis: MAE in the target's unit
+        unit = self.settings.units.get(self.settings.target, "") if self.settings else ""
+        return f"MAE ({unit})" if unit else "MAE"
 
     def _labels(self, target):
         return number_labels(target)

@@ -204,6 +204,8 @@ class BinaryTask(Task):
         "with 95% Wilson intervals and group sizes; grey: too few patients to judge"
     )
     source_columns = ("roc_auc", "recall", "precision")
+    monitor_series = (("roc_auc", "ROC AUC"), ("recall", "recall"))
+    monitor_axis, monitor_estimates = "ROC AUC, recall (0 to 1)", "the calibrated scores"
 
     def _labels(self, target):
         positive, negative = (self.settings.positive, self.settings.negative) if self.settings else ([], [])

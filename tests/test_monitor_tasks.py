@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from lifecycle.core import open_project
+from lifecycle.dashboard_sections import accuracy_html
 from lifecycle.monitor_words import monitor_text
 from lifecycle.monitoring import monitor_project
 from lifecycle.registry import Registry, register, set_alias
@@ -95,6 +96,8 @@ def test_a_regression_window_says_mae_coverage_and_its_estimate_and_alerts_when_
     assert f"Realized MAE {RegressionTask().number(rough['mae'])} rentals" in text, text
     assert "The 90% prediction interval held" in text and "below its target" in text, text
     assert "Estimated MAE" in text and "ROC AUC" not in text
+    page = accuracy_html(windows, RegressionTask(rides.settings))  # the dashboard's accuracy over time: MAE
+    assert "estimates from direct loss estimation" in page and "calibrated scores" not in page
 
 
 def test_a_multiclass_window_says_balanced_accuracy_and_the_class_mix_with_hostile_class_names(tmp_path):
