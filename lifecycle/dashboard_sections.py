@@ -372,7 +372,8 @@ def accuracy_html(
     windows: pd.DataFrame,  # windows.parquet
     task: Task | None = None,  # the champion's task: the figures it plots (None: binary's ROC AUC and recall)
 ) -> str:  # the task's figures over time: measured where labels arrived (with intervals), estimated everywhere
-    "Accuracy over time, measured and estimated, the estimates said to be so."
+    """Accuracy over time, measured and estimated, the estimates said to be so. Long because it is one figure read top
+    to bottom: each of the task's figures estimated and measured, the labels behind them, and the note in words."""
     task = task or BinaryTask()
     title = "<h2>Accuracy over time</h2>"
     if windows is None or not len(windows):

@@ -579,8 +579,9 @@ def _raise_alerts(
         "repeat_interval": found["repeat"],
         "post": post or post_webhook,
     }
-    pooled = raise_alerts(folder, found["rules"], latest["values"], **options)
-    summary["alerts"] = alerts = raise_site_alerts(folder, found["rules"], latest["sites"], options, pooled)
+    rules = found["rules"] + coverage_rule(found["rules"], latest["values"])  # a window with intervals: theirs too
+    pooled = raise_alerts(folder, rules, latest["values"], **options)
+    summary["alerts"] = alerts = raise_site_alerts(folder, rules, latest["sites"], options, pooled)
     summary["statements"] += alerts.pop("statements")
     if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):
         summary["exit_code"] = 3
@@ -643,7 +644,6 @@ def monitor_project(
         "sites": details["site_values"],  # each site's figures, its realized ones from its latest labelled window
         "task": version_task(reference_for(int(latest["model_version"]))[0]).name,  # whose figures they are
     }
-    found["rules"] += coverage_rule(found["rules"], summary["latest"]["values"])  # a window with intervals: theirs
-    if found["rules"]:
+    if found["rules"] or coverage_rule([], summary["latest"]["values"]):
         _raise_alerts(root / "monitoring", found, summary, now, post)
     return store.plain(summary)
