@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from lifecycle.core import open_project
+from lifecycle.dashboard import read_state, render
 from lifecycle.dashboard_sections import accuracy_html
 from lifecycle.monitor_words import monitor_text
 from lifecycle.monitoring import monitor_project
@@ -98,6 +99,8 @@ def test_a_regression_window_says_mae_coverage_and_its_estimate_and_alerts_when_
     assert "Estimated MAE" in text and "ROC AUC" not in text
     page = accuracy_html(windows, RegressionTask(rides.settings))  # the dashboard's accuracy over time: MAE
     assert "estimates from direct loss estimation" in page and "calibrated scores" not in page
+    board = render(read_state(rides, now=MONDAY + pd.Timedelta(days=3)), rides.settings)  # the whole page draws
+    assert "direct loss estimation" in board["accuracy"] and "interval_coverage" in board["alerts"]
 
 
 def test_a_multiclass_window_says_balanced_accuracy_and_the_class_mix_with_hostile_class_names(tmp_path):
@@ -137,3 +140,5 @@ def test_a_multiclass_window_says_balanced_accuracy_and_the_class_mix_with_hosti
     text = monitor_text(summary, [], project.settings.column_name, project.settings)
     assert "Realized balanced accuracy" in text and "Classes called: <b>none</b>" in text, text
     assert "(the mix drifted from training's)" in text
+    board = render(read_state(project, now=MONDAY + pd.Timedelta(days=3)), project.settings)
+    assert "multiclass CBPE" in board["accuracy"] and "<b>none</b>" not in "".join(board.values())
