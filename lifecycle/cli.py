@@ -231,7 +231,7 @@ def _monitor(args) -> int:
             if args.json:
                 print(json.dumps(summary, default=str, indent=None if args.watch else 2), flush=True)
             else:
-                print(monitor_text(summary, kpis, project.settings.column_name), flush=True)
+                print(monitor_text(summary, kpis, project.settings.column_name, project.settings), flush=True)
             if not args.watch or stop.wait(args.watch):
                 return code
     except KeyboardInterrupt:

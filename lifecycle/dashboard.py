@@ -25,6 +25,7 @@ from .registry import Registry
 from .serving.predlog.reader import shadow_pairs, shadow_summary
 from .serving.predlog.stores import PostgresStore, SQLiteStore, log_location
 from .serving.predlog.writer import open_log
+from .tasks import task_class
 
 # isort: split
 from .dashboard_fleet import shadow_html, sites_html
@@ -113,6 +114,7 @@ def model_in_service(
         "challenger": aliases.get("challenger"),
         "model": meta.get("model"),
         "created": meta.get("created"),
+        "task": meta.get("task") or "binary",  # whose figures the page draws
     }
 
 # %% ../nbs/43_dashboard.ipynb #081a4c24
@@ -267,7 +269,7 @@ def render(
         pages.update(
             {
                 "scores": scores_html(state, settings),
-                "accuracy": accuracy_html(windows),
+                "accuracy": accuracy_html(windows, task_class(state["model"].get("task") or "binary")(settings)),
                 "fairness": fairness_html(windows, settings, state["details"], _min_group(section)),
             }
         )

@@ -19,6 +19,7 @@ from .core import Settings
 from .metrics import group_words
 from .monitoring import estimate_words, rejection_lines
 from .monitoring.windows import utc_timestamp, window_label
+from .tasks import BinaryTask, Task
 
 # %% auto #0
 __all__ = ['STYLE', 'when_text', 'header_html', 'alerts_html', 'drift_html', 'kpis_html', 'refused_html', 'scores_html',
@@ -369,16 +370,18 @@ def scores_html(
 
 def accuracy_html(
     windows: pd.DataFrame,  # windows.parquet
-) -> str:  # ROC AUC and recall over time: measured where labels arrived (with intervals), estimated everywhere
-    "Accuracy over time, measured and estimated, the estimates said to be so."
+    task: Task | None = None,  # the champion's task: the figures it plots (None: binary's ROC AUC and recall)
+) -> str:  # the task's figures over time: measured where labels arrived (with intervals), estimated everywhere
+    """Accuracy over time, measured and estimated, the estimates said to be so. Long because it is one figure read top
+    to bottom: each of the task's figures estimated and measured, the labels behind them, and the note in words."""
+    task = task or BinaryTask()
     title = "<h2>Accuracy over time</h2>"
     if windows is None or not len(windows):
         return f'<div class="lc-board">{title}<p class="lc-note">No window yet.</p></div>'
     table = windows.sort_values("window_start", kind="stable")
     times = _times(table)
     figure, axes = _figure(6.2, 2.8)
-    for name, color in (("roc_auc", "#2186eb"), ("recall", "#de911d")):
-        label = "ROC AUC" if name == "roc_auc" else "recall"
+    for (name, label), color in zip(task.monitor_series, ("#2186eb", "#de911d")):
         estimated = _column(table, f"estimated_{name}")
         if estimated.notna().any():
             axes.plot(
@@ -393,7 +396,7 @@ def accuracy_html(
         measured = _column(table, name)
         if measured.notna().any():
             axes.plot(times, measured, marker="o", color=color, linewidth=2, label=f"{label}, measured")
-            if name == "roc_auc":
+            if name == task.monitor_series[0][0]:
                 _label_counts(axes, times, measured, _column(table, "labeled"))
             axes.fill_between(
                 times,
@@ -403,8 +406,9 @@ def accuracy_html(
                 alpha=0.15,
                 linewidth=0,
             )
-    axes.set_ylim(0, 1.02)
-    axes.set_ylabel("ROC AUC, recall (0 to 1)")
+    if task.monitor_bounded:
+        axes.set_ylim(0, 1.02)
+    axes.set_ylabel(task.monitor_axis)
     axes.set_xlabel(f"window start ({_windows_n(table)})")
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(frameon=False, fontsize=8, loc="lower left", ncols=2)
@@ -414,10 +418,10 @@ def accuracy_html(
         (
             f"{labelled:,} labels have arrived (n: the labels behind each measured point); measured figures carry "
             "95% bootstrap intervals (shaded). "
-            "Dashed lines are estimates from the calibrated scores, not measurements."
+            f"Dashed lines are estimates from {task.monitor_estimates}, not measurements."
         )
         if labelled
-        else "No labels have arrived yet: every figure is an estimate from the calibrated scores (dashed), not a "
+        else f"No labels have arrived yet: every figure is an estimate from {task.monitor_estimates} (dashed), not a "
         "measurement."
     )
     latest = table.iloc[-1].to_dict()  # the latest window's estimate, or why there is none, and its prevalence

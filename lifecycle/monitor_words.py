@@ -5,6 +5,8 @@
 # %% ../nbs/11a_monitor_words.ipynb #b2d0a003
 from __future__ import annotations
 
+from .tasks import task_class
+
 # %% auto #0
 __all__ = ['monitor_text']
 
@@ -19,6 +21,7 @@ def _window_lines(
     latest: dict,  # the latest window of `monitor_project`'s result
     kpis: list[str],  # the KPI names of `[monitor] kpis`
     column_name,  # a column's name in words
+    settings=None,  # the project's settings: the target's unit and classes (None: none)
 ) -> list[str]:  # lines in words
     "The latest window in words: its traffic, accuracy (realized and estimated), KPIs, refused records, statements."
     values = latest["values"]
@@ -27,20 +30,7 @@ def _window_lines(
         f"from {str(latest['window_start'])[:10]}, last event {str(latest['last_event'])[:16]} UTC): "
         f"{values.get('predictions')} predictions, {values.get('labeled')} with their label."
     ]
-    if values.get("roc_auc") is not None:
-        lines.append(
-            f"Realized ROC AUC {_figure(values['roc_auc'])} (95% interval {_figure(values.get('roc_auc_low'))} to "
-            f"{_figure(values.get('roc_auc_high'))}) and recall {_figure(values.get('recall'), True)} on "
-            f"{values.get('labeled')} labels."
-        )
-    from lifecycle.monitoring import estimate_words  # start-up time: monitoring loads SciPy, for this command
-
-    said = estimate_words(values)  # which estimate, and why none when none can be trusted
-    if values.get("estimated_recall") is not None:
-        said.append(f"estimated recall {_figure(values['estimated_recall'], True)}")
-    if said:
-        text = "; ".join(said)
-        lines.append(text[0].upper() + text[1:] + ".")
+    lines += task_class(latest.get("task") or "binary")(settings).window_words(values)  # in the task's figures
     if kpis:
         lines.append("KPIs: " + "; ".join(f"{name} {_figure(values.get(name))}" for name in kpis) + ".")
     if latest.get("rejections"):
@@ -48,7 +38,7 @@ def _window_lines(
             f"Refused by the record contract: {values.get('rejected')} records "
             f"({_figure(values.get('rejected_share'), True)} of those received):"
         )
-        from lifecycle.monitoring import rejection_lines  # start-up time: as above
+        from lifecycle.monitoring import rejection_lines  # start-up time: monitoring loads SciPy, for this command
 
         lines += [f"  {line}" for line in rejection_lines(latest["rejections"], column_name)]
     return lines + [f"- {statement}" for statement in latest.get("statements", [])]
@@ -72,6 +62,7 @@ def monitor_text(
     summary: dict,  # `monitor_project`'s result
     kpis: list[str] = (),  # the KPI names of `[monitor] kpis`
     column_name=str,  # a column's name in words (`Settings.column_name`), for the refused records' reasons
+    settings=None,  # the project's settings: the target's unit and classes in the task's words (None: none)
 ) -> str:  # lines in words
     "What monitoring found, in words: the latest window, its accuracy (realized and estimated), KPIs, alerts."
     lines = [
@@ -79,7 +70,7 @@ def monitor_text(
         f"{summary['new_labels']} new labels since the last look; champion: version {summary.get('champion')}."
     ]
     if summary.get("latest"):
-        lines += _window_lines(summary["latest"], kpis, column_name)
+        lines += _window_lines(summary["latest"], kpis, column_name, settings)
     if (summary.get("latest") or {}).get("sites"):
         from lifecycle.monitoring.sites import fleet_table, fleet_words  # start-up time: as above
 

@@ -14,7 +14,8 @@ from scipy.stats import norm
 from .regression import ConformalInterval, achieved_coverage, fit_conformal
 
 # %% auto #0
-__all__ = ['loss_inputs', 'LossEstimator', 'fit_loss_estimator', 'estimate_by_window', 'recalibrate', 'recalibration_candidate']
+__all__ = ['loss_inputs', 'LossEstimator', 'fit_loss_estimator', 'estimate_by_window', 'loss_table', 'expected_loss',
+           'recalibrate', 'recalibration_candidate']
 
 # %% ../nbs/23s_regression_estimates.ipynb #0ee87c52
 def loss_inputs(
@@ -98,6 +99,64 @@ def estimate_by_window(
     table["rmse_high"] = np.sqrt(table["mse"] + half_mse)
     columns = ["rows", "estimated_mae", "mae_low", "mae_high", "estimated_rmse", "rmse_low", "rmse_high"]
     return table[columns].reset_index()
+
+# %% ../nbs/23s_regression_estimates.ipynb #965fda81
+def loss_table(
+    predicted: np.ndarray,  # the model's out-of-fold predictions of the training rows (rows it did not train on)
+    actual: np.ndarray,  # their actual values
+    bins: int = 10,  # bins of the predicted value, by its quantiles
+) -> dict:  # centres (each bin's mean prediction), absolute and squared (its mean losses), spreads, rows
+    """Direct loss estimation's model, kept in the reference as numbers: the expected absolute and squared error of an
+    answer by its predicted value, learnt where the model had not seen the rows. Monitoring reads it back without the
+    training data (`expected_loss`)."""
+    predicted, actual = np.asarray(predicted, dtype=float), np.asarray(actual, dtype=float)
+    errors = actual - predicted
+    edges = np.unique(np.quantile(predicted, np.linspace(0, 1, bins + 1))) if len(predicted) else np.array([0.0])
+    at = np.clip(np.searchsorted(edges, predicted, side="right") - 1, 0, max(len(edges) - 2, 0))
+    sizes = np.bincount(at, minlength=max(len(edges) - 1, 1))
+    kept = sizes > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centres = np.bincount(at, predicted, minlength=len(sizes))[kept] / sizes[kept]
+        absolute = np.bincount(at, np.abs(errors), minlength=len(sizes))[kept] / sizes[kept]
+        squared = np.bincount(at, errors**2, minlength=len(sizes))[kept] / sizes[kept]
+    return {
+        "centres": centres.tolist(),
+        "absolute": absolute.tolist(),
+        "squared": squared.tolist(),
+        "spread_absolute": float(np.abs(errors).std()) if len(errors) else 0.0,
+        "spread_squared": float((errors**2).std()) if len(errors) else 0.0,
+        "rows": int(len(errors)),
+    }
+
+
+def _along(
+    x: np.ndarray,  # where to read the line
+    centres: np.ndarray,  # the points' positions, increasing
+    values: np.ndarray,  # the points' values
+) -> np.ndarray:  # the piecewise-linear line through the points, extended beyond them by its outer slopes, ≥ 0
+    "A line through points, extended linearly at both ends, never below 0."
+    if len(centres) < 2:
+        return np.full(len(x), values[0] if len(values) else 0.0)
+    inside = np.interp(x, centres, values)
+    low_slope = (values[1] - values[0]) / (centres[1] - centres[0])
+    high_slope = (values[-1] - values[-2]) / (centres[-1] - centres[-2])
+    inside = np.where(x < centres[0], values[0] + low_slope * (x - centres[0]), inside)
+    inside = np.where(x > centres[-1], values[-1] + high_slope * (x - centres[-1]), inside)
+    return np.clip(inside, 0, None)
+
+
+def expected_loss(
+    table: dict,  # `loss_table`
+    predicted: np.ndarray,  # production's predicted values
+) -> tuple[np.ndarray, np.ndarray]:  # each answer's expected absolute and squared error
+    """Each answer's expected losses: through the bins' means by predicted value, and beyond the training's range by the
+    outer bins' trend (a shift that moves answers outward usually moves their errors with them)."""
+    centres = np.asarray(table["centres"], dtype=float)
+    predicted = np.asarray(predicted, dtype=float)
+    return (
+        _along(predicted, centres, np.asarray(table["absolute"], dtype=float)),
+        _along(predicted, centres, np.asarray(table["squared"], dtype=float)),
+    )
 
 # %% ../nbs/23s_regression_estimates.ipynb #d4d282a4
 def recalibrate(

@@ -43,6 +43,10 @@ class Task:
     test_caption = ""  # what the evaluation report's figure shows, for the model card ({rows}: test rows)
     groups_caption = ""  # what its fairness figure shows ({rows}: the rows audited)
     source_columns: tuple[str, ...] = ()  # the metrics the evaluation report shows by source
+    monitor_series: tuple[tuple[str, str], ...] = ()  # the dashboard's figures over time: (window value, words)
+    monitor_bounded = True  # those figures lie between 0 and 1
+    monitor_axis = ""  # their axis in words
+    monitor_estimates = ""  # what the estimates before labels come from, in words
 
     def __init__(
         self,
@@ -156,6 +160,29 @@ class Task:
     ) -> dict:  # estimated figures, labeled as estimates
         "Performance estimated without labels, from the scores alone."
         return self._estimate(np.asarray(scores, dtype=float), np.asarray(decisions, dtype=float), calibration)
+
+    def window_report(
+        self,
+        rows: pd.DataFrame,  # a monitoring window's rows, as the prediction log's reader gives them
+        reference: dict | None,  # the model version's reference, its decision record beside (None when none)
+        decision: float,  # the version's decision parameter
+        *judging,  # every, sensitive, kpis, min_rows, min_group, n_boot, refused: `monitoring.window_report`'s
+    ) -> dict:  # values, reliability, features, groups, rejections, statements
+        "Everything monitoring knows about one window of the task's model: drift, accuracy, coverage, fairness, KPIs."
+        return self._window_report(rows, reference, decision, *judging)
+
+    def _window_report(self, rows, reference, decision, *judging):
+        raise NotImplementedError
+
+    def window_words(
+        self,
+        values: dict,  # a monitoring window's figures (`window_report`'s values)
+    ) -> list[str]:  # sentences: its accuracy where labels arrived, and estimated before they do
+        "A monitoring window's accuracy in the task's words, as `lifecycle monitor` says it."
+        return self._window_words(values)
+
+    def _window_words(self, values):
+        raise NotImplementedError
 
     def estimator(
         self,

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from .contract import _code, reason_series
-from .core import LifecycleError
 from lifecycle.multiclass import (
     class_codes,
     class_curves_figure,
@@ -70,6 +69,9 @@ class MulticlassTask(Task):
     figure_caption = "Each class's ROC curve against the rest, on the validation split"
     test_caption = "Each class's ROC curve against the rest, on the {rows} test rows"
     source_columns = ("balanced_accuracy", "accuracy", "macro_f1")
+    monitor_series = (("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"))
+    monitor_axis = "balanced accuracy, accuracy (0 to 1)"
+    monitor_estimates = "the answered probabilities (multiclass CBPE)"
 
     def calibrated(
         self,
@@ -123,7 +125,49 @@ class MulticlassTask(Task):
         return multiclass_fairness(labels, scores, self.classes, groups, **sizes, resamples=resamples, seed=seed)
 
     def _estimate(self, scores, decisions, calibration):
-        raise LifecycleError("estimated performance of a multiclass model in monitoring is not built yet")
+        from lifecycle.multiclass_estimates import estimated_performance  # start-up time: only monitoring estimates
+
+        return estimated_performance(scores, list(range(scores.shape[1])), samples=200, seed=0)
+
+    def _window_report(self, rows, reference, decision, *judging):
+        from lifecycle.monitoring.task_figures import multiclass_window_report  # monitoring calls the task: when used
+
+        return multiclass_window_report(rows, reference, decision, *judging)
+
+    def _window_words(self, values):
+        def spread(name):
+            low, high = values.get(f"{name}_low"), values.get(f"{name}_high")
+            return f" (95% interval {low:.2f} to {high:.2f})" if low is not None and high is not None else ""
+
+        lines = []
+        if values.get("balanced_accuracy") is not None:
+            lines.append(
+                f"Realized balanced accuracy {values['balanced_accuracy']:.2f}{spread('balanced_accuracy')}, accuracy "
+                f"{self.number(values.get('accuracy'))}, macro-F1 {self.number(values.get('macro_f1'))} on "
+                f"{values.get('labeled')} labels."
+            )
+        if values.get("estimated_balanced_accuracy") is not None:
+            lines.append(
+                f"Estimated balanced accuracy {values['estimated_balanced_accuracy']:.2f}"
+                f"{spread('estimated_balanced_accuracy')} (an estimate, multiclass CBPE from the answered "
+                "probabilities: its labels have not arrived)."
+            )
+        keys = [name.split(".", 1)[1] for name in values if name.startswith("class_share.")]
+        if keys:
+            target = self.settings.target if self.settings else ""
+            names = (
+                class_names(keys, self.settings.labels.get(target), self.settings.column_name(target, unit=False))
+                if self.settings
+                else keys
+            )
+            moved = {None: "", 0: " (the mix as in training)", 1: " (the mix drifted from training's)"}
+            lines.append(
+                "Classes called: "
+                + ", ".join(f"{name} {values[f'class_share.{key}']:.0%}" for key, name in zip(keys, names))
+                + moved[values.get("prediction_drift")]
+                + "."
+            )
+        return lines
 
     def _estimator(self, model, seed):
         return make_classifier(model, seed)

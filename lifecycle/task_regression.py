@@ -25,6 +25,7 @@ from lifecycle.regression import (
     regression_metrics,
     residuals_figure,
 )
+from .regression_estimates import loss_table
 from .task_base import MODEL_FAMILIES, Task
 from .tasks import QUANTILE_GRID
 
@@ -103,6 +104,14 @@ class RegressionTask(Task):
     figure_caption = "Predicted against actual values on the validation split"
     test_caption = "Predicted against actual values on the {rows} test rows"
     source_columns = ("mae", "rmse", "r2")
+    monitor_series = (("mae", "MAE"),)
+    monitor_bounded = False  # an error in the target's unit
+    monitor_estimates = "direct loss estimation (each answer's expected error, learnt out of fold in training)"
+
+    @property
+    def monitor_axis(self) -> str:  # the dashboard's axis: MAE in the target's unit
+        unit = self.settings.units.get(self.settings.target, "") if self.settings else ""
+        return f"MAE ({unit})" if unit else "MAE"
 
     def _labels(self, target):
         return number_labels(target)
@@ -161,7 +170,54 @@ class RegressionTask(Task):
         return audit
 
     def _estimate(self, scores, decisions, calibration):
-        raise LifecycleError("estimated performance of a regression model in monitoring is not built yet")
+        from lifecycle.monitoring.task_figures import value_estimated  # start-up time: only monitoring estimates
+
+        return value_estimated(scores, calibration)[0]
+
+    def _window_report(self, rows, reference, decision, *judging):
+        from lifecycle.monitoring.task_figures import regression_window_report  # monitoring calls the task: when used
+
+        return regression_window_report(rows, reference, decision, *judging)
+
+    def _window_words(self, values):
+        number = self.number
+        unit = self.settings.units.get(self.settings.target, "") if self.settings else ""
+        unit = f" {unit}" if unit else ""
+
+        def spread(name, percent=False):
+            low, high = values.get(f"{name}_low"), values.get(f"{name}_high")
+            if low is None or high is None:
+                return ""
+            return (
+                f" (95% interval {low:.0%} to {high:.0%})"
+                if percent
+                else f" (95% interval {number(low)} to {number(high)})"
+            )
+
+        lines = []
+        if values.get("mae") is not None:
+            lines.append(
+                f"Realized MAE {number(values['mae'])}{unit}{spread('mae')}, RMSE {number(values.get('rmse'))}{unit}, "
+                f"R² {number(values.get('r2'))} on {values.get('labeled')} labels."
+            )
+        if values.get("coverage") is not None and values.get("coverage_target") is not None:
+            short = ": below its target" if values.get("coverage_short") else ""
+            lines.append(
+                f"The {values['coverage_target']:.0%} prediction interval held {values['coverage']:.0%} of the "
+                f"labelled values{spread('coverage', True)}{short}."
+            )
+        if values.get("estimated_mae") is not None:
+            lines.append(
+                f"Estimated MAE {number(values['estimated_mae'])}{unit}{spread('estimated_mae')} (an estimate, direct "
+                "loss estimation: its labels have not arrived)."
+            )
+        if values.get("prediction_drift") is not None:
+            lines.append(
+                f"Predicted values {'drifted' if values['prediction_drift'] else 'did not drift'}: mean "
+                f"{number(values.get('predicted_mean'))}{unit} against {number(values.get('reference_predicted_mean'))}"
+                f"{unit} in training."
+            )
+        return lines
 
     def _estimator(self, model, seed):
         return make_regressor(model, seed)
@@ -198,6 +254,7 @@ class RegressionTask(Task):
                 "std": float(np.std(scores)),
                 "quantile_grid": np.quantile(scores, QUANTILE_GRID).tolist(),
                 "absolute_error_quantiles": np.quantile(np.abs(labels - scores), [0.5, 0.9, 0.99]).tolist(),
+                "loss_table": loss_table(scores, labels),  # direct loss estimation's model, for monitoring
             },
         }
 

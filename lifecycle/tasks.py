@@ -19,7 +19,7 @@ from .task_base import MODEL_FAMILIES, Task  # noqa: F401 (the base's home was h
 # %% auto #0
 __all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_key', 'label_target', 'infer_task',
            'compare_with_champion', 'score_intervals', 'make_classifier', 'BinaryTask', 'task_class', 'stage_not_built',
-           'task_for', 'check_task']
+           'task_for', 'version_task', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
 def label_key(value) -> str:
@@ -204,6 +204,8 @@ class BinaryTask(Task):
         "with 95% Wilson intervals and group sizes; grey: too few patients to judge"
     )
     source_columns = ("roc_auc", "recall", "precision")
+    monitor_series = (("roc_auc", "ROC AUC"), ("recall", "recall"))
+    monitor_axis, monitor_estimates = "ROC AUC, recall (0 to 1)", "the calibrated scores"
 
     def _labels(self, target):
         positive, negative = (self.settings.positive, self.settings.negative) if self.settings else ([], [])
@@ -239,6 +241,32 @@ class BinaryTask(Task):
         from lifecycle.monitoring.figures import estimated_metrics  # start-up time: only monitoring estimates
 
         return estimated_metrics(scores, decisions, calibration)
+
+    def _window_report(self, rows, reference, decision, *judging):
+        from lifecycle.monitoring.figures import window_report  # start-up time: only monitoring needs it
+
+        return window_report(rows, reference, decision, *judging)
+
+    def _window_words(self, values):
+        from lifecycle.monitoring.estimate import estimate_words  # start-up time: monitoring loads SciPy
+
+        def figure(value, percent=False):
+            return "unknown" if value is None else f"{value:.0%}" if percent else f"{value:.3g}"
+
+        lines = []
+        if values.get("roc_auc") is not None:
+            lines.append(
+                f"Realized ROC AUC {figure(values['roc_auc'])} (95% interval {figure(values.get('roc_auc_low'))} to "
+                f"{figure(values.get('roc_auc_high'))}) and recall {figure(values.get('recall'), True)} on "
+                f"{values.get('labeled')} labels."
+            )
+        said = estimate_words(values)  # which estimate, and why none when none can be trusted
+        if values.get("estimated_recall") is not None:
+            said.append(f"estimated recall {figure(values['estimated_recall'], True)}")
+        if said:
+            text = "; ".join(said)
+            lines.append(text[0].upper() + text[1:] + ".")
+        return lines
 
     def _estimator(self, model, seed):
         return make_classifier(model, seed)
@@ -533,6 +561,13 @@ def task_for(
             f"[data] positive is required: the task is binary ({reason}); name the target values counted as positive"
         )
     return task_class(name)(settings, reason)
+
+
+def version_task(
+    reference: dict | None,  # a model version's reference, its decision record beside it (monitoring reads both)
+) -> Task:  # the version's task object
+    "The task of a model version, as its decision record names it; a version without one (an older one) is binary."
+    return task_class(((reference or {}).get("decision") or {}).get("task") or "binary")()
 
 
 def check_task(

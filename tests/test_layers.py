@@ -43,6 +43,7 @@ LAYERS = {
     "monitoring.estimate": 1,  # estimates that survive label shift, and calibration drift
     "monitoring.figures": 1,
     "monitoring.sites": 1,  # every window's figures per site, its alerts labelled with the site, the fleet
+    "monitoring.task_figures": 1,  # a multiclass or regression window's figures: accuracy, estimates, coverage
     "monitoring.store": 1,
     "monitoring.engine": 1,
     "rollback": 1,

@@ -19,12 +19,14 @@ from ..core import LifecycleError, Project, read_json, write_json
 from ..labels import disagreeing_words, judge_labels, label_policy, notify_suspects, rests_on
 from ..registry import Registry
 from ..serving.predlog.writer import open_log
+from ..tasks import version_task
 
 # isort: split
 from . import store
 from .estimate import calibration_rule
-from .figures import scrape_serving, window_report
+from .figures import scrape_serving
 from .sites import latest_sites, raise_site_alerts, site_reports
+from .task_figures import TASK_LABELED_FIGURES, coverage_rule
 from .windows import DEFAULT_WINDOW, Windows, windowing
 
 # %% auto #0
@@ -43,14 +45,7 @@ class WindowOptions(NamedTuple):
 
 
 # the columns of a window with no rows (refused records only)
-_NO_ROWS = {
-    "request_id": str,
-    "score": float,
-    "decision": float,
-    "label": float,
-    "channel": str,
-    "model_version": "int64",
-}
+_NO_ROWS = dict(request_id=str, score=float, decision=float, label=float, channel=str, model_version="int64")
 
 
 def _window_job(
@@ -71,9 +66,10 @@ def _window_job(
         rows = pd.read_parquet(path)
     every, sensitive, kpis, min_rows, min_group, n_boot = options
     judged_by = (reference, threshold, every, sensitive, kpis, min_rows, min_group, n_boot)
-    report = window_report(rows, *judged_by, refused=refused)
+    report_of = version_task(reference).window_report  # the figures of the version's task
+    report = report_of(rows, *judged_by, refused)
     # each site's figures by the same report on its rows (a refused record names no site)
-    report["sites"] = site_reports(rows, lambda part: window_report(part, *judged_by), min_rows, min_group, kpis)
+    report["sites"] = site_reports(rows, lambda part: report_of(part, *judged_by), min_rows, min_group, kpis)
     report["values"]["sites"] = len(report["sites"])
     channels = rows["channel"].value_counts()
     if len(rows):
@@ -413,9 +409,10 @@ def update_windows(
 
 # %% ../../nbs/49_monitoring_engine.ipynb #e5fa04ca
 # the realized figures rules read from the latest window whose labels arrived (`last_labeled.<name>`)
-LABELED_FIGURES = tuple(
-    "labeled roc_auc recall precision prevalence brier calibration_gap calibration_error calibration_excess".split()
-) + ("tp", "fp", "fn", "tn")
+_BINARY_LABELED = (
+    "labeled roc_auc recall precision prevalence brier calibration_gap calibration_error calibration_excess"
+)
+LABELED_FIGURES = tuple(_BINARY_LABELED.split()) + ("tp", "fp", "fn", "tn") + TASK_LABELED_FIGURES  # other tasks' too
 # a webhook URL often holds a secret: it may come from the environment instead of settings
 WEBHOOK_ENV = "LIFECYCLE_ALERT_WEBHOOK"
 
@@ -449,8 +446,8 @@ def _references(
                 meta = read_json(folder / "meta.json")
             except (OSError, ValueError):
                 meta = {}
-            try:
-                reference = read_json(folder / "reference.json")
+            try:  # the version's decision record beside it: its task, and what the decision was fitted to reach
+                reference = {**read_json(folder / "reference.json"), "decision": meta.get("decision")}
             except (OSError, ValueError):
                 reference = None
             cache[version] = (reference, float(meta.get("threshold", 0.5)))
@@ -582,8 +579,9 @@ def _raise_alerts(
         "repeat_interval": found["repeat"],
         "post": post or post_webhook,
     }
-    pooled = raise_alerts(folder, found["rules"], latest["values"], **options)
-    summary["alerts"] = alerts = raise_site_alerts(folder, found["rules"], latest["sites"], options, pooled)
+    rules = found["rules"] + coverage_rule(found["rules"], latest["values"])  # a window with intervals: theirs too
+    pooled = raise_alerts(folder, rules, latest["values"], **options)
+    summary["alerts"] = alerts = raise_site_alerts(folder, rules, latest["sites"], options, pooled)
     summary["statements"] += alerts.pop("statements")
     if any(alert["labels"]["severity"] == "critical" for alert in alerts["firing"]):
         summary["exit_code"] = 3
@@ -644,7 +642,8 @@ def monitor_project(
         "statements": details["statements"],
         "rejections": details.get("rejections", []),
         "sites": details["site_values"],  # each site's figures, its realized ones from its latest labelled window
+        "task": version_task(reference_for(int(latest["model_version"]))[0]).name,  # whose figures they are
     }
-    if found["rules"]:
+    if found["rules"] or coverage_rule([], summary["latest"]["values"]):
         _raise_alerts(root / "monitoring", found, summary, now, post)
     return store.plain(summary)
