@@ -24,8 +24,9 @@ from .labels import label_policy, latest_trusted
 # re-exported: the loop, the simulation and the benchmarks import these from the retrain stage (the decisions file has
 # one writer and one reader, the promotion authority's)
 from .promotion import decisions, record_decision, take_off  # noqa: F401
-from .registry import Registry, events, update_meta
+from .registry import Registry, events, load_model, update_meta
 from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F401
+from .tasks import BinaryTask, Task, task_for
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'champion_since', 'decide', 'retrain_lock',
@@ -291,36 +292,19 @@ def split_holdout(
     return order.iloc[:cut].reset_index(drop=True), order.iloc[cut:].reset_index(drop=True)
 
 # %% ../nbs/07_retrain.ipynb #08c1eb8d
-def _target_value(text: str):
-    "A target value as the sources hold it: a number when it reads as one."
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def as_source_rows(
     labeled: pd.DataFrame,  # labeled predictions: features as logged, `label`, `time`
     settings: Settings,  # the project's settings
     features: list[str],  # the champion's features
-) -> pd.DataFrame:  # the rows in the project's columns, the target as its positive or negative value
+    task: Task | None = None,  # the project's task: how a logged label is written as the target (None: binary)
+) -> pd.DataFrame:  # the rows in the project's columns, the target as the sources write it
     "Labeled predictions written back as data the collect stage reads: features as logged, never ids or scores."
-    if not settings.negative:
-        raise LifecycleError(
-            f"{settings.path.name}: [data] negative is empty; set the target value counted as negative, "
-            "so that labeled production predictions can be written back as data"
-        )
+    target = (task or BinaryTask(settings)).source_values(labeled["label"].to_numpy(), settings)
     columns = settings.columns or features + [settings.target]
     rows = pd.DataFrame(index=labeled.index)
     for column in columns:
         if column == settings.target:
-            rows[column] = np.where(
-                labeled["label"].to_numpy() == 1,
-                _target_value(settings.positive[0]),
-                _target_value(settings.negative[0]),
-            )
+            rows[column] = target
         elif column == settings.timestamp and column:
             rows[column] = pd.to_datetime(labeled["time"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S%z")
         elif (
@@ -419,7 +403,9 @@ def write_retraining_data(
     folder = root / "retrain" / retrain_id
     folder.mkdir(parents=True, exist_ok=True)
     production = folder / "production.parquet"
-    as_source_rows(training, settings, features).to_parquet(production, index=False)
+    task = task_for(settings, labeled["label"])  # how a logged label is written back
+    task.adopt(lambda: load_model(registry, champion))
+    as_source_rows(training, settings, features, task).to_parquet(production, index=False)
     kept = ["request_id", "time", "label"] + [name for name in features if name in labeled.columns]
     training[kept].to_parquet(
         folder / "recent.parquet", index=False
