@@ -97,7 +97,7 @@ class MulticlassTask(Task):
         return np.array([source_value(value) for value in self.log_labels(labels)], dtype=object)
 
     def _logged_answers(self, predictions):
-        # contract22: the reader's `probabilities`, a list of floats a row in `classes`' order (JSON text in the store)
+        "contract22: the reader's `probabilities`, a list of floats a row in `classes`' order (JSON text in a store)."
         return [json.loads(value) if isinstance(value, str) else list(value) for value in predictions["probabilities"]]
 
     def _realized(self, metric, labels, answers, decision):
