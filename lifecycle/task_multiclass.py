@@ -96,9 +96,12 @@ class MulticlassTask(Task):
     def _source_values(self, labels, settings):
         return np.array([source_value(value) for value in self.log_labels(labels)], dtype=object)
 
-    def _logged_answers(self, predictions):
+    def _logged_answers(self, predictions, prefix):
         "contract22: the reader's `probabilities`, a list of floats a row in `classes`' order (JSON text in a store)."
-        return [json.loads(value) if isinstance(value, str) else list(value) for value in predictions["probabilities"]]
+        return [
+            json.loads(value) if isinstance(value, str) else list(value)
+            for value in predictions[f"{prefix}probabilities"]
+        ]
 
     def _realized(self, metric, labels, answers, decision):
         return multiclass_figures(labels, answers, self.classes, resamples=0)["metrics"][metric]

@@ -112,6 +112,9 @@ class RegressionTask(Task):
     def _log_labels(self, labels):
         return labels.astype(float)
 
+    def _agreement(self, pairs, champion_decision):  # the shadow's value inside the champion's interval
+        return (pairs["shadow_score"] - pairs["champion_score"]).abs().to_numpy() <= champion_decision
+
     def _realized(self, metric, labels, answers, decision):
         return regression_metrics(labels.astype(float), answers)[metric]
 

@@ -79,12 +79,24 @@ class RetrainTemplate:
     def logged_answers(
         self,
         predictions: pd.DataFrame,  # rows of the prediction log's reader (`score`; `probabilities` for classes)
+        prefix: str = "",  # the columns' prefix: `champion_` or `shadow_` in the shadow pairs
     ) -> np.ndarray:  # the answers as `version_answers` gives them
         "The answers the prediction log holds, as the version gave them: one place reads them from the log."
-        return np.asarray(self._logged_answers(predictions), dtype=float)
+        return np.asarray(self._logged_answers(predictions, prefix), dtype=float)
 
-    def _logged_answers(self, predictions):
-        return predictions["score"].to_numpy(dtype=float)
+    def _logged_answers(self, predictions, prefix):
+        return predictions[f"{prefix}score"].to_numpy(dtype=float)
+
+    def agreement(
+        self,
+        pairs: pd.DataFrame,  # shadow pairs: champion_ and shadow_ score and decision of the same records
+        champion_decision: float,  # the champion's decision's parameter
+    ) -> np.ndarray:  # each record: whether the shadow's answer is the champion's, in the task's sense
+        "Whether the version in shadow agreed with the champion on each record."
+        return np.asarray(self._agreement(pairs, champion_decision), dtype=bool)
+
+    def _agreement(self, pairs, champion_decision):
+        return (pairs["champion_decision"] == pairs["shadow_decision"]).to_numpy()  # the same decision, the same class
 
     def realized(
         self,
