@@ -26,7 +26,7 @@ from .labels import label_policy, latest_trusted
 from .promotion import decisions, record_decision, take_off  # noqa: F401
 from .registry import Registry, events, load_model, update_meta
 from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F401
-from .tasks import BinaryTask, Task, task_for
+from .tasks import BinaryTask, Task, project_task, task_for
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'champion_since', 'decide', 'retrain_lock',
@@ -35,8 +35,8 @@ __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_CO
            'write_retraining_data', 'retrain_versions', 'abandon_unfinished']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
-POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
-WATCHED_METRICS = ("roc_auc", "recall", "precision")  # higher is better for each
+POLICY_KEYS = ("alerts", "metric", "min_metric", "max_metric", "max_drift_share", "min_new_labels", "every_days")
+WATCHED_METRICS = ("roc_auc", "recall", "precision")  # a binary task's, higher is better for each (`policy_metrics`)
 CHALLENGER_STAGES = ["collect", "prepare", "train", "evaluate"]  # the stage notebooks a challenger goes through
 
 # %% ../nbs/07_retrain.ipynb #156afad5
@@ -77,21 +77,28 @@ def _alert_rule(
 
 
 def _metric_rule(
-    policy: dict,  # the [retrain] settings (metric, min_metric)
+    policy: dict,  # the [retrain] settings (metric, min_metric; max_metric for a figure where lower is better)
     values: dict,  # the latest monitoring window's figures
+    task: Task | None = None,  # the project's task: the figures it can watch (None: binary)
 ) -> tuple[list, list]:  # (reasons to retrain, states checked); both empty when the rule is off
-    "The accuracy rule: retrain when the latest realized (else estimated) figure is below its floor."
-    metric, floor = str(policy.get("metric", "recall")), float(policy.get("min_metric", 0) or 0)
-    if floor <= 0:
+    """The accuracy rule: retrain when the latest realized (else estimated) figure is below its floor (`min_metric`),
+    or, for a figure where lower is better (a regression's MAE), above its ceiling (`max_metric`)."""
+    watched = (task or BinaryTask()).policy_metrics
+    metric = str(policy.get("metric", "recall"))
+    if metric == "recall" and metric not in watched:  # the default names no figure of this task: its headline
+        metric = (task or BinaryTask()).headline_metric
+    higher = watched.get(metric, True)
+    limit = float(policy.get("min_metric" if higher else "max_metric", 0) or 0)
+    if limit <= 0:
         return [], []
-    if metric not in WATCHED_METRICS:
-        raise LifecycleError(f"[retrain] metric must be one of {', '.join(WATCHED_METRICS)}")
+    if metric not in watched:
+        raise LifecycleError(f"[retrain] metric must be one of {', '.join(watched)}")
     value, kind = _figure(values, metric)
     if value is None:
         return [], [f"{metric}: no figure from monitoring yet (run `lifecycle monitor`)"]
-    if value < floor:
-        return [f"{kind} {metric} {value:.3f} is below {floor:g}"], []
-    return [], [f"{kind} {metric} {value:.3f} is at or above {floor:g}"]
+    if (value < limit) if higher else (value > limit):
+        return [f"{kind} {metric} {value:.3f} is {'below' if higher else 'above'} {limit:g}"], []
+    return [], [f"{kind} {metric} {value:.3f} is {'at or above' if higher else 'at or below'} {limit:g}"]
 
 
 def _drift_rule(
@@ -145,13 +152,14 @@ def decide(
     evidence: dict,  # champion, firing (alert names), values (the latest window's figures), new_labels, champion_since
     now: datetime,  # the time of the decision
     force: bool = False,  # a person asked for a retrain
+    task: Task | None = None,  # the project's task: the figures the metric rule watches (None: binary)
 ) -> dict:  # time, retrain, reasons (why retrain), checked (every rule's state), champion
     "Decide whether to retrain, with the reason for each rule checked."
     reasons, checked, ruled = (["a person asked for it (--force)"] if force else []), [], False
     values = evidence.get("values") or {}
     for said, noted in (
         _alert_rule(policy, evidence),
-        _metric_rule(policy, values),
+        _metric_rule(policy, values, task),
         _drift_rule(policy, values),
         _labels_rule(policy, evidence),
         _schedule_rule(policy, evidence, now),
@@ -250,7 +258,8 @@ def gather_evidence(
         "values": {},
         "new_labels": None,
     }
-    if float(policy.get("min_metric", 0) or 0) > 0 or float(policy.get("max_drift_share", 1) or 1) < 1:
+    watching = float(policy.get("min_metric", 0) or 0) > 0 or float(policy.get("max_metric", 0) or 0) > 0
+    if watching or float(policy.get("max_drift_share", 1) or 1) < 1:
         from lifecycle.monitoring import monitor_project  # deferred: start-up time, only this path needs it
 
         latest = (
@@ -274,7 +283,7 @@ def run_policy(
 ) -> dict:  # the decision, as recorded
     "Gather the evidence, decide, and record the decision."
     now = now or datetime.now(timezone.utc)
-    decision = decide(policy, gather_evidence(project, policy, now), now, force)
+    decision = decide(policy, gather_evidence(project, policy, now), now, force, project_task(project))
     record_decision(project.root, {**decision, "kind": "policy"})
     return decision
 

@@ -41,6 +41,7 @@ class Task(RetrainTemplate):
     default_decision = 0.5  # the decision the training report uses before evaluate fits the real one
     decision_default: float | None = None  # the default of `decision_option`'s setting (evaluate's)
     retrain_changes: tuple[str, ...] = ("recalibration",)  # the cheaper changes a retrain tries on the champion
+    policy_metrics: dict[str, bool] = {}  # the figures the retrain policy's metric rule may watch -> higher is better
     rollback_metrics: dict[str, bool] = {}  # the realized figures a rollback rule may watch -> whether higher is better
     decision_words = "decision"  # the decision's parameter in words (threshold, temperature, interval ±)
     stages_built: tuple[str, ...] | None = None  # the stages this version runs for the task (None: every one)

@@ -70,6 +70,7 @@ class MulticlassTask(Task):
     default_decision = 1.0  # no temperature: the model's own probabilities
     decision_words = "temperature"
     rollback_metrics = {"balanced_accuracy": True, "accuracy": True, "macro_f1": True}
+    policy_metrics = rollback_metrics
     stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
     figure_caption = "Each class's ROC curve against the rest, on the validation split"
     test_caption = "Each class's ROC curve against the rest, on the {rows} test rows"

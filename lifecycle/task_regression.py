@@ -104,6 +104,7 @@ class RegressionTask(Task):
     decision_default = 0.9  # evaluate's `coverage` when settings do not set it
     decision_words = "interval ±"
     rollback_metrics = {"mae": False, "rmse": False}
+    policy_metrics = rollback_metrics
     stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
     figure_caption = "Predicted against actual values on the validation split"
     test_caption = "Predicted against actual values on the {rows} test rows"

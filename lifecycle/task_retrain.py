@@ -226,6 +226,8 @@ class RetrainTemplate:
 class BinaryRetrain:
     "The binary task's answers to what retraining, promotion and rollback ask."
 
+    policy_metrics = {"roc_auc": True, "recall": True, "precision": True}  # what the retrain policy may watch
+
     def _log_labels(self, labels):
         return labels.astype(int)
 
