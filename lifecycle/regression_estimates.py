@@ -146,9 +146,14 @@ def recalibration_candidate(
 # %% ../nbs/23s_regression_estimates.ipynb #b7e2c402
 INTERVAL_RULE = (
     "promote a re-calibrated interval when the champion's misses its coverage (the binomial interval of its achieved "
-    "coverage below the target) and the new one does not, or when the champion's is wider than it needs (that interval "
-    "above the target) and the new one is narrower without missing; never one that misses while the champion does not"
+    "coverage below the target) and the new one does not or holds significantly more values (McNemar), or when the "
+    "champion's is wider than it needs (that interval above the target) and the new one is narrower without missing; "
+    "never one that misses while the champion does not, or holds significantly fewer while missing"
 )
+_SIDES = (
+    ("only_b_right", "only_a_right"),
+    ("only_a_right", "only_b_right"),
+)  # (more, fewer) values held by the new one
 
 
 def compare_intervals(
@@ -174,10 +179,12 @@ def compare_intervals(
         f"{b['coverage']:.1%} of values inside the interval against {a['coverage']:.1%} (target {coverage:.0%}; "
         f"the value ± {half_width_b:.3g} against ± {half_width_a:.3g})"
     )
+    significant = covered["mid_p_value"] < alpha  # one interval holds the truth on significantly more of the rows
+    more, fewer = (significant and covered[first] > covered[second] for first, second in _SIDES)
     gains, losses = [], []
-    if missing["b"] and not missing["a"]:
+    if missing["b"] and (fewer or not missing["a"]):
         losses.append(words)
-    elif missing["a"] and not missing["b"]:
+    elif missing["a"] and (more or not missing["b"]):
         gains.append(words)
     elif a["interval"]["low"] > coverage and not missing["b"] and half_width_b < half_width_a:
         gains.append(f"a narrower interval that still holds its target: {words}")
