@@ -13,16 +13,17 @@ import numpy as np
 import pandas as pd
 
 from .core import Settings, read_json
-from .metrics import cut_groups, reference_grouping
+from .metrics import cut_groups, fit_recalibration, reference_grouping  # noqa: F401 (fit_recalibration: its old home)
 from .promotion import record_decision
 from .registry import Registry, load_model, markdown_to_html, register
-from .serving.scoring import Scorer, calibrate_scores
+from .serving.scoring import calibrate_scores
 from .shadow import promote_if_won
-from .tasks import Task, task_for
+from .task_retrain import answered
+from .tasks import BinaryTask, Task, task_class, task_for
 
 # %% auto #0
-__all__ = ['CHALLENGER_SETTINGS', 'CHANGES', 'score_rows', 'fit_recalibration', 'judge', 'choose_change', 'derived_reference',
-           'register_change', 'conclude', 'headline']
+__all__ = ['CHALLENGER_SETTINGS', 'CHANGES', 'score_rows', 'judge', 'choose_change', 'derived_reference', 'register_change',
+           'conclude', 'headline']
 
 # %% ../nbs/28_challenger.ipynb #3981e4d5
 CHALLENGER_SETTINGS = (
@@ -34,47 +35,10 @@ def score_rows(
     root: Path,  # the project folder
     version: int,  # the model version
     rows: pd.DataFrame,  # rows with the model's features
-) -> tuple[np.ndarray, float]:  # (scores, NaN where the model refused the row), the version's threshold
-    "Score rows through the serving code of one model version."
-
-    scorer = Scorer.from_registry(root, version)
-    features = scorer.spec.features
-    present = rows.reindex(columns=features)
-    records = [
-        {name: (None if pd.isna(value) else value) for name, value in zip(features, row)}
-        for row in present.itertuples(index=False, name=None)
-    ]
-    results, _ = scorer.score_records(records)
-    return np.array([result["score"] if result else np.nan for result in results]), scorer.spec.threshold
-
-# %% ../nbs/28_challenger.ipynb #13c90f6f
-def fit_recalibration(
-    scores,  # the model's scores on recent labeled rows
-    labels,  # their labels
-    method: str = "auto",  # isotonic, platt, or auto (isotonic from 200 rows, else Platt)
-) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`calibrate_scores` of serving applies it)
-    "Fit a recalibration of scores on recent labeled rows."
-    from sklearn.isotonic import IsotonicRegression  # deferred: start-up time, only this path needs it
-    from sklearn.linear_model import LogisticRegression  # deferred: start-up time, only this path needs it
-
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels).astype(int)
-    method = ("isotonic" if len(scores) >= 200 else "platt") if method == "auto" else method
-    if method == "isotonic":
-        fitted = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(scores, labels)
-        return {
-            "method": "isotonic",
-            "scores": fitted.X_thresholds_.tolist(),
-            "probabilities": fitted.y_thresholds_.tolist(),
-            "rows": len(scores),
-        }
-    clipped = np.clip(scores, 1e-6, 1 - 1e-6)
-    fitted = LogisticRegression(C=1e6).fit(np.log(clipped / (1 - clipped))[:, None], labels)
-    return {
-        "method": "platt",
-        "slope": float(fitted.coef_[0, 0]),
-        "intercept": float(fitted.intercept_[0]),
-        "rows": len(scores),
-    }
+    task: Task | None = None,  # the project's task: what an answer is (None: binary, a score)
+) -> tuple[np.ndarray, float]:  # (answers, NaN where the model refused the row), the version's decision's parameter
+    "Answer rows through the serving code of one model version: its checks, cleaning and answers (`Task.answer_rows`)."
+    return (task or BinaryTask()).answer_rows(root, version, rows)
 
 # %% ../nbs/28_challenger.ipynb #572c44c4
 def _compare_options(
@@ -94,43 +58,6 @@ def _compare_options(
         min_group=int(evaluate.get("min_group_size", 20)),
     )
 
-
-def _cheaper_changes(
-    labels,  # the compared held-out rows' labels
-    champion_scores,  # the champion's scores on them
-    champion_threshold: float,  # the champion's threshold
-    recent_labels,  # labels of the recent rows used for training, that the champion could score
-    recent_scores,  # the champion's scores on those recent rows
-    target_recall: float,  # the recall a new threshold aims at
-    options: dict,  # the shared `compare_models` settings (`_compare_options`)
-    task: Task,  # the project's task: its decision and paired comparison
-) -> tuple:  # (candidates: threshold and recalibration, the recalibrated held-out scores), or ({}, None): too few
-    "A new threshold and a recalibration fitted on the recent rows, each compared with the champion."
-    if len(recent_scores) < 20 or len(set(recent_labels)) != 2:
-        return {}, None
-    threshold = task.fit_decision(recent_labels, recent_scores, target_recall)
-    candidates = {
-        "threshold": {
-            "threshold": threshold,
-            "calibration": None,
-            "comparison": task.compare(
-                labels, champion_scores, champion_scores, champion_threshold, threshold, **{**options, "seed": 1}
-            ),
-        }
-    }
-    calibration = fit_recalibration(recent_scores, recent_labels)
-    calibrated_threshold = task.fit_decision(recent_labels, calibrate_scores(recent_scores, calibration), target_recall)
-    # the scores a version holding this map serves: `Scorer` applies the same function
-    calibrated = calibrate_scores(champion_scores, calibration)
-    candidates["recalibration"] = {
-        "threshold": calibrated_threshold,
-        "calibration": calibration,
-        "comparison": task.compare(
-            labels, champion_scores, calibrated, champion_threshold, calibrated_threshold, **{**options, "seed": 2}
-        ),
-    }
-    return candidates, calibrated
-
 # %% ../nbs/28_challenger.ipynb #7273a493
 def _groups(settings: Settings, rows: pd.DataFrame, reference: dict | None) -> dict:
     "Sensitive groups of the rows, cut as the gate and monitoring cut them (the version's stored grouping)."
@@ -147,21 +74,25 @@ def judge(
     retrain_id: str,  # the retrain folder under retrain/
     challenger: int,  # the challenger's model version
     policy: dict,  # the [retrain] settings
-) -> dict:  # champion, challenger, rows, comparison, candidates (recalibration, threshold), statements
-    "Compare the champion with a challenger, and with the cheaper changes, on the held-out labeled rows."
+) -> dict:  # task, champion, challenger, rows, comparison, candidates (the cheaper changes), statements
+    """Compare the champion with a challenger, and with the cheaper changes, on the held-out labeled rows, with the
+    task's paired tests. Long because it reads as the judgement does: answer, compare, try the cheaper changes, keep
+    each compared row's answers beside the evidence."""
 
     root = settings.root
     folder = root / "retrain" / retrain_id
     champion = Registry(root).aliases().get("champion")
     held, recent = pd.read_parquet(folder / "holdout.parquet"), pd.read_parquet(folder / "recent.parquet")
-    champion_scores, champion_threshold = score_rows(root, champion, held)
-    challenger_scores, challenger_threshold = score_rows(root, challenger, held)
-    both = ~(np.isnan(champion_scores) | np.isnan(challenger_scores))
-    labels = held["label"].to_numpy().astype(int)[both]
+    task = task_for(settings, held["label"])  # what an answer is, and the paired tests, are the task's
+    champion_scores, champion_threshold = score_rows(root, champion, held, task)
+    challenger_scores, challenger_threshold = score_rows(root, challenger, held, task)
+    both = answered(champion_scores) & answered(challenger_scores)
+    labels = task.log_labels(held["label"].to_numpy())[both]
     statements = []
     if (~both).any():
         statements.append(f"{int((~both).sum())} held-out rows could not be scored by both models and are left out")
     result = {
+        "task": task.name,
         "champion": champion,
         "challenger": challenger,
         "rows": int(both.sum()),
@@ -180,26 +111,30 @@ def judge(
     reference = read_json(reference_path) if reference_path.exists() else None
     options = _compare_options(policy, evaluate, _groups(settings, held[both].reset_index(drop=True), reference))
     champion_scores, challenger_scores = champion_scores[both], challenger_scores[both]
-    task = task_for(settings, held["label"])  # the paired tests are the task's
     result["comparison"] = task.compare(
         labels, champion_scores, challenger_scores, champion_threshold, challenger_threshold, **options
     )
-    recent_scores, _ = score_rows(root, champion, recent)
-    usable = ~np.isnan(recent_scores)
-    recent_labels = recent["label"].to_numpy().astype(int)[usable]
-    target_recall = float(evaluate.get("target_recall", 0.85))
-    result["candidates"], calibrated = _cheaper_changes(
-        labels, champion_scores, champion_threshold, recent_labels, recent_scores[usable], target_recall, options, task
+    recent_scores, _ = score_rows(root, champion, recent, task)
+    usable = answered(recent_scores)
+    recent_labels = task.log_labels(recent["label"].to_numpy())[usable]
+    target = float(evaluate.get(task.decision_option, task.decision_default)) if task.decision_option else None
+    result["candidates"], calibrated = task.cheaper_changes(
+        labels, champion_scores, champion_threshold, recent_labels, recent_scores[usable], target, options
     )
     if not result["candidates"]:
         statements.append(
-            "too few recent labeled rows used for training (20, both classes) to try recalibration or a new threshold"
+            f"too few recent labeled rows used for training (at least 20) to try a cheaper change "
+            f"({', '.join(task.retrain_changes)})"
         )
-    identified = {"request_id": held["request_id"].to_numpy()[both], "label": labels}
-    scored = pd.DataFrame({**identified, "champion": champion_scores, "challenger": challenger_scores})
-    if "recalibration" in result["candidates"]:
-        scored["recalibration"] = calibrated
-    scored.to_parquet(folder / "scores.parquet", index=False)  # each compared row's scores, with the evidence
+    scored = pd.DataFrame({"request_id": held["request_id"].to_numpy()[both], "label": labels})
+    for name, answers in (
+        ("champion", champion_scores),
+        ("challenger", challenger_scores),
+        ("recalibration", calibrated),
+    ):
+        if answers is not None:
+            scored = scored.assign(**task.answer_columns(name, answers))
+    scored.to_parquet(folder / "scores.parquet", index=False)  # each compared row's answers, with the evidence
     return result
 
 # %% ../nbs/28_challenger.ipynb #fb8d8932
@@ -214,14 +149,15 @@ def choose_change(
     gate: dict | None,  # the challenger's gate decision
     apply_changes: bool = True,  # a winning cheaper change may be applied
 ) -> str | None:  # challenger, recalibration, threshold, or None (nothing wins)
-    "Which change wins: the challenger first, else the cheaper change that promotes at the lowest cost per patient."
+    """Which change wins: the challenger first, else the cheaper change that promotes at the lowest cost per patient
+    (a task without costs: in `CHANGES`' order)."""
     comparison = judged.get("comparison")
     if comparison and comparison["promote"] and (gate or {}).get("passed"):
         return "challenger"
     if not apply_changes:
         return None
     winners = [
-        (judged["candidates"][name]["comparison"]["cost"]["b"], order, name)
+        ((judged["candidates"][name]["comparison"].get("cost") or {}).get("b", 0.0), order, name)
         for order, name in enumerate(CHANGES)
         if name in judged.get("candidates", {}) and judged["candidates"][name]["comparison"]["promote"]
     ]
@@ -259,6 +195,7 @@ def _derived_record(
     change: str,  # recalibration or threshold
     retrain_id: str,  # the retrain that judged it
     evidence: str,  # where the evidence is, relative to the project
+    task: Task | None = None,  # the project's task: the figures of its comparison (None: binary)
 ) -> dict:  # the new version's metadata
     "The metadata of a version derived from the champion by a cheaper change: its threshold, calibration, figures."
     comparison = candidate["comparison"]
@@ -266,21 +203,18 @@ def _derived_record(
     steps = (before if isinstance(before, list) else [before]) + (
         [candidate["calibration"]] if candidate.get("calibration") else []
     )
-    figures = {
-        "roc_auc": (comparison.get("auc") or {}).get("auc_b"),
-        "accuracy": comparison["decisions"]["accuracy_b"],
-        "brier": comparison["brier"]["b"],
-        "cost_per_patient": comparison["cost"]["b"],
-    }
+    figures = (task or BinaryTask()).comparison_figures(comparison)
+    decision = {**meta["decision"], "parameter": float(candidate["threshold"])} if "decision" in meta else None
     dropped = ("version", "sha256", "bytes", "created", "gate", "evaluation", "calibration")
     return {
         **{key: value for key, value in meta.items() if key not in dropped},
         "threshold": float(candidate["threshold"]),
+        **({"decision": decision} if decision else {}),
         "calibration": steps or None,
         "derived_from": {"version": champion, "change": change, "retrain_id": retrain_id, "evidence": evidence},
         "evaluation": {
             "run_id": (meta.get("evaluation") or {}).get("run_id"),
-            "metrics": {name: float(value) for name, value in figures.items() if value is not None},
+            "metrics": figures,
             "on": f"{comparison['rows']} held-out labeled production predictions (retrain {retrain_id})",
         },
         "gate": {
@@ -297,17 +231,13 @@ def _derived_card(
     champion: int,  # the champion's version
     change: str,  # recalibration or threshold
     evidence: str,  # where the evidence is, relative to the project
+    task: Task | None = None,  # the project's task: the change in its words (None: binary)
 ) -> str:  # the model card, markdown
     "The model card of a version derived from the champion by a cheaper change."
-    what = (
-        f"version {champion}'s model with its scores recalibrated ({candidate['calibration']['method']}, fitted on "
-        f"{candidate['calibration']['rows']} recent labeled production predictions)"
-        if candidate.get("calibration")
-        else f"version {champion}'s model with its threshold re-chosen on recent labeled production predictions"
-    )
+    what = (task or BinaryTask()).change_words(candidate, champion)
     return (
-        f"# Model card: a {change} of version {champion}\n\nThis version is {what}, decision threshold "
-        f"{candidate['threshold']:.4f}. The model file is version {champion}'s (same SHA-256); see its card for the "
+        f"# Model card: a {change} of version {champion}\n\nThis version is {what}. The model file is version "
+        f"{champion}'s (same SHA-256); see its card for the "
         f"model, its data and its fairness audit.\n\n## Why\n\n{candidate['comparison']['headline']}\n\n"
         f"Evidence: {evidence}\n"
     )
@@ -326,8 +256,9 @@ def register_change(
     registry = Registry(root)
     champion, candidate = judged["champion"], judged["candidates"][change]
     folder = registry.path / "versions" / str(champion)
-    record = _derived_record(registry.meta(champion), candidate, champion, change, retrain_id, evidence)
-    card = _derived_card(candidate, champion, change, evidence)
+    task = task_class(judged.get("task", "binary"))()  # the words and figures of its comparison
+    record = _derived_record(registry.meta(champion), candidate, champion, change, retrain_id, evidence, task)
+    card = _derived_card(candidate, champion, change, evidence, task)
     files = {name: (folder / name).read_bytes() for name in ("train_rows.parquet",) if (folder / name).exists()}
     if (folder / "reference.json").exists():
         files["reference.json"] = json.dumps(

@@ -27,7 +27,7 @@ from .core import Settings, thread_pool, value_key
 # %% auto #0
 __all__ = ['classification_metrics', 'group_spec', 'cut_groups', 'reference_grouping', 'sensitive_grouping', 'group_metrics',
            'group_words', 'row_hashes', 'row_hashes_bytes', 'read_row_hashes', 'duplicate_hashes',
-           'threshold_for_recall', 'judged_groups', 'equalized_odds_gap', 'fairness_gaps']
+           'threshold_for_recall', 'fit_recalibration', 'judged_groups', 'equalized_odds_gap', 'fairness_gaps']
 
 # %% ../nbs/23_metrics.ipynb #7802025d
 def classification_metrics(
@@ -339,6 +339,35 @@ def threshold_for_recall(
         return 0.5
     needed = int(np.ceil(target_recall * len(positives)))
     return float(positives[max(needed, 1) - 1])
+
+# %% ../nbs/23_metrics.ipynb #a1c0e7b2
+def fit_recalibration(
+    scores,  # the model's scores on recent labeled rows
+    labels,  # their labels
+    method: str = "auto",  # isotonic, platt, or auto (isotonic from 200 rows, else Platt)
+) -> dict:  # the map, JSON-ready, as a version's `calibration` stores it (`calibrate_scores` of serving applies it)
+    "Fit a recalibration of a binary model's scores on recent labeled rows."
+    from sklearn.isotonic import IsotonicRegression  # deferred: start-up time, only this path needs it
+    from sklearn.linear_model import LogisticRegression  # deferred: start-up time, only this path needs it
+
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels).astype(int)
+    method = ("isotonic" if len(scores) >= 200 else "platt") if method == "auto" else method
+    if method == "isotonic":
+        fitted = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(scores, labels)
+        return {
+            "method": "isotonic",
+            "scores": fitted.X_thresholds_.tolist(),
+            "probabilities": fitted.y_thresholds_.tolist(),
+            "rows": len(scores),
+        }
+    clipped = np.clip(scores, 1e-6, 1 - 1e-6)
+    fitted = LogisticRegression(C=1e6).fit(np.log(clipped / (1 - clipped))[:, None], labels)
+    return {
+        "method": "platt",
+        "slope": float(fitted.coef_[0, 0]),
+        "intercept": float(fitted.intercept_[0]),
+        "rows": len(scores),
+    }
 
 # %% ../nbs/23_metrics.ipynb #1d040e65
 def judged_groups(

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from .compare import comparison_verdict, mcnemar_test
 from .regression import ConformalInterval, achieved_coverage, fit_conformal
 
 # %% auto #0
-__all__ = ['loss_inputs', 'LossEstimator', 'fit_loss_estimator', 'estimate_by_window', 'loss_table', 'expected_loss',
-           'recalibrate', 'recalibration_candidate']
+__all__ = ['INTERVAL_RULE', 'loss_inputs', 'LossEstimator', 'fit_loss_estimator', 'estimate_by_window', 'loss_table',
+           'expected_loss', 'recalibrate', 'recalibration_candidate', 'compare_intervals']
 
 # %% ../nbs/23s_regression_estimates.ipynb #0ee87c52
 def loss_inputs(
@@ -199,3 +200,62 @@ def recalibration_candidate(
         "after": after,
     }
     return candidate, evidence
+
+# %% ../nbs/23s_regression_estimates.ipynb #b7e2c402
+INTERVAL_RULE = (
+    "promote a re-calibrated interval when the champion's misses its coverage (the binomial interval of its achieved "
+    "coverage below the target) and the new one does not or holds significantly more values (McNemar), or when the "
+    "champion's is wider than it needs (that interval above the target) and the new one is narrower without missing; "
+    "never one that misses while the champion does not, or holds significantly fewer while missing"
+)
+_SIDES = (
+    ("only_b_right", "only_a_right"),
+    ("only_a_right", "only_b_right"),
+)  # (more, fewer) values held by the new one
+
+
+def compare_intervals(
+    y_true: np.ndarray,  # actual values of the comparison rows (neither interval was calibrated on them)
+    predicted: np.ndarray,  # the model's predictions of them (the same model: only the interval differs)
+    half_width_a: float,  # the champion's interval: the value ± this
+    half_width_b: float,  # the re-calibrated interval's half-width
+    coverage: float,  # the share of values both intervals promise to hold
+    alpha: float = 0.05,  # 1 − the confidence of the coverage intervals and the level of McNemar's test
+    parity_reason: str = "",  # why parity is enough to promote (from settings); empty: it is not
+    noun: str = "patients",  # what the rows are, many, for the headline
+) -> dict:  # rows, coverage (target, a, b), half_width (a, b), covered (McNemar), gains, losses, verdict, promote, ...
+    "Two prediction intervals of one model on the same labelled rows: their coverage against the target, paired."
+    y_true, predicted = np.asarray(y_true, dtype=float), np.asarray(predicted, dtype=float)
+    a, b = (
+        achieved_coverage(y_true, predicted - half, predicted + half, 1 - alpha)
+        for half in (half_width_a, half_width_b)
+    )
+    errors = np.abs(y_true - predicted)
+    covered = mcnemar_test(np.ones(len(errors)), errors <= half_width_a, errors <= half_width_b)
+    missing = {name: figure["interval"]["high"] < coverage for name, figure in (("a", a), ("b", b))}
+    words = (
+        f"{b['coverage']:.1%} of values inside the interval against {a['coverage']:.1%} (target {coverage:.0%}; "
+        f"the value ± {half_width_b:.3g} against ± {half_width_a:.3g})"
+    )
+    significant = covered["mid_p_value"] < alpha  # one interval holds the truth on significantly more of the rows
+    more, fewer = (significant and covered[first] > covered[second] for first, second in _SIDES)
+    gains, losses = [], []
+    if missing["b"] and (fewer or not missing["a"]):
+        losses.append(words)
+    elif missing["a"] and (more or not missing["b"]):
+        gains.append(words)
+    elif a["interval"]["low"] > coverage and not missing["b"] and half_width_b < half_width_a:
+        gains.append(f"a narrower interval that still holds its target: {words}")
+    verdict, promote, headline = comparison_verdict(len(y_true), gains, losses, parity_reason, noun)
+    return {
+        "rows": int(len(y_true)),
+        "coverage": {"target": coverage, "a": a, "b": b},
+        "half_width": {"a": float(half_width_a), "b": float(half_width_b)},
+        "covered": covered,
+        "gains": gains,
+        "losses": losses,
+        "verdict": verdict,
+        "promote": promote,
+        "rule": INTERVAL_RULE,
+        "headline": headline,
+    }

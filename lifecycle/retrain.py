@@ -24,8 +24,9 @@ from .labels import label_policy, latest_trusted
 # re-exported: the loop, the simulation and the benchmarks import these from the retrain stage (the decisions file has
 # one writer and one reader, the promotion authority's)
 from .promotion import decisions, record_decision, take_off  # noqa: F401
-from .registry import Registry, events, update_meta
+from .registry import Registry, events, load_model, update_meta
 from .shadow import promote_if_won, promote_shadow, shadow_evidence  # noqa: F401
+from .tasks import BinaryTask, Task, project_task, task_for
 
 # %% auto #0
 __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_COPIES', 'champion_since', 'decide', 'retrain_lock',
@@ -34,8 +35,8 @@ __all__ = ['POLICY_KEYS', 'WATCHED_METRICS', 'CHALLENGER_STAGES', 'PRODUCTION_CO
            'write_retraining_data', 'retrain_versions', 'abandon_unfinished']
 
 # %% ../nbs/07_retrain.ipynb #2a6be267
-POLICY_KEYS = ("alerts", "metric", "min_metric", "max_drift_share", "min_new_labels", "every_days")
-WATCHED_METRICS = ("roc_auc", "recall", "precision")  # higher is better for each
+POLICY_KEYS = ("alerts", "metric", "min_metric", "max_metric", "max_drift_share", "min_new_labels", "every_days")
+WATCHED_METRICS = ("roc_auc", "recall", "precision")  # a binary task's, higher is better for each (`policy_metrics`)
 CHALLENGER_STAGES = ["collect", "prepare", "train", "evaluate"]  # the stage notebooks a challenger goes through
 
 # %% ../nbs/07_retrain.ipynb #156afad5
@@ -76,21 +77,28 @@ def _alert_rule(
 
 
 def _metric_rule(
-    policy: dict,  # the [retrain] settings (metric, min_metric)
+    policy: dict,  # the [retrain] settings (metric, min_metric; max_metric for a figure where lower is better)
     values: dict,  # the latest monitoring window's figures
+    task: Task | None = None,  # the project's task: the figures it can watch (None: binary)
 ) -> tuple[list, list]:  # (reasons to retrain, states checked); both empty when the rule is off
-    "The accuracy rule: retrain when the latest realized (else estimated) figure is below its floor."
-    metric, floor = str(policy.get("metric", "recall")), float(policy.get("min_metric", 0) or 0)
-    if floor <= 0:
+    """The accuracy rule: retrain when the latest realized (else estimated) figure is below its floor (`min_metric`),
+    or, for a figure where lower is better (a regression's MAE), above its ceiling (`max_metric`)."""
+    watched = (task or BinaryTask()).policy_metrics
+    metric = str(policy.get("metric", "recall"))
+    if metric == "recall" and metric not in watched:  # the default names no figure of this task: its headline
+        metric = (task or BinaryTask()).headline_metric
+    higher = watched.get(metric, True)
+    limit = float(policy.get("min_metric" if higher else "max_metric", 0) or 0)
+    if limit <= 0:
         return [], []
-    if metric not in WATCHED_METRICS:
-        raise LifecycleError(f"[retrain] metric must be one of {', '.join(WATCHED_METRICS)}")
+    if metric not in watched:
+        raise LifecycleError(f"[retrain] metric must be one of {', '.join(watched)}")
     value, kind = _figure(values, metric)
     if value is None:
         return [], [f"{metric}: no figure from monitoring yet (run `lifecycle monitor`)"]
-    if value < floor:
-        return [f"{kind} {metric} {value:.3f} is below {floor:g}"], []
-    return [], [f"{kind} {metric} {value:.3f} is at or above {floor:g}"]
+    if (value < limit) if higher else (value > limit):
+        return [f"{kind} {metric} {value:.3f} is {'below' if higher else 'above'} {limit:g}"], []
+    return [], [f"{kind} {metric} {value:.3f} is {'at or above' if higher else 'at or below'} {limit:g}"]
 
 
 def _drift_rule(
@@ -144,13 +152,14 @@ def decide(
     evidence: dict,  # champion, firing (alert names), values (the latest window's figures), new_labels, champion_since
     now: datetime,  # the time of the decision
     force: bool = False,  # a person asked for a retrain
+    task: Task | None = None,  # the project's task: the figures the metric rule watches (None: binary)
 ) -> dict:  # time, retrain, reasons (why retrain), checked (every rule's state), champion
     "Decide whether to retrain, with the reason for each rule checked."
     reasons, checked, ruled = (["a person asked for it (--force)"] if force else []), [], False
     values = evidence.get("values") or {}
     for said, noted in (
         _alert_rule(policy, evidence),
-        _metric_rule(policy, values),
+        _metric_rule(policy, values, task),
         _drift_rule(policy, values),
         _labels_rule(policy, evidence),
         _schedule_rule(policy, evidence, now),
@@ -249,7 +258,8 @@ def gather_evidence(
         "values": {},
         "new_labels": None,
     }
-    if float(policy.get("min_metric", 0) or 0) > 0 or float(policy.get("max_drift_share", 1) or 1) < 1:
+    watching = float(policy.get("min_metric", 0) or 0) > 0 or float(policy.get("max_metric", 0) or 0) > 0
+    if watching or float(policy.get("max_drift_share", 1) or 1) < 1:
         from lifecycle.monitoring import monitor_project  # deferred: start-up time, only this path needs it
 
         latest = (
@@ -273,7 +283,7 @@ def run_policy(
 ) -> dict:  # the decision, as recorded
     "Gather the evidence, decide, and record the decision."
     now = now or datetime.now(timezone.utc)
-    decision = decide(policy, gather_evidence(project, policy, now), now, force)
+    decision = decide(policy, gather_evidence(project, policy, now), now, force, project_task(project))
     record_decision(project.root, {**decision, "kind": "policy"})
     return decision
 
@@ -291,36 +301,19 @@ def split_holdout(
     return order.iloc[:cut].reset_index(drop=True), order.iloc[cut:].reset_index(drop=True)
 
 # %% ../nbs/07_retrain.ipynb #08c1eb8d
-def _target_value(text: str):
-    "A target value as the sources hold it: a number when it reads as one."
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def as_source_rows(
     labeled: pd.DataFrame,  # labeled predictions: features as logged, `label`, `time`
     settings: Settings,  # the project's settings
     features: list[str],  # the champion's features
-) -> pd.DataFrame:  # the rows in the project's columns, the target as its positive or negative value
+    task: Task | None = None,  # the project's task: how a logged label is written as the target (None: binary)
+) -> pd.DataFrame:  # the rows in the project's columns, the target as the sources write it
     "Labeled predictions written back as data the collect stage reads: features as logged, never ids or scores."
-    if not settings.negative:
-        raise LifecycleError(
-            f"{settings.path.name}: [data] negative is empty; set the target value counted as negative, "
-            "so that labeled production predictions can be written back as data"
-        )
+    target = (task or BinaryTask(settings)).source_values(labeled["label"].to_numpy(), settings)
     columns = settings.columns or features + [settings.target]
     rows = pd.DataFrame(index=labeled.index)
     for column in columns:
         if column == settings.target:
-            rows[column] = np.where(
-                labeled["label"].to_numpy() == 1,
-                _target_value(settings.positive[0]),
-                _target_value(settings.negative[0]),
-            )
+            rows[column] = target
         elif column == settings.timestamp and column:
             rows[column] = pd.to_datetime(labeled["time"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S%z")
         elif (
@@ -419,7 +412,9 @@ def write_retraining_data(
     folder = root / "retrain" / retrain_id
     folder.mkdir(parents=True, exist_ok=True)
     production = folder / "production.parquet"
-    as_source_rows(training, settings, features).to_parquet(production, index=False)
+    task = task_for(settings, labeled["label"])  # how a logged label is written back
+    task.adopt(lambda: load_model(registry, champion))
+    as_source_rows(training, settings, features, task).to_parquet(production, index=False)
     kept = ["request_id", "time", "label"] + [name for name in features if name in labeled.columns]
     training[kept].to_parquet(
         folder / "recent.parquet", index=False

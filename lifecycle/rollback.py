@@ -10,26 +10,25 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .alerts import post_webhook, send_notice
-from .compare import delong_test, mcnemar_test
 from .core import LifecycleError, Project, read_json
 from .labels import label_policy, latest_trusted, rests_on, rollback_hold
-from .metrics import classification_metrics
 from .monitoring import WEBHOOK_ENV, monitor_project
 from .promotion import move_back
 from .registry import Registry, events
 from .serving.predlog.writer import open_log
 from .serving.scoring import Scorer
+from .task_retrain import answered
+from .tasks import BinaryTask, Task, project_task, task_class
 
 # %% auto #0
 __all__ = ['ROLLBACK_METRICS', 'ROLLBACK_DEFAULTS', 'ROLLBACK_PREFIX', 'rollback_rules', 'last_promotion', 'judge_rollback',
            'rollback_evidence', 'check_rollback', 'monitor_and_roll_back']
 
 # %% ../nbs/25_rollback.ipynb #b7873e95
-ROLLBACK_METRICS = ("roc_auc", "recall", "precision", "accuracy")  # higher is better for each
+ROLLBACK_METRICS = tuple(BinaryTask.rollback_metrics)  # a binary task's (each task names its own, `rollback_metrics`)
 ROLLBACK_DEFAULTS = {
     "rollback_metric": "roc_auc",
     "rollback_margin": 0.0,
@@ -43,12 +42,16 @@ ROLLBACK_PREFIX = "Automatic rollback"  # how a rollback's event reason starts i
 
 def rollback_rules(
     section: dict,  # the [retrain] settings (text from the file, or the stage's typed parameters); others ignored
-) -> dict:  # metric, margin, min_labels, alpha, alerts (names, or ["critical"]), days, active
-    "The rollback rules of `[retrain]`, checked."
+    task: Task | None = None,  # the project's task: the realized figures it can watch (None: binary)
+) -> dict:  # metric, higher_is_better, task, margin, min_labels, alpha, alerts (names, or ["critical"]), days, active
+    "The rollback rules of `[retrain]`, checked against the task's figures."
     values = {**ROLLBACK_DEFAULTS, **{key: value for key, value in section.items() if key in ROLLBACK_DEFAULTS}}
+    task = task or BinaryTask()
     metric = str(values["rollback_metric"]).strip()
-    if metric not in ROLLBACK_METRICS:
-        raise LifecycleError(f"[retrain] rollback_metric must be one of {', '.join(ROLLBACK_METRICS)}")
+    if metric == ROLLBACK_DEFAULTS["rollback_metric"] and metric not in task.rollback_metrics:
+        metric = task.headline_metric  # the default names no figure of this task: its headline watches
+    if metric not in task.rollback_metrics:
+        raise LifecycleError(f"[retrain] rollback_metric must be one of {', '.join(task.rollback_metrics)}")
     numbers = {}
     for key, kind in (
         ("rollback_margin", float),
@@ -65,6 +68,8 @@ def rollback_rules(
     alerts = [name.strip() for name in str(values["rollback_alerts"]).split(",") if name.strip()]
     return {
         "metric": metric,
+        "higher_is_better": task.rollback_metrics[metric],
+        "task": task.name,
         "margin": numbers["rollback_margin"],
         "min_labels": max(numbers["rollback_min_labels"], 1),
         "alpha": numbers["rollback_alpha"],
@@ -112,7 +117,8 @@ def judge_rollback(
         elif figures["champion"] is None or figures["previous"] is None:
             checked.append(f"{metric} cannot be computed on the {labeled} labeled patients (one class only)")
         else:
-            drop = figures["previous"] - figures["champion"]
+            drop = figures["previous"] - figures["champion"]  # how much worse the new champion is
+            drop = drop if rules.get("higher_is_better", True) else -drop
             sentence = (
                 f"realized {metric} {figures['champion']:.3f} for version {evidence['champion']} against "
                 f"{figures['previous']:.3f} for "
@@ -156,30 +162,6 @@ def judge_rollback(
     return {"rollback": bool(reasons), "reasons": reasons, "checked": checked}
 
 # %% ../nbs/25_rollback.ipynb #b19cf37a
-def _figure(metric: str, labels: np.ndarray, scores: np.ndarray, threshold: float) -> float | None:
-    if metric == "roc_auc" and len(set(labels.tolist())) < 2:
-        return None
-    value = classification_metrics(labels, scores, threshold)[metric]
-    return None if value is None or not np.isfinite(value) else float(value)
-
-
-def _paired_test(
-    metric: str, labels, old_scores, new_scores, old_threshold: float, new_threshold: float
-) -> tuple[str | None, float | None]:
-    """The paired test of the figure, where one applies: DeLong's for ROC AUC, McNemar's mid-p for accuracy; none
-    for recall and precision."""
-    if metric == "roc_auc" and len(set(labels.tolist())) == 2:
-        tested = delong_test(labels, old_scores, new_scores)  # DeLong's, or the permutation test at the extremes
-        return tested["method"], float(tested["p_value"])
-    if metric == "accuracy":
-        return "McNemar", float(
-            mcnemar_test(labels, (old_scores >= old_threshold).astype(int), (new_scores >= new_threshold).astype(int))[
-                "mid_p_value"
-            ]
-        )
-    return None, None
-
-
 def _champion_labeled(
     log, version: int, since: str, trusted=None
 ) -> tuple[pd.DataFrame, dict]:  # (the labeled predictions, `tally` of the labels: used, and untrusted left out)
@@ -199,25 +181,22 @@ def _paired_evidence(
     rows: pd.DataFrame,  # the new champion's labeled predictions, with their features
     champion: int,  # the new champion's version
     previous: int,  # the version it replaced
+    task: Task | None = None,  # the project's task: its answers, figures and paired tests (None: binary)
 ) -> dict:  # labeled (those both versions scored), figures (champion, previous), test, p_value
-    "Both versions on the same labeled patients: the previous one scores them again, the champion's scores are logged."
-    old = Scorer.from_registry(root, previous)
-    records = [
-        {name: (None if pd.isna(value) else value) for name, value in zip(old.spec.features, row)}
-        for row in rows.reindex(columns=old.spec.features).itertuples(index=False, name=None)
-    ]
-    results, _ = old.score_records(records)
-    scored = np.array([result is not None for result in results], dtype=bool)
-    labels = rows["label"].to_numpy(dtype=int)[scored]
-    old_scores = np.array([result["score"] for result in results if result is not None], dtype=float)
+    """Both versions on the same labeled patients: the previous one answers them again, the champion's answers are
+    logged."""
+    task = task or BinaryTask()
+    old_answers, old_threshold = task.answer_rows(root, previous, rows)
+    scored = answered(old_answers)
+    labels, old_answers = task.log_labels(rows["label"].to_numpy())[scored], old_answers[scored]
     threshold = float(Scorer.from_registry(root, champion).spec.threshold)
-    new_scores = rows["score"].to_numpy(dtype=float)[scored]
-    test, p_value = _paired_test(metric, labels, old_scores, new_scores, float(old.spec.threshold), threshold)
+    new_answers = task.logged_answers(rows)[scored]
+    test, p_value = task.realized_test(metric, labels, old_answers, new_answers, float(old_threshold), threshold)
     return {
         "labeled": int(scored.sum()),
         "figures": {
-            "champion": _figure(metric, labels, new_scores, threshold),
-            "previous": _figure(metric, labels, old_scores, float(old.spec.threshold)),
+            "champion": task.realized(metric, labels, new_answers, threshold),
+            "previous": task.realized(metric, labels, old_answers, float(old_threshold)),
         },
         "test": test,
         "p_value": p_value,
@@ -273,7 +252,8 @@ def rollback_evidence(
         rows, evidence["label_sources"] = _champion_labeled(log, champion, promotion["at"], trusted)
         evidence["labeled"] = len(rows)
         if len(rows) >= rules["min_labels"]:
-            evidence.update(_paired_evidence(root, rules["metric"], rows, champion, previous))
+            task = task_class(rules.get("task", "binary"))()
+            evidence.update(_paired_evidence(root, rules["metric"], rows, champion, previous, task))
     if rules["alerts"]:
         evidence["alerts"] = _alerts_after(root, champion, promotion["at"])
     return evidence
@@ -338,7 +318,7 @@ def check_rollback(
 ) -> dict:  # rollback (bool), rolled_back, reasons, checked, champion, previous, event (the registry's, if rolled back)
     "Evaluate the rollback rules for the current champion and roll it back when one holds."
     root = project.root
-    rules = rules if rules is not None else rollback_rules(project.section("retrain"))
+    rules = rules if rules is not None else rollback_rules(project.section("retrain"), project_task(project))
     quiet = {"rollback": False, "rolled_back": False, "reasons": [], "checked": []}
     if not rules["active"]:
         return {**quiet, "checked": ["no rollback rule is set in [retrain]"]}
@@ -388,7 +368,7 @@ def monitor_and_roll_back(
     "Monitor the project, then judge the last promotion by the rollback rules."
     summary = monitor_project(project, now=now, log=log, post=post, **monitoring)
     summary["rollback"] = None
-    rules = rollback_rules(project.section("retrain"))
+    rules = rollback_rules(project.section("retrain"), project_task(project))
     if not summary["windows"] or not rules["active"]:
         return summary
     summary["rollback"] = json.loads(

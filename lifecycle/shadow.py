@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from .compare import compare_models
 from .core import LifecycleError
 from .promotion import move_alias, record_decision, take_off, ungated
-from .registry import Registry
+from .registry import Registry, load_model
 from .serving.predlog import shadow_pairs, shadow_summary
+from .tasks import BinaryTask, Task, task_class
 
 # %% auto #0
-__all__ = ['SHADOW_HEADINGS', 'parse_shadow_min', 'shadow_ready', 'shadow_evidence', 'promote_shadow', 'shadow_table',
-           'promote_if_won']
+__all__ = ['SHADOW_HEADINGS', 'parse_shadow_min', 'shadow_ready', 'version_task', 'shadow_evidence', 'promote_shadow',
+           'shadow_table', 'promote_if_won']
 
 # %% ../nbs/27_shadow.ipynb #79c8a47c
 def parse_shadow_min(
@@ -65,6 +65,16 @@ def shadow_ready(
         return True, "[retrain] shadow_min is not set: no shadow run needed"
     return True, f"version {version} ran in shadow: {pairs} predictions over {span:.1f} days (rule: {shadow_min})"
 
+# %% ../nbs/27_shadow.ipynb #d7a20001
+def version_task(
+    registry: Registry,  # the project's registry
+    version: int,  # a model version
+) -> Task:  # the task of its metadata (binary when it names none), knowing the version's classes where it has them
+    "The task a version was trained for, ready to read its logged answers and labels."
+    task = task_class(registry.meta(version).get("task", "binary"))()
+    task.adopt(lambda: load_model(registry, version))
+    return task
+
 # %% ../nbs/27_shadow.ipynb #cd78bf24
 def shadow_evidence(
     root: Path,  # the project folder
@@ -93,6 +103,9 @@ def shadow_evidence(
             "rows": pairs,
         }
     summary = shadow_summary(pairs).iloc[0].to_dict()
+    registry = Registry(root)
+    decision = float(registry.meta(champion).get("threshold", 0.5))
+    summary["agreement"] = float(version_task(registry, champion).agreement(pairs, decision).mean())  # the task's sense
     span = (pairs["event_time"].max() - pairs["event_time"].min()).total_seconds() / 86400
     return {
         "version": version,
@@ -126,15 +139,17 @@ def _live_comparison(
     threshold,  # version -> its decision threshold (read only when there is something to compare)
     champion: int,  # the champion's version
     shadow: int,  # the version in shadow
-) -> dict | None:  # `compare_models` on the labeled pairs; None: too few (or one class only)
+    task: Task | None = None,  # the project's task: its answers and paired tests (None: binary)
+) -> dict | None:  # the task's comparison on the labeled pairs; None: too few (or one label only)
     "The champion and the version in shadow compared on the live records that have labels."
     labeled = rows[rows["label"].notna()] if rows is not None else None
-    if labeled is None or len(labeled) < int(policy.get("min_compare_rows", 30)) or labeled["label"].nunique() != 2:
+    if labeled is None or len(labeled) < int(policy.get("min_compare_rows", 30)) or labeled["label"].nunique() < 2:
         return None
-    return compare_models(
-        labeled["label"].to_numpy(dtype=int),
-        labeled["champion_score"].to_numpy(),
-        labeled["shadow_score"].to_numpy(),
+    task = task or BinaryTask()
+    return task.compare(
+        task.log_labels(labeled["label"].to_numpy()),
+        task.logged_answers(labeled, "champion_"),
+        task.logged_answers(labeled, "shadow_"),
         threshold(champion),
         threshold(shadow),
         miss_cost=float(policy.get("miss_cost", 5.0)),
@@ -210,7 +225,8 @@ def promote_shadow(
     def threshold(version):
         return float(registry.meta(version).get("threshold", 0.5))
 
-    comparison = _live_comparison(rows, policy, threshold, evidence["champion"], evidence["version"])
+    task = version_task(registry, evidence["champion"])  # the live comparison is the task's
+    comparison = _live_comparison(rows, policy, threshold, evidence["champion"], evidence["version"], task)
     if comparison is not None:
         evidence["comparison"] = {key: comparison[key] for key in ("rows", "verdict", "headline", "gains", "losses")}
     if comparison is not None and comparison["verdict"] == "worse":

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .core import LifecycleError, Settings
+from .task_retrain import RetrainTemplate
 
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "hist_gradient_boosting")  # what `[train] model` names
 
@@ -16,7 +17,7 @@ MODEL_FAMILIES = ("logistic_regression", "random_forest", "hist_gradient_boostin
 __all__ = ['MODEL_FAMILIES', 'Task']
 
 # %% ../nbs/22s_task_base.ipynb #aefdc119
-class Task:
+class Task(RetrainTemplate):
     """What depends on the kind of target, asked by the stages: labels, scores, the decision, metrics and intervals,
     the paired comparison, fairness and estimated performance. A task implements the `_` methods."""
 
@@ -38,6 +39,11 @@ class Task:
     predict_method = "predict_proba"  # the model's method that answers, as serving and the speed check call it
     out_of_fold_audit = False  # fairness is also audited on every labeled row out of fold, over seeds
     default_decision = 0.5  # the decision the training report uses before evaluate fits the real one
+    decision_default: float | None = None  # the default of `decision_option`'s setting (evaluate's)
+    retrain_changes: tuple[str, ...] = ("recalibration",)  # the cheaper changes a retrain tries on the champion
+    policy_metrics: dict[str, bool] = {}  # the figures the retrain policy's metric rule may watch -> higher is better
+    rollback_metrics: dict[str, bool] = {}  # the realized figures a rollback rule may watch -> whether higher is better
+    decision_words = "decision"  # the decision's parameter in words (threshold, temperature, interval ±)
     stages_built: tuple[str, ...] | None = None  # the stages this version runs for the task (None: every one)
     figure_caption = ""  # what the training report's first figure shows, for the model card
     test_caption = ""  # what the evaluation report's figure shows, for the model card ({rows}: test rows)

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import pandas as pd
 
+from .compare import mcnemar_test
 from .contract import _code, reason_series
+from .core import LifecycleError
 from lifecycle.multiclass import (
     class_codes,
     class_curves_figure,
@@ -26,7 +29,7 @@ from lifecycle.multiclass import (
 )
 from .multiclass_estimates import TemperatureScaling
 from .task_base import Task
-from .tasks import CLASSIFIER_GRIDS, label_key, make_classifier
+from .tasks import CLASSIFIER_GRIDS, label_key, make_classifier, source_value
 
 # %% auto #0
 __all__ = ['class_labels', 'MulticlassTask']
@@ -65,6 +68,9 @@ class MulticlassTask(Task):
     fairness_gap, fairness_words = "balanced_accuracy_difference", "balanced-accuracy gap"
     classes = None  # the classes of the model last scored
     default_decision = 1.0  # no temperature: the model's own probabilities
+    decision_words = "temperature"
+    rollback_metrics = {"balanced_accuracy": True, "accuracy": True, "macro_f1": True}
+    policy_metrics = rollback_metrics
     stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
     figure_caption = "Each class's ROC curve against the rest, on the validation split"
     test_caption = "Each class's ROC curve against the rest, on the {rows} test rows"
@@ -82,6 +88,97 @@ class MulticlassTask(Task):
         scaling = TemperatureScaling()
         scaling.temperature_ = float(temperature or 1.0)
         return scaling.transform(proba)
+
+    def _log_labels(self, labels):
+        if self.classes is None:
+            raise LifecycleError("multiclass labels from the prediction log: score the rows first (the classes' order)")
+        return self.classes[labels.astype(float).astype(int)]  # the log holds a class as its index in `classes`
+
+    def _adopt(self, load_model):
+        self.classes = np.asarray(load_model().classes_)
+
+    def _source_values(self, labels, settings):
+        return np.array([source_value(value) for value in self.log_labels(labels)], dtype=object)
+
+    def _logged_answers(self, predictions, prefix):
+        "contract22: the reader's `probabilities`, a list of floats a row in `classes`' order (JSON text in a store)."
+        return [
+            json.loads(value) if isinstance(value, str) else list(value)
+            for value in predictions[f"{prefix}probabilities"]
+        ]
+
+    def _realized(self, metric, labels, answers, decision):
+        return multiclass_figures(labels, answers, self.classes, resamples=0)["metrics"][metric]
+
+    def _realized_test(self, metric, labels, old, new, old_decision, new_decision):
+        codes = class_codes(labels, self.classes, "the labels")
+        if metric == "accuracy":
+            right = [answers.argmax(axis=1) == codes for answers in (old, new)]
+            return "McNemar", float(mcnemar_test(np.ones(len(codes)), *right)["mid_p_value"])
+        return "paired bootstrap", float(paired_figure(codes, old, new, metric)["p_value"])
+
+    def _version_answers(self, scorer, rows):
+        self.classes = np.asarray(scorer.model.classes_)
+        if not rows:
+            return np.zeros((0, len(self.classes)))
+        return self.calibrated(scorer.model.predict_proba(scorer.frame(rows)), scorer.meta.get("threshold") or 1.0)
+
+    def _cheaper_changes(
+        self, labels, champion_answers, champion_decision, recent_labels, recent_answers, target, options
+    ):
+        if len(recent_answers) < 20 or len(set(recent_labels)) < 2:
+            return {}, None
+        # a temperature on probabilities already at the champion's: the product is the temperature on the model's own
+        scaling = TemperatureScaling().fit(recent_answers, recent_labels, self.classes)
+        temperature, calibrated = (
+            float(champion_decision or 1.0) * scaling.temperature_,
+            scaling.transform(champion_answers),
+        )
+        comparison = self.compare(
+            labels, champion_answers, calibrated, champion_decision, temperature, **{**options, "seed": 2}
+        )
+        candidate = {"threshold": temperature, "calibration": None, "rows": int(len(recent_answers))}
+        return {"recalibration": {**candidate, "method": "temperature scaling", "comparison": comparison}}, calibrated
+
+    def _comparison_rows(self, comparison):
+        decisions, macro_f1, loss = comparison["decisions"], comparison["macro_f1"], comparison["log_loss"]
+        return [
+            {
+                "figure": "right answers (McNemar mid-p)",
+                "champion": decisions["accuracy_a"],
+                "challenger": decisions["accuracy_b"],
+                "p-value": decisions["mid_p_value"],
+            },
+            {
+                "figure": "macro-F1 (paired bootstrap)",
+                "champion": macro_f1["a"],
+                "challenger": macro_f1["b"],
+                "p-value": macro_f1["p_value"],
+            },
+            {
+                "figure": "log loss (paired bootstrap)",
+                "champion": loss["a"],
+                "challenger": loss["b"],
+                "p-value": loss["p_value"],
+            },
+        ]
+
+    def _comparison_figures(self, comparison):
+        return {
+            "accuracy": comparison["decisions"]["accuracy_b"],
+            "macro_f1": comparison["macro_f1"]["b"],
+            "log_loss": comparison["log_loss"]["b"],
+        }
+
+    def _column_names(self, answers):
+        return [label_key(value) for value in self.classes]
+
+    def _change_words(self, candidate, champion):
+        return (
+            f"version {champion}'s model with its class probabilities re-scaled (temperature scaling, fitted on "
+            f"{candidate['rows']} recent labeled production predictions; the class called does not change), "
+            f"temperature {candidate['threshold']:.3f}"
+        )
 
     def _labels(self, target):
         return class_labels(target)

@@ -24,8 +24,9 @@ from lifecycle.regression import (
     regression_intervals,
     regression_metrics,
     residuals_figure,
+    wilcoxon_errors,
 )
-from .regression_estimates import loss_table
+from .regression_estimates import compare_intervals, loss_table
 from .task_base import MODEL_FAMILIES, Task
 from .tasks import QUANTILE_GRID
 
@@ -100,6 +101,10 @@ class RegressionTask(Task):
     decision_option = "coverage"
     predict_method = "predict"
     default_decision = float("nan")  # no interval before evaluate fits one
+    decision_default = 0.9  # evaluate's `coverage` when settings do not set it
+    decision_words = "interval ±"
+    rollback_metrics = {"mae": False, "rmse": False}
+    policy_metrics = rollback_metrics
     stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
     figure_caption = "Predicted against actual values on the validation split"
     test_caption = "Predicted against actual values on the {rows} test rows"
@@ -112,6 +117,89 @@ class RegressionTask(Task):
     def monitor_axis(self) -> str:  # the dashboard's axis: MAE in the target's unit
         unit = self.settings.units.get(self.settings.target, "") if self.settings else ""
         return f"MAE ({unit})" if unit else "MAE"
+
+    def _log_labels(self, labels):
+        return labels.astype(float)
+
+    def _agreement(self, pairs, champion_decision):  # the shadow's value inside the champion's interval
+        return (pairs["shadow_score"] - pairs["champion_score"]).abs().to_numpy() <= champion_decision
+
+    def _realized(self, metric, labels, answers, decision):
+        return regression_metrics(labels.astype(float), answers)[metric]
+
+    def _realized_test(self, metric, labels, old, new, old_decision, new_decision):
+        errors = [np.abs(labels.astype(float) - answers) for answers in (old, new)]
+        if metric == "mae":
+            return "Wilcoxon", float(wilcoxon_errors(*errors)["p_value"])
+        return "paired bootstrap", float(paired_mean_bootstrap(errors[0] ** 2, errors[1] ** 2)["p_value"])
+
+    def _version_answers(self, scorer, rows):
+        return scorer.model.predict(scorer.frame(rows)) if rows else np.zeros(0)
+
+    def _cheaper_changes(
+        self, labels, champion_answers, champion_decision, recent_labels, recent_answers, target, options
+    ):
+        recent_errors = np.abs(np.asarray(recent_labels, dtype=float) - recent_answers)
+        if len(recent_errors) < 20 or np.ceil((len(recent_errors) + 1) * target) > len(recent_errors):
+            return {}, None  # too few recent rows for an interval at this coverage
+        half_width = conformal_quantile(recent_errors, target)  # re-calibrated: a new quantile, nothing else changed
+        comparison = compare_intervals(
+            labels,
+            champion_answers,
+            champion_decision,
+            half_width,
+            target,
+            **_options(compare_intervals, {**self._noun(), **options}),
+        )
+        candidate = {"threshold": half_width, "calibration": None, "rows": int(len(recent_errors))}
+        return {"recalibration": {**candidate, "method": "split conformal", "comparison": comparison}}, None
+
+    def _comparison_rows(self, comparison):
+        rows = []
+        if "mae" in comparison:
+            mae, signed = comparison["mae"], comparison["wilcoxon"]
+            rows += [
+                {
+                    "figure": "MAE (paired bootstrap)",
+                    "champion": mae["a"],
+                    "challenger": mae["b"],
+                    "p-value": mae["p_value"],
+                },
+                {
+                    "figure": "rows with the smaller error (Wilcoxon signed-rank)",
+                    "champion": signed["a_smaller"],
+                    "challenger": signed["b_smaller"],
+                    "p-value": signed["p_value"],
+                },
+            ]
+        if "coverage" in comparison:
+            a, b = comparison["coverage"]["a"], comparison["coverage"]["b"]
+            rows.append(
+                {
+                    "figure": f"interval coverage (target {comparison['coverage']['target']:.0%}; McNemar mid-p)",
+                    "champion": a["coverage"],
+                    "challenger": b["coverage"],
+                    "p-value": comparison["covered"]["mid_p_value"],
+                }
+            )
+        return rows + [
+            {"figure": f"MAE gap by {column}", **gaps, "p-value": None}
+            for column, gaps in comparison.get("fairness", {}).items()
+        ]
+
+    def _comparison_figures(self, comparison):
+        figures = {"mae": comparison["mae"]["b"]} if "mae" in comparison else {}
+        if "coverage" in comparison:
+            figures.update(
+                coverage=comparison["coverage"]["b"]["coverage"], interval_width=2 * comparison["half_width"]["b"]
+            )
+        return figures
+
+    def _change_words(self, candidate, champion):
+        return (
+            f"version {champion}'s model with its prediction interval re-calibrated (split conformal, on "
+            f"{candidate['rows']} recent labeled production predictions): the value ± {candidate['threshold']:.3g}"
+        )
 
     def _labels(self, target):
         return number_labels(target)

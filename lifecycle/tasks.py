@@ -15,11 +15,12 @@ from .core import LifecycleError, Settings
 from .fairness import bootstrap, fairness_audit
 from .metrics import classification_metrics, threshold_for_recall
 from .task_base import MODEL_FAMILIES, Task  # noqa: F401 (the base's home was here: names kept)
+from .task_retrain import BinaryRetrain, source_value  # noqa: F401 (source_value: a name of tasks)
 
 # %% auto #0
 __all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_key', 'label_target', 'infer_task',
            'compare_with_champion', 'score_intervals', 'make_classifier', 'BinaryTask', 'task_class', 'stage_not_built',
-           'task_for', 'version_task', 'check_task']
+           'task_for', 'version_task', 'project_task', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
 def label_key(value) -> str:
@@ -183,7 +184,7 @@ CLASSIFIER_GRIDS = {  # the search's grid of each family's classifier
 QUANTILE_GRID = np.linspace(0, 1, 1001)
 
 # %% ../nbs/22t_tasks.ipynb #ef40d48c
-class BinaryTask(Task):
+class BinaryTask(BinaryRetrain, Task):
     "A yes/no target: a score for the positive class, a threshold chosen for recall, ROC AUC at the head."
 
     name = "binary"
@@ -196,6 +197,10 @@ class BinaryTask(Task):
     floor_metric, floor_option, floor_words = "roc_auc", "min_auc", "ROC AUC"
     fairness_gap, fairness_words = "equalized_odds_difference", "equalized odds difference"
     decision_option = "target_recall"
+    decision_default = 0.85  # evaluate's `target_recall` when settings do not set it
+    retrain_changes = ("threshold", "recalibration")
+    rollback_metrics = {"roc_auc": True, "recall": True, "precision": True, "accuracy": True}
+    decision_words = "threshold"
     out_of_fold_audit = True
     figure_caption = "ROC curve, precision-recall and calibration on the validation split"
     test_caption = "ROC curve, calibration and confusion matrix on the {rows} test rows, as in the evaluation report"
@@ -568,6 +573,13 @@ def version_task(
 ) -> Task:  # the version's task object
     "The task of a model version, as its decision record names it; a version without one (an older one) is binary."
     return task_class(((reference or {}).get("decision") or {}).get("task") or "binary")()
+
+
+def project_task(
+    project,  # a `Project`: its settings (None: a project without settings, binary)
+) -> Task:  # its task object
+    "The task of a project, named in its settings or known from its `[data] positive`."
+    return task_for(project.settings) if project.settings else BinaryTask()
 
 
 def check_task(

@@ -306,11 +306,12 @@ def test_the_auc_test_on_tiny_groups_is_the_exact_permutation_test(case):
 def test_perfect_separation_both_ways_is_significant_and_rolls_back():
     "ROC AUC 0.000 against 1.000 on the same 80 patients: a significant drop, never 'not significantly (p = 1)'."
     from lifecycle.compare import compare_models, delong_test
-    from lifecycle.rollback import _paired_test, judge_rollback, rollback_rules
+    from lifecycle.rollback import judge_rollback, rollback_rules
+    from lifecycle.tasks import BinaryTask
 
     labels = np.repeat([1, 0], 40)
     right, backwards = np.linspace(0.99, 0.01, 80), np.linspace(0.01, 0.99, 80)
-    test, p_value = _paired_test("roc_auc", labels, right, backwards, 0.5, 0.5)
+    test, p_value = BinaryTask().realized_test("roc_auc", labels, right, backwards, 0.5, 0.5)  # rollback's test
     assert test == "paired permutation" and p_value == 1 / 2001  # no random swap of 2,000 is as extreme
     rules = rollback_rules({"rollback_margin": 0.05, "rollback_min_labels": 30})
     evidence = {"champion": 2, "previous": 1, "labeled": 80, "figures": {"champion": 0.0, "previous": 1.0}}

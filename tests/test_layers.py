@@ -50,6 +50,7 @@ LAYERS = {
     "promotion": 1,
     "tasks": 1,  # what depends on the kind of target (binary, multiclass, regression): one object a task
     "task_base": 1,  # the template of a task, which each task implements
+    "task_retrain": 1,  # what retraining, promotion and rollback ask a task, and the binary task's answers
     "task_multiclass": 1,  # the multiclass task, on the multiclass libraries
     "task_regression": 1,  # the regression task, on the regression library
     "fairness": 1,  # the fairness audit: the evaluate stage's, and the clinic page's figures
