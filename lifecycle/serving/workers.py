@@ -214,6 +214,7 @@ class Supervisor:
             self.writer = (address, os.urandom(32), writer_socket(address))
         address, key, listening = self.writer
         self.writer_pid = _fork(lambda supervisor: run_log_writer(self.log_store, listening, key, supervisor))
+        log.info("the prediction log's writer is process %d", self.writer_pid)
 
     def _writer_ended(self, status: int) -> None:
         "The log's writer ended: started again, unless stopping or it could not open the log."
