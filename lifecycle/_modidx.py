@@ -2144,6 +2144,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'lifecycle/serving/scorer.py'),
                                           'lifecycle.serving.scorer.FastPath.transform': ( 'scoring_scorer.html#fastpath.transform',
                                                                                            'lifecycle/serving/scorer.py'),
+                                          'lifecycle.serving.scorer.FastPath.vector': ( 'scoring_scorer.html#fastpath.vector',
+                                                                                        'lifecycle/serving/scorer.py'),
                                           'lifecycle.serving.scorer.Prediction': ( 'scoring_scorer.html#prediction',
                                                                                    'lifecycle/serving/scorer.py'),
                                           'lifecycle.serving.scorer.Prediction.__getitem__': ( 'scoring_scorer.html#prediction.__getitem__',
