@@ -47,6 +47,7 @@ class Balanced:
         self.urls, self.records = urls, records
         self.answers: list[tuple[str, int, int]] = []  # (request id, model version, replica)
         self.statuses: dict = {}
+        self.out: set[int] = set()  # replicas out of rotation: not ready (an orchestrator's readiness probe)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(n,)) for n in range(8)]
 
@@ -55,6 +56,9 @@ class Balanced:
             n = offset
             while not self._stop.is_set():
                 replica = n % len(self.urls)
+                if replica in self.out:
+                    n += 1
+                    continue
                 try:
                     answer = client.post(self.urls[replica] + "/predict", json=self.records[n % len(self.records)])
                 except httpx.TransportError:  # the replica is down (killed, or starting again)
@@ -119,8 +123,11 @@ def test_two_replicas_on_one_postgresql_log_and_registry(champion_project, postg
         assert rolled[0] == 0, rolled[3]
         wait_for(_both_on(load, first), what="both replicas serving the version rolled back to")
         os.kill(replicas[1].process.pid, signal.SIGKILL)  # a machine lost; its orchestrator starts it again
+        load.out.add(1)  # its readiness probe fails: out of rotation until /ready answers 200
         replicas[1].process.wait()
         replicas[1] = Replica(champion_project, replicas[1].port)
+        wait_for(replicas[1].ready, what="the replica started again, ready")
+        load.out.discard(1)
         wait_for(_both_on(load, first), what="the replica started again answering")
     finally:
         load.stop()

@@ -101,11 +101,16 @@ def run_log_writer(
     listening: socket.socket,  # the writer's socket (`writer_socket`), made by the supervisor
     key: bytes,  # the key the workers hold
     supervisor: int,  # the supervisor's process id
+    http: socket.socket | None = None,  # the workers' listening socket, inherited: closed here (it takes no requests)
 ) -> int:  # the exit code: 0 once stopped, STARTUP_FAILURE when the log could not be opened
-    "The log's one writer, in the forked child: after SIGTERM it leaves once no worker is connected."
+    """The log's one writer, in the forked child: after SIGTERM (or Ctrl-C's SIGINT, or SIGHUP, which reach the workers
+    too) it leaves once no worker is connected: they write their last rows through it while they drain."""
     _as_child(supervisor)
+    if http is not None:
+        http.close()  # else the port would stay open, with no one to answer, until the writer ends
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, lambda *_: stop.set())
     writer = LogWriter(store, listening, key)
     try:
         writer.open()
@@ -213,7 +218,9 @@ class Supervisor:
             address = os.path.join(self.folder, "log-writer")
             self.writer = (address, os.urandom(32), writer_socket(address))
         address, key, listening = self.writer
-        self.writer_pid = _fork(lambda supervisor: run_log_writer(self.log_store, listening, key, supervisor))
+        self.writer_pid = _fork(
+            lambda supervisor: run_log_writer(self.log_store, listening, key, supervisor, self.sock)
+        )
         log.info("the prediction log's writer is process %d", self.writer_pid)
 
     def _writer_ended(self, status: int) -> None:
