@@ -56,7 +56,8 @@ class Load:
 
     def _client(self, offset: int):
         limits = httpx.Limits(max_keepalive_connections=0)
-        with httpx.Client(timeout=30, limits=limits) as client:
+        # a bound for a hang, not a speed: a request timed out is served (and counted) yet not seen answered here
+        with httpx.Client(timeout=120, limits=limits) as client:
             n = offset
             while not self._stop.is_set():
                 try:
