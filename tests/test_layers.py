@@ -82,8 +82,8 @@ LAYERS = {
     "clinic_tasks": 2,  # the doctor's page for a multiclass or a regression model
     "label_import": 2,  # `lifecycle labels import`: a diagnoses file read by collect's readers, into the log
     # the serving side, the subpackage lifecycle.serving: scoring and the prediction log (its parts, bottom to top:
-    # common, sqlite, postgres, stores, reader, rows, journal, runs, writer) are shared services; the server, batch,
-    # stream and replay sit beside the stages
+    # common, sqlite, postgres, stores, reader, rows, journal, runs, one_writer, writer) are shared services; the
+    # server, batch, stream and replay sit beside the stages
     "serving": 1,
     "serving.scoring": 1,  # scoring's names in one place, from its parts: scorer, shadow
     "serving.scorer": 1,
@@ -97,6 +97,7 @@ LAYERS = {
     "serving.predlog.rows": 1,
     "serving.predlog.journal": 1,
     "serving.predlog.runs": 1,
+    "serving.predlog.one_writer": 1,  # the one process writing a SQLite log for the workers of `serve --workers N`
     "serving.predlog.writer": 1,
     "serving.serve": 2,  # the server, in parts: holder, checks, openapi, routes (the handlers), serve (the app)
     "serving.holder": 2,
@@ -150,6 +151,7 @@ ORDERED = [
         "serving.predlog.rows",
         "serving.predlog.journal",
         "serving.predlog.runs",
+        "serving.predlog.one_writer",
         "serving.predlog.writer",
     ],
     ["monitoring.windows", "monitoring.figures", "monitoring.store", "monitoring.engine"],

@@ -56,7 +56,8 @@ class Load:
 
     def _client(self, offset: int):
         limits = httpx.Limits(max_keepalive_connections=0)
-        with httpx.Client(timeout=30, limits=limits) as client:
+        # a bound for a hang, not a speed: a request timed out is served (and counted) yet not seen answered here
+        with httpx.Client(timeout=120, limits=limits) as client:
             n = offset
             while not self._stop.is_set():
                 try:
@@ -86,6 +87,14 @@ class Load:
     def lanes_since(self, mark: int, version: int | None = None) -> set[int]:
         "The workers that answered after the `mark`-th answer (with `version`, when given)."
         return {lane(rid) for rid, v in self.answers[mark:] if version is None or v == version}
+
+
+def _writer_pid(server: Workers) -> int:
+    "The process of the log's writer, as the supervisor's log names it (the latest one started)."
+    lines = [
+        line for line in server.output.read_text().splitlines() if "the prediction log's writer is process" in line
+    ]
+    return int(lines[-1].rsplit(" ", 1)[-1]) if lines else 0
 
 
 def _second_version(project: Path) -> tuple[int, int]:
@@ -121,7 +130,8 @@ def test_two_workers_switch_together_and_a_killed_one_loses_nothing(champion_pro
             wait_for(lambda: shadow_lanes() == {0, 1}, what="both workers logging the shadow's predictions")
         before = server.workers()
         mark = len(load.answers)
-        os.kill(min(before), signal.SIGKILL)
+        killed = min(before - {_writer_pid(server)})  # a worker, not the SQLite log's writer
+        os.kill(killed, signal.SIGKILL)
         wait_for(lambda: len(server.workers() - before) == 1, what="a new worker in place of the killed one")
         wait_for(lambda: load.lanes_since(mark) == {0, 1}, what="answers from both workers after the kill")
     finally:
@@ -137,7 +147,7 @@ def test_two_workers_switch_together_and_a_killed_one_loses_nothing(champion_pro
     assert online.is_unique
     missing = set(served) - set(online)
     assert not missing, f"{len(missing)} of {len(served)} answered predictions are not in the log"
-    assert "was killed by signal 9; started again" in server.output.read_text()
+    assert f"(process {killed}) was killed by signal 9; started again" in server.output.read_text()
     print(f"two workers, kill -9 of one: {len(served)} served, all logged; {len(online)} online rows in the log")
 
 
@@ -174,3 +184,50 @@ def test_two_workers_on_postgresql_sum_their_metrics_and_drain_on_sigterm(champi
     assert len(set(served)) == len(served) and logged.is_unique
     assert set(logged) == set(served), (len(set(served) - set(logged)), len(set(logged) - set(served)))
     print(f"two workers on PostgreSQL, SIGTERM under load: {len(served)} served, {len(logged)} logged")
+
+
+def test_one_writer_on_sqlite_survives_kill_and_label_limits_hold_across_workers(champion_project):
+    """SQLite under two workers: one writer process writes the log. kill -9 of the writer under load: it is started
+    again and nothing answered is lost or logged twice. Ten labels for one prediction sent at once to both workers:
+    exactly the limit (3) is accepted, the rest get 429, and the log holds exactly 3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import LABELLER
+
+    from lifecycle.serving.predlog import open_log
+
+    server = Workers(champion_project)
+    load = Load(server.url, records_of(champion_project)[0]).start()
+    try:
+        wait_for(lambda: load.lanes_since(0) == {0, 1} and _writer_pid(server), what="both workers and the writer")
+        writer = _writer_pid(server)
+        assert writer in server.workers()
+        mark = len(load.answers)
+        os.kill(writer, signal.SIGKILL)
+        wait_for(lambda: _writer_pid(server) not in (0, writer), what="a new writer in place of the killed one")
+        wait_for(lambda: len(load.answers) >= mark + 200, what="answers after the writer's kill")
+        target = load.answers[-1][0]
+
+        def label(_):
+            with httpx.Client(timeout=60) as client:  # a new connection each: either worker may take it
+                return client.post(server.url + "/feedback", json={"request_id": target, "label": 1}, headers=LABELLER)
+
+        wait_for(lambda: label(0).status_code != 404, what="the target prediction in the log")  # that is 1 label
+        with ThreadPoolExecutor(10) as pool:
+            codes = sorted(answer.status_code for answer in pool.map(label, range(10)))
+    finally:
+        load.stop()
+        code = server.stop()
+    served = [rid for rid, _ in load.answers]
+    with open_log("", champion_project) as log:
+        online = log.predictions().query("channel == 'online'")["request_id"]
+        labels = log.labels_sent(request_id=target)
+    assert code == 0, server.output.read_text()[-3000:]
+    assert set(load.statuses) == {200}, load.statuses
+    assert "the prediction log's writer was killed by signal 9; started again" in server.output.read_text()
+    assert online.is_unique and len(set(served)) == len(served)
+    missing = set(served) - set(online)
+    assert not missing, f"{len(missing)} of {len(served)} answered predictions are not in the log"
+    assert codes == [202, 202] + [429] * 8, codes  # the first label and two of these: the limit, 3
+    assert labels == 3, labels
+    print(f"one writer, kill -9 of it under load: {len(served)} served, all logged once; labels: {codes}")

@@ -30,8 +30,8 @@ log = logging.getLogger("lifecycle.serving.serve")  # the server's logger, as be
 # %% auto #0
 __all__ = ['log', 'predictions', 'labels', 'status', 'docs', 'ROUTERS', 'ServeSettings', 'finish', 'Admitted', 'admit',
            'check_request', 'refuse_unscored', 'answers', 'journal', 'after_answer', 'predict', 'feedback_errors',
-           'unlabelled', 'label_limits', 'limited', 'feedback', 'health', 'ready', 'model_status', 'model',
-           'set_gauges', 'exposition', 'prometheus', 'openapi_document', 'swagger_page']
+           'unlabelled', 'label_limits', 'record_within_limits', 'limited', 'feedback', 'health', 'ready',
+           'model_status', 'model', 'set_gauges', 'exposition', 'prometheus', 'openapi_document', 'swagger_page']
 
 # %% ../../nbs/35d_serve_routes.ipynb #52d217ca
 @dataclass(frozen=True)
@@ -312,6 +312,25 @@ def label_limits(
     return None
 
 
+def record_within_limits(
+    state,  # the app's state
+    credential: str,  # the labeller's name
+    payload: dict,  # the checked body: request_id, label
+    known_at: str | None,  # when the label became known (the header), or None: now
+) -> Response | None:  # None when the label is recorded and committed; else the 429
+    """Count, record and commit one label under the log's label lock (a file lock beside a SQLite log, an advisory lock
+    on PostgreSQL): a burst sent to several workers, or to replicas on one log, cannot pass the limits together."""
+    with state.log.store.label_lock():
+        problem = label_limits(state, credential, payload["request_id"])
+        if problem:
+            return problem
+        state.log.record_label(
+            payload["request_id"], int(payload["label"]), known_at or checks.now_text(), FEEDBACK, credential
+        )
+        state.log.flush(30)  # committed before the lock is let go: the next count sees it
+    return None
+
+
 def limited(message: str, kind: str, retry_seconds: int | None) -> Response:
     "A 429 naming the limit (and, for a limit that passes, when to try again)."
     answer = checks.error_answer(429, message, kind, ["body", "request_id"] if "prediction" in kind else ["header"])
@@ -354,14 +373,10 @@ async def feedback(request: Request):
         return finish(
             state, "feedback", checks.error_answer(404, message, "not_found", ["body", "request_id"]), started
         )
-    async with state.label_lock:  # counted and recorded one at a time: a burst cannot pass the limits together
-        problem = await run_in_threadpool(label_limits, state, credential, payload["request_id"])
-        if problem:
-            return finish(state, "feedback", problem, started)
-        state.log.record_label(
-            payload["request_id"], int(payload["label"]), known_at or checks.now_text(), FEEDBACK, credential
-        )
-        await run_in_threadpool(state.log.flush, 30)  # committed before the next label is counted
+    async with state.label_lock:  # one at a time in this worker (the log's lock: one at a time across workers)
+        problem = await run_in_threadpool(record_within_limits, state, credential, payload, known_at)
+    if problem:
+        return finish(state, "feedback", problem, started)
     return finish(state, "feedback", checks.SafeJSONResponse({"recorded": True}, status_code=202), started)
 
 # %% ../../nbs/35d_serve_routes.ipynb #fdd7ee2d

@@ -153,21 +153,30 @@ class TreeEnsemble:
         self.right = np.where(self.is_leaf, 0, flat["right"].astype(np.intp) + shift)
         self.value = flat["value"].astype(float)
         self.depth = int(flat["depth"].max())
+        # a node's next node when the row goes left, and when it goes right; a leaf is its own next node, so all trees
+        # are walked `depth` levels without asking which have reached a leaf
+        here = np.arange(len(flat))
+        self.next_left = np.where(self.is_leaf, here, self.left)
+        self.next_right = np.where(self.is_leaf, here, self.right)
         self.baseline = float(np.asarray(model._baseline_prediction).ravel()[0])
         self.link = model._loss.link
 
     def raw(self, matrix: np.ndarray) -> np.ndarray:
-        "The sum of the leaves' values over the trees, plus the baseline, for each row."
-        rows = np.arange(len(matrix))[:, None]
-        at = np.broadcast_to(self.roots, (len(matrix), len(self.roots))).copy()
+        """The sum of the leaves' values over the trees, plus the baseline, for each row. Every node's test is answered
+        first, for each row, in one comparison over all nodes, which gives each node's next node for that row; the
+        walk is then one lookup a level, all trees together (it was thirteen NumPy calls a level: the walk took most
+        of a one-record request's CPU)."""
+        count, nodes = len(matrix), len(self.feature)
+        values = matrix[:, self.feature]  # each node's feature value, for each row
+        goes_left = values <= self.threshold
+        if np.isnan(matrix).any():  # a missing value goes where the node's training sent the missing values
+            goes_left |= np.isnan(values) & self.missing_left
+        first = (np.arange(count) * nodes)[:, None]  # where each row's nodes start in the flattened rows
+        following = (np.where(goes_left, self.next_left, self.next_right) + first).ravel()
+        at = self.roots + first
         for _ in range(self.depth):
-            leaf = self.is_leaf[at]
-            if leaf.all():
-                break
-            values = matrix[rows, self.feature[at]]
-            left = np.where(np.isnan(values), self.missing_left[at], values <= self.threshold[at])
-            at = np.where(leaf, at, np.where(left, self.left[at], self.right[at]))
-        leaves = self.value[at]
+            at = following[at]
+        leaves = self.value[at - first]
         start = np.full((len(matrix), 1), self.baseline)
         return np.cumsum(np.concatenate([start, leaves], axis=1), axis=1)[
             :, -1
@@ -211,6 +220,8 @@ class FastPath:
             self.modes = list(steps["impute"].statistics_)
             self.categories = list(encoder.categories_)
         self.lookups = [{value: position for position, value in enumerate(known.tolist())} for known in self.categories]
+        self.by_hand_up_to = 4  # rows: up to this many, `vector` builds each row in plain Python (one NumPy call)
+        self._numbers = [None if part is None else part.tolist() for part in (self.medians, self.mean, self.scale)]
         self.width = self.k + sum(len(c) for c in self.categories)
         self.trees_up_to = (
             64  # rows: above this, the model's own compiled predict is faster than walking the trees in NumPy
@@ -220,8 +231,34 @@ class FastPath:
         except (LifecycleError, AttributeError):
             self.trees = None
 
+    def vector(self, row: list) -> list[float]:
+        """One checked row as the model's input, in plain Python: for a request of a record or two, the forty NumPy
+        calls of `transform` (about 50 µs) become one. The same IEEE arithmetic, value for value: held against
+        `transform` below and, at every load, against the pipeline (`verify_fast_path`, row by row)."""
+        medians, means, scales = self._numbers
+        vector = [0.0] * self.width
+        for i in range(self.k):
+            value = float(row[i])
+            if value != value:  # missing: the imputer's median
+                value = medians[i]
+            if means is not None:
+                value -= means[i]
+            if scales is not None:
+                value /= scales[i]
+            vector[i] = value
+        offset = self.k
+        for j, (mode, lookup) in enumerate(zip(self.modes, self.lookups)):
+            value = row[self.k + j]
+            hit = lookup.get(mode if isinstance(value, float) and value != value else value, -1)
+            if hit >= 0:  # an unknown category is all zeros (handle_unknown="ignore")
+                vector[offset + hit] = 1.0
+            offset += len(lookup)
+        return vector
+
     def transform(self, rows: list[list]) -> np.ndarray:
         "Checked rows (numbers first, then categories) to the model's input matrix."
+        if len(rows) <= self.by_hand_up_to:
+            return np.array([self.vector(row) for row in rows], dtype=float).reshape(len(rows), self.width)
         matrix = np.zeros((len(rows), self.width))
         if self.k:
             numbers = np.array([row[: self.k] for row in rows], dtype=float)

@@ -24,7 +24,7 @@ from .checks import CHANNEL_HEADER, EVENT_TIME_HEADER, SafeJSONResponse, _loopba
 from .checks import logged_features as logged_features  # other modules import it from here
 from .holder import Batcher, ModelHolder, ServeMetrics
 from .openapi import openapi_document
-from .predlog import open_log
+from .predlog import log_store, open_log
 from .routes import ROUTERS, ServeSettings, set_gauges
 from .scoring import Shadow, keep_heap_settled
 from .workers import run_workers
@@ -228,6 +228,6 @@ def serve(
         "log_level": "info",
     }
     if workers > 1:
-        run_workers(guarded_app, workers, host, port, options)
+        run_workers(guarded_app, workers, host, port, options, log_store(log_url, root))
         return
     uvicorn.run(guarded_app(), host=host, port=port, **options)

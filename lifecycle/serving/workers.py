@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import traceback
 from typing import Callable
 
@@ -21,14 +22,16 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from ..core import LifecycleError
 from .checks import set_id_lane
+from .predlog.common import describe_error
+from .predlog.one_writer import LogWriter, use_log_writer, writer_socket
 
 log = logging.getLogger("lifecycle.serving.serve")  # the server's logger
 STARTUP_FAILURE = 3  # a worker's exit code when its server never started (uvicorn's own)
 MAX_WORKERS = 64  # more processes than this on one port is a mistake in the number, not a machine
 
 # %% auto #0
-__all__ = ['log', 'STARTUP_FAILURE', 'MAX_WORKERS', 'worker_count', 'use_metrics_folder', 'listening_socket', 'run_worker',
-           'Supervisor', 'run_workers']
+__all__ = ['log', 'STARTUP_FAILURE', 'MAX_WORKERS', 'worker_count', 'use_metrics_folder', 'listening_socket', 'run_log_writer',
+           'run_worker', 'Supervisor', 'run_workers']
 
 # %% ../../nbs/35e_serve_workers.ipynb #ac743a44
 def worker_count(
@@ -85,6 +88,39 @@ def _die_with_supervisor(supervisor: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _as_child(supervisor: int) -> None:
+    "In a forked child: the signals the supervisor blocks back to normal, and SIGTERM should the supervisor die."
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(number, signal.SIG_DFL)
+    _die_with_supervisor(supervisor)
+
+
+def run_log_writer(
+    store,  # the log's `SQLiteStore`
+    listening: socket.socket,  # the writer's socket (`writer_socket`), made by the supervisor
+    key: bytes,  # the key the workers hold
+    supervisor: int,  # the supervisor's process id
+    http: socket.socket | None = None,  # the workers' listening socket, inherited: closed here (it takes no requests)
+) -> int:  # the exit code: 0 once stopped, STARTUP_FAILURE when the log could not be opened
+    """The log's one writer, in the forked child: after SIGTERM (or Ctrl-C's SIGINT, or SIGHUP, which reach the workers
+    too) it leaves once no worker is connected: they write their last rows through it while they drain."""
+    _as_child(supervisor)
+    if http is not None:
+        http.close()  # else the port would stay open, with no one to answer, until the writer ends
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, lambda *_: stop.set())
+    writer = LogWriter(store, listening, key)
+    try:
+        writer.open()
+    except Exception as error:
+        log.error("the prediction log's writer cannot open %s: %s", store, describe_error(error))
+        return STARTUP_FAILURE
+    writer.run(stop)
+    return 0
+
+
 def run_worker(
     lane: int,  # the worker's number, 0 to count - 1 (its request ids' lane)
     count: int,  # the workers
@@ -93,14 +129,16 @@ def run_worker(
     options: dict,  # uvicorn's settings (loop, http, access_log, timeouts)
     folder: str,  # the workers' metrics folder
     supervisor: int,  # the supervisor's process id
+    writer: tuple | None = None,  # (address, key, listening socket) of the log's one writer; None: the worker writes
 ) -> int:  # the exit code: 0 after a drain, STARTUP_FAILURE when the server never started
     "One worker, in the forked child: its own lane of request ids, its metrics in the folder, its app under uvicorn."
     import uvicorn  # start-up time: only `lifecycle serve` runs the server
 
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the supervisor blocks its signals; a worker takes SIGTERM
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(number, signal.SIG_DFL)
-    _die_with_supervisor(supervisor)
+    _as_child(supervisor)
+    if writer is not None:
+        address, key, listening = writer
+        listening.close()  # the writer's, not ours: should the writer fail to start, its queue closes with it
+        use_log_writer(address, key)
     use_metrics_folder(folder)
     set_id_lane(lane, count)
     server = uvicorn.Server(uvicorn.Config(make_app(folder), **options))
@@ -108,10 +146,10 @@ def run_worker(
     return 0 if server.started else STARTUP_FAILURE
 
 # %% ../../nbs/35e_serve_workers.ipynb #67def8dd
-def _fork_worker(
-    lane: int, count: int, make_app: Callable, sock: socket.socket, options: dict, folder: str
-) -> int:  # the worker's process id
-    "Fork one worker; the child never returns (it exits with its server's code)."
+def _fork(
+    child: Callable,  # the supervisor's process id -> the child's exit code: a worker or the log's writer
+) -> int:  # the child's process id
+    "Fork one worker (or the log's writer); the child never returns (it exits with its code)."
     supervisor = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -120,7 +158,7 @@ def _fork_worker(
         return pid
     code = 1
     try:
-        code = run_worker(lane, count, make_app, sock, options, folder, supervisor)
+        code = child(supervisor)
     except SystemExit as stop:  # uvicorn's way out when the app cannot start (STARTUP_FAILURE)
         code = stop.code if isinstance(stop.code, int) else 1
     except BaseException:  # a bug in a worker: its traceback, then the supervisor starts another
@@ -142,7 +180,8 @@ class Supervisor:
     started again at once; SIGTERM or Ctrl-C is passed to every worker, and the supervisor ends when all have drained.
 
     It runs no thread and holds no database connection, so forking (again, after a crash) copies nothing half-done;
-    its signals are blocked and taken one at a time by `sigtimedwait`, so none is lost between two checks."""
+    its signals are blocked and taken one at a time by `sigtimedwait`, so none is lost between two checks. With a SQLite
+    log it first starts the log's one writer (`run_log_writer`), starts it again should it die, and stops it last."""
 
     SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -152,8 +191,13 @@ class Supervisor:
         count: int,  # how many workers
         sock: socket.socket,  # the listening socket they share
         options: dict,  # uvicorn's settings
+        log_store=None,  # a SQLite log's store: its one writer runs in a process of its own; None: workers write
     ):
         self.make_app, self.count, self.sock, self.options = make_app, count, sock, options
+        self.log_store = log_store
+        self.writer = None  # (address, key, listening socket) of the log's writer
+        self.writer_pid = 0  # its process, 0 when none runs
+        self._writer_told = False  # asked to stop
         self.workers: dict[int, int] = {}  # process id -> lane
         self.restarts = 0  # workers started again after dying
         self.stopping = False
@@ -161,8 +205,37 @@ class Supervisor:
         self.folder = ""
 
     def _start(self, lane: int) -> None:
-        pid = _fork_worker(lane, self.count, self.make_app, self.sock, self.options, self.folder)
-        self.workers[pid] = lane
+        def worker(supervisor: int) -> int:
+            return run_worker(
+                lane, self.count, self.make_app, self.sock, self.options, self.folder, supervisor, self.writer
+            )
+
+        self.workers[_fork(worker)] = lane
+
+    def _start_writer(self) -> None:
+        "Fork the log's writer; its socket (made once) keeps the workers' connections waiting while it starts."
+        if self.writer is None:
+            address = os.path.join(self.folder, "log-writer")
+            self.writer = (address, os.urandom(32), writer_socket(address))
+        address, key, listening = self.writer
+        self.writer_pid = _fork(
+            lambda supervisor: run_log_writer(self.log_store, listening, key, supervisor, self.sock)
+        )
+        log.info("the prediction log's writer is process %d", self.writer_pid)
+
+    def _writer_ended(self, status: int) -> None:
+        "The log's writer ended: started again, unless stopping or it could not open the log."
+        self.writer_pid = 0
+        if self.stopping:
+            return
+        if os.waitstatus_to_exitcode(status) == STARTUP_FAILURE:
+            log.error("the prediction log's writer could not start; stopping the workers")
+            self.failed = True
+            self.writer[2].close()  # the workers waiting for it are refused, and stop
+            self._stop_all()
+            return
+        self._start_writer()
+        log.warning("the prediction log's writer %s; started again", _exit_text(status))
 
     def _stop_all(self) -> None:
         self.stopping = True
@@ -175,10 +248,13 @@ class Supervisor:
 
     def _reap(self) -> None:
         "Collect the workers that ended; start each again unless stopping, or stop all if one never started."
-        while self.workers:
+        while self.workers or self.writer_pid:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
+            if pid == self.writer_pid:
+                self._writer_ended(status)
+                continue
             lane = self.workers.pop(pid, None)
             if lane is None:
                 continue
@@ -200,17 +276,24 @@ class Supervisor:
         self.folder = tempfile.mkdtemp(prefix="lifecycle-serve-metrics-")
         try:
             gc.freeze()  # what is loaded now is shared by the workers, page for page, not copied by collections
+            if self.log_store is not None:
+                self._start_writer()
             for lane in range(self.count):
                 self._start(lane)
             log.info("%d workers (processes %s) share the port", self.count, ", ".join(map(str, self.workers)))
-            while self.workers:
+            while self.workers or self.writer_pid:
                 received = signal.sigtimedwait(self.SIGNALS, 1.0)
                 if received is not None and received.si_signo != signal.SIGCHLD and not self.stopping:
                     log.info("stopping: every worker answers what it holds and writes its log")
                     self._stop_all()
                 self._reap()
+                if self.stopping and not self.workers and self.writer_pid and not self._writer_told:
+                    os.kill(self.writer_pid, signal.SIGTERM)  # last: every worker has written its rows through it
+                    self._writer_told = True
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            if self.writer is not None:
+                self.writer[2].close()
             shutil.rmtree(self.folder, ignore_errors=True)
         return 1 if self.failed else 0
 
@@ -221,13 +304,16 @@ def run_workers(
     host: str,  # the address
     port: int,  # the port
     options: dict,  # uvicorn's settings (loop, http, access_log, timeouts)
+    log_store=None,  # the log's store: a SQLite file is written by one writer process for all workers
 ) -> None:
     "`lifecycle serve --workers N`: N processes on one port until SIGTERM; an error when a worker could not start."
     import uvicorn  # noqa: F401  (start-up time: imported here, once, before the fork: every worker shares it)
 
     sock = listening_socket(host, port)
     try:
-        code = Supervisor(make_app, count, sock, options).run()
+        code = Supervisor(
+            make_app, count, sock, options, log_store if getattr(log_store, "kind", "") == "sqlite" else None
+        ).run()
     finally:
         sock.close()
     if code:

@@ -137,6 +137,7 @@ VALUES (%s, %s, %s::timestamptz, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (block_id) DO NOTHING"""
 _RUN_LOCK_CLASS = 7319003  # the first key of a batch run's advisory lock; the second is from its id
 _MONITOR_LOCK = 7319005  # held by the monitor updating its windows
+_LABEL_LOCK = 7319006  # held by /feedback counting and recording a label (every worker, every replica)
 
 
 class _RunLockSession:
@@ -222,9 +223,21 @@ class PostgresStore:
     def monitor_lock(self):
         """Held while a monitor updates its windows: a session advisory lock on a connection of its own; a second
         monitor waits."""
+        with self._advisory_lock(_MONITOR_LOCK):
+            yield
+
+    @contextmanager
+    def label_lock(self):
+        """Held while /feedback counts the labels a labeller sent and a prediction has, and records one: every worker
+        and every replica on this database waits its turn, so the limits hold across them."""
+        with self._advisory_lock(_LABEL_LOCK):
+            yield
+
+    @contextmanager
+    def _advisory_lock(self, key: int):
         connection = self.connect()
         try:
-            connection.execute("SELECT pg_advisory_lock(%s)", (_MONITOR_LOCK,))
+            connection.execute("SELECT pg_advisory_lock(%s)", (key,))
             yield
         finally:
             connection.close()  # closing drops the lock

@@ -245,7 +245,20 @@ class SQLiteStore:
     @contextmanager
     def monitor_lock(self):
         "Held while a monitor updates its windows: a file beside the database, locked (flock); a second monitor waits."
-        path = self.path.parent / f".{self.path.name}.monitor.lock"
+        with self._file_lock("monitor"):
+            yield
+
+    @contextmanager
+    def label_lock(self):
+        """Held while /feedback counts the labels a labeller sent and a prediction has, and records one: a file beside
+        the database, locked (flock), so every worker of `lifecycle serve --workers N` waits its turn and the limits
+        hold across them."""
+        with self._file_lock("labels"):
+            yield
+
+    @contextmanager
+    def _file_lock(self, name: str):
+        path = self.path.parent / f".{self.path.name}.{name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

@@ -30,6 +30,7 @@ from lifecycle.serving.predlog.common import (
     utc_text,
 )
 from .journal import Journal, JournalError, RejectionTally, journal_folder, replay_journals
+from .one_writer import WriterClient, log_writer
 from .reader import PredictionReader
 from lifecycle.serving.predlog.rows import (
     _CONVERSION_ERRORS,
@@ -584,13 +585,18 @@ def open_log(
     run: str | None = None,  # a `PendingRun`'s id: this log's predictions stay invisible until that run publishes them
 ) -> PredictionLog:
     """Open the project's prediction log, creating its tables when needed, replaying the journals a crashed process left
-    and removing the pending predictions of batch runs whose process died."""
+    and removing the pending predictions of batch runs whose process died. In a worker of `lifecycle serve --workers N`
+    a SQLite log writes through the one writer (`use_log_writer`)."""
     store = log_store(url, root)
+    writer = log_writer()  # a worker of `lifecycle serve --workers N` on a SQLite log: the one writer writes it
+    if writer is not None and store.kind == "sqlite" and run is None:
+        store = WriterClient(store, *writer)
     log = PredictionLog(
         store, id_key(root), batch_size=batch_size, journal=journal_folder(root, store) if journal else None, run=run
     )
     replay_journals(store, journal_folder(root, store))
-    remove_dead_runs(store)
+    if not isinstance(store, WriterClient):  # else the writer removed them before it took its first connection
+        remove_dead_runs(store)
     return log
 
 
