@@ -34,6 +34,7 @@ LAYERS = {
     "compare": 1,
     "registry": 1,
     "tracking": 1,
+    "lineage": 1,  # OpenLineage run events: stage runs, batch runs, retrains; to a file or an endpoint
     "drift": 1,
     "alerts": 1,
     "webhook": 1,  # posting alerts within a total deadline
