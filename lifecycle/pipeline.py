@@ -513,7 +513,7 @@ def _execute(
 
 def _lineage():
     "lifecycle.lineage, imported when a stage has run: openlineage-python takes a second to import."
-    import lifecycle.lineage
+    import lifecycle.lineage  # deferred: only a run that executes a stage pays for openlineage's import
 
     return lifecycle.lineage
 
