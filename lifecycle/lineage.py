@@ -12,6 +12,7 @@ import subprocess
 import sys
 import types
 import typing
+import uuid
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -329,8 +330,6 @@ def pipeline_run_id(
     run_id: str,  # the lifecycle run's id (its folder under runs/)
 ) -> str:  # the OpenLineage run id of that `lifecycle run`
     "The OpenLineage run id of a `lifecycle run`: the same for every stage of it, unique to the project's run."
-    import uuid
-
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{Path(root).resolve().as_uri()}/runs/{run_id}"))
 
 
