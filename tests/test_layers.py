@@ -124,6 +124,7 @@ LAYERS = {
     "bench.estimate_multiclass": 3,
     "bench.estimate_regression": 3,
     "cli": 3,
+    "audit_trace": 3,  # `lifecycle audit trace`: a served prediction back to its model's source lines
     "init_evidence": 3,  # what init reads in a column, each finding with its evidence in words
     "init_project": 3,  # `lifecycle init`: settings.ini for the user's data, each inferred line with its evidence
     "loop": 3,
