@@ -31,6 +31,7 @@ LAYERS = {
     "multiclass": 1,  # a target of several classes: metrics and intervals, words, fairness gaps, paired comparison
     "multiclass_estimates": 1,  # beyond its labels: calibration, estimated performance (CBPE), conformal sets
     "model_card": 1,  # a version's card, in the project's words
+    "card_formats": 1,  # the card as Model Card Toolkit JSON and a Hugging Face card, each checked against its schema
     "compare": 1,
     "registry": 1,
     "tracking": 1,
