@@ -53,6 +53,15 @@ def card_sections(
     return sections
 
 # %% ../nbs/23b_card_formats.ipynb #7cdc8c89c7104fffa095e18ddfef8986
+def _data_section(settings) -> dict:
+    "[data] of the settings (none for a stand-in with no sections, as model_card allows)."
+    return settings.sections.get("data", {}) if hasattr(settings, "sections") else {}
+
+
+def _title(settings) -> str:
+    return getattr(settings, "title", "") or settings.path.parent.name
+
+
 def _number(value) -> str:
     return f"{value:.4g}"
 
@@ -95,8 +104,8 @@ def mct_card(
     task: Task | None = None,  # the project's task (None: binary)
 ) -> dict:  # the card in the Model Card Toolkit's JSON shape, schema 0.0.2
     "The card as Model Card Toolkit JSON."
-    task, data, sections = task or BinaryTask(), settings.sections.get("data", {}), card_sections(markdown)
-    title, version = settings.title or settings.path.parent.name, meta["version"]
+    task, data, sections = task or BinaryTask(), _data_section(settings), card_sections(markdown)
+    title, version = _title(settings), meta["version"]
     features = meta["features"]["numeric"] + meta["features"]["categorical"]
     details = {
         "name": f"{title}, model version {version}",
@@ -159,7 +168,7 @@ def hf_card(
     "The card as a Hugging Face model card."
     task = task or BinaryTask()
     kind = "tabular-regression" if task.name == "regression" else "tabular-classification"
-    title = settings.title or settings.path.parent.name
+    title = _title(settings)
     metrics = [
         {"type": item["type"], "value": float(item["value"]), "name": item["type"].replace("_", " ")}
         for item in _test_metrics(evaluation)
