@@ -321,7 +321,8 @@ def stage_datasets(
     read = [Path(name) if Path(name).is_absolute() else Path(root) / name for name in recorded]
     read += _data_files(previous) if previous else []
     inputs = [file_dataset(path) for path in read if path.is_file()]
-    written = _data_files(stage_dir) + ([model] if model and model.is_file() else [])
+    made = model and model.is_file() and model.resolve() not in {path.resolve() for path in read}  # read: not made
+    written = _data_files(stage_dir) + ([model] if made else [])
     return inputs, [file_dataset(path, output=True) for path in written]
 
 # %% ../nbs/21b_lineage.ipynb #33b0902fd34d4ace834912fa1002cf8e

@@ -100,7 +100,7 @@ def test_a_request_id_traces_back_to_the_source_lines_its_model_was_fitted_on(ch
     events = read_events(project.settings)
     assert found["lineage_run"] == _completed(events, f"{champion_project.name}.train")[0]["run"]["runId"]
 
-    # the command's words: no pseudonym of the record, no feature; a source edited since says so
+    # the command's words: no feature of the record; a source edited since says so
     with open(champion_project / "data" / "heart-disease-uci" / "processed.hungarian.data", "a") as source:
         source.write("\n")
     import argparse
@@ -117,7 +117,9 @@ def test_a_request_id_traces_back_to_the_source_lines_its_model_was_fitted_on(ch
     )
     for item in found["lines"]:
         assert f"{item['source']}: {item['file']}, lines {item['lines']}" in printed
-    assert str(prediction["id_hash"]) not in printed and "age" not in printed
+    for feature in FEATURES:  # the record's values are never printed (its id, pseudonym: nbs/11f_audit_trace checks)
+        assert f"{feature}: " not in printed and f"{feature}=" not in printed and f'"{feature}"' not in printed
+    assert '"features"' not in json.dumps(found)
 
 
 def test_the_card_is_also_model_card_toolkit_json_and_a_hugging_face_card(champion_project):
