@@ -853,6 +853,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'lifecycle.lineage.LifecycleRunFacet._get_schema': ( 'lineage.html#lifecyclerunfacet._get_schema',
                                                                                         'lifecycle/lineage.py'),
                                    'lifecycle.lineage._append': ('lineage.html#_append', 'lifecycle/lineage.py'),
+                                   'lifecycle.lineage._checker': ('lineage.html#_checker', 'lifecycle/lineage.py'),
                                    'lifecycle.lineage._class_schema': ('lineage.html#_class_schema', 'lifecycle/lineage.py'),
                                    'lifecycle.lineage._data_files': ('lineage.html#_data_files', 'lifecycle/lineage.py'),
                                    'lifecycle.lineage._end': ('lineage.html#_end', 'lifecycle/lineage.py'),

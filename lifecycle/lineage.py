@@ -235,13 +235,18 @@ def check_event(
     event: dict,  # a run event, as read back from JSON
 ) -> list[str]:  # what does not conform, one line each (none: it validates)
     "Validate a run event against `event_schema`, formats included."
-    import jsonschema  # deferred: only checks need it
-
-    checker = jsonschema.Draft202012Validator(event_schema(), format_checker=jsonschema.FormatChecker())
     return [
         f"{'/'.join(map(str, error.absolute_path)) or 'the event'}: {error.message}"
-        for error in checker.iter_errors(event)
+        for error in _checker().iter_errors(event)
     ]
+
+
+@cache
+def _checker():
+    "The validator of `event_schema`, made once: making it costs more than checking an event."
+    import jsonschema  # deferred: only checks need it
+
+    return jsonschema.Draft202012Validator(event_schema(), format_checker=jsonschema.FormatChecker())
 
 # %% ../nbs/21b_lineage.ipynb #cb1e1581032b452c9409d6c6813c49d1
 def _append(path: Path, events: list[dict]) -> None:
