@@ -325,9 +325,9 @@ def stage_datasets(
         recorded = json.loads((stage_dir / "_inputs.json").read_text()).get("files", {})
     read = [Path(name) if Path(name).is_absolute() else Path(root) / name for name in recorded]
     read += _data_files(previous) if previous else []
-    inputs = [file_dataset(path) for path in read if path.is_file()]
-    made = model and model.is_file() and model.resolve() not in {path.resolve() for path in read}  # read: not made
-    written = _data_files(stage_dir) + ([model] if made else [])
+    written = _data_files(stage_dir) + ([model] if model and model.is_file() else [])
+    made = {path.resolve() for path in written}  # train's cache record names the model it wrote: an output only
+    inputs = [file_dataset(path) for path in read if path.is_file() and path.resolve() not in made]
     return inputs, [file_dataset(path, output=True) for path in written]
 
 # %% ../nbs/21b_lineage.ipynb #33b0902fd34d4ace834912fa1002cf8e
@@ -350,7 +350,8 @@ def emit_stage(
     "A stage run's events: its datasets, the model version it registered, its parent the `lifecycle run`."
     root, run_dir, summary = settings.root, Path(run["run_dir"]), entry.get("summary") or {}
     version = summary.get("model_version") if isinstance(summary.get("model_version"), int) else None
-    model = root / "registry" / "versions" / str(version) / "model.skops" if version else None
+    registered = version and summary.get("model_sha256")  # train names the version it made with its hash
+    model = root / "registry" / "versions" / str(version) / "model.skops" if registered else None
     inputs, outputs = stage_datasets(root, run_dir / stage, run_dir / previous if previous else None, model)
     facts = {"lifecycleRun": run["run_id"], "status": entry["status"], "modelVersion": version}
     facts["modelSha256"] = summary.get("model_sha256") if version else None
