@@ -210,8 +210,14 @@ def trace_words(
 
 # %% ../nbs/11f_audit_trace.ipynb #4dd4641cc4064e0191573fe9c69df29b
 def trace_command(args) -> int:
-    "The handler of `lifecycle audit trace REQUEST_ID`."
-    found = trace(open_project(args.settings), args.request_id)
+    """The handler of `lifecycle audit trace REQUEST_ID`: the request id is `args.request_id` (`add_trace_parser`) or
+    `args.argument` (`lifecycle audit`'s second word, when `audit.SUBCOMMANDS` names this handler)."""
+    request_id = getattr(args, "request_id", None) or getattr(args, "argument", None)
+    if not request_id:
+        raise LifecycleError(
+            "audit trace: give the request id a prediction was answered with: lifecycle audit trace ID"
+        )
+    found = trace(open_project(args.settings), request_id)
     print(json.dumps(found, indent=2) if args.json else "\n".join(trace_words(found)))
     return 0
 
