@@ -81,6 +81,7 @@ def pack_command(args) -> int:
 # subcommand -> handler(args) or "module:handler" (imported when it runs); any other word is a VERSION
 SUBCOMMANDS = {
     "verify": verify_command,
+    "trace": "lifecycle.audit_trace:trace_command",  # a served prediction back to its model's source lines
 }
 
 

@@ -12,6 +12,7 @@ from html import escape
 import numpy as np
 import pandas as pd
 
+from .card_formats import save_card_formats
 from .core import read_json
 from .fairness import fairness_across_seeds, sensitive_groups
 from .gate import checklist, gate
@@ -347,15 +348,10 @@ def record_evaluation(
     }
     figures = figures or {}
     named = {key: (f"card-{key}.png", captions[key]) for key in figures if key in captions}
-    card = model_card(
-        meta,
-        settings,
-        {column: audit["groups"] for column, audit in result["fairness"].items()},
-        evaluation,
-        named,
-        task,
-    )
+    by_group = {column: audit["groups"] for column, audit in result["fairness"].items()}
+    card = model_card(meta, settings, by_group, evaluation, named, task)
     html = save_card(registry, version, card, {named[key][0]: figures[key] for key in named})
+    save_card_formats(registry, meta, settings, by_group, card, evaluation, task)  # Model Card Toolkit, Hugging Face
     if result["gate"]["passed"]:
         headline = result["metrics"][task.headline_metric]
         reason = f"passed the gate in run {run_id}: {task.metric_words} {task.number(headline, 3)}"

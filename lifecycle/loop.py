@@ -98,6 +98,19 @@ def _judge(stage, extra: dict, data: dict, run: dict, retrain_id: str, quiet: bo
     return entry
 
 
+def _retrain_lineage(settings, started: datetime, data: dict, run: dict, trained: dict) -> None:
+    "A retrain's OpenLineage events: the production rows it joined in, the challenger's model out."
+    from lifecycle.lineage import emit_job  # deferred: only a retrain pays for openlineage's import
+
+    folder = Path(data["folder"])
+    read = [folder / name for name in ("production.parquet", "recent.parquet", "holdout.parquet")]
+    done = trained.get("status") in ("ran", "cached")
+    version = (trained.get("summary") or {}).get("model_version") if done else None
+    model = [settings.root / "registry" / "versions" / str(version) / "model.skops"] if version else []
+    facts = {"lifecycleRun": run["run_id"], "status": trained.get("status", "not run")}
+    emit_job(settings, "retrain", "RETRAIN", started, not done, read, model, version, facts)
+
+
 def _challenge_locked(
     settings,  # the project's settings
     stage,  # the retrain stage
@@ -125,8 +138,10 @@ def _challenge_locked(
     joined = f"{data['training_rows']} labeled production rows join the champion's data"
     _say(f"{joined}; {data['holdout_rows']} are held out to compare on", quiet)
     passed_on = [item for item in overrides if not item.strip().startswith("retrain.")]
+    started = datetime.now(timezone.utc)
     run = run_lifecycle(data["settings"], only=CHALLENGER_STAGES, overrides=passed_on, quiet=quiet)
     trained = {entry["name"]: entry for entry in run["stages"]}.get("train", {})
+    _retrain_lineage(settings, started, data, run, trained)
     result = {"retrain_id": retrain_id, "data": data, "challenger_run": run}
     if trained.get("status") not in ("ran", "cached"):
         why = f"the challenger was not trained: {run.get('error', 'the run stopped before train')}"

@@ -144,7 +144,7 @@ def parameter_choices(
 
 
 PAGE_SECTIONS = ["clinic", "servers"]  # sections of pages and servers, not stages: checked here and where read
-SERVICE_SECTIONS = ["labels", "audit"]  # who may label and whose labels decide; whether the record must be signed
+SERVICE_SECTIONS = ["labels", "audit", "lineage"]  # labellers; whether the record is signed; where lineage goes
 
 
 def check_sections(settings: Settings, stages: list[Stage]):
@@ -484,6 +484,7 @@ def _execute(
                 continue
             key = cache_key(stage, parameters[stage.name], settings, upstream, code)
             more = any(later.name in selected for later in in_run[index + 1 :])
+            started = datetime.now(timezone.utc)
             entry = run_stage(
                 stage,
                 parameters[stage.name],
@@ -498,6 +499,10 @@ def _execute(
                 more=more,
             )
             run["stages"].append(entry)
+            if entry["status"] in ("ran", "failed"):  # a stage reused from the cache did not run: no lineage
+                _lineage().emit_stage(
+                    settings, stage.name, run, entry, started, in_run[index - 1].name if index else None
+                )
             task = ((entry.get("summary") or {}).get("task") or {}).get("name", task)  # prepare names it, inferred
             if entry["status"] == "failed":
                 break
@@ -506,6 +511,13 @@ def _execute(
             upstream[stage.name] = entry["outputs"]
     finally:
         kernels.close()
+
+
+def _lineage():
+    "lifecycle.lineage, imported when a stage has run: openlineage-python takes a second to import."
+    import lifecycle.lineage  # deferred: only a run that executes a stage pays for openlineage's import
+
+    return lifecycle.lineage
 
 
 def _finish(run: dict, started: float) -> None:
@@ -533,6 +545,8 @@ def run_lifecycle(
     stages = discover_stages(cache=settings.root / "runs" / ".cache" / "parameters")
     check_sections(settings, stages)
     check_task(settings)  # a task this version cannot run is refused before the first stage
+    if "lineage" in settings.sections:  # its keys checked before the first stage, not after it
+        _lineage().lineage_settings(settings)
     in_run, selected, forced = plan_stages(stages, only, start)
     parameters = _run_parameters(stages, in_run, settings, parse_overrides(overrides or []))
     root, run_id = settings.root, _new_run_id()
@@ -557,6 +571,8 @@ def run_lifecycle(
         shutil.rmtree(report_dir, ignore_errors=True)
         raise
     _finish(run, started)
+    if any(entry["status"] in ("ran", "failed") for entry in run["stages"]):
+        _lineage().emit_pipeline(settings, run)
     write_json(report_dir / "run.json", run)
     write_index(run, report_dir / "index.html", [stage.name for stage in stages])
     if len(in_run) == len(stages):

@@ -249,6 +249,11 @@ def test_the_wheel_carries_the_stage_notebooks(tmp_path):
     assert "lifecycle/nbs/01_collect.ipynb" in names and "lifecycle/nbs/02_prepare.ipynb" in names
     assert "lifecycle/pipeline.py" in names
     assert "lifecycle/serving/predlog/writer.py" in names and "lifecycle/serving/serve.py" in names  # the subpackages
+    assert "lifecycle/schemas/model_card_toolkit/model_card.schema.json" in names  # the card formats' schemas
+    assert (
+        "lifecycle/schemas/model_card_toolkit/LICENSE" in names
+        and "lifecycle/schemas/huggingface_model_card.schema.json" in names
+    )
 
 
 def test_stage_notebooks_ship_inside_the_package():

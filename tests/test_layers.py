@@ -31,10 +31,12 @@ LAYERS = {
     "multiclass": 1,  # a target of several classes: metrics and intervals, words, fairness gaps, paired comparison
     "multiclass_estimates": 1,  # beyond its labels: calibration, estimated performance (CBPE), conformal sets
     "model_card": 1,  # a version's card, in the project's words
+    "card_formats": 1,  # the card as Model Card Toolkit JSON and a Hugging Face card, each checked against its schema
     "compare": 1,
     "registry": 1,
     "audit_chain": 1,  # the tamper-evident record: a hash chain of every change, which the registry appends to
     "tracking": 1,
+    "lineage": 1,  # OpenLineage run events: stage runs, batch runs, retrains; to a file or an endpoint
     "drift": 1,
     "alerts": 1,
     "webhook": 1,  # posting alerts within a total deadline
@@ -133,6 +135,7 @@ LAYERS = {
     "bench.audit": 3,
     "cli": 3,
     "audit": 3,  # `lifecycle audit`: verify the record, write an evidence pack; its subcommands
+    "audit_trace": 3,  # `lifecycle audit trace`: a served prediction back to its model's source lines
     "init_evidence": 3,  # what init reads in a column, each finding with its evidence in words
     "init_project": 3,  # `lifecycle init`: settings.ini for the user's data, each inferred line with its evidence
     "loop": 3,

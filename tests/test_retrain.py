@@ -5,6 +5,7 @@ trained on."""
 import json
 import shutil
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -167,3 +168,22 @@ def test_retrain_decides_trains_a_challenger_through_the_notebooks_and_judges_it
         assert recorded[-1]["change"] == summary["change"] and recorded[-1]["version"] == summary["promoted_version"]
     else:
         assert aliases["champion"] == champion and summary["reasons"]
+
+    # The retrain is on the lineage record: the production rows in and the challenger's model out, by content.
+    from lifecycle.core import load_settings
+    from lifecycle.lineage import check_event, read_events
+
+    retrains = [
+        event
+        for event in read_events(load_settings(settings))
+        if event["job"]["name"] == f"{champion_project.name}.retrain"
+        and event["run"]["facets"]["lifecycle"].get("lifecycleRun") == run["run_id"]
+    ]
+    assert [event["eventType"] for event in retrains] == ["START", "COMPLETE"]
+    assert check_event(retrains[1]) == [] and retrains[1]["run"]["facets"]["lifecycle"]["modelVersion"] == challenger
+    assert sorted(Path(item["name"]).name for item in retrains[1]["inputs"]) == [
+        "holdout.parquet",
+        "production.parquet",
+        "recent.parquet",
+    ]
+    assert [item["facets"]["version"]["datasetVersion"] for item in retrains[1]["outputs"]] == [meta["sha256"]]

@@ -252,19 +252,13 @@ def count_batch_rejections(
 def _batch_command(args) -> int:
     "The handler of `lifecycle batch`."
     project = open_project(args.settings, log=args.log or None)
-    summary = score_file(
-        project.root,
-        Path(args.input),
-        Path(args.output),
-        rejects=args.rejects,
-        alias=args.model,
-        engine=args.engine,
-        scheduler=args.scheduler,
-        chunk_rows=args.chunk_rows,
-        log_url=project.log_url,
-        log=not args.no_log,
-        progress=not args.json and not args.quiet,
-    )
+    started = datetime.now(timezone.utc)
+    try:
+        summary = _score_command(project, args)
+    except LifecycleError:
+        _batch_lineage(project, started, args, None)
+        raise
+    _batch_lineage(project, started, args, summary)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -277,6 +271,32 @@ def _batch_command(args) -> int:
         top = ", ".join(f"{reason} ({count:,})" for reason, count in list(summary["reasons"].items())[:5])
         print(f"rejected {summary['rows_rejected']:,} rows -> {summary['rejects']}: {top}")
     return 0
+
+
+def _batch_lineage(project, started: datetime, args, summary: dict | None) -> None:
+    "The batch run's OpenLineage events: the input file in, the scored rows and the rejects out, the model version."
+    from lifecycle.lineage import emit_job  # deferred: only a batch run pays for openlineage's import
+
+    written = [Path(summary["output"]), Path(summary["rejects"])] if summary else []
+    version = summary["model_version"] if summary else None
+    emit_job(project.settings, "batch", "BATCH_SCORING", started, summary is None, [Path(args.input)], written, version)
+
+
+def _score_command(project, args) -> dict:
+    "score_file with the command's arguments."
+    return score_file(
+        project.root,
+        Path(args.input),
+        Path(args.output),
+        rejects=args.rejects,
+        alias=args.model,
+        engine=args.engine,
+        scheduler=args.scheduler,
+        chunk_rows=args.chunk_rows,
+        log_url=project.log_url,
+        log=not args.no_log,
+        progress=not args.json and not args.quiet,
+    )
 
 
 def add_batch_command(
