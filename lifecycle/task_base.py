@@ -13,7 +13,27 @@ from .core import LifecycleError, Settings
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "hist_gradient_boosting")  # what `[train] model` names
 
 # %% auto #0
-__all__ = ['MODEL_FAMILIES', 'Task']
+__all__ = ['MODEL_FAMILIES', 'model_rows', 'Task']
+
+# %% ../nbs/22s_task_base.ipynb #1cda39b9
+def model_rows(
+    rows: pd.DataFrame,  # feature rows as a stage or the server hands them to a model
+) -> pd.DataFrame:  # the same rows, a missing text value as NaN (the same frame when none is None)
+    """Rows at the model's boundary, a missing value in a text column as NaN, never None.
+
+    A missing value in a text category column reaches `clean.parquet` as None; scikit-learn's imputer counts only NaN
+    as missing in an object column, so a pipeline fitted on None learns it as a category of its own while serving,
+    which sends NaN, imputes it: the model trained and the model served would answer differently."""
+    text = [name for name in rows.columns if rows[name].dtype == object]
+    changed = [name for name in text if any(value is None for value in rows[name].to_numpy())]
+    if not changed:
+        return rows
+    rows = rows.copy()
+    for name in changed:
+        values = rows[name].to_numpy(copy=True)
+        values[np.array([value is None for value in values], dtype=bool)] = np.nan
+        rows[name] = pd.Series(values, index=rows.index, dtype=object)
+    return rows
 
 # %% ../nbs/22s_task_base.ipynb #aefdc119
 class Task:
@@ -68,7 +88,7 @@ class Task:
         rows: pd.DataFrame,  # feature rows, in the model's columns
     ) -> np.ndarray:  # what the model says of each row: a score, class probabilities or a value
         "The model's raw answer for each row."
-        return np.asarray(self._scores(model, rows), dtype=float)
+        return np.asarray(self._scores(model, model_rows(rows)), dtype=float)
 
     def fit_decision(
         self,
