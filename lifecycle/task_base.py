@@ -259,6 +259,13 @@ class Task:
         "The task's figures by group for the training report, at a default decision (evaluate fits the real one)."
         return self._by_group(np.asarray(labels), np.asarray(scores, dtype=float), group, min_size)
 
+    def version_meta(
+        self,
+        model,  # the fitted pipeline
+    ) -> dict:  # entries for the version's metadata (none for binary and regression)
+        "What the version's metadata keeps of the task beyond its name: a multiclass model's classes, in its order."
+        return {}
+
     def number(
         self,
         value: float | None,  # a figure of the task's metrics

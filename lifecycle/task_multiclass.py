@@ -150,6 +150,9 @@ class MulticlassTask(Task):
     def _label_array(self, labels):
         return labels.astype(str)
 
+    def version_meta(self, model):
+        return {"classes": [str(key) for key in model.classes_]}  # serving's, monitoring's and feedback's class order
+
     def _reference_scores(self, scores, labels):
         keys = [label_key(value) for value in self.classes]
         called = np.bincount(scores.argmax(axis=1), minlength=len(keys)) / max(len(scores), 1)
