@@ -5,6 +5,8 @@
 # %% ../../nbs/30c_scoring_answers.ipynb #5dc9acf1
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..core import LifecycleError
@@ -86,6 +88,24 @@ class BinaryAnswers:
     def fields(self, output: np.ndarray, version: int) -> list[dict] | None:  # None: score, decision, model_version
         return None
 
+    label_words = "expected 0 or 1"  # what /feedback says of a label it refuses
+
+    def label_number(self, value) -> int | float | None:  # a label from /feedback as the log keeps it; None: refused
+        return int(value) if value in (0, 1) and not isinstance(value, bool) else None
+
+    def prediction_schema(self) -> dict:  # the JSON schema of one answer, without its request_id
+        return {
+            "required": ["score", "decision", "model_version"],
+            "properties": {
+                "score": {"type": "number", "minimum": 0, "maximum": 1},
+                "decision": {"type": "integer", "enum": [0, 1]},
+                "model_version": {"type": "integer"},
+            },
+        }
+
+    def label_schema(self) -> dict:  # the JSON schema of the label /feedback takes
+        return {"type": "integer", "enum": [0, 1]}
+
 
 class MulticlassAnswers(BinaryAnswers):
     """A multiclass version's answer: its class probabilities at the version's temperature (the decision's parameter,
@@ -129,6 +149,51 @@ class MulticlassAnswers(BinaryAnswers):
             answers.append(answer)
         return answers
 
+    @property
+    def label_words(self) -> str:
+        return f"expected one of the classes: {', '.join(self.names)}"
+
+    def label_number(self, value) -> int | None:  # the class's index in the version's classes
+        from lifecycle.tasks import label_key  # start-up time: the tasks load scikit-learn's metrics
+
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return None
+        key = label_key(value) if not isinstance(value, float) or math.isfinite(value) else None
+        keys = [label_key(name) for name in self.names]
+        return keys.index(key) if key in keys else None
+
+    def prediction_schema(self) -> dict:
+        probability = {"type": "number", "minimum": 0, "maximum": 1}
+        return {
+            "required": ["label", "probabilities", "score", "decision", "model_version"],
+            "properties": {
+                "label": {"enum": self.classes, "description": "the most probable class"},
+                "probabilities": {
+                    "type": "object",
+                    "properties": {name: probability for name in self.names},
+                    "required": self.names,
+                    "additionalProperties": False,
+                    "description": "each class's probability, in the version's class order; they sum to 1",
+                },
+                "score": {**probability, "description": "the most probable class's probability"},
+                "decision": {
+                    "type": "integer",
+                    "enum": list(range(len(self.classes))),
+                    "description": "the most probable class's position in the classes",
+                },
+                "model_version": {"type": "integer"},
+                "set": {
+                    "type": "array",
+                    "items": {"enum": self.classes},
+                    "description": "the conformal prediction set, when the version carries one",
+                },
+            },
+        }
+
+    def label_schema(self) -> dict:
+        names = [name for name in self.names if name not in self.classes]  # `2` also as the text "2"
+        return {"enum": self.classes + names, "description": "the true class, one of the model's classes"}
+
     def _sets(self, output: np.ndarray) -> np.ndarray | None:  # the conformal sets, when the version carries them
         if not self.sets:
             return None
@@ -154,6 +219,35 @@ class RegressionAnswers(BinaryAnswers):
 
     def decisions(self, output: np.ndarray) -> np.ndarray:  # a regression has no decision
         return np.zeros(len(output), dtype=int)
+
+    label_words = "expected a finite number"
+
+    def label_number(self, value) -> float | None:  # the true value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        number = float(value)
+        return number if math.isfinite(number) else None
+
+    def prediction_schema(self) -> dict:
+        number = {"type": "number"}
+        return {
+            "required": ["value", "low", "high", "coverage", "score", "decision", "model_version"],
+            "properties": {
+                "value": {**number, "description": "the predicted value"},
+                "low": {**number, "description": "the interval's low end: value − the conformal half-width"},
+                "high": {**number, "description": "the interval's high end: value + the conformal half-width"},
+                "coverage": {
+                    "type": ["number", "null"],
+                    "description": "the share of true values the interval was calibrated to hold (0.9: 90%)",
+                },
+                "score": {**number, "description": "the value again"},
+                "decision": {"type": "integer", "enum": [0], "description": "always 0: a regression has no decision"},
+                "model_version": {"type": "integer"},
+            },
+        }
+
+    def label_schema(self) -> dict:
+        return {"type": "number", "description": "the true value"}
 
     def fields(self, output: np.ndarray, version: int) -> list[dict]:
         half, coverage = self.half_width, self.coverage
