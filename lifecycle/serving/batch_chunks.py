@@ -376,7 +376,15 @@ def _log_chunk(
     if spec.id_field in table.column_names:
         identifiers = table.column(spec.id_field).take(pa.array(features.index.to_numpy())).to_pylist()
     log.record_many(
-        ids, done["scores"], done["decisions"], features, spec.version, channel="batch", time=when, ids=identifiers
+        ids,
+        done["scores"],
+        done["decisions"],
+        features,
+        spec.version,
+        channel="batch",
+        time=when,
+        ids=identifiers,
+        probabilities=done.get("probabilities"),  # a multiclass version's class probabilities, else None
     )
     if shadow is not None:  # the version in shadow scores the same rows on its own thread
         shadow.submit(spec.version, ids, features=features, when=when)
