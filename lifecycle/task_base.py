@@ -24,6 +24,8 @@ def model_rows(
     A missing value in a text category column reaches `clean.parquet` as None; scikit-learn's imputer counts only NaN
     as missing in an object column, so a pipeline fitted on None learns it as a category of its own while serving,
     which sends NaN, imputes it: the model trained and the model served would answer differently."""
+    if not isinstance(rows, pd.DataFrame):  # an array (a test's, a model's own matrix): no text column to mend
+        return rows
     text = [name for name in rows.columns if rows[name].dtype == object]
     changed = [name for name in text if any(value is None for value in rows[name].to_numpy())]
     if not changed:

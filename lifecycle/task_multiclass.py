@@ -66,7 +66,7 @@ class MulticlassTask(Task):
     fairness_gap, fairness_words = "balanced_accuracy_difference", "balanced-accuracy gap"
     classes = None  # the classes of the model last scored
     default_decision = 1.0  # no temperature: the model's own probabilities
-    stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
+    stages_built = ("collect", "prepare", "train", "evaluate", "deploy")  # monitor and retrain: not yet
     figure_caption = "Each class's ROC curve against the rest, on the validation split"
     test_caption = "Each class's ROC curve against the rest, on the {rows} test rows"
     source_columns = ("balanced_accuracy", "accuracy", "macro_f1")

@@ -99,7 +99,7 @@ class RegressionTask(Task):
     decision_option = "coverage"
     predict_method = "predict"
     default_decision = float("nan")  # no interval before evaluate fits one
-    stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
+    stages_built = ("collect", "prepare", "train", "evaluate", "deploy")  # monitor and retrain: not yet
     figure_caption = "Predicted against actual values on the validation split"
     test_caption = "Predicted against actual values on the {rows} test rows"
     source_columns = ("mae", "rmse", "r2")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..core import LifecycleError, Settings, Source, read_json, value_key, write_json
 from ..labels import REPLAY
+from .answers import class_value
 
 # %% auto #0
 __all__ = ['EVENT_TIME_HEADER', 'SITE_HEADER', 'LABELLER_ENV', 'arrival_times', 'event_times', 'true_labels', 'label_times',
@@ -60,9 +61,14 @@ def true_labels(
     target: pd.Series,  # the target column
     positive: list[str],  # `[data] positive`
     negative: list[str],  # `[data] negative` (empty: every other known value is negative)
-) -> np.ndarray:  # 1.0, 0.0, or NaN where the target is missing or unknown
-    "The true label of each record, as the project defines its classes."
+    task: str = "binary",  # the project's task: binary, multiclass or regression
+) -> np.ndarray:  # binary 1.0, 0.0; multiclass the class (a number or text); regression the value; NaN: none
+    "The true label of each record, as the project defines its classes (or values), as /feedback takes it."
     keys = target.map(value_key).to_numpy(dtype=object)
+    if task == "regression":
+        return pd.to_numeric(target, errors="coerce").to_numpy(dtype=float)
+    if task == "multiclass":  # the class as the target writes it: `2` the number, `severe` the text
+        return np.array([np.nan if key == "missing" else class_value(key) for key in keys.tolist()], dtype=object)
     positive_keys, negative_keys = {value_key(v) for v in positive}, {value_key(v) for v in negative}
     labels = np.where(np.isin(keys, list(positive_keys)), 1.0, np.nan)
     negative_rows = (
@@ -83,7 +89,7 @@ def label_times(
         raise LifecycleError("replay: --label-share must be between 0 and 1")
     if delay_days < 0:
         raise LifecycleError("replay: --label-delay must be zero or more days")
-    arrives = (np.random.default_rng(seed + 1).random(len(events)) < share) & ~np.isnan(labels)
+    arrives = (np.random.default_rng(seed + 1).random(len(events)) < share) & ~pd.isna(labels)
     return (events + pd.Timedelta(days=delay_days)).where(arrives, pd.NaT).reset_index(drop=True)
 
 # %% ../../nbs/38_replay.ipynb #4581e325
@@ -147,6 +153,12 @@ def _read_answers(
     return request_ids, reasons, versions
 
 
+def _label_json(label):  # a true label as /feedback takes it: a whole number as an integer, else the value or text
+    if isinstance(label, str):
+        return label
+    return int(label) if float(label).is_integer() else float(label)
+
+
 async def _send_labels(
     client,  # an httpx.AsyncClient of the scoring app
     due: list[tuple],  # (record number, arrival time) of each label to send
@@ -161,7 +173,7 @@ async def _send_labels(
             post_at(
                 client,
                 "/feedback",
-                {"request_id": request_ids[number], "label": int(labels[number])},
+                {"request_id": request_ids[number], "label": _label_json(labels[number])},
                 when,
                 headers,
                 gate,
@@ -340,7 +352,10 @@ def replay_frame(
     end = end or datetime.now(timezone.utc)
     frame = frame.reset_index(drop=True)
     events, kind = event_times(frame, settings.timestamp, days, end, seed)
-    labels = true_labels(frame[settings.target], settings.positive, settings.negative)
+    from lifecycle.tasks import infer_task  # start-up time: the tasks load scikit-learn; only a replay needs them
+
+    task, _ = infer_task(pd.Series(frame[settings.target], dtype=object), settings)  # named in settings, or inferred
+    labels = true_labels(frame[settings.target], settings.positive, settings.negative, task)
     arrivals = label_times(events, labels, label_delay, label_share, seed)
 
     async def run():

@@ -455,6 +455,11 @@ class Scorer:
         top class's index in the version's classes, regression 0."""
         return self.answers.decisions(scores)
 
+    def pipeline_scores(self, frame: pd.DataFrame) -> np.ndarray:
+        """The score each answer carries, from the pipeline itself (no fast path, no contract) on rows as the stages
+        hold them: what the deploy stage's smoke test holds the served answers to."""
+        return self.answers.score(self.answers.output(self._pipeline(model_rows(frame[self.spec.features]))))
+
     def score_values(self, scores: np.ndarray) -> np.ndarray:
         "The score each row's answer carries: binary the score, multiclass the top class's probability, the value."
         return self.answers.score(scores)
