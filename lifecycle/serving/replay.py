@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import secrets
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,8 @@ def to_records(
     for column in values.columns:  # times as ISO text
         if pd.api.types.is_datetime64_any_dtype(frame.get(column, pd.Series(dtype=object))):
             values[column] = [None if v is None else pd.Timestamp(v).isoformat() for v in values[column]]
+        elif frame.get(column, pd.Series(dtype=float)).dtype == object:  # dates a reader gave as Python dates
+            values[column] = [v.isoformat() if isinstance(v, (date, datetime)) else v for v in values[column]]
     return [
         {name: (value.item() if isinstance(value, np.generic) else value) for name, value in zip(fields, row)}
         for row in values.itertuples(index=False, name=None)
