@@ -61,7 +61,8 @@ def served(project) -> tuple[dict, dict, list]:
     log = open_log("", project)
     try:
         logged = log.predictions()
-        features = Registry(project).meta("champion")["features"]
+        registry = Registry(project)
+        features = registry.meta(registry.resolve("champion"))["features"]
         record = {name: _json(logged[name].iloc[0]) for name in features["numeric"] + features["categorical"]}
         with TestClient(create_app(project, prediction_log=log, labellers={"lab": SECRET}, shadow=False)) as client:
             for _ in range(600):  # the model loads on the app's own thread: up to a minute on a busy machine
