@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..core import LifecycleError, Settings, Source, read_json, value_key, write_json
-from ..labels import REPLAY
+from ..labels import REPLAY, label_policy
 from .answers import class_value
 
 # %% auto #0
@@ -245,8 +245,10 @@ class scoring_client:
         log: str = "",  # the prediction log for the in-process app (empty: the project's)
         alias: str = "champion",  # the model the in-process app serves
         timeout: float = 120,  # seconds to wait for a model, and for one request
+        labels=None,  # the in-process app's label policy (`[labels]`, `label_policy`); None: the defaults
     ):
         self.root, self.url, self.log, self.alias, self.timeout = Path(root), url.strip(), log, alias, timeout
+        self.labels = labels
         self.headers = {}  # what /predict and /model need: the scoring token, if any
         self.label_headers = {}  # what /feedback needs: a labeller's credential
 
@@ -266,7 +268,9 @@ class scoring_client:
             secret = secrets.token_urlsafe(
                 32
             )  # the in-process app's own labeller: its secret never leaves this process
-            app = create_app(self.root, alias=self.alias, log_url=self.log, labellers={REPLAY: secret})
+            app = create_app(
+                self.root, alias=self.alias, log_url=self.log, labellers={REPLAY: secret}, label_policy=self.labels
+            )  # the project's limits: a replay of many labels at once needs `[labels] max_per_hour` to allow it
             self.label_headers = {"Authorization": f"Bearer {secret}"}
             self.lifespan = app.router.lifespan_context(app)
             await self.lifespan.__aenter__()
@@ -361,7 +365,8 @@ def replay_frame(
     arrivals = label_times(events, labels, label_delay, label_share, seed)
 
     async def run():
-        async with scoring_client(settings.root, url, log) as scoring:
+        policy = label_policy(settings.sections.get("labels"))  # the project's limits on labels
+        async with scoring_client(settings.root, url, log, labels=policy) as scoring:
             features = await scoring.features()
             fields = features + [
                 name
