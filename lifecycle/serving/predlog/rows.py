@@ -150,8 +150,7 @@ PREDICTION_ROW_LENGTH = 10  # the values of a prediction's row (`prediction_row`
 
 
 def prediction_row(
-    prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id; optional event_time,
-    # probabilities (a multiclass answer's, in the version's class order)
+    prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id; event_time, probs
     hash_id,  # identifier -> its pseudonym (see `_id_hasher`)
     number: int = 0,  # the prediction's position in its call, for errors
 ) -> tuple:  # request_id, time, model_version, channel, score, decision, id_hash, features, event_time, probabilities
