@@ -26,7 +26,8 @@ from .sources import read_source, source_files
 __all__ = ['SCORE_TOLERANCE', 'to_records', 'smoke_test', 'gated_version', 'smoke_test_version', 'smoke_problems',
            'promote_after_smoke', 'smoke_markdown', 'production_ids', 'score_rows', 'score_production',
            'log_predictions', 'log_name', 'champion_promotion', 'deploy_inputs', 'deploy_summary',
-           'training_decision_rate', 'production_against_training', 'champion_story', 'latency_sentence']
+           'training_decision_rate', 'answers_against_training', 'production_against_training', 'champion_story',
+           'latency_sentence']
 
 # %% ../nbs/05_deploy.ipynb #d66a52fb
 def to_records(
@@ -129,7 +130,7 @@ def smoke_test_version(
 
     scorer = Scorer.from_registry(root, version)  # refuses a file whose SHA-256 does not match
     records = to_records(rows, scorer.spec.features)
-    expected = scorer.model.predict_proba(rows[scorer.spec.features])[:, 1]
+    expected = scorer.pipeline_scores(rows)  # the task's score: a probability, the top class's, or the value
     log = open_log(str(smoke_log), root)
     with TestClient(create_app(root, alias=str(version), prediction_log=log)) as client:
         deadline = time.time() + ready_seconds
@@ -244,8 +245,9 @@ def score_rows(
             "decision": prediction.decision,
             "id": identifiers[at],
             "features": {**records[at], SITE_COLUMN: sites[at]},
+            **({"probabilities": prediction.probabilities} if prediction.probabilities is not None else {}),
         }
-        for at, prediction in zip(np.flatnonzero(good).tolist(), scorer.predictions(done["scores"]))
+        for at, prediction in zip(np.flatnonzero(good).tolist(), scorer.predictions(done["outputs"]))
     ]
     rejected = pd.DataFrame(
         {
@@ -271,12 +273,13 @@ def score_production(
         entries += logged
         rejected.append(refused)
         scores = scores_by_source[name] = np.array([entry["score"] for entry in logged])
+        binary = serving.answers.task == "binary"  # a class's index or a regression's 0 is no share of positives
         by_source[name] = {
             "rows": len(rows) + len(malformed),
             "scored": len(logged),
             "rejected": len(refused),
             "malformed": len(malformed),
-            "positive_share": float(np.mean([entry["decision"] for entry in logged])) if logged else None,
+            "positive_share": float(np.mean([entry["decision"] for entry in logged])) if logged and binary else None,
             "mean_score": float(scores.mean()) if len(scores) else None,
         }
     rejected = (
@@ -404,6 +407,52 @@ def training_decision_rate(
     return float(1 - np.interp(threshold, grid, levels))
 
 
+def answers_against_training(
+    reference: dict,  # the model version's reference.json (its `scores`: what the training rows' answers were)
+    sources: np.ndarray,  # the production source of each row
+    scores: np.ndarray,  # their scores (multiclass: the top class's probability; regression: the value)
+    decisions: np.ndarray,  # their decisions (multiclass: the top class's index)
+    answers,  # the serving version's answers (`serving.answers`): multiclass or regression
+    sharp_rate: float = 0.15,  # a class's share this far (absolute) from training's is a warning
+    sharp_shift: float = 0.5,  # a mean value this many training standard deviations from training's is a warning
+) -> tuple[list[dict], list[str]]:  # (a row: training, each source; warnings)
+    """A multiclass or regression model's answers in production against its answers on the training rows (out of
+    fold): the share of each class called, or the mean and spread of the values."""
+    trained, names, warnings = reference["scores"], list(dict.fromkeys(sources.tolist())), []
+    if answers.task == "multiclass":
+        keys = [str(key) for key in trained.get("classes", answers.names)]
+        shares = trained.get("predicted_shares", {})
+        rows = [{"": "training", "rows": reference["rows"], **{f"class {k}": shares.get(k) for k in keys}}]
+        for name in names:
+            called = np.bincount(decisions[sources == name], minlength=len(keys)) / max(int((sources == name).sum()), 1)
+            rows.append(
+                {
+                    "": name,
+                    "rows": int((sources == name).sum()),
+                    **dict(zip([f"class {k}" for k in keys], called.tolist())),
+                }
+            )
+            warnings += [
+                f"{name}: class {key} called for {share:.0%} of the records, against {shares[key]:.0%} in training"
+                for key, share in zip(keys, called.tolist())
+                if shares.get(key) is not None and abs(share - shares[key]) >= sharp_rate
+            ]
+        return rows, warnings
+    rows = [{"": "training", "rows": reference["rows"], "mean value": trained["mean"], "spread": trained["std"]}]
+    for name in names:
+        here = scores[sources == name]
+        mean = float(here.mean()) if len(here) else None
+        rows.append(
+            {"": name, "rows": int(len(here)), "mean value": mean, "spread": float(here.std()) if len(here) else None}
+        )
+        if mean is not None and trained["std"] > 0 and abs(mean - trained["mean"]) >= sharp_shift * trained["std"]:
+            warnings.append(
+                f"{name}: mean predicted value {mean:.4g}, against {trained['mean']:.4g} on the training rows "
+                f"({abs(mean - trained['mean']) / trained['std']:.1f} standard deviations apart)"
+            )
+    return rows, warnings
+
+
 def production_against_training(
     reference: dict,  # the model version's reference.json
     features: pd.DataFrame,  # the production records' features, one row a prediction
@@ -413,8 +462,11 @@ def production_against_training(
     not_measured: dict[str, list[float]] | None = None,  # per column, "not measured" values ([prepare] missing_values)
     sharp: float = 0.25,  # a missing share this far (absolute) above training's is a warning
     sharp_rate: float = 0.15,  # a share flagged this far (absolute) from training's is a warning
+    answers=None,  # the serving version's answers (`serving.answers`); None or binary: scores and the share flagged
+    decisions: np.ndarray | None = None,  # their decisions (a multiclass model's classes), with `answers`
 ) -> dict:  # `missing` (a row a feature: training, each source), `scores` (a row: training, each source), `warnings`
-    "Compare production traffic with the training rows: missing share per feature, scores and decision rate, by source."
+    """Compare production traffic with the training rows: missing share per feature, and the answers by source (binary:
+    scores and decision rate; multiclass: the classes called; regression: the values, `answers_against_training`)."""
     not_measured = not_measured or {}
     names = list(dict.fromkeys(sources.tolist()))
     missing, warnings = [], []
@@ -434,6 +486,11 @@ def production_against_training(
                     f"({row[name]:.0%}), against {trained:.0%} in training"
                 )
         missing.append(row)
+    if answers is not None and answers.task != "binary":
+        score_rows, answered = answers_against_training(
+            reference, sources, np.asarray(scores, dtype=float), np.asarray(decisions, dtype=int), answers, sharp_rate
+        )
+        return {"missing": missing, "scores": score_rows, "warnings": warnings + answered}
     trained_rate = training_decision_rate(reference, threshold)
     score_rows = [
         {"": "training", "rows": reference["rows"], "mean score": reference["scores"]["mean"], "flagged": trained_rate}

@@ -21,6 +21,7 @@ from lifecycle.metrics import (
     judged_groups,
     reference_grouping,
 )
+from .task_base import model_rows
 
 # %% auto #0
 __all__ = ['FAIRNESS_DEFINITIONS', 'sensitive_groups', 'bootstrap', 'fairness_audit', 'pooled_scores', 'fairness_across_seeds',
@@ -126,8 +127,8 @@ def pooled_scores(
     labeled patient, not only on the few in the test split."""
     scores = np.empty(len(labeled))
     test = (labeled["_split"] == "test").to_numpy()
-    scores[test] = model.predict_proba(labeled.loc[test, features])[:, 1]
-    seen = labeled.loc[~test]
+    scores[test] = model.predict_proba(model_rows(labeled.loc[test, features]))[:, 1]
+    seen = model_rows(labeled.loc[~test])  # a missing text value as NaN, as `fit_model` fits
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     from threadpoolctl import threadpool_limits  # deferred: start-up time, only this path needs it
 

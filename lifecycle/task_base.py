@@ -14,7 +14,29 @@ from .task_retrain import RetrainTemplate
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "hist_gradient_boosting")  # what `[train] model` names
 
 # %% auto #0
-__all__ = ['MODEL_FAMILIES', 'Task']
+__all__ = ['MODEL_FAMILIES', 'model_rows', 'Task']
+
+# %% ../nbs/22s_task_base.ipynb #1cda39b9
+def model_rows(
+    rows: pd.DataFrame,  # feature rows as a stage or the server hands them to a model
+) -> pd.DataFrame:  # the same rows, a missing text value as NaN (the same frame when none is None)
+    """Rows at the model's boundary, a missing value in a text column as NaN, never None.
+
+    A missing value in a text category column reaches `clean.parquet` as None; scikit-learn's imputer counts only NaN
+    as missing in an object column, so a pipeline fitted on None learns it as a category of its own while serving,
+    which sends NaN, imputes it: the model trained and the model served would answer differently."""
+    if not isinstance(rows, pd.DataFrame):  # an array (a test's, a model's own matrix): no text column to mend
+        return rows
+    text = [name for name in rows.columns if rows[name].dtype == object]
+    changed = [name for name in text if any(value is None for value in rows[name].to_numpy())]
+    if not changed:
+        return rows
+    rows = rows.copy()
+    for name in changed:
+        values = rows[name].to_numpy(copy=True)
+        values[np.array([value is None for value in values], dtype=bool)] = np.nan
+        rows[name] = pd.Series(values, index=rows.index, dtype=object)
+    return rows
 
 # %% ../nbs/22s_task_base.ipynb #aefdc119
 class Task(RetrainTemplate):
@@ -78,7 +100,7 @@ class Task(RetrainTemplate):
         rows: pd.DataFrame,  # feature rows, in the model's columns
     ) -> np.ndarray:  # what the model says of each row: a score, class probabilities or a value
         "The model's raw answer for each row."
-        return np.asarray(self._scores(model, rows), dtype=float)
+        return np.asarray(self._scores(model, model_rows(rows)), dtype=float)
 
     def fit_decision(
         self,
@@ -271,6 +293,13 @@ class Task(RetrainTemplate):
     ) -> list[dict]:  # a row a group, the task's figures
         "The task's figures by group for the training report, at a default decision (evaluate fits the real one)."
         return self._by_group(np.asarray(labels), np.asarray(scores, dtype=float), group, min_size)
+
+    def version_meta(
+        self,
+        model,  # the fitted pipeline
+    ) -> dict:  # entries for the version's metadata (none for binary and regression)
+        "What the version's metadata keeps of the task beyond its name: a multiclass model's classes, in its order."
+        return {}
 
     def number(
         self,

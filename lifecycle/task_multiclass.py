@@ -71,7 +71,7 @@ class MulticlassTask(Task):
     decision_words = "temperature"
     rollback_metrics = {"balanced_accuracy": True, "accuracy": True, "macro_f1": True}
     policy_metrics = rollback_metrics
-    stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
+    stages_built = ("collect", "prepare", "train", "evaluate", "deploy")  # monitor and retrain: not yet
     figure_caption = "Each class's ROC curve against the rest, on the validation split"
     test_caption = "Each class's ROC curve against the rest, on the {rows} test rows"
     source_columns = ("balanced_accuracy", "accuracy", "macro_f1")
@@ -290,6 +290,9 @@ class MulticlassTask(Task):
 
     def _label_array(self, labels):
         return labels.astype(str)
+
+    def version_meta(self, model):
+        return {"classes": [str(key) for key in model.classes_]}  # serving's, monitoring's and feedback's class order
 
     def _reference_scores(self, scores, labels):
         keys = [label_key(value) for value in self.classes]

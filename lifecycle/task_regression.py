@@ -105,7 +105,7 @@ class RegressionTask(Task):
     decision_words = "interval ±"
     rollback_metrics = {"mae": False, "rmse": False}
     policy_metrics = rollback_metrics
-    stages_built = ("collect", "prepare", "train", "evaluate")  # deploy, monitor and retrain: not yet
+    stages_built = ("collect", "prepare", "train", "evaluate", "deploy")  # monitor and retrain: not yet
     figure_caption = "Predicted against actual values on the validation split"
     test_caption = "Predicted against actual values on the {rows} test rows"
     source_columns = ("mae", "rmse", "r2")

@@ -22,6 +22,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import lifecycle
 from .core import LifecycleError, Settings
+from .task_base import model_rows
 from .tasks import MODEL_FAMILIES, QUANTILE_GRID, BinaryTask, Task, make_classifier  # noqa: F401 (make_classifier's home was here)
 
 # %% auto #0
@@ -183,7 +184,7 @@ def fit_model(
     with threadpool_limits(limits=1):
         pipeline = build_pipeline(model, numeric, categorical, seed, task)
         folds = task.folds(cv_folds, seed)
-        features, labels = train[numeric + categorical], task.label_array(train["_label"])
+        features, labels = model_rows(train[numeric + categorical]), task.label_array(train["_label"])
         chosen = {}
         fit_params = {} if weights is None else {"model__sample_weight": np.asarray(weights, dtype=float)}
         if search:

@@ -88,6 +88,7 @@ LAYERS = {
     # server, batch, stream and replay sit beside the stages
     "serving": 1,
     "serving.scoring": 1,  # scoring's names in one place, from its parts: scorer, shadow
+    "serving.answers": 1,  # what a version answers, by task: a score and decision, a class, a value and interval
     "serving.scorer": 1,
     "serving.shadow": 1,
     "serving.predlog": 1,

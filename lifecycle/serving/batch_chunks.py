@@ -23,8 +23,8 @@ from ..core import LifecycleError
 from .scoring import Scorer, ServingSpec
 
 # %% auto #0
-__all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_rows', 'output_schema', 'score_chunk',
-           'file_sha256', 'batch_ids', 'batch_id_prefix', 'Progress', 'score_local']
+__all__ = ['file_format', 'read_error', 'input_columns', 'read_chunks', 'count_rows', 'answer_columns', 'answer_arrays',
+           'output_schema', 'score_chunk', 'file_sha256', 'batch_ids', 'batch_id_prefix', 'Progress', 'score_local']
 
 # %% ../../nbs/36a_batch_chunks.ipynb #b80237f0
 _PARQUET = (".parquet", ".pq", ".parq")
@@ -244,14 +244,55 @@ def _features_frame(table: pa.Table, spec: ServingSpec, text: bool) -> pd.DataFr
     return pd.DataFrame(columns)
 
 
-def output_schema(schema: pa.Schema) -> tuple[pa.Schema, pa.Schema]:
+def answer_columns(
+    answers=None,  # the task's answers of the version scoring (`serving.answers`); None: a binary version's
+) -> list[tuple[str, object]]:  # (column name, Arrow type) of the answer's columns, in order
+    """The columns a scored row gains: binary `score`, `decision`, `model_version`; multiclass `label`, a
+    `probability_<class>` a class, then those three; regression `value`, `low`, `high`, `coverage`, then those three."""
+    common = [("score", pa.float64()), ("decision", pa.int64()), ("model_version", pa.int64())]
+    task = answers.task if answers is not None else "binary"
+    if task == "multiclass":
+        kinds = {type(value) for value in answers.classes}
+        label = pa.int64() if kinds == {int} else pa.float64() if kinds <= {int, float} else pa.string()
+        return [("label", label)] + [(f"probability_{name}", pa.float64()) for name in answers.names] + common
+    if task == "regression":
+        return [(name, pa.float64()) for name in ("value", "low", "high", "coverage")] + common
+    return common
+
+
+def answer_arrays(
+    answers,  # the task's answers of the version scoring
+    outputs: np.ndarray,  # the version's outputs of the scored rows (`Scorer.score_frame`'s `outputs`)
+    version: int,  # the version
+) -> list:  # an Arrow array a column of `answer_columns`, in order
+    "The answer's columns of scored rows."
+    scores, decisions = answers.score(outputs), answers.decisions(outputs)
+    common = [
+        pa.array(scores, pa.float64()),
+        pa.array(decisions, pa.int64()),
+        pa.array(np.full(len(scores), version, dtype=np.int64)),
+    ]
+    kinds = dict(answer_columns(answers))
+    if answers.task == "multiclass":
+        labels = pa.array([answers.classes[top] for top in decisions.tolist()], kinds["label"])
+        return [labels] + [pa.array(outputs[:, j], pa.float64()) for j in range(len(answers.names))] + common
+    if answers.task == "regression":
+        values = np.asarray(outputs, dtype=float)
+        coverage = np.full(len(values), np.nan if answers.coverage is None else float(answers.coverage))
+        half = answers.half_width
+        return [pa.array(column, pa.float64()) for column in (values, values - half, values + half, coverage)] + common
+    return common
+
+
+def output_schema(
+    schema: pa.Schema,  # the input's schema
+    answers=None,  # the task's answers of the version scoring; None: a binary version's
+) -> tuple[pa.Schema, pa.Schema]:  # (scored rows' schema, rejected rows' schema)
     "(scored rows' schema, rejected rows' schema) for an input schema."
     schema = schema.remove_metadata()
-    scored = (
-        schema.append(pa.field("score", pa.float64()))
-        .append(pa.field("decision", pa.int64()))
-        .append(pa.field("model_version", pa.int64()))
-    )
+    scored = schema
+    for name, kind in answer_columns(answers):
+        scored = scored.append(pa.field(name, kind))
     rejected = schema.append(pa.field("_row", pa.int64())).append(pa.field("reason", pa.string()))
     return scored, rejected
 
@@ -274,10 +315,10 @@ def score_chunk(
         done["decisions"],
     )
     scored = table.filter(pa.array(good))
-    scored = scored.append_column("score", pa.array(scores, pa.float64())).append_column(
-        "decision", pa.array(decisions, pa.int64())
-    )
-    scored = scored.append_column("model_version", pa.array(np.full(len(scores), scorer.version, dtype=np.int64)))
+    for (name, _), column in zip(
+        answer_columns(scorer.answers), answer_arrays(scorer.answers, done["outputs"], scorer.version)
+    ):
+        scored = scored.append_column(name, column)
     rows = start + np.arange(table.num_rows, dtype=np.int64)
     rejected = table.filter(pa.array(~good))
     rejected = rejected.append_column("_row", pa.array(rows[~good])).append_column(
@@ -290,6 +331,7 @@ def score_chunk(
         "rows": rows[good],
         "scores": scores,
         "decisions": decisions,
+        "probabilities": done["outputs"] if scorer.answers.task == "multiclass" else None,
         "reasons": reasons[~good].value_counts().to_dict(),
     }
 
@@ -334,7 +376,15 @@ def _log_chunk(
     if spec.id_field in table.column_names:
         identifiers = table.column(spec.id_field).take(pa.array(features.index.to_numpy())).to_pylist()
     log.record_many(
-        ids, done["scores"], done["decisions"], features, spec.version, channel="batch", time=when, ids=identifiers
+        ids,
+        done["scores"],
+        done["decisions"],
+        features,
+        spec.version,
+        channel="batch",
+        time=when,
+        ids=identifiers,
+        probabilities=done.get("probabilities"),  # a multiclass version's class probabilities, else None
     )
     if shadow is not None:  # the version in shadow scores the same rows on its own thread
         shadow.submit(spec.version, ids, features=features, when=when)
@@ -386,7 +436,7 @@ def score_local(
     try:
         for start, batch in read_chunks(input, chunk_rows):
             if not writers:
-                scored_schema, rejected_schema = output_schema(batch.schema)
+                scored_schema, rejected_schema = output_schema(batch.schema, scorer.answers)
                 writers = {"scored": _Writer(output, scored_schema), "rejected": _Writer(rejects, rejected_schema)}
             done = score_chunk(scorer, batch, start, text)
             writers["scored"].write(done["scored"])
@@ -406,7 +456,7 @@ def score_local(
                 if file_format(input) == "parquet"
                 else pa.schema([(n, pa.string()) for n in _csv_columns(input)])
             )
-            scored_schema, rejected_schema = output_schema(schema)
+            scored_schema, rejected_schema = output_schema(schema, scorer.answers)
             writers = {"scored": _Writer(output, scored_schema), "rejected": _Writer(rejects, rejected_schema)}
         if log is not None and not log.flush(timeout=600):
             raise LifecycleError(f"the prediction log {log.store} did not take the predictions within 10 minutes")

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ..contract import ID_MAX_CHARS, MAX_RECORDS
+from .answers import BinaryAnswers
 from .scoring import record_json_schema
 
 # %% auto #0
@@ -62,20 +63,20 @@ def _ref(name: str) -> dict:
 def prediction_schemas(
     record: dict,  # the JSON schema of one record of the model serving
     max_records: int = MAX_RECORDS,  # the most records a request may carry
+    answers=None,  # the task's answers of the model serving (`serving.answers`); None: a binary model's
 ) -> dict:  # schemas by name: what /predict takes and gives
-    "The bodies of `/predict`: a record or a list of them in, a result per record out."
+    "The bodies of `/predict`: a record or a list of them in, a result per record out, in the task's fields."
+    answer = (answers or BinaryAnswers({}, None)).prediction_schema()
     prediction = {
         "type": "object",
-        "required": ["request_id", "score", "decision", "model_version"],
+        "required": ["request_id"] + answer["required"],
         "properties": {
             "request_id": {
                 "type": "string",
                 "pattern": "^[0-9a-f]{32}$",
                 "description": "the id to send feedback with",
             },
-            "score": {"type": "number", "minimum": 0, "maximum": 1},
-            "decision": {"type": "integer", "enum": [0, 1]},
-            "model_version": {"type": "integer"},
+            **answer["properties"],
         },
     }
     return {
@@ -104,8 +105,10 @@ def prediction_schemas(
     }
 
 
-def feedback_schemas() -> dict:  # schemas by name: what /feedback takes and gives, and the errors of every endpoint
-    "The bodies of `/feedback`, and the error bodies (`Problem`, `Unauthorized`) every endpoint may answer with."
+def feedback_schemas(
+    answers=None,  # the task's answers of the model serving; None: a binary model's
+) -> dict:  # schemas by name: what /feedback takes and gives, and the errors of every endpoint
+    "The bodies of `/feedback` (the label in the task's type), and the error bodies every endpoint may answer with."
     return {
         "Feedback": {
             "type": "object",
@@ -119,7 +122,7 @@ def feedback_schemas() -> dict:  # schemas by name: what /feedback takes and giv
                     "maxLength": 32,
                     "description": "the request_id of a prediction this server answered",
                 },
-                "label": {"type": "integer", "enum": [0, 1]},
+                "label": (answers or BinaryAnswers({}, None)).label_schema(),
             },
         },
         "FeedbackRecorded": {
@@ -183,9 +186,10 @@ def status_schemas() -> dict:  # schemas by name: what /health, /ready and /mode
 def openapi_components(
     record: dict,  # the JSON schema of one record of the model serving
     max_records: int = MAX_RECORDS,  # the most records a request may carry
+    answers=None,  # the task's answers of the model serving; None: a binary model's
 ) -> dict:  # schemas by name, for the document's components
     "The schemas of every body the API takes or gives."
-    return {**prediction_schemas(record, max_records), **feedback_schemas(), **status_schemas()}
+    return {**prediction_schemas(record, max_records, answers), **feedback_schemas(answers), **status_schemas()}
 
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -210,7 +214,11 @@ ENDPOINT_RESPONSES = {
         "404": ("Problem", "no prediction with this request_id is in the log"),
         "413": ("Problem", "the body is over the size limit"),
         "415": ("Problem", "the body is not sent as application/json"),
-        "422": ("Problem", "malformed JSON, a request_id not of the form the server issues, or a label not 0 or 1"),
+        "422": (
+            "Problem",
+            "malformed JSON, a request_id not of the form the server issues, or a label the model does not take "
+            "(see Feedback: 0 or 1, one of the classes, or a number, by the model's task)",
+        ),
         "429": ("Problem", "a limit reached: this labeller's labels in the last hour, or this prediction's labels"),
     },
     ("/health", "get"): {"200": ("Health", "the process is alive")},
@@ -346,7 +354,7 @@ def openapi_document(
         else (settings.max_records, settings.max_body or FEEDBACK_MAX_BODY)
     )
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update(openapi_components(record, max_records))
+    schemas.update(openapi_components(record, max_records, scorer.answers if scorer else None))
     for path, limit in (("/predict", max_body), ("/feedback", settings.max_body or FEEDBACK_MAX_BODY)):
         body = document["paths"][path]["post"].setdefault("requestBody", {})
         body["description"] = f"JSON of at most {limit:,} bytes (a larger body: 413)" + (

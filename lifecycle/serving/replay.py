@@ -11,14 +11,15 @@ import hashlib
 import json
 import os
 import secrets
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..core import LifecycleError, Settings, Source, read_json, value_key, write_json
-from ..labels import REPLAY
+from ..labels import REPLAY, label_policy
+from .answers import class_value
 
 # %% auto #0
 __all__ = ['EVENT_TIME_HEADER', 'SITE_HEADER', 'LABELLER_ENV', 'arrival_times', 'event_times', 'true_labels', 'label_times',
@@ -60,9 +61,14 @@ def true_labels(
     target: pd.Series,  # the target column
     positive: list[str],  # `[data] positive`
     negative: list[str],  # `[data] negative` (empty: every other known value is negative)
-) -> np.ndarray:  # 1.0, 0.0, or NaN where the target is missing or unknown
-    "The true label of each record, as the project defines its classes."
+    task: str = "binary",  # the project's task: binary, multiclass or regression
+) -> np.ndarray:  # binary 1.0, 0.0; multiclass the class (a number or text); regression the value; NaN: none
+    "The true label of each record, as the project defines its classes (or values), as /feedback takes it."
     keys = target.map(value_key).to_numpy(dtype=object)
+    if task == "regression":
+        return pd.to_numeric(target, errors="coerce").to_numpy(dtype=float)
+    if task == "multiclass":  # the class as the target writes it: `2` the number, `severe` the text
+        return np.array([np.nan if key == "missing" else class_value(key) for key in keys.tolist()], dtype=object)
     positive_keys, negative_keys = {value_key(v) for v in positive}, {value_key(v) for v in negative}
     labels = np.where(np.isin(keys, list(positive_keys)), 1.0, np.nan)
     negative_rows = (
@@ -83,7 +89,7 @@ def label_times(
         raise LifecycleError("replay: --label-share must be between 0 and 1")
     if delay_days < 0:
         raise LifecycleError("replay: --label-delay must be zero or more days")
-    arrives = (np.random.default_rng(seed + 1).random(len(events)) < share) & ~np.isnan(labels)
+    arrives = (np.random.default_rng(seed + 1).random(len(events)) < share) & ~pd.isna(labels)
     return (events + pd.Timedelta(days=delay_days)).where(arrives, pd.NaT).reset_index(drop=True)
 
 # %% ../../nbs/38_replay.ipynb #4581e325
@@ -97,6 +103,8 @@ def to_records(
     for column in values.columns:  # times as ISO text
         if pd.api.types.is_datetime64_any_dtype(frame.get(column, pd.Series(dtype=object))):
             values[column] = [None if v is None else pd.Timestamp(v).isoformat() for v in values[column]]
+        elif frame.get(column, pd.Series(dtype=float)).dtype == object:  # dates a reader gave as Python dates
+            values[column] = [v.isoformat() if isinstance(v, (date, datetime)) else v for v in values[column]]
     return [
         {name: (value.item() if isinstance(value, np.generic) else value) for name, value in zip(fields, row)}
         for row in values.itertuples(index=False, name=None)
@@ -147,6 +155,12 @@ def _read_answers(
     return request_ids, reasons, versions
 
 
+def _label_json(label):  # a true label as /feedback takes it: a whole number as an integer, else the value or text
+    if isinstance(label, str):
+        return label
+    return int(label) if float(label).is_integer() else float(label)
+
+
 async def _send_labels(
     client,  # an httpx.AsyncClient of the scoring app
     due: list[tuple],  # (record number, arrival time) of each label to send
@@ -161,7 +175,7 @@ async def _send_labels(
             post_at(
                 client,
                 "/feedback",
-                {"request_id": request_ids[number], "label": int(labels[number])},
+                {"request_id": request_ids[number], "label": _label_json(labels[number])},
                 when,
                 headers,
                 gate,
@@ -231,8 +245,10 @@ class scoring_client:
         log: str = "",  # the prediction log for the in-process app (empty: the project's)
         alias: str = "champion",  # the model the in-process app serves
         timeout: float = 120,  # seconds to wait for a model, and for one request
+        labels=None,  # the in-process app's label policy (`[labels]`, `label_policy`); None: the defaults
     ):
         self.root, self.url, self.log, self.alias, self.timeout = Path(root), url.strip(), log, alias, timeout
+        self.labels = labels
         self.headers = {}  # what /predict and /model need: the scoring token, if any
         self.label_headers = {}  # what /feedback needs: a labeller's credential
 
@@ -252,7 +268,9 @@ class scoring_client:
             secret = secrets.token_urlsafe(
                 32
             )  # the in-process app's own labeller: its secret never leaves this process
-            app = create_app(self.root, alias=self.alias, log_url=self.log, labellers={REPLAY: secret})
+            app = create_app(
+                self.root, alias=self.alias, log_url=self.log, labellers={REPLAY: secret}, label_policy=self.labels
+            )  # the project's limits: a replay of many labels at once needs `[labels] max_per_hour` to allow it
             self.label_headers = {"Authorization": f"Bearer {secret}"}
             self.lifespan = app.router.lifespan_context(app)
             await self.lifespan.__aenter__()
@@ -340,11 +358,15 @@ def replay_frame(
     end = end or datetime.now(timezone.utc)
     frame = frame.reset_index(drop=True)
     events, kind = event_times(frame, settings.timestamp, days, end, seed)
-    labels = true_labels(frame[settings.target], settings.positive, settings.negative)
+    from lifecycle.tasks import infer_task  # start-up time: the tasks load scikit-learn; only a replay needs them
+
+    task, _ = infer_task(pd.Series(frame[settings.target], dtype=object), settings)  # named in settings, or inferred
+    labels = true_labels(frame[settings.target], settings.positive, settings.negative, task)
     arrivals = label_times(events, labels, label_delay, label_share, seed)
 
     async def run():
-        async with scoring_client(settings.root, url, log) as scoring:
+        policy = label_policy(settings.sections.get("labels"))  # the project's limits on labels
+        async with scoring_client(settings.root, url, log, labels=policy) as scoring:
             features = await scoring.features()
             fields = features + [
                 name

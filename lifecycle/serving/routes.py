@@ -22,6 +22,7 @@ from ..contract import MAX_ERRORS, MAX_RECORDS, limit_errors
 from ..core import LifecycleError
 from ..labels import FEEDBACK, labeller_of
 from . import checks
+from .answers import BinaryAnswers
 from .openapi import FEEDBACK_MAX_BODY, served_limits
 from .predlog import JournalError
 
@@ -181,6 +182,8 @@ def answers(
                 "event_time": own_time or admitted.sent_time,
             }
         )
+        if result.probabilities is not None:  # a multiclass answer's class probabilities, in the version's order
+            logged[-1]["probabilities"] = result.probabilities
     return answered, logged
 
 
@@ -262,8 +265,11 @@ async def predict(request: Request):
 # %% ../../nbs/35d_serve_routes.ipynb #6b89ee80
 def feedback_errors(
     payload,  # the decoded body
+    answers=None,  # the task's answers of the model serving (`serving.answers`); None: a binary model's
 ) -> list[dict]:  # errors naming the field, never a value (nor an unknown key: it is submitted text)
-    "What is wrong with a feedback body: it must be {request_id: 32 hex digits, label: 0 or 1} and nothing more."
+    """What is wrong with a feedback body: it must be {request_id: 32 hex digits, label: the task's label (0 or 1, one
+    of the classes, a finite number)} and nothing more."""
+    answers = answers or BinaryAnswers({}, None)
     if not isinstance(payload, dict):
         return [{"loc": ["body"], "msg": "expected a JSON object", "type": "type_error.object"}]
     errors = []
@@ -276,8 +282,8 @@ def feedback_errors(
                 "type": "value_error.request_id",
             }
         )
-    if payload.get("label") not in (0, 1) or isinstance(payload.get("label"), bool):
-        errors.append({"loc": ["body", "label"], "msg": "expected 0 or 1", "type": "value_error.label"})
+    if answers.label_number(payload.get("label")) is None:
+        errors.append({"loc": ["body", "label"], "msg": answers.label_words, "type": "value_error.label"})
     if any(key not in ("request_id", "label") for key in payload):
         errors.append(
             {"loc": ["body"], "msg": "feedback has only the fields request_id and label", "type": "extra_forbidden"}
@@ -317,6 +323,7 @@ def record_within_limits(
     credential: str,  # the labeller's name
     payload: dict,  # the checked body: request_id, label
     known_at: str | None,  # when the label became known (the header), or None: now
+    answers=None,  # the task's answers of the model serving (`serving.answers`): the label as a number; None: binary
 ) -> Response | None:  # None when the label is recorded and committed; else the 429
     """Count, record and commit one label under the log's label lock (a file lock beside a SQLite log, an advisory lock
     on PostgreSQL): a burst sent to several workers, or to replicas on one log, cannot pass the limits together."""
@@ -325,7 +332,11 @@ def record_within_limits(
         if problem:
             return problem
         state.log.record_label(
-            payload["request_id"], int(payload["label"]), known_at or checks.now_text(), FEEDBACK, credential
+            payload["request_id"],
+            (answers or BinaryAnswers({}, None)).label_number(payload["label"]),
+            known_at or checks.now_text(),
+            FEEDBACK,
+            credential,
         )
         state.log.flush(30)  # committed before the lock is let go: the next count sees it
     return None
@@ -362,7 +373,9 @@ async def feedback(request: Request):
     payload, problem = await checks.read_json_body(request, state.settings.max_body or FEEDBACK_MAX_BODY)
     if problem:
         return finish(state, "feedback", problem, started)
-    errors = feedback_errors(payload)
+    scorer = state.holder.scorer  # its task's label: a class is logged as its index in the version's classes
+    answers = scorer.answers if scorer is not None else BinaryAnswers({}, None)
+    errors = feedback_errors(payload, answers)
     if errors:
         return finish(state, "feedback", checks.SafeJSONResponse({"detail": errors}, status_code=422), started)
     known_at, problem = checks.header_event_time(request)
@@ -374,7 +387,7 @@ async def feedback(request: Request):
             state, "feedback", checks.error_answer(404, message, "not_found", ["body", "request_id"]), started
         )
     async with state.label_lock:  # one at a time in this worker (the log's lock: one at a time across workers)
-        problem = await run_in_threadpool(record_within_limits, state, credential, payload, known_at)
+        problem = await run_in_threadpool(record_within_limits, state, credential, payload, known_at, answers)
     if problem:
         return finish(state, "feedback", problem, started)
     return finish(state, "feedback", checks.SafeJSONResponse({"recorded": True}, status_code=202), started)

@@ -24,12 +24,18 @@ from lifecycle.contract import (
 )
 from ..core import LifecycleError
 from ..rules import TEXT_NUMBER_CHARS
+from lifecycle.serving.answers import (  # noqa: F401 (calibrate_scores and CALIBRATION_METHODS were defined here)
+    ANSWERS,
+    CALIBRATION_METHODS,
+    calibrate_scores,
+)
+from ..task_base import model_rows
 
 _log = logging.getLogger("lifecycle.serving.scoring")
 
 # %% auto #0
-__all__ = ['SCORE_TOLERANCE', 'CALIBRATION_METHODS', 'ServingSpec', 'check_records', 'check_frame', 'record_json_schema',
-           'TreeEnsemble', 'FastPath', 'probe_rows', 'verify_fast_path', 'calibrate_scores', 'Prediction', 'Scorer']
+__all__ = ['SCORE_TOLERANCE', 'ServingSpec', 'check_records', 'check_frame', 'record_json_schema', 'TreeEnsemble', 'FastPath',
+           'probe_rows', 'verify_fast_path', 'Prediction', 'Scorer']
 
 # %% ../../nbs/30a_scoring_scorer.ipynb #6019bd18
 @dataclass
@@ -130,13 +136,17 @@ def record_json_schema(spec: ServingSpec) -> dict:
 
 # %% ../../nbs/30a_scoring_scorer.ipynb #34fc08e3
 class TreeEnsemble:
-    "A fitted binary HistGradientBoostingClassifier's trees, walked together with NumPy."
+    "A fitted binary HistGradientBoostingClassifier's (or a HistGradientBoostingRegressor's) trees, walked with NumPy."
 
     def __init__(self, model):
-        from sklearn.ensemble import HistGradientBoostingClassifier  # start-up time: scikit-learn loads with a model
+        from sklearn.ensemble import (  # start-up time: scikit-learn loads with a model
+            HistGradientBoostingClassifier,
+            HistGradientBoostingRegressor,
+        )
 
-        if not isinstance(model, HistGradientBoostingClassifier) or model.n_trees_per_iteration_ != 1:
-            raise LifecycleError("not a binary histogram gradient boosting model")
+        known = isinstance(model, (HistGradientBoostingClassifier, HistGradientBoostingRegressor))
+        if not known or model.n_trees_per_iteration_ != 1:
+            raise LifecycleError("not a binary (or regression) histogram gradient boosting model")
         nodes = [predictors[0].nodes for predictors in model._predictors]
         if any(tree["is_categorical"].any() for tree in nodes):
             raise LifecycleError("native categorical splits are not supported by the fast path")
@@ -183,15 +193,16 @@ class TreeEnsemble:
         ]  # tree by tree, as scikit-learn adds them
 
     def proba(self, matrix: np.ndarray) -> np.ndarray:
-        "The positive class's probability."
+        "The positive class's probability (a regressor's value: its link is the identity)."
         return self.link.inverse(self.raw(matrix))
 
 # %% ../../nbs/30a_scoring_scorer.ipynb #cd16d58c
 class FastPath:
     "The fitted preprocessing of a train-stage pipeline, applied with NumPy."
 
-    def __init__(self, model, numeric: list[str], categorical: list[str]):
+    def __init__(self, model, numeric: list[str], categorical: list[str], task: str = "binary"):
         prepare, self.model = model.named_steps["prepare"], model.named_steps["model"]
+        self.task = task  # binary, multiclass or regression: what `answer` returns
         parts = {name: (steps, columns) for name, steps, columns in prepare.transformers_ if name != "remainder"}
         if (
             set(parts) - {"numeric", "category"}
@@ -305,12 +316,19 @@ class FastPath:
             offset += len(known)
         return matrix
 
+    def answer(self, matrix: np.ndarray) -> np.ndarray:
+        "The model on its input matrix: the positive class's probability, every class's (a column each), or the value."
+        if self.task == "regression":
+            return self.model.predict(matrix)
+        proba = self.model.predict_proba(matrix)
+        return proba if self.task == "multiclass" else proba[:, 1]
+
     def scores(self, rows: list[list]) -> np.ndarray:
-        "The positive class's probability for each checked row."
+        "The model's answer for each checked row (`answer`)."
         matrix = self.transform(rows)
         if self.trees is not None and len(rows) <= self.trees_up_to:
             return self.trees.proba(matrix)
-        return self.model.predict_proba(matrix)[:, 1]
+        return self.answer(matrix)
 
 # %% ../../nbs/30a_scoring_scorer.ipynb #9912064e
 SCORE_TOLERANCE = (
@@ -349,7 +367,7 @@ def verify_fast_path(
 ) -> str | None:  # None when every way of the fast path gives the pipeline's scores; else why not
     "Compare the fast path's input matrices with the pipeline's, and its scores with the pipeline's `predict_proba`."
     matrix = pipeline.named_steps["prepare"].transform(rows)  # what the pipeline feeds its model
-    expected = fast.model.predict_proba(matrix)[:, 1]  # = pipeline.predict_proba(rows), without transforming twice
+    expected = fast.answer(matrix)  # = the pipeline's answer on the rows, without transforming twice
     listed = rows.astype(object).where(rows.notna(), np.nan).values.tolist()
     for way, built in (("the whole-frame matrix", fast.matrix(rows)), ("the row matrix", fast.transform(listed))):
         if built.shape != matrix.shape or not np.array_equal(built, matrix):
@@ -359,54 +377,13 @@ def verify_fast_path(
         "the tree walk": np.concatenate([fast.scores(listed[i : i + small]) for i in range(0, len(listed), small)])
         if len(listed)
         else expected,
-        "the model on the whole-frame matrix": fast.model.predict_proba(fast.matrix(rows))[:, 1]
-        if fast.trees is None
-        else expected,
+        "the model on the whole-frame matrix": fast.answer(fast.matrix(rows)) if fast.trees is None else expected,
     }
     for way, scores in ways.items():
         difference = float(np.max(np.abs(scores - expected))) if len(expected) else 0.0
         if not difference <= SCORE_TOLERANCE:
             return f"{way} differs from the pipeline by up to {difference:.3g} on {len(expected)} generated rows"
     return None
-
-# %% ../../nbs/30a_scoring_scorer.ipynb #51ae653f
-CALIBRATION_METHODS = ("isotonic", "platt")
-
-
-def calibrate_scores(
-    scores,  # a model's own scores (probabilities of the positive class)
-    calibration: dict | list | None,  # a version's `calibration` (isotonic, platt, or a list applied in turn) or None
-) -> np.ndarray:  # the calibrated scores (the same scores when there is no calibration)
-    """A model's scores through the recalibration stored with its version: isotonic (`scores`, `probabilities`: the
-    fitted steps), platt (`slope`, `intercept` on the logit), or a list of them applied in turn."""
-    scores = np.asarray(scores, dtype=float)
-    if not calibration:
-        return scores
-    if isinstance(
-        calibration, list
-    ):  # a recalibrated version recalibrated again: its maps in the order they were fitted
-        for step in calibration:
-            scores = calibrate_scores(scores, step)
-        return scores
-    method = calibration.get("method")
-    if (
-        method == "isotonic"
-    ):  # piecewise linear between the fitted steps, flat beyond them (as IsotonicRegression with clip)
-        return np.interp(
-            scores,
-            np.asarray(calibration["scores"], dtype=float),
-            np.asarray(calibration["probabilities"], dtype=float),
-        )
-    if method == "platt":
-        clipped = np.clip(scores, 1e-6, 1 - 1e-6)
-        return 1.0 / (
-            1.0
-            + np.exp(-(float(calibration["slope"]) * np.log(clipped / (1 - clipped)) + float(calibration["intercept"])))
-        )
-    raise LifecycleError(
-        "the version's metadata names a calibration method lifecycle does not know; "
-        f"known: {', '.join(CALIBRATION_METHODS)}"
-    )
 
 # %% ../../nbs/30a_scoring_scorer.ipynb #1a52b674
 @dataclass(frozen=True)
@@ -420,11 +397,21 @@ class Prediction:
         default=None, compare=False, repr=False
     )  # its cleaned values in the model's order, when the contract checked a record (not part of an answer)
 
+    answer: dict | None = field(
+        default=None, repr=False, hash=False
+    )  # a multiclass or regression answer's fields, in order (`MulticlassAnswers.fields`); None for binary
+
     def keys(self):
-        return ("score", "decision", "model_version")
+        return tuple(self.answer) if self.answer is not None else ("score", "decision", "model_version")
 
     def __getitem__(self, key: str):
-        return getattr(self, key)
+        return self.answer[key] if self.answer is not None else getattr(self, key)
+
+    @property
+    def probabilities(self) -> list[float] | None:
+        "The class probabilities in the version's class order (multiclass), as the log keeps them; else None."
+        probabilities = (self.answer or {}).get("probabilities")
+        return list(probabilities.values()) if probabilities is not None else None
 
 
 class Scorer:
@@ -434,9 +421,13 @@ class Scorer:
         self.model, self.meta = model, meta
         self.spec = ServingSpec.from_meta(meta)
         self.contract = self.spec.contract
+        self.task = meta.get("task", "binary")
+        if self.task not in ANSWERS:
+            raise LifecycleError(f"model version {self.spec.version}: task {self.task!r} is not one lifecycle serves")
+        self.answers = ANSWERS[self.task](meta, model)
         self.fast, self.fast_reason = None, None
         try:
-            fast = FastPath(model, self.spec.numeric, self.spec.categorical)
+            fast = FastPath(model, self.spec.numeric, self.spec.categorical, self.task)
         except (LifecycleError, AttributeError, KeyError, TypeError) as error:
             self.fast_reason = f"the pipeline is not one the fast path reads ({type(error).__name__})"
             return
@@ -471,34 +462,54 @@ class Scorer:
         for name in self.spec.categorical:
             if self.contract.by_name[name].kind == "code":
                 frame[name] = frame[name].astype(float)
-        return frame
+        return model_rows(frame)  # a missing text value as NaN, as the pipeline was fitted on
+
+    def _pipeline(self, frame: pd.DataFrame) -> np.ndarray:  # the pipeline's own answer (no fast path)
+        if self.task == "regression":
+            return self.model.predict(frame)
+        proba = self.model.predict_proba(frame)
+        return proba if self.task == "multiclass" else proba[:, 1]
 
     def scores(self, rows: list[list]) -> np.ndarray:
-        "Scores of checked rows: the fast path when there is one, else the pipeline."
+        """The version's output for checked rows, the fast path when there is one, else the pipeline: binary the
+        (recalibrated) score, multiclass the class probabilities (a column a class), regression the value."""
         if not rows:
-            return np.zeros(0)
+            return self.answers.output(np.zeros(0))
         if self.fast is not None:
-            return calibrate_scores(self.fast.scores(rows), self.spec.calibration)
-        return calibrate_scores(self.model.predict_proba(self.frame(rows))[:, 1], self.spec.calibration)
+            return self.answers.output(self.fast.scores(rows))
+        return self.answers.output(self._pipeline(self.frame(rows)))
 
     def frame_scores(self, features: pd.DataFrame) -> np.ndarray:
-        "Scores of checked rows as a DataFrame (from `check_frame`): the fast path's matrix, else the pipeline."
+        "The version's output for checked rows as a DataFrame (`check_frame`): fast path or pipeline."
         if len(features) == 0:
-            return np.zeros(0)
+            return self.answers.output(np.zeros(0))
         if self.fast is None:
-            return calibrate_scores(self.model.predict_proba(features)[:, 1], self.spec.calibration)
-        return calibrate_scores(self.fast.model.predict_proba(self.fast.matrix(features))[:, 1], self.spec.calibration)
+            return self.answers.output(self._pipeline(model_rows(features)))
+        return self.answers.output(self.fast.answer(self.fast.matrix(features)))
 
     def decisions(self, scores: np.ndarray) -> np.ndarray:
-        "1 (positive) where the score reaches the version's threshold."
-        return (np.asarray(scores) >= self.spec.threshold).astype(int)
+        """The decision of each row's output: binary 1 where the score reaches the version's threshold, multiclass the
+        top class's index in the version's classes, regression 0."""
+        return self.answers.decisions(scores)
 
-    def predictions(self, scores: np.ndarray) -> list[Prediction]:
-        "Scores as predictions of this version."
+    def pipeline_scores(self, frame: pd.DataFrame) -> np.ndarray:
+        """The score each answer carries, from the pipeline itself (no fast path, no contract) on rows as the stages
+        hold them: what the deploy stage's smoke test holds the served answers to."""
+        return self.answers.score(self.answers.output(self._pipeline(model_rows(frame[self.spec.features]))))
+
+    def score_values(self, scores: np.ndarray) -> np.ndarray:
+        "The score each row's answer carries: binary the score, multiclass the top class's probability, the value."
+        return self.answers.score(scores)
+
+    def predictions(self, scores: np.ndarray, rows: list | None = None) -> list[Prediction]:
+        "The version's outputs (`scores`) as predictions of this version, each with its cleaned row when given."
         version = self.spec.version
+        values = self.answers.score(scores).tolist()
+        decisions = self.answers.decisions(scores).tolist()
+        fields = self.answers.fields(scores, version) or [None] * len(values)
+        rows = rows if rows is not None else [None] * len(values)
         return [
-            Prediction(score, decision, version)
-            for score, decision in zip(np.asarray(scores, dtype=float).tolist(), self.decisions(scores).tolist())
+            Prediction(*answer, version, row, extra) for *answer, row, extra in zip(values, decisions, rows, fields)
         ]
 
     def score_records(self, records: list) -> tuple[list[Prediction | None], list[dict]]:
@@ -506,24 +517,24 @@ class Scorer:
         rows, errors = check_records(records, self.spec)
         good = [i for i, row in enumerate(rows) if row is not None]
         results: list[Prediction | None] = [None] * len(records)
-        scores = self.scores([rows[i] for i in good])
-        version = self.spec.version
-        for i, score, decision in zip(good, np.asarray(scores, dtype=float).tolist(), self.decisions(scores).tolist()):
-            results[i] = Prediction(
-                score, decision, version, rows[i]
-            )  # with the cleaned row: the log need not check the record again
+        checked = [rows[i] for i in good]
+        # each with its cleaned row: the log need not check the record again
+        for i, prediction in zip(good, self.predictions(self.scores(checked), checked)):
+            results[i] = prediction
         return results, errors
 
     def score_frame(
         self, frame: pd.DataFrame
-    ) -> dict:  # features (good rows, cleaned), reasons (per row), good (mask), scores, decisions
-        "Check and score a DataFrame a column at a time."
+    ) -> dict:  # features (good rows, cleaned), reasons (per row), good (mask), scores, decisions, outputs
+        """Check and score a DataFrame a column at a time. `scores` is the score each answer carries; `outputs` the
+        version's outputs (multiclass: the class probabilities), for `predictions`."""
         features, reasons = check_frame(frame, self.spec)
-        scores = self.frame_scores(features.reset_index(drop=True))
+        outputs = self.frame_scores(features.reset_index(drop=True))
         return {
             "features": features,
             "reasons": reasons,
             "good": (reasons == "").to_numpy(),
-            "scores": scores,
-            "decisions": self.decisions(scores),
+            "scores": self.answers.score(outputs),
+            "decisions": self.answers.decisions(outputs),
+            "outputs": outputs,
         }

@@ -6,15 +6,22 @@
 __all__ = []
 
 # %% ../../nbs/30_scoring.ipynb #6d3dbca6
-from lifecycle.serving.scorer import (
+from lifecycle.serving.answers import (
+    ANSWERS,
     CALIBRATION_METHODS,
+    BinaryAnswers,
+    MulticlassAnswers,
+    RegressionAnswers,
+    calibrate_scores,
+    class_value,
+)
+from lifecycle.serving.scorer import (
     SCORE_TOLERANCE,
     FastPath,
     Prediction,
     Scorer,
     ServingSpec,
     TreeEnsemble,
-    calibrate_scores,
     check_frame,
     check_records,
     probe_rows,
@@ -32,7 +39,12 @@ from lifecycle.serving.shadow import (
 
 # the module's names; written as `__all__` (not nbdev's `_all_`) so that ruff sees the imports above used
 __all__ = [
+    "ANSWERS",
     "CALIBRATION_METHODS",
+    "BinaryAnswers",
+    "MulticlassAnswers",
+    "RegressionAnswers",
+    "class_value",
     "SCORE_TOLERANCE",
     "FastPath",
     "Prediction",

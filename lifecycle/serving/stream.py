@@ -73,13 +73,7 @@ def score_events(
             outputs[index] = {"event_id": event_id, "errors": problems.get(position, [])}
             continue
         request_id = stream_request_id(key, version, secret)
-        outputs[index] = {
-            "event_id": event_id,
-            "request_id": request_id,
-            "score": result["score"],
-            "decision": result["decision"],
-            "model_version": version,
-        }
+        outputs[index] = {"event_id": event_id, "request_id": request_id, **result}  # the task's answer
         predictions.append(
             {
                 "request_id": request_id,
@@ -92,6 +86,8 @@ def score_events(
                 "features": logged_features(record, spec, result.features),
             }
         )  # as the model saw them, as serve logs them
+        if result.probabilities is not None:  # a multiclass answer's class probabilities, in the version's order
+            predictions[-1]["probabilities"] = result.probabilities
     return outputs, predictions
 
 # %% ../../nbs/37_stream.ipynb #6c1524da

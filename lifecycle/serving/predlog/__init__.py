@@ -47,6 +47,7 @@ from lifecycle.serving.predlog.reader import (
     label_problem,
     pair_shadow,
     prediction_problem,
+    probability_matrix,
     read_rejections,
     readable_rows,
     shadow_pairs,
@@ -55,10 +56,13 @@ from lifecycle.serving.predlog.reader import (
 )
 from lifecycle.serving.predlog.rows import (
     ID_KEY_ENV,
+    PREDICTION_ROW_LENGTH,
     SITE_COLUMN,
     id_key,
+    label_number,
     label_row,
     prediction_row,
+    probabilities_json,
     provenance_row,
     pseudonymize,
     site_name,
@@ -138,4 +142,8 @@ __all__ = [
     "SITE_COLUMN",
     "site_name",
     "log_position",
+    "probability_matrix",
+    "PREDICTION_ROW_LENGTH",
+    "label_number",
+    "probabilities_json",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ...core import LifecycleError
 from .common import describe_error, latest_totals, utc_text
-from .rows import _CONVERSION_ERRORS, _invalid
+from .rows import _CONVERSION_ERRORS, PREDICTION_ROW_LENGTH, _invalid
 
 _logger = logging.getLogger("lifecycle.serving.predlog")
 
@@ -103,8 +103,8 @@ def replay_journals(
                         labels.append(tuple(entry["label"]))
                     elif isinstance(entry, dict):  # refused records counted (`record_rejections`)
                         refused.append(entry)
-                    else:
-                        rows.append(tuple(entry))
+                    else:  # a prediction row; one journaled before the probabilities column has none
+                        rows.append(tuple(entry) + (None,) * (PREDICTION_ROW_LENGTH - len(entry)))
             connection = store.connect()
             try:
                 for start in range(0, len(rows), chunk):

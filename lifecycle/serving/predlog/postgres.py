@@ -26,18 +26,19 @@ _POSTGRES_SCHEMA = [
         decision INTEGER NOT NULL,
         id_hash TEXT,
         features JSONB NOT NULL,
-        event_time TIMESTAMPTZ)""",
+        event_time TIMESTAMPTZ,
+        probabilities TEXT)""",
     "CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time)",
     """CREATE TABLE IF NOT EXISTS labels (
         request_id TEXT PRIMARY KEY,
-        label INTEGER NOT NULL,
+        label DOUBLE PRECISION NOT NULL,
         time TIMESTAMPTZ NOT NULL,
         logged TIMESTAMPTZ)""",
     "CREATE INDEX IF NOT EXISTS labels_time ON labels (time)",
     """CREATE TABLE IF NOT EXISTS label_events (
         event_id TEXT PRIMARY KEY,
         request_id TEXT NOT NULL,
-        label INTEGER NOT NULL,
+        label DOUBLE PRECISION NOT NULL,
         time TIMESTAMPTZ NOT NULL,
         logged TIMESTAMPTZ NOT NULL,
         source TEXT NOT NULL,
@@ -70,7 +71,17 @@ _POSTGRES_SCHEMA = [
         id_hash TEXT,
         features JSONB NOT NULL,
         event_time TIMESTAMPTZ,
+        probabilities TEXT,
         PRIMARY KEY (run_id, request_id))""",
+    # issue 22: a multiclass prediction's class probabilities, and labels that are numbers (a class's index, a value)
+    "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS probabilities TEXT",
+    "ALTER TABLE pending_predictions ADD COLUMN IF NOT EXISTS probabilities TEXT",
+    *(
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+        f"AND table_name = '{table}' AND column_name = 'label' AND data_type = 'integer') THEN "
+        f"ALTER TABLE {table} ALTER COLUMN label TYPE DOUBLE PRECISION; END IF; END $$"
+        for table in ("labels", "label_events")
+    ),  # once, on the first open after the change: a log's older integer labels become numbers
     """CREATE TABLE IF NOT EXISTS pending_blocks (
         run_id TEXT NOT NULL,
         block_id TEXT PRIMARY KEY,
@@ -108,12 +119,14 @@ INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count
 SELECT block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data
 FROM pending_blocks WHERE block_id = %s"""
 _POSTGRES_PUBLISH_PREDICTIONS = """
-INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
-SELECT request_id, time, model_version, channel, score, decision, id_hash, features, event_time FROM pending_predictions
-WHERE run_id = %s ON CONFLICT (request_id) DO NOTHING"""
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time,
+    probabilities)
+SELECT request_id, time, model_version, channel, score, decision, id_hash, features, event_time, probabilities
+FROM pending_predictions WHERE run_id = %s ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_PREDICTIONS = """
-INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time)
-VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time,
+    probabilities)
+VALUES (%s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s)
 ON CONFLICT (request_id) DO NOTHING"""
 _POSTGRES_INSERT_LABELS = """
 INSERT INTO label_events (event_id, request_id, label, time, logged, source, credential)
@@ -127,8 +140,8 @@ ON CONFLICT (block_id) DO NOTHING"""
 _POSTGRES_OVERLAPPING = "SELECT data FROM prediction_blocks WHERE first_request_id <= %s AND last_request_id >= %s"
 _POSTGRES_INSERT_PENDING_PREDICTIONS = """
 INSERT INTO pending_predictions (run_id, request_id, time, model_version, channel, score, decision, id_hash,
-    features, event_time)
-VALUES (%s, %s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz)
+    features, event_time, probabilities)
+VALUES (%s, %s, %s::timestamptz, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s)
 ON CONFLICT (run_id, request_id) DO NOTHING"""
 _POSTGRES_INSERT_PENDING_BLOCKS = """
 INSERT INTO pending_blocks (run_id, block_id, time, model_version, channel, row_count, first_request_id,

@@ -12,16 +12,42 @@ import json
 import numpy as np
 import pandas as pd
 
+from ...core import LifecycleError
 from ...labels import trusted_mask
 from .common import REJECTION_COLUMNS
 
 # %% auto #0
-__all__ = ['PREDICTION_COLUMNS', 'LABEL_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'label_events_sql', 'commit_range',
-           'prediction_problem', 'label_problem', 'readable_rows', 'read_rejections', 'shadow_request_id',
-           'pair_shadow', 'shadow_pairs', 'shadow_summary', 'PredictionReader']
+__all__ = ['PREDICTION_COLUMNS', 'LABEL_COLUMNS', 'SHADOW_PREFIX', 'SHADOW_PAIR_COLUMNS', 'probability_matrix',
+           'label_events_sql', 'commit_range', 'prediction_problem', 'label_problem', 'readable_rows',
+           'read_rejections', 'shadow_request_id', 'pair_shadow', 'shadow_pairs', 'shadow_summary', 'PredictionReader']
 
 # %% ../../../nbs/33_predlog_reader.ipynb #a1f0c028
-PREDICTION_COLUMNS = ("request_id", "time", "model_version", "channel", "score", "decision", "id_hash", "event_time")
+PREDICTION_COLUMNS = (
+    "request_id",
+    "time",
+    "model_version",
+    "channel",
+    "score",
+    "decision",
+    "id_hash",
+    "event_time",
+    "probabilities",  # a multiclass prediction's class probabilities (a list, in its version's class order); else None
+)
+
+
+def _probability_lists(values) -> list:
+    "The log's JSON texts of class probabilities as lists of floats; None where a prediction has none."
+    return [json.loads(value) if isinstance(value, str) else None for value in values]
+
+
+def probability_matrix(
+    frame: pd.DataFrame,  # predictions as the reader gives them, of one multiclass version (or of one set of classes)
+) -> np.ndarray:  # (rows, classes) the class probabilities; (0, 0) when no row has them
+    "The class probabilities of the predictions as one array, a row a prediction."
+    rows = [row for row in frame["probabilities"] if row is not None] if "probabilities" in frame else []
+    if len(rows) != len(frame):
+        raise LifecycleError("probability_matrix: some predictions carry no class probabilities (not multiclass)")
+    return np.array(rows, dtype=float) if rows else np.zeros((0, 0))
 
 
 def _prediction_frame(rows: list[tuple], features: bool = True) -> pd.DataFrame:
@@ -32,6 +58,7 @@ def _prediction_frame(rows: list[tuple], features: bool = True) -> pd.DataFrame:
     )
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     frame["event_time"] = _event_times(frame["event_time"], frame["time"])
+    frame["probabilities"] = pd.Series(_probability_lists(frame["probabilities"]), index=frame.index, dtype=object)
     if not features:
         return frame
     features = (
@@ -51,7 +78,11 @@ def _label_frame(rows: list[tuple]) -> pd.DataFrame:
     """Label events (request_id, label, time known, source, credential, time written; a commit number after them is
     dropped) as a frame."""
     frame = pd.DataFrame([tuple(row)[:6] for row in rows], columns=LABEL_COLUMNS)
-    frame = frame.astype({"request_id": str, "label": "int64", "source": str, "credential": str})
+    labels = pd.to_numeric(frame["label"]).astype("float64")
+    # 0/1 and a class's index read back as integers, as binary labels always were; a regression's values as floats
+    whole = bool(np.all(np.mod(labels.to_numpy(), 1) == 0))
+    frame = frame.astype({"request_id": str, "source": str, "credential": str})
+    frame["label"] = labels.astype("int64") if whole else labels
     for column in ("time", "logged"):
         frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
     return frame
@@ -139,6 +170,8 @@ def _block_frame(when, model_version: int, channel: str, data: bytes, features: 
     frame["event_time"] = (
         _event_times(frame["event_time"], frame["time"]) if "event_time" in frame.columns else frame["time"]
     )
+    texts = frame["probabilities"] if "probabilities" in frame.columns else [None] * len(frame)
+    frame["probabilities"] = pd.Series(_probability_lists(texts), index=frame.index, dtype=object)
     frame = frame[list(PREDICTION_COLUMNS)].astype(
         {"request_id": str, "model_version": "int64", "channel": str, "score": "float64", "decision": "int64"}
     )

@@ -21,7 +21,8 @@ from ...core import LifecycleError
 from .common import CHANNELS, features_json, utc_text
 
 # %% auto #0
-__all__ = ['ID_KEY_ENV', 'SITE_COLUMN', 'pseudonymize', 'id_key', 'site_name', 'prediction_row', 'label_row', 'provenance_row']
+__all__ = ['ID_KEY_ENV', 'SITE_COLUMN', 'PREDICTION_ROW_LENGTH', 'pseudonymize', 'id_key', 'site_name', 'prediction_row',
+           'probabilities_json', 'label_number', 'label_row', 'provenance_row']
 
 # %% ../../../nbs/34a_predlog_rows.ipynb #a1f0c007
 def _id_text(value) -> str | None:
@@ -111,7 +112,8 @@ _FIELD_HELP = {
     "decision": "an integer, 0 or 1",
     "features": "a dict of JSON values",
     "id": "text, a number or None",
-    "label": "an integer, 0 or 1",
+    "label": "a finite number (0 or 1; a class's index; a value)",
+    "probabilities": "a list of numbers or None",
 }
 _CONVERSION_ERRORS = (KeyError, TypeError, ValueError, OverflowError, RecursionError)
 
@@ -144,11 +146,14 @@ def _invalid(what: str, field: str) -> LifecycleError:
     return LifecycleError(f"{what}: '{field}' is missing or invalid; it must be {_FIELD_HELP[field]}")
 
 
+PREDICTION_ROW_LENGTH = 10  # the values of a prediction's row (`prediction_row`); a journal's older rows have nine
+
+
 def prediction_row(
-    prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id; optional event_time
+    prediction: dict,  # request_id, time, model_version, channel, score, decision, features, id; event_time, probs
     hash_id,  # identifier -> its pseudonym (see `_id_hasher`)
     number: int = 0,  # the prediction's position in its call, for errors
-) -> tuple:  # (request_id, time, model_version, channel, score, decision, id_hash, features JSON, event_time)
+) -> tuple:  # request_id, time, model_version, channel, score, decision, id_hash, features, event_time, probabilities
     "One prediction as the row the log stores; the raw identifier goes no further than this."
     field = "request_id"
     try:
@@ -174,16 +179,42 @@ def prediction_row(
         features = features_json(prediction.get("features") or {})
         field = "id"
         id_hash = hash_id(prediction.get("id"))
+        field = "probabilities"
+        probabilities = probabilities_json(prediction.get("probabilities"))
     except _CONVERSION_ERRORS:
         pass  # raised below, outside this block, so the error does not chain the original (which quotes the value)
     else:
-        return (request_id, when, version, channel, score, decision, id_hash, features, event)
+        return (request_id, when, version, channel, score, decision, id_hash, features, event, probabilities)
     raise _invalid(f"prediction {number}", field)
+
+
+def probabilities_json(
+    probabilities,  # a multiclass answer's class probabilities (a list of numbers), or None
+) -> str | None:  # compact JSON, or None
+    "A prediction's class probabilities as the log stores them: a JSON list of floats, in the version's class order."
+    if probabilities is None:
+        return None
+    values = [float(value) for value in probabilities]
+    if not all(math.isfinite(value) for value in values):
+        raise ValueError
+    return "[" + ",".join(repr(value) for value in values) + "]"
+
+
+def label_number(
+    label,  # a label: 0/1 (binary), a class's index (multiclass), a value (regression)
+) -> int | float:  # a whole number as an integer (binary labels read back as before), else the float
+    "A label as the log stores it: a finite number."
+    if isinstance(label, (bool, np.bool_)):
+        return int(label)
+    number = float(label)
+    if not math.isfinite(number):
+        raise ValueError
+    return int(number) if number.is_integer() and abs(number) < 2**53 else number
 
 
 def label_row(
     request_id: str,  # the prediction's request id
-    label: int,  # the true label
+    label: int | float,  # the true label: 0/1, a class's index, or a value
     when=None,  # when it became known; None for now
 ) -> tuple:  # (request_id, label, time)
     "One label as the row the log stores."
@@ -191,7 +222,7 @@ def label_row(
     try:
         request_id = _text_id(request_id)
         field = "label"
-        label = int(label)
+        label = label_number(label)
         field = "time"
         when = utc_text(when)
     except _CONVERSION_ERRORS:
@@ -255,6 +286,21 @@ def _checked_event_times(
         return [when if value is None else utc_text(value) for value in event_times]
     except _CONVERSION_ERRORS:
         raise _invalid("record_many", "event_time") from None
+
+
+def _checked_probabilities(
+    probabilities,  # each prediction's class probabilities (rows × classes, a multiclass version's), or None
+    count: int,  # how many predictions
+) -> list[str] | None:
+    "`record_many`'s class probabilities as the log's JSON text, one a prediction; None stays None."
+    if probabilities is None:
+        return None
+    if len(probabilities) != count:
+        raise LifecycleError("record_many: probabilities must have one entry a prediction")
+    try:
+        return [probabilities_json(row) for row in np.asarray(probabilities, dtype=float).tolist()]
+    except _CONVERSION_ERRORS:
+        raise _invalid("record_many", "probabilities") from None
 
 
 def _key_arrays(

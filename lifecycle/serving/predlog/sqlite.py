@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     decision INTEGER NOT NULL,
     id_hash TEXT,
     features TEXT NOT NULL,
-    event_time TEXT
+    event_time TEXT,
+    probabilities TEXT
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time);
 CREATE TABLE IF NOT EXISTS labels (
@@ -76,6 +77,7 @@ CREATE TABLE IF NOT EXISTS pending_predictions (
     id_hash TEXT,
     features TEXT NOT NULL,
     event_time TEXT,
+    probabilities TEXT,
     PRIMARY KEY (run_id, request_id)
 );
 CREATE TABLE IF NOT EXISTS pending_blocks (
@@ -95,8 +97,9 @@ _SQLITE_COMMIT = (
     "(SELECT number FROM log_commit WHERE id = 1)"  # this transaction's commit number (see `SQLiteStore.begin_commit`)
 )
 _SQLITE_INSERT_PREDICTIONS = f"""
-INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time, seq)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {_SQLITE_COMMIT})
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time,
+    probabilities, seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_SQLITE_COMMIT})
 ON CONFLICT (request_id) DO NOTHING"""
 # labels are events: a relabel is a new row, the history kept; a journal replayed twice adds no row (the event id)
 _SQLITE_INSERT_LABELS = f"""
@@ -129,14 +132,20 @@ CREATE INDEX IF NOT EXISTS {table}_by_seq ON {table} (seq);
 """
 _SQLITE_BEGIN_COMMIT = "UPDATE log_commit SET number = number + 1 WHERE id = 1"
 # Columns added after the first release: a prediction's event time, and when a label was written (a label's
-# `time` is when it became known, which a replay sets in the past; monitoring reads new labels by `logged`).
-_ADDED_COLUMNS = (("predictions", "event_time"), ("labels", "logged"))
+# `time` is when it became known, which a replay sets in the past; monitoring reads new labels by `logged`); a
+# multiclass prediction's class probabilities (issue 22: NULL for the others and for every older row).
+_ADDED_COLUMNS = (
+    ("predictions", "event_time"),
+    ("labels", "logged"),
+    ("predictions", "probabilities"),
+    ("pending_predictions", "probabilities"),
+)
 _SQLITE_OVERLAPPING = "SELECT data FROM prediction_blocks WHERE first_request_id <= ? AND last_request_id >= ?"
 # A batch run's rows wait in these tables, which no reader reads, until the run publishes them (see `PendingRun`)
 _SQLITE_INSERT_PENDING_PREDICTIONS = """
 INSERT INTO pending_predictions (run_id, request_id, time, model_version, channel, score, decision, id_hash,
-    features, event_time)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    features, event_time, probabilities)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (run_id, request_id) DO NOTHING"""
 _SQLITE_PUBLISH_BLOCK = f"""
 INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count, first_request_id,
@@ -144,8 +153,10 @@ INSERT INTO prediction_blocks (block_id, time, model_version, channel, row_count
 SELECT block_id, time, model_version, channel, row_count, first_request_id, last_request_id, data, {_SQLITE_COMMIT}
 FROM pending_blocks WHERE block_id = ?"""
 _SQLITE_PUBLISH_PREDICTIONS = f"""
-INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time, seq)
-SELECT request_id, time, model_version, channel, score, decision, id_hash, features, event_time, {_SQLITE_COMMIT}
+INSERT INTO predictions (request_id, time, model_version, channel, score, decision, id_hash, features, event_time,
+    probabilities, seq)
+SELECT request_id, time, model_version, channel, score, decision, id_hash, features, event_time, probabilities,
+    {_SQLITE_COMMIT}
 FROM pending_predictions WHERE run_id = ? ON CONFLICT (request_id) DO NOTHING"""
 _SQLITE_INSERT_PENDING_BLOCKS = """
 INSERT INTO pending_blocks (run_id, block_id, time, model_version, channel, row_count, first_request_id,

@@ -36,6 +36,7 @@ from lifecycle.serving.predlog.rows import (
     _CONVERSION_ERRORS,
     _block_header,
     _checked_event_times,
+    _checked_probabilities,
     _feature_struct,
     _id_hasher,
     _invalid,
@@ -216,6 +217,7 @@ class PredictionLog(PredictionReader):
         time=None,  # when they were scored (one time for all; default now)
         ids=None,  # the raw identifiers, or None: pseudonymized here, never queued
         event_times=None,  # each prediction's event time (ISO-8601 text or datetimes), or None: when logged
+        probabilities=None,  # each prediction's class probabilities (rows × classes: a multiclass version's), or None
     ) -> None:
         """Queue many predictions of one model at once, as one block: the bulk path of batch scoring.
 
@@ -230,11 +232,14 @@ class PredictionLog(PredictionReader):
         if not count:
             return
         event_times = _checked_event_times(event_times, when, count)
+        probability_texts = _checked_probabilities(probabilities, count)
         id_array, score_array, decisions, decision_array = _key_arrays(request_ids, scores, decisions)
         hashed = pa.array([self._hash_id(value) for value in ids] if ids is not None else [None] * count, pa.string())
         arrays = {"request_id": id_array, "score": score_array, "decision": decision_array, "id_hash": hashed}
         if event_times is not None:  # a block's rows each keep their own event time
             arrays["event_time"] = pa.array(event_times, pa.string())
+        if probability_texts is not None:  # a multiclass version's: a column the blocks of other tasks do not have
+            arrays["probabilities"] = pa.array(probability_texts, pa.string())
         if features is None:
             block = PredictionBlock(pa.table(arrays), when, version, channel)
             self._enqueue([("b", block)], block.rows)
@@ -252,6 +257,7 @@ class PredictionLog(PredictionReader):
                 when,
                 hashed.to_pylist(),
                 event_times,
+                probability_texts,
             )
             return
         table = pa.table({**arrays, "features": feature_struct})
@@ -259,7 +265,17 @@ class PredictionLog(PredictionReader):
         self._enqueue([("b", block)], block.rows)
 
     def _record_many_as_rows(
-        self, request_ids, scores, decisions, features, version, channel, when, hashed, event_times=None
+        self,
+        request_ids,
+        scores,
+        decisions,
+        features,
+        version,
+        channel,
+        when,
+        hashed,
+        event_times=None,
+        probability_texts=None,
     ) -> None:
         "The row path of `record_many`: one row a prediction, its features as JSON from pandas' C encoder."
         texts = features.to_json(orient="records", lines=True, double_precision=15).splitlines()
@@ -277,6 +293,7 @@ class PredictionLog(PredictionReader):
                     hashed,
                     texts,
                     event_times or [when] * count,
+                    probability_texts or [None] * count,
                 )
             ]
         )
