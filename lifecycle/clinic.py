@@ -36,7 +36,7 @@ from lifecycle.clinic_html import (
     field_errors,
     top_reasons,
 )
-from .clinic_tasks import contract_answers, task_explanation
+from .clinic_tasks import task_explanation
 from lifecycle.core import (
     PAGE_SETTINGS_ENV,
     LifecycleError,
@@ -344,16 +344,8 @@ class Clinic:
         return scorer
 
     def score(self, record: dict) -> tuple[int, dict]:  # (HTTP status, the answer's JSON)
-        """The record's answer from the serving code: POST /predict. Until lifecycle serve answers multiclass and
-        regression records (issue 22's serving work), the page computes their answer with `contract_answers`, the
-        per-task contract's fields, unlogged; once it does, this method is `self.client.predict(record)` alone."""
-        if self.version(self.form_version)["task"] == "binary":
-            return self.client.predict(record)
-        scorer = self.scorer_of(int(self.client.model()["version"]))
-        rows, errors = check_records([record], scorer.spec)
-        if errors or rows[0] is None:
-            return 422, {"detail": errors}
-        return 200, {"predictions": contract_answers(scorer, rows)}
+        "The record's answer from the serving code, for every task: POST /predict, so every answer shown is logged."
+        return self.client.predict(record)
 
     def submit(self, _button=None) -> dict:  # status, and the answer or the errors
         "Score what the form holds and show the answer, or the refusal beside its fields."

@@ -173,7 +173,7 @@ def answer_tail(
         f"Prediction {_e(prediction['request_id'])}: logged under channel dashboard; its {_e(outcome)} can be sent "
         "later to /feedback."
         if prediction.get("request_id")
-        else "Computed by this page from that version and not logged: lifecycle serve does not answer this task yet."
+        else "This answer carries no request id: it is not in the prediction log."
     )
     return (
         f"<h2>Limits</h2>{limits_part}"

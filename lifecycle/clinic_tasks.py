@@ -45,8 +45,8 @@ def contract_answers(
     scorer,  # the version's `Scorer`: its model, meta and `frame`
     rows: list[list],  # checked rows (`check_records`), in the model's feature order
 ) -> list[dict]:  # one answer a row, the fields of the per-task contract (contract22)
-    """Each row's answer as the Scorer answers it for a multiclass or a regression version. A stand-in until serving
-    answers per task (serve22): the page asks only this function, so it is the one place to swap for the Scorer's."""
+    """Each row's answer in the per-task contract's fields, from the version's model and meta (as the Scorer answers):
+    the page's reasons score each value replaced by a typical one with it; the answer shown is POST /predict's."""
     from lifecycle.tasks import task_class  # the task's module loads its libraries on first use
 
     meta, version = scorer.meta, int(scorer.version)
