@@ -752,7 +752,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'lifecycle/init_project.py'),
                                         'lifecycle.init_project._init_command': ( 'init_project.html#_init_command',
                                                                                   'lifecycle/init_project.py'),
-                                        'lifecycle.init_project._is_number': ('init_project.html#_is_number', 'lifecycle/init_project.py'),
                                         'lifecycle.init_project._na_line': ('init_project.html#_na_line', 'lifecycle/init_project.py'),
                                         'lifecycle.init_project._pick': ('init_project.html#_pick', 'lifecycle/init_project.py'),
                                         'lifecycle.init_project._role_lines': ( 'init_project.html#_role_lines',
