@@ -215,6 +215,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                'lifecycle/bench/nannyml_side.py'),
                                               'lifecycle.bench.nannyml_side.run_nannyml': ( 'bench_nannyml.html#run_nannyml',
                                                                                             'lifecycle/bench/nannyml_side.py'),
+                                              'lifecycle.bench.nannyml_side.side_figures': ( 'bench_nannyml.html#side_figures',
+                                                                                             'lifecycle/bench/nannyml_side.py'),
                                               'lifecycle.bench.nannyml_side.side_rows': ( 'bench_nannyml.html#side_rows',
                                                                                           'lifecycle/bench/nannyml_side.py'),
                                               'lifecycle.bench.nannyml_side.side_summary': ( 'bench_nannyml.html#side_summary',
