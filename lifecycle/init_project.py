@@ -42,7 +42,7 @@ from lifecycle.init_evidence import (
 )
 from .rules import clean_text, infer_numeric, parse_numbers
 from .saved_text import read_saved
-from .sources import read_source, source_format
+from .sources import _is_number, read_source, source_format
 from .sql_sources import mask_url
 
 # %% auto #0
@@ -242,14 +242,6 @@ def _check_header(source: Source) -> None:
             f"{Path(source.location).name}: its first line names column `{repeated}` twice; rename one, or name "
             "the columns with --columns a,b,c"
         )
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def read_data(

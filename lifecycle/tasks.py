@@ -19,8 +19,8 @@ from .task_retrain import BinaryRetrain, source_value  # noqa: F401 (source_valu
 
 # %% auto #0
 __all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_key', 'label_target', 'infer_task',
-           'compare_with_champion', 'score_intervals', 'make_classifier', 'BinaryTask', 'task_class', 'stage_not_built',
-           'task_for', 'version_task', 'project_task', 'check_task']
+           'compare_with_champion', 'score_intervals', 'make_classifier', 'roc_panel', 'calibration_panel',
+           'BinaryTask', 'task_class', 'stage_not_built', 'task_for', 'version_task', 'project_task', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
 def label_key(value) -> str:
@@ -183,6 +183,43 @@ CLASSIFIER_GRIDS = {  # the search's grid of each family's classifier
 # distance of a heavy tail about 3x; 1,001 quantiles are within 15% of exact
 QUANTILE_GRID = np.linspace(0, 1, 1001)
 
+# %% ../nbs/22t_tasks.ipynb #7a1e4c02
+def roc_panel(
+    axis,  # a matplotlib axis
+    labels: np.ndarray,  # 0/1 labels
+    curves: list[tuple],  # (scores, legend name or None) a curve; a legend when any is named
+    title: str,  # the panel's title
+) -> None:
+    "ROC curves on `axis`, beside the chance diagonal."
+    from sklearn.metrics import roc_curve  # start-up time: only reports draw
+
+    for scores, name in curves:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        axis.plot(fpr, tpr, label=name)
+    axis.plot([0, 1], [0, 1], ":", color="grey")
+    if any(name is not None for _, name in curves):
+        axis.legend()
+    axis.set(
+        title=title,
+        xlabel="false positive rate (share of negatives)",
+        ylabel="true positive rate (share of positives)",
+    )
+
+
+def calibration_panel(
+    axis,  # a matplotlib axis
+    labels: np.ndarray,  # 0/1 labels
+    scores: np.ndarray,  # the positive class's scores
+    title: str,  # the panel's title
+) -> None:
+    "The observed share positive against the predicted probability, 8 bins of equal rows, beside the diagonal."
+    from sklearn.calibration import calibration_curve  # start-up time: only reports draw
+
+    observed, predicted = calibration_curve(labels, scores, n_bins=8, strategy="quantile")
+    axis.plot(predicted, observed, "o-")
+    axis.plot([0, 1], [0, 1], ":", color="grey")
+    axis.set(title=title, xlabel="predicted probability (0 to 1)", ylabel="observed share positive (0 to 1)")
+
 # %% ../nbs/22t_tasks.ipynb #ef40d48c
 class BinaryTask(BinaryRetrain, Task):
     "A yes/no target: a score for the positive class, a threshold chosen for recall, ROC AUC at the head."
@@ -326,19 +363,13 @@ class BinaryTask(BinaryRetrain, Task):
 
     def _validation_figures(self, labels, scores, settings):
         import matplotlib.pyplot as plt  # start-up time: only reports draw
-        from sklearn.calibration import calibration_curve
-        from sklearn.metrics import precision_recall_curve, roc_curve
+        from sklearn.metrics import precision_recall_curve
 
         metrics = self.metrics(labels, scores, self.default_decision)
         rows, many = len(labels), settings.row_nouns[1]
         figure, axes = plt.subplots(1, 3, figsize=(13, 4))
-        fpr, tpr, _ = roc_curve(labels, scores)
-        axes[0].plot(fpr, tpr)
-        axes[0].plot([0, 1], [0, 1], ":", color="grey")
-        axes[0].set(
-            title=f"ROC (AUC {metrics['roc_auc']:.3f}; validation, n = {rows} {many})",
-            xlabel="false positive rate (share of negatives)",
-            ylabel="true positive rate (share of positives)",
+        roc_panel(
+            axes[0], labels, [(scores, None)], f"ROC (AUC {metrics['roc_auc']:.3f}; validation, n = {rows} {many})"
         )
         precision, recall, _ = precision_recall_curve(labels, scores)
         axes[1].plot(recall, precision)
@@ -347,14 +378,7 @@ class BinaryTask(BinaryRetrain, Task):
             xlabel="recall (share of positives found)",
             ylabel="precision (share of flagged that are positive)",
         )
-        observed, predicted = calibration_curve(labels, scores, n_bins=8, strategy="quantile")
-        axes[2].plot(predicted, observed, "o-")
-        axes[2].plot([0, 1], [0, 1], ":", color="grey")
-        axes[2].set(
-            title=f"Calibration (8 bins of ~{rows // 8} {many})",
-            xlabel="predicted probability (0 to 1)",
-            ylabel="observed share positive (0 to 1)",
-        )
+        calibration_panel(axes[2], labels, scores, f"Calibration (8 bins of ~{rows // 8} {many})")
         plt.tight_layout()
         return [figure]
 
@@ -436,36 +460,19 @@ class BinaryTask(BinaryRetrain, Task):
         )
 
     def _test_figure(self, result, settings, names):
-        """The ROC curves (the champion's beside), calibration and the confusion matrix at the threshold.
-
-        Long because it is one figure of three panels, each a few plain matplotlib lines."""
+        "The ROC curves (the champion's beside), calibration and the confusion matrix at the threshold."
         import matplotlib.pyplot as plt  # start-up time: only reports draw
-        from sklearn.calibration import calibration_curve
-        from sklearn.metrics import confusion_matrix, roc_curve
+        from sklearn.metrics import confusion_matrix
 
         y_test, scores, metrics = result["y_test"], result["scores"], result["metrics"]
         figure, axes = plt.subplots(1, 3, figsize=(14, 4))
-        fpr, tpr, _ = roc_curve(y_test, scores)
-        axes[0].plot(fpr, tpr, label=names[0])
+        curves = [(scores, names[0])]
         if result["champion_scores"] is not None:
-            fpr_c, tpr_c, _ = roc_curve(y_test, result["champion_scores"])
-            axes[0].plot(fpr_c, tpr_c, label=names[1])
-        axes[0].plot([0, 1], [0, 1], ":", color="grey")
-        axes[0].legend()
+            curves.append((result["champion_scores"], names[1]))
         many = settings.row_nouns[1]
-        axes[0].set(
-            title=f"ROC, test split (n = {len(y_test)} {many})",
-            xlabel="false positive rate (share of negatives)",
-            ylabel="true positive rate (share of positives)",
-        )
-        observed, expected = calibration_curve(y_test, scores, n_bins=8, strategy="quantile")
-        axes[1].plot(expected, observed, "o-")
-        axes[1].plot([0, 1], [0, 1], ":", color="grey")
-        axes[1].set(
-            title=f"Calibration (Brier {metrics['brier']:.3f}; 8 bins of ~{len(y_test) // 8} {many})",
-            xlabel="predicted probability (0 to 1)",
-            ylabel="observed share positive (0 to 1)",
-        )
+        roc_panel(axes[0], y_test, curves, f"ROC, test split (n = {len(y_test)} {many})")
+        calibration = f"Calibration (Brier {metrics['brier']:.3f}; 8 bins of ~{len(y_test) // 8} {many})"
+        calibration_panel(axes[1], y_test, scores, calibration)
         matrix = confusion_matrix(y_test, result["predicted"], labels=[0, 1])
         axes[2].imshow(matrix, cmap="Blues")
         for (row, column), count in np.ndenumerate(matrix):

@@ -15,7 +15,7 @@ from ..multiclass_estimates import TemperatureScaling, estimated_performance
 
 # isort: split
 from .common import heart_folder
-from .nannyml_side import format_side, least_cpu, run_nannyml, side_rows, side_summary
+from .nannyml_side import format_side, least_cpu, run_nannyml, side_figures
 
 # %% auto #0
 __all__ = ['HEART', 'COMPARED', 'CHUNK_ROWS', 'hospitals', 'chunk_labels', 'severity_split', 'realized_figures', 'ours_by_chunk',
@@ -138,30 +138,21 @@ def bench_estimate_multiclass(
         nannyml_frames(proba, classes).assign(_chunk=chunks),
         "bench estimate-multiclass: NannyML",
     )
-    per_chunk = []
-    for chunk in pd.unique(chunks):
-        where = chunks == chunk
-        nannyml = (theirs or {}).get("chunks", {}).get(chunk)
-        per_chunk.append(
-            {
-                "chunk": chunk,
-                "rows": int(where.sum()),
-                "shifted": not chunk.startswith("held-out"),
-                "realized": realized_figures(analysis.loc[where, "num"], proba[where], classes),
-                "ours": ours[chunk],
-                "nannyml": {name: nannyml[theirs_name] for name, theirs_name in COMPARED.items()} if nannyml else None,
-            }
-        )
-    rows = side_rows(per_chunk, tuple(COMPARED))
-    summary = side_summary(rows, tuple(COMPARED), ours_cpu, theirs)
-    unshifted = side_summary([row for row in rows if not row["shifted"]], tuple(COMPARED), ours_cpu, theirs)
-    figures = {"chunks": len(per_chunk), "rows": rows, "summary": summary, "unshifted": unshifted, "nannyml": theirs}
+    figures = side_figures(
+        chunks,
+        lambda chunk: chunk.startswith("held-out"),
+        lambda where: realized_figures(analysis.loc[where, "num"], proba[where], classes),
+        ours,
+        ours_cpu,
+        theirs,
+        COMPARED,
+    )
     if not quiet:
         title = (
             f"bench estimate-multiclass: heart grades 0–4, fitted on {len(fit)} Cleveland+Hungarian rows, reference "
-            f"{len(reference)}; {len(per_chunk)} chunks (held-out, then VA and Switzerland's real shift)"
+            f"{len(reference)}; {figures['chunks']} chunks (held-out, then VA and Switzerland's real shift)"
         )
-        print(format_side(title, rows, summary, tuple(COMPARED), theirs, unshifted))
+        print(format_side(title, figures["rows"], figures["summary"], tuple(COMPARED), theirs, figures["unshifted"]))
     return figures
 
 

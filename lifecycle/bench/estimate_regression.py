@@ -14,7 +14,7 @@ from ..regression_estimates import estimate_by_window, fit_loss_estimator, loss_
 
 # isort: split
 from .common import clone_folder
-from .nannyml_side import format_side, least_cpu, run_nannyml, side_rows, side_summary
+from .nannyml_side import format_side, least_cpu, run_nannyml, side_figures
 
 # %% auto #0
 __all__ = ['COMPARED', 'SEASONS', 'WEEKDAYS', 'WEATHER', 'hour_of', 'bike_features', 'bike_split', 'realized_figures',
@@ -126,30 +126,21 @@ def bench_estimate_regression(
         features.assign(y_pred=predicted, _chunk=chunks),
         "bench estimate-regression: NannyML",
     )
-    per_chunk = []
-    for chunk in pd.unique(chunks):
-        where = chunks == chunk
-        nannyml = (theirs or {}).get("chunks", {}).get(chunk)
-        per_chunk.append(
-            {
-                "chunk": chunk,
-                "rows": int(where.sum()),
-                "shifted": not chunk.endswith("held-out"),
-                "realized": realized_figures(actual[where], predicted[where]),
-                "ours": ours[chunk],
-                "nannyml": {name: nannyml[theirs_name] for name, theirs_name in COMPARED.items()} if nannyml else None,
-            }
-        )
-    rows = side_rows(per_chunk, tuple(COMPARED))
-    summary = side_summary(rows, tuple(COMPARED), ours_cpu, theirs)
-    unshifted = side_summary([row for row in rows if not row["shifted"]], tuple(COMPARED), ours_cpu, theirs)
-    figures = {"chunks": len(per_chunk), "rows": rows, "summary": summary, "unshifted": unshifted, "nannyml": theirs}
+    figures = side_figures(
+        chunks,
+        lambda chunk: chunk.endswith("held-out"),
+        lambda where: realized_figures(actual[where], predicted[where]),
+        ours,
+        ours_cpu,
+        theirs,
+        COMPARED,
+    )
     if not quiet:
         title = (
             f"bench estimate-regression: bike rentals an hour, fitted on {len(fit)} hours of 2011, reference "
             f"{len(reference)}; held-out 2011 hours a chunk a quarter, then a chunk a month of 2012"
         )
-        print(format_side(title, rows, summary, tuple(COMPARED), theirs, unshifted))
+        print(format_side(title, figures["rows"], figures["summary"], tuple(COMPARED), theirs, figures["unshifted"]))
     return figures
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from .common import run_json, side_python
 
 # %% auto #0
 __all__ = ['NANNYML_SCRIPT', 'REPEATS', 'NANNYML_MISSING', 'least_cpu', 'nannyml_python', 'run_nannyml', 'side_rows',
-           'side_summary', 'format_side']
+           'side_summary', 'side_figures', 'format_side']
 
 # %% ../../nbs/12l_bench_nannyml.ipynb #40aa0ea0
 NANNYML_SCRIPT = """
@@ -177,6 +178,37 @@ def side_summary(
         )
         summary["goal_met"] = bool(no_worse and summary["speedup"] is not None and summary["speedup"] >= 10)
     return summary
+
+# %% ../../nbs/12l_bench_nannyml.ipynb #5f1d2c3b
+def side_figures(
+    chunks: np.ndarray,  # each analysis row's chunk name
+    unshifted: Callable[[str], bool],  # whether a chunk (by name) is held out, with no shift
+    realized: Callable[[np.ndarray], dict],  # a chunk's rows (a boolean mask) -> its realized figures, by our names
+    ours: dict,  # our estimates: chunk -> metric -> value, low, high
+    ours_cpu: float,  # our fit and estimate, CPU seconds
+    nannyml: dict | None,  # `run_nannyml`'s figures, None when it did not run
+    compared: dict,  # our metric name -> NannyML's
+) -> dict:  # chunks (how many), rows (`side_rows`), summary and unshifted (`side_summary`), nannyml
+    "Each chunk's realized figures beside both estimates, and the totals over all chunks and the held-out ones."
+    per_chunk = []
+    for chunk in pd.unique(chunks):
+        where = chunks == chunk
+        theirs = (nannyml or {}).get("chunks", {}).get(chunk)
+        per_chunk.append(
+            {
+                "chunk": chunk,
+                "rows": int(where.sum()),
+                "shifted": not unshifted(chunk),
+                "realized": realized(where),
+                "ours": ours[chunk],
+                "nannyml": {name: theirs[theirs_name] for name, theirs_name in compared.items()} if theirs else None,
+            }
+        )
+    metrics = tuple(compared)
+    rows = side_rows(per_chunk, metrics)
+    summary = side_summary(rows, metrics, ours_cpu, nannyml)
+    held_out = side_summary([row for row in rows if not row["shifted"]], metrics, ours_cpu, nannyml)
+    return {"chunks": len(per_chunk), "rows": rows, "summary": summary, "unshifted": held_out, "nannyml": nannyml}
 
 # %% ../../nbs/12l_bench_nannyml.ipynb #17b8aaf4
 def _cell(value, low=None, high=None, covers=None) -> str:
