@@ -228,8 +228,8 @@ def build(site: Path, work: Path) -> int:
     src = work / "src"
     src.mkdir(parents=True)
     errors = [error for notebook in sorted((ROOT / "nbs").glob("*.ipynb")) for error in notebook_errors(notebook)]
-    for name, _ in GUIDES:
-        shutil.copy2(PAGES / name, src / name)
+    for name, _ in GUIDES:  # a picture is ../x.png from docs/pages (as GitHub shows them), x.png on the site
+        (src / name).write_text(re.sub(r"\]\(\.\./([\w-]+\.png)\)", r"](\1)", (PAGES / name).read_text()))
     for picture in PICTURES.glob("*.png"):
         shutil.copy2(picture, src / picture.name)
     stages, library = notebook_pages(src)
