@@ -11,7 +11,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 UV_VERSION := 0.13.8
 UV := $(BIN)/uv pip install --python $(BIN)/python -q
 
-.PHONY: run test lab bench sync-check lint nbdev-test pytest lock clean mlflow-venv evidently-venv nannyml-venv screenshots example-pictures
+.PHONY: run test lab bench sync-check lint nbdev-test pytest lock clean mlflow-venv evidently-venv nannyml-venv screenshots example-pictures docs
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ nbdev-test: $(VENV)/.installed-dev
 
 pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest -n 4 --dist worksteal --durations=30
+
+# The documentation site, from the notebooks and the code, into _docs/ (docs/site.py; offline, fails on a broken link
+# or a saved cell error). Open _docs/index.html in a browser.
+docs: $(VENV)/.installed-dev
+	$(BIN)/python docs/site.py --site _docs
 
 lab: $(VENV)/.installed
 	$(BIN)/jupyter lab --notebook-dir=nbs

@@ -26,11 +26,17 @@ from .core import PAGE_SETTINGS_ENV, LifecycleError, Project, open_project, writ
 from .dashboard import REFRESH_ENV, refresh_seconds
 
 # %% auto #0
-__all__ = ['NOTEBOOK', 'TOKEN_ENV', 'TEMPLATE', 'dashboard_notebook', 'offline_template', 'voila_command', 'check_access',
-           'MonitorLoop', 'wait_for_port', 'serve_page', 'run_dashboard']
+__all__ = ['NOTEBOOK', 'PAGE_EXTENSIONS', 'TOKEN_ENV', 'TEMPLATE', 'dashboard_notebook', 'offline_template', 'voila_command',
+           'check_access', 'MonitorLoop', 'wait_for_port', 'serve_page', 'run_dashboard']
 
 # %% ../nbs/44_dashserver.ipynb #d89406d7
 NOTEBOOK = "monitoring_dashboard.ipynb"  # the notebook Voila serves: one cell, `show_dashboard()`
+PAGE_EXTENSIONS = (  # the front-end extensions a page loads in the browser: the widgets (Voila's manager for
+    "@voila-dashboards/widgets-manager8",  # ipywidgets 8, the one it ships for 7, and JupyterLab's) and code colours
+    "@voila-dashboards/widgets-manager7",
+    "@jupyter-widgets/jupyterlab-manager",
+    "jupyterlab_pygments",
+)
 TOKEN_ENV = "LIFECYCLE_API_TOKEN"  # the token `lifecycle serve` uses too
 
 
@@ -104,6 +110,9 @@ def voila_command(
         "--Voila.port_retries=0",
         "--show_tracebacks=False",
         "--VoilaConfiguration.file_denylist=.*",
+        # only the front-end extensions a page uses: another installed JupyterLab extension (jupytext's, which the
+        # docs tools bring) would load in every page and log errors in its console
+        *[f"--VoilaConfiguration.extension_allowlist={name}" for name in PAGE_EXTENSIONS],
         f"--MappingKernelManager.cull_interval={max(5, idle // 4)}",
         f"--MappingKernelManager.cull_idle_timeout={idle}",
         "--MappingKernelManager.cull_connected=False",  # a page open in a browser keeps its kernel
