@@ -71,11 +71,43 @@ def _cell(value) -> str:
     return html.escape(text).replace("|", "&#124;") or " "
 
 
+# The sections of services and pages (not stages), each with the dict of keys its reader checks: either key -> meaning
+# (the default said in the meaning), or key -> default with the meaning in the line's comment.
+SERVICE_KEYS = [
+    ("labels", "lifecycle.labels", "LABELS_KEYS"),
+    ("servers", "lifecycle.access", "SERVERS_KEYS"),
+    ("clinic", "lifecycle.clinic_form", "CLINIC_KEYS"),
+    ("audit", "lifecycle.audit_chain", "AUDIT_KEYS"),
+    ("lineage", "lifecycle.lineage", "LINEAGE_DEFAULTS"),
+]
+
+
+def _service_keys(module: str, name: str) -> list[tuple[str, str, str]]:
+    "A section's keys as (key, default, meaning) cells, from the dict its reader checks and the comments beside it."
+    import importlib
+    import inspect
+
+    keys = getattr(importlib.import_module(module), name)
+    source = inspect.getsource(importlib.import_module(module))
+    block = source[source.index(f"{name} = {{") :]
+    first = block.split("\n", 1)[0]
+    block = first if first.rstrip().endswith("}") else block[: block.index("\n}") + 2]  # one line, or up to its }
+    comments = dict(re.findall(r'^\s*"(\w+)":.*?#\s*(.+)$', block, re.MULTILINE))
+    rows = []
+    for key, value in keys.items():
+        if key in comments:  # key -> default, the meaning in its comment
+            rows.append((key, f"`{_cell(value)}`" if value else "(empty)", _cell(comments[key])))
+        else:  # key -> meaning
+            rows.append((key, "(in the meaning)", _cell(value)))
+    return rows
+
+
 def settings_page(out: Path) -> None:
     "The settings reference: every key of every section, with its default and meaning, read from the code."
     import papermill
 
     from lifecycle.core import DATA_KEYS, RUN_KEYS
+    from lifecycle.pipeline import CONTEXT_PARAMETERS
 
     lines = [
         "# settings.ini reference\n",
@@ -89,6 +121,15 @@ def settings_page(out: Path) -> None:
         lines += [f"## [{section}]\n", "| key | meaning |", "|---|---|"]
         lines += [f"| `{key}` | {_cell(meaning)} |" for key, meaning in keys.items()]
         lines.append("")
+    for section, module, name in SERVICE_KEYS:
+        lines += [
+            f"## [{section}]\n",
+            f"Read by `{module}` (`{name}`).\n",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `{key}` | {default} | {meaning} |" for key, default, meaning in _service_keys(module, name)]
+        lines.append("")
     for stage in STAGES:
         section = stage.split("_", 1)[1]
         parameters = papermill.inspect_notebook(str(ROOT / "nbs" / f"{stage}.ipynb"))
@@ -99,6 +140,8 @@ def settings_page(out: Path) -> None:
             "|---|---|---|---|",
         ]
         for name, parameter in parameters.items():
+            if name in CONTEXT_PARAMETERS:  # given by the runner (the run's folder, the settings file), not settings
+                continue
             lines.append(
                 f"| `{name}` | `{_cell(parameter['default'])}` | {_cell(parameter['inferred_type_name'])} | "
                 f"{_cell(parameter['help'])} |"

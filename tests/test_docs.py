@@ -65,6 +65,9 @@ def test_the_generated_references_say_what_the_code_does(site):
     for key in DATA_KEYS:
         assert f"<code>{key}</code>" in settings
     assert "<code>coverage</code>" in settings and "[evaluate]" in settings  # a stage's parameter, from its notebook
+    for section in ("labels", "servers", "clinic", "audit", "lineage"):  # the sections of services and pages
+        assert f"[{section}]" in settings, section
+    assert "<code>max_per_prediction</code>" in settings and "<code>allowed_hosts</code>" in settings
     api = (site / "reference" / "api.html").read_text()
     for path, method in ENDPOINT_RESPONSES:
         assert f"{method.upper()} {path}" in api
