@@ -45,7 +45,7 @@ __all__ = ['SETTINGS_FILE', 'PAGE_SETTINGS_ENV', 'DATA_KEYS', 'TASKS', 'RUN_KEYS
            'use_work_settings', 'find_settings', 'page_settings', 'split_list', 'parse_mapping', 'value_key',
            'parse_labels', 'coerce_value', 'Source', 'Settings', 'parse_source', 'load_settings', 'prediction_log_url',
            'Project', 'open_project', 'state_project', 'import_without', 'StageContext', 'record_inputs',
-           'environment_digest', 'stage_context', 'latest_run']
+           'environment_digest', 'stage_context', 'latest_run', 'label_key', 'model_rows']
 
 # %% ../nbs/00_core.ipynb #c3b14107
 class LifecycleError(Exception):
@@ -588,3 +588,37 @@ def latest_run(
         return None
     folder = Path(root) / "runs" / os.readlink(link)
     return folder if folder.is_dir() else None
+
+# %% ../nbs/00_core.ipynb #c0rem0ve1ab
+def label_key(value) -> str:
+    "A label as comparable text: `1`, `1.0` and ` 1 ` are the same label."
+    if isinstance(value, (int, float, np.integer, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    text = str(value).strip().casefold()
+    try:
+        number = float(text)
+        return str(int(number)) if number.is_integer() else text
+    except ValueError:
+        return text
+
+
+def model_rows(
+    rows: pd.DataFrame,  # feature rows as a stage or the server hands them to a model
+) -> pd.DataFrame:  # the same rows, a missing text value as NaN (the same frame when none is None)
+    """Rows at the model's boundary, a missing value in a text column as NaN, never None.
+
+    A missing value in a text category column reaches `clean.parquet` as None; scikit-learn's imputer counts only NaN
+    as missing in an object column, so a pipeline fitted on None learns it as a category of its own while serving,
+    which sends NaN, imputes it: the model trained and the model served would answer differently."""
+    if not isinstance(rows, pd.DataFrame):  # an array (a test's, a model's own matrix): no text column to mend
+        return rows
+    text = [name for name in rows.columns if rows[name].dtype == object]
+    changed = [name for name in text if any(value is None for value in rows[name].to_numpy())]
+    if not changed:
+        return rows
+    rows = rows.copy()
+    for name in changed:
+        values = rows[name].to_numpy(copy=True)
+        values[np.array([value is None for value in values], dtype=bool)] = np.nan
+        rows[name] = pd.Series(values, index=rows.index, dtype=object)
+    return rows

@@ -12,6 +12,7 @@ import pandas as pd
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from .core import model_rows
 from lifecycle.metrics import (
     cut_groups,
     equalized_odds_gap,
@@ -21,7 +22,6 @@ from lifecycle.metrics import (
     judged_groups,
     reference_grouping,
 )
-from .task_base import model_rows
 
 # %% auto #0
 __all__ = ['FAIRNESS_DEFINITIONS', 'sensitive_groups', 'bootstrap', 'fairness_audit', 'pooled_scores', 'fairness_across_seeds',

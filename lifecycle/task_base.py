@@ -8,35 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .core import LifecycleError, Settings
+from .core import LifecycleError, Settings, model_rows  # noqa: F401 (model_rows: its home was here)
 from .task_retrain import RetrainTemplate
 
 MODEL_FAMILIES = ("logistic_regression", "random_forest", "hist_gradient_boosting")  # what `[train] model` names
 
 # %% auto #0
-__all__ = ['MODEL_FAMILIES', 'model_rows', 'Task']
-
-# %% ../nbs/22s_task_base.ipynb #1cda39b9
-def model_rows(
-    rows: pd.DataFrame,  # feature rows as a stage or the server hands them to a model
-) -> pd.DataFrame:  # the same rows, a missing text value as NaN (the same frame when none is None)
-    """Rows at the model's boundary, a missing value in a text column as NaN, never None.
-
-    A missing value in a text category column reaches `clean.parquet` as None; scikit-learn's imputer counts only NaN
-    as missing in an object column, so a pipeline fitted on None learns it as a category of its own while serving,
-    which sends NaN, imputes it: the model trained and the model served would answer differently."""
-    if not isinstance(rows, pd.DataFrame):  # an array (a test's, a model's own matrix): no text column to mend
-        return rows
-    text = [name for name in rows.columns if rows[name].dtype == object]
-    changed = [name for name in text if any(value is None for value in rows[name].to_numpy())]
-    if not changed:
-        return rows
-    rows = rows.copy()
-    for name in changed:
-        values = rows[name].to_numpy(copy=True)
-        values[np.array([value is None for value in values], dtype=bool)] = np.nan
-        rows[name] = pd.Series(values, index=rows.index, dtype=object)
-    return rows
+__all__ = ['MODEL_FAMILIES', 'Task']
 
 # %% ../nbs/22s_task_base.ipynb #aefdc119
 class Task(RetrainTemplate):

@@ -18,21 +18,12 @@ from .task_base import MODEL_FAMILIES, Task  # noqa: F401 (the base's home was h
 from .task_retrain import BinaryRetrain, source_value  # noqa: F401 (source_value: a name of tasks)
 
 # %% auto #0
-__all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_key', 'label_target', 'infer_task',
+__all__ = ['CLASSIFIER_GRIDS', 'QUANTILE_GRID', 'TASK_CLASSES', 'NOT_BUILT', 'label_target', 'infer_task',
            'compare_with_champion', 'score_intervals', 'make_classifier', 'roc_panel', 'calibration_panel',
            'BinaryTask', 'task_class', 'stage_not_built', 'task_for', 'version_task', 'project_task', 'check_task']
 
 # %% ../nbs/22t_tasks.ipynb #876e79ed
-def label_key(value) -> str:
-    "A label as comparable text: `1`, `1.0` and ` 1 ` are the same label."
-    if isinstance(value, (int, float, np.integer, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    text = str(value).strip().casefold()
-    try:
-        number = float(text)
-        return str(int(number)) if number.is_integer() else text
-    except ValueError:
-        return text
+from .core import label_key  # noqa: F401 (its home was here: the name kept)
 
 
 def label_target(

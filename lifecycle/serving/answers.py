@@ -154,7 +154,7 @@ class MulticlassAnswers(BinaryAnswers):
         return f"expected one of the classes: {', '.join(self.names)}"
 
     def label_number(self, value) -> int | None:  # the class's index in the version's classes
-        from lifecycle.tasks import label_key  # start-up time: the tasks load scikit-learn's metrics
+        from lifecycle.core import label_key
 
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             return None

@@ -22,14 +22,13 @@ from lifecycle.contract import (
 from lifecycle.contract import (
     check_records as contract_check_records,
 )
-from ..core import LifecycleError
+from ..core import LifecycleError, model_rows
 from ..rules import TEXT_NUMBER_CHARS
 from lifecycle.serving.answers import (  # noqa: F401 (calibrate_scores and CALIBRATION_METHODS were defined here)
     ANSWERS,
     CALIBRATION_METHODS,
     calibrate_scores,
 )
-from ..task_base import model_rows
 
 _log = logging.getLogger("lifecycle.serving.scoring")
 
